@@ -1,0 +1,43 @@
+"""The broker's core: topic logs on Redis Streams, resumable subscriptions, fan-out.
+
+Framework-free: nothing here imports a web framework or ``api``.
+"""
+
+from __future__ import annotations
+
+from broker.core import Broker, BrokerLimits, HistoryPage, TopicInfo
+from broker.errors import (
+    BrokerError,
+    InvalidEventId,
+    InvalidInput,
+    InvalidTopic,
+    StoreUnavailable,
+    TooLarge,
+    TopicNotFound,
+)
+from broker.ids import EventId, parse_last_event_id
+from broker.model import AppendResult, NewEvent
+from broker.redis_store import open_store
+from broker.subscription import StartFrom, SubscriberTooSlow, Subscription
+
+__all__ = [
+    "AppendResult",
+    "Broker",
+    "BrokerError",
+    "BrokerLimits",
+    "EventId",
+    "HistoryPage",
+    "InvalidEventId",
+    "InvalidInput",
+    "InvalidTopic",
+    "NewEvent",
+    "StartFrom",
+    "StoreUnavailable",
+    "SubscriberTooSlow",
+    "Subscription",
+    "TooLarge",
+    "TopicInfo",
+    "TopicNotFound",
+    "open_store",
+    "parse_last_event_id",
+]

@@ -1,0 +1,66 @@
+"""Redis key names, limits and defaults: the one place they are spelled out."""
+
+from __future__ import annotations
+
+import re
+
+# Every key of a topic carries the topic in a hash tag, so a Redis Cluster keeps
+# the log, its metadata and its idempotency records on one slot: the append
+# script touches all of them atomically.
+KEY_PREFIX = "broker"
+
+
+def log_key(topic: str) -> str:
+    """The Redis Stream holding the topic's events."""
+    return f"{KEY_PREFIX}:{{{topic}}}:log"
+
+
+def meta_key(topic: str) -> str:
+    """A hash beside the log: its epoch and how far retention has trimmed it."""
+    return f"{KEY_PREFIX}:{{{topic}}}:meta"
+
+
+def idempotency_key(topic: str, key: str) -> str:
+    """Remembers the ids answered for one publisher-chosen Idempotency-Key."""
+    return f"{KEY_PREFIX}:{{{topic}}}:idem:{key}"
+
+
+# Fields of a stream entry. Short names: they are stored once per event.
+FIELD_EPOCH = "ep"
+FIELD_KIND = "k"
+FIELD_DATA = "d"
+FIELD_EVENT = "e"
+FIELD_RETRY = "r"
+KIND_JSON = "j"
+KIND_TEXT = "t"
+
+# Meta hash fields.
+META_EPOCH = "epoch"
+META_TRIMMED = "trimmed"
+
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,200}")
+RESERVED_EVENT_PREFIX = "broker."
+GAP_EVENT = "broker.gap"
+
+# Defaults of the settings (the HTTP edge reads BROKER_* into these).
+DEFAULT_RETENTION_MAXLEN = 100_000
+DEFAULT_IDEMPOTENCY_SECONDS = 3600
+DEFAULT_MAX_EVENT_BYTES = 65_536
+DEFAULT_MAX_BODY_BYTES = 1_048_576
+DEFAULT_MAX_BATCH = 1000
+DEFAULT_MAX_TOPICS_PER_SUBSCRIPTION = 32
+DEFAULT_SUBSCRIBER_BUFFER_BYTES = 1_048_576
+DEFAULT_HEARTBEAT_SECONDS = 15.0
+DEFAULT_RETRY_MS = 2000
+
+# Replays read the log in pages of this many entries, so a subscriber resuming
+# from far back never holds the whole history in memory.
+REPLAY_PAGE_SIZE = 500
+# The live reader asks for at most this many entries per topic per XREAD.
+LIVE_READ_COUNT = 1000
+# How long one blocking XREAD waits before it is re-armed anyway (ms).
+LIVE_BLOCK_MS = 5000
+# The reader's reconnect backoff while Redis is unreachable (seconds).
+RECONNECT_BACKOFF_MIN = 0.05
+RECONNECT_BACKOFF_MAX = 2.0

@@ -1,0 +1,143 @@
+"""The broker: publish into topic logs, subscribe with resume, read history.
+
+This is the one object the HTTP edge talks to. It owns the store and the
+process's fan-out hub, and takes plain arguments: configuration is read at the
+edge.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from broker import constants as c
+from broker.errors import StoreUnavailable, TopicNotFound
+from broker.fanout import Hub
+from broker.ids import EventId
+from broker.model import AppendResult, LogEntry, NewEvent
+from broker.observer import Observer
+from broker.resume import Gap, earliest_point, resume_point
+from broker.store import Store
+from broker.subscription import StartFrom, Subscription
+from broker.validation import check_idempotency_key, check_topic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerLimits:
+    """Per-subscriber limits; retention and idempotency belong to the store."""
+
+    subscriber_buffer_bytes: int = c.DEFAULT_SUBSCRIBER_BUFFER_BYTES
+    heartbeat_seconds: float = c.DEFAULT_HEARTBEAT_SECONDS
+
+
+@dataclass(frozen=True, slots=True)
+class TopicInfo:
+    topic: str
+    length: int
+    first_id: EventId | None
+    last_id: EventId | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    events: list[LogEntry]
+    next: EventId | None
+    gap: Gap | None
+
+
+class Broker:
+    """Topics as resumable event logs, over one store and one fan-out hub."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        limits: BrokerLimits | None = None,
+        observer: Observer | None = None,
+        live_block_ms: int = c.LIVE_BLOCK_MS,
+    ) -> None:
+        self.store = store
+        self.limits = limits or BrokerLimits()
+        self.observer = observer or Observer()
+        self.hub = Hub(store, block_ms=live_block_ms, observer=self.observer)
+
+    async def start(self) -> None:
+        if not self.store.durable:
+            log.warning(
+                "store: %s: single instance, NOT durable, events are lost on exit",
+                self.store.description,
+            )
+        else:
+            log.info("store: %s", self.store.description)
+        self.hub.start()
+
+    async def close(self) -> None:
+        await self.hub.close()
+        await self.store.close()
+
+    async def publish(
+        self, topic: str, events: Sequence[NewEvent], *, idempotency_key: str | None = None
+    ) -> AppendResult:
+        """Append one event or a batch, atomically and in order."""
+        check_topic(topic)
+        check_idempotency_key(idempotency_key)
+        started = time.perf_counter()
+        try:
+            result = await self.store.append(topic, events, idempotency_key=idempotency_key)
+        except StoreUnavailable:
+            self.observer.store_error("append")
+            raise
+        self.observer.store_latency("append", time.perf_counter() - started)
+        self.observer.published(len(result.ids), replayed=result.replayed)
+        return result
+
+    async def subscribe(self, starts: dict[str, StartFrom]) -> Subscription:
+        """An open subscription: iterate ``chunks()``, and ``close()`` it when done."""
+        for topic in starts:
+            check_topic(topic)
+        subscription = Subscription(
+            self.store,
+            self.hub,
+            starts,
+            buffer_bytes=self.limits.subscriber_buffer_bytes,
+            heartbeat_seconds=self.limits.heartbeat_seconds,
+            observer=self.observer,
+        )
+        await subscription.open()
+        return subscription
+
+    async def history(self, topic: str, after: EventId | None, limit: int) -> HistoryPage:
+        """A page of retained events after ``after`` (from the oldest when None)."""
+        check_topic(topic)
+        state = await self.store.state(topic)
+        gap = None
+        if after is None:
+            position = earliest_point(state)
+        else:
+            position, gap = resume_point(after, state)
+        entries = await self.store.read_range(topic, position.position, limit)
+        following = entries[-1].id if len(entries) == limit else None
+        return HistoryPage(events=entries, next=following, gap=gap)
+
+    async def topic_info(self, topic: str) -> TopicInfo:
+        check_topic(topic)
+        state = await self.store.state(topic)
+        if not state.exists:
+            raise TopicNotFound(topic)
+        return TopicInfo(
+            topic=topic,
+            length=state.length,
+            first_id=state.event_id(state.first) if state.first else None,
+            last_id=state.event_id(state.last_entry) if state.last_entry else None,
+        )
+
+    async def ready(self) -> bool:
+        try:
+            await self.store.ping()
+        except StoreUnavailable:
+            return False
+        return True

@@ -1,0 +1,50 @@
+"""The core's errors. The HTTP edge maps each class to one status, in one place."""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base of every error the core raises on purpose."""
+
+
+class InvalidInput(BrokerError):
+    """A request the broker refuses as malformed (HTTP 400)."""
+
+    def __init__(self, detail: str, *, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+
+
+class InvalidTopic(InvalidInput):
+    """A topic name outside 1-200 characters of ``A-Z a-z 0-9 _ . : -``."""
+
+
+class InvalidEventId(InvalidInput):
+    """A Last-Event-ID (or cursor) that is not an id this broker could have issued."""
+
+
+class TooLarge(BrokerError):
+    """An event, body or batch over its configured limit (HTTP 413)."""
+
+    def __init__(self, detail: str, *, limit: int) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.limit = limit
+
+
+class StoreUnavailable(BrokerError):
+    """The store could not be reached or did not confirm in time (HTTP 503)."""
+
+    def __init__(self, detail: str, *, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class TopicNotFound(BrokerError):
+    """A topic that has never had an event (HTTP 404)."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"topic {topic!r} has no events")
+        self.topic = topic

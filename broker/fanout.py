@@ -1,0 +1,206 @@
+"""Fan-out inside one process: ONE live reader for every topic any subscriber follows.
+
+The reader runs one blocking XREAD over all live topics and re-arms it when
+topics come and go. Each entry it reads is framed once (``LogEntry.frame``) and
+the same object is offered to every subscriber of its topic; a subscriber's
+own task turns what piled up into one write. The reader never waits for a
+subscriber: a full buffer is the subscriber's problem (it is dropped and
+resumes from its Last-Event-ID).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+from broker import constants as c
+from broker.errors import StoreUnavailable
+from broker.ids import StreamPosition
+from broker.model import LogEntry
+from broker.observer import Observer
+from broker.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class LiveSubscriber(Protocol):
+    """What the hub pushes into."""
+
+    def offer(self, entries: list[LogEntry], size: int) -> None:
+        """New entries of one topic, oldest first; must not block."""
+
+    def log_reset(self, topic: str) -> None:
+        """The topic's log was lost or recreated while the reader was away."""
+
+
+class _Feed:
+    """One live topic: its subscribers and how far the reader has read it."""
+
+    __slots__ = ("epoch", "position", "ready", "subscribers")
+
+    def __init__(self) -> None:
+        self.subscribers: set[LiveSubscriber] = set()
+        self.position: StreamPosition = (0, 0)
+        self.epoch: str | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class Hub:
+    """Reads every live topic of this process with one XREAD, and fans entries out."""
+
+    def __init__(
+        self, store: Store, *, block_ms: int = c.LIVE_BLOCK_MS, observer: Observer | None = None
+    ) -> None:
+        self._store = store
+        self._block_ms = block_ms
+        self._observer = observer or Observer()
+        self._feeds: dict[str, _Feed] = {}
+        self._topics_changed = asyncio.Event()
+        self._reading = False
+        self._read_generation = 0
+        self._revalidate = False
+        self._task: asyncio.Task[None] | None = None
+        self._wake_task: asyncio.Task[None] | None = None
+
+    @property
+    def topic_count(self) -> int:
+        return len(self._feeds)
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(feed.subscribers) for feed in self._feeds.values())
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._read_forever(), name="broker-live-reader")
+
+    async def close(self) -> None:
+        for task in (self._task, self._wake_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def attach(self, topic: str, subscriber: LiveSubscriber) -> None:
+        """Start offering the topic's live entries to the subscriber.
+
+        Returns once the reader knows where the topic's log ends, so every entry
+        appended after this call returns reaches the subscriber.
+        """
+        feed = self._feeds.get(topic)
+        if feed is None:
+            feed = self._feeds[topic] = _Feed()
+            await self._start_feed(topic, feed)
+        else:
+            await asyncio.shield(feed.ready)
+        feed.subscribers.add(subscriber)
+
+    async def _start_feed(self, topic: str, feed: _Feed) -> None:
+        try:
+            state = await self._store.state(topic)
+        except BaseException as error:
+            del self._feeds[topic]
+            feed.ready.set_exception(error)
+            feed.ready.exception()
+            raise
+        feed.epoch = state.epoch
+        feed.position = state.last_issued
+        feed.ready.set_result(None)
+        self._rearm()
+
+    def detach(self, topic: str, subscriber: LiveSubscriber) -> None:
+        feed = self._feeds.get(topic)
+        if feed is None:
+            return
+        feed.subscribers.discard(subscriber)
+        if not feed.subscribers and feed.ready.done():
+            # The running XREAD may still name it; its entries are then dropped.
+            del self._feeds[topic]
+
+    def _rearm(self) -> None:
+        self._topics_changed.set()
+        if self._wake_task is None or self._wake_task.done():
+            self._wake_task = asyncio.create_task(self._interrupt_reader())
+
+    async def _interrupt_reader(self) -> None:
+        """Unblock the running XREAD so it is re-armed with the new topic.
+
+        The XREAD may not have reached Redis yet when we ask; then we ask again
+        shortly, until that read is over (bounded: a read ends on its own anyway).
+        """
+        for attempt in range(50):
+            if not self._reading:
+                return
+            generation = self._read_generation
+            if await self._store.interrupt_live_read():
+                return
+            await asyncio.sleep(0.002 * (attempt + 1))
+            if generation != self._read_generation:
+                return
+
+    async def _read_forever(self) -> None:
+        backoff = c.RECONNECT_BACKOFF_MIN
+        while True:
+            try:
+                await self._read_once()
+                backoff = c.RECONNECT_BACKOFF_MIN
+            except StoreUnavailable as error:
+                self._observer.store_error("live_read")
+                log.warning("live reader: %s; retrying in %.2fs", error, backoff)
+                self._revalidate = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, c.RECONNECT_BACKOFF_MAX)
+            except Exception:
+                log.exception("live reader failed; restarting it")
+                await asyncio.sleep(backoff)
+
+    async def _read_once(self) -> None:
+        if self._revalidate:
+            await self._revalidate_feeds()
+        positions = {t: f.position for t, f in self._feeds.items() if f.ready.done()}
+        self._topics_changed.clear()
+        if not positions:
+            await self._topics_changed.wait()
+            return
+        self._reading = True
+        self._read_generation += 1
+        try:
+            batches = await self._store.read_live(positions, self._block_ms)
+        finally:
+            self._reading = False
+        self._dispatch(batches)
+
+    def _dispatch(self, batches: dict[str, list[LogEntry]]) -> None:
+        for topic, entries in batches.items():
+            feed = self._feeds.get(topic)
+            if feed is None or not entries:
+                continue
+            feed.position = entries[-1].position
+            feed.epoch = entries[-1].epoch
+            size = sum(len(entry.frame) for entry in entries)
+            for subscriber in tuple(feed.subscribers):
+                subscriber.offer(entries, size)
+
+    async def _revalidate_feeds(self) -> None:
+        """After an outage: keep each topic's position if its log survived, else start over.
+
+        Redis restarted with its data (AOF): same epoch, the reader goes on from
+        the last entry it delivered, and live subscribers miss nothing. Restarted
+        without it, or failed over to a replica that lacked the log: a new epoch
+        (or none yet); subscribers are told, and each judges its own cursor.
+        """
+        for topic, feed in list(self._feeds.items()):
+            if not feed.ready.done():
+                continue
+            state = await self._store.state(topic)
+            if state.epoch == feed.epoch:
+                # AOF everysec may have lost the last second: read on from what is there.
+                feed.position = min(feed.position, state.last_issued)
+                continue
+            log.warning("topic %s: its log changed while Redis was away", topic)
+            feed.epoch = state.epoch
+            feed.position = state.last_issued
+            for subscriber in tuple(feed.subscribers):
+                subscriber.log_reset(topic)
+        self._revalidate = False

@@ -1,0 +1,44 @@
+"""Server-Sent Events framing.
+
+Each event is framed once, as bytes, and the same bytes go to every subscriber
+of its topic. A payload's line breaks (LF, CR or CRLF) each start a new
+``data:`` line, so the browser's EventSource joins them back with LF and gives
+the publisher's text back (CR and CRLF come back as LF, as the spec requires).
+"""
+
+from __future__ import annotations
+
+import re
+
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+HEARTBEAT = b":\n\n"
+
+
+def data_lines(data: bytes) -> bytes:
+    """``b"a\\nb"`` -> ``b"data: a\\ndata: b\\n"``."""
+    if b"\n" not in data and b"\r" not in data:
+        return b"data: " + data + b"\n"
+    return b"".join(b"data: " + line + b"\n" for line in _LINE_BREAK.split(data))
+
+
+def event_body(data: bytes, event_type: bytes | None = None, retry: bytes | None = None) -> bytes:
+    """Everything of an event after its ``id:`` line, blank line included."""
+    head = b""
+    if event_type:
+        head += b"event: " + event_type + b"\n"
+    if retry:
+        head += b"retry: " + retry + b"\n"
+    return head + data_lines(data) + b"\n"
+
+
+def id_line(event_id: str) -> bytes:
+    return b"id: " + event_id.encode() + b"\n"
+
+
+def retry_hint(milliseconds: int) -> bytes:
+    """Sent first on every stream: how long EventSource waits before reconnecting."""
+    return b"retry: " + str(milliseconds).encode() + b"\n\n"
+
+
+def comment(text: str = "") -> bytes:
+    return b": " + text.encode() + b"\n\n" if text else HEARTBEAT

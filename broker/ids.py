@@ -1,0 +1,111 @@
+"""Event ids and cursors.
+
+An event id is ``<epoch>.<ms>-<seq>``: the epoch of the topic's log (a random
+token fixed when the log is created) and the Redis Stream id of the entry.
+Clients treat it as opaque. The epoch is what lets the broker tell an id of
+*this* log from an id of a log that was lost and recreated, or of another topic:
+Redis stream ids alone look alike across all of those.
+
+The epoch ``0`` is the origin: "before anything of whatever log this topic
+has". It is the position of a subscriber that started on a topic with no log.
+
+A subscription to several topics sends composite cursors instead,
+``<topic>~<id>!<topic>~<id>...``: one position per topic, so that one
+Last-Event-ID resumes every topic of the connection exactly.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+from broker.errors import InvalidEventId
+
+EPOCH_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+EPOCH_LENGTH = 8
+ORIGIN_EPOCH = "0"
+TOPIC_SEPARATOR = "~"
+ENTRY_SEPARATOR = "!"
+MAX_PART = 2**64 - 1
+MAX_CURSOR_LENGTH = 16_384
+
+StreamPosition = tuple[int, int]
+"""A Redis Stream id as (milliseconds, sequence); tuples compare as stream ids do."""
+
+_EVENT_ID = re.compile(r"(0|[a-z2-7]{8})\.([0-9]{1,20})-([0-9]{1,20})")
+_TOPIC = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
+
+
+def new_epoch() -> str:
+    """A fresh random epoch (40 bits), never equal to the origin epoch."""
+    return "".join(secrets.choice(EPOCH_ALPHABET) for _ in range(EPOCH_LENGTH))
+
+
+def parse_stream_id(raw: bytes | str) -> StreamPosition:
+    """``b"1700000000000-3"`` -> ``(1700000000000, 3)``."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def format_stream_id(position: StreamPosition) -> str:
+    return f"{position[0]}-{position[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class EventId:
+    """A position in one topic's log: its epoch and a stream position."""
+
+    epoch: str
+    position: StreamPosition
+
+    def __str__(self) -> str:
+        return f"{self.epoch}.{self.position[0]}-{self.position[1]}"
+
+    @property
+    def is_origin(self) -> bool:
+        return self.epoch == ORIGIN_EPOCH
+
+    @classmethod
+    def parse(cls, text: str) -> EventId:
+        match = _EVENT_ID.fullmatch(text)
+        if match is None:
+            raise InvalidEventId(f"not an event id: {text[:80]!r}", field="Last-Event-ID")
+        epoch, ms, seq = match.group(1), int(match.group(2)), int(match.group(3))
+        if ms > MAX_PART or seq > MAX_PART:
+            raise InvalidEventId(f"event id out of range: {text[:80]!r}", field="Last-Event-ID")
+        return cls(epoch, (ms, seq))
+
+
+ORIGIN = EventId(ORIGIN_EPOCH, (0, 0))
+
+Cursor = dict[str, EventId]
+"""Per-topic positions of a multi-topic subscription."""
+
+
+def format_cursor(positions: Cursor) -> str:
+    """The composite id sent on a multi-topic connection (topics in sorted order)."""
+    return ENTRY_SEPARATOR.join(
+        f"{topic}{TOPIC_SEPARATOR}{positions[topic]}" for topic in sorted(positions)
+    )
+
+
+def parse_cursor(text: str) -> Cursor:
+    """Parse a composite cursor; raises InvalidEventId when any part is malformed."""
+    if len(text) > MAX_CURSOR_LENGTH:
+        raise InvalidEventId("cursor too long", field="Last-Event-ID")
+    cursor: Cursor = {}
+    for entry in text.split(ENTRY_SEPARATOR):
+        topic, separator, event_id = entry.partition(TOPIC_SEPARATOR)
+        if not separator or _TOPIC.fullmatch(topic) is None or topic in cursor:
+            raise InvalidEventId(f"not a cursor: {text[:80]!r}", field="Last-Event-ID")
+        cursor[topic] = EventId.parse(event_id)
+    return cursor
+
+
+def parse_last_event_id(text: str) -> EventId | Cursor:
+    """A single event id, or a composite cursor from a multi-topic connection."""
+    if TOPIC_SEPARATOR in text:
+        return parse_cursor(text)
+    return EventId.parse(text)

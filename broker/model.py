@@ -1,0 +1,102 @@
+"""The core's value types: what is appended, what is read back, what a log looks like."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker import constants as c
+from broker.framing import event_body, id_line
+from broker.ids import EventId, StreamPosition
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append. ``data`` is compact JSON text or plain text, per ``kind``."""
+
+    data: str
+    kind: str = c.KIND_JSON
+    event: str | None = None
+    retry: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """The ids of an append; ``replayed`` when an Idempotency-Key had already stored them."""
+
+    ids: list[EventId]
+    replayed: bool
+
+
+class LogEntry:
+    """One stored event, read back from a topic's log.
+
+    Its SSE bytes are built lazily and once: the live reader shares one
+    LogEntry between every subscriber of the topic.
+    """
+
+    __slots__ = ("_body", "_frame", "epoch", "fields", "position", "topic")
+
+    def __init__(
+        self, topic: str, position: StreamPosition, fields: dict[bytes, bytes]
+    ) -> None:
+        self.topic = topic
+        self.position = position
+        self.fields = fields
+        self.epoch = fields.get(b"ep", b"").decode() or "?"
+        self._body: bytes | None = None
+        self._frame: bytes | None = None
+
+    @property
+    def id(self) -> EventId:
+        return EventId(self.epoch, self.position)
+
+    @property
+    def body(self) -> bytes:
+        """The event's lines after ``id:``, blank line included."""
+        if self._body is None:
+            f = self.fields
+            self._body = event_body(f.get(b"d", b""), f.get(b"e"), f.get(b"r"))
+        return self._body
+
+    @property
+    def frame(self) -> bytes:
+        """The whole SSE event with its single-topic id."""
+        if self._frame is None:
+            self._frame = id_line(str(self.id)) + self.body
+        return self._frame
+
+    @property
+    def event_type(self) -> str | None:
+        raw = self.fields.get(b"e")
+        return raw.decode() if raw else None
+
+    @property
+    def is_json(self) -> bool:
+        return self.fields.get(b"k", b"j") == b"j"
+
+    @property
+    def data_text(self) -> str:
+        return self.fields.get(b"d", b"").decode()
+
+
+@dataclass(frozen=True, slots=True)
+class LogState:
+    """What the store knows about a topic's log, read atomically."""
+
+    epoch: str | None
+    length: int
+    first: StreamPosition | None
+    last_entry: StreamPosition | None
+    trimmed_through: StreamPosition
+
+    @property
+    def exists(self) -> bool:
+        return self.epoch is not None
+
+    @property
+    def last_issued(self) -> StreamPosition:
+        """The newest position this log ever issued, even if retention removed it since."""
+        return max(self.last_entry or (0, 0), self.trimmed_through)
+
+    def event_id(self, position: StreamPosition) -> EventId:
+        return EventId(self.epoch or "0", position)

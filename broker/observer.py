@@ -1,0 +1,32 @@
+"""Hooks the core calls as things happen, so the edge can count them.
+
+The core imports no metrics library; ``api.metrics`` implements these with
+prometheus-client. The defaults do nothing.
+"""
+
+from __future__ import annotations
+
+
+class Observer:
+    """Callbacks for what the broker does; subclass and override what you count."""
+
+    def published(self, count: int, *, replayed: bool) -> None:
+        """Events were appended (or an idempotent repeat was answered)."""
+
+    def delivered(self, count: int) -> None:
+        """Events were handed to one subscriber's connection."""
+
+    def replayed(self, count: int) -> None:
+        """A subscriber caught up this many events from the log."""
+
+    def gap_sent(self, reason: str) -> None:
+        """A ``broker.gap`` notice went out."""
+
+    def subscriber_dropped(self) -> None:
+        """A subscriber overflowed its buffer and was disconnected."""
+
+    def store_error(self, operation: str) -> None:
+        """A store operation failed."""
+
+    def store_latency(self, operation: str, seconds: float) -> None:
+        """A store operation completed in this time."""

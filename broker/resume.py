@@ -1,0 +1,56 @@
+"""Where a subscription resumes: the judgement of a cursor against a log.
+
+A cursor (an event id a client sent back) is one of:
+  - resumable: issued by this log, and everything after it is still retained;
+  - trimmed: issued by this log, but retention removed events after it;
+  - unknown: well-formed, but this log never issued it (another topic's id, or
+    an id of a log that was lost and recreated, or one from a lost future).
+The last two resume from the oldest retained event, after a gap notice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.ids import ORIGIN, EventId
+from broker.model import LogState
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """What a ``broker.gap`` notice tells the client."""
+
+    reason: str  # "trimmed" | "unknown"
+    requested: EventId
+    resumed_after: EventId | None
+
+
+def resume_point(requested: EventId, state: LogState) -> tuple[EventId, Gap | None]:
+    """The position to read after, and the gap notice to send first, if any."""
+    if state.epoch is None:
+        return ORIGIN, None if requested.is_origin else Gap("unknown", requested, None)
+    if requested.is_origin:
+        position = (0, 0)
+    elif requested.epoch != state.epoch or requested.position > state.last_issued:
+        return _from_oldest(state, "unknown", requested)
+    else:
+        position = requested.position
+    if position < state.trimmed_through:
+        return _from_oldest(state, "trimmed", requested)
+    return EventId(state.epoch, position), None
+
+
+def _from_oldest(state: LogState, reason: str, requested: EventId) -> tuple[EventId, Gap]:
+    position = state.event_id(state.trimmed_through)
+    resumed_after = position if state.trimmed_through != (0, 0) else None
+    return position, Gap(reason, requested, resumed_after)
+
+
+def earliest_point(state: LogState) -> EventId:
+    """Just before the oldest retained event: ``?from=earliest`` starts here, without a gap."""
+    return state.event_id(state.trimmed_through) if state.epoch else ORIGIN
+
+
+def latest_point(state: LogState) -> EventId:
+    """After the newest event: a subscription with no cursor starts here."""
+    return state.event_id(state.last_issued) if state.epoch else ORIGIN

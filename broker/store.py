@@ -1,0 +1,51 @@
+"""The storage seam: the few operations the core needs from an event log store.
+
+The Redis Streams implementation (``broker.redis_store``) is the only module
+that imports ``redis``. The embedded default store is that same implementation
+over an in-process fakeredis, so both keep one set of semantics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from broker.ids import StreamPosition
+from broker.model import AppendResult, LogEntry, LogState, NewEvent
+
+
+class Store(Protocol):
+    """An ordered, durable log per topic."""
+
+    durable: bool
+    description: str
+
+    async def append(
+        self, topic: str, events: Sequence[NewEvent], *, idempotency_key: str | None = None
+    ) -> AppendResult:
+        """Append atomically and in order; a repeated idempotency key appends nothing."""
+        ...
+
+    async def read_range(self, topic: str, after: StreamPosition, count: int) -> list[LogEntry]:
+        """Up to ``count`` entries after ``after``, oldest first."""
+        ...
+
+    async def read_live(
+        self, positions: dict[str, StreamPosition], block_ms: int
+    ) -> dict[str, list[LogEntry]]:
+        """Wait up to ``block_ms`` for entries after each topic's position."""
+        ...
+
+    async def interrupt_live_read(self) -> None:
+        """Make a waiting ``read_live`` return now (its topics changed)."""
+        ...
+
+    async def state(self, topic: str) -> LogState:
+        """The log's epoch, extent and retention point, read atomically."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,266 @@
+"""A subscription: replay what the client missed from the log, then tail live events.
+
+The switch from replay to live has no gap and no duplicate: the subscription
+attaches to the hub *before* it reads the log, so every entry appended after
+that reaches its buffer; the catch-up read then covers everything before, and
+positions drop what both delivered.
+
+A topic goes back to the log ("resync") whenever live delivery cannot be
+trusted: at the start, when the buffer overflowed while replaying, or when an
+entry of another epoch shows that the log was recreated. A resync judges the
+cursor again (``broker.resume``) and sends a gap notice when the truth needs one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Literal
+
+import orjson
+
+from broker import constants as c
+from broker.errors import StoreUnavailable
+from broker.fanout import Hub
+from broker.framing import HEARTBEAT, id_line
+from broker.ids import EventId, format_cursor
+from broker.model import LogEntry, LogState
+from broker.observer import Observer
+from broker.resume import Gap, earliest_point, latest_point, resume_point
+from broker.store import Store
+
+StartFrom = EventId | Literal["earliest", "now"]
+"""Where one topic starts: after an id, at the oldest retained event, or at the end."""
+
+
+class SubscriberTooSlow(Exception):
+    """The subscriber's buffer overflowed; it was dropped and should resume by id."""
+
+
+class Subscription:
+    """One client's stream over one or more topics."""
+
+    def __init__(
+        self,
+        store: Store,
+        hub: Hub,
+        starts: dict[str, StartFrom],
+        *,
+        buffer_bytes: int = c.DEFAULT_SUBSCRIBER_BUFFER_BYTES,
+        heartbeat_seconds: float = c.DEFAULT_HEARTBEAT_SECONDS,
+        observer: Observer | None = None,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._multi = len(starts) > 1
+        self._starts: dict[str, StartFrom] = dict(starts)
+        self._positions: dict[str, EventId] = {}
+        self._buffer_limit = buffer_bytes
+        self._heartbeat = heartbeat_seconds
+        self._observer = observer or Observer()
+        self._pending: list[LogEntry] = []
+        self._pending_bytes = 0
+        self._resync: set[str] = set(starts)
+        self._catching_up = True
+        self._dropped = False
+        self._closed = False
+        self._attached: list[str] = []
+        self._waiter: asyncio.Future[bool] | None = None
+
+    @property
+    def topics(self) -> Sequence[str]:
+        return list(self._starts)
+
+    async def open(self) -> None:
+        """Attach to every topic; raises StoreUnavailable if the store cannot answer."""
+        try:
+            for topic in self._starts:
+                await self._hub.attach(topic, self)
+                self._attached.append(topic)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Free the subscription at once: no reader registration or buffer is left."""
+        self._closed = True
+        for topic in self._attached:
+            self._hub.detach(topic, self)
+        self._attached.clear()
+        self._pending = []
+        self._wake(False)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """What to write to the client, coalesced; a heartbeat when idle.
+
+        Raises SubscriberTooSlow when the client could not keep up.
+        """
+        while not self._closed:
+            if self._dropped:
+                raise SubscriberTooSlow()
+            if self._resync:
+                async for chunk in self._catch_up():
+                    yield chunk
+                continue
+            chunk = self._drain_live()
+            if chunk:
+                yield chunk
+            elif not await self._wait():
+                yield HEARTBEAT
+
+    # -- what the hub calls ------------------------------------------------
+
+    def offer(self, entries: list[LogEntry], size: int) -> None:
+        if self._dropped or self._closed:
+            return
+        self._pending += entries
+        self._pending_bytes += size
+        if self._pending_bytes > self._buffer_limit:
+            self._overflow()
+        self._wake(True)
+
+    def log_reset(self, topic: str) -> None:
+        self._resync.add(topic)
+        self._wake(True)
+
+    def _overflow(self) -> None:
+        self._pending = []
+        self._pending_bytes = 0
+        if self._catching_up:
+            # Still reading the log: forget the live copies, the log has them too.
+            self._resync.update(self._starts)
+        else:
+            self._dropped = True
+            self._observer.subscriber_dropped()
+
+    # -- catching up from the log -------------------------------------------
+
+    async def _catch_up(self) -> AsyncIterator[bytes]:
+        """Judge every topic in resync first (so a multi-topic cursor is whole), then replay."""
+        self._catching_up = True
+        backoff = c.RECONNECT_BACKOFF_MIN
+        while self._resync and not self._closed:
+            topics = sorted(self._resync)
+            self._resync.clear()
+            try:
+                for topic in topics:
+                    gap = self._judge_start(topic, await self._store.state(topic))
+                    if gap is not None:
+                        yield self._gap_frame(topic, gap)
+                for topic in topics:
+                    async for chunk in self._replay_topic(topic):
+                        yield chunk
+            except StoreUnavailable:
+                # Keep the stream open and try again once the store is back;
+                # the heartbeat tells the client (and proxies) we are alive.
+                self._resync.update(topics)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, c.RECONNECT_BACKOFF_MAX)
+                yield HEARTBEAT
+        self._catching_up = False
+
+    async def _replay_topic(self, topic: str) -> AsyncIterator[bytes]:
+        """Page through the log after the topic's position, up to its end."""
+        while not self._closed:
+            position = self._positions[topic]
+            page = await self._store.read_range(topic, position.position, c.REPLAY_PAGE_SIZE)
+            frames = self._accept_replayed(topic, page)
+            if frames is None:  # the log changed under us: judge the cursor again
+                self._resync.add(topic)
+                return
+            if frames:
+                self._observer.replayed(len(frames))
+                yield b"".join(frames)
+            if len(page) < c.REPLAY_PAGE_SIZE:
+                return
+
+    def _judge_start(self, topic: str, state: LogState) -> Gap | None:
+        """Set the topic's position from its cursor; the gap notice it needs, if any."""
+        position = self._positions.get(topic)
+        if position is None:
+            start = self._starts[topic]
+            if start == "now":
+                self._positions[topic] = latest_point(state)
+                return None
+            if start == "earliest":
+                self._positions[topic] = earliest_point(state)
+                return None
+            position = start
+        self._positions[topic], gap = resume_point(position, state)
+        return gap
+
+    def _accept_replayed(self, topic: str, page: list[LogEntry]) -> list[bytes] | None:
+        frames: list[bytes] = []
+        for entry in page:
+            position = self._positions[topic]
+            if entry.epoch != position.epoch and not position.is_origin:
+                return None
+            if position.is_origin or entry.position > position.position:
+                frames.append(self._advance(entry))
+        return frames
+
+    def _gap_frame(self, topic: str, gap: Gap) -> bytes:
+        self._observer.gap_sent(gap.reason)
+        data = {
+            "reason": gap.reason,
+            "requested": str(gap.requested),
+            "resumed_after": str(gap.resumed_after) if gap.resumed_after else None,
+            "topic": topic,
+        }
+        return (
+            id_line(self._current_id(topic))
+            + b"event: "
+            + c.GAP_EVENT.encode()
+            + b"\ndata: "
+            + orjson.dumps(data)
+            + b"\n\n"
+        )
+
+    # -- live ------------------------------------------------------------------
+
+    def _drain_live(self) -> bytes:
+        pending, self._pending = self._pending, []
+        self._pending_bytes = 0
+        frames: list[bytes] = []
+        for entry in pending:
+            topic = entry.topic
+            if topic in self._resync:
+                continue
+            position = self._positions[topic]
+            if entry.epoch != position.epoch:
+                # Another log than the one we follow: go back to the log to judge.
+                self._resync.add(topic)
+            elif entry.position > position.position:
+                frames.append(self._advance(entry))
+        if frames:
+            self._observer.delivered(len(frames))
+        return b"".join(frames)
+
+    def _advance(self, entry: LogEntry) -> bytes:
+        self._positions[entry.topic] = entry.id
+        if not self._multi:
+            return entry.frame
+        return id_line(format_cursor(self._positions)) + entry.body
+
+    def _current_id(self, topic: str) -> str:
+        if self._multi:
+            return format_cursor(self._positions)
+        return str(self._positions[topic])
+
+    async def _wait(self) -> bool:
+        """Wait for something to send; False when the heartbeat interval passed first."""
+        if self._pending or self._resync or self._dropped or self._closed:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(self._heartbeat, self._wake, False)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _wake(self, woken: bool) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(woken)

@@ -1,0 +1,93 @@
+"""Checks of what clients send, shared by every edge: each failure is an InvalidInput."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from broker import constants as c
+from broker.errors import InvalidInput, InvalidTopic, TooLarge
+from broker.model import NewEvent
+
+
+def check_topic(topic: str) -> str:
+    if c.TOPIC_PATTERN.fullmatch(topic) is None:
+        raise InvalidTopic(
+            "a topic name is 1 to 200 characters of A-Z a-z 0-9 _ . : -", field="topic"
+        )
+    return topic
+
+
+def check_event_type(event: object) -> str | None:
+    if event is None:
+        return None
+    if not isinstance(event, str) or not event:
+        raise InvalidInput("event must be a non-empty string", field="event")
+    if any(ch in event for ch in "\r\n\0"):
+        raise InvalidInput("event must not contain CR, LF or NUL", field="event")
+    if event.startswith(c.RESERVED_EVENT_PREFIX):
+        raise InvalidInput("event types beginning with 'broker.' are reserved", field="event")
+    return event
+
+
+def check_retry(retry: object) -> int | None:
+    if retry is None:
+        return None
+    # bool is an int in Python; JSON true is not a number of milliseconds.
+    if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
+        raise InvalidInput("retry must be a non-negative integer (ms)", field="retry")
+    if retry > 2**31:
+        raise InvalidInput("retry is too large", field="retry")
+    return retry
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if c.IDEMPOTENCY_KEY_PATTERN.fullmatch(key) is None:
+        raise InvalidInput(
+            "Idempotency-Key must be 1 to 200 printable ASCII characters", field="Idempotency-Key"
+        )
+    return key
+
+
+def check_size(data: str, max_event_bytes: int) -> None:
+    if len(data) > max_event_bytes or len(data.encode()) > max_event_bytes:
+        raise TooLarge(f"an event is larger than {max_event_bytes} bytes", limit=max_event_bytes)
+
+
+def event_from_json(item: Any, max_event_bytes: int) -> NewEvent:
+    """One ``{"data": ..., "event"?: ..., "retry"?: ...}`` object of a JSON publish."""
+    if not isinstance(item, dict):
+        raise InvalidInput("each event must be a JSON object with a 'data' member")
+    if "data" not in item:
+        raise InvalidInput("an event needs a 'data' member", field="data")
+    unknown = set(item) - {"data", "event", "retry"}
+    if unknown:
+        raise InvalidInput(f"unknown member(s): {', '.join(sorted(unknown))}")
+    data = orjson.dumps(item["data"]).decode()
+    check_size(data, max_event_bytes)
+    return NewEvent(
+        data=data,
+        kind=c.KIND_JSON,
+        event=check_event_type(item.get("event")),
+        retry=check_retry(item.get("retry")),
+    )
+
+
+def events_from_json(document: Any, *, max_event_bytes: int, max_batch: int) -> list[NewEvent]:
+    """A JSON publish body: one event object, or a non-empty array of them (a batch)."""
+    if isinstance(document, list):
+        if not document:
+            raise InvalidInput("a batch must hold at least one event")
+        if len(document) > max_batch:
+            raise TooLarge(f"a batch holds at most {max_batch} events", limit=max_batch)
+        return [event_from_json(item, max_event_bytes) for item in document]
+    return [event_from_json(document, max_event_bytes)]
+
+
+def event_from_text(text: str, event: str | None, max_event_bytes: int) -> NewEvent:
+    """A ``text/plain`` publish: the body is the data."""
+    check_size(text, max_event_bytes)
+    return NewEvent(data=text, kind=c.KIND_TEXT, event=check_event_type(event))
