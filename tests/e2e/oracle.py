@@ -27,12 +27,14 @@ class Delivery:
     delivered: int = 0
     gaps: list[dict[str, Any]] = field(default_factory=list)
     opens: int = 0
-    errors: int = 0
+    error_times: list[float] = field(default_factory=list)
 
-    def summary(self) -> str:
+    def summary(self, since: float = 0.0) -> str:
+        """One line of counts (error times relative to `since`), then the problems."""
+        errors = ", ".join(f"{t - since:.2f}s" for t in self.error_times)
         head = (
             f"{self.client}: {self.delivered} events, {len(self.gaps)} gaps, "
-            f"{self.opens} opens, {self.errors} errors"
+            f"{self.opens} opens, errors at [{errors}]"
         )
         return "\n  ".join([head, *self.problems[:15]])
 
@@ -55,7 +57,7 @@ def check_delivery(
     """Compare one client's records with the acknowledged sequence (acks[i].n == i)."""
     result = Delivery(client)
     result.opens = sum(1 for r in records if r["kind"] == "open")
-    result.errors = sum(1 for r in records if r["kind"] == "error")
+    result.error_times = [float(r["t"]) for r in records if r["kind"] == "error"]
     expected = 0  # the index in `acks` of the next event this client must receive
     after_gap = False
     for record in events_of(records):
