@@ -1,0 +1,128 @@
+"""The ASGI application: ``create_app(settings)``.
+
+Run it with ``broker serve`` or ``uvicorn --factory api.app:create_app``
+(settings then come from ``BROKER_*`` variables).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from api import routes
+from api.lifecycle import drain_on_shutdown_signals
+from api.metrics import PrometheusObserver, render_metrics
+from api.openapi import docs_page, openapi_document
+from api.problems import HttpProblem, problem, problem_for
+from api.settings import Settings
+from api.sse import OpenStreams
+from broker import Broker, BrokerError, BrokerLimits, open_store
+
+log = logging.getLogger(__name__)
+
+
+def build_broker(settings: Settings) -> Broker:
+    """The core, from settings: the only place settings become constructor arguments."""
+    store = open_store(
+        settings.redis_url,
+        retention_maxlen=settings.retention_maxlen,
+        retention_seconds=settings.retention_seconds,
+        idempotency_seconds=settings.idempotency_seconds,
+    )
+    limits = BrokerLimits(
+        subscriber_buffer_bytes=settings.subscriber_buffer_bytes,
+        heartbeat_seconds=settings.heartbeat_seconds,
+    )
+    return Broker(store, limits=limits, observer=PrometheusObserver())
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The broker's HTTP service, with a lifespan that opens and closes the core."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        broker = build_broker(settings)
+        streams = OpenStreams()
+        await broker.start()
+        app.state.broker, app.state.streams, app.state.settings = broker, streams, settings
+        restore_signals = drain_on_shutdown_signals(streams.drain)
+        try:
+            yield
+        finally:
+            streams.drain()
+            restore_signals()
+            await broker.close()
+
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={
+            BrokerError: _broker_error,
+            HttpProblem: _broker_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+    )
+    return app
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    body, content_type = render_metrics()
+    return Response(body, media_type=content_type)
+
+
+async def openapi(request: Request) -> Response:
+    """This service's OpenAPI document, generated from its routes."""
+    return routes.json_response(openapi_document(ROUTES))
+
+
+async def docs(request: Request) -> Response:
+    """A browsable page over the OpenAPI document."""
+    return docs_page("/openapi.json")
+
+
+ROUTES = [
+    Route("/topics/{topic}/events", routes.publish, methods=["POST"], name="publish"),
+    Route("/topics/{topic}/events", routes.topic_events, methods=["GET"], name="subscribe"),
+    Route("/events", routes.multi_topic_events, methods=["GET"], name="subscribe_many"),
+    Route("/topics/{topic}", routes.topic_info, methods=["GET"], name="topic_info"),
+    Route("/healthz", routes.healthz, methods=["GET"], name="healthz"),
+    Route("/readyz", routes.readyz, methods=["GET"], name="readyz"),
+    Route("/metrics", metrics, methods=["GET"], name="metrics"),
+    Route("/openapi.json", openapi, methods=["GET"], name="openapi", include_in_schema=False),
+    Route("/docs", docs, methods=["GET"], name="docs", include_in_schema=False),
+]
+
+
+async def _broker_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, BrokerError | HttpProblem)
+    return problem_for(error)
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    return problem(error.status_code, "HTTP error", str(error.detail), error.headers)
+
+
+async def _unexpected_error(request: Request, error: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return problem(500, "Internal error", "the broker could not handle this request")
+
+
+def configure_logging(level: str) -> None:
+    """A plain stderr handler for the broker's own loggers, unless one is set up already."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("broker", "api"):
+        logging.getLogger(name).setLevel(level.upper())

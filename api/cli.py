@@ -1,0 +1,86 @@
+"""``broker serve``: run the service under uvicorn (uvloop, httptools).
+
+A flag beats its ``BROKER_*`` variable: flags are written into the environment
+before uvicorn starts, so every worker process builds the same Settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import uvicorn
+
+from api.settings import Settings
+
+log = logging.getLogger("api.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker", description="Resumable SSE event broker")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", help="bind address (BROKER_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (BROKER_PORT, default 8000)")
+    serve.add_argument("--redis-url", help="Redis URL (BROKER_REDIS_URL; unset: embedded store)")
+    serve.add_argument("--workers", type=int, help="worker processes (BROKER_WORKERS, default 1)")
+    return parser
+
+
+def _apply_flags(args: argparse.Namespace) -> Settings:
+    for name in ("host", "port", "redis_url", "workers"):
+        value = getattr(args, name)
+        if value is not None:
+            os.environ[f"BROKER_{name.upper()}"] = str(value)
+    return Settings()
+
+
+def _announce_store(settings: Settings) -> None:
+    if settings.redis_url:
+        log.info("broker: store on Redis; %d worker(s)", settings.workers)
+    else:
+        log.warning(
+            "broker: embedded store (in-process, no Redis): single instance, NOT durable; "
+            "set BROKER_REDIS_URL for production"
+        )
+
+
+def serve(settings: Settings) -> None:
+    if settings.workers > 1:
+        if not settings.redis_url:
+            sys.exit("broker: --workers > 1 needs --redis-url (the embedded store is per process)")
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="broker-prom-"))
+    # uvicorn re-raises SIGTERM once it has shut down; a no-op handler here makes
+    # that a clean return, so a drained instance exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        proxy_headers=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _apply_flags(args)
+    _announce_store(settings)
+    serve(settings)
+
+
+if __name__ == "__main__":
+    main()

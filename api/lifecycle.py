@@ -1,0 +1,42 @@
+"""Draining on SIGTERM: end every open stream so clients reconnect elsewhere.
+
+uvicorn stops accepting on SIGTERM and then waits for open responses to end;
+an event stream never ends by itself. So when the app starts we chain a
+handler in front of uvicorn's: it ends our streams (each with a clean end of
+its chunked body) and then lets uvicorn go on with its own shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def drain_on_shutdown_signals(drain: Callable[[], None]) -> Callable[[], None]:
+    """Call ``drain`` on the event loop at SIGTERM/SIGINT; returns a function that undoes it."""
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(drain)
+        chained = previous.get(signum)
+        if callable(chained):
+            chained(signum, frame)
+
+    for sig in SHUTDOWN_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (an embedding test client): nothing to chain
+            return lambda: None
+
+    def restore() -> None:
+        for sig, chained in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, chained)
+
+    return restore

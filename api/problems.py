@@ -1,0 +1,58 @@
+"""Errors as RFC 9457 problem+json: the one place a core error becomes an HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+from broker.errors import (
+    BrokerError,
+    InvalidInput,
+    StoreUnavailable,
+    TooLarge,
+    TopicNotFound,
+)
+
+# Relative URIs (RFC 9457 allows them); the README lists every slug under "Errors".
+PROBLEM_TYPE_BASE = "/problems#"
+
+
+class HttpProblem(Exception):
+    """A problem raised by the edge itself (content type, method, body framing)."""
+
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+
+
+def problem(
+    status: int, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> Response:
+    slug = title.lower().replace(" ", "-")
+    body = {"type": PROBLEM_TYPE_BASE + slug, "title": title, "status": status, "detail": detail}
+    return Response(
+        orjson.dumps(body | extra),
+        status_code=status,
+        media_type="application/problem+json",
+        headers=headers,
+    )
+
+
+def problem_for(error: BrokerError | HttpProblem) -> Response:
+    """Map an error to its response; the status of each error class is decided here only."""
+    if isinstance(error, HttpProblem):
+        return problem(error.status, error.title, error.detail)
+    if isinstance(error, InvalidInput):
+        return problem(400, "Invalid request", error.detail)
+    if isinstance(error, TooLarge):
+        return problem(413, "Content too large", error.detail, limit=error.limit)
+    if isinstance(error, TopicNotFound):
+        return problem(404, "Topic not found", str(error))
+    if isinstance(error, StoreUnavailable):
+        headers = {"Retry-After": str(error.retry_after)}
+        return problem(503, "Store unavailable", error.detail, headers=headers)
+    return problem(500, "Internal error", "the broker could not handle this request")

@@ -1,0 +1,233 @@
+"""The HTTP routes: each turns a request into one call on the core.
+
+Every check on the request happens before the store is touched, so a bad
+request stores nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api.negotiation import media_type_of, prefers_json
+from api.problems import HttpProblem, problem
+from api.settings import Settings
+from api.sse import EventStreamResponse, OpenStreams
+from broker import (
+    AppendResult,
+    Broker,
+    EventId,
+    InvalidInput,
+    NewEvent,
+    StartFrom,
+    StoreUnavailable,
+    TooLarge,
+    parse_last_event_id,
+)
+from broker.model import LogEntry
+from broker.validation import check_topic, event_from_text, events_from_json
+
+HISTORY_DEFAULT_LIMIT = 100
+HISTORY_MAX_LIMIT = 1000
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(content), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _broker(request: Request) -> Broker:
+    return request.app.state.broker  # type: ignore[no-any-return]
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+# -- publish -----------------------------------------------------------------
+
+
+async def publish(request: Request) -> Response:
+    """Append one event (JSON object or text/plain) or a batch (JSON array) to a topic."""
+    settings = _settings(request)
+    topic = check_topic(request.path_params["topic"])
+    key = request.headers.get("idempotency-key")
+    events, is_batch = _parse_events(
+        request, await _read_body(request, settings.max_body_bytes), settings
+    )
+    try:
+        result = await asyncio.wait_for(
+            _broker(request).publish(topic, events, idempotency_key=key),
+            settings.publish_timeout_seconds,
+        )
+    except TimeoutError as error:
+        raise StoreUnavailable("the store did not confirm the write in time") from error
+    return _publish_answer(result, is_batch)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidInput("Content-Length is not a number")
+        if int(declared) > limit:
+            raise TooLarge(f"the body is larger than {limit} bytes", limit=limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"the body is larger than {limit} bytes", limit=limit)
+    return bytes(body)
+
+
+def _parse_events(request: Request, body: bytes, settings: Settings) -> tuple[list[NewEvent], bool]:
+    media_type, charset = media_type_of(request.headers.get("content-type", ""))
+    if charset not in (None, "utf-8", "utf8"):
+        raise HttpProblem(415, "Unsupported media type", "only UTF-8 bodies are accepted")
+    if media_type == "application/json":
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as error:
+            raise InvalidInput(f"malformed JSON (or not UTF-8): {error}") from error
+        events = events_from_json(
+            document, max_event_bytes=settings.max_event_bytes, max_batch=settings.max_batch
+        )
+        return events, isinstance(document, list)
+    if media_type == "text/plain":
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidInput("the body is not valid UTF-8") from error
+        event = event_from_text(text, request.query_params.get("event"), settings.max_event_bytes)
+        return [event], False
+    raise HttpProblem(
+        415,
+        "Unsupported media type",
+        "publish with Content-Type application/json or text/plain; charset=utf-8",
+    )
+
+
+def _publish_answer(result: AppendResult, is_batch: bool) -> Response:
+    ids = [str(event_id) for event_id in result.ids]
+    content: dict[str, Any] = {"ids": ids} if is_batch or len(ids) != 1 else {"id": ids[0]}
+    if result.replayed:
+        return json_response(content, 200, headers={"Idempotent-Replayed": "true"})
+    return json_response(content, 201)
+
+
+# -- subscribe and history ------------------------------------------------------
+
+
+async def topic_events(request: Request) -> Response | EventStreamResponse:
+    """A subscription (text/event-stream), or a page of history when JSON is preferred."""
+    if prefers_json(request.headers.get("accept", "")):
+        return await history(request)
+    return await _subscribe(request, [request.path_params["topic"]])
+
+
+async def multi_topic_events(request: Request) -> Response | EventStreamResponse:
+    """One stream over several topics: ``/events?topic=a&topic=b``."""
+    topics = list(dict.fromkeys(request.query_params.getlist("topic")))
+    if not topics:
+        raise InvalidInput("name at least one topic: /events?topic=a&topic=b", field="topic")
+    limit = _settings(request).max_topics_per_subscription
+    if len(topics) > limit:
+        raise InvalidInput(f"at most {limit} topics per subscription", field="topic")
+    return await _subscribe(request, topics)
+
+
+async def _subscribe(request: Request, topics: list[str]) -> Response | EventStreamResponse:
+    for topic in topics:
+        check_topic(topic)
+    starts = _starts(request, topics)
+    streams: OpenStreams = request.app.state.streams
+    if streams.draining:
+        return problem(503, "Draining", "this instance is shutting down", {"Retry-After": "1"})
+    subscription = await _broker(request).subscribe(starts)
+    return EventStreamResponse(subscription, streams, _settings(request).retry_ms)
+
+
+def _starts(request: Request, topics: list[str]) -> dict[str, StartFrom]:
+    """Where each topic starts: Last-Event-ID header, else ?last_event_id, else ?from, else now."""
+    source = request.query_params.get("from", "now")
+    if source not in ("now", "earliest"):
+        raise InvalidInput("from must be 'earliest' (or 'now')", field="from")
+    default: StartFrom = "earliest" if source == "earliest" else "now"
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if not raw:
+        return dict.fromkeys(topics, default)
+    cursor = parse_last_event_id(raw.strip())
+    if isinstance(cursor, EventId):
+        return dict.fromkeys(topics, cursor)
+    # A composite cursor: topics it does not name (added to the URL since) start by default.
+    return {topic: cursor.get(topic, default) for topic in topics}
+
+
+async def history(request: Request) -> Response:
+    """``{"events": [...], "next": id|null}``: retained events after ``?after``."""
+    topic = check_topic(request.path_params["topic"])
+    raw_after = request.query_params.get("after")
+    after = EventId.parse(raw_after) if raw_after else None
+    limit = _history_limit(request.query_params.get("limit"))
+    page = await _broker(request).history(topic, after, limit)
+    content: dict[str, Any] = {
+        "events": [_event_json(entry) for entry in page.events],
+        "next": str(page.next) if page.next else None,
+    }
+    if page.gap is not None:
+        content["gap"] = {
+            "reason": page.gap.reason,
+            "requested": str(page.gap.requested),
+            "resumed_after": str(page.gap.resumed_after) if page.gap.resumed_after else None,
+        }
+    return json_response(content)
+
+
+def _history_limit(raw: str | None) -> int:
+    if raw is None:
+        return HISTORY_DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= HISTORY_MAX_LIMIT:
+        raise InvalidInput(f"limit must be an integer from 1 to {HISTORY_MAX_LIMIT}", field="limit")
+    return int(raw)
+
+
+def _event_json(entry: LogEntry) -> dict[str, Any]:
+    data: Any = orjson.Fragment(entry.fields.get(b"d", b"")) if entry.is_json else entry.data_text
+    return {"id": str(entry.id), "event": entry.event_type, "data": data}
+
+
+async def topic_info(request: Request) -> Response:
+    """``{"topic", "length", "first_id", "last_id"}``; 404 if it never had an event."""
+    info = await _broker(request).topic_info(request.path_params["topic"])
+    return json_response(
+        {
+            "topic": info.topic,
+            "length": info.length,
+            "first_id": str(info.first_id) if info.first_id else None,
+            "last_id": str(info.last_id) if info.last_id else None,
+        }
+    )
+
+
+# -- operations ------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    """200 while the process is up."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """200 when the store answers (and the instance is not draining); else 503."""
+    streams: OpenStreams = request.app.state.streams
+    if streams.draining:
+        return json_response({"status": "draining"}, 503, headers={"Retry-After": "1"})
+    if not await _broker(request).ready():
+        return json_response({"status": "store unavailable"}, 503, headers={"Retry-After": "1"})
+    return json_response({"status": "ready", "store": _broker(request).store.description})

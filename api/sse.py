@@ -1,0 +1,86 @@
+"""The event-stream response: a raw ASGI callable that writes a subscription out.
+
+Deliberately not Starlette's StreamingResponse: it writes the coalesced chunks
+the subscription hands it (one ``send`` per wake-up, not per event), it knows
+how to end cleanly when the instance drains, and it frees the subscription the
+moment the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from starlette.types import Receive, Scope, Send
+
+from broker import Subscription, SubscriberTooSlow
+from broker.framing import retry_hint
+
+log = logging.getLogger(__name__)
+
+STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class OpenStreams:
+    """Every open stream of this process, so a drain can end them all."""
+
+    def __init__(self) -> None:
+        self._streams: set[Subscription] = set()
+        self.draining = False
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def add(self, subscription: Subscription) -> None:
+        self._streams.add(subscription)
+
+    def discard(self, subscription: Subscription) -> None:
+        self._streams.discard(subscription)
+
+    def drain(self) -> None:
+        """End every open stream now; their clients reconnect elsewhere."""
+        self.draining = True
+        for subscription in list(self._streams):
+            subscription.close()
+
+
+class EventStreamResponse:
+    """Streams one subscription to one client until either side ends it."""
+
+    def __init__(self, subscription: Subscription, streams: OpenStreams, retry_ms: int) -> None:
+        self._subscription = subscription
+        self._streams = streams
+        self._retry_ms = retry_ms
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        subscription = self._subscription
+        self._streams.add(subscription)
+        watcher = asyncio.create_task(self._close_on_disconnect(receive))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
+            await send(_body(retry_hint(self._retry_ms)))
+            async for chunk in subscription.chunks():
+                await send(_body(chunk))
+        except SubscriberTooSlow:
+            log.info("dropped a subscriber that could not keep up")
+        finally:
+            subscription.close()
+            self._streams.discard(subscription)
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _close_on_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._subscription.close()
+
+
+def _body(chunk: bytes) -> dict[str, object]:
+    return {"type": "http.response.body", "body": chunk, "more_body": True}
