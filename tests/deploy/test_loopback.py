@@ -1,0 +1,102 @@
+"""The shipped load-balancer configs, really running on loopback in front of stand-in brokers."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.balancers import (
+    FLOOD_LIMIT_BYTES,
+    Balancer,
+    StandInBroker,
+    free_port,
+    read_until,
+    request,
+    running_balancer,
+    status_of,
+)
+
+BALANCERS: list[Balancer] = ["nginx", "haproxy"]
+
+
+@pytest.mark.parametrize("kind", BALANCERS)
+def test_first_event_arrives_before_the_upstream_response_ends(
+    kind: Balancer, tmp_path: Path
+) -> None:
+    """Proves buffering is off: the stand-in holds its response open after the first frame."""
+    with StandInBroker() as broker, running_balancer(kind, [broker.port], tmp_path) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"GET /topics/t/events HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n"
+                b"Accept-Encoding: gzip\r\nLast-Event-ID: 1700000000000-7\r\n\r\n"
+            )
+            started = time.monotonic()
+            head = read_until(sock, b"data: first", timeout=5)
+            waited = time.monotonic() - started
+            assert b"data: first" in head, f"no first event through {kind} in 5 s: {head!r}"
+            assert not broker.finished.is_set(), "the upstream had already finished"
+            assert waited < 5
+            assert b"text/event-stream" in head.lower()
+            assert b"last-event-id=1700000000000-7" in head, "Last-Event-ID was not passed on"
+            broker.release.set()
+            rest = read_until(sock, b"data: last", timeout=5)
+            assert b"data: last" in rest
+
+
+@pytest.mark.parametrize("kind", BALANCERS)
+def test_a_subscriber_that_stops_reading_holds_back_the_broker(
+    kind: Balancer, tmp_path: Path
+) -> None:
+    """Without proxy buffering the broker sees a slow subscriber as slow, and can drop it.
+
+    A buffering proxy would take the whole flood (nginx spools up to 1 GiB per
+    response to disk), so the broker's bounded per-subscriber buffer would never fill.
+    """
+    with StandInBroker() as broker, running_balancer(kind, [broker.port], tmp_path) as port:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET /flood HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert broker.flooded.wait(timeout=60), "the stand-in never stopped writing"
+    # Loopback socket buffers on the way hold a few MiB; a buffering proxy takes it all.
+    assert broker.flood_bytes < FLOOD_LIMIT_BYTES // 4, f"{broker.flood_bytes} bytes absorbed"
+
+
+@pytest.mark.parametrize("kind", BALANCERS)
+def test_a_dead_broker_is_skipped_by_retrying_the_connect(kind: Balancer, tmp_path: Path) -> None:
+    dead_port = free_port()  # nothing listens there: every connect is refused
+    with (
+        StandInBroker() as broker,
+        running_balancer(kind, [dead_port, broker.port], tmp_path) as port,
+    ):
+        broker.release.set()  # streams end at once, so each request completes
+        replies = [request(port, "GET /topics/t/events HTTP/1.1") for _ in range(6)]
+    assert [status_of(reply) for reply in replies] == [200] * 6
+    assert all(b"data: last" in reply for reply in replies)
+
+
+@pytest.mark.parametrize("kind", BALANCERS)
+def test_a_publish_that_reached_a_broker_is_never_sent_to_another(
+    kind: Balancer, tmp_path: Path
+) -> None:
+    """Both stand-ins drop every POST unanswered; a retrying proxy would deliver it twice."""
+    with StandInBroker() as first, StandInBroker() as second:
+        with running_balancer(kind, [first.port, second.port], tmp_path) as port:
+            head = "POST /topics/t/events HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 5"
+            reply = request(port, head, b"hello")
+    assert status_of(reply) == 502, reply
+    assert first.posts + second.posts == 1
+
+
+@pytest.mark.parametrize("kind", BALANCERS)
+def test_a_body_over_one_mebibyte_is_refused_at_the_proxy(kind: Balancer, tmp_path: Path) -> None:
+    with StandInBroker() as broker, running_balancer(kind, [broker.port], tmp_path) as port:
+        # Only the head is sent: the proxy must answer from Content-Length alone.
+        head = f"POST /topics/t/events HTTP/1.1\r\nContent-Length: {1024 * 1024 + 1}"
+        reply = request(port, head, until=b"\r\n\r\n")
+    assert status_of(reply) == 413, reply
+    assert broker.posts == 0
