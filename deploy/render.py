@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 DEPLOY_DIR = Path(__file__).resolve().parent
@@ -26,11 +26,9 @@ HAPROXY_CFG = DEPLOY_DIR / "haproxy" / "haproxy.cfg"
 LOOPBACK = "127.0.0.1"
 
 _NGINX_UPSTREAM_SERVER = re.compile(
-    r"^(?P<indent>[ \t]*)server broker\d+:8000(?P<params>[^;]*);\n", re.M
+    r"^(?P<indent>[ \t]*)server broker\d+:8000(?P<params>[^;]*;)\n", re.M
 )
-_HAPROXY_SERVER = re.compile(
-    r"^(?P<indent>[ \t]*)server (?P<name>broker\d+) \S+:8000(?P<params>.*)\n", re.M
-)
+_HAPROXY_SERVER = re.compile(r"^(?P<indent>[ \t]*)server broker\d+ \S+:8000(?P<params>.*)\n", re.M)
 _NGINX_TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
@@ -47,16 +45,29 @@ def _replace_once(text: str, pattern: str, replacement: str, *, where: Path) -> 
 
 
 def _swap_servers(
-    text: str, pattern: re.Pattern[str], make_line: Sequence[str], *, where: Path
+    text: str,
+    pattern: re.Pattern[str],
+    server_line: Callable[[int, int], str],
+    upstream_ports: Sequence[int],
+    *,
+    where: Path,
 ) -> str:
-    """Replace the block of shipped upstream server lines with `make_line`, in place."""
+    """Replace the block of shipped server lines with one line per upstream port.
+
+    `server_line(index, port)` writes the address part; the indentation and the
+    parameters (max_fails, check, ...) are the shipped ones, which must agree.
+    """
     matches = list(pattern.finditer(text))
     if not matches:
         raise ShippedConfigChanged(f"{where}: no upstream server lines found")
     if len({m.group("params") for m in matches}) != 1:
         raise ShippedConfigChanged(f"{where}: upstream servers differ in parameters")
-    start, end = matches[0].start(), matches[-1].end()
-    return text[:start] + "".join(make_line) + text[end:]
+    indent, params = matches[0].group("indent"), matches[0].group("params")
+    lines = [
+        f"{indent}{server_line(index, port)}{params}"
+        for index, port in enumerate(upstream_ports, start=1)
+    ]
+    return text[: matches[0].start()] + "\n".join(lines) + "\n" + text[matches[-1].end() :]
 
 
 def _check_ports(listen_port: int, upstream_ports: Sequence[int]) -> None:
@@ -79,13 +90,13 @@ def render_nginx(listen_port: int, upstream_ports: Sequence[int], workdir: Path 
     for name in ("logs", "tmp"):
         (work / name).mkdir(parents=True, exist_ok=True)
     text = NGINX_CONF.read_text()
-    params = _NGINX_UPSTREAM_SERVER.search(text)
-    servers = [
-        f"{params['indent'] if params else ''}server {LOOPBACK}:{port}"
-        f"{params['params'] if params else ''};\n"
-        for port in upstream_ports
-    ]
-    text = _swap_servers(text, _NGINX_UPSTREAM_SERVER, servers, where=NGINX_CONF)
+    text = _swap_servers(
+        text,
+        _NGINX_UPSTREAM_SERVER,
+        lambda _, port: f"server {LOOPBACK}:{port}",
+        upstream_ports,
+        where=NGINX_CONF,
+    )
     text = _replace_once(text, r"^pid .*;$", _nginx_process_lines(work), where=NGINX_CONF)
     text = _replace_once(
         text, r"^error_log \S+", f"error_log {work / 'logs' / 'error.log'}", where=NGINX_CONF
@@ -149,13 +160,13 @@ def render_haproxy(listen_port: int, upstream_ports: Sequence[int], workdir: Pat
     )
     text = _replace_once(text, r" resolvers docker$", "", where=HAPROXY_CFG)
     text = _replace_once(text, r"bind :8080$", f"bind {LOOPBACK}:{listen_port}", where=HAPROXY_CFG)
-    first = _HAPROXY_SERVER.search(text)
-    servers = [
-        f"{first['indent'] if first else ''}server broker{index} {LOOPBACK}:{port}"
-        f"{first['params'] if first else ''}\n"
-        for index, port in enumerate(upstream_ports, start=1)
-    ]
-    text = _swap_servers(text, _HAPROXY_SERVER, servers, where=HAPROXY_CFG)
+    text = _swap_servers(
+        text,
+        _HAPROXY_SERVER,
+        lambda index, port: f"server broker{index} {LOOPBACK}:{port}",
+        upstream_ports,
+        where=HAPROXY_CFG,
+    )
     return _write(work / "haproxy.cfg", text)
 
 

@@ -383,3 +383,26 @@ def test_ingress_is_tuned_for_server_sent_events() -> None:
     assert int(annotations[prefix + "proxy-send-timeout"]) >= 3600
     assert "non_idempotent" not in annotations[prefix + "proxy-next-upstream"]
     assert manifests()["Ingress"]["spec"]["ingressClassName"] == "nginx"
+
+
+# --- render.py -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("render", [render_nginx, render_haproxy])
+def test_render_refuses_what_cannot_run(render: Any, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="upstream"):
+        render(18080, [], tmp_path)
+    with pytest.raises(ValueError, match="not a TCP port"):
+        render(18080, [70000], tmp_path)
+
+
+def test_render_fails_loudly_when_the_shipped_file_changes_shape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import deploy.render
+
+    changed = tmp_path / "haproxy.cfg"
+    changed.write_text(HAPROXY_CFG.read_text().replace("bind :8080", "bind :9090"))
+    monkeypatch.setattr(deploy.render, "HAPROXY_CFG", changed)
+    with pytest.raises(deploy.render.ShippedConfigChanged, match="bind"):
+        render_haproxy(18081, [18001], tmp_path / "work")
