@@ -7,6 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import httpx
+
 from tests.e2e.procs import ManagedProcess, http_status, tail, wait_until
 from tests.support.redis_server import free_port
 
@@ -14,6 +16,7 @@ from tests.support.redis_server import free_port
 # read timeouts; every other setting is the broker's default.
 BROKER_ENV = {"BROKER_HEARTBEAT_SECONDS": "2"}
 READY_TIMEOUT = 20.0
+OPEN_STREAMS_METRIC = "broker_connected_subscribers"
 
 
 def broker_executable() -> str:
@@ -73,6 +76,18 @@ class BrokerInstance:
 
         wait_until(ready, timeout=READY_TIMEOUT, what=f"broker-{self.index} /readyz")
 
+    def open_streams(self) -> float:
+        """How many event streams this instance serves now (its /metrics gauge); 0 if unknown."""
+        try:
+            text = httpx.get(f"{self.base_url}/metrics", timeout=2).text
+        except httpx.HTTPError:
+            return 0.0
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == OPEN_STREAMS_METRIC:
+                return float(value)
+        return 0.0
+
     def kill(self) -> None:
         self.process.kill()
 
@@ -98,6 +113,17 @@ class BrokerCluster:
             instance.process.start()
         for instance in self.instances:
             instance.wait_ready()
+
+    def busiest(self, otherwise: int) -> BrokerInstance:
+        """The instance serving the most streams, so failing it disconnects clients.
+
+        When no instance reports a stream (the gauge is not there), instance
+        `otherwise` (mod the cluster's size) is the one.
+        """
+        streams = {instance.index: instance.open_streams() for instance in self.instances}
+        if max(streams.values()) <= 0:
+            return self.instances[otherwise % len(self.instances)]
+        return self.instances[max(streams, key=lambda index: streams[index])]
 
     def close(self) -> None:
         for instance in self.instances:

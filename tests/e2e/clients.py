@@ -24,7 +24,6 @@ from tests.e2e.procs import ManagedProcess, tail, wait_until
 from tests.support.redis_server import free_port
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
-CLOSED = 2  # EventSource.readyState: the client gave up and will not reconnect.
 Record = dict[str, Any]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from tests.e2e.publisher import Ack
 
 GAP_EVENT = "broker.gap"
+CLOSED = 2  # EventSource.readyState: the client gave up and will not reconnect.
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Delivery:
     gaps: list[dict[str, Any]] = field(default_factory=list)
     opens: int = 0
     error_times: list[float] = field(default_factory=list)
+    gave_up: str | None = None  # why the client closed for good, if it did
 
     def summary(self, since: float = 0.0) -> str:
         """One line of counts (error times relative to `since`), then the problems."""
@@ -36,6 +38,8 @@ class Delivery:
             f"{self.client}: {self.delivered} events, {len(self.gaps)} gaps, "
             f"{self.opens} opens, errors at [{errors}]"
         )
+        if self.gave_up is not None:
+            head += f"; CLOSED for good: {self.gave_up}"
         return "\n  ".join([head, *self.problems[:15]])
 
 
@@ -51,6 +55,14 @@ def last_n(records: Sequence[dict[str, Any]]) -> int | None:
     return None
 
 
+def gave_up(records: Sequence[dict[str, Any]]) -> str | None:
+    """Why the client closed for good (an EventSource never reconnects then), or None."""
+    for record in records:
+        if record["kind"] == "error" and record.get("readyState") == CLOSED:
+            return str(record.get("message") or "error with readyState CLOSED")
+    return None
+
+
 def check_delivery(
     client: str, acks: Sequence[Ack], records: Sequence[dict[str, Any]], *, gaps_allowed: bool
 ) -> Delivery:
@@ -58,6 +70,7 @@ def check_delivery(
     result = Delivery(client)
     result.opens = sum(1 for r in records if r["kind"] == "open")
     result.error_times = [float(r["t"]) for r in records if r["kind"] == "error"]
+    result.gave_up = gave_up(records)
     expected = 0  # the index in `acks` of the next event this client must receive
     after_gap = False
     for record in events_of(records):

@@ -23,8 +23,12 @@ class RedisTopology(Protocol):
     @property
     def url(self) -> str: ...
 
-    def restart(self) -> None:
-        """Stop every server cleanly and start it again with its data."""
+    def stop(self) -> None:
+        """Stop every server cleanly (SIGTERM): an outage, not a loss of data."""
+        ...
+
+    def start(self) -> RedisTopology:
+        """Start every server again with its data."""
         ...
 
     def close(self) -> None: ...
@@ -47,9 +51,9 @@ class SingleRedis:
         self.server.start()
         return self
 
-    def restart(self) -> None:
+    def stop(self) -> None:
         # SIGTERM, so redis-server flushes its AOF before it exits.
-        self.server.restart(keep_data=True)
+        self.server.stop()
 
     def close(self) -> None:
         self.server.close()
