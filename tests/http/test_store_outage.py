@@ -1,0 +1,167 @@
+"""The store going away: readiness, 503 with Retry-After, and recovery without loss."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.http.helpers import (
+    SseStream,
+    assert_problem,
+    await_until,
+    new_topic,
+    publish_many,
+    subscribe,
+)
+from tests.support.broker_process import BrokerProcess
+from tests.support.redis_server import RedisServer
+
+CLIENT_TIMEOUT = 8.0
+
+
+@pytest.fixture
+def broker_on_private_redis(private_redis: RedisServer) -> Iterator[BrokerProcess]:
+    process = BrokerProcess(
+        redis_url=private_redis.url,
+        env={"BROKER_HEARTBEAT_SECONDS": "1", "BROKER_PUBLISH_TIMEOUT_SECONDS": "1"},
+    ).start()
+    yield process
+    process.close()
+
+
+async def _receive_after(
+    client: httpx.AsyncClient, stream: SseStream, topic: str, cursor: str, expected: list[str]
+) -> list[str]:
+    """The expected ids through the open stream, or after it ended, through a reconnect."""
+    received: list[str] = []
+    while len(received) < len(expected) and not (stream.ended.is_set() and stream.queue.empty()):
+        try:
+            event = await stream.next(timeout=10)
+        except AssertionError:
+            break
+        received.append(event.id)
+        cursor = event.id
+    if len(received) < len(expected):
+        async with subscribe(client, topic, last_event_id=cursor) as again:
+            received += [e.id for e in await again.take(len(expected) - len(received), 10)]
+    return received
+
+
+async def test_redis_down_then_back_with_its_data(
+    private_redis: RedisServer, broker_on_private_redis: BrokerProcess
+) -> None:
+    topic = new_topic()
+    async with httpx.AsyncClient(
+        base_url=broker_on_private_redis.url, timeout=CLIENT_TIMEOUT
+    ) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        async with subscribe(client, topic) as stream:
+            before = await publish_many(client, topic, ["before"])
+            assert (await stream.next()).id == before[0]
+
+            private_redis.stop()
+
+            async def not_ready() -> bool:
+                return (await client.get("/readyz")).status_code == 503
+
+            await await_until(not_ready, timeout=CLIENT_TIMEOUT, message="readyz stayed 200")
+            assert (await client.get("/healthz")).status_code == 200
+            key = {"Idempotency-Key": "while-down"}
+            refused = await client.post(f"/topics/{topic}/events", json={"data": "x"}, headers=key)
+            assert_problem(refused, 503)
+            assert refused.headers.get("retry-after", "").isdigit(), refused.headers
+
+            private_redis.start()  # the same directory: its AOF brings the data back
+
+            async def ready() -> bool:
+                return (await client.get("/readyz")).status_code == 200
+
+            async def published() -> httpx.Response | None:
+                answer = await client.post(
+                    f"/topics/{topic}/events", json={"data": "x"}, headers=key
+                )
+                return answer if answer.status_code in (200, 201) else None
+
+            answer = await await_until(
+                published, timeout=15, interval=0.2, message="publishing never worked again"
+            )
+            after = [answer.json()["id"]]
+            await await_until(ready, timeout=5, message="readyz never came back")
+            key = {"Idempotency-Key": "after-2"}
+            answer = await await_until(published, timeout=5, message="the second publish failed")
+            after.append(answer.json()["id"])
+            received = await _receive_after(client, stream, topic, before[0], after)
+        assert received == after
+        history = await client.get(
+            f"/topics/{topic}/events", headers={"Accept": "application/json"}
+        )
+        assert [e["id"] for e in history.json()["events"]] == before + after
+
+
+async def test_a_write_not_confirmed_in_time_is_503_and_safe_to_retry(
+    private_redis: RedisServer, broker_on_private_redis: BrokerProcess
+) -> None:
+    """Redis frozen (SIGSTOP): the publish times out; the same key then stores it once."""
+    topic = new_topic()
+    assert private_redis.process is not None
+    async with httpx.AsyncClient(
+        base_url=broker_on_private_redis.url, timeout=CLIENT_TIMEOUT
+    ) as client:
+        await publish_many(client, topic, ["seed"])
+        key = {"Idempotency-Key": "frozen-store"}
+        private_redis.process.send_signal(signal.SIGSTOP)
+        try:
+            refused = await client.post(
+                f"/topics/{topic}/events", json={"data": "once"}, headers=key
+            )
+        finally:
+            private_redis.process.send_signal(signal.SIGCONT)
+        assert_problem(refused, 503)
+        assert refused.headers.get("retry-after", "").isdigit(), refused.headers
+
+        async def retried() -> httpx.Response | None:
+            answer = await client.post(
+                f"/topics/{topic}/events", json={"data": "once"}, headers=key
+            )
+            return answer if answer.status_code in (200, 201) else None
+
+        await await_until(retried, timeout=15, interval=0.2, message="the retry never succeeded")
+        history = await client.get(
+            f"/topics/{topic}/events", headers={"Accept": "application/json"}
+        )
+        assert [e["data"] for e in history.json()["events"]] == ["seed", "once"]
+
+
+async def test_once_redis_is_back_every_publish_succeeds(
+    private_redis: RedisServer, broker_on_private_redis: BrokerProcess
+) -> None:
+    """Connections opened before the outage must not fail publishes after it."""
+    topic = new_topic()
+    async with httpx.AsyncClient(
+        base_url=broker_on_private_redis.url, timeout=CLIENT_TIMEOUT
+    ) as client:
+
+        async def burst(label: str) -> list[httpx.Response]:
+            return list(
+                await asyncio.gather(
+                    *(
+                        client.post(f"/topics/{topic}/events", json={"data": f"{label}-{n}"})
+                        for n in range(10)
+                    )
+                )
+            )
+
+        assert [r.status_code for r in await burst("before")] == [201] * 10
+        private_redis.restart(keep_data=True)
+
+        async def recovered() -> bool:
+            answer = await client.post(f"/topics/{topic}/events", json={"data": "probe"})
+            return answer.status_code == 201 and (await client.get("/readyz")).status_code == 200
+
+        await await_until(recovered, timeout=15, interval=0.2, message="never recovered")
+        answers = await burst("after")
+        assert [r.status_code for r in answers] == [201] * 10, [r.text for r in answers]
