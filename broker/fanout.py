@@ -61,6 +61,7 @@ class Hub:
         self._reading = False
         self._read_generation = 0
         self._revalidate = False
+        self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._wake_task: asyncio.Task[None] | None = None
 
@@ -76,6 +77,8 @@ class Hub:
         self._task = asyncio.create_task(self._read_forever(), name="broker-live-reader")
 
     async def close(self) -> None:
+        self._closing = True
+        self._topics_changed.set()
         for task in (self._task, self._wake_task):
             if task is not None:
                 task.cancel()
@@ -141,7 +144,9 @@ class Hub:
 
     async def _read_forever(self) -> None:
         backoff = c.RECONNECT_BACKOFF_MIN
-        while True:
+        # redis-py may turn the cancellation of a blocked read into a connection
+        # error, so the loop also ends on its own flag, not only on CancelledError.
+        while not self._closing:
             try:
                 await self._read_once()
                 backoff = c.RECONNECT_BACKOFF_MIN

@@ -71,12 +71,20 @@ class Subscription:
     def topics(self) -> Sequence[str]:
         return list(self._starts)
 
+    @property
+    def is_live(self) -> bool:
+        """Caught up with the log: what comes now comes from the live reader."""
+        return not self._catching_up and not self._resync
+
     async def open(self) -> None:
         """Attach to every topic; raises StoreUnavailable if the store cannot answer."""
         try:
             for topic in self._starts:
                 await self._hub.attach(topic, self)
                 self._attached.append(topic)
+            for topic, start in self._starts.items():
+                if start == "now":  # "now" is now: read once attached, not when first iterated
+                    self._positions[topic] = latest_point(await self._store.state(topic))
         except BaseException:
             self.close()
             raise
@@ -179,12 +187,10 @@ class Subscription:
         position = self._positions.get(topic)
         if position is None:
             start = self._starts[topic]
-            if start == "now":
-                self._positions[topic] = latest_point(state)
-                return None
             if start == "earliest":
                 self._positions[topic] = earliest_point(state)
                 return None
+            assert isinstance(start, EventId)
             position = start
         self._positions[topic], gap = resume_point(position, state)
         return gap

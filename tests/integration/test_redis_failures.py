@@ -1,0 +1,113 @@
+"""The core against a real redis-server that stops, restarts and loses its data."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as redis
+
+from broker import Broker, BrokerLimits, EventId, NewEvent, StoreUnavailable
+from broker.redis_store import open_store
+from tests.support.redis_server import RedisServer
+from tests.support.sse import Event, collect
+
+
+@pytest.fixture
+async def broker(private_redis: RedisServer) -> AsyncIterator[Broker]:
+    instance = Broker(open_store(private_redis.url), limits=BrokerLimits(heartbeat_seconds=0.5))
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+def numbers(events: list[Event]) -> list[int]:
+    return [int(e.data) for e in events if e.event is None]
+
+
+async def publish_with_retry(broker: Broker, topic: str, n: int, deadline: float) -> EventId:
+    """Publish like a client would: retry with one Idempotency-Key until acknowledged."""
+    while True:
+        try:
+            result = await broker.publish(topic, [NewEvent(str(n))], idempotency_key=f"n{n}")
+            return result.ids[0]
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, "Redis did not come back"
+            await asyncio.sleep(0.05)
+
+
+async def test_live_subscribers_miss_nothing_across_a_restart_with_aof(
+    broker: Broker, private_redis: RedisServer, topic: str
+) -> None:
+    await publish_with_retry(broker, topic, -1, time.monotonic() + 5)
+    subscription = await broker.subscribe({topic: "now"})
+    chunks = subscription.chunks()
+    try:
+        for n in range(10):
+            await publish_with_retry(broker, topic, n, time.monotonic() + 5)
+        assert numbers(await collect(chunks, lambda ev: 9 in numbers(ev))) == list(range(10))
+        private_redis.restart(keep_data=True)
+        deadline = time.monotonic() + 20
+        for n in range(10, 20):
+            await publish_with_retry(broker, topic, n, deadline)
+        events = await collect(chunks, lambda ev: 19 in numbers(ev), timeout=20)
+        assert numbers(events) == list(range(10, 20))
+        assert not [e for e in events if e.event == "broker.gap"]
+    finally:
+        subscription.close()
+
+
+async def test_a_restart_without_data_tells_subscribers_with_a_gap(
+    broker: Broker, private_redis: RedisServer, topic: str
+) -> None:
+    await publish_with_retry(broker, topic, -1, time.monotonic() + 5)
+    subscription = await broker.subscribe({topic: "now"})
+    chunks = subscription.chunks()
+    try:
+        last = await publish_with_retry(broker, topic, 0, time.monotonic() + 5)
+        assert numbers(await collect(chunks, lambda ev: 0 in numbers(ev))) == [0]
+        private_redis.restart(keep_data=False)
+        deadline = time.monotonic() + 20
+        for n in range(1, 4):
+            await publish_with_retry(broker, topic, n, deadline)
+        events = await collect(chunks, lambda ev: 3 in numbers(ev), timeout=20)
+        gaps = [e for e in events if e.event == "broker.gap"]
+        assert len(gaps) == 1
+        assert gaps[0].json["reason"] == "unknown"  # type: ignore[index]
+        assert gaps[0].json["requested"] == str(last)  # type: ignore[index]
+        assert numbers(events) == [1, 2, 3]
+    finally:
+        subscription.close()
+
+
+async def test_publish_fails_fast_while_redis_is_down(
+    broker: Broker, private_redis: RedisServer, topic: str
+) -> None:
+    private_redis.stop()
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(broker.publish(topic, [NewEvent("1")]), 10)
+    assert not await asyncio.wait_for(broker.ready(), 10)
+
+
+async def test_redis_connections_do_not_grow_with_subscribers(
+    broker: Broker, private_redis: RedisServer, topic: str
+) -> None:
+    probe = redis.Redis.from_url(private_redis.url)
+
+    async def connections() -> int:
+        return int((await probe.info("clients"))["connected_clients"])
+
+    try:
+        subscriptions = [await broker.subscribe({f"{topic}-{n % 30}": "now"}) for n in range(300)]
+        await broker.publish(f"{topic}-0", [NewEvent("1")])
+        with_subscribers = await connections()
+        more = [await broker.subscribe({f"{topic}-{n % 30}": "now"}) for n in range(300)]
+        assert await connections() == with_subscribers
+        assert with_subscribers <= 5  # the probe, the reader, a few pooled command connections
+        for subscription in subscriptions + more:
+            subscription.close()
+        assert broker.hub.subscriber_count == 0
+    finally:
+        await probe.aclose()

@@ -1,0 +1,183 @@
+"""The storage seam's contract, run against every store: embedded (fakeredis) and real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from broker import constants as c
+from broker.errors import StoreUnavailable
+from broker.model import NewEvent
+from broker.redis_store import RedisStreamStore, open_store
+from tests.support.redis_server import RedisServer, free_port
+
+
+def events(*payloads: str) -> list[NewEvent]:
+    return [NewEvent(data=p) for p in payloads]
+
+
+async def test_append_returns_ids_and_reads_back(store: RedisStreamStore, topic: str) -> None:
+    result = await store.append(topic, [NewEvent("1", c.KIND_JSON, "kind", 500)])
+    assert not result.replayed and len(result.ids) == 1
+    [entry] = await store.read_range(topic, (0, 0), 10)
+    assert entry.id == result.ids[0]
+    assert (entry.data_text, entry.event_type, entry.is_json) == ("1", "kind", True)
+    assert entry.frame == f"id: {entry.id}\n".encode() + b"event: kind\nretry: 500\ndata: 1\n\n"
+
+
+async def test_a_batch_is_stored_in_order_under_one_epoch(store: RedisStreamStore, topic: str) -> None:
+    result = await store.append(topic, events(*map(str, range(50))))
+    assert [i.position for i in result.ids] == sorted(i.position for i in result.ids)
+    assert len({i.epoch for i in result.ids}) == 1
+    stored = await store.read_range(topic, (0, 0), 100)
+    assert [e.data_text for e in stored] == [str(n) for n in range(50)]
+
+
+async def test_read_range_pages_after_a_position(store: RedisStreamStore, topic: str) -> None:
+    ids = (await store.append(topic, events(*map(str, range(10))))).ids
+    page = await store.read_range(topic, ids[3].position, 4)
+    assert [e.id for e in page] == ids[4:8]
+    assert await store.read_range(topic, ids[-1].position, 4) == []
+
+
+async def test_an_idempotent_repeat_stores_nothing(store: RedisStreamStore, topic: str) -> None:
+    first = await store.append(topic, events("a", "b"), idempotency_key="k 1")
+    again = await store.append(topic, events("other"), idempotency_key="k 1")
+    assert again.replayed and again.ids == first.ids
+    assert (await store.state(topic)).length == 2
+    other_topic = await store.append(topic + "x", events("a"), idempotency_key="k 1")
+    assert not other_topic.replayed  # keys are per topic
+
+
+async def test_racing_writers_on_one_key_store_once(store: RedisStreamStore, topic: str) -> None:
+    results = await asyncio.gather(
+        *(store.append(topic, events(str(n)), idempotency_key="race") for n in range(30))
+    )
+    assert len({tuple(r.ids) for r in results}) == 1
+    assert sum(not r.replayed for r in results) == 1
+    assert (await store.state(topic)).length == 1
+
+
+async def test_racing_instances_on_one_key_store_once(redis_server: RedisServer, topic: str) -> None:
+    """Two instances (two clients) race on one key against real Redis."""
+    first, second = open_store(redis_server.url), open_store(redis_server.url)
+    try:
+        results = await asyncio.gather(
+            *(s.append(topic, events(str(n)), idempotency_key="k") for n in range(20)
+              for s in (first, second))
+        )  # fmt: skip
+        assert len({tuple(r.ids) for r in results}) == 1
+        assert (await first.state(topic)).length == 1
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_the_idempotency_window_expires(topic: str, redis_server: RedisServer) -> None:
+    store = open_store(redis_server.url, idempotency_seconds=1)
+    try:
+        await store.append(topic, events("a"), idempotency_key="k")
+        deadline = time.monotonic() + 5
+        while (await store.append(topic, events("a"), idempotency_key="k")).replayed:
+            assert time.monotonic() < deadline, "the key outlived its window"
+            await asyncio.sleep(0.1)
+        assert (await store.state(topic)).length == 2
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("url_kind", ["embedded", "redis"])
+async def test_retention_maxlen_records_exactly_what_it_trimmed(
+    url_kind: str, redis_server: RedisServer, topic: str
+) -> None:
+    store = open_store(None if url_kind == "embedded" else redis_server.url, retention_maxlen=10)
+    try:
+        ids = []
+        for n in range(40):
+            ids += (await store.append(topic, events(str(n)))).ids
+        state = await store.state(topic)
+        retained = [e.id for e in await store.read_range(topic, (0, 0), 100)]
+        assert 10 <= state.length <= 11 and retained == ids[-state.length :]
+        assert state.trimmed_through == ids[-state.length - 1].position
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("url_kind", ["embedded", "redis"])
+async def test_retention_by_age_trims_old_events(
+    url_kind: str, redis_server: RedisServer, topic: str
+) -> None:
+    store = open_store(None if url_kind == "embedded" else redis_server.url, retention_seconds=0.3)
+    try:
+        old = (await store.append(topic, events("old1", "old2"))).ids
+        deadline = time.monotonic() + 5
+        while (await store.state(topic)).first == old[0].position:
+            assert time.monotonic() < deadline, "old events were never trimmed"
+            await asyncio.sleep(0.1)
+            await store.append(topic, events("new"))
+        state = await store.state(topic)
+        assert state.trimmed_through >= old[1].position
+        assert all(e.data_text == "new" for e in await store.read_range(topic, (0, 0), 100))
+    finally:
+        await store.close()
+
+
+async def test_state_of_a_topic_without_log(store: RedisStreamStore, topic: str) -> None:
+    state = await store.state(topic)
+    assert (state.epoch, state.length, state.first, state.last_entry) == (None, 0, None, None)
+
+
+async def test_a_lost_log_gets_a_new_epoch(store: RedisStreamStore, topic: str) -> None:
+    before = (await store.append(topic, events("a"))).ids[0]
+    await store._client.delete(c.log_key(topic))  # the log is lost, its meta survived
+    after = (await store.append(topic, events("b"))).ids[0]
+    assert after.epoch != before.epoch
+    assert (await store.state(topic)).epoch == after.epoch
+
+
+async def test_read_live_waits_for_new_entries(store: RedisStreamStore, topic: str) -> None:
+    start = (await store.append(topic, events("old"))).ids[0].position
+    read = asyncio.create_task(store.read_live({topic: start}, 5000))
+    await asyncio.sleep(0.05)
+    new = (await store.append(topic, events("new"))).ids[0]
+    batches = await asyncio.wait_for(read, 5)
+    assert [e.id for e in batches[topic]] == [new]
+
+
+async def test_interrupt_ends_a_waiting_live_read(store: RedisStreamStore, topic: str) -> None:
+    read = asyncio.create_task(store.read_live({topic: (0, 0)}, 30_000))
+    deadline = time.monotonic() + 5
+    while not await store.interrupt_live_read():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert await asyncio.wait_for(read, 5) == {}
+
+
+async def test_an_unreachable_redis_fails_fast(topic: str) -> None:
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.append(topic, events("a")), 10)
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_identical_concurrent_reads_share_one_round_trip(
+    store: RedisStreamStore, topic: str
+) -> None:
+    await store.append(topic, events("a", "b"))
+    calls = 0
+    original = store._read_range
+
+    async def counting(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        return await original(*args)  # type: ignore[arg-type]
+
+    store._read_range = counting  # type: ignore[method-assign]
+    pages = await asyncio.gather(*(store.read_range(topic, (0, 0), 10) for _ in range(50)))
+    assert calls == 1 and all(page is pages[0] for page in pages)

@@ -1,0 +1,248 @@
+"""Resumable subscriptions over the core, on both stores: replay, live, gaps, fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from broker import Broker, BrokerLimits, EventId, NewEvent, SubscriberTooSlow
+from broker import constants as c
+from broker.ids import parse_cursor
+from broker.redis_store import RedisStreamStore, open_store
+from tests.support.redis_server import RedisServer
+from tests.support.sse import Event, collect, parse_events
+
+
+@pytest.fixture
+async def broker(store: RedisStreamStore) -> AsyncIterator[Broker]:
+    instance = Broker(store, limits=BrokerLimits(heartbeat_seconds=0.5))
+    await instance.start()
+    yield instance
+    await instance.hub.close()  # the store fixture closes the store
+
+
+def numbers(events: list[Event]) -> list[int]:
+    return [int(e.data) for e in events if e.event is None]
+
+
+def has(n: int) -> object:
+    return lambda events: n in numbers(events)
+
+
+async def publish_numbers(broker: Broker, topic: str, numbers: range) -> list[EventId]:
+    ids = []
+    for n in numbers:
+        ids += (await broker.publish(topic, [NewEvent(str(n))])).ids
+    return ids
+
+
+async def test_from_earliest_then_live(broker: Broker, topic: str) -> None:
+    await publish_numbers(broker, topic, range(3))
+    subscription = await broker.subscribe({topic: "earliest"})
+    try:
+        chunks = subscription.chunks()
+        assert numbers(await collect(chunks, has(2))) == [0, 1, 2]
+        await publish_numbers(broker, topic, range(3, 6))
+        assert numbers(await collect(chunks, has(5))) == [3, 4, 5]
+    finally:
+        subscription.close()
+
+
+async def test_no_cursor_starts_after_the_newest(broker: Broker, topic: str) -> None:
+    await publish_numbers(broker, topic, range(3))
+    subscription = await broker.subscribe({topic: "now"})
+    try:
+        await publish_numbers(broker, topic, range(3, 5))
+        assert numbers(await collect(subscription.chunks(), has(4))) == [3, 4]
+    finally:
+        subscription.close()
+
+
+async def test_a_topic_without_events_waits_for_its_first(broker: Broker, topic: str) -> None:
+    subscription = await broker.subscribe({topic: "now"})
+    try:
+        await publish_numbers(broker, topic, range(1))
+        assert numbers(await collect(subscription.chunks(), has(0))) == [0]
+    finally:
+        subscription.close()
+
+
+async def test_resume_while_publishing_has_no_gap_and_no_duplicate(
+    broker: Broker, topic: str
+) -> None:
+    """The switch from replay to live, raced by a publisher."""
+    ids = await publish_numbers(broker, topic, range(100))
+    publisher = asyncio.create_task(publish_numbers(broker, topic, range(100, 400)))
+    await asyncio.sleep(0.01)
+    subscription = await broker.subscribe({topic: ids[49]})
+    try:
+        received = numbers(await collect(subscription.chunks(), has(399), timeout=30))
+        assert received == list(range(50, 400))
+    finally:
+        subscription.close()
+        await publisher
+
+
+async def test_a_long_replay_reads_in_pages(broker: Broker, topic: str) -> None:
+    total = c.REPLAY_PAGE_SIZE * 2 + 37
+    await broker.publish(topic, [NewEvent(str(n)) for n in range(total)])
+    counts: list[int] = []
+    original = broker.store.read_range
+
+    async def spy(topic_: str, after: tuple[int, int], count: int) -> list:  # type: ignore[type-arg]
+        counts.append(count)
+        return await original(topic_, after, count)
+
+    broker.store.read_range = spy  # type: ignore[method-assign]
+    subscription = await broker.subscribe({topic: "earliest"})
+    try:
+        received = numbers(await collect(subscription.chunks(), has(total - 1), timeout=30))
+        assert received == list(range(total))
+        assert len(counts) >= 3 and max(counts) <= c.REPLAY_PAGE_SIZE
+    finally:
+        subscription.close()
+
+
+async def test_a_trimmed_cursor_gets_a_gap_then_the_oldest(topic: str, store_url: str | None) -> None:
+    store = open_store(store_url, retention_maxlen=10)
+    broker = Broker(store)
+    await broker.start()
+    try:
+        ids = await publish_numbers(broker, topic, range(40))
+        oldest = (await store.state(topic)).first
+        subscription = await broker.subscribe({topic: ids[2]})
+        events = await collect(subscription.chunks(), has(39))
+        gap, rest = events[0], events[1:]
+        assert gap.event == "broker.gap"
+        assert gap.json == {"reason": "trimmed", "requested": str(ids[2]), "topic": topic,
+                            "resumed_after": gap.id}  # fmt: skip
+        assert EventId.parse(str(gap.id)).position < oldest  # type: ignore[operator]
+        assert numbers(rest) == list(range(40 - len(rest), 40)) and len(rest) >= 10
+        subscription.close()
+    finally:
+        await broker.close()
+
+
+async def test_an_id_of_another_topic_is_unknown(broker: Broker, topic: str) -> None:
+    foreign = (await publish_numbers(broker, topic + "-other", range(1)))[0]
+    await publish_numbers(broker, topic, range(3))
+    subscription = await broker.subscribe({topic: foreign})
+    try:
+        events = await collect(subscription.chunks(), has(2))
+        assert events[0].event == "broker.gap"
+        assert events[0].json == {"reason": "unknown", "requested": str(foreign),
+                                  "resumed_after": None, "topic": topic}  # fmt: skip
+        assert numbers(events[1:]) == [0, 1, 2]
+    finally:
+        subscription.close()
+
+
+async def test_an_id_of_a_lost_log_is_unknown(broker: Broker, topic: str) -> None:
+    old = await publish_numbers(broker, topic, range(3))
+    store: RedisStreamStore = broker.store  # type: ignore[assignment]
+    await store._client.delete(c.log_key(topic), c.meta_key(topic))  # Redis lost its data
+    await publish_numbers(broker, topic, range(10, 12))
+    subscription = await broker.subscribe({topic: old[-1]})
+    try:
+        events = await collect(subscription.chunks(), has(11))
+        assert events[0].event == "broker.gap" and events[0].json["reason"] == "unknown"  # type: ignore[index]
+        assert numbers(events[1:]) == [10, 11]
+    finally:
+        subscription.close()
+
+
+async def test_one_cursor_resumes_every_topic(broker: Broker, topic: str) -> None:
+    a, b = topic + "-a", topic + "-b"
+    subscription = await broker.subscribe({a: "now", b: "now"})
+    await publish_numbers(broker, a, range(0, 2))
+    await publish_numbers(broker, b, range(100, 102))
+    events = await collect(subscription.chunks(), lambda ev: {1, 101} <= set(numbers(ev)))
+    subscription.close()
+    cursor = parse_cursor(str(events[-1].id))
+    assert set(cursor) == {a, b}
+
+    await publish_numbers(broker, a, range(2, 4))  # missed while away
+    await publish_numbers(broker, b, range(102, 104))
+    resumed = await broker.subscribe(dict(cursor))
+    try:
+        again = await collect(resumed.chunks(), lambda ev: {3, 103} <= set(numbers(ev)))
+        assert sorted(numbers(again)) == [2, 3, 102, 103]
+    finally:
+        resumed.close()
+
+
+async def test_a_slow_subscriber_is_dropped_and_others_get_everything(
+    store: RedisStreamStore, topic: str
+) -> None:
+    broker = Broker(store, limits=BrokerLimits(subscriber_buffer_bytes=4096))
+    await broker.start()
+    try:
+        await publish_numbers(broker, topic, range(-1, 0))  # the log exists before they subscribe
+        fast = await broker.subscribe({topic: "now"})
+        slow = await broker.subscribe({topic: "now"})
+        slow_chunks = slow.chunks()
+        collector = asyncio.create_task(collect(fast.chunks(), has(199), timeout=20))
+        first_chunk = asyncio.create_task(anext(slow_chunks))
+        async with asyncio.timeout(5):
+            while not slow.is_live:
+                await asyncio.sleep(0.01)
+        first = await publish_numbers(broker, topic, range(1))
+        [event] = parse_events(await first_chunk)  # then it stops reading
+        ids = first + await publish_numbers(broker, topic, range(1, 200))  # ~40 B each: > 4 KiB
+        assert numbers(await collector) == list(range(200))
+        with pytest.raises(SubscriberTooSlow):
+            async with asyncio.timeout(10):
+                async for _ in slow_chunks:
+                    pass
+        # It resumes from its last id without loss.
+        assert event.id == str(ids[0])
+        again = await broker.subscribe({topic: ids[0]})
+        assert numbers(await collect(again.chunks(), has(199))) == list(range(1, 200))
+        for subscription in (fast, slow, again):
+            subscription.close()
+    finally:
+        await broker.hub.close()
+
+
+async def test_closing_frees_every_registration(broker: Broker, topic: str) -> None:
+    for round_ in range(50):
+        subscription = await broker.subscribe({f"{topic}-{round_ % 5}": "now", topic: "now"})
+        subscription.close()
+    assert broker.hub.topic_count == 0 and broker.hub.subscriber_count == 0
+
+
+async def test_live_entries_are_framed_once_and_shared(broker: Broker, topic: str) -> None:
+    offered: list[list[object]] = [[], []]
+
+    class Recorder:
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def offer(self, entries: list[object], size: int) -> None:
+            offered[self.index].extend(entries)
+
+        def log_reset(self, topic: str) -> None:
+            pass
+
+    first, second = Recorder(0), Recorder(1)
+    await broker.hub.attach(topic, first)
+    await broker.hub.attach(topic, second)
+    await publish_numbers(broker, topic, range(3))
+    async with asyncio.timeout(5):
+        while len(offered[1]) < 3:
+            await asyncio.sleep(0.01)
+    assert all(a is b for a, b in zip(offered[0], offered[1], strict=True))
+    broker.hub.detach(topic, first)
+    broker.hub.detach(topic, second)
+
+
+async def test_heartbeats_while_idle(broker: Broker, topic: str) -> None:
+    subscription = await broker.subscribe({topic: "now"})
+    try:
+        chunks = subscription.chunks()
+        async with asyncio.timeout(5):
+            assert await anext(chunks) == b":\n\n"
+    finally:
+        subscription.close()

@@ -1,0 +1,75 @@
+"""The judgement of a cursor against a log: resumable, trimmed or unknown."""
+
+from __future__ import annotations
+
+from broker.ids import ORIGIN, EventId
+from broker.model import LogState
+from broker.resume import earliest_point, latest_point, resume_point
+
+EPOCH = "abcdefgh"
+
+
+def log_state(first: tuple[int, int] | None = (10, 0), last: tuple[int, int] | None = (20, 0),
+              trimmed: tuple[int, int] = (0, 0), epoch: str | None = EPOCH) -> LogState:  # fmt: skip
+    return LogState(epoch=epoch, length=5, first=first, last_entry=last, trimmed_through=trimmed)
+
+
+def test_a_retained_cursor_resumes_exactly() -> None:
+    position, gap = resume_point(EventId(EPOCH, (15, 0)), log_state())
+    assert position == EventId(EPOCH, (15, 0))
+    assert gap is None
+
+
+def test_the_last_trimmed_event_still_resumes_without_gap() -> None:
+    # Events after (9, 0) are all retained: the client lost nothing.
+    position, gap = resume_point(EventId(EPOCH, (9, 0)), log_state(trimmed=(9, 0)))
+    assert position == EventId(EPOCH, (9, 0))
+    assert gap is None
+
+
+def test_a_cursor_before_trimmed_events_gets_a_trimmed_gap() -> None:
+    requested = EventId(EPOCH, (5, 0))
+    position, gap = resume_point(requested, log_state(trimmed=(9, 0)))
+    assert position == EventId(EPOCH, (9, 0))
+    assert gap is not None
+    assert (gap.reason, gap.requested, gap.resumed_after) == ("trimmed", requested, position)
+
+
+def test_another_epoch_is_unknown_and_resumes_from_the_oldest() -> None:
+    requested = EventId("zzzzzzzz", (15, 0))
+    position, gap = resume_point(requested, log_state())
+    assert position == EventId(EPOCH, (0, 0))
+    assert gap is not None and gap.reason == "unknown" and gap.resumed_after is None
+
+
+def test_an_id_from_the_future_is_unknown() -> None:
+    _, gap = resume_point(EventId(EPOCH, (21, 0)), log_state())
+    assert gap is not None and gap.reason == "unknown"
+
+
+def test_an_id_up_to_what_retention_removed_is_not_from_the_future() -> None:
+    # Everything was trimmed by age; the newest issued id is the trimmed one.
+    state = log_state(first=None, last=None, trimmed=(20, 0))
+    position, gap = resume_point(EventId(EPOCH, (20, 0)), state)
+    assert gap is None and position == EventId(EPOCH, (20, 0))
+
+
+def test_a_missing_log_makes_every_cursor_unknown() -> None:
+    missing = log_state(first=None, last=None, epoch=None)
+    position, gap = resume_point(EventId(EPOCH, (15, 0)), missing)
+    assert position == ORIGIN
+    assert gap is not None and gap.reason == "unknown" and gap.resumed_after is None
+
+
+def test_the_origin_resumes_from_the_start_of_any_log() -> None:
+    assert resume_point(ORIGIN, log_state(epoch=None)) == (ORIGIN, None)
+    assert resume_point(ORIGIN, log_state()) == (EventId(EPOCH, (0, 0)), None)
+    _, gap = resume_point(ORIGIN, log_state(trimmed=(9, 0)))
+    assert gap is not None and gap.reason == "trimmed"
+
+
+def test_earliest_and_latest_points() -> None:
+    state = log_state(trimmed=(9, 0))
+    assert earliest_point(state) == EventId(EPOCH, (9, 0))
+    assert latest_point(state) == EventId(EPOCH, (20, 0))
+    assert earliest_point(log_state(epoch=None)) == latest_point(log_state(epoch=None)) == ORIGIN

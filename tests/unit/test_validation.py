@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from broker.errors import InvalidInput, InvalidTopic, TooLarge
+from broker.validation import (
+    check_idempotency_key,
+    check_topic,
+    event_from_text,
+    events_from_json,
+)
+
+
+@pytest.mark.parametrize("name", ["a", "A-z_0.9:x", "x" * 200])
+def test_good_topics(name: str) -> None:
+    assert check_topic(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "x" * 201, "a b", "a/b", "é", "a{b}", "a\n", "a*"])
+def test_bad_topics(name: str) -> None:
+    with pytest.raises(InvalidTopic):
+        check_topic(name)
+
+
+def parse(document: Any) -> Any:
+    return events_from_json(document, max_event_bytes=100, max_batch=3)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {},
+        {"event": "x"},
+        [],
+        "text",
+        5,
+        None,
+        [{"data": 1}, "x"],
+        {"data": 1, "extra": 2},
+        {"data": 1, "event": "a\nb"},
+        {"data": 1, "event": "a\rb"},
+        {"data": 1, "event": "a\0b"},
+        {"data": 1, "event": "broker.gap"},
+        {"data": 1, "event": ""},
+        {"data": 1, "event": 5},
+        {"data": 1, "retry": -1},
+        {"data": 1, "retry": 1.5},
+        {"data": 1, "retry": "5"},
+        {"data": 1, "retry": True},
+    ],
+)
+def test_bad_json_events(document: Any) -> None:
+    with pytest.raises(InvalidInput):
+        parse(document)
+
+
+def test_limits_are_413() -> None:
+    with pytest.raises(TooLarge):
+        parse({"data": "x" * 200})
+    with pytest.raises(TooLarge):
+        parse([{"data": 1}] * 4)
+    with pytest.raises(TooLarge):
+        event_from_text("é" * 60, None, 100)  # 120 bytes in UTF-8
+
+
+def test_json_events_keep_compact_json_and_optional_fields() -> None:
+    events = parse([{"data": {"a": [1, 2]}}, {"data": "s", "event": "e", "retry": 0}])
+    assert [(e.data, e.event, e.retry) for e in events] == [('{"a":[1,2]}', None, None), ('"s"', "e", 0)]
+
+
+@pytest.mark.parametrize("key", ["", "x" * 201, "é", "a\nb", "tab\t"])
+def test_bad_idempotency_keys(key: str) -> None:
+    with pytest.raises(InvalidInput):
+        check_idempotency_key(key)
+
+
+def test_good_idempotency_key() -> None:
+    assert check_idempotency_key("order 42 {retry}~!") == "order 42 {retry}~!"
