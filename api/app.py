@@ -111,7 +111,8 @@ async def _broker_error(request: Request, error: Exception) -> Response:
 
 async def _http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
-    return problem(error.status_code, "HTTP error", str(error.detail), error.headers)
+    headers = dict(error.headers) if error.headers else None
+    return problem(error.status_code, "HTTP error", str(error.detail), headers)
 
 
 async def _unexpected_error(request: Request, error: Exception) -> Response:

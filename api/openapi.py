@@ -26,12 +26,17 @@ CONTRACTS: dict[str, tuple[Any, dict[str, tuple[str, Any]]]] = {
     "subscribe": (
         None,
         {
-            "200": ("text/event-stream, or with Accept: application/json a history page",
-                    schemas.HistoryPage),
+            "200": (
+                "text/event-stream, or with Accept: application/json a history page",
+                schemas.HistoryPage,
+            ),
         },
-    ),  # fmt: skip
+    ),
     "subscribe_many": (None, {"200": ("text/event-stream over several topics", None)}),
-    "topic_info": (None, {"200": ("The topic", schemas.TopicInfo), "404": ("Never had an event", None)}),
+    "topic_info": (
+        None,
+        {"200": ("The topic", schemas.TopicInfo), "404": ("Never had an event", None)},
+    ),
     "healthz": (None, {"200": ("The process is up", None)}),
     "readyz": (None, {"200": ("The store answers", None), "503": ("It does not", None)}),
     "metrics": (None, {"200": ("Prometheus text format", None)}),

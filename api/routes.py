@@ -35,7 +35,9 @@ HISTORY_DEFAULT_LIMIT = 100
 HISTORY_MAX_LIMIT = 1000
 
 
-def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     return Response(
         orjson.dumps(content), status_code=status, media_type="application/json", headers=headers
     )

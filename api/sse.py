@@ -14,7 +14,7 @@ import logging
 
 from starlette.types import Receive, Scope, Send
 
-from broker import Subscription, SubscriberTooSlow
+from broker import SubscriberTooSlow, Subscription
 from broker.framing import retry_hint
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,7 @@ class LogEntry:
 
     __slots__ = ("_body", "_frame", "epoch", "fields", "position", "topic")
 
-    def __init__(
-        self, topic: str, position: StreamPosition, fields: dict[bytes, bytes]
-    ) -> None:
+    def __init__(self, topic: str, position: StreamPosition, fields: dict[bytes, bytes]) -> None:
         self.topic = topic
         self.position = position
         self.fields = fields

@@ -58,7 +58,7 @@ class _SingleFlight:
     async def run(self, key: tuple[Any, ...], call: Callable[[], Awaitable[T]]) -> T:
         pending = self._inflight.get(key)
         if pending is not None:
-            return await asyncio.shield(pending)  # type: ignore[no-any-return]
+            return await asyncio.shield(pending)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
@@ -127,17 +127,17 @@ class RedisStreamStore:
 
     async def _read_range(self, topic: str, after: StreamPosition, count: int) -> list[LogEntry]:
         start = "-" if after == (0, 0) else "(" + format_stream_id(after)
-        raw = await self._call(self._client.xrange(c.log_key(topic), start, "+", count=count))
+        raw: Any = await self._call(self._client.xrange(c.log_key(topic), start, "+", count=count))
         return [LogEntry(topic, parse_stream_id(id_), fields) for id_, fields in raw]
 
     async def read_live(
         self, positions: dict[str, StreamPosition], block_ms: int
     ) -> dict[str, list[LogEntry]]:
-        streams = {c.log_key(topic): format_stream_id(pos) for topic, pos in positions.items()}
+        streams: Any = {c.log_key(t): format_stream_id(pos) for t, pos in positions.items()}
         if self._reader_id is None:
             self._reader_id = int(await self._call(self._reader.client_id()))
         try:
-            reply = await self._reader.xread(streams, count=c.LIVE_READ_COUNT, block=block_ms)
+            reply: Any = await self._reader.xread(streams, count=c.LIVE_READ_COUNT, block=block_ms)
         except RedisError as error:
             self._reader_id = None
             raise StoreUnavailable(f"live read failed: {error}") from error
@@ -234,4 +234,3 @@ def _redact(url: str) -> str:
         return url
     scheme, _, _ = head.partition("://")
     return f"{scheme}://***@{tail}"
-

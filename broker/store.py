@@ -36,8 +36,8 @@ class Store(Protocol):
         """Wait up to ``block_ms`` for entries after each topic's position."""
         ...
 
-    async def interrupt_live_read(self) -> None:
-        """Make a waiting ``read_live`` return now (its topics changed)."""
+    async def interrupt_live_read(self) -> bool:
+        """Make a waiting ``read_live`` return now; False if none was waiting yet."""
         ...
 
     async def state(self, topic: str) -> LogState:

@@ -258,7 +258,8 @@ class Subscription:
         if self._pending or self._resync or self._dropped or self._closed:
             return True
         loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
         timer = loop.call_later(self._heartbeat, self._wake, False)
         try:
             return await waiter

@@ -27,7 +27,9 @@ async def test_append_returns_ids_and_reads_back(store: RedisStreamStore, topic:
     assert entry.frame == f"id: {entry.id}\n".encode() + b"event: kind\nretry: 500\ndata: 1\n\n"
 
 
-async def test_a_batch_is_stored_in_order_under_one_epoch(store: RedisStreamStore, topic: str) -> None:
+async def test_a_batch_is_stored_in_order_under_one_epoch(
+    store: RedisStreamStore, topic: str
+) -> None:
     result = await store.append(topic, events(*map(str, range(50))))
     assert [i.position for i in result.ids] == sorted(i.position for i in result.ids)
     assert len({i.epoch for i in result.ids}) == 1
@@ -60,7 +62,9 @@ async def test_racing_writers_on_one_key_store_once(store: RedisStreamStore, top
     assert (await store.state(topic)).length == 1
 
 
-async def test_racing_instances_on_one_key_store_once(redis_server: RedisServer, topic: str) -> None:
+async def test_racing_instances_on_one_key_store_once(
+    redis_server: RedisServer, topic: str
+) -> None:
     """Two instances (two clients) race on one key against real Redis."""
     first, second = open_store(redis_server.url), open_store(redis_server.url)
     try:

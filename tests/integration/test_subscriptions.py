@@ -11,7 +11,6 @@ from broker import Broker, BrokerLimits, EventId, NewEvent, SubscriberTooSlow
 from broker import constants as c
 from broker.ids import parse_cursor
 from broker.redis_store import RedisStreamStore, open_store
-from tests.support.redis_server import RedisServer
 from tests.support.sse import Event, collect, parse_events
 
 
@@ -105,7 +104,9 @@ async def test_a_long_replay_reads_in_pages(broker: Broker, topic: str) -> None:
         subscription.close()
 
 
-async def test_a_trimmed_cursor_gets_a_gap_then_the_oldest(topic: str, store_url: str | None) -> None:
+async def test_a_trimmed_cursor_gets_a_gap_then_the_oldest(
+    topic: str, store_url: str | None
+) -> None:
     store = open_store(store_url, retention_maxlen=10)
     broker = Broker(store)
     await broker.start()

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-INSTALL_HINT = "redis-server is missing: run `make test` (it installs it) or `apt-get install redis-server`"
+INSTALL_HINT = (
+    "redis-server is missing: run `make test` (it installs it) or `apt-get install redis-server`"
+)
 
 
 def free_port() -> int:

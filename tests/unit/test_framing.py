@@ -7,7 +7,9 @@ from broker.framing import HEARTBEAT, comment, data_lines, event_body, id_line, 
 
 def parse_sse_data(frame: bytes) -> str:
     """What a browser's EventSource gives back as event.data for one frame."""
-    lines = [line[len(b"data: ") :].decode() for line in frame.split(b"\n") if line.startswith(b"data:")]
+    lines = [
+        line[len(b"data: ") :].decode() for line in frame.split(b"\n") if line.startswith(b"data:")
+    ]
     return "\n".join(lines)
 
 

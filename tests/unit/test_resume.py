@@ -9,8 +9,15 @@ from broker.resume import earliest_point, latest_point, resume_point
 EPOCH = "abcdefgh"
 
 
-def log_state(first: tuple[int, int] | None = (10, 0), last: tuple[int, int] | None = (20, 0),
-              trimmed: tuple[int, int] = (0, 0), epoch: str | None = EPOCH) -> LogState:  # fmt: skip
+Position = tuple[int, int]
+
+
+def log_state(
+    first: Position | None = (10, 0),
+    last: Position | None = (20, 0),
+    trimmed: Position = (0, 0),
+    epoch: str | None = EPOCH,
+) -> LogState:
     return LogState(epoch=epoch, length=5, first=first, last_entry=last, trimmed_through=trimmed)
 
 

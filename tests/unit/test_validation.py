@@ -67,7 +67,10 @@ def test_limits_are_413() -> None:
 
 def test_json_events_keep_compact_json_and_optional_fields() -> None:
     events = parse([{"data": {"a": [1, 2]}}, {"data": "s", "event": "e", "retry": 0}])
-    assert [(e.data, e.event, e.retry) for e in events] == [('{"a":[1,2]}', None, None), ('"s"', "e", 0)]
+    assert [(e.data, e.event, e.retry) for e in events] == [
+        ('{"a":[1,2]}', None, None),
+        ('"s"', "e", 0),
+    ]
 
 
 @pytest.mark.parametrize("key", ["", "x" * 201, "é", "a\nb", "tab\t"])
