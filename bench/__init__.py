@@ -1,0 +1,1 @@
+"""Load harness for the broker: `python -m bench` (`make bench`); see bench/__main__.py."""

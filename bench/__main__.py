@@ -1,0 +1,169 @@
+"""`python -m bench`: measure the broker and the hand-written baseline, print a table.
+
+Each scenario starts its own redis-server and server (2 workers) on loopback, drives
+it from a pool of load-generator processes, and reads CPU and memory from /proc. The
+table goes to stdout, progress to stderr, and everything to a JSON file. Timings never
+make it exit non-zero; a scenario that cannot run at all does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from bench import servers
+from bench.config import SCENARIOS, sizes_for
+from bench.loadgen import LoadGenerators
+from bench.measure import Outcome
+from bench.procstats import raise_open_files_limit
+from bench.progress import say
+from bench.report import Results, render_table, rows, write_json
+from bench.scenarios import SCENARIO_FUNCTIONS
+
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
+SCENARIO_TIMEOUT_S = {True: 90.0, False: 240.0}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--only", choices=SCENARIOS, action="append", help="run this scenario")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
+    parser.add_argument("--skip-baseline", action="store_true", help="measure the broker only")
+    parser.add_argument("--skip-broker", action="store_true", help="measure the baseline only")
+    return parser.parse_args(argv)
+
+
+def chosen_targets(args: argparse.Namespace) -> list[servers.Target]:
+    targets = []
+    if not args.skip_broker:
+        targets.append(servers.BROKER)
+    if not args.skip_baseline:
+        targets.append(servers.BASELINE)
+    return targets
+
+
+def broker_missing() -> str | None:
+    script = Path(sys.executable).parent / "broker"
+    if not script.exists() or not (servers.REPO / "api" / "cli.py").exists():
+        return f"the broker is not installed ({script} or api/cli.py is missing)"
+    return None
+
+
+async def run_scenario(
+    target: servers.Target, name: str, pool: LoadGenerators, args: argparse.Namespace, log_dir: Path
+) -> Outcome:
+    sizes = sizes_for(target.name, args.quick)
+    say(f"{target.name}: {name}: starting redis-server and the server")
+    server = servers.start(target, log_dir)
+    try:
+        scenario = SCENARIO_FUNCTIONS[name](server, pool, sizes)
+        return await asyncio.wait_for(scenario, SCENARIO_TIMEOUT_S[args.quick])
+    except Exception as error:
+        tail = server.log_tail()
+        raise RuntimeError(f"{type(error).__name__}: {error}\nserver log:\n{tail}") from error
+    finally:
+        server.stop()
+
+
+def _outcome_dict(outcome: Outcome) -> dict[str, Any]:
+    return {"figures": outcome.figures, "details": outcome.details, "warnings": outcome.warnings}
+
+
+async def run_all(args: argparse.Namespace, log_dir: Path) -> tuple[Results, list[str]]:
+    results: Results = {}
+    errors: list[str] = []
+    scenarios = args.only or list(SCENARIOS)
+    targets = chosen_targets(args)
+    pool = LoadGenerators(max(sizes_for(t.name, args.quick).loadgen_processes for t in targets))
+    try:
+        for target in targets:
+            if target is servers.BROKER and (missing := broker_missing()):
+                errors.append(f"broker: {missing}")
+                say(missing)
+                continue
+            for name in scenarios:
+                try:
+                    outcome = await run_scenario(target, name, pool, args, log_dir)
+                except Exception as error:
+                    errors.append(f"{target.name}: {name}: {error}")
+                    say(f"{target.name}: {name}: FAILED: {error}")
+                    pool.close()
+                    pool = LoadGenerators(pool.size)
+                    continue
+                results.setdefault(target.name, {})[name] = _outcome_dict(outcome)
+                for warning in outcome.warnings:
+                    say(f"{target.name}: {name}: WARNING: {warning}")
+    finally:
+        pool.close()
+    return results, errors
+
+
+def sizes_notes(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """Where the baseline ran with smaller sizes than the broker, say so in its cells."""
+    broker, baseline = sizes_for("broker", args.quick), sizes_for("baseline", args.quick)
+    notes: dict[str, str] = {}
+    if baseline.idle_subscribers != broker.idle_subscribers:
+        notes["idle"] = f"(N={baseline.idle_subscribers:,})"
+    if baseline.fanout_subscribers != broker.fanout_subscribers:
+        notes["fanout"] = f"(N={baseline.fanout_subscribers:,})"
+    if baseline.storm_clients != broker.storm_clients:
+        notes["storm"] = f"(N={baseline.storm_clients:,})"
+    return {"baseline": notes}
+
+
+def document(args: argparse.Namespace, results: Results, errors: list[str]) -> dict[str, Any]:
+    targets = [t.name for t in chosen_targets(args)]
+    return {
+        "meta": {
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "quick": args.quick,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "sizes": {t: dataclasses.asdict(sizes_for(t, args.quick)) for t in targets},
+        },
+        "table": rows(results, sizes_notes(args)),
+        "results": results,
+        "errors": errors,
+    }
+
+
+def print_summary(doc: dict[str, Any], json_path: Path) -> None:
+    print(render_table(doc["table"]))
+    for target, outcomes in doc["results"].items():
+        for name, outcome in outcomes.items():
+            for warning in outcome["warnings"]:
+                print(f"warning: {target}: {name}: {warning}")
+    for error in doc["errors"]:
+        print(f"error: {error.splitlines()[0]}")
+    print(f"results: {json_path}")
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    log_dir = servers.new_log_dir()
+    results, errors = await run_all(args, log_dir)
+    doc = document(args, results, errors)
+    write_json(args.json, doc)
+    print_summary(doc, args.json)
+    if errors:
+        print(f"server logs: {log_dir}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_open_files_limit()
+    return uvloop.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Start and stop what is measured: a fresh redis-server and a server (broker or baseline).
+
+Every scenario gets its own Redis and server so that no scenario inherits another's
+heap, connections or backlog. The server runs in its own session so that stopping it
+stops its uvicorn workers too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import redis
+
+from tests.support.redis_server import RedisServer, free_port
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+WORKERS = 2
+READY_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server implementation to measure: how to start it and what it calls its workers."""
+
+    name: str
+    label: str
+
+    def command(self, port: int, redis_url: str) -> list[str]:
+        if self.name == "broker":
+            return [
+                str(Path(sys.executable).parent / "broker"), "serve",
+                "--host", HOST, "--port", str(port),
+                "--redis-url", redis_url, "--workers", str(WORKERS),
+            ]  # fmt: skip
+        return [
+            sys.executable, "-m", "uvicorn", "--factory", "bench.baseline_app:create_app",
+            "--host", HOST, "--port", str(port), "--workers", str(WORKERS),
+            "--no-access-log", "--log-level", "warning",
+        ]  # fmt: skip
+
+    def environment(self, redis_url: str) -> dict[str, str]:
+        env = dict(os.environ, BENCH_REDIS_URL=redis_url, BROKER_REDIS_URL=redis_url)
+        env.setdefault("BROKER_LOG_LEVEL", "warning")
+        env.setdefault("BROKER_ACCESS_LOG", "false")
+        return env
+
+
+BROKER = Target("broker", "broker")
+BASELINE = Target("baseline", "baseline (FastAPI SSE + XREAD per client)")
+
+
+@dataclass
+class RunningServer:
+    """A Redis and a server over it, both up and answering."""
+
+    target: Target
+    redis_server: RedisServer
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    redis_client: redis.Redis = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.redis_client = redis.Redis(port=self.redis_server.port, decode_responses=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        _stop_session(self.process)
+        self.redis_client.close()
+        self.redis_server.close()
+
+
+def _stop_session(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def _wait_ready(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"server exited with {process.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"server not ready on port {port} after {READY_TIMEOUT_S}s")
+
+
+def start(target: Target, log_dir: Path) -> RunningServer:
+    """Start a fresh redis-server and the target over it; wait until /readyz answers 200."""
+    redis_server = RedisServer(appendonly=False).start()
+    port = free_port()
+    log_path = log_dir / f"{target.name}-{port}.log"
+    log: IO[bytes] = log_path.open("wb")
+    process = subprocess.Popen(
+        target.command(port, redis_server.url),
+        env=target.environment(redis_server.url),
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    try:
+        _wait_ready(process, port, log_path)
+    except BaseException:
+        _stop_session(process)
+        redis_server.close()
+        raise
+    return RunningServer(target, redis_server, process, port, log_path)
+
+
+def new_log_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="bench-logs-"))

@@ -1,0 +1,35 @@
+"""A short run of the load harness, so that it does not rot. It asserts no timings."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT_S = 100
+
+
+def test_quick_bench_run_reports_every_figure_as_a_number(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(output)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    document = json.loads(output.read_text())
+    assert document["errors"] == []
+    assert {row["scenario"] for row in document["table"]} == {
+        "fanout", "publish-single", "publish-batch", "idle", "storm",
+    }  # fmt: skip
+    for row in document["table"]:
+        for target in ("broker", "baseline"):
+            value = row[target]
+            assert isinstance(value, int | float), (row["figure"], target, value)
+            assert math.isfinite(value), (row["figure"], target, value)
+    assert "figure" in run.stdout and "broker vs baseline" in run.stdout
