@@ -35,6 +35,7 @@ def build_broker(settings: Settings) -> Broker:
         retention_maxlen=settings.retention_maxlen,
         retention_seconds=settings.retention_seconds,
         idempotency_seconds=settings.idempotency_seconds,
+        durability=settings.publish_durability,
     )
     limits = BrokerLimits(
         subscriber_buffer_bytes=settings.subscriber_buffer_bytes,

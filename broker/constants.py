@@ -64,3 +64,5 @@ LIVE_BLOCK_MS = 5000
 # The reader's reconnect backoff while Redis is unreachable (seconds).
 RECONNECT_BACKOFF_MIN = 0.05
 RECONNECT_BACKOFF_MAX = 2.0
+# How long a replicated publish waits for a replica to confirm (ms).
+REPLICA_CONFIRM_MS = 2000
