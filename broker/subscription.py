@@ -113,7 +113,7 @@ class Subscription:
             chunk = self._drain_live()
             if chunk:
                 yield chunk
-            elif not await self._wait():
+            elif not await self._wait() and not self._closed:
                 yield HEARTBEAT
 
     # -- what the hub calls ------------------------------------------------
