@@ -164,7 +164,7 @@ class SseStream:
         finally:
             self.ended.set()
 
-    async def next(self, timeout: float = 5.0) -> ServerSentEvent:
+    async def next(self, timeout: float = 8.0) -> ServerSentEvent:
         """The next event, or fail when none arrives within ``timeout`` seconds."""
         getter = asyncio.ensure_future(self.queue.get())
         ender = asyncio.ensure_future(self.ended.wait())
@@ -184,7 +184,7 @@ class SseStream:
             raise AssertionError(f"the stream ended (error: {self.error!r})")
         raise AssertionError(f"no event within {timeout}s on {self.path}")
 
-    async def take(self, count: int, timeout: float = 5.0) -> list[ServerSentEvent]:
+    async def take(self, count: int, timeout: float = 8.0) -> list[ServerSentEvent]:
         return [await self.next(timeout) for _ in range(count)]
 
     async def wait_ended(self, timeout: float) -> bool:

@@ -514,3 +514,55 @@ async def test_a_stream_resumes_on_another_instance(
             assert [e.id for e in await stream.take(2)] == ids[1:]
             [live] = await publish_many(aclient, topic, [4])
             assert (await stream.next()).id == live
+
+
+async def test_the_gap_rules_hold_per_topic_on_a_multi_topic_stream(
+    aclient: httpx.AsyncClient,
+) -> None:
+    """One topic's part of the cursor is unknown: a gap for it; the other resumes exactly."""
+    a, b = new_topic("a"), new_topic("b")
+    a_ids = await publish_many(aclient, a, ["a1", "a2"])
+    b_ids = await publish_many(aclient, b, ["b1"])
+    async with SseStream(aclient, "/events", params={"topic": [a, b]}) as stream:
+        await publish_many(aclient, a, ["a3"])
+        cursor = (await stream.next()).id
+    # Swap b's position in the cursor for one its log never issued.
+    parts = dict(part.split("~", 1) for part in cursor.split("!"))
+    assert set(parts) == {a, b}, cursor
+    parts[b] = _other_epoch(b_ids[0])
+    forged = "!".join(f"{topic}~{position}" for topic, position in sorted(parts.items()))
+    await publish_many(aclient, a, ["a4"])
+    async with SseStream(
+        aclient, "/events", params={"topic": [a, b]}, headers={"Last-Event-ID": forged}
+    ) as stream:
+        events = await stream.take(3)
+        gaps = [e for e in events if e.event == "broker.gap"]
+        assert len(gaps) == 1
+        data = _gap(gaps[0].data)
+        assert (data["reason"], data["requested"]) == ("unknown", parts[b])
+        assert sorted(e.data for e in events if e.event != "broker.gap") == ['"a4"', '"b1"']
+        await publish_many(aclient, b, ["b2"])
+        assert (await stream.next()).data == '"b2"'
+    assert len(a_ids) == 2
+
+
+async def test_new_subscriptions_get_live_events_promptly(aclient: httpx.AsyncClient) -> None:
+    """Each new multi-topic subscription gets a live event within 2 s, every time.
+
+    Topics attached while the live reader is between reads must not wait for its
+    blocking read to time out.
+    """
+    for round_ in range(80):
+        topics = [new_topic(f"p{round_}") for _ in range(8)]
+        async with SseStream(aclient, "/events", params={"topic": topics}) as stream:
+            started = time.monotonic()
+            [event_id] = await publish_many(aclient, topics[-1], ["live"])
+            try:
+                event = await stream.next(timeout=2)
+            except AssertionError:
+                late = await stream.next(timeout=8)
+                pytest.fail(
+                    f"round {round_}: the live event came {time.monotonic() - started:.1f}s "
+                    f"late (data {late.data})"
+                )
+            assert event.data == '"live"' and event_id

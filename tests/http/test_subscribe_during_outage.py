@@ -1,0 +1,44 @@
+"""A subscription that arrives while Redis is down must not end an EventSource for good.
+
+Browsers' EventSource (and the npm client) give up on any non-200 answer, but
+reconnect after a 200 stream ends. So the broker answers 200 with a retry hint
+and ends the stream; once Redis is back, the reconnect resumes as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.support.broker_process import BrokerProcess
+from tests.support.redis_server import RedisServer
+
+
+@pytest.fixture
+def broker_on_private_redis(private_redis: RedisServer) -> Iterator[BrokerProcess]:
+    process = BrokerProcess(redis_url=private_redis.url).start()
+    yield process
+    process.close()
+
+
+def test_subscribing_while_redis_is_down_ends_with_a_retry_hint(
+    broker_on_private_redis: BrokerProcess, private_redis: RedisServer, topic: str
+) -> None:
+    url = f"{broker_on_private_redis.url}/topics/{topic}/events"
+    first = httpx.post(url, json={"data": 1}, timeout=10).json()["id"]
+    private_redis.stop()
+    answer = httpx.get(url, headers={"Last-Event-ID": first}, timeout=15)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/event-stream")
+    assert answer.text.startswith("retry: ")
+
+    private_redis.start()
+    second = httpx.post(url, json={"data": 2}, timeout=10).json()["id"]
+    with httpx.stream("GET", url, headers={"Last-Event-ID": first}, timeout=15) as stream:
+        assert stream.status_code == 200
+        for line in stream.iter_lines():
+            if line.startswith("id: "):
+                assert line == f"id: {second}"
+                break
