@@ -16,7 +16,7 @@ from starlette.responses import Response
 from api.negotiation import media_type_of, prefers_json
 from api.problems import HttpProblem, problem
 from api.settings import Settings
-from api.sse import EventStreamResponse, OpenStreams
+from api.sse import STREAM_HEADERS, EventStreamResponse, OpenStreams
 from broker import (
     AppendResult,
     Broker,
@@ -28,6 +28,7 @@ from broker import (
     TooLarge,
     parse_last_event_id,
 )
+from broker.framing import retry_hint
 from broker.model import LogEntry
 from broker.validation import check_topic, event_from_text, events_from_json
 
@@ -151,8 +152,18 @@ async def _subscribe(request: Request, topics: list[str]) -> Response | EventStr
     streams: OpenStreams = request.app.state.streams
     if streams.draining:
         return problem(503, "Draining", "this instance is shutting down", {"Retry-After": "1"})
-    subscription = await _broker(request).subscribe(starts)
-    return EventStreamResponse(subscription, streams, _settings(request).retry_ms)
+    retry_ms = _settings(request).retry_ms
+    try:
+        subscription = await _broker(request).subscribe(starts)
+    except StoreUnavailable:
+        # A 503 would end an EventSource for good (it only retries 200 streams
+        # that end); a stream that ends at once makes it come back in retry_ms.
+        return Response(
+            retry_hint(retry_ms) + b": store unavailable, reconnect shortly\n\n",
+            media_type="text/event-stream",
+            headers=dict((k.decode(), v.decode()) for k, v in STREAM_HEADERS[1:]),
+        )
+    return EventStreamResponse(subscription, streams, retry_ms)
 
 
 def _starts(request: Request, topics: list[str]) -> dict[str, StartFrom]:

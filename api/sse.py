@@ -14,6 +14,7 @@ import logging
 
 from starlette.types import Receive, Scope, Send
 
+from api.metrics import SUBSCRIBERS
 from broker import SubscriberTooSlow, Subscription
 from broker.framing import retry_hint
 
@@ -60,6 +61,7 @@ class EventStreamResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         subscription = self._subscription
         self._streams.add(subscription)
+        SUBSCRIBERS.inc()
         watcher = asyncio.create_task(self._close_on_disconnect(receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
@@ -71,6 +73,7 @@ class EventStreamResponse:
         finally:
             subscription.close()
             self._streams.discard(subscription)
+            SUBSCRIBERS.dec()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
