@@ -24,13 +24,16 @@ from bench import servers
 from bench.config import SCENARIOS, sizes_for
 from bench.loadgen import LoadGenerators
 from bench.measure import Outcome
-from bench.procstats import raise_open_files_limit
+from bench.procstats import other_load, raise_open_files_limit
+from bench.profiling import Profiler
 from bench.progress import say
 from bench.report import Results, render_table, rows, write_json
 from bench.scenarios import SCENARIO_FUNCTIONS
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 SCENARIO_TIMEOUT_S = {True: 90.0, False: 240.0}
+QUIET_WAIT_S = {True: 0.0, False: 10.0}
+QUIET_CORES = 0.2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,6 +43,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
     parser.add_argument("--skip-baseline", action="store_true", help="measure the broker only")
     parser.add_argument("--skip-broker", action="store_true", help="measure the baseline only")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="wait up to S seconds before each scenario for other processes to go quiet "
+        "(default 10, 0 with --quick)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the server workers (flame graphs by --json)"
+    )
     return parser.parse_args(argv)
 
 
@@ -63,16 +77,37 @@ async def run_scenario(
     target: servers.Target, name: str, pool: LoadGenerators, args: argparse.Namespace, log_dir: Path
 ) -> Outcome:
     sizes = sizes_for(target.name, args.quick)
+    other = await wait_for_quiet(
+        args.quiet_wait if args.quiet_wait is not None else QUIET_WAIT_S[args.quick]
+    )
     say(f"{target.name}: {name}: starting redis-server and the server")
     server = servers.start(target, log_dir)
+    profiler = (
+        Profiler(server.pid, args.json.parent, f"{target.name}-{name}") if args.profile else None
+    )
     try:
         scenario = SCENARIO_FUNCTIONS[name](server, pool, sizes)
-        return await asyncio.wait_for(scenario, SCENARIO_TIMEOUT_S[args.quick])
+        outcome = await asyncio.wait_for(scenario, SCENARIO_TIMEOUT_S[args.quick])
     except Exception as error:
         tail = server.log_tail()
         raise RuntimeError(f"{type(error).__name__}: {error}\nserver log:\n{tail}") from error
     finally:
+        profile = profiler.stop() if profiler else None
         server.stop()
+    outcome.details["other_load_before_cores"] = round(other, 3)
+    if profile is not None:
+        outcome.details["profile_hottest_frames"] = profile
+    return outcome
+
+
+async def wait_for_quiet(max_wait_s: float) -> float:
+    """Wait (bounded) until other processes leave the cores alone; the load last seen."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        load = await asyncio.to_thread(other_load, 1.0 if max_wait_s > 0 else 0.2)
+        if load < QUIET_CORES or time.monotonic() >= deadline:
+            return load
+        say(f"waiting for the machine to quieten: other processes use {load:.2f} cores")
 
 
 def _outcome_dict(outcome: Outcome) -> dict[str, Any]:

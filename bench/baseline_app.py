@@ -27,8 +27,8 @@ from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 BLOCK_MS = 15_000
-# redis-py caps a pool at 100 connections; each subscriber here holds one for its blocking
-# XREAD, so the first user to pass 100 subscribers raises the cap, as this does.
+# redis-py caps a pool at 100 connections and times reads out after 5 s; each subscriber
+# here holds a connection in a 15 s blocking XREAD, so a user lifts both, as this does.
 MAX_CONNECTIONS = 100_000
 
 
@@ -119,7 +119,7 @@ def create_app() -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis = redis.from_url(
-            url, decode_responses=True, max_connections=MAX_CONNECTIONS
+            url, decode_responses=True, max_connections=MAX_CONNECTIONS, socket_timeout=None
         )
         yield
         await app.state.redis.aclose()

@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.config import LOADGEN_SATURATED, MACHINE_CORES
-from bench.procstats import TreeSample, machine_busy_seconds, own_cpu_seconds, sample_tree
+from bench.procstats import (
+    TreeSample,
+    machine_busy_seconds,
+    own_cpu_seconds,
+    sample_tree,
+    socket_count,
+    tree_pids,
+)
 from bench.servers import RunningServer
 
 OTHER_LOAD_WARNING_CORES = 0.25
@@ -35,6 +42,12 @@ def redis_calls(server: RunningServer) -> dict[str, int]:
         for name, value in stats.items()
         if name != "cmdstat_info"
     }
+
+
+def worker_sockets(server: RunningServer) -> dict[str, int]:
+    """Sockets held by each process under the server's root: how connections spread
+    over the workers (they share one listening socket, so the kernel need not balance)."""
+    return {str(pid): socket_count(pid) for pid in tree_pids(server.pid)[1:]}
 
 
 def redis_clients(server: RunningServer) -> int:

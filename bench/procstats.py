@@ -77,6 +77,20 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def socket_count(pid: int) -> int:
+    """Open sockets of one process (listening, client and Redis connections alike)."""
+    count = 0
+    try:
+        for fd in (PROC / str(pid) / "fd").iterdir():
+            try:
+                count += os.readlink(fd).startswith("socket:")
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return count
+
+
 def sample_tree(root: int) -> TreeSample:
     pids = tree_pids(root)
     return TreeSample(
@@ -92,6 +106,13 @@ def machine_busy_seconds() -> float:
     fields = [int(v) for v in (PROC / "stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]
     return (sum(fields[:8]) - idle) / CLOCK_TICKS
+
+
+def other_load(seconds: float = 1.0) -> float:
+    """Cores busy on the machine over the next `seconds`, less this process's own CPU."""
+    busy0, own0 = machine_busy_seconds(), own_cpu_seconds()
+    time.sleep(seconds)
+    return max(0.0, (machine_busy_seconds() - busy0) - (own_cpu_seconds() - own0)) / seconds
 
 
 def own_cpu_seconds() -> float:

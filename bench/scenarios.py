@@ -15,7 +15,7 @@ import orjson
 
 from bench.config import Sizes
 from bench.loadgen import LoadGenerators, Message, split
-from bench.measure import Outcome, Window, redis_calls, redis_clients
+from bench.measure import Outcome, Window, redis_calls, redis_clients, worker_sockets
 from bench.pacer import Pacer
 from bench.procstats import TreeSample, sample_tree
 from bench.progress import say
@@ -89,6 +89,7 @@ async def fanout(server: RunningServer, pool: LoadGenerators, sizes: Sizes) -> O
     connected = _check_progress(await pool.gather())
     subscribed = sum(m["connected"] for m in connected)
     outcome.details["subscribed"] = subscribed
+    outcome.details["sockets_per_server_process"] = worker_sockets(server)
     if subscribed < sizes.fanout_subscribers:
         outcome.warnings.append(f"only {subscribed} of {sizes.fanout_subscribers} subscribed")
     await asyncio.sleep(1.0)  # let every subscription reach its blocking read
@@ -149,6 +150,10 @@ def _fanout_figures(
 # ---- publish --------------------------------------------------------------------------------
 
 
+def _added(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {pid: count - before.get(pid, 0) for pid, count in after.items()}
+
+
 def _event(index: int) -> Message:
     return {"data": {"n": index, "msg": "hello, subscribers"}}
 
@@ -177,8 +182,10 @@ async def _publish_rate(
         f"{batch} event(s) per request, {sizes.publish_seconds:g}s"
     )
     await asyncio.sleep(max(0.0, start_at - time.time() - 0.2))
-    window = Window(server)
+    window, sockets0 = Window(server), worker_sockets(server)
     pool.start_job("publish", specs)
+    await asyncio.sleep(start_at - time.time() + sizes.publish_seconds / 2)
+    outcome.details["connections_per_server_process"] = _added(sockets0, worker_sockets(server))
     results = await pool.results()
     window.close()
     window.account(outcome, results)
@@ -246,6 +253,7 @@ async def idle(server: RunningServer, pool: LoadGenerators, sizes: Sizes) -> Out
     connected = sum(m["connected"] for m in _check_progress(await pool.gather()))
     await asyncio.sleep(2.0)  # let the server settle before reading its memory
     after, clients2 = sample_tree(server.pid), redis_clients(server)
+    outcome.details["sockets_per_server_process"] = worker_sockets(server)
     pool.broadcast({"close": True})
     results = await pool.results()
     _idle_figures(outcome, before, middle, after, tenth, connected)
