@@ -52,22 +52,36 @@ def _swap_servers(
     *,
     where: Path,
 ) -> str:
-    """Replace the block of shipped server lines with one line per upstream port.
+    """Replace every block of shipped server lines with one line per upstream port.
 
+    A block is a run of consecutive matching lines (one nginx upstream, one
+    HAProxy backend); each is replaced on its own, so a file with several
+    backends (HAProxy's `brokers` and `brokers_alive`) keeps all of them.
     `server_line(index, port)` writes the address part; the indentation and the
-    parameters (max_fails, check, ...) are the shipped ones, which must agree.
+    parameters (max_fails, check, ...) are the block's shipped ones, which must
+    agree within the block.
     """
     matches = list(pattern.finditer(text))
     if not matches:
         raise ShippedConfigChanged(f"{where}: no upstream server lines found")
-    if len({m.group("params") for m in matches}) != 1:
-        raise ShippedConfigChanged(f"{where}: upstream servers differ in parameters")
-    indent, params = matches[0].group("indent"), matches[0].group("params")
-    lines = [
-        f"{indent}{server_line(index, port)}{params}"
-        for index, port in enumerate(upstream_ports, start=1)
-    ]
-    return text[: matches[0].start()] + "\n".join(lines) + "\n" + text[matches[-1].end() :]
+    blocks: list[list[re.Match[str]]] = []
+    for match in matches:
+        if blocks and blocks[-1][-1].end() == match.start():
+            blocks[-1].append(match)
+        else:
+            blocks.append([match])
+    pieces, position = [], 0
+    for block in blocks:
+        if len({m.group("params") for m in block}) != 1:
+            raise ShippedConfigChanged(f"{where}: upstream servers differ in parameters")
+        indent, params = block[0].group("indent"), block[0].group("params")
+        lines = "".join(
+            f"{indent}{server_line(index, port)}{params}\n"
+            for index, port in enumerate(upstream_ports, start=1)
+        )
+        pieces += [text[position : block[0].start()], lines]
+        position = block[-1].end()
+    return "".join(pieces) + text[position:]
 
 
 def _check_ports(listen_port: int, upstream_ports: Sequence[int]) -> None:

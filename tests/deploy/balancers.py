@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -102,7 +103,10 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 class StandInBroker:
     """A stdlib HTTP server playing a broker, on a free loopback port.
 
-    `GET /readyz` and `/healthz` answer 200. `GET /flood` writes events until a
+    `GET /healthz` answers 200; `GET /readyz` answers 200 while `ready` is set and
+    503 otherwise (a broker whose Redis does not answer), counting those 503s in
+    `unready_checks`. `port` binds a given port (a broker restarted where it
+    was); streams begun are counted in `streams`. `GET /flood` writes events until a
     write blocks for FLOOD_STALL_SECONDS, counting the bytes. Any other GET is an
     SSE stream: a comment echoing the Last-Event-ID it received, a moment later
     one event, then it holds the response open until `release` is set (or
@@ -112,14 +116,18 @@ class StandInBroker:
     a broker dying mid-request would.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
+        self.ready = threading.Event()
+        self.ready.set()
+        self.unready_checks = 0
+        self.streams = 0
         self.release = threading.Event()
         self.finished = threading.Event()
         self.flooded = threading.Event()
         self.flood_bytes = 0
         self.posts = 0
         self._lock = threading.Lock()
-        self._server = _StandInServer(self)
+        self._server = _StandInServer(self, port)
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -137,13 +145,26 @@ class StandInBroker:
         with self._lock:
             self.posts += 1
 
+    def count_unready_check(self) -> None:
+        with self._lock:
+            self.unready_checks += 1
+
+    def count_stream(self) -> None:
+        with self._lock:
+            self.streams += 1
+
 
 class _StandInServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, broker: StandInBroker) -> None:
-        super().__init__(("127.0.0.1", 0), _StandInHandler)
+    def __init__(self, broker: StandInBroker, port: int) -> None:
+        super().__init__(("127.0.0.1", port), _StandInHandler)
         self.broker = broker
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Quiet about peers that hang up (HAProxy resets a check once it has the status)."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class _StandInHandler(BaseHTTPRequestHandler):
@@ -154,8 +175,14 @@ class _StandInHandler(BaseHTTPRequestHandler):
         """Quiet: the tests read what they need from the StandInBroker's fields."""
 
     def do_GET(self) -> None:
-        if self.path in ("/readyz", "/healthz"):
+        if self.path == "/healthz":
             self._send_small(b"ok")
+        elif self.path == "/readyz":
+            if self.server.broker.ready.is_set():
+                self._send_small(b"ok")
+            else:
+                self.server.broker.count_unready_check()
+                self._send_small(b"redis does not answer", status=503)
         elif self.path.startswith("/flood"):
             self._flood()
         else:
@@ -166,8 +193,8 @@ class _StandInHandler(BaseHTTPRequestHandler):
         self.server.broker.count_post()
         self.close_connection = True
 
-    def _send_small(self, body: bytes) -> None:
-        self.send_response(200)
+    def _send_small(self, body: bytes, status: int = 200) -> None:
+        self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -182,6 +209,7 @@ class _StandInHandler(BaseHTTPRequestHandler):
 
     def _stream(self) -> None:
         broker = self.server.broker
+        broker.count_stream()
         self._start_stream()
         last_event_id = self.headers.get("Last-Event-ID", "")
         self._chunk(f": last-event-id={last_event_id}\n\n".encode())

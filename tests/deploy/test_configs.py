@@ -30,6 +30,8 @@ SCHEMAS = Path(__file__).resolve().parent / "schemas"
 # How long a broker may take to end its streams after SIGTERM.
 DRAIN_SECONDS = 10
 MAX_BODY_BYTES = 1024 * 1024
+# A Redis restart (AOF load) or Sentinel failover the deployment should ride out.
+REDIS_BLIP_SECONDS = 20
 BROKER_HOSTS = ["broker1", "broker2", "broker3"]
 K8S_VERSIONS = ["1.29.0", "1.37.0"]
 
@@ -95,7 +97,7 @@ def test_rendered_nginx_config_is_the_shipped_one_on_loopback(tmp_path: Path) ->
     for name in ("sse-http.conf", "sse-proxy.conf"):
         assert f"include {NGINX_DIR / name};" in rendered
     assert "listen 127.0.0.1:18080;" in rendered
-    assert "server 127.0.0.1:18001 max_fails=2 fail_timeout=10s;" in rendered
+    assert "server 127.0.0.1:18001 max_fails=0;" in rendered
     assert "broker1" not in rendered
     changed = {"pid", "error_log", "access_log", "listen", "server", "include", "user", "daemon"}
     kept = [
@@ -164,8 +166,22 @@ def test_nginx_retries_only_what_never_reached_a_broker() -> None:
     proxy = directives(NGINX_DIR / "sse-proxy.conf")
     assert proxy["proxy_next_upstream"] == ["error timeout"]
     assert "non_idempotent" not in " ".join(proxy["proxy_next_upstream"])
-    for args in directives(NGINX_CONF)["server"]:
-        assert "max_fails=" in args and "fail_timeout=" in args
+
+
+def test_nginx_never_marks_a_broker_failed_but_skips_a_dead_one_per_request() -> None:
+    """Passive failure marking kept restarted brokers out; a rolling restart then hit
+    "no live upstreams" (502), which ends a browser's EventSource for good."""
+    servers = directives(NGINX_CONF)["server"]
+    for args in servers:
+        assert "max_fails=0" in args.split(), args
+        assert "fail_timeout=" not in args and "backup" not in args, args
+    proxy = directives(NGINX_DIR / "sse-proxy.conf")
+    # Each request tries every broker, and an unreachable one costs little.
+    assert int(proxy["proxy_next_upstream_tries"][0]) >= len(servers)
+    assert seconds(proxy["proxy_connect_timeout"][0]) <= 2
+    assert seconds(proxy["proxy_next_upstream_timeout"][0]) >= len(servers) * seconds(
+        proxy["proxy_connect_timeout"][0]
+    )
 
 
 def test_nginx_keeps_idle_upstream_connections_shorter_than_uvicorn() -> None:
@@ -207,7 +223,8 @@ def test_shipped_haproxy_config_passes_haproxy_c_without_dns() -> None:
 def test_rendered_haproxy_config_is_the_shipped_one_on_loopback(tmp_path: Path) -> None:
     rendered = render_haproxy(18081, [18001, 18002], tmp_path).read_text().splitlines()
     assert "    bind 127.0.0.1:18081" in rendered
-    assert "    server broker2 127.0.0.1:18002 check" in rendered
+    # Once in each backend (brokers, brokers_alive).
+    assert rendered.count("    server broker2 127.0.0.1:18002 check") == 2
     dropped = ("resolvers", "nameserver", "hold", "bind", "server", "default-server")
     kept = [
         line
@@ -217,24 +234,82 @@ def test_rendered_haproxy_config_is_the_shipped_one_on_loopback(tmp_path: Path) 
     assert all(line in rendered for line in kept)
 
 
-def haproxy_lines() -> list[str]:
+def haproxy_lines(path: Path = HAPROXY_CFG) -> list[str]:
     return [
         line.split("#", 1)[0].strip()
-        for line in HAPROXY_CFG.read_text().splitlines()
+        for line in path.read_text().splitlines()
         if line.split("#", 1)[0].strip()
     ]
 
 
+def haproxy_sections(path: Path = HAPROXY_CFG) -> dict[str, list[str]]:
+    """`"backend brokers" -> [its lines]`, for every section of an HAProxy file."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for raw in path.read_text().splitlines():
+        code = raw.split("#", 1)[0].rstrip()
+        if not code.strip():
+            continue
+        if not code[0].isspace():
+            current = sections.setdefault(code.strip(), [])
+        else:
+            current.append(code.strip())
+    return sections
+
+
+def test_rendered_haproxy_config_keeps_every_backend_with_loopback_servers(
+    tmp_path: Path,
+) -> None:
+    rendered = render_haproxy(18081, [18001, 18002], tmp_path)
+    shipped, ours = haproxy_sections(), haproxy_sections(rendered)
+    assert list(ours) == [name for name in shipped if not name.startswith("resolvers")]
+    backends = [name for name in shipped if name.startswith("backend ")]
+    assert len(backends) >= 2
+    for name in backends:
+        assert [line for line in ours[name] if not line.startswith("server ")] == [
+            line for line in shipped[name] if not line.startswith("server ")
+        ], name
+        assert [line for line in ours[name] if line.startswith("server ")] == [
+            "server broker1 127.0.0.1:18001 check",
+            "server broker2 127.0.0.1:18002 check",
+        ], name
+
+
+def checked_path(backend: list[str]) -> str:
+    assert "option httpchk" in backend
+    assert "http-check expect status 200" in backend
+    send = next(line.split() for line in backend if line.startswith("http-check send"))
+    return send[send.index("uri") + 1]
+
+
 def test_haproxy_checks_readyz_and_balances_streams_by_least_connections() -> None:
-    lines = haproxy_lines()
-    assert "option httpchk" in lines
-    assert any(line.startswith("http-check send meth GET uri /readyz") for line in lines)
-    assert "http-check expect status 200" in lines
-    assert "balance leastconn" in lines
-    default_server = next(line for line in lines if line.startswith("default-server"))
+    sections = haproxy_sections()
+    assert checked_path(sections["backend brokers"]) == "/readyz"
+    assert "balance leastconn" in sections["defaults"]
+    default_server = next(
+        line for line in sections["defaults"] if line.startswith("default-server")
+    )
     assert "inter 1s fall 2 rise 2" in default_server
-    servers = [line.split()[1] for line in lines if line.startswith("server ")]
-    assert servers == BROKER_HOSTS
+    for name in ("backend brokers", "backend brokers_alive"):
+        servers = [line.split() for line in sections[name] if line.startswith("server ")]
+        assert [server[1] for server in servers] == BROKER_HOSTS
+        assert all(server[2] == f"{server[1]}:8000" and "check" in server for server in servers)
+
+
+def test_haproxy_falls_back_to_live_brokers_when_none_is_ready() -> None:
+    """A Redis outage marks every broker unready; HAProxy must not answer 503 itself.
+
+    Brokers keep streams open until Redis is back; HAProxy's own 503 would end a
+    browser's EventSource for good. So ready brokers are used while there is
+    one, and brokers that are merely up (/healthz) otherwise.
+    """
+    sections = haproxy_sections()
+    frontend = next(lines for name, lines in sections.items() if name.startswith("frontend "))
+    assert "use_backend brokers if { nbsrv(brokers) gt 0 }" in frontend
+    assert "default_backend brokers_alive" in frontend
+    assert checked_path(sections["backend brokers_alive"]) == "/healthz"
+    # An unready broker's open streams are not cut when it is marked down.
+    assert not any("on-marked-down" in line for line in haproxy_lines())
 
 
 def test_haproxy_keeps_streams_open_and_retries_only_connects() -> None:
@@ -337,6 +412,19 @@ def test_deployment_probes_readiness_and_liveness_separately() -> None:
     for probe in (readiness, liveness):
         assert ports[probe["httpGet"]["port"]] == 8000
     assert "8000" in container["args"]
+
+
+def test_readiness_rides_out_a_short_redis_blip_but_not_a_long_outage() -> None:
+    """/readyz is 503 while Redis does not answer. A pod that turns unready on a
+    restart of Redis would take its new streams to an ingress 503 (final for an
+    EventSource) for nothing: the broker can hold them until Redis is back."""
+    readiness = broker_container()["readinessProbe"]
+    period, failures = readiness["periodSeconds"], readiness["failureThreshold"]
+    # Failures may start just after a good probe: a blip shorter than this is unseen.
+    assert (failures - 1) * period >= REDIS_BLIP_SECONDS
+    # Still, a pod that has really lost Redis leaves the endpoints within a minute.
+    assert failures * period + readiness["timeoutSeconds"] <= 60
+    assert readiness["successThreshold"] == 1
 
 
 def test_deployment_drains_after_leaving_the_endpoints() -> None:

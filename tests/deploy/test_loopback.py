@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,56 @@ def test_a_body_over_one_mebibyte_is_refused_at_the_proxy(kind: Balancer, tmp_pa
         reply = request(port, head, until=b"\r\n\r\n")
     assert status_of(reply) == 413, reply
     assert broker.posts == 0
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_nginx_sends_to_a_restarted_broker_at_once_even_after_all_had_failed(
+    tmp_path: Path,
+) -> None:
+    """A rolling restart must never leave nginx with "no live upstreams".
+
+    Both brokers are down for a moment (nginx answers 502 then: nothing can be
+    done), then one comes back on its port. The next stream must reach it: a
+    `max_fails`/`fail_timeout` pair would keep both marked failed for
+    fail_timeout and answer 502, and a browser's EventSource never retries a 502.
+    """
+    ports = [free_port(), free_port()]
+    with running_balancer("nginx", ports, tmp_path) as port:
+        down = [status_of(request(port, "GET /topics/t/events HTTP/1.1")) for _ in range(4)]
+        assert down == [502] * 4
+        with StandInBroker(port=ports[0]) as broker:
+            broker.release.set()
+            reply = request(port, "GET /topics/t/events HTTP/1.1")
+    assert status_of(reply) == 200, reply
+    assert b"data: last" in reply
+
+
+def test_haproxy_prefers_ready_brokers_and_falls_back_to_live_ones(tmp_path: Path) -> None:
+    """/readyz decides where streams go; a Redis outage on every broker is not a 503.
+
+    With Redis down, brokers keep new streams open and resume them when it is
+    back, whereas a 503 from HAProxy would close a browser's EventSource for good.
+    """
+    fall = 2  # `fall 2` in haproxy.cfg: a third failed check finds the server down
+    with StandInBroker() as ready, StandInBroker() as unready:
+        ready.release.set()
+        unready.release.set()
+        unready.ready.clear()
+        with running_balancer("haproxy", [ready.port, unready.port], tmp_path) as port:
+            wait_for(lambda: unready.unready_checks > fall, "HAProxy to check /readyz")
+            replies = [request(port, "GET /topics/t/events HTTP/1.1") for _ in range(6)]
+            assert [status_of(reply) for reply in replies] == [200] * 6
+            assert (ready.streams, unready.streams) == (6, 0), "an unready broker took streams"
+
+            ready.ready.clear()  # now Redis answers no broker
+            wait_for(lambda: ready.unready_checks > fall, "HAProxy to see the outage")
+            replies = [request(port, "GET /topics/t/events HTTP/1.1") for _ in range(4)]
+    assert [status_of(reply) for reply in replies] == [200] * 4, replies
+    assert all(b"data: last" in reply for reply in replies)
+    assert ready.streams + unready.streams == 10
