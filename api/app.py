@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Exception: _unexpected_error,
         },
     )
+    app.router.redirect_slashes = False  # an API answers 404, not a redirect to a guess
     return app
 
 
@@ -97,6 +98,15 @@ ROUTES = [
     Route("/topics/{topic}/events", routes.topic_events, methods=["GET"], name="subscribe"),
     Route("/events", routes.multi_topic_events, methods=["GET"], name="subscribe_many"),
     Route("/topics/{topic}", routes.topic_info, methods=["GET"], name="topic_info"),
+    # A topic holding "/" (sent as %2F) cannot match the routes above; it is a bad
+    # topic name (400), not an unknown route (404).
+    Route(
+        "/topics/{topic:path}",
+        routes.bad_topic,
+        name="bad_topic",
+        include_in_schema=False,
+        methods=["GET", "POST"],
+    ),
     Route("/healthz", routes.healthz, methods=["GET"], name="healthz"),
     Route("/readyz", routes.readyz, methods=["GET"], name="readyz"),
     Route("/metrics", metrics, methods=["GET"], name="metrics"),
@@ -128,3 +138,10 @@ def configure_logging(level: str) -> None:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("broker", "api"):
         logging.getLogger(name).setLevel(level.upper())
+    # Dropping a client that stopped reading ends its response unfinished, on
+    # purpose (its socket is full); uvicorn reports that as an error.
+    logging.getLogger("uvicorn.error").addFilter(_not_an_unfinished_response)
+
+
+def _not_an_unfinished_response(record: logging.LogRecord) -> bool:
+    return "without completing response" not in record.getMessage()

@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -226,6 +227,16 @@ async def topic_info(request: Request) -> Response:
             "last_id": str(info.last_id) if info.last_id else None,
         }
     )
+
+
+async def bad_topic(request: Request) -> Response:
+    """Any other path under /topics/: a topic name with "/" in it (sent as %2F) is a 400."""
+    name = request.path_params["topic"]
+    if b"%2f" in request.scope.get("raw_path", b"").lower():
+        check_topic(name.removesuffix("/events"))  # raises InvalidTopic
+    if "/" not in name:  # POST /topics/{topic}: the path exists, for GET only
+        raise HTTPException(405, headers={"Allow": "GET"})
+    raise HTTPException(404)
 
 
 # -- operations ------------------------------------------------------------------

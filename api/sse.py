@@ -57,19 +57,34 @@ class EventStreamResponse:
         self._subscription = subscription
         self._streams = streams
         self._retry_ms = retry_ms
+        self._writer: asyncio.Task[object] | None = None
+        self._blocked_in_send = False
+        self._dropped = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         subscription = self._subscription
         self._streams.add(subscription)
         SUBSCRIBERS.inc()
+        self._writer = asyncio.current_task()
+        subscription.on_drop = self._abort_blocked_write
         watcher = asyncio.create_task(self._close_on_disconnect(receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
             await send(_body(retry_hint(self._retry_ms)))
             async for chunk in subscription.chunks():
+                self._blocked_in_send = True
                 await send(_body(chunk))
+                self._blocked_in_send = False
         except SubscriberTooSlow:
             log.info("dropped a subscriber that could not keep up")
+        except asyncio.CancelledError:
+            if not self._dropped:
+                raise
+            # Our own cancel: the client stopped reading and its socket is full,
+            # so no clean end can be written. Returning closes the connection.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            log.info("dropped a subscriber that stopped reading")
+            return
         finally:
             subscription.close()
             self._streams.discard(subscription)
@@ -78,6 +93,12 @@ class EventStreamResponse:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _abort_blocked_write(self) -> None:
+        """The subscription overflowed: if we are stuck writing to it, stop now."""
+        self._dropped = True
+        if self._blocked_in_send and self._writer is not None:
+            self._writer.cancel()
 
     async def _close_on_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":

@@ -59,7 +59,6 @@ class Hub:
         self._feeds: dict[str, _Feed] = {}
         self._topics_changed = asyncio.Event()
         self._reading = False
-        self._read_generation = 0
         self._revalidate = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -130,17 +129,17 @@ class Hub:
         """Unblock the running XREAD so it is re-armed with the new topic.
 
         The XREAD may not have reached Redis yet when we ask; then we ask again
-        shortly, until that read is over (bounded: a read ends on its own anyway).
+        shortly. We go on while a read runs that was armed before the last topic
+        change (the flag is cleared when a read takes its positions), so a topic
+        added during our wait is never left to the read's own timeout.
         """
-        for attempt in range(50):
-            if not self._reading:
-                return
-            generation = self._read_generation
+        deadline = asyncio.get_running_loop().time() + self._block_ms / 1000 + 1
+        while self._reading and self._topics_changed.is_set():
             if await self._store.interrupt_live_read():
                 return
-            await asyncio.sleep(0.002 * (attempt + 1))
-            if generation != self._read_generation:
+            if asyncio.get_running_loop().time() > deadline:
                 return
+            await asyncio.sleep(0.002)
 
     async def _read_forever(self) -> None:
         backoff = c.RECONNECT_BACKOFF_MIN
@@ -169,7 +168,6 @@ class Hub:
             await self._topics_changed.wait()
             return
         self._reading = True
-        self._read_generation += 1
         try:
             batches = await self._store.read_live(positions, self._block_ms)
         finally:

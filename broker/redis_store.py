@@ -11,6 +11,7 @@ default store, for trying the broker out. Single instance, not durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -96,6 +97,7 @@ class _LiveReader:
             )
         except (RedisError, OSError) as error:
             self._reader_id = None
+            await _drop_idle_connections(self._commands)
             raise StoreUnavailable(f"live read failed: {error}") from error
         return {
             _topic_of(key): [LogEntry(_topic_of(key), parse_stream_id(i), f) for i, f in entries]
@@ -335,7 +337,17 @@ class RedisStreamStore:
                 raise
             raise StoreUnavailable(f"redis refused the command: {error}") from error
         except (RedisError, OSError) as error:
+            await _drop_idle_connections(self._client)
             raise StoreUnavailable(f"redis is unreachable: {error}") from error
+
+
+async def _drop_idle_connections(client: Any) -> None:
+    """After a connection failed, the pooled ones likely did too (Redis restarted):
+    drop them now, so the first commands once Redis is back do not fail on them."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        with contextlib.suppress(RedisError, OSError):
+            await pool.disconnect(inuse_connections=False)
 
 
 def _parse_answer(answer: bytes) -> list[EventId]:

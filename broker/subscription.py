@@ -14,7 +14,7 @@ cursor again (``broker.resume``) and sends a gap notice when the truth needs one
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Literal
 
 import orjson
@@ -66,6 +66,8 @@ class Subscription:
         self._closed = False
         self._attached: list[str] = []
         self._waiter: asyncio.Future[bool] | None = None
+        self.on_drop: Callable[[], None] | None = None
+        """Called once when the subscriber is dropped for being too slow."""
 
     @property
     def topics(self) -> Sequence[str]:
@@ -140,6 +142,8 @@ class Subscription:
         else:
             self._dropped = True
             self._observer.subscriber_dropped()
+            if self.on_drop is not None:
+                self.on_drop()
 
     # -- catching up from the log -------------------------------------------
 
