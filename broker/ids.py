@@ -16,14 +16,13 @@ Last-Event-ID resumes every topic of the connection exactly.
 
 from __future__ import annotations
 
+import base64
 import re
 import secrets
 from dataclasses import dataclass
 
 from broker.errors import InvalidEventId
 
-EPOCH_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
-EPOCH_LENGTH = 8
 ORIGIN_EPOCH = "0"
 TOPIC_SEPARATOR = "~"
 ENTRY_SEPARATOR = "!"
@@ -38,8 +37,8 @@ _TOPIC = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 
 
 def new_epoch() -> str:
-    """A fresh random epoch (40 bits), never equal to the origin epoch."""
-    return "".join(secrets.choice(EPOCH_ALPHABET) for _ in range(EPOCH_LENGTH))
+    """A fresh random epoch (40 bits, 8 base32 characters), never the origin epoch."""
+    return base64.b32encode(secrets.token_bytes(5)).decode().lower()
 
 
 def parse_stream_id(raw: bytes | str) -> StreamPosition:

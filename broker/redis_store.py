@@ -1,4 +1,4 @@
-"""The Redis Streams store: the only module that imports ``redis``.
+"""The Redis Streams store (with ``redis_live``, the only modules that import ``redis``).
 
 One topic is one stream (``broker:{topic}:log``) with a meta hash beside it; the
 hash tag keeps both, and the idempotency records, on one Cluster slot so the
@@ -11,7 +11,7 @@ default store, for trying the broker out. Single instance, not durable.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -20,29 +20,28 @@ from urllib.parse import unquote
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
 from broker.model import AppendResult, LogEntry, LogState, NewEvent
+from broker.redis_live import (
+    AnyLiveReader,
+    ClusterLiveReader,
+    LiveReader,
+    client_options,
+    drop_idle_connections,
+    reader_options,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_LOG_KEY_HEAD = len(f"{c.KEY_PREFIX}:{{")
-_LOG_KEY_TAIL = len("}:log")
-
 
 def _lua(name: str) -> str:
     return resources.files("broker").joinpath("lua", name).read_text()
-
-
-def _topic_of(key: bytes) -> str:
-    return key[_LOG_KEY_HEAD:-_LOG_KEY_TAIL].decode()
 
 
 def _position_or_none(raw: bytes | None) -> StreamPosition | None:
@@ -78,127 +77,65 @@ class _SingleFlight:
             del self._inflight[key]
 
 
-class _LiveReader:
-    """One blocking XREAD at a time on a connection of its own, which it can interrupt."""
+class _AppendPipeline:
+    """Concurrent appends travel to Redis together: one write, one read for all.
 
-    def __init__(self, reader: redis.Redis, commands: redis.Redis) -> None:
-        self._reader = reader
-        self._commands = commands  # CLIENT UNBLOCK goes over another connection
-        self._reader_id: int | None = None
-
-    async def read(self, streams: dict[str, str], block_ms: int) -> dict[str, list[LogEntry]]:
-        try:
-            if self._reader_id is None:
-                self._reader_id = int(await self._reader.client_id())
-            reply: Any = await self._reader.xread(
-                streams,  # type: ignore[arg-type]
-                count=c.LIVE_READ_COUNT,
-                block=block_ms,
-            )
-        except (RedisError, OSError) as error:
-            self._reader_id = None
-            await _drop_idle_connections(self._commands)
-            raise StoreUnavailable(f"live read failed: {error}") from error
-        return {
-            _topic_of(key): [LogEntry(_topic_of(key), parse_stream_id(i), f) for i, f in entries]
-            for key, entries in (reply or [])
-        }
-
-    async def interrupt(self) -> bool:
-        if self._reader_id is None:
-            return False
-        try:
-            return bool(await self._commands.client_unblock(self._reader_id))
-        except (RedisError, OSError):
-            return False
-
-    async def close(self) -> None:
-        await self._reader.aclose()
-
-
-class _ClusterLiveReader:
-    """One live reader per cluster primary: an XREAD may only name keys of one node.
-
-    All nodes are read at once; when the first answers, the others are
-    interrupted and their answers (if any) kept, so nothing read is dropped.
-    A MOVED or a failover surfaces as StoreUnavailable, after which the slot map
-    is refreshed and the hub reads again from the positions it delivered.
+    Appends made in the same event-loop turn (many requests arrive together
+    under load) are queued and sent as one pipeline at the end of the turn;
+    each caller gets its own script's answer. Scripts run one by one in Redis,
+    so each stays atomic. A NOSCRIPT (Redis restarted) reloads the script and
+    re-sends those appends, which were not executed.
     """
 
-    def __init__(self, cluster: RedisCluster, options: dict[str, Any]) -> None:
-        self._cluster = cluster
-        self._options = options
-        self._readers: dict[str, _LiveReader] = {}
+    def __init__(self, client: redis.Redis, script: str) -> None:
+        self._client = client
+        self._script = script
+        self._sha = hashlib.sha1(script.encode()).hexdigest()
+        self._queue: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
+        self._in_flight: set[asyncio.Future[None]] = set()
 
-    def _reader_for(self, node: Any) -> _LiveReader:
-        reader = self._readers.get(node.name)
-        if reader is None:
-            client = redis.Redis(host=node.host, port=int(node.port), **self._options)
-            commands = redis.Redis(host=node.host, port=int(node.port), **_client_options())
-            reader = self._readers[node.name] = _LiveReader(client, commands)
-        return reader
+    async def call(self, keys: list[str], args: list[str | int]) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((keys, args, future))
+        if len(self._queue) == 1:
+            asyncio.get_running_loop().call_soon(self._send_queued)
+        return await future
 
-    async def read(self, streams: dict[str, str], block_ms: int) -> dict[str, list[LogEntry]]:
+    def _send_queued(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._in_flight.add(task)  # a reference, so the task is not collected mid-flight
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _send(
+        self, batch: list[tuple[list[str], list[str | int], asyncio.Future[Any]]]
+    ) -> None:
         try:
-            if not self._cluster.nodes_manager.slots_cache:
-                await self._cluster.initialize()
-            by_node: dict[str, dict[str, str]] = {}
-            nodes: dict[str, Any] = {}
-            for key, position in streams.items():
-                node = self._cluster.get_node_from_key(key)
-                if node is None:
-                    raise StoreUnavailable(f"no cluster node serves {key}")
-                nodes[node.name] = node
-                by_node.setdefault(node.name, {})[key] = position
-        except (RedisError, OSError) as error:
-            raise StoreUnavailable(f"cluster slot map unavailable: {error}") from error
-        readers = [self._reader_for(nodes[name]) for name in by_node]
-        tasks: list[asyncio.Future[dict[str, list[LogEntry]]]] = [
-            asyncio.ensure_future(reader.read(by_node[name], block_ms))
-            for reader, name in zip(readers, by_node, strict=True)
-        ]
-        return await self._gather_first(readers, tasks)
-
-    async def _gather_first(
-        self, readers: list[_LiveReader], tasks: list[asyncio.Future[dict[str, list[LogEntry]]]]
-    ) -> dict[str, list[LogEntry]]:
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for reader, task in zip(readers, tasks, strict=True):
-                while not task.done() and not await reader.interrupt():
-                    await asyncio.wait([task], timeout=0.005)
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            for task in tasks:
-                task.cancel()
-        merged: dict[str, list[LogEntry]] = {}
-        failure: BaseException | None = None
-        for result in results:
-            if isinstance(result, BaseException):
-                failure = result
+            results = await self._execute(batch)
+        except BaseException as error:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
             else:
-                merged.update(result)
-        if failure is not None and not merged:
-            await self._refresh_slots()
-            raise StoreUnavailable(f"live read failed: {failure}") from failure
-        return merged
+                future.set_result(result)
 
-    async def _refresh_slots(self) -> None:
-        try:
-            await self._cluster.nodes_manager.initialize()
-        except (RedisError, OSError):
-            log.warning("cluster: could not refresh the slot map yet")
-
-    async def interrupt(self) -> bool:
-        answers = [await reader.interrupt() for reader in list(self._readers.values())]
-        return any(answers)
-
-    async def close(self) -> None:
-        for reader in self._readers.values():
-            await reader.close()
-
-
-LiveReader = _LiveReader | _ClusterLiveReader
+    async def _execute(
+        self, batch: list[tuple[list[str], list[str | int], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.execute_command("EVALSHA", self._sha, len(keys), *keys, *args)
+        results = await pipe.execute(raise_on_error=False)
+        if any(isinstance(r, NoScriptError) for r in results):
+            await self._client.script_load(self._script)
+            return await self._execute(batch)
+        return results
 
 
 class RedisStreamStore:
@@ -207,7 +144,7 @@ class RedisStreamStore:
     def __init__(
         self,
         client: redis.Redis | RedisCluster,
-        live: LiveReader,
+        live: AnyLiveReader,
         *,
         retention_maxlen: int = c.DEFAULT_RETENTION_MAXLEN,
         retention_seconds: float | None = None,
@@ -220,12 +157,17 @@ class RedisStreamStore:
         self._live = live
         self._replicas_to_confirm = replicas_to_confirm
         self._node_clients: dict[str, redis.Redis] = {}
-        self._node_options: dict[str, Any] = _client_options()
+        self._node_options: dict[str, Any] = client_options()
         self._maxlen = retention_maxlen
         self._trim_slack = max(1, min(1000, retention_maxlen // 100))
         self._max_age_ms = int((retention_seconds or 0) * 1000)
         self._idempotency_seconds = idempotency_seconds
         self._append_script = client.register_script(_lua("append.lua"))
+        self._pipeline = (
+            _AppendPipeline(client, _lua("append.lua"))
+            if not isinstance(client, RedisCluster)
+            else None
+        )
         self._state_script = client.register_script(_lua("state.lua"))
         self._reads = _SingleFlight()
         self.durable = durable
@@ -250,8 +192,13 @@ class RedisStreamStore:
         if self._replicas_to_confirm:
             replayed, answer = await self._append_and_wait(keys, args)
         else:
-            replayed, answer = await self._call(self._append_script(keys=keys, args=args))
+            replayed, answer = await self._call(self._append_once(keys, args))
         return AppendResult(ids=_parse_answer(answer), replayed=bool(replayed))
+
+    async def _append_once(self, keys: list[str], args: list[str | int]) -> Any:
+        if self._pipeline is not None:
+            return await self._pipeline.call(keys, args)
+        return await self._append_script(keys=keys, args=args)
 
     async def _append_and_wait(self, keys: list[str], args: list[str | int]) -> Any:
         """Append, then WAIT on the same connection until a replica has it, or refuse.
@@ -337,38 +284,13 @@ class RedisStreamStore:
                 raise
             raise StoreUnavailable(f"redis refused the command: {error}") from error
         except (RedisError, OSError) as error:
-            await _drop_idle_connections(self._client)
+            await drop_idle_connections(self._client)
             raise StoreUnavailable(f"redis is unreachable: {error}") from error
-
-
-async def _drop_idle_connections(client: Any) -> None:
-    """After a connection failed, the pooled ones likely did too (Redis restarted):
-    drop them now, so the first commands once Redis is back do not fail on them."""
-    pool = getattr(client, "connection_pool", None)
-    if pool is not None:
-        with contextlib.suppress(RedisError, OSError):
-            await pool.disconnect(inuse_connections=False)
 
 
 def _parse_answer(answer: bytes) -> list[EventId]:
     epoch, _, ids = answer.decode().partition("|")
     return [EventId(epoch, parse_stream_id(raw)) for raw in ids.split(",") if raw]
-
-
-def _client_options() -> dict[str, Any]:
-    # No automatic retries: a retried append after a timeout could store twice.
-    # Callers retry with an Idempotency-Key; the live reader reconnects itself.
-    return {
-        "socket_connect_timeout": 2.0,
-        "socket_timeout": 5.0,
-        "retry": Retry(NoBackoff(), 0),
-        "retry_on_timeout": False,
-    }
-
-
-def _reader_options() -> dict[str, Any]:
-    """A blocking XREAD must outlive its BLOCK time before the socket times out."""
-    return _client_options() | {"socket_timeout": c.LIVE_BLOCK_MS / 1000 + 5}
 
 
 def open_store(url: str | None, *, durability: str = "leader", **options: Any) -> RedisStreamStore:
@@ -389,9 +311,9 @@ def open_store(url: str | None, *, durability: str = "leader", **options: Any) -
         return _sentinel_store(url, **options)
     if scheme.endswith("+cluster"):
         return _cluster_store(url, **options)
-    client = redis.Redis.from_url(url, **_client_options())
-    reader = redis.Redis.from_url(url, single_connection_client=True, **_reader_options())
-    return RedisStreamStore(client, _LiveReader(reader, client), **options)
+    client = redis.Redis.from_url(url, **client_options())
+    reader = redis.Redis.from_url(url, single_connection_client=True, **reader_options())
+    return RedisStreamStore(client, LiveReader(reader, client), **options)
 
 
 def _hosts_and_rest(url: str) -> tuple[list[tuple[str, int]], str | None, str]:
@@ -411,12 +333,12 @@ def _sentinel_store(url: str, **options: Any) -> RedisStreamStore:
     service, _, db = rest.partition("/")
     if not service:
         raise ValueError("a Sentinel URL names its service: redis+sentinel://h:26379/mymaster")
-    kwargs = _client_options() | {"password": password, "db": int(db or 0)}
-    sentinel = Sentinel(hosts, sentinel_kwargs=_client_options(), **kwargs)  # type: ignore[no-untyped-call]
+    kwargs = client_options() | {"password": password, "db": int(db or 0)}
+    sentinel = Sentinel(hosts, sentinel_kwargs=client_options(), **kwargs)  # type: ignore[no-untyped-call]
     client = sentinel.master_for(service)
-    reader_pool = SentinelConnectionPool(service, sentinel, **(kwargs | _reader_options()))  # type: ignore[no-untyped-call]
+    reader_pool = SentinelConnectionPool(service, sentinel, **(kwargs | reader_options()))  # type: ignore[no-untyped-call]
     reader = redis.Redis(connection_pool=reader_pool, single_connection_client=True)
-    return RedisStreamStore(client, _LiveReader(reader, client), **options)
+    return RedisStreamStore(client, LiveReader(reader, client), **options)
 
 
 def _cluster_store(url: str, **options: Any) -> RedisStreamStore:
@@ -429,8 +351,8 @@ def _cluster_store(url: str, **options: Any) -> RedisStreamStore:
         socket_timeout=5.0,
         **common,
     )
-    live = _ClusterLiveReader(
-        cluster, _reader_options() | common | {"single_connection_client": True}
+    live = ClusterLiveReader(
+        cluster, reader_options() | common | {"single_connection_client": True}
     )
     return RedisStreamStore(cluster, live, **options)
 
@@ -443,7 +365,7 @@ def _embedded_store(**options: Any) -> RedisStreamStore:
     reader = fakeredis.FakeAsyncRedis(server=server, single_connection_client=True)
     return RedisStreamStore(
         client,
-        _LiveReader(reader, client),
+        LiveReader(reader, client),
         durable=False,
         description="embedded (in-process, not durable)",
         **options,

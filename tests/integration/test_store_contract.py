@@ -185,3 +185,27 @@ async def test_identical_concurrent_reads_share_one_round_trip(
     store._read_range = counting  # type: ignore[method-assign]
     pages = await asyncio.gather(*(store.read_range(topic, (0, 0), 10) for _ in range(50)))
     assert calls == 1 and all(page is pages[0] for page in pages)
+
+
+async def test_appends_survive_a_script_cache_flush(store: RedisStreamStore, topic: str) -> None:
+    """Redis restarted (or SCRIPT FLUSH): the pipelined appends reload their script."""
+    await store.append(topic, events("a"))
+    await store._client.script_flush()
+    results = await asyncio.gather(*(store.append(topic, events(str(n))) for n in range(20)))
+    assert len({r.ids[0] for r in results}) == 20
+    assert (await store.state(topic)).length == 21
+
+
+async def test_concurrent_appends_keep_each_answer_apart(
+    store: RedisStreamStore, topic: str
+) -> None:
+    results = await asyncio.gather(
+        *(
+            store.append(f"{topic}-{n % 3}", events(str(n)), idempotency_key=f"k{n}")
+            for n in range(60)
+        )
+    )
+    for n, result in enumerate(results):
+        [entry] = [e for e in await store.read_range(f"{topic}-{n % 3}", (0, 0), 100)
+                   if e.id == result.ids[0]]  # fmt: skip
+        assert entry.data_text == str(n)
