@@ -13,10 +13,12 @@ import signal
 import sys
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 
 from api.settings import Settings
+from api.workers import Supervisor
 
 log = logging.getLogger("api.cli")
 
@@ -55,23 +57,24 @@ def serve(settings: Settings) -> None:
         if not settings.redis_url:
             sys.exit("broker: --workers > 1 needs --redis-url (the embedded store is per process)")
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="broker-prom-"))
+    config: dict[str, Any] = {
+        "app": "api.app:create_app",
+        "factory": True,
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "log_level": settings.log_level,
+        "access_log": settings.access_log,
+        "timeout_graceful_shutdown": int(settings.shutdown_grace_seconds),
+        "proxy_headers": True,
+    }
+    if settings.workers > 1:
+        Supervisor(settings.workers, settings.host, settings.port, config).run()
+        return
     # uvicorn re-raises SIGTERM once it has shut down; a no-op handler here makes
     # that a clean return, so a drained instance exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(
-        "api.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
-        proxy_headers=True,
-    )
+    uvicorn.run(host=settings.host, port=settings.port, **config)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
