@@ -59,6 +59,8 @@ class Hub:
         self._feeds: dict[str, _Feed] = {}
         self._topics_changed = asyncio.Event()
         self._reading = False
+        self._topics_version = 0  # bumped whenever a topic starts
+        self._armed_version = 0  # the version the running read was armed with
         self._revalidate = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -121,6 +123,7 @@ class Hub:
             del self._feeds[topic]
 
     def _rearm(self) -> None:
+        self._topics_version += 1
         self._topics_changed.set()
         if self._wake_task is None or self._wake_task.done():
             self._wake_task = asyncio.create_task(self._interrupt_reader())
@@ -128,18 +131,23 @@ class Hub:
     async def _interrupt_reader(self) -> None:
         """Unblock the running XREAD so it is re-armed with the new topic.
 
-        The XREAD may not have reached Redis yet when we ask; then we ask again
-        shortly. We go on while a read runs that was armed before the last topic
-        change (the flag is cleared when a read takes its positions), so a topic
-        added during our wait is never left to the read's own timeout.
+        Topic changes are numbered; each read records the number it was armed
+        with. We interrupt until the running read is armed with the latest one:
+        the XREAD may not have reached Redis yet when we ask (then we ask again),
+        and an interrupt may hit the read before it, while a topic came after the
+        current one was armed (then we go on). Bounded: a read ends on its own.
         """
-        deadline = asyncio.get_running_loop().time() + self._block_ms / 1000 + 1
-        while self._reading and self._topics_changed.is_set():
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._block_ms / 1000 + 1
+        while self._reading and self._armed_version < self._topics_version:
+            if loop.time() > deadline:
+                return
+            armed = self._armed_version
             if await self._store.interrupt_live_read():
-                return
-            if asyncio.get_running_loop().time() > deadline:
-                return
-            await asyncio.sleep(0.002)
+                while self._reading and self._armed_version == armed and loop.time() < deadline:
+                    await asyncio.sleep(0.001)  # until the reader has re-armed
+            else:
+                await asyncio.sleep(0.002)
 
     async def _read_forever(self) -> None:
         backoff = c.RECONNECT_BACKOFF_MIN
@@ -163,6 +171,7 @@ class Hub:
         if self._revalidate:
             await self._revalidate_feeds()
         positions = {t: f.position for t, f in self._feeds.items() if f.ready.done()}
+        self._armed_version = self._topics_version
         self._topics_changed.clear()
         if not positions:
             await self._topics_changed.wait()
