@@ -21,6 +21,7 @@ from api.lifecycle import drain_on_shutdown_signals
 from api.metrics import PrometheusObserver, render_metrics
 from api.openapi import docs_page, openapi_document
 from api.problems import HttpProblem, problem, problem_for
+from api.publish import PublishEndpoint
 from api.settings import Settings
 from api.sse import OpenStreams
 from broker import Broker, BrokerError, BrokerLimits, open_store
@@ -94,7 +95,7 @@ async def docs(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/topics/{topic}/events", routes.publish, methods=["POST"], name="publish"),
+    Route("/topics/{topic}/events", PublishEndpoint(), methods=["POST"], name="publish"),
     Route("/topics/{topic}/events", routes.topic_events, methods=["GET"], name="subscribe"),
     Route("/events", routes.multi_topic_events, methods=["GET"], name="subscribe_many"),
     Route("/topics/{topic}", routes.topic_info, methods=["GET"], name="topic_info"),

@@ -60,7 +60,7 @@ def _schema(model: Any) -> dict[str, Any]:
 
 def _operation(route: Route, method: str) -> dict[str, Any]:
     request_model, answers = CONTRACTS.get(route.name, (None, {}))
-    doc = (route.endpoint.__doc__ or route.name).strip()
+    doc = (route.endpoint.__doc__ or type(route.endpoint).__doc__ or route.name).strip()
     operation: dict[str, Any] = {"operationId": route.name, "summary": doc.splitlines()[0]}
     params = [p for p in route.param_convertors]
     if params:

@@ -6,7 +6,6 @@ request stores nothing.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import orjson
@@ -14,24 +13,21 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.negotiation import media_type_of, prefers_json
-from api.problems import HttpProblem, problem
+from api.negotiation import prefers_json
+from api.problems import problem
 from api.settings import Settings
 from api.sse import STREAM_HEADERS, EventStreamResponse, OpenStreams
 from broker import (
-    AppendResult,
     Broker,
     EventId,
     InvalidInput,
-    NewEvent,
     StartFrom,
     StoreUnavailable,
-    TooLarge,
     parse_last_event_id,
 )
 from broker.framing import retry_hint
 from broker.model import LogEntry
-from broker.validation import check_topic, event_from_text, events_from_json
+from broker.validation import check_topic
 
 HISTORY_DEFAULT_LIMIT = 100
 HISTORY_MAX_LIMIT = 1000
@@ -51,78 +47,6 @@ def _broker(request: Request) -> Broker:
 
 def _settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
-
-
-# -- publish -----------------------------------------------------------------
-
-
-async def publish(request: Request) -> Response:
-    """Append one event (JSON object or text/plain) or a batch (JSON array) to a topic."""
-    settings = _settings(request)
-    topic = check_topic(request.path_params["topic"])
-    key = request.headers.get("idempotency-key")
-    events, is_batch = _parse_events(
-        request, await _read_body(request, settings.max_body_bytes), settings
-    )
-    try:
-        result = await asyncio.wait_for(
-            _broker(request).publish(topic, events, idempotency_key=key),
-            settings.publish_timeout_seconds,
-        )
-    except TimeoutError as error:
-        raise StoreUnavailable("the store did not confirm the write in time") from error
-    return _publish_answer(result, is_batch)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over the limit."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise InvalidInput("Content-Length is not a number")
-        if int(declared) > limit:
-            raise TooLarge(f"the body is larger than {limit} bytes", limit=limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLarge(f"the body is larger than {limit} bytes", limit=limit)
-    return bytes(body)
-
-
-def _parse_events(request: Request, body: bytes, settings: Settings) -> tuple[list[NewEvent], bool]:
-    media_type, charset = media_type_of(request.headers.get("content-type", ""))
-    if charset not in (None, "utf-8", "utf8"):
-        raise HttpProblem(415, "Unsupported media type", "only UTF-8 bodies are accepted")
-    if media_type == "application/json":
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError as error:
-            raise InvalidInput(f"malformed JSON (or not UTF-8): {error}") from error
-        events = events_from_json(
-            document, max_event_bytes=settings.max_event_bytes, max_batch=settings.max_batch
-        )
-        return events, isinstance(document, list)
-    if media_type == "text/plain":
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise InvalidInput("the body is not valid UTF-8") from error
-        event = event_from_text(text, request.query_params.get("event"), settings.max_event_bytes)
-        return [event], False
-    raise HttpProblem(
-        415,
-        "Unsupported media type",
-        "publish with Content-Type application/json or text/plain; charset=utf-8",
-    )
-
-
-def _publish_answer(result: AppendResult, is_batch: bool) -> Response:
-    ids = [str(event_id) for event_id in result.ids]
-    content: dict[str, Any] = {"ids": ids} if is_batch or len(ids) != 1 else {"id": ids[0]}
-    if result.replayed:
-        return json_response(content, 200, headers={"Idempotent-Replayed": "true"})
-    return json_response(content, 201)
 
 
 # -- subscribe and history ------------------------------------------------------
