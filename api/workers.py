@@ -6,8 +6,11 @@ most new connections to whichever worker wakes first: the benchmark measured
 capped the publish rate. With a socket per worker bound with SO_REUSEPORT, the
 kernel spreads connections over the workers evenly (by a hash of each one).
 
-The supervisor restarts a worker that dies, and on SIGTERM/SIGINT passes the
-signal on, waits for every worker to drain, and exits 0.
+The supervisor binds every worker's socket before any worker starts (a client
+that connects while a worker is still importing waits in that socket's backlog,
+rather than all early connections going to the first worker up), restarts a
+worker that dies on the same socket, and on SIGTERM/SIGINT passes the signal
+on, waits for every worker to drain, and exits 0.
 """
 
 from __future__ import annotations
@@ -34,15 +37,15 @@ def bind_reuseport(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
-def run_worker(host: str, port: int, config: dict[str, Any]) -> None:
+def run_worker(sock: socket.socket, config: dict[str, Any]) -> None:
     """One worker: its own socket, one uvicorn server, exit 0 once drained."""
     # uvicorn re-raises SIGTERM after its shutdown; a no-op handler makes it a clean exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    sock = bind_reuseport(host, port)
     uvicorn.Server(uvicorn.Config(**config)).run(sockets=[sock])
 
 
@@ -50,7 +53,8 @@ class Supervisor:
     """Starts ``count`` workers, restarts any that dies, stops them all on a signal."""
 
     def __init__(self, count: int, host: str, port: int, config: dict[str, Any]) -> None:
-        self._args = (host, port, config)
+        self._sockets = [bind_reuseport(host, port) for _ in range(count)]
+        self._config = config
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[BaseProcess] = []
         self._count = count
@@ -59,14 +63,15 @@ class Supervisor:
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
-        self._workers = [self._spawn() for _ in range(self._count)]
+        self._workers = [self._spawn(index) for index in range(self._count)]
         while not self._stopping:
             wait([w.sentinel for w in self._workers], timeout=1.0)
             self._replace_dead_workers()
         self._drain()
 
-    def _spawn(self) -> BaseProcess:
-        process = self._context.Process(target=run_worker, args=self._args, daemon=False)
+    def _spawn(self, index: int) -> BaseProcess:
+        args = (self._sockets[index], self._config)
+        process = self._context.Process(target=run_worker, args=args, daemon=False)
         process.start()
         return process
 
@@ -77,7 +82,7 @@ class Supervisor:
                     "worker %s exited with %s; starting another", worker.pid, worker.exitcode
                 )
                 time.sleep(RESTART_DELAY_SECONDS)
-                self._workers[index] = self._spawn()
+                self._workers[index] = self._spawn(index)
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
