@@ -7,6 +7,7 @@ Run it with ``broker serve`` or ``uvicorn --factory api.app:create_app``
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,10 +16,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from api import routes
 from api.lifecycle import drain_on_shutdown_signals
 from api.metrics import PrometheusObserver, render_metrics
+from api.negotiation import prefers_json
 from api.openapi import docs_page, openapi_document
 from api.problems import HttpProblem, problem, problem_for
 from api.publish import PublishEndpoint
@@ -64,7 +67,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             restore_signals()
             await broker.close()
 
-    app = Starlette(
+    app = BrokerApp(
         routes=ROUTES,
         lifespan=lifespan,
         exception_handlers={
@@ -76,6 +79,53 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.router.redirect_slashes = False  # an API answers 404, not a redirect to a guess
     return app
+
+
+_TOPIC_EVENTS_PATH = re.compile(r"/topics/([^/]+)/events")
+
+
+class BrokerApp(Starlette):
+    """Starlette, with event streams dispatched before its middleware and router.
+
+    A stream lives for hours, and every frame of the middleware, router and
+    request wrapper would live with it (memory per idle subscriber); their
+    wrappers around ``send`` would also hide uvicorn's, which the live reader
+    writes through directly. Everything else, history included, goes the usual way.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        topic = _stream_request(scope)
+        if topic is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        try:
+            request = Request(scope, receive)
+            response = await routes.open_stream(request, topic or None)
+            del request  # nothing of the request outlives the start of the stream
+        except (BrokerError, HttpProblem) as error:
+            response = problem_for(error)
+        except Exception:
+            log.exception("unexpected error opening a stream on %s", scope.get("path"))
+            response = problem(500, "Internal error", "the broker could not open this stream")
+        await response(scope, receive, send)
+
+
+def _stream_request(scope: Scope) -> str | None:
+    """The topic of a stream request, "" for ``/events``, None for anything else."""
+    if scope["type"] != "http" or scope["method"] != "GET":
+        return None
+    path = scope["path"]
+    if path == "/events":
+        return ""
+    match = _TOPIC_EVENTS_PATH.fullmatch(path)
+    if match is None:
+        return None
+    accept = next((v for k, v in scope["headers"] if k == b"accept"), b"")
+    if prefers_json(accept.decode("latin-1")):
+        return None  # a history page
+    scope["path_params"] = {"topic": match.group(1)}
+    return match.group(1)
 
 
 async def metrics(request: Request) -> Response:

@@ -56,11 +56,18 @@ async def topic_events(request: Request) -> Response | EventStreamResponse:
     """A subscription (text/event-stream), or a page of history when JSON is preferred."""
     if prefers_json(request.headers.get("accept", "")):
         return await history(request)
-    return await _subscribe(request, [request.path_params["topic"]])
+    return await open_stream(request, request.path_params["topic"])
 
 
 async def multi_topic_events(request: Request) -> Response | EventStreamResponse:
     """One stream over several topics: ``/events?topic=a&topic=b``."""
+    return await open_stream(request, None)
+
+
+async def open_stream(request: Request, topic: str | None) -> Response | EventStreamResponse:
+    """A stream of one topic, or (``topic`` None) of the ``?topic=`` list."""
+    if topic is not None:
+        return await _subscribe(request, [topic])
     topics = list(dict.fromkeys(request.query_params.getlist("topic")))
     if not topics:
         raise InvalidInput("name at least one topic: /events?topic=a&topic=b", field="topic")

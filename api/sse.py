@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 from starlette.types import Receive, Scope, Send
 
@@ -67,6 +69,8 @@ class EventStreamResponse:
         SUBSCRIBERS.inc()
         self._writer = asyncio.current_task()
         subscription.on_drop = self._abort_blocked_write
+        if _completes_synchronously(send):
+            subscription.write_now = self._writer_for(send)
         watcher = asyncio.create_task(self._close_on_disconnect(receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
@@ -94,6 +98,22 @@ class EventStreamResponse:
                 await watcher
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    @staticmethod
+    def _writer_for(send: Send) -> Callable[[bytes], bool]:
+        def write_now(chunk: bytes) -> bool:
+            """Write without a task switch; False (nothing written) if the socket is full."""
+            sending = cast(Coroutine[Any, Any, None], send(_body(chunk)))
+            try:
+                sending.send(None)
+            except StopIteration:
+                return True
+            # uvicorn waits for the client to drain *before* writing anything: drop
+            # this attempt; the subscription queues the chunk for its own task.
+            sending.close()
+            return False
+
+        return write_now
+
     def _abort_blocked_write(self) -> None:
         """The subscription overflowed: if we are stuck writing to it, stop now."""
         self._dropped = True
@@ -104,6 +124,16 @@ class EventStreamResponse:
         while (await receive())["type"] != "http.disconnect":
             pass
         self._subscription.close()
+
+
+def _completes_synchronously(send: Send) -> bool:
+    """Whether ``send`` is uvicorn's HTTP send, which awaits only before it writes.
+
+    Writing from the live reader's call relies on that: an attempt that would
+    wait has written nothing and can be dropped. Other servers get the queued path.
+    """
+    owner = getattr(send, "__self__", None)
+    return type(owner).__module__.startswith("uvicorn.protocols.http.")
 
 
 def _body(chunk: bytes) -> dict[str, object]:

@@ -28,8 +28,11 @@ log = logging.getLogger(__name__)
 class LiveSubscriber(Protocol):
     """What the hub pushes into."""
 
-    def offer(self, entries: list[LogEntry], size: int) -> None:
-        """New entries of one topic, oldest first; must not block."""
+    def offer(self, entries: list[LogEntry], size: int) -> int:
+        """New entries of one topic, oldest first; must not block.
+
+        Returns how many it wrote to its client right away (0 when it queued them).
+        """
 
     def log_reset(self, topic: str) -> None:
         """The topic's log was lost or recreated while the reader was away."""
@@ -191,8 +194,11 @@ class Hub:
             feed.position = entries[-1].position
             feed.epoch = entries[-1].epoch
             size = sum(len(entry.frame) for entry in entries)
+            delivered = 0
             for subscriber in tuple(feed.subscribers):
-                subscriber.offer(entries, size)
+                delivered += subscriber.offer(entries, size)
+            if delivered:
+                self._observer.delivered(delivered)
 
     async def _revalidate_feeds(self) -> None:
         """After an outage: keep each topic's position if its log survived, else start over.

@@ -34,7 +34,7 @@ class LogEntry:
     LogEntry between every subscriber of the topic.
     """
 
-    __slots__ = ("_body", "_frame", "epoch", "fields", "position", "topic")
+    __slots__ = ("_body", "_frame", "_id", "epoch", "fields", "position", "topic")
 
     def __init__(self, topic: str, position: StreamPosition, fields: dict[bytes, bytes]) -> None:
         self.topic = topic
@@ -43,10 +43,13 @@ class LogEntry:
         self.epoch = fields.get(b"ep", b"").decode() or "?"
         self._body: bytes | None = None
         self._frame: bytes | None = None
+        self._id: EventId | None = None
 
     @property
     def id(self) -> EventId:
-        return EventId(self.epoch, self.position)
+        if self._id is None:
+            self._id = EventId(self.epoch, self.position)
+        return self._id
 
     @property
     def body(self) -> bytes:

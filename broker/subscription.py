@@ -68,6 +68,9 @@ class Subscription:
         self._waiter: asyncio.Future[bool] | None = None
         self.on_drop: Callable[[], None] | None = None
         """Called once when the subscriber is dropped for being too slow."""
+        self.write_now: Callable[[bytes], bool] | None = None
+        """Set by the edge when it can write to the client synchronously: True if it
+        wrote the chunk, False if it wrote nothing (the socket is full)."""
 
     @property
     def topics(self) -> Sequence[str]:
@@ -120,14 +123,47 @@ class Subscription:
 
     # -- what the hub calls ------------------------------------------------
 
-    def offer(self, entries: list[LogEntry], size: int) -> None:
+    def offer(self, entries: list[LogEntry], size: int) -> int:
         if self._dropped or self._closed:
-            return
+            return 0
+        if self.write_now is not None and self._parked_live():
+            written = self._write_directly(entries)
+            if written is not None:
+                return written
         self._pending += entries
         self._pending_bytes += size
         if self._pending_bytes > self._buffer_limit:
             self._overflow()
         self._wake(True)
+        return 0
+
+    def _parked_live(self) -> bool:
+        """Live, nothing queued, and our task parked waiting: nothing can be overtaken."""
+        waiter = self._waiter
+        return (
+            waiter is not None and not waiter.done() and not self._pending and not self._resync
+        )
+
+    def _write_directly(self, entries: list[LogEntry]) -> int | None:
+        """The steady state of a single-topic stream, with no task wake-up per event:
+        the reader's call writes the shared frames straight to the client.
+
+        None when this cannot be done here (another epoch, several topics, or the
+        client's socket is full): the entries then take the queued path.
+        """
+        if self._multi or self.write_now is None:
+            return None
+        position = self._positions[entries[0].topic]
+        if any(e.epoch != position.epoch for e in entries):
+            return None
+        fresh = [e for e in entries if e.position > position.position]
+        if not fresh:
+            return 0
+        chunk = fresh[0].frame if len(fresh) == 1 else b"".join(e.frame for e in fresh)
+        if not self.write_now(chunk):
+            return None
+        self._positions[fresh[-1].topic] = fresh[-1].id
+        return len(fresh)
 
     def log_reset(self, topic: str) -> None:
         self._resync.add(topic)

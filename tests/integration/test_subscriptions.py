@@ -221,8 +221,9 @@ async def test_live_entries_are_framed_once_and_shared(broker: Broker, topic: st
         def __init__(self, index: int) -> None:
             self.index = index
 
-        def offer(self, entries: list[object], size: int) -> None:
+        def offer(self, entries: list[object], size: int) -> int:
             offered[self.index].extend(entries)
+            return 0
 
         def log_reset(self, topic: str) -> None:
             pass
