@@ -59,6 +59,9 @@ DEFAULT_RETRY_MS = 2000
 REPLAY_PAGE_SIZE = 500
 # The live reader asks for at most this many entries per topic per XREAD.
 LIVE_READ_COUNT = 1000
+# After a dispatch, the live reader waits this long before reading again, so
+# that under load several events share one write per subscriber (ms).
+LIVE_LINGER_MS = 10
 # How long one blocking XREAD waits before it is re-armed anyway (ms).
 LIVE_BLOCK_MS = 5000
 # The reader's reconnect backoff while Redis is unreachable (seconds).

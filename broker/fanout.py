@@ -54,10 +54,16 @@ class Hub:
     """Reads every live topic of this process with one XREAD, and fans entries out."""
 
     def __init__(
-        self, store: Store, *, block_ms: int = c.LIVE_BLOCK_MS, observer: Observer | None = None
+        self,
+        store: Store,
+        *,
+        block_ms: int = c.LIVE_BLOCK_MS,
+        linger_ms: int = c.LIVE_LINGER_MS,
+        observer: Observer | None = None,
     ) -> None:
         self._store = store
         self._block_ms = block_ms
+        self._linger_s = linger_ms / 1000
         self._observer = observer or Observer()
         self._feeds: dict[str, _Feed] = {}
         self._topics_changed = asyncio.Event()
@@ -81,13 +87,20 @@ class Hub:
         self._task = asyncio.create_task(self._read_forever(), name="broker-live-reader")
 
     async def close(self) -> None:
+        """Stop the reader. Its blocking XREAD is unblocked first: redis-py may
+        swallow a cancellation in the middle of a read and read on."""
         self._closing = True
         self._topics_changed.set()
+        for _ in range(100):  # the XREAD may not have reached Redis yet: ask again
+            with contextlib.suppress(Exception):
+                if not self._reading or await self._store.interrupt_live_read():
+                    break
+            await asyncio.sleep(0.005)
         for task in (self._task, self._wake_task):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(task, 2)
 
     async def attach(self, topic: str, subscriber: LiveSubscriber) -> None:
         """Start offering the topic's live entries to the subscriber.
@@ -185,6 +198,12 @@ class Hub:
         finally:
             self._reading = False
         self._dispatch(batches)
+        if batches and self._linger_s:
+            # Under load, let events gather in Redis for a moment: the next read
+            # returns them together, and each subscriber gets them in one write
+            # (the socket write is most of a delivery's cost). When idle, the
+            # first event still goes out at once: this only follows a dispatch.
+            await asyncio.sleep(self._linger_s)
 
     def _dispatch(self, batches: dict[str, list[LogEntry]]) -> None:
         for topic, entries in batches.items():

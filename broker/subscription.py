@@ -140,9 +140,7 @@ class Subscription:
     def _parked_live(self) -> bool:
         """Live, nothing queued, and our task parked waiting: nothing can be overtaken."""
         waiter = self._waiter
-        return (
-            waiter is not None and not waiter.done() and not self._pending and not self._resync
-        )
+        return waiter is not None and not waiter.done() and not self._pending and not self._resync
 
     def _write_directly(self, entries: list[LogEntry]) -> int | None:
         """The steady state of a single-topic stream, with no task wake-up per event:
