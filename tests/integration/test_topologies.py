@@ -286,7 +286,7 @@ async def test_sentinel_failover_loses_no_acknowledged_event(
             await publisher.cancel()
             await reader.close()
     assert publisher.refused > 0, "the kill did not interrupt publishing"
-    assert len(acked) > before_failover + 30
+    assert len(acked) >= before_failover + 30
     assert_oracle(acked, reader.events, gap_allowed=False)
 
 
