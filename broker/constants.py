@@ -62,6 +62,13 @@ LIVE_READ_COUNT = 1000
 # After a dispatch, the live reader waits this long before reading again, so
 # that under load several events share one write per subscriber (ms).
 LIVE_LINGER_MS = 10
+# On a Redis Cluster the live reader polls (see redis_live.ClusterLiveReader):
+# this often while events flow, backing off to the maximum when quiet (ms).
+CLUSTER_POLL_MIN_MS = 5
+CLUSTER_POLL_MAX_MS = 100
+# Command connections per Redis server (per cluster node): concurrent commands
+# beyond this wait for a free connection, so connections never follow subscribers.
+REDIS_POOL_MAX_CONNECTIONS = 32
 # How long one blocking XREAD waits before it is re-armed anyway (ms).
 LIVE_BLOCK_MS = 5000
 # The reader's reconnect backoff while Redis is unreachable (seconds).

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from broker import constants as c
 from broker.errors import StoreUnavailable, TopicNotFound
 from broker.fanout import Hub
+from broker.heartbeat import HeartbeatClock
 from broker.ids import EventId
 from broker.model import AppendResult, LogEntry, NewEvent
 from broker.observer import Observer
@@ -64,6 +65,7 @@ class Broker:
         self.limits = limits or BrokerLimits()
         self.observer = observer or Observer()
         self.hub = Hub(store, block_ms=live_block_ms, observer=self.observer)
+        self.heartbeats = HeartbeatClock(self.limits.heartbeat_seconds)
 
     async def start(self) -> None:
         if not self.store.durable:
@@ -76,6 +78,7 @@ class Broker:
         self.hub.start()
 
     async def close(self) -> None:
+        await self.heartbeats.close()
         await self.hub.close()
         await self.store.close()
 
@@ -104,7 +107,7 @@ class Broker:
             self.hub,
             starts,
             buffer_bytes=self.limits.subscriber_buffer_bytes,
-            heartbeat_seconds=self.limits.heartbeat_seconds,
+            heartbeats=self.heartbeats,
             observer=self.observer,
         )
         await subscription.open()

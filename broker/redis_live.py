@@ -43,7 +43,6 @@ def client_options() -> dict[str, Any]:
         "socket_connect_timeout": 2.0,
         "socket_timeout": 5.0,
         "retry": Retry(NoBackoff(), 0),
-        "retry_on_timeout": False,
     }
 
 
@@ -100,60 +99,65 @@ class LiveReader:
 
 
 class ClusterLiveReader:
-    """One live reader per cluster primary: an XREAD may only name keys of one node.
+    """The live reader on a Redis Cluster: one connection per primary, polling.
 
-    All nodes are read at once; when the first answers, the others are
-    interrupted and their answers (if any) kept, so nothing read is dropped.
-    A MOVED or a failover surfaces as StoreUnavailable, after which the slot map
-    is refreshed and the hub reads again from the positions it delivered.
+    An XREAD may only name keys of one *slot* (CROSSSLOT otherwise), so one
+    blocking XREAD per node is impossible, and one per slot would grow with the
+    topics. Instead each primary gets one connection and one pipeline of
+    non-blocking XREADs, one per slot, and all primaries are asked at once.
+    While events flow it asks every ``CLUSTER_POLL_MIN_MS``; when nothing comes
+    it backs off to ``CLUSTER_POLL_MAX_MS`` (the most a first event after a
+    quiet spell waits). A MOVED or a failover surfaces as StoreUnavailable: the
+    slot map is refreshed and the hub reads again from what it delivered.
     """
 
     def __init__(self, cluster: RedisCluster, options: dict[str, Any]) -> None:
         self._cluster = cluster
         self._options = options
-        self._readers: dict[str, LiveReader] = {}
-
-    def _reader_for(self, node: Any) -> LiveReader:
-        reader = self._readers.get(node.name)
-        if reader is None:
-            client = redis.Redis(host=node.host, port=int(node.port), **self._options)
-            commands = redis.Redis(host=node.host, port=int(node.port), **client_options())
-            reader = self._readers[node.name] = LiveReader(client, commands)
-        return reader
+        self._clients: dict[str, redis.Redis] = {}
+        self._interrupted: asyncio.Event | None = None
+        self._pause_ms = c.CLUSTER_POLL_MIN_MS
 
     async def read(self, streams: dict[str, str], block_ms: int) -> dict[str, list[LogEntry]]:
+        groups = await self._group_by_node_and_slot(streams)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + block_ms / 1000
+        interrupted = self._interrupted = asyncio.Event()
+        while True:
+            entries = await self._poll(groups)
+            if entries:
+                self._pause_ms = c.CLUSTER_POLL_MIN_MS
+                return entries
+            if interrupted.is_set() or loop.time() >= deadline:
+                return {}
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(interrupted.wait(), self._pause_ms / 1000)
+            self._pause_ms = min(self._pause_ms * 2, c.CLUSTER_POLL_MAX_MS)
+
+    async def _group_by_node_and_slot(
+        self, streams: dict[str, str]
+    ) -> dict[str, tuple[Any, dict[int, dict[str, str]]]]:
+        groups: dict[str, tuple[Any, dict[int, dict[str, str]]]] = {}
         try:
             if not self._cluster.nodes_manager.slots_cache:
                 await self._cluster.initialize()
-            by_node: dict[str, dict[str, str]] = {}
-            nodes: dict[str, Any] = {}
             for key, position in streams.items():
                 node = self._cluster.get_node_from_key(key)
                 if node is None:
                     raise StoreUnavailable(f"no cluster node serves {key}")
-                nodes[node.name] = node
-                by_node.setdefault(node.name, {})[key] = position
+                slots = groups.setdefault(node.name, (node, {}))[1]
+                slots.setdefault(self._cluster.keyslot(key), {})[key] = position
         except (RedisError, OSError) as error:
             raise StoreUnavailable(f"cluster slot map unavailable: {error}") from error
-        readers = [self._reader_for(nodes[name]) for name in by_node]
-        tasks: list[asyncio.Future[dict[str, list[LogEntry]]]] = [
-            asyncio.ensure_future(reader.read(by_node[name], block_ms))
-            for reader, name in zip(readers, by_node, strict=True)
-        ]
-        return await self._gather_first(readers, tasks)
+        return groups
 
-    async def _gather_first(
-        self, readers: list[LiveReader], tasks: list[asyncio.Future[dict[str, list[LogEntry]]]]
+    async def _poll(
+        self, groups: dict[str, tuple[Any, dict[int, dict[str, str]]]]
     ) -> dict[str, list[LogEntry]]:
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for reader, task in zip(readers, tasks, strict=True):
-                while not task.done() and not await reader.interrupt():
-                    await asyncio.wait([task], timeout=0.005)
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            for task in tasks:
-                task.cancel()
+        results = await asyncio.gather(
+            *(self._poll_node(node, slots) for node, slots in groups.values()),
+            return_exceptions=True,
+        )
         merged: dict[str, list[LogEntry]] = {}
         failure: BaseException | None = None
         for result in results:
@@ -166,6 +170,23 @@ class ClusterLiveReader:
             raise StoreUnavailable(f"live read failed: {failure}") from failure
         return merged
 
+    async def _poll_node(
+        self, node: Any, slots: dict[int, dict[str, str]]
+    ) -> dict[str, list[LogEntry]]:
+        client = self._clients.get(node.name)
+        if client is None:
+            client = redis.Redis(host=node.host, port=int(node.port), **self._options)
+            self._clients[node.name] = client
+        async with client.pipeline(transaction=False) as pipe:
+            for streams in slots.values():
+                pipe.xread(streams, count=c.LIVE_READ_COUNT)  # type: ignore[arg-type]
+            replies: list[Any] = await pipe.execute()
+        return {
+            topic_of(key): [LogEntry(topic_of(key), parse_stream_id(i), f) for i, f in entries]
+            for reply in replies
+            for key, entries in (reply or [])
+        }
+
     async def _refresh_slots(self) -> None:
         try:
             await self._cluster.nodes_manager.initialize()
@@ -173,12 +194,14 @@ class ClusterLiveReader:
             log.warning("cluster: could not refresh the slot map yet")
 
     async def interrupt(self) -> bool:
-        answers = [await reader.interrupt() for reader in list(self._readers.values())]
-        return any(answers)
+        if self._interrupted is None:
+            return False
+        self._interrupted.set()
+        return True
 
     async def close(self) -> None:
-        for reader in self._readers.values():
-            await reader.close()
+        for client in self._clients.values():
+            await client.aclose()
 
 
 AnyLiveReader = LiveReader | ClusterLiveReader

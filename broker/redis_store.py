@@ -20,7 +20,9 @@ from urllib.parse import unquote
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from broker import constants as c
@@ -152,9 +154,11 @@ class RedisStreamStore:
         durable: bool = True,
         description: str = "redis",
         replicas_to_confirm: int = 0,
+        also_close: Sequence[redis.Redis] = (),
     ) -> None:
         self._client = client
         self._live = live
+        self._also_close = list(also_close)  # e.g. the connections to the Sentinels
         self._replicas_to_confirm = replicas_to_confirm
         self._node_clients: dict[str, redis.Redis] = {}
         self._node_options: dict[str, Any] = client_options()
@@ -207,10 +211,12 @@ class RedisStreamStore:
         refused publish may have been stored on the primary: a retry with the
         same Idempotency-Key answers its ids once a replica confirms them.
         """
-        pipe = (await self._node_client(keys[0])).pipeline(transaction=False)
-        await self._append_script(keys=keys, args=args, client=pipe)  # queued, not sent yet
-        pipe.execute_command("WAIT", self._replicas_to_confirm, c.REPLICA_CONFIRM_MS)
-        answer, confirmed = await self._call(pipe.execute())
+        # `async with`: a pipeline that fails while loading its script (SCRIPT EXISTS)
+        # keeps its pooled connection checked out, and warns when collected, unless reset.
+        async with (await self._node_client(keys[0])).pipeline(transaction=False) as pipe:
+            await self._append_script(keys=keys, args=args, client=pipe)  # queued, not sent
+            pipe.execute_command("WAIT", self._replicas_to_confirm, c.REPLICA_CONFIRM_MS)
+            answer, confirmed = await self._call(pipe.execute())
         if int(confirmed) < self._replicas_to_confirm:
             raise StoreUnavailable("no replica confirmed the write in time")
         return answer
@@ -275,6 +281,8 @@ class RedisStreamStore:
         for node_client in self._node_clients.values():
             await node_client.aclose()
         await self._client.aclose()
+        for extra in self._also_close:
+            await extra.aclose()
 
     async def _call(self, command: Awaitable[T]) -> T:
         try:
@@ -311,7 +319,10 @@ def open_store(url: str | None, *, durability: str = "leader", **options: Any) -
         return _sentinel_store(url, **options)
     if scheme.endswith("+cluster"):
         return _cluster_store(url, **options)
-    client = redis.Redis.from_url(url, **client_options())
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=c.REDIS_POOL_MAX_CONNECTIONS, timeout=5, **client_options()
+    )
+    client = redis.Redis.from_pool(pool)
     reader = redis.Redis.from_url(url, single_connection_client=True, **reader_options())
     return RedisStreamStore(client, LiveReader(reader, client), **options)
 
@@ -337,8 +348,12 @@ def _sentinel_store(url: str, **options: Any) -> RedisStreamStore:
     sentinel = Sentinel(hosts, sentinel_kwargs=client_options(), **kwargs)  # type: ignore[no-untyped-call]
     client = sentinel.master_for(service)
     reader_pool = SentinelConnectionPool(service, sentinel, **(kwargs | reader_options()))  # type: ignore[no-untyped-call]
-    reader = redis.Redis(connection_pool=reader_pool, single_connection_client=True)
-    return RedisStreamStore(client, LiveReader(reader, client), **options)
+    # Not single_connection_client: that client reconnects to the address it had
+    # (redis-py skips the Sentinel lookup there), i.e. to a dead primary forever.
+    # Through the pool every reconnect asks the Sentinels; from_pool also closes it.
+    reader = redis.Redis.from_pool(reader_pool)
+    live = LiveReader(reader, client)
+    return RedisStreamStore(client, live, also_close=sentinel.sentinels, **options)
 
 
 def _cluster_store(url: str, **options: Any) -> RedisStreamStore:
@@ -349,6 +364,8 @@ def _cluster_store(url: str, **options: Any) -> RedisStreamStore:
         startup_nodes=[ClusterNode(host, port) for host, port in hosts],
         socket_connect_timeout=2.0,
         socket_timeout=5.0,
+        retry=Retry(NoBackoff(), 0),  # a retried append could store twice; MOVED is still followed
+        max_connections=c.REDIS_POOL_MAX_CONNECTIONS,
         **common,
     )
     live = ClusterLiveReader(

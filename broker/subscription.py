@@ -14,6 +14,7 @@ cursor again (``broker.resume``) and sends a gap notice when the truth needs one
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Literal
 
@@ -23,6 +24,7 @@ from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.fanout import Hub
 from broker.framing import HEARTBEAT, id_line
+from broker.heartbeat import HeartbeatClock
 from broker.ids import EventId, format_cursor
 from broker.model import LogEntry, LogState
 from broker.observer import Observer
@@ -47,7 +49,7 @@ class Subscription:
         starts: dict[str, StartFrom],
         *,
         buffer_bytes: int = c.DEFAULT_SUBSCRIBER_BUFFER_BYTES,
-        heartbeat_seconds: float = c.DEFAULT_HEARTBEAT_SECONDS,
+        heartbeats: HeartbeatClock | None = None,
         observer: Observer | None = None,
     ) -> None:
         self._store = store
@@ -56,7 +58,8 @@ class Subscription:
         self._starts: dict[str, StartFrom] = dict(starts)
         self._positions: dict[str, EventId] = {}
         self._buffer_limit = buffer_bytes
-        self._heartbeat = heartbeat_seconds
+        self._heartbeats = heartbeats or HeartbeatClock(c.DEFAULT_HEARTBEAT_SECONDS)
+        self._last_sent = time.monotonic()
         self._observer = observer or Observer()
         self._pending: list[LogEntry] = []
         self._pending_bytes = 0
@@ -84,6 +87,7 @@ class Subscription:
     async def open(self) -> None:
         """Attach to every topic; raises StoreUnavailable if the store cannot answer."""
         try:
+            self._heartbeats.add(self)
             for topic in self._starts:
                 await self._hub.attach(topic, self)
                 self._attached.append(topic)
@@ -97,6 +101,7 @@ class Subscription:
     def close(self) -> None:
         """Free the subscription at once: no reader registration or buffer is left."""
         self._closed = True
+        self._heartbeats.discard(self)
         for topic in self._attached:
             self._hub.detach(topic, self)
         self._attached.clear()
@@ -113,12 +118,15 @@ class Subscription:
                 raise SubscriberTooSlow()
             if self._resync:
                 async for chunk in self._catch_up():
+                    self._last_sent = time.monotonic()
                     yield chunk
                 continue
             chunk = self._drain_live()
             if chunk:
+                self._last_sent = time.monotonic()
                 yield chunk
             elif not await self._wait() and not self._closed:
+                self._last_sent = time.monotonic()
                 yield HEARTBEAT
 
     # -- what the hub calls ------------------------------------------------
@@ -160,8 +168,18 @@ class Subscription:
         chunk = fresh[0].frame if len(fresh) == 1 else b"".join(e.frame for e in fresh)
         if not self.write_now(chunk):
             return None
+        self._last_sent = time.monotonic()
         self._positions[fresh[-1].topic] = fresh[-1].id
         return len(fresh)
+
+    def beat_if_idle(self, now: float, idle_for: float) -> None:
+        """The heartbeat clock's call: beat straight to the socket if we can."""
+        if now - self._last_sent < idle_for or self._closed:
+            return
+        if self.write_now is not None and self._parked_live() and self.write_now(HEARTBEAT):
+            self._last_sent = now
+        else:
+            self._wake(False)
 
     def log_reset(self, topic: str) -> None:
         self._resync.add(topic)
@@ -292,17 +310,14 @@ class Subscription:
         return str(self._positions[topic])
 
     async def _wait(self) -> bool:
-        """Wait for something to send; False when the heartbeat interval passed first."""
+        """Wait for something to send; False when it is time for a heartbeat."""
         if self._pending or self._resync or self._dropped or self._closed:
             return True
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
-        timer = loop.call_later(self._heartbeat, self._wake, False)
         try:
             return await waiter
         finally:
-            timer.cancel()
             self._waiter = None
 
     def _wake(self, woken: bool) -> None:

@@ -19,6 +19,7 @@ async def broker(store: RedisStreamStore) -> AsyncIterator[Broker]:
     instance = Broker(store, limits=BrokerLimits(heartbeat_seconds=0.5))
     await instance.start()
     yield instance
+    await instance.heartbeats.close()
     await instance.hub.close()  # the store fixture closes the store
 
 
@@ -204,6 +205,7 @@ async def test_a_slow_subscriber_is_dropped_and_others_get_everything(
         for subscription in (fast, slow, again):
             subscription.close()
     finally:
+        await broker.heartbeats.close()
         await broker.hub.close()
 
 

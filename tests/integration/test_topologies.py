@@ -210,11 +210,6 @@ def assert_oracle(acked: list[str], events: list[Event], *, gap_allowed: bool) -
 # warnings are errors here: the *_without_warnings tests below show it. The other
 # Sentinel and Cluster tests ignore that one warning so they test what they are for.
 # TODO: drop this filter once broker/redis_store.py no longer passes the argument.
-TOLERATE_RETRY_ON_TIMEOUT = pytest.mark.filterwarnings(
-    "ignore:.*retry_on_timeout.*:DeprecationWarning"
-)
-
-
 # -- Sentinel -------------------------------------------------------------------------
 
 
@@ -241,7 +236,6 @@ async def test_the_sentinel_store_opens_without_warnings(sentinel_group: Sentine
         await store.close()
 
 
-@TOLERATE_RETRY_ON_TIMEOUT
 async def test_sentinel_publish_and_resume(sentinel_group: SentinelGroup, topic: str) -> None:
     async with running_broker(sentinel_group.url) as broker:
         ids = [str((await broker.publish(topic, [NewEvent(str(n))])).ids[0]) for n in range(8)]
@@ -260,7 +254,6 @@ async def test_sentinel_publish_and_resume(sentinel_group: SentinelGroup, topic:
     assert primary.xlen(c.log_key(topic)) == 9  # written where the Sentinels point
 
 
-@TOLERATE_RETRY_ON_TIMEOUT
 @pytest.mark.timeout(60)
 async def test_sentinel_failover_loses_no_acknowledged_event(
     sentinel_group_to_fail: SentinelGroup, topic: str
@@ -346,7 +339,6 @@ async def test_the_cluster_store_reads_live_without_warnings(
         await store.close()
 
 
-@TOLERATE_RETRY_ON_TIMEOUT
 async def test_a_topics_keys_share_one_slot(cluster: RedisClusterGroup, topic: str) -> None:
     keys = [c.log_key(topic), c.meta_key(topic), c.idempotency_key(topic, "k-1")]
     assert len({cluster.keyslot(key) for key in keys}) == 1
@@ -377,7 +369,6 @@ def xread_connections(cluster: RedisClusterGroup, port: int) -> int:
     return sum(1 for client in clients if client["cmd"] == "xread")
 
 
-@TOLERATE_RETRY_ON_TIMEOUT
 async def test_topics_on_every_node_reach_their_live_subscribers(
     cluster: RedisClusterGroup,
 ) -> None:
@@ -402,7 +393,6 @@ async def test_topics_on_every_node_reach_their_live_subscribers(
         assert numbers(readers[t].events) == list(range(10))
 
 
-@TOLERATE_RETRY_ON_TIMEOUT
 async def test_one_live_read_connection_per_master_however_many_topics(
     cluster: RedisClusterGroup,
 ) -> None:
@@ -429,14 +419,16 @@ async def test_one_live_read_connection_per_master_however_many_topics(
                 await reader.wait_for_ids(published[t], timeout=10)
             after = {port: cluster.connected_clients(port) for port in by_master}
             live_reads = {port: xread_connections(cluster, port) for port in by_master}
+
         finally:
             for reader in readers:
                 await reader.close()
-    assert live_reads == dict.fromkeys(by_master, 1), "one blocking XREAD per master"
-    assert_connections_steady(before, after)
+    assert live_reads == dict.fromkeys(by_master, 1), "one live reader per master"
+    # Command connections follow concurrency (catch-ups run at once), bounded by the pool.
+    bound = c.REDIS_POOL_MAX_CONNECTIONS + 1 + 2  # the pool, the live reader, the test's probes
+    assert all(after[port] <= bound for port in after), (before, after)
 
 
-@TOLERATE_RETRY_ON_TIMEOUT
 async def test_a_multi_topic_subscription_across_nodes_resumes_by_its_cursor(
     cluster: RedisClusterGroup,
 ) -> None:
@@ -469,7 +461,6 @@ async def test_a_multi_topic_subscription_across_nodes_resumes_by_its_cursor(
         assert before.get(t, []) + after.get(t, []) == [0, 1, 2, 3, 4]
 
 
-@TOLERATE_RETRY_ON_TIMEOUT
 async def test_connections_per_node_do_not_grow_with_subscribers(
     cluster: RedisClusterGroup,
 ) -> None:
@@ -499,7 +490,6 @@ def assert_connections_steady(before: dict[int, int], after: dict[int, int]) -> 
     assert all(after[port] - before[port] <= 1 for port in before), (before, after)
 
 
-@TOLERATE_RETRY_ON_TIMEOUT
 @pytest.mark.timeout(60)
 async def test_cluster_failover_of_a_topics_master(
     cluster_with_replicas: RedisClusterGroup, topic: str

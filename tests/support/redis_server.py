@@ -95,9 +95,19 @@ class RedisServer:
             return
         if kill:
             self.process.kill()
+            self.process.wait(timeout=10)
         else:
-            self.process.terminate()
-        self.process.wait(timeout=10)
+            # Redis refuses a SIGTERM while it writes its first AOF after a sync
+            # ("Writing initial AOF, can't exit"): ask again until it goes.
+            deadline = time.monotonic() + 10
+            while self.process.poll() is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis on port {self.port} did not stop")
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
         self.process = None
 
     def wipe(self) -> None:
