@@ -6,7 +6,9 @@ With several uvicorn workers the CLI sets ``PROMETHEUS_MULTIPROC_DIR`` so that
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -46,6 +48,12 @@ STORE_LATENCY = Histogram(
 )
 
 
+@functools.cache
+def _latency_of(operation: str) -> Any:
+    """The labelled child, looked up once: publishes observe it on every request."""
+    return STORE_LATENCY.labels(operation)
+
+
 class PrometheusObserver(Observer):
     """Counts what the core reports."""
 
@@ -71,7 +79,7 @@ class PrometheusObserver(Observer):
         STORE_ERRORS.labels(operation).inc()
 
     def store_latency(self, operation: str, seconds: float) -> None:
-        STORE_LATENCY.labels(operation).observe(seconds)
+        _latency_of(operation).observe(seconds)
 
 
 def render_metrics() -> tuple[bytes, str]:
