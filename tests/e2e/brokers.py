@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -33,17 +34,23 @@ def broker_executable() -> str:
     return found
 
 
-def broker_environment() -> dict[str, str]:
-    """This environment without any BROKER_* the caller had set, plus the suite's settings."""
+def broker_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment without any BROKER_* the caller had set, plus the suite's settings.
+
+    `extra`: the settings a Redis topology needs (e.g. replicated publish durability).
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env.update(BROKER_ENV)
+    env.update(extra or {})
     return env
 
 
 class BrokerInstance:
     """One `broker serve --workers 1` process on a fixed port that survives restarts."""
 
-    def __init__(self, index: int, redis_url: str, workdir: Path) -> None:
+    def __init__(
+        self, index: int, redis_url: str, workdir: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.index = index
         self.port = free_port()
         self.redis_url = redis_url
@@ -55,7 +62,7 @@ class BrokerInstance:
             "--workers", "1",
         ]  # fmt: skip
         self.process = ManagedProcess(
-            f"broker-{index}", args, workdir / f"broker-{index}.log", env=broker_environment()
+            f"broker-{index}", args, workdir / f"broker-{index}.log", env=broker_environment(env)
         )
 
     @property
@@ -101,8 +108,10 @@ class BrokerInstance:
 class BrokerCluster:
     """Several instances sharing one Redis topology: one deployment."""
 
-    def __init__(self, size: int, redis_url: str, workdir: Path) -> None:
-        self.instances = [BrokerInstance(i, redis_url, workdir) for i in range(size)]
+    def __init__(
+        self, size: int, redis_url: str, workdir: Path, env: Mapping[str, str] | None = None
+    ) -> None:
+        self.instances = [BrokerInstance(i, redis_url, workdir, env) for i in range(size)]
 
     @property
     def ports(self) -> list[int]:

@@ -27,6 +27,7 @@ INSTANCES = 3
 
 @pytest.fixture(params=["single"])
 def redis_topology(request: pytest.FixtureRequest) -> Iterator[RedisTopology]:
+    """A topology of topology.TOPOLOGIES; a test picks others with indirect parametrization."""
     topology = start_topology(request.param)
     try:
         yield topology
@@ -36,7 +37,7 @@ def redis_topology(request: pytest.FixtureRequest) -> Iterator[RedisTopology]:
 
 @pytest.fixture
 def broker_cluster(redis_topology: RedisTopology, tmp_path: Path) -> Iterator[BrokerCluster]:
-    cluster = BrokerCluster(INSTANCES, redis_topology.url, tmp_path)
+    cluster = BrokerCluster(INSTANCES, redis_topology.url, tmp_path, redis_topology.broker_env)
     try:
         cluster.start()
         yield cluster
