@@ -14,7 +14,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.negotiation import prefers_json
-from api.problems import problem
 from api.settings import Settings
 from api.sse import STREAM_HEADERS, EventStreamResponse, OpenStreams
 from broker import (
@@ -82,20 +81,28 @@ async def _subscribe(request: Request, topics: list[str]) -> Response | EventStr
         check_topic(topic)
     starts = _starts(request, topics)
     streams: OpenStreams = request.app.state.streams
-    if streams.draining:
-        return problem(503, "Draining", "this instance is shutting down", {"Retry-After": "1"})
     retry_ms = _settings(request).retry_ms
+    if streams.draining:
+        return _come_back_later(retry_ms, "this instance is shutting down")
     try:
         subscription = await _broker(request).subscribe(starts)
     except StoreUnavailable:
-        # A 503 would end an EventSource for good (it only retries 200 streams
-        # that end); a stream that ends at once makes it come back in retry_ms.
-        return Response(
-            retry_hint(retry_ms) + b": store unavailable, reconnect shortly\n\n",
-            media_type="text/event-stream",
-            headers=dict((k.decode(), v.decode()) for k, v in STREAM_HEADERS[1:]),
-        )
+        return _come_back_later(retry_ms, "store unavailable")
     return EventStreamResponse(subscription, streams, retry_ms)
+
+
+def _come_back_later(retry_ms: int, why: str) -> Response:
+    """A stream that ends at once, so the client reconnects in ``retry_ms``.
+
+    Not a 503: an EventSource treats any non-200 answer as final and never
+    reconnects, while a 200 stream that ends makes it come back (through the
+    load balancer, to an instance that can serve it).
+    """
+    return Response(
+        retry_hint(retry_ms) + f": {why}, reconnect shortly\n\n".encode(),
+        media_type="text/event-stream",
+        headers={k.decode(): v.decode() for k, v in STREAM_HEADERS[1:]} | {"Connection": "close"},
+    )
 
 
 def _starts(request: Request, topics: list[str]) -> dict[str, StartFrom]:

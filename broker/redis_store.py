@@ -11,6 +11,7 @@ default store, for trying the broker out. Single instance, not durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -244,13 +245,31 @@ class RedisStreamStore:
         """
         # `async with`: a pipeline that fails while loading its script (SCRIPT EXISTS)
         # keeps its pooled connection checked out, and warns when collected, unless reset.
-        async with (await self._node_client(keys[0])).pipeline(transaction=False) as pipe:
-            await self._append_script(keys=keys, args=args, client=pipe)  # queued, not sent
-            pipe.execute_command("WAIT", self._replicas_to_confirm, c.REPLICA_CONFIRM_MS)
-            answer, confirmed = await self._call(pipe.execute())
+        try:
+            async with (await self._node_client(keys[0])).pipeline(transaction=False) as pipe:
+                await self._append_script(keys=keys, args=args, client=pipe)  # queued
+                pipe.execute_command("WAIT", self._replicas_to_confirm, c.REPLICA_CONFIRM_MS)
+                answer, confirmed = await self._call(pipe.execute())
+        except StoreUnavailable:
+            await self._forget_slot_owner(keys[0])
+            raise
         if int(confirmed) < self._replicas_to_confirm:
             raise StoreUnavailable("no replica confirmed the write in time")
         return answer
+
+    async def _forget_slot_owner(self, key: str) -> None:
+        """On a Cluster, the node we wrote to may be gone or no longer own the slot
+        (failover, MOVED): drop its client and rebuild the slot map, so the
+        publisher's retry (same Idempotency-Key) reaches the new owner."""
+        if not isinstance(self._client, RedisCluster):
+            return
+        node = self._client.get_node_from_key(key)
+        stale = self._node_clients.pop(node.name, None) if node is not None else None
+        if stale is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await stale.aclose()
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.nodes_manager.initialize()
 
     async def _node_client(self, key: str) -> Any:
         """The client whose single connection can both write ``key`` and WAIT for it."""

@@ -42,3 +42,22 @@ def test_subscribing_while_redis_is_down_ends_with_a_retry_hint(
             if line.startswith("id: "):
                 assert line == f"id: {second}"
                 break
+
+
+async def test_a_draining_instance_sends_new_subscribers_elsewhere() -> None:
+    """During a drain a subscription gets a 200 stream that ends at once, not a 503.
+
+    The window is short (uvicorn stops accepting at SIGTERM; only a keep-alive
+    connection can still bring a request), so this drives the app in-process.
+    """
+    from api.app import create_app
+
+    app = create_app()
+    async with app.router.lifespan_context(app):
+        app.state.streams.draining = True
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
+            answer = await client.get("/topics/t/events", headers={"Accept": "text/event-stream"})
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/event-stream")
+    assert answer.text.startswith("retry: ")
