@@ -57,17 +57,28 @@ class _SingleFlight:
 
     A reconnect storm sends thousands of subscribers after the same range at
     once; they get one XRANGE between them, and one parsed result.
+
+    A caller may only join a read that has not been sent yet: a subscriber
+    reads the log *after* it attached to the live reader, and a read sent
+    before that could miss an event that the live reader had also dispatched
+    before it attached. So a read waits a few milliseconds for company, closes
+    to newcomers, and only then goes to Redis.
     """
 
-    def __init__(self) -> None:
-        self._inflight: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
+    def __init__(self, window_s: float) -> None:
+        self._window = window_s
+        self._forming: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
 
     async def run(self, key: tuple[Any, ...], call: Callable[[], Awaitable[T]]) -> T:
-        pending = self._inflight.get(key)
+        pending = self._forming.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        self._forming[key] = future
+        try:
+            await asyncio.sleep(self._window)
+        finally:
+            del self._forming[key]  # closed: whoever asks from now on reads anew
         try:
             result = await call()
         except BaseException as error:
@@ -77,8 +88,6 @@ class _SingleFlight:
         else:
             future.set_result(result)
             return result
-        finally:
-            del self._inflight[key]
 
 
 class _AppendPipeline:
@@ -205,7 +214,7 @@ class RedisStreamStore:
             else None
         )
         self._state_script = client.register_script(_lua("state.lua"))
-        self._reads = _SingleFlight()
+        self._reads = _SingleFlight(c.READ_COALESCE_MS / 1000)
         self.durable = durable
         self.description = description
 

@@ -209,3 +209,39 @@ async def test_concurrent_appends_keep_each_answer_apart(
         [entry] = [e for e in await store.read_range(f"{topic}-{n % 3}", (0, 0), 100)
                    if e.id == result.ids[0]]  # fmt: skip
         assert entry.data_text == str(n)
+
+
+async def test_a_read_asked_after_another_was_sent_reads_anew(
+    store: RedisStreamStore, topic: str
+) -> None:
+    """Coalescing never hands a caller a result read before it asked.
+
+    (A subscriber reads after attaching to the live reader; an older result could
+    miss an event the live reader had already dispatched before it attached.)
+    """
+    await store.append(topic, events("a"))
+    held = asyncio.Event()
+    original = store._read_range
+    calls = 0
+
+    async def slow_reply(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        result = await original(*args)  # type: ignore[arg-type]
+        if calls == 1:
+            await held.wait()  # the first read has run in Redis; its reply is late
+        return result
+
+    store._read_range = slow_reply  # type: ignore[method-assign]
+    first = asyncio.create_task(store.read_range(topic, (0, 0), 10))
+    async with asyncio.timeout(5):
+        while calls == 0:
+            await asyncio.sleep(0.001)
+    await store.append(topic, events("b"))
+    second = asyncio.create_task(store.read_range(topic, (0, 0), 10))
+    async with asyncio.timeout(5):
+        while calls < 2:
+            await asyncio.sleep(0.001)
+    held.set()
+    assert [e.data_text for e in await second] == ["a", "b"]
+    assert [e.data_text for e in await first] == ["a"]
