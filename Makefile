@@ -33,13 +33,13 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -m "not e2e"
 
 lint: $(STAMP)
-	$(BIN)/ruff check broker api tests bench
-	$(BIN)/ruff format --check broker api tests bench
+	$(BIN)/ruff check broker api tests bench deploy
+	$(BIN)/ruff format --check broker api tests bench deploy
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format broker api tests bench
-	$(BIN)/ruff check --fix broker api tests bench
+	$(BIN)/ruff format broker api tests bench deploy
+	$(BIN)/ruff check --fix broker api tests bench deploy
 
 bench: $(STAMP)
 	bash scripts/ensure-system-tools.sh redis-server
