@@ -26,7 +26,9 @@ PUBLISHED = Counter("broker_published_events_total", "Events appended to topic l
 IDEMPOTENT_REPLAYS = Counter(
     "broker_idempotent_replays_total", "Publishes answered from an earlier Idempotency-Key"
 )
-DELIVERED = Counter("broker_delivered_events_total", "Events written to subscribers (live)")
+DELIVERED = Counter(
+    "broker_delivered_events_total", "Events written to subscribers (live or replayed)"
+)
 REPLAYED = Histogram(
     "broker_replay_events",
     "Events a subscriber caught up from the log in one go",

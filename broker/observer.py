@@ -14,10 +14,10 @@ class Observer:
         """Events were appended (or an idempotent repeat was answered)."""
 
     def delivered(self, count: int) -> None:
-        """Events were handed to one subscriber's connection."""
+        """Events were written to subscribers (live, or caught up from the log)."""
 
     def replayed(self, count: int) -> None:
-        """A subscriber caught up this many events from the log."""
+        """A subscriber caught up this many events from the log, in one catch-up."""
 
     def gap_sent(self, reason: str) -> None:
         """A ``broker.gap`` notice went out."""

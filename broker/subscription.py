@@ -65,6 +65,7 @@ class Subscription:
         self._pending_bytes = 0
         self._resync: set[str] = set(starts)
         self._catching_up = True
+        self._replayed = 0
         self._dropped = False
         self._closed = False
         self._attached: list[str] = []
@@ -202,6 +203,7 @@ class Subscription:
     async def _catch_up(self) -> AsyncIterator[bytes]:
         """Judge every topic in resync first (so a multi-topic cursor is whole), then replay."""
         self._catching_up = True
+        self._replayed = 0
         backoff = c.RECONNECT_BACKOFF_MIN
         while self._resync and not self._closed:
             topics = sorted(self._resync)
@@ -222,6 +224,8 @@ class Subscription:
                 backoff = min(backoff * 2, c.RECONNECT_BACKOFF_MAX)
                 yield HEARTBEAT
         self._catching_up = False
+        if self._replayed:
+            self._observer.replayed(self._replayed)  # one catch-up, one size
 
     async def _replay_topic(self, topic: str) -> AsyncIterator[bytes]:
         """Page through the log after the topic's position, up to its end."""
@@ -233,7 +237,8 @@ class Subscription:
                 self._resync.add(topic)
                 return
             if frames:
-                self._observer.replayed(len(frames))
+                self._replayed += len(frames)
+                self._observer.delivered(len(frames))
                 yield b"".join(frames)
             if len(page) < c.REPLAY_PAGE_SIZE:
                 return
