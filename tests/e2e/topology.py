@@ -107,7 +107,11 @@ class SingleRedis:
 
 
 class SentinelRedis:
-    """A primary, two replicas, three Sentinels (quorum 2, down after 1 s).
+    """A primary, two replicas, three Sentinels (quorum 2, down after 3 s).
+
+    Down after 3 s, not 1: on a loaded 2-core CI machine a primary can stall
+    for a second (AOF fsync), and a failover nobody asked for may promote the
+    replica that had not confirmed the newest writes (WAIT 1 of 2 replicas).
 
     Two replicas, so that right after a failover the new primary still has one
     to confirm replicated publishes, before the operator adds another.
@@ -118,7 +122,7 @@ class SentinelRedis:
 
     def __init__(self) -> None:
         self.broker_env = dict(REPLICATED)
-        self.group = SentinelGroup(replicas=2)
+        self.group = SentinelGroup(replicas=2, down_after_ms=3000)
 
     @property
     def url(self) -> str:

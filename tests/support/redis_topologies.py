@@ -134,7 +134,10 @@ class SentinelGroup:
     Failover is quick on purpose: a primary is down after 1 s without answers.
     """
 
-    def __init__(self, *, replicas: int = 1, service: str = "mymaster") -> None:
+    def __init__(
+        self, *, replicas: int = 1, service: str = "mymaster", down_after_ms: int = 1000
+    ) -> None:
+        self._down_after_ms = down_after_ms
         self.service = service
         self._replica_count = replicas
         self.servers: dict[int, RedisServer] = {}
@@ -159,7 +162,10 @@ class SentinelGroup:
                 self.add_replica(wait=False)
             self.wait_for_replicas(self._replica_count)
             for _ in range(3):
-                self.sentinels.append(SentinelProcess(primary.port, self.service).start())
+                sentinel = SentinelProcess(
+                    primary.port, self.service, down_after_ms=self._down_after_ms
+                )
+                self.sentinels.append(sentinel.start())
             self.wait_until_monitored()
         except BaseException:
             self.close()
