@@ -150,7 +150,7 @@ def _history_limit(raw: str | None) -> int:
 
 
 def _event_json(entry: LogEntry) -> dict[str, Any]:
-    data: Any = orjson.Fragment(entry.fields.get(b"d", b"")) if entry.is_json else entry.data_text
+    data: Any = orjson.Fragment(entry.data) if entry.is_json else entry.data_text
     return {"id": str(entry.id), "event": entry.event_type, "data": data}
 
 

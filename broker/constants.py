@@ -25,18 +25,16 @@ def idempotency_key(topic: str, key: str) -> str:
     return f"{KEY_PREFIX}:{{{topic}}}:idem:{key}"
 
 
-# Fields of a stream entry. Short names: they are stored once per event.
-FIELD_EPOCH = "ep"
-FIELD_KIND = "k"
-FIELD_DATA = "d"
-FIELD_EVENT = "e"
-FIELD_RETRY = "r"
+# Fields of a stream entry, as lua/append.lua writes them (short names: they are
+# stored once per event). The meta hash's fields ("epoch", "trimmed") are only
+# ever touched by the Lua scripts.
+FIELD_EPOCH = b"ep"
+FIELD_KIND = b"k"
+FIELD_DATA = b"d"
+FIELD_EVENT = b"e"
+FIELD_RETRY = b"r"
 KIND_JSON = "j"
 KIND_TEXT = "t"
-
-# Meta hash fields.
-META_EPOCH = "epoch"
-META_TRIMMED = "trimmed"
 
 TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,200}")

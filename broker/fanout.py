@@ -90,15 +90,11 @@ class Hub:
         """Stop the reader. Its blocking XREAD is unblocked first: redis-py may
         swallow a cancellation in the middle of a read and read on."""
         self._closing = True
-        self._topics_changed.set()
-        for _ in range(100):  # the XREAD may not have reached Redis yet: ask again
-            with contextlib.suppress(Exception):
-                if not self._reading or await self._store.interrupt_live_read():
-                    break
-            await asyncio.sleep(0.005)
-        for task in (self._task, self._wake_task):
+        self._rearm()  # the wake-up that re-arms reads for new topics ends this one
+        for task in (self._wake_task, self._task):
             if task is not None:
-                task.cancel()
+                if task is self._task:
+                    task.cancel()  # the wake-up is left to finish; the reader need not
                 with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                     await asyncio.wait_for(task, 2)
 

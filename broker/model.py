@@ -40,7 +40,7 @@ class LogEntry:
         self.topic = topic
         self.position = position
         self.fields = fields
-        self.epoch = fields.get(b"ep", b"").decode() or "?"
+        self.epoch = fields.get(c.FIELD_EPOCH, b"").decode() or "?"
         self._body: bytes | None = None
         self._frame: bytes | None = None
         self._id: EventId | None = None
@@ -56,7 +56,7 @@ class LogEntry:
         """The event's lines after ``id:``, blank line included."""
         if self._body is None:
             f = self.fields
-            self._body = event_body(f.get(b"d", b""), f.get(b"e"), f.get(b"r"))
+            self._body = event_body(self.data, f.get(c.FIELD_EVENT), f.get(c.FIELD_RETRY))
         return self._body
 
     @property
@@ -68,16 +68,21 @@ class LogEntry:
 
     @property
     def event_type(self) -> str | None:
-        raw = self.fields.get(b"e")
+        raw = self.fields.get(c.FIELD_EVENT)
         return raw.decode() if raw else None
 
     @property
     def is_json(self) -> bool:
-        return self.fields.get(b"k", b"j") == b"j"
+        return self.fields.get(c.FIELD_KIND, b"j") == c.KIND_JSON.encode()
 
     @property
     def data_text(self) -> str:
-        return self.fields.get(b"d", b"").decode()
+        return self.data.decode()
+
+    @property
+    def data(self) -> bytes:
+        """The payload as stored: compact JSON text, or the published text."""
+        return self.fields.get(c.FIELD_DATA, b"")
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -25,6 +24,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from broker import constants as c
@@ -100,11 +100,10 @@ class _AppendPipeline:
     re-sends those appends, which were not executed.
     """
 
-    def __init__(self, client: redis.Redis, script: str, *, raw: bool) -> None:
+    def __init__(self, client: redis.Redis, script: AsyncScript, *, raw: bool) -> None:
         self._client = client
         self._raw = raw  # real Redis: pack with hiredis; fakeredis: redis-py's pipeline
-        self._script = script
-        self._sha = hashlib.sha1(script.encode()).hexdigest()
+        self._script = script  # registered once by the store: its text and SHA
         self._queue: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
         self._in_flight: set[asyncio.Future[None]] = set()
 
@@ -142,7 +141,8 @@ class _AppendPipeline:
     async def _execute(
         self, batch: list[tuple[list[str], list[str | int], asyncio.Future[Any]]]
     ) -> list[Any]:
-        commands = [("EVALSHA", self._sha, len(keys), *keys, *args) for keys, args, _ in batch]
+        sha = self._script.sha
+        commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]
         if self._raw:
             results = await self._send_raw(commands)
         else:
@@ -151,7 +151,7 @@ class _AppendPipeline:
                 pipe.execute_command(*command)
             results = await pipe.execute(raise_on_error=False)
         if any(isinstance(r, NoScriptError) for r in results):
-            await self._client.script_load(self._script)
+            await self._client.script_load(self._script.script)
             return await self._execute(batch)
         return results
 
@@ -209,7 +209,7 @@ class RedisStreamStore:
         self._idempotency_seconds = idempotency_seconds
         self._append_script = client.register_script(_lua("append.lua"))
         self._pipeline = (
-            _AppendPipeline(client, _lua("append.lua"), raw=durable)
+            _AppendPipeline(client, self._append_script, raw=durable)
             if not isinstance(client, RedisCluster)
             else None
         )
