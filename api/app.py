@@ -7,9 +7,9 @@ Run it with ``broker serve`` or ``uvicorn --factory api.app:create_app``
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,9 +19,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from api import routes
+from api.connections import APP_STATE_KEY
 from api.lifecycle import drain_on_shutdown_signals
 from api.metrics import PrometheusObserver, render_metrics
-from api.negotiation import prefers_json
 from api.openapi import docs_page, openapi_document
 from api.problems import HttpProblem, problem, problem_for
 from api.publish import PublishEndpoint
@@ -54,14 +54,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     configure_logging(settings.log_level)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         broker = build_broker(settings)
         streams = OpenStreams()
         await broker.start()
         app.state.broker, app.state.streams, app.state.settings = broker, streams, settings
         restore_signals = drain_on_shutdown_signals(streams.drain)
         try:
-            yield
+            yield {APP_STATE_KEY: app}  # for api.connections, which serves streams lean
         finally:
             streams.drain()
             restore_signals()
@@ -81,7 +81,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return app
 
 
-_TOPIC_EVENTS_PATH = re.compile(r"/topics/([^/]+)/events")
 PUBLISH = PublishEndpoint()
 
 
@@ -107,7 +106,7 @@ class BrokerApp(Starlette):
                     scope, receive, send
                 )
             return
-        topic = _stream_request(scope)
+        topic = routes.stream_topic(scope)
         if topic is None:
             await super().__call__(scope, receive, send)
             return
@@ -127,28 +126,11 @@ class BrokerApp(Starlette):
 def _is_publish(scope: Scope) -> bool:
     if scope["type"] != "http" or scope["method"] != "POST":
         return False
-    match = _TOPIC_EVENTS_PATH.fullmatch(scope["path"])
+    match = routes.TOPIC_EVENTS_PATH.fullmatch(scope["path"])
     if match is None:
         return False
     scope["path_params"] = {"topic": match.group(1)}
     return True
-
-
-def _stream_request(scope: Scope) -> str | None:
-    """The topic of a stream request, "" for ``/events``, None for anything else."""
-    if scope["type"] != "http" or scope["method"] != "GET":
-        return None
-    path = scope["path"]
-    if path == "/events":
-        return ""
-    match = _TOPIC_EVENTS_PATH.fullmatch(path)
-    if match is None:
-        return None
-    accept = next((v for k, v in scope["headers"] if k == b"accept"), b"")
-    if prefers_json(accept.decode("latin-1")):
-        return None  # a history page
-    scope["path_params"] = {"topic": match.group(1)}
-    return match.group(1)
 
 
 async def metrics(request: Request) -> Response:

@@ -1,4 +1,4 @@
-"""``broker serve``: run the service under uvicorn (uvloop, httptools).
+"""``broker serve``: run the service under uvicorn (uvloop, httptools, lean streams).
 
 A flag beats its ``BROKER_*`` variable: flags are written into the environment
 before uvicorn starts, so every worker process builds the same Settings.
@@ -61,7 +61,7 @@ def serve(settings: Settings) -> None:
         "app": "api.app:create_app",
         "factory": True,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": "api.connections:BrokerHttpProtocol",  # httptools, streams served lean
         "lifespan": "on",
         "log_level": settings.log_level,
         "access_log": settings.access_log,

@@ -6,12 +6,14 @@ request stores nothing.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from api.negotiation import prefers_json
 from api.settings import Settings
@@ -30,6 +32,7 @@ from broker.validation import check_topic
 
 HISTORY_DEFAULT_LIMIT = 100
 HISTORY_MAX_LIMIT = 1000
+TOPIC_EVENTS_PATH = re.compile(r"/topics/([^/]+)/events")
 
 
 def json_response(
@@ -65,21 +68,7 @@ async def multi_topic_events(request: Request) -> Response | EventStreamResponse
 
 async def open_stream(request: Request, topic: str | None) -> Response | EventStreamResponse:
     """A stream of one topic, or (``topic`` None) of the ``?topic=`` list."""
-    if topic is not None:
-        return await _subscribe(request, [topic])
-    topics = list(dict.fromkeys(request.query_params.getlist("topic")))
-    if not topics:
-        raise InvalidInput("name at least one topic: /events?topic=a&topic=b", field="topic")
-    limit = _settings(request).max_topics_per_subscription
-    if len(topics) > limit:
-        raise InvalidInput(f"at most {limit} topics per subscription", field="topic")
-    return await _subscribe(request, topics)
-
-
-async def _subscribe(request: Request, topics: list[str]) -> Response | EventStreamResponse:
-    for topic in topics:
-        check_topic(topic)
-    starts = _starts(request, topics)
+    starts = stream_starts(request, topic)
     streams: OpenStreams = request.app.state.streams
     retry_ms = _settings(request).retry_ms
     if streams.draining:
@@ -89,6 +78,45 @@ async def _subscribe(request: Request, topics: list[str]) -> Response | EventStr
     except StoreUnavailable:
         return _come_back_later(retry_ms, "store unavailable")
     return EventStreamResponse(subscription, streams, retry_ms)
+
+
+def stream_starts(request: Request, topic: str | None) -> dict[str, StartFrom]:
+    """Where each topic of a stream request starts; raises on any bad input.
+
+    Shared by both ways a stream is served (``api.connections`` and the ASGI app),
+    so they accept and refuse exactly the same requests.
+    """
+    topics = [topic] if topic is not None else _listed_topics(request)
+    for name in topics:
+        check_topic(name)
+    return _starts(request, topics)
+
+
+def _listed_topics(request: Request) -> list[str]:
+    topics = list(dict.fromkeys(request.query_params.getlist("topic")))
+    if not topics:
+        raise InvalidInput("name at least one topic: /events?topic=a&topic=b", field="topic")
+    limit = _settings(request).max_topics_per_subscription
+    if len(topics) > limit:
+        raise InvalidInput(f"at most {limit} topics per subscription", field="topic")
+    return topics
+
+
+def stream_topic(scope: Scope) -> str | None:
+    """The topic of a stream request, "" for ``/events``, None for anything else."""
+    if scope["type"] != "http" or scope["method"] != "GET":
+        return None
+    path = scope["path"]
+    if path == "/events":
+        return ""
+    match = TOPIC_EVENTS_PATH.fullmatch(path)
+    if match is None:
+        return None
+    accept = next((v for k, v in scope["headers"] if k == b"accept"), b"")
+    if prefers_json(accept.decode("latin-1")):
+        return None  # a history page
+    scope["path_params"] = {"topic": match.group(1)}
+    return match.group(1)
 
 
 def _come_back_later(retry_ms: int, why: str) -> Response:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from starlette.types import Receive, Scope, Send
 
@@ -29,27 +29,32 @@ STREAM_HEADERS = [
 ]
 
 
+class Closable(Protocol):
+    def close(self) -> None:
+        """End the stream now, cleanly where the socket allows."""
+
+
 class OpenStreams:
     """Every open stream of this process, so a drain can end them all."""
 
     def __init__(self) -> None:
-        self._streams: set[Subscription] = set()
+        self._streams: set[Closable] = set()
         self.draining = False
 
     def __len__(self) -> int:
         return len(self._streams)
 
-    def add(self, subscription: Subscription) -> None:
-        self._streams.add(subscription)
+    def add(self, stream: Closable) -> None:
+        self._streams.add(stream)
 
-    def discard(self, subscription: Subscription) -> None:
-        self._streams.discard(subscription)
+    def discard(self, stream: Closable) -> None:
+        self._streams.discard(stream)
 
     def drain(self) -> None:
         """End every open stream now; their clients reconnect elsewhere."""
         self.draining = True
-        for subscription in list(self._streams):
-            subscription.close()
+        for stream in list(self._streams):
+            stream.close()
 
 
 class EventStreamResponse:

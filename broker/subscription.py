@@ -70,11 +70,18 @@ class Subscription:
         self._closed = False
         self._attached: list[str] = []
         self._waiter: asyncio.Future[bool] | None = None
+        self._consumer_idle = False
+        """The consumer holds nothing and is not running: parked in ``_wait``, or (an edge
+        consuming with ``until_idle``) its pump has ended. A live entry may then be
+        written directly without overtaking anything."""
         self.on_drop: Callable[[], None] | None = None
         """Called once when the subscriber is dropped for being too slow."""
         self.write_now: Callable[[bytes], bool] | None = None
         """Set by the edge when it can write to the client synchronously: True if it
         wrote the chunk, False if it wrote nothing (the socket is full)."""
+        self.on_wanted: Callable[[], None] | None = None
+        """Set by an edge that consumes with ``chunks(until_idle=True)``: called when
+        there is something to send and no consumer is running, to start one."""
 
     @property
     def topics(self) -> Sequence[str]:
@@ -109,11 +116,15 @@ class Subscription:
         self._pending = []
         self._wake(False)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self, *, until_idle: bool = False) -> AsyncIterator[bytes]:
         """What to write to the client, coalesced; a heartbeat when idle.
 
+        With ``until_idle`` it ends instead of waiting, once live with nothing to
+        send: from then on the hub writes through ``write_now`` and ``on_wanted``
+        asks for a new consumer, so an idle stream holds no task.
         Raises SubscriberTooSlow when the client could not keep up.
         """
+        self._consumer_idle = False
         while not self._closed:
             if self._dropped:
                 raise SubscriberTooSlow()
@@ -126,6 +137,9 @@ class Subscription:
             if chunk:
                 self._last_sent = time.monotonic()
                 yield chunk
+            elif until_idle and not self._resync:  # (draining may have found a new epoch)
+                self._consumer_idle = True
+                return
             elif not await self._wait() and not self._closed:
                 self._last_sent = time.monotonic()
                 yield HEARTBEAT
@@ -147,9 +161,8 @@ class Subscription:
         return 0
 
     def _parked_live(self) -> bool:
-        """Live, nothing queued, and our task parked waiting: nothing can be overtaken."""
-        waiter = self._waiter
-        return waiter is not None and not waiter.done() and not self._pending and not self._resync
+        """Live, nothing queued, and the consumer idle: nothing can be overtaken."""
+        return self._consumer_idle and not self._pending and not self._resync
 
     def _write_directly(self, entries: list[LogEntry]) -> int | None:
         """The steady state of a single-topic stream, with no task wake-up per event:
@@ -320,12 +333,22 @@ class Subscription:
             return True
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
+        self._consumer_idle = True
         try:
             return await waiter
         finally:
             self._waiter = None
+            self._consumer_idle = False
 
     def _wake(self, woken: bool) -> None:
+        """Get the idle consumer going: resolve its wait, or (``woken`` only) ask the
+        edge for a new one. A running consumer needs nothing: it looks again anyway."""
+        if not self._consumer_idle:
+            return
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
+        if waiter is not None:
+            self._consumer_idle = False
             waiter.set_result(woken)
+        elif woken and self.on_wanted is not None:
+            self._consumer_idle = False
+            self.on_wanted()

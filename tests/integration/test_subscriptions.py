@@ -1,17 +1,21 @@
-"""Resumable subscriptions over the core, on both stores: replay, live, gaps, fan-out."""
+"""Resumable subscriptions over the core, on both stores: replay, live, gaps, fan-out.
+
+Each is read both ways an edge consumes one: pulling ``chunks()`` (the ASGI
+response) and pushed (``api.connections``: direct writes, a pump only when needed).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from broker import Broker, BrokerLimits, EventId, NewEvent, SubscriberTooSlow
+from broker import Broker, BrokerLimits, EventId, NewEvent, SubscriberTooSlow, Subscription
 from broker import constants as c
 from broker.ids import parse_cursor
 from broker.redis_store import RedisStreamStore, open_store
-from tests.support.sse import Event, collect, parse_events
+from tests.support.sse import Event, PushConsumer, collect, parse_events
 
 
 @pytest.fixture
@@ -21,6 +25,17 @@ async def broker(store: RedisStreamStore) -> AsyncIterator[Broker]:
     yield instance
     await instance.heartbeats.close()
     await instance.hub.close()  # the store fixture closes the store
+
+
+Consume = Callable[[Subscription], AsyncIterator[bytes]]
+
+
+@pytest.fixture(params=["pull", "push"])
+def consume(request: pytest.FixtureRequest) -> Consume:
+    """How the test reads a subscription: ``chunks()``, or as ``api.connections`` does."""
+    if request.param == "pull":
+        return lambda subscription: subscription.chunks()
+    return PushConsumer
 
 
 def numbers(events: list[Event]) -> list[int]:
@@ -38,11 +53,11 @@ async def publish_numbers(broker: Broker, topic: str, numbers: range) -> list[Ev
     return ids
 
 
-async def test_from_earliest_then_live(broker: Broker, topic: str) -> None:
+async def test_from_earliest_then_live(broker: Broker, topic: str, consume: Consume) -> None:
     await publish_numbers(broker, topic, range(3))
     subscription = await broker.subscribe({topic: "earliest"})
     try:
-        chunks = subscription.chunks()
+        chunks = consume(subscription)
         assert numbers(await collect(chunks, has(2))) == [0, 1, 2]
         await publish_numbers(broker, topic, range(3, 6))
         assert numbers(await collect(chunks, has(5))) == [3, 4, 5]
@@ -50,27 +65,36 @@ async def test_from_earliest_then_live(broker: Broker, topic: str) -> None:
         subscription.close()
 
 
-async def test_no_cursor_starts_after_the_newest(broker: Broker, topic: str) -> None:
+async def test_no_cursor_starts_after_the_newest(
+    broker: Broker, topic: str, consume: Consume
+) -> None:
     await publish_numbers(broker, topic, range(3))
     subscription = await broker.subscribe({topic: "now"})
     try:
         await publish_numbers(broker, topic, range(3, 5))
-        assert numbers(await collect(subscription.chunks(), has(4))) == [3, 4]
+        assert numbers(await collect(consume(subscription), has(4))) == [3, 4]
     finally:
         subscription.close()
 
 
-async def test_a_topic_without_events_waits_for_its_first(broker: Broker, topic: str) -> None:
+async def test_a_topic_without_events_waits_for_its_first(
+    broker: Broker, topic: str, consume: Consume
+) -> None:
+    """The first event creates the log (a new epoch) while the subscriber is live."""
     subscription = await broker.subscribe({topic: "now"})
     try:
+        reading = asyncio.create_task(collect(consume(subscription), has(0)))
+        async with asyncio.timeout(5):
+            while not subscription.is_live:
+                await asyncio.sleep(0.01)
         await publish_numbers(broker, topic, range(1))
-        assert numbers(await collect(subscription.chunks(), has(0))) == [0]
+        assert numbers(await reading) == [0]
     finally:
         subscription.close()
 
 
 async def test_resume_while_publishing_has_no_gap_and_no_duplicate(
-    broker: Broker, topic: str
+    broker: Broker, topic: str, consume: Consume
 ) -> None:
     """The switch from replay to live, raced by a publisher."""
     ids = await publish_numbers(broker, topic, range(100))
@@ -78,14 +102,14 @@ async def test_resume_while_publishing_has_no_gap_and_no_duplicate(
     await asyncio.sleep(0.01)
     subscription = await broker.subscribe({topic: ids[49]})
     try:
-        received = numbers(await collect(subscription.chunks(), has(399), timeout=30))
+        received = numbers(await collect(consume(subscription), has(399), timeout=30))
         assert received == list(range(50, 400))
     finally:
         subscription.close()
         await publisher
 
 
-async def test_a_long_replay_reads_in_pages(broker: Broker, topic: str) -> None:
+async def test_a_long_replay_reads_in_pages(broker: Broker, topic: str, consume: Consume) -> None:
     total = c.REPLAY_PAGE_SIZE * 2 + 37
     await broker.publish(topic, [NewEvent(str(n)) for n in range(total)])
     counts: list[int] = []
@@ -98,7 +122,7 @@ async def test_a_long_replay_reads_in_pages(broker: Broker, topic: str) -> None:
     broker.store.read_range = spy  # type: ignore[method-assign]
     subscription = await broker.subscribe({topic: "earliest"})
     try:
-        received = numbers(await collect(subscription.chunks(), has(total - 1), timeout=30))
+        received = numbers(await collect(consume(subscription), has(total - 1), timeout=30))
         assert received == list(range(total))
         assert len(counts) >= 3 and max(counts) <= c.REPLAY_PAGE_SIZE
     finally:
@@ -106,7 +130,7 @@ async def test_a_long_replay_reads_in_pages(broker: Broker, topic: str) -> None:
 
 
 async def test_a_trimmed_cursor_gets_a_gap_then_the_oldest(
-    topic: str, store_url: str | None
+    topic: str, store_url: str | None, consume: Consume
 ) -> None:
     store = open_store(store_url, retention_maxlen=10)
     broker = Broker(store)
@@ -115,7 +139,7 @@ async def test_a_trimmed_cursor_gets_a_gap_then_the_oldest(
         ids = await publish_numbers(broker, topic, range(40))
         oldest = (await store.state(topic)).first
         subscription = await broker.subscribe({topic: ids[2]})
-        events = await collect(subscription.chunks(), has(39))
+        events = await collect(consume(subscription), has(39))
         gap, rest = events[0], events[1:]
         assert gap.event == "broker.gap"
         assert gap.json == {"reason": "trimmed", "requested": str(ids[2]), "topic": topic,
@@ -127,12 +151,14 @@ async def test_a_trimmed_cursor_gets_a_gap_then_the_oldest(
         await broker.close()
 
 
-async def test_an_id_of_another_topic_is_unknown(broker: Broker, topic: str) -> None:
+async def test_an_id_of_another_topic_is_unknown(
+    broker: Broker, topic: str, consume: Consume
+) -> None:
     foreign = (await publish_numbers(broker, topic + "-other", range(1)))[0]
     await publish_numbers(broker, topic, range(3))
     subscription = await broker.subscribe({topic: foreign})
     try:
-        events = await collect(subscription.chunks(), has(2))
+        events = await collect(consume(subscription), has(2))
         assert events[0].event == "broker.gap"
         assert events[0].json == {"reason": "unknown", "requested": str(foreign),
                                   "resumed_after": None, "topic": topic}  # fmt: skip
@@ -141,26 +167,26 @@ async def test_an_id_of_another_topic_is_unknown(broker: Broker, topic: str) -> 
         subscription.close()
 
 
-async def test_an_id_of_a_lost_log_is_unknown(broker: Broker, topic: str) -> None:
+async def test_an_id_of_a_lost_log_is_unknown(broker: Broker, topic: str, consume: Consume) -> None:
     old = await publish_numbers(broker, topic, range(3))
     store: RedisStreamStore = broker.store  # type: ignore[assignment]
     await store._client.delete(c.log_key(topic), c.meta_key(topic))  # Redis lost its data
     await publish_numbers(broker, topic, range(10, 12))
     subscription = await broker.subscribe({topic: old[-1]})
     try:
-        events = await collect(subscription.chunks(), has(11))
+        events = await collect(consume(subscription), has(11))
         assert events[0].event == "broker.gap" and events[0].json["reason"] == "unknown"  # type: ignore[index]
         assert numbers(events[1:]) == [10, 11]
     finally:
         subscription.close()
 
 
-async def test_one_cursor_resumes_every_topic(broker: Broker, topic: str) -> None:
+async def test_one_cursor_resumes_every_topic(broker: Broker, topic: str, consume: Consume) -> None:
     a, b = topic + "-a", topic + "-b"
     subscription = await broker.subscribe({a: "now", b: "now"})
     await publish_numbers(broker, a, range(0, 2))
     await publish_numbers(broker, b, range(100, 102))
-    events = await collect(subscription.chunks(), lambda ev: {1, 101} <= set(numbers(ev)))
+    events = await collect(consume(subscription), lambda ev: {1, 101} <= set(numbers(ev)))
     subscription.close()
     cursor = parse_cursor(str(events[-1].id))
     assert set(cursor) == {a, b}
@@ -169,7 +195,7 @@ async def test_one_cursor_resumes_every_topic(broker: Broker, topic: str) -> Non
     await publish_numbers(broker, b, range(102, 104))
     resumed = await broker.subscribe(dict(cursor))
     try:
-        again = await collect(resumed.chunks(), lambda ev: {3, 103} <= set(numbers(ev)))
+        again = await collect(consume(resumed), lambda ev: {3, 103} <= set(numbers(ev)))
         assert sorted(numbers(again)) == [2, 3, 102, 103]
     finally:
         resumed.close()
@@ -242,11 +268,32 @@ async def test_live_entries_are_framed_once_and_shared(broker: Broker, topic: st
     broker.hub.detach(topic, second)
 
 
-async def test_heartbeats_while_idle(broker: Broker, topic: str) -> None:
+async def test_heartbeats_while_idle(broker: Broker, topic: str, consume: Consume) -> None:
     subscription = await broker.subscribe({topic: "now"})
     try:
-        chunks = subscription.chunks()
+        chunks = consume(subscription)
         async with asyncio.timeout(5):
             assert await anext(chunks) == b":\n\n"
+    finally:
+        subscription.close()
+
+
+async def test_a_pushed_subscription_idles_without_a_task(broker: Broker, topic: str) -> None:
+    """Once caught up, live events and heartbeats are written by the hub's and the
+    clock's calls: no pump task is started again for them."""
+    await publish_numbers(broker, topic, range(3))
+    subscription = await broker.subscribe({topic: "earliest"})
+    try:
+        consumer = PushConsumer(subscription)
+        assert numbers(await collect(consumer, has(2))) == [0, 1, 2]
+        async with asyncio.timeout(5):
+            while consumer.pumping:
+                await asyncio.sleep(0.01)
+        await publish_numbers(broker, topic, range(3, 6))
+        assert numbers(await collect(consumer, has(5))) == [3, 4, 5]
+        async with asyncio.timeout(5):  # the fixture's heartbeat is 0.5 s
+            assert await anext(consumer) == b":\n\n"
+        assert consumer.pumps_started == 1
+        assert consumer.direct_writes >= 2
     finally:
         subscription.close()

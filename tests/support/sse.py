@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from broker import Subscription
+
 
 @dataclass
 class Event:
@@ -52,3 +54,54 @@ async def collect(
         raise AssertionError(f"stream ended early after {parse_events(raw)}")
 
     return await asyncio.wait_for(read(), timeout)
+
+
+class PushConsumer:
+    """Consumes a subscription the way ``api.connections`` does: the hub writes live
+    entries through ``write_now``, and a pump task runs only while there is catching
+    up or a backlog (``chunks(until_idle=True)``), started again by ``on_wanted``.
+
+    Iterate it for the chunks, like ``subscription.chunks()``.
+    """
+
+    def __init__(self, subscription: Subscription) -> None:
+        self.subscription = subscription
+        self.pumps_started = 0
+        self.direct_writes = 0
+        self._received: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
+        self._pump: asyncio.Task[None] | None = None
+        subscription.write_now = self._write_now
+        subscription.on_wanted = self._start_pump
+        self._start_pump()
+
+    @property
+    def pumping(self) -> bool:
+        return self._pump is not None
+
+    def _write_now(self, chunk: bytes) -> bool:
+        self.direct_writes += 1
+        self._received.put_nowait(chunk)
+        return True
+
+    def _start_pump(self) -> None:
+        if self._pump is None:
+            self.pumps_started += 1
+            self._pump = asyncio.get_running_loop().create_task(self._run_pump())
+
+    async def _run_pump(self) -> None:
+        try:
+            async for chunk in self.subscription.chunks(until_idle=True):
+                self._received.put_nowait(chunk)
+        except Exception as error:  # handed to the reader, like a failed read
+            self._received.put_nowait(error)
+        finally:
+            self._pump = None
+
+    def __aiter__(self) -> PushConsumer:
+        return self
+
+    async def __anext__(self) -> bytes:
+        item = await self._received.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item

@@ -1,0 +1,342 @@
+"""The HTTP connections uvicorn accepts, with event streams served lean.
+
+uvicorn's HTTP protocol keeps, for each connection, a request parser, a
+request/response cycle with its events, flow-control events and an ASGI task
+whose coroutine frames live as long as the response: about 10 KB for a
+connection that only holds an idle event stream, and a broker holds tens of
+thousands of those.
+
+So ``BrokerHttpProtocol`` (given to uvicorn as its ``http`` protocol) reads
+each connection's first request itself. A plain stream request (a valid GET of
+``/topics/{t}/events`` or ``/events``, HTTP/1.1, no body) becomes a
+``StreamConnection``: the socket, the subscription and a few fields, and no
+task while idle, since the live reader writes shared frames straight to the
+socket. Anything else, every invalid stream request included (errors are
+answered in one place), is handed, bytes and all, to uvicorn's own protocol,
+the way uvicorn hands a connection to its WebSocket protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+from urllib.parse import unquote
+
+import httptools
+from starlette.requests import Request
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from api import routes
+from api.metrics import SUBSCRIBERS
+from api.sse import STREAM_HEADERS, OpenStreams
+from broker import BrokerError, StartFrom, StoreUnavailable, SubscriberTooSlow, Subscription
+from broker.framing import retry_hint
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("uvicorn.access")
+
+APP_STATE_KEY = "broker.app"
+"""Where the app's lifespan leaves itself in uvicorn's app state, for this module."""
+MAX_HEAD_BYTES = 16 * 1024
+"""A longer request head is not a stream request we serve: uvicorn answers it."""
+END_OF_BODY = b"0\r\n\r\n"
+BODY_HEADERS = (b"content-length", b"transfer-encoding")
+
+
+class BrokerHttpProtocol(asyncio.Protocol):
+    """A new connection: its first request decides who serves it."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._config = config
+        self._server_state = server_state
+        self._app_state = app_state
+        self._transport: asyncio.Transport | None = None
+        self._received = b""
+        self._opening: asyncio.Task[None] | None = None
+        self._lost = False
+
+    # -- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._server_state.connections.add(self)  # type: ignore[arg-type]
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self._received += data
+        if self._opening is not None:
+            return  # kept for uvicorn, should the stream not open
+        head_end = self._received.find(b"\r\n\r\n")
+        if head_end < 0:
+            if len(self._received) > MAX_HEAD_BYTES:
+                self._hand_to_uvicorn()
+            return
+        app = self._app_state.get(APP_STATE_KEY)
+        request = None
+        if app is not None and not self._config.root_path and head_end + 4 == len(self._received):
+            request = stream_request(self._received, app)
+        if request is None:
+            self._hand_to_uvicorn()
+            return
+        self._opening = asyncio.get_running_loop().create_task(self._open(*request))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._server_state.connections.discard(self)
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown: no response is under way, so close."""
+        if self._transport is not None:
+            self._transport.close()
+
+    # -- serving ---------------------------------------------------------------
+
+    async def _open(self, request: Request, starts: dict[str, StartFrom]) -> None:
+        """Subscribe, then hand the socket to a StreamConnection (or, failing, to uvicorn)."""
+        app = request.app
+        try:
+            subscription = await app.state.broker.subscribe(starts)
+        except StoreUnavailable:
+            self._hand_to_uvicorn()  # it answers with a retry hint, in one place
+            return
+        if self._lost or app.state.streams.draining:
+            subscription.close()
+            if not self._lost:
+                self._hand_to_uvicorn()
+            return
+        assert self._transport is not None
+        stream = StreamConnection(
+            self._transport, subscription, app.state.streams, self._server_state
+        )
+        self._server_state.connections.discard(self)
+        self._transport.set_protocol(stream)
+        self._server_state.total_requests += 1
+        _log_access(self._transport, request)
+        stream.start(self._response_head(app.state.settings.retry_ms))
+
+    def _response_head(self, retry_ms: int) -> bytes:
+        lines = [b"HTTP/1.1 200 OK"]
+        headers = [*self._server_state.default_headers, *STREAM_HEADERS]
+        lines += [name + b": " + value for name, value in headers]
+        lines += [b"transfer-encoding: chunked", b"", b""]
+        return b"\r\n".join(lines) + chunk_of(retry_hint(retry_ms))
+
+    def _hand_to_uvicorn(self) -> None:
+        """uvicorn's protocol takes the connection, with every byte received so far."""
+        assert self._transport is not None
+        self._server_state.connections.discard(self)
+        if self._lost:
+            return
+        protocol = HttpToolsProtocol(
+            config=self._config, server_state=self._server_state, app_state=self._app_state
+        )
+        protocol.connection_made(self._transport)
+        self._transport.set_protocol(protocol)
+        received, self._received = self._received, b""
+        protocol.data_received(received)
+
+
+class StreamConnection(asyncio.Protocol):
+    """One open event stream: the socket and its subscription, nothing else while idle.
+
+    Live events arrive through ``write_now`` (the hub's call, no task switch);
+    a short-lived pump task runs only while there is catching up or a backlog
+    to write (``Subscription.chunks(until_idle=True)``).
+    """
+
+    __slots__ = (
+        "_ended",
+        "_paused",
+        "_pump",
+        "_server_state",
+        "_streams",
+        "_subscription",
+        "_transport",
+        "_writable",
+    )
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        subscription: Subscription,
+        streams: OpenStreams,
+        server_state: ServerState,
+    ) -> None:
+        self._transport = transport
+        self._subscription = subscription
+        self._streams = streams
+        self._server_state = server_state
+        self._paused = False
+        self._writable: asyncio.Future[None] | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._ended = False
+
+    def start(self, head: bytes) -> None:
+        self._server_state.connections.add(self)  # type: ignore[arg-type]
+        self._streams.add(self)
+        SUBSCRIBERS.inc()
+        subscription = self._subscription
+        subscription.write_now = self._write_now
+        subscription.on_wanted = self._start_pump
+        subscription.on_drop = self._drop
+        self._transport.write(head)
+        self._start_pump()  # the catch-up
+
+    def close(self) -> None:
+        """End the stream cleanly (the instance drains); the client reconnects."""
+        if not self._end():
+            self._transport.write(END_OF_BODY)
+            self._transport.close()
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown."""
+        self.close()
+
+    # -- asyncio.Protocol ------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """Nothing more is expected from a stream's client; whatever comes is ignored."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+        self._server_state.connections.discard(self)
+        self._streams.discard(self)
+        SUBSCRIBERS.dec()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    # -- writing ---------------------------------------------------------------
+
+    def _write_now(self, chunk: bytes) -> bool:
+        if self._paused:
+            return False  # the subscription queues it for the pump, bounded
+        self._transport.write(chunk_of(chunk))
+        return True
+
+    def _start_pump(self) -> None:
+        if self._pump is None and not self._ended:
+            self._pump = asyncio.get_running_loop().create_task(self._run_pump())
+
+    async def _run_pump(self) -> None:
+        try:
+            async for chunk in self._subscription.chunks(until_idle=True):
+                self._transport.write(chunk_of(chunk))
+                if self._paused:
+                    self._writable = asyncio.get_running_loop().create_future()
+                    await self._writable
+        except SubscriberTooSlow:
+            log.info("dropped a subscriber that could not keep up")
+            self._transport.abort()
+        except Exception:
+            log.exception("unexpected error writing a stream; closing it")
+            self._transport.abort()
+        finally:
+            self._pump = None
+
+    def _drop(self) -> None:
+        """The client stopped reading and its buffer overflowed: no clean end can be
+        written to a full socket, so cut the connection; the client resumes by id."""
+        log.info("dropped a subscriber that stopped reading")
+        self._transport.abort()
+
+    def _end(self) -> bool:
+        """Free the subscription and stop the pump; True if that was done already."""
+        if self._ended:
+            return True
+        self._ended = True
+        self._subscription.close()
+        if self._pump is not None:
+            self._pump.cancel()
+        return False
+
+
+def chunk_of(data: bytes) -> bytes:
+    """One chunk of a chunked HTTP/1.1 body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def stream_request(head: bytes, app: Any) -> tuple[Request, dict[str, StartFrom]] | None:
+    """The request and where its topics start, if ``head`` is a stream request we serve:
+    a complete, valid HTTP/1.1 GET with no body and nothing after it. Else None."""
+    scope = _scope_of(head)
+    if scope is None:
+        return None
+    topic = routes.stream_topic(scope)
+    if topic is None:
+        return None
+    scope["app"] = app
+    request = Request(scope)
+    try:
+        return request, routes.stream_starts(request, topic or None)
+    except BrokerError:
+        return None
+
+
+class _Head:
+    """httptools' callbacks for one request head."""
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def _scope_of(data: bytes) -> dict[str, Any] | None:
+    head = _Head()
+    parser = httptools.HttpRequestParser(head)
+    try:
+        parser.feed_data(data)
+        url = httptools.parse_url(head.url)
+        path = unquote(url.path.decode("ascii"))
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade, UnicodeDecodeError):
+        return None
+    plain = parser.get_method() == b"GET" and parser.get_http_version() == "1.1"
+    bodyless = all(name not in BODY_HEADERS for name, _ in head.headers)
+    if not (head.complete and plain and bodyless):
+        return None
+    return {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": url.path,
+        "query_string": url.query or b"",
+        "root_path": "",
+        "headers": head.headers,
+    }
+
+
+def _log_access(transport: asyncio.Transport, request: Request) -> None:
+    if not access_log.hasHandlers():
+        return
+    peer = transport.get_extra_info("peername")
+    client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "-"
+    target = request.scope["raw_path"].decode("latin-1")
+    if request.scope["query_string"]:
+        target += "?" + request.scope["query_string"].decode("latin-1")
+    access_log.info('%s - "%s %s HTTP/%s" %d', client, "GET", target, "1.1", 200)

@@ -1,0 +1,163 @@
+"""Who serves a connection (``api.connections``): lean streams, everything else uvicorn.
+
+A connection's first request, when it is a plain stream request, is served by a
+``StreamConnection``; anything else, and any later request on a keep-alive
+connection, by uvicorn and the ASGI app. Clients must not be able to tell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from api.app import create_app
+from api.connections import stream_request
+from api.settings import Settings
+from tests.http.helpers import (
+    RawResponse,
+    metric_value,
+    new_topic,
+    publish_many,
+    raw_request,
+    request_bytes,
+)
+from tests.support.broker_process import BrokerProcess
+
+
+@pytest.fixture(scope="module")
+def app() -> object:
+    instance = create_app(Settings(max_topics_per_subscription=3))
+    instance.state.settings = Settings(max_topics_per_subscription=3)
+    return instance
+
+
+def head(first_line: str, *headers: str) -> bytes:
+    return "\r\n".join([first_line, "Host: broker", *headers, "", ""]).encode("latin-1")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        head("GET /topics/t/events HTTP/1.1"),
+        head("GET /topics/t/events HTTP/1.1", "Accept: text/event-stream"),
+        head("GET /topics/t/events?from=earliest HTTP/1.1", "Accept: */*"),
+        head("GET /topics/t/events HTTP/1.1", "Last-Event-ID: abcdefgh.1-0"),
+        head("GET /topics/t%2Dx/events HTTP/1.1"),
+        head("GET /events?topic=a&topic=b HTTP/1.1"),
+    ],
+)
+def test_plain_stream_requests_are_served_lean(raw: bytes, app: object) -> None:
+    assert stream_request(raw, app) is not None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        head("GET /topics/t/events HTTP/1.0"),  # no chunked bodies: uvicorn decides
+        head("POST /topics/t/events HTTP/1.1", "Content-Length: 0"),
+        head("GET /topics/t/events HTTP/1.1", "Content-Length: 0"),
+        head("GET /topics/t/events HTTP/1.1", "Transfer-Encoding: chunked"),
+        head("GET /topics/t/events HTTP/1.1", "Connection: Upgrade", "Upgrade: websocket"),
+        head("GET /topics/t/events HTTP/1.1", "Accept: application/json"),  # history
+        head("GET /topics/t HTTP/1.1"),
+        head("GET /healthz HTTP/1.1"),
+        head("GET /topics/a%2Fb/events HTTP/1.1"),  # a bad topic: the app answers 400
+        head("GET /topics/t/events HTTP/1.1", "Last-Event-ID: not an id"),
+        head("GET /topics/t/events?from=yesterday HTTP/1.1"),
+        head("GET /events HTTP/1.1"),
+        head("GET /events?topic=a&topic=b&topic=c&topic=d HTTP/1.1"),  # over the limit
+        b"GET /topics/t/events HTTP/1.1\r\nHost: broker\r\n",  # not complete
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+)
+def test_everything_else_goes_to_uvicorn(raw: bytes, app: object) -> None:
+    assert stream_request(raw, app) is None
+
+
+async def _stream_on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> RawResponse:
+    response = RawResponse(reader, writer)
+    await response.read_head()
+    await response.read_until(b"\n\n")  # the retry hint
+    return response
+
+
+async def test_a_stream_reads_the_same_served_lean_or_by_the_app(
+    http_broker: BrokerProcess,
+) -> None:
+    """First request on a connection (lean) and a later one on a keep-alive
+    connection (uvicorn and the ASGI app): same status, headers and bytes."""
+    url, topic = http_broker.url, new_topic()
+    path = f"{url}/topics/{topic}/events"
+    lean = await raw_request(path)
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_broker.port)
+    writer.write(request_bytes("GET", f"{url}/healthz"))
+    healthz = RawResponse(reader, writer)
+    await healthz.read_head()
+    await healthz.read_sized_body()
+    writer.write(request_bytes("GET", path))
+    by_app = await _stream_on(reader, writer)
+    try:
+        await lean.read_until(b"\n\n")
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            [event_id] = await publish_many(client, topic, [{"n": 1}])
+        for stream in (lean, by_app):
+            await stream.read_until(event_id.encode() + b"\ndata: ")
+            await stream.read_until(b"\n\n", timeout=5)
+        assert lean.status == by_app.status == 200
+        assert set(lean.headers) == set(by_app.headers)
+        assert {k: v for k, v in lean.headers.items() if k != "date"} == {
+            k: v for k, v in by_app.headers.items() if k != "date"
+        }
+        assert lean.body == by_app.body
+    finally:
+        await lean.close()
+        await by_app.close()
+
+
+async def test_a_head_in_many_pieces_is_served(http_broker: BrokerProcess) -> None:
+    topic = new_topic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_broker.port)
+    for byte in request_bytes("GET", f"{http_broker.url}/topics/{topic}/events"):
+        writer.write(bytes([byte]))
+        await writer.drain()
+    stream = await _stream_on(reader, writer)
+    try:
+        async with httpx.AsyncClient(base_url=http_broker.url, timeout=10) as client:
+            [event_id] = await publish_many(client, topic, ["pieces"])
+        await stream.read_until(event_id.encode())
+    finally:
+        await stream.close()
+
+
+async def test_a_bad_stream_request_gets_the_apps_problem(http_broker: BrokerProcess) -> None:
+    response = await raw_request(
+        f"{http_broker.url}/topics/t/events", headers={"Last-Event-ID": "not an id"}
+    )
+    try:
+        assert response.status == 400
+        assert response.headers["content-type"] == "application/problem+json"
+    finally:
+        await response.close()
+
+
+async def test_a_client_gone_while_subscribing_leaves_nothing_open(
+    http_broker: BrokerProcess,
+) -> None:
+    """Connections that close right after their request free their subscription."""
+    async with httpx.AsyncClient(base_url=http_broker.url, timeout=10) as client:
+        before = await _open_subscribers(client)
+        for _ in range(50):
+            _, writer = await asyncio.open_connection("127.0.0.1", http_broker.port)
+            writer.write(request_bytes("GET", f"{http_broker.url}/topics/{new_topic()}/events"))
+            writer.close()
+        async with asyncio.timeout(10):
+            while await _open_subscribers(client) != before:
+                await asyncio.sleep(0.05)
+
+
+async def _open_subscribers(client: httpx.AsyncClient) -> float:
+    value = metric_value((await client.get("/metrics")).text, "broker_connected_subscribers")
+    assert value is not None, "broker_connected_subscribers is missing"
+    return value
