@@ -82,7 +82,10 @@ class BrokerHttpProtocol(asyncio.Protocol):
         app = self._app_state.get(APP_STATE_KEY)
         request = None
         if app is not None and not self._config.root_path and head_end + 4 == len(self._received):
-            request = stream_request(self._received, app)
+            try:
+                request = stream_request(self._received, app)
+            except Exception:  # a bug here must not cost the request: uvicorn answers it
+                log.exception("could not read a request head")
         if request is None:
             self._hand_to_uvicorn()
             return
@@ -106,6 +109,10 @@ class BrokerHttpProtocol(asyncio.Protocol):
             subscription = await app.state.broker.subscribe(starts)
         except StoreUnavailable:
             self._hand_to_uvicorn()  # it answers with a retry hint, in one place
+            return
+        except Exception:
+            log.exception("unexpected error opening a stream")
+            self._hand_to_uvicorn()  # it tries again, and answers 500 if that fails too
             return
         if self._lost or app.state.streams.draining:
             subscription.close()
