@@ -67,9 +67,13 @@ LIVE_LINGER_MS = 10
 # this often while events flow, backing off to the maximum when quiet (ms).
 CLUSTER_POLL_MIN_MS = 5
 CLUSTER_POLL_MAX_MS = 100
-# Command connections per Redis server (per cluster node): concurrent commands
-# beyond this wait for a free connection, so connections never follow subscribers.
-REDIS_POOL_MAX_CONNECTIONS = 32
+# Command connections per Redis server (per Cluster primary), all opened when the
+# store opens and kept open: a process holds as many idle as under load. Commands
+# beyond them wait for a free one (up to REDIS_POOL_WAIT_SECONDS). Few are needed:
+# Redis runs one command at a time, appends travel pipelined on one connection
+# and identical reads are coalesced.
+REDIS_POOL_SIZE = 8
+REDIS_POOL_WAIT_SECONDS = 5.0
 # How long one blocking XREAD waits before it is re-armed anyway (ms).
 LIVE_BLOCK_MS = 5000
 # The reader's reconnect backoff while Redis is unreachable (seconds).

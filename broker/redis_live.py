@@ -68,6 +68,10 @@ class LiveReader:
         self._commands = commands  # CLIENT UNBLOCK goes over another connection
         self._reader_id: int | None = None
 
+    async def open(self) -> None:
+        """Connect now rather than at the first live topic."""
+        self._reader_id = int(await self._reader.client_id())
+
     async def read(self, streams: dict[str, str], block_ms: int) -> dict[str, list[LogEntry]]:
         try:
             if self._reader_id is None:
@@ -117,6 +121,9 @@ class ClusterLiveReader:
         self._clients: dict[str, redis.Redis] = {}
         self._interrupted: asyncio.Event | None = None
         self._pause_ms = c.CLUSTER_POLL_MIN_MS
+
+    async def open(self) -> None:
+        """Nothing yet: a primary's connection opens with its first live topic."""
 
     async def read(self, streams: dict[str, str], block_ms: int) -> dict[str, list[LogEntry]]:
         groups = await self._group_by_node_and_slot(streams)

@@ -21,11 +21,12 @@ from urllib.parse import unquote
 import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
@@ -50,6 +51,101 @@ def _lua(name: str) -> str:
 
 def _position_or_none(raw: bytes | None) -> StreamPosition | None:
     return parse_stream_id(raw) if raw else None
+
+
+class FixedPool(redis.BlockingConnectionPool):
+    """A blocking pool that keeps all of its ``max_connections`` connections open.
+
+    redis-py opens pooled connections lazily, so their number follows the peak of
+    concurrent commands. Once ``fill`` was called (when the store opens) this pool
+    has them all open, and opens them all again as soon as one of them had to
+    reconnect (Redis restarted, a Sentinel failover): a process holds as many
+    connections idle as under load. A burst beyond them waits for a free one.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._keep_full = False  # until the first fill: lazy, as redis-py's
+        self._filling = False
+        self._refill: asyncio.Task[None] | None = None
+
+    async def fill(self) -> None:
+        """Open every connection not in use (one in use is open, or reconnects itself)."""
+        held: list[AbstractConnection] = []
+        self._keep_full = True
+        self._filling = True
+        try:
+            while len(held) < self.max_connections and self.can_get_connection():
+                held.append(await self.get_connection())  # type: ignore[no-untyped-call]
+        finally:
+            self._filling = False
+            for connection in held:
+                await self.release(connection)
+
+    def make_connection(self) -> AbstractConnection:
+        connection: AbstractConnection = super().make_connection()  # type: ignore[no-untyped-call]
+        connection.register_connect_callback(self._connected)  # type: ignore[no-untyped-call]
+        return connection
+
+    def _connected(self, connection: AbstractConnection) -> None:
+        """One connection (re)connected: after an outage the idle ones are down too."""
+        if not self._keep_full or self._filling or (self._refill and not self._refill.done()):
+            return
+        self._refill = asyncio.get_running_loop().create_task(self._fill_quietly())
+
+    async def _fill_quietly(self) -> None:
+        try:
+            await self.fill()
+        except (RedisError, OSError) as error:  # the next reconnect tries again
+            log.info("redis: could not reopen the connection pool yet: %s", error)
+
+    async def aclose(self) -> None:
+        self._keep_full = False
+        if self._refill is not None:
+            self._refill.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refill
+        await super().aclose()
+
+
+class FixedSentinelPool(SentinelConnectionPool, FixedPool):
+    """The fixed pool, connected to wherever the Sentinels say the primary is."""
+
+
+class BoundedCluster(RedisCluster):
+    """The cluster client, whose commands wait for one of ``max_connections`` turns.
+
+    Its per-node pools hold up to ``max_connections`` each and raise when all are
+    in use; with as many commands in flight at most, none is ever refused.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._turns = asyncio.Semaphore(kwargs["max_connections"])
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._turns:
+            return await super().execute_command(*args, **kwargs)
+
+
+async def _open_cluster_pools(cluster: RedisCluster) -> None:
+    """Open every primary's ``max_connections`` connections of the cluster client.
+
+    redis-py opens them lazily; a failover or a new node gets its connections so.
+    """
+    await cluster.initialize()
+    for node in cluster.get_primaries():
+        held: list[Connection] = []
+        try:
+            while len(held) < node.max_connections:
+                held.append(node.acquire_connection())
+        except MaxConnectionsError:
+            pass  # the rest are in use, hence open
+        try:
+            await asyncio.gather(*(each.connect() for each in held))  # type: ignore[no-untyped-call]
+        finally:
+            for connection in held:
+                node.release(connection)
 
 
 class _SingleFlight:
@@ -196,8 +292,10 @@ class RedisStreamStore:
         description: str = "redis",
         replicas_to_confirm: int = 0,
         also_close: Sequence[redis.Redis] = (),
+        pool_size: int = c.REDIS_POOL_SIZE,
     ) -> None:
         self._client = client
+        self._pool_size = pool_size
         self._live = live
         self._also_close = list(also_close)  # e.g. the connections to the Sentinels
         self._replicas_to_confirm = replicas_to_confirm
@@ -294,8 +392,14 @@ class RedisStreamStore:
             raise StoreUnavailable(f"no cluster node serves {key}")
         client = self._node_clients.get(node.name)
         if client is None:
-            client = redis.Redis(host=node.host, port=int(node.port), **self._node_options)
-            self._node_clients[node.name] = client
+            pool = redis.BlockingConnectionPool(
+                host=node.host,
+                port=int(node.port),
+                max_connections=self._pool_size,
+                timeout=c.REDIS_POOL_WAIT_SECONDS,
+                **self._node_options,
+            )
+            client = self._node_clients[node.name] = redis.Redis.from_pool(pool)
         return client
 
     async def read_range(self, topic: str, after: StreamPosition, count: int) -> list[LogEntry]:
@@ -335,6 +439,18 @@ class RedisStreamStore:
     async def ping(self) -> None:
         await self._call(self._client.ping())
 
+    async def open(self) -> None:
+        """Open the connections now rather than on first use: the command pool, whole,
+        and the live reader's. Best effort: while Redis is down they open later."""
+        try:
+            if isinstance(self._client, RedisCluster):
+                await _open_cluster_pools(self._client)
+            elif isinstance(self._client.connection_pool, FixedPool):
+                await self._client.connection_pool.fill()
+            await self._live.open()
+        except (RedisError, OSError) as error:
+            log.warning("redis: could not open the connections yet: %s", error)
+
     async def close(self) -> None:
         await self._live.close()
         for node_client in self._node_clients.values():
@@ -360,7 +476,13 @@ def _parse_answer(answer: bytes) -> list[EventId]:
     return [EventId(epoch, parse_stream_id(raw)) for raw in ids.split(",") if raw]
 
 
-def open_store(url: str | None, *, durability: str = "leader", **options: Any) -> RedisStreamStore:
+def open_store(
+    url: str | None,
+    *,
+    durability: str = "leader",
+    pool_size: int = c.REDIS_POOL_SIZE,
+    **options: Any,
+) -> RedisStreamStore:
     """A store for a URL: one Redis, Sentinel, Cluster; the embedded store when empty.
 
     - ``redis://``, ``rediss://``, ``unix://``: one Redis server;
@@ -368,22 +490,32 @@ def open_store(url: str | None, *, durability: str = "leader", **options: Any) -
       the primary that the Sentinels name ``service``, followed across failovers;
     - ``redis+cluster://[:password@]host:port[,host:port...]`` (or ``rediss+cluster``):
       a Redis Cluster, from any of its nodes.
+
+    Each process keeps ``pool_size`` command connections per Redis server (per
+    Cluster primary), all opened by ``RedisStreamStore.open``, and one for the live
+    reader (one per primary on a Cluster); see ``FixedPool``.
     """
     if not url:
         return _embedded_store(**options)
     replicas = 1 if durability == "replicated" else 0
-    options |= {"description": _redact(url), "replicas_to_confirm": replicas}
+    options |= {
+        "description": _redact(url),
+        "replicas_to_confirm": replicas,
+        "pool_size": pool_size,
+    }
     scheme = url.partition("://")[0].lower()
     if scheme.endswith("+sentinel"):
         return _sentinel_store(url, **options)
     if scheme.endswith("+cluster"):
         return _cluster_store(url, **options)
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=c.REDIS_POOL_MAX_CONNECTIONS, timeout=5, **client_options()
-    )
+    pool = FixedPool.from_url(url, **_pool_options(pool_size))
     client = redis.Redis.from_pool(pool)
     reader = redis.Redis.from_url(url, single_connection_client=True, **reader_options())
     return RedisStreamStore(client, LiveReader(reader, client), **options)
+
+
+def _pool_options(size: int) -> dict[str, Any]:
+    return client_options() | {"max_connections": size, "timeout": c.REDIS_POOL_WAIT_SECONDS}
 
 
 def _hosts_and_rest(url: str) -> tuple[list[tuple[str, int]], str | None, str]:
@@ -405,7 +537,9 @@ def _sentinel_store(url: str, **options: Any) -> RedisStreamStore:
         raise ValueError("a Sentinel URL names its service: redis+sentinel://h:26379/mymaster")
     kwargs = client_options() | {"password": password, "db": int(db or 0)}
     sentinel = Sentinel(hosts, sentinel_kwargs=client_options(), **kwargs)  # type: ignore[no-untyped-call]
-    client = sentinel.master_for(service)
+    client = sentinel.master_for(
+        service, connection_pool_class=FixedSentinelPool, **_pool_options(options["pool_size"])
+    )
     reader_pool = SentinelConnectionPool(service, sentinel, **(kwargs | reader_options()))  # type: ignore[no-untyped-call]
     # Not single_connection_client: that client reconnects to the address it had
     # (redis-py skips the Sentinel lookup there), i.e. to a dead primary forever.
@@ -419,12 +553,12 @@ def _cluster_store(url: str, **options: Any) -> RedisStreamStore:
     hosts, password, _ = _hosts_and_rest(url)
     tls = url.lower().startswith("rediss")
     common: dict[str, Any] = {"password": password, "ssl": tls}
-    cluster = RedisCluster(
+    cluster = BoundedCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in hosts],
         socket_connect_timeout=2.0,
         socket_timeout=5.0,
         retry=Retry(NoBackoff(), 0),  # a retried append could store twice; MOVED is still followed
-        max_connections=c.REDIS_POOL_MAX_CONNECTIONS,
+        max_connections=options["pool_size"],  # per node; see _open_cluster_pools
         **common,
     )
     live = ClusterLiveReader(

@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as redis
 
 from broker import Broker, BrokerLimits, EventId, NewEvent, StoreUnavailable
+from broker import constants as c
 from broker.redis_store import open_store
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Event, collect
@@ -105,7 +106,7 @@ async def test_redis_connections_do_not_grow_with_subscribers(
         with_subscribers = await connections()
         more = [await broker.subscribe({f"{topic}-{n % 30}": "now"}) for n in range(300)]
         assert await connections() == with_subscribers
-        assert with_subscribers <= 5  # the probe, the reader, a few pooled command connections
+        assert with_subscribers == c.REDIS_POOL_SIZE + 2  # the command pool, the reader, the probe
         for subscription in subscriptions + more:
             subscription.close()
         assert broker.hub.subscriber_count == 0

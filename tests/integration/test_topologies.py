@@ -424,8 +424,9 @@ async def test_one_live_read_connection_per_master_however_many_topics(
             for reader in readers:
                 await reader.close()
     assert live_reads == dict.fromkeys(by_master, 1), "one live reader per master"
-    # Command connections follow concurrency (catch-ups run at once), bounded by the pool.
-    bound = c.REDIS_POOL_MAX_CONNECTIONS + 1 + 2  # the pool, the live reader, the test's probes
+    # The command pool (opened whole at start), the live reader, the slot-map query's
+    # connection (to one startup node), the test's probes.
+    bound = c.REDIS_POOL_SIZE + 1 + 1 + 2
     assert all(after[port] <= bound for port in after), (before, after)
 
 

@@ -1,0 +1,189 @@
+"""Each process holds a fixed number of Redis connections, whatever the load.
+
+The command pool is opened whole when the store opens, plus one connection for
+the live reader; bursts of reads, subscribes and publishes wait for a free
+connection instead of opening more, and after a Redis restart the pool opens
+them all again. Counted by the server itself (CLIENT LIST, INFO clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+
+from broker import Broker, BrokerLimits, NewEvent, StoreUnavailable
+from broker import constants as c
+from broker.redis_store import open_store
+from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import RedisClusterGroup, SentinelGroup
+
+
+async def broker_connections(url: str) -> int:
+    """Connections to the server at ``url``, except the one this count uses."""
+    probe = redis.Redis.from_url(url, single_connection_client=True)
+    try:
+        own = int(await probe.client_id())
+        return sum(1 for client in await probe.client_list() if int(client["id"]) != own)
+    finally:
+        await probe.aclose()
+
+
+async def wait_for_connections(url: str, expected: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (count := await broker_connections(url)) != expected:
+        assert time.monotonic() < deadline, f"{count} connections, not {expected}"
+        await asyncio.sleep(0.05)
+
+
+def fresh_topics(count: int) -> list[str]:
+    prefix = uuid.uuid4().hex[:8]
+    return [f"conn-{prefix}-{n}" for n in range(count)]
+
+
+@pytest.fixture
+async def broker(private_redis: RedisServer) -> AsyncIterator[Broker]:
+    instance = Broker(open_store(private_redis.url), limits=BrokerLimits(heartbeat_seconds=0.5))
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+async def test_a_burst_of_commands_opens_no_connection(private_redis: RedisServer) -> None:
+    store = open_store(private_redis.url, pool_size=4)
+    try:
+        await store.open()
+        assert await broker_connections(private_redis.url) == 4 + 1  # the pool, the reader
+        topics = fresh_topics(300)
+        await asyncio.gather(*(store.append(t, [NewEvent("x")]) for t in topics[:100]))
+        # Distinct topics: nothing is coalesced, every call wants a connection at once.
+        results = await asyncio.gather(
+            *(store.state(t) for t in topics),
+            *(store.read_range(t, (0, 0), 10) for t in topics),
+            *(store.append(t, [NewEvent("y")]) for t in topics[100:]),
+        )
+        assert len(results) == 800  # none refused: they waited for a free connection
+        assert await broker_connections(private_redis.url) == 4 + 1
+    finally:
+        await store.close()
+    assert await broker_connections(private_redis.url) == 0
+
+
+async def test_subscribers_arriving_in_waves_open_no_connection(
+    broker: Broker, private_redis: RedisServer
+) -> None:
+    """The idle benchmark in small: subscribers "from now" come 200 at a time."""
+    expected = c.REDIS_POOL_SIZE + 1  # the command pool, the live reader
+    assert await broker_connections(private_redis.url) == expected
+    subscriptions = []
+    try:
+        for _ in range(5):
+            wave = fresh_topics(200)  # each one's state is read: no two share a read
+            subscriptions += await asyncio.gather(*(broker.subscribe({t: "now"}) for t in wave))
+            assert await broker_connections(private_redis.url) == expected
+        assert broker.hub.subscriber_count == 1000
+    finally:
+        for subscription in subscriptions:
+            subscription.close()
+
+
+async def test_the_pool_opens_whole_again_after_a_restart(
+    broker: Broker, private_redis: RedisServer
+) -> None:
+    topic = fresh_topics(1)[0]
+    subscription = await broker.subscribe({topic: "now"})  # the live reader reconnects too
+    try:
+        private_redis.restart(keep_data=True)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                await broker.publish(topic, [NewEvent("after")])
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "Redis did not come back"
+                await asyncio.sleep(0.05)
+        # One publish needs one connection; the pool reopens all of them.
+        await wait_for_connections(private_redis.url, c.REDIS_POOL_SIZE + 1, timeout=10)
+    finally:
+        subscription.close()
+
+
+async def test_a_store_opened_while_redis_is_down_fills_its_pool_once_it_is_back(
+    private_redis: RedisServer,
+) -> None:
+    private_redis.stop()
+    store = open_store(private_redis.url, pool_size=3)
+    try:
+        await store.open()  # logs a warning, does not fail
+        private_redis.start()
+        await store.ping()
+        await wait_for_connections(private_redis.url, 3, timeout=10)  # no reader yet
+    finally:
+        await store.close()
+
+
+# -- Sentinel and Cluster ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sentinel_group() -> Iterator[SentinelGroup]:
+    group = SentinelGroup().start()
+    yield group
+    group.close()
+
+
+def connected_clients(group: SentinelGroup, port: int) -> int:
+    info: Any = group.client(port).info("clients")
+    return int(info["connected_clients"])
+
+
+async def test_the_sentinel_store_keeps_a_fixed_pool_on_the_primary(
+    sentinel_group: SentinelGroup,
+) -> None:
+    # The Sentinels and the replica are connected to the primary too: count the change.
+    primary = sentinel_group.current_primary_port()
+    before = connected_clients(sentinel_group, primary)
+    store = open_store(sentinel_group.url, pool_size=4)
+    try:
+        await store.open()
+        assert connected_clients(sentinel_group, primary) == before + 4 + 1  # the pool, the reader
+        topics = fresh_topics(200)
+        await asyncio.gather(*(store.state(t) for t in topics))
+        await asyncio.gather(*(store.append(t, [NewEvent("x")]) for t in topics))
+        assert connected_clients(sentinel_group, primary) == before + 4 + 1
+    finally:
+        await store.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterGroup]:
+    group = RedisClusterGroup(masters=3).start()
+    yield group
+    group.close()
+
+
+async def test_the_cluster_store_keeps_a_fixed_pool_on_each_primary(
+    cluster: RedisClusterGroup,
+) -> None:
+    ports = cluster.master_ports()
+    before = {port: cluster.connected_clients(port) for port in ports}
+    store = open_store(cluster.url, pool_size=4)
+    try:
+        await store.open()
+        opened = {port: cluster.connected_clients(port) - before[port] for port in ports}
+        # The pool of each primary; where the slot map was asked, a startup node's one.
+        assert all(4 <= n <= 5 for n in opened.values()), opened
+        topics = fresh_topics(300)
+        # Far more at once than a node's pool holds: they wait for their turn, and
+        # none is refused (redis-py's cluster pools raise when all are in use).
+        await asyncio.gather(*(store.state(t) for t in topics))
+        await asyncio.gather(*(store.append(t, [NewEvent("x")]) for t in topics))
+        after = {port: cluster.connected_clients(port) - before[port] for port in ports}
+        assert after == opened
+    finally:
+        await store.close()
