@@ -204,22 +204,25 @@ async def test_one_cursor_resumes_every_topic(broker: Broker, topic: str, consum
 async def test_a_slow_subscriber_is_dropped_and_others_get_everything(
     store: RedisStreamStore, topic: str
 ) -> None:
-    broker = Broker(store, limits=BrokerLimits(subscriber_buffer_bytes=4096))
+    # One dispatch of the hub can carry ~100 events (~4 KB) of a fast publisher: the
+    # buffer must hold a few of them for the reader that keeps up, and overflow for
+    # the one that stopped (800 events of ~38 B: ~30 KB).
+    broker = Broker(store, limits=BrokerLimits(subscriber_buffer_bytes=16_384))
     await broker.start()
     try:
         await publish_numbers(broker, topic, range(-1, 0))  # the log exists before they subscribe
         fast = await broker.subscribe({topic: "now"})
         slow = await broker.subscribe({topic: "now"})
         slow_chunks = slow.chunks()
-        collector = asyncio.create_task(collect(fast.chunks(), has(199), timeout=20))
+        collector = asyncio.create_task(collect(fast.chunks(), has(799), timeout=30))
         first_chunk = asyncio.create_task(anext(slow_chunks))
         async with asyncio.timeout(5):
             while not slow.is_live:
                 await asyncio.sleep(0.01)
         first = await publish_numbers(broker, topic, range(1))
         [event] = parse_events(await first_chunk)  # then it stops reading
-        ids = first + await publish_numbers(broker, topic, range(1, 200))  # ~40 B each: > 4 KiB
-        assert numbers(await collector) == list(range(200))
+        ids = first + await publish_numbers(broker, topic, range(1, 800))
+        assert numbers(await collector) == list(range(800))
         with pytest.raises(SubscriberTooSlow):
             async with asyncio.timeout(10):
                 async for _ in slow_chunks:
@@ -227,7 +230,7 @@ async def test_a_slow_subscriber_is_dropped_and_others_get_everything(
         # It resumes from its last id without loss.
         assert event.id == str(ids[0])
         again = await broker.subscribe({topic: ids[0]})
-        assert numbers(await collect(again.chunks(), has(199))) == list(range(1, 200))
+        assert numbers(await collect(again.chunks(), has(799))) == list(range(1, 800))
         for subscription in (fast, slow, again):
             subscription.close()
     finally:
