@@ -22,6 +22,7 @@ from typing import Literal
 import pytest
 
 from deploy.render import render_haproxy, render_nginx
+from tests.support.redis_server import free_port
 
 Balancer = Literal["nginx", "haproxy"]
 INSTALL_HINT = "run `apt-get install nginx haproxy` (or `make deploy-check`, which installs them)"
@@ -39,13 +40,6 @@ def balancer_binary(name: Balancer) -> str:
     if found is None:
         pytest.fail(f"{name} is not installed: {INSTALL_HINT}", pytrace=False)
     return found
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until_listening(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
