@@ -1,5 +1,9 @@
 """The event-stream response: a raw ASGI callable that writes a subscription out.
 
+Under ``broker serve`` a stream that is its connection's first request is served
+by ``api.connections`` instead; this serves the others (a stream on a reused
+keep-alive connection) and the app under any other ASGI server.
+
 Deliberately not Starlette's StreamingResponse: it writes the coalesced chunks
 the subscription hands it (one ``send`` per wake-up, not per event), it knows
 how to end cleanly when the instance drains, and it frees the subscription the
