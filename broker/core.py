@@ -75,10 +75,7 @@ class Broker:
             )
         else:
             log.info("store: %s", self.store.description)
-        # Not part of the Store seam: a store that keeps connections opens them now.
-        opening = getattr(self.store, "open", None)
-        if opening is not None:
-            await opening()
+        await self.store.open()
         self.hub.start()
 
     async def close(self) -> None:
