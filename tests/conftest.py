@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from broker import Broker, BrokerLimits
 from broker.redis_store import RedisStreamStore, open_store
 from tests.support.broker_process import BrokerProcess
 from tests.support.redis_server import RedisServer
@@ -26,6 +27,15 @@ def private_redis() -> Iterator[RedisServer]:
     server = RedisServer(appendonly=True).start()
     yield server
     server.close()
+
+
+@pytest.fixture
+async def private_broker(private_redis: RedisServer) -> AsyncIterator[Broker]:
+    """A broker on this test's own redis-server, with a 0.5 s heartbeat."""
+    instance = Broker(open_store(private_redis.url), limits=BrokerLimits(heartbeat_seconds=0.5))
+    await instance.start()
+    yield instance
+    await instance.close()
 
 
 @pytest.fixture

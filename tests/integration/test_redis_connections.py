@@ -11,17 +11,22 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis.asyncio as redis
 
-from broker import Broker, BrokerLimits, NewEvent, StoreUnavailable
+from broker import Broker, NewEvent, StoreUnavailable
 from broker import constants as c
 from broker.redis_store import open_store
 from tests.support.redis_server import RedisServer
 from tests.support.redis_topologies import RedisClusterGroup, SentinelGroup
+
+
+@pytest.fixture
+def broker(private_broker: Broker) -> Broker:
+    return private_broker
 
 
 async def broker_connections(url: str) -> int:
@@ -44,14 +49,6 @@ async def wait_for_connections(url: str, expected: int, timeout: float) -> None:
 def fresh_topics(count: int) -> list[str]:
     prefix = uuid.uuid4().hex[:8]
     return [f"conn-{prefix}-{n}" for n in range(count)]
-
-
-@pytest.fixture
-async def broker(private_redis: RedisServer) -> AsyncIterator[Broker]:
-    instance = Broker(open_store(private_redis.url), limits=BrokerLimits(heartbeat_seconds=0.5))
-    await instance.start()
-    yield instance
-    await instance.close()
 
 
 async def test_a_burst_of_commands_opens_no_connection(private_redis: RedisServer) -> None:

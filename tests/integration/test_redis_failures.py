@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as redis
 
-from broker import Broker, BrokerLimits, EventId, NewEvent, StoreUnavailable
+from broker import Broker, EventId, NewEvent, StoreUnavailable
 from broker import constants as c
-from broker.redis_store import open_store
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Event, collect
 
 
 @pytest.fixture
-async def broker(private_redis: RedisServer) -> AsyncIterator[Broker]:
-    instance = Broker(open_store(private_redis.url), limits=BrokerLimits(heartbeat_seconds=0.5))
-    await instance.start()
-    yield instance
-    await instance.close()
+def broker(private_broker: Broker) -> Broker:
+    return private_broker
 
 
 def numbers(events: list[Event]) -> list[int]:
