@@ -72,8 +72,6 @@ class BrokerHttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received += data
-        if self._opening is not None:
-            return  # kept for uvicorn, should the stream not open
         head_end = self._received.find(b"\r\n\r\n")
         if head_end < 0:
             if len(self._received) > MAX_HEAD_BYTES:
@@ -89,6 +87,10 @@ class BrokerHttpProtocol(asyncio.Protocol):
         if request is None:
             self._hand_to_uvicorn()
             return
+        # Nothing more is read until it is known who serves the connection: what
+        # comes meanwhile stays in the socket, for uvicorn should the stream not open.
+        assert self._transport is not None  # data comes after connection_made
+        self._transport.pause_reading()
         self._opening = asyncio.get_running_loop().create_task(self._open(*request))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -128,6 +130,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._server_state.total_requests += 1
         _log_access(self._transport, request)
         stream.start(self._response_head(app.state.settings.retry_ms))
+        self._transport.resume_reading()  # to see the client go
 
     def _response_head(self, retry_ms: int) -> bytes:
         lines = [b"HTTP/1.1 200 OK"]
@@ -149,6 +152,8 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._transport.set_protocol(protocol)
         received, self._received = self._received, b""
         protocol.data_received(received)
+        if not self._transport.is_reading():
+            self._transport.resume_reading()
 
 
 class StreamConnection(asyncio.Protocol):
@@ -198,8 +203,15 @@ class StreamConnection(asyncio.Protocol):
         self._start_pump()  # the catch-up
 
     def close(self) -> None:
-        """End the stream cleanly (the instance drains); the client reconnects."""
-        if not self._end():
+        """End the stream cleanly (the instance drains); the client reconnects.
+
+        A client that stopped reading could not take the end in time: it is cut.
+        """
+        if self._end():
+            return
+        if self._paused:
+            self._transport.abort()
+        else:
             self._transport.write(END_OF_BODY)
             self._transport.close()
 
