@@ -165,25 +165,32 @@ class Subscription:
         return self._consumer_idle and not self._pending and not self._resync
 
     def _write_directly(self, entries: list[LogEntry]) -> int | None:
-        """The steady state of a single-topic stream, with no task wake-up per event:
-        the reader's call writes the shared frames straight to the client.
+        """The steady state of a stream, with no task wake-up per event: the reader's
+        call writes the frames (shared, for a single topic) straight to the client.
 
-        None when this cannot be done here (another epoch, several topics, or the
-        client's socket is full): the entries then take the queued path.
+        None when this cannot be done here (another epoch, or the client's socket
+        is full): the entries then take the queued path.
         """
-        if self._multi or self.write_now is None:
+        if self.write_now is None:
             return None
-        position = self._positions[entries[0].topic]
+        topic = entries[0].topic
+        position = self._positions[topic]
         if any(e.epoch != position.epoch for e in entries):
             return None
         fresh = [e for e in entries if e.position > position.position]
         if not fresh:
             return 0
-        chunk = fresh[0].frame if len(fresh) == 1 else b"".join(e.frame for e in fresh)
+        if self._multi:
+            positions = dict(self._positions)  # committed only once written
+            chunk = b"".join(self._frame(e, positions) for e in fresh)
+        elif len(fresh) == 1:
+            chunk = fresh[0].frame
+        else:
+            chunk = b"".join(e.frame for e in fresh)
         if not self.write_now(chunk):
             return None
         self._last_sent = time.monotonic()
-        self._positions[fresh[-1].topic] = fresh[-1].id
+        self._positions[topic] = fresh[-1].id
         return len(fresh)
 
     def beat_if_idle(self, now: float, idle_for: float) -> None:
@@ -317,10 +324,15 @@ class Subscription:
         return b"".join(frames)
 
     def _advance(self, entry: LogEntry) -> bytes:
-        self._positions[entry.topic] = entry.id
+        return self._frame(entry, self._positions)
+
+    def _frame(self, entry: LogEntry, positions: dict[str, EventId]) -> bytes:
+        """Move ``positions`` past the entry; its frame, with the cursor of every
+        topic as its id on a multi-topic stream."""
+        positions[entry.topic] = entry.id
         if not self._multi:
             return entry.frame
-        return id_line(format_cursor(self._positions)) + entry.body
+        return id_line(format_cursor(positions)) + entry.body
 
     def _current_id(self, topic: str) -> str:
         if self._multi:

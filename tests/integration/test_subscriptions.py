@@ -281,19 +281,28 @@ async def test_heartbeats_while_idle(broker: Broker, topic: str, consume: Consum
         subscription.close()
 
 
-async def test_a_pushed_subscription_idles_without_a_task(broker: Broker, topic: str) -> None:
+@pytest.mark.parametrize("topics", [1, 2], ids=["one-topic", "two-topics"])
+async def test_a_pushed_subscription_idles_without_a_task(
+    broker: Broker, topic: str, topics: int
+) -> None:
     """Once caught up, live events and heartbeats are written by the hub's and the
     clock's calls: no pump task is started again for them."""
-    await publish_numbers(broker, topic, range(3))
-    subscription = await broker.subscribe({topic: "earliest"})
+    names = [f"{topic}-{n}" for n in range(topics)]
+    for name in names:
+        await publish_numbers(broker, name, range(1))
+    subscription = await broker.subscribe(dict.fromkeys(names, "earliest"))
     try:
         consumer = PushConsumer(subscription)
-        assert numbers(await collect(consumer, has(2))) == [0, 1, 2]
+        first = await collect(consumer, lambda ev: numbers(ev).count(0) == topics)
+        assert numbers(first) == [0] * topics
         async with asyncio.timeout(5):
             while consumer.pumping:
                 await asyncio.sleep(0.01)
-        await publish_numbers(broker, topic, range(3, 6))
-        assert numbers(await collect(consumer, has(5))) == [3, 4, 5]
+        last = {name: (await publish_numbers(broker, name, range(1, 4)))[-1] for name in names}
+        events = await collect(consumer, lambda ev: numbers(ev).count(3) == topics)
+        assert sorted(numbers(events)) == sorted([1, 2, 3] * topics)
+        if topics > 1:  # the last id is the cursor over both topics, at their newest
+            assert parse_cursor(str(events[-1].id)) == last
         async with asyncio.timeout(5):  # the fixture's heartbeat is 0.5 s
             assert await anext(consumer) == b":\n\n"
         assert consumer.pumps_started == 1
