@@ -150,10 +150,10 @@ class BrokerHttpProtocol(asyncio.Protocol):
         )
         protocol.connection_made(self._transport)
         self._transport.set_protocol(protocol)
+        if not self._transport.is_reading():  # (before uvicorn may pause it itself)
+            self._transport.resume_reading()
         received, self._received = self._received, b""
         protocol.data_received(received)
-        if not self._transport.is_reading():
-            self._transport.resume_reading()
 
 
 class StreamConnection(asyncio.Protocol):
