@@ -159,31 +159,36 @@ class _SingleFlight:
     before that could miss an event that the live reader had also dispatched
     before it attached. So a read waits a few milliseconds for company, closes
     to newcomers, and only then goes to Redis.
+
+    The read runs in a task of its own, which every caller awaits shielded:
+    a caller that goes away (its client disconnected) cancels only its own
+    wait, never the read the others are waiting for.
     """
 
     def __init__(self, window_s: float) -> None:
         self._window = window_s
-        self._forming: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
+        self._forming: dict[tuple[Any, ...], asyncio.Task[Any]] = {}
 
     async def run(self, key: tuple[Any, ...], call: Callable[[], Awaitable[T]]) -> T:
-        pending = self._forming.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._forming[key] = future
+        read = self._forming.get(key)
+        if read is None:
+            read = asyncio.get_running_loop().create_task(self._read(key, call))
+            read.add_done_callback(_retrieve_outcome)
+            self._forming[key] = read
+        return await asyncio.shield(read)
+
+    async def _read(self, key: tuple[Any, ...], call: Callable[[], Awaitable[T]]) -> T:
         try:
             await asyncio.sleep(self._window)
         finally:
             del self._forming[key]  # closed: whoever asks from now on reads anew
-        try:
-            result = await call()
-        except BaseException as error:
-            future.set_exception(error)
-            future.exception()  # retrieved: no "never retrieved" warning if nobody waits
-            raise
-        else:
-            future.set_result(result)
-            return result
+        return await call()
+
+
+def _retrieve_outcome(task: asyncio.Task[Any]) -> None:
+    """No "exception never retrieved" when every caller of a failed read went away."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _AppendPipeline:
