@@ -61,6 +61,8 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._app_state = app_state
         self._transport: asyncio.Transport | None = None
         self._received = b""
+        self._head = _Head()
+        self._parser = httptools.HttpRequestParser(self._head)
         self._opening: asyncio.Task[None] | None = None
         self._lost = False
 
@@ -72,11 +74,16 @@ class BrokerHttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received += data
-        head_end = self._received.find(b"\r\n\r\n")
-        if head_end < 0:
+        try:  # parsed as it comes, so that what is not HTTP is answered at once
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._hand_to_uvicorn()
+            return
+        if not self._head.headers_done:
             if len(self._received) > MAX_HEAD_BYTES:
                 self._hand_to_uvicorn()
             return
+        head_end = self._received.find(b"\r\n\r\n")
         app = self._app_state.get(APP_STATE_KEY)
         request = None
         if app is not None and not self._config.root_path and head_end + 4 == len(self._received):
@@ -259,8 +266,15 @@ class StreamConnection(asyncio.Protocol):
                     self._writable = asyncio.get_running_loop().create_future()
                     await self._writable
         except SubscriberTooSlow:
-            log.info("dropped a subscriber that could not keep up")
-            self._transport.abort()
+            if not self._transport.is_closing():  # (else _drop did it)
+                log.info("dropped a subscriber that could not keep up")
+                self._transport.abort()
+        except asyncio.CancelledError:
+            # Ours (the stream ended) or not: a stream without its pump would stall
+            # for good, where a cut one reconnects and resumes.
+            if not self._ended:
+                self._transport.abort()
+            raise
         except Exception:
             log.exception("unexpected error writing a stream; closing it")
             self._transport.abort()
@@ -312,6 +326,7 @@ class _Head:
     def __init__(self) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
         self.complete = False
 
     def on_url(self, url: bytes) -> None:
@@ -319,6 +334,9 @@ class _Head:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
 
     def on_message_complete(self) -> None:
         self.complete = True
