@@ -70,17 +70,27 @@ class FixedPool(redis.BlockingConnectionPool):
         self._refill: asyncio.Task[None] | None = None
 
     async def fill(self) -> None:
-        """Open every connection not in use (one in use is open, or reconnects itself)."""
-        held: list[AbstractConnection] = []
+        """Open every connection not in use (one in use is open, or reconnects itself).
+
+        All at once: opened one by one, each would hold a healthy connection back
+        from commands while the next one connects (a slow reconnect, seconds).
+        """
         self._keep_full = True
         self._filling = True
         try:
-            while len(held) < self.max_connections and self.can_get_connection():
-                held.append(await self.get_connection())  # type: ignore[no-untyped-call]
+            free = self.max_connections - len(self._in_use_connections)
+            opened = await asyncio.gather(
+                *(self.get_connection() for _ in range(free)),  # type: ignore[no-untyped-call]
+                return_exceptions=True,
+            )
         finally:
             self._filling = False
-            for connection in held:
+        failures = [each for each in opened if isinstance(each, BaseException)]
+        for connection in opened:
+            if not isinstance(connection, BaseException):
                 await self.release(connection)
+        if failures:
+            raise failures[0]
 
     def make_connection(self) -> AbstractConnection:
         connection: AbstractConnection = super().make_connection()  # type: ignore[no-untyped-call]
@@ -116,7 +126,8 @@ class BoundedCluster(RedisCluster):
     """The cluster client, whose commands wait for one of ``max_connections`` turns.
 
     Its per-node pools hold up to ``max_connections`` each and raise when all are
-    in use; with as many commands in flight at most, none is ever refused.
+    in use; with as many commands in flight at most (across the whole cluster, as
+    the node of a command is only known inside the client), none is ever refused.
     """
 
     def __init__(self, **kwargs: Any) -> None:
