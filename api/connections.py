@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import unquote
 
 import httptools
 from starlette.requests import Request
+from starlette.responses import Response
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -91,7 +93,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
                 request = stream_request(self._received, app)
             except Exception:  # a bug here must not cost the request: uvicorn answers it
                 log.exception("could not read a request head")
-        if request is None:
+        if request is None or request[0].app.state.streams.draining:  # uvicorn answers those
             self._hand_to_uvicorn()
             return
         # Nothing more is read until it is known who serves the connection: what
@@ -114,10 +116,12 @@ class BrokerHttpProtocol(asyncio.Protocol):
     async def _open(self, request: Request, starts: dict[str, StartFrom]) -> None:
         """Subscribe, then hand the socket to a StreamConnection (or, failing, to uvicorn)."""
         app = request.app
+        retry_ms = app.state.settings.retry_ms
         try:
             subscription = await app.state.broker.subscribe(starts)
         except StoreUnavailable:
-            self._hand_to_uvicorn()  # it answers with a retry hint, in one place
+            # Answered here: through uvicorn it would wait for the store a second time.
+            self._answer(routes.come_back_later(retry_ms, "store unavailable"))
             return
         except Exception:
             log.exception("unexpected error opening a stream")
@@ -125,8 +129,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
             return
         if self._lost or app.state.streams.draining:
             subscription.close()
-            if not self._lost:
-                self._hand_to_uvicorn()
+            self._answer(routes.come_back_later(retry_ms, "this instance is shutting down"))
             return
         assert self._transport is not None
         stream = StreamConnection(
@@ -136,7 +139,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._transport.set_protocol(stream)
         self._server_state.total_requests += 1
         _log_access(self._transport, request)
-        stream.start(self._response_head(app.state.settings.retry_ms))
+        stream.start(self._response_head(retry_ms))
         self._transport.resume_reading()  # to see the client go
 
     def _response_head(self, retry_ms: int) -> bytes:
@@ -145,6 +148,18 @@ class BrokerHttpProtocol(asyncio.Protocol):
         lines += [name + b": " + value for name, value in headers]
         lines += [b"transfer-encoding: chunked", b"", b""]
         return b"\r\n".join(lines) + chunk_of(retry_hint(retry_ms))
+
+    def _answer(self, response: Response) -> None:
+        """A whole response (the app's own object), then the connection closes."""
+        if self._lost:
+            return
+        assert self._transport is not None
+        status = HTTPStatus(response.status_code)
+        lines = [b"HTTP/1.1 %d %s" % (status.value, status.phrase.encode())]
+        headers = [*self._server_state.default_headers, *response.raw_headers]
+        lines += [name + b": " + value for name, value in headers]
+        self._transport.write(b"\r\n".join([*lines, b"", b""]) + bytes(response.body))
+        self._transport.close()
 
     def _hand_to_uvicorn(self) -> None:
         """uvicorn's protocol takes the connection, with every byte received so far."""

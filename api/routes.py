@@ -72,11 +72,11 @@ async def open_stream(request: Request, topic: str | None) -> Response | EventSt
     streams: OpenStreams = request.app.state.streams
     retry_ms = _settings(request).retry_ms
     if streams.draining:
-        return _come_back_later(retry_ms, "this instance is shutting down")
+        return come_back_later(retry_ms, "this instance is shutting down")
     try:
         subscription = await _broker(request).subscribe(starts)
     except StoreUnavailable:
-        return _come_back_later(retry_ms, "store unavailable")
+        return come_back_later(retry_ms, "store unavailable")
     return EventStreamResponse(subscription, streams, retry_ms)
 
 
@@ -119,7 +119,7 @@ def stream_topic(scope: Scope) -> str | None:
     return match.group(1)
 
 
-def _come_back_later(retry_ms: int, why: str) -> Response:
+def come_back_later(retry_ms: int, why: str) -> Response:
     """A stream that ends at once, so the client reconnects in ``retry_ms``.
 
     Not a 503: an EventSource treats any non-200 answer as final and never
