@@ -90,7 +90,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         request = None
         if app is not None and not self._config.root_path and head_end + 4 == len(self._received):
             try:
-                request = stream_request(self._received, app)
+                request = _stream_request_of(self._head, self._parser, app)
             except Exception:  # a bug here must not cost the request: uvicorn answers it
                 log.exception("could not read a request head")
         if request is None or request[0].app.state.streams.draining:  # uvicorn answers those
@@ -143,23 +143,24 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._transport.resume_reading()  # to see the client go
 
     def _response_head(self, retry_ms: int) -> bytes:
-        lines = [b"HTTP/1.1 200 OK"]
-        headers = [*self._server_state.default_headers, *STREAM_HEADERS]
-        lines += [name + b": " + value for name, value in headers]
-        lines += [b"transfer-encoding: chunked", b"", b""]
-        return b"\r\n".join(lines) + chunk_of(retry_hint(retry_ms))
+        headers = [*STREAM_HEADERS, (b"transfer-encoding", b"chunked")]
+        return self._status_and_headers(200, headers) + chunk_of(retry_hint(retry_ms))
 
     def _answer(self, response: Response) -> None:
         """A whole response (the app's own object), then the connection closes."""
         if self._lost:
             return
         assert self._transport is not None
-        status = HTTPStatus(response.status_code)
-        lines = [b"HTTP/1.1 %d %s" % (status.value, status.phrase.encode())]
-        headers = [*self._server_state.default_headers, *response.raw_headers]
-        lines += [name + b": " + value for name, value in headers]
-        self._transport.write(b"\r\n".join([*lines, b"", b""]) + bytes(response.body))
+        head = self._status_and_headers(response.status_code, response.raw_headers)
+        self._transport.write(head + bytes(response.body))
         self._transport.close()
+
+    def _status_and_headers(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """A response's head, with uvicorn's own headers (date, server) first."""
+        lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
+        lines += [name + b": " + value for name, value in self._server_state.default_headers]
+        lines += [name + b": " + value for name, value in headers]
+        return b"\r\n".join([*lines, b"", b""])
 
     def _hand_to_uvicorn(self) -> None:
         """uvicorn's protocol takes the connection, with every byte received so far."""
@@ -318,10 +319,23 @@ def chunk_of(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-def stream_request(head: bytes, app: Any) -> tuple[Request, dict[str, StartFrom]] | None:
-    """The request and where its topics start, if ``head`` is a stream request we serve:
-    a complete, valid HTTP/1.1 GET with no body and nothing after it. Else None."""
-    scope = _scope_of(head)
+def stream_request(data: bytes, app: Any) -> tuple[Request, dict[str, StartFrom]] | None:
+    """The request and where its topics start, if ``data`` is a stream request we serve:
+    a complete, valid HTTP/1.1 GET with no body. Else None."""
+    head = _Head()
+    parser = httptools.HttpRequestParser(head)
+    try:
+        parser.feed_data(data)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return None
+    return _stream_request_of(head, parser, app)
+
+
+def _stream_request_of(
+    head: _Head, parser: httptools.HttpRequestParser, app: Any
+) -> tuple[Request, dict[str, StartFrom]] | None:
+    """``stream_request`` of a head already parsed."""
+    scope = _scope_of(head, parser)
     if scope is None:
         return None
     topic = routes.stream_topic(scope)
@@ -357,14 +371,11 @@ class _Head:
         self.complete = True
 
 
-def _scope_of(data: bytes) -> dict[str, Any] | None:
-    head = _Head()
-    parser = httptools.HttpRequestParser(head)
+def _scope_of(head: _Head, parser: httptools.HttpRequestParser) -> dict[str, Any] | None:
     try:
-        parser.feed_data(data)
         url = httptools.parse_url(head.url)
         path = unquote(url.path.decode("ascii"))
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade, UnicodeDecodeError):
+    except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
         return None
     plain = parser.get_method() == b"GET" and parser.get_http_version() == "1.1"
     bodyless = all(name not in BODY_HEADERS for name, _ in head.headers)

@@ -316,7 +316,6 @@ class RedisStreamStore:
         self._also_close = list(also_close)  # e.g. the connections to the Sentinels
         self._replicas_to_confirm = replicas_to_confirm
         self._node_clients: dict[str, redis.Redis] = {}
-        self._node_options: dict[str, Any] = client_options()
         self._maxlen = retention_maxlen
         self._trim_slack = max(1, min(1000, retention_maxlen // 100))
         self._max_age_ms = int((retention_seconds or 0) * 1000)
@@ -409,11 +408,7 @@ class RedisStreamStore:
         client = self._node_clients.get(node.name)
         if client is None:
             pool = redis.BlockingConnectionPool(
-                host=node.host,
-                port=int(node.port),
-                max_connections=self._pool_size,
-                timeout=c.REDIS_POOL_WAIT_SECONDS,
-                **self._node_options,
+                host=node.host, port=int(node.port), **_pool_options(self._pool_size)
             )
             client = self._node_clients[node.name] = redis.Redis.from_pool(pool)
         return client

@@ -11,9 +11,16 @@ from broker.redis_store import _SingleFlight
 WINDOW_S = 0.005
 
 
-async def _page() -> str:
-    await asyncio.sleep(0.02)  # a round trip to Redis
-    return "page"
+class CountedRead:
+    """A read of one page that takes a round trip, counting how often it is sent."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        await asyncio.sleep(0.02)  # a round trip to Redis
+        return "page"
 
 
 @pytest.mark.parametrize(
@@ -25,20 +32,14 @@ async def test_a_cancelled_caller_leaves_the_shared_read_to_the_others(
     cancel_after_s: float,
 ) -> None:
     reads = _SingleFlight(WINDOW_S)
-    calls = 0
-
-    async def counted() -> str:
-        nonlocal calls
-        calls += 1
-        return await _page()
-
+    counted = CountedRead()
     first = asyncio.create_task(reads.run(("range", "t"), counted))
     await asyncio.sleep(0)
     second = asyncio.create_task(reads.run(("range", "t"), counted))
     await asyncio.sleep(cancel_after_s)
     first.cancel()
     assert await asyncio.wait_for(second, 1) == "page"
-    assert calls == 1
+    assert counted.calls == 1
     with pytest.raises(asyncio.CancelledError):
         await first
 
@@ -57,15 +58,9 @@ async def test_a_failed_read_fails_every_caller_once() -> None:
 
 async def test_a_read_closes_to_newcomers_once_sent() -> None:
     reads = _SingleFlight(WINDOW_S)
-    calls = 0
-
-    async def counted() -> str:
-        nonlocal calls
-        calls += 1
-        return await _page()
-
+    counted = CountedRead()
     early = asyncio.create_task(reads.run(("range", "t"), counted))
     await asyncio.sleep(WINDOW_S * 2)  # the first read has gone to Redis
     late = asyncio.create_task(reads.run(("range", "t"), counted))
     assert await early == await late == "page"
-    assert calls == 2
+    assert counted.calls == 2
