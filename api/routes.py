@@ -73,11 +73,12 @@ async def open_stream(request: Request, topic: str | None) -> Response | EventSt
     retry_ms = _settings(request).retry_ms
     if streams.draining:
         return come_back_later(retry_ms, "this instance is shutting down")
+    response = EventStreamResponse(streams, retry_ms)
     try:
-        subscription = await _broker(request).subscribe(starts)
+        subscription = await _broker(request).subscribe(starts, sink=response)
     except StoreUnavailable:
         return come_back_later(retry_ms, "store unavailable")
-    return EventStreamResponse(subscription, streams, retry_ms)
+    return response.attach(subscription)
 
 
 def stream_starts(request: Request, topic: str | None) -> dict[str, StartFrom]:

@@ -6,6 +6,13 @@ the same object is offered to every subscriber of its topic; a subscriber's
 own task turns what piled up into one write. The reader never waits for a
 subscriber: a full buffer is the subscriber's problem (it is dropped and
 resumes from its Last-Event-ID).
+
+Nothing one subscriber does reaches another: a subscriber that raises while
+being handed entries is cut (its client resumes by id) and the rest of the
+batch goes on. A reader that falls further behind than retention (a burst
+longer than ``maxlen``) reads on past entries it never saw; it checks for that
+whenever the store says it was possible, and sends its subscribers back to the
+log, where their cursors are judged and a ``trimmed`` gap is sent.
 """
 
 from __future__ import annotations
@@ -35,7 +42,11 @@ class LiveSubscriber(Protocol):
         """
 
     def log_reset(self, topic: str) -> None:
-        """The topic's log was lost or recreated while the reader was away."""
+        """Live entries can no longer be trusted to follow what it has (the log was
+        lost or recreated, or trimmed past the reader): go back to the log."""
+
+    def abandon(self) -> None:
+        """Handing it entries failed: it must end, so that its client resumes."""
 
 
 class _Feed:
@@ -104,13 +115,18 @@ class Hub:
         Returns once the reader knows where the topic's log ends, so every entry
         appended after this call returns reaches the subscriber.
         """
-        feed = self._feeds.get(topic)
-        if feed is None:
-            feed = self._feeds[topic] = _Feed()
-            await self._start_feed(topic, feed)
-        else:
-            await asyncio.shield(feed.ready)
-        feed.subscribers.add(subscriber)
+        while True:
+            feed = self._feeds.get(topic)
+            if feed is None:
+                feed = self._feeds[topic] = _Feed()
+                await self._start_feed(topic, feed)
+            else:
+                await asyncio.shield(feed.ready)
+            # While we waited, every subscriber of the feed may have left and the
+            # feed been dropped: joining it then would wait forever for entries.
+            if self._feeds.get(topic) is feed:
+                feed.subscribers.add(subscriber)
+                return
 
     async def _start_feed(self, topic: str, feed: _Feed) -> None:
         try:
@@ -193,6 +209,7 @@ class Hub:
             batches = await self._store.read_live(positions, self._block_ms)
         finally:
             self._reading = False
+        await self._check_trimmed_past(positions, batches)
         self._dispatch(batches)
         if batches and self._linger_s:
             # Under load, let events gather in Redis for a moment: the next read
@@ -211,9 +228,42 @@ class Hub:
             size = sum(len(entry.frame) for entry in entries)
             delivered = 0
             for subscriber in tuple(feed.subscribers):
-                delivered += subscriber.offer(entries, size)
+                try:
+                    delivered += subscriber.offer(entries, size)
+                except Exception:
+                    log.exception("topic %s: a subscriber failed to take entries", topic)
+                    _abandon(subscriber)
             if delivered:
                 self._observer.delivered(delivered)
+
+    async def _check_trimmed_past(
+        self, positions: dict[str, StreamPosition], batches: dict[str, list[LogEntry]]
+    ) -> None:
+        """Send a topic's subscribers back to the log if retention removed entries
+        between where the reader was and what it read now (it fell that far behind)."""
+        suspects = [
+            topic
+            for topic, entries in batches.items()
+            if entries and self._store.may_have_trimmed(topic, positions[topic], entries)
+        ]
+        if not suspects:
+            return
+        states = await asyncio.gather(*(self._store.state(topic) for topic in suspects))
+        for topic, state in zip(suspects, states, strict=True):
+            feed = self._feeds.get(topic)
+            if feed is None or state.epoch != feed.epoch:
+                continue  # another epoch: the entries themselves say so to subscribers
+            if state.trimmed_through > positions[topic]:
+                log.warning("topic %s: the live reader fell behind retention", topic)
+                self._reset_subscribers(feed, topic)
+
+    def _reset_subscribers(self, feed: _Feed, topic: str) -> None:
+        for subscriber in tuple(feed.subscribers):
+            try:
+                subscriber.log_reset(topic)
+            except Exception:
+                log.exception("topic %s: a subscriber failed to go back to the log", topic)
+                _abandon(subscriber)
 
     async def _revalidate_feeds(self) -> None:
         """After an outage: keep each topic's position if its log survived, else start over.
@@ -234,6 +284,12 @@ class Hub:
             log.warning("topic %s: its log changed while Redis was away", topic)
             feed.epoch = state.epoch
             feed.position = state.last_issued
-            for subscriber in tuple(feed.subscribers):
-                subscriber.log_reset(topic)
+            self._reset_subscribers(feed, topic)
         self._revalidate = False
+
+
+def _abandon(subscriber: LiveSubscriber) -> None:
+    try:
+        subscriber.abandon()
+    except Exception:
+        log.exception("a failed subscriber could not be cut")

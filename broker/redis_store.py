@@ -31,7 +31,7 @@ from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, Res
 from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
-from broker.model import AppendResult, LogEntry, LogState, NewEvent
+from broker.model import AppendResult, LogEntry, LogPage, LogState, NewEvent
 from broker.redis_live import (
     AnyLiveReader,
     ClusterLiveReader,
@@ -327,6 +327,7 @@ class RedisStreamStore:
             else None
         )
         self._state_script = client.register_script(_lua("state.lua"))
+        self._range_script = client.register_script(_lua("range.lua"))
         self._reads = _SingleFlight(c.READ_COALESCE_MS / 1000)
         self.durable = durable
         self.description = description
@@ -413,15 +414,28 @@ class RedisStreamStore:
             client = self._node_clients[node.name] = redis.Redis.from_pool(pool)
         return client
 
-    async def read_range(self, topic: str, after: StreamPosition, count: int) -> list[LogEntry]:
+    async def read_range(self, topic: str, after: StreamPosition, count: int) -> LogPage:
         return await self._reads.run(
             ("range", topic, after, count), lambda: self._read_range(topic, after, count)
         )
 
-    async def _read_range(self, topic: str, after: StreamPosition, count: int) -> list[LogEntry]:
+    async def _read_range(self, topic: str, after: StreamPosition, count: int) -> LogPage:
         start = "-" if after == (0, 0) else "(" + format_stream_id(after)
-        raw: Any = await self._call(self._client.xrange(c.log_key(topic), start, "+", count=count))
-        return [LogEntry(topic, parse_stream_id(id_), fields) for id_, fields in raw]
+        keys = [c.log_key(topic), c.meta_key(topic)]
+        epoch, trimmed, raw = await self._call(self._range_script(keys=keys, args=[start, count]))
+        return LogPage(
+            entries=[LogEntry(topic, parse_stream_id(id_), _pairs(flat)) for id_, flat in raw],
+            epoch=epoch.decode() if epoch else None,
+            trimmed_through=_position_or_none(trimmed) or (0, 0),
+        )
+
+    def may_have_trimmed(self, topic: str, after: StreamPosition, entries: list[LogEntry]) -> bool:
+        """Trimming keeps at least ``maxlen`` entries, so if it removed any after ``after``
+        a read after it returns a full count; and trimming by age happens on append,
+        so the newest entry read would be ``max_age`` younger than ``after``."""
+        if len(entries) >= min(c.LIVE_READ_COUNT, self._maxlen):
+            return True
+        return bool(self._max_age_ms) and entries[-1].position[0] - after[0] >= self._max_age_ms
 
     async def read_live(
         self, positions: dict[str, StreamPosition], block_ms: int
@@ -480,6 +494,11 @@ class RedisStreamStore:
         except (RedisError, OSError) as error:
             await drop_idle_connections(self._client)
             raise StoreUnavailable(f"redis is unreachable: {error}") from error
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's fields as Lua returns them (name, value, ...)."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _parse_answer(answer: bytes) -> list[EventId]:

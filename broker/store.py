@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from broker.ids import StreamPosition
-from broker.model import AppendResult, LogEntry, LogState, NewEvent
+from broker.model import AppendResult, LogEntry, LogPage, LogState, NewEvent
 
 
 class Store(Protocol):
@@ -26,8 +26,15 @@ class Store(Protocol):
         """Append atomically and in order; a repeated idempotency key appends nothing."""
         ...
 
-    async def read_range(self, topic: str, after: StreamPosition, count: int) -> list[LogEntry]:
-        """Up to ``count`` entries after ``after``, oldest first."""
+    async def read_range(self, topic: str, after: StreamPosition, count: int) -> LogPage:
+        """Up to ``count`` entries after ``after``, oldest first, with the log's epoch and
+        how far retention has trimmed it, read in the same atomic step."""
+        ...
+
+    def may_have_trimmed(self, topic: str, after: StreamPosition, entries: list[LogEntry]) -> bool:
+        """Whether retention could have removed entries between ``after`` and ``entries``
+        (a live read returned them after it): False proves it did not, True asks the
+        reader to check ``state``. Cheap: called for every live read."""
         ...
 
     async def read_live(
