@@ -13,14 +13,13 @@ from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.ids import parse_stream_id
 from broker.model import LogEntry
+from broker.redis_options import drop_idle_connections
 
 log = logging.getLogger(__name__)
 
@@ -31,33 +30,6 @@ _LOG_KEY_TAIL = len("}:log")
 def topic_of(key: bytes) -> str:
     """``b"broker:{orders}:log"`` -> ``"orders"``."""
     return key[_LOG_KEY_HEAD:-_LOG_KEY_TAIL].decode()
-
-
-def client_options() -> dict[str, Any]:
-    """Options of every connection the store opens.
-
-    No automatic retries: a retried append after a timeout could store twice.
-    Callers retry with an Idempotency-Key; the live reader reconnects itself.
-    """
-    return {
-        "socket_connect_timeout": 2.0,
-        "socket_timeout": 5.0,
-        "retry": Retry(NoBackoff(), 0),
-    }
-
-
-def reader_options() -> dict[str, Any]:
-    """A blocking XREAD must outlive its BLOCK time before the socket times out."""
-    return client_options() | {"socket_timeout": c.LIVE_BLOCK_MS / 1000 + 5}
-
-
-async def drop_idle_connections(client: Any) -> None:
-    """After a connection failed, the pooled ones likely did too (Redis restarted):
-    drop them now, so the first commands once Redis is back do not fail on them."""
-    pool = getattr(client, "connection_pool", None)
-    if pool is not None:
-        with contextlib.suppress(RedisError, OSError):
-            await pool.disconnect(inuse_connections=False)
 
 
 class LiveReader:
