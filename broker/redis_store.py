@@ -52,7 +52,7 @@ class _AppendPipeline:
     under load) are queued and sent as one pipeline at the end of the turn;
     each caller gets its own script's answer. Scripts run one by one in Redis,
     so each stays atomic. A NOSCRIPT (Redis restarted) reloads the script and
-    re-sends those appends, which were not executed.
+    re-sends only the appends that got it, which were not executed.
     """
 
     def __init__(self, client: redis.Redis, script: AsyncScript, *, raw: bool) -> None:
@@ -96,18 +96,47 @@ class _AppendPipeline:
     async def _execute(
         self, batch: list[tuple[list[str], list[str | int], asyncio.Future[Any]]]
     ) -> list[Any]:
+        """Each append's reply, in the batch's order; resends only what hit NOSCRIPT.
+
+        Redis runs a pipeline's commands one by one, so when it loses its scripts
+        mid-pipeline (SCRIPT FLUSH, a restart) the appends before that stored their
+        events and only the later ones were refused: resending all would store the
+        first ones twice. One reload and one resend; a script lost again fails
+        those appends (their publishers retry), never a loop.
+        """
         sha = self._script.sha
         commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]
-        if self._raw:
-            results = await self._send_raw(commands)
-        else:
-            pipe = self._client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            results = await pipe.execute(raise_on_error=False)
-        if any(isinstance(r, NoScriptError) for r in results):
+        results = await self._transmit(commands)
+        refused = [n for n, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if refused:
+            retried = await self._reload_and_resend([commands[n] for n in refused])
+            for n, result in zip(refused, retried, strict=True):
+                results[n] = result
+        return results
+
+    async def _reload_and_resend(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies of commands that were not executed (NOSCRIPT), sent once more."""
+        try:
             await self._client.script_load(self._script.script)
-            return await self._execute(batch)
+            results = await self._transmit(commands)
+        except (RedisError, OSError) as error:  # none of these ran: each may be retried
+            reason = f"could not reload the append script: {error}"
+            return [_not_stored(reason, error) for _ in commands]  # one error per caller
+        return [
+            _not_stored("redis lost the append script again", r)
+            if isinstance(r, NoScriptError)
+            else r
+            for r in results
+        ]
+
+    async def _transmit(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One reply per command: a value, or that command's own error."""
+        if self._raw:
+            return await self._send_raw(commands)
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
     async def _send_raw(self, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -134,6 +163,12 @@ class _AppendPipeline:
             raise
         finally:
             await pool.release(connection)
+
+
+def _not_stored(reason: str, cause: BaseException) -> StoreUnavailable:
+    error = StoreUnavailable(f"{reason}; the append was not stored")
+    error.__cause__ = cause
+    return error
 
 
 class RedisStreamStore:
