@@ -16,6 +16,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from broker import constants as c
+from broker.observer import Observer
 from broker.redis_live import ClusterLiveReader, LiveReader
 from broker.redis_options import client_options, pool_options, reader_options
 from broker.redis_pools import BoundedCluster, FixedPool, FixedSentinelPool
@@ -27,6 +28,7 @@ def open_store(
     *,
     durability: str = "leader",
     pool_size: int = c.REDIS_POOL_SIZE,
+    observer: Observer | None = None,
     **options: Any,
 ) -> RedisStreamStore:
     """A store for a URL: one Redis, Sentinel, Cluster; the embedded store when empty.
@@ -39,7 +41,9 @@ def open_store(
 
     Each process keeps ``pool_size`` command connections per Redis server (per
     Cluster primary), all opened by ``RedisStreamStore.open``, and one for the live
-    reader (one per primary on a Cluster); see ``FixedPool``.
+    reader (one per primary on a Cluster); see ``FixedPool``. ``observer`` counts
+    the live reader's failures that it does not raise (a Cluster node failing
+    while the others answered).
     """
     if not url:
         return _embedded_store(**options)
@@ -53,7 +57,7 @@ def open_store(
     if scheme.endswith("+sentinel"):
         return _sentinel_store(url, **options)
     if scheme.endswith("+cluster"):
-        return _cluster_store(url, **options)
+        return _cluster_store(url, observer, **options)
     pool = FixedPool.from_url(url, **pool_options(pool_size))
     client = redis.Redis.from_pool(pool)
     reader = redis.Redis.from_url(url, single_connection_client=True, **reader_options())
@@ -91,7 +95,7 @@ def _sentinel_store(url: str, **options: Any) -> RedisStreamStore:
     return RedisStreamStore(client, live, also_close=sentinel.sentinels, **options)
 
 
-def _cluster_store(url: str, **options: Any) -> RedisStreamStore:
+def _cluster_store(url: str, observer: Observer | None, **options: Any) -> RedisStreamStore:
     hosts, password, _ = _hosts_and_rest(url)
     tls = url.lower().startswith("rediss")
     common: dict[str, Any] = {"password": password, "ssl": tls}
@@ -103,9 +107,8 @@ def _cluster_store(url: str, **options: Any) -> RedisStreamStore:
         max_connections=options["pool_size"],  # per node; see open_cluster_pools
         **common,
     )
-    live = ClusterLiveReader(
-        cluster, reader_options() | common | {"single_connection_client": True}
-    )
+    reader = reader_options() | common | {"single_connection_client": True}
+    live = ClusterLiveReader(cluster, reader, observer)
     return RedisStreamStore(cluster, live, **options)
 
 
