@@ -4,22 +4,24 @@ redis-py opens pooled connections lazily; these open them all when the store
 opens and again after a reconnect, so a process holds as many connections idle
 as under load, and a burst waits for a free one instead of opening more.
 
-Private surface of redis-py relied on here (checked without a server by
-``tests/unit/test_private_surfaces_redis.py``; a redis-py upgrade that changes
-one of them fails that test first):
+Private surface of redis-py relied on by the redis_* modules (checked without a
+server by ``tests/unit/test_private_surfaces_redis.py``: a redis-py upgrade that
+changes one fails that test first, naming it and its user):
 
-- ``BlockingConnectionPool._in_use_connections`` (a sized collection),
-  ``.get_connection()`` (async), ``.release(connection)`` (async),
-  ``.make_connection()`` (sync);
-- ``AbstractConnection.register_connect_callback(callback)`` (sync; the
-  callback gets the connection);
-- ``ClusterNode.acquire_connection()`` (sync, raises MaxConnectionsError when
-  full), ``.release(connection)`` (sync), ``.max_connections``;
-- ``RedisCluster.execute_command`` (async, overridden by ``BoundedCluster``).
-
-Used elsewhere: ``RedisCluster.nodes_manager.slots_cache`` and
-``.nodes_manager.initialize()`` (``redis_store``, ``redis_live``);
-``Connection.send_packed_command`` / ``.read_response`` (``redis_store``).
+- here: ``BlockingConnectionPool._in_use_connections`` (sized),
+  ``.get_connection()`` / ``.release(connection)`` (async), ``.make_connection()``
+  (sync); ``AbstractConnection.register_connect_callback(callback)`` (sync, kept
+  by weak reference: a bound method) and ``.connect()`` (async);
+  ``ClusterNode.acquire_connection()`` (sync, MaxConnectionsError when full),
+  ``.release(connection)`` (sync), ``.max_connections``;
+  ``RedisCluster.execute_command`` (async, overridden), ``.get_primaries()``;
+- ``redis_store``: a pool's ``get_connection``/``release`` and a connection's
+  ``send_packed_command``/``read_response``/``disconnect`` (the raw append
+  pipeline, packed by ``hiredis.pack_command``); ``AsyncScript.sha``/``.script``;
+  ``Pipeline.execute(raise_on_error=)``; NOSCRIPT raised as ``NoScriptError``;
+- ``redis_store`` and ``redis_live``: ``RedisCluster.nodes_manager.slots_cache``
+  and ``.nodes_manager.initialize()`` (async), ``get_node_from_key``, ``keyslot``;
+- ``redis_options``: ``ConnectionPool.disconnect(inuse_connections=)`` (async).
 """
 
 from __future__ import annotations
