@@ -11,6 +11,7 @@ from urllib.parse import unquote
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
@@ -20,7 +21,7 @@ from broker.observer import Observer
 from broker.redis_live import ClusterLiveReader, LiveReader
 from broker.redis_options import client_options, pool_options, reader_options
 from broker.redis_pools import BoundedCluster, FixedPool, FixedSentinelPool
-from broker.redis_store import RedisStreamStore
+from broker.redis_store import NodeClientFactory, RedisStreamStore
 
 
 def open_store(
@@ -109,7 +110,22 @@ def _cluster_store(url: str, observer: Observer | None, **options: Any) -> Redis
     )
     reader = reader_options() | common | {"single_connection_client": True}
     live = ClusterLiveReader(cluster, reader, observer)
-    return RedisStreamStore(cluster, live, **options)
+    node_client = _node_client_factory(password, tls, options["pool_size"])
+    return RedisStreamStore(cluster, live, node_client=node_client, **options)
+
+
+def _node_client_factory(password: str | None, tls: bool, size: int) -> NodeClientFactory:
+    """Clients of single Cluster nodes (the WAIT of replicated appends), logged in and
+    encrypted as the cluster client is: without them a password or TLS Cluster refuses."""
+    options = pool_options(size) | {"password": password}
+    if tls:
+        options["connection_class"] = SSLConnection  # what ssl=True picks in redis-py
+
+    def open_node_client(host: str, port: int) -> redis.Redis:
+        pool = redis.BlockingConnectionPool(host=host, port=port, **options)
+        return redis.Redis.from_pool(pool)
+
+    return open_node_client
 
 
 def _embedded_store(**options: Any) -> RedisStreamStore:

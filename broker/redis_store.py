@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -35,6 +35,8 @@ from broker.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+NodeClientFactory = Callable[[str, int], redis.Redis]
+"""Opens a client of one Cluster node (host, port), for the WAIT of replicated appends."""
 
 
 def _lua(name: str) -> str:
@@ -187,9 +189,12 @@ class RedisStreamStore:
         replicas_to_confirm: int = 0,
         also_close: Sequence[redis.Redis] = (),
         pool_size: int = c.REDIS_POOL_SIZE,
+        node_client: NodeClientFactory | None = None,
     ) -> None:
         self._client = client
         self._pool_size = pool_size
+        # On a Cluster: a client of one node, logged in as the cluster client is.
+        self._open_node_client = node_client or self._plain_node_client
         self._live = live
         self._also_close = list(also_close)  # e.g. the connections to the Sentinels
         self._replicas_to_confirm = replicas_to_confirm
@@ -285,11 +290,15 @@ class RedisStreamStore:
             raise StoreUnavailable(f"no cluster node serves {key}")
         client = self._node_clients.get(node.name)
         if client is None:
-            pool = redis.BlockingConnectionPool(
-                host=node.host, port=int(node.port), **pool_options(self._pool_size)
+            client = self._node_clients[node.name] = self._open_node_client(
+                node.host, int(node.port)
             )
-            client = self._node_clients[node.name] = redis.Redis.from_pool(pool)
         return client
+
+    def _plain_node_client(self, host: str, port: int) -> redis.Redis:
+        """A node client with no password and no TLS (a store given no factory)."""
+        pool = redis.BlockingConnectionPool(host=host, port=port, **pool_options(self._pool_size))
+        return redis.Redis.from_pool(pool)
 
     async def read_range(self, topic: str, after: StreamPosition, count: int) -> list[LogEntry]:
         return await self._reads.run(
