@@ -25,7 +25,7 @@ from typing import Protocol
 from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.ids import StreamPosition
-from broker.model import LogEntry
+from broker.model import LogEntry, LogState
 from broker.observer import Observer
 from broker.store import Store
 
@@ -81,7 +81,7 @@ class Hub:
         self._reading = False
         self._topics_version = 0  # bumped whenever a topic starts
         self._armed_version = 0  # the version the running read was armed with
-        self._revalidate = False
+        self._unvalidated: set[str] = set()  # topics to check after an outage
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._wake_task: asyncio.Task[None] | None = None
@@ -188,7 +188,7 @@ class Hub:
             except StoreUnavailable as error:
                 self._observer.store_error("live_read")
                 log.warning("live reader: %s; retrying in %.2fs", error, backoff)
-                self._revalidate = True
+                self._unvalidated = {t for t, f in self._feeds.items() if f.ready.done()}
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, c.RECONNECT_BACKOFF_MAX)
             except Exception:
@@ -196,9 +196,13 @@ class Hub:
                 await asyncio.sleep(backoff)
 
     async def _read_once(self) -> None:
-        if self._revalidate:
+        if self._unvalidated:
             await self._revalidate_feeds()
-        positions = {t: f.position for t, f in self._feeds.items() if f.ready.done()}
+        positions = {
+            t: f.position
+            for t, f in self._feeds.items()
+            if f.ready.done() and t not in self._unvalidated
+        }
         self._armed_version = self._topics_version
         self._topics_changed.clear()
         if not positions:
@@ -272,20 +276,33 @@ class Hub:
         the last entry it delivered, and live subscribers miss nothing. Restarted
         without it, or failed over to a replica that lacked the log: a new epoch
         (or none yet); subscribers are told, and each judges its own cursor.
+
+        Every topic's state is asked at once; a topic whose state cannot be read
+        yet (its Cluster node is still down) is left out of reads until it can,
+        and the others go on: one lost node does not stall every topic.
         """
-        for topic, feed in list(self._feeds.items()):
-            if not feed.ready.done():
-                continue
-            state = await self._store.state(topic)
-            if state.epoch == feed.epoch:
-                # AOF everysec may have lost the last second: read on from what is there.
-                feed.position = min(feed.position, state.last_issued)
-                continue
-            log.warning("topic %s: its log changed while Redis was away", topic)
-            feed.epoch = state.epoch
-            feed.position = state.last_issued
-            self._reset_subscribers(feed, topic)
-        self._revalidate = False
+        topics = [t for t in self._unvalidated if t in self._feeds]
+        states = await asyncio.gather(
+            *(self._store.state(topic) for topic in topics), return_exceptions=True
+        )
+        failures = [s for s in states if isinstance(s, BaseException)]
+        for topic, state in zip(topics, states, strict=True):
+            if not isinstance(state, BaseException):
+                self._unvalidated.discard(topic)
+                self._revalidate_feed(topic, self._feeds[topic], state)
+        self._unvalidated &= set(self._feeds)
+        if failures and len(failures) == len(topics):
+            raise failures[0]  # nothing answered: back off as for any outage
+
+    def _revalidate_feed(self, topic: str, feed: _Feed, state: LogState) -> None:
+        if state.epoch == feed.epoch:
+            # AOF everysec may have lost the last second: read on from what is there.
+            feed.position = min(feed.position, state.last_issued)
+            return
+        log.warning("topic %s: its log changed while Redis was away", topic)
+        feed.epoch = state.epoch
+        feed.position = state.last_issued
+        self._reset_subscribers(feed, topic)
 
 
 def _abandon(subscriber: LiveSubscriber) -> None:

@@ -20,7 +20,7 @@ from broker import constants as c
 from broker.heartbeat import HeartbeatClock
 from broker.ids import parse_cursor
 from broker.model import LogEntry
-from broker.redis_store import open_store
+from broker.redis_open import open_store
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Event, PushConsumer, collect, parse_events
 

@@ -10,7 +10,8 @@ import pytest
 from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.model import NewEvent
-from broker.redis_store import RedisStreamStore, open_store
+from broker.redis_open import open_store
+from broker.redis_store import RedisStreamStore
 from tests.support.redis_server import RedisServer, free_port
 
 

@@ -22,7 +22,8 @@ from broker import (
 )
 from broker import constants as c
 from broker.ids import parse_cursor
-from broker.redis_store import RedisStreamStore, open_store
+from broker.redis_open import open_store
+from broker.redis_store import RedisStreamStore
 from tests.support.sse import Event, PushConsumer, collect, parse_events
 
 
