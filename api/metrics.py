@@ -37,6 +37,14 @@ REPLAYED = Histogram(
 SUBSCRIBERS = Gauge(
     "broker_connected_subscribers", "Open event streams", multiprocess_mode="livesum"
 )
+LIVE_TOPICS = Gauge(
+    "broker_live_topics", "Topics the live readers follow", multiprocess_mode="livesum"
+)
+LIVE_REGISTRATIONS = Gauge(
+    "broker_live_registrations",
+    "Subscriptions registered with the live readers, once per topic each",
+    multiprocess_mode="livesum",
+)
 GAPS = Counter("broker_gaps_sent_total", "broker.gap notices sent", ["reason"])
 DROPPED = Counter(
     "broker_slow_subscribers_dropped_total", "Subscribers disconnected for overflowing"
@@ -76,6 +84,10 @@ class PrometheusObserver(Observer):
 
     def subscriber_dropped(self) -> None:
         DROPPED.inc()
+
+    def live_changed(self, topics: int, registrations: int) -> None:
+        LIVE_TOPICS.set(topics)
+        LIVE_REGISTRATIONS.set(registrations)
 
     def store_error(self, operation: str) -> None:
         STORE_ERRORS.labels(operation).inc()

@@ -2,6 +2,14 @@
 
 Every check on the request happens before the store is touched, so a bad
 request stores nothing.
+
+Who serves ``GET /topics/{t}/events`` and ``GET /events``: ``stream_topic``
+decides, and every path asks it. A stream that is its connection's first
+request is served by ``api.connections`` (lean); any other reaches
+``BrokerApp.__call__``, which serves it before Starlette's middleware; the
+router's ``topic_events`` sees only what is left, history pages (it asks
+``stream_topic`` as well, should a stream ever reach it). All of them check a stream
+request with ``stream_starts``, so they accept and refuse the same requests.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ def _settings(request: Request) -> Settings:
 
 async def topic_events(request: Request) -> Response | EventStreamResponse:
     """A subscription (text/event-stream), or a page of history when JSON is preferred."""
-    if prefers_json(request.headers.get("accept", "")):
+    if stream_topic(request.scope) is None:
         return await history(request)
     return await open_stream(request, request.path_params["topic"])
 

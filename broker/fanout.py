@@ -85,6 +85,7 @@ class Hub:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._wake_task: asyncio.Task[None] | None = None
+        self._registrations = 0
 
     @property
     def topic_count(self) -> int:
@@ -92,7 +93,8 @@ class Hub:
 
     @property
     def subscriber_count(self) -> int:
-        return sum(len(feed.subscribers) for feed in self._feeds.values())
+        """Registrations: a subscription counts once per topic it follows."""
+        return self._registrations
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._read_forever(), name="broker-live-reader")
@@ -125,7 +127,10 @@ class Hub:
             # While we waited, every subscriber of the feed may have left and the
             # feed been dropped: joining it then would wait forever for entries.
             if self._feeds.get(topic) is feed:
-                feed.subscribers.add(subscriber)
+                if subscriber not in feed.subscribers:
+                    feed.subscribers.add(subscriber)
+                    self._registrations += 1
+                    self._observer.live_changed(len(self._feeds), self._registrations)
                 return
 
     async def _start_feed(self, topic: str, feed: _Feed) -> None:
@@ -143,12 +148,14 @@ class Hub:
 
     def detach(self, topic: str, subscriber: LiveSubscriber) -> None:
         feed = self._feeds.get(topic)
-        if feed is None:
+        if feed is None or subscriber not in feed.subscribers:
             return
         feed.subscribers.discard(subscriber)
+        self._registrations -= 1
         if not feed.subscribers and feed.ready.done():
             # The running XREAD may still name it; its entries are then dropped.
             del self._feeds[topic]
+        self._observer.live_changed(len(self._feeds), self._registrations)
 
     def _rearm(self) -> None:
         self._topics_version += 1

@@ -25,6 +25,10 @@ class Observer:
     def subscriber_dropped(self) -> None:
         """A subscriber overflowed its buffer and was disconnected."""
 
+    def live_changed(self, topics: int, registrations: int) -> None:
+        """The live reader now follows this many topics, for this many registrations
+        (a subscription counts once per topic); called as they come and go."""
+
     def store_error(self, operation: str) -> None:
         """A store operation failed."""
 

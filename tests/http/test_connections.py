@@ -147,22 +147,27 @@ async def test_a_bad_stream_request_gets_the_apps_problem(http_broker: BrokerPro
 async def test_a_client_gone_while_subscribing_leaves_nothing_open(
     http_broker: BrokerProcess,
 ) -> None:
-    """Connections that close right after their request free their subscription."""
+    """Connections that close right after their request free their subscription: the
+    edge's count of streams, and the live reader's own topics and registrations."""
     async with httpx.AsyncClient(base_url=http_broker.url, timeout=10) as client:
-        before = await _open_subscribers(client)
+        before = await _open_counts(client)
         for _ in range(50):
             _, writer = await asyncio.open_connection("127.0.0.1", http_broker.port)
             writer.write(request_bytes("GET", f"{http_broker.url}/topics/{new_topic()}/events"))
             writer.close()
         async with asyncio.timeout(10):
-            while await _open_subscribers(client) != before:
+            while await _open_counts(client) != before:
                 await asyncio.sleep(0.05)
 
 
-async def _open_subscribers(client: httpx.AsyncClient) -> float:
-    value = metric_value((await client.get("/metrics")).text, "broker_connected_subscribers")
-    assert value is not None, "broker_connected_subscribers is missing"
-    return value
+OPEN_COUNTS = ("broker_connected_subscribers", "broker_live_topics", "broker_live_registrations")
+
+
+async def _open_counts(client: httpx.AsyncClient) -> list[float]:
+    text = (await client.get("/metrics")).text
+    values = [metric_value(text, name) for name in OPEN_COUNTS]
+    assert None not in values, f"a metric of {OPEN_COUNTS} is missing"
+    return values  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize(

@@ -567,3 +567,25 @@ async def test_new_subscriptions_get_live_events_promptly(aclient: httpx.AsyncCl
                     f"late (data {late.data})"
                 )
             assert event.data == '"live"' and event_id
+
+
+async def test_a_gap_id_on_a_multi_topic_stream_resumes_every_topic(
+    aclient: httpx.AsyncClient,
+) -> None:
+    """Seen from outside once: the gap for ``a`` had an id naming only ``a``, so a client
+    that dropped right after it came back without ``b`` and lost ``b``'s events."""
+    a, b = new_topic("a"), new_topic("b")
+    await publish_many(aclient, a, ["a1"])
+    b_ids = await publish_many(aclient, b, ["b1"])
+    forged = f"{a}~{_other_epoch(b_ids[0])}!{b}~{b_ids[0]}"
+    params = {"topic": [a, b]}
+    async with SseStream(
+        aclient, "/events", params=params, headers={"Last-Event-ID": forged}
+    ) as stream:
+        gap = await stream.next()
+        assert gap.event == "broker.gap" and _gap(gap.data)["topic"] == a
+    await publish_many(aclient, b, ["b2"])  # while the client is away
+    async with SseStream(
+        aclient, "/events", params=params, headers={"Last-Event-ID": gap.id}
+    ) as stream:
+        assert sorted(e.data for e in await stream.take(2)) == ['"a1"', '"b2"']
