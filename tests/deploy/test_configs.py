@@ -370,7 +370,10 @@ def test_compose_nginx_is_published_on_8080() -> None:
 def test_dockerfile_installs_the_project_on_python_311_slim() -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.M)
-    assert "pip install ." in dockerfile
+    assert "pip install -c requirements.lock ." in dockerfile, "the image installs the lock"
+    context = DEPLOY.parent
+    assert (context / "requirements.lock").is_file()
+    assert "requirements.lock" not in (DEPLOY / "Dockerfile.dockerignore").read_text()
     assert 'ENTRYPOINT ["broker", "serve"]' in dockerfile
     assert re.search(r"^USER ", dockerfile, re.M), "the broker must not run as root"
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
