@@ -41,7 +41,8 @@ run: $(STAMP)
 test: $(STAMP) system-tools $(NODE_STAMP)
 	$(BIN)/pytest
 
-# Unit and single-Redis tests only (no load balancers, no browsers).
+# Unit and single-Redis tests only: tests that run nginx, HAProxy or a browser are
+# marked e2e and deselected, so this needs only redis-server (which it installs).
 test-fast: $(STAMP)
 	bash scripts/ensure-system-tools.sh redis-server
 	$(BIN)/pytest -m "not e2e"

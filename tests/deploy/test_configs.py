@@ -34,6 +34,8 @@ MAX_BODY_BYTES = 1024 * 1024
 UNREADY_WITHIN_SECONDS = 15
 BROKER_HOSTS = ["broker1", "broker2", "broker3"]
 K8S_VERSIONS = ["1.29.0", "1.37.0"]
+# Runs nginx or HAProxy: not in `make test-fast` (-m "not e2e"), which installs neither.
+NEEDS_BALANCER = pytest.mark.e2e
 
 
 def dev_dependency(module: str, package: str) -> Any:
@@ -85,6 +87,7 @@ def manifests() -> dict[str, dict[str, Any]]:
 # --- nginx -------------------------------------------------------------------
 
 
+@NEEDS_BALANCER
 def test_rendered_loopback_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
     conf = render_nginx(18080, [18001, 18002, 18003], tmp_path)
     result = run([balancer_binary("nginx"), "-t", "-c", str(conf), "-p", str(tmp_path)])
@@ -108,6 +111,7 @@ def test_rendered_nginx_config_is_the_shipped_one_on_loopback(tmp_path: Path) ->
     assert all(line in rendered.splitlines() for line in kept)
 
 
+@NEEDS_BALANCER
 def test_compose_nginx_config_passes_nginx_t_with_brokers_on_loopback(tmp_path: Path) -> None:
     """The files mounted as compose mounts them; only the broker hostnames become 127.0.0.1.
 
@@ -204,6 +208,7 @@ def test_body_limit_is_one_mebibyte_everywhere() -> None:
 # --- HAProxy -----------------------------------------------------------------
 
 
+@NEEDS_BALANCER
 def test_rendered_loopback_haproxy_config_passes_haproxy_c(tmp_path: Path) -> None:
     cfg = render_haproxy(18081, [18001, 18002, 18003], tmp_path)
     result = run([balancer_binary("haproxy"), "-c", "-f", str(cfg)])
@@ -211,6 +216,7 @@ def test_rendered_loopback_haproxy_config_passes_haproxy_c(tmp_path: Path) -> No
     assert "[WARNING]" not in result.stdout + result.stderr, result.stdout + result.stderr
 
 
+@NEEDS_BALANCER
 def test_shipped_haproxy_config_passes_haproxy_c_without_dns() -> None:
     """`init-addr last,libc,none` lets HAProxy start before the broker names resolve."""
     result = run([balancer_binary("haproxy"), "-c", "-f", str(HAPROXY_CFG)])

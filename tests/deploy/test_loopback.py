@@ -21,6 +21,8 @@ from tests.deploy.balancers import (
 )
 
 BALANCERS: list[Balancer] = ["nginx", "haproxy"]
+# Every test here runs nginx or HAProxy: not in `make test-fast` (-m "not e2e").
+pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("kind", BALANCERS)
