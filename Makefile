@@ -38,14 +38,20 @@ system-tools:
 run: $(STAMP)
 	$(BIN)/broker serve
 
+# Test files run in parallel, each whole in one worker process (--dist loadfile:
+# a module's shared broker starts once; every worker starts its own redis-server
+# and takes free ports). TEST_JOBS=0 runs them in one process, one after another.
+TEST_JOBS ?= 2
+PYTEST_PARALLEL := -n $(TEST_JOBS) --dist loadfile
+
 test: $(STAMP) system-tools $(NODE_STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_PARALLEL)
 
 # Unit and single-Redis tests only: tests that run nginx, HAProxy or a browser are
 # marked e2e and deselected, so this needs only redis-server (which it installs).
 test-fast: $(STAMP)
 	bash scripts/ensure-system-tools.sh redis-server
-	$(BIN)/pytest -m "not e2e"
+	$(BIN)/pytest $(PYTEST_PARALLEL) -m "not e2e"
 
 lint: $(STAMP)
 	$(BIN)/ruff check broker api tests bench deploy
