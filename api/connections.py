@@ -33,8 +33,16 @@ from uvicorn.server import ServerState
 
 from api import routes
 from api.metrics import SUBSCRIBERS
+from api.problems import problem_for
 from api.sse import STREAM_HEADERS, OpenStreams
-from broker import BrokerError, StartFrom, StoreUnavailable, SubscriberTooSlow, Subscription
+from broker import (
+    BrokerError,
+    StartFrom,
+    StoreUnavailable,
+    StreamOver,
+    SubscriberTooSlow,
+    Subscription,
+)
 from broker.framing import retry_hint
 
 log = logging.getLogger(__name__)
@@ -124,6 +132,9 @@ class BrokerHttpProtocol(asyncio.Protocol):
         except StoreUnavailable:
             # Answered here: through uvicorn it would wait for the store a second time.
             self._answer(routes.come_back_later(retry_ms, "store unavailable"))
+            return
+        except StreamOver as over:
+            self._answer(problem_for(over))  # 204: the EventSource stops reconnecting
             return
         except Exception:
             log.exception("unexpected error opening a stream")
