@@ -37,13 +37,14 @@ class Deadlines:
         self._buckets: dict[int, set[Expiring]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._armed_slot = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return len(self._slots)
 
     def set(self, item: Expiring, delay: float) -> None:
         """``item`` expires ``delay`` seconds from now (replacing any earlier deadline)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind()
         slot = math.ceil((loop.time() + delay) / self._tick)
         if self._slots.get(item) == slot:
             return
@@ -63,6 +64,10 @@ class Deadlines:
         if not bucket:
             del self._buckets[slot]
 
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()  # one per server process, for its life
+        return self._loop
+
     def _arm(self, loop: asyncio.AbstractEventLoop, slot: int) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -71,7 +76,7 @@ class Deadlines:
 
     def _fire(self) -> None:
         self._timer = None
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind()
         due = math.floor(loop.time() / self._tick)
         for slot in sorted(s for s in self._buckets if s <= due):
             for item in self._buckets.pop(slot):
