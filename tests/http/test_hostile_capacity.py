@@ -135,21 +135,33 @@ async def test_past_max_connections_streams_come_back_and_publishes_get_503(
 async def test_the_process_survives_running_out_of_file_descriptors(
     few_files_broker: BrokerProcess,
 ) -> None:
-    """More connections than file descriptors: the ones past what the process can hold
-    are told to come back or closed; once they go, it serves streams again."""
+    """More connections than the process has file descriptors: past its limit streams
+    are told to come back, past what it can hold at all connections are closed; the
+    process lives on, and serves again once they go."""
     url, topic = few_files_broker.url, new_topic()
     held: list[RawResponse] = []
+    silent: list[asyncio.StreamWriter] = []
     outcomes: dict[Outcome, int] = {"stream": 0, "come back": 0, "closed": 0}
     try:
-        for _ in range(OPEN_FILES + 50):
+        for _ in range(OPEN_FILES):  # streams until the broker refuses one
             outcome, response = await open_stream(url, topic)
             outcomes[outcome] += 1
-            if response is not None:
-                held.append(response)
+            held += [response] if response is not None else []
+            if outcome != "stream":
+                break
+        assert outcomes["come back"] == 1, outcomes
+        assert outcomes["stream"] < OPEN_FILES - 16, outcomes  # some kept for the process
+        # Then more connections than it has descriptors left, sending nothing.
+        readers = []
+        for _ in range(OPEN_FILES):
+            reader, writer = await asyncio.open_connection("127.0.0.1", few_files_broker.port)
+            readers.append(reader)
+            silent.append(writer)
+        assert await _closed_soon(readers) > 0, "every connection held: the limit is not real"
         assert few_files_broker.process is not None
         assert few_files_broker.process.poll() is None, few_files_broker.log()
-        assert outcomes["stream"] < OPEN_FILES - 16, outcomes  # some kept for the process
-        assert outcomes["come back"] >= 1, outcomes
+        for writer in silent:
+            writer.close()
         await close_responses(held)
         held = []
         wait_until(
@@ -159,7 +171,23 @@ async def test_the_process_survives_running_out_of_file_descriptors(
         held.append(stream)
         await delivers(url, stream, topic)
     finally:
+        for writer in silent:
+            writer.close()
         await close_responses(held)
+
+
+async def _closed_soon(readers: list[asyncio.StreamReader]) -> int:
+    """How many of these connections the server closes within a second or so."""
+
+    async def closed(reader: asyncio.StreamReader) -> bool:
+        try:
+            return await asyncio.wait_for(reader.read(1), 1.5) == b""
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            return True
+
+    return sum(await asyncio.gather(*(closed(reader) for reader in readers)))
 
 
 def _healthy(url: str) -> bool:
