@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(30.0, gt=0)
     publish_durability: Literal["leader", "replicated"] = "leader"
     shutdown_grace_seconds: float = Field(5.0, gt=0)
+    head_timeout_seconds: float = Field(c.DEFAULT_HEAD_TIMEOUT_SECONDS, gt=0)
+    max_head_bytes: int = Field(c.DEFAULT_MAX_HEAD_BYTES, ge=1024)
+    body_timeout_seconds: float = Field(c.DEFAULT_BODY_TIMEOUT_SECONDS, gt=0)
+    max_connections: int = Field(c.DEFAULT_MAX_CONNECTIONS, ge=1)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
 
