@@ -46,7 +46,6 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(c.DEFAULT_HEARTBEAT_SECONDS, gt=0)
     retry_ms: int = Field(c.DEFAULT_RETRY_MS, ge=0)
     publish_timeout_seconds: float = Field(5.0, gt=0)
-    body_timeout_seconds: float = Field(30.0, gt=0)
     publish_durability: Literal["leader", "replicated"] = "leader"
     shutdown_grace_seconds: float = Field(5.0, gt=0)
     head_timeout_seconds: float = Field(c.DEFAULT_HEAD_TIMEOUT_SECONDS, gt=0)
