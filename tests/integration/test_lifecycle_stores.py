@@ -1,0 +1,195 @@
+"""Topic expiry and topic listing on every store: embedded, one Redis, Sentinel, Cluster.
+
+Expiry is Redis' own (PEXPIRE in the append script): after the TTL every key of
+the topic is gone (log, meta, idempotency records), and a live subscriber is
+told (an ``unknown`` gap) rather than left waiting on a log that no longer exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from broker import Broker, BrokerLimits, NewEvent
+from broker import constants as c
+from broker.policy import TopicPolicy
+from broker.redis_open import open_store
+from broker.redis_store import RedisStreamStore
+from tests.integration.test_topologies import Reader
+from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import RedisClusterGroup, SentinelGroup
+
+TTL_SECONDS = 1.0
+EXPIRY_DEADLINE_S = 4.0
+"""A bound, not a sleep: Redis expires a key a little after its TTL (its active
+expiry samples keys), and the live reader looks EXPIRY_MARGIN_S after the TTL."""
+
+
+@pytest.fixture(scope="module")
+def sentinels() -> Iterator[SentinelGroup]:
+    group = SentinelGroup().start()
+    yield group
+    group.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterGroup]:
+    group = RedisClusterGroup(masters=3).start()
+    yield group
+    group.close()
+
+
+def _url(request: pytest.FixtureRequest, kind: str) -> str | None:
+    if kind == "embedded":
+        return None
+    if kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return server.url
+    if kind == "sentinel":
+        group: SentinelGroup = request.getfixturevalue("sentinels")
+        return group.url
+    cluster: RedisClusterGroup = request.getfixturevalue("cluster")
+    return cluster.url
+
+
+async def topic_keys(store: RedisStreamStore, topic: str) -> list[bytes]:
+    """Every key of the topic, by SCAN (on a Cluster: on each primary)."""
+    pattern = f"{c.KEY_PREFIX}:{{{topic}}}*"
+    found: list[bytes] = []
+    for node in store._scan_targets():
+        found += [key async for key in node.scan_iter(match=pattern, count=1000)]
+    return found
+
+
+async def poll(condition: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(params=["embedded", "redis", "sentinel", "cluster"])
+async def expiring_broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    url = _url(request, request.param)
+    store = open_store(url, topic_ttl_seconds=TTL_SECONDS)
+    broker = Broker(store, limits=BrokerLimits(heartbeat_seconds=0.5))
+    await broker.start()
+    yield broker
+    await broker.close()
+
+
+async def test_a_topic_expires_whole_and_its_live_subscriber_is_told(
+    expiring_broker: Broker,
+) -> None:
+    broker, topic = expiring_broker, f"x-{uuid.uuid4().hex[:12]}"
+    store = broker.store
+    assert isinstance(store, RedisStreamStore)
+    reader = Reader(await broker.subscribe({topic: "now"}))
+    try:
+        await reader.wait_live()
+        first = await broker.publish(topic, [NewEvent("1")], idempotency_key="whole")
+        await broker.publish(topic, [NewEvent("2"), NewEvent("3")], line_keys=["k:1", "k:2"])
+        published_at = time.monotonic()
+        await reader.wait_for_ids([str(first.ids[0])], timeout=5)
+        keys = await topic_keys(store, topic)
+        assert len(keys) == 5, keys  # log, meta, three idempotency records
+        await poll(lambda: _gone(store, topic), EXPIRY_DEADLINE_S, "the topic's keys expire")
+        await poll(lambda: _told(reader), EXPIRY_DEADLINE_S, "the subscriber is told")
+        assert time.monotonic() - published_at < TTL_SECONDS + EXPIRY_DEADLINE_S
+        [gap] = [e for e in reader.events if e.event == c.GAP_EVENT]
+        assert orjson.loads(gap.data) == {
+            "reason": "unknown",
+            "requested": str(reader.events[-2].id),
+            "resumed_after": None,
+            "topic": topic,
+        }
+        # The stream goes on: a new log of the same name reaches it.
+        again = await broker.publish(topic, [NewEvent("4")])
+        await reader.wait_for_ids([str(again.ids[0])], timeout=5)
+        assert again.ids[0].epoch != first.ids[0].epoch
+    finally:
+        await reader.close()
+    assert (await store.state(topic)).expires_in_ms is not None
+
+
+async def _gone(store: RedisStreamStore, topic: str) -> bool:
+    return not await topic_keys(store, topic)
+
+
+async def _told(reader: Reader) -> bool:
+    return any(e.event == c.GAP_EVENT for e in reader.events)
+
+
+async def test_a_publish_moves_the_expiry(expiring_broker: Broker) -> None:
+    """A topic in use does not expire: each append sets its TTL again."""
+    broker, topic = expiring_broker, f"x-{uuid.uuid4().hex[:12]}"
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5 * TTL_SECONDS:
+        await broker.publish(topic, [NewEvent("tick")])
+        await asyncio.sleep(TTL_SECONDS / 5)
+    state = await broker.store.state(topic)
+    assert state.exists and state.length >= 10, state
+
+
+# -- listing ---------------------------------------------------------------------
+
+
+@pytest.fixture(params=["embedded", "redis", "cluster"])
+async def listing_broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    url = _url(request, request.param)
+    store = open_store(url, topic_policies=[TopicPolicy("*:short", ttl_seconds=TTL_SECONDS)])
+    broker = Broker(store, limits=BrokerLimits(heartbeat_seconds=0.5))
+    await broker.start()
+    yield broker
+    await broker.close()
+
+
+async def test_listing_pages_cover_every_topic_once(
+    listing_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small SCAN steps, so that a few dozen topics take many pages."""
+    monkeypatch.setattr(c, "LIST_SCAN_COUNT", 4)
+    broker, prefix = listing_broker, f"l{uuid.uuid4().hex[:8]}-"
+    names = [f"{prefix}{n:02}" for n in range(30)]
+    for name in names:
+        # A key whose name also ends in ":meta" must not list its topic twice.
+        await broker.publish(name, [NewEvent("1")], idempotency_key="x}:meta")
+    for name in names[:5]:
+        await broker.close_topic(name)
+    await broker.delete_topic(names[5])
+    await broker.publish(f"{prefix}gone:short", [NewEvent("1")])  # expires (policy)
+    await broker.publish(f"other{prefix}", [NewEvent("1")])  # not of the prefix
+    await poll(
+        lambda: _gone(broker.store, f"{prefix}gone:short"),  # type: ignore[arg-type]
+        EXPIRY_DEADLINE_S,
+        "the short-lived topic expires",
+    )
+    seen: list[str] = []
+    closed: set[str] = set()
+    cursor: str | None = None
+    for _ in range(1000):
+        page, cursor = await broker.list_topics(prefix, cursor, limit=3)
+        seen += [info.topic for info in page]
+        closed |= {info.topic for info in page if info.closed}
+        for info in page:
+            assert info.length == (2 if info.closed else 1), info
+            assert info.last_id is not None
+        if cursor is None:
+            break
+    else:
+        raise AssertionError("listing never ended")
+    assert sorted(seen) == sorted(names[:5] + names[6:]), seen
+    assert len(seen) == len(set(seen)), "a topic was listed twice"
+    assert closed == set(names[:5])
+    # One topic's exact name as the prefix lists it (and nothing longer with that start).
+    exact, _ = await broker.list_topics(names[10], None, limit=100)
+    assert [info.topic for info in exact] == [names[10]]
