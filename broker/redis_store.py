@@ -310,6 +310,10 @@ class RedisStreamStore:
             raise StoreUnavailable(f"cluster slot map unavailable: {error}") from error
         if node is None:
             raise StoreUnavailable(f"no cluster node serves {key}")
+        return self._client_of(node)
+
+    def _client_of(self, node: Any) -> Any:
+        """The node's client, opened once (closed with the store)."""
         client = self._node_clients.get(node.name)
         if client is None:
             client = self._node_clients[node.name] = self._open_node_client(
@@ -358,7 +362,7 @@ class RedisStreamStore:
         nodes = self._scan_targets()
         index, _, position = (cursor or "0:0").partition(":")
         node_index, scan_cursor = int(index), int(position or 0)
-        pattern = c.meta_key(prefix + "*").replace("*}", "}*", 1)
+        pattern = c.meta_key(prefix + "*")  # broker:{prefix*}:meta
         names: list[str] = []
         for _ in range(c.LIST_SCAN_ROUNDS):
             if node_index >= len(nodes):
@@ -366,7 +370,7 @@ class RedisStreamStore:
             scan_cursor, keys = await self._call(
                 nodes[node_index].scan(scan_cursor, match=pattern, count=c.LIST_SCAN_COUNT)
             )
-            names += [c.topic_of_key(key) for key in keys]
+            names += [name for name in map(_topic_of_meta, keys) if name is not None]
             if scan_cursor == 0:
                 node_index, scan_cursor = node_index + 1, 0
             if len(names) >= limit:
@@ -379,7 +383,7 @@ class RedisStreamStore:
     def _scan_targets(self) -> list[Any]:
         """Where topics' keys live: the one server, or each Cluster primary."""
         if isinstance(self._client, RedisCluster):
-            return [self._open_node_client(n.host, int(n.port)) for n in self._primaries()]
+            return [self._client_of(node) for node in self._primaries()]
         return [self._client]
 
     def _primaries(self) -> list[Any]:
@@ -458,6 +462,13 @@ class RedisStreamStore:
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
     """A stream entry's fields as Lua returns them (name, value, ...)."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _topic_of_meta(key: bytes) -> str | None:
+    """The topic whose meta key this is; None for another key that the pattern also
+    matches (an idempotency record whose key ends in ``}:meta``)."""
+    name = c.topic_of_key(key)
+    return name if c.meta_key(name).encode() == key else None
 
 
 def _parse_answer(answer: bytes, *, replayed: bool) -> AppendResult:
