@@ -45,6 +45,19 @@ if epoch then
   local closed = redis.call('HGET', meta, 'closed')
   if closed then
     if #ARGV == 8 and closing then return {1, epoch .. '||' .. closed} end
+    if per_event then
+      -- A resent ingest whose every line was stored before the topic closed: its
+      -- answer again (the producer lost the first one), not a refusal.
+      local ids = {}
+      for i = 3, #KEYS do
+        local seen = remembered(KEYS[i], epoch)
+        if not seen then break end
+        ids[#ids + 1] = string.sub(seen, #epoch + 2)
+      end
+      if #ids > 0 and #ids == #KEYS - 2 then
+        return {1, epoch .. '|' .. table.concat(ids, ',') .. '|'}
+      end
+    end
     return {-1, epoch .. '.' .. closed}
   end
 else
