@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 from starlette.types import Receive
 
+from api.problems import HttpProblem
 from broker import Broker, EventId, InvalidInput, NewEvent, StoreUnavailable, TooLarge
 from broker.validation import event_from_json
 
@@ -158,7 +159,9 @@ class Ingest:
             async with asyncio.timeout(self._idle_timeout):
                 message = await receive()
         except TimeoutError:
-            raise InvalidInput(f"no line for {self._idle_timeout:g} s: ingest stopped") from None
+            # The guard's per-read deadline (api/guard.py) answers the same when it fires first.
+            detail = f"no line for {self._idle_timeout:g} s: ingest stopped"
+            raise HttpProblem(408, "Request timeout", detail) from None
         if message["type"] == "http.disconnect":
             raise InvalidInput("the client went away before the body ended")
         return message

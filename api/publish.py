@@ -99,9 +99,13 @@ async def _ingest(
     )
     result = await ingest.run(receive)
     content = result.content()
+    closed_before = False
     if close:
-        content["end_id"] = str((await broker.close_topic(topic)).end_id)
-    everything_replayed = result.count and result.replayed == result.count and not close
+        closing = await broker.close_topic(topic)
+        content["end_id"] = str(closing.end_id)
+        closed_before = closing.replayed
+    everything_replayed = result.count and result.replayed == result.count
+    everything_replayed = everything_replayed and (closed_before or not close)
     headers = REPLAYED_HEADERS if everything_replayed else JSON_HEADERS
     return (200 if everything_replayed else 201), headers, orjson.dumps(content)
 
