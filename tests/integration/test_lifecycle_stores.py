@@ -193,3 +193,46 @@ async def test_listing_pages_cover_every_topic_once(
     # One topic's exact name as the prefix lists it (and nothing longer with that start).
     exact, _ = await broker.list_topics(names[10], None, limit=100)
     assert [info.topic for info in exact] == [names[10]]
+
+
+# -- many short-lived topics ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["redis", "cluster"])
+async def test_many_live_topics_coming_and_going_each_get_their_events(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """300 topics in waves of 100: each subscribed before its first event, given three
+    and closed. Every subscriber gets exactly its own, then its end, and its stream
+    ends; the hub holds no topic afterwards (a quick check, not a benchmark)."""
+    url = _url(request, kind)
+    broker = Broker(open_store(url), limits=BrokerLimits(heartbeat_seconds=0.5))
+    await broker.start()
+    run = uuid.uuid4().hex[:8]
+    try:
+        for wave in range(3):
+            topics = [f"w{run}-{wave}-{n}" for n in range(100)]
+            readers = [Reader(await broker.subscribe({t: "now"})) for t in topics]
+            await asyncio.gather(*(reader.wait_live() for reader in readers))
+
+            async def generation(topic: str) -> list[str]:
+                ids = []
+                for n in range(3):
+                    result = await broker.publish(topic, [NewEvent(f'"{topic} {n}"')])
+                    ids.append(str(result.ids[0]))
+                end = await broker.close_topic(topic)
+                return [*ids, str(end.end_id)]
+
+            expected = await asyncio.gather(*(generation(t) for t in topics))
+            for topic, reader, ids in zip(topics, readers, expected, strict=True):
+                await poll(lambda r=reader: _ended(r), 10, f"{topic}'s stream ends")
+                assert [str(e.id) for e in reader.events] == ids, (topic, reader.events)
+                assert [e.data for e in reader.events[:3]] == [f'"{topic} {n}"' for n in range(3)]
+                assert reader.events[-1].event == c.END_EVENT
+            assert broker.hub.topic_count == 0
+    finally:
+        await broker.close()
+
+
+async def _ended(reader: Reader) -> bool:
+    return reader._task.done() and reader._task.exception() is None
