@@ -1,0 +1,128 @@
+"""Per-topic policies (``broker.policy``), the expiry schedule (``broker.expiry``) and
+the ``BROKER_TOPIC_POLICIES`` setting: pure, no server."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from api.settings import Settings
+from broker.errors import InvalidInput
+from broker.expiry import EXPIRY_MARGIN_S, ExpiryWatch
+from broker.policy import Policies, Retention, TopicPolicy, compile_pattern
+
+DEFAULT = Retention(maxlen=100, max_age_ms=0, ttl_ms=0)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "topic", "matches"),
+    [
+        ("chat:*", "chat:1", True),
+        ("chat:*", "chat:", True),
+        ("chat:*", "xchat:1", False),  # the whole name, not a part of it
+        ("chat:*", "chat", False),
+        ("*:gen", "a.b:gen", True),
+        ("a.b", "aXb", False),  # "." is a character of a name, not any character
+        ("a*b*c", "a-b-c", True),
+        ("a*b*c", "a-c", False),
+        ("exact", "exact", True),
+    ],
+)
+def test_a_pattern_matches_whole_names_with_star_as_any_run(
+    pattern: str, topic: str, matches: bool
+) -> None:
+    assert bool(compile_pattern(pattern).fullmatch(topic)) is matches
+
+
+def test_the_first_matching_policy_wins_over_the_defaults() -> None:
+    policies = Policies(
+        DEFAULT,
+        [
+            TopicPolicy("chat:vip:*", maxlen=1000),
+            TopicPolicy("chat:*", ttl_seconds=1.5, maxlen=5),
+            TopicPolicy("*", max_age_seconds=60),
+        ],
+    )
+    assert policies.for_topic("chat:vip:1") == Retention(maxlen=1000)  # unset fields: defaults
+    assert policies.for_topic("chat:2") == Retention(maxlen=5, ttl_ms=1500)
+    assert policies.for_topic("other") == Retention(maxlen=100, max_age_ms=60_000)
+    assert policies.expiring
+
+
+def test_no_policies_and_no_ttl_expire_nothing() -> None:
+    policies = Policies(DEFAULT)
+    assert policies.for_topic("anything") == DEFAULT and not policies.expiring
+    assert Policies(Retention(maxlen=1, ttl_ms=10)).expiring
+
+
+def test_a_policy_with_maxlen_under_one_is_refused() -> None:
+    with pytest.raises(InvalidInput, match="maxlen"):
+        Policies(DEFAULT, [TopicPolicy("x*", maxlen=0)])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '[{"pattern": "chat:*", "ttl": 1}]',
+        '[{"pattern": "chat/*"}]',
+        '[{"pattern": ""}]',
+        '[{"maxlen": 5}]',
+        '[{"pattern": "a", "maxlen": 0}]',
+        '[{"pattern": "a", "ttl_seconds": 0}]',
+        '[{"pattern": "a", "max_age_seconds": -1}]',
+        '{"pattern": "a"}',
+    ],
+)
+def test_bad_topic_policies_are_refused_by_the_settings(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKER_TOPIC_POLICIES", value)
+    with pytest.raises(ValidationError, match="topic_policies"):
+        Settings()
+
+
+def test_good_topic_policies_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "BROKER_TOPIC_POLICIES", '[{"pattern": "chat:*", "ttl_seconds": 1, "maxlen": 5}]'
+    )
+    monkeypatch.setenv("BROKER_TOPIC_TTL_SECONDS", "")
+    settings = Settings()
+    [policy] = settings.topic_policies
+    assert (policy.pattern, policy.ttl_seconds, policy.maxlen) == ("chat:*", 1, 5)
+    assert settings.topic_ttl_seconds is None
+
+
+# -- the expiry schedule --------------------------------------------------------------
+
+
+def test_a_topic_is_due_once_its_ttl_and_the_margin_passed() -> None:
+    watch = ExpiryWatch()
+    watch.note("a", now=100.0, expires_in_s=1.0)
+    watch.note("b", now=100.0, expires_in_s=3.0)
+    assert watch.seconds_until_next(100.0) == pytest.approx(1.0 + EXPIRY_MARGIN_S)
+    assert watch.due(100.0 + 1.0 + EXPIRY_MARGIN_S - 0.01) == []
+    assert watch.due(100.0 + 1.0 + EXPIRY_MARGIN_S) == ["a"]
+    assert watch.due(200.0) == ["b"]
+    assert watch.due(300.0) == [] and len(watch) == 0
+    assert watch.seconds_until_next(300.0) is None
+
+
+def test_a_topic_noted_again_moves_and_a_forgotten_one_is_never_due() -> None:
+    watch = ExpiryWatch()
+    watch.note("moved", now=0.0, expires_in_s=1.0)
+    watch.note("moved", now=0.8, expires_in_s=1.0)  # an append moved its expiry
+    watch.note("gone", now=0.0, expires_in_s=1.0)
+    watch.forget("gone")
+    assert watch.due(0.0 + 1.0 + EXPIRY_MARGIN_S) == []  # the old note is stale
+    assert watch.seconds_until_next(1.6) == pytest.approx(0.8 + 1.0 + EXPIRY_MARGIN_S - 1.6)
+    assert watch.due(0.8 + 1.0 + EXPIRY_MARGIN_S) == ["moved"]
+    assert len(watch) == 0
+
+
+def test_the_schedule_stays_small_when_topics_are_noted_many_times() -> None:
+    watch = ExpiryWatch()
+    for step in range(10_000):
+        watch.note(f"t{step % 10}", now=float(step), expires_in_s=1.0)
+    assert len(watch) == 10
+    assert len(watch._heap) <= 4 * 10 + 64 + 1
+    assert sorted(watch.due(1e9)) == [f"t{n}" for n in range(10)]
