@@ -116,9 +116,7 @@ async def test_close_answers_201_then_200_with_the_same_id_and_publishes_get_409
         assert body["end_id"] == end_id
     info = (await aclient.get(f"/topics/{topic}")).json()
     assert info["last_id"] == end_id and info["length"] == 2
-    history = await aclient.get(
-        f"/topics/{topic}/events", headers={"Accept": "application/json"}
-    )
+    history = await aclient.get(f"/topics/{topic}/events", headers={"Accept": "application/json"})
     assert history.json()["events"][-1] == {"id": end_id, "event": "broker.end", "data": {}}
 
 
