@@ -32,7 +32,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from api import routes
+from api.cors import cors_headers
 from api.metrics import SUBSCRIBERS
+from api.problems import HttpProblem
 from api.sse import STREAM_HEADERS, OpenStreams
 from broker import BrokerError, StartFrom, StoreUnavailable, SubscriberTooSlow, Subscription
 from broker.framing import retry_hint
@@ -118,10 +120,10 @@ class BrokerHttpProtocol(asyncio.Protocol):
         app = request.app
         retry_ms = app.state.settings.retry_ms
         try:
-            subscription = await app.state.broker.subscribe(starts)
+            subscription = await routes.subscribe(request, starts)
         except StoreUnavailable:
             # Answered here: through uvicorn it would wait for the store a second time.
-            self._answer(routes.come_back_later(retry_ms, "store unavailable"))
+            self._answer(routes.come_back_later(retry_ms, "store unavailable", request.scope))
             return
         except Exception:
             log.exception("unexpected error opening a stream")
@@ -129,7 +131,9 @@ class BrokerHttpProtocol(asyncio.Protocol):
             return
         if self._lost or app.state.streams.draining:
             subscription.close()
-            self._answer(routes.come_back_later(retry_ms, "this instance is shutting down"))
+            self._answer(
+                routes.come_back_later(retry_ms, "this instance is shutting down", request.scope)
+            )
             return
         assert self._transport is not None
         stream = StreamConnection(
@@ -139,11 +143,11 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._transport.set_protocol(stream)
         self._server_state.total_requests += 1
         _log_access(self._transport, request)
-        stream.start(self._response_head(retry_ms))
+        stream.start(self._response_head(retry_ms, cors_headers(request.scope)))
         self._transport.resume_reading()  # to see the client go
 
-    def _response_head(self, retry_ms: int) -> bytes:
-        headers = [*STREAM_HEADERS, (b"transfer-encoding", b"chunked")]
+    def _response_head(self, retry_ms: int, extra: list[tuple[bytes, bytes]]) -> bytes:
+        headers = [*STREAM_HEADERS, *extra, (b"transfer-encoding", b"chunked")]
         return self._status_and_headers(200, headers) + chunk_of(retry_hint(retry_ms))
 
     def _answer(self, response: Response) -> None:
@@ -345,7 +349,7 @@ def _stream_request_of(
     request = Request(scope)
     try:
         return request, routes.stream_starts(request, topic or None)
-    except BrokerError:
+    except (BrokerError, HttpProblem):  # (401 and 403 too) the app answers it
         return None
 
 

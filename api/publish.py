@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from api.auth import authorize
 from api.negotiation import media_type_of
 from api.problems import HttpProblem, problem_for
 from api.settings import Settings
@@ -51,6 +52,7 @@ class PublishEndpoint:
         settings: Settings = state.settings
         broker: Broker = state.broker
         topic = check_topic(scope["path_params"]["topic"])
+        await authorize(scope, "publish", [topic])  # before the body is read
         headers = dict(scope["headers"])
         key = headers.get(b"idempotency-key")
         body = await read_body(receive, headers.get(b"content-length"), settings.max_body_bytes)

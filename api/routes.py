@@ -6,6 +6,7 @@ request stores nothing.
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -15,6 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
+from api.auth import Authorizer, authorize
+from api.cors import cors_headers
 from api.negotiation import prefers_json
 from api.settings import Settings
 from api.sse import STREAM_HEADERS, EventStreamResponse, OpenStreams
@@ -24,12 +27,15 @@ from broker import (
     InvalidInput,
     StartFrom,
     StoreUnavailable,
+    Subscription,
     parse_last_event_id,
 )
 from broker.framing import retry_hint
 from broker.model import LogEntry
 from broker.validation import check_topic
 
+# Passed once the core's subscribe takes it (the stream then ends when its token does).
+SUBSCRIBE_TAKES_EXPIRY = "expires_at" in inspect.signature(Broker.subscribe).parameters
 HISTORY_DEFAULT_LIMIT = 100
 HISTORY_MAX_LIMIT = 1000
 TOPIC_EVENTS_PATH = re.compile(r"/topics/([^/]+)/events")
@@ -51,6 +57,10 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
+def _authorizer(request: Request) -> Authorizer:
+    return request.app.state.authorizer  # type: ignore[no-any-return]
+
+
 # -- subscribe and history ------------------------------------------------------
 
 
@@ -68,20 +78,23 @@ async def multi_topic_events(request: Request) -> Response | EventStreamResponse
 
 async def open_stream(request: Request, topic: str | None) -> Response | EventStreamResponse:
     """A stream of one topic, or (``topic`` None) of the ``?topic=`` list."""
+    await _authorizer(request).prepare(request.scope)  # (a JWKS fetch, if one is due)
     starts = stream_starts(request, topic)
     streams: OpenStreams = request.app.state.streams
     retry_ms = _settings(request).retry_ms
     if streams.draining:
-        return come_back_later(retry_ms, "this instance is shutting down")
+        return come_back_later(retry_ms, "this instance is shutting down", request.scope)
     try:
-        subscription = await _broker(request).subscribe(starts)
+        subscription = await subscribe(request, starts)
     except StoreUnavailable:
-        return come_back_later(retry_ms, "store unavailable")
+        return come_back_later(retry_ms, "store unavailable", request.scope)
     return EventStreamResponse(subscription, streams, retry_ms)
 
 
 def stream_starts(request: Request, topic: str | None) -> dict[str, StartFrom]:
-    """Where each topic of a stream request starts; raises on any bad input.
+    """Where each topic of a stream request starts; raises on any bad input, and
+    401/403 unless the request may subscribe to every topic (its grant is kept in
+    ``request.state`` for ``subscribe``).
 
     Shared by both ways a stream is served (``api.connections`` and the ASGI app),
     so they accept and refuse exactly the same requests.
@@ -89,7 +102,17 @@ def stream_starts(request: Request, topic: str | None) -> dict[str, StartFrom]:
     topics = [topic] if topic is not None else _listed_topics(request)
     for name in topics:
         check_topic(name)
+    request.state.grant = _authorizer(request).check(request.scope, "subscribe", topics)
     return _starts(request, topics)
+
+
+async def subscribe(request: Request, starts: dict[str, StartFrom]) -> Subscription:
+    """The subscription of a request ``stream_starts`` accepted; it ends with the token."""
+    expires_at = request.state.grant.expires_at
+    if expires_at is None or not SUBSCRIBE_TAKES_EXPIRY:
+        return await _broker(request).subscribe(starts)
+    options: dict[str, Any] = {"expires_at": expires_at}
+    return await _broker(request).subscribe(starts, **options)
 
 
 def _listed_topics(request: Request) -> list[str]:
@@ -119,7 +142,7 @@ def stream_topic(scope: Scope) -> str | None:
     return match.group(1)
 
 
-def come_back_later(retry_ms: int, why: str) -> Response:
+def come_back_later(retry_ms: int, why: str, scope: Scope | None = None) -> Response:
     """A stream that ends at once, so the client reconnects in ``retry_ms``.
 
     Not a 503: an EventSource treats any non-200 answer as final and never
@@ -129,7 +152,11 @@ def come_back_later(retry_ms: int, why: str) -> Response:
     return Response(
         retry_hint(retry_ms) + f": {why}, reconnect shortly\n\n".encode(),
         media_type="text/event-stream",
-        headers={k.decode(): v.decode() for k, v in STREAM_HEADERS[1:]} | {"Connection": "close"},
+        headers={
+            k.decode(): v.decode()
+            for k, v in [*STREAM_HEADERS[1:], *(cors_headers(scope) if scope else [])]
+        }
+        | {"Connection": "close"},
     )
 
 
@@ -152,6 +179,7 @@ def _starts(request: Request, topics: list[str]) -> dict[str, StartFrom]:
 async def history(request: Request) -> Response:
     """``{"events": [...], "next": id|null}``: retained events after ``?after``."""
     topic = check_topic(request.path_params["topic"])
+    await authorize(request.scope, "subscribe", [topic])
     raw_after = request.query_params.get("after")
     after = EventId.parse(raw_after) if raw_after else None
     limit = _history_limit(request.query_params.get("limit"))
@@ -184,6 +212,7 @@ def _event_json(entry: LogEntry) -> dict[str, Any]:
 
 async def topic_info(request: Request) -> Response:
     """``{"topic", "length", "first_id", "last_id"}``; 404 if it never had an event."""
+    await authorize(request.scope, "subscribe", [check_topic(request.path_params["topic"])])
     info = await _broker(request).topic_info(request.path_params["topic"])
     return json_response(
         {
