@@ -19,7 +19,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from api import routes
-from api.auth import Authorizer
+from api.auth import Authorizer, redact_tokens
 from api.connections import APP_STATE_KEY
 from api.cors import CorsPolicy, adding_headers, cors_headers
 from api.lifecycle import drain_on_shutdown_signals
@@ -231,7 +231,15 @@ def configure_logging(level: str) -> None:
     # Dropping a client that stopped reading ends its response unfinished, on
     # purpose (its socket is full); uvicorn reports that as an error.
     logging.getLogger("uvicorn.error").addFilter(_not_an_unfinished_response)
+    # A token sent as ?access_token= is part of the request target the access log writes.
+    logging.getLogger("uvicorn.access").addFilter(_no_tokens)
 
 
 def _not_an_unfinished_response(record: logging.LogRecord) -> bool:
     return "without completing response" not in record.getMessage()
+
+
+def _no_tokens(record: logging.LogRecord) -> bool:
+    if isinstance(record.args, tuple):
+        record.args = tuple(redact_tokens(a) if isinstance(a, str) else a for a in record.args)
+    return True

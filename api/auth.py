@@ -37,6 +37,7 @@ TOKEN_CACHE_SIZE = 4096
 """Verified tokens kept by their raw text: a subscriber reconnecting, or a publisher
 sending many events, is verified once, not per request."""
 MAX_TOKEN_BYTES = 8192
+TOKEN_IN_QUERY = re.compile(r"(access_token=)[^&\s]*", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,3 +236,8 @@ def _bounded(token: str) -> str:
     if len(token) > MAX_TOKEN_BYTES:
         raise Unauthorized("invalid token: too long", token_given=True)
     return token
+
+
+def redact_tokens(text: str) -> str:
+    """``text`` (a logged request target) with any ``access_token`` value hidden."""
+    return TOKEN_IN_QUERY.sub(r"\1[redacted]", text) if "access_token=" in text.lower() else text
