@@ -56,11 +56,11 @@ class CorsPolicy:
         )
 
     def preflight(self, scope: Scope) -> list[tuple[bytes, bytes]]:
-        """The headers of a preflight's answer; Forbidden for an origin not listed."""
+        """A preflight's own headers (besides ``headers_for``); Forbidden for an origin
+        not listed."""
         if _header(scope, b"origin") not in self._origins:
             raise Forbidden("this origin is not allowed (BROKER_CORS_ORIGINS)")
         return [
-            *self.headers_for(scope),
             (b"access-control-allow-methods", ALLOWED_METHODS),
             (b"access-control-allow-headers", ALLOWED_HEADERS),
             (b"access-control-max-age", PREFLIGHT_MAX_AGE),

@@ -435,6 +435,19 @@ async def test_a_preflight_for_publish(auth_broker: BrokerProcess) -> None:
         assert name in allowed, allowed
     assert "POST" in answer.headers["access-control-allow-methods"]
     assert answer.headers.get("access-control-allow-origin") != "*"
+    # Each header once: a browser refuses a preflight with two Allow-Origin values.
+    head = await _raw_head(f"{auth_broker.url}/topics/t/events", "OPTIONS", headers)
+    assert head.lower().count(b"access-control-allow-origin:") == 1, head
+
+
+async def _raw_head(url: str, method: str, headers: dict[str, str]) -> bytes:
+    port = int(url.split(":")[2].split("/")[0])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request_bytes(method, url, headers))
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
 
 
 async def test_a_preflight_from_an_origin_not_listed_is_refused(
