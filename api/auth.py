@@ -96,6 +96,7 @@ class Authorizer:
         public_topics: TopicPatterns = NOTHING,
     ) -> None:
         self._key = key
+        self._fetches = isinstance(key, JwksKeys)  # a fixed key has nothing to prepare
         self._audience = audience
         self._issuer = issuer
         self._public = public_topics
@@ -125,7 +126,7 @@ class Authorizer:
 
     async def prepare(self, scope: Scope) -> None:
         """Fetch the key set if it lacks this request's token's key (JWKS only)."""
-        if self._key is None:
+        if not self._fetches or self._key is None:
             return
         token = token_of(scope)
         if token is None or token in self._verified:
@@ -134,8 +135,7 @@ class Authorizer:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             return  # check() refuses it
-        if self._key.needs_fetch(header):
-            await self._key.fetch()
+        await self._key.ensure(header)
 
     def check(self, scope: Scope, action: Action, topics: Sequence[str]) -> Grant:
         """The grant of this request for ``action`` on every topic of ``topics``."""

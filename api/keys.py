@@ -50,11 +50,8 @@ class VerifyingKey(Protocol):
     def key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
         """The key for a token with this header, and the algorithms it may verify."""
 
-    def needs_fetch(self, header: dict[str, Any]) -> bool:
-        """Whether the key set should be fetched before ``key_for`` (JWKS only)."""
-
-    async def fetch(self) -> None:
-        """Fetch the key set again, within its rate bound (JWKS only)."""
+    async def ensure(self, header: dict[str, Any]) -> None:
+        """Make ``key_for`` ready for a token with this header (a JWKS may fetch)."""
 
 
 def algorithms_for(key: Any) -> list[str]:
@@ -114,10 +111,7 @@ class FixedKey:
     def key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
         return self._key, self._algorithms
 
-    def needs_fetch(self, header: dict[str, Any]) -> bool:
-        return False
-
-    async def fetch(self) -> None:
+    async def ensure(self, header: dict[str, Any]) -> None:
         return None
 
 
@@ -142,24 +136,33 @@ class JwksKeys:
             raise UnknownKey("the token's key (kid) is not in the key set")
         return found
 
-    def needs_fetch(self, header: dict[str, Any]) -> bool:
-        if time.monotonic() - self._tried_at < self._min_refetch:
-            return False
-        stale = (
+    async def ensure(self, header: dict[str, Any]) -> None:
+        """Fetch the set if it lacks this token's key, and wait for it; refresh a stale
+        set in the background. Requests that come while a fetch runs wait for that one."""
+        known = self._knows(header)
+        if known and not self._stale():
+            return
+        fetching = self._start_fetch()
+        if fetching is not None and not known:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(fetching)
+
+    def _knows(self, header: dict[str, Any]) -> bool:
+        kid = header.get("kid")
+        return kid in self._keys or (kid is None and len(self._keys) == 1)
+
+    def _stale(self) -> bool:
+        return (
             self._fetched_at is None or time.monotonic() - self._fetched_at > JWKS_MAX_AGE_SECONDS
         )
-        return stale or header.get("kid") not in self._keys
 
-    async def fetch(self) -> None:
-        """One fetch at a time; callers that come meanwhile wait for the same one."""
-        if self._fetching is None:
-            if time.monotonic() - self._tried_at < self._min_refetch:
-                return
+    def _start_fetch(self) -> asyncio.Task[None] | None:
+        """The fetch under way, or a new one; None while the rate bound holds."""
+        if self._fetching is None and time.monotonic() - self._tried_at >= self._min_refetch:
             self._tried_at = time.monotonic()
             self._fetching = asyncio.get_running_loop().create_task(self._fetch())
             self._fetching.add_done_callback(self._fetched)
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self._fetching)
+        return self._fetching
 
     def _fetched(self, task: asyncio.Task[None]) -> None:
         self._fetching = None

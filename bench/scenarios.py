@@ -199,6 +199,7 @@ async def _publish_rate(
     if outcome.details["requests_failed"]:
         outcome.warnings.append(f"{outcome.details['requests_failed']} publish requests failed")
     outcome.figures["events_per_s"] = ok * batch / max(r["wall_s"] for r in results)
+    outcome.figures["server_cpu_us_per_event"] = outcome.details["server_cpu_us_per_event"]
     return outcome
 
 

@@ -166,3 +166,16 @@ def test_pem_text_works_as_well_as_a_path(tmp_path: Path) -> None:
 
     key = FixedKey.public(EC_KEY.public_pem.decode())
     assert key.key_for({})[1] == ["ES256"]
+
+
+async def test_requests_during_a_fetch_wait_for_it() -> None:
+    """Subscribers arriving together (a deploy, a reconnect storm) before the set is
+    fetched: one fetch, and every one of them gets the key, none a 401."""
+    from api.keys import JwksKeys
+
+    with serve_jwks([RSA_KEY]) as server:
+        keys = JwksKeys(server.url)
+        header = {"kid": RSA_KEY.kid, "alg": "RS256"}
+        await asyncio.gather(*(keys.ensure(header) for _ in range(20)))
+        assert server.fetch_count() == 1
+        assert keys.key_for(header)[1][0] == "RS256"
