@@ -36,18 +36,20 @@ log = logging.getLogger(__name__)
 
 def build_broker(settings: Settings) -> Broker:
     """The core, from settings: the only place settings become constructor arguments."""
+    observer = PrometheusObserver()
     store = open_store(
         settings.redis_url,
         retention_maxlen=settings.retention_maxlen,
         retention_seconds=settings.retention_seconds,
         idempotency_seconds=settings.idempotency_seconds,
         durability=settings.publish_durability,
+        observer=observer,
     )
     limits = BrokerLimits(
         subscriber_buffer_bytes=settings.subscriber_buffer_bytes,
         heartbeat_seconds=settings.heartbeat_seconds,
     )
-    return Broker(store, limits=limits, observer=PrometheusObserver())
+    return Broker(store, limits=limits, observer=observer)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

@@ -119,8 +119,10 @@ class BrokerHttpProtocol(asyncio.Protocol):
         """Subscribe, then hand the socket to a StreamConnection (or, failing, to uvicorn)."""
         app = request.app
         retry_ms = app.state.settings.retry_ms
+        assert self._transport is not None
+        stream = StreamConnection(self._transport, app.state.streams, self._server_state)
         try:
-            subscription = await routes.subscribe(request, starts)
+            subscription = await routes.subscribe(request, starts, stream)
         except StoreUnavailable:
             # Answered here: through uvicorn it would wait for the store a second time.
             self._answer(routes.come_back_later(retry_ms, "store unavailable", request.scope))
@@ -129,21 +131,17 @@ class BrokerHttpProtocol(asyncio.Protocol):
             log.exception("unexpected error opening a stream")
             self._hand_to_uvicorn()  # it tries again, and answers 500 if that fails too
             return
-        if self._lost or app.state.streams.draining:
+        if self._lost or app.state.streams.draining or subscription.closed:
             subscription.close()
             self._answer(
                 routes.come_back_later(retry_ms, "this instance is shutting down", request.scope)
             )
             return
-        assert self._transport is not None
-        stream = StreamConnection(
-            self._transport, subscription, app.state.streams, self._server_state
-        )
         self._server_state.connections.discard(self)
         self._transport.set_protocol(stream)
         self._server_state.total_requests += 1
         _log_access(self._transport, request)
-        stream.start(self._response_head(retry_ms, cors_headers(request.scope)))
+        stream.start(subscription, self._response_head(retry_ms, cors_headers(request.scope)))
         self._transport.resume_reading()  # to see the client go
 
     def _response_head(self, retry_ms: int, extra: list[tuple[bytes, bytes]]) -> bytes:
@@ -186,9 +184,10 @@ class BrokerHttpProtocol(asyncio.Protocol):
 class StreamConnection(asyncio.Protocol):
     """One open event stream: the socket and its subscription, nothing else while idle.
 
-    Live events arrive through ``write_now`` (the hub's call, no task switch);
-    a short-lived pump task runs only while there is catching up or a backlog
-    to write (``Subscription.chunks(until_idle=True)``).
+    It is its subscription's ``StreamSink``: live events arrive through ``write``
+    (the hub's call, no task switch); a short-lived pump task runs only while
+    there is catching up or a backlog to write (``chunks(until_idle=True)``),
+    started by ``wanted``.
     """
 
     __slots__ = (
@@ -203,14 +202,10 @@ class StreamConnection(asyncio.Protocol):
     )
 
     def __init__(
-        self,
-        transport: asyncio.Transport,
-        subscription: Subscription,
-        streams: OpenStreams,
-        server_state: ServerState,
+        self, transport: asyncio.Transport, streams: OpenStreams, server_state: ServerState
     ) -> None:
         self._transport = transport
-        self._subscription = subscription
+        self._subscription: Subscription | None = None  # until start
         self._streams = streams
         self._server_state = server_state
         self._paused = False
@@ -218,16 +213,14 @@ class StreamConnection(asyncio.Protocol):
         self._pump: asyncio.Task[None] | None = None
         self._ended = False
 
-    def start(self, head: bytes) -> None:
+    def start(self, subscription: Subscription, head: bytes) -> None:
+        """Serve the subscription (opened with this as its sink) on the socket."""
+        self._subscription = subscription
         self._server_state.connections.add(self)  # type: ignore[arg-type]
         self._streams.add(self)
         SUBSCRIBERS.inc()
-        subscription = self._subscription
-        subscription.write_now = self._write_now
-        subscription.on_wanted = self._start_pump
-        subscription.on_drop = self._drop
         self._transport.write(head)
-        self._start_pump()  # the catch-up
+        self.wanted()  # the catch-up
 
     def close(self) -> None:
         """End the stream cleanly (the instance drains); the client reconnects.
@@ -266,27 +259,43 @@ class StreamConnection(asyncio.Protocol):
         if writable is not None and not writable.done():
             writable.set_result(None)
 
-    # -- writing ---------------------------------------------------------------
+    # -- StreamSink ------------------------------------------------------------
 
-    def _write_now(self, chunk: bytes) -> bool:
+    def write(self, chunk: bytes) -> bool:
         if self._paused:
             return False  # the subscription queues it for the pump, bounded
         self._transport.write(chunk_of(chunk))
         return True
 
-    def _start_pump(self) -> None:
-        if self._pump is None and not self._ended:
-            self._pump = asyncio.get_running_loop().create_task(self._run_pump())
+    def unsent_bytes(self) -> int:
+        return self._transport.get_write_buffer_size()
 
-    async def _run_pump(self) -> None:
+    def wanted(self) -> None:
+        if self._pump is None and not self._ended and self._subscription is not None:
+            self._pump = asyncio.get_running_loop().create_task(self._run_pump(self._subscription))
+
+    def dropped(self) -> None:
+        """The client stopped reading and its buffer overflowed: no clean end can be
+        written to a full socket, so cut the connection; the client resumes by id."""
+        log.info("dropped a subscriber that stopped reading")
+        self._transport.abort()
+
+    def ended(self) -> None:
+        """The subscription ended on its own (its token expired): end the response."""
+        if self._subscription is not None:  # (before start, _open sees it closed)
+            self.close()
+
+    # -- writing ---------------------------------------------------------------
+
+    async def _run_pump(self, subscription: Subscription) -> None:
         try:
-            async for chunk in self._subscription.chunks(until_idle=True):
+            async for chunk in subscription.chunks(until_idle=True):
                 self._transport.write(chunk_of(chunk))
                 if self._paused:
                     self._writable = asyncio.get_running_loop().create_future()
                     await self._writable
         except SubscriberTooSlow:
-            if not self._transport.is_closing():  # (else _drop did it)
+            if not self._transport.is_closing():  # (else dropped() did it)
                 log.info("dropped a subscriber that could not keep up")
                 self._transport.abort()
         except asyncio.CancelledError:
@@ -301,18 +310,13 @@ class StreamConnection(asyncio.Protocol):
         finally:
             self._pump = None
 
-    def _drop(self) -> None:
-        """The client stopped reading and its buffer overflowed: no clean end can be
-        written to a full socket, so cut the connection; the client resumes by id."""
-        log.info("dropped a subscriber that stopped reading")
-        self._transport.abort()
-
     def _end(self) -> bool:
         """Free the subscription and stop the pump; True if that was done already."""
         if self._ended:
             return True
         self._ended = True
-        self._subscription.close()
+        if self._subscription is not None:
+            self._subscription.close()
         if self._pump is not None:
             self._pump.cancel()
         return False

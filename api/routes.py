@@ -6,7 +6,6 @@ request stores nothing.
 
 from __future__ import annotations
 
-import inspect
 import re
 from typing import Any
 
@@ -16,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
-from api.auth import Authorizer, authorize
+from api.auth import Authorizer, Grant, authorize
 from api.cors import cors_headers
 from api.negotiation import prefers_json
 from api.settings import Settings
@@ -32,10 +31,9 @@ from broker import (
 )
 from broker.framing import retry_hint
 from broker.model import LogEntry
+from broker.subscription import StreamSink
 from broker.validation import check_topic
 
-# Passed once the core's subscribe takes it (the stream then ends when its token does).
-SUBSCRIBE_TAKES_EXPIRY = "expires_at" in inspect.signature(Broker.subscribe).parameters
 HISTORY_DEFAULT_LIMIT = 100
 HISTORY_MAX_LIMIT = 1000
 TOPIC_EVENTS_PATH = re.compile(r"/topics/([^/]+)/events")
@@ -84,11 +82,12 @@ async def open_stream(request: Request, topic: str | None) -> Response | EventSt
     retry_ms = _settings(request).retry_ms
     if streams.draining:
         return come_back_later(retry_ms, "this instance is shutting down", request.scope)
+    response = EventStreamResponse(streams, retry_ms)
     try:
-        subscription = await subscribe(request, starts)
+        subscription = await subscribe(request, starts, response)
     except StoreUnavailable:
         return come_back_later(retry_ms, "store unavailable", request.scope)
-    return EventStreamResponse(subscription, streams, retry_ms)
+    return response.attach(subscription)
 
 
 def stream_starts(request: Request, topic: str | None) -> dict[str, StartFrom]:
@@ -106,13 +105,13 @@ def stream_starts(request: Request, topic: str | None) -> dict[str, StartFrom]:
     return _starts(request, topics)
 
 
-async def subscribe(request: Request, starts: dict[str, StartFrom]) -> Subscription:
-    """The subscription of a request ``stream_starts`` accepted; it ends with the token."""
-    expires_at = request.state.grant.expires_at
-    if expires_at is None or not SUBSCRIBE_TAKES_EXPIRY:
-        return await _broker(request).subscribe(starts)
-    options: dict[str, Any] = {"expires_at": expires_at}
-    return await _broker(request).subscribe(starts, **options)
+async def subscribe(
+    request: Request, starts: dict[str, StartFrom], sink: StreamSink | None = None
+) -> Subscription:
+    """The subscription of a request ``stream_starts`` accepted: it ends when the
+    request's token expires (the core's heartbeat clock ends it then)."""
+    grant: Grant = request.state.grant
+    return await _broker(request).subscribe(starts, sink=sink, expires_at=grant.expires_at)
 
 
 def _listed_topics(request: Request) -> list[str]:

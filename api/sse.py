@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, Protocol, cast
 
 from starlette.types import Receive, Scope, Send
@@ -63,25 +63,74 @@ class OpenStreams:
 
 
 class EventStreamResponse:
-    """Streams one subscription to one client until either side ends it."""
+    """Streams one subscription to one client until either side ends it.
 
-    def __init__(self, subscription: Subscription, streams: OpenStreams, retry_ms: int) -> None:
-        self._subscription = subscription
+    Its task pulls ``chunks()``: each wake-up writes what piled up in one ``send``.
+    Under uvicorn, the live reader also writes caught-up entries straight through
+    ``send`` (``write``), driven by hand: uvicorn's send awaits only *before* it
+    writes (while the socket is full), so an attempt that would wait has written
+    nothing and is dropped. That is a private trait of uvicorn, pinned in
+    ``pyproject.toml`` and checked by ``tests/unit/test_private_surfaces*``;
+    without it (measured: the slow-subscriber test) a reader that keeps up
+    behind a busy topic overflows its buffer while its task waits its turn.
+    """
+
+    def __init__(self, streams: OpenStreams, retry_ms: int) -> None:
         self._streams = streams
         self._retry_ms = retry_ms
+        self._subscription: Subscription | None = None
+        self._send: Send | None = None  # uvicorn's, for writes outside the task
         self._writer: asyncio.Task[object] | None = None
         self._blocked_in_send = False
         self._dropped = False
 
+    def attach(self, subscription: Subscription) -> EventStreamResponse:
+        """The subscription it streams, opened with this response as its sink."""
+        self._subscription = subscription
+        return self
+
+    # -- StreamSink -------------------------------------------------------------
+
+    def write(self, chunk: bytes) -> bool:
+        """Write without a task switch; False (nothing written) if it cannot."""
+        if self._send is None:
+            return False
+        sending = cast(Coroutine[Any, Any, None], self._send(_body(chunk)))
+        try:
+            sending.send(None)
+        except StopIteration:
+            return True
+        # uvicorn waits for the client to drain *before* writing anything: drop
+        # this attempt; the subscription queues the chunk for its own task.
+        sending.close()
+        return False
+
+    def unsent_bytes(self) -> int:
+        return 0
+
+    def wanted(self) -> None:
+        """Its task is always parked in the subscription's wait, which is woken."""
+
+    def ended(self) -> None:
+        """``chunks()`` ends by itself."""
+
+    def dropped(self) -> None:
+        """The subscription overflowed: if we are stuck writing to it, stop now."""
+        self._dropped = True
+        if self._blocked_in_send and self._writer is not None:
+            self._writer.cancel()
+
+    # -- ASGI --------------------------------------------------------------------
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         subscription = self._subscription
+        assert subscription is not None, "attach() the subscription first"
         self._streams.add(subscription)
         SUBSCRIBERS.inc()
         self._writer = asyncio.current_task()
-        subscription.on_drop = self._abort_blocked_write
         if _completes_synchronously(send):
-            subscription.write_now = self._writer_for(send)
-        watcher = asyncio.create_task(self._close_on_disconnect(receive))
+            self._send = send
+        watcher = asyncio.create_task(self._close_on_disconnect(subscription, receive))
         try:
             headers = [*STREAM_HEADERS, *cors_headers(scope)]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -101,6 +150,7 @@ class EventStreamResponse:
             log.info("dropped a subscriber that stopped reading")
             return
         finally:
+            self._send = None
             subscription.close()
             self._streams.discard(subscription)
             SUBSCRIBERS.dec()
@@ -110,38 +160,16 @@ class EventStreamResponse:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
-    def _writer_for(send: Send) -> Callable[[bytes], bool]:
-        def write_now(chunk: bytes) -> bool:
-            """Write without a task switch; False (nothing written) if the socket is full."""
-            sending = cast(Coroutine[Any, Any, None], send(_body(chunk)))
-            try:
-                sending.send(None)
-            except StopIteration:
-                return True
-            # uvicorn waits for the client to drain *before* writing anything: drop
-            # this attempt; the subscription queues the chunk for its own task.
-            sending.close()
-            return False
-
-        return write_now
-
-    def _abort_blocked_write(self) -> None:
-        """The subscription overflowed: if we are stuck writing to it, stop now."""
-        self._dropped = True
-        if self._blocked_in_send and self._writer is not None:
-            self._writer.cancel()
-
-    async def _close_on_disconnect(self, receive: Receive) -> None:
+    async def _close_on_disconnect(subscription: Subscription, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        self._subscription.close()
+        subscription.close()
 
 
 def _completes_synchronously(send: Send) -> bool:
     """Whether ``send`` is uvicorn's HTTP send, which awaits only before it writes.
 
-    Writing from the live reader's call relies on that: an attempt that would
-    wait has written nothing and can be dropped. Other servers get the queued path.
+    Other servers get the queued path.
     """
     owner = getattr(send, "__self__", None)
     return type(owner).__module__.startswith("uvicorn.protocols.http.")

@@ -17,7 +17,7 @@ from broker.errors import (
 )
 from broker.ids import EventId, parse_last_event_id
 from broker.model import AppendResult, NewEvent
-from broker.redis_store import open_store
+from broker.redis_open import open_store
 from broker.subscription import StartFrom, SubscriberTooSlow, Subscription
 
 __all__ = [

@@ -56,7 +56,7 @@ DEFAULT_RETRY_MS = 2000
 # from far back never holds the whole history in memory.
 REPLAY_PAGE_SIZE = 500
 # Identical log reads (a reconnect storm) wait this long for company before
-# they go to Redis as one (ms); see redis_store._SingleFlight.
+# they go to Redis as one (ms); see single_flight.SingleFlight.
 READ_COALESCE_MS = 5
 # The live reader asks for at most this many entries per topic per XREAD.
 LIVE_READ_COUNT = 1000

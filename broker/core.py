@@ -21,10 +21,11 @@ from broker.model import AppendResult, LogEntry, NewEvent
 from broker.observer import Observer
 from broker.resume import Gap, earliest_point, resume_point
 from broker.store import Store
-from broker.subscription import StartFrom, Subscription
+from broker.subscription import StartFrom, StreamSink, Subscription
 from broker.validation import check_idempotency_key, check_topic
 
 log = logging.getLogger(__name__)
+HISTORY_READ_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,17 +100,30 @@ class Broker:
         self.observer.published(len(result.ids), replayed=result.replayed)
         return result
 
-    async def subscribe(self, starts: dict[str, StartFrom]) -> Subscription:
-        """An open subscription: iterate ``chunks()``, and ``close()`` it when done."""
+    async def subscribe(
+        self,
+        starts: dict[str, StartFrom],
+        *,
+        sink: StreamSink | None = None,
+        expires_at: float | None = None,
+    ) -> Subscription:
+        """An open subscription: iterate ``chunks()``, and ``close()`` it when done.
+
+        ``sink`` is the client's connection, for edges that let the live reader write
+        to it directly (see ``Subscription``); ``expires_at`` (unix time) ends the
+        stream then, from the heartbeat clock (within a third of its interval).
+        """
         for topic in starts:
             check_topic(topic)
         subscription = Subscription(
             self.store,
             self.hub,
             starts,
+            sink=sink,
             buffer_bytes=self.limits.subscriber_buffer_bytes,
             heartbeats=self.heartbeats,
             observer=self.observer,
+            expires_at=expires_at,
         )
         await subscription.open()
         return subscription
@@ -117,13 +131,16 @@ class Broker:
     async def history(self, topic: str, after: EventId | None, limit: int) -> HistoryPage:
         """A page of retained events after ``after`` (from the oldest when None)."""
         check_topic(topic)
-        state = await self.store.state(topic)
-        gap = None
-        if after is None:
-            position = earliest_point(state)
+        for _ in range(HISTORY_READ_ATTEMPTS):
+            state = await self.store.state(topic)
+            position, gap = resume_point(after, state) if after else (earliest_point(state), None)
+            page = await self.store.read_range(topic, position.position, limit)
+            if page.trimmed_through <= position.position and page.epoch == state.epoch:
+                break
+            # Trimmed (or recreated) between the two reads: judge the cursor again.
         else:
-            position, gap = resume_point(after, state)
-        entries = await self.store.read_range(topic, position.position, limit)
+            gap = Gap("trimmed", after or position, None)  # racing retention still: say so
+        entries = page.entries
         following = entries[-1].id if len(entries) == limit else None
         return HistoryPage(events=entries, next=following, gap=gap)
 

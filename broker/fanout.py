@@ -6,6 +6,13 @@ the same object is offered to every subscriber of its topic; a subscriber's
 own task turns what piled up into one write. The reader never waits for a
 subscriber: a full buffer is the subscriber's problem (it is dropped and
 resumes from its Last-Event-ID).
+
+Nothing one subscriber does reaches another: a subscriber that raises while
+being handed entries is cut (its client resumes by id) and the rest of the
+batch goes on. A reader that falls further behind than retention (a burst
+longer than ``maxlen``) reads on past entries it never saw; it checks for that
+whenever the store says it was possible, and sends its subscribers back to the
+log, where their cursors are judged and a ``trimmed`` gap is sent.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Protocol
 from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.ids import StreamPosition
-from broker.model import LogEntry
+from broker.model import LogEntry, LogState
 from broker.observer import Observer
 from broker.store import Store
 
@@ -35,7 +42,11 @@ class LiveSubscriber(Protocol):
         """
 
     def log_reset(self, topic: str) -> None:
-        """The topic's log was lost or recreated while the reader was away."""
+        """Live entries can no longer be trusted to follow what it has (the log was
+        lost or recreated, or trimmed past the reader): go back to the log."""
+
+    def abandon(self) -> None:
+        """Handing it entries failed: it must end, so that its client resumes."""
 
 
 class _Feed:
@@ -70,7 +81,7 @@ class Hub:
         self._reading = False
         self._topics_version = 0  # bumped whenever a topic starts
         self._armed_version = 0  # the version the running read was armed with
-        self._revalidate = False
+        self._unvalidated: set[str] = set()  # topics to check after an outage
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._wake_task: asyncio.Task[None] | None = None
@@ -104,13 +115,18 @@ class Hub:
         Returns once the reader knows where the topic's log ends, so every entry
         appended after this call returns reaches the subscriber.
         """
-        feed = self._feeds.get(topic)
-        if feed is None:
-            feed = self._feeds[topic] = _Feed()
-            await self._start_feed(topic, feed)
-        else:
-            await asyncio.shield(feed.ready)
-        feed.subscribers.add(subscriber)
+        while True:
+            feed = self._feeds.get(topic)
+            if feed is None:
+                feed = self._feeds[topic] = _Feed()
+                await self._start_feed(topic, feed)
+            else:
+                await asyncio.shield(feed.ready)
+            # While we waited, every subscriber of the feed may have left and the
+            # feed been dropped: joining it then would wait forever for entries.
+            if self._feeds.get(topic) is feed:
+                feed.subscribers.add(subscriber)
+                return
 
     async def _start_feed(self, topic: str, feed: _Feed) -> None:
         try:
@@ -172,7 +188,7 @@ class Hub:
             except StoreUnavailable as error:
                 self._observer.store_error("live_read")
                 log.warning("live reader: %s; retrying in %.2fs", error, backoff)
-                self._revalidate = True
+                self._unvalidated = {t for t, f in self._feeds.items() if f.ready.done()}
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, c.RECONNECT_BACKOFF_MAX)
             except Exception:
@@ -180,9 +196,13 @@ class Hub:
                 await asyncio.sleep(backoff)
 
     async def _read_once(self) -> None:
-        if self._revalidate:
+        if self._unvalidated:
             await self._revalidate_feeds()
-        positions = {t: f.position for t, f in self._feeds.items() if f.ready.done()}
+        positions = {
+            t: f.position
+            for t, f in self._feeds.items()
+            if f.ready.done() and t not in self._unvalidated
+        }
         self._armed_version = self._topics_version
         self._topics_changed.clear()
         if not positions:
@@ -193,6 +213,7 @@ class Hub:
             batches = await self._store.read_live(positions, self._block_ms)
         finally:
             self._reading = False
+        await self._check_trimmed_past(positions, batches)
         self._dispatch(batches)
         if batches and self._linger_s:
             # Under load, let events gather in Redis for a moment: the next read
@@ -211,9 +232,42 @@ class Hub:
             size = sum(len(entry.frame) for entry in entries)
             delivered = 0
             for subscriber in tuple(feed.subscribers):
-                delivered += subscriber.offer(entries, size)
+                try:
+                    delivered += subscriber.offer(entries, size)
+                except Exception:
+                    log.exception("topic %s: a subscriber failed to take entries", topic)
+                    _abandon(subscriber)
             if delivered:
                 self._observer.delivered(delivered)
+
+    async def _check_trimmed_past(
+        self, positions: dict[str, StreamPosition], batches: dict[str, list[LogEntry]]
+    ) -> None:
+        """Send a topic's subscribers back to the log if retention removed entries
+        between where the reader was and what it read now (it fell that far behind)."""
+        suspects = [
+            topic
+            for topic, entries in batches.items()
+            if entries and self._store.may_have_trimmed(topic, positions[topic], entries)
+        ]
+        if not suspects:
+            return
+        states = await asyncio.gather(*(self._store.state(topic) for topic in suspects))
+        for topic, state in zip(suspects, states, strict=True):
+            feed = self._feeds.get(topic)
+            if feed is None or state.epoch != feed.epoch:
+                continue  # another epoch: the entries themselves say so to subscribers
+            if state.trimmed_through > positions[topic]:
+                log.warning("topic %s: the live reader fell behind retention", topic)
+                self._reset_subscribers(feed, topic)
+
+    def _reset_subscribers(self, feed: _Feed, topic: str) -> None:
+        for subscriber in tuple(feed.subscribers):
+            try:
+                subscriber.log_reset(topic)
+            except Exception:
+                log.exception("topic %s: a subscriber failed to go back to the log", topic)
+                _abandon(subscriber)
 
     async def _revalidate_feeds(self) -> None:
         """After an outage: keep each topic's position if its log survived, else start over.
@@ -222,18 +276,37 @@ class Hub:
         the last entry it delivered, and live subscribers miss nothing. Restarted
         without it, or failed over to a replica that lacked the log: a new epoch
         (or none yet); subscribers are told, and each judges its own cursor.
+
+        Every topic's state is asked at once; a topic whose state cannot be read
+        yet (its Cluster node is still down) is left out of reads until it can,
+        and the others go on: one lost node does not stall every topic.
         """
-        for topic, feed in list(self._feeds.items()):
-            if not feed.ready.done():
-                continue
-            state = await self._store.state(topic)
-            if state.epoch == feed.epoch:
-                # AOF everysec may have lost the last second: read on from what is there.
-                feed.position = min(feed.position, state.last_issued)
-                continue
-            log.warning("topic %s: its log changed while Redis was away", topic)
-            feed.epoch = state.epoch
-            feed.position = state.last_issued
-            for subscriber in tuple(feed.subscribers):
-                subscriber.log_reset(topic)
-        self._revalidate = False
+        topics = [t for t in self._unvalidated if t in self._feeds]
+        states = await asyncio.gather(
+            *(self._store.state(topic) for topic in topics), return_exceptions=True
+        )
+        failures = [s for s in states if isinstance(s, BaseException)]
+        for topic, state in zip(topics, states, strict=True):
+            if not isinstance(state, BaseException):
+                self._unvalidated.discard(topic)
+                self._revalidate_feed(topic, self._feeds[topic], state)
+        self._unvalidated &= set(self._feeds)
+        if failures and len(failures) == len(topics):
+            raise failures[0]  # nothing answered: back off as for any outage
+
+    def _revalidate_feed(self, topic: str, feed: _Feed, state: LogState) -> None:
+        if state.epoch == feed.epoch:
+            # AOF everysec may have lost the last second: read on from what is there.
+            feed.position = min(feed.position, state.last_issued)
+            return
+        log.warning("topic %s: its log changed while Redis was away", topic)
+        feed.epoch = state.epoch
+        feed.position = state.last_issued
+        self._reset_subscribers(feed, topic)
+
+
+def _abandon(subscriber: LiveSubscriber) -> None:
+    try:
+        subscriber.abandon()
+    except Exception:
+        log.exception("a failed subscriber could not be cut")

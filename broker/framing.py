@@ -9,6 +9,14 @@ the publisher's text back (CR and CRLF come back as LF, as the spec requires).
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+import orjson
+
+from broker import constants as c
+
+if TYPE_CHECKING:
+    from broker.resume import Gap
 
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 HEARTBEAT = b":\n\n"
@@ -33,6 +41,17 @@ def event_body(data: bytes, event_type: bytes | None = None, retry: bytes | None
 
 def id_line(event_id: str) -> bytes:
     return b"id: " + event_id.encode() + b"\n"
+
+
+def gap_frame(event_id: str, topic: str, gap: Gap) -> bytes:
+    """A ``broker.gap`` notice: events the client asked for are not coming, and why."""
+    data = {
+        "reason": gap.reason,
+        "requested": str(gap.requested),
+        "resumed_after": str(gap.resumed_after) if gap.resumed_after else None,
+        "topic": topic,
+    }
+    return id_line(event_id) + event_body(orjson.dumps(data), c.GAP_EVENT.encode())
 
 
 def retry_hint(milliseconds: int) -> bytes:

@@ -4,20 +4,31 @@ Idle streams get a ``:`` comment so proxies and clients know they are alive.
 A timer per stream costs memory per idle subscriber and a task wake-up per
 beat; this clock ticks three times per interval and beats, straight to the
 socket where it can, the streams that have sent nothing for long enough, so
-each gets one at least every interval.
+each gets one at least every interval. It also ends streams whose credentials
+expired (``Subscription.beat_if_idle``), so that costs no timer per stream either.
+
+Nothing a member does can stop the clock: a member that raises is cut (its
+client resumes by id) and the others are beaten as usual; should the clock's
+task end all the same, it is started again at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 class Beating(Protocol):
     def beat_if_idle(self, now: float, idle_for: float) -> None:
         """Send a heartbeat if nothing was sent in the last ``idle_for`` seconds."""
+
+    def abandon(self) -> None:
+        """Beating it failed: end it, so that its client resumes."""
 
 
 class HeartbeatClock:
@@ -28,23 +39,47 @@ class HeartbeatClock:
         self._tick = interval_s / 3
         self._members: set[Beating] = set()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     def add(self, member: Beating) -> None:
         self._members.add(member)
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="broker-heartbeats")
+            self._start()
 
     def discard(self, member: Beating) -> None:
         self._members.discard(member)
 
+    def _start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="broker-heartbeats")
+        self._task.add_done_callback(self._restart_unless_closed)
+
+    def _restart_unless_closed(self, task: asyncio.Task[None]) -> None:
+        if self._closed:
+            return
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the heartbeat clock failed; restarting it", exc_info=task.exception())
+        else:
+            log.error("the heartbeat clock stopped; restarting it")
+        self._start()
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._tick)
-            now = time.monotonic()
-            for member in list(self._members):
+            self.beat(time.monotonic())
+
+    def beat(self, now: float) -> None:
+        """One tick: beat (or end) every member that is due."""
+        for member in list(self._members):
+            try:
                 member.beat_if_idle(now, self._interval - self._tick)
+            except Exception:
+                log.exception("a stream failed its heartbeat; cutting it")
+                self._members.discard(member)
+                with contextlib.suppress(Exception):
+                    member.abandon()
 
     async def close(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

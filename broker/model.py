@@ -106,3 +106,13 @@ class LogState:
 
     def event_id(self, position: StreamPosition) -> EventId:
         return EventId(self.epoch or "0", position)
+
+
+@dataclass(frozen=True, slots=True)
+class LogPage:
+    """A page of a topic's log, read in one atomic step with what the log knows of
+    itself: a reader can tell whether retention removed entries before the page."""
+
+    entries: list[LogEntry]
+    epoch: str | None
+    trimmed_through: StreamPosition

@@ -9,20 +9,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.ids import parse_stream_id
 from broker.model import LogEntry
+from broker.observer import Observer
+from broker.redis_options import drop_idle_connections
 
 log = logging.getLogger(__name__)
+
+# A node that keeps failing while the others answer is logged this often at most
+# (a poll runs every few ms while events flow); each failure is still counted.
+_NODE_FAILURE_LOG_EVERY_S = 10.0
+# The slot map is refreshed at most this often after such failures (s).
+_REFRESH_EVERY_S = 1.0
 
 _LOG_KEY_HEAD = len(f"{c.KEY_PREFIX}:{{")
 _LOG_KEY_TAIL = len("}:log")
@@ -31,33 +38,6 @@ _LOG_KEY_TAIL = len("}:log")
 def topic_of(key: bytes) -> str:
     """``b"broker:{orders}:log"`` -> ``"orders"``."""
     return key[_LOG_KEY_HEAD:-_LOG_KEY_TAIL].decode()
-
-
-def client_options() -> dict[str, Any]:
-    """Options of every connection the store opens.
-
-    No automatic retries: a retried append after a timeout could store twice.
-    Callers retry with an Idempotency-Key; the live reader reconnects itself.
-    """
-    return {
-        "socket_connect_timeout": 2.0,
-        "socket_timeout": 5.0,
-        "retry": Retry(NoBackoff(), 0),
-    }
-
-
-def reader_options() -> dict[str, Any]:
-    """A blocking XREAD must outlive its BLOCK time before the socket times out."""
-    return client_options() | {"socket_timeout": c.LIVE_BLOCK_MS / 1000 + 5}
-
-
-async def drop_idle_connections(client: Any) -> None:
-    """After a connection failed, the pooled ones likely did too (Redis restarted):
-    drop them now, so the first commands once Redis is back do not fail on them."""
-    pool = getattr(client, "connection_pool", None)
-    if pool is not None:
-        with contextlib.suppress(RedisError, OSError):
-            await pool.disconnect(inuse_connections=False)
 
 
 class LiveReader:
@@ -111,16 +91,30 @@ class ClusterLiveReader:
     non-blocking XREADs, one per slot, and all primaries are asked at once.
     While events flow it asks every ``CLUSTER_POLL_MIN_MS``; when nothing comes
     it backs off to ``CLUSTER_POLL_MAX_MS`` (the most a first event after a
-    quiet spell waits). A MOVED or a failover surfaces as StoreUnavailable: the
-    slot map is refreshed and the hub reads again from what it delivered.
+    quiet spell waits).
+
+    When every node asked fails, or some fail and the others have nothing new,
+    the read raises StoreUnavailable: the slot map is refreshed and the hub
+    reads again from what it delivered. When some nodes fail while others
+    returned entries, those entries are returned (never dropped) and the
+    failed nodes' topics are simply absent, so the hub reads them again from
+    the same positions; each such failure is logged, counted as a
+    ``live_read`` store error, and refreshes the slot map in the background
+    (a failover moves the topics to the new owner at the next read).
     """
 
-    def __init__(self, cluster: RedisCluster, options: dict[str, Any]) -> None:
+    def __init__(
+        self, cluster: RedisCluster, options: dict[str, Any], observer: Observer | None = None
+    ) -> None:
         self._cluster = cluster
         self._options = options
+        self._observer = observer or Observer()
         self._clients: dict[str, redis.Redis] = {}
         self._interrupted: asyncio.Event | None = None
         self._pause_ms = c.CLUSTER_POLL_MIN_MS
+        self._refresh: asyncio.Task[None] | None = None
+        self._refreshed_at = -math.inf
+        self._logged_at: dict[str, float] = {}  # node name -> when its failure was last logged
 
     async def open(self) -> None:
         """Nothing yet: a primary's connection opens with its first live topic."""
@@ -166,16 +160,36 @@ class ClusterLiveReader:
             return_exceptions=True,
         )
         merged: dict[str, list[LogEntry]] = {}
-        failure: BaseException | None = None
-        for result in results:
-            if isinstance(result, BaseException):
-                failure = result
+        failures: dict[str, Exception] = {}
+        for name, result in zip(groups, results, strict=True):
+            if isinstance(result, Exception):
+                failures[name] = result
+            elif isinstance(result, BaseException):
+                raise result  # a cancellation, not a node's failure
             else:
                 merged.update(result)
-        if failure is not None and not merged:
-            await self._refresh_slots()
+        if not failures:
+            return merged
+        if not merged:  # nothing to deliver: the hub counts it, waits, and reads again
+            await self._refresh_now()
+            failure = next(iter(failures.values()))
             raise StoreUnavailable(f"live read failed: {failure}") from failure
+        for name, failure in failures.items():
+            self._node_failed(name, failure)
         return merged
+
+    def _node_failed(self, name: str, failure: Exception) -> None:
+        """A node failed while others answered: said, counted, and the slot map refreshed."""
+        self._observer.store_error("live_read")
+        now = asyncio.get_running_loop().time()
+        if now - self._logged_at.get(name, -math.inf) >= _NODE_FAILURE_LOG_EVERY_S:
+            self._logged_at[name] = now
+            log.warning(
+                "cluster: live read of node %s failed (its topics are read again): %s",
+                name,
+                failure,
+            )
+        self._start_refresh()
 
     async def _poll_node(
         self, node: Any, slots: dict[int, dict[str, str]]
@@ -194,6 +208,28 @@ class ClusterLiveReader:
             for key, entries in (reply or [])
         }
 
+    def _start_refresh(self) -> None:
+        """Refresh the slot map in the background: the entries in hand go out first.
+
+        One at a time and at most every ``_REFRESH_EVERY_S``: while events flow a
+        poll runs every few milliseconds, and each would refresh again.
+        """
+        now = asyncio.get_running_loop().time()
+        if (self._refresh and not self._refresh.done()) or now - self._refreshed_at < (
+            _REFRESH_EVERY_S
+        ):
+            return
+        self._refreshed_at = now
+        self._refresh = asyncio.get_running_loop().create_task(self._refresh_slots())
+
+    async def _refresh_now(self) -> None:
+        """Refresh the slot map before going on (or wait for the refresh under way)."""
+        if self._refresh is not None and not self._refresh.done():
+            await asyncio.shield(self._refresh)
+            return
+        self._refreshed_at = asyncio.get_running_loop().time()
+        await self._refresh_slots()
+
     async def _refresh_slots(self) -> None:
         try:
             await self._cluster.nodes_manager.initialize()
@@ -207,6 +243,10 @@ class ClusterLiveReader:
         return True
 
     async def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
         for client in self._clients.values():
             await client.aclose()
 

@@ -1,4 +1,4 @@
-"""The Redis Streams store (with ``redis_live``, the only modules that import ``redis``).
+"""The event log on Redis Streams: append (pipelined, one script per append), read, state.
 
 One topic is one stream (``broker:{topic}:log``) with a meta hash beside it; the
 hash tag keeps both, and the idempotency records, on one Cluster slot so the
@@ -6,6 +6,7 @@ append script can touch them atomically.
 
 With no URL the same code runs over fakeredis in this process: the embedded
 default store, for trying the broker out. Single instance, not durable.
+``redis_open.open_store`` builds a store from a URL.
 """
 
 from __future__ import annotations
@@ -16,33 +17,26 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 import hiredis
 import redis.asyncio as redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection, Connection
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import NoBackoff
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
-from broker.model import AppendResult, LogEntry, LogState, NewEvent
-from broker.redis_live import (
-    AnyLiveReader,
-    ClusterLiveReader,
-    LiveReader,
-    client_options,
-    drop_idle_connections,
-    reader_options,
-)
+from broker.model import AppendResult, LogEntry, LogPage, LogState, NewEvent
+from broker.redis_live import AnyLiveReader
+from broker.redis_options import drop_idle_connections, pool_options
+from broker.redis_pools import FixedPool, open_cluster_pools
+from broker.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+NodeClientFactory = Callable[[str, int], redis.Redis]
+"""Opens a client of one Cluster node (host, port), for the WAIT of replicated appends."""
 
 
 def _lua(name: str) -> str:
@@ -53,155 +47,6 @@ def _position_or_none(raw: bytes | None) -> StreamPosition | None:
     return parse_stream_id(raw) if raw else None
 
 
-class FixedPool(redis.BlockingConnectionPool):
-    """A blocking pool that keeps all of its ``max_connections`` connections open.
-
-    redis-py opens pooled connections lazily, so their number follows the peak of
-    concurrent commands. Once ``fill`` was called (when the store opens) this pool
-    has them all open, and opens them all again as soon as one of them had to
-    reconnect (Redis restarted, a Sentinel failover): a process holds as many
-    connections idle as under load. A burst beyond them waits for a free one.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._keep_full = False  # until the first fill: lazy, as redis-py's
-        self._filling = False
-        self._refill: asyncio.Task[None] | None = None
-
-    async def fill(self) -> None:
-        """Open every connection not in use (one in use is open, or reconnects itself).
-
-        All at once: opened one by one, each would hold a healthy connection back
-        from commands while the next one connects (a slow reconnect, seconds).
-        """
-        self._keep_full = True
-        self._filling = True
-        try:
-            free = self.max_connections - len(self._in_use_connections)
-            opened = await asyncio.gather(
-                *(self.get_connection() for _ in range(free)),  # type: ignore[no-untyped-call]
-                return_exceptions=True,
-            )
-        finally:
-            self._filling = False
-        failures = [each for each in opened if isinstance(each, BaseException)]
-        for connection in opened:
-            if not isinstance(connection, BaseException):
-                await self.release(connection)
-        if failures:
-            raise failures[0]
-
-    def make_connection(self) -> AbstractConnection:
-        connection: AbstractConnection = super().make_connection()  # type: ignore[no-untyped-call]
-        connection.register_connect_callback(self._connected)  # type: ignore[no-untyped-call]
-        return connection
-
-    def _connected(self, connection: AbstractConnection) -> None:
-        """One connection (re)connected: after an outage the idle ones are down too."""
-        if not self._keep_full or self._filling or (self._refill and not self._refill.done()):
-            return
-        self._refill = asyncio.get_running_loop().create_task(self._fill_quietly())
-
-    async def _fill_quietly(self) -> None:
-        try:
-            await self.fill()
-        except (RedisError, OSError) as error:  # the next reconnect tries again
-            log.info("redis: could not reopen the connection pool yet: %s", error)
-
-    async def aclose(self) -> None:
-        self._keep_full = False
-        if self._refill is not None:
-            self._refill.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refill
-        await super().aclose()
-
-
-class FixedSentinelPool(SentinelConnectionPool, FixedPool):
-    """The fixed pool, connected to wherever the Sentinels say the primary is."""
-
-
-class BoundedCluster(RedisCluster):
-    """The cluster client, whose commands wait for one of ``max_connections`` turns.
-
-    Its per-node pools hold up to ``max_connections`` each and raise when all are
-    in use; with as many commands in flight at most (across the whole cluster, as
-    the node of a command is only known inside the client), none is ever refused.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._turns = asyncio.Semaphore(kwargs["max_connections"])
-
-    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        async with self._turns:
-            return await super().execute_command(*args, **kwargs)
-
-
-async def _open_cluster_pools(cluster: RedisCluster) -> None:
-    """Open every primary's ``max_connections`` connections of the cluster client.
-
-    redis-py opens them lazily; a failover or a new node gets its connections so.
-    """
-    await cluster.initialize()
-    for node in cluster.get_primaries():
-        held: list[Connection] = []
-        try:
-            while len(held) < node.max_connections:
-                held.append(node.acquire_connection())
-        except MaxConnectionsError:
-            pass  # the rest are in use, hence open
-        try:
-            await asyncio.gather(*(each.connect() for each in held))  # type: ignore[no-untyped-call]
-        finally:
-            for connection in held:
-                node.release(connection)
-
-
-class _SingleFlight:
-    """Concurrent identical reads share one Redis round trip.
-
-    A reconnect storm sends thousands of subscribers after the same range at
-    once; they get one XRANGE between them, and one parsed result.
-
-    A caller may only join a read that has not been sent yet: a subscriber
-    reads the log *after* it attached to the live reader, and a read sent
-    before that could miss an event that the live reader had also dispatched
-    before it attached. So a read waits a few milliseconds for company, closes
-    to newcomers, and only then goes to Redis.
-
-    The read runs in a task of its own, which every caller awaits shielded:
-    a caller that goes away (its client disconnected) cancels only its own
-    wait, never the read the others are waiting for.
-    """
-
-    def __init__(self, window_s: float) -> None:
-        self._window = window_s
-        self._forming: dict[tuple[Any, ...], asyncio.Task[Any]] = {}
-
-    async def run(self, key: tuple[Any, ...], call: Callable[[], Awaitable[T]]) -> T:
-        read = self._forming.get(key)
-        if read is None:
-            read = asyncio.get_running_loop().create_task(self._read(key, call))
-            read.add_done_callback(_retrieve_outcome)
-            self._forming[key] = read
-        return await asyncio.shield(read)
-
-    async def _read(self, key: tuple[Any, ...], call: Callable[[], Awaitable[T]]) -> T:
-        try:
-            await asyncio.sleep(self._window)
-        finally:
-            del self._forming[key]  # closed: whoever asks from now on reads anew
-        return await call()
-
-
-def _retrieve_outcome(task: asyncio.Task[Any]) -> None:
-    """No "exception never retrieved" when every caller of a failed read went away."""
-    if not task.cancelled():
-        task.exception()
-
-
 class _AppendPipeline:
     """Concurrent appends travel to Redis together: one write, one read for all.
 
@@ -209,7 +54,7 @@ class _AppendPipeline:
     under load) are queued and sent as one pipeline at the end of the turn;
     each caller gets its own script's answer. Scripts run one by one in Redis,
     so each stays atomic. A NOSCRIPT (Redis restarted) reloads the script and
-    re-sends those appends, which were not executed.
+    re-sends only the appends that got it, which were not executed.
     """
 
     def __init__(self, client: redis.Redis, script: AsyncScript, *, raw: bool) -> None:
@@ -253,18 +98,47 @@ class _AppendPipeline:
     async def _execute(
         self, batch: list[tuple[list[str], list[str | int], asyncio.Future[Any]]]
     ) -> list[Any]:
+        """Each append's reply, in the batch's order; resends only what hit NOSCRIPT.
+
+        Redis runs a pipeline's commands one by one, so when it loses its scripts
+        mid-pipeline (SCRIPT FLUSH, a restart) the appends before that stored their
+        events and only the later ones were refused: resending all would store the
+        first ones twice. One reload and one resend; a script lost again fails
+        those appends (their publishers retry), never a loop.
+        """
         sha = self._script.sha
         commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]
-        if self._raw:
-            results = await self._send_raw(commands)
-        else:
-            pipe = self._client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            results = await pipe.execute(raise_on_error=False)
-        if any(isinstance(r, NoScriptError) for r in results):
+        results = await self._transmit(commands)
+        refused = [n for n, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if refused:
+            retried = await self._reload_and_resend([commands[n] for n in refused])
+            for n, result in zip(refused, retried, strict=True):
+                results[n] = result
+        return results
+
+    async def _reload_and_resend(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies of commands that were not executed (NOSCRIPT), sent once more."""
+        try:
             await self._client.script_load(self._script.script)
-            return await self._execute(batch)
+            results = await self._transmit(commands)
+        except (RedisError, OSError) as error:  # none of these ran: each may be retried
+            reason = f"could not reload the append script: {error}"
+            return [_not_stored(reason, error) for _ in commands]  # one error per caller
+        return [
+            _not_stored("redis lost the append script again", r)
+            if isinstance(r, NoScriptError)
+            else r
+            for r in results
+        ]
+
+    async def _transmit(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One reply per command: a value, or that command's own error."""
+        if self._raw:
+            return await self._send_raw(commands)
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
     async def _send_raw(self, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -293,6 +167,12 @@ class _AppendPipeline:
             await pool.release(connection)
 
 
+def _not_stored(reason: str, cause: BaseException) -> StoreUnavailable:
+    error = StoreUnavailable(f"{reason}; the append was not stored")
+    error.__cause__ = cause
+    return error
+
+
 class RedisStreamStore:
     """The event log on Redis Streams (or on fakeredis, for the embedded store)."""
 
@@ -309,9 +189,12 @@ class RedisStreamStore:
         replicas_to_confirm: int = 0,
         also_close: Sequence[redis.Redis] = (),
         pool_size: int = c.REDIS_POOL_SIZE,
+        node_client: NodeClientFactory | None = None,
     ) -> None:
         self._client = client
         self._pool_size = pool_size
+        # On a Cluster: a client of one node, logged in as the cluster client is.
+        self._open_node_client = node_client or self._plain_node_client
         self._live = live
         self._also_close = list(also_close)  # e.g. the connections to the Sentinels
         self._replicas_to_confirm = replicas_to_confirm
@@ -327,7 +210,8 @@ class RedisStreamStore:
             else None
         )
         self._state_script = client.register_script(_lua("state.lua"))
-        self._reads = _SingleFlight(c.READ_COALESCE_MS / 1000)
+        self._range_script = client.register_script(_lua("range.lua"))
+        self._reads = SingleFlight(c.READ_COALESCE_MS / 1000)
         self.durable = durable
         self.description = description
 
@@ -407,21 +291,38 @@ class RedisStreamStore:
             raise StoreUnavailable(f"no cluster node serves {key}")
         client = self._node_clients.get(node.name)
         if client is None:
-            pool = redis.BlockingConnectionPool(
-                host=node.host, port=int(node.port), **_pool_options(self._pool_size)
+            client = self._node_clients[node.name] = self._open_node_client(
+                node.host, int(node.port)
             )
-            client = self._node_clients[node.name] = redis.Redis.from_pool(pool)
         return client
 
-    async def read_range(self, topic: str, after: StreamPosition, count: int) -> list[LogEntry]:
+    def _plain_node_client(self, host: str, port: int) -> redis.Redis:
+        """A node client with no password and no TLS (a store given no factory)."""
+        pool = redis.BlockingConnectionPool(host=host, port=port, **pool_options(self._pool_size))
+        return redis.Redis.from_pool(pool)
+
+    async def read_range(self, topic: str, after: StreamPosition, count: int) -> LogPage:
         return await self._reads.run(
             ("range", topic, after, count), lambda: self._read_range(topic, after, count)
         )
 
-    async def _read_range(self, topic: str, after: StreamPosition, count: int) -> list[LogEntry]:
+    async def _read_range(self, topic: str, after: StreamPosition, count: int) -> LogPage:
         start = "-" if after == (0, 0) else "(" + format_stream_id(after)
-        raw: Any = await self._call(self._client.xrange(c.log_key(topic), start, "+", count=count))
-        return [LogEntry(topic, parse_stream_id(id_), fields) for id_, fields in raw]
+        keys = [c.log_key(topic), c.meta_key(topic)]
+        epoch, trimmed, raw = await self._call(self._range_script(keys=keys, args=[start, count]))
+        return LogPage(
+            entries=[LogEntry(topic, parse_stream_id(id_), _pairs(flat)) for id_, flat in raw],
+            epoch=epoch.decode() if epoch else None,
+            trimmed_through=_position_or_none(trimmed) or (0, 0),
+        )
+
+    def may_have_trimmed(self, topic: str, after: StreamPosition, entries: list[LogEntry]) -> bool:
+        """Trimming keeps at least ``maxlen`` entries, so if it removed any after ``after``
+        a read after it returns a full count; and trimming by age happens on append,
+        so the newest entry read would be ``max_age`` younger than ``after``."""
+        if len(entries) >= min(c.LIVE_READ_COUNT, self._maxlen):
+            return True
+        return bool(self._max_age_ms) and entries[-1].position[0] - after[0] >= self._max_age_ms
 
     async def read_live(
         self, positions: dict[str, StreamPosition], block_ms: int
@@ -455,7 +356,7 @@ class RedisStreamStore:
         and the live reader's. Best effort: while Redis is down they open later."""
         try:
             if isinstance(self._client, RedisCluster):
-                await _open_cluster_pools(self._client)
+                await open_cluster_pools(self._client)
             elif isinstance(self._client.connection_pool, FixedPool):
                 await self._client.connection_pool.fill()
             await self._live.open()
@@ -482,121 +383,11 @@ class RedisStreamStore:
             raise StoreUnavailable(f"redis is unreachable: {error}") from error
 
 
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's fields as Lua returns them (name, value, ...)."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def _parse_answer(answer: bytes) -> list[EventId]:
     epoch, _, ids = answer.decode().partition("|")
     return [EventId(epoch, parse_stream_id(raw)) for raw in ids.split(",") if raw]
-
-
-def open_store(
-    url: str | None,
-    *,
-    durability: str = "leader",
-    pool_size: int = c.REDIS_POOL_SIZE,
-    **options: Any,
-) -> RedisStreamStore:
-    """A store for a URL: one Redis, Sentinel, Cluster; the embedded store when empty.
-
-    - ``redis://``, ``rediss://``, ``unix://``: one Redis server;
-    - ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]``:
-      the primary that the Sentinels name ``service``, followed across failovers;
-    - ``redis+cluster://[:password@]host:port[,host:port...]`` (or ``rediss+cluster``):
-      a Redis Cluster, from any of its nodes.
-
-    Each process keeps ``pool_size`` command connections per Redis server (per
-    Cluster primary), all opened by ``RedisStreamStore.open``, and one for the live
-    reader (one per primary on a Cluster); see ``FixedPool``.
-    """
-    if not url:
-        return _embedded_store(**options)
-    replicas = 1 if durability == "replicated" else 0
-    options |= {
-        "description": _redact(url),
-        "replicas_to_confirm": replicas,
-        "pool_size": pool_size,
-    }
-    scheme = url.partition("://")[0].lower()
-    if scheme.endswith("+sentinel"):
-        return _sentinel_store(url, **options)
-    if scheme.endswith("+cluster"):
-        return _cluster_store(url, **options)
-    pool = FixedPool.from_url(url, **_pool_options(pool_size))
-    client = redis.Redis.from_pool(pool)
-    reader = redis.Redis.from_url(url, single_connection_client=True, **reader_options())
-    return RedisStreamStore(client, LiveReader(reader, client), **options)
-
-
-def _pool_options(size: int) -> dict[str, Any]:
-    return client_options() | {"max_connections": size, "timeout": c.REDIS_POOL_WAIT_SECONDS}
-
-
-def _hosts_and_rest(url: str) -> tuple[list[tuple[str, int]], str | None, str]:
-    """``scheme://[:pw@]h1:p1,h2:p2/rest`` -> hosts, password, rest."""
-    netloc, _, rest = url.partition("://")[2].partition("/")
-    credentials, _, hosts = netloc.rpartition("@")
-    password = unquote(credentials.partition(":")[2]) if credentials else None
-    pairs = []
-    for host in hosts.split(","):
-        name, _, port = host.rpartition(":")
-        pairs.append((name or host, int(port or 6379)) if name else (host, 26379))
-    return pairs, password or None, rest
-
-
-def _sentinel_store(url: str, **options: Any) -> RedisStreamStore:
-    hosts, password, rest = _hosts_and_rest(url)
-    service, _, db = rest.partition("/")
-    if not service:
-        raise ValueError("a Sentinel URL names its service: redis+sentinel://h:26379/mymaster")
-    kwargs = client_options() | {"password": password, "db": int(db or 0)}
-    sentinel = Sentinel(hosts, sentinel_kwargs=client_options(), **kwargs)  # type: ignore[no-untyped-call]
-    client = sentinel.master_for(
-        service, connection_pool_class=FixedSentinelPool, **_pool_options(options["pool_size"])
-    )
-    reader_pool = SentinelConnectionPool(service, sentinel, **(kwargs | reader_options()))  # type: ignore[no-untyped-call]
-    # Not single_connection_client: that client reconnects to the address it had
-    # (redis-py skips the Sentinel lookup there), i.e. to a dead primary forever.
-    # Through the pool every reconnect asks the Sentinels; from_pool also closes it.
-    reader = redis.Redis.from_pool(reader_pool)
-    live = LiveReader(reader, client)
-    return RedisStreamStore(client, live, also_close=sentinel.sentinels, **options)
-
-
-def _cluster_store(url: str, **options: Any) -> RedisStreamStore:
-    hosts, password, _ = _hosts_and_rest(url)
-    tls = url.lower().startswith("rediss")
-    common: dict[str, Any] = {"password": password, "ssl": tls}
-    cluster = BoundedCluster(
-        startup_nodes=[ClusterNode(host, port) for host, port in hosts],
-        socket_connect_timeout=2.0,
-        socket_timeout=5.0,
-        retry=Retry(NoBackoff(), 0),  # a retried append could store twice; MOVED is still followed
-        max_connections=options["pool_size"],  # per node; see _open_cluster_pools
-        **common,
-    )
-    live = ClusterLiveReader(
-        cluster, reader_options() | common | {"single_connection_client": True}
-    )
-    return RedisStreamStore(cluster, live, **options)
-
-
-def _embedded_store(**options: Any) -> RedisStreamStore:
-    import fakeredis
-
-    server = fakeredis.FakeServer()
-    client = fakeredis.FakeAsyncRedis(server=server)
-    reader = fakeredis.FakeAsyncRedis(server=server, single_connection_client=True)
-    return RedisStreamStore(
-        client,
-        LiveReader(reader, client),
-        durable=False,
-        description="embedded (in-process, not durable)",
-        **options,
-    )
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    head, at, tail = url.rpartition("@")
-    if not at:
-        return url
-    scheme, _, _ = head.partition("://")
-    return f"{scheme}://***@{tail}"

@@ -5,7 +5,10 @@ A cursor (an event id a client sent back) is one of:
   - trimmed: issued by this log, but retention removed events after it;
   - unknown: well-formed, but this log never issued it (another topic's id, or
     an id of a log that was lost and recreated, or one from a lost future).
-The last two resume from the oldest retained event, after a gap notice.
+The last two resume after a gap notice: from the oldest retained event, except
+an id of this log beyond its newest event (its tail was lost: ``appendfsync
+everysec``, an asynchronous failover), which resumes from the newest: replaying
+the whole history to a client that had seen all of it would flood it.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ def resume_point(requested: EventId, state: LogState) -> tuple[EventId, Gap | No
         return ORIGIN, None if requested.is_origin else Gap("unknown", requested, None)
     if requested.is_origin:
         position = (0, 0)
-    elif requested.epoch != state.epoch or requested.position > state.last_issued:
+    elif requested.epoch != state.epoch:
         return _from_oldest(state, "unknown", requested)
+    elif requested.position > state.last_issued:
+        newest = state.event_id(state.last_issued)
+        return newest, Gap("unknown", requested, newest)
     else:
         position = requested.position
     if position < state.trimmed_through:

@@ -1,7 +1,8 @@
 """The storage seam: the few operations the core needs from an event log store.
 
-The Redis Streams implementation (``broker.redis_store``) is the only module
-that imports ``redis``. The embedded default store is that same implementation
+The Redis Streams implementation (``broker.redis_store``, with its pools,
+options, live readers and URL parsing in the other ``broker.redis_*`` modules)
+is the only code that imports ``redis``. The embedded default store is that same implementation
 over an in-process fakeredis, so both keep one set of semantics.
 """
 
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from broker.ids import StreamPosition
-from broker.model import AppendResult, LogEntry, LogState, NewEvent
+from broker.model import AppendResult, LogEntry, LogPage, LogState, NewEvent
 
 
 class Store(Protocol):
@@ -26,8 +27,15 @@ class Store(Protocol):
         """Append atomically and in order; a repeated idempotency key appends nothing."""
         ...
 
-    async def read_range(self, topic: str, after: StreamPosition, count: int) -> list[LogEntry]:
-        """Up to ``count`` entries after ``after``, oldest first."""
+    async def read_range(self, topic: str, after: StreamPosition, count: int) -> LogPage:
+        """Up to ``count`` entries after ``after``, oldest first, with the log's epoch and
+        how far retention has trimmed it, read in the same atomic step."""
+        ...
+
+    def may_have_trimmed(self, topic: str, after: StreamPosition, entries: list[LogEntry]) -> bool:
+        """Whether retention could have removed entries between ``after`` and ``entries``
+        (a live read returned them after it): False proves it did not, True asks the
+        reader to check ``state``. Cheap: called for every live read."""
         ...
 
     async def read_live(

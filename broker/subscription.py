@@ -9,27 +9,45 @@ A topic goes back to the log ("resync") whenever live delivery cannot be
 trusted: at the start, when the buffer overflowed while replaying, or when an
 entry of another epoch shows that the log was recreated. A resync judges the
 cursor again (``broker.resume``) and sends a gap notice when the truth needs one.
+Every topic in resync is judged before any gap notice goes out, so the id of a
+notice on a multi-topic stream names every topic (a client that drops right
+after it resumes each topic where it was).
+
+How an edge consumes a subscription (its ``StreamSink``, given at construction):
+
+- *pulled*: the edge iterates ``chunks()`` for the stream's life; between chunks
+  the consumer is parked in ``_wait`` and everything new wakes it.
+- *pushed*: the edge iterates ``chunks(until_idle=True)`` in a short-lived pump,
+  which ends once the stream is live with nothing to send. While it is parked
+  (``_consumer_idle``) and nothing is queued, the hub's call writes live entries
+  straight through ``sink.write`` (no task wake-up per event) and the heartbeat
+  clock beats the same way; anything that cannot be written so is queued and
+  ``sink.wanted()`` starts a new pump.
+- either way, a subscriber whose queue overflows while live is dropped
+  (``sink.dropped()``; ``chunks`` raises SubscriberTooSlow), and one that ends
+  (its token expired, ``expire``) calls ``sink.ended()`` once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Literal
-
-import orjson
+from collections.abc import AsyncIterator, Sequence
+from typing import Literal, Protocol
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.fanout import Hub
-from broker.framing import HEARTBEAT, id_line
+from broker.framing import HEARTBEAT, gap_frame, id_line
 from broker.heartbeat import HeartbeatClock
 from broker.ids import EventId, format_cursor
-from broker.model import LogEntry, LogState
+from broker.model import LogEntry, LogPage, LogState
 from broker.observer import Observer
 from broker.resume import Gap, earliest_point, latest_point, resume_point
 from broker.store import Store
+
+log = logging.getLogger(__name__)
 
 StartFrom = EventId | Literal["earliest", "now"]
 """Where one topic starts: after an id, at the oldest retained event, or at the end."""
@@ -37,6 +55,45 @@ StartFrom = EventId | Literal["earliest", "now"]
 
 class SubscriberTooSlow(Exception):
     """The subscriber's buffer overflowed; it was dropped and should resume by id."""
+
+
+class StreamSink(Protocol):
+    """The edge a subscription writes to: one client's connection."""
+
+    def write(self, chunk: bytes) -> bool:
+        """Write now, without blocking: True if written, False (nothing written) if
+        the client's socket is full or this edge cannot write outside its consumer."""
+
+    def unsent_bytes(self) -> int:
+        """What it holds written but not yet sent to the client."""
+
+    def wanted(self) -> None:
+        """Something is queued and no consumer runs: start one (pushed edges only)."""
+
+    def dropped(self) -> None:
+        """The subscriber could not keep up and was dropped: cut the connection."""
+
+    def ended(self) -> None:
+        """The subscription ended on its own (``expire``): end the response cleanly."""
+
+
+class PulledSink:
+    """The sink of an edge that only pulls ``chunks()``: nothing is written around it."""
+
+    def write(self, chunk: bytes) -> bool:
+        return False
+
+    def unsent_bytes(self) -> int:
+        return 0
+
+    def wanted(self) -> None:
+        """A pulled consumer is always parked in ``_wait``, which is woken instead."""
+
+    def dropped(self) -> None:
+        """``chunks`` raises SubscriberTooSlow to the consumer."""
+
+    def ended(self) -> None:
+        """``chunks`` ends by itself."""
 
 
 class Subscription:
@@ -48,11 +105,14 @@ class Subscription:
         hub: Hub,
         starts: dict[str, StartFrom],
         *,
+        sink: StreamSink | None = None,
         buffer_bytes: int = c.DEFAULT_SUBSCRIBER_BUFFER_BYTES,
         heartbeats: HeartbeatClock | None = None,
         observer: Observer | None = None,
+        expires_at: float | None = None,
     ) -> None:
         self._store = store
+        self._sink: StreamSink = sink or PulledSink()
         self._hub = hub
         self._multi = len(starts) > 1
         self._starts: dict[str, StartFrom] = dict(starts)
@@ -60,6 +120,8 @@ class Subscription:
         self._buffer_limit = buffer_bytes
         self._heartbeats = heartbeats or HeartbeatClock(c.DEFAULT_HEARTBEAT_SECONDS)
         self._last_sent = time.monotonic()
+        # When its credentials expire (unix time), as a deadline of the monotonic clock.
+        self._ends_at = None if expires_at is None else self._last_sent + expires_at - time.time()
         self._observer = observer or Observer()
         self._pending: list[LogEntry] = []
         self._pending_bytes = 0
@@ -74,18 +136,14 @@ class Subscription:
         """The consumer holds nothing and is not running: parked in ``_wait``, or (an edge
         consuming with ``until_idle``) its pump has ended. A live entry may then be
         written directly without overtaking anything."""
-        self.on_drop: Callable[[], None] | None = None
-        """Called once when the subscriber is dropped for being too slow."""
-        self.write_now: Callable[[bytes], bool] | None = None
-        """Set by the edge when it can write to the client synchronously: True if it
-        wrote the chunk, False if it wrote nothing (the socket is full)."""
-        self.on_wanted: Callable[[], None] | None = None
-        """Set by an edge that consumes with ``chunks(until_idle=True)``: called when
-        there is something to send and no consumer is running, to start one."""
 
     @property
     def topics(self) -> Sequence[str]:
         return list(self._starts)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def is_live(self) -> bool:
@@ -120,7 +178,7 @@ class Subscription:
         """What to write to the client, coalesced; a heartbeat when idle.
 
         With ``until_idle`` it ends instead of waiting, once live with nothing to
-        send: from then on the hub writes through ``write_now`` and ``on_wanted``
+        send: from then on the hub writes through ``sink.write`` and ``sink.wanted()``
         asks for a new consumer, so an idle stream holds no task.
         Raises SubscriberTooSlow when the client could not keep up.
         """
@@ -149,8 +207,8 @@ class Subscription:
     def offer(self, entries: list[LogEntry], size: int) -> int:
         if self._dropped or self._closed:
             return 0
-        if self.write_now is not None and self._parked_live():
-            written = self._write_directly(entries)
+        if self._parked_live():
+            written = self._write_directly(entries, size)
             if written is not None:
                 return written
         self._pending += entries
@@ -164,15 +222,15 @@ class Subscription:
         """Live, nothing queued, and the consumer idle: nothing can be overtaken."""
         return self._consumer_idle and not self._pending and not self._resync
 
-    def _write_directly(self, entries: list[LogEntry]) -> int | None:
+    def _write_directly(self, entries: list[LogEntry], size: int) -> int | None:
         """The steady state of a stream, with no task wake-up per event: the reader's
         call writes the frames (shared, for a single topic) straight to the client.
 
         None when this cannot be done here (another epoch, or the client's socket
-        is full): the entries then take the queued path.
+        is full): the entries then take the queued path. What the socket could not
+        send at once stays in the edge's buffer, and counts against the same limit
+        as a queue: past it, the subscriber is dropped.
         """
-        if self.write_now is None:
-            return None
         topic = entries[0].topic
         position = self._positions[topic]
         if any(e.epoch != position.epoch for e in entries):
@@ -187,20 +245,41 @@ class Subscription:
             chunk = fresh[0].frame
         else:
             chunk = b"".join(e.frame for e in fresh)
-        if not self.write_now(chunk):
+        if not self._sink.write(chunk):
             return None
         self._last_sent = time.monotonic()
         self._positions[topic] = fresh[-1].id
+        if self._sink.unsent_bytes() > self._buffer_limit:
+            self._overflow()
         return len(fresh)
 
     def beat_if_idle(self, now: float, idle_for: float) -> None:
-        """The heartbeat clock's call: beat straight to the socket if we can."""
+        """The heartbeat clock's call: end the stream if its credentials expired, else
+        beat straight to the socket if we can."""
+        if self._ends_at is not None and now >= self._ends_at:
+            self.expire()
+            return
         if now - self._last_sent < idle_for or self._closed:
             return
-        if self.write_now is not None and self._parked_live() and self.write_now(HEARTBEAT):
+        if self._parked_live() and self._sink.write(HEARTBEAT):
             self._last_sent = now
         else:
             self._wake(False)
+
+    def expire(self) -> None:
+        """End the stream now (its token expired); the client comes back with a new one."""
+        if self._closed:
+            return
+        self.close()
+        self._sink.ended()
+
+    def abandon(self) -> None:
+        """Handing this subscriber entries or a beat failed: it cannot be trusted to
+        have them, so cut its connection; the client resumes by id and loses nothing."""
+        log.error("a subscriber failed; cutting its stream so that it resumes")
+        self._dropped = True
+        self.close()
+        self._sink.dropped()
 
     def log_reset(self, topic: str) -> None:
         self._resync.add(topic)
@@ -215,8 +294,7 @@ class Subscription:
         else:
             self._dropped = True
             self._observer.subscriber_dropped()
-            if self.on_drop is not None:
-                self.on_drop()
+            self._sink.dropped()
 
     # -- catching up from the log -------------------------------------------
 
@@ -229,10 +307,15 @@ class Subscription:
             topics = sorted(self._resync)
             self._resync.clear()
             try:
+                gaps: list[tuple[str, Gap]] = []
                 for topic in topics:
                     gap = self._judge_start(topic, await self._store.state(topic))
                     if gap is not None:
-                        yield self._gap_frame(topic, gap)
+                        gaps.append((topic, gap))
+                # Framed only once every topic is judged: each notice's id is a cursor
+                # that names every topic at its new position.
+                for topic, gap in gaps:
+                    yield self._gap_frame(topic, gap)
                 for topic in topics:
                     async for chunk in self._replay_topic(topic):
                         yield chunk
@@ -252,15 +335,17 @@ class Subscription:
         while not self._closed:
             position = self._positions[topic]
             page = await self._store.read_range(topic, position.position, c.REPLAY_PAGE_SIZE)
-            frames = self._accept_replayed(topic, page)
-            if frames is None:  # the log changed under us: judge the cursor again
+            if not _continues(page, position):
+                # Trimmed past us since the cursor was judged (a replay slower than
+                # retention), or another log: judge again, and say so if needed.
                 self._resync.add(topic)
                 return
+            frames = [self._advance(e) for e in page.entries if e.position > position.position]
             if frames:
                 self._replayed += len(frames)
                 self._observer.delivered(len(frames))
                 yield b"".join(frames)
-            if len(page) < c.REPLAY_PAGE_SIZE:
+            if len(page.entries) < c.REPLAY_PAGE_SIZE:
                 return
 
     def _judge_start(self, topic: str, state: LogState) -> Gap | None:
@@ -276,32 +361,9 @@ class Subscription:
         self._positions[topic], gap = resume_point(position, state)
         return gap
 
-    def _accept_replayed(self, topic: str, page: list[LogEntry]) -> list[bytes] | None:
-        frames: list[bytes] = []
-        for entry in page:
-            position = self._positions[topic]
-            if entry.epoch != position.epoch and not position.is_origin:
-                return None
-            if position.is_origin or entry.position > position.position:
-                frames.append(self._advance(entry))
-        return frames
-
     def _gap_frame(self, topic: str, gap: Gap) -> bytes:
         self._observer.gap_sent(gap.reason)
-        data = {
-            "reason": gap.reason,
-            "requested": str(gap.requested),
-            "resumed_after": str(gap.resumed_after) if gap.resumed_after else None,
-            "topic": topic,
-        }
-        return (
-            id_line(self._current_id(topic))
-            + b"event: "
-            + c.GAP_EVENT.encode()
-            + b"\ndata: "
-            + orjson.dumps(data)
-            + b"\n\n"
-        )
+        return gap_frame(self._current_id(topic), topic, gap)
 
     # -- live ------------------------------------------------------------------
 
@@ -361,6 +423,14 @@ class Subscription:
         if waiter is not None:
             self._consumer_idle = False
             waiter.set_result(woken)
-        elif woken and self.on_wanted is not None:
+        elif woken:
             self._consumer_idle = False
-            self.on_wanted()
+            self._sink.wanted()
+
+
+def _continues(page: LogPage, position: EventId) -> bool:
+    """Whether the page follows ``position`` in the same log, with nothing between
+    trimmed away. A position at the origin (before any log) follows into any log."""
+    if position.is_origin:
+        return page.trimmed_through <= position.position
+    return page.epoch == position.epoch and page.trimmed_through <= position.position

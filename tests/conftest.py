@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from broker import Broker, BrokerLimits
-from broker.redis_store import RedisStreamStore, open_store
+from broker.redis_open import open_store
+from broker.redis_store import RedisStreamStore
 from tests.support.broker_process import BrokerProcess
 from tests.support.redis_server import RedisServer
 

@@ -283,20 +283,21 @@ async def test_an_id_of_another_topic_gets_an_unknown_gap(aclient: httpx.AsyncCl
         assert [e.id for e in await stream.take(2)] == ids
 
 
-async def test_an_id_past_the_end_of_the_log_gets_an_unknown_gap(
+async def test_an_id_past_the_end_of_the_log_gets_an_unknown_gap_and_resumes_from_the_end(
     aclient: httpx.AsyncClient,
 ) -> None:
+    """The log's tail was lost: no replay of the history the client already saw."""
     topic = new_topic()
-    ids = await publish_many(aclient, topic, [1])
-    epoch, _, position = ids[0].partition(".")
+    ids = await publish_many(aclient, topic, [1, 2])
+    epoch, _, position = ids[-1].partition(".")
     ms = int(position.split("-")[0])
     future = f"{epoch}.{ms + 10_000_000}-0"
     async with subscribe(aclient, topic, last_event_id=future) as stream:
         gap = await stream.next()
         assert gap.event == "broker.gap"
         assert _gap(gap.data)["reason"] == "unknown"
-        assert (await stream.next()).id == ids[0]
-        [live] = await publish_many(aclient, topic, [2])
+        assert _gap(gap.data)["resumed_after"] == ids[-1] == gap.id
+        [live] = await publish_many(aclient, topic, [3])
         assert (await stream.next()).id == live
 
 

@@ -19,7 +19,7 @@ import redis.asyncio as redis
 
 from broker import Broker, NewEvent, StoreUnavailable
 from broker import constants as c
-from broker.redis_store import open_store
+from broker.redis_open import open_store
 from tests.support.redis_server import RedisServer
 from tests.support.redis_topologies import RedisClusterGroup, SentinelGroup
 

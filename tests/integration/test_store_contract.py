@@ -10,7 +10,8 @@ import pytest
 from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.model import NewEvent
-from broker.redis_store import RedisStreamStore, open_store
+from broker.redis_open import open_store
+from broker.redis_store import RedisStreamStore
 from tests.support.redis_server import RedisServer, free_port
 
 
@@ -21,7 +22,7 @@ def events(*payloads: str) -> list[NewEvent]:
 async def test_append_returns_ids_and_reads_back(store: RedisStreamStore, topic: str) -> None:
     result = await store.append(topic, [NewEvent("1", c.KIND_JSON, "kind", 500)])
     assert not result.replayed and len(result.ids) == 1
-    [entry] = await store.read_range(topic, (0, 0), 10)
+    [entry] = (await store.read_range(topic, (0, 0), 10)).entries
     assert entry.id == result.ids[0]
     assert (entry.data_text, entry.event_type, entry.is_json) == ("1", "kind", True)
     assert entry.frame == f"id: {entry.id}\n".encode() + b"event: kind\nretry: 500\ndata: 1\n\n"
@@ -33,15 +34,15 @@ async def test_a_batch_is_stored_in_order_under_one_epoch(
     result = await store.append(topic, events(*map(str, range(50))))
     assert [i.position for i in result.ids] == sorted(i.position for i in result.ids)
     assert len({i.epoch for i in result.ids}) == 1
-    stored = await store.read_range(topic, (0, 0), 100)
+    stored = (await store.read_range(topic, (0, 0), 100)).entries
     assert [e.data_text for e in stored] == [str(n) for n in range(50)]
 
 
 async def test_read_range_pages_after_a_position(store: RedisStreamStore, topic: str) -> None:
     ids = (await store.append(topic, events(*map(str, range(10))))).ids
-    page = await store.read_range(topic, ids[3].position, 4)
+    page = (await store.read_range(topic, ids[3].position, 4)).entries
     assert [e.id for e in page] == ids[4:8]
-    assert await store.read_range(topic, ids[-1].position, 4) == []
+    assert (await store.read_range(topic, ids[-1].position, 4)).entries == []
 
 
 async def test_an_idempotent_repeat_stores_nothing(store: RedisStreamStore, topic: str) -> None:
@@ -102,7 +103,7 @@ async def test_retention_maxlen_records_exactly_what_it_trimmed(
         for n in range(40):
             ids += (await store.append(topic, events(str(n)))).ids
         state = await store.state(topic)
-        retained = [e.id for e in await store.read_range(topic, (0, 0), 100)]
+        retained = [e.id for e in (await store.read_range(topic, (0, 0), 100)).entries]
         assert 10 <= state.length <= 11 and retained == ids[-state.length :]
         assert state.trimmed_through == ids[-state.length - 1].position
     finally:
@@ -123,7 +124,9 @@ async def test_retention_by_age_trims_old_events(
             await store.append(topic, events("new"))
         state = await store.state(topic)
         assert state.trimmed_through >= old[1].position
-        assert all(e.data_text == "new" for e in await store.read_range(topic, (0, 0), 100))
+        assert all(
+            e.data_text == "new" for e in (await store.read_range(topic, (0, 0), 100)).entries
+        )
     finally:
         await store.close()
 
@@ -206,7 +209,7 @@ async def test_concurrent_appends_keep_each_answer_apart(
         )
     )
     for n, result in enumerate(results):
-        [entry] = [e for e in await store.read_range(f"{topic}-{n % 3}", (0, 0), 100)
+        [entry] = [e for e in (await store.read_range(f"{topic}-{n % 3}", (0, 0), 100)).entries
                    if e.id == result.ids[0]]  # fmt: skip
         assert entry.data_text == str(n)
 
@@ -243,5 +246,5 @@ async def test_a_read_asked_after_another_was_sent_reads_anew(
         while calls < 2:
             await asyncio.sleep(0.001)
     held.set()
-    assert [e.data_text for e in await second] == ["a", "b"]
-    assert [e.data_text for e in await first] == ["a"]
+    assert [e.data_text for e in (await second).entries] == ["a", "b"]
+    assert [e.data_text for e in (await first).entries] == ["a"]

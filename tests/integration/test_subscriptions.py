@@ -7,14 +7,23 @@ response) and pushed (``api.connections``: direct writes, a pump only when neede
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from broker import Broker, BrokerLimits, EventId, NewEvent, SubscriberTooSlow, Subscription
+from broker import (
+    Broker,
+    BrokerLimits,
+    EventId,
+    NewEvent,
+    StartFrom,
+    SubscriberTooSlow,
+    Subscription,
+)
 from broker import constants as c
 from broker.ids import parse_cursor
-from broker.redis_store import RedisStreamStore, open_store
+from broker.redis_open import open_store
+from broker.redis_store import RedisStreamStore
 from tests.support.sse import Event, PushConsumer, collect, parse_events
 
 
@@ -27,15 +36,30 @@ async def broker(store: RedisStreamStore) -> AsyncIterator[Broker]:
     await instance.hub.close()  # the store fixture closes the store
 
 
-Consume = Callable[[Subscription], AsyncIterator[bytes]]
+Consume = Callable[
+    [Broker, dict[str, StartFrom]], Awaitable[tuple[Subscription, AsyncIterator[bytes]]]
+]
 
 
 @pytest.fixture(params=["pull", "push"])
 def consume(request: pytest.FixtureRequest) -> Consume:
-    """How the test reads a subscription: ``chunks()``, or as ``api.connections`` does."""
-    if request.param == "pull":
-        return lambda subscription: subscription.chunks()
-    return PushConsumer
+    """How the test opens and reads a subscription: pulling ``chunks()``, or pushed
+    to a sink, as ``api.connections`` does."""
+
+    async def pulled(
+        broker: Broker, starts: dict[str, StartFrom]
+    ) -> tuple[Subscription, AsyncIterator[bytes]]:
+        subscription = await broker.subscribe(starts)
+        return subscription, subscription.chunks()
+
+    async def pushed(
+        broker: Broker, starts: dict[str, StartFrom]
+    ) -> tuple[Subscription, AsyncIterator[bytes]]:
+        consumer = PushConsumer()
+        subscription = await broker.subscribe(starts, sink=consumer)
+        return subscription, consumer.start(subscription)
+
+    return pulled if request.param == "pull" else pushed
 
 
 def numbers(events: list[Event]) -> list[int]:
@@ -55,9 +79,8 @@ async def publish_numbers(broker: Broker, topic: str, numbers: range) -> list[Ev
 
 async def test_from_earliest_then_live(broker: Broker, topic: str, consume: Consume) -> None:
     await publish_numbers(broker, topic, range(3))
-    subscription = await broker.subscribe({topic: "earliest"})
+    subscription, chunks = await consume(broker, {topic: "earliest"})
     try:
-        chunks = consume(subscription)
         assert numbers(await collect(chunks, has(2))) == [0, 1, 2]
         await publish_numbers(broker, topic, range(3, 6))
         assert numbers(await collect(chunks, has(5))) == [3, 4, 5]
@@ -69,10 +92,10 @@ async def test_no_cursor_starts_after_the_newest(
     broker: Broker, topic: str, consume: Consume
 ) -> None:
     await publish_numbers(broker, topic, range(3))
-    subscription = await broker.subscribe({topic: "now"})
+    subscription, chunks = await consume(broker, {topic: "now"})
     try:
         await publish_numbers(broker, topic, range(3, 5))
-        assert numbers(await collect(consume(subscription), has(4))) == [3, 4]
+        assert numbers(await collect(chunks, has(4))) == [3, 4]
     finally:
         subscription.close()
 
@@ -81,9 +104,9 @@ async def test_a_topic_without_events_waits_for_its_first(
     broker: Broker, topic: str, consume: Consume
 ) -> None:
     """The first event creates the log (a new epoch) while the subscriber is live."""
-    subscription = await broker.subscribe({topic: "now"})
+    subscription, chunks = await consume(broker, {topic: "now"})
     try:
-        reading = asyncio.create_task(collect(consume(subscription), has(0)))
+        reading = asyncio.create_task(collect(chunks, has(0)))
         async with asyncio.timeout(5):
             while not subscription.is_live:
                 await asyncio.sleep(0.01)
@@ -100,9 +123,9 @@ async def test_resume_while_publishing_has_no_gap_and_no_duplicate(
     ids = await publish_numbers(broker, topic, range(100))
     publisher = asyncio.create_task(publish_numbers(broker, topic, range(100, 400)))
     await asyncio.sleep(0.01)
-    subscription = await broker.subscribe({topic: ids[49]})
+    subscription, chunks = await consume(broker, {topic: ids[49]})
     try:
-        received = numbers(await collect(consume(subscription), has(399), timeout=30))
+        received = numbers(await collect(chunks, has(399), timeout=30))
         assert received == list(range(50, 400))
     finally:
         subscription.close()
@@ -120,9 +143,9 @@ async def test_a_long_replay_reads_in_pages(broker: Broker, topic: str, consume:
         return await original(topic_, after, count)
 
     broker.store.read_range = spy  # type: ignore[method-assign]
-    subscription = await broker.subscribe({topic: "earliest"})
+    subscription, chunks = await consume(broker, {topic: "earliest"})
     try:
-        received = numbers(await collect(consume(subscription), has(total - 1), timeout=30))
+        received = numbers(await collect(chunks, has(total - 1), timeout=30))
         assert received == list(range(total))
         assert len(counts) >= 3 and max(counts) <= c.REPLAY_PAGE_SIZE
     finally:
@@ -138,8 +161,8 @@ async def test_a_trimmed_cursor_gets_a_gap_then_the_oldest(
     try:
         ids = await publish_numbers(broker, topic, range(40))
         oldest = (await store.state(topic)).first
-        subscription = await broker.subscribe({topic: ids[2]})
-        events = await collect(consume(subscription), has(39))
+        subscription, chunks = await consume(broker, {topic: ids[2]})
+        events = await collect(chunks, has(39))
         gap, rest = events[0], events[1:]
         assert gap.event == "broker.gap"
         assert gap.json == {"reason": "trimmed", "requested": str(ids[2]), "topic": topic,
@@ -156,9 +179,9 @@ async def test_an_id_of_another_topic_is_unknown(
 ) -> None:
     foreign = (await publish_numbers(broker, topic + "-other", range(1)))[0]
     await publish_numbers(broker, topic, range(3))
-    subscription = await broker.subscribe({topic: foreign})
+    subscription, chunks = await consume(broker, {topic: foreign})
     try:
-        events = await collect(consume(subscription), has(2))
+        events = await collect(chunks, has(2))
         assert events[0].event == "broker.gap"
         assert events[0].json == {"reason": "unknown", "requested": str(foreign),
                                   "resumed_after": None, "topic": topic}  # fmt: skip
@@ -172,9 +195,9 @@ async def test_an_id_of_a_lost_log_is_unknown(broker: Broker, topic: str, consum
     store: RedisStreamStore = broker.store  # type: ignore[assignment]
     await store._client.delete(c.log_key(topic), c.meta_key(topic))  # Redis lost its data
     await publish_numbers(broker, topic, range(10, 12))
-    subscription = await broker.subscribe({topic: old[-1]})
+    subscription, chunks = await consume(broker, {topic: old[-1]})
     try:
-        events = await collect(consume(subscription), has(11))
+        events = await collect(chunks, has(11))
         assert events[0].event == "broker.gap" and events[0].json["reason"] == "unknown"  # type: ignore[index]
         assert numbers(events[1:]) == [10, 11]
     finally:
@@ -183,19 +206,19 @@ async def test_an_id_of_a_lost_log_is_unknown(broker: Broker, topic: str, consum
 
 async def test_one_cursor_resumes_every_topic(broker: Broker, topic: str, consume: Consume) -> None:
     a, b = topic + "-a", topic + "-b"
-    subscription = await broker.subscribe({a: "now", b: "now"})
+    subscription, chunks = await consume(broker, {a: "now", b: "now"})
     await publish_numbers(broker, a, range(0, 2))
     await publish_numbers(broker, b, range(100, 102))
-    events = await collect(consume(subscription), lambda ev: {1, 101} <= set(numbers(ev)))
+    events = await collect(chunks, lambda ev: {1, 101} <= set(numbers(ev)))
     subscription.close()
     cursor = parse_cursor(str(events[-1].id))
     assert set(cursor) == {a, b}
 
     await publish_numbers(broker, a, range(2, 4))  # missed while away
     await publish_numbers(broker, b, range(102, 104))
-    resumed = await broker.subscribe(dict(cursor))
+    resumed, chunks = await consume(broker, dict(cursor))
     try:
-        again = await collect(consume(resumed), lambda ev: {3, 103} <= set(numbers(ev)))
+        again = await collect(chunks, lambda ev: {3, 103} <= set(numbers(ev)))
         assert sorted(numbers(again)) == [2, 3, 102, 103]
     finally:
         resumed.close()
@@ -259,6 +282,9 @@ async def test_live_entries_are_framed_once_and_shared(broker: Broker, topic: st
         def log_reset(self, topic: str) -> None:
             pass
 
+        def abandon(self) -> None:
+            pass
+
     first, second = Recorder(0), Recorder(1)
     await broker.hub.attach(topic, first)
     await broker.hub.attach(topic, second)
@@ -272,9 +298,8 @@ async def test_live_entries_are_framed_once_and_shared(broker: Broker, topic: st
 
 
 async def test_heartbeats_while_idle(broker: Broker, topic: str, consume: Consume) -> None:
-    subscription = await broker.subscribe({topic: "now"})
+    subscription, chunks = await consume(broker, {topic: "now"})
     try:
-        chunks = consume(subscription)
         async with asyncio.timeout(5):
             assert await anext(chunks) == b":\n\n"
     finally:
@@ -290,9 +315,10 @@ async def test_a_pushed_subscription_idles_without_a_task(
     names = [f"{topic}-{n}" for n in range(topics)]
     for name in names:
         await publish_numbers(broker, name, range(1))
-    subscription = await broker.subscribe(dict.fromkeys(names, "earliest"))
+    consumer = PushConsumer()
+    subscription = await broker.subscribe(dict.fromkeys(names, "earliest"), sink=consumer)
     try:
-        consumer = PushConsumer(subscription)
+        consumer.start(subscription)
         first = await collect(consumer, lambda ev: numbers(ev).count(0) == topics)
         assert numbers(first) == [0] * topics
         async with asyncio.timeout(5):

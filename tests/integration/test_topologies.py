@@ -16,7 +16,7 @@ from broker import Broker, BrokerLimits, EventId, NewEvent, StoreUnavailable, Su
 from broker import constants as c
 from broker.constants import GAP_EVENT
 from broker.ids import parse_cursor
-from broker.redis_store import open_store
+from broker.redis_open import open_store
 from tests.support.redis_server import RedisServer
 from tests.support.redis_topologies import RedisClusterGroup, SentinelGroup
 from tests.support.sse import Event, collect, parse_events

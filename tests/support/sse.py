@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from broker import Subscription
+from broker import SubscriberTooSlow, Subscription
 
 
 @dataclass
@@ -57,38 +57,58 @@ async def collect(
 
 
 class PushConsumer:
-    """Consumes a subscription the way ``api.connections`` does: the hub writes live
-    entries through ``write_now``, and a pump task runs only while there is catching
-    up or a backlog (``chunks(until_idle=True)``), started again by ``on_wanted``.
+    """Consumes a subscription the way ``api.connections`` does: it is the subscription's
+    sink, the hub writes live entries through ``write``, and a pump task runs only
+    while there is catching up or a backlog (``chunks(until_idle=True)``), started
+    again by ``wanted``.
 
-    Iterate it for the chunks, like ``subscription.chunks()``.
+    Open the subscription with it as ``sink``, then ``start`` it; iterate it for the
+    chunks, like ``subscription.chunks()``.
     """
 
-    def __init__(self, subscription: Subscription) -> None:
-        self.subscription = subscription
+    def __init__(self) -> None:
+        self.subscription: Subscription | None = None
         self.pumps_started = 0
         self.direct_writes = 0
-        self._received: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
+        self.ended_by_subscription = False
+        self.unsent = 0
+        """What ``unsent_bytes`` reports: a test sets it to play a client that stopped reading."""
+        self._received: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
-        subscription.write_now = self._write_now
-        subscription.on_wanted = self._start_pump
-        self._start_pump()
+
+    def start(self, subscription: Subscription) -> PushConsumer:
+        self.subscription = subscription
+        self.wanted()
+        return self
 
     @property
     def pumping(self) -> bool:
         return self._pump is not None
 
-    def _write_now(self, chunk: bytes) -> bool:
+    # -- StreamSink ------------------------------------------------------------
+
+    def write(self, chunk: bytes) -> bool:
         self.direct_writes += 1
         self._received.put_nowait(chunk)
         return True
 
-    def _start_pump(self) -> None:
-        if self._pump is None:
+    def unsent_bytes(self) -> int:
+        return self.unsent
+
+    def wanted(self) -> None:
+        if self._pump is None and self.subscription is not None:
             self.pumps_started += 1
             self._pump = asyncio.get_running_loop().create_task(self._run_pump())
 
+    def dropped(self) -> None:
+        self._received.put_nowait(SubscriberTooSlow())
+
+    def ended(self) -> None:
+        self.ended_by_subscription = True
+        self._received.put_nowait(None)
+
     async def _run_pump(self) -> None:
+        assert self.subscription is not None
         try:
             async for chunk in self.subscription.chunks(until_idle=True):
                 self._received.put_nowait(chunk)
@@ -102,6 +122,8 @@ class PushConsumer:
 
     async def __anext__(self) -> bytes:
         item = await self._received.get()
+        if item is None:
+            raise StopAsyncIteration
         if isinstance(item, BaseException):
             raise item
         return item

@@ -1,4 +1,5 @@
-"""The shape of the house: the core knows no web framework, and one module imports redis."""
+"""The shape of the house: the core knows no web framework, only the redis_* modules import
+redis, and the store's imports run one way (the store never imports its live reader's helpers)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,32 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_only_the_redis_store_imports_redis() -> None:
+REDIS_MODULES = {
+    "redis_store.py",
+    "redis_live.py",
+    "redis_pools.py",
+    "redis_options.py",
+    "redis_open.py",
+}
+
+
+def test_only_the_redis_modules_import_redis() -> None:
     importers = {p.name for p in CORE.glob("*.py") if {"redis", "fakeredis"} & imported_modules(p)}
-    assert importers == {"redis_store.py", "redis_live.py"}
+    assert importers == REDIS_MODULES
+
+
+def broker_imports(path: Path) -> dict[str, set[str]]:
+    """``broker.x`` module -> the names imported from it (``from broker.x import a, b``)."""
+    found: dict[str, set[str]] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("broker."):
+            found.setdefault(node.module or "", set()).update(a.name for a in node.names)
+    return found
+
+
+def test_the_store_and_its_live_reader_import_one_way() -> None:
+    """The store takes its reader's types only; the reader knows nothing of the store."""
+    store = broker_imports(CORE / "redis_store.py")
+    assert store.get("broker.redis_live", set()) <= {"AnyLiveReader", "LiveReader"}
+    assert "broker.redis_store" not in broker_imports(CORE / "redis_live.py")
+    assert "broker.redis_open" not in store, "the URL parser builds the store, not the reverse"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from broker.ids import ORIGIN, EventId
 from broker.model import LogState
-from broker.resume import earliest_point, latest_point, resume_point
+from broker.resume import Gap, earliest_point, latest_point, resume_point
 
 EPOCH = "abcdefgh"
 
@@ -49,9 +49,20 @@ def test_another_epoch_is_unknown_and_resumes_from_the_oldest() -> None:
     assert gap is not None and gap.reason == "unknown" and gap.resumed_after is None
 
 
-def test_an_id_from_the_future_is_unknown() -> None:
-    _, gap = resume_point(EventId(EPOCH, (21, 0)), log_state())
-    assert gap is not None and gap.reason == "unknown"
+def test_an_id_beyond_the_end_is_unknown_and_resumes_from_the_newest() -> None:
+    """The log's tail was lost (AOF everysec, a failover): the client saw all that is
+    left, so it gets only what comes next, not the whole history again."""
+    requested = EventId(EPOCH, (21, 0))
+    position, gap = resume_point(requested, log_state())
+    assert position == EventId(EPOCH, (20, 0))
+    assert gap == Gap("unknown", requested, EventId(EPOCH, (20, 0)))
+
+
+def test_an_id_beyond_what_retention_removed_resumes_after_the_newest_issued() -> None:
+    requested = EventId(EPOCH, (21, 0))
+    position, gap = resume_point(requested, log_state(first=None, last=None, trimmed=(20, 0)))
+    assert position == EventId(EPOCH, (20, 0))
+    assert gap is not None and gap.reason == "unknown" and gap.resumed_after == position
 
 
 def test_an_id_up_to_what_retention_removed_is_not_from_the_future() -> None:

@@ -1,4 +1,4 @@
-"""Shared reads (``_SingleFlight``): one caller going away never fails the others."""
+"""Shared reads (``SingleFlight``): one caller going away never fails the others."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from broker.redis_store import _SingleFlight
+from broker.single_flight import SingleFlight
 
 WINDOW_S = 0.005
 
@@ -31,7 +31,7 @@ class CountedRead:
 async def test_a_cancelled_caller_leaves_the_shared_read_to_the_others(
     cancel_after_s: float,
 ) -> None:
-    reads = _SingleFlight(WINDOW_S)
+    reads = SingleFlight(WINDOW_S)
     counted = CountedRead()
     first = asyncio.create_task(reads.run(("range", "t"), counted))
     await asyncio.sleep(0)
@@ -45,7 +45,7 @@ async def test_a_cancelled_caller_leaves_the_shared_read_to_the_others(
 
 
 async def test_a_failed_read_fails_every_caller_once() -> None:
-    reads = _SingleFlight(WINDOW_S)
+    reads = SingleFlight(WINDOW_S)
 
     async def failing() -> str:
         raise ConnectionError("redis went away")
@@ -57,7 +57,7 @@ async def test_a_failed_read_fails_every_caller_once() -> None:
 
 
 async def test_a_read_closes_to_newcomers_once_sent() -> None:
-    reads = _SingleFlight(WINDOW_S)
+    reads = SingleFlight(WINDOW_S)
     counted = CountedRead()
     early = asyncio.create_task(reads.run(("range", "t"), counted))
     await asyncio.sleep(WINDOW_S * 2)  # the first read has gone to Redis

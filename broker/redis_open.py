@@ -1,0 +1,152 @@
+"""From a ``BROKER_REDIS_URL`` to a store: one Redis, Sentinel, Cluster, or the embedded store.
+
+Parses the URL, builds the command client (its pool), the live reader, and the
+``RedisStreamStore`` over both. Nothing here runs a command.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+import redis.asyncio as redis
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import SSLConnection
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+
+from broker import constants as c
+from broker.observer import Observer
+from broker.redis_live import ClusterLiveReader, LiveReader
+from broker.redis_options import client_options, pool_options, reader_options
+from broker.redis_pools import BoundedCluster, FixedPool, FixedSentinelPool
+from broker.redis_store import NodeClientFactory, RedisStreamStore
+
+
+def open_store(
+    url: str | None,
+    *,
+    durability: str = "leader",
+    pool_size: int = c.REDIS_POOL_SIZE,
+    observer: Observer | None = None,
+    **options: Any,
+) -> RedisStreamStore:
+    """A store for a URL: one Redis, Sentinel, Cluster; the embedded store when empty.
+
+    - ``redis://``, ``rediss://``, ``unix://``: one Redis server;
+    - ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]``:
+      the primary that the Sentinels name ``service``, followed across failovers;
+    - ``redis+cluster://[:password@]host:port[,host:port...]`` (or ``rediss+cluster``):
+      a Redis Cluster, from any of its nodes.
+
+    Each process keeps ``pool_size`` command connections per Redis server (per
+    Cluster primary), all opened by ``RedisStreamStore.open``, and one for the live
+    reader (one per primary on a Cluster); see ``FixedPool``. ``observer`` counts
+    the live reader's failures that it does not raise (a Cluster node failing
+    while the others answered).
+    """
+    if not url:
+        return _embedded_store(**options)
+    replicas = 1 if durability == "replicated" else 0
+    options |= {
+        "description": _redact(url),
+        "replicas_to_confirm": replicas,
+        "pool_size": pool_size,
+    }
+    scheme = url.partition("://")[0].lower()
+    if scheme.endswith("+sentinel"):
+        return _sentinel_store(url, **options)
+    if scheme.endswith("+cluster"):
+        return _cluster_store(url, observer, **options)
+    pool = FixedPool.from_url(url, **pool_options(pool_size))
+    client = redis.Redis.from_pool(pool)
+    reader = redis.Redis.from_url(url, single_connection_client=True, **reader_options())
+    return RedisStreamStore(client, LiveReader(reader, client), **options)
+
+
+def _hosts_and_rest(url: str) -> tuple[list[tuple[str, int]], str | None, str]:
+    """``scheme://[:pw@]h1:p1,h2:p2/rest`` -> hosts, password, rest."""
+    netloc, _, rest = url.partition("://")[2].partition("/")
+    credentials, _, hosts = netloc.rpartition("@")
+    password = unquote(credentials.partition(":")[2]) if credentials else None
+    pairs = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":")
+        pairs.append((name or host, int(port or 6379)) if name else (host, 26379))
+    return pairs, password or None, rest
+
+
+def _sentinel_store(url: str, **options: Any) -> RedisStreamStore:
+    hosts, password, rest = _hosts_and_rest(url)
+    service, _, db = rest.partition("/")
+    if not service:
+        raise ValueError("a Sentinel URL names its service: redis+sentinel://h:26379/mymaster")
+    kwargs = client_options() | {"password": password, "db": int(db or 0)}
+    sentinel = Sentinel(hosts, sentinel_kwargs=client_options(), **kwargs)  # type: ignore[no-untyped-call]
+    client = sentinel.master_for(
+        service, connection_pool_class=FixedSentinelPool, **pool_options(options["pool_size"])
+    )
+    reader_pool = SentinelConnectionPool(service, sentinel, **(kwargs | reader_options()))  # type: ignore[no-untyped-call]
+    # Not single_connection_client: that client reconnects to the address it had
+    # (redis-py skips the Sentinel lookup there), i.e. to a dead primary forever.
+    # Through the pool every reconnect asks the Sentinels; from_pool also closes it.
+    reader = redis.Redis.from_pool(reader_pool)
+    live = LiveReader(reader, client)
+    return RedisStreamStore(client, live, also_close=sentinel.sentinels, **options)
+
+
+def _cluster_store(url: str, observer: Observer | None, **options: Any) -> RedisStreamStore:
+    hosts, password, _ = _hosts_and_rest(url)
+    tls = url.lower().startswith("rediss")
+    common: dict[str, Any] = {"password": password, "ssl": tls}
+    cluster = BoundedCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in hosts],
+        socket_connect_timeout=2.0,
+        socket_timeout=5.0,
+        retry=Retry(NoBackoff(), 0),  # a retried append could store twice; MOVED is still followed
+        max_connections=options["pool_size"],  # per node; see open_cluster_pools
+        **common,
+    )
+    reader = reader_options() | common | {"single_connection_client": True}
+    live = ClusterLiveReader(cluster, reader, observer)
+    node_client = _node_client_factory(password, tls, options["pool_size"])
+    return RedisStreamStore(cluster, live, node_client=node_client, **options)
+
+
+def _node_client_factory(password: str | None, tls: bool, size: int) -> NodeClientFactory:
+    """Clients of single Cluster nodes (the WAIT of replicated appends), logged in and
+    encrypted as the cluster client is: without them a password or TLS Cluster refuses."""
+    options = pool_options(size) | {"password": password}
+    if tls:
+        options["connection_class"] = SSLConnection  # what ssl=True picks in redis-py
+
+    def open_node_client(host: str, port: int) -> redis.Redis:
+        pool = redis.BlockingConnectionPool(host=host, port=port, **options)
+        return redis.Redis.from_pool(pool)
+
+    return open_node_client
+
+
+def _embedded_store(**options: Any) -> RedisStreamStore:
+    import fakeredis
+
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeAsyncRedis(server=server)
+    reader = fakeredis.FakeAsyncRedis(server=server, single_connection_client=True)
+    return RedisStreamStore(
+        client,
+        LiveReader(reader, client),
+        durable=False,
+        description="embedded (in-process, not durable)",
+        **options,
+    )
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url
+    scheme, _, _ = head.partition("://")
+    return f"{scheme}://***@{tail}"

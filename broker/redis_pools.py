@@ -1,0 +1,146 @@
+"""Connection pools that hold all their connections open, and a cluster client that waits its turn.
+
+redis-py opens pooled connections lazily; these open them all when the store
+opens and again after a reconnect, so a process holds as many connections idle
+as under load, and a burst waits for a free one instead of opening more.
+
+Private surface of redis-py relied on by the redis_* modules (checked without a
+server by ``tests/unit/test_private_surfaces_redis.py``: a redis-py upgrade that
+changes one fails that test first, naming it and its user):
+
+- here: ``BlockingConnectionPool._in_use_connections`` (sized),
+  ``.get_connection()`` / ``.release(connection)`` (async), ``.make_connection()``
+  (sync); ``AbstractConnection.register_connect_callback(callback)`` (sync, kept
+  by weak reference: a bound method) and ``.connect()`` (async);
+  ``ClusterNode.acquire_connection()`` (sync, MaxConnectionsError when full),
+  ``.release(connection)`` (sync), ``.max_connections``;
+  ``RedisCluster.execute_command`` (async, overridden), ``.get_primaries()``;
+- ``redis_store``: a pool's ``get_connection``/``release`` and a connection's
+  ``send_packed_command``/``read_response``/``disconnect`` (the raw append
+  pipeline, packed by ``hiredis.pack_command``); ``AsyncScript.sha``/``.script``;
+  ``Pipeline.execute(raise_on_error=)``; NOSCRIPT raised as ``NoScriptError``;
+- ``redis_store`` and ``redis_live``: ``RedisCluster.nodes_manager.slots_cache``
+  and ``.nodes_manager.initialize()`` (async), ``get_node_from_key``, ``keyslot``;
+- ``redis_options``: ``ConnectionPool.disconnect(inuse_connections=)`` (async).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import MaxConnectionsError, RedisError
+
+log = logging.getLogger(__name__)
+
+
+class FixedPool(redis.BlockingConnectionPool):
+    """A blocking pool that keeps all of its ``max_connections`` connections open.
+
+    redis-py opens pooled connections lazily, so their number follows the peak of
+    concurrent commands. Once ``fill`` was called (when the store opens) this pool
+    has them all open, and opens them all again as soon as one of them had to
+    reconnect (Redis restarted, a Sentinel failover): a process holds as many
+    connections idle as under load. A burst beyond them waits for a free one.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._keep_full = False  # until the first fill: lazy, as redis-py's
+        self._filling = False
+        self._refill: asyncio.Task[None] | None = None
+
+    async def fill(self) -> None:
+        """Open every connection not in use (one in use is open, or reconnects itself).
+
+        All at once: opened one by one, each would hold a healthy connection back
+        from commands while the next one connects (a slow reconnect, seconds).
+        """
+        self._keep_full = True
+        self._filling = True
+        try:
+            free = self.max_connections - len(self._in_use_connections)
+            opened = await asyncio.gather(
+                *(self.get_connection() for _ in range(free)),  # type: ignore[no-untyped-call]
+                return_exceptions=True,
+            )
+        finally:
+            self._filling = False
+        failures = [each for each in opened if isinstance(each, BaseException)]
+        for connection in opened:
+            if not isinstance(connection, BaseException):
+                await self.release(connection)
+        if failures:
+            raise failures[0]
+
+    def make_connection(self) -> AbstractConnection:
+        connection: AbstractConnection = super().make_connection()  # type: ignore[no-untyped-call]
+        connection.register_connect_callback(self._connected)  # type: ignore[no-untyped-call]
+        return connection
+
+    def _connected(self, connection: AbstractConnection) -> None:
+        """One connection (re)connected: after an outage the idle ones are down too."""
+        if not self._keep_full or self._filling or (self._refill and not self._refill.done()):
+            return
+        self._refill = asyncio.get_running_loop().create_task(self._fill_quietly())
+
+    async def _fill_quietly(self) -> None:
+        try:
+            await self.fill()
+        except (RedisError, OSError) as error:  # the next reconnect tries again
+            log.info("redis: could not reopen the connection pool yet: %s", error)
+
+    async def aclose(self) -> None:
+        self._keep_full = False
+        if self._refill is not None:
+            self._refill.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refill
+        await super().aclose()
+
+
+class FixedSentinelPool(SentinelConnectionPool, FixedPool):
+    """The fixed pool, connected to wherever the Sentinels say the primary is."""
+
+
+class BoundedCluster(RedisCluster):
+    """The cluster client, whose commands wait for one of ``max_connections`` turns.
+
+    Its per-node pools hold up to ``max_connections`` each and raise when all are
+    in use; with as many commands in flight at most (across the whole cluster, as
+    the node of a command is only known inside the client), none is ever refused.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._turns = asyncio.Semaphore(kwargs["max_connections"])
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._turns:
+            return await super().execute_command(*args, **kwargs)
+
+
+async def open_cluster_pools(cluster: RedisCluster) -> None:
+    """Open every primary's ``max_connections`` connections of the cluster client.
+
+    redis-py opens them lazily; a failover or a new node gets its connections so.
+    """
+    await cluster.initialize()
+    for node in cluster.get_primaries():
+        held: list[Connection] = []
+        try:
+            while len(held) < node.max_connections:
+                held.append(node.acquire_connection())
+        except MaxConnectionsError:
+            pass  # the rest are in use, hence open
+        try:
+            await asyncio.gather(*(each.connect() for each in held))  # type: ignore[no-untyped-call]
+        finally:
+            for connection in held:
+                node.release(connection)

@@ -1,0 +1,135 @@
+"""The append pipeline when Redis loses its scripts mid-batch (SCRIPT FLUSH, a restart).
+
+The appends that ran before the flush stored their events; only the ones Redis
+answered NOSCRIPT may be sent again, once, or each would be stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+from redis.asyncio.connection import Connection
+
+from broker import NewEvent, StoreUnavailable
+from broker import constants as c
+from broker.ids import format_stream_id
+from broker.redis_open import open_store
+from broker.redis_store import RedisStreamStore
+from tests.support.redis_server import RedisServer
+
+SendPacked = Callable[..., Awaitable[None]]
+
+
+def split_commands(payload: bytes) -> list[bytes]:
+    """A packed RESP payload (``*N`` arrays of ``$len`` bulk strings), one chunk per command."""
+    commands, start = [], 0
+    while start < len(payload):
+        end = payload.index(b"\r\n", start)
+        position = end + 2
+        for _ in range(int(payload[start + 1 : end])):
+            end = payload.index(b"\r\n", position)
+            position = end + 2 + int(payload[position + 1 : end]) + 2
+        commands.append(payload[start:position])
+        start = position
+    return commands
+
+
+def appends_in(payload: Any) -> list[bytes]:
+    """The EVALSHA commands of a payload the append pipeline sends (packed bytes)."""
+    if not isinstance(payload, bytes) or b"EVALSHA" not in payload:
+        return []
+    return [each for each in split_commands(payload) if b"EVALSHA" in each]
+
+
+async def poll(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout}s"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def admin(private_redis: RedisServer) -> AsyncIterator[redis.Redis]:
+    """A connection of the test's own, to flush scripts and look at what was stored."""
+    client = redis.Redis.from_url(private_redis.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def store(private_redis: RedisServer) -> AsyncIterator[RedisStreamStore]:
+    instance = open_store(private_redis.url)
+    await instance.append(f"warm-{uuid.uuid4().hex[:8]}", [NewEvent("x")])  # script loaded
+    yield instance
+    await instance.close()
+
+
+async def test_a_script_flush_mid_pipeline_stores_each_append_once(
+    store: RedisStreamStore, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first append of a batch runs, then Redis loses its scripts before the others."""
+    topics = [f"ns-{uuid.uuid4().hex[:8]}-{n}" for n in range(3)]
+    original: SendPacked = Connection.send_packed_command
+    batches: list[int] = []
+
+    async def send_with_a_flush_after_the_first(
+        self: Connection, command: Any, check_health: bool = True
+    ) -> None:
+        appends = appends_in(command)
+        batches.append(len(appends))
+        if len(batches) > 1 or len(appends) < 3:  # only the batch under test, only once
+            return await original(self, command, check_health)
+        first, *rest = split_commands(command)
+        await original(self, first, check_health)
+
+        async def first_stored() -> bool:
+            return bool(await admin.xlen(c.log_key(topics[0])))
+
+        await poll(first_stored, 5, "the first append ran")
+        await admin.script_flush()
+        await original(self, b"".join(rest), check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", send_with_a_flush_after_the_first)
+    async with asyncio.timeout(10):
+        results = await asyncio.gather(
+            *(store.append(t, [NewEvent(f"e{n}")]) for n, t in enumerate(topics))
+        )
+    monkeypatch.undo()
+
+    assert batches[0] == 3, "the three appends did not travel as one batch"
+    for topic, result, n in zip(topics, results, range(3), strict=True):
+        stored: Any = await admin.xrange(c.log_key(topic))
+        assert len(stored) == 1, f"{topic}: stored {len(stored)} times"
+        assert stored[0][1][c.FIELD_DATA] == f"e{n}".encode()
+        assert [format_stream_id(i.position) for i in result.ids] == [stored[0][0].decode()]
+
+
+async def test_a_script_lost_again_fails_the_append_instead_of_looping(
+    store: RedisStreamStore, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis keeps losing the script: the append fails (the publisher may retry), in bounds."""
+    original: SendPacked = Connection.send_packed_command
+    sends: list[int] = []
+
+    async def flush_before_each_append(
+        self: Connection, command: Any, check_health: bool = True
+    ) -> None:
+        if appends_in(command):
+            sends.append(1)
+            await admin.script_flush()
+        await original(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", flush_before_each_append)
+    topic = f"ns-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(StoreUnavailable, match="script"):
+        async with asyncio.timeout(10):
+            await store.append(topic, [NewEvent("1")])
+    monkeypatch.undo()
+    assert len(sends) == 2, "one send, one resend after reloading the script"
+    assert await admin.xlen(c.log_key(topic)) == 0

@@ -1,0 +1,126 @@
+"""The Cluster live reader when one primary fails while another has news.
+
+The healthy node's entries are delivered; the failure is logged, counted and
+refreshes the slot map; the failed node's topics are read again, from where
+they were, once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from redis.asyncio.cluster import NodesManager
+
+from broker import NewEvent
+from broker import constants as c
+from broker.ids import StreamPosition
+from broker.observer import Observer
+from broker.redis_open import open_store
+from tests.support.redis_topologies import RedisClusterGroup, wait_for
+
+
+class CountingObserver(Observer):
+    def __init__(self) -> None:
+        self.store_errors: list[str] = []
+
+    def store_error(self, operation: str) -> None:
+        self.store_errors.append(operation)
+
+
+@pytest.fixture
+def cluster_to_break() -> Iterator[RedisClusterGroup]:
+    """Three primaries that go on serving their own slots while one of them is down."""
+    group = RedisClusterGroup(masters=3).start()
+    for port in group.live_ports:
+        group.client(port).config_set("cluster-require-full-coverage", "no")
+    yield group
+    group.close()
+
+
+def topic_on(cluster: RedisClusterGroup, port: int) -> str:
+    """A fresh topic whose keys live on the primary at ``port``."""
+    for _ in range(10_000):
+        topic = f"c-{uuid.uuid4().hex[:12]}"
+        if cluster.master_port_of(c.log_key(topic)) == port:
+            return topic
+    raise AssertionError(f"no topic found on :{port}")
+
+
+def keep_data_across_restarts(cluster: RedisClusterGroup, port: int) -> None:
+    """AOF on, now and at the next start, so what the node holds survives its stop."""
+    client = cluster.client(port)
+    client.config_set("appendonly", "yes")
+    cluster.servers[port].appendonly = True
+
+    def written() -> bool:
+        info: Any = client.info("persistence")
+        return bool(
+            info["aof_enabled"]
+            and not info["aof_rewrite_in_progress"]
+            and not info["aof_rewrite_scheduled"]
+        )
+
+    wait_for(written, 15, f"AOF written on :{port}")
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout}s"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.timeout(90)
+async def test_a_failing_node_is_logged_counted_and_refreshed_while_the_others_deliver(
+    cluster_to_break: RedisClusterGroup,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cluster = cluster_to_break
+    healthy_port, failing_port = cluster.master_ports()[:2]
+    healthy, failing = topic_on(cluster, healthy_port), topic_on(cluster, failing_port)
+    await asyncio.to_thread(keep_data_across_restarts, cluster, failing_port)
+    refreshes: list[int] = []
+    initialize = NodesManager.initialize
+
+    async def counted_initialize(self: NodesManager, *args: Any, **kwargs: Any) -> None:
+        refreshes.append(1)
+        await initialize(self, *args, **kwargs)
+
+    monkeypatch.setattr(NodesManager, "initialize", counted_initialize)
+    observer = CountingObserver()
+    store = open_store(cluster.url, observer=observer)
+    try:
+
+        async def append(topic: str, data: str) -> StreamPosition:
+            return (await store.append(topic, [NewEvent(data)])).ids[0].position
+
+        a0, b0 = await append(healthy, "a0"), await append(failing, "b0")
+        both = await store.read_live({healthy: (0, 0), failing: (0, 0)}, block_ms=2000)
+        assert set(both) == {healthy, failing}  # the reader holds a connection to each node
+        b1 = await append(failing, "b1")  # not read yet when its node goes down
+        await asyncio.to_thread(cluster.servers[failing_port].stop)
+        refreshes.clear()
+        a1 = await append(healthy, "a1")
+
+        with caplog.at_level(logging.WARNING, logger="broker.redis_live"):
+            read = await store.read_live({healthy: a0, failing: b0}, block_ms=2000)
+            assert [e.position for e in read[healthy]] == [a1], "the healthy node's entry"
+            assert failing not in read, "the failed node's topic must keep its position"
+            assert observer.store_errors == ["live_read"], "the failure was not counted"
+            await wait_until(lambda: bool(refreshes), 5, "a slot map refresh")
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(str(failing_port) in w for w in warnings), f"not logged: {warnings}"
+
+        await asyncio.to_thread(cluster.servers[failing_port].start)
+        await asyncio.to_thread(cluster.wait_until_ok)
+        again = await store.read_live({healthy: a1, failing: b0}, block_ms=5000)
+        assert [e.position for e in again[failing]] == [b1], "read again from where it was"
+    finally:
+        await store.close()

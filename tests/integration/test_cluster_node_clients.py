@@ -1,0 +1,55 @@
+"""Replicated durability on a Cluster: the per-node clients that WAIT log in as the cluster does."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from redis.asyncio.connection import SSLConnection
+
+from broker import NewEvent
+from broker.redis_open import open_store
+from tests.support.redis_topologies import RedisClusterGroup
+
+
+@pytest.fixture
+def cluster_with_password() -> Iterator[tuple[RedisClusterGroup, str]]:
+    """Three primaries with a replica each, then a password on every node."""
+    group = RedisClusterGroup(masters=3, replicas=1).start()
+    password = uuid.uuid4().hex
+    for port in group.live_ports:  # replicas first learn it, then every node asks for it
+        group.client(port).config_set("masterauth", password)
+    for port in group.live_ports:
+        group.client(port).config_set("requirepass", password)
+    yield group, password
+    group.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_replicated_publish_on_a_cluster_with_a_password(
+    cluster_with_password: tuple[RedisClusterGroup, str], topic: str
+) -> None:
+    """WAIT goes over a client of the topic's node: it must log in as the cluster client does."""
+    cluster, password = cluster_with_password
+    hosts = ",".join(f"127.0.0.1:{port}" for port in cluster.servers)
+    store = open_store(f"redis+cluster://:{password}@{hosts}", durability="replicated")
+    try:
+        result = await store.append(topic, [NewEvent("1")], idempotency_key="k")
+        assert not result.replayed
+        assert (await store.state(topic)).length == 1
+    finally:
+        await store.close()
+
+
+async def test_a_tls_clusters_node_clients_use_tls_and_its_password() -> None:
+    """No TLS server in the suite: the node client's pool is checked, unopened."""
+    store = open_store("rediss+cluster://:secret@127.0.0.1:1", durability="replicated")
+    try:
+        client = store._open_node_client("127.0.0.1", 1)
+        pool = client.connection_pool
+        assert issubclass(pool.connection_class, SSLConnection)
+        assert pool.connection_kwargs["password"] == "secret"
+        await client.aclose()
+    finally:
+        await store.close()

@@ -1,0 +1,289 @@
+"""Paths that once skipped or stalled events without telling the client, on a real Redis.
+
+Each test failed before its fix: a multi-topic gap id that left topics out, a
+subscriber joining a feed the hub had just dropped, retention trimming past a
+replay or past the live reader, one subscriber's exception skipping the others
+or stopping the heartbeat, direct writes past the subscriber's buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from broker import Broker, BrokerLimits, EventId, NewEvent, SubscriberTooSlow
+from broker import constants as c
+from broker.heartbeat import HeartbeatClock
+from broker.ids import parse_cursor
+from broker.model import LogEntry
+from broker.redis_open import open_store
+from tests.support.redis_server import RedisServer
+from tests.support.sse import Event, PushConsumer, collect, parse_events
+
+
+@pytest.fixture
+async def broker(redis_server: RedisServer) -> AsyncIterator[Broker]:
+    instance = Broker(open_store(redis_server.url), limits=BrokerLimits(heartbeat_seconds=0.3))
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+async def small_broker(url: str, maxlen: int) -> Broker:
+    instance = Broker(
+        open_store(url, retention_maxlen=maxlen), limits=BrokerLimits(heartbeat_seconds=0.3)
+    )
+    await instance.start()
+    return instance
+
+
+async def publish(broker: Broker, topic: str, numbers: range) -> list[EventId]:
+    result = await broker.publish(topic, [NewEvent(str(n)) for n in numbers])
+    return result.ids
+
+
+def numbers(events: list[Event]) -> list[int]:
+    return [int(e.data) for e in events if e.event is None]
+
+
+def gaps(events: list[Event]) -> list[Event]:
+    return [e for e in events if e.event == c.GAP_EVENT]
+
+
+async def test_every_gap_id_of_a_multi_topic_stream_names_every_topic(
+    broker: Broker, topic: str
+) -> None:
+    """A cursor whose ``a`` part is unknown: the gap's id must still carry ``b``'s
+    position, or a client that drops right after it resumes ``b`` from "now"."""
+    a, b = f"{topic}-a", f"{topic}-b"
+    await publish(broker, a, range(2))
+    b_ids = await publish(broker, b, range(100, 103))
+    unknown = EventId("zzzzzzzz", (1, 0))
+    subscription = await broker.subscribe({a: unknown, b: b_ids[0]})
+    try:
+        events = await collect(subscription.chunks(), lambda ev: 102 in numbers(ev))
+    finally:
+        subscription.close()
+    [gap] = gaps(events)
+    assert gap.json["topic"] == a  # type: ignore[index]
+    assert parse_cursor(str(gap.id)) == {a: parse_cursor(str(gap.id))[a], b: b_ids[0]}
+    assert sorted(numbers(events)) == [0, 1, 101, 102]
+
+
+class Recorder:
+    """A live subscriber that records what the hub hands it."""
+
+    def __init__(self) -> None:
+        self.entries: list[LogEntry] = []
+        self.abandoned = False
+
+    def offer(self, entries: list[LogEntry], size: int) -> int:
+        self.entries += entries
+        return 0
+
+    def log_reset(self, topic: str) -> None:
+        pass
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+
+async def test_a_subscriber_never_joins_a_feed_the_hub_dropped(broker: Broker, topic: str) -> None:
+    """B waits for A's feed to be ready; A leaves before B resumes: the feed is
+    dropped, and B must start a new one, not join the dead one and wait forever."""
+    first, second = Recorder(), Recorder()
+    joining = asyncio.create_task(broker.hub.attach(topic, first))
+    waiting = asyncio.create_task(broker.hub.attach(topic, second))
+    await joining
+    broker.hub.detach(topic, first)  # before ``waiting`` resumed
+    await waiting
+    await publish(broker, topic, range(1))
+    async with asyncio.timeout(5):
+        while not second.entries:
+            await asyncio.sleep(0.01)
+    assert [e.data for e in second.entries] == [b"0"]
+    broker.hub.detach(topic, second)
+
+
+async def test_a_replay_slower_than_retention_is_told_with_a_gap(
+    redis_server: RedisServer, topic: str
+) -> None:
+    """Retention trims past a replay between two of its pages: a ``trimmed`` gap."""
+    page = c.REPLAY_PAGE_SIZE
+    broker = await small_broker(redis_server.url, maxlen=page + 100)
+    try:
+        await publish(broker, topic, range(page + 100))
+        original = broker.store.read_range
+        calls = 0
+
+        async def trim_after_first_page(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            result = await original(*args)
+            if calls == 1:  # a burst of publishes trims past where the replay is
+                await publish(broker, topic, range(page + 100, 3 * page))
+            return result
+
+        broker.store.read_range = trim_after_first_page  # type: ignore[method-assign]
+        subscription = await broker.subscribe({topic: "earliest"})
+        try:
+            events = await collect(subscription.chunks(), lambda ev: 3 * page - 1 in numbers(ev))
+        finally:
+            subscription.close()
+    finally:
+        await broker.close()
+    [gap] = gaps(events)
+    assert gap.json["reason"] == "trimmed"  # type: ignore[index]
+    received = numbers(events)
+    assert received[:page] == list(range(page))
+    after_gap = numbers(events[events.index(gap) :])
+    assert after_gap == list(range(after_gap[0], 3 * page))
+
+
+async def test_a_live_reader_behind_retention_sends_its_subscribers_a_gap(
+    redis_server: RedisServer, topic: str
+) -> None:
+    """The live reader is held back while a burst longer than ``maxlen`` is published:
+    what it then reads does not follow what it had; subscribers are told."""
+    broker = await small_broker(redis_server.url, maxlen=20)
+    try:
+        await publish(broker, topic, range(1))
+        subscription = await broker.subscribe({topic: "now"})
+        chunks = subscription.chunks()
+        reading = asyncio.create_task(collect(chunks, lambda ev: 1 in numbers(ev)))
+        async with asyncio.timeout(5):
+            while not subscription.is_live:
+                await asyncio.sleep(0.01)
+        gate = asyncio.Event()
+        original = broker.store.read_live
+
+        async def held(*args: Any) -> Any:
+            await gate.wait()
+            return await original(*args)
+
+        broker.store.read_live = held  # type: ignore[method-assign]
+        await publish(broker, topic, range(1, 2))  # ends the read in flight
+        await reading
+        await publish(broker, topic, range(2, 100))  # trimmed to ~20 meanwhile
+        gate.set()
+        events = await collect(chunks, lambda ev: 99 in numbers(ev))
+        subscription.close()
+    finally:
+        await broker.close()
+    [gap] = gaps(events)
+    assert gap.json["reason"] == "trimmed"  # type: ignore[index]
+    assert numbers(events)[-1] == 99 and 2 not in numbers(events)
+
+
+class Failing(Recorder):
+    def offer(self, entries: list[LogEntry], size: int) -> int:
+        raise RuntimeError("a subscriber's bug")
+
+    def __hash__(self) -> int:
+        return 0  # first in the feed's set, before the one that must still get entries
+
+
+async def test_one_subscriber_failing_skips_no_other(broker: Broker, topic: str) -> None:
+    failing, healthy = Failing(), Recorder()
+    await broker.hub.attach(topic, failing)
+    await broker.hub.attach(topic, healthy)
+    await publish(broker, topic, range(3))
+    async with asyncio.timeout(5):
+        while len(healthy.entries) < 3:
+            await asyncio.sleep(0.01)
+    assert [e.data for e in healthy.entries] == [b"0", b"1", b"2"]
+    assert failing.abandoned
+    broker.hub.detach(topic, failing)
+    broker.hub.detach(topic, healthy)
+
+
+class Member:
+    def __init__(self, fail: bool = False) -> None:
+        self.beats = 0
+        self.fail = fail
+        self.abandoned = False
+
+    def beat_if_idle(self, now: float, idle_for: float) -> None:
+        self.beats += 1
+        if self.fail:
+            raise RuntimeError("a stream's bug")
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+
+async def test_a_failing_stream_cannot_stop_the_heartbeat() -> None:
+    clock = HeartbeatClock(0.15)
+    failing, healthy = Member(fail=True), Member()
+    clock.add(failing)
+    clock.add(healthy)
+    try:
+        async with asyncio.timeout(5):
+            while healthy.beats < 5:
+                await asyncio.sleep(0.01)
+    finally:
+        await clock.close()
+    assert failing.abandoned and failing.beats == 1
+
+
+async def test_the_heartbeat_clock_restarts_if_its_task_ends() -> None:
+    clock = HeartbeatClock(0.15)
+    healthy = Member()
+    clock.add(healthy)
+    try:
+        assert clock._task is not None
+        clock._task.cancel()  # as if something ended it
+        async with asyncio.timeout(5):
+            while healthy.beats < 3:
+                await asyncio.sleep(0.01)
+    finally:
+        await clock.close()
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+async def test_a_stream_ends_when_its_credentials_expire(
+    broker: Broker, topic: str, mode: str
+) -> None:
+    sink = PushConsumer() if mode == "push" else None
+    subscription = await broker.subscribe({topic: "now"}, sink=sink, expires_at=time.time() + 0.5)
+    chunks = sink.start(subscription) if sink else subscription.chunks()
+    raw = b""
+    async with asyncio.timeout(5):
+        async for chunk in chunks:
+            raw += chunk
+    assert subscription.closed and parse_events(raw) == []
+    assert sink is None or sink.ended_by_subscription
+
+
+async def test_a_direct_write_past_the_buffer_drops_the_subscriber(
+    redis_server: RedisServer, topic: str
+) -> None:
+    """What a direct write leaves unsent counts against ``subscriber_buffer_bytes``, as a
+    queue does: a client that stopped reading is dropped, not written to forever."""
+    broker = Broker(
+        open_store(redis_server.url),
+        limits=BrokerLimits(subscriber_buffer_bytes=4096, heartbeat_seconds=0.3),
+    )
+    await broker.start()
+    try:
+        await publish(broker, topic, range(1))  # the log exists: live entries are of its epoch
+        sink = PushConsumer()
+        subscription = await broker.subscribe({topic: "now"}, sink=sink)
+        sink.start(subscription)
+        async with asyncio.timeout(5):
+            while not subscription.is_live or sink.pumping:
+                await asyncio.sleep(0.01)
+        sink.unsent = 5000  # its socket took nothing of late
+        await broker.publish(topic, [NewEvent('"' + "x" * 200 + '"')])
+        with pytest.raises(SubscriberTooSlow):
+            async with asyncio.timeout(5):
+                async for _ in sink:
+                    pass
+        assert sink.direct_writes == 1
+        subscription.close()
+    finally:
+        await broker.close()

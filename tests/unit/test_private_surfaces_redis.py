@@ -1,0 +1,160 @@
+"""The parts of redis-py (and hiredis) below their public API that the store relies on.
+
+No server: each surface is checked for its shape (there, callable, async or
+not, the parameters we pass). A redis-py upgrade that renames or reshapes one
+fails here, naming it and the module that uses it, before it fails in
+production as an AttributeError on the first reconnect or failover. The list
+is kept in ``broker/redis_pools.py``'s docstring too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Sized
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import hiredis
+import pytest
+import redis.asyncio as redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.commands.core import AsyncScript
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
+
+POOLS = "broker/redis_pools.py"
+STORE = "broker/redis_store.py"
+LIVE = "broker/redis_live.py"
+OPTIONS = "broker/redis_options.py"
+OPEN = "broker/redis_open.py"
+
+
+@dataclass(frozen=True)
+class Method:
+    """``owner.name`` is a method, async or not, that accepts ``params`` by these names."""
+
+    owner: type[Any]
+    name: str
+    kind: Literal["async", "sync"]
+    used_in: str
+    params: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.owner.__module__}.{self.owner.__qualname__}.{self.name}"
+
+
+METHODS = [
+    Method(BlockingConnectionPool, "get_connection", "async", f"{POOLS}, {STORE}"),
+    Method(BlockingConnectionPool, "release", "async", f"{POOLS}, {STORE}", ("connection",)),
+    Method(BlockingConnectionPool, "make_connection", "sync", POOLS),
+    Method(BlockingConnectionPool, "disconnect", "async", OPTIONS, ("inuse_connections",)),
+    Method(BlockingConnectionPool, "aclose", "async", POOLS),
+    Method(AbstractConnection, "register_connect_callback", "sync", POOLS, ("callback",)),
+    Method(AbstractConnection, "connect", "async", POOLS),
+    Method(AbstractConnection, "send_packed_command", "async", STORE, ("command",)),
+    Method(AbstractConnection, "read_response", "async", STORE),
+    Method(AbstractConnection, "disconnect", "async", STORE),
+    Method(ClusterNode, "acquire_connection", "sync", POOLS),
+    Method(ClusterNode, "release", "sync", POOLS, ("connection",)),
+    Method(ClusterNode, "__init__", "sync", OPEN, ("host", "port", "max_connections")),
+    Method(RedisCluster, "execute_command", "async", POOLS, ("args", "kwargs")),
+    Method(RedisCluster, "initialize", "async", f"{POOLS}, {STORE}, {LIVE}"),
+    Method(RedisCluster, "get_primaries", "sync", POOLS),
+    Method(RedisCluster, "get_node_from_key", "sync", f"{STORE}, {LIVE}", ("key",)),
+    Method(RedisCluster, "keyslot", "sync", LIVE, ("key",)),
+    Method(NodesManager, "initialize", "async", f"{STORE}, {LIVE}"),
+    Method(AsyncScript, "__call__", "async", STORE, ("keys", "args", "client")),
+    Method(Pipeline, "execute", "async", STORE, ("raise_on_error",)),
+    Method(Sentinel, "master_for", "sync", OPEN, ("service_name", "connection_pool_class")),
+    Method(SentinelConnectionPool, "__init__", "sync", OPEN, ("service_name", "sentinel_manager")),
+    Method(redis.Redis, "from_pool", "sync", OPEN, ("connection_pool",)),
+]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+def test_a_method_the_store_calls_keeps_its_shape(method: Method) -> None:
+    where = f"redis-py surface {method} (used by {method.used_in})"
+    function = getattr(method.owner, method.name, None)
+    assert callable(function), f"{where}: gone"
+    is_async = inspect.iscoroutinefunction(function)
+    assert is_async == (method.kind == "async"), f"{where}: no longer {method.kind}"
+    accepted = inspect.signature(function).parameters
+    missing = [name for name in method.params if name not in accepted]
+    assert not missing, f"{where}: no parameter {missing}; it takes {list(accepted)}"
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[BlockingConnectionPool]:
+    instance = BlockingConnectionPool(max_connections=3)  # opens nothing
+    yield instance
+    await instance.aclose()
+
+
+async def test_a_blocking_pool_counts_its_connections_in_use(pool: BlockingConnectionPool) -> None:
+    where = f"redis-py surface BlockingConnectionPool._in_use_connections (used by {POOLS})"
+    in_use = getattr(pool, "_in_use_connections", None)
+    assert isinstance(in_use, Sized), f"{where}: gone, or not a sized collection"
+    assert len(in_use) == 0, f"{where}: not empty on a new pool"
+    assert pool.max_connections == 3, f"BlockingConnectionPool.max_connections (used by {POOLS})"
+
+
+async def test_a_new_connection_takes_connect_callbacks(pool: BlockingConnectionPool) -> None:
+    connection = pool.make_connection()  # type: ignore[no-untyped-call]
+    where = f"redis-py surface AbstractConnection (used by {POOLS})"
+    assert isinstance(connection, AbstractConnection), f"{where}: make_connection returns that"
+    # A bound method, as FixedPool's: redis-py keeps it by weak reference.
+    connection.register_connect_callback(pool.__repr__)  # type: ignore[no-untyped-call]
+
+
+async def test_a_cluster_node_bounds_its_connections() -> None:
+    node = ClusterNode("127.0.0.1", 6379, max_connections=2)  # opens nothing
+    where = f"redis-py surface ClusterNode (used by {POOLS}, {LIVE})"
+    try:
+        assert node.max_connections == 2, f"{where}: max_connections"
+        assert (node.name, node.host, node.port) == ("127.0.0.1:6379", "127.0.0.1", 6379), where
+        held = [node.acquire_connection(), node.acquire_connection()]
+        with pytest.raises(MaxConnectionsError):  # what open_cluster_pools stops on
+            node.acquire_connection()
+        for connection in held:
+            node.release(connection)
+    finally:
+        await node.disconnect()
+
+
+async def test_a_cluster_client_keeps_its_slot_map_in_its_nodes_manager() -> None:
+    cluster = RedisCluster(host="127.0.0.1", port=6379)  # connects on first use only
+    where = f"redis-py surface RedisCluster.nodes_manager.slots_cache (used by {STORE}, {LIVE})"
+    try:
+        manager = getattr(cluster, "nodes_manager", None)
+        assert isinstance(manager, NodesManager), f"{where}: no nodes_manager"
+        assert getattr(manager, "slots_cache", None) == {}, f"{where}: not an empty dict at first"
+    finally:
+        await cluster.aclose()
+
+
+async def test_a_registered_script_knows_its_text_and_sha() -> None:
+    client = redis.Redis()  # connects on first use only
+    try:
+        script = client.register_script("return 1")
+    finally:
+        await client.aclose()
+    where = f"redis-py surface AsyncScript.sha / .script (used by {STORE})"
+    assert isinstance(script, AsyncScript), where
+    assert script.script == "return 1", where
+    assert isinstance(script.sha, str) and len(script.sha) == 40, where
+
+
+def test_a_lost_script_is_a_response_error_of_its_own() -> None:
+    """The pipeline tells NOSCRIPT from other errors by type, read per command."""
+    where = f"redis-py NoScriptError (used by {STORE})"
+    assert issubclass(NoScriptError, ResponseError), where
+    assert issubclass(MaxConnectionsError, RedisError), f"MaxConnectionsError (used by {POOLS})"
+
+
+def test_hiredis_packs_a_pipeline() -> None:
+    where = f"hiredis.pack_command (used by {STORE})"
+    command: tuple[Any, ...] = ("EVALSHA", "ab", 1, "k", 2)  # as the store builds them
+    packed = hiredis.pack_command(command)
+    assert packed == b"*5\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$1\r\nk\r\n$1\r\n2\r\n", where
