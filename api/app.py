@@ -19,14 +19,16 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from api import routes
+from api.auth import Authorizer, redact_tokens
 from api.connections import APP_STATE_KEY
+from api.cors import CorsPolicy, adding_headers, cors_headers
 from api.lifecycle import drain_on_shutdown_signals
 from api.metrics import PrometheusObserver, render_metrics
 from api.openapi import docs_page, openapi_document
 from api.problems import HttpProblem, problem, problem_for
 from api.publish import PublishEndpoint
-from api.settings import Settings
-from api.sse import OpenStreams
+from api.settings import Settings, split_list
+from api.sse import EventStreamResponse, OpenStreams
 from broker import Broker, BrokerError, BrokerLimits, open_store
 from broker.policy import TopicPolicy
 
@@ -83,6 +85,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
     )
     app.router.redirect_slashes = False  # an API answers 404, not a redirect to a guess
+    # Built here, not in the lifespan: a key that cannot be used stops the app at once.
+    app.state.authorizer = Authorizer.from_settings(settings)
+    app.state.cors = CorsPolicy(split_list(settings.cors_origins))
+    if app.state.authorizer.enabled:
+        log.info("authorization: on (JWT)")
+    else:
+        log.warning("authorization: off: anyone who reaches the broker may publish and subscribe")
     return app
 
 
@@ -101,31 +110,56 @@ class BrokerApp(Starlette):
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if _is_publish(scope):
-            scope["app"] = self
-            try:
-                await PUBLISH(scope, receive, send)
-            except Exception:
-                log.exception("unexpected error publishing on %s", scope.get("path"))
-                await problem(500, "Internal error", "the broker could not publish")(
-                    scope, receive, send
-                )
-            return
-        topic = routes.stream_topic(scope)
-        if topic is None:
+        if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
         scope["app"] = self
+        cors = cors_headers(scope)
+        # The stream writes its CORS headers itself: a wrapper would hide uvicorn's send.
+        stream_send, send = send, adding_headers(cors, send) if cors else send
+        if self.state.cors.is_preflight(scope):
+            await self._preflight(scope, receive, send)
+        elif _is_publish(scope):
+            await self._publish(scope, receive, send)
+        elif (topic := routes.stream_topic(scope)) is not None:
+            response = await self._open_stream(scope, receive, topic)
+            await response(scope, receive, stream_send if _is_stream(response) else send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def _preflight(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            headers = self.state.cors.preflight(scope)
+        except HttpProblem as error:
+            await problem_for(error)(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _publish(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await PUBLISH(scope, receive, send)
+        except Exception:
+            log.exception("unexpected error publishing on %s", scope.get("path"))
+            await problem(500, "Internal error", "the broker could not publish")(
+                scope, receive, send
+            )
+
+    async def _open_stream(
+        self, scope: Scope, receive: Receive, topic: str
+    ) -> Response | EventStreamResponse:
         try:
             request = Request(scope, receive)
-            response = await routes.open_stream(request, topic or None)
-            del request  # nothing of the request outlives the start of the stream
+            return await routes.open_stream(request, topic or None)
         except (BrokerError, HttpProblem) as error:
-            response = problem_for(error)
+            return problem_for(error)
         except Exception:
             log.exception("unexpected error opening a stream on %s", scope.get("path"))
-            response = problem(500, "Internal error", "the broker could not open this stream")
-        await response(scope, receive, send)
+            return problem(500, "Internal error", "the broker could not open this stream")
+
+
+def _is_stream(response: object) -> bool:
+    return isinstance(response, EventStreamResponse)
 
 
 def _is_publish(scope: Scope) -> bool:
@@ -206,7 +240,15 @@ def configure_logging(level: str) -> None:
     # Dropping a client that stopped reading ends its response unfinished, on
     # purpose (its socket is full); uvicorn reports that as an error.
     logging.getLogger("uvicorn.error").addFilter(_not_an_unfinished_response)
+    # A token sent as ?access_token= is part of the request target the access log writes.
+    logging.getLogger("uvicorn.access").addFilter(_no_tokens)
 
 
 def _not_an_unfinished_response(record: logging.LogRecord) -> bool:
     return "without completing response" not in record.getMessage()
+
+
+def _no_tokens(record: logging.LogRecord) -> bool:
+    if isinstance(record.args, tuple):
+        record.args = tuple(redact_tokens(a) if isinstance(a, str) else a for a in record.args)
+    return True

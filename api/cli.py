@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
+from pydantic import ValidationError
 
-from api.settings import Settings
+from api.settings import Settings, describe
 from api.workers import Supervisor
 
 log = logging.getLogger("api.cli")
@@ -95,7 +96,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = _apply_flags(args)
+    try:
+        settings = _apply_flags(args)
+    except ValidationError as error:  # a mistyped or unusable setting: never start open
+        sys.exit(f"broker: {describe(error)}")
     _announce_store(settings)
     serve(settings)
 

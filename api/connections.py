@@ -35,6 +35,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from api import problems, routes
+from api.cors import cors_headers
 from api.guard import (
     Admission,
     ClientLimits,
@@ -44,7 +45,7 @@ from api.guard import (
     response_head,
 )
 from api.metrics import SUBSCRIBERS
-from api.problems import problem_for
+from api.problems import HttpProblem, problem_for
 from api.sse import STREAM_HEADERS, OpenStreams
 from broker import (
     BrokerError,
@@ -165,10 +166,10 @@ class BrokerHttpProtocol(asyncio.Protocol):
         assert self._transport is not None
         stream = StreamConnection(self._transport, app.state.streams, self._server_state)
         try:
-            subscription = await app.state.broker.subscribe(starts, sink=stream)
+            subscription = await routes.subscribe(request, starts, stream)
         except StoreUnavailable:
             # Answered here: through uvicorn it would wait for the store a second time.
-            self._answer(routes.come_back_later(retry_ms, "store unavailable"))
+            self._answer(routes.come_back_later(retry_ms, "store unavailable", request.scope))
             return
         except StreamOver as over:
             self._answer(problem_for(over))  # 204: the EventSource stops reconnecting
@@ -179,17 +180,19 @@ class BrokerHttpProtocol(asyncio.Protocol):
             return
         if self._lost or app.state.streams.draining or subscription.closed:
             subscription.close()
-            self._answer(routes.come_back_later(retry_ms, "this instance is shutting down"))
+            self._answer(
+                routes.come_back_later(retry_ms, "this instance is shutting down", request.scope)
+            )
             return
         self._server_state.connections.discard(self)
         self._transport.set_protocol(stream)
         self._server_state.total_requests += 1
         _log_access(self._transport, request)
-        stream.start(subscription, self._response_head(retry_ms))
+        stream.start(subscription, self._response_head(retry_ms, cors_headers(request.scope)))
         self._transport.resume_reading()  # to see the client go
 
-    def _response_head(self, retry_ms: int) -> bytes:
-        headers = [*STREAM_HEADERS, (b"transfer-encoding", b"chunked")]
+    def _response_head(self, retry_ms: int, extra: list[tuple[bytes, bytes]]) -> bytes:
+        headers = [*STREAM_HEADERS, *extra, (b"transfer-encoding", b"chunked")]
         return response_head(200, headers, self._server_state) + chunk_of(retry_hint(retry_ms))
 
     def _answer(self, response: Response) -> None:
@@ -391,7 +394,7 @@ def _stream_request_of(
     request = Request(scope)
     try:
         return request, routes.stream_starts(request, topic or None)
-    except BrokerError:
+    except (BrokerError, HttpProblem):  # (401 and 403 too) the app answers it
         return None
 
 

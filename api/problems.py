@@ -31,6 +31,21 @@ class HttpProblem(Exception):
         self.detail = detail
 
 
+class Unauthorized(HttpProblem):
+    """No token, or one that is expired or invalid (401 with ``WWW-Authenticate``)."""
+
+    def __init__(self, detail: str, *, token_given: bool) -> None:
+        super().__init__(401, "Unauthorized", detail)
+        self.token_given = token_given
+
+
+class Forbidden(HttpProblem):
+    """A valid token (or an origin) without the right to this topic or request (403)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(403, "Forbidden", detail)
+
+
 def problem(
     status: int, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:
@@ -46,6 +61,8 @@ def problem(
 
 def problem_for(error: BrokerError | HttpProblem) -> Response:
     """Map an error to its response; the status of each error class is decided here only."""
+    if isinstance(error, Unauthorized):
+        return problem(401, error.title, error.detail, {"WWW-Authenticate": _challenge(error)})
     if isinstance(error, HttpProblem):
         return problem(error.status, error.title, error.detail)
     if isinstance(error, InvalidInput):
@@ -86,3 +103,10 @@ def too_many_connections(retry_after: int) -> Response:
     headers = {"Retry-After": str(retry_after)}
     detail = "this instance holds as many connections as it may; retry shortly"
     return problem(503, "Too many connections", detail, headers=headers)
+
+
+def _challenge(error: Unauthorized) -> str:
+    """RFC 6750 3: an ``error`` only when a token was sent (none: just the scheme)."""
+    if not error.token_given:
+        return 'Bearer realm="broker"'
+    return 'Bearer realm="broker", error="invalid_token"'

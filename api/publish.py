@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from api.auth import authorize
 from api.ingest import Ingest
 from api.negotiation import media_type_of
 from api.problems import HttpProblem, problem_for
@@ -58,6 +59,7 @@ class PublishEndpoint:
         settings: Settings = state.settings
         broker: Broker = state.broker
         topic = check_topic(scope["path_params"]["topic"])
+        await authorize(scope, "publish", [topic])  # before the body is read
         headers = dict(scope["headers"])
         raw_key = headers.get(b"idempotency-key")
         key = None if raw_key is None else raw_key.decode("latin-1")

@@ -23,8 +23,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
+from api.auth import Authorizer, Grant, authorize
+from api.cors import cors_headers
 from api.negotiation import prefers_json
-from api.problems import problem_for
+from api.problems import Forbidden, Unauthorized, problem_for
 from api.settings import Settings
 from api.sse import STREAM_HEADERS, EventStreamResponse, OpenStreams
 from broker import (
@@ -34,11 +36,13 @@ from broker import (
     StartFrom,
     StoreUnavailable,
     StreamOver,
+    Subscription,
     TopicInfo,
     parse_last_event_id,
 )
 from broker.framing import retry_hint
 from broker.model import LogEntry
+from broker.subscription import StreamSink
 from broker.validation import check_topic
 
 HISTORY_DEFAULT_LIMIT = 100
@@ -62,6 +66,10 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
+def _authorizer(request: Request) -> Authorizer:
+    return request.app.state.authorizer  # type: ignore[no-any-return]
+
+
 # -- subscribe and history ------------------------------------------------------
 
 
@@ -79,23 +87,26 @@ async def multi_topic_events(request: Request) -> Response | EventStreamResponse
 
 async def open_stream(request: Request, topic: str | None) -> Response | EventStreamResponse:
     """A stream of one topic, or (``topic`` None) of the ``?topic=`` list."""
+    await _authorizer(request).prepare(request.scope)  # (a JWKS fetch, if one is due)
     starts = stream_starts(request, topic)
     streams: OpenStreams = request.app.state.streams
     retry_ms = _settings(request).retry_ms
     if streams.draining:
-        return come_back_later(retry_ms, "this instance is shutting down")
+        return come_back_later(retry_ms, "this instance is shutting down", request.scope)
     response = EventStreamResponse(streams, retry_ms)
     try:
-        subscription = await _broker(request).subscribe(starts, sink=response)
+        subscription = await subscribe(request, starts, response)
     except StoreUnavailable:
-        return come_back_later(retry_ms, "store unavailable")
+        return come_back_later(retry_ms, "store unavailable", request.scope)
     except StreamOver as over:
         return problem_for(over)  # 204: the EventSource stops reconnecting
     return response.attach(subscription)
 
 
 def stream_starts(request: Request, topic: str | None) -> dict[str, StartFrom]:
-    """Where each topic of a stream request starts; raises on any bad input.
+    """Where each topic of a stream request starts; raises on any bad input, and
+    401/403 unless the request may subscribe to every topic (its grant is kept in
+    ``request.state`` for ``subscribe``).
 
     Shared by both ways a stream is served (``api.connections`` and the ASGI app),
     so they accept and refuse exactly the same requests.
@@ -103,7 +114,17 @@ def stream_starts(request: Request, topic: str | None) -> dict[str, StartFrom]:
     topics = [topic] if topic is not None else _listed_topics(request)
     for name in topics:
         check_topic(name)
+    request.state.grant = _authorizer(request).check(request.scope, "subscribe", topics)
     return _starts(request, topics)
+
+
+async def subscribe(
+    request: Request, starts: dict[str, StartFrom], sink: StreamSink | None = None
+) -> Subscription:
+    """The subscription of a request ``stream_starts`` accepted: it ends when the
+    request's token expires (the core's heartbeat clock ends it then)."""
+    grant: Grant = request.state.grant
+    return await _broker(request).subscribe(starts, sink=sink, expires_at=grant.expires_at)
 
 
 def _listed_topics(request: Request) -> list[str]:
@@ -133,7 +154,7 @@ def stream_topic(scope: Scope) -> str | None:
     return match.group(1)
 
 
-def come_back_later(retry_ms: int, why: str) -> Response:
+def come_back_later(retry_ms: int, why: str, scope: Scope | None = None) -> Response:
     """A stream that ends at once, so the client reconnects in ``retry_ms``.
 
     Not a 503: an EventSource treats any non-200 answer as final and never
@@ -143,7 +164,11 @@ def come_back_later(retry_ms: int, why: str) -> Response:
     return Response(
         retry_hint(retry_ms) + f": {why}, reconnect shortly\n\n".encode(),
         media_type="text/event-stream",
-        headers={k.decode(): v.decode() for k, v in STREAM_HEADERS[1:]} | {"Connection": "close"},
+        headers={
+            k.decode(): v.decode()
+            for k, v in [*STREAM_HEADERS[1:], *(cors_headers(scope) if scope else [])]
+        }
+        | {"Connection": "close"},
     )
 
 
@@ -166,6 +191,7 @@ def _starts(request: Request, topics: list[str]) -> dict[str, StartFrom]:
 async def history(request: Request) -> Response:
     """``{"events": [...], "next": id|null}``: retained events after ``?after``."""
     topic = check_topic(request.path_params["topic"])
+    await authorize(request.scope, "subscribe", [topic])
     raw_after = request.query_params.get("after")
     after = EventId.parse(raw_after) if raw_after else None
     limit = _history_limit(request.query_params.get("limit"))
@@ -202,6 +228,7 @@ def _event_json(entry: LogEntry) -> dict[str, Any]:
 
 async def topic_info(request: Request) -> Response:
     """``{"topic", "length", "first_id", "last_id"}``; 404 if it has no log."""
+    await authorize(request.scope, "subscribe", [check_topic(request.path_params["topic"])])
     info = await _broker(request).topic_info(request.path_params["topic"])
     return json_response(
         {
@@ -243,8 +270,19 @@ async def list_topics(request: Request) -> Response:
     cursor = request.query_params.get("cursor") or None
     if cursor is not None and not _LIST_CURSOR.fullmatch(cursor):
         raise InvalidInput("cursor must be the 'next' of a page before", field="cursor")
+    await _authorizer(request).prepare(request.scope)
     topics, following = await _broker(request).list_topics(prefix, cursor, limit)
-    return json_response({"topics": [_topic_json(t) for t in topics], "next": following})
+    visible = [_topic_json(t) for t in topics if _may_subscribe(request, t.topic)]
+    return json_response({"topics": visible, "next": following})
+
+
+def _may_subscribe(request: Request, topic: str) -> bool:
+    """Whether the caller may subscribe to the topic: the listing shows no other."""
+    try:
+        _authorizer(request).check(request.scope, "subscribe", [topic])
+    except (Unauthorized, Forbidden):
+        return False
+    return True
 
 
 _LIST_CURSOR = re.compile(r"\d{1,4}:\d{1,20}")
@@ -253,6 +291,7 @@ _LIST_CURSOR = re.compile(r"\d{1,4}:\d{1,20}")
 async def close_topic(request: Request) -> Response:
     """Close the topic (its log ends with ``broker.end``): ``201 {"id"}``; 200 if it was."""
     topic = check_topic(request.path_params["topic"])
+    await authorize(request.scope, "publish", [topic])
     if await request.body():
         raise InvalidInput("closing takes an empty body")
     result = await _broker(request).close_topic(topic)
@@ -261,8 +300,11 @@ async def close_topic(request: Request) -> Response:
 
 
 async def delete_topic(request: Request) -> Response:
-    """Delete the topic now (its streams get a ``deleted`` gap and end): 204."""
-    await _broker(request).delete_topic(check_topic(request.path_params["topic"]))
+    """Delete the topic now (its streams get a ``deleted`` gap and end): 204. Deleting
+    takes the right to publish to the topic."""
+    topic = check_topic(request.path_params["topic"])
+    await authorize(request.scope, "publish", [topic])
+    await _broker(request).delete_topic(topic)
     return Response(status_code=204)
 
 

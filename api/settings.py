@@ -5,12 +5,29 @@ Everything below the edge takes plain arguments built from this object.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from api.keys import ConfigError, hmac_algorithms, load_public_key
 from broker import constants as c
+
+ENV_PREFIX = "BROKER_"
+CLIENT_VARIABLES = frozenset({"BROKER_URL", "BROKER_TOKEN"})
+"""The command-line client's settings: known to ``broker serve``, and ignored by it."""
+KEY_SETTINGS = ("jwt_secret", "jwt_public_key", "jwt_jwks_url")
 
 
 class TopicPolicySetting(BaseModel):
@@ -54,8 +71,109 @@ class Settings(BaseSettings):
     max_connections: int = Field(c.DEFAULT_MAX_CONNECTIONS, ge=1)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
+    # Authorization: on when one of the three key settings is set.
+    jwt_secret: SecretStr | None = None
+    jwt_public_key: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    public_topics: str = ""
+    cors_origins: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_variables(cls, data: Any) -> Any:
+        """A mistyped variable (``BROKER_JWT_SECRT``) must not leave the broker open."""
+        unknown = unknown_variables(os.environ)
+        if unknown:
+            raise ValueError(
+                f"unknown setting {', '.join(unknown)} (known: see the README's Configuration)"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Settings:
+        given = [f"{ENV_PREFIX}{n.upper()}" for n in KEY_SETTINGS if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set only one of {', '.join(given)}")
+        return self
+
+    @field_validator(
+        "jwt_secret", "jwt_public_key", "jwt_jwks_url", "jwt_audience", "jwt_issuer", mode="before"
+    )
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        # An empty value must not read as "unset": that would turn authorization off.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty (unset the variable to turn this off)")
+        return value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _usable_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _config_check(hmac_algorithms, value.get_secret_value().encode())
+        return value
+
+    @field_validator("jwt_public_key")
+    @classmethod
+    def _usable_public_key(cls, value: str | None) -> str | None:
+        if value is not None:
+            _config_check(load_public_key, value)
+        return value
+
+    @field_validator("jwt_jwks_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, value: str) -> str:
+        for origin in split_list(value):
+            parts = urlsplit(origin)
+            exact = f"{parts.scheme}://{parts.netloc}" == origin and parts.hostname
+            if origin == "*" or parts.scheme not in ("http", "https") or not exact:
+                raise ValueError(
+                    f"{origin!r} is not an exact origin such as https://app.example.com "
+                    "(never *: credentials are allowed)"
+                )
+        return value
 
     @field_validator("redis_url", "retention_seconds", "topic_ttl_seconds", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+
+def split_list(value: str) -> list[str]:
+    """A comma-separated setting's items."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``BROKER_*`` variables that are no setting: the known names come from the fields."""
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    known |= CLIENT_VARIABLES
+    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+def _config_check(check: Any, value: Any) -> None:
+    try:
+        check(value)
+    except ConfigError as error:
+        raise ValueError(str(error)) from error
+
+
+def describe(error: ValidationError) -> str:
+    """A settings error as one line per variable, named as the user set it."""
+    lines = []
+    for problem in error.errors():
+        names = [f"{ENV_PREFIX}{str(part).upper()}" for part in problem["loc"]]
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"{names[0]}: {message}" if names else message)
+    return "invalid settings: " + "; ".join(lines)

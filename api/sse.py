@@ -20,6 +20,7 @@ from typing import Any, Protocol, cast
 
 from starlette.types import Receive, Scope, Send
 
+from api.cors import cors_headers
 from api.metrics import SUBSCRIBERS
 from broker import SubscriberTooSlow, Subscription
 from broker.framing import retry_hint
@@ -131,7 +132,8 @@ class EventStreamResponse:
             self._send = send
         watcher = asyncio.create_task(self._close_on_disconnect(subscription, receive))
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
+            headers = [*STREAM_HEADERS, *cors_headers(scope)]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send(_body(retry_hint(self._retry_ms)))
             async for chunk in subscription.chunks():
                 self._blocked_in_send = True

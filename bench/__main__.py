@@ -27,7 +27,7 @@ from bench.measure import Outcome
 from bench.procstats import other_load, raise_open_files_limit
 from bench.profiling import Profiler
 from bench.progress import say
-from bench.report import Results, render_table, rows, write_json
+from bench.report import Results, auth_rows, render_auth_table, render_table, rows, write_json
 from bench.scenarios import SCENARIO_FUNCTIONS
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default 10, 0 with --quick)",
     )
     parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="also measure the broker with authorization on (HS256), side by side",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="py-spy the server workers (flame graphs by --json)"
     )
     return parser.parse_args(argv)
@@ -61,6 +66,8 @@ def chosen_targets(args: argparse.Namespace) -> list[servers.Target]:
     targets = []
     if not args.skip_broker:
         targets.append(servers.BROKER)
+        if args.auth:
+            targets.append(servers.BROKER_AUTH)
     if not args.skip_baseline:
         targets.append(servers.BASELINE)
     return targets
@@ -120,13 +127,14 @@ async def run_all(args: argparse.Namespace, log_dir: Path) -> tuple[Results, lis
     scenarios = args.only or list(SCENARIOS)
     targets = chosen_targets(args)
     pool = LoadGenerators(max(sizes_for(t.name, args.quick).loadgen_processes for t in targets))
+    if any(t.is_broker for t in targets) and (missing := broker_missing()):
+        errors.append(f"broker: {missing}")
+        say(missing)
+        targets = [t for t in targets if not t.is_broker]
     try:
-        for target in targets:
-            if target is servers.BROKER and (missing := broker_missing()):
-                errors.append(f"broker: {missing}")
-                say(missing)
-                continue
-            for name in scenarios:
+        # Scenario by scenario, so auth on and off are measured one after the other.
+        for name in scenarios:
+            for target in targets:
                 try:
                     outcome = await run_scenario(target, name, pool, args, log_dir)
                 except Exception as error:
@@ -167,6 +175,7 @@ def document(args: argparse.Namespace, results: Results, errors: list[str]) -> d
             "sizes": {t: dataclasses.asdict(sizes_for(t, args.quick)) for t in targets},
         },
         "table": rows(results, sizes_notes(args)),
+        "auth_table": auth_rows(results),
         "results": results,
         "errors": errors,
     }
@@ -174,6 +183,9 @@ def document(args: argparse.Namespace, results: Results, errors: list[str]) -> d
 
 def print_summary(doc: dict[str, Any], json_path: Path) -> None:
     print(render_table(doc["table"]))
+    if doc["auth_table"]:
+        print()
+        print(render_auth_table(doc["auth_table"]))
     for target, outcomes in doc["results"].items():
         for name, outcome in outcomes.items():
             for warning in outcome["warnings"]:

@@ -97,3 +97,28 @@ FIGURES = (
     Figure("storm", "redis_commands", "storm: Redis commands issued", "lower", digits=0),
     Figure("storm", "redis_commands_per_client", "storm: Redis commands/client", "lower", 0.1, 3),
 )
+
+AUTH_TOLERANCE = 0.10
+"""Authorization may cost publish and fan-out at most this much (the issue's bound)."""
+AUTH_FIGURES = (
+    *(
+        figure
+        for figure in FIGURES
+        if (figure.scenario, figure.key)
+        in {
+            ("publish-single", "events_per_s"),
+            ("fanout", "deliveries_per_s"),
+            ("fanout", "cpu_us_per_delivery"),
+            ("fanout", "latency_p50_ms"),
+            ("fanout", "latency_p99_ms"),
+        }
+    ),
+    # Less swayed by other load on the machine than events/s.
+    Figure(
+        "publish-single",
+        "server_cpu_us_per_event",
+        "publish single: server CPU us/event",
+        "lower",
+        digits=1,
+    ),
+)

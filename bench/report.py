@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.config import FIGURES, Figure
+from bench.config import AUTH_FIGURES, AUTH_TOLERANCE, FIGURES, Figure
 
 Results = dict[str, dict[str, dict[str, Any]]]  # target -> scenario -> outcome as a dict
 COLUMNS = ("figure", "broker", "baseline", "broker vs baseline", "target", "met?")
@@ -84,6 +84,51 @@ def render_table(table: list[dict[str, Any]]) -> str:
         for row in table
     ]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    lines = [
+        " | ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in cells
+    ]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def auth_rows(results: Results) -> list[dict[str, Any]]:
+    """Auth on against auth off, for the figures the issue bounds (within 10%)."""
+    if "broker-auth" not in results:
+        return []
+    table = []
+    for figure in AUTH_FIGURES:
+        off, on = _value(results, "broker", figure), _value(results, "broker-auth", figure)
+        if off is None or on is None:
+            continue
+        ratio = on / off if off else None
+        within = None
+        if ratio is not None:
+            limit = 1 - AUTH_TOLERANCE if figure.better == "higher" else 1 + AUTH_TOLERANCE
+            within = ratio >= limit if figure.better == "higher" else ratio <= limit
+        table.append(
+            {"figure": figure.label, "auth_off": off, "auth_on": on, "on_vs_off": ratio,
+             "within_10pct": within, "digits": figure.digits}
+        )  # fmt: skip
+    return table
+
+
+def render_auth_table(table: list[dict[str, Any]]) -> str:
+    header = ("figure", "auth off", "auth on (HS256)", "on / off", "within 10%?")
+    cells = [header] + [
+        (
+            row["figure"],
+            _number(row["auth_off"], row["digits"]),
+            _number(row["auth_on"], row["digits"]),
+            _number(row["on_vs_off"], 3),
+            {True: "yes", False: "NO", None: ""}[row["within_10pct"]],
+        )
+        for row in table
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
     lines = [
         " | ".join(
             c.ljust(w) if i == 0 else c.rjust(w)

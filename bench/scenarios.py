@@ -29,8 +29,8 @@ def _topic(name: str) -> str:
     return f"bench.{name}.{uuid.uuid4().hex[:8]}"
 
 
-def _events_path(topic: str) -> str:
-    return f"/topics/{topic}/events"
+def _events_path(server: RunningServer, topic: str) -> str:
+    return server.target.authorized(f"/topics/{topic}/events")
 
 
 def _spec(server: RunningServer, path: str, **fields: Any) -> Message:
@@ -81,7 +81,7 @@ def _fanout_specs(
 
 async def fanout(server: RunningServer, pool: LoadGenerators, sizes: Sizes) -> Outcome:
     outcome = Outcome()
-    path = _events_path(_topic("fanout"))
+    path = _events_path(server, _topic("fanout"))
     count = int(sizes.fanout_rate * sizes.fanout_seconds)
     say(f"fanout: connecting {sizes.fanout_subscribers} subscribers")
     specs = _fanout_specs(server, path, pool, sizes, count)
@@ -162,7 +162,7 @@ async def _publish_rate(
     server: RunningServer, pool: LoadGenerators, sizes: Sizes, batch: int
 ) -> Outcome:
     outcome = Outcome()
-    path = _events_path(_topic(f"publish{batch}"))
+    path = _events_path(server, _topic(f"publish{batch}"))
     body = orjson.dumps([_event(i) for i in range(batch)] if batch > 1 else _event(0))
     request = post_request(HOST, server.port, path, body)
     start_at = time.time() + 0.5
@@ -199,6 +199,7 @@ async def _publish_rate(
     if outcome.details["requests_failed"]:
         outcome.warnings.append(f"{outcome.details['requests_failed']} publish requests failed")
     outcome.figures["events_per_s"] = ok * batch / max(r["wall_s"] for r in results)
+    outcome.figures["server_cpu_us_per_event"] = outcome.details["server_cpu_us_per_event"]
     return outcome
 
 
@@ -235,7 +236,7 @@ async def _warm_up(server: RunningServer, path: str) -> None:
 
 async def idle(server: RunningServer, pool: LoadGenerators, sizes: Sizes) -> Outcome:
     outcome = Outcome()
-    path = _events_path(_topic("idle"))
+    path = _events_path(server, _topic("idle"))
     total = sizes.idle_subscribers
     await _warm_up(server, path)
     before, clients0 = sample_tree(server.pid), redis_clients(server)
@@ -301,7 +302,7 @@ async def _prepare_storm(server: RunningServer, path: str, behind: int, marker: 
 
 async def storm(server: RunningServer, pool: LoadGenerators, sizes: Sizes) -> Outcome:
     outcome = Outcome()
-    path = _events_path(_topic("storm"))
+    path = _events_path(server, _topic("storm"))
     marker = f"storm-end-{uuid.uuid4().hex}"
     anchor = await _prepare_storm(server, path, sizes.storm_behind, marker)
     await asyncio.sleep(0.5)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import jwt
 import redis
 
 from tests.support.redis_server import RedisServer, free_port
@@ -26,6 +27,7 @@ HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 WORKERS = 2
 READY_TIMEOUT_S = 30.0
+AUTH_SECRET = "bench-only-secret-" + "0123456789abcdef" * 3  # 66 bytes: HS256
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,14 @@ class Target:
 
     name: str
     label: str
+    auth: bool = False
+
+    @property
+    def is_broker(self) -> bool:
+        return self.name.startswith("broker")
 
     def command(self, port: int, redis_url: str) -> list[str]:
-        if self.name == "broker":
+        if self.is_broker:
             return [
                 str(Path(sys.executable).parent / "broker"), "serve",
                 "--host", HOST, "--port", str(port),
@@ -52,10 +59,29 @@ class Target:
         env = dict(os.environ, BENCH_REDIS_URL=redis_url, BROKER_REDIS_URL=redis_url)
         env.setdefault("BROKER_LOG_LEVEL", "warning")
         env.setdefault("BROKER_ACCESS_LOG", "false")
+        if self.auth:
+            env["BROKER_JWT_SECRET"] = AUTH_SECRET
         return env
+
+    def authorized(self, path: str) -> str:
+        """``path`` with this target's token (``?access_token=``: one way for every request
+        the scenarios build; the check is the same as for a Bearer header)."""
+        if not self.auth:
+            return path
+        return f"{path}{'&' if '?' in path else '?'}access_token={bench_token()}"
+
+
+def bench_token() -> str:
+    """One HS256 token for the whole run, allowed every bench topic, valid for a day."""
+    claims = {
+        "exp": int(time.time()) + 86_400,
+        "broker": {"publish": ["bench.*"], "subscribe": ["bench.*"]},
+    }
+    return jwt.encode(claims, AUTH_SECRET, algorithm="HS256")
 
 
 BROKER = Target("broker", "broker")
+BROKER_AUTH = Target("broker-auth", "broker, auth on (HS256 JWT)", auth=True)
 BASELINE = Target("baseline", "baseline (FastAPI SSE + XREAD per client)")
 
 

@@ -33,3 +33,18 @@ def test_quick_bench_run_reports_every_figure_as_a_number(tmp_path: Path) -> Non
             assert isinstance(value, int | float), (row["figure"], target, value)
             assert math.isfinite(value), (row["figure"], target, value)
     assert "figure" in run.stdout and "broker vs baseline" in run.stdout
+
+
+def test_quick_auth_comparison_reports_auth_on_and_off(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "bench", "--quick", "--auth", "--skip-baseline"]
+    command += ["--only", "publish-single", "--json", str(output)]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout + run.stderr
+    document = json.loads(output.read_text())
+    assert document["errors"] == []
+    rows = {row["figure"]: row for row in document["auth_table"]}
+    assert set(rows) == {"publish single: events/s", "publish single: server CPU us/event"}
+    for row in rows.values():
+        assert row["auth_off"] > 0 and row["auth_on"] > 0, row
+    assert "auth on (HS256)" in run.stdout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from tests.deploy.balancers import (
     running_balancer,
     status_of,
 )
+from tests.support.polling import wait_until
 
 BALANCERS: list[Balancer] = ["nginx", "haproxy"]
 # Every test here runs nginx or HAProxy: not in `make test-fast` (-m "not e2e").
@@ -105,13 +105,6 @@ def test_a_body_over_one_mebibyte_is_refused_at_the_proxy(kind: Balancer, tmp_pa
     assert broker.posts == 0
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
-
-
 def test_nginx_sends_to_a_restarted_broker_at_once_even_after_all_had_failed(
     tmp_path: Path,
 ) -> None:
@@ -145,13 +138,19 @@ def test_haproxy_prefers_ready_brokers_and_falls_back_to_live_ones(tmp_path: Pat
         unready.release.set()
         unready.ready.clear()
         with running_balancer("haproxy", [ready.port, unready.port], tmp_path) as port:
-            wait_for(lambda: unready.unready_checks > fall, "HAProxy to check /readyz")
+            wait_until(
+                lambda: unready.unready_checks > fall, timeout=10, what="HAProxy to check /readyz"
+            )
             replies = [request(port, "GET /topics/t/events HTTP/1.1") for _ in range(6)]
             assert [status_of(reply) for reply in replies] == [200] * 6
             assert (ready.streams, unready.streams) == (6, 0), "an unready broker took streams"
 
             ready.ready.clear()  # now every broker drains
-            wait_for(lambda: ready.unready_checks > fall, "HAProxy to see every broker drain")
+            wait_until(
+                lambda: ready.unready_checks > fall,
+                timeout=10,
+                what="HAProxy to see every broker drain",
+            )
             replies = [request(port, "GET /topics/t/events HTTP/1.1") for _ in range(4)]
     assert [status_of(reply) for reply in replies] == [200] * 4, replies
     assert all(b"data: last" in reply for reply in replies)

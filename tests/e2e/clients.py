@@ -20,7 +20,8 @@ from typing import Any, Protocol
 import httpx
 from websockets.sync.client import ClientConnection, connect
 
-from tests.e2e.procs import ManagedProcess, tail, wait_until
+from tests.e2e.procs import ManagedProcess, tail
+from tests.support.polling import wait_until
 from tests.support.redis_server import free_port
 
 NODE_DIR = Path(__file__).resolve().parent / "node"

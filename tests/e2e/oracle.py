@@ -1,10 +1,5 @@
-"""The end-to-end oracle: what each subscriber received against what was acknowledged.
-
-Every acknowledged event must reach every subscriber exactly once and in the
-order of the log, with the id it was acknowledged with. The only excuse for a
-missing run of events is an explicit `broker.gap` right before the jump, and
-only where the scenario allows gaps at all.
-"""
+"""The end-to-end records of each subscriber, judged by the suite's oracle
+(``tests.support.oracle``): counts, opens, errors, and whether a client gave up."""
 
 from __future__ import annotations
 
@@ -14,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tests.e2e.publisher import Ack
+from tests.support.oracle import GAP_EVENT, delivery_problems
 
-GAP_EVENT = "broker.gap"
 CLOSED = 2  # EventSource.readyState: the client gave up and will not reconnect.
 
 
@@ -66,41 +61,15 @@ def gave_up(records: Sequence[dict[str, Any]]) -> str | None:
 def check_delivery(
     client: str, acks: Sequence[Ack], records: Sequence[dict[str, Any]], *, gaps_allowed: bool
 ) -> Delivery:
-    """Compare one client's records with the acknowledged sequence (acks[i].n == i)."""
+    """Compare one client's records with the acknowledged sequence (acks[i].n == i),
+    by the suite's oracle (``tests.support.oracle``)."""
     result = Delivery(client)
     result.opens = sum(1 for r in records if r["kind"] == "open")
     result.error_times = [float(r["t"]) for r in records if r["kind"] == "error"]
     result.gave_up = gave_up(records)
-    expected = 0  # the index in `acks` of the next event this client must receive
-    after_gap = False
-    for record in events_of(records):
-        if record["type"] == GAP_EVENT:
-            result.gaps.append(json.loads(record["data"]))
-            if not gaps_allowed:
-                after = f"after n={expected - 1}"
-                result.problems.append(f"unexpected {GAP_EVENT} {record['data']} {after}")
-            after_gap = True
-            continue
-        n = int(json.loads(record["data"])["n"])
-        problem = _check_one(acks, expected, n, record["id"], after_gap and gaps_allowed)
-        if problem:
-            result.problems.append(problem)
-        if n >= expected:
-            expected = n + 1
-        after_gap = False
-        result.delivered += 1
-    if expected < len(acks):
-        result.problems.append(f"missing n={expected}..{len(acks) - 1} at the end")
+    received = [(r["id"], r["type"]) for r in events_of(records)]
+    result.gaps = [json.loads(r["data"]) for r in events_of(records) if r["type"] == GAP_EVENT]
+    result.delivered = len(received) - len(result.gaps)
+    acked = [ack.id for ack in acks]
+    result.problems = delivery_problems(acked, received, gaps_allowed=gaps_allowed)
     return result
-
-
-def _check_one(acks: Sequence[Ack], expected: int, n: int, event_id: str, jump_ok: bool) -> str:
-    if n < expected:
-        return f"duplicate or out of order: n={n} (id {event_id}) after n={expected - 1}"
-    if n >= len(acks):
-        return f"n={n} (id {event_id}) was never acknowledged"
-    if n > expected and not jump_ok:
-        return f"lost n={expected}..{n - 1}: got n={n} (id {event_id}) with no {GAP_EVENT}"
-    if acks[n].id != event_id:
-        return f"n={n} arrived with id {event_id}, acknowledged as {acks[n].id}"
-    return ""

@@ -9,28 +9,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
 
 T = TypeVar("T")
-
-
-def wait_until(
-    condition: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05
-) -> T:
-    """Poll `condition` until it returns something truthy (and return that), or raise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def tail(path: Path, lines: int = 40) -> str:

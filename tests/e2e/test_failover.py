@@ -42,9 +42,9 @@ from tests.e2e.balancers import LoadBalancer
 from tests.e2e.brokers import BrokerCluster
 from tests.e2e.clients import ClientFactory, SseClient
 from tests.e2e.oracle import CLOSED, check_delivery, gave_up, last_n
-from tests.e2e.procs import wait_until
 from tests.e2e.publisher import Publisher
 from tests.e2e.topology import FailoverRedis, RedisTopology, RestartableRedis
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.e2e
 

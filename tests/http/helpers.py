@@ -11,7 +11,7 @@ import contextlib
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,38 +46,6 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
     assert body.get("status") == status, body
     assert "Traceback" not in body_text and 'File "' not in body_text, body_text
     return body
-
-
-def wait_until(
-    predicate: Callable[[], Any], *, timeout: float, message: str, interval: float = 0.05
-) -> Any:
-    """Poll until the predicate is truthy; its value, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {message}")
-        time.sleep(interval)
-
-
-async def await_until(
-    predicate: Callable[[], Awaitable[Any]],
-    *,
-    timeout: float,
-    message: str,
-    interval: float = 0.05,
-) -> Any:
-    """The async twin of ``wait_until``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {message}")
-        await asyncio.sleep(interval)
 
 
 # -- metrics -----------------------------------------------------------------------
@@ -316,32 +284,3 @@ async def raw_request(
         await response.close()
         raise
     return response
-
-
-def parse_sse(text: str) -> list[dict[str, str]]:
-    """Events (with id/event/data) from an SSE body, per the WHATWG parsing rules."""
-    events: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    data: list[str] = []
-    for line in re.split(r"\r\n|\r|\n", text):
-        if line == "":
-            if data:
-                events.append({**current, "data": "\n".join(data)})
-            current, data = {}, []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            data.append(value)
-        elif name in ("id", "event", "retry"):
-            current[name] = value
-    return events
-
-
-def complete_events(body: bytes) -> list[dict[str, str]]:
-    """The events of a body cut at any point: the text after the last blank line is dropped."""
-    text = body.decode("utf-8", errors="replace")
-    end = text.rfind("\n\n")
-    return parse_sse(text[: end + 2]) if end >= 0 else []

@@ -26,6 +26,7 @@ from tests.http.helpers import (
     request_bytes,
 )
 from tests.support.broker_process import BrokerProcess
+from tests.support.polling import await_until
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +156,11 @@ async def test_a_client_gone_while_subscribing_leaves_nothing_open(
             _, writer = await asyncio.open_connection("127.0.0.1", http_broker.port)
             writer.write(request_bytes("GET", f"{http_broker.url}/topics/{new_topic()}/events"))
             writer.close()
-        async with asyncio.timeout(10):
-            while await _open_counts(client) != before:
-                await asyncio.sleep(0.05)
+
+        async def freed() -> bool:
+            return await _open_counts(client) == before
+
+        await await_until(freed, timeout=10, what="every subscription freed")
 
 
 OPEN_COUNTS = ("broker_connected_subscribers", "broker_live_topics", "broker_live_registrations")

@@ -13,8 +13,11 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from tests.http.helpers import new_topic, parse_sse
+from tests.http.helpers import (
+    new_topic,
+)
 from tests.support.broker_process import BrokerProcess
+from tests.support.sse import parse_sse
 
 CURL = shutil.which("curl")
 pytestmark = pytest.mark.skipif(CURL is None, reason="curl is not installed")

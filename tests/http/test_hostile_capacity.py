@@ -19,9 +19,9 @@ from tests.http.helpers import (
     RawResponse,
     new_topic,
     raw_request,
-    wait_until,
 )
 from tests.support.broker_process import BrokerProcess
+from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer
 
 MAX_CONNECTIONS = 20
@@ -164,9 +164,7 @@ async def test_the_process_survives_running_out_of_file_descriptors(
             writer.close()
         await close_responses(held)
         held = []
-        wait_until(
-            lambda: _healthy(url), timeout=10, message="/healthz once the connections closed"
-        )
+        wait_until(lambda: _healthy(url), timeout=10, what="/healthz once the connections closed")
         stream = await a_served_stream(url, topic, timeout=5)
         held.append(stream)
         await delivers(url, stream, topic)

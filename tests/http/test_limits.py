@@ -15,9 +15,9 @@ from tests.http.helpers import (
     new_topic,
     publish_json,
     raw_request,
-    wait_until,
 )
 from tests.support.broker_process import BrokerProcess
+from tests.support.polling import wait_until
 
 MAX_EVENT = int(LIMITS["BROKER_MAX_EVENT_BYTES"])
 MAX_BODY = int(LIMITS["BROKER_MAX_BODY_BYTES"])
@@ -204,6 +204,6 @@ def test_an_idempotency_key_expires_after_the_window(limits_client: httpx.Client
         assert again.status_code == 201, again.text
         return again
 
-    again = wait_until(stored_anew, timeout=6, interval=0.2, message="the key never expired")
+    again = wait_until(stored_anew, timeout=6, interval=0.2, what="the key never expired")
     assert again.json() != first.json()
     assert stored(limits_client, topic) == 2

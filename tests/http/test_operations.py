@@ -10,16 +10,15 @@ import httpx
 from tests.http.helpers import (
     RawResponse,
     SseStream,
-    await_until,
     metric_value,
     new_topic,
     publish_many,
     raw_request,
     read_metric,
     subscribe,
-    wait_until,
 )
 from tests.support.broker_process import BrokerProcess
+from tests.support.polling import await_until, wait_until
 
 EVENT_STREAM = {"Accept": "text/event-stream"}
 METRICS = {
@@ -138,12 +137,12 @@ async def test_connected_subscribers_counts_open_streams(broker_on_redis: Broker
             return read_metric(url, "broker_connected_subscribers") == expected
 
         await asyncio.to_thread(
-            wait_until, lambda: count_is(5), timeout=5, message="the gauge never showed 5 streams"
+            wait_until, lambda: count_is(5), timeout=5, what="the gauge never showed 5 streams"
         )
         for stream in streams[:2]:
             await stream.close()
         await asyncio.to_thread(
-            wait_until, lambda: count_is(3), timeout=5, message="the gauge did not drop to 3"
+            wait_until, lambda: count_is(3), timeout=5, what="the gauge did not drop to 3"
         )
     finally:
         for stream in streams:
@@ -167,7 +166,7 @@ async def test_client_disconnects_free_their_subscriptions(broker_on_redis: Brok
             fds = metric_value(text, "process_open_fds") or 0
             return subscribers == 0 and fds <= baseline_fds + 5
 
-        await await_until(settled, timeout=10, message="subscriptions or sockets were not freed")
+        await await_until(settled, timeout=10, what="subscriptions or sockets were not freed")
         # The broker still serves the topic that saw 200 subscribers come and go.
         async with subscribe(client, topic) as stream:
             [live] = await publish_many(client, topic, ["after"])

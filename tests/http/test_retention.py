@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import httpx
 
-from tests.http.helpers import new_topic, wait_until
+from tests.http.helpers import (
+    new_topic,
+)
 from tests.support.broker_process import BrokerProcess
+from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer
 
 
@@ -27,7 +30,7 @@ def test_events_older_than_retention_seconds_are_dropped(redis_server: RedisServ
                 ids = [e["id"] for e in page["events"]]
                 return None if old in ids else newer.json()["id"]
 
-            newest = wait_until(old_is_gone, timeout=8, interval=0.25, message="never dropped")
+            newest = wait_until(old_is_gone, timeout=8, interval=0.25, what="never dropped")
             info = client.get(f"/topics/{topic}").json()
             assert info["last_id"] == newest and info["first_id"] != old
             # A cursor at the dropped event gets a "trimmed" gap, then what is retained.

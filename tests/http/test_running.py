@@ -15,8 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.helpers import metric_value, new_topic, read_metric, wait_until
+from tests.http.helpers import (
+    metric_value,
+    new_topic,
+    read_metric,
+)
 from tests.support.broker_process import BrokerProcess
+from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer, free_port
 
 
@@ -97,7 +102,7 @@ def test_the_asgi_factory_under_plain_uvicorn(redis_server: RedisServer) -> None
             return False
 
     try:
-        wait_until(healthy, timeout=20, message="uvicorn never became healthy")
+        wait_until(healthy, timeout=20, what="uvicorn never became healthy")
         _publish_and_read(base_url)
         ready = httpx.get(base_url + "/readyz").json()
         assert "redis" in str(ready).lower(), ready  # the variable chose the store
@@ -173,7 +178,7 @@ def _two_workers(process: BrokerProcess) -> list[int]:
     return wait_until(
         lambda: len(pids := _worker_pids(supervisor)) == 2 and pids,
         timeout=WORKER_DEADLINE,
-        message="the supervisor never showed two workers",
+        what="the supervisor never showed two workers",
     )
 
 
@@ -205,7 +210,7 @@ def test_workers_exit_when_their_supervisor_is_killed(redis_server: RedisServer)
         wait_until(
             lambda: all(_gone(pid) for pid in workers),
             timeout=WORKER_DEADLINE,
-            message=f"workers {workers} outlived their supervisor",
+            what=f"workers {workers} outlived their supervisor",
         )
         assert _refuses(process.port), "the port still takes connections"
     finally:
@@ -259,20 +264,20 @@ def test_a_killed_worker_is_replaced_and_its_streams_stop_counting(
         wait_until(
             lambda: read_metric(process.url, "broker_connected_subscribers") == len(streams),
             timeout=WORKER_DEADLINE,
-            message="the gauge never counted every open stream",
+            what="the gauge never counted every open stream",
         )
         os.kill(workers[0], signal.SIGKILL)
         supervisor = process.process.pid if process.process else 0
         wait_until(
             lambda: len(pids := _worker_pids(supervisor)) == 2 and workers[0] not in pids,
             timeout=WORKER_DEADLINE,
-            message="the killed worker was not replaced",
+            what="the killed worker was not replaced",
         )
         _publish_and_read(process.url)
         wait_until(
             lambda: read_metric(process.url, "broker_connected_subscribers") == len(streams) - held,
             timeout=WORKER_DEADLINE,
-            message="the dead worker's streams still count as connected",
+            what="the dead worker's streams still count as connected",
         )
     finally:
         for stream in streams:
@@ -320,7 +325,7 @@ def test_without_prctl_the_watch_alone_ends_an_orphaned_worker() -> None:
         child = int(parent.stdout.readline())
         parent.kill()
         parent.wait(timeout=10)
-        wait_until(lambda: _gone(child), timeout=WORKER_DEADLINE, message="the orphan kept running")
+        wait_until(lambda: _gone(child), timeout=WORKER_DEADLINE, what="the orphan kept running")
     finally:
         parent.kill()
         parent.wait(timeout=10)

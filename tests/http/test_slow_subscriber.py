@@ -12,7 +12,6 @@ import pytest
 from tests.http.conftest import SLOW
 from tests.http.helpers import (
     RawResponse,
-    complete_events,
     metric_value,
     new_topic,
     request_bytes,
@@ -20,6 +19,7 @@ from tests.http.helpers import (
 )
 from tests.support.broker_process import BrokerProcess
 from tests.support.redis_server import RedisServer
+from tests.support.sse import complete_events
 
 EVENT_BYTES = 2000
 BATCH = 20  # ~40 KB a request: well under the 128 KiB buffer of a subscriber that reads

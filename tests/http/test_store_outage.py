@@ -12,12 +12,12 @@ import pytest
 from tests.http.helpers import (
     SseStream,
     assert_problem,
-    await_until,
     new_topic,
     publish_many,
     subscribe,
 )
 from tests.support.broker_process import BrokerProcess
+from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
 
 CLIENT_TIMEOUT = 8.0
@@ -69,7 +69,7 @@ async def test_redis_down_then_back_with_its_data(
             async def store_down() -> bool:
                 return (await client.get("/readyz/store")).status_code == 503
 
-            await await_until(store_down, timeout=CLIENT_TIMEOUT, message="readyz/store stayed 200")
+            await await_until(store_down, timeout=CLIENT_TIMEOUT, what="readyz/store stayed 200")
             assert (await client.get("/healthz")).status_code == 200
             # Still ready: it holds new streams until Redis is back. A load balancer
             # that pulled it would answer 503 itself, and end EventSources for good.
@@ -91,12 +91,12 @@ async def test_redis_down_then_back_with_its_data(
                 return answer if answer.status_code in (200, 201) else None
 
             answer = await await_until(
-                published, timeout=15, interval=0.2, message="publishing never worked again"
+                published, timeout=15, interval=0.2, what="publishing never worked again"
             )
             after = [answer.json()["id"]]
-            await await_until(store_up, timeout=5, message="readyz/store never came back")
+            await await_until(store_up, timeout=5, what="readyz/store never came back")
             key = {"Idempotency-Key": "after-2"}
-            answer = await await_until(published, timeout=5, message="the second publish failed")
+            answer = await await_until(published, timeout=5, what="the second publish failed")
             after.append(answer.json()["id"])
             received = await _receive_after(client, stream, topic, before[0], after)
         assert received == after
@@ -133,7 +133,7 @@ async def test_a_write_not_confirmed_in_time_is_503_and_safe_to_retry(
             )
             return answer if answer.status_code in (200, 201) else None
 
-        await await_until(retried, timeout=15, interval=0.2, message="the retry never succeeded")
+        await await_until(retried, timeout=15, interval=0.2, what="the retry never succeeded")
         history = await client.get(
             f"/topics/{topic}/events", headers={"Accept": "application/json"}
         )
@@ -168,7 +168,7 @@ async def test_once_redis_is_back_every_publish_succeeds(
                 ready = await client.get("/readyz/store")
                 return answer.status_code == 201 and ready.status_code == 200
 
-            await await_until(recovered, timeout=15, interval=0.2, message="never recovered")
+            await await_until(recovered, timeout=15, interval=0.2, what="never recovered")
             answers = await burst(f"after-{outage}")
             assert [r.status_code for r in answers] == [201] * BURST, (
                 f"outage {outage}: " + "; ".join(r.text for r in answers if r.status_code != 201)

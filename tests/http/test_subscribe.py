@@ -15,13 +15,13 @@ from tests.http.helpers import (
     assert_id,
     assert_problem,
     new_topic,
-    parse_sse,
     publish_json,
     publish_many,
     raw_request,
     subscribe,
 )
 from tests.support.broker_process import BrokerProcess
+from tests.support.sse import parse_sse
 
 EVENT_STREAM = {"Accept": "text/event-stream"}
 

@@ -7,7 +7,6 @@ answered NOSCRIPT may be sent again, once, or each would be stored twice.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,6 +20,7 @@ from broker import constants as c
 from broker.ids import format_stream_id
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
+from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
 
 SendPacked = Callable[..., Awaitable[None]]
@@ -45,13 +45,6 @@ def appends_in(payload: Any) -> list[bytes]:
     if not isinstance(payload, bytes) or b"EVALSHA" not in payload:
         return []
     return [each for each in split_commands(payload) if b"EVALSHA" in each]
-
-
-async def poll(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        assert time.monotonic() < deadline, f"{what}: not after {timeout}s"
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -91,7 +84,7 @@ async def test_a_script_flush_mid_pipeline_stores_each_append_once(
         async def first_stored() -> bool:
             return bool(await admin.xlen(c.log_key(topics[0])))
 
-        await poll(first_stored, 5, "the first append ran")
+        await await_until(first_stored, timeout=5, what="the first append ran", interval=0.005)
         await admin.script_flush()
         await original(self, b"".join(rest), check_health)
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,6 +21,7 @@ from broker import constants as c
 from broker.ids import StreamPosition
 from broker.observer import Observer
 from broker.redis_open import open_store
+from tests.support.polling import await_until
 from tests.support.redis_topologies import RedisClusterGroup, wait_for
 
 
@@ -69,13 +69,6 @@ def keep_data_across_restarts(cluster: RedisClusterGroup, port: int) -> None:
     wait_for(written, 15, f"AOF written on :{port}")
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not after {timeout}s"
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.timeout(90)
 async def test_a_failing_node_is_logged_counted_and_refreshed_while_the_others_deliver(
     cluster_to_break: RedisClusterGroup,
@@ -114,7 +107,7 @@ async def test_a_failing_node_is_logged_counted_and_refreshed_while_the_others_d
             assert [e.position for e in read[healthy]] == [a1], "the healthy node's entry"
             assert failing not in read, "the failed node's topic must keep its position"
             assert observer.store_errors == ["live_read"], "the failure was not counted"
-            await wait_until(lambda: bool(refreshes), 5, "a slot map refresh")
+            await await_until(lambda: bool(refreshes), timeout=5, what="a slot map refresh")
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any(str(failing_port) in w for w in warnings), f"not logged: {warnings}"
 

@@ -21,6 +21,7 @@ from broker.heartbeat import HeartbeatClock
 from broker.ids import parse_cursor
 from broker.model import LogEntry
 from broker.redis_open import open_store
+from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Event, PushConsumer, collect, parse_events
 
@@ -102,9 +103,7 @@ async def test_a_subscriber_never_joins_a_feed_the_hub_dropped(broker: Broker, t
     broker.hub.detach(topic, first)  # before ``waiting`` resumed
     await waiting
     await publish(broker, topic, range(1))
-    async with asyncio.timeout(5):
-        while not second.entries:
-            await asyncio.sleep(0.01)
+    await await_until(lambda: second.entries, timeout=5, what="the second gets the entry")
     assert [e.data for e in second.entries] == [b"0"]
     broker.hub.detach(topic, second)
 
@@ -155,9 +154,7 @@ async def test_a_live_reader_behind_retention_sends_its_subscribers_a_gap(
         subscription = await broker.subscribe({topic: "now"})
         chunks = subscription.chunks()
         reading = asyncio.create_task(collect(chunks, lambda ev: 1 in numbers(ev)))
-        async with asyncio.timeout(5):
-            while not subscription.is_live:
-                await asyncio.sleep(0.01)
+        await await_until(lambda: subscription.is_live, timeout=5, what="the subscription is live")
         gate = asyncio.Event()
         original = broker.store.read_live
 
@@ -192,9 +189,7 @@ async def test_one_subscriber_failing_skips_no_other(broker: Broker, topic: str)
     await broker.hub.attach(topic, failing)
     await broker.hub.attach(topic, healthy)
     await publish(broker, topic, range(3))
-    async with asyncio.timeout(5):
-        while len(healthy.entries) < 3:
-            await asyncio.sleep(0.01)
+    await await_until(lambda: len(healthy.entries) >= 3, timeout=5, what="3 entries delivered")
     assert [e.data for e in healthy.entries] == [b"0", b"1", b"2"]
     assert failing.abandoned
     broker.hub.detach(topic, failing)
@@ -222,9 +217,7 @@ async def test_a_failing_stream_cannot_stop_the_heartbeat() -> None:
     clock.add(failing)
     clock.add(healthy)
     try:
-        async with asyncio.timeout(5):
-            while healthy.beats < 5:
-                await asyncio.sleep(0.01)
+        await await_until(lambda: healthy.beats >= 5, timeout=5, what="5 beats")
     finally:
         await clock.close()
     assert failing.abandoned and failing.beats == 1
@@ -237,9 +230,7 @@ async def test_the_heartbeat_clock_restarts_if_its_task_ends() -> None:
     try:
         assert clock._task is not None
         clock._task.cancel()  # as if something ended it
-        async with asyncio.timeout(5):
-            while healthy.beats < 3:
-                await asyncio.sleep(0.01)
+        await await_until(lambda: healthy.beats >= 3, timeout=5, what="3 beats")
     finally:
         await clock.close()
 
@@ -274,9 +265,9 @@ async def test_a_direct_write_past_the_buffer_drops_the_subscriber(
         sink = PushConsumer()
         subscription = await broker.subscribe({topic: "now"}, sink=sink)
         sink.start(subscription)
-        async with asyncio.timeout(5):
-            while not subscription.is_live or sink.pumping:
-                await asyncio.sleep(0.01)
+        await await_until(
+            lambda: subscription.is_live and not sink.pumping, timeout=5, what="live, pump ended"
+        )
         sink.unsent = 5000  # its socket took nothing of late
         await broker.publish(topic, [NewEvent('"' + "x" * 200 + '"')])
         with pytest.raises(SubscriberTooSlow):

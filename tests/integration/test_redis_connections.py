@@ -20,6 +20,7 @@ import redis.asyncio as redis
 from broker import Broker, NewEvent, StoreUnavailable
 from broker import constants as c
 from broker.redis_open import open_store
+from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
 from tests.support.redis_topologies import RedisClusterGroup, SentinelGroup
 
@@ -40,10 +41,10 @@ async def broker_connections(url: str) -> int:
 
 
 async def wait_for_connections(url: str, expected: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while (count := await broker_connections(url)) != expected:
-        assert time.monotonic() < deadline, f"{count} connections, not {expected}"
-        await asyncio.sleep(0.05)
+    async def reached() -> bool:
+        return await broker_connections(url) == expected
+
+    await await_until(reached, timeout=timeout, what=f"{expected} connections", interval=0.05)
 
 
 def fresh_topics(count: int) -> list[str]:

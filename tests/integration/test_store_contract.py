@@ -12,6 +12,7 @@ from broker.errors import StoreUnavailable
 from broker.model import NewEvent
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
+from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer, free_port
 
 
@@ -237,14 +238,10 @@ async def test_a_read_asked_after_another_was_sent_reads_anew(
 
     store._read_range = slow_reply  # type: ignore[method-assign]
     first = asyncio.create_task(store.read_range(topic, (0, 0), 10))
-    async with asyncio.timeout(5):
-        while calls == 0:
-            await asyncio.sleep(0.001)
+    await await_until(lambda: calls > 0, timeout=5, what="the first read sent")
     await store.append(topic, events("b"))
     second = asyncio.create_task(store.read_range(topic, (0, 0), 10))
-    async with asyncio.timeout(5):
-        while calls < 2:
-            await asyncio.sleep(0.001)
+    await await_until(lambda: calls >= 2, timeout=5, what="a second read sent")
     held.set()
     assert [e.data_text for e in (await second).entries] == ["a", "b"]
     assert [e.data_text for e in (await first).entries] == ["a"]

@@ -24,6 +24,7 @@ from broker import constants as c
 from broker.ids import parse_cursor
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
+from tests.support.polling import await_until
 from tests.support.sse import Event, PushConsumer, collect, parse_events
 
 
@@ -107,9 +108,7 @@ async def test_a_topic_without_events_waits_for_its_first(
     subscription, chunks = await consume(broker, {topic: "now"})
     try:
         reading = asyncio.create_task(collect(chunks, has(0)))
-        async with asyncio.timeout(5):
-            while not subscription.is_live:
-                await asyncio.sleep(0.01)
+        await await_until(lambda: subscription.is_live, timeout=5, what="the subscription is live")
         await publish_numbers(broker, topic, range(1))
         assert numbers(await reading) == [0]
     finally:
@@ -239,9 +238,7 @@ async def test_a_slow_subscriber_is_dropped_and_others_get_everything(
         slow_chunks = slow.chunks()
         collector = asyncio.create_task(collect(fast.chunks(), has(799), timeout=30))
         first_chunk = asyncio.create_task(anext(slow_chunks))
-        async with asyncio.timeout(5):
-            while not slow.is_live:
-                await asyncio.sleep(0.01)
+        await await_until(lambda: slow.is_live, timeout=5, what="the slow one is live")
         first = await publish_numbers(broker, topic, range(1))
         [event] = parse_events(await first_chunk)  # then it stops reading
         ids = first + await publish_numbers(broker, topic, range(1, 800))
@@ -289,9 +286,7 @@ async def test_live_entries_are_framed_once_and_shared(broker: Broker, topic: st
     await broker.hub.attach(topic, first)
     await broker.hub.attach(topic, second)
     await publish_numbers(broker, topic, range(3))
-    async with asyncio.timeout(5):
-        while len(offered[1]) < 3:
-            await asyncio.sleep(0.01)
+    await await_until(lambda: len(offered[1]) >= 3, timeout=5, what="3 entries offered")
     assert all(a is b for a, b in zip(offered[0], offered[1], strict=True))
     broker.hub.detach(topic, first)
     broker.hub.detach(topic, second)
@@ -321,9 +316,7 @@ async def test_a_pushed_subscription_idles_without_a_task(
         consumer.start(subscription)
         first = await collect(consumer, lambda ev: numbers(ev).count(0) == topics)
         assert numbers(first) == [0] * topics
-        async with asyncio.timeout(5):
-            while consumer.pumping:
-                await asyncio.sleep(0.01)
+        await await_until(lambda: not consumer.pumping, timeout=5, what="the pump ended")
         last = {name: (await publish_numbers(broker, name, range(1, 4)))[-1] for name in names}
         events = await collect(consumer, lambda ev: numbers(ev).count(3) == topics)
         assert sorted(numbers(events)) == sorted([1, 2, 3] * topics)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,31 +21,18 @@ from typing import Any, TypeVar
 
 import redis
 
+from tests.support.polling import wait_until
 from tests.support.redis_server import REDIS_SERVER, RedisServer, free_port, redis_ping
 
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 T = TypeVar("T")
 
 
-def wait_for(
-    condition: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05
-) -> T:
-    """Poll ``condition`` until it returns something truthy; raise TimeoutError after ``timeout``.
-
-    Redis errors while polling count as "not yet": the node may be restarting.
-    """
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while True:
-        try:
-            result = condition()
-        except (redis.RedisError, OSError) as error:
-            result, last_error = None, error
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not after {timeout}s (last error: {last_error})")
-        time.sleep(interval)
+def wait_for(condition: Callable[[], T | None], timeout: float, what: str) -> T:
+    """``wait_until``, with Redis errors counted as "not yet": the node may be restarting."""
+    return wait_until(  # type: ignore[return-value]
+        condition, timeout=timeout, what=what, tolerate=(redis.RedisError, OSError)
+    )
 
 
 class _Clients:

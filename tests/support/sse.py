@@ -1,8 +1,9 @@
-"""A small SSE parser for tests that read a subscription's raw chunks."""
+"""The suite's one SSE parser (the WHATWG rules), and readers of a subscription's chunks."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -22,20 +23,38 @@ class Event:
         return orjson.loads(self.data)
 
 
-def parse_events(raw: bytes) -> list[Event]:
-    """Complete events in ``raw`` (comments and retry hints ignored)."""
-    events = []
-    for block in raw.split(b"\n\n"):
-        fields: dict[str, list[str]] = {}
-        for line in block.split(b"\n"):
-            if not line or line.startswith(b":"):
-                continue
-            name, _, value = line.decode().partition(":")
-            fields.setdefault(name, []).append(value[1:] if value.startswith(" ") else value)
-        if "data" in fields:
-            events.append(Event(fields.get("id", [None])[-1], fields.get("event", [None])[-1],
-                                "\n".join(fields["data"])))  # fmt: skip
+def parse_sse(text: str) -> list[dict[str, str]]:
+    """Events (with id/event/data) from an SSE body, per the WHATWG parsing rules."""
+    events: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    data: list[str] = []
+    for line in re.split(r"\r\n|\r|\n", text):
+        if line == "":
+            if data:
+                events.append({**current, "data": "\n".join(data)})
+            current, data = {}, []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name in ("id", "event", "retry"):
+            current[name] = value
     return events
+
+
+def complete_events(body: bytes) -> list[dict[str, str]]:
+    """The events of a body cut at any point: the text after the last blank line is dropped."""
+    text = body.decode("utf-8", errors="replace")
+    end = text.rfind("\n\n")
+    return parse_sse(text[: end + 2]) if end >= 0 else []
+
+
+def parse_events(raw: bytes) -> list[Event]:
+    """The complete events in ``raw`` as ``Event`` objects (comments and retry hints ignored)."""
+    return [Event(e.get("id"), e.get("event"), e["data"]) for e in complete_events(raw)]
 
 
 async def collect(

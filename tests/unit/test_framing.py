@@ -3,14 +3,13 @@ from __future__ import annotations
 import pytest
 
 from broker.framing import HEARTBEAT, comment, data_lines, event_body, id_line, retry_hint
+from tests.support.sse import parse_sse
 
 
 def parse_sse_data(frame: bytes) -> str:
     """What a browser's EventSource gives back as event.data for one frame."""
-    lines = [
-        line[len(b"data: ") :].decode() for line in frame.split(b"\n") if line.startswith(b"data:")
-    ]
-    return "\n".join(lines)
+    [event] = parse_sse(frame.decode())
+    return event["data"]
 
 
 @pytest.mark.parametrize(

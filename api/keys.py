@@ -1,0 +1,213 @@
+"""The keys that verify tokens, and the algorithms each key may verify.
+
+The algorithms follow from the key, never from the token: a token's ``alg``
+header only picks among the algorithms its key allows. That shuts out
+``alg: none`` and algorithm confusion (an RS256 public key taken as an HS256
+secret, which anyone holding the public key could sign with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt import PyJWK, PyJWTError
+
+log = logging.getLogger(__name__)
+
+MIN_SECRET_BYTES = 32
+"""RFC 7518 3.2: an HS256 key at least as long as its hash (HS384: 48, HS512: 64)."""
+HMAC_ALGORITHMS = (("HS256", 32), ("HS384", 48), ("HS512", 64))
+EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+RSA_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
+JWKS_MIN_REFETCH_SECONDS = 5.0
+"""At most one JWKS fetch this often: tokens with made-up ``kid`` cannot hammer it."""
+JWKS_MAX_AGE_SECONDS = 300.0
+"""A fetched key set is fetched again after this long (keys removed from it stop working)."""
+JWKS_TIMEOUT_SECONDS = 5.0
+JWKS_MAX_BYTES = 1024 * 1024
+
+
+class UnknownKey(Exception):
+    """A token's key cannot be found or used (the token is then refused with 401)."""
+
+
+class ConfigError(ValueError):
+    """A key setting that cannot be used: the broker refuses to start."""
+
+
+class VerifyingKey(Protocol):
+    """Where a token's verifying key comes from: a fixed key, or a fetched key set."""
+
+    def key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
+        """The key for a token with this header, and the algorithms it may verify."""
+
+    async def ensure(self, header: dict[str, Any]) -> None:
+        """Make ``key_for`` ready for a token with this header (a JWKS may fetch)."""
+
+
+def algorithms_for(key: Any) -> list[str]:
+    """The asymmetric algorithms a public key verifies, from its type alone."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return list(RSA_ALGORITHMS)
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        algorithm = EC_ALGORITHMS.get(key.curve.name)
+        if algorithm is None:
+            raise ConfigError(f"unsupported elliptic curve {key.curve.name}")
+        return [algorithm]
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return ["EdDSA"]
+    raise ConfigError(f"unsupported public key type {type(key).__name__}")
+
+
+def hmac_algorithms(secret: bytes) -> list[str]:
+    """HS256/384/512 as far as the secret is long enough for each (RFC 7518 3.2)."""
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(f"the secret must be at least {MIN_SECRET_BYTES} bytes")
+    return [name for name, length in HMAC_ALGORITHMS if len(secret) >= length]
+
+
+def load_public_key(value: str) -> Any:
+    """A public key from PEM text, or from the path of a PEM file."""
+    text = value
+    if not value.lstrip().startswith("-----BEGIN"):
+        try:
+            text = Path(value).read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read the key file {value!r}: {error}") from error
+    try:
+        key = load_pem_public_key(text.encode())
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"not a PEM public key: {error}") from error
+    algorithms_for(key)  # refuses a key type no JWT algorithm uses
+    return key
+
+
+class FixedKey:
+    """A secret (HS*) or a public key (RS*/PS*/ES*/EdDSA), set in the configuration."""
+
+    def __init__(self, key: Any, algorithms: list[str]) -> None:
+        self._key = key
+        self._algorithms = algorithms
+
+    @classmethod
+    def secret(cls, secret: str) -> FixedKey:
+        raw = secret.encode()
+        return cls(raw, hmac_algorithms(raw))
+
+    @classmethod
+    def public(cls, pem_or_path: str) -> FixedKey:
+        key = load_public_key(pem_or_path)
+        return cls(key, algorithms_for(key))
+
+    def key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
+        return self._key, self._algorithms
+
+    async def ensure(self, header: dict[str, Any]) -> None:
+        return None
+
+
+class JwksKeys:
+    """A JSON Web Key Set fetched from a URL, cached, and fetched again for an unknown
+    ``kid`` (key rotation) or once stale, never more often than the rate bound."""
+
+    def __init__(self, url: str, *, min_refetch_seconds: float = JWKS_MIN_REFETCH_SECONDS) -> None:
+        self._url = url
+        self._min_refetch = min_refetch_seconds
+        self._keys: dict[str | None, tuple[Any, list[str]]] = {}
+        self._fetched_at: float | None = None  # monotonic; None: never fetched
+        self._tried_at = -float("inf")
+        self._fetching: asyncio.Task[None] | None = None
+
+    def key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
+        kid = header.get("kid")
+        if kid is None and len(self._keys) == 1:
+            return next(iter(self._keys.values()))  # a set of one key: no kid needed
+        found = self._keys.get(kid) if isinstance(kid, str) else None
+        if found is None:
+            raise UnknownKey("the token's key (kid) is not in the key set")
+        return found
+
+    async def ensure(self, header: dict[str, Any]) -> None:
+        """Fetch the set if it lacks this token's key, and wait for it; refresh a stale
+        set in the background. Requests that come while a fetch runs wait for that one."""
+        known = self._knows(header)
+        if known and not self._stale():
+            return
+        fetching = self._start_fetch()
+        if fetching is not None and not known:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(fetching)
+
+    def _knows(self, header: dict[str, Any]) -> bool:
+        kid = header.get("kid")
+        return kid in self._keys or (kid is None and len(self._keys) == 1)
+
+    def _stale(self) -> bool:
+        return (
+            self._fetched_at is None or time.monotonic() - self._fetched_at > JWKS_MAX_AGE_SECONDS
+        )
+
+    def _start_fetch(self) -> asyncio.Task[None] | None:
+        """The fetch under way, or a new one; None while the rate bound holds."""
+        if self._fetching is None and time.monotonic() - self._tried_at >= self._min_refetch:
+            self._tried_at = time.monotonic()
+            self._fetching = asyncio.get_running_loop().create_task(self._fetch())
+            self._fetching.add_done_callback(self._fetched)
+        return self._fetching
+
+    def _fetched(self, task: asyncio.Task[None]) -> None:
+        self._fetching = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("JWKS fetch from %s failed: %s", self._url, task.exception())
+
+    async def _fetch(self) -> None:
+        document = await asyncio.to_thread(_get_json, self._url)
+        self._keys = keys_of(document)
+        self._fetched_at = time.monotonic()
+        log.info("JWKS: %d key(s) from %s", len(self._keys), self._url)
+
+
+def keys_of(document: Any) -> dict[str | None, tuple[Any, list[str]]]:
+    """The usable public keys of a JWKS document, by ``kid``, with their algorithms.
+
+    Symmetric (``oct``) keys are skipped: a key set served over HTTP is public, and a
+    secret in it would let anyone sign. So are keys for another use than signatures.
+    """
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError('not a JWKS document (no "keys" list)')
+    keys: dict[str | None, tuple[Any, list[str]]] = {}
+    for entry in entries:
+        usable = _usable(entry) if isinstance(entry, dict) else None
+        if usable is not None:
+            keys[entry.get("kid")] = usable
+    return keys
+
+
+def _usable(entry: dict[str, Any]) -> tuple[Any, list[str]] | None:
+    if entry.get("kty") == "oct" or entry.get("use", "sig") != "sig":
+        return None
+    try:
+        key = PyJWK(entry).key
+        algorithms = algorithms_for(key)
+    except (PyJWTError, ConfigError):
+        return None
+    declared = entry.get("alg")  # a key may pin one algorithm: never widen it
+    if declared is not None:
+        algorithms = [name for name in algorithms if name == declared]
+    return (key, algorithms) if algorithms else None
+
+
+def _get_json(url: str) -> Any:
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    with urllib.request.urlopen(request, timeout=JWKS_TIMEOUT_SECONDS) as response:
+        return orjson.loads(response.read(JWKS_MAX_BYTES + 1)[:JWKS_MAX_BYTES])

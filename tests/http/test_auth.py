@@ -1,0 +1,489 @@
+"""Authorization through a real ``broker serve``: every token source, every way a
+token fails, every route of a topic (both stream paths), public topics, the end
+of a stream at its token's expiry, CORS on every kind of response, and no token
+in the logs.
+
+The lean stream path serves a connection's first request; the ASGI path a
+stream on a reused keep-alive connection (``tests/http/test_connections.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import orjson
+import pytest
+
+from tests.http.helpers import RawResponse, new_topic, raw_request, request_bytes, wait_until
+from tests.support.broker_process import BrokerProcess
+from tests.support.redis_server import RedisServer
+from tests.support.tokens import (
+    AUDIENCE,
+    ISSUER,
+    SECRET,
+    KeyPair,
+    claims,
+    hs_token,
+    unsigned_token,
+)
+
+APP_ORIGIN = "http://app.test:8080"
+HEARTBEAT_SECONDS = 0.5
+
+
+@pytest.fixture(scope="module")
+def auth_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    env = {
+        "BROKER_JWT_SECRET": SECRET,
+        "BROKER_JWT_AUDIENCE": AUDIENCE,
+        "BROKER_JWT_ISSUER": ISSUER,
+        "BROKER_PUBLIC_TOPICS": "pub-*, news",
+        "BROKER_CORS_ORIGINS": f"{APP_ORIGIN}, https://other.test",
+        "BROKER_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
+        "BROKER_ACCESS_LOG": "true",
+    }
+    process = BrokerProcess(redis_url=redis_server.url, env=env).start()
+    yield process
+    process.close()
+
+
+# -- calling each route over raw sockets -------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def problem(self) -> dict[str, object]:
+        assert self.headers["content-type"] == "application/problem+json", self.headers
+        body = orjson.loads(self.body)
+        assert isinstance(body, dict)
+        return body
+
+
+async def _finish(response: RawResponse) -> Answer:
+    """The head and (for a stream) its first block, or (else) the whole body."""
+    try:
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            if response.headers.get("transfer-encoding") == "chunked":
+                await response.read_until(b"\n\n")
+            else:
+                await response.read_sized_body()
+        else:
+            await response.read_sized_body()
+    finally:
+        await response.close()
+    return Answer(response.status, response.headers, bytes(response.body))
+
+
+async def stream_lean(url: str, path: str, headers: dict[str, str]) -> Answer:
+    """A stream as a connection's first request (``api.connections``)."""
+    return await _finish(await raw_request(url + path, headers=headers))
+
+
+async def stream_by_app(url: str, path: str, headers: dict[str, str]) -> Answer:
+    """A stream on a keep-alive connection's second request (uvicorn and the ASGI app)."""
+    port = int(url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request_bytes("GET", f"{url}/healthz"))
+    first = RawResponse(reader, writer)
+    await first.read_head()
+    await first.read_sized_body()
+    writer.write(request_bytes("GET", url + path, headers))
+    response = RawResponse(reader, writer)
+    await response.read_head()
+    return await _finish(response)
+
+
+async def publish(url: str, topic: str, headers: dict[str, str], query: str = "") -> Answer:
+    body = b'{"data": {"n": 1}}'
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), **headers}
+    target = f"{url}/topics/{topic}/events{query}"
+    return await _finish(await raw_request(target, "POST", headers=headers, body=body))
+
+
+async def history(url: str, topic: str, headers: dict[str, str], query: str = "") -> Answer:
+    headers = {"Accept": "application/json", **headers}
+    return await _finish(await raw_request(f"{url}/topics/{topic}/events{query}", headers=headers))
+
+
+async def topic_info(url: str, topic: str, headers: dict[str, str]) -> Answer:
+    return await _finish(await raw_request(f"{url}/topics/{topic}", headers=headers))
+
+
+async def call(route: str, url: str, topic: str, headers: dict[str, str]) -> Answer:
+    if route == "publish":
+        return await publish(url, topic, headers)
+    if route == "stream-lean":
+        return await stream_lean(url, f"/topics/{topic}/events", headers)
+    if route == "stream-by-app":
+        return await stream_by_app(url, f"/topics/{topic}/events", headers)
+    if route == "multi-stream-lean":
+        return await stream_lean(url, f"/events?topic={topic}&topic={topic}-2", headers)
+    if route == "multi-stream-by-app":
+        return await stream_by_app(url, f"/events?topic={topic}&topic={topic}-2", headers)
+    if route == "history":
+        return await history(url, topic, headers)
+    assert route == "topic-info"
+    return await topic_info(url, topic, headers)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_unauthorized(answer: Answer, token: str | None = None) -> None:
+    assert answer.status == 401, (answer.status, answer.body)
+    assert answer.headers["www-authenticate"].startswith("Bearer"), answer.headers
+    problem = answer.problem
+    assert problem["type"] == "/problems#unauthorized", problem
+    assert problem["status"] == 401
+    if token is not None:
+        assert token not in answer.body.decode(), "the token is echoed back"
+
+
+def assert_forbidden(answer: Answer) -> None:
+    assert answer.status == 403, (answer.status, answer.body)
+    assert answer.problem["type"] == "/problems#forbidden", answer.problem
+
+
+def assert_allowed(route: str, answer: Answer) -> None:
+    expected = 201 if route == "publish" else 200
+    assert answer.status == expected, (answer.status, answer.body)
+
+
+ROUTES = [
+    "publish",
+    "stream-lean",
+    "stream-by-app",
+    "multi-stream-lean",
+    "multi-stream-by-app",
+    "history",
+    "topic-info",
+]
+SUBSCRIBE_ROUTES = [route for route in ROUTES if route != "publish"]
+
+
+async def _topic_with_an_event(url: str) -> str:
+    topic = new_topic("auth")
+    token = hs_token(claims(publish=[f"{topic}*"]))
+    for name in (topic, f"{topic}-2"):
+        assert (await publish(url, name, bearer(token))).status == 201
+    return topic
+
+
+# -- every route -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_every_route_needs_a_token(auth_broker: BrokerProcess, route: str) -> None:
+    topic = await _topic_with_an_event(auth_broker.url)
+    assert_unauthorized(await call(route, auth_broker.url, topic, {}))
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_every_route_refuses_a_token_without_its_right(
+    auth_broker: BrokerProcess, route: str
+) -> None:
+    """Publish needs ``publish``; everything else ``subscribe``: the other right is not enough."""
+    topic = await _topic_with_an_event(auth_broker.url)
+    if route == "publish":
+        token = hs_token(claims(subscribe=[f"{topic}*"], publish=["elsewhere-*"]))
+    else:
+        token = hs_token(claims(publish=[f"{topic}*"], subscribe=["elsewhere-*"]))
+    assert_forbidden(await call(route, auth_broker.url, topic, bearer(token)))
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_every_route_serves_a_token_with_its_right(
+    auth_broker: BrokerProcess, route: str
+) -> None:
+    topic = await _topic_with_an_event(auth_broker.url)
+    token = hs_token(claims(publish=[topic], subscribe=[f"{topic}*"]))
+    assert_allowed(route, await call(route, auth_broker.url, topic, bearer(token)))
+
+
+@pytest.mark.parametrize("route", ["multi-stream-lean", "multi-stream-by-app"])
+async def test_a_multi_topic_stream_is_refused_if_any_topic_is_not_allowed(
+    auth_broker: BrokerProcess, route: str
+) -> None:
+    topic = await _topic_with_an_event(auth_broker.url)
+    token = hs_token(claims(subscribe=[topic]))  # not f"{topic}-2"
+    assert_forbidden(await call(route, auth_broker.url, topic, bearer(token)))
+
+
+# -- token sources -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["bearer", "cookie", "query"])
+@pytest.mark.parametrize("route", ["publish", "stream-lean", "stream-by-app", "history"])
+async def test_each_token_source(auth_broker: BrokerProcess, source: str, route: str) -> None:
+    topic = await _topic_with_an_event(auth_broker.url)
+    token = hs_token(claims(publish=[topic], subscribe=[topic]))
+    headers, query = {}, ""
+    if source == "bearer":
+        headers = bearer(token)
+    elif source == "cookie":
+        headers = {"Cookie": f"theme=dark; broker_token={token}"}
+    else:
+        query = f"?from=earliest&access_token={token}"
+    url, path = auth_broker.url, f"/topics/{topic}/events{query}"
+    if route == "publish":
+        answer = await publish(url, topic, headers, query)
+    elif route == "stream-lean":
+        answer = await stream_lean(url, path, headers)
+    elif route == "stream-by-app":
+        answer = await stream_by_app(url, path, headers)
+    else:
+        answer = await history(url, topic, headers, query)
+    assert_allowed(route, answer)
+
+
+async def test_the_bearer_header_comes_before_the_cookie(auth_broker: BrokerProcess) -> None:
+    topic = await _topic_with_an_event(auth_broker.url)
+    good = hs_token(claims(subscribe=[topic]))
+    bad = hs_token(claims(subscribe=[topic]), secret="another-secret-" + "y" * 40)
+    headers = {"Authorization": f"Bearer {bad}", "Cookie": f"broker_token={good}"}
+    assert_unauthorized(await stream_lean(auth_broker.url, f"/topics/{topic}/events", headers))
+
+
+# -- each way a token fails ---------------------------------------------------------------
+
+
+def _failing_tokens(topic: str) -> dict[str, str]:
+    rights = {"publish": [topic], "subscribe": [topic]}
+    good = claims(**rights)
+    no_exp = {k: v for k, v in good.items() if k != "exp"}
+    return {
+        "expired": hs_token(claims(**rights, expires_in=-30)),
+        "bad-signature": hs_token(good, secret="not-the-broker-secret-" + "z" * 40),
+        "wrong-alg-rs256": KeyPair.rsa().token(good),
+        "alg-none": unsigned_token(good, {"alg": "none", "typ": "JWT"}),
+        "alg-none-uppercase": unsigned_token(good, {"alg": "NONE", "typ": "JWT"}),
+        "wrong-audience": hs_token(good | {"aud": "another-service"}),
+        "no-audience": hs_token({k: v for k, v in good.items() if k != "aud"}),
+        "wrong-issuer": hs_token(good | {"iss": "https://evil.test"}),
+        "no-exp": hs_token(no_exp),
+        "not-a-jwt": "not.a.jwt",
+        "broker-claim-not-an-object": hs_token(good | {"broker": ["publish"]}),
+    }
+
+
+FAILURES = list(_failing_tokens("t"))
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("route", ["publish", "stream-lean", "stream-by-app"])
+async def test_each_bad_token_is_refused_with_401(
+    auth_broker: BrokerProcess, failure: str, route: str
+) -> None:
+    topic = await _topic_with_an_event(auth_broker.url)
+    token = _failing_tokens(topic)[failure]
+    answer = await call(route, auth_broker.url, topic, bearer(token))
+    assert_unauthorized(answer, token)
+    assert 'error="invalid_token"' in answer.headers["www-authenticate"]
+
+
+async def test_no_token_gets_the_bare_challenge(auth_broker: BrokerProcess) -> None:
+    answer = await publish(auth_broker.url, new_topic("auth"), {})
+    assert_unauthorized(answer)
+    assert answer.headers["www-authenticate"] == 'Bearer realm="broker"'
+
+
+# -- public topics ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["stream-lean", "stream-by-app", "history"])
+async def test_public_topics_are_subscribed_to_without_a_token(
+    auth_broker: BrokerProcess, route: str
+) -> None:
+    topic = new_topic("pub")
+    token = hs_token(claims(publish=[topic]))
+    assert (await publish(auth_broker.url, topic, bearer(token))).status == 201
+    assert_allowed(route, await call(route, auth_broker.url, topic, {}))
+    # A stale cookie does not stand in the way of a public topic.
+    stale = {"Cookie": f"broker_token={hs_token(claims(expires_in=-60))}"}
+    assert_allowed(route, await call(route, auth_broker.url, topic, stale))
+
+
+async def test_public_topics_are_not_public_to_publish(auth_broker: BrokerProcess) -> None:
+    assert_unauthorized(await publish(auth_broker.url, new_topic("pub"), {}))
+    assert_unauthorized(await publish(auth_broker.url, "news", {}))
+
+
+async def test_a_multi_topic_stream_with_a_private_topic_needs_its_token(
+    auth_broker: BrokerProcess,
+) -> None:
+    public, private = new_topic("pub"), new_topic("auth")
+    path = f"/events?topic={public}&topic={private}"
+    assert_unauthorized(await stream_lean(auth_broker.url, path, {}))
+    token = hs_token(claims(subscribe=[private]))  # the public one needs no right
+    assert (await stream_lean(auth_broker.url, path, bearer(token))).status == 200
+
+
+# -- a stream ends when its token does -------------------------------------------------------
+
+
+async def _time_of_end(response: RawResponse, deadline: float) -> float:
+    """Read the stream until it ends (cleanly or cut); the time it did."""
+    while time.time() < deadline:
+        try:
+            if await response.read_chunk(timeout=max(0.01, deadline - time.time())) is None:
+                return time.time()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return time.time()
+        except TimeoutError:
+            break
+    raise AssertionError(f"the stream did not end by its token's expiry: {response.body!r}")
+
+
+@pytest.mark.parametrize("path_kind", ["lean", "by-app"])
+async def test_a_stream_ends_when_its_token_expires(
+    auth_broker: BrokerProcess, path_kind: str
+) -> None:
+    topic = new_topic("auth")
+    token = hs_token(claims(subscribe=[topic], expires_in=3))
+    exp = orjson.loads(_payload(token))["exp"]
+    path = f"{auth_broker.url}/topics/{topic}/events"
+    if path_kind == "lean":
+        response = await raw_request(path, headers=bearer(token))
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", auth_broker.port)
+        writer.write(request_bytes("GET", f"{auth_broker.url}/healthz"))
+        first = RawResponse(reader, writer)
+        await first.read_head()
+        await first.read_sized_body()
+        writer.write(request_bytes("GET", path, bearer(token)))
+        response = RawResponse(reader, writer)
+        await response.read_head()
+    try:
+        assert response.status == 200
+        ended = await _time_of_end(response, deadline=exp + 2 + 4 * HEARTBEAT_SECONDS)
+        assert ended >= exp - 1, f"ended {exp - ended:.1f}s before the token's expiry"
+    finally:
+        await response.close()
+    # Coming back with the same (now expired) token: 401, and EventSource stops.
+    assert_unauthorized(
+        await stream_lean(auth_broker.url, f"/topics/{topic}/events", bearer(token))
+    )
+
+
+def _payload(token: str) -> bytes:
+    part = token.split(".")[1]
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+# -- CORS ----------------------------------------------------------------------------------------
+
+
+def assert_cors_for(answer: Answer, origin: str) -> None:
+    assert answer.headers.get("access-control-allow-origin") == origin, answer.headers
+    assert answer.headers.get("access-control-allow-credentials") == "true", answer.headers
+    assert "origin" in answer.headers.get("vary", "").lower(), answer.headers
+
+
+@pytest.mark.parametrize("route", [*ROUTES, "unauthorized-stream", "healthz"])
+async def test_cors_headers_on_every_kind_of_response(
+    auth_broker: BrokerProcess, route: str
+) -> None:
+    topic = await _topic_with_an_event(auth_broker.url)
+    token = hs_token(claims(publish=[topic], subscribe=[f"{topic}*"]))
+    origin = {"Origin": APP_ORIGIN}
+    if route == "unauthorized-stream":
+        answer = await stream_lean(auth_broker.url, f"/topics/{topic}/events", origin)
+        assert answer.status == 401
+    elif route == "healthz":
+        answer = await _finish(await raw_request(f"{auth_broker.url}/healthz", headers=origin))
+    else:
+        answer = await call(route, auth_broker.url, topic, bearer(token) | origin)
+        assert_allowed(route, answer)
+    assert_cors_for(answer, APP_ORIGIN)
+
+
+@pytest.mark.parametrize("route", ["publish", "stream-lean", "stream-by-app", "history"])
+async def test_no_cors_for_an_origin_not_listed(auth_broker: BrokerProcess, route: str) -> None:
+    topic = await _topic_with_an_event(auth_broker.url)
+    token = hs_token(claims(publish=[topic], subscribe=[f"{topic}*"]))
+    headers = bearer(token) | {"Origin": "https://evil.test"}
+    answer = await call(route, auth_broker.url, topic, headers)
+    assert "access-control-allow-origin" not in answer.headers, answer.headers
+    assert "access-control-allow-credentials" not in answer.headers, answer.headers
+    assert answer.headers.get("vary", "").lower() == "origin"
+
+
+async def test_a_preflight_for_publish(auth_broker: BrokerProcess) -> None:
+    headers = {
+        "Origin": "https://other.test",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, idempotency-key",
+    }
+    answer = await _finish(
+        await raw_request(f"{auth_broker.url}/topics/t/events", "OPTIONS", headers=headers)
+    )
+    assert answer.status == 204, answer
+    assert_cors_for(answer, "https://other.test")
+    allowed = answer.headers["access-control-allow-headers"].lower()
+    for name in ("authorization", "content-type", "idempotency-key", "last-event-id"):
+        assert name in allowed, allowed
+    assert "POST" in answer.headers["access-control-allow-methods"]
+    assert answer.headers.get("access-control-allow-origin") != "*"
+    # Each header once: a browser refuses a preflight with two Allow-Origin values.
+    head = await _raw_head(f"{auth_broker.url}/topics/t/events", "OPTIONS", headers)
+    assert head.lower().count(b"access-control-allow-origin:") == 1, head
+
+
+async def _raw_head(url: str, method: str, headers: dict[str, str]) -> bytes:
+    port = int(url.split(":")[2].split("/")[0])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request_bytes(method, url, headers))
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+
+
+async def test_a_preflight_from_an_origin_not_listed_is_refused(
+    auth_broker: BrokerProcess,
+) -> None:
+    headers = {"Origin": "https://evil.test", "Access-Control-Request-Method": "POST"}
+    answer = await _finish(
+        await raw_request(f"{auth_broker.url}/topics/t/events", "OPTIONS", headers=headers)
+    )
+    assert answer.status == 403
+    assert "access-control-allow-origin" not in answer.headers
+
+
+# -- no token in the logs ----------------------------------------------------------------------
+
+
+async def test_no_token_is_ever_logged(auth_broker: BrokerProcess) -> None:
+    """With the access log on: tokens in the query (every path) and bad tokens."""
+    topic = await _topic_with_an_event(auth_broker.url)
+    marker = uuid.uuid4().hex
+    good = hs_token(claims(publish=[topic], subscribe=[topic], jti=marker))
+    bad = hs_token(claims(subscribe=[topic], jti=marker), secret="wrong-secret-" + "q" * 40)
+    tokens = [good, bad]
+    query = f"/topics/{topic}/events?access_token={good}"
+    await stream_lean(auth_broker.url, query, {})
+    await stream_by_app(auth_broker.url, query, {})
+    await stream_lean(auth_broker.url, f"/topics/{topic}/events?access_token={bad}", {})
+    await publish(auth_broker.url, topic, {}, f"?access_token={good}")
+    wait_until(
+        lambda: auth_broker.log().count(f"/topics/{topic}/events?") >= 4,
+        timeout=10,
+        message="the access log lines of these requests",
+    )
+    log = auth_broker.log()
+    assert "access_token=[redacted]" in log
+    for token in tokens:
+        assert token not in log
+        for part in token.split("."):
+            assert part not in log, "a part of a token is in the log"

@@ -1,0 +1,181 @@
+"""Asymmetric keys through a real ``broker serve``: a public key from a PEM file, and
+a JWKS served by a local HTTP server (fetched, cached, fetched again for an
+unknown ``kid``, never more often than its rate bound)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from api.keys import JWKS_MIN_REFETCH_SECONDS
+from tests.http.test_auth import (
+    assert_allowed,
+    assert_unauthorized,
+    bearer,
+    call,
+    publish,
+    stream_lean,
+)
+from tests.support.broker_process import BrokerProcess
+from tests.support.redis_server import RedisServer
+from tests.support.tokens import (
+    JwksServer,
+    KeyPair,
+    claims,
+    confused_token,
+    hs_token,
+    serve_jwks,
+    unsigned_token,
+)
+
+RSA_KEY = KeyPair.rsa("rsa-1")
+EC_KEY = KeyPair.ec("ec-1")
+
+
+@pytest.fixture(scope="module")
+def pem_broker(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BrokerProcess]:
+    """A broker whose public key is a PEM file (the path is the setting)."""
+    key_file = tmp_path_factory.mktemp("keys") / "public.pem"
+    key_file.write_bytes(RSA_KEY.public_pem)
+    env = {"BROKER_JWT_PUBLIC_KEY": str(key_file), "BROKER_HEARTBEAT_SECONDS": "1"}
+    process = BrokerProcess(redis_url=redis_server.url, env=env).start()
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="module")
+def jwks() -> Iterator[JwksServer]:
+    with serve_jwks([RSA_KEY, EC_KEY]) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def jwks_broker(redis_server: RedisServer, jwks: JwksServer) -> Iterator[BrokerProcess]:
+    env = {"BROKER_JWT_JWKS_URL": jwks.url, "BROKER_HEARTBEAT_SECONDS": "1"}
+    process = BrokerProcess(redis_url=redis_server.url, env=env).start()
+    yield process
+    process.close()
+
+
+def _rights(topic: str) -> dict[str, object]:
+    return claims(publish=[topic], subscribe=[topic])
+
+
+# -- a public key from a PEM file ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["publish", "stream-lean", "stream-by-app"])
+async def test_a_token_signed_with_the_private_key(pem_broker: BrokerProcess, route: str) -> None:
+    topic = f"pem-{time.time_ns()}"
+    token = RSA_KEY.token(_rights(topic), kid=None)
+    assert_allowed(route, await call(route, pem_broker.url, topic, bearer(token)))
+
+
+def _hostile_tokens(topic: str) -> dict[str, str]:
+    rights = _rights(topic)
+    return {
+        # The public key is public: signing HS256 with it must not pass.
+        "algorithm-confusion": confused_token(rights, RSA_KEY.public_pem),
+        "alg-none": unsigned_token(rights, {"alg": "none"}),
+        "another-rsa-key": KeyPair.rsa().token(rights, kid=None),
+        "an-ec-key": EC_KEY.token(rights, kid=None),
+        "hs256-with-some-secret": hs_token(rights),
+    }
+
+
+@pytest.mark.parametrize("attack", list(_hostile_tokens("t")))
+@pytest.mark.parametrize("route", ["publish", "stream-lean"])
+async def test_tokens_not_signed_by_the_key_are_refused(
+    pem_broker: BrokerProcess, attack: str, route: str
+) -> None:
+    topic = f"pem-{time.time_ns()}"
+    token = _hostile_tokens(topic)[attack]
+    assert_unauthorized(await call(route, pem_broker.url, topic, bearer(token)), token)
+
+
+# -- a JWKS --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [RSA_KEY, EC_KEY], ids=["RS256", "ES256"])
+@pytest.mark.parametrize("route", ["publish", "stream-lean", "stream-by-app"])
+async def test_tokens_of_each_key_in_the_set(
+    jwks_broker: BrokerProcess, key: KeyPair, route: str
+) -> None:
+    topic = f"jwks-{time.time_ns()}"
+    answer = await call(route, jwks_broker.url, topic, bearer(key.token(_rights(topic))))
+    assert_allowed(route, answer)
+
+
+async def test_a_kid_naming_another_key_is_refused(jwks_broker: BrokerProcess) -> None:
+    topic = f"jwks-{time.time_ns()}"
+    token = RSA_KEY.token(_rights(topic), kid=EC_KEY.kid)  # RSA signature, EC key's kid
+    assert_unauthorized(await publish(jwks_broker.url, topic, bearer(token)), token)
+
+
+async def test_unknown_kids_cannot_hammer_the_key_set(
+    jwks_broker: BrokerProcess, jwks: JwksServer
+) -> None:
+    """Many tokens with made-up kids, on every path: 401 each, and at most one fetch
+    per rate-bound interval (the whole burst takes far less than one)."""
+    topic = f"jwks-{time.time_ns()}"
+    assert_allowed(
+        "publish", await publish(jwks_broker.url, topic, bearer(RSA_KEY.token(_rights(topic))))
+    )
+    before = jwks.fetch_count()
+    started = time.monotonic()
+    for n in range(30):
+        token = KeyPair.rsa(f"made-up-{n}").token(_rights(topic))
+        assert_unauthorized(await publish(jwks_broker.url, topic, bearer(token)), token)
+        answer = await stream_lean(jwks_broker.url, f"/topics/{topic}/events", bearer(token))
+        assert_unauthorized(answer, token)
+    intervals = (time.monotonic() - started) / JWKS_MIN_REFETCH_SECONDS
+    assert jwks.fetch_count() - before <= int(intervals) + 1, (jwks.fetch_count(), before)
+
+
+async def test_a_new_key_is_fetched_for_its_unknown_kid(
+    jwks_broker: BrokerProcess, jwks: JwksServer
+) -> None:
+    """Key rotation: a token of a key added to the set since the last fetch passes once
+    the set is fetched again (at once, or after the rate bound if a fetch just ran)."""
+    rotated = KeyPair.ec("ec-rotated")
+    topic = f"jwks-{time.time_ns()}"
+    token = rotated.token(_rights(topic))
+    jwks.set_keys([RSA_KEY, EC_KEY, rotated])
+    try:
+        deadline = time.monotonic() + JWKS_MIN_REFETCH_SECONDS + 5
+        while True:
+            answer = await stream_lean(jwks_broker.url, f"/topics/{topic}/events", bearer(token))
+            if answer.status == 200:
+                break
+            assert_unauthorized(answer, token)
+            assert time.monotonic() < deadline, "the rotated key was never fetched"
+            await asyncio.sleep(0.25)
+    finally:
+        jwks.set_keys([RSA_KEY, EC_KEY])
+
+
+def test_pem_text_works_as_well_as_a_path(tmp_path: Path) -> None:
+    """The setting takes PEM text too; checked in process (the broker tests use a path)."""
+    from api.keys import FixedKey
+
+    key = FixedKey.public(EC_KEY.public_pem.decode())
+    assert key.key_for({})[1] == ["ES256"]
+
+
+async def test_requests_during_a_fetch_wait_for_it() -> None:
+    """Subscribers arriving together (a deploy, a reconnect storm) before the set is
+    fetched: one fetch, and every one of them gets the key, none a 401."""
+    from api.keys import JwksKeys
+
+    with serve_jwks([RSA_KEY]) as server:
+        keys = JwksKeys(server.url)
+        header = {"kid": RSA_KEY.kid, "alg": "RS256"}
+        await asyncio.gather(*(keys.ensure(header) for _ in range(20)))
+        assert server.fetch_count() == 1
+        assert keys.key_for(header)[1][0] == "RS256"

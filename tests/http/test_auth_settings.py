@@ -1,0 +1,89 @@
+"""Fail closed: a ``broker serve`` with an unknown ``BROKER_*`` variable, or a key
+setting it cannot use, exits at start with an error naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from api.app import create_app
+from tests.support.broker_process import BROKER_BIN, BrokerProcess
+from tests.support.redis_server import free_port
+from tests.support.tokens import SECRET, KeyPair
+
+RSA_PEM = KeyPair.rsa().public_pem.decode()
+START_TIMEOUT_SECONDS = 30
+
+
+def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("BROKER_")}
+    return subprocess.run(
+        [str(BROKER_BIN), "serve", "--port", str(free_port())],
+        env=clean | env,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_SECONDS,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"BROKER_JWT_SECRT": SECRET}, "BROKER_JWT_SECRT"),
+        ({"BROKER_PUBLIC_TOPIC": "news"}, "BROKER_PUBLIC_TOPIC"),
+        ({"broker_cors_origin": "https://a.test"}, "broker_cors_origin"),
+        ({"BROKER_JWT_SECRET": ""}, "BROKER_JWT_SECRET"),
+        ({"BROKER_JWT_SECRET": "   "}, "BROKER_JWT_SECRET"),
+        ({"BROKER_JWT_SECRET": "too-short"}, "BROKER_JWT_SECRET"),
+        ({"BROKER_JWT_PUBLIC_KEY": "/nonexistent/key.pem"}, "BROKER_JWT_PUBLIC_KEY"),
+        ({"BROKER_JWT_PUBLIC_KEY": RSA_PEM.replace("A", "!", 3)}, "BROKER_JWT_PUBLIC_KEY"),
+        ({"BROKER_JWT_PUBLIC_KEY": ""}, "BROKER_JWT_PUBLIC_KEY"),
+        ({"BROKER_JWT_JWKS_URL": "file:///etc/passwd"}, "BROKER_JWT_JWKS_URL"),
+        ({"BROKER_JWT_JWKS_URL": "jwks.example.com/keys"}, "BROKER_JWT_JWKS_URL"),
+        ({"BROKER_JWT_SECRET": SECRET, "BROKER_JWT_AUDIENCE": ""}, "BROKER_JWT_AUDIENCE"),
+        ({"BROKER_JWT_SECRET": SECRET, "BROKER_JWT_PUBLIC_KEY": RSA_PEM}, "BROKER_JWT_SECRET"),
+        ({"BROKER_CORS_ORIGINS": "*"}, "BROKER_CORS_ORIGINS"),
+        ({"BROKER_CORS_ORIGINS": "https://a.test/app"}, "BROKER_CORS_ORIGINS"),
+    ],
+    ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
+)
+def test_a_setting_it_cannot_use_stops_the_broker(env: dict[str, str], named: str) -> None:
+    result = _serve(env)
+    assert result.returncode != 0, result.stderr
+    assert named in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert SECRET not in result.stderr, "the secret is in the error"
+
+
+def test_an_unreadable_key_file_stops_the_broker(tmp_path: Path) -> None:
+    key_file = tmp_path / "public.pem"
+    key_file.write_text(RSA_PEM)
+    key_file.chmod(0)
+    if os.access(key_file, os.R_OK):  # root reads anything: make it a directory instead
+        key_file.chmod(0o600)
+        key_file.unlink()
+        key_file.mkdir()
+    result = _serve({"BROKER_JWT_PUBLIC_KEY": str(key_file)})
+    assert result.returncode != 0
+    assert "BROKER_JWT_PUBLIC_KEY" in result.stderr and "cannot read" in result.stderr
+
+
+def test_the_command_line_clients_variables_are_known_and_ignored() -> None:
+    env = {"BROKER_URL": "http://127.0.0.1:1", "BROKER_TOKEN": "for-the-cli"}
+    process = BrokerProcess(env=env).start()
+    try:
+        assert process.process is not None and process.process.poll() is None
+    finally:
+        process.close()
+
+
+def test_create_app_refuses_an_unknown_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``uvicorn --factory api.app:create_app`` reads the environment the same way."""
+    monkeypatch.setenv("BROKER_JWT_AUDIENCES", "x")
+    with pytest.raises(ValidationError, match="BROKER_JWT_AUDIENCES"):
+        create_app()

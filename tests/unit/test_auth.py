@@ -1,0 +1,114 @@
+"""The authorization decision as pure logic: patterns, token sources, key algorithms."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from api.auth import OPEN, Authorizer, TopicPatterns, redact_tokens, token_of
+from api.keys import FixedKey, algorithms_for, hmac_algorithms, keys_of
+from api.problems import Forbidden, Unauthorized
+from tests.support.tokens import SECRET, KeyPair, hs_token
+
+
+def scope(headers: dict[str, str] | None = None, query: str = "") -> dict[str, Any]:
+    pairs = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return {"headers": pairs, "query_string": query.encode()}
+
+
+@pytest.mark.parametrize(
+    ("patterns", "topic", "allowed"),
+    [
+        (["orders"], "orders", True),
+        (["orders"], "orders2", False),
+        (["orders.*"], "orders.42", True),
+        (["orders.*"], "orders.", True),
+        (["orders.*"], "orders", False),
+        (["*"], "anything", True),
+        (["user:*:feed"], "user:7:feed", True),
+        (["user:*:feed"], "user:7:feed:x", False),
+        (["a.b"], "aXb", False),  # "." is a character, not a regex
+        (["x-*", "y"], "y", True),
+        ([], "t", False),
+    ],
+)
+def test_topic_patterns(patterns: list[str], topic: str, allowed: bool) -> None:
+    assert TopicPatterns(patterns).allows(topic) is allowed
+
+
+def test_token_sources_in_order() -> None:
+    both = {"Authorization": "Bearer from-header", "Cookie": "a=1; broker_token=from-cookie"}
+    assert token_of(scope(both, "access_token=from-query")) == "from-header"
+    cookie = {"Authorization": "Basic dXNlcjpwYXNz", "Cookie": "broker_token=from-cookie"}
+    assert token_of(scope(cookie, "access_token=from-query")) == "from-cookie"
+    assert token_of(scope({}, "x=1&access_token=from-query")) == "from-query"
+    assert token_of(scope({"Authorization": "bearer lower"})) == "lower"
+    assert token_of(scope({})) is None
+
+
+def test_redact_tokens() -> None:
+    assert redact_tokens("/t/events?a=1&access_token=abc.def&b=2") == (
+        "/t/events?a=1&access_token=[redacted]&b=2"
+    )
+    assert redact_tokens("/healthz") == "/healthz"
+
+
+def test_hmac_algorithms_follow_the_secret_length() -> None:
+    assert hmac_algorithms(b"x" * 32) == ["HS256"]
+    assert hmac_algorithms(b"x" * 48) == ["HS256", "HS384"]
+    assert hmac_algorithms(b"x" * 64) == ["HS256", "HS384", "HS512"]
+
+
+def test_public_key_algorithms_follow_the_key_type() -> None:
+    assert algorithms_for(KeyPair.ec().private.public_key()) == ["ES256"]
+    assert "HS256" not in algorithms_for(KeyPair.rsa().private.public_key())
+
+
+def test_a_jwks_never_yields_a_symmetric_key() -> None:
+    rsa_key = KeyPair.rsa("r")
+    document = {"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}, rsa_key.jwk()]}
+    assert set(keys_of(document)) == {"r"}
+
+
+def test_a_jwk_alg_narrows_its_algorithms() -> None:
+    jwk = KeyPair.rsa("r").jwk() | {"alg": "PS256"}
+    assert keys_of({"keys": [jwk]})["r"][1] == ["PS256"]
+
+
+def _authorizer(public: list[str] | None = None) -> Authorizer:
+    return Authorizer(FixedKey.secret(SECRET), public_topics=TopicPatterns(public or []))
+
+
+def _bearer(payload: dict[str, Any]) -> dict[str, Any]:
+    return scope({"Authorization": f"Bearer {hs_token(payload)}"})
+
+
+def test_the_decision() -> None:
+    authorizer = _authorizer(["pub-*"])
+    exp = int(time.time()) + 60
+    token = _bearer({"exp": exp, "broker": {"publish": ["a"], "subscribe": ["a", "b-*"]}})
+    assert authorizer.check(token, "subscribe", ["a", "b-1"]).expires_at == exp
+    assert authorizer.check(token, "subscribe", ["pub-x", "a"]).expires_at == exp
+    assert authorizer.check(scope(), "subscribe", ["pub-x"]) is OPEN
+    with pytest.raises(Forbidden):
+        authorizer.check(token, "subscribe", ["a", "c"])
+    with pytest.raises(Forbidden):
+        authorizer.check(token, "publish", ["b-1"])
+    with pytest.raises(Unauthorized):
+        authorizer.check(scope(), "publish", ["pub-x"])
+
+
+def test_a_cached_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    authorizer = _authorizer()
+    exp = int(time.time()) + 60
+    token = _bearer({"exp": exp, "broker": {"subscribe": ["a"]}})
+    authorizer.check(token, "subscribe", ["a"])
+    monkeypatch.setattr(time, "time", lambda: exp + 1.0)
+    with pytest.raises(Unauthorized, match="expired"):
+        authorizer.check(token, "subscribe", ["a"])
+
+
+def test_off_without_a_key() -> None:
+    assert Authorizer(None).check(scope(), "publish", ["t"]) is OPEN
