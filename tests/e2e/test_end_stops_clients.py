@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from tests.e2e.clients import ChromiumEventSourceClient, NodeEventSourceClient, SseClient
-from tests.e2e.procs import wait_until
 from tests.http.helpers import new_topic
 from tests.support.broker_process import BrokerProcess
+from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e

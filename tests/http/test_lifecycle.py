@@ -21,13 +21,13 @@ from tests.http.helpers import (
     SseStream,
     assert_problem,
     new_topic,
-    parse_sse,
     publish_json,
     publish_many,
     raw_request,
     request_bytes,
 )
 from tests.support.broker_process import BrokerProcess
+from tests.support.sse import parse_sse
 
 EVENT_STREAM = {"Accept": "text/event-stream"}
 PATHS = ["lean", "reused"]
