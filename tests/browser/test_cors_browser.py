@@ -27,8 +27,9 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from tests.e2e.clients import CHROMIUM_FLAGS, chromium_executable
-from tests.e2e.procs import ManagedProcess, tail, wait_until
+from tests.e2e.procs import ManagedProcess, tail
 from tests.support.broker_process import BrokerProcess
+from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.tokens import SECRET, claims, hs_token
 
