@@ -33,6 +33,8 @@ from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.tokens import SECRET, claims, hs_token
 
+pytestmark = pytest.mark.e2e  # needs Chromium: not in make test-fast
+
 PAGE = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>broker CORS test</title></head>
 <body><h1>events</h1><ol id="log"></ol>
