@@ -310,6 +310,10 @@ class RedisStreamStore:
             raise StoreUnavailable(f"cluster slot map unavailable: {error}") from error
         if node is None:
             raise StoreUnavailable(f"no cluster node serves {key}")
+        return self._client_of(node)
+
+    def _client_of(self, node: Any) -> redis.Redis:
+        """The client of one Cluster node, opened once and kept."""
         client = self._node_clients.get(node.name)
         if client is None:
             client = self._node_clients[node.name] = self._open_node_client(
@@ -379,7 +383,7 @@ class RedisStreamStore:
     def _scan_targets(self) -> list[Any]:
         """Where topics' keys live: the one server, or each Cluster primary."""
         if isinstance(self._client, RedisCluster):
-            return [self._open_node_client(n.host, int(n.port)) for n in self._primaries()]
+            return [self._client_of(node) for node in self._primaries()]
         return [self._client]
 
     def _primaries(self) -> list[Any]:
