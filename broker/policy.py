@@ -53,17 +53,14 @@ class Policies:
         self.default = default
         self._rules = [(compile_pattern(p.pattern), _apply(p, default)) for p in policies]
         self.for_topic = functools.lru_cache(maxsize=POLICY_CACHE_SIZE)(self._lookup)
+        self.expiring = bool(default.ttl_ms) or any(r.ttl_ms for _, r in self._rules)
+        """Whether any topic can expire (the live reader then watches for it)."""
 
     def _lookup(self, topic: str) -> Retention:
         for pattern, retention in self._rules:
             if pattern.fullmatch(topic):
                 return retention
         return self.default
-
-    @property
-    def expiring(self) -> bool:
-        """Whether any topic can expire (the live reader then watches for it)."""
-        return bool(self.default.ttl_ms) or any(r.ttl_ms for _, r in self._rules)
 
 
 def _apply(policy: TopicPolicy, default: Retention) -> Retention:

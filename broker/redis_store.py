@@ -312,8 +312,8 @@ class RedisStreamStore:
             raise StoreUnavailable(f"no cluster node serves {key}")
         return self._client_of(node)
 
-    def _client_of(self, node: Any) -> Any:
-        """The node's client, opened once (closed with the store)."""
+    def _client_of(self, node: Any) -> redis.Redis:
+        """The client of one Cluster node, opened once and kept."""
         client = self._node_clients.get(node.name)
         if client is None:
             client = self._node_clients[node.name] = self._open_node_client(

@@ -27,10 +27,13 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from tests.e2e.clients import CHROMIUM_FLAGS, chromium_executable
-from tests.e2e.procs import ManagedProcess, tail, wait_until
+from tests.e2e.procs import ManagedProcess, tail
 from tests.support.broker_process import BrokerProcess
+from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.tokens import SECRET, claims, hs_token
+
+pytestmark = pytest.mark.e2e  # needs Chromium: not in make test-fast
 
 PAGE = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>broker CORS test</title></head>

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import orjson
 import pytest
 
-from tests.http.helpers import RawResponse, new_topic, raw_request, request_bytes, wait_until
+from tests.http.helpers import RawResponse, new_topic, raw_request, request_bytes
 from tests.support.broker_process import BrokerProcess
+from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer
 from tests.support.tokens import (
     AUDIENCE,
@@ -479,7 +480,7 @@ async def test_no_token_is_ever_logged(auth_broker: BrokerProcess) -> None:
     wait_until(
         lambda: auth_broker.log().count(f"/topics/{topic}/events?") >= 4,
         timeout=10,
-        message="the access log lines of these requests",
+        what="the access log lines of these requests",
     )
     log = auth_broker.log()
     assert "access_token=[redacted]" in log
