@@ -18,6 +18,7 @@ from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from api.settings import Settings, describe
 from api.workers import Supervisor
@@ -100,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = _apply_flags(args)
     except ValidationError as error:  # a mistyped or unusable setting: never start open
         sys.exit(f"broker: {describe(error)}")
+    except SettingsError as error:  # a setting that is not even readable (bad JSON)
+        cause = f": {error.__cause__}" if error.__cause__ else ""
+        sys.exit(f"broker: {error}{cause}")
     _announce_store(settings)
     serve(settings)
 

@@ -106,6 +106,8 @@ class LogState:
     """Where its ``broker.end`` entry is, once the topic is closed."""
     expires_in_ms: int | None = None
     """How long until Redis expires it, if it has a TTL."""
+    deleted_epoch: str | None = None
+    """The epoch of a log deleted a moment ago (DELETE), while its marker lingers."""
 
     @property
     def exists(self) -> bool:

@@ -413,7 +413,7 @@ class RedisStreamStore:
         keys = [c.log_key(topic), c.meta_key(topic)]
         max_age = self.policies.for_topic(topic).max_age_ms
         reply = await self._call(self._state_script(keys=keys, args=[max_age]))
-        epoch, trimmed, length, first, last, end, expires_in = reply
+        epoch, trimmed, length, first, last, end, expires_in, deleted = reply
         return LogState(
             epoch=epoch.decode() if epoch else None,
             length=int(length),
@@ -422,6 +422,7 @@ class RedisStreamStore:
             trimmed_through=_position_or_none(trimmed) or (0, 0),
             end=_position_or_none(end),
             expires_in_ms=int(expires_in) if int(expires_in) >= 0 else None,
+            deleted_epoch=deleted.decode() if deleted else None,
         )
 
     async def ping(self) -> None:

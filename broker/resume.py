@@ -23,7 +23,7 @@ from broker.model import LogState
 class Gap:
     """What a ``broker.gap`` notice tells the client."""
 
-    reason: str  # "trimmed" | "unknown"
+    reason: str  # "trimmed" | "unknown" | "deleted"
     requested: EventId
     resumed_after: EventId | None
 
@@ -31,7 +31,10 @@ class Gap:
 def resume_point(requested: EventId, state: LogState) -> tuple[EventId, Gap | None]:
     """The position to read after, and the gap notice to send first, if any."""
     if state.epoch is None:
-        return ORIGIN, None if requested.is_origin else Gap("unknown", requested, None)
+        if requested.is_origin:
+            return ORIGIN, None
+        reason = "deleted" if requested.epoch == state.deleted_epoch else "unknown"
+        return ORIGIN, Gap(reason, requested, None)
     if requested.is_origin:
         position = (0, 0)
     elif requested.epoch != state.epoch:

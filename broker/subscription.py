@@ -345,13 +345,16 @@ class Subscription:
                     gap = self._judge_start(topic, state)
                     if gap is not None:
                         gaps.append((topic, gap))
+                    if gap is not None and gap.reason == "deleted":
+                        self._end_topic(topic)  # deleted while we were away: over
                 # Framed only once every topic is judged: each notice's id is a cursor
                 # that names every topic at its new position.
                 for topic, gap in gaps:
                     yield self._gap_frame(topic, gap)
                 for topic in topics:
-                    async for chunk in self._replay_topic(topic):
-                        yield chunk
+                    if topic not in self._over:
+                        async for chunk in self._replay_topic(topic):
+                            yield chunk
             except StoreUnavailable:
                 # Keep the stream open and try again once the store is back;
                 # the heartbeat tells the client (and proxies) we are alive.
@@ -423,15 +426,19 @@ class Subscription:
             return self._control_frame(entry)
         return self._frame(entry, self._positions)
 
+    def _end_topic(self, topic: str) -> None:
+        """Nothing more will come of this topic: free its live registration."""
+        self._over.add(topic)
+        self._resync.discard(topic)
+        if topic in self._attached:
+            self._attached.remove(topic)
+            self._hub.detach(topic, self)
+
     def _control_frame(self, entry: LogEntry) -> bytes:
         """A topic's last entry: its end is delivered as it is (``broker.end``, with its
         id); a deletion marker becomes a ``deleted`` gap. Either way the topic is over."""
         topic = entry.topic
-        self._over.add(topic)
-        self._resync.discard(topic)
-        if topic in self._attached:  # nothing more will come: free the live registration
-            self._attached.remove(topic)
-            self._hub.detach(topic, self)
+        self._end_topic(topic)
         if entry.event_type == c.DELETED_EVENT:
             requested = self._positions[topic]
             self._positions[topic] = entry.id

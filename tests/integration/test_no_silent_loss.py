@@ -278,3 +278,21 @@ async def test_a_direct_write_past_the_buffer_drops_the_subscriber(
         subscription.close()
     finally:
         await broker.close()
+
+
+async def test_a_stream_that_catches_up_after_a_delete_is_told_and_ends(
+    broker: Broker, topic: str
+) -> None:
+    """DELETE lands while a client is away (or still catching up): its cursor's log is
+    gone, and the marker says so: a ``deleted`` gap, then the end, not an ``unknown``
+    gap and a wait for a log that will not come back."""
+    ids = await publish(broker, topic, range(3))
+    assert await broker.delete_topic(topic)
+    subscription = await broker.subscribe({topic: ids[0]})
+    raw = b""
+    async with asyncio.timeout(5):
+        async for chunk in subscription.chunks():
+            raw += chunk
+    [gap] = parse_events(raw)
+    assert gap.event == c.GAP_EVENT and gap.json["reason"] == "deleted"  # type: ignore[index]
+    assert subscription.closed

@@ -91,3 +91,15 @@ def test_earliest_and_latest_points() -> None:
     assert earliest_point(state) == EventId(EPOCH, (9, 0))
     assert latest_point(state) == EventId(EPOCH, (20, 0))
     assert earliest_point(log_state(epoch=None)) == latest_point(log_state(epoch=None)) == ORIGIN
+
+
+def test_a_cursor_of_a_log_deleted_a_moment_ago_gets_a_deleted_gap() -> None:
+    deleted = LogState(
+        epoch=None, length=0, first=None, last_entry=None, trimmed_through=(0, 0),
+        deleted_epoch=EPOCH,
+    )  # fmt: skip
+    position, gap = resume_point(EventId(EPOCH, (15, 0)), deleted)
+    assert position == ORIGIN
+    assert gap == Gap("deleted", EventId(EPOCH, (15, 0)), None)
+    _, other = resume_point(EventId("zzzzzzzz", (15, 0)), deleted)
+    assert other is not None and other.reason == "unknown"
