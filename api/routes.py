@@ -42,7 +42,7 @@ from broker import (
 )
 from broker.framing import retry_hint
 from broker.model import LogEntry
-from broker.subscription import StreamSink
+from broker.sink import StreamSink
 from broker.validation import check_topic
 
 HISTORY_DEFAULT_LIMIT = 100

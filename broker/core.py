@@ -20,8 +20,9 @@ from broker.ids import EventId
 from broker.model import AppendResult, LogEntry, LogState, NewEvent
 from broker.observer import Observer
 from broker.resume import Gap, earliest_point, resume_point
+from broker.sink import StreamSink
 from broker.store import Store
-from broker.subscription import StartFrom, StreamSink, Subscription
+from broker.subscription import StartFrom, Subscription
 from broker.validation import check_idempotency_key, check_topic
 
 log = logging.getLogger(__name__)

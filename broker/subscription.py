@@ -34,7 +34,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Literal, Protocol
+from typing import Literal
 
 from broker import constants as c
 from broker.errors import StoreUnavailable, StreamOver
@@ -45,6 +45,7 @@ from broker.ids import EventId, format_cursor
 from broker.model import LogEntry, LogPage, LogState
 from broker.observer import Observer
 from broker.resume import Gap, earliest_point, latest_point, resume_point
+from broker.sink import PulledSink, StreamSink
 from broker.store import Store
 
 log = logging.getLogger(__name__)
@@ -55,45 +56,6 @@ StartFrom = EventId | Literal["earliest", "now"]
 
 class SubscriberTooSlow(Exception):
     """The subscriber's buffer overflowed; it was dropped and should resume by id."""
-
-
-class StreamSink(Protocol):
-    """The edge a subscription writes to: one client's connection."""
-
-    def write(self, chunk: bytes) -> bool:
-        """Write now, without blocking: True if written, False (nothing written) if
-        the client's socket is full or this edge cannot write outside its consumer."""
-
-    def unsent_bytes(self) -> int:
-        """What it holds written but not yet sent to the client."""
-
-    def wanted(self) -> None:
-        """Something is queued and no consumer runs: start one (pushed edges only)."""
-
-    def dropped(self) -> None:
-        """The subscriber could not keep up and was dropped: cut the connection."""
-
-    def ended(self) -> None:
-        """The subscription ended on its own (``expire``): end the response cleanly."""
-
-
-class PulledSink:
-    """The sink of an edge that only pulls ``chunks()``: nothing is written around it."""
-
-    def write(self, chunk: bytes) -> bool:
-        return False
-
-    def unsent_bytes(self) -> int:
-        return 0
-
-    def wanted(self) -> None:
-        """A pulled consumer is always parked in ``_wait``, which is woken instead."""
-
-    def dropped(self) -> None:
-        """``chunks`` raises SubscriberTooSlow to the consumer."""
-
-    def ended(self) -> None:
-        """``chunks`` ends by itself."""
 
 
 class Subscription:
@@ -339,17 +301,9 @@ class Subscription:
             topics = sorted(self._resync - self._over)
             self._resync.clear()
             try:
-                gaps: list[tuple[str, Gap]] = []
-                for topic in topics:
-                    state = self._opening_states.pop(topic, None) or await self._store.state(topic)
-                    gap = self._judge_start(topic, state)
-                    if gap is not None:
-                        gaps.append((topic, gap))
-                    if gap is not None and gap.reason == "deleted":
-                        self._end_topic(topic)  # deleted while we were away: over
                 # Framed only once every topic is judged: each notice's id is a cursor
                 # that names every topic at its new position.
-                for topic, gap in gaps:
+                for topic, gap in await self._judge_all(topics):
                     yield self._gap_frame(topic, gap)
                 for topic in topics:
                     if topic not in self._over:
@@ -365,6 +319,18 @@ class Subscription:
         self._catching_up = False
         if self._replayed:
             self._observer.replayed(self._replayed)  # one catch-up, one size
+
+    async def _judge_all(self, topics: list[str]) -> list[tuple[str, Gap]]:
+        """Judge each topic's cursor against its log; the gap notices they need."""
+        gaps: list[tuple[str, Gap]] = []
+        for topic in topics:
+            state = self._opening_states.pop(topic, None) or await self._store.state(topic)
+            gap = self._judge_start(topic, state)
+            if gap is not None:
+                gaps.append((topic, gap))
+                if gap.reason == "deleted":
+                    self._end_topic(topic)  # deleted while we were away: over
+        return gaps
 
     async def _replay_topic(self, topic: str) -> AsyncIterator[bytes]:
         """Page through the log after the topic's position, up to its end."""
