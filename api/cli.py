@@ -19,6 +19,7 @@ import uvicorn
 
 from api.settings import Settings
 from api.workers import Supervisor
+from brokerclient.cli import add_client_commands
 
 log = logging.getLogger("api.cli")
 
@@ -31,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (BROKER_PORT, default 8000)")
     serve.add_argument("--redis-url", help="Redis URL (BROKER_REDIS_URL; unset: embedded store)")
     serve.add_argument("--workers", type=int, help="worker processes (BROKER_WORKERS, default 1)")
+    add_client_commands(commands)  # publish, tail, topics: the command-line client
     return parser
 
 
@@ -79,6 +81,8 @@ def serve(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if hasattr(args, "run_client"):
+        sys.exit(args.run_client(args))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
