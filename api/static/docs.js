@@ -1,0 +1,10 @@
+// Swagger UI over this broker's /openapi.json, served from the package (no CDN).
+window.ui = SwaggerUIBundle({
+  url: new URL("openapi.json", window.location.href).href,
+  dom_id: "#swagger-ui",
+  deepLinking: true,
+  // The default sends the document to an online validator for a badge: never.
+  validatorUrl: null,
+  presets: [SwaggerUIBundle.presets.apis],
+  layout: "BaseLayout",
+});
