@@ -162,6 +162,7 @@ ROUTES = [
     ),
     Route("/healthz", routes.healthz, methods=["GET"], name="healthz"),
     Route("/readyz", routes.readyz, methods=["GET"], name="readyz"),
+    Route("/readyz/store", routes.readyz_store, methods=["GET"], name="readyz_store"),
     Route("/metrics", metrics, methods=["GET"], name="metrics"),
     Route("/openapi.json", openapi, methods=["GET"], name="openapi", include_in_schema=False),
     Route("/docs", face.docs, methods=["GET"], name="docs", include_in_schema=False),

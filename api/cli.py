@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -55,10 +56,8 @@ def _announce_store(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> None:
-    if settings.workers > 1:
-        if not settings.redis_url:
-            sys.exit("broker: --workers > 1 needs --redis-url (the embedded store is per process)")
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="broker-prom-"))
+    if settings.workers > 1 and not settings.redis_url:
+        sys.exit("broker: --workers > 1 needs --redis-url (the embedded store is per process)")
     config: dict[str, Any] = {
         "app": "api.app:create_app",
         "factory": True,
@@ -71,12 +70,26 @@ def serve(settings: Settings) -> None:
         "proxy_headers": True,
     }
     if settings.workers > 1:
-        Supervisor(settings.workers, settings.host, settings.port, config).run()
+        _supervise(settings, config)
         return
     # uvicorn re-raises SIGTERM once it has shut down; a no-op handler here makes
     # that a clean return, so a drained instance exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(host=settings.host, port=settings.port, **config)
+
+
+def _supervise(settings: Settings, config: dict[str, Any]) -> None:
+    """Run the workers, their metrics summed in a directory made here (unless one is
+    given) and removed on exit: each worker leaves files there, every run new ones."""
+    made = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        made = tempfile.mkdtemp(prefix="broker-prom-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    try:
+        Supervisor(settings.workers, settings.host, settings.port, config).run()
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -37,7 +37,14 @@ CONTRACTS: dict[str, tuple[Any, dict[str, tuple[str, Any]]]] = {
         {"200": ("The topic", schemas.TopicInfo), "404": ("Never had an event", None)},
     ),
     "healthz": (None, {"200": ("The process is up", None)}),
-    "readyz": (None, {"200": ("The store answers", None), "503": ("It does not", None)}),
+    "readyz": (
+        None,
+        {"200": ("It takes new connections", None), "503": ("It drains (Retry-After)", None)},
+    ),
+    "readyz_store": (
+        None,
+        {"200": ("The store answers", None), "503": ("It does not (Retry-After)", None)},
+    ),
     "metrics": (None, {"200": ("Prometheus text format", None)}),
     "stats": (None, {"200": ("Events/s (all instances) and subscribers (this instance)", None)}),
 }

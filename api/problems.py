@@ -11,7 +11,9 @@ from broker.errors import (
     BrokerError,
     InvalidInput,
     StoreUnavailable,
+    StreamOver,
     TooLarge,
+    TopicClosed,
     TopicNotFound,
 )
 
@@ -52,6 +54,11 @@ def problem_for(error: BrokerError | HttpProblem) -> Response:
         return problem(413, "Content too large", error.detail, limit=error.limit)
     if isinstance(error, TopicNotFound):
         return problem(404, "Topic not found", str(error))
+    if isinstance(error, TopicClosed):
+        return problem(409, "Topic closed", str(error), end_id=error.end_id)
+    if isinstance(error, StreamOver):
+        # Not a problem: the spec's way to tell an EventSource to stop reconnecting.
+        return Response(status_code=204)
     if isinstance(error, StoreUnavailable):
         headers = {"Retry-After": str(error.retry_after)}
         return problem(503, "Store unavailable", error.detail, headers=headers)

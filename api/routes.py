@@ -223,10 +223,22 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """200 when the store answers (and the instance is not draining); else 503."""
+    """200 while the instance takes new connections; 503 only while it drains.
+
+    Never 503 because the store is down: every instance shares the store, so a load
+    balancer would pull them all and answer 503 itself, which ends every browser's
+    EventSource for good. The instance instead holds new streams (a retry hint)
+    until the store is back. /readyz/store tells the store's health, for monitoring.
+    """
     streams: OpenStreams = request.app.state.streams
     if streams.draining:
         return json_response({"status": "draining"}, 503, headers={"Retry-After": "1"})
-    if not await _broker(request).ready():
-        return json_response({"status": "store unavailable"}, 503, headers={"Retry-After": "1"})
     return json_response({"status": "ready", "store": _broker(request).store.description})
+
+
+async def readyz_store(request: Request) -> Response:
+    """200 when the store answers; else 503 (for monitoring, not for load balancers)."""
+    broker = _broker(request)
+    if not await broker.ready():
+        return json_response({"status": "store unavailable"}, 503, headers={"Retry-After": "1"})
+    return json_response({"status": "ready", "store": broker.store.description})

@@ -11,14 +11,24 @@ that connects while a worker is still importing waits in that socket's backlog,
 rather than all early connections going to the first worker up), restarts a
 worker that dies on the same socket, and on SIGTERM/SIGINT passes the signal
 on, waits for every worker to drain, and exits 0.
+
+A worker never outlives its supervisor: a supervisor killed with SIGKILL runs
+no handler, and its orphaned workers would keep serving the port beside the
+next broker started there (SO_REUSEPORT lets both bind it), with the old code.
+So each worker asks the kernel for SIGTERM when its parent dies (Linux
+``PR_SET_PDEATHSIG``) and also watches its parent pid, once a second, where
+that is unavailable; either way it drains as on any SIGTERM and exits.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import socket
+import threading
 import time
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -26,9 +36,13 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from prometheus_client import multiprocess
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_SECONDS = 0.5
+# How often a worker checks that its supervisor is still its parent.
+PARENT_CHECK_SECONDS = 1.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def bind_reuseport(host: str, port: int) -> socket.socket:
@@ -42,11 +56,49 @@ def bind_reuseport(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_worker(sock: socket.socket, config: dict[str, Any]) -> None:
+def run_worker(sock: socket.socket, config: dict[str, Any], supervisor: int) -> None:
     """One worker: its own socket, one uvicorn server, exit 0 once drained."""
     # uvicorn re-raises SIGTERM after its shutdown; a no-op handler makes it a clean exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    _terminate_with_parent()
+    if os.getppid() != supervisor:
+        return  # the supervisor died before the kernel could be told: serve nothing
+    _watch_parent(supervisor)
     uvicorn.Server(uvicorn.Config(**config)).run(sockets=[sock])
+
+
+def _terminate_with_parent() -> None:
+    """Ask Linux for SIGTERM when the parent dies; elsewhere the watch thread does it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError):  # not Linux, or no prctl in this libc
+        log.info("no PR_SET_PDEATHSIG here; watching the supervisor's pid instead")
+
+
+def _watch_parent(supervisor: int) -> None:
+    """SIGTERM this worker, once a second, from the moment its supervisor is gone.
+
+    Repeated because a SIGTERM that lands before uvicorn installs its own handler
+    meets the no-op one above; uvicorn takes every later SIGTERM as "drain".
+    """
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(PARENT_CHECK_SECONDS)
+        log.warning("supervisor %d is gone; worker %d drains", supervisor, os.getpid())
+        while True:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(PARENT_CHECK_SECONDS)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+
+
+def _forget_metrics_of(pid: int | None) -> None:
+    """A dead worker's live gauges (open streams) must stop counting in the sum."""
+    if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 class Supervisor:
@@ -70,7 +122,7 @@ class Supervisor:
         self._drain()
 
     def _spawn(self, index: int) -> BaseProcess:
-        args = (self._sockets[index], self._config)
+        args = (self._sockets[index], self._config, os.getpid())
         process = self._context.Process(target=run_worker, args=args, daemon=False)
         process.start()
         return process
@@ -81,6 +133,7 @@ class Supervisor:
                 log.warning(
                     "worker %s exited with %s; starting another", worker.pid, worker.exitcode
                 )
+                _forget_metrics_of(worker.pid)
                 time.sleep(RESTART_DELAY_SECONDS)
                 self._workers[index] = self._spawn(index)
 
@@ -96,3 +149,4 @@ class Supervisor:
             if worker.exitcode is None:
                 worker.kill()
                 worker.join()
+            _forget_metrics_of(worker.pid)

@@ -12,7 +12,9 @@ from broker.errors import (
     InvalidInput,
     InvalidTopic,
     StoreUnavailable,
+    StreamOver,
     TooLarge,
+    TopicClosed,
     TopicNotFound,
 )
 from broker.ids import EventId, parse_last_event_id
@@ -33,9 +35,11 @@ __all__ = [
     "NewEvent",
     "StartFrom",
     "StoreUnavailable",
+    "StreamOver",
     "SubscriberTooSlow",
     "Subscription",
     "TooLarge",
+    "TopicClosed",
     "TopicInfo",
     "TopicNotFound",
     "open_store",

@@ -20,6 +20,12 @@ def meta_key(topic: str) -> str:
     return f"{KEY_PREFIX}:{{{topic}}}:meta"
 
 
+def topic_of_key(key: bytes | str) -> str:
+    """The topic of one of its keys: ``broker:{topic}:...`` -> ``topic``."""
+    text = key.decode() if isinstance(key, bytes) else key
+    return text[text.index("{") + 1 : text.index("}")]
+
+
 def idempotency_key(topic: str, key: str) -> str:
     """Remembers the ids answered for one publisher-chosen Idempotency-Key."""
     return f"{KEY_PREFIX}:{{{topic}}}:idem:{key}"
@@ -40,6 +46,12 @@ TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,200}")
 RESERVED_EVENT_PREFIX = "broker."
 GAP_EVENT = "broker.gap"
+END_EVENT = "broker.end"
+"""The last entry of a closed topic's log; streams deliver it, then end."""
+DELETED_EVENT = "broker.deleted"
+"""A deleted topic's marker entry: never sent as such, streams turn it into a
+``deleted`` gap and end. It lingers DELETED_LINGER_MS for every live reader to see."""
+DELETED_LINGER_MS = 60_000
 
 # Defaults of the settings (the HTTP edge reads BROKER_* into these).
 DEFAULT_RETENTION_MAXLEN = 100_000
@@ -74,6 +86,9 @@ CLUSTER_POLL_MAX_MS = 100
 # and identical reads are coalesced.
 REDIS_POOL_SIZE = 8
 REDIS_POOL_WAIT_SECONDS = 5.0
+# Listing topics: SCAN this many keys a call, at most this many calls a page.
+LIST_SCAN_COUNT = 1000
+LIST_SCAN_ROUNDS = 20
 # How long one blocking XREAD waits before it is re-armed anyway (ms).
 LIVE_BLOCK_MS = 5000
 # The reader's reconnect backoff while Redis is unreachable (seconds).

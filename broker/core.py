@@ -17,7 +17,7 @@ from broker.errors import StoreUnavailable, TopicNotFound
 from broker.fanout import Hub
 from broker.heartbeat import HeartbeatClock
 from broker.ids import EventId
-from broker.model import AppendResult, LogEntry, NewEvent
+from broker.model import AppendResult, LogEntry, LogState, NewEvent
 from broker.observer import Observer
 from broker.resume import Gap, earliest_point, resume_point
 from broker.store import Store
@@ -42,6 +42,17 @@ class TopicInfo:
     length: int
     first_id: EventId | None
     last_id: EventId | None
+    closed: bool
+
+
+def _info(topic: str, state: LogState) -> TopicInfo:
+    return TopicInfo(
+        topic=topic,
+        length=state.length,
+        first_id=state.event_id(state.first) if state.first else None,
+        last_id=state.event_id(state.last_entry) if state.last_entry else None,
+        closed=state.end is not None,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,20 +96,45 @@ class Broker:
         await self.store.close()
 
     async def publish(
-        self, topic: str, events: Sequence[NewEvent], *, idempotency_key: str | None = None
+        self,
+        topic: str,
+        events: Sequence[NewEvent],
+        *,
+        idempotency_key: str | None = None,
+        line_keys: Sequence[str] | None = None,
+        close: bool = False,
     ) -> AppendResult:
-        """Append one event or a batch, atomically and in order."""
+        """Append one event or a batch, atomically and in order; then close the topic
+        if asked. ``line_keys``: an idempotency key per event (streaming ingest)."""
         check_topic(topic)
         check_idempotency_key(idempotency_key)
         started = time.perf_counter()
         try:
-            result = await self.store.append(topic, events, idempotency_key=idempotency_key)
+            result = await self.store.append(
+                topic, events, idempotency_key=idempotency_key, line_keys=line_keys, close=close
+            )
         except StoreUnavailable:
             self.observer.store_error("append")
             raise
         self.observer.store_latency("append", time.perf_counter() - started)
         self.observer.published(len(result.ids), replayed=result.replayed)
         return result
+
+    async def close_topic(self, topic: str) -> AppendResult:
+        """Close the topic: its log ends with ``broker.end``; closing again answers the same."""
+        return await self.publish(topic, [], close=True)
+
+    async def delete_topic(self, topic: str) -> bool:
+        """Delete the topic now; its live streams get a ``deleted`` gap and end."""
+        check_topic(topic)
+        return await self.store.delete(topic)
+
+    async def list_topics(
+        self, prefix: str, cursor: str | None, limit: int
+    ) -> tuple[list[TopicInfo], str | None]:
+        """A page of existing topics whose names start with ``prefix``."""
+        found, following = await self.store.list_topics(prefix, cursor, limit)
+        return [_info(topic, state) for topic, state in found], following
 
     async def subscribe(
         self,
@@ -149,12 +185,7 @@ class Broker:
         state = await self.store.state(topic)
         if not state.exists:
             raise TopicNotFound(topic)
-        return TopicInfo(
-            topic=topic,
-            length=state.length,
-            first_id=state.event_id(state.first) if state.first else None,
-            last_id=state.event_id(state.last_entry) if state.last_entry else None,
-        )
+        return _info(topic, state)
 
     async def ready(self) -> bool:
         try:

@@ -48,3 +48,17 @@ class TopicNotFound(BrokerError):
     def __init__(self, topic: str) -> None:
         super().__init__(f"topic {topic!r} has no events")
         self.topic = topic
+
+
+class TopicClosed(BrokerError):
+    """A publish to a topic that was closed (HTTP 409): its log ends with ``broker.end``."""
+
+    def __init__(self, topic: str, end_id: str) -> None:
+        super().__init__(f"topic {topic!r} is closed; its end is {end_id}")
+        self.topic = topic
+        self.end_id = end_id
+
+
+class StreamOver(BrokerError):
+    """A subscription with nothing left to deliver: every topic is closed and the
+    cursor is at or past its end (HTTP 204, which stops an EventSource for good)."""

@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Protocol
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
+from broker.expiry import ExpiryWatch
 from broker.ids import StreamPosition
 from broker.model import LogEntry, LogState
 from broker.observer import Observer
@@ -86,6 +88,7 @@ class Hub:
         self._task: asyncio.Task[None] | None = None
         self._wake_task: asyncio.Task[None] | None = None
         self._registrations = 0
+        self._expiry = ExpiryWatch()
 
     @property
     def topic_count(self) -> int:
@@ -143,6 +146,8 @@ class Hub:
             raise
         feed.epoch = state.epoch
         feed.position = state.last_issued
+        if state.expires_in_ms is not None:
+            self._expiry.note(topic, time.monotonic(), state.expires_in_ms / 1000)
         feed.ready.set_result(None)
         self._rearm()
 
@@ -155,6 +160,7 @@ class Hub:
         if not feed.subscribers and feed.ready.done():
             # The running XREAD may still name it; its entries are then dropped.
             del self._feeds[topic]
+            self._expiry.forget(topic)
         self._observer.live_changed(len(self._feeds), self._registrations)
 
     def _rearm(self) -> None:
@@ -205,6 +211,7 @@ class Hub:
     async def _read_once(self) -> None:
         if self._unvalidated:
             await self._revalidate_feeds()
+        await self._look_for_expired()
         positions = {
             t: f.position
             for t, f in self._feeds.items()
@@ -215,9 +222,13 @@ class Hub:
         if not positions:
             await self._topics_changed.wait()
             return
+        block_ms = self._block_ms
+        next_expiry = self._expiry.seconds_until_next(time.monotonic())
+        if next_expiry is not None:
+            block_ms = max(1, min(block_ms, int(next_expiry * 1000) + 1))
         self._reading = True
         try:
-            batches = await self._store.read_live(positions, self._block_ms)
+            batches = await self._store.read_live(positions, block_ms)
         finally:
             self._reading = False
         await self._check_trimmed_past(positions, batches)
@@ -230,12 +241,16 @@ class Hub:
             await asyncio.sleep(self._linger_s)
 
     def _dispatch(self, batches: dict[str, list[LogEntry]]) -> None:
+        policies = self._store.policies
+        now = time.monotonic()
         for topic, entries in batches.items():
             feed = self._feeds.get(topic)
             if feed is None or not entries:
                 continue
             feed.position = entries[-1].position
             feed.epoch = entries[-1].epoch
+            if policies.expiring and (ttl_ms := policies.for_topic(topic).ttl_ms):
+                self._expiry.note(topic, now, ttl_ms / 1000)  # an append moved its expiry
             size = sum(len(entry.frame) for entry in entries)
             delivered = 0
             for subscriber in tuple(feed.subscribers):
@@ -246,6 +261,26 @@ class Hub:
                     _abandon(subscriber)
             if delivered:
                 self._observer.delivered(delivered)
+
+    async def _look_for_expired(self) -> None:
+        """Topics that may have expired by now: tell the subscribers of those that did
+        (they judge their cursors again: an ``unknown`` gap), never leave them waiting
+        on a log that is gone. Those still there are looked at again when due."""
+        topics = [t for t in self._expiry.due(time.monotonic()) if t in self._feeds]
+        if not topics:
+            return
+        states = await asyncio.gather(*(self._store.state(t) for t in topics))
+        now = time.monotonic()
+        for topic, state in zip(topics, states, strict=True):
+            feed = self._feeds.get(topic)
+            if feed is None:
+                continue
+            if state.exists and state.expires_in_ms is not None:
+                self._expiry.note(topic, now, state.expires_in_ms / 1000)
+            elif not state.exists and feed.epoch is not None:
+                log.info("topic %s expired", topic)
+                feed.epoch, feed.position = None, (0, 0)
+                self._reset_subscribers(feed, topic)
 
     async def _check_trimmed_past(
         self, positions: dict[str, StreamPosition], batches: dict[str, list[LogEntry]]

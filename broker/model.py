@@ -25,6 +25,8 @@ class AppendResult:
 
     ids: list[EventId]
     replayed: bool
+    end_id: EventId | None = None
+    """The ``broker.end`` entry's id, when the append closed the topic."""
 
 
 class LogEntry:
@@ -72,6 +74,12 @@ class LogEntry:
         return raw.decode() if raw else None
 
     @property
+    def is_control(self) -> bool:
+        """The end of a closed topic, or a deleted topic's marker."""
+        raw = self.fields.get(c.FIELD_EVENT)
+        return raw is not None and raw.startswith(b"broker.")
+
+    @property
     def is_json(self) -> bool:
         return self.fields.get(c.FIELD_KIND, b"j") == c.KIND_JSON.encode()
 
@@ -94,6 +102,10 @@ class LogState:
     first: StreamPosition | None
     last_entry: StreamPosition | None
     trimmed_through: StreamPosition
+    end: StreamPosition | None = None
+    """Where its ``broker.end`` entry is, once the topic is closed."""
+    expires_in_ms: int | None = None
+    """How long until Redis expires it, if it has a TTL."""
 
     @property
     def exists(self) -> bool:

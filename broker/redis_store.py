@@ -25,9 +25,10 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from broker import constants as c
-from broker.errors import StoreUnavailable
+from broker.errors import StoreUnavailable, TopicClosed
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
 from broker.model import AppendResult, LogEntry, LogPage, LogState, NewEvent
+from broker.policy import Policies, Retention, TopicPolicy
 from broker.redis_live import AnyLiveReader
 from broker.redis_options import drop_idle_connections, pool_options
 from broker.redis_pools import FixedPool, open_cluster_pools
@@ -183,6 +184,8 @@ class RedisStreamStore:
         *,
         retention_maxlen: int = c.DEFAULT_RETENTION_MAXLEN,
         retention_seconds: float | None = None,
+        topic_ttl_seconds: float | None = None,
+        topic_policies: Sequence[TopicPolicy] = (),
         idempotency_seconds: int = c.DEFAULT_IDEMPOTENCY_SECONDS,
         durable: bool = True,
         description: str = "redis",
@@ -199,9 +202,12 @@ class RedisStreamStore:
         self._also_close = list(also_close)  # e.g. the connections to the Sentinels
         self._replicas_to_confirm = replicas_to_confirm
         self._node_clients: dict[str, redis.Redis] = {}
-        self._maxlen = retention_maxlen
-        self._trim_slack = max(1, min(1000, retention_maxlen // 100))
-        self._max_age_ms = int((retention_seconds or 0) * 1000)
+        default = Retention(
+            maxlen=retention_maxlen,
+            max_age_ms=int((retention_seconds or 0) * 1000),
+            ttl_ms=int((topic_ttl_seconds or 0) * 1000),
+        )
+        self.policies = Policies(default, topic_policies)
         self._idempotency_seconds = idempotency_seconds
         self._append_script = client.register_script(_lua("append.lua"))
         self._pipeline = (
@@ -211,31 +217,46 @@ class RedisStreamStore:
         )
         self._state_script = client.register_script(_lua("state.lua"))
         self._range_script = client.register_script(_lua("range.lua"))
+        self._delete_script = client.register_script(_lua("delete.lua"))
         self._reads = SingleFlight(c.READ_COALESCE_MS / 1000)
         self.durable = durable
         self.description = description
 
     async def append(
-        self, topic: str, events: Sequence[NewEvent], *, idempotency_key: str | None = None
+        self,
+        topic: str,
+        events: Sequence[NewEvent],
+        *,
+        idempotency_key: str | None = None,
+        line_keys: Sequence[str] | None = None,
+        close: bool = False,
     ) -> AppendResult:
         keys = [c.log_key(topic), c.meta_key(topic)]
-        if idempotency_key is not None:
+        if line_keys is not None:
+            keys += [c.idempotency_key(topic, key) for key in line_keys]
+        elif idempotency_key is not None:
             keys.append(c.idempotency_key(topic, idempotency_key))
+        retention = self.policies.for_topic(topic)
         args: list[str | int] = [
             new_epoch(),
-            self._maxlen,
-            self._trim_slack,
-            self._max_age_ms,
+            retention.maxlen,
+            retention.trim_slack,
+            retention.max_age_ms,
             self._idempotency_seconds,
+            retention.ttl_ms,
+            int(close),
+            int(line_keys is not None),
         ]
         for event in events:
             retry = "" if event.retry is None else str(event.retry)
             args += [event.kind, event.data, event.event or "", retry]
         if self._replicas_to_confirm:
-            replayed, answer = await self._append_and_wait(keys, args)
+            status, answer = await self._append_and_wait(keys, args)
         else:
-            replayed, answer = await self._call(self._append_once(keys, args))
-        return AppendResult(ids=_parse_answer(answer), replayed=bool(replayed))
+            status, answer = await self._call(self._append_once(keys, args))
+        if status == -1:
+            raise TopicClosed(topic, answer.decode())
+        return _parse_answer(answer, replayed=status == 1)
 
     async def _append_once(self, keys: list[str], args: list[str | int]) -> Any:
         if self._pipeline is not None:
@@ -320,9 +341,56 @@ class RedisStreamStore:
         """Trimming keeps at least ``maxlen`` entries, so if it removed any after ``after``
         a read after it returns a full count; and trimming by age happens on append,
         so the newest entry read would be ``max_age`` younger than ``after``."""
-        if len(entries) >= min(c.LIVE_READ_COUNT, self._maxlen):
+        retention = self.policies.for_topic(topic)
+        if len(entries) >= min(c.LIVE_READ_COUNT, retention.maxlen):
             return True
-        return bool(self._max_age_ms) and entries[-1].position[0] - after[0] >= self._max_age_ms
+        max_age = retention.max_age_ms
+        return bool(max_age) and entries[-1].position[0] - after[0] >= max_age
+
+    async def list_topics(
+        self, prefix: str, cursor: str | None, limit: int
+    ) -> tuple[list[tuple[str, LogState]], str | None]:
+        """Up to about ``limit`` topics whose names start with ``prefix``, by SCAN (never
+        KEYS), with their states; and the cursor to go on from (None: done).
+
+        On a Cluster the cursor walks each primary in turn: ``<node index>:<scan cursor>``.
+        """
+        nodes = self._scan_targets()
+        index, _, position = (cursor or "0:0").partition(":")
+        node_index, scan_cursor = int(index), int(position or 0)
+        pattern = c.meta_key(prefix + "*").replace("*}", "}*", 1)
+        names: list[str] = []
+        for _ in range(c.LIST_SCAN_ROUNDS):
+            if node_index >= len(nodes):
+                break
+            scan_cursor, keys = await self._call(
+                nodes[node_index].scan(scan_cursor, match=pattern, count=c.LIST_SCAN_COUNT)
+            )
+            names += [c.topic_of_key(key) for key in keys]
+            if scan_cursor == 0:
+                node_index, scan_cursor = node_index + 1, 0
+            if len(names) >= limit:
+                break
+        states = await asyncio.gather(*(self.state(name) for name in names))
+        found = [(name, state) for name, state in zip(names, states, strict=True) if state.exists]
+        done = node_index >= len(nodes)
+        return found, None if done else f"{node_index}:{scan_cursor}"
+
+    def _scan_targets(self) -> list[Any]:
+        """Where topics' keys live: the one server, or each Cluster primary."""
+        if isinstance(self._client, RedisCluster):
+            return [self._open_node_client(n.host, int(n.port)) for n in self._primaries()]
+        return [self._client]
+
+    def _primaries(self) -> list[Any]:
+        assert isinstance(self._client, RedisCluster)
+        return sorted(self._client.get_primaries(), key=lambda node: node.name)
+
+    async def delete(self, topic: str) -> bool:
+        """Delete the topic now; False if it had no log. Its live readers see a marker."""
+        keys = [c.log_key(topic), c.meta_key(topic)]
+        marker = await self._call(self._delete_script(keys=keys, args=[c.DELETED_LINGER_MS]))
+        return bool(marker)
 
     async def read_live(
         self, positions: dict[str, StreamPosition], block_ms: int
@@ -339,13 +407,17 @@ class RedisStreamStore:
 
     async def _state(self, topic: str) -> LogState:
         keys = [c.log_key(topic), c.meta_key(topic)]
-        epoch, trimmed, length, first, last = await self._call(self._state_script(keys=keys))
+        max_age = self.policies.for_topic(topic).max_age_ms
+        reply = await self._call(self._state_script(keys=keys, args=[max_age]))
+        epoch, trimmed, length, first, last, end, expires_in = reply
         return LogState(
             epoch=epoch.decode() if epoch else None,
             length=int(length),
             first=_position_or_none(first),
             last_entry=_position_or_none(last),
             trimmed_through=_position_or_none(trimmed) or (0, 0),
+            end=_position_or_none(end),
+            expires_in_ms=int(expires_in) if int(expires_in) >= 0 else None,
         )
 
     async def ping(self) -> None:
@@ -388,6 +460,11 @@ def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-def _parse_answer(answer: bytes) -> list[EventId]:
-    epoch, _, ids = answer.decode().partition("|")
-    return [EventId(epoch, parse_stream_id(raw)) for raw in ids.split(",") if raw]
+def _parse_answer(answer: bytes, *, replayed: bool) -> AppendResult:
+    """``epoch|id,id,...|end id`` (the end id empty unless the append closed the topic)."""
+    epoch, ids, end = answer.decode().split("|")
+    return AppendResult(
+        ids=[EventId(epoch, parse_stream_id(raw)) for raw in ids.split(",") if raw],
+        replayed=replayed,
+        end_id=EventId(epoch, parse_stream_id(end)) if end else None,
+    )

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from broker.ids import StreamPosition
 from broker.model import AppendResult, LogEntry, LogPage, LogState, NewEvent
+from broker.policy import Policies
 
 
 class Store(Protocol):
@@ -20,11 +21,32 @@ class Store(Protocol):
 
     durable: bool
     description: str
+    policies: Policies
+    """Each topic's retention and expiry."""
 
     async def append(
-        self, topic: str, events: Sequence[NewEvent], *, idempotency_key: str | None = None
+        self,
+        topic: str,
+        events: Sequence[NewEvent],
+        *,
+        idempotency_key: str | None = None,
+        line_keys: Sequence[str] | None = None,
+        close: bool = False,
     ) -> AppendResult:
-        """Append atomically and in order; a repeated idempotency key appends nothing."""
+        """Append atomically and in order, then close the topic if asked (a final
+        ``broker.end`` entry). A repeated idempotency key appends nothing; with
+        ``line_keys`` each event has its own key (streaming ingest). Raises
+        TopicClosed if the topic is closed (a repeated close answers its end)."""
+        ...
+
+    async def delete(self, topic: str) -> bool:
+        """Delete the topic now; False if there was none."""
+        ...
+
+    async def list_topics(
+        self, prefix: str, cursor: str | None, limit: int
+    ) -> tuple[list[tuple[str, LogState]], str | None]:
+        """About ``limit`` existing topics starting with ``prefix``, and the next cursor."""
         ...
 
     async def read_range(self, topic: str, after: StreamPosition, count: int) -> LogPage:

@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Literal, Protocol
 
 from broker import constants as c
-from broker.errors import StoreUnavailable
+from broker.errors import StoreUnavailable, StreamOver
 from broker.fanout import Hub
 from broker.framing import HEARTBEAT, gap_frame, id_line
 from broker.heartbeat import HeartbeatClock
@@ -131,6 +131,10 @@ class Subscription:
         self._dropped = False
         self._closed = False
         self._attached: list[str] = []
+        self._over: set[str] = set()
+        """Topics whose stream is over: their end (or deletion) was delivered, or the
+        cursor was already at the end of a closed topic. All over: the stream ends."""
+        self._opening_states: dict[str, LogState] = {}
         self._waiter: asyncio.Future[bool] | None = None
         self._consumer_idle = False
         """The consumer holds nothing and is not running: parked in ``_wait``, or (an edge
@@ -151,15 +155,27 @@ class Subscription:
         return not self._catching_up and not self._resync
 
     async def open(self) -> None:
-        """Attach to every topic; raises StoreUnavailable if the store cannot answer."""
+        """Attach to every topic, then read where each log stands (once attached, so
+        nothing appended from now on is missed). Raises StoreUnavailable if the store
+        cannot answer, StreamOver if every topic is closed and its cursor at the end."""
         try:
             self._heartbeats.add(self)
             for topic in self._starts:
                 await self._hub.attach(topic, self)
                 self._attached.append(topic)
-            for topic, start in self._starts.items():
-                if start == "now":  # "now" is now: read once attached, not when first iterated
-                    self._positions[topic] = latest_point(await self._store.state(topic))
+            states = await asyncio.gather(*(self._store.state(t) for t in self._starts))
+            for (topic, start), state in zip(self._starts.items(), states, strict=True):
+                self._opening_states[topic] = state  # the first catch-up judges with it
+                if start == "now":  # "now" is now, not when first iterated
+                    self._positions[topic] = latest_point(state)
+                if _at_end(start, state):
+                    self._over.add(topic)
+                    self._positions[topic] = (
+                        start if isinstance(start, EventId) else latest_point(state)
+                    )
+            if len(self._over) == len(self._starts):
+                raise StreamOver("every topic of this stream is closed, and it saw the end")
+            self._resync -= self._over
         except BaseException:
             self.close()
             raise
@@ -190,11 +206,17 @@ class Subscription:
                 async for chunk in self._catch_up():
                     self._last_sent = time.monotonic()
                     yield chunk
+                    if self._all_over():
+                        self._finish()
+                        return
                 continue
             chunk = self._drain_live()
             if chunk:
                 self._last_sent = time.monotonic()
                 yield chunk
+                if self._all_over():
+                    self._finish()
+                    return
             elif until_idle and not self._resync:  # (draining may have found a new epoch)
                 self._consumer_idle = True
                 return
@@ -235,6 +257,8 @@ class Subscription:
         position = self._positions[topic]
         if any(e.epoch != position.epoch for e in entries):
             return None
+        if entries[-1].is_control:  # (an end or a deletion is always a log's last entry)
+            return None  # the queued path delivers it, then ends the stream
         fresh = [e for e in entries if e.position > position.position]
         if not fresh:
             return 0
@@ -265,6 +289,14 @@ class Subscription:
             self._last_sent = now
         else:
             self._wake(False)
+
+    def _all_over(self) -> bool:
+        return len(self._over) == len(self._starts)
+
+    def _finish(self) -> None:
+        """Every topic delivered its end: close, and have the edge end the response."""
+        self.close()
+        self._sink.ended()
 
     def expire(self) -> None:
         """End the stream now (its token expired); the client comes back with a new one."""
@@ -304,12 +336,13 @@ class Subscription:
         self._replayed = 0
         backoff = c.RECONNECT_BACKOFF_MIN
         while self._resync and not self._closed:
-            topics = sorted(self._resync)
+            topics = sorted(self._resync - self._over)
             self._resync.clear()
             try:
                 gaps: list[tuple[str, Gap]] = []
                 for topic in topics:
-                    gap = self._judge_start(topic, await self._store.state(topic))
+                    state = self._opening_states.pop(topic, None) or await self._store.state(topic)
+                    gap = self._judge_start(topic, state)
                     if gap is not None:
                         gaps.append((topic, gap))
                 # Framed only once every topic is judged: each notice's id is a cursor
@@ -373,7 +406,7 @@ class Subscription:
         frames: list[bytes] = []
         for entry in pending:
             topic = entry.topic
-            if topic in self._resync:
+            if topic in self._resync or topic in self._over:
                 continue
             position = self._positions[topic]
             if entry.epoch != position.epoch:
@@ -386,6 +419,23 @@ class Subscription:
         return b"".join(frames)
 
     def _advance(self, entry: LogEntry) -> bytes:
+        if entry.is_control:
+            return self._control_frame(entry)
+        return self._frame(entry, self._positions)
+
+    def _control_frame(self, entry: LogEntry) -> bytes:
+        """A topic's last entry: its end is delivered as it is (``broker.end``, with its
+        id); a deletion marker becomes a ``deleted`` gap. Either way the topic is over."""
+        topic = entry.topic
+        self._over.add(topic)
+        self._resync.discard(topic)
+        if topic in self._attached:  # nothing more will come: free the live registration
+            self._attached.remove(topic)
+            self._hub.detach(topic, self)
+        if entry.event_type == c.DELETED_EVENT:
+            requested = self._positions[topic]
+            self._positions[topic] = entry.id
+            return self._gap_frame(topic, Gap("deleted", requested, None))
         return self._frame(entry, self._positions)
 
     def _frame(self, entry: LogEntry, positions: dict[str, EventId]) -> bytes:
@@ -434,3 +484,13 @@ def _continues(page: LogPage, position: EventId) -> bool:
     if position.is_origin:
         return page.trimmed_through <= position.position
     return page.epoch == position.epoch and page.trimmed_through <= position.position
+
+
+def _at_end(start: StartFrom, state: LogState) -> bool:
+    """Whether a topic's stream starting at ``start`` has nothing left: it is closed,
+    and the cursor is at or past its end (or there is none: only new events wanted)."""
+    if state.end is None or start == "earliest":
+        return False
+    if start == "now":
+        return True
+    return start.epoch == state.epoch and start.position >= state.end

@@ -4,12 +4,14 @@
 -- was recreated under it (another epoch).
 -- KEYS[1] log stream, KEYS[2] meta hash; ARGV[1] XRANGE start, ARGV[2] count.
 -- Returns {epoch|false, trimmed|false, entries}.
+-- A deleted topic (its marker lingers for live readers) reads as no log at all.
 local log, meta = KEYS[1], KEYS[2]
-if redis.call('EXISTS', log) == 0 then
+local fields = redis.call('HMGET', meta, 'epoch', 'trimmed', 'deleted')
+if redis.call('EXISTS', log) == 0 or fields[3] then
   return {false, false, {}}
 end
 return {
-  redis.call('HGET', meta, 'epoch') or false,
-  redis.call('HGET', meta, 'trimmed') or false,
+  fields[1] or false,
+  fields[2] or false,
   redis.call('XRANGE', log, ARGV[1], '+', 'COUNT', ARGV[2]),
 }

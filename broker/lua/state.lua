@@ -1,18 +1,45 @@
--- Read what a subscriber needs to judge a cursor, in one atomic step.
--- KEYS[1] log stream, KEYS[2] meta hash.
--- Returns {epoch|false, trimmed|false, length, first id|false, last id|false}.
+-- Read what a subscriber needs to judge a cursor, in one atomic step; first apply
+-- retention by age, so a topic nobody publishes to any more still forgets its old
+-- events (appends apply it otherwise). A closed topic keeps its end.
+-- KEYS[1] log stream, KEYS[2] meta hash; ARGV[1] max age in ms (0: none).
+-- Returns {epoch|false, trimmed|false, length, first id|false, last id|false,
+--          end id|false, ms to expiry (-1: kept)}.
 local log, meta = KEYS[1], KEYS[2]
-if redis.call('EXISTS', log) == 0 then
-  return {false, false, 0, false, false}
+
+local function before(a, b)  -- stream ids "ms-seq", compared as numbers
+  local a_ms, a_seq = string.match(a, '(%d+)-(%d+)')
+  local b_ms, b_seq = string.match(b, '(%d+)-(%d+)')
+  a_ms, b_ms = tonumber(a_ms), tonumber(b_ms)
+  return a_ms < b_ms or (a_ms == b_ms and tonumber(a_seq) < tonumber(b_seq))
 end
-local epoch = redis.call('HGET', meta, 'epoch')
-local trimmed = redis.call('HGET', meta, 'trimmed')
+
+local fields = redis.call('HMGET', meta, 'epoch', 'trimmed', 'closed', 'deleted')
+if redis.call('EXISTS', log) == 0 or fields[4] then
+  return {false, false, 0, false, false, false, -1}
+end
+local trimmed = fields[2]
+local max_age_ms = tonumber(ARGV[1])
+if max_age_ms > 0 then
+  local now = redis.call('TIME')
+  local cutoff = string.format('%d-0', math.floor(tonumber(now[1]) * 1000 + tonumber(now[2]) / 1000 - max_age_ms))
+  if fields[3] and before(fields[3], cutoff) then
+    cutoff = fields[3]  -- never past the end entry: it says the topic is over
+  end
+  local older = redis.call('XREVRANGE', log, '(' .. cutoff, '-', 'COUNT', 1)
+  if older[1] then
+    redis.call('XTRIM', log, 'MINID', cutoff)
+    redis.call('HSET', meta, 'trimmed', older[1][1])
+    trimmed = older[1][1]
+  end
+end
 local first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
 local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
 return {
-  epoch or false,
+  fields[1] or false,
   trimmed or false,
   redis.call('XLEN', log),
   first[1] and first[1][1] or false,
   last[1] and last[1][1] or false,
+  fields[3] or false,
+  redis.call('PTTL', log),
 }

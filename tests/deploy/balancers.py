@@ -98,7 +98,7 @@ class StandInBroker:
     """A stdlib HTTP server playing a broker, on a free loopback port.
 
     `GET /healthz` answers 200; `GET /readyz` answers 200 while `ready` is set and
-    503 otherwise (a broker whose Redis does not answer), counting those 503s in
+    503 otherwise (a broker that drains), counting those 503s in
     `unready_checks`. `port` binds a given port (a broker restarted where it
     was); streams begun are counted in `streams`. `GET /flood` writes events until a
     write blocks for FLOOD_STALL_SECONDS, counting the bytes. Any other GET is an
@@ -176,7 +176,7 @@ class _StandInHandler(BaseHTTPRequestHandler):
                 self._send_small(b"ok")
             else:
                 self.server.broker.count_unready_check()
-                self._send_small(b"redis does not answer", status=503)
+                self._send_small(b"draining", status=503)
         elif self.path.startswith("/flood"):
             self._flood()
         else:

@@ -37,6 +37,28 @@ METRICS = {
 def test_healthz_and_readyz(client: httpx.Client) -> None:
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
+    store = client.get("/readyz/store")
+    assert store.status_code == 200
+    assert "redis" in store.json()["store"].lower(), store.json()
+
+
+async def test_readyz_is_503_only_while_draining() -> None:
+    """Draining is the one reason a load balancer should send new connections elsewhere;
+    the store's health is /readyz/store's to tell. In-process: a real drain is short."""
+    from api.app import create_app
+
+    app = create_app()
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
+            assert (await client.get("/readyz")).status_code == 200
+            app.state.streams.draining = True
+            draining = await client.get("/readyz")
+            store = await client.get("/readyz/store")
+    assert draining.status_code == 503
+    assert draining.headers["retry-after"].isdigit()
+    assert draining.json()["status"] == "draining"
+    assert store.status_code == 200, "the store still answers while the instance drains"
 
 
 def test_metrics_is_prometheus_text_with_the_broker_metrics(client: httpx.Client) -> None:
@@ -84,7 +106,7 @@ def test_openapi_document_lists_the_contract_paths(client: httpx.Client) -> None
     assert document["info"]["title"] and document["info"]["version"]
     paths = document["paths"]
     assert set(paths["/topics/{topic}/events"]) >= {"get", "post"}
-    for path in ("/events", "/topics/{topic}", "/healthz", "/readyz", "/metrics"):
+    for path in ("/events", "/topics/{topic}", "/healthz", "/readyz", "/readyz/store", "/metrics"):
         assert "get" in paths[path], path
     post = paths["/topics/{topic}/events"]["post"]
     assert set(post["responses"]) >= {"200", "201", "400", "413", "415", "503"}

@@ -3,7 +3,10 @@ and the ASGI factory under plain uvicorn."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.helpers import metric_value, new_topic, wait_until
+from tests.http.helpers import metric_value, new_topic, read_metric, wait_until
 from tests.support.broker_process import BrokerProcess
 from tests.support.redis_server import RedisServer, free_port
 
@@ -122,3 +125,206 @@ def test_several_workers_serve_one_deployment(redis_server: RedisServer) -> None
             assert metric_value(metrics.text, "broker_published_events_total") == 6
     finally:
         process.close()
+
+
+# -- the supervisor and its workers (``--workers 2``) ---------------------------------
+#
+# Worker processes are found through /proc: the supervisor's children started by
+# multiprocessing's spawn (not its resource tracker).
+
+PROC = Path("/proc")
+WORKER_DEADLINE = 10.0
+
+
+def _worker_pids(supervisor: int) -> list[int]:
+    children: list[int] = []
+    for task in (PROC / str(supervisor) / "task").iterdir():
+        children += [int(pid) for pid in (task / "children").read_text().split()]
+    return sorted(pid for pid in children if b"spawn_main" in _cmdline(pid))
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return (PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody has reaped yet."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def _refuses(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _two_workers(process: BrokerProcess) -> list[int]:
+    assert process.process is not None
+    supervisor = process.process.pid
+    return wait_until(
+        lambda: len(pids := _worker_pids(supervisor)) == 2 and pids,
+        timeout=WORKER_DEADLINE,
+        message="the supervisor never showed two workers",
+    )
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _stop(process: BrokerProcess) -> None:
+    """Stop the broker and, whatever the code under test does, every worker it has."""
+    if process.process is None:
+        return
+    workers = _worker_pids(process.process.pid)
+    try:
+        process.terminate()
+    finally:
+        _kill_all(workers)
+        process.close()
+
+
+def test_workers_exit_when_their_supervisor_is_killed(redis_server: RedisServer) -> None:
+    """A killed supervisor must not leave workers serving its port (old code, via
+    SO_REUSEPORT, beside whatever broker is started there next)."""
+    process = BrokerProcess(redis_url=redis_server.url, workers=2).start()
+    workers = _two_workers(process)
+    try:
+        process.kill()  # SIGKILL: no handler runs in the supervisor
+        wait_until(
+            lambda: all(_gone(pid) for pid in workers),
+            timeout=WORKER_DEADLINE,
+            message=f"workers {workers} outlived their supervisor",
+        )
+        assert _refuses(process.port), "the port still takes connections"
+    finally:
+        _kill_all(workers)
+        process.close()
+
+
+def _open_stream(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+        f"GET /topics/{new_topic()}/events HTTP/1.1\r\nHost: t\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
+    )
+    received = b""
+    while b"\n\n" not in received:  # the retry hint: the subscription is open
+        chunk = sock.recv(4096)
+        assert chunk, f"the stream ended early: {received!r}"
+        received += chunk
+    return sock
+
+
+def _established(pid: int, port: int) -> int:
+    """How many connections to ``port`` the process ``pid`` holds."""
+    inodes = set()
+    for fd in (PROC / str(pid) / "fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for line in (PROC / "net" / "tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+        count += local_port == port and fields[3] == "01" and fields[9] in inodes
+    return count
+
+
+def test_a_killed_worker_is_replaced_and_its_streams_stop_counting(
+    redis_server: RedisServer,
+) -> None:
+    process = BrokerProcess(redis_url=redis_server.url, workers=2).start()
+    workers = _two_workers(process)
+    streams: list[socket.socket] = []
+    try:
+        for _ in range(32):  # bounded: until the worker to kill holds some streams
+            streams.append(_open_stream(process.port))
+            if _established(workers[0], process.port) >= 2:
+                break
+        held = _established(workers[0], process.port)
+        assert held >= 2, "the kernel sent no streams to the first worker"
+        wait_until(
+            lambda: read_metric(process.url, "broker_connected_subscribers") == len(streams),
+            timeout=WORKER_DEADLINE,
+            message="the gauge never counted every open stream",
+        )
+        os.kill(workers[0], signal.SIGKILL)
+        supervisor = process.process.pid if process.process else 0
+        wait_until(
+            lambda: len(pids := _worker_pids(supervisor)) == 2 and workers[0] not in pids,
+            timeout=WORKER_DEADLINE,
+            message="the killed worker was not replaced",
+        )
+        _publish_and_read(process.url)
+        wait_until(
+            lambda: read_metric(process.url, "broker_connected_subscribers") == len(streams) - held,
+            timeout=WORKER_DEADLINE,
+            message="the dead worker's streams still count as connected",
+        )
+    finally:
+        for stream in streams:
+            stream.close()
+        _stop(process)
+
+
+def test_a_clean_stop_removes_the_metrics_directory(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The supervisor made a PROMETHEUS_MULTIPROC_DIR (in TMPDIR); it removes it on exit."""
+    process = BrokerProcess(
+        redis_url=redis_server.url, workers=2, env={"TMPDIR": str(tmp_path)}
+    ).start()
+    try:
+        [made] = list(tmp_path.glob("broker-prom-*"))
+        assert made.is_dir()
+        assert process.terminate() == 0, process.log()
+        assert not made.exists(), "the metrics directory outlived the broker"
+    finally:
+        _stop(process)
+
+
+WATCHED_CHILD = """
+import os, signal, sys, time
+from api.workers import _watch_parent
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+_watch_parent(os.getppid())
+print(os.getpid(), flush=True)
+time.sleep(60)
+"""
+PARENT = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', sys.argv[1]]).wait()"
+
+
+def test_without_prctl_the_watch_alone_ends_an_orphaned_worker() -> None:
+    """The fallback for systems without PR_SET_PDEATHSIG: the parent-pid watch."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, WATCHED_CHILD],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    child = 0
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait(timeout=10)
+        wait_until(lambda: _gone(child), timeout=WORKER_DEADLINE, message="the orphan kept running")
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+        if child:
+            _kill_all([child])
+        if parent.stdout is not None:
+            parent.stdout.close()

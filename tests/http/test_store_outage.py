@@ -59,18 +59,21 @@ async def test_redis_down_then_back_with_its_data(
     async with httpx.AsyncClient(
         base_url=broker_on_private_redis.url, timeout=CLIENT_TIMEOUT
     ) as client:
-        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.get("/readyz/store")).status_code == 200
         async with subscribe(client, topic) as stream:
             before = await publish_many(client, topic, ["before"])
             assert (await stream.next()).id == before[0]
 
             private_redis.stop()
 
-            async def not_ready() -> bool:
-                return (await client.get("/readyz")).status_code == 503
+            async def store_down() -> bool:
+                return (await client.get("/readyz/store")).status_code == 503
 
-            await await_until(not_ready, timeout=CLIENT_TIMEOUT, message="readyz stayed 200")
+            await await_until(store_down, timeout=CLIENT_TIMEOUT, message="readyz/store stayed 200")
             assert (await client.get("/healthz")).status_code == 200
+            # Still ready: it holds new streams until Redis is back. A load balancer
+            # that pulled it would answer 503 itself, and end EventSources for good.
+            assert (await client.get("/readyz")).status_code == 200
             key = {"Idempotency-Key": "while-down"}
             refused = await client.post(f"/topics/{topic}/events", json={"data": "x"}, headers=key)
             assert_problem(refused, 503)
@@ -78,8 +81,8 @@ async def test_redis_down_then_back_with_its_data(
 
             private_redis.start()  # the same directory: its AOF brings the data back
 
-            async def ready() -> bool:
-                return (await client.get("/readyz")).status_code == 200
+            async def store_up() -> bool:
+                return (await client.get("/readyz/store")).status_code == 200
 
             async def published() -> httpx.Response | None:
                 answer = await client.post(
@@ -91,7 +94,7 @@ async def test_redis_down_then_back_with_its_data(
                 published, timeout=15, interval=0.2, message="publishing never worked again"
             )
             after = [answer.json()["id"]]
-            await await_until(ready, timeout=5, message="readyz never came back")
+            await await_until(store_up, timeout=5, message="readyz/store never came back")
             key = {"Idempotency-Key": "after-2"}
             answer = await await_until(published, timeout=5, message="the second publish failed")
             after.append(answer.json()["id"])
@@ -162,7 +165,7 @@ async def test_once_redis_is_back_every_publish_succeeds(
 
             async def recovered() -> bool:
                 answer = await client.post(f"/topics/{topic}/events", json={"data": "probe"})
-                ready = await client.get("/readyz")
+                ready = await client.get("/readyz/store")
                 return answer.status_code == 201 and ready.status_code == 200
 
             await await_until(recovered, timeout=15, interval=0.2, message="never recovered")

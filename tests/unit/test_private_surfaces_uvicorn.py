@@ -1,0 +1,296 @@
+"""The parts of uvicorn, httptools and Starlette the edge relies on beyond their public APIs.
+
+`api/connections.py` serves streams lean by standing in for uvicorn's HTTP
+protocol; `api/sse.py` writes through uvicorn's ``send`` from a plain call;
+`api/lifecycle.py` chains uvicorn's signal handlers. pyproject.toml pins these
+libraries below their next minor release; when the pin moves, these checks say,
+without starting a server, which surface changed and which file depends on it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import pkgutil
+import textwrap
+import types
+from collections.abc import AsyncIterator, Callable, Generator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httptools
+import pytest
+import uvicorn.protocols.http
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from uvicorn.config import Config
+from uvicorn.lifespan.on import LifespanOn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import Server, ServerState
+
+from api.connections import BrokerHttpProtocol
+
+CONNECTIONS = "api/connections.py"
+SSE = "api/sse.py"
+LIFECYCLE = "api/lifecycle.py"
+
+
+def changed(surface: str, user: str, why: str) -> str:
+    return f"uvicorn/starlette surface `{surface}`, relied on by {user} ({why}), has changed"
+
+
+def syntax_of(function: Callable[..., Any]) -> ast.AST:
+    return ast.parse(textwrap.dedent(inspect.getsource(function)))
+
+
+def keywords_of_calls(tree: ast.AST, callee: str) -> list[set[str]]:
+    """The keyword names of every call to ``<something>.callee`` in the tree."""
+    return [
+        {keyword.arg for keyword in node.keywords if keyword.arg}
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == callee
+    ]
+
+
+# -- api/connections.py: standing in for uvicorn's HTTP protocol -----------------
+
+
+def test_uvicorn_builds_its_http_protocol_with_the_arguments_ours_takes() -> None:
+    calls = keywords_of_calls(syntax_of(Server.startup), "http_protocol_class")
+    expected = {"config", "server_state", "app_state", "_loop"}
+    assert expected in calls, changed(
+        "uvicorn.server.Server.startup -> config.http_protocol_class(...)",
+        CONNECTIONS,
+        f"BrokerHttpProtocol is built with the keywords {sorted(expected)}; calls: {calls}",
+    )
+
+
+def test_httptools_protocol_takes_a_connection_midway() -> None:
+    ours = list(inspect.signature(BrokerHttpProtocol.__init__).parameters)
+    theirs = list(inspect.signature(HttpToolsProtocol.__init__).parameters)
+    assert theirs == ours, changed(
+        "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol.__init__",
+        CONNECTIONS,
+        f"_hand_to_uvicorn builds it as uvicorn would; parameters {theirs}, ours {ours}",
+    )
+    for method in ("connection_made", "data_received", "shutdown"):
+        assert callable(getattr(HttpToolsProtocol, method, None)), changed(
+            f"HttpToolsProtocol.{method}",
+            CONNECTIONS,
+            "_hand_to_uvicorn feeds it the socket and the bytes already read",
+        )
+
+
+def test_server_state_has_what_the_lean_path_updates() -> None:
+    state = ServerState()
+    for name, kind in (("connections", set), ("total_requests", int), ("default_headers", list)):
+        assert isinstance(getattr(state, name, None), kind), changed(
+            f"uvicorn.server.ServerState.{name} ({kind.__name__})",
+            CONNECTIONS,
+            "lean streams register there, count requests, and send uvicorn's headers",
+        )
+
+
+def test_graceful_shutdown_calls_shutdown_on_every_connection() -> None:
+    source = inspect.getsource(Server.shutdown)
+    assert "server_state.connections" in source and ".shutdown()" in source, changed(
+        "uvicorn.server.Server.shutdown",
+        CONNECTIONS,
+        "a drain ends lean streams through their shutdown(), as uvicorn's own connections",
+    )
+
+
+def test_config_loads_our_protocol_by_its_import_string() -> None:
+    config = Config(app=Starlette(), http="api.connections:BrokerHttpProtocol")
+    config.load()
+    assert config.http_protocol_class is BrokerHttpProtocol, changed(
+        "uvicorn.config.Config(http=...)", "api/cli.py", "`broker serve` names the protocol"
+    )
+    assert config.root_path == "", changed(
+        "uvicorn.config.Config.root_path", CONNECTIONS, "a root path sends streams to uvicorn"
+    )
+
+
+async def test_the_lifespan_state_reaches_the_protocol_as_app_state() -> None:
+    """The app's lifespan yields itself into the state uvicorn hands protocols."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        yield {"broker.app": app}
+
+    app = Starlette(lifespan=lifespan)
+    config = Config(app=app, lifespan="on")
+    config.load()
+    on = LifespanOn(config)
+    await on.startup()
+    try:
+        assert on.state.get("broker.app") is app, changed(
+            "uvicorn.lifespan.on.LifespanOn.state", CONNECTIONS, "APP_STATE_KEY is found there"
+        )
+    finally:
+        await on.shutdown()
+    assert "app_state=self.lifespan.state" in inspect.getsource(Server.startup), changed(
+        "uvicorn.server.Server.startup", CONNECTIONS, "app_state is the lifespan's state"
+    )
+
+
+def test_httptools_parses_a_head_as_the_lean_path_reads_it() -> None:
+    seen: dict[str, Any] = {"headers": []}
+
+    class Head:
+        def on_url(self, url: bytes) -> None:
+            seen["url"] = url
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            seen["headers"].append((name, value))
+
+        def on_message_complete(self) -> None:
+            seen["complete"] = True
+
+    parser = httptools.HttpRequestParser(Head())
+    parser.feed_data(b"GET /topics/t/events?from=earliest HTTP/1.1\r\nHost: x\r\n\r\n")
+    url = httptools.parse_url(seen["url"])
+    assert (parser.get_method(), parser.get_http_version()) == (b"GET", "1.1")
+    assert (url.path, url.query, seen["headers"], seen["complete"]) == (
+        b"/topics/t/events",
+        b"from=earliest",
+        [(b"Host", b"x")],
+        True,
+    ), changed("httptools.HttpRequestParser / parse_url", CONNECTIONS, "the lean path's parser")
+    for name in ("HttpParserError", "HttpParserUpgrade", "HttpParserInvalidURLError"):
+        assert issubclass(getattr(httptools, name), Exception), changed(
+            f"httptools.{name}", CONNECTIONS, "what is not a plain request goes to uvicorn"
+        )
+
+
+def test_a_response_object_gives_its_status_head_and_body() -> None:
+    response = JSONResponse({"a": 1}, 503, headers={"Retry-After": "1"})
+    assert response.status_code == 503
+    assert (b"retry-after", b"1") in response.raw_headers
+    assert bytes(response.body) == b'{"a":1}', changed(
+        "starlette.responses.Response.raw_headers/body",
+        CONNECTIONS,
+        "_answer writes the app's own response to the socket",
+    )
+    request = Request({"type": "http", "headers": [], "app": "the app"})
+    assert request.app == "the app", changed(
+        "starlette.requests.Request(scope).app", CONNECTIONS, "stream requests built by hand"
+    )
+
+
+# -- api/sse.py: writing through uvicorn's send from a plain call ----------------
+
+
+@types.coroutine
+def suspend() -> Generator[None, None, None]:
+    """Hand control back to whoever drives the coroutine, as a wait on the loop would."""
+    yield
+
+
+def request_response_cycles() -> list[type]:
+    """RequestResponseCycle of every uvicorn HTTP implementation that imports here."""
+    cycles = []
+    for module_info in pkgutil.iter_modules(uvicorn.protocols.http.__path__):
+        try:
+            module = importlib.import_module(f"uvicorn.protocols.http.{module_info.name}")
+        except ImportError:  # an implementation whose parser is not installed cannot run
+            continue
+        cycle = getattr(module, "RequestResponseCycle", None)
+        if isinstance(cycle, type):
+            cycles.append(cycle)
+    return cycles
+
+
+def awaits_and_writes(send: Callable[..., Any]) -> tuple[list[int], list[int]]:
+    """Line numbers of the awaits, and of the ``self.transport.write`` calls, in ``send``."""
+    tree = syntax_of(send)
+    awaits = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Await)]
+    writes = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "write"
+        and isinstance(node.func.value, ast.Attribute)
+        and node.func.value.attr == "transport"
+    ]
+    return awaits, writes
+
+
+def test_the_httptools_cycle_is_among_those_checked() -> None:
+    names = {f"{cycle.__module__}.{cycle.__name__}" for cycle in request_response_cycles()}
+    assert "uvicorn.protocols.http.httptools_impl.RequestResponseCycle" in names, names
+
+
+@pytest.mark.parametrize("cycle", request_response_cycles(), ids=lambda c: c.__module__)
+def test_send_awaits_only_before_it_writes(cycle: type) -> None:
+    """A ``send`` that must wait has written nothing, so the live reader may drop it."""
+    surface = f"{cycle.__module__}.RequestResponseCycle.send"
+    why = "write_now drives it by hand and drops an attempt that would wait"
+    send = getattr(cycle, "send", None)
+    assert send is not None and inspect.iscoroutinefunction(send), changed(surface, SSE, why)
+    awaits, writes = awaits_and_writes(send)
+    assert writes, changed(surface, SSE, why + "; it no longer writes to self.transport")
+    assert all(line < min(writes) for line in awaits), changed(
+        surface, SSE, f"{why}; awaits at lines {awaits}, first write at {min(writes)}"
+    )
+    assert "self.send" in inspect.getsource(cycle.run_asgi), changed(  # type: ignore[attr-defined]
+        f"{cycle.__module__}.RequestResponseCycle.run_asgi",
+        SSE,
+        "the app's send is the cycle's bound send (_completes_synchronously)",
+    )
+
+
+def test_driving_send_by_hand_writes_at_once_or_not_at_all() -> None:
+    """The behaviour itself, on the httptools cycle with a stand-in transport."""
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    written: list[bytes] = []
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            written.append(data)
+
+    class Flow:
+        write_paused = False
+
+        async def drain(self) -> None:
+            await suspend()  # a full socket: the caller gets control back here
+
+    cycle = object.__new__(RequestResponseCycle)
+    cycle.__dict__.update(
+        transport=Transport(), flow=Flow(), disconnected=False, response_started=True,
+        response_complete=False, chunked_encoding=True, expected_content_length=0,
+        scope={"method": "GET"}, keep_alive=True,
+    )  # fmt: skip
+    message = {"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True}
+    why = "write_now: a send that does not wait has written when its first step returns"
+    sending = cycle.send(message)  # type: ignore[arg-type]
+    with pytest.raises(StopIteration):
+        sending.send(None)
+    assert b"".join(written).count(b"data: 1") == 1, changed("RequestResponseCycle.send", SSE, why)
+    Flow.write_paused = True
+    written.clear()
+    sending = cycle.send(message)  # type: ignore[arg-type]
+    sending.send(None)  # suspended in drain()
+    sending.close()
+    assert written == [], changed(
+        "RequestResponseCycle.send", SSE, "an attempt that would wait must have written nothing"
+    )
+
+
+# -- api/lifecycle.py: chaining uvicorn's signal handlers ------------------------
+
+
+def test_uvicorn_installs_its_signal_handlers_with_signal_signal_before_startup() -> None:
+    why = "drain_on_shutdown_signals chains the handler signal.signal returns"
+    assert "signal.signal(" in inspect.getsource(Server.capture_signals), changed(
+        "uvicorn.server.Server.capture_signals", LIFECYCLE, why
+    )
+    assert "capture_signals()" in inspect.getsource(Server.serve), changed(
+        "uvicorn.server.Server.serve", LIFECYCLE, why + " (installed before the lifespan starts)"
+    )
