@@ -28,6 +28,7 @@ from api.publish import PublishEndpoint
 from api.settings import Settings
 from api.sse import OpenStreams
 from broker import Broker, BrokerError, BrokerLimits, open_store
+from broker.policy import TopicPolicy
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ def build_broker(settings: Settings) -> Broker:
         settings.redis_url,
         retention_maxlen=settings.retention_maxlen,
         retention_seconds=settings.retention_seconds,
+        topic_ttl_seconds=settings.topic_ttl_seconds,
+        topic_policies=[TopicPolicy(**p.model_dump()) for p in settings.topic_policies],
         idempotency_seconds=settings.idempotency_seconds,
         durability=settings.publish_durability,
         observer=observer,
@@ -150,7 +153,10 @@ ROUTES = [
     Route("/topics/{topic}/events", PUBLISH, methods=["POST"], name="publish"),
     Route("/topics/{topic}/events", routes.topic_events, methods=["GET"], name="subscribe"),
     Route("/events", routes.multi_topic_events, methods=["GET"], name="subscribe_many"),
+    Route("/topics", routes.list_topics, methods=["GET"], name="list_topics"),
     Route("/topics/{topic}", routes.topic_info, methods=["GET"], name="topic_info"),
+    Route("/topics/{topic}", routes.delete_topic, methods=["DELETE"], name="delete_topic"),
+    Route("/topics/{topic}/close", routes.close_topic, methods=["POST"], name="close_topic"),
     # A topic holding "/" (sent as %2F) cannot match the routes above; it is a bad
     # topic name (400), not an unknown route (404).
     Route(

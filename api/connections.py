@@ -14,13 +14,17 @@ task while idle, since the live reader writes shared frames straight to the
 socket. Anything else, every invalid stream request included (errors are
 answered in one place), is handed, bytes and all, to uvicorn's own protocol,
 the way uvicorn hands a connection to its WebSocket protocol.
+
+Every connection is also held to the limits of ``api.guard``: its first head
+must arrive in time and fit in ``BROKER_MAX_HEAD_BYTES`` (else 431), and a
+connection past ``BROKER_MAX_CONNECTIONS`` is told to come back (a stream) or
+answered 503 (a publish).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -28,13 +32,28 @@ import httptools
 from starlette.requests import Request
 from starlette.responses import Response
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from api import routes
+from api import problems, routes
+from api.guard import (
+    Admission,
+    ClientLimits,
+    GuardedHttpToolsProtocol,
+    answer_and_close,
+    guard_of,
+    response_head,
+)
 from api.metrics import SUBSCRIBERS
+from api.problems import problem_for
 from api.sse import STREAM_HEADERS, OpenStreams
-from broker import BrokerError, StartFrom, StoreUnavailable, SubscriberTooSlow, Subscription
+from broker import (
+    BrokerError,
+    StartFrom,
+    StoreUnavailable,
+    StreamOver,
+    SubscriberTooSlow,
+    Subscription,
+)
 from broker.framing import retry_hint
 
 log = logging.getLogger(__name__)
@@ -42,8 +61,6 @@ access_log = logging.getLogger("uvicorn.access")
 
 APP_STATE_KEY = "broker.app"
 """Where the app's lifespan leaves itself in uvicorn's app state, for this module."""
-MAX_HEAD_BYTES = 16 * 1024
-"""A longer request head is not a stream request we serve: uvicorn answers it."""
 END_OF_BODY = b"0\r\n\r\n"
 BODY_HEADERS = (b"content-length", b"transfer-encoding")
 
@@ -67,12 +84,25 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self._head)
         self._opening: asyncio.Task[None] | None = None
         self._lost = False
+        app = app_state.get(APP_STATE_KEY)
+        self._guard = guard_of(server_state, app.state.settings if app is not None else None)
+        self._admission = Admission.SERVE
 
     # -- asyncio.Protocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._server_state.connections.add(self)  # type: ignore[arg-type]
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._admission = self._guard.admit(len(self._server_state.connections))
+        if self._admission is Admission.DROP:
+            self._transport.abort()  # no descriptor to spare, not even to answer
+            return
+        self._guard.deadlines.set(self, self._guard.limits.head_timeout)
+
+    def expire(self) -> None:
+        """The head did not arrive in time (``api.guard``): close, unanswered."""
+        if self._transport is not None:
+            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         self._received += data
@@ -81,14 +111,28 @@ class BrokerHttpProtocol(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._hand_to_uvicorn()
             return
-        if not self._head.headers_done:
-            if len(self._received) > MAX_HEAD_BYTES:
-                self._hand_to_uvicorn()
-            return
-        head_end = self._received.find(b"\r\n\r\n")
+        head_size = self._head_size()
+        if head_size > self._guard.limits.max_head_bytes:
+            self._answer(problems.head_too_large(self._guard.limits.max_head_bytes))
+        elif self._head.headers_done:
+            self._guard.deadlines.clear(self)
+            self._serve(head_size)
+
+    def _head_size(self) -> int:
+        """The head's bytes: all received until it ends, then up to its blank line."""
+        end = self._received.find(b"\r\n\r\n") if self._head.headers_done else -1
+        return end + 4 if end >= 0 else len(self._received)
+
+    def _serve(self, head_size: int) -> None:
+        """The head is whole: serve the stream here, refuse, or hand over to uvicorn."""
+        if self._admission is Admission.REFUSE:
+            refusal = _refusal_of(self._head, self._parser, self._guard.limits)
+            if refusal is not None:
+                self._answer(refusal)
+                return
         app = self._app_state.get(APP_STATE_KEY)
         request = None
-        if app is not None and not self._config.root_path and head_end + 4 == len(self._received):
+        if app is not None and not self._config.root_path and head_size == len(self._received):
             try:
                 request = _stream_request_of(self._head, self._parser, app)
             except Exception:  # a bug here must not cost the request: uvicorn answers it
@@ -105,6 +149,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._server_state.connections.discard(self)
+        self._guard.deadlines.clear(self)
 
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: no response is under way, so close."""
@@ -125,6 +170,9 @@ class BrokerHttpProtocol(asyncio.Protocol):
             # Answered here: through uvicorn it would wait for the store a second time.
             self._answer(routes.come_back_later(retry_ms, "store unavailable"))
             return
+        except StreamOver as over:
+            self._answer(problem_for(over))  # 204: the EventSource stops reconnecting
+            return
         except Exception:
             log.exception("unexpected error opening a stream")
             self._hand_to_uvicorn()  # it tries again, and answers 500 if that fails too
@@ -142,32 +190,26 @@ class BrokerHttpProtocol(asyncio.Protocol):
 
     def _response_head(self, retry_ms: int) -> bytes:
         headers = [*STREAM_HEADERS, (b"transfer-encoding", b"chunked")]
-        return self._status_and_headers(200, headers) + chunk_of(retry_hint(retry_ms))
+        return response_head(200, headers, self._server_state) + chunk_of(retry_hint(retry_ms))
 
     def _answer(self, response: Response) -> None:
         """A whole response (the app's own object), then the connection closes."""
+        self._guard.deadlines.clear(self)
+        self._server_state.connections.discard(self)
         if self._lost:
             return
         assert self._transport is not None
-        head = self._status_and_headers(response.status_code, response.raw_headers)
-        self._transport.write(head + bytes(response.body))
-        self._transport.close()
-
-    def _status_and_headers(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
-        """A response's head, with uvicorn's own headers (date, server) first."""
-        lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
-        lines += [name + b": " + value for name, value in self._server_state.default_headers]
-        lines += [name + b": " + value for name, value in headers]
-        return b"\r\n".join([*lines, b"", b""])
+        answer_and_close(self._transport, response, self._server_state, self._guard)
 
     def _hand_to_uvicorn(self) -> None:
         """uvicorn's protocol takes the connection, with every byte received so far."""
         assert self._transport is not None
         self._server_state.connections.discard(self)
+        self._guard.deadlines.clear(self)
         if self._lost:
             return
-        protocol = HttpToolsProtocol(
-            config=self._config, server_state=self._server_state, app_state=self._app_state
+        protocol = GuardedHttpToolsProtocol(
+            self._config, self._server_state, self._app_state, self._guard
         )
         protocol.connection_made(self._transport)
         self._transport.set_protocol(protocol)
@@ -396,6 +438,24 @@ def _scope_of(head: _Head, parser: httptools.HttpRequestParser) -> dict[str, Any
         "root_path": "",
         "headers": head.headers,
     }
+
+
+def _refusal_of(
+    head: _Head, parser: httptools.HttpRequestParser, limits: ClientLimits
+) -> Response | None:
+    """The answer past the connection limit: a stream is told to come back, a publish
+    gets 503; None for anything else (health checks, metrics), which is served."""
+    try:
+        path = unquote(httptools.parse_url(head.url).path.decode("ascii"))
+    except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+        return None
+    method = parser.get_method().decode("ascii", "replace")
+    scope = {"type": "http", "method": method, "path": path, "headers": head.headers}
+    if routes.stream_topic(scope) is not None:
+        return routes.come_back_later(limits.retry_ms, "too many connections")
+    if method == "POST" and routes.TOPIC_EVENTS_PATH.fullmatch(path):
+        return problems.too_many_connections(limits.retry_after)
+    return None
 
 
 def _log_access(transport: asyncio.Transport, request: Request) -> None:

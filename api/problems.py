@@ -63,3 +63,26 @@ def problem_for(error: BrokerError | HttpProblem) -> Response:
         headers = {"Retry-After": str(error.retry_after)}
         return problem(503, "Store unavailable", error.detail, headers=headers)
     return problem(500, "Internal error", "the broker could not handle this request")
+
+
+# -- answers to clients the connection guard (api.guard) stops before the app -------------
+
+
+def head_too_large(limit: int) -> Response:
+    return problem(
+        431,
+        "Request header fields too large",
+        f"the request line and headers are over {limit} bytes",
+        limit=limit,
+    )
+
+
+def body_too_slow(seconds: float) -> Response:
+    return problem(408, "Request timeout", f"the request body did not arrive within {seconds:g} s")
+
+
+def too_many_connections(retry_after: int) -> Response:
+    """A publish past the process's connection limit: retry it (with its Idempotency-Key)."""
+    headers = {"Retry-After": str(retry_after)}
+    detail = "this instance holds as many connections as it may; retry shortly"
+    return problem(503, "Too many connections", detail, headers=headers)

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from api.ingest import Ingest
 from api.negotiation import media_type_of
 from api.problems import HttpProblem, problem_for
 from api.settings import Settings
@@ -27,8 +28,14 @@ from broker import (
     StoreUnavailable,
     TooLarge,
 )
-from broker.validation import check_topic, event_from_text, events_from_json
+from broker.validation import (
+    check_idempotency_key,
+    check_topic,
+    event_from_text,
+    events_from_json,
+)
 
+NDJSON = "application/x-ndjson"
 JSON_HEADERS = [(b"content-type", b"application/json")]
 REPLAYED_HEADERS = [*JSON_HEADERS, (b"idempotent-replayed", b"true")]
 
@@ -52,17 +59,51 @@ class PublishEndpoint:
         broker: Broker = state.broker
         topic = check_topic(scope["path_params"]["topic"])
         headers = dict(scope["headers"])
-        key = headers.get(b"idempotency-key")
+        raw_key = headers.get(b"idempotency-key")
+        key = None if raw_key is None else raw_key.decode("latin-1")
+        close = _close_requested(scope)
+        if media_type_of(headers.get(b"content-type", b"").decode("latin-1"))[0] == NDJSON:
+            return await _ingest(broker, settings, topic, key, close, receive)
         body = await read_body(receive, headers.get(b"content-length"), settings.max_body_bytes)
         events, is_batch = parse_events(scope, headers, body, settings)
         try:
             async with asyncio.timeout(settings.publish_timeout_seconds):
-                result = await broker.publish(
-                    topic, events, idempotency_key=None if key is None else key.decode("latin-1")
-                )
+                result = await broker.publish(topic, events, idempotency_key=key, close=close)
         except TimeoutError as error:
             raise StoreUnavailable("the store did not confirm the write in time") from error
         return answer(result, is_batch)
+
+
+def _close_requested(scope: Scope) -> bool:
+    """``?close=true``: close the topic after this publish's events."""
+    if b"close" not in scope.get("query_string", b""):
+        return False
+    values = parse_qs(scope["query_string"].decode("latin-1")).get("close", [])
+    if values not in ([], ["true"], ["false"]):
+        raise InvalidInput("close must be 'true' or 'false'", field="close")
+    return values == ["true"]
+
+
+async def _ingest(
+    broker: Broker, settings: Settings, topic: str, key: str | None, close: bool, receive: Receive
+) -> tuple[int, list[Any], bytes]:
+    check_idempotency_key(key)
+    ingest = Ingest(
+        broker,
+        topic,
+        key=key,
+        max_event_bytes=settings.max_event_bytes,
+        max_batch=settings.max_batch,
+        idle_timeout=settings.body_timeout_seconds,
+        append_timeout=settings.publish_timeout_seconds,
+    )
+    result = await ingest.run(receive)
+    content = result.content()
+    if close:
+        content["end_id"] = str((await broker.close_topic(topic)).end_id)
+    everything_replayed = result.count and result.replayed == result.count and not close
+    headers = REPLAYED_HEADERS if everything_replayed else JSON_HEADERS
+    return (200 if everything_replayed else 201), headers, orjson.dumps(content)
 
 
 async def read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
@@ -110,13 +151,16 @@ def parse_events(
     raise HttpProblem(
         415,
         "Unsupported media type",
-        "publish with Content-Type application/json or text/plain; charset=utf-8",
+        "publish with Content-Type application/json, application/x-ndjson or "
+        "text/plain; charset=utf-8",
     )
 
 
 def answer(result: AppendResult, is_batch: bool) -> tuple[int, list[Any], bytes]:
     ids = [str(event_id) for event_id in result.ids]
     content: dict[str, Any] = {"ids": ids} if is_batch or len(ids) != 1 else {"id": ids[0]}
+    if result.end_id is not None:
+        content["end_id"] = str(result.end_id)
     if result.replayed:
         return 200, REPLAYED_HEADERS, orjson.dumps(content)
     return 201, JSON_HEADERS, orjson.dumps(content)

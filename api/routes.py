@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from api.negotiation import prefers_json
+from api.problems import problem_for
 from api.settings import Settings
 from api.sse import STREAM_HEADERS, EventStreamResponse, OpenStreams
 from broker import (
@@ -32,6 +33,8 @@ from broker import (
     InvalidInput,
     StartFrom,
     StoreUnavailable,
+    StreamOver,
+    TopicInfo,
     parse_last_event_id,
 )
 from broker.framing import retry_hint
@@ -86,6 +89,8 @@ async def open_stream(request: Request, topic: str | None) -> Response | EventSt
         subscription = await _broker(request).subscribe(starts, sink=response)
     except StoreUnavailable:
         return come_back_later(retry_ms, "store unavailable")
+    except StreamOver as over:
+        return problem_for(over)  # 204: the EventSource stops reconnecting
     return response.attach(subscription)
 
 
@@ -179,10 +184,14 @@ async def history(request: Request) -> Response:
 
 
 def _history_limit(raw: str | None) -> int:
+    return _bounded_limit(raw, HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT)
+
+
+def _bounded_limit(raw: str | None, default: int, most: int) -> int:
     if raw is None:
-        return HISTORY_DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= HISTORY_MAX_LIMIT:
-        raise InvalidInput(f"limit must be an integer from 1 to {HISTORY_MAX_LIMIT}", field="limit")
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise InvalidInput(f"limit must be an integer from 1 to {most}", field="limit")
     return int(raw)
 
 
@@ -192,16 +201,69 @@ def _event_json(entry: LogEntry) -> dict[str, Any]:
 
 
 async def topic_info(request: Request) -> Response:
-    """``{"topic", "length", "first_id", "last_id"}``; 404 if it never had an event."""
+    """``{"topic", "length", "first_id", "last_id"}``; 404 if it has no log."""
     info = await _broker(request).topic_info(request.path_params["topic"])
     return json_response(
         {
             "topic": info.topic,
             "length": info.length,
-            "first_id": str(info.first_id) if info.first_id else None,
-            "last_id": str(info.last_id) if info.last_id else None,
+            "first_id": _id_or_none(info.first_id),
+            "last_id": _id_or_none(info.last_id),
         }
     )
+
+
+def _topic_json(info: TopicInfo) -> dict[str, Any]:
+    return {
+        "topic": info.topic,
+        "length": info.length,
+        "last_id": _id_or_none(info.last_id),
+        "closed": info.closed,
+    }
+
+
+def _id_or_none(event_id: EventId | None) -> str | None:
+    return str(event_id) if event_id else None
+
+
+LIST_DEFAULT_LIMIT = 100
+LIST_MAX_LIMIT = 1000
+
+
+async def list_topics(request: Request) -> Response:
+    """``{"topics": [{"topic", "length", "last_id", "closed"}], "next"}``, by SCAN.
+
+    ``?prefix=`` narrows by name, ``?limit=`` (1..1000) is approximate, as SCAN's
+    count is; ``?cursor=`` is the ``next`` of the page before.
+    """
+    prefix = request.query_params.get("prefix", "")
+    if prefix:
+        check_topic(prefix)
+    limit = _bounded_limit(request.query_params.get("limit"), LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT)
+    cursor = request.query_params.get("cursor") or None
+    if cursor is not None and not _LIST_CURSOR.fullmatch(cursor):
+        raise InvalidInput("cursor must be the 'next' of a page before", field="cursor")
+    topics, following = await _broker(request).list_topics(prefix, cursor, limit)
+    return json_response({"topics": [_topic_json(t) for t in topics], "next": following})
+
+
+_LIST_CURSOR = re.compile(r"\d{1,4}:\d{1,20}")
+
+
+async def close_topic(request: Request) -> Response:
+    """Close the topic (its log ends with ``broker.end``): ``201 {"id"}``; 200 if it was."""
+    topic = check_topic(request.path_params["topic"])
+    if await request.body():
+        raise InvalidInput("closing takes an empty body")
+    result = await _broker(request).close_topic(topic)
+    status = 200 if result.replayed else 201
+    return json_response({"id": str(result.end_id)}, status=status)
+
+
+async def delete_topic(request: Request) -> Response:
+    """Delete the topic now (its streams get a ``deleted`` gap and end): 204."""
+    await _broker(request).delete_topic(check_topic(request.path_params["topic"]))
+    return Response(status_code=204)
 
 
 async def bad_topic(request: Request) -> Response:
@@ -209,8 +271,10 @@ async def bad_topic(request: Request) -> Response:
     name = request.path_params["topic"]
     if b"%2f" in request.scope.get("raw_path", b"").lower():
         check_topic(name.removesuffix("/events"))  # raises InvalidTopic
-    if "/" not in name:  # POST /topics/{topic}: the path exists, for GET only
-        raise HTTPException(405, headers={"Allow": "GET"})
+    if "/" not in name:  # POST /topics/{topic}: the path exists, for GET and DELETE
+        raise HTTPException(405, headers={"Allow": "GET, DELETE"})
+    if name.endswith("/close") and "/" not in name.removesuffix("/close"):
+        raise HTTPException(405, headers={"Allow": "POST"})
     raise HTTPException(404)
 
 

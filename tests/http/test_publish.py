@@ -436,7 +436,9 @@ def test_a_missing_content_type_is_415(client: httpx.Client) -> None:
         ("DELETE", "/topics/{t}/events"),
         ("PATCH", "/topics/{t}/events"),
         ("POST", "/topics/{t}"),
-        ("DELETE", "/topics/{t}"),
+        ("PUT", "/topics/{t}"),
+        ("GET", "/topics/{t}/close"),
+        ("POST", "/topics"),
         ("POST", "/events"),
         ("POST", "/healthz"),
         ("PUT", "/readyz"),
@@ -452,7 +454,7 @@ def test_an_unsupported_method_is_405_problem(client: httpx.Client, method: str,
 
 
 @pytest.mark.parametrize(
-    "path", ["/nope", "/topics", "/topics/x/events/extra", "/topics/x/event", "/event"]
+    "path", ["/nope", "/topic", "/topics/x/events/extra", "/topics/x/event", "/event"]
 )
 def test_an_unknown_route_is_404_problem(client: httpx.Client, path: str) -> None:
     assert_problem(client.get(path), 404)

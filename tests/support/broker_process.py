@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ class BrokerProcess:
     redis_url: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     workers: int = 1
+    max_open_files: int | None = None  # the process's RLIMIT_NOFILE (soft and hard)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(
@@ -41,10 +43,18 @@ class BrokerProcess:
             args += ["--redis-url", self.redis_url]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
         env.update(self.env)
+        limit_files = self._limit_files if self.max_open_files is not None else None
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                args, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_files
+            )
         self._wait_healthy(timeout)
         return self
+
+    def _limit_files(self) -> None:
+        assert self.max_open_files is not None
+        limit = (self.max_open_files, self.max_open_files)
+        resource.setrlimit(resource.RLIMIT_NOFILE, limit)
 
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

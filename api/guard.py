@@ -1,0 +1,319 @@
+"""What one client may hold of a broker process: time, head bytes, connections.
+
+uvicorn bounds little of it on its httptools protocol: its keep-alive timer
+stops at the first byte of the next request, it has no deadline for a request
+head or body, and httptools has no limit on a head's size. A client could hold
+a connection for ever with half a request head or a body that never ends, and
+a few thousand such clients would take every file descriptor of the process.
+
+So each server process has one ``Guard``: the limits (from Settings, the
+connection limit lowered to what the open-file limit allows) and one
+``Deadlines`` for every waiting connection. ``api.connections.BrokerHttpProtocol``
+applies them to each connection's first request; ``GuardedHttpToolsProtocol``
+(uvicorn's protocol, which takes every connection handed over) to each later
+head and to every body. An open event stream waits for nothing and has no
+deadline.
+
+A refused request is answered and then closed *lingering*: the process stops
+writing, and reads and drops what the client still sends for a moment, because
+closing a socket with unread bytes resets the connection, and the client's
+system may then throw the answer away before the client reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import resource
+import time
+import weakref
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from starlette.responses import Response
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from api import problems
+from api.deadlines import Deadlines
+from api.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FD_RESERVE = 64
+"""File descriptors kept for the process itself: Redis connections, logs, the loop."""
+LINGER_SECONDS = 2.0
+LINGER_MAX_BYTES = 1 << 20
+"""A refused client still sending past this is cut."""
+FULL_WARNING_INTERVAL = 10.0
+NDJSON = b"application/x-ndjson"
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    head_timeout: float
+    body_timeout: float
+    max_head_bytes: int
+    max_connections: int
+    """Connections served; past it they are answered come-back or 503."""
+    max_open: int
+    """Connections held at all; past it a new one is closed at once, unanswered."""
+    retry_ms: int
+
+    @property
+    def retry_after(self) -> int:
+        return max(1, -(-self.retry_ms // 1000))
+
+
+class Admission(enum.Enum):
+    SERVE = "serve"
+    REFUSE = "refuse"  # answered (stream: come back; publish: 503), then closed
+    DROP = "drop"  # closed at once: descriptors are nearly gone
+
+
+class Guard:
+    """One server process's client limits and the deadlines of its waiting connections."""
+
+    def __init__(self, limits: ClientLimits) -> None:
+        self.limits = limits
+        self.deadlines = Deadlines()
+        self._warned_at = -FULL_WARNING_INTERVAL
+
+    def admit(self, open_connections: int) -> Admission:
+        """What to do with a new connection, ``open_connections`` counting it."""
+        if open_connections <= self.limits.max_connections:
+            return Admission.SERVE
+        self._warn_full(open_connections)
+        if open_connections <= self.limits.max_open:
+            return Admission.REFUSE
+        return Admission.DROP
+
+    def _warn_full(self, open_connections: int) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= FULL_WARNING_INTERVAL:
+            self._warned_at = now
+            log.warning(
+                "%d connections open, over the limit of %d: refusing new ones",
+                open_connections,
+                self.limits.max_connections,
+            )
+
+
+_GUARDS: weakref.WeakKeyDictionary[ServerState, Guard] = weakref.WeakKeyDictionary()
+
+
+def guard_of(server_state: ServerState, settings: Settings | None) -> Guard:
+    """The guard of this server (made on its first connection)."""
+    guard = _GUARDS.get(server_state)
+    if guard is None:
+        guard = _GUARDS[server_state] = Guard(limits_from(settings or Settings()))
+    return guard
+
+
+def limits_from(settings: Settings) -> ClientLimits:
+    usable = max(1, raise_open_file_limit() - FD_RESERVE)
+    # An eighth of the usable descriptors stays free to answer connections past
+    # the limit: a come-back holds one for a moment; closing at once tells nothing.
+    max_connections = min(settings.max_connections, usable - usable // 8)
+    if max_connections < settings.max_connections:
+        log.warning(
+            "BROKER_MAX_CONNECTIONS is %d but the open-file limit allows %d connections",
+            settings.max_connections,
+            max_connections,
+        )
+    return ClientLimits(
+        head_timeout=settings.head_timeout_seconds,
+        body_timeout=settings.body_timeout_seconds,
+        max_head_bytes=settings.max_head_bytes,
+        max_connections=max_connections,
+        max_open=max(usable, max_connections),
+        retry_ms=settings.retry_ms,
+    )
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one (as Go's runtime does); the limit
+    in force. A default soft limit of 1024 would cap a broker at about 900 streams."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            log.warning("could not raise the open-file limit from %d to %d", soft, hard)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+# -- answering and closing --------------------------------------------------------------
+
+
+def response_head(
+    status: int, headers: list[tuple[bytes, bytes]], server_state: ServerState
+) -> bytes:
+    """A response's head, with uvicorn's own headers (date, server) first."""
+    lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
+    lines += [name + b": " + value for name, value in server_state.default_headers]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join([*lines, b"", b""])
+
+
+def answer_and_close(
+    transport: asyncio.Transport, response: Response, server_state: ServerState, guard: Guard
+) -> None:
+    """Write a whole response (the app's own object) and close the connection, lingering."""
+    headers = response.raw_headers
+    if not any(name == b"connection" for name, _ in headers):
+        headers = [*headers, (b"connection", b"close")]
+    transport.write(response_head(response.status_code, headers, server_state) + response.body)
+    if not transport.can_write_eof():
+        transport.close()
+        return
+    transport.write_eof()
+    lingering = Lingering(transport, server_state, guard)
+    transport.set_protocol(lingering)
+    lingering.start()
+
+
+class Lingering(asyncio.Protocol):
+    """An answered connection on its way out: reads and drops what the client still
+    sends until it closes its side, for at most LINGER_SECONDS and LINGER_MAX_BYTES."""
+
+    def __init__(self, transport: asyncio.Transport, server_state: ServerState, guard: Guard):
+        self._transport = transport
+        self._server_state = server_state
+        self._guard = guard
+        self._dropped = 0
+
+    def start(self) -> None:
+        self._server_state.connections.add(self)  # type: ignore[arg-type]
+        self._guard.deadlines.set(self, LINGER_SECONDS)
+        if not self._transport.is_reading():
+            self._transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self._dropped += len(data)
+        if self._dropped > LINGER_MAX_BYTES:
+            self._transport.abort()
+
+    def eof_received(self) -> bool:
+        return False  # the client has read the answer and closed: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server_state.connections.discard(self)
+        self._guard.deadlines.clear(self)
+
+    def expire(self) -> None:
+        self._transport.abort()
+
+    def shutdown(self) -> None:
+        self._transport.abort()
+
+
+# -- uvicorn's protocol, guarded -------------------------------------------------------------
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's protocol with a deadline for every request head and body and a limit
+    on a head's size; it serves every connection ``BrokerHttpProtocol`` hands over.
+
+    Deadlines: a head must arrive within the head timeout of the connection's
+    handover or of the previous response's end; a body within the body timeout
+    of its head, except a streaming ingest (``application/x-ndjson``), whose
+    deadline starts again with each read: it may idle that long between lines.
+    While the app works on a request, and for as long as a response streams,
+    nothing is timed here.
+    """
+
+    def __init__(
+        self, config: Config, server_state: ServerState, app_state: dict[str, Any], guard: Guard
+    ) -> None:
+        super().__init__(config, server_state, app_state)
+        self._guard = guard
+        self._in_message = False  # from a request's first byte to its body's last
+        self._in_head = False  # from a request's first byte to its head's end
+        self._head_bytes = 0
+        self._head_ended_in_read = False
+        self._reading_body = False
+        self._deadline_per_read = False
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._guard.deadlines.set(self, self._guard.limits.head_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guard.deadlines.clear(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        # httptools keeps a head's bytes until it ends, unbounded: count them. A read
+        # that starts inside a head (or between requests) and does not end it is all
+        # head; a head that begins after another request in the same read is counted
+        # from the next read on (at most one read over the limit, never a false 431).
+        all_head = self._in_head or not self._in_message
+        self._head_ended_in_read = False
+        super().data_received(data)
+        if self._in_head and all_head and not self._head_ended_in_read:
+            self._head_bytes += len(data)
+            if self._head_bytes > self._guard.limits.max_head_bytes:
+                self._refuse(problems.head_too_large(self._guard.limits.max_head_bytes))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_message = self._in_head = True
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._in_head = False
+        self._head_ended_in_read = self._reading_body = True
+        content_type = next((v for k, v in self.headers if k == b"content-type"), b"")
+        self._deadline_per_read = content_type.split(b";")[0].strip().lower() == NDJSON
+        self._guard.deadlines.set(self, self._guard.limits.body_timeout)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self._deadline_per_read:  # a streaming ingest: the timeout bounds each pause
+            self._guard.deadlines.set(self, self._guard.limits.body_timeout)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_message = self._reading_body = False
+        self._guard.deadlines.clear(self)
+        if self.cycle is not None and self.cycle.response_complete:
+            self._await_next_head()  # answered before its body ended (a 413, say)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is not None and not self._reading_body:
+            self._await_next_head()  # uvicorn armed its keep-alive: the connection idles
+
+    def _await_next_head(self) -> None:
+        if not self.transport.is_closing():
+            self._guard.deadlines.set(self, self._guard.limits.head_timeout)
+
+    def expire(self) -> None:
+        if self._reading_body and (self.cycle is None or not self.cycle.response_started):
+            self._refuse(problems.body_too_slow(self._guard.limits.body_timeout))
+        elif not self.transport.is_closing():
+            self.transport.close()
+
+    def _refuse(self, response: Response) -> None:
+        """Answer, close; the request the app may be reading sees its client gone."""
+        self._refused = True
+        self._guard.deadlines.clear(self)
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self.transport.close()  # a response is under way: no room for another
+            return
+        self.connections.discard(self)
+        self._unset_keepalive_if_required()
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # what the app still sends is dropped
+            cycle.message_event.set()
+        answer_and_close(self.transport, response, self.server_state, self._guard)

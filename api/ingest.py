@@ -1,0 +1,192 @@
+"""Streaming ingest: ``POST /topics/{t}/events`` with ``Content-Type: application/x-ndjson``.
+
+A producer pipes a token stream through one request: each line is one JSON
+event object, stored and delivered as it arrives, not when the body ends.
+
+- Order and pipelining: one append is in flight per request at a time, and
+  every line that arrived meanwhile goes in the next, as one atomic batch. A
+  line never waits for more than the append before it, and under load each
+  Redis round trip carries many lines. (Appends of one request cannot be in
+  flight together: on two pooled connections Redis could run them in either
+  order.)
+- Idempotency: with ``Idempotency-Key: K``, line n is stored under ``K:n``
+  (n counts from 1, blank lines included), so a producer whose connection
+  broke sends the whole stream again and no line is stored twice.
+- Memory is bounded whatever the body's length: one line at most
+  ``max_event_bytes`` plus its envelope, and at most ``INGEST_QUEUE_LINES``
+  lines waiting; past that the body is not read until they are stored.
+- A bad line stops the ingest with 400 naming it; the lines before it stay
+  stored. ``?close=true`` closes the topic when the body ends, never when it
+  breaks off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.types import Receive
+
+from broker import Broker, EventId, InvalidInput, NewEvent, StoreUnavailable, TooLarge
+from broker.validation import event_from_json
+
+INGEST_QUEUE_LINES = 1000
+LINE_ENVELOPE_BYTES = 4096
+"""A line may exceed ``max_event_bytes`` by this much: the JSON around the data."""
+
+
+@dataclass
+class IngestResult:
+    """What one ingest stored: the ids (first ``keep`` of them), and their count."""
+
+    keep: int
+    ids: list[EventId] = field(default_factory=list)
+    count: int = 0
+    replayed: int = 0
+    first: EventId | None = None
+    last: EventId | None = None
+
+    def add(self, ids: list[EventId]) -> None:
+        if ids:
+            self.first = self.first or ids[0]
+            self.last = ids[-1]
+        self.count += len(ids)
+        room = self.keep - len(self.ids)
+        self.ids += ids[: max(0, room)]
+
+    def content(self) -> dict[str, Any]:
+        if self.count <= self.keep:
+            return {"ids": [str(event_id) for event_id in self.ids]}
+        return {"count": self.count, "first_id": str(self.first), "last_id": str(self.last)}
+
+
+class Ingest:
+    """One streaming-ingest request: reads lines, appends them in order as they come."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        topic: str,
+        *,
+        key: str | None,
+        max_event_bytes: int,
+        max_batch: int,
+        idle_timeout: float,
+        append_timeout: float,
+    ) -> None:
+        self._broker = broker
+        self._topic = topic
+        self._key = key
+        self._max_line = max_event_bytes + LINE_ENVELOPE_BYTES
+        self._max_event_bytes = max_event_bytes
+        self._max_batch = max_batch
+        self._idle_timeout = idle_timeout
+        self._append_timeout = append_timeout
+        self._queue: asyncio.Queue[tuple[int, NewEvent] | None] = asyncio.Queue(INGEST_QUEUE_LINES)
+        self.result = IngestResult(keep=max_batch)
+
+    async def run(self, receive: Receive) -> IngestResult:
+        """Store every line of the body; raises on the first bad line, after storing
+        the lines before it. The body must end normally for this to return."""
+        sender = asyncio.create_task(self._send_lines())
+        try:
+            await self._read_lines(receive, sender)
+        finally:  # a bad line or a broken body: the lines before it are stored all the same
+            await self._finish(sender)
+        return self.result
+
+    async def _read_lines(self, receive: Receive, sender: asyncio.Task[None]) -> None:
+        number = 0
+        async for line in self._lines(receive):
+            number += 1
+            if line.strip() and not await self._put((number, self._parse(number, line)), sender):
+                return  # the sender failed: _finish raises its error
+
+    async def _finish(self, sender: asyncio.Task[None]) -> None:
+        """Let the sender store what is queued, then end it; its error, if any, is ours."""
+        await self._put(None, sender)
+        await sender
+
+    async def _put(self, item: tuple[int, NewEvent] | None, sender: asyncio.Task[None]) -> bool:
+        """Queue for the sender, waiting while the queue is full; False if it ended."""
+        if sender.done():
+            return False
+        if not self._queue.full():
+            self._queue.put_nowait(item)
+            return True
+        putting = asyncio.ensure_future(self._queue.put(item))
+        await asyncio.wait({putting, sender}, return_when=asyncio.FIRST_COMPLETED)
+        if not putting.done():
+            putting.cancel()
+            return False
+        return True
+
+    def _parse(self, number: int, line: bytes) -> NewEvent:
+        try:
+            document = orjson.loads(line)
+        except orjson.JSONDecodeError as error:
+            raise InvalidInput(f"line {number}: malformed JSON (or not UTF-8): {error}") from None
+        try:
+            return event_from_json(document, self._max_event_bytes)
+        except InvalidInput as error:
+            raise InvalidInput(f"line {number}: {error.detail}", field=error.field) from None
+        except TooLarge as error:
+            raise TooLarge(f"line {number}: {error}", limit=error.limit) from None
+
+    async def _lines(self, receive: Receive) -> AsyncIterator[bytes]:
+        """The body's lines as they arrive; the last one may lack its line feed."""
+        partial = b""
+        while True:
+            message = await self._receive(receive)
+            chunk = partial + bytes(message.get("body", b""))
+            *lines, partial = chunk.split(b"\n")
+            for line in lines:
+                yield line
+            if len(partial) > self._max_line:
+                limit = self._max_line
+                raise TooLarge(f"a line is longer than {limit} bytes", limit=limit)
+            if not message.get("more_body", False):
+                if partial.strip():
+                    yield partial
+                return
+
+    async def _receive(self, receive: Receive) -> Any:
+        try:
+            async with asyncio.timeout(self._idle_timeout):
+                message = await receive()
+        except TimeoutError:
+            raise InvalidInput(f"no line for {self._idle_timeout:g} s: ingest stopped") from None
+        if message["type"] == "http.disconnect":
+            raise InvalidInput("the client went away before the body ended")
+        return message
+
+    async def _send_lines(self) -> None:
+        """Append what is queued, a batch at a time, in order, until the end mark."""
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                following = self._queue.get_nowait()
+                if following is None:
+                    await self._append(batch)
+                    return
+                batch.append(following)
+            await self._append(batch)
+
+    async def _append(self, batch: list[tuple[int, NewEvent]]) -> None:
+        keys = None if self._key is None else [f"{self._key}:{number}" for number, _ in batch]
+        try:
+            async with asyncio.timeout(self._append_timeout):
+                result = await self._broker.publish(
+                    self._topic, [event for _, event in batch], line_keys=keys
+                )
+        except TimeoutError as error:
+            raise StoreUnavailable("the store did not confirm the write in time") from error
+        self.result.add(result.ids)
+        if result.replayed:
+            self.result.replayed += len(result.ids)

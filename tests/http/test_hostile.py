@@ -1,0 +1,329 @@
+"""Hostile and broken clients: slow or endless request heads, huge heads, stalled bodies.
+
+Every case is checked on both ways a connection is served: its first request,
+which ``api.connections`` reads itself, and a keep-alive connection's later
+requests, which uvicorn's protocol reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from tests.http.conftest import HEARTBEAT
+from tests.http.helpers import (
+    PROBLEM_JSON,
+    RawResponse,
+    SseStream,
+    new_topic,
+    publish_json,
+    raw_request,
+    request_bytes,
+)
+from tests.support.broker_process import BrokerProcess
+from tests.support.redis_server import RedisServer
+
+HEAD_TIMEOUT = 1.0
+BODY_TIMEOUT = 1.0
+# The deadline plus the guard's resolution plus scheduling slack on a busy machine.
+CLOSED_WITHIN = 5.0
+HOSTILE = {
+    **HEARTBEAT,
+    "BROKER_HEAD_TIMEOUT_SECONDS": str(HEAD_TIMEOUT),
+    "BROKER_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT),
+}
+BIG_HEADER = {"X-Padding": "a" * 65536}
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+HALF_HEAD = b"GET /topics/slow/events HTTP/1.1\r\nHost: x\r\nAccept: text/event"
+
+
+@pytest.fixture
+async def opened() -> AsyncIterator[list[Connection]]:
+    """The test's raw connections, closed at its end whatever happened."""
+    connections: list[Connection] = []
+    yield connections
+    await close_all(connections)
+
+
+@pytest.fixture(scope="module")
+def hostile_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    """A broker with 1 s head and body timeouts."""
+    process = BrokerProcess(redis_url=redis_server.url, env=HOSTILE).start()
+    yield process
+    process.close()
+
+
+async def connect(broker: BrokerProcess, opened: list[Connection], send: bytes = b"") -> Connection:
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+    opened.append((reader, writer))
+    if send:
+        writer.write(send)
+        await writer.drain()
+    return reader, writer
+
+
+async def closed_by_server(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """Whatever the server sent before closing; fail if it has not closed within ``timeout``."""
+    received = b""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"still open after {timeout}s; received {received[:200]!r}")
+        try:
+            data = await asyncio.wait_for(reader.read(65536), remaining)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return received
+        if not data:
+            return received
+        received += data
+
+
+async def close_all(connections: list[Connection]) -> None:
+    for _, writer in connections:
+        writer.close()
+    for _, writer in connections:
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def next_with_data(stream: SseStream) -> str:
+    """The next event's data, past heartbeats (httpx-sse reports a heartbeat that follows
+    an event as an event with that id and no data; EventSource dispatches nothing)."""
+    for _ in range(20):
+        event = await stream.next()
+        if event.data:
+            return event.data
+    raise AssertionError("only heartbeats")
+
+
+def topic_length(base_url: str, topic: str) -> int | None:
+    response = httpx.get(f"{base_url}/topics/{topic}", timeout=5)
+    if response.status_code == 404:
+        return None
+    assert response.status_code == 200, response.text
+    return int(response.json()["length"])
+
+
+async def read_problem(response: RawResponse, status: int) -> None:
+    try:
+        assert response.status == status, response.headers
+        assert response.headers["content-type"].split(";")[0] == PROBLEM_JSON
+        body = await response.read_sized_body()
+        assert f'"status":{status}'.encode() in body.replace(b" ", b""), body
+    finally:
+        await response.close()
+
+
+# -- request heads that never end ------------------------------------------------------
+
+
+async def test_a_slowloris_is_closed_while_real_clients_are_served(
+    hostile_broker: BrokerProcess, opened: list[Connection]
+) -> None:
+    """100 connections that send half a head and 100 that send nothing are all closed
+    by the server; meanwhile a real client subscribes and publishes, and its stream,
+    established, outlives the head timeout."""
+    half = [await connect(hostile_broker, opened, HALF_HEAD) for _ in range(100)]
+    silent = [await connect(hostile_broker, opened) for _ in range(100)]
+    topic = new_topic()
+    async with httpx.AsyncClient(base_url=hostile_broker.url, timeout=10) as client:
+        async with SseStream(client, f"/topics/{topic}/events") as stream:
+            await publish_json(client, topic, {"data": "during"})
+            assert (await stream.next()).data == '"during"'
+            results = await asyncio.gather(
+                *(closed_by_server(reader, CLOSED_WITHIN) for reader, _ in half + silent)
+            )
+            assert all(received == b"" for received in results), "answered, not just closed"
+            await publish_json(client, topic, {"data": "after"})
+            assert await next_with_data(stream) == '"after"'
+
+
+async def test_a_keep_alive_connection_that_idles_after_a_response_is_closed(
+    hostile_broker: BrokerProcess, opened: list[Connection]
+) -> None:
+    reader, writer = await connect(hostile_broker, opened)
+    writer.write(request_bytes("GET", f"{hostile_broker.url}/healthz"))
+    response = RawResponse(reader, writer)
+    await response.read_head()
+    assert response.status == 200
+    await response.read_sized_body()
+    started = time.monotonic()
+    await closed_by_server(reader, CLOSED_WITHIN)
+    # uvicorn's own keep-alive timeout (5 s) would close it too, but later.
+    assert time.monotonic() - started < HEAD_TIMEOUT + 2
+    await response.close()
+
+
+async def test_a_keep_alive_request_head_that_trickles_in_is_closed(
+    hostile_broker: BrokerProcess, opened: list[Connection]
+) -> None:
+    """After a first request, the next head comes a byte at a time and never ends."""
+    topic = new_topic()
+    publish = request_bytes(
+        "POST",
+        f"{hostile_broker.url}/topics/{topic}/events",
+        {"Content-Type": "text/plain", "Content-Length": "1"},
+        b"x",
+    )
+    reader, writer = await connect(hostile_broker, opened, publish)
+    response = RawResponse(reader, writer)
+    await response.read_head()
+    assert response.status == 201
+    await response.read_sized_body()
+    writer.write(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+    closed = asyncio.ensure_future(closed_by_server(reader, CLOSED_WITHIN))
+    for _ in range(int(CLOSED_WITHIN / 0.2) + 5):  # bounded: the server closes first
+        if closed.done():
+            break
+        with contextlib.suppress(OSError):
+            writer.write(b"a")
+            await writer.drain()
+        await asyncio.wait({closed}, timeout=0.2)
+    assert await closed == b""
+    await response.close()
+
+
+# -- request heads that are too large ------------------------------------------------------
+
+
+async def test_a_64_kib_header_on_a_stream_request_is_431(hostile_broker: BrokerProcess) -> None:
+    url = f"{hostile_broker.url}/topics/{new_topic()}/events"
+    under = await raw_request(url, headers={"X-Padding": "a" * 15_000})
+    try:  # just under the limit: served
+        assert under.status == 200
+        assert under.headers["content-type"].startswith("text/event-stream")
+    finally:
+        await under.close()
+    await read_problem(await raw_request(url, headers=BIG_HEADER), 431)
+
+
+async def test_a_64_kib_header_on_a_publish_is_431_and_stores_nothing(
+    hostile_broker: BrokerProcess,
+) -> None:
+    topic = new_topic()
+    headers = {**BIG_HEADER, "Content-Type": "text/plain", "Content-Length": "1"}
+    response = await raw_request(
+        f"{hostile_broker.url}/topics/{topic}/events", "POST", headers, b"x"
+    )
+    await read_problem(response, 431)
+    assert topic_length(hostile_broker.url, topic) is None
+
+
+async def test_a_64_kib_header_on_a_later_keep_alive_request_is_431(
+    hostile_broker: BrokerProcess, opened: list[Connection]
+) -> None:
+    """The second request of a connection is read by uvicorn's protocol: the same limit."""
+    topic = new_topic()
+    url = f"{hostile_broker.url}/topics/{topic}/events"
+    small = {"Content-Type": "text/plain", "Content-Length": "1"}
+    reader, writer = await connect(hostile_broker, opened, request_bytes("POST", url, small, b"x"))
+    first = RawResponse(reader, writer)
+    await first.read_head()
+    assert first.status == 201
+    await first.read_sized_body()
+    writer.write(request_bytes("POST", url, {**BIG_HEADER, **small}, b"y"))
+    second = RawResponse(reader, writer)
+    await second.read_head()
+    await read_problem(second, 431)
+    assert topic_length(hostile_broker.url, topic) == 1
+
+
+# -- bodies that stall -------------------------------------------------------------------
+
+
+def _stalled_publish(url: str, topic: str, chunked: bool) -> bytes:
+    if chunked:
+        framing = {"Transfer-Encoding": "chunked"}
+        body = b'5\r\n{"dat'
+    else:
+        framing = {"Content-Length": "100"}
+        body = b'{"data": "never finished'
+    headers = {"Content-Type": "application/json", **framing}
+    return request_bytes("POST", f"{url}/topics/{topic}/events", headers, body)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_publish_body_that_stalls_is_closed_and_stores_nothing(
+    hostile_broker: BrokerProcess, opened: list[Connection], chunked: bool
+) -> None:
+    topic = new_topic()
+    reader, writer = await connect(
+        hostile_broker, opened, _stalled_publish(hostile_broker.url, topic, chunked)
+    )
+    received = await closed_by_server(reader, CLOSED_WITHIN)
+    assert received == b"" or received.startswith(b"HTTP/1.1 408 "), received[:200]
+    writer.close()
+    assert topic_length(hostile_broker.url, topic) is None
+
+
+async def test_a_body_that_pauses_within_the_timeout_is_accepted_one_that_stalls_is_not(
+    hostile_broker: BrokerProcess, opened: list[Connection]
+) -> None:
+    topic = new_topic()
+    body = b'{"data": "slow but whole"}'
+    head = request_bytes(
+        "POST",
+        f"{hostile_broker.url}/topics/{topic}/events",
+        {"Content-Type": "application/json", "Content-Length": str(len(body))},
+    )
+    reader, writer = await connect(hostile_broker, opened, head + body[:5])
+    await asyncio.sleep(BODY_TIMEOUT / 4)  # a pause well within the deadline, not a race
+    writer.write(body[5:])
+    response = RawResponse(reader, writer)
+    await response.read_head()
+    assert response.status == 201
+    await response.read_sized_body()
+    writer.write(head + body[:5])  # the same on the same connection (uvicorn's), stalled
+    received = await closed_by_server(reader, CLOSED_WITHIN)
+    assert received == b"" or received.startswith(b"HTTP/1.1 408 "), received[:200]
+    assert topic_length(hostile_broker.url, topic) == 1
+
+
+async def _trickle(writer: asyncio.StreamWriter, pieces: list[bytes], pause: float) -> None:
+    for piece in pieces:
+        await asyncio.sleep(pause)  # the pace of a slow producer, not a wait for a result
+        writer.write(piece)
+        await writer.drain()
+
+
+async def _trickled_publish(
+    broker: BrokerProcess, opened: list[Connection], topic: str, content_type: str
+) -> bytes:
+    """A body sent a sixth at a time, half a body timeout apart; what came back."""
+    body = b'{"data": "a line"}\n' * 6
+    head = request_bytes(
+        "POST",
+        f"{broker.url}/topics/{topic}/events",
+        {"Content-Type": content_type, "Content-Length": str(len(body))},
+    )
+    reader, writer = await connect(broker, opened, head)
+    pieces = [body[n : n + len(body) // 6] for n in range(0, len(body), len(body) // 6)]
+    sender = asyncio.ensure_future(_trickle(writer, pieces, BODY_TIMEOUT / 2))
+    received = await closed_by_server(reader, CLOSED_WITHIN + 3 * BODY_TIMEOUT)
+    with contextlib.suppress(ConnectionError):
+        await sender
+    return received
+
+
+async def test_a_trickling_body_is_cut_after_the_timeout_unless_a_streaming_ingest(
+    hostile_broker: BrokerProcess, opened: list[Connection]
+) -> None:
+    """Bodies three timeouts long in all: a JSON body is cut once the body timeout has
+    passed; a streaming ingest (NDJSON) may take that long between reads, so it arrives
+    whole and is answered (by an app that ingests no NDJSON yet: 415)."""
+    json_topic, ndjson_topic = new_topic(), new_topic()
+    json_answer, ndjson_answer = await asyncio.gather(
+        _trickled_publish(hostile_broker, opened, json_topic, "application/json"),
+        _trickled_publish(hostile_broker, opened, ndjson_topic, "application/x-ndjson"),
+    )
+    assert json_answer == b"" or json_answer.startswith(b"HTTP/1.1 408 "), json_answer[:200]
+    assert topic_length(hostile_broker.url, json_topic) is None
+    assert ndjson_answer.startswith((b"HTTP/1.1 201 ", b"HTTP/1.1 415 ")), ndjson_answer[:200]
