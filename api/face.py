@@ -117,12 +117,14 @@ async def stats(request: Request) -> Response:
 
     The rate is read from the topic's log in the store, so it counts every
     instance; subscribers are those of the instance (process) that answers,
-    named in ``instance``. ``?topic=`` (repeated) names the topics; without it,
-    the topics this instance streams now.
+    named in ``instance``. The topics: those named by ``?topic=`` (repeated), then
+    those this instance streams now (a topic with subscribers but no event yet is
+    in no listing).
     """
     broker: Broker = request.app.state.broker
     subscribers = live_subscribers(broker.hub)
-    names = _stats_topics(request) or sorted(subscribers)[:MAX_STATS_TOPICS]
+    names = list(dict.fromkeys([*_stats_topics(request), *sorted(subscribers)]))
+    names = names[:MAX_STATS_TOPICS]
     now_ms = time.time() * 1000
     rates = await asyncio.gather(*(_rate(broker, name, now_ms) for name in names))
     topics = [

@@ -44,13 +44,12 @@
     }
     if (!response.ok) { throw new Error(await problemText(response)); }
     var page = await response.json();
-    say("topics-note", page.topics.length ? "" : "No topics yet: publish an event below.");
+    say("topics-note", page.topics.length ? "" : "No topics listed yet: publish an event below.");
     return page.topics;
   }
 
   async function topicStats(topics) {
-    var query = topics === null ? "" : topics.map(function (t) { return "topic=" + encodeURIComponent(t.topic); }).join("&");
-    if (topics !== null && !topics.length) { return { topics: [] }; }
+    var query = (topics || []).map(function (t) { return "topic=" + encodeURIComponent(t.topic); }).join("&");
     var response = await fetch("stats" + (query ? "?" + query : ""), { headers: { Accept: "application/json" } });
     if (!response.ok) { throw new Error(await problemText(response)); }
     return response.json();
@@ -65,7 +64,14 @@
   function renderTopics(topics, stats) {
     var byName = {};
     stats.topics.forEach(function (s) { byName[s.topic] = s; });
-    var rows = topics !== null ? topics : stats.topics.map(function (s) { return { topic: s.topic }; });
+    // Listed topics, then those this instance streams that no listing has (no event yet).
+    var rows = (topics || []).slice();
+    var listed = {};
+    rows.forEach(function (t) { listed[t.topic] = true; });
+    var prefix = $("topics-prefix").value.trim();
+    stats.topics.forEach(function (s) {
+      if (!listed[s.topic] && s.topic.indexOf(prefix) === 0) { rows.push({ topic: s.topic }); }
+    });
     var body = $("topics").tBodies[0];
     body.replaceChildren();
     rows.forEach(function (topic) {

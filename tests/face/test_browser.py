@@ -165,3 +165,26 @@ def test_client_js_page_reloads_mid_stream_and_loses_nothing(
     assert len(set(ids)) == total
     # Each reload resumed with the id the helper kept, not from the beginning.
     assert sum("last_event_id=" in request for request in browser.requests) >= 3
+
+
+def test_a_closed_topic_ends_the_helpers_stream_for_good(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    topic = f"face.end.{uuid.uuid4().hex[:8]}"
+    url = f"/topics/{topic}/events?from=earliest"
+    browser.run_on_every_load(CLIENT_PAGE % {"url": json.dumps(url)})
+    browser.navigate(face_broker.url + "/healthz")
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topic, 1)
+        publisher.publish(topic, 2, close=True)
+    browser.wait_for("window.__stream && window.__stream.source.readyState === 2",
+                     what="the helper to close its EventSource")  # fmt: skip
+    received = _received(browser)
+    assert [(e["type"], e["data"]) for e in received] == [
+        ("message", "1"), ("message", "2"), ("broker.end", "{}"),
+    ]  # fmt: skip
+    # A reload resumes past the end: the broker answers 204 and EventSource stops for good.
+    browser.reload()
+    browser.wait_for("window.__stream && window.__stream.source.readyState === 2",
+                     what="the reloaded page's EventSource to stop")  # fmt: skip
+    assert _received(browser) == received
