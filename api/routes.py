@@ -121,6 +121,9 @@ def stream_topic(scope: Scope) -> str | None:
     if scope["type"] != "http" or scope["method"] != "GET":
         return None
     path = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root + "/"):  # mounted under a path (a FastAPI app's Mount)
+        path = path[len(root) :]
     if path == "/events":
         return ""
     match = TOPIC_EVENTS_PATH.fullmatch(path)
