@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from brokerclient.errors import Unreachable
+from brokerclient.errors import RequestFailed, Unreachable
 from brokerclient.http import (
     DEFAULT_URL,
     RETRY_STATUSES,
@@ -182,7 +182,7 @@ class AsyncSubscriber:
             if response.status_code == 204:
                 yield None
                 return
-            if response.status_code != 200:
+            if not _is_stream(response):
                 await response.aread()
                 _raise_for(response)
             self._resume.connected()
@@ -260,7 +260,7 @@ class Subscriber:
             if response.status_code == 204:
                 yield None
                 return
-            if response.status_code != 200:
+            if not _is_stream(response):
                 response.read()
                 _raise_for(response)
             self._resume.connected()
@@ -291,9 +291,16 @@ class _Retryable(Exception):
     """An answer another try may change (502, 503, 504)."""
 
 
+def _is_stream(response: httpx.Response) -> bool:
+    content_type = response.headers.get("content-type", "")
+    return response.status_code == 200 and content_type.startswith("text/event-stream")
+
+
 def _raise_for(response: httpx.Response) -> None:
     if response.status_code in RETRY_STATUSES:
         raise _Retryable(f"{response.status_code} from {response.request.url.path}")
+    if response.status_code == 200:  # as EventSource does: a stream or nothing
+        raise RequestFailed(200, None, f"{response.request.url.path}: not an event stream")
     raise failure(response)
 
 
