@@ -12,6 +12,7 @@ exactly after a drop (``Last-Event-ID``), on any instance.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -40,6 +41,6 @@ async def set_status(order_id: str, status: str) -> dict[str, Any]:
     """Your endpoint: do the work, then publish the event through the broker's core."""
     broker: Broker = broker_app.state.broker
     result = await broker.publish(
-        f"orders.{order_id}", [NewEvent(data=f'{{"status": "{status}"}}', event="status")]
+        f"orders.{order_id}", [NewEvent(data=json.dumps({"status": status}), event="status")]
     )
     return {"order": order_id, "event_id": str(result.ids[0])}
