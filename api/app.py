@@ -18,13 +18,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from api import routes
+from api import face, routes
 from api.auth import Authorizer, redact_tokens
 from api.connections import APP_STATE_KEY
 from api.cors import CorsPolicy, adding_headers, cors_headers
 from api.lifecycle import drain_on_shutdown_signals
 from api.metrics import PrometheusObserver, render_metrics
-from api.openapi import docs_page, openapi_document
+from api.openapi import openapi_document
 from api.problems import HttpProblem, problem, problem_for
 from api.publish import PublishEndpoint
 from api.settings import Settings, split_list
@@ -183,11 +183,6 @@ async def openapi(request: Request) -> Response:
     return routes.json_response(openapi_document(ROUTES))
 
 
-async def docs(request: Request) -> Response:
-    """A browsable page over the OpenAPI document."""
-    return docs_page("/openapi.json")
-
-
 ROUTES = [
     Route("/topics/{topic}/events", PUBLISH, methods=["POST"], name="publish"),
     Route("/topics/{topic}/events", routes.topic_events, methods=["GET"], name="subscribe"),
@@ -210,7 +205,14 @@ ROUTES = [
     Route("/readyz/store", routes.readyz_store, methods=["GET"], name="readyz_store"),
     Route("/metrics", metrics, methods=["GET"], name="metrics"),
     Route("/openapi.json", openapi, methods=["GET"], name="openapi", include_in_schema=False),
-    Route("/docs", docs, methods=["GET"], name="docs", include_in_schema=False),
+    Route("/docs", face.docs, methods=["GET"], name="docs", include_in_schema=False),
+    Route("/", face.index, methods=["GET"], name="index", include_in_schema=False),
+    Route("/client.js", face.client_js, methods=["GET"], name="client_js", include_in_schema=False),
+    Route("/static/{name}", face.page_file, methods=["GET"], include_in_schema=False),
+    Route(
+        "/static/swagger-ui/{name}", face.swagger_ui_file, methods=["GET"], include_in_schema=False
+    ),
+    Route("/stats", face.stats, methods=["GET"], name="stats"),
 ]
 
 

@@ -22,6 +22,7 @@ from pydantic_settings import SettingsError
 
 from api.settings import Settings, describe
 from api.workers import Supervisor
+from brokerclient.cli import add_client_commands
 
 log = logging.getLogger("api.cli")
 
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (BROKER_PORT, default 8000)")
     serve.add_argument("--redis-url", help="Redis URL (BROKER_REDIS_URL; unset: embedded store)")
     serve.add_argument("--workers", type=int, help="worker processes (BROKER_WORKERS, default 1)")
+    add_client_commands(commands)  # publish, tail, topics: the command-line client
     return parser
 
 
@@ -94,6 +96,8 @@ def _supervise(settings: Settings, config: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if hasattr(args, "run_client"):
+        sys.exit(args.run_client(args))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
-from starlette.responses import HTMLResponse
 from starlette.routing import BaseRoute, Route
 
 from api import schemas
@@ -47,6 +46,7 @@ CONTRACTS: dict[str, tuple[Any, dict[str, tuple[str, Any]]]] = {
         {"200": ("The store answers", None), "503": ("It does not (Retry-After)", None)},
     ),
     "metrics": (None, {"200": ("Prometheus text format", None)}),
+    "stats": (None, {"200": ("Events/s (all instances) and subscribers (this instance)", None)}),
 }
 
 
@@ -109,13 +109,3 @@ def openapi_document(routes: Sequence[BaseRoute]) -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": dict(_components)},
     }
-
-
-def docs_page(openapi_url: str) -> HTMLResponse:
-    """A ReDoc page over the generated document (ReDoc is loaded from its CDN)."""
-    return HTMLResponse(
-        "<!doctype html><html><head><title>Broker API</title><meta charset=utf-8></head><body>"
-        f'<redoc spec-url="{openapi_url}"></redoc>'
-        '<script src="https://cdn.redoc.ly/redoc/latest/bundles/redoc.standalone.js"></script>'
-        "</body></html>"
-    )

@@ -142,6 +142,9 @@ def stream_topic(scope: Scope) -> str | None:
     if scope["type"] != "http" or scope["method"] != "GET":
         return None
     path = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root + "/"):  # mounted under a path (a FastAPI app's Mount)
+        path = path[len(root) :]
     if path == "/events":
         return ""
     match = TOPIC_EVENTS_PATH.fullmatch(path)
@@ -272,11 +275,11 @@ async def list_topics(request: Request) -> Response:
         raise InvalidInput("cursor must be the 'next' of a page before", field="cursor")
     await _authorizer(request).prepare(request.scope)
     topics, following = await _broker(request).list_topics(prefix, cursor, limit)
-    visible = [_topic_json(t) for t in topics if _may_subscribe(request, t.topic)]
+    visible = [_topic_json(t) for t in topics if may_subscribe(request, t.topic)]
     return json_response({"topics": visible, "next": following})
 
 
-def _may_subscribe(request: Request, topic: str) -> bool:
+def may_subscribe(request: Request, topic: str) -> bool:
     """Whether the caller may subscribe to the topic: the listing shows no other."""
     try:
         _authorizer(request).check(request.scope, "subscribe", [topic])

@@ -1,0 +1,165 @@
+"""The broker's face: the live page (``/``), the API reference (``/docs``), the
+browser helper (``/client.js``), their static files, and the page's ``/stats``.
+
+Everything is served from the installed packages, nothing from a CDN: the
+page's files from ``api/static``, Swagger UI's from the ``swagger-ui-bundle-v2``
+distribution (Apache-2.0, its license in that distribution). Only files named
+here are served; the pages use relative URLs, so they work under any path a
+load balancer mounts the broker at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import socket
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+
+from api.routes import may_subscribe
+from broker import Broker, InvalidInput
+from broker.fanout import Hub
+from broker.validation import check_topic
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+PAGE_FILES = {
+    "page.js": "text/javascript; charset=utf-8",
+    "page.css": "text/css; charset=utf-8",
+    "docs.js": "text/javascript; charset=utf-8",
+}
+SWAGGER_UI_FILES = {
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "favicon-32x32.png": "image/png",
+}
+# Pages change with the installed version: revalidate each time, it is cheap.
+NO_CACHE = {"Cache-Control": "no-cache"}
+RATE_WINDOW_SECONDS = 30
+RATE_SAMPLE = 100  # events read at most per topic for its rate
+MAX_STATS_TOPICS = 100
+
+
+def _static(name: str, media_type: str) -> FileResponse:
+    return FileResponse(STATIC_DIR / name, media_type=media_type, headers=NO_CACHE)
+
+
+async def index(request: Request) -> Response:
+    """The live page: topics, their rates and subscribers, a live tail, a publish form."""
+    return _static("index.html", "text/html; charset=utf-8")
+
+
+async def docs(request: Request) -> Response:
+    """The API reference (Swagger UI over /openapi.json), rendered offline."""
+    return _static("docs.html", "text/html; charset=utf-8")
+
+
+async def client_js(request: Request) -> Response:
+    """The browser helper: ``window.BrokerClient.subscribe(url, {...})``."""
+    return _static("client.js", "text/javascript; charset=utf-8")
+
+
+async def page_file(request: Request) -> Response:
+    name = request.path_params["name"]
+    if name not in PAGE_FILES:
+        raise HTTPException(404)
+    return _static(name, PAGE_FILES[name])
+
+
+async def swagger_ui_file(request: Request) -> Response:
+    name = request.path_params["name"]
+    if name not in SWAGGER_UI_FILES:
+        raise HTTPException(404)
+    path = swagger_ui_dir() / name
+    # The bundle is versioned by the installed distribution: a day of caching is safe.
+    headers = {"Cache-Control": "public, max-age=86400"}
+    return FileResponse(path, media_type=SWAGGER_UI_FILES[name], headers=headers)
+
+
+@cache
+def swagger_ui_dir() -> Path:
+    """Swagger UI's files in the installed ``swagger_ui_bundle`` package (without importing it)."""
+    spec = importlib.util.find_spec("swagger_ui_bundle")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("swagger-ui-bundle-v2 is not installed: /docs needs it")
+    vendor = Path(next(iter(spec.submodule_search_locations))) / "vendor"
+    versions = sorted(vendor.glob("swagger-ui-*"), key=_version_key)
+    if not versions:
+        raise RuntimeError(f"no Swagger UI files under {vendor}")
+    return versions[-1]
+
+
+def _version_key(path: Path) -> tuple[int, ...]:
+    parts = path.name.removeprefix("swagger-ui-").split(".")
+    return tuple(int(p) if p.isdigit() else 0 for p in parts)
+
+
+# -- /stats ---------------------------------------------------------------------
+
+
+def live_subscribers(hub: Hub) -> dict[str, int]:
+    """Streams following each topic live in this process (a read of the hub's feeds).
+
+    A multi-topic stream counts once for each of its topics; a stream still
+    replaying history joins the count when it catches up.
+    """
+    return {topic: len(feed.subscribers) for topic, feed in hub._feeds.items()}
+
+
+async def stats(request: Request) -> Response:
+    """Per topic: events per second over the last 30 s, and subscribers.
+
+    The rate is read from the topic's log in the store, so it counts every
+    instance; subscribers are those of the instance (process) that answers,
+    named in ``instance``. The topics: those named by ``?topic=`` (repeated), then
+    those this instance streams now (a topic with subscribers but no event yet is
+    in no listing).
+    """
+    broker: Broker = request.app.state.broker
+    subscribers = live_subscribers(broker.hub)
+    names = list(dict.fromkeys([*_stats_topics(request), *sorted(subscribers)]))
+    await request.app.state.authorizer.prepare(request.scope)
+    names = [name for name in names if may_subscribe(request, name)][:MAX_STATS_TOPICS]
+    now_ms = time.time() * 1000
+    rates = await asyncio.gather(*(_rate(broker, name, now_ms) for name in names))
+    topics = [
+        {"topic": name, "events_per_second": rate, "subscribers": subscribers.get(name, 0)}
+        for name, rate in zip(names, rates, strict=True)
+    ]
+    content: dict[str, Any] = {
+        "instance": f"{socket.gethostname()}:{os.getpid()}",
+        "subscribers_scope": "instance",
+        "rate_scope": "cluster",
+        "rate_window_seconds": RATE_WINDOW_SECONDS,
+        "topics": topics,
+    }
+    return Response(orjson.dumps(content), media_type="application/json", headers=NO_CACHE)
+
+
+def _stats_topics(request: Request) -> list[str]:
+    names = list(dict.fromkeys(request.query_params.getlist("topic")))
+    if len(names) > MAX_STATS_TOPICS:
+        raise InvalidInput(f"at most {MAX_STATS_TOPICS} topics", field="topic")
+    return [check_topic(name) for name in names]
+
+
+async def _rate(broker: Broker, topic: str, now_ms: float) -> float:
+    """Events per second in the window, from the ids' millisecond timestamps.
+
+    Reads at most RATE_SAMPLE events: past that, the rate is the sample's count
+    over the time the sample spans (from the window's start).
+    """
+    window_start = int(now_ms) - RATE_WINDOW_SECONDS * 1000
+    page = await broker.store.read_range(topic, (window_start, 0), RATE_SAMPLE)
+    count = len(page.entries)
+    if count < RATE_SAMPLE:
+        return round(count / RATE_WINDOW_SECONDS, 3)
+    spanned_ms = max(page.entries[-1].position[0] - window_start, 1)
+    return round(count * 1000 / spanned_ms, 3)

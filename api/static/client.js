@@ -1,0 +1,96 @@
+/*
+ * BrokerClient: a small helper around EventSource for the event broker.
+ *
+ *   var stream = BrokerClient.subscribe("topics/orders/events", {
+ *     onEvent: function (e) { ... e.id, e.type, e.data (the raw string) ... },
+ *     onGap: function (gap) { ... gap.reason, gap.requested, gap.resumed_after ... },
+ *     onEnd: function (e) { ... the topic was closed ... },
+ *     withCredentials: false,          // true for a broker on another origin, with cookies
+ *     types: ["order.created"],        // event types to listen to besides "message"
+ *   });
+ *   stream.close();
+ *
+ * What it adds to EventSource:
+ * - The id of the last event of each stream URL is kept in sessionStorage, and a
+ *   fresh page (a reload) resumes after it with ?last_event_id=: a new EventSource
+ *   sends no Last-Event-ID. (When the browser reconnects by itself it sends the
+ *   header, which the broker prefers to the query parameter, so that stays exact.)
+ * - broker.gap and broker.end are surfaced (onGap, onEnd); the stream stops at
+ *   broker.end, and a later page that resumes past the end is answered 204, on
+ *   which EventSource stops for good instead of reconnecting.
+ * - An EventSource only hears the event types it listens to: "message" (events
+ *   published without a type), the broker's own, and those named in `types`.
+ */
+(function (global) {
+  "use strict";
+
+  var STORAGE_PREFIX = "broker-client:last-event-id:";
+  var GAP = "broker.gap";
+  var END = "broker.end";
+
+  function storageKey(url) { return STORAGE_PREFIX + url; }
+
+  function load(key) {
+    try { return global.sessionStorage.getItem(key); } catch (error) { return null; }
+  }
+
+  function save(key, id) {
+    try { global.sessionStorage.setItem(key, id); } catch (error) { /* storage off: no resume */ }
+  }
+
+  // The URL with ?last_event_id=<id>, replacing any the caller put there.
+  function resumeUrl(url, id) {
+    var absolute = new URL(url, global.location.href);
+    absolute.searchParams.set("last_event_id", id);
+    return absolute.href;
+  }
+
+  function subscribe(url, options) {
+    options = options || {};
+    var key = storageKey(new URL(url, global.location.href).href);
+    var stored = load(key);
+    var source = new global.EventSource(stored ? resumeUrl(url, stored) : url, {
+      withCredentials: Boolean(options.withCredentials),
+    });
+    var closed = false;
+
+    function close() {
+      closed = true;
+      source.close();
+    }
+
+    function deliver(event) {
+      if (closed) { return; }
+      // Saved before the callbacks run: a reload from inside one resumes after this event.
+      if (event.lastEventId) { save(key, event.lastEventId); }
+      var message = { id: event.lastEventId || null, type: event.type, data: event.data };
+      if (event.type === GAP) {
+        var gap;
+        try { gap = JSON.parse(event.data); } catch (error) { gap = {}; }
+        gap.id = message.id;
+        if (options.onGap) { options.onGap(gap); }
+      } else if (event.type === END) {
+        close();
+        if (options.onEnd) { options.onEnd(message); }
+      } else if (options.onEvent) {
+        options.onEvent(message);
+      }
+    }
+
+    var types = ["message", GAP, END].concat(options.types || []);
+    types.forEach(function (type) { source.addEventListener(type, deliver); });
+    source.addEventListener("open", function () { if (options.onOpen) { options.onOpen(); } });
+    source.addEventListener("error", function () {
+      // CLOSED: the broker refused (401, 403, 400...) or answered 204 (a closed topic);
+      // EventSource will not try again. Otherwise it reconnects by itself.
+      if (source.readyState === global.EventSource.CLOSED && !closed) {
+        closed = true;
+        if (options.onError) { options.onError({ fatal: true }); }
+      }
+    });
+
+    return { close: close, source: source };
+  }
+
+  global.BrokerClient = { subscribe: subscribe };
+})(window);

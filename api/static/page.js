@@ -1,0 +1,284 @@
+// The broker's live page: topics, a live tail, a publish form.
+// Plain script, no framework, no build step. Every URL is relative, so the page
+// works wherever the broker is mounted (behind a load balancer, under a path),
+// and every request is same-origin, so the broker_token cookie goes along.
+(function () {
+  "use strict";
+
+  var REFRESH_MS = 2000;
+  var MAX_TOPICS = 50;
+  var MAX_ROWS = 500;
+  var MAX_DELAY_MS = 5000;
+  var tail = null;
+
+  function $(id) { return document.getElementById(id); }
+
+  function say(id, text, bad) {
+    var element = $(id);
+    element.textContent = text;
+    element.classList.toggle("bad", Boolean(bad));
+  }
+
+  function sleep(ms) { return new Promise(function (resolve) { setTimeout(resolve, ms); }); }
+
+  function topicPath(topic) { return "topics/" + encodeURIComponent(topic); }
+
+  async function problemText(response) {
+    try {
+      var problem = await response.json();
+      return response.status + " " + (problem.detail || problem.title || "");
+    } catch (error) {
+      return response.status + " " + response.statusText;
+    }
+  }
+
+  // -- topics -------------------------------------------------------------------
+
+  async function listTopics() {
+    var query = new URLSearchParams({ prefix: $("topics-prefix").value.trim(), limit: String(MAX_TOPICS) });
+    var response = await fetch("topics?" + query, { headers: { Accept: "application/json" } });
+    if (response.status === 404 || response.status === 405) {
+      say("topics-note", "This broker does not list topics (GET /topics answered " + response.status +
+        "): shown are the topics streamed by this instance; type any topic's name to tail it.");
+      return null;
+    }
+    if (!response.ok) { throw new Error(await problemText(response)); }
+    var page = await response.json();
+    say("topics-note", page.topics.length ? "" : "No topics listed yet: publish an event below.");
+    return page.topics;
+  }
+
+  async function topicStats(topics) {
+    var query = (topics || []).map(function (t) { return "topic=" + encodeURIComponent(t.topic); }).join("&");
+    var response = await fetch("stats" + (query ? "?" + query : ""), { headers: { Accept: "application/json" } });
+    if (!response.ok) { throw new Error(await problemText(response)); }
+    return response.json();
+  }
+
+  function cell(row, text, className) {
+    var td = row.insertCell();
+    td.textContent = text;
+    if (className) { td.className = className; }
+  }
+
+  function renderTopics(topics, stats) {
+    var byName = {};
+    stats.topics.forEach(function (s) { byName[s.topic] = s; });
+    // Listed topics, then those this instance streams that no listing has (no event yet).
+    var rows = (topics || []).slice();
+    var listed = {};
+    rows.forEach(function (t) { listed[t.topic] = true; });
+    var prefix = $("topics-prefix").value.trim();
+    stats.topics.forEach(function (s) {
+      if (!listed[s.topic] && s.topic.indexOf(prefix) === 0) { rows.push({ topic: s.topic }); }
+    });
+    var body = $("topics").tBodies[0];
+    body.replaceChildren();
+    rows.forEach(function (topic) {
+      var s = byName[topic.topic] || {};
+      var row = body.insertRow();
+      row.dataset.topic = topic.topic;
+      row.classList.toggle("chosen", Boolean(tail && tail.topic === topic.topic));
+      cell(row, topic.topic);
+      cell(row, topic.length === undefined ? "–" : String(topic.length), "num");
+      cell(row, s.events_per_second === undefined ? "–" : s.events_per_second.toFixed(1), "num");
+      cell(row, s.subscribers === undefined ? "–" : String(s.subscribers), "num");
+      cell(row, topic.closed === undefined ? "" : (topic.closed ? "closed" : "open"));
+    });
+    say("stats-note", stats.instance ? "Subscribers: streams on instance " + stats.instance +
+      " (each instance counts its own). Events/s: from the topic's log, all instances." : "");
+  }
+
+  async function refreshTopics() {
+    try {
+      var topics = await listTopics();
+      renderTopics(topics, await topicStats(topics));
+    } catch (error) {
+      say("topics-note", "The broker did not answer: " + error.message, true);
+    }
+    setTimeout(refreshTopics, REFRESH_MS);
+  }
+
+  // -- live tail ------------------------------------------------------------------
+
+  function addRow(kind, id, type, data) {
+    var log = $("tail-log");
+    var item = document.createElement("li");
+    item.className = kind;
+    [["id", id || ""], ["type", type], ["data", data]].forEach(function (part) {
+      var span = document.createElement("span");
+      span.className = part[0];
+      span.textContent = part[1];
+      item.appendChild(span);
+    });
+    var atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+    log.appendChild(item);
+    while (log.children.length > MAX_ROWS) { log.removeChild(log.firstChild); }
+    if (atBottom) { log.scrollTop = log.scrollHeight; }
+  }
+
+  function show(state, event) {
+    if (event.type === "broker.gap") {
+      addRow("gap", event.id, event.type, "gap: " + event.data);
+    } else if (event.type === "broker.end") {
+      addRow("end", event.id, event.type, "the topic was closed: no more events");
+    } else {
+      addRow("event", event.id, event.type, event.data);
+    }
+  }
+
+  // A text/event-stream parser (HTML standard, "interpreting an event stream").
+  function SseParser(onEvent) {
+    this.pending = "";
+    this.lastId = null;
+    this.type = "";
+    this.data = [];
+    this.onEvent = onEvent;
+  }
+  SseParser.prototype.feed = function (text) {
+    this.pending += text;
+    var lines = this.pending.split(/\r\n|\n|\r(?!$)/);
+    this.pending = lines.pop();
+    for (var i = 0; i < lines.length; i++) {
+      if (this.line(lines[i])) { return true; }
+    }
+    return false;
+  };
+  SseParser.prototype.line = function (line) {
+    if (line === "") { return this.dispatch(); }
+    if (line[0] === ":") { return false; }
+    var colon = line.indexOf(":");
+    var name = colon < 0 ? line : line.slice(0, colon);
+    var value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+    if (name === "data") { this.data.push(value); }
+    else if (name === "event") { this.type = value; }
+    else if (name === "id" && value.indexOf("\0") < 0) { this.lastId = value; }
+    return false;
+  };
+  SseParser.prototype.dispatch = function () {
+    var hasData = this.data.length > 0;
+    var event = { id: this.lastId, type: this.type || "message", data: this.data.join("\n") };
+    this.type = "";
+    this.data = [];
+    return hasData ? this.onEvent(event) : false;
+  };
+
+  // fetch, not EventSource: an EventSource can only listen to event types it is told of.
+  async function readStream(response, state) {
+    var reader = response.body.getReader();
+    var decoder = new TextDecoder();
+    var parser = new SseParser(function (event) {
+      state.lastId = event.id;
+      show(state, event);
+      return event.type === "broker.end";
+    });
+    parser.lastId = state.lastId;
+    for (;;) {
+      var chunk = await reader.read();
+      if (chunk.done) { return false; }
+      if (parser.feed(decoder.decode(chunk.value, { stream: true }))) {
+        reader.cancel();
+        return true;
+      }
+    }
+  }
+
+  async function connect(state) {
+    var headers = { Accept: "text/event-stream" };
+    var url = topicPath(state.topic) + "/events";
+    if (state.lastId) { headers["Last-Event-ID"] = state.lastId; }
+    else if (state.earliest) { url += "?from=earliest"; }
+    var response = await fetch(url, { headers: headers, signal: state.controller.signal, cache: "no-store" });
+    if (response.status === 204) { return "closed"; }
+    if (response.status >= 500) { throw new Error(await problemText(response)); }
+    if (!response.ok) { return "refused: " + (await problemText(response)); }
+    say("tail-status", "Live: " + state.topic + (state.lastId ? " (resumed after " + state.lastId + ")" : ""));
+    return (await readStream(response, state)) ? "closed" : "";
+  }
+
+  async function follow(state) {
+    var failures = 0;
+    while (tail === state) {
+      try {
+        var outcome = await connect(state);
+        if (outcome) { finishTail(state, outcome === "closed" ? "The topic was closed." : outcome, outcome !== "closed"); return; }
+        failures = 0;
+      } catch (error) {
+        if (state.controller.signal.aborted) { return; }
+        failures += 1;
+        say("tail-status", "Connection lost (" + error.message + "); reconnecting…", true);
+      }
+      await sleep(Math.min(250 * Math.pow(2, failures), MAX_DELAY_MS));
+    }
+  }
+
+  function finishTail(state, text, bad) {
+    if (tail !== state) { return; }
+    say("tail-status", text, bad);
+    stopTail(false);
+  }
+
+  function startTail(topic, earliest) {
+    stopTail(true);
+    $("tail-log").replaceChildren();
+    $("tail-topic").value = topic;
+    tail = { topic: topic, earliest: earliest, lastId: null, controller: new AbortController() };
+    $("tail-stop").disabled = false;
+    say("tail-status", "Connecting to " + topic + "…");
+    follow(tail);
+  }
+
+  function stopTail(quietly) {
+    if (tail) { tail.controller.abort(); }
+    if (quietly && tail) { say("tail-status", "Stopped."); }
+    tail = null;
+    $("tail-stop").disabled = true;
+  }
+
+  // -- publish --------------------------------------------------------------------
+
+  function publishRequest(topic) {
+    var kind = document.querySelector("input[name=publish-kind]:checked").value;
+    var type = $("publish-event").value.trim();
+    var text = $("publish-data").value;
+    var url = topicPath(topic) + "/events";
+    if (kind === "text") {
+      if (type) { url += "?event=" + encodeURIComponent(type); }
+      return { url: url, type: "text/plain; charset=utf-8", body: text };
+    }
+    var event = { data: JSON.parse(text) };  // throws on bad JSON: said to the user
+    if (type) { event.event = type; }
+    return { url: url, type: "application/json", body: JSON.stringify(event) };
+  }
+
+  async function publish(submit) {
+    submit.preventDefault();
+    var topic = $("publish-topic").value.trim();
+    var request;
+    try { request = publishRequest(topic); }
+    catch (error) { say("publish-result", "Not JSON: " + error.message + " (choose Text to send it as text)", true); return; }
+    try {
+      var response = await fetch(request.url, { method: "POST", headers: { "Content-Type": request.type }, body: request.body });
+      if (!response.ok) { say("publish-result", await problemText(response), true); return; }
+      var answer = await response.json();
+      say("publish-result", "Stored: " + (answer.id || (answer.ids || []).join(", ")));
+    } catch (error) {
+      say("publish-result", "The broker did not answer: " + error.message, true);
+    }
+  }
+
+  // -- wiring ---------------------------------------------------------------------
+
+  $("topics").tBodies[0].addEventListener("click", function (click) {
+    var row = click.target.closest("tr");
+    if (row) { $("publish-topic").value = row.dataset.topic; startTail(row.dataset.topic, $("tail-earliest").checked); }
+  });
+  $("topics-filter").addEventListener("submit", function (e) { e.preventDefault(); });
+  $("tail-form").addEventListener("submit", function (e) {
+    e.preventDefault();
+    startTail($("tail-topic").value.trim(), $("tail-earliest").checked);
+  });
+  $("tail-stop").addEventListener("click", function () { stopTail(true); });
+  $("publish-form").addEventListener("submit", publish);
+  refreshTopics();
+})();

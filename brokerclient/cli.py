@@ -1,0 +1,236 @@
+"""The command-line client: ``broker publish``, ``broker tail``, ``broker topics``.
+
+Data goes to stdout (JSON, one object per line), progress and errors to stderr.
+Exit codes, for scripts:
+
+- 0: done (``tail``: the topic was closed, or it was interrupted by Ctrl-C: 130);
+- 1: the broker refused (a 4xx answer, a closed topic, an unlisted route);
+- 2: bad usage (unknown flag, DATA that is not JSON without ``--text``);
+- 3: the broker could not be reached (or kept answering 503) in the time allowed.
+
+``--url`` defaults to ``BROKER_URL`` (else http://127.0.0.1:8000), ``--token`` to
+``BROKER_TOKEN``. The commands are registered on ``broker``'s parser by
+``api.cli`` (see ``add_client_commands``); nothing here imports ``api``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DEFAULT_GIVE_UP_SECONDS = 60.0
+MAX_TOPIC_PAGES = 100_000
+Command = Callable[[argparse.Namespace], int]
+log = logging.getLogger("brokerclient.cli")
+
+
+class UsageError(Exception):
+    """What the user typed cannot be run (exit 2)."""
+
+
+def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``publish``, ``tail`` and ``topics``; each sets ``args.run_client``."""
+    common = argparse.ArgumentParser(add_help=False)
+    url_help = f"the broker's URL (BROKER_URL, default {_default_url()})"
+    common.add_argument("--url", default=None, help=url_help)
+    common.add_argument(
+        "--token", default=None, help="a JWT, sent as a Bearer token (BROKER_TOKEN)"
+    )
+    _publish_parser(commands, common)
+    _tail_parser(commands, common)
+    topics = commands.add_parser("topics", parents=[common], help="list topics (JSON lines)")
+    topics.add_argument("--prefix", default="", help="only topics whose name starts with this")
+    topics.set_defaults(run_client=_guarded(run_topics))
+
+
+def _publish_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    publish = commands.add_parser(
+        "publish", parents=[common], help="publish one event (DATA, else stdin)",
+        description="Publish DATA (JSON unless --text) to TOPIC; without DATA, read it from "
+        "stdin. Prints the broker's answer ({\"id\": ...}) on stdout.",
+    )  # fmt: skip
+    publish.add_argument("topic")
+    publish.add_argument("data", nargs="?", help="the event's data (default: stdin)")
+    publish.add_argument("--event", help="the event type")
+    publish.add_argument("--text", action="store_true", help="publish DATA as text, not JSON")
+    publish.add_argument("--idempotency-key", help="a key that makes a repeat store nothing")
+    publish.add_argument("--close", action="store_true", help="close the topic after this event")
+    publish.set_defaults(run_client=_guarded(run_publish))
+
+
+def _tail_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    tail = commands.add_parser(
+        "tail", parents=[common], help="print a topic's events as JSON lines, live",
+        description="Print events as JSON lines ({\"id\", \"event\", \"data\"}; data is the "
+        "raw text), resuming across drops; stops when the topic is closed.",
+    )  # fmt: skip
+    tail.add_argument("topics", nargs="+", metavar="TOPIC")
+    start = tail.add_mutually_exclusive_group()
+    start.add_argument("--from", dest="start", choices=["earliest"], help="start from the oldest")
+    start.add_argument("--last-event-id", help="resume after this id")
+    give_up = "seconds without a connection before exiting 3 (default %(default)s)"
+    tail.add_argument("--give-up-after", type=float, default=DEFAULT_GIVE_UP_SECONDS, help=give_up)
+    tail.set_defaults(run_client=_guarded(run_tail))
+
+
+def _default_url() -> str:
+    from brokerclient.http import DEFAULT_URL
+
+    return os.environ.get("BROKER_URL") or DEFAULT_URL
+
+
+def _url(args: argparse.Namespace) -> str:
+    return str(args.url or _default_url())
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    return args.token or os.environ.get("BROKER_TOKEN") or None
+
+
+def _guarded(command: Command) -> Command:
+    """Runs a command, turning each kind of failure into its exit code and a line on stderr."""
+
+    def run(args: argparse.Namespace) -> int:
+        from brokerclient.errors import RequestFailed, Unreachable
+
+        _log_to_stderr()
+        try:
+            return command(args)
+        except UsageError as error:
+            print(f"broker {args.command}: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        except Unreachable as error:
+            print(f"broker {args.command}: unreachable: {error}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        except RequestFailed as error:
+            print(f"broker {args.command}: {error}", file=sys.stderr)
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            _quiet_stdout()  # the reader left (| head): not an error
+            return EXIT_OK
+
+    return run
+
+
+def _log_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("broker: %(message)s"))
+    client_log = logging.getLogger("brokerclient")
+    client_log.addHandler(handler)
+    client_log.setLevel(logging.INFO)
+    client_log.propagate = False
+
+
+def _quiet_stdout() -> None:
+    # Python flushes stdout at exit; on a closed pipe that prints a second error.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _emit(item: Any, out: TextIO | None = None) -> None:
+    stream = out or sys.stdout
+    stream.write(json.dumps(item, ensure_ascii=False, separators=(",", ":")) + "\n")
+    stream.flush()
+
+
+# -- publish --------------------------------------------------------------------
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    from brokerclient.publisher import Publisher
+
+    raw = args.data if args.data is not None else _read_stdin()
+    with Publisher(_url(args), token=_token(args)) as publisher:
+        options = {"event": args.event, "idempotency_key": args.idempotency_key,
+                   "close": args.close}  # fmt: skip
+        if args.text:
+            result = publisher.publish_text(args.topic, raw, **options)
+        else:
+            result = publisher.publish(args.topic, _json_data(raw), **options)
+    if result.replayed:
+        log.info("already published under this idempotency key: nothing new was stored")
+    _emit({"id": result.ids[0]} if len(result.ids) == 1 else {"ids": result.ids})
+    return EXIT_OK
+
+
+def _read_stdin() -> str:
+    if sys.stdin.isatty():
+        log.info("reading the event's data from stdin (end with Ctrl-D)")
+    text = sys.stdin.read()
+    # `echo hello | broker publish t --text` means "hello", as $(...) would.
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _json_data(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as error:
+        raise UsageError(f"DATA is not JSON ({error}); add --text to publish it as text") from None
+
+
+# -- tail -----------------------------------------------------------------------
+
+
+def run_tail(args: argparse.Namespace) -> int:
+    from brokerclient.subscriber import Subscriber
+
+    subscriber = Subscriber(
+        args.topics,
+        _url(args),
+        last_event_id=args.last_event_id,
+        from_earliest=args.start == "earliest",
+        token=_token(args),
+        give_up_after=args.give_up_after,
+    )
+    with subscriber:
+        for event in subscriber:
+            _emit(event.as_dict())
+            if event.is_gap:
+                log.info("gap: %s", event.data)
+    log.info("the topic was closed: no more events")
+    return EXIT_OK
+
+
+# -- topics ---------------------------------------------------------------------
+
+
+def run_topics(args: argparse.Namespace) -> int:
+    import httpx
+
+    from brokerclient.http import base_headers, failure
+
+    with httpx.Client(base_url=_url(args), timeout=10.0, headers=base_headers(_token(args))) as c:
+        for topic in _topic_pages(c, args.prefix, failure):
+            _emit(topic)
+    return EXIT_OK
+
+
+def _topic_pages(client: Any, prefix: str, failure: Any) -> Iterator[dict[str, Any]]:
+    import httpx
+
+    from brokerclient.errors import Unreachable
+
+    cursor: str | None = None
+    seen: set[str] = set()
+    for _ in range(MAX_TOPIC_PAGES):
+        params = {"prefix": prefix} | ({"cursor": cursor} if cursor else {})
+        try:
+            response = client.get("/topics", params=params)
+        except httpx.TransportError as error:
+            raise Unreachable(repr(error)) from error
+        if response.status_code != 200:
+            raise failure(response)
+        page = response.json()
+        yield from page.get("topics", [])
+        cursor = page.get("next")
+        if not cursor or cursor in seen:
+            return
+        seen.add(cursor)

@@ -1,0 +1,26 @@
+"""The client's errors: one base class, a few subclasses carrying what a caller needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BrokerClientError(Exception):
+    """Anything the client could not do."""
+
+
+class Unreachable(BrokerClientError):
+    """The broker could not be reached (or kept answering 503) within the attempts allowed."""
+
+
+class RequestFailed(BrokerClientError):
+    """The broker answered with an error; ``problem`` is its problem+json body, if any."""
+
+    def __init__(self, status: int, problem: dict[str, Any] | None, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.problem = problem or {}
+
+
+class TopicClosed(RequestFailed):
+    """A publish to a topic that was closed (409)."""

@@ -1,0 +1,128 @@
+"""What the HTTP publisher and subscriber share: URLs, headers, answers, retry timing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import httpx
+
+from brokerclient.errors import RequestFailed, TopicClosed
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+# Answers worth another try with the same Idempotency-Key: the broker's own
+# "store unavailable" (503) and a load balancer's "no instance answered" (502, 504).
+RETRY_STATUSES = frozenset({502, 503, 504})
+USER_AGENT = "brokerclient/0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how patiently a publish is tried: ``attempts`` in all (at least 1),
+    waiting ``backoff`` seconds after the first failure, doubling up to ``max_backoff``
+    (a ``Retry-After`` from the broker is honoured up to ``max_backoff``)."""
+
+    attempts: int = 5
+    backoff: float = 0.2
+    max_backoff: float = 5.0
+
+    def delay(self, failures: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff)
+        return min(self.backoff * 2.0 ** (failures - 1), self.max_backoff)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What the broker answered a publish: the ids stored, in order.
+
+    ``replayed``: an earlier attempt with the same Idempotency-Key had stored them
+    already (nothing new was stored). A streaming ingest past the broker's batch
+    limit answers only ``count``, ``first_id`` and ``last_id``; ``ids`` is then empty.
+    """
+
+    ids: list[str]
+    replayed: bool = False
+    count: int = 0
+    first_id: str | None = None
+    last_id: str | None = None
+    idempotency_key: str = field(default="", compare=False)
+
+    @property
+    def id(self) -> str:
+        """The id of a single event's publish (the last one of a batch)."""
+        if self.last_id is None:
+            raise ValueError("nothing was stored")
+        return self.last_id
+
+
+def new_idempotency_key() -> str:
+    return f"bc-{uuid.uuid4().hex}"
+
+
+def base_headers(token: str | None) -> dict[str, str]:
+    headers = {"User-Agent": USER_AGENT}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def topic_path(topic: str, suffix: str = "/events") -> str:
+    return f"/topics/{quote(topic, safe='')}{suffix}"
+
+
+def stream_path(topics: Sequence[str]) -> str:
+    """One topic's stream path, or the multi-topic ``/events?topic=...``."""
+    if len(topics) == 1:
+        return topic_path(topics[0])
+    return "/events?" + urlencode([("topic", t) for t in topics])
+
+
+def with_query(path: str, params: Mapping[str, str]) -> str:
+    if not params:
+        return path
+    return path + ("&" if "?" in path else "?") + urlencode(params)
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    raw = response.headers.get("retry-after", "")
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        return None
+
+
+def publish_result(response: httpx.Response, key: str) -> PublishResult:
+    """The result of a 200/201 publish answer; raises RequestFailed for any other."""
+    if response.status_code not in (200, 201):
+        raise failure(response)
+    body: dict[str, Any] = response.json()
+    ids = [str(i) for i in body.get("ids", [body["id"]] if "id" in body else [])]
+    return PublishResult(
+        ids=ids,
+        replayed=response.headers.get("idempotent-replayed") == "true",
+        count=int(body.get("count", len(ids))),
+        first_id=body.get("first_id", ids[0] if ids else None),
+        last_id=body.get("last_id", ids[-1] if ids else None),
+        idempotency_key=key,
+    )
+
+
+def failure(response: httpx.Response) -> RequestFailed:
+    """The error for a broker's error answer, with its problem+json detail when it has one."""
+    problem: dict[str, Any] | None = None
+    if "json" in response.headers.get("content-type", ""):
+        try:
+            parsed = response.json()
+            problem = parsed if isinstance(parsed, dict) else None
+        except ValueError:
+            problem = None
+    detail = (problem or {}).get("detail") or (problem or {}).get("title") or response.text[:200]
+    message = (
+        f"{response.request.method} {response.request.url.path}: {response.status_code} {detail}"
+    )
+    kind = TopicClosed if response.status_code == 409 else RequestFailed
+    return kind(response.status_code, problem, message)

@@ -1,0 +1,389 @@
+"""Publishing over HTTP, sync (``Publisher``) and async (``AsyncPublisher``).
+
+Every publish carries one ``Idempotency-Key`` (the caller's, or a fresh one)
+through all its attempts: a retry after a 503 or a broken connection can never
+store an event twice, whichever instance it lands on, because the broker answers
+a repeated key with the first attempt's ids.
+
+A streaming ingest (``stream``) sends the events as ``application/x-ndjson``,
+one line each, stored as they arrive. Its lines sent so far are kept, so a retry
+can send the whole stream again under the same key (the broker stores line n
+under key K:n, so nothing is stored twice) and then go on with the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from brokerclient.errors import Unreachable
+from brokerclient.http import (
+    DEFAULT_URL,
+    RETRY_STATUSES,
+    PublishResult,
+    RetryPolicy,
+    base_headers,
+    new_idempotency_key,
+    publish_result,
+    retry_after,
+    topic_path,
+)
+
+log = logging.getLogger(__name__)
+EventObject = Mapping[str, Any]
+"""An event as the JSON publish takes it: ``{"data": ..., "event"?: str, "retry"?: int}``."""
+DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+
+def event(data: Any, event: str | None = None, retry: int | None = None) -> dict[str, Any]:
+    """An event object for ``publish_batch`` and ``stream``."""
+    item: dict[str, Any] = {"data": data}
+    if event is not None:
+        item["event"] = event
+    if retry is not None:
+        item["retry"] = retry
+    return item
+
+
+def _json_body(item: Any) -> bytes:
+    return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _query(close: bool, event_type: str | None = None) -> dict[str, str]:
+    params = {"close": "true"} if close else {}
+    if event_type is not None:
+        params["event"] = event_type
+    return params
+
+
+class _Attempts:
+    """Counts a publish's attempts and says how long to wait before the next one."""
+
+    def __init__(self, policy: RetryPolicy, what: str) -> None:
+        self.policy, self.what, self.failures = policy, what, 0
+
+    def failed(self, why: str, hinted: float | None = None) -> float:
+        """The delay before the next attempt; raises Unreachable when none is left."""
+        self.failures += 1
+        if self.failures >= max(1, self.policy.attempts):
+            raise Unreachable(f"{self.what}: {why} (after {self.failures} attempts)")
+        delay = self.policy.delay(self.failures, hinted)
+        log.info("%s: %s; attempt %d in %.2fs", self.what, why, self.failures + 1, delay)
+        return delay
+
+
+class Publisher:
+    """Publishes to a broker over HTTP (blocking). Use as a context manager, or ``close()``.
+
+    ``url`` is the broker's base URL (behind a load balancer: the balancer's);
+    ``token`` a JWT sent as ``Authorization: Bearer``.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        client: httpx.Client | None = None,
+    ) -> None:
+        self.retry = retry or RetryPolicy()
+        self._client = client or httpx.Client(base_url=url, timeout=timeout)
+        self._headers = base_headers(token)
+
+    def publish(
+        self,
+        topic: str,
+        data: Any,
+        *,
+        event: str | None = None,
+        retry: int | None = None,
+        idempotency_key: str | None = None,
+        close: bool = False,
+    ) -> PublishResult:
+        """Publish one event whose data is any JSON value; ``close`` closes the topic after it."""
+        body = _json_body({"data": data} | _optional(event=event, retry=retry))
+        return self._send(topic, body, "application/json", _query(close), idempotency_key)
+
+    def publish_text(
+        self,
+        topic: str,
+        text: str,
+        *,
+        event: str | None = None,
+        idempotency_key: str | None = None,
+        close: bool = False,
+    ) -> PublishResult:
+        """Publish one event whose data is text (delivered as that text, not as JSON)."""
+        content_type = "text/plain; charset=utf-8"
+        return self._send(topic, text.encode(), content_type, _query(close, event), idempotency_key)
+
+    def publish_batch(
+        self,
+        topic: str,
+        events: Sequence[EventObject],
+        *,
+        idempotency_key: str | None = None,
+        close: bool = False,
+    ) -> PublishResult:
+        """Publish several events, stored atomically and in order (see ``event()``)."""
+        body = _json_body(list(events))
+        return self._send(topic, body, "application/json", _query(close), idempotency_key)
+
+    def stream(
+        self,
+        topic: str,
+        events: Iterable[EventObject],
+        *,
+        idempotency_key: str | None = None,
+        close: bool = False,
+    ) -> PublishResult:
+        """Streaming ingest: each event is stored as the iterator yields it.
+
+        ``close`` closes the topic once the iterator is exhausted (never if it raises).
+        """
+        key = idempotency_key or new_idempotency_key()
+        lines = _SentLines(iter(events))
+        attempts = _Attempts(self.retry, f"stream to {topic}")
+        while True:
+            try:
+                response = self._client.post(
+                    topic_path(topic),
+                    content=lines.replay_then_rest(),
+                    params=_query(close),
+                    headers=self._headers_for("application/x-ndjson", key),
+                )
+            except httpx.TransportError as error:
+                time.sleep(attempts.failed(repr(error)))
+                continue
+            if response.status_code in RETRY_STATUSES:
+                time.sleep(attempts.failed(f"{response.status_code}", retry_after(response)))
+                continue
+            return publish_result(response, key)
+
+    def _send(
+        self,
+        topic: str,
+        body: bytes,
+        content_type: str,
+        params: Mapping[str, str],
+        key: str | None,
+    ) -> PublishResult:
+        key = key or new_idempotency_key()
+        headers = self._headers_for(content_type, key)
+        attempts = _Attempts(self.retry, f"publish to {topic}")
+        while True:
+            try:
+                response = self._client.post(
+                    topic_path(topic), content=body, params=params, headers=headers
+                )
+            except httpx.TransportError as error:
+                time.sleep(attempts.failed(repr(error)))
+                continue
+            if response.status_code in RETRY_STATUSES:
+                time.sleep(attempts.failed(f"{response.status_code}", retry_after(response)))
+                continue
+            return publish_result(response, key)
+
+    def _headers_for(self, content_type: str, key: str) -> dict[str, str]:
+        return self._headers | {"Content-Type": content_type, "Idempotency-Key": key}
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncPublisher:
+    """``Publisher`` for asyncio: the same methods, awaited; ``stream`` also takes an
+    async iterator (a token stream, say). Use as an async context manager, or ``aclose()``."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.retry = retry or RetryPolicy()
+        self._client = client or httpx.AsyncClient(base_url=url, timeout=timeout)
+        self._headers = base_headers(token)
+
+    async def publish(
+        self,
+        topic: str,
+        data: Any,
+        *,
+        event: str | None = None,
+        retry: int | None = None,
+        idempotency_key: str | None = None,
+        close: bool = False,
+    ) -> PublishResult:
+        """Publish one event whose data is any JSON value; ``close`` closes the topic after it."""
+        body = _json_body({"data": data} | _optional(event=event, retry=retry))
+        return await self._send(topic, body, "application/json", _query(close), idempotency_key)
+
+    async def publish_text(
+        self,
+        topic: str,
+        text: str,
+        *,
+        event: str | None = None,
+        idempotency_key: str | None = None,
+        close: bool = False,
+    ) -> PublishResult:
+        """Publish one event whose data is text (delivered as that text, not as JSON)."""
+        content_type = "text/plain; charset=utf-8"
+        params = _query(close, event)
+        return await self._send(topic, text.encode(), content_type, params, idempotency_key)
+
+    async def publish_batch(
+        self,
+        topic: str,
+        events: Sequence[EventObject],
+        *,
+        idempotency_key: str | None = None,
+        close: bool = False,
+    ) -> PublishResult:
+        """Publish several events, stored atomically and in order (see ``event()``)."""
+        body = _json_body(list(events))
+        return await self._send(topic, body, "application/json", _query(close), idempotency_key)
+
+    async def stream(
+        self,
+        topic: str,
+        events: Iterable[EventObject] | AsyncIterable[EventObject],
+        *,
+        idempotency_key: str | None = None,
+        close: bool = False,
+    ) -> PublishResult:
+        """Streaming ingest: each event is stored as the iterator yields it.
+
+        ``close`` closes the topic once the iterator is exhausted (never if it raises).
+        """
+        key = idempotency_key or new_idempotency_key()
+        lines = _AsyncSentLines(_aiter(events))
+        attempts = _Attempts(self.retry, f"stream to {topic}")
+        while True:
+            try:
+                response = await self._client.post(
+                    topic_path(topic),
+                    content=lines.replay_then_rest(),
+                    params=_query(close),
+                    headers=self._headers_for("application/x-ndjson", key),
+                )
+            except httpx.TransportError as error:
+                await asyncio.sleep(attempts.failed(repr(error)))
+                continue
+            if response.status_code in RETRY_STATUSES:
+                await asyncio.sleep(
+                    attempts.failed(f"{response.status_code}", retry_after(response))
+                )
+                continue
+            return publish_result(response, key)
+
+    async def _send(
+        self,
+        topic: str,
+        body: bytes,
+        content_type: str,
+        params: Mapping[str, str],
+        key: str | None,
+    ) -> PublishResult:
+        key = key or new_idempotency_key()
+        headers = self._headers_for(content_type, key)
+        attempts = _Attempts(self.retry, f"publish to {topic}")
+        while True:
+            try:
+                response = await self._client.post(
+                    topic_path(topic), content=body, params=params, headers=headers
+                )
+            except httpx.TransportError as error:
+                await asyncio.sleep(attempts.failed(repr(error)))
+                continue
+            if response.status_code in RETRY_STATUSES:
+                await asyncio.sleep(
+                    attempts.failed(f"{response.status_code}", retry_after(response))
+                )
+                continue
+            return publish_result(response, key)
+
+    def _headers_for(self, content_type: str, key: str) -> dict[str, str]:
+        return self._headers | {"Content-Type": content_type, "Idempotency-Key": key}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncPublisher:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _optional(**members: Any) -> dict[str, Any]:
+    return {name: value for name, value in members.items() if value is not None}
+
+
+class _SentLines:
+    """The ndjson lines of a stream: those sent already (for a retry), then the rest."""
+
+    def __init__(self, source: Iterator[EventObject]) -> None:
+        self._source, self._sent = source, list[bytes]()
+
+    def replay_then_rest(self) -> Iterator[bytes]:
+        yield from list(self._sent)
+        for item in self._source:
+            line = _json_body(item) + b"\n"
+            self._sent.append(line)
+            yield line
+
+
+class _AsyncSentLines:
+    """``_SentLines`` over an async iterator."""
+
+    def __init__(self, source: AsyncIterator[EventObject]) -> None:
+        self._source, self._sent = source, list[bytes]()
+
+    async def replay_then_rest(self) -> AsyncIterator[bytes]:
+        for line in list(self._sent):
+            yield line
+        async for item in self._source:
+            line = _json_body(item) + b"\n"
+            self._sent.append(line)
+            yield line
+
+
+async def _aiter(
+    events: Iterable[EventObject] | AsyncIterable[EventObject],
+) -> AsyncIterator[EventObject]:
+    if isinstance(events, AsyncIterable):
+        async for item in events:
+            yield item
+    else:
+        for item in events:
+            yield item

@@ -1,0 +1,316 @@
+"""Subscribing over HTTP: iterate a topic's events, resuming by itself after any drop.
+
+``AsyncSubscriber`` (asyncio) and ``Subscriber`` (blocking) do what a browser's
+``EventSource`` does, and a little more:
+
+- after a dropped connection, a restarted instance, a load balancer's 502/503/504
+  or a come-back-later stream, they reconnect with ``Last-Event-ID`` = the id of
+  the last event handed to the caller, so nothing is lost or repeated;
+- a subscription "from now" first asks where the topic ends (``GET /topics/{t}``)
+  and starts after that id, so that a drop before the first event loses nothing
+  either (``EventSource`` would start "from now" again);
+- ``broker.gap`` and ``broker.end`` events are yielded like any other
+  (``Event.is_gap``, ``Event.is_end``); iteration stops after ``broker.end``, or
+  when the broker answers 204 (the topic is closed and there is nothing left);
+- an error answer that another try cannot change (400, 401, 403, 404) raises
+  ``RequestFailed``; ``give_up_after`` seconds without a working connection raise
+  ``Unreachable`` (None: keep trying, as ``EventSource`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+
+from brokerclient.errors import RequestFailed, Unreachable
+from brokerclient.http import (
+    DEFAULT_URL,
+    RETRY_STATUSES,
+    base_headers,
+    failure,
+    stream_path,
+    topic_path,
+    with_query,
+)
+from brokerclient.sse import Event, SseDecoder
+
+log = logging.getLogger(__name__)
+DEFAULT_READ_TIMEOUT = 45.0  # three of the broker's default 15 s heartbeats
+FIRST_DELAY = 0.25
+MAX_DELAY = 5.0
+
+
+@dataclass
+class _Resume:
+    """Where the next connection starts, and how long to wait before it (no I/O here)."""
+
+    topics: list[str]
+    last_event_id: str | None
+    from_earliest: bool
+    give_up_after: float | None
+    failures: int = 0
+    failing_since: float | None = None
+    retry_hint_ms: int | None = None
+    started: bool = field(default=False)
+
+    def request(self, token: str | None) -> tuple[str, dict[str, str]]:
+        headers = base_headers(token) | {"Accept": "text/event-stream"}
+        path = stream_path(self.topics)
+        if self.last_event_id:
+            headers["Last-Event-ID"] = self.last_event_id
+        elif self.from_earliest:
+            path = with_query(path, {"from": "earliest"})
+        return path, headers
+
+    def needs_start_point(self) -> bool:
+        """A single-topic subscription "from now" that has no position yet."""
+        return (
+            not self.started
+            and not self.last_event_id
+            and not self.from_earliest
+            and (len(self.topics) == 1)
+        )
+
+    def start_at(self, topic_last_id: str | None) -> None:
+        """After the topic's newest id; a topic with no event yet: from its beginning."""
+        self.started = True
+        if topic_last_id is None:
+            self.from_earliest = True
+        else:
+            self.last_event_id = topic_last_id
+
+    def connected(self) -> None:
+        self.started = True
+        self.failures, self.failing_since = 0, None
+
+    def delivered(self, event: Event) -> None:
+        if event.id is not None:
+            self.last_event_id = event.id
+
+    def failed(self, why: str) -> float:
+        """The delay before reconnecting; raises Unreachable once past ``give_up_after``."""
+        now = time.monotonic()
+        self.failing_since = self.failing_since or now
+        self.failures += 1
+        if self.give_up_after is not None and now - self.failing_since >= self.give_up_after:
+            raise Unreachable(f"no working connection for {self.give_up_after:g}s: {why}")
+        delay = min(FIRST_DELAY * 2.0 ** (self.failures - 1), MAX_DELAY)
+        if self.retry_hint_ms is not None:
+            delay = min(self.retry_hint_ms / 1000, MAX_DELAY)
+        log.info("subscription to %s: %s; reconnecting in %.2fs", self.topics, why, delay)
+        return delay
+
+    def ended(self) -> float:
+        """A stream that ended without broker.end (a drain, a come-back hint): reconnect."""
+        self.failures += 1
+        hint = self.retry_hint_ms / 1000 if self.retry_hint_ms is not None else FIRST_DELAY
+        return min(hint, MAX_DELAY)
+
+
+def _topics(topics: str | Sequence[str]) -> list[str]:
+    names = [topics] if isinstance(topics, str) else list(topics)
+    if not names:
+        raise ValueError("name at least one topic")
+    return names
+
+
+def _timeout(read_timeout: float) -> httpx.Timeout:
+    return httpx.Timeout(10.0, read=read_timeout)
+
+
+class AsyncSubscriber:
+    """The events of one topic (or several), resumed across drops. ``async for`` it.
+
+    ``last_event_id`` resumes after that id; ``from_earliest`` starts from the
+    oldest retained event; neither: only events published from now on. The
+    attribute ``last_event_id`` always holds the id of the last event yielded,
+    so a program can store it and resume from it later.
+    """
+
+    def __init__(
+        self,
+        topics: str | Sequence[str],
+        url: str = DEFAULT_URL,
+        *,
+        last_event_id: str | None = None,
+        from_earliest: bool = False,
+        token: str | None = None,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        give_up_after: float | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._resume = _Resume(_topics(topics), last_event_id, from_earliest, give_up_after)
+        self._token = token
+        self._client = client or httpx.AsyncClient(base_url=url, timeout=_timeout(read_timeout))
+        self._own_client = client is None
+
+    @property
+    def last_event_id(self) -> str | None:
+        return self._resume.last_event_id
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self.events()
+
+    async def events(self) -> AsyncIterator[Event]:
+        resume = self._resume
+        while True:
+            try:
+                if resume.needs_start_point():
+                    resume.start_at(await self._topic_last_id(resume.topics[0]))
+                async for item in self._connection():
+                    if item is None:
+                        return
+                    yield item
+                    if item.is_end:
+                        return
+                delay = resume.ended()
+            except httpx.TransportError as error:
+                delay = resume.failed(repr(error))
+            except _Retryable as error:
+                delay = resume.failed(str(error))
+            await asyncio.sleep(delay)
+
+    async def _connection(self) -> AsyncIterator[Event | None]:
+        """One connection's events; a None means the topic is closed (204): stop."""
+        path, headers = self._resume.request(self._token)
+        async with self._client.stream("GET", path, headers=headers) as response:
+            if response.status_code == 204:
+                yield None
+                return
+            if not _is_stream(response):
+                await response.aread()
+                _raise_for(response)
+            self._resume.connected()
+            decoder = SseDecoder(self._resume.last_event_id)
+            async for chunk in response.aiter_bytes():
+                for event in decoder.feed(chunk):
+                    self._resume.delivered(event)
+                    yield event
+                self._resume.retry_hint_ms = decoder.retry_ms or self._resume.retry_hint_ms
+
+    async def _topic_last_id(self, topic: str) -> str | None:
+        response = await self._client.get(topic_path(topic, ""), headers=base_headers(self._token))
+        return _last_id_of(response)
+
+    async def aclose(self) -> None:
+        if self._own_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncSubscriber:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class Subscriber:
+    """``AsyncSubscriber`` for blocking code: ``for event in subscriber``."""
+
+    def __init__(
+        self,
+        topics: str | Sequence[str],
+        url: str = DEFAULT_URL,
+        *,
+        last_event_id: str | None = None,
+        from_earliest: bool = False,
+        token: str | None = None,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        give_up_after: float | None = None,
+        client: httpx.Client | None = None,
+    ) -> None:
+        self._resume = _Resume(_topics(topics), last_event_id, from_earliest, give_up_after)
+        self._token = token
+        self._client = client or httpx.Client(base_url=url, timeout=_timeout(read_timeout))
+        self._own_client = client is None
+
+    @property
+    def last_event_id(self) -> str | None:
+        return self._resume.last_event_id
+
+    def __iter__(self) -> Iterator[Event]:
+        return self.events()
+
+    def events(self) -> Iterator[Event]:
+        resume = self._resume
+        while True:
+            try:
+                if resume.needs_start_point():
+                    resume.start_at(self._topic_last_id(resume.topics[0]))
+                for item in self._connection():
+                    if item is None:
+                        return
+                    yield item
+                    if item.is_end:
+                        return
+                delay = resume.ended()
+            except httpx.TransportError as error:
+                delay = resume.failed(repr(error))
+            except _Retryable as error:
+                delay = resume.failed(str(error))
+            time.sleep(delay)
+
+    def _connection(self) -> Iterator[Event | None]:
+        path, headers = self._resume.request(self._token)
+        with self._client.stream("GET", path, headers=headers) as response:
+            if response.status_code == 204:
+                yield None
+                return
+            if not _is_stream(response):
+                response.read()
+                _raise_for(response)
+            self._resume.connected()
+            decoder = SseDecoder(self._resume.last_event_id)
+            for chunk in response.iter_bytes():
+                for event in decoder.feed(chunk):
+                    self._resume.delivered(event)
+                    yield event
+                self._resume.retry_hint_ms = decoder.retry_ms or self._resume.retry_hint_ms
+
+    def _topic_last_id(self, topic: str) -> str | None:
+        return _last_id_of(
+            self._client.get(topic_path(topic, ""), headers=base_headers(self._token))
+        )
+
+    def close(self) -> None:
+        if self._own_client:
+            self._client.close()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _Retryable(Exception):
+    """An answer another try may change (502, 503, 504)."""
+
+
+def _is_stream(response: httpx.Response) -> bool:
+    content_type = response.headers.get("content-type", "")
+    return response.status_code == 200 and content_type.startswith("text/event-stream")
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code in RETRY_STATUSES:
+        raise _Retryable(f"{response.status_code} from {response.request.url.path}")
+    if response.status_code == 200:  # as EventSource does: a stream or nothing
+        raise RequestFailed(200, None, f"{response.request.url.path}: not an event stream")
+    raise failure(response)
+
+
+def _last_id_of(response: httpx.Response) -> str | None:
+    """The newest id of a topic from ``GET /topics/{t}``: None if it has no event yet."""
+    if response.status_code == 404:
+        return None
+    if response.status_code in RETRY_STATUSES:
+        raise _Retryable(f"{response.status_code} from {response.request.url.path}")
+    if response.status_code != 200:
+        raise failure(response)
+    last = response.json().get("last_id")
+    return str(last) if last else None

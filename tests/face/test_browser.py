@@ -1,0 +1,190 @@
+"""The face in a real browser: headless Chromium on pages a real broker process serves.
+
+Every test also checks the URL of every request the page made: none may leave
+the broker's own origin on 127.0.0.1 (no CDN, no validator badge, no fonts).
+Screenshots are kept in the ``artifacts`` folder (printed in the test's output).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from brokerclient import Publisher
+from tests.face.chromium import Chromium
+from tests.support.broker_process import BrokerProcess
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Chromium]:
+    with Chromium(tmp_path) as chromium:
+        yield chromium
+
+
+def _rows(browser: Chromium, selector: str) -> list[list[str]]:
+    return list(
+        browser.evaluate(
+            f"[...document.querySelectorAll({json.dumps(selector)})]"
+            ".map(row => [...row.children].map(cell => cell.textContent))"
+        )
+    )
+
+
+def test_live_page_lists_topics_and_tails_them_live(
+    face_broker: BrokerProcess, browser: Chromium, artifacts: Path
+) -> None:
+    topic = f"face.page.{uuid.uuid4().hex[:8]}"
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topic, {"n": 0})
+        browser.navigate(face_broker.url + "/")
+        browser.evaluate(
+            f"document.getElementById('tail-topic').value = {json.dumps(topic)};"
+            "document.querySelector('#tail-form button[type=submit]').click()"
+        )
+        browser.wait_for("document.getElementById('tail-status').textContent.startsWith('Live')")
+        # The topic is listed, with this instance's subscriber (the page's own tail).
+        listed = f"""[...document.querySelectorAll('#topics tbody tr')]
+            .some(r => r.dataset.topic === {json.dumps(topic)} && r.cells[3].textContent === '1')"""
+        browser.wait_for(listed, what="the topic listed with one subscriber")
+
+        first = publisher.publish(topic, {"n": 1})
+        publisher.publish_text(topic, "two\nlines", event="greeting")
+        browser.wait_for("document.querySelectorAll('#tail-log li').length >= 2")
+        rows = _rows(browser, "#tail-log li")
+        assert rows[0] == [first.id, "message", '{"n":1}']
+        assert rows[1][1:] == ["greeting", "two\nlines"]
+
+        # The publish form: JSON with a type, answered with its id, seen by the tail.
+        browser.evaluate(
+            f"document.getElementById('publish-topic').value = {json.dumps(topic)};"
+            "document.getElementById('publish-event').value = 'from-form';"
+            "document.getElementById('publish-data').value = '{\"via\": \"form\"}';"
+            "document.querySelector('#publish-form button[type=submit]').click()"
+        )
+        browser.wait_for(
+            "document.getElementById('publish-result').textContent.startsWith('Stored')"
+        )
+        browser.wait_for("document.querySelectorAll('#tail-log li').length >= 3")
+        assert _rows(browser, "#tail-log li")[2][1:] == ["from-form", '{"via":"form"}']
+        rate = f"""[...document.querySelectorAll('#topics tbody tr')]
+            .find(r => r.dataset.topic === {json.dumps(topic)}).cells[2].textContent"""
+        browser.wait_for(f"parseFloat({rate}) > 0", what="a non-zero event rate")
+
+    shot = browser.screenshot("live-page")
+    print(f"screenshot: {shot}")
+    (artifacts / "live-page.png").write_bytes(shot.read_bytes())
+    assert browser.requests_leaving(face_broker.url) == []
+    assert any(url.endswith(f"/topics/{topic}/events") for url in browser.requests)
+
+
+def test_docs_render_the_routes_offline(
+    face_broker: BrokerProcess, browser: Chromium, artifacts: Path
+) -> None:
+    browser.navigate(face_broker.url + "/docs")
+    paths = browser.wait_for(
+        "[...document.querySelectorAll('.opblock-summary-path')].map(e => e.textContent)",
+        what="Swagger UI to render the operations",
+    )
+    assert "/topics/{topic}/events" in [p.replace("\u200b", "") for p in paths]
+    shot = browser.screenshot("docs")
+    (artifacts / "docs.png").write_bytes(shot.read_bytes())
+    assert browser.requests_leaving(face_broker.url) == []
+
+
+# A page that uses /client.js the way a user's page would, on every load, and keeps
+# what it received in sessionStorage, so that what a reload interrupts is still counted.
+CLIENT_PAGE = """
+document.addEventListener("DOMContentLoaded", () => {
+  const keep = (entry) => {
+    const log = JSON.parse(sessionStorage.getItem("received") || "[]");
+    log.push(entry);
+    sessionStorage.setItem("received", JSON.stringify(log));
+  };
+  const script = document.createElement("script");
+  script.src = "/client.js";
+  script.onload = () => {
+    window.__stream = BrokerClient.subscribe(%(url)s, {
+      onEvent: (e) => keep(e),
+      onGap: (gap) => keep({type: "broker.gap", data: JSON.stringify(gap)}),
+      onEnd: (e) => keep(e),
+    });
+  };
+  document.head.appendChild(script);
+});
+"""
+
+
+def _received(browser: Chromium) -> list[dict[str, str]]:
+    return list(browser.evaluate("JSON.parse(sessionStorage.getItem('received') || '[]')"))
+
+
+def test_client_js_page_reloads_mid_stream_and_loses_nothing(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    topic = f"face.reload.{uuid.uuid4().hex[:8]}"
+    total = 60
+    url = f"/topics/{topic}/events?from=earliest"
+    browser.run_on_every_load(CLIENT_PAGE % {"url": json.dumps(url)})
+    browser.navigate(face_broker.url + "/healthz")
+    stop = threading.Event()
+
+    def publish_slowly() -> None:
+        with Publisher(face_broker.url) as publisher:
+            for n in range(total):
+                publisher.publish(topic, n)
+                if stop.wait(0.04):
+                    return
+
+    publishing = threading.Thread(target=publish_slowly)
+    publishing.start()
+    try:
+        for seen in (10, 25, 40):
+            browser.wait_for(
+                f"JSON.parse(sessionStorage.getItem('received') || '[]').length >= {seen}"
+            )
+            browser.reload()
+        browser.wait_for(
+            f"JSON.parse(sessionStorage.getItem('received') || '[]').length >= {total}",
+            timeout=30,
+        )
+    finally:
+        stop.set()
+        publishing.join(timeout=30)
+
+    received = _received(browser)
+    assert [entry["type"] for entry in received] == ["message"] * total  # no gap
+    assert [json.loads(entry["data"]) for entry in received] == list(range(total))
+    ids = [entry["id"] for entry in received]
+    assert len(set(ids)) == total
+    # Each reload resumed with the id the helper kept, not from the beginning.
+    assert sum("last_event_id=" in request for request in browser.requests) >= 3
+
+
+def test_a_closed_topic_ends_the_helpers_stream_for_good(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    topic = f"face.end.{uuid.uuid4().hex[:8]}"
+    url = f"/topics/{topic}/events?from=earliest"
+    browser.run_on_every_load(CLIENT_PAGE % {"url": json.dumps(url)})
+    browser.navigate(face_broker.url + "/healthz")
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topic, 1)
+        publisher.publish(topic, 2, close=True)
+    browser.wait_for("window.__stream && window.__stream.source.readyState === 2",
+                     what="the helper to close its EventSource")  # fmt: skip
+    received = _received(browser)
+    assert [(e["type"], e["data"]) for e in received] == [
+        ("message", "1"), ("message", "2"), ("broker.end", "{}"),
+    ]  # fmt: skip
+    # A reload resumes past the end: the broker answers 204 and EventSource stops for good.
+    browser.reload()
+    browser.wait_for("window.__stream && window.__stream.source.readyState === 2",
+                     what="the reloaded page's EventSource to stop")  # fmt: skip
+    assert _received(browser) == received

@@ -1,0 +1,102 @@
+"""``broker publish``, ``broker tail`` and ``broker topics``: the real console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.broker_process import BROKER_BIN, BrokerProcess
+from tests.support.redis_server import RedisServer, free_port
+
+
+@pytest.fixture
+def own_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    process = BrokerProcess(redis_url=redis_server.url, env={"BROKER_HEARTBEAT_SECONDS": "1"})
+    process.start()
+    yield process
+    process.close()
+
+
+def broker(*args: str, url: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    environment |= {"BROKER_URL": url, **env}
+    return subprocess.run([str(BROKER_BIN), *args], input=stdin, capture_output=True, text=True,
+                          env=environment, timeout=60)  # fmt: skip
+
+
+def lines(text: str) -> list[Any]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_publish_then_tail_from_earliest(face_broker: BrokerProcess) -> None:
+    topic = f"cli.{uuid.uuid4().hex[:8]}"
+    url = face_broker.url
+    one = broker("publish", topic, '{"n": 1}', url=url)
+    assert one.returncode == 0, one.stderr
+    text = broker("publish", topic, "--text", "--event", "note", url=url, stdin="hello\n")
+    assert text.returncode == 0, text.stderr
+    closing = broker("publish", topic, "3", "--close", url=url)
+    assert closing.returncode == 0, closing.stderr
+    tail = broker("tail", topic, "--from", "earliest", url=url)
+    assert tail.returncode == 0, tail.stderr  # the topic was closed: tail ends by itself
+    events = lines(tail.stdout)
+    assert [(e["event"], e["data"]) for e in events] == [
+        (None, '{"n":1}'), ("note", "hello"), (None, "3"), ("broker.end", "{}"),
+    ]  # fmt: skip
+    assert events[0]["id"] == lines(one.stdout)[0]["id"]
+    after_first = broker("tail", topic, "--last-event-id", events[0]["id"], url=url)
+    assert [e["data"] for e in lines(after_first.stdout)] == ["hello", "3", "{}"]
+    refused = broker("publish", topic, "4", url=url)
+    assert refused.returncode == 1 and "409" in refused.stderr and refused.stdout == ""
+
+
+def test_topics_lists_as_json_lines(face_broker: BrokerProcess) -> None:
+    prefix = f"cli.list.{uuid.uuid4().hex[:8]}"
+    for name in ("a", "b"):
+        assert broker("publish", f"{prefix}.{name}", "1", url=face_broker.url).returncode == 0
+    listed = broker("topics", "--prefix", prefix, url=face_broker.url)
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(t["topic"] for t in lines(listed.stdout)) == [f"{prefix}.a", f"{prefix}.b"]
+
+
+def test_usage_and_unreachable_exit_codes(face_broker: BrokerProcess) -> None:
+    topic = f"cli.codes.{uuid.uuid4().hex[:8]}"
+    not_json = broker("publish", topic, "not json", url=face_broker.url)
+    assert not_json.returncode == 2 and "--text" in not_json.stderr and not_json.stdout == ""
+    assert broker("tail", url=face_broker.url).returncode == 2  # no topic
+    nobody = f"http://127.0.0.1:{free_port()}"
+    down = broker("publish", topic, "1", url=nobody)
+    assert down.returncode == 3 and "unreachable" in down.stderr
+    down_tail = broker("tail", topic, "--give-up-after", "1", url=nobody)
+    assert down_tail.returncode == 3
+
+
+def test_tail_resumes_across_a_broker_kill(own_broker: BrokerProcess) -> None:
+    topic = f"cli.resume.{uuid.uuid4().hex[:8]}"
+    url = own_broker.url
+    assert broker("publish", topic, "0", url=url).returncode == 0
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    tail = subprocess.Popen(
+        [str(BROKER_BIN), "tail", topic, "--from", "earliest", "--url", url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+    )  # fmt: skip
+    try:
+        assert tail.stdout is not None
+        assert json.loads(tail.stdout.readline())["data"] == "0"
+        own_broker.kill()
+        own_broker.start()
+        for n in (1, 2):
+            assert broker("publish", topic, str(n), url=url).returncode == 0
+        assert broker("publish", topic, "3", "--close", url=url).returncode == 0
+        out, err = tail.communicate(timeout=30)
+    finally:
+        tail.kill()
+    assert tail.returncode == 0, err
+    assert [e["data"] for e in lines(out)] == ["1", "2", "3", "{}"]
+    assert "reconnecting" in err

@@ -1,0 +1,208 @@
+"""The Python client against real broker processes on a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from brokerclient import AsyncPublisher, Publisher, RetryPolicy, SseDecoder, Subscriber, event
+from brokerclient.direct import DirectPublisher
+from tests.support.broker_process import BrokerProcess
+from tests.support.polling import wait_until
+from tests.support.redis_server import RedisServer
+from tests.support.sse import parse_events
+
+PATIENT = RetryPolicy(attempts=60, backoff=0.05, max_backoff=0.5)
+
+
+@pytest.fixture
+def own_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    """A broker this test may kill and start again (same port, same Redis)."""
+    process = BrokerProcess(redis_url=redis_server.url, env={"BROKER_HEARTBEAT_SECONDS": "1"})
+    process.start()
+    yield process
+    process.close()
+
+
+def _topic(kind: str) -> str:
+    return f"face.{kind}.{uuid.uuid4().hex[:8]}"
+
+
+def _history(url: str, topic: str) -> list[dict[str, object]]:
+    response = httpx.get(
+        f"{url}/topics/{topic}/events", headers={"Accept": "application/json"}, timeout=5
+    )
+    return list(response.json()["events"])
+
+
+class LosesFirstAnswer(httpx.HTTPTransport):
+    """Sends the first publish, then loses its answer and restarts the broker: the case
+    where only the Idempotency-Key can tell that the retry must store nothing."""
+
+    def __init__(self, broker: BrokerProcess) -> None:
+        super().__init__()
+        self.broker, self.calls, self.restarter = broker, 0, threading.Thread()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        response = super().handle_request(request)
+        if self.calls == 1:
+            response.read()
+            assert response.status_code == 201
+            self.broker.kill()
+            self.restarter = threading.Thread(target=self.broker.start)
+            self.restarter.start()
+            raise httpx.ReadError("the answer was lost")
+        return response
+
+
+def test_publish_retried_through_a_broker_restart_stores_once(own_broker: BrokerProcess) -> None:
+    topic = _topic("retry")
+    transport = LosesFirstAnswer(own_broker)
+    client = httpx.Client(base_url=own_broker.url, transport=transport, timeout=5)
+    with Publisher(client=client, retry=PATIENT) as publisher:
+        result = publisher.publish(topic, {"once": True})
+    transport.restarter.join(timeout=30)
+    assert transport.calls > 2  # refused while the broker was down, then answered
+    assert result.replayed
+    assert [e["data"] for e in _history(own_broker.url, topic)] == [{"once": True}]
+
+
+def test_subscriber_resumes_across_a_broker_kill_with_no_gap_and_no_duplicate(
+    own_broker: BrokerProcess,
+) -> None:
+    topic = _topic("resume")
+    with Publisher(own_broker.url, retry=PATIENT) as publisher:
+        publisher.publish_batch(topic, [event(n) for n in range(5)])
+        received: list[int] = []
+        with Subscriber(topic, own_broker.url, from_earliest=True, give_up_after=30) as sub:
+            for item in sub:
+                assert not item.is_gap, item
+                received.append(item.json())
+                if len(received) == 5:
+                    own_broker.kill()
+                    own_broker.start()
+                    publisher.publish_batch(topic, [event(n) for n in range(5, 10)])
+                if len(received) == 10:
+                    break
+    assert received == list(range(10))
+
+
+def test_subscriber_from_now_loses_nothing_published_while_it_reconnects(
+    own_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """Killed before its first event, a subscription "from now" resumes from where it
+    began, not from a new "now" (as a fresh EventSource would, losing what came between)."""
+    topic = _topic("now")
+    received: queue.Queue[object] = queue.Queue()
+    with Publisher(own_broker.url, retry=PATIENT) as publisher:
+        publisher.publish(topic, "before")
+        sub = Subscriber(topic, own_broker.url, give_up_after=30)
+        reader = threading.Thread(target=lambda: [received.put(e.json()) for e in sub])
+        reader.start()
+        try:
+            wait_until(lambda: _subscribers(own_broker.url, topic) == 1, timeout=10,
+                       what="the subscription to be live")  # fmt: skip
+            own_broker.kill()
+            asyncio.run(_publish_direct(redis_server.url, topic, "while down"))
+            own_broker.start()
+            publisher.publish(topic, "after")
+            assert [received.get(timeout=15), received.get(timeout=15)] == ["while down", "after"]
+        finally:
+            publisher.publish(topic, "last", close=True)
+            reader.join(timeout=15)
+            sub.close()
+
+
+def _subscribers(url: str, topic: str) -> int:
+    stats = httpx.get(f"{url}/stats", params={"topic": topic}, timeout=5).json()
+    return int(stats["topics"][0]["subscribers"])
+
+
+async def _publish_direct(redis_url: str, topic: str, data: object) -> None:
+    async with DirectPublisher(redis_url) as direct:
+        await direct.publish(topic, data)
+
+
+def test_subscriber_stops_at_the_end_of_a_closed_topic(face_broker: BrokerProcess) -> None:
+    topic = _topic("end")
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topic, 1, close=True)
+    with Subscriber(topic, face_broker.url, from_earliest=True, give_up_after=10) as sub:
+        seen = list(sub)  # ends by itself
+    assert [(e.event, e.data) for e in seen] == [(None, "1"), ("broker.end", "{}")]
+    # Resuming past the end: the broker answers 204 and the subscriber stops.
+    with Subscriber(topic, face_broker.url, last_event_id=seen[-1].id, give_up_after=10) as sub:
+        assert list(sub) == []
+
+
+async def test_streaming_ingest_stores_each_line_and_a_resend_stores_nothing(
+    face_broker: BrokerProcess,
+) -> None:
+    topic = _topic("ingest")
+
+    async def tokens() -> object:
+        for n in range(5):
+            yield event(f"token {n}", event="token")
+
+    async with AsyncPublisher(face_broker.url) as publisher:
+        first = await publisher.stream(topic, tokens(), idempotency_key="gen-1")  # type: ignore[arg-type]
+        again = await publisher.stream(
+            topic, [event(f"token {n}", event="token") for n in range(5)], idempotency_key="gen-1",
+            close=True,
+        )  # fmt: skip
+    assert first.count == 5 and again.ids == first.ids
+    history = _history(face_broker.url, topic)
+    assert [e["data"] for e in history[:5]] == [f"token {n}" for n in range(5)]
+    assert [e["event"] for e in history[5:]] == ["broker.end"]
+
+
+async def test_direct_publisher_events_are_indistinguishable_on_the_wire(
+    face_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """The same events, once over HTTP and once straight to Redis: the same SSE bytes."""
+    http_topic, direct_topic = _topic("http"), _topic("direct")
+    async with AsyncPublisher(face_broker.url) as publisher:
+        await publisher.publish(http_topic, {"a": [1, 2]}, event="x", retry=500)
+        await publisher.publish_text(http_topic, "two\r\nlines", event="t")
+        await publisher.publish_batch(http_topic, [event(None), event("é")])
+    async with DirectPublisher(redis_server.url) as direct:
+        await direct.publish(direct_topic, {"a": [1, 2]}, event="x", retry=500)
+        await direct.publish_text(direct_topic, "two\r\nlines", event="t")
+        await direct.publish_batch(direct_topic, [event(None), event("é")])
+        replay = await direct.publish(direct_topic, {"a": [1, 2]}, idempotency_key="k1")
+        # An HTTP publish with the direct publisher's key is a replay: one set of records.
+        http_again = httpx.post(
+            f"{face_broker.url}/topics/{direct_topic}/events",
+            json={"data": {"a": [1, 2]}},
+            headers={"Idempotency-Key": "k1"},
+        )
+    assert http_again.status_code == 200 and http_again.json()["id"] == replay.id
+
+    def frames(topic: str) -> list[tuple[str | None, str]]:
+        raw = b""
+        url = f"{face_broker.url}/topics/{topic}/events?from=earliest"
+        with httpx.stream("GET", url, timeout=5) as response:
+            for chunk in response.iter_raw():
+                raw += chunk
+                if len(parse_events(raw)) >= 4:
+                    break
+        # Everything after the id line, byte for byte.
+        blocks = [b for b in raw.split(b"\n\n") if b.startswith(b"id:")][:4]
+        return [(None, b.split(b"\n", 1)[1].decode()) for b in blocks]
+
+    assert frames(direct_topic) == frames(http_topic)
+
+
+def test_sse_decoder_follows_the_standard_across_chunk_boundaries() -> None:
+    decoder = SseDecoder()
+    stream = b": hi\r\nretry: 1500\r\nid: a\r\nevent: x\r\ndata: 1\r\ndata:2\r\n\r\ndata: 3\n\n"
+    events = [e for i in range(len(stream)) for e in decoder.feed(stream[i : i + 1])]
+    assert [(e.id, e.event, e.data) for e in events] == [("a", "x", "1\n2"), ("a", None, "3")]
+    assert decoder.retry_ms == 1500
