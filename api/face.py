@@ -118,13 +118,13 @@ async def stats(request: Request) -> Response:
 
     The rate is read from the topic's log in the store, so it counts every
     instance; subscribers are those of the instance (process) that answers,
-    named in ``instance``. The topics: those named by ``?topic=`` (repeated), then
-    those this instance streams now (a topic with subscribers but no event yet is
-    in no listing).
+    named in ``instance``. The topics: those this instance streams now (a topic with
+    subscribers but no event yet is in no listing), then those named by ``?topic=``.
     """
     broker: Broker = request.app.state.broker
     subscribers = live_subscribers(broker.hub)
-    names = list(dict.fromkeys([*_stats_topics(request), *sorted(subscribers)]))
+    # Those this instance streams first: a long listing must not crowd them out.
+    names = list(dict.fromkeys([*sorted(subscribers), *_stats_topics(request)]))
     await request.app.state.authorizer.prepare(request.scope)
     names = [name for name in names if may_subscribe(request, name)][:MAX_STATS_TOPICS]
     now_ms = time.time() * 1000

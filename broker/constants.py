@@ -90,7 +90,9 @@ CLUSTER_POLL_MAX_MS = 100
 # and identical reads are coalesced.
 REDIS_POOL_SIZE = 8
 REDIS_POOL_WAIT_SECONDS = 5.0
-# Listing topics: SCAN this many keys a call, at most this many calls a page.
+# Listing topics: SCAN about the page's limit of keys a call (within these bounds),
+# at most LIST_SCAN_ROUNDS calls a page.
+LIST_SCAN_MIN_COUNT = 100
 LIST_SCAN_COUNT = 1000
 LIST_SCAN_ROUNDS = 20
 # How long one blocking XREAD waits before it is re-armed anyway (ms).

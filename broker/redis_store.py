@@ -364,11 +364,12 @@ class RedisStreamStore:
         node_index, scan_cursor = int(index), int(position or 0)
         pattern = c.meta_key(prefix + "*")  # broker:{prefix*}:meta
         names: list[str] = []
+        scan_count = min(c.LIST_SCAN_COUNT, max(limit, c.LIST_SCAN_MIN_COUNT))  # ~ limit a page
         for _ in range(c.LIST_SCAN_ROUNDS):
             if node_index >= len(nodes):
                 break
             scan_cursor, keys = await self._call(
-                nodes[node_index].scan(scan_cursor, match=pattern, count=c.LIST_SCAN_COUNT)
+                nodes[node_index].scan(scan_cursor, match=pattern, count=scan_count)
             )
             names += [name for name in map(_topic_of_meta, keys) if name is not None]
             if scan_cursor == 0:
