@@ -126,3 +126,8 @@ def test_the_schedule_stays_small_when_topics_are_noted_many_times() -> None:
     assert len(watch) == 10
     assert len(watch._heap) <= 4 * 10 + 64 + 1
     assert sorted(watch.due(1e9)) == [f"t{n}" for n in range(10)]
+
+
+def test_trimming_waits_for_one_percent_more() -> None:
+    assert Retention(maxlen=100_000).trim_slack == 1000
+    assert Retention(maxlen=50).trim_slack == 1
