@@ -36,13 +36,16 @@ class LogEntry:
     LogEntry between every subscriber of the topic.
     """
 
-    __slots__ = ("_body", "_frame", "_id", "epoch", "fields", "position", "topic")
+    __slots__ = ("_body", "_frame", "_id", "epoch", "fields", "is_control", "position", "topic")
 
     def __init__(self, topic: str, position: StreamPosition, fields: dict[bytes, bytes]) -> None:
         self.topic = topic
         self.position = position
         self.fields = fields
         self.epoch = fields.get(c.FIELD_EPOCH, b"").decode() or "?"
+        # The end of a closed topic, or a deleted topic's marker. Decided once here:
+        # every subscriber's fast path asks (the entry is shared by all of them).
+        self.is_control = fields.get(c.FIELD_EVENT, b"").startswith(b"broker.")
         self._body: bytes | None = None
         self._frame: bytes | None = None
         self._id: EventId | None = None
@@ -72,12 +75,6 @@ class LogEntry:
     def event_type(self) -> str | None:
         raw = self.fields.get(c.FIELD_EVENT)
         return raw.decode() if raw else None
-
-    @property
-    def is_control(self) -> bool:
-        """The end of a closed topic, or a deleted topic's marker."""
-        raw = self.fields.get(c.FIELD_EVENT)
-        return raw is not None and raw.startswith(b"broker.")
 
     @property
     def is_json(self) -> bool:
