@@ -10,27 +10,22 @@ tmp dir.
 
 from __future__ import annotations
 
-import base64
 import http.server
 import json
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from websockets.sync.client import ClientConnection, connect
 
-from tests.e2e.clients import CHROMIUM_FLAGS, chromium_executable
-from tests.e2e.procs import ManagedProcess, tail
 from tests.support.broker_process import BrokerProcess
+from tests.support.chromium import Chromium
 from tests.support.polling import wait_until
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer
 from tests.support.tokens import SECRET, claims, hs_token
 
 pytestmark = pytest.mark.e2e  # needs Chromium: not in make test-fast
@@ -89,90 +84,18 @@ def static_site() -> Iterator[str]:
         thread.join(timeout=5)
 
 
-class Browser:
-    """Headless Chromium with one page, driven over the DevTools protocol."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.debug_port = free_port()
-        self.profile = Path(tempfile.mkdtemp(prefix="chromium-cors-"))
-        args = [
-            chromium_executable(),
-            *CHROMIUM_FLAGS,
-            f"--user-data-dir={self.profile}",
-            f"--remote-debugging-port={self.debug_port}",
-            "about:blank",
-        ]
-        self.process = ManagedProcess("chromium", args, workdir / "chromium.log")
-        self._exits = ExitStack()
-        self._socket: ClientConnection | None = None
-        self._next_id = 0
-
-    def start(self) -> Browser:
-        self.process.start()
-        target = wait_until(self._page_target, timeout=30, what="Chromium's DevTools page")
-        self._socket = self._exits.enter_context(connect(target, max_size=None, open_timeout=10))
-        return self
-
-    def _page_target(self) -> str | None:
-        if not self.process.running:
-            raise AssertionError(f"chromium exited\n{tail(self.process.log_path)}")
-        try:
-            targets = httpx.get(f"http://127.0.0.1:{self.debug_port}/json/list", timeout=1).json()
-        except (httpx.HTTPError, ValueError):
-            return None
-        pages = [t for t in targets if t.get("type") == "page"]
-        return str(pages[0]["webSocketDebuggerUrl"]) if pages else None
-
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
-        assert self._socket is not None
-        self._next_id += 1
-        self._socket.send(json.dumps({"id": self._next_id, "method": method, "params": params}))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            message = json.loads(self._socket.recv(timeout=max(0.0, deadline - time.monotonic())))
-            if message.get("id") != self._next_id:
-                continue
-            if "error" in message:
-                raise AssertionError(f"DevTools {method} failed: {message['error']}")
-            return dict(message["result"])
-        raise TimeoutError(f"DevTools did not answer {method} in 10s")
-
-    def evaluate(self, expression: str) -> Any:
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise AssertionError(f"page script failed: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    def open(self, url: str) -> None:
-        self.call("Page.navigate", url=url)
-        origin = url.split("/", 3)[:3]
-        wait_until(
-            lambda: (
-                self.evaluate("[location.origin, document.readyState]")
-                == ["/".join(origin), "complete"]
-            ),
-            timeout=15,
-            what=f"the page {url}",
-        )
+class Browser(Chromium):
+    """Chromium on the page above: what the page logged, and artifacts of the test."""
 
     def log(self) -> list[dict[str, Any]]:
         return list(self.evaluate("window.__log"))
 
     def keep(self, name: str) -> None:
         """A screenshot and the DOM, as artifacts of the test."""
-        shot = self.call("Page.captureScreenshot", format="png")
-        (self.workdir / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
+        self.screenshot(name)
         (self.workdir / f"{name}.html").write_text(
             str(self.evaluate("document.documentElement.outerHTML"))
         )
-
-    def close(self) -> None:
-        try:
-            self._exits.close()
-        finally:
-            self.process.close()
-            shutil.rmtree(self.profile, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -202,8 +125,7 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
 
 
 def _with_cookie(browser: Browser, broker: BrokerProcess, token: str) -> None:
-    browser.call("Network.enable")
-    browser.call("Network.setCookie", name="broker_token", value=token, url=broker.url)
+    browser.set_cookie("broker_token", token, broker.url)
 
 
 def _publish_from_outside(broker: BrokerProcess, topic: str, data: str) -> str:
@@ -227,7 +149,7 @@ def test_a_listed_origin_subscribes_and_publishes_with_the_cookie(
 ) -> None:
     topic = f"cors-{time.time_ns()}"
     _with_cookie(browser, cors_broker, hs_token(claims(publish=[topic], subscribe=[topic])))
-    browser.open(f"{sites[0]}/page.html")
+    browser.navigate(f"{sites[0]}/page.html")
     browser.evaluate(f"subscribe({json.dumps(f'{cors_broker.url}/topics/{topic}/events')})")
     wait_until(lambda: {"kind": "open"} in browser.log(), timeout=15, what="the stream to open")
     event_id = _publish_from_outside(cors_broker, topic, "from-outside")
@@ -262,7 +184,7 @@ def test_an_origin_not_listed_gets_nothing(
     EventSource gives up (readyState 2) without an event."""
     topic = f"cors-{time.time_ns()}"
     _with_cookie(browser, cors_broker, hs_token(claims(publish=[topic], subscribe=[topic])))
-    browser.open(f"{sites[1]}/page.html")
+    browser.navigate(f"{sites[1]}/page.html")
     browser.evaluate(f"subscribe({json.dumps(f'{cors_broker.url}/topics/{topic}/events')})")
     try:
         wait_until(
@@ -289,7 +211,7 @@ def test_a_listed_origin_without_a_token_is_refused(
 ) -> None:
     """No cookie: 401, which EventSource treats as final (readyState 2)."""
     topic = f"cors-{time.time_ns()}"
-    browser.open(f"{sites[0]}/page.html")
+    browser.navigate(f"{sites[0]}/page.html")
     browser.evaluate(f"subscribe({json.dumps(f'{cors_broker.url}/topics/{topic}/events')})")
     try:
         wait_until(

@@ -10,19 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import tempfile
-import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
-from websockets.sync.client import ClientConnection, connect
-
-from tests.e2e.procs import ManagedProcess, tail
-from tests.support.polling import wait_until
-from tests.support.redis_server import free_port
+from tests.e2e.procs import ManagedProcess
+from tests.support.chromium import Chromium
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 Record = dict[str, Any]
@@ -94,19 +87,6 @@ class NodeEventSourceClient:
         self.process.close()
 
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--remote-debugging-address=127.0.0.1",
-]
-
 # Runs in a page of the load balancer's origin, so the stream is same-origin.
 SUBSCRIBE_SCRIPT = """
 (() => {
@@ -125,13 +105,6 @@ SUBSCRIBE_SCRIPT = """
 """
 
 
-def chromium_executable() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        raise RuntimeError("chromium is missing: run `make test` (it installs it)")
-    return found
-
-
 class ChromiumEventSourceClient:
     """Headless Chromium's own EventSource, driven over the DevTools protocol."""
 
@@ -139,79 +112,21 @@ class ChromiumEventSourceClient:
         self.name = name
         self.origin = origin
         self.path = path
-        self.debug_port = free_port()
-        self.profile = Path(tempfile.mkdtemp(prefix="chromium-e2e-"))
-        args = [
-            chromium_executable(),
-            *CHROMIUM_FLAGS,
-            f"--user-data-dir={self.profile}",
-            f"--remote-debugging-port={self.debug_port}",
-            "about:blank",
-        ]
-        self.process = ManagedProcess(name, args, workdir / f"{name}.log")
+        self.browser = Chromium(workdir, name=name)
         self.records: list[Record] = []
-        self._socket: ClientConnection | None = None
-        self._exit_stack = ExitStack()
-        self._next_id = 0
 
     def start(self) -> None:
-        self.process.start()
-        target = wait_until(self._page_target, timeout=30, what="Chromium's DevTools page")
-        assert target is not None
-        # Entered as a context manager, as websockets wants; closed by close().
-        self._socket = self._exit_stack.enter_context(
-            connect(target, max_size=None, open_timeout=10)
-        )
+        self.browser.start()
         # Any page of the broker's origin will do; /healthz is the one every deployment has.
-        self._call("Page.navigate", url=f"{self.origin}/healthz")
-        wait_until(self._loaded, timeout=15, what="Chromium to load the broker's origin")
-        self._evaluate(SUBSCRIBE_SCRIPT % json.dumps(self.path))
-
-    def _page_target(self) -> str | None:
-        if not self.process.running:
-            raise AssertionError(f"chromium exited\n{tail(self.process.log_path)}")
-        try:
-            targets = httpx.get(f"http://127.0.0.1:{self.debug_port}/json/list", timeout=1).json()
-        except (httpx.HTTPError, ValueError):
-            return None
-        pages = [t for t in targets if t.get("type") == "page"]
-        return str(pages[0]["webSocketDebuggerUrl"]) if pages else None
-
-    def _loaded(self) -> bool:
-        state = self._evaluate("[location.origin, document.readyState]")
-        return bool(state == [self.origin, "complete"])
-
-    def _call(self, method: str, **params: Any) -> dict[str, Any]:
-        assert self._socket is not None
-        self._next_id += 1
-        call_id = self._next_id
-        self._socket.send(json.dumps({"id": call_id, "method": method, "params": params}))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            message = json.loads(self._socket.recv(timeout=max(0.0, deadline - time.monotonic())))
-            if message.get("id") != call_id:
-                continue  # an event of a domain we did not enable: not an answer
-            if "error" in message:
-                raise AssertionError(f"DevTools {method} failed: {message['error']}")
-            return dict(message["result"])
-        raise TimeoutError(f"DevTools did not answer {method} in 10s")
-
-    def _evaluate(self, expression: str) -> Any:
-        result = self._call("Runtime.evaluate", expression=expression, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise AssertionError(f"page script failed: {result['exceptionDetails']}")
-        return result["result"].get("value")
+        self.browser.navigate(f"{self.origin}/healthz")
+        self.browser.evaluate(SUBSCRIBE_SCRIPT % json.dumps(self.path))
 
     def poll(self) -> None:
-        fresh = self._evaluate(f"window.__log.slice({len(self.records)})")
+        fresh = self.browser.evaluate(f"window.__log.slice({len(self.records)})")
         self.records += fresh
 
     def ready_state(self) -> int | None:
-        return int(self._evaluate("window.__source.readyState"))
+        return int(self.browser.evaluate("window.__source.readyState"))
 
     def close(self) -> None:
-        try:
-            self._exit_stack.close()
-        finally:
-            self.process.close()
-            shutil.rmtree(self.profile, ignore_errors=True)
+        self.browser.close()

@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 
 from brokerclient import Publisher
-from tests.face.chromium import Chromium
 from tests.support.broker_process import BrokerProcess
+from tests.support.chromium import Chromium
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Chromium]:
-    with Chromium(tmp_path) as chromium:
+    with Chromium(tmp_path, window=(1400, 900), enable=("Page", "Network", "Runtime")) as chromium:
         yield chromium
 
 

@@ -1,9 +1,11 @@
-"""Headless Chromium driven over the DevTools protocol, recording every request a page makes.
+"""The suite's one headless Chromium, driven over the DevTools protocol (CDP).
 
-The suite's other Chromium client (tests/e2e/clients.py) runs one EventSource;
-the face's tests need pages: navigate, reload, click, evaluate, screenshot, and
-the URL of each network request (``Network.requestWillBeSent``), to prove that
-nothing leaves 127.0.0.1.
+One browser with one page: launch it on a profile of its own and a free DevTools
+port, find the page's target over HTTP, talk to it on one websocket. Its users:
+the browser's own EventSource in the failover tests (tests/e2e/clients.py), CORS
+with cookies (tests/browser), and the face's pages (tests/face), which also read
+the URL of every request a page makes (``Network.requestWillBeSent``) to prove
+that nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -15,56 +17,94 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 from websockets.sync.client import ClientConnection, connect
 
-from tests.e2e.clients import CHROMIUM_FLAGS, chromium_executable
 from tests.e2e.procs import ManagedProcess, tail
 from tests.support.polling import wait_until
 from tests.support.redis_server import free_port
 
-CALL_TIMEOUT = 15.0
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--remote-debugging-address=127.0.0.1",
+]
+CALL_TIMEOUT = 15.0  # one DevTools command, answered
+START_TIMEOUT = 30.0  # the browser up and its page target listed
+LOAD_TIMEOUT = 15.0  # a page loaded, or a page condition come true
+
+
+def chromium_executable() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        raise RuntimeError("chromium is missing: run `make test` (it installs it)")
+    return found
 
 
 class Chromium:
-    """One headless Chromium with one page; ``close()`` it (a context manager does)."""
+    """One headless Chromium with one page; ``close()`` it (a context manager does).
 
-    def __init__(self, workdir: Path) -> None:
+    Its output goes to ``workdir/<name>.log``; screenshots go to ``workdir``.
+    ``enable`` names the CDP domains whose events to receive from the start
+    (``Network`` fills ``requests``, ``Runtime`` fills ``console``).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        name: str = "chromium",
+        window: tuple[int, int] | None = None,
+        enable: tuple[str, ...] = (),
+    ) -> None:
         self.workdir = workdir
+        self.enable = enable
         self.debug_port = free_port()
-        self.profile = Path(tempfile.mkdtemp(prefix="chromium-face-"))
+        self.profile = Path(tempfile.mkdtemp(prefix=f"{name}-profile-"))
+        size = [f"--window-size={window[0]},{window[1]}"] if window else []
         args = [
             chromium_executable(),
             *CHROMIUM_FLAGS,
-            "--window-size=1400,900",
+            *size,
             f"--user-data-dir={self.profile}",
             f"--remote-debugging-port={self.debug_port}",
             "about:blank",
         ]
-        self.process = ManagedProcess("chromium", args, workdir / "chromium.log")
+        self.process = ManagedProcess(name, args, workdir / f"{name}.log")
         self.requests: list[str] = []
         self.console: list[str] = []
         self._socket: ClientConnection | None = None
         self._exit_stack = ExitStack()
         self._next_id = 0
 
-    def __enter__(self) -> Chromium:
-        self.start()
-        return self
+    def __enter__(self) -> Self:
+        return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def start(self) -> None:
+    def start(self) -> Self:
         self.process.start()
-        target = wait_until(self._page_target, timeout=30, what="Chromium's DevTools page")
+        target = wait_until(
+            self._page_target, timeout=START_TIMEOUT, what="Chromium's DevTools page"
+        )
+        assert target is not None  # wait_until returns only what is truthy
+        # Entered as a context manager, as websockets wants; closed by close().
         self._socket = self._exit_stack.enter_context(
             connect(target, max_size=None, open_timeout=10)
         )
-        for domain in ("Page", "Network", "Runtime"):
+        for domain in self.enable:
             self.call(f"{domain}.enable")
+        return self
 
     def _page_target(self) -> str | None:
         if not self.process.running:
@@ -83,15 +123,29 @@ class Chromium:
         call_id = self._next_id
         self._socket.send(json.dumps({"id": call_id, "method": method, "params": params}))
         deadline = time.monotonic() + CALL_TIMEOUT
-        while time.monotonic() < deadline:
-            message = json.loads(self._socket.recv(timeout=max(0.0, deadline - time.monotonic())))
-            if message.get("id") != call_id:
-                self._record(message)
-                continue
-            if "error" in message:
-                raise AssertionError(f"DevTools {method} failed: {message['error']}")
-            return dict(message.get("result", {}))
-        raise TimeoutError(f"DevTools did not answer {method} in {CALL_TIMEOUT}s")
+        reply = wait_until(
+            lambda: self._reply(call_id, deadline),
+            timeout=CALL_TIMEOUT,
+            what=f"DevTools to answer {method}",
+            interval=0,  # each try blocks on the socket until a message or the deadline
+        )
+        assert reply is not None  # wait_until returns only what is truthy
+        if "error" in reply:
+            raise AssertionError(f"DevTools {method} failed: {reply['error']}")
+        return dict(reply.get("result", {}))
+
+    def _reply(self, call_id: int, deadline: float) -> dict[str, Any] | None:
+        """The next message if it answers ``call_id``; an event is recorded, and None."""
+        assert self._socket is not None
+        try:
+            raw = self._socket.recv(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            return None
+        message: dict[str, Any] = json.loads(raw)
+        if message.get("id") == call_id:
+            return message
+        self._record(message)
+        return None
 
     def _record(self, message: dict[str, Any]) -> None:
         method, params = message.get("method"), message.get("params", {})
@@ -103,6 +157,7 @@ class Chromium:
             self.console.append(f"exception: {params['exceptionDetails'].get('text')}")
 
     def evaluate(self, expression: str) -> Any:
+        """The expression's value in the page (a promise's, once it settles)."""
         result = self.call(
             "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
         )
@@ -110,13 +165,14 @@ class Chromium:
             raise AssertionError(f"page script failed: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    def wait_for(self, expression: str, *, timeout: float = 15, what: str = "") -> Any:
+    def wait_for(self, expression: str, *, timeout: float = LOAD_TIMEOUT, what: str = "") -> Any:
         """Poll a page expression until it is truthy (and return it)."""
         return wait_until(
             lambda: self.evaluate(expression), timeout=timeout, what=what or expression
         )
 
     def navigate(self, url: str) -> None:
+        """Open ``url`` in the page and wait until it has loaded."""
         self.call("Page.navigate", url=url)
         self.wait_for(
             f"location.href === {json.dumps(url)} && document.readyState === 'complete'",
@@ -135,7 +191,13 @@ class Chromium:
     def run_on_every_load(self, source: str) -> None:
         self.call("Page.addScriptToEvaluateOnNewDocument", source=source)
 
+    def set_cookie(self, name: str, value: str, url: str) -> None:
+        """A cookie for ``url``, sent by every request the page makes there."""
+        self.call("Network.enable")
+        self.call("Network.setCookie", name=name, value=value, url=url)
+
     def screenshot(self, name: str) -> Path:
+        """The page as ``workdir/<name>.png``."""
         data = self.call("Page.captureScreenshot", format="png")["data"]
         path = self.workdir / f"{name}.png"
         path.write_bytes(base64.b64decode(data))
