@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
-from tests.e2e.procs import ManagedProcess, http_status, tail
 from tests.support.polling import wait_until
+from tests.support.procs import ManagedProcess, http_status, tail
 from tests.support.redis_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.procs import ManagedProcess, http_status, tail
 from tests.support.polling import wait_until
+from tests.support.procs import ManagedProcess, http_status, tail
 from tests.support.redis_server import free_port
 
 # Short heartbeats keep idle streams visibly alive through the load balancers'

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from tests.e2e.procs import ManagedProcess
 from tests.support.chromium import Chromium
+from tests.support.procs import ManagedProcess
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 Record = dict[str, Any]

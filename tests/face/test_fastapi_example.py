@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from brokerclient import Subscriber
-from tests.e2e.procs import ManagedProcess, http_status, tail
 from tests.support.polling import wait_until
+from tests.support.procs import ManagedProcess, http_status, tail
 from tests.support.redis_server import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,8 +22,8 @@ from typing import Any, Self
 import httpx
 from websockets.sync.client import ClientConnection, connect
 
-from tests.e2e.procs import ManagedProcess, tail
 from tests.support.polling import wait_until
+from tests.support.procs import ManagedProcess, tail
 from tests.support.redis_server import free_port
 
 CHROMIUM_FLAGS = [
