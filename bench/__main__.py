@@ -20,7 +20,7 @@ from typing import Any
 
 import uvloop
 
-from bench import nchan, servers, threeway
+from bench import gc_compare, nchan, servers, threeway
 from bench.config import SCENARIOS, sizes_for
 from bench.loadgen import LoadGenerators
 from bench.measure import Outcome
@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also measure the broker with authorization on (HS256), side by side",
     )
     parser.add_argument(
+        "--gc-compare",
+        action="store_true",
+        help="also measure the broker with CPython's GC defaults (BROKER_GC_TUNING=false)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="py-spy the server workers (flame graphs by --json)"
     )
     return parser.parse_args(argv)
@@ -71,6 +76,8 @@ def chosen_targets(args: argparse.Namespace) -> list[servers.Target]:
         targets.append(servers.BROKER)
         if args.auth:
             targets.append(servers.BROKER_AUTH)
+        if args.gc_compare:
+            targets.append(gc_compare.BROKER_GC_DEFAULT)
     if not args.skip_baseline:
         targets.append(servers.BASELINE)
     if not args.skip_nchan:
