@@ -62,7 +62,7 @@ class Pacer:
             client = self.idle.pop() if self.idle else await self._connect()
             (body,) = self.encode([{"t": time.time_ns()}])
             status, _ = await client.request(post_request(self.host, self.port, self.path, body))
-        except (OSError, ConnectionError):
+        except (OSError, ConnectionError, RuntimeError):  # uvloop: write on a closed transport
             self.failed += 1
             return
         finally:
