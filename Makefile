@@ -33,7 +33,7 @@ $(NODE_STAMP): tests/e2e/node/package.json
 	touch $(NODE_STAMP)
 
 system-tools:
-	bash scripts/ensure-system-tools.sh redis-server nginx haproxy chromium
+	bash scripts/ensure-system-tools.sh redis-server nginx haproxy chromium nchan
 
 run: $(STAMP)
 	$(BIN)/broker serve
@@ -63,7 +63,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix broker api tests bench deploy
 
 bench: $(STAMP)
-	bash scripts/ensure-system-tools.sh redis-server
+	bash scripts/ensure-system-tools.sh redis-server nginx nchan
 	$(BIN)/python -m bench
 
 deploy-check: $(STAMP)

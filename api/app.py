@@ -22,6 +22,7 @@ from api import face, routes
 from api.auth import Authorizer, redact_tokens
 from api.connections import APP_STATE_KEY
 from api.cors import CorsPolicy, adding_headers, cors_headers
+from api.gc_tuning import tune_gc
 from api.lifecycle import drain_on_shutdown_signals
 from api.metrics import PrometheusObserver, render_metrics
 from api.openapi import openapi_document
@@ -66,6 +67,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         streams = OpenStreams()
         await broker.start()
         app.state.broker, app.state.streams, app.state.settings = broker, streams, settings
+        if settings.gc_tuning:
+            tune_gc()
         restore_signals = drain_on_shutdown_signals(streams.drain)
         try:
             yield {APP_STATE_KEY: app}  # for api.connections, which serves streams lean

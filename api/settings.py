@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     max_connections: int = Field(c.DEFAULT_MAX_CONNECTIONS, ge=1)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
+    # Tune Python's garbage collector for many connections (api/gc_tuning.py); off gives
+    # CPython's defaults, for comparison.
+    gc_tuning: bool = True
     # Authorization: on when one of the three key settings is set.
     jwt_secret: SecretStr | None = None
     jwt_public_key: str | None = None

@@ -20,7 +20,7 @@ from typing import Any
 
 import uvloop
 
-from bench import servers
+from bench import gc_compare, nchan, servers, threeway
 from bench.config import SCENARIOS, sizes_for
 from bench.loadgen import LoadGenerators
 from bench.measure import Outcome
@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-baseline", action="store_true", help="measure the broker only")
     parser.add_argument("--skip-broker", action="store_true", help="measure the baseline only")
     parser.add_argument(
+        "--skip-nchan", action="store_true", help="leave out Nchan (nginx + libnginx-mod-nchan)"
+    )
+    parser.add_argument(
         "--quiet-wait",
         type=float,
         default=None,
@@ -57,6 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also measure the broker with authorization on (HS256), side by side",
     )
     parser.add_argument(
+        "--gc-compare",
+        action="store_true",
+        help="also measure the broker with CPython's GC defaults (BROKER_GC_TUNING=false)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="py-spy the server workers (flame graphs by --json)"
     )
     return parser.parse_args(argv)
@@ -68,8 +76,12 @@ def chosen_targets(args: argparse.Namespace) -> list[servers.Target]:
         targets.append(servers.BROKER)
         if args.auth:
             targets.append(servers.BROKER_AUTH)
+        if args.gc_compare:
+            targets.append(gc_compare.BROKER_GC_DEFAULT)
     if not args.skip_baseline:
         targets.append(servers.BASELINE)
+    if not args.skip_nchan:
+        targets.append(nchan.NCHAN)
     return targets
 
 
@@ -131,6 +143,10 @@ async def run_all(args: argparse.Namespace, log_dir: Path) -> tuple[Results, lis
         errors.append(f"broker: {missing}")
         say(missing)
         targets = [t for t in targets if not t.is_broker]
+    if nchan.NCHAN in targets and (missing := nchan.missing()):
+        errors.append(f"nchan: {missing}")
+        say(missing)
+        targets.remove(nchan.NCHAN)
     try:
         # Scenario by scenario, so auth on and off are measured one after the other.
         for name in scenarios:
@@ -159,6 +175,8 @@ def sizes_notes(args: argparse.Namespace) -> dict[str, dict[str, str]]:
         notes["idle"] = f"(N={baseline.idle_subscribers:,})"
     if baseline.fanout_subscribers != broker.fanout_subscribers:
         notes["fanout"] = f"(N={baseline.fanout_subscribers:,})"
+    if baseline.broadcast_subscribers != broker.broadcast_subscribers:
+        notes["broadcast"] = f"(N={baseline.broadcast_subscribers:,})"
     if baseline.storm_clients != broker.storm_clients:
         notes["storm"] = f"(N={baseline.storm_clients:,})"
     return {"baseline": notes}
@@ -166,6 +184,9 @@ def sizes_notes(args: argparse.Namespace) -> dict[str, dict[str, str]]:
 
 def document(args: argparse.Namespace, results: Results, errors: list[str]) -> dict[str, Any]:
     targets = [t.name for t in chosen_targets(args)]
+    table = rows(results, sizes_notes(args))
+    if "nchan" in targets:
+        threeway.add_nchan(table, results)
     return {
         "meta": {
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -174,7 +195,7 @@ def document(args: argparse.Namespace, results: Results, errors: list[str]) -> d
             "python": platform.python_version(),
             "sizes": {t: dataclasses.asdict(sizes_for(t, args.quick)) for t in targets},
         },
-        "table": rows(results, sizes_notes(args)),
+        "table": table,
         "auth_table": auth_rows(results),
         "results": results,
         "errors": errors,
@@ -182,7 +203,8 @@ def document(args: argparse.Namespace, results: Results, errors: list[str]) -> d
 
 
 def print_summary(doc: dict[str, Any], json_path: Path) -> None:
-    print(render_table(doc["table"]))
+    three_way = any("nchan" in row for row in doc["table"])
+    print((threeway.render if three_way else render_table)(doc["table"]))
     if doc["auth_table"]:
         print()
         print(render_auth_table(doc["auth_table"]))

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Literal
 
-SCENARIOS = ("publish-single", "publish-batch", "fanout", "storm", "idle")
+SCENARIOS = ("publish-single", "publish-batch", "fanout", "broadcast", "storm", "idle")
 LOADGEN_SATURATED = 0.9  # of one core, per load-generator process
 MACHINE_CORES = os.cpu_count() or 1
 
@@ -20,6 +20,10 @@ class Sizes:
     fanout_seconds: float = 15.0
     fanout_sampled: int = 50  # subscribers that parse every event to record latency
     fanout_sweep_s: float = 0.05  # how often the other subscribers' sockets are read
+    # The large-audience case (issue 13): few events, each to very many idle subscribers.
+    broadcast_subscribers: int = 15_000
+    broadcast_rate: float = 2.0
+    broadcast_events: int = 20
     idle_subscribers: int = 10_000
     publish_connections: int = 8
     publish_seconds: float = 10.0
@@ -38,6 +42,9 @@ QUICK = Sizes(
     fanout_rate=50,
     fanout_seconds=1.5,
     fanout_sampled=5,
+    broadcast_subscribers=30,
+    broadcast_rate=4.0,
+    broadcast_events=4,
     idle_subscribers=100,
     publish_seconds=1.0,
     storm_clients=40,
@@ -52,7 +59,7 @@ def sizes_for(target: str, quick: bool) -> Sizes:
     default maxclients, so it is measured idle with fewer."""
     sizes = QUICK if quick else FULL
     if target == "baseline" and not quick:
-        return replace(sizes, idle_subscribers=2000)
+        return replace(sizes, idle_subscribers=2000, broadcast_subscribers=2000)
     return sizes
 
 
@@ -88,6 +95,14 @@ FIGURES = (
     Figure("fanout", "latency_p50_ms", "fanout: latency p50 ms", "lower"),
     Figure("fanout", "latency_p99_ms", "fanout: latency p99 ms", "lower", 100.0),
     Figure("fanout", "latency_max_ms", "fanout: latency max ms", "lower"),
+    Figure("broadcast", "deliveries_per_s", "broadcast: deliveries/s", "higher", digits=0),
+    Figure("broadcast", "delivered_pct", "broadcast: events delivered %", "higher", 100.0, 2),
+    Figure(
+        "broadcast", "cpu_us_per_delivery", "broadcast: server CPU us/delivery", "lower", digits=2
+    ),
+    Figure("broadcast", "latency_p50_ms", "broadcast: latency p50 ms", "lower"),
+    Figure("broadcast", "latency_p99_ms", "broadcast: latency p99 ms", "lower"),
+    Figure("broadcast", "latency_max_ms", "broadcast: latency max ms", "lower"),
     Figure("publish-single", "events_per_s", "publish single: events/s", "higher", 6500, 0),
     Figure("publish-batch", "events_per_s", "publish batch: events/s", "higher", 100_000, 0),
     Figure("idle", "kb_per_subscriber", "idle: server memory KB/subscriber", "lower", 8.0, 2),

@@ -16,9 +16,10 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import jwt
+import orjson
 import redis
 
 from tests.support.redis_server import RedisServer, free_port
@@ -69,6 +70,17 @@ class Target:
         if not self.auth:
             return path
         return f"{path}{'&' if '?' in path else '?'}access_token={bench_token()}"
+
+    def publish_bodies(self, events: list[Any]) -> list[bytes]:
+        """Request bodies that publish `events` (each one event's `data`), in order: the
+        broker and the baseline take them all in one POST (a JSON array for several)."""
+        if len(events) == 1:
+            return [orjson.dumps({"data": events[0]})]
+        return [orjson.dumps([{"data": event} for event in events])]
+
+    def published_id(self, body: bytes) -> str:
+        """The id of the (last) event a publish answer acknowledges."""
+        return str(orjson.loads(body)["id"])
 
 
 def bench_token() -> str:

@@ -53,6 +53,10 @@ DELETED_EVENT = "broker.deleted"
 ``deleted`` gap and end. It lingers DELETED_LINGER_MS for every live reader to see."""
 DELETED_LINGER_MS = 60_000
 
+# The edge's garbage-collector thresholds (generations 0, 1, 2; CPython's are 700, 10, 10):
+# why and what they measured is in api/gc_tuning.py.
+GC_THRESHOLDS = (50_000, 20, 20)
+
 # Defaults of the settings (the HTTP edge reads BROKER_* into these).
 DEFAULT_RETENTION_MAXLEN = 100_000
 DEFAULT_IDEMPOTENCY_SECONDS = 3600

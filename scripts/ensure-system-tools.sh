@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the real components the suite runs are on this machine:
 # redis-server (all Redis tests), nginx and haproxy (the load balancers of the
-# end-to-end suite) and chromium (its browser EventSource client).
+# end-to-end suite), chromium (its browser EventSource client) and nchan (nginx's
+# Nchan module, the peer `make bench` compares the broker with; a module, not a command).
 # Installs them from Debian's packages when we can (root + apt-get); otherwise
 # stops and says exactly what to install.
 set -euo pipefail
@@ -11,13 +12,20 @@ declare -A package_of=(
   [nginx]=nginx
   [haproxy]=haproxy
   [chromium]=chromium
+  [nchan]=libnginx-mod-nchan
+)
+# Tools that are files rather than commands on the PATH.
+declare -A file_of=(
+  [nchan]=/usr/lib/nginx/modules/ngx_nchan_module.so
 )
 wanted=("$@")
 [ ${#wanted[@]} -eq 0 ] && wanted=(redis-server nginx haproxy chromium)
 
 missing=()
 for tool in "${wanted[@]}"; do
-  if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
+  if [ -n "${file_of[$tool]:-}" ]; then
+    [ -e "${file_of[$tool]}" ] || missing+=("${package_of[$tool]}")
+  elif ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then
     missing+=("${package_of[$tool]}")
   fi
 done

@@ -15,7 +15,7 @@ RUN_TIMEOUT_S = 100
 def test_quick_bench_run_reports_every_figure_as_a_number(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--json", str(output)],
+        [sys.executable, "-m", "bench", "--quick", "--skip-nchan", "--json", str(output)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -25,7 +25,7 @@ def test_quick_bench_run_reports_every_figure_as_a_number(tmp_path: Path) -> Non
     document = json.loads(output.read_text())
     assert document["errors"] == []
     assert {row["scenario"] for row in document["table"]} == {
-        "fanout", "publish-single", "publish-batch", "idle", "storm",
+        "fanout", "broadcast", "publish-single", "publish-batch", "idle", "storm",
     }  # fmt: skip
     for row in document["table"]:
         for target in ("broker", "baseline"):
@@ -37,7 +37,15 @@ def test_quick_bench_run_reports_every_figure_as_a_number(tmp_path: Path) -> Non
 
 def test_quick_auth_comparison_reports_auth_on_and_off(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "bench", "--quick", "--auth", "--skip-baseline"]
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--quick",
+        "--auth",
+        "--skip-baseline",
+        "--skip-nchan",
+    ]
     command += ["--only", "publish-single", "--json", str(output)]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert run.returncode == 0, run.stdout + run.stderr
