@@ -20,16 +20,16 @@ from typing import Any
 
 import uvloop
 
-from bench import servers
-from bench.config import SCENARIOS, sizes_for
+from bench import lifecycle_scenarios, scenarios, servers
+from bench.config import BROKER_ONLY, SCENARIOS, server_env, sizes_for
 from bench.loadgen import LoadGenerators
 from bench.measure import Outcome
 from bench.procstats import other_load, raise_open_files_limit
 from bench.profiling import Profiler
 from bench.progress import say
 from bench.report import Results, render_table, rows, write_json
-from bench.scenarios import SCENARIO_FUNCTIONS
 
+SCENARIO_FUNCTIONS = scenarios.SCENARIO_FUNCTIONS | lifecycle_scenarios.SCENARIO_FUNCTIONS
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 SCENARIO_TIMEOUT_S = {True: 90.0, False: 240.0}
 QUIET_WAIT_S = {True: 0.0, False: 10.0}
@@ -81,7 +81,7 @@ async def run_scenario(
         args.quiet_wait if args.quiet_wait is not None else QUIET_WAIT_S[args.quick]
     )
     say(f"{target.name}: {name}: starting redis-server and the server")
-    server = servers.start(target, log_dir)
+    server = servers.start(target, log_dir, server_env(name, sizes))
     profiler = (
         Profiler(server.pid, args.json.parent, f"{target.name}-{name}") if args.profile else None
     )
@@ -117,7 +117,7 @@ def _outcome_dict(outcome: Outcome) -> dict[str, Any]:
 async def run_all(args: argparse.Namespace, log_dir: Path) -> tuple[Results, list[str]]:
     results: Results = {}
     errors: list[str] = []
-    scenarios = args.only or list(SCENARIOS)
+    chosen = args.only or list(SCENARIOS)
     targets = chosen_targets(args)
     pool = LoadGenerators(max(sizes_for(t.name, args.quick).loadgen_processes for t in targets))
     try:
@@ -126,7 +126,10 @@ async def run_all(args: argparse.Namespace, log_dir: Path) -> tuple[Results, lis
                 errors.append(f"broker: {missing}")
                 say(missing)
                 continue
-            for name in scenarios:
+            for name in chosen:
+                if target is servers.BASELINE and name in BROKER_ONLY:
+                    say(f"baseline: {name}: not run (the baseline cannot close a topic)")
+                    continue
                 try:
                     outcome = await run_scenario(target, name, pool, args, log_dir)
                 except Exception as error:

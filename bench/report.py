@@ -52,6 +52,7 @@ def rows(results: Results, sizes_note: dict[str, dict[str, str]]) -> list[dict[s
                 "target_text": figure.target_text(),
                 "met": None if broker is None else figure.met(broker),
                 "digits": figure.digits,
+                "baseline_measured": figure.baseline,
             }
         )
     return table
