@@ -40,45 +40,212 @@ def topic_of(key: bytes) -> str:
     return key[_LOG_KEY_HEAD:-_LOG_KEY_TAIL].decode()
 
 
-class LiveReader:
-    """One blocking XREAD at a time on a connection of its own, which it can interrupt."""
+class _Lane:
+    """Some of the live topics, read by one blocking XREAD on a connection of its own.
 
-    def __init__(self, reader: redis.Redis, commands: redis.Redis) -> None:
+    Its read outlives the ``LiveReader.read`` call that armed it: it is re-armed
+    only when it returned, or when the keys or positions it should name changed.
+    """
+
+    __slots__ = ("armed", "client", "client_id", "keys", "task")
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.client_id: int | None = None
+        self.keys: set[str] = set()
+        self.armed: dict[str, str] = {}  # what the running read names, and from where
+        self.task: asyncio.Task[Any] | None = None
+
+
+class LiveReader:
+    """The live topics spread over lanes, each one blocking XREAD at a time on a
+    connection of its own, which it can interrupt.
+
+    One XREAD over every live topic would have to be re-sent whole, every key
+    named again, each time a topic comes or an event wakes it: with thousands of
+    topics coming and going that is most of the process's and Redis's work. A
+    lane holds at most ``LIVE_LANE_TOPICS``; a read returns whatever any lane
+    returned, and only that lane (or one whose topics changed) is armed again.
+    One topic: one lane, one connection, as before. A reader whose client is not
+    pinned to one connection (Sentinel's, which looks the primary up at each
+    connect) keeps one lane.
+    """
+
+    def __init__(
+        self,
+        reader: redis.Redis,
+        commands: redis.Redis,
+        *,
+        lane_topics: int = c.LIVE_LANE_TOPICS,
+        max_lanes: int = c.LIVE_LANES_MAX,
+    ) -> None:
         self._reader = reader
         self._commands = commands  # CLIENT UNBLOCK goes over another connection
-        self._reader_id: int | None = None
+        self._lane_topics = lane_topics
+        self._max_lanes = max_lanes if getattr(reader, "single_connection_client", False) else 1
+        self._lanes = [_Lane(reader)]
+        self._lane_of: dict[str, _Lane] = {}
+        self._wake: asyncio.Event | None = None  # set while a read waits
 
     async def open(self) -> None:
         """Connect now rather than at the first live topic."""
-        self._reader_id = int(await self._reader.client_id())
+        self._lanes[0].client_id = int(await self._reader.client_id())
 
     async def read(self, streams: dict[str, str], block_ms: int) -> dict[str, list[LogEntry]]:
+        """Entries after each key's position, from whichever lanes have some, waiting
+        up to ``block_ms``; {} when interrupted or nothing came."""
+        self._place(streams)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + block_ms / 1000
+        wake = self._wake = asyncio.Event()
         try:
-            if self._reader_id is None:
-                self._reader_id = int(await self._reader.client_id())
-            reply: Any = await self._reader.xread(
+            while True:
+                stale = await self._arm(streams)
+                timeout = max(0.0, deadline - loop.time())
+                batches = await self._wait(streams, wake, timeout, stale)
+                if batches or wake.is_set() or loop.time() >= deadline:
+                    return batches
+        finally:
+            self._wake = None
+
+    def _place(self, streams: dict[str, str]) -> None:
+        """Forget keys no longer read; give each new key a lane with room."""
+        new = [key for key in streams if key not in self._lane_of]
+        if len(self._lane_of) + len(new) > len(streams):
+            for lane in self._lanes:
+                for key in [k for k in lane.keys if k not in streams]:
+                    lane.keys.discard(key)
+                    del self._lane_of[key]
+        for key in new:
+            lane = self._lane_with_room()
+            lane.keys.add(key)
+            self._lane_of[key] = lane
+
+    def _lane_with_room(self) -> _Lane:
+        for lane in self._lanes:
+            if len(lane.keys) < self._lane_topics:
+                return lane
+        if len(self._lanes) < self._max_lanes:
+            pool = self._reader.connection_pool
+            self._lanes.append(
+                _Lane(redis.Redis(connection_pool=pool, single_connection_client=True))
+            )
+            return self._lanes[-1]
+        return min(self._lanes, key=lambda lane: len(lane.keys))
+
+    async def _arm(self, streams: dict[str, str]) -> bool:
+        """Start a read on each idle lane with keys; interrupt each running read that
+        no longer names what it should. True if one could not be interrupted yet."""
+        stale = False
+        for lane in self._lanes:
+            wanted = {key: streams[key] for key in lane.keys}
+            if lane.task is None:
+                if wanted:
+                    lane.armed = wanted
+                    lane.task = asyncio.create_task(self._xread(lane, wanted))
+            elif wanted.items() - lane.armed.items():  # a key new to it, or moved back
+                stale |= not await self._unblock(lane)
+        return stale
+
+    async def _wait(
+        self, streams: dict[str, str], wake: asyncio.Event, timeout: float, stale: bool
+    ) -> dict[str, list[LogEntry]]:
+        running = {lane.task for lane in self._lanes if lane.task is not None}
+        waiter = asyncio.ensure_future(wake.wait())
+        try:
+            # A lane that could not be interrupted yet (its XREAD had not reached
+            # Redis) is asked again soon.
+            await asyncio.wait(
+                running | {waiter},
+                timeout=min(timeout, 0.002) if stale else timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            waiter.cancel()
+        return await self._collect(streams)
+
+    async def _collect(self, streams: dict[str, str]) -> dict[str, list[LogEntry]]:
+        """What the lanes that returned read, for the keys they still read from where
+        they were armed (a key re-armed elsewhere is read again from there)."""
+        batches: dict[str, list[LogEntry]] = {}
+        for lane in self._lanes:
+            task = lane.task
+            if task is None or not task.done():
+                continue
+            lane.task = None
+            if task.cancelled() or task.exception() is not None:
+                await self._reset()
+                error = task.exception() if not task.cancelled() else None
+                raise (
+                    error
+                    if isinstance(error, StoreUnavailable)
+                    else StoreUnavailable("live read cancelled")
+                )
+            for key, entries in task.result():
+                if self._lane_of.get(key) is lane and lane.armed.get(key, "") == streams.get(key):
+                    topic = key[_LOG_KEY_HEAD:-_LOG_KEY_TAIL]
+                    batches[topic] = [LogEntry(topic, parse_stream_id(i), f) for i, f in entries]
+        return batches
+
+    async def _xread(self, lane: _Lane, streams: dict[str, str]) -> Any:
+        try:
+            if lane.client_id is None:
+                lane.client_id = int(await lane.client.client_id())
+            reply: Any = await lane.client.xread(
                 streams,  # type: ignore[arg-type]
                 count=c.LIVE_READ_COUNT,
-                block=block_ms,
+                block=c.LIVE_BLOCK_MS,
             )
         except (RedisError, OSError) as error:
-            self._reader_id = None
+            lane.client_id = None
             await drop_idle_connections(self._commands)
             raise StoreUnavailable(f"live read failed: {error}") from error
-        return {
-            topic_of(key): [LogEntry(topic_of(key), parse_stream_id(i), f) for i, f in entries]
+        return [
+            (key.decode() if isinstance(key, bytes) else key, entries)
             for key, entries in (reply or [])
-        }
+        ]
 
-    async def interrupt(self) -> bool:
-        if self._reader_id is None:
+    async def _unblock(self, lane: _Lane) -> bool:
+        if lane.client_id is None:
             return False
         try:
-            return bool(await self._commands.client_unblock(self._reader_id))
+            return bool(await self._commands.client_unblock(lane.client_id))
         except (RedisError, OSError):
             return False
 
+    async def _reset(self) -> None:
+        """After a failed read: every lane's read ended, the extra lanes' connections
+        closed, all topics placed again at the next read."""
+        for lane in self._lanes:
+            if lane.task is not None:
+                await self._unblock(lane)
+                lane.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await lane.task
+        for lane in self._lanes[1:]:
+            with contextlib.suppress(RedisError, OSError):
+                await lane.client.aclose()
+        self._lanes = [_Lane(self._reader)]
+        self._lane_of = {}
+
+    async def interrupt(self) -> bool:
+        """Make the waiting read return now; False when none is waiting."""
+        if self._wake is None:
+            return False
+        self._wake.set()
+        return True
+
     async def close(self) -> None:
+        for lane in self._lanes:
+            if lane.task is not None:
+                await self._unblock(lane)
+                lane.task.cancel()
+        for lane in self._lanes:
+            if lane.task is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(lane.task, 2)
+            if lane.client is not self._reader:
+                await lane.client.aclose()
         await self._reader.aclose()
 
 
