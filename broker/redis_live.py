@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
-from broker.ids import parse_stream_id
+from broker.ids import format_stream_id, parse_stream_id
 from broker.model import LogEntry
 from broker.observer import Observer
 from broker.redis_options import drop_idle_connections
@@ -85,6 +85,8 @@ class LiveReader:
         self._max_lanes = max_lanes if getattr(reader, "single_connection_client", False) else 1
         self._lanes = [_Lane(reader)]
         self._lane_of: dict[str, _Lane] = {}
+        self._last: dict[str, str] = {}  # the keys and positions of the last read
+        self._dirty: set[_Lane] = set()  # lanes whose keys or positions changed since armed
         self._wake: asyncio.Event | None = None  # set while a read waits
 
     async def open(self) -> None:
@@ -109,17 +111,28 @@ class LiveReader:
             self._wake = None
 
     def _place(self, streams: dict[str, str]) -> None:
-        """Forget keys no longer read; give each new key a lane with room."""
-        new = [key for key in streams if key not in self._lane_of]
-        if len(self._lane_of) + len(new) > len(streams):
-            for lane in self._lanes:
-                for key in [k for k in lane.keys if k not in streams]:
-                    lane.keys.discard(key)
-                    del self._lane_of[key]
-        for key in new:
-            lane = self._lane_with_room()
+        """Forget keys no longer read; give each new key a lane with room; mark the
+        lanes whose keys came or moved.
+
+        This is the part of a read that grows with the live topics, so it runs in C
+        (set operations on dict views, one dict comparison) and allocates only for
+        what changed: ``_last`` already holds where the lanes' reads moved the
+        positions to (``_collect``), so it equals ``streams`` unless a position
+        moved otherwise (a topic expired: rare).
+        """
+        last = self._last
+        for key in last.keys() - streams.keys():
+            del last[key]
+            self._lane_of.pop(key).keys.discard(key)
+        for key in streams.keys() - last.keys():
+            last[key] = streams[key]
+            lane = self._lane_of[key] = self._lane_with_room()
             lane.keys.add(key)
-            self._lane_of[key] = lane
+            self._dirty.add(lane)
+        if streams != last:
+            for key, _position in streams.items() - last.items():
+                self._dirty.add(self._lane_of[key])
+        self._last = streams
 
     def _lane_with_room(self) -> _Lane:
         for lane in self._lanes:
@@ -138,13 +151,17 @@ class LiveReader:
         no longer names what it should. True if one could not be interrupted yet."""
         stale = False
         for lane in self._lanes:
-            wanted = {key: streams[key] for key in lane.keys}
             if lane.task is None:
-                if wanted:
-                    lane.armed = wanted
-                    lane.task = asyncio.create_task(self._xread(lane, wanted))
-            elif wanted.items() - lane.armed.items():  # a key new to it, or moved back
-                stale |= not await self._unblock(lane)
+                self._dirty.discard(lane)
+                if lane.keys:
+                    lane.armed = {key: streams[key] for key in lane.keys}
+                    lane.task = asyncio.create_task(self._xread(lane, lane.armed))
+            elif lane in self._dirty:
+                wanted = {key: streams[key] for key in lane.keys}
+                if wanted.items() - lane.armed.items():  # a key new to it, or moved back
+                    stale |= not await self._unblock(lane)
+                else:
+                    self._dirty.discard(lane)
         return stale
 
     async def _wait(
@@ -182,9 +199,16 @@ class LiveReader:
                     else StoreUnavailable("live read cancelled")
                 )
             for key, entries in task.result():
-                if self._lane_of.get(key) is lane and lane.armed.get(key, "") == streams.get(key):
+                if (
+                    entries
+                    and self._lane_of.get(key) is lane
+                    and lane.armed.get(key, "") == streams.get(key)
+                ):
                     topic = key[_LOG_KEY_HEAD:-_LOG_KEY_TAIL]
-                    batches[topic] = [LogEntry(topic, parse_stream_id(i), f) for i, f in entries]
+                    batch = [LogEntry(topic, parse_stream_id(i), f) for i, f in entries]
+                    batches[topic] = batch
+                    # Where the hub's next read will start this key (see _place).
+                    self._last[key] = format_stream_id(batch[-1].position)
         return batches
 
     async def _xread(self, lane: _Lane, streams: dict[str, str]) -> Any:
@@ -226,7 +250,7 @@ class LiveReader:
             with contextlib.suppress(RedisError, OSError):
                 await lane.client.aclose()
         self._lanes = [_Lane(self._reader)]
-        self._lane_of = {}
+        self._lane_of, self._last, self._dirty = {}, {}, set()
 
     async def interrupt(self) -> bool:
         """Make the waiting read return now; False when none is waiting."""
