@@ -138,11 +138,19 @@ SESSIONS_FIGURES = (
 CHURN_FIGURES = (
     Figure("churn", "new_topics_per_s", "churn: new topics/s", "higher", None, 0, baseline=False),
     Figure("churn", "live_topics", "churn: live topics", "higher", None, 0, baseline=False),
-    Figure("churn", "latency_p50_ms", "churn: latency p50 ms", "lower", None, 1, baseline=False),
-    Figure("churn", "latency_p99_ms", "churn: latency p99 ms", "lower", 100.0, 1, baseline=False),
+    Figure("churn", "delivery_p50_ms", "churn: delivery p50 ms (append->receipt)", "lower", None,
+           1, baseline=False),
+    Figure("churn", "delivery_p99_ms", "churn: delivery p99 ms (append->receipt)", "lower", 100.0,
+           1, baseline=False),
+    Figure("churn", "latency_p50_ms", "churn: latency p50 ms (publish->receipt)", "lower", None,
+           1, baseline=False),
+    Figure("churn", "latency_p99_ms", "churn: latency p99 ms (publish->receipt)", "lower", None,
+           1, baseline=False),
     Figure("churn", "delivered_pct", "churn: events delivered %", "higher", 100.0, 2,
            baseline=False),
     Figure("churn", "server_cores", "churn: server CPU cores", "lower", None, 2, baseline=False),
+    Figure("churn", "redis_cores", "churn: Redis CPU cores", "lower", None, 2, baseline=False),
+    Figure("churn", "xread_us", "churn: Redis us per XREAD", "lower", None, 0, baseline=False),
 )  # fmt: skip
 
 FIGURES = (

@@ -335,6 +335,13 @@ class PublisherPool:
             client.close()
 
 
+def _stored_at_ms(event_id: str) -> int:
+    """When Redis appended the event: the broker's ids are `<epoch>.<ms>-<seq>`, the
+    Redis stream id after the dot. Opaque to clients; the bench peeks, to time
+    delivery alone, without the publisher's HTTP request (and its queueing)."""
+    return int(event_id.rpartition(".")[2].partition("-")[0])
+
+
 @dataclass
 class ChurnTally:
     """One worker's churn: topics, events sent and received in the window, latencies."""
@@ -347,6 +354,8 @@ class ChurnTally:
     publish_failed: int = 0
     ended: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    publish_ms: list[float] = field(default_factory=list)  # until the 201, queueing included
+    delivery_ms: list[float] = field(default_factory=list)  # from the append in Redis
     live_now: int = 0
     live_max: int = 0
 
@@ -359,8 +368,11 @@ class ChurnTally:
         elif event.event is None:
             sent_ns = orjson.loads(event.data)["t"]
             if self.in_window(sent_ns):
+                now_ns = time.time_ns()
                 self.received += 1
-                self.latencies_ms.append((time.time_ns() - sent_ns) / 1e6)
+                self.latencies_ms.append((now_ns - sent_ns) / 1e6)
+                if event.id is not None:
+                    self.delivery_ms.append(now_ns / 1e6 - _stored_at_ms(event.id))
 
 
 async def _topic_life(
@@ -403,6 +415,7 @@ async def _publish_life(spec: Message, path: str, pool: PublisherPool, tally: Ch
             tally.publish_failed += 1
         elif tally.in_window(sent_ns):
             tally.sent += 1
+            tally.publish_ms.append((time.time_ns() - sent_ns) / 1e6)
 
 
 async def churn_job(channel: Channel, spec: Message) -> Message:
@@ -444,6 +457,8 @@ def _churn_result(tally: ChurnTally, live: int | None, cpu_s: float, start: floa
         "live_at_window_start": live,
         "live_max": tally.live_max,
         "latencies_ms": tally.latencies_ms,
+        "publish_ms": tally.publish_ms,
+        "delivery_ms": tally.delivery_ms,
         "cpu_s": cpu_s,
         "wall_s": time.monotonic() - start,
     }

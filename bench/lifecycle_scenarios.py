@@ -225,6 +225,8 @@ def _churn_figures(
     commands: dict[str, dict[str, float]],
 ) -> None:
     latencies = [ms for r in results for ms in r["latencies_ms"]]
+    publishes = [ms for r in results for ms in r["publish_ms"]]
+    deliveries = [ms for r in results for ms in r["delivery_ms"]]
     sent = sum(r["sent_in_window"] for r in results)
     received = sum(r["received_in_window"] for r in results)
     seconds = max(window.seconds, 1e-9)
@@ -238,6 +240,8 @@ def _churn_figures(
         "sent_in_window": sent,
         "received_in_window": received,
         "latency_max_ms": max(latencies, default=float("nan")),
+        "publish_answer_p50_ms": _percentile(publishes, 0.50),
+        "publish_answer_p99_ms": _percentile(publishes, 0.99),
         "server_cpu_s": window.server_cpu_s,
         "redis_cpu_s": window.costs["redis"],
         "redis_commands": {n: commands[n] for n in WATCHED_COMMANDS if n in commands},
@@ -250,10 +254,14 @@ def _churn_figures(
     outcome.figures |= {
         "new_topics_per_s": sum(r["created_per_s"] for r in results),
         "live_topics": float(live),
+        "delivery_p50_ms": _percentile(deliveries, 0.50),
+        "delivery_p99_ms": _percentile(deliveries, 0.99),
         "latency_p50_ms": _percentile(latencies, 0.50),
         "latency_p99_ms": _percentile(latencies, 0.99),
         "delivered_pct": 100.0 * received / max(sent, 1),
         "server_cores": window.server_cpu_s / seconds,
+        "redis_cores": window.costs["redis"] / seconds,
+        "xread_us": commands.get("xread", {}).get("usec_per_call", float("nan")),
     }
 
 
