@@ -161,6 +161,11 @@ class SessionTally:
     publish_failed: int = 0
     subscribe_failed: int = 0
     late_s: list[float] = field(default_factory=list)  # each generation: end minus schedule
+    failures: dict[str, int] = field(default_factory=dict)  # what went wrong, how often
+
+    def failure(self, what: str) -> None:
+        self.publish_failed += 1
+        self.failures[what[:200]] = self.failures.get(what[:200], 0) + 1
 
     def result(self) -> Message:
         inexact = [s for s in self.sessions if not s.exact]
@@ -178,6 +183,7 @@ class SessionTally:
             "subscribe_failed": self.subscribe_failed,
             "latencies_ms": [ms for s in self.sessions for ms in s.latencies_ms],
             "late_s": self.late_s,
+            "failures": self.failures,
         }
 
 
@@ -207,40 +213,59 @@ class Producer:
         self.client: KeepAliveClient | None = None
 
     async def generate(self, topic: str, tokens: int, start: float) -> None:
-        if self.client is None or not self.client.usable:
-            self.client = await _connect(self.host, self.port)
         try:
             if self.mode == "ingest":
-                await self._stream(self.client, topic, tokens, start)
+                await self._stream(await self._client(), topic, tokens, start)
             else:
-                await self._posts(self.client, topic, tokens, start)
-        except (OSError, ConnectionError):
-            self.tally.publish_failed += 1
-            self.client.close()
-            self.client = None
+                await self._posts(topic, tokens, start)
+        except (OSError, ConnectionError) as error:
+            self.tally.failure(f"{self.mode}: {type(error).__name__}: {error}")
+            self._drop_client()
 
-    async def _posts(self, client: KeepAliveClient, topic: str, tokens: int, start: float) -> None:
+    async def _client(self) -> KeepAliveClient:
+        if self.client is None or not self.client.usable:
+            self.client = await _connect(self.host, self.port)
+        return self.client
+
+    def _drop_client(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+
+    async def _post(self, raw: bytes) -> int:
+        """One request; sent again on a new connection if the server had closed the
+        kept-alive one before it went out (nothing was sent, so nothing is stored twice)."""
+        try:
+            answer = (await self._client()).begin(raw)
+        except ConnectionError:
+            self._drop_client()
+            answer = (await self._client()).begin(raw)
+        status, _ = await answer
+        return status
+
+    async def _posts(self, topic: str, tokens: int, start: float) -> None:
         path = f"/topics/{topic}/events"
         for n in range(tokens):
             await _sleep_until(start + n / self.rate)
-            status, _ = await client.request(post_request(self.host, self.port, path, _token(n)))
+            status = await self._post(post_request(self.host, self.port, path, _token(n)))
             self._count(status, 1)
         if self.closes:
-            close = post_request(self.host, self.port, f"/topics/{topic}/close", b"")
-            status, _ = await client.request(close)
+            status = await self._post(
+                post_request(self.host, self.port, f"/topics/{topic}/close", b"")
+            )
             if status not in (200, 201):
-                self.tally.publish_failed += 1
+                self.tally.failure(f"close answered {status}")
 
     async def _stream(self, client: KeepAliveClient, topic: str, tokens: int, start: float) -> None:
         path = f"/topics/{topic}/events" + ("?close=true" if self.closes else "")
         answer = client.begin(chunked_post_head(self.host, self.port, path, NDJSON))
-        assert client.transport is not None
         for n in range(tokens):
             await _sleep_until(start + n / self.rate)
             if answer.done():
                 break  # the server answered early: an error
-            client.transport.write(chunk(_token(n) + b"\n"))
-        client.transport.write(LAST_CHUNK)
+            client.write(chunk(_token(n) + b"\n"))
+        if not answer.done():
+            client.write(LAST_CHUNK)
         status, body = await answer
         self._count(status, len(orjson.loads(body).get("ids", [])) if status == 201 else 0)
 
@@ -248,7 +273,7 @@ class Producer:
         if status == 201:
             self.tally.published += events
         else:
-            self.tally.publish_failed += 1
+            self.tally.failure(f"{self.mode}: publish answered {status}")
 
     def close(self) -> None:
         if self.client is not None:

@@ -122,6 +122,7 @@ def _session_figures(outcome: Outcome, mode: str, results: list[Message], window
     tokens = max(summed["tokens_published"], 1)
     outcome.details[mode] = summed | {
         "inexact_examples": [e for r in results for e in r["inexact_examples"]][:5],
+        "publish_failures": {k: v for r in results for k, v in r["failures"].items()},
         "latency_samples": len(latencies),
         "latency_max_ms": max(latencies, default=float("nan")),
         "generation_late_p99_s": _percentile(late, 0.99),

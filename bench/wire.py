@@ -285,10 +285,19 @@ class KeepAliveClient(asyncio.Protocol):
     def begin(self, raw: bytes) -> asyncio.Future[tuple[int, bytes]]:
         """Send the start of a request; the future gets its response. The caller may
         write more of the body (a chunked upload) on `transport` before it comes."""
-        assert self.transport is not None
         self.waiting = asyncio.get_running_loop().create_future()
-        self.transport.write(raw)
+        self.write(raw)
         return self.waiting
+
+    def write(self, data: bytes) -> None:
+        """Write, or raise ConnectionError if the server closed the connection (uvloop
+        raises RuntimeError on a closed transport; asyncio would drop the bytes)."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionError("the connection is closed")
+        try:
+            self.transport.write(data)
+        except RuntimeError as error:
+            raise ConnectionError(str(error)) from error
 
     @property
     def usable(self) -> bool:

@@ -240,12 +240,7 @@ class LiveReader:
     async def _reset(self) -> None:
         """After a failed read: every lane's read ended, the extra lanes' connections
         closed, all topics placed again at the next read."""
-        for lane in self._lanes:
-            if lane.task is not None:
-                await self._unblock(lane)
-                lane.task.cancel()
-                with contextlib.suppress(BaseException):
-                    await lane.task
+        await self._end_reads(timeout=2)
         for lane in self._lanes[1:]:
             with contextlib.suppress(RedisError, OSError):
                 await lane.client.aclose()
@@ -259,15 +254,24 @@ class LiveReader:
         self._wake.set()
         return True
 
-    async def close(self) -> None:
+    async def _end_reads(self, timeout: float | None) -> None:
+        """Unblock and cancel every lane's running read, and wait for them to end
+        (without taking their errors for ours, nor swallowing our own cancellation)."""
+        tasks = [lane.task for lane in self._lanes if lane.task is not None]
         for lane in self._lanes:
             if lane.task is not None:
                 await self._unblock(lane)
                 lane.task.cancel()
+                lane.task = None
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a failed read's error was already reported
+
+    async def close(self) -> None:
+        await self._end_reads(timeout=2)
         for lane in self._lanes:
-            if lane.task is not None:
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(lane.task, 2)
             if lane.client is not self._reader:
                 await lane.client.aclose()
         await self._reader.aclose()

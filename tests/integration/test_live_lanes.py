@@ -5,6 +5,7 @@ entry of every lane is read once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -12,10 +13,13 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
+from broker import StoreUnavailable
 from broker import constants as c
 from broker.ids import StreamPosition
 from broker.model import NewEvent
+from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
+from tests.support.redis_server import RedisServer
 
 TOPICS = 2 * c.LIVE_LANE_TOPICS + 44  # three lanes, the last with room
 
@@ -79,3 +83,36 @@ async def test_entries_of_topics_on_every_lane_arrive_once(store: RedisStreamSto
         )
         got = await _read_until(store, positions, len(topics))
         assert got == {t: [str(r.ids[0])] for t, r in zip(topics, appended, strict=True)}
+
+
+async def test_lanes_read_again_after_redis_restarts(private_redis: RedisServer) -> None:
+    """Every lane's read fails with the connection; the next reads, once Redis is back,
+    read every topic again from where it was (lanes and their connections anew)."""
+    store = open_store(private_redis.url)
+    try:
+        topics = _topics(TOPICS)
+        positions: dict[str, StreamPosition] = {t: (0, 0) for t in topics}
+        assert await store.read_live(positions, 50) == {}
+        private_redis.restart(keep_data=True)
+        deadline = time.monotonic() + 20
+        while True:  # as the hub does: read again (after a failure) until Redis answers
+            assert time.monotonic() < deadline
+            try:
+                await store.append(topics[-1], [NewEvent(data='"back"')])
+                break
+            except StoreUnavailable:
+                await asyncio.sleep(0.1)
+        got: dict[str, list[str]] = {}
+        while not got:
+            assert time.monotonic() < deadline
+            with contextlib.suppress(StoreUnavailable):
+                got = {t: [str(e.id) for e in es] for t, es in
+                       (await store.read_live(positions, 500)).items()}  # fmt: skip
+        assert list(got) == [topics[-1]] and len(got[topics[-1]]) == 1
+        positions[topics[-1]] = (await store.state(topics[-1])).last_issued
+        appended = await asyncio.gather(*(store.append(t, [NewEvent(data="1")]) for t in topics))
+        assert await _read_until(store, positions, len(topics)) == {
+            t: [str(r.ids[0])] for t, r in zip(topics, appended, strict=True)
+        }
+    finally:
+        await store.close()
