@@ -21,7 +21,7 @@ from typing import Any
 import uvloop
 
 from bench import lifecycle_scenarios, scenarios, servers
-from bench.config import BROKER_ONLY, SCENARIOS, server_env, sizes_for
+from bench.config import BROKER_ONLY, SCENARIOS, Sizes, server_env, sizes_for
 from bench.loadgen import LoadGenerators
 from bench.measure import Outcome
 from bench.procstats import other_load, raise_open_files_limit
@@ -54,7 +54,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the server workers (flame graphs by --json)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SIZE=VALUE",
+        help="override one size of bench/config.py's Sizes, e.g. --set sessions_concurrent=100",
+    )
     return parser.parse_args(argv)
+
+
+def _sizes(args: argparse.Namespace, target: str, quick: bool) -> Sizes:
+    """The sizes for a target, with the --set overrides (typed as the field they set)."""
+    sizes = sizes_for(target, quick)
+    for assignment in args.set:
+        name, _, value = assignment.partition("=")
+        if name not in {f.name for f in dataclasses.fields(Sizes)}:
+            raise SystemExit(f"--set: no size named {name!r} (see bench/config.py)")
+        sizes = dataclasses.replace(sizes, **{name: type(getattr(sizes, name))(value)})
+    return sizes
 
 
 def chosen_targets(args: argparse.Namespace) -> list[servers.Target]:
@@ -76,7 +94,7 @@ def broker_missing() -> str | None:
 async def run_scenario(
     target: servers.Target, name: str, pool: LoadGenerators, args: argparse.Namespace, log_dir: Path
 ) -> Outcome:
-    sizes = sizes_for(target.name, args.quick)
+    sizes = _sizes(args, target.name, args.quick)
     other = await wait_for_quiet(
         args.quiet_wait if args.quiet_wait is not None else QUIET_WAIT_S[args.quick]
     )
@@ -119,7 +137,7 @@ async def run_all(args: argparse.Namespace, log_dir: Path) -> tuple[Results, lis
     errors: list[str] = []
     chosen = args.only or list(SCENARIOS)
     targets = chosen_targets(args)
-    pool = LoadGenerators(max(sizes_for(t.name, args.quick).loadgen_processes for t in targets))
+    pool = LoadGenerators(max(_sizes(args, t.name, args.quick).loadgen_processes for t in targets))
     try:
         for target in targets:
             if target is servers.BROKER and (missing := broker_missing()):
@@ -148,7 +166,7 @@ async def run_all(args: argparse.Namespace, log_dir: Path) -> tuple[Results, lis
 
 def sizes_notes(args: argparse.Namespace) -> dict[str, dict[str, str]]:
     """Where the baseline ran with smaller sizes than the broker, say so in its cells."""
-    broker, baseline = sizes_for("broker", args.quick), sizes_for("baseline", args.quick)
+    broker, baseline = _sizes(args, "broker", args.quick), _sizes(args, "baseline", args.quick)
     notes: dict[str, str] = {}
     if baseline.idle_subscribers != broker.idle_subscribers:
         notes["idle"] = f"(N={baseline.idle_subscribers:,})"
@@ -167,7 +185,7 @@ def document(args: argparse.Namespace, results: Results, errors: list[str]) -> d
             "quick": args.quick,
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            "sizes": {t: dataclasses.asdict(sizes_for(t, args.quick)) for t in targets},
+            "sizes": {t: dataclasses.asdict(_sizes(args, t, args.quick)) for t in targets},
         },
         "table": rows(results, sizes_notes(args)),
         "results": results,

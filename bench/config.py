@@ -32,13 +32,14 @@ class Sizes:
     grace_s: float = 10.0
     connect_concurrency: int = 200
     loadgen_processes: int = 2
+    sessions_modes: str = "post,ingest"  # the ways of publishing measured (for --set)
     sessions_concurrent: int = 500  # generations running at once, each on its own topic
     sessions_rate: float = 20.0  # tokens/s of one generation
     sessions_tokens: int = 100
     sessions_rounds: int = 3  # generations each slot runs, one after another
     sessions_drop_fraction: float = 0.2  # subscribers that drop mid-generation and resume
-    sessions_ttl_s: float = 5.0  # BROKER_TOPIC_TTL_SECONDS for the sessions run
-    sessions_grace_s: float = 15.0  # a session not over this long after its schedule fails
+    sessions_ttl_s: float = 10.0  # BROKER_TOPIC_TTL_SECONDS for the sessions run
+    sessions_grace_s: float = 15.0  # a session not over this long after its close fails
     churn_rate: float = 200.0  # new topics/s
     churn_live: int = 5000  # topics open at once (each lives churn_live / churn_rate s)
     churn_events: int = 3  # per topic, spread over its life; the last one closes it

@@ -78,6 +78,7 @@ class Session:
     latencies_ms: list[float] = field(default_factory=list)
     ended: bool = False
     gaps: int = 0
+    gap_reasons: list[str] = field(default_factory=list)
     connects: int = 0
     dropped: bool = False
     last_id: str | None = None
@@ -96,6 +97,7 @@ class Session:
             self._finish()
         elif event.event == "broker.gap":
             self.gaps += 1
+            self.gap_reasons.append(orjson.loads(event.data).get("reason", "?"))
         elif event.event is None:
             self._token(orjson.loads(event.data))
 
@@ -128,28 +130,32 @@ class Session:
         self, host: str, port: int, path: str, subscribed: asyncio.Future[int]
     ) -> None:
         """Subscribe, and resume by the last id whenever the stream ends before the end."""
-        while self.connects < MAX_CONNECTS and not self.done.done():
-            self.connects += 1
-            headers = {"Last-Event-ID": self.last_id} if self.last_id else None
-            if self.connects > 1:
-                self.replayed_before_ns = time.time_ns()
-            connection = self.connects
-            try:
-                self.stream = await open_stream(
-                    host,
-                    port,
-                    get_request(host, port, path, headers),
-                    functools.partial(self.on_event, connection=connection),
-                )
-                self.status = await asyncio.wait_for(self.stream.status, STATUS_TIMEOUT_S)
-            except (OSError, TimeoutError):
-                self.status = 0
+        try:
+            while self.connects < MAX_CONNECTS and not self.done.done():
+                self.connects += 1
+                headers = {"Last-Event-ID": self.last_id} if self.last_id else None
+                if self.connects > 1:
+                    self.replayed_before_ns = time.time_ns()
+                connection = self.connects
+                try:
+                    self.stream = await open_stream(
+                        host,
+                        port,
+                        get_request(host, port, path, headers),
+                        functools.partial(self.on_event, connection=connection),
+                    )
+                    self.status = await asyncio.wait_for(self.stream.status, STATUS_TIMEOUT_S)
+                except (OSError, TimeoutError):
+                    self.status = 0
+                if not subscribed.done():
+                    subscribed.set_result(self.status)
+                if self.status != 200 or self.stream is None:
+                    break
+                await asyncio.wait({self.stream.ended, self.done}, return_when="FIRST_COMPLETED")
+        finally:
             if not subscribed.done():
-                subscribed.set_result(self.status)
-            if self.status != 200 or self.stream is None:
-                break
-            await asyncio.wait({self.stream.ended, self.done}, return_when="FIRST_COMPLETED")
-        self._finish()
+                subscribed.set_result(0)
+            self._finish()  # also when given up on: the stream is closed
 
 
 @dataclass
@@ -195,7 +201,7 @@ def _describe(session: Session) -> Message:
         "distinct": len(set(got)),
         "in_order": got == sorted(got),
         "ended": session.ended,
-        "gaps": session.gaps,
+        "gaps": session.gap_reasons,
         "connects": session.connects,
         "last_status": session.status,
     }
@@ -283,8 +289,8 @@ class Producer:
 async def _run_slot(spec: Message, slot: int, start: float, tally: SessionTally) -> None:
     producer = Producer(spec, tally)
     rng = random.Random(f"{spec['seed']}:{slot}")
-    tokens, timeout = spec["tokens"], spec["tokens"] / spec["rate"] + spec["grace_s"]
-    followers = []
+    tokens = spec["tokens"]
+    followers: list[asyncio.Future[None]] = []
     try:
         for generation in range(spec["rounds"]):
             drop = rng.random() < spec["drop_fraction"]
@@ -297,19 +303,27 @@ async def _run_slot(spec: Message, slot: int, start: float, tally: SessionTally)
             tally.sessions.append(session)
             subscribed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             path = f"/topics/{session.topic}/events"
-            following = session.follow(spec["host"], spec["port"], path, subscribed)
-            follower = asyncio.ensure_future(asyncio.wait_for(following, timeout))
-            followers.append(follower)
+            follower = asyncio.ensure_future(
+                session.follow(spec["host"], spec["port"], path, subscribed)
+            )
             if await subscribed != 200:
                 tally.subscribe_failed += 1
+                followers.append(follower)
                 continue
             begin = max(start, time.monotonic())
             await producer.generate(session.topic, tokens, begin)
             tally.late_s.append(time.monotonic() - (begin + (tokens - 1) / spec["rate"]))
+            # The subscriber has `grace_s` from the producer's last word, however late.
+            followers.append(asyncio.ensure_future(_give_up_after(follower, spec["grace_s"])))
             start = time.monotonic()
     finally:
         producer.close()
         await asyncio.gather(*followers, return_exceptions=True)
+
+
+async def _give_up_after(follower: asyncio.Future[None], seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(follower, seconds)
 
 
 async def sessions_job(channel: Channel, spec: Message) -> Message:

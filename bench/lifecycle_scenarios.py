@@ -57,9 +57,10 @@ async def sessions(server: RunningServer, pool: LoadGenerators, sizes: Sizes) ->
     note = _direct_publisher_note()
     say(f"sessions: {note}")
     outcome.details["direct_publisher"] = note
-    for mode in MODES if broker else ("post",):
+    modes = [m for m in sizes.sessions_modes.split(",") if m in MODES and (broker or m == "post")]
+    for mode in modes:
         await _sessions_mode(server, pool, sizes, mode, broker, outcome)
-    if broker:
+    if len(modes) == len(MODES):
         post, ingest = (outcome.figures[f"cpu_us_per_token_{m}"] for m in MODES)
         outcome.figures["ingest_vs_post_cpu"] = ingest / post if post else float("nan")
     await _after_ttl(server, sizes, broker, memory0, outcome)
