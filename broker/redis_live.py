@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
-from broker.ids import format_stream_id, parse_stream_id
+from broker.ids import StreamPosition, format_stream_id, parse_stream_id
 from broker.model import LogEntry
 from broker.observer import Observer
 from broker.redis_options import drop_idle_connections
@@ -47,13 +47,13 @@ class _Lane:
     only when it returned, or when the keys or positions it should name changed.
     """
 
-    __slots__ = ("armed", "client", "client_id", "keys", "task")
+    __slots__ = ("armed", "client", "client_id", "task", "topics")
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.client_id: int | None = None
-        self.keys: set[str] = set()
-        self.armed: dict[str, str] = {}  # what the running read names, and from where
+        self.topics: set[str] = set()
+        self.armed: dict[str, StreamPosition] = {}  # what the running read names, from where
         self.task: asyncio.Task[Any] | None = None
 
 
@@ -85,7 +85,7 @@ class LiveReader:
         self._max_lanes = max_lanes if getattr(reader, "single_connection_client", False) else 1
         self._lanes = [_Lane(reader)]
         self._lane_of: dict[str, _Lane] = {}
-        self._last: dict[str, str] = {}  # the keys and positions of the last read
+        self._last: dict[str, StreamPosition] = {}  # the topics and positions of the last read
         self._dirty: set[_Lane] = set()  # lanes whose keys or positions changed since armed
         self._wake: asyncio.Event | None = None  # set while a read waits
 
@@ -93,50 +93,53 @@ class LiveReader:
         """Connect now rather than at the first live topic."""
         self._lanes[0].client_id = int(await self._reader.client_id())
 
-    async def read(self, streams: dict[str, str], block_ms: int) -> dict[str, list[LogEntry]]:
-        """Entries after each key's position, from whichever lanes have some, waiting
+    async def read(
+        self, positions: dict[str, StreamPosition], block_ms: int
+    ) -> dict[str, list[LogEntry]]:
+        """Entries after each topic's position, from whichever lanes have some, waiting
         up to ``block_ms``; {} when interrupted or nothing came."""
-        self._place(streams)
+        self._place(positions)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + block_ms / 1000
         wake = self._wake = asyncio.Event()
         try:
             while True:
-                stale = await self._arm(streams)
+                stale = await self._arm(positions)
                 timeout = max(0.0, deadline - loop.time())
-                batches = await self._wait(streams, wake, timeout, stale)
+                batches = await self._wait(positions, wake, timeout, stale)
                 if batches or wake.is_set() or loop.time() >= deadline:
                     return batches
         finally:
             self._wake = None
 
-    def _place(self, streams: dict[str, str]) -> None:
-        """Forget keys no longer read; give each new key a lane with room; mark the
-        lanes whose keys came or moved.
+    def _place(self, streams: dict[str, StreamPosition]) -> None:
+        """Forget topics no longer read; give each new one a lane with room; mark the
+        lanes whose topics came or moved.
 
         This is the part of a read that grows with the live topics, so it runs in C
         (set operations on dict views, one dict comparison) and allocates only for
         what changed: ``_last`` already holds where the lanes' reads moved the
         positions to (``_collect``), so it equals ``streams`` unless a position
-        moved otherwise (a topic expired: rare).
+        moved otherwise (a topic expired: rare). Keys and ids are formatted for
+        Redis only when a lane is armed, for its own topics.
         """
         last = self._last
         for key in last.keys() - streams.keys():
             del last[key]
-            self._lane_of.pop(key).keys.discard(key)
+            self._lane_of.pop(key).topics.discard(key)
         for key in streams.keys() - last.keys():
             last[key] = streams[key]
             lane = self._lane_of[key] = self._lane_with_room()
-            lane.keys.add(key)
+            lane.topics.add(key)
             self._dirty.add(lane)
         if streams != last:
             for key, _position in streams.items() - last.items():
                 self._dirty.add(self._lane_of[key])
-        self._last = streams
+        self._last = dict(streams)  # ours to move on in _collect; the caller's stays as given
 
     def _lane_with_room(self) -> _Lane:
         for lane in self._lanes:
-            if len(lane.keys) < self._lane_topics:
+            if len(lane.topics) < self._lane_topics:
                 return lane
         if len(self._lanes) < self._max_lanes:
             pool = self._reader.connection_pool
@@ -144,20 +147,20 @@ class LiveReader:
                 _Lane(redis.Redis(connection_pool=pool, single_connection_client=True))
             )
             return self._lanes[-1]
-        return min(self._lanes, key=lambda lane: len(lane.keys))
+        return min(self._lanes, key=lambda lane: len(lane.topics))
 
-    async def _arm(self, streams: dict[str, str]) -> bool:
+    async def _arm(self, streams: dict[str, StreamPosition]) -> bool:
         """Start a read on each idle lane with keys; interrupt each running read that
         no longer names what it should. True if one could not be interrupted yet."""
         stale = False
         for lane in self._lanes:
             if lane.task is None:
                 self._dirty.discard(lane)
-                if lane.keys:
-                    lane.armed = {key: streams[key] for key in lane.keys}
+                if lane.topics:
+                    lane.armed = {topic: streams[topic] for topic in lane.topics}
                     lane.task = asyncio.create_task(self._xread(lane, lane.armed))
             elif lane in self._dirty:
-                wanted = {key: streams[key] for key in lane.keys}
+                wanted = {topic: streams[topic] for topic in lane.topics}
                 if wanted.items() - lane.armed.items():  # a key new to it, or moved back
                     stale |= not await self._unblock(lane)
                 else:
@@ -165,7 +168,7 @@ class LiveReader:
         return stale
 
     async def _wait(
-        self, streams: dict[str, str], wake: asyncio.Event, timeout: float, stale: bool
+        self, streams: dict[str, StreamPosition], wake: asyncio.Event, timeout: float, stale: bool
     ) -> dict[str, list[LogEntry]]:
         running = {lane.task for lane in self._lanes if lane.task is not None}
         waiter = asyncio.ensure_future(wake.wait())
@@ -181,7 +184,7 @@ class LiveReader:
             waiter.cancel()
         return await self._collect(streams)
 
-    async def _collect(self, streams: dict[str, str]) -> dict[str, list[LogEntry]]:
+    async def _collect(self, streams: dict[str, StreamPosition]) -> dict[str, list[LogEntry]]:
         """What the lanes that returned read, for the keys they still read from where
         they were armed (a key re-armed elsewhere is read again from there)."""
         batches: dict[str, list[LogEntry]] = {}
@@ -199,19 +202,20 @@ class LiveReader:
                     else StoreUnavailable("live read cancelled")
                 )
             for key, entries in task.result():
+                topic = key[_LOG_KEY_HEAD:-_LOG_KEY_TAIL]
                 if (
                     entries
-                    and self._lane_of.get(key) is lane
-                    and lane.armed.get(key, "") == streams.get(key)
+                    and self._lane_of.get(topic) is lane
+                    and lane.armed.get(topic) == streams.get(topic)
                 ):
-                    topic = key[_LOG_KEY_HEAD:-_LOG_KEY_TAIL]
                     batch = [LogEntry(topic, parse_stream_id(i), f) for i, f in entries]
                     batches[topic] = batch
-                    # Where the hub's next read will start this key (see _place).
-                    self._last[key] = format_stream_id(batch[-1].position)
+                    # Where the hub's next read will start this topic (see _place).
+                    self._last[topic] = batch[-1].position
         return batches
 
-    async def _xread(self, lane: _Lane, streams: dict[str, str]) -> Any:
+    async def _xread(self, lane: _Lane, positions: dict[str, StreamPosition]) -> Any:
+        streams = {c.log_key(t): format_stream_id(p) for t, p in positions.items()}
         try:
             if lane.client_id is None:
                 lane.client_id = int(await lane.client.client_id())
@@ -314,7 +318,10 @@ class ClusterLiveReader:
     async def open(self) -> None:
         """Nothing yet: a primary's connection opens with its first live topic."""
 
-    async def read(self, streams: dict[str, str], block_ms: int) -> dict[str, list[LogEntry]]:
+    async def read(
+        self, positions: dict[str, StreamPosition], block_ms: int
+    ) -> dict[str, list[LogEntry]]:
+        streams = {c.log_key(t): format_stream_id(pos) for t, pos in positions.items()}
         groups = await self._group_by_node_and_slot(streams)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + block_ms / 1000
