@@ -250,6 +250,11 @@ def _churn_figures(
         "redis_commands_all": commands,
         "xread_per_s": commands.get("xread", {}).get("calls", 0) / seconds,
     }
+    if not sent:
+        outcome.warnings.append(
+            "no event sent in the window was acknowledged in it: the server fell behind its "
+            "publishers, nothing was timed"
+        )
     for key in ("subscribe_failed", "publish_failed"):
         if outcome.details[key]:
             outcome.warnings.append(f"{outcome.details[key]} {key.replace('_', ' ')}")
@@ -260,7 +265,7 @@ def _churn_figures(
         "delivery_p99_ms": _percentile(deliveries, 0.99),
         "latency_p50_ms": _percentile(latencies, 0.50),
         "latency_p99_ms": _percentile(latencies, 0.99),
-        "delivered_pct": 100.0 * received / max(sent, 1),
+        "delivered_pct": 100.0 * received / sent if sent else float("nan"),
         "server_cores": window.server_cpu_s / seconds,
         "redis_cores": window.costs["redis"] / seconds,
         "xread_us": commands.get("xread", {}).get("usec_per_call", float("nan")),
