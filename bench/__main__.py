@@ -20,16 +20,16 @@ from typing import Any
 
 import uvloop
 
-from bench import gc_compare, nchan, servers, threeway
-from bench.config import SCENARIOS, sizes_for
+from bench import gc_compare, lifecycle_scenarios, nchan, scenarios, servers, threeway
+from bench.config import BROKER_ONLY, NOT_FOR_NCHAN, SCENARIOS, Sizes, server_env, sizes_for
 from bench.loadgen import LoadGenerators
 from bench.measure import Outcome
 from bench.procstats import other_load, raise_open_files_limit
 from bench.profiling import Profiler
 from bench.progress import say
 from bench.report import Results, auth_rows, render_auth_table, render_table, rows, write_json
-from bench.scenarios import SCENARIO_FUNCTIONS
 
+SCENARIO_FUNCTIONS = scenarios.SCENARIO_FUNCTIONS | lifecycle_scenarios.SCENARIO_FUNCTIONS
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 SCENARIO_TIMEOUT_S = {True: 90.0, False: 240.0}
 QUIET_WAIT_S = {True: 0.0, False: 10.0}
@@ -67,7 +67,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the server workers (flame graphs by --json)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SIZE=VALUE",
+        help="override one size of bench/config.py's Sizes, e.g. --set sessions_concurrent=100",
+    )
     return parser.parse_args(argv)
+
+
+def _sizes(args: argparse.Namespace, target: str, quick: bool) -> Sizes:
+    """The sizes for a target, with the --set overrides (typed as the field they set)."""
+    sizes = sizes_for(target, quick)
+    for assignment in args.set:
+        name, _, value = assignment.partition("=")
+        if name not in {f.name for f in dataclasses.fields(Sizes)}:
+            raise SystemExit(f"--set: no size named {name!r} (see bench/config.py)")
+        sizes = dataclasses.replace(sizes, **{name: type(getattr(sizes, name))(value)})
+    return sizes
 
 
 def chosen_targets(args: argparse.Namespace) -> list[servers.Target]:
@@ -95,12 +113,12 @@ def broker_missing() -> str | None:
 async def run_scenario(
     target: servers.Target, name: str, pool: LoadGenerators, args: argparse.Namespace, log_dir: Path
 ) -> Outcome:
-    sizes = sizes_for(target.name, args.quick)
+    sizes = _sizes(args, target.name, args.quick)
     other = await wait_for_quiet(
         args.quiet_wait if args.quiet_wait is not None else QUIET_WAIT_S[args.quick]
     )
     say(f"{target.name}: {name}: starting redis-server and the server")
-    server = servers.start(target, log_dir)
+    server = servers.start(target, log_dir, server_env(name, sizes))
     profiler = (
         Profiler(server.pid, args.json.parent, f"{target.name}-{name}") if args.profile else None
     )
@@ -129,6 +147,15 @@ async def wait_for_quiet(max_wait_s: float) -> float:
         say(f"waiting for the machine to quieten: other processes use {load:.2f} cores")
 
 
+def _not_run(target: servers.Target, name: str) -> str | None:
+    """Why a target does not run a scenario, or None when it does."""
+    if target is servers.BASELINE and name in BROKER_ONLY:
+        return "the baseline cannot close a topic"
+    if target is nchan.NCHAN and name in NOT_FOR_NCHAN:
+        return "Nchan is driven with publish and subscribe only"
+    return None
+
+
 def _outcome_dict(outcome: Outcome) -> dict[str, Any]:
     return {"figures": outcome.figures, "details": outcome.details, "warnings": outcome.warnings}
 
@@ -136,9 +163,9 @@ def _outcome_dict(outcome: Outcome) -> dict[str, Any]:
 async def run_all(args: argparse.Namespace, log_dir: Path) -> tuple[Results, list[str]]:
     results: Results = {}
     errors: list[str] = []
-    scenarios = args.only or list(SCENARIOS)
+    chosen = args.only or list(SCENARIOS)
     targets = chosen_targets(args)
-    pool = LoadGenerators(max(sizes_for(t.name, args.quick).loadgen_processes for t in targets))
+    pool = LoadGenerators(max(_sizes(args, t.name, args.quick).loadgen_processes for t in targets))
     if any(t.is_broker for t in targets) and (missing := broker_missing()):
         errors.append(f"broker: {missing}")
         say(missing)
@@ -149,8 +176,11 @@ async def run_all(args: argparse.Namespace, log_dir: Path) -> tuple[Results, lis
         targets.remove(nchan.NCHAN)
     try:
         # Scenario by scenario, so auth on and off are measured one after the other.
-        for name in scenarios:
+        for name in chosen:
             for target in targets:
+                if (why := _not_run(target, name)) is not None:
+                    say(f"{target.name}: {name}: not run ({why})")
+                    continue
                 try:
                     outcome = await run_scenario(target, name, pool, args, log_dir)
                 except Exception as error:
@@ -169,7 +199,7 @@ async def run_all(args: argparse.Namespace, log_dir: Path) -> tuple[Results, lis
 
 def sizes_notes(args: argparse.Namespace) -> dict[str, dict[str, str]]:
     """Where the baseline ran with smaller sizes than the broker, say so in its cells."""
-    broker, baseline = sizes_for("broker", args.quick), sizes_for("baseline", args.quick)
+    broker, baseline = _sizes(args, "broker", args.quick), _sizes(args, "baseline", args.quick)
     notes: dict[str, str] = {}
     if baseline.idle_subscribers != broker.idle_subscribers:
         notes["idle"] = f"(N={baseline.idle_subscribers:,})"
@@ -193,7 +223,7 @@ def document(args: argparse.Namespace, results: Results, errors: list[str]) -> d
             "quick": args.quick,
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            "sizes": {t: dataclasses.asdict(sizes_for(t, args.quick)) for t in targets},
+            "sizes": {t: dataclasses.asdict(_sizes(args, t, args.quick)) for t in targets},
         },
         "table": table,
         "auth_table": auth_rows(results),

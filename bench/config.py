@@ -6,7 +6,20 @@ import os
 from dataclasses import dataclass, replace
 from typing import Literal
 
-SCENARIOS = ("publish-single", "publish-batch", "fanout", "broadcast", "storm", "idle")
+SCENARIOS = (
+    "publish-single",
+    "publish-batch",
+    "fanout",
+    "broadcast",
+    "storm",
+    "idle",
+    "sessions",
+    "churn",
+)
+# The baseline has no topic close, so a churn of topics that end is not its job.
+BROKER_ONLY = frozenset({"churn"})
+# Nchan is driven with the broker's publish and subscribe routes only (no close here).
+NOT_FOR_NCHAN = frozenset({"sessions", "churn"})
 LOADGEN_SATURATED = 0.9  # of one core, per load-generator process
 MACHINE_CORES = os.cpu_count() or 1
 
@@ -34,6 +47,19 @@ class Sizes:
     grace_s: float = 10.0
     connect_concurrency: int = 200
     loadgen_processes: int = 2
+    sessions_modes: str = "post,ingest"  # the ways of publishing measured (for --set)
+    sessions_concurrent: int = 500  # generations running at once, each on its own topic
+    sessions_rate: float = 20.0  # tokens/s of one generation
+    sessions_tokens: int = 100
+    sessions_rounds: int = 3  # generations each slot runs, one after another
+    sessions_drop_fraction: float = 0.2  # subscribers that drop mid-generation and resume
+    sessions_ttl_s: float = 10.0  # BROKER_TOPIC_TTL_SECONDS for the sessions run
+    sessions_grace_s: float = 15.0  # a session not over this long after its close fails
+    churn_rate: float = 200.0  # new topics/s
+    churn_live: int = 5000  # topics open at once (each lives churn_live / churn_rate s)
+    churn_events: int = 3  # per topic, spread over its life; the last one closes it
+    churn_measure_s: float = 15.0  # after the ramp (one lifetime)
+    churn_publishers: int = 32  # keep-alive publishing connections per load generator
 
 
 FULL = Sizes()
@@ -51,6 +77,15 @@ QUICK = Sizes(
     storm_timeout_s=10.0,
     grace_s=3.0,
     loadgen_processes=1,
+    sessions_concurrent=10,
+    sessions_tokens=20,
+    sessions_rounds=2,
+    sessions_ttl_s=2.0,
+    sessions_grace_s=5.0,
+    churn_rate=20.0,
+    churn_live=60,
+    churn_measure_s=3.0,
+    churn_publishers=4,
 )
 
 
@@ -61,6 +96,13 @@ def sizes_for(target: str, quick: bool) -> Sizes:
     if target == "baseline" and not quick:
         return replace(sizes, idle_subscribers=2000, broadcast_subscribers=2000)
     return sizes
+
+
+def server_env(scenario: str, sizes: Sizes) -> dict[str, str]:
+    """Settings a scenario runs the server with: `sessions` measures expiry."""
+    if scenario == "sessions":
+        return {"BROKER_TOPIC_TTL_SECONDS": f"{sizes.sessions_ttl_s:g}"}
+    return {}
 
 
 Better = Literal["higher", "lower"]
@@ -76,6 +118,7 @@ class Figure:
     better: Better
     target: float | None = None
     digits: int = 1
+    baseline: bool = True  # whether the baseline can produce it
 
     def met(self, value: float) -> bool | None:
         if self.target is None:
@@ -87,6 +130,47 @@ class Figure:
             return ""
         return (">= " if self.better == "higher" else "<= ") + f"{self.target:,g}"
 
+
+def _per_mode(
+    key: str, label: str, better: Better, target: float | None, digits: int
+) -> list[Figure]:
+    """A sessions figure for each way of publishing (the baseline only has one POST per token)."""
+    return [
+        Figure("sessions", f"{key}_{mode}", f"sessions ({name}): {label}", better, target, digits,
+               baseline=mode == "post")
+        for mode, name in (("post", "POST/token"), ("ingest", "ingest"))
+    ]  # fmt: skip
+
+
+SESSIONS_FIGURES = (
+    *_per_mode("exact_pct", "sessions exact %", "higher", 100.0, 2),
+    *_per_mode("cpu_us_per_token", "server CPU us/token", "lower", None, 1),
+    Figure("sessions", "ingest_vs_post_cpu", "sessions: ingest CPU/token / POST's", "lower", 0.2, 3,
+           baseline=False),
+    *_per_mode("redis_cpu_us_per_token", "Redis CPU us/token", "lower", None, 1),
+    *_per_mode("latency_p50_ms", "token latency p50 ms", "lower", None, 1),
+    *_per_mode("latency_p99_ms", "token latency p99 ms", "lower", None, 1),
+    Figure("sessions", "redis_keys_after_ttl", "sessions: Redis keys after the TTL", "lower", 0, 0),
+    Figure("sessions", "redis_memory_kb_after_ttl", "sessions: Redis memory KB added, after TTL",
+           "lower"),
+)  # fmt: skip
+CHURN_FIGURES = (
+    Figure("churn", "new_topics_per_s", "churn: new topics/s", "higher", None, 0, baseline=False),
+    Figure("churn", "live_topics", "churn: live topics", "higher", None, 0, baseline=False),
+    Figure("churn", "delivery_p50_ms", "churn: delivery p50 ms (append->receipt)", "lower", None,
+           1, baseline=False),
+    Figure("churn", "delivery_p99_ms", "churn: delivery p99 ms (append->receipt)", "lower", 100.0,
+           1, baseline=False),
+    Figure("churn", "latency_p50_ms", "churn: latency p50 ms (publish->receipt)", "lower", None,
+           1, baseline=False),
+    Figure("churn", "latency_p99_ms", "churn: latency p99 ms (publish->receipt)", "lower", None,
+           1, baseline=False),
+    Figure("churn", "delivered_pct", "churn: events delivered %", "higher", 100.0, 2,
+           baseline=False),
+    Figure("churn", "server_cores", "churn: server CPU cores", "lower", None, 2, baseline=False),
+    Figure("churn", "redis_cores", "churn: Redis CPU cores", "lower", None, 2, baseline=False),
+    Figure("churn", "xread_us", "churn: Redis us per XREAD", "lower", None, 0, baseline=False),
+)  # fmt: skip
 
 FIGURES = (
     Figure("fanout", "deliveries_per_s", "fanout: deliveries/s", "higher", digits=0),
@@ -111,6 +195,8 @@ FIGURES = (
     Figure("storm", "caught_up_pct", "storm: clients caught up %", "higher", 100.0, 2),
     Figure("storm", "redis_commands", "storm: Redis commands issued", "lower", digits=0),
     Figure("storm", "redis_commands_per_client", "storm: Redis commands/client", "lower", 0.1, 3),
+    *SESSIONS_FIGURES,
+    *CHURN_FIGURES,
 )
 
 AUTH_TOLERANCE = 0.10

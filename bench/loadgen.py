@@ -22,6 +22,7 @@ from typing import Any
 
 import uvloop
 
+from bench import lifecycle_jobs
 from bench.procstats import own_cpu_seconds, raise_open_files_limit
 from bench.wire import EventCounter, PolledSubscriber, PublishLoop, SseSubscriber, get_request
 
@@ -256,6 +257,7 @@ JOBS: dict[str, Callable[[Channel, Message], Awaitable[Message]]] = {
     "idle": idle_job,
     "storm": storm_job,
     "publish": publish_job,
+    **lifecycle_jobs.JOBS,
 }
 
 

@@ -44,6 +44,20 @@ def redis_calls(server: RunningServer) -> dict[str, int]:
     }
 
 
+def redis_command_stats(server: RunningServer) -> dict[str, tuple[int, int]]:
+    """(calls, microseconds) per command so far, not counting INFO."""
+    stats = server.redis_client.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): (int(value["calls"]), int(value["usec"]))
+        for name, value in stats.items()
+        if name != "cmdstat_info"
+    }
+
+
+def redis_memory_bytes(server: RunningServer) -> int:
+    return int(server.redis_client.info("memory")["used_memory"])
+
+
 def worker_sockets(server: RunningServer) -> dict[str, int]:
     """Sockets held by each process under the server's root: how connections spread
     over the workers (they share one listening socket, so the kernel need not balance)."""

@@ -20,8 +20,8 @@ def _value(results: Results, target: str, figure: Figure) -> float | None:
 
 def advantage(figure: Figure, broker: float | None, baseline: float | None) -> float | None:
     """How many times better the broker is than the baseline on this figure (>1 = better)."""
-    if broker is None or baseline is None:
-        return None
+    if broker is None or baseline is None or broker < 0 or baseline < 0:
+        return None  # a negative figure (memory given back) has no meaningful ratio
     better, worse = (broker, baseline) if figure.better == "higher" else (baseline, broker)
     if worse == 0:
         return None if better == 0 else math.inf
@@ -52,6 +52,7 @@ def rows(results: Results, sizes_note: dict[str, dict[str, str]]) -> list[dict[s
                 "target_text": figure.target_text(),
                 "met": None if broker is None else figure.met(broker),
                 "digits": figure.digits,
+                "baseline_measured": figure.baseline,
             }
         )
     return table

@@ -153,15 +153,16 @@ def _wait_ready(process: subprocess.Popen[bytes], port: int, log_path: Path) -> 
     raise TimeoutError(f"server not ready on port {port} after {READY_TIMEOUT_S}s")
 
 
-def start(target: Target, log_dir: Path) -> RunningServer:
-    """Start a fresh redis-server and the target over it; wait until /readyz answers 200."""
+def start(target: Target, log_dir: Path, env: dict[str, str] | None = None) -> RunningServer:
+    """Start a fresh redis-server and the target over it, with `env` added to the
+    server's environment; wait until /readyz answers 200."""
     redis_server = RedisServer(appendonly=False).start()
     port = free_port()
     log_path = log_dir / f"{target.name}-{port}.log"
     log: IO[bytes] = log_path.open("wb")
     process = subprocess.Popen(
         target.command(port, redis_server.url),
-        env=target.environment(redis_server.url),
+        env=target.environment(redis_server.url) | (env or {}),
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,

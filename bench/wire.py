@@ -35,12 +35,29 @@ def get_request(host: str, port: int, path: str, headers: dict[str, str] | None 
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def post_request(host: str, port: int, path: str, body: bytes) -> bytes:
+def post_request(
+    host: str, port: int, path: str, body: bytes, content_type: str = "application/json"
+) -> bytes:
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
+
+
+def chunked_post_head(host: str, port: int, path: str, content_type: str) -> bytes:
+    """The head of a POST whose body follows as chunks (`chunk()`), ended by `LAST_CHUNK`."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
 
 
 class EventCounter:
@@ -263,10 +280,28 @@ class KeepAliveClient(asyncio.Protocol):
             self.waiting.set_exception(ConnectionError("connection closed"))
 
     async def request(self, raw: bytes) -> tuple[int, bytes]:
-        assert self.transport is not None
+        return await self.begin(raw)
+
+    def begin(self, raw: bytes) -> asyncio.Future[tuple[int, bytes]]:
+        """Send the start of a request; the future gets its response. The caller may
+        write more of the body (a chunked upload) on `transport` before it comes."""
         self.waiting = asyncio.get_running_loop().create_future()
-        self.transport.write(raw)
-        return await self.waiting
+        self.write(raw)
+        return self.waiting
+
+    def write(self, data: bytes) -> None:
+        """Write, or raise ConnectionError if the server closed the connection (uvloop
+        raises RuntimeError on a closed transport; asyncio would drop the bytes)."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionError("the connection is closed")
+        try:
+            self.transport.write(data)
+        except RuntimeError as error:
+            raise ConnectionError(str(error)) from error
+
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
 
     def close(self) -> None:
         if self.transport is not None:

@@ -101,6 +101,13 @@ LIST_SCAN_COUNT = 1000
 LIST_SCAN_ROUNDS = 20
 # How long one blocking XREAD waits before it is re-armed anyway (ms).
 LIVE_BLOCK_MS = 5000
+# The live reader spreads its topics over lanes of at most this many, each one
+# blocking XREAD on a connection of its own, so that a topic coming (or an event
+# waking a read) re-arms one lane, not an XREAD over every live topic: re-arming
+# costs in proportion to the keys named (see redis_live.LiveReader). Past
+# LIVE_LANES_MAX lanes per Redis server, lanes grow instead.
+LIVE_LANE_TOPICS = 128
+LIVE_LANES_MAX = 32
 # The reader's reconnect backoff while Redis is unreachable (seconds).
 RECONNECT_BACKOFF_MIN = 0.05
 RECONNECT_BACKOFF_MAX = 2.0

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
-from broker.ids import parse_stream_id
+from broker.ids import StreamPosition, format_stream_id, parse_stream_id
 from broker.model import LogEntry
 from broker.observer import Observer
 from broker.redis_options import drop_idle_connections
@@ -40,45 +40,244 @@ def topic_of(key: bytes) -> str:
     return key[_LOG_KEY_HEAD:-_LOG_KEY_TAIL].decode()
 
 
-class LiveReader:
-    """One blocking XREAD at a time on a connection of its own, which it can interrupt."""
+class _Lane:
+    """Some of the live topics, read by one blocking XREAD on a connection of its own.
 
-    def __init__(self, reader: redis.Redis, commands: redis.Redis) -> None:
+    Its read outlives the ``LiveReader.read`` call that armed it: it is re-armed
+    only when it returned, or when the keys or positions it should name changed.
+    """
+
+    __slots__ = ("armed", "client", "client_id", "task", "topics")
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.client_id: int | None = None
+        self.topics: set[str] = set()
+        self.armed: dict[str, StreamPosition] = {}  # what the running read names, from where
+        self.task: asyncio.Task[Any] | None = None
+
+
+class LiveReader:
+    """The live topics spread over lanes, each one blocking XREAD at a time on a
+    connection of its own, which it can interrupt.
+
+    One XREAD over every live topic would have to be re-sent whole, every key
+    named again, each time a topic comes or an event wakes it: with thousands of
+    topics coming and going that is most of the process's and Redis's work. A
+    lane holds at most ``LIVE_LANE_TOPICS``; a read returns whatever any lane
+    returned, and only that lane (or one whose topics changed) is armed again.
+    One topic: one lane, one connection, as before. A reader whose client is not
+    pinned to one connection (Sentinel's, which looks the primary up at each
+    connect) keeps one lane.
+    """
+
+    def __init__(
+        self,
+        reader: redis.Redis,
+        commands: redis.Redis,
+        *,
+        lane_topics: int = c.LIVE_LANE_TOPICS,
+        max_lanes: int = c.LIVE_LANES_MAX,
+    ) -> None:
         self._reader = reader
         self._commands = commands  # CLIENT UNBLOCK goes over another connection
-        self._reader_id: int | None = None
+        self._lane_topics = lane_topics
+        self._max_lanes = max_lanes if getattr(reader, "single_connection_client", False) else 1
+        self._lanes = [_Lane(reader)]
+        self._lane_of: dict[str, _Lane] = {}
+        self._last: dict[str, StreamPosition] = {}  # the topics and positions of the last read
+        self._dirty: set[_Lane] = set()  # lanes whose keys or positions changed since armed
+        self._wake: asyncio.Event | None = None  # set while a read waits
 
     async def open(self) -> None:
         """Connect now rather than at the first live topic."""
-        self._reader_id = int(await self._reader.client_id())
+        self._lanes[0].client_id = int(await self._reader.client_id())
 
-    async def read(self, streams: dict[str, str], block_ms: int) -> dict[str, list[LogEntry]]:
+    async def read(
+        self, positions: dict[str, StreamPosition], block_ms: int
+    ) -> dict[str, list[LogEntry]]:
+        """Entries after each topic's position, from whichever lanes have some, waiting
+        up to ``block_ms``; {} when interrupted or nothing came."""
+        self._place(positions)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + block_ms / 1000
+        wake = self._wake = asyncio.Event()
         try:
-            if self._reader_id is None:
-                self._reader_id = int(await self._reader.client_id())
-            reply: Any = await self._reader.xread(
+            while True:
+                stale = await self._arm(positions)
+                timeout = max(0.0, deadline - loop.time())
+                batches = await self._wait(positions, wake, timeout, stale)
+                if batches or wake.is_set() or loop.time() >= deadline:
+                    return batches
+        finally:
+            self._wake = None
+
+    def _place(self, streams: dict[str, StreamPosition]) -> None:
+        """Forget topics no longer read; give each new one a lane with room; mark the
+        lanes whose topics came or moved.
+
+        This is the part of a read that grows with the live topics, so it runs in C
+        (set operations on dict views, one dict comparison) and allocates only for
+        what changed: ``_last`` already holds where the lanes' reads moved the
+        positions to (``_collect``), so it equals ``streams`` unless a position
+        moved otherwise (a topic expired: rare). Keys and ids are formatted for
+        Redis only when a lane is armed, for its own topics.
+        """
+        last = self._last
+        for key in last.keys() - streams.keys():
+            del last[key]
+            self._lane_of.pop(key).topics.discard(key)
+        for key in streams.keys() - last.keys():
+            last[key] = streams[key]
+            lane = self._lane_of[key] = self._lane_with_room()
+            lane.topics.add(key)
+            self._dirty.add(lane)
+        if streams != last:
+            for key, _position in streams.items() - last.items():
+                self._dirty.add(self._lane_of[key])
+        self._last = dict(streams)  # ours to move on in _collect; the caller's stays as given
+
+    def _lane_with_room(self) -> _Lane:
+        for lane in self._lanes:
+            if len(lane.topics) < self._lane_topics:
+                return lane
+        if len(self._lanes) < self._max_lanes:
+            pool = self._reader.connection_pool
+            self._lanes.append(
+                _Lane(redis.Redis(connection_pool=pool, single_connection_client=True))
+            )
+            return self._lanes[-1]
+        return min(self._lanes, key=lambda lane: len(lane.topics))
+
+    async def _arm(self, streams: dict[str, StreamPosition]) -> bool:
+        """Start a read on each idle lane with keys; interrupt each running read that
+        no longer names what it should. True if one could not be interrupted yet."""
+        stale = False
+        for lane in self._lanes:
+            if lane.task is None:
+                self._dirty.discard(lane)
+                if lane.topics:
+                    lane.armed = {topic: streams[topic] for topic in lane.topics}
+                    lane.task = asyncio.create_task(self._xread(lane, lane.armed))
+            elif lane in self._dirty:
+                wanted = {topic: streams[topic] for topic in lane.topics}
+                if wanted.items() - lane.armed.items():  # a key new to it, or moved back
+                    stale |= not await self._unblock(lane)
+                else:
+                    self._dirty.discard(lane)
+        return stale
+
+    async def _wait(
+        self, streams: dict[str, StreamPosition], wake: asyncio.Event, timeout: float, stale: bool
+    ) -> dict[str, list[LogEntry]]:
+        running = {lane.task for lane in self._lanes if lane.task is not None}
+        waiter = asyncio.ensure_future(wake.wait())
+        try:
+            # A lane that could not be interrupted yet (its XREAD had not reached
+            # Redis) is asked again soon.
+            await asyncio.wait(
+                running | {waiter},
+                timeout=min(timeout, 0.002) if stale else timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            waiter.cancel()
+        return await self._collect(streams)
+
+    async def _collect(self, streams: dict[str, StreamPosition]) -> dict[str, list[LogEntry]]:
+        """What the lanes that returned read, for the keys they still read from where
+        they were armed (a key re-armed elsewhere is read again from there)."""
+        batches: dict[str, list[LogEntry]] = {}
+        for lane in self._lanes:
+            task = lane.task
+            if task is None or not task.done():
+                continue
+            lane.task = None
+            if task.cancelled() or task.exception() is not None:
+                await self._reset()
+                error = task.exception() if not task.cancelled() else None
+                raise (
+                    error
+                    if isinstance(error, StoreUnavailable)
+                    else StoreUnavailable("live read cancelled")
+                )
+            for key, entries in task.result():
+                topic = key[_LOG_KEY_HEAD:-_LOG_KEY_TAIL]
+                if (
+                    entries
+                    and self._lane_of.get(topic) is lane
+                    and lane.armed.get(topic) == streams.get(topic)
+                ):
+                    batch = [LogEntry(topic, parse_stream_id(i), f) for i, f in entries]
+                    batches[topic] = batch
+                    # Where the hub's next read will start this topic (see _place).
+                    self._last[topic] = batch[-1].position
+        return batches
+
+    async def _xread(self, lane: _Lane, positions: dict[str, StreamPosition]) -> Any:
+        streams = {c.log_key(t): format_stream_id(p) for t, p in positions.items()}
+        try:
+            if lane.client_id is None:
+                lane.client_id = int(await lane.client.client_id())
+            reply: Any = await lane.client.xread(
                 streams,  # type: ignore[arg-type]
                 count=c.LIVE_READ_COUNT,
-                block=block_ms,
+                block=c.LIVE_BLOCK_MS,
             )
         except (RedisError, OSError) as error:
-            self._reader_id = None
+            lane.client_id = None
             await drop_idle_connections(self._commands)
             raise StoreUnavailable(f"live read failed: {error}") from error
-        return {
-            topic_of(key): [LogEntry(topic_of(key), parse_stream_id(i), f) for i, f in entries]
+        return [
+            (key.decode() if isinstance(key, bytes) else key, entries)
             for key, entries in (reply or [])
-        }
+        ]
 
-    async def interrupt(self) -> bool:
-        if self._reader_id is None:
+    async def _unblock(self, lane: _Lane) -> bool:
+        if lane.client_id is None:
             return False
         try:
-            return bool(await self._commands.client_unblock(self._reader_id))
+            return bool(await self._commands.client_unblock(lane.client_id))
         except (RedisError, OSError):
             return False
 
+    async def _reset(self) -> None:
+        """After a failed read: every lane's read ended, the extra lanes' connections
+        closed, all topics placed again at the next read."""
+        await self._end_reads(timeout=2)
+        for lane in self._lanes[1:]:
+            with contextlib.suppress(RedisError, OSError):
+                await lane.client.aclose()
+        self._lanes = [_Lane(self._reader)]
+        self._lane_of, self._last, self._dirty = {}, {}, set()
+
+    async def interrupt(self) -> bool:
+        """Make the waiting read return now; False when none is waiting."""
+        if self._wake is None:
+            return False
+        self._wake.set()
+        return True
+
+    async def _end_reads(self, timeout: float | None) -> None:
+        """Unblock and cancel every lane's running read, and wait for them to end
+        (without taking their errors for ours, nor swallowing our own cancellation)."""
+        tasks = [lane.task for lane in self._lanes if lane.task is not None]
+        for lane in self._lanes:
+            if lane.task is not None:
+                await self._unblock(lane)
+                lane.task.cancel()
+                lane.task = None
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a failed read's error was already reported
+
     async def close(self) -> None:
+        await self._end_reads(timeout=2)
+        for lane in self._lanes:
+            if lane.client is not self._reader:
+                await lane.client.aclose()
         await self._reader.aclose()
 
 
@@ -119,7 +318,10 @@ class ClusterLiveReader:
     async def open(self) -> None:
         """Nothing yet: a primary's connection opens with its first live topic."""
 
-    async def read(self, streams: dict[str, str], block_ms: int) -> dict[str, list[LogEntry]]:
+    async def read(
+        self, positions: dict[str, StreamPosition], block_ms: int
+    ) -> dict[str, list[LogEntry]]:
+        streams = {c.log_key(t): format_stream_id(pos) for t, pos in positions.items()}
         groups = await self._group_by_node_and_slot(streams)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + block_ms / 1000

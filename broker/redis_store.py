@@ -400,8 +400,7 @@ class RedisStreamStore:
     async def read_live(
         self, positions: dict[str, StreamPosition], block_ms: int
     ) -> dict[str, list[LogEntry]]:
-        streams = {c.log_key(t): format_stream_id(pos) for t, pos in positions.items()}
-        return await self._live.read(streams, block_ms)
+        return await self._live.read(positions, block_ms)
 
     async def interrupt_live_read(self) -> bool:
         """Unblock the live XREAD; False when it was not (yet) blocked."""

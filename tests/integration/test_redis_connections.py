@@ -1,9 +1,10 @@
-"""Each process holds a fixed number of Redis connections, whatever the load.
+"""Each process holds a bounded number of Redis connections, whatever the load.
 
-The command pool is opened whole when the store opens, plus one connection for
-the live reader; bursts of reads, subscribes and publishes wait for a free
-connection instead of opening more, and after a Redis restart the pool opens
-them all again. Counted by the server itself (CLIENT LIST, INFO clients).
+The command pool is opened whole when the store opens, plus the live reader's
+connection per lane of LIVE_LANE_TOPICS live topics (at most LIVE_LANES_MAX);
+bursts of reads, subscribes and publishes wait for a free connection instead of
+opening more, and after a Redis restart the pool opens them all again. Counted by
+the server itself (CLIENT LIST, INFO clients).
 """
 
 from __future__ import annotations
@@ -75,16 +76,22 @@ async def test_a_burst_of_commands_opens_no_connection(private_redis: RedisServe
 async def test_subscribers_arriving_in_waves_open_no_connection(
     broker: Broker, private_redis: RedisServer
 ) -> None:
-    """The idle benchmark in small: subscribers "from now" come 200 at a time."""
-    expected = c.REDIS_POOL_SIZE + 1  # the command pool, the live reader
-    assert await broker_connections(private_redis.url) == expected
+    """The idle benchmark in small: subscribers "from now" come 200 at a time. Only the
+    live reader's lanes grow, one per LIVE_LANE_TOPICS live topics (at most
+    LIVE_LANES_MAX), whatever the subscribers."""
+    assert await broker_connections(private_redis.url) == c.REDIS_POOL_SIZE + 1
     subscriptions = []
     try:
-        for _ in range(5):
+        for wave_number in range(1, 6):
             wave = fresh_topics(200)  # each one's state is read: no two share a read
             subscriptions += await asyncio.gather(*(broker.subscribe({t: "now"}) for t in wave))
-            assert await broker_connections(private_redis.url) == expected
-        assert broker.hub.subscriber_count == 1000
+            lanes = min(c.LIVE_LANES_MAX, -(-200 * wave_number // c.LIVE_LANE_TOPICS))
+            await wait_for_connections(private_redis.url, c.REDIS_POOL_SIZE + lanes, 10)
+        more = await asyncio.gather(*(broker.subscribe({t: "now"}) for t in wave))
+        subscriptions += more  # more subscribers of the same topics: no connection
+        await asyncio.sleep(0.2)
+        assert await broker_connections(private_redis.url) == c.REDIS_POOL_SIZE + lanes
+        assert broker.hub.subscriber_count == 1200
     finally:
         for subscription in subscriptions:
             subscription.close()

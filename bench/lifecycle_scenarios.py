@@ -1,0 +1,275 @@
+"""The short-lived-topic scenarios, orchestrator side: `sessions` and `churn`.
+
+The load-generator side is `bench/lifecycle_jobs.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import time
+import uuid
+from typing import Any
+
+from bench.config import Sizes
+from bench.loadgen import LoadGenerators, Message, split
+from bench.measure import (
+    Outcome,
+    Window,
+    redis_command_stats,
+    redis_memory_bytes,
+)
+from bench.progress import say
+from bench.servers import HOST, RunningServer
+
+MODES = {"post": "one POST per token", "ingest": "streaming ingest (NDJSON)"}
+TTL_POLL_S = 0.25
+CHURN_END_WAIT_S = 3.0  # after the window, for its last events (and ends) to arrive
+WATCHED_COMMANDS = ("xread", "client|unblock", "evalsha", "xrange", "xrevrange")
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _spec(server: RunningServer, **fields: Any) -> Message:
+    return {"host": HOST, "port": server.port, **fields}
+
+
+def _direct_publisher_note() -> str:
+    if importlib.util.find_spec("brokerclient") is None:
+        return "(c) direct Redis publisher: skipped, no brokerclient package on this branch"
+    return "(c) direct Redis publisher: brokerclient exists but the bench does not drive it yet"
+
+
+# ---- sessions -------------------------------------------------------------------------------
+
+
+async def sessions(server: RunningServer, pool: LoadGenerators, sizes: Sizes) -> Outcome:
+    """N generations at once, each on a new topic, by each way of publishing in turn;
+    then, past the TTL, what is left in Redis."""
+    outcome = Outcome()
+    broker = server.target.name == "broker"
+    memory0 = redis_memory_bytes(server)
+    note = _direct_publisher_note()
+    say(f"sessions: {note}")
+    outcome.details["direct_publisher"] = note
+    modes = [m for m in sizes.sessions_modes.split(",") if m in MODES and (broker or m == "post")]
+    for mode in modes:
+        await _sessions_mode(server, pool, sizes, mode, broker, outcome)
+    if len(modes) == len(MODES):
+        post, ingest = (outcome.figures[f"cpu_us_per_token_{m}"] for m in MODES)
+        outcome.figures["ingest_vs_post_cpu"] = ingest / post if post else float("nan")
+    await _after_ttl(server, sizes, broker, memory0, outcome)
+    return outcome
+
+
+def _sessions_specs(
+    server: RunningServer, pool: LoadGenerators, sizes: Sizes, mode: str, closes: bool
+) -> list[Message]:
+    counts = split(sizes.sessions_concurrent, pool.size)
+    firsts = [sum(counts[:i]) for i in range(len(counts))]
+    start_at = time.time() + 0.5
+    return [
+        _spec(
+            server, mode=mode, close=closes, slots=n, first_slot=first,
+            rounds=sizes.sessions_rounds, tokens=sizes.sessions_tokens,
+            rate=sizes.sessions_rate, drop_fraction=sizes.sessions_drop_fraction,
+            grace_s=sizes.sessions_grace_s, seed=f"{mode}:{first}",
+            prefix=f"bench.sessions.{mode}.{uuid.uuid4().hex[:8]}", start_at=start_at,
+        )
+        for n, first in zip(counts, firsts, strict=True)
+    ]  # fmt: skip
+
+
+async def _sessions_mode(
+    server: RunningServer,
+    pool: LoadGenerators,
+    sizes: Sizes,
+    mode: str,
+    closes: bool,
+    outcome: Outcome,
+) -> None:
+    specs = _sessions_specs(server, pool, sizes, mode, closes)
+    total = sizes.sessions_concurrent * sizes.sessions_rounds
+    say(
+        f"sessions ({MODES[mode]}): {sizes.sessions_concurrent} at once, {total} in all, "
+        f"{sizes.sessions_tokens} tokens at {sizes.sessions_rate:g}/s each"
+    )
+    await asyncio.sleep(max(0.0, specs[0]["start_at"] - time.time() - 0.05))
+    window, mode_outcome = Window(server), Outcome()
+    pool.start_job("sessions", specs)
+    results = await pool.results()
+    window.close()
+    window.account(mode_outcome, results)
+    _session_figures(outcome, mode, results, window)
+    outcome.details[mode] |= mode_outcome.details
+    outcome.warnings += [f"{mode}: {w}" for w in mode_outcome.warnings]
+
+
+def _session_figures(outcome: Outcome, mode: str, results: list[Message], window: Window) -> None:
+    summed = {
+        key: sum(r[key] for r in results)
+        for key in (
+            "sessions", "exact", "ended", "dropped_and_resumed", "connects", "gaps",
+            "tokens_received", "tokens_published", "publish_failed", "subscribe_failed",
+        )
+    }  # fmt: skip
+    latencies = [ms for r in results for ms in r["latencies_ms"]]
+    late = [s for r in results for s in r["late_s"]]
+    tokens = max(summed["tokens_published"], 1)
+    outcome.details[mode] = summed | {
+        "inexact_examples": [e for r in results for e in r["inexact_examples"]][:5],
+        "publish_failures": {k: v for r in results for k, v in r["failures"].items()},
+        "latency_samples": len(latencies),
+        "latency_max_ms": max(latencies, default=float("nan")),
+        "generation_late_p99_s": _percentile(late, 0.99),
+        "server_cpu_s": window.server_cpu_s,
+        "redis_cpu_s": window.costs["redis"],
+    }
+    if summed["exact"] < summed["sessions"]:
+        outcome.warnings.append(
+            f"{mode}: only {summed['exact']} of {summed['sessions']} sessions were exact"
+        )
+    outcome.figures |= {
+        f"exact_pct_{mode}": 100.0 * summed["exact"] / max(summed["sessions"], 1),
+        f"cpu_us_per_token_{mode}": 1e6 * window.server_cpu_s / tokens,
+        f"redis_cpu_us_per_token_{mode}": 1e6 * window.costs["redis"] / tokens,
+        f"latency_p50_ms_{mode}": _percentile(latencies, 0.50),
+        f"latency_p99_ms_{mode}": _percentile(latencies, 0.99),
+    }
+
+
+async def _after_ttl(
+    server: RunningServer, sizes: Sizes, expires: bool, memory0: int, outcome: Outcome
+) -> None:
+    """Wait (bounded) for Redis to expire every topic; the keys and memory left."""
+    client = server.redis_client
+    keys_before = int(client.dbsize())
+    waited = 0.0
+    if expires:
+        say(f"sessions: waiting for the {sizes.sessions_ttl_s:g}s topic TTL ({keys_before} keys)")
+        began = time.monotonic()
+        deadline = began + sizes.sessions_ttl_s + sizes.sessions_grace_s
+        while int(client.dbsize()) and time.monotonic() < deadline:
+            await asyncio.sleep(TTL_POLL_S)
+        waited = time.monotonic() - began
+    keys = int(client.dbsize())
+    memory = redis_memory_bytes(server)
+    outcome.details["redis_after_ttl"] = {
+        "ttl_s": sizes.sessions_ttl_s if expires else None,
+        "keys_before": keys_before,
+        "keys_after": keys,
+        "waited_s": waited,
+        "used_memory_before_bytes": memory0,
+        "used_memory_after_bytes": memory,
+    }
+    outcome.figures["redis_keys_after_ttl"] = float(keys)
+    outcome.figures["redis_memory_kb_after_ttl"] = (memory - memory0) / 1024
+
+
+# ---- churn ----------------------------------------------------------------------------------
+
+
+async def churn(server: RunningServer, pool: LoadGenerators, sizes: Sizes) -> Outcome:
+    """Topics come and go at a steady rate while `churn_live` stay open; the window is
+    measured once the ramp (one topic lifetime) has filled them."""
+    outcome = Outcome()
+    lifetime = sizes.churn_live / sizes.churn_rate
+    start_at = time.time() + 1.0
+    prefix = f"bench.churn.{uuid.uuid4().hex[:8]}"
+    specs = [
+        _spec(
+            server, rate=sizes.churn_rate / pool.size, lifetime_s=lifetime,
+            events=sizes.churn_events, start_at=start_at, measure_s=sizes.churn_measure_s,
+            grace_s=CHURN_END_WAIT_S, publishers=sizes.churn_publishers, prefix=f"{prefix}.{i}",
+        )
+        for i in range(pool.size)
+    ]  # fmt: skip
+    pool.start_job("churn", specs)
+    say(
+        f"churn: {sizes.churn_rate:g} new topics/s, {sizes.churn_live} live; "
+        f"ramp {lifetime:.0f}s, then {sizes.churn_measure_s:g}s measured"
+    )
+    await asyncio.sleep(max(0.0, start_at + lifetime - time.time()))
+    window, stats0 = Window(server), redis_command_stats(server)
+    await asyncio.sleep(sizes.churn_measure_s)
+    window.close()
+    stats1 = redis_command_stats(server)
+    results = await pool.results()
+    window.account(outcome, results)
+    _churn_figures(outcome, results, window, _commands_delta(stats0, stats1))
+    return outcome
+
+
+def _commands_delta(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+) -> dict[str, dict[str, float]]:
+    delta = {}
+    for name, (calls, usec) in after.items():
+        calls0, usec0 = before.get(name, (0, 0))
+        if calls > calls0:
+            delta[name] = {
+                "calls": calls - calls0,
+                "usec": usec - usec0,
+                "usec_per_call": (usec - usec0) / (calls - calls0),
+            }
+    return dict(sorted(delta.items(), key=lambda item: -item[1]["usec"]))
+
+
+def _churn_figures(
+    outcome: Outcome,
+    results: list[Message],
+    window: Window,
+    commands: dict[str, dict[str, float]],
+) -> None:
+    latencies = [ms for r in results for ms in r["latencies_ms"]]
+    publishes = [ms for r in results for ms in r["publish_ms"]]
+    deliveries = [ms for r in results for ms in r["delivery_ms"]]
+    sent = sum(r["sent_in_window"] for r in results)
+    received = sum(r["received_in_window"] for r in results)
+    seconds = max(window.seconds, 1e-9)
+    topics = sum(r["topics"] for r in results)
+    live = sum(r["live_at_window_start"] or 0 for r in results)
+    outcome.details |= {
+        "topics_created": topics,
+        "subscribe_failed": sum(r["subscribe_failed"] for r in results),
+        "publish_failed": sum(r["publish_failed"] for r in results),
+        "ends_received": sum(r["ended"] for r in results),
+        "sent_in_window": sent,
+        "received_in_window": received,
+        "latency_max_ms": max(latencies, default=float("nan")),
+        "publish_answer_p50_ms": _percentile(publishes, 0.50),
+        "publish_answer_p99_ms": _percentile(publishes, 0.99),
+        "server_cpu_s": window.server_cpu_s,
+        "redis_cpu_s": window.costs["redis"],
+        "redis_commands": {n: commands[n] for n in WATCHED_COMMANDS if n in commands},
+        "redis_commands_all": commands,
+        "xread_per_s": commands.get("xread", {}).get("calls", 0) / seconds,
+    }
+    if not sent:
+        outcome.warnings.append(
+            "no event sent in the window was acknowledged in it: the server fell behind its "
+            "publishers, nothing was timed"
+        )
+    for key in ("subscribe_failed", "publish_failed"):
+        if outcome.details[key]:
+            outcome.warnings.append(f"{outcome.details[key]} {key.replace('_', ' ')}")
+    outcome.figures |= {
+        "new_topics_per_s": sum(r["created_per_s"] for r in results),
+        "live_topics": float(live),
+        "delivery_p50_ms": _percentile(deliveries, 0.50),
+        "delivery_p99_ms": _percentile(deliveries, 0.99),
+        "latency_p50_ms": _percentile(latencies, 0.50),
+        "latency_p99_ms": _percentile(latencies, 0.99),
+        "delivered_pct": 100.0 * received / sent if sent else float("nan"),
+        "server_cores": window.server_cpu_s / seconds,
+        "redis_cores": window.costs["redis"] / seconds,
+        "xread_us": commands.get("xread", {}).get("usec_per_call", float("nan")),
+    }
+
+
+SCENARIO_FUNCTIONS = {"sessions": sessions, "churn": churn}

@@ -1,0 +1,118 @@
+"""The live reader's lanes: with many live topics, a topic coming re-arms one lane's
+XREAD (at most LIVE_LANE_TOPICS keys), not one XREAD over every live topic; and every
+entry of every lane is read once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+
+from broker import StoreUnavailable
+from broker import constants as c
+from broker.ids import StreamPosition
+from broker.model import NewEvent
+from broker.redis_open import open_store
+from broker.redis_store import RedisStreamStore
+from tests.support.redis_server import RedisServer
+
+TOPICS = 2 * c.LIVE_LANE_TOPICS + 44  # three lanes, the last with room
+
+
+def _topics(count: int) -> list[str]:
+    prefix = uuid.uuid4().hex[:8]
+    return [f"lanes-{prefix}-{i}" for i in range(count)]
+
+
+@pytest.fixture
+def xread_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of keys each XREAD named, in order."""
+    named: list[int] = []
+    original = redis.Redis.xread
+
+    async def counting(self: redis.Redis, streams: Any, *args: Any, **kwargs: Any) -> Any:
+        named.append(len(streams))
+        return await original(self, streams, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "xread", counting)
+    return named
+
+
+async def _read_until(
+    store: RedisStreamStore, positions: dict[str, StreamPosition], wanted: int
+) -> dict[str, list[str]]:
+    """Read as the hub does (positions moved past what was read) until `wanted`
+    entries came; bounded in time."""
+    got: dict[str, list[str]] = {}
+    deadline = time.monotonic() + 10
+    while sum(len(ids) for ids in got.values()) < wanted:
+        assert time.monotonic() < deadline, got
+        for topic, entries in (await store.read_live(positions, 500)).items():
+            got.setdefault(topic, []).extend(str(e.id) for e in entries)
+            positions[topic] = entries[-1].position
+    return got
+
+
+async def test_a_new_topic_rearms_one_lane_not_every_topic(
+    store: RedisStreamStore, xread_keys: list[int]
+) -> None:
+    topics = _topics(TOPICS + 1)
+    positions: dict[str, StreamPosition] = {t: (0, 0) for t in topics[:-1]}
+    assert await store.read_live(positions, 50) == {}  # every lane armed, nothing came
+    xread_keys.clear()
+    newcomer = topics[-1]
+    positions[newcomer] = (0, 0)
+    await store.append(newcomer, [NewEvent(data='"first"')])
+    got = await _read_until(store, positions, 1)
+    assert list(got) == [newcomer]
+    assert xread_keys and max(xread_keys) <= c.LIVE_LANE_TOPICS, xread_keys
+
+
+async def test_entries_of_topics_on_every_lane_arrive_once(store: RedisStreamStore) -> None:
+    topics = _topics(TOPICS)
+    positions: dict[str, StreamPosition] = {t: (0, 0) for t in topics}
+    assert await store.read_live(positions, 50) == {}
+    for round_ in range(2):
+        appended = await asyncio.gather(
+            *(store.append(t, [NewEvent(data=str(round_))]) for t in topics)
+        )
+        got = await _read_until(store, positions, len(topics))
+        assert got == {t: [str(r.ids[0])] for t, r in zip(topics, appended, strict=True)}
+
+
+async def test_lanes_read_again_after_redis_restarts(private_redis: RedisServer) -> None:
+    """Every lane's read fails with the connection; the next reads, once Redis is back,
+    read every topic again from where it was (lanes and their connections anew)."""
+    store = open_store(private_redis.url)
+    try:
+        topics = _topics(TOPICS)
+        positions: dict[str, StreamPosition] = {t: (0, 0) for t in topics}
+        assert await store.read_live(positions, 50) == {}
+        private_redis.restart(keep_data=True)
+        deadline = time.monotonic() + 20
+        while True:  # as the hub does: read again (after a failure) until Redis answers
+            assert time.monotonic() < deadline
+            try:
+                await store.append(topics[-1], [NewEvent(data='"back"')])
+                break
+            except StoreUnavailable:
+                await asyncio.sleep(0.1)
+        got: dict[str, list[str]] = {}
+        while not got:
+            assert time.monotonic() < deadline
+            with contextlib.suppress(StoreUnavailable):
+                got = {t: [str(e.id) for e in es] for t, es in
+                       (await store.read_live(positions, 500)).items()}  # fmt: skip
+        assert list(got) == [topics[-1]] and len(got[topics[-1]]) == 1
+        positions[topics[-1]] = (await store.state(topics[-1])).last_issued
+        appended = await asyncio.gather(*(store.append(t, [NewEvent(data="1")]) for t in topics))
+        assert await _read_until(store, positions, len(topics)) == {
+            t: [str(r.ids[0])] for t, r in zip(topics, appended, strict=True)
+        }
+    finally:
+        await store.close()
