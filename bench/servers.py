@@ -65,8 +65,9 @@ class Target:
         return env
 
     def authorized(self, path: str) -> str:
-        """``path`` with this target's token (``?access_token=``: one way for every request
-        the scenarios build; the check is the same as for a Bearer header)."""
+        """``path`` marked with this target's token (``?access_token=``: one way for every
+        request the scenarios build); ``wire`` sends it as an ``Authorization: Bearer``
+        header, as producers do."""
         if not self.auth:
             return path
         return f"{path}{'&' if '?' in path else '?'}access_token={bench_token()}"

@@ -29,17 +29,32 @@ HEADER_END = b"\r\n\r\n"
 RECV_SIZE = 256 * 1024
 
 
+def with_token(path: str) -> tuple[str, str]:
+    """A target marks a request's path with its token (``access_token=``, see
+    ``servers.Target.authorized``); it is sent as ``Authorization: Bearer``, the way
+    producers and servers send it, so the auth comparison measures that: the path
+    without it, and the header line ("" without a token)."""
+    head, found, rest = path.partition("access_token=")
+    if not found:
+        return path, ""
+    token, _, tail = rest.partition("&")
+    base = (head + tail).rstrip("?&")
+    return base, f"Authorization: Bearer {token}\r\n"
+
+
 def get_request(host: str, port: int, path: str, headers: dict[str, str] | None = None) -> bytes:
+    path, authorization = with_token(path)
     lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Accept: text/event-stream"]
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return ("\r\n".join(lines) + "\r\n" + authorization + "\r\n").encode()
 
 
 def post_request(
     host: str, port: int, path: str, body: bytes, content_type: str = "application/json"
 ) -> bytes:
+    path, authorization = with_token(path)
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{authorization}"
         f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
@@ -47,8 +62,9 @@ def post_request(
 
 def chunked_post_head(host: str, port: int, path: str, content_type: str) -> bytes:
     """The head of a POST whose body follows as chunks (`chunk()`), ended by `LAST_CHUNK`."""
+    path, authorization = with_token(path)
     return (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{authorization}"
         f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
     ).encode()
 
