@@ -63,6 +63,7 @@ access_log = logging.getLogger("uvicorn.access")
 APP_STATE_KEY = "broker.app"
 """Where the app's lifespan leaves itself in uvicorn's app state, for this module."""
 END_OF_BODY = b"0\r\n\r\n"
+CLOSE = (b"connection", b"close")
 BODY_HEADERS = (b"content-length", b"transfer-encoding")
 
 
@@ -192,7 +193,10 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._transport.resume_reading()  # to see the client go
 
     def _response_head(self, retry_ms: int, extra: list[tuple[bytes, bytes]]) -> bytes:
-        headers = [*STREAM_HEADERS, *extra, (b"transfer-encoding", b"chunked")]
+        # The connection ends with the stream (a StreamConnection serves no other
+        # request): said up front, so that a client whose stream ended (broker.end,
+        # a drain) does not send its next request down a socket that is closing.
+        headers = [*STREAM_HEADERS, *extra, (b"transfer-encoding", b"chunked"), CLOSE]
         return response_head(200, headers, self._server_state) + chunk_of(retry_hint(retry_ms))
 
     def _answer(self, response: Response) -> None:
