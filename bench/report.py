@@ -84,7 +84,13 @@ def render_table(table: list[dict[str, Any]]) -> str:
         )
         for row in table
     ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    return layout(cells)
+
+
+def layout(cells: list[tuple[str, ...]]) -> str:
+    """Rows of text cells (the first one the header) as an aligned table: the first
+    column to the left, the figures to the right, a rule under the header."""
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     lines = [
         " | ".join(
             c.ljust(w) if i == 0 else c.rjust(w)
@@ -129,16 +135,7 @@ def render_auth_table(table: list[dict[str, Any]]) -> str:
         )
         for row in table
     ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
-    lines = [
-        " | ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in cells
-    ]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return layout(cells)
 
 
 def _json_safe(value: Any) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bench.report import Results, _number
+from bench.report import Results, _number, layout
 
 # (scenario, figure) -> (which way the quotient broker / Nchan must go, the bound).
 RATIO_TARGETS: dict[tuple[str, str], tuple[str, float]] = {
@@ -72,13 +72,4 @@ def render(table: list[dict[str, Any]]) -> str:
         )
         for row in table
     ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    lines = [
-        " | ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in cells
-    ]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return layout(cells)
