@@ -309,7 +309,7 @@ class StreamConnection(asyncio.Protocol):
     def write(self, chunk: bytes) -> bool:
         if self._paused:
             return False  # the subscription queues it for the pump, bounded
-        self._transport.write(chunk_of(chunk))
+        self._transport.write(SHARED_CHUNKS.of(chunk))
         return True
 
     def unsent_bytes(self) -> int:
@@ -370,6 +370,26 @@ class StreamConnection(asyncio.Protocol):
 def chunk_of(data: bytes) -> bytes:
     """One chunk of a chunked HTTP/1.1 body."""
     return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class _LastChunk:
+    """``chunk_of`` that keeps its last answer: the hub hands the same frames object
+    to every subscriber of a topic in a row, so a broadcast frames its chunk once,
+    not once per socket."""
+
+    __slots__ = ("_chunk", "_data")
+
+    def __init__(self) -> None:
+        self._data = b""
+        self._chunk = chunk_of(b"")
+
+    def of(self, data: bytes) -> bytes:
+        if data is not self._data:
+            self._data, self._chunk = data, chunk_of(data)
+        return self._chunk
+
+
+SHARED_CHUNKS = _LastChunk()
 
 
 def stream_request(data: bytes, app: Any) -> tuple[Request, dict[str, StartFrom]] | None:

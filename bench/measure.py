@@ -85,6 +85,7 @@ class Window:
         self.tree1 = sample_tree(self.server.pid)
         self.costs = {
             "server": self.tree1.cpu_s - self.tree0.cpu_s,
+            "server_kernel": self.tree1.sys_s - self.tree0.sys_s,
             "redis": redis_cpu(self.server) - self.redis0,
             "orchestrator": own_cpu_seconds() - self.own0,
             "machine": machine_busy_seconds() - self.machine0,
@@ -116,6 +117,10 @@ class Window:
         cores = {name: round(cpu / wall, 3) for name, cpu in parties.items()}
         cores["other_processes"] = round(other / wall, 3)
         outcome.details["window_s"] = self.seconds
+        # The kernel's share (socket writes, mostly): what no user-space change can cut.
+        outcome.details["server_kernel_share"] = round(
+            self.costs["server_kernel"] / max(self.costs["server"], 1e-9), 3
+        )
         outcome.details["cores_used"] = cores
         _machine_warnings(outcome, cores)
 

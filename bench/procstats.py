@@ -18,12 +18,14 @@ PROC = Path("/proc")
 
 @dataclass(frozen=True)
 class TreeSample:
-    """CPU seconds (user + system) and resident kilobytes summed over a process tree."""
+    """CPU seconds (user + system, and system alone) and resident kilobytes summed over
+    a process tree."""
 
     pids: tuple[int, ...]
     cpu_s: float
     rss_kb: int
     at: float
+    sys_s: float = 0.0
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -66,6 +68,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def sys_seconds(pid: int) -> float:
+    """System (kernel) CPU of one process, 0 if it is gone."""
+    fields = _stat_fields(pid)
+    return 0.0 if fields is None else int(fields[12]) / CLOCK_TICKS
+
+
 def rss_kb(pid: int) -> int:
     """Resident set size of one process in kB, 0 if it is gone."""
     try:
@@ -98,6 +106,7 @@ def sample_tree(root: int) -> TreeSample:
         cpu_s=sum(cpu_seconds(pid) for pid in pids),
         rss_kb=sum(rss_kb(pid) for pid in pids),
         at=time.monotonic(),
+        sys_s=sum(sys_seconds(pid) for pid in pids),
     )
 
 

@@ -139,7 +139,12 @@ async def _fan_out(
     outcome.details["sockets_per_server_process"] = worker_sockets(server)
     if subscribed < audience.subscribers:
         outcome.warnings.append(f"only {subscribed} of {audience.subscribers} subscribed")
+    settle = Window(server)
     await asyncio.sleep(1.0)  # let every subscription reach its blocking read
+    settle.close()
+    # What holding the audience costs with nothing to deliver (timers, heartbeats): it
+    # is billed to the deliveries of the window that follows, so it is shown apart.
+    outcome.details["idle_server_cores_before"] = round(settle.server_cpu_s / settle.seconds, 3)
     say(f"{name}: publishing {count} events at {audience.rate:g}/s to {subscribed} subscribers")
     window = Window(server)
     pool.broadcast({"go": True})
@@ -158,6 +163,22 @@ async def _fan_out(
     return outcome
 
 
+def _latency_by_event(outcome: Outcome, results: list[Message]) -> None:
+    """The median and p99 latency of each event, when every sampled subscriber saw every
+    event (each one's latencies are in event order): a p99 made by one slow event (the
+    first, a pause) looks very different from one made by the last sockets of each."""
+    count = outcome.details.get("published", 0)
+    per_process = [r["latencies_ms"] for r in results]
+    if not count or any(len(lat) % count for lat in per_process):
+        return
+    by_event: list[list[float]] = [[] for _ in range(count)]
+    for latencies in per_process:
+        for index, ms in enumerate(latencies):
+            by_event[index % count].append(ms)
+    outcome.details["latency_p50_ms_by_event"] = [round(_percentile(e, 0.5)) for e in by_event]
+    outcome.details["latency_p99_ms_by_event"] = [round(_percentile(e, 0.99)) for e in by_event]
+
+
 def _publish_warnings(outcome: Outcome, count: int, pacer: Pacer) -> None:
     if pacer.failed:
         outcome.warnings.append(f"{pacer.failed} publishes were not acknowledged")
@@ -173,6 +194,7 @@ def _fanout_figures(
 ) -> None:
     delivered = sum(r["delivered"] for r in results)
     latencies = [ms for r in results for ms in r["latencies_ms"]]
+    _latency_by_event(outcome, results)
     outcome.details |= {
         "expected_deliveries": expected,
         "delivered": delivered,

@@ -27,7 +27,7 @@ from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.expiry import ExpiryWatch
 from broker.ids import StreamPosition
-from broker.model import LogEntry, LogState
+from broker.model import LiveBatch, LogEntry, LogState
 from broker.observer import Observer
 from broker.store import Store
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class LiveSubscriber(Protocol):
     """What the hub pushes into."""
 
-    def offer(self, entries: list[LogEntry], size: int) -> int:
+    def offer(self, batch: LiveBatch) -> int:
         """New entries of one topic, oldest first; must not block.
 
         Returns how many it wrote to its client right away (0 when it queued them).
@@ -232,7 +232,7 @@ class Hub:
         finally:
             self._reading = False
         await self._check_trimmed_past(positions, batches)
-        self._dispatch(batches)
+        self._dispatch(batches, positions)
         if batches and self._linger_s:
             # Under load, let events gather in Redis for a moment: the next read
             # returns them together, and each subscriber gets them in one write
@@ -240,22 +240,28 @@ class Hub:
             # first event still goes out at once: this only follows a dispatch.
             await asyncio.sleep(self._linger_s)
 
-    def _dispatch(self, batches: dict[str, list[LogEntry]]) -> None:
+    def _dispatch(
+        self, batches: dict[str, list[LogEntry]], armed: dict[str, StreamPosition]
+    ) -> None:
+        """Offer each topic's entries to its subscribers. ``armed``: where the read
+        that returned them started, topic by topic."""
         policies = self._store.policies
         now = time.monotonic()
         for topic, entries in batches.items():
             feed = self._feeds.get(topic)
             if feed is None or not entries:
                 continue
+            # A topic that did not exist is read from (0, 0): its new log from the start.
+            from_origin = feed.epoch is None and armed.get(topic) == (0, 0)
+            batch = LiveBatch(entries, from_origin=from_origin, at=now)
             feed.position = entries[-1].position
             feed.epoch = entries[-1].epoch
             if policies.expiring and (ttl_ms := policies.for_topic(topic).ttl_ms):
                 self._expiry.note(topic, now, ttl_ms / 1000)  # an append moved its expiry
-            size = sum(len(entry.frame) for entry in entries)
             delivered = 0
             for subscriber in tuple(feed.subscribers):
                 try:
-                    delivered += subscriber.offer(entries, size)
+                    delivered += subscriber.offer(batch)
                 except Exception:
                     log.exception("topic %s: a subscriber failed to take entries", topic)
                     _abandon(subscriber)

@@ -90,6 +90,34 @@ class LogEntry:
         return self.fields.get(c.FIELD_DATA, b"")
 
 
+class LiveBatch:
+    """One topic's new entries from one live read, as the hub offers them to every
+    subscriber of the topic: what each subscriber's direct write needs to know about
+    them is worked out once here, not once per subscriber."""
+
+    __slots__ = ("_frames", "at", "ends", "entries", "epoch", "from_origin", "size")
+
+    def __init__(self, entries: list[LogEntry], *, from_origin: bool, at: float) -> None:
+        self.entries = entries
+        self.size = sum(len(entry.frame) for entry in entries)
+        first_epoch = entries[0].epoch
+        self.epoch = first_epoch if all(e.epoch == first_epoch for e in entries) else None
+        """Their log's epoch, None if the read crossed from one log into another."""
+        self.from_origin = from_origin
+        """Read from the very start of a log that did not exist when its reader last
+        looked: no entry of that log came before these."""
+        self.ends = entries[-1].is_control  # (an end or a deletion is always a log's last)
+        self.at = at  # the hub's clock when it read them
+        self._frames: bytes | None = None
+
+    @property
+    def frames(self) -> bytes:
+        """Every entry's single-topic frame, joined once."""
+        if self._frames is None:
+            self._frames = b"".join(entry.frame for entry in self.entries)
+        return self._frames
+
+
 @dataclass(frozen=True, slots=True)
 class LogState:
     """What the store knows about a topic's log, read atomically."""

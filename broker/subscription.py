@@ -41,8 +41,8 @@ from broker.errors import StoreUnavailable, StreamOver
 from broker.fanout import Hub
 from broker.framing import HEARTBEAT, gap_frame, id_line
 from broker.heartbeat import HeartbeatClock
-from broker.ids import EventId, format_cursor
-from broker.model import LogEntry, LogPage, LogState
+from broker.ids import ORIGIN, EventId, format_cursor
+from broker.model import LiveBatch, LogEntry, LogPage, LogState
 from broker.observer import Observer
 from broker.resume import Gap, earliest_point, latest_point, resume_point
 from broker.sink import PulledSink, StreamSink
@@ -188,15 +188,15 @@ class Subscription:
 
     # -- what the hub calls ------------------------------------------------
 
-    def offer(self, entries: list[LogEntry], size: int) -> int:
+    def offer(self, batch: LiveBatch) -> int:
         if self._dropped or self._closed:
             return 0
         if self._parked_live():
-            written = self._write_directly(entries, size)
+            written = self._write_directly(batch)
             if written is not None:
                 return written
-        self._pending += entries
-        self._pending_bytes += size
+        self._pending += batch.entries
+        self._pending_bytes += batch.size
         if self._pending_bytes > self._buffer_limit:
             self._overflow()
         self._wake(True)
@@ -206,34 +206,42 @@ class Subscription:
         """Live, nothing queued, and the consumer idle: nothing can be overtaken."""
         return self._consumer_idle and not self._pending and not self._resync
 
-    def _write_directly(self, entries: list[LogEntry], size: int) -> int | None:
+    def _write_directly(self, batch: LiveBatch) -> int | None:
         """The steady state of a stream, with no task wake-up per event: the reader's
         call writes the frames (shared, for a single topic) straight to the client.
 
-        None when this cannot be done here (another epoch, or the client's socket
-        is full): the entries then take the queued path. What the socket could not
-        send at once stays in the edge's buffer, and counts against the same limit
-        as a queue: past it, the subscriber is dropped.
+        None when this cannot be done here (another log than the cursor's, the
+        topic's end, or the client's socket is full): the entries then take the
+        queued path. What the socket could not send at once stays in the edge's
+        buffer, and counts against the same limit as a queue: past it, the
+        subscriber is dropped.
         """
+        if batch.ends:
+            return None  # the queued path delivers an end or a deletion, then ends the stream
+        entries = batch.entries
         topic = entries[0].topic
         position = self._positions[topic]
-        if any(e.epoch != position.epoch for e in entries):
-            return None
-        if entries[-1].is_control:  # (an end or a deletion is always a log's last entry)
-            return None  # the queued path delivers it, then ends the stream
-        fresh = [e for e in entries if e.position > position.position]
+        if batch.epoch == position.epoch:
+            if entries[0].position > position.position:
+                fresh = entries
+            else:
+                fresh = [e for e in entries if e.position > position.position]
+        elif batch.from_origin and batch.epoch is not None and position == ORIGIN:
+            fresh = entries  # a new log, read from its first entry; the cursor saw no log
+        else:
+            return None  # another log: the cursor is judged against it on the queued path
         if not fresh:
             return 0
         if self._multi:
             positions = dict(self._positions)  # committed only once written
             chunk = b"".join(self._frame(e, positions) for e in fresh)
-        elif len(fresh) == 1:
-            chunk = fresh[0].frame
+        elif fresh is entries:
+            chunk = batch.frames  # the same bytes for every subscriber of the topic
         else:
             chunk = b"".join(e.frame for e in fresh)
         if not self._sink.write(chunk):
             return None
-        self._last_sent = time.monotonic()
+        self._last_sent = batch.at
         self._positions[topic] = fresh[-1].id
         if self._sink.unsent_bytes() > self._buffer_limit:
             self._overflow()

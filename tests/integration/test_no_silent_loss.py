@@ -19,7 +19,7 @@ from broker import Broker, BrokerLimits, EventId, NewEvent, SubscriberTooSlow
 from broker import constants as c
 from broker.heartbeat import HeartbeatClock
 from broker.ids import parse_cursor
-from broker.model import LogEntry
+from broker.model import LiveBatch, LogEntry
 from broker.redis_open import open_store
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
@@ -82,8 +82,8 @@ class Recorder:
         self.entries: list[LogEntry] = []
         self.abandoned = False
 
-    def offer(self, entries: list[LogEntry], size: int) -> int:
-        self.entries += entries
+    def offer(self, batch: LiveBatch) -> int:
+        self.entries += batch.entries
         return 0
 
     def log_reset(self, topic: str) -> None:
@@ -177,7 +177,7 @@ async def test_a_live_reader_behind_retention_sends_its_subscribers_a_gap(
 
 
 class Failing(Recorder):
-    def offer(self, entries: list[LogEntry], size: int) -> int:
+    def offer(self, batch: LiveBatch) -> int:
         raise RuntimeError("a subscriber's bug")
 
     def __hash__(self) -> int:

@@ -22,6 +22,7 @@ from broker import (
 )
 from broker import constants as c
 from broker.ids import parse_cursor
+from broker.model import LiveBatch
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
 from tests.support.polling import await_until
@@ -272,8 +273,8 @@ async def test_live_entries_are_framed_once_and_shared(broker: Broker, topic: st
         def __init__(self, index: int) -> None:
             self.index = index
 
-        def offer(self, entries: list[object], size: int) -> int:
-            offered[self.index].extend(entries)
+        def offer(self, batch: LiveBatch) -> int:
+            offered[self.index].extend(batch.entries)
             return 0
 
         def log_reset(self, topic: str) -> None:
@@ -328,3 +329,34 @@ async def test_a_pushed_subscription_idles_without_a_task(
         assert consumer.direct_writes >= 2
     finally:
         subscription.close()
+
+
+@pytest.mark.parametrize("topics", [1, 2], ids=["one-topic", "two-topics"])
+async def test_the_first_events_of_a_new_topic_are_written_without_a_task(
+    broker: Broker, topic: str, topics: int
+) -> None:
+    """Subscribers waiting for a topic that does not exist yet (an LLM answer's viewer,
+    a broadcast's audience) get its first events through the hub's direct write: the
+    new log's epoch differs from their cursor's, but the live reader read it from its
+    very start, so nothing before those events can have been missed. (They used to go
+    back to the log, one pump task and one read each, all at once.)"""
+    names = [f"{topic}-{n}" for n in range(topics)]
+    consumers = [PushConsumer() for _ in range(3)]
+    subscriptions = [
+        await broker.subscribe(dict.fromkeys(names, "now"), sink=consumer) for consumer in consumers
+    ]
+    try:
+        for consumer, subscription in zip(consumers, subscriptions, strict=True):
+            consumer.start(subscription)
+        for consumer in consumers:
+            await await_until(lambda c=consumer: not c.pumping, timeout=5, what="caught up")
+        for name in names:
+            await publish_numbers(broker, name, range(3))
+        for consumer in consumers:
+            events = await collect(consumer, lambda ev: numbers(ev).count(2) == topics)
+            assert sorted(numbers(events)) == sorted([0, 1, 2] * topics)
+            assert consumer.pumps_started == 1  # the catch-up's, at the start only
+            assert consumer.direct_writes >= topics
+    finally:
+        for subscription in subscriptions:
+            subscription.close()
