@@ -1,0 +1,80 @@
+"""Streaming ingest's own idle deadline (``api.ingest``), without the HTTP edge's guard:
+a body that stops sending is ended with 408, one that sends slowly but steadily is not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from api.ingest import Ingest
+from api.problems import HttpProblem
+from broker import Broker, BrokerLimits
+from broker.redis_store import RedisStreamStore
+
+IDLE_S = 0.3
+
+
+@pytest.fixture
+async def broker(store: RedisStreamStore) -> AsyncIterator[Broker]:
+    instance = Broker(store, limits=BrokerLimits(heartbeat_seconds=5))
+    await instance.start()
+    yield instance
+    await instance.heartbeats.close()
+    await instance.hub.close()  # the store fixture closes the store
+
+
+def ingest_of(broker: Broker, topic: str) -> Ingest:
+    return Ingest(
+        broker, topic, key=None, max_event_bytes=1000, max_batch=100,
+        idle_timeout=IDLE_S, append_timeout=5,
+    )  # fmt: skip
+
+
+def body(pauses: list[float], then_stall: bool) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """A ``receive`` sending one line after each pause; the last message ends the body,
+    unless it stalls after its lines."""
+    sent = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent == len(pauses):
+            if then_stall:
+                await asyncio.sleep(30)  # the client stopped sending
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(pauses[sent])
+        sent += 1
+        line = orjson.dumps({"data": {"n": sent}}) + b"\n"
+        return {"type": "http.request", "body": line, "more_body": True}
+
+    return receive
+
+
+async def test_a_stalled_body_is_ended_with_408_and_the_lines_before_are_kept(
+    broker: Broker, topic: str
+) -> None:
+    ingest = ingest_of(broker, topic)
+    started = time.monotonic()
+    with pytest.raises(HttpProblem) as raised:
+        await ingest.run(body([0, 0], then_stall=True))
+    assert raised.value.status == 408
+    assert IDLE_S <= time.monotonic() - started < IDLE_S + 2
+    assert ingest.result.count == 2
+    page = await broker.history(topic, None, 10)
+    assert [orjson.loads(entry.data) for entry in page.events] == [{"n": 1}, {"n": 2}]
+    # The task that timed out may go on (to answer): it is not left cancelled.
+    current = asyncio.current_task()
+    assert current is not None and current.cancelling() == 0
+    async with asyncio.timeout(1):
+        await asyncio.sleep(0)
+
+
+async def test_a_slow_but_steady_body_is_not_timed_out(broker: Broker, topic: str) -> None:
+    """Lines 2/3 of the deadline apart, for several deadlines in all."""
+    ingest = ingest_of(broker, topic)
+    result = await ingest.run(body([IDLE_S * 2 / 3] * 6, then_stall=False))
+    assert result.count == 6
