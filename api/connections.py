@@ -31,10 +31,11 @@ from urllib.parse import unquote
 import httptools
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from api import problems, routes
+from api import lean_publish, problems, routes
 from api.cors import cors_headers
 from api.guard import (
     Admission,
@@ -44,8 +45,10 @@ from api.guard import (
     guard_of,
     response_head,
 )
+from api.heads import HEAD_END, RequestHead, parse_head
+from api.lean_publish import PublishHead, publish_head_of
 from api.metrics import SUBSCRIBERS
-from api.problems import HttpProblem, problem_for
+from api.problems import HttpProblem, problem, problem_for
 from api.sse import STREAM_HEADERS, OpenStreams
 from broker import (
     BrokerError,
@@ -68,7 +71,13 @@ BODY_HEADERS = (b"content-length", b"transfer-encoding")
 
 
 class BrokerHttpProtocol(asyncio.Protocol):
-    """A new connection: its first request decides who serves it."""
+    """A connection: each request's head decides who serves it.
+
+    States: reading a head (``_publish`` None); reading a publish's body
+    (``_publish`` set); publishing (``_publishing``: reading paused, so that
+    pipelined requests wait in the socket). After a lean publish the next head
+    decides again; a stream or a handover gives the socket away for good.
+    """
 
     def __init__(
         self,
@@ -81,14 +90,19 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._server_state = server_state
         self._app_state = app_state
         self._transport: asyncio.Transport | None = None
-        self._received = b""
-        self._head = _Head()
+        self._received = bytearray()  # from the current request's first byte on
+        self._head = RequestHead()
         self._parser = httptools.HttpRequestParser(self._head)
         self._opening: asyncio.Task[None] | None = None
         self._lost = False
         app = app_state.get(APP_STATE_KEY)
         self._guard = guard_of(server_state, app.state.settings if app is not None else None)
         self._admission = Admission.SERVE
+        self._publish: PublishHead | None = None
+        self._body_start = 0
+        self._publishing: asyncio.Task[None] | None = None
+        self._closing = False  # uvicorn shuts down: the publish under way is the last
+        self._idle_since: float | None = None  # the previous response's end
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -102,51 +116,73 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._guard.deadlines.set(self, self._guard.limits.head_timeout)
 
     def expire(self) -> None:
-        """The head did not arrive in time (``api.guard``): close, unanswered."""
-        if self._transport is not None:
+        """A deadline of ``api.guard`` passed: a stalled body is answered 408; a head
+        that did not arrive in time (or an idle keep-alive) closes, unanswered."""
+        if self._publish is not None and self._publishing is None:
+            self._answer(problems.body_too_slow(self._guard.limits.body_timeout))
+        elif self._transport is not None and self._publishing is None:
             self._transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self._publishing is not None:  # (read before the pause took effect)
+            self._received += data
+        elif self._publish is not None:
+            self._received += data
+            self._read_body()
+        else:
+            self._read_head(data)
+
+    def _read_head(self, data: bytes) -> None:
+        """Feed the parser up to the head's end (the body, or the next request, is
+        read here, not by the parser), so that what is not HTTP is answered at once."""
+        searched = max(0, len(self._received) - 3)
         self._received += data
-        try:  # parsed as it comes, so that what is not HTTP is answered at once
-            self._parser.feed_data(data)
+        end = self._received.find(HEAD_END, searched)
+        head_size = len(self._received) if end < 0 else end + len(HEAD_END)
+        try:
+            self._parser.feed_data(data[: len(data) - (len(self._received) - head_size)])
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._hand_to_uvicorn()
             return
-        head_size = self._head_size()
         if head_size > self._guard.limits.max_head_bytes:
             self._answer(problems.head_too_large(self._guard.limits.max_head_bytes))
-        elif self._head.headers_done:
+        elif self._head.headers_done and end >= 0:
             self._guard.deadlines.clear(self)
             self._serve(head_size)
-
-    def _head_size(self) -> int:
-        """The head's bytes: all received until it ends, then up to its blank line."""
-        end = self._received.find(b"\r\n\r\n") if self._head.headers_done else -1
-        return end + 4 if end >= 0 else len(self._received)
+        elif end >= 0 or self._head.headers_done:  # not a head httptools and we agree on
+            self._hand_to_uvicorn()
+        elif self._idle_since is not None:  # a head on a kept-alive connection, begun
+            waited = asyncio.get_running_loop().time() - self._idle_since
+            self._guard.deadlines.set(self, self._guard.limits.head_timeout - waited)
+            self._idle_since = None
 
     def _serve(self, head_size: int) -> None:
-        """The head is whole: serve the stream here, refuse, or hand over to uvicorn."""
+        """The head is whole: serve it here, refuse, or hand over to uvicorn."""
         if self._admission is Admission.REFUSE:
             refusal = _refusal_of(self._head, self._parser, self._guard.limits)
             if refusal is not None:
                 self._answer(refusal)
                 return
         app = self._app_state.get(APP_STATE_KEY)
-        request = None
-        if app is not None and not self._config.root_path and head_size == len(self._received):
-            try:
-                request = _stream_request_of(self._head, self._parser, app)
-            except Exception:  # a bug here must not cost the request: uvicorn answers it
-                log.exception("could not read a request head")
-        if request is None or request[0].app.state.streams.draining:  # uvicorn answers those
-            self._hand_to_uvicorn()
+        if app is None or self._config.root_path or app.state.streams.draining:
+            self._hand_to_uvicorn()  # uvicorn answers those
             return
-        # Nothing more is read until it is known who serves the connection: what
-        # comes meanwhile stays in the socket, for uvicorn should the stream not open.
-        assert self._transport is not None  # data comes after connection_made
-        self._transport.pause_reading()
-        self._opening = asyncio.get_running_loop().create_task(self._open(*request))
+        try:
+            publish = publish_head_of(self._head, self._parser, app)
+            stream = None
+            if publish is None and head_size == len(self._received):
+                stream = _stream_request_of(self._head, self._parser, app)
+        except Exception:  # a bug here must not cost the request: uvicorn answers it
+            log.exception("could not read a request head")
+            publish = stream = None
+        if publish is not None:
+            self._publish, self._body_start = publish, head_size
+            if not self._read_body():  # the body's deadline runs from its head's end
+                self._guard.deadlines.set(self, self._guard.limits.body_timeout)
+        elif stream is not None:
+            self._open_stream(*stream)
+        else:
+            self._hand_to_uvicorn()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -154,11 +190,91 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._guard.deadlines.clear(self)
 
     def shutdown(self) -> None:
-        """uvicorn's graceful shutdown: no response is under way, so close."""
-        if self._transport is not None:
+        """uvicorn's graceful shutdown: a publish under way is answered, then the
+        connection closes; an idle one closes now."""
+        if self._publish is not None:
+            self._closing = True
+        elif self._transport is not None:
             self._transport.close()
 
-    # -- serving ---------------------------------------------------------------
+    # -- publishing ------------------------------------------------------------
+
+    def _read_body(self) -> bool:
+        """Publish once the body is whole; whether it is."""
+        assert self._publish is not None and self._transport is not None
+        body_end = self._body_start + self._publish.body_size
+        if len(self._received) < body_end:
+            return False
+        self._guard.deadlines.clear(self)
+        self._transport.pause_reading()  # pipelined requests wait for this answer
+        body = bytes(self._received[self._body_start : body_end])
+        self._publishing = asyncio.get_running_loop().create_task(
+            self._run_publish(self._publish, body)
+        )
+        return True
+
+    async def _run_publish(self, request: PublishHead, body: bytes) -> None:
+        try:
+            status, headers, content = await lean_publish.publish(request, body)
+        except lean_publish.NotValidated as error:
+            if not isinstance(error.__cause__, BrokerError | HttpProblem):
+                log.error("unexpected error validating a publish", exc_info=error.__cause__)
+            self._publishing = None
+            self._hand_to_uvicorn()  # nothing was stored: the app answers it
+            return
+        except StoreUnavailable as error:
+            self._publishing = None
+            self._answer(lean_publish.with_cors(request, problem_for(error)))
+            return
+        except (BrokerError, HttpProblem) as error:  # the store's answer (409): kept alive
+            answer = lean_publish.problem_bytes(request, problem_for(error), self._server_state)
+        except Exception:
+            log.exception("unexpected error publishing on %s", request.scope["path"])
+            self._publishing = None
+            failure = problem(500, "Internal error", "the broker could not publish")
+            self._answer(lean_publish.with_cors(request, failure))
+            return
+        else:
+            answer = lean_publish.response_bytes(
+                request, status, headers, content, self._server_state
+            )
+        self._answered(request, answer)
+
+    def _answered(self, request: PublishHead, answer: bytes) -> None:
+        """Write the answer; then read the next request, or close."""
+        self._publishing = None
+        self._publish = None
+        if self._lost:
+            return
+        assert self._transport is not None
+        self._server_state.total_requests += 1
+        _log_access(self._transport, request.scope, int(answer[9:12]))
+        if self._closing and request.keep_alive:
+            answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
+        self._transport.write(answer)
+        if self._closing or not request.keep_alive:
+            self._transport.close()
+            return
+        del self._received[: self._body_start + request.body_size]
+        self._head = RequestHead()
+        self._parser = httptools.HttpRequestParser(self._head)
+        self._idle_since = asyncio.get_running_loop().time()
+        limits = self._guard.limits
+        self._guard.deadlines.set(self, min(limits.head_timeout, self._config.timeout_keep_alive))
+        self._transport.resume_reading()
+        if self._received:  # a pipelined request
+            pipelined = bytes(self._received)
+            self._received.clear()
+            self._read_head(pipelined)
+
+    # -- streams ---------------------------------------------------------------
+
+    def _open_stream(self, request: Request, starts: dict[str, StartFrom]) -> None:
+        # Nothing more is read until it is known who serves the connection: what
+        # comes meanwhile stays in the socket, for uvicorn should the stream not open.
+        assert self._transport is not None  # data comes after connection_made
+        self._transport.pause_reading()
+        self._opening = asyncio.get_running_loop().create_task(self._open(request, starts))
 
     async def _open(self, request: Request, starts: dict[str, StartFrom]) -> None:
         """Subscribe, then hand the socket to a StreamConnection (or, failing, to uvicorn)."""
@@ -188,7 +304,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._server_state.connections.discard(self)
         self._transport.set_protocol(stream)
         self._server_state.total_requests += 1
-        _log_access(self._transport, request)
+        _log_access(self._transport, request.scope, 200)
         stream.start(subscription, self._response_head(retry_ms, cors_headers(request.scope)))
         self._transport.resume_reading()  # to see the client go
 
@@ -222,7 +338,8 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._transport.set_protocol(protocol)
         if not self._transport.is_reading():  # (before uvicorn may pause it itself)
             self._transport.resume_reading()
-        received, self._received = self._received, b""
+        received = bytes(self._received)
+        self._received.clear()
         protocol.data_received(received)
 
 
@@ -375,17 +492,12 @@ def chunk_of(data: bytes) -> bytes:
 def stream_request(data: bytes, app: Any) -> tuple[Request, dict[str, StartFrom]] | None:
     """The request and where its topics start, if ``data`` is a stream request we serve:
     a complete, valid HTTP/1.1 GET with no body. Else None."""
-    head = _Head()
-    parser = httptools.HttpRequestParser(head)
-    try:
-        parser.feed_data(data)
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-        return None
-    return _stream_request_of(head, parser, app)
+    parsed = parse_head(data)
+    return None if parsed is None else _stream_request_of(*parsed, app)
 
 
 def _stream_request_of(
-    head: _Head, parser: httptools.HttpRequestParser, app: Any
+    head: RequestHead, parser: httptools.HttpRequestParser, app: Any
 ) -> tuple[Request, dict[str, StartFrom]] | None:
     """``stream_request`` of a head already parsed."""
     scope = _scope_of(head, parser)
@@ -402,29 +514,7 @@ def _stream_request_of(
         return None
 
 
-class _Head:
-    """httptools' callbacks for one request head."""
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.headers_done = False
-        self.complete = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        self.headers_done = True
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-
-
-def _scope_of(head: _Head, parser: httptools.HttpRequestParser) -> dict[str, Any] | None:
+def _scope_of(head: RequestHead, parser: httptools.HttpRequestParser) -> dict[str, Any] | None:
     try:
         url = httptools.parse_url(head.url)
         path = unquote(url.path.decode("ascii"))
@@ -448,7 +538,7 @@ def _scope_of(head: _Head, parser: httptools.HttpRequestParser) -> dict[str, Any
 
 
 def _refusal_of(
-    head: _Head, parser: httptools.HttpRequestParser, limits: ClientLimits
+    head: RequestHead, parser: httptools.HttpRequestParser, limits: ClientLimits
 ) -> Response | None:
     """The answer past the connection limit: a stream is told to come back, a publish
     gets 503; None for anything else (health checks, metrics), which is served."""
@@ -465,12 +555,13 @@ def _refusal_of(
     return None
 
 
-def _log_access(transport: asyncio.Transport, request: Request) -> None:
+def _log_access(transport: asyncio.Transport, scope: Scope, status: int) -> None:
+    """uvicorn's access log line, for a request served here."""
     if not access_log.hasHandlers():
         return
     peer = transport.get_extra_info("peername")
     client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "-"
-    target = request.scope["raw_path"].decode("latin-1")
-    if request.scope["query_string"]:
-        target += "?" + request.scope["query_string"].decode("latin-1")
-    access_log.info('%s - "%s %s HTTP/%s" %d', client, "GET", target, "1.1", 200)
+    target = scope["raw_path"].decode("latin-1")
+    if scope["query_string"]:
+        target += "?" + scope["query_string"].decode("latin-1")
+    access_log.info('%s - "%s %s HTTP/%s" %d', client, scope["method"], target, "1.1", status)
