@@ -35,7 +35,7 @@ from starlette.types import Scope
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from api import lean_publish, problems, routes
+from api import problems, routes
 from api.cors import cors_headers
 from api.guard import (
     Admission,
@@ -46,9 +46,9 @@ from api.guard import (
     response_head,
 )
 from api.heads import HEAD_END, RequestHead, parse_head
-from api.lean_publish import PublishHead, publish_head_of
+from api.lean_publish import PublishExchange, PublishHead, publish_head_of
 from api.metrics import SUBSCRIBERS
-from api.problems import HttpProblem, problem, problem_for
+from api.problems import HttpProblem, problem_for
 from api.sse import STREAM_HEADERS, OpenStreams
 from broker import (
     BrokerError,
@@ -100,7 +100,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._admission = Admission.SERVE
         self._publish: PublishHead | None = None
         self._body_start = 0
-        self._publishing: asyncio.Task[None] | None = None
+        self._publishing: PublishExchange | None = None
         self._closing = False  # uvicorn shuts down: the publish under way is the last
         self._idle_since: float | None = None  # the previous response's end
 
@@ -120,7 +120,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         that did not arrive in time (or an idle keep-alive) closes, unanswered."""
         if self._publish is not None and self._publishing is None:
             self._answer(problems.body_too_slow(self._guard.limits.body_timeout))
-        elif self._transport is not None and self._publishing is None:
+        elif self._transport is not None:
             self._transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -208,40 +208,26 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._guard.deadlines.clear(self)
         self._transport.pause_reading()  # pipelined requests wait for this answer
         body = bytes(self._received[self._body_start : body_end])
-        self._publishing = asyncio.get_running_loop().create_task(
-            self._run_publish(self._publish, body)
-        )
+        self._publishing = PublishExchange(self, self._publish, self._server_state)
+        self._publishing.start(body, self._guard.deadlines)
         return True
 
-    async def _run_publish(self, request: PublishHead, body: bytes) -> None:
-        try:
-            status, headers, content = await lean_publish.publish(request, body)
-        except lean_publish.NotValidated as error:
-            if not isinstance(error.__cause__, BrokerError | HttpProblem):
-                log.error("unexpected error validating a publish", exc_info=error.__cause__)
-            self._publishing = None
-            self._hand_to_uvicorn()  # nothing was stored: the app answers it
-            return
-        except StoreUnavailable as error:
-            self._publishing = None
-            self._answer(lean_publish.with_cors(request, problem_for(error)))
-            return
-        except (BrokerError, HttpProblem) as error:  # the store's answer (409): kept alive
-            answer = lean_publish.problem_bytes(request, problem_for(error), self._server_state)
-        except Exception:
-            log.exception("unexpected error publishing on %s", request.scope["path"])
-            self._publishing = None
-            failure = problem(500, "Internal error", "the broker could not publish")
-            self._answer(lean_publish.with_cors(request, failure))
-            return
-        else:
-            answer = lean_publish.response_bytes(
-                request, status, headers, content, self._server_state
-            )
-        self._answered(request, answer)
+    def publish_failed(self, request: PublishHead, response: Response) -> None:
+        """``PublishConnection``: the append failed; answer and close."""
+        self._publishing = None
+        if not self._lost:
+            self._server_state.total_requests += 1
+            assert self._transport is not None
+            _log_access(self._transport, request.scope, response.status_code)
+        self._answer(response)
 
-    def _answered(self, request: PublishHead, answer: bytes) -> None:
-        """Write the answer; then read the next request, or close."""
+    def publish_not_validated(self) -> None:
+        """``PublishConnection``: nothing was stored; the app answers the request."""
+        self._publishing = None
+        self._hand_to_uvicorn()
+
+    def publish_answered(self, request: PublishHead, answer: bytes) -> None:
+        """``PublishConnection``: write the answer; then read the next request, or close."""
         self._publishing = None
         self._publish = None
         if self._lost:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import httptools
@@ -31,11 +31,13 @@ from uvicorn.server import ServerState
 from api import routes
 from api.auth import authorize
 from api.cors import cors_headers
+from api.deadlines import Deadlines
 from api.heads import RequestHead, parse_head
 from api.negotiation import media_type_of
+from api.problems import HttpProblem, problem, problem_for
 from api.publish import _close_requested, answer, parse_events
 from api.settings import Settings
-from broker import Broker, StoreUnavailable
+from broker import Broker, BrokerError, NewEvent, StoreUnavailable
 from broker.validation import check_idempotency_key, check_topic
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 LEAN_MEDIA_TYPES = ("application/json", "text/plain")
 """Bodies parsed whole; ``application/x-ndjson`` is a streaming ingest (the ASGI route)."""
 CLOSE = (b"connection", b"close")
+
+
+TIMED_OUT = "the store did not confirm the write in time"
 
 
 class NotValidated(Exception):
@@ -120,9 +125,29 @@ def publish_request(data: bytes, app: Any) -> PublishHead | None:
     return None if parsed is None else publish_head_of(*parsed, app)
 
 
-async def publish(request: PublishHead, body: bytes) -> tuple[int, list[Any], bytes]:
-    """Validate as ``api.publish`` does (else ``NotValidated``), append, and answer:
-    status, headers (but content-length and CORS) and body."""
+@dataclass(slots=True)
+class Append:
+    """A validated publish, ready for the store."""
+
+    topic: str
+    events: list[NewEvent]
+    is_batch: bool
+    key: str | None
+    close: bool
+    broker: Broker
+    timeout: float
+    """The store must confirm within it (``BROKER_PUBLISH_TIMEOUT_SECONDS``), else 503."""
+
+    async def run(self) -> tuple[int, list[Any], bytes]:
+        """Append; the answer's status, headers (but content-length and CORS) and body."""
+        result = await self.broker.publish(
+            self.topic, self.events, idempotency_key=self.key, close=self.close
+        )
+        return answer(result, self.is_batch)
+
+
+async def validated(request: PublishHead, body: bytes) -> Append:
+    """The publish, validated as ``api.publish`` does; else ``NotValidated``."""
     scope = request.scope
     state = scope["app"].state
     settings: Settings = state.settings
@@ -136,13 +161,9 @@ async def publish(request: PublishHead, body: bytes) -> tuple[int, list[Any], by
         events, is_batch = parse_events(scope, headers, body, settings)
     except Exception as error:
         raise NotValidated from error
-    broker: Broker = state.broker
-    try:
-        async with asyncio.timeout(settings.publish_timeout_seconds):
-            result = await broker.publish(topic, events, idempotency_key=key, close=close)
-    except TimeoutError as error:
-        raise StoreUnavailable("the store did not confirm the write in time") from error
-    return answer(result, is_batch)
+    return Append(
+        topic, events, is_batch, key, close, state.broker, settings.publish_timeout_seconds
+    )
 
 
 def _idempotency_key(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -195,3 +216,76 @@ def with_cors(request: PublishHead, response: Response) -> Response:
 
 
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+
+
+class PublishConnection(Protocol):
+    """The connection a publish is served on (``api.connections.BrokerHttpProtocol``)."""
+
+    def publish_answered(self, request: PublishHead, answer: bytes) -> None:
+        """Write the whole answer; the connection serves on (unless asked to close)."""
+
+    def publish_failed(self, request: PublishHead, response: Response) -> None:
+        """The append failed: answer and close."""
+
+    def publish_not_validated(self) -> None:
+        """Nothing reached the store: hand the request, from its first byte, to uvicorn."""
+
+
+class PublishExchange:
+    """One lean publish, from its whole body to its answer; a deadline item of
+    ``api.guard`` while the store has it (cheaper than an ``asyncio.timeout``)."""
+
+    __slots__ = ("_connection", "_request", "_server_state", "_task", "_timed_out")
+
+    def __init__(
+        self, connection: PublishConnection, request: PublishHead, server_state: ServerState
+    ) -> None:
+        self._connection = connection
+        self._request = request
+        self._server_state = server_state
+        self._task: asyncio.Task[None] | None = None
+        self._timed_out = False
+
+    def start(self, body: bytes, deadlines: Deadlines) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(body, deadlines))
+
+    def expire(self) -> None:
+        """The store did not confirm in time: 503 (the append may still land; the
+        client retries with its Idempotency-Key)."""
+        if self._task is not None and not self._timed_out:
+            self._timed_out = True
+            self._task.cancel()
+
+    async def _run(self, body: bytes, deadlines: Deadlines) -> None:
+        request, connection = self._request, self._connection
+        try:
+            append = await validated(request, body)
+        except NotValidated as error:
+            if not isinstance(error.__cause__, BrokerError | HttpProblem):
+                log.error("unexpected error validating a publish", exc_info=error.__cause__)
+            connection.publish_not_validated()
+            return
+        deadlines.set(self, append.timeout)
+        try:
+            status, headers, content = await append.run()
+        except asyncio.CancelledError:
+            if not self._timed_out:
+                raise
+            connection.publish_failed(request, self._problem(StoreUnavailable(TIMED_OUT)))
+        except StoreUnavailable as error:
+            connection.publish_failed(request, self._problem(error))
+        except (BrokerError, HttpProblem) as error:  # the store's answer (409): kept alive
+            answer = problem_bytes(request, problem_for(error), self._server_state)
+            connection.publish_answered(request, answer)
+        except Exception:
+            log.exception("unexpected error publishing on %s", request.scope["path"])
+            failure = problem(500, "Internal error", "the broker could not publish")
+            connection.publish_failed(request, with_cors(request, failure))
+        else:
+            answer = response_bytes(request, status, headers, content, self._server_state)
+            connection.publish_answered(request, answer)
+        finally:
+            deadlines.clear(self)
+
+    def _problem(self, error: StoreUnavailable) -> Response:
+        return with_cors(self._request, problem_for(error))
