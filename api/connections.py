@@ -7,7 +7,9 @@ connection that only holds an idle event stream, and a broker holds tens of
 thousands of those.
 
 So ``BrokerHttpProtocol`` (given to uvicorn as its ``http`` protocol) reads
-each connection's first request itself. A plain stream request (a valid GET of
+each connection's first request itself. A plain publish is served on the
+connection (``api.lean_publish``), and the request after it is decided the
+same way. A plain stream request (a valid GET of
 ``/topics/{t}/events`` or ``/events``, HTTP/1.1, no body) becomes a
 ``StreamConnection``: the socket, the subscription and a few fields, and no
 task while idle, since the live reader writes shared frames straight to the
@@ -31,6 +33,7 @@ from urllib.parse import unquote
 import httptools
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
@@ -44,6 +47,8 @@ from api.guard import (
     guard_of,
     response_head,
 )
+from api.heads import HEAD_END, RequestHead, parse_head
+from api.lean_publish import PublishExchange, PublishHead, publish_head_of
 from api.metrics import SUBSCRIBERS
 from api.problems import HttpProblem, problem_for
 from api.sse import STREAM_HEADERS, OpenStreams
@@ -68,7 +73,13 @@ BODY_HEADERS = (b"content-length", b"transfer-encoding")
 
 
 class BrokerHttpProtocol(asyncio.Protocol):
-    """A new connection: its first request decides who serves it."""
+    """A connection: each request's head decides who serves it.
+
+    States: reading a head (``_publish`` None); reading a publish's body
+    (``_publish`` set); publishing (``_publishing``: reading paused, so that
+    pipelined requests wait in the socket). After a lean publish the next head
+    decides again; a stream or a handover gives the socket away for good.
+    """
 
     def __init__(
         self,
@@ -81,14 +92,19 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._server_state = server_state
         self._app_state = app_state
         self._transport: asyncio.Transport | None = None
-        self._received = b""
-        self._head = _Head()
+        self._received = bytearray()  # from the current request's first byte on
+        self._head = RequestHead()
         self._parser = httptools.HttpRequestParser(self._head)
         self._opening: asyncio.Task[None] | None = None
         self._lost = False
         app = app_state.get(APP_STATE_KEY)
         self._guard = guard_of(server_state, app.state.settings if app is not None else None)
         self._admission = Admission.SERVE
+        self._publish: PublishHead | None = None
+        self._body_start = 0
+        self._publishing: PublishExchange | None = None
+        self._closing = False  # uvicorn shuts down: the publish under way is the last
+        self._idle_since: float | None = None  # the previous response's end
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -102,51 +118,73 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._guard.deadlines.set(self, self._guard.limits.head_timeout)
 
     def expire(self) -> None:
-        """The head did not arrive in time (``api.guard``): close, unanswered."""
-        if self._transport is not None:
+        """A deadline of ``api.guard`` passed: a stalled body is answered 408; a head
+        that did not arrive in time (or an idle keep-alive) closes, unanswered."""
+        if self._publish is not None and self._publishing is None:
+            self._answer(problems.body_too_slow(self._guard.limits.body_timeout))
+        elif self._transport is not None:
             self._transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self._publishing is not None:  # (read before the pause took effect)
+            self._received += data
+        elif self._publish is not None:
+            self._received += data
+            self._read_body()
+        else:
+            self._read_head(data)
+
+    def _read_head(self, data: bytes) -> None:
+        """Feed the parser up to the head's end (the body, or the next request, is
+        read here, not by the parser), so that what is not HTTP is answered at once."""
+        searched = max(0, len(self._received) - 3)
         self._received += data
-        try:  # parsed as it comes, so that what is not HTTP is answered at once
-            self._parser.feed_data(data)
+        end = self._received.find(HEAD_END, searched)
+        head_size = len(self._received) if end < 0 else end + len(HEAD_END)
+        try:
+            self._parser.feed_data(data[: len(data) - (len(self._received) - head_size)])
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._hand_to_uvicorn()
             return
-        head_size = self._head_size()
         if head_size > self._guard.limits.max_head_bytes:
             self._answer(problems.head_too_large(self._guard.limits.max_head_bytes))
-        elif self._head.headers_done:
+        elif self._head.headers_done and end >= 0:
             self._guard.deadlines.clear(self)
             self._serve(head_size)
-
-    def _head_size(self) -> int:
-        """The head's bytes: all received until it ends, then up to its blank line."""
-        end = self._received.find(b"\r\n\r\n") if self._head.headers_done else -1
-        return end + 4 if end >= 0 else len(self._received)
+        elif end >= 0 or self._head.headers_done:  # not a head httptools and we agree on
+            self._hand_to_uvicorn()
+        elif self._idle_since is not None:  # a head on a kept-alive connection, begun
+            waited = asyncio.get_running_loop().time() - self._idle_since
+            self._guard.deadlines.set(self, self._guard.limits.head_timeout - waited)
+            self._idle_since = None
 
     def _serve(self, head_size: int) -> None:
-        """The head is whole: serve the stream here, refuse, or hand over to uvicorn."""
+        """The head is whole: serve it here, refuse, or hand over to uvicorn."""
         if self._admission is Admission.REFUSE:
             refusal = _refusal_of(self._head, self._parser, self._guard.limits)
             if refusal is not None:
                 self._answer(refusal)
                 return
         app = self._app_state.get(APP_STATE_KEY)
-        request = None
-        if app is not None and not self._config.root_path and head_size == len(self._received):
-            try:
-                request = _stream_request_of(self._head, self._parser, app)
-            except Exception:  # a bug here must not cost the request: uvicorn answers it
-                log.exception("could not read a request head")
-        if request is None or request[0].app.state.streams.draining:  # uvicorn answers those
-            self._hand_to_uvicorn()
+        if app is None or self._config.root_path or app.state.streams.draining:
+            self._hand_to_uvicorn()  # uvicorn answers those
             return
-        # Nothing more is read until it is known who serves the connection: what
-        # comes meanwhile stays in the socket, for uvicorn should the stream not open.
-        assert self._transport is not None  # data comes after connection_made
-        self._transport.pause_reading()
-        self._opening = asyncio.get_running_loop().create_task(self._open(*request))
+        try:
+            publish = publish_head_of(self._head, self._parser, app)
+            stream = None
+            if publish is None and head_size == len(self._received):
+                stream = _stream_request_of(self._head, self._parser, app)
+        except Exception:  # a bug here must not cost the request: uvicorn answers it
+            log.exception("could not read a request head")
+            publish = stream = None
+        if publish is not None:
+            self._publish, self._body_start = publish, head_size
+            if not self._read_body():  # the body's deadline runs from its head's end
+                self._guard.deadlines.set(self, self._guard.limits.body_timeout)
+        elif stream is not None:
+            self._open_stream(*stream)
+        else:
+            self._hand_to_uvicorn()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -154,11 +192,77 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._guard.deadlines.clear(self)
 
     def shutdown(self) -> None:
-        """uvicorn's graceful shutdown: no response is under way, so close."""
-        if self._transport is not None:
+        """uvicorn's graceful shutdown: a publish under way is answered, then the
+        connection closes; an idle one closes now."""
+        if self._publish is not None:
+            self._closing = True
+        elif self._transport is not None:
             self._transport.close()
 
-    # -- serving ---------------------------------------------------------------
+    # -- publishing ------------------------------------------------------------
+
+    def _read_body(self) -> bool:
+        """Publish once the body is whole; whether it is."""
+        assert self._publish is not None and self._transport is not None
+        body_end = self._body_start + self._publish.body_size
+        if len(self._received) < body_end:
+            return False
+        self._guard.deadlines.clear(self)
+        self._transport.pause_reading()  # pipelined requests wait for this answer
+        body = bytes(self._received[self._body_start : body_end])
+        self._publishing = PublishExchange(self, self._publish, self._server_state)
+        self._publishing.start(body, self._guard.deadlines)
+        return True
+
+    def publish_failed(self, request: PublishHead, response: Response) -> None:
+        """``PublishConnection``: the append failed; answer and close."""
+        self._publishing = None
+        if not self._lost:
+            self._server_state.total_requests += 1
+            assert self._transport is not None
+            _log_access(self._transport, request.scope, response.status_code)
+        self._answer(response)
+
+    def publish_not_validated(self) -> None:
+        """``PublishConnection``: nothing was stored; the app answers the request."""
+        self._publishing = None
+        self._hand_to_uvicorn()
+
+    def publish_answered(self, request: PublishHead, answer: bytes) -> None:
+        """``PublishConnection``: write the answer; then read the next request, or close."""
+        self._publishing = None
+        self._publish = None
+        if self._lost:
+            return
+        assert self._transport is not None
+        self._server_state.total_requests += 1
+        _log_access(self._transport, request.scope, int(answer[9:12]))
+        if self._closing and request.keep_alive:
+            answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
+        self._transport.write(answer)
+        if self._closing or not request.keep_alive:
+            self._transport.close()
+            return
+        del self._received[: self._body_start + request.body_size]
+        self._head = RequestHead()
+        self._parser = httptools.HttpRequestParser(self._head)
+        self._idle_since = asyncio.get_running_loop().time()
+        limits = self._guard.limits
+        self._guard.deadlines.set(self, min(limits.head_timeout, self._config.timeout_keep_alive))
+        self._transport.resume_reading()
+        if self._received:  # a pipelined request
+            pipelined = bytes(self._received)
+            self._received.clear()
+            self._read_head(pipelined)
+
+    # -- streams ---------------------------------------------------------------
+
+    def _open_stream(self, request: Request, starts: dict[str, StartFrom]) -> None:
+        # Nothing more is read until it is known who serves the connection: what
+        # comes meanwhile stays in the socket, for uvicorn should the stream not open.
+        assert self._transport is not None  # data comes after connection_made
+        self._transport.pause_reading()
+        self._opening = asyncio.get_running_loop().create_task(self._open(request, starts))
 
     async def _open(self, request: Request, starts: dict[str, StartFrom]) -> None:
         """Subscribe, then hand the socket to a StreamConnection (or, failing, to uvicorn)."""
@@ -188,7 +292,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._server_state.connections.discard(self)
         self._transport.set_protocol(stream)
         self._server_state.total_requests += 1
-        _log_access(self._transport, request)
+        _log_access(self._transport, request.scope, 200)
         stream.start(subscription, self._response_head(retry_ms, cors_headers(request.scope)))
         self._transport.resume_reading()  # to see the client go
 
@@ -222,7 +326,8 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._transport.set_protocol(protocol)
         if not self._transport.is_reading():  # (before uvicorn may pause it itself)
             self._transport.resume_reading()
-        received, self._received = self._received, b""
+        received = bytes(self._received)
+        self._received.clear()
         protocol.data_received(received)
 
 
@@ -395,17 +500,12 @@ SHARED_CHUNKS = _LastChunk()
 def stream_request(data: bytes, app: Any) -> tuple[Request, dict[str, StartFrom]] | None:
     """The request and where its topics start, if ``data`` is a stream request we serve:
     a complete, valid HTTP/1.1 GET with no body. Else None."""
-    head = _Head()
-    parser = httptools.HttpRequestParser(head)
-    try:
-        parser.feed_data(data)
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-        return None
-    return _stream_request_of(head, parser, app)
+    parsed = parse_head(data)
+    return None if parsed is None else _stream_request_of(*parsed, app)
 
 
 def _stream_request_of(
-    head: _Head, parser: httptools.HttpRequestParser, app: Any
+    head: RequestHead, parser: httptools.HttpRequestParser, app: Any
 ) -> tuple[Request, dict[str, StartFrom]] | None:
     """``stream_request`` of a head already parsed."""
     scope = _scope_of(head, parser)
@@ -422,29 +522,7 @@ def _stream_request_of(
         return None
 
 
-class _Head:
-    """httptools' callbacks for one request head."""
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.headers_done = False
-        self.complete = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        self.headers_done = True
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-
-
-def _scope_of(head: _Head, parser: httptools.HttpRequestParser) -> dict[str, Any] | None:
+def _scope_of(head: RequestHead, parser: httptools.HttpRequestParser) -> dict[str, Any] | None:
     try:
         url = httptools.parse_url(head.url)
         path = unquote(url.path.decode("ascii"))
@@ -468,7 +546,7 @@ def _scope_of(head: _Head, parser: httptools.HttpRequestParser) -> dict[str, Any
 
 
 def _refusal_of(
-    head: _Head, parser: httptools.HttpRequestParser, limits: ClientLimits
+    head: RequestHead, parser: httptools.HttpRequestParser, limits: ClientLimits
 ) -> Response | None:
     """The answer past the connection limit: a stream is told to come back, a publish
     gets 503; None for anything else (health checks, metrics), which is served."""
@@ -485,12 +563,13 @@ def _refusal_of(
     return None
 
 
-def _log_access(transport: asyncio.Transport, request: Request) -> None:
+def _log_access(transport: asyncio.Transport, scope: Scope, status: int) -> None:
+    """uvicorn's access log line, for a request served here."""
     if not access_log.hasHandlers():
         return
     peer = transport.get_extra_info("peername")
     client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "-"
-    target = request.scope["raw_path"].decode("latin-1")
-    if request.scope["query_string"]:
-        target += "?" + request.scope["query_string"].decode("latin-1")
-    access_log.info('%s - "%s %s HTTP/%s" %d', client, "GET", target, "1.1", 200)
+    target = scope["raw_path"].decode("latin-1")
+    if scope["query_string"]:
+        target += "?" + scope["query_string"].decode("latin-1")
+    access_log.info('%s - "%s %s HTTP/%s" %d', client, scope["method"], target, "1.1", status)

@@ -1,0 +1,291 @@
+"""Single publishes served on the connection, without uvicorn's request cycle.
+
+A publish is the hottest short request, and most of its server CPU went to
+uvicorn's request/response cycle (the ASGI task, the cycle's events, the
+proxy-headers middleware), not to Redis. So ``api.connections`` serves a
+plain publish itself (HTTP/1.1, a Content-Length, JSON or text, not
+``application/x-ndjson``: a streaming ingest stays on the ASGI route) with the
+functions of ``api.publish``, so that both routes accept, refuse and answer
+alike. This module decides which publishes those are, runs one, and writes
+its answer as uvicorn would (same headers, same order).
+
+Errors: whatever fails before the store (a bad body, 401, 415, ...) is
+``NotValidated``: the connection hands the whole request to uvicorn, and the
+app answers it, one place for statuses. Once the append is sent it is never
+handed over (that would append twice): store errors are answered here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Protocol
+from urllib.parse import unquote
+
+import httptools
+from starlette.responses import Response
+from uvicorn.server import ServerState
+
+from api import routes
+from api.auth import authorize
+from api.cors import cors_headers
+from api.deadlines import Deadlines
+from api.heads import RequestHead, parse_head
+from api.negotiation import media_type_of
+from api.problems import HttpProblem, problem, problem_for
+from api.publish import _close_requested, answer, parse_events
+from api.settings import Settings
+from broker import Broker, BrokerError, NewEvent, StoreUnavailable
+from broker.validation import check_idempotency_key, check_topic
+
+log = logging.getLogger(__name__)
+
+LEAN_MEDIA_TYPES = ("application/json", "text/plain")
+"""Bodies parsed whole; ``application/x-ndjson`` is a streaming ingest (the ASGI route)."""
+CLOSE = (b"connection", b"close")
+
+
+TIMED_OUT = "the store did not confirm the write in time"
+
+
+class NotValidated(Exception):
+    """The publish failed before anything reached the store: uvicorn may answer it."""
+
+
+@dataclass(slots=True)
+class PublishHead:
+    """A plain publish's head: what serving it needs besides its body."""
+
+    scope: dict[str, Any]
+    body_size: int
+    content_type: bytes
+    keep_alive: bool
+
+
+def publish_head_of(
+    head: RequestHead, parser: httptools.HttpRequestParser, app: Any
+) -> PublishHead | None:
+    """The head of a publish served lean, or None for uvicorn to serve."""
+    if parser.get_method() != b"POST" or parser.get_http_version() != "1.1":
+        return None
+    try:
+        url = httptools.parse_url(head.url)
+        path = unquote(url.path.decode("ascii"))
+    except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+        return None
+    match = routes.TOPIC_EVENTS_PATH.fullmatch(path)
+    framing = _framing_of(head.headers)
+    if match is None or framing is None:
+        return None
+    size, content_type = framing
+    settings: Settings = app.state.settings
+    media_type = media_type_of(content_type.decode("latin-1"))[0]
+    if size > settings.max_body_bytes or media_type not in LEAN_MEDIA_TYPES:
+        return None  # the app refuses these before the body (413, 415) or streams it
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": url.path,
+        "query_string": url.query or b"",
+        "root_path": "",
+        "headers": head.headers,
+        "app": app,
+        "path_params": {"topic": match.group(1)},
+    }
+    return PublishHead(scope, size, content_type, parser.should_keep_alive())
+
+
+def _framing_of(headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes] | None:
+    """The body's size and content type, if it is framed plainly: one Content-Length,
+    no Transfer-Encoding, no ``Expect: 100-continue`` (uvicorn answers that)."""
+    size: bytes | None = None
+    content_type = b""
+    for name, value in headers:
+        if name == b"content-length":
+            if size is not None:
+                return None
+            size = value
+        elif name == b"content-type":
+            content_type = value
+        elif name in (b"transfer-encoding", b"expect"):
+            return None
+    if size is None or not size.isdigit():
+        return None
+    return int(size), content_type
+
+
+def publish_request(data: bytes, app: Any) -> PublishHead | None:
+    """``publish_head_of`` the head at the start of ``data`` (for tests)."""
+    parsed = parse_head(data)
+    return None if parsed is None else publish_head_of(*parsed, app)
+
+
+@dataclass(slots=True)
+class Append:
+    """A validated publish, ready for the store."""
+
+    topic: str
+    events: list[NewEvent]
+    is_batch: bool
+    key: str | None
+    close: bool
+    broker: Broker
+    timeout: float
+    """The store must confirm within it (``BROKER_PUBLISH_TIMEOUT_SECONDS``), else 503."""
+
+    async def run(self) -> tuple[int, list[Any], bytes]:
+        """Append; the answer's status, headers (but content-length and CORS) and body."""
+        result = await self.broker.publish(
+            self.topic, self.events, idempotency_key=self.key, close=self.close
+        )
+        return answer(result, self.is_batch)
+
+
+async def validated(request: PublishHead, body: bytes) -> Append:
+    """The publish, validated as ``api.publish`` does; else ``NotValidated``."""
+    scope = request.scope
+    state = scope["app"].state
+    settings: Settings = state.settings
+    try:
+        topic = check_topic(scope["path_params"]["topic"])
+        await authorize(scope, "publish", [topic])
+        key = _idempotency_key(scope["headers"])
+        check_idempotency_key(key)
+        close = _close_requested(scope)
+        headers = {b"content-type": request.content_type}
+        events, is_batch = parse_events(scope, headers, body, settings)
+    except Exception as error:
+        raise NotValidated from error
+    return Append(
+        topic, events, is_batch, key, close, state.broker, settings.publish_timeout_seconds
+    )
+
+
+def _idempotency_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"idempotency-key":
+            return value.decode("latin-1")
+    return None
+
+
+def response_bytes(
+    request: PublishHead,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    server_state: ServerState,
+) -> bytes:
+    """The answer as uvicorn writes the ASGI route's: its date and server headers, the
+    route's, content-length, CORS, and ``connection: close`` unless kept alive."""
+    headers = [*headers, (b"content-length", b"%d" % len(body))]
+    return _answer_bytes(request, status, headers, body, server_state)
+
+
+def problem_bytes(request: PublishHead, response: Response, server_state: ServerState) -> bytes:
+    """A problem (the app's own response) as the ASGI route writes it."""
+    return _answer_bytes(
+        request, response.status_code, response.raw_headers, bytes(response.body), server_state
+    )
+
+
+def _answer_bytes(
+    request: PublishHead,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    server_state: ServerState,
+) -> bytes:
+    lines = [_STATUS_LINES[status]]
+    lines += [name + b": " + value for name, value in server_state.default_headers]
+    lines += [name + b": " + value for name, value in headers]
+    lines += [name + b": " + value for name, value in cors_headers(request.scope)]
+    if not request.keep_alive:
+        lines.append(b"connection: close")
+    return b"\r\n".join([*lines, b"", body])
+
+
+def with_cors(request: PublishHead, response: Response) -> Response:
+    """``response`` with the CORS headers the ASGI route adds to every answer."""
+    response.raw_headers.extend(cors_headers(request.scope))
+    return response
+
+
+_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+
+
+class PublishConnection(Protocol):
+    """The connection a publish is served on (``api.connections.BrokerHttpProtocol``)."""
+
+    def publish_answered(self, request: PublishHead, answer: bytes) -> None:
+        """Write the whole answer; the connection serves on (unless asked to close)."""
+
+    def publish_failed(self, request: PublishHead, response: Response) -> None:
+        """The append failed: answer and close."""
+
+    def publish_not_validated(self) -> None:
+        """Nothing reached the store: hand the request, from its first byte, to uvicorn."""
+
+
+class PublishExchange:
+    """One lean publish, from its whole body to its answer; a deadline item of
+    ``api.guard`` while the store has it (cheaper than an ``asyncio.timeout``)."""
+
+    __slots__ = ("_connection", "_request", "_server_state", "_task", "_timed_out")
+
+    def __init__(
+        self, connection: PublishConnection, request: PublishHead, server_state: ServerState
+    ) -> None:
+        self._connection = connection
+        self._request = request
+        self._server_state = server_state
+        self._task: asyncio.Task[None] | None = None
+        self._timed_out = False
+
+    def start(self, body: bytes, deadlines: Deadlines) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(body, deadlines))
+
+    def expire(self) -> None:
+        """The store did not confirm in time: 503 (the append may still land; the
+        client retries with its Idempotency-Key)."""
+        if self._task is not None and not self._timed_out:
+            self._timed_out = True
+            self._task.cancel()
+
+    async def _run(self, body: bytes, deadlines: Deadlines) -> None:
+        request, connection = self._request, self._connection
+        try:
+            append = await validated(request, body)
+        except NotValidated as error:
+            if not isinstance(error.__cause__, BrokerError | HttpProblem):
+                log.error("unexpected error validating a publish", exc_info=error.__cause__)
+            connection.publish_not_validated()
+            return
+        deadlines.set(self, append.timeout)
+        try:
+            status, headers, content = await append.run()
+        except asyncio.CancelledError:
+            if not self._timed_out:
+                raise
+            connection.publish_failed(request, self._problem(StoreUnavailable(TIMED_OUT)))
+        except StoreUnavailable as error:
+            connection.publish_failed(request, self._problem(error))
+        except (BrokerError, HttpProblem) as error:  # the store's answer (409): kept alive
+            answer = problem_bytes(request, problem_for(error), self._server_state)
+            connection.publish_answered(request, answer)
+        except Exception:
+            log.exception("unexpected error publishing on %s", request.scope["path"])
+            failure = problem(500, "Internal error", "the broker could not publish")
+            connection.publish_failed(request, with_cors(request, failure))
+        else:
+            answer = response_bytes(request, status, headers, content, self._server_state)
+            connection.publish_answered(request, answer)
+        finally:
+            deadlines.clear(self)
+
+    def _problem(self, error: StoreUnavailable) -> Response:
+        return with_cors(self._request, problem_for(error))
