@@ -15,6 +15,7 @@ the measured window.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import random
@@ -356,13 +357,25 @@ class PublisherPool:
         self.host, self.port = host, port
         self.idle: list[KeepAliveClient] = []
         self.gate = asyncio.Semaphore(size)
+        self.failures: collections.Counter[str] = collections.Counter()
+
+    def _idle_client(self) -> KeepAliveClient | None:
+        """An idle connection the server has not closed meanwhile (as any HTTP client
+        checks before reusing one: the server closes those idle too long)."""
+        while self.idle:
+            client = self.idle.pop()
+            if client.usable:
+                return client
+        return None
 
     async def post(self, path: str, body: bytes) -> int:
+        """The status; 0 if the connection failed (its reason in ``failures``)."""
         async with self.gate:
-            client = self.idle.pop() if self.idle else await _connect(self.host, self.port)
+            client = self._idle_client() or await _connect(self.host, self.port)
             try:
                 status, _ = await client.request(post_request(self.host, self.port, path, body))
-            except (OSError, ConnectionError):
+            except (OSError, ConnectionError) as error:
+                self.failures[f"{type(error).__name__}: {error}"] += 1
                 client.close()
                 return 0
             if client.usable:
@@ -452,6 +465,8 @@ async def _publish_life(spec: Message, path: str, pool: PublisherPool, tally: Ch
         status = await pool.post(path + ("?close=true" if last else ""), body)
         if status != 201:
             tally.publish_failed += 1
+            if status:
+                pool.failures[f"status {status}"] += 1
         elif tally.in_window(sent_ns):
             tally.sent += 1
             tally.publish_ms.append((time.time_ns() - sent_ns) / 1e6)
@@ -481,6 +496,7 @@ async def churn_job(channel: Channel, spec: Message) -> Message:
     await asyncio.sleep(max(0.0, end_at + spec["grace_s"] - time.time()))
     result = _churn_result(tally, live_at_window, own_cpu_seconds() - cpu0, start)
     result["created_per_s"] = created_per_s
+    result["publish_failures"] = dict(pool.failures)
     await _stop(lives, streams, pool)
     return result
 

@@ -9,6 +9,7 @@ import asyncio
 import importlib.util
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 from bench.config import Sizes
@@ -238,6 +239,7 @@ def _churn_figures(
         "topics_created": topics,
         "subscribe_failed": sum(r["subscribe_failed"] for r in results),
         "publish_failed": sum(r["publish_failed"] for r in results),
+        "publish_failures": dict(sum((Counter(r["publish_failures"]) for r in results), Counter())),
         "ends_received": sum(r["ended"] for r in results),
         "sent_in_window": sent,
         "received_in_window": received,

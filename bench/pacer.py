@@ -8,6 +8,7 @@ omission), up to `max_connections` requests in flight.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,7 @@ class Pacer:
         self.idle: list[KeepAliveClient] = []
         self.gate = asyncio.Semaphore(max_connections)
         self.sent = self.acknowledged = self.failed = 0
+        self.failures: collections.Counter[str] = collections.Counter()  # by reason
 
     async def run(self, rate: float, count: int, until: float) -> None:
         """Send `count` events at `rate`/s, but none after `until` (monotonic)."""
@@ -59,11 +61,12 @@ class Pacer:
     async def _publish_one(self) -> None:
         self.sent += 1
         try:
-            client = self.idle.pop() if self.idle else await self._connect()
+            client = self._idle_client() or await self._connect()
             (body,) = self.encode([{"t": time.time_ns()}])
             status, _ = await client.request(post_request(self.host, self.port, self.path, body))
-        except (OSError, ConnectionError, RuntimeError):  # uvloop: write on a closed transport
+        except (OSError, ConnectionError, RuntimeError) as error:  # (uvloop: a closed transport)
             self.failed += 1
+            self.failures[f"{type(error).__name__}: {error}"] += 1
             return
         finally:
             self.gate.release()
@@ -71,8 +74,18 @@ class Pacer:
             self.acknowledged += 1
         else:
             self.failed += 1
+            self.failures[f"status {status}"] += 1
         if client.transport is not None and not client.transport.is_closing():
             self.idle.append(client)
+
+    def _idle_client(self) -> KeepAliveClient | None:
+        """An idle connection the server has not closed meanwhile (as any HTTP client
+        checks before reusing one: servers close those idle too long)."""
+        while self.idle:
+            client = self.idle.pop()
+            if client.usable:
+                return client
+        return None
 
     async def _connect(self) -> KeepAliveClient:
         loop = asyncio.get_running_loop()

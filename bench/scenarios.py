@@ -152,6 +152,7 @@ async def _fan_out(
     deadline = time.monotonic() + audience.seconds + sizes.grace_s
     await pacer.run(audience.rate, count, deadline)
     outcome.details |= {"published": pacer.acknowledged, "publish_failed": pacer.failed}
+    outcome.details["publish_failures"] = dict(pacer.failures)
     outcome.details["publish_rate_offered"] = pacer.sent / (time.monotonic() - window.tree0.at)
     say(f"{name}: waiting for every subscriber to receive every event")
     pool.broadcast({"grace_s": sizes.grace_s, "expected": pacer.acknowledged})
