@@ -55,6 +55,66 @@ class FixedPool(redis.BlockingConnectionPool):
         self._keep_full = False  # until the first fill: lazy, as redis-py's
         self._filling = False
         self._refill: asyncio.Task[None] | None = None
+        self._waiting = 0  # callers in redis-py's own get_connection
+        self.fast_takes = 0  # connections handed out by the fast path (tests read it)
+
+    # -- the fast path ----------------------------------------------------------
+    #
+    # redis-py's blocking pool takes an asyncio.Condition twice, opens a timeout,
+    # tries a non-blocking read and records three observability figures for each
+    # command: measured, 18% of an append's client CPU. When a connection is idle
+    # and no caller waits, handing it out (and taking it back) is a list operation;
+    # everything else goes the library's way.
+    #
+    # And its check of an idle connection is off while its maintenance
+    # notifications are (its default): a connection the server closed while idle
+    # (a restart, CLIENT KILL, an idle timeout) was handed out as it was, and the
+    # append on it failed. Here such a connection is opened again first.
+
+    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+        connection = self._take_idle()
+        if connection is not None:
+            if not _sound(connection):
+                await self._reopen(connection)
+            return connection
+        self._waiting += 1
+        try:
+            connection = await super().get_connection()  # type: ignore[no-untyped-call]
+            if not _sound(connection):
+                await self._reopen(connection)
+            return connection
+        finally:
+            self._waiting -= 1
+
+    def _take_idle(self) -> AbstractConnection | None:
+        """The most recently released connection (as redis-py would take), if any."""
+        if self._in_maintenance or not self._available_connections:
+            return None
+        connection: AbstractConnection = self._available_connections.pop()
+        self._in_use_connections.add(connection)
+        self.fast_takes += 1
+        return connection
+
+    async def _reopen(self, connection: AbstractConnection) -> None:
+        """Connect it afresh; on failure it goes back to the pool and the error is raised."""
+        try:
+            await connection.disconnect()
+            await connection.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            await self.release(connection)
+            raise
+
+    async def release(self, connection: AbstractConnection) -> None:
+        if (
+            self._waiting
+            or self._in_maintenance
+            or connection not in self._in_use_connections
+            or connection.should_reconnect()  # type: ignore[no-untyped-call]
+        ):
+            await super().release(connection)  # wakes a waiter; its checks and events
+            return
+        self._in_use_connections.remove(connection)
+        self._available_connections.append(connection)
 
     async def fill(self) -> None:
         """Open every connection not in use (one in use is open, or reconnects itself).
@@ -67,7 +127,7 @@ class FixedPool(redis.BlockingConnectionPool):
         try:
             free = self.max_connections - len(self._in_use_connections)
             opened = await asyncio.gather(
-                *(self.get_connection() for _ in range(free)),  # type: ignore[no-untyped-call]
+                *(self.get_connection() for _ in range(free)),
                 return_exceptions=True,
             )
         finally:
@@ -103,6 +163,14 @@ class FixedPool(redis.BlockingConnectionPool):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refill
         await super().aclose()
+
+
+def _sound(connection: AbstractConnection) -> bool:
+    """Open, with nothing unread on it, and not closed by the server."""
+    reader = connection._reader
+    if not connection.is_connected or reader is None:
+        return False
+    return not reader.at_eof() and not reader._buffer  # type: ignore[attr-defined]
 
 
 class FixedSentinelPool(SentinelConnectionPool, FixedPool):

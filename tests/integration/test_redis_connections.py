@@ -192,3 +192,55 @@ async def test_the_cluster_store_keeps_a_fixed_pool_on_each_primary(
         assert after == opened
     finally:
         await store.close()
+
+
+def command_pool(store: Any) -> Any:
+    """The store's command pool (a FixedPool)."""
+    return store._client.connection_pool
+
+
+async def test_idle_connections_are_handed_out_by_the_fast_path(private_redis: RedisServer) -> None:
+    store = open_store(private_redis.url, pool_size=4)
+    try:
+        await store.open()
+        pool = command_pool(store)
+        before = pool.fast_takes
+        for topic in fresh_topics(20):  # one at a time: an idle connection is always there
+            await store.append(topic, [NewEvent("x")])
+            await store.state(topic)
+        assert pool.fast_takes - before >= 40
+        assert await broker_connections(private_redis.url) == 4 + 1
+    finally:
+        await store.close()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_handed_out(
+    private_redis: RedisServer,
+) -> None:
+    """Appends go through no retry (one may have run): an idle connection that Redis
+    closed (CLIENT KILL, its idle timeout, a proxy) must be reopened before use, by
+    the fast path too, not found dead by the next append."""
+    store = open_store(private_redis.url, pool_size=4)
+    probe = redis.Redis.from_url(private_redis.url, single_connection_client=True)
+    try:
+        await store.open()
+        topics = fresh_topics(8)
+        await asyncio.gather(*(store.append(t, [NewEvent("x")]) for t in topics))
+        pool = command_pool(store)
+        idle = list(pool._available_connections)
+        assert idle, "the pool holds idle connections"
+        own = int(await probe.client_id())
+        for client in await probe.client_list():
+            if int(client["id"]) != own:
+                await probe.client_kill_filter(_id=int(client["id"]))
+
+        def every_idle_one_saw_its_end() -> bool:
+            return all(c._reader is None or c._reader.at_eof() for c in idle)
+
+        await await_until(every_idle_one_saw_its_end, timeout=5, what="the kills seen")
+        for topic in topics:  # one at a time: each would take an idle (dead) connection
+            result = await store.append(topic, [NewEvent("y")])
+            assert len(result.ids) == 1
+    finally:
+        await probe.aclose()
+        await store.close()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from broker.errors import InvalidEventId
@@ -21,8 +23,8 @@ def test_event_id_round_trips() -> None:
 
 
 def test_epochs_are_random_and_well_formed() -> None:
-    epochs = {new_epoch() for _ in range(200)}
-    assert len(epochs) == 200
+    epochs = {new_epoch() for _ in range(2000)}  # several draws of the buffer
+    assert len(epochs) == 2000
     for epoch in epochs:
         assert EventId.parse(f"{epoch}.1-0").epoch == epoch
         assert epoch != ORIGIN.epoch
@@ -82,3 +84,21 @@ def test_malformed_cursors_are_refused(text: str) -> None:
 
 def test_plain_id_is_not_a_cursor() -> None:
     assert parse_last_event_id("abcdefgh.1-0") == EventId("abcdefgh", (1, 0))
+
+
+def test_a_forked_child_does_not_offer_its_parents_next_epochs() -> None:
+    """Epochs are drawn ahead; a child forked with some left in the buffer must draw
+    its own, or a log it recreates could take an epoch the parent gives another."""
+    new_epoch()  # the buffer now holds epochs drawn ahead
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        os.close(read)
+        os.write(write, " ".join(new_epoch() for _ in range(5)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        childs = set(pipe.read().split())
+    os.waitpid(child, 0)
+    parents = {new_epoch() for _ in range(5)}
+    assert len(childs) == 5 and not childs & parents

@@ -9,6 +9,7 @@ is kept in ``broker/redis_pools.py``'s docstring too.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Sized
 from dataclasses import dataclass
@@ -98,6 +99,37 @@ async def test_a_blocking_pool_counts_its_connections_in_use(pool: BlockingConne
     assert isinstance(in_use, Sized), f"{where}: gone, or not a sized collection"
     assert len(in_use) == 0, f"{where}: not empty on a new pool"
     assert pool.max_connections == 3, f"BlockingConnectionPool.max_connections (used by {POOLS})"
+
+
+async def test_a_blocking_pool_keeps_idle_connections_in_a_list(
+    pool: BlockingConnectionPool,
+) -> None:
+    """FixedPool's fast path hands out ``_available_connections[-1]`` itself (as the
+    library's ``get_available_connection`` pops it), moves it to the in-use set, and
+    takes the library's path while ``_in_maintenance``."""
+    where = f"redis-py surface BlockingConnectionPool (used by {POOLS}'s fast path)"
+    assert isinstance(getattr(pool, "_available_connections", None), list), f"{where}: idle list"
+    assert isinstance(getattr(pool, "_in_use_connections", None), set), f"{where}: in-use set"
+    assert getattr(pool, "_in_maintenance", None) is False, f"{where}: _in_maintenance"
+    connection = pool.get_available_connection()  # type: ignore[no-untyped-call]
+    assert connection in pool._in_use_connections, f"{where}: in-use after a take"
+    await pool.release(connection)
+    assert pool._available_connections == [connection], f"{where}: idle after release"
+
+
+async def test_a_connection_shows_its_reader_and_state(pool: BlockingConnectionPool) -> None:
+    """What the fast path checks before reusing an idle connection: connected, its
+    ``asyncio.StreamReader`` (``_reader``: at EOF, or with unread bytes in ``_buffer``),
+    and ``should_reconnect()``."""
+    connection = pool.make_connection()  # type: ignore[no-untyped-call]
+    where = f"redis-py surface AbstractConnection (used by {POOLS}'s fast path)"
+    assert connection.is_connected is False, f"{where}: is_connected (a property)"
+    assert connection._reader is None, f"{where}: _reader, None until connected"
+    assert connection.should_reconnect() is False, f"{where}: should_reconnect()"  # type: ignore[no-untyped-call]
+    reader = asyncio.StreamReader()
+    assert reader.at_eof() is False and isinstance(reader._buffer, bytearray), (  # type: ignore[attr-defined]
+        f"asyncio.StreamReader._buffer (used by {POOLS}'s fast path): gone"
+    )
 
 
 async def test_a_new_connection_takes_connect_callbacks(pool: BlockingConnectionPool) -> None:
