@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -155,11 +156,14 @@ class _AppendPipeline:
                 b"".join(hiredis.pack_command(command) for command in commands)
             )
             results: list[Any] = []
-            for _ in commands:
-                try:
-                    results.append(await connection.read_response())
-                except ResponseError as error:  # this command's error; the others stand
-                    results.append(error)
+            # One deadline for every reply (redis-py opens one per read by default:
+            # measured, a tenth of an append's client CPU with a few per batch).
+            async with asyncio.timeout(connection.socket_timeout):
+                for _ in commands:
+                    try:
+                        results.append(await connection.read_response(timeout=math.inf))
+                    except ResponseError as error:  # this command's error; the others stand
+                        results.append(error)
             return results
         except BaseException:
             await connection.disconnect()

@@ -55,7 +55,7 @@ METHODS = [
     Method(AbstractConnection, "register_connect_callback", "sync", POOLS, ("callback",)),
     Method(AbstractConnection, "connect", "async", POOLS),
     Method(AbstractConnection, "send_packed_command", "async", STORE, ("command",)),
-    Method(AbstractConnection, "read_response", "async", STORE),
+    Method(AbstractConnection, "read_response", "async", STORE, ("timeout",)),
     Method(AbstractConnection, "disconnect", "async", STORE),
     Method(ClusterNode, "acquire_connection", "sync", POOLS),
     Method(ClusterNode, "release", "sync", POOLS, ("connection",)),
