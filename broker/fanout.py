@@ -303,7 +303,13 @@ class Hub:
         states = await asyncio.gather(*(self._store.state(topic) for topic in suspects))
         for topic, state in zip(suspects, states, strict=True):
             feed = self._feeds.get(topic)
-            if feed is None or state.epoch != feed.epoch:
+            if feed is None:
+                continue
+            # A log read from its start (it did not exist at the last read) is
+            # offered to subscribers as such (LiveBatch.from_origin): what retention
+            # removed before this first read must be told as well.
+            new_log = feed.epoch is None and positions[topic] == (0, 0)
+            if state.epoch != (batches[topic][-1].epoch if new_log else feed.epoch):
                 continue  # another epoch: the entries themselves say so to subscribers
             if state.trimmed_through > positions[topic]:
                 log.warning("topic %s: the live reader fell behind retention", topic)

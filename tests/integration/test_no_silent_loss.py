@@ -296,3 +296,34 @@ async def test_a_stream_that_catches_up_after_a_delete_is_told_and_ends(
     [gap] = parse_events(raw)
     assert gap.event == c.GAP_EVENT and gap.json["reason"] == "deleted"  # type: ignore[index]
     assert subscription.closed
+
+
+async def test_a_new_topic_trimmed_before_its_first_live_read_is_told_with_a_gap(
+    redis_server: RedisServer, topic: str
+) -> None:
+    """Subscribers waiting for a topic that does not exist take its first live entries
+    directly (the reader reads a new log from its start); but a first append longer
+    than ``maxlen`` is trimmed before the reader sees it: what it reads is not the
+    log's start, and the subscribers are told (a pushed one as well as a pulled one)."""
+    broker = await small_broker(redis_server.url, maxlen=5)
+    try:
+        pushed_sink = PushConsumer()
+        pushed = await broker.subscribe({topic: "now"}, sink=pushed_sink)
+        pushed_sink.start(pushed)
+        pulled = await broker.subscribe({topic: "now"})
+        chunks = pulled.chunks()
+        reading = asyncio.create_task(collect(chunks, lambda ev: 19 in numbers(ev)))
+        await await_until(lambda: not pushed_sink.pumping, timeout=5, what="pushed: caught up")
+        await publish(broker, topic, range(20))  # one append: 15 of them trimmed at once
+        events = {
+            "pushed": await collect(pushed_sink, lambda ev: 19 in numbers(ev)),
+            "pulled": await reading,
+        }
+        pushed.close()
+        pulled.close()
+    finally:
+        await broker.close()
+    for name, received in events.items():
+        [gap] = gaps(received)
+        assert gap.json["reason"] == "trimmed", name  # type: ignore[index]
+        assert numbers(received) == list(range(15, 20)), name
