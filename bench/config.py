@@ -47,7 +47,7 @@ class Sizes:
     grace_s: float = 10.0
     connect_concurrency: int = 200
     loadgen_processes: int = 2
-    sessions_modes: str = "post,ingest"  # the ways of publishing measured (for --set)
+    sessions_modes: str = "post,ingest,direct"  # the ways of publishing measured (for --set)
     sessions_concurrent: int = 500  # generations running at once, each on its own topic
     sessions_rate: float = 20.0  # tokens/s of one generation
     sessions_tokens: int = 100
@@ -138,7 +138,7 @@ def _per_mode(
     return [
         Figure("sessions", f"{key}_{mode}", f"sessions ({name}): {label}", better, target, digits,
                baseline=mode == "post")
-        for mode, name in (("post", "POST/token"), ("ingest", "ingest"))
+        for mode, name in (("post", "POST/token"), ("ingest", "ingest"), ("direct", "direct"))
     ]  # fmt: skip
 
 
@@ -147,6 +147,8 @@ SESSIONS_FIGURES = (
     *_per_mode("cpu_us_per_token", "server CPU us/token", "lower", None, 1),
     Figure("sessions", "ingest_vs_post_cpu", "sessions: ingest CPU/token / POST's", "lower", 0.2, 3,
            baseline=False),
+    Figure("sessions", "direct_vs_post_cpu", "sessions: direct CPU/token / POST's", "lower", None,
+           3, baseline=False),
     *_per_mode("redis_cpu_us_per_token", "Redis CPU us/token", "lower", None, 1),
     *_per_mode("latency_p50_ms", "token latency p50 ms", "lower", None, 1),
     *_per_mode("latency_p99_ms", "token latency p99 ms", "lower", None, 1),

@@ -2,8 +2,10 @@
 
 `sessions`: each slot runs generations one after another, each on a new topic: a
 subscriber subscribes first (the producer waits for its 200), then the producer sends
-the tokens at a fixed pace, by one POST per token or one streaming (NDJSON) request,
-and closes the topic. Some subscribers drop mid-generation and resume with
+the tokens at a fixed pace, by one POST per token, one streaming (NDJSON) request, or
+straight to Redis with `brokerclient.direct.DirectPublisher` (one per load-generator
+process, shared by its slots, as one producer process would hold one), and closes
+the topic. Some subscribers drop mid-generation and resume with
 `Last-Event-ID`. Each session is checked: every token once, in order, and the end.
 
 `churn`: topics are created at a fixed rate, each with one subscriber, a few events
@@ -36,6 +38,9 @@ from bench.wire import (
     get_request,
     post_request,
 )
+from broker.errors import BrokerError
+from broker.policy import TopicPolicy
+from brokerclient.direct import DirectPublisher
 
 if TYPE_CHECKING:
     from bench.loadgen import Channel
@@ -56,8 +61,12 @@ async def _connect(host: str, port: int) -> KeepAliveClient:
     return client
 
 
+def _token_data(n: int) -> dict[str, int]:
+    return {"n": n, "t": time.time_ns()}
+
+
 def _token(n: int) -> bytes:
-    return orjson.dumps({"data": {"n": n, "t": time.time_ns()}})
+    return orjson.dumps({"data": _token_data(n)})
 
 
 # ---- sessions -------------------------------------------------------------------------------
@@ -211,21 +220,26 @@ def _describe(session: Session) -> Message:
 class Producer:
     """One slot's producer: a keep-alive connection reused across its generations."""
 
-    def __init__(self, spec: Message, tally: SessionTally) -> None:
+    def __init__(
+        self, spec: Message, tally: SessionTally, direct: DirectPublisher | None = None
+    ) -> None:
         self.host, self.port = spec["host"], spec["port"]
         self.mode: str = spec["mode"]
         self.closes: bool = spec["close"]
         self.rate: float = spec["rate"]
         self.tally = tally
         self.client: KeepAliveClient | None = None
+        self.direct = direct
 
     async def generate(self, topic: str, tokens: int, start: float) -> None:
         try:
             if self.mode == "ingest":
                 await self._stream(await self._client(), topic, tokens, start)
+            elif self.direct is not None:
+                await self._appends(self.direct, topic, tokens, start)
             else:
                 await self._posts(topic, tokens, start)
-        except (OSError, ConnectionError) as error:
+        except (OSError, ConnectionError, BrokerError) as error:
             self.tally.failure(f"{self.mode}: {type(error).__name__}: {error}")
             self._drop_client()
 
@@ -263,6 +277,17 @@ class Producer:
             if status not in (200, 201):
                 self.tally.failure(f"close answered {status}")
 
+    async def _appends(
+        self, direct: DirectPublisher, topic: str, tokens: int, start: float
+    ) -> None:
+        """One append per token straight to Redis, then the append script's close."""
+        for n in range(tokens):
+            await _sleep_until(start + n / self.rate)
+            result = await direct.publish(topic, _token_data(n))
+            self.tally.published += result.count
+        if self.closes:
+            await direct.close_topic(topic)
+
     async def _stream(self, client: KeepAliveClient, topic: str, tokens: int, start: float) -> None:
         path = f"/topics/{topic}/events" + ("?close=true" if self.closes else "")
         answer = client.begin(chunked_post_head(self.host, self.port, path, NDJSON))
@@ -287,8 +312,10 @@ class Producer:
             self.client.close()
 
 
-async def _run_slot(spec: Message, slot: int, start: float, tally: SessionTally) -> None:
-    producer = Producer(spec, tally)
+async def _run_slot(
+    spec: Message, slot: int, start: float, tally: SessionTally, direct: DirectPublisher | None
+) -> None:
+    producer = Producer(spec, tally, direct)
     rng = random.Random(f"{spec['seed']}:{slot}")
     tokens = spec["tokens"]
     followers: list[asyncio.Future[None]] = []
@@ -330,21 +357,33 @@ async def _give_up_after(follower: asyncio.Future[None], seconds: float) -> None
 async def sessions_job(channel: Channel, spec: Message) -> Message:
     """Run `slots` generation slots, `rounds` generations each; a result for the lot."""
     tally = SessionTally()
-    await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
-    cpu0, wall0 = own_cpu_seconds(), time.monotonic()
-    slots = spec["slots"]
-    await asyncio.gather(
-        *(
-            # Staggered over one token interval, so that the slots' tokens do not all fall
-            # in the same millisecond.
-            _run_slot(spec, spec["first_slot"] + i, wall0 + i / slots / spec["rate"], tally)
-            for i in range(slots)
+    direct = _direct_publisher(spec) if spec["mode"] == "direct" else None
+    try:
+        await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
+        cpu0, wall0 = own_cpu_seconds(), time.monotonic()
+        slots = spec["slots"]
+        await asyncio.gather(
+            *(
+                # Staggered over one token interval, so that the slots' tokens do not all
+                # fall in the same millisecond.
+                _run_slot(
+                    spec, spec["first_slot"] + i, wall0 + i / slots / spec["rate"], tally, direct
+                )
+                for i in range(slots)
+            )
         )
-    )
-    return tally.result() | {
-        "cpu_s": own_cpu_seconds() - cpu0,
-        "wall_s": time.monotonic() - wall0,
-    }
+        cpu_s, wall_s = own_cpu_seconds() - cpu0, time.monotonic() - wall0
+    finally:
+        if direct is not None:
+            await direct.aclose()
+    return tally.result() | {"cpu_s": cpu_s, "wall_s": wall_s}
+
+
+def _direct_publisher(spec: Message) -> DirectPublisher:
+    """A publisher with the settings the broker runs with (TTL, retention, policies)."""
+    options = dict(spec["direct_options"])
+    options["topic_policies"] = [TopicPolicy(**p) for p in options["topic_policies"]]
+    return DirectPublisher(spec["redis_url"], **options)
 
 
 # ---- churn ----------------------------------------------------------------------------------

@@ -6,13 +6,15 @@ The load-generator side is `bench/lifecycle_jobs.py`.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
 import uuid
 from collections import Counter
 from typing import Any
 
-from bench.config import Sizes
+import orjson
+
+from api.settings import Settings
+from bench.config import Sizes, server_env
 from bench.loadgen import LoadGenerators, Message, split
 from bench.measure import (
     Outcome,
@@ -23,7 +25,13 @@ from bench.measure import (
 from bench.progress import say
 from bench.servers import HOST, RunningServer
 
-MODES = {"post": "one POST per token", "ingest": "streaming ingest (NDJSON)"}
+MODES = {
+    "post": "one POST per token",
+    "ingest": "streaming ingest (NDJSON)",
+    "direct": "direct Redis publisher (brokerclient.direct)",
+}
+# Each mode's CPU per token over one POST per token's, when both ran.
+CPU_RATIOS = {"ingest_vs_post_cpu": "ingest", "direct_vs_post_cpu": "direct"}
 TTL_POLL_S = 0.25
 CHURN_END_WAIT_S = 3.0  # after the window, for its last events (and ends) to arrive
 WATCHED_COMMANDS = ("xread", "client|unblock", "evalsha", "xrange", "xrevrange")
@@ -40,10 +48,35 @@ def _spec(server: RunningServer, **fields: Any) -> Message:
     return {"host": HOST, "port": server.port, **fields}
 
 
-def _direct_publisher_note() -> str:
-    if importlib.util.find_spec("brokerclient") is None:
-        return "(c) direct Redis publisher: skipped, no brokerclient package on this branch"
-    return "(c) direct Redis publisher: brokerclient exists but the bench does not drive it yet"
+def direct_options(scenario_env: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """``DirectPublisher``'s arguments from the settings the broker runs with (its
+    environment and the scenario's additions, read as ``broker serve`` reads them), so
+    that a direct append keeps, trims and expires as the broker's own does; and what
+    the direct publisher cannot honour of them."""
+    overrides: dict[str, Any] = {
+        name.removeprefix("BROKER_").lower(): value for name, value in scenario_env.items()
+    }
+    if "topic_policies" in overrides:  # a JSON list in the environment
+        overrides["topic_policies"] = orjson.loads(overrides["topic_policies"])
+    settings = Settings(**overrides)
+    options = {
+        "retention_maxlen": settings.retention_maxlen,
+        "retention_seconds": settings.retention_seconds,
+        "idempotency_seconds": settings.idempotency_seconds,
+        "topic_ttl_seconds": settings.topic_ttl_seconds,
+        "topic_policies": [policy.model_dump() for policy in settings.topic_policies],
+        "max_event_bytes": settings.max_event_bytes,
+        "max_batch": settings.max_batch,
+    }
+    unhonoured = []
+    if settings.publish_durability != "leader":
+        unhonoured.append(
+            f"the broker runs with publish_durability={settings.publish_durability}, which "
+            "DirectPublisher has no setting for: its appends wait for no replica"
+        )
+    if settings.jwt_secret or settings.jwt_public_key or settings.jwt_jwks_url:
+        unhonoured.append("the broker checks tokens; a direct append goes around them")
+    return options, unhonoured
 
 
 # ---- sessions -------------------------------------------------------------------------------
@@ -55,21 +88,25 @@ async def sessions(server: RunningServer, pool: LoadGenerators, sizes: Sizes) ->
     outcome = Outcome()
     broker = server.target.name == "broker"
     memory0 = redis_memory_bytes(server)
-    note = _direct_publisher_note()
-    say(f"sessions: {note}")
-    outcome.details["direct_publisher"] = note
     modes = [m for m in sizes.sessions_modes.split(",") if m in MODES and (broker or m == "post")]
     for mode in modes:
         await _sessions_mode(server, pool, sizes, mode, broker, outcome)
-    if len(modes) == len(MODES):
-        post, ingest = (outcome.figures[f"cpu_us_per_token_{m}"] for m in MODES)
-        outcome.figures["ingest_vs_post_cpu"] = ingest / post if post else float("nan")
+    post = outcome.figures.get("cpu_us_per_token_post")
+    for key, mode in CPU_RATIOS.items():
+        other = outcome.figures.get(f"cpu_us_per_token_{mode}")
+        if post is not None and other is not None:
+            outcome.figures[key] = other / post if post else float("nan")
     await _after_ttl(server, sizes, broker, memory0, outcome)
     return outcome
 
 
 def _sessions_specs(
-    server: RunningServer, pool: LoadGenerators, sizes: Sizes, mode: str, closes: bool
+    server: RunningServer,
+    pool: LoadGenerators,
+    sizes: Sizes,
+    mode: str,
+    closes: bool,
+    direct: dict[str, Any],
 ) -> list[Message]:
     counts = split(sizes.sessions_concurrent, pool.size)
     firsts = [sum(counts[:i]) for i in range(len(counts))]
@@ -81,9 +118,18 @@ def _sessions_specs(
             rate=sizes.sessions_rate, drop_fraction=sizes.sessions_drop_fraction,
             grace_s=sizes.sessions_grace_s, seed=f"{mode}:{first}",
             prefix=f"bench.sessions.{mode}.{uuid.uuid4().hex[:8]}", start_at=start_at,
+            **direct,
         )
         for n, first in zip(counts, firsts, strict=True)
     ]  # fmt: skip
+
+
+def _direct_spec(server: RunningServer, sizes: Sizes, outcome: Outcome) -> dict[str, Any]:
+    """What a load generator needs to publish straight to the scenario's Redis."""
+    options, unhonoured = direct_options(server_env("sessions", sizes))
+    outcome.details["direct_publisher"] = {"options": options, "not_honoured": unhonoured}
+    outcome.warnings += [f"direct: {why}" for why in unhonoured]
+    return {"redis_url": server.redis_server.url, "direct_options": options}
 
 
 async def _sessions_mode(
@@ -94,7 +140,8 @@ async def _sessions_mode(
     closes: bool,
     outcome: Outcome,
 ) -> None:
-    specs = _sessions_specs(server, pool, sizes, mode, closes)
+    direct = _direct_spec(server, sizes, outcome) if mode == "direct" else {}
+    specs = _sessions_specs(server, pool, sizes, mode, closes, direct)
     total = sizes.sessions_concurrent * sizes.sessions_rounds
     say(
         f"sessions ({MODES[mode]}): {sizes.sessions_concurrent} at once, {total} in all, "
@@ -130,6 +177,8 @@ def _session_figures(outcome: Outcome, mode: str, results: list[Message], window
         "generation_late_p99_s": _percentile(late, 0.99),
         "server_cpu_s": window.server_cpu_s,
         "redis_cpu_s": window.costs["redis"],
+        # The producers' and subscribers' side (a direct publisher's work is here).
+        "load_generator_cpu_us_per_token": 1e6 * sum(r["cpu_s"] for r in results) / tokens,
     }
     if summed["exact"] < summed["sessions"]:
         outcome.warnings.append(

@@ -11,7 +11,8 @@ or retention differs by who published last).
 Errors are the core's: ``broker.InvalidInput`` (and ``InvalidTopic``,
 ``TooLarge``) for what the edge would answer 400/413, and
 ``broker.StoreUnavailable`` when Redis does not answer (retry it with the same
-``idempotency_key``), and ``broker.errors.TopicClosed`` for a closed topic. Pass the
+``idempotency_key``), and ``broker.errors.TopicClosed`` for a closed topic;
+``close_topic`` closes one as ``POST /topics/{topic}/close`` does. Pass the
 deployment's retention, TTL and topic policies too: the append script applies them.
 """
 
@@ -114,6 +115,17 @@ class DirectPublisher:
             list(events), max_event_bytes=self._max_event_bytes, max_batch=self._max_batch
         )
         return await self._append(topic, items, idempotency_key, close)
+
+    async def close_topic(self, topic: str) -> str:
+        """Close the topic: its log ends with ``broker.end``; the end's event id.
+
+        The append script's close with no events, as ``POST /topics/{topic}/close``
+        sends it: closing a closed topic answers the same id, so a retry is safe
+        without an idempotency key.
+        """
+        check_topic(topic)
+        result = await self._store.append(topic, [], close=True)
+        return str(result.end_id)
 
     async def _append(
         self, topic: str, events: list[NewEvent], idempotency_key: str | None, close: bool = False

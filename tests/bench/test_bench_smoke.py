@@ -43,7 +43,7 @@ def _assert_short_lived_topics_checked(document: dict[str, Any]) -> None:
     """The sessions and churn checks counted something: every session was checked
     (tokens in order and the end), the topics expired, churn events arrived."""
     sessions = document["results"]["broker"]["sessions"]
-    for mode in ("post", "ingest"):
+    for mode in ("post", "ingest", "direct"):
         details = sessions["details"][mode]
         assert details["sessions"] > 0 and details["tokens_published"] > 0, details
         assert details["ended"] == details["sessions"], details

@@ -10,7 +10,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis
 
+from broker import constants as c
+from broker.errors import TopicClosed
 from brokerclient import AsyncPublisher, Publisher, RetryPolicy, SseDecoder, Subscriber, event
 from brokerclient.direct import DirectPublisher
 from tests.support.broker_process import BrokerProcess
@@ -206,3 +209,28 @@ def test_sse_decoder_follows_the_standard_across_chunk_boundaries() -> None:
     events = [e for i in range(len(stream)) for e in decoder.feed(stream[i : i + 1])]
     assert [(e.id, e.event, e.data) for e in events] == [("a", "x", "1\n2"), ("a", None, "3")]
     assert decoder.retry_ms == 1500
+
+
+async def test_direct_publisher_closes_a_topic_as_the_broker_does(
+    face_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """``close_topic`` sends the append script's close: subscribers get ``broker.end``
+    and stop, closing again answers the same end, and a publish after it is refused."""
+    topic = _topic("direct-close")
+    async with DirectPublisher(redis_server.url, topic_ttl_seconds=60) as direct:
+        await direct.publish_text(topic, "last token")
+        end = await direct.close_topic(topic)
+        assert await direct.close_topic(topic) == end
+        with pytest.raises(TopicClosed) as refused:
+            await direct.publish(topic, "too late")
+    assert refused.value.end_id == end
+    with Subscriber(topic, face_broker.url, from_earliest=True, give_up_after=10) as sub:
+        seen = list(sub)  # ends by itself, at the end
+    assert [(e.event, e.data) for e in seen] == [(None, "last token"), ("broker.end", "{}")]
+    assert seen[-1].id == end
+    # The close refreshed the topic's TTL, as the broker's close does.
+    client = redis.Redis(port=redis_server.port)
+    try:
+        assert 0 < client.pttl(c.log_key(topic)) <= 60_000
+    finally:
+        client.close()
