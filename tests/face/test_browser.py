@@ -18,6 +18,7 @@ import pytest
 from brokerclient import Publisher
 from tests.support.broker_process import BrokerProcess
 from tests.support.chromium import Chromium
+from tests.support.polling import WaitTimeout
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +53,16 @@ def test_live_page_lists_topics_and_tails_them_live(
         # The topic is listed, with this instance's subscriber (the page's own tail).
         listed = f"""[...document.querySelectorAll('#topics tbody tr')]
             .some(r => r.dataset.topic === {json.dumps(topic)} && r.cells[3].textContent === '1')"""
-        browser.wait_for(listed, what="the topic listed with one subscriber")
+        try:
+            browser.wait_for(listed, what="the topic listed with one subscriber")
+        except WaitTimeout as timeout:  # what the page showed instead, to tell why
+            shown = browser.evaluate(
+                "JSON.stringify({note: document.getElementById('topics-note').textContent,"
+                " tail: document.getElementById('tail-status').textContent,"
+                " rows: [...document.querySelectorAll('#topics tbody tr')]"
+                ".map(r => [...r.cells].map(c => c.textContent))})"
+            )
+            raise AssertionError(f"{timeout}; the page showed {shown}") from None
 
         first = publisher.publish(topic, {"n": 1})
         publisher.publish_text(topic, "two\nlines", event="greeting")
