@@ -47,7 +47,7 @@ from api.guard import (
     guard_of,
     response_head,
 )
-from api.heads import HEAD_END, RequestHead, parse_head
+from api.heads import HEAD_END, RequestHead, parse_head, scope_of
 from api.lean_publish import PublishExchange, PublishHead, publish_head_of
 from api.metrics import SUBSCRIBERS
 from api.problems import HttpProblem, problem_for
@@ -532,17 +532,7 @@ def _scope_of(head: RequestHead, parser: httptools.HttpRequestParser) -> dict[st
     bodyless = all(name not in BODY_HEADERS for name, _ in head.headers)
     if not (head.complete and plain and bodyless):
         return None
-    return {
-        "type": "http",
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": url.path,
-        "query_string": url.query or b"",
-        "root_path": "",
-        "headers": head.headers,
-    }
+    return scope_of("GET", path, url, head.headers)
 
 
 def _refusal_of(

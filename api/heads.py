@@ -6,6 +6,8 @@ request can be handed over, from its first byte, to uvicorn's protocol.
 
 from __future__ import annotations
 
+from typing import Any
+
 import httptools
 
 HEAD_END = b"\r\n\r\n"
@@ -46,3 +48,22 @@ def parse_head(data: bytes) -> tuple[RequestHead, httptools.HttpRequestParser] |
     except (httptools.HttpParserError, httptools.HttpParserUpgrade):
         return None
     return (head, parser) if head.headers_done else None
+
+
+def scope_of(
+    method: str, path: str, url: Any, headers: list[tuple[bytes, bytes]]
+) -> dict[str, Any]:
+    """The ASGI scope of a request served on the connection (HTTP/1.1, no root path):
+    what the app's functions read, as uvicorn would have built it. ``url`` is
+    ``httptools.parse_url``'s answer; ``path`` its path, percent-decoded."""
+    return {
+        "type": "http",
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": url.path,
+        "query_string": url.query or b"",
+        "root_path": "",
+        "headers": headers,
+    }

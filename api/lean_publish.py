@@ -32,7 +32,7 @@ from api import routes
 from api.auth import authorize
 from api.cors import cors_headers
 from api.deadlines import Deadlines
-from api.heads import RequestHead, parse_head
+from api.heads import RequestHead, parse_head, scope_of
 from api.negotiation import media_type_of
 from api.problems import HttpProblem, problem, problem_for
 from api.publish import _close_requested, answer, parse_events
@@ -84,19 +84,8 @@ def publish_head_of(
     media_type = media_type_of(content_type.decode("latin-1"))[0]
     if size > settings.max_body_bytes or media_type not in LEAN_MEDIA_TYPES:
         return None  # the app refuses these before the body (413, 415) or streams it
-    scope = {
-        "type": "http",
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": url.path,
-        "query_string": url.query or b"",
-        "root_path": "",
-        "headers": head.headers,
-        "app": app,
-        "path_params": {"topic": match.group(1)},
-    }
+    scope = scope_of("POST", path, url, head.headers)
+    scope |= {"app": app, "path_params": {"topic": match.group(1)}}
     return PublishHead(scope, size, content_type, parser.should_keep_alive())
 
 
