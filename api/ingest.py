@@ -3,18 +3,19 @@
 A producer pipes a token stream through one request: each line is one JSON
 event object, stored and delivered as it arrives, not when the body ends.
 
-- Order and pipelining: one append is in flight per request at a time, and
-  every line that arrived meanwhile goes in the next, as one atomic batch. A
-  line never waits for more than the append before it, and under load each
-  Redis round trip carries many lines. (Appends of one request cannot be in
-  flight together: on two pooled connections Redis could run them in either
-  order.)
+- Order and pipelining: the lines of what arrived are appended, in order, as
+  one atomic batch; while that append is in flight what arrives next waits in
+  the connection's buffer, and goes in the next batch. One append is in flight
+  per request at a time (on two pooled connections Redis could run two in either
+  order), a line never waits for more than the append before it, and under load
+  each Redis round trip carries many lines. One task does it all: measured, a
+  separate sender task and its queue cost a task switch per line.
 - Idempotency: with ``Idempotency-Key: K``, line n is stored under ``K:n``
   (n counts from 1, blank lines included), so a producer whose connection
   broke sends the whole stream again and no line is stored twice.
 - Memory is bounded whatever the body's length: one line at most
-  ``max_event_bytes`` plus its envelope, and at most ``INGEST_QUEUE_LINES``
-  lines waiting; past that the body is not read until they are stored.
+  ``max_event_bytes`` plus its envelope, and what one read of the body brings
+  (the edge stops reading the socket while the app is not reading the body).
 - A bad line stops the ingest with 400 naming it; the lines before it stay
   stored. ``?close=true`` closes the topic when the body ends, never when it
   breaks off.
@@ -34,7 +35,6 @@ from api.problems import HttpProblem
 from broker import Broker, EventId, InvalidInput, NewEvent, StoreUnavailable, TooLarge
 from broker.validation import event_from_json
 
-INGEST_QUEUE_LINES = 1000
 LINE_ENVELOPE_BYTES = 4096
 """A line may exceed ``max_event_bytes`` by this much: the JSON around the data."""
 
@@ -86,46 +86,31 @@ class Ingest:
         self._max_batch = max_batch
         self._idle_timeout = idle_timeout
         self._append_timeout = append_timeout
-        self._queue: asyncio.Queue[tuple[int, NewEvent] | None] = asyncio.Queue(INGEST_QUEUE_LINES)
         self.result = IngestResult(keep=max_batch)
         self._idle = _IdleWatch(idle_timeout)
 
     async def run(self, receive: Receive) -> IngestResult:
         """Store every line of the body; raises on the first bad line, after storing
         the lines before it. The body must end normally for this to return."""
-        sender = asyncio.create_task(self._send_lines())
-        try:
-            with self._idle:
-                await self._read_lines(receive, sender)
-        finally:  # a bad line or a broken body: the lines before it are stored all the same
-            await self._finish(sender)
-        return self.result
-
-    async def _read_lines(self, receive: Receive, sender: asyncio.Task[None]) -> None:
+        batch: list[tuple[int, NewEvent]] = []
         number = 0
-        async for line in self._lines(receive):
-            number += 1
-            if line.strip() and not await self._put((number, self._parse(number, line)), sender):
-                return  # the sender failed: _finish raises its error
-
-    async def _finish(self, sender: asyncio.Task[None]) -> None:
-        """Let the sender store what is queued, then end it; its error, if any, is ours."""
-        await self._put(None, sender)
-        await sender
-
-    async def _put(self, item: tuple[int, NewEvent] | None, sender: asyncio.Task[None]) -> bool:
-        """Queue for the sender, waiting while the queue is full; False if it ended."""
-        if sender.done():
-            return False
-        if not self._queue.full():
-            self._queue.put_nowait(item)
-            return True
-        putting = asyncio.ensure_future(self._queue.put(item))
-        await asyncio.wait({putting, sender}, return_when=asyncio.FIRST_COMPLETED)
-        if not putting.done():
-            putting.cancel()
-            return False
-        return True
+        with self._idle:
+            try:
+                async for lines in self._reads(receive):
+                    for line in lines:
+                        number += 1
+                        if line.strip():
+                            batch.append((number, self._parse(number, line)))
+                            if len(batch) >= self._max_batch:
+                                await self._append(batch)
+                                batch = []
+                    if batch:  # what this read brought, stored before the next read
+                        await self._append(batch)
+                        batch = []
+            finally:  # a bad line or a broken body: the lines before it are stored all the same
+                if batch:
+                    await self._append(batch)
+        return self.result
 
     def _parse(self, number: int, line: bytes) -> NewEvent:
         try:
@@ -139,22 +124,23 @@ class Ingest:
         except TooLarge as error:
             raise TooLarge(f"line {number}: {error}", limit=error.limit) from None
 
-    async def _lines(self, receive: Receive) -> AsyncIterator[bytes]:
-        """The body's lines as they arrive; the last one may lack its line feed."""
+    async def _reads(self, receive: Receive) -> AsyncIterator[list[bytes]]:
+        """The whole lines of each read of the body, as they arrive; the last line
+        may lack its line feed."""
         partial = b""
         while True:
             message = await self._receive(receive)
             chunk = partial + bytes(message.get("body", b""))
             *lines, partial = chunk.split(b"\n")
-            for line in lines:
-                yield line
             if len(partial) > self._max_line:
+                yield lines  # (those before it are stored)
                 limit = self._max_line
                 raise TooLarge(f"a line is longer than {limit} bytes", limit=limit)
             if not message.get("more_body", False):
-                if partial.strip():
-                    yield partial
+                yield [*lines, partial] if partial.strip() else lines
                 return
+            if lines:
+                yield lines
 
     async def _receive(self, receive: Receive) -> Any:
         self._idle.waiting()
@@ -170,21 +156,6 @@ class Ingest:
         if message["type"] == "http.disconnect":
             raise InvalidInput("the client went away before the body ended")
         return message
-
-    async def _send_lines(self) -> None:
-        """Append what is queued, a batch at a time, in order, until the end mark."""
-        while True:
-            item = await self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                following = self._queue.get_nowait()
-                if following is None:
-                    await self._append(batch)
-                    return
-                batch.append(following)
-            await self._append(batch)
 
     async def _append(self, batch: list[tuple[int, NewEvent]]) -> None:
         keys = None if self._key is None else [f"{self._key}:{number}" for number, _ in batch]

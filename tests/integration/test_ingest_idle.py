@@ -13,7 +13,7 @@ import pytest
 
 from api.ingest import Ingest
 from api.problems import HttpProblem
-from broker import Broker, BrokerLimits
+from broker import Broker, BrokerLimits, TooLarge
 from broker.redis_store import RedisStreamStore
 
 IDLE_S = 0.3
@@ -78,3 +78,21 @@ async def test_a_slow_but_steady_body_is_not_timed_out(broker: Broker, topic: st
     ingest = ingest_of(broker, topic)
     result = await ingest.run(body([IDLE_S * 2 / 3] * 6, then_stall=False))
     assert result.count == 6
+
+
+async def test_a_line_growing_past_the_limit_stops_the_ingest_keeping_the_lines_before(
+    broker: Broker, topic: str
+) -> None:
+    """A line that never ends (no line feed, longer than an event may be) is refused
+    while it arrives, not buffered whole; the lines before it are stored."""
+    reads = [orjson.dumps({"data": {"n": 1}}) + b"\n" + b'{"data": "', *[b"x" * 4096] * 10]
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": reads.pop(0), "more_body": bool(reads)}
+
+    ingest = ingest_of(broker, topic)
+    with pytest.raises(TooLarge):
+        await ingest.run(receive)
+    assert reads, "refused before the whole body was read"
+    page = await broker.history(topic, None, 10)
+    assert [orjson.loads(entry.data) for entry in page.events] == [{"n": 1}]
