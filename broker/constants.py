@@ -78,6 +78,10 @@ REPLAY_PAGE_SIZE = 500
 # Identical log reads (a reconnect storm) wait this long for company before
 # they go to Redis as one (ms); see single_flight.SingleFlight.
 READ_COALESCE_MS = 5
+# ... and while company keeps coming in each window, wait again, this long at most
+# (ms): a storm arriving over half a second then costs a read per 25 ms, not per 5,
+# whatever the speed of the round trip. A read with no company waits one window.
+READ_COALESCE_MAX_MS = 25
 # The live reader asks for at most this many entries per topic per XREAD.
 LIVE_READ_COUNT = 1000
 # After a dispatch, the live reader waits this long before reading again, so

@@ -222,7 +222,9 @@ class RedisStreamStore:
         self._state_script = client.register_script(_lua("state.lua"))
         self._range_script = client.register_script(_lua("range.lua"))
         self._delete_script = client.register_script(_lua("delete.lua"))
-        self._reads = SingleFlight(c.READ_COALESCE_MS / 1000)
+        self._reads = SingleFlight(
+            c.READ_COALESCE_MS / 1000, max_window_s=c.READ_COALESCE_MAX_MS / 1000
+        )
         self.durable = durable
         self.description = description
 

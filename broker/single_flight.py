@@ -29,9 +29,11 @@ class SingleFlight:
     wait, never the read the others are waiting for.
     """
 
-    def __init__(self, window_s: float) -> None:
+    def __init__(self, window_s: float, *, max_window_s: float | None = None) -> None:
         self._window = window_s
+        self._max_window = max(window_s, max_window_s or window_s)
         self._forming: dict[tuple[Any, ...], asyncio.Task[Any]] = {}
+        self._joined: dict[tuple[Any, ...], int] = {}  # callers of each forming read
 
     async def run(self, key: tuple[Any, ...], call: Callable[[], Awaitable[T]]) -> T:
         read = self._forming.get(key)
@@ -39,13 +41,24 @@ class SingleFlight:
             read = asyncio.get_running_loop().create_task(self._read(key, call))
             read.add_done_callback(_retrieve_outcome)
             self._forming[key] = read
+            self._joined[key] = 0
+        self._joined[key] += 1
         return await asyncio.shield(read)
 
     async def _read(self, key: tuple[Any, ...], call: Callable[[], Awaitable[T]]) -> T:
+        """Wait a window for company; while company keeps coming (a reconnect storm
+        arrives over hundreds of milliseconds), another, up to the longest window."""
+        loop = asyncio.get_running_loop()
+        closes_at = loop.time() + self._max_window
         try:
+            joined = self._joined[key]
             await asyncio.sleep(self._window)
+            while self._joined[key] > joined and loop.time() + self._window <= closes_at:
+                joined = self._joined[key]
+                await asyncio.sleep(self._window)
         finally:
             del self._forming[key]  # closed: whoever asks from now on reads anew
+            del self._joined[key]
         return await call()
 
 

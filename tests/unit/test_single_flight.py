@@ -64,3 +64,23 @@ async def test_a_read_closes_to_newcomers_once_sent() -> None:
     late = asyncio.create_task(reads.run(("range", "t"), counted))
     assert await early == await late == "page"
     assert counted.calls == 2
+
+
+async def test_while_callers_keep_coming_the_read_waits_for_them_up_to_a_cap() -> None:
+    """A reconnect storm's callers arrive over hundreds of milliseconds: a read that got
+    company in its window waits another window (up to ``max_window_s``), so a storm
+    costs a read per cap, not one per window. A lone caller still waits one window."""
+    reads = SingleFlight(WINDOW_S, max_window_s=WINDOW_S * 6)
+    counted = CountedRead()
+    lone = asyncio.create_task(reads.run(("range", "alone"), counted))
+    await asyncio.sleep(WINDOW_S * 2)  # the lone read had no company: it has gone
+    later = asyncio.create_task(reads.run(("range", "alone"), counted))
+    assert await lone == await later == "page"
+    assert counted.calls == 2
+    counted.calls = 0
+    callers = []
+    for _ in range(20):  # one every half window, for ten windows
+        callers.append(asyncio.create_task(reads.run(("range", "t"), counted)))
+        await asyncio.sleep(WINDOW_S / 2)
+    assert set(await asyncio.gather(*callers)) == {"page"}
+    assert 2 <= counted.calls <= 3  # ten windows of arrivals, a read per six at most
