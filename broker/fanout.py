@@ -247,6 +247,7 @@ class Hub:
         that returned them started, topic by topic."""
         policies = self._store.policies
         now = time.monotonic()
+        delivered = 0  # counted once per read: a metric update per topic cost 1-2% of a token
         for topic, entries in batches.items():
             feed = self._feeds.get(topic)
             if feed is None or not entries:
@@ -258,15 +259,14 @@ class Hub:
             feed.epoch = entries[-1].epoch
             if policies.expiring and (ttl_ms := policies.for_topic(topic).ttl_ms):
                 self._expiry.note(topic, now, ttl_ms / 1000)  # an append moved its expiry
-            delivered = 0
             for subscriber in tuple(feed.subscribers):
                 try:
                     delivered += subscriber.offer(batch)
                 except Exception:
                     log.exception("topic %s: a subscriber failed to take entries", topic)
                     _abandon(subscriber)
-            if delivered:
-                self._observer.delivered(delivered)
+        if delivered:
+            self._observer.delivered(delivered)
 
     async def _look_for_expired(self) -> None:
         """Topics that may have expired by now: tell the subscribers of those that did
