@@ -414,7 +414,8 @@ class StreamConnection(asyncio.Protocol):
     def write(self, chunk: bytes) -> bool:
         if self._paused:
             return False  # the subscription queues it for the pump, bounded
-        self._transport.write(SHARED_CHUNKS.of(chunk))
+        shared = SHARED_CHUNKS
+        self._transport.write(shared.chunk if chunk is shared.data else shared.of(chunk))
         return True
 
     def unsent_bytes(self) -> int:
@@ -482,16 +483,16 @@ class _LastChunk:
     to every subscriber of a topic in a row, so a broadcast frames its chunk once,
     not once per socket."""
 
-    __slots__ = ("_chunk", "_data")
+    __slots__ = ("chunk", "data")
 
     def __init__(self) -> None:
-        self._data = b""
-        self._chunk = chunk_of(b"")
+        self.data = b""
+        self.chunk = chunk_of(b"")
 
     def of(self, data: bytes) -> bytes:
-        if data is not self._data:
-            self._data, self._chunk = data, chunk_of(data)
-        return self._chunk
+        if data is not self.data:
+            self.data, self.chunk = data, chunk_of(data)
+        return self.chunk
 
 
 SHARED_CHUNKS = _LastChunk()

@@ -95,10 +95,16 @@ class LiveBatch:
     subscriber of the topic: what each subscriber's direct write needs to know about
     them is worked out once here, not once per subscriber."""
 
-    __slots__ = ("_frames", "at", "ends", "entries", "epoch", "from_origin", "size")
+    __slots__ = (
+        "_frames", "at", "ends", "entries", "epoch", "first", "from_origin", "last_id", "size",
+        "topic",
+    )  # fmt: skip
 
     def __init__(self, entries: list[LogEntry], *, from_origin: bool, at: float) -> None:
         self.entries = entries
+        self.topic = entries[0].topic
+        self.first = entries[0].position
+        self.last_id = entries[-1].id
         self.size = sum(len(entry.frame) for entry in entries)
         first_epoch = entries[0].epoch
         self.epoch = first_epoch if all(e.epoch == first_epoch for e in entries) else None

@@ -191,7 +191,7 @@ class Subscription:
     def offer(self, batch: LiveBatch) -> int:
         if self._dropped or self._closed:
             return 0
-        if self._parked_live():
+        if self._consumer_idle and not self._pending and not self._resync:  # _parked_live()
             written = self._write_directly(batch)
             if written is not None:
                 return written
@@ -219,10 +219,10 @@ class Subscription:
         if batch.ends:
             return None  # the queued path delivers an end or a deletion, then ends the stream
         entries = batch.entries
-        topic = entries[0].topic
+        topic = batch.topic
         position = self._positions[topic]
         if batch.epoch == position.epoch:
-            if entries[0].position > position.position:
+            if batch.first > position.position:
                 fresh = entries
             else:
                 fresh = [e for e in entries if e.position > position.position]
@@ -232,6 +232,7 @@ class Subscription:
             return None  # another log: the cursor is judged against it on the queued path
         if not fresh:
             return 0
+        sink = self._sink
         if self._multi:
             positions = dict(self._positions)  # committed only once written
             chunk = b"".join(self._frame(e, positions) for e in fresh)
@@ -239,11 +240,11 @@ class Subscription:
             chunk = batch.frames  # the same bytes for every subscriber of the topic
         else:
             chunk = b"".join(e.frame for e in fresh)
-        if not self._sink.write(chunk):
+        if not sink.write(chunk):
             return None
         self._last_sent = batch.at
-        self._positions[topic] = fresh[-1].id
-        if self._sink.unsent_bytes() > self._buffer_limit:
+        self._positions[topic] = batch.last_id if fresh is entries else fresh[-1].id
+        if sink.unsent_bytes() > self._buffer_limit:
             self._overflow()
         return len(fresh)
 
