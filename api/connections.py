@@ -96,6 +96,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._head = RequestHead()
         self._parser = httptools.HttpRequestParser(self._head)
         self._opening: asyncio.Task[None] | None = None
+        self._opening_scope: Scope = {}  # the stream request being opened
         self._lost = False
         app = app_state.get(APP_STATE_KEY)
         self._guard = guard_of(server_state, app.state.settings if app is not None else None)
@@ -193,9 +194,17 @@ class BrokerHttpProtocol(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: a publish under way is answered, then the
-        connection closes; an idle one closes now."""
+        connection closes; a stream being opened is told to come back (closed
+        unanswered, a load balancer answers the browser 502, and its EventSource
+        gives up for good); an idle connection closes now."""
         if self._publish is not None:
             self._closing = True
+        elif self._opening is not None and not self._opening.done():
+            self._opening.cancel()  # (a subscription it opened closes itself as it unwinds)
+            scope = self._opening_scope
+            retry_ms = scope["app"].state.settings.retry_ms
+            why = "this instance is shutting down"
+            self._answer(routes.come_back_later(retry_ms, why, scope))
         elif self._transport is not None:
             self._transport.close()
 
@@ -262,6 +271,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         # comes meanwhile stays in the socket, for uvicorn should the stream not open.
         assert self._transport is not None  # data comes after connection_made
         self._transport.pause_reading()
+        self._opening_scope = request.scope
         self._opening = asyncio.get_running_loop().create_task(self._open(request, starts))
 
     async def _open(self, request: Request, starts: dict[str, StartFrom]) -> None:

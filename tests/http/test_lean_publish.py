@@ -15,6 +15,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -639,4 +640,54 @@ async def test_a_publish_in_flight_at_shutdown_is_answered(
         await idle.close()
         await connection.close()
     finally:
+        broker.close()
+
+
+def _bytes_unread_by_server(server_port: int, client_port: int) -> int | None:
+    """The receive queue of the broker's side of one loopback connection (/proc/net/tcp),
+    None while the kernel does not show it."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, queues = (int(fields[n].split(":")[1], 16) for n in (1, 2, 4))
+        if (local, remote) == (server_port, client_port):
+            return queues
+    return None
+
+
+async def test_a_stream_being_opened_at_shutdown_is_told_to_come_back(
+    private_redis: RedisServer,
+) -> None:
+    """A stream request whose subscription waits for Redis when the instance shuts down
+    is answered with a 200 that says "retry" (the EventSource comes back through the
+    load balancer), not closed unanswered: a load balancer answers that 502 and the
+    browser's EventSource gives up for good (seen in the HAProxy failover test)."""
+    broker = BrokerProcess(redis_url=private_redis.url, env={"BROKER_SHUTDOWN_GRACE_SECONDS": "20"})
+    broker.start()
+    connection = None
+    try:
+        port = broker.port
+        connection = await Connection.open(port)
+        client_port = connection.writer.get_extra_info("sockname")[1]
+        _pause(private_redis)
+        try:
+            head = f"GET /topics/{new_topic()}/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            await connection.send((head + "Accept: text/event-stream\r\n\r\n").encode())
+            await await_until(  # read by the broker: its subscription now waits for Redis
+                lambda: _bytes_unread_by_server(port, client_port) == 0,
+                timeout=5,
+                what="the head read by the broker",
+            )
+            await _shutting_down(broker)
+            answer = await connection.answer(timeout=10)
+        finally:
+            _resume(private_redis)
+        assert answer.status == 200, answer
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        assert b"retry:" in answer.body
+        assert await connection.closed_by_server()
+        assert broker.process is not None
+        assert await asyncio.to_thread(broker.process.wait, 15) == 0
+    finally:
+        if connection is not None:
+            await connection.close()
         broker.close()
