@@ -17,7 +17,15 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any
 
@@ -40,6 +48,8 @@ log = logging.getLogger(__name__)
 EventObject = Mapping[str, Any]
 """An event as the JSON publish takes it: ``{"data": ..., "event"?: str, "retry"?: int}``."""
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+NDJSON = "application/x-ndjson"  # streaming ingest: one event per line
 
 
 def event(data: Any, event: str | None = None, retry: int | None = None) -> dict[str, Any]:
@@ -150,40 +160,29 @@ class Publisher:
 
         ``close`` closes the topic once the iterator is exhausted (never if it raises).
         """
-        key = idempotency_key or new_idempotency_key()
         lines = _SentLines(iter(events))
-        attempts = _Attempts(self.retry, f"stream to {topic}")
-        while True:
-            try:
-                response = self._client.post(
-                    topic_path(topic),
-                    content=lines.replay_then_rest(),
-                    params=_query(close),
-                    headers=self._headers_for("application/x-ndjson", key),
-                )
-            except httpx.TransportError as error:
-                time.sleep(attempts.failed(repr(error)))
-                continue
-            if response.status_code in RETRY_STATUSES:
-                time.sleep(attempts.failed(f"{response.status_code}", retry_after(response)))
-                continue
-            return publish_result(response, key)
+        params = _query(close)
+        return self._send(topic, lines.replay_then_rest, NDJSON, params, idempotency_key, "stream")
 
     def _send(
         self,
         topic: str,
-        body: bytes,
+        body: bytes | Callable[[], Iterator[bytes]],
         content_type: str,
         params: Mapping[str, str],
         key: str | None,
+        what: str = "publish",
     ) -> PublishResult:
+        """POST, retried under one Idempotency-Key; ``body`` bytes, or what gives a
+        stream's body afresh for each attempt (the lines sent already, then the rest)."""
         key = key or new_idempotency_key()
         headers = self._headers_for(content_type, key)
-        attempts = _Attempts(self.retry, f"publish to {topic}")
+        attempts = _Attempts(self.retry, f"{what} to {topic}")
         while True:
+            content = body if isinstance(body, bytes) else body()
             try:
                 response = self._client.post(
-                    topic_path(topic), content=body, params=params, headers=headers
+                    topic_path(topic), content=content, params=params, headers=headers
                 )
             except httpx.TransportError as error:
                 time.sleep(attempts.failed(repr(error)))
@@ -280,42 +279,30 @@ class AsyncPublisher:
 
         ``close`` closes the topic once the iterator is exhausted (never if it raises).
         """
-        key = idempotency_key or new_idempotency_key()
         lines = _AsyncSentLines(_aiter(events))
-        attempts = _Attempts(self.retry, f"stream to {topic}")
-        while True:
-            try:
-                response = await self._client.post(
-                    topic_path(topic),
-                    content=lines.replay_then_rest(),
-                    params=_query(close),
-                    headers=self._headers_for("application/x-ndjson", key),
-                )
-            except httpx.TransportError as error:
-                await asyncio.sleep(attempts.failed(repr(error)))
-                continue
-            if response.status_code in RETRY_STATUSES:
-                await asyncio.sleep(
-                    attempts.failed(f"{response.status_code}", retry_after(response))
-                )
-                continue
-            return publish_result(response, key)
+        params = _query(close)
+        return await self._send(
+            topic, lines.replay_then_rest, NDJSON, params, idempotency_key, "stream"
+        )
 
     async def _send(
         self,
         topic: str,
-        body: bytes,
+        body: bytes | Callable[[], AsyncIterator[bytes]],
         content_type: str,
         params: Mapping[str, str],
         key: str | None,
+        what: str = "publish",
     ) -> PublishResult:
+        """``Publisher._send``, awaited."""
         key = key or new_idempotency_key()
         headers = self._headers_for(content_type, key)
-        attempts = _Attempts(self.retry, f"publish to {topic}")
+        attempts = _Attempts(self.retry, f"{what} to {topic}")
         while True:
+            content = body if isinstance(body, bytes) else body()
             try:
                 response = await self._client.post(
-                    topic_path(topic), content=body, params=params, headers=headers
+                    topic_path(topic), content=content, params=params, headers=headers
                 )
             except httpx.TransportError as error:
                 await asyncio.sleep(attempts.failed(repr(error)))
