@@ -234,3 +234,37 @@ async def test_direct_publisher_closes_a_topic_as_the_broker_does(
         assert 0 < client.pttl(c.log_key(topic)) <= 60_000
     finally:
         client.close()
+
+
+class BreaksFirstStream(httpx.HTTPTransport):
+    """Sends the first streaming ingest's first two lines, then breaks the connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        if self.calls == 1:
+            sent = b"".join(part for part, _ in zip(request.stream, range(2), strict=False))
+            with httpx.Client(base_url=str(request.url.copy_with(path="/", query=None))) as direct:
+                direct.post(  # what reached the broker before the break
+                    request.url.path, content=sent, headers=dict(request.headers)
+                )
+            raise httpx.WriteError("the connection broke mid-stream")
+        return super().handle_request(request)
+
+
+def test_a_stream_broken_midway_is_resent_whole_and_stored_once(
+    own_broker: BrokerProcess,
+) -> None:
+    """The retry sends the lines sent already, then the rest, under the same key: the
+    broker stores each line once (``K:n``) however far the first attempt got."""
+    topic = _topic("stream-retry")
+    transport = BreaksFirstStream()
+    client = httpx.Client(base_url=own_broker.url, transport=transport, timeout=5)
+    with Publisher(client=client, retry=PATIENT) as publisher:
+        result = publisher.stream(topic, (event({"n": n}) for n in range(5)))
+    assert transport.calls == 2
+    assert result.count == 5
+    assert [e["data"] for e in _history(own_broker.url, topic)] == [{"n": n} for n in range(5)]
