@@ -66,6 +66,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         broker = build_broker(settings)
         streams = OpenStreams()
         await broker.start()
+        metrics = broker.observer
+        if isinstance(metrics, PrometheusObserver):
+            metrics.start_flushing()
         app.state.broker, app.state.streams, app.state.settings = broker, streams, settings
         if settings.gc_tuning:
             tune_gc()
@@ -76,6 +79,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             streams.drain()
             restore_signals()
             await broker.close()
+            if isinstance(metrics, PrometheusObserver):
+                metrics.stop_flushing()  # what was counted last reaches the files
 
     app = BrokerApp(
         routes=ROUTES,

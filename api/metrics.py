@@ -2,12 +2,24 @@
 
 With several uvicorn workers the CLI sets ``PROMETHEUS_MULTIPROC_DIR`` so that
 ``/metrics`` on any worker reports the sum over all of them.
+
+The counts made on every request (events published and delivered, append
+latencies) are summed in plain numbers and written to prometheus-client at most
+every ``FLUSH_SECONDS``, and before each scrape. With several workers every
+prometheus-client update is a locked write to a memory-mapped file behind a
+``getpid()`` system call: measured, 6.1 µs of a publish's ~110 µs of server CPU
+for its three updates, against 0.3 µs summed here. So a scrape sees its own
+worker's counts exactly and the other workers' as of at most a second ago.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import functools
+import math
 import os
+import weakref
 from typing import Any
 
 from prometheus_client import (
@@ -50,12 +62,20 @@ DROPPED = Counter(
     "broker_slow_subscribers_dropped_total", "Subscribers disconnected for overflowing"
 )
 STORE_ERRORS = Counter("broker_store_errors_total", "Failed store operations", ["operation"])
+STORE_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 STORE_LATENCY = Histogram(
     "broker_store_latency_seconds",
     "Store operation latency",
     ["operation"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    buckets=STORE_LATENCY_BUCKETS,
 )
+
+
+FLUSH_SECONDS = 1.0
+"""How long the per-request counts may wait in a worker before prometheus-client has them."""
+
+_LATENCY_BOUNDS = (*STORE_LATENCY_BUCKETS, math.inf)  # prometheus-client adds the +Inf bucket
+_LIVE_OBSERVERS: weakref.WeakSet[PrometheusObserver] = weakref.WeakSet()
 
 
 @functools.cache
@@ -64,17 +84,76 @@ def _latency_of(operation: str) -> Any:
     return STORE_LATENCY.labels(operation)
 
 
+class _PendingLatencies:
+    """Latencies observed since the last flush: a count per bucket, and their sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(_LATENCY_BOUNDS)
+        self.total = 0.0
+
+    def add(self, seconds: float) -> None:
+        # The first bucket whose bound is >= the value: prometheus-client's own rule.
+        self.counts[bisect.bisect_left(_LATENCY_BOUNDS, seconds)] += 1
+        self.total += seconds
+
+    def flush_to(self, child: Any) -> None:
+        """Add them to the histogram's child. prometheus-client has no bulk observe:
+        its bucket and sum values are written directly (pinned version; the surface
+        is tested in tests/unit/test_metrics.py)."""
+        for bucket, count in zip(child._buckets, self.counts, strict=True):
+            if count:
+                bucket.inc(count)
+        child._sum.inc(self.total)
+        self.counts = [0] * len(_LATENCY_BOUNDS)
+        self.total = 0.0
+
+
 class PrometheusObserver(Observer):
-    """Counts what the core reports."""
+    """Counts what the core reports (the per-request counts batched: see the module)."""
+
+    def __init__(self) -> None:
+        self._published = 0
+        self._delivered = 0
+        self._latencies: dict[str, _PendingLatencies] = {}
+        self._flusher: asyncio.TimerHandle | None = None
+        _LIVE_OBSERVERS.add(self)
+
+    def start_flushing(self) -> None:
+        """Flush every ``FLUSH_SECONDS`` on the running loop, until ``stop_flushing``."""
+        self._flusher = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._tick)
+
+    def stop_flushing(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        self.flush()
+
+    def _tick(self) -> None:
+        self.flush()
+        self.start_flushing()
+
+    def flush(self) -> None:
+        """Hand what was counted since the last flush to prometheus-client."""
+        if self._published:
+            PUBLISHED.inc(self._published)
+            self._published = 0
+        if self._delivered:
+            DELIVERED.inc(self._delivered)
+            self._delivered = 0
+        for operation, pending in self._latencies.items():
+            if pending.total or any(pending.counts):
+                pending.flush_to(_latency_of(operation))
 
     def published(self, count: int, *, replayed: bool) -> None:
         if replayed:
             IDEMPOTENT_REPLAYS.inc()
         else:
-            PUBLISHED.inc(count)
+            self._published += count
 
     def delivered(self, count: int) -> None:
-        DELIVERED.inc(count)
+        self._delivered += count
 
     def replayed(self, count: int) -> None:
         REPLAYED.observe(count)
@@ -93,11 +172,17 @@ class PrometheusObserver(Observer):
         STORE_ERRORS.labels(operation).inc()
 
     def store_latency(self, operation: str, seconds: float) -> None:
-        _latency_of(operation).observe(seconds)
+        pending = self._latencies.get(operation)
+        if pending is None:
+            pending = self._latencies[operation] = _PendingLatencies()
+        pending.add(seconds)
 
 
 def render_metrics() -> tuple[bytes, str]:
-    """The Prometheus text exposition, summed over workers when there are several."""
+    """The Prometheus text exposition, summed over workers when there are several
+    (this worker's counts flushed first)."""
+    for observer in list(_LIVE_OBSERVERS):
+        observer.flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
