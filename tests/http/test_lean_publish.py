@@ -691,3 +691,40 @@ async def test_a_stream_being_opened_at_shutdown_is_told_to_come_back(
         if connection is not None:
             await connection.close()
         broker.close()
+
+
+async def test_what_is_pipelined_behind_a_stalled_publish_is_read_only_up_to_a_bound(
+    private_redis: RedisServer,
+) -> None:
+    """While a publish waits for the store the connection is still read (no pause and
+    resume per publish), but only up to ``PIPELINED_BYTES``: the rest stays in the
+    socket, so a client cannot fill the broker's memory; then every request is served
+    in order, each stored once."""
+    env = {"BROKER_PUBLISH_TIMEOUT_SECONDS": "20"}
+    broker = BrokerProcess(redis_url=private_redis.url, env=env)
+    broker.start()
+    connection = None
+    try:
+        port, topic = broker.port, new_topic()
+        connection = await Connection.open(port)
+        client_port = connection.writer.get_extra_info("sockname")[1]
+        bodies = [b'{"data": "%d %s"}' % (n, b"x" * 4000) for n in range(80)]  # 320 KB
+        requests = [publish_bytes(port, topic, body) for body in bodies]
+        _pause(private_redis)
+        try:
+            connection.writer.write(b"".join(requests))  # not drained: the broker stops reading
+            unread = await await_until(
+                lambda: (_bytes_unread_by_server(port, client_port) or 0) > 100_000,
+                timeout=5,
+                what="the broker to stop reading past its bound",
+            )
+            assert unread
+        finally:
+            _resume(private_redis)
+        answers = await connection.answers(len(requests))
+        assert [a.status for a in answers] == [201] * len(requests)
+        assert await history_ids(broker, topic) == [a.json()["id"] for a in answers]
+    finally:
+        if connection is not None:
+            await connection.close()
+        broker.close()
