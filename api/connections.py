@@ -135,8 +135,9 @@ class BrokerHttpProtocol(asyncio.Protocol):
         if self._publishing is not None:  # pipelined requests wait for this answer
             self._received += data
             if len(self._received) > PIPELINED_BYTES and not self._reading_paused:
+                assert self._transport is not None  # data came
                 self._reading_paused = True
-                self._transport.pause_reading()  # (not None: data came)
+                self._transport.pause_reading()
         elif self._publish is not None:
             self._received += data
             self._read_body()
