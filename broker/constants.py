@@ -98,6 +98,9 @@ CLUSTER_POLL_MAX_MS = 100
 # and identical reads are coalesced.
 REDIS_POOL_SIZE = 8
 REDIS_POOL_WAIT_SECONDS = 5.0
+# How long a command (an append batch included) waits for Redis's reply before its
+# connection is dropped and the command fails as "store unavailable".
+REDIS_REPLY_TIMEOUT_SECONDS = 5.0
 # Listing topics: SCAN about the page's limit of keys a call (within these bounds),
 # at most LIST_SCAN_ROUNDS calls a page.
 LIST_SCAN_MIN_COUNT = 100

@@ -24,7 +24,7 @@ def client_options() -> dict[str, Any]:
     """
     return {
         "socket_connect_timeout": 2.0,
-        "socket_timeout": 5.0,
+        "socket_timeout": c.REDIS_REPLY_TIMEOUT_SECONDS,
         "retry": Retry(NoBackoff(), 0),
     }
 

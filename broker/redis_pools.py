@@ -15,10 +15,11 @@ changes one fails that test first, naming it and its user):
   ``ClusterNode.acquire_connection()`` (sync, MaxConnectionsError when full),
   ``.release(connection)`` (sync), ``.max_connections``;
   ``RedisCluster.execute_command`` (async, overridden), ``.get_primaries()``;
-- ``redis_store``: a pool's ``get_connection``/``release`` and a connection's
-  ``send_packed_command``/``read_response``/``disconnect`` (the raw append
-  pipeline, packed by ``hiredis.pack_command``); ``AsyncScript.sha``/``.script``;
-  ``Pipeline.execute(raise_on_error=)``; NOSCRIPT raised as ``NoScriptError``;
+- ``redis_appends``: a pool's ``make_connection()``, a connection's ``connect()``
+  and its ``_writer``/``_reader`` (the socket taken over), ``BaseParser.parse_error``;
+- ``redis_store``: ``AsyncScript.sha``/``.script`` (commands packed by
+  ``hiredis.pack_command``); ``Pipeline.execute(raise_on_error=)``; NOSCRIPT
+  raised as ``NoScriptError``;
 - ``redis_store`` and ``redis_live``: ``RedisCluster.nodes_manager.slots_cache``
   and ``.nodes_manager.initialize()`` (async), ``get_node_from_key``, ``keyslot``;
 - ``redis_options``: ``ConnectionPool.disconnect(inuse_connections=)`` (async).

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from broker.errors import StoreUnavailable, TopicClosed
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
 from broker.model import AppendResult, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
+from broker.redis_appends import AppendConnection
 from broker.redis_live import AnyLiveReader
 from broker.redis_options import drop_idle_connections, pool_options
 from broker.redis_pools import FixedPool, open_cluster_pools
@@ -61,7 +61,10 @@ class _AppendPipeline:
 
     def __init__(self, client: redis.Redis, script: AsyncScript, *, raw: bool) -> None:
         self._client = client
-        self._raw = raw  # real Redis: pack with hiredis; fakeredis: redis-py's pipeline
+        # Real Redis: packed by hiredis, on a connection of its own; fakeredis: redis-py's pipeline.
+        self._connection = (
+            AppendConnection(client.connection_pool, _socket_timeout(client)) if raw else None
+        )
         self._script = script  # registered once by the store: its text and SHA
         self._queue: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
         self._in_flight: set[asyncio.Future[None]] = set()
@@ -135,41 +138,28 @@ class _AppendPipeline:
 
     async def _transmit(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """One reply per command: a value, or that command's own error."""
-        if self._raw:
-            return await self._send_raw(commands)
+        if self._connection is not None:
+            packed = [hiredis.pack_command(command) for command in commands]
+            return await self._connection.exchange(packed)
         pipe = self._client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
-    async def _send_raw(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """The pipeline on one pooled connection, packed by hiredis (C).
+    async def open(self) -> None:
+        if self._connection is not None:
+            await self._connection.open()
 
-        redis-py's asyncio client packs commands in Python: measured, the largest
-        single cost of a publish in this process. Replies are read one per command.
-        """
-        pool = self._client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await connection.send_packed_command(
-                b"".join(hiredis.pack_command(command) for command in commands)
-            )
-            results: list[Any] = []
-            # One deadline for every reply (redis-py opens one per read by default:
-            # measured, a tenth of an append's client CPU with a few per batch).
-            async with asyncio.timeout(connection.socket_timeout):
-                for _ in commands:
-                    try:
-                        results.append(await connection.read_response(timeout=math.inf))
-                    except ResponseError as error:  # this command's error; the others stand
-                        results.append(error)
-            return results
-        except BaseException:
-            await connection.disconnect()
-            raise
-        finally:
-            await pool.release(connection)
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+
+def _socket_timeout(client: redis.Redis) -> float:
+    """How long the store's connections wait for Redis (``redis_options``)."""
+    timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+    return float(timeout) if timeout else c.REDIS_REPLY_TIMEOUT_SECONDS
 
 
 def _not_stored(reason: str, cause: BaseException) -> StoreUnavailable:
@@ -442,12 +432,16 @@ class RedisStreamStore:
                 await open_cluster_pools(self._client)
             elif isinstance(self._client.connection_pool, FixedPool):
                 await self._client.connection_pool.fill()
+            if self._pipeline is not None:
+                await self._pipeline.open()
             await self._live.open()
         except (RedisError, OSError) as error:
             log.warning("redis: could not open the connections yet: %s", error)
 
     async def close(self) -> None:
         await self._live.close()
+        if self._pipeline is not None:
+            await self._pipeline.close()
         for node_client in self._node_clients.values():
             await node_client.aclose()
         await self._client.aclose()

@@ -13,38 +13,22 @@ from typing import Any
 
 import pytest
 import redis.asyncio as redis
-from redis.asyncio.connection import Connection
 
 from broker import NewEvent, StoreUnavailable
 from broker import constants as c
 from broker.ids import format_stream_id
+from broker.redis_appends import AppendConnection
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
 
-SendPacked = Callable[..., Awaitable[None]]
+Exchange = Callable[[AppendConnection, list[bytes]], Awaitable[list[Any]]]
 
 
-def split_commands(payload: bytes) -> list[bytes]:
-    """A packed RESP payload (``*N`` arrays of ``$len`` bulk strings), one chunk per command."""
-    commands, start = [], 0
-    while start < len(payload):
-        end = payload.index(b"\r\n", start)
-        position = end + 2
-        for _ in range(int(payload[start + 1 : end])):
-            end = payload.index(b"\r\n", position)
-            position = end + 2 + int(payload[position + 1 : end]) + 2
-        commands.append(payload[start:position])
-        start = position
-    return commands
-
-
-def appends_in(payload: Any) -> list[bytes]:
-    """The EVALSHA commands of a payload the append pipeline sends (packed bytes)."""
-    if not isinstance(payload, bytes) or b"EVALSHA" not in payload:
-        return []
-    return [each for each in split_commands(payload) if b"EVALSHA" in each]
+def appends_in(commands: list[bytes]) -> list[bytes]:
+    """The EVALSHA commands among the packed commands the append pipeline sends."""
+    return [each for each in commands if b"EVALSHA" in each]
 
 
 @pytest.fixture
@@ -68,27 +52,27 @@ async def test_a_script_flush_mid_pipeline_stores_each_append_once(
 ) -> None:
     """The first append of a batch runs, then Redis loses its scripts before the others."""
     topics = [f"ns-{uuid.uuid4().hex[:8]}-{n}" for n in range(3)]
-    original: SendPacked = Connection.send_packed_command
+    original: Exchange = AppendConnection.exchange
     batches: list[int] = []
 
     async def send_with_a_flush_after_the_first(
-        self: Connection, command: Any, check_health: bool = True
-    ) -> None:
-        appends = appends_in(command)
+        self: AppendConnection, commands: list[bytes]
+    ) -> list[Any]:
+        appends = appends_in(commands)
         batches.append(len(appends))
         if len(batches) > 1 or len(appends) < 3:  # only the batch under test, only once
-            return await original(self, command, check_health)
-        first, *rest = split_commands(command)
-        await original(self, first, check_health)
+            return await original(self, commands)
+        first, *rest = commands
+        replies = await original(self, [first])
 
         async def first_stored() -> bool:
             return bool(await admin.xlen(c.log_key(topics[0])))
 
         await await_until(first_stored, timeout=5, what="the first append ran", interval=0.005)
         await admin.script_flush()
-        await original(self, b"".join(rest), check_health)
+        return replies + await original(self, rest)
 
-    monkeypatch.setattr(Connection, "send_packed_command", send_with_a_flush_after_the_first)
+    monkeypatch.setattr(AppendConnection, "exchange", send_with_a_flush_after_the_first)
     async with asyncio.timeout(10):
         results = await asyncio.gather(
             *(store.append(t, [NewEvent(f"e{n}")]) for n, t in enumerate(topics))
@@ -107,18 +91,16 @@ async def test_a_script_lost_again_fails_the_append_instead_of_looping(
     store: RedisStreamStore, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis keeps losing the script: the append fails (the publisher may retry), in bounds."""
-    original: SendPacked = Connection.send_packed_command
+    original: Exchange = AppendConnection.exchange
     sends: list[int] = []
 
-    async def flush_before_each_append(
-        self: Connection, command: Any, check_health: bool = True
-    ) -> None:
-        if appends_in(command):
+    async def flush_before_each_append(self: AppendConnection, commands: list[bytes]) -> list[Any]:
+        if appends_in(commands):
             sends.append(1)
             await admin.script_flush()
-        await original(self, command, check_health)
+        return await original(self, commands)
 
-    monkeypatch.setattr(Connection, "send_packed_command", flush_before_each_append)
+    monkeypatch.setattr(AppendConnection, "exchange", flush_before_each_append)
     topic = f"ns-{uuid.uuid4().hex[:8]}"
     with pytest.raises(StoreUnavailable, match="script"):
         async with asyncio.timeout(10):

@@ -57,7 +57,7 @@ async def test_a_burst_of_commands_opens_no_connection(private_redis: RedisServe
     store = open_store(private_redis.url, pool_size=4)
     try:
         await store.open()
-        assert await broker_connections(private_redis.url) == 4 + 1  # the pool, the reader
+        assert await broker_connections(private_redis.url) == 4 + 2  # the pool, appends, reader
         topics = fresh_topics(300)
         await asyncio.gather(*(store.append(t, [NewEvent("x")]) for t in topics[:100]))
         # Distinct topics: nothing is coalesced, every call wants a connection at once.
@@ -67,7 +67,7 @@ async def test_a_burst_of_commands_opens_no_connection(private_redis: RedisServe
             *(store.append(t, [NewEvent("y")]) for t in topics[100:]),
         )
         assert len(results) == 800  # none refused: they waited for a free connection
-        assert await broker_connections(private_redis.url) == 4 + 1
+        assert await broker_connections(private_redis.url) == 4 + 2
     finally:
         await store.close()
     assert await broker_connections(private_redis.url) == 0
@@ -79,18 +79,19 @@ async def test_subscribers_arriving_in_waves_open_no_connection(
     """The idle benchmark in small: subscribers "from now" come 200 at a time. Only the
     live reader's lanes grow, one per LIVE_LANE_TOPICS live topics (at most
     LIVE_LANES_MAX), whatever the subscribers."""
-    assert await broker_connections(private_redis.url) == c.REDIS_POOL_SIZE + 1
+    # The command pool, the appends' connection, the live reader's first lane.
+    assert await broker_connections(private_redis.url) == c.REDIS_POOL_SIZE + 1 + 1
     subscriptions = []
     try:
         for wave_number in range(1, 6):
             wave = fresh_topics(200)  # each one's state is read: no two share a read
             subscriptions += await asyncio.gather(*(broker.subscribe({t: "now"}) for t in wave))
             lanes = min(c.LIVE_LANES_MAX, -(-200 * wave_number // c.LIVE_LANE_TOPICS))
-            await wait_for_connections(private_redis.url, c.REDIS_POOL_SIZE + lanes, 10)
+            await wait_for_connections(private_redis.url, c.REDIS_POOL_SIZE + 1 + lanes, 10)
         more = await asyncio.gather(*(broker.subscribe({t: "now"}) for t in wave))
         subscriptions += more  # more subscribers of the same topics: no connection
         await asyncio.sleep(0.2)
-        assert await broker_connections(private_redis.url) == c.REDIS_POOL_SIZE + lanes
+        assert await broker_connections(private_redis.url) == c.REDIS_POOL_SIZE + 1 + lanes
         assert broker.hub.subscriber_count == 1200
     finally:
         for subscription in subscriptions:
@@ -112,8 +113,9 @@ async def test_the_pool_opens_whole_again_after_a_restart(
             except StoreUnavailable:
                 assert time.monotonic() < deadline, "Redis did not come back"
                 await asyncio.sleep(0.05)
-        # One publish needs one connection; the pool reopens all of them.
-        await wait_for_connections(private_redis.url, c.REDIS_POOL_SIZE + 1, timeout=10)
+        # One publish needs one connection; the pool reopens all of them (+ the
+        # appends' connection, the live reader).
+        await wait_for_connections(private_redis.url, c.REDIS_POOL_SIZE + 2, timeout=10)
     finally:
         subscription.close()
 
@@ -156,11 +158,12 @@ async def test_the_sentinel_store_keeps_a_fixed_pool_on_the_primary(
     store = open_store(sentinel_group.url, pool_size=4)
     try:
         await store.open()
-        assert connected_clients(sentinel_group, primary) == before + 4 + 1  # the pool, the reader
+        # The pool, the appends' connection, the live reader.
+        assert connected_clients(sentinel_group, primary) == before + 4 + 2
         topics = fresh_topics(200)
         await asyncio.gather(*(store.state(t) for t in topics))
         await asyncio.gather(*(store.append(t, [NewEvent("x")]) for t in topics))
-        assert connected_clients(sentinel_group, primary) == before + 4 + 1
+        assert connected_clients(sentinel_group, primary) == before + 4 + 2
     finally:
         await store.close()
 
@@ -205,11 +208,14 @@ async def test_idle_connections_are_handed_out_by_the_fast_path(private_redis: R
         await store.open()
         pool = command_pool(store)
         before = pool.fast_takes
-        for topic in fresh_topics(20):  # one at a time: an idle connection is always there
+        # One at a time: an idle connection is always there. (Appends have their own
+        # connection: broker.redis_appends.)
+        for topic in fresh_topics(20):
             await store.append(topic, [NewEvent("x")])
             await store.state(topic)
+            await store.read_range(topic, (0, 0), 10)
         assert pool.fast_takes - before >= 40
-        assert await broker_connections(private_redis.url) == 4 + 1
+        assert await broker_connections(private_redis.url) == 4 + 2
     finally:
         await store.close()
 

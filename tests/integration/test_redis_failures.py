@@ -101,7 +101,8 @@ async def test_redis_connections_do_not_grow_with_subscribers(
         with_subscribers = await connections()
         more = [await broker.subscribe({f"{topic}-{n % 30}": "now"}) for n in range(300)]
         assert await connections() == with_subscribers
-        assert with_subscribers == c.REDIS_POOL_SIZE + 2  # the command pool, the reader, the probe
+        # the command pool, the appends' connection, the live reader, the probe
+        assert with_subscribers == c.REDIS_POOL_SIZE + 3
         for subscription in subscriptions + more:
             subscription.close()
         assert broker.hub.subscriber_count == 0

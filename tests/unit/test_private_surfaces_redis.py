@@ -18,18 +18,26 @@ from typing import Any, Literal
 import hiredis
 import pytest
 import redis.asyncio as redis
+from redis._parsers.base import BaseParser
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.commands.core import AsyncScript
-from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    MaxConnectionsError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 POOLS = "broker/redis_pools.py"
 STORE = "broker/redis_store.py"
 LIVE = "broker/redis_live.py"
 OPTIONS = "broker/redis_options.py"
 OPEN = "broker/redis_open.py"
+APPENDS = "broker/redis_appends.py"
 
 
 @dataclass(frozen=True)
@@ -47,16 +55,13 @@ class Method:
 
 
 METHODS = [
-    Method(BlockingConnectionPool, "get_connection", "async", f"{POOLS}, {STORE}"),
-    Method(BlockingConnectionPool, "release", "async", f"{POOLS}, {STORE}", ("connection",)),
-    Method(BlockingConnectionPool, "make_connection", "sync", POOLS),
+    Method(BlockingConnectionPool, "get_connection", "async", POOLS),
+    Method(BlockingConnectionPool, "release", "async", POOLS, ("connection",)),
+    Method(BlockingConnectionPool, "make_connection", "sync", f"{POOLS}, {APPENDS}"),
     Method(BlockingConnectionPool, "disconnect", "async", OPTIONS, ("inuse_connections",)),
     Method(BlockingConnectionPool, "aclose", "async", POOLS),
     Method(AbstractConnection, "register_connect_callback", "sync", POOLS, ("callback",)),
-    Method(AbstractConnection, "connect", "async", POOLS),
-    Method(AbstractConnection, "send_packed_command", "async", STORE, ("command",)),
-    Method(AbstractConnection, "read_response", "async", STORE, ("timeout",)),
-    Method(AbstractConnection, "disconnect", "async", STORE),
+    Method(AbstractConnection, "connect", "async", f"{POOLS}, {APPENDS}"),
     Method(ClusterNode, "acquire_connection", "sync", POOLS),
     Method(ClusterNode, "release", "sync", POOLS, ("connection",)),
     Method(ClusterNode, "__init__", "sync", OPEN, ("host", "port", "max_connections")),
@@ -190,3 +195,37 @@ def test_hiredis_packs_a_pipeline() -> None:
     command: tuple[Any, ...] = ("EVALSHA", "ab", 1, "k", 2)  # as the store builds them
     packed = hiredis.pack_command(command)
     assert packed == b"*5\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$1\r\nk\r\n$1\r\n2\r\n", where
+
+
+async def test_a_connection_hands_over_its_streams(pool: BlockingConnectionPool) -> None:
+    """The appends' connection takes a connected redis-py connection's socket: its
+    ``_writer`` (an ``asyncio.StreamWriter``: the transport) and ``_reader`` (nothing
+    may be unread in its ``_buffer``), both None until connected and once let go of,
+    which is also what tells redis-py it holds no socket (no close, no warning)."""
+    connection = pool.make_connection()  # type: ignore[no-untyped-call]
+    where = f"redis-py surface AbstractConnection._writer/_reader (used by {APPENDS})"
+    assert connection._writer is None and connection._reader is None, where
+    assert connection.is_connected is False, f"{where}: is_connected follows them"
+
+
+def test_an_error_reply_becomes_redis_py_s_exception() -> None:
+    where = f"redis-py surface BaseParser.parse_error (used by {APPENDS})"
+    noscript = BaseParser.parse_error("NOSCRIPT No matching script.")  # type: ignore[no-untyped-call]
+    readonly = BaseParser.parse_error("READONLY You can't write against a read only replica.")  # type: ignore[no-untyped-call]
+    other = BaseParser.parse_error("ERR value is not an integer")  # type: ignore[no-untyped-call]
+    assert isinstance(noscript, NoScriptError), where
+    assert isinstance(readonly, ReadOnlyError), where
+    assert type(other) is ResponseError and "integer" in str(other), where
+
+
+def test_hiredis_reads_replies_one_at_a_time() -> None:
+    """``_Replies`` feeds what the socket brings and takes whole replies until False."""
+    where = f"hiredis.Reader (used by {APPENDS})"
+    reader = hiredis.Reader()
+    reader.feed(b"-NOSCRIPT No matching script.\r\n+OK\r\n$3\r\nab")
+    error = reader.gets()
+    assert isinstance(error, hiredis.ReplyError) and str(error).startswith("NOSCRIPT"), where
+    assert reader.gets() == b"OK", where
+    assert reader.gets() is False, f"{where}: an incomplete reply"
+    reader.feed(b"c\r\n")
+    assert reader.gets() == b"abc", where

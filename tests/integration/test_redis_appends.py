@@ -1,0 +1,134 @@
+"""The appends' own Redis connection (``broker.redis_appends``) against a real redis-server:
+replies matched to their commands in order whatever happens to a caller, and every way
+the connection can fail ends the commands that wait, then gives way to a new one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import hiredis
+import pytest
+import redis.asyncio as redis
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
+
+from broker.redis_appends import AppendConnection
+from tests.support.redis_server import RedisServer
+
+TIMEOUT = 0.5
+
+
+def packed(*command: str | int) -> bytes:
+    return bytes(hiredis.pack_command(command))
+
+
+@pytest.fixture
+async def pool(private_redis: RedisServer) -> AsyncIterator[redis.ConnectionPool]:
+    instance = redis.ConnectionPool.from_url(private_redis.url)
+    yield instance
+    await instance.aclose()
+
+
+@pytest.fixture
+async def appends(pool: redis.ConnectionPool) -> AsyncIterator[AppendConnection]:
+    connection = AppendConnection(pool, timeout=TIMEOUT)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def admin(private_redis: RedisServer) -> AsyncIterator[redis.Redis]:
+    client = redis.Redis.from_url(private_redis.url)
+    yield client
+    await client.aclose()
+
+
+async def own_client_id(appends: AppendConnection) -> int:
+    [client_id] = await appends.exchange([packed("CLIENT", "ID")])
+    return int(client_id)
+
+
+async def test_a_batch_gets_each_reply_in_order_and_errors_as_values(
+    appends: AppendConnection,
+) -> None:
+    replies = await appends.exchange(
+        [
+            packed("SET", "k", "v"),
+            packed("EVALSHA", "0" * 40, 0),
+            packed("GET", "k"),
+            packed("INCR", "k"),
+            packed("PING"),
+        ]
+    )
+    assert replies[0] == b"OK"
+    assert isinstance(replies[1], NoScriptError)  # what the pipeline reloads the script on
+    assert replies[2] == b"v"
+    assert isinstance(replies[3], ResponseError) and "integer" in str(replies[3])
+    assert replies[4] == b"PONG"
+
+
+async def test_a_caller_that_gives_up_does_not_shift_the_replies_of_the_next(
+    appends: AppendConnection,
+) -> None:
+    """Redis answers in order: the abandoned command's reply is dropped, not handed on."""
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(appends.exchange([packed("BLPOP", "nothing", "0.3")]), 0.05)
+    assert await appends.exchange([packed("ECHO", "mine")]) == [b"mine"]
+
+
+async def test_a_connection_redis_closed_is_replaced_on_the_next_batch(
+    appends: AppendConnection, admin: redis.Redis
+) -> None:
+    first = await own_client_id(appends)
+    await admin.client_kill_filter(_id=first)
+    for _ in range(100):  # bounded: until the end of the connection is seen (5 s at most)
+        replies = appends._replies
+        if replies is not None and replies.broken:
+            break
+        await asyncio.sleep(0.05)
+    assert await appends.exchange([packed("PING")]) == [b"PONG"], "the first after a kill"
+    assert await own_client_id(appends) != first
+
+
+async def test_replies_that_do_not_come_in_time_fail_the_batch_then_a_new_connection_serves(
+    appends: AppendConnection, private_redis: RedisServer
+) -> None:
+    first = await own_client_id(appends)
+    assert private_redis.process is not None
+    os.kill(private_redis.process.pid, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(TIMEOUT * 6):  # failed by the connection's own deadline
+            with pytest.raises(RedisError, match="did not answer"):
+                await appends.exchange([packed("PING"), packed("PING")])
+    finally:
+        os.kill(private_redis.process.pid, signal.SIGCONT)
+    assert await appends.exchange([packed("PING")]) == [b"PONG"]
+    assert await own_client_id(appends) != first
+
+
+async def test_a_demoted_primary_is_left_for_a_new_connection(
+    appends: AppendConnection, admin: redis.Redis, redis_server: RedisServer
+) -> None:
+    """After a failover the old primary answers READONLY: the connection is dropped so
+    that the next one asks again (through Sentinel, the new primary)."""
+    first = await own_client_id(appends)
+    await admin.execute_command("REPLICAOF", "127.0.0.1", str(redis_server.port))
+    try:
+        [refused] = await appends.exchange([packed("SET", "k", "v")])
+        assert isinstance(refused, ReadOnlyError)
+    finally:
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+    assert await appends.exchange([packed("SET", "k", "v")]) == [b"OK"]
+    assert await own_client_id(appends) != first
+
+
+async def test_a_redis_that_is_down_fails_the_batch_and_one_that_is_back_serves(
+    appends: AppendConnection, private_redis: RedisServer
+) -> None:
+    private_redis.stop()
+    with pytest.raises(RedisError):
+        await appends.exchange([packed("PING")])
+    private_redis.start()
+    assert await appends.exchange([packed("PING")]) == [b"PONG"]
