@@ -318,7 +318,7 @@ def test_haproxy_falls_back_to_live_brokers_when_none_is_ready() -> None:
     assert not any("on-marked-down" in line for line in haproxy_lines())
 
 
-def test_haproxy_keeps_streams_open_and_retries_only_connects() -> None:
+def test_haproxy_keeps_streams_open() -> None:
     lines = haproxy_lines()
     timeouts = {
         line.split()[1]: seconds(line.split()[2]) for line in lines if line.startswith("timeout ")
@@ -326,9 +326,20 @@ def test_haproxy_keeps_streams_open_and_retries_only_connects() -> None:
     assert timeouts["server"] >= 3600 and timeouts["client"] >= 3600 and timeouts["tunnel"] >= 3600
     assert "option http-server-close" not in lines and "option httpclose" not in lines
     assert not any(line.startswith("compression") for line in lines)
-    assert "retry-on conn-failure" in lines
-    assert any(line.startswith("retries ") for line in lines)
-    assert any(line.startswith("option redispatch") for line in lines)
+
+
+def test_haproxy_resends_only_connects_and_unanswered_gets() -> None:
+    """A GET a draining broker closed unanswered goes to another broker; a publish never.
+
+    (tests/deploy/test_retries.py shows both on a running HAProxy.)
+    """
+    sections = haproxy_sections()
+    retry_on = next(line for line in sections["defaults"] if line.startswith("retry-on "))
+    assert retry_on.split()[1:] == ["conn-failure", "empty-response"]
+    assert any(line.startswith("retries ") for line in sections["defaults"])
+    assert any(line.startswith("option redispatch") for line in sections["defaults"])
+    frontend = next(lines for name, lines in sections.items() if name.startswith("frontend "))
+    assert "http-request disable-l7-retry unless METH_GET" in frontend
 
 
 # --- docker compose ------------------------------------------------------------
