@@ -15,7 +15,11 @@ event object, stored and delivered as it arrives, not when the body ends.
   broke sends the whole stream again and no line is stored twice.
 - Memory is bounded whatever the body's length: one line at most
   ``max_event_bytes`` plus its envelope, and what one read of the body brings
-  (the edge stops reading the socket while the app is not reading the body).
+  (the edge stops reading the socket while the ingest is not reading the body).
+- Two edges feed it: the ASGI route (``api.publish``, the body from ``receive``,
+  ``AsgiBody``) and the connection itself (``api.lean_ingest``, the body decoded
+  where it arrives). Both read the body through ``IngestBody``, so lines, keys,
+  batching, limits and the idle deadline are decided here only.
 - A bad line stops the ingest with 400 naming it; the lines before it stay
   stored. ``?close=true`` closes the topic when the body ends, never when it
   breaks off.
@@ -26,7 +30,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from starlette.types import Receive
@@ -37,6 +41,31 @@ from broker.validation import event_from_json
 
 LINE_ENVELOPE_BYTES = 4096
 """A line may exceed ``max_event_bytes`` by this much: the JSON around the data."""
+CLIENT_GONE = "the client went away before the body ended"
+
+
+class IngestBody(Protocol):
+    """A streaming request body, read as it arrives."""
+
+    async def read(self) -> tuple[bytes, bool]:
+        """What came since the last read (waiting for something), and whether more
+        follows. Raises ``InvalidInput`` if the client went away before the end."""
+        ...
+
+
+class AsgiBody:
+    """The body of an ASGI request (``receive``), as an ``IngestBody``."""
+
+    __slots__ = ("_receive",)
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+
+    async def read(self) -> tuple[bytes, bool]:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidInput(CLIENT_GONE)
+        return bytes(message.get("body", b"")), message.get("more_body", False)
 
 
 @dataclass
@@ -78,8 +107,8 @@ class Ingest:
         idle_timeout: float,
         append_timeout: float,
     ) -> None:
-        self._broker = broker
-        self._topic = topic
+        self.broker = broker
+        self.topic = topic
         self._key = key
         self._max_line = max_event_bytes + LINE_ENVELOPE_BYTES
         self._max_event_bytes = max_event_bytes
@@ -89,14 +118,14 @@ class Ingest:
         self.result = IngestResult(keep=max_batch)
         self._idle = _IdleWatch(idle_timeout)
 
-    async def run(self, receive: Receive) -> IngestResult:
+    async def run(self, body: IngestBody) -> IngestResult:
         """Store every line of the body; raises on the first bad line, after storing
         the lines before it. The body must end normally for this to return."""
         batch: list[tuple[int, NewEvent]] = []
         number = 0
         with self._idle:
             try:
-                async for lines in self._reads(receive):
+                async for lines in self._reads(body):
                     for line in lines:
                         number += 1
                         if line.strip():
@@ -124,45 +153,43 @@ class Ingest:
         except TooLarge as error:
             raise TooLarge(f"line {number}: {error}", limit=error.limit) from None
 
-    async def _reads(self, receive: Receive) -> AsyncIterator[list[bytes]]:
+    async def _reads(self, body: IngestBody) -> AsyncIterator[list[bytes]]:
         """The whole lines of each read of the body, as they arrive; the last line
         may lack its line feed."""
         partial = b""
         while True:
-            message = await self._receive(receive)
-            chunk = partial + bytes(message.get("body", b""))
-            *lines, partial = chunk.split(b"\n")
+            data, more = await self._read(body)
+            *lines, partial = (partial + data).split(b"\n")
             if len(partial) > self._max_line:
                 yield lines  # (those before it are stored)
                 limit = self._max_line
                 raise TooLarge(f"a line is longer than {limit} bytes", limit=limit)
-            if not message.get("more_body", False):
+            if not more:
                 yield [*lines, partial] if partial.strip() else lines
                 return
             if lines:
                 yield lines
 
-    async def _receive(self, receive: Receive) -> Any:
+    async def _read(self, body: IngestBody) -> tuple[bytes, bool]:
         self._idle.waiting()
         try:
-            message = await receive()
+            read = await body.read()
         except asyncio.CancelledError:
             if not self._idle.expired():
                 raise
-            # The guard's per-read deadline (api/guard.py) answers the same when it fires first.
+            # On the ASGI route the guard's per-read deadline (api/guard.py) answers
+            # 408 too when it fires first.
             detail = f"no line for {self._idle_timeout:g} s: ingest stopped"
             raise HttpProblem(408, "Request timeout", detail) from None
         self._idle.received()
-        if message["type"] == "http.disconnect":
-            raise InvalidInput("the client went away before the body ended")
-        return message
+        return read
 
     async def _append(self, batch: list[tuple[int, NewEvent]]) -> None:
         keys = None if self._key is None else [f"{self._key}:{number}" for number, _ in batch]
         try:
             async with asyncio.timeout(self._append_timeout):
-                result = await self._broker.publish(
-                    self._topic, [event for _, event in batch], line_keys=keys
+                result = await self.broker.publish(
+                    self.topic, [event for _, event in batch], line_keys=keys
                 )
         except TimeoutError as error:
             raise StoreUnavailable("the store did not confirm the write in time") from error
