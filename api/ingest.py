@@ -132,10 +132,8 @@ class Ingest:
                             batch.append((number, self._parse(number, line)))
                             if len(batch) >= self._max_batch:
                                 await self._append(batch)
-                                batch = []
                     if batch:  # what this read brought, stored before the next read
                         await self._append(batch)
-                        batch = []
             finally:  # a bad line or a broken body: the lines before it are stored all the same
                 if batch:
                     await self._append(batch)
@@ -185,11 +183,16 @@ class Ingest:
         return read
 
     async def _append(self, batch: list[tuple[int, NewEvent]]) -> None:
-        keys = None if self._key is None else [f"{self._key}:{number}" for number, _ in batch]
+        """Store the lines of ``batch``, emptying it first: a batch whose append failed
+        (503) must not be sent again as the ingest unwinds (it was, and was stored
+        twice once the store answered)."""
+        pending = batch.copy()
+        batch.clear()
+        keys = None if self._key is None else [f"{self._key}:{number}" for number, _ in pending]
         try:
             async with asyncio.timeout(self._append_timeout):
                 result = await self.broker.publish(
-                    self.topic, [event for _, event in batch], line_keys=keys
+                    self.topic, [event for _, event in pending], line_keys=keys
                 )
         except TimeoutError as error:
             raise StoreUnavailable("the store did not confirm the write in time") from error

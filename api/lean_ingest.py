@@ -134,12 +134,13 @@ class BadFraming(Exception):
 class SizedBody:
     """A body of a known length (Content-Length), as it arrives."""
 
-    __slots__ = ("_left", "ended", "rest")
+    __slots__ = ("_left", "broken", "ended", "rest")
 
     def __init__(self, size: int) -> None:
         self._left = size
         self.ended = size == 0
         self.rest = b""  # what followed the body in the last read (the next request)
+        self.broken: BadFraming | None = None  # (never: a length cannot be malformed)
 
     def decode(self, data: bytes) -> bytes:
         """The body's bytes in ``data``."""
@@ -162,7 +163,7 @@ class ChunkedBody:
     it is read as a request (httptools would parse it on, and tell no position).
     """
 
-    __slots__ = ("_left", "_pending", "_state", "_trailer_bytes", "ended", "rest")
+    __slots__ = ("_left", "_pending", "_state", "_trailer_bytes", "broken", "ended", "rest")
 
     def __init__(self) -> None:
         self._state = _SIZE
@@ -171,17 +172,23 @@ class ChunkedBody:
         self._trailer_bytes = 0
         self.ended = False
         self.rest = b""
+        self.broken: BadFraming | None = None  # what was wrong, once the framing broke
 
     def decode(self, data: bytes) -> bytes:
-        """The body's bytes in ``data``; raises ``BadFraming``."""
+        """The body's bytes in ``data``, up to where the framing broke, if it did
+        (``broken``: nothing more is decoded)."""
         if self._state == _DATA and len(data) < self._left and not self._pending:
             self._left -= len(data)  # the middle of a long chunk
             return data
         buffer = self._pending + data if self._pending else data
         parts: list[bytes] = []
         position = 0
-        while position < len(buffer) and not self.ended:
-            step = self._step(buffer, position, parts)
+        while position < len(buffer) and not self.ended and self.broken is None:
+            try:
+                step = self._step(buffer, position, parts)
+            except BadFraming as error:
+                self.broken = error
+                break
             if step is None:
                 break
             position = step
@@ -353,14 +360,13 @@ class IngestExchange:
     def received(self, data: bytes) -> bool:
         """Bytes of the body (and, past its end, of the next request): whether the body
         ended with them. Malformed framing is answered here, and the connection closed."""
-        try:
-            body = self._framing.decode(data)
-        except BadFraming as error:
-            self._bad_framing(error)
-            return False
+        body = self._framing.decode(data)
         ended = self._framing.ended
         if self._body is not None and not self.answered:
             self._body.add(body, not ended)
+        if self._framing.broken is not None:
+            self._bad_framing(self._framing.broken)
+            return False
         if ended and self.answered:
             self._connection.ingest_over(self._request, self._framing.rest)
         return ended
