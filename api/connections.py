@@ -8,9 +8,10 @@ thousands of those.
 
 So ``BrokerHttpProtocol`` (given to uvicorn as its ``http`` protocol) reads
 each connection's first request itself. A plain publish is served on the
-connection (``api.lean_publish``), and the request after it is decided the
-same way. A plain stream request (a valid GET of
-``/topics/{t}/events`` or ``/events``, HTTP/1.1, no body) becomes a
+connection (``api.lean_publish``), and so is a plain streaming ingest
+(``api.lean_ingest``), and the request after either is decided the same
+way. A plain stream request (a valid GET of ``/topics/{t}/events`` or
+``/events``, HTTP/1.1, no body) becomes a
 ``StreamConnection``: the socket, the subscription and a few fields, and no
 task while idle, since the live reader writes shared frames straight to the
 socket. Anything else, every invalid stream request included (errors are

@@ -3,8 +3,8 @@
 A publish is the hottest short request, and most of its server CPU went to
 uvicorn's request/response cycle (the ASGI task, the cycle's events, the
 proxy-headers middleware), not to Redis. So ``api.connections`` serves a
-plain publish itself (HTTP/1.1, a Content-Length, JSON or text, not
-``application/x-ndjson``: a streaming ingest stays on the ASGI route) with the
+plain publish itself (HTTP/1.1, a Content-Length, JSON or text; a streaming
+ingest, ``application/x-ndjson``, is ``api.lean_ingest``'s) with the
 functions of ``api.publish``, so that both routes accept, refuse and answer
 alike. This module decides which publishes those are, runs one, and writes
 its answer as uvicorn would (same headers, same order).
@@ -43,7 +43,7 @@ from broker.validation import check_idempotency_key, check_topic
 log = logging.getLogger(__name__)
 
 LEAN_MEDIA_TYPES = ("application/json", "text/plain")
-"""Bodies parsed whole; ``application/x-ndjson`` is a streaming ingest (the ASGI route)."""
+"""Bodies parsed whole; ``application/x-ndjson`` is a streaming ingest (``api.lean_ingest``)."""
 CLOSE = (b"connection", b"close")
 
 
