@@ -312,8 +312,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._ingest.lost()
             return
         self._transport.resume_reading()
-        if held:
-            self._ingest_data(self._ingest, held)
+        self._ingest_data(self._ingest, held)  # (even empty: a body may be over already)
 
     def ingest_not_validated(self) -> None:
         """``IngestConnection``: nothing was stored; the app answers the request."""

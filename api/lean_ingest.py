@@ -331,6 +331,7 @@ class IngestExchange:
         "_server_state",
         "_task",
         "answered",
+        "body_ended",
     )
 
     def __init__(
@@ -343,6 +344,7 @@ class IngestExchange:
         self._body: ReceivedBody | None = None  # once validated
         self._task: asyncio.Task[None] | None = None
         self.answered = False
+        self.body_ended = False  # its end was read (and given to the ingest)
 
     def start(self, transport: asyncio.Transport, body_start: int) -> None:
         """Validate (reading paused), then ingest; the task is one of uvicorn's, which
@@ -361,7 +363,7 @@ class IngestExchange:
         """Bytes of the body (and, past its end, of the next request): whether the body
         ended with them. Malformed framing is answered here, and the connection closed."""
         body = self._framing.decode(data)
-        ended = self._framing.ended
+        ended = self.body_ended = self._framing.ended
         if self._body is not None and not self.answered:
             self._body.add(body, not ended)
         if self._framing.broken is not None:
@@ -370,10 +372,6 @@ class IngestExchange:
         if ended and self.answered:
             self._connection.ingest_over(self._request, self._framing.rest)
         return ended
-
-    @property
-    def body_ended(self) -> bool:
-        return self._framing.ended
 
     def lost(self) -> None:
         """The connection was lost: the ingest stores what came whole, and stops."""
@@ -395,7 +393,7 @@ class IngestExchange:
             return
         self.answered = True
         self._connection.ingest_answered(self._request, answer, close_after)
-        if self._framing.ended and not close_after:
+        if self.body_ended and not close_after:
             self._connection.ingest_over(self._request, self._framing.rest)
 
     async def _validated(self) -> tuple[Ingest, bool]:

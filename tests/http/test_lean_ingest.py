@@ -205,6 +205,18 @@ async def test_a_success_reads_the_same_and_the_connection_serves_on(
     assert len(same(answers).json()["ids"]) == 2
 
 
+async def test_an_empty_body_reads_the_same(http_broker: BrokerProcess) -> None:
+    port, answers = http_broker.port, {}
+    for route in ROUTES:
+        topic = new_topic()
+        sized = publish_bytes(port, topic, b"", content_type=NDJSON)
+        chunked = ingest_head(port, topic) + END
+        first, second = await exchange_on(route, port, sized + chunked, 2)
+        assert first.comparable() == second.comparable()
+        answers[route] = first
+    assert same(answers).status == 201 and answers["lean"].json() == {"ids": []}
+
+
 async def test_a_body_split_byte_by_byte(http_broker: BrokerProcess) -> None:
     port, topic = http_broker.port, new_topic()
     data = ingest_head(port, topic, "?close=true")
