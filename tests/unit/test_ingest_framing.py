@@ -67,9 +67,10 @@ def test_a_long_chunk_over_many_reads() -> None:
     ],
 )
 def test_malformed_chunked_framing(data: bytes) -> None:
-    """What came whole before is still given (it is stored); nothing after."""
+    """What came before the break is still given (it is stored); nothing after."""
     framing = ChunkedBody()
-    assert framing.decode(b"3\r\nabc\r\n" + data) == b"abc"
+    given = b"abcab" if data.startswith(b"2\r\nab") else b"abc"  # (a chunk's data, read)
+    assert framing.decode(b"3\r\nabc\r\n" + data) == given
     assert isinstance(framing.broken, BadFraming)
     assert framing.decode(b"3\r\nabc\r\n") == b""
 
