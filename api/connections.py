@@ -8,9 +8,10 @@ thousands of those.
 
 So ``BrokerHttpProtocol`` (given to uvicorn as its ``http`` protocol) reads
 each connection's first request itself. A plain publish is served on the
-connection (``api.lean_publish``), and the request after it is decided the
-same way. A plain stream request (a valid GET of
-``/topics/{t}/events`` or ``/events``, HTTP/1.1, no body) becomes a
+connection (``api.lean_publish``), and so is a plain streaming ingest
+(``api.lean_ingest``), and the request after either is decided the same
+way. A plain stream request (a valid GET of ``/topics/{t}/events`` or
+``/events``, HTTP/1.1, no body) becomes a
 ``StreamConnection``: the socket, the subscription and a few fields, and no
 task while idle, since the live reader writes shared frames straight to the
 socket. Anything else, every invalid stream request included (errors are
@@ -48,6 +49,7 @@ from api.guard import (
     response_head,
 )
 from api.heads import HEAD_END, RequestHead, parse_head, scope_of
+from api.lean_ingest import IngestExchange, IngestHead, ingest_head_of
 from api.lean_publish import PublishExchange, PublishHead, publish_head_of
 from api.metrics import SUBSCRIBERS
 from api.problems import HttpProblem, problem_for
@@ -78,11 +80,12 @@ longer read (the bound uvicorn's own flow control uses)."""
 class BrokerHttpProtocol(asyncio.Protocol):
     """A connection: each request's head decides who serves it.
 
-    States: reading a head (``_publish`` None); reading a publish's body
-    (``_publish`` set); publishing (``_publishing``: pipelined requests wait in
-    ``_received``, and past ``PIPELINED_BYTES`` in the socket). After a lean
-    publish the next head decides again; a stream or a handover gives the socket
-    away for good.
+    States: reading a head (``_publish`` and ``_ingest`` None); reading a publish's
+    body (``_publish`` set); publishing (``_publishing``: pipelined requests wait in
+    ``_received``, and past ``PIPELINED_BYTES`` in the socket); a streaming ingest
+    (``_ingest``, its states in ``IngestExchange``). After a lean publish or ingest
+    the next head decides again; a stream or a handover gives the socket away for
+    good.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._publish: PublishHead | None = None
         self._body_start = 0
         self._publishing: PublishExchange | None = None
+        self._ingest: IngestExchange | None = None
         self._closing = False  # uvicorn shuts down: the publish under way is the last
         self._idle_since: float | None = None  # the previous response's end
         self._reading_paused = False  # while publishing, past PIPELINED_BYTES
@@ -132,7 +136,9 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._publishing is not None:  # pipelined requests wait for this answer
+        if self._ingest is not None:
+            self._ingest_data(self._ingest, data)
+        elif self._publishing is not None:  # pipelined requests wait for this answer
             self._received += data
             if len(self._received) > PIPELINED_BYTES and not self._reading_paused:
                 assert self._transport is not None  # data came
@@ -180,14 +186,15 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._hand_to_uvicorn()  # uvicorn answers those
             return
         try:
-            publish = publish_head_of(self._head, self._parser, app)
-            stream = None
-            if publish is None and head_size == len(self._received):
-                stream = _stream_request_of(self._head, self._parser, app)
+            publish, ingest, stream = self._lean_request_of(app, head_size)
         except Exception:  # a bug here must not cost the request: uvicorn answers it
             log.exception("could not read a request head")
-            publish = stream = None
-        if publish is not None:
+            publish, ingest, stream = None, None, None
+        if ingest is not None:
+            self._ingest = IngestExchange(self, ingest, self._server_state)
+            assert self._transport is not None
+            self._ingest.start(self._transport, head_size)
+        elif publish is not None:
             self._publish, self._body_start = publish, head_size
             if not self._read_body():  # the body's deadline runs from its head's end
                 self._guard.deadlines.set(self, self._guard.limits.body_timeout)
@@ -196,18 +203,32 @@ class BrokerHttpProtocol(asyncio.Protocol):
         else:
             self._hand_to_uvicorn()
 
+    def _lean_request_of(
+        self, app: Any, head_size: int
+    ) -> tuple[PublishHead | None, IngestHead | None, tuple[Request, dict[str, StartFrom]] | None]:
+        """The request served here, as a publish, a streaming ingest or a stream."""
+        publish = publish_head_of(self._head, self._parser, app)
+        if publish is not None:
+            return publish, None, None
+        ingest = ingest_head_of(self._head, self._parser, app)
+        if ingest is not None or head_size != len(self._received):
+            return None, ingest, None
+        return None, None, _stream_request_of(self._head, self._parser, app)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._server_state.connections.discard(self)
         self._guard.deadlines.clear(self)
+        if self._ingest is not None:
+            self._ingest.lost()
 
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: a publish under way is answered, then the
         connection closes; a stream being opened is told to come back (closed
         unanswered, a load balancer answers the browser 502, and its EventSource
         gives up for good); an idle connection closes now."""
-        if self._publish is not None:
-            self._closing = True
+        if self._publish is not None or (self._ingest is not None and not self._ingest.answered):
+            self._closing = True  # (an ingest goes on to its body's end, as uvicorn's would)
         elif self._opening is not None and not self._opening.done():
             self._opening.cancel()  # (a subscription it opened closes itself as it unwinds)
             scope = self._opening_scope
@@ -264,18 +285,82 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._transport.close()
             return
         del self._received[: self._body_start + request.body_size]
+        self._await_next_request()
+
+    def _await_next_request(self) -> None:
+        """A request was answered and its body read whole: the next head decides again
+        (``_received`` holds what came after the body: a pipelined request)."""
+        assert self._transport is not None
         self._head = RequestHead()
         self._parser = httptools.HttpRequestParser(self._head)
         self._idle_since = asyncio.get_running_loop().time()
         limits = self._guard.limits
         self._guard.deadlines.set(self, min(limits.head_timeout, self._config.timeout_keep_alive))
-        if self._reading_paused:
-            self._reading_paused = False
+        self._reading_paused = False
+        if not self._transport.is_reading():  # paused while a body or pipelined ones waited
             self._transport.resume_reading()
         if self._received:  # a pipelined request
             pipelined = bytes(self._received)
             self._received.clear()
             self._read_head(pipelined)
+
+    # -- streaming ingest ------------------------------------------------------
+
+    def _ingest_data(self, exchange: IngestExchange, data: bytes) -> None:
+        if not exchange.ingesting or exchange.body_ended:
+            self._received += data  # (read before the pause took effect)
+            return
+        if exchange.answered:  # the rest of a body answered early: dropped, in time
+            self._guard.deadlines.set(self, self._guard.limits.body_timeout)
+        if exchange.received(data) and self._ingest is exchange and not self._lost:
+            assert self._transport is not None
+            self._transport.pause_reading()  # pipelined requests wait for its answer
+
+    def ingest_started(self, body_start: int) -> None:
+        """``IngestConnection``: validated; what came after the head is the body's."""
+        assert self._ingest is not None and self._transport is not None
+        held = bytes(self._received[body_start:])
+        self._received.clear()
+        if self._lost:
+            self._ingest.lost()
+            return
+        self._transport.resume_reading()
+        self._ingest_data(self._ingest, held)  # (even empty: a body may be over already)
+
+    def ingest_not_validated(self) -> None:
+        """``IngestConnection``: nothing was stored; the app answers the request."""
+        self._ingest = None
+        self._hand_to_uvicorn()
+
+    def ingest_answered(self, request: IngestHead, answer: bytes, close: bool) -> None:
+        """``IngestConnection``: write the answer; close, or read the body on to its end."""
+        if self._lost:
+            return
+        assert self._transport is not None and self._ingest is not None
+        if answer:
+            self._server_state.total_requests += 1
+            _log_access(self._transport, request.scope, int(answer[9:12]))
+        if self._closing and request.keep_alive and not close:
+            answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
+        self._transport.write(answer)
+        if close or self._closing or not request.keep_alive:
+            self._guard.deadlines.clear(self)
+            self._transport.close()
+        elif not self._ingest.body_ended:  # (ReceivedBody may have paused it)
+            self._guard.deadlines.set(self, self._guard.limits.body_timeout)
+            self._transport.resume_reading()
+
+    def ingest_over(self, request: IngestHead, rest: bytes) -> None:
+        """``IngestConnection``: answered and its body read: on to the next request."""
+        self._ingest = None
+        self._guard.deadlines.clear(self)
+        if self._lost or self._transport is None or self._transport.is_closing():
+            return
+        if self._closing:
+            self._transport.close()
+            return
+        self._received[:0] = rest
+        self._await_next_request()
 
     # -- streams ---------------------------------------------------------------
 

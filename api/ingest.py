@@ -15,7 +15,11 @@ event object, stored and delivered as it arrives, not when the body ends.
   broke sends the whole stream again and no line is stored twice.
 - Memory is bounded whatever the body's length: one line at most
   ``max_event_bytes`` plus its envelope, and what one read of the body brings
-  (the edge stops reading the socket while the app is not reading the body).
+  (the edge stops reading the socket while the ingest is not reading the body).
+- Two edges feed it: the ASGI route (``api.publish``, the body from ``receive``,
+  ``AsgiBody``) and the connection itself (``api.lean_ingest``, the body decoded
+  where it arrives). Both read the body through ``IngestBody``, so lines, keys,
+  batching, limits and the idle deadline are decided here only.
 - A bad line stops the ingest with 400 naming it; the lines before it stay
   stored. ``?close=true`` closes the topic when the body ends, never when it
   breaks off.
@@ -26,7 +30,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from starlette.types import Receive
@@ -37,6 +41,31 @@ from broker.validation import event_from_json
 
 LINE_ENVELOPE_BYTES = 4096
 """A line may exceed ``max_event_bytes`` by this much: the JSON around the data."""
+CLIENT_GONE = "the client went away before the body ended"
+
+
+class IngestBody(Protocol):
+    """A streaming request body, read as it arrives."""
+
+    async def read(self) -> tuple[bytes, bool]:
+        """What came since the last read (waiting for something), and whether more
+        follows. Raises ``InvalidInput`` if the client went away before the end."""
+        ...
+
+
+class AsgiBody:
+    """The body of an ASGI request (``receive``), as an ``IngestBody``."""
+
+    __slots__ = ("_receive",)
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+
+    async def read(self) -> tuple[bytes, bool]:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidInput(CLIENT_GONE)
+        return bytes(message.get("body", b"")), message.get("more_body", False)
 
 
 @dataclass
@@ -78,35 +107,32 @@ class Ingest:
         idle_timeout: float,
         append_timeout: float,
     ) -> None:
-        self._broker = broker
-        self._topic = topic
+        self.broker = broker
+        self.topic = topic
         self._key = key
         self._max_line = max_event_bytes + LINE_ENVELOPE_BYTES
         self._max_event_bytes = max_event_bytes
         self._max_batch = max_batch
         self._idle_timeout = idle_timeout
-        self._append_timeout = append_timeout
         self.result = IngestResult(keep=max_batch)
-        self._idle = _IdleWatch(idle_timeout)
+        self._watch = _Watch(idle=idle_timeout, store=append_timeout)
 
-    async def run(self, receive: Receive) -> IngestResult:
+    async def run(self, body: IngestBody) -> IngestResult:
         """Store every line of the body; raises on the first bad line, after storing
         the lines before it. The body must end normally for this to return."""
         batch: list[tuple[int, NewEvent]] = []
         number = 0
-        with self._idle:
+        with self._watch:
             try:
-                async for lines in self._reads(receive):
+                async for lines in self._reads(body):
                     for line in lines:
                         number += 1
                         if line.strip():
                             batch.append((number, self._parse(number, line)))
                             if len(batch) >= self._max_batch:
                                 await self._append(batch)
-                                batch = []
                     if batch:  # what this read brought, stored before the next read
                         await self._append(batch)
-                        batch = []
             finally:  # a bad line or a broken body: the lines before it are stored all the same
                 if batch:
                     await self._append(batch)
@@ -124,72 +150,90 @@ class Ingest:
         except TooLarge as error:
             raise TooLarge(f"line {number}: {error}", limit=error.limit) from None
 
-    async def _reads(self, receive: Receive) -> AsyncIterator[list[bytes]]:
+    async def _reads(self, body: IngestBody) -> AsyncIterator[list[bytes]]:
         """The whole lines of each read of the body, as they arrive; the last line
         may lack its line feed."""
         partial = b""
         while True:
-            message = await self._receive(receive)
-            chunk = partial + bytes(message.get("body", b""))
-            *lines, partial = chunk.split(b"\n")
+            data, more = await self._read(body)
+            *lines, partial = (partial + data).split(b"\n")
             if len(partial) > self._max_line:
                 yield lines  # (those before it are stored)
                 limit = self._max_line
                 raise TooLarge(f"a line is longer than {limit} bytes", limit=limit)
-            if not message.get("more_body", False):
+            if not more:
                 yield [*lines, partial] if partial.strip() else lines
                 return
             if lines:
                 yield lines
 
-    async def _receive(self, receive: Receive) -> Any:
-        self._idle.waiting()
+    async def _read(self, body: IngestBody) -> tuple[bytes, bool]:
+        self._watch.waiting(_BODY)
         try:
-            message = await receive()
+            read = await body.read()
         except asyncio.CancelledError:
-            if not self._idle.expired():
+            if not self._watch.fired(_BODY):
                 raise
-            # The guard's per-read deadline (api/guard.py) answers the same when it fires first.
+            # On the ASGI route the guard's per-read deadline (api/guard.py) answers
+            # 408 too when it fires first.
             detail = f"no line for {self._idle_timeout:g} s: ingest stopped"
             raise HttpProblem(408, "Request timeout", detail) from None
-        self._idle.received()
-        if message["type"] == "http.disconnect":
-            raise InvalidInput("the client went away before the body ended")
-        return message
+        self._watch.done()
+        return read
 
     async def _append(self, batch: list[tuple[int, NewEvent]]) -> None:
-        keys = None if self._key is None else [f"{self._key}:{number}" for number, _ in batch]
+        """Store the lines of ``batch``, emptying it first: a batch whose append failed
+        (503) must not be sent again as the ingest unwinds (it was, and was stored
+        twice once the store answered)."""
+        pending = batch.copy()
+        batch.clear()
+        keys = None if self._key is None else [f"{self._key}:{number}" for number, _ in pending]
+        self._watch.waiting(_STORE)
         try:
-            async with asyncio.timeout(self._append_timeout):
-                result = await self._broker.publish(
-                    self._topic, [event for _, event in batch], line_keys=keys
-                )
-        except TimeoutError as error:
-            raise StoreUnavailable("the store did not confirm the write in time") from error
+            result = await self.broker.publish(
+                self.topic, [event for _, event in pending], line_keys=keys
+            )
+        except asyncio.CancelledError:
+            if not self._watch.fired(_STORE):
+                raise
+            raise StoreUnavailable("the store did not confirm the write in time") from None
+        finally:
+            self._watch.done()
         self.result.add(result.ids)
         if result.replayed:
             self.result.replayed += len(result.ids)
 
 
-class _IdleWatch:
-    """Ends the reading task when it waited for the body longer than ``seconds``.
+_BODY = "body"
+_STORE = "store"
+WATCH_STEPS = 8
+"""The watch looks every ``1/WATCH_STEPS`` of the shorter limit: a wait is ended at
+most that much late."""
 
-    One timer for the whole body, pushed on only when it fires (a line is read
-    many times per timeout): an ``asyncio.timeout`` around every read of a token
-    stream cost a few percent of the ingest's CPU.
+
+class _Watch:
+    """Ends the ingest's task when it waited too long for the body (``idle``: no line)
+    or for the store (``store``: an append not confirmed).
+
+    One timer for the whole ingest, firing every eighth of the shorter limit and
+    looking at what the task waits for and since when: an ``asyncio.timeout``
+    around every read of a token stream cost a few percent of the ingest's CPU,
+    and around every append about 2% more (py-spy, sessions bench).
     """
 
-    def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
-        self._since: float | None = None  # waiting for the body since (loop time)
+    def __init__(self, *, idle: float, store: float) -> None:
+        self._limits = {_BODY: idle, _STORE: store}
+        self._period = min(idle, store) / WATCH_STEPS
+        self._waiting: str | None = None
+        self._since = 0.0  # (loop time)
         self._task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._fired = False
+        self._fired: str | None = None
 
-    def __enter__(self) -> _IdleWatch:
+    def __enter__(self) -> _Watch:
         self._task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(loop.time() + self._seconds, self._check)
+        self._timer = loop.call_at(loop.time() + self._period, self._check)
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -197,25 +241,26 @@ class _IdleWatch:
             self._timer.cancel()
         self._task = None
 
-    def waiting(self) -> None:
-        self._since = asyncio.get_running_loop().time()
+    def waiting(self, what: str) -> None:
+        self._waiting, self._since = what, asyncio.get_running_loop().time()
 
-    def received(self) -> None:
-        self._since = None
+    def done(self) -> None:
+        self._waiting = None
 
-    def expired(self) -> bool:
-        """The cancellation came from here: undo its count, so that the task may go on
-        (to answer 408) with its later timeouts working."""
-        if self._fired and self._task is not None:
-            self._task.uncancel()
-        return self._fired
+    def fired(self, what: str) -> bool:
+        """The cancellation came from here, for ``what``: undo its count, so that the
+        task may go on (to store what it has, to answer) with the watch still on."""
+        if self._fired != what or self._task is None:
+            return False
+        self._fired = None
+        self._task.uncancel()
+        return True
 
     def _check(self) -> None:
         loop = asyncio.get_running_loop()
-        since = self._since
-        if since is not None and loop.time() - since >= self._seconds and self._task:
-            self._fired = True
+        now = loop.time()
+        waiting = self._waiting
+        if waiting is not None and now - self._since >= self._limits[waiting] and self._task:
+            self._fired, self._waiting = waiting, None
             self._task.cancel()
-            return
-        start = since if since is not None else loop.time()
-        self._timer = loop.call_at(start + self._seconds, self._check)
+        self._timer = loop.call_at(now + self._period, self._check)

@@ -3,8 +3,8 @@
 A publish is the hottest short request, and most of its server CPU went to
 uvicorn's request/response cycle (the ASGI task, the cycle's events, the
 proxy-headers middleware), not to Redis. So ``api.connections`` serves a
-plain publish itself (HTTP/1.1, a Content-Length, JSON or text, not
-``application/x-ndjson``: a streaming ingest stays on the ASGI route) with the
+plain publish itself (HTTP/1.1, a Content-Length, JSON or text; a streaming
+ingest, ``application/x-ndjson``, is ``api.lean_ingest``'s) with the
 functions of ``api.publish``, so that both routes accept, refuse and answer
 alike. This module decides which publishes those are, runs one, and writes
 its answer as uvicorn would (same headers, same order).
@@ -43,11 +43,21 @@ from broker.validation import check_idempotency_key, check_topic
 log = logging.getLogger(__name__)
 
 LEAN_MEDIA_TYPES = ("application/json", "text/plain")
-"""Bodies parsed whole; ``application/x-ndjson`` is a streaming ingest (the ASGI route)."""
+"""Bodies parsed whole; ``application/x-ndjson`` is a streaming ingest (``api.lean_ingest``)."""
 CLOSE = (b"connection", b"close")
 
 
 TIMED_OUT = "the store did not confirm the write in time"
+
+
+class LeanRequest(Protocol):
+    """A request served on the connection, as its answer needs it."""
+
+    @property
+    def scope(self) -> dict[str, Any]: ...
+
+    @property
+    def keep_alive(self) -> bool: ...
 
 
 class NotValidated(Exception):
@@ -68,6 +78,35 @@ def publish_head_of(
     head: RequestHead, parser: httptools.HttpRequestParser, app: Any
 ) -> PublishHead | None:
     """The head of a publish served lean, or None for uvicorn to serve."""
+    post = topic_post_of(head, parser)
+    framing = _framing_of(head.headers)
+    if post is None or framing is None:
+        return None
+    size, content_type = framing
+    settings: Settings = app.state.settings
+    media_type = media_type_of(content_type.decode("latin-1"))[0]
+    if size > settings.max_body_bytes or media_type not in LEAN_MEDIA_TYPES:
+        return None  # the app refuses these before the body (413, 415) or streams it
+    return PublishHead(post.scope_for(app), size, content_type, parser.should_keep_alive())
+
+
+@dataclass(slots=True)
+class TopicPost:
+    """An HTTP/1.1 ``POST /topics/{topic}/events``: its path, parsed URL and topic."""
+
+    path: str
+    url: Any
+    topic: str
+    headers: list[tuple[bytes, bytes]]
+
+    def scope_for(self, app: Any) -> dict[str, Any]:
+        """The ASGI scope the app's functions read, as uvicorn and the router build it."""
+        scope = scope_of("POST", self.path, self.url, self.headers)
+        return scope | {"app": app, "path_params": {"topic": self.topic}}
+
+
+def topic_post_of(head: RequestHead, parser: httptools.HttpRequestParser) -> TopicPost | None:
+    """The head's publish route, if it is an HTTP/1.1 POST of a topic's events."""
     if parser.get_method() != b"POST" or parser.get_http_version() != "1.1":
         return None
     try:
@@ -76,17 +115,7 @@ def publish_head_of(
     except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
         return None
     match = routes.TOPIC_EVENTS_PATH.fullmatch(path)
-    framing = _framing_of(head.headers)
-    if match is None or framing is None:
-        return None
-    size, content_type = framing
-    settings: Settings = app.state.settings
-    media_type = media_type_of(content_type.decode("latin-1"))[0]
-    if size > settings.max_body_bytes or media_type not in LEAN_MEDIA_TYPES:
-        return None  # the app refuses these before the body (413, 415) or streams it
-    scope = scope_of("POST", path, url, head.headers)
-    scope |= {"app": app, "path_params": {"topic": match.group(1)}}
-    return PublishHead(scope, size, content_type, parser.should_keep_alive())
+    return None if match is None else TopicPost(path, url, match.group(1), head.headers)
 
 
 def _framing_of(headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes] | None:
@@ -143,7 +172,7 @@ async def validated(request: PublishHead, body: bytes) -> Append:
     try:
         topic = check_topic(scope["path_params"]["topic"])
         await authorize(scope, "publish", [topic])
-        key = _idempotency_key(scope["headers"])
+        key = idempotency_key(scope["headers"])
         check_idempotency_key(key)
         close = _close_requested(scope)
         headers = {b"content-type": request.content_type}
@@ -155,7 +184,7 @@ async def validated(request: PublishHead, body: bytes) -> Append:
     )
 
 
-def _idempotency_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+def idempotency_key(headers: list[tuple[bytes, bytes]]) -> str | None:
     for name, value in headers:
         if name == b"idempotency-key":
             return value.decode("latin-1")
@@ -163,7 +192,7 @@ def _idempotency_key(headers: list[tuple[bytes, bytes]]) -> str | None:
 
 
 def response_bytes(
-    request: PublishHead,
+    request: LeanRequest,
     status: int,
     headers: list[tuple[bytes, bytes]],
     body: bytes,
@@ -175,7 +204,7 @@ def response_bytes(
     return _answer_bytes(request, status, headers, body, server_state)
 
 
-def problem_bytes(request: PublishHead, response: Response, server_state: ServerState) -> bytes:
+def problem_bytes(request: LeanRequest, response: Response, server_state: ServerState) -> bytes:
     """A problem (the app's own response) as the ASGI route writes it."""
     return _answer_bytes(
         request, response.status_code, response.raw_headers, bytes(response.body), server_state
@@ -183,7 +212,7 @@ def problem_bytes(request: PublishHead, response: Response, server_state: Server
 
 
 def _answer_bytes(
-    request: PublishHead,
+    request: LeanRequest,
     status: int,
     headers: list[tuple[bytes, bytes]],
     body: bytes,
@@ -198,7 +227,7 @@ def _answer_bytes(
     return b"\r\n".join([*lines, b"", body])
 
 
-def with_cors(request: PublishHead, response: Response) -> Response:
+def with_cors(request: LeanRequest, response: Response) -> Response:
     """``response`` with the CORS headers the ASGI route adds to every answer."""
     response.raw_headers.extend(cors_headers(request.scope))
     return response

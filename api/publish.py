@@ -16,7 +16,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from api.auth import authorize
-from api.ingest import Ingest
+from api.ingest import AsgiBody, Ingest, IngestBody
 from api.negotiation import media_type_of
 from api.problems import HttpProblem, problem_for
 from api.settings import Settings
@@ -65,7 +65,8 @@ class PublishEndpoint:
         key = None if raw_key is None else raw_key.decode("latin-1")
         close = _close_requested(scope)
         if media_type_of(headers.get(b"content-type", b"").decode("latin-1"))[0] == NDJSON:
-            return await _ingest(broker, settings, topic, key, close, receive)
+            ingest = ingest_of(broker, settings, topic, key)
+            return await run_ingest(ingest, AsgiBody(receive), close)
         body = await read_body(receive, headers.get(b"content-length"), settings.max_body_bytes)
         events, is_batch = parse_events(scope, headers, body, settings)
         try:
@@ -86,11 +87,10 @@ def _close_requested(scope: Scope) -> bool:
     return values == ["true"]
 
 
-async def _ingest(
-    broker: Broker, settings: Settings, topic: str, key: str | None, close: bool, receive: Receive
-) -> tuple[int, list[Any], bytes]:
+def ingest_of(broker: Broker, settings: Settings, topic: str, key: str | None) -> Ingest:
+    """A streaming ingest of ``topic`` (its key checked): the last check before the store."""
     check_idempotency_key(key)
-    ingest = Ingest(
+    return Ingest(
         broker,
         topic,
         key=key,
@@ -99,11 +99,16 @@ async def _ingest(
         idle_timeout=settings.body_timeout_seconds,
         append_timeout=settings.publish_timeout_seconds,
     )
-    result = await ingest.run(receive)
+
+
+async def run_ingest(ingest: Ingest, body: IngestBody, close: bool) -> tuple[int, list[Any], bytes]:
+    """Store the body's lines, close the topic if asked once the body ended; the answer
+    (both edges: the ASGI route and ``api.lean_ingest``)."""
+    result = await ingest.run(body)
     content = result.content()
     closed_before = False
     if close:
-        closing = await broker.close_topic(topic)
+        closing = await ingest.broker.close_topic(ingest.topic)
         content["end_id"] = str(closing.end_id)
         closed_before = closing.replayed
     everything_replayed = result.count and result.replayed == result.count

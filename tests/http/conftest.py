@@ -6,13 +6,20 @@ redis-server; tests keep apart by topic names.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
+from api import connections
+from api.app import create_app
+from api.settings import Settings
 from tests.support.broker_process import BrokerProcess
-from tests.support.redis_server import RedisServer
+from tests.support.polling import await_until
+from tests.support.redis_server import RedisServer, free_port
 
 HEARTBEAT = {"BROKER_HEARTBEAT_SECONDS": "1"}
 
@@ -71,3 +78,36 @@ async def aclient(http_broker: BrokerProcess) -> AsyncIterator[httpx.AsyncClient
 def limits_client(limits_broker: BrokerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=limits_broker.url, timeout=10) as session:
         yield session
+
+
+@pytest.fixture
+async def in_process_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[int, list[Any]]]:
+    """``broker serve``'s uvicorn set-up in this process (embedded store); and the list of
+    the connections handed to uvicorn's protocol."""
+    handed: list[Any] = []
+
+    class Observed(connections.GuardedHttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            handed.append(self)
+            super().connection_made(transport)
+
+    monkeypatch.setattr(connections, "GuardedHttpToolsProtocol", Observed)
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(Settings()),
+        host="127.0.0.1",
+        port=port,
+        http="api.connections:BrokerHttpProtocol",
+        lifespan="on",
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve())
+    await await_until(lambda: server.started, timeout=10, what="the server started")
+    try:
+        yield port, handed
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)

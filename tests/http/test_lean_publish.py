@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,16 +21,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import uvicorn
 
-from api import connections
 from api.app import create_app
 from api.lean_publish import publish_request
 from api.settings import Settings
 from tests.http.helpers import RawResponse, new_topic
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer
 from tests.support.tokens import AUDIENCE, ISSUER, SECRET, claims, hs_token
 
 BODY = b'{"data": {"n": 1}}'
@@ -224,39 +222,6 @@ def test_everything_else_goes_to_uvicorn(raw: bytes, app: object) -> None:
 
 
 # -- the lean path is taken (an in-process server, so that its protocol can be observed) ----
-
-
-@pytest.fixture
-async def in_process_server(
-    monkeypatch: pytest.MonkeyPatch,
-) -> AsyncIterator[tuple[int, list[Any]]]:
-    """``broker serve``'s uvicorn set-up in this process (embedded store); and the list of
-    the connections handed to uvicorn's protocol."""
-    handed: list[Any] = []
-
-    class Observed(connections.GuardedHttpToolsProtocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            handed.append(self)
-            super().connection_made(transport)
-
-    monkeypatch.setattr(connections, "GuardedHttpToolsProtocol", Observed)
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(Settings()),
-        host="127.0.0.1",
-        port=port,
-        http="api.connections:BrokerHttpProtocol",
-        lifespan="on",
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.ensure_future(server.serve())
-    await await_until(lambda: server.started, timeout=10, what="the server started")
-    try:
-        yield port, handed
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 async def test_publishes_are_served_without_uvicorns_protocol(

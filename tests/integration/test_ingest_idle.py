@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from api.ingest import Ingest
+from api.ingest import AsgiBody, Ingest
 from api.problems import HttpProblem
 from broker import Broker, BrokerLimits, TooLarge
 from broker.redis_store import RedisStreamStore
@@ -60,7 +60,7 @@ async def test_a_stalled_body_is_ended_with_408_and_the_lines_before_are_kept(
     ingest = ingest_of(broker, topic)
     started = time.monotonic()
     with pytest.raises(HttpProblem) as raised:
-        await ingest.run(body([0, 0], then_stall=True))
+        await ingest.run(AsgiBody(body([0, 0], then_stall=True)))
     assert raised.value.status == 408
     assert IDLE_S <= time.monotonic() - started < IDLE_S + 2
     assert ingest.result.count == 2
@@ -76,7 +76,7 @@ async def test_a_stalled_body_is_ended_with_408_and_the_lines_before_are_kept(
 async def test_a_slow_but_steady_body_is_not_timed_out(broker: Broker, topic: str) -> None:
     """Lines 2/3 of the deadline apart, for several deadlines in all."""
     ingest = ingest_of(broker, topic)
-    result = await ingest.run(body([IDLE_S * 2 / 3] * 6, then_stall=False))
+    result = await ingest.run(AsgiBody(body([IDLE_S * 2 / 3] * 6, then_stall=False)))
     assert result.count == 6
 
 
@@ -92,7 +92,7 @@ async def test_a_line_growing_past_the_limit_stops_the_ingest_keeping_the_lines_
 
     ingest = ingest_of(broker, topic)
     with pytest.raises(TooLarge):
-        await ingest.run(receive)
+        await ingest.run(AsgiBody(receive))
     assert reads, "refused before the whole body was read"
     page = await broker.history(topic, None, 10)
     assert [orjson.loads(entry.data) for entry in page.events] == [{"n": 1}]

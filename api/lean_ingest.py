@@ -1,0 +1,453 @@
+"""Streaming ingests served on the connection, without uvicorn's request cycle.
+
+A streaming ingest (``application/x-ndjson``, usually chunked) is one request
+that lasts as long as a token stream, and on the ASGI route every read of its
+body cost httptools' ``on_body``, uvicorn's receive event, a task wake-up and an
+ASGI message. So ``api.connections`` serves a plain one itself (HTTP/1.1,
+chunked or a Content-Length, no ``Expect``): it decodes the body where it
+arrives (``ChunkedBody``, ``SizedBody``) and hands it to the same ``Ingest``
+the ASGI route runs (``api.ingest``), through ``ReceivedBody``; the answer is
+``api.publish.run_ingest``'s, written with the bytes uvicorn would write.
+
+Like a lean publish (``api.lean_publish``): whatever fails before the store
+(401, 403, a bad topic, key or ``close``) hands the request, with every byte
+received, to uvicorn, and the app answers it; once the ingest began it is never
+handed over, and every later error is answered here as the ASGI route answers
+it. Deliberate likenesses to uvicorn, so that a client sees one behaviour:
+
+- An error answered before the body ended (a bad line, 503, 409, 408) is
+  followed by the rest of the body being read and dropped, then the next
+  request: closing with unread bytes would reset the connection, and the
+  client might lose the answer. A malformed chunked framing gets uvicorn's own
+  ``400 Invalid HTTP request received.``, and the connection closes.
+- Memory is bounded whatever the body's length: past ``BODY_BUFFER_BYTES``
+  not yet taken by the ingest (an append in flight) the socket is not read.
+
+One deviation: a client that goes away mid-body has every whole line it sent
+stored, where uvicorn drops what the app had not read yet; either way nothing
+is closed, and a resend with the same key stores each line once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httptools
+from uvicorn.server import ServerState
+
+from api.auth import authorize
+from api.heads import RequestHead, parse_head
+from api.ingest import CLIENT_GONE, Ingest
+from api.lean_publish import (
+    NotValidated,
+    idempotency_key,
+    problem_bytes,
+    response_bytes,
+    topic_post_of,
+    with_cors,
+)
+from api.negotiation import media_type_of
+from api.problems import HttpProblem, problem, problem_for
+from api.publish import NDJSON, _close_requested, ingest_of, run_ingest
+from broker import BrokerError, InvalidInput
+from broker.validation import check_topic
+
+log = logging.getLogger(__name__)
+
+BODY_BUFFER_BYTES = 65536
+"""Body bytes held for the ingest before the socket stops being read (uvicorn's
+``HIGH_WATER_LIMIT``, which bounded the ASGI route the same way)."""
+MAX_CHUNK_LINE_BYTES = 4096
+"""A chunk-size line (with its extensions) or a trailer line longer than this is
+malformed framing."""
+MAX_TRAILER_BYTES = 16384
+INVALID_REQUEST = "Invalid HTTP request received."
+
+
+@dataclass(slots=True)
+class IngestHead:
+    """A streaming ingest's head: what serving it needs besides its body."""
+
+    scope: dict[str, Any]
+    chunked: bool
+    body_size: int
+    """The Content-Length (when not chunked)."""
+    keep_alive: bool
+
+
+def ingest_head_of(
+    head: RequestHead, parser: httptools.HttpRequestParser, app: Any
+) -> IngestHead | None:
+    """The head of a streaming ingest served lean, or None for uvicorn to serve."""
+    post = topic_post_of(head, parser)
+    framing = _framing_of(head.headers)
+    if post is None or framing is None:
+        return None
+    chunked, size, content_type = framing
+    if media_type_of(content_type.decode("latin-1"))[0] != NDJSON:
+        return None
+    return IngestHead(post.scope_for(app), chunked, size, parser.should_keep_alive())
+
+
+def _framing_of(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int, bytes] | None:
+    """Chunked or not, the Content-Length, and the content type, if the body is framed
+    plainly: one ``Transfer-Encoding: chunked`` or one Content-Length, no ``Expect``
+    (uvicorn answers ``100 Continue``)."""
+    size: bytes | None = None
+    coding: bytes | None = None
+    content_type = b""
+    for name, value in headers:
+        if name == b"content-type":
+            content_type = value
+        elif name == b"expect" or (name == b"content-length" and size is not None):
+            return None
+        elif name == b"transfer-encoding" and coding is not None:
+            return None
+        elif name == b"content-length":
+            size = value
+        elif name == b"transfer-encoding":
+            coding = value
+    if coding is not None:
+        chunked = size is None and coding.strip().lower() == b"chunked"
+        return (True, 0, content_type) if chunked else None
+    if size is None or not size.isdigit():
+        return None
+    return False, int(size), content_type
+
+
+def ingest_request(data: bytes, app: Any) -> IngestHead | None:
+    """``ingest_head_of`` the head at the start of ``data`` (for tests)."""
+    parsed = parse_head(data)
+    return None if parsed is None else ingest_head_of(*parsed, app)
+
+
+# -- the body's framing ----------------------------------------------------------------------
+
+
+class BadFraming(Exception):
+    """The chunked framing is not HTTP: answered as uvicorn answers a parser error."""
+
+
+class SizedBody:
+    """A body of a known length (Content-Length), as it arrives."""
+
+    __slots__ = ("_left", "broken", "ended", "rest")
+
+    def __init__(self, size: int) -> None:
+        self._left = size
+        self.ended = size == 0
+        self.rest = b""  # what followed the body in the last read (the next request)
+        self.broken: BadFraming | None = None  # (never: a length cannot be malformed)
+
+    def decode(self, data: bytes) -> bytes:
+        """The body's bytes in ``data``."""
+        if len(data) < self._left:
+            self._left -= len(data)
+            return data
+        body, self.rest = data[: self._left], data[self._left :]
+        self._left, self.ended = 0, True
+        return body
+
+
+_SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+
+class ChunkedBody:
+    """A chunked body (RFC 9112, section 7.1) decoded as it arrives.
+
+    Not httptools: fed the body too, it tells no position where the body ends in a
+    read, so a pipelined request after it could not be read as a request.
+    """
+
+    __slots__ = ("_left", "_pending", "_state", "_trailer_bytes", "broken", "ended", "rest")
+
+    def __init__(self) -> None:
+        self._state = _SIZE
+        self._left = 0  # of the current chunk's data
+        self._pending = b""  # an unfinished size or trailer line, or chunk end
+        self._trailer_bytes = 0
+        self.ended = False
+        self.rest = b""
+        self.broken: BadFraming | None = None  # what was wrong, once the framing broke
+
+    def decode(self, data: bytes) -> bytes:
+        """The body's bytes in ``data``, up to where the framing broke, if it did
+        (``broken``: nothing more is decoded)."""
+        if self._state == _DATA and len(data) < self._left and not self._pending:
+            self._left -= len(data)  # the middle of a long chunk
+            return data
+        buffer = self._pending + data if self._pending else data
+        parts: list[bytes] = []
+        position = 0
+        while position < len(buffer) and not self.ended and self.broken is None:
+            try:
+                step = self._step(buffer, position, parts)
+            except BadFraming as error:
+                self.broken = error
+                break
+            if step is None:
+                break
+            position = step
+        if self.ended:
+            self._pending, self.rest = b"", buffer[position:]
+        else:
+            self._pending = buffer[position:]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _step(self, buffer: bytes, position: int, parts: list[bytes]) -> int | None:
+        """Decode from ``position`` on: a chunk's data (into ``parts``), its CRLF, or
+        a line; where it stopped, or None if ``buffer`` ends before a whole line."""
+        if self._state == _DATA:
+            end = min(position + self._left, len(buffer))
+            parts.append(buffer[position:end])
+            self._left -= end - position
+            if self._left == 0:
+                self._state = _DATA_END
+            return end
+        if self._state == _DATA_END:
+            if len(buffer) - position < 2:
+                return None
+            if buffer[position : position + 2] != b"\r\n":
+                raise BadFraming("no CRLF after a chunk's data")
+            self._state = _SIZE
+            return position + 2
+        end = buffer.find(b"\r\n", position)
+        if end < 0:
+            if len(buffer) - position > MAX_CHUNK_LINE_BYTES:
+                raise BadFraming("a chunk-size or trailer line is too long")
+            return None
+        self._line(buffer[position:end])
+        return end + 2
+
+    def _line(self, line: bytes) -> None:
+        if self._state == _TRAILER:
+            self._trailer_bytes += len(line) + 2
+            if self._trailer_bytes > MAX_TRAILER_BYTES:
+                raise BadFraming("the trailer is too long")
+            self.ended = not line
+            return
+        digits = line.split(b";", 1)[0].rstrip(b" \t")
+        if not digits or len(digits) > 15 or digits.strip(b"0123456789abcdefABCDEF"):
+            raise BadFraming("a malformed chunk size")
+        self._left = int(digits, 16)
+        self._state = _DATA if self._left else _TRAILER
+
+
+# -- the body, as the ingest reads it -----------------------------------------------------------
+
+
+class ReceivedBody:
+    """What the connection decoded of the body and the ingest has not read yet: an
+    ``api.ingest.IngestBody``. Past ``BODY_BUFFER_BYTES`` the socket is not read
+    until the ingest takes it (while an append is in flight, what arrives waits
+    here, and goes in the next batch)."""
+
+    __slots__ = ("_buffer", "_gone", "_more", "_paused", "_transport", "_waiter")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._buffer = bytearray()
+        self._more = True
+        self._gone = False
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def add(self, data: bytes, more: bool) -> None:
+        """Bytes of the body; ``more`` False once it ended."""
+        self._buffer += data
+        self._more = more
+        if more and len(self._buffer) > BODY_BUFFER_BYTES and not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def gone(self) -> None:
+        """The client went away (or its framing broke) before the body's end."""
+        self._gone = True
+        self._wake()
+
+    async def read(self) -> tuple[bytes, bool]:
+        while not self._buffer and self._more and not self._gone:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._buffer:  # (what came whole before the client went is stored)
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            if self._paused and self._more and not self._gone:
+                self._paused = False
+                self._transport.resume_reading()
+            return data, self._more
+        if self._gone:
+            raise InvalidInput(CLIENT_GONE)
+        return b"", False
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+# -- one ingest on the connection ---------------------------------------------------------------
+
+
+class IngestConnection(Protocol):
+    """The connection an ingest is served on (``api.connections.BrokerHttpProtocol``)."""
+
+    def ingest_started(self, body_start: int) -> None:
+        """Validated: hand what was received after the head to ``received``, and read on."""
+
+    def ingest_not_validated(self) -> None:
+        """Nothing reached the store: hand the request, from its first byte, to uvicorn."""
+
+    def ingest_answered(self, request: IngestHead, answer: bytes, close: bool) -> None:
+        """Write the whole answer; close the connection if ``close``."""
+
+    def ingest_over(self, request: IngestHead, rest: bytes) -> None:
+        """Answered, and the body has ended: ``rest`` begins the next request."""
+
+
+class IngestExchange:
+    """One streaming ingest served on the connection, from its head to its answer and
+    its body's end.
+
+    States: validating (the task checks the request; the connection holds every
+    byte, reading paused, for uvicorn should it be refused); ingesting (the body
+    decoded as it arrives, its lines stored by the task); answered before the
+    body's end (an error: the rest of the body is read and dropped); over (answered,
+    and the body ended: the connection reads the next request).
+    """
+
+    __slots__ = (
+        "_body",
+        "_connection",
+        "_framing",
+        "_request",
+        "_server_state",
+        "_task",
+        "answered",
+        "body_ended",
+    )
+
+    def __init__(
+        self, connection: IngestConnection, request: IngestHead, server_state: ServerState
+    ) -> None:
+        self._connection = connection
+        self._request = request
+        self._server_state = server_state
+        self._framing = ChunkedBody() if request.chunked else SizedBody(request.body_size)
+        self._body: ReceivedBody | None = None  # once validated
+        self._task: asyncio.Task[None] | None = None
+        self.answered = False
+        self.body_ended = False  # its end was read (and given to the ingest)
+
+    def start(self, transport: asyncio.Transport, body_start: int) -> None:
+        """Validate (reading paused), then ingest; the task is one of uvicorn's, which
+        waits for it at shutdown as for the ASGI route's."""
+        transport.pause_reading()
+        self._task = asyncio.get_running_loop().create_task(self._run(transport, body_start))
+        self._server_state.tasks.add(self._task)
+        self._task.add_done_callback(self._server_state.tasks.discard)
+
+    @property
+    def ingesting(self) -> bool:
+        """Past validation: the body's bytes go to ``received``."""
+        return self._body is not None
+
+    def received(self, data: bytes) -> bool:
+        """Bytes of the body (and, past its end, of the next request): whether the body
+        ended with them. Malformed framing is answered here, and the connection closed."""
+        body = self._framing.decode(data)
+        ended = self.body_ended = self._framing.ended
+        if self._body is not None and not self.answered:
+            self._body.add(body, not ended)
+        if self._framing.broken is not None:
+            self._bad_framing(self._framing.broken)
+            return False
+        if ended and self.answered:
+            self._connection.ingest_over(self._request, self._framing.rest)
+        return ended
+
+    def lost(self) -> None:
+        """The connection was lost: the ingest stores what came whole, and stops."""
+        if self._body is not None:
+            self._body.gone()
+
+    async def _run(self, transport: asyncio.Transport, body_start: int) -> None:
+        try:
+            ingest, close = await self._validated()
+        except NotValidated as error:
+            if not isinstance(error.__cause__, BrokerError | HttpProblem):
+                log.error("unexpected error validating an ingest", exc_info=error.__cause__)
+            self._connection.ingest_not_validated()
+            return
+        self._body = ReceivedBody(transport)
+        self._connection.ingest_started(body_start)
+        answer, close_after = await self._answer(ingest, close)
+        if self.answered:  # (the framing broke: answered and closed already)
+            return
+        self.answered = True
+        self._connection.ingest_answered(self._request, answer, close_after)
+        if self.body_ended and not close_after:
+            self._connection.ingest_over(self._request, self._framing.rest)
+
+    async def _validated(self) -> tuple[Ingest, bool]:
+        """The ingest, validated as ``api.publish`` does before the store; else
+        ``NotValidated``."""
+        scope = self._request.scope
+        state = scope["app"].state
+        try:
+            topic = check_topic(scope["path_params"]["topic"])
+            await authorize(scope, "publish", [topic])
+            key = idempotency_key(scope["headers"])
+            close = _close_requested(scope)
+            return ingest_of(state.broker, state.settings, topic, key), close
+        except Exception as error:
+            raise NotValidated from error
+
+    async def _answer(self, ingest: Ingest, close: bool) -> tuple[bytes, bool]:
+        """The answer's bytes, and whether the connection closes after it."""
+        assert self._body is not None
+        request, server_state = self._request, self._server_state
+        try:
+            status, headers, content = await run_ingest(ingest, self._body, close)
+        except HttpProblem as error:
+            # A 408 (no line in time): the client is idle, so nothing is left unread;
+            # on the ASGI route the guard closes such a connection a moment later.
+            answer = problem_bytes(request, problem_for(error), server_state)
+            return answer, error.status == 408
+        except BrokerError as error:
+            return problem_bytes(request, problem_for(error), server_state), False
+        except Exception:
+            log.exception("unexpected error in an ingest on %s", request.scope["path"])
+            failure = with_cors(request, problem(500, "Internal error", "the broker failed"))
+            return problem_bytes(request, failure, server_state), True
+        return response_bytes(request, status, headers, content, server_state), False
+
+    def _bad_framing(self, error: BadFraming) -> None:
+        """uvicorn's answer to a request httptools cannot parse; what came whole is stored."""
+        log.warning("%s (%s)", INVALID_REQUEST, error)
+        if self._body is not None:
+            self._body.gone()
+        if self.answered:
+            self._connection.ingest_answered(self._request, b"", True)
+            return
+        self.answered = True
+        self._connection.ingest_answered(self._request, _invalid_request(self._server_state), True)
+
+
+def _invalid_request(server_state: ServerState) -> bytes:
+    """uvicorn's ``send_400_response``, byte for byte."""
+    body = INVALID_REQUEST.encode("ascii")
+    head = [b"HTTP/1.1 400 Bad Request"]
+    head += [name + b": " + value for name, value in server_state.default_headers]
+    head += [
+        b"content-type: text/plain; charset=utf-8",
+        b"content-length: %d" % len(body),
+        b"connection: close",
+    ]
+    return b"\r\n".join([*head, b"", body])

@@ -1,0 +1,96 @@
+"""A lean ingest's body framing (``api.lean_ingest``): chunked and sized bodies decoded
+as they arrive, in any split, with what follows the body kept for the next request."""
+
+from __future__ import annotations
+
+import pytest
+
+from api.lean_ingest import BadFraming, ChunkedBody, SizedBody
+
+BODY = b'{"data": 1}\n{"data": "two"}\n'
+CHUNKED = (
+    b"b\r\n"
+    + BODY[:11]
+    + b"\r\n"
+    + b"%x;ext=1\r\n" % len(BODY[11:])
+    + BODY[11:]
+    + b"\r\n"
+    + b"0\r\n\r\n"
+)
+NEXT = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def decode_in_pieces(framing: ChunkedBody | SizedBody, data: bytes, size: int) -> bytes:
+    body = b""
+    for start in range(0, len(data), size):
+        assert not framing.ended
+        body += framing.decode(data[start : start + size])
+        if framing.ended:
+            rest = data[start + size :]
+            framing.rest += rest
+            break
+    return body
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, len(CHUNKED + NEXT)])
+def test_a_chunked_body_in_any_split(size: int) -> None:
+    framing = ChunkedBody()
+    assert decode_in_pieces(framing, CHUNKED + NEXT, size) == BODY
+    assert framing.ended and framing.rest == NEXT
+
+
+def test_trailers_are_read_and_dropped() -> None:
+    framing = ChunkedBody()
+    data = b"3\r\nabc\r\n0\r\nX-Checksum: 1\r\nX-Other: 2\r\n\r\n" + NEXT
+    assert framing.decode(data) == b"abc"
+    assert framing.ended and framing.rest == NEXT
+
+
+def test_a_long_chunk_over_many_reads() -> None:
+    framing = ChunkedBody()
+    data = b"%x\r\n" % 100_000 + b"x" * 100_000 + b"\r\n0\r\n\r\n"
+    assert decode_in_pieces(framing, data, 4096) == b"x" * 100_000
+    assert framing.ended and framing.rest == b""
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"zz\r\nab\r\n",  # not hex
+        b"\r\n",  # no size
+        b" 2\r\nab\r\n",  # space before the size
+        b"-2\r\nab\r\n",
+        b"2\r\nabXY",  # no CRLF after the data
+        b"1" * 16 + b"\r\n",  # a size past 2**60
+        b"2\nab\r\n",  # a bare LF
+        b"2" + b";x" * 3000,  # a size line that never ends
+    ],
+)
+def test_malformed_chunked_framing(data: bytes) -> None:
+    """What came before the break is still given (it is stored); nothing after."""
+    framing = ChunkedBody()
+    given = b"abcab" if data.startswith(b"2\r\nab") else b"abc"  # (a chunk's data, read)
+    assert framing.decode(b"3\r\nabc\r\n" + data) == given
+    assert isinstance(framing.broken, BadFraming)
+    assert framing.decode(b"3\r\nabc\r\n") == b""
+
+
+def test_a_trailer_that_never_ends_is_malformed() -> None:
+    framing = ChunkedBody()
+    framing.decode(b"0\r\n")
+    for _ in range(100):
+        framing.decode(b"X-Long: " + b"y" * 1000 + b"\r\n")
+        if framing.broken is not None:
+            break
+    assert framing.broken is not None and not framing.ended
+
+
+@pytest.mark.parametrize("size", [1, 5, 1000])
+def test_a_sized_body(size: int) -> None:
+    framing = SizedBody(len(BODY))
+    assert decode_in_pieces(framing, BODY + NEXT, size) == BODY
+    assert framing.ended and framing.rest == NEXT
+
+
+def test_an_empty_sized_body_has_ended() -> None:
+    assert SizedBody(0).ended
