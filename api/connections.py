@@ -72,6 +72,9 @@ APP_STATE_KEY = "broker.app"
 END_OF_BODY = b"0\r\n\r\n"
 CLOSE = (b"connection", b"close")
 BODY_HEADERS = (b"content-length", b"transfer-encoding")
+DRAIN_HEAD_WAIT_SECONDS = 1.0
+"""How long a connection accepted just before a shutdown may take to send its request
+(then it is answered as a draining instance answers it) before it is closed."""
 PIPELINED_BYTES = 65536
 """What a connection may send ahead while its publish is under way before it is no
 longer read (the bound uvicorn's own flow control uses)."""
@@ -226,7 +229,8 @@ class BrokerHttpProtocol(asyncio.Protocol):
         """uvicorn's graceful shutdown: a publish under way is answered, then the
         connection closes; a stream being opened is told to come back (closed
         unanswered, a load balancer answers the browser 502, and its EventSource
-        gives up for good); an idle connection closes now."""
+        gives up for good); a request still arriving is awaited and answered; an
+        idle kept-alive connection closes now."""
         if self._publish is not None or (self._ingest is not None and not self._ingest.answered):
             self._closing = True  # (an ingest goes on to its body's end, as uvicorn's would)
         elif self._opening is not None and not self._opening.done():
@@ -235,6 +239,14 @@ class BrokerHttpProtocol(asyncio.Protocol):
             retry_ms = scope["app"].state.settings.retry_ms
             why = "this instance is shutting down"
             self._answer(routes.come_back_later(retry_ms, why, scope))
+        elif self._idle_since is None and self._transport is not None and not self._lost:
+            # Accepted, its head not (all) read yet: a request is likely on its way (a
+            # load balancer connects, then sends). Closed unanswered, the balancer would
+            # answer 502, and a browser's EventSource gives up for good on that. So the
+            # head is awaited, briefly, and answered as a draining instance answers:
+            # a stream is told to come back; then the connection closes.
+            self._closing = True
+            self._guard.deadlines.set(self, DRAIN_HEAD_WAIT_SECONDS)
         elif self._transport is not None:
             self._transport.close()
 
@@ -437,6 +449,8 @@ class BrokerHttpProtocol(asyncio.Protocol):
         received = bytes(self._received)
         self._received.clear()
         protocol.data_received(received)
+        if self._closing:  # shutting down: this request is the connection's last
+            protocol.shutdown()
 
 
 class StreamConnection(asyncio.Protocol):

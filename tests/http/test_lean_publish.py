@@ -21,10 +21,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import redis as sync_redis
 
 from api.app import create_app
 from api.lean_publish import publish_request
 from api.settings import Settings
+from broker import constants as c
 from tests.http.helpers import RawResponse, new_topic
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until
@@ -693,3 +695,57 @@ async def test_what_is_pipelined_behind_a_stalled_publish_is_read_only_up_to_a_b
         if connection is not None:
             await connection.close()
         broker.close()
+
+
+async def test_requests_still_arriving_at_shutdown_are_answered_not_dropped(
+    redis_server: RedisServer,
+) -> None:
+    """Connections the broker had accepted, whose heads it had begun to read, when it
+    was told to shut down (a load balancer's requests in flight): each is awaited and
+    answered, a stream with the 200 that says "come back" (closed unanswered, the
+    balancer answers 502 and a browser's EventSource gives up for good), a publish
+    stored and answered; then each connection closes."""
+    broker = BrokerProcess(redis_url=redis_server.url, env={"BROKER_SHUTDOWN_GRACE_SECONDS": "20"})
+    broker.start()
+    stream = publisher = None
+    try:
+        port, topic = broker.port, new_topic()
+        stream, publisher = await Connection.open(port), await Connection.open(port)
+        stream_head = (
+            f"GET /topics/{topic}/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Accept: text/event-stream\r\n\r\n"
+        ).encode()
+        publish = publish_bytes(port, topic, b'{"data": "in flight"}')
+        for connection, request in ((stream, stream_head), (publisher, publish)):
+            await connection.send(request[:20])  # the first bytes, read by the broker
+            client_port = connection.writer.get_extra_info("sockname")[1]
+            await await_until(
+                lambda: _bytes_unread_by_server(port, client_port) == 0,  # noqa: B023
+                timeout=5,
+                what="the first bytes read by the broker",
+            )
+        await _shutting_down(broker)
+        await stream.send(stream_head[20:])
+        await publisher.send(publish[20:])
+        come_back, stored = await stream.answer(timeout=10), await publisher.answer(timeout=10)
+        assert come_back.status == 200, come_back
+        assert come_back.headers["content-type"].startswith("text/event-stream")
+        assert b"retry:" in come_back.body
+        assert stored.status == 201, stored
+        assert await stream.closed_by_server() and await publisher.closed_by_server()
+        assert broker.process is not None
+        assert await asyncio.to_thread(broker.process.wait, 15) == 0
+        assert await asyncio.to_thread(_log_length, redis_server, topic) == 1  # stored once
+    finally:
+        for connection in (stream, publisher):
+            if connection is not None:
+                await connection.close()
+        broker.close()
+
+
+def _log_length(redis_server: RedisServer, topic: str) -> int:
+    client = sync_redis.Redis.from_url(redis_server.url)
+    try:
+        return int(client.xlen(c.log_key(topic)))
+    finally:
+        client.close()
