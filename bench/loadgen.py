@@ -163,7 +163,10 @@ class CpuWindow:
 
 
 async def fanout_job(channel: Channel, spec: Message) -> Message:
-    """Subscribe, report, wait for "go"; then wait until every subscriber has `expected`."""
+    """Subscribe, report, wait for "go"; then wait until every subscriber has `expected`,
+    report that ("measured"), and disconnect only when told: the orchestrator closes its
+    CPU window first, so the servers' teardown of thousands of connections is not billed
+    to the deliveries (it is measured apart)."""
     subscribers = Subscribers()
     await subscribers.add(spec, spec["count"], sampled=spec.get("sampled", 0), polled=True)
     channel.send({"connected": len(subscribers.open), "failed": subscribers.failed})
@@ -176,8 +179,11 @@ async def fanout_job(channel: Channel, spec: Message) -> Message:
     sweeper.cancel()
     result = window.result() | _delivery_summary(subscribers.open, finish["expected"])
     result["failed"] = subscribers.failed
+    channel.send({"measured": result})
+    await channel.receive()  # the window is closed: disconnect
+    closed = len(subscribers.open)
     subscribers.close()
-    return result
+    return {"closed": closed}
 
 
 def _delivery_summary(subscribers: list[EventCounter], expected: int) -> Message:

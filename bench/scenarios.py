@@ -132,6 +132,7 @@ async def _fan_out(
     count = round(audience.rate * audience.seconds)
     say(f"{name}: connecting {audience.subscribers} subscribers")
     specs = _fanout_specs(server, path, pool, sizes, audience, count)
+    sockets_before = sum(worker_sockets(server).values())
     pool.start_job("fanout", specs)
     connected = _check_progress(await pool.gather())
     subscribed = sum(m["connected"] for m in connected)
@@ -156,12 +157,39 @@ async def _fan_out(
     outcome.details["publish_rate_offered"] = pacer.sent / (time.monotonic() - window.tree0.at)
     say(f"{name}: waiting for every subscriber to receive every event")
     pool.broadcast({"grace_s": sizes.grace_s, "expected": pacer.acknowledged})
-    results = await pool.results()
+    results = _measured(await pool.gather())
     window.close()
+    # The subscribers disconnect after the window: tearing down thousands of streams is
+    # not a delivery's cost (nor is connecting them); shown apart, per subscriber.
+    teardown = Window(server)
+    pool.broadcast({"disconnect": True})
+    await pool.results()
+    await _until_sockets_close(server, sockets_before)
+    teardown.close()
+    outcome.details["teardown_server_cpu_us_per_subscriber"] = round(
+        1e6 * teardown.server_cpu_s / max(subscribed, 1), 1
+    )
     _publish_warnings(outcome, count, pacer)
     _fanout_figures(outcome, results, window, pacer.acknowledged * subscribed)
     window.account(outcome, results)
     return outcome
+
+
+def _measured(messages: list[Message]) -> list[Message]:
+    """The fanout jobs' measurements; raise if a load generator failed instead."""
+    for message in messages:
+        if "measured" not in message:
+            error = message.get("result", {}).get("error", message)
+            raise RuntimeError(f"load generator failed: {error}")
+    return [message["measured"] for message in messages]
+
+
+async def _until_sockets_close(server: RunningServer, before: int, timeout: float = 10.0) -> None:
+    """Until the server's workers hold no more sockets than before the audience came
+    (bounded: a server slow to let go is measured as far as the timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and sum(worker_sockets(server).values()) > before:
+        await asyncio.sleep(0.05)
 
 
 def _latency_by_event(outcome: Outcome, results: list[Message]) -> None:
