@@ -1,7 +1,7 @@
 """Resumable subscriptions over the core, on both stores: replay, live, gaps, fan-out.
 
 Each is read both ways an edge consumes one: pulling ``chunks()`` (the ASGI
-response) and pushed (``api.connections``: direct writes, a pump only when needed).
+response) and pushed (``api.lean_stream``: direct writes, a pump only when needed).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ Consume = Callable[
 @pytest.fixture(params=["pull", "push"])
 def consume(request: pytest.FixtureRequest) -> Consume:
     """How the test opens and reads a subscription: pulling ``chunks()``, or pushed
-    to a sink, as ``api.connections`` does."""
+    to a sink, as ``api.lean_stream`` does."""
 
     async def pulled(
         broker: Broker, starts: dict[str, StartFrom]
