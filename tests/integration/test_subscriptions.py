@@ -28,16 +28,6 @@ from broker.redis_store import RedisStreamStore
 from tests.support.polling import await_until
 from tests.support.sse import Event, PushConsumer, collect, parse_events
 
-
-@pytest.fixture
-async def broker(store: RedisStreamStore) -> AsyncIterator[Broker]:
-    instance = Broker(store, limits=BrokerLimits(heartbeat_seconds=0.5))
-    await instance.start()
-    yield instance
-    await instance.heartbeats.close()
-    await instance.hub.close()  # the store fixture closes the store
-
-
 Consume = Callable[
     [Broker, dict[str, StartFrom]], Awaitable[tuple[Subscription, AsyncIterator[bytes]]]
 ]
