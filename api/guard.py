@@ -14,7 +14,8 @@ applies them to each connection's first request; ``GuardedHttpToolsProtocol``
 head and to every body. An open event stream waits for nothing and has no
 deadline.
 
-A refused request is answered and then closed *lingering*: the process stops
+A connection past the limit is answered ``refusal_of``'s come-back or 503. A
+refused request is answered and then closed *lingering*: the process stops
 writing, and reads and drops what the client still sends for a moment, because
 closing a socket with unread bytes resets the connection, and the client's
 system may then throw the answer away before the client reads it.
@@ -31,14 +32,17 @@ import weakref
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote
 
+import httptools
 from starlette.responses import Response
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from api import problems
+from api import problems, routes
 from api.deadlines import Deadlines
+from api.heads import RequestHead
 from api.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -100,6 +104,24 @@ class Guard:
                 open_connections,
                 self.limits.max_connections,
             )
+
+
+def refusal_of(
+    head: RequestHead, parser: httptools.HttpRequestParser, limits: ClientLimits
+) -> Response | None:
+    """The answer past the connection limit: a stream is told to come back, a publish
+    gets 503; None for anything else (health checks, metrics), which is served."""
+    try:
+        path = unquote(httptools.parse_url(head.url).path.decode("ascii"))
+    except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+        return None
+    method = parser.get_method().decode("ascii", "replace")
+    scope = {"type": "http", "method": method, "path": path, "headers": head.headers}
+    if routes.stream_topic(scope) is not None:
+        return routes.come_back_later(limits.retry_ms, "too many connections")
+    if method == "POST" and routes.TOPIC_EVENTS_PATH.fullmatch(path):
+        return problems.too_many_connections(limits.retry_after)
+    return None
 
 
 _GUARDS: weakref.WeakKeyDictionary[ServerState, Guard] = weakref.WeakKeyDictionary()

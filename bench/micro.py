@@ -27,7 +27,7 @@ from typing import Any
 
 import uvloop
 
-from api.connections import StreamConnection
+from api.lean_stream import StreamConnection
 from broker import Broker, NewEvent
 from broker import constants as c
 from broker.ids import EventId

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from api.app import create_app
-from api.connections import stream_request
+from api.lean_stream import stream_request
 from api.settings import Settings
 from tests.http.helpers import (
     RawResponse,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -13,19 +13,9 @@ import pytest
 
 from api.ingest import AsgiBody, Ingest
 from api.problems import HttpProblem
-from broker import Broker, BrokerLimits, TooLarge
-from broker.redis_store import RedisStreamStore
+from broker import Broker, TooLarge
 
 IDLE_S = 0.3
-
-
-@pytest.fixture
-async def broker(store: RedisStreamStore) -> AsyncIterator[Broker]:
-    instance = Broker(store, limits=BrokerLimits(heartbeat_seconds=5))
-    await instance.start()
-    yield instance
-    await instance.heartbeats.close()
-    await instance.hub.close()  # the store fixture closes the store
 
 
 def ingest_of(broker: Broker, topic: str) -> Ingest:

@@ -27,7 +27,9 @@ from tests.support.sse import Event, PushConsumer, collect, parse_events
 
 
 @pytest.fixture
-async def broker(redis_server: RedisServer) -> AsyncIterator[Broker]:
+async def redis_broker(redis_server: RedisServer) -> AsyncIterator[Broker]:
+    """A started broker on the session's redis-server only (not the embedded store, as
+    ``broker`` is), with a 0.3 s heartbeat; it closes its store too."""
     instance = Broker(open_store(redis_server.url), limits=BrokerLimits(heartbeat_seconds=0.3))
     await instance.start()
     yield instance
@@ -56,15 +58,15 @@ def gaps(events: list[Event]) -> list[Event]:
 
 
 async def test_every_gap_id_of_a_multi_topic_stream_names_every_topic(
-    broker: Broker, topic: str
+    redis_broker: Broker, topic: str
 ) -> None:
     """A cursor whose ``a`` part is unknown: the gap's id must still carry ``b``'s
     position, or a client that drops right after it resumes ``b`` from "now"."""
     a, b = f"{topic}-a", f"{topic}-b"
-    await publish(broker, a, range(2))
-    b_ids = await publish(broker, b, range(100, 103))
+    await publish(redis_broker, a, range(2))
+    b_ids = await publish(redis_broker, b, range(100, 103))
     unknown = EventId("zzzzzzzz", (1, 0))
-    subscription = await broker.subscribe({a: unknown, b: b_ids[0]})
+    subscription = await redis_broker.subscribe({a: unknown, b: b_ids[0]})
     try:
         events = await collect(subscription.chunks(), lambda ev: 102 in numbers(ev))
     finally:
@@ -93,19 +95,21 @@ class Recorder:
         self.abandoned = True
 
 
-async def test_a_subscriber_never_joins_a_feed_the_hub_dropped(broker: Broker, topic: str) -> None:
+async def test_a_subscriber_never_joins_a_feed_the_hub_dropped(
+    redis_broker: Broker, topic: str
+) -> None:
     """B waits for A's feed to be ready; A leaves before B resumes: the feed is
     dropped, and B must start a new one, not join the dead one and wait forever."""
     first, second = Recorder(), Recorder()
-    joining = asyncio.create_task(broker.hub.attach(topic, first))
-    waiting = asyncio.create_task(broker.hub.attach(topic, second))
+    joining = asyncio.create_task(redis_broker.hub.attach(topic, first))
+    waiting = asyncio.create_task(redis_broker.hub.attach(topic, second))
     await joining
-    broker.hub.detach(topic, first)  # before ``waiting`` resumed
+    redis_broker.hub.detach(topic, first)  # before ``waiting`` resumed
     await waiting
-    await publish(broker, topic, range(1))
+    await publish(redis_broker, topic, range(1))
     await await_until(lambda: second.entries, timeout=5, what="the second gets the entry")
     assert [e.data for e in second.entries] == [b"0"]
-    broker.hub.detach(topic, second)
+    redis_broker.hub.detach(topic, second)
 
 
 async def test_a_replay_slower_than_retention_is_told_with_a_gap(
@@ -184,16 +188,16 @@ class Failing(Recorder):
         return 0  # first in the feed's set, before the one that must still get entries
 
 
-async def test_one_subscriber_failing_skips_no_other(broker: Broker, topic: str) -> None:
+async def test_one_subscriber_failing_skips_no_other(redis_broker: Broker, topic: str) -> None:
     failing, healthy = Failing(), Recorder()
-    await broker.hub.attach(topic, failing)
-    await broker.hub.attach(topic, healthy)
-    await publish(broker, topic, range(3))
+    await redis_broker.hub.attach(topic, failing)
+    await redis_broker.hub.attach(topic, healthy)
+    await publish(redis_broker, topic, range(3))
     await await_until(lambda: len(healthy.entries) >= 3, timeout=5, what="3 entries delivered")
     assert [e.data for e in healthy.entries] == [b"0", b"1", b"2"]
     assert failing.abandoned
-    broker.hub.detach(topic, failing)
-    broker.hub.detach(topic, healthy)
+    redis_broker.hub.detach(topic, failing)
+    redis_broker.hub.detach(topic, healthy)
 
 
 class Member:
@@ -237,10 +241,12 @@ async def test_the_heartbeat_clock_restarts_if_its_task_ends() -> None:
 
 @pytest.mark.parametrize("mode", ["pull", "push"])
 async def test_a_stream_ends_when_its_credentials_expire(
-    broker: Broker, topic: str, mode: str
+    redis_broker: Broker, topic: str, mode: str
 ) -> None:
     sink = PushConsumer() if mode == "push" else None
-    subscription = await broker.subscribe({topic: "now"}, sink=sink, expires_at=time.time() + 0.5)
+    subscription = await redis_broker.subscribe(
+        {topic: "now"}, sink=sink, expires_at=time.time() + 0.5
+    )
     chunks = sink.start(subscription) if sink else subscription.chunks()
     raw = b""
     async with asyncio.timeout(5):
@@ -281,14 +287,14 @@ async def test_a_direct_write_past_the_buffer_drops_the_subscriber(
 
 
 async def test_a_stream_that_catches_up_after_a_delete_is_told_and_ends(
-    broker: Broker, topic: str
+    redis_broker: Broker, topic: str
 ) -> None:
     """DELETE lands while a client is away (or still catching up): its cursor's log is
     gone, and the marker says so: a ``deleted`` gap, then the end, not an ``unknown``
     gap and a wait for a log that will not come back."""
-    ids = await publish(broker, topic, range(3))
-    assert await broker.delete_topic(topic)
-    subscription = await broker.subscribe({topic: ids[0]})
+    ids = await publish(redis_broker, topic, range(3))
+    assert await redis_broker.delete_topic(topic)
+    subscription = await redis_broker.subscribe({topic: ids[0]})
     raw = b""
     async with asyncio.timeout(5):
         async for chunk in subscription.chunks():

@@ -26,11 +26,6 @@ from tests.support.redis_server import RedisServer
 from tests.support.redis_topologies import RedisClusterGroup, SentinelGroup
 
 
-@pytest.fixture
-def broker(private_broker: Broker) -> Broker:
-    return private_broker
-
-
 async def broker_connections(url: str) -> int:
     """Connections to the server at ``url``, except the one this count uses."""
     probe = redis.Redis.from_url(url, single_connection_client=True)
@@ -74,7 +69,7 @@ async def test_a_burst_of_commands_opens_no_connection(private_redis: RedisServe
 
 
 async def test_subscribers_arriving_in_waves_open_no_connection(
-    broker: Broker, private_redis: RedisServer
+    private_broker: Broker, private_redis: RedisServer
 ) -> None:
     """The idle benchmark in small: subscribers "from now" come 200 at a time. Only the
     live reader's lanes grow, one per LIVE_LANE_TOPICS live topics (at most
@@ -85,30 +80,32 @@ async def test_subscribers_arriving_in_waves_open_no_connection(
     try:
         for wave_number in range(1, 6):
             wave = fresh_topics(200)  # each one's state is read: no two share a read
-            subscriptions += await asyncio.gather(*(broker.subscribe({t: "now"}) for t in wave))
+            subscriptions += await asyncio.gather(
+                *(private_broker.subscribe({t: "now"}) for t in wave)
+            )
             lanes = min(c.LIVE_LANES_MAX, -(-200 * wave_number // c.LIVE_LANE_TOPICS))
             await wait_for_connections(private_redis.url, c.REDIS_POOL_SIZE + 1 + lanes, 10)
-        more = await asyncio.gather(*(broker.subscribe({t: "now"}) for t in wave))
+        more = await asyncio.gather(*(private_broker.subscribe({t: "now"}) for t in wave))
         subscriptions += more  # more subscribers of the same topics: no connection
         await asyncio.sleep(0.2)
         assert await broker_connections(private_redis.url) == c.REDIS_POOL_SIZE + 1 + lanes
-        assert broker.hub.subscriber_count == 1200
+        assert private_broker.hub.subscriber_count == 1200
     finally:
         for subscription in subscriptions:
             subscription.close()
 
 
 async def test_the_pool_opens_whole_again_after_a_restart(
-    broker: Broker, private_redis: RedisServer
+    private_broker: Broker, private_redis: RedisServer
 ) -> None:
     topic = fresh_topics(1)[0]
-    subscription = await broker.subscribe({topic: "now"})  # the live reader reconnects too
+    subscription = await private_broker.subscribe({topic: "now"})  # the live reader reconnects too
     try:
         private_redis.restart(keep_data=True)
         deadline = time.monotonic() + 20
         while True:
             try:
-                await broker.publish(topic, [NewEvent("after")])
+                await private_broker.publish(topic, [NewEvent("after")])
                 break
             except StoreUnavailable:
                 assert time.monotonic() < deadline, "Redis did not come back"

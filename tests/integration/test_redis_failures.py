@@ -14,11 +14,6 @@ from tests.support.redis_server import RedisServer
 from tests.support.sse import Event, collect
 
 
-@pytest.fixture
-def broker(private_broker: Broker) -> Broker:
-    return private_broker
-
-
 def numbers(events: list[Event]) -> list[int]:
     return [int(e.data) for e in events if e.event is None]
 
@@ -35,19 +30,19 @@ async def publish_with_retry(broker: Broker, topic: str, n: int, deadline: float
 
 
 async def test_live_subscribers_miss_nothing_across_a_restart_with_aof(
-    broker: Broker, private_redis: RedisServer, topic: str
+    private_broker: Broker, private_redis: RedisServer, topic: str
 ) -> None:
-    await publish_with_retry(broker, topic, -1, time.monotonic() + 5)
-    subscription = await broker.subscribe({topic: "now"})
+    await publish_with_retry(private_broker, topic, -1, time.monotonic() + 5)
+    subscription = await private_broker.subscribe({topic: "now"})
     chunks = subscription.chunks()
     try:
         for n in range(10):
-            await publish_with_retry(broker, topic, n, time.monotonic() + 5)
+            await publish_with_retry(private_broker, topic, n, time.monotonic() + 5)
         assert numbers(await collect(chunks, lambda ev: 9 in numbers(ev))) == list(range(10))
         private_redis.restart(keep_data=True)
         deadline = time.monotonic() + 20
         for n in range(10, 20):
-            await publish_with_retry(broker, topic, n, deadline)
+            await publish_with_retry(private_broker, topic, n, deadline)
         events = await collect(chunks, lambda ev: 19 in numbers(ev), timeout=20)
         assert numbers(events) == list(range(10, 20))
         assert not [e for e in events if e.event == "broker.gap"]
@@ -56,18 +51,18 @@ async def test_live_subscribers_miss_nothing_across_a_restart_with_aof(
 
 
 async def test_a_restart_without_data_tells_subscribers_with_a_gap(
-    broker: Broker, private_redis: RedisServer, topic: str
+    private_broker: Broker, private_redis: RedisServer, topic: str
 ) -> None:
-    await publish_with_retry(broker, topic, -1, time.monotonic() + 5)
-    subscription = await broker.subscribe({topic: "now"})
+    await publish_with_retry(private_broker, topic, -1, time.monotonic() + 5)
+    subscription = await private_broker.subscribe({topic: "now"})
     chunks = subscription.chunks()
     try:
-        last = await publish_with_retry(broker, topic, 0, time.monotonic() + 5)
+        last = await publish_with_retry(private_broker, topic, 0, time.monotonic() + 5)
         assert numbers(await collect(chunks, lambda ev: 0 in numbers(ev))) == [0]
         private_redis.restart(keep_data=False)
         deadline = time.monotonic() + 20
         for n in range(1, 4):
-            await publish_with_retry(broker, topic, n, deadline)
+            await publish_with_retry(private_broker, topic, n, deadline)
         events = await collect(chunks, lambda ev: 3 in numbers(ev), timeout=20)
         gaps = [e for e in events if e.event == "broker.gap"]
         assert len(gaps) == 1
@@ -79,16 +74,16 @@ async def test_a_restart_without_data_tells_subscribers_with_a_gap(
 
 
 async def test_publish_fails_fast_while_redis_is_down(
-    broker: Broker, private_redis: RedisServer, topic: str
+    private_broker: Broker, private_redis: RedisServer, topic: str
 ) -> None:
     private_redis.stop()
     with pytest.raises(StoreUnavailable):
-        await asyncio.wait_for(broker.publish(topic, [NewEvent("1")]), 10)
-    assert not await asyncio.wait_for(broker.ready(), 10)
+        await asyncio.wait_for(private_broker.publish(topic, [NewEvent("1")]), 10)
+    assert not await asyncio.wait_for(private_broker.ready(), 10)
 
 
 async def test_redis_connections_do_not_grow_with_subscribers(
-    broker: Broker, private_redis: RedisServer, topic: str
+    private_broker: Broker, private_redis: RedisServer, topic: str
 ) -> None:
     probe = redis.Redis.from_url(private_redis.url)
 
@@ -96,15 +91,17 @@ async def test_redis_connections_do_not_grow_with_subscribers(
         return int((await probe.info("clients"))["connected_clients"])
 
     try:
-        subscriptions = [await broker.subscribe({f"{topic}-{n % 30}": "now"}) for n in range(300)]
-        await broker.publish(f"{topic}-0", [NewEvent("1")])
+        subscriptions = [
+            await private_broker.subscribe({f"{topic}-{n % 30}": "now"}) for n in range(300)
+        ]
+        await private_broker.publish(f"{topic}-0", [NewEvent("1")])
         with_subscribers = await connections()
-        more = [await broker.subscribe({f"{topic}-{n % 30}": "now"}) for n in range(300)]
+        more = [await private_broker.subscribe({f"{topic}-{n % 30}": "now"}) for n in range(300)]
         assert await connections() == with_subscribers
         # the command pool, the appends' connection, the live reader, the probe
         assert with_subscribers == c.REDIS_POOL_SIZE + 3
         for subscription in subscriptions + more:
             subscription.close()
-        assert broker.hub.subscriber_count == 0
+        assert private_broker.hub.subscriber_count == 0
     finally:
         await probe.aclose()

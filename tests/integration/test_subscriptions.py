@@ -1,7 +1,7 @@
 """Resumable subscriptions over the core, on both stores: replay, live, gaps, fan-out.
 
 Each is read both ways an edge consumes one: pulling ``chunks()`` (the ASGI
-response) and pushed (``api.connections``: direct writes, a pump only when needed).
+response) and pushed (``api.lean_stream``: direct writes, a pump only when needed).
 """
 
 from __future__ import annotations
@@ -28,16 +28,6 @@ from broker.redis_store import RedisStreamStore
 from tests.support.polling import await_until
 from tests.support.sse import Event, PushConsumer, collect, parse_events
 
-
-@pytest.fixture
-async def broker(store: RedisStreamStore) -> AsyncIterator[Broker]:
-    instance = Broker(store, limits=BrokerLimits(heartbeat_seconds=0.5))
-    await instance.start()
-    yield instance
-    await instance.heartbeats.close()
-    await instance.hub.close()  # the store fixture closes the store
-
-
 Consume = Callable[
     [Broker, dict[str, StartFrom]], Awaitable[tuple[Subscription, AsyncIterator[bytes]]]
 ]
@@ -46,7 +36,7 @@ Consume = Callable[
 @pytest.fixture(params=["pull", "push"])
 def consume(request: pytest.FixtureRequest) -> Consume:
     """How the test opens and reads a subscription: pulling ``chunks()``, or pushed
-    to a sink, as ``api.connections`` does."""
+    to a sink, as ``api.lean_stream`` does."""
 
     async def pulled(
         broker: Broker, starts: dict[str, StartFrom]

@@ -76,7 +76,7 @@ async def collect(
 
 
 class PushConsumer:
-    """Consumes a subscription the way ``api.connections`` does: it is the subscription's
+    """Consumes a subscription the way ``api.lean_stream`` does: it is the subscription's
     sink, the hub writes live entries through ``write``, and a pump task runs only
     while there is catching up or a backlog (``chunks(until_idle=True)``), started
     again by ``wanted``.

@@ -1,10 +1,11 @@
 """The parts of uvicorn, httptools and Starlette the edge relies on beyond their public APIs.
 
 `api/connections.py` serves streams lean by standing in for uvicorn's HTTP
-protocol; `api/sse.py` writes through uvicorn's ``send`` from a plain call;
-`api/lifecycle.py` chains uvicorn's signal handlers. pyproject.toml pins these
-libraries below their next minor release; when the pin moves, these checks say,
-without starting a server, which surface changed and which file depends on it.
+protocol (`api/lean_stream.py` builds their requests by hand); `api/sse.py`
+writes through uvicorn's ``send`` from a plain call; `api/lifecycle.py` chains
+uvicorn's signal handlers. pyproject.toml pins these libraries below their next
+minor release; when the pin moves, these checks say, without starting a server,
+which surface changed and which file depends on it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from uvicorn.server import Server, ServerState
 from api.connections import BrokerHttpProtocol
 
 CONNECTIONS = "api/connections.py"
+LEAN_STREAM = "api/lean_stream.py"
 SSE = "api/sse.py"
 LIFECYCLE = "api/lifecycle.py"
 
@@ -178,7 +180,7 @@ def test_a_response_object_gives_its_status_head_and_body() -> None:
     )
     request = Request({"type": "http", "headers": [], "app": "the app"})
     assert request.app == "the app", changed(
-        "starlette.requests.Request(scope).app", CONNECTIONS, "stream requests built by hand"
+        "starlette.requests.Request(scope).app", LEAN_STREAM, "stream requests built by hand"
     )
 
 
