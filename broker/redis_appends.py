@@ -139,6 +139,8 @@ class _Replies(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
+            if isinstance(reply, hiredis.PushNotification):
+                continue  # RESP3's out-of-band messages (a URL with protocol=3): no reply
             if not self._waiting:
                 self.fail(ConnectionError("redis sent a reply nobody asked for"))
                 return

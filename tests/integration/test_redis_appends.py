@@ -170,3 +170,23 @@ async def test_appends_travel_over_tls_when_the_url_asks_for_it(tmp_path: Path) 
     finally:
         await store.close()
         server.close()
+
+
+async def test_out_of_band_messages_of_resp3_are_not_taken_for_replies(
+    private_redis: RedisServer, admin: redis.Redis
+) -> None:
+    """A URL may ask for RESP3 (``?protocol=3``), whose server pushes (here a client
+    tracking invalidation) arrive between replies: each reply must still go to its
+    own command."""
+    pool = redis.ConnectionPool.from_url(private_redis.url + "?protocol=3")
+    appends = AppendConnection(pool, timeout=TIMEOUT)
+    try:
+        await appends.exchange([packed("CLIENT", "TRACKING", "ON"), packed("GET", "tracked")])
+        first = await own_client_id(appends)
+        await admin.set("tracked", "changed")  # the server pushes an invalidation
+        for _ in range(20):  # replies after the push, whenever it came
+            assert await appends.exchange([packed("ECHO", "after")]) == [b"after"]
+        assert await own_client_id(appends) == first, "the push broke the connection"
+    finally:
+        await appends.close()
+        await pool.aclose()
