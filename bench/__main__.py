@@ -152,7 +152,7 @@ def _not_run(target: servers.Target, name: str) -> str | None:
     if target is servers.BASELINE and name in BROKER_ONLY:
         return "the baseline cannot close a topic"
     if target is nchan.NCHAN and name in NOT_FOR_NCHAN:
-        return "Nchan is driven with publish and subscribe only"
+        return "Nchan cannot close a topic"
     return None
 
 

@@ -6,6 +6,7 @@ The load-generator side is `bench/lifecycle_jobs.py`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections import Counter
@@ -118,7 +119,7 @@ def _sessions_specs(
             rate=sizes.sessions_rate, drop_fraction=sizes.sessions_drop_fraction,
             grace_s=sizes.sessions_grace_s, seed=f"{mode}:{first}",
             prefix=f"bench.sessions.{mode}.{uuid.uuid4().hex[:8]}", start_at=start_at,
-            **direct,
+            envelope=server.target.envelope, **direct,
         )
         for n, first in zip(counts, firsts, strict=True)
     ]  # fmt: skip
@@ -214,11 +215,27 @@ async def _after_ttl(
         "keys_before": keys_before,
         "keys_after": keys,
         "waited_s": waited,
+        # When what is left would go: a server without a topic TTL may still expire
+        # its keys by its own rule (Nchan: its message timeout, 1h in the bench config).
+        "left_keys_ttl_s": _ttl_sample(server),
         "used_memory_before_bytes": memory0,
         "used_memory_after_bytes": memory,
     }
     outcome.figures["redis_keys_after_ttl"] = float(keys)
     outcome.figures["redis_memory_kb_after_ttl"] = (memory - memory0) / 1024
+
+
+def _ttl_sample(server: RunningServer, sample: int = 200) -> dict[str, Any]:
+    """The TTLs of up to `sample` keys left: shortest, longest, how many have none."""
+    client = server.redis_client
+    ttls = [int(client.ttl(key)) for key in itertools.islice(client.scan_iter(count=100), sample)]
+    expiring = [ttl for ttl in ttls if ttl >= 0]
+    return {
+        "sampled": len(ttls),
+        "without_ttl": len(ttls) - len(expiring),
+        "min": min(expiring, default=None),
+        "max": max(expiring, default=None),
+    }
 
 
 # ---- churn ----------------------------------------------------------------------------------

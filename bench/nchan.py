@@ -7,9 +7,9 @@ redis-server the broker gets). nginx answers `GET /readyz` itself, and the harne
 the master's session with SIGTERM, as it does uvicorn's.
 
 Nchan speaks the broker's URL shape (`/topics/<topic>/events`, see the config) but not
-its publish body: a POST body is the message itself, one message per request, and the
-answer is channel info (`last message id: <seconds>:<n>`), not the broker's JSON. Those
-differences are the two methods below. Ids are `<unix seconds>:<n-th message in that
+its publish body: a POST body is the message itself, one message per request
+(`envelope=False`), and the answer is channel info (`last message id: <seconds>:<n>`),
+not the broker's JSON (`published_id` below). Ids are `<unix seconds>:<n-th message in that
 second>`, sent as `id:` lines, and a `Last-Event-ID` header with one of them resumes
 after it (checked by hand with curl and by the storm scenario, which resumes 100 behind).
 """
@@ -21,9 +21,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import orjson
 
 from bench.servers import Target
 
@@ -62,10 +59,6 @@ class NchanTarget(Target):
         # -e: errors before the config is read go to stderr too, not to /var/log/nginx.
         return [NGINX, "-p", str(prefix), "-c", str(config), "-e", "stderr"]
 
-    def publish_bodies(self, events: list[Any]) -> list[bytes]:
-        """One request per event: the body is the message, which subscribers get as `data:`."""
-        return [orjson.dumps(event) for event in events]
-
     def published_id(self, body: bytes) -> str:
         found = LAST_ID.search(body)
         if found is None:
@@ -73,4 +66,5 @@ class NchanTarget(Target):
         return found.group(1).decode()
 
 
-NCHAN = NchanTarget("nchan", "Nchan (nginx + libnginx-mod-nchan, Redis storage)")
+# A POST body is the message itself, one per request (no `{"data": ...}` envelope).
+NCHAN = NchanTarget("nchan", "Nchan (nginx + libnginx-mod-nchan, Redis storage)", envelope=False)

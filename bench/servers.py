@@ -38,6 +38,9 @@ class Target:
     name: str
     label: str
     auth: bool = False
+    # Whether a publish body wraps each event as `{"data": ...}` (the broker, the
+    # baseline) or is the event itself, one per request (Nchan).
+    envelope: bool = True
 
     @property
     def is_broker(self) -> bool:
@@ -74,7 +77,10 @@ class Target:
 
     def publish_bodies(self, events: list[Any]) -> list[bytes]:
         """Request bodies that publish `events` (each one event's `data`), in order: the
-        broker and the baseline take them all in one POST (a JSON array for several)."""
+        broker and the baseline take them all in one POST (a JSON array for several);
+        without the envelope, one request per event, whose body subscribers get as `data:`."""
+        if not self.envelope:
+            return [orjson.dumps(event) for event in events]
         if len(events) == 1:
             return [orjson.dumps({"data": events[0]})]
         return [orjson.dumps([{"data": event} for event in events])]
