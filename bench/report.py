@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.config import AUTH_FIGURES, AUTH_TOLERANCE, FIGURES, Figure
+from bench.config import AUTH_FIGURES, AUTH_TOLERANCE, FIGURES, NOT_FOR_NCHAN, Figure
 
 Results = dict[str, dict[str, dict[str, Any]]]  # target -> scenario -> outcome as a dict
 COLUMNS = ("figure", "broker", "baseline", "broker vs baseline", "target", "met?")
@@ -53,6 +53,7 @@ def rows(results: Results, sizes_note: dict[str, dict[str, str]]) -> list[dict[s
                 "met": None if broker is None else figure.met(broker),
                 "digits": figure.digits,
                 "baseline_measured": figure.baseline,
+                "nchan_measured": figure.nchan and figure.scenario not in NOT_FOR_NCHAN,
             }
         )
     return table
