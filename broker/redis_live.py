@@ -12,9 +12,10 @@ import logging
 import math
 from typing import Any
 
+import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
@@ -22,6 +23,7 @@ from broker.ids import StreamPosition, format_stream_id, parse_stream_id
 from broker.model import LogEntry
 from broker.observer import Observer
 from broker.redis_options import drop_idle_connections
+from broker.redis_raw import RawConnection
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ _NODE_FAILURE_LOG_EVERY_S = 10.0
 # The slot map is refreshed at most this often after such failures (s).
 _REFRESH_EVERY_S = 1.0
 
+XREAD_HEAD = ("XREAD", "COUNT", c.LIVE_READ_COUNT, "BLOCK", c.LIVE_BLOCK_MS, "STREAMS")
 _LOG_KEY_HEAD = len(f"{c.KEY_PREFIX}:{{")
 _LOG_KEY_TAIL = len("}:log")
 
@@ -40,6 +43,63 @@ def topic_of(key: bytes) -> str:
     return key[_LOG_KEY_HEAD:-_LOG_KEY_TAIL].decode()
 
 
+class _RawLink:
+    """A lane's connection to a real Redis: a ``RawConnection`` (through redis-py an
+    XREAD of 128 keys cost 3-4 times the client CPU, most of it parsing its reply)."""
+
+    def __init__(self, pool: redis.ConnectionPool, timeout: float) -> None:
+        self._connection = RawConnection(pool, timeout)
+
+    @property
+    def client_id(self) -> int | None:
+        return self._connection.client_id
+
+    async def open(self) -> None:
+        await self._connection.open()
+
+    async def call(self, command: tuple[Any, ...]) -> Any:
+        """The reply as Redis sent it (an error reply as an exception instance)."""
+        [reply] = await self._connection.exchange([hiredis.pack_command(command)])
+        return reply
+
+    async def close(self) -> None:
+        await self._connection.close()
+
+
+class _ClientLink:
+    """A lane's connection to the embedded store: fakeredis has no socket to take
+    over, so redis-py's client, with its XREAD reply left as Redis sends it."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        client.set_response_callback("XREAD", _as_sent)
+        self.client_id: int | None = None
+
+    async def open(self) -> None:
+        self.client_id = int(await self._client.client_id())
+
+    async def call(self, command: tuple[Any, ...]) -> Any:
+        try:
+            if self.client_id is None:
+                await self.open()
+            return await self._client.execute_command(*command)  # type: ignore[no-untyped-call]
+        except ResponseError as error:
+            return error
+        except (RedisError, OSError):
+            self.client_id = None  # a new connection has a new id
+            raise
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _as_sent(response: Any, **options: Any) -> Any:
+    return response
+
+
+_Link = _RawLink | _ClientLink
+
+
 class _Lane:
     """Some of the live topics, read by one blocking XREAD on a connection of its own.
 
@@ -47,11 +107,10 @@ class _Lane:
     only when it returned, or when the keys or positions it should name changed.
     """
 
-    __slots__ = ("armed", "client", "client_id", "task", "topics")
+    __slots__ = ("armed", "connection", "task", "topics")
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
-        self.client_id: int | None = None
+    def __init__(self, connection: _Link) -> None:
+        self.connection = connection
         self.topics: set[str] = set()
         self.armed: dict[str, StreamPosition] = {}  # what the running read names, from where
         self.task: asyncio.Task[Any] | None = None
@@ -78,20 +137,36 @@ class LiveReader:
         *,
         lane_topics: int = c.LIVE_LANE_TOPICS,
         max_lanes: int = c.LIVE_LANES_MAX,
+        raw: bool = True,
     ) -> None:
-        self._reader = reader
+        """``raw``: the lanes' connections are ``RawConnection``s (False for fakeredis)."""
+        self._reader = reader  # its pool opens the lanes' connections
         self._commands = commands  # CLIENT UNBLOCK goes over another connection
         self._lane_topics = lane_topics
         self._max_lanes = max_lanes if getattr(reader, "single_connection_client", False) else 1
-        self._lanes = [_Lane(reader)]
+        timeout = reader.connection_pool.connection_kwargs.get("socket_timeout")
+        self._timeout = float(timeout or c.LIVE_BLOCK_MS / 1000 + c.REDIS_REPLY_TIMEOUT_SECONDS)
+        self._raw = raw
+        self._lanes_made = False
+        self._lanes = [self._new_lane()]
+        self._log_keys: dict[str, str] = {}  # each live topic's stream key, formatted once
         self._lane_of: dict[str, _Lane] = {}
         self._last: dict[str, StreamPosition] = {}  # the topics and positions of the last read
         self._dirty: set[_Lane] = set()  # lanes whose keys or positions changed since armed
         self._wake: asyncio.Event | None = None  # set while a read waits
 
+    def _new_lane(self) -> _Lane:
+        pool = self._reader.connection_pool
+        if self._raw:
+            return _Lane(_RawLink(pool, self._timeout))
+        if not self._lanes_made:
+            self._lanes_made = True
+            return _Lane(_ClientLink(self._reader))
+        return _Lane(_ClientLink(redis.Redis(connection_pool=pool, single_connection_client=True)))
+
     async def open(self) -> None:
         """Connect now rather than at the first live topic."""
-        self._lanes[0].client_id = int(await self._reader.client_id())
+        await self._lanes[0].connection.open()
 
     async def read(
         self, positions: dict[str, StreamPosition], block_ms: int
@@ -126,9 +201,11 @@ class LiveReader:
         last = self._last
         for key in last.keys() - streams.keys():
             del last[key]
+            del self._log_keys[key]
             self._lane_of.pop(key).topics.discard(key)
         for key in streams.keys() - last.keys():
             last[key] = streams[key]
+            self._log_keys[key] = c.log_key(key)
             lane = self._lane_of[key] = self._lane_with_room()
             lane.topics.add(key)
             self._dirty.add(lane)
@@ -142,10 +219,7 @@ class LiveReader:
             if len(lane.topics) < self._lane_topics:
                 return lane
         if len(self._lanes) < self._max_lanes:
-            pool = self._reader.connection_pool
-            self._lanes.append(
-                _Lane(redis.Redis(connection_pool=pool, single_connection_client=True))
-            )
+            self._lanes.append(self._new_lane())
             return self._lanes[-1]
         return min(self._lanes, key=lambda lane: len(lane.topics))
 
@@ -202,42 +276,46 @@ class LiveReader:
                     else StoreUnavailable("live read cancelled")
                 )
             for key, entries in task.result():
-                topic = key[_LOG_KEY_HEAD:-_LOG_KEY_TAIL]
+                topic = topic_of(key)
                 if (
                     entries
                     and self._lane_of.get(topic) is lane
                     and lane.armed.get(topic) == streams.get(topic)
                 ):
-                    batch = [LogEntry(topic, parse_stream_id(i), f) for i, f in entries]
+                    batch = [
+                        LogEntry(topic, parse_stream_id(i), dict(zip(f[::2], f[1::2], strict=True)))
+                        for i, f in entries
+                    ]
                     batches[topic] = batch
                     # Where the hub's next read will start this topic (see _place).
                     self._last[topic] = batch[-1].position
         return batches
 
-    async def _xread(self, lane: _Lane, positions: dict[str, StreamPosition]) -> Any:
-        streams = {c.log_key(t): format_stream_id(p) for t, p in positions.items()}
+    async def _xread(self, lane: _Lane, positions: dict[str, StreamPosition]) -> list[Any]:
+        """The XREAD's reply as Redis sent it, as [(key, [[id, [field, value, ...]], ...]), ...]."""
+        keys = self._log_keys
+        command: tuple[Any, ...] = (
+            *XREAD_HEAD,
+            *[keys[topic] for topic in positions],
+            *[format_stream_id(position) for position in positions.values()],
+        )
         try:
-            if lane.client_id is None:
-                lane.client_id = int(await lane.client.client_id())
-            reply: Any = await lane.client.xread(
-                streams,  # type: ignore[arg-type]
-                count=c.LIVE_READ_COUNT,
-                block=c.LIVE_BLOCK_MS,
-            )
+            reply = await lane.connection.call(command)
         except (RedisError, OSError) as error:
-            lane.client_id = None
             await drop_idle_connections(self._commands)
             raise StoreUnavailable(f"live read failed: {error}") from error
-        return [
-            (key.decode() if isinstance(key, bytes) else key, entries)
-            for key, entries in (reply or [])
-        ]
+        if isinstance(reply, Exception):  # an error reply
+            raise StoreUnavailable(f"live read refused: {reply}") from reply
+        if isinstance(reply, dict):  # RESP3 (redis-py's default): a map of key to entries
+            return list(reply.items())
+        return reply or []  # RESP2: [[key, entries], ...]; nil: BLOCK passed, or CLIENT UNBLOCK
 
     async def _unblock(self, lane: _Lane) -> bool:
-        if lane.client_id is None:
+        client_id = lane.connection.client_id
+        if client_id is None:
             return False
         try:
-            return bool(await self._commands.client_unblock(lane.client_id))
+            return bool(await self._commands.client_unblock(client_id))
         except (RedisError, OSError):
             return False
 
@@ -247,9 +325,9 @@ class LiveReader:
         await self._end_reads(timeout=2)
         for lane in self._lanes[1:]:
             with contextlib.suppress(RedisError, OSError):
-                await lane.client.aclose()
-        self._lanes = [_Lane(self._reader)]
-        self._lane_of, self._last, self._dirty = {}, {}, set()
+                await lane.connection.close()
+        self._lanes = [_Lane(self._lanes[0].connection)]  # (it reconnects when next used)
+        self._lane_of, self._last, self._dirty, self._log_keys = {}, {}, set(), {}
 
     async def interrupt(self) -> bool:
         """Make the waiting read return now; False when none is waiting."""
@@ -276,8 +354,7 @@ class LiveReader:
     async def close(self) -> None:
         await self._end_reads(timeout=2)
         for lane in self._lanes:
-            if lane.client is not self._reader:
-                await lane.client.aclose()
+            await lane.connection.close()
         await self._reader.aclose()
 
 

@@ -136,7 +136,7 @@ def _embedded_store(**options: Any) -> RedisStreamStore:
     reader = fakeredis.FakeAsyncRedis(server=server, single_connection_client=True)
     return RedisStreamStore(
         client,
-        LiveReader(reader, client),
+        LiveReader(reader, client, raw=False),
         durable=False,
         description="embedded (in-process, not durable)",
         **options,

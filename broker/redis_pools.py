@@ -15,7 +15,7 @@ changes one fails that test first, naming it and its user):
   ``ClusterNode.acquire_connection()`` (sync, MaxConnectionsError when full),
   ``.release(connection)`` (sync), ``.max_connections``;
   ``RedisCluster.execute_command`` (async, overridden), ``.get_primaries()``;
-- ``redis_appends``: a pool's ``make_connection()``, a connection's ``connect()``
+- ``redis_raw``: a pool's ``make_connection()``, a connection's ``connect()``
   and its ``_writer``/``_reader`` (the socket taken over), ``BaseParser.parse_error``;
 - ``redis_store``: ``AsyncScript.sha``/``.script`` (commands packed by
   ``hiredis.pack_command``); ``Pipeline.execute(raise_on_error=)``; NOSCRIPT

@@ -29,10 +29,10 @@ from broker.errors import StoreUnavailable, TopicClosed
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
 from broker.model import AppendResult, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
-from broker.redis_appends import AppendConnection
 from broker.redis_live import AnyLiveReader
 from broker.redis_options import drop_idle_connections, pool_options
 from broker.redis_pools import FixedPool, open_cluster_pools
+from broker.redis_raw import RawConnection
 from broker.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class _AppendPipeline:
         self._client = client
         # Real Redis: packed by hiredis, on a connection of its own; fakeredis: redis-py's pipeline.
         self._connection = (
-            AppendConnection(client.connection_pool, _socket_timeout(client)) if raw else None
+            RawConnection(client.connection_pool, _socket_timeout(client)) if raw else None
         )
         self._script = script  # registered once by the store: its text and SHA
         self._queue: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []

@@ -17,13 +17,13 @@ import redis.asyncio as redis
 from broker import NewEvent, StoreUnavailable
 from broker import constants as c
 from broker.ids import format_stream_id
-from broker.redis_appends import AppendConnection
 from broker.redis_open import open_store
+from broker.redis_raw import RawConnection
 from broker.redis_store import RedisStreamStore
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
 
-Exchange = Callable[[AppendConnection, list[bytes]], Awaitable[list[Any]]]
+Exchange = Callable[[RawConnection, list[bytes]], Awaitable[list[Any]]]
 
 
 def appends_in(commands: list[bytes]) -> list[bytes]:
@@ -52,11 +52,11 @@ async def test_a_script_flush_mid_pipeline_stores_each_append_once(
 ) -> None:
     """The first append of a batch runs, then Redis loses its scripts before the others."""
     topics = [f"ns-{uuid.uuid4().hex[:8]}-{n}" for n in range(3)]
-    original: Exchange = AppendConnection.exchange
+    original: Exchange = RawConnection.exchange
     batches: list[int] = []
 
     async def send_with_a_flush_after_the_first(
-        self: AppendConnection, commands: list[bytes]
+        self: RawConnection, commands: list[bytes]
     ) -> list[Any]:
         appends = appends_in(commands)
         batches.append(len(appends))
@@ -72,7 +72,7 @@ async def test_a_script_flush_mid_pipeline_stores_each_append_once(
         await admin.script_flush()
         return replies + await original(self, rest)
 
-    monkeypatch.setattr(AppendConnection, "exchange", send_with_a_flush_after_the_first)
+    monkeypatch.setattr(RawConnection, "exchange", send_with_a_flush_after_the_first)
     async with asyncio.timeout(10):
         results = await asyncio.gather(
             *(store.append(t, [NewEvent(f"e{n}")]) for n, t in enumerate(topics))
@@ -91,16 +91,16 @@ async def test_a_script_lost_again_fails_the_append_instead_of_looping(
     store: RedisStreamStore, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis keeps losing the script: the append fails (the publisher may retry), in bounds."""
-    original: Exchange = AppendConnection.exchange
+    original: Exchange = RawConnection.exchange
     sends: list[int] = []
 
-    async def flush_before_each_append(self: AppendConnection, commands: list[bytes]) -> list[Any]:
+    async def flush_before_each_append(self: RawConnection, commands: list[bytes]) -> list[Any]:
         if appends_in(commands):
             sends.append(1)
             await admin.script_flush()
         return await original(self, commands)
 
-    monkeypatch.setattr(AppendConnection, "exchange", flush_before_each_append)
+    monkeypatch.setattr(RawConnection, "exchange", flush_before_each_append)
     topic = f"ns-{uuid.uuid4().hex[:8]}"
     with pytest.raises(StoreUnavailable, match="script"):
         async with asyncio.timeout(10):

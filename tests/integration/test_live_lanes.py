@@ -11,9 +11,8 @@ import uuid
 from typing import Any
 
 import pytest
-import redis.asyncio as redis
 
-from broker import StoreUnavailable
+from broker import StoreUnavailable, redis_live
 from broker import constants as c
 from broker.ids import StreamPosition
 from broker.model import NewEvent
@@ -31,15 +30,17 @@ def _topics(count: int) -> list[str]:
 
 @pytest.fixture
 def xread_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The number of keys each XREAD named, in order."""
+    """The number of keys each XREAD named, in order (on either kind of lane link)."""
     named: list[int] = []
-    original = redis.Redis.xread
+    for link in (redis_live._RawLink, redis_live._ClientLink):
+        original = link.call
 
-    async def counting(self: redis.Redis, streams: Any, *args: Any, **kwargs: Any) -> Any:
-        named.append(len(streams))
-        return await original(self, streams, *args, **kwargs)
+        async def counting(self: Any, command: tuple[Any, ...], original: Any = original) -> Any:
+            if command[: len(redis_live.XREAD_HEAD)] == redis_live.XREAD_HEAD:
+                named.append((len(command) - len(redis_live.XREAD_HEAD)) // 2)
+            return await original(self, command)
 
-    monkeypatch.setattr(redis.Redis, "xread", counting)
+        monkeypatch.setattr(link, "call", counting)
     return named
 
 

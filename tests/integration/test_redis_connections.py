@@ -206,7 +206,7 @@ async def test_idle_connections_are_handed_out_by_the_fast_path(private_redis: R
         pool = command_pool(store)
         before = pool.fast_takes
         # One at a time: an idle connection is always there. (Appends have their own
-        # connection: broker.redis_appends.)
+        # connection: broker.redis_raw.)
         for topic in fresh_topics(20):
             await store.append(topic, [NewEvent("x")])
             await store.state(topic)

@@ -31,7 +31,7 @@ def imported_modules(path: Path) -> set[str]:
 
 REDIS_MODULES = {
     "redis_store.py",
-    "redis_appends.py",
+    "redis_raw.py",
     "redis_live.py",
     "redis_pools.py",
     "redis_options.py",

@@ -37,7 +37,8 @@ STORE = "broker/redis_store.py"
 LIVE = "broker/redis_live.py"
 OPTIONS = "broker/redis_options.py"
 OPEN = "broker/redis_open.py"
-APPENDS = "broker/redis_appends.py"
+RAW = "broker/redis_raw.py"
+LIVE_LINKS = "broker/redis_live.py (embedded store)"
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,14 @@ class Method:
 METHODS = [
     Method(BlockingConnectionPool, "get_connection", "async", POOLS),
     Method(BlockingConnectionPool, "release", "async", POOLS, ("connection",)),
-    Method(BlockingConnectionPool, "make_connection", "sync", f"{POOLS}, {APPENDS}"),
+    Method(BlockingConnectionPool, "make_connection", "sync", f"{POOLS}, {RAW}"),
     Method(BlockingConnectionPool, "disconnect", "async", OPTIONS, ("inuse_connections",)),
     Method(BlockingConnectionPool, "aclose", "async", POOLS),
     Method(AbstractConnection, "register_connect_callback", "sync", POOLS, ("callback",)),
-    Method(AbstractConnection, "connect", "async", f"{POOLS}, {APPENDS}"),
+    Method(AbstractConnection, "connect", "async", f"{POOLS}, {RAW}"),
+    Method(AbstractConnection, "send_command", "async", RAW),
+    Method(AbstractConnection, "read_response", "async", RAW),
+    Method(redis.Redis, "set_response_callback", "sync", LIVE_LINKS, ("command", "callback")),
     Method(ClusterNode, "acquire_connection", "sync", POOLS),
     Method(ClusterNode, "release", "sync", POOLS, ("connection",)),
     Method(ClusterNode, "__init__", "sync", OPEN, ("host", "port", "max_connections")),
@@ -203,13 +207,13 @@ async def test_a_connection_hands_over_its_streams(pool: BlockingConnectionPool)
     may be unread in its ``_buffer``), both None until connected and once let go of,
     which is also what tells redis-py it holds no socket (no close, no warning)."""
     connection = pool.make_connection()  # type: ignore[no-untyped-call]
-    where = f"redis-py surface AbstractConnection._writer/_reader (used by {APPENDS})"
+    where = f"redis-py surface AbstractConnection._writer/_reader (used by {RAW})"
     assert connection._writer is None and connection._reader is None, where
     assert connection.is_connected is False, f"{where}: is_connected follows them"
 
 
 def test_an_error_reply_becomes_redis_py_s_exception() -> None:
-    where = f"redis-py surface BaseParser.parse_error (used by {APPENDS})"
+    where = f"redis-py surface BaseParser.parse_error (used by {RAW})"
     noscript = BaseParser.parse_error("NOSCRIPT No matching script.")  # type: ignore[no-untyped-call]
     readonly = BaseParser.parse_error("READONLY You can't write against a read only replica.")  # type: ignore[no-untyped-call]
     other = BaseParser.parse_error("ERR value is not an integer")  # type: ignore[no-untyped-call]
@@ -220,7 +224,7 @@ def test_an_error_reply_becomes_redis_py_s_exception() -> None:
 
 def test_hiredis_reads_replies_one_at_a_time() -> None:
     """``_Replies`` feeds what the socket brings and takes whole replies until False."""
-    where = f"hiredis.Reader (used by {APPENDS})"
+    where = f"hiredis.Reader (used by {RAW})"
     reader = hiredis.Reader()
     reader.feed(b"-NOSCRIPT No matching script.\r\n+OK\r\n$3\r\nab")
     error = reader.gets()

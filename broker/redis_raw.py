@@ -1,19 +1,22 @@
-"""Appends on a Redis connection of their own, read by a protocol rather than redis-py.
+"""Redis connections read by a protocol rather than redis-py: for appends and live reads.
 
-An append's round trip went through redis-py's asyncio connection: a pool
+Through redis-py's asyncio connection a command's round trip costs a pool
 checkout and release, a write and ``drain``, then for each reply its parser's
 layers, a ``StreamReader`` wait (through ``asyncio.wait_for``, a task per read)
-and a deadline. Measured in one process against a real redis-server, that made
-a lone round trip cost 71 us of client CPU, against 35 us for a protocol that
-feeds hiredis straight from the socket (6 against 12-15 us per command with 8
-callers at once).
+and a deadline, and a reply goes through its Python response callback. Measured
+in one process against a real redis-server: a lone round trip 71 us of client
+CPU against 35 us for a protocol that feeds hiredis straight from the socket (6
+against 12-15 us per command with 8 callers at once); an ``XREAD`` of 128 keys
+that returns 25 streams, 350-400 us against 90-120.
 
-So each process keeps one connection for appends: redis-py opens it (AUTH, TLS,
-SELECT, CLIENT SETINFO, the Sentinel lookup: whatever the URL asks for), then
-the socket is handed to ``_Replies``, an ``asyncio.Protocol`` that feeds a
-hiredis reader and resolves each command's future in turn: Redis answers a
-connection's commands in the order it got them. One connection is enough: Redis
-runs commands one at a time, and a batch of many appends is one write.
+So the hot paths use ``RawConnection``: redis-py opens the connection (AUTH, TLS,
+SELECT, CLIENT SETINFO, the Sentinel lookup: whatever the URL asks for) and tells
+its client id, then the socket is handed to ``_Replies``, an ``asyncio.Protocol``
+that feeds a hiredis reader and resolves each command's future in turn: Redis
+answers a connection's commands in the order it got them. Each process keeps one
+for its appends (Redis runs commands one at a time, and a batch of many appends
+is one write) and one per live-read lane (``redis_live``: a blocking ``XREAD``
+holds its connection, and is interrupted by ``CLIENT UNBLOCK`` of its client id).
 
 Failures, each failing the commands that wait (a ``redis.ConnectionError`` or
 ``TimeoutError``, which the store answers as unavailable; an append that may
@@ -24,10 +27,10 @@ does); a ``READONLY`` reply (the primary was demoted by a failover: the new
 connection asks the Sentinels again). The next batch opens a new connection.
 
 redis-py surface relied on (pinned; ``tests/unit/test_private_surfaces_redis.py``):
-a pool's ``make_connection()``, a connection's
-``connect()`` and its private ``_writer`` (the ``asyncio.StreamWriter`` whose
-transport is taken over) and ``_reader``; ``BaseParser.parse_error`` (an error
-reply to redis-py's exception).
+a pool's ``make_connection()``, a connection's ``connect()``, ``send_command()``
+and ``read_response()`` (its client id, before the socket is taken over) and its
+private ``_writer`` (the ``asyncio.StreamWriter`` whose transport is taken over)
+and ``_reader``; ``BaseParser.parse_error`` (an error reply to redis-py's exception).
 """
 
 from __future__ import annotations
@@ -42,14 +45,20 @@ from redis._parsers.base import BaseParser
 from redis.exceptions import ConnectionError, ReadOnlyError, TimeoutError
 
 
-class AppendConnection:
-    """The process's connection for appends, opened on first use and after a failure."""
+class RawConnection:
+    """A connection for pipelined commands, opened on first use and after a failure."""
 
     def __init__(self, pool: redis.ConnectionPool, timeout: float) -> None:
         self._pool = pool
         self._timeout = timeout
         self._replies: _Replies | None = None
         self._opening: asyncio.Future[_Replies] | None = None  # shared while it opens
+
+    @property
+    def client_id(self) -> int | None:
+        """The Redis client id of the connection now open (for ``CLIENT UNBLOCK``)."""
+        replies = self._replies
+        return None if replies is None or replies.broken else replies.client_id
 
     async def exchange(self, commands: list[bytes]) -> list[Any]:
         """Send packed commands in one write; each one's reply, or its error reply as a
@@ -84,6 +93,8 @@ class AppendConnection:
         # its connecting after an outage as the cue to reopen its own idle ones.
         connection: Any = self._pool.make_connection()  # type: ignore[no-untyped-call]
         await connection.connect()
+        await connection.send_command("CLIENT", "ID")
+        client_id = int(await connection.read_response())
         writer: asyncio.StreamWriter = connection._writer
         unread = len(connection._reader._buffer)
         # The socket is ours from here: redis-py's object lets go of it (else, when
@@ -92,7 +103,7 @@ class AppendConnection:
         if unread:  # nothing may be left unread after the handshake
             writer.transport.abort()
             raise ConnectionError("unexpected data from redis after connecting")
-        replies = _Replies(writer, self._timeout)
+        replies = _Replies(writer, self._timeout, client_id)
         writer.transport.set_protocol(replies)
         self._replies = replies
         return replies
@@ -113,9 +124,10 @@ async def _all(futures: list[asyncio.Future[Any]]) -> list[Any]:
 class _Replies(asyncio.Protocol):
     """One connection's replies, matched in order to the futures of its commands."""
 
-    def __init__(self, writer: asyncio.StreamWriter, timeout: float) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, timeout: float, client_id: int) -> None:
         # The writer is kept with its transport: collected, it would close it.
         self._writer = writer
+        self.client_id = client_id
         self._transport: Any = writer.transport
         self._timeout = timeout
         self._reader = hiredis.Reader()

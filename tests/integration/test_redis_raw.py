@@ -1,4 +1,4 @@
-"""The appends' own Redis connection (``broker.redis_appends``) against a real redis-server:
+"""The appends' own Redis connection (``broker.redis_raw``) against a real redis-server:
 replies matched to their commands in order whatever happens to a caller, and every way
 the connection can fail ends the commands that wait, then gives way to a new one."""
 
@@ -17,8 +17,8 @@ import trustme
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 
 from broker import NewEvent
-from broker.redis_appends import AppendConnection
 from broker.redis_open import open_store
+from broker.redis_raw import RawConnection
 from tests.support.redis_server import RedisServer, free_port
 
 TIMEOUT = 0.5
@@ -36,8 +36,8 @@ async def pool(private_redis: RedisServer) -> AsyncIterator[redis.ConnectionPool
 
 
 @pytest.fixture
-async def appends(pool: redis.ConnectionPool) -> AsyncIterator[AppendConnection]:
-    connection = AppendConnection(pool, timeout=TIMEOUT)
+async def appends(pool: redis.ConnectionPool) -> AsyncIterator[RawConnection]:
+    connection = RawConnection(pool, timeout=TIMEOUT)
     yield connection
     await connection.close()
 
@@ -49,13 +49,15 @@ async def admin(private_redis: RedisServer) -> AsyncIterator[redis.Redis]:
     await client.aclose()
 
 
-async def own_client_id(appends: AppendConnection) -> int:
+async def own_client_id(appends: RawConnection) -> int:
+    """Its client id as Redis tells it, checked against the one it keeps (for CLIENT UNBLOCK)."""
     [client_id] = await appends.exchange([packed("CLIENT", "ID")])
+    assert appends.client_id == int(client_id)
     return int(client_id)
 
 
 async def test_a_batch_gets_each_reply_in_order_and_errors_as_values(
-    appends: AppendConnection,
+    appends: RawConnection,
 ) -> None:
     replies = await appends.exchange(
         [
@@ -74,7 +76,7 @@ async def test_a_batch_gets_each_reply_in_order_and_errors_as_values(
 
 
 async def test_a_caller_that_gives_up_does_not_shift_the_replies_of_the_next(
-    appends: AppendConnection,
+    appends: RawConnection,
 ) -> None:
     """Redis answers in order: the abandoned command's reply is dropped, not handed on."""
     with pytest.raises(TimeoutError):
@@ -83,7 +85,7 @@ async def test_a_caller_that_gives_up_does_not_shift_the_replies_of_the_next(
 
 
 async def test_a_connection_redis_closed_is_replaced_on_the_next_batch(
-    appends: AppendConnection, admin: redis.Redis
+    appends: RawConnection, admin: redis.Redis
 ) -> None:
     first = await own_client_id(appends)
     await admin.client_kill_filter(_id=first)
@@ -97,7 +99,7 @@ async def test_a_connection_redis_closed_is_replaced_on_the_next_batch(
 
 
 async def test_replies_that_do_not_come_in_time_fail_the_batch_then_a_new_connection_serves(
-    appends: AppendConnection, private_redis: RedisServer
+    appends: RawConnection, private_redis: RedisServer
 ) -> None:
     first = await own_client_id(appends)
     assert private_redis.process is not None
@@ -113,7 +115,7 @@ async def test_replies_that_do_not_come_in_time_fail_the_batch_then_a_new_connec
 
 
 async def test_a_demoted_primary_is_left_for_a_new_connection(
-    appends: AppendConnection, admin: redis.Redis, redis_server: RedisServer
+    appends: RawConnection, admin: redis.Redis, redis_server: RedisServer
 ) -> None:
     """After a failover the old primary answers READONLY: the connection is dropped so
     that the next one asks again (through Sentinel, the new primary)."""
@@ -129,7 +131,7 @@ async def test_a_demoted_primary_is_left_for_a_new_connection(
 
 
 async def test_a_redis_that_is_down_fails_the_batch_and_one_that_is_back_serves(
-    appends: AppendConnection, private_redis: RedisServer
+    appends: RawConnection, private_redis: RedisServer
 ) -> None:
     private_redis.stop()
     with pytest.raises(RedisError):
@@ -179,7 +181,7 @@ async def test_out_of_band_messages_of_resp3_are_not_taken_for_replies(
     tracking invalidation) arrive between replies: each reply must still go to its
     own command."""
     pool = redis.ConnectionPool.from_url(private_redis.url + "?protocol=3")
-    appends = AppendConnection(pool, timeout=TIMEOUT)
+    appends = RawConnection(pool, timeout=TIMEOUT)
     try:
         await appends.exchange([packed("CLIENT", "TRACKING", "ON"), packed("GET", "tracked")])
         first = await own_client_id(appends)
