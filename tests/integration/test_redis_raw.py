@@ -1,6 +1,7 @@
-"""The appends' own Redis connection (``broker.redis_raw``) against a real redis-server:
-replies matched to their commands in order whatever happens to a caller, and every way
-the connection can fail ends the commands that wait, then gives way to a new one."""
+"""``RawConnection`` (``broker.redis_raw``: the appends' connection, and each live-read
+lane's) against a real redis-server: replies matched to their commands in order whatever
+happens to a caller, its client id known, and every way the connection can fail ends the
+commands that wait, then gives way to a new one."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ async def pool(private_redis: RedisServer) -> AsyncIterator[redis.ConnectionPool
 
 
 @pytest.fixture
-async def appends(pool: redis.ConnectionPool) -> AsyncIterator[RawConnection]:
+async def raw(pool: redis.ConnectionPool) -> AsyncIterator[RawConnection]:
     connection = RawConnection(pool, timeout=TIMEOUT)
     yield connection
     await connection.close()
@@ -49,17 +50,17 @@ async def admin(private_redis: RedisServer) -> AsyncIterator[redis.Redis]:
     await client.aclose()
 
 
-async def own_client_id(appends: RawConnection) -> int:
+async def own_client_id(raw: RawConnection) -> int:
     """Its client id as Redis tells it, checked against the one it keeps (for CLIENT UNBLOCK)."""
-    [client_id] = await appends.exchange([packed("CLIENT", "ID")])
-    assert appends.client_id == int(client_id)
+    [client_id] = await raw.exchange([packed("CLIENT", "ID")])
+    assert raw.client_id == int(client_id)
     return int(client_id)
 
 
 async def test_a_batch_gets_each_reply_in_order_and_errors_as_values(
-    appends: RawConnection,
+    raw: RawConnection,
 ) -> None:
-    replies = await appends.exchange(
+    replies = await raw.exchange(
         [
             packed("SET", "k", "v"),
             packed("EVALSHA", "0" * 40, 0),
@@ -76,68 +77,68 @@ async def test_a_batch_gets_each_reply_in_order_and_errors_as_values(
 
 
 async def test_a_caller_that_gives_up_does_not_shift_the_replies_of_the_next(
-    appends: RawConnection,
+    raw: RawConnection,
 ) -> None:
     """Redis answers in order: the abandoned command's reply is dropped, not handed on."""
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(appends.exchange([packed("BLPOP", "nothing", "0.3")]), 0.05)
-    assert await appends.exchange([packed("ECHO", "mine")]) == [b"mine"]
+        await asyncio.wait_for(raw.exchange([packed("BLPOP", "nothing", "0.3")]), 0.05)
+    assert await raw.exchange([packed("ECHO", "mine")]) == [b"mine"]
 
 
 async def test_a_connection_redis_closed_is_replaced_on_the_next_batch(
-    appends: RawConnection, admin: redis.Redis
+    raw: RawConnection, admin: redis.Redis
 ) -> None:
-    first = await own_client_id(appends)
+    first = await own_client_id(raw)
     await admin.client_kill_filter(_id=first)
     for _ in range(100):  # bounded: until the end of the connection is seen (5 s at most)
-        replies = appends._replies
+        replies = raw._replies
         if replies is not None and replies.broken:
             break
         await asyncio.sleep(0.05)
-    assert await appends.exchange([packed("PING")]) == [b"PONG"], "the first after a kill"
-    assert await own_client_id(appends) != first
+    assert await raw.exchange([packed("PING")]) == [b"PONG"], "the first after a kill"
+    assert await own_client_id(raw) != first
 
 
 async def test_replies_that_do_not_come_in_time_fail_the_batch_then_a_new_connection_serves(
-    appends: RawConnection, private_redis: RedisServer
+    raw: RawConnection, private_redis: RedisServer
 ) -> None:
-    first = await own_client_id(appends)
+    first = await own_client_id(raw)
     assert private_redis.process is not None
     os.kill(private_redis.process.pid, signal.SIGSTOP)
     try:
         async with asyncio.timeout(TIMEOUT * 6):  # failed by the connection's own deadline
             with pytest.raises(RedisError, match="did not answer"):
-                await appends.exchange([packed("PING"), packed("PING")])
+                await raw.exchange([packed("PING"), packed("PING")])
     finally:
         os.kill(private_redis.process.pid, signal.SIGCONT)
-    assert await appends.exchange([packed("PING")]) == [b"PONG"]
-    assert await own_client_id(appends) != first
+    assert await raw.exchange([packed("PING")]) == [b"PONG"]
+    assert await own_client_id(raw) != first
 
 
 async def test_a_demoted_primary_is_left_for_a_new_connection(
-    appends: RawConnection, admin: redis.Redis, redis_server: RedisServer
+    raw: RawConnection, admin: redis.Redis, redis_server: RedisServer
 ) -> None:
     """After a failover the old primary answers READONLY: the connection is dropped so
     that the next one asks again (through Sentinel, the new primary)."""
-    first = await own_client_id(appends)
+    first = await own_client_id(raw)
     await admin.execute_command("REPLICAOF", "127.0.0.1", str(redis_server.port))
     try:
-        [refused] = await appends.exchange([packed("SET", "k", "v")])
+        [refused] = await raw.exchange([packed("SET", "k", "v")])
         assert isinstance(refused, ReadOnlyError)
     finally:
         await admin.execute_command("REPLICAOF", "NO", "ONE")
-    assert await appends.exchange([packed("SET", "k", "v")]) == [b"OK"]
-    assert await own_client_id(appends) != first
+    assert await raw.exchange([packed("SET", "k", "v")]) == [b"OK"]
+    assert await own_client_id(raw) != first
 
 
 async def test_a_redis_that_is_down_fails_the_batch_and_one_that_is_back_serves(
-    appends: RawConnection, private_redis: RedisServer
+    raw: RawConnection, private_redis: RedisServer
 ) -> None:
     private_redis.stop()
     with pytest.raises(RedisError):
-        await appends.exchange([packed("PING")])
+        await raw.exchange([packed("PING")])
     private_redis.start()
-    assert await appends.exchange([packed("PING")]) == [b"PONG"]
+    assert await raw.exchange([packed("PING")]) == [b"PONG"]
 
 
 async def test_appends_travel_over_tls_when_the_url_asks_for_it(tmp_path: Path) -> None:
@@ -167,7 +168,7 @@ async def test_appends_travel_over_tls_when_the_url_asks_for_it(tmp_path: Path) 
         assert [entry.id for entry in page.entries] == [r.ids[0] for r in results]
         replies = store._pipeline._connection._replies  # type: ignore[union-attr]
         assert replies is not None and replies._transport.get_extra_info("ssl_object"), (
-            "the appends did not travel on the appends' own connection, over TLS"
+            "the raw did not travel on the appends' own connection, over TLS"
         )
     finally:
         await store.close()
@@ -181,14 +182,14 @@ async def test_out_of_band_messages_of_resp3_are_not_taken_for_replies(
     tracking invalidation) arrive between replies: each reply must still go to its
     own command."""
     pool = redis.ConnectionPool.from_url(private_redis.url + "?protocol=3")
-    appends = RawConnection(pool, timeout=TIMEOUT)
+    raw = RawConnection(pool, timeout=TIMEOUT)
     try:
-        await appends.exchange([packed("CLIENT", "TRACKING", "ON"), packed("GET", "tracked")])
-        first = await own_client_id(appends)
+        await raw.exchange([packed("CLIENT", "TRACKING", "ON"), packed("GET", "tracked")])
+        first = await own_client_id(raw)
         await admin.set("tracked", "changed")  # the server pushes an invalidation
         for _ in range(20):  # replies after the push, whenever it came
-            assert await appends.exchange([packed("ECHO", "after")]) == [b"after"]
-        assert await own_client_id(appends) == first, "the push broke the connection"
+            assert await raw.exchange([packed("ECHO", "after")]) == [b"after"]
+        assert await own_client_id(raw) == first, "the push broke the connection"
     finally:
-        await appends.close()
+        await raw.close()
         await pool.aclose()
