@@ -85,7 +85,7 @@ class RawConnection:
                 self._opening = None
 
     async def open(self) -> None:
-        """Open it now rather than on the first append."""
+        """Open it now rather than on the first command."""
         await self._open()
 
     async def _connect(self) -> _Replies:
@@ -141,7 +141,7 @@ class _Replies(asyncio.Protocol):
         futures = [loop.create_future() for _ in commands]
         if self.broken:  # broke while the caller got here: nothing was sent
             for future in futures:
-                future.set_exception(ConnectionError("the append connection broke"))
+                future.set_exception(ConnectionError("the connection to redis broke"))
             return futures
         self._transport.write(b"".join(commands))
         self._waiting.extend(futures)
@@ -152,7 +152,7 @@ class _Replies(asyncio.Protocol):
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
             if isinstance(reply, hiredis.PushNotification):
-                continue  # RESP3's out-of-band messages (a URL with protocol=3): no reply
+                continue  # RESP3's out-of-band messages (redis-py's default protocol): no reply
             if not self._waiting:
                 self.fail(ConnectionError("redis sent a reply nobody asked for"))
                 return
@@ -174,10 +174,10 @@ class _Replies(asyncio.Protocol):
             self._batches.popleft()
 
     def _timed_out(self) -> None:
-        self.fail(TimeoutError(f"redis did not answer an append within {self._timeout}s"))
+        self.fail(TimeoutError(f"redis did not answer within {self._timeout}s"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.fail(ConnectionError(f"redis closed the append connection: {exc or 'EOF'}"))
+        self.fail(ConnectionError(f"redis closed the connection: {exc or 'EOF'}"))
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost fails what waits

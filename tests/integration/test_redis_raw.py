@@ -178,9 +178,9 @@ async def test_appends_travel_over_tls_when_the_url_asks_for_it(tmp_path: Path) 
 async def test_out_of_band_messages_of_resp3_are_not_taken_for_replies(
     private_redis: RedisServer, admin: redis.Redis
 ) -> None:
-    """A URL may ask for RESP3 (``?protocol=3``), whose server pushes (here a client
-    tracking invalidation) arrive between replies: each reply must still go to its
-    own command."""
+    """RESP3 (redis-py's default since 8; the URL says so here to be sure) has server
+    pushes (here a client-tracking invalidation) arriving between replies: each reply
+    must still go to its own command, on the same connection."""
     pool = redis.ConnectionPool.from_url(private_redis.url + "?protocol=3")
     raw = RawConnection(pool, timeout=TIMEOUT)
     try:
