@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -254,6 +255,13 @@ class SentinelGroup:
 # -- Cluster ------------------------------------------------------------------------
 
 
+CLUSTER_FORM_ATTEMPTS = 2
+
+
+class ClusterNotFormed(RuntimeError):
+    """``redis-cli --cluster create`` failed."""
+
+
 class RedisClusterGroup:
     """A Redis Cluster of ``masters`` primaries, each with ``replicas`` replicas, on loopback.
 
@@ -280,17 +288,27 @@ class RedisClusterGroup:
         return self._clients(port)
 
     def start(self) -> RedisClusterGroup:
-        try:
-            for _ in range(self._masters * (1 + self._replicas)):
-                self._start_node()
-            self._create()
-            self.wait_until_ok()
-            if self._replicas:
-                self.wait_for_replicas()
-        except BaseException:
-            self.close()
-            raise
-        return self
+        """Start the nodes and form the cluster. ``redis-cli --cluster create`` once hung
+        past its timeout on a loaded CI machine (its nodes never agreed): then the whole
+        group starts again, on new ports, once."""
+        for attempt in range(1, CLUSTER_FORM_ATTEMPTS + 1):
+            try:
+                for _ in range(self._masters * (1 + self._replicas)):
+                    self._start_node()
+                self._create()
+                self.wait_until_ok()
+                if self._replicas:
+                    self.wait_for_replicas()
+                return self
+            except (subprocess.TimeoutExpired, ClusterNotFormed) as error:
+                self.close()
+                if attempt == CLUSTER_FORM_ATTEMPTS:
+                    raise
+                print(f"redis cluster did not form ({error}); starting it again", file=sys.stderr)
+            except BaseException:
+                self.close()
+                raise
+        raise AssertionError("unreachable")
 
     def _start_node(self) -> None:
         args = [
@@ -307,9 +325,9 @@ class RedisClusterGroup:
         nodes = [f"127.0.0.1:{port}" for port in self.servers]
         command = [REDIS_CLI, "--cluster", "create", *nodes]
         command += ["--cluster-replicas", str(self._replicas), "--cluster-yes"]
-        done = subprocess.run(command, capture_output=True, timeout=60, check=False)
+        done = subprocess.run(command, capture_output=True, timeout=45, check=False)
         if done.returncode != 0:
-            raise RuntimeError(
+            raise ClusterNotFormed(
                 f"redis-cli --cluster create failed: {done.stdout!r} {done.stderr!r}"
             )
 
