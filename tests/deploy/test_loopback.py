@@ -71,13 +71,18 @@ def test_a_subscriber_that_stops_reading_holds_back_the_broker(
 
 @pytest.mark.parametrize("kind", BALANCERS)
 def test_a_dead_broker_is_skipped_by_retrying_the_connect(kind: Balancer, tmp_path: Path) -> None:
-    dead_port = free_port()  # nothing listens there: every connect is refused
+    # Bound but not listening: every connect is refused, and while the socket holds the
+    # port no other process can take it (a port merely found free could be taken by a
+    # test running beside this one: a 502 once in a CI rehearsal).
     with (
+        socket.socket() as dead,
         StandInBroker() as broker,
-        running_balancer(kind, [dead_port, broker.port], tmp_path) as port,
     ):
-        broker.release.set()  # streams end at once, so each request completes
-        replies = [request(port, "GET /topics/t/events HTTP/1.1") for _ in range(6)]
+        dead.bind(("127.0.0.1", 0))
+        dead_port = dead.getsockname()[1]
+        with running_balancer(kind, [dead_port, broker.port], tmp_path) as port:
+            broker.release.set()  # streams end at once, so each request completes
+            replies = [request(port, "GET /topics/t/events HTTP/1.1") for _ in range(6)]
     assert [status_of(reply) for reply in replies] == [200] * 6
     assert all(b"data: last" in reply for reply in replies)
 
