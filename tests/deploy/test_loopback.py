@@ -12,7 +12,6 @@ from tests.deploy.balancers import (
     FLOOD_LIMIT_BYTES,
     Balancer,
     StandInBroker,
-    free_port,
     read_until,
     request,
     running_balancer,
@@ -120,13 +119,19 @@ def test_nginx_sends_to_a_restarted_broker_at_once_even_after_all_had_failed(
     `max_fails`/`fail_timeout` pair would keep both marked failed for
     fail_timeout and answer 502, and a browser's EventSource never retries a 502.
     """
-    ports = [free_port(), free_port()]
-    with running_balancer("nginx", ports, tmp_path) as port:
-        down = [status_of(request(port, "GET /topics/t/events HTTP/1.1")) for _ in range(4)]
-        assert down == [502] * 4
-        with StandInBroker(port=ports[0]) as broker:
-            broker.release.set()
-            reply = request(port, "GET /topics/t/events HTTP/1.1")
+    # Both ports held by bound sockets that do not listen (connects refused) while the
+    # brokers are down, so that no test running beside this one can take them.
+    with socket.socket() as first, socket.socket() as second:
+        for sock in (first, second):
+            sock.bind(("127.0.0.1", 0))
+        ports = [first.getsockname()[1], second.getsockname()[1]]
+        with running_balancer("nginx", ports, tmp_path) as port:
+            down = [status_of(request(port, "GET /topics/t/events HTTP/1.1")) for _ in range(4)]
+            assert down == [502] * 4
+            first.close()  # its broker comes back on its port
+            with StandInBroker(port=ports[0]) as broker:
+                broker.release.set()
+                reply = request(port, "GET /topics/t/events HTTP/1.1")
     assert status_of(reply) == 200, reply
     assert b"data: last" in reply
 
