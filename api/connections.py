@@ -107,7 +107,6 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._ingest: IngestExchange | None = None
         self._closing = False  # uvicorn shuts down: the publish under way is the last
         self._idle_since: float | None = None  # the previous response's end
-        self._reading_paused = False  # while publishing, past PIPELINED_BYTES
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -133,9 +132,8 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._ingest_data(self._ingest, data)
         elif self._publishing is not None:  # pipelined requests wait for this answer
             self._received += data
-            if len(self._received) > PIPELINED_BYTES and not self._reading_paused:
-                assert self._transport is not None  # data came
-                self._reading_paused = True
+            assert self._transport is not None  # data came
+            if len(self._received) > PIPELINED_BYTES and self._transport.is_reading():
                 self._transport.pause_reading()
         elif self._publish is not None:
             self._received += data
@@ -298,7 +296,6 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._idle_since = asyncio.get_running_loop().time()
         limits = self._guard.limits
         self._guard.deadlines.set(self, min(limits.head_timeout, self._config.timeout_keep_alive))
-        self._reading_paused = False
         if not self._transport.is_reading():  # paused while a body or pipelined ones waited
             self._transport.resume_reading()
         if self._received:  # a pipelined request

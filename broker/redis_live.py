@@ -47,8 +47,8 @@ class _RawLink:
     """A lane's connection to a real Redis: a ``RawConnection`` (through redis-py an
     XREAD of 128 keys cost 3-4 times the client CPU, most of it parsing its reply)."""
 
-    def __init__(self, pool: redis.ConnectionPool, timeout: float) -> None:
-        self._connection = RawConnection(pool, timeout)
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._connection = RawConnection(pool)
 
     @property
     def client_id(self) -> int | None:
@@ -144,25 +144,22 @@ class LiveReader:
         self._commands = commands  # CLIENT UNBLOCK goes over another connection
         self._lane_topics = lane_topics
         self._max_lanes = max_lanes if getattr(reader, "single_connection_client", False) else 1
-        timeout = reader.connection_pool.connection_kwargs.get("socket_timeout")
-        self._timeout = float(timeout or c.LIVE_BLOCK_MS / 1000 + c.REDIS_REPLY_TIMEOUT_SECONDS)
         self._raw = raw
-        self._lanes_made = False
-        self._lanes = [self._new_lane()]
+        self._lanes = [self._new_lane(reader)]
         self._log_keys: dict[str, str] = {}  # each live topic's stream key, formatted once
         self._lane_of: dict[str, _Lane] = {}
         self._last: dict[str, StreamPosition] = {}  # the topics and positions of the last read
         self._dirty: set[_Lane] = set()  # lanes whose keys or positions changed since armed
         self._wake: asyncio.Event | None = None  # set while a read waits
 
-    def _new_lane(self) -> _Lane:
+    def _new_lane(self, client: redis.Redis | None = None) -> _Lane:
+        """A lane on a connection of its own from the reader's pool (its socket timeout
+        outlives a blocking read); on fakeredis, ``client`` or a new single-connection one."""
         pool = self._reader.connection_pool
         if self._raw:
-            return _Lane(_RawLink(pool, self._timeout))
-        if not self._lanes_made:
-            self._lanes_made = True
-            return _Lane(_ClientLink(self._reader))
-        return _Lane(_ClientLink(redis.Redis(connection_pool=pool, single_connection_client=True)))
+            return _Lane(_RawLink(pool))
+        client = client or redis.Redis(connection_pool=pool, single_connection_client=True)
+        return _Lane(_ClientLink(client))
 
     async def open(self) -> None:
         """Connect now rather than at the first live topic."""

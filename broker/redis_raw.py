@@ -44,13 +44,18 @@ import redis.asyncio as redis
 from redis._parsers.base import BaseParser
 from redis.exceptions import ConnectionError, ReadOnlyError, TimeoutError
 
+from broker import constants as c
+
 
 class RawConnection:
     """A connection for pipelined commands, opened on first use and after a failure."""
 
-    def __init__(self, pool: redis.ConnectionPool, timeout: float) -> None:
+    def __init__(self, pool: redis.ConnectionPool, timeout: float | None = None) -> None:
+        """``timeout``: how long a batch's replies may take; by default the pool's socket
+        timeout (``redis_options``), as redis-py's own connections of that pool would."""
         self._pool = pool
-        self._timeout = timeout
+        default = pool.connection_kwargs.get("socket_timeout") or c.REDIS_REPLY_TIMEOUT_SECONDS
+        self._timeout = float(timeout if timeout is not None else default)
         self._replies: _Replies | None = None
         self._opening: asyncio.Future[_Replies] | None = None  # shared while it opens
 

@@ -62,9 +62,7 @@ class _AppendPipeline:
     def __init__(self, client: redis.Redis, script: AsyncScript, *, raw: bool) -> None:
         self._client = client
         # Real Redis: packed by hiredis, on a connection of its own; fakeredis: redis-py's pipeline.
-        self._connection = (
-            RawConnection(client.connection_pool, _socket_timeout(client)) if raw else None
-        )
+        self._connection = RawConnection(client.connection_pool) if raw else None
         self._script = script  # registered once by the store: its text and SHA
         self._queue: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
         self._in_flight: set[asyncio.Future[None]] = set()
@@ -154,12 +152,6 @@ class _AppendPipeline:
     async def close(self) -> None:
         if self._connection is not None:
             await self._connection.close()
-
-
-def _socket_timeout(client: redis.Redis) -> float:
-    """How long the store's connections wait for Redis (``redis_options``)."""
-    timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
-    return float(timeout) if timeout else c.REDIS_REPLY_TIMEOUT_SECONDS
 
 
 def _not_stored(reason: str, cause: BaseException) -> StoreUnavailable:
