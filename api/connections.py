@@ -77,8 +77,9 @@ class BrokerHttpProtocol(asyncio.Protocol):
     body (``_publish`` set); publishing (``_publishing``: pipelined requests wait in
     ``_received``, and past ``PIPELINED_BYTES`` in the socket); a streaming ingest
     (``_ingest``, its states in ``IngestExchange``). After a lean publish or ingest
-    the next head decides again; a stream or a handover gives the socket away for
-    good.
+    the next head decides again; so it does after a request handed to uvicorn, once
+    uvicorn's protocol answered it and the connection idles; a stream gives the socket
+    away for good.
     """
 
     def __init__(
@@ -427,7 +428,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         if self._lost:
             return
         protocol = GuardedHttpToolsProtocol(
-            self._config, self._server_state, self._app_state, self._guard
+            self._config, self._server_state, self._app_state, self._guard, self._taken_back
         )
         protocol.connection_made(self._transport)
         self._transport.set_protocol(protocol)
@@ -438,6 +439,17 @@ class BrokerHttpProtocol(asyncio.Protocol):
         protocol.data_received(received)
         if self._closing:  # shutting down: this request is the connection's last
             protocol.shutdown()
+
+    def _taken_back(self, transport: asyncio.Transport) -> None:
+        """uvicorn's protocol answered what it was handed and the connection idles:
+        the next request's head is read here again."""
+        if self._closing or self._lost:  # (its own shutdown closes the connection)
+            transport.close()
+            return
+        self._publish, self._publishing, self._ingest = None, None, None
+        self._server_state.connections.add(self)  # type: ignore[arg-type]
+        transport.set_protocol(self)
+        self._await_next_request()
 
 
 def _log_access(transport: asyncio.Transport, scope: Scope, status: int) -> None:

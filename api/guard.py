@@ -9,10 +9,10 @@ a few thousand such clients would take every file descriptor of the process.
 So each server process has one ``Guard``: the limits (from Settings, the
 connection limit lowered to what the open-file limit allows) and one
 ``Deadlines`` for every waiting connection. ``api.connections.BrokerHttpProtocol``
-applies them to each connection's first request; ``GuardedHttpToolsProtocol``
-(uvicorn's protocol, which takes every connection handed over) to each later
-head and to every body. An open event stream waits for nothing and has no
-deadline.
+applies them to the requests it reads (a connection's first, and each one after
+an answer); ``GuardedHttpToolsProtocol`` (uvicorn's protocol, which serves what
+is handed over, until the connection idles again) to the heads and bodies it
+reads. An open event stream waits for nothing and has no deadline.
 
 A connection past the limit is answered ``refusal_of``'s come-back or 503. A
 refused request is answered and then closed *lingering*: the process stops
@@ -29,6 +29,7 @@ import logging
 import resource
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -250,10 +251,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """
 
     def __init__(
-        self, config: Config, server_state: ServerState, app_state: dict[str, Any], guard: Guard
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        guard: Guard,
+        give_back: Callable[[asyncio.Transport], None] | None = None,
     ) -> None:
+        """``give_back``: takes the connection once it idles between requests."""
         super().__init__(config, server_state, app_state)
         self._guard = guard
+        self._give_back = give_back
         self._in_message = False  # from a request's first byte to its body's last
         self._in_head = False  # from a request's first byte to its head's end
         self._head_bytes = 0
@@ -312,8 +320,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.timeout_keep_alive_task is not None and not self._reading_body:
+        if self.timeout_keep_alive_task is None or self._reading_body:
+            return
+        if self._idle() and self._give_back is not None:
+            self._hand_back(self._give_back)
+        else:
             self._await_next_head()  # uvicorn armed its keep-alive: the connection idles
+
+    def _idle(self) -> bool:
+        """Between requests: answered, kept alive, nothing of a next request parsed (so
+        nothing is lost with this protocol's parser). Called from the ASGI task, never
+        while the parser runs."""
+        return not (self.transport.is_closing() or self.pipeline or self._in_message)
+
+    def _hand_back(self, give_back: Callable[[asyncio.Transport], None]) -> None:
+        """The connection goes back to whoever handed it over, as it was handed over:
+        the next request's head decides again (a keep-alive client that closed a topic
+        has its next publishes served lean, not by this protocol for good)."""
+        self._give_back = None
+        self._unset_keepalive_if_required()
+        self.connections.discard(self)
+        self._guard.deadlines.clear(self)
+        give_back(self.transport)
 
     def _await_next_head(self) -> None:
         if not self.transport.is_closing():

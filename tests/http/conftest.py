@@ -85,13 +85,18 @@ async def in_process_server(
     monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[tuple[int, list[Any]]]:
     """``broker serve``'s uvicorn set-up in this process (embedded store); and the list of
-    the connections handed to uvicorn's protocol."""
+    the connections handed to uvicorn's protocol (each with the ``targets`` it parsed)."""
     handed: list[Any] = []
 
     class Observed(connections.GuardedHttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             handed.append(self)
+            self.targets: list[bytes] = []
             super().connection_made(transport)
+
+        def on_url(self, url: bytes) -> None:
+            self.targets.append(url)
+            super().on_url(url)
 
     monkeypatch.setattr(connections, "GuardedHttpToolsProtocol", Observed)
     port = free_port()

@@ -91,17 +91,25 @@ async def stream_lean(url: str, path: str, headers: dict[str, str]) -> Answer:
 
 
 async def stream_by_app(url: str, path: str, headers: dict[str, str]) -> Answer:
-    """A stream on a keep-alive connection's second request (uvicorn and the ASGI app)."""
+    """A stream pipelined behind a health check (uvicorn's protocol, handed the health
+    check, reads it too, and the ASGI app serves it)."""
     port = int(url.rsplit(":", 1)[1])
+    return await _finish(
+        await _behind_health_check(port, url, request_bytes("GET", url + path, headers))
+    )
+
+
+async def _behind_health_check(port: int, url: str, request: bytes) -> RawResponse:
+    """``request``'s response, sent in the same write as a health check (answered first)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request_bytes("GET", f"{url}/healthz"))
+    writer.write(request_bytes("GET", f"{url}/healthz") + request)
     first = RawResponse(reader, writer)
     await first.read_head()
+    assert first.status == 200
     await first.read_sized_body()
-    writer.write(request_bytes("GET", url + path, headers))
     response = RawResponse(reader, writer)
     await response.read_head()
-    return await _finish(response)
+    return response
 
 
 async def publish(url: str, topic: str, headers: dict[str, str], query: str = "") -> Answer:
@@ -357,14 +365,8 @@ async def test_a_stream_ends_when_its_token_expires(
     if path_kind == "lean":
         response = await raw_request(path, headers=bearer(token))
     else:
-        reader, writer = await asyncio.open_connection("127.0.0.1", auth_broker.port)
-        writer.write(request_bytes("GET", f"{auth_broker.url}/healthz"))
-        first = RawResponse(reader, writer)
-        await first.read_head()
-        await first.read_sized_body()
-        writer.write(request_bytes("GET", path, bearer(token)))
-        response = RawResponse(reader, writer)
-        await response.read_head()
+        stream_request = request_bytes("GET", path, bearer(token))
+        response = await _behind_health_check(auth_broker.port, auth_broker.url, stream_request)
     try:
         assert response.status == 200
         ended = await _time_of_end(response, deadline=exp + 2 + 4 * HEARTBEAT_SECONDS)

@@ -89,18 +89,18 @@ async def _stream_on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
 async def test_a_stream_reads_the_same_served_lean_or_by_the_app(
     http_broker: BrokerProcess,
 ) -> None:
-    """First request on a connection (lean) and a later one on a keep-alive
-    connection (uvicorn and the ASGI app): same status, headers and bytes (but for
-    ``Connection: close``: only the lean path ends its connection with the stream)."""
+    """First request on a connection (lean) and one pipelined behind a request uvicorn
+    serves (so uvicorn and the ASGI app serve it too): same status, headers and bytes
+    (but for ``Connection: close``: only the lean path ends its connection with the
+    stream)."""
     url, topic = http_broker.url, new_topic()
     path = f"{url}/topics/{topic}/events"
     lean = await raw_request(path)
     reader, writer = await asyncio.open_connection("127.0.0.1", http_broker.port)
-    writer.write(request_bytes("GET", f"{url}/healthz"))
+    writer.write(request_bytes("GET", f"{url}/healthz") + request_bytes("GET", path))
     healthz = RawResponse(reader, writer)
     await healthz.read_head()
     await healthz.read_sized_body()
-    writer.write(request_bytes("GET", path))
     by_app = await _stream_on(reader, writer)
     try:
         await lean.read_until(b"\n\n")

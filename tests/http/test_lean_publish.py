@@ -241,6 +241,36 @@ async def test_publishes_are_served_without_uvicorns_protocol(
     assert len(handed) == 1  # the history page: uvicorn's
 
 
+async def test_a_connection_handed_to_uvicorn_comes_back_once_answered(
+    in_process_server: tuple[int, list[Any]],
+) -> None:
+    """A keep-alive client that sent one request uvicorn serves (a history page, a
+    topic's close) has its next publishes served lean again, not by uvicorn for good."""
+    port, handed = in_process_server
+    topic = new_topic()
+    connection = await Connection.open(port)
+    try:
+        statuses = []
+        for request in (
+            history_bytes(port, topic),
+            publish_bytes(port, topic),
+            publish_bytes(port, topic),
+            history_bytes(port, topic),
+            history_bytes(port, topic) + publish_bytes(port, topic),  # pipelined: uvicorn's
+            publish_bytes(port, topic),
+        ):
+            await connection.send(request)
+            statuses += [a.status for a in await connection.answers(request.count(b"HTTP/1.1"))]
+    finally:
+        await connection.close()
+    assert statuses == [200, 201, 201, 200, 200, 201, 201]
+    served_by_uvicorn = [target for protocol in handed for target in protocol.targets]
+    events = f"/topics/{topic}/events".encode()
+    assert served_by_uvicorn == [events] * 4, "uvicorn kept serving the connection"
+    [history] = await exchange(port, history_bytes(port, topic))
+    assert len(history.json()["events"]) == 4
+
+
 # -- through a real broker process ------------------------------------------------------------
 
 

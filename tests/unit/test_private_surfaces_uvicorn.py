@@ -11,6 +11,7 @@ which surface changed and which file depends on it.
 from __future__ import annotations
 
 import ast
+import asyncio
 import importlib
 import inspect
 import pkgutil
@@ -85,6 +86,26 @@ def test_httptools_protocol_takes_a_connection_midway() -> None:
             CONNECTIONS,
             "_hand_to_uvicorn feeds it the socket and the bytes already read",
         )
+
+
+async def test_httptools_protocol_tells_when_a_connection_idles_between_requests() -> None:
+    """``api.guard`` gives a handed-over connection back once uvicorn idles it: when its
+    response completed with no pipelined request, uvicorn arms the keep-alive timer."""
+    loop = asyncio.get_running_loop()
+    protocol = HttpToolsProtocol(Config(app=Starlette()), ServerState(), {}, _loop=loop)
+    assert protocol.timeout_keep_alive_task is None and len(protocol.pipeline) == 0, changed(
+        "HttpToolsProtocol.timeout_keep_alive_task / .pipeline",
+        "api/guard.py",
+        "a connection idles when the keep-alive timer is armed and nothing is pipelined",
+    )
+    assert protocol.connections is protocol.server_state.connections
+    source = inspect.getsource(HttpToolsProtocol.on_response_complete)
+    assert "self.pipeline" in source and "self.timeout_keep_alive_task = " in source, changed(
+        "HttpToolsProtocol.on_response_complete", "api/guard.py", "it arms the keep-alive timer"
+    )
+    assert callable(getattr(protocol, "_unset_keepalive_if_required", None)), changed(
+        "HttpToolsProtocol._unset_keepalive_if_required", "api/guard.py", "given back, unarmed"
+    )
 
 
 def test_server_state_has_what_the_lean_path_updates() -> None:
