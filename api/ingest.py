@@ -191,7 +191,7 @@ class Ingest:
         self._watch.waiting(_STORE)
         try:
             result = await self.broker.publish(
-                self.topic, [event for _, event in pending], line_keys=keys
+                self.topic, [event for _, event in pending], line_keys=keys, streaming=True
             )
         except asyncio.CancelledError:
             if not self._watch.fired(_STORE):

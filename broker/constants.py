@@ -87,6 +87,11 @@ LIVE_READ_COUNT = 1000
 # After a dispatch, the live reader waits this long before reading again, so
 # that under load several events share one write per subscriber (ms).
 LIVE_LINGER_MS = 10
+# A streaming ingest's append waits up to this long for other appends to travel
+# with it in one write to Redis (ms): its producer does not wait for it before
+# sending more, unlike a POST's client. In `sessions` (500 token streams), -8%
+# server CPU and -15% Redis CPU per token, latency unchanged.
+STREAMING_APPEND_LINGER_MS = 2
 # On a Redis Cluster the live reader polls (see redis_live.ClusterLiveReader):
 # this often while events flow, backing off to the maximum when quiet (ms).
 CLUSTER_POLL_MIN_MS = 5

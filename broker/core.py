@@ -104,15 +104,22 @@ class Broker:
         idempotency_key: str | None = None,
         line_keys: Sequence[str] | None = None,
         close: bool = False,
+        streaming: bool = False,
     ) -> AppendResult:
         """Append one event or a batch, atomically and in order; then close the topic
-        if asked. ``line_keys``: an idempotency key per event (streaming ingest)."""
+        if asked. ``line_keys``: an idempotency key per event; ``streaming``: a
+        streaming ingest's (see ``Store.append``)."""
         check_topic(topic)
         check_idempotency_key(idempotency_key)
         started = time.perf_counter()
         try:
             result = await self.store.append(
-                topic, events, idempotency_key=idempotency_key, line_keys=line_keys, close=close
+                topic,
+                events,
+                idempotency_key=idempotency_key,
+                line_keys=line_keys,
+                close=close,
+                streaming=streaming,
             )
         except StoreUnavailable:
             self.observer.store_error("append")

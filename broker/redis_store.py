@@ -54,7 +54,9 @@ class _AppendPipeline:
 
     Appends made in the same event-loop turn (many requests arrive together
     under load) are queued and sent as one pipeline at the end of the turn;
-    each caller gets its own script's answer. Scripts run one by one in Redis,
+    each caller gets its own script's answer. An append that may linger (a
+    streaming ingest's) waits up to its linger for others, unless one that may
+    not comes first and takes it along. Scripts run one by one in Redis,
     so each stays atomic. A NOSCRIPT (Redis restarted) reloads the script and
     re-sends only the appends that got it, which were not executed.
     """
@@ -66,15 +68,30 @@ class _AppendPipeline:
         self._script = script  # registered once by the store: its text and SHA
         self._queue: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
         self._in_flight: set[asyncio.Future[None]] = set()
+        self._sending_soon = False  # the queue goes at the end of this turn
+        self._lingering: asyncio.TimerHandle | None = None  # ... or when this fires
 
-    async def call(self, keys: list[str], args: list[str | int]) -> Any:
-        future = asyncio.get_running_loop().create_future()
+    async def call(self, keys: list[str], args: list[str | int], linger: float = 0.0) -> Any:
+        """The append script's reply; ``linger``: how long it may wait for company."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._queue.append((keys, args, future))
-        if len(self._queue) == 1:
-            asyncio.get_running_loop().call_soon(self._send_queued)
+        if self._sending_soon:
+            pass
+        elif linger <= 0:
+            self._sending_soon = True
+            loop.call_soon(self._send_queued)
+        elif self._lingering is None:
+            self._lingering = loop.call_later(linger, self._send_queued)
         return await future
 
     def _send_queued(self) -> None:
+        self._sending_soon = False
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._lingering = None
+        if not self._queue:
+            return
         batch, self._queue = self._queue, []
         task = asyncio.ensure_future(self._send(batch))
         self._in_flight.add(task)  # a reference, so the task is not collected mid-flight
@@ -218,6 +235,7 @@ class RedisStreamStore:
         idempotency_key: str | None = None,
         line_keys: Sequence[str] | None = None,
         close: bool = False,
+        streaming: bool = False,
     ) -> AppendResult:
         keys = [c.log_key(topic), c.meta_key(topic)]
         if line_keys is not None:
@@ -241,14 +259,15 @@ class RedisStreamStore:
         if self._replicas_to_confirm:
             status, answer = await self._append_and_wait(keys, args)
         else:
-            status, answer = await self._call(self._append_once(keys, args))
+            linger = c.STREAMING_APPEND_LINGER_MS / 1000 if streaming else 0.0
+            status, answer = await self._call(self._append_once(keys, args, linger))
         if status == -1:
             raise TopicClosed(topic, answer.decode())
         return _parse_answer(answer, replayed=status == 1)
 
-    async def _append_once(self, keys: list[str], args: list[str | int]) -> Any:
+    async def _append_once(self, keys: list[str], args: list[str | int], linger: float) -> Any:
         if self._pipeline is not None:
-            return await self._pipeline.call(keys, args)
+            return await self._pipeline.call(keys, args, linger)
         return await self._append_script(keys=keys, args=args)
 
     async def _append_and_wait(self, keys: list[str], args: list[str | int]) -> Any:

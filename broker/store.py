@@ -32,11 +32,14 @@ class Store(Protocol):
         idempotency_key: str | None = None,
         line_keys: Sequence[str] | None = None,
         close: bool = False,
+        streaming: bool = False,
     ) -> AppendResult:
         """Append atomically and in order, then close the topic if asked (a final
         ``broker.end`` entry). A repeated idempotency key appends nothing; with
-        ``line_keys`` each event has its own key (streaming ingest). Raises
-        TopicClosed if the topic is closed (a repeated close answers its end)."""
+        ``line_keys`` each event has its own key (streaming ingest). ``streaming``:
+        nobody waits on this append to send more (a streaming ingest), so it may
+        wait a moment for company on its way to the store. Raises TopicClosed if
+        the topic is closed (a repeated close answers its end)."""
         ...
 
     async def delete(self, topic: str) -> bool:

@@ -1,4 +1,5 @@
-"""The append pipeline when Redis loses its scripts mid-batch (SCRIPT FLUSH, a restart).
+"""The append pipeline: when Redis loses its scripts mid-batch (SCRIPT FLUSH, a restart);
+and how long an append waits for others to travel with it.
 
 The appends that ran before the flush stored their events; only the ones Redis
 answered NOSCRIPT may be sent again, once, or each would be stored twice.
@@ -108,3 +109,63 @@ async def test_a_script_lost_again_fails_the_append_instead_of_looping(
     monkeypatch.undo()
     assert len(sends) == 2, "one send, one resend after reloading the script"
     assert await admin.xlen(c.log_key(topic)) == 0
+
+
+# -- a streaming ingest's appends wait a moment for company -------------------------------
+
+
+def count_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of appends in each write the pipeline makes, from now on."""
+    original: Exchange = RawConnection.exchange
+    batches: list[int] = []
+
+    async def counted(self: RawConnection, commands: list[bytes]) -> list[Any]:
+        batches.append(len(appends_in(commands)))
+        return await original(self, commands)
+
+    monkeypatch.setattr(RawConnection, "exchange", counted)
+    return batches
+
+
+async def test_streaming_appends_made_apart_travel_together(
+    store: RedisStreamStore, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(c, "STREAMING_APPEND_LINGER_MS", 500)
+    batches = count_batches(monkeypatch)
+    topics = [f"ln-{uuid.uuid4().hex[:8]}-{n}" for n in range(2)]
+    async with asyncio.timeout(10):
+        first = asyncio.ensure_future(store.append(topics[0], [NewEvent("a")], streaming=True))
+        await asyncio.sleep(0.01)  # many turns of the loop later
+        second = asyncio.ensure_future(store.append(topics[1], [NewEvent("b")], streaming=True))
+        await asyncio.gather(first, second)
+    assert batches == [2], "streaming appends made apart did not wait for each other"
+    assert [await admin.xlen(c.log_key(t)) for t in topics] == [1, 1]
+
+
+async def test_an_append_that_may_not_wait_takes_the_lingering_ones_along(
+    store: RedisStreamStore, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A POST's append goes at the end of its turn, with whatever lingers (here for 60 s)."""
+    monkeypatch.setattr(c, "STREAMING_APPEND_LINGER_MS", 60_000)
+    batches = count_batches(monkeypatch)
+    topic = f"ln-{uuid.uuid4().hex[:8]}"
+    async with asyncio.timeout(10):
+        lingering = asyncio.ensure_future(store.append(topic, [NewEvent("1")], streaming=True))
+        await asyncio.sleep(0.01)
+        await store.append(topic, [NewEvent("2")])
+        await lingering
+    assert batches == [2]
+    stored: Any = await admin.xrange(c.log_key(topic))
+    assert [fields[c.FIELD_DATA] for _, fields in stored] == [b"1", b"2"]  # in order made
+
+
+async def test_a_lone_streaming_append_is_sent_when_its_linger_ends(
+    store: RedisStreamStore, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = count_batches(monkeypatch)
+    topic = f"ln-{uuid.uuid4().hex[:8]}"
+    async with asyncio.timeout(10):
+        await store.append(topic, [NewEvent("alone")], streaming=True)
+        await store.append(topic, [NewEvent("again")], streaming=True)
+    assert batches == [1, 1]
+    assert await admin.xlen(c.log_key(topic)) == 2
