@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from broker import constants as c
 from broker.framing import event_body, id_line
-from broker.ids import EventId, StreamPosition
+from broker.ids import EventId, StreamPosition, parse_stream_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,12 @@ class LogEntry:
         self._body: bytes | None = None
         self._frame: bytes | None = None
         self._id: EventId | None = None
+
+    @classmethod
+    def from_redis(cls, topic: str, raw_id: bytes, flat: list[bytes]) -> LogEntry:
+        """An entry as Redis returns it: its stream id, and its fields flattened
+        (name, value, ...)."""
+        return cls(topic, parse_stream_id(raw_id), dict(zip(flat[::2], flat[1::2], strict=True)))
 
     @property
     def id(self) -> EventId:

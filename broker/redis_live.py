@@ -279,10 +279,7 @@ class LiveReader:
                     and self._lane_of.get(topic) is lane
                     and lane.armed.get(topic) == streams.get(topic)
                 ):
-                    batch = [
-                        LogEntry(topic, parse_stream_id(i), dict(zip(f[::2], f[1::2], strict=True)))
-                        for i, f in entries
-                    ]
+                    batch = [LogEntry.from_redis(topic, i, f) for i, f in entries]
                     batches[topic] = batch
                     # Where the hub's next read will start this topic (see _place).
                     self._last[topic] = batch[-1].position

@@ -343,7 +343,7 @@ class RedisStreamStore:
         keys = [c.log_key(topic), c.meta_key(topic)]
         epoch, trimmed, raw = await self._call(self._range_script(keys=keys, args=[start, count]))
         return LogPage(
-            entries=[LogEntry(topic, parse_stream_id(id_), _pairs(flat)) for id_, flat in raw],
+            entries=[LogEntry.from_redis(topic, id_, flat) for id_, flat in raw],
             epoch=epoch.decode() if epoch else None,
             trimmed_through=_position_or_none(trimmed) or (0, 0),
         )
@@ -469,11 +469,6 @@ class RedisStreamStore:
         except (RedisError, OSError) as error:
             await drop_idle_connections(self._client)
             raise StoreUnavailable(f"redis is unreachable: {error}") from error
-
-
-def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    """A stream entry's fields as Lua returns them (name, value, ...)."""
-    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _topic_of_meta(key: bytes) -> str | None:

@@ -18,13 +18,13 @@ local closing = ARGV[7] == '1'
 
 -- The log's epoch, or false when it is new: no epoch yet, its stream lost while its
 -- meta survived, or deleted (DELETE leaves a marker for a while): ids of the old log
--- must not resume here.
+-- must not resume here. And its end's id if it is closed (read in the same call).
 local function current_epoch()
-  local fields = redis.call('HMGET', meta, 'epoch', 'deleted')
+  local fields = redis.call('HMGET', meta, 'epoch', 'deleted', 'closed')
   if (not fields[1]) or fields[2] or redis.call('EXISTS', log) == 0 then
-    return false
+    return false, false
   end
-  return fields[1]
+  return fields[1], fields[3]
 end
 
 -- An idempotency record answers only for the log it was written in.
@@ -36,13 +36,12 @@ local function remembered(record, epoch)
   return false
 end
 
-local epoch = current_epoch()
+local epoch, closed = current_epoch()
 if (not per_event) and KEYS[3] then
   local seen = remembered(KEYS[3], epoch)
   if seen then return {1, seen} end
 end
 if epoch then
-  local closed = redis.call('HGET', meta, 'closed')
   if closed then
     if #ARGV == 8 and closing then return {1, epoch .. '||' .. closed} end
     if per_event then
