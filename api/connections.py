@@ -385,7 +385,11 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._answer(routes.come_back_later(retry_ms, "store unavailable", request.scope))
             return
         except StreamOver as over:
-            self._answer(problem_for(over))  # 204: the EventSource stops reconnecting
+            # 204: the EventSource stops reconnecting; a cross-origin one only if the 204
+            # passes CORS (else it is a network error to it, and it reconnects for ever).
+            over_answer = problem_for(over)
+            over_answer.raw_headers.extend(cors_headers(request.scope))
+            self._answer(over_answer)
             return
         except Exception:
             log.exception("unexpected error opening a stream")

@@ -74,11 +74,15 @@ def cors_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
 
 
 def adding_headers(headers: list[tuple[bytes, bytes]], send: Send) -> Send:
-    """``send``, with ``headers`` added to the response's head."""
+    """``send``, with ``headers`` added to the response's head, but those it already
+    has (a browser refuses a response with two ``Access-Control-Allow-Origin``)."""
 
     async def send_with_headers(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), *headers]}
+            own = message.get("headers", [])
+            names = {name.lower() for name, _ in own}
+            added = [(name, value) for name, value in headers if name not in names]
+            message = {**message, "headers": [*own, *added]}
         await send(message)
 
     return send_with_headers

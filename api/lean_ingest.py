@@ -47,7 +47,6 @@ from api.lean_publish import (
     problem_bytes,
     response_bytes,
     topic_post_of,
-    with_cors,
 )
 from api.negotiation import media_type_of
 from api.problems import HttpProblem, problem, problem_for
@@ -424,8 +423,8 @@ class IngestExchange:
             return problem_bytes(request, problem_for(error), server_state), False
         except Exception:
             log.exception("unexpected error in an ingest on %s", request.scope["path"])
-            failure = with_cors(request, problem(500, "Internal error", "the broker failed"))
-            return problem_bytes(request, failure, server_state), True
+            failure = problem(500, "Internal error", "the broker failed")
+            return problem_bytes(request, failure, server_state), True  # (its CORS added there)
         return response_bytes(request, status, headers, content, server_state), False
 
     def _bad_framing(self, error: BadFraming) -> None:

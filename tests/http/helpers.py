@@ -201,6 +201,11 @@ class RawResponse:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytearray = field(default_factory=bytearray)
     complete: bool = False  # the terminal zero-length chunk was seen
+    names: list[str] = field(default_factory=list)  # every header's name, repeats kept
+
+    def count(self, name: str) -> int:
+        """How many times the head has the header ``name`` (lower case)."""
+        return self.names.count(name)
 
     async def read_head(self, timeout: float = 5.0) -> None:
         head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
@@ -210,6 +215,7 @@ class RawResponse:
             if line:
                 name, _, value = line.partition(":")
                 self.headers[name.strip().lower()] = value.strip()
+                self.names.append(name.strip().lower())
 
     async def read_chunk(self, timeout: float = 5.0) -> bytes | None:
         """The next chunk of a chunked body; None at its clean end."""

@@ -411,6 +411,37 @@ async def test_cors_headers_on_every_kind_of_response(
     assert_cors_for(answer, APP_ORIGIN)
 
 
+@pytest.mark.parametrize("route", ["stream-lean", "stream-by-app"])
+async def test_the_204_of_a_closed_topic_passes_cors(
+    auth_broker: BrokerProcess, route: str
+) -> None:
+    """A cross-origin EventSource stops on a 204 only if it passes CORS: one that does
+    not is a network error to it, and it reconnects for ever (the lean 204 had none)."""
+    topic, url = new_topic("auth"), auth_broker.url
+    token = hs_token(claims(publish=[topic], subscribe=[topic]))
+    closing = request_bytes(
+        "POST", f"{url}/topics/{topic}/close", bearer(token) | {"Content-Length": "0"}
+    )
+    port = auth_broker.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(closing)
+    closed = RawResponse(reader, writer)
+    await closed.read_head()
+    await closed.close()
+    assert closed.status == 201, closed.headers
+    headers = bearer(token) | {"Origin": APP_ORIGIN}
+    if route == "stream-lean":
+        response = await raw_request(f"{url}/topics/{topic}/events", headers=headers)
+    else:
+        stream = request_bytes("GET", f"{url}/topics/{topic}/events", headers)
+        response = await _behind_health_check(port, url, stream)
+    await response.close()
+    assert response.status == 204, response.headers
+    assert_cors_for(Answer(response.status, response.headers, b""), APP_ORIGIN)
+    for name in ("access-control-allow-origin", "access-control-allow-credentials", "vary"):
+        assert response.count(name) == 1, (name, response.names)
+
+
 @pytest.mark.parametrize("route", ["publish", "stream-lean", "stream-by-app", "history"])
 async def test_no_cors_for_an_origin_not_listed(auth_broker: BrokerProcess, route: str) -> None:
     topic = await _topic_with_an_event(auth_broker.url)
