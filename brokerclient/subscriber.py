@@ -57,6 +57,11 @@ class _Resume:
     failing_since: float | None = None
     retry_hint_ms: int | None = None
     started: bool = field(default=False)
+    ends: int = 0  # the broker.end events seen: one per topic that ended
+
+    def all_ended(self) -> bool:
+        """Each topic has ended (a multi-topic stream goes on past one topic's end)."""
+        return self.ends >= len(self.topics)
 
     def request(self, token: str | None) -> tuple[str, dict[str, str]]:
         headers = base_headers(token) | {"Accept": "text/event-stream"}
@@ -91,6 +96,8 @@ class _Resume:
     def delivered(self, event: Event) -> None:
         if event.id is not None:
             self.last_event_id = event.id
+        if event.is_end:
+            self.ends += 1
 
     def failed(self, why: str) -> float:
         """The delay before reconnecting; raises Unreachable once past ``give_up_after``."""
@@ -166,7 +173,7 @@ class AsyncSubscriber:
                     if item is None:
                         return
                     yield item
-                    if item.is_end:
+                    if item.is_end and resume.all_ended():
                         return
                 delay = resume.ended()
             except httpx.TransportError as error:
@@ -245,7 +252,7 @@ class Subscriber:
                     if item is None:
                         return
                     yield item
-                    if item.is_end:
+                    if item.is_end and resume.all_ended():
                         return
                 delay = resume.ended()
             except httpx.TransportError as error:

@@ -16,7 +16,8 @@
  *   sends no Last-Event-ID. (When the browser reconnects by itself it sends the
  *   header, which the broker prefers to the query parameter, so that stays exact.)
  * - broker.gap and broker.end are surfaced (onGap, onEnd); the stream stops at
- *   broker.end, and a later page that resumes past the end is answered 204, on
+ *   broker.end (a multi-topic stream, /events?topic=a&topic=b, at the end of each
+ *   of its topics), and a later page that resumes past the end is answered 204, on
  *   which EventSource stops for good instead of reconnecting.
  * - An EventSource only hears the event types it listens to: "message" (events
  *   published without a type), the broker's own, and those named in `types`.
@@ -53,6 +54,10 @@
       withCredentials: Boolean(options.withCredentials),
     });
     var closed = false;
+    // A multi-topic stream (/events?topic=a&topic=b) goes on past one topic's end;
+    // it is over once each of its topics has ended.
+    var topics = Math.max(1, new URL(url, global.location.href).searchParams.getAll("topic").length);
+    var ends = 0;
 
     function close() {
       closed = true;
@@ -70,7 +75,8 @@
         gap.id = message.id;
         if (options.onGap) { options.onGap(gap); }
       } else if (event.type === END) {
-        close();
+        ends += 1;
+        if (ends >= topics) { close(); }
         if (options.onEnd) { options.onEnd(message); }
       } else if (options.onEvent) {
         options.onEvent(message);

@@ -198,3 +198,27 @@ def test_a_closed_topic_ends_the_helpers_stream_for_good(
     browser.wait_for("window.__stream && window.__stream.source.readyState === 2",
                      what="the reloaded page's EventSource to stop")  # fmt: skip
     assert _received(browser) == received
+
+
+def test_a_multi_topic_stream_goes_on_past_one_topics_end(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """The helper closes a multi-topic stream once each of its topics has ended."""
+    first, second = (f"face.ends.{uuid.uuid4().hex[:8]}" for _ in range(2))
+    url = f"/events?topic={first}&topic={second}&from=earliest"
+    browser.run_on_every_load(CLIENT_PAGE % {"url": json.dumps(url)})
+    browser.navigate(face_broker.url + "/healthz")
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(first, 1, close=True)
+        publisher.publish(second, 2)
+        browser.wait_for("JSON.parse(sessionStorage.getItem('received') || '[]').length === 3",
+                         what="the first topic's end and the second topic's event")  # fmt: skip
+        assert browser.evaluate("window.__stream.source.readyState") != 2, "closed at one end"
+        publisher.publish(second, 3, close=True)
+    browser.wait_for("window.__stream && window.__stream.source.readyState === 2",
+                     what="the helper to close its EventSource")  # fmt: skip
+    received = [(e["type"], e["data"]) for e in _received(browser)]
+    assert received == [
+        ("message", "1"), ("broker.end", "{}"), ("message", "2"), ("message", "3"),
+        ("broker.end", "{}"),
+    ]  # fmt: skip

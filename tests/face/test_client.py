@@ -145,6 +145,22 @@ def test_subscriber_stops_at_the_end_of_a_closed_topic(face_broker: BrokerProces
         assert list(sub) == []
 
 
+def test_a_multi_topic_subscriber_goes_on_past_one_topics_end(face_broker: BrokerProcess) -> None:
+    """It stops once every topic has ended, not at the first ``broker.end`` (the contract:
+    a multi-topic stream goes on with the topics still open)."""
+    first, second = _topic("ends-a"), _topic("ends-b")
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(first, "a", close=True)
+        publisher.publish(second, "b")
+        publisher.publish(second, "b2", close=True)
+    topics = [first, second]
+    with Subscriber(topics, face_broker.url, from_earliest=True, give_up_after=10) as sub:
+        seen = list(sub)  # ends by itself, after both ends
+    assert sorted(e.data for e in seen if not e.is_end) == ['"a"', '"b"', '"b2"']
+    assert [e.event for e in seen].count("broker.end") == 2
+    assert seen[-1].is_end
+
+
 async def test_streaming_ingest_stores_each_line_and_a_resend_stores_nothing(
     face_broker: BrokerProcess,
 ) -> None:
