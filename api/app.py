@@ -206,7 +206,7 @@ ROUTES = [
         routes.bad_topic,
         name="bad_topic",
         include_in_schema=False,
-        methods=["GET", "POST"],
+        methods=["GET", "POST", "DELETE"],
     ),
     Route("/healthz", routes.healthz, methods=["GET"], name="healthz"),
     Route("/readyz", routes.readyz, methods=["GET"], name="readyz"),

@@ -312,15 +312,17 @@ async def delete_topic(request: Request) -> Response:
 
 
 async def bad_topic(request: Request) -> Response:
-    """Any other path under /topics/: a topic name with "/" in it (sent as %2F) is a 400."""
+    """Any other path under /topics/: a topic name with "/" in it (sent as %2F), or an
+    empty one (``/topics//events``), is a 400; a topic's path with a method it does not
+    have, a 405; anything else, a 404."""
     name = request.path_params["topic"]
-    if b"%2f" in request.scope.get("raw_path", b"").lower():
+    if b"%2f" in request.scope.get("raw_path", b"").lower() or name.startswith("/"):
         check_topic(name.removesuffix("/events"))  # raises InvalidTopic
-    if "/" not in name:  # POST /topics/{topic}: the path exists, for GET and DELETE
-        raise HTTPException(405, headers={"Allow": "GET, DELETE"})
-    if name.endswith("/close") and "/" not in name.removesuffix("/close"):
-        raise HTTPException(405, headers={"Allow": "POST"})
-    raise HTTPException(404)
+    rest = name.partition("/")[2]
+    allowed = {"": "GET, DELETE", "events": "GET, POST", "close": "POST"}.get(rest)
+    if allowed is None:
+        raise HTTPException(404)
+    raise HTTPException(405, headers={"Allow": allowed})
 
 
 # -- operations ------------------------------------------------------------------

@@ -330,6 +330,7 @@ def test_a_bad_topic_name_is_400_everywhere(
     assert_problem(client.get(str(url), headers={"Accept": "application/json"}), 400)  # history
     assert_problem(client.get(str(url), headers={"Accept": "text/event-stream"}), 400)
     assert_problem(client.get(str(client.base_url.join(f"/topics/{path_topic}"))), 400)
+    assert_problem(client.delete(str(client.base_url.join(f"/topics/{path_topic}"))), 400)
 
 
 def test_the_longest_topic_name_and_every_allowed_character(client: httpx.Client) -> None:
@@ -339,10 +340,29 @@ def test_the_longest_topic_name_and_every_allowed_character(client: httpx.Client
         assert client.get(f"/topics/{topic}").json()["topic"] == topic
 
 
-def test_an_empty_topic_name_is_refused(client: httpx.Client) -> None:
-    response = client.post("/topics//events", json={"data": 1})
-    assert response.status_code in (400, 404), response.text
-    assert_problem(response, response.status_code)
+def test_an_empty_topic_name_is_400(client: httpx.Client) -> None:
+    assert_problem(client.post("/topics//events", json={"data": 1}), 400)
+    assert_problem(client.get("/topics//events", headers={"Accept": "text/event-stream"}), 400)
+    assert_problem(client.post("/topics//close"), 400)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("POST", "/topics/t", 405, "GET, DELETE"),
+        ("DELETE", "/topics/t/events", 405, "GET, POST"),
+        ("GET", "/topics/t/close", 405, "POST"),
+        ("DELETE", "/topics/t/close", 405, "POST"),
+        ("GET", "/topics/t/other", 404, None),
+        ("DELETE", "/topics/t/a/b", 404, None),
+    ],
+)
+def test_other_paths_under_topics_are_404_or_405(
+    client: httpx.Client, method: str, path: str, status: int, allow: str | None
+) -> None:
+    response = client.request(method, path)
+    assert response.status_code == status, response.text
+    assert response.headers.get("allow") == allow
 
 
 @pytest.mark.parametrize(
