@@ -43,14 +43,13 @@ from api.heads import RequestHead, parse_head
 from api.ingest import CLIENT_GONE, Ingest
 from api.lean_publish import (
     NotValidated,
-    idempotency_key,
     problem_bytes,
     response_bytes,
     topic_post_of,
 )
 from api.negotiation import media_type_of
 from api.problems import HttpProblem, problem, problem_for
-from api.publish import NDJSON, _close_requested, ingest_of, run_ingest
+from api.publish import NDJSON, _close_requested, idempotency_key, ingest_of, run_ingest
 from broker import BrokerError, InvalidInput
 from broker.validation import check_topic
 

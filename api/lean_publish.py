@@ -35,7 +35,7 @@ from api.deadlines import Deadlines
 from api.heads import RequestHead, parse_head, scope_of
 from api.negotiation import media_type_of
 from api.problems import HttpProblem, problem, problem_for
-from api.publish import _close_requested, answer, parse_events
+from api.publish import _close_requested, answer, idempotency_key, parse_events
 from api.settings import Settings
 from broker import Broker, BrokerError, NewEvent, StoreUnavailable
 from broker.validation import check_idempotency_key, check_topic
@@ -182,13 +182,6 @@ async def validated(request: PublishHead, body: bytes) -> Append:
     return Append(
         topic, events, is_batch, key, close, state.broker, settings.publish_timeout_seconds
     )
-
-
-def idempotency_key(headers: list[tuple[bytes, bytes]]) -> str | None:
-    for name, value in headers:
-        if name == b"idempotency-key":
-            return value.decode("latin-1")
-    return None
 
 
 def response_bytes(

@@ -61,8 +61,7 @@ class PublishEndpoint:
         topic = check_topic(scope["path_params"]["topic"])
         await authorize(scope, "publish", [topic])  # before the body is read
         headers = dict(scope["headers"])
-        raw_key = headers.get(b"idempotency-key")
-        key = None if raw_key is None else raw_key.decode("latin-1")
+        key = idempotency_key(scope["headers"])
         close = _close_requested(scope)
         if media_type_of(headers.get(b"content-type", b"").decode("latin-1"))[0] == NDJSON:
             ingest = ingest_of(broker, settings, topic, key)
@@ -75,6 +74,14 @@ class PublishEndpoint:
         except TimeoutError as error:
             raise StoreUnavailable("the store did not confirm the write in time") from error
         return answer(result, is_batch)
+
+
+def idempotency_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The request's Idempotency-Key: the first, if it has several (on every route)."""
+    for name, value in headers:
+        if name == b"idempotency-key":
+            return value.decode("latin-1")
+    return None
 
 
 def _close_requested(scope: Scope) -> bool:

@@ -352,6 +352,24 @@ async def test_a_success_reads_the_same_lean_or_by_the_app(http_broker: BrokerPr
     assert len(await history_ids(http_broker, topic)) == 1
 
 
+async def test_of_two_idempotency_keys_each_route_takes_the_first(
+    http_broker: BrokerProcess,
+) -> None:
+    """Lean or by the app (a chunked body), the same key is used: the first."""
+    port = http_broker.port
+    for chunked in (False, True):
+        topic = new_topic()
+        twice = publish_bytes(port, topic, chunked=chunked).replace(
+            b"\r\n", b"\r\nIdempotency-Key: first\r\nIdempotency-Key: second\r\n", 1
+        )
+        stored, again = await exchange(
+            port, twice + publish_bytes(port, topic, headers={"Idempotency-Key": "first"}), 2
+        )
+        assert (stored.status, again.status) == (201, 200), chunked
+        assert again.headers["idempotent-replayed"] == "true"
+        assert len(await history_ids(http_broker, topic)) == 1
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "query", "headers", "status"),
     [
