@@ -26,9 +26,15 @@ def topic_of_key(key: bytes | str) -> str:
     return text[text.index("{") + 1 : text.index("}")]
 
 
-def idempotency_key(topic: str, key: str) -> str:
-    """Remembers the ids answered for one publisher-chosen Idempotency-Key."""
-    return f"{KEY_PREFIX}:{{{topic}}}:idem:{key}"
+def records_key(topic: str) -> str:
+    """A hash of the topic's idempotency records: each publisher-chosen key (a
+    streaming ingest's line: ``K:n``) -> the ids answered for it."""
+    return f"{KEY_PREFIX}:{{{topic}}}:idem"
+
+
+def record_times_key(topic: str) -> str:
+    """A sorted set beside the records: when each was written (ms), for the window."""
+    return f"{KEY_PREFIX}:{{{topic}}}:idem-at"
 
 
 # Fields of a stream entry, as lua/append.lua writes them (short names: they are

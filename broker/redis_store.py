@@ -237,11 +237,11 @@ class RedisStreamStore:
         close: bool = False,
         streaming: bool = False,
     ) -> AppendResult:
-        keys = [c.log_key(topic), c.meta_key(topic)]
+        keys = _topic_keys(topic)
         if line_keys is not None:
-            keys += [c.idempotency_key(topic, key) for key in line_keys]
-        elif idempotency_key is not None:
-            keys.append(c.idempotency_key(topic, idempotency_key))
+            names = list(line_keys)
+        else:
+            names = [] if idempotency_key is None else [idempotency_key]
         retention = self.policies.for_topic(topic)
         args: list[str | int] = [
             new_epoch(),
@@ -252,6 +252,8 @@ class RedisStreamStore:
             retention.ttl_ms,
             int(close),
             int(line_keys is not None),
+            len(names),
+            *names,
         ]
         for event in events:
             retry = "" if event.retry is None else str(event.retry)
@@ -400,7 +402,7 @@ class RedisStreamStore:
 
     async def delete(self, topic: str) -> bool:
         """Delete the topic now; False if it had no log. Its live readers see a marker."""
-        keys = [c.log_key(topic), c.meta_key(topic)]
+        keys = _topic_keys(topic)
         marker = await self._call(self._delete_script(keys=keys, args=[c.DELETED_LINGER_MS]))
         return bool(marker)
 
@@ -469,6 +471,11 @@ class RedisStreamStore:
         except (RedisError, OSError) as error:
             await drop_idle_connections(self._client)
             raise StoreUnavailable(f"redis is unreachable: {error}") from error
+
+
+def _topic_keys(topic: str) -> list[str]:
+    """The keys the append and delete scripts touch: log, meta, idempotency records."""
+    return [c.log_key(topic), c.meta_key(topic), c.records_key(topic), c.record_times_key(topic)]
 
 
 def _topic_of_meta(key: bytes) -> str | None:

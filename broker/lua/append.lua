@@ -3,57 +3,80 @@
 -- Idempotency-Key cannot both store, no reader ever sees half a batch, and a topic
 -- never outlives its expiry in part (log, meta and idempotency records together).
 --
--- KEYS[1] log stream, KEYS[2] meta hash, then idempotency records: none; one for the
--- whole request (ARGV[8] = 0); or one per event (ARGV[8] = 1: streaming ingest, K:n).
+-- KEYS[1] log stream, KEYS[2] meta hash, KEYS[3] the idempotency records (a hash:
+-- publisher's key -> its answer), KEYS[4] when each was written (a sorted set, ms).
 -- ARGV[1] epoch to use if the log is new, ARGV[2] MAXLEN, ARGV[3] trim slack,
 -- ARGV[4] max age in ms (0: none), ARGV[5] idempotency window in s, ARGV[6] TTL in
 -- ms (0: kept), ARGV[7] close after the events (0|1), ARGV[8] records per event (0|1),
--- then 4 values per event: kind, data, event type ('' = none), retry ('' = none).
+-- ARGV[9] how many record names follow (R): none; one for the whole request
+-- (ARGV[8] = 0); or one per event (ARGV[8] = 1: streaming ingest, K:n); then the R
+-- names, then 4 values per event: kind, data, event type ('' = none), retry ('' = none).
+--
+-- The records live in one hash, not a key each, so that they live as long as their
+-- topic: each append sets the topic's TTL on the hash too (one call, however many
+-- records), where a key per record expired a TTL after its own write, while the
+-- topic lived on (a producer resending a long stream stored its early lines again).
+-- A record answers for the idempotency window after its write; older ones are
+-- pruned as records are written.
 -- Returns {status, "epoch|id,id,...|end id"} (the end id empty unless it closed):
 -- status 0 stored, 1 replayed (all of it, from idempotency records, or a close of a
 -- closed topic), -1 refused: the topic is closed (the second value is its end's event id).
-local log, meta = KEYS[1], KEYS[2]
+local log, meta, records, written = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local per_event = ARGV[8] == '1'
 local closing = ARGV[7] == '1'
+local names = tonumber(ARGV[9])
+local first_value = 10 + names  -- the first event's first value
+local window_ms = tonumber(ARGV[5]) * 1000
+local time = redis.call('TIME')
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 
 -- The log's epoch, or false when it is new: no epoch yet, its stream lost while its
 -- meta survived, or deleted (DELETE leaves a marker for a while): ids of the old log
--- must not resume here. And its end's id if it is closed (read in the same call).
+-- must not resume here. And its end's id if it is closed, and whether it has
+-- idempotency records (all read in the same call).
 local function current_epoch()
-  local fields = redis.call('HMGET', meta, 'epoch', 'deleted', 'closed')
+  local fields = redis.call('HMGET', meta, 'epoch', 'deleted', 'closed', 'records')
   if (not fields[1]) or fields[2] or redis.call('EXISTS', log) == 0 then
-    return false, false
+    return false, false, false
   end
-  return fields[1], fields[3]
+  return fields[1], fields[3], fields[4]
 end
 
--- An idempotency record answers only for the log it was written in.
-local function remembered(record, epoch)
-  local seen = redis.call('GET', record)
-  if seen and epoch and string.sub(seen, 1, #epoch + 1) == epoch .. '|' then
-    return seen
+-- An idempotency record answers only for the log it was written in, and within the
+-- window after its write.
+local function remembered(name, epoch)
+  if not epoch then return false end
+  local seen = redis.call('HGET', records, name)
+  if seen and string.sub(seen, 1, #epoch + 1) == epoch .. '|' then
+    local at = redis.call('ZSCORE', written, name)
+    if at and tonumber(at) > now_ms - window_ms then return seen end
   end
   return false
 end
 
-local epoch, closed = current_epoch()
-if (not per_event) and KEYS[3] then
-  local seen = remembered(KEYS[3], epoch)
+local function remember(name, answer)
+  redis.call('HSET', records, name, answer)
+  redis.call('ZADD', written, now_ms, name)
+end
+
+local epoch, closed, has_records = current_epoch()
+if (not per_event) and names == 1 then
+  local seen = remembered(ARGV[10], epoch)
   if seen then return {1, seen} end
 end
 if epoch then
   if closed then
-    if #ARGV == 8 and closing then return {1, epoch .. '||' .. closed} end
+    if #ARGV == first_value - 1 and closing then return {1, epoch .. '||' .. closed} end
     if per_event then
       -- A resent ingest whose every line was stored before the topic closed: its
       -- answer again (the producer lost the first one), not a refusal.
       local ids = {}
-      for i = 3, #KEYS do
-        local seen = remembered(KEYS[i], epoch)
+      for i = 1, names do
+        local seen = remembered(ARGV[9 + i], epoch)
         if not seen then break end
         ids[#ids + 1] = string.sub(seen, #epoch + 2)
       end
-      if #ids > 0 and #ids == #KEYS - 2 then
+      if #ids > 0 and #ids == names then
         return {1, epoch .. '|' .. table.concat(ids, ',') .. '|'}
       end
     end
@@ -61,13 +84,12 @@ if epoch then
   end
 else
   epoch = ARGV[1]
-  redis.call('DEL', log, meta)
+  redis.call('DEL', log, meta, records, written)  -- (an old log's records answer no more)
   redis.call('HSET', meta, 'epoch', epoch)
+  has_records = false
 end
 
 local ttl_ms = tonumber(ARGV[6])
-local record_ms = tonumber(ARGV[5]) * 1000
-if ttl_ms > 0 and ttl_ms < record_ms then record_ms = ttl_ms end
 
 local function add(kind, data, event, retry)
   if event ~= '' and retry ~= '' then
@@ -81,16 +103,16 @@ local function add(kind, data, event, retry)
 end
 
 local ids, replayed = {}, 0
-for i = 9, #ARGV, 4 do
-  local record = per_event and KEYS[3 + (i - 9) / 4] or false
-  local seen = record and remembered(record, epoch)
+for i = first_value, #ARGV, 4 do
+  local name = per_event and ARGV[10 + (i - first_value) / 4] or false
+  local seen = name and remembered(name, epoch)
   if seen then
     ids[#ids + 1] = string.sub(seen, #epoch + 2)
     replayed = replayed + 1
   else
     local id = add(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
     ids[#ids + 1] = id
-    if record then redis.call('SET', record, epoch .. '|' .. id, 'PX', record_ms) end
+    if name then remember(name, epoch .. '|' .. id) end
   end
 end
 
@@ -114,8 +136,7 @@ end
 
 local max_age_ms = tonumber(ARGV[4])
 if max_age_ms > 0 then
-  local now = redis.call('TIME')
-  local cutoff = string.format('%d-0', math.floor(tonumber(now[1]) * 1000 + tonumber(now[2]) / 1000 - max_age_ms))
+  local cutoff = string.format('%d-0', now_ms - max_age_ms)
   local older = redis.call('XREVRANGE', log, '(' .. cutoff, '-', 'COUNT', 1)
   if older[1] then
     redis.call('XTRIM', log, 'MINID', cutoff)
@@ -123,15 +144,33 @@ if max_age_ms > 0 then
   end
 end
 
--- Expiry: a topic nobody publishes to for the TTL goes whole, by Redis itself.
+local answer = epoch .. '|' .. table.concat(ids, ',') .. '|' .. end_id
+if (not per_event) and names == 1 then remember(ARGV[10], answer) end
+
+-- The records: those past the window go (a few per append that writes one, the
+-- oldest first: they never pile up); the rest live as long as the topic.
+if names > 0 then
+  local old = redis.call('ZRANGEBYSCORE', written, '-inf', now_ms - window_ms, 'LIMIT', 0, 16)
+  if #old > 0 then
+    redis.call('HDEL', records, unpack(old))
+    redis.call('ZREM', written, unpack(old))
+  end
+  if not has_records then redis.call('HSET', meta, 'records', 1) end
+  has_records = true
+end
+
+-- Expiry: a topic nobody publishes to for the TTL goes whole, by Redis itself. A
+-- topic kept for good keeps its records for the window after the last one written.
 if ttl_ms > 0 then
   redis.call('PEXPIRE', log, ttl_ms)
   redis.call('PEXPIRE', meta, ttl_ms)
-end
-
-local answer = epoch .. '|' .. table.concat(ids, ',') .. '|' .. end_id
-if (not per_event) and KEYS[3] then
-  redis.call('SET', KEYS[3], answer, 'PX', record_ms)
+  if has_records then
+    redis.call('PEXPIRE', records, ttl_ms)
+    redis.call('PEXPIRE', written, ttl_ms)
+  end
+elseif names > 0 then
+  redis.call('PEXPIRE', records, window_ms)
+  redis.call('PEXPIRE', written, window_ms)
 end
 local status = 0
 if #ids > 0 and replayed == #ids and not closing then status = 1 end

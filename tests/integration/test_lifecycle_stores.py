@@ -101,7 +101,7 @@ async def test_a_topic_expires_whole_and_its_live_subscriber_is_told(
         published_at = time.monotonic()
         await reader.wait_for_ids([str(first.ids[0])], timeout=5)
         keys = await topic_keys(store, topic)
-        assert len(keys) == 5, keys  # log, meta, three idempotency records
+        assert len(keys) == 4, keys  # log, meta, the idempotency records and their times
         await poll(lambda: _gone(store, topic), EXPIRY_DEADLINE_S, "the topic's keys expire")
         await poll(lambda: _told(reader), EXPIRY_DEADLINE_S, "the subscriber is told")
         assert time.monotonic() - published_at < TTL_SECONDS + EXPIRY_DEADLINE_S
@@ -130,14 +130,24 @@ async def _told(reader: Reader) -> bool:
 
 
 async def test_a_publish_moves_the_expiry(expiring_broker: Broker) -> None:
-    """A topic in use does not expire: each append sets its TTL again."""
+    """A topic in use does not expire: each append sets its TTL again, and its
+    idempotency records live as long (a key written at its start still answers: each
+    record expired a TTL after its own write, and a long stream resent under its key
+    had its early lines stored again)."""
     broker, topic = expiring_broker, f"x-{uuid.uuid4().hex[:12]}"
+    first = await broker.publish(topic, [NewEvent("first")], idempotency_key="early")
+    lines = await broker.publish(topic, [NewEvent("l1"), NewEvent("l2")], line_keys=["K:1", "K:2"])
     started = time.monotonic()
     while time.monotonic() - started < 2.5 * TTL_SECONDS:
         await broker.publish(topic, [NewEvent("tick")])
         await asyncio.sleep(TTL_SECONDS / 5)
     state = await broker.store.state(topic)
-    assert state.exists and state.length >= 10, state
+    assert state.exists and state.length >= 12, state
+    again = await broker.publish(topic, [NewEvent("first")], idempotency_key="early")
+    assert again.replayed and again.ids == first.ids
+    resent = await broker.publish(topic, [NewEvent("l1"), NewEvent("l2")], line_keys=["K:1", "K:2"])
+    assert resent.replayed and resent.ids == lines.ids
+    assert (await broker.store.state(topic)).length == state.length
 
 
 # -- listing ---------------------------------------------------------------------

@@ -94,6 +94,27 @@ async def test_the_idempotency_window_expires(topic: str, redis_server: RedisSer
         await store.close()
 
 
+async def test_records_past_the_window_are_pruned(topic: str, redis_server: RedisServer) -> None:
+    """Records live in one hash per topic: those past the window leave it as others are
+    written (it does not grow for as long as keys keep coming), and the hash itself
+    expires a window after the last one (a topic kept for good)."""
+    store = open_store(redis_server.url, idempotency_seconds=1)
+    admin = store._client
+    records, times = c.records_key(topic), c.record_times_key(topic)
+    try:
+        await store.append(topic, events("a"), idempotency_key="old")
+        deadline, n = time.monotonic() + 5, 0
+        while await admin.hexists(records, "old"):
+            assert time.monotonic() < deadline, "a record past the window was kept"
+            n += 1
+            await store.append(topic, events("b"), idempotency_key=f"new-{n}")
+            await asyncio.sleep(0.1)
+        assert await admin.hlen(records) == await admin.zcard(times) >= 1
+        assert 0 < await admin.pttl(records) <= 1000 and 0 < await admin.pttl(times) <= 1000
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("url_kind", ["embedded", "redis"])
 async def test_retention_maxlen_records_exactly_what_it_trimmed(
     url_kind: str, redis_server: RedisServer, topic: str

@@ -324,7 +324,7 @@ async def test_the_cluster_store_reads_live_without_warnings(
 
 
 async def test_a_topics_keys_share_one_slot(cluster: RedisClusterGroup, topic: str) -> None:
-    keys = [c.log_key(topic), c.meta_key(topic), c.idempotency_key(topic, "k-1")]
+    keys = [c.log_key(topic), c.meta_key(topic), c.records_key(topic), c.record_times_key(topic)]
     assert len({cluster.keyslot(key) for key in keys}) == 1
     store = open_store(cluster.url)
     try:
@@ -335,7 +335,7 @@ async def test_a_topics_keys_share_one_slot(cluster: RedisClusterGroup, topic: s
     assert again.replayed
     assert again.ids == first.ids
     node = cluster.client(cluster.master_port_of(keys[0]))
-    assert node.exists(*keys) == 3  # all written by one script, on one node
+    assert node.exists(*keys) == 4  # all written by one script, on one node
 
 
 async def publish_to_each(broker: Broker, topics: list[str], count: int) -> dict[str, list[str]]:
