@@ -37,7 +37,7 @@ from starlette.types import Receive
 
 from api.problems import HttpProblem
 from broker import Broker, EventId, InvalidInput, NewEvent, StoreUnavailable, TooLarge
-from broker.validation import event_from_json
+from broker.validation import event_from_json, loads_exactly
 
 LINE_ENVELOPE_BYTES = 4096
 """A line may exceed ``max_event_bytes`` by this much: the JSON around the data."""
@@ -140,7 +140,7 @@ class Ingest:
 
     def _parse(self, number: int, line: bytes) -> NewEvent:
         try:
-            document = orjson.loads(line)
+            document = loads_exactly(line)
         except orjson.JSONDecodeError as error:
             raise InvalidInput(f"line {number}: malformed JSON (or not UTF-8): {error}") from None
         try:

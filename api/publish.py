@@ -34,6 +34,7 @@ from broker.validation import (
     check_topic,
     event_from_text,
     events_from_json,
+    loads_exactly,
 )
 
 NDJSON = "application/x-ndjson"
@@ -151,7 +152,7 @@ def parse_events(
         raise HttpProblem(415, "Unsupported media type", "only UTF-8 bodies are accepted")
     if media_type == "application/json":
         try:
-            document = orjson.loads(body)
+            document = loads_exactly(body)
         except orjson.JSONDecodeError as error:
             raise InvalidInput(f"malformed JSON (or not UTF-8): {error}") from error
         events = events_from_json(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import orjson
@@ -57,6 +59,28 @@ def check_size(data: str, max_event_bytes: int) -> None:
         raise TooLarge(f"an event is larger than {max_event_bytes} bytes", limit=max_event_bytes)
 
 
+_LONG_NUMBER = re.compile(rb"\d{19}")
+"""19 digits in a row: maybe an integer past 64 bits (or in a string: then harmless)."""
+
+
+def loads_exactly(raw: bytes) -> Any:
+    """The JSON document, its numbers as written: orjson turns an integer past 64 bits
+    into a float silently (2**64 comes out as 1.8446744073709552e+19), so a document
+    with such a long digit run is read again by the standard library, which keeps
+    it. Raises ``orjson.JSONDecodeError`` (a ``ValueError``) for malformed JSON."""
+    document = orjson.loads(raw)
+    if _LONG_NUMBER.search(raw) is not None:
+        document = json.loads(raw)
+    return document
+
+
+def _compact_json(data: Any) -> str:
+    try:
+        return orjson.dumps(data).decode()
+    except orjson.JSONEncodeError:  # an integer past 64 bits (see loads_exactly)
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def event_from_json(item: Any, max_event_bytes: int) -> NewEvent:
     """One ``{"data": ..., "event"?: ..., "retry"?: ...}`` object of a JSON publish."""
     if not isinstance(item, dict):
@@ -66,7 +90,7 @@ def event_from_json(item: Any, max_event_bytes: int) -> NewEvent:
     unknown = set(item) - {"data", "event", "retry"}
     if unknown:
         raise InvalidInput(f"unknown member(s): {', '.join(sorted(unknown))}")
-    data = orjson.dumps(item["data"]).decode()
+    data = _compact_json(item["data"])
     check_size(data, max_event_bytes)
     return NewEvent(
         data=data,

@@ -333,6 +333,23 @@ def test_a_bad_topic_name_is_400_everywhere(
     assert_problem(client.delete(str(client.base_url.join(f"/topics/{path_topic}"))), 400)
 
 
+@pytest.mark.parametrize(
+    "number", ["123456789012345678901234567890", "18446744073709551616", "-9223372036854775809"]
+)
+def test_an_integer_past_64_bits_is_kept_as_written(client: httpx.Client, number: str) -> None:
+    """The JSON parser turned one into a float silently (2**64 -> 1.8446744073709552e+19)."""
+    topic = new_topic()
+    event = b'{"data": {"n": %s, "s": "\xc3\xa9"}}' % number.encode()
+    for content_type in ("application/json", "application/x-ndjson"):
+        response = client.post(
+            f"/topics/{topic}/events", content=event, headers={"Content-Type": content_type}
+        )
+        assert response.status_code == 201, response.text
+    history = client.get(f"/topics/{topic}/events", headers={"Accept": "application/json"})
+    assert [e["data"] for e in history.json()["events"]] == [{"n": int(number), "s": "\u00e9"}] * 2
+    assert history.text.count(number) == 2
+
+
 def test_the_longest_topic_name_and_every_allowed_character(client: httpx.Client) -> None:
     for topic in ("T" * 200, "Az09_.:-" + new_topic()):
         response = client.post(f"/topics/{topic}/events", json={"data": 1})
