@@ -27,8 +27,14 @@ local closing = ARGV[7] == '1'
 local names = tonumber(ARGV[9])
 local first_value = 10 + names  -- the first event's first value
 local window_ms = tonumber(ARGV[5]) * 1000
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now_ms = false  -- Redis' clock, read once, when records or retention by age need it
+local function now()
+  if not now_ms then
+    local time = redis.call('TIME')
+    now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  end
+  return now_ms
+end
 
 -- The log's epoch, or false when it is new: no epoch yet, its stream lost while its
 -- meta survived, or deleted (DELETE leaves a marker for a while): ids of the old log
@@ -49,14 +55,14 @@ local function remembered(name, epoch)
   local seen = redis.call('HGET', records, name)
   if seen and string.sub(seen, 1, #epoch + 1) == epoch .. '|' then
     local at = redis.call('ZSCORE', written, name)
-    if at and tonumber(at) > now_ms - window_ms then return seen end
+    if at and tonumber(at) > now() - window_ms then return seen end
   end
   return false
 end
 
 local function remember(name, answer)
   redis.call('HSET', records, name, answer)
-  redis.call('ZADD', written, now_ms, name)
+  redis.call('ZADD', written, now(), name)
 end
 
 local epoch, closed, has_records = current_epoch()
@@ -136,7 +142,7 @@ end
 
 local max_age_ms = tonumber(ARGV[4])
 if max_age_ms > 0 then
-  local cutoff = string.format('%d-0', now_ms - max_age_ms)
+  local cutoff = string.format('%d-0', now() - max_age_ms)
   local older = redis.call('XREVRANGE', log, '(' .. cutoff, '-', 'COUNT', 1)
   if older[1] then
     redis.call('XTRIM', log, 'MINID', cutoff)
@@ -147,13 +153,17 @@ end
 local answer = epoch .. '|' .. table.concat(ids, ',') .. '|' .. end_id
 if (not per_event) and names == 1 then remember(ARGV[10], answer) end
 
--- The records: those past the window go (a few per append that writes one, the
--- oldest first: they never pile up); the rest live as long as the topic.
+-- The records: those past the window go, the oldest first, up to 128 at one of
+-- about eight appends that write some, at random (the rest pay nothing for it; at
+-- least one record is written each time, so they never pile up); the others live
+-- as long as the topic.
 if names > 0 then
-  local old = redis.call('ZRANGEBYSCORE', written, '-inf', now_ms - window_ms, 'LIMIT', 0, 16)
-  if #old > 0 then
-    redis.call('HDEL', records, unpack(old))
-    redis.call('ZREM', written, unpack(old))
+  if math.random(8) == 1 then
+    local old = redis.call('ZRANGEBYSCORE', written, '-inf', now() - window_ms, 'LIMIT', 0, 128)
+    if #old > 0 then
+      redis.call('HDEL', records, unpack(old))
+      redis.call('ZREM', written, unpack(old))
+    end
   end
   if not has_records then redis.call('HSET', meta, 'records', 1) end
   has_records = true
