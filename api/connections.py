@@ -168,12 +168,12 @@ class BrokerHttpProtocol(asyncio.Protocol):
 
     def _serve(self, head_size: int) -> None:
         """The head is whole: serve it here, refuse, or hand over to uvicorn."""
+        app = self._app_state.get(APP_STATE_KEY)
         if self._admission is Admission.REFUSE:
-            refusal = refusal_of(self._head, self._parser, self._guard.limits)
+            refusal = refusal_of(self._head, self._parser, self._guard.limits, app)
             if refusal is not None:
                 self._answer(refusal)
                 return
-        app = self._app_state.get(APP_STATE_KEY)
         if app is None or self._config.root_path or app.state.streams.draining:
             self._hand_to_uvicorn()  # uvicorn answers those
             return

@@ -42,6 +42,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from api import problems, routes
+from api.cors import cors_headers
 from api.deadlines import Deadlines
 from api.heads import RequestHead
 from api.settings import Settings
@@ -108,20 +109,27 @@ class Guard:
 
 
 def refusal_of(
-    head: RequestHead, parser: httptools.HttpRequestParser, limits: ClientLimits
+    head: RequestHead, parser: httptools.HttpRequestParser, limits: ClientLimits, app: Any
 ) -> Response | None:
     """The answer past the connection limit: a stream is told to come back, a publish
-    gets 503; None for anything else (health checks, metrics), which is served."""
+    gets 503; None for anything else (health checks, metrics), which is served. With
+    the CORS headers of ``app`` (if started): a cross-origin EventSource takes an answer
+    without them for a network error and gives up for good."""
     try:
         path = unquote(httptools.parse_url(head.url).path.decode("ascii"))
     except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
         return None
     method = parser.get_method().decode("ascii", "replace")
-    scope = {"type": "http", "method": method, "path": path, "headers": head.headers}
+    scope = {"type": "http", "method": method, "path": path, "headers": head.headers, "app": app}
+    cors = [] if app is None else cors_headers(scope)
     if routes.stream_topic(scope) is not None:
-        return routes.come_back_later(limits.retry_ms, "too many connections")
+        return routes.come_back_later(
+            limits.retry_ms, "too many connections", scope if cors else None
+        )
     if method == "POST" and routes.TOPIC_EVENTS_PATH.fullmatch(path):
-        return problems.too_many_connections(limits.retry_after)
+        refusal = problems.too_many_connections(limits.retry_after)
+        refusal.raw_headers.extend(cors)
+        return refusal
     return None
 
 

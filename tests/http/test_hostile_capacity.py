@@ -38,6 +38,21 @@ def capped_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
     process.close()
 
 
+ORIGIN = "https://app.test"
+
+
+@pytest.fixture
+def capped_cors_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    env = {
+        **HEARTBEAT,
+        "BROKER_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        "BROKER_CORS_ORIGINS": ORIGIN,
+    }
+    process = BrokerProcess(redis_url=redis_server.url, env=env).start()
+    yield process
+    process.close()
+
+
 @pytest.fixture
 def few_files_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
     """A broker allowed far more connections than it has file descriptors for."""
@@ -192,3 +207,31 @@ def _healthy(url: str) -> bool:
     with contextlib.suppress(httpx.TransportError):
         return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
     return False
+
+
+async def test_refusals_past_max_connections_pass_cors(capped_cors_broker: BrokerProcess) -> None:
+    """A cross-origin EventSource takes a come-back without CORS headers for a network
+    error and gives up for good; a cross-origin publisher could not read its 503."""
+    url, topic = capped_cors_broker.url, new_topic()
+    held = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            outcome, response = await open_stream(url, topic)
+            assert response is not None, f"{outcome} at {len(held)} open connections"
+            held.append(response)
+        origin = {"Origin": ORIGIN}
+        come_back = await raw_request(f"{url}/topics/{topic}/events", headers=origin)
+        publish = await raw_request(
+            f"{url}/topics/{topic}/events",
+            "POST",
+            {"Content-Type": "text/plain", "Content-Length": "1", **origin},
+            b"x",
+        )
+        held += [come_back, publish]
+        assert (come_back.status, publish.status) == (200, 503)
+        assert b"reconnect shortly" in await come_back.read_sized_body()
+        for answer in (come_back, publish):
+            assert answer.headers.get("access-control-allow-origin") == ORIGIN, answer.headers
+            assert answer.count("access-control-allow-origin") == 1
+    finally:
+        await close_responses(held)
