@@ -111,16 +111,21 @@ async def delivers(url: str, stream: RawResponse, topic: str) -> None:
     await stream.read_until(b'data: "again"')
 
 
+async def hold_every_connection(url: str, topic: str, held: list[RawResponse]) -> None:
+    """Open streams up to the limit, each served, into ``held`` (the caller closes them)."""
+    for _ in range(MAX_CONNECTIONS):
+        outcome, response = await open_stream(url, topic)
+        assert response is not None, f"{outcome} at {len(held)} open connections"
+        held.append(response)
+
+
 async def test_past_max_connections_streams_come_back_and_publishes_get_503(
     capped_broker: BrokerProcess,
 ) -> None:
     url, topic = capped_broker.url, new_topic()
-    held = []
+    held: list[RawResponse] = []
     try:
-        for _ in range(MAX_CONNECTIONS):
-            outcome, response = await open_stream(url, topic)
-            assert response is not None, f"{outcome} at {len(held)} open connections"
-            held.append(response)
+        await hold_every_connection(url, topic, held)
         outcome, response = await open_stream(url, topic)
         held += [response] if response is not None else []
         assert outcome == "come back"
@@ -213,12 +218,9 @@ async def test_refusals_past_max_connections_pass_cors(capped_cors_broker: Broke
     """A cross-origin EventSource takes a come-back without CORS headers for a network
     error and gives up for good; a cross-origin publisher could not read its 503."""
     url, topic = capped_cors_broker.url, new_topic()
-    held = []
+    held: list[RawResponse] = []
     try:
-        for _ in range(MAX_CONNECTIONS):
-            outcome, response = await open_stream(url, topic)
-            assert response is not None, f"{outcome} at {len(held)} open connections"
-            held.append(response)
+        await hold_every_connection(url, topic, held)
         origin = {"Origin": ORIGIN}
         come_back = await raw_request(f"{url}/topics/{topic}/events", headers=origin)
         publish = await raw_request(
