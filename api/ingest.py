@@ -154,17 +154,19 @@ class Ingest:
         """The whole lines of each read of the body, as they arrive; the last line
         may lack its line feed."""
         partial = b""
+        whole = 0  # the lines yielded so far (numbered as ``run`` numbers them)
         while True:
             data, more = await self._read(body)
             *lines, partial = (partial + data).split(b"\n")
             if len(partial) > self._max_line:
                 yield lines  # (those before it are stored)
-                limit = self._max_line
-                raise TooLarge(f"a line is longer than {limit} bytes", limit=limit)
+                limit, number = self._max_line, whole + len(lines) + 1
+                raise TooLarge(f"line {number}: longer than {limit} bytes", limit=limit)
             if not more:
                 yield [*lines, partial] if partial.strip() else lines
                 return
             if lines:
+                whole += len(lines)
                 yield lines
 
     async def _read(self, body: IngestBody) -> tuple[bytes, bool]:

@@ -188,6 +188,19 @@ async def test_past_max_batch_lines_the_answer_is_a_count(limits_broker: BrokerP
         )
 
 
+async def test_a_line_too_long_to_hold_is_413_naming_it(limits_broker: BrokerProcess) -> None:
+    """A line that outgrows what may be held before its end is refused as it arrives,
+    named like any bad line (blank lines count); the lines before it stay stored."""
+    topic = new_topic()
+    too_long = b'{"data": "' + b"x" * (int(LIMITS["BROKER_MAX_EVENT_BYTES"]) + 5000)
+    async with httpx.AsyncClient(base_url=limits_broker.url, timeout=30) as client:
+        body = line(1) + line(2) + b"\n" + too_long
+        response = await client.post(f"/topics/{topic}/events", content=body, headers=NDJSON)
+        problem = assert_problem(response, 413)
+        assert "line 4" in problem["detail"], problem
+        assert [e["data"] for e in await history(client, topic)] == [1, 2]
+
+
 @pytest.mark.parametrize(
     ("bad", "what"),
     [
