@@ -208,6 +208,7 @@ async def history(request: Request) -> Response:
             "reason": page.gap.reason,
             "requested": str(page.gap.requested),
             "resumed_after": str(page.gap.resumed_after) if page.gap.resumed_after else None,
+            "topic": topic,  # (as in the broker.gap event's data)
         }
     return json_response(content)
 

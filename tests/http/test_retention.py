@@ -45,5 +45,14 @@ def test_events_older_than_retention_seconds_are_dropped(redis_server: RedisServ
                     None,
                 )  # fmt: skip
             assert data is not None and '"reason":"trimmed"' in data, data
+            # A history page from there says so too, naming the topic as the event does.
+            page = client.get(
+                f"/topics/{topic}/events",
+                params={"after": old},
+                headers={"Accept": "application/json"},
+            ).json()
+            gap = page["gap"]
+            assert (gap["reason"], gap["requested"], gap["topic"]) == ("trimmed", old, topic), gap
+            assert set(gap) == {"reason", "requested", "resumed_after", "topic"}
     finally:
         process.close()
