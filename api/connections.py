@@ -38,7 +38,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from api import problems, routes
-from api.cors import cors_headers
+from api.cors import cors_headers, with_cors
 from api.guard import (
     Admission,
     GuardedHttpToolsProtocol,
@@ -387,9 +387,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         except StreamOver as over:
             # 204: the EventSource stops reconnecting; a cross-origin one only if the 204
             # passes CORS (else it is a network error to it, and it reconnects for ever).
-            over_answer = problem_for(over)
-            over_answer.raw_headers.extend(cors_headers(request.scope))
-            self._answer(over_answer)
+            self._answer(with_cors(problem_for(over), request.scope))
             return
         except Exception:
             log.exception("unexpected error opening a stream")
@@ -446,10 +444,8 @@ class BrokerHttpProtocol(asyncio.Protocol):
 
     def _taken_back(self, transport: asyncio.Transport) -> None:
         """uvicorn's protocol answered what it was handed and the connection idles:
-        the next request's head is read here again."""
-        if self._closing or self._lost:  # (its own shutdown closes the connection)
-            transport.close()
-            return
+        the next request's head is read here again. (Never after a shutdown: uvicorn's
+        protocol, told of it, closes the connection after its answer.)"""
         self._publish, self._publishing, self._ingest = None, None, None
         self._server_state.connections.add(self)  # type: ignore[arg-type]
         transport.set_protocol(self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from starlette.responses import Response
 from starlette.types import Message, Scope, Send
 
 from api.problems import Forbidden
@@ -71,6 +72,13 @@ def cors_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
     """The CORS headers for a response to this request (of the app in ``scope``)."""
     policy: CorsPolicy | None = getattr(scope["app"].state, "cors", None)
     return policy.headers_for(scope) if policy is not None else []
+
+
+def with_cors(response: Response, scope: Scope) -> Response:
+    """``response`` (an answer written on the connection, not through the app) with the
+    CORS headers the app adds to every answer."""
+    response.raw_headers.extend(cors_headers(scope))
+    return response
 
 
 def adding_headers(headers: list[tuple[bytes, bytes]], send: Send) -> Send:

@@ -42,7 +42,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from api import problems, routes
-from api.cors import cors_headers
+from api.cors import with_cors
 from api.deadlines import Deadlines
 from api.heads import RequestHead
 from api.settings import Settings
@@ -121,15 +121,12 @@ def refusal_of(
         return None
     method = parser.get_method().decode("ascii", "replace")
     scope = {"type": "http", "method": method, "path": path, "headers": head.headers, "app": app}
-    cors = [] if app is None else cors_headers(scope)
+    started = scope if app is not None else None  # (the app's CORS policy comes with it)
     if routes.stream_topic(scope) is not None:
-        return routes.come_back_later(
-            limits.retry_ms, "too many connections", scope if cors else None
-        )
+        return routes.come_back_later(limits.retry_ms, "too many connections", started)
     if method == "POST" and routes.TOPIC_EVENTS_PATH.fullmatch(path):
         refusal = problems.too_many_connections(limits.retry_after)
-        refusal.raw_headers.extend(cors)
-        return refusal
+        return refusal if started is None else with_cors(refusal, started)
     return None
 
 

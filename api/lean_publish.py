@@ -30,7 +30,7 @@ from uvicorn.server import ServerState
 
 from api import routes
 from api.auth import authorize
-from api.cors import cors_headers
+from api.cors import cors_headers, with_cors
 from api.deadlines import Deadlines
 from api.heads import RequestHead, parse_head, scope_of
 from api.negotiation import media_type_of
@@ -220,12 +220,6 @@ def _answer_bytes(
     return b"\r\n".join([*lines, b"", body])
 
 
-def with_cors(request: LeanRequest, response: Response) -> Response:
-    """``response`` with the CORS headers the ASGI route adds to every answer."""
-    response.raw_headers.extend(cors_headers(request.scope))
-    return response
-
-
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
@@ -291,7 +285,7 @@ class PublishExchange:
         except Exception:
             log.exception("unexpected error publishing on %s", request.scope["path"])
             failure = problem(500, "Internal error", "the broker could not publish")
-            connection.publish_failed(request, with_cors(request, failure))
+            connection.publish_failed(request, with_cors(failure, request.scope))
         else:
             answer = response_bytes(request, status, headers, content, self._server_state)
             connection.publish_answered(request, answer)
@@ -299,4 +293,4 @@ class PublishExchange:
             deadlines.clear(self)
 
     def _problem(self, error: StoreUnavailable) -> Response:
-        return with_cors(self._request, problem_for(error))
+        return with_cors(problem_for(error), self._request.scope)
