@@ -76,12 +76,10 @@ class _AppendPipeline:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.append((keys, args, future))
-        if self._sending_soon:
-            pass
-        elif linger <= 0:
+        if linger <= 0 and not self._sending_soon:  # (it takes what lingers along)
             self._sending_soon = True
             loop.call_soon(self._send_queued)
-        elif self._lingering is None:
+        elif linger > 0 and not self._sending_soon and self._lingering is None:
             self._lingering = loop.call_later(linger, self._send_queued)
         return await future
 
