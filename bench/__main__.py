@@ -20,7 +20,7 @@ from typing import Any
 
 import uvloop
 
-from bench import gc_compare, lifecycle_scenarios, nchan, scenarios, servers, threeway
+from bench import floor, gc_compare, lifecycle_scenarios, nchan, scenarios, servers, threeway
 from bench.config import BROKER_ONLY, NOT_FOR_NCHAN, SCENARIOS, Sizes, server_env, sizes_for
 from bench.loadgen import LoadGenerators
 from bench.measure import Outcome
@@ -65,6 +65,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also measure the broker with CPython's GC defaults (BROKER_GC_TUNING=false)",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure the floor: a bare uvloop + httptools server, one XADD a publish "
+        "(publish-single only; bench/floor.py)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="py-spy the server workers (flame graphs by --json)"
     )
     parser.add_argument(
@@ -100,6 +106,8 @@ def chosen_targets(args: argparse.Namespace) -> list[servers.Target]:
         targets.append(servers.BASELINE)
     if not args.skip_nchan:
         targets.append(nchan.NCHAN)
+    if args.floor:
+        targets.append(floor.FLOOR)
     return targets
 
 
@@ -153,6 +161,8 @@ def _not_run(target: servers.Target, name: str) -> str | None:
         return "the baseline cannot close a topic"
     if target is nchan.NCHAN and name in NOT_FOR_NCHAN:
         return "Nchan cannot close a topic"
+    if target is floor.FLOOR and name not in floor.SCENARIOS:
+        return "the floor only publishes"
     return None
 
 
@@ -242,9 +252,24 @@ def print_summary(doc: dict[str, Any], json_path: Path) -> None:
         for name, outcome in outcomes.items():
             for warning in outcome["warnings"]:
                 print(f"warning: {target}: {name}: {warning}")
+    if (line := floor_line(doc["results"])) is not None:
+        print(line)
     for error in doc["errors"]:
         print(f"error: {error.splitlines()[0]}")
     print(f"results: {json_path}")
+
+
+def floor_line(results: Results) -> str | None:
+    """The broker's server CPU per publish beside the floor's, when both were measured."""
+    key = ("publish-single", "figures", "server_cpu_us_per_event")
+    try:
+        broker, least = (results[t][key[0]][key[1]][key[2]] for t in ("broker", "floor"))
+    except KeyError:
+        return None
+    return (
+        f"publish single: server CPU us/publish: broker {broker:.1f}, floor {least:.1f} "
+        f"({broker / least:.1f}x): the rest is the broker's own work per request"
+    )
 
 
 async def main_async(args: argparse.Namespace) -> int:

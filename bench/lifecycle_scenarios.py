@@ -149,13 +149,17 @@ async def _sessions_mode(
         f"{sizes.sessions_tokens} tokens at {sizes.sessions_rate:g}/s each"
     )
     await asyncio.sleep(max(0.0, specs[0]["start_at"] - time.time() - 0.05))
-    window, mode_outcome = Window(server), Outcome()
+    window, mode_outcome, stats0 = Window(server), Outcome(), redis_command_stats(server)
     pool.start_job("sessions", specs)
     results = await pool.results()
     window.close()
+    commands = _commands_delta(stats0, redis_command_stats(server))
     window.account(mode_outcome, results)
     _session_figures(outcome, mode, results, window)
-    outcome.details[mode] |= mode_outcome.details
+    outcome.details[mode] |= mode_outcome.details | {
+        # Where Redis' time per token goes: the append script, the live reads, the rest.
+        "redis_us_per_token_by_command": _per_token(commands, outcome.details[mode]),
+    }
     outcome.warnings += [f"{mode}: {w}" for w in mode_outcome.warnings]
 
 
@@ -285,6 +289,11 @@ def _commands_delta(
                 "usec_per_call": (usec - usec0) / (calls - calls0),
             }
     return dict(sorted(delta.items(), key=lambda item: -item[1]["usec"]))
+
+
+def _per_token(commands: dict[str, dict[str, float]], details: Message) -> dict[str, float]:
+    tokens = max(details["tokens_published"], 1)
+    return {name: round(stats["usec"] / tokens, 2) for name, stats in commands.items()}
 
 
 def _churn_figures(

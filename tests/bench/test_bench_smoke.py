@@ -48,6 +48,8 @@ def _assert_short_lived_topics_checked(document: dict[str, Any]) -> None:
         assert details["sessions"] > 0 and details["tokens_published"] > 0, details
         assert details["ended"] == details["sessions"], details
         assert details["dropped_and_resumed"] > 0, details
+        # Redis' time per token by command: every token went through the append script.
+        assert details["redis_us_per_token_by_command"].get("evalsha", 0) > 0, details
     assert sessions["details"]["redis_after_ttl"]["keys_before"] > 0
     churn = document["results"]["broker"]["churn"]["details"]
     assert churn["sent_in_window"] > 0 and churn["received_in_window"] > 0, churn
@@ -75,3 +77,19 @@ def test_quick_auth_comparison_reports_auth_on_and_off(tmp_path: Path) -> None:
     for row in rows.values():
         assert row["auth_off"] > 0 and row["auth_on"] > 0, row
     assert "auth on (HS256)" in run.stdout
+
+
+def test_quick_floor_is_measured_beside_the_broker_on_publishes_only(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "bench", "--quick", "--floor", "--skip-baseline"]
+    command += ["--skip-nchan", "--only", "publish-single", "--only", "publish-batch"]
+    command += ["--json", str(output)]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout + run.stderr
+    document = json.loads(output.read_text())
+    assert document["errors"] == []
+    floor = document["results"]["floor"]
+    assert set(floor) == {"publish-single"}, floor  # the floor only publishes
+    figures = floor["publish-single"]["figures"]
+    assert figures["events_per_s"] > 0 and figures["server_cpu_us_per_event"] > 0, figures
+    assert "floor" in run.stdout and "us/publish" in run.stdout, run.stdout
