@@ -33,7 +33,7 @@ $(NODE_STAMP): tests/e2e/node/package.json
 	touch $(NODE_STAMP)
 
 system-tools:
-	bash scripts/ensure-system-tools.sh redis-server nginx haproxy chromium nchan
+	bash scripts/ensure-system-tools.sh redis-server nginx haproxy chromium nchan curl
 
 run: $(STAMP)
 	$(BIN)/broker serve

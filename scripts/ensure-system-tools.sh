@@ -2,7 +2,8 @@
 # Make sure the real components the suite runs are on this machine:
 # redis-server (all Redis tests), nginx and haproxy (the load balancers of the
 # end-to-end suite), chromium (its browser EventSource client) and nchan (nginx's
-# Nchan module, the peer `make bench` compares the broker with; a module, not a command).
+# Nchan module, the peer `make bench` compares the broker with; a module, not a command)
+# and curl (the README's examples, run as written).
 # Installs them from Debian's packages when we can (root + apt-get); otherwise
 # stops and says exactly what to install.
 set -euo pipefail
@@ -13,6 +14,7 @@ declare -A package_of=(
   [haproxy]=haproxy
   [chromium]=chromium
   [nchan]=libnginx-mod-nchan
+  [curl]=curl
 )
 # Tools that are files rather than commands on the PATH.
 declare -A file_of=(

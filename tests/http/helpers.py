@@ -120,12 +120,19 @@ class SseStream:
 
     async def _pump(self) -> None:
         assert self.response is not None
+        last_id: str | None = None
         try:
             async for sse in EventSource(self.response).aiter_sse():
                 if sse.retry is not None and not sse.data and sse.event == "message":
                     # A bare ``retry:`` block: EventSource dispatches nothing for it.
                     self.retry_hints.append(sse.retry)
                     continue
+                if not sse.data and sse.event == "message" and sse.id == last_id:
+                    # A heartbeat comment, which httpx-sse hands on as an empty event once
+                    # an id was seen (EventSource dispatches nothing): every event the
+                    # broker sends carries an id of its own.
+                    continue
+                last_id = sse.id
                 self.queue.put_nowait(sse)
         except (httpx.HTTPError, OSError) as error:
             self.error = error

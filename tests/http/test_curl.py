@@ -20,13 +20,20 @@ from tests.support.broker_process import BrokerProcess
 from tests.support.sse import parse_sse
 
 CURL = shutil.which("curl")
-pytestmark = pytest.mark.skipif(CURL is None, reason="curl is not installed")
+
+
+def curl_binary() -> str:
+    if CURL is None:  # `make test` installs it (scripts/ensure-system-tools.sh)
+        pytest.fail("curl is missing: apt-get install curl (or run make system-tools)")
+    return CURL
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    assert CURL is not None
     return subprocess.run(
-        [CURL, "-sS", "--max-time", "10", *args], capture_output=True, text=True, timeout=15
+        [curl_binary(), "-sS", "--max-time", "10", *args],
+        capture_output=True,
+        text=True,
+        timeout=15,
     )
 
 
@@ -55,9 +62,8 @@ class CurlStream:
 
 @contextmanager
 def curl_stream(*args: str) -> Iterator[CurlStream]:
-    assert CURL is not None
     process = subprocess.Popen(
-        [CURL, "-sS", "-N", "--max-time", "30", *args],
+        [curl_binary(), "-sS", "-N", "--max-time", "30", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )

@@ -13,12 +13,10 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 
 import httpx
 import pytest
-from httpx_sse import ServerSentEvent
 
 from tests.http.conftest import LIMITS
 from tests.http.helpers import (
     RawResponse,
-    SseStream,
     assert_problem,
     new_topic,
     request_bytes,
@@ -89,13 +87,6 @@ class RawIngest:
         self.writer.transport.abort()
 
 
-async def next_event(stream: SseStream, timeout: float = 8.0) -> ServerSentEvent:
-    while True:
-        event = await stream.next(timeout)
-        if event.data or event.event != "message":  # (a heartbeat comes as empty)
-            return event
-
-
 async def history(client: httpx.AsyncClient, topic: str) -> list[dict[str, object]]:
     response = await client.get(
         f"/topics/{topic}/events", params={"limit": 1000}, headers={"Accept": "application/json"}
@@ -114,7 +105,7 @@ async def test_each_line_is_delivered_before_the_body_ends(
         try:
             for n in range(1, 4):
                 await ingest.send(line(f"token {n}", event="token"))
-                event = await next_event(stream, timeout=5)  # the body is still open
+                event = await stream.next(5)  # the body is still open
                 assert (event.event, event.data) == ("token", f'"token {n}"')
             # A line may come in pieces, and the last one needs no line feed.
             await ingest.send(b'{"data": "spl')
@@ -125,7 +116,7 @@ async def test_each_line_is_delivered_before_the_body_ends(
         assert response.status == 201, bytes(response.body)
         ids = json.loads(response.body)["ids"]
         assert len(ids) == 5
-        rest = [await next_event(stream) for _ in range(2)]
+        rest = [await stream.next() for _ in range(2)]
         assert [e.data for e in rest] == ['"split"', '"no line feed"']
         assert rest[-1].id == ids[-1]
 
@@ -145,7 +136,7 @@ async def test_order_is_kept_over_many_lines_and_a_long_ingest_answers_a_count(
         assert response.status_code == 201, response.text
         answer = response.json()
         assert set(answer) == {"count", "first_id", "last_id"} and answer["count"] == total
-        received = [await next_event(stream) for _ in range(total)]
+        received = [await stream.next() for _ in range(total)]
     assert [int(e.data) for e in received] == list(range(total))
     assert received[0].id == answer["first_id"] and received[-1].id == answer["last_id"]
     assert len({e.id for e in received}) == total
@@ -234,7 +225,7 @@ async def test_a_broken_ingest_resent_whole_with_its_key_stores_each_line_once(
     async with subscribe(aclient, topic) as stream:
         ingest = await RawIngest.open(http_broker, topic, "?close=true", key)
         await ingest.send(b"".join(lines[:8]) + lines[8][:5])  # line 9 cut in the middle
-        first = [await next_event(stream) for _ in range(8)]
+        first = [await stream.next() for _ in range(8)]
         ingest.cut()
         # Broken off: stored what came whole, and NOT closed.
         assert [e["data"] for e in await history(aclient, topic)] == [f"t{n}" for n in range(8)]
@@ -250,7 +241,7 @@ async def test_a_broken_ingest_resent_whole_with_its_key_stores_each_line_once(
         answer = again.json()
         assert answer["ids"][:8] == [e.id for e in first]
         assert len(answer["ids"]) == 20
-        rest = [await next_event(stream) for _ in range(13)]
+        rest = [await stream.next() for _ in range(13)]
     assert [e.data for e in rest[:12]] == [f'"t{n}"' for n in range(8, 20)]
     assert rest[-1].event == "broker.end" and rest[-1].id == answer["end_id"]
     stored = await history(aclient, topic)

@@ -20,6 +20,7 @@ from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseE
 from broker import NewEvent
 from broker.redis_open import open_store
 from broker.redis_raw import RawConnection
+from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer, free_port
 
 TIMEOUT = 0.5
@@ -90,11 +91,12 @@ async def test_a_connection_redis_closed_is_replaced_on_the_next_batch(
 ) -> None:
     first = await own_client_id(raw)
     await admin.client_kill_filter(_id=first)
-    for _ in range(100):  # bounded: until the end of the connection is seen (5 s at most)
+
+    def seen_broken() -> bool:
         replies = raw._replies
-        if replies is not None and replies.broken:
-            break
-        await asyncio.sleep(0.05)
+        return replies is not None and replies.broken
+
+    await await_until(seen_broken, timeout=5, what="the killed connection seen as broken")
     assert await raw.exchange([packed("PING")]) == [b"PONG"], "the first after a kill"
     assert await own_client_id(raw) != first
 

@@ -169,7 +169,8 @@ async def test_a_lost_log_gets_a_new_epoch(store: RedisStreamStore, topic: str) 
 async def test_read_live_waits_for_new_entries(store: RedisStreamStore, topic: str) -> None:
     start = (await store.append(topic, events("old"))).ids[0].position
     read = asyncio.create_task(store.read_live({topic: start}, 5000))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # time for the read to answer, were it not waiting
+    assert not read.done(), "the read did not wait: nothing new was appended yet"
     new = (await store.append(topic, events("new"))).ids[0]
     batches = await asyncio.wait_for(read, 5)
     assert [e.id for e in batches[topic]] == [new]

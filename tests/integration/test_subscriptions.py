@@ -112,7 +112,12 @@ async def test_resume_while_publishing_has_no_gap_and_no_duplicate(
     """The switch from replay to live, raced by a publisher."""
     ids = await publish_numbers(broker, topic, range(100))
     publisher = asyncio.create_task(publish_numbers(broker, topic, range(100, 400)))
-    await asyncio.sleep(0.01)
+
+    async def publishing() -> bool:
+        return (await broker.store.state(topic)).length > 110
+
+    await await_until(publishing, timeout=10, what="the publisher under way", worker=publisher)
+    assert not publisher.done()  # the subscription below races it
     subscription, chunks = await consume(broker, {topic: ids[49]})
     try:
         received = numbers(await collect(chunks, has(399), timeout=30))

@@ -23,6 +23,9 @@ from tests.support.redis_server import RedisServer
 from tests.support.redis_topologies import RedisClusterGroup, SentinelGroup
 from tests.support.sse import Event, collect, parse_events
 
+MAX_PUBLISHED = 100_000
+"""At ~150 events a second, some ten minutes: far past any test's own timeout."""
+
 
 @pytest.fixture
 def primary_and_replica() -> tuple[RedisServer, RedisServer]:  # type: ignore[misc]
@@ -143,10 +146,10 @@ class Publisher:
         self._task = asyncio.create_task(self._run(), name="publisher")
 
     async def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
+        for n in range(MAX_PUBLISHED):  # bounded: the tests stop it long before
+            if self._stop.is_set():
+                return
             self.acked.append(str(await self._publish(n)))
-            n += 1
             await asyncio.sleep(0.005)  # a steady rate, not a flood: ~150 events a second
 
     async def _publish(self, n: int) -> EventId:
@@ -288,12 +291,14 @@ def cluster_with_replicas() -> Iterator[RedisClusterGroup]:
 def topics_by_master(cluster: RedisClusterGroup, per_master: int) -> dict[int, list[str]]:
     """Fresh topic names, ``per_master`` of them on each master's slots."""
     found: dict[int, list[str]] = {port: [] for port in cluster.master_ports()}
-    while min(len(topics) for topics in found.values()) < per_master:
+    for _ in range(10_000):  # bounded: a master holds a third of the slots
+        if min(len(topics) for topics in found.values()) >= per_master:
+            return found
         topic = f"c-{uuid.uuid4().hex[:12]}"
         topics = found[cluster.master_port_of(c.log_key(topic))]
         if len(topics) < per_master:
             topics.append(topic)
-    return found
+    raise AssertionError(f"not {per_master} topics on each master in 10,000 names: {found}")
 
 
 def tagged(topic: str, n: int) -> NewEvent:

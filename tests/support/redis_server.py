@@ -28,13 +28,14 @@ def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1, and never handed out before
     in this run: the kernel may offer a port again once its socket is closed, and two
     servers of one test given the same port had one answer for both (seen in e2e)."""
-    while True:
+    for _ in range(10_000):  # bounded: the kernel has some 28,000 ephemeral ports
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+    raise RuntimeError(f"no port not handed out before, after 10,000 tries ({len(_HANDED_OUT)})")
 
 
 def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:

@@ -145,8 +145,11 @@ async def test_a_new_connection_takes_connect_callbacks(pool: BlockingConnection
     connection = pool.make_connection()  # type: ignore[no-untyped-call]
     where = f"redis-py surface AbstractConnection (used by {POOLS})"
     assert isinstance(connection, AbstractConnection), f"{where}: make_connection returns that"
-    # A bound method, as FixedPool's: redis-py keeps it by weak reference.
+    # A bound method, as FixedPool's: redis-py keeps it by weak reference, and calls
+    # what is still alive of its list at each (re)connect.
     connection.register_connect_callback(pool.__repr__)  # type: ignore[no-untyped-call]
+    kept = [ref() for ref in getattr(connection, "_connect_callbacks", [])]
+    assert pool.__repr__ in kept, f"{where}: register_connect_callback did not keep it"
 
 
 async def test_a_cluster_node_bounds_its_connections() -> None:
