@@ -311,9 +311,12 @@ class Subscription:
             self._resync.clear()
             try:
                 # Framed only once every topic is judged: each notice's id is a cursor
-                # that names every topic at its new position.
-                for topic, gap in await self._judge_all(topics):
-                    yield self._gap_frame(topic, gap)
+                # that names every topic, at its new position once its notice is sent,
+                # else at its requested one (a client that drops between two notices
+                # must be told the second when it comes back).
+                judged = await self._judge_all(topics)
+                for index, (topic, gap) in enumerate(judged):
+                    yield self._gap_frame(topic, gap, unsent=judged[index + 1 :])
                 for topic in topics:
                     if topic not in self._over:
                         async for chunk in self._replay_topic(topic):
@@ -372,9 +375,14 @@ class Subscription:
         self._positions[topic], gap = resume_point(position, state)
         return gap
 
-    def _gap_frame(self, topic: str, gap: Gap) -> bytes:
+    def _gap_frame(self, topic: str, gap: Gap, unsent: Sequence[tuple[str, Gap]] = ()) -> bytes:
+        """A notice; ``unsent``: the notices still to send, whose topics its id names at
+        their requested cursors."""
         self._observer.gap_sent(gap.reason)
-        return gap_frame(self._current_id(topic), topic, gap)
+        if not (self._multi and unsent):
+            return gap_frame(self._current_id(topic), topic, gap)
+        positions = self._positions | {later: notice.requested for later, notice in unsent}
+        return gap_frame(format_cursor(positions), topic, gap)
 
     # -- live ------------------------------------------------------------------
 

@@ -77,6 +77,36 @@ async def test_every_gap_id_of_a_multi_topic_stream_names_every_topic(
     assert sorted(numbers(events)) == [0, 1, 101, 102]
 
 
+async def test_a_client_dropping_between_two_gap_notices_gets_the_second_on_its_return(
+    redis_server: RedisServer, topic: str
+) -> None:
+    """Both topics of a multi-topic cursor were trimmed past: two notices. The first
+    one's id must keep ``b`` at its requested cursor (its notice not sent yet), or a
+    client that drops right after it comes back with ``b`` at its oldest retained event,
+    which looks like nothing missed: ``b``'s trimmed events skipped, without a gap."""
+    a, b = f"{topic}-a", f"{topic}-b"
+    broker = await small_broker(redis_server.url, maxlen=2)
+    try:
+        first_a = (await publish(broker, a, range(10)))[0]
+        first_b = (await publish(broker, b, range(100, 110)))[0]
+        subscription = await broker.subscribe({a: first_a, b: first_b})
+        try:
+            events = await collect(subscription.chunks(), lambda ev: bool(gaps(ev)))
+        finally:
+            subscription.close()  # the client drops right after its first notice
+        [first_notice] = gaps(events)
+        cursor = parse_cursor(str(first_notice.id))
+        again = await broker.subscribe(cursor)
+        try:
+            events = await collect(again.chunks(), lambda ev: {8, 9, 108, 109} <= set(numbers(ev)))
+        finally:
+            again.close()
+        noticed = {first_notice.json["topic"]} | {g.json["topic"] for g in gaps(events)}  # type: ignore[index]
+        assert noticed == {a, b}, (first_notice, events)
+    finally:
+        await broker.close()
+
+
 class Recorder:
     """A live subscriber that records what the hub hands it."""
 
