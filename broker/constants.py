@@ -119,6 +119,10 @@ LIST_SCAN_COUNT = 1000
 LIST_SCAN_ROUNDS = 20
 # How long one blocking XREAD waits before it is re-armed anyway (ms).
 LIVE_BLOCK_MS = 5000
+# Added to the time since the live reader's previous read when judging whether
+# retention by age could have removed an entry it had not read yet: that entry may
+# have been appended up to a round trip before the previous read came back.
+LIVE_AWAY_MARGIN_MS = 100
 # The live reader spreads its topics over lanes of at most this many, each one
 # blocking XREAD on a connection of its own, so that a topic coming (or an event
 # waking a read) re-arms one lane, not an XREAD over every live topic: re-arming

@@ -89,6 +89,7 @@ class Hub:
         self._wake_task: asyncio.Task[None] | None = None
         self._registrations = 0
         self._expiry = ExpiryWatch()
+        self._read_returned_at = time.monotonic()  # the previous live read's return
 
     @property
     def topic_count(self) -> int:
@@ -231,7 +232,9 @@ class Hub:
             batches = await self._store.read_live(positions, block_ms)
         finally:
             self._reading = False
-        await self._check_trimmed_past(positions, batches)
+        returned_at, self._read_returned_at = self._read_returned_at, time.monotonic()
+        away_ms = (self._read_returned_at - returned_at) * 1000
+        await self._check_trimmed_past(positions, batches, away_ms)
         self._dispatch(batches, positions)
         if batches and self._linger_s:
             # Under load, let events gather in Redis for a moment: the next read
@@ -289,14 +292,19 @@ class Hub:
                 self._reset_subscribers(feed, topic)
 
     async def _check_trimmed_past(
-        self, positions: dict[str, StreamPosition], batches: dict[str, list[LogEntry]]
+        self,
+        positions: dict[str, StreamPosition],
+        batches: dict[str, list[LogEntry]],
+        away_ms: float,
     ) -> None:
         """Send a topic's subscribers back to the log if retention removed entries
-        between where the reader was and what it read now (it fell that far behind)."""
+        between where the reader was and what it read now (it fell that far behind,
+        or was away ``away_ms`` since its previous read came back)."""
+        may_have_trimmed = self._store.may_have_trimmed
         suspects = [
             topic
             for topic, entries in batches.items()
-            if entries and self._store.may_have_trimmed(topic, positions[topic], entries)
+            if entries and may_have_trimmed(topic, positions[topic], entries, away_ms)
         ]
         if not suspects:
             return
@@ -341,9 +349,10 @@ class Hub:
         )
         failures = [s for s in states if isinstance(s, BaseException)]
         for topic, state in zip(topics, states, strict=True):
-            if not isinstance(state, BaseException):
+            feed = self._feeds.get(topic)  # (None: its last subscriber left meanwhile)
+            if feed is not None and not isinstance(state, BaseException):
                 self._unvalidated.discard(topic)
-                self._revalidate_feed(topic, self._feeds[topic], state)
+                self._revalidate_feed(topic, feed, state)
         self._unvalidated &= set(self._feeds)
         if failures and len(failures) == len(topics):
             raise failures[0]  # nothing answered: back off as for any outage
@@ -352,6 +361,11 @@ class Hub:
         if state.epoch == feed.epoch:
             # AOF everysec may have lost the last second: read on from what is there.
             feed.position = min(feed.position, state.last_issued)
+            if state.trimmed_through > feed.position:
+                # Retention (by age: any read of the state trims) removed entries the
+                # reader had not read yet: its subscribers judge their cursors again.
+                log.warning("topic %s: retention trimmed past the live reader while away", topic)
+                self._reset_subscribers(feed, topic)
             return
         log.warning("topic %s: its log changed while Redis was away", topic)
         feed.epoch = state.epoch

@@ -348,15 +348,23 @@ class RedisStreamStore:
             trimmed_through=_position_or_none(trimmed) or (0, 0),
         )
 
-    def may_have_trimmed(self, topic: str, after: StreamPosition, entries: list[LogEntry]) -> bool:
+    def may_have_trimmed(
+        self, topic: str, after: StreamPosition, entries: list[LogEntry], away_ms: float
+    ) -> bool:
         """Trimming keeps at least ``maxlen`` entries, so if it removed any after ``after``
-        a read after it returns a full count; and trimming by age happens on append,
-        so the newest entry read would be ``max_age`` younger than ``after``."""
+        a read after it returns a full count. Trimming by age happens on an append (the
+        newest entry read would then be ``max_age`` younger than ``after``) and on any
+        read of the topic's state (a subscriber opening, ``GET /topics/t``): an entry
+        appended since the reader's previous read is younger than ``away_ms``, so it
+        cannot have aged out unless the reader was away that long."""
         retention = self.policies.for_topic(topic)
         if len(entries) >= min(c.LIVE_READ_COUNT, retention.maxlen):
             return True
         max_age = retention.max_age_ms
-        return bool(max_age) and entries[-1].position[0] - after[0] >= max_age
+        if not max_age:
+            return False
+        aged_on_append = entries[-1].position[0] - after[0] >= max_age
+        return aged_on_append or away_ms + c.LIVE_AWAY_MARGIN_MS >= max_age
 
     async def list_topics(
         self, prefix: str, cursor: str | None, limit: int

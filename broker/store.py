@@ -57,10 +57,13 @@ class Store(Protocol):
         how far retention has trimmed it, read in the same atomic step."""
         ...
 
-    def may_have_trimmed(self, topic: str, after: StreamPosition, entries: list[LogEntry]) -> bool:
+    def may_have_trimmed(
+        self, topic: str, after: StreamPosition, entries: list[LogEntry], away_ms: float
+    ) -> bool:
         """Whether retention could have removed entries between ``after`` and ``entries``
-        (a live read returned them after it): False proves it did not, True asks the
-        reader to check ``state``. Cheap: called for every live read."""
+        (a live read returned them after it; ``away_ms`` since the reader's previous read
+        returned): False proves it did not, True asks the reader to check ``state``.
+        Cheap: called for every live read."""
         ...
 
     async def read_live(

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from broker import Broker, BrokerLimits, EventId, NewEvent, SubscriberTooSlow
+from broker import Broker, BrokerLimits, EventId, NewEvent, StoreUnavailable, SubscriberTooSlow
 from broker import constants as c
 from broker.heartbeat import HeartbeatClock
 from broker.ids import parse_cursor
@@ -208,6 +208,83 @@ async def test_a_live_reader_behind_retention_sends_its_subscribers_a_gap(
     [gap] = gaps(events)
     assert gap.json["reason"] == "trimmed"  # type: ignore[index]
     assert numbers(events)[-1] == 99 and 2 not in numbers(events)
+
+
+async def _age_trim_while_the_reader_is_away(
+    redis_server: RedisServer, topic: str, away: Any
+) -> list[Event]:
+    """Retention by age (1 s). The subscriber has 1; the live reader is away (``away``
+    wraps its reads) while 2, then 3 are published, and a state read (any subscriber
+    opening, ``GET /topics/t``) trims 2 by age; then the reader reads on after 1 and
+    finds 3 only. What the subscriber gets next: 2, or a ``trimmed`` gap."""
+    broker = Broker(
+        open_store(redis_server.url, retention_seconds=1.0),
+        limits=BrokerLimits(heartbeat_seconds=0.3),
+    )
+    await broker.start()
+    try:
+        subscription = await broker.subscribe({topic: "now"})
+        chunks = subscription.chunks()
+        reading = asyncio.create_task(collect(chunks, lambda ev: 1 in numbers(ev)))
+        await await_until(lambda: subscription.is_live, timeout=5, what="the subscription is live")
+        back = asyncio.Event()
+        broker.store.read_live = away(broker.store.read_live, back)  # type: ignore[method-assign]
+        await publish(broker, topic, range(1, 2))  # ends the read in flight
+        await reading  # the subscriber has 1; the reader is away from now on
+        await publish(broker, topic, range(2, 3))
+        await asyncio.sleep(0.65)  # 2 ages while the reader is away
+        await publish(broker, topic, range(3, 4))
+        await asyncio.sleep(0.5)  # 2 is now past the 1 s retention, 3 is not
+        await broker.store.state(topic)  # trims 2 by age
+        back.set()
+        # 3 may be gone by age too by the time the reader is back: a gap or an event.
+        events = await collect(chunks, lambda ev: bool(gaps(ev) or numbers(ev)), timeout=15)
+        subscription.close()
+        return events
+    finally:
+        await broker.close()
+
+
+def _told_or_whole(events: list[Event]) -> bool:
+    return 2 in numbers(events) or [g.json["reason"] for g in gaps(events)] == ["trimmed"]  # type: ignore[index]
+
+
+async def test_an_outage_longer_than_retention_by_age_ends_in_a_gap(
+    redis_server: RedisServer, topic: str
+) -> None:
+    """The reader's reads fail (its connection lost) until the store is back: its
+    feeds are revalidated, and one whose log was trimmed past its position by age must
+    send its subscribers back to the log (a ``trimmed`` gap), not read on from there."""
+
+    def failing_until_back(original: Any, back: asyncio.Event) -> Any:
+        async def read(*args: Any) -> Any:
+            if not back.is_set():
+                await asyncio.sleep(0.05)
+                raise StoreUnavailable("the live reader's connection is lost")
+            return await original(*args)
+
+        return read
+
+    events = await _age_trim_while_the_reader_is_away(redis_server, topic, failing_until_back)
+    assert _told_or_whole(events), events
+
+
+async def test_a_read_held_up_longer_than_retention_by_age_ends_in_a_gap(
+    redis_server: RedisServer, topic: str
+) -> None:
+    """The reader is held up without an error (a stalled connection, a paused
+    process) for longer than the retention by age: what it then reads may not follow
+    what it had, though its newest entry is young. Subscribers are told."""
+
+    def held_until_back(original: Any, back: asyncio.Event) -> Any:
+        async def read(*args: Any) -> Any:
+            await back.wait()
+            return await original(*args)
+
+        return read
+
+    events = await _age_trim_while_the_reader_is_away(redis_server, topic, held_until_back)
+    assert _told_or_whole(events), events
 
 
 class Failing(Recorder):
