@@ -462,7 +462,8 @@ class Subscription:
         waiter = self._waiter
         if waiter is not None:
             self._consumer_idle = False
-            waiter.set_result(woken)
+            if not waiter.done():  # (done: cancelled with its consumer, not run yet)
+                waiter.set_result(woken)
         elif woken:
             self._consumer_idle = False
             self._sink.wanted()
