@@ -299,12 +299,15 @@ class Hub:
     ) -> None:
         """Send a topic's subscribers back to the log if retention removed entries
         between where the reader was and what it read now (it fell that far behind,
-        or was away ``away_ms`` since its previous read came back)."""
+        or was away ``away_ms`` since its previous read came back, or longer for a
+        topic whose Cluster node failed meanwhile)."""
         may_have_trimmed = self._store.may_have_trimmed
+        unread = self._store.take_unread_spells()  # (a Cluster node failed a while)
         suspects = [
             topic
             for topic, entries in batches.items()
-            if entries and may_have_trimmed(topic, positions[topic], entries, away_ms)
+            if entries
+            and may_have_trimmed(topic, positions[topic], entries, away_ms + unread.get(topic, 0.0))
         ]
         if not suspects:
             return

@@ -323,6 +323,10 @@ class LiveReader:
         self._lanes = [_Lane(self._lanes[0].connection)]  # (it reconnects when next used)
         self._lane_of, self._last, self._dirty, self._log_keys = {}, {}, set(), {}
 
+    def take_unread_spells(self) -> dict[str, float]:
+        """One connection reads every topic: none goes unread while the others are read."""
+        return {}
+
     async def interrupt(self) -> bool:
         """Make the waiting read return now; False when none is waiting."""
         if self._wake is None:
@@ -385,6 +389,8 @@ class ClusterLiveReader:
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed_at = -math.inf
         self._logged_at: dict[str, float] = {}  # node name -> when its failure was last logged
+        self._unread_since: dict[str, float] = {}  # a failed node's topics -> since when
+        self._unread_spells: dict[str, float] = {}  # topics read again -> how long not (ms)
 
     async def open(self) -> None:
         """Nothing yet: a primary's connection opens with its first live topic."""
@@ -441,6 +447,8 @@ class ClusterLiveReader:
                 raise result  # a cancellation, not a node's failure
             else:
                 merged.update(result)
+        if failures or self._unread_since:
+            self._note_unread(groups, failures, merged)
         if not failures:
             return merged
         if not merged:  # nothing to deliver: the hub counts it, waits, and reads again
@@ -450,6 +458,38 @@ class ClusterLiveReader:
         for name, failure in failures.items():
             self._node_failed(name, failure)
         return merged
+
+    def _note_unread(
+        self,
+        groups: dict[str, tuple[Any, dict[int, dict[str, str]]]],
+        failures: dict[str, Exception],
+        merged: dict[str, list[LogEntry]],
+    ) -> None:
+        """Which topics a failed node left unread, and since when; once their node
+        answers with entries again, for how long (``take_unread_spells``: retention by
+        age may have removed what they had not read meanwhile, which the hub checks).
+        Topics no longer read are forgotten."""
+        now = asyncio.get_running_loop().time()
+        unread: dict[str, float] = {}
+        for name, (_, slots) in groups.items():
+            failed = name in failures
+            for streams in slots.values():
+                for key in streams:
+                    topic = c.topic_of_key(key)
+                    since = self._unread_since.get(topic)
+                    if failed:
+                        unread[topic] = now if since is None else since
+                    elif since is not None and topic in merged:
+                        self._unread_spells[topic] = (now - since) * 1000
+                    elif since is not None:
+                        unread[topic] = since  # nothing new yet: checked when it comes
+        self._unread_since = unread
+
+    def take_unread_spells(self) -> dict[str, float]:
+        """Topics read again by the last read after their node failed, with how long
+        (ms) they went unread; each is told once."""
+        spells, self._unread_spells = self._unread_spells, {}
+        return spells
 
     def _node_failed(self, name: str, failure: Exception) -> None:
         """A node failed while others answered: said, counted, and the slot map refreshed."""

@@ -417,6 +417,9 @@ class RedisStreamStore:
     ) -> dict[str, list[LogEntry]]:
         return await self._live.read(positions, block_ms)
 
+    def take_unread_spells(self) -> dict[str, float]:
+        return self._live.take_unread_spells()
+
     async def interrupt_live_read(self) -> bool:
         """Unblock the live XREAD; False when it was not (yet) blocked."""
         return await self._live.interrupt()

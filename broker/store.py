@@ -72,6 +72,12 @@ class Store(Protocol):
         """Wait up to ``block_ms`` for entries after each topic's position."""
         ...
 
+    def take_unread_spells(self) -> dict[str, float]:
+        """Topics that the last ``read_live`` read again after some went unread (a
+        Cluster node failed while the others answered), with how long (ms): the live
+        reader checks whether retention by age trimmed past them meanwhile."""
+        ...
+
     async def interrupt_live_read(self) -> bool:
         """Make a waiting ``read_live`` return now; False if none was waiting yet."""
         ...

@@ -2,7 +2,7 @@
 
 The healthy node's entries are delivered; the failure is logged, counted and
 refreshes the slot map; the failed node's topics are read again, from where
-they were, once it is back.
+they were, once it is back, and the reader says how long they went unread.
 """
 
 from __future__ import annotations
@@ -115,5 +115,9 @@ async def test_a_failing_node_is_logged_counted_and_refreshed_while_the_others_d
         await asyncio.to_thread(cluster.wait_until_ok)
         again = await store.read_live({healthy: a1, failing: b0}, block_ms=5000)
         assert [e.position for e in again[failing]] == [b1], "read again from where it was"
+        # How long it went unread, for the hub to check retention by age against: once.
+        spells = store.take_unread_spells()
+        assert set(spells) == {failing} and spells[failing] > 0, spells
+        assert store.take_unread_spells() == {}
     finally:
         await store.close()

@@ -287,6 +287,39 @@ async def test_a_read_held_up_longer_than_retention_by_age_ends_in_a_gap(
     assert _told_or_whole(events), events
 
 
+async def test_a_topic_unread_while_its_cluster_node_failed_is_checked_for_trimming(
+    redis_server: RedisServer, topic: str
+) -> None:
+    """Only this topic went unread (its Cluster node failed while the others answered:
+    the reader itself kept reading). The store says for how long when its node answers
+    again; longer than the retention by age, the hub must check, as for an absence."""
+
+    def held_alone_until_back(original: Any, back: asyncio.Event) -> Any:
+        async def read(*args: Any) -> Any:
+            await back.wait()
+            broker_hub._read_returned_at = time.monotonic()  # the reader itself was not away
+            return await original(*args)
+
+        return read
+
+    spells = {topic: 1200.0}
+    broker_hub: Any = None
+    original_open = Broker.start
+
+    async def start(self: Broker) -> None:
+        nonlocal broker_hub
+        await original_open(self)
+        broker_hub = self.hub
+        self.store.take_unread_spells = lambda: spells  # type: ignore[method-assign]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Broker, "start", start)
+        events = await _age_trim_while_the_reader_is_away(
+            redis_server, topic, held_alone_until_back
+        )
+    assert _told_or_whole(events), events
+
+
 class Failing(Recorder):
     def offer(self, batch: LiveBatch) -> int:
         raise RuntimeError("a subscriber's bug")
