@@ -264,8 +264,9 @@ LIST_MAX_LIMIT = 1000
 async def list_topics(request: Request) -> Response:
     """``{"topics": [{"topic", "length", "last_id", "closed"}], "next"}``, by SCAN.
 
-    ``?prefix=`` narrows by name, ``?limit=`` (1..1000) is approximate, as SCAN's
-    count is; ``?cursor=`` is the ``next`` of the page before.
+    ``?prefix=`` narrows by name, ``?limit=`` (1..1000) bounds a page (which may hold
+    fewer, even none, and still have a ``next``: SCAN steps that matched little);
+    ``?cursor=`` is the ``next`` of the page before.
     """
     prefix = request.query_params.get("prefix", "")
     if prefix:
@@ -289,7 +290,7 @@ def may_subscribe(request: Request, topic: str) -> bool:
     return True
 
 
-_LIST_CURSOR = re.compile(r"\d{1,4}:\d{1,20}")
+_LIST_CURSOR = re.compile(r"\d{1,4}:\d{1,20}(?::[A-Za-z0-9_.:-]{1,200})?")
 
 
 async def close_topic(request: Request) -> Response:

@@ -45,6 +45,13 @@ def _lua(name: str) -> str:
     return resources.files("broker").joinpath("lua", name).read_text()
 
 
+def _list_position(cursor: str | None) -> tuple[int, int, str | None]:
+    """A listing cursor: the node, the SCAN cursor, the topic the page before ended on."""
+    node, _, rest = (cursor or "0:0").partition(":")
+    position, _, after = rest.partition(":")
+    return int(node), int(position or 0), after or None
+
+
 def _position_or_none(raw: bytes | None) -> StreamPosition | None:
     return parse_stream_id(raw) if raw else None
 
@@ -369,32 +376,48 @@ class RedisStreamStore:
     async def list_topics(
         self, prefix: str, cursor: str | None, limit: int
     ) -> tuple[list[tuple[str, LogState]], str | None]:
-        """Up to about ``limit`` topics whose names start with ``prefix``, by SCAN (never
+        """At most ``limit`` topics whose names start with ``prefix``, by SCAN (never
         KEYS), with their states; and the cursor to go on from (None: done).
 
-        On a Cluster the cursor walks each primary in turn: ``<node index>:<scan cursor>``.
+        The cursor is ``<node index>:<scan cursor>`` (a Cluster walks each primary in
+        turn), with ``:<topic>`` when the page ended inside a SCAN step: the next page
+        takes that step again and goes on after that topic (SCAN's own promise holds:
+        a topic there all along is listed, perhaps twice, never skipped).
         """
         nodes = self._scan_targets()
-        index, _, position = (cursor or "0:0").partition(":")
-        node_index, scan_cursor = int(index), int(position or 0)
+        node_index, scan_cursor, after = _list_position(cursor)
         pattern = c.meta_key(prefix + "*")  # broker:{prefix*}:meta
         names: list[str] = []
         scan_count = min(c.LIST_SCAN_COUNT, max(limit, c.LIST_SCAN_MIN_COUNT))  # ~ limit a page
+        following: str | None = None
         for _ in range(c.LIST_SCAN_ROUNDS):
             if node_index >= len(nodes):
                 break
+            step = scan_cursor
             scan_cursor, keys = await self._call(
-                nodes[node_index].scan(scan_cursor, match=pattern, count=scan_count)
+                nodes[node_index].scan(step, match=pattern, count=scan_count)
             )
-            names += [name for name in map(_topic_of_meta, keys) if name is not None]
+            found = [name for name in map(_topic_of_meta, keys) if name is not None]
+            if after is not None:  # the step the page before ended in: go on after it
+                found = found[found.index(after) + 1 :] if after in found else found
+                after = None
+            room = limit - len(names)
+            if len(found) > room:
+                names += found[:room]
+                following = f"{node_index}:{step}:{names[-1]}"
+                break
+            names += found
             if scan_cursor == 0:
                 node_index, scan_cursor = node_index + 1, 0
             if len(names) >= limit:
                 break
+        if following is None and node_index < len(nodes):
+            following = f"{node_index}:{scan_cursor}"
         states = await asyncio.gather(*(self.state(name) for name in names))
-        found = [(name, state) for name, state in zip(names, states, strict=True) if state.exists]
-        done = node_index >= len(nodes)
-        return found, None if done else f"{node_index}:{scan_cursor}"
+        found_states = [
+            (name, state) for name, state in zip(names, states, strict=True) if state.exists
+        ]
+        return found_states, following
 
     def _scan_targets(self) -> list[Any]:
         """Where topics' keys live: the one server, or each Cluster primary."""

@@ -210,6 +210,7 @@ async def test_listing_topics_by_prefix_with_pages(http_broker: BrokerProcess) -
             assert response.status_code == 200, response.text
             page = response.json()
             assert set(page) == {"topics", "next"}
+            assert len(page["topics"]) <= 5, page  # a page holds at most its limit
             seen += page["topics"]
             if page["next"] is None:
                 break

@@ -197,11 +197,12 @@ async def test_listing_pages_cover_every_topic_once(
 
 async def list_all(broker: Broker, prefix: str) -> list[TopicInfo]:
     """Every page, following ``next`` (a page may be empty and still have one: the
-    SCAN steps it took matched nothing)."""
+    SCAN steps it took matched nothing); none holds more than its limit (3)."""
     found: list[TopicInfo] = []
     cursor: str | None = None
     for _ in range(10_000):
         page, cursor = await broker.list_topics(prefix, cursor, limit=3)
+        assert len(page) <= 3, [info.topic for info in page]
         found += page
         if cursor is None:
             return found
