@@ -131,6 +131,11 @@ LIVE_AWAY_MARGIN_MS = 100
 LIVE_LANE_TOPICS = 128
 LIVE_LANES_MAX = 32
 # The reader's reconnect backoff while Redis is unreachable (seconds).
+# After an outage, how long the live reader waits for the topics' states before it
+# reads those that answered (the others join as they answer), and how long before
+# it asks again for those whose state failed (a Cluster node still down).
+REVALIDATE_WAIT_S = 0.5
+REVALIDATE_RETRY_S = 1.0
 RECONNECT_BACKOFF_MIN = 0.05
 RECONNECT_BACKOFF_MAX = 2.0
 # How long a replicated publish waits for a replica to confirm (ms).

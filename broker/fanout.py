@@ -90,6 +90,9 @@ class Hub:
         self._registrations = 0
         self._expiry = ExpiryWatch()
         self._read_returned_at = time.monotonic()  # the previous live read's return
+        self._revalidating: dict[str, asyncio.Task[LogState]] = {}  # states asked after an outage
+        self._revalidate_after = 0.0  # (monotonic) no new ask before, after a failed one
+        self._outage_began = False  # the first asks after an outage are waited for, briefly
 
     @property
     def topic_count(self) -> int:
@@ -107,6 +110,8 @@ class Hub:
         """Stop the reader. Its blocking XREAD is unblocked first: redis-py may
         swallow a cancellation in the middle of a read and read on."""
         self._closing = True
+        for asked in self._revalidating.values():
+            asked.cancel()
         self._rearm()  # the wake-up that re-arms reads for new topics ends this one
         for task in (self._wake_task, self._task):
             if task is not None:
@@ -203,6 +208,10 @@ class Hub:
                 self._observer.store_error("live_read")
                 log.warning("live reader: %s; retrying in %.2fs", error, backoff)
                 self._unvalidated = {t for t, f in self._feeds.items() if f.ready.done()}
+                self._outage_began, self._revalidate_after = True, 0.0
+                for asked in self._revalidating.values():
+                    asked.cancel()  # asked before this outage: asked again after it
+                self._revalidating.clear()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, c.RECONNECT_BACKOFF_MAX)
             except Exception:
@@ -342,23 +351,52 @@ class Hub:
         without it, or failed over to a replica that lacked the log: a new epoch
         (or none yet); subscribers are told, and each judges its own cursor.
 
-        Every topic's state is asked at once; a topic whose state cannot be read
-        yet (its Cluster node is still down) is left out of reads until it can,
-        and the others go on: one lost node does not stall every topic.
+        Every topic's state is asked at once. Those that answer within
+        ``REVALIDATE_WAIT_S`` are read at once; a topic whose state has not answered
+        (its Cluster node is still down: a connect timeout) is left out of reads until
+        it does, then joins them, and one that failed is asked again after
+        ``REVALIDATE_RETRY_S``: one lost node does not hold up every topic.
         """
-        topics = [t for t in self._unvalidated if t in self._feeds]
-        states = await asyncio.gather(
-            *(self._store.state(topic) for topic in topics), return_exceptions=True
-        )
-        failures = [s for s in states if isinstance(s, BaseException)]
-        for topic, state in zip(topics, states, strict=True):
-            feed = self._feeds.get(topic)  # (None: its last subscriber left meanwhile)
-            if feed is not None and not isinstance(state, BaseException):
-                self._unvalidated.discard(topic)
-                self._revalidate_feed(topic, feed, state)
-        self._unvalidated &= set(self._feeds)
-        if failures and len(failures) == len(topics):
-            raise failures[0]  # nothing answered: back off as for any outage
+        started = []
+        if time.monotonic() >= self._revalidate_after:
+            for topic in self._unvalidated - self._revalidating.keys():
+                if topic in self._feeds:
+                    started.append(self._ask_state(topic))
+        self._unvalidated &= set(self._feeds) | self._revalidating.keys()
+        if not (started and self._outage_began):
+            return  # asked again later: the answers join the reads as they come
+        self._outage_began = False
+        done, pending = await asyncio.wait(started, timeout=c.REVALIDATE_WAIT_S)
+        failures = [e for t in done if not t.cancelled() and (e := t.exception()) is not None]
+        if failures:
+            self._revalidate_after = time.monotonic() + c.REVALIDATE_RETRY_S
+            if len(failures) == len(done) and not pending:
+                self._outage_began = True
+                raise failures[0]  # nothing answered: back off as for any outage
+
+    def _ask_state(self, topic: str) -> asyncio.Task[LogState]:
+        asked = asyncio.ensure_future(self._store.state(topic))
+        self._revalidating[topic] = asked
+        asked.add_done_callback(lambda _: self._state_answered(topic, asked))
+        return asked
+
+    def _state_answered(self, topic: str, asked: asyncio.Task[LogState]) -> None:
+        """A state asked after an outage: the topic is read again from where its log
+        says (joining the running read if it answered late); or asked again later."""
+        if self._revalidating.get(topic) is asked:
+            del self._revalidating[topic]
+        if asked.cancelled():
+            return
+        if asked.exception() is not None:
+            self._revalidate_after = time.monotonic() + c.REVALIDATE_RETRY_S
+            return
+        feed = self._feeds.get(topic)  # (None: its last subscriber left meanwhile)
+        if feed is None or topic not in self._unvalidated:
+            return
+        self._unvalidated.discard(topic)
+        self._revalidate_feed(topic, feed, asked.result())
+        if self._reading:
+            self._rearm()  # answered late: the running read does not name it yet
 
     def _revalidate_feed(self, topic: str, feed: _Feed, state: LogState) -> None:
         if state.epoch == feed.epoch:

@@ -320,6 +320,51 @@ async def test_a_topic_unread_while_its_cluster_node_failed_is_checked_for_trimm
     assert _told_or_whole(events), events
 
 
+async def test_after_an_outage_a_topic_whose_state_hangs_holds_up_no_other(
+    redis_broker: Broker, topic: str
+) -> None:
+    """After an outage every live topic's log is looked at again before it is read. One
+    topic's look hangs (its Cluster node is still down: a connect timeout per try);
+    the others must be read meanwhile, and it once it answers."""
+    a, b = f"{topic}-a", f"{topic}-b"
+    first, second = (
+        await redis_broker.subscribe({a: "now"}),
+        await redis_broker.subscribe({b: "now"}),
+    )
+    try:
+        got_a = asyncio.create_task(collect(first.chunks(), lambda ev: 1 in numbers(ev)))
+        got_b = asyncio.create_task(collect(second.chunks(), lambda ev: 2 in numbers(ev)))
+        await await_until(lambda: first.is_live and second.is_live, timeout=5, what="both are live")
+        store: Any = redis_broker.store
+        original_read, original_state = store.read_live, store.state
+        original_interrupt = store.interrupt_live_read
+        node_back = asyncio.Event()
+        outage = [True]
+
+        async def read_live(*args: Any) -> Any:
+            if outage.pop() if outage else False:
+                raise StoreUnavailable("the live reader's connection is lost")
+            return await original_read(*args)
+
+        async def state(name: str) -> Any:
+            if name == b:
+                await node_back.wait()
+            return await original_state(name)
+
+        store.read_live, store.state = read_live, state
+        await await_until(original_interrupt, timeout=5, what="the read in flight ended")
+        await await_until(lambda: not outage, timeout=5, what="the outage")
+        await publish(redis_broker, a, range(1, 2))
+        events = await got_a  # (collect fails after 10 s)
+        assert numbers(events) == [1]
+        node_back.set()
+        await publish(redis_broker, b, range(2, 3))
+        assert numbers(await got_b) == [2]
+    finally:
+        first.close()
+        second.close()
+
+
 class Failing(Recorder):
     def offer(self, batch: LiveBatch) -> int:
         raise RuntimeError("a subscriber's bug")
