@@ -276,9 +276,10 @@ async def list_topics(request: Request) -> Response:
     if cursor is not None and not _LIST_CURSOR.fullmatch(cursor):
         raise InvalidInput("cursor must be the 'next' of a page before", field="cursor")
     await _authorizer(request).prepare(request.scope)
-    topics, following = await _broker(request).list_topics(prefix, cursor, limit)
-    visible = [_topic_json(t) for t in topics if may_subscribe(request, t.topic)]
-    return json_response({"topics": visible, "next": following})
+    topics, following = await _broker(request).list_topics(
+        prefix, cursor, limit, shown=lambda topic: may_subscribe(request, topic)
+    )
+    return json_response({"topics": [_topic_json(t) for t in topics], "next": following})
 
 
 def may_subscribe(request: Request, topic: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from broker import constants as c
@@ -138,10 +138,15 @@ class Broker:
         return await self.store.delete(topic)
 
     async def list_topics(
-        self, prefix: str, cursor: str | None, limit: int
+        self,
+        prefix: str,
+        cursor: str | None,
+        limit: int,
+        shown: Callable[[str], bool] = lambda _: True,
     ) -> tuple[list[TopicInfo], str | None]:
-        """A page of existing topics whose names start with ``prefix``."""
-        found, following = await self.store.list_topics(prefix, cursor, limit)
+        """A page of existing topics whose names start with ``prefix``, of those the
+        caller may see (``shown``: neither the page nor its cursor names another)."""
+        found, following = await self.store.list_topics(prefix, cursor, limit, shown)
         return [_info(topic, state) for topic, state in found], following
 
     async def subscribe(

@@ -374,15 +374,21 @@ class RedisStreamStore:
         return aged_on_append or away_ms + c.LIVE_AWAY_MARGIN_MS >= max_age
 
     async def list_topics(
-        self, prefix: str, cursor: str | None, limit: int
+        self,
+        prefix: str,
+        cursor: str | None,
+        limit: int,
+        shown: Callable[[str], bool] = lambda _: True,
     ) -> tuple[list[tuple[str, LogState]], str | None]:
-        """At most ``limit`` topics whose names start with ``prefix``, by SCAN (never
-        KEYS), with their states; and the cursor to go on from (None: done).
+        """At most ``limit`` topics whose names start with ``prefix`` and that ``shown``
+        lets the caller see, by SCAN (never KEYS), with their states; and the cursor to
+        go on from (None: done).
 
         The cursor is ``<node index>:<scan cursor>`` (a Cluster walks each primary in
         turn), with ``:<topic>`` when the page ended inside a SCAN step: the next page
-        takes that step again and goes on after that topic (SCAN's own promise holds:
-        a topic there all along is listed, perhaps twice, never skipped).
+        takes that step again and goes on after that topic, the page's last, which
+        the caller was shown (SCAN's own promise holds: a topic there all along is
+        listed, perhaps twice, never skipped).
         """
         nodes = self._scan_targets()
         node_index, scan_cursor, after = _list_position(cursor)
@@ -398,6 +404,7 @@ class RedisStreamStore:
                 nodes[node_index].scan(step, match=pattern, count=scan_count)
             )
             found = [name for name in map(_topic_of_meta, keys) if name is not None]
+            found = [name for name in found if shown(name)]
             if after is not None:  # the step the page before ended in: go on after it
                 found = found[found.index(after) + 1 :] if after in found else found
                 after = None

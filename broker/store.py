@@ -8,7 +8,7 @@ over an in-process fakeredis, so both keep one set of semantics.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from broker.ids import StreamPosition
@@ -47,9 +47,10 @@ class Store(Protocol):
         ...
 
     async def list_topics(
-        self, prefix: str, cursor: str | None, limit: int
+        self, prefix: str, cursor: str | None, limit: int, shown: Callable[[str], bool] = ...
     ) -> tuple[list[tuple[str, LogState]], str | None]:
-        """About ``limit`` existing topics starting with ``prefix``, and the next cursor."""
+        """At most ``limit`` existing topics starting with ``prefix`` that ``shown`` lets
+        the caller see, and the next cursor (which names no other topic)."""
         ...
 
     async def read_range(self, topic: str, after: StreamPosition, count: int) -> LogPage:

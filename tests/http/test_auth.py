@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import httpx
 import orjson
 import pytest
 
@@ -521,3 +522,59 @@ async def test_no_token_is_ever_logged(auth_broker: BrokerProcess) -> None:
         assert token not in log
         for part in token.split("."):
             assert part not in log, "a part of a token is in the log"
+
+
+async def test_a_listing_names_no_topic_the_caller_may_not_see_not_even_in_its_cursor(
+    auth_broker: BrokerProcess,
+) -> None:
+    """Pages of one topic, followed to the end: every page and every ``next`` names
+    only topics the caller may subscribe to (a cursor that resumes inside a SCAN step
+    names the page's last topic: it must be one the caller was shown)."""
+    run = uuid.uuid4().hex[:8]
+    hidden = [f"sec-{run}-{n}" for n in range(6)]
+    seen = [f"pub-{run}-{n}" for n in range(3)]
+    admin = bearer(hs_token(claims(publish=[f"*-{run}-*"])))
+    for topic in hidden + seen:
+        assert (await publish(auth_broker.url, topic, admin)).status == 201
+    for who, headers in {
+        "anonymous": {},
+        "pub-only": bearer(hs_token(claims(subscribe=["pub-*"]))),
+    }.items():
+        listed: list[str] = []
+        cursor = ""
+        async with httpx.AsyncClient(base_url=auth_broker.url, timeout=10) as client:
+            for _ in range(1000):
+                params = {"limit": "1"} | ({"cursor": cursor} if cursor else {})
+                page = (await client.get("/topics", params=params, headers=headers)).json()
+                listed += [t["topic"] for t in page["topics"]]
+                assert len(page["topics"]) <= 1, page
+                cursor = page["next"] or ""
+                assert not any(name in cursor for name in hidden), (who, cursor)
+                if not cursor:
+                    break
+        assert not set(hidden) & set(listed), (who, listed)
+        assert set(seen) <= set(listed), (who, listed)
+
+
+async def test_a_token_under_an_encoded_parameter_name_is_not_logged(
+    auth_broker: BrokerProcess,
+) -> None:
+    """``access%5Ftoken=`` is the same parameter once decoded (and a token there is
+    used): the access log must not show it, on the lean path or through the app."""
+    topic = await _topic_with_an_event(auth_broker.url)
+    marker = uuid.uuid4().hex
+    token = hs_token(claims(publish=[topic], subscribe=[topic], jti=marker))
+    query = f"?x=access_token&access%5Ftoken={token}&access%5ftoken={token}"
+    assert (await stream_lean(auth_broker.url, f"/topics/{topic}/events{query}", {})).status == 200
+    assert (
+        await stream_by_app(auth_broker.url, f"/topics/{topic}/events{query}", {})
+    ).status == 200
+    assert (await publish(auth_broker.url, topic, {}, query)).status == 201
+    wait_until(
+        lambda: auth_broker.log().count(f"/topics/{topic}/events?x=access_token") >= 3,
+        timeout=10,
+        what="the access log lines of these requests",
+    )
+    log = auth_broker.log()
+    for part in token.split("."):
+        assert part not in log, "a part of a token is in the log"
