@@ -11,14 +11,16 @@
  *   stream.close();
  *
  * What it adds to EventSource:
- * - The id of the last event of each stream URL is kept in sessionStorage, and a
- *   fresh page (a reload) resumes after it with ?last_event_id=: a new EventSource
- *   sends no Last-Event-ID. (When the browser reconnects by itself it sends the
+ * - The id of the last event of each stream URL (an access_token in it aside) is
+ *   kept in sessionStorage, and a fresh page (a reload, or the same stream opened
+ *   again with a new token) resumes after it with ?last_event_id=: a new
+ *   EventSource sends no Last-Event-ID. (When the browser reconnects by itself it sends the
  *   header, which the broker prefers to the query parameter, so that stays exact.)
  * - broker.gap and broker.end are surfaced (onGap, onEnd); the stream stops at
  *   broker.end (a multi-topic stream, /events?topic=a&topic=b, at the end of each
- *   of its topics), and a later page that resumes past the end is answered 204, on
- *   which EventSource stops for good instead of reconnecting.
+ *   of its topics; a topic's "deleted" gap ends it too), and a later page that
+ *   resumes past the end is answered 204, on which EventSource stops for good
+ *   instead of reconnecting.
  * - An EventSource only hears the event types it listens to: "message" (events
  *   published without a type), the broker's own, and those named in `types`.
  */
@@ -29,7 +31,14 @@
   var GAP = "broker.gap";
   var END = "broker.end";
 
-  function storageKey(url) { return STORAGE_PREFIX + url; }
+  // Where a stream's place is kept: its URL without what changes between two visits
+  // of the same stream (a fresh access token, the place itself).
+  function storageKey(url) {
+    var stream = new URL(url, global.location.href);
+    stream.searchParams.delete("access_token");
+    stream.searchParams.delete("last_event_id");
+    return STORAGE_PREFIX + stream.href;
+  }
 
   function load(key) {
     try { return global.sessionStorage.getItem(key); } catch (error) { return null; }
@@ -48,16 +57,22 @@
 
   function subscribe(url, options) {
     options = options || {};
-    var key = storageKey(new URL(url, global.location.href).href);
+    var key = storageKey(url);
     var stored = load(key);
     var source = new global.EventSource(stored ? resumeUrl(url, stored) : url, {
       withCredentials: Boolean(options.withCredentials),
     });
     var closed = false;
     // A multi-topic stream (/events?topic=a&topic=b) goes on past one topic's end;
-    // it is over once each of its topics has ended.
-    var topics = Math.max(1, new URL(url, global.location.href).searchParams.getAll("topic").length);
+    // it is over once each of its topics has ended (a broker.end, or a deleted gap).
+    var named = new URL(url, global.location.href).searchParams.getAll("topic");
+    var topics = Math.max(1, new Set(named).size);
     var ends = 0;
+
+    function ended() {
+      ends += 1;
+      if (ends >= topics) { close(); }
+    }
 
     function close() {
       closed = true;
@@ -73,10 +88,11 @@
         var gap;
         try { gap = JSON.parse(event.data); } catch (error) { gap = {}; }
         gap.id = message.id;
+        // A deleted topic is over: coming back would be told again, then wait for ever.
+        if (gap.reason === "deleted") { ended(); }
         if (options.onGap) { options.onGap(gap); }
       } else if (event.type === END) {
-        ends += 1;
-        if (ends >= topics) { close(); }
+        ended();
         if (options.onEnd) { options.onEnd(message); }
       } else if (options.onEvent) {
         options.onEvent(message);

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from brokerclient import Publisher
@@ -222,3 +223,59 @@ def test_a_multi_topic_stream_goes_on_past_one_topics_end(
         ("message", "1"), ("broker.end", "{}"), ("message", "2"), ("message", "3"),
         ("broker.end", "{}"),
     ]  # fmt: skip
+
+
+def test_a_deleted_topic_ends_the_helpers_stream(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """A DELETE ends the stream with a ``deleted`` gap: the helper shows it and stops
+    (reconnecting would be told again, then wait for ever on a log that is gone)."""
+    topic = f"face.deleted.{uuid.uuid4().hex[:8]}"
+    url = f"/topics/{topic}/events?from=earliest"
+    browser.run_on_every_load(CLIENT_PAGE % {"url": json.dumps(url)})
+    browser.navigate(face_broker.url + "/healthz")
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topic, 1)
+        browser.wait_for("JSON.parse(sessionStorage.getItem('received') || '[]').length === 1",
+                         what="the topic's event")  # fmt: skip
+    assert httpx.delete(f"{face_broker.url}/topics/{topic}", timeout=10).status_code == 204
+    browser.wait_for("window.__stream && window.__stream.source.readyState === 2",
+                     what="the helper to close its EventSource")  # fmt: skip
+    received = _received(browser)
+    assert [e["type"] for e in received] == ["message", "broker.gap"], received
+    assert json.loads(received[1]["data"])["reason"] == "deleted"
+
+
+SUBSCRIBE_AGAIN = """
+window.__stream = BrokerClient.subscribe(%(url)s, {
+  onEvent: (e) => {
+    const log = JSON.parse(sessionStorage.getItem("received") || "[]");
+    log.push(e);
+    sessionStorage.setItem("received", JSON.stringify(log));
+  },
+});
+"""
+
+
+def test_the_helper_keeps_its_place_across_a_new_token(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """A page that subscribes again with a fresh ``?access_token=`` (the old one
+    expired) resumes where it was: the token is not part of where the helper keeps
+    its place."""
+    topic = f"face.token.{uuid.uuid4().hex[:8]}"
+    first = f"/topics/{topic}/events?from=earliest&access_token=old"
+    browser.run_on_every_load(CLIENT_PAGE % {"url": json.dumps(first)})
+    browser.navigate(face_broker.url + "/healthz")
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topic, 1)
+        browser.wait_for("JSON.parse(sessionStorage.getItem('received') || '[]').length === 1",
+                         what="the topic's first event")  # fmt: skip
+        browser.evaluate("window.__stream.close()")
+        publisher.publish(topic, 2)  # while the page has no stream
+    second = f"/topics/{topic}/events?from=earliest&access_token=new"
+    browser.evaluate(SUBSCRIBE_AGAIN % {"url": json.dumps(second)})
+    browser.wait_for("JSON.parse(sessionStorage.getItem('received') || '[]').length === 2",
+                     what="the event published while the page had no stream")  # fmt: skip
+    assert [json.loads(e["data"]) for e in _received(browser)] == [1, 2]
+    assert any("access_token=new" in r and "last_event_id=" in r for r in browser.requests)
