@@ -45,6 +45,20 @@ class Event:
         """A ``broker.end``: the topic was closed; nothing follows it."""
         return self.event == END
 
+    @property
+    def ends_topic(self) -> bool:
+        """Nothing more comes of this event's topic: its ``broker.end``, or a gap saying
+        it was deleted."""
+        if self.event == END:
+            return True
+        if self.event != GAP:
+            return False
+        try:
+            reason = self.json().get("reason")
+        except (ValueError, AttributeError):
+            return False
+        return bool(reason == "deleted")
+
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "event": self.event, "data": self.data}
 

@@ -10,7 +10,8 @@
   and starts after that id, so that a drop before the first event loses nothing
   either (``EventSource`` would start "from now" again);
 - ``broker.gap`` and ``broker.end`` events are yielded like any other
-  (``Event.is_gap``, ``Event.is_end``); iteration stops after ``broker.end``, or
+  (``Event.is_gap``, ``Event.is_end``); iteration stops once every topic has ended
+  (its ``broker.end``, or a gap saying it was deleted: ``Event.ends_topic``), or
   when the broker answers 204 (the topic is closed and there is nothing left);
 - an error answer that another try cannot change (400, 401, 403, 404) raises
   ``RequestFailed``; ``give_up_after`` seconds without a working connection raise
@@ -57,7 +58,7 @@ class _Resume:
     failing_since: float | None = None
     retry_hint_ms: int | None = None
     started: bool = field(default=False)
-    ends: int = 0  # the broker.end events seen: one per topic that ended
+    ends: int = 0  # topics that ended: a broker.end, or a deleted gap, each
 
     def all_ended(self) -> bool:
         """Each topic has ended (a multi-topic stream goes on past one topic's end)."""
@@ -96,7 +97,7 @@ class _Resume:
     def delivered(self, event: Event) -> None:
         if event.id is not None:
             self.last_event_id = event.id
-        if event.is_end:
+        if event.ends_topic:
             self.ends += 1
 
     def failed(self, why: str) -> float:
@@ -173,7 +174,7 @@ class AsyncSubscriber:
                     if item is None:
                         return
                     yield item
-                    if item.is_end and resume.all_ended():
+                    if item.ends_topic and resume.all_ended():
                         return
                 delay = resume.ended()
             except httpx.TransportError as error:
@@ -252,7 +253,7 @@ class Subscriber:
                     if item is None:
                         return
                     yield item
-                    if item.is_end and resume.all_ended():
+                    if item.ends_topic and resume.all_ended():
                         return
                 delay = resume.ended()
             except httpx.TransportError as error:

@@ -14,7 +14,15 @@ import redis
 
 from broker import constants as c
 from broker.errors import TopicClosed
-from brokerclient import AsyncPublisher, Publisher, RetryPolicy, SseDecoder, Subscriber, event
+from brokerclient import (
+    AsyncPublisher,
+    Event,
+    Publisher,
+    RetryPolicy,
+    SseDecoder,
+    Subscriber,
+    event,
+)
 from brokerclient.direct import DirectPublisher
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import wait_until
@@ -159,6 +167,37 @@ def test_a_multi_topic_subscriber_goes_on_past_one_topics_end(face_broker: Broke
     assert sorted(e.data for e in seen if not e.is_end) == ['"a"', '"b"', '"b2"']
     assert [e.event for e in seen].count("broker.end") == 2
     assert seen[-1].is_end
+
+
+@pytest.mark.parametrize("other_topic", [False, True])
+def test_a_deleted_topic_ends_the_subscriber(face_broker: BrokerProcess, other_topic: bool) -> None:
+    """A DELETE ends the topic with a ``deleted`` gap: the subscriber hands it over and
+    stops (on a multi-topic stream, once the other topic has ended too), instead of
+    reconnecting, being told again, and waiting for ever on a log that is gone."""
+    topic, other = _topic("deleted"), _topic("deleted-other")
+    topics = [topic, other] if other_topic else [topic]
+    with Publisher(face_broker.url) as publisher:
+        for name in topics:
+            publisher.publish(name, 1)
+    seen: queue.Queue[Event] = queue.Queue()
+
+    def follow() -> None:
+        with Subscriber(topics, face_broker.url, from_earliest=True, give_up_after=10) as sub:
+            for each in sub:
+                seen.put(each)
+
+    following = threading.Thread(target=follow, daemon=True)
+    following.start()
+    wait_until(lambda: seen.qsize() >= len(topics), timeout=10, what="the topics' events")
+    assert httpx.delete(f"{face_broker.url}/topics/{topic}", timeout=10).status_code == 204
+    if other_topic:
+        closing = httpx.post(f"{face_broker.url}/topics/{other}/close", timeout=10)
+        assert closing.status_code == 201, closing.text
+    following.join(timeout=15)
+    assert not following.is_alive(), "the subscriber did not stop"
+    received = list(seen.queue)
+    gaps = [e for e in received if e.is_gap]
+    assert [g.json()["reason"] for g in gaps] == ["deleted"], received
 
 
 async def test_streaming_ingest_stores_each_line_and_a_resend_stores_nothing(
