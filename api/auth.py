@@ -17,8 +17,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qs, unquote_plus
+from typing import Any, Literal
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 import jwt
 from starlette.requests import cookie_parser
@@ -26,9 +26,7 @@ from starlette.types import Scope
 
 from api.keys import FixedKey, JwksKeys, UnknownKey, VerifyingKey
 from api.problems import Forbidden, Unauthorized
-
-if TYPE_CHECKING:
-    from api.settings import Settings
+from api.settings import Settings, split_list
 
 Action = Literal["publish", "subscribe"]
 COOKIE_NAME = "broker_token"
@@ -95,8 +93,10 @@ class Authorizer:
         audience: str | None = None,
         issuer: str | None = None,
         public_topics: TopicPatterns = NOTHING,
+        cors_origins: Sequence[str] = (),
     ) -> None:
         self._key = key
+        self._origins = frozenset(cors_origins)
         self._fetches = isinstance(key, JwksKeys)  # a fixed key has nothing to prepare
         self._audience = audience
         self._issuer = issuer
@@ -119,6 +119,7 @@ class Authorizer:
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
             public_topics=TopicPatterns.parse(settings.public_topics),
+            cors_origins=split_list(settings.cors_origins),
         )
 
     @property
@@ -144,9 +145,11 @@ class Authorizer:
             return OPEN
         if action == "subscribe" and all(self._public.allows(t) for t in topics):
             return OPEN
-        token = token_of(scope)
+        token, from_cookie = _token_and_source(scope)
         if token is None:
             raise Unauthorized(f"{action} on this topic needs a token", token_given=False)
+        if from_cookie and action == "publish":
+            self._refuse_forgery(scope)
         rights = self._rights(token)
         allowed = rights.publish if action == "publish" else rights.subscribe
         public = self._public if action == "subscribe" else NOTHING
@@ -154,6 +157,20 @@ class Authorizer:
         if refused:
             raise Forbidden(f"the token does not allow {action} on {', '.join(refused[:5])}")
         return Grant(rights.expires_at)
+
+    def _refuse_forgery(self, scope: Scope) -> None:
+        """A browser sends the cookie with any site's form or plain ``fetch`` (text/plain
+        needs no preflight): a change by cookie must come from a page of a listed origin
+        or of the broker itself (a browser names the page's origin on every POST)."""
+        origin = _header(scope, b"origin")
+        if origin is None or origin in self._origins:
+            return
+        if urlsplit(origin).netloc == (_header(scope, b"host") or ""):
+            return
+        raise Forbidden(
+            f"a publish by cookie from a page of {origin[:100]}, an origin not listed in "
+            "BROKER_CORS_ORIGINS (send the token in the Authorization header instead)"
+        )
 
     def _rights(self, token: str) -> Rights:
         rights = self._verified.get(token)
@@ -216,21 +233,33 @@ def _patterns(claim: dict[str, Any], action: str) -> TopicPatterns:
 
 def token_of(scope: Scope) -> str | None:
     """The request's token: ``Authorization: Bearer``, else the cookie, else the query."""
+    return _token_and_source(scope)[0]
+
+
+def _token_and_source(scope: Scope) -> tuple[str | None, bool]:
+    """The request's token, and whether it came from the cookie."""
     cookie = None
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, credentials = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and credentials.strip():
-                return _bounded(credentials.strip())
+                return _bounded(credentials.strip()), False
         elif name == b"cookie":
             cookie = cookie_parser(value.decode("latin-1")).get(COOKIE_NAME) or cookie
     if cookie:
-        return _bounded(cookie)
+        return _bounded(cookie), True
     query = scope.get("query_string", b"")
     if QUERY_PARAMETER.encode() in query:
         found = parse_qs(query.decode("latin-1")).get(QUERY_PARAMETER)
         if found and found[-1]:
-            return _bounded(found[-1])
+            return _bounded(found[-1]), False
+    return None, False
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
     return None
 
 

@@ -578,3 +578,37 @@ async def test_a_token_under_an_encoded_parameter_name_is_not_logged(
     log = auth_broker.log()
     for part in token.split("."):
         assert part not in log, "a part of a token is in the log"
+
+
+@pytest.mark.parametrize(
+    ("origin", "expected"),
+    [
+        ("https://evil.example", 403),  # another site's page, riding the user's cookie
+        (APP_ORIGIN, 201),  # a listed origin
+        (None, 201),  # no Origin: not a browser's cross-site request
+        ("same", 201),  # the broker's own pages (the live page publishes)
+    ],
+)
+async def test_a_cookie_publishes_only_from_a_listed_or_the_brokers_own_origin(
+    auth_broker: BrokerProcess, origin: str | None, expected: int
+) -> None:
+    """Cross-site request forgery: a browser sends the broker's cookie with a form or a
+    plain fetch from any site (no preflight for text/plain). A publish, a close or a
+    delete by cookie from an origin neither listed nor the broker's own is refused."""
+    topic = await _topic_with_an_event(auth_broker.url)
+    cookie = {"Cookie": f"broker_token={hs_token(claims(publish=[topic], subscribe=[topic]))}"}
+    if origin == "same":
+        origin = auth_broker.url
+    headers = cookie | ({"Origin": origin} if origin else {})
+    body = b"hello"
+    sent = headers | {"Content-Type": "text/plain", "Content-Length": str(len(body))}
+    url = f"{auth_broker.url}/topics/{topic}"
+    answer = await _finish(await raw_request(f"{url}/events", "POST", headers=sent, body=body))
+    assert answer.status == expected, answer.body
+    closing = headers | {"Content-Length": "0"}
+    answer = await _finish(await raw_request(f"{url}/close", "POST", headers=closing))
+    assert answer.status == expected, answer.body
+    # The same from another site with the token in a header is not forgery: allowed.
+    if expected == 403:
+        token = bearer(hs_token(claims(publish=[topic])))
+        assert (await publish(auth_broker.url, topic, token | {"Origin": origin})).status == 201
