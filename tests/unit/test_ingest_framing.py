@@ -64,6 +64,9 @@ def test_a_long_chunk_over_many_reads() -> None:
         b"1" * 16 + b"\r\n",  # a size past 2**60
         b"2\nab\r\n",  # a bare LF
         b"2" + b";x" * 3000,  # a size line that never ends
+        b"2;a\nb\r\nab\r\n",  # a bare LF in an extension (httptools refuses it too)
+        b"2 \r\nab\r\n",  # a space after the size
+        b"2;\x01\x7f\r\nab\r\n",  # control bytes in an extension
     ],
 )
 def test_malformed_chunked_framing(data: bytes) -> None:
@@ -94,3 +97,19 @@ def test_a_sized_body(size: int) -> None:
 
 def test_an_empty_sized_body_has_ended() -> None:
     assert SizedBody(0).ended
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [
+        b"not a header\r\n\r\n",  # no colon
+        b"X-A: 1\nX-B: 2\r\n\r\n",  # a bare LF inside it
+        b"X-A: \x01\r\n\r\n",  # a control byte
+        b": 1\r\n\r\n",  # no name
+    ],
+)
+def test_a_malformed_trailer_line_breaks_the_framing(trailer: bytes) -> None:
+    """As httptools (uvicorn's parser) refuses it: the two routes decide alike."""
+    framing = ChunkedBody()
+    assert framing.decode(b"3\r\nabc\r\n0\r\n" + trailer + NEXT) == b"abc"
+    assert isinstance(framing.broken, BadFraming) and not framing.ended
