@@ -102,6 +102,7 @@ class Authorizer:
         self._issuer = issuer
         self._public = public_topics
         self._verified: OrderedDict[str, Rights] = OrderedDict()
+        self._key_generation = key.generation if key is not None else 0
         required = ["exp", *(["aud"] if audience else []), *(["iss"] if issuer else [])]
         self._options: Any = {"require": required, "verify_aud": audience is not None}
 
@@ -173,6 +174,10 @@ class Authorizer:
         )
 
     def _rights(self, token: str) -> Rights:
+        assert self._key is not None
+        if self._key.generation != self._key_generation:  # a key was revoked: verify anew
+            self._verified.clear()
+            self._key_generation = self._key.generation
         rights = self._verified.get(token)
         if rights is None:
             rights = self._verify(token)

@@ -53,6 +53,11 @@ class VerifyingKey(Protocol):
     async def ensure(self, header: dict[str, Any]) -> None:
         """Make ``key_for`` ready for a token with this header (a JWKS may fetch)."""
 
+    @property
+    def generation(self) -> int:
+        """Moves on whenever a key was removed or replaced: tokens verified before may no
+        longer be valid."""
+
 
 def algorithms_for(key: Any) -> list[str]:
     """The asymmetric algorithms a public key verifies, from its type alone."""
@@ -94,6 +99,8 @@ def load_public_key(value: str) -> Any:
 class FixedKey:
     """A secret (HS*) or a public key (RS*/PS*/ES*/EdDSA), set in the configuration."""
 
+    generation = 0  # a fixed key never changes
+
     def __init__(self, key: Any, algorithms: list[str]) -> None:
         self._key = key
         self._algorithms = algorithms
@@ -126,6 +133,7 @@ class JwksKeys:
         self._fetched_at: float | None = None  # monotonic; None: never fetched
         self._tried_at = -float("inf")
         self._fetching: asyncio.Task[None] | None = None
+        self.generation = 0
 
     def key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
         kid = header.get("kid")
@@ -171,7 +179,10 @@ class JwksKeys:
 
     async def _fetch(self) -> None:
         document = await asyncio.to_thread(_get_json, self._url)
-        self._keys = keys_of(document)
+        keys = keys_of(document)
+        if any(keys.get(kid) != key for kid, key in self._keys.items()):
+            self.generation += 1  # a key revoked or replaced: tokens it signed go too
+        self._keys = keys
         self._fetched_at = time.monotonic()
         log.info("JWKS: %d key(s) from %s", len(self._keys), self._url)
 

@@ -179,3 +179,28 @@ async def test_requests_during_a_fetch_wait_for_it() -> None:
         await asyncio.gather(*(keys.ensure(header) for _ in range(20)))
         assert server.fetch_count() == 1
         assert keys.key_for(header)[1][0] == "RS256"
+
+
+async def test_a_key_removed_from_the_set_stops_its_tokens_even_verified_ones() -> None:
+    """Key revocation: once a fetch of the set lacks a key, tokens it signed are refused,
+    also those verified (and remembered) before; tokens of the keys kept still pass."""
+    from api.auth import Authorizer
+    from api.keys import JwksKeys
+    from api.problems import Unauthorized
+
+    with serve_jwks([RSA_KEY, EC_KEY]) as server:
+        keys = JwksKeys(server.url, min_refetch_seconds=0)
+        authorizer = Authorizer(keys)
+        revoked, kept = (k.token(_rights("t")) for k in (RSA_KEY, EC_KEY))
+
+        def scope(token: str) -> dict[str, object]:
+            return {"headers": [(b"authorization", f"Bearer {token}".encode())]}
+
+        for token in (revoked, kept):
+            await authorizer.prepare(scope(token))
+            authorizer.check(scope(token), "subscribe", ["t"])  # verified, remembered
+        server.set_keys([EC_KEY])
+        await keys.ensure({"kid": "not-in-the-set"})  # a fetch (rotation, or stale)
+        with pytest.raises(Unauthorized):
+            authorizer.check(scope(revoked), "subscribe", ["t"])
+        authorizer.check(scope(kept), "subscribe", ["t"])
