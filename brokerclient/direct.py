@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from broker import constants as c
 from broker.model import NewEvent
@@ -43,7 +43,9 @@ class DirectPublisher:
     """Appends events to topics in Redis as the broker does (asyncio).
 
     ``redis_url`` takes every form ``BROKER_REDIS_URL`` does (one Redis,
-    Sentinel, Cluster). Use as an async context manager, or ``aclose()``.
+    Sentinel, Cluster). Use as an async context manager, or ``aclose()``. Give it
+    the broker's settings (retention, TTL, policies, ``durability`` as
+    ``BROKER_PUBLISH_DURABILITY``): the append is the broker's, with them.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class DirectPublisher:
         topic_policies: Sequence[TopicPolicy] = (),
         max_event_bytes: int = c.DEFAULT_MAX_EVENT_BYTES,
         max_batch: int = c.DEFAULT_MAX_BATCH,
+        durability: Literal["leader", "replicated"] = "leader",
         store: Store | None = None,
     ) -> None:
         if not redis_url and store is None:
@@ -69,6 +72,7 @@ class DirectPublisher:
             topic_ttl_seconds=topic_ttl_seconds,
             topic_policies=list(topic_policies),
             pool_size=DIRECT_POOL_SIZE,
+            durability=durability,  # as BROKER_PUBLISH_DURABILITY: "replicated" waits for a replica
         )
         self._max_event_bytes = max_event_bytes
         self._max_batch = max_batch

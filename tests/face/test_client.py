@@ -323,3 +323,18 @@ def test_a_stream_broken_midway_is_resent_whole_and_stored_once(
     assert transport.calls == 2
     assert result.count == 5
     assert [e["data"] for e in _history(own_broker.url, topic)] == [{"n": n} for n in range(5)]
+
+
+async def test_a_direct_publisher_can_wait_for_a_replica_as_the_broker_does(
+    redis_server: RedisServer,
+) -> None:
+    """``durability="replicated"`` (``BROKER_PUBLISH_DURABILITY``): an append is confirmed
+    only once a replica has it; with none, it fails as the broker's 503 does."""
+    from broker.errors import StoreUnavailable
+
+    topic = _topic("replicated")
+    async with DirectPublisher(redis_server.url, durability="replicated") as publisher:
+        with pytest.raises(StoreUnavailable):
+            await publisher.publish(topic, 1)  # the suite's redis-server has no replica
+    async with DirectPublisher(redis_server.url) as publisher:
+        assert (await publisher.publish(topic, 2)).ids
