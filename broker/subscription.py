@@ -97,6 +97,10 @@ class Subscription:
         """Topics whose stream is over: their end (or deletion) was delivered, or the
         cursor was already at the end of a closed topic. All over: the stream ends."""
         self._opening_states: dict[str, LogState] = {}
+        self._announce = "now" in self._starts.values()
+        """A topic starts "now": once caught up, the stream's cursor is sent (an ``id:``
+        with no data, which ``EventSource`` keeps without firing an event), so that a
+        client dropping before its first event resumes from there, not from a new now."""
         self._waiter: asyncio.Future[bool] | None = None
         self._consumer_idle = False
         """The consumer holds nothing and is not running: parked in ``_wait``, or (an edge
@@ -331,6 +335,9 @@ class Subscription:
         self._catching_up = False
         if self._replayed:
             self._observer.replayed(self._replayed)  # one catch-up, one size
+        if self._announce and not self._closed and self._positions:
+            self._announce = False
+            yield id_line(self._cursor()) + b"\n"
 
     async def _judge_all(self, topics: list[str]) -> list[tuple[str, Gap]]:
         """Judge each topic's cursor against its log; the gap notices they need."""
@@ -440,6 +447,10 @@ class Subscription:
         if self._multi:
             return format_cursor(self._positions)
         return str(self._positions[topic])
+
+    def _cursor(self) -> str:
+        """Where the stream stands: an id that resumes every topic from here."""
+        return self._current_id(next(iter(self._positions)))
 
     async def _wait(self) -> bool:
         """Wait for something to send; False when it is time for a heartbeat."""

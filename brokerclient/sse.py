@@ -67,7 +67,11 @@ class SseDecoder:
     """Bytes in, events out. One decoder per connection; ``last_id`` may be carried over."""
 
     def __init__(self, last_id: str | None = None) -> None:
-        self.last_id = last_id
+        self.last_id = last_id  # the id field's last value (the standard's buffer)
+        self.dispatched_id = last_id
+        """The stream's last event id, as ``EventSource`` keeps it: set at each block's
+        end, also by a block with an ``id:`` and no data (the broker's cursor once a
+        stream is caught up), which is no event."""
         self.retry_ms: int | None = None
         self._pending = b""
         self._event: str | None = None
@@ -108,6 +112,7 @@ class SseDecoder:
         return None
 
     def _dispatch(self) -> Event | None:
+        self.dispatched_id = self.last_id
         event: Event | None = None
         if self._has_data:
             event = Event(self.last_id, self._event, "\n".join(self._data))

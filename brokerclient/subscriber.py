@@ -94,6 +94,14 @@ class _Resume:
         self.started = True
         self.failures, self.failing_since = 0, None
 
+    def read(self, decoder: SseDecoder) -> None:
+        """A chunk was read whole: a cursor sent with no event (the stream caught up
+        "from now") is where to resume from, as ``EventSource`` keeps it; and the
+        ``retry:`` hint."""
+        if decoder.dispatched_id is not None:
+            self.last_event_id = decoder.dispatched_id
+        self.retry_hint_ms = decoder.retry_ms or self.retry_hint_ms
+
     def delivered(self, event: Event) -> None:
         if event.id is not None:
             self.last_event_id = event.id
@@ -199,7 +207,7 @@ class AsyncSubscriber:
                 for event in decoder.feed(chunk):
                     self._resume.delivered(event)
                     yield event
-                self._resume.retry_hint_ms = decoder.retry_ms or self._resume.retry_hint_ms
+                self._resume.read(decoder)
 
     async def _topic_last_id(self, topic: str) -> str | None:
         response = await self._client.get(topic_path(topic, ""), headers=base_headers(self._token))
@@ -277,7 +285,7 @@ class Subscriber:
                 for event in decoder.feed(chunk):
                     self._resume.delivered(event)
                     yield event
-                self._resume.retry_hint_ms = decoder.retry_ms or self._resume.retry_hint_ms
+                self._resume.read(decoder)
 
     def _topic_last_id(self, topic: str) -> str | None:
         return _last_id_of(

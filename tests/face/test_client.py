@@ -131,6 +131,35 @@ def test_subscriber_from_now_loses_nothing_published_while_it_reconnects(
             sub.close()
 
 
+def test_a_multi_topic_subscriber_from_now_loses_nothing_published_while_it_reconnects(
+    own_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """The same for two topics: the stream's cursor, sent once it is caught up (an id
+    with no event), is where it resumes, for both topics."""
+    topics = [_topic("now-a"), _topic("now-b")]
+    received: queue.Queue[object] = queue.Queue()
+    with Publisher(own_broker.url, retry=PATIENT) as publisher:
+        for topic in topics:
+            publisher.publish(topic, "before")
+        sub = Subscriber(topics, own_broker.url, give_up_after=30)
+        reader = threading.Thread(target=lambda: [received.put(e.json()) for e in sub])
+        reader.start()
+        try:
+            wait_until(lambda: sub.last_event_id is not None, timeout=10,
+                       what="the stream's cursor")  # fmt: skip
+            own_broker.kill()
+            for topic in topics:
+                asyncio.run(_publish_direct(redis_server.url, topic, f"while down {topic}"))
+            own_broker.start()
+            got = sorted(str(received.get(timeout=15)) for _ in topics)
+            assert got == sorted(f"while down {topic}" for topic in topics)
+        finally:
+            for topic in topics:
+                publisher.publish(topic, "last", close=True)
+            reader.join(timeout=15)
+            sub.close()
+
+
 def _subscribers(url: str, topic: str) -> int:
     stats = httpx.get(f"{url}/stats", params={"topic": topic}, timeout=5).json()
     return int(stats["topics"][0]["subscribers"])

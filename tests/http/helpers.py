@@ -93,6 +93,7 @@ class SseStream:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None
     retry_hints: list[int] = field(default_factory=list)
+    cursors: list[str] = field(default_factory=list)  # ids sent with no event
     _task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> SseStream:
@@ -121,23 +122,41 @@ class SseStream:
     async def _pump(self) -> None:
         assert self.response is not None
         last_id: str | None = None
+        expects_cursor = self._from_now()
         try:
             async for sse in EventSource(self.response).aiter_sse():
                 if sse.retry is not None and not sse.data and sse.event == "message":
                     # A bare ``retry:`` block: EventSource dispatches nothing for it.
                     self.retry_hints.append(sse.retry)
                     continue
-                if not sse.data and sse.event == "message" and sse.id == last_id:
-                    # A heartbeat comment, which httpx-sse hands on as an empty event once
-                    # an id was seen (EventSource dispatches nothing): every event the
-                    # broker sends carries an id of its own.
-                    continue
+                if not sse.data and sse.event == "message":
+                    if sse.id == last_id:
+                        # A heartbeat comment, which httpx-sse hands on as an empty event
+                        # once an id was seen (EventSource dispatches nothing): every
+                        # event the broker sends carries an id of its own.
+                        continue
+                    if expects_cursor:
+                        # The cursor a stream "from now" sends once caught up: an id with
+                        # no data, which EventSource keeps without firing an event.
+                        # (httpx-sse cannot tell it from a `data:` line with nothing on
+                        # it, an event: only the first such block of such a stream is.)
+                        expects_cursor, last_id = False, sse.id
+                        self.cursors.append(sse.id)
+                        continue
                 last_id = sse.id
                 self.queue.put_nowait(sse)
         except (httpx.HTTPError, OSError) as error:
             self.error = error
         finally:
             self.ended.set()
+
+    def _from_now(self) -> bool:
+        """Whether the stream starts "from now" (no cursor, no ``from``): it then sends
+        its cursor once caught up."""
+        if any(name.lower() == "last-event-id" for name in self.headers):
+            return False
+        query = str(httpx.URL(self.path, params=self.params).query, "ascii")
+        return not any(f"{name}=" in query for name in ("from", "last_event_id"))
 
     async def next(self, timeout: float = 8.0) -> ServerSentEvent:
         """The next event, or fail when none arrives within ``timeout`` seconds."""

@@ -90,6 +90,7 @@ async def test_a_heartbeat_comment_at_least_every_heartbeat_interval(
     )
     try:
         await stream.read_until(b"\n\n")  # the retry hint
+        await stream.read_until(b"id: 0.0-0\n\n")  # the cursor, once caught up (no log yet)
         for _ in range(3):
             started, seen = time.monotonic(), len(stream.body)
             await stream.read_chunk(timeout=2.5)

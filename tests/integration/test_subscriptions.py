@@ -233,6 +233,15 @@ async def test_a_slow_subscriber_is_dropped_and_others_get_everything(
         slow = await broker.subscribe({topic: "now"})
         slow_chunks = slow.chunks()
         collector = asyncio.create_task(collect(fast.chunks(), has(799), timeout=30))
+        assert (
+            await anext(slow_chunks)
+            == b"id: %s\n\n"
+            % str(  # its cursor, caught up
+                (await broker.store.state(topic)).event_id(
+                    (await broker.store.state(topic)).last_issued
+                )
+            ).encode()
+        )
         first_chunk = asyncio.create_task(anext(slow_chunks))
         await await_until(lambda: slow.is_live, timeout=5, what="the slow one is live")
         first = await publish_numbers(broker, topic, range(1))
@@ -292,9 +301,39 @@ async def test_heartbeats_while_idle(broker: Broker, topic: str, consume: Consum
     subscription, chunks = await consume(broker, {topic: "now"})
     try:
         async with asyncio.timeout(5):
+            assert await anext(chunks) == b"id: 0.0-0\n\n"  # the cursor (no log yet)
             assert await anext(chunks) == b":\n\n"
     finally:
         subscription.close()
+
+
+@pytest.mark.parametrize("topics", [1, 2], ids=["one-topic", "two-topics"])
+async def test_a_stream_from_now_sends_its_cursor_once_caught_up(
+    broker: Broker, topic: str, topics: int
+) -> None:
+    """An ``id:`` with no data (``EventSource`` keeps it, fires nothing): a client that
+    drops before the first event comes back with it and gets what it missed, where
+    with no id it would start from a new "now"."""
+    names = [f"{topic}-{n}" for n in range(topics)]
+    for name in names:
+        await publish_numbers(broker, name, range(1))
+    subscription = await broker.subscribe(dict.fromkeys(names, "now"))
+    try:
+        async with asyncio.timeout(5):
+            chunk = await anext(subscription.chunks())
+    finally:
+        subscription.close()
+    assert chunk.startswith(b"id: ") and chunk.endswith(b"\n\n") and b"data" not in chunk
+    text = chunk[4:-2].decode()
+    cursor = parse_cursor(text) if topics > 1 else {names[0]: EventId.parse(text)}
+    missed = {name: await publish_numbers(broker, name, range(1, 2)) for name in names}
+    again = await broker.subscribe(cursor)
+    try:
+        events = await collect(again.chunks(), lambda ev: numbers(ev).count(1) == topics)
+    finally:
+        again.close()
+    assert sorted(numbers(events)) == [1] * topics  # each topic's missed event, once
+    assert {e.id for e in events} - {None} and all(ids for ids in missed.values())
 
 
 @pytest.mark.parametrize("topics", [1, 2], ids=["one-topic", "two-topics"])
@@ -365,6 +404,7 @@ async def test_closing_a_stream_whose_reader_was_cancelled_a_moment_ago_is_quiet
     between (a drain closes every stream in one loop) must not fail on that wait."""
     subscription = await broker.subscribe({topic: "now"})
     chunks = subscription.chunks()
+    await anext(chunks)  # its cursor, once caught up
     consumer = asyncio.ensure_future(anext(chunks))
     await await_until(lambda: subscription.is_live, timeout=5, what="the subscription is live")
     await asyncio.sleep(0)  # the consumer waits for something to send
