@@ -249,41 +249,35 @@ def _told_or_whole(events: list[Event]) -> bool:
     return 2 in numbers(events) or [g.json["reason"] for g in gaps(events)] == ["trimmed"]  # type: ignore[index]
 
 
-async def test_an_outage_longer_than_retention_by_age_ends_in_a_gap(
-    redis_server: RedisServer, topic: str
+def failing_until_back(original: Any, back: asyncio.Event) -> Any:
+    """The reader's reads fail (its connection lost) until the store is back: its feeds
+    are revalidated then, and one trimmed past its position by age must be told."""
+
+    async def read(*args: Any) -> Any:
+        if not back.is_set():
+            await asyncio.sleep(0.05)
+            raise StoreUnavailable("the live reader's connection is lost")
+        return await original(*args)
+
+    return read
+
+
+def held_until_back(original: Any, back: asyncio.Event) -> Any:
+    """The reader is held up without an error (a stalled connection, a paused process):
+    what it then reads may not follow what it had, though its newest entry is young."""
+
+    async def read(*args: Any) -> Any:
+        await back.wait()
+        return await original(*args)
+
+    return read
+
+
+@pytest.mark.parametrize("away", [failing_until_back, held_until_back], ids=["outage", "held"])
+async def test_a_reader_away_longer_than_retention_by_age_ends_in_a_gap(
+    redis_server: RedisServer, topic: str, away: Any
 ) -> None:
-    """The reader's reads fail (its connection lost) until the store is back: its
-    feeds are revalidated, and one whose log was trimmed past its position by age must
-    send its subscribers back to the log (a ``trimmed`` gap), not read on from there."""
-
-    def failing_until_back(original: Any, back: asyncio.Event) -> Any:
-        async def read(*args: Any) -> Any:
-            if not back.is_set():
-                await asyncio.sleep(0.05)
-                raise StoreUnavailable("the live reader's connection is lost")
-            return await original(*args)
-
-        return read
-
-    events = await _age_trim_while_the_reader_is_away(redis_server, topic, failing_until_back)
-    assert _told_or_whole(events), events
-
-
-async def test_a_read_held_up_longer_than_retention_by_age_ends_in_a_gap(
-    redis_server: RedisServer, topic: str
-) -> None:
-    """The reader is held up without an error (a stalled connection, a paused
-    process) for longer than the retention by age: what it then reads may not follow
-    what it had, though its newest entry is young. Subscribers are told."""
-
-    def held_until_back(original: Any, back: asyncio.Event) -> Any:
-        async def read(*args: Any) -> Any:
-            await back.wait()
-            return await original(*args)
-
-        return read
-
-    events = await _age_trim_while_the_reader_is_away(redis_server, topic, held_until_back)
+    events = await _age_trim_while_the_reader_is_away(redis_server, topic, away)
     assert _told_or_whole(events), events
 
 
