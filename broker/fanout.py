@@ -395,8 +395,7 @@ class Hub:
             return
         self._unvalidated.discard(topic)
         self._revalidate_feed(topic, feed, asked.result())
-        if self._reading:
-            self._rearm()  # answered late: the running read does not name it yet
+        self._rearm()  # the running read (or the wait for a topic to read) must name it
 
     def _revalidate_feed(self, topic: str, feed: _Feed, state: LogState) -> None:
         if state.epoch == feed.epoch:

@@ -351,12 +351,49 @@ async def test_after_an_outage_a_topic_whose_state_hangs_holds_up_no_other(
         await publish(redis_broker, a, range(1, 2))
         events = await got_a  # (collect fails after 10 s)
         assert numbers(events) == [1]
-        node_back.set()
+        node_back.set()  # b's state answers late: it joins the reads (no other change)
         await publish(redis_broker, b, range(2, 3))
         assert numbers(await got_b) == [2]
     finally:
         first.close()
         second.close()
+
+
+async def test_after_an_outage_a_lone_topic_whose_state_answers_late_is_read_again(
+    redis_broker: Broker, topic: str
+) -> None:
+    """The only live topic's state answers after the reader stopped waiting for it: the
+    reader, with nothing else to read, must be woken when it answers."""
+    await publish(redis_broker, topic, range(1))  # (a new topic's first append wakes it)
+    subscription = await redis_broker.subscribe({topic: "now"})
+    try:
+        got = asyncio.create_task(collect(subscription.chunks(), lambda ev: 1 in numbers(ev)))
+        await await_until(lambda: subscription.is_live, timeout=5, what="it is live")
+        store: Any = redis_broker.store
+        original_read, original_state = store.read_live, store.state
+        original_interrupt = store.interrupt_live_read
+        answer = asyncio.Event()
+        outage = [True]
+
+        async def read_live(*args: Any) -> Any:
+            if outage.pop() if outage else False:
+                raise StoreUnavailable("the live reader's connection is lost")
+            return await original_read(*args)
+
+        async def state(name: str) -> Any:
+            await answer.wait()
+            return await original_state(name)
+
+        store.read_live, store.state = read_live, state
+        await await_until(original_interrupt, timeout=5, what="the read in flight ended")
+        await await_until(lambda: not outage, timeout=5, what="the outage")
+        await asyncio.sleep(c.REVALIDATE_WAIT_S + 0.2)  # past the reader's wait for it
+        answer.set()
+        store.state = original_state
+        await publish(redis_broker, topic, range(1, 2))
+        assert numbers(await got) == [1]
+    finally:
+        subscription.close()
 
 
 class Failing(Recorder):
