@@ -17,9 +17,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse import ServerSentEvent
+
+from tests.support.sse import parse_sse
 
 PROBLEM_JSON = "application/problem+json"
+RETRY_LINE = re.compile(r"^retry: (\d+)$", re.MULTILINE)
 # The contract: an id never contains a line break, NUL, space, "," or ";".
 FORBIDDEN_ID_CHARS = re.compile(r"[\r\n\0 ,;]")
 
@@ -93,7 +96,6 @@ class SseStream:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None
     retry_hints: list[int] = field(default_factory=list)
-    cursors: list[str] = field(default_factory=list)  # ids sent with no event
     _task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> SseStream:
@@ -120,43 +122,29 @@ class SseStream:
             await self.response.aclose()
 
     async def _pump(self) -> None:
+        """Events as EventSource dispatches them, by the suite's parser (the standard's
+        rules): httpx-sse hands on a heartbeat comment, a bare ``retry:`` block and the
+        cursor a stream "from now" sends (an ``id:`` with no data) as empty events, which
+        it cannot tell from an event whose ``data:`` line holds nothing."""
         assert self.response is not None
-        last_id: str | None = None
-        expects_cursor = self._from_now()
+        pending = b""
         try:
-            async for sse in EventSource(self.response).aiter_sse():
-                if sse.retry is not None and not sse.data and sse.event == "message":
-                    # A bare ``retry:`` block: EventSource dispatches nothing for it.
-                    self.retry_hints.append(sse.retry)
+            async for chunk in self.response.aiter_bytes():
+                pending += chunk
+                end = pending.rfind(b"\n\n")
+                if end < 0:
                     continue
-                if not sse.data and sse.event == "message":
-                    if sse.id == last_id:
-                        # A heartbeat comment, which httpx-sse hands on as an empty event
-                        # once an id was seen (EventSource dispatches nothing): every
-                        # event the broker sends carries an id of its own.
-                        continue
-                    if expects_cursor:
-                        # The cursor a stream "from now" sends once caught up: an id with
-                        # no data, which EventSource keeps without firing an event.
-                        # (httpx-sse cannot tell it from a `data:` line with nothing on
-                        # it, an event: only the first such block of such a stream is.)
-                        expects_cursor, last_id = False, sse.id
-                        self.cursors.append(sse.id)
-                        continue
-                last_id = sse.id
-                self.queue.put_nowait(sse)
+                blocks, pending = pending[: end + 2].decode(), pending[end + 2 :]
+                for event in parse_sse(blocks):
+                    retry = int(event["retry"]) if "retry" in event else None
+                    kind = event.get("event") or "message"
+                    sse = ServerSentEvent(kind, event["data"], event.get("id", ""), retry)
+                    self.queue.put_nowait(sse)
+                self.retry_hints += [int(ms) for ms in RETRY_LINE.findall(blocks)]
         except (httpx.HTTPError, OSError) as error:
             self.error = error
         finally:
             self.ended.set()
-
-    def _from_now(self) -> bool:
-        """Whether the stream starts "from now" (no cursor, no ``from``): it then sends
-        its cursor once caught up."""
-        if any(name.lower() == "last-event-id" for name in self.headers):
-            return False
-        query = str(httpx.URL(self.path, params=self.params).query, "ascii")
-        return not any(f"{name}=" in query for name in ("from", "last_event_id"))
 
     async def next(self, timeout: float = 8.0) -> ServerSentEvent:
         """The next event, or fail when none arrives within ``timeout`` seconds."""
