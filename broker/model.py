@@ -145,6 +145,15 @@ class LogState:
     """How long until Redis expires it, if it has a TTL."""
     deleted_epoch: str | None = None
     """The epoch of a log deleted a moment ago (DELETE), while its marker lingers."""
+    deleted_at: StreamPosition | None = None
+    """Where that deletion's marker is: a cursor there was told of the deletion."""
+
+    @property
+    def deletion(self) -> EventId | None:
+        """The id a stream gives a topic once told of its deletion (its marker's)."""
+        if self.deleted_epoch is None or self.deleted_at is None:
+            return None
+        return EventId(self.deleted_epoch, self.deleted_at)
 
     @property
     def exists(self) -> bool:

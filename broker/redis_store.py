@@ -461,7 +461,7 @@ class RedisStreamStore:
         keys = [c.log_key(topic), c.meta_key(topic)]
         max_age = self.policies.for_topic(topic).max_age_ms
         reply = await self._call(self._state_script(keys=keys, args=[max_age]))
-        epoch, trimmed, length, first, last, end, expires_in, deleted = reply
+        epoch, trimmed, length, first, last, end, expires_in, deleted, marker = reply
         return LogState(
             epoch=epoch.decode() if epoch else None,
             length=int(length),
@@ -471,6 +471,7 @@ class RedisStreamStore:
             end=_position_or_none(end),
             expires_in_ms=int(expires_in) if int(expires_in) >= 0 else None,
             deleted_epoch=deleted.decode() if deleted else None,
+            deleted_at=_position_or_none(marker),
         )
 
     async def ping(self) -> None:

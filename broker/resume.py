@@ -33,8 +33,10 @@ def resume_point(requested: EventId, state: LogState) -> tuple[EventId, Gap | No
     if state.epoch is None:
         if requested.is_origin:
             return ORIGIN, None
-        reason = "deleted" if requested.epoch == state.deleted_epoch else "unknown"
-        return ORIGIN, Gap(reason, requested, None)
+        if requested.epoch == state.deleted_epoch:
+            # Told at the marker's id: a client coming back with it is answered 204.
+            return state.deletion or ORIGIN, Gap("deleted", requested, None)
+        return ORIGIN, Gap("unknown", requested, None)
     if requested.is_origin:
         position = (0, 0)
     elif requested.epoch != state.epoch:

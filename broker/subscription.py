@@ -490,7 +490,11 @@ def _continues(page: LogPage, position: EventId) -> bool:
 
 def _at_end(start: StartFrom, state: LogState) -> bool:
     """Whether a topic's stream starting at ``start`` has nothing left: it is closed,
-    and the cursor is at or past its end (or there is none: only new events wanted)."""
+    and the cursor is at or past its end (or there is none: only new events wanted);
+    or it was deleted, and the cursor is the deletion's (the client was told)."""
+    deletion = state.deletion
+    if deletion is not None and isinstance(start, EventId) and start.epoch == deletion.epoch:
+        return start.position >= deletion.position  # told of the deletion already
     if state.end is None or start == "earliest":
         return False
     if start == "now":

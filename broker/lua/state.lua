@@ -3,9 +3,11 @@
 -- events (appends apply it otherwise). A closed topic keeps its end.
 -- KEYS[1] log stream, KEYS[2] meta hash; ARGV[1] max age in ms (0: none).
 -- Returns {epoch|false, trimmed|false, length, first id|false, last id|false,
---          end id|false, ms to expiry (-1: kept), epoch of a deleted log|false}.
+--          end id|false, ms to expiry (-1: kept), epoch of a deleted log|false,
+--          its marker's id|false}.
 -- A deleted topic (its marker lingers for live readers) reads as no log, but says
--- which epoch was deleted: a cursor of it gets a "deleted" gap, not "unknown".
+-- which epoch was deleted: a cursor of it gets a "deleted" gap, not "unknown"; and
+-- where its marker is: a cursor at it was told already (answered 204).
 local log, meta = KEYS[1], KEYS[2]
 
 local function before(a, b)  -- stream ids "ms-seq", compared as numbers
@@ -17,7 +19,7 @@ end
 
 local fields = redis.call('HMGET', meta, 'epoch', 'trimmed', 'closed', 'deleted')
 if redis.call('EXISTS', log) == 0 or fields[4] then
-  return {false, false, 0, false, false, false, -1, fields[4] and fields[1] or false}
+  return {false, false, 0, false, false, false, -1, fields[4] and fields[1] or false, fields[4] or false}
 end
 local trimmed = fields[2]
 local max_age_ms = tonumber(ARGV[1])
@@ -44,5 +46,6 @@ return {
   last[1] and last[1][1] or false,
   fields[3] or false,
   redis.call('PTTL', log),
+  false,
   false,
 }

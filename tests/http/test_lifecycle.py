@@ -289,6 +289,27 @@ async def test_delete_tells_live_streams_with_a_deleted_gap_and_ends_them(
     assert (await aclient.delete(f"/topics/{topic}")).status_code == 204
 
 
+async def test_a_stream_told_of_a_deletion_is_answered_204_when_it_comes_back(
+    aclient: httpx.AsyncClient,
+) -> None:
+    """A plain EventSource reconnects after the ``deleted`` gap ends its stream: with the
+    gap's id it is answered 204 (the spec's stop), not told again and then left waiting
+    on a log that is gone. With an older id of the deleted log it is told first, with
+    the id that gets the 204 (while the deletion's marker lingers)."""
+    topic = new_topic()
+    [first, _] = await publish_many(aclient, topic, ["a", "b"])
+    assert (await aclient.delete(f"/topics/{topic}")).status_code == 204
+    headers = {"Accept": "text/event-stream", "Last-Event-ID": first}
+    # (An open stream never ends: each is bounded, so a stream left waiting fails.)
+    told = await asyncio.wait_for(aclient.get(f"/topics/{topic}/events", headers=headers), 5)
+    assert told.status_code == 200
+    [gap] = parse_sse(told.text)
+    assert gap["event"] == "broker.gap" and json.loads(gap["data"])["reason"] == "deleted"
+    headers["Last-Event-ID"] = gap["id"]
+    again = await asyncio.wait_for(aclient.get(f"/topics/{topic}/events", headers=headers), 5)
+    assert again.status_code == 204, again.text
+
+
 async def test_a_publish_after_delete_starts_a_new_log(aclient: httpx.AsyncClient) -> None:
     topic = new_topic()
     headers = {"Idempotency-Key": "same"}
