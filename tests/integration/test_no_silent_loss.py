@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -314,6 +314,31 @@ async def test_a_topic_unread_while_its_cluster_node_failed_is_checked_for_trimm
     assert _told_or_whole(events), events
 
 
+async def _an_outage_with_states_held(
+    broker: Broker, held: Callable[[str], bool], released: asyncio.Event
+) -> None:
+    """One failed live read (an outage), after which the states of the topics ``held``
+    names answer only once ``released`` is set; returns once the outage happened."""
+    store: Any = broker.store
+    original_read, original_state = store.read_live, store.state
+    original_interrupt = store.interrupt_live_read
+    outage = [True]
+
+    async def read_live(*args: Any) -> Any:
+        if outage.pop() if outage else False:
+            raise StoreUnavailable("the live reader's connection is lost")
+        return await original_read(*args)
+
+    async def state(name: str) -> Any:
+        if held(name):
+            await released.wait()
+        return await original_state(name)
+
+    store.read_live, store.state = read_live, state
+    await await_until(original_interrupt, timeout=5, what="the read in flight ended")
+    await await_until(lambda: not outage, timeout=5, what="the outage")
+
+
 async def test_after_an_outage_a_topic_whose_state_hangs_holds_up_no_other(
     redis_broker: Broker, topic: str
 ) -> None:
@@ -329,25 +354,8 @@ async def test_after_an_outage_a_topic_whose_state_hangs_holds_up_no_other(
         got_a = asyncio.create_task(collect(first.chunks(), lambda ev: 1 in numbers(ev)))
         got_b = asyncio.create_task(collect(second.chunks(), lambda ev: 2 in numbers(ev)))
         await await_until(lambda: first.is_live and second.is_live, timeout=5, what="both are live")
-        store: Any = redis_broker.store
-        original_read, original_state = store.read_live, store.state
-        original_interrupt = store.interrupt_live_read
         node_back = asyncio.Event()
-        outage = [True]
-
-        async def read_live(*args: Any) -> Any:
-            if outage.pop() if outage else False:
-                raise StoreUnavailable("the live reader's connection is lost")
-            return await original_read(*args)
-
-        async def state(name: str) -> Any:
-            if name == b:
-                await node_back.wait()
-            return await original_state(name)
-
-        store.read_live, store.state = read_live, state
-        await await_until(original_interrupt, timeout=5, what="the read in flight ended")
-        await await_until(lambda: not outage, timeout=5, what="the outage")
+        await _an_outage_with_states_held(redis_broker, lambda name: name == b, node_back)
         await publish(redis_broker, a, range(1, 2))
         events = await got_a  # (collect fails after 10 s)
         assert numbers(events) == [1]
@@ -369,27 +377,10 @@ async def test_after_an_outage_a_lone_topic_whose_state_answers_late_is_read_aga
     try:
         got = asyncio.create_task(collect(subscription.chunks(), lambda ev: 1 in numbers(ev)))
         await await_until(lambda: subscription.is_live, timeout=5, what="it is live")
-        store: Any = redis_broker.store
-        original_read, original_state = store.read_live, store.state
-        original_interrupt = store.interrupt_live_read
         answer = asyncio.Event()
-        outage = [True]
-
-        async def read_live(*args: Any) -> Any:
-            if outage.pop() if outage else False:
-                raise StoreUnavailable("the live reader's connection is lost")
-            return await original_read(*args)
-
-        async def state(name: str) -> Any:
-            await answer.wait()
-            return await original_state(name)
-
-        store.read_live, store.state = read_live, state
-        await await_until(original_interrupt, timeout=5, what="the read in flight ended")
-        await await_until(lambda: not outage, timeout=5, what="the outage")
+        await _an_outage_with_states_held(redis_broker, lambda name: True, answer)
         await asyncio.sleep(c.REVALIDATE_WAIT_S + 0.2)  # past the reader's wait for it
         answer.set()
-        store.state = original_state
         await publish(redis_broker, topic, range(1, 2))
         assert numbers(await got) == [1]
     finally:
