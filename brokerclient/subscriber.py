@@ -42,6 +42,8 @@ from brokerclient.sse import Event, SseDecoder
 
 log = logging.getLogger(__name__)
 DEFAULT_READ_TIMEOUT = 45.0  # three of the broker's default 15 s heartbeats
+WORKING_AFTER_S = 1.0
+"""A stream open this long works (a come-back hint ends at once): failures start anew."""
 FIRST_DELAY = 0.25
 MAX_DELAY = 5.0
 
@@ -56,6 +58,7 @@ class _Resume:
     give_up_after: float | None
     failures: int = 0
     failing_since: float | None = None
+    connected_at: float | None = None  # (monotonic) the current stream's 200
     retry_hint_ms: int | None = None
     started: bool = field(default=False)
     ends: int = 0  # topics that ended: a broker.end, or a deleted gap, each
@@ -91,8 +94,19 @@ class _Resume:
             self.last_event_id = topic_last_id
 
     def connected(self) -> None:
+        """A 200 stream: it works once it delivers, or stays open a while (a come-back
+        hint, a 200 that ends at once while the broker drains or its store is down,
+        does not: ``give_up_after`` still counts)."""
         self.started = True
+        self.connected_at = time.monotonic()
+
+    def _working(self) -> None:
         self.failures, self.failing_since = 0, None
+
+    def _worked(self) -> bool:
+        """Whether the connection just ended was a working one."""
+        connected_at, self.connected_at = self.connected_at, None
+        return connected_at is not None and time.monotonic() - connected_at >= WORKING_AFTER_S
 
     def read(self, decoder: SseDecoder) -> None:
         """A chunk was read whole: a cursor sent with no event (the stream caught up
@@ -103,6 +117,7 @@ class _Resume:
         self.retry_hint_ms = decoder.retry_ms or self.retry_hint_ms
 
     def delivered(self, event: Event) -> None:
+        self._working()
         if event.id is not None:
             self.last_event_id = event.id
         if event.ends_topic:
@@ -110,6 +125,8 @@ class _Resume:
 
     def failed(self, why: str) -> float:
         """The delay before reconnecting; raises Unreachable once past ``give_up_after``."""
+        if self._worked():
+            self._working()
         now = time.monotonic()
         self.failing_since = self.failing_since or now
         self.failures += 1
@@ -122,7 +139,11 @@ class _Resume:
         return delay
 
     def ended(self) -> float:
-        """A stream that ended without broker.end (a drain, a come-back hint): reconnect."""
+        """A stream that ended without broker.end (a drain, a come-back hint): reconnect;
+        one that ended at once with nothing delivered counts as a failure."""
+        if not self._worked():
+            return self.failed("the stream ended at once: the broker asks to come back later")
+        self._working()
         self.failures += 1
         hint = self.retry_hint_ms / 1000 if self.retry_hint_ms is not None else FIRST_DELAY
         return min(hint, MAX_DELAY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -100,3 +101,22 @@ def test_tail_resumes_across_a_broker_kill(own_broker: BrokerProcess) -> None:
     assert tail.returncode == 0, err
     assert [e["data"] for e in lines(out)] == ["1", "2", "3", "{}"]
     assert "reconnecting" in err
+
+
+def test_tail_gives_up_when_the_broker_keeps_answering_come_back_later(
+    private_redis: RedisServer,
+) -> None:
+    """The store is down: every stream is a 200 that holds only a retry hint and ends
+    (so that an EventSource keeps trying). That is no working connection: ``tail`` gives
+    up after ``--give-up-after`` (exit 3), as when the broker cannot be reached at all."""
+    process = BrokerProcess(redis_url=private_redis.url).start()
+    try:
+        private_redis.stop()
+        started = time.monotonic()
+        tail = broker(
+            "tail", "cli.down", "--from", "earliest", "--give-up-after", "3", url=process.url
+        )
+        assert tail.returncode == 3, (tail.returncode, tail.stderr)
+        assert time.monotonic() - started < 20
+    finally:
+        process.close()
