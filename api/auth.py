@@ -21,6 +21,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 import jwt
+from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.types import Scope
 
@@ -163,10 +164,11 @@ class Authorizer:
         """A browser sends the cookie with any site's form or plain ``fetch`` (text/plain
         needs no preflight): a change by cookie must come from a page of a listed origin
         or of the broker itself (a browser names the page's origin on every POST)."""
-        origin = _header(scope, b"origin")
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
         if origin is None or origin in self._origins:
             return
-        if urlsplit(origin).netloc == (_header(scope, b"host") or ""):
+        if urlsplit(origin).netloc == headers.get("host", ""):
             return
         raise Forbidden(
             f"a publish by cookie from a page of {origin[:100]}, an origin not listed in "
@@ -259,13 +261,6 @@ def _token_and_source(scope: Scope) -> tuple[str | None, bool]:
         if found and found[-1]:
             return _bounded(found[-1]), False
     return None, False
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
 
 
 def _bounded(token: str) -> str:

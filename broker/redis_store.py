@@ -403,8 +403,7 @@ class RedisStreamStore:
             scan_cursor, keys = await self._call(
                 nodes[node_index].scan(step, match=pattern, count=scan_count)
             )
-            found = [name for name in map(_topic_of_meta, keys) if name is not None]
-            found = [name for name in found if shown(name)]
+            found = [name for name in map(_topic_of_meta, keys) if name is not None and shown(name)]
             if after is not None:  # the step the page before ended in: go on after it
                 found = found[found.index(after) + 1 :] if after in found else found
                 after = None

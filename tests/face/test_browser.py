@@ -118,6 +118,7 @@ document.addEventListener("DOMContentLoaded", () => {
     log.push(entry);
     sessionStorage.setItem("received", JSON.stringify(log));
   };
+  window.__keep = keep;
   const script = document.createElement("script");
   script.src = "/client.js";
   script.onload = () => {
@@ -136,14 +137,30 @@ def _received(browser: Chromium) -> list[dict[str, str]]:
     return list(browser.evaluate("JSON.parse(sessionStorage.getItem('received') || '[]')"))
 
 
+def _open_client_page(browser: Chromium, broker: BrokerProcess, url: str) -> None:
+    """A page of the broker's origin that subscribes to ``url`` with /client.js on every
+    load (CLIENT_PAGE), and keeps what it receives."""
+    browser.run_on_every_load(CLIENT_PAGE % {"url": json.dumps(url)})
+    browser.navigate(broker.url + "/healthz")
+
+
+def _wait_received(browser: Chromium, count: int, what: str) -> None:
+    browser.wait_for(
+        f"JSON.parse(sessionStorage.getItem('received') || '[]').length === {count}", what=what
+    )
+
+
+def _wait_closed(browser: Chromium, what: str) -> None:
+    browser.wait_for("window.__stream && window.__stream.source.readyState === 2", what=what)
+
+
 def test_client_js_page_reloads_mid_stream_and_loses_nothing(
     face_broker: BrokerProcess, browser: Chromium
 ) -> None:
     topic = f"face.reload.{uuid.uuid4().hex[:8]}"
     total = 60
     url = f"/topics/{topic}/events?from=earliest"
-    browser.run_on_every_load(CLIENT_PAGE % {"url": json.dumps(url)})
-    browser.navigate(face_broker.url + "/healthz")
+    _open_client_page(browser, face_broker, url)
     stop = threading.Event()
 
     def publish_slowly() -> None:
@@ -183,21 +200,18 @@ def test_a_closed_topic_ends_the_helpers_stream_for_good(
 ) -> None:
     topic = f"face.end.{uuid.uuid4().hex[:8]}"
     url = f"/topics/{topic}/events?from=earliest"
-    browser.run_on_every_load(CLIENT_PAGE % {"url": json.dumps(url)})
-    browser.navigate(face_broker.url + "/healthz")
+    _open_client_page(browser, face_broker, url)
     with Publisher(face_broker.url) as publisher:
         publisher.publish(topic, 1)
         publisher.publish(topic, 2, close=True)
-    browser.wait_for("window.__stream && window.__stream.source.readyState === 2",
-                     what="the helper to close its EventSource")  # fmt: skip
+    _wait_closed(browser, "the helper to close its EventSource")
     received = _received(browser)
     assert [(e["type"], e["data"]) for e in received] == [
         ("message", "1"), ("message", "2"), ("broker.end", "{}"),
     ]  # fmt: skip
     # A reload resumes past the end: the broker answers 204 and EventSource stops for good.
     browser.reload()
-    browser.wait_for("window.__stream && window.__stream.source.readyState === 2",
-                     what="the reloaded page's EventSource to stop")  # fmt: skip
+    _wait_closed(browser, "the reloaded page's EventSource to stop")
     assert _received(browser) == received
 
 
@@ -207,17 +221,14 @@ def test_a_multi_topic_stream_goes_on_past_one_topics_end(
     """The helper closes a multi-topic stream once each of its topics has ended."""
     first, second = (f"face.ends.{uuid.uuid4().hex[:8]}" for _ in range(2))
     url = f"/events?topic={first}&topic={second}&from=earliest"
-    browser.run_on_every_load(CLIENT_PAGE % {"url": json.dumps(url)})
-    browser.navigate(face_broker.url + "/healthz")
+    _open_client_page(browser, face_broker, url)
     with Publisher(face_broker.url) as publisher:
         publisher.publish(first, 1, close=True)
         publisher.publish(second, 2)
-        browser.wait_for("JSON.parse(sessionStorage.getItem('received') || '[]').length === 3",
-                         what="the first topic's end and the second topic's event")  # fmt: skip
+        _wait_received(browser, 3, "the first topic's end and the second topic's event")
         assert browser.evaluate("window.__stream.source.readyState") != 2, "closed at one end"
         publisher.publish(second, 3, close=True)
-    browser.wait_for("window.__stream && window.__stream.source.readyState === 2",
-                     what="the helper to close its EventSource")  # fmt: skip
+    _wait_closed(browser, "the helper to close its EventSource")
     received = [(e["type"], e["data"]) for e in _received(browser)]
     # Each topic in its order; across topics a stream promises no order (two logs: the
     # live reader may read them on two connections).
@@ -235,29 +246,18 @@ def test_a_deleted_topic_ends_the_helpers_stream(
     (reconnecting would be told again, then wait for ever on a log that is gone)."""
     topic = f"face.deleted.{uuid.uuid4().hex[:8]}"
     url = f"/topics/{topic}/events?from=earliest"
-    browser.run_on_every_load(CLIENT_PAGE % {"url": json.dumps(url)})
-    browser.navigate(face_broker.url + "/healthz")
+    _open_client_page(browser, face_broker, url)
     with Publisher(face_broker.url) as publisher:
         publisher.publish(topic, 1)
-        browser.wait_for("JSON.parse(sessionStorage.getItem('received') || '[]').length === 1",
-                         what="the topic's event")  # fmt: skip
+        _wait_received(browser, 1, "the topic's event")
     assert httpx.delete(f"{face_broker.url}/topics/{topic}", timeout=10).status_code == 204
-    browser.wait_for("window.__stream && window.__stream.source.readyState === 2",
-                     what="the helper to close its EventSource")  # fmt: skip
+    _wait_closed(browser, "the helper to close its EventSource")
     received = _received(browser)
     assert [e["type"] for e in received] == ["message", "broker.gap"], received
     assert json.loads(received[1]["data"])["reason"] == "deleted"
 
 
-SUBSCRIBE_AGAIN = """
-window.__stream = BrokerClient.subscribe(%(url)s, {
-  onEvent: (e) => {
-    const log = JSON.parse(sessionStorage.getItem("received") || "[]");
-    log.push(e);
-    sessionStorage.setItem("received", JSON.stringify(log));
-  },
-});
-"""
+SUBSCRIBE_AGAIN = "window.__stream = BrokerClient.subscribe(%(url)s, {onEvent: window.__keep});"
 
 
 def test_the_helper_keeps_its_place_across_a_new_token(
@@ -268,17 +268,14 @@ def test_the_helper_keeps_its_place_across_a_new_token(
     its place."""
     topic = f"face.token.{uuid.uuid4().hex[:8]}"
     first = f"/topics/{topic}/events?from=earliest&access_token=old"
-    browser.run_on_every_load(CLIENT_PAGE % {"url": json.dumps(first)})
-    browser.navigate(face_broker.url + "/healthz")
+    _open_client_page(browser, face_broker, first)
     with Publisher(face_broker.url) as publisher:
         publisher.publish(topic, 1)
-        browser.wait_for("JSON.parse(sessionStorage.getItem('received') || '[]').length === 1",
-                         what="the topic's first event")  # fmt: skip
+        _wait_received(browser, 1, "the topic's first event")
         browser.evaluate("window.__stream.close()")
         publisher.publish(topic, 2)  # while the page has no stream
     second = f"/topics/{topic}/events?from=earliest&access_token=new"
     browser.evaluate(SUBSCRIBE_AGAIN % {"url": json.dumps(second)})
-    browser.wait_for("JSON.parse(sessionStorage.getItem('received') || '[]').length === 2",
-                     what="the event published while the page had no stream")  # fmt: skip
+    _wait_received(browser, 2, "the event published while the page had no stream")
     assert [json.loads(e["data"]) for e in _received(browser)] == [1, 2]
     assert any("access_token=new" in r and "last_event_id=" in r for r in browser.requests)
