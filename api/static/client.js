@@ -20,7 +20,8 @@
  *   broker.end (a multi-topic stream, /events?topic=a&topic=b, at the end of each
  *   of its topics; a topic's "deleted" gap ends it too), and a later page that
  *   resumes past the end is answered 204, on which EventSource stops for good
- *   instead of reconnecting.
+ *   instead of reconnecting. Such a page gets onEnd again (with the end's id), not
+ *   onError: the helper remembers which of its places is an end.
  * - An EventSource only hears the event types it listens to: "message" (events
  *   published without a type), the broker's own, and those named in `types`.
  */
@@ -28,6 +29,7 @@
   "use strict";
 
   var STORAGE_PREFIX = "broker-client:last-event-id:";
+  var ENDED_PREFIX = "broker-client:ended-at:";
   var GAP = "broker.gap";
   var END = "broker.end";
 
@@ -59,6 +61,9 @@
     options = options || {};
     var key = storageKey(url);
     var stored = load(key);
+    // The stream ended at this place on an earlier page: the broker answers 204.
+    var endedBefore = stored !== null && load(ENDED_PREFIX + key) === stored;
+    var delivered = false;
     var source = new global.EventSource(stored ? resumeUrl(url, stored) : url, {
       withCredentials: Boolean(options.withCredentials),
     });
@@ -69,9 +74,12 @@
     var topics = Math.max(1, new Set(named).size);
     var ends = 0;
 
-    function ended() {
+    function ended(id) {
       ends += 1;
-      if (ends >= topics) { close(); }
+      if (ends >= topics) {
+        if (id) { save(ENDED_PREFIX + key, id); }
+        close();
+      }
     }
 
     function close() {
@@ -81,6 +89,7 @@
 
     function deliver(event) {
       if (closed) { return; }
+      delivered = true;
       // Saved before the callbacks run: a reload from inside one resumes after this event.
       if (event.lastEventId) { save(key, event.lastEventId); }
       var message = { id: event.lastEventId || null, type: event.type, data: event.data };
@@ -89,10 +98,10 @@
         try { gap = JSON.parse(event.data); } catch (error) { gap = {}; }
         gap.id = message.id;
         // A deleted topic is over: coming back would be told again, then wait for ever.
-        if (gap.reason === "deleted") { ended(); }
+        if (gap.reason === "deleted") { ended(null); }
         if (options.onGap) { options.onGap(gap); }
       } else if (event.type === END) {
-        ended();
+        ended(message.id);
         if (options.onEnd) { options.onEnd(message); }
       } else if (options.onEvent) {
         options.onEvent(message);
@@ -107,7 +116,11 @@
       // EventSource will not try again. Otherwise it reconnects by itself.
       if (source.readyState === global.EventSource.CLOSED && !closed) {
         closed = true;
-        if (options.onError) { options.onError({ fatal: true }); }
+        if (endedBefore && !delivered) {
+          if (options.onEnd) { options.onEnd({ id: stored, type: END, data: "{}" }); }
+        } else if (options.onError) {
+          options.onError({ fatal: true });
+        }
       }
     });
 
