@@ -40,6 +40,9 @@ class StoreUnavailable(BrokerError):
         super().__init__(detail)
         self.detail = detail
         self.retry_after = retry_after
+        # The Idempotency-Key a retry must carry, when the publisher made it up (the
+        # direct publisher): the append may have been stored.
+        self.idempotency_key: str | None = None
 
 
 class TopicNotFound(BrokerError):

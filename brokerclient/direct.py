@@ -10,8 +10,9 @@ or retention differs by who published last).
 
 Errors are the core's: ``broker.InvalidInput`` (and ``InvalidTopic``,
 ``TooLarge``) for what the edge would answer 400/413, and
-``broker.StoreUnavailable`` when Redis does not answer (retry it with the same
-``idempotency_key``), and ``broker.errors.TopicClosed`` for a closed topic;
+``broker.StoreUnavailable`` when Redis does not answer (the append may have been
+stored: retry it with the error's ``idempotency_key``, the caller's or the one made
+up for it, and it is stored once), and ``broker.errors.TopicClosed`` for a closed topic;
 ``close_topic`` closes one as ``POST /topics/{topic}/close`` does. Pass the
 deployment's retention, TTL and topic policies too: the append script applies them.
 """
@@ -23,6 +24,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from broker import constants as c
+from broker.errors import StoreUnavailable
 from broker.model import NewEvent
 from broker.policy import TopicPolicy
 from broker.redis_open import open_store
@@ -136,7 +138,11 @@ class DirectPublisher:
     ) -> PublishResult:
         check_topic(topic)
         key = check_idempotency_key(idempotency_key) or new_idempotency_key()
-        result = await self._store.append(topic, events, idempotency_key=key, close=close)
+        try:
+            result = await self._store.append(topic, events, idempotency_key=key, close=close)
+        except StoreUnavailable as error:
+            error.idempotency_key = key  # (made up here: the caller could not retry safely)
+            raise
         ids = [str(i) for i in result.ids]
         return PublishResult(
             ids=ids,

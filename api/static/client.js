@@ -16,6 +16,12 @@
  *   again with a new token) resumes after it with ?last_event_id=: a new
  *   EventSource sends no Last-Event-ID. (When the browser reconnects by itself it sends the
  *   header, which the broker prefers to the query parameter, so that stays exact.)
+ * - A single-topic stream "from now" (no from=earliest, no place kept) first asks
+ *   where its topic ends (GET /topics/{t}) and keeps that as its place, as if it had
+ *   received that event: a reload before the first event loses nothing published
+ *   meanwhile (a topic with no event yet is then read from its beginning). Until
+ *   that answer, `source` is null. A multi-topic stream from now starts from now
+ *   again after a reload that comes before its first event.
  * - broker.gap and broker.end are surfaced (onGap, onEnd); the stream stops at
  *   broker.end (a multi-topic stream, /events?topic=a&topic=b, at the end of each
  *   of its topics; a topic's "deleted" gap ends it too), and a later page that
@@ -30,6 +36,7 @@
 
   var STORAGE_PREFIX = "broker-client:last-event-id:";
   var ENDED_PREFIX = "broker-client:ended-at:";
+  var EARLIEST = "earliest";
   var GAP = "broker.gap";
   var END = "broker.end";
 
@@ -50,11 +57,43 @@
     try { global.sessionStorage.setItem(key, id); } catch (error) { /* storage off: no resume */ }
   }
 
-  // The URL with ?last_event_id=<id>, replacing any the caller put there.
+  // The URL with ?last_event_id=<id>, replacing any the caller put there; the place
+  // EARLIEST (a topic that had no event when the stream began) is ?from=earliest.
   function resumeUrl(url, id) {
     var absolute = new URL(url, global.location.href);
-    absolute.searchParams.set("last_event_id", id);
+    if (id === EARLIEST) {
+      absolute.searchParams.delete("last_event_id");
+      absolute.searchParams.set("from", "earliest");
+    } else {
+      absolute.searchParams.set("last_event_id", id);
+    }
     return absolute.href;
+  }
+
+  // GET /topics/{t} for a single-topic stream that starts from now; else null.
+  function topicInfoUrl(url) {
+    var stream = new URL(url, global.location.href);
+    var path = /^(.*\/topics\/[^/]+)\/events$/.exec(stream.pathname);
+    if (!path || stream.searchParams.has("from") || stream.searchParams.has("last_event_id")) {
+      return null;
+    }
+    var info = new URL(path[1], stream.href);
+    var token = stream.searchParams.get("access_token");
+    if (token) { info.searchParams.set("access_token", token); }
+    return info.href;
+  }
+
+  // Where the topic ends now: its newest id, EARLIEST if it has none, null if unknown.
+  function topicEnd(infoUrl, withCredentials) {
+    var init = {
+      headers: { Accept: "application/json" },
+      credentials: withCredentials ? "include" : "same-origin",
+    };
+    return global.fetch(infoUrl, init).then(function (response) {
+      if (response.status === 404) { return EARLIEST; }
+      if (!response.ok) { return null; }
+      return response.json().then(function (topic) { return topic.last_id || EARLIEST; });
+    }).catch(function () { return null; });
   }
 
   function subscribe(url, options) {
@@ -64,10 +103,8 @@
     // The stream ended at this place on an earlier page: the broker answers 204.
     var endedBefore = stored !== null && load(ENDED_PREFIX + key) === stored;
     var delivered = false;
-    var source = new global.EventSource(stored ? resumeUrl(url, stored) : url, {
-      withCredentials: Boolean(options.withCredentials),
-    });
     var closed = false;
+    var handle = { close: close, source: null };
     // A multi-topic stream (/events?topic=a&topic=b) goes on past one topic's end;
     // it is over once each of its topics has ended (a broker.end, or a deleted gap).
     var named = new URL(url, global.location.href).searchParams.getAll("topic");
@@ -84,7 +121,7 @@
 
     function close() {
       closed = true;
-      source.close();
+      if (handle.source) { handle.source.close(); }
     }
 
     function deliver(event) {
@@ -108,23 +145,39 @@
       }
     }
 
-    var types = ["message", GAP, END].concat(options.types || []);
-    types.forEach(function (type) { source.addEventListener(type, deliver); });
-    source.addEventListener("open", function () { if (options.onOpen) { options.onOpen(); } });
-    source.addEventListener("error", function () {
-      // CLOSED: the broker refused (401, 403, 400...) or answered 204 (a closed topic);
-      // EventSource will not try again. Otherwise it reconnects by itself.
-      if (source.readyState === global.EventSource.CLOSED && !closed) {
-        closed = true;
-        if (endedBefore && !delivered) {
-          if (options.onEnd) { options.onEnd({ id: stored, type: END, data: "{}" }); }
-        } else if (options.onError) {
-          options.onError({ fatal: true });
+    function open(place) {
+      if (closed) { return; }
+      var source = new global.EventSource(place ? resumeUrl(url, place) : url, {
+        withCredentials: Boolean(options.withCredentials),
+      });
+      handle.source = source;
+      var types = ["message", GAP, END].concat(options.types || []);
+      types.forEach(function (type) { source.addEventListener(type, deliver); });
+      source.addEventListener("open", function () { if (options.onOpen) { options.onOpen(); } });
+      source.addEventListener("error", function () {
+        // CLOSED: the broker refused (401, 403, 400...) or answered 204 (a closed topic);
+        // EventSource will not try again. Otherwise it reconnects by itself.
+        if (source.readyState === global.EventSource.CLOSED && !closed) {
+          closed = true;
+          if (endedBefore && !delivered) {
+            if (options.onEnd) { options.onEnd({ id: stored, type: END, data: "{}" }); }
+          } else if (options.onError) {
+            options.onError({ fatal: true });
+          }
         }
-      }
-    });
+      });
+    }
 
-    return { close: close, source: source };
+    var infoUrl = stored ? null : topicInfoUrl(url);
+    if (infoUrl) {
+      topicEnd(infoUrl, options.withCredentials).then(function (end) {
+        if (end) { save(key, end); }  // (unknown: from now, as a plain EventSource)
+        open(end);
+      });
+    } else {
+      open(stored);
+    }
+    return handle;
   }
 
   global.BrokerClient = { subscribe: subscribe };

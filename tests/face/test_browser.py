@@ -281,3 +281,32 @@ def test_the_helper_keeps_its_place_across_a_new_token(
     _wait_received(browser, 2, "the event published while the page had no stream")
     assert [json.loads(e["data"]) for e in _received(browser)] == [1, 2]
     assert any("access_token=new" in r and "last_event_id=" in r for r in browser.requests)
+
+
+@pytest.mark.parametrize("had_events", [True, False], ids=["topic-with-events", "new-topic"])
+def test_a_stream_from_now_keeps_its_place_before_its_first_event(
+    face_broker: BrokerProcess, browser: Chromium, had_events: bool
+) -> None:
+    """A stream "from now" that stops before its first event (a reload, a close) and
+    comes back loses nothing published meanwhile: the helper kept where the topic
+    ended when it began (a topic with no event yet: its beginning)."""
+    topic = f"face.now.{uuid.uuid4().hex[:8]}"
+    url = f"/topics/{topic}/events"
+    with Publisher(face_broker.url) as publisher:
+        if had_events:
+            publisher.publish(topic, 0)  # before the stream: not for it
+        _open_client_page(browser, face_broker, url)
+        browser.wait_for(
+            "window.__stream && window.__stream.source && window.__stream.source.readyState === 1",
+            what="the helper's stream to open",
+        )
+        browser.evaluate("window.__stream.close()")
+        publisher.publish(topic, 1)  # while the page has no stream
+        browser.evaluate(SUBSCRIBE_AGAIN % {"url": json.dumps(url)})
+        browser.wait_for(
+            "window.__stream.source && window.__stream.source.readyState === 1",
+            what="the helper's second stream to open",
+        )
+        publisher.publish(topic, 2)
+        _wait_received(browser, 2, "the event published between the streams, and the next")
+    assert [json.loads(e["data"]) for e in _received(browser)] == [1, 2]

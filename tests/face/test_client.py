@@ -363,7 +363,15 @@ async def test_a_direct_publisher_can_wait_for_a_replica_as_the_broker_does(
 
     topic = _topic("replicated")
     async with DirectPublisher(redis_server.url, durability="replicated") as publisher:
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(StoreUnavailable) as refused:
             await publisher.publish(topic, 1)  # the suite's redis-server has no replica
+    # Stored on the primary all the same: a retry with the key the publisher made up
+    # (the error carries it) answers that append's id, and stores nothing twice.
+    key = refused.value.idempotency_key
+    assert key is not None
     async with DirectPublisher(redis_server.url) as publisher:
+        retried = await publisher.publish(topic, 1, idempotency_key=key)
+        assert retried.replayed and retried.idempotency_key == key
         assert (await publisher.publish(topic, 2)).ids
+    with redis.Redis.from_url(redis_server.url) as client:
+        assert client.xlen(c.log_key(topic)) == 2
