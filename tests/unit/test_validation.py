@@ -6,6 +6,7 @@ import pytest
 
 from broker.errors import InvalidInput, InvalidTopic, TooLarge
 from broker.validation import (
+    loads_exactly,
     check_idempotency_key,
     check_topic,
     event_from_text,
@@ -81,3 +82,21 @@ def test_bad_idempotency_keys(key: str) -> None:
 
 def test_good_idempotency_key() -> None:
     assert check_idempotency_key("order 42 {retry}~!") == "order 42 {retry}~!"
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        "9999999999999999999",  # 19 digits: all below 2**64, kept by orjson
+        "18446744073709551615",  # 2**64 - 1
+        "18446744073709551616",  # 2**64: orjson makes it a float
+        "99999999999999999999999",
+        "-9223372036854775808",  # -2**63
+        "-9223372036854775809",  # -2**63 - 1: a float from orjson
+        "-9999999999999999999",
+    ],
+)
+def test_json_integers_are_read_exactly_at_every_width(number: str) -> None:
+    document = loads_exactly(b'{"a": [1, %s], "s": "%s"}' % (number.encode(), number.encode()))
+    assert document == {"a": [1, int(number)], "s": number}
+    assert type(document["a"][1]) is int
