@@ -73,6 +73,17 @@ class RawConnection:
             replies = await self._open()
         return await _all(replies.send(commands))
 
+    async def exchange_each(self, commands: list[bytes]) -> list[Any]:
+        """As ``exchange``, but each command settled on its own: one whose reply came
+        before the connection failed keeps it (an append Redis ran must not be told
+        failed: retried without an Idempotency-Key, it would be stored twice); those
+        after get the failure, as an exception instance. Raises only if the connection
+        cannot be opened (then none was sent)."""
+        replies = self._replies
+        if replies is None or replies.broken:
+            replies = await self._open()
+        return await asyncio.gather(*replies.send(commands), return_exceptions=True)
+
     async def close(self) -> None:
         if self._opening is not None:
             self._opening.cancel()

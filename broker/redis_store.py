@@ -157,10 +157,11 @@ class _AppendPipeline:
         ]
 
     async def _transmit(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """One reply per command: a value, or that command's own error."""
+        """One reply per command: a value, or that command's own error (the connection's
+        failure for those whose reply did not come)."""
         if self._connection is not None:
             packed = [hiredis.pack_command(command) for command in commands]
-            return await self._connection.exchange(packed)
+            return await self._connection.exchange_each(packed)
         pipe = self._client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)

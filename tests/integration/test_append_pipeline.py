@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import hiredis
 import pytest
 import redis.asyncio as redis
 
@@ -53,7 +54,7 @@ async def test_a_script_flush_mid_pipeline_stores_each_append_once(
 ) -> None:
     """The first append of a batch runs, then Redis loses its scripts before the others."""
     topics = [f"ns-{uuid.uuid4().hex[:8]}-{n}" for n in range(3)]
-    original: Exchange = RawConnection.exchange
+    original: Exchange = RawConnection.exchange_each
     batches: list[int] = []
 
     async def send_with_a_flush_after_the_first(
@@ -73,7 +74,7 @@ async def test_a_script_flush_mid_pipeline_stores_each_append_once(
         await admin.script_flush()
         return replies + await original(self, rest)
 
-    monkeypatch.setattr(RawConnection, "exchange", send_with_a_flush_after_the_first)
+    monkeypatch.setattr(RawConnection, "exchange_each", send_with_a_flush_after_the_first)
     async with asyncio.timeout(10):
         results = await asyncio.gather(
             *(store.append(t, [NewEvent(f"e{n}")]) for n, t in enumerate(topics))
@@ -88,11 +89,51 @@ async def test_a_script_flush_mid_pipeline_stores_each_append_once(
         assert [format_stream_id(i.position) for i in result.ids] == [stored[0][0].decode()]
 
 
+async def test_a_connection_lost_mid_batch_fails_only_the_appends_it_did_not_answer(
+    store: RedisStreamStore, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis ran the first append of a batch and answered it, then the connection went
+    (here: it is killed right after). The first publisher gets its ids; only the
+    others fail (503: they were not run, and may be retried). Failing the first too
+    would have a publisher without an Idempotency-Key store its event twice."""
+    topics = [f"lost-{uuid.uuid4().hex[:8]}-{n}" for n in range(3)]
+    original: Exchange = RawConnection.exchange_each
+    killed: list[bool] = []
+
+    async def kill_after_the_first(self: RawConnection, commands: list[bytes]) -> list[Any]:
+        if killed or len(appends_in(commands)) < 3:  # only the batch under test, only once
+            return await original(self, commands)
+        killed.append(True)
+        first, *rest = commands
+        # Redis answers CLIENT KILL of the caller itself, then closes: what follows in
+        # the same write is neither run nor answered.
+        kill = hiredis.pack_command(("CLIENT", "KILL", "ID", str(self.client_id), "SKIPME", "no"))
+        replies = await original(self, [first, kill, *rest])
+        return [replies[0], *replies[2:]]
+
+    monkeypatch.setattr(RawConnection, "exchange_each", kill_after_the_first)
+    async with asyncio.timeout(10):
+        results = await asyncio.gather(
+            *(store.append(t, [NewEvent(f"e{n}")]) for n, t in enumerate(topics)),
+            return_exceptions=True,
+        )
+    monkeypatch.undo()
+
+    assert killed, "the three appends did not travel as one batch"
+    first, *others = results
+    assert not isinstance(first, BaseException), f"a stored append was told: {first!r}"
+    stored: Any = await admin.xrange(c.log_key(topics[0]))
+    assert [format_stream_id(i.position) for i in first.ids] == [stored[0][0].decode()]
+    for topic, result in zip(topics[1:], others, strict=True):
+        assert isinstance(result, StoreUnavailable), result
+        assert await admin.xlen(c.log_key(topic)) == 0
+
+
 async def test_a_script_lost_again_fails_the_append_instead_of_looping(
     store: RedisStreamStore, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis keeps losing the script: the append fails (the publisher may retry), in bounds."""
-    original: Exchange = RawConnection.exchange
+    original: Exchange = RawConnection.exchange_each
     sends: list[int] = []
 
     async def flush_before_each_append(self: RawConnection, commands: list[bytes]) -> list[Any]:
@@ -101,7 +142,7 @@ async def test_a_script_lost_again_fails_the_append_instead_of_looping(
             await admin.script_flush()
         return await original(self, commands)
 
-    monkeypatch.setattr(RawConnection, "exchange", flush_before_each_append)
+    monkeypatch.setattr(RawConnection, "exchange_each", flush_before_each_append)
     topic = f"ns-{uuid.uuid4().hex[:8]}"
     with pytest.raises(StoreUnavailable, match="script"):
         async with asyncio.timeout(10):
@@ -116,14 +157,14 @@ async def test_a_script_lost_again_fails_the_append_instead_of_looping(
 
 def count_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of appends in each write the pipeline makes, from now on."""
-    original: Exchange = RawConnection.exchange
+    original: Exchange = RawConnection.exchange_each
     batches: list[int] = []
 
     async def counted(self: RawConnection, commands: list[bytes]) -> list[Any]:
         batches.append(len(appends_in(commands)))
         return await original(self, commands)
 
-    monkeypatch.setattr(RawConnection, "exchange", counted)
+    monkeypatch.setattr(RawConnection, "exchange_each", counted)
     return batches
 
 

@@ -6,11 +6,11 @@ import pytest
 
 from broker.errors import InvalidInput, InvalidTopic, TooLarge
 from broker.validation import (
-    loads_exactly,
     check_idempotency_key,
     check_topic,
     event_from_text,
     events_from_json,
+    loads_exactly,
 )
 
 
