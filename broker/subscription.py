@@ -340,10 +340,19 @@ class Subscription:
             yield id_line(self._cursor()) + b"\n"
 
     async def _judge_all(self, topics: list[str]) -> list[tuple[str, Gap]]:
-        """Judge each topic's cursor against its log; the gap notices they need."""
+        """Judge each topic's cursor against its log; the gap notices they need.
+
+        Every state is read before any position moves: a store failure part-way
+        must leave every topic at its cursor, for the retry to judge (and notify)
+        again. Moved one by one, a topic judged before the failure was retried from
+        its new position, and its gap was never told."""
+        opening = [self._opening_states.pop(topic, None) for topic in topics]
+        states = [
+            known if known is not None else await self._store.state(topic)
+            for topic, known in zip(topics, opening, strict=True)
+        ]
         gaps: list[tuple[str, Gap]] = []
-        for topic in topics:
-            state = self._opening_states.pop(topic, None) or await self._store.state(topic)
+        for topic, state in zip(topics, states, strict=True):
             gap = self._judge_start(topic, state)
             if gap is not None:
                 gaps.append((topic, gap))

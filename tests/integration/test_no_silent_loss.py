@@ -540,3 +540,43 @@ async def test_a_new_topic_trimmed_before_its_first_live_read_is_told_with_a_gap
         [gap] = gaps(received)
         assert gap.json["reason"] == "trimmed", name  # type: ignore[index]
         assert numbers(received) == list(range(15, 20)), name
+
+
+async def test_a_store_failure_while_judging_several_topics_loses_no_gap_notice(
+    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multi-topic stream goes back to the log for both topics; ``a`` was trimmed
+    past meanwhile, and reading ``b``'s state fails once. The retry must still tell
+    ``a``'s gap: judged first, ``a`` had moved to its oldest retained event before
+    the failure, so the retry judged it from there, and events 1-15 went unsaid."""
+    a, b = f"{topic}-a", f"{topic}-b"
+    broker = await small_broker(redis_server.url, maxlen=5)
+    try:
+        await publish(broker, a, range(0, 1))
+        await publish(broker, b, range(100, 101))
+        subscription = await broker.subscribe({a: "now", b: "now"})
+        chunks = subscription.chunks()
+        announced = await asyncio.wait_for(anext(chunks), 5)  # caught up: its cursor, no event
+        assert announced.startswith(b"id: "), announced
+        await publish(broker, a, range(1, 21))  # while the client is not reading
+        store, real_state = broker.store, broker.store.state
+        failures = [b]
+
+        async def state_failing_once_for_b(name: str) -> Any:
+            if name in failures:
+                failures.remove(name)
+                raise StoreUnavailable("b's node is away")
+            return await real_state(name)
+
+        monkeypatch.setattr(store, "state", state_failing_once_for_b)
+        subscription.log_reset(a)
+        subscription.log_reset(b)
+        try:
+            events = await collect(chunks, lambda ev: 20 in numbers(ev), timeout=15)
+        finally:
+            subscription.close()
+        assert not failures, "the injected failure did not happen"
+        assert [g.json["topic"] for g in gaps(events)] == [a], events  # type: ignore[index]
+        assert numbers(events) == list(range(16, 21))
+    finally:
+        await broker.close()
