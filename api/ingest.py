@@ -37,6 +37,7 @@ from starlette.types import Receive
 
 from api.problems import HttpProblem
 from broker import Broker, EventId, InvalidInput, NewEvent, StoreUnavailable, TooLarge
+from broker.model import IngestLines
 from broker.validation import event_from_json, loads_exactly
 
 LINE_ENVELOPE_BYTES = 4096
@@ -189,11 +190,11 @@ class Ingest:
         twice once the store answered)."""
         pending = batch.copy()
         batch.clear()
-        keys = None if self._key is None else [f"{self._key}:{number}" for number, _ in pending]
+        lines = None if self._key is None else IngestLines(self._key, [n for n, _ in pending])
         self._watch.waiting(_STORE)
         try:
             result = await self.broker.publish(
-                self.topic, [event for _, event in pending], line_keys=keys, streaming=True
+                self.topic, [event for _, event in pending], lines=lines, streaming=True
             )
         except asyncio.CancelledError:
             if not self._watch.fired(_STORE):

@@ -27,9 +27,22 @@ def topic_of_key(key: bytes | str) -> str:
 
 
 def records_key(topic: str) -> str:
-    """A hash of the topic's idempotency records: each publisher-chosen key (a
-    streaming ingest's line: ``K:n``) -> the ids answered for it."""
+    """A hash of the topic's idempotency records: each publisher-chosen key -> the
+    ids answered for it."""
     return f"{KEY_PREFIX}:{{{topic}}}:idem"
+
+
+def line_records_key(topic: str) -> str:
+    """A hash of the streaming ingests' line records: ``K\\nn`` (line n of the ingest
+    keyed K) -> its ids. Apart from ``records_key``: a publish keyed "K:1" is not
+    line 1 of the ingest K (lua/append.lua)."""
+    return f"{KEY_PREFIX}:{{{topic}}}:lines"
+
+
+def line_times_key(topic: str) -> str:
+    """A sorted set beside the line records: when each ingest last wrote a line (ms):
+    its lines answer, and go, together."""
+    return f"{KEY_PREFIX}:{{{topic}}}:lines-at"
 
 
 def record_times_key(topic: str) -> str:

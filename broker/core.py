@@ -17,7 +17,7 @@ from broker.errors import StoreUnavailable, TopicNotFound
 from broker.fanout import Hub
 from broker.heartbeat import HeartbeatClock
 from broker.ids import EventId
-from broker.model import AppendResult, LogEntry, LogState, NewEvent
+from broker.model import AppendResult, IngestLines, LogEntry, LogState, NewEvent
 from broker.observer import Observer
 from broker.resume import Gap, earliest_point, resume_point
 from broker.sink import StreamSink
@@ -102,13 +102,13 @@ class Broker:
         events: Sequence[NewEvent],
         *,
         idempotency_key: str | None = None,
-        line_keys: Sequence[str] | None = None,
+        lines: IngestLines | None = None,
         close: bool = False,
         streaming: bool = False,
     ) -> AppendResult:
         """Append one event or a batch, atomically and in order; then close the topic
-        if asked. ``line_keys``: an idempotency key per event; ``streaming``: a
-        streaming ingest's (see ``Store.append``)."""
+        if asked. ``lines``: an idempotency record per event (a streaming ingest's
+        lines); ``streaming``: a streaming ingest's (see ``Store.append``)."""
         check_topic(topic)
         check_idempotency_key(idempotency_key)
         started = time.perf_counter()
@@ -117,7 +117,7 @@ class Broker:
                 topic,
                 events,
                 idempotency_key=idempotency_key,
-                line_keys=line_keys,
+                lines=lines,
                 close=close,
                 streaming=streaming,
             )

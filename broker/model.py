@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from broker import constants as c
@@ -17,6 +18,15 @@ class NewEvent:
     kind: str = c.KIND_JSON
     event: str | None = None
     retry: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IngestLines:
+    """A streaming ingest's events, each with its own idempotency record: the
+    request's Idempotency-Key K and each event's line number n (line n is "K:n")."""
+
+    key: str
+    numbers: Sequence[int]
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from broker import constants as c
 from broker.errors import StoreUnavailable, TopicClosed
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
-from broker.model import AppendResult, LogEntry, LogPage, LogState, NewEvent
+from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
 from broker.redis_live import AnyLiveReader
 from broker.redis_options import drop_idle_connections, pool_options
@@ -239,13 +239,13 @@ class RedisStreamStore:
         events: Sequence[NewEvent],
         *,
         idempotency_key: str | None = None,
-        line_keys: Sequence[str] | None = None,
+        lines: IngestLines | None = None,
         close: bool = False,
         streaming: bool = False,
     ) -> AppendResult:
         keys = _topic_keys(topic)
-        if line_keys is not None:
-            names = list(line_keys)
+        if lines is not None:  # the ingest's key, then each event's line number
+            names: list[str] = [lines.key, *[str(number) for number in lines.numbers]]
         else:
             names = [] if idempotency_key is None else [idempotency_key]
         retention = self.policies.for_topic(topic)
@@ -257,7 +257,7 @@ class RedisStreamStore:
             self._idempotency_seconds,
             retention.ttl_ms,
             int(close),
-            int(line_keys is not None),
+            int(lines is not None),
             len(names),
             *names,
         ]
@@ -514,8 +514,16 @@ class RedisStreamStore:
 
 
 def _topic_keys(topic: str) -> list[str]:
-    """The keys the append and delete scripts touch: log, meta, idempotency records."""
-    return [c.log_key(topic), c.meta_key(topic), c.records_key(topic), c.record_times_key(topic)]
+    """The keys the append and delete scripts touch: log, meta, idempotency records (a
+    publisher's, an ingest's lines), and when they were written."""
+    return [
+        c.log_key(topic),
+        c.meta_key(topic),
+        c.records_key(topic),
+        c.record_times_key(topic),
+        c.line_records_key(topic),
+        c.line_times_key(topic),
+    ]
 
 
 def _topic_of_meta(key: bytes) -> str | None:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from broker.ids import StreamPosition
-from broker.model import AppendResult, LogEntry, LogPage, LogState, NewEvent
+from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies
 
 
@@ -30,13 +30,13 @@ class Store(Protocol):
         events: Sequence[NewEvent],
         *,
         idempotency_key: str | None = None,
-        line_keys: Sequence[str] | None = None,
+        lines: IngestLines | None = None,
         close: bool = False,
         streaming: bool = False,
     ) -> AppendResult:
         """Append atomically and in order, then close the topic if asked (a final
         ``broker.end`` entry). A repeated idempotency key appends nothing; with
-        ``line_keys`` each event has its own key (streaming ingest). ``streaming``:
+        ``lines`` each event has its own record (a streaming ingest's line). ``streaming``:
         nobody waits on this append to send more (a streaming ingest), so it may
         wait a moment for company on its way to the store. Raises TopicClosed if
         the topic is closed (a repeated close answers its end)."""

@@ -4,25 +4,34 @@
 -- never outlives its expiry in part (log, meta and idempotency records together).
 --
 -- KEYS[1] log stream, KEYS[2] meta hash, KEYS[3] the idempotency records (a hash:
--- publisher's key -> its answer), KEYS[4] when each was written (a sorted set, ms).
+-- publisher's key -> its answer), KEYS[4] when each was written (a sorted set, ms),
+-- KEYS[5] streaming ingests' line records (a hash: "K\nn" -> line n's answer, and
+-- "K\n" -> the highest n recorded), KEYS[6] when each ingest K last wrote one (ms).
 -- ARGV[1] epoch to use if the log is new, ARGV[2] MAXLEN, ARGV[3] trim slack,
 -- ARGV[4] max age in ms (0: none), ARGV[5] idempotency window in s, ARGV[6] TTL in
 -- ms (0: kept), ARGV[7] close after the events (0|1), ARGV[8] records per event (0|1),
 -- ARGV[9] how many record names follow (R): none; one for the whole request
--- (ARGV[8] = 0); or one per event (ARGV[8] = 1: streaming ingest, K:n); then the R
--- names, then 4 values per event: kind, data, event type ('' = none), retry ('' = none).
+-- (ARGV[8] = 0); or, for a streaming ingest (ARGV[8] = 1), its key K then each
+-- event's line number n (line n is "K:n"); then the R names, then 4 values per
+-- event: kind, data, event type ('' = none), retry ('' = none).
 --
--- The records live in one hash, not a key each, so that they live as long as their
--- topic: each append sets the topic's TTL on the hash too (one call, however many
+-- The records live in hashes, not a key each, so that they live as long as their
+-- topic: each append sets the topic's TTL on them too (one call, however many
 -- records), where a key per record expired a TTL after its own write, while the
 -- topic lived on (a producer resending a long stream stored its early lines again).
--- A record answers for the idempotency window after its write; older ones are
--- pruned as records are written.
+-- A publisher's record answers for the idempotency window after its write; older
+-- ones are pruned as records are written. An ingest's lines are apart from the
+-- publishers' keys (a publish keyed "K:1" is not line 1 of the ingest K: it had
+-- made that line skipped, and both answered 500), and answer together, for the
+-- window after the ingest's last line (a stream longer than the window, resent
+-- whole, stored its early lines again); then they are pruned together.
 -- Returns {status, "epoch|id,id,...|end id"} (the end id empty unless it closed):
 -- status 0 stored, 1 replayed (all of it, from idempotency records, or a close of a
 -- closed topic), -1 refused: the topic is closed (the second value is its end's event id).
 local log, meta, records, written = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local lines, lines_written = KEYS[5], KEYS[6]
 local per_event = ARGV[8] == '1'
+local ingest = per_event and ARGV[10]  -- a streaming ingest's key K
 local closing = ARGV[7] == '1'
 local names = tonumber(ARGV[9])
 local first_value = 10 + names  -- the first event's first value
@@ -65,6 +74,36 @@ local function remember(name, answer)
   redis.call('ZADD', written, now(), name)
 end
 
+-- The ingest's line n, if stored in this log within the window after its last line.
+local function remembered_line(n, epoch)
+  if not epoch then return false end
+  local seen = redis.call('HGET', lines, ingest .. '\n' .. n)
+  if seen and string.sub(seen, 1, #epoch + 1) == epoch .. '|' then
+    local at = redis.call('ZSCORE', lines_written, ingest)
+    if at and tonumber(at) > now() - window_ms then return seen end
+  end
+  return false
+end
+
+-- Forget the lines of ingests whose last line is past the window: up to 1024 fields
+-- at a time, the highest line numbers first (the rest go at a later prune).
+local function prune_lines()
+  local old = redis.call('ZRANGEBYSCORE', lines_written, '-inf', now() - window_ms, 'LIMIT', 0, 4)
+  for _, key in ipairs(old) do
+    local top = tonumber(redis.call('HGET', lines, key .. '\n') or '0')
+    local low = math.max(1, top - 1023)
+    local fields = {}
+    for n = low, top do fields[#fields + 1] = key .. '\n' .. n end
+    if #fields > 0 then redis.call('HDEL', lines, unpack(fields)) end
+    if low > 1 then
+      redis.call('HSET', lines, key .. '\n', low - 1)
+    else
+      redis.call('HDEL', lines, key .. '\n')
+      redis.call('ZREM', lines_written, key)
+    end
+  end
+end
+
 local epoch, closed, has_records = current_epoch()
 if (not per_event) and names == 1 then
   local seen = remembered(ARGV[10], epoch)
@@ -77,12 +116,12 @@ if epoch then
       -- A resent ingest whose every line was stored before the topic closed: its
       -- answer again (the producer lost the first one), not a refusal.
       local ids = {}
-      for i = 1, names do
-        local seen = remembered(ARGV[9 + i], epoch)
+      for i = 2, names do  -- (ARGV[10] is the ingest's key, its line numbers follow)
+        local seen = remembered_line(ARGV[9 + i], epoch)
         if not seen then break end
         ids[#ids + 1] = string.sub(seen, #epoch + 2)
       end
-      if #ids > 0 and #ids == names then
+      if #ids > 0 and #ids == names - 1 then
         return {1, epoch .. '|' .. table.concat(ids, ',') .. '|'}
       end
     end
@@ -90,7 +129,8 @@ if epoch then
   end
 else
   epoch = ARGV[1]
-  redis.call('DEL', log, meta, records, written)  -- (an old log's records answer no more)
+  -- (an old log's records answer no more)
+  redis.call('DEL', log, meta, records, written, lines, lines_written)
   redis.call('HSET', meta, 'epoch', epoch)
   has_records = false
 end
@@ -108,19 +148,27 @@ local function add(kind, data, event, retry)
   return redis.call('XADD', log, '*', 'ep', epoch, 'k', kind, 'd', data)
 end
 
-local ids, replayed = {}, 0
+local ids, replayed, top_line = {}, 0, false
 for i = first_value, #ARGV, 4 do
-  local name = per_event and ARGV[10 + (i - first_value) / 4] or false
-  local seen = name and remembered(name, epoch)
+  local line = per_event and ARGV[11 + (i - first_value) / 4] or false
+  local seen = line and remembered_line(line, epoch)
   if seen then
     ids[#ids + 1] = string.sub(seen, #epoch + 2)
     replayed = replayed + 1
   else
     local id = add(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
     ids[#ids + 1] = id
-    if name then remember(name, epoch .. '|' .. id) end
+    if line then
+      redis.call('HSET', lines, ingest .. '\n' .. line, epoch .. '|' .. id)
+      top_line = line
+    end
   end
 end
+if top_line then  -- (lines come in order: the last one written is the highest)
+  local top = tonumber(redis.call('HGET', lines, ingest .. '\n') or '0')
+  if tonumber(top_line) > top then redis.call('HSET', lines, ingest .. '\n', top_line) end
+end
+if per_event then redis.call('ZADD', lines_written, now(), ingest) end
 
 local end_id = ''
 if closing then
@@ -159,10 +207,14 @@ if (not per_event) and names == 1 then remember(ARGV[10], answer) end
 -- as long as the topic.
 if names > 0 then
   if math.random(8) == 1 then
-    local old = redis.call('ZRANGEBYSCORE', written, '-inf', now() - window_ms, 'LIMIT', 0, 128)
-    if #old > 0 then
-      redis.call('HDEL', records, unpack(old))
-      redis.call('ZREM', written, unpack(old))
+    if per_event then
+      prune_lines()
+    else
+      local old = redis.call('ZRANGEBYSCORE', written, '-inf', now() - window_ms, 'LIMIT', 0, 128)
+      if #old > 0 then
+        redis.call('HDEL', records, unpack(old))
+        redis.call('ZREM', written, unpack(old))
+      end
     end
   end
   if not has_records then redis.call('HSET', meta, 'records', 1) end
@@ -177,7 +229,12 @@ if ttl_ms > 0 then
   if has_records then
     redis.call('PEXPIRE', records, ttl_ms)
     redis.call('PEXPIRE', written, ttl_ms)
+    redis.call('PEXPIRE', lines, ttl_ms)
+    redis.call('PEXPIRE', lines_written, ttl_ms)
   end
+elseif per_event then
+  redis.call('PEXPIRE', lines, window_ms)
+  redis.call('PEXPIRE', lines_written, window_ms)
 elseif names > 0 then
   redis.call('PEXPIRE', records, window_ms)
   redis.call('PEXPIRE', written, window_ms)

@@ -249,6 +249,39 @@ async def test_a_broken_ingest_resent_whole_with_its_key_stores_each_line_once(
     assert [e["id"] for e in stored[:20]] == answer["ids"]
 
 
+async def test_a_publishers_key_is_not_an_ingests_line(aclient: httpx.AsyncClient) -> None:
+    """A publish keyed "job:1" and line 1 of the ingest keyed "job" are two things: the
+    line was skipped as a repeat of the publish, and both answered 500 (the records
+    of the two kinds shared one hash and were read as each other's)."""
+    topic = new_topic()
+    posted = await aclient.post(
+        f"/topics/{topic}/events", json={"data": "posted"}, headers={"Idempotency-Key": "job:1"}
+    )
+    assert posted.status_code == 201, posted.text
+    ingested = await aclient.post(
+        f"/topics/{topic}/events",
+        content=line("a") + line("b"),
+        headers={**NDJSON, "Idempotency-Key": "job"},
+    )
+    assert ingested.status_code == 201, ingested.text
+    # And the other way round: a publish keyed as an earlier ingest's line.
+    again = await aclient.post(
+        f"/topics/{topic}/events", json={"data": "posted2"}, headers={"Idempotency-Key": "job:2"}
+    )
+    assert again.status_code == 201, again.text
+    stored = await history(aclient, topic)
+    assert [e["data"] for e in stored] == ["posted", "a", "b", "posted2"]
+    assert ingested.json()["ids"] == [e["id"] for e in stored[1:3]]
+    # Each still answers its own repeats.
+    for url_headers, body in (
+        ({"Idempotency-Key": "job:1"}, {"json": {"data": "posted"}}),
+        ({**NDJSON, "Idempotency-Key": "job"}, {"content": line("a") + line("b")}),
+    ):
+        repeat = await aclient.post(f"/topics/{topic}/events", headers=url_headers, **body)  # type: ignore[arg-type]
+        assert repeat.status_code == 200, repeat.text
+    assert len(await history(aclient, topic)) == 4
+
+
 async def test_a_resent_ingest_with_nothing_new_is_replayed(aclient: httpx.AsyncClient) -> None:
     topic, headers = new_topic(), {**NDJSON, "Idempotency-Key": "k"}
     body = line(1) + line(2)

@@ -18,6 +18,7 @@ import pytest
 
 from broker import Broker, BrokerLimits, NewEvent, TopicInfo
 from broker import constants as c
+from broker.model import IngestLines
 from broker.policy import TopicPolicy
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
@@ -97,11 +98,11 @@ async def test_a_topic_expires_whole_and_its_live_subscriber_is_told(
     try:
         await reader.wait_live()
         first = await broker.publish(topic, [NewEvent("1")], idempotency_key="whole")
-        await broker.publish(topic, [NewEvent("2"), NewEvent("3")], line_keys=["k:1", "k:2"])
+        await broker.publish(topic, [NewEvent("2"), NewEvent("3")], lines=IngestLines("k", [1, 2]))
         published_at = time.monotonic()
         await reader.wait_for_ids([str(first.ids[0])], timeout=5)
         keys = await topic_keys(store, topic)
-        assert len(keys) == 4, keys  # log, meta, the idempotency records and their times
+        assert len(keys) == 6, keys  # log, meta, the records and lines, and their times
         await poll(lambda: _gone(store, topic), EXPIRY_DEADLINE_S, "the topic's keys expire")
         await poll(lambda: _told(reader), EXPIRY_DEADLINE_S, "the subscriber is told")
         assert time.monotonic() - published_at < TTL_SECONDS + EXPIRY_DEADLINE_S
@@ -136,7 +137,8 @@ async def test_a_publish_moves_the_expiry(expiring_broker: Broker) -> None:
     had its early lines stored again)."""
     broker, topic = expiring_broker, f"x-{uuid.uuid4().hex[:12]}"
     first = await broker.publish(topic, [NewEvent("first")], idempotency_key="early")
-    lines = await broker.publish(topic, [NewEvent("l1"), NewEvent("l2")], line_keys=["K:1", "K:2"])
+    ingest = IngestLines("K", [1, 2])
+    lines = await broker.publish(topic, [NewEvent("l1"), NewEvent("l2")], lines=ingest)
     started = time.monotonic()
     while time.monotonic() - started < 2.5 * TTL_SECONDS:
         await broker.publish(topic, [NewEvent("tick")])
@@ -145,7 +147,7 @@ async def test_a_publish_moves_the_expiry(expiring_broker: Broker) -> None:
     assert state.exists and state.length >= 12, state
     again = await broker.publish(topic, [NewEvent("first")], idempotency_key="early")
     assert again.replayed and again.ids == first.ids
-    resent = await broker.publish(topic, [NewEvent("l1"), NewEvent("l2")], line_keys=["K:1", "K:2"])
+    resent = await broker.publish(topic, [NewEvent("l1"), NewEvent("l2")], lines=ingest)
     assert resent.replayed and resent.ids == lines.ids
     assert (await broker.store.state(topic)).length == state.length
 

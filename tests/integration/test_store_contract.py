@@ -9,7 +9,7 @@ import pytest
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
-from broker.model import NewEvent
+from broker.model import IngestLines, NewEvent
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
 from tests.support.polling import await_until
@@ -111,6 +111,57 @@ async def test_records_past_the_window_are_pruned(topic: str, redis_server: Redi
             await asyncio.sleep(0.05)
         assert await admin.hlen(records) == await admin.zcard(times) >= 1
         assert 0 < await admin.pttl(records) <= 1000 and 0 < await admin.pttl(times) <= 1000
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("url_kind", ["embedded", "redis"])
+async def test_a_stream_longer_than_the_window_resent_whole_stores_each_line_once(
+    url_kind: str, redis_server: RedisServer, topic: str
+) -> None:
+    """An ingest's lines answer for the window after its last line, not each after its
+    own write: a stream that ran longer than the window, broke, and was resent whole
+    stored its early lines a second time."""
+    store = open_store(None if url_kind == "embedded" else redis_server.url, idempotency_seconds=1)
+    try:
+        stored = []
+        started = time.monotonic()
+        for n in range(1, 5):  # a line every 0.4 s: line 1 is older than the window ...
+            line = await store.append(topic, events(f"l{n}"), lines=IngestLines("K", [n]))
+            stored += line.ids
+            await asyncio.sleep(0.4)
+        assert time.monotonic() - started > 1.5
+        # ... but the stream went on; it breaks, and is sent again whole.
+        numbers = [1, 2, 3, 4, 5]
+        resent = await store.append(
+            topic, events(*(f"l{n}" for n in numbers)), lines=IngestLines("K", numbers)
+        )
+        assert resent.ids[:4] == stored
+        assert (await store.state(topic)).length == 5
+    finally:
+        await store.close()
+
+
+async def test_an_ingests_lines_past_the_window_are_pruned_together(
+    topic: str, redis_server: RedisServer
+) -> None:
+    """The lines of an ingest whose last line is past the window leave the topic's line
+    records as other ingests write theirs; the records expire a window after the last."""
+    store = open_store(redis_server.url, idempotency_seconds=1)
+    admin = store._client
+    lines, times = c.line_records_key(topic), c.line_times_key(topic)
+    try:
+        await store.append(topic, events("a", "b"), lines=IngestLines("old", [1, 2]))
+        assert await admin.hlen(lines) == 3  # two lines and the highest line number
+        deadline, n = time.monotonic() + 15, 0  # (pruning runs at one append in eight)
+        while await admin.zscore(times, "old") is not None:
+            assert time.monotonic() < deadline, "an ingest past the window was kept"
+            n += 1
+            await store.append(topic, events("c"), lines=IngestLines("new", [n]))
+            await asyncio.sleep(0.05)
+        fields = {field.decode() for field in await admin.hkeys(lines)}
+        assert fields and all(field.startswith("new\n") for field in fields), fields
+        assert 0 < await admin.pttl(lines) <= 1000 and 0 < await admin.pttl(times) <= 1000
     finally:
         await store.close()
 

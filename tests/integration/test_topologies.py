@@ -330,6 +330,7 @@ async def test_the_cluster_store_reads_live_without_warnings(
 
 async def test_a_topics_keys_share_one_slot(cluster: RedisClusterGroup, topic: str) -> None:
     keys = [c.log_key(topic), c.meta_key(topic), c.records_key(topic), c.record_times_key(topic)]
+    keys += [c.line_records_key(topic), c.line_times_key(topic)]
     assert len({cluster.keyslot(key) for key in keys}) == 1
     store = open_store(cluster.url)
     try:
