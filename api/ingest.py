@@ -156,12 +156,22 @@ class Ingest:
         may lack its line feed."""
         partial = b""
         whole = 0  # the lines yielded so far (numbered as ``run`` numbers them)
+        limit = self._max_line
         while True:
             data, more = await self._read(body)
-            *lines, partial = (partial + data).split(b"\n")
-            if len(partial) > self._max_line:
+            received = partial + data
+            *lines, partial = received.split(b"\n")
+            # A line too long is refused however it arrived: whole in one read, or
+            # still unfinished (held no further).
+            too_long = len(partial) > limit
+            if len(received) > limit:
+                for index, whole_line in enumerate(lines):
+                    if len(whole_line) > limit:
+                        lines, too_long = lines[:index], True
+                        break
+            if too_long:
                 yield lines  # (those before it are stored)
-                limit, number = self._max_line, whole + len(lines) + 1
+                number = whole + len(lines) + 1
                 raise TooLarge(f"line {number}: longer than {limit} bytes", limit=limit)
             if not more:
                 yield [*lines, partial] if partial.strip() else lines

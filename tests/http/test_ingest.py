@@ -192,6 +192,22 @@ async def test_a_line_too_long_to_hold_is_413_naming_it(limits_broker: BrokerPro
         assert [e["data"] for e in await history(client, topic)] == [1, 2]
 
 
+async def test_a_whole_line_too_long_is_413_however_it_arrives(
+    limits_broker: BrokerProcess,
+) -> None:
+    """A line over the limit that arrives whole in one read (its data within
+    BROKER_MAX_EVENT_BYTES, padded with spaces) is refused as one cut across reads
+    is: it was stored."""
+    topic = new_topic()
+    padded = b'{"data": 2' + b" " * (int(LIMITS["BROKER_MAX_EVENT_BYTES"]) + 5000) + b"}\n"
+    async with httpx.AsyncClient(base_url=limits_broker.url, timeout=30) as client:
+        body = line(1) + padded + line(3)
+        response = await client.post(f"/topics/{topic}/events", content=body, headers=NDJSON)
+        problem = assert_problem(response, 413)
+        assert "line 2" in problem["detail"], problem
+        assert [e["data"] for e in await history(client, topic)] == [1]
+
+
 @pytest.mark.parametrize(
     ("bad", "what"),
     [
