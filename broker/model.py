@@ -154,7 +154,8 @@ class LogState:
     expires_in_ms: int | None = None
     """How long until Redis expires it, if it has a TTL."""
     deleted_epoch: str | None = None
-    """The epoch of a log deleted a moment ago (DELETE), while its marker lingers."""
+    """The epoch of a log deleted a moment ago (DELETE), while its marker lingers; or,
+    in a log created since, of the last log deleted before it."""
     deleted_at: StreamPosition | None = None
     """Where that deletion's marker is: a cursor there was told of the deletion."""
 

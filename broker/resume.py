@@ -39,6 +39,8 @@ def resume_point(requested: EventId, state: LogState) -> tuple[EventId, Gap | No
         return ORIGIN, Gap("unknown", requested, None)
     if requested.is_origin:
         position = (0, 0)
+    elif requested.epoch == state.deleted_epoch:  # deleted, and published to again since
+        return state.deletion or ORIGIN, Gap("deleted", requested, None)
     elif requested.epoch != state.epoch:
         return _from_oldest(state, "unknown", requested)
     elif requested.position > state.last_issued:

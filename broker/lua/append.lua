@@ -49,8 +49,10 @@ end
 -- meta survived, or deleted (DELETE leaves a marker for a while): ids of the old log
 -- must not resume here. And its end's id if it is closed, and whether it has
 -- idempotency records (all read in the same call).
+local deleted_epoch, deleted_marker = false, false  -- a deleted log this one replaces
 local function current_epoch()
   local fields = redis.call('HMGET', meta, 'epoch', 'deleted', 'closed', 'records')
+  if fields[2] then deleted_epoch, deleted_marker = fields[1], fields[2] end
   if (not fields[1]) or fields[2] or redis.call('EXISTS', log) == 0 then
     return false, false, false
   end
@@ -130,7 +132,20 @@ if epoch then
 else
   epoch = ARGV[1]
   -- (an old log's records answer no more)
-  redis.call('DEL', log, meta, records, written, lines, lines_written)
+  redis.call('DEL', meta, records, written, lines, lines_written)
+  if deleted_epoch then
+    -- Published again right after a DELETE. The stream stays, emptied: its ids go
+    -- on after the marker's (a new stream's first id, in the marker's millisecond,
+    -- could lie at or before where the live readers are, and they would never read
+    -- it). A live reader that had not read the marker yet never will, so the new
+    -- log says which epoch was deleted and where: its streams are still told
+    -- "deleted", and end.
+    redis.call('XTRIM', log, 'MAXLEN', 0)
+    redis.call('PERSIST', log)
+    redis.call('HSET', meta, 'deleted_epoch', deleted_epoch, 'deleted_at', deleted_marker)
+  else
+    redis.call('DEL', log)
+  end
   redis.call('HSET', meta, 'epoch', epoch)
   has_records = false
 end

@@ -7,7 +7,9 @@
 --          its marker's id|false}.
 -- A deleted topic (its marker lingers for live readers) reads as no log, but says
 -- which epoch was deleted: a cursor of it gets a "deleted" gap, not "unknown"; and
--- where its marker is: a cursor at it was told already (answered 204).
+-- where its marker is: a cursor at it was told already (answered 204). A log
+-- created since (published again right after the DELETE) says the same of the
+-- last log deleted before it.
 local log, meta = KEYS[1], KEYS[2]
 
 local function before(a, b)  -- stream ids "ms-seq", compared as numbers
@@ -17,7 +19,7 @@ local function before(a, b)  -- stream ids "ms-seq", compared as numbers
   return a_ms < b_ms or (a_ms == b_ms and tonumber(a_seq) < tonumber(b_seq))
 end
 
-local fields = redis.call('HMGET', meta, 'epoch', 'trimmed', 'closed', 'deleted')
+local fields = redis.call('HMGET', meta, 'epoch', 'trimmed', 'closed', 'deleted', 'deleted_epoch', 'deleted_at')
 if redis.call('EXISTS', log) == 0 or fields[4] then
   return {false, false, 0, false, false, false, -1, fields[4] and fields[1] or false, fields[4] or false}
 end
@@ -46,6 +48,6 @@ return {
   last[1] and last[1][1] or false,
   fields[3] or false,
   redis.call('PTTL', log),
-  false,
-  false,
+  fields[5] or false,
+  fields[6] or false,
 }

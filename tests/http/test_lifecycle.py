@@ -320,10 +320,15 @@ async def test_a_publish_after_delete_starts_a_new_log(aclient: httpx.AsyncClien
     assert again.status_code == 201, again.text
     new = again.json()["id"]
     assert new.split(".")[0] != old.split(".")[0], (old, new)  # a new epoch
+    # A client of the deleted log is told so, and its stream ends, as a client that
+    # was connected at the DELETE was; the new log is another stream's.
     async with SseStream(aclient, f"/topics/{topic}/events", headers={"Last-Event-ID": old}) as s:
         gap = await s.next()
         assert gap.event == "broker.gap"
-        assert json.loads(gap.data)["reason"] == "unknown"
+        assert json.loads(gap.data)["reason"] == "deleted"
+        await asyncio.wait_for(s.ended.wait(), 8)
+        assert s.queue.empty()
+    async with SseStream(aclient, f"/topics/{topic}/events?from=earliest") as s:
         event = await s.next()
         assert (event.id, event.data) == (new, '"new"')
 

@@ -17,6 +17,7 @@ import pytest
 
 from broker import Broker, BrokerLimits, EventId, NewEvent, StoreUnavailable, SubscriberTooSlow
 from broker import constants as c
+from broker.errors import StreamOver
 from broker.heartbeat import HeartbeatClock
 from broker.ids import parse_cursor
 from broker.model import LiveBatch, LogEntry
@@ -578,5 +579,44 @@ async def test_a_store_failure_while_judging_several_topics_loses_no_gap_notice(
         assert not failures, "the injected failure did not happen"
         assert [g.json["topic"] for g in gaps(events)] == [a], events  # type: ignore[index]
         assert numbers(events) == list(range(16, 21))
+    finally:
+        await broker.close()
+
+
+@pytest.mark.parametrize("url_kind", ["embedded", "redis"])
+async def test_a_topic_published_to_right_after_a_delete_still_ends_its_streams(
+    url_kind: str, redis_server: RedisServer, topic: str
+) -> None:
+    """A DELETE, then at once a publish to the same name (a "regenerate"): the new log
+    took the marker away before the live reader (lingering after a dispatch) read it,
+    and the stream was told "unknown", then went on with the new log's events. It is
+    told "deleted" and ends; coming back with that gap's id is over (204)."""
+    url = None if url_kind == "embedded" else redis_server.url
+    broker = Broker(open_store(url), limits=BrokerLimits(heartbeat_seconds=0.3))
+    await broker.start()
+    try:
+        old = await publish(broker, topic, range(1))
+        subscription = await broker.subscribe({topic: "now"})
+        chunks = subscription.chunks()
+        assert (await asyncio.wait_for(anext(chunks), 5)).startswith(b"id: ")  # live
+        await publish(broker, topic, range(1, 2))  # the live reader reads it, then lingers
+        assert await broker.delete_topic(topic)
+        await publish(broker, topic, range(100, 101))
+        raw = b""
+        async with asyncio.timeout(5):
+            async for chunk in chunks:
+                raw += chunk
+        events = parse_events(raw)
+        assert events[-1].event == c.GAP_EVENT, events
+        assert events[-1].json["reason"] == "deleted", events  # type: ignore[index]
+        assert 100 not in numbers(events) and subscription.closed
+        with pytest.raises(StreamOver):
+            await broker.subscribe({topic: EventId.parse(str(events[-1].id))})
+        again = await broker.subscribe({topic: old[0]})  # an older id of the deleted log
+        try:
+            told = await collect(again.chunks(), lambda ev: bool(gaps(ev)))
+        finally:
+            again.close()
+        assert gaps(told)[0].json["reason"] == "deleted"  # type: ignore[index]
     finally:
         await broker.close()
