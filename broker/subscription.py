@@ -135,7 +135,9 @@ class Subscription:
                 if start == "now":  # "now" is now, not when first iterated
                     self._positions[topic] = latest_point(state)
                 if _at_end(start, state):
-                    self._over.add(topic)
+                    # Over already: no live registration either (a log of that name
+                    # made again would fill this stream's queue with what it drops).
+                    self._end_topic(topic)
                     self._positions[topic] = (
                         start if isinstance(start, EventId) else latest_point(state)
                     )

@@ -620,3 +620,31 @@ async def test_a_topic_published_to_right_after_a_delete_still_ends_its_streams(
         assert gaps(told)[0].json["reason"] == "deleted"  # type: ignore[index]
     finally:
         await broker.close()
+
+
+async def test_a_topic_over_when_its_stream_opens_fills_no_queue(
+    redis_server: RedisServer, topic: str
+) -> None:
+    """A multi-topic stream opened with ``a`` at its end: ``a`` is over for it. A new
+    log of ``a`` (deleted, then published to) was still read live for it, and queued
+    until the queue overflowed and dropped the subscriber, which lost ``b``."""
+    a, b = f"{topic}-a", f"{topic}-b"
+    limits = BrokerLimits(heartbeat_seconds=0.3, subscriber_buffer_bytes=4096)
+    broker = Broker(open_store(redis_server.url), limits=limits)
+    await broker.start()
+    try:
+        await publish(broker, a, range(1))
+        end = (await broker.publish(a, [], close=True)).end_id
+        assert end is not None
+        await publish(broker, b, range(100, 101))
+        subscription = await broker.subscribe({a: end, b: "now"})
+        chunks = subscription.chunks()
+        assert (await asyncio.wait_for(anext(chunks), 5)).startswith(b"id: ")  # live
+        assert await broker.delete_topic(a)
+        for n in range(40):  # a new log of a, far past the buffer, while nobody reads
+            await broker.publish(a, [NewEvent(str(n) + " " * 200)])
+        await publish(broker, b, range(101, 102))
+        events = await collect(chunks, lambda ev: 101 in numbers(ev))
+        assert numbers(events) == [101]
+    finally:
+        await broker.close()
