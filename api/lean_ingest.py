@@ -430,7 +430,7 @@ class IngestExchange:
             return problem_bytes(request, problem_for(error), server_state), False
         except Exception:
             log.exception("unexpected error in an ingest on %s", request.scope["path"])
-            failure = problem(500, "Internal error", "the broker failed")
+            failure = problem(500, "Internal error", "the broker could not publish")
             return problem_bytes(request, failure, server_state), True  # (its CORS added there)
         return response_bytes(request, status, headers, content, server_state), False
 
