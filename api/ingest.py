@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import orjson
 from starlette.types import Receive
 
-from api.problems import HttpProblem
+from api.problems import HttpProblem, StoreLostMidBody
 from broker import Broker, EventId, InvalidInput, NewEvent, StoreUnavailable, TooLarge
 from broker.model import IngestLines
 from broker.validation import event_from_json, loads_exactly
@@ -117,10 +117,21 @@ class Ingest:
         self._idle_timeout = idle_timeout
         self.result = IngestResult(keep=max_batch)
         self._watch = _Watch(idle=idle_timeout, store=append_timeout)
+        self._body_ended = False
 
     async def run(self, body: IngestBody) -> IngestResult:
         """Store every line of the body; raises on the first bad line, after storing
-        the lines before it. The body must end normally for this to return."""
+        the lines before it. The body must end normally for this to return. A store
+        failure before the body's end is ``StoreLostMidBody`` (the connection closes)."""
+        try:
+            return await self._run(body)
+        except StoreUnavailable as error:
+            if self._body_ended or isinstance(error, StoreLostMidBody):
+                raise
+            lost = StoreLostMidBody(error.detail, retry_after=error.retry_after)
+            raise lost from error
+
+    async def _run(self, body: IngestBody) -> IngestResult:
         batch: list[tuple[int, NewEvent]] = []
         number = 0
         with self._watch:
@@ -192,6 +203,7 @@ class Ingest:
             detail = f"no line for {self._idle_timeout:g} s: ingest stopped"
             raise HttpProblem(408, "Request timeout", detail) from None
         self._watch.done()
+        self._body_ended = not read[1]
         return read
 
     async def _append(self, batch: list[tuple[int, NewEvent]]) -> None:

@@ -15,10 +15,12 @@ received, to uvicorn, and the app answers it; once the ingest began it is never
 handed over, and every later error is answered here as the ASGI route answers
 it. Deliberate likenesses to uvicorn, so that a client sees one behaviour:
 
-- An error answered before the body ended (a bad line, 503, 409, 408) is
-  followed by the rest of the body being read and dropped, then the next
-  request: closing with unread bytes would reset the connection, and the
-  client might lose the answer. A malformed chunked framing gets uvicorn's own
+- An error answered before the body ended (a bad line, 409, 408) is followed
+  by the rest of the body being read and dropped, then the next request:
+  closing with unread bytes would reset the connection, and the client might
+  lose the answer. But a 503 (the store failed) closes the connection on both
+  routes (``Connection: close``): the producer, still sending, learns at once
+  and resends (``api.problems.StoreLostMidBody``). A malformed chunked framing gets uvicorn's own
   ``400 Invalid HTTP request received.``, and the connection closes.
 - Memory is bounded whatever the body's length: past ``BODY_BUFFER_BYTES``
   not yet taken by the ingest (an append in flight) the socket is not read.
@@ -49,7 +51,7 @@ from api.lean_publish import (
     topic_post_of,
 )
 from api.negotiation import media_type_of
-from api.problems import HttpProblem, problem, problem_for
+from api.problems import HttpProblem, StoreLostMidBody, problem, problem_for
 from api.publish import NDJSON, _close_requested, idempotency_key, ingest_of, run_ingest
 from broker import BrokerError, InvalidInput
 from broker.validation import check_topic
@@ -427,7 +429,8 @@ class IngestExchange:
             answer = problem_bytes(request, problem_for(error), server_state)
             return answer, error.status == 408
         except BrokerError as error:
-            return problem_bytes(request, problem_for(error), server_state), False
+            answer = problem_bytes(request, problem_for(error), server_state)
+            return answer, isinstance(error, StoreLostMidBody)
         except Exception:
             log.exception("unexpected error in an ingest on %s", request.scope["path"])
             failure = problem(500, "Internal error", "the broker could not publish")

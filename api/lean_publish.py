@@ -215,7 +215,7 @@ def _answer_bytes(
     lines += [name + b": " + value for name, value in server_state.default_headers]
     lines += [name + b": " + value for name, value in headers]
     lines += [name + b": " + value for name, value in cors_headers(request.scope)]
-    if not request.keep_alive:
+    if not request.keep_alive and not any(name == b"connection" for name, _ in headers):
         lines.append(b"connection: close")
     return b"\r\n".join([*lines, b"", body])
 

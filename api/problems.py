@@ -46,6 +46,14 @@ class Forbidden(HttpProblem):
         super().__init__(403, "Forbidden", detail)
 
 
+class StoreLostMidBody(StoreUnavailable):
+    """The store failed while a streaming ingest's body was still coming: answered
+    503 and the connection closed. A producer still sending learns it at once (most
+    clients read the answer only once their body is sent: had the rest been read and
+    dropped, the rest of a token stream went nowhere, its viewers waiting for the
+    end of the generation, until the producer resent it)."""
+
+
 def problem(
     status: int, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:
@@ -78,6 +86,8 @@ def problem_for(error: BrokerError | HttpProblem) -> Response:
         return Response(status_code=204)
     if isinstance(error, StoreUnavailable):
         headers = {"Retry-After": str(error.retry_after)}
+        if isinstance(error, StoreLostMidBody):
+            headers["Connection"] = "close"  # (uvicorn closes after it, as the lean route)
         return problem(503, "Store unavailable", error.detail, headers=headers)
     return problem(500, "Internal error", "the broker could not handle this request")
 

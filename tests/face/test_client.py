@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
+import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -375,3 +378,44 @@ async def test_a_direct_publisher_can_wait_for_a_replica_as_the_broker_does(
         assert (await publisher.publish(topic, 2)).ids
     with redis.Redis.from_url(redis_server.url) as client:
         assert client.xlen(c.log_key(topic)) == 2
+
+
+def test_a_token_stream_through_a_store_outage_goes_on_before_its_end(
+    private_redis: RedisServer,
+) -> None:
+    """Redis stops for a moment mid-generation: the broker answers the stream 503 and
+    closes it, the publisher (still sending) resends it at once, and the tokens after
+    the outage reach the topic while the generation still runs. The rest of the body
+    was read and dropped: nothing reached viewers until the generation ended."""
+    env = {"BROKER_PUBLISH_TIMEOUT_SECONDS": "0.5"}
+    broker = BrokerProcess(redis_url=private_redis.url, env=env).start()
+    topic, process = _topic("outage"), private_redis.process
+    assert process is not None
+    stored_while_running: list[int] = []
+
+    def tokens() -> Iterator[dict[str, object]]:
+        yield from ({"data": n} for n in (1, 2, 3))
+        wait_until(lambda: len(_history(broker.url, topic)) == 3, timeout=10, what="3 tokens")
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            yield {"data": 4}
+            time.sleep(1.0)  # the producer's pause: its append fails meanwhile (0.5 s)
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+        for n in range(5, 65):  # a token every 0.1 s, for 6 s at most
+            yield {"data": n}
+            time.sleep(0.1)
+            stored = [e["data"] for e in _history(broker.url, topic)]
+            if any(isinstance(d, int) and d >= 5 for d in stored):
+                stored_while_running.extend(d for d in stored if isinstance(d, int))
+                return
+
+    try:
+        with Publisher(broker.url, retry=PATIENT) as publisher:
+            result = publisher.stream(topic, tokens(), idempotency_key="generation")
+        assert stored_while_running, "no token after the outage was stored before the end"
+        # Every token once, in order (the resend stored nothing twice).
+        everything = [e["data"] for e in _history(broker.url, topic)]
+        assert everything == list(range(1, result.count + 1))
+    finally:
+        broker.close()
