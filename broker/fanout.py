@@ -230,9 +230,19 @@ class Hub:
         self._armed_version = self._topics_version
         self._topics_changed.clear()
         if not positions:
-            await self._topics_changed.wait()
+            if self._unvalidated:
+                # Topics whose state is still to be asked again (it failed, maybe
+                # after the reader stopped waiting for it): nothing else will wake
+                # the reader for them.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(c.REVALIDATE_RETRY_S):
+                        await self._topics_changed.wait()
+            else:
+                await self._topics_changed.wait()
             return
         block_ms = self._block_ms
+        if self._unvalidated:  # (their states are asked again between reads)
+            block_ms = min(block_ms, int(c.REVALIDATE_RETRY_S * 1000))
         next_expiry = self._expiry.seconds_until_next(time.monotonic())
         if next_expiry is not None:
             block_ms = max(1, min(block_ms, int(next_expiry * 1000) + 1))

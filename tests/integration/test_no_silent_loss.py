@@ -316,10 +316,11 @@ async def test_a_topic_unread_while_its_cluster_node_failed_is_checked_for_trimm
 
 
 async def _an_outage_with_states_held(
-    broker: Broker, held: Callable[[str], bool], released: asyncio.Event
+    broker: Broker, held: Callable[[str], bool], released: asyncio.Event, fail_once: bool = False
 ) -> None:
     """One failed live read (an outage), after which the states of the topics ``held``
-    names answer only once ``released`` is set; returns once the outage happened."""
+    names answer only once ``released`` is set (``fail_once``: the first answer is a
+    failure); returns once the outage happened."""
     store: Any = broker.store
     original_read, original_state = store.read_live, store.state
     original_interrupt = store.interrupt_live_read
@@ -330,9 +331,14 @@ async def _an_outage_with_states_held(
             raise StoreUnavailable("the live reader's connection is lost")
         return await original_read(*args)
 
+    failures = [True] if fail_once else []
+
     async def state(name: str) -> Any:
         if held(name):
             await released.wait()
+            if failures:
+                failures.pop()
+                raise StoreUnavailable("the state's connection timed out")
         return await original_state(name)
 
     store.read_live, store.state = read_live, state
@@ -384,6 +390,28 @@ async def test_after_an_outage_a_lone_topic_whose_state_answers_late_is_read_aga
         answer.set()
         await publish(redis_broker, topic, range(1, 2))
         assert numbers(await got) == [1]
+    finally:
+        subscription.close()
+
+
+async def test_after_an_outage_a_lone_topic_whose_state_fails_late_is_asked_again(
+    redis_broker: Broker, topic: str
+) -> None:
+    """The only live topic's state fails after the reader stopped waiting for it (no
+    answer from Redis: a reply timeout). With nothing else to read, the reader waited
+    for a topic to come, and the state was never asked again: live delivery stopped
+    for good in that process."""
+    await publish(redis_broker, topic, range(1))
+    subscription = await redis_broker.subscribe({topic: "now"})
+    try:
+        got = asyncio.create_task(collect(subscription.chunks(), lambda ev: 1 in numbers(ev)))
+        await await_until(lambda: subscription.is_live, timeout=5, what="it is live")
+        answer = asyncio.Event()
+        await _an_outage_with_states_held(redis_broker, lambda name: True, answer, fail_once=True)
+        await asyncio.sleep(c.REVALIDATE_WAIT_S + 0.2)  # past the reader's wait for it
+        answer.set()  # ... then it fails
+        await publish(redis_broker, topic, range(1, 2))
+        assert numbers(await got) == [1]  # (collect fails after 10 s)
     finally:
         subscription.close()
 
