@@ -15,14 +15,14 @@ from typing import Any
 import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.ids import StreamPosition, format_stream_id, parse_stream_id
 from broker.model import LogEntry
 from broker.observer import Observer
-from broker.redis_options import drop_idle_connections
+from broker.redis_options import REDIS_FAILURES, drop_idle_connections
 from broker.redis_raw import RawConnection
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class _ClientLink:
             return await self._client.execute_command(*command)  # type: ignore[no-untyped-call]
         except ResponseError as error:
             return error
-        except (RedisError, OSError):
+        except REDIS_FAILURES:
             self.client_id = None  # a new connection has a new id
             raise
 
@@ -295,7 +295,7 @@ class LiveReader:
         )
         try:
             reply = await lane.connection.call(command)
-        except (RedisError, OSError) as error:
+        except REDIS_FAILURES as error:
             await drop_idle_connections(self._commands)
             raise StoreUnavailable(f"live read failed: {error}") from error
         if isinstance(reply, Exception):  # an error reply
@@ -310,7 +310,7 @@ class LiveReader:
             return False
         try:
             return bool(await self._commands.client_unblock(client_id))
-        except (RedisError, OSError):
+        except REDIS_FAILURES:
             return False
 
     async def _reset(self) -> None:
@@ -318,7 +318,7 @@ class LiveReader:
         closed, all topics placed again at the next read."""
         await self._end_reads(timeout=2)
         for lane in self._lanes[1:]:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await lane.connection.close()
         self._lanes = [_Lane(self._lanes[0].connection)]  # (it reconnects when next used)
         self._lane_of, self._last, self._dirty, self._log_keys = {}, {}, set(), {}
@@ -427,7 +427,7 @@ class ClusterLiveReader:
                     raise StoreUnavailable(f"no cluster node serves {key}")
                 slots = groups.setdefault(node.name, (node, {}))[1]
                 slots.setdefault(self._cluster.keyslot(key), {})[key] = position
-        except (RedisError, OSError) as error:
+        except REDIS_FAILURES as error:
             raise StoreUnavailable(f"cluster slot map unavailable: {error}") from error
         return groups
 
@@ -546,7 +546,7 @@ class ClusterLiveReader:
     async def _refresh_slots(self) -> None:
         try:
             await self._cluster.nodes_manager.initialize()
-        except (RedisError, OSError):
+        except REDIS_FAILURES:
             log.warning("cluster: could not refresh the slot map yet")
 
     async def interrupt(self) -> bool:

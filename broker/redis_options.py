@@ -11,9 +11,14 @@ from typing import Any
 
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from broker import constants as c
+
+REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
+"""What a call to Redis raises when the store fails: redis-py's errors, the socket's,
+and the Cluster client's ``RedisClusterException`` (not a ``RedisError``: raised when
+no node answers, say; uncaught, it was a 500 and an EventSource that never came back)."""
 
 
 def client_options() -> dict[str, Any]:
@@ -44,5 +49,5 @@ async def drop_idle_connections(client: Any) -> None:
     drop them now, so the first commands once Redis is back do not fail on them."""
     pool = getattr(client, "connection_pool", None)
     if pool is not None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_FAILURES):
             await pool.disconnect(inuse_connections=False)

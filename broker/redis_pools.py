@@ -36,7 +36,9 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.sentinel import SentinelConnectionPool
-from redis.exceptions import MaxConnectionsError, RedisError
+from redis.exceptions import MaxConnectionsError
+
+from broker.redis_options import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,7 @@ class FixedPool(redis.BlockingConnectionPool):
     async def _fill_quietly(self) -> None:
         try:
             await self.fill()
-        except (RedisError, OSError) as error:  # the next reconnect tries again
+        except REDIS_FAILURES as error:  # the next reconnect tries again
             log.info("redis: could not reopen the connection pool yet: %s", error)
 
     async def aclose(self) -> None:

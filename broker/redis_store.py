@@ -22,7 +22,7 @@ import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from broker import constants as c
 from broker.errors import StoreUnavailable, TopicClosed
@@ -30,7 +30,7 @@ from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, par
 from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
 from broker.redis_live import AnyLiveReader
-from broker.redis_options import drop_idle_connections, pool_options
+from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
 from broker.redis_pools import FixedPool, open_cluster_pools
 from broker.redis_raw import RawConnection
 from broker.single_flight import SingleFlight
@@ -146,7 +146,7 @@ class _AppendPipeline:
         try:
             await self._client.script_load(self._script.script)
             results = await self._transmit(commands)
-        except (RedisError, OSError) as error:  # none of these ran: each may be retried
+        except REDIS_FAILURES as error:  # none of these ran: each may be retried
             reason = f"could not reload the append script: {error}"
             return [_not_stored(reason, error) for _ in commands]  # one error per caller
         return [
@@ -308,9 +308,9 @@ class RedisStreamStore:
         node = self._client.get_node_from_key(key)
         stale = self._node_clients.pop(node.name, None) if node is not None else None
         if stale is not None:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await stale.aclose()
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_FAILURES):
             await self._client.nodes_manager.initialize()
 
     async def _node_client(self, key: str) -> Any:
@@ -321,7 +321,7 @@ class RedisStreamStore:
             if not self._client.nodes_manager.slots_cache:
                 await self._client.initialize()
             node = self._client.get_node_from_key(key)
-        except (RedisError, OSError) as error:
+        except REDIS_FAILURES as error:
             raise StoreUnavailable(f"cluster slot map unavailable: {error}") from error
         if node is None:
             raise StoreUnavailable(f"no cluster node serves {key}")
@@ -488,7 +488,7 @@ class RedisStreamStore:
             if self._pipeline is not None:
                 await self._pipeline.open()
             await self._live.open()
-        except (RedisError, OSError) as error:
+        except REDIS_FAILURES as error:
             log.warning("redis: could not open the connections yet: %s", error)
 
     async def close(self) -> None:
@@ -508,7 +508,7 @@ class RedisStreamStore:
             if "UNBLOCKED" in str(error):
                 raise
             raise StoreUnavailable(f"redis refused the command: {error}") from error
-        except (RedisError, OSError) as error:
+        except REDIS_FAILURES as error:
             await drop_idle_connections(self._client)
             raise StoreUnavailable(f"redis is unreachable: {error}") from error
 

@@ -510,3 +510,26 @@ async def test_cluster_failover_of_a_topics_master(
             await reader.close()
     assert publisher.refused > 0, "the kill did not interrupt publishing"
     assert_oracle(acked, reader.events, gap_allowed=True)
+
+
+async def test_a_cluster_with_no_node_answering_is_store_unavailable(topic: str) -> None:
+    """Every node down: redis-py's Cluster client raises ``RedisClusterException`` (not a
+    ``RedisError``) once it tries to reconnect. Uncaught, a publish was a 500 (not
+    retried) and a subscription a 500 (an EventSource gives up for good on it): each
+    must be the store being unavailable (503 and Retry-After; a 200 with a come-back
+    hint)."""
+    group = RedisClusterGroup(masters=3).start()
+    try:
+        async with running_broker(group.url) as broker:
+            await broker.publish(topic, [NewEvent("1")])
+            for port in list(group.live_ports):
+                group.servers[port].stop(kill=True)
+            for _ in range(3):  # the first failure, then those of the reconnects
+                with pytest.raises(StoreUnavailable):
+                    await broker.publish(topic, [NewEvent("2")])
+                with pytest.raises(StoreUnavailable):
+                    await broker.store.state(topic)
+                with pytest.raises(StoreUnavailable):
+                    await broker.subscribe({topic: "now"})
+    finally:
+        group.close()
