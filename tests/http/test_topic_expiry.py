@@ -85,7 +85,8 @@ async def test_a_topic_goes_whole_after_its_ttl_and_its_subscriber_is_told(
         assert ingest.status_code == 201, ingest.text
         published_at = time.monotonic()
         last = ingest.json()["ids"][-1]
-        assert len(await keys_of(redis_client, topic)) == 4  # log, meta, records, their times
+        # log, meta, records and their times, an ingest's lines and their times
+        assert len(await keys_of(redis_client, topic)) == 6
         events = [await stream.next() for _ in range(4)]
         assert events[0].id == first
         gap = await stream.next(1 + EXPIRY_DEADLINE_S)
