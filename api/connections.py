@@ -67,7 +67,9 @@ DRAIN_HEAD_WAIT_SECONDS = 1.0
 (then it is answered as a draining instance answers it) before it is closed."""
 PIPELINED_BYTES = 65536
 """What a connection may send ahead while its publish is under way before it is no
-longer read (the bound uvicorn's own flow control uses)."""
+longer read (the bound uvicorn's own flow control uses); it is read again only once
+what it sent ahead is back within this. And while its answers wait unread past the
+transport's high-water mark, its next request waits."""
 
 
 class BrokerHttpProtocol(asyncio.Protocol):
@@ -108,6 +110,8 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._ingest: IngestExchange | None = None
         self._closing = False  # uvicorn shuts down: the publish under way is the last
         self._idle_since: float | None = None  # the previous response's end
+        self._writes_paused = False  # the client does not read its answers fast enough
+        self._next_deferred = False  # the next request waits for the answers to drain
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -129,6 +133,9 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self._next_deferred:  # (read before the pause took effect)
+            self._received += data
+            return
         if self._ingest is not None:
             self._ingest_data(self._ingest, data)
         elif self._publishing is not None:  # pipelined requests wait for this answer
@@ -143,14 +150,18 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._read_head(data)
 
     def _read_head(self, data: bytes) -> None:
-        """Feed the parser up to the head's end (the body, or the next request, is
-        read here, not by the parser), so that what is not HTTP is answered at once."""
-        searched = max(0, len(self._received) - 3)
+        fed = len(self._received)
         self._received += data
-        end = self._received.find(HEAD_END, searched)
+        self._parse_head(fed)
+
+    def _parse_head(self, fed: int) -> None:
+        """Feed the parser what it has not seen (from ``fed``) of ``_received`` up to the
+        head's end (the body, or the next request, is read here, not by the parser),
+        so that what is not HTTP is answered at once."""
+        end = self._received.find(HEAD_END, max(0, fed - 3))
         head_size = len(self._received) if end < 0 else end + len(HEAD_END)
         try:
-            self._parser.feed_data(data[: len(data) - (len(self._received) - head_size)])
+            self._parser.feed_data(bytes(self._received[fed:head_size]))
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._hand_to_uvicorn()
             return
@@ -297,12 +308,29 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._idle_since = asyncio.get_running_loop().time()
         limits = self._guard.limits
         self._guard.deadlines.set(self, min(limits.head_timeout, self._config.timeout_keep_alive))
-        if not self._transport.is_reading():  # paused while a body or pipelined ones waited
+        if self._writes_paused:
+            # The client does not read its answers: no more requests until it does
+            # (their answers would pile up here); past the deadline it is closed.
+            self._next_deferred = True
+            if self._transport.is_reading():
+                self._transport.pause_reading()
+            return
+        # Read on once what was sent ahead is within bounds (else each answer let one
+        # more read in, and the buffer grew without end).
+        if not self._transport.is_reading() and len(self._received) <= PIPELINED_BYTES:
             self._transport.resume_reading()
-        if self._received:  # a pipelined request
-            pipelined = bytes(self._received)
-            self._received.clear()
-            self._read_head(pipelined)
+        if self._received:  # a pipelined request, parsed where it lies (no copy of the rest)
+            self._parse_head(0)
+
+    def pause_writing(self) -> None:
+        """The answers written wait in the transport past its high-water mark."""
+        self._writes_paused = True
+
+    def resume_writing(self) -> None:
+        self._writes_paused = False
+        if self._next_deferred and not self._lost:
+            self._next_deferred = False
+            self._await_next_request()
 
     # -- streaming ingest ------------------------------------------------------
 

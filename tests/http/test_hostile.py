@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -345,3 +346,50 @@ async def test_a_trickling_body_is_cut_after_the_timeout_unless_a_streaming_inge
     assert topic_length(hostile_broker.url, json_topic) is None
     assert ndjson_answer.startswith(b"HTTP/1.1 201 "), ndjson_answer[:200]
     assert topic_length(hostile_broker.url, ndjson_topic) == 6
+
+
+async def test_a_client_that_never_reads_its_answers_is_not_served_on(
+    hostile_broker: BrokerProcess,
+) -> None:
+    """Publishes sent ahead on one connection whose client never reads: once their
+    answers wait unread past what the kernel holds (4 MB here), the broker takes no
+    more of its requests (they were served on, their answers piling up in its memory,
+    and what was sent ahead was copied whole at each request)."""
+    topic, count = new_topic(), 40_000  # ~10 MB of answers
+    port = hostile_broker.port
+    body = b'{"data": 1}'
+    request = (
+        f"POST /topics/{topic}/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answers stay unread
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(request * count)
+        async with httpx.AsyncClient(base_url=hostile_broker.url, timeout=10) as client:
+            stored = await _stored_once_it_stops_growing(client, topic, count)
+    finally:
+        writer.transport.abort()
+    assert 0 < stored < count, stored
+
+
+async def _stored_once_it_stops_growing(
+    client: httpx.AsyncClient, topic: str, everything: int
+) -> int:
+    """The topic's length once unchanged for a second (or once it holds everything)."""
+    last, since = -1, time.monotonic()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        response = await client.get(f"/topics/{topic}")
+        length = response.json()["length"] if response.status_code == 200 else 0
+        if length == everything:
+            return length
+        if length != last:
+            last, since = length, time.monotonic()
+        elif time.monotonic() - since >= 1.0:
+            return length
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"still growing after 60 s: {last}")
