@@ -393,3 +393,25 @@ async def _stored_once_it_stops_growing(
             return length
         await asyncio.sleep(0.1)
     raise AssertionError(f"still growing after 60 s: {last}")
+
+
+async def test_a_connection_uvicorn_serves_with_too_many_requests_sent_ahead_is_closed(
+    hostile_broker: BrokerProcess,
+) -> None:
+    """uvicorn parses and queues every request sent ahead: a client sending thousands
+    on one connection grew the worker's memory by hundreds of MB. Past
+    ``MAX_PIPELINED_REQUESTS`` the connection is closed."""
+    health = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{hostile_broker.port}\r\n\r\n".encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", hostile_broker.port)
+    answers = b""
+    try:
+        writer.write(health * 2000)
+        with contextlib.suppress(ConnectionError):  # (closed with requests unread: a reset)
+            async with asyncio.timeout(CLOSED_WITHIN):  # (fails if it is not closed)
+                while chunk := await reader.read(65536):
+                    answers += chunk
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    assert answers.count(b"HTTP/1.1 200") < 2000  # closed, not served on
