@@ -62,6 +62,12 @@ class PublishEndpoint:
         topic = check_topic(scope["path_params"]["topic"])
         await authorize(scope, "publish", [topic])  # before the body is read
         headers = dict(scope["headers"])
+        coding = headers.get(b"transfer-encoding")
+        if coding is not None and coding.strip().lower() != b"chunked":
+            # uvicorn undoes the chunking only: a gzip (say) under it would be taken
+            # for the body itself.
+            detail = f"Transfer-Encoding {coding.decode('latin-1')!r}: only chunked is understood"
+            raise HttpProblem(501, "Not implemented", detail)
         key = idempotency_key(scope["headers"])
         close = _close_requested(scope)
         if media_type_of(headers.get(b"content-type", b"").decode("latin-1"))[0] == NDJSON:
@@ -128,6 +134,7 @@ async def run_ingest(ingest: Ingest, body: IngestBody, close: bool) -> tuple[int
 async def read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to be over the limit."""
     if declared is not None:
+        declared = declared.strip()  # (httptools keeps the spaces around a value)
         if not declared.isdigit():
             raise InvalidInput("Content-Length is not a number")
         if int(declared) > limit:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import httpx
 import pytest
 
@@ -496,3 +498,32 @@ def test_an_unsupported_method_is_405_problem(client: httpx.Client, method: str,
 def test_an_unknown_route_is_404_problem(client: httpx.Client, path: str) -> None:
     assert_problem(client.get(path), 404)
     assert_problem(client.post(path, json={"data": 1}), 404)
+
+
+async def test_a_content_length_with_spaces_around_it_is_read(http_broker: BrokerProcess) -> None:
+    """HTTP allows spaces around a field's value; the length was refused as "not a number"."""
+    topic, body = new_topic(), b'{"data": 1}'
+    head = (
+        f"POST /topics/{topic}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)} \r\n\r\n"
+    ).encode()
+    response = await raw_request(http_broker.url, raw_head=head + body)
+    await response.close()
+    assert response.status == 201, response.status
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-ndjson"])
+async def test_a_transfer_coding_other_than_chunked_is_501(
+    http_broker: BrokerProcess, content_type: str
+) -> None:
+    """uvicorn undoes the chunking only: a gzip body under it was taken for the body
+    itself (an ingest of gzip bytes answered 201 with no ids)."""
+    topic, data = new_topic(), gzip.compress(b'{"data": 1}\n')
+    head = (
+        f"POST /topics/{topic}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: {content_type}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    ).encode()
+    chunked = b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data)
+    response = await raw_request(http_broker.url, raw_head=head + chunked)
+    await response.close()
+    assert response.status == 501, response.status
