@@ -27,6 +27,7 @@ answered 503 (a publish): ``api.guard.refusal_of``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any, cast
 
@@ -35,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 from uvicorn.config import Config
+from uvicorn.middleware.proxy_headers import _TrustedHosts
 from uvicorn.server import ServerState
 
 from api import problems, routes
@@ -273,7 +275,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         if not self._lost:
             self._server_state.total_requests += 1
             assert self._transport is not None
-            _log_access(self._transport, request.scope, response.status_code)
+            _log_access(self._transport, self._config, request.scope, response.status_code)
         self._answer(response)
 
     def publish_not_validated(self) -> None:
@@ -289,7 +291,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
             return
         assert self._transport is not None
         self._server_state.total_requests += 1
-        _log_access(self._transport, request.scope, int(answer[9:12]))
+        _log_access(self._transport, self._config, request.scope, int(answer[9:12]))
         if self._closing and request.keep_alive:
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         self._transport.write(answer)
@@ -367,7 +369,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         assert self._transport is not None and self._ingest is not None
         if answer:
             self._server_state.total_requests += 1
-            _log_access(self._transport, request.scope, int(answer[9:12]))
+            _log_access(self._transport, self._config, request.scope, int(answer[9:12]))
         if self._closing and request.keep_alive and not close:
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         self._transport.write(answer)
@@ -430,7 +432,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._server_state.connections.discard(self)
         self._transport.set_protocol(stream)
         self._server_state.total_requests += 1
-        _log_access(self._transport, request.scope, 200)
+        _log_access(self._transport, self._config, request.scope, 200)
         stream.start(subscription, self._response_head(retry_ms, cors_headers(request.scope)))
         self._transport.resume_reading()  # to see the client go
 
@@ -480,13 +482,38 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._await_next_request()
 
 
-def _log_access(transport: asyncio.Transport, scope: Scope, status: int) -> None:
+def _log_access(transport: asyncio.Transport, config: Config, scope: Scope, status: int) -> None:
     """uvicorn's access log line, for a request served here."""
     if not access_log.hasHandlers():
         return
-    peer = transport.get_extra_info("peername")
-    client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "-"
+    client = _client_of(transport, config, scope)
     target = scope["raw_path"].decode("latin-1")
     if scope["query_string"]:
         target += "?" + scope["query_string"].decode("latin-1")
     access_log.info('%s - "%s %s HTTP/%s" %d', client, scope["method"], target, "1.1", status)
+
+
+def _client_of(transport: asyncio.Transport, config: Config, scope: Scope) -> str:
+    """The client as uvicorn's access log names it: behind a trusted proxy (uvicorn's
+    ``proxy_headers``, ``forwarded_allow_ips``), the address X-Forwarded-For gives,
+    as ``ProxyHeadersMiddleware`` reads it; else the socket's peer."""
+    peer = transport.get_extra_info("peername")
+    if not isinstance(peer, tuple):
+        return "-"
+    host, port = peer[0], peer[1]
+    if config.proxy_headers:
+        allowed = config.forwarded_allow_ips
+        trusted = _trusted_hosts(tuple(allowed) if isinstance(allowed, list) else allowed)
+        forwarded = [value for name, value in scope["headers"] if name == b"x-forwarded-for"]
+        if forwarded and host in trusted:
+            named, named_port = trusted.get_trusted_client_address(
+                b", ".join(forwarded).decode("latin-1")
+            )
+            if named:
+                host, port = named, named_port
+    return f"{host}:{port}"
+
+
+@functools.lru_cache(maxsize=4)
+def _trusted_hosts(allowed: str | tuple[str, ...]) -> _TrustedHosts:
+    return _TrustedHosts(allowed if isinstance(allowed, str) else list(allowed))

@@ -505,6 +505,21 @@ async def test_the_access_log_has_lean_publishes(auth_broker: BrokerProcess) -> 
     await await_until(lambda: line in auth_broker.log(), timeout=5, what="the access log line")
 
 
+async def test_the_access_log_names_the_client_a_trusted_proxy_forwards(
+    auth_broker: BrokerProcess,
+) -> None:
+    """Behind a proxy (uvicorn's proxy_headers, from 127.0.0.1): the client is the one
+    X-Forwarded-For names, as uvicorn's own lines give it, not the proxy's socket."""
+    port, topic = auth_broker.port, new_topic()
+    token = hs_token(claims(publish=[topic]))
+    headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": "203.0.113.9"}
+    assert [
+        a.status for a in await exchange(port, publish_bytes(port, topic, headers=headers))
+    ] == [201]
+    line = f'203.0.113.9:0 - "POST /topics/{topic}/events HTTP/1.1" 201'
+    await await_until(lambda: line in auth_broker.log(), timeout=5, what="the access log line")
+
+
 # -- deadlines, the store, shutdown ------------------------------------------------------
 
 

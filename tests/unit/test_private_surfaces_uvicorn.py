@@ -317,3 +317,17 @@ def test_uvicorn_installs_its_signal_handlers_with_signal_signal_before_startup(
     assert "capture_signals()" in inspect.getsource(Server.serve), changed(
         "uvicorn.server.Server.serve", LIFECYCLE, why + " (installed before the lifespan starts)"
     )
+
+
+def test_proxy_headers_trusted_hosts_read_x_forwarded_for() -> None:
+    """``api/connections.py`` names a lean request's client in the access log as
+    uvicorn's ProxyHeadersMiddleware does, with its private ``_TrustedHosts``."""
+    from uvicorn.middleware.proxy_headers import _TrustedHosts
+
+    trusted = _TrustedHosts("127.0.0.1,::1")
+    assert "127.0.0.1" in trusted and "203.0.113.9" not in trusted
+    assert trusted.get_trusted_client_address("203.0.113.9, 127.0.0.1") == ("203.0.113.9", 0)
+    assert Config(app=None, proxy_headers=True).forwarded_allow_ips in (
+        "127.0.0.1,::1",
+        "127.0.0.1",
+    )
