@@ -83,6 +83,18 @@ def direct_options(scenario_env: dict[str, str]) -> tuple[dict[str, Any], list[s
 # ---- sessions -------------------------------------------------------------------------------
 
 
+def _publishing_share(figures: dict[str, float]) -> None:
+    """Ingest's server CPU per token for publishing alone over POST's: each less the
+    direct mode's, which publishes nothing through the server and delivers the same
+    tokens (delivery costs every mode alike, so it weighs on the whole ratio)."""
+    post, ingest, direct = (
+        figures.get(f"cpu_us_per_token_{m}") for m in ("post", "ingest", "direct")
+    )
+    if post is None or ingest is None or direct is None or post <= direct:
+        return
+    figures["ingest_vs_post_publishing_cpu"] = (ingest - direct) / (post - direct)
+
+
 async def sessions(server: RunningServer, pool: LoadGenerators, sizes: Sizes) -> Outcome:
     """N generations at once, each on a new topic, by each way of publishing in turn;
     then, past the TTL, what is left in Redis."""
@@ -97,6 +109,7 @@ async def sessions(server: RunningServer, pool: LoadGenerators, sizes: Sizes) ->
         other = outcome.figures.get(f"cpu_us_per_token_{mode}")
         if post is not None and other is not None:
             outcome.figures[key] = other / post if post else float("nan")
+    _publishing_share(outcome.figures)
     await _after_ttl(server, sizes, broker, memory0, outcome)
     return outcome
 
