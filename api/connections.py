@@ -318,11 +318,29 @@ class BrokerHttpProtocol(asyncio.Protocol):
                 self._transport.pause_reading()
             return
         # Read on once what was sent ahead is within bounds (else each answer let one
-        # more read in, and the buffer grew without end).
+        # more read in, and the buffer grew without end) ...
         if not self._transport.is_reading() and len(self._received) <= PIPELINED_BYTES:
             self._transport.resume_reading()
         if self._received:  # a pipelined request, parsed where it lies (no copy of the rest)
             self._parse_head(0)
+        # ... or when the request now read needs more than is here (a head, or a body
+        # over the bound: it would wait for its deadline).
+        if self._needs_more_bytes() and not self._transport.is_reading():
+            self._transport.resume_reading()
+
+    def _needs_more_bytes(self) -> bool:
+        """Reading a head or a publish's body: nothing in flight, no one else's socket."""
+        transport = self._transport
+        return not (
+            self._lost
+            or transport is None
+            or transport.is_closing()
+            or transport.get_protocol() is not self  # uvicorn's, or a stream's, now
+            or self._publishing is not None
+            or self._ingest is not None
+            or self._opening is not None
+            or self._next_deferred
+        )
 
     def pause_writing(self) -> None:
         """The answers written wait in the transport past its high-water mark."""
@@ -479,6 +497,11 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._publish, self._publishing, self._ingest = None, None, None
         self._server_state.connections.add(self)  # type: ignore[arg-type]
         transport.set_protocol(self)
+        # uvicorn's answer may have left the transport past its high-water mark: it
+        # told uvicorn's protocol, and will tell this one only when it drains.
+        self._writes_paused = (
+            transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+        )
         self._await_next_request()
 
 

@@ -56,6 +56,12 @@ LINGER_MAX_BYTES = 1 << 20
 """A refused client still sending past this is cut."""
 FULL_WARNING_INTERVAL = 10.0
 NDJSON = b"application/x-ndjson"
+
+
+class TooManyAhead(Exception):
+    """A client sent more requests ahead than uvicorn's protocol queues (see below)."""
+
+
 MAX_PIPELINED_REQUESTS = 128
 """Requests a client may send ahead on a connection uvicorn serves before it is closed
 (no browser or HTTP library sends ahead; the lean path bounds them by bytes)."""
@@ -307,15 +313,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        if len(self.pipeline) > MAX_PIPELINED_REQUESTS:
+        if len(self.pipeline) >= MAX_PIPELINED_REQUESTS:
             # uvicorn queues every request sent ahead (a parsed request each, read on
             # after each answer): a client sending thousands ahead filled the memory.
-            log.warning("closing a connection with %d requests sent ahead", len(self.pipeline))
+            # Raised from the parser's callback: it stops parsing what this read holds,
+            # and uvicorn answers 400 and closes.
+            log.warning("a connection sent over %d requests ahead", MAX_PIPELINED_REQUESTS)
             self._refused = True
             self._guard.deadlines.clear(self)
-            self.transport.close()
-            return
+            raise TooManyAhead(f"over {MAX_PIPELINED_REQUESTS} requests sent ahead")
+        super().on_headers_complete()
         self._in_head = False
         self._head_ended_in_read = self._reading_body = True
         content_type = next((v for k, v in self.headers if k == b"content-type"), b"")

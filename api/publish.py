@@ -62,7 +62,8 @@ class PublishEndpoint:
         topic = check_topic(scope["path_params"]["topic"])
         await authorize(scope, "publish", [topic])  # before the body is read
         headers = dict(scope["headers"])
-        coding = headers.get(b"transfer-encoding")
+        codings = [value for name, value in scope["headers"] if name == b"transfer-encoding"]
+        coding = b", ".join(codings) if codings else None
         if coding is not None and coding.strip().lower() != b"chunked":
             # uvicorn undoes the chunking only: a gzip (say) under it would be taken
             # for the body itself.

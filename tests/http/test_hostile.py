@@ -402,6 +402,7 @@ async def test_a_connection_uvicorn_serves_with_too_many_requests_sent_ahead_is_
     on one connection grew the worker's memory by hundreds of MB. Past
     ``MAX_PIPELINED_REQUESTS`` the connection is closed."""
     health = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{hostile_broker.port}\r\n\r\n".encode()
+    warned = hostile_broker.log().count("requests ahead")
     reader, writer = await asyncio.open_connection("127.0.0.1", hostile_broker.port)
     answers = b""
     try:
@@ -415,3 +416,44 @@ async def test_a_connection_uvicorn_serves_with_too_many_requests_sent_ahead_is_
         with contextlib.suppress(OSError):
             await writer.wait_closed()
     assert answers.count(b"HTTP/1.1 200") < 2000  # closed, not served on
+    assert b"HTTP/1.1 400" in answers  # (uvicorn's answer to a request it cannot take)
+    # Said once (each request parsed after the limit was logged again: thousands of lines).
+    assert hostile_broker.log().count("requests ahead") == warned + 1
+
+
+async def test_publishes_sent_behind_an_unread_answer_of_uvicorns_wait_for_it(
+    hostile_broker: BrokerProcess,
+) -> None:
+    """A history page (uvicorn's) of 6 MB, left unread, then publishes on the same
+    connection: the transport had told uvicorn's protocol it was full, and the
+    connection, given back, served them all, their answers piling up in memory.
+    They wait until the client reads."""
+    big, behind = new_topic(), new_topic()
+    port = hostile_broker.port
+    async with httpx.AsyncClient(base_url=hostile_broker.url, timeout=30) as client:
+        for _ in range(20):  # 100 events of 60 KB
+            batch = [{"data": "x" * 60_000}] * 5
+            assert (await client.post(f"/topics/{big}/events", json=batch)).status_code == 201
+    history = (
+        f"GET /topics/{big}/events?limit=100 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Accept: application/json\r\n\r\n"
+    ).encode()
+    body = b'{"data": 1}'
+    publish = (
+        f"POST /topics/{behind}/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answers stay unread
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(history)
+        await asyncio.sleep(0.5)  # answered (written, unread): the connection idles, given back
+        writer.write(publish * 3000)
+        async with httpx.AsyncClient(base_url=hostile_broker.url, timeout=10) as client:
+            stored = await _stored_once_it_stops_growing(client, behind, 3000)
+    finally:
+        writer.transport.abort()
+    assert stored < 3000, stored

@@ -309,6 +309,31 @@ async def test_pipelined_requests_in_one_write(http_broker: BrokerProcess) -> No
     assert await history_ids(http_broker, topic) == [*ids, answers[4].json()["id"]]
 
 
+async def test_a_publish_sent_ahead_with_a_body_over_the_read_ahead_bound(
+    http_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """A publish sent behind another, its body (180 KB) part here when the first is
+    answered, part still to come: what was sent ahead is over the 64 KiB bound, but
+    the request now read needs the rest, so the socket is read on (it was not: the
+    publish waited for its body's deadline, then 408)."""
+    port, topic = http_broker.port, new_topic()
+    big = b"[" + b",".join([b'{"data": "' + b"x" * 45_000 + b'"}'] * 4) + b"]"  # a batch
+    second = publish_bytes(port, topic, big)
+    connection = await Connection.open(port)
+    admin = sync_redis.Redis.from_url(redis_server.url)
+    try:
+        admin.execute_command("CLIENT", "PAUSE", 500, "WRITE")  # the first publish waits
+        await connection.send(publish_bytes(port, topic))
+        await connection.send(second[:100_000])  # read while it waits: over the bound
+        assert (await connection.answer()).status == 201  # the first, answered
+        await connection.send(second[100_000:])
+        assert (await connection.answer()).status == 201
+    finally:
+        admin.close()
+        await connection.close()
+    assert len(await history_ids(http_broker, topic)) == 5
+
+
 async def test_a_publish_split_byte_by_byte(http_broker: BrokerProcess) -> None:
     port, topic = http_broker.port, new_topic()
     data = publish_bytes(port, topic) + publish_bytes(port, topic, b'{"data": 2}')
