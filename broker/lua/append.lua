@@ -76,14 +76,34 @@ local function remember(name, answer)
   redis.call('ZADD', written, now(), name)
 end
 
--- The ingest's line n, if stored in this log within the window after its last line.
+-- The ingest's lines: "K\n" holds "top|since": the highest line number recorded,
+-- and when this ingest began (ms). A line's record is "epoch|id|written at". An
+-- ingest whose last line is past the window is over: the next one under its key
+-- begins anew, and the old records (until pruned or overwritten) no longer answer
+-- (they answered again once a new line refreshed the ingest's time).
+local ingest_top, ingest_since = false, false
+local function ingest_state()
+  if ingest_since then return ingest_top, ingest_since end
+  local head = redis.call('HGET', lines, ingest .. '\n')
+  local top, since = 0, false
+  if head then
+    local t, s = string.match(head, '^(%d+)|(%d+)$')
+    top, since = tonumber(t) or 0, tonumber(s)
+  end
+  local at = redis.call('ZSCORE', lines_written, ingest)
+  if not (since and at and tonumber(at) > now() - window_ms) then since = now() end
+  ingest_top, ingest_since = top, since
+  return top, since
+end
+
+-- The id line n of the ingest was stored as, in this log and this ingest; or false.
 local function remembered_line(n, epoch)
   if not epoch then return false end
+  local _, since = ingest_state()
   local seen = redis.call('HGET', lines, ingest .. '\n' .. n)
-  if seen and string.sub(seen, 1, #epoch + 1) == epoch .. '|' then
-    local at = redis.call('ZSCORE', lines_written, ingest)
-    if at and tonumber(at) > now() - window_ms then return seen end
-  end
+  if not seen then return false end
+  local was_epoch, id, at = string.match(seen, '^([^|]+)|([^|]+)|(%d+)$')
+  if was_epoch == epoch and tonumber(at) >= since then return id end
   return false
 end
 
@@ -92,13 +112,13 @@ end
 local function prune_lines()
   local old = redis.call('ZRANGEBYSCORE', lines_written, '-inf', now() - window_ms, 'LIMIT', 0, 4)
   for _, key in ipairs(old) do
-    local top = tonumber(redis.call('HGET', lines, key .. '\n') or '0')
+    local top = tonumber(string.match(redis.call('HGET', lines, key .. '\n') or '0', '^%d+'))
     local low = math.max(1, top - 1023)
     local fields = {}
     for n = low, top do fields[#fields + 1] = key .. '\n' .. n end
     if #fields > 0 then redis.call('HDEL', lines, unpack(fields)) end
     if low > 1 then
-      redis.call('HSET', lines, key .. '\n', low - 1)
+      redis.call('HSET', lines, key .. '\n', (low - 1) .. '|0')
     else
       redis.call('HDEL', lines, key .. '\n')
       redis.call('ZREM', lines_written, key)
@@ -121,7 +141,7 @@ if epoch then
       for i = 2, names do  -- (ARGV[10] is the ingest's key, its line numbers follow)
         local seen = remembered_line(ARGV[9 + i], epoch)
         if not seen then break end
-        ids[#ids + 1] = string.sub(seen, #epoch + 2)
+        ids[#ids + 1] = seen
       end
       if #ids > 0 and #ids == names - 1 then
         return {1, epoch .. '|' .. table.concat(ids, ',') .. '|'}
@@ -168,22 +188,23 @@ for i = first_value, #ARGV, 4 do
   local line = per_event and ARGV[11 + (i - first_value) / 4] or false
   local seen = line and remembered_line(line, epoch)
   if seen then
-    ids[#ids + 1] = string.sub(seen, #epoch + 2)
+    ids[#ids + 1] = seen
     replayed = replayed + 1
   else
     local id = add(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
     ids[#ids + 1] = id
     if line then
-      redis.call('HSET', lines, ingest .. '\n' .. line, epoch .. '|' .. id)
-      top_line = line
+      redis.call('HSET', lines, ingest .. '\n' .. line, epoch .. '|' .. id .. '|' .. now())
+      top_line = tonumber(line)
     end
   end
 end
-if top_line then  -- (lines come in order: the last one written is the highest)
-  local top = tonumber(redis.call('HGET', lines, ingest .. '\n') or '0')
-  if tonumber(top_line) > top then redis.call('HSET', lines, ingest .. '\n', top_line) end
+if per_event then
+  -- (the top only grows: pruning an old ingest reaches every line it left)
+  local top, since = ingest_state()
+  redis.call('HSET', lines, ingest .. '\n', math.max(top, top_line or 0) .. '|' .. since)
+  redis.call('ZADD', lines_written, now(), ingest)
 end
-if per_event then redis.call('ZADD', lines_written, now(), ingest) end
 
 local end_id = ''
 if closing then

@@ -142,6 +142,31 @@ async def test_a_stream_longer_than_the_window_resent_whole_stores_each_line_onc
         await store.close()
 
 
+@pytest.mark.parametrize("url_kind", ["embedded", "redis"])
+async def test_an_ingest_key_used_again_past_the_window_stores_its_lines(
+    url_kind: str, redis_server: RedisServer, topic: str
+) -> None:
+    """An ingest under a key whose last line is past the window is a new one: its first
+    line refreshed the key's time, and the old ingest's records of lines 2, 3 answered
+    again: those lines were not stored, answered with the old ids."""
+    url = None if url_kind == "embedded" else redis_server.url
+    store = open_store(url, idempotency_seconds=1, topic_ttl_seconds=3600)  # (records kept)
+    try:
+        old = await store.append(topic, events("o1", "o2", "o3"), lines=IngestLines("K", [1, 2, 3]))
+        await asyncio.sleep(1.3)  # past the window
+        new = []
+        for n in (1, 2, 3):  # a new ingest under the same key, a line at a time
+            result = await store.append(topic, events(f"n{n}"), lines=IngestLines("K", [n]))
+            assert not result.replayed, n
+            new += result.ids
+        assert not set(new) & set(old.ids)
+        assert (await store.state(topic)).length == 6
+        again = await store.append(topic, events("n1", "n2"), lines=IngestLines("K", [1, 2]))
+        assert again.replayed and again.ids == new[:2]  # the new ingest's records answer
+    finally:
+        await store.close()
+
+
 async def test_an_ingests_lines_past_the_window_are_pruned_together(
     topic: str, redis_server: RedisServer
 ) -> None:
