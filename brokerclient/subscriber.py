@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from broker.ids import ENTRY_SEPARATOR as CURSOR_ENTRY_SEPARATOR
+from broker.ids import TOPIC_SEPARATOR as CURSOR_TOPIC_SEPARATOR
 from brokerclient.errors import RequestFailed, Unreachable
 from brokerclient.http import (
     DEFAULT_URL,
@@ -61,11 +63,11 @@ class _Resume:
     connected_at: float | None = None  # (monotonic) the current stream's 200
     retry_hint_ms: int | None = None
     started: bool = field(default=False)
-    ends: int = 0  # topics that ended: a broker.end, or a deleted gap, each
+    topics_ended: set[str] = field(default_factory=set)  # by a broker.end, or a deleted gap
 
     def all_ended(self) -> bool:
         """Each topic has ended (a multi-topic stream goes on past one topic's end)."""
-        return self.ends >= len(self.topics)
+        return self.topics_ended >= set(self.topics)
 
     def request(self, token: str | None) -> tuple[str, dict[str, str]]:
         headers = base_headers(token) | {"Accept": "text/event-stream"}
@@ -118,10 +120,23 @@ class _Resume:
 
     def delivered(self, event: Event) -> None:
         self._working()
+        previous = self.last_event_id
         if event.id is not None:
             self.last_event_id = event.id
         if event.ends_topic:
-            self.ends += 1
+            self.topics_ended |= self._topics_ended_by(event, previous)
+
+    def _topics_ended_by(self, event: Event, previous: str | None) -> set[str]:
+        """Which topic an end is of (counted once: a topic closed, then deleted, is told
+        twice). A gap names it; a ``broker.end`` on a multi-topic stream is told by its
+        id, the cursor in which only that topic moved."""
+        if len(set(self.topics)) == 1:
+            return set(self.topics)
+        if event.is_gap:
+            topic = event.json().get("topic")
+            return {topic} if isinstance(topic, str) else set()
+        before, after = _cursor_parts(previous), _cursor_parts(event.id)
+        return {topic for topic, place in after.items() if before.get(topic) != place}
 
     def failed(self, why: str) -> float:
         """The delay before reconnecting; raises Unreachable once past ``give_up_after``."""
@@ -351,3 +366,14 @@ def _last_id_of(response: httpx.Response) -> str | None:
         raise failure(response)
     last = response.json().get("last_id")
     return str(last) if last else None
+
+
+def _cursor_parts(cursor: str | None) -> dict[str, str]:
+    """A multi-topic stream's id, ``a=<id>,b=<id>``, as each topic's part (the broker's
+    ``format_cursor``; the parts are compared, not read)."""
+    parts: dict[str, str] = {}
+    for entry in (cursor or "").split(CURSOR_ENTRY_SEPARATOR):
+        topic, separator, place = entry.partition(CURSOR_TOPIC_SEPARATOR)
+        if separator:
+            parts[topic] = place
+    return parts

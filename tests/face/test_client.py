@@ -201,6 +201,30 @@ def test_a_multi_topic_subscriber_goes_on_past_one_topics_end(face_broker: Broke
     assert seen[-1].is_end
 
 
+def test_a_topic_closed_then_deleted_counts_as_one_end(own_broker: BrokerProcess) -> None:
+    """A multi-topic subscriber saw ``a``'s end; ``a`` is then deleted, and the subscriber,
+    coming back after a drop, is told of the deletion too: two ends of one topic. It
+    counted ends, not topics, and stopped while ``b`` was open."""
+    first, second = _topic("closed-deleted-a"), _topic("closed-deleted-b")
+    seen: list[Event] = []
+    with Publisher(own_broker.url, retry=PATIENT) as publisher:
+        publisher.publish(first, "a", close=True)
+        publisher.publish(second, "b")
+        topics = [first, second]
+        with Subscriber(topics, own_broker.url, from_earliest=True, give_up_after=30) as sub:
+            for item in sub:
+                seen.append(item)
+                if len(seen) == 3:  # a, its end, and b
+                    deleted = httpx.delete(f"{own_broker.url}/topics/{first}", timeout=10)
+                    assert deleted.status_code == 204
+                    own_broker.kill()  # a drop: the subscriber comes back with its cursor
+                    own_broker.start()
+                    publisher.publish(second, "b2", close=True)
+    data = sorted(e.data for e in seen if not (e.is_end or e.is_gap))
+    assert data == ['"a"', '"b"', '"b2"'], seen  # it went on with b
+    assert seen[-1].is_end, seen
+
+
 @pytest.mark.parametrize("other_topic", [False, True])
 def test_a_deleted_topic_ends_the_subscriber(face_broker: BrokerProcess, other_topic: bool) -> None:
     """A DELETE ends the topic with a ``deleted`` gap: the subscriber hands it over and
