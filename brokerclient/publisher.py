@@ -107,6 +107,7 @@ class Publisher:
     ) -> None:
         self.retry = retry or RetryPolicy()
         self._client = client or httpx.Client(base_url=url, timeout=timeout)
+        self._own_client = client is None  # (a client passed in is the caller's to close)
         self._headers = base_headers(token)
 
     def publish(
@@ -196,7 +197,8 @@ class Publisher:
         return self._headers | {"Content-Type": content_type, "Idempotency-Key": key}
 
     def close(self) -> None:
-        self._client.close()
+        if self._own_client:
+            self._client.close()
 
     def __enter__(self) -> Publisher:
         return self
@@ -225,6 +227,7 @@ class AsyncPublisher:
     ) -> None:
         self.retry = retry or RetryPolicy()
         self._client = client or httpx.AsyncClient(base_url=url, timeout=timeout)
+        self._own_client = client is None  # (a client passed in is the caller's to close)
         self._headers = base_headers(token)
 
     async def publish(
@@ -318,7 +321,8 @@ class AsyncPublisher:
         return self._headers | {"Content-Type": content_type, "Idempotency-Key": key}
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._own_client:
+            await self._client.aclose()
 
     async def __aenter__(self) -> AsyncPublisher:
         return self

@@ -443,3 +443,12 @@ def test_a_token_stream_through_a_store_outage_goes_on_before_its_end(
         assert everything == list(range(1, result.count + 1))
     finally:
         broker.close()
+
+
+def test_a_publisher_leaves_a_client_passed_in_open(face_broker: BrokerProcess) -> None:
+    """The caller's client is the caller's to close (the subscriber already did so)."""
+    with httpx.Client(base_url=face_broker.url, timeout=10) as client:
+        with Publisher(face_broker.url, client=client) as publisher:
+            publisher.publish(_topic("own-client"), 1)
+        assert not client.is_closed
+        assert client.get("/healthz").status_code == 200
