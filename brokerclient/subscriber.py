@@ -95,6 +95,12 @@ class _Resume:
         else:
             self.last_event_id = topic_last_id
 
+    def attempting(self) -> None:
+        """A connection is tried: ``give_up_after`` counts from the first try that does
+        not work (a connect that times out is time spent failing)."""
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+
     def connected(self) -> None:
         """A 200 stream: it works once it delivers, or stays open a while (a come-back
         hint, a 200 that ends at once while the broker drains or its store is down,
@@ -150,6 +156,8 @@ class _Resume:
         delay = min(FIRST_DELAY * 2.0 ** (self.failures - 1), MAX_DELAY)
         if self.retry_hint_ms is not None:
             delay = min(self.retry_hint_ms / 1000, MAX_DELAY)
+        if self.give_up_after is not None:  # one last try when the time is up, not after
+            delay = min(delay, self.give_up_after - (now - self.failing_since))
         log.info("subscription to %s: %s; reconnecting in %.2fs", self.topics, why, delay)
         return delay
 
@@ -212,6 +220,7 @@ class AsyncSubscriber:
         resume = self._resume
         while True:
             try:
+                resume.attempting()
                 if resume.needs_start_point():
                     resume.start_at(await self._topic_last_id(resume.topics[0]))
                 async for item in self._connection():
@@ -291,6 +300,7 @@ class Subscriber:
         resume = self._resume
         while True:
             try:
+                resume.attempting()
                 if resume.needs_start_point():
                     resume.start_at(self._topic_last_id(resume.topics[0]))
                 for item in self._connection():
