@@ -79,8 +79,10 @@ class LosesFirstAnswer(httpx.HTTPTransport):
 def test_publish_retried_through_a_broker_restart_stores_once(own_broker: BrokerProcess) -> None:
     topic = _topic("retry")
     transport = LosesFirstAnswer(own_broker)
-    client = httpx.Client(base_url=own_broker.url, transport=transport, timeout=5)
-    with Publisher(client=client, retry=PATIENT) as publisher:
+    with (
+        httpx.Client(base_url=own_broker.url, transport=transport, timeout=5) as client,
+        Publisher(client=client, retry=PATIENT) as publisher,
+    ):
         result = publisher.publish(topic, {"once": True})
     transport.restarter.join(timeout=30)
     assert transport.calls > 2  # refused while the broker was down, then answered
@@ -373,8 +375,10 @@ def test_a_stream_broken_midway_is_resent_whole_and_stored_once(
     broker stores each line once (``K:n``) however far the first attempt got."""
     topic = _topic("stream-retry")
     transport = BreaksFirstStream()
-    client = httpx.Client(base_url=own_broker.url, transport=transport, timeout=5)
-    with Publisher(client=client, retry=PATIENT) as publisher:
+    with (
+        httpx.Client(base_url=own_broker.url, transport=transport, timeout=5) as client,
+        Publisher(client=client, retry=PATIENT) as publisher,
+    ):
         result = publisher.stream(topic, (event({"n": n}) for n in range(5)))
     assert transport.calls == 2
     assert result.count == 5
