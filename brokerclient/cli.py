@@ -86,7 +86,10 @@ def _default_url() -> str:
 
 
 def _url(args: argparse.Namespace) -> str:
-    return str(args.url or _default_url())
+    url = str(args.url or _default_url())
+    if not url.lower().startswith(("http://", "https://")):  # (else retried as unreachable)
+        raise UsageError(f"--url {url!r}: give it with http:// or https://")
+    return url
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -164,7 +167,11 @@ def run_publish(args: argparse.Namespace) -> int:
 def _read_stdin() -> str:
     if sys.stdin.isatty():
         log.info("reading the event's data from stdin (end with Ctrl-D)")
-    text = sys.stdin.read()
+    try:  # (read strictly, or with surrogates standing for the bytes: the locale's)
+        text = sys.stdin.read()
+        text.encode("utf-8")
+    except UnicodeError as error:
+        raise UsageError(f"stdin is not UTF-8 text: {error}") from None
     # `echo hello | broker publish t --text` means "hello", as $(...) would.
     return text[:-1] if text.endswith("\n") else text
 

@@ -76,6 +76,19 @@ def test_usage_and_unreachable_exit_codes(face_broker: BrokerProcess) -> None:
     assert down.returncode == 3 and "unreachable" in down.stderr
     down_tail = broker("tail", topic, "--give-up-after", "1", url=nobody)
     assert down_tail.returncode == 3
+    # A URL without its scheme is a usage error (it was retried, then "unreachable").
+    no_scheme = broker("publish", topic, "1", url=face_broker.url.removeprefix("http://"))
+    assert no_scheme.returncode == 2 and "http://" in no_scheme.stderr, no_scheme.stderr
+    # Text that is not UTF-8 is a usage error (it was a traceback).
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    not_utf8 = subprocess.run(
+        [str(BROKER_BIN), "publish", topic, "--text", "--url", face_broker.url],
+        input=b"\xff\xfe caf\xe9",
+        capture_output=True,
+        env=environment,
+        timeout=60,
+    )
+    assert not_utf8.returncode == 2 and b"UTF-8" in not_utf8.stderr, not_utf8.stderr
 
 
 def test_tail_resumes_across_a_broker_kill(own_broker: BrokerProcess) -> None:
