@@ -356,24 +356,32 @@ async def test_a_client_that_never_reads_its_answers_is_not_served_on(
     more of its requests (they were served on, their answers piling up in its memory,
     and what was sent ahead was copied whole at each request)."""
     topic, count = new_topic(), 40_000  # ~10 MB of answers
-    port = hostile_broker.port
-    body = b'{"data": 1}'
-    request = (
-        f"POST /topics/{topic}/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answers stay unread
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    _, writer = await asyncio.open_connection(sock=sock)
+    writer = await _unread_connection(hostile_broker.port)
     try:
-        writer.write(request * count)
+        writer.write(_publish_of(hostile_broker.port, topic) * count)
         async with httpx.AsyncClient(base_url=hostile_broker.url, timeout=10) as client:
             stored = await _stored_once_it_stops_growing(client, topic, count)
     finally:
         writer.transport.abort()
     assert 0 < stored < count, stored
+
+
+def _publish_of(port: int, topic: str) -> bytes:
+    body = b'{"data": 1}'
+    return (
+        f"POST /topics/{topic}/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def _unread_connection(port: int) -> asyncio.StreamWriter:
+    """A connection whose client reads nothing (a 4 KB receive buffer, never read)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    return writer
 
 
 async def _stored_once_it_stops_growing(
@@ -438,20 +446,11 @@ async def test_publishes_sent_behind_an_unread_answer_of_uvicorns_wait_for_it(
         f"GET /topics/{big}/events?limit=100 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         "Accept: application/json\r\n\r\n"
     ).encode()
-    body = b'{"data": 1}'
-    publish = (
-        f"POST /topics/{behind}/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answers stay unread
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    _, writer = await asyncio.open_connection(sock=sock)
+    writer = await _unread_connection(port)
     try:
         writer.write(history)
         await asyncio.sleep(0.5)  # answered (written, unread): the connection idles, given back
-        writer.write(publish * 3000)
+        writer.write(_publish_of(port, behind) * 3000)
         async with httpx.AsyncClient(base_url=hostile_broker.url, timeout=10) as client:
             stored = await _stored_once_it_stops_growing(client, behind, 3000)
     finally:
