@@ -4,7 +4,8 @@ Data goes to stdout (JSON, one object per line), progress and errors to stderr.
 Exit codes, for scripts:
 
 - 0: done (``tail``: the topic was closed, or it was interrupted by Ctrl-C: 130);
-- 1: the broker refused (a 4xx answer, a closed topic, an unlisted route);
+- 1: the broker refused or failed (a 4xx or 500 answer, a closed topic, an answer
+  that is not the broker's);
 - 2: bad usage (unknown flag, DATA that is not JSON without ``--text``);
 - 3: the broker could not be reached (or kept answering 503) in the time allowed.
 
@@ -220,22 +221,52 @@ def run_topics(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _topic_pages(client: Any, prefix: str, failure: Any) -> Iterator[dict[str, Any]]:
+def _get_retried(client: Any, path: str, params: dict[str, str]) -> Any:
+    """A GET, tried again as a publish is on 502/503/504 and broken connections; raises
+    Unreachable once the attempts are spent."""
+    import time
+
     import httpx
 
     from brokerclient.errors import Unreachable
+    from brokerclient.http import RETRY_STATUSES, RetryPolicy, retry_after
+
+    policy = RetryPolicy()
+    for attempt in range(1, policy.attempts + 1):
+        hinted: float | None = None
+        try:
+            response = client.get(path, params=params)
+        except httpx.TransportError as error:
+            why = repr(error)
+        else:
+            if response.status_code not in RETRY_STATUSES:
+                return response
+            why, hinted = f"{response.status_code}", retry_after(response)
+        if attempt == policy.attempts:
+            raise Unreachable(f"{path}: {why} (after {attempt} attempts)")
+        time.sleep(policy.delay(attempt, hinted))
+    raise AssertionError("no attempt")  # (attempts is at least 1)
+
+
+def _json_of(response: Any) -> Any:
+    from brokerclient.errors import RequestFailed
+
+    try:
+        return response.json()
+    except ValueError:
+        raise RequestFailed(response.status_code, None, "the answer is not JSON") from None
+
+
+def _topic_pages(client: Any, prefix: str, failure: Any) -> Iterator[dict[str, Any]]:
 
     cursor: str | None = None
     seen: set[str] = set()
     for _ in range(MAX_TOPIC_PAGES):
         params = {"prefix": prefix} | ({"cursor": cursor} if cursor else {})
-        try:
-            response = client.get("/topics", params=params)
-        except httpx.TransportError as error:
-            raise Unreachable(repr(error)) from error
+        response = _get_retried(client, "/topics", params)
         if response.status_code != 200:
             raise failure(response)
-        page = response.json()
+        page = _json_of(response)
         yield from page.get("topics", [])
         cursor = page.get("next")
         if not cursor or cursor in seen:

@@ -99,7 +99,10 @@ def publish_result(response: httpx.Response, key: str) -> PublishResult:
     """The result of a 200/201 publish answer; raises RequestFailed for any other."""
     if response.status_code not in (200, 201):
         raise failure(response)
-    body: dict[str, Any] = response.json()
+    try:
+        body: dict[str, Any] = response.json()
+    except ValueError:  # (a proxy's page, say)
+        raise RequestFailed(response.status_code, None, "the answer is not JSON") from None
     ids = [str(i) for i in body.get("ids", [body["id"]] if "id" in body else [])]
     return PublishResult(
         ids=ids,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -133,3 +135,53 @@ def test_tail_gives_up_when_the_broker_keeps_answering_come_back_later(
         assert time.monotonic() - started < 20
     finally:
         process.close()
+
+
+class _Scripted(http.server.BaseHTTPRequestHandler):
+    """Answers each request with the next of ``answers`` (status, content type, body)."""
+
+    answers: ClassVar[list[tuple[int, str, bytes]]] = []
+
+    def _answer(self) -> None:
+        status, content_type, body = self.answers.pop(0)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Retry-After", "0")
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[str, list[tuple[int, str, bytes]]]]:
+    answers: ClassVar[list[tuple[int, str, bytes]]] = []
+    handler = type("Handler", (_Scripted,), {"answers": answers})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", answers
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def test_topics_tries_again_on_503_and_a_page_not_json_is_an_error(
+    scripted: tuple[str, list[tuple[int, str, bytes]]],
+) -> None:
+    """``broker topics`` exited 1 on the first 503 (a publish retries it), and an answer
+    that is not JSON (a proxy's page) was a traceback."""
+    url, answers = scripted
+    page = json.dumps({"topics": [{"topic": "a", "length": 1}], "next": None}).encode()
+    answers += [(503, "application/problem+json", b"{}")] * 2 + [(200, "application/json", page)]
+    listed = broker("topics", url=url)
+    assert listed.returncode == 0, listed.stderr
+    assert lines(listed.stdout) == [{"topic": "a", "length": 1}]
+    answers += [(200, "text/html", b"<html>a proxy</html>")]
+    html = broker("publish", "t", "1", url=url)
+    assert html.returncode == 1 and "not JSON" in html.stderr, html.stderr
+    assert "Traceback" not in html.stderr
