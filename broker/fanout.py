@@ -322,6 +322,10 @@ class Hub:
         topic whose Cluster node failed meanwhile)."""
         may_have_trimmed = self._store.may_have_trimmed
         unread = self._store.take_unread_spells()  # (a Cluster node failed a while)
+        # Their node failed while the others answered (no outage was raised): the one
+        # that took over may hold another log of each, or a shorter one. Each is looked
+        # at again, as after an outage.
+        self._unvalidated |= {t for t in unread if t in self._feeds}
         suspects = [
             topic
             for topic, entries in batches.items()

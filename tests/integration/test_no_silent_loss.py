@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as redis
 
 from broker import Broker, BrokerLimits, EventId, NewEvent, StoreUnavailable, SubscriberTooSlow
 from broker import constants as c
@@ -674,5 +675,41 @@ async def test_a_topic_over_when_its_stream_opens_fills_no_queue(
         await publish(broker, b, range(101, 102))
         events = await collect(chunks, lambda ev: 101 in numbers(ev))
         assert numbers(events) == [101]
+    finally:
+        await broker.close()
+
+
+async def test_a_topic_whose_cluster_node_failed_over_is_looked_at_again(
+    redis_server: RedisServer, topic: str
+) -> None:
+    """Only this topic went unread (its Cluster node failed while the others answered),
+    and the node that took over has no log of it (asynchronous replication). The reader
+    read on from its old position on a log that was gone: the subscriber was told
+    nothing until the next append. Its state is asked again once the node is back."""
+    broker = Broker(open_store(redis_server.url), limits=BrokerLimits(heartbeat_seconds=0.3))
+    await broker.start()
+    store: Any = broker.store
+    try:
+        await publish(broker, topic, range(1))
+        subscription = await broker.subscribe({topic: "now"})
+        chunks = subscription.chunks()
+        assert (await asyncio.wait_for(anext(chunks), 5)).startswith(b"id: ")  # live
+        back, original_read = asyncio.Event(), store.read_live
+
+        async def read_while_its_node_is_down(*args: Any) -> Any:
+            await back.wait()
+            return await original_read(*args)
+
+        store.read_live = read_while_its_node_is_down
+        await await_until(store.interrupt_live_read, timeout=5, what="the read in flight ended")
+        async with redis.Redis.from_url(redis_server.url) as admin:
+            await admin.delete(c.log_key(topic), c.meta_key(topic))  # the new primary's view
+        store.take_unread_spells = lambda: {topic: 2000.0}
+        back.set()
+        try:
+            events = await collect(chunks, lambda ev: bool(gaps(ev)), timeout=8)
+        finally:
+            subscription.close()
+        assert gaps(events)[0].json["reason"] == "unknown"  # type: ignore[index]
     finally:
         await broker.close()
