@@ -414,7 +414,15 @@ class Hub:
     def _revalidate_feed(self, topic: str, feed: _Feed, state: LogState) -> None:
         if state.epoch == feed.epoch:
             # AOF everysec may have lost the last second: read on from what is there.
-            feed.position = min(feed.position, state.last_issued)
+            if state.last_issued < feed.position:
+                # Its subscribers saw events that are gone: each is told now (its cursor
+                # is past the log's end: an "unknown" gap), before new ones, whose ids
+                # may fall at or before what they saw (a new primary whose clock lags),
+                # would be skipped as seen.
+                log.warning("topic %s: its log lost its newest events while Redis was away", topic)
+                feed.position = state.last_issued
+                self._reset_subscribers(feed, topic)
+                return
             if state.trimmed_through > feed.position:
                 # Retention (by age: any read of the state trims) removed entries the
                 # reader had not read yet: its subscribers judge their cursors again.

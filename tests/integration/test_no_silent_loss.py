@@ -20,7 +20,7 @@ from broker import Broker, BrokerLimits, EventId, NewEvent, StoreUnavailable, Su
 from broker import constants as c
 from broker.errors import StreamOver
 from broker.heartbeat import HeartbeatClock
-from broker.ids import parse_cursor
+from broker.ids import format_stream_id, parse_cursor
 from broker.model import LiveBatch, LogEntry
 from broker.redis_open import open_store
 from tests.support.polling import await_until
@@ -679,6 +679,22 @@ async def test_a_topic_over_when_its_stream_opens_fills_no_queue(
         await broker.close()
 
 
+async def _reader_away(store: Any) -> asyncio.Event:
+    """From now on the live reader's reads wait (its node is down) until the event is set;
+    returns once the reader is waiting so."""
+    back, away, original_read = asyncio.Event(), asyncio.Event(), store.read_live
+
+    async def read_while_its_node_is_down(*args: Any) -> Any:
+        away.set()
+        await back.wait()
+        return await original_read(*args)
+
+    store.read_live = read_while_its_node_is_down
+    await store.interrupt_live_read()  # (a read not interrupted ends by its own block time)
+    await asyncio.wait_for(away.wait(), 2 * c.LIVE_BLOCK_MS / 1000)
+    return back
+
+
 async def test_a_topic_whose_cluster_node_failed_over_is_looked_at_again(
     redis_server: RedisServer, topic: str
 ) -> None:
@@ -694,14 +710,7 @@ async def test_a_topic_whose_cluster_node_failed_over_is_looked_at_again(
         subscription = await broker.subscribe({topic: "now"})
         chunks = subscription.chunks()
         assert (await asyncio.wait_for(anext(chunks), 5)).startswith(b"id: ")  # live
-        back, original_read = asyncio.Event(), store.read_live
-
-        async def read_while_its_node_is_down(*args: Any) -> Any:
-            await back.wait()
-            return await original_read(*args)
-
-        store.read_live = read_while_its_node_is_down
-        await await_until(store.interrupt_live_read, timeout=5, what="the read in flight ended")
+        back = await _reader_away(store)
         async with redis.Redis.from_url(redis_server.url) as admin:
             await admin.delete(c.log_key(topic), c.meta_key(topic))  # the new primary's view
         store.take_unread_spells = lambda: {topic: 2000.0}
@@ -711,5 +720,38 @@ async def test_a_topic_whose_cluster_node_failed_over_is_looked_at_again(
         finally:
             subscription.close()
         assert gaps(events)[0].json["reason"] == "unknown"  # type: ignore[index]
+    finally:
+        await broker.close()
+
+
+async def test_a_log_that_lost_its_newest_events_tells_its_live_subscribers(
+    redis_server: RedisServer, topic: str
+) -> None:
+    """The node that took over (or Redis back from its AOF) lacks the events the
+    subscriber saw last. The reader moved back to the log's end and read on, telling
+    nothing: new events whose ids fall at or before what the subscriber saw (a clock
+    behind) were skipped as seen. It is told now: an ``unknown`` gap, then what comes."""
+    broker = Broker(open_store(redis_server.url), limits=BrokerLimits(heartbeat_seconds=0.3))
+    await broker.start()
+    store: Any = broker.store
+    try:
+        [kept] = await publish(broker, topic, range(1))
+        subscription = await broker.subscribe({topic: kept})
+        chunks = subscription.chunks()
+        lost = await publish(broker, topic, range(1, 3))
+        await collect(chunks, lambda ev: 2 in numbers(ev))
+        back = await _reader_away(store)
+        async with redis.Redis.from_url(redis_server.url) as admin:  # the tail is lost
+            await admin.xdel(c.log_key(topic), *(format_stream_id(i.position) for i in lost))
+        store.take_unread_spells = lambda: {topic: 2000.0}
+        back.set()
+        try:
+            events = await collect(chunks, lambda ev: bool(gaps(ev)), timeout=8)
+            await publish(broker, topic, range(3, 4))
+            events += await collect(chunks, lambda ev: 3 in numbers(ev), timeout=8)
+        finally:
+            subscription.close()
+        [gap] = gaps(events)
+        assert gap.json["reason"] == "unknown" and gap.json["resumed_after"] == str(kept)  # type: ignore[index]
     finally:
         await broker.close()
