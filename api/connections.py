@@ -163,7 +163,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         end = self._received.find(HEAD_END, max(0, fed - 3))
         head_size = len(self._received) if end < 0 else end + len(HEAD_END)
         try:
-            self._parser.feed_data(bytes(self._received[fed:head_size]))
+            self._parser.feed_data(self._received[fed:head_size])
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._hand_to_uvicorn()
             return
@@ -325,7 +325,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._parse_head(0)
         # ... or when the request now read needs more than is here (a head, or a body
         # over the bound: it would wait for its deadline).
-        if self._needs_more_bytes() and not self._transport.is_reading():
+        if not self._transport.is_reading() and self._needs_more_bytes():
             self._transport.resume_reading()
 
     def _needs_more_bytes(self) -> bool:

@@ -213,10 +213,10 @@ def run_tail(args: argparse.Namespace) -> int:
 def run_topics(args: argparse.Namespace) -> int:
     import httpx
 
-    from brokerclient.http import base_headers, failure
+    from brokerclient.http import base_headers
 
     with httpx.Client(base_url=_url(args), timeout=10.0, headers=base_headers(_token(args))) as c:
-        for topic in _topic_pages(c, args.prefix, failure):
+        for topic in _topic_pages(c, args.prefix):
             _emit(topic)
     return EXIT_OK
 
@@ -228,36 +228,23 @@ def _get_retried(client: Any, path: str, params: dict[str, str]) -> Any:
 
     import httpx
 
-    from brokerclient.errors import Unreachable
     from brokerclient.http import RETRY_STATUSES, RetryPolicy, retry_after
+    from brokerclient.publisher import _Attempts
 
-    policy = RetryPolicy()
-    for attempt in range(1, policy.attempts + 1):
-        hinted: float | None = None
+    attempts = _Attempts(RetryPolicy(), f"GET {path}")
+    while True:
         try:
             response = client.get(path, params=params)
         except httpx.TransportError as error:
-            why = repr(error)
-        else:
-            if response.status_code not in RETRY_STATUSES:
-                return response
-            why, hinted = f"{response.status_code}", retry_after(response)
-        if attempt == policy.attempts:
-            raise Unreachable(f"{path}: {why} (after {attempt} attempts)")
-        time.sleep(policy.delay(attempt, hinted))
-    raise AssertionError("no attempt")  # (attempts is at least 1)
+            time.sleep(attempts.failed(repr(error)))
+            continue
+        if response.status_code not in RETRY_STATUSES:
+            return response
+        time.sleep(attempts.failed(f"{response.status_code}", retry_after(response)))
 
 
-def _json_of(response: Any) -> Any:
-    from brokerclient.errors import RequestFailed
-
-    try:
-        return response.json()
-    except ValueError:
-        raise RequestFailed(response.status_code, None, "the answer is not JSON") from None
-
-
-def _topic_pages(client: Any, prefix: str, failure: Any) -> Iterator[dict[str, Any]]:
+def _topic_pages(client: Any, prefix: str) -> Iterator[dict[str, Any]]:
+    from brokerclient.http import failure, json_of
 
     cursor: str | None = None
     seen: set[str] = set()
@@ -266,7 +253,7 @@ def _topic_pages(client: Any, prefix: str, failure: Any) -> Iterator[dict[str, A
         response = _get_retried(client, "/topics", params)
         if response.status_code != 200:
             raise failure(response)
-        page = _json_of(response)
+        page = json_of(response)
         yield from page.get("topics", [])
         cursor = page.get("next")
         if not cursor or cursor in seen:

@@ -95,14 +95,19 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+def json_of(response: httpx.Response) -> Any:
+    """The answer's JSON; RequestFailed if it is not JSON (a proxy's page, say)."""
+    try:
+        return response.json()
+    except ValueError:
+        raise RequestFailed(response.status_code, None, "the answer is not JSON") from None
+
+
 def publish_result(response: httpx.Response, key: str) -> PublishResult:
     """The result of a 200/201 publish answer; raises RequestFailed for any other."""
     if response.status_code not in (200, 201):
         raise failure(response)
-    try:
-        body: dict[str, Any] = response.json()
-    except ValueError:  # (a proxy's page, say)
-        raise RequestFailed(response.status_code, None, "the answer is not JSON") from None
+    body: dict[str, Any] = json_of(response)
     ids = [str(i) for i in body.get("ids", [body["id"]] if "id" in body else [])]
     return PublishResult(
         ids=ids,

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from broker.ids import ENTRY_SEPARATOR as CURSOR_ENTRY_SEPARATOR
-from broker.ids import TOPIC_SEPARATOR as CURSOR_TOPIC_SEPARATOR
+from broker.errors import InvalidEventId
+from broker.ids import Cursor, parse_cursor
 from brokerclient.errors import RequestFailed, Unreachable
 from brokerclient.http import (
     DEFAULT_URL,
@@ -378,12 +378,10 @@ def _last_id_of(response: httpx.Response) -> str | None:
     return str(last) if last else None
 
 
-def _cursor_parts(cursor: str | None) -> dict[str, str]:
-    """A multi-topic stream's id, ``a=<id>,b=<id>``, as each topic's part (the broker's
-    ``format_cursor``; the parts are compared, not read)."""
-    parts: dict[str, str] = {}
-    for entry in (cursor or "").split(CURSOR_ENTRY_SEPARATOR):
-        topic, separator, place = entry.partition(CURSOR_TOPIC_SEPARATOR)
-        if separator:
-            parts[topic] = place
-    return parts
+
+def _cursor_parts(cursor: str | None) -> Cursor:
+    """A multi-topic stream's id, each topic's part ({} for none, or one not a cursor)."""
+    try:
+        return parse_cursor(cursor) if cursor else {}
+    except InvalidEventId:
+        return {}

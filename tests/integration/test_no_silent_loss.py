@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -679,9 +679,13 @@ async def test_a_topic_over_when_its_stream_opens_fills_no_queue(
         await broker.close()
 
 
-async def _reader_away(store: Any) -> asyncio.Event:
-    """From now on the live reader's reads wait (its node is down) until the event is set;
-    returns once the reader is waiting so."""
+async def _its_node_failed_over(
+    broker: Broker, url: str, topic: str, damage: Callable[[redis.Redis], Awaitable[Any]]
+) -> None:
+    """Only ``topic`` goes unread a while (its Cluster node is down; the reader reads on),
+    the node that takes over holds its log as ``damage`` leaves it, and once back the
+    store says for how long the topic went unread."""
+    store: Any = broker.store
     back, away, original_read = asyncio.Event(), asyncio.Event(), store.read_live
 
     async def read_while_its_node_is_down(*args: Any) -> Any:
@@ -692,66 +696,61 @@ async def _reader_away(store: Any) -> asyncio.Event:
     store.read_live = read_while_its_node_is_down
     await store.interrupt_live_read()  # (a read not interrupted ends by its own block time)
     await asyncio.wait_for(away.wait(), 2 * c.LIVE_BLOCK_MS / 1000)
-    return back
+    async with redis.Redis.from_url(url) as admin:
+        await damage(admin)
+    store.take_unread_spells = lambda: {topic: 2000.0}
+    back.set()
 
 
 async def test_a_topic_whose_cluster_node_failed_over_is_looked_at_again(
-    redis_server: RedisServer, topic: str
+    redis_broker: Broker, redis_server: RedisServer, topic: str
 ) -> None:
     """Only this topic went unread (its Cluster node failed while the others answered),
     and the node that took over has no log of it (asynchronous replication). The reader
     read on from its old position on a log that was gone: the subscriber was told
     nothing until the next append. Its state is asked again once the node is back."""
-    broker = Broker(open_store(redis_server.url), limits=BrokerLimits(heartbeat_seconds=0.3))
-    await broker.start()
-    store: Any = broker.store
+    await publish(redis_broker, topic, range(1))
+    subscription = await redis_broker.subscribe({topic: "now"})
+    chunks = subscription.chunks()
     try:
-        await publish(broker, topic, range(1))
-        subscription = await broker.subscribe({topic: "now"})
-        chunks = subscription.chunks()
         assert (await asyncio.wait_for(anext(chunks), 5)).startswith(b"id: ")  # live
-        back = await _reader_away(store)
-        async with redis.Redis.from_url(redis_server.url) as admin:
-            await admin.delete(c.log_key(topic), c.meta_key(topic))  # the new primary's view
-        store.take_unread_spells = lambda: {topic: 2000.0}
-        back.set()
-        try:
-            events = await collect(chunks, lambda ev: bool(gaps(ev)), timeout=8)
-        finally:
-            subscription.close()
-        assert gaps(events)[0].json["reason"] == "unknown"  # type: ignore[index]
+        await _its_node_failed_over(
+            redis_broker,
+            redis_server.url,
+            topic,
+            lambda admin: admin.delete(c.log_key(topic), c.meta_key(topic)),  # no log there
+        )
+        events = await collect(chunks, lambda ev: bool(gaps(ev)), timeout=8)
     finally:
-        await broker.close()
+        subscription.close()
+    assert gaps(events)[0].json["reason"] == "unknown"  # type: ignore[index]
 
 
 async def test_a_log_that_lost_its_newest_events_tells_its_live_subscribers(
-    redis_server: RedisServer, topic: str
+    redis_broker: Broker, redis_server: RedisServer, topic: str
 ) -> None:
     """The node that took over (or Redis back from its AOF) lacks the events the
     subscriber saw last. The reader moved back to the log's end and read on, telling
     nothing: new events whose ids fall at or before what the subscriber saw (a clock
     behind) were skipped as seen. It is told now: an ``unknown`` gap, then what comes."""
-    broker = Broker(open_store(redis_server.url), limits=BrokerLimits(heartbeat_seconds=0.3))
-    await broker.start()
-    store: Any = broker.store
+    [kept] = await publish(redis_broker, topic, range(1))
+    subscription = await redis_broker.subscribe({topic: kept})
+    chunks = subscription.chunks()
     try:
-        [kept] = await publish(broker, topic, range(1))
-        subscription = await broker.subscribe({topic: kept})
-        chunks = subscription.chunks()
-        lost = await publish(broker, topic, range(1, 3))
+        lost = await publish(redis_broker, topic, range(1, 3))
         await collect(chunks, lambda ev: 2 in numbers(ev))
-        back = await _reader_away(store)
-        async with redis.Redis.from_url(redis_server.url) as admin:  # the tail is lost
-            await admin.xdel(c.log_key(topic), *(format_stream_id(i.position) for i in lost))
-        store.take_unread_spells = lambda: {topic: 2000.0}
-        back.set()
-        try:
-            events = await collect(chunks, lambda ev: bool(gaps(ev)), timeout=8)
-            await publish(broker, topic, range(3, 4))
-            events += await collect(chunks, lambda ev: 3 in numbers(ev), timeout=8)
-        finally:
-            subscription.close()
-        [gap] = gaps(events)
-        assert gap.json["reason"] == "unknown" and gap.json["resumed_after"] == str(kept)  # type: ignore[index]
+        await _its_node_failed_over(
+            redis_broker,
+            redis_server.url,
+            topic,
+            lambda admin: admin.xdel(  # the tail is lost
+                c.log_key(topic), *(format_stream_id(i.position) for i in lost)
+            ),
+        )
+        events = await collect(chunks, lambda ev: bool(gaps(ev)), timeout=8)
+        await publish(redis_broker, topic, range(3, 4))
+        events += await collect(chunks, lambda ev: 3 in numbers(ev), timeout=8)
     finally:
-        await broker.close()
+        subscription.close()
+    [gap] = gaps(events)
+    assert gap.json["reason"] == "unknown" and gap.json["resumed_after"] == str(kept)  # type: ignore[index]
