@@ -189,6 +189,8 @@ class Broker:
             # Trimmed (or recreated) between the two reads: judge the cursor again.
         else:
             gap = Gap("trimmed", after or position, None)  # racing retention still: say so
+        if gap is None and page.lost(position.position):
+            gap = Gap("unknown", position, position)  # as a stream says it (Subscription)
         entries = page.entries
         following = entries[-1].id if len(entries) == limit else None
         return HistoryPage(events=entries, next=following, gap=gap)

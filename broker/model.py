@@ -187,3 +187,12 @@ class LogPage:
     entries: list[LogEntry]
     epoch: str | None
     trimmed_through: StreamPosition
+    after_found: bool = False
+    """Whether the position read after is itself an entry of the log."""
+
+    def lost(self, after: StreamPosition) -> bool:
+        """Whether events were lost at ``after`` with no trace of retention: a position
+        past what retention removed is an entry this log issued, unless the log lost
+        it (an asynchronous failover, an AOF's lost second) and went on past it since
+        (the events after it then follow events that are gone), or never issued it."""
+        return after != (0, 0) and after > self.trimmed_through and not self.after_found

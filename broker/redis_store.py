@@ -347,13 +347,17 @@ class RedisStreamStore:
         )
 
     async def _read_range(self, topic: str, after: StreamPosition, count: int) -> LogPage:
-        start = "-" if after == (0, 0) else "(" + format_stream_id(after)
+        position = "" if after == (0, 0) else format_stream_id(after)
+        start = "(" + position if position else "-"
         keys = [c.log_key(topic), c.meta_key(topic)]
-        epoch, trimmed, raw = await self._call(self._range_script(keys=keys, args=[start, count]))
+        epoch, trimmed, raw, found = await self._call(
+            self._range_script(keys=keys, args=[start, count, position])
+        )
         return LogPage(
             entries=[LogEntry.from_redis(topic, id_, flat) for id_, flat in raw],
             epoch=epoch.decode() if epoch else None,
             trimmed_through=_position_or_none(trimmed) or (0, 0),
+            after_found=bool(found),
         )
 
     def may_have_trimmed(

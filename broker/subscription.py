@@ -372,6 +372,11 @@ class Subscription:
                 # retention), or another log: judge again, and say so if needed.
                 self._resync.add(topic)
                 return
+            if page.lost(position.position):
+                # The log lost the event at our position, and went on past it: what
+                # else it lost is unknown. Say so, and go on after it (as after a lost
+                # tail: replaying the whole history would flood a client that saw it).
+                yield self._gap_frame(topic, Gap("unknown", position, position))
             frames = [self._advance(e) for e in page.entries if e.position > position.position]
             if frames:
                 self._replayed += len(frames)

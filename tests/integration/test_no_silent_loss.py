@@ -754,3 +754,34 @@ async def test_a_log_that_lost_its_newest_events_tells_its_live_subscribers(
         subscription.close()
     [gap] = gaps(events)
     assert gap.json["reason"] == "unknown" and gap.json["resumed_after"] == str(kept)  # type: ignore[index]
+
+
+async def test_a_cursor_the_log_lost_and_went_past_is_told_with_a_gap(
+    redis_broker: Broker, redis_server: RedisServer, topic: str
+) -> None:
+    """The log lost its newest events (an asynchronous failover, an AOF's lost second)
+    and an instance appended since. A client back with the id of a lost event it saw
+    lies inside the log, not past it: it was resumed after it and told nothing, and the
+    lost event it had not seen yet was skipped. It is told: an ``unknown`` gap, then
+    what follows. So is a history page read after that id."""
+    await publish(redis_broker, topic, range(1))
+    seen, unseen = await publish(redis_broker, topic, range(1, 3))
+    async with redis.Redis.from_url(redis_server.url) as admin:
+        await admin.xdel(c.log_key(topic), *(format_stream_id(i.position) for i in (seen, unseen)))
+    await publish(redis_broker, topic, range(3, 4))
+    subscription = await redis_broker.subscribe({topic: seen})
+    try:
+        events = await collect(subscription.chunks(), lambda ev: 3 in numbers(ev), timeout=8)
+    finally:
+        subscription.close()
+    [gap] = gaps(events)
+    assert gap.json == {  # type: ignore[comparison-overlap]
+        "reason": "unknown",
+        "requested": str(seen),
+        "resumed_after": str(seen),
+        "topic": topic,
+    }
+    assert numbers(events) == [3]
+    page = await redis_broker.history(topic, seen, 10)
+    assert page.gap is not None and page.gap.reason == "unknown"
+    assert [e.data for e in page.events] == [b"3"]
