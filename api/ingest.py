@@ -21,13 +21,15 @@ event object, stored and delivered as it arrives, not when the body ends.
   where it arrives). Both read the body through ``IngestBody``, so lines, keys,
   batching, limits and the idle deadline are decided here only.
 - A bad line stops the ingest with 400 naming it; the lines before it stay
-  stored. ``?close=true`` closes the topic when the body ends, never when it
-  breaks off.
+  stored. So does a token that expires while the stream goes on (401): a publish
+  right ends with its token, however long the request. ``?close=true`` closes
+  the topic when the body ends, never when it breaks off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,7 +37,7 @@ from typing import Any, Protocol
 import orjson
 from starlette.types import Receive
 
-from api.problems import HttpProblem, StoreLostMidBody
+from api.problems import HttpProblem, StoreLostMidBody, Unauthorized
 from broker import Broker, EventId, InvalidInput, NewEvent, StoreUnavailable, TooLarge
 from broker.model import IngestLines
 from broker.validation import event_from_json, loads_exactly
@@ -107,8 +109,10 @@ class Ingest:
         max_batch: int,
         idle_timeout: float,
         append_timeout: float,
+        expires_at: float | None = None,
     ) -> None:
         self.broker = broker
+        self._expires_at = expires_at  # the token's (unix s); None: no token, no end
         self.topic = topic
         self._key = key
         self._max_line = max_event_bytes + LINE_ENVELOPE_BYTES
@@ -149,6 +153,14 @@ class Ingest:
                 if batch:
                     await self._append(batch)
         return self.result
+
+    def check_token(self) -> None:
+        """Refuse to store more once the request's token has expired (checked before
+        each append, and before ``?close=true`` closes the topic)."""
+        if self._expires_at is not None and time.time() >= self._expires_at:
+            stored = f"{self.result.count} line(s) stored before it" if self.result.count else ""
+            detail = "the token expired during the ingest" + (f": {stored}" if stored else "")
+            raise Unauthorized(detail, token_given=True)
 
     def _parse(self, number: int, line: bytes) -> NewEvent:
         try:
@@ -212,6 +224,7 @@ class Ingest:
         twice once the store answered)."""
         pending = batch.copy()
         batch.clear()
+        self.check_token()
         lines = None if self._key is None else IngestLines(self._key, [n for n, _ in pending])
         self._watch.waiting(_STORE)
         try:

@@ -410,10 +410,10 @@ class IngestExchange:
         state = scope["app"].state
         try:
             topic = check_topic(scope["path_params"]["topic"])
-            await authorize(scope, "publish", [topic])
+            grant = await authorize(scope, "publish", [topic])
             key = idempotency_key(scope["headers"])
             close = _close_requested(scope)
-            return ingest_of(state.broker, state.settings, topic, key), close
+            return ingest_of(state.broker, state.settings, topic, key, grant.expires_at), close
         except Exception as error:
             raise NotValidated from error
 

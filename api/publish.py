@@ -60,7 +60,7 @@ class PublishEndpoint:
         settings: Settings = state.settings
         broker: Broker = state.broker
         topic = check_topic(scope["path_params"]["topic"])
-        await authorize(scope, "publish", [topic])  # before the body is read
+        grant = await authorize(scope, "publish", [topic])  # before the body is read
         headers = dict(scope["headers"])
         codings = [value for name, value in scope["headers"] if name == b"transfer-encoding"]
         coding = b", ".join(codings) if codings else None
@@ -72,7 +72,7 @@ class PublishEndpoint:
         key = idempotency_key(scope["headers"])
         close = _close_requested(scope)
         if media_type_of(headers.get(b"content-type", b"").decode("latin-1"))[0] == NDJSON:
-            ingest = ingest_of(broker, settings, topic, key)
+            ingest = ingest_of(broker, settings, topic, key, grant.expires_at)
             return await run_ingest(ingest, AsgiBody(receive), close)
         body = await read_body(receive, headers.get(b"content-length"), settings.max_body_bytes)
         events, is_batch = parse_events(scope, headers, body, settings)
@@ -102,8 +102,11 @@ def _close_requested(scope: Scope) -> bool:
     return values == ["true"]
 
 
-def ingest_of(broker: Broker, settings: Settings, topic: str, key: str | None) -> Ingest:
-    """A streaming ingest of ``topic`` (its key checked): the last check before the store."""
+def ingest_of(
+    broker: Broker, settings: Settings, topic: str, key: str | None, expires_at: float | None
+) -> Ingest:
+    """A streaming ingest of ``topic`` (its key checked): the last check before the store.
+    ``expires_at``: when the request's token expires (its grant's)."""
     check_idempotency_key(key)
     return Ingest(
         broker,
@@ -113,6 +116,7 @@ def ingest_of(broker: Broker, settings: Settings, topic: str, key: str | None) -
         max_batch=settings.max_batch,
         idle_timeout=settings.body_timeout_seconds,
         append_timeout=settings.publish_timeout_seconds,
+        expires_at=expires_at,
     )
 
 
@@ -123,6 +127,7 @@ async def run_ingest(ingest: Ingest, body: IngestBody, close: bool) -> tuple[int
     content = result.content()
     closed_before = False
     if close:
+        ingest.check_token()
         closing = await ingest.broker.close_topic(ingest.topic)
         content["end_id"] = str(closing.end_id)
         closed_before = closing.replayed

@@ -612,3 +612,70 @@ async def test_a_cookie_publishes_only_from_a_listed_or_the_brokers_own_origin(
     if expected == 403:
         token = bearer(hs_token(claims(publish=[topic])))
         assert (await publish(auth_broker.url, topic, token | {"Origin": origin})).status == 201
+
+
+# -- a streaming ingest outliving its token ------------------------------------------------------
+
+
+@pytest.mark.parametrize("path_kind", ["lean", "by-app"])
+async def test_a_streaming_ingest_stops_storing_when_its_token_expires(
+    auth_broker: BrokerProcess, path_kind: str
+) -> None:
+    """A token is checked at the request's head; an ingest lasts as long as its
+    producer sends. Lines that came after the token's expiry were stored for as long
+    as they came (a publish right outliving its token by hours). They are refused
+    with 401; the lines before stay stored."""
+    topic = new_topic("auth")
+    token = hs_token(claims(publish=[topic], subscribe=[topic], expires_in=2))
+    exp = orjson.loads(_payload(token))["exp"]
+    head = [
+        f"POST /topics/{topic}/events HTTP/1.1",
+        f"Host: 127.0.0.1:{auth_broker.port}",
+        f"Authorization: Bearer {token}",
+        "Content-Type: application/x-ndjson",
+        "Transfer-Encoding: chunked",
+        *(["Expect: 100-continue"] if path_kind == "by-app" else []),
+    ]
+    reader, writer = await asyncio.open_connection("127.0.0.1", auth_broker.port)
+    try:
+        writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + _chunk(b'{"data": 1}\n'))
+        await writer.drain()
+        wait_until(lambda: _stored(auth_broker.url, topic, token) == [1], timeout=5, what="line 1")
+        while time.time() < exp + 0.2:  # (the token's clock: whole seconds)
+            await asyncio.sleep(0.1)
+        writer.write(_chunk(b'{"data": 2}\n') + b"0\r\n\r\n")
+        await writer.drain()
+        status, body = await _final_answer(reader)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 401 "), status
+    assert "the token expired during the ingest" in orjson.loads(body)["detail"]
+    fresh = hs_token(claims(subscribe=[topic]))
+    assert await asyncio.to_thread(_stored, auth_broker.url, topic, fresh) == [1]
+
+
+async def _final_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """The status line and body of the answer after any ``100 Continue``."""
+    while True:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        if not head.startswith(b"HTTP/1.1 100 "):
+            break
+    [size] = [
+        line.split(b":")[1]
+        for line in head.lower().split(b"\r\n")[1:]
+        if line.startswith(b"content-length:")
+    ]
+    return head.split(b"\r\n")[0], await asyncio.wait_for(reader.readexactly(int(size)), 5)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _stored(url: str, topic: str, token: str) -> list[int]:
+    response = httpx.get(
+        f"{url}/topics/{topic}/events",
+        params={"from": "earliest"},
+        headers={"Accept": "application/json", **bearer(token)},
+    )
+    return [event["data"] for event in response.json()["events"]]
