@@ -99,6 +99,19 @@ class Settings(BaseSettings):
         given = [f"{ENV_PREFIX}{n.upper()}" for n in KEY_SETTINGS if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"set only one of {', '.join(given)}")
+        # A setting that only means something with authorization on, with no key: the
+        # key's variable was lost on the way (a secret not mounted), and the broker
+        # would run open, publishes to "private" topics and all.
+        meant = [
+            f"{ENV_PREFIX}{n.upper()}"
+            for n in ("jwt_audience", "jwt_issuer", "public_topics")
+            if getattr(self, n)
+        ]
+        if meant and not given:
+            keys = ", ".join(f"{ENV_PREFIX}{n.upper()}" for n in KEY_SETTINGS)
+            raise ValueError(
+                f"{', '.join(meant)} set with no key ({keys}): authorization would be off"
+            )
         return self
 
     @field_validator(
@@ -115,6 +128,8 @@ class Settings(BaseSettings):
     @classmethod
     def _usable_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
+            if value.get_secret_value().lstrip().startswith("-----BEGIN"):
+                raise ValueError("is a PEM key, not a secret (a public key: BROKER_JWT_PUBLIC_KEY)")
             _config_check(hmac_algorithms, value.get_secret_value().encode())
         return value
 
@@ -132,6 +147,12 @@ class Settings(BaseSettings):
             parts = urlsplit(value)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError("must be an http:// or https:// URL")
+            if any(ch.isspace() or not ch.isprintable() for ch in value):
+                raise ValueError("has a space or a control character")
+            try:
+                parts.port  # noqa: B018 (it raises for a port that is not a number)
+            except ValueError as error:
+                raise ValueError(f"has a bad port: {error}") from None
         return value
 
     @field_validator("cors_origins")

@@ -47,6 +47,13 @@ def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"BROKER_JWT_JWKS_URL": "jwks.example.com/keys"}, "BROKER_JWT_JWKS_URL"),
         ({"BROKER_JWT_SECRET": SECRET, "BROKER_JWT_AUDIENCE": ""}, "BROKER_JWT_AUDIENCE"),
         ({"BROKER_JWT_SECRET": SECRET, "BROKER_JWT_PUBLIC_KEY": RSA_PEM}, "BROKER_JWT_SECRET"),
+        ({"BROKER_JWT_JWKS_URL": "https://idp.test:abc/jwks"}, "BROKER_JWT_JWKS_URL"),
+        ({"BROKER_JWT_JWKS_URL": "https://idp test/jwks"}, "BROKER_JWT_JWKS_URL"),
+        ({"BROKER_JWT_SECRET": RSA_PEM}, "BROKER_JWT_SECRET"),
+        # Settings that mean authorization is wanted, with the key's variable lost:
+        ({"BROKER_JWT_AUDIENCE": "broker"}, "BROKER_JWT_AUDIENCE"),
+        ({"BROKER_JWT_ISSUER": "https://idp.test"}, "BROKER_JWT_ISSUER"),
+        ({"BROKER_PUBLIC_TOPICS": "news"}, "BROKER_PUBLIC_TOPICS"),
         ({"BROKER_CORS_ORIGINS": "*"}, "BROKER_CORS_ORIGINS"),
         ({"BROKER_CORS_ORIGINS": "https://a.test/app"}, "BROKER_CORS_ORIGINS"),
     ],
