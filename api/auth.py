@@ -160,6 +160,16 @@ class Authorizer:
             raise Forbidden(f"the token does not allow {action} on {', '.join(refused[:5])}")
         return Grant(rights.expires_at)
 
+    def check_given_token(self, scope: Scope) -> None:
+        """For a request that needs no token (a listing: it shows what the caller may
+        see): one given must still be valid, or its client is never told to get a new
+        one (401), and sees only the public topics."""
+        if self._key is None:
+            return
+        token = token_of(scope)
+        if token is not None:
+            self._rights(token)
+
     def _refuse_forgery(self, scope: Scope) -> None:
         """A browser sends the cookie with any site's form or plain ``fetch`` (text/plain
         needs no preflight): a change by cookie must come from a page of a listed origin
@@ -177,6 +187,7 @@ class Authorizer:
 
     def _rights(self, token: str) -> Rights:
         assert self._key is not None
+        self._key.refresh_if_stale()  # (a revoked key's verified tokens too)
         if self._key.generation != self._key_generation:  # a key was revoked: verify anew
             self._verified.clear()
             self._key_generation = self._key.generation
@@ -256,7 +267,7 @@ def _token_and_source(scope: Scope) -> tuple[str | None, bool]:
     if cookie:
         return _bounded(cookie), True
     query = scope.get("query_string", b"")
-    if QUERY_PARAMETER.encode() in query:
+    if QUERY_PARAMETER.encode() in query or b"%" in query:  # (access%5Ftoken is the same name)
         found = parse_qs(query.decode("latin-1")).get(QUERY_PARAMETER)
         if found and found[-1]:
             return _bounded(found[-1]), False

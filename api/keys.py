@@ -53,6 +53,10 @@ class VerifyingKey(Protocol):
     async def ensure(self, header: dict[str, Any]) -> None:
         """Make ``key_for`` ready for a token with this header (a JWKS may fetch)."""
 
+    def refresh_if_stale(self) -> None:
+        """Start fetching the keys again if they are due (a JWKS), without waiting:
+        every check calls it, the synchronous ones of the lean stream path too."""
+
     @property
     def generation(self) -> int:
         """Moves on whenever a key was removed or replaced: tokens verified before may no
@@ -121,14 +125,24 @@ class FixedKey:
     async def ensure(self, header: dict[str, Any]) -> None:
         return None
 
+    def refresh_if_stale(self) -> None:
+        return None
+
 
 class JwksKeys:
     """A JSON Web Key Set fetched from a URL, cached, and fetched again for an unknown
     ``kid`` (key rotation) or once stale, never more often than the rate bound."""
 
-    def __init__(self, url: str, *, min_refetch_seconds: float = JWKS_MIN_REFETCH_SECONDS) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_refetch_seconds: float = JWKS_MIN_REFETCH_SECONDS,
+        max_age_seconds: float = JWKS_MAX_AGE_SECONDS,
+    ) -> None:
         self._url = url
         self._min_refetch = min_refetch_seconds
+        self._max_age = max_age_seconds
         self._keys: dict[str | None, tuple[Any, list[str]]] = {}
         self._fetched_at: float | None = None  # monotonic; None: never fetched
         self._tried_at = -float("inf")
@@ -155,14 +169,20 @@ class JwksKeys:
             with contextlib.suppress(Exception):
                 await asyncio.shield(fetching)
 
+    def refresh_if_stale(self) -> None:
+        """A stale set is fetched again in the background. Without this, a process that
+        only served lean streams (whose check is synchronous: no ``ensure``), or only
+        tokens it had verified already, never fetched again: a key removed from the
+        set went on working for good."""
+        if self._fetched_at is not None and self._stale():
+            self._start_fetch()
+
     def _knows(self, header: dict[str, Any]) -> bool:
         kid = header.get("kid")
         return kid in self._keys or (kid is None and len(self._keys) == 1)
 
     def _stale(self) -> bool:
-        return (
-            self._fetched_at is None or time.monotonic() - self._fetched_at > JWKS_MAX_AGE_SECONDS
-        )
+        return self._fetched_at is None or time.monotonic() - self._fetched_at > self._max_age
 
     def _start_fetch(self) -> asyncio.Task[None] | None:
         """The fetch under way, or a new one; None while the rate bound holds."""

@@ -204,3 +204,32 @@ async def test_a_key_removed_from_the_set_stops_its_tokens_even_verified_ones() 
         with pytest.raises(Unauthorized):
             authorizer.check(scope(revoked), "subscribe", ["t"])
         authorizer.check(scope(kept), "subscribe", ["t"])
+
+
+async def test_a_stale_key_set_is_fetched_again_by_checks_alone() -> None:
+    """The lean stream path checks synchronously (no ``prepare``), and a token verified
+    before skips ``prepare``'s fetch: a process serving only those never fetched the
+    set again, and a key removed from it went on working for good. A check of a stale
+    set starts a fetch; once it is in, the removed key's tokens are refused."""
+    from api.auth import Authorizer
+    from api.keys import JwksKeys
+    from api.problems import Unauthorized
+
+    with serve_jwks([RSA_KEY, EC_KEY]) as server:
+        keys = JwksKeys(server.url, min_refetch_seconds=0, max_age_seconds=0.2)
+        authorizer = Authorizer(keys)
+        revoked = RSA_KEY.token(_rights("t"))
+        scope = {"headers": [(b"authorization", f"Bearer {revoked}".encode())]}
+        await authorizer.prepare(scope)
+        authorizer.check(scope, "subscribe", ["t"])  # verified, remembered
+        server.set_keys([EC_KEY])
+        await asyncio.sleep(0.3)  # the set's age passes its maximum
+        fetched = server.fetch_count()
+        authorizer.check(scope, "subscribe", ["t"])  # (this one is let through: stale by 0.1 s)
+        for _ in range(100):
+            if keys.generation:
+                break
+            await asyncio.sleep(0.05)
+        assert server.fetch_count() == fetched + 1
+        with pytest.raises(Unauthorized):
+            authorizer.check(scope, "subscribe", ["t"])
