@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
-from api.routes import may_subscribe
+from api.routes import check_listing_caller, may_subscribe
 from broker import Broker, InvalidInput
 from broker.fanout import Hub
 from broker.validation import check_topic
@@ -125,7 +125,7 @@ async def stats(request: Request) -> Response:
     subscribers = live_subscribers(broker.hub)
     # Those this instance streams first: a long listing must not crowd them out.
     names = list(dict.fromkeys([*sorted(subscribers), *_stats_topics(request)]))
-    await request.app.state.authorizer.prepare(request.scope)
+    await check_listing_caller(request)
     names = [name for name in names if may_subscribe(request, name)][:MAX_STATS_TOPICS]
     now_ms = time.time() * 1000
     rates = await asyncio.gather(*(_rate(broker, name, now_ms) for name in names))

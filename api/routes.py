@@ -275,11 +275,18 @@ async def list_topics(request: Request) -> Response:
     cursor = request.query_params.get("cursor") or None
     if cursor is not None and not _LIST_CURSOR.fullmatch(cursor):
         raise InvalidInput("cursor must be the 'next' of a page before", field="cursor")
-    await _authorizer(request).prepare(request.scope)
+    await check_listing_caller(request)
     topics, following = await _broker(request).list_topics(
         prefix, cursor, limit, shown=lambda topic: may_subscribe(request, topic)
     )
     return json_response({"topics": [_topic_json(t) for t in topics], "next": following})
+
+
+async def check_listing_caller(request: Request) -> None:
+    """A listing needs no token, but refuses one that is invalid or expired (401)."""
+    authorizer = _authorizer(request)
+    await authorizer.prepare(request.scope)
+    authorizer.check_given_token(request.scope)
 
 
 def may_subscribe(request: Request, topic: str) -> bool:

@@ -679,3 +679,32 @@ def _stored(url: str, topic: str, token: str) -> list[int]:
         headers={"Accept": "application/json", **bearer(token)},
     )
     return [event["data"] for event in response.json()["events"]]
+
+
+@pytest.mark.parametrize("path", ["/topics", "/stats"])
+@pytest.mark.parametrize("token_kind", ["expired", "bad-signature"])
+async def test_a_listing_refuses_a_token_it_cannot_use(
+    auth_broker: BrokerProcess, path: str, token_kind: str
+) -> None:
+    """A listing needs no token, but one that is expired or invalid gets 401: it was
+    answered 200 with only the public topics, and the client never learnt to get a
+    new token."""
+    token = {
+        "expired": hs_token(claims(subscribe=["*"], expires_in=-10)),
+        "bad-signature": hs_token(claims(subscribe=["*"]), secret=SECRET[::-1]),
+    }[token_kind]
+    async with httpx.AsyncClient(base_url=auth_broker.url, timeout=10) as client:
+        response = await client.get(path, headers=bearer(token))
+    assert_unauthorized(Answer(response.status_code, dict(response.headers), response.content))
+
+
+async def test_a_token_under_an_encoded_parameter_name_alone_is_used(
+    auth_broker: BrokerProcess,
+) -> None:
+    """``?access%5Ftoken=`` is ``access_token`` to the query parser: a token there was
+    not looked for unless the plain name was in the query too (401)."""
+    topic = await _topic_with_an_event(auth_broker.url)
+    token = hs_token(claims(subscribe=[topic]))
+    path = f"/topics/{topic}/events?access%5Ftoken={token}"
+    assert (await stream_lean(auth_broker.url, path, {})).status == 200
+    assert (await stream_by_app(auth_broker.url, path, {})).status == 200
