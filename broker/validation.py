@@ -73,15 +73,25 @@ def loads_exactly(raw: bytes) -> Any:
     it. Raises ``orjson.JSONDecodeError`` (a ``ValueError``) for malformed JSON."""
     document = orjson.loads(raw)
     if _LONG_NUMBER.search(raw) is not None:
-        document = json.loads(raw)
+        try:
+            document = json.loads(raw)
+        except RecursionError:  # (orjson reads 1024 levels, the standard library fewer)
+            raise orjson.JSONDecodeError(TOO_DEEP, "", 0) from None
     return document
+
+
+TOO_DEEP = "JSON nested too deeply"
 
 
 def _compact_json(data: Any) -> str:
     try:
         return orjson.dumps(data).decode()
-    except orjson.JSONEncodeError:  # an integer past 64 bits (see loads_exactly)
+    except orjson.JSONEncodeError:  # an integer past 64 bits, or past 254 levels
+        pass
+    try:
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except RecursionError:  # (orjson reads up to 1024 levels: a 500 with a traceback)
+        raise InvalidInput(f"data: {TOO_DEEP}", field="data") from None
 
 
 def event_from_json(item: Any, max_event_bytes: int) -> NewEvent:

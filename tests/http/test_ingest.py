@@ -215,6 +215,7 @@ async def test_a_whole_line_too_long_is_413_however_it_arrives(
         (b'{"event": "no data"}\n', "line 3"),
         (b'{"data": 1, "event": "broker.end"}\n', "line 3"),
         (b"\n" + line(3) + b"[1, 2]\n", "line 5"),  # blank lines count
+        (b'{"data": ' + b"[" * 1000 + b"1" + b"]" * 1000 + b"}\n", "line 3"),  # (was a 500)
     ],
 )
 async def test_a_bad_line_stops_the_ingest_and_names_it_keeping_the_lines_before(

@@ -254,6 +254,9 @@ BAD_JSON_BODIES: list[tuple[str, bytes]] = [
     ("retry-bool", b'{"data": 1, "retry": true}'),
     ("invalid-utf8-in-string", b'{"data": "\xff\xfe"}'),
     ("invalid-utf8-in-key", b'{"da\xc3ta": 1}'),
+    # Deeper than the standard library writes (orjson reads 1024 levels): was a 500.
+    ("nested-1000-deep", b'{"data": ' + b"[" * 1000 + b"1" + b"]" * 1000 + b"}"),
+    ("nested-deep-long-number", b'{"data": ' + b"[" * 1000 + b"1" * 20 + b"]" * 1000 + b"}"),
 ]
 
 
