@@ -94,8 +94,8 @@ def ingest_head_of(
     if post is None or framing is None:
         return None
     chunked, size, content_type = framing
-    if media_type_of(content_type.decode("latin-1"))[0] != NDJSON:
-        return None
+    if media_type_of(content_type.decode("latin-1")) not in ((NDJSON, None), (NDJSON, "utf-8")):
+        return None  # (another charset: the app answers 415)
     return IngestHead(post.scope_for(app), chunked, size, parser.should_keep_alive())
 
 

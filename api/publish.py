@@ -71,7 +71,9 @@ class PublishEndpoint:
             raise HttpProblem(501, "Not implemented", detail)
         key = idempotency_key(scope["headers"])
         close = _close_requested(scope)
-        if media_type_of(headers.get(b"content-type", b"").decode("latin-1"))[0] == NDJSON:
+        media_type, charset = media_type_of(headers.get(b"content-type", b"").decode("latin-1"))
+        if media_type == NDJSON:
+            _check_charset(charset)  # (before any line: one was stored, then the next refused)
             ingest = ingest_of(broker, settings, topic, key, grant.expires_at)
             return await run_ingest(ingest, AsgiBody(receive), close)
         body = await read_body(receive, headers.get(b"content-length"), settings.max_body_bytes)
@@ -85,21 +87,38 @@ class PublishEndpoint:
 
 
 def idempotency_key(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The request's Idempotency-Key: the first, if it has several (on every route)."""
+    """The request's Idempotency-Key: the first, if it has several (on every route);
+    without the spaces around it (HTTP's, which the parser keeps at its end: "k " and
+    "k" are one key, and a retry that differed by one was stored twice)."""
     for name, value in headers:
         if name == b"idempotency-key":
-            return value.decode("latin-1")
+            return value.strip(b" \t").decode("latin-1")
     return None
 
 
 def _close_requested(scope: Scope) -> bool:
     """``?close=true``: close the topic after this publish's events."""
-    if b"close" not in scope.get("query_string", b""):
-        return False
-    values = parse_qs(scope["query_string"].decode("latin-1")).get("close", [])
-    if values not in ([], ["true"], ["false"]):
+    value = query_value(scope, "close")
+    if value not in (None, "true", "false"):
         raise InvalidInput("close must be 'true' or 'false'", field="close")
-    return values == ["true"]
+    return value == "true"
+
+
+def query_value(scope: Scope, name: str) -> str | None:
+    """The query parameter ``name`` (None if absent), its name compared decoded
+    (``clos%65`` is ``close``); 400 if it is given twice or is not UTF-8 (an ``event``
+    of ``%FF`` was stored as U+FFFD)."""
+    query = scope.get("query_string", b"")
+    if name.encode() not in query and b"%" not in query:
+        return None
+    try:
+        values = parse_qs(query.decode("latin-1"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidInput("the query string is not UTF-8 once decoded") from None
+    found = values.get(name, [])
+    if len(found) > 1:
+        raise InvalidInput(f"{name} is given more than once", field=name)
+    return found[0] if found else None
 
 
 def ingest_of(
@@ -161,8 +180,7 @@ def parse_events(
     scope: Scope, headers: dict[bytes, bytes], body: bytes, settings: Settings
 ) -> tuple[list[NewEvent], bool]:
     media_type, charset = media_type_of(headers.get(b"content-type", b"").decode("latin-1"))
-    if charset not in (None, "utf-8", "utf8"):
-        raise HttpProblem(415, "Unsupported media type", "only UTF-8 bodies are accepted")
+    _check_charset(charset)
     if media_type == "application/json":
         try:
             document = loads_exactly(body)
@@ -177,8 +195,7 @@ def parse_events(
             text = body.decode("utf-8")
         except UnicodeDecodeError as error:
             raise InvalidInput("the body is not valid UTF-8") from error
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        event = query.get("event", [None])[-1]
+        event = query_value(scope, "event")  # (an empty one is refused, as in JSON)
         return [event_from_text(text, event, settings.max_event_bytes)], False
     raise HttpProblem(
         415,
@@ -186,6 +203,11 @@ def parse_events(
         "publish with Content-Type application/json, application/x-ndjson or "
         "text/plain; charset=utf-8",
     )
+
+
+def _check_charset(charset: str | None) -> None:
+    if charset not in (None, "utf-8", "utf8"):
+        raise HttpProblem(415, "Unsupported media type", "only UTF-8 bodies are accepted")
 
 
 def answer(result: AppendResult, is_batch: bool) -> tuple[int, list[Any], bytes]:

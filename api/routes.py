@@ -220,7 +220,7 @@ def _history_limit(raw: str | None) -> int:
 def _bounded_limit(raw: str | None, default: int, most: int) -> int:
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    if not _DIGITS.fullmatch(raw) or not 1 <= int(raw) <= most:
         raise InvalidInput(f"limit must be an integer from 1 to {most}", field="limit")
     return int(raw)
 
@@ -273,8 +273,10 @@ async def list_topics(request: Request) -> Response:
         check_topic(prefix)
     limit = _bounded_limit(request.query_params.get("limit"), LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT)
     cursor = request.query_params.get("cursor") or None
-    if cursor is not None and not _LIST_CURSOR.fullmatch(cursor):
-        raise InvalidInput("cursor must be the 'next' of a page before", field="cursor")
+    if cursor is not None:
+        parsed = _LIST_CURSOR.fullmatch(cursor)
+        if parsed is None or int(parsed.group(1)) > _SCAN_CURSOR_MAX:
+            raise InvalidInput("cursor must be the 'next' of a page before", field="cursor")
     await check_listing_caller(request)
     topics, following = await _broker(request).list_topics(
         prefix, cursor, limit, shown=lambda topic: may_subscribe(request, topic)
@@ -298,18 +300,29 @@ def may_subscribe(request: Request, topic: str) -> bool:
     return True
 
 
-_LIST_CURSOR = re.compile(r"\d{1,4}:\d{1,20}(?::[A-Za-z0-9_.:-]{1,200})?")
+_LIST_CURSOR = re.compile(r"[0-9]{1,4}:([0-9]{1,20})(?::[A-Za-z0-9_.:-]{1,200})?")
+_DIGITS = re.compile(r"[0-9]{1,9}")  # (str.isdigit takes "²", which int() refuses: a 500)
+_SCAN_CURSOR_MAX = 2**64 - 1  # (Redis refuses a larger one: a 503, retried for good)
 
 
 async def close_topic(request: Request) -> Response:
     """Close the topic (its log ends with ``broker.end``): ``201 {"id"}``; 200 if it was."""
     topic = check_topic(request.path_params["topic"])
     await authorize(request.scope, "publish", [topic])
-    if await request.body():
-        raise InvalidInput("closing takes an empty body")
+    await _refuse_any_body(request, "closing takes an empty body")
     result = await _broker(request).close_topic(topic)
     status = 200 if result.replayed else 201
     return json_response({"id": str(result.end_id)}, status=status)
+
+
+async def _refuse_any_body(request: Request, detail: str) -> None:
+    """400 at the first byte of a body, none read beyond (it was read whole, whatever
+    its size, before being refused)."""
+    if request.headers.get("content-length", "0").strip() not in ("", "0"):
+        raise InvalidInput(detail)
+    async for chunk in request.stream():
+        if chunk:
+            raise InvalidInput(detail)
 
 
 async def delete_topic(request: Request) -> Response:
