@@ -206,7 +206,9 @@ ROUTES = [
         routes.bad_topic,
         name="bad_topic",
         include_in_schema=False,
-        methods=["GET", "POST", "DELETE"],
+        # Every method: one a topic's route lacks (PUT, PATCH) gets this route's 405,
+        # naming all the path's methods (Starlette's names only its first route's).
+        methods=["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS"],
     ),
     Route("/healthz", routes.healthz, methods=["GET"], name="healthz"),
     Route("/readyz", routes.readyz, methods=["GET"], name="readyz"),

@@ -75,6 +75,8 @@ def _authorizer(request: Request) -> Authorizer:
 
 async def topic_events(request: Request) -> Response | EventStreamResponse:
     """A subscription (text/event-stream), or a page of history when JSON is preferred."""
+    if request.method == "HEAD" and not _prefers_json(request):
+        return await _head_of_stream(request, request.path_params["topic"])
     if stream_topic(request.scope) is None:
         return await history(request)
     return await open_stream(request, request.path_params["topic"])
@@ -82,7 +84,22 @@ async def topic_events(request: Request) -> Response | EventStreamResponse:
 
 async def multi_topic_events(request: Request) -> Response | EventStreamResponse:
     """One stream over several topics: ``/events?topic=a&topic=b``."""
+    if request.method == "HEAD":
+        return await _head_of_stream(request, None)
     return await open_stream(request, None)
+
+
+async def _head_of_stream(request: Request, topic: str | None) -> Response:
+    """HEAD of a stream: what its GET would answer (a refusal, or a stream's head), but
+    no subscription (it opened one, and its answer never ended)."""
+    await _authorizer(request).prepare(request.scope)
+    stream_starts(request, topic)
+    headers = {name.decode(): value.decode() for name, value in STREAM_HEADERS}
+    return Response(status_code=200, headers=headers)
+
+
+def _prefers_json(request: Request) -> bool:
+    return prefers_json(request.headers.get("accept", ""))
 
 
 async def open_stream(request: Request, topic: str | None) -> Response | EventStreamResponse:
@@ -342,7 +359,7 @@ async def bad_topic(request: Request) -> Response:
     if b"%2f" in request.scope.get("raw_path", b"").lower() or name.startswith("/"):
         check_topic(name.removesuffix("/events"))  # raises InvalidTopic
     rest = name.partition("/")[2]
-    allowed = {"": "GET, DELETE", "events": "GET, POST", "close": "POST"}.get(rest)
+    allowed = {"": "GET, HEAD, DELETE", "events": "GET, HEAD, POST", "close": "POST"}.get(rest)
     if allowed is None:
         raise HTTPException(404)
     raise HTTPException(405, headers={"Allow": allowed})

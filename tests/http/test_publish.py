@@ -371,11 +371,14 @@ def test_an_empty_topic_name_is_400(client: httpx.Client) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "status", "allow"),
     [
-        ("POST", "/topics/t", 405, "GET, DELETE"),
-        ("DELETE", "/topics/t/events", 405, "GET, POST"),
+        ("POST", "/topics/t", 405, "GET, HEAD, DELETE"),
+        ("PATCH", "/topics/t", 405, "GET, HEAD, DELETE"),
+        ("DELETE", "/topics/t/events", 405, "GET, HEAD, POST"),
+        ("PUT", "/topics/t/events", 405, "GET, HEAD, POST"),
         ("GET", "/topics/t/close", 405, "POST"),
         ("DELETE", "/topics/t/close", 405, "POST"),
         ("GET", "/topics/t/other", 404, None),
+        ("PUT", "/topics/t/other", 404, None),
         ("DELETE", "/topics/t/a/b", 404, None),
     ],
 )
@@ -625,3 +628,16 @@ def test_a_percent_encoded_close_closes(client: httpx.Client) -> None:
     topic = new_topic()
     response = client.post(f"/topics/{topic}/events?clos%65=true", json={"data": 1})
     assert response.status_code == 201 and "end_id" in response.json(), response.text
+
+
+@pytest.mark.parametrize("path", ["/topics/{topic}/events", "/events?topic={topic}"])
+def test_a_head_of_a_stream_answers_its_head_and_ends(client: httpx.Client, path: str) -> None:
+    """HEAD of /events opened a subscription whose answer never ended; HEAD of a topic's
+    stream answered a history page's head (application/json)."""
+    topic = new_topic()
+    response = client.head(path.format(topic=topic), timeout=5)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.content == b""
+    bad = client.head(path.format(topic="a%2Fb"), timeout=5)
+    assert bad.status_code == 400
