@@ -60,6 +60,11 @@ def _announce_store(settings: Settings) -> None:
 def serve(settings: Settings) -> None:
     if settings.workers > 1 and not settings.redis_url:
         sys.exit("broker: --workers > 1 needs --redis-url (the embedded store is per process)")
+    if os.environ.get("WEB_CONCURRENCY", "1").strip() not in ("", "1"):
+        # uvicorn.run would start that many workers itself (a PaaS sets it): each with
+        # its own embedded store (one topic split in two), or, on Redis, without the
+        # supervisor (metrics not summed). The workers are BROKER_WORKERS (--workers).
+        log.warning("broker: WEB_CONCURRENCY is ignored; set BROKER_WORKERS (--workers)")
     config: dict[str, Any] = {
         "app": "api.app:create_app",
         "factory": True,
@@ -77,7 +82,7 @@ def serve(settings: Settings) -> None:
     # uvicorn re-raises SIGTERM once it has shut down; a no-op handler here makes
     # that a clean return, so a drained instance exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(host=settings.host, port=settings.port, **config)
+    uvicorn.run(host=settings.host, port=settings.port, workers=1, **config)
 
 
 def _supervise(settings: Settings, config: dict[str, Any]) -> None:

@@ -114,6 +114,15 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _replicas_need_redis(self) -> Settings:
+        if self.publish_durability == "replicated" and not self.redis_url:
+            raise ValueError(
+                "BROKER_PUBLISH_DURABILITY=replicated needs BROKER_REDIS_URL: the embedded "
+                "store has no replica (its publishes would be answered as replicated)"
+            )
+        return self
+
     @field_validator(
         "jwt_secret", "jwt_public_key", "jwt_jwks_url", "jwt_audience", "jwt_issuer", mode="before"
     )

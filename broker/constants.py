@@ -143,6 +143,8 @@ LIVE_AWAY_MARGIN_MS = 100
 # LIVE_LANES_MAX lanes per Redis server, lanes grow instead.
 LIVE_LANE_TOPICS = 128
 LIVE_LANES_MAX = 32
+# The embedded store frees expired keys this often (s): see RedisStreamStore._sweep_expired.
+EMBEDDED_EXPIRY_SWEEP_S = 1.0
 # The reader's reconnect backoff while Redis is unreachable (seconds).
 # After an outage, how long the live reader waits for the topics' states before it
 # reads those that answered (the others join as they answer), and how long before

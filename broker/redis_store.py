@@ -232,6 +232,7 @@ class RedisStreamStore:
         )
         self.durable = durable
         self.description = description
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def append(
         self,
@@ -494,8 +495,28 @@ class RedisStreamStore:
             await self._live.open()
         except REDIS_FAILURES as error:
             log.warning("redis: could not open the connections yet: %s", error)
+        if not self.durable and self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_expired())
+
+    async def _sweep_expired(self) -> None:
+        """The embedded store (fakeredis) drops an expired key only when that key is
+        touched, or when the key space is counted: a topic's TTL freed nothing until
+        somebody listed the topics, and a process of short-lived topics grew without
+        bound. Counting it every second frees what is due, as Redis's own expiry
+        cycle does (fakeredis keeps a heap of expiries: the count costs what it frees)."""
+        while True:
+            await asyncio.sleep(c.EMBEDDED_EXPIRY_SWEEP_S)
+            try:
+                await self._client.dbsize()
+            except REDIS_FAILURES:  # (in process: not expected; never a reason to stop)
+                log.exception("embedded store: the expiry sweep failed")
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         await self._live.close()
         if self._pipeline is not None:
             await self._pipeline.close()

@@ -47,6 +47,41 @@ def test_the_embedded_store_says_so_in_its_first_log_line() -> None:
         process.close()
 
 
+def test_web_concurrency_does_not_split_the_embedded_store() -> None:
+    """uvicorn.run takes its worker count from WEB_CONCURRENCY (a PaaS sets it): two
+    workers on one port, each with its own embedded store, held one topic in two
+    halves (two epochs, and each reconnect a gap). The broker runs one process."""
+    process = BrokerProcess(redis_url=None, env={"WEB_CONCURRENCY": "2"}).start()
+    topic = new_topic()
+    try:
+        epochs = set()
+        for n in range(6):  # a new connection each: the kernel spreads them
+            answer = httpx.post(f"{process.url}/topics/{topic}/events", json={"data": n})
+            assert answer.status_code == 201, answer.text
+            epochs.add(answer.json()["id"].split(".")[0])
+        assert httpx.get(f"{process.url}/topics/{topic}").json()["length"] == 6
+        assert len(epochs) == 1, epochs
+        assert "WEB_CONCURRENCY is ignored" in process.log()
+    finally:
+        process.close()
+
+
+def test_replicated_durability_without_redis_stops_the_broker() -> None:
+    """The embedded store has no replica: its publishes were answered 201 as if a
+    replica had them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "api.cli", "serve", "--port", str(free_port())],
+        env=env | {"BROKER_PUBLISH_DURABILITY": "replicated"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "BROKER_PUBLISH_DURABILITY=replicated needs BROKER_REDIS_URL" in result.stderr
+
+
 def test_a_flag_beats_its_variable(redis_server: RedisServer) -> None:
     """BROKER_PORT and BROKER_REDIS_URL point nowhere; --port and --redis-url win."""
     process = BrokerProcess(

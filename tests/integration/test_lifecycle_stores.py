@@ -252,3 +252,29 @@ async def test_many_live_topics_coming_and_going_each_get_their_events(
 
 async def _ended(reader: Reader) -> bool:
     return reader._task.done() and reader._task.exception() is None
+
+
+async def test_the_embedded_store_frees_expired_topics_nobody_touches() -> None:
+    """fakeredis drops an expired key only when that key is touched, or when the keys
+    are counted: topics past their TTL stayed in memory (a process of short-lived
+    topics grew without bound) until somebody listed the topics."""
+    store = open_store(None, topic_ttl_seconds=TTL_SECONDS)
+    broker = Broker(store, limits=BrokerLimits(heartbeat_seconds=0.5))
+    await broker.start()
+    try:
+        for n in range(50):
+            await broker.publish(f"short-{n}", [NewEvent("x")], idempotency_key="k")
+        assert _keys_held(store) >= 150  # log, meta, records of each
+        deadline = time.monotonic() + EXPIRY_DEADLINE_S
+        while _keys_held(store) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert _keys_held(store) == 0
+    finally:
+        await broker.close()
+
+
+def _keys_held(store: RedisStreamStore) -> int:
+    """The embedded store's keys, counted without expiring any (as any command would):
+    fakeredis' own dictionary, a private surface (pinned in pyproject.toml)."""
+    server = store._client.connection_pool.connection_kwargs["server"]  # type: ignore[union-attr]
+    return len(server.dbs[0]._dict)
