@@ -11,7 +11,9 @@ LOCK := requirements.lock
 .PHONY: run test test-fast lint format bench bench-smoke deploy-check system-tools clean lock
 
 $(STAMP): pyproject.toml $(LOCK)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# (A venv made without pip, where python3-venv is missing, is made again: python
+	# then says what to install.)
+	test -x $(BIN)/pip || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c $(LOCK) -e '.[dev,bench]'
 	touch $(STAMP)
@@ -33,7 +35,7 @@ $(NODE_STAMP): tests/e2e/node/package.json
 	touch $(NODE_STAMP)
 
 system-tools:
-	bash scripts/ensure-system-tools.sh redis-server nginx haproxy chromium nchan curl
+	bash scripts/ensure-system-tools.sh redis-server nginx haproxy chromium nchan curl npm
 
 run: $(STAMP)
 	$(BIN)/broker serve

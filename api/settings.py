@@ -89,9 +89,11 @@ class Settings(BaseSettings):
         """A mistyped variable (``BROKER_JWT_SECRT``) must not leave the broker open."""
         unknown = unknown_variables(os.environ)
         if unknown:
-            raise ValueError(
-                f"unknown setting {', '.join(unknown)} (known: see the README's Configuration)"
-            )
+            hint = "see the README's Configuration"
+            if any(name.startswith("BROKER_SERVICE_") for name in unknown):
+                hint = "Kubernetes service links of a Service named broker: set the pod's "
+                hint += "enableServiceLinks: false, as deploy/kubernetes does"
+            raise ValueError(f"unknown setting {', '.join(unknown)} ({hint})")
         return data
 
     @model_validator(mode="after")

@@ -3,7 +3,8 @@
 # redis-server (all Redis tests), nginx and haproxy (the load balancers of the
 # end-to-end suite), chromium (its browser EventSource client) and nchan (nginx's
 # Nchan module, the peer `make bench` compares the broker with; a module, not a command)
-# and curl (the README's examples, run as written).
+# curl (the README's examples, run as written) and npm (with Node.js: the npm
+# `eventsource` client of the end-to-end suite; tests/e2e/node/package.json).
 # Installs them from Debian's packages when we can (root + apt-get); otherwise
 # stops and says exactly what to install.
 set -euo pipefail
@@ -15,6 +16,7 @@ declare -A package_of=(
   [chromium]=chromium
   [nchan]=libnginx-mod-nchan
   [curl]=curl
+  [npm]=npm
 )
 # Tools that are files rather than commands on the PATH.
 declare -A file_of=(
@@ -42,7 +44,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   for svc in redis-server nginx haproxy; do
     (command -v systemctl >/dev/null && systemctl stop "$svc" 2>/dev/null) || true
   done
-  pkill -x redis-server 2>/dev/null || true
+  # (Without systemd the package starts its server itself: stop that one only, by its
+  # packaged command line, never a redis-server of anybody else's.)
+  pkill -f '^/usr/bin/redis-server 127\.0\.0\.1:6379' 2>/dev/null || true
   exit 0
 fi
 echo "missing: ${missing[*]}" >&2

@@ -194,15 +194,30 @@ def test_nginx_keeps_idle_upstream_connections_shorter_than_uvicorn() -> None:
     assert seconds(timeouts[0]) < uvicorn_keep_alive
 
 
-def test_body_limit_is_one_mebibyte_everywhere() -> None:
-    assert directives(NGINX_DIR / "sse-http.conf")["client_max_body_size"] == ["1m"]
+def test_bodies_pass_unbuffered_and_a_streaming_ingest_has_no_size_limit() -> None:
+    """A streaming ingest is one chunked body as long as its token stream: a proxy that
+    buffers bodies delivers a generation at its end, and a size limit cuts it."""
+    assert directives(NGINX_DIR / "sse-http.conf")["client_max_body_size"] == ["0"]
+    assert directives(NGINX_DIR / "sse-proxy.conf")["proxy_request_buffering"] == ["off"]
+    annotations = manifests()["Ingress"]["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == "0"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
+
+
+def test_kubernetes_puts_no_service_links_in_the_pods_environment() -> None:
+    """The Service "broker" adds BROKER_SERVICE_HOST, BROKER_PORT=tcp://... and more to
+    every pod: the broker stopped at start on those unknown settings (crash loop)."""
+    objects = manifests()
+    assert objects["Service"]["metadata"]["name"].upper().startswith("BROKER")
+    assert objects["Deployment"]["spec"]["template"]["spec"]["enableServiceLinks"] is False
+
+
+def test_the_publish_body_limit_is_one_mebibyte_where_it_is_set() -> None:
     assert f"gt {MAX_BODY_BYTES} }}" in HAPROXY_CFG.read_text()
     broker_env = compose()["services"]["broker1"]["environment"]
     assert broker_env["BROKER_MAX_BODY_BYTES"] == str(MAX_BODY_BYTES)
     objects = manifests()
     assert objects["ConfigMap"]["data"]["BROKER_MAX_BODY_BYTES"] == str(MAX_BODY_BYTES)
-    annotations = objects["Ingress"]["metadata"]["annotations"]
-    assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == "1m"
 
 
 # --- HAProxy -----------------------------------------------------------------

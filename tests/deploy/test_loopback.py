@@ -100,6 +100,27 @@ def test_a_publish_that_reached_a_broker_is_never_sent_to_another(
 
 
 @pytest.mark.parametrize("kind", BALANCERS)
+def test_a_streaming_ingest_reaches_the_broker_as_it_is_sent(
+    kind: Balancer, tmp_path: Path
+) -> None:
+    """nginx buffered request bodies: a generation's tokens reached the broker (and its
+    subscribers) all at once, at its end. And it cut a chunked body at 1 MiB (413)."""
+    head = (
+        "POST /topics/t/events HTTP/1.1\r\n"
+        "Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked"
+    )
+    line = b'{"data": 1}\n'
+    with StandInBroker() as broker, running_balancer(kind, [broker.port], tmp_path) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            first = b"%x\r\n%s\r\n" % (len(line), line)
+            sock.sendall(f"{head}\r\nHost: test\r\n\r\n".encode() + first)
+            wait_until(lambda: broker.posts == 1, timeout=5, what="the POST before its end")
+        long_body = b"%x\r\n%s\r\n0\r\n\r\n" % (1_200_000, b"x" * 1_200_000)
+        reply = request(port, head, long_body)
+    assert status_of(reply) != 413, reply
+
+
+@pytest.mark.parametrize("kind", ["haproxy"])
 def test_a_body_over_one_mebibyte_is_refused_at_the_proxy(kind: Balancer, tmp_path: Path) -> None:
     with StandInBroker() as broker, running_balancer(kind, [broker.port], tmp_path) as port:
         # Only the head is sent: the proxy must answer from Content-Length alone.
