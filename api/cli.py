@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import signal
@@ -73,7 +74,8 @@ def serve(settings: Settings) -> None:
         "lifespan": "on",
         "log_level": settings.log_level,
         "access_log": settings.access_log,
-        "timeout_graceful_shutdown": int(settings.shutdown_grace_seconds),
+        # (uvicorn's type says int; a fraction must not become 0: no grace at all)
+        "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_seconds),
         "proxy_headers": True,
     }
     if settings.workers > 1:

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 RESTART_DELAY_SECONDS = 0.5
 # How often a worker checks that its supervisor is still its parent.
 PARENT_CHECK_SECONDS = 1.0
+DRAIN_MARGIN_SECONDS = 5.0
+"""On a stop, the workers get their own grace (BROKER_SHUTDOWN_GRACE_SECONDS) and this
+much more, all together, before they are killed."""
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -141,11 +144,19 @@ class Supervisor:
         self._stopping = True
 
     def _drain(self) -> None:
+        # Our copies of the listening sockets first: a worker that drains closes its
+        # own, but while ours stay open the kernel goes on accepting connections into
+        # them, which nobody reads, and resets them when we exit (a publish a proxy
+        # had sent there got 502, not a refused connect it retries elsewhere).
+        for listener in self._sockets:
+            listener.close()
         for worker in self._workers:
             if worker.exitcode is None:
                 worker.terminate()  # SIGTERM: the worker ends its streams and exits
+        grace = float(self._config.get("timeout_graceful_shutdown") or 0) + DRAIN_MARGIN_SECONDS
+        deadline = time.monotonic() + grace  # (for all together: not one after another)
         for worker in self._workers:
-            worker.join(timeout=30)
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
             if worker.exitcode is None:
                 worker.kill()
                 worker.join()

@@ -257,6 +257,40 @@ def test_workers_exit_when_their_supervisor_is_killed(redis_server: RedisServer)
         process.close()
 
 
+def test_a_draining_supervisor_takes_no_connection_it_cannot_answer(
+    redis_server: RedisServer,
+) -> None:
+    """While a worker drains (a publish whose body is still coming holds it), a new
+    connection must be refused, which a proxy retries on another broker. The
+    supervisor kept its copies of the listening sockets open: the kernel accepted
+    connections into them that nobody read, and reset them when it exited (502s)."""
+    process = BrokerProcess(redis_url=redis_server.url, workers=2).start()
+    workers = _two_workers(process)
+    assert process.process is not None
+    with socket.create_connection(("127.0.0.1", process.port), timeout=10) as held:
+        try:
+            held.sendall(
+                b"POST /topics/held/events HTTP/1.1\r\nHost: t\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            holder = wait_until(
+                lambda: next((p for p in workers if _established(p, process.port)), None),
+                timeout=WORKER_DEADLINE,
+                what="no worker took the publish",
+            )
+            process.process.send_signal(signal.SIGTERM)
+            wait_until(
+                lambda: _refuses(process.port) or _gone(holder),
+                timeout=WORKER_DEADLINE,
+                what="the broker neither refused connections nor ended its drain",
+            )
+            # Refused while the held publish still holds its worker's drain (5 s):
+            assert not _gone(holder), "connections were taken until the drain ended"
+        finally:
+            _kill_all(workers)
+            process.close()
+
+
 def _open_stream(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(
