@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from api.settings import Settings, describe
-from api.workers import Supervisor
+from api.workers import PortTaken, Supervisor
 from brokerclient.cli import add_client_commands
 
 log = logging.getLogger("api.cli")
@@ -95,7 +95,11 @@ def _supervise(settings: Settings, config: dict[str, Any]) -> None:
         made = tempfile.mkdtemp(prefix="broker-prom-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
     try:
-        Supervisor(settings.workers, settings.host, settings.port, config).run()
+        try:
+            supervisor = Supervisor(settings.workers, settings.host, settings.port, config)
+        except PortTaken as taken:
+            sys.exit(f"broker: {taken}")
+        supervisor.run()
     finally:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)

@@ -48,6 +48,23 @@ much more, all together, before they are killed."""
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+class PortTaken(Exception):
+    """Another process listens on the port: SO_REUSEPORT would have joined it silently."""
+
+
+def refuse_if_taken(host: str, port: int) -> None:
+    """Bind the port once without SO_REUSEPORT: a second ``--workers N`` broker on a
+    port already served (a double start, an overlapping restart) joined the first
+    one's listeners with no error, and clients were split between the two."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (not TIME_WAIT's)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise PortTaken(f"{host}:{port} is in use: {error.strerror}") from error
+
+
 def bind_reuseport(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -108,6 +125,7 @@ class Supervisor:
     """Starts ``count`` workers, restarts any that dies, stops them all on a signal."""
 
     def __init__(self, count: int, host: str, port: int, config: dict[str, Any]) -> None:
+        refuse_if_taken(host, port)
         self._sockets = [bind_reuseport(host, port) for _ in range(count)]
         self._config = config
         self._context = multiprocessing.get_context("spawn")

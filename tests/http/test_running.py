@@ -291,6 +291,29 @@ def test_a_draining_supervisor_takes_no_connection_it_cannot_answer(
             process.close()
 
 
+def test_a_second_broker_with_workers_on_a_taken_port_stops(redis_server: RedisServer) -> None:
+    """SO_REUSEPORT let a second ``--workers 2`` broker join the first one's port with
+    no error: clients were split between two brokers (another code, another Redis)."""
+    first = BrokerProcess(redis_url=redis_server.url, workers=2).start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+        second = subprocess.run(
+            [
+                *(sys.executable, "-m", "api.cli", "serve", "--port", str(first.port)),
+                *("--workers", "2", "--redis-url", redis_server.url),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert second.returncode != 0
+        assert "is in use" in second.stderr, second.stderr
+    finally:
+        _stop(first)
+
+
 def _open_stream(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(
