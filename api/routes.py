@@ -205,6 +205,11 @@ def _starts(request: Request, topics: list[str]) -> dict[str, StartFrom]:
     if isinstance(cursor, EventId):
         return dict.fromkeys(topics, cursor)
     # A composite cursor: topics it does not name (added to the URL since) start by default.
+    if cursor.keys().isdisjoint(topics):
+        # It names none of them: another stream's cursor. Each topic is told (an id of
+        # another topic's log: ``unknown``), not started "from now" in silence.
+        foreign = next(iter(cursor.values()))
+        return dict.fromkeys(topics, foreign)
     return {topic: cursor.get(topic, default) for topic in topics}
 
 

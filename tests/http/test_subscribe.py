@@ -284,6 +284,34 @@ async def test_an_id_of_another_topic_gets_an_unknown_gap(aclient: httpx.AsyncCl
         assert [e.id for e in await stream.take(2)] == ids
 
 
+@pytest.mark.parametrize("path", ["/topics/{topic}/events", "/events?topic={topic}"])
+async def test_a_cursor_of_other_topics_only_gets_an_unknown_gap(
+    aclient: httpx.AsyncClient, path: str
+) -> None:
+    """A multi-topic cursor that names none of the stream's topics is another stream's:
+    the stream started "from now" with nothing said, as if there were no cursor."""
+    topic, other = new_topic(), new_topic()
+    [foreign] = await publish_many(aclient, other, ["elsewhere"])
+    await publish_many(aclient, topic, [1, 2])
+    headers = {"Accept": "text/event-stream", "Last-Event-ID": f"{other}~{foreign}"}
+    async with aclient.stream("GET", path.format(topic=topic), headers=headers) as response:
+        assert response.status_code == 200
+        events = await _first_events(response, 3)
+    assert events[0].get("event") == "broker.gap"
+    assert _gap(events[0]["data"])["reason"] == "unknown"
+    assert [e["data"] for e in events[1:]] == ["1", "2"]
+
+
+async def _first_events(response: httpx.Response, count: int) -> list[dict[str, str]]:
+    received = ""
+    async for text in response.aiter_text():
+        received += text
+        events = parse_sse(received)
+        if len(events) >= count:
+            return events[:count]
+    raise AssertionError(f"the stream ended: {received!r}")
+
+
 async def test_an_id_past_the_end_of_the_log_gets_an_unknown_gap_and_resumes_from_the_end(
     aclient: httpx.AsyncClient,
 ) -> None:
