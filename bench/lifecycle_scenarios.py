@@ -59,7 +59,8 @@ def direct_options(scenario_env: dict[str, str]) -> tuple[dict[str, Any], list[s
     }
     if "topic_policies" in overrides:  # a JSON list in the environment
         overrides["topic_policies"] = orjson.loads(overrides["topic_policies"])
-    settings = Settings(**overrides)
+    # (The benchmark's brokers always run on its redis-server; its URL is theirs to set.)
+    settings = Settings(**({"redis_url": "redis://127.0.0.1"} | overrides))
     options = {
         "retention_maxlen": settings.retention_maxlen,
         "retention_seconds": settings.retention_seconds,
