@@ -66,19 +66,57 @@ class _RawLink:
         await self._connection.close()
 
 
+class LocalWrites:
+    """Which keys the embedded store just wrote, for the lanes waiting on them.
+
+    fakeredis wakes every blocked client on any write to its database: each lane's
+    XREAD ran again over all its keys, in this process, for every publish (10 ms a
+    publish with 4,000 idle live topics, 0.8 on Redis). The embedded store's writes
+    are all made in this process, so a lane's read waits here instead, woken only by
+    a write to one of its keys (``RedisStreamStore`` calls ``written``).
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+
+    def written(self, key: str) -> None:
+        for woken in self._waiting.get(key, ()):
+            woken.set()
+
+    def watch(self, keys: list[str], woken: asyncio.Event) -> None:
+        for key in keys:
+            self._waiting.setdefault(key, set()).add(woken)
+
+    def unwatch(self, keys: list[str], woken: asyncio.Event) -> None:
+        for key in keys:
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting.discard(woken)
+                if not waiting:
+                    del self._waiting[key]
+
+
 class _ClientLink:
     """A lane's connection to the embedded store: fakeredis has no socket to take
-    over, so redis-py's client, with its XREAD reply left as Redis sends it."""
+    over, so redis-py's client, with its XREAD reply left as Redis sends it. Given
+    ``writes``, its XREADs do not block in fakeredis (see ``LocalWrites``)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, writes: LocalWrites | None = None) -> None:
         self._client = client
         client.set_response_callback("XREAD", _as_sent)
         self.client_id: int | None = None
+        self._writes = writes
+        self._woken: asyncio.Event | None = None  # while a read waits for a write
 
     async def open(self) -> None:
         self.client_id = int(await self._client.client_id())
 
     async def call(self, command: tuple[Any, ...]) -> Any:
+        if self._writes is not None and command[: len(XREAD_HEAD)] == XREAD_HEAD:
+            return await self._read_when_written(command)
+        return await self._execute(command)
+
+    async def _execute(self, command: tuple[Any, ...]) -> Any:
         try:
             if self.client_id is None:
                 await self.open()
@@ -88,6 +126,35 @@ class _ClientLink:
         except REDIS_FAILURES:
             self.client_id = None  # a new connection has a new id
             raise
+
+    async def _read_when_written(self, command: tuple[Any, ...]) -> Any:
+        """The XREAD without its BLOCK; if it finds nothing, again once one of its keys
+        was written (or ``unblock``), or nil once the block time passed."""
+        assert self._writes is not None
+        streams = command[len(XREAD_HEAD) :]
+        keys = list(streams[: len(streams) // 2])
+        at_once = ("XREAD", "COUNT", c.LIVE_READ_COUNT, "STREAMS", *streams)
+        woken = self._woken = asyncio.Event()
+        self._writes.watch(keys, woken)  # (before the first read: no write slips between)
+        try:
+            reply = await self._execute(at_once)
+            if reply:
+                return reply
+            try:
+                await asyncio.wait_for(woken.wait(), c.LIVE_BLOCK_MS / 1000)
+            except TimeoutError:
+                return None
+            return await self._execute(at_once)
+        finally:
+            self._writes.unwatch(keys, woken)
+            self._woken = None
+
+    def unblock(self) -> bool:
+        """CLIENT UNBLOCK's part for a read waiting here: False if none waits."""
+        if self._woken is None:
+            return False
+        self._woken.set()
+        return True
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -138,8 +205,11 @@ class LiveReader:
         lane_topics: int = c.LIVE_LANE_TOPICS,
         max_lanes: int = c.LIVE_LANES_MAX,
         raw: bool = True,
+        local_writes: LocalWrites | None = None,
     ) -> None:
-        """``raw``: the lanes' connections are ``RawConnection``s (False for fakeredis)."""
+        """``raw``: the lanes' connections are ``RawConnection``s (False for fakeredis);
+        ``local_writes``: the embedded store's, which wake its lanes."""
+        self._local_writes = local_writes
         self._reader = reader  # its pool opens the lanes' connections
         self._commands = commands  # CLIENT UNBLOCK goes over another connection
         self._lane_topics = lane_topics
@@ -159,7 +229,7 @@ class LiveReader:
         if self._raw:
             return _Lane(_RawLink(pool))
         client = client or redis.Redis(connection_pool=pool, single_connection_client=True)
-        return _Lane(_ClientLink(client))
+        return _Lane(_ClientLink(client, self._local_writes))
 
     async def open(self) -> None:
         """Connect now rather than at the first live topic."""
@@ -305,6 +375,8 @@ class LiveReader:
         return reply or []  # RESP2: [[key, entries], ...]; nil: BLOCK passed, or CLIENT UNBLOCK
 
     async def _unblock(self, lane: _Lane) -> bool:
+        if isinstance(lane.connection, _ClientLink) and self._local_writes is not None:
+            return lane.connection.unblock()
         client_id = lane.connection.client_id
         if client_id is None:
             return False

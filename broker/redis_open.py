@@ -18,7 +18,7 @@ from redis.backoff import NoBackoff
 
 from broker import constants as c
 from broker.observer import Observer
-from broker.redis_live import ClusterLiveReader, LiveReader
+from broker.redis_live import ClusterLiveReader, LiveReader, LocalWrites
 from broker.redis_options import client_options, pool_options, reader_options
 from broker.redis_pools import BoundedCluster, FixedPool, FixedSentinelPool
 from broker.redis_store import NodeClientFactory, RedisStreamStore
@@ -134,10 +134,12 @@ def _embedded_store(**options: Any) -> RedisStreamStore:
     server = fakeredis.FakeServer()
     client = fakeredis.FakeAsyncRedis(server=server)
     reader = fakeredis.FakeAsyncRedis(server=server, single_connection_client=True)
+    writes = LocalWrites()
     return RedisStreamStore(
         client,
-        LiveReader(reader, client, raw=False),
+        LiveReader(reader, client, raw=False, local_writes=writes),
         durable=False,
+        local_writes=writes,
         description="embedded (in-process, not durable)",
         **options,
     )

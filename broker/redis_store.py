@@ -29,7 +29,7 @@ from broker.errors import StoreUnavailable, TopicClosed
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
 from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
-from broker.redis_live import AnyLiveReader
+from broker.redis_live import AnyLiveReader, LocalWrites
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
 from broker.redis_pools import FixedPool, open_cluster_pools
 from broker.redis_raw import RawConnection
@@ -202,8 +202,10 @@ class RedisStreamStore:
         also_close: Sequence[redis.Redis] = (),
         pool_size: int = c.REDIS_POOL_SIZE,
         node_client: NodeClientFactory | None = None,
+        local_writes: LocalWrites | None = None,
     ) -> None:
         self._client = client
+        self._local_writes = local_writes  # (the embedded store's: see LocalWrites)
         self._pool_size = pool_size
         # On a Cluster: a client of one node, logged in as the cluster client is.
         self._open_node_client = node_client or self._plain_node_client
@@ -270,6 +272,8 @@ class RedisStreamStore:
         else:
             linger = c.STREAMING_APPEND_LINGER_MS / 1000 if streaming else 0.0
             status, answer = await self._call(self._append_once(keys, args, linger))
+        if self._local_writes is not None:
+            self._local_writes.written(keys[0])
         if status == -1:
             raise TopicClosed(topic, answer.decode())
         return _parse_answer(answer, replayed=status == 1)
@@ -445,6 +449,8 @@ class RedisStreamStore:
         """Delete the topic now; False if it had no log. Its live readers see a marker."""
         keys = _topic_keys(topic)
         marker = await self._call(self._delete_script(keys=keys, args=[c.DELETED_LINGER_MS]))
+        if self._local_writes is not None:
+            self._local_writes.written(keys[0])
         return bool(marker)
 
     async def read_live(

@@ -117,3 +117,35 @@ async def test_lanes_read_again_after_redis_restarts(private_redis: RedisServer)
         }
     finally:
         await store.close()
+
+
+async def test_an_embedded_write_wakes_only_the_lane_reading_its_topic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fakeredis wakes every blocked client on any write: each lane's XREAD ran again
+    over all its keys, in the broker's process, for every publish (10 ms a publish
+    with 4,000 idle live topics). Only the lane of the topic written reads again."""
+    from fakeredis.commands_mixins.streams_mixin import StreamsCommandsMixin
+
+    runs: list[int] = []
+    original = StreamsCommandsMixin.xread
+
+    def counting(self: Any, *args: bytes) -> Any:
+        runs.append(len(args))
+        return original(self, *args)
+
+    monkeypatch.setattr(StreamsCommandsMixin, "xread", counting)
+    store = open_store(None)
+    try:
+        topics = _topics(TOPICS)
+        positions: dict[str, StreamPosition] = {t: (0, 0) for t in topics}
+        assert await store.read_live(positions, 50) == {}  # three lanes armed, waiting
+        reading = asyncio.create_task(store.read_live(positions, 5000))
+        await asyncio.sleep(0)  # (the read under way: its lanes wait again)
+        runs.clear()
+        await store.append(topics[0], [NewEvent(data='"one"')])
+        got = await asyncio.wait_for(reading, 5)
+        assert list(got) == [topics[0]]
+        assert len(runs) == 1, f"{len(runs)} XREADs ran for one write"
+    finally:
+        await store.close()
