@@ -130,6 +130,15 @@ def test_a_body_over_one_mebibyte_is_refused_at_the_proxy(kind: Balancer, tmp_pa
     assert broker.posts == 0
 
 
+@pytest.mark.parametrize("kind", BALANCERS)
+def test_metrics_stay_off_the_public_edge(kind: Balancer, tmp_path: Path) -> None:
+    """The README says to keep /metrics off the public edge: the shipped proxies do."""
+    with StandInBroker() as broker, running_balancer(kind, [broker.port], tmp_path) as port:
+        reply = request(port, "GET /metrics HTTP/1.1", until=b"\r\n\r\n")
+    assert status_of(reply) == 404, reply
+    assert broker.streams == 0
+
+
 def test_nginx_sends_to_a_restarted_broker_at_once_even_after_all_had_failed(
     tmp_path: Path,
 ) -> None:
