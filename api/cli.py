@@ -77,6 +77,9 @@ def serve(settings: Settings) -> None:
         # (uvicorn's type says int; a fraction must not become 0: no grace at all)
         "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_seconds),
         "proxy_headers": True,
+        # One process per uvicorn: else uvicorn reads WEB_CONCURRENCY (which a PaaS
+        # sets) and starts workers of its own, or fails on a value that is no number.
+        "workers": 1,
     }
     if settings.workers > 1:
         _supervise(settings, config)
@@ -84,7 +87,7 @@ def serve(settings: Settings) -> None:
     # uvicorn re-raises SIGTERM once it has shut down; a no-op handler here makes
     # that a clean return, so a drained instance exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(host=settings.host, port=settings.port, workers=1, **config)
+    uvicorn.run(host=settings.host, port=settings.port, **config)
 
 
 def _supervise(settings: Settings, config: dict[str, Any]) -> None:

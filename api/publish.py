@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from starlette.types import Receive, Scope, Send
@@ -109,13 +109,18 @@ def query_value(scope: Scope, name: str) -> str | None:
     (``clos%65`` is ``close``); 400 if it is given twice or is not UTF-8 (an ``event``
     of ``%FF`` was stored as U+FFFD)."""
     query = scope.get("query_string", b"")
-    if name.encode() not in query and b"%" not in query:
+    wanted = name.encode()
+    if wanted not in query and b"%" not in query:
         return None
-    try:
-        values = parse_qs(query.decode("latin-1"), keep_blank_values=True, errors="strict")
-    except UnicodeDecodeError:
-        raise InvalidInput("the query string is not UTF-8 once decoded") from None
-    found = values.get(name, [])
+    found: list[str] = []
+    for pair in query.split(b"&"):  # (only this parameter is decoded: not the others)
+        raw_name, _, raw_value = pair.partition(b"=")
+        if unquote_to_bytes(raw_name.replace(b"+", b" ")) != wanted:
+            continue
+        try:
+            found.append(unquote_to_bytes(raw_value.replace(b"+", b" ")).decode())
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{name} is not UTF-8 once decoded", field=name) from None
     if len(found) > 1:
         raise InvalidInput(f"{name} is given more than once", field=name)
     return found[0] if found else None

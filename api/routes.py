@@ -32,6 +32,7 @@ from api.sse import STREAM_HEADERS, EventStreamResponse, OpenStreams
 from broker import (
     Broker,
     EventId,
+    ForeignCursor,
     InvalidInput,
     StartFrom,
     StoreUnavailable,
@@ -90,12 +91,25 @@ async def multi_topic_events(request: Request) -> Response | EventStreamResponse
 
 
 async def _head_of_stream(request: Request, topic: str | None) -> Response:
-    """HEAD of a stream: what its GET would answer (a refusal, or a stream's head), but
-    no subscription (it opened one, and its answer never ended)."""
+    """HEAD of a stream: the head its GET would answer (a refusal, a 204 at the end of
+    a closed topic, or a stream's), its subscription opened and closed at once (it was
+    left open, and the answer never ended)."""
     await _authorizer(request).prepare(request.scope)
-    stream_starts(request, topic)
-    headers = {name.decode(): value.decode() for name, value in STREAM_HEADERS}
-    return Response(status_code=200, headers=headers)
+    starts = stream_starts(request, topic)
+    head = Response(
+        status_code=200, headers={name.decode(): value.decode() for name, value in STREAM_HEADERS}
+    )
+    streams: OpenStreams = request.app.state.streams
+    if streams.draining:
+        return head  # (GET: a stream holding only a retry hint)
+    try:
+        subscription = await _broker(request).subscribe(starts)
+    except StoreUnavailable:
+        return head  # (as above)
+    except StreamOver as over:
+        return problem_for(over)
+    subscription.close()
+    return head
 
 
 def _prefers_json(request: Request) -> bool:
@@ -208,8 +222,7 @@ def _starts(request: Request, topics: list[str]) -> dict[str, StartFrom]:
     if cursor.keys().isdisjoint(topics):
         # It names none of them: another stream's cursor. Each topic is told (an id of
         # another topic's log: ``unknown``), not started "from now" in silence.
-        foreign = next(iter(cursor.values()))
-        return dict.fromkeys(topics, foreign)
+        return dict.fromkeys(topics, ForeignCursor(next(iter(cursor.values()))))
     return {topic: cursor.get(topic, default) for topic in topics}
 
 

@@ -20,7 +20,7 @@ from broker.errors import (
 from broker.ids import EventId, parse_last_event_id
 from broker.model import AppendResult, NewEvent
 from broker.redis_open import open_store
-from broker.subscription import StartFrom, SubscriberTooSlow, Subscription
+from broker.subscription import ForeignCursor, StartFrom, SubscriberTooSlow, Subscription
 
 __all__ = [
     "AppendResult",
@@ -28,6 +28,7 @@ __all__ = [
     "BrokerError",
     "BrokerLimits",
     "EventId",
+    "ForeignCursor",
     "HistoryPage",
     "InvalidEventId",
     "InvalidInput",

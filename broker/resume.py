@@ -59,6 +59,14 @@ def _from_oldest(state: LogState, reason: str, requested: EventId) -> tuple[Even
     return position, Gap(reason, requested, resumed_after)
 
 
+def foreign_point(requested: EventId, state: LogState) -> tuple[EventId, Gap]:
+    """For an id of another topic's log (whatever it is, the origin too): an
+    ``unknown`` gap, then from the oldest retained event."""
+    if state.epoch is None:
+        return ORIGIN, Gap("unknown", requested, None)
+    return _from_oldest(state, "unknown", requested)
+
+
 def earliest_point(state: LogState) -> EventId:
     """Just before the oldest retained event: ``?from=earliest`` starts here, without a gap."""
     return state.event_id(state.trimmed_through) if state.epoch else ORIGIN

@@ -34,6 +34,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from broker import constants as c
@@ -44,13 +45,22 @@ from broker.heartbeat import HeartbeatClock
 from broker.ids import ORIGIN, EventId, format_cursor
 from broker.model import LiveBatch, LogEntry, LogPage, LogState
 from broker.observer import Observer
-from broker.resume import Gap, earliest_point, latest_point, resume_point
+from broker.resume import Gap, earliest_point, foreign_point, latest_point, resume_point
 from broker.sink import PulledSink, StreamSink
 from broker.store import Store
 
 log = logging.getLogger(__name__)
 
-StartFrom = EventId | Literal["earliest", "now"]
+
+@dataclass(frozen=True, slots=True)
+class ForeignCursor:
+    """A cursor that names none of the stream's topics: another stream's. Each topic is
+    told ``unknown`` (with the cursor's first id), and read from its oldest event."""
+
+    requested: EventId
+
+
+StartFrom = EventId | ForeignCursor | Literal["earliest", "now"]
 """Where one topic starts: after an id, at the oldest retained event, or at the end."""
 
 
@@ -393,6 +403,9 @@ class Subscription:
             if start == "earliest":
                 self._positions[topic] = earliest_point(state)
                 return None
+            if isinstance(start, ForeignCursor):
+                self._positions[topic], told = foreign_point(start.requested, state)
+                return told
             assert isinstance(start, EventId)
             position = start
         self._positions[topic], gap = resume_point(position, state)
@@ -508,6 +521,8 @@ def _at_end(start: StartFrom, state: LogState) -> bool:
     """Whether a topic's stream starting at ``start`` has nothing left: it is closed,
     and the cursor is at or past its end (or there is none: only new events wanted);
     or it was deleted, and the cursor is the deletion's (the client was told)."""
+    if isinstance(start, ForeignCursor):
+        return False
     deletion = state.deletion
     if deletion is not None and isinstance(start, EventId) and start.epoch == deletion.epoch:
         return start.position >= deletion.position  # told of the deletion already

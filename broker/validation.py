@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -73,25 +74,44 @@ def loads_exactly(raw: bytes) -> Any:
     it. Raises ``orjson.JSONDecodeError`` (a ``ValueError``) for malformed JSON."""
     document = orjson.loads(raw)
     if _LONG_NUMBER.search(raw) is not None:
-        try:
-            document = json.loads(raw)
-        except RecursionError:  # (orjson reads 1024 levels, the standard library fewer)
-            raise orjson.JSONDecodeError(TOO_DEEP, "", 0) from None
+        if _deeper_than(document, MAX_JSON_DEPTH + 2):  # (with a batch's list and object)
+            raise orjson.JSONDecodeError(TOO_DEEP, "", 0)
+        document = json.loads(raw)
     return document
 
 
-TOO_DEEP = "JSON nested too deeply"
+MAX_JSON_DEPTH = 254
+"""Data nested deeper is refused (400). orjson reads 1024 levels but writes 254; past
+that the standard library wrote it, until Python's recursion limit, which counts the
+frames the caller already had: a 500, and a depth the two HTTP paths disagreed on."""
+TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _deeper_than(document: Any, limit: int) -> bool:
+    """Whether arrays and objects nest past ``limit`` levels (looked at without recursion)."""
+    stack = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children: Iterable[Any]
+        if isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _compact_json(data: Any) -> str:
     try:
         return orjson.dumps(data).decode()
     except orjson.JSONEncodeError:  # an integer past 64 bits, or past 254 levels
-        pass
-    try:
+        if _deeper_than(data, MAX_JSON_DEPTH):
+            raise InvalidInput(f"data: {TOO_DEEP}", field="data") from None
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except RecursionError:  # (orjson reads up to 1024 levels: a 500 with a traceback)
-        raise InvalidInput(f"data: {TOO_DEEP}", field="data") from None
 
 
 def event_from_json(item: Any, max_event_bytes: int) -> NewEvent:

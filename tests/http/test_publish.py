@@ -624,6 +624,29 @@ def test_a_bad_query_parameter_of_a_publish_is_400(client: httpx.Client, query: 
     assert_problem(client.get(f"/topics/{topic}"), 404)
 
 
+@pytest.mark.parametrize(("depth", "status"), [(254, 201), (255, 400)])
+@pytest.mark.parametrize("number", ["1", "1" * 20])
+def test_data_nests_254_levels_deep_at_most(
+    client: httpx.Client, depth: int, status: int, number: str
+) -> None:
+    """A set limit, the same on both paths: past orjson's 254 levels the standard
+    library's recursion limit decided, and it counts the caller's frames too."""
+    body = b'{"data": ' + b"[" * depth + number.encode() + b"]" * depth + b"}"
+    for _ in range(2):  # a connection's first request is served lean, the next by the app
+        response = client.post(
+            f"/topics/{new_topic()}/events", content=body, headers={"Content-Type": JSON}
+        )
+        assert response.status_code == status, response.text
+
+
+def test_other_query_parameters_are_not_read(client: httpx.Client) -> None:
+    """Only the publish's own parameters are decoded: a review found a tracking
+    parameter not in UTF-8 (?x=%FF) refused the publish."""
+    topic = new_topic()
+    response = client.post(f"/topics/{topic}/events?x=%FF&utm=a&utm=b", json={"data": 1})
+    assert response.status_code == 201, response.text
+
+
 def test_a_percent_encoded_close_closes(client: httpx.Client) -> None:
     topic = new_topic()
     response = client.post(f"/topics/{topic}/events?clos%65=true", json={"data": 1})
@@ -641,3 +664,5 @@ def test_a_head_of_a_stream_answers_its_head_and_ends(client: httpx.Client, path
     assert response.content == b""
     bad = client.head(path.format(topic="a%2Fb"), timeout=5)
     assert bad.status_code == 400
+    client.post(f"/topics/{topic}/close")
+    assert client.head(path.format(topic=topic), timeout=5).status_code == 204  # as GET

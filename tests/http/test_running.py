@@ -66,6 +66,21 @@ def test_web_concurrency_does_not_split_the_embedded_store() -> None:
         process.close()
 
 
+@pytest.mark.parametrize("value", ["", "auto"])
+def test_web_concurrency_that_is_no_number_leaves_the_workers_alone(
+    redis_server: RedisServer, value: str
+) -> None:
+    """Each ``--workers`` worker's uvicorn read WEB_CONCURRENCY and failed on a value that
+    is no number: every worker exited at start, and was started again, for good."""
+    env = {"WEB_CONCURRENCY": value}
+    process = BrokerProcess(redis_url=redis_server.url, workers=2, env=env).start()
+    try:
+        _publish_and_read(process.url)
+        assert "starting another" not in process.log()
+    finally:
+        _stop(process)
+
+
 def test_replicated_durability_without_redis_stops_the_broker() -> None:
     """The embedded store has no replica: its publishes were answered 201 as if a
     replica had them."""
