@@ -627,7 +627,7 @@ async def test_a_streaming_ingest_stops_storing_when_its_token_expires(
     with 401; the lines before stay stored."""
     topic = new_topic("auth")
     token = hs_token(claims(publish=[topic], expires_in=4))
-    reader = hs_token(claims(subscribe=[topic]))
+    viewer = hs_token(claims(subscribe=[topic]))
     exp = orjson.loads(_payload(token))["exp"]
     head = [
         f"POST /topics/{topic}/events HTTP/1.1",
@@ -641,7 +641,7 @@ async def test_a_streaming_ingest_stops_storing_when_its_token_expires(
     try:
         writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + _chunk(b'{"data": 1}\n'))
         await writer.drain()
-        wait_until(lambda: _stored(auth_broker.url, topic, reader) == [1], timeout=5, what="line 1")
+        wait_until(lambda: _stored(auth_broker.url, topic, viewer) == [1], timeout=5, what="line 1")
         while time.time() < exp + 0.2:  # (the token's clock: whole seconds)
             await asyncio.sleep(0.1)
         writer.write(_chunk(b'{"data": 2}\n') + b"0\r\n\r\n")
@@ -651,7 +651,7 @@ async def test_a_streaming_ingest_stops_storing_when_its_token_expires(
         writer.close()
     assert status.startswith(b"HTTP/1.1 401 "), status
     assert "the token expired during the ingest" in orjson.loads(body)["detail"]
-    assert await asyncio.to_thread(_stored, auth_broker.url, topic, reader) == [1]
+    assert await asyncio.to_thread(_stored, auth_broker.url, topic, viewer) == [1]
 
 
 async def _final_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
