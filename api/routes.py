@@ -266,7 +266,7 @@ def _event_json(entry: LogEntry) -> dict[str, Any]:
 
 
 async def topic_info(request: Request) -> Response:
-    """``{"topic", "length", "first_id", "last_id"}``; 404 if it has no log."""
+    """``{"topic", "length", "first_id", "last_id", "closed"}``; 404 if it has no log."""
     await authorize(request.scope, "subscribe", [check_topic(request.path_params["topic"])])
     info = await _broker(request).topic_info(request.path_params["topic"])
     return json_response(
@@ -275,6 +275,7 @@ async def topic_info(request: Request) -> Response:
             "length": info.length,
             "first_id": _id_or_none(info.first_id),
             "last_id": _id_or_none(info.last_id),
+            "closed": info.closed,  # (as in the listing: a stream from now would be 204)
         }
     )
 

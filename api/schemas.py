@@ -53,6 +53,7 @@ class TopicInfo(BaseModel):
     length: int
     first_id: str | None
     last_id: str | None
+    closed: bool
 
 
 class Problem(BaseModel):

@@ -83,17 +83,20 @@
     return info.href;
   }
 
-  // Where the topic ends now: its newest id, EARLIEST if it has none, null if unknown.
+  // Where the topic ends now, {end, closed}: end is its newest id, EARLIEST if it has
+  // none, null if unknown; closed, whether that is its broker.end (the stream is over).
   function topicEnd(infoUrl, withCredentials) {
     var init = {
       headers: { Accept: "application/json" },
       credentials: withCredentials ? "include" : "same-origin",
     };
     return global.fetch(infoUrl, init).then(function (response) {
-      if (response.status === 404) { return EARLIEST; }
-      if (!response.ok) { return null; }
-      return response.json().then(function (topic) { return topic.last_id || EARLIEST; });
-    }).catch(function () { return null; });
+      if (response.status === 404) { return { end: EARLIEST, closed: false }; }
+      if (!response.ok) { return { end: null, closed: false }; }
+      return response.json().then(function (topic) {
+        return { end: topic.last_id || EARLIEST, closed: Boolean(topic.closed && topic.last_id) };
+      });
+    }).catch(function () { return { end: null, closed: false }; });
   }
 
   function subscribe(url, options) {
@@ -135,7 +138,9 @@
         try { gap = JSON.parse(event.data); } catch (error) { gap = {}; }
         gap.id = message.id;
         // A deleted topic is over: coming back would be told again, then wait for ever.
-        if (gap.reason === "deleted") { ended(null); }
+        // (Its id is kept as an end: a reload comes back with it, is answered 204, and
+        // the page is told onEnd, as after a broker.end.)
+        if (gap.reason === "deleted") { ended(message.id); }
         if (options.onGap) { options.onGap(gap); }
       } else if (event.type === END) {
         ended(message.id);
@@ -170,8 +175,15 @@
 
     var infoUrl = stored ? null : topicInfoUrl(url);
     if (infoUrl) {
-      topicEnd(infoUrl, options.withCredentials).then(function (end) {
+      topicEnd(infoUrl, options.withCredentials).then(function (found) {
+        var end = found.end;
         if (end) { save(key, end); }  // (unknown: from now, as a plain EventSource)
+        if (found.closed) {
+          // Over already: the broker answers 204, and the page is told onEnd, not onError.
+          save(ENDED_PREFIX + key, end);
+          stored = end;
+          endedBefore = true;
+        }
         open(end);
       });
     } else {

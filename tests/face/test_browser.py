@@ -257,6 +257,27 @@ def test_a_deleted_topic_ends_the_helpers_stream(
     received = _received(browser)
     assert [e["type"] for e in received] == ["message", "broker.gap"], received
     assert json.loads(received[1]["data"])["reason"] == "deleted"
+    # A reload comes back at the gap's id, is answered 204: the page is told onEnd (it
+    # was onError, as for a refusal).
+    browser.reload()
+    _wait_closed(browser, "the reloaded page's EventSource to stop")
+    assert [e["type"] for e in _received(browser)] == ["message", "broker.gap", "broker.end"]
+
+
+def test_a_stream_from_now_of_a_closed_topic_ends_at_once(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """From now on a topic closed already: the broker answers 204, and the helper told
+    the page onError, as for a refusal, not onEnd."""
+    topic = f"face.closed.{uuid.uuid4().hex[:8]}"
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topic, 1, close=True)
+    _open_client_page(browser, face_broker, f"/topics/{topic}/events")
+    _wait_closed(browser, "the helper's EventSource to stop")
+    browser.wait_for(
+        "JSON.parse(sessionStorage.getItem('received') || '[]').length === 1", what="onEnd"
+    )
+    assert [e["type"] for e in _received(browser)] == ["broker.end"]
 
 
 SUBSCRIBE_AGAIN = "window.__stream = BrokerClient.subscribe(%(url)s, {onEvent: window.__keep});"

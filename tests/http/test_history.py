@@ -113,7 +113,10 @@ def test_topic_info(client: httpx.Client) -> None:
         "length": 3,
         "first_id": ids[0],
         "last_id": ids[-1],
+        "closed": False,
     }
+    client.post(f"/topics/{topic}/close")
+    assert client.get(f"/topics/{topic}").json()["closed"] is True
 
 
 def test_topic_info_of_a_topic_that_never_had_an_event_is_404(client: httpx.Client) -> None:
