@@ -31,6 +31,9 @@ class Event:
     id: str | None
     event: str | None
     data: str
+    topic: str | None = None
+    """The topic it is of (a subscriber sets it: on a multi-topic stream, the topic
+    whose place in the id moved; a gap names its own)."""
 
     def json(self) -> Any:
         return json.loads(self.data)
@@ -60,7 +63,7 @@ class Event:
         return bool(reason == "deleted")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "event": self.event, "data": self.data}
+        return {"id": self.id, "topic": self.topic, "event": self.event, "data": self.data}
 
 
 class SseDecoder:

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 
@@ -124,25 +124,29 @@ class _Resume:
             self.last_event_id = decoder.dispatched_id
         self.retry_hint_ms = decoder.retry_ms or self.retry_hint_ms
 
-    def delivered(self, event: Event) -> None:
+    def delivered(self, event: Event) -> Event:
+        """The event, with its topic (and an end counted once per topic: a topic closed,
+        then deleted, is told twice)."""
         self._working()
         previous = self.last_event_id
         if event.id is not None:
             self.last_event_id = event.id
-        if event.ends_topic:
-            self.topics_ended |= self._topics_ended_by(event, previous)
+        topic = self._topic_of(event, previous)
+        if event.ends_topic and topic is not None:
+            self.topics_ended.add(topic)
+        return replace(event, topic=topic)
 
-    def _topics_ended_by(self, event: Event, previous: str | None) -> set[str]:
-        """Which topic an end is of (counted once: a topic closed, then deleted, is told
-        twice). A gap names it; a ``broker.end`` on a multi-topic stream is told by its
-        id, the cursor in which only that topic moved."""
+    def _topic_of(self, event: Event, previous: str | None) -> str | None:
+        """A gap names its topic; on a multi-topic stream any other event is told by its
+        id, the cursor in which only its topic moved."""
         if len(set(self.topics)) == 1:
-            return set(self.topics)
+            return self.topics[0]
         if event.is_gap:
             topic = event.json().get("topic")
-            return {topic} if isinstance(topic, str) else set()
+            return topic if isinstance(topic, str) else None
         before, after = _cursor_parts(previous), _cursor_parts(event.id)
-        return {topic for topic, place in after.items() if before.get(topic) != place}
+        moved = [topic for topic, place in after.items() if before.get(topic) != place]
+        return moved[0] if len(moved) == 1 else None
 
     def failed(self, why: str) -> float:
         """The delay before reconnecting; raises Unreachable once past ``give_up_after``."""
@@ -250,8 +254,7 @@ class AsyncSubscriber:
             decoder = SseDecoder(self._resume.last_event_id)
             async for chunk in response.aiter_bytes():
                 for event in decoder.feed(chunk):
-                    self._resume.delivered(event)
-                    yield event
+                    yield self._resume.delivered(event)
                 self._resume.read(decoder)
 
     async def _topic_last_id(self, topic: str) -> str | None:
@@ -329,8 +332,7 @@ class Subscriber:
             decoder = SseDecoder(self._resume.last_event_id)
             for chunk in response.iter_bytes():
                 for event in decoder.feed(chunk):
-                    self._resume.delivered(event)
-                    yield event
+                    yield self._resume.delivered(event)
                 self._resume.read(decoder)
 
     def _topic_last_id(self, topic: str) -> str | None:
@@ -376,7 +378,6 @@ def _last_id_of(response: httpx.Response) -> str | None:
         raise failure(response)
     last = response.json().get("last_id")
     return str(last) if last else None
-
 
 
 def _cursor_parts(cursor: str | None) -> Cursor:

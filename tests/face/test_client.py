@@ -201,6 +201,10 @@ def test_a_multi_topic_subscriber_goes_on_past_one_topics_end(face_broker: Broke
     assert sorted(e.data for e in seen if not e.is_end) == ['"a"', '"b"', '"b2"']
     assert [e.event for e in seen].count("broker.end") == 2
     assert seen[-1].is_end
+    # Each event says its topic (the wire says it only in the cursor that is its id).
+    of = {e.data: e.topic for e in seen if not e.is_end}
+    assert of == {'"a"': first, '"b"': second, '"b2"': second}
+    assert sorted(e.topic or "" for e in seen if e.is_end) == sorted(topics)
 
 
 def test_a_topic_closed_then_deleted_counts_as_one_end(own_broker: BrokerProcess) -> None:
