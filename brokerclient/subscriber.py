@@ -145,8 +145,11 @@ class _Resume:
             topic = event.json().get("topic")
             return topic if isinstance(topic, str) else None
         before, after = _cursor_parts(previous), _cursor_parts(event.id)
-        moved = [topic for topic, place in after.items() if before.get(topic) != place]
-        return moved[0] if len(moved) == 1 else None
+        if before:
+            moved = [topic for topic, place in after.items() if before.get(topic) != place]
+        else:  # a stream's first event, no cursor before it: the others are at their start
+            moved = [topic for topic, place in after.items() if place.position != (0, 0)]
+        return moved[0] if len(moved) == 1 else None  # (None: it cannot be told)
 
     def failed(self, why: str) -> float:
         """The delay before reconnecting; raises Unreachable once past ``give_up_after``."""
