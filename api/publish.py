@@ -9,6 +9,7 @@ problem+json through ``api.problems``, the one place statuses are decided.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -18,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 from api.auth import authorize
 from api.ingest import AsgiBody, Ingest, IngestBody
 from api.negotiation import media_type_of
-from api.problems import HttpProblem, problem_for
+from api.problems import HttpProblem, Unauthorized, problem_for
 from api.settings import Settings
 from broker import (
     AppendResult,
@@ -77,6 +78,9 @@ class PublishEndpoint:
             ingest = ingest_of(broker, settings, topic, key, grant.expires_at)
             return await run_ingest(ingest, AsgiBody(receive), close)
         body = await read_body(receive, headers.get(b"content-length"), settings.max_body_bytes)
+        if grant.expires_at is not None and time.time() >= grant.expires_at:
+            # A slow body outlived the token (the lean path checks once the body is in).
+            raise Unauthorized("the token expired while the body came", token_given=True)
         events, is_batch = parse_events(scope, headers, body, settings)
         try:
             async with asyncio.timeout(settings.publish_timeout_seconds):

@@ -654,6 +654,40 @@ async def test_a_streaming_ingest_stops_storing_when_its_token_expires(
     assert await asyncio.to_thread(_stored, auth_broker.url, topic, viewer) == [1]
 
 
+@pytest.mark.parametrize("path_kind", ["lean", "by-app"])
+async def test_a_publish_whose_body_outlives_its_token_is_refused(
+    auth_broker: BrokerProcess, path_kind: str
+) -> None:
+    """The app's route checked the token before the body: a slow body was stored after
+    the token's expiry (the lean path checks once the body is in)."""
+    topic = new_topic("auth")
+    token = hs_token(claims(publish=[topic], expires_in=3))
+    exp = orjson.loads(_payload(token))["exp"]
+    body = b'{"data": 1}'
+    head = [
+        f"POST /topics/{topic}/events HTTP/1.1",
+        f"Host: 127.0.0.1:{auth_broker.port}",
+        f"Authorization: Bearer {token}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(["Expect: 100-continue"] if path_kind == "by-app" else []),
+    ]
+    stream, writer = await asyncio.open_connection("127.0.0.1", auth_broker.port)
+    try:
+        writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + body[:5])
+        await writer.drain()
+        while time.time() < exp + 0.2:  # (the token's clock: whole seconds)
+            await asyncio.sleep(0.1)
+        writer.write(body[5:])
+        await writer.drain()
+        status, _ = await _final_answer(stream)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 401 "), status
+    viewer = hs_token(claims(subscribe=[topic]))
+    assert await asyncio.to_thread(_stored, auth_broker.url, topic, viewer) == []
+
+
 async def _final_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     """The status line and body of the answer after any ``100 Continue``."""
     while True:
