@@ -16,13 +16,16 @@ after it (checked by hand with curl and by the storm scenario, which resumes 100
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.servers import Target
+from bench.servers import HOST, Target
 
 CONFIG_TEMPLATE = Path(__file__).resolve().parent / "nchan" / "nginx.conf"
 MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
@@ -58,6 +61,24 @@ class NchanTarget(Target):
         config.write_text(render_config(port, redis_url, prefix))
         # -e: errors before the config is read go to stderr too, not to /var/log/nginx.
         return [NGINX, "-p", str(prefix), "-c", str(config), "-e", "stderr"]
+
+    def ready(self, port: int) -> bool:
+        """nginx answers /readyz itself, before Nchan's link to Redis is up: a publish
+        then got 503 (the scenario failed, now and then). Ready once a probe message is
+        published (201/202), and its channel deleted again (no key left behind)."""
+        if not super().ready(port):
+            return False
+        url = f"http://{HOST}:{port}/topics/bench.ready/events"
+        probe = urllib.request.Request(url, data=b"ready", method="POST")
+        try:
+            with urllib.request.urlopen(probe, timeout=1):
+                pass
+        except urllib.error.HTTPError:
+            return False  # (503 until Redis is linked)
+        delete = urllib.request.Request(url, method="DELETE")
+        with contextlib.suppress(urllib.error.HTTPError), urllib.request.urlopen(delete, timeout=1):
+            pass
+        return True
 
     def published_id(self, body: bytes) -> str:
         found = LAST_ID.search(body)

@@ -46,6 +46,11 @@ class Target:
     def is_broker(self) -> bool:
         return self.name.startswith("broker")
 
+    def ready(self, port: int) -> bool:
+        """Whether it takes requests now: its GET /readyz answers 200."""
+        with urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=1) as answer:
+            return bool(answer.status == 200)
+
     def command(self, port: int, redis_url: str) -> list[str]:
         if self.is_broker:
             return [
@@ -144,16 +149,17 @@ def _stop_session(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
-def _wait_ready(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+def _wait_ready(
+    target: Target, process: subprocess.Popen[bytes], port: int, log_path: Path
+) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"server exited with {process.returncode}:\n{tail}")
         try:
-            with urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=1) as answer:
-                if answer.status == 200:
-                    return
+            if target.ready(port):
+                return
         except OSError:
             pass
         time.sleep(0.1)
@@ -177,7 +183,7 @@ def start(target: Target, log_dir: Path, env: dict[str, str] | None = None) -> R
     )
     log.close()
     try:
-        _wait_ready(process, port, log_path)
+        _wait_ready(target, process, port, log_path)
     except BaseException:
         _stop_session(process)
         redis_server.close()
