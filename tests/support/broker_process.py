@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -46,9 +47,18 @@ class BrokerProcess:
         limit_files = self._limit_files if self.max_open_files is not None else None
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                args, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_files
+                args,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=limit_files,
+                start_new_session=True,  # (its workers with it: close() stops them all)
             )
-        self._wait_healthy(timeout)
+        try:
+            self._wait_healthy(timeout)
+        except BaseException:
+            self.close()  # a broker that never became healthy must not outlive its test
+            raise
         return self
 
     def _limit_files(self) -> None:
@@ -88,5 +98,12 @@ class BrokerProcess:
             self.process = None
 
     def close(self) -> None:
+        """Stop it and every process of its session (its workers: a supervisor killed
+        alone leaves them to exit by themselves, and one that never started its workers
+        well left them restarting, using the CPU of the tests after it)."""
+        session = self.process.pid if self.process is not None else None
         self.kill()
+        if session is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(session, signal.SIGKILL)
         self.log_path.unlink(missing_ok=True)
