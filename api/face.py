@@ -159,7 +159,7 @@ async def _rate(broker: Broker, topic: str, now_ms: float) -> float:
     window_start = int(now_ms) - RATE_WINDOW_SECONDS * 1000
     page = await broker.store.read_range(topic, (window_start, 0), RATE_SAMPLE)
     count = len(page.entries)
-    if count < RATE_SAMPLE:
+    if count < RATE_SAMPLE and not page.cut_short:
         return round(count / RATE_WINDOW_SECONDS, 3)
     spanned_ms = max(page.entries[-1].position[0] - window_start, 1)
     return round(count * 1000 / spanned_ms, 3)

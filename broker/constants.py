@@ -94,6 +94,10 @@ DEFAULT_MAX_CONNECTIONS = 50_000
 # Replays read the log in pages of this many entries, so a subscriber resuming
 # from far back never holds the whole history in memory.
 REPLAY_PAGE_SIZE = 500
+# ... and of at most this many bytes of event data (one event at least): a client that
+# stops reading pins one page in the broker (500 events of 60 KB were 60 MB, held for
+# as long as the connection stayed open). History pages too (their `next` goes on).
+REPLAY_PAGE_BYTES = 1_048_576
 # Identical log reads (a reconnect storm) wait this long for company before
 # they go to Redis as one (ms); see single_flight.SingleFlight.
 READ_COALESCE_MS = 5

@@ -192,7 +192,7 @@ class Broker:
         if gap is None and page.lost(position.position):
             gap = Gap("unknown", position, position)  # as a stream says it (Subscription)
         entries = page.entries
-        following = entries[-1].id if len(entries) == limit else None
+        following = entries[-1].id if len(entries) == limit or page.cut_short else None
         return HistoryPage(events=entries, next=following, gap=gap)
 
     async def topic_info(self, topic: str) -> TopicInfo:

@@ -189,6 +189,8 @@ class LogPage:
     trimmed_through: StreamPosition
     after_found: bool = False
     """Whether the position read after is itself an entry of the log."""
+    cut_short: bool = False
+    """Fewer entries than asked for, to stay within the page's bytes: more may follow."""
 
     def lost(self, after: StreamPosition) -> bool:
         """Whether events were lost at ``after`` with no trace of retention: a position

@@ -346,23 +346,33 @@ class RedisStreamStore:
         pool = redis.BlockingConnectionPool(host=host, port=port, **pool_options(self._pool_size))
         return redis.Redis.from_pool(pool)
 
-    async def read_range(self, topic: str, after: StreamPosition, count: int) -> LogPage:
+    async def read_range(
+        self,
+        topic: str,
+        after: StreamPosition,
+        count: int,
+        max_bytes: int = c.REPLAY_PAGE_BYTES,
+    ) -> LogPage:
         return await self._reads.run(
-            ("range", topic, after, count), lambda: self._read_range(topic, after, count)
+            ("range", topic, after, count, max_bytes),
+            lambda: self._read_range(topic, after, count, max_bytes),
         )
 
-    async def _read_range(self, topic: str, after: StreamPosition, count: int) -> LogPage:
+    async def _read_range(
+        self, topic: str, after: StreamPosition, count: int, max_bytes: int
+    ) -> LogPage:
         position = "" if after == (0, 0) else format_stream_id(after)
         start = "(" + position if position else "-"
         keys = [c.log_key(topic), c.meta_key(topic)]
-        epoch, trimmed, raw, found = await self._call(
-            self._range_script(keys=keys, args=[start, count, position])
+        epoch, trimmed, raw, found, cut = await self._call(
+            self._range_script(keys=keys, args=[start, count, position, max_bytes])
         )
         return LogPage(
             entries=[LogEntry.from_redis(topic, id_, flat) for id_, flat in raw],
             epoch=epoch.decode() if epoch else None,
             trimmed_through=_position_or_none(trimmed) or (0, 0),
             after_found=bool(found),
+            cut_short=bool(cut),
         )
 
     def may_have_trimmed(

@@ -53,9 +53,12 @@ class Store(Protocol):
         the caller see, and the next cursor (which names no other topic)."""
         ...
 
-    async def read_range(self, topic: str, after: StreamPosition, count: int) -> LogPage:
+    async def read_range(
+        self, topic: str, after: StreamPosition, count: int, max_bytes: int = ...
+    ) -> LogPage:
         """Up to ``count`` entries after ``after``, oldest first, with the log's epoch and
-        how far retention has trimmed it, read in the same atomic step."""
+        how far retention has trimmed it, read in the same atomic step; fewer when they
+        would pass ``max_bytes`` (``cut_short``; one entry at least)."""
         ...
 
     def may_have_trimmed(

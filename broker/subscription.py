@@ -392,7 +392,7 @@ class Subscription:
                 self._replayed += len(frames)
                 self._observer.delivered(len(frames))
                 yield b"".join(frames)
-            if len(page.entries) < c.REPLAY_PAGE_SIZE:
+            if len(page.entries) < c.REPLAY_PAGE_SIZE and not page.cut_short:
                 return
 
     def _judge_start(self, topic: str, state: LogState) -> Gap | None:

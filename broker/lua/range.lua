@@ -4,22 +4,37 @@
 -- was recreated under it (another epoch), or whether its position is an entry the
 -- log no longer holds though retention did not remove it (a lost tail: the events
 -- after it, appended since, follow events the reader never got).
+-- A page holds at most ARGV[4] bytes of field values (0: no bound), and at least one
+-- entry: a client that stops reading pins one page in the broker, so a page of 500
+-- events of 60 KB (30 MB, twice over) must not be one.
 -- KEYS[1] log stream, KEYS[2] meta hash; ARGV[1] XRANGE start, ARGV[2] count,
--- ARGV[3] the reader's position ('' for none: from the origin).
--- Returns {epoch|false, trimmed|false, entries, 1 if the position is an entry else 0}.
+-- ARGV[3] the reader's position ('' for none: from the origin), ARGV[4] most bytes.
+-- Returns {epoch|false, trimmed|false, entries, 1 if the position is an entry else 0,
+--          1 if the page was cut short by its bytes else 0}.
 -- A deleted topic (its marker lingers for live readers) reads as no log at all.
 local log, meta = KEYS[1], KEYS[2]
 local fields = redis.call('HMGET', meta, 'epoch', 'trimmed', 'deleted')
 if redis.call('EXISTS', log) == 0 or fields[3] then
-  return {false, false, {}, 0}
+  return {false, false, {}, 0, 0}
 end
 local found = 0
 if ARGV[3] ~= '' and redis.call('XRANGE', log, ARGV[3], ARGV[3])[1] then
   found = 1
 end
-return {
-  fields[1] or false,
-  fields[2] or false,
-  redis.call('XRANGE', log, ARGV[1], '+', 'COUNT', ARGV[2]),
-  found,
-}
+local entries = redis.call('XRANGE', log, ARGV[1], '+', 'COUNT', ARGV[2])
+local most, bytes, cut = tonumber(ARGV[4]), 0, 0
+if most > 0 then
+  for i, entry in ipairs(entries) do
+    for _, value in ipairs(entry[2]) do
+      bytes = bytes + #value
+    end
+    if bytes > most and i > 1 then
+      for j = #entries, i, -1 do
+        entries[j] = nil
+      end
+      cut = 1
+      break
+    end
+  end
+end
+return {fields[1] or false, fields[2] or false, entries, found, cut}

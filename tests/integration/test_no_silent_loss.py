@@ -785,3 +785,38 @@ async def test_a_cursor_the_log_lost_and_went_past_is_told_with_a_gap(
     page = await redis_broker.history(topic, seen, 10)
     assert page.gap is not None and page.gap.reason == "unknown"
     assert [e.data for e in page.events] == [b"3"]
+
+
+async def test_pages_hold_a_bounded_number_of_bytes_and_go_on_whole(
+    redis_broker: Broker, topic: str
+) -> None:
+    """A replay page was 500 events whatever their size: a client that stopped reading
+    pinned 60 MB in the broker (500 events of 60 KB, twice over). Pages now stop at
+    REPLAY_PAGE_BYTES (one event at least) and the stream and history go on after
+    them: every event once, in order."""
+    big = "x" * 60_000
+    sent = []
+    for n in range(40):  # 2.4 MB: three pages
+        sent += await publish(redis_broker, topic, range(n, n + 1))
+    await redis_broker.publish(topic, [NewEvent(f'"{big}"')])
+    page = await redis_broker.store.read_range(topic, (0, 0), c.REPLAY_PAGE_SIZE)
+    assert len(page.entries) == 41 and not page.cut_short  # small events: one page
+    events = [NewEvent(f'"{n}{big}"') for n in range(40)]
+    many = (await redis_broker.publish(topic, events)).ids
+    page = await redis_broker.store.read_range(topic, sent[-1].position, c.REPLAY_PAGE_SIZE)
+    assert page.cut_short and 1 <= len(page.entries) < 40
+    assert sum(len(e.data) for e in page.entries[:-1]) <= c.REPLAY_PAGE_BYTES
+    subscription = await redis_broker.subscribe({topic: sent[-1]})
+    try:
+        got = await collect(subscription.chunks(), lambda ev: len(ev) >= 41, timeout=10)
+    finally:
+        subscription.close()
+    assert [e.id for e in got][1:] == [str(i) for i in many]
+    following, seen = sent[-1], []
+    for _ in range(10):
+        history = await redis_broker.history(topic, following, 1000)
+        seen += [str(e.id) for e in history.events]
+        if history.next is None:
+            break
+        following = history.next
+    assert seen[1:] == [str(i) for i in many]
