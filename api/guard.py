@@ -120,8 +120,10 @@ class Guard:
 def refusal_of(
     head: RequestHead, parser: httptools.HttpRequestParser, limits: ClientLimits, app: Any
 ) -> Response | None:
-    """The answer past the connection limit: a stream is told to come back, a publish
-    gets 503; None for anything else (health checks, metrics), which is served. With
+    """The answer past the connection limit: a stream is told to come back, anything
+    else gets 503, but health checks and metrics (None: served; a history page, a
+    listing or a HEAD was served too, and a history page can be megabytes held for a
+    client that does not read). With
     the CORS headers of ``app`` (if started): a cross-origin EventSource takes an answer
     without them for a network error and gives up for good."""
     try:
@@ -133,10 +135,14 @@ def refusal_of(
     started = scope if app is not None else None  # (the app's CORS policy comes with it)
     if routes.stream_topic(scope) is not None:
         return routes.come_back_later(limits.retry_ms, "too many connections", started)
-    if method == "POST" and routes.TOPIC_EVENTS_PATH.fullmatch(path):
-        refusal = problems.too_many_connections(limits.retry_after)
-        return refusal if started is None else with_cors(refusal, started)
-    return None
+    if path in OPERATIONS_PATHS:
+        return None
+    refusal = problems.too_many_connections(limits.retry_after)
+    return refusal if started is None else with_cors(refusal, started)
+
+
+OPERATIONS_PATHS = frozenset({"/healthz", "/readyz", "/readyz/store", "/metrics"})
+"""What operators need answers past the connection limit too."""
 
 
 _GUARDS: weakref.WeakKeyDictionary[ServerState, Guard] = weakref.WeakKeyDictionary()
