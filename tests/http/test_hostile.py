@@ -432,10 +432,10 @@ async def test_a_connection_uvicorn_serves_with_too_many_requests_sent_ahead_is_
 async def test_publishes_sent_behind_an_unread_answer_of_uvicorns_wait_for_it(
     hostile_broker: BrokerProcess,
 ) -> None:
-    """A history page (uvicorn's) of 6 MB, left unread, then publishes on the same
+    """History pages (uvicorn's) of 6 MB in all, left unread, then publishes on the same
     connection: the transport had told uvicorn's protocol it was full, and the
     connection, given back, served them all, their answers piling up in memory.
-    They wait until the client reads."""
+    They wait until the client reads. (Six pages: a page holds 1 MiB of data at most.)"""
     big, behind = new_topic(), new_topic()
     port = hostile_broker.port
     async with httpx.AsyncClient(base_url=hostile_broker.url, timeout=30) as client:
@@ -448,7 +448,7 @@ async def test_publishes_sent_behind_an_unread_answer_of_uvicorns_wait_for_it(
     ).encode()
     writer = await _unread_connection(port)
     try:
-        writer.write(history)
+        writer.write(history * 6)
         await asyncio.sleep(0.5)  # answered (written, unread): the connection idles, given back
         writer.write(_publish_of(port, behind) * 3000)
         async with httpx.AsyncClient(base_url=hostile_broker.url, timeout=10) as client:
