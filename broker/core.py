@@ -193,6 +193,13 @@ class Broker:
             gap = Gap("unknown", position, position)  # as a stream says it (Subscription)
         entries = page.entries
         following = entries[-1].id if len(entries) == limit or page.cut_short else None
+        split = page.split_at_loss(position.position) if gap is None else None
+        if split is not None:  # the log lost events after some of these (a failover)
+            kept, _ = split
+            if kept:  # this page stops there; the next one begins with the gap
+                entries, following = kept, kept[-1].id
+            else:
+                gap = Gap("unknown", position, position)
         return HistoryPage(events=entries, next=following, gap=gap)
 
     async def topic_info(self, topic: str) -> TopicInfo:

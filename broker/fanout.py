@@ -411,6 +411,14 @@ class Hub:
         self._revalidate_feed(topic, feed, asked.result())
         self._rearm()  # the running read (or the wait for a topic to read) must name it
 
+    def _mark_lost(self, topic: str, epoch: str | None, through: StreamPosition) -> None:
+        """Record the loss in the log (for clients that were away: lua/lost.lua)."""
+        if epoch is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._store.mark_lost(topic, epoch, through))
+        _MARKING.add(task)
+        task.add_done_callback(_marked)
+
     def _revalidate_feed(self, topic: str, feed: _Feed, state: LogState) -> None:
         if state.epoch == feed.epoch:
             # AOF everysec may have lost the last second: read on from what is there.
@@ -420,6 +428,7 @@ class Hub:
                 # may fall at or before what they saw (a new primary whose clock lags),
                 # would be skipped as seen.
                 log.warning("topic %s: its log lost its newest events while Redis was away", topic)
+                self._mark_lost(topic, feed.epoch, feed.position)
                 feed.position = state.last_issued
                 self._reset_subscribers(feed, topic)
                 return
@@ -433,6 +442,15 @@ class Hub:
         feed.epoch = state.epoch
         feed.position = state.last_issued
         self._reset_subscribers(feed, topic)
+
+
+def _marked(task: asyncio.Task[None]) -> None:
+    _MARKING.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not record a loss in a log: %s", task.exception())
+
+
+_MARKING: set[asyncio.Task[None]] = set()  # (held: a task only referenced by the loop may go)
 
 
 def _abandon(subscriber: LiveSubscriber) -> None:

@@ -191,6 +191,17 @@ class LogPage:
     """Whether the position read after is itself an entry of the log."""
     cut_short: bool = False
     """Fewer entries than asked for, to stay within the page's bytes: more may follow."""
+    lost_after: StreamPosition | None = None
+    """The log lost events after this entry (a failover; see lua/lost.lua)."""
+
+    def split_at_loss(self, after: StreamPosition) -> tuple[list[LogEntry], list[LogEntry]] | None:
+        """Read on from ``after``: the entries up to where the log lost events, and
+        those after it (which follow events that are gone); None if the page does not
+        pass that point."""
+        lost, entries = self.lost_after, self.entries
+        if lost is None or after > lost or not entries or entries[-1].position <= lost:
+            return None
+        return [e for e in entries if e.position <= lost], [e for e in entries if e.position > lost]
 
     def lost(self, after: StreamPosition) -> bool:
         """Whether events were lost at ``after`` with no trace of retention: a position

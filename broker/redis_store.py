@@ -229,6 +229,7 @@ class RedisStreamStore:
         self._state_script = client.register_script(_lua("state.lua"))
         self._range_script = client.register_script(_lua("range.lua"))
         self._delete_script = client.register_script(_lua("delete.lua"))
+        self._lost_script = client.register_script(_lua("lost.lua"))
         self._reads = SingleFlight(
             c.READ_COALESCE_MS / 1000, max_window_s=c.READ_COALESCE_MAX_MS / 1000
         )
@@ -364,7 +365,7 @@ class RedisStreamStore:
         position = "" if after == (0, 0) else format_stream_id(after)
         start = "(" + position if position else "-"
         keys = [c.log_key(topic), c.meta_key(topic)]
-        epoch, trimmed, raw, found, cut = await self._call(
+        epoch, trimmed, raw, found, cut, lost_after = await self._call(
             self._range_script(keys=keys, args=[start, count, position, max_bytes])
         )
         return LogPage(
@@ -373,7 +374,13 @@ class RedisStreamStore:
             trimmed_through=_position_or_none(trimmed) or (0, 0),
             after_found=bool(found),
             cut_short=bool(cut),
+            lost_after=_position_or_none(lost_after),
         )
+
+    async def mark_lost(self, topic: str, epoch: str, through: StreamPosition) -> None:
+        """Record that the log lost its events up to ``through`` (see lua/lost.lua)."""
+        keys = [c.log_key(topic), c.meta_key(topic)]
+        await self._call(self._lost_script(keys=keys, args=[epoch, format_stream_id(through)]))
 
     def may_have_trimmed(
         self, topic: str, after: StreamPosition, entries: list[LogEntry], away_ms: float

@@ -61,6 +61,11 @@ class Store(Protocol):
         would pass ``max_bytes`` (``cut_short``; one entry at least)."""
         ...
 
+    async def mark_lost(self, topic: str, epoch: str, through: StreamPosition) -> None:
+        """Record that the log of ``epoch`` lost its events up to ``through``: replays
+        that go on past what it kept say so (``LogPage.lost_after``)."""
+        ...
+
     def may_have_trimmed(
         self, topic: str, after: StreamPosition, entries: list[LogEntry], away_ms: float
     ) -> bool:

@@ -42,7 +42,7 @@ from broker.errors import StoreUnavailable, StreamOver
 from broker.fanout import Hub
 from broker.framing import HEARTBEAT, gap_frame, id_line
 from broker.heartbeat import HeartbeatClock
-from broker.ids import ORIGIN, EventId, format_cursor
+from broker.ids import ORIGIN, EventId, StreamPosition, format_cursor
 from broker.model import LiveBatch, LogEntry, LogPage, LogState
 from broker.observer import Observer
 from broker.resume import Gap, earliest_point, foreign_point, latest_point, resume_point
@@ -106,6 +106,9 @@ class Subscription:
         self._over: set[str] = set()
         """Topics whose stream is over: their end (or deletion) was delivered, or the
         cursor was already at the end of a closed topic. All over: the stream ends."""
+        # Where each topic's client was told of an unknown loss (the gap's resumed_after):
+        # a replay from there, past a loss the log recorded, tells it no second time.
+        self._told_loss_at: dict[str, StreamPosition] = {}
         self._opening_states: dict[str, LogState] = {}
         self._announce = "now" in self._starts.values()
         """A topic starts "now": once caught up, the stream's cursor is sent (an ``id:``
@@ -387,13 +390,32 @@ class Subscription:
                 # else it lost is unknown. Say so, and go on after it (as after a lost
                 # tail: replaying the whole history would flood a client that saw it).
                 yield self._gap_frame(topic, Gap("unknown", position, position))
-            frames = [self._advance(e) for e in page.entries if e.position > position.position]
+            frames = self._replay_frames(topic, page, position)
             if frames:
-                self._replayed += len(frames)
-                self._observer.delivered(len(frames))
                 yield b"".join(frames)
             if len(page.entries) < c.REPLAY_PAGE_SIZE and not page.cut_short:
                 return
+
+    def _replay_frames(self, topic: str, page: LogPage, position: EventId) -> list[bytes]:
+        """The frames of a page read after ``position``; where the page goes on past
+        events the log lost (a failover a live reader found), an ``unknown`` gap there:
+        a client that was away before them would pass them in silence."""
+        split = page.split_at_loss(position.position)
+        if split is not None and self._told_loss_at.get(topic) == page.lost_after:
+            split = None  # told there already (its cursor lay past the log's end)
+        if split is None:
+            events = [e for e in page.entries if e.position > position.position]
+            frames = [self._advance(e) for e in events]
+        else:
+            kept, after = split
+            events = [e for e in kept if e.position > position.position] + after
+            frames = [self._advance(e) for e in kept if e.position > position.position]
+            there = self._positions[topic]
+            frames.append(self._gap_frame(topic, Gap("unknown", there, there)))
+            frames += [self._advance(e) for e in after]
+        self._replayed += len(events)
+        self._observer.delivered(len(events))
+        return frames
 
     def _judge_start(self, topic: str, state: LogState) -> Gap | None:
         """Set the topic's position from its cursor; the gap notice it needs, if any."""
@@ -415,6 +437,8 @@ class Subscription:
         """A notice; ``unsent``: the notices still to send, whose topics its id names at
         their requested cursors."""
         self._observer.gap_sent(gap.reason)
+        if gap.reason == "unknown" and gap.resumed_after is not None:
+            self._told_loss_at[topic] = gap.resumed_after.position
         if not (self._multi and unsent):
             return gap_frame(self._current_id(topic), topic, gap)
         positions = self._positions | {later: notice.requested for later, notice in unsent}

@@ -820,3 +820,50 @@ async def test_pages_hold_a_bounded_number_of_bytes_and_go_on_whole(
             break
         following = history.next
     assert seen[1:] == [str(i) for i in many]
+
+
+async def test_a_client_away_before_events_a_failover_lost_is_told_where_they_were(
+    redis_broker: Broker, redis_server: RedisServer, topic: str
+) -> None:
+    """The log lost its newest events (the live reader had read them: a failover), and
+    events were appended since. A client that was away with an id from before the lost
+    ones read on past them with nothing said (its own id is still in the log). The
+    reader records where the loss was (lua/lost.lua); the replay and the history tell
+    it there: an ``unknown`` gap after the last event kept."""
+    first, kept = await publish(redis_broker, topic, range(2))
+    subscription = await redis_broker.subscribe({topic: kept})
+    chunks = subscription.chunks()
+    try:
+        lost = await publish(redis_broker, topic, range(2, 4))
+        await collect(chunks, lambda ev: 3 in numbers(ev))  # the live reader read them
+        await _its_node_failed_over(
+            redis_broker,
+            redis_server.url,
+            topic,
+            lambda admin: admin.xdel(
+                c.log_key(topic), *(format_stream_id(i.position) for i in lost)
+            ),
+        )
+        await collect(chunks, lambda ev: bool(gaps(ev)), timeout=8)  # the live one is told
+    finally:
+        subscription.close()
+    async with redis.Redis.from_url(redis_server.url) as admin:
+        deadline = time.monotonic() + 5
+        while not await admin.hget(c.meta_key(topic), "lost_after"):
+            assert time.monotonic() < deadline, "the loss was not recorded"
+            await asyncio.sleep(0.05)
+    await publish(redis_broker, topic, range(4, 6))
+    away = await redis_broker.subscribe({topic: first})
+    try:
+        events = await collect(away.chunks(), lambda ev: 5 in numbers(ev), timeout=8)
+    finally:
+        away.close()
+    [gap] = gaps(events)
+    assert gap.json["reason"] == "unknown" and gap.json["resumed_after"] == str(kept)  # type: ignore[index]
+    assert numbers(events) == [1, 4, 5]
+    assert events.index(gap) == 1  # after the last event kept, before the new ones
+    page = await redis_broker.history(topic, first, 10)
+    assert [e.data for e in page.events] == [b"1"] and page.next == kept and page.gap is None
+    page = await redis_broker.history(topic, kept, 10)
+    assert page.gap is not None and page.gap.reason == "unknown"
+    assert [e.data for e in page.events] == [b"4", b"5"]
