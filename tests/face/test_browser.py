@@ -151,7 +151,11 @@ def _wait_received(browser: Chromium, count: int, what: str) -> None:
 
 
 def _wait_closed(browser: Chromium, what: str) -> None:
-    browser.wait_for("window.__stream && window.__stream.source.readyState === 2", what=what)
+    # (source is null until a stream from now has asked where its topic ends)
+    browser.wait_for(
+        "window.__stream && window.__stream.source && window.__stream.source.readyState === 2",
+        what=what,
+    )
 
 
 def test_client_js_page_reloads_mid_stream_and_loses_nothing(
