@@ -769,11 +769,7 @@ async def test_a_cursor_the_log_lost_and_went_past_is_told_with_a_gap(
     async with redis.Redis.from_url(redis_server.url) as admin:
         await admin.xdel(c.log_key(topic), *(format_stream_id(i.position) for i in (seen, unseen)))
     await publish(redis_broker, topic, range(3, 4))
-    subscription = await redis_broker.subscribe({topic: seen})
-    try:
-        events = await collect(subscription.chunks(), lambda ev: 3 in numbers(ev), timeout=8)
-    finally:
-        subscription.close()
+    events = await _stream_until(redis_broker, topic, seen, 3)
     [gap] = gaps(events)
     assert gap.json == {  # type: ignore[comparison-overlap]
         "reason": "unknown",
@@ -853,11 +849,7 @@ async def test_a_client_away_before_events_a_failover_lost_is_told_where_they_we
             assert time.monotonic() < deadline, "the loss was not recorded"
             await asyncio.sleep(0.05)
     await publish(redis_broker, topic, range(4, 6))
-    away = await redis_broker.subscribe({topic: first})
-    try:
-        events = await collect(away.chunks(), lambda ev: 5 in numbers(ev), timeout=8)
-    finally:
-        away.close()
+    events = await _stream_until(redis_broker, topic, first, 5)  # a client that was away
     [gap] = gaps(events)
     assert gap.json["reason"] == "unknown" and gap.json["resumed_after"] == str(kept)  # type: ignore[index]
     assert numbers(events) == [1, 4, 5]
@@ -867,3 +859,12 @@ async def test_a_client_away_before_events_a_failover_lost_is_told_where_they_we
     page = await redis_broker.history(topic, kept, 10)
     assert page.gap is not None and page.gap.reason == "unknown"
     assert [e.data for e in page.events] == [b"4", b"5"]
+
+
+async def _stream_until(broker: Broker, topic: str, start: EventId, number: int) -> list[Event]:
+    """A stream of ``topic`` from ``start``, read until the event numbered ``number``."""
+    subscription = await broker.subscribe({topic: start})
+    try:
+        return await collect(subscription.chunks(), lambda ev: number in numbers(ev), timeout=8)
+    finally:
+        subscription.close()
