@@ -193,9 +193,9 @@ class Broker:
             gap = Gap("unknown", position, position)  # as a stream says it (Subscription)
         entries = page.entries
         following = entries[-1].id if len(entries) == limit or page.cut_short else None
-        split = page.split_at_loss(position.position) if gap is None else None
-        if split is not None:  # the log lost events after some of these (a failover)
-            kept, _ = split
+        lost = page.loss_passed(position.position) if gap is None else None
+        if lost is not None:  # the log lost events after some of these (a failover)
+            kept = [entry for entry in entries if entry.position <= lost]
             if kept:  # this page stops there; the next one begins with the gap
                 entries, following = kept, kept[-1].id
             else:

@@ -194,14 +194,13 @@ class LogPage:
     lost_after: StreamPosition | None = None
     """The log lost events after this entry (a failover; see lua/lost.lua)."""
 
-    def split_at_loss(self, after: StreamPosition) -> tuple[list[LogEntry], list[LogEntry]] | None:
-        """Read on from ``after``: the entries up to where the log lost events, and
-        those after it (which follow events that are gone); None if the page does not
-        pass that point."""
+    def loss_passed(self, after: StreamPosition) -> StreamPosition | None:
+        """Where the log lost events (its ``lost_after``), if reading on from ``after``
+        this page passes that point: its entries after it follow events that are gone."""
         lost, entries = self.lost_after, self.entries
         if lost is None or after > lost or not entries or entries[-1].position <= lost:
             return None
-        return [e for e in entries if e.position <= lost], [e for e in entries if e.position > lost]
+        return lost
 
     def lost(self, after: StreamPosition) -> bool:
         """Whether events were lost at ``after`` with no trace of retention: a position

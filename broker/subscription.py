@@ -400,19 +400,18 @@ class Subscription:
         """The frames of a page read after ``position``; where the page goes on past
         events the log lost (a failover a live reader found), an ``unknown`` gap there:
         a client that was away before them would pass them in silence."""
-        split = page.split_at_loss(position.position)
-        if split is not None and self._told_loss_at.get(topic) == page.lost_after:
-            split = None  # told there already (its cursor lay past the log's end)
-        if split is None:
-            events = [e for e in page.entries if e.position > position.position]
+        events = [e for e in page.entries if e.position > position.position]
+        lost = page.loss_passed(position.position)
+        if lost is None or self._told_loss_at.get(topic) == lost:  # (told there already)
             frames = [self._advance(e) for e in events]
         else:
-            kept, after = split
-            events = [e for e in kept if e.position > position.position] + after
-            frames = [self._advance(e) for e in kept if e.position > position.position]
-            there = self._positions[topic]
-            frames.append(self._gap_frame(topic, Gap("unknown", there, there)))
-            frames += [self._advance(e) for e in after]
+            frames = []
+            for entry in events:
+                if lost is not None and entry.position > lost:
+                    there = self._positions[topic]  # the last event kept
+                    frames.append(self._gap_frame(topic, Gap("unknown", there, there)))
+                    lost = None
+                frames.append(self._advance(entry))
         self._replayed += len(events)
         self._observer.delivered(len(events))
         return frames
