@@ -323,9 +323,14 @@ class Hub:
         may_have_trimmed = self._store.may_have_trimmed
         unread = self._store.take_unread_spells()  # (a Cluster node failed a while)
         # Their node failed while the others answered (no outage was raised): the one
-        # that took over may hold another log of each, or a shorter one. Each is looked
-        # at again, as after an outage.
+        # that took over may hold another log of each, a shorter one, or one that lost
+        # what the reader read and was appended to since. Each is looked at again, as
+        # after an outage, before what this read returned of it is delivered: it is
+        # read again from where its log says (delivered now, the reader would have
+        # moved past the entry whose absence tells of the loss).
         self._unvalidated |= {t for t in unread if t in self._feeds}
+        for topic in unread:
+            batches.pop(topic, None)
         suspects = [
             topic
             for topic, entries in batches.items()
@@ -389,7 +394,13 @@ class Hub:
                 raise failures[0]  # nothing answered: back off as for any outage
 
     def _ask_state(self, topic: str) -> asyncio.Task[LogState]:
-        asked = asyncio.ensure_future(self._store.state(topic))
+        feed = self._feeds[topic]
+        if feed.epoch is not None and feed.position != (0, 0):
+            # (and whether the log still holds what the reader read: lua/state.lua)
+            asking = self._store.revalidate(topic, feed.epoch, feed.position)
+        else:
+            asking = self._store.state(topic)
+        asked = asyncio.ensure_future(asking)
         self._revalidating[topic] = asked
         asked.add_done_callback(lambda _: self._state_answered(topic, asked))
         return asked
@@ -411,25 +422,18 @@ class Hub:
         self._revalidate_feed(topic, feed, asked.result())
         self._rearm()  # the running read (or the wait for a topic to read) must name it
 
-    def _mark_lost(self, topic: str, epoch: str | None, through: StreamPosition) -> None:
-        """Record the loss in the log (for clients that were away: lua/lost.lua)."""
-        if epoch is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._store.mark_lost(topic, epoch, through))
-        _MARKING.add(task)
-        task.add_done_callback(_marked)
-
     def _revalidate_feed(self, topic: str, feed: _Feed, state: LogState) -> None:
         if state.epoch == feed.epoch:
             # AOF everysec may have lost the last second: read on from what is there.
-            if state.last_issued < feed.position:
-                # Its subscribers saw events that are gone: each is told now (its cursor
-                # is past the log's end: an "unknown" gap), before new ones, whose ids
-                # may fall at or before what they saw (a new primary whose clock lags),
-                # would be skipped as seen.
-                log.warning("topic %s: its log lost its newest events while Redis was away", topic)
-                self._mark_lost(topic, feed.epoch, feed.position)
-                feed.position = state.last_issued
+            if state.lost_after is not None:
+                # The log no longer holds what the reader read (the revalidation recorded
+                # the loss for clients that were away, even if the log was appended to
+                # since). Its subscribers saw events that are gone: each judges its cursor
+                # again now (an "unknown" gap), before new ones, whose ids may fall at or
+                # before what they saw (a new primary whose clock lags), would be skipped
+                # as seen.
+                log.warning("topic %s: its log lost events while Redis was away", topic)
+                feed.position = state.lost_after
                 self._reset_subscribers(feed, topic)
                 return
             if state.trimmed_through > feed.position:
@@ -442,15 +446,6 @@ class Hub:
         feed.epoch = state.epoch
         feed.position = state.last_issued
         self._reset_subscribers(feed, topic)
-
-
-def _marked(task: asyncio.Task[None]) -> None:
-    _MARKING.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("could not record a loss in a log: %s", task.exception())
-
-
-_MARKING: set[asyncio.Task[None]] = set()  # (held: a task only referenced by the loop may go)
 
 
 def _abandon(subscriber: LiveSubscriber) -> None:

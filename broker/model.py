@@ -158,6 +158,9 @@ class LogState:
     in a log created since, of the last log deleted before it."""
     deleted_at: StreamPosition | None = None
     """Where that deletion's marker is: a cursor there was told of the deletion."""
+    lost_after: StreamPosition | None = None
+    """Set by ``Store.revalidate`` only: the log lost the entry the live reader had read
+    (and maybe more before it), and kept everything up to this one."""
 
     @property
     def deletion(self) -> EventId | None:
@@ -192,7 +195,7 @@ class LogPage:
     cut_short: bool = False
     """Fewer entries than asked for, to stay within the page's bytes: more may follow."""
     lost_after: StreamPosition | None = None
-    """The log lost events after this entry (a failover; see lua/lost.lua)."""
+    """The log lost events after this entry (a failover; see lua/state.lua)."""
 
     def loss_passed(self, after: StreamPosition) -> StreamPosition | None:
         """Where the log lost events (its ``lost_after``), if reading on from ``after``

@@ -229,7 +229,6 @@ class RedisStreamStore:
         self._state_script = client.register_script(_lua("state.lua"))
         self._range_script = client.register_script(_lua("range.lua"))
         self._delete_script = client.register_script(_lua("delete.lua"))
-        self._lost_script = client.register_script(_lua("lost.lua"))
         self._reads = SingleFlight(
             c.READ_COALESCE_MS / 1000, max_window_s=c.READ_COALESCE_MAX_MS / 1000
         )
@@ -377,11 +376,6 @@ class RedisStreamStore:
             lost_after=_position_or_none(lost_after),
         )
 
-    async def mark_lost(self, topic: str, epoch: str, through: StreamPosition) -> None:
-        """Record that the log lost its events up to ``through`` (see lua/lost.lua)."""
-        keys = [c.log_key(topic), c.meta_key(topic)]
-        await self._call(self._lost_script(keys=keys, args=[epoch, format_stream_id(through)]))
-
     def may_have_trimmed(
         self, topic: str, after: StreamPosition, entries: list[LogEntry], away_ms: float
     ) -> bool:
@@ -485,11 +479,16 @@ class RedisStreamStore:
     async def state(self, topic: str) -> LogState:
         return await self._reads.run(("state", topic), lambda: self._state(topic))
 
-    async def _state(self, topic: str) -> LogState:
+    async def revalidate(self, topic: str, epoch: str, read_through: StreamPosition) -> LogState:
+        """The state, and whether the log lost events the live reader read (see
+        lua/state.lua): not coalesced with ``state``, whose readers ask no such thing."""
+        return await self._state(topic, [epoch, format_stream_id(read_through)])
+
+    async def _state(self, topic: str, reader: list[str] | None = None) -> LogState:
         keys = [c.log_key(topic), c.meta_key(topic)]
         max_age = self.policies.for_topic(topic).max_age_ms
-        reply = await self._call(self._state_script(keys=keys, args=[max_age]))
-        epoch, trimmed, length, first, last, end, expires_in, deleted, marker = reply
+        reply = await self._call(self._state_script(keys=keys, args=[max_age, *(reader or ())]))
+        epoch, trimmed, length, first, last, end, expires_in, deleted, marker, lost = reply
         return LogState(
             epoch=epoch.decode() if epoch else None,
             length=int(length),
@@ -500,6 +499,7 @@ class RedisStreamStore:
             expires_in_ms=int(expires_in) if int(expires_in) >= 0 else None,
             deleted_epoch=deleted.decode() if deleted else None,
             deleted_at=_position_or_none(marker),
+            lost_after=_position_or_none(lost),
         )
 
     async def ping(self) -> None:

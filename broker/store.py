@@ -61,11 +61,6 @@ class Store(Protocol):
         would pass ``max_bytes`` (``cut_short``; one entry at least)."""
         ...
 
-    async def mark_lost(self, topic: str, epoch: str, through: StreamPosition) -> None:
-        """Record that the log of ``epoch`` lost its events up to ``through``: replays
-        that go on past what it kept say so (``LogPage.lost_after``)."""
-        ...
-
     def may_have_trimmed(
         self, topic: str, after: StreamPosition, entries: list[LogEntry], away_ms: float
     ) -> bool:
@@ -93,6 +88,14 @@ class Store(Protocol):
 
     async def state(self, topic: str) -> LogState:
         """The log's epoch, extent and retention point, read atomically."""
+        ...
+
+    async def revalidate(self, topic: str, epoch: str, read_through: StreamPosition) -> LogState:
+        """``state``, for a live reader back after an outage that had read the log of
+        ``epoch`` through ``read_through``: if that log no longer holds that entry and
+        retention did not remove it, the log lost events; the same atomic step records
+        it (replays that go on past it say so: ``LogPage.lost_after``) and the state
+        says after which entry (``LogState.lost_after``)."""
         ...
 
     async def ping(self) -> None:

@@ -11,7 +11,7 @@
 -- ARGV[3] the reader's position ('' for none: from the origin), ARGV[4] most bytes.
 -- Returns {epoch|false, trimmed|false, entries, 1 if the position is an entry else 0,
 --          1 if the page was cut short by its bytes else 0, where the log lost events
---          after (lost.lua)|false}.
+--          after (state.lua)|false}.
 -- A deleted topic (its marker lingers for live readers) reads as no log at all.
 local log, meta = KEYS[1], KEYS[2]
 local fields = redis.call('HMGET', meta, 'epoch', 'trimmed', 'deleted', 'lost_after')

@@ -2,9 +2,16 @@
 -- retention by age, so a topic nobody publishes to any more still forgets its old
 -- events (appends apply it otherwise). A closed topic keeps its end.
 -- KEYS[1] log stream, KEYS[2] meta hash; ARGV[1] max age in ms (0: none).
+-- A live reader back after an outage also gives ARGV[2], the epoch of the log it read,
+-- and ARGV[3], the newest id it read: if that log no longer holds that entry, and
+-- retention did not remove it, the log lost events (an asynchronous failover, an
+-- AOF's lost second). The loss is recorded here, in the same step (`lost_after`: the
+-- newest entry kept before it), so that a client that was away before the lost
+-- events is told where they were (range.lua), even when the log was appended to
+-- since and is no shorter than what the reader read.
 -- Returns {epoch|false, trimmed|false, length, first id|false, last id|false,
 --          end id|false, ms to expiry (-1: kept), epoch of a deleted log|false,
---          its marker's id|false}.
+--          its marker's id|false, where a loss was recorded now|false}.
 -- A deleted topic (its marker lingers for live readers) reads as no log, but says
 -- which epoch was deleted: a cursor of it gets a "deleted" gap, not "unknown"; and
 -- where its marker is: a cursor at it was told already (answered 204). A log
@@ -21,7 +28,7 @@ end
 
 local fields = redis.call('HMGET', meta, 'epoch', 'trimmed', 'closed', 'deleted', 'deleted_epoch', 'deleted_at')
 if redis.call('EXISTS', log) == 0 or fields[4] then
-  return {false, false, 0, false, false, false, -1, fields[4] and fields[1] or false, fields[4] or false}
+  return {false, false, 0, false, false, false, -1, fields[4] and fields[1] or false, fields[4] or false, false}
 end
 local trimmed = fields[2]
 local max_age_ms = tonumber(ARGV[1])
@@ -38,6 +45,14 @@ if max_age_ms > 0 then
     trimmed = older[1][1]
   end
 end
+local lost_after = false
+local read_through = ARGV[3]
+if read_through and fields[1] == ARGV[2] and before(trimmed or '0-0', read_through)
+    and not redis.call('XRANGE', log, read_through, read_through)[1] then
+  local kept = redis.call('XREVRANGE', log, read_through, '-', 'COUNT', 1)
+  lost_after = kept[1] and kept[1][1] or (trimmed or '0-0')
+  redis.call('HSET', meta, 'lost_after', lost_after)
+end
 local first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
 local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
 return {
@@ -50,4 +65,5 @@ return {
   redis.call('PTTL', log),
   fields[5] or false,
   fields[6] or false,
+  lost_after,
 }

@@ -702,6 +702,28 @@ async def _its_node_failed_over(
     back.set()
 
 
+async def _the_reader_lost_redis(
+    broker: Broker, url: str, topic: str, damage: Callable[[redis.Redis], Awaitable[Any]]
+) -> None:
+    """The live reader's connection breaks (Redis failed over, or restarted from its AOF);
+    Redis holds ``topic``'s log as ``damage`` leaves it when the reader is back."""
+    store: Any = broker.store
+    back, away, original_read = asyncio.Event(), asyncio.Event(), store.read_live
+
+    async def read_that_breaks(*args: Any) -> Any:
+        store.read_live = original_read
+        away.set()
+        await back.wait()
+        raise StoreUnavailable("the connection to redis broke")
+
+    store.read_live = read_that_breaks
+    await store.interrupt_live_read()
+    await asyncio.wait_for(away.wait(), 2 * c.LIVE_BLOCK_MS / 1000)
+    async with redis.Redis.from_url(url) as admin:
+        await damage(admin)
+    back.set()
+
+
 async def test_a_topic_whose_cluster_node_failed_over_is_looked_at_again(
     redis_broker: Broker, redis_server: RedisServer, topic: str
 ) -> None:
@@ -818,37 +840,47 @@ async def test_pages_hold_a_bounded_number_of_bytes_and_go_on_whole(
     assert seen[1:] == [str(i) for i in many]
 
 
+@pytest.mark.parametrize("appended_meanwhile", [False, True])
+@pytest.mark.parametrize("away", [_the_reader_lost_redis, _its_node_failed_over])
 async def test_a_client_away_before_events_a_failover_lost_is_told_where_they_were(
-    redis_broker: Broker, redis_server: RedisServer, topic: str
+    redis_broker: Broker,
+    redis_server: RedisServer,
+    topic: str,
+    appended_meanwhile: bool,
+    away: Callable[..., Awaitable[None]],
 ) -> None:
     """The log lost its newest events (the live reader had read them: a failover), and
     events were appended since. A client that was away with an id from before the lost
     ones read on past them with nothing said (its own id is still in the log). The
-    reader records where the loss was (lua/lost.lua); the replay and the history tell
-    it there: an ``unknown`` gap after the last event kept."""
+    reader records where the loss was when it is back (lua/state.lua); the replay and
+    the history tell it there: an ``unknown`` gap after the last event kept. Also when
+    another instance appended to the new primary before the reader was back (the log
+    was then no shorter than what the reader had read, and nothing was recorded)."""
     first, kept = await publish(redis_broker, topic, range(2))
     subscription = await redis_broker.subscribe({topic: kept})
     chunks = subscription.chunks()
+
+    async def fail_over(admin: redis.Redis) -> None:
+        await admin.xdel(c.log_key(topic), *(format_stream_id(i.position) for i in lost))
+        if appended_meanwhile:
+            await publish(redis_broker, topic, range(4, 5))
+
     try:
         lost = await publish(redis_broker, topic, range(2, 4))
         await collect(chunks, lambda ev: 3 in numbers(ev))  # the live reader read them
-        await _its_node_failed_over(
-            redis_broker,
-            redis_server.url,
-            topic,
-            lambda admin: admin.xdel(
-                c.log_key(topic), *(format_stream_id(i.position) for i in lost)
-            ),
-        )
-        await collect(chunks, lambda ev: bool(gaps(ev)), timeout=8)  # the live one is told
+        await away(redis_broker, redis_server.url, topic, fail_over)
+        told = await collect(chunks, lambda ev: bool(gaps(ev)), timeout=8)  # the live one
+        if appended_meanwhile:  # is told, then reads on
+            told += await collect(chunks, lambda ev: 4 in numbers(ev), timeout=8)
+            assert numbers(told) == [4]
     finally:
         subscription.close()
     async with redis.Redis.from_url(redis_server.url) as admin:
-        deadline = time.monotonic() + 5
-        while not await admin.hget(c.meta_key(topic), "lost_after"):
-            assert time.monotonic() < deadline, "the loss was not recorded"
-            await asyncio.sleep(0.05)
-    await publish(redis_broker, topic, range(4, 6))
+        assert (
+            await admin.hget(c.meta_key(topic), "lost_after")
+            == format_stream_id(kept.position).encode()
+        )
+    await publish(redis_broker, topic, range(5 if appended_meanwhile else 4, 6))
     events = await _stream_until(redis_broker, topic, first, 5)  # a client that was away
     [gap] = gaps(events)
     assert gap.json["reason"] == "unknown" and gap.json["resumed_after"] == str(kept)  # type: ignore[index]
