@@ -193,13 +193,15 @@ class Broker:
             gap = Gap("unknown", position, position)  # as a stream says it (Subscription)
         entries = page.entries
         following = entries[-1].id if len(entries) == limit or page.cut_short else None
-        lost = page.loss_passed(position.position) if gap is None else None
-        if lost is not None:  # the log lost events after some of these (a failover)
-            kept = [entry for entry in entries if entry.position <= lost]
-            if kept:  # this page stops there; the next one begins with the gap
-                entries, following = kept, kept[-1].id
-            else:
-                gap = Gap("unknown", position, position)
+        # Where the log lost events after some of these (a failover): the page stops at
+        # the first such place; the next one begins with the gap.
+        losses = page.losses_passed(position.position)
+        while losses and not any(entry.position <= losses[0] for entry in entries):
+            gap = gap or Gap("unknown", position, position)  # this page begins past it
+            losses.pop(0)
+        if losses:
+            entries = [entry for entry in entries if entry.position <= losses[0]]
+            following = entries[-1].id
         return HistoryPage(events=entries, next=following, gap=gap)
 
     async def topic_info(self, topic: str) -> TopicInfo:

@@ -194,16 +194,18 @@ class LogPage:
     """Whether the position read after is itself an entry of the log."""
     cut_short: bool = False
     """Fewer entries than asked for, to stay within the page's bytes: more may follow."""
-    lost_after: StreamPosition | None = None
-    """The log lost events after this entry (a failover; see lua/state.lua)."""
+    losses: tuple[StreamPosition, ...] = ()
+    """The places, at or after the position read after, where the log lost events (it
+    kept the entry there and lost what followed: a failover; see lua/state.lua), oldest
+    first."""
 
-    def loss_passed(self, after: StreamPosition) -> StreamPosition | None:
-        """Where the log lost events (its ``lost_after``), if reading on from ``after``
-        this page passes that point: its entries after it follow events that are gone."""
-        lost, entries = self.lost_after, self.entries
-        if lost is None or after > lost or not entries or entries[-1].position <= lost:
-            return None
-        return lost
+    def losses_passed(self, after: StreamPosition) -> list[StreamPosition]:
+        """The places where the log lost events that this page, read on from ``after``,
+        passes, oldest first: its entries after each follow events that are gone."""
+        entries = self.entries
+        if not entries:
+            return []
+        return [place for place in self.losses if after <= place < entries[-1].position]
 
     def lost(self, after: StreamPosition) -> bool:
         """Whether events were lost at ``after`` with no trace of retention: a position

@@ -364,7 +364,7 @@ class RedisStreamStore:
         position = "" if after == (0, 0) else format_stream_id(after)
         start = "(" + position if position else "-"
         keys = [c.log_key(topic), c.meta_key(topic)]
-        epoch, trimmed, raw, found, cut, lost_after = await self._call(
+        epoch, trimmed, raw, found, cut, losses = await self._call(
             self._range_script(keys=keys, args=[start, count, position, max_bytes])
         )
         return LogPage(
@@ -373,7 +373,7 @@ class RedisStreamStore:
             trimmed_through=_position_or_none(trimmed) or (0, 0),
             after_found=bool(found),
             cut_short=bool(cut),
-            lost_after=_position_or_none(lost_after),
+            losses=tuple(parse_stream_id(place) for place in losses),
         )
 
     def may_have_trimmed(

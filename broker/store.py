@@ -94,7 +94,7 @@ class Store(Protocol):
         """``state``, for a live reader back after an outage that had read the log of
         ``epoch`` through ``read_through``: if that log no longer holds that entry and
         retention did not remove it, the log lost events; the same atomic step records
-        it (replays that go on past it say so: ``LogPage.lost_after``) and the state
+        it (replays that go on past it say so: ``LogPage.losses``) and the state
         says after which entry (``LogState.lost_after``)."""
         ...
 

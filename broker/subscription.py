@@ -401,16 +401,18 @@ class Subscription:
         events the log lost (a failover a live reader found), an ``unknown`` gap there:
         a client that was away before them would pass them in silence."""
         events = [e for e in page.entries if e.position > position.position]
-        lost = page.loss_passed(position.position)
-        if lost is None or self._told_loss_at.get(topic) == lost:  # (told there already)
+        told = self._told_loss_at.get(topic)
+        losses = [p for p in page.losses_passed(position.position) if p != told]
+        if not losses:
             frames = [self._advance(e) for e in events]
         else:
             frames = []
             for entry in events:
-                if lost is not None and entry.position > lost:
+                if losses and entry.position > losses[0]:
                     there = self._positions[topic]  # the last event kept
                     frames.append(self._gap_frame(topic, Gap("unknown", there, there)))
-                    lost = None
+                    while losses and entry.position > losses[0]:
+                        losses.pop(0)
                 frames.append(self._advance(entry))
         self._replayed += len(events)
         self._observer.delivered(len(events))

@@ -10,13 +10,13 @@
 -- KEYS[1] log stream, KEYS[2] meta hash; ARGV[1] XRANGE start, ARGV[2] count,
 -- ARGV[3] the reader's position ('' for none: from the origin), ARGV[4] most bytes.
 -- Returns {epoch|false, trimmed|false, entries, 1 if the position is an entry else 0,
---          1 if the page was cut short by its bytes else 0, where the log lost events
---          after (state.lua)|false}.
+--          1 if the page was cut short by its bytes else 0, the places at or after
+--          the position where the log lost events (state.lua), oldest first}.
 -- A deleted topic (its marker lingers for live readers) reads as no log at all.
 local log, meta = KEYS[1], KEYS[2]
 local fields = redis.call('HMGET', meta, 'epoch', 'trimmed', 'deleted', 'lost_after')
 if redis.call('EXISTS', log) == 0 or fields[3] then
-  return {false, false, {}, 0, 0, false}
+  return {false, false, {}, 0, 0, {}}
 end
 local found = 0
 if ARGV[3] ~= '' and redis.call('XRANGE', log, ARGV[3], ARGV[3])[1] then
@@ -38,4 +38,17 @@ if most > 0 then
     end
   end
 end
-return {fields[1] or false, fields[2] or false, entries, found, cut, fields[4] or false}
+-- The places where the log lost events (state.lua) that this reader has yet to pass.
+local losses = {}
+if fields[4] then
+  local at_ms, at_seq = string.match(ARGV[3] ~= '' and ARGV[3] or '0-0', '(%d+)-(%d+)')
+  at_ms, at_seq = tonumber(at_ms), tonumber(at_seq)
+  for id in string.gmatch(fields[4], '%S+') do
+    local ms, seq = string.match(id, '(%d+)-(%d+)')
+    ms, seq = tonumber(ms), tonumber(seq)
+    if ms > at_ms or (ms == at_ms and seq >= at_seq) then
+      losses[#losses + 1] = id
+    end
+  end
+end
+return {fields[1] or false, fields[2] or false, entries, found, cut, losses}

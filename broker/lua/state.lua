@@ -8,7 +8,8 @@
 -- AOF's lost second). The loss is recorded here, in the same step (`lost_after`: the
 -- newest entry kept before it), so that a client that was away before the lost
 -- events is told where they were (range.lua), even when the log was appended to
--- since and is no shorter than what the reader read.
+-- since and is no shorter than what the reader read. A log keeps the places of its
+-- last MAX_LOSSES losses, oldest first, apart by spaces.
 -- Returns {epoch|false, trimmed|false, length, first id|false, last id|false,
 --          end id|false, ms to expiry (-1: kept), epoch of a deleted log|false,
 --          its marker's id|false, where a loss was recorded now|false}.
@@ -18,6 +19,7 @@
 -- created since (published again right after the DELETE) says the same of the
 -- last log deleted before it.
 local log, meta = KEYS[1], KEYS[2]
+local MAX_LOSSES = 32
 
 local function before(a, b)  -- stream ids "ms-seq", compared as numbers
   local a_ms, a_seq = string.match(a, '(%d+)-(%d+)')
@@ -51,7 +53,13 @@ if read_through and fields[1] == ARGV[2] and before(trimmed or '0-0', read_throu
     and not redis.call('XRANGE', log, read_through, read_through)[1] then
   local kept = redis.call('XREVRANGE', log, read_through, '-', 'COUNT', 1)
   lost_after = kept[1] and kept[1][1] or (trimmed or '0-0')
-  redis.call('HSET', meta, 'lost_after', lost_after)
+  local places = {lost_after}
+  for id in string.gmatch(redis.call('HGET', meta, 'lost_after') or '', '%S+') do
+    if id ~= lost_after then places[#places + 1] = id end
+  end
+  table.sort(places, before)
+  while #places > MAX_LOSSES do table.remove(places, 1) end
+  redis.call('HSET', meta, 'lost_after', table.concat(places, ' '))
 end
 local first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
 local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)

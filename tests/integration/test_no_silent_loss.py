@@ -893,6 +893,47 @@ async def test_a_client_away_before_events_a_failover_lost_is_told_where_they_we
     assert [e.data for e in page.events] == [b"4", b"5"]
 
 
+async def test_a_log_that_lost_events_twice_tells_of_both_losses(
+    redis_broker: Broker, redis_server: RedisServer, topic: str
+) -> None:
+    """Two failovers each lost what the live reader had read, and the log went on after
+    each. The log kept only the place of its latest loss: a client away since before
+    the first read on past it with nothing said. It is told of both, each where it
+    was, in the replay and in the history's pages."""
+    first, kept = await publish(redis_broker, topic, range(2))
+    subscription = await redis_broker.subscribe({topic: kept})
+    chunks = subscription.chunks()
+    try:
+        for lost_number in (2, 4):  # each lost, then the event after it appended
+            lost = await publish(redis_broker, topic, range(lost_number, lost_number + 1))
+            await collect(chunks, lambda ev, n=lost_number: n in numbers(ev))
+
+            async def fail_over(
+                admin: redis.Redis, lost: list[EventId] = lost, next_number: int = lost_number + 1
+            ) -> None:
+                await admin.xdel(c.log_key(topic), format_stream_id(lost[0].position))
+                await publish(redis_broker, topic, range(next_number, next_number + 1))
+
+            await _the_reader_lost_redis(redis_broker, redis_server.url, topic, fail_over)
+            await collect(chunks, lambda ev, n=lost_number + 1: n in numbers(ev), timeout=8)
+    finally:
+        subscription.close()
+    events = await _stream_until(redis_broker, topic, first, 5)  # a client that was away
+    told = gaps(events)
+    assert numbers(events) == [1, 3, 5]
+    assert [events.index(g) for g in told] == [1, 3]  # each after the last event it kept
+    after_each = [g.json["resumed_after"] for g in told]  # type: ignore[index]
+    assert after_each == [str(kept), events[2].id]
+    pages, following = [], first
+    for _ in range(4):
+        page = await redis_broker.history(topic, following, 10)
+        pages.append(([e.data for e in page.events], page.gap is not None))
+        if page.next is None:
+            break
+        following = page.next
+    assert pages == [([b"1"], False), ([b"3"], True), ([b"5"], True)]
+
+
 async def _stream_until(broker: Broker, topic: str, start: EventId, number: int) -> list[Event]:
     """A stream of ``topic`` from ``start``, read until the event numbered ``number``."""
     subscription = await broker.subscribe({topic: start})
