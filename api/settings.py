@@ -44,7 +44,11 @@ class TopicPolicySetting(BaseModel):
 class Settings(BaseSettings):
     """Every setting of the service; each field is read from ``BROKER_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore")
+    # (hide_input_in_errors: pydantic's message showed the settings it was given, the
+    # JWT secret and the Redis URL's password among them, to whoever reads the log)
+    model_config = SettingsConfigDict(
+        env_prefix="BROKER_", extra="ignore", hide_input_in_errors=True
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -70,7 +70,7 @@ def dispatch(subscribers: int = SUBSCRIBERS, rounds: int = ROUNDS) -> float:
     best = float("inf")
     for round_ in range(rounds):
         fields = {c.FIELD_EPOCH: b"abcdefgh", c.FIELD_DATA: b'{"text": "a token"}'}
-        batch = LiveBatch([LogEntry("t", (2 + round_, 0), fields)], from_origin=False, at=0.0)
+        batch = LiveBatch([LogEntry("t", (2 + round_, 0), fields)], from_origin=False)
         started = time.perf_counter()
         written = sum(subscription.offer(batch) for subscription in subscriptions)
         best = min(best, time.perf_counter() - started)

@@ -276,7 +276,7 @@ class Hub:
                 continue
             # A topic that did not exist is read from (0, 0): its new log from the start.
             from_origin = feed.epoch is None and armed.get(topic) == (0, 0)
-            batch = LiveBatch(entries, from_origin=from_origin, at=now)
+            batch = LiveBatch(entries, from_origin=from_origin)
             feed.position = entries[-1].position
             feed.epoch = entries[-1].epoch
             if policies.expiring and (ttl_ms := policies.for_topic(topic).ttl_ms):

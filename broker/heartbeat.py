@@ -1,11 +1,14 @@
 """One heartbeat clock for every open stream of the process, instead of a timer each.
 
-Idle streams get a ``:`` comment so proxies and clients know they are alive.
-A timer per stream costs memory per idle subscriber and a task wake-up per
-beat; this clock ticks three times per interval and beats, straight to the
-socket where it can, the streams that have sent nothing for long enough, so
-each gets one at least every interval. It also ends streams whose credentials
-expired (``Subscription.beat_if_idle``), so that costs no timer per stream either.
+Every stream gets a ``:`` comment at least every interval, so proxies and clients
+know it is alive (the contract's heartbeat; a client may watch for comments, so a
+stream busy with events gets them too). A timer per stream costs memory per idle
+subscriber and a task wake-up per beat; this clock ticks three times per interval
+and beats, straight to the socket where it can, the streams whose last comment is
+old enough. A stream whose consumer is busy (a replay) puts its due comment in
+front of what it sends next (``Subscription.chunks``). The clock also ends streams
+whose credentials expired (``Subscription.beat_if_due``), so that costs no timer per
+stream either.
 
 Nothing a member does can stop the clock: a member that raises is cut (its
 client resumes by id) and the others are beaten as usual; should the clock's
@@ -24,19 +27,22 @@ log = logging.getLogger(__name__)
 
 
 class Beating(Protocol):
-    def beat_if_idle(self, now: float, idle_for: float) -> None:
-        """Send a heartbeat if nothing was sent in the last ``idle_for`` seconds."""
+    def beat_if_due(self, now: float, due_after: float) -> None:
+        """Send a heartbeat if none was sent in the last ``due_after`` seconds."""
 
     def abandon(self) -> None:
         """Beating it failed: end it, so that its client resumes."""
 
 
 class HeartbeatClock:
-    """Beats every registered stream that has been idle for most of ``interval_s``."""
+    """Beats every registered stream whose last beat is most of ``interval_s`` old."""
 
     def __init__(self, interval_s: float) -> None:
         self._interval = interval_s
         self._tick = interval_s / 3
+        self.due_after = interval_s - self._tick
+        """A stream beaten that long ago is due again: it gets its next beat within the
+        interval, whenever the clock ticks."""
         self._members: set[Beating] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -71,7 +77,7 @@ class HeartbeatClock:
         """One tick: beat (or end) every member that is due."""
         for member in list(self._members):
             try:
-                member.beat_if_idle(now, self._interval - self._tick)
+                member.beat_if_due(now, self.due_after)
             except Exception:
                 log.exception("a stream failed its heartbeat; cutting it")
                 self._members.discard(member)

@@ -112,11 +112,10 @@ class LiveBatch:
     them is worked out once here, not once per subscriber."""
 
     __slots__ = (
-        "_frames", "at", "ends", "entries", "epoch", "first", "from_origin", "last_id", "size",
-        "topic",
+        "_frames", "ends", "entries", "epoch", "first", "from_origin", "last_id", "size", "topic",
     )  # fmt: skip
 
-    def __init__(self, entries: list[LogEntry], *, from_origin: bool, at: float) -> None:
+    def __init__(self, entries: list[LogEntry], *, from_origin: bool) -> None:
         self.entries = entries
         self.topic = entries[0].topic
         self.first = entries[0].position
@@ -129,7 +128,6 @@ class LiveBatch:
         """Read from the very start of a log that did not exist when its reader last
         looked: no entry of that log came before these."""
         self.ends = entries[-1].is_control  # (an end or a deletion is always a log's last)
-        self.at = at  # the hub's clock when it read them
         self._frames: bytes | None = None
 
     @property

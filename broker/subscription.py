@@ -91,9 +91,9 @@ class Subscription:
         self._positions: dict[str, EventId] = {}
         self._buffer_limit = buffer_bytes
         self._heartbeats = heartbeats or HeartbeatClock(c.DEFAULT_HEARTBEAT_SECONDS)
-        self._last_sent = time.monotonic()
+        self._last_beat = time.monotonic()
         # When its credentials expire (unix time), as a deadline of the monotonic clock.
-        self._ends_at = None if expires_at is None else self._last_sent + expires_at - time.time()
+        self._ends_at = None if expires_at is None else self._last_beat + expires_at - time.time()
         self._observer = observer or Observer()
         self._pending: list[LogEntry] = []
         self._pending_bytes = 0
@@ -185,16 +185,14 @@ class Subscription:
                 raise SubscriberTooSlow()
             if self._resync:
                 async for chunk in self._catch_up():
-                    self._last_sent = time.monotonic()
-                    yield chunk
+                    yield self._beating_if_due(chunk)
                     if self._all_over():
                         self._finish()
                         return
                 continue
             chunk = self._drain_live()
             if chunk:
-                self._last_sent = time.monotonic()
-                yield chunk
+                yield self._beating_if_due(chunk)
                 if self._all_over():
                     self._finish()
                     return
@@ -202,8 +200,17 @@ class Subscription:
                 self._consumer_idle = True
                 return
             elif not await self._wait() and not self._closed:
-                self._last_sent = time.monotonic()
+                self._last_beat = time.monotonic()
                 yield HEARTBEAT
+
+    def _beating_if_due(self, chunk: bytes) -> bytes:
+        """``chunk``, after a heartbeat if one is due (the clock's beat waits for an idle
+        consumer: a long replay would have none)."""
+        now = time.monotonic()
+        if now - self._last_beat < self._heartbeats.due_after:
+            return chunk
+        self._last_beat = now
+        return HEARTBEAT + chunk
 
     # -- what the hub calls ------------------------------------------------
 
@@ -261,22 +268,21 @@ class Subscription:
             chunk = b"".join(e.frame for e in fresh)
         if not sink.write(chunk):
             return None
-        self._last_sent = batch.at
         self._positions[topic] = batch.last_id if fresh is entries else fresh[-1].id
         if sink.unsent_bytes() > self._buffer_limit:
             self._overflow()
         return len(fresh)
 
-    def beat_if_idle(self, now: float, idle_for: float) -> None:
+    def beat_if_due(self, now: float, due_after: float) -> None:
         """The heartbeat clock's call: end the stream if its credentials expired, else
         beat straight to the socket if we can."""
         if self._ends_at is not None and now >= self._ends_at:
             self.expire()
             return
-        if now - self._last_sent < idle_for or self._closed:
+        if now - self._last_beat < due_after or self._closed:
             return
         if self._parked_live() and self._sink.write(HEARTBEAT):
-            self._last_sent = now
+            self._last_beat = now
         else:
             self._wake(False)
 

@@ -94,3 +94,26 @@ def test_create_app_refuses_an_unknown_variable(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("BROKER_JWT_AUDIENCES", "x")
     with pytest.raises(ValidationError, match="BROKER_JWT_AUDIENCES"):
         create_app()
+
+
+@pytest.mark.parametrize(
+    ("mistake", "secret_setting", "secret"),
+    [
+        ({"BROKER_CORS_ORIGN": "https://a.test"}, "BROKER_JWT_SECRET", SECRET),
+        ({"BROKER_RETENTON_MAXLEN": "5"}, "BROKER_REDIS_URL", "redis://:hunter2-s3cret@db:6379"),
+    ],
+)
+def test_a_settings_error_does_not_print_the_secrets(
+    monkeypatch: pytest.MonkeyPatch, mistake: dict[str, str], secret_setting: str, secret: str
+) -> None:
+    """Started as ``uvicorn --factory api.app:create_app``, a mistyped variable printed
+    pydantic's error, with the settings it was given: half the JWT secret (or the
+    password in the Redis URL) went to the log."""
+    for name, value in {**mistake, secret_setting: secret}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as raised:
+        create_app()
+    shown = str(raised.value)
+    assert next(iter(mistake)) in shown.upper()
+    for part in (secret[:8], secret[-8:], "hunter2"):
+        assert part not in shown, shown

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import time
@@ -99,6 +101,39 @@ async def test_a_heartbeat_comment_at_least_every_heartbeat_interval(
             assert time.monotonic() - started < 2.5
     finally:
         await stream.close()
+
+
+async def test_a_stream_busy_with_events_gets_its_heartbeat_comments_too(
+    http_broker: BrokerProcess, aclient: httpx.AsyncClient
+) -> None:
+    """The contract: comments "at least every BROKER_HEARTBEAT_SECONDS" (1 s here). A
+    stream that got an event every 0.1 s got none (only idle streams were beaten): a
+    client or proxy that watches for comments took it for dead."""
+    topic = new_topic()
+    stream = await raw_request(http_broker.url + f"/topics/{topic}/events", headers=EVENT_STREAM)
+
+    async def publish_every_tenth_of_a_second() -> None:
+        for n in range(40):
+            await publish_many(aclient, topic, [n])
+            await asyncio.sleep(0.1)
+
+    try:
+        await stream.read_until(b"id: 0.0-0\n\n")  # live (no log yet)
+        publishing = asyncio.create_task(publish_every_tenth_of_a_second())
+        started, beats, events = time.monotonic(), [], 0
+        while not publishing.done():  # (bounded: 40 publishes)
+            with contextlib.suppress(TimeoutError):
+                chunk = await stream.read_chunk(timeout=0.5)
+                assert chunk is not None
+                events += chunk.count(b"\ndata: ")
+                if chunk.startswith(b":"):
+                    beats.append(time.monotonic())
+        await publishing
+    finally:
+        await stream.close()
+    assert events >= 30  # the stream was busy all along
+    times = [started, *beats]
+    assert len(beats) >= 3 and max(b - a for a, b in zip(times, times[1:], strict=False)) < 1.6
 
 
 # -- where a stream starts ------------------------------------------------------------

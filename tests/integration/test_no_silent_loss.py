@@ -443,7 +443,7 @@ class Member:
         self.fail = fail
         self.abandoned = False
 
-    def beat_if_idle(self, now: float, idle_for: float) -> None:
+    def beat_if_due(self, now: float, due_after: float) -> None:
         self.beats += 1
         if self.fail:
             raise RuntimeError("a stream's bug")
