@@ -99,6 +99,25 @@
     }).catch(function () { return { end: null, closed: false }; });
   }
 
+  // Set while the page may be leaving (a reload, a navigation): see the error handler.
+  var unloading = false;
+  var UNLOAD_GRACE_MS = 1000;
+  global.addEventListener("beforeunload", function () {
+    unloading = true;
+    global.setTimeout(function () { unloading = false; }, UNLOAD_GRACE_MS);  // it stayed
+  });
+
+  // A multi-topic stream's id, each topic's part ({} for none, or a single-topic id).
+  function cursorParts(id) {
+    var parts = {};
+    if (!id || id.indexOf("~") < 0) { return parts; }
+    id.split("!").forEach(function (entry) {
+      var at = entry.indexOf("~");
+      parts[entry.slice(0, at)] = entry.slice(at + 1);
+    });
+    return parts;
+  }
+
   function subscribe(url, options) {
     options = options || {};
     var key = storageKey(url);
@@ -109,17 +128,33 @@
     var closed = false;
     var handle = { close: close, source: null };
     // A multi-topic stream (/events?topic=a&topic=b) goes on past one topic's end;
-    // it is over once each of its topics has ended (a broker.end, or a deleted gap).
-    var named = new URL(url, global.location.href).searchParams.getAll("topic");
-    var topics = Math.max(1, new Set(named).size);
-    var ends = 0;
+    // it is over once each of its topics has ended (a broker.end, or a deleted gap),
+    // counted once per topic: a reconnect may be told of a deletion again.
+    var named = new Set(new URL(url, global.location.href).searchParams.getAll("topic"));
+    var endedTopics = new Set();
+    var lastId = stored;  // the place before the event being delivered
+    var lastWasEnd = false;  // the last thing delivered was a topic's end
 
-    function ended(id) {
-      ends += 1;
-      if (ends >= topics) {
+    function ended(topic, id) {
+      lastWasEnd = true;
+      if (topic !== null) { endedTopics.add(topic); }  // (null: it cannot be told)
+      if (named.size <= 1 || endedTopics.size >= named.size) {
         if (id) { save(ENDED_PREFIX + key, id); }
         close();
       }
+    }
+
+    // The topic of an event on a multi-topic stream: a gap names it; any other event
+    // is told by its id, the cursor ("a~<id>!b~<id>") in which only its topic moved.
+    function topicOf(message, gap) {
+      if (named.size <= 1) { return "the topic"; }
+      if (gap) { return gap.topic; }
+      var before = cursorParts(lastId);
+      var after = cursorParts(message.id);
+      var moved = Object.keys(after).filter(function (topic) {
+        return lastId ? before[topic] !== after[topic] : !/\.0-0$/.test(after[topic]);
+      });
+      return moved.length === 1 ? moved[0] : null;
     }
 
     function close() {
@@ -130,6 +165,7 @@
     function deliver(event) {
       if (closed) { return; }
       delivered = true;
+      lastWasEnd = false;
       // Saved before the callbacks run: a reload from inside one resumes after this event.
       if (event.lastEventId) { save(key, event.lastEventId); }
       var message = { id: event.lastEventId || null, type: event.type, data: event.data };
@@ -140,14 +176,15 @@
         // A deleted topic is over: coming back would be told again, then wait for ever.
         // (Its id is kept as an end: a reload comes back with it, is answered 204, and
         // the page is told onEnd, as after a broker.end.)
-        if (gap.reason === "deleted") { ended(message.id); }
+        if (gap.reason === "deleted") { ended(topicOf(message, gap), message.id); }
         if (options.onGap) { options.onGap(gap); }
       } else if (event.type === END) {
-        ended(message.id);
+        ended(topicOf(message, null), message.id);
         if (options.onEnd) { options.onEnd(message); }
       } else if (options.onEvent) {
         options.onEvent(message);
       }
+      if (message.id) { lastId = message.id; }
     }
 
     function open(place) {
@@ -166,11 +203,23 @@
           closed = true;
           if (endedBefore && !delivered) {
             if (options.onEnd) { options.onEnd({ id: stored, type: END, data: "{}" }); }
-          } else if (options.onError) {
-            options.onError({ fatal: true });
+          } else if (lastWasEnd) {
+            // The stream's last topic ended (told onEnd already), some of them before
+            // this page subscribed (it never saw their end): the reconnect was 204.
+            if (lastId) { save(ENDED_PREFIX + key, lastId); }
+          } else if (unloading) {
+            // Chromium closes a page's EventSources, with this event, before it leaves
+            // it (a reload): that is no refusal. Told only if the page stays after all.
+            global.setTimeout(refused, UNLOAD_GRACE_MS);
+          } else {
+            refused();
           }
         }
       });
+    }
+
+    function refused() {
+      if (options.onError) { options.onError({ fatal: true }); }
     }
 
     var infoUrl = stored ? null : topicInfoUrl(url);

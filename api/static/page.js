@@ -128,12 +128,13 @@
   }
 
   // A text/event-stream parser (HTML standard, "interpreting an event stream").
-  function SseParser(onEvent) {
+  function SseParser(onEvent, onPlace) {
     this.pending = "";
     this.lastId = null;
     this.type = "";
     this.data = [];
     this.onEvent = onEvent;
+    this.onPlace = onPlace;
   }
   SseParser.prototype.feed = function (text) {
     this.pending += text;
@@ -155,23 +156,27 @@
     else if (name === "id" && value.indexOf("\0") < 0) { this.lastId = value; }
     return false;
   };
+  // As the standard dispatches: the id of a block with no data (the broker's cursor once
+  // a stream "from now" is live) is the place a reconnect resumes from all the same.
   SseParser.prototype.dispatch = function () {
     var hasData = this.data.length > 0;
     var event = { id: this.lastId, type: this.type || "message", data: this.data.join("\n") };
     this.type = "";
     this.data = [];
+    this.onPlace(this.lastId);
     return hasData ? this.onEvent(event) : false;
   };
 
   // fetch, not EventSource: an EventSource can only listen to event types it is told of.
+  // True once the topic is over: its broker.end, or a gap saying it was deleted.
   async function readStream(response, state) {
     var reader = response.body.getReader();
     var decoder = new TextDecoder();
     var parser = new SseParser(function (event) {
-      state.lastId = event.id;
       show(state, event);
-      return event.type === "broker.end";
-    });
+      if (event.type === "broker.gap" && gapReason(event) === "deleted") { state.deleted = true; }
+      return event.type === "broker.end" || state.deleted;
+    }, function (place) { state.lastId = place; });
     parser.lastId = state.lastId;
     for (;;) {
       var chunk = await reader.read();
@@ -183,6 +188,12 @@
     }
   }
 
+  function gapReason(event) {
+    try { return JSON.parse(event.data).reason; } catch (error) { return null; }
+  }
+
+  // "closed" once the topic is over (or was already), "" when the stream ended and
+  // should be resumed, else what refused it.
   async function connect(state) {
     var headers = { Accept: "text/event-stream" };
     var url = topicPath(state.topic) + "/events";
@@ -201,7 +212,11 @@
     while (tail === state) {
       try {
         var outcome = await connect(state);
-        if (outcome) { finishTail(state, outcome === "closed" ? "The topic was closed." : outcome, outcome !== "closed"); return; }
+        if (outcome === "closed") {
+          finishTail(state, state.deleted ? "The topic was deleted." : "The topic was closed.", false);
+          return;
+        }
+        if (outcome) { finishTail(state, outcome, true); return; }
         failures = 0;
       } catch (error) {
         if (state.controller.signal.aborted) { return; }
@@ -222,7 +237,9 @@
     stopTail(true);
     $("tail-log").replaceChildren();
     $("tail-topic").value = topic;
-    tail = { topic: topic, earliest: earliest, lastId: null, controller: new AbortController() };
+    tail = {
+      topic: topic, earliest: earliest, lastId: null, deleted: false, controller: new AbortController(),
+    };
     $("tail-stop").disabled = false;
     say("tail-status", "Connecting to " + topic + "…");
     follow(tail);

@@ -20,6 +20,7 @@ from brokerclient import Publisher
 from tests.support.broker_process import BrokerProcess
 from tests.support.chromium import Chromium
 from tests.support.polling import WaitTimeout
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
@@ -126,6 +127,7 @@ document.addEventListener("DOMContentLoaded", () => {
       onEvent: (e) => keep(e),
       onGap: (gap) => keep({type: "broker.gap", data: JSON.stringify(gap)}),
       onEnd: (e) => keep(e),
+      onError: (e) => keep({type: "error", data: JSON.stringify(e)}),
     });
   };
   document.head.appendChild(script);
@@ -282,6 +284,97 @@ def test_a_stream_from_now_of_a_closed_topic_ends_at_once(
         "JSON.parse(sessionStorage.getItem('received') || '[]').length === 1", what="onEnd"
     )
     assert [e["type"] for e in _received(browser)] == ["broker.end"]
+
+
+@pytest.fixture
+def own_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    """A broker of this test's own, which it may stop and start again on its port."""
+    process = BrokerProcess(redis_url=redis_server.url, env={"BROKER_HEARTBEAT_SECONDS": "1"})
+    process.start()
+    yield process
+    process.close()
+
+
+def test_a_multi_topic_stream_told_again_of_an_ended_topic_goes_on(
+    own_broker: BrokerProcess, face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """The helper counted ends, not topics: a stream that saw its first topic's end, then
+    was told of that topic's deletion on reconnecting (the broker was redeployed
+    meanwhile), took the second topic for ended too, and closed: the page missed the
+    rest of it."""
+    first, second = (f"face.again.{uuid.uuid4().hex[:8]}" for _ in range(2))
+    _open_client_page(browser, own_broker, f"/events?topic={first}&topic={second}&from=earliest")
+    with Publisher(own_broker.url) as publisher:
+        publisher.publish(first, 1, close=True)
+        publisher.publish(second, 2)
+    _wait_received(browser, 3, "the first topic's end and the second topic's event")
+    own_broker.terminate()  # the page's EventSource reconnects, in vain for now
+    assert httpx.delete(f"{face_broker.url}/topics/{first}", timeout=10).status_code == 204
+    own_broker.start()
+    _wait_received(browser, 4, "the deletion, told on reconnecting")
+    assert browser.evaluate("window.__stream.source.readyState") != 2, "closed at the deletion"
+    with Publisher(own_broker.url) as publisher:
+        publisher.publish(second, 3, close=True)
+    _wait_closed(browser, "the helper to close its EventSource at the second topic's end")
+    received = [(e["type"], e["data"]) for e in _received(browser)]
+    assert received[3][0] == "broker.gap" and received[4:] == [
+        ("message", "3"), ("broker.end", "{}"),
+    ], received  # fmt: skip
+
+
+def test_a_multi_topic_stream_whose_other_topic_ended_before_it_ends_quietly(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """From now on two topics, the first closed already (the page never sees its end).
+    At the second's end the broker ends the stream and answers the reconnect 204: the
+    helper told the page onError, as for a refusal, after onEnd; and so on every
+    reload. It is an end: no error, and a reload is told onEnd."""
+    first, second = (f"face.before.{uuid.uuid4().hex[:8]}" for _ in range(2))
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(first, 1, close=True)
+        _open_client_page(browser, face_broker, f"/events?topic={first}&topic={second}")
+        browser.wait_for(
+            "window.__stream && window.__stream.source && window.__stream.source.readyState === 1",
+            what="the helper's stream to open",
+        )
+        publisher.publish(second, 2, close=True)
+    _wait_closed(browser, "the stream to end")
+    _wait_received(browser, 2, "the second topic's event and end")
+    received = _received(browser)
+    assert [e["type"] for e in received] == ["message", "broker.end"]
+    browser.reload()
+    _wait_closed(browser, "the reloaded page's EventSource to stop")
+    _wait_received(browser, 3, "onEnd after the reload")
+    assert [e["type"] for e in _received(browser)] == ["message", "broker.end", "broker.end"]
+
+
+def test_the_live_pages_tail_resumes_from_its_cursor_before_its_first_event(
+    own_broker: BrokerProcess, face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """The page's tail of a topic "from now" kept a place only from events: dropped
+    before its first one, it came back "from now" again, and the events published
+    meanwhile never showed. The broker's cursor (an id with no data) is its place.
+    After a DELETE the page said "closed"; it says "deleted"."""
+    topic = f"face.tail.{uuid.uuid4().hex[:8]}"
+    with Publisher(own_broker.url) as publisher:
+        publisher.publish(topic, 0)  # before the tail: not for it
+    browser.navigate(own_broker.url + "/")
+    browser.evaluate(
+        f"document.getElementById('tail-topic').value = {json.dumps(topic)};"
+        "document.querySelector('#tail-form button[type=submit]').click()"
+    )
+    browser.wait_for("document.getElementById('tail-status').textContent.startsWith('Live')")
+    own_broker.terminate()
+    with Publisher(face_broker.url) as publisher:
+        published = [publisher.publish(topic, n).id for n in (1, 2, 3)]
+    own_broker.start()
+    browser.wait_for("document.querySelectorAll('#tail-log li').length >= 3", timeout=20)
+    assert [row[0] for row in _rows(browser, "#tail-log li")] == published
+    assert httpx.delete(f"{face_broker.url}/topics/{topic}", timeout=10).status_code == 204
+    browser.wait_for(
+        "document.getElementById('tail-status').textContent === 'The topic was deleted.'",
+        what="the page to say the topic was deleted",
+    )
 
 
 SUBSCRIBE_AGAIN = "window.__stream = BrokerClient.subscribe(%(url)s, {onEvent: window.__keep});"
