@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import httpx
+import pytest
 
 from tests.http.helpers import SseStream, new_topic
 
@@ -44,3 +47,52 @@ async def test_the_llm_token_example_streams_then_ends(aclient: httpx.AsyncClien
     assert [e.id for e in replayed] == [*answer["ids"], answer["end_id"]]
     over = await aclient.get(f"/topics/{topic}/events", headers={"Last-Event-ID": answer["end_id"]})
     assert over.status_code == 204
+
+
+async def test_the_llm_token_example_retries_without_asking_the_model_again(
+    aclient: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its retry after a broken connection built the body anew, calling the model again:
+    the lines stored before the break came from one generation, the rest from another
+    (a real model does not answer twice alike). A retry sends again the lines the model
+    made, then goes on with the same generation."""
+    example = load_example("llm_tokens")
+    generations = 0
+
+    async def model(prompt: str) -> AsyncIterator[str]:
+        nonlocal generations
+        generations += 1
+        for n in range(8):
+            yield f"g{generations}-{n} "
+
+    real_post, posts = httpx.AsyncClient.post, 0
+
+    async def post_broken_once(self: httpx.AsyncClient, url: str, **kwargs: Any) -> Any:
+        nonlocal posts
+        posts += 1
+        if posts == 1:  # three lines reach the broker, then the connection breaks
+            body = kwargs["content"]
+
+            async def three_lines_then_broken() -> AsyncIterator[bytes]:
+                sent = 0
+                async for line in body:
+                    yield line
+                    sent += 1
+                    if sent == 3:
+                        raise httpx.WriteError("the connection broke")
+
+            kwargs["content"] = three_lines_then_broken()
+        return await real_post(self, url, **kwargs)
+
+    monkeypatch.setattr(example, "fake_llm", model)
+    monkeypatch.setattr(httpx.AsyncClient, "post", post_broken_once)
+    topic = new_topic("chat")
+    answer = await example.stream_generation(str(aclient.base_url), topic, "why?")
+    monkeypatch.undo()
+    page = await aclient.get(
+        f"/topics/{topic}/events", params={"limit": 100}, headers={"Accept": "application/json"}
+    )
+    tokens = [e["data"] for e in page.json()["events"] if e["event"] == "token"]
+    assert posts == 2 and generations == 1
+    assert tokens == [f"g1-{n} " for n in range(8)]
+    assert [e["id"] for e in page.json()["events"]][:8] == answer["ids"]
