@@ -58,6 +58,7 @@ FIELD_KIND = b"k"
 FIELD_DATA = b"d"
 FIELD_EVENT = b"e"
 FIELD_RETRY = b"r"
+FIELD_NUMBER = b"n"  # the entry's number in its log (see append.lua)
 KIND_JSON = "j"
 KIND_TEXT = "t"
 

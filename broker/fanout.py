@@ -54,12 +54,15 @@ class LiveSubscriber(Protocol):
 class _Feed:
     """One live topic: its subscribers and how far the reader has read it."""
 
-    __slots__ = ("epoch", "position", "ready", "subscribers")
+    __slots__ = ("epoch", "number", "position", "ready", "subscribers")
 
     def __init__(self) -> None:
         self.subscribers: set[LiveSubscriber] = set()
         self.position: StreamPosition = (0, 0)
         self.epoch: str | None = None
+        # The number in its log of the entry at ``position`` (append.lua); None when
+        # not known (a log stored before numbers, a position the log lost).
+        self.number: int | None = 0
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
@@ -152,6 +155,7 @@ class Hub:
             raise
         feed.epoch = state.epoch
         feed.position = state.last_issued
+        feed.number = state.issued
         if state.expires_in_ms is not None:
             self._expiry.note(topic, time.monotonic(), state.expires_in_ms / 1000)
         feed.ready.set_result(None)
@@ -279,6 +283,7 @@ class Hub:
             batch = LiveBatch(entries, from_origin=from_origin)
             feed.position = entries[-1].position
             feed.epoch = entries[-1].epoch
+            feed.number = entries[-1].number
             if policies.expiring and (ttl_ms := policies.for_topic(topic).ttl_ms):
                 self._expiry.note(topic, now, ttl_ms / 1000)  # an append moved its expiry
             for subscriber in tuple(feed.subscribers):
@@ -307,7 +312,7 @@ class Hub:
                 self._expiry.note(topic, now, state.expires_in_ms / 1000)
             elif not state.exists and feed.epoch is not None:
                 log.info("topic %s expired", topic)
-                feed.epoch, feed.position = None, (0, 0)
+                feed.epoch, feed.position, feed.number = None, (0, 0), 0
                 self._reset_subscribers(feed, topic)
 
     async def _check_trimmed_past(
@@ -320,7 +325,6 @@ class Hub:
         between where the reader was and what it read now (it fell that far behind,
         or was away ``away_ms`` since its previous read came back, or longer for a
         topic whose Cluster node failed meanwhile)."""
-        may_have_trimmed = self._store.may_have_trimmed
         unread = self._store.take_unread_spells()  # (a Cluster node failed a while)
         # Their node failed while the others answered (no outage was raised): the one
         # that took over may hold another log of each, a shorter one, or one that lost
@@ -335,7 +339,9 @@ class Hub:
             topic
             for topic, entries in batches.items()
             if entries
-            and may_have_trimmed(topic, positions[topic], entries, away_ms + unread.get(topic, 0.0))
+            and self._maybe_skipped(
+                topic, positions[topic], entries, away_ms + unread.get(topic, 0.0)
+            )
         ]
         if not suspects:
             return
@@ -353,6 +359,18 @@ class Hub:
             if state.trimmed_through > positions[topic]:
                 log.warning("topic %s: the live reader fell behind retention", topic)
                 self._reset_subscribers(feed, topic)
+
+    def _maybe_skipped(
+        self, topic: str, armed: StreamPosition, entries: list[LogEntry], away_ms: float
+    ) -> bool:
+        """Whether the log may have removed entries between where the read began and
+        these: their numbers tell (the first does not follow the last read: whoever
+        removed them, by whatever retention); else this instance's retention bounds."""
+        feed = self._feeds.get(topic)
+        first = entries[0].number
+        if feed is None or feed.number is None or first is None or feed.position != armed:
+            return self._store.may_have_trimmed(topic, armed, entries, away_ms)
+        return first != feed.number + 1
 
     def _reset_subscribers(self, feed: _Feed, topic: str) -> None:
         for subscriber in tuple(feed.subscribers):
@@ -433,7 +451,7 @@ class Hub:
                 # before what they saw (a new primary whose clock lags), would be skipped
                 # as seen.
                 log.warning("topic %s: its log lost events while Redis was away", topic)
-                feed.position = state.lost_after
+                feed.position, feed.number = state.lost_after, None
                 self._reset_subscribers(feed, topic)
                 return
             if state.trimmed_through > feed.position:
@@ -445,6 +463,7 @@ class Hub:
         log.warning("topic %s: its log changed while Redis was away", topic)
         feed.epoch = state.epoch
         feed.position = state.last_issued
+        feed.number = state.issued
         self._reset_subscribers(feed, topic)
 
 

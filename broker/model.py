@@ -88,6 +88,12 @@ class LogEntry:
         return self._frame
 
     @property
+    def number(self) -> int | None:
+        """Its number in its log (1, 2, ...); None in an entry stored before numbers."""
+        raw = self.fields.get(c.FIELD_NUMBER)
+        return int(raw) if raw else None
+
+    @property
     def event_type(self) -> str | None:
         raw = self.fields.get(c.FIELD_EVENT)
         return raw.decode() if raw else None
@@ -156,6 +162,9 @@ class LogState:
     in a log created since, of the last log deleted before it."""
     deleted_at: StreamPosition | None = None
     """Where that deletion's marker is: a cursor there was told of the deletion."""
+    issued: int | None = None
+    """The number of the newest entry this log issued (0 for no log yet; None for a
+    log whose entries were stored before they had numbers)."""
     lost_after: StreamPosition | None = None
     """Set by ``Store.revalidate`` only: the log lost the entry the live reader had read
     (and maybe more before it), and kept everything up to this one."""

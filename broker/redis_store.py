@@ -488,7 +488,7 @@ class RedisStreamStore:
         keys = [c.log_key(topic), c.meta_key(topic)]
         max_age = self.policies.for_topic(topic).max_age_ms
         reply = await self._call(self._state_script(keys=keys, args=[max_age, *(reader or ())]))
-        epoch, trimmed, length, first, last, end, expires_in, deleted, marker, lost = reply
+        epoch, trimmed, length, first, last, end, expires_in, deleted, marker, lost, issued = reply
         return LogState(
             epoch=epoch.decode() if epoch else None,
             length=int(length),
@@ -500,6 +500,7 @@ class RedisStreamStore:
             deleted_epoch=deleted.decode() if deleted else None,
             deleted_at=_position_or_none(marker),
             lost_after=_position_or_none(lost),
+            issued=int(issued) if issued else (None if epoch else 0),
         )
 
     async def ping(self) -> None:

@@ -172,15 +172,21 @@ end
 
 local ttl_ms = tonumber(ARGV[6])
 
+-- Each entry carries its number in its log ('n': 1, 2, ... the meta hash holds the
+-- last one issued). A live reader that reads entries whose first does not follow the
+-- last it read knows that entries between were removed, whoever removed them: an
+-- instance with another retention than its own (a rolling deploy that changes it, a
+-- DirectPublisher given its own) trims what its own retention would have kept.
 local function add(kind, data, event, retry)
+  local n = redis.call('HINCRBY', meta, 'n', 1)
   if event ~= '' and retry ~= '' then
-    return redis.call('XADD', log, '*', 'ep', epoch, 'k', kind, 'd', data, 'e', event, 'r', retry)
+    return redis.call('XADD', log, '*', 'ep', epoch, 'n', n, 'k', kind, 'd', data, 'e', event, 'r', retry)
   elseif event ~= '' then
-    return redis.call('XADD', log, '*', 'ep', epoch, 'k', kind, 'd', data, 'e', event)
+    return redis.call('XADD', log, '*', 'ep', epoch, 'n', n, 'k', kind, 'd', data, 'e', event)
   elseif retry ~= '' then
-    return redis.call('XADD', log, '*', 'ep', epoch, 'k', kind, 'd', data, 'r', retry)
+    return redis.call('XADD', log, '*', 'ep', epoch, 'n', n, 'k', kind, 'd', data, 'r', retry)
   end
-  return redis.call('XADD', log, '*', 'ep', epoch, 'k', kind, 'd', data)
+  return redis.call('XADD', log, '*', 'ep', epoch, 'n', n, 'k', kind, 'd', data)
 end
 
 local ids, replayed, top_line = {}, 0, false

@@ -12,7 +12,8 @@
 -- last MAX_LOSSES losses, oldest first, apart by spaces.
 -- Returns {epoch|false, trimmed|false, length, first id|false, last id|false,
 --          end id|false, ms to expiry (-1: kept), epoch of a deleted log|false,
---          its marker's id|false, where a loss was recorded now|false}.
+--          its marker's id|false, where a loss was recorded now|false, the number of
+--          the newest entry it issued (append.lua)|false}.
 -- A deleted topic (its marker lingers for live readers) reads as no log, but says
 -- which epoch was deleted: a cursor of it gets a "deleted" gap, not "unknown"; and
 -- where its marker is: a cursor at it was told already (answered 204). A log
@@ -28,9 +29,9 @@ local function before(a, b)  -- stream ids "ms-seq", compared as numbers
   return a_ms < b_ms or (a_ms == b_ms and tonumber(a_seq) < tonumber(b_seq))
 end
 
-local fields = redis.call('HMGET', meta, 'epoch', 'trimmed', 'closed', 'deleted', 'deleted_epoch', 'deleted_at')
+local fields = redis.call('HMGET', meta, 'epoch', 'trimmed', 'closed', 'deleted', 'deleted_epoch', 'deleted_at', 'n')
 if redis.call('EXISTS', log) == 0 or fields[4] then
-  return {false, false, 0, false, false, false, -1, fields[4] and fields[1] or false, fields[4] or false, false}
+  return {false, false, 0, false, false, false, -1, fields[4] and fields[1] or false, fields[4] or false, false, false}
 end
 local trimmed = fields[2]
 local max_age_ms = tonumber(ARGV[1])
@@ -74,4 +75,5 @@ return {
   fields[5] or false,
   fields[6] or false,
   lost_after,
+  fields[7] or false,
 }

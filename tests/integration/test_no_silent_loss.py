@@ -572,6 +572,33 @@ async def test_a_new_topic_trimmed_before_its_first_live_read_is_told_with_a_gap
         assert numbers(received) == list(range(15, 20)), name
 
 
+@pytest.mark.parametrize("first_read", [False, True])
+async def test_a_trim_by_an_instance_with_a_smaller_retention_is_told_with_a_gap(
+    redis_broker: Broker, redis_server: RedisServer, topic: str, first_read: bool
+) -> None:
+    """Two instances with different retention (a rolling deploy that lowers it, a
+    DirectPublisher given its own): one keeping 5 events stores a batch of 20, and
+    trims 15 that a subscriber of the other had not read. The other's live reader
+    judged a trim by its own retention (1,000), read the last 5, and its subscriber
+    went on with nothing said. Each entry's number in its log tells the reader."""
+    small = await small_broker(redis_server.url, maxlen=5)
+    try:
+        if not first_read:
+            await publish(redis_broker, topic, range(1))
+        sink = PushConsumer()
+        subscription = await redis_broker.subscribe({topic: "now"}, sink=sink)
+        sink.start(subscription)
+        await await_until(lambda: not sink.pumping, timeout=5, what="caught up: live")
+        await publish(small, topic, range(1, 21))  # one append: 15 of them trimmed at once
+        received = await collect(sink, lambda ev: 20 in numbers(ev))
+        subscription.close()
+    finally:
+        await small.close()
+    [gap] = gaps(received)
+    assert gap.json["reason"] == "trimmed"  # type: ignore[index]
+    assert numbers(received) == list(range(16, 21))
+
+
 async def test_a_store_failure_while_judging_several_topics_loses_no_gap_notice(
     redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
