@@ -302,7 +302,15 @@ class Hub:
         topics = [t for t in self._expiry.due(time.monotonic()) if t in self._feeds]
         if not topics:
             return
-        states = await asyncio.gather(*(self._store.state(t) for t in topics))
+        try:
+            states = await asyncio.gather(*(self._store.state(t) for t in topics))
+        except BaseException:
+            # Due still: looked at again once the store answers (forgotten, a topic that
+            # expired meanwhile left its subscribers waiting for good).
+            now = time.monotonic()
+            for topic in topics:
+                self._expiry.note(topic, now, 0.0)
+            raise
         now = time.monotonic()
         for topic, state in zip(topics, states, strict=True):
             feed = self._feeds.get(topic)

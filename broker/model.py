@@ -169,12 +169,23 @@ class LogState:
     """Set by ``Store.revalidate`` only: the log lost the entry the live reader had read
     (and maybe more before it), and kept everything up to this one."""
 
+    deleted_before: tuple[EventId, ...] = ()
+    """The markers of logs deleted before that one (deleted, published to, deleted
+    again...), the newest first."""
+
     @property
     def deletion(self) -> EventId | None:
         """The id a stream gives a topic once told of its deletion (its marker's)."""
         if self.deleted_epoch is None or self.deleted_at is None:
             return None
         return EventId(self.deleted_epoch, self.deleted_at)
+
+    def deletion_of(self, epoch: str) -> EventId | None:
+        """The marker of the deleted log of ``epoch``, if this log knows of one."""
+        latest = self.deletion
+        if latest is not None and latest.epoch == epoch:
+            return latest
+        return next((marker for marker in self.deleted_before if marker.epoch == epoch), None)
 
     @property
     def exists(self) -> bool:

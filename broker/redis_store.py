@@ -52,6 +52,15 @@ def _list_position(cursor: str | None) -> tuple[int, int, str | None]:
     return int(node), int(position or 0), after or None
 
 
+def _deletions(raw: bytes | None) -> tuple[EventId, ...]:
+    """``epoch:marker ...`` (state.lua) as the markers' ids."""
+    markers = []
+    for deletion in (raw or b"").decode().split():
+        epoch, _, marker = deletion.partition(":")
+        markers.append(EventId(epoch, parse_stream_id(marker)))
+    return tuple(markers)
+
+
 def _position_or_none(raw: bytes | None) -> StreamPosition | None:
     return parse_stream_id(raw) if raw else None
 
@@ -488,7 +497,8 @@ class RedisStreamStore:
         keys = [c.log_key(topic), c.meta_key(topic)]
         max_age = self.policies.for_topic(topic).max_age_ms
         reply = await self._call(self._state_script(keys=keys, args=[max_age, *(reader or ())]))
-        epoch, trimmed, length, first, last, end, expires_in, deleted, marker, lost, issued = reply
+        (epoch, trimmed, length, first, last, end, expires_in) = reply[:7]
+        deleted, marker, lost, issued, deleted_before = reply[7:]
         return LogState(
             epoch=epoch.decode() if epoch else None,
             length=int(length),
@@ -501,6 +511,7 @@ class RedisStreamStore:
             deleted_at=_position_or_none(marker),
             lost_after=_position_or_none(lost),
             issued=int(issued) if issued else (None if epoch else 0),
+            deleted_before=_deletions(deleted_before),
         )
 
     async def ping(self) -> None:

@@ -30,17 +30,16 @@ class Gap:
 
 def resume_point(requested: EventId, state: LogState) -> tuple[EventId, Gap | None]:
     """The position to read after, and the gap notice to send first, if any."""
+    deletion = None if requested.is_origin else state.deletion_of(requested.epoch)
+    if deletion is not None:  # (and maybe published to again since)
+        # Told at the marker's id: a client coming back with it is answered 204.
+        return deletion, Gap("deleted", requested, None)
     if state.epoch is None:
         if requested.is_origin:
             return ORIGIN, None
-        if requested.epoch == state.deleted_epoch:
-            # Told at the marker's id: a client coming back with it is answered 204.
-            return state.deletion or ORIGIN, Gap("deleted", requested, None)
         return ORIGIN, Gap("unknown", requested, None)
     if requested.is_origin:
         position = (0, 0)
-    elif requested.epoch == state.deleted_epoch:  # deleted, and published to again since
-        return state.deletion or ORIGIN, Gap("deleted", requested, None)
     elif requested.epoch != state.epoch:
         return _from_oldest(state, "unknown", requested)
     elif requested.position > state.last_issued:

@@ -554,8 +554,9 @@ def _at_end(start: StartFrom, state: LogState) -> bool:
     or it was deleted, and the cursor is the deletion's (the client was told)."""
     if isinstance(start, ForeignCursor):
         return False
-    deletion = state.deletion
-    if deletion is not None and isinstance(start, EventId) and start.epoch == deletion.epoch:
+    deletion = state.deletion_of(start.epoch) if isinstance(start, EventId) else None
+    if deletion is not None:
+        assert isinstance(start, EventId)
         return start.position >= deletion.position  # told of the deletion already
     if state.end is None or start == "earliest":
         return False

@@ -151,8 +151,19 @@ if epoch then
   end
 else
   epoch = ARGV[1]
+  -- Logs deleted before the one this replaces (its meta says), each "epoch:marker",
+  -- the newest first: a client of one of them is told "deleted" too (state.lua).
+  local before = {}
+  if deleted_epoch then
+    local earlier = redis.call('HMGET', meta, 'deleted_epoch', 'deleted_at', 'deleted_before')
+    if earlier[1] and earlier[2] then before[1] = earlier[1] .. ':' .. earlier[2] end
+    for deletion in string.gmatch(earlier[3] or '', '%S+') do
+      if #before < 16 then before[#before + 1] = deletion end
+    end
+  end
   -- (an old log's records answer no more)
   redis.call('DEL', meta, records, written, lines, lines_written)
+  if #before > 0 then redis.call('HSET', meta, 'deleted_before', table.concat(before, ' ')) end
   if deleted_epoch then
     -- Published again right after a DELETE. The stream stays, emptied: its ids go
     -- on after the marker's (a new stream's first id, in the marker's millisecond,

@@ -13,7 +13,8 @@
 -- Returns {epoch|false, trimmed|false, length, first id|false, last id|false,
 --          end id|false, ms to expiry (-1: kept), epoch of a deleted log|false,
 --          its marker's id|false, where a loss was recorded now|false, the number of
---          the newest entry it issued (append.lua)|false}.
+--          the newest entry it issued (append.lua)|false, the logs deleted before that
+--          one, "epoch:marker" apart by spaces, the newest first|false}.
 -- A deleted topic (its marker lingers for live readers) reads as no log, but says
 -- which epoch was deleted: a cursor of it gets a "deleted" gap, not "unknown"; and
 -- where its marker is: a cursor at it was told already (answered 204). A log
@@ -29,9 +30,13 @@ local function before(a, b)  -- stream ids "ms-seq", compared as numbers
   return a_ms < b_ms or (a_ms == b_ms and tonumber(a_seq) < tonumber(b_seq))
 end
 
-local fields = redis.call('HMGET', meta, 'epoch', 'trimmed', 'closed', 'deleted', 'deleted_epoch', 'deleted_at', 'n')
+local fields = redis.call('HMGET', meta, 'epoch', 'trimmed', 'closed', 'deleted', 'deleted_epoch', 'deleted_at', 'n', 'deleted_before')
 if redis.call('EXISTS', log) == 0 or fields[4] then
-  return {false, false, 0, false, false, false, -1, fields[4] and fields[1] or false, fields[4] or false, false, false}
+  local before = fields[8] or false
+  if fields[4] and fields[5] and fields[6] then  -- deleted again: the one before goes first
+    before = fields[5] .. ':' .. fields[6] .. (before and (' ' .. before) or '')
+  end
+  return {false, false, 0, false, false, false, -1, fields[4] and fields[1] or false, fields[4] or false, false, false, before}
 end
 local trimmed = fields[2]
 local max_age_ms = tonumber(ARGV[1])
@@ -76,4 +81,5 @@ return {
   fields[6] or false,
   lost_after,
   fields[7] or false,
+  fields[8] or false,
 }

@@ -21,7 +21,7 @@ from broker import constants as c
 from broker.errors import StreamOver
 from broker.heartbeat import HeartbeatClock
 from broker.ids import format_stream_id, parse_cursor
-from broker.model import LiveBatch, LogEntry
+from broker.model import IngestLines, LiveBatch, LogEntry
 from broker.redis_open import open_store
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
@@ -676,6 +676,82 @@ async def test_a_topic_published_to_right_after_a_delete_still_ends_its_streams(
         assert gaps(told)[0].json["reason"] == "deleted"  # type: ignore[index]
     finally:
         await broker.close()
+
+
+@pytest.mark.parametrize("url_kind", ["embedded", "redis"])
+@pytest.mark.parametrize("recreated", [False, True])
+async def test_an_id_of_a_log_deleted_before_the_last_deletion_is_told_deleted(
+    url_kind: str, redis_server: RedisServer, topic: str, recreated: bool
+) -> None:
+    """Deleted, published to, deleted again (and published to again): the log kept only
+    its last deletion, so a client with an id of the first deleted log (away, or whose
+    live reader missed the first marker, which the second log's start removes) was told
+    "unknown", and its stream went on into a log that is none of its own. It is told
+    "deleted", and its stream is over."""
+    url = None if url_kind == "embedded" else redis_server.url
+    broker = Broker(open_store(url), limits=BrokerLimits(heartbeat_seconds=0.3))
+    await broker.start()
+    try:
+        [first] = await publish(broker, topic, range(1))
+        assert await broker.delete_topic(topic)
+        await publish(broker, topic, range(2, 3))
+        assert await broker.delete_topic(topic)
+        if recreated:
+            await publish(broker, topic, range(3, 4))
+        subscription = await broker.subscribe({topic: first})
+        raw = b""
+        async with asyncio.timeout(5):
+            async for chunk in subscription.chunks():
+                raw += chunk
+        events = parse_events(raw)
+        assert [e.json["reason"] for e in gaps(events)] == ["deleted"], events  # type: ignore[index]
+        assert numbers(events) == [] and subscription.closed
+        with pytest.raises(StreamOver):  # coming back with the gap's id: over (204)
+            await broker.subscribe({topic: EventId.parse(str(events[-1].id))})
+    finally:
+        await broker.close()
+
+
+async def test_a_topic_whose_expiry_check_failed_once_is_still_told_when_it_expires(
+    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The live reader looks at a topic when the TTL its last entry set is due; the TTL
+    may have moved since with no entry (a resent ingest, all of its lines stored
+    already, is answered from its records and refreshes the TTL). If that look failed
+    (a Redis blip), the topic was forgotten, and the outage's revalidation found it
+    still there: when it expired, its subscribers waited for good, told nothing. It
+    is looked at again, and they are told."""
+    broker = Broker(
+        open_store(redis_server.url, topic_ttl_seconds=1),
+        limits=BrokerLimits(heartbeat_seconds=0.3),
+    )
+    await broker.start()
+    store: Any = broker.store
+    original_state, failures = store.state, []
+
+    async def state_failing_once(name: str) -> Any:
+        if not failures:
+            failures.append(name)
+            raise StoreUnavailable("a blip")
+        return await original_state(name)
+
+    try:
+        subscription = await broker.subscribe({topic: "now"})
+        chunks = subscription.chunks()
+        assert (await asyncio.wait_for(anext(chunks), 5)).startswith(b"id: ")  # live
+        line = [NewEvent("0")]
+        await broker.publish(topic, line, lines=IngestLines("K", [1]), streaming=True)
+        await collect(chunks, lambda ev: 0 in numbers(ev))
+        await asyncio.sleep(0.9)  # (the check is due 1.5 s after the entry: it finds it)
+        resent = await broker.publish(topic, line, lines=IngestLines("K", [1]), streaming=True)
+        assert resent.replayed  # no entry, and the TTL is 1 s from now
+        monkeypatch.setattr(store, "state", state_failing_once)  # the check at the TTL fails
+        told = await collect(chunks, lambda ev: bool(gaps(ev)), timeout=8)
+        subscription.close()
+    finally:
+        await broker.close()
+    assert failures == [topic]
+    assert gaps(told)[0].json["reason"] == "unknown"  # type: ignore[index]
 
 
 async def test_a_topic_over_when_its_stream_opens_fills_no_queue(

@@ -96,10 +96,10 @@ def test_earliest_and_latest_points() -> None:
 def test_a_cursor_of_a_log_deleted_a_moment_ago_gets_a_deleted_gap() -> None:
     deleted = LogState(
         epoch=None, length=0, first=None, last_entry=None, trimmed_through=(0, 0),
-        deleted_epoch=EPOCH,
+        deleted_epoch=EPOCH, deleted_at=(20, 0),
     )  # fmt: skip
     position, gap = resume_point(EventId(EPOCH, (15, 0)), deleted)
-    assert position == ORIGIN
+    assert position == EventId(EPOCH, (20, 0))  # the marker's: told there (a reconnect: 204)
     assert gap == Gap("deleted", EventId(EPOCH, (15, 0)), None)
     _, other = resume_point(EventId("zzzzzzzz", (15, 0)), deleted)
     assert other is not None and other.reason == "unknown"
