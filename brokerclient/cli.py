@@ -87,10 +87,13 @@ def _default_url() -> str:
 
 
 def _url(args: argparse.Namespace) -> str:
+    from brokerclient.http import checked_url
+
     url = str(args.url or _default_url())
-    if not url.lower().startswith(("http://", "https://")):  # (else retried as unreachable)
-        raise UsageError(f"--url {url!r}: give it with http:// or https://")
-    return url
+    try:
+        return checked_url(url)
+    except ValueError:
+        raise UsageError(f"--url {url!r}: give it with http:// or https://") from None
 
 
 def _token(args: argparse.Namespace) -> str | None:

@@ -95,6 +95,14 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+def checked_url(url: str) -> str:
+    """The broker's URL, if it is one: without http:// or https:// httpx cannot send
+    to it, and every attempt would be retried as if the broker were unreachable."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise ValueError(f"the broker's URL {url!r}: give it with http:// or https://")
+    return url
+
+
 def json_of(response: httpx.Response) -> Any:
     """The answer's JSON; RequestFailed if it is not JSON (a proxy's page, say)."""
     try:

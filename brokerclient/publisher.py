@@ -38,6 +38,7 @@ from brokerclient.http import (
     PublishResult,
     RetryPolicy,
     base_headers,
+    checked_url,
     new_idempotency_key,
     publish_result,
     retry_after,
@@ -106,7 +107,7 @@ class Publisher:
         client: httpx.Client | None = None,
     ) -> None:
         self.retry = retry or RetryPolicy()
-        self._client = client or httpx.Client(base_url=url, timeout=timeout)
+        self._client = client or httpx.Client(base_url=checked_url(url), timeout=timeout)
         self._own_client = client is None  # (a client passed in is the caller's to close)
         self._headers = base_headers(token)
 
@@ -226,7 +227,7 @@ class AsyncPublisher:
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self.retry = retry or RetryPolicy()
-        self._client = client or httpx.AsyncClient(base_url=url, timeout=timeout)
+        self._client = client or httpx.AsyncClient(base_url=checked_url(url), timeout=timeout)
         self._own_client = client is None  # (a client passed in is the caller's to close)
         self._headers = base_headers(token)
 

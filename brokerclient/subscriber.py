@@ -35,7 +35,9 @@ from brokerclient.http import (
     DEFAULT_URL,
     RETRY_STATUSES,
     base_headers,
+    checked_url,
     failure,
+    json_of,
     stream_path,
     topic_path,
     with_query,
@@ -213,7 +215,9 @@ class AsyncSubscriber:
     ) -> None:
         self._resume = _Resume(_topics(topics), last_event_id, from_earliest, give_up_after)
         self._token = token
-        self._client = client or httpx.AsyncClient(base_url=url, timeout=_timeout(read_timeout))
+        self._client = client or httpx.AsyncClient(
+            base_url=checked_url(url), timeout=_timeout(read_timeout)
+        )
         self._own_client = client is None
 
     @property
@@ -292,7 +296,9 @@ class Subscriber:
     ) -> None:
         self._resume = _Resume(_topics(topics), last_event_id, from_earliest, give_up_after)
         self._token = token
-        self._client = client or httpx.Client(base_url=url, timeout=_timeout(read_timeout))
+        self._client = client or httpx.Client(
+            base_url=checked_url(url), timeout=_timeout(read_timeout)
+        )
         self._own_client = client is None
 
     @property
@@ -379,7 +385,10 @@ def _last_id_of(response: httpx.Response) -> str | None:
         raise _Retryable(f"{response.status_code} from {response.request.url.path}")
     if response.status_code != 200:
         raise failure(response)
-    last = response.json().get("last_id")
+    topic = json_of(response)  # (a proxy's page answered 200 is no topic)
+    if not isinstance(topic, dict):
+        raise RequestFailed(response.status_code, None, "the answer is not a topic")
+    last = topic.get("last_id")
     return str(last) if last else None
 
 
