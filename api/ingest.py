@@ -38,7 +38,15 @@ import orjson
 from starlette.types import Receive
 
 from api.problems import HttpProblem, StoreLostMidBody, Unauthorized
-from broker import Broker, EventId, InvalidInput, NewEvent, StoreUnavailable, TooLarge
+from broker import (
+    Broker,
+    EventId,
+    InvalidInput,
+    NewEvent,
+    StoreUnavailable,
+    TooLarge,
+    TopicClosed,
+)
 from broker.model import IngestLines
 from broker.validation import event_from_json, loads_exactly
 
@@ -235,6 +243,9 @@ class Ingest:
             if not self._watch.fired(_STORE):
                 raise
             raise StoreUnavailable("the store did not confirm the write in time") from None
+        except TopicClosed as closed:  # (by another producer, mid-ingest: say what was kept)
+            stored = self.result.count
+            raise TopicClosed(closed.topic, closed.end_id, stored_before=stored) from None
         finally:
             self._watch.done()
         self.result.add(result.ids)

@@ -56,8 +56,10 @@ class TopicNotFound(BrokerError):
 class TopicClosed(BrokerError):
     """A publish to a topic that was closed (HTTP 409): its log ends with ``broker.end``."""
 
-    def __init__(self, topic: str, end_id: str) -> None:
-        super().__init__(f"topic {topic!r} is closed; its end is {end_id}")
+    def __init__(self, topic: str, end_id: str, *, stored_before: int = 0) -> None:
+        """``stored_before``: the lines a streaming ingest stored before it closed."""
+        told = f"; {stored_before} line(s) stored before it closed" if stored_before else ""
+        super().__init__(f"topic {topic!r} is closed; its end is {end_id}{told}")
         self.topic = topic
         self.end_id = end_id
 

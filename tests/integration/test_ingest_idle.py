@@ -13,7 +13,7 @@ import pytest
 
 from api.ingest import AsgiBody, Ingest
 from api.problems import HttpProblem
-from broker import Broker, TooLarge
+from broker import Broker, TooLarge, TopicClosed
 
 IDLE_S = 0.3
 
@@ -86,3 +86,22 @@ async def test_a_line_growing_past_the_limit_stops_the_ingest_keeping_the_lines_
     assert reads, "refused before the whole body was read"
     page = await broker.history(topic, None, 10)
     assert [orjson.loads(entry.data) for entry in page.events] == [{"n": 1}]
+
+
+async def test_a_topic_closed_mid_ingest_is_409_saying_how_many_lines_were_stored(
+    broker: Broker, topic: str
+) -> None:
+    """Another producer closed the topic while this ingest sent lines: the 409 named
+    only the end, where a bad line's 400 says which lines were stored."""
+    reads = [orjson.dumps({"data": {"n": n}}) + b"\n" for n in (1, 2, 3)]
+
+    async def receive() -> dict[str, Any]:
+        if len(reads) == 1:  # two lines stored; the topic is closed before the third
+            await broker.close_topic(topic)
+        return {"type": "http.request", "body": reads.pop(0), "more_body": bool(reads)}
+
+    ingest = ingest_of(broker, topic)
+    with pytest.raises(TopicClosed) as raised:
+        await ingest.run(AsgiBody(receive))
+    assert "2 line(s) stored before it closed" in str(raised.value)
+    assert ingest.result.count == 2
