@@ -219,6 +219,7 @@ class AsyncSubscriber:
             base_url=checked_url(url), timeout=_timeout(read_timeout)
         )
         self._own_client = client is None
+        self._closed = False  # aclose() was called: iteration ends, it does not reconnect
 
     @property
     def last_event_id(self) -> str | None:
@@ -229,7 +230,7 @@ class AsyncSubscriber:
 
     async def events(self) -> AsyncIterator[Event]:
         resume = self._resume
-        while True:
+        while not self._closed:
             try:
                 resume.attempting()
                 if resume.needs_start_point():
@@ -241,7 +242,11 @@ class AsyncSubscriber:
                     if item.ends_topic and resume.all_ended():
                         return
                 delay = resume.ended()
-            except httpx.TransportError as error:
+            except (httpx.TransportError, RuntimeError) as error:
+                if self._closed:  # (closed under the read: httpx says so one of these ways)
+                    return
+                if isinstance(error, RuntimeError):
+                    raise
                 delay = resume.failed(repr(error))
             except _Retryable as error:
                 delay = resume.failed(str(error))
@@ -269,6 +274,8 @@ class AsyncSubscriber:
         return _last_id_of(response)
 
     async def aclose(self) -> None:
+        """Stop: an iteration running (in another task) ends, without reconnecting."""
+        self._closed = True
         if self._own_client:
             await self._client.aclose()
 
@@ -300,6 +307,7 @@ class Subscriber:
             base_url=checked_url(url), timeout=_timeout(read_timeout)
         )
         self._own_client = client is None
+        self._closed = False  # close() was called: iteration ends, it does not reconnect
 
     @property
     def last_event_id(self) -> str | None:
@@ -310,7 +318,7 @@ class Subscriber:
 
     def events(self) -> Iterator[Event]:
         resume = self._resume
-        while True:
+        while not self._closed:
             try:
                 resume.attempting()
                 if resume.needs_start_point():
@@ -322,7 +330,11 @@ class Subscriber:
                     if item.ends_topic and resume.all_ended():
                         return
                 delay = resume.ended()
-            except httpx.TransportError as error:
+            except (httpx.TransportError, RuntimeError) as error:
+                if self._closed:  # (closed under the read, from another thread)
+                    return
+                if isinstance(error, RuntimeError):
+                    raise
                 delay = resume.failed(repr(error))
             except _Retryable as error:
                 delay = resume.failed(str(error))
@@ -350,6 +362,8 @@ class Subscriber:
         )
 
     def close(self) -> None:
+        """Stop: an iteration running (in another thread) ends, without reconnecting."""
+        self._closed = True
         if self._own_client:
             self._client.close()
 

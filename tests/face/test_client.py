@@ -19,6 +19,7 @@ from broker import constants as c
 from broker.errors import TopicClosed
 from brokerclient import (
     AsyncPublisher,
+    AsyncSubscriber,
     Event,
     Publisher,
     RetryPolicy,
@@ -460,3 +461,51 @@ def test_a_publisher_leaves_a_client_passed_in_open(face_broker: BrokerProcess) 
             publisher.publish(_topic("own-client"), 1)
         assert not client.is_closed
         assert client.get("/healthz").status_code == 200
+
+
+def test_closing_a_subscriber_from_another_thread_ends_its_iteration(
+    face_broker: BrokerProcess,
+) -> None:
+    """``close()`` while ``for e in subscriber`` waits on a quiet topic: it logged a
+    ReadError, reconnected after 2 s, and raised httpx's "the client has been closed"."""
+    topic = _topic("close")
+    subscriber = Subscriber(topic, face_broker.url, from_earliest=True)
+    got: list[Event] = []
+    failed: list[BaseException] = []
+
+    def iterate() -> None:
+        try:
+            got.extend(subscriber)
+        except BaseException as error:  # (what the thread raised, for the assertion)
+            failed.append(error)
+
+    reading = threading.Thread(target=iterate)
+    reading.start()
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topic, 1)
+    wait_until(lambda: len(got) == 1, timeout=5, what="the subscriber's first event")
+    subscriber.close()
+    reading.join(timeout=5)
+    assert not reading.is_alive() and failed == []
+
+
+async def test_closing_an_async_subscriber_from_another_task_ends_its_iteration(
+    face_broker: BrokerProcess,
+) -> None:
+    topic = _topic("aclose")
+    subscriber = AsyncSubscriber(topic, face_broker.url, from_earliest=True)
+    got: list[Event] = []
+
+    async def iterate() -> None:
+        async for e in subscriber:
+            got.append(e)
+
+    reading = asyncio.create_task(iterate())
+    async with AsyncPublisher(face_broker.url) as publisher:
+        await publisher.publish(topic, 1)
+    async with asyncio.timeout(5):
+        while len(got) < 1:
+            await asyncio.sleep(0.02)
+    await subscriber.aclose()
+    async with asyncio.timeout(5):
+        await reading  # (raises what the iteration raised)
