@@ -164,7 +164,10 @@ def run_publish(args: argparse.Namespace) -> int:
             result = publisher.publish(args.topic, _json_data(raw), **options)
     if result.replayed:
         log.info("already published under this idempotency key: nothing new was stored")
-    _emit({"id": result.ids[0]} if len(result.ids) == 1 else {"ids": result.ids})
+    answer: dict[str, Any] = {"id": result.ids[0]} if len(result.ids) == 1 else {"ids": result.ids}
+    if result.end_id is not None:
+        answer["end_id"] = result.end_id  # (--close: where the topic ends)
+    _emit(answer)
     return EXIT_OK
 
 
@@ -201,12 +204,15 @@ def run_tail(args: argparse.Namespace) -> int:
         token=_token(args),
         give_up_after=args.give_up_after,
     )
+    last = None
     with subscriber:
         for event in subscriber:
             _emit(event.as_dict())
             if event.is_gap:
                 log.info("gap: %s", event.data)
-    log.info("the topic was closed: no more events")
+            last = event
+    deleted = last is not None and last.is_gap and last.json().get("reason") == "deleted"
+    log.info("the topic was %s: no more events", "deleted" if deleted else "closed")
     return EXIT_OK
 
 

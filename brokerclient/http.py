@@ -50,6 +50,8 @@ class PublishResult:
     first_id: str | None = None
     last_id: str | None = None
     idempotency_key: str = field(default="", compare=False)
+    end_id: str | None = None
+    """The id of the topic's ``broker.end``, when the publish closed it."""
 
     @property
     def id(self) -> str:
@@ -124,6 +126,7 @@ def publish_result(response: httpx.Response, key: str) -> PublishResult:
         first_id=body.get("first_id", ids[0] if ids else None),
         last_id=body.get("last_id", ids[-1] if ids else None),
         idempotency_key=key,
+        end_id=body.get("end_id") or None,
     )
 
 

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+import httpx
 import pytest
 
 from tests.support.broker_process import BROKER_BIN, BrokerProcess
@@ -53,10 +54,25 @@ def test_publish_then_tail_from_earliest(face_broker: BrokerProcess) -> None:
         (None, '{"n":1}'), ("note", "hello"), (None, "3"), ("broker.end", "{}"),
     ]  # fmt: skip
     assert events[0]["id"] == lines(one.stdout)[0]["id"]
+    assert lines(closing.stdout) == [{"id": events[2]["id"], "end_id": events[3]["id"]}]
+    assert "the topic was closed" in tail.stderr
     after_first = broker("tail", topic, "--last-event-id", events[0]["id"], url=url)
     assert [e["data"] for e in lines(after_first.stdout)] == ["hello", "3", "{}"]
     refused = broker("publish", topic, "4", url=url)
     assert refused.returncode == 1 and "409" in refused.stderr and refused.stdout == ""
+
+
+def test_tail_of_a_deleted_topic_says_it_was_deleted(face_broker: BrokerProcess) -> None:
+    """It said "the topic was closed" after the ``deleted`` gap."""
+    topic = f"cli.{uuid.uuid4().hex[:8]}"
+    published = broker("publish", topic, "1", url=face_broker.url)
+    assert published.returncode == 0, published.stderr
+    assert httpx.delete(f"{face_broker.url}/topics/{topic}", timeout=10).status_code == 204
+    [answer] = lines(published.stdout)
+    tail = broker("tail", topic, "--last-event-id", answer["id"], url=face_broker.url)
+    assert tail.returncode == 0, tail.stderr
+    assert [e["event"] for e in lines(tail.stdout)] == ["broker.gap"]
+    assert "the topic was deleted" in tail.stderr
 
 
 def test_topics_lists_as_json_lines(face_broker: BrokerProcess) -> None:
