@@ -334,20 +334,32 @@ class Hub:
         or was away ``away_ms`` since its previous read came back, or longer for a
         topic whose Cluster node failed meanwhile)."""
         unread = self._store.take_unread_spells()  # (a Cluster node failed a while)
-        # Their node failed while the others answered (no outage was raised): the one
-        # that took over may hold another log of each, a shorter one, or one that lost
-        # what the reader read and was appended to since. Each is looked at again, as
-        # after an outage, before what this read returned of it is delivered: it is
-        # read again from where its log says (delivered now, the reader would have
-        # moved past the entry whose absence tells of the loss).
-        self._unvalidated |= {t for t in unread if t in self._feeds}
-        for topic in unread:
+        # Looked at again, as after an outage, before what this read returned of them
+        # is delivered (it is read again from where its log says: delivered now, the
+        # reader would have moved past the entry whose absence tells of a loss):
+        # - topics whose Cluster node failed while the others answered (no outage was
+        #   raised): the node that took over may hold another log of each, a shorter
+        #   one, or one that lost what the reader read and was appended to since;
+        # - topics whose entries do not follow, in number, the last one read: entries
+        #   were removed between (retention, this instance's or another's with a
+        #   smaller one), or the log lost what the reader read and went on (a failover
+        #   while the reader's connection, idle between two reads, was reopened
+        #   without an error: no outage was raised).
+        broken = {t for t in unread if t in self._feeds}
+        broken |= {
+            topic
+            for topic, entries in batches.items()
+            if entries and self._follows(topic, positions[topic], entries) is False
+        }
+        self._unvalidated |= broken
+        for topic in broken | unread.keys():
             batches.pop(topic, None)
         suspects = [
             topic
             for topic, entries in batches.items()
             if entries
-            and self._maybe_skipped(
+            and self._follows(topic, positions[topic], entries) is None
+            and self._store.may_have_trimmed(
                 topic, positions[topic], entries, away_ms + unread.get(topic, 0.0)
             )
         ]
@@ -368,17 +380,15 @@ class Hub:
                 log.warning("topic %s: the live reader fell behind retention", topic)
                 self._reset_subscribers(feed, topic)
 
-    def _maybe_skipped(
-        self, topic: str, armed: StreamPosition, entries: list[LogEntry], away_ms: float
-    ) -> bool:
-        """Whether the log may have removed entries between where the read began and
-        these: their numbers tell (the first does not follow the last read: whoever
-        removed them, by whatever retention); else this instance's retention bounds."""
+    def _follows(self, topic: str, armed: StreamPosition, entries: list[LogEntry]) -> bool | None:
+        """Whether these entries follow, in number, the last one the reader read (where
+        the read began); None when their numbers cannot tell (entries stored before
+        numbers, a position whose number is not known): retention's bounds judge."""
         feed = self._feeds.get(topic)
         first = entries[0].number
         if feed is None or feed.number is None or first is None or feed.position != armed:
-            return self._store.may_have_trimmed(topic, armed, entries, away_ms)
-        return first != feed.number + 1
+            return None
+        return first == feed.number + 1
 
     def _reset_subscribers(self, feed: _Feed, topic: str) -> None:
         for subscriber in tuple(feed.subscribers):
@@ -458,17 +468,20 @@ class Hub:
                 # again now (an "unknown" gap), before new ones, whose ids may fall at or
                 # before what they saw (a new primary whose clock lags), would be skipped
                 # as seen.
-                log.warning("topic %s: its log lost events while Redis was away", topic)
+                log.warning("topic %s: its log lost events the live reader had read", topic)
                 feed.position, feed.number = state.lost_after, None
                 self._reset_subscribers(feed, topic)
                 return
             if state.trimmed_through > feed.position:
-                # Retention (by age: any read of the state trims) removed entries the
-                # reader had not read yet: its subscribers judge their cursors again.
-                log.warning("topic %s: retention trimmed past the live reader while away", topic)
+                # Retention (by age: any read of the state trims; or another instance's)
+                # removed entries the reader had not read yet: its subscribers judge
+                # their cursors again, and the reader reads on from what is left (from
+                # where it was, it would find them missing again).
+                log.warning("topic %s: retention trimmed past the live reader", topic)
+                feed.position, feed.number = state.trimmed_through, None
                 self._reset_subscribers(feed, topic)
             return
-        log.warning("topic %s: its log changed while Redis was away", topic)
+        log.warning("topic %s: its log changed under the live reader", topic)
         feed.epoch = state.epoch
         feed.position = state.last_issued
         feed.number = state.issued

@@ -202,11 +202,15 @@
         if (source.readyState === global.EventSource.CLOSED && !closed) {
           closed = true;
           if (endedBefore && !delivered) {
-            if (options.onEnd) { options.onEnd({ id: stored, type: END, data: "{}" }); }
+            // Resumed at an end kept by an earlier page: answered 204, if over indeed.
+            whenOver(stored, function () {
+              if (options.onEnd) { options.onEnd({ id: stored, type: END, data: "{}" }); }
+            });
           } else if (lastWasEnd) {
             // The stream's last topic ended (told onEnd already), some of them before
             // this page subscribed (it never saw their end): the reconnect was 204.
-            if (lastId) { save(ENDED_PREFIX + key, lastId); }
+            var at = lastId;
+            whenOver(at, function () { if (at) { save(ENDED_PREFIX + key, at); } });
           } else if (unloading) {
             // Chromium closes a page's EventSources, with this event, before it leaves
             // it (a reload): that is no refusal. Told only if the page stays after all.
@@ -220,6 +224,21 @@
 
     function refused() {
       if (options.onError) { options.onError({ fatal: true }); }
+    }
+
+    // EventSource tells a 204 (the stream is over) from a refusal (401, 403, a proxy's
+    // 502) in no way: ask again with the same place, and call over() on a 204, else
+    // tell the page it was refused.
+    function whenOver(place, over) {
+      var init = {
+        headers: { Accept: "text/event-stream" },
+        credentials: options.withCredentials ? "include" : "same-origin",
+      };
+      var target = place ? resumeUrl(url, place) : url;
+      global.fetch(target, init).then(function (response) {
+        if (response.body) { response.body.cancel(); }  // (a stream still open: let go)
+        if (response.status === 204) { over(); } else { refused(); }
+      }, refused);
     }
 
     var infoUrl = stored ? null : topicInfoUrl(url);

@@ -50,12 +50,14 @@ end
 -- must not resume here. And its end's id if it is closed, and whether it has
 -- idempotency records (all read in the same call).
 local deleted_epoch, deleted_marker = false, false  -- a deleted log this one replaces
+local number = 0  -- the number of the log's newest entry (see `add`)
 local function current_epoch()
-  local fields = redis.call('HMGET', meta, 'epoch', 'deleted', 'closed', 'records')
+  local fields = redis.call('HMGET', meta, 'epoch', 'deleted', 'closed', 'records', 'n')
   if fields[2] then deleted_epoch, deleted_marker = fields[1], fields[2] end
   if (not fields[1]) or fields[2] or redis.call('EXISTS', log) == 0 then
     return false, false, false
   end
+  number = tonumber(fields[5]) or 0
   return fields[1], fields[3], fields[4]
 end
 
@@ -184,12 +186,15 @@ end
 local ttl_ms = tonumber(ARGV[6])
 
 -- Each entry carries its number in its log ('n': 1, 2, ... the meta hash holds the
--- last one issued). A live reader that reads entries whose first does not follow the
--- last it read knows that entries between were removed, whoever removed them: an
--- instance with another retention than its own (a rolling deploy that changes it, a
--- DirectPublisher given its own) trims what its own retention would have kept.
+-- last one issued, written once per append). A live reader that reads entries whose
+-- first does not follow the last it read knows that entries between were removed,
+-- whoever removed them: an instance with another retention than its own (a rolling
+-- deploy that changes it, a DirectPublisher given its own) trims what its own
+-- retention would have kept; a failover loses what it had read.
+local numbered = number
 local function add(kind, data, event, retry)
-  local n = redis.call('HINCRBY', meta, 'n', 1)
+  numbered = numbered + 1
+  local n = numbered
   if event ~= '' and retry ~= '' then
     return redis.call('XADD', log, '*', 'ep', epoch, 'n', n, 'k', kind, 'd', data, 'e', event, 'r', retry)
   elseif event ~= '' then
@@ -228,6 +233,7 @@ if closing then
   end_id = add('j', '{}', 'broker.end', '')
   redis.call('HSET', meta, 'closed', end_id)
 end
+if numbered > number then redis.call('HSET', meta, 'n', numbered) end
 
 -- Retention. Redis does not record which ids its trimming removed, and the broker
 -- must know (a cursor before them gets a "trimmed" gap notice), so trim exactly

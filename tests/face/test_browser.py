@@ -21,6 +21,7 @@ from tests.support.broker_process import BrokerProcess
 from tests.support.chromium import Chromium
 from tests.support.polling import WaitTimeout
 from tests.support.redis_server import RedisServer
+from tests.support.tokens import AUDIENCE, ISSUER, SECRET, claims, hs_token
 
 pytestmark = pytest.mark.e2e
 
@@ -220,6 +221,7 @@ def test_a_closed_topic_ends_the_helpers_stream_for_good(
     # not that it failed.
     browser.reload()
     _wait_closed(browser, "the reloaded page's EventSource to stop")
+    _wait_received(browser, len(received) + 1, "onEnd after the reload (once the 204 is checked)")
     assert _received(browser) == [*received, received[-1]]
 
 
@@ -267,6 +269,7 @@ def test_a_deleted_topic_ends_the_helpers_stream(
     # was onError, as for a refusal).
     browser.reload()
     _wait_closed(browser, "the reloaded page's EventSource to stop")
+    _wait_received(browser, 3, "onEnd after the reload (once the 204 is checked)")
     assert [e["type"] for e in _received(browser)] == ["message", "broker.gap", "broker.end"]
 
 
@@ -340,12 +343,58 @@ def test_a_multi_topic_stream_whose_other_topic_ended_before_it_ends_quietly(
         publisher.publish(second, 2, close=True)
     _wait_closed(browser, "the stream to end")
     _wait_received(browser, 2, "the second topic's event and end")
+    browser.wait_for(ENDED_KEPT, what="the helper to keep the end (once the 204 is checked)")
     received = _received(browser)
     assert [e["type"] for e in received] == ["message", "broker.end"]
     browser.reload()
     _wait_closed(browser, "the reloaded page's EventSource to stop")
     _wait_received(browser, 3, "onEnd after the reload")
     assert [e["type"] for e in _received(browser)] == ["message", "broker.end", "broker.end"]
+
+
+ENDED_KEPT = "Object.keys(sessionStorage).some(k => k.startsWith('broker-client:ended-at:'))"
+
+
+@pytest.fixture
+def auth_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    env = {
+        "BROKER_HEARTBEAT_SECONDS": "1",
+        "BROKER_JWT_SECRET": SECRET,
+        "BROKER_JWT_AUDIENCE": AUDIENCE,
+        "BROKER_JWT_ISSUER": ISSUER,
+    }
+    process = BrokerProcess(redis_url=redis_server.url, env=env)
+    process.start()
+    yield process
+    process.close()
+
+
+def test_a_refusal_after_one_topics_end_is_told_as_a_refusal(
+    auth_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """After one topic's end the helper took any stop of the stream for the end of the
+    others (EventSource tells a 204 from a 401 in no way): the stream's token expired,
+    the reconnect was refused, and the page was told nothing. It asks again: a 204 is
+    an end, anything else onError."""
+    first, second = (f"face.refused.{uuid.uuid4().hex[:8]}" for _ in range(2))
+    rights = claims(publish=[first, second], subscribe=[first, second], expires_in=4)
+    token = hs_token(rights)
+    url = f"/events?topic={first}&topic={second}&from=earliest&access_token={token}"
+    _open_client_page(browser, auth_broker, url)
+    with Publisher(auth_broker.url, token=hs_token(claims(publish=[first, second]))) as publisher:
+        publisher.publish(second, 2)
+        _wait_received(browser, 1, "the second topic's event")
+        publisher.publish(first, 1, close=True)
+    _wait_received(browser, 3, "the first topic's event and end")
+    assert _received(browser)[-1]["type"] == "broker.end"
+    # The end delivered last, then the token expires: the broker ends the stream, and
+    # the reconnect, with the same token, is 401.
+    browser.wait_for(
+        "JSON.parse(sessionStorage.getItem('received')).some(e => e.type === 'error')",
+        timeout=20,
+        what="onError once the token expired",
+    )
+    assert browser.evaluate(ENDED_KEPT) is False
 
 
 def test_the_live_pages_tail_resumes_from_its_cursor_before_its_first_event(

@@ -996,6 +996,38 @@ async def test_a_client_away_before_events_a_failover_lost_is_told_where_they_we
     assert [e.data for e in page.events] == [b"4", b"5"]
 
 
+async def test_a_failover_while_the_readers_connection_was_idle_is_told(
+    redis_broker: Broker, redis_server: RedisServer, topic: str
+) -> None:
+    """The live reader's connection was cut while it was idle between two reads (it
+    lingers after a dispatch): Sentinel's CLIENT KILL, a proxy switching backends. It
+    was reopened with no error, so no outage was raised and nothing was revalidated:
+    the new primary's log, which lost the event the reader had read and went on, was
+    read on with nothing said, and the loss was never recorded. The entries' numbers
+    tell: the first read after it does not follow the last read."""
+    hub: Any = redis_broker.hub
+    hub._linger_s = 0.5  # (a wide window between two reads, to cut the connection in)
+    first, kept = await publish(redis_broker, topic, range(2))
+    subscription = await redis_broker.subscribe({topic: kept})
+    chunks = subscription.chunks()
+    try:
+        [lost] = await publish(redis_broker, topic, range(2, 3))
+        await collect(chunks, lambda ev: 2 in numbers(ev))  # read; the reader lingers
+        async with redis.Redis.from_url(redis_server.url) as admin:
+            # The new primary: it lacks the lost event (and its number), and the
+            # reader's connection is gone.
+            await admin.xdel(c.log_key(topic), format_stream_id(lost.position))
+            await admin.hincrby(c.meta_key(topic), "n", -1)
+            await admin.client_kill_filter(_type="normal", skipme=True)
+        await publish(redis_broker, topic, range(3, 4))
+        told = await collect(chunks, lambda ev: 3 in numbers(ev), timeout=8)
+    finally:
+        subscription.close()
+    assert [g.json["reason"] for g in gaps(told)] == ["unknown"]  # type: ignore[index]
+    events = await _stream_until(redis_broker, topic, first, 3)  # a client that was away
+    assert numbers(events) == [1, 3] and events.index(gaps(events)[0]) == 1
+
+
 async def test_a_log_that_lost_events_twice_tells_of_both_losses(
     redis_broker: Broker, redis_server: RedisServer, topic: str
 ) -> None:
