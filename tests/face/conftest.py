@@ -22,6 +22,16 @@ def face_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
     process.close()
 
 
+@pytest.fixture
+def own_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    """A broker of this test's own, which it may stop and start again (same port, same
+    Redis)."""
+    process = BrokerProcess(redis_url=redis_server.url, env={"BROKER_HEARTBEAT_SECONDS": "1"})
+    process.start()
+    yield process
+    process.close()
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     """Screenshots and browser logs, kept after the run (FACE_ARTIFACTS overrides the place)."""

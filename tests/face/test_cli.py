@@ -19,14 +19,6 @@ from tests.support.broker_process import BROKER_BIN, BrokerProcess
 from tests.support.redis_server import RedisServer, free_port
 
 
-@pytest.fixture
-def own_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
-    process = BrokerProcess(redis_url=redis_server.url, env={"BROKER_HEARTBEAT_SECONDS": "1"})
-    process.start()
-    yield process
-    process.close()
-
-
 def broker(*args: str, url: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     environment |= {"BROKER_URL": url, **env}

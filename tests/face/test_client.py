@@ -36,15 +36,6 @@ from tests.support.sse import parse_events
 PATIENT = RetryPolicy(attempts=60, backoff=0.05, max_backoff=0.5)
 
 
-@pytest.fixture
-def own_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
-    """A broker this test may kill and start again (same port, same Redis)."""
-    process = BrokerProcess(redis_url=redis_server.url, env={"BROKER_HEARTBEAT_SECONDS": "1"})
-    process.start()
-    yield process
-    process.close()
-
-
 def _topic(kind: str) -> str:
     return f"face.{kind}.{uuid.uuid4().hex[:8]}"
 
