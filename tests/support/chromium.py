@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -41,6 +42,7 @@ CHROMIUM_FLAGS = [
 CALL_TIMEOUT = 15.0  # one DevTools command, answered
 START_TIMEOUT = 30.0  # the browser up and its page target listed
 LOAD_TIMEOUT = 15.0  # a page loaded, or a page condition come true
+NAVIGATING = re.compile(r"navigated or closed|Cannot find context|context was destroyed")
 
 
 def chromium_executable() -> str:
@@ -174,7 +176,7 @@ class Chromium:
     def navigate(self, url: str) -> None:
         """Open ``url`` in the page and wait until it has loaded."""
         self.call("Page.navigate", url=url)
-        self.wait_for(
+        self._wait_loaded(
             f"location.href === {json.dumps(url)} && document.readyState === 'complete'",
             what=f"{url} to load",
         )
@@ -183,10 +185,25 @@ class Chromium:
         marker = f"reload-{self._next_id}"
         self.evaluate(f"window.__reloadMarker = {json.dumps(marker)}")
         self.call("Page.reload")
-        self.wait_for(
+        self._wait_loaded(
             f"window.__reloadMarker !== {json.dumps(marker)} && document.readyState === 'complete'",
             what="the page to reload",
         )
+
+    def _wait_loaded(self, expression: str, *, what: str) -> None:
+        """``wait_for`` while the page loads: an evaluation that the navigation overtook
+        (DevTools: "Inspected target navigated or closed", or no context yet) is a
+        "not yet", not a failure."""
+
+        def loaded() -> Any:
+            try:
+                return self.evaluate(expression)
+            except AssertionError as error:
+                if NAVIGATING.search(str(error)):
+                    return False
+                raise
+
+        wait_until(loaded, timeout=LOAD_TIMEOUT, what=what)
 
     def run_on_every_load(self, source: str) -> None:
         self.call("Page.addScriptToEvaluateOnNewDocument", source=source)
