@@ -329,10 +329,11 @@ class Hub:
         batches: dict[str, list[LogEntry]],
         away_ms: float,
     ) -> None:
-        """Send a topic's subscribers back to the log if retention removed entries
-        between where the reader was and what it read now (it fell that far behind,
-        or was away ``away_ms`` since its previous read came back, or longer for a
-        topic whose Cluster node failed meanwhile)."""
+        """Before a read's entries are delivered: revalidate the topics whose entries do
+        not follow what the reader read (or whose Cluster node failed meanwhile), and
+        send a topic's subscribers back to the log if retention removed entries between
+        where the reader was and what it read now, where numbers cannot tell (it fell
+        that far behind, or was away ``away_ms`` since its previous read came back)."""
         unread = self._store.take_unread_spells()  # (a Cluster node failed a while)
         # Looked at again, as after an outage, before what this read returned of them
         # is delivered (it is read again from where its log says: delivered now, the
@@ -345,12 +346,13 @@ class Hub:
         #   smaller one), or the log lost what the reader read and went on (a failover
         #   while the reader's connection, idle between two reads, was reopened
         #   without an error: no outage was raised).
-        broken = {t for t in unread if t in self._feeds}
-        broken |= {
-            topic
+        follows = {
+            topic: self._follows(topic, positions[topic], entries)
             for topic, entries in batches.items()
-            if entries and self._follows(topic, positions[topic], entries) is False
-        }
+            if entries
+        }  # (once per topic of the read: this runs for every live read)
+        broken = {t for t in unread if t in self._feeds}
+        broken |= {topic for topic, follow in follows.items() if follow is False}
         self._unvalidated |= broken
         for topic in broken | unread.keys():
             batches.pop(topic, None)
@@ -358,7 +360,7 @@ class Hub:
             topic
             for topic, entries in batches.items()
             if entries
-            and self._follows(topic, positions[topic], entries) is None
+            and follows[topic] is None
             and self._store.may_have_trimmed(
                 topic, positions[topic], entries, away_ms + unread.get(topic, 0.0)
             )
