@@ -50,6 +50,9 @@ WORKING_AFTER_S = 1.0
 """A stream open this long works (a come-back hint ends at once): failures start anew."""
 FIRST_DELAY = 0.25
 MAX_DELAY = 5.0
+CONNECT_TIMEOUT = 10.0
+MIN_ATTEMPT_S = 0.05
+"""The shortest an attempt's timeouts get as ``give_up_after`` runs out."""
 
 
 @dataclass
@@ -102,6 +105,22 @@ class _Resume:
         not work (a connect that times out is time spent failing)."""
         if self.failing_since is None:
             self.failing_since = time.monotonic()
+
+    def attempt_timeout(self, usual: httpx.Timeout) -> httpx.Timeout:
+        """An attempt's timeouts: the client's usual ones, but while failing none runs
+        past ``give_up_after`` (a broker that accepts and never answers is given up on
+        in time, not after the connect and read timeouts). A stream that works past
+        such a shortened read is reconnected once, with the usual ones (it worked)."""
+        if self.give_up_after is None or self.failing_since is None:
+            return usual
+        left = self.give_up_after - (time.monotonic() - self.failing_since)
+        left = max(left, MIN_ATTEMPT_S)
+        return httpx.Timeout(
+            _at_most(usual.connect, left),
+            read=_at_most(usual.read, left),
+            write=_at_most(usual.write, left),
+            pool=_at_most(usual.pool, left),
+        )
 
     def connected(self) -> None:
         """A 200 stream: it works once it delivers, or stays open a while (a come-back
@@ -181,15 +200,19 @@ class _Resume:
         return min(hint, MAX_DELAY)
 
 
+def _at_most(timeout: float | None, limit: float) -> float:
+    return limit if timeout is None else min(timeout, limit)
+
+
+def _timeout(read_timeout: float) -> httpx.Timeout:
+    return httpx.Timeout(CONNECT_TIMEOUT, read=read_timeout)
+
+
 def _topics(topics: str | Sequence[str]) -> list[str]:
     names = [topics] if isinstance(topics, str) else list(topics)
     if not names:
         raise ValueError("name at least one topic")
     return names
-
-
-def _timeout(read_timeout: float) -> httpx.Timeout:
-    return httpx.Timeout(10.0, read=read_timeout)
 
 
 class AsyncSubscriber:
@@ -255,7 +278,8 @@ class AsyncSubscriber:
     async def _connection(self) -> AsyncIterator[Event | None]:
         """One connection's events; a None means the topic is closed (204): stop."""
         path, headers = self._resume.request(self._token)
-        async with self._client.stream("GET", path, headers=headers) as response:
+        timeout = self._resume.attempt_timeout(self._client.timeout)
+        async with self._client.stream("GET", path, headers=headers, timeout=timeout) as response:
             if response.status_code == 204:
                 yield None
                 return
@@ -270,7 +294,11 @@ class AsyncSubscriber:
                 self._resume.read(decoder)
 
     async def _topic_last_id(self, topic: str) -> str | None:
-        response = await self._client.get(topic_path(topic, ""), headers=base_headers(self._token))
+        response = await self._client.get(
+            topic_path(topic, ""),
+            headers=base_headers(self._token),
+            timeout=self._resume.attempt_timeout(self._client.timeout),
+        )
         return _last_id_of(response)
 
     async def aclose(self) -> None:
@@ -342,7 +370,8 @@ class Subscriber:
 
     def _connection(self) -> Iterator[Event | None]:
         path, headers = self._resume.request(self._token)
-        with self._client.stream("GET", path, headers=headers) as response:
+        timeout = self._resume.attempt_timeout(self._client.timeout)
+        with self._client.stream("GET", path, headers=headers, timeout=timeout) as response:
             if response.status_code == 204:
                 yield None
                 return
@@ -357,9 +386,12 @@ class Subscriber:
                 self._resume.read(decoder)
 
     def _topic_last_id(self, topic: str) -> str | None:
-        return _last_id_of(
-            self._client.get(topic_path(topic, ""), headers=base_headers(self._token))
+        response = self._client.get(
+            topic_path(topic, ""),
+            headers=base_headers(self._token),
+            timeout=self._resume.attempt_timeout(self._client.timeout),
         )
+        return _last_id_of(response)
 
     def close(self) -> None:
         """Stop: an iteration running (in another thread) ends, without reconnecting."""

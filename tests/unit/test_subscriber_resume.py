@@ -1,7 +1,15 @@
-"""The Python subscriber's reconnect schedule (no I/O: ``_Resume`` decides, on a fake clock)."""
+"""The Python subscriber's reconnect schedule (``_Resume`` decides, on a fake clock), and its
+time limit against a broker that accepts and never answers."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import httpx
 import pytest
 
 from brokerclient import subscriber
@@ -32,3 +40,66 @@ def test_give_up_after_counts_the_first_try(monkeypatch: pytest.MonkeyPatch) -> 
     now[0] += 10.0  # the connect timed out
     with pytest.raises(Unreachable):
         resume.failed("connect timeout")
+
+
+@contextmanager
+def _silent_server() -> Iterator[str]:
+    """A server that accepts connections and reads, and never answers: a hung broker."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            with suppress(TimeoutError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for connection in held:
+            connection.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("topics", [["t"], ["t", "u"]], ids=["from-now-asks-the-topic", "stream"])
+def test_give_up_after_is_a_time_limit_while_the_broker_never_answers(
+    topics: list[str],
+) -> None:
+    """A broker that accepts and never answers is given up on after ``give_up_after``,
+    not after the 60 s read timeout (it took the connect and read timeouts first)."""
+    with _silent_server() as url:
+        sub = subscriber.Subscriber(topics, url, read_timeout=60, give_up_after=0.5)
+        started = time.monotonic()
+        with pytest.raises(Unreachable):
+            next(iter(sub))
+        sub.close()
+    assert time.monotonic() - started < 20
+
+
+async def test_an_async_subscriber_gives_up_in_time_while_the_broker_never_answers() -> None:
+    with _silent_server() as url:
+        sub = subscriber.AsyncSubscriber(["t"], url, read_timeout=60, give_up_after=0.5)
+        started = time.monotonic()
+        with pytest.raises(Unreachable):
+            await anext(aiter(sub))
+        await sub.aclose()
+    assert time.monotonic() - started < 20
+
+
+def test_a_shortened_attempt_keeps_a_clients_own_longer_timeouts_otherwise() -> None:
+    """Only a failing subscriber's attempts are shortened; a client passed in keeps its
+    own timeouts (None: no limit) until then."""
+    usual = httpx.Timeout(3.0, read=None)
+    resume = subscriber._Resume(["t"], None, False, give_up_after=1.0)
+    assert resume.attempt_timeout(usual) is usual
+    resume.attempting()
+    shortened = resume.attempt_timeout(usual)
+    assert shortened.read is not None and 0 < shortened.read <= 1.0
+    assert shortened.connect is not None and shortened.connect <= 1.0
+    assert subscriber._Resume(["t"], None, False, None).attempt_timeout(usual) is usual
