@@ -55,8 +55,11 @@ def check_idempotency_key(key: str | None) -> str | None:
     return key
 
 
-def check_size(data: str, max_event_bytes: int) -> None:
-    if len(data) > max_event_bytes or len(data.encode()) > max_event_bytes:
+def check_size(data: str, max_event_bytes: int, event: str | None = None) -> None:
+    """An event's data and its type together: both are stored and sent with it (a
+    900 KB type with 1 byte of data passed a 64 KiB limit)."""
+    extra = 0 if event is None else len(event.encode())
+    if len(data) + extra > max_event_bytes or len(data.encode()) + extra > max_event_bytes:
         raise TooLarge(f"an event is larger than {max_event_bytes} bytes", limit=max_event_bytes)
 
 
@@ -124,13 +127,9 @@ def event_from_json(item: Any, max_event_bytes: int) -> NewEvent:
     if unknown:
         raise InvalidInput(f"unknown member(s): {', '.join(sorted(unknown))}")
     data = _compact_json(item["data"])
-    check_size(data, max_event_bytes)
-    return NewEvent(
-        data=data,
-        kind=c.KIND_JSON,
-        event=check_event_type(item.get("event")),
-        retry=check_retry(item.get("retry")),
-    )
+    event = check_event_type(item.get("event"))
+    check_size(data, max_event_bytes, event)
+    return NewEvent(data=data, kind=c.KIND_JSON, event=event, retry=check_retry(item.get("retry")))
 
 
 def events_from_json(document: Any, *, max_event_bytes: int, max_batch: int) -> list[NewEvent]:
@@ -146,5 +145,6 @@ def events_from_json(document: Any, *, max_event_bytes: int, max_batch: int) -> 
 
 def event_from_text(text: str, event: str | None, max_event_bytes: int) -> NewEvent:
     """A ``text/plain`` publish: the body is the data."""
-    check_size(text, max_event_bytes)
-    return NewEvent(data=text, kind=c.KIND_TEXT, event=check_event_type(event))
+    kind = check_event_type(event)
+    check_size(text, max_event_bytes, kind)
+    return NewEvent(data=text, kind=c.KIND_TEXT, event=kind)

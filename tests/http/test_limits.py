@@ -59,6 +59,30 @@ def test_a_json_event_over_max_event_bytes_is_413(limits_client: httpx.Client) -
     assert stored(limits_client, topic) is None
 
 
+def test_an_events_type_counts_toward_max_event_bytes(limits_client: httpx.Client) -> None:
+    """Data and type together: a long type with one byte of data passed the limit."""
+    topic = new_topic()
+    posted = limits_client.post(
+        f"/topics/{topic}/events", json={"data": "", "event": "e" * (MAX_EVENT - 2)}
+    )  # its data is '""': two bytes
+    assert posted.status_code == 201, posted.text
+    over = {"data": "", "event": "e" * (MAX_EVENT - 1)}
+    assert_problem(limits_client.post(f"/topics/{topic}/events", json=over), 413)
+    text_over = limits_client.post(
+        f"/topics/{topic}/events",
+        params={"event": "e" * MAX_EVENT},
+        content=b"x",
+        headers=TEXT,
+    )
+    assert_problem(text_over, 413)
+    line = json.dumps({"data": 1, "event": "e" * MAX_EVENT}).encode() + b"\n"
+    ingest = limits_client.post(
+        f"/topics/{topic}/events", content=line, headers={"Content-Type": "application/x-ndjson"}
+    )
+    assert_problem(ingest, 413)
+    assert stored(limits_client, topic) == 1
+
+
 def test_a_batch_with_one_event_over_the_limit_stores_nothing(limits_client: httpx.Client) -> None:
     topic = new_topic()
     assert limits_client.post(f"/topics/{topic}/events", json={"data": 0}).status_code == 201
