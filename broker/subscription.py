@@ -382,10 +382,19 @@ class Subscription:
         return gaps
 
     async def _replay_topic(self, topic: str) -> AsyncIterator[bytes]:
-        """Page through the log after the topic's position, up to its end."""
+        """Page through the log after the topic's position, up to its end.
+
+        A page is at most half the subscriber's buffer: a client that stops reading
+        mid-replay holds what it was last handed twice (here, and framed in its
+        socket's buffer) for as long as it stays connected, so it holds about its
+        buffer, as a live one may (1 MiB pages held 3 MB each, whatever the limit).
+        """
+        page_bytes = min(c.REPLAY_PAGE_BYTES, max(self._buffer_limit // 2, 1))
         while not self._closed:
             position = self._positions[topic]
-            page = await self._store.read_range(topic, position.position, c.REPLAY_PAGE_SIZE)
+            page = await self._store.read_range(
+                topic, position.position, c.REPLAY_PAGE_SIZE, page_bytes
+            )
             if not _continues(page, position):
                 # Trimmed past us since the cursor was judged (a replay slower than
                 # retention), or another log: judge again, and say so if needed.
@@ -397,9 +406,14 @@ class Subscription:
                 # tail: replaying the whole history would flood a client that saw it).
                 yield self._gap_frame(topic, Gap("unknown", position, position))
             frames = self._replay_frames(topic, page, position)
+            last = len(page.entries) < c.REPLAY_PAGE_SIZE and not page.cut_short
+            del page  # (not held while the client takes its frames, maybe for good)
             if frames:
-                yield b"".join(frames)
-            if len(page.entries) < c.REPLAY_PAGE_SIZE and not page.cut_short:
+                chunk = b"".join(frames)
+                del frames
+                yield chunk
+                del chunk
+            if last:
                 return
 
     def _replay_frames(self, topic: str, page: LogPage, position: EventId) -> list[bytes]:

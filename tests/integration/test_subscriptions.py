@@ -133,9 +133,9 @@ async def test_a_long_replay_reads_in_pages(broker: Broker, topic: str, consume:
     counts: list[int] = []
     original = broker.store.read_range
 
-    async def spy(topic_: str, after: tuple[int, int], count: int) -> list:  # type: ignore[type-arg]
+    async def spy(topic_: str, after: tuple[int, int], count: int, max_bytes: int) -> list:  # type: ignore[type-arg]
         counts.append(count)
-        return await original(topic_, after, count)
+        return await original(topic_, after, count, max_bytes)
 
     broker.store.read_range = spy  # type: ignore[method-assign]
     subscription, chunks = await consume(broker, {topic: "earliest"})
@@ -145,6 +145,26 @@ async def test_a_long_replay_reads_in_pages(broker: Broker, topic: str, consume:
         assert len(counts) >= 3 and max(counts) <= c.REPLAY_PAGE_SIZE
     finally:
         subscription.close()
+
+
+async def test_a_replays_pages_are_at_most_half_the_subscribers_buffer(
+    store: RedisStreamStore, topic: str
+) -> None:
+    """A client that stops reading mid-replay holds what it was handed last (here and
+    in its socket's buffer): that must be about its buffer, not a 1 MiB page."""
+    broker = Broker(store, limits=BrokerLimits(subscriber_buffer_bytes=16_384))
+    await broker.start()
+    try:
+        await broker.publish(topic, [NewEvent("x" * 1000) for _ in range(200)])
+        subscription = await broker.subscribe({topic: "earliest"})
+        sizes: list[int] = []
+        async for chunk in subscription.chunks(until_idle=True):
+            sizes.append(len(chunk))
+        subscription.close()
+        assert sum(sizes) > 200_000 and len(sizes) > 20
+        assert max(sizes) <= 8_192 + 1_100  # half the buffer, past by one event at most
+    finally:
+        await broker.close()
 
 
 async def test_a_trimmed_cursor_gets_a_gap_then_the_oldest(
