@@ -66,11 +66,18 @@ MAX_CHUNK_LINE_BYTES = 4096
 malformed framing."""
 MAX_TRAILER_BYTES = 16384
 # A chunk-size line and a trailer field as strictly as httptools (uvicorn's parser)
-# reads them, so that both routes refuse the same bodies: no space after the size,
-# no control byte (a bare LF above all: how a request is smuggled past a proxy that
-# takes it for a line's end) in an extension or a field.
-CHUNK_SIZE_LINE = re.compile(rb"[0-9A-Fa-f]{1,15}(?:;[\t\x20-\x7e\x80-\xff]*)?")
-TRAILER_FIELD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*")
+# reads them, so that both routes refuse the same bodies (tests/unit/
+# test_ingest_framing checks the two side by side): leading zeros, then extensions
+# `;name` or `;name=value` (a token, or a quoted string), no space anywhere, no
+# control byte (a bare LF above all: how a request is smuggled past a proxy that
+# takes it for a line's end); no trailer field that frames the message.
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
+CHUNK_SIZE_LINE = re.compile(
+    rb"0*[0-9A-Fa-f]{1,15}(?:;" + _TOKEN + rb"(?:=(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*"
+)
+TRAILER_FIELD = re.compile(_TOKEN + rb":[\t\x20-\x7e\x80-\xff]*")
+FRAMING_FIELDS = (b"content-length", b"transfer-encoding")
 INVALID_REQUEST = "Invalid HTTP request received."
 
 
@@ -236,6 +243,8 @@ class ChunkedBody:
                 raise BadFraming("the trailer is too long")
             if line and not TRAILER_FIELD.fullmatch(line):
                 raise BadFraming("a malformed trailer field")
+            if line.split(b":", 1)[0].lower() in FRAMING_FIELDS:
+                raise BadFraming("a trailer field that frames the message")
             self.ended = not line
             return
         if not CHUNK_SIZE_LINE.fullmatch(line):

@@ -3,6 +3,7 @@ as they arrive, in any split, with what follows the body kept for the next reque
 
 from __future__ import annotations
 
+import httptools
 import pytest
 
 from api.lean_ingest import BadFraming, ChunkedBody, SizedBody
@@ -113,3 +114,58 @@ def test_a_malformed_trailer_line_breaks_the_framing(trailer: bytes) -> None:
     framing = ChunkedBody()
     assert framing.decode(b"3\r\nabc\r\n0\r\n" + trailer + NEXT) == b"abc"
     assert isinstance(framing.broken, BadFraming) and not framing.ended
+
+
+class _Body:
+    def on_body(self, body: bytes) -> None:
+        """(the body is not what is compared)"""
+
+
+def _httptools_takes(size_line: bytes, trailer: bytes) -> bool:
+    parser = httptools.HttpRequestParser(_Body())
+    head = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    try:
+        parser.feed_data(head + size_line + b"\r\nabc\r\n0\r\n" + trailer + b"\r\n")
+    except httptools.HttpParserError:
+        return False
+    return True
+
+
+def _lean_takes(size_line: bytes, trailer: bytes) -> bool:
+    framing = ChunkedBody()
+    framing.decode(size_line + b"\r\nabc\r\n0\r\n" + trailer + b"\r\n")
+    return framing.ended and framing.broken is None
+
+
+@pytest.mark.parametrize(
+    ("size_line", "trailer"),
+    [
+        (b"3", b""),
+        (b"3;a", b""),
+        (b"3;a=b", b""),
+        (b"3;a;b=c", b""),
+        (b'3;a="b c"', b""),
+        (b'3;a="b\\"c"', b""),
+        (b'3;a="\tb\x80"', b""),
+        (b"0000000000000000003", b""),  # leading zeros
+        (b"3; a", b""),  # space after ';' (the lean route took it)
+        (b"3;;", b""),  # an empty extension (the lean route took it)
+        (b"3;\x80", b""),  # a name not a token (the lean route took it)
+        (b'3;a="b', b""),  # a quoted string left open (the lean route took it)
+        (b"3;a=b;", b""),
+        (b"3;a =b", b""),
+        (b"3;a= b", b""),
+        (b"3 ;a", b""),
+        (b"3\t", b""),
+        (b"3", b"X-A: b\r\n"),
+        (b"3", b"X-A:b\r\n"),
+        (b"3", b"X-A : b\r\n"),
+        (b"3", b"Content-Length: 5\r\n"),  # framing in a trailer (the lean route took it)
+        (b"3", b"transfer-encoding: chunked\r\n"),
+    ],
+)
+def test_a_chunk_size_line_and_a_trailer_are_read_as_httptools_reads_them(
+    size_line: bytes, trailer: bytes
+) -> None:
+    """Both routes take and refuse the same bodies (uvicorn's route reads with httptools)."""
+    assert _lean_takes(size_line, trailer) == _httptools_takes(size_line, trailer)
