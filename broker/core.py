@@ -202,6 +202,15 @@ class Broker:
         if losses:
             entries = [entry for entry in entries if entry.position <= losses[0]]
             following = entries[-1].id
+        elif following is None:
+            # The log's end: lost events after its last one, with nothing since, are
+            # told as they would be past it (this page stops there, the next says so).
+            at = entries[-1].position if entries else position.position
+            if page.losses_ahead(at):
+                if entries:
+                    following = entries[-1].id
+                else:
+                    gap = gap or Gap("unknown", position, position)
         return HistoryPage(events=entries, next=following, gap=gap)
 
     async def topic_info(self, topic: str) -> TopicInfo:

@@ -225,6 +225,12 @@ class LogPage:
             return []
         return [place for place in self.losses if after <= place < entries[-1].position]
 
+    def losses_ahead(self, at: StreamPosition) -> list[StreamPosition]:
+        """The places where the log lost events that a reader standing at ``at`` (where
+        this page, the log's last, left it) has not passed: nothing follows them yet
+        to pass them with, and a client that stops here must be told now."""
+        return [place for place in self.losses if place >= at]
+
     def lost(self, after: StreamPosition) -> bool:
         """Whether events were lost at ``after`` with no trace of retention: a position
         past what retention removed is an entry this log issued, unless the log lost

@@ -147,6 +147,8 @@ class Subscription:
                 self._opening_states[topic] = state  # the first catch-up judges with it
                 if start == "now":  # "now" is now, not when first iterated
                     self._positions[topic] = latest_point(state)
+                    # (what the log lost before now is no loss to this stream)
+                    self._told_loss_at[topic] = self._positions[topic].position
                 if _at_end(start, state):
                     # Over already: no live registration either (a log of that name
                     # made again would fill this stream's queue with what it drops).
@@ -407,6 +409,12 @@ class Subscription:
                 yield self._gap_frame(topic, Gap("unknown", position, position))
             frames = self._replay_frames(topic, page, position)
             last = len(page.entries) < c.REPLAY_PAGE_SIZE and not page.cut_short
+            if last and self._lost_ahead(topic, page):
+                # The log lost what followed its last event (a failover a live reader
+                # found), and nothing came since: a client caught up to here went live
+                # and on with nothing said (the gap came only with a later event).
+                there = self._positions[topic]
+                frames.append(self._gap_frame(topic, Gap("unknown", there, there)))
             del page  # (not held while the client takes its frames, maybe for good)
             if frames:
                 chunk = b"".join(frames)
@@ -437,6 +445,13 @@ class Subscription:
         self._replayed += len(events)
         self._observer.delivered(len(events))
         return frames
+
+    def _lost_ahead(self, topic: str, page: LogPage) -> bool:
+        """Whether the log lost events after where the replay of its last page left the
+        topic, and this stream was not told there already."""
+        told = self._told_loss_at.get(topic)
+        at = self._positions[topic].position
+        return any(place != told for place in page.losses_ahead(at))
 
     def _judge_start(self, topic: str, state: LogState) -> Gap | None:
         """Set the topic's position from its cursor; the gap notice it needs, if any."""

@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from broker import Broker, BrokerLimits, EventId, NewEvent, StoreUnavailable, SubscriberTooSlow
+from broker import (
+    Broker,
+    BrokerLimits,
+    EventId,
+    NewEvent,
+    StartFrom,
+    StoreUnavailable,
+    SubscriberTooSlow,
+)
 from broker import constants as c
 from broker.errors import StreamOver
 from broker.heartbeat import HeartbeatClock
@@ -994,6 +1002,86 @@ async def test_a_client_away_before_events_a_failover_lost_is_told_where_they_we
     page = await redis_broker.history(topic, kept, 10)
     assert page.gap is not None and page.gap.reason == "unknown"
     assert [e.data for e in page.events] == [b"4", b"5"]
+
+
+async def _lose_the_newest(
+    broker: Broker, server: RedisServer, topic: str, lost: int
+) -> tuple[EventId, EventId]:
+    """Events 0 and 1 kept, then ``lost`` more that the live reader read and the log then
+    lost (a failover the reader finds, and tells its live subscriber). The ids of 0 and 1."""
+    first, kept = await publish(broker, topic, range(2))
+    subscription = await broker.subscribe({topic: kept})
+    chunks = subscription.chunks()
+
+    async def fail_over(admin: redis.Redis) -> None:
+        await admin.xdel(c.log_key(topic), *(format_stream_id(i.position) for i in gone))
+
+    try:
+        gone = await publish(broker, topic, range(2, 2 + lost))
+        await collect(chunks, lambda ev: 1 + lost in numbers(ev))  # the live reader read them
+        await _the_reader_lost_redis(broker, server.url, topic, fail_over)
+        told = await collect(chunks, lambda ev: bool(gaps(ev)), timeout=8)
+        assert [g.json["reason"] for g in gaps(told)] == ["unknown"]  # type: ignore[index]
+    finally:
+        subscription.close()
+    return first, kept
+
+
+@pytest.mark.parametrize("away_at", ["before-the-last-kept", "at-the-last-kept", "multi-topic"])
+async def test_a_client_back_before_anything_followed_a_loss_is_told_at_once(
+    redis_broker: Broker, redis_server: RedisServer, topic: str, away_at: str
+) -> None:
+    """The live reader found that the log lost its newest events, and nothing was
+    published since. A client that was away caught up to the last event kept, went live
+    and read on with nothing said: the gap came only with a later event in the replay
+    (audit: a Sentinel failover, or a restart from a snapshot, then a reconnect)."""
+    first, kept = await _lose_the_newest(redis_broker, redis_server, topic, 2)
+    starts: dict[str, StartFrom] = {topic: kept if away_at == "at-the-last-kept" else first}
+    if away_at == "multi-topic":
+        starts[f"{topic}.other"] = "earliest"
+    away = await redis_broker.subscribe(starts)
+    later = away.chunks()
+    try:
+        told = await collect(later, lambda ev: bool(gaps(ev)), timeout=8)
+        [gap] = gaps(told)
+        assert gap.json["reason"] == "unknown" and gap.json["topic"] == topic  # type: ignore[index]
+        assert numbers(told) == ([] if away_at == "at-the-last-kept" else [1])
+        assert told[-1] is gap  # after the last event kept
+        await publish(redis_broker, topic, range(4, 5))
+        after = await collect(later, lambda ev: 4 in numbers(ev), timeout=8)
+        assert numbers(after) == [4] and not gaps(after)  # then on, told once
+    finally:
+        away.close()
+    page = await redis_broker.history(topic, first, 10)
+    assert [e.data for e in page.events] == [b"1"] and page.gap is None
+
+
+async def test_a_loss_before_a_stream_from_now_is_no_gap_to_it(
+    redis_broker: Broker, redis_server: RedisServer, topic: str
+) -> None:
+    """A stream "from now" opened after the log lost its newest events missed nothing."""
+    _, kept = await _lose_the_newest(redis_broker, redis_server, topic, 1)
+    now = await redis_broker.subscribe({topic: "now"})
+    try:
+        since = now.chunks()
+        await publish(redis_broker, topic, range(5, 6))
+        events = await collect(since, lambda ev: 5 in numbers(ev), timeout=8)
+    finally:
+        now.close()
+    assert numbers(events) == [5] and not gaps(events)
+    page = await redis_broker.history(topic, kept, 10)  # (a history from there is told)
+    assert [e.data for e in page.events] == [b"5"] and page.gap is not None
+
+
+async def test_a_history_read_to_a_loss_at_the_logs_end_is_told(
+    redis_broker: Broker, redis_server: RedisServer, topic: str
+) -> None:
+    """The history's last page stops at a loss the log ends with; the page after says it."""
+    _, kept = await _lose_the_newest(redis_broker, redis_server, topic, 1)
+    page = await redis_broker.history(topic, None, 10)
+    assert [e.data for e in page.events] == [b"0", b"1"] and page.next == kept
+    page = await redis_broker.history(topic, kept, 10)
+    assert page.events == [] and page.gap is not None and page.gap.reason == "unknown"
 
 
 async def test_a_failover_while_the_readers_connection_was_idle_is_told(
