@@ -128,6 +128,9 @@ CLUSTER_POLL_MAX_MS = 100
 # and identical reads are coalesced.
 REDIS_POOL_SIZE = 8
 REDIS_POOL_WAIT_SECONDS = 5.0
+# How often a Sentinel store asks the Sentinels where the primary is (seconds): when
+# they name another one, every connection to the old one is dropped (redis_primary).
+PRIMARY_WATCH_S = 1.0
 # How long a command (an append batch included) waits for Redis's reply before its
 # connection is dropped and the command fails as "store unavailable".
 REDIS_REPLY_TIMEOUT_SECONDS = 5.0

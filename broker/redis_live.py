@@ -421,6 +421,14 @@ class LiveReader:
             if task.done() and not task.cancelled():
                 task.exception()  # retrieved: a failed read's error was already reported
 
+    async def drop_connections(self) -> None:
+        """Drop every lane's connection now (the primary moved): a read under way fails,
+        as when Redis goes away, and the next read reconnects, asking the Sentinels."""
+        for lane in self._lanes:
+            with contextlib.suppress(*REDIS_FAILURES):
+                await lane.connection.close()
+        await self._reader.connection_pool.disconnect()
+
     async def close(self) -> None:
         await self._end_reads(timeout=2)
         for lane in self._lanes:

@@ -21,6 +21,7 @@ from broker.observer import Observer
 from broker.redis_live import ClusterLiveReader, LiveReader, LocalWrites
 from broker.redis_options import client_options, pool_options, reader_options
 from broker.redis_pools import BoundedCluster, FixedPool, FixedSentinelPool
+from broker.redis_primary import PrimaryWatch
 from broker.redis_store import NodeClientFactory, RedisStreamStore
 
 
@@ -93,7 +94,10 @@ def _sentinel_store(url: str, **options: Any) -> RedisStreamStore:
     # Through the pool every reconnect asks the Sentinels; from_pool also closes it.
     reader = redis.Redis.from_pool(reader_pool)
     live = LiveReader(reader, client)
-    return RedisStreamStore(client, live, also_close=sentinel.sentinels, **options)
+    watch = PrimaryWatch(sentinel, service)
+    return RedisStreamStore(
+        client, live, also_close=sentinel.sentinels, primary_watch=watch, **options
+    )
 
 
 def _cluster_store(url: str, observer: Observer | None, **options: Any) -> RedisStreamStore:

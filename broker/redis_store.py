@@ -29,9 +29,10 @@ from broker.errors import StoreUnavailable, TopicClosed
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
 from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
-from broker.redis_live import AnyLiveReader, LocalWrites
+from broker.redis_live import AnyLiveReader, LiveReader, LocalWrites
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
 from broker.redis_pools import FixedPool, open_cluster_pools
+from broker.redis_primary import PrimaryWatch
 from broker.redis_raw import RawConnection
 from broker.single_flight import SingleFlight
 
@@ -212,8 +213,12 @@ class RedisStreamStore:
         pool_size: int = c.REDIS_POOL_SIZE,
         node_client: NodeClientFactory | None = None,
         local_writes: LocalWrites | None = None,
+        primary_watch: PrimaryWatch | None = None,
     ) -> None:
+        """``primary_watch``: a Sentinel store's (see ``redis_primary``)."""
         self._client = client
+        self._primary_watch = primary_watch
+        self._watching: asyncio.Task[None] | None = None
         self._local_writes = local_writes  # (the embedded store's: see LocalWrites)
         self._pool_size = pool_size
         # On a Cluster: a client of one node, logged in as the cluster client is.
@@ -310,6 +315,9 @@ class RedisStreamStore:
             await self._forget_slot_owner(keys[0])
             raise
         if int(confirmed) < self._replicas_to_confirm:
+            # Maybe a primary demoted since, or cut off from its replicas: the retry
+            # must not reuse this connection (it asks the Sentinels again, if any).
+            await drop_idle_connections(self._client)
             raise StoreUnavailable("no replica confirmed the write in time")
         return answer
 
@@ -532,6 +540,21 @@ class RedisStreamStore:
             log.warning("redis: could not open the connections yet: %s", error)
         if not self.durable and self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_expired())
+        if self._primary_watch is not None and self._watching is None:
+            watching = self._primary_watch.run(self._primary_moved)
+            self._watching = asyncio.get_running_loop().create_task(watching)
+
+    async def _primary_moved(self) -> None:
+        """The Sentinels name another primary: every connection to the old one goes
+        now (appends, commands, the live reader's; what was under way fails, as in
+        any outage, and the live reader revalidates its topics), and each opens
+        again where they say."""
+        if self._pipeline is not None:
+            await self._pipeline.close()  # (its connection opens again on the next append)
+        if not isinstance(self._client, RedisCluster):
+            await self._client.connection_pool.disconnect()
+        if isinstance(self._live, LiveReader):
+            await self._live.drop_connections()
 
     async def _sweep_expired(self) -> None:
         """The embedded store (fakeredis) drops an expired key only when that key is
@@ -547,6 +570,11 @@ class RedisStreamStore:
                 log.exception("embedded store: the expiry sweep failed")
 
     async def close(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+            self._watching = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

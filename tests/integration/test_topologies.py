@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +19,7 @@ from broker.constants import GAP_EVENT
 from broker.ids import parse_cursor
 from broker.redis_open import open_store
 from tests.support.oracle import delivery_problems
-from tests.support.polling import await_until
+from tests.support.polling import await_until, wait_until
 from tests.support.redis_server import RedisServer
 from tests.support.redis_topologies import RedisClusterGroup, SentinelGroup
 from tests.support.sse import Event, collect, parse_events
@@ -268,6 +269,57 @@ async def test_sentinel_failover_loses_no_acknowledged_event(
     assert publisher.refused > 0, "the kill did not interrupt publishing"
     assert len(acked) >= before_failover + 30
     assert_oracle(acked, reader.events, gap_allowed=False)
+
+
+async def _acknowledged(broker: Broker, topic: str, n: int) -> str:
+    """Publish ``n`` until acknowledged (retried with its key); its id."""
+    for _ in range(300):  # bounded: 30 s of retries
+        try:
+            result = await broker.publish(topic, [NewEvent(str(n))], idempotency_key=f"z{n}")
+            return str(result.ids[0])
+        except StoreUnavailable:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"event {n} not acknowledged in 30 s")
+
+
+@pytest.mark.timeout(90)
+async def test_a_primary_that_comes_back_after_a_failover_gets_no_writes(
+    sentinel_group_to_fail: SentinelGroup, topic: str
+) -> None:
+    """The primary froze (SIGSTOP), the Sentinels promoted its replica, and it came back,
+    still a primary until they demote it, some seconds later. The store's connections
+    to it had not failed (nothing was published meanwhile): its appends went on there,
+    were acknowledged, and were dropped when it was demoted (audit: some 10 s of
+    publishes). The store follows the Sentinels: they all reach the new primary."""
+    group = sentinel_group_to_fail
+    async with running_broker(group.url) as broker:
+        await broker.publish(topic, [NewEvent("before")])
+        store: Any = broker.store
+        old = group.primary_port
+        frozen = group.servers[old].process
+        assert frozen is not None
+        frozen.send_signal(signal.SIGSTOP)
+        try:
+            new = await asyncio.to_thread(group.wait_for_failover, 30)
+            await await_until(
+                lambda: store._primary_watch.primary == ("127.0.0.1", new),
+                timeout=10,
+                what="the store to follow the Sentinels",
+            )
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+        acked = [await _acknowledged(broker, topic, n) for n in range(10)]
+
+        def demoted() -> bool:  # (and in sync: what it took was dropped by then)
+            info: Any = group.client(old).info("replication")
+            return bool(info["role"] == "slave" and info.get("master_link_status") == "up")
+
+        await asyncio.to_thread(
+            lambda: wait_until(demoted, timeout=45, what="the old primary demoted")
+        )
+        kept = group.client(new).xrange(c.log_key(topic))
+    stored = [f"{EventId.parse(acked[0]).epoch}.{raw_id.decode()}" for raw_id, _ in kept]
+    assert set(acked) <= set(stored), "acknowledged events were dropped with the old primary"
 
 
 # -- Cluster --------------------------------------------------------------------------

@@ -36,6 +36,7 @@ REDIS_MODULES = {
     "redis_pools.py",
     "redis_options.py",
     "redis_open.py",
+    "redis_primary.py",
 }
 
 
