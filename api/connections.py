@@ -52,7 +52,7 @@ from api.guard import (
 from api.heads import HEAD_END, RequestHead
 from api.lean_ingest import IngestExchange, IngestHead, ingest_head_of
 from api.lean_publish import PublishExchange, PublishHead, publish_head_of
-from api.lean_stream import StreamConnection, chunk_of, stream_request_of
+from api.lean_stream import StreamConnection, chunk_of, is_http_1_0, stream_request_of
 from api.problems import problem_for
 from api.sse import STREAM_HEADERS
 from broker import StartFrom, StoreUnavailable, StreamOver
@@ -425,7 +425,10 @@ class BrokerHttpProtocol(asyncio.Protocol):
         app = request.app
         retry_ms = app.state.settings.retry_ms
         assert self._transport is not None
-        stream = StreamConnection(self._transport, app.state.streams, self._server_state)
+        chunked = not is_http_1_0(request)
+        stream = StreamConnection(
+            self._transport, app.state.streams, self._server_state, chunked=chunked
+        )
         try:
             subscription = await routes.subscribe(request, starts, stream)
         except StoreUnavailable:
@@ -451,13 +454,19 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._transport.set_protocol(stream)
         self._server_state.total_requests += 1
         _log_access(self._transport, self._config, request.scope, 200)
-        stream.start(subscription, self._response_head(retry_ms, cors_headers(request.scope)))
+        head = self._response_head(retry_ms, cors_headers(request.scope), chunked=chunked)
+        stream.start(subscription, head)
         self._transport.resume_reading()  # to see the client go
 
-    def _response_head(self, retry_ms: int, extra: list[tuple[bytes, bytes]]) -> bytes:
+    def _response_head(
+        self, retry_ms: int, extra: list[tuple[bytes, bytes]], *, chunked: bool
+    ) -> bytes:
         # The connection ends with the stream (a StreamConnection serves no other
         # request): said up front, so that a client whose stream ended (broker.end,
         # a drain) does not send its next request down a socket that is closing.
+        if not chunked:  # (HTTP/1.0: the body ends with the connection)
+            head = response_head(200, [*STREAM_HEADERS, *extra, CLOSE], self._server_state)
+            return head + retry_hint(retry_ms)
         headers = [*STREAM_HEADERS, *extra, (b"transfer-encoding", b"chunked"), CLOSE]
         return response_head(200, headers, self._server_state) + chunk_of(retry_hint(retry_ms))
 

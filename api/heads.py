@@ -51,14 +51,18 @@ def parse_head(data: bytes) -> tuple[RequestHead, httptools.HttpRequestParser] |
 
 
 def scope_of(
-    method: str, path: str, url: Any, headers: list[tuple[bytes, bytes]]
+    method: str,
+    path: str,
+    url: Any,
+    headers: list[tuple[bytes, bytes]],
+    http_version: str = "1.1",
 ) -> dict[str, Any]:
-    """The ASGI scope of a request served on the connection (HTTP/1.1, no root path):
-    what the app's functions read, as uvicorn would have built it. ``url`` is
+    """The ASGI scope of a request served on the connection (no root path): what the
+    app's functions read, as uvicorn would have built it. ``url`` is
     ``httptools.parse_url``'s answer; ``path`` its path, percent-decoded."""
     return {
         "type": "http",
-        "http_version": "1.1",
+        "http_version": http_version,
         "method": method,
         "scheme": "http",
         "path": path,

@@ -49,6 +49,7 @@ class StreamConnection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_chunked",
         "_ended",
         "_paused",
         "_pump",
@@ -60,9 +61,17 @@ class StreamConnection(asyncio.Protocol):
     )
 
     def __init__(
-        self, transport: asyncio.Transport, streams: OpenStreams, server_state: ServerState
+        self,
+        transport: asyncio.Transport,
+        streams: OpenStreams,
+        server_state: ServerState,
+        *,
+        chunked: bool = True,
     ) -> None:
+        """``chunked``: the body in chunks (HTTP/1.1), else as it is, ended by closing
+        the connection (an HTTP/1.0 client)."""
         self._transport = transport
+        self._chunked = chunked
         self._subscription: Subscription | None = None  # until start
         self._streams = streams
         self._server_state = server_state
@@ -90,7 +99,8 @@ class StreamConnection(asyncio.Protocol):
         if self._paused:
             self._transport.abort()
         else:
-            self._transport.write(END_OF_BODY)
+            if self._chunked:
+                self._transport.write(END_OF_BODY)
             self._transport.close()
 
     def shutdown(self) -> None:
@@ -122,6 +132,9 @@ class StreamConnection(asyncio.Protocol):
     def write(self, chunk: bytes) -> bool:
         if self._paused:
             return False  # the subscription queues it for the pump, bounded
+        if not self._chunked:
+            self._transport.write(chunk)
+            return True
         shared = SHARED_CHUNKS
         self._transport.write(shared.chunk if chunk is shared.data else shared.of(chunk))
         return True
@@ -149,7 +162,7 @@ class StreamConnection(asyncio.Protocol):
     async def _run_pump(self, subscription: Subscription) -> None:
         try:
             async for chunk in subscription.chunks(until_idle=True):
-                self._transport.write(chunk_of(chunk))
+                self._transport.write(chunk_of(chunk) if self._chunked else chunk)
                 del chunk  # (not held while the client does not read: its buffer has it)
                 if self._paused:
                     self._writable = asyncio.get_running_loop().create_future()
@@ -209,7 +222,7 @@ SHARED_CHUNKS = _LastChunk()
 
 def stream_request(data: bytes, app: Any) -> tuple[Request, dict[str, StartFrom]] | None:
     """The request and where its topics start, if ``data`` is a stream request we serve:
-    a complete, valid HTTP/1.1 GET with no body. Else None."""
+    a complete, valid HTTP/1.1 (or 1.0) GET with no body. Else None."""
     parsed = parse_head(data)
     return None if parsed is None else stream_request_of(*parsed, app)
 
@@ -238,8 +251,15 @@ def _scope_of(head: RequestHead, parser: httptools.HttpRequestParser) -> dict[st
         path = unquote(url.path.decode("ascii"))
     except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
         return None
-    plain = parser.get_method() == b"GET" and parser.get_http_version() == "1.1"
+    version = parser.get_http_version()
+    plain = parser.get_method() == b"GET" and version in ("1.1", "1.0")
     bodyless = all(name not in BODY_HEADERS for name, _ in head.headers)
     if not (head.complete and plain and bodyless):
         return None
-    return scope_of("GET", path, url, head.headers)
+    return scope_of("GET", path, url, head.headers, version)
+
+
+def is_http_1_0(request: Request) -> bool:
+    """An HTTP/1.0 client: its stream's body ends with the connection, unframed (it
+    knows no chunked coding, which RFC 9112 forbids sending it; uvicorn sends it)."""
+    return bool(request.scope.get("http_version") == "1.0")

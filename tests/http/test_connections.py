@@ -49,6 +49,7 @@ def head(first_line: str, *headers: str) -> bytes:
         head("GET /topics/t/events HTTP/1.1", "Last-Event-ID: abcdefgh.1-0"),
         head("GET /topics/t%2Dx/events HTTP/1.1"),
         head("GET /events?topic=a&topic=b HTTP/1.1"),
+        head("GET /topics/t/events HTTP/1.0"),  # its body unframed (see below)
     ],
 )
 def test_plain_stream_requests_are_served_lean(raw: bytes, app: object) -> None:
@@ -58,7 +59,6 @@ def test_plain_stream_requests_are_served_lean(raw: bytes, app: object) -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        head("GET /topics/t/events HTTP/1.0"),  # no chunked bodies: uvicorn decides
         head("POST /topics/t/events HTTP/1.1", "Content-Length: 0"),
         head("GET /topics/t/events HTTP/1.1", "Content-Length: 0"),
         head("GET /topics/t/events HTTP/1.1", "Transfer-Encoding: chunked"),
@@ -120,6 +120,32 @@ async def test_a_stream_reads_the_same_served_lean_or_by_the_app(
     finally:
         await lean.close()
         await by_app.close()
+
+
+async def test_an_http_1_0_stream_is_not_chunked_and_ends_with_its_connection(
+    http_broker: BrokerProcess,
+) -> None:
+    """An HTTP/1.0 client knows no chunked coding (RFC 9112 forbids sending it one; uvicorn
+    did): its stream's bytes come as they are, and its end is the connection's."""
+    url, topic = http_broker.url, new_topic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_broker.port)
+    try:
+        path = f"/topics/{topic}/events?from=earliest".encode()
+        writer.write(b"GET " + path + b" HTTP/1.0\r\nHost: broker\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            [event_id] = await publish_many(client, topic, [{"n": 1}])
+            closed = await client.post(f"/topics/{topic}/close")
+            assert closed.status_code in (200, 201), closed.text
+        body = await asyncio.wait_for(reader.read(), 10)  # to the connection's end
+    finally:
+        writer.close()
+    lines = head.decode("latin-1").lower().split("\r\n")
+    assert lines[0].startswith("http/1.1 200") and "connection: close" in lines
+    assert not any(line.startswith("transfer-encoding") for line in lines)
+    assert body.startswith(b"retry: ")  # no chunk size before it
+    assert b"id: " + event_id.encode() + b'\ndata: {"n":1}\n\n' in body
+    assert body.endswith(b"event: broker.end\ndata: {}\n\n")  # and no last chunk
 
 
 async def test_a_head_in_many_pieces_is_served(http_broker: BrokerProcess) -> None:
