@@ -107,10 +107,11 @@ class _Resume:
             self.failing_since = time.monotonic()
 
     def attempt_timeout(self, usual: httpx.Timeout) -> httpx.Timeout:
-        """An attempt's timeouts: the client's usual ones, but while failing none runs
-        past ``give_up_after`` (a broker that accepts and never answers is given up on
-        in time, not after the connect and read timeouts). A stream that works past
-        such a shortened read is reconnected once, with the usual ones (it worked)."""
+        """An attempt's timeouts until its answer's head: the client's usual ones, but
+        while failing none runs past ``give_up_after`` (a broker that accepts and never
+        answers is given up on in time, not after the connect and read timeouts). A
+        stream that answers reads its body with the usual ones (``_read_as_usual``):
+        a quiet one is no failure."""
         if self.give_up_after is None or self.failing_since is None:
             return usual
         left = self.give_up_after - (time.monotonic() - self.failing_since)
@@ -200,6 +201,17 @@ class _Resume:
         return min(hint, MAX_DELAY)
 
 
+def _read_as_usual(response: httpx.Response, usual: httpx.Timeout) -> None:
+    """The body of a stream that answered is read with the usual read timeout (its head
+    may have been waited for with less). httpx hands the request's timeout dict to
+    httpcore, which takes the read timeout from it when the body is first read: the
+    version ranges are pinned in pyproject.toml, and tests/unit/
+    test_subscriber_resume.py's quiet-stream tests fail if this stops working."""
+    timeouts = response.request.extensions.get("timeout")
+    if isinstance(timeouts, dict):
+        timeouts["read"] = usual.read
+
+
 def _at_most(timeout: float | None, limit: float) -> float:
     return limit if timeout is None else min(timeout, limit)
 
@@ -287,6 +299,7 @@ class AsyncSubscriber:
                 await response.aread()
                 _raise_for(response)
             self._resume.connected()
+            _read_as_usual(response, self._client.timeout)
             decoder = SseDecoder(self._resume.last_event_id)
             async for chunk in response.aiter_bytes():
                 for event in decoder.feed(chunk):
@@ -379,6 +392,7 @@ class Subscriber:
                 response.read()
                 _raise_for(response)
             self._resume.connected()
+            _read_as_usual(response, self._client.timeout)
             decoder = SseDecoder(self._resume.last_event_id)
             for chunk in response.iter_bytes():
                 for event in decoder.feed(chunk):

@@ -103,3 +103,60 @@ def test_a_shortened_attempt_keeps_a_clients_own_longer_timeouts_otherwise() -> 
     assert shortened.read is not None and 0 < shortened.read <= 1.0
     assert shortened.connect is not None and shortened.connect <= 1.0
     assert subscriber._Resume(["t"], None, False, None).attempt_timeout(usual) is usual
+
+
+@contextmanager
+def _quiet_stream_server(beats: int) -> Iterator[tuple[str, list[int]]]:
+    """A broker whose stream answers at once, then only beats every 1.2 s ``beats``
+    times before its one event: healthy, but quiet longer than ``give_up_after``.
+    Yields its URL and the connections it took (a list of one count)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    taken = [0]
+    stop = threading.Event()
+
+    def serve(connection: socket.socket) -> None:
+        with connection:
+            connection.recv(65536)  # the request's head
+            connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+            for _ in range(beats):
+                if stop.wait(1.2):
+                    return
+                connection.sendall(b": beat\n\n")
+            connection.sendall(b"id: a.1-0\ndata: 1\n\n")
+            stop.wait(10)
+
+    def accept() -> None:
+        while not stop.is_set():
+            with suppress(TimeoutError):
+                connection = listener.accept()[0]
+                taken[0] += 1
+                threading.Thread(target=serve, args=(connection,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", taken
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_a_quiet_stream_is_no_failure_however_short_give_up_after_is() -> None:
+    """Only the wait for the answer's head is cut to what is left of ``give_up_after``:
+    a stream that answered reads on with the usual read timeout (cut too, a healthy
+    stream quiet for longer was taken for a failure, reconnected, and given up on)."""
+    with _quiet_stream_server(beats=3) as (url, taken):
+        sub = subscriber.Subscriber(["t"], url, last_event_id="a.0-1", give_up_after=0.8)
+        event = next(iter(sub))
+        sub.close()
+    assert event.data == "1" and taken == [1]
+
+
+async def test_a_quiet_async_stream_is_no_failure_however_short_give_up_after_is() -> None:
+    with _quiet_stream_server(beats=3) as (url, taken):
+        sub = subscriber.AsyncSubscriber(["t"], url, last_event_id="a.0-1", give_up_after=0.8)
+        event = await anext(aiter(sub))
+        await sub.aclose()
+    assert event.data == "1" and taken == [1]
