@@ -84,11 +84,14 @@ class RawConnection:
             replies = await self._open()
         return await asyncio.gather(*replies.send(commands), return_exceptions=True)
 
-    async def close(self) -> None:
-        if self._opening is not None:
-            self._opening.cancel()
+    async def close(self, why: str = "the store is closing") -> None:
+        """Drop the connection (or its opening): what waits fails with a ConnectionError
+        saying ``why``; the next command opens a new one."""
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            opening.cancel()
         if self._replies is not None:
-            self._replies.fail(ConnectionError("the store is closing"))
+            self._replies.fail(ConnectionError(why))
 
     async def _open(self) -> _Replies:
         if self._opening is None:
@@ -96,6 +99,13 @@ class RawConnection:
         opening = self._opening
         try:
             return await asyncio.shield(opening)  # a caller that gives up leaves it to others
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if opening.cancelled() and not (task is not None and task.cancelling()):
+                # The opening was dropped (``close``), not this caller: a connection
+                # failure to it (a CancelledError would end its request unanswered).
+                raise ConnectionError("the connection was dropped while it opened") from None
+            raise
         finally:
             if opening.done() and self._opening is opening:
                 self._opening = None
@@ -108,9 +118,13 @@ class RawConnection:
         # Made by the pool (its options; not one of its connections): FixedPool takes
         # its connecting after an outage as the cue to reopen its own idle ones.
         connection: Any = self._pool.make_connection()  # type: ignore[no-untyped-call]
-        await connection.connect()
-        await connection.send_command("CLIENT", "ID")
-        client_id = int(await connection.read_response())
+        try:
+            await connection.connect()
+            await connection.send_command("CLIENT", "ID")
+            client_id = int(await connection.read_response())
+        except BaseException:  # (cancelled by close() too): not left open until collected
+            await connection.disconnect(nowait=True)
+            raise
         writer: asyncio.StreamWriter = connection._writer
         unread = len(connection._reader._buffer)
         # The socket is ours from here: redis-py's object lets go of it (else, when

@@ -182,9 +182,9 @@ class _AppendPipeline:
         if self._connection is not None:
             await self._connection.open()
 
-    async def close(self) -> None:
+    async def close(self, why: str = "the store is closing") -> None:
         if self._connection is not None:
-            await self._connection.close()
+            await self._connection.close(why)
 
 
 def _not_stored(reason: str, cause: BaseException) -> StoreUnavailable:
@@ -550,7 +550,7 @@ class RedisStreamStore:
         any outage, and the live reader revalidates its topics), and each opens
         again where they say."""
         if self._pipeline is not None:
-            await self._pipeline.close()  # (its connection opens again on the next append)
+            await self._pipeline.close("the primary moved")  # (reopened by the next append)
         if not isinstance(self._client, RedisCluster):
             await self._client.connection_pool.disconnect()
         if isinstance(self._live, LiveReader):

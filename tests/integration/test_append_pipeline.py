@@ -210,3 +210,49 @@ async def test_a_lone_streaming_append_is_sent_when_its_linger_ends(
         await store.append(topic, [NewEvent("again")], streaming=True)
     assert batches == [1, 1]
     assert await admin.xlen(c.log_key(topic)) == 2
+
+
+@pytest.fixture
+async def silent_redis() -> AsyncIterator[int]:
+    """A port that accepts connections and never answers: a primary frozen mid-failover."""
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read()  # until the client goes
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    for writer in held:
+        writer.close()
+    await server.wait_closed()
+
+
+async def test_a_connection_dropped_while_it_opens_fails_its_commands_as_a_connection_error(
+    silent_redis: int,
+) -> None:
+    """``close`` while the connection opens (the primary watch drops connections while
+    appends reconnect to a frozen primary): each waiting command gets a ConnectionError
+    (the store's 503), not the opening's CancelledError, which ended a publish's request
+    unanswered; nor does a later command get it, once the opener's own caller is gone."""
+    pool = redis.ConnectionPool(host="127.0.0.1", port=silent_redis, socket_timeout=30)
+    connection = RawConnection(pool)
+    waiting = asyncio.ensure_future(connection.exchange_each([b"PING\r\n"]))
+    await asyncio.sleep(0.2)  # (the handshake waits for an answer that never comes)
+    await connection.close("the primary moved")
+    with pytest.raises(redis.ConnectionError, match="dropped while it opened"):
+        await waiting
+    gone = asyncio.ensure_future(connection.exchange_each([b"PING\r\n"]))
+    await asyncio.sleep(0.2)
+    gone.cancel()  # the opener's own caller goes first
+    await asyncio.sleep(0)
+    await connection.close()
+    later = asyncio.ensure_future(connection.exchange_each([b"PING\r\n"]))
+    await asyncio.sleep(0.2)
+    assert not later.done()  # opening anew, not failed with the old opening's cancel
+    await connection.close()
+    with pytest.raises(redis.ConnectionError):
+        await later
+    await pool.aclose()
