@@ -163,7 +163,6 @@ class StreamConnection(asyncio.Protocol):
         try:
             async for chunk in subscription.chunks(until_idle=True):
                 self._transport.write(chunk_of(chunk) if self._chunked else chunk)
-                del chunk  # (not held while the client does not read: its buffer has it)
                 if self._paused:
                     self._writable = asyncio.get_running_loop().create_future()
                     await self._writable

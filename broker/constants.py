@@ -98,7 +98,9 @@ REPLAY_PAGE_SIZE = 500
 # ... and of at most this many bytes of event data (one event at least): a client that
 # stops reading pins one page in the broker (500 events of 60 KB were 60 MB, held for
 # as long as the connection stayed open). History pages too (their `next` goes on).
-# A replay's pages are also at most half the subscriber's buffer (Subscription).
+# A replay's pages are also at most half the subscriber's buffer (Subscription), but
+# not under this many bytes (each page waits READ_COALESCE_MS for company).
+REPLAY_PAGE_MIN_BYTES = 65_536
 REPLAY_PAGE_BYTES = 1_048_576
 # Identical log reads (a reconnect storm) wait this long for company before
 # they go to Redis as one (ms); see single_flight.SingleFlight.

@@ -386,12 +386,15 @@ class Subscription:
     async def _replay_topic(self, topic: str) -> AsyncIterator[bytes]:
         """Page through the log after the topic's position, up to its end.
 
-        A page is at most half the subscriber's buffer: a client that stops reading
-        mid-replay holds what it was last handed twice (here, and framed in its
-        socket's buffer) for as long as it stays connected, so it holds about its
-        buffer, as a live one may (1 MiB pages held 3 MB each, whatever the limit).
+        A page is at most half the subscriber's buffer (``REPLAY_PAGE_MIN_BYTES`` at
+        least): a client that stops reading mid-replay holds what it was last handed
+        twice (here, and framed in its socket's buffer) for as long as it stays
+        connected, so it holds about its buffer, as a live one may (1 MiB pages held
+        3 MB each, whatever the limit). Smaller pages would each wait for company
+        (``READ_COALESCE_MS``): one event a page replayed some 135 events a second.
         """
-        page_bytes = min(c.REPLAY_PAGE_BYTES, max(self._buffer_limit // 2, 1))
+        half = max(self._buffer_limit // 2, c.REPLAY_PAGE_MIN_BYTES)
+        page_bytes = min(c.REPLAY_PAGE_BYTES, half)
         while not self._closed:
             position = self._positions[topic]
             page = await self._store.read_range(
@@ -420,7 +423,6 @@ class Subscription:
                 chunk = b"".join(frames)
                 del frames
                 yield chunk
-                del chunk
             if last:
                 return
 
