@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,7 +44,11 @@ class PrimaryWatch:
     async def run(self, moved: Callable[[], Awaitable[None]]) -> None:
         """Ask until cancelled; await ``moved()`` when they name another primary."""
         while True:
-            address = await self._ask()
+            try:
+                address = await self._ask()
+            except Exception:  # (the watch must outlive any surprise)
+                log.exception("redis: asking the Sentinels where the primary is failed")
+                address = None
             if address is not None:
                 if self.primary is not None and address != self.primary:
                     log.warning(
@@ -53,17 +58,30 @@ class PrimaryWatch:
                     )  # fmt: skip
                     try:
                         await moved()
-                    except Exception:  # (the watch must go on whatever a drop raised)
+                    except Exception:
                         log.exception("redis: dropping the old primary's connections failed")
                 self.primary = address
             await asyncio.sleep(self._interval_s)
 
     async def _ask(self) -> Address | None:
-        """Their answer; None while none names a primary (a failover under way, or
-        no Sentinel answers): the connections are left as they are."""
-        try:
-            answer: Any = await self._sentinel.discover_master(self._service)
-        except REDIS_FAILURES:  # (MasterNotFoundError among them)
+        """The primary a majority of the Sentinels name; None while none has a majority
+        (a failover under way, Sentinels down): the connections are left as they are.
+        One Sentinel alone, lagging or cut off, moves nothing (redis-py's lookup takes
+        the first that answers: a stale one would have the connections dropped twice)."""
+        sentinels = self._sentinel.sentinels
+        views = await asyncio.gather(*(self._view_of(each) for each in sentinels))
+        named = Counter(view for view in views if view is not None)
+        if not named:
             return None
-        host, port = answer
-        return str(host), int(port)
+        address, votes = named.most_common(1)[0]
+        return address if votes > len(sentinels) // 2 else None
+
+    async def _view_of(self, sentinel: Any) -> Address | None:
+        try:
+            masters: Any = await sentinel.sentinel_masters()
+        except REDIS_FAILURES:
+            return None
+        state = masters.get(self._service)
+        if not state or not self._sentinel.check_master_state(state, self._service):
+            return None  # (down, or this Sentinel sees too few others)
+        return str(state["ip"]), int(state["port"])

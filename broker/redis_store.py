@@ -315,9 +315,9 @@ class RedisStreamStore:
             await self._forget_slot_owner(keys[0])
             raise
         if int(confirmed) < self._replicas_to_confirm:
-            # Maybe a primary demoted since, or cut off from its replicas: the retry
-            # must not reuse this connection (it asks the Sentinels again, if any).
-            await drop_idle_connections(self._client)
+            # (A primary demoted since: on Sentinel the store's watch drops the
+            # connections to it within a second; dropped here, on every refusal, a
+            # lagging replica would have every connection reopened again and again.)
             raise StoreUnavailable("no replica confirmed the write in time")
         return answer
 
@@ -549,12 +549,19 @@ class RedisStreamStore:
         now (appends, commands, the live reader's; what was under way fails, as in
         any outage, and the live reader revalidates its topics), and each opens
         again where they say."""
-        if self._pipeline is not None:
-            await self._pipeline.close("the primary moved")  # (reopened by the next append)
+        steps: list[Callable[[], Awaitable[None]]] = []
+        pipeline = self._pipeline
+        if pipeline is not None:
+            steps.append(lambda: pipeline.close("the primary moved"))
         if not isinstance(self._client, RedisCluster):
-            await self._client.connection_pool.disconnect()
+            steps.append(self._client.connection_pool.disconnect)
         if isinstance(self._live, LiveReader):
-            await self._live.drop_connections()
+            steps.append(self._live.drop_connections)
+        for step in steps:  # each whatever another raised: none may stay on the old one
+            try:
+                await step()
+            except Exception:
+                log.exception("redis: could not drop connections to the old primary")
 
     async def _sweep_expired(self) -> None:
         """The embedded store (fakeredis) drops an expired key only when that key is
