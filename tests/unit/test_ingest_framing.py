@@ -3,6 +3,8 @@ as they arrive, in any split, with what follows the body kept for the next reque
 
 from __future__ import annotations
 
+import itertools
+
 import httptools
 import pytest
 
@@ -117,18 +119,25 @@ def test_a_malformed_trailer_line_breaks_the_framing(trailer: bytes) -> None:
 
 
 class _Body:
+    complete = False
+
     def on_body(self, body: bytes) -> None:
         """(the body is not what is compared)"""
 
+    def on_message_complete(self) -> None:
+        self.complete = True
+
 
 def _httptools_takes(size_line: bytes, trailer: bytes) -> bool:
-    parser = httptools.HttpRequestParser(_Body())
+    """Whether httptools reads the whole body (refusing nothing, and finding its end)."""
+    body = _Body()
+    parser = httptools.HttpRequestParser(body)
     head = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
     try:
         parser.feed_data(head + size_line + b"\r\nabc\r\n0\r\n" + trailer + b"\r\n")
     except httptools.HttpParserError:
         return False
-    return True
+    return body.complete
 
 
 def _lean_takes(size_line: bytes, trailer: bytes) -> bool:
@@ -149,7 +158,13 @@ def _lean_takes(size_line: bytes, trailer: bytes) -> bool:
         (b'3;a="\tb\x80"', b""),
         (b"0000000000000000003", b""),  # leading zeros
         (b"3; a", b""),  # space after ';' (the lean route took it)
-        (b"3;;", b""),  # an empty extension (the lean route took it)
+        (b"3;;", b""),  # an empty extension last (the lean route took it)
+        (b"3;;x", b""),  # empty in the middle: httptools takes it
+        (b"3;x=", b""),
+        (b"3;=b", b""),
+        (b'3;=""', b""),
+        (b'3;=x""', b""),
+        (b'3;=""x', b""),
         (b"3;\x80", b""),  # a name not a token (the lean route took it)
         (b'3;a="b', b""),  # a quoted string left open (the lean route took it)
         (b"3;a=b;", b""),
@@ -169,3 +184,15 @@ def test_a_chunk_size_line_and_a_trailer_are_read_as_httptools_reads_them(
 ) -> None:
     """Both routes take and refuse the same bodies (uvicorn's route reads with httptools)."""
     assert _lean_takes(size_line, trailer) == _httptools_takes(size_line, trailer)
+
+
+def test_every_short_chunk_size_line_is_read_as_httptools_reads_it() -> None:
+    """Every line of up to 5 symbols after a size, of those that make extensions."""
+    alphabet = [b";", b"x", b"=", b'"', b"\\", b" ", b"\x80"]
+    differ = [
+        line
+        for length in range(6)
+        for symbols in itertools.product(alphabet, repeat=length)
+        if _lean_takes(line := b"3" + b"".join(symbols), b"") != _httptools_takes(line, b"")
+    ]
+    assert differ == []
