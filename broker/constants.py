@@ -132,7 +132,10 @@ REDIS_POOL_SIZE = 8
 REDIS_POOL_WAIT_SECONDS = 5.0
 # How often a Sentinel store asks the Sentinels where the primary is (seconds): when
 # they name another one, every connection to the old one is dropped (redis_primary).
-PRIMARY_WATCH_S = 1.0
+# Measured (a planned SENTINEL FAILOVER, two brokers writing alternately): asked every
+# second, live subscribers of the old primary passed 14-15 events the new one kept;
+# every quarter second, 0-4. Three Sentinels asked: 12 cheap calls a second.
+PRIMARY_WATCH_S = 0.25
 # How long a command (an append batch included) waits for Redis's reply before its
 # connection is dropped and the command fails as "store unavailable".
 REDIS_REPLY_TIMEOUT_SECONDS = 5.0

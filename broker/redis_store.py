@@ -316,7 +316,7 @@ class RedisStreamStore:
             raise
         if int(confirmed) < self._replicas_to_confirm:
             # (A primary demoted since: on Sentinel the store's watch drops the
-            # connections to it within a second; dropped here, on every refusal, a
+            # connections to it within a quarter second; dropped here, on every refusal, a
             # lagging replica would have every connection reopened again and again.)
             raise StoreUnavailable("no replica confirmed the write in time")
         return answer
