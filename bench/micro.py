@@ -56,6 +56,7 @@ def _parked_subscription() -> Subscription:
     sink: Any = StreamConnection.__new__(StreamConnection)
     sink._transport = _NullTransport()
     sink._paused = False
+    sink._chunked = True
     subscription = Subscription(None, None, {"t": "now"}, sink=sink)  # type: ignore[arg-type]
     subscription._consumer_idle = True
     subscription._resync = set()
