@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote_plus, urlsplit
 
@@ -43,9 +43,19 @@ QUERY_PAIR = re.compile(r"([?&;])([^=&;\s]*)=([^&;\s]*)")
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a request was allowed: until when (unix seconds; None: no token, no end)."""
+    """What a request was allowed: until when (unix seconds; None: no token, no end),
+    and while what holds (``trusted``: its key still in the key set; None: always)."""
 
     expires_at: float | None
+    trusted: Callable[[], bool] | None = None
+
+    def lapsed(self) -> str | None:
+        """Why a stream or an ingest under it must end now, if it must."""
+        if self.expires_at is not None and time.time() >= self.expires_at:
+            return "the token expired"
+        if self.trusted is not None and not self.trusted():
+            return "the token's key was removed from the key set"
+        return None
 
 
 OPEN = Grant(None)
@@ -82,6 +92,7 @@ class Rights:
     publish: TopicPatterns
     subscribe: TopicPatterns
     expires_at: float
+    trusted: Callable[[], bool] | None = None  # (see VerifyingKey.trust_of)
 
 
 class Authorizer:
@@ -158,7 +169,7 @@ class Authorizer:
         refused = [t for t in topics if not (allowed.allows(t) or public.allows(t))]
         if refused:
             raise Forbidden(f"the token does not allow {action} on {', '.join(refused[:5])}")
-        return Grant(rights.expires_at)
+        return Grant(rights.expires_at, rights.trusted)
 
     def check_given_token(self, scope: Scope) -> None:
         """For a request that needs no token (a listing: it shows what the caller may
@@ -206,7 +217,8 @@ class Authorizer:
     def _verify(self, token: str) -> Rights:
         assert self._key is not None
         try:
-            key, algorithms = self._key.key_for(jwt.get_unverified_header(token))
+            header = jwt.get_unverified_header(token)
+            key, algorithms = self._key.key_for(header)
             claims = jwt.decode(
                 token,
                 key,
@@ -219,7 +231,7 @@ class Authorizer:
             raise Unauthorized("the token has expired", token_given=True) from error
         except (jwt.PyJWTError, UnknownKey) as error:
             raise Unauthorized(f"invalid token: {error}", token_given=True) from error
-        return rights_of(claims)
+        return replace(rights_of(claims), trusted=self._key.trust_of(header))
 
 
 async def authorize(scope: Scope, action: Action, topics: Sequence[str]) -> Grant:

@@ -29,7 +29,6 @@ event object, stored and delivered as it arrives, not when the body ends.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,6 +36,7 @@ from typing import Any, Protocol
 import orjson
 from starlette.types import Receive
 
+from api.auth import OPEN, Grant
 from api.problems import HttpProblem, StoreLostMidBody, Unauthorized
 from broker import (
     Broker,
@@ -117,10 +117,10 @@ class Ingest:
         max_batch: int,
         idle_timeout: float,
         append_timeout: float,
-        expires_at: float | None = None,
+        grant: Grant = OPEN,
     ) -> None:
         self.broker = broker
-        self._expires_at = expires_at  # the token's (unix s); None: no token, no end
+        self._grant = grant  # until when, and while what, it may store
         self.topic = topic
         self._key = key
         self._max_line = max_event_bytes + LINE_ENVELOPE_BYTES
@@ -163,11 +163,13 @@ class Ingest:
         return self.result
 
     def check_token(self) -> None:
-        """Refuse to store more once the request's token has expired (checked before
-        each append, and before ``?close=true`` closes the topic)."""
-        if self._expires_at is not None and time.time() >= self._expires_at:
+        """Refuse to store more once the request's token has expired, or its key was
+        removed from the key set (checked before each append, and before
+        ``?close=true`` closes the topic)."""
+        why = self._grant.lapsed()
+        if why is not None:
             stored = f"{self.result.count} line(s) stored before it" if self.result.count else ""
-            detail = "the token expired during the ingest" + (f": {stored}" if stored else "")
+            detail = f"{why} during the ingest" + (f": {stored}" if stored else "")
             raise Unauthorized(detail, token_given=True)
 
     def _parse(self, number: int, line: bytes) -> NewEvent:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,6 +62,10 @@ class VerifyingKey(Protocol):
     def generation(self) -> int:
         """Moves on whenever a key was removed or replaced: tokens verified before may no
         longer be valid."""
+
+    def trust_of(self, header: dict[str, Any]) -> Callable[[], bool] | None:
+        """For a token of this header just verified: a check, to be made again while its
+        stream or ingest lasts, that its key is still trusted (None: it always is)."""
 
 
 def algorithms_for(key: Any) -> list[str]:
@@ -128,6 +133,10 @@ class FixedKey:
     def refresh_if_stale(self) -> None:
         return None
 
+    def trust_of(self, header: dict[str, Any]) -> Callable[[], bool] | None:
+        """A fixed key is never removed: nothing to look at later."""
+        return None
+
 
 class JwksKeys:
     """A JSON Web Key Set fetched from a URL, cached, and fetched again for an unknown
@@ -176,6 +185,22 @@ class JwksKeys:
         set went on working for good."""
         if self._fetched_at is not None and self._stale():
             self._start_fetch()
+
+    def trust_of(self, header: dict[str, Any]) -> Callable[[], bool] | None:
+        """Whether the key that verified a token of this ``header`` is still in the set,
+        asked again later (the set refetched once stale): a stream or an ingest opened
+        with a key since removed from the set (compromised, retired) ends then,
+        not at its token's expiry."""
+        verified = self.key_for(header)[0]
+
+        def trusted() -> bool:
+            self.refresh_if_stale()
+            try:
+                return bool(self.key_for(header)[0] == verified)
+            except UnknownKey:
+                return False
+
+        return trusted
 
     def _knows(self, header: dict[str, Any]) -> bool:
         kid = header.get("kid")

@@ -16,7 +16,7 @@ from urllib.parse import unquote_to_bytes
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from api.auth import authorize
+from api.auth import Grant, authorize
 from api.ingest import AsgiBody, Ingest, IngestBody
 from api.negotiation import media_type_of
 from api.problems import HttpProblem, Unauthorized, problem_for
@@ -75,7 +75,7 @@ class PublishEndpoint:
         media_type, charset = media_type_of(headers.get(b"content-type", b"").decode("latin-1"))
         if media_type == NDJSON:
             _check_charset(charset)  # (before any line: one was stored, then the next refused)
-            ingest = ingest_of(broker, settings, topic, key, grant.expires_at)
+            ingest = ingest_of(broker, settings, topic, key, grant)
             return await run_ingest(ingest, AsgiBody(receive), close)
         body = await read_body(receive, headers.get(b"content-length"), settings.max_body_bytes)
         if grant.expires_at is not None and time.time() >= grant.expires_at:
@@ -131,10 +131,10 @@ def query_value(scope: Scope, name: str) -> str | None:
 
 
 def ingest_of(
-    broker: Broker, settings: Settings, topic: str, key: str | None, expires_at: float | None
+    broker: Broker, settings: Settings, topic: str, key: str | None, grant: Grant
 ) -> Ingest:
     """A streaming ingest of ``topic`` (its key checked): the last check before the store.
-    ``expires_at``: when the request's token expires (its grant's)."""
+    ``grant``: the request's (until when its token lasts, and while its key is trusted)."""
     check_idempotency_key(key)
     return Ingest(
         broker,
@@ -144,7 +144,7 @@ def ingest_of(
         max_batch=settings.max_batch,
         idle_timeout=settings.body_timeout_seconds,
         append_timeout=settings.publish_timeout_seconds,
-        expires_at=expires_at,
+        grant=grant,
     )
 
 

@@ -153,9 +153,12 @@ async def subscribe(
     request: Request, starts: dict[str, StartFrom], sink: StreamSink | None = None
 ) -> Subscription:
     """The subscription of a request ``stream_starts`` accepted: it ends when the
-    request's token expires (the core's heartbeat clock ends it then)."""
+    request's token expires, or its key leaves the key set (the core's heartbeat clock
+    ends it then)."""
     grant: Grant = request.state.grant
-    return await _broker(request).subscribe(starts, sink=sink, expires_at=grant.expires_at)
+    return await _broker(request).subscribe(
+        starts, sink=sink, expires_at=grant.expires_at, trusted=grant.trusted
+    )
 
 
 def _listed_topics(request: Request) -> list[str]:

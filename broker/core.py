@@ -155,12 +155,14 @@ class Broker:
         *,
         sink: StreamSink | None = None,
         expires_at: float | None = None,
+        trusted: Callable[[], bool] | None = None,
     ) -> Subscription:
         """An open subscription: iterate ``chunks()``, and ``close()`` it when done.
 
         ``sink`` is the client's connection, for edges that let the live reader write
         to it directly (see ``Subscription``); ``expires_at`` (unix time) ends the
-        stream then, from the heartbeat clock (within a third of its interval).
+        stream then, from the heartbeat clock (within a third of its interval), and
+        so does ``trusted()`` turning false (its credentials were revoked).
         """
         for topic in starts:
             check_topic(topic)
@@ -173,6 +175,7 @@ class Broker:
             heartbeats=self.heartbeats,
             observer=self.observer,
             expires_at=expires_at,
+            trusted=trusted,
         )
         await subscription.open()
         return subscription

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,8 +82,10 @@ class Subscription:
         heartbeats: HeartbeatClock | None = None,
         observer: Observer | None = None,
         expires_at: float | None = None,
+        trusted: Callable[[], bool] | None = None,
     ) -> None:
         self._store = store
+        self._trusted = trusted  # False once its credentials are revoked: it ends
         self._sink: StreamSink = sink or PulledSink()
         self._hub = hub
         self._multi = len(starts) > 1
@@ -278,7 +280,9 @@ class Subscription:
     def beat_if_due(self, now: float, due_after: float) -> None:
         """The heartbeat clock's call: end the stream if its credentials expired, else
         beat straight to the socket if we can."""
-        if self._ends_at is not None and now >= self._ends_at:
+        if (self._ends_at is not None and now >= self._ends_at) or (
+            self._trusted is not None and not self._trusted()
+        ):
             self.expire()
             return
         if now - self._last_beat < due_after or self._closed:

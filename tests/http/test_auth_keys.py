@@ -233,3 +233,29 @@ async def test_a_stale_key_set_is_fetched_again_by_checks_alone() -> None:
         assert server.fetch_count() == fetched + 1
         with pytest.raises(Unauthorized):
             authorizer.check(scope, "subscribe", ["t"])
+
+
+async def test_a_grant_lapses_once_its_key_leaves_the_set() -> None:
+    """A stream or an ingest holds its grant for as long as it lasts: the grant of a
+    token whose key left the set lapses (it ran to the token's expiry), once the set,
+    stale, is fetched again; one of a key kept does not."""
+    from api.auth import Authorizer
+    from api.keys import JwksKeys
+
+    with serve_jwks([RSA_KEY, EC_KEY]) as server:
+        keys = JwksKeys(server.url, min_refetch_seconds=0, max_age_seconds=0.2)
+        authorizer = Authorizer(keys)
+        grants = []
+        for key in (RSA_KEY, EC_KEY):
+            scope = {"headers": [(b"authorization", f"Bearer {key.token(_rights('t'))}".encode())]}
+            await authorizer.prepare(scope)
+            grants.append(authorizer.check(scope, "subscribe", ["t"]))
+        removed, kept = grants
+        assert removed.lapsed() is None and kept.lapsed() is None
+        server.set_keys([EC_KEY])
+        for _ in range(100):  # each look starts the fetch of a stale set
+            if removed.lapsed() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert removed.lapsed() == "the token's key was removed from the key set"
+        assert kept.lapsed() is None

@@ -501,6 +501,28 @@ async def test_a_stream_ends_when_its_credentials_expire(
     assert sink is None or sink.ended_by_subscription
 
 
+@pytest.mark.parametrize("mode", ["pull", "push"])
+async def test_a_stream_ends_when_its_credentials_are_revoked(
+    redis_broker: Broker, topic: str, mode: str
+) -> None:
+    """Its token still valid for an hour, but its key left the key set: it ends at the
+    next heartbeat tick (it ran to the token's expiry)."""
+    trusted = True
+    sink = PushConsumer() if mode == "push" else None
+    subscription = await redis_broker.subscribe(
+        {topic: "now"}, sink=sink, expires_at=time.time() + 3600, trusted=lambda: trusted
+    )
+    chunks = sink.start(subscription) if sink else subscription.chunks()
+    raw = b""
+    async with asyncio.timeout(5):
+        async for chunk in chunks:
+            raw += chunk
+            if b"id: " in raw:  # (its cursor, caught up: live now)
+                trusted = False
+    assert subscription.closed and parse_events(raw) == []
+    assert sink is None or sink.ended_by_subscription
+
+
 async def test_a_direct_write_past_the_buffer_drops_the_subscriber(
     redis_server: RedisServer, topic: str
 ) -> None:
