@@ -436,6 +436,10 @@ class LiveReader:
         await self._reader.aclose()
 
 
+def _topics_of(slots: dict[int, dict[str, str]]) -> list[str]:
+    return [c.topic_of_key(key) for streams in slots.values() for key in streams]
+
+
 class ClusterLiveReader:
     """The live reader on a Redis Cluster: one connection per primary, polling.
 
@@ -447,14 +451,15 @@ class ClusterLiveReader:
     it backs off to ``CLUSTER_POLL_MAX_MS`` (the most a first event after a
     quiet spell waits).
 
-    When every node asked fails, or some fail and the others have nothing new,
-    the read raises StoreUnavailable: the slot map is refreshed and the hub
-    reads again from what it delivered. When some nodes fail while others
-    returned entries, those entries are returned (never dropped) and the
-    failed nodes' topics are simply absent, so the hub reads them again from
-    the same positions; each such failure is logged, counted as a
-    ``live_read`` store error, and refreshes the slot map in the background
-    (a failover moves the topics to the new owner at the next read).
+    When no topic could be read (every node asked failed, or refused every
+    slot), the read raises StoreUnavailable: the slot map is refreshed and the
+    hub reads again from what it delivered. When some failed (a node, or one
+    slot a node refused: migrating, moved) while others were read, what was
+    read is returned (never dropped) and the failed topics are simply absent,
+    so the hub reads them again from the same positions; each such failure is
+    logged, counted as a ``live_read`` store error, and refreshes the slot map
+    in the background (a failover or a migration moves the topics to the new
+    owner at the next read), and the hub is told how long they went unread.
     """
 
     def __init__(
@@ -519,19 +524,26 @@ class ClusterLiveReader:
             return_exceptions=True,
         )
         merged: dict[str, list[LogEntry]] = {}
-        failures: dict[str, Exception] = {}
-        for name, result in zip(groups, results, strict=True):
-            if isinstance(result, Exception):
+        failed: dict[str, Exception] = {}  # topic -> why it went unread
+        failures: dict[str, Exception] = {}  # node -> its (first) failure
+        for (name, (_, slots)), result in zip(groups.items(), results, strict=True):
+            if isinstance(result, Exception):  # the node: every topic of it
                 failures[name] = result
+                failed.update(dict.fromkeys(_topics_of(slots), result))
             elif isinstance(result, BaseException):
                 raise result  # a cancellation, not a node's failure
             else:
-                merged.update(result)
-        if failures or self._unread_since:
-            self._note_unread(groups, failures, merged)
-        if not failures:
+                entries, unread = result
+                merged.update(entries)
+                failed.update(unread)
+                if unread:
+                    failures[name] = next(iter(unread.values()))
+        if failed or self._unread_since:
+            self._note_unread(groups, failed, merged)
+        if not failed:
             return merged
-        if not merged:  # nothing to deliver: the hub counts it, waits, and reads again
+        if not merged and len(failed) == sum(len(_topics_of(s)) for _, s in groups.values()):
+            # Nothing read at all: the hub counts it, waits, and reads again.
             await self._refresh_now()
             failure = next(iter(failures.values()))
             raise StoreUnavailable(f"live read failed: {failure}") from failure
@@ -542,27 +554,24 @@ class ClusterLiveReader:
     def _note_unread(
         self,
         groups: dict[str, tuple[Any, dict[int, dict[str, str]]]],
-        failures: dict[str, Exception],
+        failed: dict[str, Exception],
         merged: dict[str, list[LogEntry]],
     ) -> None:
-        """Which topics a failed node left unread, and since when; once their node
-        answers with entries again, for how long (``take_unread_spells``: retention by
-        age may have removed what they had not read meanwhile, which the hub checks).
-        Topics no longer read are forgotten."""
+        """Which topics a failed node (or slot: migrating) left unread, and since when;
+        once read with entries again, for how long (``take_unread_spells``: retention
+        by age may have removed what they had not read meanwhile, which the hub
+        checks). Topics no longer read are forgotten."""
         now = asyncio.get_running_loop().time()
         unread: dict[str, float] = {}
-        for name, (_, slots) in groups.items():
-            failed = name in failures
-            for streams in slots.values():
-                for key in streams:
-                    topic = c.topic_of_key(key)
-                    since = self._unread_since.get(topic)
-                    if failed:
-                        unread[topic] = now if since is None else since
-                    elif since is not None and topic in merged:
-                        self._unread_spells[topic] = (now - since) * 1000
-                    elif since is not None:
-                        unread[topic] = since  # nothing new yet: checked when it comes
+        for _, slots in groups.values():
+            for topic in _topics_of(slots):
+                since = self._unread_since.get(topic)
+                if topic in failed:
+                    unread[topic] = now if since is None else since
+                elif since is not None and topic in merged:
+                    self._unread_spells[topic] = (now - since) * 1000
+                elif since is not None:
+                    unread[topic] = since  # nothing new yet: checked when it comes
         self._unread_since = unread
 
     def take_unread_spells(self) -> dict[str, float]:
@@ -586,7 +595,11 @@ class ClusterLiveReader:
 
     async def _poll_node(
         self, node: Any, slots: dict[int, dict[str, str]]
-    ) -> dict[str, list[LogEntry]]:
+    ) -> tuple[dict[str, list[LogEntry]], dict[str, Exception]]:
+        """The node's new entries, and the topics of slots whose read it refused (a slot
+        migrating, or moved: ASK, MOVED, TRYAGAIN), with why: its other slots are
+        read on (one refused read threw the node's whole answer away, and every topic
+        of the node stalled while one slot moved). Raises if the node fails."""
         client = self._clients.get(node.name)
         if client is None:
             client = redis.Redis(host=node.host, port=int(node.port), **self._options)
@@ -594,12 +607,17 @@ class ClusterLiveReader:
         async with client.pipeline(transaction=False) as pipe:
             for streams in slots.values():
                 pipe.xread(streams, count=c.LIVE_READ_COUNT)  # type: ignore[arg-type]
-            replies: list[Any] = await pipe.execute()
-        return {
-            topic_of(key): [LogEntry(topic_of(key), parse_stream_id(i), f) for i, f in entries]
-            for reply in replies
-            for key, entries in (reply or [])
-        }
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        entries: dict[str, list[LogEntry]] = {}
+        refused: dict[str, Exception] = {}
+        for streams, reply in zip(slots.values(), replies, strict=True):
+            if isinstance(reply, Exception):
+                refused.update(dict.fromkeys(map(c.topic_of_key, streams), reply))
+                continue
+            for key, items in reply or []:
+                topic = topic_of(key)
+                entries[topic] = [LogEntry(topic, parse_stream_id(i), f) for i, f in items]
+        return entries, refused
 
     def _start_refresh(self) -> None:
         """Refresh the slot map in the background: the entries in hand go out first.

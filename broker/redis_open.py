@@ -109,6 +109,12 @@ def _cluster_store(url: str, observer: Observer | None, **options: Any) -> Redis
         socket_connect_timeout=2.0,
         socket_timeout=5.0,
         retry=Retry(NoBackoff(), 0),  # a retried append could store twice; MOVED is still followed
+        # Not the whole client closed after every fifth MOVED (redis-py's default): during
+        # a slot migration, appends of that slot bounce between its nodes (redis-py's
+        # ASKING and the command may take two pooled connections), and each close failed
+        # every command under way, to every node (audit). A MOVED patches its slot, and
+        # failures refresh the map (RedisStreamStore._forget_slot_owner, the live reader).
+        reinitialize_steps=0,
         max_connections=options["pool_size"],  # per node; see open_cluster_pools
         **common,
     )

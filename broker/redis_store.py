@@ -25,7 +25,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from broker import constants as c
-from broker.errors import StoreUnavailable, TopicClosed
+from broker.errors import BrokerError, StoreUnavailable, TopicClosed
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
 from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
@@ -606,6 +606,14 @@ class RedisStreamStore:
         except REDIS_FAILURES as error:
             await drop_idle_connections(self._client)
             raise StoreUnavailable(f"redis is unreachable: {error}") from error
+        except BrokerError:
+            raise
+        except Exception as error:
+            # The client failing in its own code (a connection closed under a command
+            # it sends: an AttributeError; audit): still the store failing, so a 503
+            # and a retry with the Idempotency-Key, never a 500; and said loudly.
+            log.exception("redis: the client failed unexpectedly")
+            raise StoreUnavailable(f"the redis client failed: {error!r}") from error
 
 
 def _topic_keys(topic: str) -> list[str]:

@@ -105,3 +105,32 @@ async def test_redis_connections_do_not_grow_with_subscribers(
         assert private_broker.hub.subscriber_count == 0
     finally:
         await probe.aclose()
+
+
+async def test_the_client_failing_in_its_own_code_is_store_unavailable(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A redis-py failure that is none of its errors (an AttributeError on a connection
+    it closed under a command: the Cluster client did) is the store failing: a 503 the
+    publisher retries, not a 500; and it is logged with its traceback."""
+    from broker.redis_open import open_store
+
+    store = open_store(private_redis.url)
+    try:
+
+        async def failing() -> None:
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+        with pytest.raises(StoreUnavailable, match="writelines"):
+            await store._call(failing())  # type: ignore[attr-defined]
+        refused = StoreUnavailable("not stored")
+        with pytest.raises(StoreUnavailable) as raised:
+
+            async def ours() -> None:
+                raise refused
+
+            await store._call(ours())  # type: ignore[attr-defined]
+        assert raised.value is refused  # the store's own errors pass as they are
+    finally:
+        await store.close()
+    assert any(r.exc_info for r in caplog.records if "failed unexpectedly" in r.getMessage())

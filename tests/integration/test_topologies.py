@@ -504,6 +504,88 @@ async def test_a_multi_topic_subscription_across_nodes_resumes_by_its_cursor(
         assert before.get(t, []) + after.get(t, []) == [0, 1, 2, 3, 4]
 
 
+async def test_a_slot_migrating_stalls_no_other_topic_of_its_node(
+    cluster: RedisClusterGroup,
+) -> None:
+    """One slot of a node is migrating and its topic's keys have moved (the node answers
+    ASK for it): the live read of the node's other slots goes on (one refused read
+    threw the node's whole answer away: every topic of the node stalled until the
+    slot was final; audit)."""
+    (source, (moving, staying)), *_ = [
+        (port, ts) for port, ts in topics_by_master(cluster, 2).items()
+    ]
+    slot = cluster.client(source).cluster("keyslot", c.log_key(moving))
+    assert slot != cluster.client(source).cluster("keyslot", c.log_key(staying))
+    target = next(port for port in cluster.master_ports() if port != source)
+    async with running_broker(cluster.url) as broker:
+        for topic in (moving, staying):
+            await broker.publish(topic, [tagged(topic, 0)])
+        live: Any = broker.store._live  # type: ignore[attr-defined]
+        state = {t: (await broker.store.state(t)).last_entry for t in (moving, staying)}
+        _migrate_keys_of(cluster, slot, source, target)
+        try:
+            await broker.publish(staying, [tagged(staying, 1)])
+            read = await live.read(state, 100)
+        finally:
+            _finish_migration(cluster, slot, target)
+    assert list(read) == [staying] and len(read[staying]) == 1
+
+
+async def test_a_slot_migrating_fails_no_append_of_another_slot(
+    cluster: RedisClusterGroup,
+) -> None:
+    """Appends to a topic whose slot is migrating bounce between its two nodes (redis-py
+    sends ASKING on one pooled connection and the command on another) until they fail:
+    each bounce counted a MOVED, and every fifth closed every connection of the client,
+    to every node, failing appends of other slots under way (audit: 208 in 4.5 s)."""
+    topics = topics_by_master(cluster, 1)
+    source, (moving,) = next(iter(topics.items()))
+    others = [t for port, ts in topics.items() if port != source for t in ts]
+    slot = cluster.client(source).cluster("keyslot", c.log_key(moving))
+    target = next(port for port in cluster.master_ports() if port != source)
+    async with running_broker(cluster.url) as broker:
+        await broker.publish(moving, [tagged(moving, 0)])
+        _migrate_keys_of(cluster, slot, source, target)
+        try:
+
+            async def append(topic: str) -> str:
+                try:
+                    await broker.publish(topic, [tagged(topic, 1)])
+                except StoreUnavailable:
+                    return "refused"
+                return "stored"
+
+            moved = [append(moving) for _ in range(20)]
+            elsewhere = [append(others[n % len(others)]) for n in range(200)]
+            outcomes = await asyncio.gather(*moved, *elsewhere)
+        finally:
+            _finish_migration(cluster, slot, target)
+    assert outcomes[len(moved) :] == ["stored"] * len(elsewhere)
+
+
+def _node_id(cluster: RedisClusterGroup, port: int) -> str:
+    raw = cluster.client(port).execute_command("CLUSTER", "MYID")
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _migrate_keys_of(cluster: RedisClusterGroup, slot: int, source: int, target: int) -> None:
+    """Half a slot migration, as redis-cli does one: marked, and its keys moved."""
+    source_id, target_id = _node_id(cluster, source), _node_id(cluster, target)
+    cluster.client(target).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    cluster.client(source).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    keys = cluster.client(source).execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+    cluster.client(source).execute_command(
+        "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys
+    )
+
+
+def _finish_migration(cluster: RedisClusterGroup, slot: int, target: int) -> None:
+    """The slot is the target's, on every node (the cluster is shared by other tests)."""
+    target_id = _node_id(cluster, target)
+    for port in cluster.master_ports():
+        cluster.client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
 async def test_connections_per_node_do_not_grow_with_subscribers(
     cluster: RedisClusterGroup,
 ) -> None:
