@@ -476,6 +476,7 @@ class ClusterLiveReader:
         self._logged_at: dict[str, float] = {}  # node name -> when its failure was last logged
         self._unread_since: dict[str, float] = {}  # a failed node's topics -> since when
         self._unread_spells: dict[str, float] = {}  # topics read again -> how long not (ms)
+        self._failing: set[str] = set()  # nodes whose read failed (in part) at the last poll
 
     async def open(self) -> None:
         """Nothing yet: a primary's connection opens with its first live topic."""
@@ -498,6 +499,11 @@ class ClusterLiveReader:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(interrupted.wait(), self._pause_ms / 1000)
             self._pause_ms = min(self._pause_ms * 2, c.CLUSTER_POLL_MAX_MS)
+            if self._unread_since:
+                # Some went unread (a node or a slot failed): ask where the refreshed slot
+                # map says, not the old node again until the block time ends (a moved
+                # slot's topic stalled 5 s while the others were quiet; review).
+                groups = await self._group_by_node_and_slot(streams)
 
     async def _group_by_node_and_slot(
         self, streams: dict[str, str]
@@ -540,6 +546,7 @@ class ClusterLiveReader:
                     failures[name] = next(iter(unread.values()))
         if failed or self._unread_since:
             self._note_unread(groups, failed, merged)
+        failing, self._failing = self._failing, set(failures)
         if not failed:
             return merged
         if not merged and len(failed) == sum(len(_topics_of(s)) for _, s in groups.values()):
@@ -548,7 +555,7 @@ class ClusterLiveReader:
             failure = next(iter(failures.values()))
             raise StoreUnavailable(f"live read failed: {failure}") from failure
         for name, failure in failures.items():
-            self._node_failed(name, failure)
+            self._node_failed(name, failure, again=name in failing)
         return merged
 
     def _note_unread(
@@ -580,9 +587,11 @@ class ClusterLiveReader:
         spells, self._unread_spells = self._unread_spells, {}
         return spells
 
-    def _node_failed(self, name: str, failure: Exception) -> None:
-        """A node failed while others answered: said, counted, and the slot map refreshed."""
-        self._observer.store_error("live_read")
+    def _node_failed(self, name: str, failure: Exception, *, again: bool) -> None:
+        """A node (or a slot of it) failed while others answered: said (at most every
+        ``_NODE_FAILURE_LOG_EVERY_S``), counted once a spell, and the slot map refreshed."""
+        if not again:  # (the same spell, polled again: already counted)
+            self._observer.store_error("live_read")
         now = asyncio.get_running_loop().time()
         if now - self._logged_at.get(name, -math.inf) >= _NODE_FAILURE_LOG_EVERY_S:
             self._logged_at[name] = now

@@ -563,6 +563,31 @@ async def test_a_slot_migrating_fails_no_append_of_another_slot(
     assert outcomes[len(moved) :] == ["stored"] * len(elsewhere)
 
 
+async def test_a_live_read_follows_a_slot_that_moved_while_it_waited(
+    cluster: RedisClusterGroup,
+) -> None:
+    """A slot moved while a live read polled (the others quiet): the read asks where the
+    refreshed slot map says, within its block time (it asked the old node, answered
+    MOVED, until the block time ended: 5 s of stall; review)."""
+    (source, (moving, staying)), *_ = [
+        (port, ts) for port, ts in topics_by_master(cluster, 2).items()
+    ]
+    slot = cluster.client(source).cluster("keyslot", c.log_key(moving))
+    target = next(port for port in cluster.master_ports() if port != source)
+    async with running_broker(cluster.url) as broker:
+        for topic in (moving, staying):
+            await broker.publish(topic, [tagged(topic, 0)])
+        live: Any = broker.store._live  # type: ignore[attr-defined]
+        state = {t: (await broker.store.state(t)).last_entry for t in (moving, staying)}
+        reading = asyncio.create_task(live.read(state, 3000))
+        await asyncio.sleep(0.2)  # (it polls: nothing new)
+        _migrate_keys_of(cluster, slot, source, target)
+        _finish_migration(cluster, slot, target)
+        await broker.publish(moving, [tagged(moving, 1)])  # (the append follows the MOVED)
+        read = await reading
+    assert list(read) == [moving] and len(read[moving]) == 1
+
+
 def _node_id(cluster: RedisClusterGroup, port: int) -> str:
     raw = cluster.client(port).execute_command("CLUSTER", "MYID")
     return raw.decode() if isinstance(raw, bytes) else str(raw)
