@@ -13,7 +13,7 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from broker import constants as c
@@ -21,7 +21,7 @@ from broker.observer import Observer
 from broker.redis_live import ClusterLiveReader, LiveReader, LocalWrites
 from broker.redis_options import client_options, pool_options, reader_options
 from broker.redis_pools import BoundedCluster, FixedPool, FixedSentinelPool
-from broker.redis_primary import PrimaryWatch
+from broker.redis_primary import PrimaryWatch, WatchedSentinelPool
 from broker.redis_store import NodeClientFactory, RedisStreamStore
 
 
@@ -88,13 +88,16 @@ def _sentinel_store(url: str, **options: Any) -> RedisStreamStore:
     client = sentinel.master_for(
         service, connection_pool_class=FixedSentinelPool, **pool_options(options["pool_size"])
     )
-    reader_pool = SentinelConnectionPool(service, sentinel, **(kwargs | reader_options()))  # type: ignore[no-untyped-call]
+    reader_pool = WatchedSentinelPool(service, sentinel, **(kwargs | reader_options()))  # type: ignore[no-untyped-call]
     # Not single_connection_client: that client reconnects to the address it had
     # (redis-py skips the Sentinel lookup there), i.e. to a dead primary forever.
     # Through the pool every reconnect asks the Sentinels; from_pool also closes it.
     reader = redis.Redis.from_pool(reader_pool)
     live = LiveReader(reader, client)
     watch = PrimaryWatch(sentinel, service)
+    for pool in (client.connection_pool, reader_pool):
+        pool.watch = watch
+        watch.pools.append(pool)
     return RedisStreamStore(
         client, live, also_close=sentinel.sentinels, primary_watch=watch, **options
     )

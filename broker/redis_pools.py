@@ -35,10 +35,10 @@ from typing import Any
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection
-from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import MaxConnectionsError
 
 from broker.redis_options import REDIS_FAILURES
+from broker.redis_primary import WatchedSentinelPool
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _sound(connection: AbstractConnection) -> bool:
     return not reader.at_eof() and not reader._buffer  # type: ignore[attr-defined]
 
 
-class FixedSentinelPool(SentinelConnectionPool, FixedPool):
+class FixedSentinelPool(WatchedSentinelPool, FixedPool):
     """The fixed pool, connected to wherever the Sentinels say the primary is."""
 
 

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from broker import constants as c
 from broker.redis_options import REDIS_FAILURES
@@ -27,6 +27,27 @@ from broker.redis_options import REDIS_FAILURES
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
+ASK_DEADLINE_S = 0.5
+"""How long one Sentinel may take to answer a round of the watch."""
+
+
+class WatchedSentinelPool(SentinelConnectionPool):
+    """A Sentinel pool whose connections open where the watch's majority says the primary
+    is, once it has said: redis-py's own lookup takes the first Sentinel that answers,
+    and one that lags (a failover it has not heard of yet) sent the connections the
+    watch had just dropped back to the old primary, for good (review: 40 appends
+    acknowledged there after the watch moved, then dropped with it)."""
+
+    watch: PrimaryWatch | None = None
+
+    async def get_master_address(self) -> Any:
+        watched = self.watch.primary if self.watch is not None else None
+        if watched is None or not self.is_master:
+            return await super().get_master_address()  # type: ignore[no-untyped-call]
+        if self.master_address != watched:
+            self.master_address = watched
+            await self.disconnect(inuse_connections=False)
+        return watched
 
 
 class PrimaryWatch:
@@ -40,6 +61,8 @@ class PrimaryWatch:
         self._interval_s = interval_s
         self.primary: Address | None = None
         """The last primary they named (None before they first answered)."""
+        self.pools: list[SentinelConnectionPool] = []
+        """The pools whose connections must follow it (see ``WatchedSentinelPool``)."""
 
     async def run(self, moved: Callable[[], Awaitable[None]]) -> None:
         """Ask until cancelled; await ``moved()`` when they name another primary."""
@@ -50,18 +73,29 @@ class PrimaryWatch:
                 log.exception("redis: asking the Sentinels where the primary is failed")
                 address = None
             if address is not None:
-                if self.primary is not None and address != self.primary:
+                if (self.primary is not None and address != self.primary) or self._astray(address):
                     log.warning(
-                        "redis: the Sentinels name a new primary for %s (%s:%s, was %s:%s):"
-                        " dropping the connections to the old one",
-                        self._service, *address, *self.primary,
+                        "redis: the Sentinels name the primary for %s %s:%s (the connections"
+                        " went to %s): dropping the connections to the old one",
+                        self._service, *address, self.primary or "another",
                     )  # fmt: skip
+                    self.primary = address  # (where the connections open from now on)
                     try:
                         await moved()
                     except Exception:
                         log.exception("redis: dropping the old primary's connections failed")
+                    for pool in self.pools:  # all dropped: the next ones open there
+                        pool.master_address = address
                 self.primary = address
             await asyncio.sleep(self._interval_s)
+
+    def _astray(self, address: Address) -> bool:
+        """Whether a pool's connections opened somewhere else (the store opened while
+        the Sentinels disagreed: the first answer is no proof of where they went)."""
+        return any(
+            pool.master_address is not None and _address(pool.master_address) != address
+            for pool in self.pools
+        )
 
     async def _ask(self) -> Address | None:
         """The primary a majority of the Sentinels name; None while none has a majority
@@ -77,11 +111,18 @@ class PrimaryWatch:
         return address if votes > len(sentinels) // 2 else None
 
     async def _view_of(self, sentinel: Any) -> Address | None:
+        """One Sentinel's answer, within ``ASK_DEADLINE_S``: one that hangs (frozen, its
+        host gone) must not hold every round up for the 5 s socket timeout."""
         try:
-            masters: Any = await sentinel.sentinel_masters()
-        except REDIS_FAILURES:
+            asking = sentinel.sentinel_master(self._service)
+            state: Any = await asyncio.wait_for(asking, ASK_DEADLINE_S)
+        except REDIS_FAILURES:  # (the deadline's TimeoutError among them)
             return None
-        state = masters.get(self._service)
         if not state or not self._sentinel.check_master_state(state, self._service):
             return None  # (down, or this Sentinel sees too few others)
         return str(state["ip"]), int(state["port"])
+
+
+def _address(raw: Any) -> Address:
+    host, port = raw
+    return str(host), int(port)
