@@ -9,7 +9,6 @@ problem+json through ``api.problems``, the one place statuses are decided.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -78,9 +77,10 @@ class PublishEndpoint:
             ingest = ingest_of(broker, settings, topic, key, grant)
             return await run_ingest(ingest, AsgiBody(receive), close)
         body = await read_body(receive, headers.get(b"content-length"), settings.max_body_bytes)
-        if grant.expires_at is not None and time.time() >= grant.expires_at:
+        lapsed = grant.lapsed()
+        if lapsed is not None:
             # A slow body outlived the token (the lean path checks once the body is in).
-            raise Unauthorized("the token expired while the body came", token_given=True)
+            raise Unauthorized(f"{lapsed} while the body came", token_given=True)
         events, is_batch = parse_events(scope, headers, body, settings)
         try:
             async with asyncio.timeout(settings.publish_timeout_seconds):

@@ -259,3 +259,26 @@ async def test_a_grant_lapses_once_its_key_leaves_the_set() -> None:
             await asyncio.sleep(0.05)
         assert removed.lapsed() == "the token's key was removed from the key set"
         assert kept.lapsed() is None
+
+
+async def test_a_grant_without_a_kid_outlives_a_key_added_beside_its_own() -> None:
+    """A token without a kid is verified by a set of one key; a second key added to the
+    set (a rotation begins) leaves it trusted (it ended every such stream; review)."""
+    from api.auth import Authorizer
+    from api.keys import JwksKeys
+
+    with serve_jwks([RSA_KEY]) as server:
+        keys = JwksKeys(server.url, min_refetch_seconds=0, max_age_seconds=0.2)
+        authorizer = Authorizer(keys)
+        token = RSA_KEY.token(_rights("t"), kid=None)
+        scope = {"headers": [(b"authorization", f"Bearer {token}".encode())]}
+        await authorizer.prepare(scope)
+        grant = authorizer.check(scope, "subscribe", ["t"])
+        fetched = server.fetch_count()
+        server.set_keys([RSA_KEY, EC_KEY])
+        for _ in range(100):  # each look starts the fetch of a stale set
+            assert grant.lapsed() is None
+            if server.fetch_count() > fetched and len(keys._keys) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert len(keys._keys) == 2 and grant.lapsed() is None
