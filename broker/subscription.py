@@ -221,11 +221,6 @@ class Subscription:
     def offer(self, batch: LiveBatch) -> int:
         if self._dropped or self._closed:
             return 0
-        if self._told_loss_at and not self._catching_up:
-            # Live events past where it was told of a loss (or a "now" start at one): a
-            # loss found later at that same place would be a new one, to be told too.
-            # (While catching up, the replay reads them from the log past that place.)
-            self._told_loss_at.pop(batch.topic, None)
         if self._consumer_idle and not self._pending and not self._resync:  # _parked_live()
             written = self._write_directly(batch)
             if written is not None:
