@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,6 +35,7 @@ from tests.http.test_lean_publish import (
 )
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until
+from tests.support.procs import rss_bytes
 from tests.support.redis_server import RedisServer
 from tests.support.tokens import AUDIENCE, ISSUER, SECRET, claims, hs_token
 
@@ -520,13 +520,6 @@ async def test_a_store_unavailable_mid_stream_reads_the_same(
     assert answer.headers["connection"] == "close"
 
 
-def _rss_bytes(pid: int) -> int:
-    for field_line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if field_line.startswith("VmRSS:"):
-            return int(field_line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 @pytest.fixture
 def patient_broker(private_redis: RedisServer) -> Iterator[BrokerProcess]:
     env = {"BROKER_PUBLISH_TIMEOUT_SECONDS": "30", "BROKER_BODY_TIMEOUT_SECONDS": "30"}
@@ -548,7 +541,7 @@ async def test_a_long_body_is_not_buffered_while_an_append_waits(
     try:
         await connection.send(ingest_head(port, topic) + chunk(line("first")))
         await await_until(lambda: stored_is(broker, topic, ["first"]), timeout=5, what="1")
-        rss_before = _rss_bytes(pid)
+        rss_before = rss_bytes(pid)
         _pause(private_redis)
         try:
             sent = 0
@@ -559,7 +552,7 @@ async def test_a_long_body_is_not_buffered_while_an_append_waits(
                 except TimeoutError:
                     break  # the broker stopped reading
                 sent += len(piece)
-            grown = _rss_bytes(pid) - rss_before
+            grown = rss_bytes(pid) - rss_before
         finally:
             _resume(private_redis)
         assert sent < offered // 2, f"the broker read {sent >> 20} MB while its store was stalled"

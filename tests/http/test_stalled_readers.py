@@ -11,26 +11,19 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.http.helpers import new_topic
 from tests.support.broker_process import BrokerProcess
+from tests.support.procs import rss_bytes
 from tests.support.redis_server import RedisServer
 
 BUFFER = 64 * 1024
 EVENT_DATA = 60_000
 HISTORY_EVENTS = 160  # about 9.6 MB: far more than the kernel's buffers take
 CLIENTS_PER_ROUTE = 40
-
-
-def _rss_bytes(pid: int) -> int:
-    for field_line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if field_line.startswith("VmRSS:"):
-            return int(field_line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture
@@ -70,7 +63,7 @@ def test_replays_that_stop_being_read_hold_about_their_buffer(
     assert broker.process is not None
     pid = broker.process.pid
     _publish_history(broker.url, topic)
-    before = _rss_bytes(pid)
+    before = rss_bytes(pid)
     clients = [
         _stalled_replay(broker.port, topic, version)
         for version in (b"1.1", b"1.0")
@@ -81,7 +74,7 @@ def test_replays_that_stop_being_read_hold_about_their_buffer(
         # filled what the kernel takes and stalls (the old code had grown within 1 s).
         grown, deadline = 0, time.monotonic() + 3.0
         while time.monotonic() < deadline:
-            grown = max(grown, _rss_bytes(pid) - before)
+            grown = max(grown, rss_bytes(pid) - before)
             time.sleep(0.1)
         stats = httpx.get(f"{broker.url}/stats", params={"topic": topic}, timeout=10).json()
     finally:

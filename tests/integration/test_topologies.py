@@ -511,17 +511,9 @@ async def test_a_slot_migrating_stalls_no_other_topic_of_its_node(
     ASK for it): the live read of the node's other slots goes on (one refused read
     threw the node's whole answer away: every topic of the node stalled until the
     slot was final; audit)."""
-    (source, (moving, staying)), *_ = [
-        (port, ts) for port, ts in topics_by_master(cluster, 2).items()
-    ]
-    slot = cluster.client(source).cluster("keyslot", c.log_key(moving))
-    assert slot != cluster.client(source).cluster("keyslot", c.log_key(staying))
-    target = next(port for port in cluster.master_ports() if port != source)
+    source, moving, staying, slot, target = _two_topics_of_one_node(cluster)
     async with running_broker(cluster.url) as broker:
-        for topic in (moving, staying):
-            await broker.publish(topic, [tagged(topic, 0)])
-        live: Any = broker.store._live  # type: ignore[attr-defined]
-        state = {t: (await broker.store.state(t)).last_entry for t in (moving, staying)}
+        live, state = await _read_from_their_last(broker, moving, staying)
         _migrate_keys_of(cluster, slot, source, target)
         try:
             await broker.publish(staying, [tagged(staying, 1)])
@@ -569,16 +561,9 @@ async def test_a_live_read_follows_a_slot_that_moved_while_it_waited(
     """A slot moved while a live read polled (the others quiet): the read asks where the
     refreshed slot map says, within its block time (it asked the old node, answered
     MOVED, until the block time ended: 5 s of stall; review)."""
-    (source, (moving, staying)), *_ = [
-        (port, ts) for port, ts in topics_by_master(cluster, 2).items()
-    ]
-    slot = cluster.client(source).cluster("keyslot", c.log_key(moving))
-    target = next(port for port in cluster.master_ports() if port != source)
+    source, moving, staying, slot, target = _two_topics_of_one_node(cluster)
     async with running_broker(cluster.url) as broker:
-        for topic in (moving, staying):
-            await broker.publish(topic, [tagged(topic, 0)])
-        live: Any = broker.store._live  # type: ignore[attr-defined]
-        state = {t: (await broker.store.state(t)).last_entry for t in (moving, staying)}
+        live, state = await _read_from_their_last(broker, moving, staying)
         reading = asyncio.create_task(live.read(state, 3000))
         await asyncio.sleep(0.2)  # (it polls: nothing new)
         _migrate_keys_of(cluster, slot, source, target)
@@ -586,6 +571,24 @@ async def test_a_live_read_follows_a_slot_that_moved_while_it_waited(
         await broker.publish(moving, [tagged(moving, 1)])  # (the append follows the MOVED)
         read = await reading
     assert list(read) == [moving] and len(read[moving]) == 1
+
+
+def _two_topics_of_one_node(cluster: RedisClusterGroup) -> tuple[int, str, str, int, int]:
+    """Two topics of one primary, on two slots: its port, the topic whose slot is to
+    move, the other, that slot, and the primary it is to move to."""
+    (source, (moving, staying)), *_ = topics_by_master(cluster, 2).items()
+    slot = int(cluster.client(source).cluster("keyslot", c.log_key(moving)))
+    assert slot != cluster.client(source).cluster("keyslot", c.log_key(staying))
+    target = next(port for port in cluster.master_ports() if port != source)
+    return source, moving, staying, slot, target
+
+
+async def _read_from_their_last(broker: Broker, *topics: str) -> tuple[Any, dict[str, Any]]:
+    """One event in each topic; the broker's live reader, and each topic's last id."""
+    for topic in topics:
+        await broker.publish(topic, [tagged(topic, 0)])
+    live: Any = broker.store._live  # type: ignore[attr-defined]
+    return live, {t: (await broker.store.state(t)).last_entry for t in topics}
 
 
 def _node_id(cluster: RedisClusterGroup, port: int) -> str:

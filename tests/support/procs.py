@@ -18,6 +18,14 @@ import httpx
 T = TypeVar("T")
 
 
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory (``VmRSS``), in bytes."""
+    for field_line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if field_line.startswith("VmRSS:"):
+            return int(field_line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
 def tail(path: Path, lines: int = 40) -> str:
     """The last lines of a log file, for failure messages."""
     try:
