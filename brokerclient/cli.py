@@ -68,8 +68,8 @@ def _publish_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 def _tail_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     tail = commands.add_parser(
         "tail", parents=[common], help="print a topic's events as JSON lines, live",
-        description="Print events as JSON lines ({\"id\", \"event\", \"data\"}; data is the "
-        "raw text), resuming across drops; stops when the topic is closed.",
+        description="Print events as JSON lines ({\"id\", \"event\", \"data\", \"topic\"}; "
+        "data is the raw text), resuming across drops; stops when the topic is closed.",
     )  # fmt: skip
     tail.add_argument("topics", nargs="+", metavar="TOPIC")
     start = tail.add_mutually_exclusive_group()
