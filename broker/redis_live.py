@@ -499,7 +499,7 @@ class ClusterLiveReader:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(interrupted.wait(), self._pause_ms / 1000)
             self._pause_ms = min(self._pause_ms * 2, c.CLUSTER_POLL_MAX_MS)
-            if self._unread_since:
+            if self._failing:
                 # Some went unread (a node or a slot failed): ask where the refreshed slot
                 # map says, not the old node again until the block time ends (a moved
                 # slot's topic stalled 5 s while the others were quiet; review).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 ASK_DEADLINE_S = 0.5
 """How long one Sentinel may take to answer a round of the watch."""
+STALE_AFTER_ROUNDS = 4
+"""Rounds without a majority after which its last answer no longer leads connections."""
 
 
 class WatchedSentinelPool(SentinelConnectionPool):
@@ -41,7 +44,7 @@ class WatchedSentinelPool(SentinelConnectionPool):
     watch: PrimaryWatch | None = None
 
     async def get_master_address(self) -> Any:
-        watched = self.watch.primary if self.watch is not None else None
+        watched = self.watch.current() if self.watch is not None else None
         if watched is None or not self.is_master:
             return await super().get_master_address()  # type: ignore[no-untyped-call]
         if self.master_address != watched:
@@ -59,8 +62,10 @@ class PrimaryWatch:
         self._sentinel = sentinel
         self._service = service
         self._interval_s = interval_s
+        self._round_s = interval_s + ASK_DEADLINE_S
         self.primary: Address | None = None
         """The last primary they named (None before they first answered)."""
+        self._primary_at = -float("inf")  # (monotonic) when a majority last named it
         self.pools: list[SentinelConnectionPool] = []
         """The pools whose connections must follow it (see ``WatchedSentinelPool``)."""
 
@@ -87,7 +92,15 @@ class PrimaryWatch:
                     for pool in self.pools:  # all dropped: the next ones open there
                         pool.master_address = address
                 self.primary = address
+                self._primary_at = time.monotonic()
             await asyncio.sleep(self._interval_s)
+
+    def current(self) -> Address | None:
+        """The primary, if a majority named it lately; else None (this instance cannot
+        reach a majority now: connections look it up as redis-py does, rather than go
+        back to an address a later failover may have left)."""
+        fresh = time.monotonic() - self._primary_at <= STALE_AFTER_ROUNDS * self._round_s
+        return self.primary if fresh else None
 
     def _astray(self, address: Address) -> bool:
         """Whether a pool's connections opened somewhere else (the store opened while

@@ -221,6 +221,13 @@ class Subscription:
     def offer(self, batch: LiveBatch) -> int:
         if self._dropped or self._closed:
             return 0
+        if self._told_loss_at:
+            # Events past where it was told of a loss (or a "now" start at one): lost
+            # in turn before it wrote them (a second failover), the log records that
+            # loss at the same place, and only this tells it apart from the first.
+            # (A stream from now offered events before its first catch-up ends may
+            # then be told of the first loss too: told, never silent.)
+            self._told_loss_at.pop(batch.topic, None)
         if self._consumer_idle and not self._pending and not self._resync:  # _parked_live()
             written = self._write_directly(batch)
             if written is not None:

@@ -4,6 +4,7 @@ it moves on a majority's word only, and goes on whatever a drop raised."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -149,6 +150,8 @@ async def test_connections_open_where_the_watch_says_not_where_one_sentinel_says
     watch, _ = watch_of(NEW, NEW, NEW)
     pool.watch = watch
     assert await pool.get_master_address() == OLD  # (the watch has not answered yet)
-    watch.primary = NEW
+    watch.primary, watch._primary_at = NEW, time.monotonic()
     assert await pool.get_master_address() == NEW
+    watch._primary_at -= 60  # no majority for a minute: redis-py's lookup again
+    assert await pool.get_master_address() == OLD
     await pool.aclose()
