@@ -78,21 +78,21 @@ class PrimaryWatch:
                 log.exception("redis: asking the Sentinels where the primary is failed")
                 address = None
             if address is not None:
-                if (self.primary is not None and address != self.primary) or self._astray(address):
+                # (set first: the connections dropped below open again there)
+                before, self.primary = self.primary, address
+                self._primary_at = time.monotonic()
+                if (before is not None and address != before) or self._astray(address):
                     log.warning(
                         "redis: the Sentinels name the primary for %s %s:%s (the connections"
                         " went to %s): dropping the connections to the old one",
-                        self._service, *address, self.primary or "another",
+                        self._service, *address, before or "another",
                     )  # fmt: skip
-                    self.primary = address  # (where the connections open from now on)
                     try:
                         await moved()
                     except Exception:
                         log.exception("redis: dropping the old primary's connections failed")
                     for pool in self.pools:  # all dropped: the next ones open there
                         pool.master_address = address
-                self.primary = address
-                self._primary_at = time.monotonic()
             await asyncio.sleep(self._interval_s)
 
     def current(self) -> Address | None:
