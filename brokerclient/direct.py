@@ -12,9 +12,10 @@ Errors are the core's: ``broker.InvalidInput`` (and ``InvalidTopic``,
 ``TooLarge``) for what the edge would answer 400/413, and
 ``broker.StoreUnavailable`` when Redis does not answer (the append may have been
 stored: retry it with the error's ``idempotency_key``, the caller's or the one made
-up for it, and it is stored once), and ``broker.errors.TopicClosed`` for a closed topic;
-``close_topic`` closes one as ``POST /topics/{topic}/close`` does. Pass the
-deployment's retention, TTL and topic policies too: the append script applies them.
+up for it, and it is stored once). A closed topic raises ``brokerclient.TopicClosed``,
+as the HTTP publishers do (its ``end_id`` the end's id); ``close_topic`` closes one
+as ``POST /topics/{topic}/close`` does. Pass the deployment's retention, TTL and
+topic policies too: the append script applies them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from broker import constants as c
+from broker import errors
 from broker.errors import StoreUnavailable
 from broker.model import NewEvent
 from broker.policy import TopicPolicy
@@ -36,6 +38,7 @@ from broker.validation import (
     event_from_text,
     events_from_json,
 )
+from brokerclient.errors import TopicClosed
 from brokerclient.http import PublishResult, new_idempotency_key
 
 DIRECT_POOL_SIZE = 2
@@ -143,6 +146,8 @@ class DirectPublisher:
         except StoreUnavailable as error:
             error.idempotency_key = key  # (made up here: the caller could not retry safely)
             raise
+        except errors.TopicClosed as closed:
+            raise _topic_closed(closed) from None
         ids = [str(i) for i in result.ids]
         return PublishResult(
             ids=ids,
@@ -166,3 +171,15 @@ class DirectPublisher:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _topic_closed(closed: errors.TopicClosed) -> TopicClosed:
+    """The client's error for a closed topic, with the problem the broker would answer."""
+    problem = {
+        "type": "/problems#topic-closed",
+        "title": "Topic closed",
+        "status": 409,
+        "detail": str(closed),
+        "end_id": closed.end_id,
+    }
+    return TopicClosed(409, problem, f"topic {closed.topic!r}: 409 {closed}")

@@ -24,3 +24,9 @@ class RequestFailed(BrokerClientError):
 
 class TopicClosed(RequestFailed):
     """A publish to a topic that was closed (409)."""
+
+    @property
+    def end_id(self) -> str | None:
+        """The id of the topic's ``broker.end`` (from the problem's ``end_id``)."""
+        end_id = self.problem.get("end_id")
+        return end_id if isinstance(end_id, str) else None
