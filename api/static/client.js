@@ -16,12 +16,11 @@
  *   again with a new token) resumes after it with ?last_event_id=: a new
  *   EventSource sends no Last-Event-ID. (When the browser reconnects by itself it sends the
  *   header, which the broker prefers to the query parameter, so that stays exact.)
- * - A single-topic stream "from now" (no from=earliest, no place kept) first asks
- *   where its topic ends (GET /topics/{t}) and keeps that as its place, as if it had
- *   received that event: a reload before the first event loses nothing published
+ * - A stream "from now" (no from=earliest, no place kept) first asks where each of
+ *   its topics ends (GET /topics/{t}) and keeps that as its place, as if it had
+ *   received those events: a reload before the first event loses nothing published
  *   meanwhile (a topic with no event yet is then read from its beginning). Until
- *   that answer, `source` is null. A multi-topic stream from now starts from now
- *   again after a reload that comes before its first event.
+ *   those answers, `source` is null; if one fails, the stream starts from now.
  * - broker.gap and broker.end are surfaced (onGap, onEnd); the stream stops at
  *   broker.end (a multi-topic stream, /events?topic=a&topic=b, at the end of each
  *   of its topics; a topic's "deleted" gap ends it too), and a later page that
@@ -39,6 +38,7 @@
   var EARLIEST = "earliest";
   var GAP = "broker.gap";
   var END = "broker.end";
+  var ORIGIN = "0.0-0";  // a topic's place before anything of its log
 
   // Where a stream's place is kept: its URL without what changes between two visits
   // of the same stream (a fresh access token, the place itself).
@@ -70,17 +70,32 @@
     return absolute.href;
   }
 
-  // GET /topics/{t} for a single-topic stream that starts from now; else null.
-  function topicInfoUrl(url) {
+  // GET /topics/{t} of each topic of a stream that starts from now, by topic (a
+  // single-topic stream's under SINGLE); else null.
+  var SINGLE = "";
+  function topicInfoUrls(url) {
     var stream = new URL(url, global.location.href);
-    var path = /^(.*\/topics\/[^/]+)\/events$/.exec(stream.pathname);
-    if (!path || stream.searchParams.has("from") || stream.searchParams.has("last_event_id")) {
+    if (stream.searchParams.has("from") || stream.searchParams.has("last_event_id")) {
       return null;
     }
-    var info = new URL(path[1], stream.href);
+    var single = /^(.*\/topics\/[^/]+)\/events$/.exec(stream.pathname);
+    var multi = /^(.*\/)events$/.exec(stream.pathname);
+    var paths = {};
+    if (single) {
+      paths[SINGLE] = single[1];
+    } else if (multi) {
+      stream.searchParams.getAll("topic").forEach(function (topic) {
+        paths[topic] = multi[1] + "topics/" + encodeURIComponent(topic);
+      });
+    }
     var token = stream.searchParams.get("access_token");
-    if (token) { info.searchParams.set("access_token", token); }
-    return info.href;
+    var urls = {};
+    Object.keys(paths).forEach(function (topic) {
+      var info = new URL(paths[topic], stream.href);
+      if (token) { info.searchParams.set("access_token", token); }
+      urls[topic] = info.href;
+    });
+    return Object.keys(urls).length ? urls : null;
   }
 
   // Where the topic ends now, {end, closed}: end is its newest id, EARLIEST if it has
@@ -97,6 +112,24 @@
         return { end: topic.last_id || EARLIEST, closed: Boolean(topic.closed && topic.last_id) };
       });
     }).catch(function () { return { end: null, closed: false }; });
+  }
+
+  // The place of a stream that starts from now: {place, closed}. place is where its
+  // topics end (a multi-topic stream's cursor, "a~<id>!b~<id>", a topic with no event
+  // at the origin "0.0-0"), null if one answer failed (then from now, as a plain
+  // EventSource); closed, the topics whose end is their broker.end.
+  function startOf(infoUrls, withCredentials) {
+    var topics = Object.keys(infoUrls).sort();
+    var asked = topics.map(function (topic) { return topicEnd(infoUrls[topic], withCredentials); });
+    return Promise.all(asked).then(function (ends) {
+      var closed = topics.filter(function (topic, n) { return ends[n].closed; });
+      if (ends.some(function (found) { return !found.end; })) { return { place: null, closed: [] }; }
+      if (topics[0] === SINGLE) { return { place: ends[0].end, closed: closed }; }
+      var parts = topics.map(function (topic, n) {
+        return topic + "~" + (ends[n].end === EARLIEST ? ORIGIN : ends[n].end);
+      });
+      return { place: parts.join("!"), closed: closed };
+    });
   }
 
   // Set while the page may be leaving (a reload, a navigation): see the error handler.
@@ -241,18 +274,21 @@
       }, refused);
     }
 
-    var infoUrl = stored ? null : topicInfoUrl(url);
-    if (infoUrl) {
-      topicEnd(infoUrl, options.withCredentials).then(function (found) {
-        var end = found.end;
-        if (end) { save(key, end); }  // (unknown: from now, as a plain EventSource)
-        if (found.closed) {
+    var infoUrls = stored ? null : topicInfoUrls(url);
+    if (infoUrls) {
+      startOf(infoUrls, options.withCredentials).then(function (start) {
+        var place = start.place;
+        if (!place) { open(null); return; }  // (unknown: from now, as a plain EventSource)
+        save(key, place);
+        lastId = place;
+        start.closed.forEach(function (topic) { endedTopics.add(topic); });
+        if (start.closed.length >= Math.max(named.size, 1)) {
           // Over already: the broker answers 204, and the page is told onEnd, not onError.
-          save(ENDED_PREFIX + key, end);
-          stored = end;
+          save(ENDED_PREFIX + key, place);
+          stored = place;
           endedBefore = true;
         }
-        open(end);
+        open(place);
       });
     } else {
       open(stored);

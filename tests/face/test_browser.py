@@ -469,3 +469,34 @@ def test_a_stream_from_now_keeps_its_place_before_its_first_event(
         publisher.publish(topic, 2)
         _wait_received(browser, 2, "the event published between the streams, and the next")
     assert [json.loads(e["data"]) for e in _received(browser)] == [1, 2]
+
+
+def test_a_multi_topic_stream_from_now_keeps_its_place_before_its_first_event(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """As for one topic: a multi-topic stream "from now" that stops before its first
+    event comes back where its topics ended when it began (it came back "from now"
+    again, and the events published meanwhile never showed); a topic with no event
+    yet is read from its beginning, a topic that had events from its end."""
+    old, new = (f"face.now-multi.{uuid.uuid4().hex[:8]}" for _ in range(2))
+    url = f"/events?topic={old}&topic={new}"
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(old, 0)  # before the stream: not for it
+        _open_client_page(browser, face_broker, url)
+        browser.wait_for(
+            "window.__stream && window.__stream.source && window.__stream.source.readyState === 1",
+            what="the helper's stream to open",
+        )
+        browser.evaluate("window.__stream.close()")
+        publisher.publish(old, 1)  # while the page has no stream
+        publisher.publish(new, 2)
+        browser.evaluate(SUBSCRIBE_AGAIN % {"url": json.dumps(url)})
+        browser.wait_for(
+            "window.__stream.source && window.__stream.source.readyState === 1",
+            what="the helper's second stream to open",
+        )
+        publisher.publish(new, 3)
+        _wait_received(browser, 3, "the events published between the streams, and the next")
+    data = [json.loads(e["data"]) for e in _received(browser)]
+    assert sorted(data[:2]) == [1, 2] and data[2] == 3, data
+    assert any("last_event_id=" in request for request in browser.requests)
