@@ -28,6 +28,7 @@ from starlette.types import Scope
 from api.keys import FixedKey, JwksKeys, UnknownKey, VerifyingKey
 from api.problems import Forbidden, Unauthorized
 from api.settings import Settings, split_list
+from broker.policy import TopicPattern
 
 Action = Literal["publish", "subscribe"]
 COOKIE_NAME = "broker_token"
@@ -62,20 +63,21 @@ OPEN = Grant(None)
 
 
 class TopicPatterns:
-    """Topic patterns where ``*`` matches any run of characters, compiled once."""
+    """Topic patterns where ``*`` matches any run of characters, each matched in linear
+    time (``broker.policy.TopicPattern``: a regular expression backtracked for seconds
+    over a name a client chose)."""
 
     __slots__ = ("_exact", "_wild")
 
     def __init__(self, patterns: Iterable[str]) -> None:
         patterns = list(patterns)
         self._exact = frozenset(p for p in patterns if "*" not in p)
-        wild = [".*".join(map(re.escape, p.split("*"))) for p in patterns if "*" in p]
-        self._wild = re.compile("|".join(wild)) if wild else None
+        self._wild = tuple(TopicPattern(p) for p in dict.fromkeys(patterns) if "*" in p)
 
     def allows(self, topic: str) -> bool:
         if topic in self._exact:
             return True
-        return self._wild is not None and self._wild.fullmatch(topic) is not None
+        return any(pattern.fullmatch(topic) for pattern in self._wild)
 
     @classmethod
     def parse(cls, comma_list: str) -> TopicPatterns:

@@ -3,6 +3,11 @@ the ``BROKER_TOPIC_POLICIES`` setting: pure, no server."""
 
 from __future__ import annotations
 
+import itertools
+import re
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
@@ -32,6 +37,42 @@ def test_a_pattern_matches_whole_names_with_star_as_any_run(
     pattern: str, topic: str, matches: bool
 ) -> None:
     assert bool(compile_pattern(pattern).fullmatch(topic)) is matches
+
+
+def test_a_pattern_matches_as_the_regular_expression_it_replaced() -> None:
+    """Every pattern of up to 5 symbols of ``a b * :`` against every name of up to 6 of
+    ``a b :``, beside ``.*`` per star, escaped, as a fullmatch (what it was)."""
+
+    def words(symbols: str, longest: int) -> list[str]:
+        return [
+            "".join(w) for n in range(longest + 1) for w in itertools.product(symbols, repeat=n)
+        ]
+
+    names = words("ab:", 6)
+    for pattern in words("ab*:", 5):
+        regex = re.compile(".*".join(map(re.escape, pattern.split("*"))))
+        ours = compile_pattern(pattern)
+        for name in names:
+            assert ours.fullmatch(name) is (regex.fullmatch(name) is not None), (pattern, name)
+
+
+ADVERSARIAL = """
+from api.auth import TopicPatterns
+from broker.policy import compile_pattern
+name = ":" * 199 + "y"  # every ":" a place each star could end
+assert not compile_pattern("*:*:*:*:*:*:*:z").fullmatch(name)
+assert not TopicPatterns(["t:*:*:*:*:*:*:z", "*:*:*:*:*:*:*:z"]).allows(name)
+"""
+
+
+def test_a_pattern_ends_whatever_the_name() -> None:
+    """A regular expression took 27 s to refuse a 200-character name with five stars
+    (``*:*:*:*:*:z``), its process frozen meanwhile; seven would not end in an hour.
+    A public pattern is matched before any token: the name is anyone's."""
+    done = subprocess.run(
+        [sys.executable, "-c", ADVERSARIAL], timeout=60, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_the_first_matching_policy_wins_over_the_defaults() -> None:
