@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 LEAN_MEDIA_TYPES = ("application/json", "text/plain")
 """Bodies parsed whole; ``application/x-ndjson`` is a streaming ingest (``api.lean_ingest``)."""
 CLOSE = (b"connection", b"close")
+LEAN_BODY_BYTES = 65536
+"""A longer body is the app's: a lean publish is authorized once its body is whole,
+and 300 connections without a token, each sending 1 MiB slowly, held 300 MiB until
+then; the app answers 401 on the head, and uvicorn holds at most this much of a body
+meanwhile (its ``HIGH_WATER_LIMIT``). Publishes this long are rare, and cost their
+bytes more than the route."""
 
 
 TIMED_OUT = "the store did not confirm the write in time"
@@ -87,6 +93,8 @@ def publish_head_of(
     media_type = media_type_of(content_type.decode("latin-1"))[0]
     if size > settings.max_body_bytes or media_type not in LEAN_MEDIA_TYPES:
         return None  # the app refuses these before the body (413, 415) or streams it
+    if size > LEAN_BODY_BYTES:
+        return None  # (authorized before its body is read: see LEAN_BODY_BYTES)
     return PublishHead(post.scope_for(app), size, content_type, parser.should_keep_alive())
 
 

@@ -24,7 +24,7 @@ import pytest
 import redis as sync_redis
 
 from api.app import create_app
-from api.lean_publish import publish_request
+from api.lean_publish import LEAN_BODY_BYTES, publish_request
 from api.settings import Settings
 from broker import constants as c
 from tests.http.helpers import RawResponse, new_topic
@@ -221,6 +221,16 @@ def test_plain_publishes_are_served_lean(raw: bytes, app: object) -> None:
 )
 def test_everything_else_goes_to_uvicorn(raw: bytes, app: object) -> None:
     assert publish_request(raw, app) is None
+
+
+def test_a_body_over_the_lean_bound_goes_to_uvicorn() -> None:
+    app = create_app(Settings())
+    app.state.settings = Settings()  # (bodies up to 1 MiB)
+    for size, lean in ((LEAN_BODY_BYTES, True), (LEAN_BODY_BYTES + 1, False)):
+        raw = head(
+            "POST /topics/t/events HTTP/1.1", "Content-Type: text/plain", f"Content-Length: {size}"
+        )
+        assert (publish_request(raw, app) is not None) is lean
 
 
 # -- the lean path is taken (an in-process server, so that its protocol can be observed) ----
@@ -518,6 +528,24 @@ async def test_auth_and_cors_read_the_same_lean_or_by_the_app(
     assert lean.comparable() == by_app.comparable()
     assert lean.headers["vary"] == "Origin"
     assert (lean.headers.get("access-control-allow-origin") == ORIGIN) == (origin == ORIGIN)
+
+
+async def test_a_long_publish_without_a_token_is_refused_before_its_body(
+    auth_broker: BrokerProcess,
+) -> None:
+    """A lean publish was authorized once its body was whole: a client without a token
+    sending 1 MiB slowly was held, body and all, until its deadline (300 of them held
+    300 MiB). A body over LEAN_BODY_BYTES is the app's, which answers on the head."""
+    port, topic = auth_broker.port, new_topic()
+    size = LEAN_BODY_BYTES * 4
+    data = publish_bytes(port, topic, b"x" * size, content_type="text/plain")
+    connection = await Connection.open(port)
+    try:
+        await connection.send(data[: len(data) - size + 1000])  # the head, and 1000 bytes
+        answer = await connection.answer()
+    finally:
+        await connection.close()
+    assert answer.status == 401, answer.body
 
 
 async def test_the_access_log_has_lean_publishes(auth_broker: BrokerProcess) -> None:
