@@ -252,8 +252,17 @@ def rights_of(claims: dict[str, Any]) -> Rights:
     return Rights(
         publish=_patterns(claim, "publish"),
         subscribe=_patterns(claim, "subscribe"),
-        expires_at=float(claims["exp"]),
+        expires_at=_expiry_of(claims),
     )
+
+
+def _expiry_of(claims: dict[str, Any]) -> float:
+    """``exp`` as a time: PyJWT checked it as an integer, which may be past any float
+    (``10**400``: every request carrying it was a 500)."""
+    try:
+        return float(claims["exp"])
+    except (OverflowError, TypeError, ValueError):
+        raise Unauthorized("invalid token: exp is out of range", token_given=True) from None
 
 
 def _patterns(claim: dict[str, Any], action: str) -> TopicPatterns:

@@ -33,7 +33,7 @@ KEY_SETTINGS = ("jwt_secret", "jwt_public_key", "jwt_jwks_url")
 class TopicPolicySetting(BaseModel):
     """One entry of ``BROKER_TOPIC_POLICIES`` (a JSON list); the first match wins."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     pattern: str = Field(pattern=r"^[A-Za-z0-9_.:\-*]{1,200}$")
     maxlen: int | None = Field(None, ge=1)
@@ -45,9 +45,11 @@ class Settings(BaseSettings):
     """Every setting of the service; each field is read from ``BROKER_<NAME>``."""
 
     # (hide_input_in_errors: pydantic's message showed the settings it was given, the
-    # JWT secret and the Redis URL's password among them, to whoever reads the log)
+    # JWT secret and the Redis URL's password among them, to whoever reads the log;
+    # allow_inf_nan: a time of "inf" turned off what it bounds: heartbeats, the end of
+    # a stream at its token's expiry, the slow-client deadlines)
     model_config = SettingsConfigDict(
-        env_prefix="BROKER_", extra="ignore", hide_input_in_errors=True
+        env_prefix="BROKER_", extra="ignore", hide_input_in_errors=True, allow_inf_nan=False
     )
 
     host: str = "127.0.0.1"

@@ -56,6 +56,9 @@ def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"BROKER_PUBLIC_TOPICS": "news"}, "BROKER_PUBLIC_TOPICS"),
         ({"BROKER_CORS_ORIGINS": "*"}, "BROKER_CORS_ORIGINS"),
         ({"BROKER_CORS_ORIGINS": "https://a.test/app"}, "BROKER_CORS_ORIGINS"),
+        # A time of "inf" turned off what it bounds (heartbeats, the end at exp):
+        ({"BROKER_HEARTBEAT_SECONDS": "inf"}, "BROKER_HEARTBEAT_SECONDS"),
+        ({"BROKER_BODY_TIMEOUT_SECONDS": "Infinity"}, "BROKER_BODY_TIMEOUT_SECONDS"),
     ],
     ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
 )

@@ -110,5 +110,11 @@ def test_a_cached_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
         authorizer.check(token, "subscribe", ["a"])
 
 
+def test_an_expiry_past_any_time_is_an_invalid_token() -> None:
+    token = _bearer({"exp": 10**400, "broker": {"subscribe": ["a"]}})
+    with pytest.raises(Unauthorized, match="exp is out of range"):
+        _authorizer().check(token, "subscribe", ["a"])
+
+
 def test_off_without_a_key() -> None:
     assert Authorizer(None).check(scope(), "publish", ["t"]) is OPEN

@@ -111,6 +111,7 @@ def test_a_policy_with_maxlen_under_one_is_refused() -> None:
         '[{"pattern": "a", "maxlen": 0}]',
         '[{"pattern": "a", "ttl_seconds": 0}]',
         '[{"pattern": "a", "max_age_seconds": -1}]',
+        '[{"pattern": "a", "ttl_seconds": 1e999}]',  # (infinity: never)
         '{"pattern": "a"}',
     ],
 )
