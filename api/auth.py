@@ -26,7 +26,7 @@ from starlette.requests import cookie_parser
 from starlette.types import Scope
 
 from api.keys import FixedKey, JwksKeys, UnknownKey, VerifyingKey
-from api.problems import Forbidden, Unauthorized
+from api.problems import Forbidden, KeysUnavailable, Unauthorized
 from api.settings import Settings, split_list
 from broker.policy import TopicPattern
 
@@ -34,6 +34,7 @@ Action = Literal["publish", "subscribe"]
 COOKIE_NAME = "broker_token"
 QUERY_PARAMETER = "access_token"
 TOKEN_CACHE_SIZE = 4096
+KEYS_RETRY_AFTER_SECONDS = 5  # (JWKS_MIN_REFETCH_SECONDS: no fetch is tried sooner)
 """Verified tokens kept by their raw text: a subscriber reconnecting, or a publisher
 sending many events, is verified once, not per request (measured: an HS256 verify
 is ~43 us, a cached check ~2 us, against ~300 us of server CPU per publish)."""
@@ -231,7 +232,12 @@ class Authorizer:
             )
         except jwt.ExpiredSignatureError as error:
             raise Unauthorized("the token has expired", token_given=True) from error
-        except (jwt.PyJWTError, UnknownKey) as error:
+        except UnknownKey as error:
+            if not self._key.loaded:
+                detail = "the key set (BROKER_JWT_JWKS_URL) could not be fetched yet"
+                raise KeysUnavailable(detail, retry_after=KEYS_RETRY_AFTER_SECONDS) from error
+            raise Unauthorized(f"invalid token: {error}", token_given=True) from error
+        except jwt.PyJWTError as error:
             raise Unauthorized(f"invalid token: {error}", token_given=True) from error
         return replace(rights_of(claims), trusted=self._key.trust_of(header))
 

@@ -34,6 +34,8 @@ JWKS_MIN_REFETCH_SECONDS = 5.0
 JWKS_MAX_AGE_SECONDS = 300.0
 """A fetched key set is fetched again after this long (keys removed from it stop working)."""
 JWKS_TIMEOUT_SECONDS = 5.0
+"""A fetch of the key set, whole (a server sending a byte now and then included), and a
+request's wait for it, end within this (each read within it too)."""
 JWKS_MAX_BYTES = 1024 * 1024
 
 
@@ -62,6 +64,10 @@ class VerifyingKey(Protocol):
     def generation(self) -> int:
         """Moves on whenever a key was removed or replaced: tokens verified before may no
         longer be valid."""
+
+    @property
+    def loaded(self) -> bool:
+        """Whether there are keys to judge a token by (a JWKS: fetched once at least)."""
 
     def trust_of(self, header: dict[str, Any]) -> Callable[[], bool] | None:
         """For a token of this header just verified: a check, to be made again while its
@@ -109,6 +115,7 @@ class FixedKey:
     """A secret (HS*) or a public key (RS*/PS*/ES*/EdDSA), set in the configuration."""
 
     generation = 0  # a fixed key never changes
+    loaded = True
 
     def __init__(self, key: Any, algorithms: list[str]) -> None:
         self._key = key
@@ -175,8 +182,15 @@ class JwksKeys:
             return
         fetching = self._start_fetch()
         if fetching is not None and not known:
+            # (a slow key server must not hold requests: they wait this long at most)
             with contextlib.suppress(Exception):
-                await asyncio.shield(fetching)
+                await asyncio.wait_for(asyncio.shield(fetching), JWKS_TIMEOUT_SECONDS)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether a key set was ever fetched: until then an unknown key says nothing of
+        the token (``api.auth`` answers 503, not 401)."""
+        return self._fetched_at is not None
 
     def refresh_if_stale(self) -> None:
         """A stale set is fetched again in the background. Without this, a process that
@@ -263,6 +277,18 @@ def _usable(entry: dict[str, Any]) -> tuple[Any, list[str]] | None:
 
 
 def _get_json(url: str) -> Any:
+    """The document at ``url``, read within JWKS_TIMEOUT_SECONDS (a read every 2 s
+    kept a fetch going for minutes: urllib's timeout is per read), at most
+    JWKS_MAX_BYTES of it."""
+    deadline = time.monotonic() + JWKS_TIMEOUT_SECONDS
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     with urllib.request.urlopen(request, timeout=JWKS_TIMEOUT_SECONDS) as response:
-        return orjson.loads(response.read(JWKS_MAX_BYTES + 1)[:JWKS_MAX_BYTES])
+        body = bytearray()
+        while len(body) <= JWKS_MAX_BYTES:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the key set took over {JWKS_TIMEOUT_SECONDS:g} s")
+            chunk = response.read1(JWKS_MAX_BYTES + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
+        return orjson.loads(bytes(body[:JWKS_MAX_BYTES]))

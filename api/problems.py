@@ -46,6 +46,14 @@ class Forbidden(HttpProblem):
         super().__init__(403, "Forbidden", detail)
 
 
+class KeysUnavailable(StoreUnavailable):
+    """The key set (JWKS) has not been fetched yet: whether a token is valid cannot be
+    told. 503 (a publisher retries), and a stream is told to come back, as when the
+    store is down: a 401 stops an EventSource for good, and a producer's retries."""
+
+    title = "Key set unavailable"
+
+
 class StoreLostMidBody(StoreUnavailable):
     """The store failed while a streaming ingest's body was still coming: answered
     503 and the connection closed. A producer still sending learns it at once (most
@@ -88,7 +96,8 @@ def problem_for(error: BrokerError | HttpProblem) -> Response:
         headers = {"Retry-After": str(error.retry_after)}
         if isinstance(error, StoreLostMidBody):
             headers["Connection"] = "close"  # (uvicorn closes after it, as the lean route)
-        return problem(503, "Store unavailable", error.detail, headers=headers)
+        title = getattr(error, "title", "Store unavailable")  # (KeysUnavailable's own)
+        return problem(503, title, error.detail, headers=headers)
     return problem(500, "Internal error", "the broker could not handle this request")
 
 

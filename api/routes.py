@@ -26,7 +26,7 @@ from starlette.types import Scope
 from api.auth import Authorizer, Grant, authorize
 from api.cors import cors_headers
 from api.negotiation import prefers_json
-from api.problems import Forbidden, Unauthorized, problem_for
+from api.problems import Forbidden, KeysUnavailable, Unauthorized, problem_for
 from api.settings import Settings
 from api.sse import STREAM_HEADERS, EventStreamResponse, OpenStreams
 from broker import (
@@ -95,13 +95,16 @@ async def _head_of_stream(request: Request, topic: str | None) -> Response:
     a closed topic, or a stream's), its subscription opened and closed at once (it was
     left open, and the answer never ended)."""
     await _authorizer(request).prepare(request.scope)
-    starts = stream_starts(request, topic)
     head = Response(
         status_code=200, headers={name.decode(): value.decode() for name, value in STREAM_HEADERS}
     )
+    try:
+        starts = stream_starts(request, topic)
+    except KeysUnavailable:
+        return head  # (GET: a stream holding only a retry hint)
     streams: OpenStreams = request.app.state.streams
     if streams.draining:
-        return head  # (GET: a stream holding only a retry hint)
+        return head  # (as above)
     try:
         subscription = await _broker(request).subscribe(starts)
     except StoreUnavailable:
@@ -119,9 +122,12 @@ def _prefers_json(request: Request) -> bool:
 async def open_stream(request: Request, topic: str | None) -> Response | EventStreamResponse:
     """A stream of one topic, or (``topic`` None) of the ``?topic=`` list."""
     await _authorizer(request).prepare(request.scope)  # (a JWKS fetch, if one is due)
-    starts = stream_starts(request, topic)
-    streams: OpenStreams = request.app.state.streams
     retry_ms = _settings(request).retry_ms
+    try:
+        starts = stream_starts(request, topic)
+    except KeysUnavailable as error:  # (a 401 would stop the EventSource for good)
+        return come_back_later(retry_ms, error.detail, request.scope)
+    streams: OpenStreams = request.app.state.streams
     if streams.draining:
         return come_back_later(retry_ms, "this instance is shutting down", request.scope)
     response = EventStreamResponse(streams, retry_ms)

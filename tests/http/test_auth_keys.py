@@ -5,6 +5,7 @@ unknown ``kid``, never more often than its rate bound)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from api.keys import JWKS_MIN_REFETCH_SECONDS
 from tests.http.test_auth import (
+    ROUTES,
     assert_allowed,
     assert_unauthorized,
     bearer,
@@ -21,7 +23,7 @@ from tests.http.test_auth import (
     stream_lean,
 )
 from tests.support.broker_process import BrokerProcess
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_port
 from tests.support.tokens import (
     JwksServer,
     KeyPair,
@@ -58,6 +60,16 @@ def jwks() -> Iterator[JwksServer]:
 @pytest.fixture(scope="module")
 def jwks_broker(redis_server: RedisServer, jwks: JwksServer) -> Iterator[BrokerProcess]:
     env = {"BROKER_JWT_JWKS_URL": jwks.url, "BROKER_HEARTBEAT_SECONDS": "1"}
+    process = BrokerProcess(redis_url=redis_server.url, env=env).start()
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="module")
+def unfetched_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    """A broker whose key set cannot be fetched: nothing listens at its URL."""
+    url = f"http://127.0.0.1:{free_port()}/.well-known/jwks.json"
+    env = {"BROKER_JWT_JWKS_URL": url, "BROKER_HEARTBEAT_SECONDS": "1"}
     process = BrokerProcess(redis_url=redis_server.url, env=env).start()
     yield process
     process.close()
@@ -160,6 +172,26 @@ async def test_a_new_key_is_fetched_for_its_unknown_kid(
         jwks.set_keys([RSA_KEY, EC_KEY])
 
 
+@pytest.mark.parametrize("route", ROUTES)
+async def test_a_key_set_never_fetched_is_no_verdict_on_the_token(
+    unfetched_broker: BrokerProcess, route: str
+) -> None:
+    """The key set could not be fetched yet (its server down as the broker started):
+    every token was a 401 ("kid not in the key set"), which stops an EventSource for
+    good, and a publisher's retries. A stream is told to come back, as when the store
+    is down; anything else is a 503 with Retry-After."""
+    topic = f"jwks-{time.time_ns()}"
+    answer = await call(route, unfetched_broker.url, topic, bearer(RSA_KEY.token(_rights(topic))))
+    if "stream" in route:
+        assert answer.status == 200, (answer.status, answer.body)
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        assert b"retry:" in answer.body and b"could not be fetched" in answer.body
+    else:
+        assert answer.status == 503, (answer.status, answer.body)
+        assert answer.problem["title"] == "Key set unavailable"
+        assert int(answer.headers["retry-after"]) >= 1
+
+
 def test_pem_text_works_as_well_as_a_path(tmp_path: Path) -> None:
     """The setting takes PEM text too; checked in process (the broker tests use a path)."""
     from api.keys import FixedKey
@@ -179,6 +211,34 @@ async def test_requests_during_a_fetch_wait_for_it() -> None:
         await asyncio.gather(*(keys.ensure(header) for _ in range(20)))
         assert server.fetch_count() == 1
         assert keys.key_for(header)[1][0] == "RS256"
+
+
+def test_a_key_server_sending_slowly_is_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """urllib's timeout is per read: a server sending a byte every 0.3 s kept a fetch
+    (and the requests waiting for it) going for minutes. The fetch has a deadline."""
+    from api import keys
+
+    monkeypatch.setattr(keys, "JWKS_TIMEOUT_SECONDS", 1.0)
+    with serve_jwks([RSA_KEY]) as server:
+        server.drip_seconds = 0.3
+        with pytest.raises(TimeoutError, match="took over"):
+            keys._get_json(server.url)
+
+
+async def test_requests_wait_for_a_fetch_only_so_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request whose key the set lacks waits for the fetch under way, at most
+    JWKS_TIMEOUT_SECONDS: it waited for as long as the fetch took."""
+    from api import keys
+
+    release = threading.Event()
+    monkeypatch.setattr(keys, "_get_json", lambda url: release.wait(30) and {"keys": []})
+    monkeypatch.setattr(keys, "JWKS_TIMEOUT_SECONDS", 0.2)
+    key_set = keys.JwksKeys("http://127.0.0.1:1/unused")
+    try:
+        await asyncio.wait_for(key_set.ensure({"kid": "k"}), 10)  # (the fetch: 30 s)
+        assert not key_set.loaded
+    finally:
+        release.set()
 
 
 async def test_a_key_removed_from_the_set_stops_its_tokens_even_verified_ones() -> None:

@@ -105,6 +105,9 @@ class JwksServer:
 
     keys: list[KeyPair]
     fetches: int = 0
+    drip_seconds: float = 0.0
+    """When set, the document is sent a byte at a time, this long apart (for at most
+    DRIP_FOR_SECONDS: then the connection closes, the document unfinished)."""
     _server: http.server.ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -127,6 +130,9 @@ class JwksServer:
             return self.fetches
 
 
+DRIP_FOR_SECONDS = 10.0
+
+
 @contextmanager
 def serve_jwks(keys: list[KeyPair]) -> Iterator[JwksServer]:
     jwks = JwksServer(keys)
@@ -138,7 +144,16 @@ def serve_jwks(keys: list[KeyPair]) -> Iterator[JwksServer]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not jwks.drip_seconds:
+                self.wfile.write(body)
+                return
+            until = time.monotonic() + DRIP_FOR_SECONDS
+            for n in range(len(body)):
+                if time.monotonic() > until:
+                    return
+                self.wfile.write(body[n : n + 1])
+                self.wfile.flush()
+                time.sleep(jwks.drip_seconds)  # (a slow server, on purpose)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
