@@ -10,12 +10,15 @@ would otherwise: the newest events kept (``maxlen``), their age
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from broker.errors import InvalidInput
 
-POLICY_CACHE_SIZE = 65_536
+POLICY_CACHE_SIZE = 4096
+"""Topics whose policy is remembered (the most recent): the cache keeps their names,
+and at 65,536 it held 24 MB of them for good, topics long expired included. Matching
+a few patterns again costs little beside the Redis call it is for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +88,14 @@ class Policies:
     def __init__(self, default: Retention, policies: Sequence[TopicPolicy] = ()) -> None:
         self.default = default
         self._rules = [(compile_pattern(p.pattern), _apply(p, default)) for p in policies]
-        self.for_topic = functools.lru_cache(maxsize=POLICY_CACHE_SIZE)(self._lookup)
+        self.for_topic: Callable[[str], Retention] = self._default
+        if self._rules:  # (the cache holds topic names: none without rules)
+            self.for_topic = functools.lru_cache(maxsize=POLICY_CACHE_SIZE)(self._lookup)
         self.expiring = bool(default.ttl_ms) or any(r.ttl_ms for _, r in self._rules)
         """Whether any topic can expire (the live reader then watches for it)."""
+
+    def _default(self, topic: str) -> Retention:
+        return self.default
 
     def _lookup(self, topic: str) -> Retention:
         for pattern, retention in self._rules:

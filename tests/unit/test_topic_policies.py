@@ -75,6 +75,19 @@ def test_a_pattern_ends_whatever_the_name() -> None:
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("rules", [[], [TopicPolicy("chat:*", maxlen=5)]], ids=["none", "one"])
+def test_the_policies_remember_few_topics(rules: list[TopicPolicy]) -> None:
+    """The policies' cache kept every topic name seen, up to 65,536 (24 MB of 200-character
+    names, for the life of the process, topics long gone included); with no rule to
+    match it keeps none."""
+    policies = Policies(DEFAULT, rules)
+    for n in range(10_000):
+        assert policies.for_topic(f"chat:{n}").maxlen == (5 if rules else DEFAULT.maxlen)
+    cache_info = getattr(policies.for_topic, "cache_info", None)
+    held = cache_info().currsize if cache_info else 0
+    assert held <= (4096 if rules else 0)
+
+
 def test_the_first_matching_policy_wins_over_the_defaults() -> None:
     policies = Policies(
         DEFAULT,
