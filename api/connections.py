@@ -52,7 +52,13 @@ from api.guard import (
 from api.heads import HEAD_END, RequestHead
 from api.lean_ingest import IngestExchange, IngestHead, ingest_head_of
 from api.lean_publish import PublishExchange, PublishHead, publish_head_of
-from api.lean_stream import StreamConnection, chunk_of, is_http_1_0, stream_request_of
+from api.lean_stream import (
+    StreamConnection,
+    cap_send_buffer,
+    chunk_of,
+    is_http_1_0,
+    stream_request_of,
+)
 from api.problems import problem_for
 from api.sse import STREAM_HEADERS
 from broker import StartFrom, StoreUnavailable, StreamOver
@@ -124,6 +130,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         if self._admission is Admission.DROP:
             self._transport.abort()  # no descriptor to spare, not even to answer
             return
+        cap_send_buffer(self._transport)
         self._guard.deadlines.set(self, self._guard.limits.head_timeout)
 
     def expire(self) -> None:

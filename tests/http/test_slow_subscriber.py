@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from api.lean_stream import SEND_BUFFER_BYTES
 from tests.http.conftest import SLOW
 from tests.http.helpers import (
     RawResponse,
@@ -104,6 +106,44 @@ async def test_a_slow_subscriber_is_dropped_and_resumes_without_loss(
             "while the dropped client was not reading, broker_connected_subscribers should "
             f"count only the subscriber that reads: got {connected_while_stalled}, expected 1"
         )
+
+
+def _kernel_queue_of(server_port: int, client_port: int) -> int | None:
+    """What the kernel holds unsent on the broker's side of one loopback connection (the
+    send queue, /proc/net/tcp), None once it has no such socket."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(fields[n].split(":")[1], 16) for n in (1, 2))
+        if (local, remote) == (server_port, client_port):
+            return int(fields[4].split(":")[0], 16)
+    return None
+
+
+async def test_a_subscriber_that_stops_reading_holds_little_of_the_kernels_memory(
+    slow_broker: BrokerProcess,
+) -> None:
+    """The buffer limit counts what waits in the process; the kernel's send buffer, left
+    to grow, held up to 4 MB more for each client that stopped reading (310 of them:
+    0.6 GB). Capped, what the client does not read waits where the limit counts it."""
+    topic = new_topic()
+    slow = await _stalled_stream(slow_broker.url, f"/topics/{topic}/events")
+    client_port = slow.writer.get_extra_info("sockname")[1]
+    most = 0
+    try:
+        async with httpx.AsyncClient(base_url=slow_broker.url, timeout=15) as client:
+            dropped_before = await _metric(client, "broker_slow_subscribers_dropped_total")
+            for batch in range(MAX_BATCHES):
+                events = [{"data": f"{batch}-{n}-" + "x" * EVENT_BYTES} for n in range(BATCH)]
+                answer = await client.post(f"/topics/{topic}/events", json=events)
+                assert answer.status_code == 201, answer.text
+                most = max(most, _kernel_queue_of(slow_broker.port, client_port) or 0)
+                if await _metric(client, "broker_slow_subscribers_dropped_total") > dropped_before:
+                    break
+            else:
+                pytest.fail("the subscriber that stopped reading was never dropped")
+    finally:
+        await slow.close()
+    assert 0 < most <= 2 * SEND_BUFFER_BYTES + 65536, most
 
 
 def test_slow_settings_are_what_the_test_assumes() -> None:
