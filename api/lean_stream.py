@@ -205,6 +205,9 @@ class StreamConnection(asyncio.Protocol):
         self._ended = True
         if self._subscription is not None:
             self._subscription.close()
+            # (it refers to this, its sink: without the cut the two waited for the
+            # cycle collector, which the broker's GC tuning runs seldom)
+            self._subscription = None
         if self._pump is not None:
             self._pump.cancel()
         return False

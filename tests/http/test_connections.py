@@ -8,15 +8,18 @@ connection, by uvicorn and the ASGI app. Clients must not be able to tell.
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import struct
+from typing import Any
 
 import httpx
 import pytest
 
 from api.app import create_app
-from api.lean_stream import stream_request
+from api.lean_stream import StreamConnection, stream_request
 from api.settings import Settings
+from broker import Subscription
 from tests.http.helpers import (
     RawResponse,
     metric_value,
@@ -236,3 +239,35 @@ async def test_a_client_gone_during_a_shared_replay_leaves_the_others_streaming(
             await staying.read_until(event_id.encode(), timeout=5)
         finally:
             await staying.close()
+
+
+def _alive(kind: type) -> int:
+    return sum(isinstance(thing, kind) for thing in gc.get_objects())
+
+
+async def test_an_ended_stream_is_freed_as_it_ends(
+    in_process_server: tuple[int, list[Any]],
+) -> None:
+    """A lean stream and its subscription referred to each other: an ended stream waited
+    for the cycle collector, which the broker's GC tuning runs seldom (1,031 streams of
+    a 30 s churn were held after it, with their buffers). Each is freed as it ends."""
+    port, _ = in_process_server
+    url = f"http://127.0.0.1:{port}"
+    gc.collect()
+    gc.disable()
+    try:
+        before = _alive(StreamConnection), _alive(Subscription)
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_bytes("GET", f"{url}/topics/{new_topic()}/events"))
+            stream = RawResponse(reader, writer)
+            await stream.read_head()
+            await stream.read_until(b"\n\n")  # the retry hint: subscribed
+            writer.close()
+        await await_until(
+            lambda: (_alive(StreamConnection), _alive(Subscription)) == before,
+            timeout=10,
+            what="every ended stream freed, the cycle collector off",
+        )
+    finally:
+        gc.enable()
