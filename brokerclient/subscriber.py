@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import httpx
 
 from broker.errors import InvalidEventId
-from broker.ids import Cursor, parse_cursor
+from broker.ids import Cursor, EventId, parse_cursor
 from brokerclient.errors import RequestFailed, Unreachable
 from brokerclient.http import (
     DEFAULT_URL,
@@ -168,7 +168,7 @@ class _Resume:
             return topic if isinstance(topic, str) else None
         before, after = _cursor_parts(previous), _cursor_parts(event.id)
         if before:
-            moved = [topic for topic, place in after.items() if before.get(topic) != place]
+            moved = [t for t, place in after.items() if not _same_place(before.get(t), place)]
         else:  # a stream's first event, no cursor before it: the others are at their start
             moved = [topic for topic, place in after.items() if place.position != (0, 0)]
         return moved[0] if len(moved) == 1 else None  # (None: it cannot be told)
@@ -450,6 +450,15 @@ def _last_id_of(response: httpx.Response) -> str | None:
         raise RequestFailed(response.status_code, None, "the answer is not a topic")
     last = topic.get("last_id")
     return str(last) if last else None
+
+
+def _same_place(before: EventId | None, after: EventId) -> bool:
+    """Whether a topic's part of the cursor did not move: the start of a log is one
+    place whatever its epoch (a topic with no log yet, ``0.0-0``, is sent with its new
+    log's epoch once it has one, before its first event reaches the stream)."""
+    if before is None:
+        return False
+    return before == after or before.position == after.position == (0, 0)
 
 
 def _cursor_parts(cursor: str | None) -> Cursor:

@@ -184,8 +184,12 @@
       if (gap) { return gap.topic; }
       var before = cursorParts(lastId);
       var after = cursorParts(message.id);
+      // (the start of a log is one place whatever its epoch: a topic with no log yet,
+      // 0.0-0, comes back with its new log's epoch before its first event is here)
       var moved = Object.keys(after).filter(function (topic) {
-        return lastId ? before[topic] !== after[topic] : !/\.0-0$/.test(after[topic]);
+        var start = /\.0-0$/.test(after[topic]);
+        if (!lastId) { return !start; }
+        return before[topic] !== after[topic] && !(start && /\.0-0$/.test(before[topic] || ""));
       });
       return moved.length === 1 ? moved[0] : null;
     }
