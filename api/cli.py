@@ -109,7 +109,15 @@ def _supervise(settings: Settings, config: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "data", "") is None and len(extra) == 1 and _not_a_flag(extra[0]):
+        # `broker publish TOPIC --event x DATA`: argparse fills TOPIC and the optional
+        # DATA together, from the arguments before the first option, so a DATA after an
+        # option is left over (it was "unrecognized arguments").
+        args.data, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if hasattr(args, "run_client"):
         sys.exit(args.run_client(args))
     logging.basicConfig(
@@ -124,6 +132,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"broker: {error}{cause}")
     _announce_store(settings)
     serve(settings)
+
+
+def _not_a_flag(argument: str) -> bool:
+    """DATA, not a mistyped option: a negative number is data."""
+    return not argument.startswith("-") or argument[1:2].isdigit()
 
 
 if __name__ == "__main__":

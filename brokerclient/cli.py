@@ -158,12 +158,17 @@ def run_publish(args: argparse.Namespace) -> int:
     with Publisher(_url(args), token=_token(args)) as publisher:
         options = {"event": args.event, "idempotency_key": args.idempotency_key,
                    "close": args.close}  # fmt: skip
-        if args.text:
-            result = publisher.publish_text(args.topic, raw, **options)
-        else:
-            result = publisher.publish(args.topic, _json_data(raw), **options)
-    if result.replayed:
+        try:
+            if args.text:
+                result = publisher.publish_text(args.topic, raw, **options)
+            else:
+                result = publisher.publish(args.topic, _json_data(raw), **options)
+        except ValueError as error:  # (what cannot be sent: a lone surrogate)
+            raise UsageError(str(error)) from None
+    if result.replayed and args.idempotency_key is not None:
         log.info("already published under this idempotency key: nothing new was stored")
+    elif result.replayed:  # (a retry of ours, whose first answer was lost)
+        log.info("stored once: an answer was lost, and the retry found the event stored")
     answer: dict[str, Any] = {"id": result.ids[0]} if len(result.ids) == 1 else {"ids": result.ids}
     if result.end_id is not None:
         answer["end_id"] = result.end_id  # (--close: where the topic ends)

@@ -64,7 +64,17 @@ def event(data: Any, event: str | None = None, retry: int | None = None) -> dict
 
 
 def _json_body(item: Any) -> bytes:
-    return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode()
+    return _utf8(json.dumps(item, separators=(",", ":"), ensure_ascii=False))
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` in UTF-8; a ValueError for what has none (a lone surrogate, as a JSON
+    ``"\\ud800"`` reads): it was a UnicodeEncodeError from deep inside."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as error:
+        bad = error.object[error.start : error.end].encode("unicode_escape").decode()
+        raise ValueError(f"not valid Unicode text: {bad} at {error.start}") from None
 
 
 def _query(close: bool, event_type: str | None = None) -> dict[str, str]:
@@ -136,7 +146,7 @@ class Publisher:
     ) -> PublishResult:
         """Publish one event whose data is text (delivered as that text, not as JSON)."""
         content_type = "text/plain; charset=utf-8"
-        return self._send(topic, text.encode(), content_type, _query(close, event), idempotency_key)
+        return self._send(topic, _utf8(text), content_type, _query(close, event), idempotency_key)
 
     def publish_batch(
         self,
@@ -257,7 +267,7 @@ class AsyncPublisher:
         """Publish one event whose data is text (delivered as that text, not as JSON)."""
         content_type = "text/plain; charset=utf-8"
         params = _query(close, event)
-        return await self._send(topic, text.encode(), content_type, params, idempotency_key)
+        return await self._send(topic, _utf8(text), content_type, params, idempotency_key)
 
     async def publish_batch(
         self,

@@ -193,3 +193,29 @@ def test_topics_tries_again_on_503_and_a_page_not_json_is_an_error(
     html = broker("publish", "t", "1", url=url)
     assert html.returncode == 1 and "not JSON" in html.stderr, html.stderr
     assert "Traceback" not in html.stderr
+
+
+def test_publish_takes_its_data_after_its_options(face_broker: BrokerProcess) -> None:
+    """argparse fills TOPIC and the optional DATA from the arguments before the first
+    option: ``broker publish t --event x 1`` was "unrecognized arguments: 1"."""
+    topic = f"cli.{uuid.uuid4().hex[:8]}"
+    for args in (
+        ["--event", "x", "1"],
+        ["--text", "hello", "--event", "y"],
+        ["--event", "z", "-5"],
+    ):
+        done = broker("publish", topic, *args, url=face_broker.url)
+        assert done.returncode == 0, done.stderr
+    history = httpx.get(
+        f"{face_broker.url}/topics/{topic}/events", headers={"Accept": "application/json"}
+    ).json()["events"]
+    assert [(e["event"], e["data"]) for e in history] == [("x", 1), ("y", "hello"), ("z", -5)]
+    refused = broker("publish", topic, "--evnt", "x", url=face_broker.url)
+    assert refused.returncode == 2 and "unrecognized arguments: --evnt x" in refused.stderr
+
+
+def test_publish_of_text_that_is_not_unicode_is_a_usage_error(face_broker: BrokerProcess) -> None:
+    """A JSON string with a lone surrogate has no UTF-8: it was a traceback."""
+    done = broker("publish", f"cli.{uuid.uuid4().hex[:8]}", '"\\ud800x"', url=face_broker.url)
+    assert done.returncode == 2, done.stderr
+    assert "not valid Unicode text" in done.stderr and "Traceback" not in done.stderr
