@@ -156,6 +156,7 @@ class DirectPublisher:
             first_id=ids[0] if ids else None,
             last_id=ids[-1] if ids else None,
             idempotency_key=key,
+            end_id=str(result.end_id) if result.end_id else None,  # (close=True: as HTTP's)
         )
 
     async def aclose(self) -> None:

@@ -333,6 +333,9 @@ async def test_direct_publisher_closes_a_topic_as_the_broker_does(
         await direct.publish_text(topic, "last token")
         end = await direct.close_topic(topic)
         assert await direct.close_topic(topic) == end
+        other = _topic("direct-close-with")
+        closed = await direct.publish(other, 1, close=True)
+        assert closed.end_id is not None and closed.end_id != closed.ids[0]  # (as HTTP's)
         with pytest.raises(TopicClosed) as refused:
             await direct.publish(topic, "too late")
     # The client's error, as the HTTP publishers raise it (it was the core's).
