@@ -44,8 +44,12 @@
     }
     if (!response.ok) { throw new Error(await problemText(response)); }
     var page = await response.json();
-    say("topics-note", page.topics.length ? "" : "No topics listed yet: publish an event below.");
-    return page.topics;
+    var note = page.topics.length ? "" : "No topics listed yet: publish an event below.";
+    if (page.next) {  // (a page of a SCAN: the listing goes on; the rest is not read here)
+      note = "Showing " + page.topics.length + " of more topics: narrow them with the prefix.";
+    }
+    say("topics-note", note);
+    return page.topics.sort(function (a, b) { return a.topic < b.topic ? -1 : a.topic > b.topic ? 1 : 0; });
   }
 
   async function topicStats(topics) {

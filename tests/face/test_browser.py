@@ -500,3 +500,25 @@ def test_a_multi_topic_stream_from_now_keeps_its_place_before_its_first_event(
     data = [json.loads(e["data"]) for e in _received(browser)]
     assert sorted(data[:2]) == [1, 2] and data[2] == 3, data
     assert any("last_event_id=" in request for request in browser.requests)
+
+
+def test_the_live_page_says_when_it_lists_only_some_topics(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """The page lists one page of topics (50): with more, it said nothing of the rest,
+    and showed them in the order of a SCAN. It says there are more, in name order."""
+    prefix = f"face.many.{uuid.uuid4().hex[:8]}."
+    with Publisher(face_broker.url) as publisher:
+        for n in range(60):
+            publisher.publish(f"{prefix}{n:02d}", n)
+    browser.navigate(face_broker.url + "/")
+    browser.evaluate(
+        f"document.getElementById('topics-prefix').value = {json.dumps(prefix)};"
+        "document.getElementById('topics-prefix').dispatchEvent(new Event('input'))"
+    )
+    browser.wait_for(
+        "document.getElementById('topics-note').textContent.includes('narrow them')",
+        what="the page to say it shows only some of the topics",
+    )
+    names = [row[0] for row in _rows(browser, "#topics tbody tr")]
+    assert names == sorted(names) and all(name.startswith(prefix) for name in names), names
