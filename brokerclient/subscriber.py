@@ -21,9 +21,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import httpx
@@ -255,27 +257,33 @@ class AsyncSubscriber:
         )
         self._own_client = client is None
         self._closed = False  # aclose() was called: iteration ends, it does not reconnect
+        self._iterations: weakref.WeakSet[AsyncGenerator[Event, None]] = weakref.WeakSet()
 
     @property
     def last_event_id(self) -> str | None:
         return self._resume.last_event_id
 
     def __aiter__(self) -> AsyncIterator[Event]:
-        return self.events()
+        iteration = self.events()
+        self._iterations.add(iteration)  # (aclose ends it: see there)
+        return iteration
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
         resume = self._resume
         while not self._closed:
             try:
                 resume.attempting()
                 if resume.needs_start_point():
                     resume.start_at(await self._topic_last_id(resume.topics[0]))
-                async for item in self._connection():
-                    if item is None:
-                        return
-                    yield item
-                    if item.ends_topic and resume.all_ended():
-                        return
+                # (closed with this generator: left suspended, the response in it was
+                # closed by asyncio at exit, concurrently with this one, and failed)
+                async with contextlib.aclosing(self._connection()) as connection:
+                    async for item in connection:
+                        if item is None:
+                            return
+                        yield item
+                        if item.ends_topic and resume.all_ended():
+                            return
                 delay = resume.ended()
             except (httpx.TransportError, RuntimeError) as error:
                 if self._closed:  # (closed under the read: httpx says so one of these ways)
@@ -315,8 +323,15 @@ class AsyncSubscriber:
         return _last_id_of(response)
 
     async def aclose(self) -> None:
-        """Stop: an iteration running (in another task) ends, without reconnecting."""
+        """Stop: an iteration running (in another task) ends, without reconnecting.
+
+        One left suspended (a ``break`` out of ``async for``) is closed here, its
+        response with it: else asyncio closed it later, its client gone, and printed
+        "an error occurred during closing of asynchronous generator"."""
         self._closed = True
+        for iteration in list(self._iterations):
+            with contextlib.suppress(RuntimeError):  # (running, in another task)
+                await iteration.aclose()
         if self._own_client:
             await self._client.aclose()
 

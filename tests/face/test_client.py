@@ -6,10 +6,13 @@ import asyncio
 import os
 import queue
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -507,3 +510,32 @@ async def test_closing_an_async_subscriber_from_another_task_ends_its_iteration(
     await subscriber.aclose()
     async with asyncio.timeout(5):
         await reading  # (raises what the iteration raised)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+BREAK_OUT = """
+import asyncio, sys
+from brokerclient import AsyncPublisher, AsyncSubscriber
+
+async def main(url, topic):
+    async with AsyncPublisher(url) as publisher:
+        for n in range(3):
+            await publisher.publish(topic, n)
+    async with AsyncSubscriber(topic, url, from_earliest=True) as subscriber:
+        async for event in subscriber:
+            if event.data == "1":
+                break
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_breaking_out_of_an_async_subscriber_closes_it_quietly(face_broker: BrokerProcess) -> None:
+    """``break`` out of ``async for`` inside ``async with``: the iteration's response was
+    left suspended inside it, and asyncio, closing both at exit, printed "an error
+    occurred during closing of asynchronous generator"."""
+    done = subprocess.run(
+        [sys.executable, "-c", BREAK_OUT, face_broker.url, _topic("break")],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr
