@@ -295,7 +295,7 @@ class AsyncSubscriber:
                 delay = resume.failed(str(error))
             await asyncio.sleep(delay)
 
-    async def _connection(self) -> AsyncIterator[Event | None]:
+    async def _connection(self) -> AsyncGenerator[Event | None, None]:
         """One connection's events; a None means the topic is closed (204): stop."""
         path, headers = self._resume.request(self._token)
         timeout = self._resume.attempt_timeout(self._client.timeout)
