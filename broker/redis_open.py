@@ -141,11 +141,23 @@ def _node_client_factory(password: str | None, tls: bool, size: int) -> NodeClie
     return open_node_client
 
 
+EMBEDDED_POOL_SIZE = 64
+"""Connections of the embedded store's client (in-process, cheap; commands beyond
+wait for one)."""
+
+
 def _embedded_store(**options: Any) -> RedisStreamStore:
     import fakeredis
 
     server = fakeredis.FakeServer()
-    client = fakeredis.FakeAsyncRedis(server=server)
+    # A pool that waits for a connection, as FixedPool does on Redis: redis-py's default
+    # pool raised past 100 connections, and 101 commands at once (a listing's states,
+    # a reconnect storm) got 503s and "come back later".
+    client = fakeredis.FakeAsyncRedis(
+        server=server,
+        connection_pool_class=redis.BlockingConnectionPool,
+        max_connections=EMBEDDED_POOL_SIZE,
+    )
     reader = fakeredis.FakeAsyncRedis(server=server, single_connection_client=True)
     writes = LocalWrites()
     return RedisStreamStore(

@@ -214,6 +214,27 @@ async def list_all(broker: Broker, prefix: str) -> list[TopicInfo]:
 # -- many short-lived topics ------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["embedded", "redis"])
+async def test_hundreds_of_commands_at_once_wait_for_their_turn(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """The embedded store's client had redis-py's default pool, which raises past 100
+    connections: 101 commands at once (a listing's states, a reconnect storm) failed,
+    503s and streams told to come back, where Redis' pool waits."""
+    broker = Broker(open_store(_url(request, kind)))
+    await broker.start()
+    try:
+        run = uuid.uuid4().hex[:8]
+        states = await asyncio.gather(*(broker.store.state(f"c{run}-{n}") for n in range(300)))
+        assert not any(state.exists for state in states)
+        published = await asyncio.gather(
+            *(broker.publish(f"c{run}-{n}", [NewEvent("1")]) for n in range(300))
+        )
+        assert all(len(result.ids) == 1 for result in published)
+    finally:
+        await broker.close()
+
+
 @pytest.mark.parametrize("kind", ["redis", "cluster"])
 async def test_many_live_topics_coming_and_going_each_get_their_events(
     request: pytest.FixtureRequest, kind: str
