@@ -281,13 +281,17 @@ class RedisStreamStore:
         for event in events:
             retry = "" if event.retry is None else str(event.retry)
             args += [event.kind, event.data, event.event or "", retry]
-        if self._replicas_to_confirm:
-            status, answer = await self._append_and_wait(keys, args)
-        else:
-            linger = c.STREAMING_APPEND_LINGER_MS / 1000 if streaming else 0.0
-            status, answer = await self._call(self._append_once(keys, args, linger))
-        if self._local_writes is not None:
-            self._local_writes.written(keys[0])
+        try:
+            if self._replicas_to_confirm:
+                status, answer = await self._append_and_wait(keys, args)
+            else:
+                linger = c.STREAMING_APPEND_LINGER_MS / 1000 if streaming else 0.0
+                status, answer = await self._call(self._append_once(keys, args, linger))
+        finally:
+            # (cancelled, a publish past its deadline, the append may have landed all
+            # the same: its live readers must hear of it now, not at their next poll)
+            if self._local_writes is not None:
+                self._local_writes.written(keys[0])
         if status == -1:
             raise TopicClosed(topic, answer.decode())
         return _parse_answer(answer, replayed=status == 1)

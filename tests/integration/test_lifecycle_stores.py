@@ -300,3 +300,30 @@ def _keys_held(store: RedisStreamStore) -> int:
     fakeredis' own dictionary, a private surface (pinned in pyproject.toml)."""
     server = store._client.connection_pool.connection_kwargs["server"]  # type: ignore[union-attr]
     return len(server.dbs[0]._dict)
+
+
+async def test_the_embedded_store_wakes_its_readers_for_an_append_cut_short() -> None:
+    """An append cancelled after it was stored (a publish past its deadline) did not
+    wake the embedded store's live reader: its subscribers got the event at the
+    reader's next poll, seconds later, where on Redis the blocking read returns."""
+    store = open_store(None)
+    await store.open()
+    try:
+        woken: list[str] = []
+        local_writes = store._local_writes
+        assert local_writes is not None
+        real_written = local_writes.written
+        local_writes.written = lambda key: (woken.append(key), real_written(key))[1]  # type: ignore[method-assign]
+        real_append_once = store._append_once
+
+        async def stored_then_cancelled(*args: Any) -> Any:
+            await real_append_once(*args)
+            raise asyncio.CancelledError
+
+        store._append_once = stored_then_cancelled  # type: ignore[method-assign]
+        with pytest.raises(asyncio.CancelledError):
+            await store.append("cut-short", [NewEvent("1")])
+        assert woken == [c.log_key("cut-short")]
+        assert (await store.state("cut-short")).length == 1
+    finally:
+        await store.close()
