@@ -51,9 +51,16 @@ def _static(name: str, media_type: str) -> FileResponse:
     return FileResponse(STATIC_DIR / name, media_type=media_type, headers=NO_CACHE)
 
 
+NOT_FRAMED = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+"""The live page has a publish form, sent with the broker's cookie: another site must not
+frame it and have a visitor click it (clickjacking)."""
+
+
 async def index(request: Request) -> Response:
     """The live page: topics, their rates and subscribers, a live tail, a publish form."""
-    return _static("index.html", "text/html; charset=utf-8")
+    response = _static("index.html", "text/html; charset=utf-8")
+    response.headers.update(NOT_FRAMED)
+    return response
 
 
 async def docs(request: Request) -> Response:

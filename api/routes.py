@@ -51,6 +51,12 @@ HISTORY_MAX_LIMIT = 1000
 TOPIC_EVENTS_PATH = re.compile(r"/topics/([^/]+)/events")
 
 
+NOT_STORED = {"Cache-Control": "no-store"}
+"""A read of topics (history, topic info, listing): it changes with each event, and with
+authorization on it is the caller's own (by cookie its URL is everyone's): a cache
+between must keep none of it."""
+
+
 def json_response(
     content: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
@@ -254,7 +260,7 @@ async def history(request: Request) -> Response:
             "resumed_after": str(page.gap.resumed_after) if page.gap.resumed_after else None,
             "topic": topic,  # (as in the broker.gap event's data)
         }
-    return json_response(content)
+    return json_response(content, headers=NOT_STORED)
 
 
 def _history_limit(raw: str | None) -> int:
@@ -285,7 +291,8 @@ async def topic_info(request: Request) -> Response:
             "first_id": _id_or_none(info.first_id),
             "last_id": _id_or_none(info.last_id),
             "closed": info.closed,  # (as in the listing: a stream from now would be 204)
-        }
+        },
+        headers=NOT_STORED,
     )
 
 
@@ -326,7 +333,8 @@ async def list_topics(request: Request) -> Response:
     topics, following = await _broker(request).list_topics(
         prefix, cursor, limit, shown=lambda topic: may_subscribe(request, topic)
     )
-    return json_response({"topics": [_topic_json(t) for t in topics], "next": following})
+    content = {"topics": [_topic_json(t) for t in topics], "next": following}
+    return json_response(content, headers=NOT_STORED)
 
 
 async def check_listing_caller(request: Request) -> None:

@@ -122,3 +122,19 @@ def test_topic_info(client: httpx.Client) -> None:
 def test_topic_info_of_a_topic_that_never_had_an_event_is_404(client: httpx.Client) -> None:
     assert_problem(client.get(f"/topics/{new_topic()}"), 404)
     assert_problem(client.get("/topics/bad%20name"), 400)
+
+
+def test_reads_of_topics_are_not_stored_by_caches(client: httpx.Client) -> None:
+    """History, topic info and listings change with each event and, with authorization
+    on, are the caller's own (by cookie, their URL is everyone's): no cache may keep
+    them. The live page may not be framed by another site (it has a publish form)."""
+    topic = new_topic()
+    publish(client, topic, 1)
+    for path, params in ((f"/topics/{topic}/events", {}), (f"/topics/{topic}", {}),
+                         ("/topics", {"prefix": topic})):  # fmt: skip
+        response = client.get(path, params=params, headers=JSON)
+        assert response.status_code == 200, (path, response.text)
+        assert response.headers["cache-control"] == "no-store", path
+    page_response = client.get("/")
+    assert page_response.headers["x-frame-options"] == "DENY"
+    assert page_response.headers["content-security-policy"] == "frame-ancestors 'none'"
