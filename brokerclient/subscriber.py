@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
@@ -364,6 +365,7 @@ class Subscriber:
         )
         self._own_client = client is None
         self._closed = False  # close() was called: iteration ends, it does not reconnect
+        self._reading: httpx.Response | None = None  # the stream being read, if one is
 
     @property
     def last_event_id(self) -> str | None:
@@ -409,10 +411,14 @@ class Subscriber:
             self._resume.connected()
             _read_as_usual(response, self._client.timeout)
             decoder = SseDecoder(self._resume.last_event_id)
-            for chunk in response.iter_bytes():
-                for event in decoder.feed(chunk):
-                    yield self._resume.delivered(event)
-                self._resume.read(decoder)
+            self._reading = response
+            try:
+                for chunk in response.iter_bytes():
+                    for event in decoder.feed(chunk):
+                        yield self._resume.delivered(event)
+                    self._resume.read(decoder)
+            finally:
+                self._reading = None
 
     def _topic_last_id(self, topic: str) -> str | None:
         response = self._client.get(
@@ -423,8 +429,12 @@ class Subscriber:
         return _last_id_of(response)
 
     def close(self) -> None:
-        """Stop: an iteration running (in another thread) ends, without reconnecting."""
+        """Stop: an iteration running (in another thread) ends, without reconnecting.
+
+        A read it is blocked in is cut (its socket shut): closing the client alone left
+        it waiting for the stream's next bytes, up to a heartbeat (15 s by default)."""
         self._closed = True
+        _shut(self._reading)
         if self._own_client:
             self._client.close()
 
@@ -433,6 +443,16 @@ class Subscriber:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _shut(response: httpx.Response | None) -> None:
+    """Shut the socket under ``response`` (httpcore's ``network_stream``): a read blocked
+    on it in another thread ends at once."""
+    stream = response.extensions.get("network_stream") if response is not None else None
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Retryable(Exception):

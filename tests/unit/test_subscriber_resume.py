@@ -173,3 +173,29 @@ def test_a_topic_whose_log_began_meanwhile_did_not_move() -> None:
     assert event.topic == "a"
     event = resume.delivered(Event("a~abcdefgh.5-0!b~ijklmnop.7-0", None, "2"))
     assert event.topic == "b"
+
+
+def test_closing_a_subscriber_ends_a_read_blocked_in_another_thread() -> None:
+    """``close()`` while another thread waits in a read of a quiet stream: the read went
+    on until the next heartbeat came (15 s by default) or its timeout; the async
+    subscriber's ends at once. The connection is shut, and the read ends now."""
+    with _quiet_stream_server(beats=0) as (url, _):
+        sub = subscriber.Subscriber(["t"], url, last_event_id="a.0-1")
+        got: list[Event] = []
+        failed: list[BaseException] = []
+
+        def iterate() -> None:
+            try:
+                got.extend(sub)
+            except BaseException as error:  # (what the thread raised, for the assertion)
+                failed.append(error)
+
+        reading = threading.Thread(target=iterate)
+        reading.start()
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(got) == 1, "the stream's one event"
+        sub.close()  # the server says nothing more for 10 s
+        reading.join(timeout=5)
+        assert not reading.is_alive() and failed == []
