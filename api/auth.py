@@ -34,10 +34,10 @@ Action = Literal["publish", "subscribe"]
 COOKIE_NAME = "broker_token"
 QUERY_PARAMETER = "access_token"
 TOKEN_CACHE_SIZE = 4096
-KEYS_RETRY_AFTER_SECONDS = 5  # (JWKS_MIN_REFETCH_SECONDS: no fetch is tried sooner)
 """Verified tokens kept by their raw text: a subscriber reconnecting, or a publisher
 sending many events, is verified once, not per request (measured: an HS256 verify
 is ~43 us, a cached check ~2 us, against ~300 us of server CPU per publish)."""
+KEYS_RETRY_AFTER_SECONDS = 5  # (JWKS_MIN_REFETCH_SECONDS: no fetch is tried sooner)
 MAX_TOKEN_BYTES = 8192
 QUERY_PAIR = re.compile(r"([?&;])([^=&;\s]*)=([^&;\s]*)")
 """A ``name=value`` pair of a logged request target's query."""
