@@ -236,7 +236,9 @@ class AsyncSubscriber:
     ``last_event_id`` resumes after that id; ``from_earliest`` starts from the
     oldest retained event; neither: only events published from now on. The
     attribute ``last_event_id`` always holds the id of the last event yielded,
-    so a program can store it and resume from it later.
+    so a program can store it and resume from it later. Close it (``async with``,
+    or ``aclose()``), as any async generator holding a connection: one left to the
+    garbage collector as the event loop ends is closed too late, and asyncio says so.
     """
 
     def __init__(
