@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 import logging
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpx
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -236,7 +236,7 @@ class JwksKeys:
             log.warning("JWKS fetch from %s failed: %s", self._url, task.exception())
 
     async def _fetch(self) -> None:
-        document = await asyncio.to_thread(_get_json, self._url)
+        document = await _get_json(self._url)
         keys = keys_of(document)
         if any(keys.get(kid) != key for kid, key in self._keys.items()):
             self.generation += 1  # a key revoked or replaced: tokens it signed go too
@@ -276,19 +276,20 @@ def _usable(entry: dict[str, Any]) -> tuple[Any, list[str]] | None:
     return (key, algorithms) if algorithms else None
 
 
-def _get_json(url: str) -> Any:
-    """The document at ``url``, read within JWKS_TIMEOUT_SECONDS (a read every 2 s
-    kept a fetch going for minutes: urllib's timeout is per read), at most
-    JWKS_MAX_BYTES of it."""
-    deadline = time.monotonic() + JWKS_TIMEOUT_SECONDS
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    with urllib.request.urlopen(request, timeout=JWKS_TIMEOUT_SECONDS) as response:
-        body = bytearray()
-        while len(body) <= JWKS_MAX_BYTES:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the key set took over {JWKS_TIMEOUT_SECONDS:g} s")
-            chunk = response.read1(JWKS_MAX_BYTES + 1 - len(body))
-            if not chunk:
-                break
-            body += chunk
-        return orjson.loads(bytes(body[:JWKS_MAX_BYTES]))
+async def _get_json(url: str) -> Any:
+    """The document at ``url``, all of it read within JWKS_TIMEOUT_SECONDS (urllib's
+    timeout was per read: a server sending a byte of its head or body every 2 s
+    held a fetch for hours, and no other could start), at most JWKS_MAX_BYTES of it.
+    On the event loop, so that a fetch given up on is over, not a thread left
+    blocked in a read."""
+    body = bytearray()
+    async with asyncio.timeout(JWKS_TIMEOUT_SECONDS):
+        async with httpx.AsyncClient(follow_redirects=True, timeout=JWKS_TIMEOUT_SECONDS) as client:
+            headers = {"Accept": "application/json"}
+            async with client.stream("GET", url, headers=headers) as response:
+                response.raise_for_status()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > JWKS_MAX_BYTES:
+                        break
+    return orjson.loads(bytes(body[:JWKS_MAX_BYTES]))

@@ -5,7 +5,6 @@ unknown ``kid``, never more often than its rate bound)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,16 +212,30 @@ async def test_requests_during_a_fetch_wait_for_it() -> None:
         assert keys.key_for(header)[1][0] == "RS256"
 
 
-def test_a_key_server_sending_slowly_is_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """urllib's timeout is per read: a server sending a byte every 0.3 s kept a fetch
-    (and the requests waiting for it) going for minutes. The fetch has a deadline."""
+async def test_a_key_server_sending_slowly_is_given_up_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """urllib's timeout is per read: a server sending a byte of its answer every 0.3 s
+    kept a fetch going for hours (and no other could start). The fetch, head and body,
+    has a deadline; and once it is over, the next fetch can start."""
     from api import keys
 
     monkeypatch.setattr(keys, "JWKS_TIMEOUT_SECONDS", 1.0)
     with serve_jwks([RSA_KEY]) as server:
         server.drip_seconds = 0.3
-        with pytest.raises(TimeoutError, match="took over"):
-            keys._get_json(server.url)
+        with pytest.raises(TimeoutError):
+            await keys._get_json(server.url)
+        key_set = keys.JwksKeys(server.url, min_refetch_seconds=0)
+        await key_set.ensure({"kid": RSA_KEY.kid})  # (waits as long as the fetch may take)
+        assert not key_set.loaded
+        for _ in range(100):  # the fetch given up on is over (it went on, for hours)
+            if key_set._fetching is None:
+                break
+            await asyncio.sleep(0.05)
+        assert key_set._fetching is None
+        server.drip_seconds = 0
+        await key_set.ensure({"kid": RSA_KEY.kid})
+        assert key_set.loaded
 
 
 async def test_requests_wait_for_a_fetch_only_so_long(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,12 +243,17 @@ async def test_requests_wait_for_a_fetch_only_so_long(monkeypatch: pytest.Monkey
     JWKS_TIMEOUT_SECONDS: it waited for as long as the fetch took."""
     from api import keys
 
-    release = threading.Event()
-    monkeypatch.setattr(keys, "_get_json", lambda url: release.wait(30) and {"keys": []})
+    release = asyncio.Event()
+
+    async def slow_fetch(url: str) -> dict[str, list[object]]:
+        await release.wait()
+        return {"keys": []}
+
+    monkeypatch.setattr(keys, "_get_json", slow_fetch)
     monkeypatch.setattr(keys, "JWKS_TIMEOUT_SECONDS", 0.2)
     key_set = keys.JwksKeys("http://127.0.0.1:1/unused")
     try:
-        await asyncio.wait_for(key_set.ensure({"kid": "k"}), 10)  # (the fetch: 30 s)
+        await asyncio.wait_for(key_set.ensure({"kid": "k"}), 10)  # (the fetch: for ever)
         assert not key_set.loaded
     finally:
         release.set()

@@ -106,8 +106,8 @@ class JwksServer:
     keys: list[KeyPair]
     fetches: int = 0
     drip_seconds: float = 0.0
-    """When set, the document is sent a byte at a time, this long apart (for at most
-    DRIP_FOR_SECONDS: then the connection closes, the document unfinished)."""
+    """When set, the answer, head and document, is sent a byte at a time, this long
+    apart (for at most DRIP_FOR_SECONDS: then the connection closes, unfinished)."""
     _server: http.server.ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -140,19 +140,24 @@ def serve_jwks(keys: list[KeyPair]) -> Iterator[JwksServer]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             body = jwks.document()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
             if not jwks.drip_seconds:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
                 self.wfile.write(body)
                 return
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            answer = head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
             until = time.monotonic() + DRIP_FOR_SECONDS
-            for n in range(len(body)):
+            for n in range(len(answer)):  # (its head too: a client may time reads only)
                 if time.monotonic() > until:
                     return
-                self.wfile.write(body[n : n + 1])
-                self.wfile.flush()
+                try:
+                    self.wfile.write(answer[n : n + 1])
+                    self.wfile.flush()
+                except OSError:  # the client gave up on it
+                    return
                 time.sleep(jwks.drip_seconds)  # (a slow server, on purpose)
 
         def log_message(self, format: str, *args: Any) -> None:
