@@ -174,13 +174,25 @@ class DirectPublisher:
         await self.aclose()
 
 
+class DirectTopicClosed(TopicClosed, errors.TopicClosed):  # type: ignore[misc]  # (end_id)
+    """``brokerclient.TopicClosed``, as the HTTP publishers raise it, and the core's
+    ``broker.errors.TopicClosed`` too (what this publisher raised before): either
+    ``except`` catches it. ``end_id`` and ``problem`` as an HTTP publisher's."""
+
+    def __init__(self, closed: errors.TopicClosed) -> None:
+        # (not the bases' __init__: each would hand the other its own arguments)
+        Exception.__init__(self, f"topic {closed.topic!r}: 409 {closed}")
+        self.status = 409
+        self.problem = {
+            "type": "/problems#topic-closed",
+            "title": "Topic closed",
+            "status": 409,
+            "detail": str(closed),
+            "end_id": closed.end_id,
+        }
+        self.topic = closed.topic
+
+
 def _topic_closed(closed: errors.TopicClosed) -> TopicClosed:
     """The client's error for a closed topic, with the problem the broker would answer."""
-    problem = {
-        "type": "/problems#topic-closed",
-        "title": "Topic closed",
-        "status": 409,
-        "detail": str(closed),
-        "end_id": closed.end_id,
-    }
-    return TopicClosed(409, problem, f"topic {closed.topic!r}: 409 {closed}")
+    return DirectTopicClosed(closed)

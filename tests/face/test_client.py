@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from broker import constants as c
+from broker import errors as broker_errors
 from brokerclient import (
     AsyncPublisher,
     AsyncSubscriber,
@@ -341,8 +342,9 @@ async def test_direct_publisher_closes_a_topic_as_the_broker_does(
         assert closed.end_id is not None and closed.end_id != closed.ids[0]  # (as HTTP's)
         with pytest.raises(TopicClosed) as refused:
             await direct.publish(topic, "too late")
-    # The client's error, as the HTTP publishers raise it (it was the core's).
+    # The client's error, as the HTTP publishers raise it, and the core's still.
     assert (refused.value.status, refused.value.end_id) == (409, end)
+    assert isinstance(refused.value, broker_errors.TopicClosed)
     with Subscriber(topic, face_broker.url, from_earliest=True, give_up_after=10) as sub:
         seen = list(sub)  # ends by itself, at the end
     assert [(e.event, e.data) for e in seen] == [(None, "last token"), ("broker.end", "{}")]
