@@ -111,11 +111,14 @@ def _supervise(settings: Settings, config: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and getattr(args, "data", "") is None and len(extra) == 1 and _not_a_flag(extra[0]):
-        # `broker publish TOPIC --event x DATA`: argparse fills TOPIC and the optional
-        # DATA together, from the arguments before the first option, so a DATA after an
-        # option is left over (it was "unrecognized arguments").
-        args.data, extra = extra[0], []
+    # `broker publish TOPIC --event x DATA`: argparse fills TOPIC and the optional DATA
+    # together, from the arguments before the first option, so a DATA after an option
+    # is left over (it was "unrecognized arguments"); after `--`, it is DATA whatever
+    # it looks like.
+    late = extra[1:] if extra[:1] == ["--"] else extra
+    if getattr(args, "data", "") is None and len(late) == 1:
+        if late is not extra or _not_a_flag(late[0]):
+            args.data, extra = late[0], []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if hasattr(args, "run_client"):

@@ -203,13 +203,16 @@ def test_publish_takes_its_data_after_its_options(face_broker: BrokerProcess) ->
         ["--event", "x", "1"],
         ["--text", "hello", "--event", "y"],
         ["--event", "z", "-5"],
+        ["--text", "--event", "w", "--", "--x"],  # (after --, DATA whatever it looks like)
     ):
         done = broker("publish", topic, *args, url=face_broker.url)
         assert done.returncode == 0, done.stderr
     history = httpx.get(
         f"{face_broker.url}/topics/{topic}/events", headers={"Accept": "application/json"}
     ).json()["events"]
-    assert [(e["event"], e["data"]) for e in history] == [("x", 1), ("y", "hello"), ("z", -5)]
+    assert [(e["event"], e["data"]) for e in history] == [
+        ("x", 1), ("y", "hello"), ("z", -5), ("w", "--x"),
+    ]  # fmt: skip
     refused = broker("publish", topic, "--evnt", "x", url=face_broker.url)
     assert refused.returncode == 2 and "unrecognized arguments: --evnt x" in refused.stderr
 
