@@ -194,6 +194,24 @@ async def publish_json(
     return response.json()
 
 
+async def listed_topics(client: httpx.AsyncClient, prefix: str) -> list[dict[str, Any]]:
+    """Every topic a listing by ``prefix`` gives, following ``next``: a page may hold
+    none and still have one (SCAN steps that matched nothing), and the suite's Redis
+    holds many keys."""
+    found: list[dict[str, Any]] = []
+    cursor: str | None = None
+    for _ in range(10_000):
+        params = {"prefix": prefix, "limit": "1000"} | ({"cursor": cursor} if cursor else {})
+        response = await client.get("/topics", params=params)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        found += page["topics"]
+        cursor = page["next"]
+        if cursor is None:
+            return found
+    raise AssertionError("the listing never ended")
+
+
 async def publish_many(client: httpx.AsyncClient, topic: str, datas: list[Any]) -> list[str]:
     """Publish each value as its own event, in order; their ids."""
     ids = []

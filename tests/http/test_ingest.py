@@ -18,6 +18,7 @@ from tests.http.conftest import LIMITS
 from tests.http.helpers import (
     RawResponse,
     assert_problem,
+    listed_topics,
     new_topic,
     request_bytes,
     subscribe,
@@ -246,8 +247,8 @@ async def test_a_broken_ingest_resent_whole_with_its_key_stores_each_line_once(
         ingest.cut()
         # Broken off: stored what came whole, and NOT closed.
         assert [e["data"] for e in await history(aclient, topic)] == [f"t{n}" for n in range(8)]
-        info = (await aclient.get("/topics", params={"prefix": topic})).json()["topics"]
-        assert [t["closed"] for t in info] == [False]
+        # (the topic's own info: a listing's page may be empty and have a next)
+        assert (await aclient.get(f"/topics/{topic}")).json()["closed"] is False
         # The producer sends it all again, with the same key.
         again = await aclient.post(
             f"/topics/{topic}/events?close=true",
@@ -343,5 +344,5 @@ async def test_an_idle_gap_longer_than_the_body_timeout_stops_the_ingest(
         ingest.writer.close()
     async with httpx.AsyncClient(base_url=slow_body_broker.url, timeout=10) as client:
         assert [e["data"] for e in await history(client, topic)] == [0, 1, 2]
-        listed = (await client.get("/topics", params={"prefix": topic})).json()["topics"]
+        listed = await listed_topics(client, topic)
         assert [t["closed"] for t in listed] == [False]

@@ -22,7 +22,7 @@ from api.app import create_app
 from api.lean_ingest import ingest_request
 from api.settings import Settings
 from tests.http.conftest import LIMITS
-from tests.http.helpers import new_topic
+from tests.http.helpers import listed_topics, new_topic
 from tests.http.test_lean_publish import (
     ORIGIN,
     Answer,
@@ -133,7 +133,7 @@ async def stored_is(broker: BrokerProcess, topic: str, expected: list[Any]) -> b
 
 async def is_closed(broker: BrokerProcess, topic: str) -> bool:
     async with httpx.AsyncClient(base_url=broker.url, timeout=8) as client:
-        listed = (await client.get("/topics", params={"prefix": topic})).json()["topics"]
+        listed = await listed_topics(client, topic)
     return bool(listed) and bool(listed[0]["closed"])
 
 
