@@ -163,6 +163,9 @@ def test_nginx_proxies_streams_unbuffered_with_long_reads() -> None:
     assert 'Connection ""' in proxy["proxy_set_header"]
     assert "Last-Event-ID $http_last_event_id" in proxy["proxy_set_header"]
     assert seconds(proxy["proxy_read_timeout"][0]) >= 3600
+    # The Host with its port ($host drops it): a cookie publish's Origin is checked
+    # against it, and the live page's own publishes were refused behind nginx on :8080.
+    assert "Host $http_host" in proxy["proxy_set_header"]
     assert directives(NGINX_DIR / "sse-http.conf")["gzip"] == ["off"]
 
 
@@ -253,6 +256,13 @@ def test_rendered_haproxy_config_is_the_shipped_one_on_loopback(tmp_path: Path) 
         if line.strip() and not line.lstrip().startswith(("#", *dropped))
     ]
     assert all(line in rendered for line in kept)
+
+
+def test_haproxy_passes_each_event_and_line_on_at_once() -> None:
+    """Without ``option http-no-delay`` HAProxy held each event (and each line of a
+    streaming ingest) back about 200 ms: p50 112 ms, max 215 ms, against 1 and 8 ms
+    with it (measured through the shipped config, HAProxy 2.6.12)."""
+    assert "option http-no-delay" in haproxy_sections()["defaults"]
 
 
 def haproxy_lines(path: Path = HAPROXY_CFG) -> list[str]:

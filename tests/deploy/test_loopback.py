@@ -126,16 +126,24 @@ def test_a_body_over_one_mebibyte_is_refused_at_the_proxy(kind: Balancer, tmp_pa
         # Only the head is sent: the proxy must answer from Content-Length alone.
         head = f"POST /topics/t/events HTTP/1.1\r\nContent-Length: {1024 * 1024 + 1}"
         reply = request(port, head, until=b"\r\n\r\n")
+        # A streaming ingest's body has no such limit (each line has its own).
+        ingest = f"{head}\r\nContent-Type: application/x-ndjson"
+        ingest_reply = request(port, ingest, b'{"data": 1}\n', until=b"\r\n\r\n")
     assert status_of(reply) == 413, reply
-    assert broker.posts == 0
+    assert b"application/problem+json" in reply.lower(), "answered as the broker answers it"
+    assert status_of(ingest_reply) != 413, ingest_reply
+    assert broker.posts == 1  # (the ingest)
 
 
 @pytest.mark.parametrize("kind", BALANCERS)
 def test_metrics_stay_off_the_public_edge(kind: Balancer, tmp_path: Path) -> None:
     """The README says to keep /metrics off the public edge: the shipped proxies do."""
     with StandInBroker() as broker, running_balancer(kind, [broker.port], tmp_path) as port:
-        reply = request(port, "GET /metrics HTTP/1.1", until=b"\r\n\r\n")
-    assert status_of(reply) == 404, reply
+        replies = [
+            request(port, f"GET {path} HTTP/1.1", until=b"\r\n\r\n")
+            for path in ("/metrics", "/%6detrics", "/%6D%65trics")  # (HAProxy passed these)
+        ]
+    assert [status_of(reply) for reply in replies] == [404, 404, 404], replies
     assert broker.streams == 0
 
 
