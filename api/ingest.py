@@ -29,7 +29,7 @@ event object, stored and delivered as it arrives, not when the body ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,7 +37,7 @@ import orjson
 from starlette.types import Receive
 
 from api.auth import OPEN, Grant
-from api.problems import HttpProblem, StoreLostMidBody, Unauthorized
+from api.problems import DrainedMidBody, HttpProblem, StoreLostMidBody, Unauthorized
 from broker import (
     Broker,
     EventId,
@@ -118,7 +118,10 @@ class Ingest:
         idle_timeout: float,
         append_timeout: float,
         grant: Grant = OPEN,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
+        """``draining``: whether the instance shuts down (the ingest then ends at its
+        next wait for a line: ``DrainedMidBody``)."""
         self.broker = broker
         self._grant = grant  # until when, and while what, it may store
         self.topic = topic
@@ -128,7 +131,8 @@ class Ingest:
         self._max_batch = max_batch
         self._idle_timeout = idle_timeout
         self.result = IngestResult(keep=max_batch)
-        self._watch = _Watch(idle=idle_timeout, store=append_timeout)
+        self._draining = draining
+        self._watch = _Watch(idle=idle_timeout, store=append_timeout, draining=draining)
         self._body_ended = False
 
     async def run(self, body: IngestBody) -> IngestResult:
@@ -214,10 +218,14 @@ class Ingest:
                 yield lines
 
     async def _read(self, body: IngestBody) -> tuple[bytes, bool]:
+        if self._draining():
+            raise self._drained()
         self._watch.waiting(_BODY)
         try:
             read = await body.read()
         except asyncio.CancelledError:
+            if self._watch.fired(_DRAIN):
+                raise self._drained() from None
             if not self._watch.fired(_BODY):
                 raise
             # On the ASGI route the guard's per-read deadline (api/guard.py) answers
@@ -227,6 +235,15 @@ class Ingest:
         self._watch.done()
         self._body_ended = not read[1]
         return read
+
+    def _drained(self) -> DrainedMidBody:
+        stored = self.result.count
+        detail = (
+            f"this instance is shutting down: {stored} line(s) stored, the last "
+            f"{self.result.last or 'none'}; send the rest to another instance (or the "
+            "whole stream again with its Idempotency-Key: no line is stored twice)"
+        )
+        return DrainedMidBody(detail, retry_after=1)
 
     async def _append(self, batch: list[tuple[int, NewEvent]]) -> None:
         """Store the lines of ``batch``, emptying it first: a batch whose append failed
@@ -257,6 +274,7 @@ class Ingest:
 
 _BODY = "body"
 _STORE = "store"
+_DRAIN = "drain"  # (the instance shuts down while the ingest waits for a line)
 WATCH_STEPS = 8
 """The watch looks every ``1/WATCH_STEPS`` of the shorter limit: a wait is ended at
 most that much late."""
@@ -272,7 +290,10 @@ class _Watch:
     and around every append about 2% more (py-spy, sessions bench).
     """
 
-    def __init__(self, *, idle: float, store: float) -> None:
+    def __init__(
+        self, *, idle: float, store: float, draining: Callable[[], bool] = lambda: False
+    ) -> None:
+        self._draining = draining
         self._limits = {_BODY: idle, _STORE: store}
         self._period = min(idle, store) / WATCH_STEPS
         self._waiting: str | None = None
@@ -311,7 +332,10 @@ class _Watch:
         loop = asyncio.get_running_loop()
         now = loop.time()
         waiting = self._waiting
-        if waiting is not None and now - self._since >= self._limits[waiting] and self._task:
+        if waiting == _BODY and self._task and self._draining():
+            self._fired, self._waiting = _DRAIN, None
+            self._task.cancel()
+        elif waiting is not None and now - self._since >= self._limits[waiting] and self._task:
             self._fired, self._waiting = waiting, None
             self._task.cancel()
         self._timer = loop.call_at(now + self._period, self._check)

@@ -425,7 +425,7 @@ class IngestExchange:
             grant = await authorize(scope, "publish", [topic])
             key = idempotency_key(scope["headers"])
             close = _close_requested(scope)
-            return ingest_of(state.broker, state.settings, topic, key, grant), close
+            return ingest_of(state.broker, state.settings, topic, key, grant, state.streams), close
         except Exception as error:
             raise NotValidated from error
 

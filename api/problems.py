@@ -62,6 +62,16 @@ class StoreLostMidBody(StoreUnavailable):
     end of the generation, until the producer resent it)."""
 
 
+class DrainedMidBody(StoreLostMidBody):
+    """The instance began to shut down while a streaming ingest's body was still coming:
+    answered at once (503, ``Connection: close``, how many lines were stored), so that
+    its producer sends the rest to another instance; it was left unanswered until the
+    grace ended, the connection then closed, and a producer without an Idempotency-Key
+    could not tell which lines were stored."""
+
+    title = "Instance shutting down"
+
+
 def problem(
     status: int, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:

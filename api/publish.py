@@ -20,6 +20,7 @@ from api.ingest import AsgiBody, Ingest, IngestBody
 from api.negotiation import media_type_of
 from api.problems import HttpProblem, Unauthorized, problem_for
 from api.settings import Settings
+from api.sse import OpenStreams
 from broker import (
     AppendResult,
     Broker,
@@ -74,7 +75,7 @@ class PublishEndpoint:
         media_type, charset = media_type_of(headers.get(b"content-type", b"").decode("latin-1"))
         if media_type == NDJSON:
             _check_charset(charset)  # (before any line: one was stored, then the next refused)
-            ingest = ingest_of(broker, settings, topic, key, grant)
+            ingest = ingest_of(broker, settings, topic, key, grant, state.streams)
             return await run_ingest(ingest, AsgiBody(receive), close)
         body = await read_body(receive, headers.get(b"content-length"), settings.max_body_bytes)
         lapsed = grant.lapsed()
@@ -131,10 +132,16 @@ def query_value(scope: Scope, name: str) -> str | None:
 
 
 def ingest_of(
-    broker: Broker, settings: Settings, topic: str, key: str | None, grant: Grant
+    broker: Broker,
+    settings: Settings,
+    topic: str,
+    key: str | None,
+    grant: Grant,
+    streams: OpenStreams,
 ) -> Ingest:
     """A streaming ingest of ``topic`` (its key checked): the last check before the store.
-    ``grant``: the request's (until when its token lasts, and while its key is trusted)."""
+    ``grant``: the request's (until when its token lasts, and while its key is trusted);
+    ``streams``: the process's (the ingest ends, answered, once they drain)."""
     check_idempotency_key(key)
     return Ingest(
         broker,
@@ -145,6 +152,7 @@ def ingest_of(
         idle_timeout=settings.body_timeout_seconds,
         append_timeout=settings.publish_timeout_seconds,
         grant=grant,
+        draining=lambda: streams.draining,
     )
 
 

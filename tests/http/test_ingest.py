@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import AsyncIterator, Iterator, Mapping
 
 import httpx
@@ -346,3 +347,47 @@ async def test_an_idle_gap_longer_than_the_body_timeout_stops_the_ingest(
         assert [e["data"] for e in await history(client, topic)] == [0, 1, 2]
         listed = await listed_topics(client, topic)
         assert [t["closed"] for t in listed] == [False]
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_an_ingest_under_way_at_shutdown_is_answered_at_once(
+    redis_server: RedisServer, route: str
+) -> None:
+    """The instance drains while a producer's stream is still coming: it was left
+    unanswered until the grace ended (20 s here), then its connection closed, and a
+    producer without an Idempotency-Key could not tell which lines were stored. It is
+    answered at once: 503, Connection: close, how many lines were stored."""
+    broker = BrokerProcess(
+        redis_url=redis_server.url, env={"BROKER_SHUTDOWN_GRACE_SECONDS": "20"}
+    ).start()
+    try:
+        topic = new_topic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+        target = f"{broker.url}/topics/{topic}/events"
+        head = request_bytes("POST", target, {**NDJSON, "Transfer-Encoding": "chunked"})
+        if route == "by-app":  # behind a request uvicorn's protocol reads: the ASGI route
+            writer.write(request_bytes("GET", f"{broker.url}/healthz") + head)
+            health = RawResponse(reader, writer)
+            await health.read_head()
+            await health.read_sized_body()
+        else:
+            writer.write(head)
+        ingest = RawIngest(reader, writer)
+        await ingest.send(line(1) + line(2))
+        async with httpx.AsyncClient(base_url=broker.url, timeout=10) as client:
+            for _ in range(100):
+                if len(await history(client, topic)) == 2:
+                    break
+                await asyncio.sleep(0.05)
+        assert broker.process is not None
+        broker.process.send_signal(signal.SIGTERM)
+        answer = await ingest.answer(timeout=10)
+        assert answer.status == 503, answer.body
+        assert answer.headers["connection"] == "close"
+        problem = json.loads(answer.body)
+        assert problem["title"] == "Instance shutting down", problem
+        assert "2 line(s) stored" in problem["detail"], problem
+        assert await asyncio.to_thread(broker.process.wait, 15) == 0
+        writer.close()
+    finally:
+        broker.close()
