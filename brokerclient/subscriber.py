@@ -415,6 +415,8 @@ class Subscriber:
             decoder = SseDecoder(self._resume.last_event_id)
             self._reading = response
             try:
+                if self._closed:  # (closed while the head was awaited: nothing to shut then)
+                    return
                 for chunk in response.iter_bytes():
                     for event in decoder.feed(chunk):
                         yield self._resume.delivered(event)

@@ -127,7 +127,7 @@ def test_a_body_over_one_mebibyte_is_refused_at_the_proxy(kind: Balancer, tmp_pa
         head = f"POST /topics/t/events HTTP/1.1\r\nContent-Length: {1024 * 1024 + 1}"
         reply = request(port, head, until=b"\r\n\r\n")
         # A streaming ingest's body has no such limit (each line has its own).
-        ingest = f"{head}\r\nContent-Type: application/x-ndjson"
+        ingest = f"{head}\r\nContent-Type: Application/X-NDJSON; charset=utf-8"  # (any case)
         ingest_reply = request(port, ingest, b'{"data": 1}\n', until=b"\r\n\r\n")
     assert status_of(reply) == 413, reply
     assert b"application/problem+json" in reply.lower(), "answered as the broker answers it"

@@ -5,9 +5,13 @@ unknown ``kid``, never more often than its rate bound)."""
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -360,3 +364,87 @@ async def test_a_grant_without_a_kid_outlives_a_key_added_beside_its_own() -> No
                 break
             await asyncio.sleep(0.05)
         assert len(keys._keys) == 2 and grant.lapsed() is None
+
+
+def test_a_key_server_behind_a_proxy_is_reached_as_urllib_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proxy of a fetch is urllib's choice (``*_proxy``, ``no_proxy``), as before the
+    fetch moved to httpx, whose own rules took ``ALL_PROXY`` too (a SOCKS one failed
+    every fetch: socksio is not installed)."""
+    from api import keys
+
+    for name in ("ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.test:3128")
+    monkeypatch.setenv("NO_PROXY", "idp.inside")
+    assert keys._proxy_for("https://idp.test/jwks") is None  # (no https proxy set)
+    assert keys._proxy_for("http://idp.test/jwks") == "http://proxy.test:3128"
+    assert keys._proxy_for("http://idp.inside/jwks") is None
+
+
+async def test_a_key_server_under_a_ca_the_system_trusts_is_fetched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx trusts certifi's list alone unless told otherwise: a key server whose CA the
+    host trusts (here by SSL_CERT_FILE, which OpenSSL's system store reads) was refused
+    (CERTIFICATE_VERIFY_FAILED), where urllib fetched it."""
+    from api import keys
+
+    ca_file, server_context = _tls_files(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    keys._system_tls.cache_clear()
+    try:
+        with serve_jwks([RSA_KEY], tls=server_context) as server:
+            document = await keys._get_json(server.url)
+    finally:
+        keys._system_tls.cache_clear()
+    assert [key["kid"] for key in document["keys"]] == [RSA_KEY.kid]
+
+
+def _tls_files(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
+    """A CA (its certificate in a file) and a server context for 127.0.0.1 it signed."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec as ec_keys
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(
+        subject: str, key: Any, issuer: x509.Name | None, signer: Any, ca: bool
+    ) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer or name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            address = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+            builder = builder.add_extension(x509.SubjectAlternativeName([address]), False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec_keys.generate_private_key(ec_keys.SECP256R1())
+    ca = certificate("test CA", ca_key, None, ca_key, ca=True)
+    server_key = ec_keys.generate_private_key(ec_keys.SECP256R1())
+    server = certificate("127.0.0.1", server_key, ca.subject, ca_key, ca=False)
+    ca_file, cert_file, key_file = (tmp_path / n for n in ("ca.pem", "cert.pem", "key.pem"))
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return ca_file, context

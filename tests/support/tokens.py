@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import http.server
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -106,6 +107,7 @@ class JwksServer:
     keys: list[KeyPair]
     fetches: int = 0
     drip_seconds: float = 0.0
+    scheme: str = "http"
     """When set, the answer, head and document, is sent a byte at a time, this long
     apart (for at most DRIP_FOR_SECONDS: then the connection closes, unfinished)."""
     _server: http.server.ThreadingHTTPServer | None = None
@@ -114,7 +116,7 @@ class JwksServer:
     @property
     def url(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}/.well-known/jwks.json"
+        return f"{self.scheme}://127.0.0.1:{self._server.server_address[1]}/.well-known/jwks.json"
 
     def document(self) -> bytes:
         with self._lock:
@@ -134,8 +136,9 @@ DRIP_FOR_SECONDS = 10.0
 
 
 @contextmanager
-def serve_jwks(keys: list[KeyPair]) -> Iterator[JwksServer]:
-    jwks = JwksServer(keys)
+def serve_jwks(keys: list[KeyPair], tls: ssl.SSLContext | None = None) -> Iterator[JwksServer]:
+    """The set served on 127.0.0.1 (over TLS with ``tls``, a server context)."""
+    jwks = JwksServer(keys, scheme="https" if tls else "http")
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -164,6 +167,8 @@ def serve_jwks(keys: list[KeyPair]) -> Iterator[JwksServer]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     jwks._server = server
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

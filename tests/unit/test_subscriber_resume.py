@@ -107,10 +107,10 @@ def test_a_shortened_attempt_keeps_a_clients_own_longer_timeouts_otherwise() -> 
 
 
 @contextmanager
-def _quiet_stream_server(beats: int) -> Iterator[tuple[str, list[int]]]:
-    """A broker whose stream answers at once, then only beats every 1.2 s ``beats``
-    times before its one event: healthy, but quiet longer than ``give_up_after``.
-    Yields its URL and the connections it took (a list of one count)."""
+def _quiet_stream_server(beats: int, head_after: float = 0.0) -> Iterator[tuple[str, list[int]]]:
+    """A broker whose stream answers (after ``head_after`` seconds), then only beats
+    every 1.2 s ``beats`` times before its one event: healthy, but quiet longer than
+    ``give_up_after``. Yields its URL and the connections it took (a list of one count)."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.1)
     taken = [0]
@@ -119,6 +119,8 @@ def _quiet_stream_server(beats: int) -> Iterator[tuple[str, list[int]]]:
     def serve(connection: socket.socket) -> None:
         with connection:
             connection.recv(65536)  # the request's head
+            if stop.wait(head_after):
+                return
             connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
             for _ in range(beats):
                 if stop.wait(1.2):
@@ -199,3 +201,21 @@ def test_closing_a_subscriber_ends_a_read_blocked_in_another_thread() -> None:
         sub.close()  # the server says nothing more for 10 s
         reading.join(timeout=5)
         assert not reading.is_alive() and failed == []
+
+
+def test_closing_a_subscriber_before_its_streams_head_ends_it_when_the_head_comes() -> None:
+    """``close()`` while another thread waits for the stream's head (a broker holds it
+    during a Redis outage), on a client the caller passed (not closed by ``close``):
+    the stream was read on once the head came, events delivered after the close."""
+    with (
+        _quiet_stream_server(beats=0, head_after=1.0) as (url, _),
+        httpx.Client(base_url=url, timeout=10) as client,
+    ):
+        sub = subscriber.Subscriber(["t"], url, last_event_id="a.0-1", client=client)
+        got: list[Event] = []
+        reading = threading.Thread(target=lambda: got.extend(sub))
+        reading.start()
+        time.sleep(0.2)  # (the request is sent, its head not come: the server holds it 1 s)
+        sub.close()
+        reading.join(timeout=5)
+        assert not reading.is_alive() and got == []
