@@ -208,14 +208,14 @@ def test_closing_a_subscriber_before_its_streams_head_ends_it_when_the_head_come
     during a Redis outage), on a client the caller passed (not closed by ``close``):
     the stream was read on once the head came, events delivered after the close."""
     with (
-        _quiet_stream_server(beats=0, head_after=1.0) as (url, _),
+        _quiet_stream_server(beats=0, head_after=3.0) as (url, _),
         httpx.Client(base_url=url, timeout=10) as client,
     ):
         sub = subscriber.Subscriber(["t"], url, last_event_id="a.0-1", client=client)
         got: list[Event] = []
         reading = threading.Thread(target=lambda: got.extend(sub))
         reading.start()
-        time.sleep(0.2)  # (the request is sent, its head not come: the server holds it 1 s)
+        time.sleep(0.2)  # (the request is sent, its head not come: the server holds it 3 s)
         sub.close()
         reading.join(timeout=5)
         assert not reading.is_alive() and got == []
