@@ -77,17 +77,12 @@ class TopicPattern:
         return True
 
 
-def compile_pattern(pattern: str) -> TopicPattern:
-    """A topic pattern: ``*`` is any run of characters."""
-    return TopicPattern(pattern)
-
-
 class Policies:
     """The retention of each topic: the first matching policy over the defaults."""
 
     def __init__(self, default: Retention, policies: Sequence[TopicPolicy] = ()) -> None:
         self.default = default
-        self._rules = [(compile_pattern(p.pattern), _apply(p, default)) for p in policies]
+        self._rules = [(TopicPattern(p.pattern), _apply(p, default)) for p in policies]
         self.for_topic: Callable[[str], Retention] = self._default
         if self._rules:  # (the cache holds topic names: none without rules)
             self.for_topic = functools.lru_cache(maxsize=POLICY_CACHE_SIZE)(self._lookup)

@@ -147,7 +147,7 @@ class DirectPublisher:
             error.idempotency_key = key  # (made up here: the caller could not retry safely)
             raise
         except errors.TopicClosed as closed:
-            raise _topic_closed(closed) from None
+            raise DirectTopicClosed(closed) from None
         ids = [str(i) for i in result.ids]
         return PublishResult(
             ids=ids,
@@ -191,8 +191,3 @@ class DirectTopicClosed(TopicClosed, errors.TopicClosed):  # type: ignore[misc] 
             "end_id": closed.end_id,
         }
         self.topic = closed.topic
-
-
-def _topic_closed(closed: errors.TopicClosed) -> TopicClosed:
-    """The client's error for a closed topic, with the problem the broker would answer."""
-    return DirectTopicClosed(closed)

@@ -140,6 +140,10 @@
     global.setTimeout(function () { unloading = false; }, UNLOAD_GRACE_MS);  // it stayed
   });
 
+  // A topic's part of a cursor, the start of a log as ORIGIN whatever its epoch: a topic
+  // with no log yet (0.0-0) comes back with its new log's epoch before its first event.
+  function placeOf(id) { return id && /\.0-0$/.test(id) ? ORIGIN : id; }
+
   // A multi-topic stream's id, each topic's part ({} for none, or a single-topic id).
   function cursorParts(id) {
     var parts = {};
@@ -184,12 +188,8 @@
       if (gap) { return gap.topic; }
       var before = cursorParts(lastId);
       var after = cursorParts(message.id);
-      // (the start of a log is one place whatever its epoch: a topic with no log yet,
-      // 0.0-0, comes back with its new log's epoch before its first event is here)
       var moved = Object.keys(after).filter(function (topic) {
-        var start = /\.0-0$/.test(after[topic]);
-        if (!lastId) { return !start; }
-        return before[topic] !== after[topic] && !(start && /\.0-0$/.test(before[topic] || ""));
+        return (lastId ? placeOf(before[topic]) : ORIGIN) !== placeOf(after[topic]);
       });
       return moved.length === 1 ? moved[0] : null;
     }

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from api.settings import Settings
 from broker.errors import InvalidInput
 from broker.expiry import EXPIRY_MARGIN_S, ExpiryWatch
-from broker.policy import Policies, Retention, TopicPolicy, compile_pattern
+from broker.policy import Policies, Retention, TopicPattern, TopicPolicy
 
 DEFAULT = Retention(maxlen=100, max_age_ms=0, ttl_ms=0)
 
@@ -36,7 +36,7 @@ DEFAULT = Retention(maxlen=100, max_age_ms=0, ttl_ms=0)
 def test_a_pattern_matches_whole_names_with_star_as_any_run(
     pattern: str, topic: str, matches: bool
 ) -> None:
-    assert bool(compile_pattern(pattern).fullmatch(topic)) is matches
+    assert bool(TopicPattern(pattern).fullmatch(topic)) is matches
 
 
 def test_a_pattern_matches_as_the_regular_expression_it_replaced() -> None:
@@ -51,16 +51,16 @@ def test_a_pattern_matches_as_the_regular_expression_it_replaced() -> None:
     names = words("ab:", 6)
     for pattern in words("ab*:", 5):
         regex = re.compile(".*".join(map(re.escape, pattern.split("*"))))
-        ours = compile_pattern(pattern)
+        ours = TopicPattern(pattern)
         for name in names:
             assert ours.fullmatch(name) is (regex.fullmatch(name) is not None), (pattern, name)
 
 
 ADVERSARIAL = """
 from api.auth import TopicPatterns
-from broker.policy import compile_pattern
+from broker.policy import TopicPattern
 name = ":" * 199 + "y"  # every ":" a place each star could end
-assert not compile_pattern("*:*:*:*:*:*:*:z").fullmatch(name)
+assert not TopicPattern("*:*:*:*:*:*:*:z").fullmatch(name)
 assert not TopicPatterns(["t:*:*:*:*:*:*:z", "*:*:*:*:*:*:*:z"]).allows(name)
 """
 
