@@ -135,7 +135,13 @@ class Hub:
                 feed = self._feeds[topic] = _Feed()
                 await self._start_feed(topic, feed)
             else:
-                await asyncio.shield(feed.ready)
+                try:
+                    await asyncio.shield(feed.ready)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if feed.ready.cancelled() and not (task is not None and task.cancelling()):
+                        continue  # the subscriber making the feed was cancelled, not us
+                    raise
             # While we waited, every subscriber of the feed may have left and the
             # feed been dropped: joining it then would wait forever for entries.
             if self._feeds.get(topic) is feed:
@@ -150,8 +156,11 @@ class Hub:
             state = await self._store.state(topic)
         except BaseException as error:
             del self._feeds[topic]
-            feed.ready.set_exception(error)
-            feed.ready.exception()
+            if isinstance(error, asyncio.CancelledError):
+                feed.ready.cancel()  # its own cancellation, not the others': they go on
+            else:
+                feed.ready.set_exception(error)
+                feed.ready.exception()
             raise
         feed.epoch = state.epoch
         feed.position = state.last_issued

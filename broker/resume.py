@@ -28,8 +28,20 @@ class Gap:
     resumed_after: EventId | None
 
 
-def resume_point(requested: EventId, state: LogState) -> tuple[EventId, Gap | None]:
-    """The position to read after, and the gap notice to send first, if any."""
+def resume_point(
+    requested: EventId, state: LogState, *, seen: str | None = None
+) -> tuple[EventId, Gap | None]:
+    """The position to read after, and the gap notice to send first, if any.
+
+    ``seen``: for a stream at the origin, the epoch of a log it saw entries of live
+    and did not deliver. Gone by now (deleted, expired, replaced), that log's events
+    are lost to it: it is told, as a cursor of that log would be."""
+    if requested.is_origin and seen is not None and state.epoch != seen:
+        deletion = state.deletion_of(seen)
+        if deletion is not None:
+            return deletion, Gap("deleted", requested, None)
+        start, _ = resume_point(requested, state)  # a later log from its start
+        return start, Gap("unknown", requested, None)
     deletion = None if requested.is_origin else state.deletion_of(requested.epoch)
     if deletion is not None:  # (and maybe published to again since)
         # Told at the marker's id: a client coming back with it is answered 204.

@@ -99,6 +99,13 @@ class Subscription:
         self._observer = observer or Observer()
         self._pending: list[LogEntry] = []
         self._pending_bytes = 0
+        self._log_starts: dict[str, LogEntry] = {}
+        """Per topic, the first entry of a new log, queued as the live reader read it from
+        its start: a topic at the origin takes it (and what follows) as it is, as the
+        direct write does, rather than go back to a log that may be gone by then."""
+        self._seen_at_origin: dict[str, str] = {}
+        """Per topic at the origin, the epoch of a log whose entries came live but were
+        not delivered (it went back to the log to judge them): owed, or told."""
         self._resync: set[str] = set(starts)
         self._catching_up = True
         self._replayed = 0
@@ -143,6 +150,9 @@ class Subscription:
             self._heartbeats.add(self)
             for topic in self._starts:
                 await self._hub.attach(topic, self)
+                if self._closed:  # ended meanwhile (its credentials): nothing left behind
+                    self._hub.detach(topic, self)
+                    return
                 self._attached.append(topic)
             states = await asyncio.gather(*(self._store.state(t) for t in self._starts))
             for (topic, start), state in zip(self._starts.items(), states, strict=True):
@@ -232,6 +242,8 @@ class Subscription:
             written = self._write_directly(batch)
             if written is not None:
                 return written
+        if batch.from_origin and batch.epoch is not None:
+            self._log_starts.setdefault(batch.topic, batch.entries[0])
         self._pending += batch.entries
         self._pending_bytes += batch.size
         if self._pending_bytes > self._buffer_limit:
@@ -329,6 +341,7 @@ class Subscription:
     def _overflow(self) -> None:
         self._pending = []
         self._pending_bytes = 0
+        self._log_starts.clear()
         if self._catching_up:
             # Still reading the log: forget the live copies, the log has them too.
             self._resync.update(self._starts)
@@ -479,7 +492,8 @@ class Subscription:
                 return told
             assert isinstance(start, EventId)
             position = start
-        self._positions[topic], gap = resume_point(position, state)
+        seen = self._seen_at_origin.pop(topic, None) if position.is_origin else None
+        self._positions[topic], gap = resume_point(position, state, seen=seen)
         return gap
 
     def _gap_frame(self, topic: str, gap: Gap, unsent: Sequence[tuple[str, Gap]] = ()) -> bytes:
@@ -498,6 +512,7 @@ class Subscription:
     def _drain_live(self) -> bytes:
         pending, self._pending = self._pending, []
         self._pending_bytes = 0
+        log_starts, self._log_starts = self._log_starts, {}
         frames: list[bytes] = []
         for entry in pending:
             topic = entry.topic
@@ -505,7 +520,14 @@ class Subscription:
                 continue
             position = self._positions[topic]
             if entry.epoch != position.epoch:
+                if position.is_origin and log_starts.get(topic) is entry:
+                    # A new log from its first entry, and the stream saw no log: its
+                    # own (judged again, it could be gone: deleted, expired, in silence).
+                    frames.append(self._advance(entry))
+                    continue
                 # Another log than the one we follow: go back to the log to judge.
+                if position.is_origin:
+                    self._seen_at_origin.setdefault(topic, entry.epoch)
                 self._resync.add(topic)
             elif entry.position > position.position:
                 frames.append(self._advance(entry))

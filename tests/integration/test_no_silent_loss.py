@@ -1217,3 +1217,106 @@ async def _stream_until(broker: Broker, topic: str, start: EventId, number: int)
         return await collect(subscription.chunks(), lambda ev: number in numbers(ev), timeout=8)
     finally:
         subscription.close()
+
+
+class _HeldReads:
+    """Holds the live reader's next read until ``release``: what is stored meanwhile
+    comes back in one read."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._store: Any = broker.store
+        self._read_live = self._store.read_live
+        self._held = asyncio.Event()
+        self._go = asyncio.Event()
+        self._holding = True
+        self._store.read_live = self._read
+
+    async def _read(self, *args: Any) -> Any:
+        if self._holding:
+            self._holding = False
+            self._held.set()
+            await self._go.wait()
+        return await self._read_live(*args)
+
+    async def holding(self) -> None:
+        await asyncio.wait_for(self._held.wait(), 5)
+
+    def release(self) -> None:
+        self._go.set()
+        self._store.read_live = self._read_live
+
+
+async def _until_the_end(chunks: AsyncIterator[bytes]) -> list[Event]:
+    """Every event until the stream ends (a WaitTimeout if it does not within 5 s)."""
+    raw = b""
+
+    async def read() -> None:
+        nonlocal raw
+        async for chunk in chunks:
+            raw += chunk
+
+    try:
+        await asyncio.wait_for(read(), 5)
+    except TimeoutError:
+        raise AssertionError(f"the stream did not end after {parse_events(raw)}") from None
+    return parse_events(raw)
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+async def test_a_stream_at_the_origin_gets_a_new_log_read_together_with_its_deletion(
+    redis_broker: Broker, topic: str, mode: str
+) -> None:
+    """A viewer waiting for a topic's first event (its stream at the origin, as an LLM
+    page before the first token) when the topic's first publish and its DELETE come
+    before the next live read (the reader lingers between reads under load): the read
+    returns the deletion's marker alone (the events went with the log), as the new
+    log's start. It takes the queued path, which went back to the log to judge the new
+    epoch, found no log, and stayed at the origin: no gap, no end, for good."""
+    other = f"{topic}-other"
+    sink = PushConsumer() if mode == "push" else None
+    subscription = await redis_broker.subscribe({topic: "now"}, sink=sink)
+    chunks: AsyncIterator[bytes] = sink.start(subscription) if sink else subscription.chunks()
+    bystander = await redis_broker.subscribe({other: "now"})
+    try:
+        assert await asyncio.wait_for(anext(chunks), 5) == b"id: 0.0-0\n\n"  # at the origin
+        held = _HeldReads(redis_broker)
+        await publish(redis_broker, other, range(1))  # the blocked read returns
+        await held.holding()
+        await publish(redis_broker, topic, range(1))
+        assert await redis_broker.delete_topic(topic)
+        held.release()
+        events = await _until_the_end(chunks)
+    finally:
+        subscription.close()
+        bystander.close()
+    assert numbers(events) == []
+    assert [g.json["reason"] for g in gaps(events)] == ["deleted"]  # type: ignore[index]
+
+
+async def test_a_stream_at_the_origin_is_told_of_a_log_it_saw_live_that_is_gone_when_judged(
+    redis_broker: Broker, topic: str
+) -> None:
+    """A stream at the origin offered entries of a new log that are not its start (the
+    reader was following a log deleted a moment before) goes back to the log to judge
+    them; when that log is gone by then, the stream is told (``deleted`` here), where
+    it stayed at the origin in silence."""
+    subscription = await redis_broker.subscribe({topic: "now"})
+    chunks = subscription.chunks()
+    held: _HeldReads | None = None
+    try:
+        assert await asyncio.wait_for(anext(chunks), 5) == b"id: 0.0-0\n\n"  # at the origin
+        held = _HeldReads(redis_broker)
+        await publish(redis_broker, f"{topic}-other", range(1))
+        await held.holding()
+        await publish(redis_broker, topic, range(2))
+        page = await redis_broker.store.read_range(topic, (0, 0), 10)
+        assert await redis_broker.delete_topic(topic)
+        # As the reader offers a new log's entries when it followed the deleted one.
+        subscription.offer(LiveBatch(page.entries[1:], from_origin=False))
+        events = await _until_the_end(chunks)
+    finally:
+        if held is not None:
+            held.release()
+        subscription.close()
+    assert numbers(events) == []
+    assert [g.json["reason"] for g in gaps(events)] == ["deleted"]  # type: ignore[index]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -292,6 +293,73 @@ async def test_closing_frees_every_registration(broker: Broker, topic: str) -> N
         subscription = await broker.subscribe({f"{topic}-{round_ % 5}": "now", topic: "now"})
         subscription.close()
     assert broker.hub.topic_count == 0 and broker.hub.subscriber_count == 0
+
+
+class _HeldStates:
+    """Holds the store's state reads of one topic until ``release``."""
+
+    def __init__(self, broker: Broker, topic: str) -> None:
+        self._store: Any = broker.store
+        self._state = self._store.state
+        self._topic = topic
+        self.asked = asyncio.Event()
+        self._go = asyncio.Event()
+        self._store.state = self._read
+
+    async def _read(self, topic: str) -> Any:
+        if topic == self._topic and not self._go.is_set():
+            self.asked.set()
+            await self._go.wait()
+        return await self._state(topic)
+
+    def release(self) -> None:
+        self._go.set()
+        self._store.state = self._state
+
+
+async def test_a_subscriber_cancelled_while_it_makes_a_feed_cancels_no_other(
+    broker: Broker, topic: str
+) -> None:
+    """The first subscriber of a topic makes its feed (one state read) while a second
+    waits for it: cancelling the first (its request went away) raised its cancellation
+    in the second, never cancelled (an edge catching Exception left it unanswered)."""
+    held = _HeldStates(broker, topic)
+    first = asyncio.create_task(broker.subscribe({topic: "now"}))
+    await asyncio.wait_for(held.asked.wait(), 5)
+    second = asyncio.create_task(broker.subscribe({topic: "now"}))
+    await asyncio.sleep(0)  # one turn: the second runs to its wait for the first's feed
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    held.release()
+    subscription = await asyncio.wait_for(second, 5)
+    try:
+        assert not subscription.closed
+        await publish_numbers(broker, topic, range(1))
+        assert numbers(await collect(subscription.chunks(), has(0), timeout=5)) == [0]
+    finally:
+        subscription.close()
+    assert broker.hub.subscriber_count == 0
+
+
+async def test_a_subscription_ended_while_it_opens_stays_registered_nowhere(
+    broker: Broker, topic: str
+) -> None:
+    """Its credentials revoked while it attached to its topics (the heartbeat clock ends
+    it): the topics it attached after that stayed registered with the hub, read by
+    the live reader for a stream that was over."""
+    trusted = True
+    held = _HeldStates(broker, f"{topic}-b")
+    opening = asyncio.create_task(
+        broker.subscribe({f"{topic}-a": "now", f"{topic}-b": "now"}, trusted=lambda: trusted)
+    )
+    await asyncio.wait_for(held.asked.wait(), 5)  # attached to a, making b's feed
+    trusted = False
+    await await_until(lambda: broker.hub.subscriber_count == 0, timeout=5, what="the end")
+    held.release()
+    subscription = await asyncio.wait_for(opening, 5)
+    assert subscription.closed
+    assert (broker.hub.subscriber_count, broker.hub.topic_count) == (0, 0)
 
 
 async def test_live_entries_are_framed_once_and_shared(broker: Broker, topic: str) -> None:

@@ -103,3 +103,15 @@ def test_a_cursor_of_a_log_deleted_a_moment_ago_gets_a_deleted_gap() -> None:
     assert gap == Gap("deleted", EventId(EPOCH, (15, 0)), None)
     _, other = resume_point(EventId("zzzzzzzz", (15, 0)), deleted)
     assert other is not None and other.reason == "unknown"
+
+
+def test_the_origin_is_told_of_a_log_it_saw_live_that_is_gone_or_replaced() -> None:
+    """A stream at the origin saw entries of log ``seen`` live without delivering them:
+    that log still there, it is replayed from its start; gone, the stream is told
+    (``unknown``), and a later log is read from its start."""
+    seen = "seenlogx"
+    assert resume_point(ORIGIN, log_state(epoch=seen), seen=seen) == (EventId(seen, (0, 0)), None)
+    gone = log_state(first=None, last=None, epoch=None)
+    assert resume_point(ORIGIN, gone, seen=seen) == (ORIGIN, Gap("unknown", ORIGIN, None))
+    replaced = resume_point(ORIGIN, log_state(), seen=seen)
+    assert replaced == (EventId(EPOCH, (0, 0)), Gap("unknown", ORIGIN, None))
