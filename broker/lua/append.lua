@@ -79,9 +79,12 @@ local function remember(name, answer)
 end
 
 -- The ingest's lines: "K\n" holds "top|since": the highest line number recorded,
--- and when this ingest began (ms). A line's record is "epoch|id|written at". An
--- ingest whose last line is past the window is over: the next one under its key
--- begins anew, and the old records (until pruned or overwritten) no longer answer
+-- and when this ingest began (ms), which names it. A line's record is
+-- "epoch|id|since": the ingest it belongs to, not when it was written (Redis's clock
+-- stepping back mid-ingest gave later lines a time before `since`, and a resend
+-- stored them again). An ingest whose last line is past the window is over: the
+-- next one under its key begins anew, named after every earlier one (whatever the
+-- clock did), and the old records (until pruned or overwritten) no longer answer
 -- (they answered again once a new line refreshed the ingest's time).
 local ingest_top, ingest_since = false, false
 local function ingest_state()
@@ -93,7 +96,9 @@ local function ingest_state()
     top, since = tonumber(t) or 0, tonumber(s)
   end
   local at = redis.call('ZSCORE', lines_written, ingest)
-  if not (since and at and tonumber(at) > now() - window_ms) then since = now() end
+  if not (since and at and tonumber(at) > now() - window_ms) then
+    since = math.max(now(), (since or 0) + 1)
+  end
   ingest_top, ingest_since = top, since
   return top, since
 end
@@ -114,13 +119,15 @@ end
 local function prune_lines()
   local old = redis.call('ZRANGEBYSCORE', lines_written, '-inf', now() - window_ms, 'LIMIT', 0, 4)
   for _, key in ipairs(old) do
-    local top = tonumber(string.match(redis.call('HGET', lines, key .. '\n') or '0', '^%d+'))
+    local head = redis.call('HGET', lines, key .. '\n') or '0|0'
+    local top, since = string.match(head, '^(%d+)|(%d+)$')
+    top = tonumber(top) or 0
     local low = math.max(1, top - 1023)
     local fields = {}
     for n = low, top do fields[#fields + 1] = key .. '\n' .. n end
     if #fields > 0 then redis.call('HDEL', lines, unpack(fields)) end
     if low > 1 then
-      redis.call('HSET', lines, key .. '\n', (low - 1) .. '|0')
+      redis.call('HSET', lines, key .. '\n', (low - 1) .. '|' .. (since or '0'))
     else
       redis.call('HDEL', lines, key .. '\n')
       redis.call('ZREM', lines_written, key)
@@ -216,7 +223,8 @@ for i = first_value, #ARGV, 4 do
     local id = add(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
     ids[#ids + 1] = id
     if line then
-      redis.call('HSET', lines, ingest .. '\n' .. line, epoch .. '|' .. id .. '|' .. now())
+      local _, since = ingest_state()  -- (the ingest's name, not the time)
+      redis.call('HSET', lines, ingest .. '\n' .. line, epoch .. '|' .. id .. '|' .. since)
       top_line = tonumber(line)
     end
   end

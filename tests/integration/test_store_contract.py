@@ -8,6 +8,7 @@ import time
 import pytest
 
 from broker import constants as c
+from broker import redis_store
 from broker.errors import StoreUnavailable
 from broker.model import IngestLines, NewEvent
 from broker.redis_open import open_store
@@ -343,3 +344,73 @@ async def test_a_read_asked_after_another_was_sent_reads_anew(
     held.set()
     assert [e.data_text for e in (await second).entries] == ["a", "b"]
     assert [e.data_text for e in (await first).entries] == ["a"]
+
+
+class _RedisClock:
+    """The append script with Redis's clock replaced by a key the test sets (seconds):
+    a clock stepped back (NTP, a restart or failover onto a host behind) on a real
+    redis-server. Single Redis only (the key is not among the script's KEYS)."""
+
+    KEY = "test:append-clock"
+    TIME = "local time = redis.call('TIME')"
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        original = redis_store._lua
+
+        def stepped(name: str) -> str:
+            text = original(name)
+            if name != "append.lua":
+                return text
+            assert self.TIME in text, "the append script no longer reads TIME this way"
+            return text.replace(self.TIME, f"local time = {{redis.call('GET', '{self.KEY}'), '0'}}")
+
+        monkeypatch.setattr(redis_store, "_lua", stepped)
+
+    async def set(self, store: RedisStreamStore, seconds: int) -> None:
+        await store._client.set(self.KEY, seconds)
+
+
+async def test_an_ingest_resent_after_redis_clock_stepped_back_stores_nothing_twice(
+    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Line records were matched to their ingest by their write time (at or after the
+    ingest began): lines written after Redis's clock stepped back were not the
+    ingest's, and the producer's next resend stored them again."""
+    clock = _RedisClock(monkeypatch)
+    store = open_store(redis_server.url)
+    numbers = list(range(1, 11))
+    ten = events(*(f"l{n}" for n in numbers))
+    try:
+        await clock.set(store, 2_000_000_000)
+        first = await store.append(topic, ten[:5], lines=IngestLines("K", numbers[:5]))
+        await clock.set(store, 2_000_000_000 - 600)  # ten minutes back
+        broken = await store.append(topic, ten, lines=IngestLines("K", numbers))
+        again = await store.append(topic, ten, lines=IngestLines("K", numbers))
+        assert broken.ids[:5] == first.ids
+        assert again.replayed and again.ids == broken.ids
+        assert (await store.state(topic)).length == 10
+    finally:
+        await store._client.delete(_RedisClock.KEY)
+        await store.close()
+
+
+async def test_a_new_ingest_under_a_key_after_the_clock_stepped_back_is_a_new_one(
+    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ingest under a key whose last line is past the window is a new one, named
+    after the old one whatever the clock did: the old one's records never answer it."""
+    clock = _RedisClock(monkeypatch)
+    store = open_store(redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600)
+    try:
+        await clock.set(store, 2_000_000_000)
+        old = await store.append(topic, events("o1", "o2"), lines=IngestLines("K", [1, 2]))
+        await clock.set(store, 2_000_000_000 + 120)  # past the window ...
+        new = await store.append(topic, events("n1"), lines=IngestLines("K", [1]))
+        await clock.set(store, 2_000_000_000 - 600)  # ... and then ten minutes back
+        more = await store.append(topic, events("n2"), lines=IngestLines("K", [2]))
+        assert not new.replayed and not more.replayed
+        assert not set(new.ids + more.ids) & set(old.ids)
+        assert (await store.state(topic)).length == 4
+    finally:
+        await store._client.delete(_RedisClock.KEY)
+        await store.close()
