@@ -66,6 +66,13 @@ if read_through and fields[1] == ARGV[2] and before(trimmed or '0-0', read_throu
   table.sort(places, before)
   while #places > MAX_LOSSES do table.remove(places, 1) end
   redis.call('HSET', meta, 'lost_after', table.concat(places, ' '))
+  -- Ids the reader read must never be issued again: a primary whose clock is behind
+  -- the lost entries would give new events their ids, and a client back with one
+  -- would resume after it as if it were the same event, passing the rest in silence.
+  local top = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1]
+  if not (top and not before(top[1], read_through)) then
+    redis.pcall('XSETID', log, read_through)  -- (refused past a deletion: then no harm)
+  end
 end
 local first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
 local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)

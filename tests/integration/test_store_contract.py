@@ -10,6 +10,7 @@ import pytest
 from broker import constants as c
 from broker import redis_store
 from broker.errors import StoreUnavailable
+from broker.ids import parse_stream_id
 from broker.model import IngestLines, NewEvent
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
@@ -413,4 +414,27 @@ async def test_a_new_ingest_under_a_key_after_the_clock_stepped_back_is_a_new_on
         assert (await store.state(topic)).length == 4
     finally:
         await store._client.delete(_RedisClock.KEY)
+        await store.close()
+
+
+async def test_a_log_that_lost_entries_never_issues_their_ids_again(
+    redis_server: RedisServer, topic: str
+) -> None:
+    """A log back from an older copy (a failover, an AOF's lost second) issued new ids
+    from its last kept entry: a primary whose clock was behind gave new events the
+    lost events' ids, and a client holding one resumed after the wrong event, passing
+    the rest in silence. Once a live reader finds the loss, the log's next id is past
+    everything it read, whatever the clock."""
+    store = open_store(redis_server.url)
+    admin = store._client
+    try:
+        kept = await store.append(topic, events(*"abcde"))
+        copy = await admin.dump(c.log_key(topic))
+        lost = await store.append(topic, events(*"fghij"))
+        await admin.restore(c.log_key(topic), 0, copy, replace=True)
+        state = await store.revalidate(topic, kept.ids[0].epoch, lost.ids[-1].position)
+        assert state.lost_after == kept.ids[-1].position
+        info = await admin.xinfo_stream(c.log_key(topic))
+        assert parse_stream_id(info["last-generated-id"]) >= lost.ids[-1].position
+    finally:
         await store.close()
