@@ -107,10 +107,14 @@ class Authorizer:
         *,
         audience: str | None = None,
         issuer: str | None = None,
+        leeway: float = 0.0,
         public_topics: TopicPatterns = NOTHING,
         cors_origins: Sequence[str] = (),
     ) -> None:
+        """``leeway``: seconds of clock skew allowed to ``exp`` and ``nbf`` (a stream ends
+        that long after its token's ``exp``)."""
         self._key = key
+        self._leeway = leeway
         self._origins = frozenset(cors_origins)
         self._fetches = isinstance(key, JwksKeys)  # a fixed key has nothing to prepare
         self._audience = audience
@@ -119,7 +123,14 @@ class Authorizer:
         self._verified: OrderedDict[str, Rights] = OrderedDict()
         self._key_generation = key.generation if key is not None else 0
         required = ["exp", *(["aud"] if audience else []), *(["iss"] if issuer else [])]
-        self._options: Any = {"require": required, "verify_aud": audience is not None}
+        # ``iat`` is not checked: it only says when the token was made (RFC 7519), and
+        # PyJWT refuses one in the future: an issuer a second ahead of this host made
+        # tokens refused (401) until this host's clock caught up.
+        self._options: Any = {
+            "require": required,
+            "verify_aud": audience is not None,
+            "verify_iat": False,
+        }
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Authorizer:
@@ -134,6 +145,7 @@ class Authorizer:
             key,
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
+            leeway=settings.jwt_leeway_seconds,
             public_topics=TopicPatterns.parse(settings.public_topics),
             cors_origins=split_list(settings.cors_origins),
         )
@@ -229,6 +241,7 @@ class Authorizer:
                 audience=self._audience,
                 issuer=self._issuer,
                 options=self._options,
+                leeway=self._leeway,
             )
         except jwt.ExpiredSignatureError as error:
             raise Unauthorized("the token has expired", token_given=True) from error
@@ -239,7 +252,12 @@ class Authorizer:
             raise Unauthorized(f"invalid token: {error}", token_given=True) from error
         except jwt.PyJWTError as error:
             raise Unauthorized(f"invalid token: {error}", token_given=True) from error
-        return replace(rights_of(claims), trusted=self._key.trust_of(header))
+        rights = rights_of(claims)
+        return replace(
+            rights,
+            expires_at=rights.expires_at + self._leeway,  # (every later check of it too)
+            trusted=self._key.trust_of(header),
+        )
 
 
 async def authorize(scope: Scope, action: Action, topics: Sequence[str]) -> Grant:

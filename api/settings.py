@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     jwt_jwks_url: str | None = None
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
+    # Clock skew allowed to a token's exp and nbf (the issuer's clock and this host's).
+    jwt_leeway_seconds: float = Field(0.0, ge=0, le=300, allow_inf_nan=False)
     public_topics: str = ""
     cors_origins: str = ""
 
@@ -112,7 +114,7 @@ class Settings(BaseSettings):
         # would run open, publishes to "private" topics and all.
         meant = [
             f"{ENV_PREFIX}{n.upper()}"
-            for n in ("jwt_audience", "jwt_issuer", "public_topics")
+            for n in ("jwt_audience", "jwt_issuer", "jwt_leeway_seconds", "public_topics")
             if getattr(self, n)
         ]
         if meant and not given:

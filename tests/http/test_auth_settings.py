@@ -54,6 +54,8 @@ def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"BROKER_JWT_AUDIENCE": "broker"}, "BROKER_JWT_AUDIENCE"),
         ({"BROKER_JWT_ISSUER": "https://idp.test"}, "BROKER_JWT_ISSUER"),
         ({"BROKER_PUBLIC_TOPICS": "news"}, "BROKER_PUBLIC_TOPICS"),
+        ({"BROKER_JWT_LEEWAY_SECONDS": "30"}, "BROKER_JWT_LEEWAY_SECONDS"),
+        ({"BROKER_JWT_SECRET": SECRET, "BROKER_JWT_LEEWAY_SECONDS": "-1"}, "LEEWAY"),
         ({"BROKER_CORS_ORIGINS": "*"}, "BROKER_CORS_ORIGINS"),
         ({"BROKER_CORS_ORIGINS": "https://a.test/app"}, "BROKER_CORS_ORIGINS"),
         # A time of "inf" turned off what it bounds (heartbeats, the end at exp):

@@ -118,3 +118,30 @@ def test_an_expiry_past_any_time_is_an_invalid_token() -> None:
 
 def test_off_without_a_key() -> None:
     assert Authorizer(None).check(scope(), "publish", ["t"]) is OPEN
+
+
+def test_a_token_made_by_an_issuer_whose_clock_is_ahead_is_accepted() -> None:
+    """``iat`` only says when the token was made: PyJWT refused one in the future, so a
+    token fresh from an issuer a second ahead of this host was a 401 (and an
+    ``EventSource`` given it gave up for good)."""
+    now = int(time.time())
+    token = _bearer({"iat": now + 5, "exp": now + 60, "broker": {"subscribe": ["a"]}})
+    assert _authorizer().check(token, "subscribe", ["a"]).expires_at == now + 60
+
+
+def test_the_leeway_allows_skew_on_exp_and_nbf_and_ends_streams_that_much_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = int(time.time())
+    early = _bearer({"nbf": now + 3, "exp": now + 60, "broker": {"subscribe": ["a"]}})
+    late = _bearer({"exp": now - 3, "broker": {"subscribe": ["a"]}})
+    strict = _authorizer()
+    for token in (early, late):
+        with pytest.raises(Unauthorized):
+            strict.check(token, "subscribe", ["a"])
+    lenient = Authorizer(FixedKey.secret(SECRET), leeway=5)
+    assert lenient.check(early, "subscribe", ["a"]).expires_at == now + 65
+    assert lenient.check(late, "subscribe", ["a"]).expires_at == now + 2
+    monkeypatch.setattr(time, "time", lambda: now + 2.0)
+    with pytest.raises(Unauthorized, match="expired"):
+        lenient.check(late, "subscribe", ["a"])
