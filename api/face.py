@@ -14,7 +14,6 @@ import asyncio
 import importlib.util
 import os
 import socket
-import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -134,7 +133,7 @@ async def stats(request: Request) -> Response:
     names = list(dict.fromkeys([*sorted(subscribers), *_stats_topics(request)]))
     await check_listing_caller(request)
     names = [name for name in names if may_subscribe(request, name)][:MAX_STATS_TOPICS]
-    now_ms = time.time() * 1000
+    now_ms = await broker.store.clock_ms()  # (ids are of Redis's clock, not this host's)
     rates = await asyncio.gather(*(_rate(broker, name, now_ms) for name in names))
     topics = [
         {"topic": name, "events_per_second": rate, "subscribers": subscribers.get(name, 0)}

@@ -529,6 +529,10 @@ class RedisStreamStore:
     async def ping(self) -> None:
         await self._call(self._client.ping())
 
+    async def clock_ms(self) -> int:
+        seconds, microseconds = await self._call(self._client.time())
+        return int(seconds) * 1000 + int(microseconds) // 1000
+
     async def open(self) -> None:
         """Open the connections now rather than on first use: the command pool, whole,
         and the live reader's. Best effort: while Redis is down they open later."""

@@ -102,6 +102,11 @@ class Store(Protocol):
         """Raise StoreUnavailable unless the store answers."""
         ...
 
+    async def clock_ms(self) -> int:
+        """The store's own time (ms): the clock event ids are made of, whatever this
+        host's says."""
+        ...
+
     async def open(self) -> None:
         """Open the connections it keeps now, rather than on first use; best effort."""
         ...

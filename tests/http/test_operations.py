@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import httpx
+import pytest
 
 from tests.http.helpers import (
     RawResponse,
@@ -19,6 +20,7 @@ from tests.http.helpers import (
 )
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until, wait_until
+from tests.support.redis_server import RedisServer
 
 EVENT_STREAM = {"Accept": "text/event-stream"}
 METRICS = {
@@ -219,3 +221,25 @@ async def test_an_httpx_sse_stream_ends_cleanly_on_sigterm(broker_on_redis: Brok
             assert await asyncio.to_thread(broker_on_redis.terminate, 10) == 0
             assert await stream.wait_ended(5)
             assert stream.error is None, f"the stream was cut, not ended: {stream.error!r}"
+
+
+async def test_stats_rates_hold_on_a_host_whose_clock_is_off(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, topic: str
+) -> None:
+    """Event ids carry Redis's clock: a rate window placed by this host's clock (three
+    hours ahead here) held none of them, and every topic read 0 events/s."""
+    from api.app import create_app
+
+    monkeypatch.setenv("BROKER_REDIS_URL", redis_server.url)
+    app = create_app()
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
+            for n in range(3):
+                published = await client.post(f"/topics/{topic}/events", json={"data": n})
+                assert published.status_code == 201
+            real_time = time.time
+            monkeypatch.setattr(time, "time", lambda: real_time() + 3 * 3600)
+            stats = (await client.get("/stats", params={"topic": topic})).json()
+    [row] = [row for row in stats["topics"] if row["topic"] == topic]
+    assert row["events_per_second"] > 0
