@@ -186,19 +186,19 @@ class Broker:
         for _ in range(HISTORY_READ_ATTEMPTS):
             state = await self.store.state(topic)
             position, gap = resume_point(after, state) if after else (earliest_point(state), None)
-            page = await self.store.read_range(topic, position.position, limit)
-            if page.trimmed_through <= position.position and page.epoch == state.epoch:
+            page = await self.store.read_range(topic, position.stream_after, limit)
+            if page.trimmed_through <= position.stream_after and page.epoch == state.epoch:
                 break
             # Trimmed (or recreated) between the two reads: judge the cursor again.
         else:
             gap = Gap("trimmed", after or position, None)  # racing retention still: say so
-        if gap is None and page.lost(position.position):
+        if gap is None and page.lost(position.stream_after):
             gap = Gap("unknown", position, position)  # as a stream says it (Subscription)
         entries = page.entries
         following = entries[-1].id if len(entries) == limit or page.cut_short else None
         # Where the log lost events after some of these (a failover): the page stops at
         # the first such place; the next one begins with the gap.
-        losses = page.losses_passed(position.position)
+        losses = page.losses_passed(position.stream_after)
         while losses and not any(entry.position <= losses[0] for entry in entries):
             gap = gap or Gap("unknown", position, position)  # this page begins past it
             losses.pop(0)
@@ -208,7 +208,7 @@ class Broker:
         elif following is None:
             # The log's end: lost events after its last one, with nothing since, are
             # told as they would be past it (this page stops there, the next says so).
-            at = entries[-1].position if entries else position.position
+            at = entries[-1].position if entries else position.stream_after
             if page.losses_ahead(at):
                 if entries:
                     following = entries[-1].id

@@ -7,7 +7,9 @@ Clients treat it as opaque. The epoch is what lets the broker tell an id of
 Redis stream ids alone look alike across all of those.
 
 The epoch ``0`` is the origin: "before anything of whatever log this topic
-has". It is the position of a subscriber that started on a topic with no log.
+has". It is the position of a subscriber that started on a topic with no log,
+and carries the store's time when it found none (``0.<ms>-0``; ``0.0-0``: no
+time): a client back with it is told of a log that came and went meanwhile.
 
 A subscription to several topics sends composite cursors instead,
 ``<topic>~<id>!<topic>~<id>...``: one position per topic, so that one
@@ -85,6 +87,12 @@ class EventId:
     @property
     def is_origin(self) -> bool:
         return self.epoch == ORIGIN_EPOCH
+
+    @property
+    def stream_after(self) -> StreamPosition:
+        """Where a read after this id starts: the origin reads a log from its start,
+        whatever time it carries."""
+        return (0, 0) if self.epoch == ORIGIN_EPOCH else self.position
 
     @classmethod
     def parse(cls, text: str) -> EventId:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from broker import constants as c
 from broker.framing import event_body, id_line
-from broker.ids import EventId, StreamPosition, parse_stream_id
+from broker.ids import ORIGIN_EPOCH, EventId, StreamPosition, parse_stream_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +172,8 @@ class LogState:
     deleted_before: tuple[EventId, ...] = ()
     """The markers of logs deleted before that one (deleted, published to, deleted
     again...), the newest first."""
+    clock_ms: int | None = None
+    """With no log: the store's time when it said so (an origin cursor carries it)."""
 
     @property
     def deletion(self) -> EventId | None:
@@ -198,6 +200,18 @@ class LogState:
 
     def event_id(self, position: StreamPosition) -> EventId:
         return EventId(self.epoch or "0", position)
+
+    @property
+    def origin(self) -> EventId:
+        """The origin, as of this state's time: "no log here then"."""
+        return EventId(ORIGIN_EPOCH, (self.clock_ms or 0, 0))
+
+    def deleted_since(self, origin: EventId) -> EventId | None:
+        """The marker of the first log deleted after ``origin``'s time, if it knows one:
+        a log a client at that origin never saw."""
+        markers = [self.deletion, *self.deleted_before]
+        missed = [m for m in markers if m is not None and m.position > origin.position]
+        return min(missed, key=lambda marker: marker.position, default=None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -510,7 +510,7 @@ class RedisStreamStore:
         max_age = self.policies.for_topic(topic).max_age_ms
         reply = await self._call(self._state_script(keys=keys, args=[max_age, *(reader or ())]))
         (epoch, trimmed, length, first, last, end, expires_in) = reply[:7]
-        deleted, marker, lost, issued, deleted_before = reply[7:]
+        deleted, marker, lost, issued, deleted_before, clock = reply[7:]
         return LogState(
             epoch=epoch.decode() if epoch else None,
             length=int(length),
@@ -524,6 +524,7 @@ class RedisStreamStore:
             lost_after=_position_or_none(lost),
             issued=int(issued) if issued else (None if epoch else 0),
             deleted_before=_deletions(deleted_before),
+            clock_ms=int(clock) if clock else None,
         )
 
     async def ping(self) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.ids import ORIGIN, EventId
+from broker.ids import EventId
 from broker.model import LogState
 
 
@@ -29,39 +29,62 @@ class Gap:
 
 
 def resume_point(
-    requested: EventId, state: LogState, *, seen: str | None = None
+    requested: EventId, state: LogState, *, seen: str | None = None, ttl_ms: int = 0
 ) -> tuple[EventId, Gap | None]:
     """The position to read after, and the gap notice to send first, if any.
 
     ``seen``: for a stream at the origin, the epoch of a log it saw entries of live
     and did not deliver. Gone by now (deleted, expired, replaced), that log's events
-    are lost to it: it is told, as a cursor of that log would be."""
+    are lost to it: it is told, as a cursor of that log would be. ``ttl_ms``: the
+    topic's TTL, for an origin cursor that carries a time (see ``origin_point``)."""
     if requested.is_origin and seen is not None and state.epoch != seen:
         deletion = state.deletion_of(seen)
         if deletion is not None:
             return deletion, Gap("deleted", requested, None)
         start, _ = resume_point(requested, state)  # a later log from its start
         return start, Gap("unknown", requested, None)
-    deletion = None if requested.is_origin else state.deletion_of(requested.epoch)
+    if requested.is_origin:
+        return origin_point(requested, state, ttl_ms)
+    deletion = state.deletion_of(requested.epoch)
     if deletion is not None:  # (and maybe published to again since)
         # Told at the marker's id: a client coming back with it is answered 204.
         return deletion, Gap("deleted", requested, None)
     if state.epoch is None:
-        if requested.is_origin:
-            return ORIGIN, None
-        return ORIGIN, Gap("unknown", requested, None)
-    if requested.is_origin:
-        position = (0, 0)
-    elif requested.epoch != state.epoch:
+        return state.origin, Gap("unknown", requested, None)
+    if requested.epoch != state.epoch:
         return _from_oldest(state, "unknown", requested)
-    elif requested.position > state.last_issued:
+    if requested.position > state.last_issued:
         newest = state.event_id(state.last_issued)
         return newest, Gap("unknown", requested, newest)
-    else:
-        position = requested.position
-    if position < state.trimmed_through:
+    if requested.position < state.trimmed_through:
         return _from_oldest(state, "trimmed", requested)
-    return EventId(state.epoch, position), None
+    return requested, None
+
+
+def origin_point(
+    requested: EventId, state: LogState, ttl_ms: int = 0
+) -> tuple[EventId, Gap | None]:
+    """For a cursor at the origin: a log there now is read from its start (after a
+    ``trimmed`` gap if retention removed some of it).
+
+    An origin that carries the store's time ``T`` (``0.T-0``: no log at T) also tells
+    what came and went since: a log deleted after T (its marker lingers a minute, or
+    a later log remembers it) is the client's ``deleted`` gap; with no log now, on a
+    topic with a TTL, T more than a TTL ago may hide a log that was created and
+    expired whole meanwhile: the client is told (``unknown``), as a cursor of that
+    log would be (when none was, told rather than left to wait in silence)."""
+    if requested.position > (0, 0):
+        missed = state.deleted_since(requested)
+        if missed is not None:
+            return missed, Gap("deleted", requested, None)
+        now = state.clock_ms
+        if state.epoch is None and ttl_ms and now and now - requested.position[0] >= ttl_ms:
+            return state.origin, Gap("unknown", requested, None)
+    if state.epoch is None:  # nothing it could have missed: its time kept, or now's
+        return (requested if requested.position > (0, 0) else state.origin), None
+    if state.trimmed_through > (0, 0):
+        return _from_oldest(state, "trimmed", requested)
+    return EventId(state.epoch, (0, 0)), None
 
 
 def _from_oldest(state: LogState, reason: str, requested: EventId) -> tuple[EventId, Gap]:
@@ -74,15 +97,15 @@ def foreign_point(requested: EventId, state: LogState) -> tuple[EventId, Gap]:
     """For an id of another topic's log (whatever it is, the origin too): an
     ``unknown`` gap, then from the oldest retained event."""
     if state.epoch is None:
-        return ORIGIN, Gap("unknown", requested, None)
+        return state.origin, Gap("unknown", requested, None)
     return _from_oldest(state, "unknown", requested)
 
 
 def earliest_point(state: LogState) -> EventId:
     """Just before the oldest retained event: ``?from=earliest`` starts here, without a gap."""
-    return state.event_id(state.trimmed_through) if state.epoch else ORIGIN
+    return state.event_id(state.trimmed_through) if state.epoch else state.origin
 
 
 def latest_point(state: LogState) -> EventId:
     """After the newest event: a subscription with no cursor starts here."""
-    return state.event_id(state.last_issued) if state.epoch else ORIGIN
+    return state.event_id(state.last_issued) if state.epoch else state.origin

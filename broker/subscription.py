@@ -42,7 +42,7 @@ from broker.errors import StoreUnavailable, StreamOver
 from broker.fanout import Hub
 from broker.framing import HEARTBEAT, gap_frame, id_line
 from broker.heartbeat import HeartbeatClock
-from broker.ids import ORIGIN, EventId, StreamPosition, format_cursor
+from broker.ids import EventId, StreamPosition, format_cursor
 from broker.model import LiveBatch, LogEntry, LogPage, LogState
 from broker.observer import Observer
 from broker.resume import Gap, earliest_point, foreign_point, latest_point, resume_point
@@ -103,6 +103,9 @@ class Subscription:
         """Per topic, the first entry of a new log, queued as the live reader read it from
         its start: a topic at the origin takes it (and what follows) as it is, as the
         direct write does, rather than go back to a log that may be gone by then."""
+        self._deleted_before: dict[str, set[str]] = {}
+        """Per topic at the origin, the epochs of logs deleted before the stream stood
+        there: their markers linger in the log a while, and are not this stream's."""
         self._seen_at_origin: dict[str, str] = {}
         """Per topic at the origin, the epoch of a log whose entries came live but were
         not delivered (it went back to the log to judge them): owed, or told."""
@@ -160,7 +163,7 @@ class Subscription:
                 if start == "now":  # "now" is now, not when first iterated
                     self._positions[topic] = latest_point(state)
                     # (what the log lost before now is no loss to this stream)
-                    self._told_loss_at[topic] = self._positions[topic].position
+                    self._told_loss_at[topic] = self._positions[topic].stream_after
                 if _at_end(start, state):
                     # Over already: no live registration either (a log of that name
                     # made again would fill this stream's queue with what it drops).
@@ -275,7 +278,7 @@ class Subscription:
                 fresh = entries
             else:
                 fresh = [e for e in entries if e.position > position.position]
-        elif batch.from_origin and batch.epoch is not None and position == ORIGIN:
+        elif batch.from_origin and batch.epoch is not None and position.is_origin:
             fresh = entries  # a new log, read from its first entry; the cursor saw no log
         else:
             return None  # another log: the cursor is judged against it on the queued path
@@ -422,14 +425,14 @@ class Subscription:
         while not self._closed:
             position = self._positions[topic]
             page = await self._store.read_range(
-                topic, position.position, c.REPLAY_PAGE_SIZE, page_bytes
+                topic, position.stream_after, c.REPLAY_PAGE_SIZE, page_bytes
             )
             if not _continues(page, position):
                 # Trimmed past us since the cursor was judged (a replay slower than
                 # retention), or another log: judge again, and say so if needed.
                 self._resync.add(topic)
                 return
-            if page.lost(position.position):
+            if page.lost(position.stream_after):
                 # The log lost the event at our position, and went on past it: what
                 # else it lost is unknown. Say so, and go on after it (as after a lost
                 # tail: replaying the whole history would flood a client that saw it).
@@ -454,9 +457,10 @@ class Subscription:
         """The frames of a page read after ``position``; where the page goes on past
         events the log lost (a failover a live reader found), an ``unknown`` gap there:
         a client that was away before them would pass them in silence."""
-        events = [e for e in page.entries if e.position > position.position]
+        after = position.stream_after
+        events = [e for e in page.entries if e.position > after]
         told = self._told_loss_at.get(topic)
-        losses = [p for p in page.losses_passed(position.position) if p != told]
+        losses = [p for p in page.losses_passed(after) if p != told]
         if not losses:
             frames = [self._advance(e) for e in events]
         else:
@@ -476,7 +480,7 @@ class Subscription:
         """Whether the log lost events after where the replay of its last page left the
         topic, and this stream was not told there already."""
         told = self._told_loss_at.get(topic)
-        at = self._positions[topic].position
+        at = self._positions[topic].stream_after
         return any(place != told for place in page.losses_ahead(at))
 
     def _judge_start(self, topic: str, state: LogState) -> Gap | None:
@@ -493,7 +497,11 @@ class Subscription:
             assert isinstance(start, EventId)
             position = start
         seen = self._seen_at_origin.pop(topic, None) if position.is_origin else None
-        self._positions[topic], gap = resume_point(position, state, seen=seen)
+        ttl_ms = self._store.policies.for_topic(topic).ttl_ms
+        self._positions[topic], gap = resume_point(position, state, seen=seen, ttl_ms=ttl_ms)
+        if self._positions[topic].is_origin:
+            markers = (state.deletion, *state.deleted_before)
+            self._deleted_before[topic] = {m.epoch for m in markers if m is not None}
         return gap
 
     def _gap_frame(self, topic: str, gap: Gap, unsent: Sequence[tuple[str, Gap]] = ()) -> bytes:
@@ -501,7 +509,7 @@ class Subscription:
         their requested cursors."""
         self._observer.gap_sent(gap.reason)
         if gap.reason == "unknown" and gap.resumed_after is not None:
-            self._told_loss_at[topic] = gap.resumed_after.position
+            self._told_loss_at[topic] = gap.resumed_after.stream_after
         if not (self._multi and unsent):
             return gap_frame(self._current_id(topic), topic, gap)
         positions = self._positions | {later: notice.requested for later, notice in unsent}
@@ -520,6 +528,8 @@ class Subscription:
                 continue
             position = self._positions[topic]
             if entry.epoch != position.epoch:
+                if position.is_origin and entry.epoch in self._deleted_before.get(topic, ()):
+                    continue  # the marker of a log deleted before this stream was here
                 if position.is_origin and log_starts.get(topic) is entry:
                     # A new log from its first entry, and the stream saw no log: its
                     # own (judged again, it could be gone: deleted, expired, in silence).
@@ -608,7 +618,7 @@ def _continues(page: LogPage, position: EventId) -> bool:
     """Whether the page follows ``position`` in the same log, with nothing between
     trimmed away. A position at the origin (before any log) follows into any log."""
     if position.is_origin:
-        return page.trimmed_through <= position.position
+        return page.trimmed_through == (0, 0)
     return page.epoch == position.epoch and page.trimmed_through <= position.position
 
 

@@ -493,11 +493,12 @@ def _last_id_of(response: httpx.Response) -> str | None:
 
 def _same_place(before: EventId | None, after: EventId) -> bool:
     """Whether a topic's part of the cursor did not move: the start of a log is one
-    place whatever its epoch (a topic with no log yet, ``0.0-0``, is sent with its new
-    log's epoch once it has one, before its first event reaches the stream)."""
+    place whatever its epoch (a topic with no log yet, ``0.0-0`` or ``0.<ms>-0``, is
+    sent with its new log's epoch once it has one, before its first event reaches the
+    stream)."""
     if before is None:
         return False
-    return before == after or before.position == after.position == (0, 0)
+    return before == after or before.stream_after == after.stream_after == (0, 0)
 
 
 def _cursor_parts(cursor: str | None) -> Cursor:

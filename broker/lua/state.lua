@@ -14,7 +14,8 @@
 --          end id|false, ms to expiry (-1: kept), epoch of a deleted log|false,
 --          its marker's id|false, where a loss was recorded now|false, the number of
 --          the newest entry it issued (append.lua)|false, the logs deleted before that
---          one, "epoch:marker" apart by spaces, the newest first|false}.
+--          one, "epoch:marker" apart by spaces, the newest first|false, when there is
+--          no log: Redis's time (ms), which an origin cursor carries|false}.
 -- A deleted topic (its marker lingers for live readers) reads as no log, but says
 -- which epoch was deleted: a cursor of it gets a "deleted" gap, not "unknown"; and
 -- where its marker is: a cursor at it was told already (answered 204). A log
@@ -36,7 +37,9 @@ if redis.call('EXISTS', log) == 0 or fields[4] then
   if fields[4] and fields[5] and fields[6] then  -- deleted again: the one before goes first
     before = fields[5] .. ':' .. fields[6] .. (before and (' ' .. before) or '')
   end
-  return {false, false, 0, false, false, false, -1, fields[4] and fields[1] or false, fields[4] or false, false, false, before}
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  return {false, false, 0, false, false, false, -1, fields[4] and fields[1] or false, fields[4] or false, false, false, before, now_ms}
 end
 local trimmed = fields[2]
 local max_age_ms = tonumber(ARGV[1])
@@ -89,4 +92,5 @@ return {
   lost_after,
   fields[7] or false,
   fields[8] or false,
+  false,
 }

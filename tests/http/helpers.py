@@ -263,10 +263,10 @@ class RawResponse:
         self.body += data[:-2]
         return data[:-2]
 
-    async def read_until(self, marker: bytes, timeout: float = 5.0) -> None:
-        """Read chunks until ``marker`` is in the body."""
+    async def read_until(self, marker: bytes | re.Pattern[bytes], timeout: float = 5.0) -> None:
+        """Read chunks until ``marker`` is in the body (or matches part of it)."""
         deadline = time.monotonic() + timeout
-        while marker not in self.body:
+        while not (marker in self.body if isinstance(marker, bytes) else marker.search(self.body)):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"{marker!r} not received within {timeout}s: {self.body!r}")

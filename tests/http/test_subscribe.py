@@ -24,7 +24,7 @@ from tests.http.helpers import (
     subscribe,
 )
 from tests.support.broker_process import BrokerProcess
-from tests.support.sse import parse_sse
+from tests.support.sse import ORIGIN_CURSOR, parse_sse
 
 EVENT_STREAM = {"Accept": "text/event-stream"}
 
@@ -93,7 +93,7 @@ async def test_a_heartbeat_comment_at_least_every_heartbeat_interval(
     )
     try:
         await stream.read_until(b"\n\n")  # the retry hint
-        await stream.read_until(b"id: 0.0-0\n\n")  # the cursor, once caught up (no log yet)
+        await stream.read_until(ORIGIN_CURSOR)  # the cursor, once caught up (no log yet)
         for _ in range(3):
             started, seen = time.monotonic(), len(stream.body)
             await stream.read_chunk(timeout=2.5)
@@ -119,7 +119,7 @@ async def test_a_stream_busy_with_events_gets_its_heartbeat_comments_too(
             await asyncio.sleep(0.1)
 
     try:
-        await stream.read_until(b"id: 0.0-0\n\n")  # live (no log yet)
+        await stream.read_until(ORIGIN_CURSOR)  # live (no log yet)
         publishing = asyncio.create_task(publish_every_tenth_of_a_second())
         started, beats, events = time.monotonic(), [], 0
         while not publishing.done():  # (bounded: 40 publishes)

@@ -33,7 +33,7 @@ from broker.model import IngestLines, LiveBatch, LogEntry
 from broker.redis_open import open_store
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
-from tests.support.sse import Event, PushConsumer, collect, parse_events
+from tests.support.sse import Event, PushConsumer, collect, is_origin_cursor, parse_events
 
 
 @pytest.fixture
@@ -1278,7 +1278,7 @@ async def test_a_stream_at_the_origin_gets_a_new_log_read_together_with_its_dele
     chunks: AsyncIterator[bytes] = sink.start(subscription) if sink else subscription.chunks()
     bystander = await redis_broker.subscribe({other: "now"})
     try:
-        assert await asyncio.wait_for(anext(chunks), 5) == b"id: 0.0-0\n\n"  # at the origin
+        assert is_origin_cursor(await asyncio.wait_for(anext(chunks), 5))  # at the origin
         held = _HeldReads(redis_broker)
         await publish(redis_broker, other, range(1))  # the blocked read returns
         await held.holding()
@@ -1304,7 +1304,7 @@ async def test_a_stream_at_the_origin_is_told_of_a_log_it_saw_live_that_is_gone_
     chunks = subscription.chunks()
     held: _HeldReads | None = None
     try:
-        assert await asyncio.wait_for(anext(chunks), 5) == b"id: 0.0-0\n\n"  # at the origin
+        assert is_origin_cursor(await asyncio.wait_for(anext(chunks), 5))  # at the origin
         held = _HeldReads(redis_broker)
         await publish(redis_broker, f"{topic}-other", range(1))
         await held.holding()
@@ -1320,3 +1320,88 @@ async def test_a_stream_at_the_origin_is_told_of_a_log_it_saw_live_that_is_gone_
         subscription.close()
     assert numbers(events) == []
     assert [g.json["reason"] for g in gaps(events)] == ["deleted"]  # type: ignore[index]
+
+
+async def _origin_of_a_stream_from_now(broker: Broker, topic: str) -> EventId:
+    """The cursor a viewer keeps from a stream "from now" on a topic with no log yet,
+    opened and dropped before its first event."""
+    subscription = await broker.subscribe({topic: "now"})
+    try:
+        announced = await asyncio.wait_for(anext(subscription.chunks()), 5)
+    finally:
+        subscription.close()
+    assert is_origin_cursor(announced)
+    origin = EventId.parse(announced[4:-2].decode())
+    assert origin.position > (0, 0), "the origin carries the store's time"
+    return origin
+
+
+@pytest.mark.parametrize("url_kind", ["embedded", "redis"])
+@pytest.mark.parametrize("end", ["deleted", "expired"])
+async def test_a_viewer_back_at_the_origin_is_told_of_a_log_that_came_and_went(
+    url_kind: str, end: str, redis_server: RedisServer, topic: str
+) -> None:
+    """An LLM page subscribed before the first token (its cursor: the origin) and went
+    away; the generation ran and its topic was deleted (or expired whole) meanwhile.
+    Back with the origin, it found no log and waited for good, told nothing: now the
+    origin carries the store's time, and a deletion since, or a TTL past since it, is
+    told (``deleted``, and the stream ends; ``unknown``)."""
+    url = None if url_kind == "embedded" else redis_server.url
+    ttl = 0.3 if end == "expired" else None
+    broker = Broker(
+        open_store(url, topic_ttl_seconds=ttl), limits=BrokerLimits(heartbeat_seconds=0.3)
+    )
+    await broker.start()
+    try:
+        origin = await _origin_of_a_stream_from_now(broker, topic)
+        await publish(broker, topic, range(2))
+        if end == "deleted":
+            assert await broker.delete_topic(topic)
+        else:
+            await await_until(lambda: _gone(broker, topic), timeout=10, what="expiry")
+        subscription = await broker.subscribe({topic: origin})
+        chunks = subscription.chunks()
+        try:
+            if end == "deleted":
+                events = await _until_the_end(chunks)
+            else:
+                events = await collect(chunks, lambda ev: bool(gaps(ev)), timeout=5)
+        finally:
+            subscription.close()
+        # Within the TTL, or with no time, nothing is said: nothing could be missed.
+        quiet = await broker.subscribe({topic: EventId("0", (0, 0))})
+        quiet_first = await asyncio.wait_for(anext(quiet.chunks()), 5)
+        quiet.close()
+    finally:
+        await broker.close()
+    assert numbers(events) == []
+    reason = "deleted" if end == "deleted" else "unknown"
+    assert [g.json["reason"] for g in gaps(events)] == [reason]  # type: ignore[index]
+    assert gaps(events)[0].json["requested"] == str(origin)  # type: ignore[index]
+    assert b"broker.gap" not in quiet_first
+
+
+async def _gone(broker: Broker, topic: str) -> bool:
+    return not (await broker.store.state(topic)).exists
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+async def test_a_stream_from_now_after_a_delete_is_not_told_of_it_and_gets_the_next_log(
+    redis_broker: Broker, topic: str, mode: str
+) -> None:
+    """A viewer that subscribes a moment after a DELETE (a "regenerate": the next log
+    comes soon): the deleted log's marker lingers, and the live reader reads it as the
+    start of a log. It is no log of this stream's: no gap, no end, and the next log's
+    events come."""
+    await publish(redis_broker, topic, range(1))
+    assert await redis_broker.delete_topic(topic)
+    sink = PushConsumer() if mode == "push" else None
+    subscription = await redis_broker.subscribe({topic: "now"}, sink=sink)
+    chunks: AsyncIterator[bytes] = sink.start(subscription) if sink else subscription.chunks()
+    try:
+        assert is_origin_cursor(await asyncio.wait_for(anext(chunks), 5))
+        await publish(redis_broker, topic, range(1, 2))
+        events = await collect(chunks, lambda ev: bool(numbers(ev) or gaps(ev)), timeout=5)
+    finally:
+        subscription.close()
+    assert numbers(events) == [1] and not gaps(events)

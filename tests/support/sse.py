@@ -11,6 +11,13 @@ import orjson
 
 from broker import SubscriberTooSlow, Subscription
 
+ORIGIN_CURSOR = re.compile(rb"id: 0\.[0-9]+-0\n\n")
+"""The cursor a stream at the origin sends (no log yet): ``0.<the store's ms>-0``."""
+
+
+def is_origin_cursor(chunk: bytes) -> bool:
+    return ORIGIN_CURSOR.fullmatch(chunk) is not None
+
 
 @dataclass
 class Event:

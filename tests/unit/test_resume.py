@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from broker.ids import ORIGIN, EventId
 from broker.model import LogState
 from broker.resume import Gap, earliest_point, latest_point, resume_point
@@ -115,3 +117,41 @@ def test_the_origin_is_told_of_a_log_it_saw_live_that_is_gone_or_replaced() -> N
     assert resume_point(ORIGIN, gone, seen=seen) == (ORIGIN, Gap("unknown", ORIGIN, None))
     replaced = resume_point(ORIGIN, log_state(), seen=seen)
     assert replaced == (EventId(EPOCH, (0, 0)), Gap("unknown", ORIGIN, None))
+
+
+def _no_log(now_ms: int, **deleted: Any) -> LogState:
+    return LogState(
+        epoch=None, length=0, first=None, last_entry=None, trimmed_through=(0, 0),
+        clock_ms=now_ms, **deleted,
+    )  # fmt: skip
+
+
+def test_a_state_with_no_log_stamps_the_origin_with_the_stores_time() -> None:
+    assert latest_point(_no_log(5000)) == EventId("0", (5000, 0))
+    assert earliest_point(_no_log(5000)) == EventId("0", (5000, 0))
+
+
+def test_an_origin_with_a_time_is_told_of_a_log_deleted_since() -> None:
+    """A client back with ``0.T-0`` (no log at T) after a log was made and deleted:
+    its events went with it, and the marker (newer than T) says so."""
+    deleted = {"deleted_epoch": EPOCH, "deleted_at": (7000, 1)}
+    since = EventId("0", (6000, 0))
+    assert resume_point(since, _no_log(8000, **deleted)) == (
+        EventId(EPOCH, (7000, 1)),
+        Gap("deleted", since, None),
+    )
+    before = EventId("0", (7500, 0))  # the deletion came before its time: nothing missed
+    assert resume_point(before, _no_log(8000, **deleted)) == (before, None)
+    # With no time, nothing can be told; the origin it goes on from carries now's.
+    assert resume_point(ORIGIN, _no_log(8000, **deleted)) == (EventId("0", (8000, 0)), None)
+
+
+def test_an_origin_older_than_the_ttl_with_no_log_may_have_missed_one() -> None:
+    """No log now, on a topic with a TTL: a log may have been made and expired whole
+    since T only if T is a TTL ago or more; then the client is told (``unknown``), and
+    goes on from the origin of now."""
+    since = EventId("0", (6000, 0))
+    assert resume_point(since, _no_log(6900), ttl_ms=1000) == (since, None)
+    told = resume_point(since, _no_log(7000), ttl_ms=1000)
+    assert told == (EventId("0", (7000, 0)), Gap("unknown", since, None))
+    assert resume_point(since, _no_log(99_000)) == (since, None)  # no TTL: nothing expires

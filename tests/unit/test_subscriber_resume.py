@@ -165,12 +165,14 @@ async def test_a_quiet_async_stream_is_no_failure_however_short_give_up_after_is
     assert event.data == "1" and taken == [1]
 
 
-def test_a_topic_whose_log_began_meanwhile_did_not_move() -> None:
-    """Two topics with no log yet (``a~0.0-0!b~0.0-0``), both published to while the
-    subscriber was away: back, the first event (a's) comes with b's part at its new
-    log's start (``b~<epoch>.0-0``). Two parts changed, so the event was given no topic
-    (``broker tail`` printed ``"topic": null``, and an end went uncounted)."""
-    resume = subscriber._Resume(["a", "b"], "a~0.0-0!b~0.0-0", False, None)
+@pytest.mark.parametrize("origin", ["0.0-0", "0.1795868389781-0"])
+def test_a_topic_whose_log_began_meanwhile_did_not_move(origin: str) -> None:
+    """Two topics with no log yet (``a~0.0-0!b~0.0-0``; the broker's origin carries its
+    time, ``0.<ms>-0``), both published to while the subscriber was away: back, the
+    first event (a's) comes with b's part at its new log's start (``b~<epoch>.0-0``).
+    Two parts changed, so the event was given no topic (``broker tail`` printed
+    ``"topic": null``, and an end went uncounted)."""
+    resume = subscriber._Resume(["a", "b"], f"a~{origin}!b~{origin}", False, None)
     event = resume.delivered(Event("a~abcdefgh.5-0!b~ijklmnop.0-0", None, "1"))
     assert event.topic == "a"
     event = resume.delivered(Event("a~abcdefgh.5-0!b~ijklmnop.7-0", None, "2"))
