@@ -485,24 +485,25 @@ class Subscription:
 
     def _judge_start(self, topic: str, state: LogState) -> Gap | None:
         """Set the topic's position from its cursor; the gap notice it needs, if any."""
-        position = self._positions.get(topic)
-        if position is None:
-            start = self._starts[topic]
-            if start == "earliest":
-                self._positions[topic] = earliest_point(state)
-                return None
-            if isinstance(start, ForeignCursor):
-                self._positions[topic], told = foreign_point(start.requested, state)
-                return told
-            assert isinstance(start, EventId)
-            position = start
-        seen = self._seen_at_origin.pop(topic, None) if position.is_origin else None
-        ttl_ms = self._store.policies.for_topic(topic).ttl_ms
-        self._positions[topic], gap = resume_point(position, state, seen=seen, ttl_ms=ttl_ms)
+        self._positions[topic], gap = self._start_point(topic, state)
         if self._positions[topic].is_origin:
             markers = (state.deletion, *state.deleted_before)
             self._deleted_before[topic] = {m.epoch for m in markers if m is not None}
         return gap
+
+    def _start_point(self, topic: str, state: LogState) -> tuple[EventId, Gap | None]:
+        position = self._positions.get(topic)
+        if position is None:
+            start = self._starts[topic]
+            if start == "earliest":
+                return earliest_point(state), None
+            if isinstance(start, ForeignCursor):
+                return foreign_point(start.requested, state)
+            assert isinstance(start, EventId)
+            position = start
+        seen = self._seen_at_origin.pop(topic, None) if position.is_origin else None
+        ttl_ms = self._store.policies.for_topic(topic).ttl_ms
+        return resume_point(position, state, seen=seen, ttl_ms=ttl_ms)
 
     def _gap_frame(self, topic: str, gap: Gap, unsent: Sequence[tuple[str, Gap]] = ()) -> bytes:
         """A notice; ``unsent``: the notices still to send, whose topics its id names at
