@@ -8,8 +8,9 @@ Redis stream ids alone look alike across all of those.
 
 The epoch ``0`` is the origin: "before anything of whatever log this topic
 has". It is the position of a subscriber that started on a topic with no log,
-and carries the store's time when it found none (``0.<ms>-0``; ``0.0-0``: no
-time): a client back with it is told of a log that came and went meanwhile.
+and carries the store's time when it found none, past every deletion known then
+(``0.<ms>-<n>``; ``0.0-0``: no time): a client back with it is told of a log
+deleted meanwhile.
 
 A subscription to several topics sends composite cursors instead,
 ``<topic>~<id>!<topic>~<id>...``: one position per topic, so that one

@@ -203,8 +203,11 @@ class LogState:
 
     @property
     def origin(self) -> EventId:
-        """The origin, as of this state's time: "no log here then"."""
-        return EventId(ORIGIN_EPOCH, (self.clock_ms or 0, 0))
+        """The origin, as of this state's time: "no log here then". Never before a
+        deletion this state knows (a marker's id may pass the clock: the same
+        millisecond, ids ahead of it): that one is no news to a client told it."""
+        markers = [m.position for m in (self.deletion, *self.deleted_before) if m is not None]
+        return EventId(ORIGIN_EPOCH, max([(self.clock_ms or 0, 0), *markers]))
 
     def deleted_since(self, origin: EventId) -> EventId | None:
         """The marker of the first log deleted after ``origin``'s time, if it knows one:

@@ -29,14 +29,13 @@ class Gap:
 
 
 def resume_point(
-    requested: EventId, state: LogState, *, seen: str | None = None, ttl_ms: int = 0
+    requested: EventId, state: LogState, *, seen: str | None = None
 ) -> tuple[EventId, Gap | None]:
     """The position to read after, and the gap notice to send first, if any.
 
     ``seen``: for a stream at the origin, the epoch of a log it saw entries of live
     and did not deliver. Gone by now (deleted, expired, replaced), that log's events
-    are lost to it: it is told, as a cursor of that log would be. ``ttl_ms``: the
-    topic's TTL, for an origin cursor that carries a time (see ``origin_point``)."""
+    are lost to it: it is told, as a cursor of that log would be."""
     if requested.is_origin and seen is not None and state.epoch != seen:
         deletion = state.deletion_of(seen)
         if deletion is not None:
@@ -44,7 +43,7 @@ def resume_point(
         start, _ = resume_point(requested, state)  # a later log from its start
         return start, Gap("unknown", requested, None)
     if requested.is_origin:
-        return origin_point(requested, state, ttl_ms)
+        return origin_point(requested, state)
     deletion = state.deletion_of(requested.epoch)
     if deletion is not None:  # (and maybe published to again since)
         # Told at the marker's id: a client coming back with it is answered 204.
@@ -61,25 +60,20 @@ def resume_point(
     return requested, None
 
 
-def origin_point(
-    requested: EventId, state: LogState, ttl_ms: int = 0
-) -> tuple[EventId, Gap | None]:
+def origin_point(requested: EventId, state: LogState) -> tuple[EventId, Gap | None]:
     """For a cursor at the origin: a log there now is read from its start (after a
     ``trimmed`` gap if retention removed some of it).
 
-    An origin that carries the store's time ``T`` (``0.T-0``: no log at T) also tells
-    what came and went since: a log deleted after T (its marker lingers a minute, or
-    a later log remembers it) is the client's ``deleted`` gap; with no log now, on a
-    topic with a TTL, T more than a TTL ago may hide a log that was created and
-    expired whole meanwhile: the client is told (``unknown``), as a cursor of that
-    log would be (when none was, told rather than left to wait in silence)."""
+    An origin that carries the store's time ``T`` (``0.T-s``: no log then, and after
+    every deletion known then) also tells of a log deleted since: its marker lingers
+    a minute, or a later log remembers it; the client's ``deleted`` gap. A log that
+    expired whole meanwhile leaves nothing to tell by (the origin of a client that
+    stayed connected is as old as its stream: telling on age would tell every such
+    client of a loss that was none)."""
     if requested.position > (0, 0):
         missed = state.deleted_since(requested)
         if missed is not None:
             return missed, Gap("deleted", requested, None)
-        now = state.clock_ms
-        if state.epoch is None and ttl_ms and now and now - requested.position[0] >= ttl_ms:
-            return state.origin, Gap("unknown", requested, None)
     if state.epoch is None:  # nothing it could have missed: its time kept, or now's
         return (requested if requested.position > (0, 0) else state.origin), None
     if state.trimmed_through > (0, 0):

@@ -502,8 +502,7 @@ class Subscription:
             assert isinstance(start, EventId)
             position = start
         seen = self._seen_at_origin.pop(topic, None) if position.is_origin else None
-        ttl_ms = self._store.policies.for_topic(topic).ttl_ms
-        return resume_point(position, state, seen=seen, ttl_ms=ttl_ms)
+        return resume_point(position, state, seen=seen)
 
     def _gap_frame(self, topic: str, gap: Gap, unsent: Sequence[tuple[str, Gap]] = ()) -> bytes:
         """A notice; ``unsent``: the notices still to send, whose topics its id names at

@@ -173,7 +173,7 @@ class _Resume:
         if before:
             moved = [t for t, place in after.items() if not _same_place(before.get(t), place)]
         else:  # a stream's first event, no cursor before it: the others are at their start
-            moved = [topic for topic, place in after.items() if place.position != (0, 0)]
+            moved = [topic for topic, place in after.items() if place.stream_after != (0, 0)]
         return moved[0] if len(moved) == 1 else None  # (None: it cannot be told)
 
     def failed(self, why: str) -> float:
@@ -493,7 +493,7 @@ def _last_id_of(response: httpx.Response) -> str | None:
 
 def _same_place(before: EventId | None, after: EventId) -> bool:
     """Whether a topic's part of the cursor did not move: the start of a log is one
-    place whatever its epoch (a topic with no log yet, ``0.0-0`` or ``0.<ms>-0``, is
+    place whatever its epoch (a topic with no log yet, ``0.0-0`` or ``0.<ms>-<n>``, is
     sent with its new log's epoch once it has one, before its first event reaches the
     stream)."""
     if before is None:

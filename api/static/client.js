@@ -141,9 +141,9 @@
   });
 
   // A topic's part of a cursor, the start of a log as ORIGIN whatever its epoch: a topic
-  // with no log yet (0.0-0, or 0.<ms>-0: the broker's time then) comes back with its new
-  // log's epoch before its first event.
-  function placeOf(id) { return id && /(^0\.[0-9]+-0|\.0-0)$/.test(id) ? ORIGIN : id; }
+  // with no log yet (0.0-0, or 0.<ms>-<n>: the broker's time then) comes back with its
+  // new log's epoch before its first event.
+  function placeOf(id) { return id && /^0\.[0-9]+-[0-9]+$|\.0-0$/.test(id) ? ORIGIN : id; }
 
   // A multi-topic stream's id, each topic's part ({} for none, or a single-topic id).
   function cursorParts(id) {

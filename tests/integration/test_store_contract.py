@@ -409,8 +409,10 @@ async def test_a_new_ingest_under_a_key_after_the_clock_stepped_back_is_a_new_on
         new = await store.append(topic, events("n1"), lines=IngestLines("K", [1]))
         await clock.set(store, 2_000_000_000 - 600)  # ... and then ten minutes back
         more = await store.append(topic, events("n2"), lines=IngestLines("K", [2]))
+        again = await store.append(topic, events("n1", "n2"), lines=IngestLines("K", [1, 2]))
         assert not new.replayed and not more.replayed
         assert not set(new.ids + more.ids) & set(old.ids)
+        assert again.replayed and again.ids == new.ids + more.ids  # (resent: stored once)
         assert (await store.state(topic)).length == 4
     finally:
         await store._client.delete(_RedisClock.KEY)

@@ -11,8 +11,8 @@ import orjson
 
 from broker import SubscriberTooSlow, Subscription
 
-ORIGIN_CURSOR = re.compile(rb"id: 0\.[0-9]+-0\n\n")
-"""The cursor a stream at the origin sends (no log yet): ``0.<the store's ms>-0``."""
+ORIGIN_CURSOR = re.compile(rb"id: 0\.[0-9]+-[0-9]+\n\n")
+"""The cursor a stream at the origin sends (no log yet): ``0.<the store's ms>-<n>``."""
 
 
 def is_origin_cursor(chunk: bytes) -> bool:

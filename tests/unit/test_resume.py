@@ -146,12 +146,13 @@ def test_an_origin_with_a_time_is_told_of_a_log_deleted_since() -> None:
     assert resume_point(ORIGIN, _no_log(8000, **deleted)) == (EventId("0", (8000, 0)), None)
 
 
-def test_an_origin_older_than_the_ttl_with_no_log_may_have_missed_one() -> None:
-    """No log now, on a topic with a TTL: a log may have been made and expired whole
-    since T only if T is a TTL ago or more; then the client is told (``unknown``), and
-    goes on from the origin of now."""
-    since = EventId("0", (6000, 0))
-    assert resume_point(since, _no_log(6900), ttl_ms=1000) == (since, None)
-    told = resume_point(since, _no_log(7000), ttl_ms=1000)
-    assert told == (EventId("0", (7000, 0)), Gap("unknown", since, None))
-    assert resume_point(since, _no_log(99_000)) == (since, None)  # no TTL: nothing expires
+def test_the_origin_of_a_state_comes_after_every_deletion_it_knows() -> None:
+    """A marker's id may pass the clock (written the same millisecond, or ids ahead of
+    it): an origin at the clock took that deletion, known when the stream began, for
+    one since, and told a stream opened after a DELETE that it was deleted (it ended,
+    and its client was answered 204 for good)."""
+    known = _no_log(7000, deleted_epoch=EPOCH, deleted_at=(7000, 3))
+    assert known.origin == EventId("0", (7000, 3))
+    assert resume_point(known.origin, known) == (known.origin, None)
+    ahead = _no_log(7000, deleted_epoch=EPOCH, deleted_at=(12000, 0))
+    assert resume_point(ahead.origin, ahead) == (ahead.origin, None)

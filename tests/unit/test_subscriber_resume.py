@@ -221,3 +221,12 @@ def test_closing_a_subscriber_before_its_streams_head_ends_it_when_the_head_come
         sub.close()
         reading.join(timeout=5)
         assert not reading.is_alive() and got == []
+
+
+def test_the_first_event_of_a_stream_names_its_topic_beside_an_origin_with_a_time() -> None:
+    """A multi-topic stream's first event (no cursor before it), one topic with no log:
+    its part is the origin, which now carries the broker's time (``0.<ms>-<n>``); taken
+    for a place that moved, the event was given no topic (and an end, uncounted)."""
+    resume = subscriber._Resume(["a", "b"], None, True, None)
+    event = resume.delivered(Event("a~abcdefgh.5-0!b~0.1795868389781-2", None, "1"))
+    assert event.topic == "a"
