@@ -72,9 +72,11 @@ if read_through and fields[1] == ARGV[2] and before(trimmed or '0-0', read_throu
   -- Ids the reader read must never be issued again: a primary whose clock is behind
   -- the lost entries would give new events their ids, and a client back with one
   -- would resume after it as if it were the same event, passing the rest in silence.
-  local top = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1]
-  if not (top and not before(top[1], read_through)) then
-    redis.pcall('XSETID', log, read_through)  -- (refused past a deletion: then no harm)
+  local info = redis.pcall('XINFO', 'STREAM', log)  -- (an error: a table with no items)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' and before(info[i + 1], read_through) then
+      redis.pcall('XSETID', log, read_through)  -- (refused past a deletion: then no harm)
+    end
   end
 end
 local first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
