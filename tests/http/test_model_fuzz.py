@@ -45,6 +45,7 @@ ENV = {
     "BROKER_MAX_BATCH": str(MAX_BATCH),
 }
 SETTLE = 0.15  # after the last expected event: time for an extra (a duplicate) to show
+READ_WAIT = 10.0  # for what a stream must send (or its end): ends early once it came
 
 
 @pytest.fixture(scope="module", params=["embedded", "redis"])
@@ -484,14 +485,14 @@ class ModelRun:
         if await stream.open() != 200:
             return stream
         if ends:
-            await stream.wait(lambda: False, 3.0)
+            await stream.wait(lambda: False, READ_WAIT)
         else:
             await stream.wait(
                 lambda: (
                     len(stream.events) >= expected_count
                     and (last is None or any(last in (r.get("id") or "") for r in stream.events))
                 ),
-                3.0,
+                READ_WAIT,
             )
             await asyncio.sleep(SETTLE)
         await stream.close()
