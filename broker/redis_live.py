@@ -269,7 +269,10 @@ class LiveReader:
         for key in last.keys() - streams.keys():
             del last[key]
             del self._log_keys[key]
-            self._lane_of.pop(key).topics.discard(key)
+            lane = self._lane_of.pop(key)
+            lane.topics.discard(key)
+            if not lane.topics:
+                self._dirty.add(lane)  # its read is ended, and the lane closed
         for key in streams.keys() - last.keys():
             last[key] = streams[key]
             self._log_keys[key] = c.log_key(key)
@@ -293,6 +296,7 @@ class LiveReader:
     async def _arm(self, streams: dict[str, StreamPosition]) -> bool:
         """Start a read on each idle lane with keys; interrupt each running read that
         no longer names what it should. True if one could not be interrupted yet."""
+        await self._close_idle_lanes()
         stale = False
         for lane in self._lanes:
             if lane.task is None:
@@ -302,11 +306,21 @@ class LiveReader:
                     lane.task = asyncio.create_task(self._xread(lane, lane.armed))
             elif lane in self._dirty:
                 wanted = {topic: streams[topic] for topic in lane.topics}
-                if wanted.items() - lane.armed.items():  # a key new to it, or moved back
+                # A key new to it, or moved back; or none left (ended, it is closed).
+                if wanted.items() - lane.armed.items() or not wanted:
                     stale |= not await self._unblock(lane)
                 else:
                     self._dirty.discard(lane)
         return stale
+
+    async def _close_idle_lanes(self) -> None:
+        """Close the extra lanes left with no topic and no read: once a burst of live
+        topics was over, each held a Redis connection for as long as the process ran."""
+        for lane in [lane for lane in self._lanes[1:] if not lane.topics and lane.task is None]:
+            self._lanes.remove(lane)
+            self._dirty.discard(lane)
+            with contextlib.suppress(*REDIS_FAILURES):
+                await lane.connection.close()
 
     async def _wait(
         self, streams: dict[str, StreamPosition], wake: asyncio.Event, timeout: float, stale: bool

@@ -149,3 +149,26 @@ async def test_an_embedded_write_wakes_only_the_lane_reading_its_topic(
         assert len(runs) == 1, f"{len(runs)} XREADs ran for one write"
     finally:
         await store.close()
+
+
+async def test_lanes_left_with_no_topic_are_closed(store: RedisStreamStore) -> None:
+    """A burst of live topics opened lanes, each on a Redis connection of its own; once
+    it was over they stayed open for as long as the process ran (31 idle connections
+    a process after 4,000 live topics)."""
+    reader: Any = store._live
+    topics = _topics(TOPICS)
+    assert await store.read_live({t: (0, 0) for t in topics}, 50) == {}
+    assert len(reader._lanes) == 3
+    few: dict[str, StreamPosition] = {topics[0]: (0, 0)}
+
+    def lanes_left() -> list[int]:  # the first lane stays; the others, with a topic only
+        return [len(lane.topics) for lane in reader._lanes]
+
+    for _ in range(50):  # (bounded: each read waits 50 ms at most)
+        if lanes_left() in ([1], [0, 1]):
+            break
+        assert await store.read_live(few, 50) == {}
+    assert lanes_left() in ([1], [0, 1])
+    appended = await store.append(topics[0], [NewEvent(data='"still read"')])
+    got = await _read_until(store, few, 1)
+    assert got == {topics[0]: [str(appended.ids[0])]}
