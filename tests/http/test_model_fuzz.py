@@ -176,6 +176,10 @@ class Topic:
     first: int = 0  # index of the oldest retained event (learned, then checked)
     keys: dict[str, list[str]] = field(default_factory=dict)  # Idempotency-Key -> ids
     old_ids: list[str] = field(default_factory=list)  # ids of deleted logs
+    deletions: int = 0  # logs deleted so far
+    # Origins announced by streams from now while it had no log ("0.<ms>-<n>"), each
+    # with the deletions made before it: a later one is a log that origin never saw.
+    origins: dict[str, int] = field(default_factory=dict)
 
     @property
     def ids(self) -> list[str]:
@@ -371,6 +375,7 @@ class ModelRun:
         if response.status_code != 204:
             self.fail(f"delete: expected 204, got {response.status_code}")
         topic.old_ids += topic.ids
+        topic.deletions += topic.log is not None
         topic.log, topic.closed, topic.end_id, topic.keys, topic.first = None, False, None, {}, 0
 
     # -- reading -----------------------------------------------------------------------
@@ -419,6 +424,8 @@ class ModelRun:
             choices.append(("future", f"{epoch}.{int(position.split('-')[0]) + 10**6}-0"))
         if others:
             choices.append(("foreign", self.rng.choice(others)))
+        if topic.origins:  # (rare to come by: weighed up)
+            choices += [("origin", self.rng.choice(sorted(topic.origins)))] * 3
         return self.rng.choice(choices)
 
     def expect(self, topic: Topic, kind: str, x: str | None) -> tuple[int, Expected, bool]:
@@ -439,6 +446,8 @@ class ModelRun:
             if at + 1 < topic.first:
                 return 200, [("gap", "trimmed", x, before_oldest), *retained], topic.closed
             return 200, [("ev", e.id, e.event, e.data) for e in log[at + 1 :]], topic.closed
+        if kind == "origin" and x is not None:
+            return self._expect_from_origin(topic, x, retained, before_oldest)
         if kind == "future" and log:
             return (
                 (204, [], True)
@@ -446,6 +455,20 @@ class ModelRun:
                 else (200, [("gap", "unknown", x, [log[-1].id])], False)
             )
         return 200, [("gap", "unknown", x, before_oldest), *retained], topic.closed
+
+    @staticmethod
+    def _expect_from_origin(
+        topic: Topic, x: str, retained: Expected, before_oldest: list[str | None]
+    ) -> tuple[int, Expected, bool]:
+        """An origin it announced: a log created and deleted since is told, and the
+        stream is over; else the log there now from its start, or a wait for one."""
+        if topic.deletions > topic.origins[x]:
+            return 200, [("gap", "deleted", x, [None])], True
+        if topic.log is None:
+            return 200, [], False
+        if topic.first:
+            return 200, [("gap", "trimmed", x, before_oldest), *retained], topic.closed
+        return 200, retained, topic.closed
 
     def compare(self, what: str, expected: Expected, got: list[dict[str, str]], topic: str) -> None:
         shown = [(r.get("id"), r.get("event"), r["data"][:40]) for r in got]
@@ -509,6 +532,7 @@ class ModelRun:
             else:
                 params["last_event_id"] = x
         status, expected, ends = self.expect(topic, kind, x)
+        no_log = topic.log is None
         self.steps.append(
             f"subscribe {topic.name} {kind} {x}: expect {status} {len(expected)} events ends={ends}"
         )
@@ -534,7 +558,14 @@ class ModelRun:
             stream.events,
             topic.name,
         )
-        # Drop after a random event and resume with its id: the rest, exactly.
+        if kind == "none" and no_log:
+            self._note_origin(topic, stream)
+        await self._resume_after_a_cut(topic, stream, expected, ends)
+
+    async def _resume_after_a_cut(
+        self, topic: Topic, stream: Stream, expected: Expected, ends: bool
+    ) -> None:
+        """Drop after a random event and resume with its id: the rest, exactly."""
         with_ids = [r for r in stream.events if r.get("id")]
         if with_ids:
             cut = self.rng.randrange(len(with_ids))
@@ -564,6 +595,14 @@ class ModelRun:
             self.compare(
                 f"resume {topic.name} after {with_ids[cut]['id']}", rest, again.events, topic.name
             )
+
+    @staticmethod
+    def _note_origin(topic: Topic, stream: Stream) -> None:
+        """The origin a stream from now announced on a topic with no log, to resume from
+        later (a slow announce may come after the read: then none)."""
+        announced = [r["id"] for r in stream.records if "data" not in r]
+        if announced:
+            topic.origins.setdefault(announced[0], topic.deletions)
 
     async def subscribe_many(self) -> None:
         topics = sorted(self.rng.sample(self.topics, self.rng.randint(2, 3)), key=lambda t: t.name)
@@ -658,6 +697,8 @@ class ModelRun:
     async def history(self, topic: Topic) -> None:
         await self.learn_retention(topic)
         kind, x = self.cursor(topic)
+        if kind == "origin" and x is not None and topic.deletions > topic.origins[x]:
+            return  # (a page goes on into a later log, where a stream ends: not modelled)
         limit = self.rng.randint(1, 6)
         params = {"limit": str(limit)} | ({"after": x} if x else {})
         self.steps.append(f"history {topic.name} after {kind} {x} limit {limit}")
@@ -745,3 +786,35 @@ async def test_a_subscription_begun_after_a_delete_is_not_told_of_it(
         f"{stream.ended_by_server}"
     )
     assert not stream.ended_by_server, f"cursor {cursor}: the stream ended: {stream.events}"
+
+
+async def test_a_viewer_back_at_its_origin_after_a_deleted_log_is_told_and_stopped(
+    model_broker: BrokerProcess,
+) -> None:
+    """Through HTTP, the LLM page's case: subscribed before the first token (the stream
+    announces its origin), gone while the generation ran and the topic was deleted;
+    back with the origin: ``deleted``, the stream ends, and back with the gap's id: 204."""
+    topic = f"mforg-{uuid.uuid4().hex[:8]}"
+    first = Stream(model_broker.url, f"/topics/{topic}/events", {}, {}, "new")
+    assert await first.open() == 200
+    await first.wait(lambda: any("data" not in r for r in first.records), READ_WAIT)
+    await first.close()
+    [origin] = [r["id"] for r in first.records if "data" not in r]
+    async with httpx.AsyncClient(base_url=model_broker.url, timeout=5) as client:
+        for n in range(3):
+            assert (await client.post(f"/topics/{topic}/events", json={"data": n})).is_success
+        assert (await client.delete(f"/topics/{topic}")).status_code == 204
+    back = Stream(model_broker.url, f"/topics/{topic}/events", {}, {"Last-Event-ID": origin}, "new")
+    assert await back.open() == 200
+    await back.wait(lambda: False, READ_WAIT)  # (until it ends)
+    await back.close()
+    assert back.ended_by_server, back.events
+    [gap] = back.events
+    assert gap.get("event") == "broker.gap", back.events
+    assert json.loads(gap["data"])["reason"] == "deleted"
+    assert json.loads(gap["data"])["requested"] == origin
+    again = Stream(
+        model_broker.url, f"/topics/{topic}/events", {}, {"Last-Event-ID": gap["id"]}, "new"
+    )
+    assert await again.open() == 204
+    await again.close()
