@@ -182,12 +182,15 @@ class LogState:
             return None
         return EventId(self.deleted_epoch, self.deleted_at)
 
+    @property
+    def deletions(self) -> list[EventId]:
+        """The markers of every deleted log it knows of, the newest first."""
+        latest = self.deletion
+        return [latest, *self.deleted_before] if latest is not None else [*self.deleted_before]
+
     def deletion_of(self, epoch: str) -> EventId | None:
         """The marker of the deleted log of ``epoch``, if this log knows of one."""
-        latest = self.deletion
-        if latest is not None and latest.epoch == epoch:
-            return latest
-        return next((marker for marker in self.deleted_before if marker.epoch == epoch), None)
+        return next((marker for marker in self.deletions if marker.epoch == epoch), None)
 
     @property
     def exists(self) -> bool:
@@ -206,14 +209,13 @@ class LogState:
         """The origin, as of this state's time: "no log here then". Never before a
         deletion this state knows (a marker's id may pass the clock: the same
         millisecond, ids ahead of it): that one is no news to a client told it."""
-        markers = [m.position for m in (self.deletion, *self.deleted_before) if m is not None]
+        markers = [marker.position for marker in self.deletions]
         return EventId(ORIGIN_EPOCH, max([(self.clock_ms or 0, 0), *markers]))
 
     def deleted_since(self, origin: EventId) -> EventId | None:
         """The marker of the first log deleted after ``origin``'s time, if it knows one:
         a log a client at that origin never saw."""
-        markers = [self.deletion, *self.deleted_before]
-        missed = [m for m in markers if m is not None and m.position > origin.position]
+        missed = [marker for marker in self.deletions if marker.position > origin.position]
         return min(missed, key=lambda marker: marker.position, default=None)
 
 

@@ -487,8 +487,7 @@ class Subscription:
         """Set the topic's position from its cursor; the gap notice it needs, if any."""
         self._positions[topic], gap = self._start_point(topic, state)
         if self._positions[topic].is_origin:
-            markers = (state.deletion, *state.deleted_before)
-            self._deleted_before[topic] = {m.epoch for m in markers if m is not None}
+            self._deleted_before[topic] = {marker.epoch for marker in state.deletions}
         return gap
 
     def _start_point(self, topic: str, state: LogState) -> tuple[EventId, Gap | None]:

@@ -83,8 +83,8 @@ end
 -- "epoch|id|since": the ingest it belongs to, not when it was written (Redis's clock
 -- stepping back mid-ingest gave later lines a time before `since`, and a resend
 -- stored them again). An ingest whose last line is past the window is over: the
--- next one under its key begins anew, named after every earlier one (whatever the
--- clock did), and the old records (until pruned or overwritten) no longer answer
+-- next one under its key begins anew (a window after the old one's last line, so
+-- named after it), and the old records (until pruned or overwritten) no longer answer
 -- (they answered again once a new line refreshed the ingest's time).
 local ingest_top, ingest_since = false, false
 local function ingest_state()
@@ -96,9 +96,7 @@ local function ingest_state()
     top, since = tonumber(t) or 0, tonumber(s)
   end
   local at = redis.call('ZSCORE', lines_written, ingest)
-  if not (since and at and tonumber(at) > now() - window_ms) then
-    since = math.max(now(), (since or 0) + 1)
-  end
+  if not (since and at and tonumber(at) > now() - window_ms) then since = now() end
   ingest_top, ingest_since = top, since
   return top, since
 end
@@ -119,15 +117,13 @@ end
 local function prune_lines()
   local old = redis.call('ZRANGEBYSCORE', lines_written, '-inf', now() - window_ms, 'LIMIT', 0, 4)
   for _, key in ipairs(old) do
-    local head = redis.call('HGET', lines, key .. '\n') or '0|0'
-    local top, since = string.match(head, '^(%d+)|(%d+)$')
-    top = tonumber(top) or 0
+    local top = tonumber(string.match(redis.call('HGET', lines, key .. '\n') or '0', '^%d+'))
     local low = math.max(1, top - 1023)
     local fields = {}
     for n = low, top do fields[#fields + 1] = key .. '\n' .. n end
     if #fields > 0 then redis.call('HDEL', lines, unpack(fields)) end
     if low > 1 then
-      redis.call('HSET', lines, key .. '\n', (low - 1) .. '|' .. (since or '0'))
+      redis.call('HSET', lines, key .. '\n', (low - 1) .. '|0')
     else
       redis.call('HDEL', lines, key .. '\n')
       redis.call('ZREM', lines_written, key)

@@ -398,8 +398,9 @@ async def test_an_ingest_resent_after_redis_clock_stepped_back_stores_nothing_tw
 async def test_a_new_ingest_under_a_key_after_the_clock_stepped_back_is_a_new_one(
     redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An ingest under a key whose last line is past the window is a new one, named
-    after the old one whatever the clock did: the old one's records never answer it."""
+    """An ingest under a key whose last line is past the window is a new one: the old
+    one's records never answer it, and the lines it writes after the clock stepped
+    back are its own (resent, they are stored once)."""
     clock = _RedisClock(monkeypatch)
     store = open_store(redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600)
     try:
