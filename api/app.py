@@ -47,6 +47,7 @@ def build_broker(settings: Settings) -> Broker:
         topic_policies=[TopicPolicy(**p.model_dump()) for p in settings.topic_policies],
         idempotency_seconds=settings.idempotency_seconds,
         durability=settings.publish_durability,
+        allow_eviction=settings.redis_eviction == "allow",
         observer=observer,
     )
     limits = BrokerLimits(

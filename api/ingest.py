@@ -142,9 +142,15 @@ class Ingest:
         try:
             return await self._run(body)
         except StoreUnavailable as error:
-            if self._body_ended or isinstance(error, StoreLostMidBody):
+            if isinstance(error, StoreLostMidBody):
                 raise
-            lost = StoreLostMidBody(error.detail, retry_after=error.retry_after)
+            # What was stored before it, said (a producer without an Idempotency-Key
+            # cannot tell otherwise, and sent the lines stored already again; audit).
+            detail = f"{error.detail}; {self._stored_so_far()}"
+            if self._body_ended:
+                raise type(error)(detail, retry_after=error.retry_after) from error
+            lost = StoreLostMidBody(detail, retry_after=error.retry_after)
+            lost.title = error.title  # (a full store says so)
             raise lost from error
 
     async def _run(self, body: IngestBody) -> IngestResult:
@@ -237,13 +243,15 @@ class Ingest:
         return read
 
     def _drained(self) -> DrainedMidBody:
-        stored = self.result.count
         detail = (
-            f"this instance is shutting down: {stored} line(s) stored, the last "
-            f"{self.result.last or 'none'}; send the rest to another instance (or the "
-            "whole stream again with its Idempotency-Key: no line is stored twice)"
+            f"this instance is shutting down: {self._stored_so_far()}; send the rest to "
+            "another instance (or the whole stream again with its Idempotency-Key: no "
+            "line is stored twice)"
         )
         return DrainedMidBody(detail, retry_after=1)
+
+    def _stored_so_far(self) -> str:
+        return f"{self.result.count} line(s) stored, the last {self.result.last or 'none'}"
 
     async def _append(self, batch: list[tuple[int, NewEvent]]) -> None:
         """Store the lines of ``batch``, emptying it first: a batch whose append failed

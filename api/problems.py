@@ -106,8 +106,7 @@ def problem_for(error: BrokerError | HttpProblem) -> Response:
         headers = {"Retry-After": str(error.retry_after)}
         if isinstance(error, StoreLostMidBody):
             headers["Connection"] = "close"  # (uvicorn closes after it, as the lean route)
-        title = getattr(error, "title", "Store unavailable")  # (KeysUnavailable's own)
-        return problem(503, title, error.detail, headers=headers)
+        return problem(503, error.title, error.detail, headers=headers)
     return problem(500, "Internal error", "the broker could not handle this request")
 
 

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     retry_ms: int = Field(c.DEFAULT_RETRY_MS, ge=0)
     publish_timeout_seconds: float = Field(5.0, gt=0)
     publish_durability: Literal["leader", "replicated"] = "leader"
+    # A Redis that may evict keys (a maxmemory-policy other than noeviction) loses or
+    # repeats events in silence: refused unless allowed (broker/redis_memory.py).
+    redis_eviction: Literal["refuse", "allow"] = "refuse"
     shutdown_grace_seconds: float = Field(5.0, gt=0)
     head_timeout_seconds: float = Field(c.DEFAULT_HEAD_TIMEOUT_SECONDS, gt=0)
     max_head_bytes: int = Field(c.DEFAULT_MAX_HEAD_BYTES, ge=1024)

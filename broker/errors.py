@@ -36,6 +36,8 @@ class TooLarge(BrokerError):
 class StoreUnavailable(BrokerError):
     """The store could not be reached or did not confirm in time (HTTP 503)."""
 
+    title = "Store unavailable"  # (the problem's title, and its type's name)
+
     def __init__(self, detail: str, *, retry_after: int = 1) -> None:
         super().__init__(detail)
         self.detail = detail
@@ -43,6 +45,21 @@ class StoreUnavailable(BrokerError):
         # The Idempotency-Key a retry must carry, when the publisher made it up (the
         # direct publisher): the append may have been stored.
         self.idempotency_key: str | None = None
+
+
+class StoreFull(StoreUnavailable):
+    """The store refused a write for want of memory (Redis at its ``maxmemory`` with
+    ``noeviction``): nothing of it was stored (HTTP 503; retry once room is made)."""
+
+    title = "Store full"
+
+
+class StoreMisconfigured(StoreUnavailable):
+    """The store is set up so that the broker cannot keep its promises (a Redis that
+    may evict the broker's keys): writes are refused (HTTP 503), and ``broker serve``
+    does not start, until it is fixed."""
+
+    title = "Store may evict events"
 
 
 class TopicNotFound(BrokerError):

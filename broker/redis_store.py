@@ -22,14 +22,21 @@ import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 
 from broker import constants as c
-from broker.errors import BrokerError, StoreUnavailable, TopicClosed
+from broker.errors import (
+    BrokerError,
+    StoreFull,
+    StoreMisconfigured,
+    StoreUnavailable,
+    TopicClosed,
+)
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
 from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
 from broker.redis_live import AnyLiveReader, LiveReader, LocalWrites
+from broker.redis_memory import EvictionGuard, ThrottledLog
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
 from broker.redis_pools import FixedPool, open_cluster_pools
 from broker.redis_primary import PrimaryWatch
@@ -193,6 +200,12 @@ def _not_stored(reason: str, cause: BaseException) -> StoreUnavailable:
     return error
 
 
+STORE_FULL = (
+    "redis is out of memory (maxmemory): nothing of this request was stored; "
+    "retry later (with the same Idempotency-Key)"
+)
+
+
 class RedisStreamStore:
     """The event log on Redis Streams (or on fakeredis, for the embedded store)."""
 
@@ -214,8 +227,10 @@ class RedisStreamStore:
         node_client: NodeClientFactory | None = None,
         local_writes: LocalWrites | None = None,
         primary_watch: PrimaryWatch | None = None,
+        allow_eviction: bool = False,
     ) -> None:
-        """``primary_watch``: a Sentinel store's (see ``redis_primary``)."""
+        """``primary_watch``: a Sentinel store's (see ``redis_primary``);
+        ``allow_eviction``: run on a Redis that may evict keys (see ``redis_memory``)."""
         self._client = client
         self._primary_watch = primary_watch
         self._watching: asyncio.Task[None] | None = None
@@ -249,6 +264,9 @@ class RedisStreamStore:
         self.durable = durable
         self.description = description
         self._sweeper: asyncio.Task[None] | None = None
+        self._eviction = EvictionGuard(self._scan_targets, allow=allow_eviction)
+        self._eviction_watch: asyncio.Task[None] | None = None
+        self._memory_warning = ThrottledLog(c.EVICTION_CHECK_S)
 
     async def append(
         self,
@@ -260,6 +278,8 @@ class RedisStreamStore:
         close: bool = False,
         streaming: bool = False,
     ) -> AppendResult:
+        if self._eviction.refusal is not None:
+            raise StoreMisconfigured(self._eviction.refusal, retry_after=c.EVICTING_RETRY_AFTER_S)
         keys = _topic_keys(topic)
         if lines is not None:  # the ingest's key, then each event's line number
             names: list[str] = [lines.key, *[str(number) for number in lines.numbers]]
@@ -547,11 +567,25 @@ class RedisStreamStore:
             await self._live.open()
         except REDIS_FAILURES as error:
             log.warning("redis: could not open the connections yet: %s", error)
+        if self.durable:
+            await self._guard_against_eviction()
         if not self.durable and self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_expired())
         if self._primary_watch is not None and self._watching is None:
             watching = self._primary_watch.run(self._primary_moved)
             self._watching = asyncio.get_running_loop().create_task(watching)
+
+    async def _guard_against_eviction(self) -> None:
+        """Not on a Redis that may evict the broker's keys: raises StoreMisconfigured
+        (the broker does not start); unreachable now, it is read once it answers."""
+        try:
+            await self._eviction.check()
+        except REDIS_FAILURES as error:
+            log.warning("redis: could not read its memory policy yet: %s", error)
+        if self._eviction.refusal is not None:
+            raise StoreMisconfigured(self._eviction.refusal)
+        if self._eviction_watch is None:
+            self._eviction_watch = asyncio.get_running_loop().create_task(self._eviction.watch())
 
     async def _primary_moved(self) -> None:
         """The Sentinels name another primary: every connection to the old one goes
@@ -586,16 +620,12 @@ class RedisStreamStore:
                 log.exception("embedded store: the expiry sweep failed")
 
     async def close(self) -> None:
-        if self._watching is not None:
-            self._watching.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watching
-            self._watching = None
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        for task in (self._eviction_watch, self._watching, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._eviction_watch = self._watching = self._sweeper = None
         await self._live.close()
         if self._pipeline is not None:
             await self._pipeline.close()
@@ -608,6 +638,9 @@ class RedisStreamStore:
     async def _call(self, command: Awaitable[T]) -> T:
         try:
             return await command
+        except OutOfMemoryError as error:
+            self._memory_warning.say("redis refused a write: out of memory (maxmemory): %s", error)
+            raise StoreFull(STORE_FULL, retry_after=c.STORE_FULL_RETRY_AFTER_S) from error
         except ResponseError as error:
             if "UNBLOCKED" in str(error):
                 raise

@@ -156,6 +156,11 @@ if epoch then
   end
 else
   epoch = ARGV[1]
+  -- First a write that Redis refuses when it is out of memory (maxmemory): in a
+  -- script only the first write is checked, and DEL, which frees memory, is let
+  -- through, and with it the whole append: a new topic's first publish (one per LLM
+  -- generation) passed maxmemory without limit (audit). Set again below, after the DEL.
+  redis.call('HSET', meta, 'epoch', epoch)
   -- Logs deleted before the one this replaces (its meta says), each "epoch:marker",
   -- the newest first: a client of one of them is told "deleted" too (state.lua).
   local before = {}

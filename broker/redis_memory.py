@@ -1,0 +1,118 @@
+"""Redis's memory limit, and what the broker does about it.
+
+At ``maxmemory`` Redis either refuses writes or evicts keys to make room, by its
+``maxmemory-policy``. Refused writes are safe: an append is refused whole (see
+append.lua), answered 503 "Store full", and retried. Eviction is not: it takes a
+topic's keys one by one, and none of it can be told to a client: an idempotency
+record gone, a publisher's retry is stored twice; a topic's meta hash gone, its log
+is sent again under the ids its clients already have, and a closed topic opens
+again (audit: ``volatile-lru``, the default of several hosted Redis services, evicts
+the records first, the only keys with a TTL when topics have none). So the broker
+runs only on a Redis that does not evict: it does not start on one that does, and
+refuses writes if the policy changes under it, unless ``BROKER_REDIS_EVICTION=allow``
+says that loss is accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from broker import constants as c
+from broker.redis_options import REDIS_FAILURES
+
+log = logging.getLogger(__name__)
+
+SAFE_POLICY = "noeviction"
+
+
+class ThrottledLog:
+    """A warning said at most once per ``every_s`` (a Redis at its memory limit refuses
+    every publish: thousands of lines a second said nothing more than the first)."""
+
+    def __init__(self, every_s: float) -> None:
+        self._every_s = every_s
+        self._last = -every_s
+
+    def say(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._every_s:
+            self._last = now
+            log.warning(message, *args)
+
+
+def evicting_policy(info: dict[str, Any]) -> str | None:
+    """The policy by which a server with this ``INFO memory`` evicts keys, or None
+    when it never does (``noeviction``, or no memory limit at all)."""
+    policy = str(info.get("maxmemory_policy", SAFE_POLICY))
+    limit = int(info.get("maxmemory", 0) or 0)
+    return policy if limit > 0 and policy != SAFE_POLICY else None
+
+
+class EvictionGuard:
+    """Reads each Redis server's memory policy; ``refusal`` says why writes are refused
+    (None: they are not). ``servers`` gives the clients of the servers that hold
+    topics (the one server, the Sentinels' primary, each Cluster primary)."""
+
+    def __init__(self, servers: Callable[[], Sequence[Any]], *, allow: bool) -> None:
+        self._servers = servers
+        self._allow = allow
+        self.refusal: str | None = None
+        self._unknown_told = False
+        self._allowed_told = False
+        self._refusal_log = ThrottledLog(c.EVICTION_CHECK_S)
+
+    async def check(self) -> None:
+        """Read the policies now (raises what Redis raises when it cannot be reached)."""
+        evicting = []
+        for server in self._servers():
+            policy = await self._policy_of(server)
+            if policy is not None:
+                evicting.append(policy)
+        if not evicting:
+            self.refusal = None
+            return
+        if self._allow:
+            if not self._allowed_told:
+                self._allowed_told = True
+                log.warning(
+                    "redis: maxmemory-policy %s may evict events and idempotency records "
+                    "(allowed by BROKER_REDIS_EVICTION=allow)",
+                    evicting[0],
+                )
+            return
+        self.refusal = (
+            f"redis may evict the broker's keys (maxmemory-policy {evicting[0]}), which "
+            f"would lose or repeat events without a word; set maxmemory-policy "
+            f"{SAFE_POLICY} (see the README's Redis section), or BROKER_REDIS_EVICTION=allow"
+        )
+        self._refusal_log.say("redis: refusing writes: %s", self.refusal)
+
+    async def _policy_of(self, server: Any) -> str | None:
+        try:
+            info = await server.info("memory")
+        except ResponseError as error:  # INFO not allowed (an ACL), or renamed
+            if not self._unknown_told:
+                self._unknown_told = True
+                log.warning(
+                    "redis: cannot read maxmemory-policy (%s): make sure it is %s; any "
+                    "other policy may lose or repeat events",
+                    error,
+                    SAFE_POLICY,
+                )
+            return None
+        return evicting_policy(info)
+
+    async def watch(self) -> None:
+        """Check again now and then (a policy set with CONFIG SET while the broker runs)."""
+        while True:
+            await asyncio.sleep(c.EVICTION_CHECK_S)
+            try:
+                await self.check()
+            except REDIS_FAILURES:  # (unreachable: told by every command meanwhile)
+                pass
