@@ -144,8 +144,10 @@ REDIS_REPLY_TIMEOUT_SECONDS = 5.0
 LIST_SCAN_MIN_COUNT = 100
 LIST_SCAN_COUNT = 1000
 LIST_SCAN_ROUNDS = 20
-# How long one blocking XREAD waits before it is re-armed anyway (ms).
+# How long one blocking XREAD waits before it is re-armed anyway (ms); and where
+# CLIENT UNBLOCK is refused (an ACL), so that a topic joining a read cannot end it.
 LIVE_BLOCK_MS = 5000
+LIVE_BLOCK_UNINTERRUPTIBLE_MS = 100
 # Added to the time since the live reader's previous read when judging whether
 # retention by age could have removed an entry it had not read yet: that entry may
 # have been appended up to a round trip before the previous read came back.

@@ -15,7 +15,7 @@ from typing import Any
 import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
@@ -34,6 +34,11 @@ _NODE_FAILURE_LOG_EVERY_S = 10.0
 _REFRESH_EVERY_S = 1.0
 
 XREAD_HEAD = ("XREAD", "COUNT", c.LIVE_READ_COUNT, "BLOCK", c.LIVE_BLOCK_MS, "STREAMS")
+XREAD_SHORT_HEAD = (
+    *XREAD_HEAD[:4],
+    c.LIVE_BLOCK_UNINTERRUPTIBLE_MS,
+    "STREAMS",
+)
 _LOG_KEY_HEAD = len(f"{c.KEY_PREFIX}:{{")
 _LOG_KEY_TAIL = len("}:log")
 
@@ -221,6 +226,7 @@ class LiveReader:
         self._last: dict[str, StreamPosition] = {}  # the topics and positions of the last read
         self._dirty: set[_Lane] = set()  # lanes whose keys or positions changed since armed
         self._wake: asyncio.Event | None = None  # set while a read waits
+        self._xread_head = XREAD_HEAD  # with a short block when reads cannot be unblocked
 
     def _new_lane(self, client: redis.Redis | None = None) -> _Lane:
         """A lane on a connection of its own from the reader's pool (its socket timeout
@@ -232,8 +238,26 @@ class LiveReader:
         return _Lane(_ClientLink(client, self._local_writes))
 
     async def open(self) -> None:
-        """Connect now rather than at the first live topic."""
+        """Connect now rather than at the first live topic; learn whether reads can be
+        unblocked (``CLIENT UNBLOCK`` of no client: 0, or refused by an ACL)."""
         await self._lanes[0].connection.open()
+        if self._local_writes is None:
+            with contextlib.suppress(*REDIS_FAILURES):
+                await self._unblock_client(0)
+
+    def _cannot_unblock(self, error: NoPermissionError) -> None:
+        """``CLIENT UNBLOCK`` refused (an ACL without ``@dangerous``, where it belongs):
+        a lane's read cannot be interrupted, so each blocks briefly instead. A topic
+        joining a lane waited for the 5 s block to pass, the reader asking again
+        every 2 ms meanwhile (about 1,250 refused commands a second; audit)."""
+        if self._xread_head is XREAD_HEAD:
+            log.error(
+                "redis: CLIENT UNBLOCK refused (%s): live reads block %d ms at a time, and a "
+                "topic joining one waits up to that long; grant +client|unblock",
+                error,
+                c.LIVE_BLOCK_UNINTERRUPTIBLE_MS,
+            )
+            self._xread_head = XREAD_SHORT_HEAD
 
     async def read(
         self, positions: dict[str, StreamPosition], block_ms: int
@@ -373,7 +397,7 @@ class LiveReader:
         """The XREAD's reply as Redis sent it, as [(key, [[id, [field, value, ...]], ...]), ...]."""
         keys = self._log_keys
         command: tuple[Any, ...] = (
-            *XREAD_HEAD,
+            *self._xread_head,
             *[keys[topic] for topic in positions],
             *[format_stream_id(position) for position in positions.values()],
         )
@@ -395,9 +419,19 @@ class LiveReader:
         if client_id is None:
             return False
         try:
-            return bool(await self._commands.client_unblock(client_id))
+            return await self._unblock_client(client_id)
         except REDIS_FAILURES:
             return False
+
+    async def _unblock_client(self, client_id: int) -> bool:
+        """Whether the client's blocking read was ended, or will end by itself soon."""
+        if self._xread_head is XREAD_SHORT_HEAD:
+            return True  # (waited for, not asked again every 2 ms)
+        try:
+            return bool(await self._commands.client_unblock(client_id))
+        except NoPermissionError as error:
+            self._cannot_unblock(error)
+            return True
 
     async def _reset(self) -> None:
         """After a failed read: every lane's read ended, the extra lanes' connections

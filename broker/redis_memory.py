@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -55,12 +55,14 @@ def evicting_policy(info: dict[str, Any]) -> str | None:
 
 
 class EvictionGuard:
-    """Reads each Redis server's memory policy; ``refusal`` says why writes are refused
-    (None: they are not). ``servers`` gives the clients of the servers that hold
-    topics (the one server, the Sentinels' primary, each Cluster primary)."""
+    """Reads the memory policy of the Redis servers that hold topics; ``refusal`` says
+    why writes are refused (None: they are not). ``read_infos`` gives each server's
+    ``INFO memory`` (the one server, the Sentinels' primary, each Cluster primary)."""
 
-    def __init__(self, servers: Callable[[], Sequence[Any]], *, allow: bool) -> None:
-        self._servers = servers
+    def __init__(
+        self, read_infos: Callable[[], Awaitable[list[dict[str, Any]]]], *, allow: bool
+    ) -> None:
+        self._read_infos = read_infos
         self._allow = allow
         self.refusal: str | None = None
         self._unknown_told = False
@@ -69,44 +71,42 @@ class EvictionGuard:
 
     async def check(self) -> None:
         """Read the policies now (raises what Redis raises when it cannot be reached)."""
-        evicting = []
-        for server in self._servers():
-            policy = await self._policy_of(server)
-            if policy is not None:
-                evicting.append(policy)
+        try:
+            infos = await self._read_infos()
+        except ResponseError as error:  # INFO not allowed (an ACL), or renamed
+            self._unknown(error)
+            return
+        evicting = [policy for policy in map(evicting_policy, infos) if policy is not None]
         if not evicting:
             self.refusal = None
-            return
-        if self._allow:
-            if not self._allowed_told:
-                self._allowed_told = True
-                log.warning(
-                    "redis: maxmemory-policy %s may evict events and idempotency records "
-                    "(allowed by BROKER_REDIS_EVICTION=allow)",
-                    evicting[0],
-                )
-            return
-        self.refusal = (
-            f"redis may evict the broker's keys (maxmemory-policy {evicting[0]}), which "
-            f"would lose or repeat events without a word; set maxmemory-policy "
-            f"{SAFE_POLICY} (see the README's Redis section), or BROKER_REDIS_EVICTION=allow"
-        )
-        self._refusal_log.say("redis: refusing writes: %s", self.refusal)
+        elif self._allow:
+            self._allowed(evicting[0])
+        else:
+            self.refusal = (
+                f"redis may evict the broker's keys (maxmemory-policy {evicting[0]}), which "
+                f"would lose or repeat events without a word; set maxmemory-policy "
+                f"{SAFE_POLICY} (see the README's Redis memory), or BROKER_REDIS_EVICTION=allow"
+            )
+            self._refusal_log.say("redis: refusing writes: %s", self.refusal)
 
-    async def _policy_of(self, server: Any) -> str | None:
-        try:
-            info = await server.info("memory")
-        except ResponseError as error:  # INFO not allowed (an ACL), or renamed
-            if not self._unknown_told:
-                self._unknown_told = True
-                log.warning(
-                    "redis: cannot read maxmemory-policy (%s): make sure it is %s; any "
-                    "other policy may lose or repeat events",
-                    error,
-                    SAFE_POLICY,
-                )
-            return None
-        return evicting_policy(info)
+    def _unknown(self, error: ResponseError) -> None:
+        if not self._unknown_told:
+            self._unknown_told = True
+            log.warning(
+                "redis: cannot read maxmemory-policy (%s): make sure it is %s; any other "
+                "policy may lose or repeat events",
+                error,
+                SAFE_POLICY,
+            )
+
+    def _allowed(self, policy: str) -> None:
+        if not self._allowed_told:
+            self._allowed_told = True
+            log.warning(
+                "redis: maxmemory-policy %s may evict events and idempotency records "
+                "(allowed by BROKER_REDIS_EVICTION=allow)",
+                policy,
+            )
 
     async def watch(self) -> None:
         """Check again now and then (a policy set with CONFIG SET while the broker runs)."""

@@ -264,7 +264,7 @@ class RedisStreamStore:
         self.durable = durable
         self.description = description
         self._sweeper: asyncio.Task[None] | None = None
-        self._eviction = EvictionGuard(self._scan_targets, allow=allow_eviction)
+        self._eviction = EvictionGuard(self._memory_infos, allow=allow_eviction)
         self._eviction_watch: asyncio.Task[None] | None = None
         self._memory_warning = ThrottledLog(c.EVICTION_CHECK_S)
 
@@ -586,6 +586,14 @@ class RedisStreamStore:
             raise StoreMisconfigured(self._eviction.refusal)
         if self._eviction_watch is None:
             self._eviction_watch = asyncio.get_running_loop().create_task(self._eviction.watch())
+
+    async def _memory_infos(self) -> list[dict[str, Any]]:
+        """``INFO memory`` of each server that holds topics (over the command pools)."""
+        if not isinstance(self._client, RedisCluster):
+            return [await self._client.info("memory")]
+        replies = await self._client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+        # (a reply per primary, by node name; one primary's alone)
+        return [replies] if "maxmemory_policy" in replies else list(replies.values())
 
     async def _primary_moved(self) -> None:
         """The Sentinels name another primary: every connection to the old one goes

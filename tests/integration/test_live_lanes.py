@@ -11,14 +11,16 @@ import uuid
 from typing import Any
 
 import pytest
+import redis.asyncio as redis
 
-from broker import StoreUnavailable, redis_live
+from broker import Broker, StoreUnavailable, redis_live
 from broker import constants as c
 from broker.ids import StreamPosition
 from broker.model import NewEvent
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
 from tests.support.redis_server import RedisServer
+from tests.support.sse import collect
 
 TOPICS = 2 * c.LIVE_LANE_TOPICS + 44  # three lanes, the last with room
 
@@ -172,3 +174,39 @@ async def test_lanes_left_with_no_topic_are_closed(store: RedisStreamStore) -> N
     appended = await store.append(topics[0], [NewEvent(data='"still read"')])
     got = await _read_until(store, few, 1)
     assert got == {topics[0]: [str(appended.ids[0])]}
+
+
+async def test_topics_join_a_live_read_that_cannot_be_unblocked_without_a_storm(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL without ``@dangerous`` refuses CLIENT UNBLOCK: a topic joining a lane
+    waited for its 5 s block to pass, the reader asking again every 2 ms (about 1,250
+    refused commands a second). The reader learns it once, and blocks briefly."""
+    admin = redis.Redis.from_url(private_redis.url)
+    await admin.acl_setuser(
+        "broker", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-@dangerous"]
+    )
+    store = open_store(f"redis://broker:pw@127.0.0.1:{private_redis.port}/0")
+    broker = Broker(store)
+    try:
+        await broker.start()
+        anchor, *joining = _topics(5)
+        held = await broker.subscribe({anchor: "now"})  # its read blocks meanwhile
+        try:
+            for topic in joining:
+                subscription = await broker.subscribe({topic: "now"})
+                try:
+                    await broker.publish(topic, [NewEvent("1")])
+                    events = await collect(subscription.chunks(), lambda got: len(got) >= 1)
+                    assert [e.data for e in events] == ["1"]
+                finally:
+                    subscription.close()
+        finally:
+            held.close()
+        stats = await admin.info("commandstats")
+        refused = stats.get("cmdstat_client|unblock", {}).get("rejected_calls", 0)
+        assert refused == 1, stats.get("cmdstat_client|unblock")  # (the reader's probe)
+        assert "CLIENT UNBLOCK refused" in caplog.text
+    finally:
+        await broker.close()
+        await admin.aclose()

@@ -16,6 +16,7 @@ import pytest
 from broker import Broker, BrokerLimits, EventId, NewEvent, StoreUnavailable, Subscription
 from broker import constants as c
 from broker.constants import GAP_EVENT
+from broker.errors import StoreMisconfigured
 from broker.ids import parse_cursor
 from broker.redis_open import open_store
 from tests.support.oracle import delivery_problems
@@ -695,3 +696,20 @@ async def test_a_cluster_with_no_node_answering_is_store_unavailable(topic: str)
                     await broker.subscribe({topic: "now"})
     finally:
         group.close()
+
+
+async def test_a_cluster_store_does_not_open_when_one_primary_may_evict(
+    cluster: RedisClusterGroup,
+) -> None:
+    """Every primary holds topics: one that evicts is as bad as all of them."""
+    node = cluster.client(cluster.master_ports()[-1])
+    node.config_set("maxmemory", 100 * 1024 * 1024)
+    node.config_set("maxmemory-policy", "volatile-lru")
+    store = open_store(cluster.url)
+    try:
+        with pytest.raises(StoreMisconfigured, match="maxmemory-policy volatile-lru"):
+            await store.open()
+    finally:
+        await store.close()
+        node.config_set("maxmemory-policy", "noeviction")
+        node.config_set("maxmemory", 0)
