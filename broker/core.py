@@ -7,6 +7,7 @@ edge.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -224,8 +225,12 @@ class Broker:
         return _info(topic, state)
 
     async def ready(self) -> bool:
+        """Whether the store answers a PING within a second: a probe's own timeout is
+        often one second (Kubernetes'), and a Redis that went silent took the reply
+        timeout, 5 s, to be called down (audit)."""
         try:
-            await self.store.ping()
-        except StoreUnavailable:
+            async with asyncio.timeout(c.READY_PING_TIMEOUT_S):
+                await self.store.ping()
+        except (StoreUnavailable, TimeoutError):
             return False
         return True

@@ -7,6 +7,7 @@ connections from here, so neither imports the other for them.
 from __future__ import annotations
 
 import contextlib
+import socket
 from typing import Any
 
 from redis.asyncio.retry import Retry
@@ -31,7 +32,20 @@ def client_options() -> dict[str, Any]:
         "socket_connect_timeout": 2.0,
         "socket_timeout": c.REDIS_REPLY_TIMEOUT_SECONDS,
         "retry": Retry(NoBackoff(), 0),
+    } | keepalive_options()
+
+
+def keepalive_options() -> dict[str, Any]:
+    """TCP keepalives on every connection (see ``REDIS_KEEPALIVE``): a connection that
+    a middlebox dropped in silence while it idled failed its next command after the
+    5 s reply timeout, every command on it with it (audit)."""
+    names = ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")  # (Linux's; macOS lacks the first)
+    tuning = {
+        getattr(socket, name): value
+        for name, value in zip(names, c.REDIS_KEEPALIVE, strict=True)
+        if hasattr(socket, name)
     }
+    return {"socket_keepalive": True, "socket_keepalive_options": tuning}
 
 
 def reader_options() -> dict[str, Any]:

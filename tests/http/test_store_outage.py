@@ -173,3 +173,24 @@ async def test_once_redis_is_back_every_publish_succeeds(
             assert [r.status_code for r in answers] == [201] * BURST, (
                 f"outage {outage}: " + "; ".join(r.text for r in answers if r.status_code != 201)
             )
+
+
+async def test_readyz_store_says_503_within_a_probes_second_when_redis_froze(
+    private_redis: RedisServer, broker_on_private_redis: BrokerProcess
+) -> None:
+    """A probe's own timeout is often one second (Kubernetes'): a Redis gone silent was
+    called down only after the reply timeout, 5 s, and the probe saw a timeout."""
+    assert private_redis.process is not None
+    async with httpx.AsyncClient(base_url=broker_on_private_redis.url, timeout=3) as client:
+        assert (await client.get("/readyz/store")).status_code == 200
+        private_redis.process.send_signal(signal.SIGSTOP)
+        try:
+            frozen = await client.get("/readyz/store")
+        finally:
+            private_redis.process.send_signal(signal.SIGCONT)
+        assert frozen.status_code == 503, frozen.text
+        await await_until(lambda: _ready(client), timeout=10, interval=0.1, what="not ready again")
+
+
+async def _ready(client: httpx.AsyncClient) -> bool:
+    return (await client.get("/readyz/store")).status_code == 200

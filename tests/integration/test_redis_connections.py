@@ -13,6 +13,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -247,3 +248,35 @@ async def test_a_connection_the_server_closed_while_idle_is_not_handed_out(
     finally:
         await probe.aclose()
         await store.close()
+
+
+def keepalive_timers(redis_port: int) -> list[tuple[int, float]]:
+    """This machine's TCP connections to the port, as the kernel lists them: each one's
+    active timer (2: keepalive) and seconds until it fires (/proc/net/tcp, USER_HZ 100)."""
+    timers = []
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        remote_port, state = int(fields[2].split(":")[1], 16), fields[3]
+        if remote_port == redis_port and state == "01":  # ESTABLISHED, client side
+            timer, when = fields[5].split(":")
+            timers.append((int(timer, 16), int(when, 16) / 100))
+    return timers
+
+
+async def test_every_connection_to_redis_sends_keepalives(private_redis: RedisServer) -> None:
+    """A NAT or load balancer that forgets an idle flow in silence left the broker's
+    idle connections dead: the next command on each waited 5 s for nothing (audit).
+    Keepalives every 30 s of idleness keep the flow, or find it gone."""
+    broker = Broker(open_store(private_redis.url, pool_size=2))
+    await broker.start()
+    try:
+        topic = f"keepalive-{uuid.uuid4().hex[:8]}"
+        subscription = await broker.subscribe({topic: "now"})  # a live lane, blocked
+        await broker.publish(topic, [NewEvent("1")])  # the appends' connection
+        timers = keepalive_timers(private_redis.port)
+        print("TIMERS", timers)
+        assert len(timers) >= 2 + 1 + 1, timers  # the pool, appends, a lane
+        assert all(timer == 2 and when <= c.REDIS_KEEPALIVE[0] for timer, when in timers), timers
+        subscription.close()
+    finally:
+        await broker.close()
