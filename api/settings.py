@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     publish_timeout_seconds: float = Field(5.0, gt=0)
     publish_durability: Literal["leader", "replicated"] = "leader"
     # A Redis that may evict keys (a maxmemory-policy other than noeviction) loses or
-    # repeats events in silence: refused unless allowed (broker/redis_memory.py).
+    # repeats events in silence: refused unless allowed (broker/redis_checks.py).
     redis_eviction: Literal["refuse", "allow"] = "refuse"
     shutdown_grace_seconds: float = Field(5.0, gt=0)
     head_timeout_seconds: float = Field(c.DEFAULT_HEAD_TIMEOUT_SECONDS, gt=0)

@@ -178,7 +178,7 @@ RECONNECT_BACKOFF_MIN = 0.05
 RECONNECT_BACKOFF_MAX = 2.0
 # How long a replicated publish waits for a replica to confirm (ms).
 REPLICA_CONFIRM_MS = 2000
-# Redis's memory limit (broker/redis_memory.py): how often the memory policy is read
+# Redis's memory limit (broker/redis_checks.py): how often the memory policy is read
 # again (s), and the Retry-After of a write refused for want of memory, or because
 # Redis may evict (s).
 EVICTION_CHECK_S = 30.0

@@ -35,8 +35,8 @@ from broker.errors import (
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
 from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
+from broker.redis_checks import EvictionGuard, ThrottledLog, is_misconfiguration, probe_rights
 from broker.redis_live import AnyLiveReader, LiveReader, LocalWrites
-from broker.redis_memory import EvictionGuard, ThrottledLog
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
 from broker.redis_pools import FixedPool, open_cluster_pools
 from broker.redis_primary import PrimaryWatch
@@ -200,6 +200,7 @@ def _not_stored(reason: str, cause: BaseException) -> StoreUnavailable:
     return error
 
 
+SEE_PERMISSIONS = "see the README's Redis permissions"
 STORE_FULL = (
     "redis is out of memory (maxmemory): nothing of this request was stored; "
     "retry later (with the same Idempotency-Key)"
@@ -230,7 +231,7 @@ class RedisStreamStore:
         allow_eviction: bool = False,
     ) -> None:
         """``primary_watch``: a Sentinel store's (see ``redis_primary``);
-        ``allow_eviction``: run on a Redis that may evict keys (see ``redis_memory``)."""
+        ``allow_eviction``: run on a Redis that may evict keys (see ``redis_checks``)."""
         self._client = client
         self._primary_watch = primary_watch
         self._watching: asyncio.Task[None] | None = None
@@ -267,6 +268,7 @@ class RedisStreamStore:
         self._eviction = EvictionGuard(self._memory_infos, allow=allow_eviction)
         self._eviction_watch: asyncio.Task[None] | None = None
         self._memory_warning = ThrottledLog(c.EVICTION_CHECK_S)
+        self._refusal_warning = ThrottledLog(c.EVICTION_CHECK_S)
 
     async def append(
         self,
@@ -556,7 +558,9 @@ class RedisStreamStore:
 
     async def open(self) -> None:
         """Open the connections now rather than on first use: the command pool, whole,
-        and the live reader's. Best effort: while Redis is down they open later."""
+        and the live reader's, and try the rights the broker needs (``redis_checks``).
+        Best effort: while Redis is down they open later; raises StoreMisconfigured
+        for a refusal that waiting will not mend."""
         try:
             if isinstance(self._client, RedisCluster):
                 await open_cluster_pools(self._client)
@@ -565,7 +569,13 @@ class RedisStreamStore:
             if self._pipeline is not None:
                 await self._pipeline.open()
             await self._live.open()
+            if self.durable:
+                scripts = [self._append_script, self._range_script, self._delete_script]
+                await probe_rights(self._client, scripts, self._state_script)
         except REDIS_FAILURES as error:
+            if is_misconfiguration(error):
+                said = f"redis refuses what the broker needs: {error} ({SEE_PERMISSIONS})"
+                raise StoreMisconfigured(said) from error
             log.warning("redis: could not open the connections yet: %s", error)
         if self.durable:
             await self._guard_against_eviction()
@@ -652,6 +662,8 @@ class RedisStreamStore:
         except ResponseError as error:
             if "UNBLOCKED" in str(error):
                 raise
+            if is_misconfiguration(error):  # (an ACL changed while it ran, a right unlisted)
+                self._refusal_warning.say("redis refused a command: %s", error)
             raise StoreUnavailable(f"redis refused the command: {error}") from error
         except REDIS_FAILURES as error:
             await drop_idle_connections(self._client)

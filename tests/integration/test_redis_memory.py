@@ -159,7 +159,7 @@ async def test_a_redis_user_that_may_not_read_info_is_warned_of_not_refused(
     url = f"redis://broker:secret@127.0.0.1:{small_redis.port}/0"
     store = open_store(url)
     try:
-        with caplog.at_level(logging.WARNING, logger="broker.redis_memory"):
+        with caplog.at_level(logging.WARNING, logger="broker.redis_checks"):
             await store.open()
         assert "cannot read maxmemory-policy" in caplog.text
         assert (await store.append(new_topic(), [NewEvent("1")])).ids

@@ -37,7 +37,7 @@ REDIS_MODULES = {
     "redis_options.py",
     "redis_open.py",
     "redis_primary.py",
-    "redis_memory.py",
+    "redis_checks.py",
 }
 
 

@@ -1,16 +1,24 @@
-"""Redis's memory limit, and what the broker does about it.
+"""What the broker checks of its Redis: that it may do its work, and keeps its keys.
 
-At ``maxmemory`` Redis either refuses writes or evicts keys to make room, by its
-``maxmemory-policy``. Refused writes are safe: an append is refused whole (see
-append.lua), answered 503 "Store full", and retried. Eviction is not: it takes a
-topic's keys one by one, and none of it can be told to a client: an idempotency
-record gone, a publisher's retry is stored twice; a topic's meta hash gone, its log
-is sent again under the ids its clients already have, and a closed topic opens
-again (audit: ``volatile-lru``, the default of several hosted Redis services, evicts
-the records first, the only keys with a TTL when topics have none). So the broker
-runs only on a Redis that does not evict: it does not start on one that does, and
-refuses writes if the policy changes under it, unless ``BROKER_REDIS_EVICTION=allow``
-says that loss is accepted.
+**Rights.** At start the store runs once what every publish and stream needs
+(loading the scripts, a script reading a topic's keys, a write in the broker's key
+space, ``CLIENT ID``). A refusal that waiting will not mend (a password, an ACL, a
+database that does not exist, a read-only replica given as the primary) stops the
+broker there, naming it: it had started, said ready, and answered every publish
+503 (audit of hosted Redis setups). Redis unreachable at start is not one of those:
+the connections open once it answers.
+
+**Memory.** At ``maxmemory`` Redis either refuses writes or evicts keys to make
+room, by its ``maxmemory-policy``. Refused writes are safe: an append is refused
+whole (see append.lua), answered 503 "Store full", and retried. Eviction is not: it
+takes a topic's keys one by one, and none of it can be told to a client: an
+idempotency record gone, a publisher's retry is stored twice; a topic's meta hash
+gone, its log is sent again under the ids its clients already have, and a closed
+topic opens again (audit: ``volatile-lru``, the default of several hosted Redis
+services, evicts the records first, the only keys with a TTL when topics have
+none). So the broker runs only on a Redis that does not evict: it does not start on
+one that does, and refuses writes if the policy changes under it, unless
+``BROKER_REDIS_EVICTION=allow`` says that loss is accepted.
 """
 
 from __future__ import annotations
@@ -18,10 +26,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    ReadOnlyError,
+    ResponseError,
+)
 
 from broker import constants as c
 from broker.redis_options import REDIS_FAILURES
@@ -29,6 +43,33 @@ from broker.redis_options import REDIS_FAILURES
 log = logging.getLogger(__name__)
 
 SAFE_POLICY = "noeviction"
+PROBE_TOPIC = "rights-probe!"
+"""The keys the start-up probe names: no topic can be named so (``!``)."""
+
+
+MISCONFIGURED = ("DB index", "unknown command", "The user executing the script can't")
+"""What such refusals say as a plain ERR (a script's ACL refusal is not a NOPERM)."""
+
+
+def is_misconfiguration(error: BaseException) -> bool:
+    """A refusal that waiting will not mend (unlike an outage, a failover, a load)."""
+    if isinstance(error, AuthenticationError | NoPermissionError | ReadOnlyError):
+        return True
+    said = str(error)
+    return isinstance(error, ResponseError) and any(words in said for words in MISCONFIGURED)
+
+
+async def probe_rights(client: Any, scripts: Sequence[AsyncScript], state: AsyncScript) -> None:
+    """Run once what every publish and stream needs; raises what Redis refuses.
+
+    ``state`` (state.lua) reads a topic's keys; the PEXPIRE of a key that does not
+    exist writes nothing, but Redis checks it as a write (the ACL's key patterns,
+    a replica's READONLY)."""
+    for script in scripts:
+        await client.script_load(script.script)
+    keys = [c.log_key(PROBE_TOPIC), c.meta_key(PROBE_TOPIC)]
+    await state(keys=keys, args=[0])
+    await client.pexpire(keys[1], 1)
 
 
 class ThrottledLog:

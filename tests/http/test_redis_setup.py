@@ -1,8 +1,9 @@
-"""A broker process on a real redis-server at its memory limit, or one that may evict.
+"""A broker process on a real redis-server set up in a way it cannot work with.
 
 Full (``noeviction``): a publish is 503 "Store full" with a Retry-After, nothing of it
 stored. Evicting: ``broker serve`` does not start (evicted keys lose or repeat events,
-and nothing could tell a client), unless ``BROKER_REDIS_EVICTION=allow``.
+and nothing could tell a client), unless ``BROKER_REDIS_EVICTION=allow``. A password
+or a right that is wrong: it does not start either, naming it.
 """
 
 from __future__ import annotations
@@ -106,3 +107,16 @@ async def test_an_ingest_cut_by_a_full_redis_says_what_it_stored(
     finally:
         await admin.config_set("maxmemory", 0)
         broker.close()
+
+
+async def test_broker_serve_does_not_start_with_a_wrong_password(
+    own_redis: RedisServer, admin: redis.Redis
+) -> None:
+    """It started, said ready, and answered every publish 503 (hosted-Redis audit)."""
+    await admin.config_set("requirepass", "right")
+    url = f"redis://:wrong@127.0.0.1:{own_redis.port}/0"
+    with pytest.raises(RuntimeError, match="broker exited early") as failed:
+        await asyncio.to_thread(BrokerProcess(redis_url=url).start)
+    said = str(failed.value)
+    assert "redis refuses what the broker needs" in said and "Redis permissions" in said, said
+    assert "wrong" not in said.replace("wrongpass", ""), said  # (the password is not shown)

@@ -1,0 +1,153 @@
+"""The rights the broker needs of Redis (the README's Redis permissions), and what
+happens without them: a refusal that waiting will not mend stops the store at open,
+naming it (it had opened, said ready, and answered every publish 503)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as redis
+
+from broker import Broker, NewEvent
+from broker.errors import StoreMisconfigured
+from broker.redis_open import open_store
+from tests.support.redis_server import RedisServer
+from tests.support.sse import collect
+
+# The README's list, as an ACL: the commands the broker sends, and those its scripts run.
+NEEDED = (
+    "+evalsha +script|load +xread +scan +ping +time +info +client|id +client|unblock "
+    "+wait +select +auth +hello "
+    "+xadd +xtrim +xrange +xrevrange +xlen +xinfo|stream +xsetid +del +exists +hdel +hget "
+    "+hmget +hset +persist +pexpire +pttl +zadd +zrangebyscore +zrem +zscore"
+).split()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    server = RedisServer(appendonly=False).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def admin(own_redis: RedisServer) -> AsyncIterator[redis.Redis]:
+    client = redis.Redis.from_url(own_redis.url)
+    yield client
+    await client.aclose()
+
+
+async def user_url(
+    admin: redis.Redis, server: RedisServer, commands: list[str], keys: str = "broker:*"
+) -> str:
+    name = f"u{uuid.uuid4().hex[:8]}"
+    await admin.acl_setuser(
+        name, enabled=True, passwords=["+pw"], keys=[keys], commands=["-@all", *commands]
+    )
+    return f"redis://{name}:pw@127.0.0.1:{server.port}/0"
+
+
+async def test_a_user_with_the_listed_rights_does_everything(
+    own_redis: RedisServer, admin: redis.Redis
+) -> None:
+    broker = Broker(open_store(await user_url(admin, own_redis, list(NEEDED))))
+    await broker.start()
+    try:
+        topic = f"rights-{uuid.uuid4().hex[:8]}"
+        first = await broker.publish(topic, [NewEvent("1")], idempotency_key="k")
+        again = await broker.publish(topic, [NewEvent("1")], idempotency_key="k")
+        assert again.replayed and again.ids == first.ids
+        subscription = await broker.subscribe({topic: first.ids[0]})
+        try:
+            await broker.publish(topic, [NewEvent("2"), NewEvent("3")])
+            await broker.close_topic(topic)
+            events = await collect(subscription.chunks(), lambda got: len(got) >= 3)
+            assert [e.data for e in events] == ["2", "3", "{}"]
+            assert events[-1].event == "broker.end"
+        finally:
+            subscription.close()
+        assert len((await broker.history(topic, after=None, limit=10)).events) == 4
+        assert (await broker.topic_info(topic)).length == 4
+        assert await broker.delete_topic(topic)
+    finally:
+        await broker.close()
+
+
+@pytest.mark.parametrize(
+    ("without", "said"),
+    [
+        ("+evalsha", "evalsha"),
+        ("+script|load", "script|load"),
+        ("+client|id", "client|id"),
+        ("+pexpire", "pexpire"),
+        ("+hmget", "can't run this command"),  # (run by the state script)
+    ],
+)
+async def test_a_right_missing_stops_the_store_at_open(
+    own_redis: RedisServer, admin: redis.Redis, without: str, said: str
+) -> None:
+    rights = [right for right in NEEDED if right != without]
+    store = open_store(await user_url(admin, own_redis, rights))
+    try:
+        with pytest.raises(StoreMisconfigured, match=said):
+            await store.open()
+    finally:
+        await store.close()
+
+
+async def test_keys_outside_the_users_pattern_stop_the_store_at_open(
+    own_redis: RedisServer, admin: redis.Redis
+) -> None:
+    store = open_store(await user_url(admin, own_redis, list(NEEDED), keys="app:*"))
+    try:
+        with pytest.raises(StoreMisconfigured, match="keys"):
+            await store.open()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("url_of", "said"),
+    [
+        (lambda port: f"redis://:wrong@127.0.0.1:{port}/0", "invalid"),
+        (lambda port: f"redis://127.0.0.1:{port}/99", "DB index"),
+    ],
+    ids=["wrong-password", "no-such-db"],
+)
+async def test_a_wrong_password_or_database_stops_the_store_at_open(
+    own_redis: RedisServer, admin: redis.Redis, url_of: object, said: str
+) -> None:
+    await admin.config_set("requirepass", "right")
+    try:
+        assert callable(url_of)
+        url = url_of(own_redis.port)
+        if "/99" in url:
+            url = url.replace("redis://", "redis://:right@")
+        store = open_store(url)
+        try:
+            with pytest.raises(StoreMisconfigured, match=said):
+                await store.open()
+        finally:
+            await store.close()
+    finally:
+        await admin.config_set("requirepass", "")
+
+
+async def test_a_read_only_replica_given_as_the_primary_stops_the_store_at_open(
+    own_redis: RedisServer,
+) -> None:
+    """It served reads, said ready, and refused every write: a load balancer kept it."""
+    replica = RedisServer(
+        appendonly=False, extra_args=["--replicaof", "127.0.0.1", str(own_redis.port)]
+    ).start()
+    try:
+        store = open_store(replica.url)
+        try:
+            with pytest.raises(StoreMisconfigured, match="read only"):
+                await store.open()
+        finally:
+            await store.close()
+    finally:
+        replica.close()
