@@ -14,7 +14,6 @@ from pathlib import Path
 import hiredis
 import pytest
 import redis.asyncio as redis
-import trustme
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 
 from broker import NewEvent
@@ -22,6 +21,7 @@ from broker.redis_open import open_store
 from broker.redis_raw import RawConnection
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.tls import TlsFiles
 
 TIMEOUT = 0.5
 
@@ -145,24 +145,11 @@ async def test_a_redis_that_is_down_fails_the_batch_and_one_that_is_back_serves(
 
 async def test_appends_travel_over_tls_when_the_url_asks_for_it(tmp_path: Path) -> None:
     """``rediss://``: redis-py opens the connection with TLS, and the protocol that takes
-    the socket over reads and writes through it (the server has no plain port)."""
-    authority = trustme.CA()
-    certificate = authority.issue_cert("127.0.0.1")
-    files = {"cert": tmp_path / "cert.pem", "key": tmp_path / "key.pem", "ca": tmp_path / "ca.pem"}
-    certificate.cert_chain_pems[0].write_to_path(files["cert"])
-    certificate.private_key_pem.write_to_path(files["key"])
-    authority.cert_pem.write_to_path(files["ca"])
+    the socket over reads and writes through it (the URL names only the TLS port)."""
+    files = TlsFiles.make(tmp_path)
     tls_port = free_port()
-    server = RedisServer(
-        extra_args=[
-            "--tls-port", str(tls_port),
-            "--tls-cert-file", str(files["cert"]),
-            "--tls-key-file", str(files["key"]),
-            "--tls-ca-cert-file", str(files["ca"]),
-            "--tls-auth-clients", "no",
-        ]
-    ).start()  # fmt: skip
-    store = open_store(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={files['ca']}")
+    server = RedisServer(extra_args=files.server_args(tls_port)).start()
+    store = open_store(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={files.ca}")
     try:
         await store.open()
         results = await asyncio.gather(*(store.append("tls", [NewEvent(f"{n}")]) for n in range(5)))

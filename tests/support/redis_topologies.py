@@ -24,6 +24,7 @@ import redis
 
 from tests.support.polling import wait_until
 from tests.support.redis_server import REDIS_SERVER, RedisServer, free_port, redis_ping
+from tests.support.tls import TlsFiles
 
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 T = TypeVar("T")
@@ -266,13 +267,18 @@ class RedisClusterGroup:
     """A Redis Cluster of ``masters`` primaries, each with ``replicas`` replicas, on loopback.
 
     ``cluster-node-timeout`` is 1 s, so a replica takes over a killed primary's
-    slots within a few seconds.
+    slots within a few seconds. With ``tls``, each node has a TLS port too
+    (``tls_ports``, by plain port), and the nodes talk to each other over TLS; a
+    client on a TLS port is told the others' TLS ports, the helpers here keep to the
+    plain ones.
     """
 
-    def __init__(self, *, masters: int = 3, replicas: int = 0) -> None:
+    def __init__(self, *, masters: int = 3, replicas: int = 0, tls: TlsFiles | None = None) -> None:
         self._masters = masters
         self._replicas = replicas
+        self._tls = tls
         self.servers: dict[int, RedisServer] = {}
+        self.tls_ports: dict[int, int] = {}
         self._clients = _Clients()
 
     @property
@@ -318,8 +324,14 @@ class RedisClusterGroup:
             "--cluster-port", str(free_port()),
             "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
+        tls_port = free_port() if self._tls is not None else 0
+        if self._tls is not None:
+            args += self._tls.server_args(tls_port)
+            args += ["--tls-cluster", "yes", "--tls-replication", "yes"]
         server = RedisServer(appendonly=False, extra_args=args).start()
         self.servers[server.port] = server
+        if self._tls is not None:
+            self.tls_ports[server.port] = tls_port
 
     def _create(self) -> None:
         nodes = [f"127.0.0.1:{port}" for port in self.servers]
@@ -404,3 +416,4 @@ class RedisClusterGroup:
         for server in self.servers.values():
             server.close()
         self.servers.clear()
+        self.tls_ports.clear()
