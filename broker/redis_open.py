@@ -7,7 +7,6 @@ Parses the URL, builds the command client (its pool), the live reader, and the
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import ClusterNode
@@ -23,6 +22,15 @@ from broker.redis_options import client_options, pool_options, reader_options
 from broker.redis_pools import BoundedCluster, FixedPool, FixedSentinelPool
 from broker.redis_primary import PrimaryWatch, WatchedSentinelPool
 from broker.redis_store import NodeClientFactory, RedisStreamStore
+from broker.redis_urls import (
+    REDIS_PORT,
+    SENTINEL_PORT,
+    ServersUrl,
+    check_database_path,
+    cluster_options,
+    sentinel_service,
+    split_servers_url,
+)
 
 
 def open_store(
@@ -35,11 +43,15 @@ def open_store(
 ) -> RedisStreamStore:
     """A store for a URL: one Redis, Sentinel, Cluster; the embedded store when empty.
 
-    - ``redis://``, ``rediss://``, ``unix://``: one Redis server;
-    - ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]``:
-      the primary that the Sentinels name ``service``, followed across failovers;
-    - ``redis+cluster://[:password@]host:port[,host:port...]`` (or ``rediss+cluster``):
-      a Redis Cluster, from any of its nodes.
+    - ``redis://``, ``rediss://``, ``unix://``: one Redis server (``/db`` a number);
+    - ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``:
+      the primary that the Sentinels name ``service``, followed across failovers
+      (not ``rediss+sentinel``: no TLS through Sentinel);
+    - ``redis+cluster://[[user]:password@]host:port[,host:port...][/][?options]`` (or
+      ``rediss+cluster`` with the TLS options of ``redis_urls.TLS_OPTIONS``): a Redis
+      Cluster, from any of its nodes.
+
+    A URL with anything that would not be used (a path, an option) is a ValueError.
 
     Each process keeps ``pool_size`` command connections per Redis server (per
     Cluster primary), all opened by ``RedisStreamStore.open``, and one for the live
@@ -57,34 +69,22 @@ def open_store(
     }
     scheme = url.partition("://")[0].lower()
     if scheme.endswith("+sentinel"):
-        return _sentinel_store(url, **options)
+        return _sentinel_store(split_servers_url(url, SENTINEL_PORT), **options)
     if scheme.endswith("+cluster"):
-        return _cluster_store(url, observer, **options)
+        return _cluster_store(split_servers_url(url, REDIS_PORT), observer, **options)
+    check_database_path(url)
     pool = FixedPool.from_url(url, **pool_options(pool_size))
     client = redis.Redis.from_pool(pool)
     reader = redis.Redis.from_url(url, single_connection_client=True, **reader_options())
     return RedisStreamStore(client, LiveReader(reader, client), **options)
 
 
-def _hosts_and_rest(url: str) -> tuple[list[tuple[str, int]], str | None, str]:
-    """``scheme://[:pw@]h1:p1,h2:p2/rest`` -> hosts, password, rest."""
-    netloc, _, rest = url.partition("://")[2].partition("/")
-    credentials, _, hosts = netloc.rpartition("@")
-    password = unquote(credentials.partition(":")[2]) if credentials else None
-    pairs = []
-    for host in hosts.split(","):
-        name, _, port = host.rpartition(":")
-        pairs.append((name or host, int(port or 6379)) if name else (host, 26379))
-    return pairs, password or None, rest
-
-
-def _sentinel_store(url: str, **options: Any) -> RedisStreamStore:
-    hosts, password, rest = _hosts_and_rest(url)
-    service, _, db = rest.partition("/")
-    if not service:
-        raise ValueError("a Sentinel URL names its service: redis+sentinel://h:26379/mymaster")
-    kwargs = client_options() | {"password": password, "db": int(db or 0)}
-    sentinel = Sentinel(hosts, sentinel_kwargs=client_options(), **kwargs)  # type: ignore[no-untyped-call]
+def _sentinel_store(url: ServersUrl, **options: Any) -> RedisStreamStore:
+    service, db = sentinel_service(url)
+    # The URL's credentials log in to the primary (both pools), not to the Sentinels:
+    # those have their own (often none; AUTH to one without a password fails).
+    kwargs = client_options() | url.credentials() | {"db": db}
+    sentinel = Sentinel(url.hosts, sentinel_kwargs=client_options(), **kwargs)  # type: ignore[no-untyped-call]
     client = sentinel.master_for(
         service, connection_pool_class=FixedSentinelPool, **pool_options(options["pool_size"])
     )
@@ -103,12 +103,10 @@ def _sentinel_store(url: str, **options: Any) -> RedisStreamStore:
     )
 
 
-def _cluster_store(url: str, observer: Observer | None, **options: Any) -> RedisStreamStore:
-    hosts, password, _ = _hosts_and_rest(url)
-    tls = url.lower().startswith("rediss")
-    common: dict[str, Any] = {"password": password, "ssl": tls}
+def _cluster_store(url: ServersUrl, observer: Observer | None, **options: Any) -> RedisStreamStore:
+    common = cluster_options(url)  # the same login and TLS for every client below
     cluster = BoundedCluster(
-        startup_nodes=[ClusterNode(host, port) for host, port in hosts],
+        startup_nodes=[ClusterNode(host, port) for host, port in url.hosts],
         socket_connect_timeout=2.0,
         socket_timeout=5.0,
         retry=Retry(NoBackoff(), 0),  # a retried append could store twice; MOVED is still followed
@@ -123,15 +121,16 @@ def _cluster_store(url: str, observer: Observer | None, **options: Any) -> Redis
     )
     reader = reader_options() | common | {"single_connection_client": True}
     live = ClusterLiveReader(cluster, reader, observer)
-    node_client = _node_client_factory(password, tls, options["pool_size"])
+    node_client = _node_client_factory(common, options["pool_size"])
     return RedisStreamStore(cluster, live, node_client=node_client, **options)
 
 
-def _node_client_factory(password: str | None, tls: bool, size: int) -> NodeClientFactory:
+def _node_client_factory(common: dict[str, Any], size: int) -> NodeClientFactory:
     """Clients of single Cluster nodes (the WAIT of replicated appends), logged in and
-    encrypted as the cluster client is: without them a password or TLS Cluster refuses."""
-    options = pool_options(size) | {"password": password}
-    if tls:
+    encrypted as the cluster client is: without them a password or TLS Cluster refuses.
+    ``common``: the cluster client's options of ``cluster_options``."""
+    options = pool_options(size) | common
+    if options.pop("ssl"):  # a pool takes no ssl=, but its connection class
         options["connection_class"] = SSLConnection  # what ssl=True picks in redis-py
 
     def open_node_client(host: str, port: int) -> redis.Redis:

@@ -43,7 +43,7 @@ async def test_a_replicated_publish_on_a_cluster_with_a_password(
 
 
 async def test_a_tls_clusters_node_clients_use_tls_and_its_password() -> None:
-    """No TLS server in the suite: the node client's pool is checked, unopened."""
+    """The node client's pool, unopened (test_redis_url_logins runs a TLS Cluster)."""
     store = open_store("rediss+cluster://:secret@127.0.0.1:1", durability="replicated")
     try:
         client = store._open_node_client("127.0.0.1", 1)
