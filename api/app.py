@@ -31,6 +31,7 @@ from api.publish import PublishEndpoint
 from api.settings import Settings, split_list
 from api.sse import EventStreamResponse, OpenStreams
 from broker import Broker, BrokerError, BrokerLimits, open_store
+from broker import constants as c
 from broker.policy import TopicPolicy
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ def build_broker(settings: Settings) -> Broker:
         idempotency_seconds=settings.idempotency_seconds,
         durability=settings.publish_durability,
         allow_eviction=settings.redis_eviction == "allow",
+        # (a publish may wait that long, however slow Redis's replies are meanwhile)
+        append_timeout=max(c.REDIS_REPLY_TIMEOUT_SECONDS, settings.publish_timeout_seconds),
         observer=observer,
     )
     limits = BrokerLimits(

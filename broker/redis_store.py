@@ -85,10 +85,13 @@ class _AppendPipeline:
     re-sends only the appends that got it, which were not executed.
     """
 
-    def __init__(self, client: redis.Redis, script: AsyncScript, *, raw: bool) -> None:
+    def __init__(
+        self, client: redis.Redis, script: AsyncScript, *, raw: bool, timeout: float | None = None
+    ) -> None:
+        """``timeout``: how long the appends' replies may take (see ``RedisStreamStore``)."""
         self._client = client
         # Real Redis: packed by hiredis, on a connection of its own; fakeredis: redis-py's pipeline.
-        self._connection = RawConnection(client.connection_pool) if raw else None
+        self._connection = RawConnection(client.connection_pool, timeout) if raw else None
         self._script = script  # registered once by the store: its text and SHA
         self._queue: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
         self._in_flight: set[asyncio.Future[None]] = set()
@@ -229,9 +232,13 @@ class RedisStreamStore:
         local_writes: LocalWrites | None = None,
         primary_watch: PrimaryWatch | None = None,
         allow_eviction: bool = False,
+        append_timeout: float | None = None,
     ) -> None:
         """``primary_watch``: a Sentinel store's (see ``redis_primary``);
-        ``allow_eviction``: run on a Redis that may evict keys (see ``redis_checks``)."""
+        ``allow_eviction``: run on a Redis that may evict keys (see ``redis_checks``);
+        ``append_timeout``: how long appends' replies may take before their connection
+        is taken for dead (default: the reply timeout of every command, 5 s; a
+        publisher allowed longer, ``BROKER_PUBLISH_TIMEOUT_SECONDS``, got a 503 at 5 s)."""
         self._client = client
         self._primary_watch = primary_watch
         self._watching: asyncio.Task[None] | None = None
@@ -252,7 +259,7 @@ class RedisStreamStore:
         self._idempotency_seconds = idempotency_seconds
         self._append_script = client.register_script(_lua("append.lua"))
         self._pipeline = (
-            _AppendPipeline(client, self._append_script, raw=durable)
+            _AppendPipeline(client, self._append_script, raw=durable, timeout=append_timeout)
             if not isinstance(client, RedisCluster)
             else None
         )

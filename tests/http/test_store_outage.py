@@ -194,3 +194,35 @@ async def test_readyz_store_says_503_within_a_probes_second_when_redis_froze(
 
 async def _ready(client: httpx.AsyncClient) -> bool:
     return (await client.get("/readyz/store")).status_code == 200
+
+
+async def test_a_publish_waits_as_long_as_its_timeout_allows_past_five_seconds(
+    private_redis: RedisServer,
+) -> None:
+    """BROKER_PUBLISH_TIMEOUT_SECONDS above 5 had no effect: the appends' connection
+    was taken for dead after the 5 s reply timeout, and the publish answered 503 while
+    Redis, merely slow, stored it (latency audit)."""
+    broker = BrokerProcess(
+        redis_url=private_redis.url, env={"BROKER_PUBLISH_TIMEOUT_SECONDS": "12"}
+    ).start()
+    assert private_redis.process is not None
+    try:
+        async with httpx.AsyncClient(base_url=broker.url, timeout=20) as client:
+            topic = new_topic()
+            await publish_many(client, topic, ["seed"])
+            private_redis.process.send_signal(signal.SIGSTOP)
+            thaw = asyncio.get_running_loop().call_later(
+                6.5, private_redis.process.send_signal, signal.SIGCONT
+            )
+            try:
+                slow = await client.post(f"/topics/{topic}/events", json={"data": "slow"})
+            finally:
+                thaw.cancel()
+                private_redis.process.send_signal(signal.SIGCONT)
+            assert slow.status_code == 201, slow.text
+            history = await client.get(
+                f"/topics/{topic}/events", headers={"Accept": "application/json"}
+            )
+            assert [e["data"] for e in history.json()["events"]] == ["seed", "slow"]
+    finally:
+        broker.close()
