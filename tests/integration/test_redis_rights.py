@@ -14,6 +14,7 @@ from broker import Broker, NewEvent
 from broker.errors import StoreMisconfigured
 from broker.redis_open import open_store
 from tests.support.redis_server import RedisServer
+from tests.support.redis_topologies import RedisClusterGroup
 from tests.support.sse import collect
 
 # The README's list, as an ACL: the commands the broker sends, and those its scripts run.
@@ -23,6 +24,8 @@ NEEDED = (
     "+xadd +xtrim +xrange +xrevrange +xlen +xinfo|stream +xsetid +del +exists +hdel +hget "
     "+hmget +hset +persist +pexpire +pttl +zadd +zrangebyscore +zrem +zscore"
 ).split()
+
+CLUSTER_NEEDED = "+cluster|slots +command +asking".split()  # (ASKING: slots migrating)
 
 
 @pytest.fixture
@@ -151,3 +154,32 @@ async def test_a_read_only_replica_given_as_the_primary_stops_the_store_at_open(
             await store.close()
     finally:
         replica.close()
+
+
+async def test_a_cluster_user_needs_only_the_listed_rights_and_the_cluster_ones() -> None:
+    cluster = RedisClusterGroup(masters=3).start()
+    try:
+        rights = [*NEEDED, *CLUSTER_NEEDED]
+        for port in cluster.master_ports():
+            cluster.client(port).acl_setuser(
+                "broker", enabled=True, passwords=["+pw"], keys=["broker:*"],
+                commands=["-@all", *rights],
+            )  # fmt: skip
+        nodes = ",".join(f"127.0.0.1:{port}" for port in cluster.master_ports())
+        broker = Broker(open_store(f"redis+cluster://broker:pw@{nodes}"))
+        await broker.start()
+        try:
+            topic = f"rights-{uuid.uuid4().hex[:8]}"
+            subscription = await broker.subscribe({topic: "now"})
+            try:
+                await broker.publish(topic, [NewEvent("1")], idempotency_key="k")
+                events = await collect(subscription.chunks(), lambda got: len(got) >= 1)
+                assert [e.data for e in events] == ["1"]
+            finally:
+                subscription.close()
+            listed, _ = await broker.list_topics(topic, None, 10)
+            assert [t.topic for t in listed] == [topic]
+        finally:
+            await broker.close()
+    finally:
+        cluster.close()
