@@ -102,10 +102,12 @@ def _supervise(settings: Settings, config: dict[str, Any]) -> None:
             supervisor = Supervisor(settings.workers, settings.host, settings.port, config)
         except PortTaken as taken:
             sys.exit(f"broker: {taken}")
-        supervisor.run()
+        code = supervisor.run()
     finally:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
+    if code:
+        sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

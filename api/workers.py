@@ -37,6 +37,7 @@ from typing import Any
 
 import uvicorn
 from prometheus_client import multiprocess
+from uvicorn.config import STARTUP_FAILURE
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_SECONDS = 0.5
@@ -132,8 +133,11 @@ class Supervisor:
         self._workers: list[BaseProcess] = []
         self._count = count
         self._stopping = False
+        self._exit_code = 0
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Serve until a signal (then 0), or until a worker cannot start (then uvicorn's
+        startup failure, 3, as one process would)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         self._workers = [self._spawn(index) for index in range(self._count)]
@@ -141,6 +145,7 @@ class Supervisor:
             wait([w.sentinel for w in self._workers], timeout=1.0)
             self._replace_dead_workers()
         self._drain()
+        return self._exit_code
 
     def _spawn(self, index: int) -> BaseProcess:
         args = (self._sockets[index], self._config, os.getpid())
@@ -150,6 +155,12 @@ class Supervisor:
 
     def _replace_dead_workers(self) -> None:
         for index, worker in enumerate(self._workers):
+            if worker.exitcode == STARTUP_FAILURE and not self._stopping:
+                # Its application could not start (a setting, a Redis that may evict):
+                # another would fail alike, twice a second, for good (seen with a Redis
+                # refused at start: the broker never stopped, never served).
+                log.error("worker %s could not start; stopping the broker", worker.pid)
+                self._stopping, self._exit_code = True, STARTUP_FAILURE
             if worker.exitcode is not None and not self._stopping:
                 log.warning(
                     "worker %s exited with %s; starting another", worker.pid, worker.exitcode

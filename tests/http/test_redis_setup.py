@@ -38,13 +38,18 @@ async def admin(own_redis: RedisServer) -> AsyncIterator[redis.Redis]:
     await client.aclose()
 
 
-def test_broker_serve_does_not_start_on_a_redis_that_may_evict() -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_broker_serve_does_not_start_on_a_redis_that_may_evict(workers: int) -> None:
+    """With workers, the supervisor stops too (it started another worker twice a
+    second, each failing alike, and never exited)."""
     server = RedisServer(appendonly=False, extra_args=EVICTING).start()
     try:
+        broker = BrokerProcess(redis_url=server.url, workers=workers)
         with pytest.raises(RuntimeError, match="broker exited early") as failed:
-            BrokerProcess(redis_url=server.url).start()
+            broker.start()
         said = str(failed.value)
         assert "maxmemory-policy allkeys-lru" in said and "BROKER_REDIS_EVICTION" in said, said
+        assert "starting another" not in said, said
         allowed = BrokerProcess(redis_url=server.url, env={"BROKER_REDIS_EVICTION": "allow"})
         allowed.start()
         try:
