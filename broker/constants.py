@@ -139,11 +139,6 @@ PRIMARY_WATCH_S = 0.25
 # How long a command (an append batch included) waits for Redis's reply before its
 # connection is dropped and the command fails as "store unavailable".
 REDIS_REPLY_TIMEOUT_SECONDS = 5.0
-# Idle Redis connections send TCP keepalives: a NAT or load balancer between that
-# forgets an idle flow (AWS NAT after 350 s, Azure's after 4 min) keeps it, and a
-# path gone silent is found before a command waits on it (seconds: idle, interval,
-# probes).
-REDIS_KEEPALIVE = (30, 10, 3)
 # How long /readyz/store waits for the store's PING (s).
 READY_PING_TIMEOUT_S = 1.0
 # Listing topics: SCAN about the page's limit of keys a call (within these bounds),

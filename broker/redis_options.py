@@ -7,7 +7,6 @@ connections from here, so neither imports the other for them.
 from __future__ import annotations
 
 import contextlib
-import socket
 from typing import Any
 
 from redis.asyncio.retry import Retry
@@ -27,25 +26,16 @@ def client_options() -> dict[str, Any]:
 
     No automatic retries: a retried append after a timeout could store twice.
     Callers retry with an Idempotency-Key; the live reader reconnects itself.
+    TCP keepalives after 30 s idle are redis-py's default on every TCP connection
+    (a NAT or load balancer between keeps an idle flow; a path gone silent is found
+    before a command waits on it): leaned on, not given here (a ``unix://``
+    connection refuses the options), and pinned by test_redis_connections.py.
     """
     return {
         "socket_connect_timeout": 2.0,
         "socket_timeout": c.REDIS_REPLY_TIMEOUT_SECONDS,
         "retry": Retry(NoBackoff(), 0),
-    } | keepalive_options()
-
-
-def keepalive_options() -> dict[str, Any]:
-    """TCP keepalives on every connection (see ``REDIS_KEEPALIVE``): a connection that
-    a middlebox dropped in silence while it idled failed its next command after the
-    5 s reply timeout, every command on it with it (audit)."""
-    names = ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")  # (Linux's; macOS lacks the first)
-    tuning = {
-        getattr(socket, name): value
-        for name, value in zip(names, c.REDIS_KEEPALIVE, strict=True)
-        if hasattr(socket, name)
     }
-    return {"socket_keepalive": True, "socket_keepalive_options": tuning}
 
 
 def reader_options() -> dict[str, Any]:
