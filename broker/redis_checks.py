@@ -51,9 +51,14 @@ MISCONFIGURED = ("DB index", "unknown command", "The user executing the script c
 """What such refusals say as a plain ERR (a script's ACL refusal is not a NOPERM)."""
 
 
-def is_misconfiguration(error: BaseException) -> bool:
-    """A refusal that waiting will not mend (unlike an outage, a failover, a load)."""
-    if isinstance(error, AuthenticationError | NoPermissionError | ReadOnlyError):
+def is_misconfiguration(error: BaseException, *, follows_primary: bool = False) -> bool:
+    """A refusal that waiting will not mend (unlike an outage, a failover, a load).
+
+    READONLY is a replica given as the primary, unless the store follows the primary
+    (Sentinel's): then it is the old primary, demoted by a failover under way."""
+    if isinstance(error, ReadOnlyError):
+        return not follows_primary
+    if isinstance(error, AuthenticationError | NoPermissionError):
         return True
     said = str(error)
     return isinstance(error, ResponseError) and any(words in said for words in MISCONFIGURED)

@@ -580,7 +580,7 @@ class RedisStreamStore:
                 scripts = [self._append_script, self._range_script, self._delete_script]
                 await probe_rights(self._client, scripts, self._state_script)
         except REDIS_FAILURES as error:
-            if is_misconfiguration(error):
+            if is_misconfiguration(error, follows_primary=self._primary_watch is not None):
                 said = f"redis refuses what the broker needs: {error} ({SEE_PERMISSIONS})"
                 raise StoreMisconfigured(said) from error
             log.warning("redis: could not open the connections yet: %s", error)

@@ -236,3 +236,29 @@ def test_hiredis_reads_replies_one_at_a_time() -> None:
     assert reader.gets() is False, f"{where}: an incomplete reply"
     reader.feed(b"c\r\n")
     assert reader.gets() == b"abc", where
+
+
+def test_refusals_that_stop_the_broker_at_start_and_those_that_do_not() -> None:
+    """What waiting will not mend stops it; an outage, a load, a failover do not."""
+    from redis import exceptions as e
+
+    from broker.redis_checks import is_misconfiguration
+
+    lasting = [
+        e.AuthenticationError("WRONGPASS invalid username-password pair"),
+        e.NoPermissionError("this user has no permissions to run the 'evalsha' command"),
+        e.ReadOnlyError("You can't write against a read only replica."),
+        e.ResponseError("DB index is out of range"),
+        e.ResponseError("The user executing the script can't run this command or subcommand"),
+    ]
+    passing = [
+        e.ConnectionError("Connection refused"),
+        e.BusyLoadingError("Redis is loading the dataset in memory"),
+        e.TimeoutError("Timeout reading from socket"),
+        e.ResponseError("MASTERDOWN Link with MASTER is down"),
+        e.TryAgainError("Multiple keys request during rehashing of slot"),
+    ]
+    assert all(is_misconfiguration(error) for error in lasting)
+    assert not any(is_misconfiguration(error) for error in passing)
+    readonly = e.ReadOnlyError("You can't write against a read only replica.")
+    assert not is_misconfiguration(readonly, follows_primary=True)  # (a failover under way)
