@@ -10,7 +10,10 @@ The supervisor binds every worker's socket before any worker starts (a client
 that connects while a worker is still importing waits in that socket's backlog,
 rather than all early connections going to the first worker up), restarts a
 worker that dies on the same socket, and on SIGTERM/SIGINT passes the signal
-on, waits for every worker to drain, and exits 0.
+on, waits for every worker to drain, and exits 0. A worker whose application
+cannot start stops the broker (exit 3, as one process) if none has started yet;
+while others serve, it is tried again less and less often, its socket closed
+meanwhile.
 
 A worker never outlives its supervisor: a supervisor killed with SIGKILL runs
 no handler, and its orphaned workers would keep serving the port beside the
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -41,6 +45,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_SECONDS = 0.5
+RESTART_DELAY_MAX_S = 30.0  # (for a worker whose every start fails while others serve)
 # How often a worker checks that its supervisor is still its parent.
 PARENT_CHECK_SECONDS = 1.0
 DRAIN_MARGIN_SECONDS = 5.0
@@ -66,18 +71,33 @@ def refuse_if_taken(host: str, port: int) -> None:
             raise PortTaken(f"{host}:{port} is in use: {error.strerror}") from error
 
 
-def bind_reuseport(host: str, port: int) -> socket.socket:
+def bind_reuseport(host: str, port: int, *, listen: bool = True) -> socket.socket:
+    """A socket of the port's group; ``listen=False``: it joins the group (takes its
+    share of connections) only once its worker's server listens, i.e. has started."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
-def run_worker(sock: socket.socket, config: dict[str, Any], supervisor: int) -> None:
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the supervisor once its application has started."""
+
+    def __init__(self, config: uvicorn.Config, started: Any) -> None:
+        super().__init__(config)
+        self._started = started  # a multiprocessing Event, shared by every worker
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)  # (an application that cannot start exits here)
+        self._started.set()
+
+
+def run_worker(sock: socket.socket, config: dict[str, Any], supervisor: int, started: Any) -> None:
     """One worker: its own socket, one uvicorn server, exit 0 once drained."""
     # uvicorn re-raises SIGTERM after its shutdown; a no-op handler makes it a clean exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -85,7 +105,7 @@ def run_worker(sock: socket.socket, config: dict[str, Any], supervisor: int) -> 
     if os.getppid() != supervisor:
         return  # the supervisor died before the kernel could be told: serve nothing
     _watch_parent(supervisor)
-    uvicorn.Server(uvicorn.Config(**config)).run(sockets=[sock])
+    _Server(uvicorn.Config(**config), started).run(sockets=[sock])
 
 
 def _terminate_with_parent() -> None:
@@ -127,6 +147,7 @@ class Supervisor:
 
     def __init__(self, count: int, host: str, port: int, config: dict[str, Any]) -> None:
         refuse_if_taken(host, port)
+        self._host, self._port = host, port
         self._sockets = [bind_reuseport(host, port) for _ in range(count)]
         self._config = config
         self._context = multiprocessing.get_context("spawn")
@@ -134,6 +155,9 @@ class Supervisor:
         self._count = count
         self._stopping = False
         self._exit_code = 0
+        self._started = self._context.Event()  # set once any worker has started
+        self._failures = [0] * count  # each worker's failed starts in a row
+        self._restart_at: dict[int, float] = {}  # dead workers: when each starts again
 
     def run(self) -> int:
         """Serve until a signal (then 0), or until a worker cannot start (then uvicorn's
@@ -142,32 +166,59 @@ class Supervisor:
             signal.signal(sig, self._stop)
         self._workers = [self._spawn(index) for index in range(self._count)]
         while not self._stopping:
-            wait([w.sentinel for w in self._workers], timeout=1.0)
+            alive = [w.sentinel for w in self._workers if w.exitcode is None]
+            wait(alive, timeout=RESTART_DELAY_SECONDS)
             self._replace_dead_workers()
         self._drain()
         return self._exit_code
 
     def _spawn(self, index: int) -> BaseProcess:
-        args = (self._sockets[index], self._config, os.getpid())
+        if self._sockets[index].fileno() == -1:  # (closed while its worker was down)
+            # Not listening until the worker's server does: connections meanwhile go to
+            # the workers that serve, not into a backlog that a failed start resets.
+            self._sockets[index] = bind_reuseport(self._host, self._port, listen=False)
+        args = (self._sockets[index], self._config, os.getpid(), self._started)
         process = self._context.Process(target=run_worker, args=args, daemon=False)
         process.start()
         return process
 
     def _replace_dead_workers(self) -> None:
+        now = time.monotonic()
         for index, worker in enumerate(self._workers):
-            if worker.exitcode == STARTUP_FAILURE and not self._stopping:
-                # Its application could not start (a setting, a Redis that may evict):
-                # another would fail alike, twice a second, for good (seen with a Redis
-                # refused at start: the broker never stopped, never served).
-                log.error("worker %s could not start; stopping the broker", worker.pid)
-                self._stopping, self._exit_code = True, STARTUP_FAILURE
-            if worker.exitcode is not None and not self._stopping:
-                log.warning(
-                    "worker %s exited with %s; starting another", worker.pid, worker.exitcode
-                )
-                _forget_metrics_of(worker.pid)
-                time.sleep(RESTART_DELAY_SECONDS)
+            if self._stopping:
+                return
+            if worker.exitcode is not None and index not in self._restart_at:
+                self._schedule_restart(index, worker, now)
+            if self._restart_at.get(index, math.inf) <= now:
+                del self._restart_at[index]
                 self._workers[index] = self._spawn(index)
+
+    def _schedule_restart(self, index: int, worker: BaseProcess, now: float) -> None:
+        failed_start = worker.exitcode == STARTUP_FAILURE
+        if failed_start and not self._started.is_set():
+            # No worker could start (a setting, a Redis that may evict, a right
+            # missing): each one more would fail alike, twice a second, for good
+            # (seen: the broker never stopped, never served). Stop, as one process does.
+            log.error("worker %s could not start; stopping the broker", worker.pid)
+            self._stopping, self._exit_code = True, STARTUP_FAILURE
+            return
+        # Others serve: a worker that cannot start now (Redis failing over) is tried
+        # again, less and less often, rather than the broker stopped with it.
+        self._failures[index] = self._failures[index] + 1 if failed_start else 0
+        delay = min(RESTART_DELAY_SECONDS * 2 ** self._failures[index], RESTART_DELAY_MAX_S)
+        if delay > RESTART_DELAY_SECONDS:
+            # Its socket would take connections (the kernel spreads them over every
+            # socket of the port) that nobody answers until it starts again: closed
+            # meanwhile, the others take them all; a new one is bound for the worker.
+            self._sockets[index].close()
+        log.warning(
+            "worker %s exited with %s; starting another in %.1f s",
+            worker.pid,
+            worker.exitcode,
+            delay,
+        )
+        _forget_metrics_of(worker.pid)
+        self._restart_at[index] = now + delay
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True

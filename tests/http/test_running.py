@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from tests.http.helpers import (
     metric_value,
@@ -444,3 +445,39 @@ def test_without_prctl_the_watch_alone_ends_an_orphaned_worker() -> None:
             _kill_all([child])
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+def test_a_worker_that_cannot_start_while_others_serve_does_not_stop_the_broker() -> None:
+    """A worker restarted while Redis briefly refuses it (here: it may evict; in life, a
+    primary endpoint answering READONLY during a failover) is tried again later, the
+    other worker serving meanwhile: the whole broker stopped with it. Once Redis is
+    right again, the worker starts."""
+    server = RedisServer(appendonly=False).start()
+    process = BrokerProcess(redis_url=server.url, workers=2).start()
+    try:
+        workers = _two_workers(process)
+        admin = redis.Redis(port=server.port)
+        admin.config_set("maxmemory", 100 * 1024 * 1024)
+        admin.config_set("maxmemory-policy", "allkeys-lru")
+        os.kill(workers[0], signal.SIGKILL)
+        wait_until(
+            lambda: "starting another in 1.0 s" in process.log(),
+            timeout=WORKER_DEADLINE,
+            what="the worker that could not start was not tried again",
+        )
+        assert process.process is not None and process.process.poll() is None, process.log()
+        assert httpx.get(f"{process.url}/healthz", timeout=5).status_code == 200
+        admin.config_set("maxmemory-policy", "noeviction")
+        wait_until(
+            lambda: (
+                len(pids := _worker_pids(process.process.pid)) == 2
+                and workers[0] not in pids
+                and "Application startup complete" in process.log().rsplit("starting another", 1)[1]
+            ),
+            timeout=WORKER_DEADLINE * 3,
+            what="the worker did not start once Redis was right again",
+        )
+        admin.close()
+    finally:
+        _stop(process)
+        server.close()
