@@ -177,5 +177,9 @@ REPLICA_CONFIRM_MS = 2000
 # again (s), and the Retry-After of a write refused for want of memory, or because
 # Redis may evict (s).
 EVICTION_CHECK_S = 30.0
+# At start, how long a READONLY Redis is asked again before the broker stops (s): a
+# primary endpoint failing over (DNS, a virtual IP) answers it for a moment.
+READONLY_AT_START_S = 10.0
+READONLY_RETRY_S = 1.0
 STORE_FULL_RETRY_AFTER_S = 5
 EVICTING_RETRY_AFTER_S = 30

@@ -24,6 +24,7 @@ one that does, and refuses writes if the policy changes under it, unless
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,11 +39,13 @@ from redis.exceptions import (
 )
 
 from broker import constants as c
+from broker.errors import StoreMisconfigured
 from broker.redis_options import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
 
 SAFE_POLICY = "noeviction"
+SEE_PERMISSIONS = "see the README's Redis permissions"
 PROBE_TOPIC = "rights-probe!"
 """The keys the start-up probe names: no topic can be named so (``!``)."""
 
@@ -64,32 +67,67 @@ def is_misconfiguration(error: BaseException, *, follows_primary: bool = False) 
     return isinstance(error, ResponseError) and any(words in said for words in MISCONFIGURED)
 
 
-async def probe_rights(client: Any, scripts: Sequence[AsyncScript], state: AsyncScript) -> None:
+async def probe_rights(client: Any, scripts: Sequence[AsyncScript], probe: AsyncScript) -> None:
     """Run once what every publish and stream needs; raises what Redis refuses.
 
-    ``state`` (state.lua) reads a topic's keys; the PEXPIRE of a key that does not
-    exist writes nothing, but Redis checks it as a write (the ACL's key patterns,
-    a replica's READONLY)."""
-    for script in scripts:
+    ``scripts`` are loaded (their first is state.lua, run on the probe's keys: a read);
+    ``probe`` (probe.lua) names the commands the scripts run that the user may not;
+    the PEXPIRE of a key that does not exist writes nothing, but Redis checks it as a
+    write (the ACL's key patterns, a replica's READONLY)."""
+    for script in (*scripts, probe):
         await client.script_load(script.script)
     keys = [c.log_key(PROBE_TOPIC), c.meta_key(PROBE_TOPIC)]
-    await state(keys=keys, args=[0])
+    await scripts[0](keys=keys, args=[0])
+    refused = [name.decode() for name in await probe(keys=keys)]
+    if refused:
+        raise NoPermissionError(f"this user may not run {', '.join(refused)} (the scripts do)")
     await client.pexpire(keys[1], 1)
 
 
-class ThrottledLog:
-    """A warning said at most once per ``every_s`` (a Redis at its memory limit refuses
-    every publish: thousands of lines a second said nothing more than the first)."""
+async def try_rights(
+    open_and_probe: Callable[[], Awaitable[None]], *, follows_primary: bool
+) -> None:
+    """Open and probe (``probe_rights``): a refusal that waiting will not mend raises
+    StoreMisconfigured, after a READONLY has had ``READONLY_AT_START_S`` to pass (a
+    primary endpoint failing over by DNS answers it a moment); any other failure is
+    an outage, logged: the connections open once Redis answers."""
+    deadline = time.monotonic() + c.READONLY_AT_START_S
+    while True:
+        try:
+            await open_and_probe()
+            return
+        except REDIS_FAILURES as error:
+            if not is_misconfiguration(error, follows_primary=follows_primary):
+                log.warning("redis: could not open the connections yet: %s", error)
+                return
+            if isinstance(error, ReadOnlyError) and time.monotonic() < deadline:
+                log.warning("redis: read only (a failover under way?), asking again: %s", error)
+                await asyncio.sleep(c.READONLY_RETRY_S)
+                continue
+            said = f"redis refuses what the broker needs: {error} ({SEE_PERMISSIONS})"
+            raise StoreMisconfigured(said) from error
 
-    def __init__(self, every_s: float) -> None:
+
+class ThrottledLog:
+    """A warning said at most once per ``every_s``, with how many were not said since
+    (a Redis at its memory limit refuses every publish: thousands of lines a second
+    said nothing more than the first)."""
+
+    def __init__(self, every_s: float, logger: logging.Logger = log) -> None:
         self._every_s = every_s
+        self._logger = logger
         self._last = -every_s
+        self._unsaid = 0
 
     def say(self, message: str, *args: object) -> None:
         now = time.monotonic()
-        if now - self._last >= self._every_s:
-            self._last = now
-            log.warning(message, *args)
+        if now - self._last < self._every_s:
+            self._unsaid += 1
+            return
+        if self._unsaid:
+            message += f" (and {self._unsaid} more since the last said)"
+        self._last, self._unsaid = now, 0
+        self._logger.warning(message, *args)
 
 
 def evicting_policy(info: dict[str, Any]) -> str | None:
@@ -114,8 +152,9 @@ class EvictionGuard:
         self._unknown_told = False
         self._allowed_told = False
         self._refusal_log = ThrottledLog(c.EVICTION_CHECK_S)
+        self._watch: asyncio.Task[None] | None = None
 
-    async def check(self) -> None:
+    async def check(self, *, at_start: bool = False) -> None:
         """Read the policies now (raises what Redis raises when it cannot be reached)."""
         try:
             infos = await self._read_infos()
@@ -124,6 +163,8 @@ class EvictionGuard:
             return
         evicting = [policy for policy in map(evicting_policy, infos) if policy is not None]
         if not evicting:
+            if self.refusal is not None:
+                log.warning("redis: maxmemory-policy is %s again: writes accepted", SAFE_POLICY)
             self.refusal = None
         elif self._allow:
             self._allowed(evicting[0])
@@ -133,7 +174,8 @@ class EvictionGuard:
                 f"would lose or repeat events without a word; set maxmemory-policy "
                 f"{SAFE_POLICY} (see the README's Redis memory), or BROKER_REDIS_EVICTION=allow"
             )
-            self._refusal_log.say("redis: refusing writes: %s", self.refusal)
+            if not at_start:  # (at start the broker does not start, saying why)
+                self._refusal_log.say("redis: refusing writes: %s", self.refusal)
 
     def _unknown(self, error: ResponseError) -> None:
         if not self._unknown_told:
@@ -154,7 +196,27 @@ class EvictionGuard:
                 policy,
             )
 
-    async def watch(self) -> None:
+    async def start(self) -> None:
+        """Read the policies (raises StoreMisconfigured: the broker does not start on a
+        Redis that may evict), then again every ``EVICTION_CHECK_S`` while it runs.
+        Redis unreachable now: read once it answers."""
+        try:
+            await self.check(at_start=True)
+        except REDIS_FAILURES as error:
+            log.warning("redis: could not read its memory policy yet: %s", error)
+        if self.refusal is not None:
+            raise StoreMisconfigured(self.refusal)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_policy())
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+
+    async def _watch_policy(self) -> None:
         """Check again now and then (a policy set with CONFIG SET while the broker runs)."""
         while True:
             await asyncio.sleep(c.EVICTION_CHECK_S)
@@ -162,3 +224,5 @@ class EvictionGuard:
                 await self.check()
             except REDIS_FAILURES:  # (unreachable: told by every command meanwhile)
                 pass
+            except Exception:  # (never a reason to stop watching, nor to fail close())
+                log.exception("redis: the memory policy check failed")

@@ -15,13 +15,14 @@ from typing import Any
 import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import ResponseError
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.ids import StreamPosition, format_stream_id, parse_stream_id
 from broker.model import LogEntry
 from broker.observer import Observer
+from broker.redis_checks import is_misconfiguration
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections
 from broker.redis_raw import RawConnection
 
@@ -245,7 +246,7 @@ class LiveReader:
             with contextlib.suppress(*REDIS_FAILURES):
                 await self._unblock_client(0)
 
-    def _cannot_unblock(self, error: NoPermissionError) -> None:
+    def _cannot_unblock(self, error: ResponseError) -> None:
         """``CLIENT UNBLOCK`` refused (an ACL without ``@dangerous``, where it belongs):
         a lane's read cannot be interrupted, so each blocks briefly instead. A topic
         joining a lane waited for the 5 s block to pass, the reader asking again
@@ -429,7 +430,9 @@ class LiveReader:
             return True  # (waited for, not asked again every 2 ms)
         try:
             return bool(await self._commands.client_unblock(client_id))
-        except NoPermissionError as error:
+        except ResponseError as error:  # refused by an ACL (NOPERM), or renamed away
+            if not is_misconfiguration(error):
+                raise
             self._cannot_unblock(error)
             return True
 

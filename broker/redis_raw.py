@@ -111,8 +111,10 @@ class RawConnection:
                 self._opening = None
 
     async def open(self) -> None:
-        """Open it now rather than on the first command."""
-        await self._open()
+        """Open it now rather than on the first command (once: asked again, as when the
+        store's start is tried again, an open connection stays the one)."""
+        if self._replies is None or self._replies.broken:
+            await self._open()
 
     async def _connect(self) -> _Replies:
         # Made by the pool (its options; not one of its connections): FixedPool takes

@@ -35,7 +35,13 @@ from broker.errors import (
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
 from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
-from broker.redis_checks import EvictionGuard, ThrottledLog, is_misconfiguration, probe_rights
+from broker.redis_checks import (
+    EvictionGuard,
+    ThrottledLog,
+    is_misconfiguration,
+    probe_rights,
+    try_rights,
+)
 from broker.redis_live import AnyLiveReader, LiveReader, LocalWrites
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
 from broker.redis_pools import FixedPool, open_cluster_pools
@@ -203,10 +209,9 @@ def _not_stored(reason: str, cause: BaseException) -> StoreUnavailable:
     return error
 
 
-SEE_PERMISSIONS = "see the README's Redis permissions"
 STORE_FULL = (
-    "redis is out of memory (maxmemory): nothing of this request was stored; "
-    "retry later (with the same Idempotency-Key)"
+    "redis is out of memory (maxmemory): the write was refused whole; retry later "
+    "(with the same Idempotency-Key)"
 )
 
 
@@ -273,9 +278,9 @@ class RedisStreamStore:
         self.description = description
         self._sweeper: asyncio.Task[None] | None = None
         self._eviction = EvictionGuard(self._memory_infos, allow=allow_eviction)
-        self._eviction_watch: asyncio.Task[None] | None = None
-        self._memory_warning = ThrottledLog(c.EVICTION_CHECK_S)
-        self._refusal_warning = ThrottledLog(c.EVICTION_CHECK_S)
+        self._probe_script = client.register_script(_lua("probe.lua"))
+        self._memory_warning = ThrottledLog(c.EVICTION_CHECK_S, log)
+        self._refusal_warning = ThrottledLog(c.EVICTION_CHECK_S, log)
 
     async def append(
         self,
@@ -564,45 +569,31 @@ class RedisStreamStore:
         return int(seconds) * 1000 + int(microseconds) // 1000
 
     async def open(self) -> None:
-        """Open the connections now rather than on first use: the command pool, whole,
-        and the live reader's, and try the rights the broker needs (``redis_checks``).
-        Best effort: while Redis is down they open later; raises StoreMisconfigured
-        for a refusal that waiting will not mend."""
-        try:
-            if isinstance(self._client, RedisCluster):
-                await open_cluster_pools(self._client)
-            elif isinstance(self._client.connection_pool, FixedPool):
-                await self._client.connection_pool.fill()
-            if self._pipeline is not None:
-                await self._pipeline.open()
-            await self._live.open()
-            if self.durable:
-                scripts = [self._append_script, self._range_script, self._delete_script]
-                await probe_rights(self._client, scripts, self._state_script)
-        except REDIS_FAILURES as error:
-            if is_misconfiguration(error, follows_primary=self._primary_watch is not None):
-                said = f"redis refuses what the broker needs: {error} ({SEE_PERMISSIONS})"
-                raise StoreMisconfigured(said) from error
-            log.warning("redis: could not open the connections yet: %s", error)
+        """Open the connections now rather than on first use (the command pool, whole,
+        and the live reader's) and try what the broker needs of Redis (``redis_checks``):
+        raises StoreMisconfigured for a refusal that waiting will not mend, or a Redis
+        that may evict. Redis unreachable: the connections open once it answers."""
+        follows = self._primary_watch is not None
+        await try_rights(self._open_connections_and_probe, follows_primary=follows)
         if self.durable:
-            await self._guard_against_eviction()
+            await self._eviction.start()
         if not self.durable and self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_expired())
         if self._primary_watch is not None and self._watching is None:
             watching = self._primary_watch.run(self._primary_moved)
             self._watching = asyncio.get_running_loop().create_task(watching)
 
-    async def _guard_against_eviction(self) -> None:
-        """Not on a Redis that may evict the broker's keys: raises StoreMisconfigured
-        (the broker does not start); unreachable now, it is read once it answers."""
-        try:
-            await self._eviction.check()
-        except REDIS_FAILURES as error:
-            log.warning("redis: could not read its memory policy yet: %s", error)
-        if self._eviction.refusal is not None:
-            raise StoreMisconfigured(self._eviction.refusal)
-        if self._eviction_watch is None:
-            self._eviction_watch = asyncio.get_running_loop().create_task(self._eviction.watch())
+    async def _open_connections_and_probe(self) -> None:
+        if isinstance(self._client, RedisCluster):
+            await open_cluster_pools(self._client)
+        elif isinstance(self._client.connection_pool, FixedPool):
+            await self._client.connection_pool.fill()
+        if self._pipeline is not None:
+            await self._pipeline.open()
+        await self._live.open()
+        if self.durable:
+            scripts = [self._state_script, self._append_script, self._range_script]
+            await probe_rights(self._client, [*scripts, self._delete_script], self._probe_script)
 
     async def _memory_infos(self) -> list[dict[str, Any]]:
         """``INFO memory`` of each server that holds topics (over the command pools)."""
@@ -645,12 +636,13 @@ class RedisStreamStore:
                 log.exception("embedded store: the expiry sweep failed")
 
     async def close(self) -> None:
-        for task in (self._eviction_watch, self._watching, self._sweeper):
+        await self._eviction.close()
+        for task in (self._watching, self._sweeper):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._eviction_watch = self._watching = self._sweeper = None
+        self._watching = self._sweeper = None
         await self._live.close()
         if self._pipeline is not None:
             await self._pipeline.close()

@@ -4,6 +4,7 @@ naming it (it had opened, said ready, and answered every publish 503)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -11,8 +12,10 @@ import pytest
 import redis.asyncio as redis
 
 from broker import Broker, NewEvent
+from broker import constants as c
 from broker.errors import StoreMisconfigured
 from broker.redis_open import open_store
+from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
 from tests.support.redis_topologies import RedisClusterGroup
 from tests.support.sse import collect
@@ -84,8 +87,10 @@ async def test_a_user_with_the_listed_rights_does_everything(
         ("+evalsha", "evalsha"),
         ("+script|load", "script|load"),
         ("+client|id", "client|id"),
-        ("+pexpire", "pexpire"),
+        ("+pexpire", "PEXPIRE"),
         ("+hmget", "can't run this command"),  # (run by the state script)
+        ("+xadd", "may not run XADD"),  # (by the append script: asked of Redis's ACL)
+        ("+hset", "may not run HSET"),
     ],
 )
 async def test_a_right_missing_stops_the_store_at_open(
@@ -139,9 +144,11 @@ async def test_a_wrong_password_or_database_stops_the_store_at_open(
 
 
 async def test_a_read_only_replica_given_as_the_primary_stops_the_store_at_open(
-    own_redis: RedisServer,
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """It served reads, said ready, and refused every write: a load balancer kept it."""
+    """It served reads, said ready, and refused every write: a load balancer kept it.
+    (Asked again meanwhile: a primary endpoint failing over answers READONLY a moment.)"""
+    monkeypatch.setattr(c, "READONLY_AT_START_S", 1.5)
     replica = RedisServer(
         appendonly=False, extra_args=["--replicaof", "127.0.0.1", str(own_redis.port)]
     ).start()
@@ -183,3 +190,25 @@ async def test_a_cluster_user_needs_only_the_listed_rights_and_the_cluster_ones(
             await broker.close()
     finally:
         cluster.close()
+
+
+async def test_a_redis_read_only_for_a_moment_at_start_is_waited_for(
+    own_redis: RedisServer, admin: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A primary endpoint failing over by DNS or a virtual IP answers READONLY for a
+    moment: a broker started then refused to start (and Kubernetes backed off)."""
+    other = RedisServer(appendonly=False).start()
+    try:
+        await admin.replicaof("127.0.0.1", other.port)
+        store = open_store(own_redis.url)
+        try:
+            opening = asyncio.ensure_future(store.open())
+            await await_until(lambda: "read only" in caplog.text, timeout=5, what="no READONLY met")
+            await admin.replicaof("no", "one")
+            await asyncio.wait_for(opening, timeout=c.READONLY_AT_START_S + 5)
+            assert (await store.append(f"rights-{uuid.uuid4().hex[:8]}", [NewEvent("1")])).ids
+        finally:
+            await store.close()
+    finally:
+        await admin.replicaof("no", "one")
+        other.close()
