@@ -5,7 +5,7 @@
  *     onEvent: function (e) { ... e.id, e.type, e.data (the raw string) ... },
  *     onGap: function (gap) { ... gap.reason, gap.requested, gap.resumed_after ... },
  *     onEnd: function (e) { ... the topic was closed ... },
- *     withCredentials: false,          // true for a broker on another origin, with cookies
+ *     withCredentials: false,          // true for a broker on another origin of the same site, with cookies
  *     types: ["order.created"],        // event types to listen to besides "message"
  *   });
  *   stream.close();

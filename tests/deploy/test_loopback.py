@@ -12,6 +12,7 @@ from tests.deploy.balancers import (
     FLOOD_LIMIT_BYTES,
     Balancer,
     StandInBroker,
+    read_log,
     read_until,
     request,
     running_balancer,
@@ -205,3 +206,21 @@ def test_haproxy_prefers_ready_brokers_and_falls_back_to_live_ones(tmp_path: Pat
     assert [status_of(reply) for reply in replies] == [200] * 4, replies
     assert all(b"data: last" in reply for reply in replies)
     assert ready.streams + unready.streams == 10
+
+
+@pytest.mark.parametrize("kind", BALANCERS)
+def test_the_proxies_do_not_log_a_token_in_the_query(kind: Balancer, tmp_path: Path) -> None:
+    """A browser's EventSource carries its JWT in ?access_token=: the shipped access
+    logs wrote it down whole (audit)."""
+    token = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0.c2lnbmF0dXJl"
+    with StandInBroker() as broker, running_balancer(kind, [broker.port], tmp_path) as port:
+        reply = request(port, f"GET /healthz?access_token={token} HTTP/1.1")  # (to the close)
+        assert status_of(reply) == 200, reply
+        logs = [tmp_path / "logs" / "access.log", tmp_path / f"{kind}.out"]
+        wait_until(
+            lambda: any("/healthz" in read_log(log) for log in logs),
+            timeout=5,
+            what=f"the request was never logged: {[read_log(log) for log in logs]}",
+        )
+    written = "".join(read_log(log) for log in logs)
+    assert token not in written and "access_token" not in written, written
