@@ -289,6 +289,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._reading_body = False
         self._deadline_per_read = False
         self._refused = False
+        self._deferred_400: str | None = None  # (see send_400_response)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -347,8 +348,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.cycle is not None and self.cycle.response_complete:
             self._await_next_head()  # answered before its body ended (a 413, say)
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser cannot read; after the answer of a
+        request read whole and still being answered: sent at once, it closed the
+        connection under that answer, and a publish the app stored read as refused,
+        its retry storing it twice (desync audit)."""
+        cycle = self.cycle  # (the request parsed last: the last to be answered)
+        if self._answering() and cycle is not None and not cycle.more_body:
+            # (read whole: the bad bytes came after it; else they broke the request
+            # itself, which is answered so at once)
+            self._refused = True  # (nothing more is read: the parser is past repair)
+            self._deferred_400 = msg
+            return
+        super().send_400_response(msg)
+
+    def _answering(self) -> bool:
+        """Whether a request parsed is not answered yet (the last parsed is the last)."""
+        return self.cycle is not None and not self.cycle.response_complete
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._deferred_400 is not None:
+            if not self._answering():  # (else a request pipelined is answered first)
+                message, self._deferred_400 = self._deferred_400, None
+                super().send_400_response(message)
+            return
         if self.timeout_keep_alive_task is None or self._reading_body:
             return
         if self._idle() and self._give_back is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -456,3 +457,35 @@ async def test_publishes_sent_behind_an_unread_answer_of_uvicorns_wait_for_it(
     finally:
         writer.transport.abort()
     assert stored < 3000, stored
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_bytes_no_parser_can_read_after_a_publish_do_not_hide_its_answer(
+    http_broker: BrokerProcess, route: str
+) -> None:
+    """A publish, then bytes that are no request, in one write: the publish is stored,
+    and answered 201, then the 400 and the close. On the ASGI route (a request behind
+    another on the connection) uvicorn's 400 came at once and the connection closed
+    under the 201: a stored publish read as refused, and a retry without an
+    Idempotency-Key stored it twice (desync audit)."""
+    topic = new_topic()
+    body = b'{"data":"a"}'
+    publish = request_bytes(
+        "POST",
+        f"{http_broker.url}/topics/{topic}/events",
+        {"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+        b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+    )
+    first = request_bytes("GET", f"{http_broker.url}/healthz") if route == "by-app" else b""
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_broker.port)
+    try:
+        writer.write(first + publish + b"XYZGARBAGE\r\n\r\n")
+        await writer.drain()
+        answers = await asyncio.wait_for(reader.read(-1), timeout=10)  # (to the close)
+    finally:
+        writer.close()
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answers)]
+    assert statuses == ([200] if first else []) + [201, 400], answers
+    async with httpx.AsyncClient(base_url=http_broker.url, timeout=10) as client:
+        page = await client.get(f"/topics/{topic}/events", headers={"Accept": "application/json"})
+    assert [e["data"] for e in page.json()["events"]] == ["a"]

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from uvicorn.config import Config
 from uvicorn.lifespan.on import LifespanOn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import Server, ServerState
 
 from api.connections import BrokerHttpProtocol
@@ -105,6 +105,22 @@ async def test_httptools_protocol_tells_when_a_connection_idles_between_requests
     )
     assert callable(getattr(protocol, "_unset_keepalive_if_required", None)), changed(
         "HttpToolsProtocol._unset_keepalive_if_required", "api/guard.py", "given back, unarmed"
+    )
+
+
+def test_httptools_protocol_answers_unreadable_bytes_through_send_400_response() -> None:
+    """``api.guard`` holds uvicorn's 400 back until the request being answered is: it
+    overrides the method uvicorn's parser error calls, and reads its cycle's state."""
+    source = inspect.getsource(HttpToolsProtocol.data_received)
+    assert "self.send_400_response(" in source, changed(
+        "HttpToolsProtocol.data_received", "api/guard.py", "a parser error calls send_400_response"
+    )
+    cycle_source = inspect.getsource(RequestResponseCycle.__init__)
+    assert "self.more_body = True" in cycle_source, changed(
+        "RequestResponseCycle.more_body", "api/guard.py", "whether its request was read whole"
+    )
+    assert "self.response_complete = False" in cycle_source, changed(
+        "RequestResponseCycle.response_complete", "api/guard.py", "whether it is still answering"
     )
 
 
