@@ -362,6 +362,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         super().send_400_response(msg)
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """A request asking to switch protocols (not to a WebSocket): its parser stopped
+        at its head, so a body after it was never read as one; kept alive, the
+        connection read that body as the next request, past a proxy that framed it
+        as a body (desync audit). Answered, then closed."""
+        super()._unsupported_upgrade_warning()
+        if self.cycle is not None:
+            self.cycle.keep_alive = False
+
     def _answering(self) -> bool:
         """Whether a request parsed is not answered yet (the last parsed is the last)."""
         return self.cycle is not None and not self.cycle.response_complete

@@ -489,3 +489,38 @@ async def test_bytes_no_parser_can_read_after_a_publish_do_not_hide_its_answer(
     async with httpx.AsyncClient(base_url=http_broker.url, timeout=10) as client:
         page = await client.get(f"/topics/{topic}/events", headers={"Accept": "application/json"})
     assert [e["data"] for e in page.json()["events"]] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/healthz"), ("POST", "/topics/{topic}/events")]
+)
+async def test_a_body_after_an_upgrade_request_is_never_read_as_a_request(
+    http_broker: BrokerProcess, method: str, path: str
+) -> None:
+    """``Connection: Upgrade`` with a body: the parser stops at the head, and the body,
+    left on the kept-alive connection, was read as the next request (a publish
+    smuggled past a proxy that took it for a body; desync audit). Answered, closed."""
+    topic, hidden = new_topic(), new_topic()
+    smuggled = request_bytes(
+        "POST",
+        f"{http_broker.url}/topics/{hidden}/events",
+        {"Content-Type": "application/json", "Content-Length": "13"},
+        b'{"data":"x"}\n',
+    )
+    head = {"Connection": "Upgrade", "Upgrade": "foo", "Content-Length": str(len(smuggled))}
+    target = http_broker.url + path.format(topic=topic)
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_broker.port)
+    try:
+        writer.write(request_bytes(method, target, head | {"Content-Type": "application/json"}))
+        await writer.drain()
+        await asyncio.sleep(0.3)  # (the body in a later read, as the audit sent it)
+        with contextlib.suppress(ConnectionError):
+            writer.write(smuggled)
+            await writer.drain()
+        answers = await asyncio.wait_for(reader.read(-1), timeout=10)  # (to the close)
+    finally:
+        writer.close()
+    assert len(re.findall(rb"HTTP/1\.1 \d{3} ", answers)) == 1, answers
+    async with httpx.AsyncClient(base_url=http_broker.url, timeout=10) as client:
+        info = await client.get(f"/topics/{hidden}")
+    assert info.status_code == 404, info.text

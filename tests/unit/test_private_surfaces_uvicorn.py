@@ -115,6 +115,9 @@ def test_httptools_protocol_answers_unreadable_bytes_through_send_400_response()
     assert "self.send_400_response(" in source, changed(
         "HttpToolsProtocol.data_received", "api/guard.py", "a parser error calls send_400_response"
     )
+    assert "self._unsupported_upgrade_warning()" in source, changed(
+        "HttpToolsProtocol.data_received", "api/guard.py", "an upgrade it does not take"
+    )
     cycle_source = inspect.getsource(RequestResponseCycle.__init__)
     assert "self.more_body = True" in cycle_source, changed(
         "RequestResponseCycle.more_body", "api/guard.py", "whether its request was read whole"
