@@ -29,6 +29,7 @@ import logging
 import resource
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -38,7 +39,7 @@ from urllib.parse import unquote
 import httptools
 from starlette.responses import Response
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from api import problems, routes
@@ -290,6 +291,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline_per_read = False
         self._refused = False
         self._deferred_400: str | None = None  # (see send_400_response)
+        self._running: RequestResponseCycle | None = None  # the request being answered
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -309,6 +311,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         all_head = self._in_head or not self._in_message
         self._head_ended_in_read = False
         super().data_received(data)
+        if self._refused:  # (its parser failed: a 400 follows what is being answered)
+            return
         if self._in_head and all_head and not self._head_ended_in_read:
             self._head_bytes += len(data)
             if self._head_bytes > self._guard.limits.max_head_bytes:
@@ -349,31 +353,40 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._await_next_head()  # answered before its body ended (a 413, say)
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes its parser cannot read; after the answer of a
-        request read whole and still being answered: sent at once, it closed the
-        connection under that answer, and a publish the app stored read as refused,
-        its retry storing it twice (desync audit)."""
-        cycle = self.cycle  # (the request parsed last: the last to be answered)
-        if self._answering() and cycle is not None and not cycle.more_body:
-            # (read whole: the bad bytes came after it; else they broke the request
-            # itself, which is answered so at once)
-            self._refused = True  # (nothing more is read: the parser is past repair)
+        """uvicorn's answer to bytes its parser cannot read; after the answers of the
+        requests read whole before them: sent at once, it closed the connection under
+        those answers, and a publish the app stored read as refused, its retry storing
+        it twice (desync audit, review)."""
+        self._refused = True  # (nothing more is read: the parser is past repair)
+        broken = self.cycle
+        if broken is not None and broken.more_body:  # the bad bytes broke this request
+            if broken is self._running:
+                super().send_400_response(msg)  # (it is answered so, at once)
+                return
+            self.pipeline = deque(entry for entry in self.pipeline if entry[0] is not broken)
+        if self._answering():
             self._deferred_400 = msg
             return
         super().send_400_response(msg)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def _answering(self) -> bool:
+        """Whether a request read whole is not answered yet (running, or pipelined)."""
+        running = self._running
+        return bool(self.pipeline) or (running is not None and not running.response_complete)
 
     def _unsupported_upgrade_warning(self) -> None:
         """A request asking to switch protocols (not to a WebSocket): its parser stopped
         at its head, so a body after it was never read as one; kept alive, the
         connection read that body as the next request, past a proxy that framed it
-        as a body (desync audit). Answered, then closed."""
+        as a body (desync audit). One that declares a body is answered, then closed."""
         super()._unsupported_upgrade_warning()
-        if self.cycle is not None:
+        declared = {name for name, _ in self.headers} & {b"content-length", b"transfer-encoding"}
+        if self.cycle is not None and declared:  # (bodyless, as curl's h2c: kept alive)
             self.cycle.keep_alive = False
-
-    def _answering(self) -> bool:
-        """Whether a request parsed is not answered yet (the last parsed is the last)."""
-        return self.cycle is not None and not self.cycle.response_complete
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

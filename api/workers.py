@@ -11,9 +11,10 @@ that connects while a worker is still importing waits in that socket's backlog,
 rather than all early connections going to the first worker up), restarts a
 worker that dies on the same socket, and on SIGTERM/SIGINT passes the signal
 on, waits for every worker to drain, and exits 0. A worker whose application
-cannot start stops the broker (exit 3, as one process) if none has started yet;
-while others serve, it is tried again less and less often, its socket closed
-meanwhile.
+cannot start stops the broker (exit 3, as one process) unless another serves;
+while others serve, it is tried again less and less often. A dead worker's socket
+is closed at once (the others take its connections) and a new one, bound for its
+successor, listens only once that one serves.
 
 A worker never outlives its supervisor: a supervisor killed with SIGKILL runs
 no handler, and its orphaned workers would keep serving the port beside the
@@ -36,6 +37,7 @@ import threading
 import time
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -90,7 +92,7 @@ class _Server(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, started: Any) -> None:
         super().__init__(config)
-        self._started = started  # a multiprocessing Event, shared by every worker
+        self._started = started  # a multiprocessing Event, this worker's own
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)  # (an application that cannot start exits here)
@@ -136,6 +138,16 @@ def _watch_parent(supervisor: int) -> None:
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
+def _forget_files_of(pid: int | None) -> None:
+    """A worker that never started counted nothing worth keeping, and left a file per
+    metric kind: one that kept failing to start piled them up (thousands a day), and
+    every scrape read them all."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if pid is not None and directory:
+        for path in Path(directory).glob(f"*_{pid}.db"):
+            path.unlink(missing_ok=True)
+
+
 def _forget_metrics_of(pid: int | None) -> None:
     """A dead worker's live gauges (open streams) must stop counting in the sum."""
     if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -155,7 +167,8 @@ class Supervisor:
         self._count = count
         self._stopping = False
         self._exit_code = 0
-        self._started = self._context.Event()  # set once any worker has started
+        # Each worker's, set once its server has started (a new one for each spawn).
+        self._started = [self._context.Event() for _ in range(count)]
         self._failures = [0] * count  # each worker's failed starts in a row
         self._restart_at: dict[int, float] = {}  # dead workers: when each starts again
 
@@ -177,7 +190,8 @@ class Supervisor:
             # Not listening until the worker's server does: connections meanwhile go to
             # the workers that serve, not into a backlog that a failed start resets.
             self._sockets[index] = bind_reuseport(self._host, self._port, listen=False)
-        args = (self._sockets[index], self._config, os.getpid(), self._started)
+        self._started[index] = self._context.Event()
+        args = (self._sockets[index], self._config, os.getpid(), self._started[index])
         process = self._context.Process(target=run_worker, args=args, daemon=False)
         process.start()
         return process
@@ -195,22 +209,24 @@ class Supervisor:
 
     def _schedule_restart(self, index: int, worker: BaseProcess, now: float) -> None:
         failed_start = worker.exitcode == STARTUP_FAILURE
-        if failed_start and not self._started.is_set():
-            # No worker could start (a setting, a Redis that may evict, a right
-            # missing): each one more would fail alike, twice a second, for good
-            # (seen: the broker never stopped, never served). Stop, as one process does.
+        if failed_start:
+            _forget_files_of(worker.pid)
+        if failed_start and not self._others_serve(index):
+            # No other worker serves (none could start: a setting, a Redis that may
+            # evict, a right missing): each one more would fail alike, twice a second,
+            # for good, and the port would be free (seen: the broker never stopped, never
+            # served). Stop, as one process does.
             log.error("worker %s could not start; stopping the broker", worker.pid)
             self._stopping, self._exit_code = True, STARTUP_FAILURE
             return
         # Others serve: a worker that cannot start now (Redis failing over) is tried
-        # again, less and less often, rather than the broker stopped with it.
+        # again, less and less often, rather than the broker stopped with it. Its socket
+        # would take connections (the kernel spreads them over every socket of the
+        # port) that nobody answers until one starts, then resets them if it fails:
+        # closed now, the others take them all, and a new one is bound for the worker.
         self._failures[index] = self._failures[index] + 1 if failed_start else 0
         delay = min(RESTART_DELAY_SECONDS * 2 ** self._failures[index], RESTART_DELAY_MAX_S)
-        if delay > RESTART_DELAY_SECONDS:
-            # Its socket would take connections (the kernel spreads them over every
-            # socket of the port) that nobody answers until it starts again: closed
-            # meanwhile, the others take them all; a new one is bound for the worker.
-            self._sockets[index].close()
+        self._sockets[index].close()
         log.warning(
             "worker %s exited with %s; starting another in %.1f s",
             worker.pid,
@@ -219,6 +235,12 @@ class Supervisor:
         )
         _forget_metrics_of(worker.pid)
         self._restart_at[index] = now + delay
+
+    def _others_serve(self, index: int) -> bool:
+        return any(
+            other != index and worker.exitcode is None and self._started[other].is_set()
+            for other, worker in enumerate(self._workers)
+        )
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True

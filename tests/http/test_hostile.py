@@ -459,9 +459,17 @@ async def test_publishes_sent_behind_an_unread_answer_of_uvicorns_wait_for_it(
     assert stored < 3000, stored
 
 
+AFTER_A_PUBLISH = {
+    "garbage": b"XYZGARBAGE\r\n\r\n",
+    "a-long-garbage": b"\x01" * 20_000,  # (past the head limit: it was a 431 instead)
+    "a-broken-body": b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+}
+
+
+@pytest.mark.parametrize("after", AFTER_A_PUBLISH)
 @pytest.mark.parametrize("route", ["lean", "by-app"])
 async def test_bytes_no_parser_can_read_after_a_publish_do_not_hide_its_answer(
-    http_broker: BrokerProcess, route: str
+    http_broker: BrokerProcess, route: str, after: str
 ) -> None:
     """A publish, then bytes that are no request, in one write: the publish is stored,
     and answered 201, then the 400 and the close. On the ASGI route (a request behind
@@ -479,7 +487,7 @@ async def test_bytes_no_parser_can_read_after_a_publish_do_not_hide_its_answer(
     first = request_bytes("GET", f"{http_broker.url}/healthz") if route == "by-app" else b""
     reader, writer = await asyncio.open_connection("127.0.0.1", http_broker.port)
     try:
-        writer.write(first + publish + b"XYZGARBAGE\r\n\r\n")
+        writer.write(first + publish + AFTER_A_PUBLISH[after])
         await writer.drain()
         answers = await asyncio.wait_for(reader.read(-1), timeout=10)  # (to the close)
     finally:
@@ -524,3 +532,24 @@ async def test_a_body_after_an_upgrade_request_is_never_read_as_a_request(
     async with httpx.AsyncClient(base_url=http_broker.url, timeout=10) as client:
         info = await client.get(f"/topics/{hidden}")
     assert info.status_code == 404, info.text
+
+
+async def test_a_bodyless_upgrade_request_keeps_its_connection(http_broker: BrokerProcess) -> None:
+    """``curl --http2`` over plain HTTP asks to upgrade (h2c) with no body: nothing is
+    left unread, so its connection is kept alive, as before (review)."""
+    head = {
+        "Connection": "Upgrade, HTTP2-Settings",
+        "Upgrade": "h2c",
+        "HTTP2-Settings": "AAMAAABkAAQAoAAAAAIAAAAA",
+    }
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_broker.port)
+    try:
+        for _ in range(2):
+            writer.write(request_bytes("GET", f"{http_broker.url}/healthz", head))
+            response = RawResponse(reader, writer)
+            await response.read_head()
+            assert response.status == 200
+            assert response.headers.get("connection") != "close", response.headers
+            await response.read_sized_body()
+    finally:
+        writer.close()

@@ -247,6 +247,9 @@ def _stop(process: BrokerProcess) -> None:
     """Stop the broker and, whatever the code under test does, every worker it has."""
     if process.process is None:
         return
+    if process.process.poll() is not None:  # (stopped already, its workers with it)
+        process.close()
+        return
     workers = _worker_pids(process.process.pid)
     try:
         process.terminate()
@@ -456,6 +459,11 @@ def test_a_worker_that_cannot_start_while_others_serve_does_not_stop_the_broker(
     process = BrokerProcess(redis_url=server.url, workers=2).start()
     try:
         workers = _two_workers(process)
+        wait_until(  # (both serve: one still starting would fail on the Redis below)
+            lambda: process.log().count("Application startup complete") == 2,
+            timeout=WORKER_DEADLINE,
+            what="the two workers did not both start",
+        )
         admin = redis.Redis(port=server.port)
         admin.config_set("maxmemory", 100 * 1024 * 1024)
         admin.config_set("maxmemory-policy", "allkeys-lru")
@@ -478,6 +486,36 @@ def test_a_worker_that_cannot_start_while_others_serve_does_not_stop_the_broker(
             what="the worker did not start once Redis was right again",
         )
         admin.close()
+    finally:
+        _stop(process)
+        server.close()
+
+
+def test_the_broker_stops_once_no_worker_serves_and_none_can_start() -> None:
+    """Every worker gone while Redis refuses them: the supervisor waited, serving
+    nothing, its port free for another broker to take (review). It stops, exit 3."""
+    server = RedisServer(appendonly=False).start()
+    process = BrokerProcess(redis_url=server.url, workers=2).start()
+    try:
+        workers = _two_workers(process)
+        wait_until(  # (both serve: one still starting would fail on the Redis below)
+            lambda: process.log().count("Application startup complete") == 2,
+            timeout=WORKER_DEADLINE,
+            what="the two workers did not both start",
+        )
+        admin = redis.Redis(port=server.port)
+        admin.config_set("maxmemory", 100 * 1024 * 1024)
+        admin.config_set("maxmemory-policy", "allkeys-lru")
+        admin.close()
+        os.kill(workers[0], signal.SIGKILL)
+        wait_until(
+            lambda: "starting another in 1.0 s" in process.log(),
+            timeout=WORKER_DEADLINE,
+            what="the worker that could not start was not tried again",
+        )
+        os.kill(workers[1], signal.SIGKILL)
+        assert process.process is not None
+        assert process.process.wait(timeout=WORKER_DEADLINE * 2) == 3, process.log()
     finally:
         _stop(process)
         server.close()

@@ -91,6 +91,7 @@ async def test_a_user_with_the_listed_rights_does_everything(
         ("+hmget", "can't run this command"),  # (run by the state script)
         ("+xadd", "may not run XADD"),  # (by the append script: asked of Redis's ACL)
         ("+hset", "may not run HSET"),
+        ("+xread", "may not run XREAD"),  # (the live reads)
     ],
 )
 async def test_a_right_missing_stops_the_store_at_open(
