@@ -6,6 +6,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import redis.asyncio as redis
 
 from broker import Broker, BrokerLimits
 from broker.redis_open import open_store
@@ -28,6 +29,15 @@ def private_redis() -> Iterator[RedisServer]:
     server = RedisServer(appendonly=True).start()
     yield server
     server.close()
+
+
+@pytest.fixture
+async def redis_admin(private_redis: RedisServer) -> AsyncIterator[redis.Redis]:
+    """A client of the test's own redis-server, for what the test changes there (its
+    configuration, its users)."""
+    client = redis.Redis.from_url(private_redis.url)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -22,20 +21,6 @@ from tests.support.broker_process import BrokerProcess
 from tests.support.redis_server import RedisServer
 
 EVICTING = ["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"]
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer(appendonly=False).start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-async def admin(own_redis: RedisServer) -> AsyncIterator[redis.Redis]:
-    client = redis.Redis.from_url(own_redis.url)
-    yield client
-    await client.aclose()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -62,11 +47,11 @@ def test_broker_serve_does_not_start_on_a_redis_that_may_evict(workers: int) -> 
 
 
 async def test_a_publish_to_a_full_redis_is_503_store_full(
-    own_redis: RedisServer, admin: redis.Redis
+    private_redis: RedisServer, redis_admin: redis.Redis
 ) -> None:
-    broker = BrokerProcess(redis_url=own_redis.url).start()
+    broker = BrokerProcess(redis_url=private_redis.url).start()
     try:
-        await admin.config_set("maxmemory", 1)  # (noeviction: Redis's default)
+        await redis_admin.config_set("maxmemory", 1)  # (noeviction: Redis's default)
         topic = new_topic()
         async with httpx.AsyncClient(base_url=broker.url, timeout=10) as client:
             for body in ({"data": 1}, [{"data": 1}, {"data": 2}]):
@@ -75,7 +60,7 @@ async def test_a_publish_to_a_full_redis_is_503_store_full(
                 assert problem["type"].endswith("#store-full"), problem
                 assert "script" not in problem["detail"], problem
                 assert refused.headers["retry-after"] == "5"
-            await admin.config_set("maxmemory", 0)
+            await redis_admin.config_set("maxmemory", 0)
             assert (
                 await client.post(f"/topics/{topic}/events", json={"data": 3})
             ).status_code == 201
@@ -85,11 +70,11 @@ async def test_a_publish_to_a_full_redis_is_503_store_full(
 
 
 async def test_an_ingest_cut_by_a_full_redis_says_what_it_stored(
-    own_redis: RedisServer, admin: redis.Redis
+    private_redis: RedisServer, redis_admin: redis.Redis
 ) -> None:
     """A producer without an Idempotency-Key learns which lines were stored (it was
     told only that Redis refused, and sent the stored lines again)."""
-    broker = BrokerProcess(redis_url=own_redis.url).start()
+    broker = BrokerProcess(redis_url=private_redis.url).start()
     try:
         topic = new_topic()
         ingest = await RawIngest.open(broker, topic)
@@ -100,7 +85,7 @@ async def test_an_ingest_cut_by_a_full_redis_says_what_it_stored(
                 if len(stored) == 3:
                     break
                 await asyncio.sleep(0.05)
-        await admin.config_set("maxmemory", 1)
+        await redis_admin.config_set("maxmemory", 1)
         await ingest.send(line(4))
         answer = await ingest.answer()
         assert answer.status == 503, answer.body
@@ -110,16 +95,16 @@ async def test_an_ingest_cut_by_a_full_redis_says_what_it_stored(
         assert f"3 line(s) stored, the last {stored[-1]['id']}" in problem["detail"], problem
         ingest.cut()
     finally:
-        await admin.config_set("maxmemory", 0)
+        await redis_admin.config_set("maxmemory", 0)
         broker.close()
 
 
 async def test_broker_serve_does_not_start_with_a_wrong_password(
-    own_redis: RedisServer, admin: redis.Redis
+    private_redis: RedisServer, redis_admin: redis.Redis
 ) -> None:
     """It started, said ready, and answered every publish 503 (hosted-Redis audit)."""
-    await admin.config_set("requirepass", "right")
-    url = f"redis://:wrong@127.0.0.1:{own_redis.port}/0"
+    await redis_admin.config_set("requirepass", "right")
+    url = f"redis://:wrong@127.0.0.1:{private_redis.port}/0"
     with pytest.raises(RuntimeError, match="broker exited early") as failed:
         await asyncio.to_thread(BrokerProcess(redis_url=url).start)
     said = str(failed.value)

@@ -450,6 +450,20 @@ def test_without_prctl_the_watch_alone_ends_an_orphaned_worker() -> None:
             parent.stdout.close()
 
 
+def _evicting_once_both_serve(process: BrokerProcess, server: RedisServer) -> redis.Redis:
+    """Redis made to evict (a worker cannot start on it) once both workers serve (one
+    still starting would fail on it); a client of it, to make it right again."""
+    wait_until(
+        lambda: process.log().count("Application startup complete") == 2,
+        timeout=WORKER_DEADLINE,
+        what="the two workers did not both start",
+    )
+    admin = redis.Redis(port=server.port)
+    admin.config_set("maxmemory", 100 * 1024 * 1024)
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    return admin
+
+
 def test_a_worker_that_cannot_start_while_others_serve_does_not_stop_the_broker() -> None:
     """A worker restarted while Redis briefly refuses it (here: it may evict; in life, a
     primary endpoint answering READONLY during a failover) is tried again later, the
@@ -459,14 +473,7 @@ def test_a_worker_that_cannot_start_while_others_serve_does_not_stop_the_broker(
     process = BrokerProcess(redis_url=server.url, workers=2).start()
     try:
         workers = _two_workers(process)
-        wait_until(  # (both serve: one still starting would fail on the Redis below)
-            lambda: process.log().count("Application startup complete") == 2,
-            timeout=WORKER_DEADLINE,
-            what="the two workers did not both start",
-        )
-        admin = redis.Redis(port=server.port)
-        admin.config_set("maxmemory", 100 * 1024 * 1024)
-        admin.config_set("maxmemory-policy", "allkeys-lru")
+        admin = _evicting_once_both_serve(process, server)
         os.kill(workers[0], signal.SIGKILL)
         wait_until(
             lambda: "starting another in 1.0 s" in process.log(),
@@ -498,15 +505,7 @@ def test_the_broker_stops_once_no_worker_serves_and_none_can_start() -> None:
     process = BrokerProcess(redis_url=server.url, workers=2).start()
     try:
         workers = _two_workers(process)
-        wait_until(  # (both serve: one still starting would fail on the Redis below)
-            lambda: process.log().count("Application startup complete") == 2,
-            timeout=WORKER_DEADLINE,
-            what="the two workers did not both start",
-        )
-        admin = redis.Redis(port=server.port)
-        admin.config_set("maxmemory", 100 * 1024 * 1024)
-        admin.config_set("maxmemory-policy", "allkeys-lru")
-        admin.close()
+        _evicting_once_both_serve(process, server).close()
         os.kill(workers[0], signal.SIGKILL)
         wait_until(
             lambda: "starting another in 1.0 s" in process.log(),

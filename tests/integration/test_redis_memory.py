@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as redis
@@ -24,32 +24,17 @@ from tests.support.sse import collect
 
 
 @pytest.fixture
-def small_redis() -> Iterator[RedisServer]:
-    server = RedisServer(appendonly=False).start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-async def admin(small_redis: RedisServer) -> AsyncIterator[redis.Redis]:
-    client = redis.Redis.from_url(small_redis.url)
-    yield client
-    await client.config_set("maxmemory", 0)
-    await client.aclose()
-
-
-@pytest.fixture
-async def store(small_redis: RedisServer) -> AsyncIterator[RedisStreamStore]:
-    instance = open_store(small_redis.url)
+async def store(private_redis: RedisServer) -> AsyncIterator[RedisStreamStore]:
+    instance = open_store(private_redis.url)
     await instance.open()
     yield instance
     await instance.close()
 
 
-async def out_of_memory(admin: redis.Redis) -> None:
+async def out_of_memory(redis_admin: redis.Redis) -> None:
     """Redis at its limit: every write that could grow memory is refused."""
-    await admin.config_set("maxmemory-policy", "noeviction")
-    await admin.config_set("maxmemory", 1)
+    await redis_admin.config_set("maxmemory-policy", "noeviction")
+    await redis_admin.config_set("maxmemory", 1)
 
 
 def new_topic() -> str:
@@ -57,42 +42,42 @@ def new_topic() -> str:
 
 
 async def test_a_new_topic_first_publish_is_refused_whole_when_redis_is_full(
-    store: RedisStreamStore, admin: redis.Redis
+    store: RedisStreamStore, redis_admin: redis.Redis
 ) -> None:
     # (its first write was a DEL, which Redis lets through at the limit, and with it
     # the whole script: memory grew without bound, one new topic at a time)
-    await out_of_memory(admin)
+    await out_of_memory(redis_admin)
     topic = new_topic()
     with pytest.raises(StoreFull):
         await store.append(topic, [NewEvent("x" * 60_000)] * 8)
-    assert await admin.keys(f"*{topic}*") == []
+    assert await redis_admin.keys(f"*{topic}*") == []
 
 
 async def test_a_publish_refused_for_memory_is_a_full_store_and_says_no_internals(
-    store: RedisStreamStore, admin: redis.Redis
+    store: RedisStreamStore, redis_admin: redis.Redis
 ) -> None:
     topic = new_topic()
     await store.append(topic, [NewEvent("1")])
-    await out_of_memory(admin)
+    await out_of_memory(redis_admin)
     with pytest.raises(StoreFull) as refused:
         await store.append(topic, [NewEvent("2"), NewEvent("3")], idempotency_key="k")
     assert refused.value.retry_after > 1
     assert "script" not in refused.value.detail and "maxmemory" in refused.value.detail
-    assert await admin.xlen(store_key(topic)) == 1  # nothing of the batch
-    await admin.config_set("maxmemory", 0)
+    assert await redis_admin.xlen(store_key(topic)) == 1  # nothing of the batch
+    await redis_admin.config_set("maxmemory", 0)
     stored = await store.append(topic, [NewEvent("2"), NewEvent("3")], idempotency_key="k")
     assert not stored.replayed and len(stored.ids) == 2
 
 
 async def test_subscribers_resume_and_read_while_redis_is_full(
-    small_redis: RedisServer, admin: redis.Redis
+    private_redis: RedisServer, redis_admin: redis.Redis
 ) -> None:
-    broker = Broker(open_store(small_redis.url), limits=BrokerLimits(heartbeat_seconds=0.5))
+    broker = Broker(open_store(private_redis.url), limits=BrokerLimits(heartbeat_seconds=0.5))
     await broker.start()
     try:
         topic = new_topic()
         first = await broker.publish(topic, [NewEvent(str(n)) for n in range(3)])
-        await out_of_memory(admin)
+        await out_of_memory(redis_admin)
         subscription = await broker.subscribe({topic: first.ids[0]})
         try:
             events = await collect(subscription.chunks(), lambda got: len(got) >= 2)
@@ -107,11 +92,11 @@ async def test_subscribers_resume_and_read_while_redis_is_full(
 
 @pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-lru", "volatile-ttl"])
 async def test_the_store_does_not_open_on_a_redis_that_may_evict(
-    small_redis: RedisServer, admin: redis.Redis, policy: str
+    private_redis: RedisServer, redis_admin: redis.Redis, policy: str
 ) -> None:
-    await admin.config_set("maxmemory", 100 * 1024 * 1024)
-    await admin.config_set("maxmemory-policy", policy)
-    store = open_store(small_redis.url)
+    await redis_admin.config_set("maxmemory", 100 * 1024 * 1024)
+    await redis_admin.config_set("maxmemory-policy", policy)
+    store = open_store(private_redis.url)
     try:
         with pytest.raises(StoreMisconfigured, match=f"maxmemory-policy {policy}"):
             await store.open()
@@ -120,12 +105,12 @@ async def test_the_store_does_not_open_on_a_redis_that_may_evict(
 
 
 async def test_the_store_opens_on_an_evicting_redis_when_allowed_or_without_a_limit(
-    small_redis: RedisServer, admin: redis.Redis
+    private_redis: RedisServer, redis_admin: redis.Redis
 ) -> None:
-    await admin.config_set("maxmemory-policy", "allkeys-lru")  # no maxmemory: never evicts
+    await redis_admin.config_set("maxmemory-policy", "allkeys-lru")  # no maxmemory: never evicts
     for allow, limit in ((False, 0), (True, 100 * 1024 * 1024)):
-        await admin.config_set("maxmemory", limit)
-        store = open_store(small_redis.url, allow_eviction=allow)
+        await redis_admin.config_set("maxmemory", limit)
+        store = open_store(private_redis.url, allow_eviction=allow)
         try:
             await store.open()
             assert (await store.append(new_topic(), [NewEvent("1")])).ids
@@ -134,29 +119,29 @@ async def test_the_store_opens_on_an_evicting_redis_when_allowed_or_without_a_li
 
 
 async def test_writes_are_refused_while_the_policy_set_under_it_evicts(
-    store: RedisStreamStore, admin: redis.Redis
+    store: RedisStreamStore, redis_admin: redis.Redis
 ) -> None:
     topic = new_topic()
     await store.append(topic, [NewEvent("1")])
-    await admin.config_set("maxmemory", 100 * 1024 * 1024)
-    await admin.config_set("maxmemory-policy", "allkeys-lru")
+    await redis_admin.config_set("maxmemory", 100 * 1024 * 1024)
+    await redis_admin.config_set("maxmemory-policy", "allkeys-lru")
     await store._eviction.check()  # (what its watch does every EVICTION_CHECK_S)
     with pytest.raises(StoreMisconfigured) as refused:
         await store.append(topic, [NewEvent("2")])
     assert refused.value.retry_after > 1
-    assert await admin.xlen(store_key(topic)) == 1
-    await admin.config_set("maxmemory-policy", "noeviction")
+    assert await redis_admin.xlen(store_key(topic)) == 1
+    await redis_admin.config_set("maxmemory-policy", "noeviction")
     await store._eviction.check()
     assert (await store.append(topic, [NewEvent("2")])).ids
 
 
 async def test_a_redis_user_that_may_not_read_info_is_warned_of_not_refused(
-    small_redis: RedisServer, admin: redis.Redis, caplog: pytest.LogCaptureFixture
+    private_redis: RedisServer, redis_admin: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await admin.acl_setuser(
+    await redis_admin.acl_setuser(
         "broker", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all", "-info"]
     )
-    url = f"redis://broker:secret@127.0.0.1:{small_redis.port}/0"
+    url = f"redis://broker:secret@127.0.0.1:{private_redis.port}/0"
     store = open_store(url)
     try:
         with caplog.at_level(logging.WARNING, logger="broker.redis_checks"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as redis
@@ -31,34 +30,20 @@ NEEDED = (
 CLUSTER_NEEDED = "+cluster|slots +command +asking".split()  # (ASKING: slots migrating)
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer(appendonly=False).start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-async def admin(own_redis: RedisServer) -> AsyncIterator[redis.Redis]:
-    client = redis.Redis.from_url(own_redis.url)
-    yield client
-    await client.aclose()
-
-
 async def user_url(
-    admin: redis.Redis, server: RedisServer, commands: list[str], keys: str = "broker:*"
+    redis_admin: redis.Redis, server: RedisServer, commands: list[str], keys: str = "broker:*"
 ) -> str:
     name = f"u{uuid.uuid4().hex[:8]}"
-    await admin.acl_setuser(
+    await redis_admin.acl_setuser(
         name, enabled=True, passwords=["+pw"], keys=[keys], commands=["-@all", *commands]
     )
     return f"redis://{name}:pw@127.0.0.1:{server.port}/0"
 
 
 async def test_a_user_with_the_listed_rights_does_everything(
-    own_redis: RedisServer, admin: redis.Redis
+    private_redis: RedisServer, redis_admin: redis.Redis
 ) -> None:
-    broker = Broker(open_store(await user_url(admin, own_redis, list(NEEDED))))
+    broker = Broker(open_store(await user_url(redis_admin, private_redis, list(NEEDED))))
     await broker.start()
     try:
         topic = f"rights-{uuid.uuid4().hex[:8]}"
@@ -95,10 +80,10 @@ async def test_a_user_with_the_listed_rights_does_everything(
     ],
 )
 async def test_a_right_missing_stops_the_store_at_open(
-    own_redis: RedisServer, admin: redis.Redis, without: str, said: str
+    private_redis: RedisServer, redis_admin: redis.Redis, without: str, said: str
 ) -> None:
     rights = [right for right in NEEDED if right != without]
-    store = open_store(await user_url(admin, own_redis, rights))
+    store = open_store(await user_url(redis_admin, private_redis, rights))
     try:
         with pytest.raises(StoreMisconfigured, match=said):
             await store.open()
@@ -107,9 +92,9 @@ async def test_a_right_missing_stops_the_store_at_open(
 
 
 async def test_keys_outside_the_users_pattern_stop_the_store_at_open(
-    own_redis: RedisServer, admin: redis.Redis
+    private_redis: RedisServer, redis_admin: redis.Redis
 ) -> None:
-    store = open_store(await user_url(admin, own_redis, list(NEEDED), keys="app:*"))
+    store = open_store(await user_url(redis_admin, private_redis, list(NEEDED), keys="app:*"))
     try:
         with pytest.raises(StoreMisconfigured, match="keys"):
             await store.open()
@@ -126,12 +111,12 @@ async def test_keys_outside_the_users_pattern_stop_the_store_at_open(
     ids=["wrong-password", "no-such-db"],
 )
 async def test_a_wrong_password_or_database_stops_the_store_at_open(
-    own_redis: RedisServer, admin: redis.Redis, url_of: object, said: str
+    private_redis: RedisServer, redis_admin: redis.Redis, url_of: object, said: str
 ) -> None:
-    await admin.config_set("requirepass", "right")
+    await redis_admin.config_set("requirepass", "right")
     try:
         assert callable(url_of)
-        url = url_of(own_redis.port)
+        url = url_of(private_redis.port)
         if "/99" in url:
             url = url.replace("redis://", "redis://:right@")
         store = open_store(url)
@@ -141,17 +126,17 @@ async def test_a_wrong_password_or_database_stops_the_store_at_open(
         finally:
             await store.close()
     finally:
-        await admin.config_set("requirepass", "")
+        await redis_admin.config_set("requirepass", "")
 
 
 async def test_a_read_only_replica_given_as_the_primary_stops_the_store_at_open(
-    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """It served reads, said ready, and refused every write: a load balancer kept it.
     (Asked again meanwhile: a primary endpoint failing over answers READONLY a moment.)"""
     monkeypatch.setattr(c, "READONLY_AT_START_S", 1.5)
     replica = RedisServer(
-        appendonly=False, extra_args=["--replicaof", "127.0.0.1", str(own_redis.port)]
+        appendonly=False, extra_args=["--replicaof", "127.0.0.1", str(private_redis.port)]
     ).start()
     try:
         store = open_store(replica.url)
@@ -194,22 +179,22 @@ async def test_a_cluster_user_needs_only_the_listed_rights_and_the_cluster_ones(
 
 
 async def test_a_redis_read_only_for_a_moment_at_start_is_waited_for(
-    own_redis: RedisServer, admin: redis.Redis, caplog: pytest.LogCaptureFixture
+    private_redis: RedisServer, redis_admin: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A primary endpoint failing over by DNS or a virtual IP answers READONLY for a
     moment: a broker started then refused to start (and Kubernetes backed off)."""
     other = RedisServer(appendonly=False).start()
     try:
-        await admin.replicaof("127.0.0.1", other.port)
-        store = open_store(own_redis.url)
+        await redis_admin.replicaof("127.0.0.1", other.port)
+        store = open_store(private_redis.url)
         try:
             opening = asyncio.ensure_future(store.open())
             await await_until(lambda: "read only" in caplog.text, timeout=5, what="no READONLY met")
-            await admin.replicaof("no", "one")
+            await redis_admin.replicaof("no", "one")
             await asyncio.wait_for(opening, timeout=c.READONLY_AT_START_S + 5)
             assert (await store.append(f"rights-{uuid.uuid4().hex[:8]}", [NewEvent("1")])).ids
         finally:
             await store.close()
     finally:
-        await admin.replicaof("no", "one")
+        await redis_admin.replicaof("no", "one")
         other.close()
