@@ -199,6 +199,10 @@ class _StandInHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
+        # Said, since the stream's connection closes after it: unsaid, a proxy kept it
+        # for the next request, which found it closed and, with the other broker of
+        # the test dead, got a 502 (a CI rehearsal under load).
+        self.send_header("Connection", "close")
         self.end_headers()
 
     def _stream(self) -> None:
