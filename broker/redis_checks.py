@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -149,9 +150,9 @@ class EvictionGuard:
         self._read_infos = read_infos
         self._allow = allow
         self.refusal: str | None = None
-        self._unknown_told = False
-        self._allowed_told = False
         self._refusal_log = ThrottledLog(c.EVICTION_CHECK_S)
+        self._unknown_log = ThrottledLog(math.inf)  # (said once)
+        self._allowed_log = ThrottledLog(math.inf)
         self._watch: asyncio.Task[None] | None = None
 
     async def check(self, *, at_start: bool = False) -> None:
@@ -159,7 +160,12 @@ class EvictionGuard:
         try:
             infos = await self._read_infos()
         except ResponseError as error:  # INFO not allowed (an ACL), or renamed
-            self._unknown(error)
+            self._unknown_log.say(
+                "redis: cannot read maxmemory-policy (%s): make sure it is %s; any other "
+                "policy may lose or repeat events",
+                error,
+                SAFE_POLICY,
+            )
             return
         evicting = [policy for policy in map(evicting_policy, infos) if policy is not None]
         if not evicting:
@@ -167,7 +173,11 @@ class EvictionGuard:
                 log.warning("redis: maxmemory-policy is %s again: writes accepted", SAFE_POLICY)
             self.refusal = None
         elif self._allow:
-            self._allowed(evicting[0])
+            self._allowed_log.say(
+                "redis: maxmemory-policy %s may evict events and idempotency records "
+                "(allowed by BROKER_REDIS_EVICTION=allow)",
+                evicting[0],
+            )
         else:
             self.refusal = (
                 f"redis may evict the broker's keys (maxmemory-policy {evicting[0]}), which "
@@ -176,25 +186,6 @@ class EvictionGuard:
             )
             if not at_start:  # (at start the broker does not start, saying why)
                 self._refusal_log.say("redis: refusing writes: %s", self.refusal)
-
-    def _unknown(self, error: ResponseError) -> None:
-        if not self._unknown_told:
-            self._unknown_told = True
-            log.warning(
-                "redis: cannot read maxmemory-policy (%s): make sure it is %s; any other "
-                "policy may lose or repeat events",
-                error,
-                SAFE_POLICY,
-            )
-
-    def _allowed(self, policy: str) -> None:
-        if not self._allowed_told:
-            self._allowed_told = True
-            log.warning(
-                "redis: maxmemory-policy %s may evict events and idempotency records "
-                "(allowed by BROKER_REDIS_EVICTION=allow)",
-                policy,
-            )
 
     async def start(self) -> None:
         """Read the policies (raises StoreMisconfigured: the broker does not start on a
