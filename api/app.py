@@ -23,6 +23,7 @@ from api.auth import Authorizer, redact_tokens
 from api.connections import APP_STATE_KEY
 from api.cors import CorsPolicy, adding_headers, cors_headers
 from api.gc_tuning import tune_gc
+from api.hosts import HostPolicy, host_refused
 from api.lifecycle import drain_on_shutdown_signals
 from api.metrics import PrometheusObserver, render_metrics
 from api.openapi import openapi_document
@@ -100,6 +101,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     # Built here, not in the lifespan: a key that cannot be used stops the app at once.
     app.state.authorizer = Authorizer.from_settings(settings)
     app.state.cors = CorsPolicy(split_list(settings.cors_origins))
+    app.state.hosts = HostPolicy(
+        split_list(settings.allowed_hosts), auth_enabled=app.state.authorizer.enabled
+    )
     if app.state.authorizer.enabled:
         log.info("authorization: on (JWT)")
     else:
@@ -126,6 +130,9 @@ class BrokerApp(Starlette):
             await super().__call__(scope, receive, send)
             return
         scope["app"] = self
+        if self.state.hosts.refuses(scope):
+            await host_refused(scope)(scope, receive, send)
+            return
         cors = cors_headers(scope)
         # The stream writes its CORS headers itself: a wrapper would hide uvicorn's send.
         stream_send, send = send, adding_headers(cors, send) if cors else send

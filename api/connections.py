@@ -50,6 +50,7 @@ from api.guard import (
     response_head,
 )
 from api.heads import HEAD_END, RequestHead
+from api.hosts import host_of
 from api.lean_ingest import IngestExchange, IngestHead, ingest_head_of
 from api.lean_publish import PublishExchange, PublishHead, publish_head_of
 from api.lean_stream import (
@@ -120,6 +121,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._idle_since: float | None = None  # the previous response's end
         self._writes_paused = False  # the client does not read its answers fast enough
         self._next_deferred = False  # the next request waits for the answers to drain
+        self._checks_host = False  # (api.hosts: loopback and authorization off, or a list)
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -132,6 +134,9 @@ class BrokerHttpProtocol(asyncio.Protocol):
             return
         cap_send_buffer(self._transport)
         self._guard.deadlines.set(self, self._guard.limits.head_timeout)
+        app = self._app_state.get(APP_STATE_KEY)
+        if app is not None:
+            self._checks_host = app.state.hosts.checks(self._transport.get_extra_info("sockname"))
 
     def expire(self) -> None:
         """A deadline of ``api.guard`` passed: a stalled body is answered 408; a head
@@ -196,6 +201,11 @@ class BrokerHttpProtocol(asyncio.Protocol):
                 return
         if app is None or self._config.root_path or app.state.streams.draining:
             self._hand_to_uvicorn()  # uvicorn answers those
+            return
+        if self._checks_host and not app.state.hosts.names_this_host(
+            host_of(self._head.headers) or b""
+        ):
+            self._hand_to_uvicorn()  # the app refuses it, or answers a probe
             return
         try:
             publish, ingest, stream = self._lean_request_of(app, head_size)

@@ -6,6 +6,7 @@ Everything below the edge takes plain arguments built from this object.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -28,6 +29,9 @@ ENV_PREFIX = "BROKER_"
 CLIENT_VARIABLES = frozenset({"BROKER_URL", "BROKER_TOKEN"})
 """The command-line client's settings: known to ``broker serve``, and ignored by it."""
 KEY_SETTINGS = ("jwt_secret", "jwt_public_key", "jwt_jwks_url")
+HOST_NAME = re.compile(
+    r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?"
+)
 
 
 class TopicPolicySetting(BaseModel):
@@ -93,6 +97,8 @@ class Settings(BaseSettings):
     jwt_leeway_seconds: float = Field(0.0, ge=0, le=300, allow_inf_nan=False)
     public_topics: str = ""
     cors_origins: str = ""
+    # Host names requests may be sent to besides localhost and addresses (api/hosts.py).
+    allowed_hosts: str = ""
 
     @model_validator(mode="before")
     @classmethod
@@ -187,6 +193,17 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"{origin!r} is not an exact origin such as https://app.example.com "
                     "(never *: credentials are allowed)"
+                )
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        for name in split_list(value):
+            if not HOST_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} is not a host name such as events.example.com or "
+                    "*.example.com (no scheme, no port)"
                 )
         return value
 

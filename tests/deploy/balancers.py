@@ -270,7 +270,7 @@ def request(
     Reads until the connection closes, or until `until` arrives when it is given.
     """
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(f"{head}\r\nHost: test\r\nConnection: close\r\n\r\n".encode() + body)
+        sock.sendall(f"{head}\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode() + body)
         return read_until(sock, until, timeout)
 
 

@@ -33,7 +33,7 @@ def test_first_event_arrives_before_the_upstream_response_ends(
     with StandInBroker() as broker, running_balancer(kind, [broker.port], tmp_path) as port:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(
-                b"GET /topics/t/events HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n"
+                b"GET /topics/t/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
                 b"Accept-Encoding: gzip\r\nLast-Event-ID: 1700000000000-7\r\n\r\n"
             )
             started = time.monotonic()
@@ -63,7 +63,7 @@ def test_a_subscriber_that_stops_reading_holds_back_the_broker(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
             sock.settimeout(5)
             sock.connect(("127.0.0.1", port))
-            sock.sendall(b"GET /flood HTTP/1.1\r\nHost: test\r\n\r\n")
+            sock.sendall(b"GET /flood HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert broker.flooded.wait(timeout=60), "the stand-in never stopped writing"
     # Loopback socket buffers on the way hold a few MiB; a buffering proxy takes it all.
     assert broker.flood_bytes < FLOOD_LIMIT_BYTES // 4, f"{broker.flood_bytes} bytes absorbed"
@@ -114,7 +114,7 @@ def test_a_streaming_ingest_reaches_the_broker_as_it_is_sent(
     with StandInBroker() as broker, running_balancer(kind, [broker.port], tmp_path) as port:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             first = b"%x\r\n%s\r\n" % (len(line), line)
-            sock.sendall(f"{head}\r\nHost: test\r\n\r\n".encode() + first)
+            sock.sendall(f"{head}\r\nHost: 127.0.0.1\r\n\r\n".encode() + first)
             wait_until(lambda: broker.posts == 1, timeout=5, what="the POST before its end")
         long_body = b"%x\r\n%s\r\n0\r\n\r\n" % (1_200_000, b"x" * 1_200_000)
         reply = request(port, head, long_body)

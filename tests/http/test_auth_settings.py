@@ -58,6 +58,10 @@ def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"BROKER_JWT_SECRET": SECRET, "BROKER_JWT_LEEWAY_SECONDS": "-1"}, "LEEWAY"),
         ({"BROKER_CORS_ORIGINS": "*"}, "BROKER_CORS_ORIGINS"),
         ({"BROKER_CORS_ORIGINS": "https://a.test/app"}, "BROKER_CORS_ORIGINS"),
+        ({"BROKER_ALLOWED_HOSTS": "https://events.test"}, "BROKER_ALLOWED_HOSTS"),
+        ({"BROKER_ALLOWED_HOSTS": "events.test:8000"}, "BROKER_ALLOWED_HOSTS"),
+        ({"BROKER_ALLOWED_HOSTS": "*"}, "BROKER_ALLOWED_HOSTS"),
+        ({"BROKER_ALLOWED_HOST": "events.test"}, "BROKER_ALLOWED_HOST"),
         # A time of "inf" turned off what it bounds (heartbeats, the end at exp):
         ({"BROKER_HEARTBEAT_SECONDS": "inf"}, "BROKER_HEARTBEAT_SECONDS"),
         ({"BROKER_BODY_TIMEOUT_SECONDS": "Infinity"}, "BROKER_BODY_TIMEOUT_SECONDS"),

@@ -41,7 +41,7 @@ def app() -> object:
 
 
 def head(first_line: str, *headers: str) -> bytes:
-    return "\r\n".join([first_line, "Host: broker", *headers, "", ""]).encode("latin-1")
+    return "\r\n".join([first_line, "Host: 127.0.0.1", *headers, "", ""]).encode("latin-1")
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_plain_stream_requests_are_served_lean(raw: bytes, app: object) -> None:
         head("GET /topics/t/events?from=yesterday HTTP/1.1"),
         head("GET /events HTTP/1.1"),
         head("GET /events?topic=a&topic=b&topic=c&topic=d HTTP/1.1"),  # over the limit
-        b"GET /topics/t/events HTTP/1.1\r\nHost: broker\r\n",  # not complete
+        b"GET /topics/t/events HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # not complete
         b"NOT HTTP AT ALL\r\n\r\n",
     ],
 )
@@ -137,7 +137,7 @@ async def test_an_http_1_0_stream_is_not_chunked_and_ends_with_its_connection(
     reader, writer = await asyncio.open_connection("127.0.0.1", http_broker.port)
     try:
         path = f"/topics/{topic}/events?from=earliest".encode()
-        writer.write(b"GET " + path + b" HTTP/1.0\r\nHost: broker\r\n\r\n")
+        writer.write(b"GET " + path + b" HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             [event_id] = await publish_many(client, topic, [{"n": 1}])
@@ -210,7 +210,10 @@ async def _open_counts(client: httpx.AsyncClient) -> list[float]:
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"GET /healthz HTTP/1.1\nHost: broker\n\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"],
+    [
+        b"GET /healthz HTTP/1.1\nHost: 127.0.0.1\n\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ],
     ids=["bare-line-feeds", "a-tls-hello"],
 )
 async def test_what_is_not_http_is_answered_at_once(

@@ -41,7 +41,7 @@ HOSTILE = {
 }
 BIG_HEADER = {"X-Padding": "a" * 65536}
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-HALF_HEAD = b"GET /topics/slow/events HTTP/1.1\r\nHost: x\r\nAccept: text/event"
+HALF_HEAD = b"GET /topics/slow/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event"
 
 
 @pytest.fixture
@@ -462,7 +462,9 @@ async def test_publishes_sent_behind_an_unread_answer_of_uvicorns_wait_for_it(
 AFTER_A_PUBLISH = {
     "garbage": b"XYZGARBAGE\r\n\r\n",
     "a-long-garbage": b"\x01" * 20_000,  # (past the head limit: it was a 431 instead)
-    "a-broken-body": b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "a-broken-body": (
+        b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    ),
 }
 
 

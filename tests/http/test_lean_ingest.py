@@ -152,7 +152,7 @@ def app() -> object:
 
 
 def head(first_line: str, *headers: str) -> bytes:
-    return "\r\n".join([first_line, "Host: broker", *headers, "", ""]).encode()
+    return "\r\n".join([first_line, "Host: 127.0.0.1", *headers, "", ""]).encode()
 
 
 POST = "POST /topics/t/events HTTP/1.1"

@@ -155,7 +155,7 @@ def app() -> object:
 
 
 def head(first_line: str, *headers: str, body: bytes = b"") -> bytes:
-    return "\r\n".join([first_line, "Host: broker", *headers, "", ""]).encode() + body
+    return "\r\n".join([first_line, "Host: 127.0.0.1", *headers, "", ""]).encode() + body
 
 
 @pytest.mark.parametrize(

@@ -142,7 +142,7 @@ async def test_a_chunked_body_over_the_limit_is_refused_before_it_ends(
     """
     topic = new_topic()
     head = (
-        f"POST /topics/{topic}/events HTTP/1.1\r\nHost: x\r\n"
+        f"POST /topics/{topic}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     ).encode()
     piece = b" " * 1024
@@ -160,7 +160,7 @@ async def test_a_huge_content_length_is_refused_without_reading_the_body(
 ) -> None:
     topic = new_topic()
     head = (
-        f"POST /topics/{topic}/events HTTP/1.1\r\nHost: x\r\n"
+        f"POST /topics/{topic}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         "Content-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n"
     ).encode()
     response = await asyncio.wait_for(raw_request(limits_broker.url, raw_head=head + b"{"), 8)
@@ -173,7 +173,7 @@ async def test_a_huge_content_length_is_refused_without_reading_the_body(
 async def test_the_default_body_limit_is_one_mebibyte(http_broker: BrokerProcess) -> None:
     topic = new_topic()
     head = (
-        f"POST /topics/{topic}/events HTTP/1.1\r\nHost: x\r\n"
+        f"POST /topics/{topic}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Content-Type: application/json\r\nContent-Length: {1024 * 1024 + 1}\r\n\r\n"
     ).encode()
     response = await asyncio.wait_for(raw_request(http_broker.url, raw_head=head), 8)

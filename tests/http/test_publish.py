@@ -419,7 +419,8 @@ async def test_an_idempotency_key_with_control_characters_is_400(
     body = b'{"data": 1}'
     head = (
         (
-            f"POST /topics/{topic}/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"POST /topics/{topic}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n"
         ).encode()
         + b"Idempotency-Key: a"

@@ -289,7 +289,7 @@ def test_a_draining_supervisor_takes_no_connection_it_cannot_answer(
     with socket.create_connection(("127.0.0.1", process.port), timeout=10) as held:
         try:
             held.sendall(
-                b"POST /topics/held/events HTTP/1.1\r\nHost: t\r\n"
+                b"POST /topics/held/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
             )
             holder = wait_until(
@@ -336,7 +336,7 @@ def test_a_second_broker_with_workers_on_a_taken_port_stops(redis_server: RedisS
 def _open_stream(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(
-        f"GET /topics/{new_topic()}/events HTTP/1.1\r\nHost: t\r\n"
+        f"GET /topics/{new_topic()}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         "Accept: text/event-stream\r\n\r\n".encode()
     )
     received = b""

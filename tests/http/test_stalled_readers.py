@@ -49,7 +49,7 @@ def _stalled_replay(port: int, topic: str, version: bytes) -> socket.socket:
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
     client.connect(("127.0.0.1", port))
     path = f"/topics/{topic}/events?from=earliest".encode()
-    client.sendall(b"GET " + path + b" HTTP/" + version + b"\r\nHost: t\r\n\r\n")
+    client.sendall(b"GET " + path + b" HTTP/" + version + b"\r\nHost: 127.0.0.1\r\n\r\n")
     return client
 
 
