@@ -67,6 +67,7 @@ class Chromium:
         name: str = "chromium",
         window: tuple[int, int] | None = None,
         enable: tuple[str, ...] = (),
+        flags: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
         self.enable = enable
@@ -77,6 +78,7 @@ class Chromium:
             chromium_executable(),
             *CHROMIUM_FLAGS,
             *size,
+            *flags,
             f"--user-data-dir={self.profile}",
             f"--remote-debugging-port={self.debug_port}",
             "about:blank",
