@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -115,6 +116,22 @@ def _compact_json(data: Any) -> str:
         if _deeper_than(data, MAX_JSON_DEPTH):
             raise InvalidInput(f"data: {TOO_DEEP}", field="data") from None
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def check_finite_numbers(document: Any, field: str = "data") -> None:
+    """Refuses a NaN or an infinity (InvalidInput), which JSON has not: orjson writes
+    each as ``null``, so data given as Python objects (the direct publisher's) was
+    stored altered, in silence. (A parsed body never holds one: orjson refuses them.)"""
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise InvalidInput(f"{field}: {value} has no JSON form", field=field)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
 
 
 def event_from_json(item: Any, max_event_bytes: int) -> NewEvent:

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
@@ -114,6 +115,9 @@ def _guarded(command: Command) -> Command:
             return EXIT_USAGE
         except Unreachable as error:
             print(f"broker {args.command}: unreachable: {error}", file=sys.stderr)
+            if error.idempotency_key is not None:  # (it may have been stored: rerun with it)
+                key = shlex.quote(error.idempotency_key)
+                print(f"broker {args.command}: retry with --idempotency-key {key}", file=sys.stderr)
             return EXIT_UNREACHABLE
         except RequestFailed as error:
             print(f"broker {args.command}: {error}", file=sys.stderr)

@@ -32,6 +32,7 @@ from broker.policy import TopicPolicy
 from broker.redis_open import open_store
 from broker.store import Store
 from broker.validation import (
+    check_finite_numbers,
     check_idempotency_key,
     check_topic,
     event_from_json,
@@ -93,6 +94,7 @@ class DirectPublisher:
         close: bool = False,
     ) -> PublishResult:
         """Append one event whose data is any JSON value; ``close`` closes the topic after it."""
+        check_finite_numbers(data)
         item: dict[str, Any] = {"data": data}
         item |= {k: v for k, v in (("event", event), ("retry", retry)) if v is not None}
         new = event_from_json(item, self._max_event_bytes)
@@ -120,6 +122,7 @@ class DirectPublisher:
         close: bool = False,
     ) -> PublishResult:
         """Append several events atomically and in order (``{"data", "event"?, "retry"?}``)."""
+        check_finite_numbers(list(events), field="events")
         items = events_from_json(
             list(events), max_event_bytes=self._max_event_bytes, max_batch=self._max_batch
         )

@@ -10,7 +10,19 @@ class BrokerClientError(Exception):
 
 
 class Unreachable(BrokerClientError):
-    """The broker could not be reached (or kept answering 503) within the attempts allowed."""
+    """The broker could not be reached (or kept answering 503) within the attempts allowed.
+
+    ``idempotency_key``: a publish's key (the caller's, or the one made up for it): an
+    attempt may have been stored, its answer lost, so a later retry must send it again,
+    or it stores a second copy. A stream's retry sends the same lines again, from the
+    first, under it (``lines_sent``: how many the iterator had given)."""
+
+    def __init__(
+        self, message: str, *, idempotency_key: str | None = None, lines_sent: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.idempotency_key = idempotency_key
+        self.lines_sent = lines_sent
 
 
 class RequestFailed(BrokerClientError):

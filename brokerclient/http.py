@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,13 @@ class RetryPolicy:
     def delay(self, failures: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, self.max_backoff)
-        return min(self.backoff * 2.0 ** (failures - 1), self.max_backoff)
+        return min(self.backoff * doubled(failures), self.max_backoff)
+
+
+def doubled(failures: int) -> float:
+    """2 ** (failures - 1), bounded: a float power past 1023 overflows (an OverflowError
+    after a thousand failed attempts, where the delay was long capped anyway)."""
+    return 2.0 ** min(max(failures - 1, 0), 32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +68,21 @@ class PublishResult:
         return self.last_id
 
 
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,200}")  # (the broker's rule)
+
+
 def new_idempotency_key() -> str:
     return f"bc-{uuid.uuid4().hex}"
+
+
+def idempotency_key_of(key: str | None) -> str:
+    """The caller's key, checked before anything is sent (a key the broker refuses,
+    or httpx cannot send: a UnicodeEncodeError from deep inside), or a new one."""
+    if key is None:
+        return new_idempotency_key()
+    if IDEMPOTENCY_KEY.fullmatch(key) is None:
+        raise ValueError(f"an idempotency key is 1 to 200 printable ASCII characters: {key!r}")
+    return key
 
 
 def base_headers(token: str | None) -> dict[str, str]:

@@ -20,7 +20,6 @@ import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
-    Callable,
     Iterable,
     Iterator,
     Mapping,
@@ -39,7 +38,7 @@ from brokerclient.http import (
     RetryPolicy,
     base_headers,
     checked_url,
-    new_idempotency_key,
+    idempotency_key_of,
     publish_result,
     retry_after,
     topic_path,
@@ -64,7 +63,13 @@ def event(data: Any, event: str | None = None, retry: int | None = None) -> dict
 
 
 def _json_body(item: Any) -> bytes:
-    return _utf8(json.dumps(item, separators=(",", ":"), ensure_ascii=False))
+    """Compact JSON; a ValueError for a NaN or an infinity, which JSON has not (the
+    broker refused the body as malformed JSON)."""
+    try:
+        text = json.dumps(item, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as error:
+        raise ValueError(f"not JSON: {error} (NaN and infinities have no JSON form)") from None
+    return _utf8(text)
 
 
 def _utf8(text: str) -> bytes:
@@ -85,16 +90,26 @@ def _query(close: bool, event_type: str | None = None) -> dict[str, str]:
 
 
 class _Attempts:
-    """Counts a publish's attempts and says how long to wait before the next one."""
+    """Counts a publish's attempts and says how long to wait before the next one.
 
-    def __init__(self, policy: RetryPolicy, what: str) -> None:
-        self.policy, self.what, self.failures = policy, what, 0
+    A stream's attempts are counted since the last one that took a line no attempt had
+    taken (a long generation through rolling restarts is cut many times, each time
+    further on: it was given up after the policy's attempts in all, its rest lost)."""
 
-    def failed(self, why: str, hinted: float | None = None) -> float:
+    def __init__(self, policy: RetryPolicy, what: str, key: str | None = None) -> None:
+        self.policy, self.what, self.key, self.failures = policy, what, key, 0
+        self._lines = 0  # the most lines any attempt took from the stream's iterator
+
+    def failed(self, why: str, hinted: float | None = None, lines: int | None = None) -> float:
         """The delay before the next attempt; raises Unreachable when none is left."""
+        if lines is not None and lines > self._lines:
+            self._lines, self.failures = lines, 0  # (this attempt got further)
         self.failures += 1
         if self.failures >= max(1, self.policy.attempts):
-            raise Unreachable(f"{self.what}: {why} (after {self.failures} attempts)")
+            said = f"{self.what}: {why} (after {self.failures} attempts"
+            if self.key is not None:  # (an attempt may have been stored, its answer lost)
+                said += f"; a retry must send idempotency key {self.key}"
+            raise Unreachable(f"{said})", idempotency_key=self.key, lines_sent=lines)
         delay = self.policy.delay(self.failures, hinted)
         log.info("%s: %s; attempt %d in %.2fs", self.what, why, self.failures + 1, delay)
         return delay
@@ -174,33 +189,35 @@ class Publisher:
         """
         lines = _SentLines(iter(events))
         params = _query(close)
-        return self._send(topic, lines.replay_then_rest, NDJSON, params, idempotency_key, "stream")
+        return self._send(topic, lines, NDJSON, params, idempotency_key, "stream")
 
     def _send(
         self,
         topic: str,
-        body: bytes | Callable[[], Iterator[bytes]],
+        body: bytes | _SentLines,
         content_type: str,
         params: Mapping[str, str],
         key: str | None,
         what: str = "publish",
     ) -> PublishResult:
-        """POST, retried under one Idempotency-Key; ``body`` bytes, or what gives a
-        stream's body afresh for each attempt (the lines sent already, then the rest)."""
-        key = key or new_idempotency_key()
+        """POST, retried under one Idempotency-Key; ``body`` bytes, or a stream's lines
+        (sent afresh by each attempt: the lines sent already, then the rest)."""
+        key = idempotency_key_of(key)
         headers = self._headers_for(content_type, key)
-        attempts = _Attempts(self.retry, f"{what} to {topic}")
+        attempts = _Attempts(self.retry, f"{what} to {topic}", key)
         while True:
-            content = body if isinstance(body, bytes) else body()
+            content = body if isinstance(body, bytes) else body.replay_then_rest()
+            lines = None if isinstance(body, bytes) else body.count
             try:
                 response = self._client.post(
                     topic_path(topic), content=content, params=params, headers=headers
                 )
             except httpx.TransportError as error:
-                time.sleep(attempts.failed(repr(error)))
+                time.sleep(attempts.failed(repr(error), lines=lines and lines()))
                 continue
             if response.status_code in RETRY_STATUSES:
-                time.sleep(attempts.failed(f"{response.status_code}", retry_after(response)))
+                hinted = retry_after(response)
+                time.sleep(attempts.failed(f"{response.status_code}", hinted, lines and lines()))
                 continue
             return publish_result(response, key)
 
@@ -295,35 +312,35 @@ class AsyncPublisher:
         """
         lines = _AsyncSentLines(_aiter(events))
         params = _query(close)
-        return await self._send(
-            topic, lines.replay_then_rest, NDJSON, params, idempotency_key, "stream"
-        )
+        return await self._send(topic, lines, NDJSON, params, idempotency_key, "stream")
 
     async def _send(
         self,
         topic: str,
-        body: bytes | Callable[[], AsyncIterator[bytes]],
+        body: bytes | _AsyncSentLines,
         content_type: str,
         params: Mapping[str, str],
         key: str | None,
         what: str = "publish",
     ) -> PublishResult:
         """``Publisher._send``, awaited."""
-        key = key or new_idempotency_key()
+        key = idempotency_key_of(key)
         headers = self._headers_for(content_type, key)
-        attempts = _Attempts(self.retry, f"{what} to {topic}")
+        attempts = _Attempts(self.retry, f"{what} to {topic}", key)
         while True:
-            content = body if isinstance(body, bytes) else body()
+            content = body if isinstance(body, bytes) else body.replay_then_rest()
+            lines = None if isinstance(body, bytes) else body.count
             try:
                 response = await self._client.post(
                     topic_path(topic), content=content, params=params, headers=headers
                 )
             except httpx.TransportError as error:
-                await asyncio.sleep(attempts.failed(repr(error)))
+                await asyncio.sleep(attempts.failed(repr(error), lines=lines and lines()))
                 continue
             if response.status_code in RETRY_STATUSES:
+                hinted = retry_after(response)
                 await asyncio.sleep(
-                    attempts.failed(f"{response.status_code}", retry_after(response))
+                    attempts.failed(f"{response.status_code}", hinted, lines and lines())
                 )
                 continue
             return publish_result(response, key)
@@ -357,6 +374,9 @@ class _SentLines:
     def __init__(self, source: Iterator[EventObject]) -> None:
         self._source, self._sent = source, list[bytes]()
 
+    def count(self) -> int:
+        return len(self._sent)
+
     def replay_then_rest(self) -> Iterator[bytes]:
         yield from list(self._sent)
         for item in self._source:
@@ -370,6 +390,9 @@ class _AsyncSentLines:
 
     def __init__(self, source: AsyncIterator[EventObject]) -> None:
         self._source, self._sent = source, list[bytes]()
+
+    def count(self) -> int:
+        return len(self._sent)
 
     async def replay_then_rest(self) -> AsyncIterator[bytes]:
         for line in list(self._sent):

@@ -39,6 +39,7 @@ from brokerclient.http import (
     RETRY_STATUSES,
     base_headers,
     checked_url,
+    doubled,
     failure,
     json_of,
     stream_path,
@@ -52,6 +53,10 @@ DEFAULT_READ_TIMEOUT = 45.0  # three of the broker's default 15 s heartbeats
 WORKING_AFTER_S = 1.0
 """A stream open this long works (a come-back hint ends at once): failures start anew."""
 FIRST_DELAY = 0.25
+MIN_DELAY = 0.1
+"""The shortest wait before a reconnect, whatever ``retry:`` says (an event's publisher
+chooses it: ``retry: 1`` made a client that could not connect try a thousand times a
+second)."""
 MAX_DELAY = 5.0
 CONNECT_TIMEOUT = 10.0
 MIN_ATTEMPT_S = 0.05
@@ -147,7 +152,8 @@ class _Resume:
         ``retry:`` hint."""
         if decoder.dispatched_id is not None:
             self.last_event_id = decoder.dispatched_id
-        self.retry_hint_ms = decoder.retry_ms or self.retry_hint_ms
+        if decoder.retry_ms is not None:  # (0 too: it was taken for no hint)
+            self.retry_hint_ms = decoder.retry_ms
 
     def delivered(self, event: Event) -> Event:
         """The event, with its topic (and an end counted once per topic: a topic closed,
@@ -185,9 +191,9 @@ class _Resume:
         self.failures += 1
         if self.give_up_after is not None and now - self.failing_since >= self.give_up_after:
             raise Unreachable(f"no working connection for {self.give_up_after:g}s: {why}")
-        delay = min(FIRST_DELAY * 2.0 ** (self.failures - 1), MAX_DELAY)
-        if self.retry_hint_ms is not None:
-            delay = min(self.retry_hint_ms / 1000, MAX_DELAY)
+        # The first retry waits what ``retry:`` asks (as EventSource does), each next one
+        # twice as long: a broker that stays down is not asked ever faster.
+        delay = min(self._first_delay() * doubled(self.failures), MAX_DELAY)
         if self.give_up_after is not None:  # one last try when the time is up, not after
             delay = min(delay, self.give_up_after - (now - self.failing_since))
         log.info("subscription to %s: %s; reconnecting in %.2fs", self.topics, why, delay)
@@ -200,8 +206,11 @@ class _Resume:
             return self.failed("the stream ended at once: the broker asks to come back later")
         self._working()
         self.failures += 1
+        return min(self._first_delay(), MAX_DELAY)
+
+    def _first_delay(self) -> float:
         hint = self.retry_hint_ms / 1000 if self.retry_hint_ms is not None else FIRST_DELAY
-        return min(hint, MAX_DELAY)
+        return max(hint, MIN_DELAY)
 
 
 def _read_as_usual(response: httpx.Response, usual: httpx.Timeout) -> None:

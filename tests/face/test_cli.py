@@ -84,6 +84,13 @@ def test_usage_and_unreachable_exit_codes(face_broker: BrokerProcess) -> None:
     nobody = f"http://127.0.0.1:{free_port()}"
     down = broker("publish", topic, "1", url=nobody)
     assert down.returncode == 3 and "unreachable" in down.stderr
+    # The key the publish was sent under: it may have been stored, its answer lost (a
+    # rerun without it stored a second copy).
+    assert "retry with --idempotency-key bc-" in down.stderr, down.stderr
+    keyed = broker("publish", topic, "1", "--idempotency-key", "order 7", url=nobody)
+    assert keyed.returncode == 3 and "--idempotency-key 'order 7'" in keyed.stderr, keyed.stderr
+    bad_key = broker("publish", topic, "1", "--idempotency-key", "é", url=face_broker.url)
+    assert bad_key.returncode == 2 and "idempotency key" in bad_key.stderr, bad_key.stderr
     down_tail = broker("tail", topic, "--give-up-after", "1", url=nobody)
     assert down_tail.returncode == 3
     # A URL without its scheme is a usage error (it was retried, then "unreachable").

@@ -29,6 +29,7 @@ from brokerclient import (
     SseDecoder,
     Subscriber,
     TopicClosed,
+    Unreachable,
     event,
 )
 from brokerclient.direct import DirectPublisher
@@ -393,6 +394,79 @@ def test_a_stream_broken_midway_is_resent_whole_and_stored_once(
     assert [e["data"] for e in _history(own_broker.url, topic)] == [{"n": n} for n in range(5)]
 
 
+class BreaksEachStreamFurtherOn(httpx.HTTPTransport):
+    """Breaks each of the first ``breaks`` streaming ingests after 3 more lines than the
+    one before it sent (what reached the broker is sent to it): a long generation cut by
+    one rolling restart after another."""
+
+    def __init__(self, breaks: int) -> None:
+        super().__init__()
+        self.calls, self.breaks = 0, breaks
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        if self.calls <= self.breaks:
+            lines = 3 * self.calls
+            sent = b"".join(part for part, _ in zip(request.stream, range(lines), strict=False))
+            with httpx.Client(base_url=str(request.url.copy_with(path="/", query=None))) as direct:
+                direct.post(request.url.path, content=sent, headers=dict(request.headers))
+            raise httpx.WriteError("the connection broke mid-stream")
+        return super().handle_request(request)
+
+
+def test_a_stream_broken_again_and_again_further_on_each_time_goes_on(
+    own_broker: BrokerProcess,
+) -> None:
+    """Attempts are counted since the last one that got further: 6 breaks under a policy
+    of 3 attempts (it gave up after the third, with 9 of 30 tokens stored, the topic never
+    closed, and its viewers waiting for an end)."""
+    topic = _topic("stream-breaks")
+    transport = BreaksEachStreamFurtherOn(breaks=6)
+    policy = RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.05)
+    with (
+        httpx.Client(base_url=own_broker.url, transport=transport, timeout=5) as client,
+        Publisher(client=client, retry=policy) as publisher,
+    ):
+        result = publisher.stream(topic, (event({"n": n}) for n in range(30)), close=True)
+    assert transport.calls == 7
+    assert result.count == 30 and result.end_id is not None
+    stored = _history(own_broker.url, topic)
+    assert [e["data"] for e in stored] == [{"n": n} for n in range(30)] + [{}]
+    assert stored[-1]["event"] == "broker.end"
+
+
+class LosesEveryAnswer(httpx.HTTPTransport):
+    """Every request reaches the broker; every answer is lost on the way back."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        super().handle_request(request).read()
+        raise httpx.ReadError("the connection broke before the answer")
+
+
+@pytest.mark.parametrize("given_key", [None, "order-7"])
+def test_a_publish_given_up_on_names_the_key_a_retry_must_send(
+    face_broker: BrokerProcess, given_key: str | None
+) -> None:
+    """Stored, every answer lost: ``Unreachable`` carries the key (one made up for the
+    publish, or the caller's), and a later retry with it stores nothing twice (without
+    it, the caller's natural retry stored a second copy)."""
+    topic = _topic("lost-answers")
+    policy = RetryPolicy(attempts=3, backoff=0.01)
+    with (
+        httpx.Client(base_url=face_broker.url, transport=LosesEveryAnswer(), timeout=5) as client,
+        Publisher(client=client, retry=policy) as publisher,
+        pytest.raises(Unreachable) as given_up,
+    ):
+        publisher.publish(topic, {"order": 7}, idempotency_key=given_key)
+    key = given_up.value.idempotency_key
+    assert key is not None and (given_key is None or key == given_key)
+    assert key in str(given_up.value)
+    with Publisher(face_broker.url) as publisher:
+        retried = publisher.publish(topic, {"order": 7}, idempotency_key=key)
+    assert retried.replayed
+    assert [e["data"] for e in _history(face_broker.url, topic)] == [{"order": 7}]
+
+
 async def test_a_direct_publisher_can_wait_for_a_replica_as_the_broker_does(
     redis_server: RedisServer,
 ) -> None:
@@ -541,3 +615,19 @@ def test_breaking_out_of_an_async_subscriber_closes_it_quietly(face_broker: Brok
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+@pytest.mark.parametrize("data", [float("nan"), [1.0, float("-inf")]])
+async def test_a_direct_publisher_refuses_a_nan_or_an_infinity(
+    redis_server: RedisServer, data: object
+) -> None:
+    """orjson writes each as ``null``: the event was stored altered, in silence (the
+    HTTP publish refuses the body as JSON)."""
+    topic = _topic("nan")
+    async with DirectPublisher(redis_server.url) as publisher:
+        with pytest.raises(broker_errors.InvalidInput, match="no JSON form"):
+            await publisher.publish(topic, data)
+        with pytest.raises(broker_errors.InvalidInput, match="no JSON form"):
+            await publisher.publish_batch(topic, [event(1), event(data)])
+    with redis.Redis.from_url(redis_server.url) as client:
+        assert client.exists(c.log_key(topic)) == 0

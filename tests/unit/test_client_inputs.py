@@ -32,3 +32,41 @@ def test_a_page_answered_200_where_a_topic_was_asked_is_a_failed_request() -> No
     client = httpx.Client(base_url="http://broker.test", transport=httpx.MockTransport(html_page))
     with Subscriber("orders", client=client) as subscriber, pytest.raises(RequestFailed):
         next(iter(subscriber))
+
+
+@pytest.mark.parametrize("make", [Publisher, AsyncPublisher])
+@pytest.mark.parametrize("key", ["é", "", "k" * 201, "a\nb"])
+async def test_an_idempotency_key_the_broker_refuses_is_refused_before_sending(
+    make: type, key: str
+) -> None:
+    """``é`` was a UnicodeEncodeError from inside httpx; the others went to the broker
+    for a 400 (or, empty, were taken for no key at all)."""
+    sent: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(201, json={"id": "1-0"})
+
+    transport = httpx.MockTransport(record)
+    if make is Publisher:
+        with httpx.Client(base_url="http://b.test", transport=transport) as client:
+            with pytest.raises(ValueError, match="idempotency key"):
+                Publisher(client=client).publish("t", 1, idempotency_key=key)
+    else:
+        async with httpx.AsyncClient(base_url="http://b.test", transport=transport) as client:
+            with pytest.raises(ValueError, match="idempotency key"):
+                await AsyncPublisher(client=client).publish("t", 1, idempotency_key=key)
+    assert sent == []
+
+
+@pytest.mark.parametrize("data", [float("nan"), float("inf"), {"a": [-float("inf")]}])
+def test_a_nan_or_an_infinity_is_refused_before_sending(data: object) -> None:
+    """The broker answered the body "malformed JSON"; the direct publisher stored
+    ``null`` in their place, in silence (tests/face/test_client.py)."""
+    client = httpx.Client(base_url="http://b.test", transport=httpx.MockTransport(_never))
+    with Publisher(client=client) as publisher, pytest.raises(ValueError, match="no JSON form"):
+        publisher.publish("t", data)
+
+
+def _never(request: httpx.Request) -> httpx.Response:
+    raise AssertionError("nothing may be sent")

@@ -14,7 +14,7 @@ import pytest
 
 from brokerclient import subscriber
 from brokerclient.errors import Unreachable
-from brokerclient.sse import Event
+from brokerclient.sse import Event, SseDecoder
 
 
 def test_give_up_after_is_kept_not_overshot(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,3 +230,44 @@ def test_the_first_event_of_a_stream_names_its_topic_beside_an_origin_with_a_tim
     resume = subscriber._Resume(["a", "b"], None, True, None)
     event = resume.delivered(Event("a~abcdefgh.5-0!b~0.1795868389781-2", None, "1"))
     assert event.topic == "a"
+
+
+def test_a_thousand_failures_in_a_row_still_wait_not_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The doubling was a float power: past 1024 failures in a row (34 minutes of a Redis
+    outage at the broker's retry: 2000) it raised OverflowError, and the subscriber and
+    ``broker tail`` died with a traceback."""
+    now = [100.0]
+    monkeypatch.setattr(subscriber.time, "monotonic", lambda: now[0])
+    resume = subscriber._Resume(["t"], None, False, give_up_after=None)
+    for _ in range(2000):
+        delay = resume.failed("down")
+        assert 0 < delay <= subscriber.MAX_DELAY
+        now[0] += delay
+    assert resume.failures == 2000
+
+
+def _hinted(retry_ms: int) -> subscriber._Resume:
+    resume = subscriber._Resume(["t"], None, False, give_up_after=None)
+    decoder = SseDecoder()
+    decoder.feed(f"retry: {retry_ms}\n\n".encode())
+    resume.read(decoder)
+    return resume
+
+
+@pytest.mark.parametrize("retry_ms", [0, 1, 100])
+def test_a_tiny_retry_hint_backs_off_from_a_floor(retry_ms: int) -> None:
+    """``retry:`` is an event's publisher's to choose: ``retry: 1`` replaced the backoff,
+    and a client that could not connect tried a thousand times a second; ``retry: 0``
+    was taken for no hint at all."""
+    resume = _hinted(retry_ms)
+    assert resume.retry_hint_ms == retry_ms
+    delays = [resume.failed("down") for _ in range(8)]
+    assert delays[0] == subscriber.MIN_DELAY
+    assert delays[:4] == [subscriber.MIN_DELAY * 2**n for n in range(4)]
+    assert delays[-1] == subscriber.MAX_DELAY
+
+
+def test_the_first_retry_waits_what_the_hint_says() -> None:
+    """As EventSource does; the next ones twice as long each, up to the cap."""
+    resume = _hinted(2000)
+    assert [resume.failed("down") for _ in range(3)] == [2.0, 4.0, subscriber.MAX_DELAY]
