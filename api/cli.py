@@ -21,6 +21,7 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from api.lifecycle import drain_on_hangup
 from api.settings import Settings, describe
 from api.workers import PortTaken, Supervisor
 from brokerclient.cli import add_client_commands
@@ -87,6 +88,7 @@ def serve(settings: Settings) -> None:
     # uvicorn re-raises SIGTERM once it has shut down; a no-op handler here makes
     # that a clean return, so a drained instance exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    drain_on_hangup()
     uvicorn.run(host=settings.host, port=settings.port, **config)
 
 

@@ -9,12 +9,27 @@ its chunked body) and then lets uvicorn go on with its own shutdown.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+log = logging.getLogger(__name__)
+
+
+def drain_on_hangup() -> None:
+    """SIGHUP (a closed terminal; a tool that means "reload") drains as SIGTERM does: it
+    killed the process at once, every stream cut without its end, and said nothing.
+    The broker has nothing to reload; uvicorn's SIGTERM handler does the drain."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.warning("SIGHUP: draining and stopping, as on SIGTERM (nothing to reload)")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGHUP, handler)
 
 
 def drain_on_shutdown_signals(drain: Callable[[], None]) -> Callable[[], None]:

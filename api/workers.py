@@ -45,6 +45,8 @@ import uvicorn
 from prometheus_client import multiprocess
 from uvicorn.config import STARTUP_FAILURE
 
+from api.lifecycle import drain_on_hangup
+
 log = logging.getLogger(__name__)
 RESTART_DELAY_SECONDS = 0.5
 RESTART_DELAY_MAX_S = 30.0  # (for a worker whose every start fails while others serve)
@@ -103,6 +105,7 @@ def run_worker(sock: socket.socket, config: dict[str, Any], supervisor: int, sta
     """One worker: its own socket, one uvicorn server, exit 0 once drained."""
     # uvicorn re-raises SIGTERM after its shutdown; a no-op handler makes it a clean exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    drain_on_hangup()  # (a closed terminal hangs up the whole process group)
     _terminate_with_parent()
     if os.getppid() != supervisor:
         return  # the supervisor died before the kernel could be told: serve nothing
@@ -175,7 +178,7 @@ class Supervisor:
     def run(self) -> int:
         """Serve until a signal (then 0), or until a worker cannot start (then uvicorn's
         startup failure, 3, as one process would)."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # (HUP: nothing to reload)
             signal.signal(sig, self._stop)
         self._workers = [self._spawn(index) for index in range(self._count)]
         while not self._stopping:
@@ -243,6 +246,8 @@ class Supervisor:
         )
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            log.warning("SIGHUP: draining the workers and stopping, as on SIGTERM")
         self._stopping = True
 
     def _drain(self) -> None:

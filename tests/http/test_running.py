@@ -518,3 +518,36 @@ def test_the_broker_stops_once_no_worker_serves_and_none_can_start() -> None:
     finally:
         _stop(process)
         server.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_hangup_drains_as_a_sigterm_does(
+    redis_server: RedisServer, tmp_path: Path, workers: int
+) -> None:
+    """SIGHUP (a terminal closed, a tool that means "reload") killed the broker at once:
+    every stream cut without the end of its body, nothing logged, and (with workers)
+    the metrics directory left behind. It drains and stops as on SIGTERM."""
+    env = {"TMPDIR": str(tmp_path)}
+    process = BrokerProcess(redis_url=redis_server.url, workers=workers, env=env).start()
+    try:
+        with socket.create_connection(("127.0.0.1", process.port), timeout=10) as sock:
+            sock.sendall(
+                f"GET /topics/{new_topic()}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Accept: text/event-stream\r\n\r\n".encode()
+            )
+            received = b""
+            while b"\n\n" not in received:  # the retry hint: the stream is open
+                chunk = sock.recv(4096)
+                assert chunk, f"the stream ended early: {received!r}"
+                received += chunk
+            assert process.process is not None
+            process.process.send_signal(signal.SIGHUP)
+            while not received.endswith(b"0\r\n\r\n"):  # the chunked body's clean end
+                chunk = sock.recv(4096)
+                assert chunk, f"the stream was cut without its end: {received[-200:]!r}"
+                received += chunk
+        assert process.process.wait(timeout=30) == 0, process.log()
+        assert "SIGHUP" in process.log()
+        assert not list(tmp_path.glob("broker-prom-*")), "the metrics directory outlived it"
+    finally:
+        _stop(process)
