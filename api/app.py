@@ -263,8 +263,11 @@ def configure_logging(level: str) -> None:
     # Dropping a client that stopped reading ends its response unfinished, on
     # purpose (its socket is full); uvicorn reports that as an error.
     logging.getLogger("uvicorn.error").addFilter(_not_an_unfinished_response)
-    # A token sent as ?access_token= is part of the request target the access log writes.
-    logging.getLogger("uvicorn.access").addFilter(_no_tokens)
+    # A token sent as ?access_token= is part of the request target the access log writes,
+    # and uvicorn's line for a WebSocket upgrade (the error log), and the websockets
+    # library's at debug (under plain uvicorn; `broker serve` runs no WebSocket protocol).
+    for name in ("uvicorn.access", "uvicorn.error", "websockets.server"):
+        logging.getLogger(name).addFilter(_no_tokens)
 
 
 def _not_an_unfinished_response(record: logging.LogRecord) -> bool:

@@ -337,6 +337,8 @@ def redact_tokens(text: str) -> str:
 
 
 def _redacted_pair(pair: re.Match[str]) -> str:
-    if unquote_plus(pair.group(2)).lower() != QUERY_PARAMETER:
+    # Any name holding it, not only the exact one: ``access_token+=`` (a name with a
+    # space) is no token to the parser, so it was refused, and logged whole.
+    if QUERY_PARAMETER not in unquote_plus(pair.group(2)).lower():
         return pair.group(0)
     return f"{pair.group(1)}{pair.group(2)}=[redacted]"

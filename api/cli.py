@@ -72,6 +72,7 @@ def serve(settings: Settings) -> None:
         "factory": True,
         "loop": "uvloop",
         "http": "api.connections:BrokerHttpProtocol",  # httptools, streams served lean
+        "ws": "none",  # (no WebSocket route: an upgrade is a plain request, answered 404)
         "lifespan": "on",
         "log_level": settings.log_level,
         "access_log": settings.access_log,
