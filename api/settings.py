@@ -24,11 +24,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.keys import ConfigError, hmac_algorithms, load_public_key
 from broker import constants as c
+from broker.redis_open import check_redis_url
 
 ENV_PREFIX = "BROKER_"
 CLIENT_VARIABLES = frozenset({"BROKER_URL", "BROKER_TOKEN"})
 """The command-line client's settings: known to ``broker serve``, and ignored by it."""
 KEY_SETTINGS = ("jwt_secret", "jwt_public_key", "jwt_jwks_url")
+# Upper bounds: a huge value (1e308) was a traceback at start, or a broker that ran and
+# failed every request (a deadline past the event loop's clock; a TTL Redis refuses).
+MAX_KEEP_SECONDS = 100 * 365 * 86400  # retention, TTL, idempotency: a century
+MAX_WAIT_SECONDS = 86400  # heartbeats, retries, timeouts, the drain's grace: a day
+MAX_BYTES = 2**31
+MAX_COUNT = 10**9
+MAX_TOPICS_PER_SUBSCRIPTION = 1000  # (a multi-topic cursor grows with each topic)
+MAX_WORKERS = 512
 HOST_NAME = re.compile(
     r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?"
 )
@@ -40,9 +49,9 @@ class TopicPolicySetting(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     pattern: str = Field(pattern=r"^[A-Za-z0-9_.:\-*]{1,200}$")
-    maxlen: int | None = Field(None, ge=1)
-    max_age_seconds: float | None = Field(None, gt=0)
-    ttl_seconds: float | None = Field(None, gt=0)
+    maxlen: int | None = Field(None, ge=1, le=MAX_COUNT)
+    max_age_seconds: float | None = Field(None, gt=0, le=MAX_KEEP_SECONDS)
+    ttl_seconds: float | None = Field(None, gt=0, le=MAX_KEEP_SECONDS)
 
 
 class Settings(BaseSettings):
@@ -58,30 +67,32 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
     redis_url: str | None = None
-    retention_maxlen: int = Field(c.DEFAULT_RETENTION_MAXLEN, ge=1)
-    retention_seconds: float | None = Field(None, gt=0)
-    topic_ttl_seconds: float | None = Field(None, gt=0)
+    retention_maxlen: int = Field(c.DEFAULT_RETENTION_MAXLEN, ge=1, le=MAX_COUNT)
+    retention_seconds: float | None = Field(None, gt=0, le=MAX_KEEP_SECONDS)
+    topic_ttl_seconds: float | None = Field(None, gt=0, le=MAX_KEEP_SECONDS)
     topic_policies: list[TopicPolicySetting] = Field(default_factory=list)
-    idempotency_seconds: int = Field(c.DEFAULT_IDEMPOTENCY_SECONDS, ge=1)
-    max_event_bytes: int = Field(c.DEFAULT_MAX_EVENT_BYTES, ge=1)
-    max_body_bytes: int = Field(c.DEFAULT_MAX_BODY_BYTES, ge=1)
-    max_batch: int = Field(c.DEFAULT_MAX_BATCH, ge=1)
-    max_topics_per_subscription: int = Field(c.DEFAULT_MAX_TOPICS_PER_SUBSCRIPTION, ge=1)
-    subscriber_buffer_bytes: int = Field(c.DEFAULT_SUBSCRIBER_BUFFER_BYTES, ge=1024)
-    heartbeat_seconds: float = Field(c.DEFAULT_HEARTBEAT_SECONDS, gt=0)
-    retry_ms: int = Field(c.DEFAULT_RETRY_MS, ge=0)
-    publish_timeout_seconds: float = Field(5.0, gt=0)
+    idempotency_seconds: int = Field(c.DEFAULT_IDEMPOTENCY_SECONDS, ge=1, le=MAX_KEEP_SECONDS)
+    max_event_bytes: int = Field(c.DEFAULT_MAX_EVENT_BYTES, ge=1, le=MAX_BYTES)
+    max_body_bytes: int = Field(c.DEFAULT_MAX_BODY_BYTES, ge=1, le=MAX_BYTES)
+    max_batch: int = Field(c.DEFAULT_MAX_BATCH, ge=1, le=MAX_COUNT)
+    max_topics_per_subscription: int = Field(
+        c.DEFAULT_MAX_TOPICS_PER_SUBSCRIPTION, ge=1, le=MAX_TOPICS_PER_SUBSCRIPTION
+    )
+    subscriber_buffer_bytes: int = Field(c.DEFAULT_SUBSCRIBER_BUFFER_BYTES, ge=1024, le=MAX_BYTES)
+    heartbeat_seconds: float = Field(c.DEFAULT_HEARTBEAT_SECONDS, gt=0, le=MAX_WAIT_SECONDS)
+    retry_ms: int = Field(c.DEFAULT_RETRY_MS, ge=0, le=MAX_WAIT_SECONDS * 1000)
+    publish_timeout_seconds: float = Field(5.0, gt=0, le=MAX_WAIT_SECONDS)
     publish_durability: Literal["leader", "replicated"] = "leader"
     # A Redis that may evict keys (a maxmemory-policy other than noeviction) loses or
     # repeats events in silence: refused unless allowed (broker/redis_checks.py).
     redis_eviction: Literal["refuse", "allow"] = "refuse"
-    shutdown_grace_seconds: float = Field(5.0, gt=0)
-    head_timeout_seconds: float = Field(c.DEFAULT_HEAD_TIMEOUT_SECONDS, gt=0)
-    max_head_bytes: int = Field(c.DEFAULT_MAX_HEAD_BYTES, ge=1024)
-    body_timeout_seconds: float = Field(c.DEFAULT_BODY_TIMEOUT_SECONDS, gt=0)
-    max_connections: int = Field(c.DEFAULT_MAX_CONNECTIONS, ge=1)
+    shutdown_grace_seconds: float = Field(5.0, gt=0, le=MAX_WAIT_SECONDS)
+    head_timeout_seconds: float = Field(c.DEFAULT_HEAD_TIMEOUT_SECONDS, gt=0, le=MAX_WAIT_SECONDS)
+    max_head_bytes: int = Field(c.DEFAULT_MAX_HEAD_BYTES, ge=1024, le=MAX_BYTES)
+    body_timeout_seconds: float = Field(c.DEFAULT_BODY_TIMEOUT_SECONDS, gt=0, le=MAX_WAIT_SECONDS)
+    max_connections: int = Field(c.DEFAULT_MAX_CONNECTIONS, ge=1, le=MAX_COUNT)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
     # Tune Python's garbage collector for many connections (api/gc_tuning.py); off gives
@@ -196,6 +207,19 @@ class Settings(BaseSettings):
                 )
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _a_host(cls, value: str) -> str:
+        # An empty value (a template that rendered nothing) listened on every interface.
+        if not value.strip():
+            raise ValueError("is empty (127.0.0.1: this host only; 0.0.0.0: every interface)")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("allowed_hosts")
     @classmethod
     def _host_names(cls, value: str) -> str:
@@ -205,6 +229,13 @@ class Settings(BaseSettings):
                     f"{name!r} is not a host name such as events.example.com or "
                     "*.example.com (no scheme, no port)"
                 )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _usable_redis_url(cls, value: str | None) -> str | None:
+        if value:
+            check_redis_url(value)  # (a ValueError: pydantic names the variable)
         return value
 
     @field_validator("redis_url", "retention_seconds", "topic_ttl_seconds", mode="before")

@@ -79,6 +79,21 @@ def open_store(
     return RedisStreamStore(client, LiveReader(reader, client), **options)
 
 
+def check_redis_url(url: str) -> None:
+    """A ValueError for a URL the store cannot use, said at start (before anything
+    connects): it was a traceback from the app's start-up, not naming the setting, and
+    an option the connection does not take only failed there, as a TypeError."""
+    open_store(url)  # (builds clients, connects nothing)
+    scheme = url.partition("://")[0].lower()
+    if scheme.endswith(("+sentinel", "+cluster")):
+        return
+    pool = redis.ConnectionPool.from_url(url)
+    try:
+        pool.connection_class(**pool.connection_kwargs)  # (what each connection is made of)
+    except TypeError as error:
+        raise ValueError(f"an option the connection does not take: {error}") from None
+
+
 def _sentinel_store(url: ServersUrl, **options: Any) -> RedisStreamStore:
     service, db = sentinel_service(url)
     # The URL's credentials log in to the primary (both pools), not to the Sentinels:

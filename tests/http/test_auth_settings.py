@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from api.app import create_app
+from api.settings import Settings
 from tests.support.broker_process import BROKER_BIN, BrokerProcess
 from tests.support.redis_server import free_port
 from tests.support.tokens import SECRET, KeyPair
@@ -62,6 +63,19 @@ def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"BROKER_ALLOWED_HOSTS": "events.test:8000"}, "BROKER_ALLOWED_HOSTS"),
         ({"BROKER_ALLOWED_HOSTS": "*"}, "BROKER_ALLOWED_HOSTS"),
         ({"BROKER_ALLOWED_HOST": "events.test"}, "BROKER_ALLOWED_HOST"),
+        # An empty host listened on every interface, in silence:
+        ({"BROKER_HOST": ""}, "BROKER_HOST"),
+        # Huge values were a traceback at start, or a broker failing every request:
+        ({"BROKER_HEAD_TIMEOUT_SECONDS": "1e308"}, "BROKER_HEAD_TIMEOUT_SECONDS"),
+        ({"BROKER_PUBLISH_TIMEOUT_SECONDS": "1e308"}, "BROKER_PUBLISH_TIMEOUT_SECONDS"),
+        ({"BROKER_RETENTION_SECONDS": "1e308"}, "BROKER_RETENTION_SECONDS"),
+        ({"BROKER_IDEMPOTENCY_SECONDS": "1" + "0" * 20}, "BROKER_IDEMPOTENCY_SECONDS"),
+        ({"BROKER_TOPIC_POLICIES": '[{"pattern": "*", "ttl_seconds": 1e17}]'}, "POLICIES"),
+        ({"BROKER_WORKERS": "1000000"}, "BROKER_WORKERS"),
+        # A Redis URL the store cannot use was a traceback naming no setting:
+        ({"BROKER_REDIS_URL": "http://redis.test"}, "BROKER_REDIS_URL"),
+        ({"BROKER_REDIS_URL": "redis://127.0.0.1:6379/0?bogus=1"}, "BROKER_REDIS_URL"),
+        ({"BROKER_REDIS_URL": f"redis://:{SECRET}@127.0.0.1:abc/0"}, "BROKER_REDIS_URL"),
         # A time of "inf" turned off what it bounds (heartbeats, the end at exp):
         ({"BROKER_HEARTBEAT_SECONDS": "inf"}, "BROKER_HEARTBEAT_SECONDS"),
         ({"BROKER_BODY_TIMEOUT_SECONDS": "Infinity"}, "BROKER_BODY_TIMEOUT_SECONDS"),
@@ -126,3 +140,9 @@ def test_a_settings_error_does_not_print_the_secrets(
     assert next(iter(mistake)) in shown.upper()
     for part in (secret[:8], secret[-8:], "hunter2"):
         assert part not in shown, shown
+
+
+def test_the_log_level_is_taken_in_any_case() -> None:
+    """``BROKER_LOG_LEVEL=INFO`` was refused (only lower case was known)."""
+    assert Settings(log_level="INFO").log_level == "info"
+    assert Settings(log_level=" Debug ").log_level == "debug"
