@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from broker import constants as c
 from broker.errors import StoreUnavailable, TopicNotFound
 from broker.fanout import Hub
+from broker.health import StoreHealth
 from broker.heartbeat import HeartbeatClock
 from broker.ids import EventId
 from broker.model import AppendResult, IngestLines, LogEntry, LogState, NewEvent
@@ -28,6 +30,7 @@ from broker.validation import check_idempotency_key, check_topic
 
 log = logging.getLogger(__name__)
 HISTORY_READ_ATTEMPTS = 3
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,7 @@ class Broker:
         self.observer = observer or Observer()
         self.hub = Hub(store, block_ms=live_block_ms, observer=self.observer)
         self.heartbeats = HeartbeatClock(self.limits.heartbeat_seconds)
+        self.health = StoreHealth()
 
     async def start(self) -> None:
         if not self.store.durable:
@@ -122,9 +126,12 @@ class Broker:
                 close=close,
                 streaming=streaming,
             )
-        except StoreUnavailable:
+        except StoreUnavailable as error:
             self.observer.store_error("append")
+            self.health.failed("publish", error)
             raise
+        if self.health.failing_since is not None:
+            self.health.answered()
         self.observer.store_latency("append", time.perf_counter() - started)
         self.observer.published(len(result.ids), replayed=result.replayed)
         return result
@@ -136,7 +143,7 @@ class Broker:
     async def delete_topic(self, topic: str) -> bool:
         """Delete the topic now; its live streams get a ``deleted`` gap and end."""
         check_topic(topic)
-        return await self.store.delete(topic)
+        return await self._told("delete", self.store.delete(topic))
 
     async def list_topics(
         self,
@@ -147,7 +154,9 @@ class Broker:
     ) -> tuple[list[TopicInfo], str | None]:
         """A page of existing topics whose names start with ``prefix``, of those the
         caller may see (``shown``: neither the page nor its cursor names another)."""
-        found, following = await self.store.list_topics(prefix, cursor, limit, shown)
+        found, following = await self._told(
+            "list", self.store.list_topics(prefix, cursor, limit, shown)
+        )
         return [_info(topic, state) for topic, state in found], following
 
     async def subscribe(
@@ -178,12 +187,15 @@ class Broker:
             expires_at=expires_at,
             trusted=trusted,
         )
-        await subscription.open()
+        await self._told("subscribe", subscription.open())
         return subscription
 
     async def history(self, topic: str, after: EventId | None, limit: int) -> HistoryPage:
         """A page of retained events after ``after`` (from the oldest when None)."""
         check_topic(topic)
+        return await self._told("history", self._history(topic, after, limit))
+
+    async def _history(self, topic: str, after: EventId | None, limit: int) -> HistoryPage:
         for _ in range(HISTORY_READ_ATTEMPTS):
             state = await self.store.state(topic)
             position, gap = resume_point(after, state) if after else (earliest_point(state), None)
@@ -219,10 +231,23 @@ class Broker:
 
     async def topic_info(self, topic: str) -> TopicInfo:
         check_topic(topic)
-        state = await self.store.state(topic)
+        state = await self._told("topic_info", self.store.state(topic))
         if not state.exists:
             raise TopicNotFound(topic)
         return _info(topic, state)
+
+    async def _told(self, operation: str, work: Awaitable[T]) -> T:
+        """``work``'s result; a store failure counted (``broker_store_errors_total``) and
+        said in the log (``StoreHealth``), as a publish's is."""
+        try:
+            result = await work
+        except StoreUnavailable as error:
+            self.observer.store_error(operation)
+            self.health.failed(operation, error)
+            raise
+        if self.health.failing_since is not None:
+            self.health.answered()
+        return result
 
     async def ready(self) -> bool:
         """Whether the store answers a PING within a second: a probe's own timeout is

@@ -41,6 +41,7 @@ from redis.exceptions import (
 
 from broker import constants as c
 from broker.errors import StoreMisconfigured
+from broker.health import ThrottledLog
 from broker.redis_options import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
@@ -109,28 +110,6 @@ async def try_rights(
             raise StoreMisconfigured(said) from error
 
 
-class ThrottledLog:
-    """A warning said at most once per ``every_s``, with how many were not said since
-    (a Redis at its memory limit refuses every publish: thousands of lines a second
-    said nothing more than the first)."""
-
-    def __init__(self, every_s: float, logger: logging.Logger = log) -> None:
-        self._every_s = every_s
-        self._logger = logger
-        self._last = -every_s
-        self._unsaid = 0
-
-    def say(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self._every_s:
-            self._unsaid += 1
-            return
-        if self._unsaid:
-            message += f" (and {self._unsaid} more since the last said)"
-        self._last, self._unsaid = now, 0
-        self._logger.warning(message, *args)
-
-
 def evicting_policy(info: dict[str, Any]) -> str | None:
     """The policy by which a server with this ``INFO memory`` evicts keys, or None
     when it never does (``noeviction``, or no memory limit at all)."""
@@ -150,9 +129,9 @@ class EvictionGuard:
         self._read_infos = read_infos
         self._allow = allow
         self.refusal: str | None = None
-        self._refusal_log = ThrottledLog(c.EVICTION_CHECK_S)
-        self._unknown_log = ThrottledLog(math.inf)  # (said once)
-        self._allowed_log = ThrottledLog(math.inf)
+        self._refusal_log = ThrottledLog(c.EVICTION_CHECK_S, log)
+        self._unknown_log = ThrottledLog(math.inf, log)  # (said once)
+        self._allowed_log = ThrottledLog(math.inf, log)
         self._watch: asyncio.Task[None] | None = None
 
     async def check(self, *, at_start: bool = False) -> None:

@@ -32,12 +32,12 @@ from broker.errors import (
     StoreUnavailable,
     TopicClosed,
 )
+from broker.health import ThrottledLog
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
 from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
 from broker.redis_checks import (
     EvictionGuard,
-    ThrottledLog,
     is_misconfiguration,
     probe_rights,
     try_rights,

@@ -226,3 +226,45 @@ async def test_a_publish_waits_as_long_as_its_timeout_allows_past_five_seconds(
             assert [e["data"] for e in history.json()["events"]] == ["seed", "slow"]
     finally:
         broker.close()
+
+
+def _store_errors(metrics: str, operation: str) -> float:
+    line = f'broker_store_errors_total{{operation="{operation}"}} '
+    found = [float(row[len(line) :]) for row in metrics.splitlines() if row.startswith(line)]
+    return found[0] if found else 0.0
+
+
+async def test_an_outage_with_no_stream_open_is_said_in_the_log_once_and_its_end_too(
+    private_redis: RedisServer, broker_on_private_redis: BrokerProcess
+) -> None:
+    """With no stream open (no live reader to complain), 503s to every publish, read and
+    delete wrote nothing to the log, and Redis answering again was never said; only
+    publishes counted in ``broker_store_errors_total``."""
+    broker, topic = broker_on_private_redis, new_topic()
+    async with httpx.AsyncClient(base_url=broker.url, timeout=CLIENT_TIMEOUT) as client:
+        assert (await client.post(f"/topics/{topic}/events", json={"data": 0})).status_code == 201
+        private_redis.stop()
+        for n in range(BURST):
+            assert_problem(await client.post(f"/topics/{topic}/events", json={"data": n}), 503)
+        history = await client.get(
+            f"/topics/{topic}/events", headers={"Accept": "application/json"}
+        )
+        assert_problem(history, 503)
+        assert_problem(await client.get(f"/topics/{topic}"), 503)
+        assert_problem(await client.delete(f"/topics/{topic}"), 503)
+        metrics = (await client.get("/metrics")).text
+        for operation in ("history", "topic_info", "delete"):
+            assert _store_errors(metrics, operation) >= 1, (operation, metrics)
+        log = broker.log()
+        assert log.count("store: a publish failed") == 1, log
+        assert "answers again" not in log
+        assert log.count("store: ") < 5, "one line per failed request: " + log
+        private_redis.start()
+
+        async def published() -> bool:
+            answer = await client.post(f"/topics/{topic}/events", json={"data": "back"})
+            return answer.status_code == 201
+
+        await await_until(published, timeout=15, interval=0.2, what="publishing came back")
+    assert "store: answers again, after" in broker.log()
+    assert "operations" in broker.log().split("answers again")[-1].splitlines()[0]
