@@ -162,8 +162,13 @@ class Supervisor:
 
     def __init__(self, count: int, host: str, port: int, config: dict[str, Any]) -> None:
         refuse_if_taken(host, port)
+        first = bind_reuseport(host, port)
+        # Port 0: the kernel's choice, once, for every worker (each chose its own).
+        port = first.getsockname()[1]
         self._host, self._port = host, port
-        self._sockets = [bind_reuseport(host, port) for _ in range(count)]
+        self._sockets = [first, *(bind_reuseport(host, port) for _ in range(count - 1))]
+        shown = f"[{host}]" if ":" in host else host
+        log.info("broker: %d workers on http://%s:%d", count, shown, port)
         self._config = config
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[BaseProcess] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from tests.http.helpers import (
     new_topic,
     read_metric,
 )
-from tests.support.broker_process import BrokerProcess
+from tests.support.broker_process import BROKER_BIN, BrokerProcess
 from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer, free_port
 
@@ -551,3 +552,41 @@ def test_a_hangup_drains_as_a_sigterm_does(
         assert not list(tmp_path.glob("broker-prom-*")), "the metrics directory outlived it"
     finally:
         _stop(process)
+
+
+def _listeners_on(port: int) -> int:
+    """Listening TCP sockets on ``port`` (IPv4), from /proc/net/tcp."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(
+        1 for row in rows if row.split()[1].endswith(f":{port:04X}") and row.split()[3] == "0A"
+    )
+
+
+def test_workers_on_port_zero_share_the_port_the_log_names(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """``--port 0`` with workers: each worker bound a port of its own (connections split
+    over ports nobody knew), and no line said where the broker listened."""
+    log_path, url = tmp_path / "broker.log", redis_server.url
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [str(BROKER_BIN), "serve", "--port", "0", "--workers", "2", "--redis-url", url],
+            env=env | {"TMPDIR": str(tmp_path)},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        said = wait_until(
+            lambda: re.search(r"2 workers on http://127\.0\.0\.1:(\d+)", log_path.read_text()),
+            timeout=30,
+            what="the line naming where the workers listen",
+        )
+        port = int(said.group(1))
+        wait_until(lambda: _listeners_on(port) == 2, timeout=30, what="both workers on the port")
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
