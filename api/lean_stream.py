@@ -32,7 +32,7 @@ from api import routes
 from api.heads import RequestHead, parse_head, scope_of
 from api.metrics import SUBSCRIBERS
 from api.problems import HttpProblem
-from api.sse import OpenStreams
+from api.sse import DROPS, OpenStreams
 from broker import BrokerError, StartFrom, SubscriberTooSlow, Subscription
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class StreamConnection(asyncio.Protocol):
     def dropped(self) -> None:
         """The client stopped reading and its buffer overflowed: no clean end can be
         written to a full socket, so cut the connection; the client resumes by id."""
-        log.info("dropped a subscriber that stopped reading")
+        DROPS.say("dropped a subscriber that stopped reading")
         self._transport.abort()
 
     def ended(self) -> None:
@@ -184,7 +184,7 @@ class StreamConnection(asyncio.Protocol):
                     await self._writable
         except SubscriberTooSlow:
             if not self._transport.is_closing():  # (else dropped() did it)
-                log.info("dropped a subscriber that could not keep up")
+                DROPS.say("dropped a subscriber that could not keep up")
                 self._transport.abort()
         except asyncio.CancelledError:
             # Ours (the stream ended) or not: a stream without its pump would stall

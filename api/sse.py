@@ -24,8 +24,12 @@ from api.cors import cors_headers
 from api.metrics import SUBSCRIBERS
 from broker import SubscriberTooSlow, Subscription
 from broker.framing import retry_hint
+from broker.health import ThrottledLog
 
 log = logging.getLogger(__name__)
+DROPS = ThrottledLog(10.0, log, logging.INFO)
+"""Slow subscribers dropped, said at most every 10 s (with how many since): a network
+stall under a broadcast wrote a line per subscriber, thousands at once."""
 
 STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -140,14 +144,14 @@ class EventStreamResponse:
                 await send(_body(chunk))
                 self._blocked_in_send = False
         except SubscriberTooSlow:
-            log.info("dropped a subscriber that could not keep up")
+            DROPS.say("dropped a subscriber that could not keep up")
         except asyncio.CancelledError:
             if not self._dropped:
                 raise
             # Our own cancel: the client stopped reading and its socket is full,
             # so no clean end can be written. Returning closes the connection.
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            log.info("dropped a subscriber that stopped reading")
+            DROPS.say("dropped a subscriber that stopped reading")
             return
         finally:
             self._send = None

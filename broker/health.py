@@ -19,9 +19,12 @@ class ThrottledLog:
     (a Redis at its memory limit refuses every publish: thousands of lines a second
     said nothing more than the first)."""
 
-    def __init__(self, every_s: float, logger: logging.Logger = log) -> None:
+    def __init__(
+        self, every_s: float, logger: logging.Logger = log, level: int = logging.WARNING
+    ) -> None:
         self._every_s = every_s
         self._logger = logger
+        self._level = level
         self._last = -every_s
         self._unsaid = 0
 
@@ -33,7 +36,7 @@ class ThrottledLog:
         if self._unsaid:
             message += f" (and {self._unsaid} more since the last said)"
         self._last, self._unsaid = now, 0
-        self._logger.warning(message, *args)
+        self._logger.log(self._level, message, *args)
 
 
 class StoreHealth:
