@@ -16,7 +16,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import hiredis
 import redis.asyncio as redis
@@ -57,6 +57,9 @@ NodeClientFactory = Callable[[str, int], redis.Redis]
 
 def _lua(name: str) -> str:
     return resources.files("broker").joinpath("lua", name).read_text()
+
+
+EMBEDDED_SCAN_ALL = 2**31  # (a COUNT past every key: the whole keyspace in one call)
 
 
 def _list_position(cursor: str | None) -> tuple[int, int, str | None]:
@@ -466,9 +469,12 @@ class RedisStreamStore:
         the caller was shown (SCAN's own promise holds: a topic there all along is
         listed, perhaps twice, never skipped).
         """
-        nodes = self._scan_targets()
         node_index, scan_cursor, after = _list_position(cursor)
         pattern = c.meta_key(prefix + "*")  # broker:{prefix*}:meta
+        if not self.durable:
+            page, last = await self._names_in_order(pattern, after, limit, shown)
+            return await self._with_states(page), last
+        nodes = self._scan_targets()
         names: list[str] = []
         scan_count = min(c.LIST_SCAN_COUNT, max(limit, c.LIST_SCAN_MIN_COUNT))  # ~ limit a page
         following: str | None = None
@@ -495,11 +501,27 @@ class RedisStreamStore:
                 break
         if following is None and node_index < len(nodes):
             following = f"{node_index}:{scan_cursor}"
+        return await self._with_states(names), following
+
+    async def _with_states(self, names: list[str]) -> list[tuple[str, LogState]]:
         states = await asyncio.gather(*(self.state(name) for name in names))
-        found_states = [
-            (name, state) for name, state in zip(names, states, strict=True) if state.exists
-        ]
-        return found_states, following
+        return [(name, state) for name, state in zip(names, states, strict=True) if state.exists]
+
+    async def _names_in_order(
+        self, pattern: str, after: str | None, limit: int, shown: Callable[[str], bool]
+    ) -> tuple[list[str], str | None]:
+        """The embedded store's page: the topics after ``after`` by name, from one SCAN
+        that takes every key at once. fakeredis keeps a SCAN's place by its cursor
+        number alone, the same numbers in every listing: another listing between two
+        pages took this one's place, and expired keys moved it on, topics there all
+        along skipped (not on Redis, whose cursor is a place in its hash table)."""
+        _, keys = await self._call(self._client.scan(0, match=pattern, count=EMBEDDED_SCAN_ALL))
+        topics = (name for name in map(_topic_of_meta, cast(list[bytes], keys)) if name)
+        ordered = sorted(name for name in topics if (after is None or name > after) and shown(name))
+        if len(ordered) <= limit:
+            return ordered, None
+        page = ordered[:limit]
+        return page, f"0:0:{page[-1]}"
 
     def _scan_targets(self) -> list[Any]:
         """Where topics' keys live: the one server, or each Cluster primary."""

@@ -74,6 +74,8 @@ def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"BROKER_WORKERS": "1000000"}, "BROKER_WORKERS"),
         # A Redis URL the store cannot use was a traceback naming no setting:
         ({"BROKER_REDIS_URL": "http://redis.test"}, "BROKER_REDIS_URL"),
+        ({"BROKER_REDIS_URL": "127.0.0.1:6379"}, "BROKER_REDIS_URL"),
+        ({"BROKER_REDIS_URL": " "}, "BROKER_REDIS_URL"),
         ({"BROKER_REDIS_URL": "redis://127.0.0.1:6379/0?bogus=1"}, "BROKER_REDIS_URL"),
         ({"BROKER_REDIS_URL": f"redis://:{SECRET}@127.0.0.1:abc/0"}, "BROKER_REDIS_URL"),
         # A time of "inf" turned off what it bounds (heartbeats, the end at exp):

@@ -211,6 +211,39 @@ async def list_all(broker: Broker, prefix: str) -> list[TopicInfo]:
     raise AssertionError("listing never ended")
 
 
+@pytest.mark.parametrize("kind", ["embedded", "redis"])
+async def test_a_listing_paged_while_others_list_and_topics_expire_skips_nothing(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """On the embedded store, a listing's ``next`` was a fakeredis SCAN cursor, kept by
+    its number alone: another listing between two pages took its place, and topics
+    that expired meanwhile moved it on; half the topics there all along were never
+    listed (the live page lists every 2 s, and short-lived topics are its use)."""
+    run = uuid.uuid4().hex[:6]
+    policy = TopicPolicy(f"a{run}-*", ttl_seconds=0.5)
+    broker = Broker(open_store(_url(request, kind), topic_policies=[policy]))
+    await broker.start()
+    try:
+        kept = sorted(f"p{run}-{n:03}" for n in range(300))
+        for name in [*kept, *(f"a{run}-{n:03}" for n in range(150))]:
+            await broker.publish(name, [NewEvent(data="1")])
+        first, cursor = await broker.list_topics(f"p{run}-", None, limit=5)
+        deadline = time.monotonic() + EXPIRY_DEADLINE_S
+        while (await broker.list_topics(f"a{run}-", None, limit=100))[0]:
+            assert time.monotonic() < deadline, "the short-lived topics never expired"
+            await asyncio.sleep(0.1)
+        await list_all(broker, "")  # another listing, whole, between two pages of the first
+        seen = [info.topic for info in first]
+        for _ in range(100):
+            if cursor is None:
+                break
+            page, cursor = await broker.list_topics(f"p{run}-", cursor, limit=5)
+            seen += [info.topic for info in page]
+        assert sorted(set(seen)) == kept, sorted(set(kept) - set(seen))
+    finally:
+        await broker.close()
+
+
 # -- many short-lived topics ------------------------------------------------------
 
 
