@@ -19,12 +19,26 @@ class EventIn(BaseModel):
     retry: int | None = Field(None, ge=0, description="Reconnection delay hint in ms")
 
 
+END_ID = Field(None, description="With ?close=true: the id of the topic's broker.end")
+
+
 class Published(BaseModel):
     id: str
+    end_id: str | None = END_ID
 
 
 class PublishedBatch(BaseModel):
     ids: list[str]
+    end_id: str | None = END_ID
+
+
+class IngestSummary(BaseModel):
+    """A streaming ingest's answer past ``BROKER_MAX_BATCH`` lines."""
+
+    count: int
+    first_id: str
+    last_id: str
+    end_id: str | None = END_ID
 
 
 class HistoryEvent(BaseModel):
@@ -54,6 +68,18 @@ class TopicInfo(BaseModel):
     first_id: str | None
     last_id: str | None
     closed: bool
+
+
+class TopicSummary(BaseModel):
+    topic: str
+    length: int
+    last_id: str | None
+    closed: bool
+
+
+class TopicList(BaseModel):
+    topics: list[TopicSummary]
+    next: str | None = Field(description="The cursor of the next page; null at the end")
 
 
 class Problem(BaseModel):
