@@ -181,5 +181,7 @@ EVICTION_CHECK_S = 30.0
 # primary endpoint failing over (DNS, a virtual IP) answers it for a moment.
 READONLY_AT_START_S = 10.0
 READONLY_RETRY_S = 1.0
+RIGHTS_RETRY_S = 2.0
+"""How often a broker that started with Redis out of reach tries its rights again."""
 STORE_FULL_RETRY_AFTER_S = 5
 EVICTING_RETRY_AFTER_S = 30

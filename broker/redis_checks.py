@@ -87,21 +87,23 @@ async def probe_rights(client: Any, scripts: Sequence[AsyncScript], probe: Async
 
 
 async def try_rights(
-    open_and_probe: Callable[[], Awaitable[None]], *, follows_primary: bool
-) -> None:
+    open_and_probe: Callable[[], Awaitable[None]], *, follows_primary: bool, quiet: bool = False
+) -> bool:
     """Open and probe (``probe_rights``): a refusal that waiting will not mend raises
     StoreMisconfigured, after a READONLY has had ``READONLY_AT_START_S`` to pass (a
     primary endpoint failing over by DNS answers it a moment); any other failure is
-    an outage, logged: the connections open once Redis answers."""
+    an outage, logged (unless ``quiet``): False, the probe to try again once Redis
+    answers (``probe_rights_when_reachable``)."""
     deadline = time.monotonic() + c.READONLY_AT_START_S
     while True:
         try:
             await open_and_probe()
-            return
+            return True
         except REDIS_FAILURES as error:
             if not is_misconfiguration(error, follows_primary=follows_primary):
-                log.warning("redis: could not open the connections yet: %s", error)
-                return
+                if not quiet:
+                    log.warning("redis: could not open the connections yet: %s", error)
+                return False
             if isinstance(error, ReadOnlyError) and time.monotonic() < deadline:
                 log.warning("redis: read only (a failover under way?), asking again: %s", error)
                 await asyncio.sleep(c.READONLY_RETRY_S)
@@ -116,6 +118,24 @@ def evicting_policy(info: dict[str, Any]) -> str | None:
     policy = str(info.get("maxmemory_policy", SAFE_POLICY))
     limit = int(info.get("maxmemory", 0) or 0)
     return policy if limit > 0 and policy != SAFE_POLICY else None
+
+
+async def probe_rights_when_reachable(
+    open_and_probe: Callable[[], Awaitable[None]], *, follows_primary: bool
+) -> None:
+    """``try_rights`` again every ``RIGHTS_RETRY_S`` until Redis answers it, for a broker
+    that started while Redis was out of reach: a user without the rights it needs was
+    found only as 503s, one per request, and nothing named the cause. Running already,
+    the broker does not stop: it says so, once, as an error."""
+    while True:
+        await asyncio.sleep(c.RIGHTS_RETRY_S)
+        try:
+            if await try_rights(open_and_probe, follows_primary=follows_primary, quiet=True):
+                log.info("redis: answers, and grants what the broker needs")
+                return
+        except StoreMisconfigured as refused:
+            log.error("%s: every publish and stream fails until it is mended", refused)
+            return
 
 
 class EvictionGuard:

@@ -40,6 +40,7 @@ from broker.redis_checks import (
     EvictionGuard,
     is_misconfiguration,
     probe_rights,
+    probe_rights_when_reachable,
     try_rights,
 )
 from broker.redis_live import AnyLiveReader, LiveReader, LocalWrites
@@ -280,6 +281,7 @@ class RedisStreamStore:
         self.durable = durable
         self.description = description
         self._sweeper: asyncio.Task[None] | None = None
+        self._rights_probe: asyncio.Task[None] | None = None  # (Redis out of reach at open)
         self._eviction = EvictionGuard(self._memory_infos, allow=allow_eviction)
         self._probe_script = client.register_script(_lua("probe.lua"))
         self._memory_warning = ThrottledLog(c.EVICTION_CHECK_S, log)
@@ -596,7 +598,11 @@ class RedisStreamStore:
         raises StoreMisconfigured for a refusal that waiting will not mend, or a Redis
         that may evict. Redis unreachable: the connections open once it answers."""
         follows = self._primary_watch is not None
-        await try_rights(self._open_connections_and_probe, follows_primary=follows)
+        probed = await try_rights(self._open_connections_and_probe, follows_primary=follows)
+        if not probed and self._rights_probe is None:
+            # (the probe alone: the connections open by themselves once Redis answers)
+            later = probe_rights_when_reachable(self._probe_rights, follows_primary=follows)
+            self._rights_probe = asyncio.get_running_loop().create_task(later)
         if self.durable:
             await self._eviction.start()
         if not self.durable and self._sweeper is None:
@@ -613,6 +619,9 @@ class RedisStreamStore:
         if self._pipeline is not None:
             await self._pipeline.open()
         await self._live.open()
+        await self._probe_rights()
+
+    async def _probe_rights(self) -> None:
         if self.durable:
             scripts = [self._state_script, self._append_script, self._range_script]
             await probe_rights(self._client, [*scripts, self._delete_script], self._probe_script)
@@ -659,12 +668,12 @@ class RedisStreamStore:
 
     async def close(self) -> None:
         await self._eviction.close()
-        for task in (self._watching, self._sweeper):
+        for task in (self._watching, self._sweeper, self._rights_probe):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._watching = self._sweeper = None
+        self._watching = self._sweeper = self._rights_probe = None
         await self._live.close()
         if self._pipeline is not None:
             await self._pipeline.close()

@@ -198,3 +198,27 @@ async def test_a_redis_read_only_for_a_moment_at_start_is_waited_for(
     finally:
         await redis_admin.replicaof("no", "one")
         other.close()
+
+
+@pytest.mark.parametrize("login", ["", "nobody:pw@"])
+async def test_rights_are_tried_once_a_redis_out_of_reach_at_start_answers(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture, login: str
+) -> None:
+    """A broker started while Redis was out of reach never tried its rights: a user
+    Redis refuses (here: one it does not know) was met only as a 503 per request,
+    nothing naming the cause. Now it is said once Redis answers: as an error naming
+    the refusal, or that Redis grants what the broker needs."""
+    private_redis.stop()
+    store = open_store(f"redis://{login}127.0.0.1:{private_redis.port}/0")
+    try:
+        with caplog.at_level("INFO", "broker"):
+            await store.open()  # out of reach: no refusal yet, the broker starts
+            assert "refuses what the broker needs" not in caplog.text
+            private_redis.start()
+            said = "refuses what the broker needs" if login else "grants what the broker needs"
+            await await_until(lambda: said in caplog.text, timeout=10, what=said)
+        if login:
+            [record] = [r for r in caplog.records if said in r.getMessage()]
+            assert record.levelname == "ERROR" and "username-password" in record.getMessage()
+    finally:
+        await store.close()
