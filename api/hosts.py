@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from starlette.responses import Response
 
 from api.problems import problem
+from broker.health import ThrottledLog
 
 PROBES = frozenset({"/healthz", "/readyz", "/readyz/store", "/metrics"})
+log = logging.getLogger(__name__)
+REFUSALS = ThrottledLog(60.0, log)
+"""Said, not only answered: behind a proxy on the same host that forwards its clients'
+names, every request is refused while every probe passes."""
 
 
 class HostPolicy:
@@ -61,18 +67,29 @@ class HostPolicy:
 
     def refuses(self, scope: Any) -> bool:
         """Whether the app refuses an ASGI request for the name it was sent to."""
-        if not self.checks(scope.get("server")) or scope["path"] in PROBES:
+        if not self.checks(scope.get("server")) or _route_of(scope) in PROBES:
             return False
         host = host_of(scope["headers"])
         return host is not None and not self.names_this_host(host)
 
 
+def _route_of(scope: Any) -> str:
+    """The path without uvicorn's ``--root-path`` (a probe under one was refused)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 @functools.lru_cache(maxsize=64)
 def is_loopback(address: str) -> bool:
     try:
-        return ipaddress.ip_address(address.partition("%")[0]).is_loopback
+        ip = ipaddress.ip_address(address.partition("%")[0])
     except ValueError:
         return False  # (a Unix socket's path: only a proxy on this host reaches it)
+    # 127.0.0.1 on a dual-stack socket (the workers' on --host ::) is ::ffff:127.0.0.1,
+    # which Python does not call loopback: the check was skipped there.
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
 
 
 def hostname_of(host: bytes) -> str:
@@ -108,6 +125,11 @@ def host_of(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
 
 def host_refused(scope: Any) -> Response:
     host = (host_of(scope["headers"]) or b"").decode("latin-1")[:100]
+    REFUSALS.say(
+        "refused requests sent to host %r (421; BROKER_ALLOWED_HOSTS lists the names "
+        "served besides localhost and addresses)",
+        host,
+    )
     return problem(
         421,
         "Host not served",

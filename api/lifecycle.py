@@ -23,13 +23,21 @@ log = logging.getLogger(__name__)
 def drain_on_hangup() -> None:
     """SIGHUP (a closed terminal; a tool that means "reload") drains as SIGTERM does: it
     killed the process at once, every stream cut without its end, and said nothing.
-    The broker has nothing to reload; uvicorn's SIGTERM handler does the drain."""
+    The broker has nothing to reload; uvicorn's SIGTERM handler does the drain. Under
+    ``nohup`` (SIGHUP ignored) it stays ignored."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         log.warning("SIGHUP: draining and stopping, as on SIGTERM (nothing to reload)")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    signal.signal(signal.SIGHUP, handler)
+    if not hangups_ignored():
+        signal.signal(signal.SIGHUP, handler)
+
+
+def hangups_ignored() -> bool:
+    """Whether SIGHUP was set to be ignored (``nohup``): a closed terminal must then
+    leave the broker running, as it did."""
+    return signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
 
 
 def drain_on_shutdown_signals(drain: Callable[[], None]) -> Callable[[], None]:

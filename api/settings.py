@@ -38,8 +38,8 @@ MAX_BYTES = 2**31
 MAX_COUNT = 10**9
 MAX_TOPICS_PER_SUBSCRIPTION = 1000  # (a multi-topic cursor grows with each topic)
 MAX_WORKERS = 512
-HOST_NAME = re.compile(
-    r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?"
+HOST_NAME = re.compile(  # (underscores too: some Compose service names have them)
+    r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?"
 )
 
 

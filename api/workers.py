@@ -45,7 +45,7 @@ import uvicorn
 from prometheus_client import multiprocess
 from uvicorn.config import STARTUP_FAILURE
 
-from api.lifecycle import drain_on_hangup
+from api.lifecycle import drain_on_hangup, hangups_ignored
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_SECONDS = 0.5
@@ -183,7 +183,8 @@ class Supervisor:
     def run(self) -> int:
         """Serve until a signal (then 0), or until a worker cannot start (then uvicorn's
         startup failure, 3, as one process would)."""
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # (HUP: nothing to reload)
+        hangup = () if hangups_ignored() else (signal.SIGHUP,)  # (nohup: ignored still)
+        for sig in (signal.SIGTERM, signal.SIGINT, *hangup):  # (HUP: nothing to reload)
             signal.signal(sig, self._stop)
         self._workers = [self._spawn(index) for index in range(self._count)]
         while not self._stopping:

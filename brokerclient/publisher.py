@@ -50,6 +50,9 @@ EventObject = Mapping[str, Any]
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 NDJSON = "application/x-ndjson"  # streaming ingest: one event per line
+STREAM_WORKED_S = 1.0
+"""A stream's attempt that broke off after this long, with lines no attempt had taken,
+got further: its attempts are counted anew (a generation cut by restarts goes on)."""
 
 
 def event(data: Any, event: str | None = None, retry: int | None = None) -> dict[str, Any]:
@@ -99,11 +102,28 @@ class _Attempts:
     def __init__(self, policy: RetryPolicy, what: str, key: str | None = None) -> None:
         self.policy, self.what, self.key, self.failures = policy, what, key, 0
         self._lines = 0  # the most lines any attempt took from the stream's iterator
+        self._since = time.monotonic()  # (when the attempt under way began)
 
-    def failed(self, why: str, hinted: float | None = None, lines: int | None = None) -> float:
-        """The delay before the next attempt; raises Unreachable when none is left."""
-        if lines is not None and lines > self._lines:
-            self._lines, self.failures = lines, 0  # (this attempt got further)
+    def failed(
+        self,
+        why: str,
+        hinted: float | None = None,
+        lines: int | None = None,
+        *,
+        answered: bool = False,
+    ) -> float:
+        """The delay before the next attempt; raises Unreachable when none is left.
+
+        ``lines``: a stream's lines taken so far. An attempt that broke off (not one the
+        broker ``answered`` 502/503/504, which it does at once, lines taken or not) got
+        further with lines no attempt had taken, if it lasted ``STREAM_WORKED_S``: a
+        broker whose Redis is down takes a line or two before it breaks off, every
+        attempt, for ever."""
+        lasted = time.monotonic() - self._since
+        further = lines is not None and lines > self._lines and not answered
+        if further and lasted >= STREAM_WORKED_S:
+            self.failures = 0  # (this attempt got further)
+        self._lines = max(self._lines, lines or 0)
         self.failures += 1
         if self.failures >= max(1, self.policy.attempts):
             said = f"{self.what}: {why} (after {self.failures} attempts"
@@ -112,6 +132,7 @@ class _Attempts:
             raise Unreachable(f"{said})", idempotency_key=self.key, lines_sent=lines)
         delay = self.policy.delay(self.failures, hinted)
         log.info("%s: %s; attempt %d in %.2fs", self.what, why, self.failures + 1, delay)
+        self._since = time.monotonic() + delay
         return delay
 
 
@@ -217,7 +238,10 @@ class Publisher:
                 continue
             if response.status_code in RETRY_STATUSES:
                 hinted = retry_after(response)
-                time.sleep(attempts.failed(f"{response.status_code}", hinted, lines and lines()))
+                lines_now = lines and lines()
+                time.sleep(
+                    attempts.failed(f"{response.status_code}", hinted, lines_now, answered=True)
+                )
                 continue
             return publish_result(response, key)
 
@@ -338,9 +362,9 @@ class AsyncPublisher:
                 await asyncio.sleep(attempts.failed(repr(error), lines=lines and lines()))
                 continue
             if response.status_code in RETRY_STATUSES:
-                hinted = retry_after(response)
+                hinted, lines_now = retry_after(response), lines and lines()
                 await asyncio.sleep(
-                    attempts.failed(f"{response.status_code}", hinted, lines and lines())
+                    attempts.failed(f"{response.status_code}", hinted, lines_now, answered=True)
                 )
                 continue
             return publish_result(response, key)

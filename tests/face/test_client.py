@@ -32,6 +32,7 @@ from brokerclient import (
     Unreachable,
     event,
 )
+from brokerclient import publisher as publisher_module
 from brokerclient.direct import DirectPublisher
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import wait_until
@@ -415,11 +416,13 @@ class BreaksEachStreamFurtherOn(httpx.HTTPTransport):
 
 
 def test_a_stream_broken_again_and_again_further_on_each_time_goes_on(
-    own_broker: BrokerProcess,
+    own_broker: BrokerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Attempts are counted since the last one that got further: 6 breaks under a policy
     of 3 attempts (it gave up after the third, with 9 of 30 tokens stored, the topic never
-    closed, and its viewers waiting for an end)."""
+    closed, and its viewers waiting for an end). (An attempt gets further only if it
+    lasted a while: here the breaks come at once.)"""
+    monkeypatch.setattr(publisher_module, "STREAM_WORKED_S", 0.0)
     topic = _topic("stream-breaks")
     transport = BreaksEachStreamFurtherOn(breaks=6)
     policy = RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.05)
@@ -433,6 +436,32 @@ def test_a_stream_broken_again_and_again_further_on_each_time_goes_on(
     stored = _history(own_broker.url, topic)
     assert [e["data"] for e in stored] == [{"n": n} for n in range(30)] + [{}]
     assert stored[-1]["event"] == "broker.end"
+
+
+def test_a_stream_to_a_broker_whose_redis_is_down_gives_up_in_its_attempts(
+    private_redis: RedisServer,
+) -> None:
+    """Each attempt takes a line or two more from the iterator before the broker breaks
+    it off (503): taken for progress, it was retried for as long as the iterator gave
+    lines (for ever, from a live source), its replay buffer growing."""
+    broker = BrokerProcess(redis_url=private_redis.url).start()
+    topic, started = _topic("down"), time.monotonic()
+
+    def tokens() -> Iterator[dict[str, object]]:
+        for n in range(1500):  # 30 s at most
+            if n == 20:
+                private_redis.stop()
+            yield {"data": n}
+            time.sleep(0.02)
+
+    try:
+        policy = RetryPolicy(attempts=3, backoff=0.05, max_backoff=0.2)
+        with Publisher(broker.url, retry=policy) as publisher, pytest.raises(Unreachable) as up:
+            publisher.stream(topic, tokens(), idempotency_key="gen-down")
+        assert time.monotonic() - started < 20, "retried for as long as lines came"
+        assert up.value.idempotency_key == "gen-down" and (up.value.lines_sent or 0) >= 20
+    finally:
+        broker.close()
 
 
 class LosesEveryAnswer(httpx.HTTPTransport):

@@ -129,6 +129,9 @@ async def test_a_request_naming_another_host_is_refused_on_every_route(
             problem: dict[str, Any] = orjson.loads(answer)
             assert problem["type"] == "/problems#host-not-served", problem
             assert FOREIGN in problem["detail"] and "localhost" in problem["detail"]
+        # Said in the log, once (a proxy forwarding its clients' names is refused whole,
+        # its probes passing), however many were refused.
+        assert open_broker.log().count("refused requests sent to host") == 1, open_broker.log()
         # Nothing a refused request asked for happened: one event, open, not deleted.
         info = await client.get(f"/topics/{topic}")
         assert info.status_code == 200, info.text
@@ -227,6 +230,9 @@ async def test_a_list_of_names_is_held_to_whatever_the_authorization(
         ("/run/broker.sock", False, False, False),
         (None, False, False, False),
         (("192.0.2.7", 8000), True, True, True),  # a list holds every connection
+        # 127.0.0.1 on a dual-stack socket (the workers' on --host ::): not checked, it was
+        (("::ffff:127.0.0.1", 8000, 0, 0), False, False, True),
+        (("::ffff:192.0.2.7", 8000, 0, 0), False, False, False),
     ],
 )
 def test_which_connections_are_checked(
@@ -252,3 +258,22 @@ def test_which_connections_are_checked(
 )
 def test_which_hosts_name_the_broker(host: bytes, named: bool) -> None:
     assert HostPolicy([], auth_enabled=False).names_this_host(host) is named
+
+
+def test_a_probe_under_a_root_path_is_answered_whatever_the_host() -> None:
+    """``uvicorn --root-path /broker``: the probe's path carries the root, and HAProxy's
+    health check (``Host: haproxy-check``) was refused: every backend down."""
+    policy = HostPolicy([], auth_enabled=False)
+    scope = {
+        "server": ("127.0.0.1", 8000),
+        "root_path": "/broker",
+        "headers": [(b"host", b"haproxy-check")],
+    }
+    assert not policy.refuses(scope | {"path": "/broker/healthz"})
+    assert policy.refuses(scope | {"path": "/broker/topics"})
+
+
+def test_a_compose_service_name_with_an_underscore_may_be_listed() -> None:
+    from api.settings import Settings
+
+    assert Settings(allowed_hosts="my_broker, *.apps_internal").allowed_hosts

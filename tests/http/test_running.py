@@ -590,3 +590,25 @@ def test_workers_on_port_zero_share_the_port_the_log_names(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+
+
+def _ignored_signals(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_under_nohup_a_hangup_stays_ignored(redis_server: RedisServer, workers: int) -> None:
+    """``nohup broker serve``: SIGHUP ignored, a closed terminal leaves it running. The
+    drain on SIGHUP replaced that: a closed SSH session stopped a nohup'd broker."""
+    hup = 1 << (signal.SIGHUP - 1)
+    process = BrokerProcess(redis_url=redis_server.url, workers=workers, ignore_hangups=True)
+    process.start()
+    try:
+        assert process.process is not None
+        pids = [process.process.pid, *(_worker_pids(process.process.pid) if workers > 1 else [])]
+        assert len(pids) == workers + (1 if workers > 1 else 0)
+        for pid in pids:
+            assert _ignored_signals(pid) & hup, f"process {pid} no longer ignores SIGHUP"
+    finally:
+        _stop(process)

@@ -28,6 +28,7 @@ class BrokerProcess:
     env: dict[str, str] = field(default_factory=dict)
     workers: int = 1
     max_open_files: int | None = None  # the process's RLIMIT_NOFILE (soft and hard)
+    ignore_hangups: bool = False  # as ``nohup`` starts it
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(
@@ -44,14 +45,13 @@ class BrokerProcess:
             args += ["--redis-url", self.redis_url]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
         env.update(self.env)
-        limit_files = self._limit_files if self.max_open_files is not None else None
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 args,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=limit_files,
+                preexec_fn=self._prepare,
                 start_new_session=True,  # (its workers with it: close() stops them all)
             )
         try:
@@ -61,10 +61,13 @@ class BrokerProcess:
             raise
         return self
 
-    def _limit_files(self) -> None:
-        assert self.max_open_files is not None
-        limit = (self.max_open_files, self.max_open_files)
-        resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+    def _prepare(self) -> None:
+        """In the child, before the broker runs."""
+        if self.max_open_files is not None:
+            limit = (self.max_open_files, self.max_open_files)
+            resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+        if self.ignore_hangups:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
