@@ -26,7 +26,8 @@
  *   of its topics; a topic's "deleted" gap ends it too), and a later page that
  *   resumes past the end is answered 204, on which EventSource stops for good
  *   instead of reconnecting. Such a page gets onEnd again (with the end's id), not
- *   onError: the helper remembers which of its places is an end.
+ *   onError: the helper remembers which of its places is an end (and, across pages,
+ *   which topics of a multi-topic stream have ended).
  * - An EventSource only hears the event types it listens to: "message" (events
  *   published without a type), the broker's own, and those named in `types`.
  */
@@ -35,6 +36,7 @@
 
   var STORAGE_PREFIX = "broker-client:last-event-id:";
   var ENDED_PREFIX = "broker-client:ended-at:";
+  var ENDED_TOPICS_PREFIX = "broker-client:ended-topics:";
   var EARLIEST = "earliest";
   var GAP = "broker.gap";
   var END = "broker.end";
@@ -51,6 +53,14 @@
 
   function load(key) {
     try { return global.sessionStorage.getItem(key); } catch (error) { return null; }
+  }
+
+  // A JSON list kept under key ([] if none, or unreadable).
+  function loadList(key) {
+    try {
+      var list = JSON.parse(load(key) || "[]");
+      return Array.isArray(list) ? list : [];
+    } catch (error) { return []; }
   }
 
   function save(key, id) {
@@ -169,17 +179,24 @@
     // it is over once each of its topics has ended (a broker.end, or a deleted gap),
     // counted once per topic: a reconnect may be told of a deletion again.
     var named = new Set(new URL(url, global.location.href).searchParams.getAll("topic"));
-    var endedTopics = new Set();
+    // Kept with the place: a page reloaded between two topics' ends must count the first
+    // at the second, or it keeps no end, and the next page takes the 204 for a refusal.
+    var endedTopics = new Set(stored !== null ? loadList(ENDED_TOPICS_PREFIX + key) : []);
     var lastId = stored;  // the place before the event being delivered
     var lastWasEnd = false;  // the last thing delivered was a topic's end
 
     function ended(topic, id) {
       lastWasEnd = true;
-      if (topic !== null) { endedTopics.add(topic); }  // (null: it cannot be told)
+      if (topic !== null) { topicEnded(topic); }  // (null: it cannot be told)
       if (named.size <= 1 || endedTopics.size >= named.size) {
         if (id) { save(ENDED_PREFIX + key, id); }
         close();
       }
+    }
+
+    function topicEnded(topic) {
+      endedTopics.add(topic);
+      if (named.size > 1) { save(ENDED_TOPICS_PREFIX + key, JSON.stringify(Array.from(endedTopics))); }
     }
 
     // The topic of an event on a multi-topic stream: a gap names it; any other event
@@ -286,7 +303,7 @@
         if (!place) { open(null); return; }  // (unknown: from now, as a plain EventSource)
         save(key, place);
         lastId = place;
-        start.closed.forEach(function (topic) { endedTopics.add(topic); });
+        start.closed.forEach(topicEnded);
         if (start.closed.length >= Math.max(named.size, 1)) {
           // Over already: the broker answers 204, and the page is told onEnd, not onError.
           save(ENDED_PREFIX + key, place);

@@ -527,3 +527,29 @@ def test_the_live_page_says_when_it_lists_only_some_topics(
     )
     names = [row[0] for row in _rows(browser, "#topics tbody tr")]
     assert names == sorted(names) and all(name.startswith(prefix) for name in names), names
+
+
+def test_a_multi_topic_stream_reloaded_just_after_its_last_end_is_told_on_end(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """The helper counted a multi-topic stream's ended topics on one page only: a page
+    reloaded after the first topic's end did not count it at the second's, so it kept
+    no end; reloaded again before the broker's 204, it resumed past both ends, and
+    that 204 was taken for a refusal: onError, on that load and every later one."""
+    first, second = (f"face.reend.{uuid.uuid4().hex[:8]}" for _ in range(2))
+    _open_client_page(browser, face_broker, f"/events?topic={first}&topic={second}")
+    browser.wait_for(STREAM_OPEN, what="the helper's stream to open")
+    assert httpx.post(f"{face_broker.url}/topics/{first}/close", timeout=10).status_code == 201
+    _wait_received(browser, 1, "the first topic's end")
+    browser.reload()
+    browser.wait_for(STREAM_OPEN, what="the reloaded page's stream to open")
+    assert httpx.post(f"{face_broker.url}/topics/{second}/close", timeout=10).status_code == 201
+    _wait_received(browser, 2, "the second topic's end")
+    browser.reload()  # (before the broker ends the stream and answers the reconnect 204)
+    _wait_received(browser, 3, "onEnd after the reload")
+    browser.reload()
+    _wait_received(browser, 4, "onEnd after another reload")
+    assert [e["type"] for e in _received(browser)] == ["broker.end"] * 4
+
+
+STREAM_OPEN = "window.__stream && window.__stream.source && window.__stream.source.readyState === 1"
