@@ -41,30 +41,50 @@ SWAGGER_UI_FILES = {
 }
 # Pages change with the installed version: revalidate each time, it is cheap.
 NO_CACHE = {"Cache-Control": "no-cache"}
+# A file of one type is never taken for another (a browser sniffing a page's JSON or
+# text as a script or a page of the broker's origin).
+NOT_SNIFFED = {"X-Content-Type-Options": "nosniff"}
 RATE_WINDOW_SECONDS = 30
 RATE_SAMPLE = 100  # events read at most per topic for its rate
 MAX_STATS_TOPICS = 100
 
 
-def _static(name: str, media_type: str) -> FileResponse:
-    return FileResponse(STATIC_DIR / name, media_type=media_type, headers=NO_CACHE)
+def _static(name: str, media_type: str, headers: dict[str, str] | None = None) -> FileResponse:
+    all_headers = {**NO_CACHE, **NOT_SNIFFED, **(headers or {})}
+    return FileResponse(STATIC_DIR / name, media_type=media_type, headers=all_headers)
 
 
-NOT_FRAMED = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
-"""The live page has a publish form, sent with the broker's cookie: another site must not
-frame it and have a visitor click it (clickjacking)."""
+# Both pages act with the visitor's broker_token cookie (the live page's publish form,
+# Swagger UI's "Try it out", whose requests come from the broker's own origin, so no
+# Origin check stops them): no other page, not even one of the same site, may frame
+# them and have a visitor click them (clickjacking). Scripts need no such header.
+PAGE_POLICY = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": (
+        # The live page's files and requests are all the broker's own: the browser
+        # refuses anything else, an injected script's request included.
+        "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+}
+DOCS_POLICY = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": (
+        # Swagger UI draws some icons from data: URLs (it sets styles through the DOM,
+        # which needs no 'unsafe-inline': Chromium shows it whole under this policy).
+        "default-src 'self'; img-src 'self' data:; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+}
 
 
 async def index(request: Request) -> Response:
     """The live page: topics, their rates and subscribers, a live tail, a publish form."""
-    response = _static("index.html", "text/html; charset=utf-8")
-    response.headers.update(NOT_FRAMED)
-    return response
+    return _static("index.html", "text/html; charset=utf-8", PAGE_POLICY)
 
 
 async def docs(request: Request) -> Response:
     """The API reference (Swagger UI over /openapi.json), rendered offline."""
-    return _static("docs.html", "text/html; charset=utf-8")
+    return _static("docs.html", "text/html; charset=utf-8", DOCS_POLICY)
 
 
 async def client_js(request: Request) -> Response:
@@ -85,7 +105,7 @@ async def swagger_ui_file(request: Request) -> Response:
         raise HTTPException(404)
     path = swagger_ui_dir() / name
     # The bundle is versioned by the installed distribution: a day of caching is safe.
-    headers = {"Cache-Control": "public, max-age=86400"}
+    headers = {"Cache-Control": "public, max-age=86400", **NOT_SNIFFED}
     return FileResponse(path, media_type=SWAGGER_UI_FILES[name], headers=headers)
 
 
@@ -146,7 +166,8 @@ async def stats(request: Request) -> Response:
         "rate_window_seconds": RATE_WINDOW_SECONDS,
         "topics": topics,
     }
-    return Response(orjson.dumps(content), media_type="application/json", headers=NO_CACHE)
+    headers = {**NO_CACHE, **NOT_SNIFFED}
+    return Response(orjson.dumps(content), media_type="application/json", headers=headers)
 
 
 def _stats_topics(request: Request) -> list[str]:

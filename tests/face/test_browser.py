@@ -41,10 +41,19 @@ def _rows(browser: Chromium, selector: str) -> list[list[str]]:
     )
 
 
+# Every Content-Security-Policy violation of a page, kept from before its first script.
+RECORD_VIOLATIONS = """
+window.__violations = [];
+document.addEventListener("securitypolicyviolation",
+  (e) => window.__violations.push(e.effectiveDirective + " " + e.blockedURI));
+"""
+
+
 def test_live_page_lists_topics_and_tails_them_live(
     face_broker: BrokerProcess, browser: Chromium, artifacts: Path
 ) -> None:
     topic = f"face.page.{uuid.uuid4().hex[:8]}"
+    browser.run_on_every_load(RECORD_VIOLATIONS)
     with Publisher(face_broker.url) as publisher:
         publisher.publish(topic, {"n": 0})
         browser.navigate(face_broker.url + "/")
@@ -95,6 +104,20 @@ def test_live_page_lists_topics_and_tails_them_live(
     (artifacts / "live-page.png").write_bytes(shot.read_bytes())
     assert browser.requests_leaving(face_broker.url) == []
     assert any(url.endswith(f"/topics/{topic}/events") for url in browser.requests)
+    assert browser.evaluate("window.__violations") == [], "the page's own policy got in its way"
+
+
+def test_the_live_page_may_make_no_outside_request(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """The page's policy lets it reach its own origin only: a script that found its way
+    in (or a future change) cannot send what it reads elsewhere."""
+    browser.run_on_every_load(RECORD_VIOLATIONS)
+    browser.navigate(face_broker.url + "/")
+    outside = face_broker.url.replace("127.0.0.1", "localhost") + "/healthz"
+    refused = browser.evaluate(f"fetch({json.dumps(outside)}).then(() => false, () => true)")
+    assert refused is True
+    assert browser.evaluate("window.__violations") == [f"connect-src {outside}"]
 
 
 def test_docs_render_the_routes_offline(
@@ -109,6 +132,70 @@ def test_docs_render_the_routes_offline(
     shot = browser.screenshot("docs")
     (artifacts / "docs.png").write_bytes(shot.read_bytes())
     assert browser.requests_leaving(face_broker.url) == []
+
+
+def test_docs_try_it_out_works_under_its_policy(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """/docs has a Content-Security-Policy of its own: Swagger UI still renders, with its
+    icons, and "Try it out" still sends its request."""
+    browser.run_on_every_load(RECORD_VIOLATIONS)
+    browser.navigate(face_broker.url + "/docs")
+    browser.wait_for(
+        "document.getElementById('operations-health-healthz') !== null"
+        " || document.querySelector('[id$=\"-healthz\"]') !== null",
+        what="the /healthz operation",
+    )
+    browser.evaluate(
+        "document.querySelector('[id$=\"-healthz\"] .opblock-summary-control').click()"
+    )
+    browser.wait_for("document.querySelector('.try-out__btn') !== null", what="Try it out")
+    browser.evaluate("document.querySelector('.try-out__btn').click()")
+    browser.wait_for("document.querySelector('.execute') !== null", what="Execute")
+    browser.evaluate("document.querySelector('.execute').click()")
+    status = browser.wait_for(
+        "document.querySelector('.live-responses-table tbody .response-col_status')?.textContent",
+        what="the response to show",
+    )
+    assert status.strip() == "200"
+    assert browser.evaluate("window.__violations") == []
+    assert browser.requests_leaving(face_broker.url) == []
+
+
+FRAME = """new Promise((resolve) => {
+  const frame = document.createElement("iframe");
+  frame.src = %(path)s;
+  frame.onload = () => resolve(Boolean(frame.contentDocument && frame.contentDocument.body
+    && frame.contentDocument.body.children.length));
+  document.body.appendChild(frame);
+})"""
+
+
+@pytest.mark.parametrize("path", ["/", "/docs"])
+def test_the_pages_may_not_be_framed(
+    face_broker: BrokerProcess, browser: Chromium, path: str
+) -> None:
+    """Framed by a page of the same site, /docs let a visitor's clicks on "Try it out"
+    close a topic with the visitor's cookie (its requests come from the broker's own
+    origin: no Origin check applies). No page may frame either page, not even one of
+    the broker's own origin."""
+    browser.navigate(face_broker.url + "/healthz")
+    assert browser.evaluate(FRAME % {"path": json.dumps(path)}) is False
+    response = httpx.get(face_broker.url + path, timeout=10)
+    assert response.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/", "/docs", "/client.js", "/static/page.js", "/static/swagger-ui/swagger-ui.css", "/stats"],
+)
+def test_the_face_says_its_types_are_not_to_be_sniffed(
+    face_broker: BrokerProcess, path: str
+) -> None:
+    response = httpx.get(face_broker.url + path, timeout=10)
+    assert response.status_code == 200
+    assert response.headers["x-content-type-options"] == "nosniff"
 
 
 # A page that uses /client.js the way a user's page would, on every load, and keeps
