@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import itertools
 import os
 import socket
 from functools import cache
@@ -46,7 +47,8 @@ NO_CACHE = {"Cache-Control": "no-cache"}
 NOT_SNIFFED = {"X-Content-Type-Options": "nosniff"}
 RATE_WINDOW_SECONDS = 30
 RATE_SAMPLE = 100  # events read at most per topic for its rate
-MAX_STATS_TOPICS = 100
+MAX_STATS_TOPICS = 100  # topics a caller may ask for by ?topic=
+MAX_STREAMED_STATS_TOPICS = 100  # besides them, those this instance streams
 
 
 def _static(name: str, media_type: str, headers: dict[str, str] | None = None) -> FileResponse:
@@ -144,15 +146,15 @@ async def stats(request: Request) -> Response:
 
     The rate is read from the topic's log in the store, so it counts every
     instance; subscribers are those of the instance (process) that answers,
-    named in ``instance``. The topics: those this instance streams now (a topic with
-    subscribers but no event yet is in no listing), then those named by ``?topic=``.
+    named in ``instance``. The topics: those named by ``?topic=``, then (by name, at
+    most MAX_STREAMED_STATS_TOPICS) the others this instance streams now (a topic with
+    subscribers but no event yet is in no listing).
     """
     broker: Broker = request.app.state.broker
     subscribers = live_subscribers(broker.hub)
-    # Those this instance streams first: a long listing must not crowd them out.
-    names = list(dict.fromkeys([*sorted(subscribers), *_stats_topics(request)]))
+    requested = _stats_topics(request)
     await check_listing_caller(request)
-    names = [name for name in names if may_subscribe(request, name)][:MAX_STATS_TOPICS]
+    names = _readable_stats_topics(request, requested, subscribers)
     now_ms = await broker.store.clock_ms()  # (ids are of Redis's clock, not this host's)
     rates = await asyncio.gather(*(_rate(broker, name, now_ms) for name in names))
     topics = [
@@ -175,6 +177,20 @@ def _stats_topics(request: Request) -> list[str]:
     if len(names) > MAX_STATS_TOPICS:
         raise InvalidInput(f"at most {MAX_STATS_TOPICS} topics", field="topic")
     return [check_topic(name) for name in names]
+
+
+def _readable_stats_topics(
+    request: Request, requested: list[str], subscribers: dict[str, int]
+) -> list[str]:
+    """The requested topics the caller may read, then the streamed ones, each list under
+    its own cap: an instance streaming many topics must not crowd out those asked for
+    (it did: past 100 streamed topics, none asked for was answered), nor they it."""
+    names = [name for name in requested if may_subscribe(request, name)]
+    asked = set(requested)
+    streamed = (
+        name for name in sorted(subscribers) if name not in asked and may_subscribe(request, name)
+    )
+    return names + list(itertools.islice(streamed, MAX_STREAMED_STATS_TOPICS))
 
 
 async def _rate(broker: Broker, topic: str, now_ms: float) -> float:

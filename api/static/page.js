@@ -7,6 +7,7 @@
 
   var REFRESH_MS = 2000;
   var MAX_TOPICS = 50;
+  var MAX_UNLISTED = 50;  // rows of topics streamed here that no listing has
   var MAX_ROWS = 500;
   var MAX_DELAY_MS = 5000;
   var tail = null;
@@ -73,9 +74,9 @@
     var listed = {};
     rows.forEach(function (t) { listed[t.topic] = true; });
     var prefix = $("topics-prefix").value.trim();
-    stats.topics.forEach(function (s) {
-      if (!listed[s.topic] && s.topic.indexOf(prefix) === 0) { rows.push({ topic: s.topic }); }
-    });
+    var unlisted = stats.topics.filter(function (s) { return !listed[s.topic] && s.topic.indexOf(prefix) === 0; });
+    // (an instance may stream thousands of topics with no event yet: a page of them at most)
+    unlisted.slice(0, MAX_UNLISTED).forEach(function (s) { rows.push({ topic: s.topic }); });
     var body = $("topics").tBodies[0];
     body.replaceChildren();
     rows.forEach(function (topic) {
@@ -89,8 +90,10 @@
       cell(row, s.subscribers === undefined ? "–" : String(s.subscribers), "num");
       cell(row, topic.closed === undefined ? "" : (topic.closed ? "closed" : "open"));
     });
-    say("stats-note", stats.instance ? "Subscribers: streams on instance " + stats.instance +
-      " (each instance counts its own). Events/s: from the topic's log, all instances." : "");
+    var more = unlisted.length > MAX_UNLISTED ? "Showing " + MAX_UNLISTED + " of more topics streamed" +
+      " here with no event yet: narrow them with the prefix. " : "";
+    say("stats-note", more + (stats.instance ? "Subscribers: streams on instance " + stats.instance +
+      " (each instance counts its own). Events/s: from the topic's log, all instances." : ""));
   }
 
   async function refreshTopics() {
