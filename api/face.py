@@ -27,6 +27,7 @@ from starlette.responses import FileResponse, Response
 from api.routes import check_listing_caller, may_subscribe
 from broker import Broker, InvalidInput
 from broker.fanout import Hub
+from broker.model import LogPage
 from broker.validation import check_topic
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -194,15 +195,45 @@ def _readable_stats_topics(
 
 
 async def _rate(broker: Broker, topic: str, now_ms: float) -> float:
-    """Events per second in the window, from the ids' millisecond timestamps.
+    """Events per second in the window: how many entries it holds over its length.
 
-    Reads at most RATE_SAMPLE events: past that, the rate is the sample's count
-    over the time the sample spans (from the window's start).
+    Counted by the numbers entries carry (1, 2, ... in their log): the newest issued
+    less the window's first, plus one; two small reads, however busy the topic. It was
+    a sample's count (100 at most) over the time from the window's start to the
+    sample's last entry: a 1000-event batch showed 4.2/s for its 33.3/s, and a new
+    topic's empty stretch before its first event counted as time.
     """
     window_start = int(now_ms) - RATE_WINDOW_SECONDS * 1000
+    first = await broker.store.read_range(topic, (window_start, 0), 1)
+    if not first.entries:
+        return 0.0
+    numbered = await _count_by_numbers(broker, topic, first)
+    if numbered is not None:
+        return _per_second(numbered)
+    return await _sampled_rate(broker, topic, window_start)
+
+
+async def _count_by_numbers(broker: Broker, topic: str, first: LogPage) -> int | None:
+    """Entries from the window's first to the log's newest, by their numbers; None when
+    the first has none, or the log changed (deleted, made anew) between the two reads."""
+    number = first.entries[0].number
+    state = await broker.store.state(topic)
+    if number is None or state.issued is None or state.epoch != first.epoch:
+        return None
+    return max(state.issued - number + 1, 1)
+
+
+async def _sampled_rate(broker: Broker, topic: str, window_start: int) -> float:
+    """The rate from at most RATE_SAMPLE entries, for a log whose entries in the window
+    came before numbers (an upgrade's first 30 s): past the sample, its count over the
+    time it spans from the window's start (low for a burst)."""
     page = await broker.store.read_range(topic, (window_start, 0), RATE_SAMPLE)
     count = len(page.entries)
-    if count < RATE_SAMPLE and not page.cut_short:
-        return round(count / RATE_WINDOW_SECONDS, 3)
+    if not count or (count < RATE_SAMPLE and not page.cut_short):
+        return _per_second(count)
     spanned_ms = max(page.entries[-1].position[0] - window_start, 1)
     return round(count * 1000 / spanned_ms, 3)
+
+
+def _per_second(count: int) -> float:
+    return round(count / RATE_WINDOW_SECONDS, 3)
