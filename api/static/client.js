@@ -16,6 +16,8 @@
  *   again with a new token) resumes after it with ?last_event_id=: a new
  *   EventSource sends no Last-Event-ID. (When the browser reconnects by itself it sends the
  *   header, which the broker prefers to the query parameter, so that stays exact.)
+ *   Only the places of the 200 streams used most recently are kept; a place that
+ *   sessionStorage refuses (full, or off) is warned of on the console, once.
  * - A stream "from now" (no from=earliest, no place kept) first asks where each of
  *   its topics ends (GET /topics/{t}) and keeps that as its place, as if it had
  *   received those events: a reload before the first event loses nothing published
@@ -63,8 +65,51 @@
     } catch (error) { return []; }
   }
 
-  function save(key, id) {
-    try { global.sessionStorage.setItem(key, id); } catch (error) { /* storage off: no resume */ }
+  var warned = false;  // of a refused save, once a page: each event would say it again
+
+  function save(key, value) {
+    try {
+      global.sessionStorage.setItem(key, value);
+    } catch (error) {  // (storage off, or full: a reload will not resume)
+      if (!warned && global.console) {
+        warned = true;
+        global.console.warn("BrokerClient: sessionStorage refused a stream's place (" +
+          error.name + "): a reload of this page will not resume where it was", error);
+      }
+    }
+  }
+
+  function forget(key) {
+    try { global.sessionStorage.removeItem(key); } catch (error) { /* storage off */ }
+  }
+
+  // The streams whose place is kept, least recently used first, at most MAX_PLACES:
+  // sessionStorage is the host page's too, and a page that opens a stream per item
+  // (a URL each) filled it (~44,000 places), after which nothing resumed and the
+  // page's own setItem threw. The oldest are forgotten, their ends with them.
+  var INDEX_KEY = "broker-client:places";
+  var MAX_PLACES = 200;
+
+  function placesIndex() {
+    if (load(INDEX_KEY) !== null) { return loadList(INDEX_KEY); }
+    // None yet: adopt the places an older helper kept with no index (in no known order).
+    var found = [];
+    try {
+      for (var n = 0; n < global.sessionStorage.length; n++) {
+        var key = global.sessionStorage.key(n);
+        if (key && key.indexOf(STORAGE_PREFIX) === 0) { found.push(key); }
+      }
+    } catch (error) { /* storage off */ }
+    return found;
+  }
+
+  function keepPlace(key) {
+    var places = placesIndex().filter(function (kept) { return kept !== key; });
+    places.push(key);
+    places.splice(0, Math.max(places.length - MAX_PLACES, 0)).forEach(function (old) {
+      [old, ENDED_PREFIX + old, ENDED_TOPICS_PREFIX + old].forEach(forget);
+    });
+    save(INDEX_KEY, JSON.stringify(places));
   }
 
   // The URL with ?last_event_id=<id>, replacing any the caller put there; the place
@@ -184,6 +229,13 @@
     var endedTopics = new Set(stored !== null ? loadList(ENDED_TOPICS_PREFIX + key) : []);
     var lastId = stored;  // the place before the event being delivered
     var lastWasEnd = false;  // the last thing delivered was a topic's end
+    var indexed = false;  // this stream is the most recently used of the kept places
+
+    function savePlace(id) {
+      save(key, id);
+      if (!indexed) { indexed = true; keepPlace(key); }
+    }
+    if (stored !== null) { indexed = true; keepPlace(key); }
 
     function ended(topic, id) {
       lastWasEnd = true;
@@ -222,7 +274,7 @@
       delivered = true;
       lastWasEnd = false;
       // Saved before the callbacks run: a reload from inside one resumes after this event.
-      if (event.lastEventId) { save(key, event.lastEventId); }
+      if (event.lastEventId) { savePlace(event.lastEventId); }
       var message = { id: event.lastEventId || null, type: event.type, data: event.data };
       if (event.type === GAP) {
         var gap;
@@ -301,7 +353,7 @@
       startOf(infoUrls, options.withCredentials).then(function (start) {
         var place = start.place;
         if (!place) { open(null); return; }  // (unknown: from now, as a plain EventSource)
-        save(key, place);
+        savePlace(place);
         lastId = place;
         start.closed.forEach(topicEnded);
         if (start.closed.length >= Math.max(named.size, 1)) {

@@ -640,3 +640,87 @@ def test_a_multi_topic_stream_reloaded_just_after_its_last_end_is_told_on_end(
 
 
 STREAM_OPEN = "window.__stream && window.__stream.source && window.__stream.source.readyState === 1"
+
+
+# Subscribes the helper "from now" to `count` topics in turn, each stream closed once it
+# kept its place (so that the page never holds more than one open).
+SUBSCRIBE_MANY = """(async () => {
+  for (let n = 0; n < %(count)d; n++) {
+    const stream = BrokerClient.subscribe("/topics/" + %(prefix)s + n + "/events", {});
+    while (!stream.source) { await new Promise((resolve) => setTimeout(resolve, 5)); }
+    stream.close();
+  }
+  return Object.keys(sessionStorage).filter(k => k.startsWith(%(places)s)).length;
+})()"""
+PLACE_PREFIX = "broker-client:last-event-id:"
+
+
+def test_the_helper_keeps_the_places_of_a_bounded_number_of_streams(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """The helper kept one place per stream URL (and one per end) for ever: a page that
+    opens a stream per item filled sessionStorage (~44,000 places), then nothing
+    resumed, and the page's own setItem threw. It keeps the 200 used most recently."""
+    prefix = f"face.places.{uuid.uuid4().hex[:8]}."
+    topic = f"{prefix}kept"
+    _open_client_page(browser, face_broker, f"/topics/{topic}/events?from=earliest")
+
+    def subscribe_many(batch: str, count: int) -> int:
+        script = {"prefix": json.dumps(prefix + batch), "places": json.dumps(PLACE_PREFIX)}
+        return int(browser.evaluate(SUBSCRIBE_MANY % {**script, "count": count}))
+
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topic, 1)
+        _wait_received(browser, 1, "the stream's first event")
+        assert subscribe_many("a.", 150) == 151
+        browser.reload()  # the stream is subscribed again: the most recently used
+        publisher.publish(topic, 2)
+        _wait_received(browser, 2, "the event after the reload")
+        assert subscribe_many("b.", 100) == 200  # 251 used: the 51 oldest forgotten
+        kept = browser.evaluate(
+            f"Object.keys(sessionStorage).filter(k => k.startsWith('{PLACE_PREFIX}'))"
+        )
+        assert any(key.endswith(f"/topics/{topic}/events?from=earliest") for key in kept)
+        assert not any(key.endswith(f"/topics/{prefix}a.50/events") for key in kept)
+        assert any(key.endswith(f"/topics/{prefix}a.51/events") for key in kept)
+        browser.reload()  # and the stream still resumes where it was
+        publisher.publish(topic, 3)
+        _wait_received(browser, 3, "the event after the second reload")
+    assert [json.loads(e["data"]) for e in _received(browser)] == [1, 2, 3]
+
+
+FILL_STORAGE = """(() => {
+  let n = 0;
+  for (const size of [1 << 20, 1 << 16, 1 << 10, 64, 1]) {
+    try { for (;;) { sessionStorage.setItem("filler." + n++, "x".repeat(size)); } } catch (e) {}
+  }
+  return n;
+})()"""
+LOAD_CLIENT = """new Promise((resolve) => {
+  const script = document.createElement("script");
+  script.src = "/client.js";
+  script.onload = resolve;
+  document.head.appendChild(script);
+})"""
+
+
+def test_the_helper_warns_when_it_cannot_keep_a_place(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """A full sessionStorage refused the helper's place silently: reloads no longer
+    resumed, and nothing said why. It warns on the console (once)."""
+    topic = f"face.full.{uuid.uuid4().hex[:8]}"
+    browser.navigate(face_broker.url + "/healthz")
+    browser.evaluate(LOAD_CLIENT)
+    browser.evaluate(FILL_STORAGE)
+    browser.evaluate(
+        "window.__got = []; BrokerClient.subscribe("
+        f"{json.dumps(f'/topics/{topic}/events?from=earliest')},"
+        " {onEvent: (e) => window.__got.push(e.data)})"
+    )
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topic, 1)
+        publisher.publish(topic, 2)
+    browser.wait_for("window.__got.length === 2", what="the stream's events")
+    warnings = [line for line in browser.console if "BrokerClient" in line]
+    assert len(warnings) == 1 and "will not resume" in warnings[0], browser.console
