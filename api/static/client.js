@@ -11,7 +11,8 @@
  *   stream.close();
  *
  * What it adds to EventSource:
- * - The id of the last event of each stream URL (an access_token in it aside) is
+ * - The id of the last event of each stream URL (an access_token in it aside; a
+ *   caller's own last_event_id is part of it) is
  *   kept in sessionStorage, and a fresh page (a reload, or the same stream opened
  *   again with a new token) resumes after it with ?last_event_id=: a new
  *   EventSource sends no Last-Event-ID. (When the browser reconnects by itself it sends the
@@ -44,12 +45,13 @@
   var END = "broker.end";
   var ORIGIN = "0.0-0";  // a topic's place before anything of its log
 
-  // Where a stream's place is kept: its URL without what changes between two visits
-  // of the same stream (a fresh access token, the place itself).
+  // Where a stream's place is kept: its URL without a fresh access token. A caller's
+  // own ?last_event_id= stays in it: a place kept from another one must not win over it
+  // (it did: asked to resume after an earlier id, the helper resumed after its later
+  // place, and the events between were skipped). The same URL again (a reload) resumes.
   function storageKey(url) {
     var stream = new URL(url, global.location.href);
     stream.searchParams.delete("access_token");
-    stream.searchParams.delete("last_event_id");
     return STORAGE_PREFIX + stream.href;
   }
 

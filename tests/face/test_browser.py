@@ -724,3 +724,28 @@ def test_the_helper_warns_when_it_cannot_keep_a_place(
     browser.wait_for("window.__got.length === 2", what="the stream's events")
     warnings = [line for line in browser.console if "BrokerClient" in line]
     assert len(warnings) == 1 and "will not resume" in warnings[0], browser.console
+
+
+def test_the_helper_resumes_after_the_id_its_caller_gives(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """A caller's ``?last_event_id=`` was dropped from where the helper keeps a stream's
+    place: asked again after an earlier id than its place (the page's own record lost an
+    event), the helper resumed after its place, and skipped the events between. The
+    caller's id is part of the stream: a place kept for another id does not win."""
+    topic = f"face.caller.{uuid.uuid4().hex[:8]}"
+    with Publisher(face_broker.url) as publisher:
+        first, second, _ = (publisher.publish(topic, n).id for n in (1, 2, 3))
+        _open_client_page(browser, face_broker, f"/topics/{topic}/events?last_event_id={first}")
+        _wait_received(browser, 2, "the events after the first")
+        browser.evaluate("window.__stream.close()")
+        publisher.publish(topic, 4)
+        again = f"/topics/{topic}/events?last_event_id={second}"
+        browser.evaluate(SUBSCRIBE_AGAIN % {"url": json.dumps(again)})
+        _wait_received(browser, 4, "the events after the second")
+        # The page reloaded subscribes to its first stream again (after the first id):
+        # that one resumes after its own place (3), not after the first id.
+        browser.reload()
+        publisher.publish(topic, 5)
+        _wait_received(browser, 6, "the first stream's events after its place")
+    assert [json.loads(e["data"]) for e in _received(browser)] == [2, 3, 3, 4, 4, 5]
