@@ -33,6 +33,30 @@
     }
   }
 
+  // What a refusal says; a 401's says what the page lacks: its requests carry the
+  // broker_token cookie, if the broker's site set one (a status alone told nobody).
+  async function refusalText(response) {
+    var text = await problemText(response);
+    if (response.status !== 401) { return text; }
+    return "this needs a valid token, in the broker_token cookie (" + text + ")";
+  }
+
+  function refusal(text) {
+    var error = new Error(text);
+    error.refusal = true;
+    return error;
+  }
+
+  // Whether the broker wants a token this page did not send: a listing needs none, and
+  // shows only what its token may read (without one, nothing), so ask for a topic's info.
+  async function tokenNeeded() {
+    try {
+      return (await fetch(topicPath("_"), { headers: { Accept: "application/json" } })).status === 401;
+    } catch (error) {
+      return false;
+    }
+  }
+
   // -- topics -------------------------------------------------------------------
 
   async function listTopics() {
@@ -43,11 +67,16 @@
         "): shown are the topics streamed by this instance; type any topic's name to tail it.");
       return null;
     }
+    if (response.status === 401) { throw refusal(await refusalText(response)); }
     if (!response.ok) { throw new Error(await problemText(response)); }
     var page = await response.json();
     var note = page.topics.length ? "" : "No topics listed yet: publish an event below.";
     if (page.next) {  // (a page of a SCAN: the listing goes on; the rest is not read here)
       note = "Showing " + page.topics.length + " of more topics: narrow them with the prefix.";
+    }
+    if (!page.topics.length && await tokenNeeded()) {
+      note = "No topics shown: this broker lists only the topics a token may read, and this " +
+        "page sent none (the broker_token cookie).";
     }
     say("topics-note", note);
     return page.topics.sort(function (a, b) { return a.topic < b.topic ? -1 : a.topic > b.topic ? 1 : 0; });
@@ -56,6 +85,7 @@
   async function topicStats(topics) {
     var query = (topics || []).map(function (t) { return "topic=" + encodeURIComponent(t.topic); }).join("&");
     var response = await fetch("stats" + (query ? "?" + query : ""), { headers: { Accept: "application/json" } });
+    if (response.status === 401) { throw refusal(await refusalText(response)); }
     if (!response.ok) { throw new Error(await problemText(response)); }
     return response.json();
   }
@@ -101,7 +131,7 @@
       var topics = await listTopics();
       renderTopics(topics, await topicStats(topics));
     } catch (error) {
-      say("topics-note", "The broker did not answer: " + error.message, true);
+      say("topics-note", (error.refusal ? "Refused: " : "The broker did not answer: ") + error.message, true);
     }
     setTimeout(refreshTopics, REFRESH_MS);
   }
@@ -209,7 +239,7 @@
     var response = await fetch(url, { headers: headers, signal: state.controller.signal, cache: "no-store" });
     if (response.status === 204) { return "closed"; }
     if (response.status >= 500) { throw new Error(await problemText(response)); }
-    if (!response.ok) { return "refused: " + (await problemText(response)); }
+    if (!response.ok) { return "Refused: " + (await refusalText(response)); }
     say("tail-status", "Live: " + state.topic + (state.lastId ? " (resumed after " + state.lastId + ")" : ""));
     return (await readStream(response, state)) ? "closed" : "";
   }
@@ -283,7 +313,7 @@
     catch (error) { say("publish-result", "Not JSON: " + error.message + " (choose Text to send it as text)", true); return; }
     try {
       var response = await fetch(request.url, { method: "POST", headers: { "Content-Type": request.type }, body: request.body });
-      if (!response.ok) { say("publish-result", await problemText(response), true); return; }
+      if (!response.ok) { say("publish-result", await refusalText(response), true); return; }
       var answer = await response.json();
       say("publish-result", "Stored: " + (answer.id || (answer.ids || []).join(", ")));
     } catch (error) {

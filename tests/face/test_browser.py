@@ -749,3 +749,31 @@ def test_the_helper_resumes_after_the_id_its_caller_gives(
         publisher.publish(topic, 5)
         _wait_received(browser, 6, "the first stream's events after its place")
     assert [json.loads(e["data"]) for e in _received(browser)] == [2, 3, 3, 4, 4, 5]
+
+
+def test_the_live_page_says_when_it_needs_a_token(
+    auth_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """With authorization on and no cookie, the page said "Showing 0 of more topics:
+    narrow them with the prefix", and a refused token or tail showed its status
+    alone ("The broker did not answer: 401 ..."). It says a token is needed."""
+    topic = f"face.token-needed.{uuid.uuid4().hex[:8]}"
+    with Publisher(auth_broker.url, token=hs_token(claims(publish=[topic]))) as publisher:
+        publisher.publish(topic, 1)
+    browser.navigate(auth_broker.url + "/")
+    browser.wait_for(
+        "document.getElementById('topics-note').textContent.includes('sent none')",
+        what="the page to say it sent no token",
+    )
+    browser.evaluate(
+        f"document.getElementById('tail-topic').value = {json.dumps(topic)};"
+        "document.querySelector('#tail-form button[type=submit]').click()"
+    )
+    tail = "document.getElementById('tail-status').textContent"
+    browser.wait_for(f"{tail}.startsWith('Refused')", what="the tail to be refused")
+    assert "needs a valid token" in browser.evaluate(tail)
+    expired = hs_token(claims(subscribe=[topic], expires_in=-60))
+    browser.set_cookie("broker_token", expired, auth_broker.url)
+    note = "document.getElementById('topics-note').textContent"
+    browser.wait_for(f"{note}.includes('401')", what="the expired token to be refused")
+    assert browser.evaluate(note).startswith("Refused: this needs a valid token")
