@@ -7,6 +7,7 @@ before uvicorn starts, so every worker process builds the same Settings.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import os
@@ -59,6 +60,15 @@ def _announce_store(settings: Settings) -> None:
         )
 
 
+def log_config_with_times() -> dict[str, Any]:
+    """uvicorn's logging, its lines stamped with the time as the broker's own are (its
+    start, its errors and its access log had none)."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    for formatter in config["formatters"].values():
+        formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
+    return config
+
+
 def serve(settings: Settings) -> None:
     if settings.workers > 1 and not settings.redis_url:
         sys.exit("broker: --workers > 1 needs --redis-url (the embedded store is per process)")
@@ -75,6 +85,7 @@ def serve(settings: Settings) -> None:
         "ws": "none",  # (no WebSocket route: an upgrade is a plain request, answered 404)
         "lifespan": "on",
         "log_level": settings.log_level,
+        "log_config": log_config_with_times(),
         "access_log": settings.access_log,
         # (uvicorn's type says int; a fraction must not become 0: no grace at all)
         "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_seconds),

@@ -612,3 +612,20 @@ def test_under_nohup_a_hangup_stays_ignored(redis_server: RedisServer, workers: 
             assert _ignored_signals(pid) & hup, f"process {pid} no longer ignores SIGHUP"
     finally:
         _stop(process)
+
+
+def test_uvicorns_lines_carry_the_time_as_the_brokers_own_do(redis_server: RedisServer) -> None:
+    """uvicorn's start, errors and access log had no time: an operator could not line
+    them up with the broker's own."""
+    process = BrokerProcess(redis_url=redis_server.url, env={"BROKER_ACCESS_LOG": "true"}).start()
+    try:
+        assert httpx.get(f"{process.url}/healthz", timeout=5).status_code == 200
+        stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+        wait_until(
+            lambda: re.search(rf"^{stamp}INFO: .*GET /healthz", process.log(), re.M),
+            timeout=10,
+            what="the access log line, with its time",
+        )
+        assert re.search(rf"^{stamp}INFO: .*Started server process", process.log(), re.M)
+    finally:
+        process.close()
