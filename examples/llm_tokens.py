@@ -76,7 +76,7 @@ async def stream_generation(broker_url: str, topic: str, prompt: str) -> dict[st
             except httpx.TransportError:
                 await asyncio.sleep(0.2 * 2**attempt)
                 continue
-            if response.status_code == 503:
+            if response.status_code in (502, 503, 504):  # (502, 504: a proxy's, its broker gone)
                 await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
                 continue
             if response.status_code == 409:

@@ -96,3 +96,36 @@ async def test_the_llm_token_example_retries_without_asking_the_model_again(
     assert posts == 2 and generations == 1
     assert tokens == [f"g1-{n} " for n in range(8)]
     assert [e["id"] for e in page.json()["events"]][:8] == answer["ids"]
+
+
+@pytest.mark.parametrize("status", [502, 504])
+async def test_the_llm_token_example_retries_a_proxys_answer_for_a_broker_gone(
+    aclient: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    """The shipped nginx answers 502 when the broker holding the ingest is killed (it
+    does not send a POST again itself): the example raised, the topic was never closed,
+    and every viewer waited for an end that would not come."""
+    example = load_example("llm_tokens")
+    real_post, posts = httpx.AsyncClient.post, 0
+
+    async def a_proxy_answers_first(self: httpx.AsyncClient, url: str, **kwargs: Any) -> Any:
+        nonlocal posts
+        posts += 1
+        if posts == 1:
+            async for _ in kwargs["content"]:  # the body goes out, the broker dies with it
+                break
+            return httpx.Response(status, request=httpx.Request("POST", url))
+        return await real_post(self, url, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "post", a_proxy_answers_first)
+    monkeypatch.setattr(example.asyncio, "sleep", _no_wait)
+    topic = new_topic("chat")
+    answer = await example.stream_generation(str(aclient.base_url), topic, "why?")
+    monkeypatch.undo()
+    assert posts == 2 and answer["end_id"]
+    info = await aclient.get(f"/topics/{topic}")
+    assert info.json()["closed"] is True
+
+
+async def _no_wait(seconds: float) -> None:
+    return None
