@@ -323,21 +323,31 @@
           } else if (unloading) {
             // Chromium closes a page's EventSources, with this event, before it leaves
             // it (a reload): that is no refusal. Told only if the page stays after all.
-            global.setTimeout(refused, UNLOAD_GRACE_MS);
+            global.setTimeout(tellRefused, UNLOAD_GRACE_MS);
           } else {
-            refused();
+            tellRefused();
           }
         }
       });
     }
 
-    function refused() {
-      if (options.onError) { options.onError({ fatal: true }); }
+    // onError({fatal: true, status, problem}): the broker's answer (0: none came) and its
+    // problem+json, if any, so that a page tells an expired token (401: refresh the
+    // cookie, subscribe again) from a refusal for good (403) or a proxy's 502.
+    function refused(status, problem) {
+      if (options.onError) {
+        options.onError({ fatal: true, status: status || 0, problem: problem || null });
+      }
+    }
+
+    // Refused: ask again, to tell the page why (a 401, a 403, a proxy's 502).
+    function tellRefused() {
+      whenOver(lastId, function () { refused(204); });
     }
 
     // EventSource tells a 204 (the stream is over) from a refusal (401, 403, a proxy's
     // 502) in no way: ask again with the same place, and call over() on a 204, else
-    // tell the page it was refused.
+    // tell the page it was refused, and why.
     function whenOver(place, over) {
       var init = {
         headers: { Accept: "text/event-stream" },
@@ -345,9 +355,16 @@
       };
       var target = place ? resumeUrl(url, place) : url;
       global.fetch(target, init).then(function (response) {
+        if (response.status === 204) { over(); return; }
+        var type = response.headers.get("content-type") || "";
+        if (type.indexOf("application/problem+json") === 0) {
+          response.json().then(function (problem) { refused(response.status, problem); },
+                               function () { refused(response.status); });
+          return;
+        }
         if (response.body) { response.body.cancel(); }  // (a stream still open: let go)
-        if (response.status === 204) { over(); } else { refused(); }
-      }, refused);
+        refused(response.status);
+      }, function () { refused(0); });
     }
 
     var infoUrls = stored ? null : topicInfoUrls(url);

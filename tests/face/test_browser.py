@@ -474,6 +474,32 @@ def test_a_refusal_after_one_topics_end_is_told_as_a_refusal(
         what="onError once the token expired",
     )
     assert browser.evaluate(ENDED_KEPT) is False
+    _assert_told_unauthorized(browser)
+
+
+def _assert_told_unauthorized(browser: Chromium) -> None:
+    """onError says why (it said only ``fatal``: a page could not tell an expired token,
+    which a fresh cookie and a new subscribe mend, from a refusal for good)."""
+    [error] = [json.loads(e["data"]) for e in _received(browser) if e["type"] == "error"]
+    assert error["fatal"] is True and error["status"] == 401, error
+    assert error["problem"]["type"] == "/problems#unauthorized", error
+
+
+def test_a_stream_whose_token_expired_is_told_why(
+    auth_broker: BrokerProcess, browser: Chromium
+) -> None:
+    topic = f"face.expired.{uuid.uuid4().hex[:8]}"
+    token = hs_token(claims(subscribe=[topic], expires_in=5))
+    _open_client_page(browser, auth_broker, f"/topics/{topic}/events?access_token={token}")
+    with Publisher(auth_broker.url, token=hs_token(claims(publish=[topic]))) as publisher:
+        publisher.publish(topic, 1)
+    _wait_received(browser, 1, "the event")
+    browser.wait_for(
+        "JSON.parse(sessionStorage.getItem('received')).some(e => e.type === 'error')",
+        timeout=30,
+        what="onError once the token expired",
+    )
+    _assert_told_unauthorized(browser)
 
 
 def test_the_live_pages_tail_resumes_from_its_cursor_before_its_first_event(
