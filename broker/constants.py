@@ -123,6 +123,8 @@ STREAMING_APPEND_LINGER_MS = 2
 # this often while events flow, backing off to the maximum when quiet (ms).
 CLUSTER_POLL_MIN_MS = 5
 CLUSTER_POLL_MAX_MS = 100
+CLUSTER_NODE_POLL_S = 0.5
+"""The most a Cluster poll waits for one node: the others' topics go on without it."""
 # Command connections per Redis server (per Cluster primary), all opened when the
 # store opens and kept open: a process holds as many idle as under load. Commands
 # beyond them wait for a free one (up to REDIS_POOL_WAIT_SECONDS). Few are needed:

@@ -528,6 +528,12 @@ class ClusterLiveReader:
         self._unread_since: dict[str, float] = {}  # a failed node's topics -> since when
         self._unread_spells: dict[str, float] = {}  # topics read again -> how long not (ms)
         self._failing: set[str] = set()  # nodes whose read failed (in part) at the last poll
+        # Each node's read under way, and the slots it asked: one node that hangs (a fork,
+        # swapping, a lost path, SIGSTOP) held every node's topics until its socket timed
+        # out (10 s, again and again until the cluster failed it over: 15-20 s of every
+        # topic of the cluster stalled); it is waited for CLUSTER_NODE_POLL_S at most.
+        self._in_flight: dict[str, asyncio.Task[Any]] = {}
+        self._asked: dict[str, dict[int, dict[str, str]]] = {}
 
     async def open(self) -> None:
         """Nothing yet: a primary's connection opens with its first live topic."""
@@ -576,14 +582,12 @@ class ClusterLiveReader:
     async def _poll(
         self, groups: dict[str, tuple[Any, dict[int, dict[str, str]]]]
     ) -> dict[str, list[LogEntry]]:
-        results = await asyncio.gather(
-            *(self._poll_node(node, slots) for node, slots in groups.values()),
-            return_exceptions=True,
-        )
+        polls = self._node_polls(groups)
+        await asyncio.wait(polls.values(), timeout=c.CLUSTER_NODE_POLL_S)
         merged: dict[str, list[LogEntry]] = {}
         failed: dict[str, Exception] = {}  # topic -> why it went unread
         failures: dict[str, Exception] = {}  # node -> its (first) failure
-        for (name, (_, slots)), result in zip(groups.items(), results, strict=True):
+        for name, slots, result in self._answers(polls, groups):
             if isinstance(result, Exception):  # the node: every topic of it
                 failures[name] = result
                 failed.update(dict.fromkeys(_topics_of(slots), result))
@@ -608,6 +612,41 @@ class ClusterLiveReader:
         for name, failure in failures.items():
             self._node_failed(name, failure, again=name in failing)
         return merged
+
+    def _answers(
+        self,
+        polls: dict[str, asyncio.Task[Any]],
+        groups: dict[str, tuple[Any, dict[int, dict[str, str]]]],
+    ) -> list[tuple[str, dict[int, dict[str, str]], Any]]:
+        """Each node's answer (entries, its failure, or a TimeoutError while it is under
+        way), with the slots it asked."""
+        answers = []
+        for name, poll in polls.items():
+            slots = self._asked[name]
+            if poll.done():
+                del self._in_flight[name], self._asked[name]
+                if slots != groups[name][1]:
+                    # A read from a poll before, asked from other positions or of other
+                    # topics (the slot map moved, the hub went on): its entries could
+                    # repeat what was delivered since. Dropped: asked anew next poll.
+                    continue
+            answers.append((name, slots, _outcome(poll)))
+        return answers
+
+    def _node_polls(
+        self, groups: dict[str, tuple[Any, dict[int, dict[str, str]]]]
+    ) -> dict[str, asyncio.Task[Any]]:
+        """Each node's read: a new one, or the one still under way from a poll before (a
+        node that does not answer is not asked again on top of it)."""
+        loop = asyncio.get_running_loop()
+        for name in [n for n, poll in self._in_flight.items() if n not in groups and poll.done()]:
+            _outcome(self._in_flight.pop(name))  # (a node no longer asked: its answer read)
+            del self._asked[name]
+        for name, (node, slots) in groups.items():
+            if name not in self._in_flight:
+                self._in_flight[name] = loop.create_task(self._poll_node(node, slots))
+                self._asked[name] = slots
+        return {name: self._in_flight[name] for name in groups}
 
     def _note_unread(
         self,
@@ -714,12 +753,23 @@ class ClusterLiveReader:
         return True
 
     async def close(self) -> None:
-        if self._refresh is not None:
-            self._refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh
+        for task in [self._refresh, *self._in_flight.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, *REDIS_FAILURES):
+                    await task
+        self._in_flight.clear()
         for client in self._clients.values():
             await client.aclose()
+
+
+def _outcome(poll: asyncio.Task[Any]) -> Any:
+    """A node's read: its answer, its failure, or (still under way) a TimeoutError."""
+    if not poll.done():
+        return TimeoutError(f"no answer in {c.CLUSTER_NODE_POLL_S:g} s (asked again when it does)")
+    if poll.cancelled():
+        return asyncio.CancelledError()
+    return poll.exception() or poll.result()
 
 
 AnyLiveReader = LiveReader | ClusterLiveReader

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -119,5 +121,46 @@ async def test_a_failing_node_is_logged_counted_and_refreshed_while_the_others_d
         spells = store.take_unread_spells()
         assert set(spells) == {failing} and spells[failing] > 0, spells
         assert store.take_unread_spells() == {}
+    finally:
+        await store.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_frozen_node_does_not_hold_the_others_topics(
+    cluster_to_break: RedisClusterGroup,
+) -> None:
+    """One primary that hangs (a long fork, swapping, a lost path; here SIGSTOP) held
+    every poll, so every topic of every node, until its read timed out (10 s, again and
+    again until the cluster failed it over: 15-20 s of the whole cluster stalled). The
+    others' topics are read on; the frozen node's keep their positions."""
+    cluster = cluster_to_break
+    healthy_port, frozen_port = cluster.master_ports()[:2]
+    healthy, frozen = topic_on(cluster, healthy_port), topic_on(cluster, frozen_port)
+    store = open_store(cluster.url)
+    process = cluster.servers[frozen_port].process
+    assert process is not None
+    try:
+
+        async def append(topic: str, data: str) -> StreamPosition:
+            return (await store.append(topic, [NewEvent(data)])).ids[0].position
+
+        a0, b0 = await append(healthy, "a0"), await append(frozen, "b0")
+        both = await store.read_live({healthy: (0, 0), frozen: (0, 0)}, block_ms=2000)
+        assert set(both) == {healthy, frozen}  # the reader holds a connection to each node
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            for n in range(3):  # each poll while the node stays frozen
+                a1 = await append(healthy, f"a{n + 1}")
+                read = await asyncio.wait_for(
+                    store.read_live({healthy: a0, frozen: b0}, block_ms=2000), timeout=3
+                )
+                assert [e.position for e in read[healthy]] == [a1], "the healthy node's entry"
+                assert frozen not in read, "the frozen node's topic keeps its position"
+                a0 = a1
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+        b1 = await append(frozen, "b1")
+        again = await store.read_live({healthy: a0, frozen: b0}, block_ms=5000)
+        assert [e.position for e in again[frozen]] == [b1], "read again from where it was"
     finally:
         await store.close()
