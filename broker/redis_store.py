@@ -469,7 +469,9 @@ class RedisStreamStore:
         turn), with ``:<topic>`` when the page ended inside a SCAN step: the next page
         takes that step again and goes on after that topic, the page's last, which
         the caller was shown (SCAN's own promise holds: a topic there all along is
-        listed, perhaps twice, never skipped).
+        listed, perhaps twice, never skipped; except on a Cluster whose primaries
+        change between two pages, a failover or a resharding, as the node is named
+        by its place among the primaries: README, API).
         """
         node_index, scan_cursor, after = _list_position(cursor)
         pattern = c.meta_key(prefix + "*")  # broker:{prefix*}:meta
