@@ -125,6 +125,8 @@ CLUSTER_POLL_MIN_MS = 5
 CLUSTER_POLL_MAX_MS = 100
 CLUSTER_NODE_POLL_S = 0.5
 """The most a Cluster poll waits for one node: the others' topics go on without it."""
+CLUSTER_NODE_STUCK_S = 3.0
+"""A node whose read has taken this long has failed (its topics' unread spell begins)."""
 # Command connections per Redis server (per Cluster primary), all opened when the
 # store opens and kept open: a process holds as many idle as under load. Commands
 # beyond them wait for a free one (up to REDIS_POOL_WAIT_SECONDS). Few are needed:

@@ -534,6 +534,7 @@ class ClusterLiveReader:
         # topic of the cluster stalled); it is waited for CLUSTER_NODE_POLL_S at most.
         self._in_flight: dict[str, asyncio.Task[Any]] = {}
         self._asked: dict[str, dict[int, dict[str, str]]] = {}
+        self._asked_at: dict[str, float] = {}  # (loop time)
 
     async def open(self) -> None:
         """Nothing yet: a primary's connection opens with its first live topic."""
@@ -582,8 +583,9 @@ class ClusterLiveReader:
     async def _poll(
         self, groups: dict[str, tuple[Any, dict[int, dict[str, str]]]]
     ) -> dict[str, list[LogEntry]]:
-        polls = self._node_polls(groups)
-        await asyncio.wait(polls.values(), timeout=c.CLUSTER_NODE_POLL_S)
+        polls, fresh = self._node_polls(groups)
+        if fresh:  # (a read asked at a poll before is not waited for again)
+            await asyncio.wait(fresh, timeout=c.CLUSTER_NODE_POLL_S)
         merged: dict[str, list[LogEntry]] = {}
         failed: dict[str, Exception] = {}  # topic -> why it went unread
         failures: dict[str, Exception] = {}  # node -> its (first) failure
@@ -618,35 +620,47 @@ class ClusterLiveReader:
         polls: dict[str, asyncio.Task[Any]],
         groups: dict[str, tuple[Any, dict[int, dict[str, str]]]],
     ) -> list[tuple[str, dict[int, dict[str, str]], Any]]:
-        """Each node's answer (entries, its failure, or a TimeoutError while it is under
-        way), with the slots it asked."""
+        """Each node's answer (entries, or its failure), with the slots it asked. A node
+        still reading is left out (its topics keep their positions) until its read has
+        taken CLUSTER_NODE_STUCK_S: then it has failed (a TimeoutError), and its topics
+        go unread as a failed node's do. (Taken for a failure at once, a node slower
+        than a poll's wait was never delivered from: each late answer came as after a
+        failure, and was checked against retention and dropped.)"""
         answers = []
+        now = asyncio.get_running_loop().time()
         for name, poll in polls.items():
-            slots = self._asked[name]
-            if poll.done():
-                del self._in_flight[name], self._asked[name]
-                if slots != groups[name][1]:
-                    # A read from a poll before, asked from other positions or of other
-                    # topics (the slot map moved, the hub went on): its entries could
-                    # repeat what was delivered since. Dropped: asked anew next poll.
-                    continue
-            answers.append((name, slots, _outcome(poll)))
+            slots = self._asked.get(name, {})
+            if not poll.done():
+                if now - self._asked_at.get(name, now) >= c.CLUSTER_NODE_STUCK_S:
+                    answers.append((name, slots, _outcome(poll)))
+                continue
+            self._in_flight.pop(name, None)
+            self._asked.pop(name, None)
+            outcome = _outcome(poll)  # (read even when dropped: no exception unretrieved)
+            if slots != groups[name][1]:
+                # A read from a poll before, asked from other positions or of other
+                # topics (the slot map moved, the hub went on): its entries could
+                # repeat what was delivered since. Dropped: asked anew next poll.
+                continue
+            answers.append((name, slots, outcome))
         return answers
 
     def _node_polls(
         self, groups: dict[str, tuple[Any, dict[int, dict[str, str]]]]
-    ) -> dict[str, asyncio.Task[Any]]:
+    ) -> tuple[dict[str, asyncio.Task[Any]], set[asyncio.Task[Any]]]:
         """Each node's read: a new one, or the one still under way from a poll before (a
-        node that does not answer is not asked again on top of it)."""
+        node that does not answer is not asked again on top of it); and the new ones."""
         loop = asyncio.get_running_loop()
         for name in [n for n, poll in self._in_flight.items() if n not in groups and poll.done()]:
             _outcome(self._in_flight.pop(name))  # (a node no longer asked: its answer read)
-            del self._asked[name]
+            self._asked.pop(name, None)
+        fresh = set()
         for name, (node, slots) in groups.items():
             if name not in self._in_flight:
-                self._in_flight[name] = loop.create_task(self._poll_node(node, slots))
-                self._asked[name] = slots
-        return {name: self._in_flight[name] for name in groups}
+                self._in_flight[name] = task = loop.create_task(self._poll_node(node, slots))
+                self._asked[name], self._asked_at[name] = slots, loop.time()
+                fresh.add(task)
+        return {name: self._in_flight[name] for name in groups}, fresh
 
     def _note_unread(
         self,
@@ -759,6 +773,7 @@ class ClusterLiveReader:
                 with contextlib.suppress(asyncio.CancelledError, *REDIS_FAILURES):
                     await task
         self._in_flight.clear()
+        self._asked.clear()
         for client in self._clients.values():
             await client.aclose()
 
@@ -766,7 +781,7 @@ class ClusterLiveReader:
 def _outcome(poll: asyncio.Task[Any]) -> Any:
     """A node's read: its answer, its failure, or (still under way) a TimeoutError."""
     if not poll.done():
-        return TimeoutError(f"no answer in {c.CLUSTER_NODE_POLL_S:g} s (asked again when it does)")
+        return TimeoutError(f"no answer in {c.CLUSTER_NODE_STUCK_S:g} s (asked again when it does)")
     if poll.cancelled():
         return asyncio.CancelledError()
     return poll.exception() or poll.result()

@@ -22,6 +22,7 @@ from broker import NewEvent
 from broker import constants as c
 from broker.ids import StreamPosition
 from broker.observer import Observer
+from broker.redis_live import ClusterLiveReader
 from broker.redis_open import open_store
 from tests.support.polling import await_until
 from tests.support.redis_topologies import RedisClusterGroup, wait_for
@@ -162,5 +163,49 @@ async def test_a_frozen_node_does_not_hold_the_others_topics(
         b1 = await append(frozen, "b1")
         again = await store.read_live({healthy: a0, frozen: b0}, block_ms=5000)
         assert [e.position for e in again[frozen]] == [b1], "read again from where it was"
+    finally:
+        await store.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_node_slower_than_a_poll_is_still_delivered_from(
+    cluster_to_break: RedisClusterGroup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose reads take longer than a poll waits for it (0.5 s) is slow, not
+    failed: its answer, when it comes, is delivered (taken for a failure at once, each
+    late answer came as after an outage and was dropped: nothing was delivered from
+    such a node while it stayed slow)."""
+    cluster = cluster_to_break
+    fast_port, slow_port = cluster.master_ports()[:2]
+    fast, slow = topic_on(cluster, fast_port), topic_on(cluster, slow_port)
+    observer = CountingObserver()
+    store = open_store(cluster.url, observer=observer)
+    poll_node = ClusterLiveReader._poll_node
+
+    async def slow_node(self: ClusterLiveReader, node: Any, slots: Any) -> Any:
+        if int(node.port) == slow_port:
+            await asyncio.sleep(c.CLUSTER_NODE_POLL_S + 0.2)
+        return await poll_node(self, node, slots)
+
+    monkeypatch.setattr(ClusterLiveReader, "_poll_node", slow_node)
+    try:
+        positions = {fast: (0, 0), slow: (0, 0)}
+        stored = {fast: [], slow: []}
+        delivered: dict[str, list[StreamPosition]] = {fast: [], slow: []}
+        for n in range(5):
+            for topic in (fast, slow):
+                stored[topic].append(
+                    (await store.append(topic, [NewEvent(str(n))])).ids[0].position
+                )
+            for _ in range(10):  # a few reads each: the slow node's answer comes late
+                read = await store.read_live(positions, block_ms=200)
+                for topic, entries in read.items():
+                    delivered[topic] += [e.position for e in entries]
+                    positions[topic] = entries[-1].position
+                if all(delivered[t] == stored[t] for t in (fast, slow)):
+                    break
+        assert delivered == stored, "every entry of both nodes, once, in order"
+        assert observer.store_errors == [], "a slow node is no failure"
+        assert store.take_unread_spells() == {}
     finally:
         await store.close()
