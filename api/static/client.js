@@ -192,6 +192,7 @@
   // Set while the page may be leaving (a reload, a navigation): see the error handler.
   var unloading = false;
   var UNLOAD_GRACE_MS = 1000;
+  var ASK_AGAIN_TIMEOUT_MS = 10000;  // (what a refused stream's broker answers, asked again)
   global.addEventListener("beforeunload", function () {
     unloading = true;
     global.setTimeout(function () { unloading = false; }, UNLOAD_GRACE_MS);  // it stayed
@@ -221,7 +222,11 @@
     var endedBefore = stored !== null && load(ENDED_PREFIX + key) === stored;
     var delivered = false;
     var closed = false;
-    var handle = { close: close, source: null };
+    var closedByPage = false;  // (close() by the page: told nothing after it)
+    var handle = {
+      close: function () { closedByPage = true; close(); },
+      source: null,
+    };
     // A multi-topic stream (/events?topic=a&topic=b) goes on past one topic's end;
     // it is over once each of its topics has ended (a broker.end, or a deleted gap),
     // counted once per topic: a reconnect may be told of a deletion again.
@@ -335,7 +340,7 @@
     // problem+json, if any, so that a page tells an expired token (401: refresh the
     // cookie, subscribe again) from a refusal for good (403) or a proxy's 502.
     function refused(status, problem) {
-      if (options.onError) {
+      if (options.onError && !closedByPage) {
         options.onError({ fatal: true, status: status || 0, problem: problem || null });
       }
     }
@@ -354,7 +359,17 @@
         credentials: options.withCredentials ? "include" : "same-origin",
       };
       var target = place ? resumeUrl(url, place) : url;
+      // Bounded: a proxy that takes the request and never answers must not leave the
+      // page told nothing (it was told at once before it asked why).
+      var timer = null;
+      if (global.AbortController) {
+        var abort = new global.AbortController();
+        init.signal = abort.signal;
+        timer = global.setTimeout(function () { abort.abort(); }, ASK_AGAIN_TIMEOUT_MS);
+      }
       global.fetch(target, init).then(function (response) {
+        if (timer !== null) { global.clearTimeout(timer); }
+        if (closedByPage) { if (response.body) { response.body.cancel(); } return; }
         if (response.status === 204) { over(); return; }
         var type = response.headers.get("content-type") || "";
         if (type.indexOf("application/problem+json") === 0) {

@@ -502,6 +502,35 @@ def test_a_stream_whose_token_expired_is_told_why(
     _assert_told_unauthorized(browser)
 
 
+def test_a_refused_stream_closed_by_the_page_tells_it_nothing_more(
+    auth_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """Asking the broker why it refused takes a round trip: a page that called close()
+    meanwhile (it left that view) was told onError after it."""
+    topic = f"face.closed.{uuid.uuid4().hex[:8]}"
+    _open_client_page(browser, auth_broker, "/healthz")  # (a page of the origin, no stream)
+    refused = json.dumps(f"/topics/{topic}/events?from=earliest")  # no token: 401
+    browser.evaluate(
+        f"""(() => {{
+          window.__told = [];
+          const closing = BrokerClient.subscribe({refused}, {{
+            onError: (e) => window.__told.push(["closed", e.status]),
+          }});
+          // The page's own listener, after the helper's: close() before the answer.
+          closing.source.addEventListener("error", () => closing.close());
+          BrokerClient.subscribe({refused}, {{
+            onError: (e) => window.__told.push(["open", e.status]),
+          }});
+        }})()"""
+    )
+    told = browser.wait_for(
+        "window.__told.some(t => t[0] === 'open') && window.__told",
+        timeout=15,
+        what="the refusal told to the page that kept its stream",
+    )
+    assert told == [["open", 401]], told
+
+
 def test_the_live_pages_tail_resumes_from_its_cursor_before_its_first_event(
     own_broker: BrokerProcess, face_broker: BrokerProcess, browser: Chromium
 ) -> None:
