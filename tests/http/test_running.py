@@ -531,16 +531,8 @@ def test_a_hangup_drains_as_a_sigterm_does(
     env = {"TMPDIR": str(tmp_path)}
     process = BrokerProcess(redis_url=redis_server.url, workers=workers, env=env).start()
     try:
-        with socket.create_connection(("127.0.0.1", process.port), timeout=10) as sock:
-            sock.sendall(
-                f"GET /topics/{new_topic()}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                "Accept: text/event-stream\r\n\r\n".encode()
-            )
+        with _open_stream(process.port) as sock:
             received = b""
-            while b"\n\n" not in received:  # the retry hint: the stream is open
-                chunk = sock.recv(4096)
-                assert chunk, f"the stream ended early: {received!r}"
-                received += chunk
             assert process.process is not None
             process.process.send_signal(signal.SIGHUP)
             while not received.endswith(b"0\r\n\r\n"):  # the chunked body's clean end
