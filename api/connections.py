@@ -202,9 +202,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         if app is None or self._config.root_path or app.state.streams.draining:
             self._hand_to_uvicorn()  # uvicorn answers those
             return
-        if self._checks_host and not app.state.hosts.names_this_host(
-            host_of(self._head.headers) or b""
-        ):
+        if self._checks_host and app.state.hosts.refuses_host(host_of(self._head.headers)):
             self._hand_to_uvicorn()  # the app refuses it, or answers a probe
             return
         try:

@@ -65,12 +65,16 @@ class HostPolicy:
                 self._named[host] = named
         return named
 
+    def refuses_host(self, host: bytes | None) -> bool:
+        """Whether a request on a checked connection is refused for its ``Host`` (none at
+        all: no browser's, an HTTP/1.0 client's)."""
+        return host is not None and not self.names_this_host(host)
+
     def refuses(self, scope: Any) -> bool:
         """Whether the app refuses an ASGI request for the name it was sent to."""
         if not self.checks(scope.get("server")) or _route_of(scope) in PROBES:
             return False
-        host = host_of(scope["headers"])
-        return host is not None and not self.names_this_host(host)
+        return self.refuses_host(host_of(scope["headers"]))
 
 
 def _route_of(scope: Any) -> str:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import hiredis
 import redis.asyncio as redis
@@ -491,6 +491,15 @@ def _topics_of(slots: dict[int, dict[str, str]]) -> list[str]:
     return [c.topic_of_key(key) for streams in slots.values() for key in streams]
 
 
+class _NodeRead(NamedTuple):
+    """A Cluster node's live read under way: its task, the slots (and positions) it
+    asked, and when (loop time)."""
+
+    task: asyncio.Task[Any]
+    slots: dict[int, dict[str, str]]
+    asked_at: float
+
+
 class ClusterLiveReader:
     """The live reader on a Redis Cluster: one connection per primary, polling.
 
@@ -532,9 +541,7 @@ class ClusterLiveReader:
         # swapping, a lost path, SIGSTOP) held every node's topics until its socket timed
         # out (10 s, again and again until the cluster failed it over: 15-20 s of every
         # topic of the cluster stalled); it is waited for CLUSTER_NODE_POLL_S at most.
-        self._in_flight: dict[str, asyncio.Task[Any]] = {}
-        self._asked: dict[str, dict[int, dict[str, str]]] = {}
-        self._asked_at: dict[str, float] = {}  # (loop time)
+        self._in_flight: dict[str, _NodeRead] = {}
 
     async def open(self) -> None:
         """Nothing yet: a primary's connection opens with its first live topic."""
@@ -617,7 +624,7 @@ class ClusterLiveReader:
 
     def _answers(
         self,
-        polls: dict[str, asyncio.Task[Any]],
+        polls: dict[str, _NodeRead],
         groups: dict[str, tuple[Any, dict[int, dict[str, str]]]],
     ) -> list[tuple[str, dict[int, dict[str, str]], Any]]:
         """Each node's answer (entries, or its failure), with the slots it asked. A node
@@ -628,14 +635,13 @@ class ClusterLiveReader:
         failure, and was checked against retention and dropped.)"""
         answers = []
         now = asyncio.get_running_loop().time()
-        for name, poll in polls.items():
-            slots = self._asked.get(name, {})
+        for name, read in polls.items():
+            slots, poll = read.slots, read.task
             if not poll.done():
-                if now - self._asked_at.get(name, now) >= c.CLUSTER_NODE_STUCK_S:
+                if now - read.asked_at >= c.CLUSTER_NODE_STUCK_S:
                     answers.append((name, slots, _outcome(poll)))
                 continue
             self._in_flight.pop(name, None)
-            self._asked.pop(name, None)
             outcome = _outcome(poll)  # (read even when dropped: no exception unretrieved)
             if slots != groups[name][1]:
                 # A read from a poll before, asked from other positions or of other
@@ -647,18 +653,17 @@ class ClusterLiveReader:
 
     def _node_polls(
         self, groups: dict[str, tuple[Any, dict[int, dict[str, str]]]]
-    ) -> tuple[dict[str, asyncio.Task[Any]], set[asyncio.Task[Any]]]:
+    ) -> tuple[dict[str, _NodeRead], set[asyncio.Task[Any]]]:
         """Each node's read: a new one, or the one still under way from a poll before (a
         node that does not answer is not asked again on top of it); and the new ones."""
         loop = asyncio.get_running_loop()
-        for name in [n for n, poll in self._in_flight.items() if n not in groups and poll.done()]:
-            _outcome(self._in_flight.pop(name))  # (a node no longer asked: its answer read)
-            self._asked.pop(name, None)
+        for name in [n for n, r in self._in_flight.items() if n not in groups and r.task.done()]:
+            _outcome(self._in_flight.pop(name).task)  # (a node no longer asked: answer read)
         fresh = set()
         for name, (node, slots) in groups.items():
             if name not in self._in_flight:
-                self._in_flight[name] = task = loop.create_task(self._poll_node(node, slots))
-                self._asked[name], self._asked_at[name] = slots, loop.time()
+                task = loop.create_task(self._poll_node(node, slots))
+                self._in_flight[name] = _NodeRead(task, slots, loop.time())
                 fresh.add(task)
         return {name: self._in_flight[name] for name in groups}, fresh
 
@@ -767,13 +772,12 @@ class ClusterLiveReader:
         return True
 
     async def close(self) -> None:
-        for task in [self._refresh, *self._in_flight.values()]:
+        for task in [self._refresh, *(read.task for read in self._in_flight.values())]:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, *REDIS_FAILURES):
                     await task
         self._in_flight.clear()
-        self._asked.clear()
         for client in self._clients.values():
             await client.aclose()
 

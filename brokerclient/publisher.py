@@ -228,19 +228,17 @@ class Publisher:
         attempts = _Attempts(self.retry, f"{what} to {topic}", key)
         while True:
             content = body if isinstance(body, bytes) else body.replay_then_rest()
-            lines = None if isinstance(body, bytes) else body.count
             try:
                 response = self._client.post(
                     topic_path(topic), content=content, params=params, headers=headers
                 )
             except httpx.TransportError as error:
-                time.sleep(attempts.failed(repr(error), lines=lines and lines()))
+                time.sleep(attempts.failed(repr(error), lines=_taken(body)))
                 continue
             if response.status_code in RETRY_STATUSES:
                 hinted = retry_after(response)
-                lines_now = lines and lines()
                 time.sleep(
-                    attempts.failed(f"{response.status_code}", hinted, lines_now, answered=True)
+                    attempts.failed(f"{response.status_code}", hinted, _taken(body), answered=True)
                 )
                 continue
             return publish_result(response, key)
@@ -353,18 +351,17 @@ class AsyncPublisher:
         attempts = _Attempts(self.retry, f"{what} to {topic}", key)
         while True:
             content = body if isinstance(body, bytes) else body.replay_then_rest()
-            lines = None if isinstance(body, bytes) else body.count
             try:
                 response = await self._client.post(
                     topic_path(topic), content=content, params=params, headers=headers
                 )
             except httpx.TransportError as error:
-                await asyncio.sleep(attempts.failed(repr(error), lines=lines and lines()))
+                await asyncio.sleep(attempts.failed(repr(error), lines=_taken(body)))
                 continue
             if response.status_code in RETRY_STATUSES:
-                hinted, lines_now = retry_after(response), lines and lines()
+                hinted = retry_after(response)
                 await asyncio.sleep(
-                    attempts.failed(f"{response.status_code}", hinted, lines_now, answered=True)
+                    attempts.failed(f"{response.status_code}", hinted, _taken(body), answered=True)
                 )
                 continue
             return publish_result(response, key)
@@ -386,6 +383,11 @@ class AsyncPublisher:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _taken(body: bytes | _SentLines | _AsyncSentLines) -> int | None:
+    """A stream's lines taken from its iterator so far (None: not a stream)."""
+    return None if isinstance(body, bytes) else body.count()
 
 
 def _optional(**members: Any) -> dict[str, Any]:
