@@ -70,3 +70,10 @@ def test_a_nan_or_an_infinity_is_refused_before_sending(data: object) -> None:
 
 def _never(request: httpx.Request) -> httpx.Response:
     raise AssertionError("nothing may be sent")
+
+
+def test_the_clients_idempotency_key_rule_is_the_brokers() -> None:
+    from broker import constants as c
+    from brokerclient.http import IDEMPOTENCY_KEY
+
+    assert IDEMPOTENCY_KEY.pattern == c.IDEMPOTENCY_KEY_PATTERN.pattern
