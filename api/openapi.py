@@ -17,6 +17,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.routing import BaseRoute, Route
 
 from api import schemas
+from broker import constants as c
 
 MODELS: list[type[BaseModel]] = [
     schemas.EventIn,
@@ -42,51 +43,54 @@ def _header(description: str) -> dict[str, Any]:
     return {"description": description, "schema": {"type": "string"}}
 
 
-def _query(name: str, description: str, **schema: Any) -> dict[str, Any]:
-    return {"name": name, "in": "query", "description": description, "schema": schema}
+def _parameter(
+    name: str, description: str, *, where: str = "query", **schema: Any
+) -> dict[str, Any]:
+    return {"name": name, "in": where, "description": description, "schema": schema}
 
 
 ANY_OBJECT = {"type": "object"}
-TOPIC_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,200}$"}
+TOPIC_NAME = {"type": "string", "pattern": f"^{c.TOPIC_PATTERN.pattern}$"}
 RETRY_AFTER = {"Retry-After": _header("Seconds to wait before retrying")}
 
 # -- parameters, by the name the table uses -----------------------------------------
 
 PARAMETERS: dict[str, dict[str, Any]] = {
-    "event": _query("event", "Event type of a text/plain publish", type="string"),
-    "close": _query(
+    "event": _parameter("event", "Event type of a text/plain publish", type="string"),
+    "close": _parameter(
         "close",
         "Close the topic after this publish's events",
         type="string",
         enum=["true", "false"],
     ),
-    "Idempotency-Key": {
-        "name": "Idempotency-Key",
-        "in": "header",
-        "description": "A repeat within BROKER_IDEMPOTENCY_SECONDS stores nothing new (200); "
+    "Idempotency-Key": _parameter(
+        "Idempotency-Key",
+        "A repeat within BROKER_IDEMPOTENCY_SECONDS stores nothing new (200); "
         "a streaming ingest stores line n under K:n",
-        "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"},
-    },
-    "Last-Event-ID": {
-        "name": "Last-Event-ID",
-        "in": "header",
-        "description": "Resume after this id (beats ?last_event_id and ?from)",
-        "schema": {"type": "string"},
-    },
-    "last_event_id": _query("last_event_id", "Resume after this id", type="string"),
-    "from": _query(
+        type="string",
+        where="header",
+        pattern=f"^{c.IDEMPOTENCY_KEY_PATTERN.pattern}$",
+    ),
+    "Last-Event-ID": _parameter(
+        "Last-Event-ID",
+        "Resume after this id (beats ?last_event_id and ?from)",
+        where="header",
+        type="string",
+    ),
+    "last_event_id": _parameter("last_event_id", "Resume after this id", type="string"),
+    "from": _parameter(
         "from",
         "Without a cursor: the whole retained history, or only new events",
         type="string",
         enum=["now", "earliest"],
         default="now",
     ),
-    "after": _query(
+    "after": _parameter(
         "after", "History (Accept: application/json): events after this id", type="string"
     ),
-    "limit": _query("limit", "Page size", type="integer", minimum=1, maximum=1000, default=100),
+    "limit": _parameter("limit", "Page size", type="integer", minimum=1, maximum=1000, default=100),
     "topics": {
-        **_query(
+        **_parameter(
             "topic",
             "The topics (repeat it: ?topic=a&topic=b), at most BROKER_MAX_TOPICS_PER_SUBSCRIPTION",
             type="array",
@@ -97,7 +101,7 @@ PARAMETERS: dict[str, dict[str, Any]] = {
         "explode": True,
     },
     "stats_topics": {
-        **_query(
+        **_parameter(
             "topic",
             "Topics to report beside those this instance streams",
             type="array",
@@ -106,8 +110,8 @@ PARAMETERS: dict[str, dict[str, Any]] = {
         "style": "form",
         "explode": True,
     },
-    "prefix": _query("prefix", "Only topics whose name begins with it", type="string"),
-    "cursor": _query("cursor", "The `next` of the page before", type="string"),
+    "prefix": _parameter("prefix", "Only topics whose name begins with it", type="string"),
+    "cursor": _parameter("cursor", "The `next` of the page before", type="string"),
 }
 
 # -- problem answers (application/problem+json), shared by the routes, by status ----------
