@@ -21,7 +21,7 @@ from tests.support.broker_process import BrokerProcess
 from tests.support.chromium import Chromium
 from tests.support.polling import WaitTimeout
 from tests.support.redis_server import RedisServer
-from tests.support.tokens import AUDIENCE, ISSUER, SECRET, claims, hs_token
+from tests.support.tokens import JWT_SETTINGS, claims, hs_token
 
 pytestmark = pytest.mark.e2e
 
@@ -437,9 +437,7 @@ ENDED_KEPT = "Object.keys(sessionStorage).some(k => k.startsWith('broker-client:
 def auth_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
     env = {
         "BROKER_HEARTBEAT_SECONDS": "1",
-        "BROKER_JWT_SECRET": SECRET,
-        "BROKER_JWT_AUDIENCE": AUDIENCE,
-        "BROKER_JWT_ISSUER": ISSUER,
+        **JWT_SETTINGS,
     }
     process = BrokerProcess(redis_url=redis_server.url, env=env)
     process.start()

@@ -25,8 +25,7 @@ from tests.support.broker_process import BrokerProcess
 from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer
 from tests.support.tokens import (
-    AUDIENCE,
-    ISSUER,
+    JWT_SETTINGS,
     SECRET,
     KeyPair,
     claims,
@@ -41,9 +40,7 @@ HEARTBEAT_SECONDS = 0.5
 @pytest.fixture(scope="module")
 def auth_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
     env = {
-        "BROKER_JWT_SECRET": SECRET,
-        "BROKER_JWT_AUDIENCE": AUDIENCE,
-        "BROKER_JWT_ISSUER": ISSUER,
+        **JWT_SETTINGS,
         "BROKER_PUBLIC_TOPICS": "pub-*, news",
         "BROKER_CORS_ORIGINS": f"{APP_ORIGIN}, https://other.test",
         "BROKER_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),

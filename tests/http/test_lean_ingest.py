@@ -37,7 +37,7 @@ from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until
 from tests.support.procs import rss_bytes
 from tests.support.redis_server import RedisServer
-from tests.support.tokens import AUDIENCE, ISSUER, SECRET, claims, hs_token
+from tests.support.tokens import JWT_SETTINGS, claims, hs_token
 
 NDJSON = "application/x-ndjson"
 ROUTES = ("lean", "asgi")
@@ -416,9 +416,7 @@ async def test_a_resent_ingest_reads_the_same_replayed(http_broker: BrokerProces
 @pytest.fixture(scope="module")
 def auth_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
     env = {
-        "BROKER_JWT_SECRET": SECRET,
-        "BROKER_JWT_AUDIENCE": AUDIENCE,
-        "BROKER_JWT_ISSUER": ISSUER,
+        **JWT_SETTINGS,
         "BROKER_CORS_ORIGINS": ORIGIN,
     }
     process = BrokerProcess(redis_url=redis_server.url, env=env).start()

@@ -32,7 +32,7 @@ from tests.http.helpers import RawResponse, new_topic
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
-from tests.support.tokens import AUDIENCE, ISSUER, SECRET, claims, hs_token
+from tests.support.tokens import JWT_SETTINGS, claims, hs_token
 
 BODY = b'{"data": {"n": 1}}'
 EVENT_ID = re.compile(rb"[0-9a-z]+\.[0-9]+-[0-9]+")
@@ -493,9 +493,7 @@ async def test_close_then_publish_is_409_lean_or_by_the_app(http_broker: BrokerP
 @pytest.fixture(scope="module")
 def auth_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
     env = {
-        "BROKER_JWT_SECRET": SECRET,
-        "BROKER_JWT_AUDIENCE": AUDIENCE,
-        "BROKER_JWT_ISSUER": ISSUER,
+        **JWT_SETTINGS,
         "BROKER_CORS_ORIGINS": ORIGIN,
         "BROKER_ACCESS_LOG": "true",
     }

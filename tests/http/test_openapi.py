@@ -16,7 +16,7 @@ import pytest
 from tests.http.helpers import new_topic
 from tests.support.broker_process import BrokerProcess
 from tests.support.redis_server import RedisServer, free_port
-from tests.support.tokens import AUDIENCE, ISSUER, SECRET, claims, hs_token
+from tests.support.tokens import JWT_SETTINGS, claims, hs_token
 
 EVENTS = "/topics/{topic}/events"
 TOPIC = "/topics/{topic}"
@@ -26,12 +26,7 @@ JSON = {"Accept": "application/json"}
 
 @pytest.fixture(scope="module")
 def auth_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
-    env = {
-        "BROKER_JWT_SECRET": SECRET,
-        "BROKER_JWT_AUDIENCE": AUDIENCE,
-        "BROKER_JWT_ISSUER": ISSUER,
-    }
-    process = BrokerProcess(redis_url=redis_server.url, env=env)
+    process = BrokerProcess(redis_url=redis_server.url, env=JWT_SETTINGS)
     yield process.start()
     process.close()
 

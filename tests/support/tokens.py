@@ -26,6 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 SECRET = "s3cret-for-tests-only-" + "x" * 42  # 64 bytes: HS256, HS384 and HS512
 AUDIENCE = "broker-tests"
 ISSUER = "https://issuer.test"
+JWT_SETTINGS = {
+    "BROKER_JWT_SECRET": SECRET,
+    "BROKER_JWT_AUDIENCE": AUDIENCE,
+    "BROKER_JWT_ISSUER": ISSUER,
+}
+"""A broker's settings for the tokens made here (``hs_token(claims(...))``)."""
 
 
 def claims(
