@@ -22,7 +22,7 @@ import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
+from redis.exceptions import ClusterError, NoScriptError, OutOfMemoryError, ResponseError
 
 from broker import constants as c
 from broker.errors import (
@@ -699,7 +699,7 @@ class RedisStreamStore:
             raise StoreUnavailable(f"redis refused the command: {error}") from error
         except REDIS_FAILURES as error:
             await drop_idle_connections(self._client)
-            raise StoreUnavailable(f"redis is unreachable: {error}") from error
+            raise StoreUnavailable(_unreachable_reason(error)) from error
         except BrokerError:
             raise
         except Exception as error:
@@ -708,6 +708,22 @@ class RedisStreamStore:
             # and a retry with the Idempotency-Key, never a 500; and said loudly.
             log.exception("redis: the client failed unexpectedly")
             raise StoreUnavailable(f"the redis client failed: {error!r}") from error
+
+
+CLUSTER_REDIRECTED = (
+    "the redis cluster kept redirecting the command (the topic's slot is moving between "
+    "nodes, or a failover is under way), so it ran nowhere: retry (with the same "
+    "Idempotency-Key)"
+)
+
+
+def _unreachable_reason(error: BaseException) -> str:
+    """A 503's detail. redis-py's Cluster client gives up on a command redirected 16
+    times (MOVED, ASK, TRYAGAIN: never run) with "TTL exhausted.", which said nothing an
+    operator could act on (audit); any other failure is the store out of reach."""
+    if isinstance(error, ClusterError) and "TTL exhausted" in str(error):
+        return CLUSTER_REDIRECTED
+    return f"redis is unreachable: {error}"
 
 
 def _topic_keys(topic: str) -> list[str]:

@@ -556,6 +556,26 @@ async def test_a_slot_migrating_fails_no_append_of_another_slot(
     assert outcomes[len(moved) :] == ["stored"] * len(elsewhere)
 
 
+async def test_an_append_refused_while_its_slot_migrates_says_so(
+    cluster: RedisClusterGroup,
+) -> None:
+    """An append to a topic whose slot is half migrated is refused (redis-py gives up
+    after 16 redirects: nothing ran) with a reason an operator can act on, not
+    redis-py's "redis is unreachable: TTL exhausted." (audit)."""
+    source, moving, _, slot, target = _two_topics_of_one_node(cluster)
+    async with running_broker(cluster.url) as broker:
+        await broker.publish(moving, [tagged(moving, 0)])
+        _migrate_keys_of(cluster, slot, source, target)
+        try:
+            with pytest.raises(StoreUnavailable) as refused:
+                await broker.publish(moving, [tagged(moving, 1)])
+        finally:
+            _finish_migration(cluster, slot, target)
+        assert (await broker.store.state(moving)).length == 1  # (the refused one ran nowhere)
+    assert "slot is moving between nodes" in str(refused.value)
+    assert "TTL exhausted" not in str(refused.value)
+
+
 async def test_a_live_read_follows_a_slot_that_moved_while_it_waited(
     cluster: RedisClusterGroup,
 ) -> None:
