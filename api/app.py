@@ -19,13 +19,14 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from api import face, routes
+from api.answers import counting, route_class
 from api.auth import Authorizer, redact_tokens
 from api.connections import APP_STATE_KEY
 from api.cors import CorsPolicy, adding_headers, cors_headers
 from api.gc_tuning import tune_gc
 from api.hosts import HostPolicy, host_refused
 from api.lifecycle import drain_on_shutdown_signals
-from api.metrics import PrometheusObserver, render_metrics
+from api.metrics import PrometheusObserver, count_response, render_metrics
 from api.openapi import openapi_document
 from api.problems import HttpProblem, problem, problem_for
 from api.publish import PublishEndpoint
@@ -130,19 +131,26 @@ class BrokerApp(Starlette):
             await super().__call__(scope, receive, send)
             return
         scope["app"] = self
+        route = route_class(scope)
+        # The stream writes its CORS headers itself, and is counted here: a wrapper
+        # would hide uvicorn's send.
+        stream_send, send = send, counting(route, send)
         if self.state.hosts.refuses(scope):
             await host_refused(scope)(scope, receive, send)
             return
         cors = cors_headers(scope)
-        # The stream writes its CORS headers itself: a wrapper would hide uvicorn's send.
-        stream_send, send = send, adding_headers(cors, send) if cors else send
+        send = adding_headers(cors, send) if cors else send
         if self.state.cors.is_preflight(scope):
             await self._preflight(scope, receive, send)
         elif _is_publish(scope):
             await self._publish(scope, receive, send)
         elif (topic := routes.stream_topic(scope)) is not None:
             response = await self._open_stream(scope, receive, topic)
-            await response(scope, receive, stream_send if _is_stream(response) else send)
+            if _is_stream(response):
+                count_response(route, 200)  # (its head is its first send)
+                await response(scope, receive, stream_send)
+            else:
+                await response(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 

@@ -60,6 +60,7 @@ from api.lean_stream import (
     is_http_1_0,
     stream_request_of,
 )
+from api.metrics import RouteClass, count_response
 from api.problems import problem_for
 from api.sse import STREAM_HEADERS
 from broker import StartFrom, StoreUnavailable, StreamOver
@@ -142,7 +143,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         """A deadline of ``api.guard`` passed: a stalled body is answered 408; a head
         that did not arrive in time (or an idle keep-alive) closes, unanswered."""
         if self._publish is not None and self._publishing is None:
-            self._answer(problems.body_too_slow(self._guard.limits.body_timeout))
+            self._answer(problems.body_too_slow(self._guard.limits.body_timeout), "publish")
         elif self._transport is not None:
             self._transport.close()
 
@@ -180,7 +181,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._hand_to_uvicorn()
             return
         if head_size > self._guard.limits.max_head_bytes:
-            self._answer(problems.head_too_large(self._guard.limits.max_head_bytes))
+            self._answer(problems.head_too_large(self._guard.limits.max_head_bytes), "other")
         elif self._head.headers_done and end >= 0:
             self._guard.deadlines.clear(self)
             self._serve(head_size)
@@ -197,7 +198,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         if self._admission is Admission.REFUSE:
             refusal = refusal_of(self._head, self._parser, self._guard.limits, app)
             if refusal is not None:
-                self._answer(refusal)
+                self._answer(*refusal)
                 return
         if app is None or self._config.root_path or app.state.streams.draining:
             self._hand_to_uvicorn()  # uvicorn answers those
@@ -255,7 +256,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
             scope = self._opening_scope
             retry_ms = scope["app"].state.settings.retry_ms
             why = "this instance is shutting down"
-            self._answer(routes.come_back_later(retry_ms, why, scope))
+            self._answer(routes.come_back_later(retry_ms, why, scope), "stream")
         elif self._idle_since is None and self._transport is not None and not self._lost:
             # Accepted, its head not (all) read yet: a request is likely on its way (a
             # load balancer connects, then sends). Closed unanswered, the balancer would
@@ -291,7 +292,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._server_state.total_requests += 1
             assert self._transport is not None
             _log_access(self._transport, self._config, request.scope, response.status_code)
-        self._answer(response)
+        self._answer(response, "publish")
 
     def publish_not_validated(self) -> None:
         """``PublishConnection``: nothing was stored; the app answers the request."""
@@ -306,7 +307,9 @@ class BrokerHttpProtocol(asyncio.Protocol):
             return
         assert self._transport is not None
         self._server_state.total_requests += 1
-        _log_access(self._transport, self._config, request.scope, int(answer[9:12]))
+        status = int(answer[9:12])
+        count_response("publish", status)
+        _log_access(self._transport, self._config, request.scope, status)
         if self._closing and request.keep_alive:
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         self._transport.write(answer)
@@ -402,7 +405,9 @@ class BrokerHttpProtocol(asyncio.Protocol):
         assert self._transport is not None and self._ingest is not None
         if answer:
             self._server_state.total_requests += 1
-            _log_access(self._transport, self._config, request.scope, int(answer[9:12]))
+            status = int(answer[9:12])
+            count_response("ingest", status)
+            _log_access(self._transport, self._config, request.scope, status)
         if self._closing and request.keep_alive and not close:
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         self._transport.write(answer)
@@ -448,12 +453,14 @@ class BrokerHttpProtocol(asyncio.Protocol):
             subscription = await routes.subscribe(request, starts, stream)
         except StoreUnavailable:
             # Answered here: through uvicorn it would wait for the store a second time.
-            self._answer(routes.come_back_later(retry_ms, "store unavailable", request.scope))
+            self._answer(
+                routes.come_back_later(retry_ms, "store unavailable", request.scope), "stream"
+            )
             return
         except StreamOver as over:
             # 204: the EventSource stops reconnecting; a cross-origin one only if the 204
             # passes CORS (else it is a network error to it, and it reconnects for ever).
-            self._answer(with_cors(problem_for(over), request.scope))
+            self._answer(with_cors(problem_for(over), request.scope), "stream")
             return
         except Exception:
             log.exception("unexpected error opening a stream")
@@ -462,12 +469,14 @@ class BrokerHttpProtocol(asyncio.Protocol):
         if self._lost or app.state.streams.draining or subscription.closed:
             subscription.close()
             self._answer(
-                routes.come_back_later(retry_ms, "this instance is shutting down", request.scope)
+                routes.come_back_later(retry_ms, "this instance is shutting down", request.scope),
+                "stream",
             )
             return
         self._server_state.connections.discard(self)
         self._transport.set_protocol(stream)
         self._server_state.total_requests += 1
+        count_response("stream", 200)
         _log_access(self._transport, self._config, request.scope, 200)
         head = self._response_head(retry_ms, cors_headers(request.scope), chunked=chunked)
         stream.start(subscription, head)
@@ -485,14 +494,14 @@ class BrokerHttpProtocol(asyncio.Protocol):
         headers = [*STREAM_HEADERS, *extra, (b"transfer-encoding", b"chunked"), CLOSE]
         return response_head(200, headers, self._server_state) + chunk_of(retry_hint(retry_ms))
 
-    def _answer(self, response: Response) -> None:
+    def _answer(self, response: Response, route: RouteClass) -> None:
         """A whole response (the app's own object), then the connection closes."""
         self._guard.deadlines.clear(self)
         self._server_state.connections.discard(self)
         if self._lost:
             return
         assert self._transport is not None
-        answer_and_close(self._transport, response, self._server_state, self._guard)
+        answer_and_close(self._transport, response, route, self._server_state, self._guard)
 
     def _hand_to_uvicorn(self) -> None:
         """uvicorn's protocol takes the connection, with every byte received so far."""

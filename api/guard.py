@@ -43,9 +43,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 from api import problems, routes
+from api.answers import route_class
 from api.cors import with_cors
 from api.deadlines import Deadlines
 from api.heads import RequestHead
+from api.metrics import RouteClass, count_response
 from api.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -120,13 +122,13 @@ class Guard:
 
 def refusal_of(
     head: RequestHead, parser: httptools.HttpRequestParser, limits: ClientLimits, app: Any
-) -> Response | None:
-    """The answer past the connection limit: a stream is told to come back, anything
-    else gets 503, but health checks and metrics (None: served; a history page, a
-    listing or a HEAD was served too, and a history page can be megabytes held for a
-    client that does not read). With
-    the CORS headers of ``app`` (if started): a cross-origin EventSource takes an answer
-    without them for a network error and gives up for good."""
+) -> tuple[Response, RouteClass] | None:
+    """The answer past the connection limit, and the route it answers: a stream is
+    told to come back, anything else gets 503, but health checks and metrics (None:
+    served; a history page, a listing or a HEAD was served too, and a history page
+    can be megabytes held for a client that does not read). With the CORS headers of
+    ``app`` (if started): a cross-origin EventSource takes an answer without them for
+    a network error and gives up for good."""
     try:
         path = unquote(httptools.parse_url(head.url).path.decode("ascii"))
     except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
@@ -135,11 +137,11 @@ def refusal_of(
     scope = {"type": "http", "method": method, "path": path, "headers": head.headers, "app": app}
     started = scope if app is not None else None  # (the app's CORS policy comes with it)
     if routes.stream_topic(scope) is not None:
-        return routes.come_back_later(limits.retry_ms, "too many connections", started)
+        return routes.come_back_later(limits.retry_ms, "too many connections", started), "stream"
     if path in OPERATIONS_PATHS:
         return None
     refusal = problems.too_many_connections(limits.retry_after)
-    return refusal if started is None else with_cors(refusal, started)
+    return (refusal if started is None else with_cors(refusal, started)), route_class(scope)
 
 
 OPERATIONS_PATHS = frozenset({"/healthz", "/readyz", "/readyz/store", "/metrics"})
@@ -205,9 +207,14 @@ def response_head(
 
 
 def answer_and_close(
-    transport: asyncio.Transport, response: Response, server_state: ServerState, guard: Guard
+    transport: asyncio.Transport,
+    response: Response,
+    route: RouteClass,
+    server_state: ServerState,
+    guard: Guard,
 ) -> None:
     """Write a whole response (the app's own object) and close the connection, lingering."""
+    count_response(route, response.status_code)
     headers = response.raw_headers
     if not any(name == b"connection" for name, _ in headers):
         headers = [*headers, (b"connection", b"close")]
@@ -316,7 +323,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_head and all_head and not self._head_ended_in_read:
             self._head_bytes += len(data)
             if self._head_bytes > self._guard.limits.max_head_bytes:
-                self._refuse(problems.head_too_large(self._guard.limits.max_head_bytes))
+                self._refuse(problems.head_too_large(self._guard.limits.max_head_bytes), "other")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -361,12 +368,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         broken = self.cycle
         if broken is not None and broken.more_body:  # the bad bytes broke this request
             if broken is self._running:
-                super().send_400_response(msg)  # (it is answered so, at once)
+                self._answer_400(msg, route_class(broken.scope))  # (it is answered so, at once)
                 return
             self.pipeline = deque(entry for entry in self.pipeline if entry[0] is not broken)
         if self._answering():
             self._deferred_400 = msg
             return
+        self._answer_400(msg, "other")
+
+    def _answer_400(self, msg: str, route: RouteClass) -> None:
+        count_response(route, 400)
         super().send_400_response(msg)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
@@ -393,7 +404,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._deferred_400 is not None:
             if not self._answering():  # (else a request pipelined is answered first)
                 message, self._deferred_400 = self._deferred_400, None
-                super().send_400_response(message)
+                self._answer_400(message, "other")
             return
         if self.timeout_keep_alive_task is None or self._reading_body:
             return
@@ -424,11 +435,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def expire(self) -> None:
         if self._reading_body and (self.cycle is None or not self.cycle.response_started):
-            self._refuse(problems.body_too_slow(self._guard.limits.body_timeout))
+            route = "other" if self.cycle is None else route_class(self.cycle.scope)
+            self._refuse(problems.body_too_slow(self._guard.limits.body_timeout), route)
         elif not self.transport.is_closing():
             self.transport.close()
 
-    def _refuse(self, response: Response) -> None:
+    def _refuse(self, response: Response, route: RouteClass) -> None:
         """Answer, close; the request the app may be reading sees its client gone."""
         self._refused = True
         self._guard.deadlines.clear(self)
@@ -441,4 +453,4 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # what the app still sends is dropped
             cycle.message_event.set()
-        answer_and_close(self.transport, response, self.server_state, self._guard)
+        answer_and_close(self.transport, response, route, self.server_state, self._guard)

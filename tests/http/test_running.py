@@ -181,9 +181,14 @@ def test_several_workers_serve_one_deployment(redis_server: RedisServer) -> None
             def summed() -> bool:  # each worker flushes its counts within a second
                 metrics = client.get("/metrics")
                 assert metrics.status_code == 200
-                return metric_value(metrics.text, "broker_published_events_total") == 6
+                answers = {"route": "publish", "status": "201"}
+                return (
+                    metric_value(metrics.text, "broker_published_events_total") == 6
+                    and metric_value(metrics.text, "broker_http_responses_total", answers) == 6
+                )
 
-            wait_until(summed, timeout=5, what="/metrics never summed both workers' publishes")
+            what = "/metrics never summed both workers' publishes and their answers"
+            wait_until(summed, timeout=5, what=what)
     finally:
         process.close()
 

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api import metrics
+from api.answers import route_class
 from api.metrics import PrometheusObserver, render_metrics
 
 LATENCIES = [0.0001, 0.0005, 0.0007, 0.003, 0.003, 0.2, 0.9, 1.0, 7.5]
@@ -80,3 +81,30 @@ async def test_the_timer_flushes_without_a_scrape(monkeypatch: pytest.MonkeyPatc
     observer.delivered(1)
     observer.stop_flushing()  # stopping flushes what is left
     assert metrics.DELIVERED._value.get() == before + 8
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "route"),
+    [
+        ("POST", "/topics/t/events", [(b"content-type", b"application/json")], "publish"),
+        ("POST", "/topics/t/events", [(b"content-type", b"application/x-ndjson")], "ingest"),
+        ("GET", "/topics/t/events", [], "stream"),
+        ("GET", "/topics/t/events", [(b"accept", b"application/json")], "history"),
+        ("GET", "/events", [], "stream"),
+        ("POST", "/topics/t/close", [], "close"),
+        ("DELETE", "/topics/t", [], "delete"),
+        ("GET", "/topics/t", [], "topic"),
+        ("GET", "/topics", [], "topics"),
+        ("GET", "/readyz/store", [], "probes"),
+        ("GET", "/metrics", [], "metrics"),
+        ("GET", "/static/page.css", [], "face"),
+        ("PUT", "/topics/t", [], "other"),
+        ("OPTIONS", "/topics/t/events", [], "other"),
+        ("GET", "/topics/a/b/events", [], "other"),
+        ("GET", "/no/such/route", [], "other"),
+    ],
+)
+def test_a_request_is_classed_by_its_route_never_its_topic_or_path(
+    method: str, path: str, headers: list[tuple[bytes, bytes]], route: str
+) -> None:
+    assert route_class({"method": method, "path": path, "headers": headers}) == route
