@@ -1,4 +1,4 @@
-"""Fixtures of the face's tests: a real broker process, and where screenshots are kept."""
+"""Fixtures of the face's tests: a real broker process, a browser, where screenshots go."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker_process import BrokerProcess
+from tests.support.chromium import Chromium
 from tests.support.redis_server import RedisServer
 
 
@@ -30,6 +31,13 @@ def own_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
     process.start()
     yield process
     process.close()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Chromium]:
+    """Headless Chromium, recording the page's requests and console."""
+    with Chromium(tmp_path, window=(1400, 900), enable=("Page", "Network", "Runtime")) as chromium:
+        yield chromium
 
 
 @pytest.fixture(scope="session")

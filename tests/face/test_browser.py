@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from brokerclient import Publisher
+from tests.face.client_page import open_client_page, page_received, wait_received
 from tests.support.broker_process import BrokerProcess
 from tests.support.chromium import Chromium
 from tests.support.polling import WaitTimeout
@@ -24,12 +25,6 @@ from tests.support.redis_server import RedisServer
 from tests.support.tokens import JWT_SETTINGS, claims, hs_token
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Chromium]:
-    with Chromium(tmp_path, window=(1400, 900), enable=("Page", "Network", "Runtime")) as chromium:
-        yield chromium
 
 
 def _rows(browser: Chromium, selector: str) -> list[list[str]]:
@@ -198,48 +193,6 @@ def test_the_face_says_its_types_are_not_to_be_sniffed(
     assert response.headers["x-content-type-options"] == "nosniff"
 
 
-# A page that uses /client.js the way a user's page would, on every load, and keeps
-# what it received in sessionStorage, so that what a reload interrupts is still counted.
-CLIENT_PAGE = """
-document.addEventListener("DOMContentLoaded", () => {
-  const keep = (entry) => {
-    const log = JSON.parse(sessionStorage.getItem("received") || "[]");
-    log.push(entry);
-    sessionStorage.setItem("received", JSON.stringify(log));
-  };
-  window.__keep = keep;
-  const script = document.createElement("script");
-  script.src = "/client.js";
-  script.onload = () => {
-    window.__stream = BrokerClient.subscribe(%(url)s, {
-      onEvent: (e) => keep(e),
-      onGap: (gap) => keep({type: "broker.gap", data: JSON.stringify(gap)}),
-      onEnd: (e) => keep(e),
-      onError: (e) => keep({type: "error", data: JSON.stringify(e)}),
-    });
-  };
-  document.head.appendChild(script);
-});
-"""
-
-
-def _received(browser: Chromium) -> list[dict[str, str]]:
-    return list(browser.evaluate("JSON.parse(sessionStorage.getItem('received') || '[]')"))
-
-
-def _open_client_page(browser: Chromium, broker: BrokerProcess, url: str) -> None:
-    """A page of the broker's origin that subscribes to ``url`` with /client.js on every
-    load (CLIENT_PAGE), and keeps what it receives."""
-    browser.run_on_every_load(CLIENT_PAGE % {"url": json.dumps(url)})
-    browser.navigate(broker.url + "/healthz")
-
-
-def _wait_received(browser: Chromium, count: int, what: str) -> None:
-    browser.wait_for(
-        f"JSON.parse(sessionStorage.getItem('received') || '[]').length === {count}", what=what
-    )
-
-
 def _wait_closed(browser: Chromium, what: str) -> None:
     # (source is null until a stream from now has asked where its topic ends)
     browser.wait_for(
@@ -254,7 +207,7 @@ def test_client_js_page_reloads_mid_stream_and_loses_nothing(
     topic = f"face.reload.{uuid.uuid4().hex[:8]}"
     total = 60
     url = f"/topics/{topic}/events?from=earliest"
-    _open_client_page(browser, face_broker, url)
+    open_client_page(browser, face_broker, url)
     stop = threading.Event()
 
     def publish_slowly() -> None:
@@ -280,7 +233,7 @@ def test_client_js_page_reloads_mid_stream_and_loses_nothing(
         stop.set()
         publishing.join(timeout=30)
 
-    received = _received(browser)
+    received = page_received(browser)
     assert [entry["type"] for entry in received] == ["message"] * total  # no gap
     assert [json.loads(entry["data"]) for entry in received] == list(range(total))
     ids = [entry["id"] for entry in received]
@@ -294,12 +247,12 @@ def test_a_closed_topic_ends_the_helpers_stream_for_good(
 ) -> None:
     topic = f"face.end.{uuid.uuid4().hex[:8]}"
     url = f"/topics/{topic}/events?from=earliest"
-    _open_client_page(browser, face_broker, url)
+    open_client_page(browser, face_broker, url)
     with Publisher(face_broker.url) as publisher:
         publisher.publish(topic, 1)
         publisher.publish(topic, 2, close=True)
     _wait_closed(browser, "the helper to close its EventSource")
-    received = _received(browser)
+    received = page_received(browser)
     assert [(e["type"], e["data"]) for e in received] == [
         ("message", "1"), ("message", "2"), ("broker.end", "{}"),
     ]  # fmt: skip
@@ -308,8 +261,8 @@ def test_a_closed_topic_ends_the_helpers_stream_for_good(
     # not that it failed.
     browser.reload()
     _wait_closed(browser, "the reloaded page's EventSource to stop")
-    _wait_received(browser, len(received) + 1, "onEnd after the reload (once the 204 is checked)")
-    assert _received(browser) == [*received, received[-1]]
+    wait_received(browser, len(received) + 1, "onEnd after the reload (once the 204 is checked)")
+    assert page_received(browser) == [*received, received[-1]]
 
 
 def test_a_multi_topic_stream_goes_on_past_one_topics_end(
@@ -318,15 +271,15 @@ def test_a_multi_topic_stream_goes_on_past_one_topics_end(
     """The helper closes a multi-topic stream once each of its topics has ended."""
     first, second = (f"face.ends.{uuid.uuid4().hex[:8]}" for _ in range(2))
     url = f"/events?topic={first}&topic={second}&from=earliest"
-    _open_client_page(browser, face_broker, url)
+    open_client_page(browser, face_broker, url)
     with Publisher(face_broker.url) as publisher:
         publisher.publish(first, 1, close=True)
         publisher.publish(second, 2)
-        _wait_received(browser, 3, "the first topic's end and the second topic's event")
+        wait_received(browser, 3, "the first topic's end and the second topic's event")
         assert browser.evaluate("window.__stream.source.readyState") != 2, "closed at one end"
         publisher.publish(second, 3, close=True)
     _wait_closed(browser, "the helper to close its EventSource")
-    received = [(e["type"], e["data"]) for e in _received(browser)]
+    received = [(e["type"], e["data"]) for e in page_received(browser)]
     # Each topic in its order; across topics a stream promises no order (two logs: the
     # live reader may read them on two connections).
     messages = [data for kind, data in received if kind == "message"]
@@ -343,21 +296,21 @@ def test_a_deleted_topic_ends_the_helpers_stream(
     (reconnecting would be told again, then wait for ever on a log that is gone)."""
     topic = f"face.deleted.{uuid.uuid4().hex[:8]}"
     url = f"/topics/{topic}/events?from=earliest"
-    _open_client_page(browser, face_broker, url)
+    open_client_page(browser, face_broker, url)
     with Publisher(face_broker.url) as publisher:
         publisher.publish(topic, 1)
-        _wait_received(browser, 1, "the topic's event")
+        wait_received(browser, 1, "the topic's event")
     assert httpx.delete(f"{face_broker.url}/topics/{topic}", timeout=10).status_code == 204
     _wait_closed(browser, "the helper to close its EventSource")
-    received = _received(browser)
+    received = page_received(browser)
     assert [e["type"] for e in received] == ["message", "broker.gap"], received
     assert json.loads(received[1]["data"])["reason"] == "deleted"
     # A reload comes back at the gap's id, is answered 204: the page is told onEnd (it
     # was onError, as for a refusal).
     browser.reload()
     _wait_closed(browser, "the reloaded page's EventSource to stop")
-    _wait_received(browser, 3, "onEnd after the reload (once the 204 is checked)")
-    assert [e["type"] for e in _received(browser)] == ["message", "broker.gap", "broker.end"]
+    wait_received(browser, 3, "onEnd after the reload (once the 204 is checked)")
+    assert [e["type"] for e in page_received(browser)] == ["message", "broker.gap", "broker.end"]
 
 
 def test_a_stream_from_now_of_a_closed_topic_ends_at_once(
@@ -368,12 +321,12 @@ def test_a_stream_from_now_of_a_closed_topic_ends_at_once(
     topic = f"face.closed.{uuid.uuid4().hex[:8]}"
     with Publisher(face_broker.url) as publisher:
         publisher.publish(topic, 1, close=True)
-    _open_client_page(browser, face_broker, f"/topics/{topic}/events")
+    open_client_page(browser, face_broker, f"/topics/{topic}/events")
     _wait_closed(browser, "the helper's EventSource to stop")
     browser.wait_for(
         "JSON.parse(sessionStorage.getItem('received') || '[]').length === 1", what="onEnd"
     )
-    assert [e["type"] for e in _received(browser)] == ["broker.end"]
+    assert [e["type"] for e in page_received(browser)] == ["broker.end"]
 
 
 def test_a_multi_topic_stream_told_again_of_an_ended_topic_goes_on(
@@ -384,20 +337,20 @@ def test_a_multi_topic_stream_told_again_of_an_ended_topic_goes_on(
     meanwhile), took the second topic for ended too, and closed: the page missed the
     rest of it."""
     first, second = (f"face.again.{uuid.uuid4().hex[:8]}" for _ in range(2))
-    _open_client_page(browser, own_broker, f"/events?topic={first}&topic={second}&from=earliest")
+    open_client_page(browser, own_broker, f"/events?topic={first}&topic={second}&from=earliest")
     with Publisher(own_broker.url) as publisher:
         publisher.publish(first, 1, close=True)
         publisher.publish(second, 2)
-    _wait_received(browser, 3, "the first topic's end and the second topic's event")
+    wait_received(browser, 3, "the first topic's end and the second topic's event")
     own_broker.terminate()  # the page's EventSource reconnects, in vain for now
     assert httpx.delete(f"{face_broker.url}/topics/{first}", timeout=10).status_code == 204
     own_broker.start()
-    _wait_received(browser, 4, "the deletion, told on reconnecting")
+    wait_received(browser, 4, "the deletion, told on reconnecting")
     assert browser.evaluate("window.__stream.source.readyState") != 2, "closed at the deletion"
     with Publisher(own_broker.url) as publisher:
         publisher.publish(second, 3, close=True)
     _wait_closed(browser, "the helper to close its EventSource at the second topic's end")
-    received = [(e["type"], e["data"]) for e in _received(browser)]
+    received = [(e["type"], e["data"]) for e in page_received(browser)]
     assert received[3][0] == "broker.gap" and received[4:] == [
         ("message", "3"), ("broker.end", "{}"),
     ], received  # fmt: skip
@@ -413,21 +366,21 @@ def test_a_multi_topic_stream_whose_other_topic_ended_before_it_ends_quietly(
     first, second = (f"face.before.{uuid.uuid4().hex[:8]}" for _ in range(2))
     with Publisher(face_broker.url) as publisher:
         publisher.publish(first, 1, close=True)
-        _open_client_page(browser, face_broker, f"/events?topic={first}&topic={second}")
+        open_client_page(browser, face_broker, f"/events?topic={first}&topic={second}")
         browser.wait_for(
             "window.__stream && window.__stream.source && window.__stream.source.readyState === 1",
             what="the helper's stream to open",
         )
         publisher.publish(second, 2, close=True)
     _wait_closed(browser, "the stream to end")
-    _wait_received(browser, 2, "the second topic's event and end")
+    wait_received(browser, 2, "the second topic's event and end")
     browser.wait_for(ENDED_KEPT, what="the helper to keep the end (once the 204 is checked)")
-    received = _received(browser)
+    received = page_received(browser)
     assert [e["type"] for e in received] == ["message", "broker.end"]
     browser.reload()
     _wait_closed(browser, "the reloaded page's EventSource to stop")
-    _wait_received(browser, 3, "onEnd after the reload")
-    assert [e["type"] for e in _received(browser)] == ["message", "broker.end", "broker.end"]
+    wait_received(browser, 3, "onEnd after the reload")
+    assert [e["type"] for e in page_received(browser)] == ["message", "broker.end", "broker.end"]
 
 
 ENDED_KEPT = "Object.keys(sessionStorage).some(k => k.startsWith('broker-client:ended-at:'))"
@@ -456,13 +409,13 @@ def test_a_refusal_after_one_topics_end_is_told_as_a_refusal(
     rights = claims(publish=[first, second], subscribe=[first, second], expires_in=10)
     token = hs_token(rights)
     url = f"/events?topic={first}&topic={second}&from=earliest&access_token={token}"
-    _open_client_page(browser, auth_broker, url)
+    open_client_page(browser, auth_broker, url)
     with Publisher(auth_broker.url, token=hs_token(claims(publish=[first, second]))) as publisher:
         publisher.publish(second, 2)
-        _wait_received(browser, 1, "the second topic's event")
+        wait_received(browser, 1, "the second topic's event")
         publisher.publish(first, 1, close=True)
-    _wait_received(browser, 3, "the first topic's event and end")
-    assert _received(browser)[-1]["type"] == "broker.end"
+    wait_received(browser, 3, "the first topic's event and end")
+    assert page_received(browser)[-1]["type"] == "broker.end"
     # The end delivered last, then the token expires (10 s: time enough for the page to
     # get its events on a busy machine): the broker ends the stream, and
     # the reconnect, with the same token, is 401.
@@ -478,7 +431,7 @@ def test_a_refusal_after_one_topics_end_is_told_as_a_refusal(
 def _assert_told_unauthorized(browser: Chromium) -> None:
     """onError says why (it said only ``fatal``: a page could not tell an expired token,
     which a fresh cookie and a new subscribe mend, from a refusal for good)."""
-    [error] = [json.loads(e["data"]) for e in _received(browser) if e["type"] == "error"]
+    [error] = [json.loads(e["data"]) for e in page_received(browser) if e["type"] == "error"]
     assert error["fatal"] is True and error["status"] == 401, error
     assert error["problem"]["type"] == "/problems#unauthorized", error
 
@@ -488,10 +441,10 @@ def test_a_stream_whose_token_expired_is_told_why(
 ) -> None:
     topic = f"face.expired.{uuid.uuid4().hex[:8]}"
     token = hs_token(claims(subscribe=[topic], expires_in=5))
-    _open_client_page(browser, auth_broker, f"/topics/{topic}/events?access_token={token}")
+    open_client_page(browser, auth_broker, f"/topics/{topic}/events?access_token={token}")
     with Publisher(auth_broker.url, token=hs_token(claims(publish=[topic]))) as publisher:
         publisher.publish(topic, 1)
-    _wait_received(browser, 1, "the event")
+    wait_received(browser, 1, "the event")
     browser.wait_for(
         "JSON.parse(sessionStorage.getItem('received')).some(e => e.type === 'error')",
         timeout=30,
@@ -506,7 +459,7 @@ def test_a_refused_stream_closed_by_the_page_tells_it_nothing_more(
     """Asking the broker why it refused takes a round trip: a page that called close()
     meanwhile (it left that view) was told onError after it."""
     topic = f"face.closed.{uuid.uuid4().hex[:8]}"
-    _open_client_page(browser, auth_broker, "/healthz")  # (a page of the origin, no stream)
+    open_client_page(browser, auth_broker, "/healthz")  # (a page of the origin, no stream)
     refused = json.dumps(f"/topics/{topic}/events?from=earliest")  # no token: 401
     browser.evaluate(
         f"""(() => {{
@@ -569,16 +522,16 @@ def test_the_helper_keeps_its_place_across_a_new_token(
     its place."""
     topic = f"face.token.{uuid.uuid4().hex[:8]}"
     first = f"/topics/{topic}/events?from=earliest&access_token=old"
-    _open_client_page(browser, face_broker, first)
+    open_client_page(browser, face_broker, first)
     with Publisher(face_broker.url) as publisher:
         publisher.publish(topic, 1)
-        _wait_received(browser, 1, "the topic's first event")
+        wait_received(browser, 1, "the topic's first event")
         browser.evaluate("window.__stream.close()")
         publisher.publish(topic, 2)  # while the page has no stream
     second = f"/topics/{topic}/events?from=earliest&access_token=new"
     browser.evaluate(SUBSCRIBE_AGAIN % {"url": json.dumps(second)})
-    _wait_received(browser, 2, "the event published while the page had no stream")
-    assert [json.loads(e["data"]) for e in _received(browser)] == [1, 2]
+    wait_received(browser, 2, "the event published while the page had no stream")
+    assert [json.loads(e["data"]) for e in page_received(browser)] == [1, 2]
     assert any("access_token=new" in r and "last_event_id=" in r for r in browser.requests)
 
 
@@ -594,7 +547,7 @@ def test_a_stream_from_now_keeps_its_place_before_its_first_event(
     with Publisher(face_broker.url) as publisher:
         if had_events:
             publisher.publish(topic, 0)  # before the stream: not for it
-        _open_client_page(browser, face_broker, url)
+        open_client_page(browser, face_broker, url)
         browser.wait_for(
             "window.__stream && window.__stream.source && window.__stream.source.readyState === 1",
             what="the helper's stream to open",
@@ -607,8 +560,8 @@ def test_a_stream_from_now_keeps_its_place_before_its_first_event(
             what="the helper's second stream to open",
         )
         publisher.publish(topic, 2)
-        _wait_received(browser, 2, "the event published between the streams, and the next")
-    assert [json.loads(e["data"]) for e in _received(browser)] == [1, 2]
+        wait_received(browser, 2, "the event published between the streams, and the next")
+    assert [json.loads(e["data"]) for e in page_received(browser)] == [1, 2]
 
 
 def test_a_multi_topic_stream_from_now_keeps_its_place_before_its_first_event(
@@ -622,7 +575,7 @@ def test_a_multi_topic_stream_from_now_keeps_its_place_before_its_first_event(
     url = f"/events?topic={old}&topic={new}"
     with Publisher(face_broker.url) as publisher:
         publisher.publish(old, 0)  # before the stream: not for it
-        _open_client_page(browser, face_broker, url)
+        open_client_page(browser, face_broker, url)
         browser.wait_for(
             "window.__stream && window.__stream.source && window.__stream.source.readyState === 1",
             what="the helper's stream to open",
@@ -636,8 +589,8 @@ def test_a_multi_topic_stream_from_now_keeps_its_place_before_its_first_event(
             what="the helper's second stream to open",
         )
         publisher.publish(new, 3)
-        _wait_received(browser, 3, "the events published between the streams, and the next")
-    data = [json.loads(e["data"]) for e in _received(browser)]
+        wait_received(browser, 3, "the events published between the streams, and the next")
+    data = [json.loads(e["data"]) for e in page_received(browser)]
     assert sorted(data[:2]) == [1, 2] and data[2] == 3, data
     assert any("last_event_id=" in request for request in browser.requests)
 
@@ -677,19 +630,19 @@ def test_a_multi_topic_stream_reloaded_just_after_its_last_end_is_told_on_end(
     no end; reloaded again before the broker's 204, it resumed past both ends, and
     that 204 was taken for a refusal: onError, on that load and every later one."""
     first, second = (f"face.reend.{uuid.uuid4().hex[:8]}" for _ in range(2))
-    _open_client_page(browser, face_broker, f"/events?topic={first}&topic={second}")
+    open_client_page(browser, face_broker, f"/events?topic={first}&topic={second}")
     browser.wait_for(STREAM_OPEN, what="the helper's stream to open")
     assert httpx.post(f"{face_broker.url}/topics/{first}/close", timeout=10).status_code == 201
-    _wait_received(browser, 1, "the first topic's end")
+    wait_received(browser, 1, "the first topic's end")
     browser.reload()
     browser.wait_for(STREAM_OPEN, what="the reloaded page's stream to open")
     assert httpx.post(f"{face_broker.url}/topics/{second}/close", timeout=10).status_code == 201
-    _wait_received(browser, 2, "the second topic's end")
+    wait_received(browser, 2, "the second topic's end")
     browser.reload()  # (before the broker ends the stream and answers the reconnect 204)
-    _wait_received(browser, 3, "onEnd after the reload")
+    wait_received(browser, 3, "onEnd after the reload")
     browser.reload()
-    _wait_received(browser, 4, "onEnd after another reload")
-    assert [e["type"] for e in _received(browser)] == ["broker.end"] * 4
+    wait_received(browser, 4, "onEnd after another reload")
+    assert [e["type"] for e in page_received(browser)] == ["broker.end"] * 4
 
 
 STREAM_OPEN = "window.__stream && window.__stream.source && window.__stream.source.readyState === 1"
@@ -716,7 +669,7 @@ def test_the_helper_keeps_the_places_of_a_bounded_number_of_streams(
     resumed, and the page's own setItem threw. It keeps the 200 used most recently."""
     prefix = f"face.places.{uuid.uuid4().hex[:8]}."
     topic = f"{prefix}kept"
-    _open_client_page(browser, face_broker, f"/topics/{topic}/events?from=earliest")
+    open_client_page(browser, face_broker, f"/topics/{topic}/events?from=earliest")
 
     def subscribe_many(batch: str, count: int) -> int:
         script = {"prefix": json.dumps(prefix + batch), "places": json.dumps(PLACE_PREFIX)}
@@ -724,11 +677,11 @@ def test_the_helper_keeps_the_places_of_a_bounded_number_of_streams(
 
     with Publisher(face_broker.url) as publisher:
         publisher.publish(topic, 1)
-        _wait_received(browser, 1, "the stream's first event")
+        wait_received(browser, 1, "the stream's first event")
         assert subscribe_many("a.", 150) == 151
         browser.reload()  # the stream is subscribed again: the most recently used
         publisher.publish(topic, 2)
-        _wait_received(browser, 2, "the event after the reload")
+        wait_received(browser, 2, "the event after the reload")
         assert subscribe_many("b.", 100) == 200  # 251 used: the 51 oldest forgotten
         kept = browser.evaluate(
             f"Object.keys(sessionStorage).filter(k => k.startsWith('{PLACE_PREFIX}'))"
@@ -738,8 +691,8 @@ def test_the_helper_keeps_the_places_of_a_bounded_number_of_streams(
         assert any(key.endswith(f"/topics/{prefix}a.51/events") for key in kept)
         browser.reload()  # and the stream still resumes where it was
         publisher.publish(topic, 3)
-        _wait_received(browser, 3, "the event after the second reload")
-    assert [json.loads(e["data"]) for e in _received(browser)] == [1, 2, 3]
+        wait_received(browser, 3, "the event after the second reload")
+    assert [json.loads(e["data"]) for e in page_received(browser)] == [1, 2, 3]
 
 
 FILL_STORAGE = """(() => {
@@ -789,19 +742,19 @@ def test_the_helper_resumes_after_the_id_its_caller_gives(
     topic = f"face.caller.{uuid.uuid4().hex[:8]}"
     with Publisher(face_broker.url) as publisher:
         first, second, _ = (publisher.publish(topic, n).id for n in (1, 2, 3))
-        _open_client_page(browser, face_broker, f"/topics/{topic}/events?last_event_id={first}")
-        _wait_received(browser, 2, "the events after the first")
+        open_client_page(browser, face_broker, f"/topics/{topic}/events?last_event_id={first}")
+        wait_received(browser, 2, "the events after the first")
         browser.evaluate("window.__stream.close()")
         publisher.publish(topic, 4)
         again = f"/topics/{topic}/events?last_event_id={second}"
         browser.evaluate(SUBSCRIBE_AGAIN % {"url": json.dumps(again)})
-        _wait_received(browser, 4, "the events after the second")
+        wait_received(browser, 4, "the events after the second")
         # The page reloaded subscribes to its first stream again (after the first id):
         # that one resumes after its own place (3), not after the first id.
         browser.reload()
         publisher.publish(topic, 5)
-        _wait_received(browser, 6, "the first stream's events after its place")
-    assert [json.loads(e["data"]) for e in _received(browser)] == [2, 3, 3, 4, 4, 5]
+        wait_received(browser, 6, "the first stream's events after its place")
+    assert [json.loads(e["data"]) for e in page_received(browser)] == [2, 3, 3, 4, 4, 5]
 
 
 def test_the_live_page_says_when_it_needs_a_token(
