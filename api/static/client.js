@@ -6,7 +6,9 @@
  *     onGap: function (gap) { ... gap.reason, gap.requested, gap.resumed_after ... },
  *     onEnd: function (e) { ... the topic was closed ... },
  *     withCredentials: false,          // true for a broker on another origin of the same site, with cookies
+ *     onError: function (e) { ... e.fatal, e.status, e.problem ... },
  *     types: ["order.created"],        // event types to listen to besides "message"
+ *     retries: 8,                      // reopenings after a passing refusal (502...), in a row
  *   });
  *   stream.close();
  *
@@ -33,6 +35,12 @@
  *   which topics of a multi-topic stream have ended).
  * - An EventSource only hears the event types it listens to: "message" (events
  *   published without a type), the broker's own, and those named in `types`.
+ * - An EventSource stops for good on any answer but a 200 to a reconnect: a proxy's
+ *   502 in a rolling redeploy, a draining instance's 503. The helper asks again why;
+ *   a passing refusal (502, 503, 504, no answer, or a 200: served again) opens the
+ *   stream again from its place, after 1 s, 2 s, 4 s... (at most 30 s), each told
+ *   onError({fatal: false}); a refusal for good (401, 403, 404...), or `retries`
+ *   passing ones in a row, is told onError({fatal: true}).
  */
 (function (global) {
   "use strict";
@@ -193,6 +201,14 @@
   var unloading = false;
   var UNLOAD_GRACE_MS = 1000;
   var ASK_AGAIN_TIMEOUT_MS = 10000;  // (what a refused stream's broker answers, asked again)
+  // Reopening after a passing refusal: 1 s, doubled each time in a row, at most 30 s, and
+  // RETRIES times before the page is told for good (1+2+4+8+16+30+30+30 s: two minutes,
+  // longer than a rolling redeploy). A stream that stayed open STEADY_MS (or delivered an
+  // event) counts from 0 again: its next refusal is a new outage, not this one going on.
+  var FIRST_RETRY_MS = 1000;
+  var MAX_RETRY_MS = 30000;
+  var RETRIES = 8;
+  var STEADY_MS = 10000;
   global.addEventListener("beforeunload", function () {
     unloading = true;
     global.setTimeout(function () { unloading = false; }, UNLOAD_GRACE_MS);  // it stayed
@@ -237,6 +253,11 @@
     var lastId = stored;  // the place before the event being delivered
     var lastWasEnd = false;  // the last thing delivered was a topic's end
     var indexed = false;  // this stream is the most recently used of the kept places
+    var maxRetries = typeof options.retries === "number" && options.retries >= 0
+      ? options.retries : RETRIES;
+    var retries = 0;  // reopenings after passing refusals, in a row
+    var openedAt = null;  // when the stream last opened (Date.now()), for STEADY_MS
+    var reopening = null;  // the timer of the next reopening
 
     function savePlace(id) {
       save(key, id);
@@ -273,6 +294,7 @@
 
     function close() {
       closed = true;
+      if (reopening !== null) { global.clearTimeout(reopening); reopening = null; }
       if (handle.source) { handle.source.close(); }
     }
 
@@ -280,6 +302,7 @@
       if (closed) { return; }
       delivered = true;
       lastWasEnd = false;
+      retries = 0;
       // Saved before the callbacks run: a reload from inside one resumes after this event.
       if (event.lastEventId) { savePlace(event.lastEventId); }
       var message = { id: event.lastEventId || null, type: event.type, data: event.data };
@@ -309,10 +332,14 @@
       handle.source = source;
       var types = ["message", GAP, END].concat(options.types || []);
       types.forEach(function (type) { source.addEventListener(type, deliver); });
-      source.addEventListener("open", function () { if (options.onOpen) { options.onOpen(); } });
+      source.addEventListener("open", function () {
+        openedAt = Date.now();
+        if (options.onOpen) { options.onOpen(); }
+      });
       source.addEventListener("error", function () {
-        // CLOSED: the broker refused (401, 403, 400...) or answered 204 (a closed topic);
-        // EventSource will not try again. Otherwise it reconnects by itself.
+        // CLOSED: the broker refused (401, 403, 400...), a proxy answered 502 (no broker
+        // up), or the broker answered 204 (a closed topic); EventSource will not try
+        // again. Otherwise it reconnects by itself.
         if (source.readyState === global.EventSource.CLOSED && !closed) {
           closed = true;
           if (endedBefore && !delivered) {
@@ -338,21 +365,54 @@
 
     // onError({fatal: true, status, problem}): the broker's answer (0: none came) and its
     // problem+json, if any, so that a page tells an expired token (401: refresh the
-    // cookie, subscribe again) from a refusal for good (403) or a proxy's 502.
+    // cookie, subscribe again) from a refusal for good (403).
     function refused(status, problem) {
       if (options.onError && !closedByPage) {
         options.onError({ fatal: true, status: status || 0, problem: problem || null });
       }
     }
 
-    // Refused: ask again, to tell the page why (a 401, a 403, a proxy's 502).
+    // Refused: ask again, to tell the page why (a 401, a 403), or to come back (a 502).
     function tellRefused() {
       whenOver(lastId, function () { refused(204); });
     }
 
+    // What coming back may mend: a proxy with no broker up (502, 504), a broker that
+    // cannot serve for a moment (503: its Redis, or draining), no answer, or the stream
+    // served again (a 200 of text/event-stream: the refusal passed while we asked; a 200
+    // of anything else is a page, which EventSource will refuse again).
+    function passing(status, type) {
+      if (status === 200) { return type.indexOf("text/event-stream") === 0; }
+      return status === 0 || status === 502 || status === 503 || status === 504;
+    }
+
+    // The answer asked again was no 204: reopen the stream from its place after a
+    // while if that may mend it, else (or after `retries` in a row) tell the page.
+    function failed(status, type, problem) {
+      if (closedByPage) { return; }
+      if (openedAt !== null && Date.now() - openedAt >= STEADY_MS) { retries = 0; }
+      if (!passing(status, type) || retries >= maxRetries) { refused(status, problem); return; }
+      retries += 1;
+      var delay = Math.min(FIRST_RETRY_MS * Math.pow(2, retries - 1), MAX_RETRY_MS);
+      if (options.onError) {
+        options.onError({
+          fatal: false, status: status, problem: problem || null, attempt: retries, retryInMs: delay,
+        });
+      }
+      reopening = global.setTimeout(reopen, delay);
+    }
+
+    function reopen() {
+      reopening = null;
+      if (closedByPage) { return; }
+      closed = false;
+      openedAt = null;
+      open(lastId);  // (the place a reload would resume from: nothing missed or repeated)
+    }
+
     // EventSource tells a 204 (the stream is over) from a refusal (401, 403, a proxy's
     // 502) in no way: ask again with the same place, and call over() on a 204, else
-    // tell the page it was refused, and why.
+    // failed() with the status and problem+json.
     function whenOver(place, over) {
       var init = {
         headers: { Accept: "text/event-stream" },
@@ -373,13 +433,13 @@
         if (response.status === 204) { over(); return; }
         var type = response.headers.get("content-type") || "";
         if (type.indexOf("application/problem+json") === 0) {
-          response.json().then(function (problem) { refused(response.status, problem); },
-                               function () { refused(response.status); });
+          response.json().then(function (problem) { failed(response.status, type, problem); },
+                               function () { failed(response.status, type); });
           return;
         }
         if (response.body) { response.body.cancel(); }  // (a stream still open: let go)
-        refused(response.status);
-      }, function () { refused(0); });
+        failed(response.status, type);
+      }, function () { failed(0, ""); });
     }
 
     var infoUrls = stored ? null : topicInfoUrls(url);

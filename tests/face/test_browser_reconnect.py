@@ -1,0 +1,159 @@
+"""/client.js behind a real nginx (the shipped configuration) whose broker goes away.
+
+An EventSource stops for good when a reconnect is answered anything but 200: nginx's
+502 while no broker is up (a rolling redeploy) ended the page's stream, and the helper
+told it onError fatal, though the broker came back a moment later. The helper opens
+the stream again from its place, and tells the page for good only of a refusal that
+coming back will not mend (a 403), or of passing ones that go on too long.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from brokerclient import Publisher
+from tests.e2e.balancers import LoadBalancer
+from tests.face.client_page import open_client_page, page_received
+from tests.support.broker_process import BrokerProcess
+from tests.support.chromium import Chromium
+from tests.support.redis_server import RedisServer
+from tests.support.tokens import JWT_SETTINGS, claims, hs_token
+
+pytestmark = pytest.mark.e2e
+
+STREAM_OPEN = "window.__stream && window.__stream.source && window.__stream.source.readyState === 1"
+TOLD_ERROR = "JSON.parse(sessionStorage.getItem('received') || '[]').some(e => e.type === 'error')"
+TOLD_FATAL = (
+    "JSON.parse(sessionStorage.getItem('received') || '[]')"
+    ".some(e => e.type === 'error' && JSON.parse(e.data).fatal)"
+)
+
+
+def _nginx_before(broker: BrokerProcess, workdir: Path) -> Iterator[LoadBalancer]:
+    nginx = LoadBalancer("nginx", [broker.port], workdir)
+    try:
+        nginx.start()
+        yield nginx
+    finally:
+        nginx.close()
+
+
+@pytest.fixture
+def nginx(own_broker: BrokerProcess, tmp_path: Path) -> Iterator[LoadBalancer]:
+    """nginx before this test's own broker: a 502 while that broker is down."""
+    yield from _nginx_before(own_broker, tmp_path)
+
+
+@pytest.fixture
+def auth_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    process = BrokerProcess(
+        redis_url=redis_server.url, env={"BROKER_HEARTBEAT_SECONDS": "1", **JWT_SETTINGS}
+    )
+    process.start()
+    yield process
+    process.close()
+
+
+@pytest.fixture
+def auth_nginx(auth_broker: BrokerProcess, tmp_path: Path) -> Iterator[LoadBalancer]:
+    yield from _nginx_before(auth_broker, tmp_path)
+
+
+def _messages(browser: Chromium) -> list[object]:
+    return [json.loads(e["data"]) for e in page_received(browser) if e["type"] == "message"]
+
+
+def _errors(browser: Chromium) -> list[tuple[bool, int]]:
+    told = [json.loads(e["data"]) for e in page_received(browser) if e["type"] == "error"]
+    return [(error["fatal"], error["status"]) for error in told]
+
+
+def _wait_messages(browser: Chromium, count: int, what: str) -> None:
+    browser.wait_for(
+        "JSON.parse(sessionStorage.getItem('received') || '[]')"
+        f".filter(e => e.type === 'message').length >= {count}",
+        timeout=30,
+        what=what,
+    )
+
+
+def test_a_proxys_502_on_reconnect_is_outlasted(
+    own_broker: BrokerProcess, nginx: LoadBalancer, face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """The broker behind nginx goes away and comes back: the page gets every event
+    published meanwhile and after, once each, in order, and is told nothing fatal."""
+    topic = f"face.redeploy.{uuid.uuid4().hex[:8]}"
+    open_client_page(browser, nginx, f"/topics/{topic}/events?from=earliest")
+    with Publisher(face_broker.url) as publisher:  # (the same Redis, not behind nginx)
+        publisher.publish(topic, 1)
+        _wait_messages(browser, 1, "the first event")
+        own_broker.terminate()  # the stream ends; nginx answers its reconnect 502
+        publisher.publish(topic, 2)
+        publisher.publish(topic, 3)
+        browser.wait_for(TOLD_ERROR, timeout=30, what="the 502 on reconnecting, told")
+        own_broker.start()
+        _wait_messages(browser, 3, "the events published while the broker was down")
+        publisher.publish(topic, 4)
+        _wait_messages(browser, 4, "the event published once it was back")
+    assert _messages(browser) == [1, 2, 3, 4]
+    ids = [e["id"] for e in page_received(browser) if e["type"] == "message"]
+    assert len(set(ids)) == 4
+    errors = _errors(browser)
+    assert errors and all(error == (False, 502) for error in errors), errors
+    assert browser.evaluate(STREAM_OPEN) is True
+
+
+def test_a_403_after_a_passing_502_is_told_at_once(
+    auth_broker: BrokerProcess, auth_nginx: LoadBalancer, browser: Chromium
+) -> None:
+    """While the broker is away the page's token loses its right to the topic: the
+    reconnect, once the broker is back, is 403, which coming back will not mend. The
+    page is told so (with the problem) at once, and the helper stops there."""
+    topic = f"face.forbidden.{uuid.uuid4().hex[:8]}"
+    browser.set_cookie("broker_token", hs_token(claims(subscribe=[topic])), auth_nginx.url)
+    open_client_page(browser, auth_nginx, f"/topics/{topic}/events?from=earliest")
+    with Publisher(auth_broker.url, token=hs_token(claims(publish=[topic]))) as publisher:
+        publisher.publish(topic, 1)
+    _wait_messages(browser, 1, "the event")
+    auth_broker.terminate()
+    browser.wait_for(TOLD_ERROR, timeout=30, what="the 502 on reconnecting, told")
+    other = hs_token(claims(subscribe=[f"{topic}.other"]))
+    browser.set_cookie("broker_token", other, auth_nginx.url)
+    auth_broker.start()
+    browser.wait_for(TOLD_FATAL, timeout=30, what="the 403 told")
+    errors = _errors(browser)
+    assert errors[-1] == (True, 403) and set(errors[:-1]) == {(False, 502)}, errors
+    told = [json.loads(e["data"]) for e in page_received(browser) if e["type"] == "error"]
+    assert told[-1]["problem"]["type"] == "/problems#forbidden", told[-1]
+    # Nothing after it: a 403 taken for a passing refusal would have been told
+    # fatal: false first (above); and for two seconds the page asks for nothing more.
+    browser.evaluate("1")  # (collect the requests made so far)
+    asked = len(browser.requests)
+    time.sleep(2)
+    browser.evaluate("1")
+    assert browser.requests[asked:] == []
+    assert browser.evaluate("window.__stream.source.readyState") == 2
+
+
+def test_passing_refusals_that_go_on_are_told_for_good(
+    own_broker: BrokerProcess, nginx: LoadBalancer, face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """The broker does not come back: after `retries` reopenings in a row (here 2, at
+    1 s then 2 s), the page is told onError fatal with the last status."""
+    topic = f"face.gone.{uuid.uuid4().hex[:8]}"
+    open_client_page(browser, nginx, f"/topics/{topic}/events?from=earliest", "{retries: 2}")
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topic, 1)
+    _wait_messages(browser, 1, "the event")
+    own_broker.terminate()
+    browser.wait_for(TOLD_FATAL, timeout=30, what="the page told for good")
+    assert _errors(browser) == [(False, 502), (False, 502), (True, 502)]
+    told = [json.loads(e["data"]) for e in page_received(browser) if e["type"] == "error"]
+    assert [(e["attempt"], e["retryInMs"]) for e in told[:2]] == [(1, 1000), (2, 2000)]
+    assert browser.evaluate("window.__stream.source.readyState") == 2
