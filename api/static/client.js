@@ -135,14 +135,19 @@
     return absolute.href;
   }
 
+  // The stream's URL says where it starts (?from=earliest, ?last_event_id=): opened
+  // again as it is, it misses nothing; else it starts from now.
+  function namesItsStart(url) {
+    var stream = new URL(url, global.location.href);
+    return stream.searchParams.has("from") || stream.searchParams.has("last_event_id");
+  }
+
   // GET /topics/{t} of each topic of a stream that starts from now, by topic (a
   // single-topic stream's under SINGLE); else null.
   var SINGLE = "";
   function topicInfoUrls(url) {
+    if (namesItsStart(url)) { return null; }
     var stream = new URL(url, global.location.href);
-    if (stream.searchParams.has("from") || stream.searchParams.has("last_event_id")) {
-      return null;
-    }
     var single = /^(.*\/topics\/[^/]+)\/events$/.exec(stream.pathname);
     var multi = /^(.*\/)events$/.exec(stream.pathname);
     var paths = {};
@@ -391,7 +396,14 @@
     function failed(status, type, problem) {
       if (closedByPage) { return; }
       if (openedAt !== null && Date.now() - openedAt >= STEADY_MS) { retries = 0; }
-      if (!passing(status, type) || retries >= maxRetries) { refused(status, problem); return; }
+      // With no place (a stream from now whose topics' end could not be learnt when it
+      // opened, and no event since), a new EventSource would start from a new "now":
+      // what was published meanwhile would be missed untold. The page is told instead.
+      var placeless = !lastId && !namesItsStart(url);
+      if (placeless || !passing(status, type) || retries >= maxRetries) {
+        refused(status, problem);
+        return;
+      }
       retries += 1;
       var delay = Math.min(FIRST_RETRY_MS * Math.pow(2, retries - 1), MAX_RETRY_MS);
       if (options.onError) {

@@ -157,3 +157,35 @@ def test_passing_refusals_that_go_on_are_told_for_good(
     told = [json.loads(e["data"]) for e in page_received(browser) if e["type"] == "error"]
     assert [(e["attempt"], e["retryInMs"]) for e in told[:2]] == [(1, 1000), (2, 2000)]
     assert browser.evaluate("window.__stream.source.readyState") == 2
+
+
+def test_a_stream_from_now_with_no_place_is_told_rather_than_reopened(
+    own_broker: BrokerProcess, nginx: LoadBalancer, face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """A stream from now whose topic's end could not be learnt when it opened (here the
+    page's fetch of GET /topics/{t} fails) has no place until its first event. Refused
+    then (nginx's 502), a new EventSource would start from a new "now" and miss, untold,
+    what was published meanwhile (review: the first version reopened it): the page is
+    told for good instead, at once."""
+    topic = f"face.placeless.{uuid.uuid4().hex[:8]}"
+    browser.run_on_every_load(FAILING_TOPIC_INFO)
+    open_client_page(browser, nginx, f"/topics/{topic}/events")
+    browser.wait_for(STREAM_OPEN, timeout=30, what="the stream open")
+    own_broker.terminate()
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topic, 1)  # (what a stream reopened "from now" would miss)
+    browser.wait_for(TOLD_ERROR, timeout=30, what="the 502 told")
+    own_broker.start()
+    assert _errors(browser) == [(True, 502)]
+    assert browser.evaluate("window.__stream.source.readyState") == 2
+
+
+FAILING_TOPIC_INFO = """
+(function () {
+  var fetch = window.fetch;
+  window.fetch = function (url, init) {
+    if (/\\/topics\\/[^/]+$/.test(String(url))) { return Promise.reject(new TypeError("down")); }
+    return fetch.call(window, url, init);
+  };
+})();
+"""
