@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -224,3 +225,25 @@ def test_the_proxies_do_not_log_a_token_in_the_query(kind: Balancer, tmp_path: P
         )
     written = "".join(read_log(log) for log in logs)
     assert token not in written and "access_token" not in written, written
+
+
+@pytest.mark.parametrize("kind", BALANCERS)
+def test_the_longest_stream_request_the_broker_takes_passes_the_proxy(
+    kind: Balancer, tmp_path: Path
+) -> None:
+    """A multi-topic stream at the broker's defaults' edge (32 topics of 200
+    characters, resumed by ``?last_event_id=``, as /client.js resumes) reaches the
+    broker: nginx's 8 KiB default buffer for a request line answered it 414 (audit),
+    and the browser was told the stream was refused for good."""
+    topics = [f"t{n:02d}" + "x" * 197 for n in range(32)]
+    cursor = "!".join(f"{t}~k3j9x0a2.1732388400000-{n}" for n, t in enumerate(topics))
+    query = "&".join(f"topic={t}" for t in topics) + f"&last_event_id={quote(cursor)}"
+    line = f"GET /events?{query} HTTP/1.1"
+    assert len(line) > 13_500  # (the broker's own head limit is 16 KiB by default)
+    with StandInBroker() as broker, running_balancer(kind, [broker.port], tmp_path) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(f"{line}\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode())
+            head = read_until(sock, b"data: first", timeout=5)
+            broker.release.set()
+    assert status_of(head) == 200, head[:200]
+    assert broker.streams == 1
