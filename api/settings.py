@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.keys import ConfigError, hmac_algorithms, load_public_key
 from broker import constants as c
+from broker.ids import MAX_CURSOR_ENTRY
 from broker.redis_open import check_redis_url
 
 ENV_PREFIX = "BROKER_"
@@ -36,8 +37,16 @@ MAX_KEEP_SECONDS = 100 * 365 * 86400  # retention, TTL, idempotency: a century
 MAX_WAIT_SECONDS = 86400  # heartbeats, retries, timeouts, the drain's grace: a day
 MAX_BYTES = 2**31
 MAX_COUNT = 10**9
-MAX_TOPICS_PER_SUBSCRIPTION = 1000  # (a multi-topic cursor grows with each topic)
 MAX_WORKERS = 512
+HEAD_BESIDE_TOPICS = 1024  # a reconnect's request line and other headers, its topics aside
+
+
+def resume_head_bytes(topics: int) -> int:
+    """The longest head of a reconnect to a stream of ``topics`` topics of 200
+    characters: each in the URL (``topic=...&``) and in the cursor, and the rest."""
+    return topics * (len("topic=&") + 200 + MAX_CURSOR_ENTRY) + HEAD_BESIDE_TOPICS
+
+
 HOST_NAME = re.compile(  # (underscores too: some Compose service names have them)
     r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?"
 )
@@ -78,7 +87,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(c.DEFAULT_MAX_BODY_BYTES, ge=1, le=MAX_BYTES)
     max_batch: int = Field(c.DEFAULT_MAX_BATCH, ge=1, le=MAX_COUNT)
     max_topics_per_subscription: int = Field(
-        c.DEFAULT_MAX_TOPICS_PER_SUBSCRIPTION, ge=1, le=MAX_TOPICS_PER_SUBSCRIPTION
+        c.DEFAULT_MAX_TOPICS_PER_SUBSCRIPTION, ge=1, le=c.MOST_TOPICS_PER_SUBSCRIPTION
     )
     subscriber_buffer_bytes: int = Field(c.DEFAULT_SUBSCRIBER_BUFFER_BYTES, ge=1024, le=MAX_BYTES)
     heartbeat_seconds: float = Field(c.DEFAULT_HEARTBEAT_SECONDS, gt=0, le=MAX_WAIT_SECONDS)
@@ -141,6 +150,21 @@ class Settings(BaseSettings):
             keys = ", ".join(f"{ENV_PREFIX}{n.upper()}" for n in KEY_SETTINGS)
             raise ValueError(
                 f"{', '.join(meant)} set with no key ({keys}): authorization would be off"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _streams_can_resume(self) -> Settings:
+        """A stream's reconnect must fit the head limit: refused (431), an EventSource
+        stops for good. Its head holds every topic twice, in the URL and in the
+        cursor (audit: 80 topics of 200 characters streamed, and never resumed)."""
+        longest = resume_head_bytes(self.max_topics_per_subscription)
+        if longest > self.max_head_bytes:
+            raise ValueError(
+                f"BROKER_MAX_TOPICS_PER_SUBSCRIPTION={self.max_topics_per_subscription} "
+                f"makes a stream's reconnect up to {longest} bytes of head (its topics in "
+                f"the URL and in Last-Event-ID), over BROKER_MAX_HEAD_BYTES="
+                f"{self.max_head_bytes}: raise BROKER_MAX_HEAD_BYTES to {longest} at least"
             )
         return self
 

@@ -25,13 +25,19 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from broker.constants import MOST_TOPICS_PER_SUBSCRIPTION
 from broker.errors import InvalidEventId
 
 ORIGIN_EPOCH = "0"
 TOPIC_SEPARATOR = "~"
 ENTRY_SEPARATOR = "!"
 MAX_PART = 2**64 - 1
-MAX_CURSOR_LENGTH = 16_384
+MAX_CURSOR_ENTRY = 200 + 1 + 8 + 1 + 20 + 1 + 20 + 1
+"""The longest entry of a multi-topic cursor: ``topic~epoch.ms-seq!``."""
+MAX_CURSOR_LENGTH = MOST_TOPICS_PER_SUBSCRIPTION * MAX_CURSOR_ENTRY
+"""Every cursor the broker can send parses (a fixed 16 KiB refused those of more than
+some 65 long topics, which the settings allow: audit); a request's head bounds it
+first (``BROKER_MAX_HEAD_BYTES``, which the settings keep large enough to resume)."""
 
 StreamPosition = tuple[int, int]
 """A Redis Stream id as (milliseconds, sequence); tuples compare as stream ids do."""

@@ -78,6 +78,9 @@ def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"BROKER_REDIS_URL": " "}, "BROKER_REDIS_URL"),
         ({"BROKER_REDIS_URL": "redis://127.0.0.1:6379/0?bogus=1"}, "BROKER_REDIS_URL"),
         ({"BROKER_REDIS_URL": f"redis://:{SECRET}@127.0.0.1:abc/0"}, "BROKER_REDIS_URL"),
+        # Streams whose reconnects the head limit refuses (431: an EventSource stops):
+        ({"BROKER_MAX_TOPICS_PER_SUBSCRIPTION": "80"}, "BROKER_MAX_HEAD_BYTES"),
+        ({"BROKER_MAX_HEAD_BYTES": "8192"}, "BROKER_MAX_TOPICS_PER_SUBSCRIPTION"),
         # A time of "inf" turned off what it bounds (heartbeats, the end at exp):
         ({"BROKER_HEARTBEAT_SECONDS": "inf"}, "BROKER_HEARTBEAT_SECONDS"),
         ({"BROKER_BODY_TIMEOUT_SECONDS": "Infinity"}, "BROKER_BODY_TIMEOUT_SECONDS"),

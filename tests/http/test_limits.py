@@ -18,6 +18,7 @@ from tests.http.helpers import (
 )
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import wait_until
+from tests.support.redis_server import RedisServer
 
 MAX_EVENT = int(LIMITS["BROKER_MAX_EVENT_BYTES"])
 MAX_BODY = int(LIMITS["BROKER_MAX_BODY_BYTES"])
@@ -231,3 +232,26 @@ def test_an_idempotency_key_expires_after_the_window(limits_client: httpx.Client
     again = wait_until(stored_anew, timeout=6, interval=0.2, what="the key never expired")
     assert again.json() != first.json()
     assert stored(limits_client, topic) == 2
+
+
+async def test_a_stream_of_as_many_long_topics_as_allowed_resumes(
+    redis_server: RedisServer,
+) -> None:
+    """Topics per stream raised (and the head limit with them, as the broker asks): the
+    cursor of 80 topics of 200 characters (20,000 bytes) was refused as "cursor too
+    long" by a fixed 16 KiB bound, so those streams never resumed (audit)."""
+    topics = sorted(f"{new_topic()}-{n:02d}".ljust(200, "x") for n in range(80))
+    env = {"BROKER_MAX_TOPICS_PER_SUBSCRIPTION": "80", "BROKER_MAX_HEAD_BYTES": "65536"}
+    broker = BrokerProcess(redis_url=redis_server.url, env=env).start()
+    try:
+        async with httpx.AsyncClient(base_url=broker.url, timeout=10) as client:
+            async with SseStream(client, "/events", params={"topic": topics}) as stream:
+                await publish_json(client, topics[-1], {"data": 1})
+                first = await stream.next()
+            await publish_json(client, topics[0], {"data": 2})
+            assert first.id is not None and len(first.id) > 16_384
+            resume = {"Last-Event-ID": first.id}
+            async with SseStream(client, "/events", resume, {"topic": topics}) as stream:
+                assert (await stream.next()).data == "2"
+    finally:
+        broker.close()
