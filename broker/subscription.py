@@ -126,6 +126,11 @@ class Subscription:
         """A topic starts "now": once caught up, the stream's cursor is sent (an ``id:``
         with no data, which ``EventSource`` keeps without firing an event), so that a
         client dropping before its first event resumes from there, not from a new now."""
+        self._announce_start = len(self._starts) > 1 and "earliest" in self._starts.values()
+        """A multi-topic stream from the earliest: its starting cursor is sent before the
+        replay (an ``id:`` with no data), so that a client tells the topic of its first
+        event as of any other, by the cursor in which only that topic moved (a client
+        took every other topic to be at the origin, a trimmed one is not: audit)."""
         self._waiter: asyncio.Future[bool] | None = None
         self._consumer_idle = False
         """The consumer holds nothing and is not running: parked in ``_wait``, or (an edge
@@ -371,6 +376,9 @@ class Subscription:
                 judged = await self._judge_all(topics)
                 for index, (topic, gap) in enumerate(judged):
                     yield self._gap_frame(topic, gap, unsent=judged[index + 1 :])
+                if self._announce_start and not self._closed:
+                    self._announce_start = False  # (after the notices: it is past them)
+                    yield id_line(self._cursor()) + b"\n"
                 for topic in topics:
                     if topic not in self._over:
                         async for chunk in self._replay_topic(topic):

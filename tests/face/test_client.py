@@ -208,6 +208,28 @@ def test_a_multi_topic_subscriber_goes_on_past_one_topics_end(face_broker: Broke
     assert sorted(e.topic or "" for e in seen if e.is_end) == sorted(topics)
 
 
+def test_a_multi_topic_subscriber_from_the_earliest_tells_the_first_events_topic(
+    redis_server: RedisServer,
+) -> None:
+    """Another topic of the stream was trimmed, so its start is not the origin: the first
+    event came with topic None (the subscriber took every other topic to be at the
+    origin; audit). The stream now sends its starting cursor before the replay."""
+    trimmed, other = _topic("trim"), _topic("all")  # ("all" first: replayed first)
+    env = {"BROKER_TOPIC_POLICIES": '[{"pattern": "face.trim.*", "maxlen": 5}]'}
+    broker = BrokerProcess(redis_url=redis_server.url, env=env).start()
+    try:
+        with Publisher(broker.url) as publisher:
+            publisher.publish(other, "first")
+            publisher.publish_batch(trimmed, [event(n) for n in range(300)])
+        assert int(httpx.get(f"{broker.url}/topics/{trimmed}").json()["length"]) < 300
+        with Subscriber([other, trimmed], broker.url, from_earliest=True) as subscriber:
+            first, second = next(iter(subscriber)), next(iter(subscriber))
+    finally:
+        broker.close()
+    assert (first.data, first.topic) == ('"first"', other)
+    assert second.topic == trimmed
+
+
 def test_a_topic_closed_then_deleted_counts_as_one_end(own_broker: BrokerProcess) -> None:
     """A multi-topic subscriber saw ``a``'s end; ``a`` is then deleted, and the subscriber,
     coming back after a drop, is told of the deletion too: two ends of one topic. It
