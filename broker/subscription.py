@@ -252,9 +252,13 @@ class Subscription:
                 return written
         if batch.from_origin and batch.epoch is not None:
             self._log_starts.setdefault(batch.topic, batch.entries[0])
+        backlog = self._pending_bytes
         self._pending += batch.entries
         self._pending_bytes += batch.size
-        if self._pending_bytes > self._buffer_limit:
+        if backlog and self._pending_bytes > self._buffer_limit:
+            # Too slow: what it was handed before is still queued. One burst alone,
+            # however large, is taken whole (a reader at full speed was dropped by a
+            # few large events at once: audit).
             self._overflow()
         self._wake(True)
         return 0
@@ -270,8 +274,8 @@ class Subscription:
         None when this cannot be done here (another log than the cursor's, the
         topic's end, or the client's socket is full): the entries then take the
         queued path. What the socket could not send at once stays in the edge's
-        buffer, and counts against the same limit as a queue: past it, the
-        subscriber is dropped.
+        buffer, and counts against the same limit as a queue: past it when the next
+        events come, the subscriber is dropped (one burst is written whole).
         """
         if batch.ends:
             return None  # the queued path delivers an end or a deletion, then ends the stream
@@ -290,6 +294,12 @@ class Subscription:
         if not fresh:
             return 0
         sink = self._sink
+        if sink.unsent_bytes() > self._buffer_limit:
+            # What it was written before is still unsent, past the limit: too slow. (Judged
+            # before this write, not after: one burst larger than the limit, written whole
+            # to a client reading at full speed, dropped it; audit.)
+            self._overflow()
+            return 0
         if self._multi:
             positions = dict(self._positions)  # committed only once written
             chunk = b"".join(self._frame(e, positions) for e in fresh)
@@ -300,8 +310,6 @@ class Subscription:
         if not sink.write(chunk):
             return None
         self._positions[topic] = batch.last_id if fresh is entries else fresh[-1].id
-        if sink.unsent_bytes() > self._buffer_limit:
-            self._overflow()
         return len(fresh)
 
     def beat_if_due(self, now: float, due_after: float) -> None:

@@ -244,6 +244,28 @@ async def test_one_cursor_resumes_every_topic(broker: Broker, topic: str, consum
         resumed.close()
 
 
+async def test_one_burst_past_the_buffer_is_taken_whole(
+    store: RedisStreamStore, topic: str, consume: Consume
+) -> None:
+    """One live read larger than ``subscriber_buffer_bytes`` (a batch of large events),
+    handed to a subscriber with nothing queued, is no slowness: it was dropped for it
+    (audit). The limit bounds a backlog: what is queued when more comes."""
+    broker = Broker(store, limits=BrokerLimits(subscriber_buffer_bytes=4096))
+    await broker.start()
+    try:
+        await publish_numbers(broker, topic, range(-1, 0))
+        subscription, chunks = await consume(broker, {topic: "now"})
+        reading = asyncio.create_task(collect(chunks, lambda ev: len(ev) >= 4, timeout=10))
+        await await_until(lambda: subscription.is_live, timeout=5, what="live")
+        burst = [NewEvent(str(n) + " " * 2000) for n in range(4)]  # ~8 KB in one read
+        await broker.publish(topic, burst)
+        assert [int(e.data) for e in await reading] == [0, 1, 2, 3]
+        subscription.close()
+    finally:
+        await broker.heartbeats.close()
+        await broker.hub.close()
+
+
 async def test_a_slow_subscriber_is_dropped_and_others_get_everything(
     store: RedisStreamStore, topic: str
 ) -> None:

@@ -99,6 +99,9 @@ class PushConsumer:
         self.ended_by_subscription = False
         self.unsent = 0
         """What ``unsent_bytes`` reports: a test sets it to play a client that stopped reading."""
+        self.was_dropped = False
+        self.unsent_after_write = False
+        """Each write adds its size to ``unsent``: a socket that took none of it yet."""
         self._received: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
 
@@ -115,6 +118,8 @@ class PushConsumer:
 
     def write(self, chunk: bytes) -> bool:
         self.direct_writes += 1
+        if self.unsent_after_write:
+            self.unsent += len(chunk)
         self._received.put_nowait(chunk)
         return True
 
@@ -127,6 +132,7 @@ class PushConsumer:
             self._pump = asyncio.get_running_loop().create_task(self._run_pump())
 
     def dropped(self) -> None:
+        self.was_dropped = True
         self._received.put_nowait(SubscriberTooSlow())
 
     def ended(self) -> None:
