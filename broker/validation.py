@@ -59,9 +59,18 @@ def check_idempotency_key(key: str | None) -> str | None:
 def check_size(data: str, max_event_bytes: int, event: str | None = None) -> None:
     """An event's data and its type together: both are stored and sent with it (a
     900 KB type with 1 byte of data passed a 64 KiB limit)."""
-    extra = 0 if event is None else len(event.encode())
-    if len(data) + extra > max_event_bytes or len(data.encode()) + extra > max_event_bytes:
+    extra = 0 if event is None else len(_utf8(event, "event"))
+    if len(data) + extra > max_event_bytes or len(_utf8(data, "data")) + extra > max_event_bytes:
         raise TooLarge(f"an event is larger than {max_event_bytes} bytes", limit=max_event_bytes)
+
+
+def _utf8(text: str, field: str) -> bytes:
+    """``text`` in UTF-8, or InvalidInput: a Python string may hold a lone surrogate,
+    which has none (the direct publisher raised a bare UnicodeEncodeError; audit)."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{field}: not valid Unicode (a lone surrogate)", field=field) from None
 
 
 _LONG_NUMBER = re.compile(rb"\d{20}|-\d{19}")

@@ -88,6 +88,7 @@ def _utf8(text: str) -> bytes:
 def _query(close: bool, event_type: str | None = None) -> dict[str, str]:
     params = {"close": "true"} if close else {}
     if event_type is not None:
+        _utf8(event_type)  # (a lone surrogate: a ValueError here, not from inside httpx)
         params["event"] = event_type
     return params
 

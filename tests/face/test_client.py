@@ -682,3 +682,36 @@ async def test_a_direct_publisher_refuses_a_nan_or_an_infinity(
             await publisher.publish_batch(topic, [event(1), event(data)])
     with redis.Redis.from_url(redis_server.url) as client:
         assert client.exists(c.log_key(topic)) == 0
+
+
+async def test_a_direct_publisher_refuses_a_lone_surrogate_as_bad_input(
+    redis_server: RedisServer,
+) -> None:
+    """A Python string may hold a lone surrogate, which UTF-8 has not: the direct
+    publisher raised a bare UnicodeEncodeError (audit), where a bad event is the core's
+    ``InvalidInput``; nothing is stored."""
+    topic = _topic("surrogate")
+    async with DirectPublisher(redis_server.url) as publisher:
+        for attempt in (
+            publisher.publish_text(topic, "a\ud800"),
+            publisher.publish(topic, {"\udc00": 1}),
+            publisher.publish(topic, 1, event="\ud800"),
+            publisher.publish_batch(topic, [event(1), event("\ud800")]),
+        ):
+            with pytest.raises(broker_errors.InvalidInput, match="lone surrogate"):
+                await attempt
+    with redis.Redis.from_url(redis_server.url) as client:
+        assert client.exists(c.log_key(topic)) == 0
+
+
+def test_a_publisher_refuses_an_event_type_with_a_lone_surrogate_before_sending(
+    face_broker: BrokerProcess,
+) -> None:
+    """As it refuses such data: a ValueError naming it, not a UnicodeEncodeError from
+    inside httpx (audit); nothing reaches the broker."""
+    topic = _topic("surrogate-type")
+    with Publisher(face_broker.url) as publisher:
+        with pytest.raises(ValueError, match="not valid Unicode") as refused:
+            publisher.publish_text(topic, "x", event="\ud800")
+    assert not isinstance(refused.value, UnicodeEncodeError)
+    assert httpx.get(f"{face_broker.url}/topics/{topic}").status_code == 404
