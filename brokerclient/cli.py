@@ -188,8 +188,12 @@ def _read_stdin() -> str:
         text.encode("utf-8")
     except UnicodeError as error:
         raise UsageError(f"stdin is not UTF-8 text: {error}") from None
-    # `echo hello | broker publish t --text` means "hello", as $(...) would.
-    return text[:-1] if text.endswith("\n") else text
+    # `echo hello | broker publish t --text` means "hello", as $(...) would; and a
+    # line ended CRLF (a Windows file, `printf 'a\r\n'`) means "a" too, not "a\r".
+    for ending in ("\r\n", "\n"):
+        if text.endswith(ending):
+            return text[: -len(ending)]
+    return text
 
 
 def _json_data(raw: str) -> Any:

@@ -229,3 +229,16 @@ def test_publish_of_text_that_is_not_unicode_is_a_usage_error(face_broker: Broke
     done = broker("publish", f"cli.{uuid.uuid4().hex[:8]}", '"\\ud800x"', url=face_broker.url)
     assert done.returncode == 2, done.stderr
     assert "not valid Unicode text" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_text_from_stdin_loses_its_last_line_ending_crlf_too(face_broker: BrokerProcess) -> None:
+    """`printf 'a\\r\\n' | broker publish t --text` stored "a\\r" (audit): one final line
+    ending is dropped, LF or CRLF, as for `echo a |`; any other is the text's own."""
+    topic = f"cli.{uuid.uuid4().hex[:8]}"
+    for stdin in ("a\r\n", "b\n", "c\r\n\r\n", "d"):
+        done = broker("publish", topic, "--text", url=face_broker.url, stdin=stdin)
+        assert done.returncode == 0, done.stderr
+    history = httpx.get(
+        f"{face_broker.url}/topics/{topic}/events", headers={"Accept": "application/json"}
+    ).json()["events"]
+    assert [e["data"] for e in history] == ["a", "b", "c\r\n", "d"]
