@@ -27,7 +27,11 @@ STREAMED = 120  # topics one stream follows: more than /stats answers of them (1
 @pytest.fixture
 def wide_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
     """A broker whose streams may follow STREAMED topics and more."""
-    env = {"BROKER_HEARTBEAT_SECONDS": "1", "BROKER_MAX_TOPICS_PER_SUBSCRIPTION": "200"}
+    env = {
+        "BROKER_HEARTBEAT_SECONDS": "1",
+        "BROKER_MAX_TOPICS_PER_SUBSCRIPTION": "200",
+        "BROKER_MAX_HEAD_BYTES": "131072",  # (what the reconnect of such a stream may take)
+    }
     process = BrokerProcess(redis_url=redis_server.url, env=env)
     process.start()
     yield process
