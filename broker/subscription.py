@@ -320,7 +320,16 @@ class Subscription:
         ):
             self.expire()
             return
-        if now - self._last_beat < due_after or self._closed:
+        if self._closed or self._dropped:
+            return
+        if self._sink.unsent_bytes() + self._pending_bytes > self._buffer_limit:
+            # Still past the limit at the clock's tick (a third of a heartbeat interval):
+            # a burst taken whole was not read. Without this, a client that stopped
+            # reading held it until its topic's next event (review: 18 MB each, for a
+            # multi-topic stream's own frames).
+            self._overflow()
+            return
+        if now - self._last_beat < due_after:
             return
         if self._parked_live() and self._sink.write(HEARTBEAT):
             self._last_beat = now

@@ -587,6 +587,37 @@ async def test_one_burst_past_the_buffer_to_a_client_that_reads_is_written_whole
         await broker.close()
 
 
+@pytest.mark.parametrize("topics", [1, 2])
+async def test_a_burst_a_client_does_not_read_is_dropped_at_the_clocks_next_tick(
+    redis_server: RedisServer, topic: str, topics: int
+) -> None:
+    """A burst past the buffer, taken whole, that its client does not read: dropped at
+    the heartbeat clock's next tick, not held until the topic's next event (review: a
+    multi-topic stream's own frames, 18 MB each, held for as long as its topics were
+    quiet)."""
+    broker = Broker(
+        open_store(redis_server.url),
+        limits=BrokerLimits(subscriber_buffer_bytes=4096, heartbeat_seconds=0.3),
+    )
+    await broker.start()
+    try:
+        named = [topic, f"{topic}.other"][:topics]
+        for each in named:
+            await publish(broker, each, range(1))
+        sink = PushConsumer()
+        subscription = await broker.subscribe(dict.fromkeys(named, "now"), sink=sink)
+        sink.start(subscription)
+        await await_until(
+            lambda: subscription.is_live and not sink.pumping, timeout=5, what="live, pump ended"
+        )
+        sink.unsent_after_write = True  # (and it never reads)
+        await broker.publish(topic, [NewEvent('"' + "x" * 2000 + '"') for _ in range(4)])
+        await await_until(lambda: sink.was_dropped, timeout=5, what="dropped at a tick")
+        assert sink.direct_writes == 1  # (the burst was written: no event came after it)
+    finally:
+        await broker.close()
+
+
 async def test_a_stream_that_catches_up_after_a_delete_is_told_and_ends(
     redis_broker: Broker, topic: str
 ) -> None:
