@@ -43,7 +43,9 @@ HEAD_BESIDE_TOPICS = 1024  # a reconnect's request line and other headers, its t
 
 def resume_head_bytes(topics: int) -> int:
     """The longest head of a reconnect to a stream of ``topics`` topics of 200
-    characters: each in the URL (``topic=...&``) and in the cursor, and the rest."""
+    characters: each in the URL (``topic=...&``) and in the cursor, and the rest. (A
+    browser's reconnect of a stream opened by ``?last_event_id=`` sends its newer id in
+    ``Last-Event-ID`` too: /client.js outlasts that 431 by opening it again.)"""
     return topics * (len("topic=&") + 200 + MAX_CURSOR_ENTRY) + HEAD_BESIDE_TOPICS
 
 

@@ -124,14 +124,18 @@
 
   // The URL with ?last_event_id=<id>, replacing any the caller put there; the place
   // EARLIEST (a topic that had no event when the stream began) is ?from=earliest.
+  // The query is kept as written and the id added unencoded ("~", "!" and ":" are legal
+  // in a query): URLSearchParams encoded all three, in the topics too, and a stream of
+  // long topic names outgrew the broker's head limit on resuming (431, for good).
   function resumeUrl(url, id) {
     var absolute = new URL(url, global.location.href);
-    if (id === EARLIEST) {
-      absolute.searchParams.delete("last_event_id");
-      absolute.searchParams.set("from", "earliest");
-    } else {
-      absolute.searchParams.set("last_event_id", id);
-    }
+    var replaced = id === EARLIEST ? ["last_event_id", "from"] : ["last_event_id"];
+    var kept = absolute.search.slice(1).split("&").filter(function (pair) {
+      return pair && replaced.indexOf(pair.split("=")[0]) < 0;
+    });
+    kept.push(id === EARLIEST ? "from=earliest"
+                              : "last_event_id=" + encodeURIComponent(id).replace(/%3A/gi, ":"));
+    absolute.search = "?" + kept.join("&");
     return absolute.href;
   }
 
