@@ -320,14 +320,18 @@ class Subscription:
         ):
             self.expire()
             return
-        if self._closed or self._dropped:
+        if self._closed:
             return
-        if self._sink.unsent_bytes() + self._pending_bytes > self._buffer_limit:
+        if (
+            not self._dropped
+            and self._sink.unsent_bytes() + self._pending_bytes > self._buffer_limit
+        ):
             # Still past the limit at the clock's tick (a third of a heartbeat interval):
             # a burst taken whole was not read. Without this, a client that stopped
             # reading held it until its topic's next event (review: 18 MB each, for a
             # multi-topic stream's own frames).
             self._overflow()
+            self._wake(True)  # (its consumer sees the drop, or resyncs if catching up)
             return
         if now - self._last_beat < due_after:
             return
