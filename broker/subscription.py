@@ -131,6 +131,7 @@ class Subscription:
         replay (an ``id:`` with no data), so that a client tells the topic of its first
         event as of any other, by the cursor in which only that topic moved (a client
         took every other topic to be at the origin, a trimmed one is not: audit)."""
+        self._backlog_at_tick: int | None = None  # (see _stopped_reading)
         self._waiter: asyncio.Future[bool] | None = None
         self._consumer_idle = False
         """The consumer holds nothing and is not running: parked in ``_wait``, or (an edge
@@ -322,16 +323,9 @@ class Subscription:
             return
         if self._closed:
             return
-        if (
-            not self._dropped
-            and self._sink.unsent_bytes() + self._pending_bytes > self._buffer_limit
-        ):
-            # Still past the limit at the clock's tick (a third of a heartbeat interval):
-            # a burst taken whole was not read. Without this, a client that stopped
-            # reading held it until its topic's next event (review: 18 MB each, for a
-            # multi-topic stream's own frames).
+        if self._stopped_reading():
             self._overflow()
-            self._wake(True)  # (its consumer sees the drop, or resyncs if catching up)
+            self._wake(True)  # (its consumer sees the drop)
             return
         if now - self._last_beat < due_after:
             return
@@ -339,6 +333,22 @@ class Subscription:
             self._last_beat = now
         else:
             self._wake(False)
+
+    def _stopped_reading(self) -> bool:
+        """Past the buffer limit at two of the clock's ticks in a row (a third of a
+        heartbeat interval apart), with nothing read between them: a burst taken whole
+        that its client does not read. Without this, a client that stopped reading
+        held it until its topic's next event (review: 18 MB each, for a multi-topic
+        stream's own frames); judged at one tick, a reader at full speed, caught
+        mid-burst, was dropped (second review). Not while catching up: ``offer``
+        bounds the queue then, and the consumer is running."""
+        if self._dropped or self._catching_up:
+            self._backlog_at_tick = None
+            return False
+        backlog = self._sink.unsent_bytes() + self._pending_bytes
+        before, self._backlog_at_tick = self._backlog_at_tick, backlog
+        limit = self._buffer_limit
+        return backlog > limit and before is not None and before > limit and backlog >= before
 
     def _all_over(self) -> bool:
         return len(self._over) == len(self._starts)

@@ -127,11 +127,17 @@
   // The query is kept as written and the id added unencoded ("~", "!" and ":" are legal
   // in a query): URLSearchParams encoded all three, in the topics too, and a stream of
   // long topic names outgrew the broker's head limit on resuming (431, for good).
+  // A query pair's name as the broker reads it (last%5Fevent%5Fid is last_event_id).
+  function paramName(pair) {
+    var name = pair.split("=")[0].replace(/\+/g, " ");
+    try { return decodeURIComponent(name); } catch (malformed) { return name; }
+  }
+
   function resumeUrl(url, id) {
     var absolute = new URL(url, global.location.href);
     var replaced = id === EARLIEST ? ["last_event_id", "from"] : ["last_event_id"];
     var kept = absolute.search.slice(1).split("&").filter(function (pair) {
-      return pair && replaced.indexOf(pair.split("=")[0]) < 0;
+      return pair && replaced.indexOf(paramName(pair)) < 0;
     });
     kept.push(id === EARLIEST ? "from=earliest"
                               : "last_event_id=" + encodeURIComponent(id).replace(/%3A/gi, ":"));

@@ -618,6 +618,49 @@ async def test_a_burst_a_client_does_not_read_is_dropped_at_the_clocks_next_tick
         await broker.close()
 
 
+async def test_a_client_reading_a_burst_between_ticks_is_not_dropped(
+    redis_server: RedisServer, topic: str
+) -> None:
+    """Past the limit at one tick is no slowness: a reader at full speed, caught
+    mid-burst by the clock, was dropped (second review). Dropped only past it at two
+    ticks in a row with nothing read between them. (The clock's calls made here, its
+    own ticks too far apart to come.)"""
+    broker = Broker(
+        open_store(redis_server.url),
+        limits=BrokerLimits(subscriber_buffer_bytes=4096, heartbeat_seconds=30),
+    )
+    await broker.start()
+    try:
+        await publish(broker, topic, range(1))
+        sink = PushConsumer()
+        subscription = await broker.subscribe({topic: "now"}, sink=sink)
+        sink.start(subscription)
+        await await_until(
+            lambda: subscription.is_live and not sink.pumping, timeout=5, what="live, pump ended"
+        )
+        sink.unsent_after_write = True
+        await broker.publish(topic, [NewEvent('"' + "x" * 2000 + '"') for _ in range(4)])
+        await await_until(lambda: sink.direct_writes == 1, timeout=5, what="the burst written")
+
+        def tick() -> None:
+            subscription.beat_if_due(time.monotonic(), due_after=1e9)
+
+        tick()  # past the limit: noted
+        sink.unsent -= 1000  # it reads, still past the limit
+        tick()
+        sink.unsent = 0  # it read it all
+        tick()
+        tick()
+        assert not sink.was_dropped
+        sink.unsent = 5000  # past the limit again, and then it reads nothing
+        tick()
+        assert not sink.was_dropped
+        tick()
+        assert sink.was_dropped
+    finally:
+        await broker.close()
+
+
 async def test_a_stream_that_catches_up_after_a_delete_is_told_and_ends(
     redis_broker: Broker, topic: str
 ) -> None:
