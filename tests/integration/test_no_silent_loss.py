@@ -9,6 +9,7 @@ or stopping the heartbeat, direct writes past the subscriber's buffer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,6 +25,7 @@ from broker import (
     StartFrom,
     StoreUnavailable,
     SubscriberTooSlow,
+    Subscription,
 )
 from broker import constants as c
 from broker.errors import StreamOver
@@ -523,24 +525,48 @@ async def test_a_stream_ends_when_its_credentials_are_revoked(
     assert sink is None or sink.ended_by_subscription
 
 
+SMALL_BUFFER = 4096
+
+
+def burst() -> list[NewEvent]:
+    """About 8 KB in one publish: twice SMALL_BUFFER."""
+    return [NewEvent('"' + "x" * 2000 + '"') for _ in range(4)]
+
+
+@contextlib.asynccontextmanager
+async def pushed_live(
+    redis_url: str, topics: list[str], heartbeat_seconds: float
+) -> AsyncIterator[tuple[Broker, PushConsumer, Subscription]]:
+    """A broker whose subscribers may hold SMALL_BUFFER, and a subscription from now on
+    ``topics`` (each with a log, so live entries are of its epoch) pushed to a
+    PushConsumer, live, its pump ended: the next entries are written directly."""
+    broker = Broker(
+        open_store(redis_url),
+        limits=BrokerLimits(
+            subscriber_buffer_bytes=SMALL_BUFFER, heartbeat_seconds=heartbeat_seconds
+        ),
+    )
+    await broker.start()
+    try:
+        for each in topics:
+            await publish(broker, each, range(1))
+        sink = PushConsumer()
+        subscription = await broker.subscribe(dict.fromkeys(topics, "now"), sink=sink)
+        sink.start(subscription)
+        await await_until(
+            lambda: subscription.is_live and not sink.pumping, timeout=5, what="live, pump ended"
+        )
+        yield broker, sink, subscription
+    finally:
+        await broker.close()
+
+
 async def test_a_direct_write_past_the_buffer_drops_the_subscriber(
     redis_server: RedisServer, topic: str
 ) -> None:
     """What a direct write leaves unsent counts against ``subscriber_buffer_bytes``, as a
     queue does: a client that stopped reading is dropped, not written to forever."""
-    broker = Broker(
-        open_store(redis_server.url),
-        limits=BrokerLimits(subscriber_buffer_bytes=4096, heartbeat_seconds=0.3),
-    )
-    await broker.start()
-    try:
-        await publish(broker, topic, range(1))  # the log exists: live entries are of its epoch
-        sink = PushConsumer()
-        subscription = await broker.subscribe({topic: "now"}, sink=sink)
-        sink.start(subscription)
-        await await_until(
-            lambda: subscription.is_live and not sink.pumping, timeout=5, what="live, pump ended"
-        )
+    async with pushed_live(redis_server.url, [topic], 0.3) as (broker, sink, subscription):
         sink.unsent = 5000  # its socket took nothing of late
         await broker.publish(topic, [NewEvent('"' + "x" * 200 + '"')])
         with pytest.raises(SubscriberTooSlow):
@@ -549,8 +575,6 @@ async def test_a_direct_write_past_the_buffer_drops_the_subscriber(
                     pass
         assert sink.direct_writes == 0  # (dropped before it was written more)
         subscription.close()
-    finally:
-        await broker.close()
 
 
 async def test_one_burst_past_the_buffer_to_a_client_that_reads_is_written_whole(
@@ -560,22 +584,9 @@ async def test_one_burst_past_the_buffer_to_a_client_that_reads_is_written_whole
     had read everything before, stays unsent a moment: that is no slowness (a reader at
     full speed was dropped by a few large events at once; audit). Dropped only if it
     is still unsent when the next events come."""
-    broker = Broker(
-        open_store(redis_server.url),
-        limits=BrokerLimits(subscriber_buffer_bytes=4096, heartbeat_seconds=30),
-    )
-    await broker.start()
-    try:
-        await publish(broker, topic, range(1))
-        sink = PushConsumer()
-        subscription = await broker.subscribe({topic: "now"}, sink=sink)
-        sink.start(subscription)
-        await await_until(
-            lambda: subscription.is_live and not sink.pumping, timeout=5, what="live, pump ended"
-        )
-        burst = [NewEvent('"' + "x" * 2000 + '"') for _ in range(4)]  # ~8 KB: twice the limit
+    async with pushed_live(redis_server.url, [topic], 30) as (broker, sink, subscription):
         sink.unsent_after_write = True  # (its socket holds what was written, a moment)
-        await broker.publish(topic, burst)
+        await broker.publish(topic, burst())
         await await_until(lambda: sink.direct_writes == 1, timeout=5, what="the burst written")
         assert not sink.was_dropped, "dropped for one burst"
         sink.unsent = 0  # it read the burst
@@ -583,8 +594,6 @@ async def test_one_burst_past_the_buffer_to_a_client_that_reads_is_written_whole
         await await_until(lambda: sink.direct_writes == 2, timeout=5, what="the next written")
         assert not sink.was_dropped
         subscription.close()
-    finally:
-        await broker.close()
 
 
 @pytest.mark.parametrize("topics", [1, 2])
@@ -595,27 +604,12 @@ async def test_a_burst_a_client_does_not_read_is_dropped_at_the_clocks_next_tick
     the heartbeat clock's next tick, not held until the topic's next event (review: a
     multi-topic stream's own frames, 18 MB each, held for as long as its topics were
     quiet)."""
-    broker = Broker(
-        open_store(redis_server.url),
-        limits=BrokerLimits(subscriber_buffer_bytes=4096, heartbeat_seconds=0.3),
-    )
-    await broker.start()
-    try:
-        named = [topic, f"{topic}.other"][:topics]
-        for each in named:
-            await publish(broker, each, range(1))
-        sink = PushConsumer()
-        subscription = await broker.subscribe(dict.fromkeys(named, "now"), sink=sink)
-        sink.start(subscription)
-        await await_until(
-            lambda: subscription.is_live and not sink.pumping, timeout=5, what="live, pump ended"
-        )
+    named = [topic, f"{topic}.other"][:topics]
+    async with pushed_live(redis_server.url, named, 0.3) as (broker, sink, _):
         sink.unsent_after_write = True  # (and it never reads)
-        await broker.publish(topic, [NewEvent('"' + "x" * 2000 + '"') for _ in range(4)])
+        await broker.publish(topic, burst())
         await await_until(lambda: sink.was_dropped, timeout=5, what="dropped at a tick")
         assert sink.direct_writes == 1  # (the burst was written: no event came after it)
-    finally:
-        await broker.close()
 
 
 async def test_a_client_reading_a_burst_between_ticks_is_not_dropped(
@@ -625,21 +619,9 @@ async def test_a_client_reading_a_burst_between_ticks_is_not_dropped(
     mid-burst by the clock, was dropped (second review). Dropped only past it at two
     ticks in a row with nothing read between them. (The clock's calls made here, its
     own ticks too far apart to come.)"""
-    broker = Broker(
-        open_store(redis_server.url),
-        limits=BrokerLimits(subscriber_buffer_bytes=4096, heartbeat_seconds=30),
-    )
-    await broker.start()
-    try:
-        await publish(broker, topic, range(1))
-        sink = PushConsumer()
-        subscription = await broker.subscribe({topic: "now"}, sink=sink)
-        sink.start(subscription)
-        await await_until(
-            lambda: subscription.is_live and not sink.pumping, timeout=5, what="live, pump ended"
-        )
+    async with pushed_live(redis_server.url, [topic], 30) as (broker, sink, subscription):
         sink.unsent_after_write = True
-        await broker.publish(topic, [NewEvent('"' + "x" * 2000 + '"') for _ in range(4)])
+        await broker.publish(topic, burst())
         await await_until(lambda: sink.direct_writes == 1, timeout=5, what="the burst written")
 
         def tick() -> None:
@@ -657,8 +639,6 @@ async def test_a_client_reading_a_burst_between_ticks_is_not_dropped(
         assert not sink.was_dropped
         tick()
         assert sink.was_dropped
-    finally:
-        await broker.close()
 
 
 async def test_a_stream_that_catches_up_after_a_delete_is_told_and_ends(
