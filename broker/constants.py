@@ -128,6 +128,15 @@ CLUSTER_NODE_POLL_S = 0.5
 """The most a Cluster poll waits for one node: the others' topics go on without it."""
 CLUSTER_NODE_STUCK_S = 3.0
 """A node whose read has taken this long has failed (its topics' unread spell begins)."""
+CLUSTER_MIGRATION_PATIENCE_S = 2.0
+"""How long a topic's command waits out TRYAGAIN while its slot migrates (its keys
+split between two nodes; see redis_slots), then a 503. Under the publish deadline
+(BROKER_PUBLISH_TIMEOUT_SECONDS, 5 s by default), so the 503 says why."""
+CLUSTER_TRYAGAIN_FIRST_PAUSE_S = 0.005
+CLUSTER_TRYAGAIN_MAX_PAUSE_S = 0.05
+"""The pause before trying again after TRYAGAIN: doubled each time, up to this."""
+CLUSTER_MAX_REDIRECTS = 16
+"""MOVED or ASK answers in a row before a command is refused (redis-py's own bound)."""
 # Command connections per Redis server (per Cluster primary), all opened when the
 # store opens and kept open: a process holds as many idle as under load. Commands
 # beyond them wait for a free one (up to REDIS_POOL_WAIT_SECONDS). Few are needed:

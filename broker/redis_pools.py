@@ -23,6 +23,11 @@ changes one fails that test first, naming it and its user):
 - ``redis_store`` and ``redis_live``: ``RedisCluster.nodes_manager.slots_cache``
   and ``.nodes_manager.initialize()`` (async), ``get_node_from_key``, ``keyslot``;
 - ``redis_options``: ``ConnectionPool.disconnect(inuse_connections=)`` (async).
+- ``redis_slots``: ``ClusterNode.acquire_connection()``, ``.release()``,
+  ``.parse_response(connection, command)`` (async); a connection's
+  ``pack_command(s)``, ``send_packed_command``, ``read_response``,
+  ``disconnect(nowait=)``; ``RedisCluster.get_node(host=, port=)``,
+  ``.nodes_manager.move_slot(MovedError)`` (async).
 """
 
 from __future__ import annotations
@@ -190,10 +195,11 @@ class BoundedCluster(RedisCluster):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._turns = asyncio.Semaphore(kwargs["max_connections"])
+        # (public: the store's SlotCommands, which take a node's connection, wait here too)
+        self.turns = asyncio.Semaphore(kwargs["max_connections"])
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        async with self._turns:
+        async with self.turns:
             return await super().execute_command(*args, **kwargs)
 
 

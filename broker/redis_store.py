@@ -45,9 +45,10 @@ from broker.redis_checks import (
 )
 from broker.redis_live import AnyLiveReader, LiveReader, LocalWrites
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
-from broker.redis_pools import FixedPool, open_cluster_pools
+from broker.redis_pools import BoundedCluster, FixedPool, open_cluster_pools
 from broker.redis_primary import PrimaryWatch
 from broker.redis_raw import RawConnection
+from broker.redis_slots import CLUSTER_REDIRECTED, SlotCommands
 from broker.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,12 @@ class RedisStreamStore:
             if not isinstance(client, RedisCluster)
             else None
         )
+        # On a Cluster the topics' scripts go by SlotCommands: through a slot's migration.
+        self._slots = (
+            SlotCommands(client, client.turns, c.CLUSTER_MIGRATION_PATIENCE_S)
+            if isinstance(client, BoundedCluster)
+            else None
+        )
         self._state_script = client.register_script(_lua("state.lua"))
         self._range_script = client.register_script(_lua("range.lua"))
         self._delete_script = client.register_script(_lua("delete.lua"))
@@ -338,7 +345,13 @@ class RedisStreamStore:
     async def _append_once(self, keys: list[str], args: list[str | int], linger: float) -> Any:
         if self._pipeline is not None:
             return await self._pipeline.call(keys, args, linger)
-        return await self._append_script(keys=keys, args=args)
+        return await self._run(self._append_script, keys, args)
+
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """A script of one topic's keys: on a Cluster, through its slot's migration."""
+        if self._slots is not None:
+            return await self._slots.run_script(script, keys, args)
+        return await script(keys=keys, args=args)
 
     async def _append_and_wait(self, keys: list[str], args: list[str | int]) -> Any:
         """Append, then WAIT on the same connection until a replica has it, or refuse.
@@ -425,7 +438,7 @@ class RedisStreamStore:
         start = "(" + position if position else "-"
         keys = [c.log_key(topic), c.meta_key(topic)]
         epoch, trimmed, raw, found, cut, losses = await self._call(
-            self._range_script(keys=keys, args=[start, count, position, max_bytes])
+            self._run(self._range_script, keys, [start, count, position, max_bytes])
         )
         return LogPage(
             entries=[LogEntry.from_redis(topic, id_, flat) for id_, flat in raw],
@@ -540,7 +553,7 @@ class RedisStreamStore:
     async def delete(self, topic: str) -> bool:
         """Delete the topic now; False if it had no log. Its live readers see a marker."""
         keys = _topic_keys(topic)
-        marker = await self._call(self._delete_script(keys=keys, args=[c.DELETED_LINGER_MS]))
+        marker = await self._call(self._run(self._delete_script, keys, [c.DELETED_LINGER_MS]))
         if self._local_writes is not None:
             self._local_writes.written(keys[0])
         return bool(marker)
@@ -568,7 +581,7 @@ class RedisStreamStore:
     async def _state(self, topic: str, reader: list[str] | None = None) -> LogState:
         keys = [c.log_key(topic), c.meta_key(topic)]
         max_age = self.policies.for_topic(topic).max_age_ms
-        reply = await self._call(self._state_script(keys=keys, args=[max_age, *(reader or ())]))
+        reply = await self._call(self._run(self._state_script, keys, [max_age, *(reader or ())]))
         (epoch, trimmed, length, first, last, end, expires_in) = reply[:7]
         deleted, marker, lost, issued, deleted_before, clock = reply[7:]
         return LogState(
@@ -679,6 +692,8 @@ class RedisStreamStore:
         await self._live.close()
         if self._pipeline is not None:
             await self._pipeline.close()
+        if self._slots is not None:
+            await self._slots.close()
         for node_client in self._node_clients.values():
             await node_client.aclose()
         await self._client.aclose()
@@ -708,13 +723,6 @@ class RedisStreamStore:
             # and a retry with the Idempotency-Key, never a 500; and said loudly.
             log.exception("redis: the client failed unexpectedly")
             raise StoreUnavailable(f"the redis client failed: {error!r}") from error
-
-
-CLUSTER_REDIRECTED = (
-    "the redis cluster kept redirecting the command (the topic's slot is moving between "
-    "nodes, or a failover is under way), so it ran nowhere: retry (with the same "
-    "Idempotency-Key)"
-)
 
 
 def _unreachable_reason(error: BaseException) -> str:

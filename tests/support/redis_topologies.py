@@ -407,6 +407,18 @@ class RedisClusterGroup:
         self.wait_until_ok(timeout)
         return port
 
+    def node_id(self, port: int) -> str:
+        reply: Any = self.client(port).execute_command("CLUSTER", "MYID")
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    def tryagain_replies(self) -> int:
+        """How many TRYAGAIN errors the live nodes have answered (INFO errorstats)."""
+        total = 0
+        for port in self.live_ports:
+            stats: Any = self.client(port).info("errorstats")
+            total += int(stats.get("errorstat_TRYAGAIN", {}).get("count", 0))
+        return total
+
     def connected_clients(self, port: int) -> int:
         info: Any = self.client(port).info("clients")
         return int(info["connected_clients"])
@@ -417,3 +429,45 @@ class RedisClusterGroup:
             server.close()
         self.servers.clear()
         self.tls_ports.clear()
+
+
+class SlotMigration:
+    """One slot moved from its primary to another, step by step, as ``redis-cli --cluster
+    reshard`` does: IMPORTING on the target, MIGRATING on the source, its keys moved
+    by MIGRATE, then SETSLOT NODE on the target, the source and the others."""
+
+    def __init__(self, cluster: RedisClusterGroup, slot: int, source: int, target: int) -> None:
+        self.cluster, self.slot, self.source, self.target = cluster, slot, source, target
+
+    def begin(self) -> None:
+        source_id, target_id = self.cluster.node_id(self.source), self.cluster.node_id(self.target)
+        self.cluster.client(self.target).execute_command(
+            "CLUSTER", "SETSLOT", self.slot, "IMPORTING", source_id
+        )
+        self.cluster.client(self.source).execute_command(
+            "CLUSTER", "SETSLOT", self.slot, "MIGRATING", target_id
+        )
+
+    def move(self, *keys: str) -> None:
+        """MIGRATE these keys to the target."""
+        self.cluster.client(self.source).execute_command(
+            "MIGRATE", "127.0.0.1", self.target, "", 0, 5000, "KEYS", *keys
+        )
+
+    def move_the_rest(self) -> None:
+        """MIGRATE every key still on the source, ten at a time (redis-cli's pipeline)."""
+        source = self.cluster.client(self.source)
+        for _ in range(10_000):
+            keys: Any = source.execute_command("CLUSTER", "GETKEYSINSLOT", self.slot, 10)
+            if not keys:
+                return
+            self.move(*(key.decode() for key in keys))
+        raise AssertionError(f"slot {self.slot} never emptied")
+
+    def finish(self) -> None:
+        target_id = self.cluster.node_id(self.target)
+        others = [p for p in self.cluster.master_ports() if p not in (self.source, self.target)]
+        for port in (self.target, self.source, *others):
+            self.cluster.client(port).execute_command(
+                "CLUSTER", "SETSLOT", self.slot, "NODE", target_id
+            )

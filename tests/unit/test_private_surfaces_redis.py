@@ -25,11 +25,14 @@ from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
+    AskError,
     MaxConnectionsError,
+    MovedError,
     NoScriptError,
     ReadOnlyError,
     RedisError,
     ResponseError,
+    TryAgainError,
 )
 
 POOLS = "broker/redis_pools.py"
@@ -262,3 +265,18 @@ def test_refusals_that_stop_the_broker_at_start_and_those_that_do_not() -> None:
     assert not any(is_misconfiguration(error) for error in passing)
     readonly = e.ReadOnlyError("You can't write against a read only replica.")
     assert not is_misconfiguration(readonly, follows_primary=True)  # (a failover under way)
+
+
+def test_a_cluster_node_sends_and_reads_on_a_connection_it_lends() -> None:
+    """SlotCommands sends ASKING and the command in one write on one node connection."""
+    where = "redis-py surface (used by broker/redis_slots.py)"
+    for name in ("acquire_connection", "release", "parse_response"):
+        assert callable(getattr(ClusterNode, name, None)), f"{where}: ClusterNode.{name}"
+    assert inspect.iscoroutinefunction(ClusterNode.parse_response), where
+    for name in ("pack_command", "pack_commands", "send_packed_command", "read_response"):
+        assert callable(getattr(AbstractConnection, name, None)), f"{where}: connection.{name}"
+    assert "nowait" in inspect.signature(AbstractConnection.disconnect).parameters, where
+    assert {"host", "port"} <= set(inspect.signature(RedisCluster.get_node).parameters), where
+    assert inspect.iscoroutinefunction(NodesManager.move_slot), f"{where}: move_slot"
+    assert issubclass(MovedError, AskError), f"{where}: MOVED caught before ASK"
+    assert issubclass(TryAgainError, ResponseError), where

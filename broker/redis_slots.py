@@ -1,0 +1,187 @@
+"""A topic's scripts on a Redis Cluster, through a migration of its slot.
+
+Resharding moves a slot from one primary to another: the target is set
+IMPORTING, the source MIGRATING, the slot's keys are moved by MIGRATE, then both
+are told the new owner (SETSLOT NODE). Meanwhile Redis answers a command:
+
+- ``-ASK <node>`` (the source, which no longer has its keys): send it to that
+  node, preceded by ``ASKING`` *on the same connection* (the flag is the
+  connection's, for its next command);
+- ``-TRYAGAIN``: a command of several keys when only some of them are on the node
+  (the source has some; or the target, asked, lacks some). A topic's scripts name
+  all of its keys (log, meta, the idempotency records: six for an append), and
+  most topics have not all of them, so an append gets TRYAGAIN from the
+  ``MIGRATING`` to the ``SETSLOT NODE``, on both nodes: Redis' own answer is to
+  try again once the migration ends;
+- ``-MOVED``: the slot has a new owner.
+
+redis-py's cluster client (8.1) sends ``ASKING`` as a command of its own, on one
+pooled connection, and the command on the next one: the target, not flagged,
+answered MOVED back to the source, which answered ASK again, until the client's
+16 tries were spent (measured: a brand-new topic's publish was a 503 at once, for
+the whole migration; an existing topic's a 503 after 0.4 s of TRYAGAIN). So the
+store sends its keyed scripts here: ``ASKING`` and the command in one write on
+one connection, and TRYAGAIN waited out with a short backoff for up to
+``patience`` seconds, then a 503 that says why. Nothing ran when Redis answered
+ASK, MOVED or TRYAGAIN, so each is safe to send again.
+
+redis-py surface relied on (``tests/unit/test_private_surfaces_redis.py``):
+``ClusterNode.acquire_connection()``, ``.release()``, ``.parse_response()``; a
+connection's ``pack_command(s)``, ``send_packed_command``, ``read_response`` and
+``disconnect``; ``RedisCluster.get_node(host=, port=)``, ``get_node_from_key``,
+``.nodes_manager.move_slot(MovedError)`` and ``.initialize()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError, TryAgainError
+
+from broker import constants as c
+from broker.errors import StoreUnavailable
+from broker.redis_options import REDIS_FAILURES
+
+log = logging.getLogger(__name__)
+
+SLOT_MIGRATING = (
+    "the topic's redis cluster slot is being migrated to another node, and its keys "
+    "stayed split between the two for longer than the broker waits; nothing was "
+    "stored: retry (with the same Idempotency-Key)"
+)
+CLUSTER_REDIRECTED = (
+    "the redis cluster kept redirecting the command (the topic's slot is moving between "
+    "nodes, or a failover is under way), so it ran nowhere: retry (with the same "
+    "Idempotency-Key)"
+)
+
+
+class SlotCommands:
+    """Keyed commands sent to the node that holds their slot, following a migration.
+
+    ``turns``: the cluster client's (``BoundedCluster``): each command holds one
+    while it holds a node's pooled connection, so the pools are never overdrawn.
+    ``patience``: how long TRYAGAIN is waited out before the command is refused.
+    """
+
+    def __init__(self, cluster: RedisCluster, turns: asyncio.Semaphore, patience: float) -> None:
+        self._cluster = cluster
+        self._turns = turns
+        self._patience = patience
+        self._refresh: asyncio.Task[None] | None = None
+
+    async def run_script(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]
+    ) -> Any:
+        """The script's reply; sent in full once to a node that lacks it (NOSCRIPT: it
+        did not run; the target of an ASK may never have been sent it)."""
+        try:
+            return await self.execute(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.execute(keys[0], "EVAL", script.script, len(keys), *keys, *args)
+
+    async def execute(self, key: str, *command: Any) -> Any:
+        """``command``'s reply from the node that holds ``key``'s slot now. Raises
+        StoreUnavailable when the slot stays split past ``patience``, or keeps being
+        redirected; a ResponseError as Redis answered; a connection's failure."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._patience
+        pause = c.CLUSTER_TRYAGAIN_FIRST_PAUSE_S
+        node, asking = await self._owner(key), False
+        redirects = 0
+        while redirects < c.CLUSTER_MAX_REDIRECTS:
+            try:
+                return await self._send(node, command, asking=asking)
+            except MovedError as moved:  # (a kind of AskError: first)
+                await self._cluster.nodes_manager.move_slot(moved)
+                node, asking = await self._owner(key), False
+            except AskError as redirect:
+                node, asking = await self._node_at(redirect), True
+            except TryAgainError as error:
+                if loop.time() + pause > give_up_at:
+                    raise StoreUnavailable(SLOT_MIGRATING) from error
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, c.CLUSTER_TRYAGAIN_MAX_PAUSE_S)
+                # From the owner again: the migration may have ended meanwhile.
+                node, asking, redirects = await self._owner(key), False, 0
+                continue
+            redirects += 1
+        raise StoreUnavailable(CLUSTER_REDIRECTED)
+
+    async def _send(self, node: ClusterNode, command: tuple[Any, ...], *, asking: bool) -> Any:
+        async with self._turns:
+            connection = node.acquire_connection()
+            try:
+                return await self._exchange(node, connection, command, asking=asking)
+            except ResponseError:
+                raise  # (Redis answered: the connection is as sound as before)
+            except BaseException:
+                # A reply may be left unread (cancelled, timed out): the connection goes.
+                await connection.disconnect(nowait=True)
+                self._refresh_slot_map()
+                raise
+            finally:
+                node.release(connection)
+
+    @staticmethod
+    async def _exchange(
+        node: ClusterNode, connection: Any, command: tuple[Any, ...], *, asking: bool
+    ) -> Any:
+        if not asking:
+            await connection.send_packed_command(connection.pack_command(*command))
+            return await node.parse_response(connection, command[0])
+        # One write: the ASKING flag is this connection's, for its very next command.
+        await connection.send_packed_command(connection.pack_commands([("ASKING",), command]))
+        try:
+            await connection.read_response()
+        except ResponseError:
+            await connection.disconnect(nowait=True)  # (the command's reply, unread)
+            raise
+        return await node.parse_response(connection, command[0])
+
+    async def _owner(self, key: str) -> ClusterNode:
+        try:
+            if not self._cluster.nodes_manager.slots_cache:
+                await self._cluster.initialize()
+            node = self._cluster.get_node_from_key(key)
+        except REDIS_FAILURES as error:
+            raise StoreUnavailable(f"cluster slot map unavailable: {error}") from error
+        if node is None:
+            raise StoreUnavailable(f"no cluster node serves {key}")
+        return node
+
+    async def _node_at(self, redirect: AskError) -> ClusterNode:
+        """The node an ASK names; a node the map does not know yet (added for the
+        resharding) once the map is refreshed."""
+        node = self._cluster.get_node(host=redirect.host, port=redirect.port)
+        if node is None:
+            with contextlib.suppress(*REDIS_FAILURES):
+                await self._cluster.nodes_manager.initialize()
+            node = self._cluster.get_node(host=redirect.host, port=redirect.port)
+        if node is None:
+            raise StoreUnavailable(f"the redis cluster sent to an unknown node: {redirect}")
+        return node
+
+    def _refresh_slot_map(self) -> None:
+        """After a node failed: the map again, in the background (a failover gives
+        the slot a new owner; the publisher's retry goes there). One at a time."""
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.get_running_loop().create_task(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self._cluster.nodes_manager.initialize()
+        except REDIS_FAILURES as error:
+            log.info("cluster: could not refresh the slot map yet: %s", error)
+
+    async def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
