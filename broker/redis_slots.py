@@ -79,12 +79,15 @@ class SlotCommands:
     async def run_script(
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]
     ) -> Any:
-        """The script's reply; sent in full once to a node that lacks it (NOSCRIPT: it
-        did not run; the target of an ASK may never have been sent it)."""
+        """The script's reply; loaded on every primary once when a node lacks it
+        (NOSCRIPT: it did not run; the target of an ASK may never have been sent it),
+        as redis-py's own scripts are (SCRIPT LOAD, not EVAL: the rights the README lists)."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            return await self.execute(keys[0], "EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self.execute(keys[0], *command)
         except NoScriptError:
-            return await self.execute(keys[0], "EVAL", script.script, len(keys), *keys, *args)
+            await self._cluster.script_load(script.script)
+            return await self.execute(keys[0], *command)
 
     async def execute(self, key: str, *command: Any) -> Any:
         """``command``'s reply from the node that holds ``key``'s slot now. Raises
