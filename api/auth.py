@@ -39,8 +39,8 @@ sending many events, is verified once, not per request (measured: an HS256 verif
 is ~43 us, a cached check ~2 us, against ~300 us of server CPU per publish)."""
 KEYS_RETRY_AFTER_SECONDS = 5  # (JWKS_MIN_REFETCH_SECONDS: no fetch is tried sooner)
 MAX_TOKEN_BYTES = 8192
-QUERY_PAIR = re.compile(r"([?&;])([^=&;\s]*)=([^&;\s]*)")
-"""A ``name=value`` pair of a logged request target's query."""
+QUERY_PART = re.compile(r"([?&;])([^&;\s]*)")
+"""A part of a logged request target's query: ``name=value``, or whatever it is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,14 +331,18 @@ def redact_tokens(text: str) -> str:
     """``text`` (a logged request target) with any ``access_token`` value hidden: the
     parameter's name is compared decoded (``access%5Ftoken`` is the same parameter to
     the query parser that finds the token)."""
-    if "=" not in text or ("access_token" not in text.lower() and "%" not in text):
+    if "access_token" not in text.lower() and "%" not in text:
         return text
-    return QUERY_PAIR.sub(_redacted_pair, text)
+    return QUERY_PART.sub(_redacted_part, text)
 
 
-def _redacted_pair(pair: re.Match[str]) -> str:
-    # Any name holding it, not only the exact one: ``access_token+=`` (a name with a
-    # space) is no token to the parser, so it was refused, and logged whole.
-    if QUERY_PARAMETER not in unquote_plus(pair.group(2)).lower():
-        return pair.group(0)
-    return f"{pair.group(1)}{pair.group(2)}=[redacted]"
+def _redacted_part(part: re.Match[str]) -> str:
+    # Any part holding the name, decoded, not only the exact pair: ``access_token+=``
+    # (a name with a space) or ``access_token%3D<token>`` (no ``=`` at all: one name)
+    # is no token to the parser, so it was refused, and was logged whole (audit).
+    name, equals, _ = part.group(2).partition("=")
+    if QUERY_PARAMETER not in unquote_plus(name).lower():
+        return part.group(0)
+    if not equals:
+        return f"{part.group(1)}[redacted]"
+    return f"{part.group(1)}{name}=[redacted]"

@@ -510,12 +510,15 @@ async def test_no_token_is_ever_logged(auth_broker: BrokerProcess) -> None:
     await publish(auth_broker.url, topic, {}, f"?access_token={good}")
     # A name with a space is no token to the query parser (refused), and was logged whole.
     await publish(auth_broker.url, topic, {}, f"?access_token+={good}")
+    # With its "=" encoded, the pair is one name to the parser (refused), and was logged.
+    await publish(auth_broker.url, topic, {}, f"?access_token%3D{good}")
+    await stream_lean(auth_broker.url, f"/topics/{topic}/events?a=1&access_token%3d{good}", {})
     # A WebSocket upgrade: uvicorn wrote its request line to the error log, token and all.
     upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
     upgrade["Sec-WebSocket-Key"] = base64.b64encode(b"k" * 16).decode()
     await stream_lean(auth_broker.url, query, upgrade)
     wait_until(
-        lambda: auth_broker.log().count(f"/topics/{topic}/events?") >= 6,
+        lambda: auth_broker.log().count(f"/topics/{topic}/events?") >= 8,
         timeout=10,
         what="the access log lines of these requests",
     )

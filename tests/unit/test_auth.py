@@ -52,6 +52,8 @@ def test_redact_tokens() -> None:
     assert redact_tokens("/t/events?a=1&access_token=abc.def&b=2") == (
         "/t/events?a=1&access_token=[redacted]&b=2"
     )
+    assert redact_tokens("/t/events?access_token%3Dabc.def&b=2") == "/t/events?[redacted]&b=2"
+    assert redact_tokens("/t/events?b=access_token&c=1") == "/t/events?b=access_token&c=1"
     assert redact_tokens("/healthz") == "/healthz"
 
 
