@@ -282,9 +282,13 @@ def rights_of(claims: dict[str, Any]) -> Rights:
 
 def _expiry_of(claims: dict[str, Any]) -> float:
     """``exp`` as a time: PyJWT checked it as an integer, which may be past any float
-    (``10**400``: every request carrying it was a 500)."""
+    (``10**400``: every request carrying it was a 500). A NumericDate is a JSON number
+    (RFC 7519): PyJWT takes ``"exp": "1795904000"`` by ``int()``, a string, refused here."""
+    exp = claims["exp"]
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise Unauthorized("invalid token: exp is not a number", token_given=True)
     try:
-        return float(claims["exp"])
+        return float(exp)
     except (OverflowError, TypeError, ValueError):
         raise Unauthorized("invalid token: exp is out of range", token_given=True) from None
 

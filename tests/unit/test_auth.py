@@ -118,6 +118,14 @@ def test_an_expiry_past_any_time_is_an_invalid_token() -> None:
         _authorizer().check(token, "subscribe", ["a"])
 
 
+def test_an_expiry_that_is_no_json_number_is_an_invalid_token() -> None:
+    """RFC 7519's NumericDate is a number: PyJWT took a string of digits by int()."""
+    soon = str(int(time.time()) + 600)
+    token = _bearer({"exp": soon, "broker": {"subscribe": ["a"]}})
+    with pytest.raises(Unauthorized, match="exp is not a number"):
+        _authorizer().check(token, "subscribe", ["a"])
+
+
 def test_off_without_a_key() -> None:
     assert Authorizer(None).check(scope(), "publish", ["t"]) is OPEN
 
