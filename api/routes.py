@@ -44,6 +44,7 @@ from broker import (
 from broker.framing import retry_hint
 from broker.model import LogEntry
 from broker.sink import StreamSink
+from broker.store import Store
 from broker.validation import check_topic
 
 HISTORY_DEFAULT_LIMIT = 100
@@ -420,7 +421,16 @@ async def readyz(request: Request) -> Response:
     streams: OpenStreams = request.app.state.streams
     if streams.draining:
         return json_response({"status": "draining"}, 503, headers={"Retry-After": "1"})
-    return json_response({"status": "ready", "store": _broker(request).store.description})
+    return json_response({"status": "ready", "store": store_kind(_broker(request).store)})
+
+
+def store_kind(store: Store) -> str:
+    """What kind of store, for anyone who asks: its URL's scheme (``redis``,
+    ``rediss``, ``redis+sentinel``...) or ``embedded``. Not its description: that names
+    the Redis host, port, database and TLS files, which these unauthenticated probes
+    gave to anyone reaching the edge (security audit); the log has it at start."""
+    description = store.description
+    return description.split("://", 1)[0] if "://" in description else description.split()[0]
 
 
 async def readyz_store(request: Request) -> Response:
@@ -428,4 +438,4 @@ async def readyz_store(request: Request) -> Response:
     broker = _broker(request)
     if not await broker.ready():
         return json_response({"status": "store unavailable"}, 503, headers={"Retry-After": "1"})
-    return json_response({"status": "ready", "store": broker.store.description})
+    return json_response({"status": "ready", "store": store_kind(broker.store)})
