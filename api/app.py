@@ -21,9 +21,9 @@ from starlette.types import Receive, Scope, Send
 from api import face, routes
 from api.answers import counting, route_class
 from api.auth import Authorizer, redact_tokens
-from api.connections import APP_STATE_KEY
 from api.cors import CorsPolicy, adding_headers, cors_headers
 from api.gc_tuning import tune_gc
+from api.guard import APP_STATE_KEY
 from api.hosts import HostPolicy, host_refused
 from api.lifecycle import drain_on_shutdown_signals
 from api.metrics import PrometheusObserver, count_response, render_metrics
@@ -80,7 +80,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             tune_gc()
         restore_signals = drain_on_shutdown_signals(streams.drain)
         try:
-            yield {APP_STATE_KEY: app}  # for api.connections, which serves streams lean
+            yield {
+                APP_STATE_KEY: app
+            }  # for api.connections and api.guard: answers on the connection
         finally:
             streams.drain()
             restore_signals()
@@ -135,11 +137,13 @@ class BrokerApp(Starlette):
         # The stream writes its CORS headers itself, and is counted here: a wrapper
         # would hide uvicorn's send.
         stream_send, send = send, counting(route, send)
-        if self.state.hosts.refuses(scope):
-            await host_refused(scope)(scope, receive, send)
-            return
         cors = cors_headers(scope)
         send = adding_headers(cors, send) if cors else send
+        if self.state.hosts.refuses(scope):
+            # With CORS too: a listed origin's page reads why (a rebinding page's origin
+            # is not listed, and gets none).
+            await host_refused(scope)(scope, receive, send)
+            return
         if self.state.cors.is_preflight(scope):
             await self._preflight(scope, receive, send)
         elif _is_publish(scope):

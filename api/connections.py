@@ -40,8 +40,9 @@ from uvicorn.middleware.proxy_headers import _TrustedHosts
 from uvicorn.server import ServerState
 
 from api import problems, routes
-from api.cors import cors_headers, with_cors
+from api.cors import cors_headers, with_cors, with_cors_of_head
 from api.guard import (
+    APP_STATE_KEY,
     Admission,
     GuardedHttpToolsProtocol,
     answer_and_close,
@@ -69,8 +70,6 @@ from broker.framing import retry_hint
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("uvicorn.access")
 
-APP_STATE_KEY = "broker.app"
-"""Where the app's lifespan leaves itself in uvicorn's app state, for this module."""
 CLOSE = (b"connection", b"close")
 DRAIN_HEAD_WAIT_SECONDS = 1.0
 """How long a connection accepted just before a shutdown may take to send its request
@@ -143,7 +142,8 @@ class BrokerHttpProtocol(asyncio.Protocol):
         """A deadline of ``api.guard`` passed: a stalled body is answered 408; a head
         that did not arrive in time (or an idle keep-alive) closes, unanswered."""
         if self._publish is not None and self._publishing is None:
-            self._answer(problems.body_too_slow(self._guard.limits.body_timeout), "publish")
+            too_slow = problems.body_too_slow(self._guard.limits.body_timeout)
+            self._answer(with_cors(too_slow, self._publish.scope), "publish")
         elif self._transport is not None:
             self._transport.close()
 
@@ -181,7 +181,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._hand_to_uvicorn()
             return
         if head_size > self._guard.limits.max_head_bytes:
-            self._answer(problems.head_too_large(self._guard.limits.max_head_bytes), "other")
+            self._answer(self._head_too_large(), "other")
         elif self._head.headers_done and end >= 0:
             self._guard.deadlines.clear(self)
             self._serve(head_size)
@@ -191,6 +191,13 @@ class BrokerHttpProtocol(asyncio.Protocol):
             waited = asyncio.get_running_loop().time() - self._idle_since
             self._guard.deadlines.set(self, self._guard.limits.head_timeout - waited)
             self._idle_since = None
+
+    def _head_too_large(self) -> Response:
+        """431, with CORS for the ``Origin`` among the headers parsed so far: a page
+        sees an answer without them as a network error, and cannot tell why. (What
+        was parsed is bounded: the limit, plus at most the read that went past it.)"""
+        answer = problems.head_too_large(self._guard.limits.max_head_bytes)
+        return with_cors_of_head(answer, self._app_state.get(APP_STATE_KEY), self._head.headers)
 
     def _serve(self, head_size: int) -> None:
         """The head is whole: serve it here, refuse, or hand over to uvicorn."""

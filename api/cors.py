@@ -11,6 +11,7 @@ read its users' streams.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Message, Scope, Send
@@ -36,9 +37,12 @@ class CorsPolicy:
 
     def headers_for(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         """The headers of any response to this request."""
+        return self.headers_for_origin(_header(scope["headers"], b"origin"))
+
+    def headers_for_origin(self, origin: bytes | None) -> list[tuple[bytes, bytes]]:
+        """The headers of any response to a request with this ``Origin`` (None: none)."""
         if not self._origins:
             return []
-        origin = _header(scope, b"origin")
         if origin not in self._origins:
             return [VARY]  # caches must not serve this answer to a listed origin
         assert origin is not None
@@ -53,13 +57,13 @@ class CorsPolicy:
         return (
             self.enabled
             and scope["method"] == "OPTIONS"
-            and _header(scope, b"access-control-request-method") is not None
+            and _header(scope["headers"], b"access-control-request-method") is not None
         )
 
     def preflight(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         """A preflight's own headers (besides ``headers_for``); Forbidden for an origin
         not listed."""
-        if _header(scope, b"origin") not in self._origins:
+        if _header(scope["headers"], b"origin") not in self._origins:
             raise Forbidden("this origin is not allowed (BROKER_CORS_ORIGINS)")
         return [
             (b"access-control-allow-methods", ALLOWED_METHODS),
@@ -81,6 +85,19 @@ def with_cors(response: Response, scope: Scope) -> Response:
     return response
 
 
+def with_cors_of_head(response: Response, app: Any, headers: list[tuple[bytes, bytes]]) -> Response:
+    """``response`` (written on the connection before a request has a scope: a 431, a
+    408, a 400) with the CORS headers for the ``Origin`` among ``headers``, those of
+    its head parsed so far. A head cut short still has its ``Origin`` if it came
+    whole: httptools passes a header on only once the next one begins, so a cut-off
+    value is never seen, let alone echoed. ``app`` None (not started): no policy yet,
+    no headers."""
+    policy: CorsPolicy | None = getattr(app.state, "cors", None) if app is not None else None
+    if policy is not None:
+        response.raw_headers.extend(policy.headers_for_origin(_header(headers, b"origin")))
+    return response
+
+
 def adding_headers(headers: list[tuple[bytes, bytes]], send: Send) -> Send:
     """``send``, with ``headers`` added to the response's head, but those it already
     has (a browser refuses a response with two ``Access-Control-Allow-Origin``)."""
@@ -96,8 +113,8 @@ def adding_headers(headers: list[tuple[bytes, bytes]], send: Send) -> Send:
     return send_with_headers
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
+def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
         if key == name:
             return bytes(value)
     return None

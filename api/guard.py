@@ -44,7 +44,7 @@ from uvicorn.server import ServerState
 
 from api import problems, routes
 from api.answers import route_class
-from api.cors import with_cors
+from api.cors import with_cors, with_cors_of_head
 from api.deadlines import Deadlines
 from api.heads import RequestHead
 from api.metrics import RouteClass, count_response
@@ -52,6 +52,9 @@ from api.settings import Settings
 
 log = logging.getLogger(__name__)
 
+APP_STATE_KEY = "broker.app"
+"""Where the app's lifespan leaves itself in uvicorn's app state: for the connections
+served here and in ``api.connections``, before a request has a scope."""
 FD_RESERVE = 64
 """File descriptors kept for the process itself: Redis connections, logs, the loop."""
 LINGER_SECONDS = 2.0
@@ -323,7 +326,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_head and all_head and not self._head_ended_in_read:
             self._head_bytes += len(data)
             if self._head_bytes > self._guard.limits.max_head_bytes:
-                self._refuse(problems.head_too_large(self._guard.limits.max_head_bytes), "other")
+                too_large = problems.head_too_large(self._guard.limits.max_head_bytes)
+                self._refuse(self._with_cors(too_large), "other")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -436,9 +440,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def expire(self) -> None:
         if self._reading_body and (self.cycle is None or not self.cycle.response_started):
             route = "other" if self.cycle is None else route_class(self.cycle.scope)
-            self._refuse(problems.body_too_slow(self._guard.limits.body_timeout), route)
+            too_slow = problems.body_too_slow(self._guard.limits.body_timeout)
+            self._refuse(self._with_cors(too_slow), route)
         elif not self.transport.is_closing():
             self.transport.close()
+
+    def _with_cors(self, response: Response) -> Response:
+        """``response`` to the request being read, with the CORS headers the app adds to
+        every answer, for the ``Origin`` among the headers parsed so far (a 431's head
+        is cut short)."""
+        app = self.app_state.get(APP_STATE_KEY)
+        return with_cors_of_head(response, app, self.headers or [])
 
     def _refuse(self, response: Response, route: RouteClass) -> None:
         """Answer, close; the request the app may be reading sees its client gone."""
