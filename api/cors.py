@@ -85,16 +85,19 @@ def with_cors(response: Response, scope: Scope) -> Response:
     return response
 
 
-def with_cors_of_head(response: Response, app: Any, headers: list[tuple[bytes, bytes]]) -> Response:
-    """``response`` (written on the connection before a request has a scope: a 431, a
-    408, a 400) with the CORS headers for the ``Origin`` among ``headers``, those of
-    its head parsed so far. A head cut short still has its ``Origin`` if it came
-    whole: httptools passes a header on only once the next one begins, so a cut-off
-    value is never seen, let alone echoed. ``app`` None (not started): no policy yet,
-    no headers."""
+def cors_headers_of_head(app: Any, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The CORS headers for an answer written on the connection before a request has a
+    scope (a 431, a 408, a 400): for the ``Origin`` among ``headers``, those of its
+    head parsed so far. A head cut short still has its ``Origin`` if it came whole:
+    httptools passes a header on only once the next one begins, so a cut-off value is
+    never seen, let alone echoed. ``app`` None (not started): no policy yet, none."""
     policy: CorsPolicy | None = getattr(app.state, "cors", None) if app is not None else None
-    if policy is not None:
-        response.raw_headers.extend(policy.headers_for_origin(_header(headers, b"origin")))
+    return policy.headers_for_origin(_header(headers, b"origin")) if policy is not None else []
+
+
+def with_cors_of_head(response: Response, app: Any, headers: list[tuple[bytes, bytes]]) -> Response:
+    """``response``, with ``cors_headers_of_head(app, headers)``."""
+    response.raw_headers.extend(cors_headers_of_head(app, headers))
     return response
 
 

@@ -44,7 +44,7 @@ from uvicorn.server import ServerState
 
 from api import problems, routes
 from api.answers import route_class
-from api.cors import with_cors, with_cors_of_head
+from api.cors import cors_headers_of_head, with_cors
 from api.deadlines import Deadlines
 from api.heads import RequestHead
 from api.metrics import RouteClass, count_response
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 APP_STATE_KEY = "broker.app"
 """Where the app's lifespan leaves itself in uvicorn's app state: for the connections
 served here and in ``api.connections``, before a request has a scope."""
+INVALID_REQUEST = "Invalid HTTP request received."
+"""uvicorn's answer to bytes httptools cannot parse (``send_400_response``)."""
 FD_RESERVE = 64
 """File descriptors kept for the process itself: Redis connections, logs, the loop."""
 LINGER_SECONDS = 2.0
@@ -207,6 +209,21 @@ def response_head(
     lines += [name + b": " + value for name, value in server_state.default_headers]
     lines += [name + b": " + value for name, value in headers]
     return b"\r\n".join([*lines, b"", b""])
+
+
+def invalid_request(
+    server_state: ServerState, cors: list[tuple[bytes, bytes]], message: str = INVALID_REQUEST
+) -> bytes:
+    """uvicorn's ``send_400_response`` answer, with the CORS headers of the request the
+    bad bytes broke (uvicorn's has none: a page saw its 400 as a network error)."""
+    body = message.encode("ascii")
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % len(body)),
+        (b"connection", b"close"),
+        *cors,
+    ]
+    return response_head(400, headers, server_state) + body
 
 
 def answer_and_close(
@@ -381,8 +398,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._answer_400(msg, "other")
 
     def _answer_400(self, msg: str, route: RouteClass) -> None:
+        """uvicorn's ``send_400_response``, with the CORS headers the app adds to every
+        answer."""
         count_response(route, 400)
-        super().send_400_response(msg)
+        self.transport.write(invalid_request(self.server_state, self._cors_headers(), msg))
+        self.transport.close()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         self._running = cycle
@@ -447,10 +467,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _with_cors(self, response: Response) -> Response:
         """``response`` to the request being read, with the CORS headers the app adds to
-        every answer, for the ``Origin`` among the headers parsed so far (a 431's head
-        is cut short)."""
-        app = self.app_state.get(APP_STATE_KEY)
-        return with_cors_of_head(response, app, self.headers or [])
+        every answer."""
+        response.raw_headers.extend(self._cors_headers())
+        return response
+
+    def _cors_headers(self) -> list[tuple[bytes, bytes]]:
+        """For the ``Origin`` among the headers of the request being read, parsed so far
+        (a 431's head is cut short). None between requests: ``headers`` are then the
+        last request's, and bytes after it are no request of that origin's."""
+        headers = self.headers if self._in_message and self.headers else []
+        return cors_headers_of_head(self.app_state.get(APP_STATE_KEY), headers)
 
     def _refuse(self, response: Response, route: RouteClass) -> None:
         """Answer, close; the request the app may be reading sees its client gone."""

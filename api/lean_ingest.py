@@ -42,6 +42,8 @@ import httptools
 from uvicorn.server import ServerState
 
 from api.auth import authorize
+from api.cors import cors_headers
+from api.guard import INVALID_REQUEST, invalid_request
 from api.heads import RequestHead, parse_head
 from api.ingest import CLIENT_GONE, Ingest
 from api.lean_publish import (
@@ -81,7 +83,6 @@ CHUNK_SIZE_LINE = re.compile(
 )
 TRAILER_FIELD = re.compile(_TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*")
 FRAMING_FIELDS = (b"content-length", b"transfer-encoding")
-INVALID_REQUEST = "Invalid HTTP request received."
 
 
 @dataclass(slots=True)
@@ -458,17 +459,7 @@ class IngestExchange:
             self._connection.ingest_answered(self._request, b"", True)
             return
         self.answered = True
-        self._connection.ingest_answered(self._request, _invalid_request(self._server_state), True)
-
-
-def _invalid_request(server_state: ServerState) -> bytes:
-    """uvicorn's ``send_400_response``, byte for byte."""
-    body = INVALID_REQUEST.encode("ascii")
-    head = [b"HTTP/1.1 400 Bad Request"]
-    head += [name + b": " + value for name, value in server_state.default_headers]
-    head += [
-        b"content-type: text/plain; charset=utf-8",
-        b"content-length: %d" % len(body),
-        b"connection: close",
-    ]
-    return b"\r\n".join([*head, b"", body])
+        cors = cors_headers(self._request.scope)
+        self._connection.ingest_answered(
+            self._request, invalid_request(self._server_state, cors), True
+        )

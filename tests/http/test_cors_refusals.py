@@ -32,6 +32,7 @@ ENV = {
     "BROKER_BODY_TIMEOUT_SECONDS": "1",
 }
 PADDING = {"X-Padding": "a" * (2 * MAX_HEAD_BYTES)}
+NDJSON = "application/x-ndjson"
 STALLED_BODY = {"Content-Type": "application/json", "Content-Length": "100"}
 CORS_NAMES = (
     "access-control-allow-origin",
@@ -169,3 +170,38 @@ async def test_a_host_not_served_is_answered_421_with_cors_for_a_listed_origin(
     request = request_bytes("GET", stream_url(cors_broker), {"Origin": origin})
     request = request.replace(f"Host: 127.0.0.1:{cors_broker.port}".encode(), b"Host: a.test")
     assert_cors_for(await answer_to(cors_broker, opened, request), origin, 421)
+
+
+@pytest.mark.parametrize("origin", [LISTED, UNLISTED])
+async def test_a_broken_head_is_answered_400_with_cors_for_a_listed_origin(
+    cors_broker: BrokerProcess, opened: list[asyncio.StreamWriter], origin: str
+) -> None:
+    """Bytes httptools cannot parse, after the ``Origin``: uvicorn's 400 (the lean path
+    hands them over), with the CORS headers of what was parsed (httptools passes a
+    header on once the next begins: the one before the bad bytes is never seen)."""
+    headers = {"Origin": origin, "Accept": "text/event-stream"}
+    request = request_bytes("GET", stream_url(cors_broker), headers)
+    broken = request[:-2] + b"not a header\r\n\r\n"
+    answer = await answer_to(cors_broker, opened, broken)
+    assert_cors_for(answer, origin, 400)
+    assert await answer.read_sized_body() == b"Invalid HTTP request received."
+
+
+@pytest.mark.parametrize("origin", [LISTED, UNLISTED])
+async def test_a_broken_ingest_framing_is_answered_400_with_cors_for_a_listed_origin(
+    cors_broker: BrokerProcess, opened: list[asyncio.StreamWriter], origin: str
+) -> None:
+    headers = {"Origin": origin, "Content-Type": NDJSON, "Transfer-Encoding": "chunked"}
+    line = b'{"data": 1}\n'
+    body = b"%x\r\n%b\r\n" % (len(line), line) + b"zz\r\n"
+    request = request_bytes("POST", stream_url(cors_broker), headers, body)
+    assert_cors_for(await answer_to(cors_broker, opened, request), origin, 400)
+
+
+async def test_bytes_after_a_listed_origins_request_are_answered_400_without_cors(
+    cors_broker: BrokerProcess, opened: list[asyncio.StreamWriter]
+) -> None:
+    """They are no request of that origin's: its headers are not theirs."""
+    healthz = request_bytes("GET", f"{cors_broker.url}/healthz", {"Origin": LISTED})
+    answer = await answer_to(cors_broker, opened, healthz + b"\x01\x02\r\n\r\n", skip=1)
+    assert_cors_for(answer, UNLISTED, 400)
