@@ -80,9 +80,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             tune_gc()
         restore_signals = drain_on_shutdown_signals(streams.drain)
         try:
-            yield {
-                APP_STATE_KEY: app
-            }  # for api.connections and api.guard: answers on the connection
+            # For api.connections and api.guard, which answer on the connection.
+            yield {APP_STATE_KEY: app}
         finally:
             streams.drain()
             restore_signals()
