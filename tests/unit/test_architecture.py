@@ -38,6 +38,7 @@ REDIS_MODULES = {
     "redis_open.py",
     "redis_primary.py",
     "redis_checks.py",
+    "redis_slots.py",
 }
 
 
