@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 from httpx_sse import ServerSentEvent
 
-from tests.support.sse import parse_sse
+from tests.support.sse import last_event_id, parse_sse
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_LINE = re.compile(r"^retry: (\d+)$", re.MULTILINE)
@@ -96,6 +96,8 @@ class SseStream:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None
     retry_hints: list[int] = field(default_factory=list)
+    last_event_id: str = ""
+    """What an ``EventSource`` would send as Last-Event-ID: the id lines with no data too."""
     _task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> SseStream:
@@ -141,6 +143,7 @@ class SseStream:
                     sse = ServerSentEvent(kind, event["data"], event.get("id", ""), retry)
                     self.queue.put_nowait(sse)
                 self.retry_hints += [int(ms) for ms in RETRY_LINE.findall(blocks)]
+                self.last_event_id = last_event_id(blocks, self.last_event_id)
         except (httpx.HTTPError, OSError) as error:
             self.error = error
         finally:

@@ -52,6 +52,18 @@ def parse_sse(text: str) -> list[dict[str, str]]:
     return events
 
 
+def last_event_id(text: str, before: str = "") -> str:
+    """The id an ``EventSource`` would send back after reading ``text`` (whole blocks):
+    the last ``id:`` field of any block, one with no data included (the standard sets
+    the last event id at every blank line, and fires an event only for data)."""
+    last = before
+    for line in re.split(r"\r\n|\r|\n", text):
+        name, _, value = line.partition(":")
+        if name == "id" and "\0" not in value:
+            last = value.removeprefix(" ")
+    return last
+
+
 def complete_events(body: bytes) -> list[dict[str, str]]:
     """The events of a body cut at any point: the text after the last blank line is dropped."""
     text = body.decode("utf-8", errors="replace")
