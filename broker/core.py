@@ -22,6 +22,7 @@ from broker.heartbeat import HeartbeatClock
 from broker.ids import EventId
 from broker.model import AppendResult, IngestLines, LogEntry, LogState, NewEvent
 from broker.observer import Observer
+from broker.origins import refresh_tick_s
 from broker.resume import Gap, earliest_point, resume_point
 from broker.sink import StreamSink
 from broker.store import Store
@@ -82,7 +83,9 @@ class Broker:
         self.limits = limits or BrokerLimits()
         self.observer = observer or Observer()
         self.hub = Hub(store, block_ms=live_block_ms, observer=self.observer)
-        self.heartbeats = HeartbeatClock(self.limits.heartbeat_seconds)
+        self.heartbeats = HeartbeatClock(
+            self.limits.heartbeat_seconds, tick_at_most_s=refresh_tick_s(store.policies)
+        )
         self.health = StoreHealth()
 
     async def start(self) -> None:
@@ -198,7 +201,12 @@ class Broker:
     async def _history(self, topic: str, after: EventId | None, limit: int) -> HistoryPage:
         for _ in range(HISTORY_READ_ATTEMPTS):
             state = await self.store.state(topic)
-            position, gap = resume_point(after, state) if after else (earliest_point(state), None)
+            ttl_ms = self.store.policies.for_topic(topic).ttl_ms
+            position, gap = (
+                resume_point(after, state, ttl_ms=ttl_ms)
+                if after
+                else (earliest_point(state), None)
+            )
             page = await self.store.read_range(topic, position.stream_after, limit)
             if page.trimmed_through <= position.stream_after and page.epoch == state.epoch:
                 break

@@ -4,11 +4,11 @@ Every stream gets a ``:`` comment at least every interval, so proxies and client
 know it is alive (the contract's heartbeat; a client may watch for comments, so a
 stream busy with events gets them too). A timer per stream costs memory per idle
 subscriber and a task wake-up per beat; this clock ticks three times per interval
-and beats, straight to the socket where it can, the streams whose last comment is
-old enough. A stream whose consumer is busy (a replay) puts its due comment in
-front of what it sends next (``Subscription.chunks``). The clock also ends streams
-whose credentials expired (``Subscription.beat_if_due``), so that costs no timer per
-stream either.
+(more often when topics expire sooner: ``broker.origins``) and beats, straight to
+the socket where it can, the streams whose last comment is old enough. A stream
+whose consumer is busy (a replay) puts its due comment in front of what it sends
+next (``Subscription.chunks``). The clock also ends streams whose credentials
+expired (``Subscription.beat_if_due``), so that costs no timer per stream either.
 
 Nothing a member does can stop the clock: a member that raises is cut (its
 client resumes by id) and the others are beaten as usual; should the clock's
@@ -35,14 +35,17 @@ class Beating(Protocol):
 
 
 class HeartbeatClock:
-    """Beats every registered stream whose last beat is most of ``interval_s`` old."""
+    """Beats every registered stream whose last beat is most of ``interval_s`` old.
 
-    def __init__(self, interval_s: float) -> None:
+    ``tick_at_most_s``: tick at least this often (a third of the interval otherwise),
+    for what streams look at on each tick besides their beat (``broker.origins``)."""
+
+    def __init__(self, interval_s: float, *, tick_at_most_s: float | None = None) -> None:
         self._interval = interval_s
-        self._tick = interval_s / 3
-        self.due_after = interval_s - self._tick
+        self.due_after = interval_s - interval_s / 3
         """A stream beaten that long ago is due again: it gets its next beat within the
         interval, whenever the clock ticks."""
+        self._tick = min(interval_s / 3, tick_at_most_s or interval_s)
         self._members: set[Beating] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False

@@ -10,7 +10,9 @@ The epoch ``0`` is the origin: "before anything of whatever log this topic
 has". It is the position of a subscriber that started on a topic with no log,
 and carries the store's time when it found none, past every deletion known then
 (``0.<ms>-<n>``; ``0.0-0``: no time): a client back with it is told of a log
-deleted meanwhile.
+deleted meanwhile, and, on a topic with a TTL, of one that may have come and
+expired whole meanwhile (``broker.resume.may_have_expired_since``); a stream that
+stays there sends its client later ones (``broker.origins``).
 
 A subscription to several topics sends composite cursors instead,
 ``<topic>~<id>!<topic>~<id>...``: one position per topic, so that one

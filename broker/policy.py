@@ -88,6 +88,9 @@ class Policies:
             self.for_topic = functools.lru_cache(maxsize=POLICY_CACHE_SIZE)(self._lookup)
         self.expiring = bool(default.ttl_ms) or any(r.ttl_ms for _, r in self._rules)
         """Whether any topic can expire (the live reader then watches for it)."""
+        ttls = [r.ttl_ms for r in (default, *(r for _, r in self._rules)) if r.ttl_ms]
+        self.shortest_ttl_ms = min(ttls, default=0)
+        """The shortest TTL of any topic (0: none expires)."""
 
     def _default(self, topic: str) -> Retention:
         return self.default

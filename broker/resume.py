@@ -29,13 +29,14 @@ class Gap:
 
 
 def resume_point(
-    requested: EventId, state: LogState, *, seen: str | None = None
+    requested: EventId, state: LogState, *, seen: str | None = None, ttl_ms: int = 0
 ) -> tuple[EventId, Gap | None]:
     """The position to read after, and the gap notice to send first, if any.
 
     ``seen``: for a stream at the origin, the epoch of a log it saw entries of live
     and did not deliver. Gone by now (deleted, expired, replaced), that log's events
-    are lost to it: it is told, as a cursor of that log would be."""
+    are lost to it: it is told, as a cursor of that log would be. ``ttl_ms``: the
+    topic's TTL (0: it never expires), which an origin cursor is judged by."""
     if requested.is_origin and seen is not None and state.epoch != seen:
         deletion = state.deletion_of(seen)
         if deletion is not None:
@@ -43,7 +44,7 @@ def resume_point(
         start, _ = resume_point(requested, state)  # a later log from its start
         return start, Gap("unknown", requested, None)
     if requested.is_origin:
-        return origin_point(requested, state)
+        return origin_point(requested, state, ttl_ms=ttl_ms)
     deletion = state.deletion_of(requested.epoch)
     if deletion is not None:  # (and maybe published to again since)
         # Told at the marker's id: a client coming back with it is answered 204.
@@ -60,25 +61,62 @@ def resume_point(
     return requested, None
 
 
-def origin_point(requested: EventId, state: LogState) -> tuple[EventId, Gap | None]:
+def origin_point(
+    requested: EventId, state: LogState, *, ttl_ms: int = 0
+) -> tuple[EventId, Gap | None]:
     """For a cursor at the origin: a log there now is read from its start (after a
     ``trimmed`` gap if retention removed some of it).
 
     An origin that carries the store's time ``T`` (``0.T-s``: no log then, and after
     every deletion known then) also tells of a log deleted since: its marker lingers
     a minute, or a later log remembers it; the client's ``deleted`` gap. A log that
-    expired whole meanwhile leaves nothing to tell by (the origin of a client that
-    stayed connected is as old as its stream: telling on age would tell every such
-    client of a loss that was none)."""
+    expired whole meanwhile leaves no trace, but it lived a TTL after its last append,
+    so after ``T`` by a TTL at least: a cursor that old (see ``may_have_expired_since``)
+    is told ``unknown``, then waits at a fresh origin or reads the log there from its
+    start. A client that stays connected at the origin is sent a later one before its
+    own grows that old (``refreshed_origin``): telling on age alone would tell every
+    such client of a loss that was none."""
     if requested.position > (0, 0):
         missed = state.deleted_since(requested)
         if missed is not None:
             return missed, Gap("deleted", requested, None)
+        if may_have_expired_since(requested, state, ttl_ms):
+            start = EventId(state.epoch, (0, 0)) if state.epoch else state.origin
+            return start, Gap("unknown", requested, None)
     if state.epoch is None:  # nothing it could have missed: its time kept, or now's
         return (requested if requested.position > (0, 0) else state.origin), None
     if state.trimmed_through > (0, 0):
         return _from_oldest(state, "trimmed", requested)
     return EventId(state.epoch, (0, 0)), None
+
+
+def may_have_expired_since(origin: EventId, state: LogState, ttl_ms: int) -> bool:
+    """Whether a whole log could have come and expired after ``origin``'s time ``T``:
+    a log expires a TTL after its last append, after its creation, after ``T``. So
+    with no log now, when the store's time is ``T`` + TTL or later; with a log, when
+    it was created then or later (its first entry's time: its id is the store's
+    time when it was added). A log trimmed since its creation cannot say when that
+    was, and needs no saying: its ``trimmed`` gap tells already. No TTL: nothing
+    expires. An origin with no time (``0.0-0``) cannot be judged, as before."""
+    ms = origin.position[0]
+    if not ttl_ms or ms == 0:
+        return False
+    if state.epoch is None:
+        return state.clock_ms is not None and state.clock_ms - ms >= ttl_ms
+    created = state.first if state.trimmed_through == (0, 0) else None
+    return created is not None and created[0] - ms >= ttl_ms
+
+
+def refreshed_origin(held: EventId, state: LogState) -> EventId | None:
+    """A later origin for a stream that stayed connected at ``held``: the state's own,
+    when it shows no log and no log deleted since ``held`` (at its time there was no
+    log, and nothing deleted since: nothing the client could have missed, as any log
+    made meanwhile would have reached the stream live). None when it shows a log or
+    a deletion: the live path is about to deliver or tell it."""
+    if state.exists or state.deleted_since(held) is not None:
+        return None
+    later = state.origin
+    return later if later.position > held.position else None
 
 
 def _from_oldest(state: LogState, reason: str, requested: EventId) -> tuple[EventId, Gap]:

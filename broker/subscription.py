@@ -45,7 +45,15 @@ from broker.heartbeat import HeartbeatClock
 from broker.ids import EventId, StreamPosition, format_cursor
 from broker.model import LiveBatch, LogEntry, LogPage, LogState
 from broker.observer import Observer
-from broker.resume import Gap, earliest_point, foreign_point, latest_point, resume_point
+from broker.origins import HeldOrigins
+from broker.resume import (
+    Gap,
+    earliest_point,
+    foreign_point,
+    latest_point,
+    refreshed_origin,
+    resume_point,
+)
 from broker.sink import PulledSink, StreamSink
 from broker.store import Store
 
@@ -109,6 +117,11 @@ class Subscription:
         self._seen_at_origin: dict[str, str] = {}
         """Per topic at the origin, the epoch of a log whose entries came live but were
         not delivered (it went back to the log to judge them): owed, or told."""
+        self._origins = HeldOrigins()
+        """The origins its client holds of expiring topics, sent a later one when due
+        (see ``broker.origins``): on the heartbeat clock's tick, which sets
+        ``_origins_due``, by the consumer, which reads the store."""
+        self._origins_due = False
         self._resync: set[str] = set(starts)
         self._catching_up = True
         self._replayed = 0
@@ -213,7 +226,7 @@ class Subscription:
                         self._finish()
                         return
                 continue
-            chunk = self._drain_live()
+            chunk = await self._live_chunk()
             if chunk:
                 yield self._beating_if_due(chunk)
                 if self._all_over():
@@ -225,6 +238,13 @@ class Subscription:
             elif not await self._wait() and not self._closed:
                 self._last_beat = time.monotonic()
                 yield HEARTBEAT
+
+    async def _live_chunk(self) -> bytes:
+        """What the live path has to send: what came, else a later origin when due."""
+        chunk = self._drain_live()
+        if not chunk and self._origins_due:
+            return await self._later_origins()
+        return chunk
 
     def _beating_if_due(self, chunk: bytes) -> bytes:
         """``chunk``, after a heartbeat if one is due (the clock's beat waits for an idle
@@ -327,12 +347,14 @@ class Subscription:
             self._overflow()
             self._wake(True)  # (its consumer sees the drop)
             return
-        if now - self._last_beat < due_after:
-            return
-        if self._parked_live() and self._sink.write(HEARTBEAT):
-            self._last_beat = now
-        else:
-            self._wake(False)
+        if now - self._last_beat >= due_after:
+            if self._parked_live() and self._sink.write(HEARTBEAT):
+                self._last_beat = now
+            else:
+                self._wake(False)
+        if self._origins and not self._origins_due and self._origins.due(self._positions, now):
+            self._origins_due = True
+            self._wake(True)  # (its consumer reads the store: see _later_origins)
 
     def _stopped_reading(self) -> bool:
         """Past the buffer limit at two of the clock's ticks in a row (a third of a
@@ -525,9 +547,50 @@ class Subscription:
     def _judge_start(self, topic: str, state: LogState) -> Gap | None:
         """Set the topic's position from its cursor; the gap notice it needs, if any."""
         self._positions[topic], gap = self._start_point(topic, state)
-        if self._positions[topic].is_origin:
+        position = self._positions[topic]
+        if position.is_origin:
             self._deleted_before[topic] = {marker.epoch for marker in state.deletions}
+            self._hold_origin(topic, position, state)
         return gap
+
+    def _hold_origin(self, topic: str, origin: EventId, state: LogState) -> None:
+        """Hold the origin the client was left at, as old as the state says it is (the
+        state of no log has the store's time); one with no time (``0.0-0``), as old as
+        this stream, whose later origins give it one."""
+        ms = origin.position[0]
+        age_ms = max((state.clock_ms or ms) - ms, 0) if ms else 0
+        taken_at = time.monotonic() - age_ms / 1000
+        self._origins.hold(topic, origin, taken_at, self._ttl_ms(topic))
+
+    def _ttl_ms(self, topic: str) -> int:
+        return self._store.policies.for_topic(topic).ttl_ms
+
+    async def _later_origins(self) -> bytes:
+        """The stream's cursor with a later origin for each topic whose origin is due
+        (``broker.origins``), as an ``id:`` line with no data; empty if none moved.
+
+        Only a topic still at that origin, with nothing queued or to judge, moves: a
+        log's entries that came meanwhile are delivered from the origin it holds. A
+        store that cannot answer now is asked again at the clock's next tick."""
+        self._origins_due = False
+        asked_at = time.monotonic()
+        topics = self._origins.due(self._positions, asked_at)
+        try:
+            states = await asyncio.gather(*(self._store.state(topic) for topic in topics))
+        except StoreUnavailable:
+            return b""
+        queued = {entry.topic for entry in self._pending}
+        moved = False
+        for topic, state in zip(topics, states, strict=True):
+            held = self._positions[topic]
+            if topic in self._resync or topic in self._over or topic in queued:
+                continue
+            later = refreshed_origin(held, state) if held.is_origin else None
+            if later is not None:
+                self._positions[topic] = later
+                self._origins.hold(topic, later, asked_at, self._ttl_ms(topic))
+                moved = True
+        return id_line(self._cursor()) + b"\n" if moved and not self._closed else b""
 
     def _start_point(self, topic: str, state: LogState) -> tuple[EventId, Gap | None]:
         position = self._positions.get(topic)
@@ -540,7 +603,7 @@ class Subscription:
             assert isinstance(start, EventId)
             position = start
         seen = self._seen_at_origin.pop(topic, None) if position.is_origin else None
-        return resume_point(position, state, seen=seen)
+        return resume_point(position, state, seen=seen, ttl_ms=self._ttl_ms(topic))
 
     def _gap_frame(self, topic: str, gap: Gap, unsent: Sequence[tuple[str, Gap]] = ()) -> bytes:
         """A notice; ``unsent``: the notices still to send, whose topics its id names at

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 import redis.asyncio as aredis
+from httpx_sse import ServerSentEvent
 
 from tests.http.helpers import (
     SseStream,
@@ -163,6 +164,154 @@ async def test_max_age_holds_for_a_topic_nobody_publishes_to(policy_broker: Brok
         await await_until(aged_out, timeout=4, what="old events dropped on read", interval=0.2)
         info = (await client.get(f"/topics/{topic}")).json()
         assert info["length"] == 0 and info["first_id"] is None, info
+
+
+# -- a client at the origin (no log yet) and a whole log that expired meanwhile -----------
+
+
+async def origin_cursor(client: httpx.AsyncClient, path: str) -> str:
+    """The cursor a stream of a topic with no log sends (an ``id:`` with no data), as
+    an ``EventSource`` keeps it; the stream is closed: its client went away."""
+    async with SseStream(client, path) as stream:
+        await await_until(lambda: stream.last_event_id, timeout=5, what="the origin cursor")
+        return stream.last_event_id
+
+
+async def redis_ms(redis_client: aredis.Redis) -> int:
+    seconds, microseconds = await redis_client.time()
+    return int(seconds) * 1000 + int(microseconds) // 1000
+
+
+async def wait_for_redis_ms(redis_client: aredis.Redis, at_least: int, timeout: float) -> None:
+    """Until the store's clock (the one an origin carries) reaches ``at_least``."""
+
+    async def reached() -> bool:
+        return await redis_ms(redis_client) >= at_least
+
+    await await_until(reached, timeout=timeout, what="the store's clock moves on")
+
+
+def origin_ms(origin: str) -> int:
+    assert origin.startswith("0."), origin
+    return int(origin[2:].split("-")[0])
+
+
+async def expire_a_log(client: httpx.AsyncClient, redis_client: aredis.Redis, topic: str) -> None:
+    """A log made under ``topic``, published to, then expired whole (TTL)."""
+    await publish_many(client, topic, ["lost 1", "lost 2"])
+
+    async def gone() -> bool:
+        return not await keys_of(redis_client, topic)
+
+    await await_until(gone, timeout=1 + EXPIRY_DEADLINE_S, what="the log expires whole")
+
+
+def assert_unknown_gap(event: ServerSentEvent, topic: str, requested: str) -> None:
+    assert event.event == "broker.gap", event
+    assert json.loads(event.data) == {
+        "reason": "unknown",
+        "requested": requested,
+        "resumed_after": None,
+        "topic": topic,
+    }
+
+
+async def test_a_client_back_at_the_origin_after_a_whole_log_expired_is_told(
+    expiring_broker: BrokerProcess, redis_client: aredis.Redis
+) -> None:
+    """It subscribed before the topic's first event, went away, and a log was made,
+    published to and expired meanwhile: it is told (it waited in silence for good),
+    then gets what comes next."""
+    topic = new_topic()
+    path = f"/topics/{topic}/events"
+    async with httpx.AsyncClient(base_url=expiring_broker.url, timeout=10) as client:
+        origin = await origin_cursor(client, path)
+        await expire_a_log(client, redis_client, topic)
+        async with SseStream(client, path, headers={"Last-Event-ID": origin}) as stream:
+            assert_unknown_gap(await stream.next(), topic, origin)
+            [after] = await publish_many(client, topic, ["next"])
+            assert (await stream.next()).id == after
+
+
+async def test_a_client_back_at_the_origin_after_a_log_expired_and_another_came_is_told(
+    expiring_broker: BrokerProcess, redis_client: aredis.Redis
+) -> None:
+    """The same, with a new log made after the first expired: told of the first, then
+    the new one from its start (it was replayed with no word of the first)."""
+    topic = new_topic()
+    path = f"/topics/{topic}/events"
+    async with httpx.AsyncClient(base_url=expiring_broker.url, timeout=10) as client:
+        origin = await origin_cursor(client, path)
+        await expire_a_log(client, redis_client, topic)
+        new_log = await publish_many(client, topic, ["new 1", "new 2"])
+        async with SseStream(client, path, headers={"Last-Event-ID": origin}) as stream:
+            assert_unknown_gap(await stream.next(), topic, origin)
+            assert [(await stream.next()).id for _ in new_log] == new_log
+
+
+async def test_a_client_that_stayed_at_the_origin_past_the_ttl_is_told_nothing(
+    expiring_broker: BrokerProcess, redis_client: aredis.Redis
+) -> None:
+    """Connected to a quiet topic for two TTLs, it missed nothing: its stream kept the
+    origin it holds fresh (``id:`` lines), and it comes back with the last one, as an
+    ``EventSource`` does, to no gap."""
+    topic = new_topic()
+    path = f"/topics/{topic}/events"
+    async with httpx.AsyncClient(base_url=expiring_broker.url, timeout=10) as client:
+        async with SseStream(client, path) as stream:
+            await await_until(lambda: stream.last_event_id, timeout=5, what="the origin")
+            first = stream.last_event_id
+            await wait_for_redis_ms(redis_client, origin_ms(first) + 2000, timeout=10)
+            held = stream.last_event_id
+        assert origin_ms(held) > origin_ms(first), "no later origin was sent"
+        async with SseStream(client, path, headers={"Last-Event-ID": held}) as stream:
+            [event] = await publish_many(client, topic, ["first"])
+            assert (await stream.next()).id == event  # and no gap before it
+
+
+async def test_without_a_ttl_an_old_origin_is_told_nothing_and_with_a_policys_it_is(
+    policy_broker: BrokerProcess, redis_client: aredis.Redis
+) -> None:
+    """No TTL (neither global nor by policy): nothing expires, nothing is told, however
+    old the origin. A policy's TTL (``chat:*``): the log made a TTL after the origin
+    may have followed one that came and went, and it is told."""
+    kept, expiring = new_topic(), f"chat:{new_topic()}"
+    async with httpx.AsyncClient(base_url=policy_broker.url, timeout=10) as client:
+        origins = {t: await origin_cursor(client, f"/topics/{t}/events") for t in (kept, expiring)}
+        latest = max(origin_ms(origin) for origin in origins.values())
+        await wait_for_redis_ms(redis_client, latest + 1500, timeout=10)
+        ids = {topic: await publish_many(client, topic, ["a"]) for topic in origins}
+        headers = {"Last-Event-ID": origins[kept]}
+        async with SseStream(client, f"/topics/{kept}/events", headers=headers) as stream:
+            assert (await stream.next()).id == ids[kept][0]
+        headers = {"Last-Event-ID": origins[expiring]}
+        async with SseStream(client, f"/topics/{expiring}/events", headers=headers) as stream:
+            assert_unknown_gap(await stream.next(), expiring, origins[expiring])
+            assert (await stream.next()).id == ids[expiring][0]
+
+
+async def test_a_multi_topic_client_back_after_one_topics_log_expired_is_told_of_it(
+    expiring_broker: BrokerProcess, redis_client: aredis.Redis
+) -> None:
+    """Each topic is judged by its own origin in the cursor. Away longer than the TTL,
+    the client may have missed a log of the other topic too (one that came and went
+    leaves no trace), and it is told of both."""
+    lost, quiet = sorted([new_topic(), new_topic()])
+    params = [("topic", lost), ("topic", quiet)]
+    async with httpx.AsyncClient(base_url=expiring_broker.url, timeout=10) as client:
+        async with SseStream(client, "/events", params=params) as stream:
+            await await_until(lambda: stream.last_event_id, timeout=5, what="the cursor")
+            cursor = stream.last_event_id
+        parts = dict(entry.split("~") for entry in cursor.split("!"))
+        assert set(parts) == {lost, quiet}
+        await expire_a_log(client, redis_client, lost)
+        headers = {"Last-Event-ID": cursor}
+        async with SseStream(client, "/events", params=params, headers=headers) as stream:
+            for topic in (lost, quiet):  # (in the order of their names)
+                assert_unknown_gap(await stream.next(), topic, parts[topic])
+            await publish_many(client, quiet, ["next"])
+            event = await stream.next()
+            assert (event.event, event.data) == ("message", '"next"')
 
 
 # -- the settings stop `broker serve` at start ------------------------------------------

@@ -18,13 +18,16 @@ import pytest
 
 from broker import Broker, BrokerLimits, NewEvent, TopicInfo
 from broker import constants as c
+from broker.ids import EventId
 from broker.model import IngestLines
 from broker.policy import TopicPolicy
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
 from tests.integration.test_topologies import Reader
+from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
 from tests.support.redis_topologies import RedisClusterGroup, SentinelGroup
+from tests.support.sse import last_event_id
 
 TTL_SECONDS = 1.0
 EXPIRY_DEADLINE_S = 4.0
@@ -150,6 +153,75 @@ async def test_a_publish_moves_the_expiry(expiring_broker: Broker) -> None:
     resent = await broker.publish(topic, [NewEvent("l1"), NewEvent("l2")], lines=ingest)
     assert resent.replayed and resent.ids == lines.ids
     assert (await broker.store.state(topic)).length == state.length
+
+
+# -- a client at the origin (no log yet) and a whole log that expired meanwhile ------
+
+
+async def held_cursor(reader: Reader) -> str:
+    """What its client would come back with: the last ``id:`` line (one with no data
+    included: the cursor of a topic with no log), as an ``EventSource`` keeps it."""
+    await await_until(lambda: last_event_id(reader.raw.decode()), timeout=5, what="an id")
+    return last_event_id(reader.raw.decode())
+
+
+async def test_a_client_back_at_the_origin_after_a_whole_log_expired_is_told(
+    expiring_broker: Broker,
+) -> None:
+    """Subscribed before the first event; away while a log came, was published to and
+    expired whole: told (``unknown``), then what comes next; never a silent wait."""
+    broker, topic = expiring_broker, f"x-{uuid.uuid4().hex[:12]}"
+    store = broker.store
+    assert isinstance(store, RedisStreamStore)
+    reader = Reader(await broker.subscribe({topic: "now"}))
+    origin = await held_cursor(reader)
+    await reader.close()
+    await broker.publish(topic, [NewEvent("lost")])
+    await poll(lambda: _gone(store, topic), TTL_SECONDS + EXPIRY_DEADLINE_S, "the log expires")
+    back = Reader(await broker.subscribe({topic: EventId.parse(origin)}))
+    try:
+        await poll(lambda: _told(back), 5, "the client is told")
+        [gap] = back.events
+        assert orjson.loads(gap.data) == {
+            "reason": "unknown",
+            "requested": origin,
+            "resumed_after": None,
+            "topic": topic,
+        }
+        await back.wait_live()
+        after = await broker.publish(topic, [NewEvent("next")])
+        await back.wait_for_ids([str(after.ids[0])], timeout=5)
+    finally:
+        await back.close()
+
+
+async def test_a_client_that_stayed_at_the_origin_past_the_ttl_is_told_nothing(
+    expiring_broker: Broker,
+) -> None:
+    """Connected two TTLs to a quiet topic, it missed nothing: its stream sent it later
+    origins (``id:`` lines), and back with the last one it is told nothing."""
+    broker, topic = expiring_broker, f"x-{uuid.uuid4().hex[:12]}"
+    reader = Reader(await broker.subscribe({topic: "now"}))
+    try:
+        first = EventId.parse(await held_cursor(reader))
+        two_ttls = first.position[0] + 2 * TTL_SECONDS * 1000
+
+        async def passed() -> bool:
+            return await broker.store.clock_ms() >= two_ttls
+
+        await poll(passed, 10, "two TTLs pass")
+        held = EventId.parse(await held_cursor(reader))
+    finally:
+        await reader.close()
+    assert held.is_origin and held.position > first.position, (first, held)
+    back = Reader(await broker.subscribe({topic: held}))
+    try:
+        await back.wait_live()
+        event = await broker.publish(topic, [NewEvent("first")])
+        await back.wait_for_ids([str(event.ids[0])], timeout=5)
+        assert [e.event for e in back.events] == [None]  # the event, and no gap before it
+    finally:
+        await back.close()
 
 
 # -- listing ---------------------------------------------------------------------

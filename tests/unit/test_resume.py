@@ -6,7 +6,7 @@ from typing import Any
 
 from broker.ids import ORIGIN, EventId
 from broker.model import LogState
-from broker.resume import Gap, earliest_point, latest_point, resume_point
+from broker.resume import Gap, earliest_point, latest_point, refreshed_origin, resume_point
 
 EPOCH = "abcdefgh"
 
@@ -156,3 +156,46 @@ def test_the_origin_of_a_state_comes_after_every_deletion_it_knows() -> None:
     assert resume_point(known.origin, known) == (known.origin, None)
     ahead = _no_log(7000, deleted_epoch=EPOCH, deleted_at=(12000, 0))
     assert resume_point(ahead.origin, ahead) == (ahead.origin, None)
+
+
+TTL_MS = 1000
+
+
+def test_an_origin_a_ttl_old_with_no_log_now_may_have_missed_a_log_that_expired() -> None:
+    """A log made after the origin's time lived a TTL after its last append at least:
+    with no log now, an origin a TTL old or more may have missed a whole one."""
+    held = EventId("0", (6000, 0))
+    told = resume_point(held, _no_log(7000), ttl_ms=TTL_MS)
+    assert told == (EventId("0", (7000, 0)), Gap("unknown", held, None))  # waits at now's
+    assert resume_point(held, _no_log(6999), ttl_ms=TTL_MS) == (held, None)  # too soon
+    assert resume_point(held, _no_log(9000)) == (held, None)  # no TTL: nothing expires
+    no_time = resume_point(ORIGIN, _no_log(9000), ttl_ms=TTL_MS)
+    assert no_time == (EventId("0", (9000, 0)), None)  # 0.0-0: nothing to judge by
+
+
+def test_an_origin_a_ttl_before_the_logs_creation_may_have_missed_an_earlier_log() -> None:
+    """A log there now, made a TTL or more after the origin's time (its first entry's),
+    may have followed one that came and expired between: told, then read from its start.
+    Made sooner, nothing could have expired between. Trimmed, its ``trimmed`` gap tells."""
+    held = EventId("0", (6000, 0))
+    later = log_state(first=(7000, 0), last=(7500, 0))
+    assert resume_point(held, later, ttl_ms=TTL_MS) == (
+        EventId(EPOCH, (0, 0)),
+        Gap("unknown", held, None),
+    )
+    sooner = log_state(first=(6999, 5), last=(7500, 0))
+    assert resume_point(held, sooner, ttl_ms=TTL_MS) == (EventId(EPOCH, (0, 0)), None)
+    trimmed = log_state(first=(7000, 0), last=(7500, 0), trimmed=(6999, 0))
+    _, gap = resume_point(held, trimmed, ttl_ms=TTL_MS)
+    assert gap is not None and gap.reason == "trimmed"
+
+
+def test_a_connected_origin_is_refreshed_only_while_there_is_no_log_and_no_deletion() -> None:
+    held = EventId("0", (6000, 0))
+    assert refreshed_origin(held, _no_log(6500)) == EventId("0", (6500, 0))
+    assert refreshed_origin(held, log_state()) is None  # the live path delivers it
+    deleted = _no_log(6500, deleted_epoch=EPOCH, deleted_at=(6200, 0))
+    assert refreshed_origin(held, deleted) is None  # the live path tells it
+    older = _no_log(6500, deleted_epoch=EPOCH, deleted_at=(5000, 0))
+    assert refreshed_origin(held, older) == EventId("0", (6500, 0))
+    assert refreshed_origin(held, _no_log(5000)) is None  # (a clock stepped back: kept)
