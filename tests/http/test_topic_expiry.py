@@ -249,24 +249,58 @@ async def test_a_client_back_at_the_origin_after_a_log_expired_and_another_came_
             assert [(await stream.next()).id for _ in new_log] == new_log
 
 
+@pytest.mark.parametrize("topics", [1, 2])
 async def test_a_client_that_stayed_at_the_origin_past_the_ttl_is_told_nothing(
-    expiring_broker: BrokerProcess, redis_client: aredis.Redis
+    expiring_broker: BrokerProcess, redis_client: aredis.Redis, topics: int
 ) -> None:
     """Connected to a quiet topic for two TTLs, it missed nothing: its stream kept the
     origin it holds fresh (``id:`` lines), and it comes back with the last one, as an
-    ``EventSource`` does, to no gap."""
-    topic = new_topic()
-    path = f"/topics/{topic}/events"
+    ``EventSource`` does, to no gap. On a multi-topic stream, each topic's part."""
+    names = sorted(new_topic() for _ in range(topics))
+    if topics == 1:
+        path, params = f"/topics/{names[0]}/events", None
+    else:
+        path, params = "/events", [("topic", name) for name in names]
     async with httpx.AsyncClient(base_url=expiring_broker.url, timeout=10) as client:
-        async with SseStream(client, path) as stream:
+        async with SseStream(client, path, params=params) as stream:
             await await_until(lambda: stream.last_event_id, timeout=5, what="the origin")
-            first = stream.last_event_id
-            await wait_for_redis_ms(redis_client, origin_ms(first) + 2000, timeout=10)
+            first = origins_of(stream.last_event_id)
+            await wait_for_redis_ms(redis_client, max(first) + 2000, timeout=10)
             held = stream.last_event_id
-        assert origin_ms(held) > origin_ms(first), "no later origin was sent"
-        async with SseStream(client, path, headers={"Last-Event-ID": held}) as stream:
-            [event] = await publish_many(client, topic, ["first"])
-            assert (await stream.next()).id == event  # and no gap before it
+        assert all(later > before for later, before in zip(origins_of(held), first, strict=True))
+        headers = {"Last-Event-ID": held}
+        async with SseStream(client, path, params=params, headers=headers) as stream:
+            [event] = await publish_many(client, names[0], ["first"])
+            assert (await stream.next()).data == '"first"'  # and no gap before it
+            if topics == 1:
+                assert stream.last_event_id == event
+
+
+def origins_of(cursor: str) -> list[int]:
+    """The time of each origin of a cursor, single or multi-topic."""
+    parts = [entry.split("~")[-1] for entry in cursor.split("!")]
+    return [origin_ms(part) for part in parts]
+
+
+async def test_an_origin_back_after_its_log_aged_out_whole_is_told_trimmed(
+    policy_broker: BrokerProcess,
+) -> None:
+    """Retention by age (``max_age_seconds``, no TTL) empties a log but keeps its key:
+    a client back at the origin is told its events were trimmed, not left waiting."""
+    topic = f"aged:{new_topic()}"
+    path = f"/topics/{topic}/events"
+    async with httpx.AsyncClient(base_url=policy_broker.url, timeout=10) as client:
+        origin = await origin_cursor(client, path)
+        await publish_many(client, topic, ["old 1", "old 2"])
+
+        async def aged_out() -> bool:
+            info = (await client.get(f"/topics/{topic}")).json()
+            return info["length"] == 0
+
+        await await_until(aged_out, timeout=4, what="the events age out", interval=0.2)
+        async with SseStream(client, path, headers={"Last-Event-ID": origin}) as stream:
+            gap = await stream.next()
+            assert gap.event == "broker.gap" and json.loads(gap.data)["reason"] == "trimmed"
 
 
 async def test_without_a_ttl_an_old_origin_is_told_nothing_and_with_a_policys_it_is(
