@@ -68,12 +68,12 @@ class TopicPatterns:
     time (``broker.policy.TopicPattern``: a regular expression backtracked for seconds
     over a name a client chose)."""
 
-    __slots__ = ("_exact", "_wild")
+    __slots__ = ("_exact", "_wild", "patterns")
 
     def __init__(self, patterns: Iterable[str]) -> None:
-        patterns = list(patterns)
-        self._exact = frozenset(p for p in patterns if "*" not in p)
-        self._wild = tuple(TopicPattern(p) for p in dict.fromkeys(patterns) if "*" in p)
+        self.patterns = tuple(patterns)
+        self._exact = frozenset(p for p in self.patterns if "*" not in p)
+        self._wild = tuple(TopicPattern(p) for p in dict.fromkeys(self.patterns) if "*" in p)
 
     def allows(self, topic: str) -> bool:
         if topic in self._exact:
@@ -195,6 +195,16 @@ class Authorizer:
         token = token_of(scope)
         if token is not None:
             self._rights(token)
+
+    def subscribe_patterns(self, scope: Scope) -> tuple[str, ...] | None:
+        """The patterns of every topic ``check`` lets this request subscribe to (None:
+        any topic), for a listing to look only where those can be. Call it after
+        ``check_given_token``, which refuses a token that is not valid."""
+        if self._key is None:
+            return None
+        token = token_of(scope)
+        own = self._rights(token).subscribe.patterns if token is not None else ()
+        return (*own, *self._public.patterns)
 
     def _refuse_forgery(self, scope: Scope) -> None:
         """A browser sends the cookie with any site's form or plain ``fetch`` (text/plain

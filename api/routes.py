@@ -332,7 +332,11 @@ async def list_topics(request: Request) -> Response:
             raise InvalidInput("cursor must be the 'next' of a page before", field="cursor")
     await check_listing_caller(request)
     topics, following = await _broker(request).list_topics(
-        prefix, cursor, limit, shown=lambda topic: may_subscribe(request, topic)
+        prefix,
+        cursor,
+        limit,
+        shown=lambda topic: may_subscribe(request, topic),
+        patterns=_authorizer(request).subscribe_patterns(request.scope),
     )
     content = {"topics": [_topic_json(t) for t in topics], "next": following}
     return json_response(content, headers=NOT_STORED)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -20,6 +20,7 @@ from broker.fanout import Hub
 from broker.health import StoreHealth
 from broker.heartbeat import HeartbeatClock
 from broker.ids import EventId
+from broker.listing import listing_for
 from broker.model import AppendResult, IngestLines, LogEntry, LogState, NewEvent
 from broker.observer import Observer
 from broker.origins import refresh_tick_s
@@ -154,11 +155,20 @@ class Broker:
         cursor: str | None,
         limit: int,
         shown: Callable[[str], bool] = lambda _: True,
+        patterns: Iterable[str] | None = None,
     ) -> tuple[list[TopicInfo], str | None]:
         """A page of existing topics whose names start with ``prefix``, of those the
-        caller may see (``shown``: neither the page nor its cursor names another)."""
+        caller may see (``shown``: neither the page nor its cursor names another).
+
+        ``patterns``: what ``shown`` can let through (``*``: any run of characters;
+        None: anything), so that the store looks only where those topics can be: a
+        caller who may see nothing costs Redis nothing (an anonymous listing walked
+        every key for an empty answer, 400 SCANs over 200,000 topics)."""
+        listing = listing_for(prefix, patterns)
+        if listing.empty:
+            return [], None
         found, following = await self._told(
-            "list", self.store.list_topics(prefix, cursor, limit, shown)
+            "list", self.store.list_topics(listing, cursor, limit, shown)
         )
         return [_info(topic, state) for topic, state in found], following
 

@@ -34,6 +34,7 @@ from broker.errors import (
 )
 from broker.health import ThrottledLog
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
+from broker.listing import Listing, glob_escaped
 from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
 from broker.redis_checks import (
@@ -69,6 +70,18 @@ def _list_position(cursor: str | None) -> tuple[int, int, str | None]:
     node, _, rest = (cursor or "0:0").partition(":")
     position, _, after = rest.partition(":")
     return int(node), int(position or 0), after or None
+
+
+def _named_page(
+    names: tuple[str, ...], after: str | None, room: int, shown: Callable[[str], bool], pass_: int
+) -> tuple[list[str], str | None]:
+    """The names after ``after`` a page has room for, and the cursor past them (pass
+    ``pass_``). Looked up, not walked for: those with no log drop out of the page."""
+    left = [name for name in names if (after is None or name > after) and shown(name)]
+    page = left[: max(room, 0)]
+    if len(left) <= len(page):
+        return page, None
+    return page, f"{pass_}:0:{page[-1]}" if page else f"{pass_}:0"
 
 
 def _deletions(raw: bytes | None) -> tuple[EventId, ...]:
@@ -469,32 +482,55 @@ class RedisStreamStore:
 
     async def list_topics(
         self,
-        prefix: str,
+        listing: Listing,
         cursor: str | None,
         limit: int,
         shown: Callable[[str], bool] = lambda _: True,
     ) -> tuple[list[tuple[str, LogState]], str | None]:
-        """At most ``limit`` topics whose names start with ``prefix`` and that ``shown``
-        lets the caller see, by SCAN (never KEYS), with their states; and the cursor to
-        go on from (None: done).
+        """At most ``limit`` topics of ``listing`` that ``shown`` lets the caller see, with
+        their states; and the cursor to go on from (None: done). Those starting with
+        ``listing.prefix`` are found by SCAN (never KEYS), then ``listing.names`` are
+        looked up by name.
 
-        The cursor is ``<node index>:<scan cursor>`` (a Cluster walks each primary in
-        turn), with ``:<topic>`` when the page ended inside a SCAN step: the next page
-        takes that step again and goes on after that topic, the page's last, which
-        the caller was shown (SCAN's own promise holds: a topic there all along is
-        listed, perhaps twice, never skipped; except on a Cluster whose primaries
-        change between two pages, a failover or a resharding, as the node is named
-        by its place among the primaries: README, API).
+        The cursor is ``<pass>:<scan cursor>``: a pass per node (a Cluster walks each
+        primary in turn), then one past the last for the names; with ``:<topic>`` when
+        the page ended inside a SCAN step (the next page takes that step again and goes
+        on after that topic, the page's last, which the caller was shown) or among the
+        names. SCAN's own promise holds: a topic there all along is listed, perhaps
+        twice, never skipped; except on a Cluster whose primaries change between two
+        pages, a failover or a resharding, as the node is named by its place among the
+        primaries: README, API.
         """
-        node_index, scan_cursor, after = _list_position(cursor)
-        pattern = c.meta_key(prefix + "*")  # broker:{prefix*}:meta
+        position = _list_position(cursor)
         if not self.durable:
-            page, last = await self._names_in_order(pattern, after, limit, shown)
+            page, last = await self._names_in_order(listing, position[2], limit, shown)
             return await self._with_states(page), last
         nodes = self._scan_targets()
+        walked: list[str] = []
+        after = position[2] if position[0] >= len(nodes) else None
+        if listing.prefix is not None and position[0] < len(nodes):
+            walked, following = await self._walked(nodes, listing.prefix, position, limit, shown)
+            if following is not None:
+                return await self._with_states(walked), following
+        room = limit - len(walked)
+        named, following = _named_page(listing.names, after, room, shown, len(nodes))
+        return await self._with_states(walked + named), following
+
+    async def _walked(
+        self,
+        nodes: list[Any],
+        prefix: str,
+        position: tuple[int, int, str | None],
+        limit: int,
+        shown: Callable[[str], bool],
+    ) -> tuple[list[str], str | None]:
+        """Up to ``limit`` topics starting with ``prefix`` that ``shown`` lets through, by
+        at most LIST_SCAN_ROUNDS SCAN steps over the nodes from ``position``; and where
+        the walk goes on (None: it is over)."""
+        node_index, scan_cursor, after = position
+        pattern = c.meta_key(glob_escaped(prefix) + "*")  # broker:{prefix*}:meta
         names: list[str] = []
         scan_count = min(c.LIST_SCAN_COUNT, max(limit, c.LIST_SCAN_MIN_COUNT))  # ~ limit a page
-        following: str | None = None
         for _ in range(c.LIST_SCAN_ROUNDS):
             if node_index >= len(nodes):
                 break
@@ -509,31 +545,31 @@ class RedisStreamStore:
             room = limit - len(names)
             if len(found) > room:
                 names += found[:room]
-                following = f"{node_index}:{step}:{names[-1]}"
-                break
+                return names, f"{node_index}:{step}:{names[-1]}"
             names += found
             if scan_cursor == 0:
                 node_index, scan_cursor = node_index + 1, 0
             if len(names) >= limit:
                 break
-        if following is None and node_index < len(nodes):
-            following = f"{node_index}:{scan_cursor}"
-        return await self._with_states(names), following
+        return names, (f"{node_index}:{scan_cursor}" if node_index < len(nodes) else None)
 
     async def _with_states(self, names: list[str]) -> list[tuple[str, LogState]]:
         states = await asyncio.gather(*(self.state(name) for name in names))
         return [(name, state) for name, state in zip(names, states, strict=True) if state.exists]
 
     async def _names_in_order(
-        self, pattern: str, after: str | None, limit: int, shown: Callable[[str], bool]
+        self, listing: Listing, after: str | None, limit: int, shown: Callable[[str], bool]
     ) -> tuple[list[str], str | None]:
         """The embedded store's page: the topics after ``after`` by name, from one SCAN
         that takes every key at once. fakeredis keeps a SCAN's place by its cursor
         number alone, the same numbers in every listing: another listing between two
         pages took this one's place, and expired keys moved it on, topics there all
         along skipped (not on Redis, whose cursor is a place in its hash table)."""
-        _, keys = await self._call(self._client.scan(0, match=pattern, count=EMBEDDED_SCAN_ALL))
-        topics = (name for name in map(_topic_of_meta, cast(list[bytes], keys)) if name)
+        topics = set(listing.names)
+        if listing.prefix is not None:
+            pattern = c.meta_key(glob_escaped(listing.prefix) + "*")
+            _, keys = await self._call(self._client.scan(0, match=pattern, count=EMBEDDED_SCAN_ALL))
+            topics.update(name for name in map(_topic_of_meta, cast(list[bytes], keys)) if name)
         ordered = sorted(name for name in topics if (after is None or name > after) and shown(name))
         if len(ordered) <= limit:
             return ordered, None

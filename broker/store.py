@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from broker.ids import StreamPosition
+from broker.listing import Listing
 from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies
 
@@ -47,10 +48,10 @@ class Store(Protocol):
         ...
 
     async def list_topics(
-        self, prefix: str, cursor: str | None, limit: int, shown: Callable[[str], bool] = ...
+        self, listing: Listing, cursor: str | None, limit: int, shown: Callable[[str], bool] = ...
     ) -> tuple[list[tuple[str, LogState]], str | None]:
-        """At most ``limit`` existing topics starting with ``prefix`` that ``shown`` lets
-        the caller see, and the next cursor (which names no other topic)."""
+        """At most ``limit`` existing topics of ``listing`` that ``shown`` lets the caller
+        see, and the next cursor (which names no other topic)."""
         ...
 
     async def read_range(

@@ -432,3 +432,33 @@ async def test_the_embedded_store_wakes_its_readers_for_an_append_cut_short() ->
         assert (await store.state("cut-short")).length == 1
     finally:
         await store.close()
+
+
+async def test_a_listing_narrowed_to_the_callers_patterns_lists_each_of_their_topics_once(
+    listing_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A walk narrowed to the patterns' shared start, then the exact names looked up,
+    on every store (a Cluster walks each primary, then looks the names up on theirs):
+    small pages and SCAN steps, followed to the end, list each topic the patterns
+    allow once, and none other, whatever the page the walk ends in."""
+    monkeypatch.setattr(c, "LIST_SCAN_COUNT", 4)
+    broker, run = listing_broker, uuid.uuid4().hex[:8]
+    walked = [f"w{run}.a{n}" for n in range(6)] + [f"w{run}.b{n}" for n in range(6)]
+    named = [f"n{run}-{n}" for n in range(5)]
+    for name in [*walked, *named[1:], f"w{run}.c0", f"o{run}", f"w{run}"]:
+        await broker.publish(name, [NewEvent("1")])
+    patterns = [f"w{run}.a*", f"w{run}.b*", *named]  # (named[0] has no log: not listed)
+    allowed = set(walked + named)
+    for limit in (1, 2, 3, 1000):
+        seen: list[str] = []
+        cursor: str | None = None
+        for _ in range(10_000):
+            page, cursor = await broker.list_topics(
+                "", cursor, limit, shown=lambda t: t in allowed, patterns=patterns
+            )
+            assert len(page) <= limit
+            seen += [info.topic for info in page]
+            if cursor is None:
+                break
+        assert sorted(seen) == sorted(walked + named[1:]), (limit, seen)
+        assert len(seen) == len(set(seen)), f"a topic was listed twice: {seen}"
