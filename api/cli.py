@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -147,10 +148,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValidationError as error:  # a mistyped or unusable setting: never start open
         sys.exit(f"broker: {describe(error)}")
     except SettingsError as error:  # a setting that is not even readable (bad JSON)
-        cause = f": {error.__cause__}" if error.__cause__ else ""
-        sys.exit(f"broker: {error}{cause}")
+        sys.exit(f"broker: {unreadable_setting(error)}")
     _announce_store(settings)
     serve(settings)
+
+
+def unreadable_setting(error: SettingsError) -> str:
+    """pydantic-settings names the field (``error parsing value for field
+    "topic_policies" from source "EnvSettingsSource"``): the message names the
+    variable the operator set, as every other refusal does."""
+    cause = f": {error.__cause__}" if error.__cause__ else ""
+    field = re.search(r'field "(\w+)"', str(error))
+    if field is None:
+        return f"{error}{cause}"
+    return f"BROKER_{field.group(1).upper()} is not readable{cause}"
 
 
 def _not_a_flag(argument: str) -> bool:
