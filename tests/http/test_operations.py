@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import httpx
@@ -122,6 +123,15 @@ def test_docs_is_html(client: httpx.Client) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert "openapi.json" in response.text
+
+
+@pytest.mark.parametrize("page", ["/", "/docs"])
+def test_each_page_names_an_icon_the_broker_serves(client: httpx.Client, page: str) -> None:
+    """Without one a browser asks for /favicon.ico, a 404 on every load of the page."""
+    icon = re.search(r'<link rel="icon"[^>]* href="([^"]+)"', client.get(page).text)
+    assert icon is not None, "no icon"
+    answer = client.get("/" + icon.group(1))
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
 
 
 # -- subscriptions are freed ---------------------------------------------------------------
