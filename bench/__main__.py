@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--only", choices=SCENARIOS, action="append", help="run this scenario")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
-    parser.add_argument("--skip-baseline", action="store_true", help="measure the broker only")
-    parser.add_argument("--skip-broker", action="store_true", help="measure the baseline only")
+    parser.add_argument("--skip-baseline", action="store_true", help="leave out the baseline")
+    parser.add_argument("--skip-broker", action="store_true", help="leave out the broker")
     parser.add_argument(
         "--skip-nchan", action="store_true", help="leave out Nchan (nginx + libnginx-mod-nchan)"
     )
