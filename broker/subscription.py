@@ -117,7 +117,7 @@ class Subscription:
         self._seen_at_origin: dict[str, str] = {}
         """Per topic at the origin, the epoch of a log whose entries came live but were
         not delivered (it went back to the log to judge them): owed, or told."""
-        self._origins = HeldOrigins()
+        self._origins: HeldOrigins | None = None  # (made for the first: most hold none)
         """The origins its client holds of expiring topics, sent a later one when due
         (see ``broker.origins``): on the heartbeat clock's tick, which sets
         ``_origins_due``, by the consumer, which reads the store."""
@@ -560,7 +560,12 @@ class Subscription:
         ms = origin.position[0]
         age_ms = max((state.clock_ms or ms) - ms, 0) if ms else 0
         taken_at = time.monotonic() - age_ms / 1000
-        self._origins.hold(topic, origin, taken_at, self._ttl_ms(topic))
+        ttl_ms = self._ttl_ms(topic)
+        if self._origins is None:
+            if not ttl_ms:
+                return
+            self._origins = HeldOrigins()  # (~100 bytes: not for a stream of topics without TTL)
+        self._origins.hold(topic, origin, taken_at, ttl_ms)
 
     def _ttl_ms(self, topic: str) -> int:
         return self._store.policies.for_topic(topic).ttl_ms
@@ -574,6 +579,7 @@ class Subscription:
         store that cannot answer now is asked again at the clock's next tick."""
         self._origins_due = False
         asked_at = time.monotonic()
+        assert self._origins is not None  # (due: some origin was held)
         topics = self._origins.due(self._positions, asked_at)
         try:
             states = await asyncio.gather(*(self._store.state(topic) for topic in topics))
