@@ -79,6 +79,45 @@ class SubscriberTooSlow(Exception):
 class Subscription:
     """One client's stream over one or more topics."""
 
+    # Slots, not a dict: the hub's direct write reads a dozen fields of every subscriber
+    # of a topic in a row. With 33 fields an instance outgrew CPython's shared-key dict
+    # (30 keys) and carried a dict of its own, a second object to fetch per read.
+    __slots__ = (
+        "_announce",
+        "_announce_start",
+        "_attached",
+        "_backlog_at_tick",
+        "_buffer_limit",
+        "_catching_up",
+        "_closed",
+        "_consumer_idle",
+        "_deleted_before",
+        "_dropped",
+        "_ends_at",
+        "_heartbeats",
+        "_hub",
+        "_last_beat",
+        "_log_starts",
+        "_multi",
+        "_observer",
+        "_opening_states",
+        "_origins",
+        "_origins_due",
+        "_over",
+        "_pending",
+        "_pending_bytes",
+        "_positions",
+        "_replayed",
+        "_resync",
+        "_seen_at_origin",
+        "_sink",
+        "_starts",
+        "_store",
+        "_told_loss_at",
+        "_trusted",
+        "_waiter",
+    )
+
     def __init__(
         self,
         store: Store,
