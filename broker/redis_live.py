@@ -25,6 +25,7 @@ from broker.observer import Observer
 from broker.redis_checks import is_misconfiguration
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections
 from broker.redis_raw import RawConnection
+from broker.redis_slots import LiveRead, MigratingReads
 
 log = logging.getLogger(__name__)
 
@@ -487,7 +488,13 @@ class LiveReader:
         await self._reader.aclose()
 
 
-def _topics_of(slots: dict[int, dict[str, str]]) -> list[str]:
+_Reads = dict[LiveRead, dict[str, str]]
+"""A node's live reads, each naming its keys and the positions after which to read."""
+_Groups = dict[str, tuple[Any, _Reads]]
+"""Each node's name: the node, and its reads."""
+
+
+def _topics_of(slots: _Reads) -> list[str]:
     return [c.topic_of_key(key) for streams in slots.values() for key in streams]
 
 
@@ -496,7 +503,7 @@ class _NodeRead(NamedTuple):
     asked, and when (loop time)."""
 
     task: asyncio.Task[Any]
-    slots: dict[int, dict[str, str]]
+    slots: _Reads
     asked_at: float
 
 
@@ -518,8 +525,11 @@ class ClusterLiveReader:
     read is returned (never dropped) and the failed topics are simply absent,
     so the hub reads them again from the same positions; each such failure is
     logged, counted as a ``live_read`` store error, and refreshes the slot map
-    in the background (a failover or a migration moves the topics to the new
-    owner at the next read), and the hub is told how long they went unread.
+    in the background (a failover or a migration's end moves the topics to the
+    new owner at the next read), and the hub is told how long they went unread.
+    A slot being migrated is no failure: its ``ASK`` and ``TRYAGAIN`` place its
+    topics' reads anew (``MigratingReads``: key by key, a moved key asked of the
+    importing node), read at the next poll, at once.
     """
 
     def __init__(
@@ -542,6 +552,8 @@ class ClusterLiveReader:
         # out (10 s, again and again until the cluster failed it over: 15-20 s of every
         # topic of the cluster stalled); it is waited for CLUSTER_NODE_POLL_S at most.
         self._in_flight: dict[str, _NodeRead] = {}
+        self._migrating = MigratingReads(cluster)
+        self._rerouted = False  # a migration moved some reads at the last poll
 
     async def open(self) -> None:
         """Nothing yet: a primary's connection opens with its first live topic."""
@@ -563,33 +575,36 @@ class ClusterLiveReader:
                 return {}
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(interrupted.wait(), self._pause_ms / 1000)
-            self._pause_ms = min(self._pause_ms * 2, c.CLUSTER_POLL_MAX_MS)
-            if self._failing:
+            if self._rerouted:  # (a migration's reads, placed anew: asked again soon)
+                self._pause_ms = c.CLUSTER_POLL_MIN_MS
+            else:
+                self._pause_ms = min(self._pause_ms * 2, c.CLUSTER_POLL_MAX_MS)
+            if self._failing or self._rerouted:
                 # Some went unread (a node or a slot failed): ask where the refreshed slot
                 # map says, not the old node again until the block time ends (a moved
                 # slot's topic stalled 5 s while the others were quiet; review).
                 groups = await self._group_by_node_and_slot(streams)
 
-    async def _group_by_node_and_slot(
-        self, streams: dict[str, str]
-    ) -> dict[str, tuple[Any, dict[int, dict[str, str]]]]:
-        groups: dict[str, tuple[Any, dict[int, dict[str, str]]]] = {}
+    async def _group_by_node_and_slot(self, streams: dict[str, str]) -> _Groups:
+        """Each node's reads: one per slot; a migrating slot's, per key (MigratingReads)."""
+        self._rerouted = False
+        groups: _Groups = {}
         try:
             if not self._cluster.nodes_manager.slots_cache:
                 await self._cluster.initialize()
             for key, position in streams.items():
-                node = self._cluster.get_node_from_key(key)
-                if node is None:
+                owner = self._cluster.get_node_from_key(key)
+                if owner is None:
                     raise StoreUnavailable(f"no cluster node serves {key}")
-                slots = groups.setdefault(node.name, (node, {}))[1]
-                slots.setdefault(self._cluster.keyslot(key), {})[key] = position
+                node, read = self._migrating.place(key, self._cluster.keyslot(key), owner)
+                reads = groups.setdefault(node.name, (node, {}))[1]
+                reads.setdefault(read, {})[key] = position
         except REDIS_FAILURES as error:
             raise StoreUnavailable(f"cluster slot map unavailable: {error}") from error
+        self._migrating.forget(streams, {read.slot for _, r in groups.values() for read in r})
         return groups
 
-    async def _poll(
-        self, groups: dict[str, tuple[Any, dict[int, dict[str, str]]]]
-    ) -> dict[str, list[LogEntry]]:
+    async def _poll(self, groups: _Groups) -> dict[str, list[LogEntry]]:
         polls, fresh = self._node_polls(groups)
         if fresh:  # (a read asked at a poll before is not waited for again)
             await asyncio.wait(fresh, timeout=c.CLUSTER_NODE_POLL_S)
@@ -603,8 +618,9 @@ class ClusterLiveReader:
             elif isinstance(result, BaseException):
                 raise result  # a cancellation, not a node's failure
             else:
-                entries, unread = result
+                entries, refused = result
                 merged.update(entries)
+                unread = self._not_followed(name, slots, refused)
                 failed.update(unread)
                 if unread:
                     failures[name] = next(iter(unread.values()))
@@ -625,8 +641,8 @@ class ClusterLiveReader:
     def _answers(
         self,
         polls: dict[str, _NodeRead],
-        groups: dict[str, tuple[Any, dict[int, dict[str, str]]]],
-    ) -> list[tuple[str, dict[int, dict[str, str]], Any]]:
+        groups: _Groups,
+    ) -> list[tuple[str, _Reads, Any]]:
         """Each node's answer (entries, or its failure), with the slots it asked. A node
         still reading is left out (its topics keep their positions) until its read has
         taken CLUSTER_NODE_STUCK_S: then it has failed (a TimeoutError), and its topics
@@ -651,9 +667,21 @@ class ClusterLiveReader:
             answers.append((name, slots, outcome))
         return answers
 
-    def _node_polls(
-        self, groups: dict[str, tuple[Any, dict[int, dict[str, str]]]]
-    ) -> tuple[dict[str, _NodeRead], set[asyncio.Task[Any]]]:
+    def _not_followed(
+        self, name: str, reads: _Reads, refused: dict[LiveRead, Exception]
+    ) -> dict[str, Exception]:
+        """The topics of the node's refused reads, with why, but for those a slot's
+        migration sends elsewhere (ASK, TRYAGAIN): those are read there at once."""
+        self._migrating.settle(name, reads, refused)
+        unread: dict[str, Exception] = {}
+        for read, error in refused.items():
+            if self._migrating.follow(name, read, reads[read], error):
+                self._rerouted = True
+            else:
+                unread.update(dict.fromkeys(map(c.topic_of_key, reads[read]), error))
+        return unread
+
+    def _node_polls(self, groups: _Groups) -> tuple[dict[str, _NodeRead], set[asyncio.Task[Any]]]:
         """Each node's read: a new one, or the one still under way from a poll before (a
         node that does not answer is not asked again on top of it); and the new ones."""
         loop = asyncio.get_running_loop()
@@ -669,7 +697,7 @@ class ClusterLiveReader:
 
     def _note_unread(
         self,
-        groups: dict[str, tuple[Any, dict[int, dict[str, str]]]],
+        groups: _Groups,
         failed: dict[str, Exception],
         merged: dict[str, list[LogEntry]],
     ) -> None:
@@ -712,25 +740,31 @@ class ClusterLiveReader:
         self._start_refresh()
 
     async def _poll_node(
-        self, node: Any, slots: dict[int, dict[str, str]]
-    ) -> tuple[dict[str, list[LogEntry]], dict[str, Exception]]:
-        """The node's new entries, and the topics of slots whose read it refused (a slot
-        migrating, or moved: ASK, MOVED, TRYAGAIN), with why: its other slots are
-        read on (one refused read threw the node's whole answer away, and every topic
-        of the node stalled while one slot moved). Raises if the node fails."""
+        self, node: Any, reads: _Reads
+    ) -> tuple[dict[str, list[LogEntry]], dict[LiveRead, Exception]]:
+        """The node's new entries, and the reads it refused (a slot migrating, or moved:
+        ASK, MOVED, TRYAGAIN), with why: its other slots are read on (one refused read
+        threw the node's whole answer away, and every topic of the node stalled while
+        one slot moved). A read of an importing slot's key follows ``ASKING`` in the
+        same write, on the same connection. Raises if the node fails."""
         client = self._clients.get(node.name)
         if client is None:
             client = redis.Redis(host=node.host, port=int(node.port), **self._options)
             self._clients[node.name] = client
         async with client.pipeline(transaction=False) as pipe:
-            for streams in slots.values():
+            for read, streams in reads.items():
+                if read.asking:
+                    pipe.execute_command("ASKING")
                 pipe.xread(streams, count=c.LIVE_READ_COUNT)  # type: ignore[arg-type]
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            replies = iter(await pipe.execute(raise_on_error=False))
         entries: dict[str, list[LogEntry]] = {}
-        refused: dict[str, Exception] = {}
-        for streams, reply in zip(slots.values(), replies, strict=True):
+        refused: dict[LiveRead, Exception] = {}
+        for read in reads:
+            if read.asking:
+                next(replies)  # (an ASKING refused: its XREAD is refused too, MOVED)
+            reply = next(replies)
             if isinstance(reply, Exception):
-                refused.update(dict.fromkeys(map(c.topic_of_key, streams), reply))
+                refused[read] = reply
                 continue
             for key, items in reply or []:
                 topic = topic_of(key)

@@ -200,3 +200,90 @@ async def test_a_slot_migrated_under_publishers_and_subscribers_loses_and_refuse
             rest = len(in_use.acked) - before + 1
             await await_until(lambda: len(resumed.received) >= rest, timeout=10, what="resume")
         assert [event_id for event_id, _ in resumed.received[1:]] == in_use.acked[before:]
+
+
+def topic_keys(topic: str) -> list[str]:
+    """All six keys of a topic (an ingest's line records make the last two)."""
+    return [
+        c.log_key(topic),
+        c.meta_key(topic),
+        c.records_key(topic),
+        c.record_times_key(topic),
+        c.line_records_key(topic),
+        c.line_times_key(topic),
+    ]
+
+
+async def ingest(client: httpx.AsyncClient, topic: str) -> str:
+    """One event by ingest, so the topic has all six keys; its id."""
+    answer = await client.post(
+        f"/topics/{topic}/events",
+        content=b'{"data": "ingested"}\n',
+        headers={"content-type": "application/x-ndjson", "idempotency-key": "ingest"},
+    )
+    assert answer.status_code == 201, answer.text
+    return str(answer.json()["ids"][0])
+
+
+@pytest.mark.timeout(90)
+async def test_live_subscribers_of_a_migrating_slot_get_its_events_before_it_is_final(
+    cluster_and_broker: tuple[RedisClusterGroup, BrokerProcess],
+) -> None:
+    """Three topics of one slot, each with a live subscriber: one whose keys move first,
+    one whose keys stay until the rest move, one never published (its log key exists
+    nowhere). An XREAD of several keys of a migrating slot is refused (TRYAGAIN: the
+    owner has some of them, from MIGRATING on, as a key that exists nowhere counts as
+    one it lacks; ASK once it has none), so the reader reads such a slot key by key, a
+    moved key from the importing node after ASKING. Events published at each step
+    (slot MIGRATING, the keys split, all moved but the slot not final) reach their
+    live subscribers at that step, before SETSLOT NODE; every event exactly once, in
+    order."""
+    cluster, broker = cluster_and_broker
+    moved = f"moved-{uuid.uuid4().hex[:10]}"
+    slot = key_slot(moved.encode())
+    stays, quiet = topic_in_slot(slot), topic_in_slot(slot)
+    source = cluster.master_port_of(c.log_key(moved))
+    target = next(port for port in cluster.master_ports() if port != source)
+    migration = SlotMigration(cluster, slot, source, target)
+    async with httpx.AsyncClient(base_url=broker.url, timeout=30) as client:
+        publishers = [Publisher(client, moved), Publisher(client, stays)]
+        first = [[await ingest(client, p.topic)] for p in publishers]
+        subscribers = [
+            Subscriber(client, moved),
+            Subscriber(client, stays),
+            Subscriber(client, quiet),
+        ]
+        reading = [asyncio.create_task(s.run()) for s in subscribers]
+        async with running(*reading):
+            n = 0
+
+            async def publish_and_deliver(step: str) -> None:
+                nonlocal n
+                for publisher in publishers:
+                    await publisher.publish(n)
+                n += 1
+                for subscriber, publisher, head in zip(
+                    subscribers, publishers, first, strict=False
+                ):
+                    expected = len(head) + len(publisher.acked)
+                    await await_until(
+                        lambda s=subscriber, e=expected: len(s.received) >= e,
+                        timeout=10,
+                        what=f"{subscriber.topic}: delivered live while {step}",
+                    )
+
+            await publish_and_deliver("the slot is stable")
+            await asyncio.to_thread(migration.begin)
+            await publish_and_deliver("the slot is MIGRATING, nothing moved")
+            await asyncio.to_thread(migration.move, *topic_keys(moved))
+            await publish_and_deliver("the topics' keys are split between the nodes")
+            await asyncio.to_thread(migration.move_the_rest)
+            await publish_and_deliver("every key moved, the slot not final")
+            await asyncio.to_thread(migration.finish)
+            publishers.append(Publisher(client, quiet))
+            first.append([])
+            await publish_and_deliver("the slot is final")
+        assert cluster.master_port_of(c.log_key(moved)) == target
+        for subscriber, publisher, head in zip(subscribers, publishers, first, strict=True):
+            expected = head + publisher.acked
+            assert delivery_problems(expected, subscriber.received, gaps_allowed=False) == []
