@@ -129,7 +129,7 @@ def _cluster_store(url: ServersUrl, observer: Observer | None, **options: Any) -
         # a slot migration, appends of that slot bounce between its nodes (redis-py's
         # ASKING and the command may take two pooled connections), and each close failed
         # every command under way, to every node (audit). A MOVED patches its slot, and
-        # failures refresh the map (RedisStreamStore._forget_slot_owner, the live reader).
+        # failures refresh the map (SlotCommands, the live reader).
         reinitialize_steps=0,
         max_connections=options["pool_size"],  # per node; see open_cluster_pools
         **common,
@@ -141,7 +141,7 @@ def _cluster_store(url: ServersUrl, observer: Observer | None, **options: Any) -
 
 
 def _node_client_factory(common: dict[str, Any], size: int) -> NodeClientFactory:
-    """Clients of single Cluster nodes (the WAIT of replicated appends), logged in and
+    """Clients of single Cluster nodes (the listing's SCANs), logged in and
     encrypted as the cluster client is: without them a password or TLS Cluster refuses.
     ``common``: the cluster client's options of ``cluster_options``."""
     options = pool_options(size) | common

@@ -77,22 +77,31 @@ class SlotCommands:
         self._refresh: asyncio.Task[None] | None = None
 
     async def run_script(
-        self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[str | int],
+        *,
+        then: tuple[Any, ...] | None = None,
     ) -> Any:
         """The script's reply; loaded on every primary once when a node lacks it
         (NOSCRIPT: it did not run; the target of an ASK may never have been sent it),
-        as redis-py's own scripts are (SCRIPT LOAD, not EVAL: the rights the README lists)."""
+        as redis-py's own scripts are (SCRIPT LOAD, not EVAL: the rights the README lists).
+        ``then``: a command sent right after it on the same connection (a ``WAIT``,
+        which counts that connection's writes): both replies, as a pair."""
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            return await self.execute(keys[0], *command)
+            return await self.execute(keys[0], *command, then=then)
         except NoScriptError:
             await self._cluster.script_load(script.script)
-            return await self.execute(keys[0], *command)
+            return await self.execute(keys[0], *command, then=then)
 
-    async def execute(self, key: str, *command: Any) -> Any:
-        """``command``'s reply from the node that holds ``key``'s slot now. Raises
-        StoreUnavailable when the slot stays split past ``patience``, or keeps being
-        redirected; a ResponseError as Redis answered; a connection's failure."""
+    async def execute(self, key: str, *command: Any, then: tuple[Any, ...] | None = None) -> Any:
+        """``command``'s reply from the node that holds ``key``'s slot now (with
+        ``then``'s, as a pair). Raises StoreUnavailable when the slot stays split past
+        ``patience``, or keeps being redirected; a ResponseError as Redis answered; a
+        connection's failure."""
+        commands = [command] if then is None else [command, then]
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._patience
         pause = c.CLUSTER_TRYAGAIN_FIRST_PAUSE_S
@@ -100,7 +109,8 @@ class SlotCommands:
         redirects = 0
         while redirects < c.CLUSTER_MAX_REDIRECTS:
             try:
-                return await self._send(node, command, asking=asking)
+                replies = await self._send(node, commands, asking=asking)
+                return replies[0] if then is None else tuple(replies)
             except MovedError as moved:  # (a kind of AskError: first)
                 await self._cluster.nodes_manager.move_slot(moved)
                 node, asking = await self._owner(key), False
@@ -117,13 +127,15 @@ class SlotCommands:
             redirects += 1
         raise StoreUnavailable(CLUSTER_REDIRECTED)
 
-    async def _send(self, node: ClusterNode, command: tuple[Any, ...], *, asking: bool) -> Any:
+    async def _send(
+        self, node: ClusterNode, commands: list[tuple[Any, ...]], *, asking: bool
+    ) -> list[Any]:
         async with self._turns:
             connection = node.acquire_connection()
             try:
-                return await self._exchange(node, connection, command, asking=asking)
+                return await self._exchange(node, connection, commands, asking=asking)
             except ResponseError:
-                raise  # (Redis answered: the connection is as sound as before)
+                raise  # (Redis answered, every reply read: the connection is as sound)
             except BaseException:
                 # A reply may be left unread (cancelled, timed out): the connection goes.
                 await connection.disconnect(nowait=True)
@@ -134,19 +146,22 @@ class SlotCommands:
 
     @staticmethod
     async def _exchange(
-        node: ClusterNode, connection: Any, command: tuple[Any, ...], *, asking: bool
-    ) -> Any:
-        if not asking:
-            await connection.send_packed_command(connection.pack_command(*command))
-            return await node.parse_response(connection, command[0])
-        # One write: the ASKING flag is this connection's, for its very next command.
-        await connection.send_packed_command(connection.pack_commands([("ASKING",), command]))
-        try:
-            await connection.read_response()
-        except ResponseError:
-            await connection.disconnect(nowait=True)  # (the command's reply, unread)
-            raise
-        return await node.parse_response(connection, command[0])
+        node: ClusterNode, connection: Any, commands: list[tuple[Any, ...]], *, asking: bool
+    ) -> list[Any]:
+        """Each command's reply; the first refusal raised once all were read. One
+        write: the ASKING flag is this connection's, for its very next command."""
+        sent = [("ASKING",), *commands] if asking else commands
+        await connection.send_packed_command(connection.pack_commands(sent))
+        replies: list[Any] = []
+        refusal: ResponseError | None = None
+        for command in sent:
+            try:
+                replies.append(await node.parse_response(connection, command[0]))
+            except ResponseError as error:
+                refusal = refusal or error
+        if refusal is not None:
+            raise refusal
+        return replies[1:] if asking else replies
 
     async def _owner(self, key: str) -> ClusterNode:
         try:

@@ -55,7 +55,7 @@ from broker.single_flight import SingleFlight
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 NodeClientFactory = Callable[[str, int], redis.Redis]
-"""Opens a client of one Cluster node (host, port), for the WAIT of replicated appends."""
+"""Opens a client of one Cluster node (host, port), for the listing's SCANs."""
 
 
 def _lua(name: str) -> str:
@@ -369,54 +369,31 @@ class RedisStreamStore:
     async def _append_and_wait(self, keys: list[str], args: list[str | int]) -> Any:
         """Append, then WAIT on the same connection until a replica has it, or refuse.
 
-        WAIT counts the writes of its own connection, hence one pipeline. A
-        refused publish may have been stored on the primary: a retry with the
-        same Idempotency-Key answers its ids once a replica confirms them.
+        WAIT counts the writes of its own connection, hence one pipeline; on a
+        Cluster, one exchange with the slot's node (SlotCommands: during a migration
+        the importing node, after ASKING, whose replicas the WAIT then counts). A
+        refused publish may have been stored on the primary: a retry with the same
+        Idempotency-Key answers its ids once a replica confirms them.
         """
-        # `async with`: a pipeline that fails while loading its script (SCRIPT EXISTS)
-        # keeps its pooled connection checked out, and warns when collected, unless reset.
-        try:
-            async with (await self._node_client(keys[0])).pipeline(transaction=False) as pipe:
+        wait = ("WAIT", self._replicas_to_confirm, c.REPLICA_CONFIRM_MS)
+        if self._slots is not None:
+            answer, confirmed = await self._call(
+                self._slots.run_script(self._append_script, keys, args, then=wait)
+            )
+        else:
+            # (one server: a Cluster client is always a BoundedCluster, with SlotCommands)
+            # `async with`: a pipeline that fails while loading its script (SCRIPT EXISTS)
+            # keeps its pooled connection checked out, and warns when collected, unless reset.
+            async with cast(redis.Redis, self._client).pipeline(transaction=False) as pipe:
                 await self._append_script(keys=keys, args=args, client=pipe)  # queued
-                pipe.execute_command("WAIT", self._replicas_to_confirm, c.REPLICA_CONFIRM_MS)
+                pipe.execute_command(*wait)
                 answer, confirmed = await self._call(pipe.execute())
-        except StoreUnavailable:
-            await self._forget_slot_owner(keys[0])
-            raise
         if int(confirmed) < self._replicas_to_confirm:
             # (A primary demoted since: on Sentinel the store's watch drops the
             # connections to it within a quarter second; dropped here, on every refusal, a
             # lagging replica would have every connection reopened again and again.)
             raise StoreUnavailable("no replica confirmed the write in time")
         return answer
-
-    async def _forget_slot_owner(self, key: str) -> None:
-        """On a Cluster, the node we wrote to may be gone or no longer own the slot
-        (failover, MOVED): drop its client and rebuild the slot map, so the
-        publisher's retry (same Idempotency-Key) reaches the new owner."""
-        if not isinstance(self._client, RedisCluster):
-            return
-        node = self._client.get_node_from_key(key)
-        stale = self._node_clients.pop(node.name, None) if node is not None else None
-        if stale is not None:
-            with contextlib.suppress(*REDIS_FAILURES):
-                await stale.aclose()
-        with contextlib.suppress(*REDIS_FAILURES):
-            await self._client.nodes_manager.initialize()
-
-    async def _node_client(self, key: str) -> Any:
-        """The client whose single connection can both write ``key`` and WAIT for it."""
-        if not isinstance(self._client, RedisCluster):
-            return self._client
-        try:
-            if not self._client.nodes_manager.slots_cache:
-                await self._client.initialize()
-            node = self._client.get_node_from_key(key)
-        except REDIS_FAILURES as error:
-            raise StoreUnavailable(f"cluster slot map unavailable: {error}") from error
-        if node is None:
-            raise StoreUnavailable(f"no cluster node serves {key}")
-        return self._client_of(node)
 
     def _client_of(self, node: Any) -> redis.Redis:
         """The client of one Cluster node, opened once and kept."""

@@ -287,3 +287,64 @@ async def test_live_subscribers_of_a_migrating_slot_get_its_events_before_it_is_
         for subscriber, publisher, head in zip(subscribers, publishers, first, strict=True):
             expected = head + publisher.acked
             assert delivery_problems(expected, subscriber.received, gaps_allowed=False) == []
+
+
+@pytest.fixture
+def replicated_cluster_and_broker() -> Iterator[tuple[RedisClusterGroup, BrokerProcess]]:
+    """Three primaries with a replica each; a broker whose publishes WAIT for one."""
+    cluster = RedisClusterGroup(masters=3, replicas=1).start()
+    try:
+        env = {"BROKER_PUBLISH_DURABILITY": "replicated"}
+        broker = BrokerProcess(redis_url=cluster.url, env=env).start()
+        try:
+            yield cluster, broker
+        finally:
+            broker.close()
+    finally:
+        cluster.close()
+
+
+@pytest.mark.timeout(120)
+async def test_replicated_publishes_follow_a_slot_migration_with_their_wait(
+    replicated_cluster_and_broker: tuple[RedisClusterGroup, BrokerProcess],
+) -> None:
+    """With replicated durability the append and its WAIT go to the slot's node on one
+    connection: while every key of the slot has moved but the slot is not final, that
+    is the importing node after ASKING, and the WAIT counts its replica. Publishes
+    then succeed (no 503) and reach the live subscriber before SETSLOT NODE."""
+    cluster, broker = replicated_cluster_and_broker
+    topic = f"replicated-{uuid.uuid4().hex[:10]}"
+    slot = key_slot(topic.encode())
+    source = cluster.master_port_of(c.log_key(topic))
+    target = next(port for port in cluster.master_ports() if port != source)
+    migration = SlotMigration(cluster, slot, source, target)
+    async with httpx.AsyncClient(base_url=broker.url, timeout=30) as client:
+        publisher = Publisher(client, topic)
+        first = [await ingest(client, topic)]
+        await publisher.publish(0)  # (all six keys now: the importing node runs the append)
+        subscriber = Subscriber(client, topic)
+        async with running(asyncio.create_task(subscriber.run())):
+            await await_until(lambda: len(subscriber.received) >= 2, timeout=10, what="live")
+            await asyncio.to_thread(migration.begin)
+            await asyncio.to_thread(migration.move_the_rest)
+            for n in range(1, 4):
+                await publisher.publish(n)
+            assert publisher.unavailable == 0
+            await await_until(
+                lambda: len(subscriber.received) >= 1 + len(publisher.acked),
+                timeout=10,
+                what="delivered live while every key moved, the slot not final",
+            )
+            await asyncio.to_thread(migration.finish)
+            await publisher.publish(4)
+            await await_until(
+                lambda: len(subscriber.received) >= 1 + len(publisher.acked),
+                timeout=10,
+                what="delivered once the slot is final",
+            )
+        assert cluster.master_port_of(c.log_key(topic)) == target
+        assert publisher.unavailable == 0
+        assert (
+            delivery_problems(first + publisher.acked, subscriber.received, gaps_allowed=False)
+            == []
+        )

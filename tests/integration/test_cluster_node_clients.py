@@ -1,4 +1,4 @@
-"""Replicated durability on a Cluster: the per-node clients that WAIT log in as the cluster does."""
+"""Replicated durability on a Cluster, and the per-node clients: they log in as the cluster does."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def cluster_with_password() -> Iterator[tuple[RedisClusterGroup, str]]:
 async def test_a_replicated_publish_on_a_cluster_with_a_password(
     cluster_with_password: tuple[RedisClusterGroup, str], topic: str
 ) -> None:
-    """WAIT goes over a client of the topic's node: it must log in as the cluster client does."""
+    """The append and its WAIT, on one connection of the cluster client to the topic's node."""
     cluster, password = cluster_with_password
     hosts = ",".join(f"127.0.0.1:{port}" for port in cluster.servers)
     store = open_store(f"redis+cluster://:{password}@{hosts}", durability="replicated")

@@ -39,7 +39,7 @@ def retire_default(clients: list[redis.Redis]) -> None:
 
 
 async def publish_and_read_live(store: RedisStreamStore, topic: str) -> None:
-    """An append (a replicated one WAITs on the node's own client) and a live read."""
+    """An append (a replicated one WAITs on its own connection) and a live read."""
     await store.open()
     result = await store.append(topic, [NewEvent("1")], idempotency_key="k")
     assert not result.replayed
