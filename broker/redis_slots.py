@@ -136,8 +136,15 @@ class SlotCommands:
                 return await self._exchange(node, connection, commands, asking=asking)
             except ResponseError:
                 raise  # (Redis answered, every reply read: the connection is as sound)
+            except asyncio.CancelledError:
+                # A reply may be left unread: the connection goes. Nothing says the node
+                # failed (a subscriber left mid-replay): the slot map stays as it is (a
+                # reconnect storm's cancels refreshed it back to back, review).
+                await connection.disconnect(nowait=True)
+                raise
             except BaseException:
-                # A reply may be left unread (cancelled, timed out): the connection goes.
+                # A reply may be left unread (a timeout, a lost connection): the
+                # connection goes, and the map is asked again (a failover moves slots).
                 await connection.disconnect(nowait=True)
                 self._refresh_slot_map()
                 raise
