@@ -10,8 +10,8 @@ line with no data: ``EventSource`` keeps it for its reconnect without firing an
 event. An origin is due once it is ``ORIGIN_REFRESH_AGE`` of the TTL old; the
 heartbeat clock, which ticks at least every ``ORIGIN_REFRESH_TICK`` of the
 shortest TTL (``refresh_tick_s``), looks: what a client holds while connected is
-at most about three quarters of a TTL old, and a client back within the last
-quarter of a TTL is told of nothing it did not miss.
+at most about three eighths of a TTL old, and a client back within five eighths of
+a TTL is told of nothing it did not miss.
 
 Nothing here reads the store, or runs per heartbeat beyond a look at the few
 origins a stream holds: the reads are the stream's, each shared by every stream
@@ -23,10 +23,11 @@ from __future__ import annotations
 from broker.ids import EventId
 from broker.policy import Policies
 
-ORIGIN_REFRESH_AGE = 0.5
+ORIGIN_REFRESH_AGE = 0.25
 """How old (a fraction of the topic's TTL) an origin a client holds grows before its
-stream sends a later one."""
-ORIGIN_REFRESH_TICK = 0.25
+stream sends a later one (at a half, a client back more than a quarter of a TTL after
+it left was told for nothing: with a TTL of 10 s, most EventSource reconnects; review)."""
+ORIGIN_REFRESH_TICK = 0.125
 """How often (a fraction of the shortest TTL) at least the heartbeat clock ticks, so
 that an origin due is refreshed soon after."""
 

@@ -282,7 +282,9 @@ class Subscription:
         """What the live path has to send: what came, else a later origin when due."""
         chunk = self._drain_live()
         if not chunk and self._origins_due:
-            return await self._later_origins()
+            # What came while the store was read was queued (this consumer was busy, so
+            # nothing woke it): it goes now, after the id line, not at the next refresh.
+            return await self._later_origins() + self._drain_live()
         return chunk
 
     def _beating_if_due(self, chunk: bytes) -> bytes:

@@ -31,7 +31,7 @@ local GROWTH = 8 -- a step asks for at most this many times the entries read so 
 -- (of events of one size, a page reads the entries it keeps and that one). At most
 -- GROWTH times as many as were read so far: events larger than those before them (a
 -- small-event topic's occasional large one) cost at most that many times the entries
--- the page keeps; and a page of 500 small events takes four steps (2, 16, 128, 354),
+-- the page keeps; and a page of 500 small events takes four steps (2, 16, 144, 338),
 -- not nine (doubling: the storm bench's replays made 2.7 times the XRANGEs).
 local function next_step(read, bytes, wanted)
   if most <= 0 then return wanted end

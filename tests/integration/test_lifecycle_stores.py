@@ -27,7 +27,7 @@ from tests.integration.test_topologies import Reader
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
 from tests.support.redis_topologies import RedisClusterGroup, SentinelGroup
-from tests.support.sse import last_event_id
+from tests.support.sse import PushConsumer, last_event_id
 
 TTL_SECONDS = 1.0
 EXPIRY_DEADLINE_S = 4.0
@@ -210,6 +210,12 @@ async def test_a_client_that_stayed_at_the_origin_past_the_ttl_is_told_nothing(
             return await broker.store.clock_ms() >= two_ttls
 
         await poll(passed, 10, "two TTLs pass")
+        # Back right after its stream sent a later origin (one sent a while ago may be
+        # most of a TTL old, and a reconnect slowed by the machine told).
+        before = await held_cursor(reader)
+        await await_until(
+            lambda: last_event_id(reader.raw.decode()) != before, timeout=5, what="later"
+        )
         held = EventId.parse(await held_cursor(reader))
     finally:
         await reader.close()
@@ -222,6 +228,46 @@ async def test_a_client_that_stayed_at_the_origin_past_the_ttl_is_told_nothing(
         assert [e.event for e in back.events] == [None]  # the event, and no gap before it
     finally:
         await back.close()
+
+
+async def test_an_event_that_comes_while_an_origin_is_refreshed_is_sent_with_it(
+    redis_server: RedisServer,
+) -> None:
+    """A pushed stream (as the lean edge serves it) reads the store for a later origin;
+    an event offered meanwhile is queued (its consumer is busy): it goes out with the
+    origin's id line, not at the clock's next look at the origin (a TTL later; review:
+    an LLM topic's first token held 5 s)."""
+    store = open_store(redis_server.url, topic_ttl_seconds=2)
+    broker = Broker(store, limits=BrokerLimits(heartbeat_seconds=30))
+    await broker.start()
+    topic, consumer = f"x-{uuid.uuid4().hex[:12]}", PushConsumer()
+    subscription = await broker.subscribe({topic: "now"}, sink=consumer)
+    consumer.start(subscription)
+    received = [await asyncio.wait_for(consumer.__anext__(), 5)]  # (the id line of now)
+    published: list[str] = []
+    read_state = store.state
+
+    async def state_with_an_event_meanwhile(name: str, *args: Any, **kwargs: Any) -> Any:
+        state = await read_state(name, *args, **kwargs)
+        if not published and consumer.pumping:  # (the refresh's read, by the pump)
+            result = await broker.publish(topic, [NewEvent("meanwhile")])
+            published.append(str(result.ids[0]))
+            await await_until(lambda: subscription._pending, timeout=5, what="it is queued")
+        return state
+
+    try:
+        store.state = state_with_an_event_meanwhile  # type: ignore[method-assign]
+        await await_until(lambda: published, timeout=10, what="an origin refreshed")
+        await await_until(lambda: not consumer.pumping, timeout=5, what="the pump ends")
+        while not consumer._received.empty():
+            received.append(consumer._received.get_nowait())  # type: ignore[arg-type]
+        sent = b"".join(received).decode()
+        assert f"id: {published[0]}\n" in sent, sent
+        assert not subscription._pending
+    finally:
+        store.state = read_state  # type: ignore[method-assign]
+        subscription.close()
+        await broker.close()
 
 
 # -- listing ---------------------------------------------------------------------
