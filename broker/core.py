@@ -85,7 +85,7 @@ class Broker:
         self.observer = observer or Observer()
         self.hub = Hub(store, block_ms=live_block_ms, observer=self.observer)
         self.heartbeats = HeartbeatClock(
-            self.limits.heartbeat_seconds, tick_at_most_s=refresh_tick_s(store.policies)
+            self.limits.heartbeat_seconds, origins_tick_s=refresh_tick_s(store.policies)
         )
         self.health = StoreHealth()
 

@@ -4,8 +4,9 @@ Every stream gets a ``:`` comment at least every interval, so proxies and client
 know it is alive (the contract's heartbeat; a client may watch for comments, so a
 stream busy with events gets them too). A timer per stream costs memory per idle
 subscriber and a task wake-up per beat; this clock ticks three times per interval
-(more often when topics expire sooner: ``broker.origins``) and beats, straight to
-the socket where it can, the streams whose last comment is old enough. A stream
+and beats, straight to the socket where it can, the streams whose last comment is
+old enough. Between those ticks, when topics expire sooner, it looks at the few
+streams that hold an origin of such a topic (``broker.origins``), and at no other. A stream
 whose consumer is busy (a replay) puts its due comment in front of what it sends
 next (``Subscription.chunks``). The clock also ends streams whose credentials
 expired (``Subscription.beat_if_due``), so that costs no timer per stream either.
@@ -21,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -33,20 +35,28 @@ class Beating(Protocol):
     def abandon(self) -> None:
         """Beating it failed: end it, so that its client resumes."""
 
+    def look_at_origins(self, now: float) -> None:
+        """Ask for later origins if one it holds is due (``broker.origins``)."""
+
 
 class HeartbeatClock:
     """Beats every registered stream whose last beat is most of ``interval_s`` old.
 
-    ``tick_at_most_s``: tick at least this often (a third of the interval otherwise),
-    for what streams look at on each tick besides their beat (``broker.origins``)."""
+    ``origins_tick_s``: how often to look at the streams that hold origins
+    (``watch_origins``; None: at each tick). Their other checks, the beat, the end of
+    their credentials and the drop of a client that stopped reading (two ticks in a
+    row: a third of the interval apart), keep the clock's own pace, like every stream's.
+    """
 
-    def __init__(self, interval_s: float, *, tick_at_most_s: float | None = None) -> None:
+    def __init__(self, interval_s: float, *, origins_tick_s: float | None = None) -> None:
         self._interval = interval_s
         self.due_after = interval_s - interval_s / 3
         """A stream beaten that long ago is due again: it gets its next beat within the
         interval, whenever the clock ticks."""
-        self._tick = min(interval_s / 3, tick_at_most_s or interval_s)
+        self._tick = interval_s / 3
+        self._origins_tick = min(self._tick, origins_tick_s or self._tick)
         self._members: set[Beating] = set()
+        self._origin_holders: set[Beating] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -57,6 +67,11 @@ class HeartbeatClock:
 
     def discard(self, member: Beating) -> None:
         self._members.discard(member)
+        self._origin_holders.discard(member)
+
+    def watch_origins(self, member: Beating) -> None:
+        """Look at ``member``'s origins every ``origins_tick_s`` until it is discarded."""
+        self._origin_holders.add(member)
 
     def _start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="broker-heartbeats")
@@ -72,20 +87,35 @@ class HeartbeatClock:
         self._start()
 
     async def _run(self) -> None:
+        next_beat = time.monotonic() + self._tick
         while True:
-            await asyncio.sleep(self._tick)
-            self.beat(time.monotonic())
+            await asyncio.sleep(self._origins_tick)
+            now = time.monotonic()
+            if now >= next_beat - self._origins_tick / 2:  # (sleeps end a little late)
+                next_beat = now + self._tick
+                self.beat(now)
+            else:
+                self.look_at_origins(now)
 
     def beat(self, now: float) -> None:
-        """One tick: beat (or end) every member that is due."""
+        """One tick: beat (or end) every member that is due, and look at its origins."""
         for member in list(self._members):
-            try:
-                member.beat_if_due(now, self.due_after)
-            except Exception:
-                log.exception("a stream failed its heartbeat; cutting it")
-                self._members.discard(member)
-                with contextlib.suppress(Exception):
-                    member.abandon()
+            self._call(member, member.beat_if_due, now, self.due_after)
+        self.look_at_origins(now)
+
+    def look_at_origins(self, now: float) -> None:
+        """Between ticks: only the members that hold origins, at their own pace."""
+        for member in list(self._origin_holders):
+            self._call(member, member.look_at_origins, now)
+
+    def _call(self, member: Beating, check: Callable[..., None], *args: float) -> None:
+        try:
+            check(*args)
+        except Exception:
+            log.exception("a stream failed its heartbeat; cutting it")
+            self.discard(member)
+            with contextlib.suppress(Exception):
+                member.abandon()
 
     async def close(self) -> None:
         self._closed = True

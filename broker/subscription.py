@@ -388,12 +388,19 @@ class Subscription:
             self._overflow()
             self._wake(True)  # (its consumer sees the drop)
             return
-        if now - self._last_beat >= due_after:
-            if self._parked_live() and self._sink.write(HEARTBEAT):
-                self._last_beat = now
-            else:
-                self._wake(False)
-        if self._origins and not self._origins_due and self._origins.due(self._positions, now):
+        if now - self._last_beat < due_after:
+            return
+        if self._parked_live() and self._sink.write(HEARTBEAT):
+            self._last_beat = now
+        else:
+            self._wake(False)
+
+    def look_at_origins(self, now: float) -> None:
+        """The clock's call, more often than its beats when topics expire sooner: ask
+        the consumer for later origins when one the client holds is due."""
+        if self._closed or self._origins_due or self._origins is None:
+            return
+        if self._origins.due(self._positions, now):
             self._origins_due = True
             self._wake(True)  # (its consumer reads the store: see _later_origins)
 
@@ -606,6 +613,7 @@ class Subscription:
             if not ttl_ms:
                 return
             self._origins = HeldOrigins()  # (~100 bytes: not for a stream of topics without TTL)
+            self._heartbeats.watch_origins(self)
         self._origins.hold(topic, origin, taken_at, ttl_ms)
 
     def _ttl_ms(self, topic: str) -> int:

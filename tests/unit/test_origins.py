@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from broker import heartbeat
 from broker.heartbeat import HeartbeatClock
 from broker.ids import EventId
 from broker.origins import HeldOrigins, refresh_tick_s
@@ -31,6 +37,56 @@ def test_the_clock_ticks_often_enough_for_the_shortest_ttl() -> None:
     assert refresh_tick_s(Policies(default)) is None
     policies = Policies(Retention(maxlen=10, ttl_ms=60_000), [TopicPolicy("a:*", ttl_seconds=2)])
     assert refresh_tick_s(policies) == 0.25
-    clock = HeartbeatClock(15.0, tick_at_most_s=0.5)
-    assert clock._tick == 0.5 and clock.due_after == 10.0  # beats as often as before
-    assert HeartbeatClock(15.0, tick_at_most_s=None)._tick == 5.0
+    clock = HeartbeatClock(15.0, origins_tick_s=0.25)
+    assert clock._tick == 5.0 and clock.due_after == 10.0  # beats as often as before
+    assert clock._origins_tick == 0.25
+    assert HeartbeatClock(15.0, origins_tick_s=None)._origins_tick == 5.0
+
+
+class Member:
+    """A stream, as the clock sees it: what it was asked, and when (the clock's time)."""
+
+    def __init__(self) -> None:
+        self.beats: list[float] = []
+        self.looks: list[float] = []
+
+    def beat_if_due(self, now: float, due_after: float) -> None:
+        self.beats.append(now)
+
+    def abandon(self) -> None:
+        raise AssertionError("abandoned")
+
+    def look_at_origins(self, now: float) -> None:
+        self.looks.append(now)
+
+
+async def test_between_its_beats_the_clock_looks_only_at_streams_holding_origins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A short TTL makes the clock look at origins often, but only at the streams that
+    hold one: every other stream is beaten (and judged for a drop: two ticks in a row)
+    at the clock's own pace, a third of the interval. On the clock's own time, faked."""
+    now = [1000.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+        await real_sleep(0)
+
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(heartbeat.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(heartbeat, "asyncio", SimpleNamespace(**vars(asyncio) | {"sleep": sleep}))
+    clock = HeartbeatClock(3.0, origins_tick_s=0.25)  # beats every 1 s, origins every 0.25 s
+    quiet, holder = Member(), Member()
+    clock.add(quiet)
+    clock.add(holder)
+    clock.watch_origins(holder)
+    for _ in range(1000):
+        if now[0] >= 1010.0:
+            break
+        await real_sleep(0)
+    await clock.close()
+    assert 9 <= len(quiet.beats) <= 10 and quiet.looks == []
+    assert len(holder.beats) == len(quiet.beats)
+    assert 39 <= len(holder.looks) <= 41
+    clock.discard(holder)
+    assert holder not in clock._origin_holders
