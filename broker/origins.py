@@ -8,8 +8,9 @@ reached it live), so before its origin grows that old its stream sends it a
 later one, read from the store (``broker.resume.refreshed_origin``), as an ``id:``
 line with no data: ``EventSource`` keeps it for its reconnect without firing an
 event. An origin is due once it is ``ORIGIN_REFRESH_AGE`` of the TTL old; the
-heartbeat clock, which ticks at least every ``ORIGIN_REFRESH_TICK`` of the
-shortest TTL (``refresh_tick_s``), looks: what a client holds while connected is
+heartbeat clock, which looks at the streams holding origins (and only at them) at
+least every ``ORIGIN_REFRESH_TICK`` of the shortest TTL (``refresh_tick_s``), sees
+it: what a client holds while connected is
 at most about three eighths of a TTL old, and a client back within five eighths of
 a TTL is told of nothing it did not miss.
 
