@@ -135,6 +135,10 @@ split between two nodes; see redis_slots), then a 503. Under the publish deadlin
 CLUSTER_TRYAGAIN_FIRST_PAUSE_S = 0.005
 CLUSTER_TRYAGAIN_MAX_PAUSE_S = 0.05
 """The pause before trying again after TRYAGAIN: doubled each time, up to this."""
+CLUSTER_HUNG_REPLY_S = 1.0
+"""A Cluster command cancelled after awaiting its reply this long (a publish's
+deadline: the edges cancel) counts as its node perhaps failed: the slot map is asked
+again, so that the publisher's retry reaches a new owner."""
 CLUSTER_MAX_REDIRECTS = 16
 """MOVED or ASK answers in a row before a command is refused (redis-py's own bound)."""
 # Command connections per Redis server (per Cluster primary), all opened when the

@@ -132,15 +132,21 @@ class SlotCommands:
     ) -> list[Any]:
         async with self._turns:
             connection = node.acquire_connection()
+            sent_at = asyncio.get_running_loop().time()
             try:
                 return await self._exchange(node, connection, commands, asking=asking)
             except ResponseError:
                 raise  # (Redis answered, every reply read: the connection is as sound)
             except asyncio.CancelledError:
-                # A reply may be left unread: the connection goes. Nothing says the node
-                # failed (a subscriber left mid-replay): the slot map stays as it is (a
-                # reconnect storm's cancels refreshed it back to back, review).
+                # A reply may be left unread: the connection goes. A cancel is a client
+                # gone, or a publish's deadline passed (the edges cancel): only a reply
+                # awaited that long says the node may have failed, and then the map is
+                # asked again (a failover moves slots); a storm of quick cancels does
+                # not ask it back to back (reviews).
                 await connection.disconnect(nowait=True)
+                waited = asyncio.get_running_loop().time() - sent_at
+                if waited >= c.CLUSTER_HUNG_REPLY_S:
+                    self._refresh_slot_map()
                 raise
             except BaseException:
                 # A reply may be left unread (a timeout, a lost connection): the
