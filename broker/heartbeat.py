@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -54,7 +55,11 @@ class HeartbeatClock:
         """A stream beaten that long ago is due again: it gets its next beat within the
         interval, whenever the clock ticks."""
         self._tick = interval_s / 3
-        self._origins_tick = min(self._tick, origins_tick_s or self._tick)
+        # Looks at origins that divide the tick: every beat falls on one of them, a
+        # tick apart (rounded to a look, beats came up to half a look late, and a
+        # stream's beats more than the interval apart: second review).
+        self._looks_per_tick = max(1, math.ceil(self._tick / (origins_tick_s or self._tick)))
+        self._origins_tick = self._tick / self._looks_per_tick
         self._members: set[Beating] = set()
         self._origin_holders: set[Beating] = set()
         self._task: asyncio.Task[None] | None = None
@@ -70,8 +75,13 @@ class HeartbeatClock:
         self._origin_holders.discard(member)
 
     def watch_origins(self, member: Beating) -> None:
-        """Look at ``member``'s origins every ``origins_tick_s`` until it is discarded."""
-        self._origin_holders.add(member)
+        """Look at ``member``'s origins every ``origins_tick_s`` until it is discarded or
+        unwatched; a member not beaten (discarded already: closed) is not watched."""
+        if member in self._members:
+            self._origin_holders.add(member)
+
+    def unwatch_origins(self, member: Beating) -> None:
+        self._origin_holders.discard(member)
 
     def _start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="broker-heartbeats")
@@ -87,15 +97,15 @@ class HeartbeatClock:
         self._start()
 
     async def _run(self) -> None:
-        next_beat = time.monotonic() + self._tick
+        looks = 0
         while True:
             await asyncio.sleep(self._origins_tick)
-            now = time.monotonic()
-            if now >= next_beat - self._origins_tick / 2:  # (sleeps end a little late)
-                next_beat = now + self._tick
-                self.beat(now)
+            looks += 1
+            if looks >= self._looks_per_tick:
+                looks = 0
+                self.beat(time.monotonic())
             else:
-                self.look_at_origins(now)
+                self.look_at_origins(time.monotonic())
 
     def beat(self, now: float) -> None:
         """One tick: beat (or end) every member that is due, and look at its origins."""

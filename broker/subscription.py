@@ -403,6 +403,9 @@ class Subscription:
         if self._origins.due(self._positions, now):
             self._origins_due = True
             self._wake(True)  # (its consumer reads the store: see _later_origins)
+        elif not self._origins:  # (left the origin: its log came; looked at no more)
+            self._origins = None
+            self._heartbeats.unwatch_origins(self)
 
     def _stopped_reading(self) -> bool:
         """Past the buffer limit at two of the clock's ticks in a row (a third of a
@@ -610,7 +613,7 @@ class Subscription:
         taken_at = time.monotonic() - age_ms / 1000
         ttl_ms = self._ttl_ms(topic)
         if self._origins is None:
-            if not ttl_ms:
+            if not ttl_ms or self._closed:  # (closed while its state was read: not watched)
                 return
             self._origins = HeldOrigins()  # (~100 bytes: not for a stream of topics without TTL)
             self._heartbeats.watch_origins(self)

@@ -270,6 +270,30 @@ async def test_an_event_that_comes_while_an_origin_is_refreshed_is_sent_with_it(
         await broker.close()
 
 
+@pytest.mark.parametrize("kind", ["embedded", "redis"])
+async def test_a_stream_is_looked_at_for_origins_only_while_it_holds_one(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """Subscribed before its topic's first event, a stream holds an origin: the clock
+    looks at it between its beats. Once the log's events moved it on, it is looked at
+    no more (second review: every stream that began so stayed watched for good)."""
+    store = open_store(_url(request, kind), topic_ttl_seconds=TTL_SECONDS)
+    broker = Broker(store, limits=BrokerLimits(heartbeat_seconds=30))
+    await broker.start()
+    topic = f"x-{uuid.uuid4().hex[:12]}"
+    reader = Reader(await broker.subscribe({topic: "now"}))
+    try:
+        await reader.wait_live()
+        holders = broker.heartbeats._origin_holders
+        assert len(holders) == 1
+        event = await broker.publish(topic, [NewEvent("first")])
+        await reader.wait_for_ids([str(event.ids[0])], timeout=5)
+        await await_until(lambda: not holders, timeout=5, what="no longer looked at")
+    finally:
+        await reader.close()
+        await broker.close()
+
+
 # -- listing ---------------------------------------------------------------------
 
 

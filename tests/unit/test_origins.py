@@ -49,15 +49,41 @@ class Member:
     def __init__(self) -> None:
         self.beats: list[float] = []
         self.looks: list[float] = []
+        self.abandoned = False
 
     def beat_if_due(self, now: float, due_after: float) -> None:
         self.beats.append(now)
 
     def abandon(self) -> None:
-        raise AssertionError("abandoned")
+        self.abandoned = True
 
     def look_at_origins(self, now: float) -> None:
         self.looks.append(now)
+
+
+async def run_clock(
+    monkeypatch: pytest.MonkeyPatch, clock: HeartbeatClock, members: list[Member], seconds: float
+) -> None:
+    """Run ``clock`` for ``seconds`` of its own time, faked: its module's ``time`` and
+    ``asyncio.sleep`` only (the event loop keeps the real ones)."""
+    now = [1000.0]
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float) -> None:
+        now[0] += delay
+        await real_sleep(0)
+
+    monkeypatch.setattr(heartbeat, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(heartbeat, "asyncio", SimpleNamespace(**vars(asyncio) | {"sleep": sleep}))
+    try:
+        for member in members:
+            clock.add(member)
+        for _ in range(100_000):
+            if now[0] >= 1000.0 + seconds:
+                break
+            await real_sleep(0)
+    finally:
+        await clock.close()
 
 
 async def test_between_its_beats_the_clock_looks_only_at_streams_holding_origins(
@@ -65,28 +91,32 @@ async def test_between_its_beats_the_clock_looks_only_at_streams_holding_origins
 ) -> None:
     """A short TTL makes the clock look at origins often, but only at the streams that
     hold one: every other stream is beaten (and judged for a drop: two ticks in a row)
-    at the clock's own pace, a third of the interval. On the clock's own time, faked."""
-    now = [1000.0]
-
-    async def sleep(seconds: float) -> None:
-        now[0] += seconds
-        await real_sleep(0)
-
-    real_sleep = asyncio.sleep
-    monkeypatch.setattr(heartbeat.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(heartbeat, "asyncio", SimpleNamespace(**vars(asyncio) | {"sleep": sleep}))
+    at the clock's own pace, a third of the interval."""
     clock = HeartbeatClock(3.0, origins_tick_s=0.25)  # beats every 1 s, origins every 0.25 s
-    quiet, holder = Member(), Member()
-    clock.add(quiet)
+    quiet, holder, gone = Member(), Member(), Member()
     clock.add(holder)
     clock.watch_origins(holder)
-    for _ in range(1000):
-        if now[0] >= 1010.0:
-            break
-        await real_sleep(0)
-    await clock.close()
+    clock.watch_origins(gone)  # (never beaten: closed before it was watched)
+    await run_clock(monkeypatch, clock, [quiet], 10.0)
     assert 9 <= len(quiet.beats) <= 10 and quiet.looks == []
     assert len(holder.beats) == len(quiet.beats)
     assert 39 <= len(holder.looks) <= 41
-    clock.discard(holder)
+    assert gone.looks == [] and gone.beats == []
+    assert not (quiet.abandoned or holder.abandoned)
+    clock.unwatch_origins(holder)
     assert holder not in clock._origin_holders
+
+
+@pytest.mark.parametrize("origins_tick_s", [0.25, 2.4, 3.0, 3.3, 5.0, 7.0])
+async def test_beats_keep_their_pace_whatever_the_looks_at_origins(
+    monkeypatch: pytest.MonkeyPatch, origins_tick_s: float
+) -> None:
+    """Every beat falls on a look at origins, a third of the interval apart: rounded to
+    the looks, beats came up to half a look late, and a stream's two beats more than
+    the interval apart (15.8 s of 15 with looks every 3 s: second review)."""
+    clock = HeartbeatClock(15.0, origins_tick_s=origins_tick_s)
+    member = Member()
+    await run_clock(monkeypatch, clock, [member], 60.0)
+    gaps = [b - a for a, b in zip(member.beats, member.beats[1:], strict=False)]
+    assert gaps and all(abs(gap - 5.0) < 1e-6 for gap in gaps), gaps
+    assert clock._origins_tick <= min(origins_tick_s, 5.0)
