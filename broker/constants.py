@@ -45,6 +45,19 @@ def line_times_key(topic: str) -> str:
     return f"{KEY_PREFIX}:{{{topic}}}:lines-at"
 
 
+def topic_keys(topic: str) -> list[str]:
+    """Every key of a topic, those the append and delete scripts touch: log, meta,
+    idempotency records (a publisher's, an ingest's lines), and when they were written."""
+    return [
+        log_key(topic),
+        meta_key(topic),
+        records_key(topic),
+        record_times_key(topic),
+        line_records_key(topic),
+        line_times_key(topic),
+    ]
+
+
 def record_times_key(topic: str) -> str:
     """A sorted set beside the records: when each was written (ms), for the window."""
     return f"{KEY_PREFIX}:{{{topic}}}:idem-at"

@@ -319,7 +319,7 @@ class RedisStreamStore:
     ) -> AppendResult:
         if self._eviction.refusal is not None:
             raise StoreMisconfigured(self._eviction.refusal, retry_after=c.EVICTING_RETRY_AFTER_S)
-        keys = _topic_keys(topic)
+        keys = c.topic_keys(topic)
         if lines is not None:  # the ingest's key, then each event's line number
             names: list[str] = [lines.key, *[str(number) for number in lines.numbers]]
         else:
@@ -565,7 +565,7 @@ class RedisStreamStore:
 
     async def delete(self, topic: str) -> bool:
         """Delete the topic now; False if it had no log. Its live readers see a marker."""
-        keys = _topic_keys(topic)
+        keys = c.topic_keys(topic)
         marker = await self._call(self._run(self._delete_script, keys, [c.DELETED_LINGER_MS]))
         if self._local_writes is not None:
             self._local_writes.written(keys[0])
@@ -745,19 +745,6 @@ def _unreachable_reason(error: BaseException) -> str:
     if isinstance(error, ClusterError) and "TTL exhausted" in str(error):
         return CLUSTER_REDIRECTED
     return f"redis is unreachable: {error}"
-
-
-def _topic_keys(topic: str) -> list[str]:
-    """The keys the append and delete scripts touch: log, meta, idempotency records (a
-    publisher's, an ingest's lines), and when they were written."""
-    return [
-        c.log_key(topic),
-        c.meta_key(topic),
-        c.records_key(topic),
-        c.record_times_key(topic),
-        c.line_records_key(topic),
-        c.line_times_key(topic),
-    ]
 
 
 def _topic_of_meta(key: bytes) -> str | None:

@@ -26,17 +26,24 @@ well within the broker's patience (about 0.9 s of its backoff)."""
 MAX_EVENTS = 2000  # (a bound on each publisher, far past what the test needs)
 
 
-@pytest.fixture
-def cluster_and_broker() -> Iterator[tuple[RedisClusterGroup, BrokerProcess]]:
-    cluster = RedisClusterGroup(masters=3).start()
+def cluster_with_broker(
+    replicas: int = 0, env: dict[str, str] | None = None
+) -> Iterator[tuple[RedisClusterGroup, BrokerProcess]]:
+    """Three primaries (with ``replicas`` each), and a broker on them."""
+    cluster = RedisClusterGroup(masters=3, replicas=replicas).start()
     try:
-        broker = BrokerProcess(redis_url=cluster.url).start()
+        broker = BrokerProcess(redis_url=cluster.url, env=env or {}).start()
         try:
             yield cluster, broker
         finally:
             broker.close()
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def cluster_and_broker() -> Iterator[tuple[RedisClusterGroup, BrokerProcess]]:
+    yield from cluster_with_broker()
 
 
 def topic_in_slot(slot: int) -> str:
@@ -203,18 +210,6 @@ async def test_a_slot_migrated_under_publishers_and_subscribers_loses_and_refuse
         assert [event_id for event_id, _ in resumed.received[1:]] == in_use.acked[before:]
 
 
-def topic_keys(topic: str) -> list[str]:
-    """All six keys of a topic (an ingest's line records make the last two)."""
-    return [
-        c.log_key(topic),
-        c.meta_key(topic),
-        c.records_key(topic),
-        c.record_times_key(topic),
-        c.line_records_key(topic),
-        c.line_times_key(topic),
-    ]
-
-
 async def ingest(client: httpx.AsyncClient, topic: str) -> str:
     """One event by ingest, so the topic has all six keys; its id."""
     answer = await client.post(
@@ -276,7 +271,7 @@ async def test_live_subscribers_of_a_migrating_slot_get_its_events_before_it_is_
             await publish_and_deliver("the slot is stable")
             await asyncio.to_thread(migration.begin)
             await publish_and_deliver("the slot is MIGRATING, nothing moved")
-            await asyncio.to_thread(migration.move, *topic_keys(moved))
+            await asyncio.to_thread(migration.move, *c.topic_keys(moved))
             await publish_and_deliver("the topics' keys are split between the nodes")
             await asyncio.to_thread(migration.move_the_rest)
             await publish_and_deliver("every key moved, the slot not final")
@@ -293,16 +288,7 @@ async def test_live_subscribers_of_a_migrating_slot_get_its_events_before_it_is_
 @pytest.fixture
 def replicated_cluster_and_broker() -> Iterator[tuple[RedisClusterGroup, BrokerProcess]]:
     """Three primaries with a replica each; a broker whose publishes WAIT for one."""
-    cluster = RedisClusterGroup(masters=3, replicas=1).start()
-    try:
-        env = {"BROKER_PUBLISH_DURABILITY": "replicated"}
-        broker = BrokerProcess(redis_url=cluster.url, env=env).start()
-        try:
-            yield cluster, broker
-        finally:
-            broker.close()
-    finally:
-        cluster.close()
+    yield from cluster_with_broker(replicas=1, env={"BROKER_PUBLISH_DURABILITY": "replicated"})
 
 
 @pytest.mark.timeout(120)

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as redis
 
 from broker import Broker, BrokerLimits, NewEvent
+from broker import constants as c
 from broker.errors import StoreFull, StoreMisconfigured
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
@@ -153,6 +154,4 @@ async def test_a_redis_user_that_may_not_read_info_is_warned_of_not_refused(
 
 
 def store_key(topic: str) -> str:
-    from broker.redis_store import _topic_keys
-
-    return _topic_keys(topic)[0]
+    return c.topic_keys(topic)[0]
