@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from api import face, routes
 from api.answers import counting, route_class
@@ -34,6 +34,7 @@ from api.settings import Settings, split_list
 from api.sse import EventStreamResponse, OpenStreams
 from broker import Broker, BrokerError, BrokerLimits, open_store
 from broker import constants as c
+from broker.errors import StoreMisconfigured
 from broker.policy import TopicPolicy
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         broker = build_broker(settings)
         streams = OpenStreams()
-        await broker.start()
+        try:
+            await broker.start()
+        except StoreMisconfigured as refused:
+            app.state.refused_at_start = str(refused)  # (said in one line: see __call__)
+            raise
         metrics = broker.observer
         if isinstance(metrics, PrometheusObserver):
             metrics.start_flushing()
@@ -128,6 +133,9 @@ class BrokerApp(Starlette):
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await super().__call__(scope, receive, self._saying_refusals(send))
+            return
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
@@ -156,6 +164,20 @@ class BrokerApp(Starlette):
                 await response(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
+
+    def _saying_refusals(self, send: Send) -> Send:
+        """The lifespan's ``send``, whose startup failure is said in one line when the
+        broker refused its store (a Redis that may evict keys, a replica): Starlette
+        sends the traceback, and uvicorn printed it whole before the reason, which is
+        all an operator needs (new-user audit). Anything else keeps its traceback."""
+
+        async def send_saying_refusals(message: Message) -> None:
+            refused = getattr(self.state, "refused_at_start", None)
+            if message["type"] == "lifespan.startup.failed" and refused:
+                message = {**message, "message": f"broker: {refused}"}
+            await send(message)
+
+        return send_saying_refusals
 
     async def _preflight(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
