@@ -46,6 +46,13 @@ def cluster_and_broker() -> Iterator[tuple[RedisClusterGroup, BrokerProcess]]:
     yield from cluster_with_broker()
 
 
+def migration_of(cluster: RedisClusterGroup, topic: str) -> SlotMigration:
+    """The move of ``topic``'s slot from its primary to another one (not begun)."""
+    source = cluster.master_port_of(c.log_key(topic))
+    target = next(port for port in cluster.master_ports() if port != source)
+    return SlotMigration(cluster, key_slot(topic.encode()), source, target)
+
+
 def topic_in_slot(slot: int) -> str:
     """A topic whose keys hash to ``slot``."""
     for _ in range(1_000_000):
@@ -140,10 +147,8 @@ async def test_a_slot_migrated_under_publishers_and_subscribers_loses_and_refuse
     exactly once, in order, live and when it resumes."""
     cluster, broker = cluster_and_broker
     topic = f"moving-{uuid.uuid4().hex[:10]}"
-    slot = key_slot(topic.encode())
-    source = cluster.master_port_of(c.log_key(topic))
-    target = next(port for port in cluster.master_ports() if port != source)
-    migration = SlotMigration(cluster, slot, source, target)
+    migration = migration_of(cluster, topic)
+    slot, target = migration.slot, migration.target
     fresh = topic_in_slot(slot)
     async with httpx.AsyncClient(base_url=broker.url, timeout=30) as client:
         # All six of the topic's keys exist (an ingest's line records too): with ASKING
@@ -236,11 +241,9 @@ async def test_live_subscribers_of_a_migrating_slot_get_its_events_before_it_is_
     order."""
     cluster, broker = cluster_and_broker
     moved = f"moved-{uuid.uuid4().hex[:10]}"
-    slot = key_slot(moved.encode())
+    migration = migration_of(cluster, moved)
+    slot, target = migration.slot, migration.target
     stays, quiet = topic_in_slot(slot), topic_in_slot(slot)
-    source = cluster.master_port_of(c.log_key(moved))
-    target = next(port for port in cluster.master_ports() if port != source)
-    migration = SlotMigration(cluster, slot, source, target)
     async with httpx.AsyncClient(base_url=broker.url, timeout=30) as client:
         publishers = [Publisher(client, moved), Publisher(client, stays)]
         first = [[await ingest(client, p.topic)] for p in publishers]
@@ -301,10 +304,8 @@ async def test_replicated_publishes_follow_a_slot_migration_with_their_wait(
     then succeed (no 503) and reach the live subscriber before SETSLOT NODE."""
     cluster, broker = replicated_cluster_and_broker
     topic = f"replicated-{uuid.uuid4().hex[:10]}"
-    slot = key_slot(topic.encode())
-    source = cluster.master_port_of(c.log_key(topic))
-    target = next(port for port in cluster.master_ports() if port != source)
-    migration = SlotMigration(cluster, slot, source, target)
+    migration = migration_of(cluster, topic)
+    target = migration.target
     async with httpx.AsyncClient(base_url=broker.url, timeout=30) as client:
         publisher = Publisher(client, topic)
         first = [await ingest(client, topic)]
