@@ -85,6 +85,15 @@ PARAMETERS: dict[str, dict[str, Any]] = {
         enum=["now", "earliest"],
         default="now",
     ),
+    "positions": _parameter(
+        "positions",
+        "Where the stream stands with no event to deliver (its start, a later origin of "
+        "a topic with no log) as broker.position events (data {}) a script can see, not "
+        "id: lines with no data",
+        type="string",
+        enum=["false", "true"],
+        default="false",
+    ),
     "after": _parameter(
         "after", "History (Accept: application/json): events after this id", type="string"
     ),
@@ -222,7 +231,7 @@ ROUTE_DOCS: dict[str, Doc] = {
         secured=True,
     ),
     "subscribe": Doc(
-        parameters=["Last-Event-ID", "last_event_id", "from", "after", "limit"],
+        parameters=["Last-Event-ID", "last_event_id", "from", "positions", "after", "limit"],
         answers={
             "200": answer(
                 "The stream (text/event-stream; while the store is down or the instance "
@@ -236,7 +245,7 @@ ROUTE_DOCS: dict[str, Doc] = {
         secured=True,
     ),
     "subscribe_many": Doc(
-        parameters=["topics", "Last-Event-ID", "last_event_id", "from"],
+        parameters=["topics", "Last-Event-ID", "last_event_id", "from", "positions"],
         answers={
             "200": answer("One stream over several topics", EVENT_STREAM),
             "204": answer("Every topic is closed and the cursor at or past its end (or none)"),

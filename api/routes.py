@@ -159,7 +159,17 @@ def stream_starts(request: Request, topic: str | None) -> dict[str, StartFrom]:
     for name in topics:
         check_topic(name)
     request.state.grant = _authorizer(request).check(request.scope, "subscribe", topics)
+    request.state.positions = _wants_positions(request)
     return _starts(request, topics)
+
+
+def _wants_positions(request: Request) -> bool:
+    """``?positions=true``: where the stream stands goes as ``broker.position`` events,
+    which a script can see (``/client.js`` keeps them across page reloads)."""
+    asked = request.query_params.get("positions", "false")
+    if asked not in ("true", "false"):
+        raise InvalidInput("positions must be 'true' or 'false'", field="positions")
+    return asked == "true"
 
 
 async def subscribe(
@@ -170,7 +180,11 @@ async def subscribe(
     ends it then)."""
     grant: Grant = request.state.grant
     return await _broker(request).subscribe(
-        starts, sink=sink, expires_at=grant.expires_at, trusted=grant.trusted
+        starts,
+        sink=sink,
+        expires_at=grant.expires_at,
+        trusted=grant.trusted,
+        positions=request.state.positions,
     )
 
 

@@ -81,6 +81,10 @@ RESERVED_EVENT_PREFIX = "broker."
 GAP_EVENT = "broker.gap"
 END_EVENT = "broker.end"
 """The last entry of a closed topic's log; streams deliver it, then end."""
+POSITION_EVENT = "broker.position"
+"""Where a stream stands with no event to deliver (data ``{}``), sent only to a client
+that asked (``?positions=true``): its script keeps the id, as EventSource keeps an
+``id:`` line with no data, which fires nothing a script can see."""
 DELETED_EVENT = "broker.deleted"
 """A deleted topic's marker entry: never sent as such, streams turn it into a
 ``deleted`` gap and end. It lingers DELETED_LINGER_MS for every live reader to see."""

@@ -179,13 +179,15 @@ class Broker:
         sink: StreamSink | None = None,
         expires_at: float | None = None,
         trusted: Callable[[], bool] | None = None,
+        positions: bool = False,
     ) -> Subscription:
         """An open subscription: iterate ``chunks()``, and ``close()`` it when done.
 
         ``sink`` is the client's connection, for edges that let the live reader write
         to it directly (see ``Subscription``); ``expires_at`` (unix time) ends the
         stream then, from the heartbeat clock (within a third of its interval), and
-        so does ``trusted()`` turning false (its credentials were revoked).
+        so does ``trusted()`` turning false (its credentials were revoked);
+        ``positions``: where the stream stands goes as ``broker.position`` events.
         """
         for topic in starts:
             check_topic(topic)
@@ -199,6 +201,7 @@ class Broker:
             observer=self.observer,
             expires_at=expires_at,
             trusted=trusted,
+            positions=positions,
         )
         await self._told("subscribe", subscription.open())
         return subscription

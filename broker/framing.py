@@ -43,6 +43,17 @@ def id_line(event_id: str) -> bytes:
     return b"id: " + event_id.encode() + b"\n"
 
 
+_POSITION_BODY = event_body(b"{}", c.POSITION_EVENT.encode())
+
+
+def position_frame(cursor: str, *, as_event: bool) -> bytes:
+    """Where a stream stands when it has nothing to deliver there: an ``id:`` line with
+    no data, which EventSource keeps for its reconnects without firing an event; or,
+    ``as_event`` (the client asked: ``?positions=true``), a ``broker.position`` event,
+    which a script sees and can keep across a page reload (``/client.js`` does)."""
+    return id_line(cursor) + (_POSITION_BODY if as_event else b"\n")
+
+
 def gap_frame(event_id: str, topic: str, gap: Gap) -> bytes:
     """A ``broker.gap`` notice: events the client asked for are not coming, and why."""
     data = {

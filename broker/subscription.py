@@ -40,7 +40,7 @@ from typing import Literal
 from broker import constants as c
 from broker.errors import StoreUnavailable, StreamOver
 from broker.fanout import Hub
-from broker.framing import HEARTBEAT, gap_frame, id_line
+from broker.framing import HEARTBEAT, gap_frame, id_line, position_frame
 from broker.heartbeat import HeartbeatClock
 from broker.ids import EventId, StreamPosition, format_cursor
 from broker.model import LiveBatch, LogEntry, LogPage, LogState
@@ -106,6 +106,7 @@ class Subscription:
         "_over",
         "_pending",
         "_pending_bytes",
+        "_position_events",
         "_positions",
         "_replayed",
         "_resync",
@@ -130,6 +131,7 @@ class Subscription:
         observer: Observer | None = None,
         expires_at: float | None = None,
         trusted: Callable[[], bool] | None = None,
+        positions: bool = False,
     ) -> None:
         self._store = store
         self._trusted = trusted  # False once its credentials are revoked: it ends
@@ -174,10 +176,16 @@ class Subscription:
         # a replay from there, past a loss the log recorded, tells it no second time.
         self._told_loss_at: dict[str, StreamPosition] = {}
         self._opening_states: dict[str, LogState] = {}
-        self._announce = "now" in self._starts.values()
+        self._position_events = positions
+        """Where the stream stands goes as a ``broker.position`` event, not an ``id:``
+        line with no data: the client asked (see ``framing.position_frame``)."""
+        self._announce = positions or "now" in self._starts.values()
         """A topic starts "now": once caught up, the stream's cursor is sent (an ``id:``
         with no data, which ``EventSource`` keeps without firing an event), so that a
-        client dropping before its first event resumes from there, not from a new now."""
+        client dropping before its first event resumes from there, not from a new now.
+        A client that asks for positions is sent it whatever its start: a page at the
+        origin of a topic with no log keeps the store's time then, by which it is told
+        of a log that came and expired while it was away (``resume.origin_point``)."""
         self._announce_start = len(self._starts) > 1 and "earliest" in self._starts.values()
         """A multi-topic stream from the earliest: its starting cursor is sent before the
         replay (an ``id:`` with no data), so that a client tells the topic of its first
@@ -482,7 +490,7 @@ class Subscription:
                     yield self._gap_frame(topic, gap, unsent=judged[index + 1 :])
                 if self._announce_start and not self._closed:
                     self._announce_start = False  # (after the notices: it is past them)
-                    yield id_line(self._cursor()) + b"\n"
+                    yield self._position_frame()
                 for topic in topics:
                     if topic not in self._over:
                         async for chunk in self._replay_topic(topic):
@@ -499,7 +507,7 @@ class Subscription:
             self._observer.replayed(self._replayed)  # one catch-up, one size
         if self._announce and not self._closed and self._positions:
             self._announce = False
-            yield id_line(self._cursor()) + b"\n"
+            yield self._position_frame()
 
     async def _judge_all(self, topics: list[str]) -> list[tuple[str, Gap]]:
         """Judge each topic's cursor against its log; the gap notices they need.
@@ -648,7 +656,10 @@ class Subscription:
                 self._positions[topic] = later
                 self._origins.hold(topic, later, asked_at, self._ttl_ms(topic))
                 moved = True
-        return id_line(self._cursor()) + b"\n" if moved and not self._closed else b""
+        return self._position_frame() if moved and not self._closed else b""
+
+    def _position_frame(self) -> bytes:
+        return position_frame(self._cursor(), as_event=self._position_events)
 
     def _start_point(self, topic: str, state: LogState) -> tuple[EventId, Gap | None]:
         position = self._positions.get(topic)

@@ -26,6 +26,11 @@
  *   received those events: a reload before the first event loses nothing published
  *   meanwhile (a topic with no event yet is then read from its beginning). Until
  *   those answers, `source` is null; if one fails, the stream starts from now.
+ * - The stream is opened with ?positions=true: where it stands with no event to
+ *   deliver (its start, a later origin of a topic with no log) comes as a
+ *   broker.position event, kept as the place like an event's id (and told to no
+ *   callback). A page at a topic with no log keeps the broker's time then, and
+ *   is told (onGap, "unknown") if it comes back after a log came and expired.
  * - broker.gap and broker.end are surfaced (onGap, onEnd); the stream stops at
  *   broker.end (a multi-topic stream, /events?topic=a&topic=b, at the end of each
  *   of its topics; a topic's "deleted" gap ends it too), and a later page that
@@ -51,6 +56,7 @@
   var EARLIEST = "earliest";
   var GAP = "broker.gap";
   var END = "broker.end";
+  var POSITION = "broker.position";  // where the stream stands, with no event (asked for)
   var ORIGIN = "0.0-0";  // a topic's place before anything of its log
 
   // Where a stream's place is kept: its URL without a fresh access token. A caller's
@@ -143,6 +149,22 @@
                               : "last_event_id=" + encodeURIComponent(id).replace(/%3A/gi, ":"));
     absolute.search = "?" + kept.join("&");
     return absolute.href;
+  }
+
+  // The URL the EventSource opens: the broker is asked (?positions=true) to send where the
+  // stream stands as broker.position events. An id: line with no data (its start from
+  // now, a later origin of a topic with no log) is kept by EventSource for its own
+  // reconnects but fires nothing: the place kept for a reload missed it, and a page at
+  // a topic with no log came back ?from=earliest, never told of a log that came and
+  // expired meanwhile, or told of one for nothing after staying open a TTL.
+  function streamUrl(url, place) {
+    var stream = new URL(place ? resumeUrl(url, place) : url, global.location.href);
+    var kept = stream.search.slice(1).split("&").filter(function (pair) {
+      return pair && paramName(pair) !== "positions";
+    });
+    kept.push("positions=true");
+    stream.search = "?" + kept.join("&");
+    return stream.href;
   }
 
   // The stream's URL says where it starts (?from=earliest, ?last_event_id=): opened
@@ -339,14 +361,23 @@
       if (message.id) { lastId = message.id; }
     }
 
+    // Where the stream stands with no event to deliver: kept as the place (a reload
+    // resumes there), and as what the next event's cursor is told against. No callback.
+    function keepPosition(event) {
+      if (closed || !event.lastEventId) { return; }
+      savePlace(event.lastEventId);
+      lastId = event.lastEventId;
+    }
+
     function open(place) {
       if (closed) { return; }
-      var source = new global.EventSource(place ? resumeUrl(url, place) : url, {
+      var source = new global.EventSource(streamUrl(url, place), {
         withCredentials: Boolean(options.withCredentials),
       });
       handle.source = source;
       var types = ["message", GAP, END].concat(options.types || []);
       types.forEach(function (type) { source.addEventListener(type, deliver); });
+      source.addEventListener(POSITION, keepPosition);
       source.addEventListener("open", function () {
         openedAt = Date.now();
         if (options.onOpen) { options.onOpen(); }
@@ -440,7 +471,7 @@
         headers: { Accept: "text/event-stream" },
         credentials: options.withCredentials ? "include" : "same-origin",
       };
-      var target = place ? resumeUrl(url, place) : url;
+      var target = streamUrl(url, place);
       // Bounded: a proxy that takes the request and never answers must not leave the
       // page told nothing (it was told at once before it asked why).
       var timer = null;

@@ -160,25 +160,61 @@ def test_passing_refusals_that_go_on_are_told_for_good(
 
 
 def test_a_stream_from_now_with_no_place_is_told_rather_than_reopened(
+    own_broker: BrokerProcess, nginx: LoadBalancer, browser: Chromium
+) -> None:
+    """A stream from now whose topic's end could not be learnt (nginx's 502 to the
+    page's GET /topics/{t}: no broker up) and that was refused before the broker told
+    it where it stands has no place. A new EventSource would start from a new "now" and
+    miss, untold, what was published meanwhile (review: the first version reopened it):
+    the page is told for good instead, at once."""
+    topic = f"face.placeless.{uuid.uuid4().hex[:8]}"
+    browser.navigate(nginx.url + "/healthz")  # (a page of the origin, no stream yet)
+    browser.evaluate(LOAD_HELPER)
+    browser.wait_for("window.BrokerClient !== undefined", what="the helper loaded")
+    own_broker.terminate()
+    url = json.dumps(f"/topics/{topic}/events")
+    browser.evaluate(f"window.__stream = BrokerClient.subscribe({url}, {{onError: window.__keep}})")
+    browser.wait_for(TOLD_ERROR, timeout=30, what="the 502 told")
+    assert _errors(browser) == [(True, 502)]
+    assert browser.evaluate("window.__stream.source.readyState") == 2
+
+
+def test_a_stream_from_now_keeps_the_place_its_stream_told_it_and_reopens_there(
     own_broker: BrokerProcess, nginx: LoadBalancer, face_broker: BrokerProcess, browser: Chromium
 ) -> None:
-    """A stream from now whose topic's end could not be learnt when it opened (here the
-    page's fetch of GET /topics/{t} fails) has no place until its first event. Refused
-    then (nginx's 502), a new EventSource would start from a new "now" and miss, untold,
-    what was published meanwhile (review: the first version reopened it): the page is
-    told for good instead, at once."""
+    """The same stream whose topic's end could not be learnt (the page's fetch of GET
+    /topics/{t} fails), once open, is told where it stands (``broker.position``): that
+    is its place, and refused later (nginx's 502 while the broker is down) it opens
+    again from there, and gets what was published meanwhile."""
     topic = f"face.placeless.{uuid.uuid4().hex[:8]}"
     browser.run_on_every_load(FAILING_TOPIC_INFO)
     open_client_page(browser, nginx, f"/topics/{topic}/events")
     browser.wait_for(STREAM_OPEN, timeout=30, what="the stream open")
+    browser.wait_for(
+        "Object.keys(sessionStorage).some(k => k.startsWith('broker-client:last-event-id:'))",
+        what="the place the stream told",
+    )
     own_broker.terminate()
     with Publisher(face_broker.url) as publisher:
         publisher.publish(topic, 1)  # (what a stream reopened "from now" would miss)
-    browser.wait_for(TOLD_ERROR, timeout=30, what="the 502 told")
-    own_broker.start()
-    assert _errors(browser) == [(True, 502)]
-    assert browser.evaluate("window.__stream.source.readyState") == 2
+        browser.wait_for(TOLD_ERROR, timeout=30, what="the 502 told")
+        own_broker.start()
+        _wait_messages(browser, 1, "the event published while the broker was down")
+    assert _messages(browser) == [1]
+    assert _errors(browser) and all(not fatal for fatal, _ in _errors(browser)), _errors(browser)
 
+
+# The helper on a page, and what it tells kept as the client page keeps it.
+LOAD_HELPER = """
+window.__keep = (e) => {
+  const log = JSON.parse(sessionStorage.getItem("received") || "[]");
+  log.push({type: "error", data: JSON.stringify(e)});
+  sessionStorage.setItem("received", JSON.stringify(log));
+};
+const script = document.createElement("script");
+script.src = "/client.js";
+document.head.appendChild(script);
+"""
 
 FAILING_TOPIC_INFO = """
 (function () {

@@ -416,3 +416,68 @@ async def test_listing_topics_by_prefix_with_pages(http_broker: BrokerProcess) -
 async def test_listing_refuses_bad_parameters(http_broker: BrokerProcess, query: str) -> None:
     async with httpx.AsyncClient(base_url=http_broker.url, timeout=10) as client:
         assert_problem(await client.get(f"/topics?{query}"), 400)
+
+
+@pytest.mark.parametrize("topics", [1, 2])
+async def test_a_client_that_asks_for_positions_is_sent_them_as_events(
+    expiring_broker: BrokerProcess, topics: int
+) -> None:
+    """``?positions=true`` (``/client.js`` asks it): where the stream stands with no
+    event to deliver (its start at the origin, each later origin) comes as a
+    ``broker.position`` event with data ``{}``, which a script sees (an ``id:`` line with
+    no data fires nothing), carrying the id that line would; events come as before."""
+    names = sorted(new_topic() for _ in range(topics))
+    path = f"/topics/{names[0]}/events" if topics == 1 else "/events"
+    params = [("positions", "true")] + ([("topic", n) for n in names] if topics > 1 else [])
+    async with (
+        httpx.AsyncClient(base_url=expiring_broker.url, timeout=10) as client,
+        SseStream(client, path, params=params) as stream,
+    ):
+        start = await stream.next()
+        assert (start.event, start.data) == ("broker.position", "{}"), start
+        assert stream.last_event_id == start.id
+        later = await stream.next()  # a quarter of the TTL on (1 s here)
+        assert (later.event, later.data) == ("broker.position", "{}"), later
+        assert all(
+            moved > held
+            for moved, held in zip(origins_of(later.id), origins_of(start.id), strict=True)
+        )
+        [event] = await publish_many(client, names[0], ["first"])
+        while (got := await stream.next()).event == "broker.position":
+            pass  # (a later origin may come first)
+        assert got.data == '"first"'
+        assert (got.id == event) if topics == 1 else (f"{names[0]}~{event}" in got.id.split("!"))
+
+
+async def test_positions_follow_a_replay_and_are_sent_only_when_asked_for(
+    expiring_broker: BrokerProcess,
+) -> None:
+    """From the earliest, a client that asks is told where the replay left it; one that
+    does not gets the events alone (no event of a type it never heard of)."""
+    topic = new_topic()
+    path = f"/topics/{topic}/events"
+    async with httpx.AsyncClient(base_url=expiring_broker.url, timeout=10) as client:
+        ids = await publish_many(client, topic, ["a", "b"])
+        asked = {"from": "earliest", "positions": "true"}
+        async with SseStream(client, path, params=asked) as stream:
+            assert [(await stream.next()).id for _ in ids] == ids
+            position = await stream.next()
+            assert (position.event, position.id) == ("broker.position", ids[-1])
+        async with SseStream(client, path, params={"from": "earliest"}) as stream:
+            assert [(await stream.next()).id for _ in ids] == ids
+            [after] = await publish_many(client, topic, ["c"])
+            event = await stream.next()
+            assert (event.event, event.id) == ("message", after)
+
+
+async def test_positions_other_than_true_or_false_are_refused(
+    expiring_broker: BrokerProcess,
+) -> None:
+    async with httpx.AsyncClient(base_url=expiring_broker.url, timeout=10) as client:
+        single = (f"/topics/{new_topic()}/events", {"positions": "yes"})
+        multi = ("/events", {"topic": new_topic(), "positions": "yes"})
+        for path, params in (single, multi):
+            response = await client.get(
+                path, params=params, headers={"Accept": "text/event-stream"}
+            )
+            assert "positions" in assert_problem(response, 400)["detail"]
