@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import httpx
 
@@ -98,17 +98,16 @@ def topic_path(topic: str, suffix: str = "/events") -> str:
     return f"/topics/{quote(topic, safe='')}{suffix}"
 
 
-def stream_path(topics: Sequence[str]) -> str:
-    """One topic's stream path, or the multi-topic ``/events?topic=...``."""
+def stream_path(topics: Sequence[str]) -> tuple[str, httpx.QueryParams]:
+    """One topic's stream path, or the multi-topic ``/events?topic=...``, and its query.
+
+    The query goes to httpx as ``params``, not written into the path: a client passed
+    in with query parameters of its own (an ``access_token``) has httpx put those in
+    place of a path's query, which dropped ``from=earliest`` (the history skipped in
+    silence) and a multi-topic stream's topics."""
     if len(topics) == 1:
-        return topic_path(topics[0])
-    return "/events?" + urlencode([("topic", t) for t in topics])
-
-
-def with_query(path: str, params: Mapping[str, str]) -> str:
-    if not params:
-        return path
-    return path + ("&" if "?" in path else "?") + urlencode(params)
+        return topic_path(topics[0]), httpx.QueryParams()
+    return "/events", httpx.QueryParams(tuple(("topic", t) for t in topics))
 
 
 def retry_after(response: httpx.Response) -> float | None:

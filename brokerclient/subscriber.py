@@ -44,7 +44,6 @@ from brokerclient.http import (
     json_of,
     stream_path,
     topic_path,
-    with_query,
 )
 from brokerclient.sse import Event, SseDecoder
 
@@ -82,14 +81,15 @@ class _Resume:
         """Each topic has ended (a multi-topic stream goes on past one topic's end)."""
         return self.topics_ended >= set(self.topics)
 
-    def request(self, token: str | None) -> tuple[str, dict[str, str]]:
+    def request(self, token: str | None) -> tuple[str, httpx.QueryParams, dict[str, str]]:
+        """The stream's path, query and headers."""
         headers = base_headers(token) | {"Accept": "text/event-stream"}
-        path = stream_path(self.topics)
+        path, params = stream_path(self.topics)
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
         elif self.from_earliest:
-            path = with_query(path, {"from": "earliest"})
-        return path, headers
+            params = params.add("from", "earliest")
+        return path, params, headers
 
     def needs_start_point(self) -> bool:
         """A single-topic subscription "from now" that has no position yet."""
@@ -309,9 +309,11 @@ class AsyncSubscriber:
 
     async def _connection(self) -> AsyncGenerator[Event | None, None]:
         """One connection's events; a None means the topic is closed (204): stop."""
-        path, headers = self._resume.request(self._token)
+        path, params, headers = self._resume.request(self._token)
         timeout = self._resume.attempt_timeout(self._client.timeout)
-        async with self._client.stream("GET", path, headers=headers, timeout=timeout) as response:
+        async with self._client.stream(
+            "GET", path, params=params, headers=headers, timeout=timeout
+        ) as response:
             if response.status_code == 204:
                 yield None
                 return
@@ -410,9 +412,11 @@ class Subscriber:
             time.sleep(delay)
 
     def _connection(self) -> Iterator[Event | None]:
-        path, headers = self._resume.request(self._token)
+        path, params, headers = self._resume.request(self._token)
         timeout = self._resume.attempt_timeout(self._client.timeout)
-        with self._client.stream("GET", path, headers=headers, timeout=timeout) as response:
+        with self._client.stream(
+            "GET", path, params=params, headers=headers, timeout=timeout
+        ) as response:
             if response.status_code == 204:
                 yield None
                 return

@@ -188,6 +188,46 @@ def test_subscriber_stops_at_the_end_of_a_closed_topic(face_broker: BrokerProces
     assert (refused.value.status, refused.value.end_id) == (409, seen[-1].id)
 
 
+@pytest.mark.parametrize("several", [False, True])
+def test_a_subscriber_on_a_client_with_query_parameters_keeps_its_own(
+    face_broker: BrokerProcess, several: bool
+) -> None:
+    """A client passed in with query parameters of its own (an ``access_token``, say):
+    httpx put them in place of the query the subscriber wrote into its path, so
+    ``from_earliest`` was dropped and the history skipped in silence (the stream started
+    from now), and a multi-topic stream lost its topics (400)."""
+    topics = [_topic("params-a"), _topic("params-b")][: 2 if several else 1]
+    with Publisher(face_broker.url) as publisher:
+        for topic in topics:
+            publisher.publish(topic, "first", close=True)
+    params = {"access_token": "unused"}  # (authorization is off: the broker ignores it)
+    with (
+        httpx.Client(base_url=face_broker.url, params=params, timeout=10) as client,
+        Subscriber(topics, client=client, from_earliest=True, give_up_after=10) as sub,
+    ):
+        seen = [(e.topic, e.event, e.data) for e in sub]  # ends by itself, at the ends
+    assert sorted(seen, key=str) == sorted(
+        [(topic, None, '"first"') for topic in topics]
+        + [(topic, "broker.end", "{}") for topic in topics],
+        key=str,
+    )
+
+
+async def test_an_async_subscriber_on_a_client_with_query_parameters_keeps_its_own(
+    face_broker: BrokerProcess,
+) -> None:
+    topic = _topic("params-async")
+    async with AsyncPublisher(face_broker.url) as publisher:
+        await publisher.publish(topic, "first", close=True)
+    params = {"access_token": "unused"}
+    async with (
+        httpx.AsyncClient(base_url=face_broker.url, params=params, timeout=10) as client,
+        AsyncSubscriber(topic, client=client, from_earliest=True, give_up_after=10) as sub,
+    ):
+        seen = [(e.event, e.data) async for e in sub]
+    assert seen == [(None, '"first"'), ("broker.end", "{}")]
+
+
 def test_a_multi_topic_subscriber_goes_on_past_one_topics_end(face_broker: BrokerProcess) -> None:
     """It stops once every topic has ended, not at the first ``broker.end`` (the contract:
     a multi-topic stream goes on with the topics still open)."""
