@@ -16,6 +16,8 @@ from typing import Any
 
 GAP = "broker.gap"
 END = "broker.end"
+POSITION = "broker.position"
+"""Where a stream stands with no event to deliver (``?positions=true``): a cursor, no event."""
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 

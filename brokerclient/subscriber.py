@@ -45,7 +45,7 @@ from brokerclient.http import (
     stream_path,
     topic_path,
 )
-from brokerclient.sse import Event, SseDecoder
+from brokerclient.sse import POSITION, Event, SseDecoder
 
 log = logging.getLogger(__name__)
 DEFAULT_READ_TIMEOUT = 45.0  # three of the broker's default 15 s heartbeats
@@ -89,7 +89,12 @@ class _Resume:
             headers["Last-Event-ID"] = self.last_event_id
         elif self.from_earliest:
             params = params.add("from", "earliest")
-        return path, params, headers
+        # Where the stream stands with no event comes as broker.position events, in line
+        # with the events (an id: line with no data is sent only for a start from now):
+        # a start from the earliest at a topic with no log keeps its origin, by which it
+        # is told of a log that came and expired while it was away (it came back
+        # ?from=earliest and waited in silence).
+        return path, params.add("positions", "true"), headers
 
     def needs_start_point(self) -> bool:
         """A single-topic subscription "from now" that has no position yet."""
@@ -154,6 +159,16 @@ class _Resume:
             self.last_event_id = decoder.dispatched_id
         if decoder.retry_ms is not None:  # (0 too: it was taken for no hint)
             self.retry_hint_ms = decoder.retry_ms
+
+    def received(self, events: list[Event]) -> Iterator[Event]:
+        """A chunk's events to hand over: a ``broker.position`` is where the stream stands,
+        kept as its cursor (before the next event's topic is told by it), and no event."""
+        for event in events:
+            if event.event == POSITION:
+                if event.id is not None:
+                    self.last_event_id = event.id
+                continue
+            yield self.delivered(event)
 
     def delivered(self, event: Event) -> Event:
         """The event, with its topic (and an end counted once per topic: a topic closed,
@@ -324,8 +339,8 @@ class AsyncSubscriber:
             _read_as_usual(response, self._client.timeout)
             decoder = SseDecoder(self._resume.last_event_id)
             async for chunk in response.aiter_bytes():
-                for event in decoder.feed(chunk):
-                    yield self._resume.delivered(event)
+                for event in self._resume.received(decoder.feed(chunk)):
+                    yield event
                 self._resume.read(decoder)
 
     async def _topic_last_id(self, topic: str) -> str | None:
@@ -431,8 +446,7 @@ class Subscriber:
                 if self._closed:  # (closed while the head was awaited: nothing to shut then)
                     return
                 for chunk in response.iter_bytes():
-                    for event in decoder.feed(chunk):
-                        yield self._resume.delivered(event)
+                    yield from self._resume.received(decoder.feed(chunk))
                     self._resume.read(decoder)
             finally:
                 self._reading = None

@@ -163,13 +163,60 @@ def test_a_multi_topic_subscriber_from_now_loses_nothing_published_while_it_reco
             sub.close()
 
 
+def test_a_subscriber_at_a_topic_with_no_log_is_told_of_one_that_expired_while_away(
+    redis_server: RedisServer,
+) -> None:
+    """A subscription from now at a topic with no log started ``?from=earliest``, and
+    came back so after every drop: never told of a log that came and expired while it
+    was away (a TTL topic: the LLM generation that ran while the broker restarted), it
+    waited in silence. It now keeps the origin its stream stands at (asked for as a
+    ``broker.position``, which it keeps and does not yield), as ``/client.js`` does."""
+    topic, ttl = _topic("expired-away"), 4
+    broker = BrokerProcess(
+        redis_url=redis_server.url,
+        env={"BROKER_HEARTBEAT_SECONDS": "1", "BROKER_TOPIC_TTL_SECONDS": str(ttl)},
+    ).start()
+    received: queue.Queue[Event] = queue.Queue()
+    sub = Subscriber(topic, broker.url, give_up_after=30)
+    reader = threading.Thread(target=lambda: [received.put(e) for e in sub], daemon=True)
+    try:
+        reader.start()
+        wait_until(lambda: _subscribers(broker.url, topic) == 1, timeout=10,
+                   what="the subscription to be live")  # fmt: skip
+        # Away well before a later origin is due (a quarter of the TTL): the stream's
+        # start is all the subscriber holds.
+        time.sleep(0.2)
+        broker.kill()
+        asyncio.run(_publish_direct(redis_server.url, topic, "lost", topic_ttl_seconds=ttl))
+        admin = redis.Redis.from_url(redis_server.url)
+        wait_until(lambda: not admin.exists(*c.topic_keys(topic)), timeout=ttl + 5,
+                   what="the topic to expire")  # fmt: skip
+        broker.start()
+        wait_until(lambda: _subscribers(broker.url, topic) == 1, timeout=10,
+                   what="the subscriber to be back")  # fmt: skip
+        with Publisher(broker.url, retry=PATIENT) as publisher:
+            publisher.publish(topic, "after", close=True)
+        reader.join(timeout=15)
+    finally:
+        sub.close()
+        broker.close()
+    seen = list(received.queue)
+    assert [(e.event, e.json().get("reason") if e.is_gap else e.data) for e in seen] == [
+        ("broker.gap", "unknown"),
+        (None, '"after"'),
+        ("broker.end", "{}"),
+    ], seen
+
+
 def _subscribers(url: str, topic: str) -> int:
     stats = httpx.get(f"{url}/stats", params={"topic": topic}, timeout=5).json()
     return int(stats["topics"][0]["subscribers"])
 
 
-async def _publish_direct(redis_url: str, topic: str, data: object) -> None:
-    async with DirectPublisher(redis_url) as direct:
+async def _publish_direct(
+    redis_url: str, topic: str, data: object, topic_ttl_seconds: float | None = None
+) -> None:
+    async with DirectPublisher(redis_url, topic_ttl_seconds=topic_ttl_seconds) as direct:
         await direct.publish(topic, data)
 
 
