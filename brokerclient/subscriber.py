@@ -6,9 +6,9 @@
 - after a dropped connection, a restarted instance, a load balancer's 502/503/504
   or a come-back-later stream, they reconnect with ``Last-Event-ID`` = the id of
   the last event handed to the caller, so nothing is lost or repeated;
-- a subscription "from now" first asks where the topic ends (``GET /topics/{t}``)
-  and starts after that id, so that a drop before the first event loses nothing
-  either (``EventSource`` would start "from now" again);
+- a subscription "from now" first asks where each of its topics ends (``GET
+  /topics/{t}``) and starts after those ids, so that a drop before the first event
+  loses nothing either (``EventSource`` would start "from now" again);
 - ``broker.gap`` and ``broker.end`` events are yielded like any other
   (``Event.is_gap``, ``Event.is_end``); iteration stops once every topic has ended
   (its ``broker.end``, or a gap saying it was deleted: ``Event.ends_topic``), or
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 import httpx
 
 from broker.errors import InvalidEventId
-from broker.ids import Cursor, EventId, parse_cursor
+from broker.ids import ORIGIN, Cursor, EventId, format_cursor, parse_cursor
 from brokerclient.errors import RequestFailed, Unreachable
 from brokerclient.http import (
     DEFAULT_URL,
@@ -97,21 +97,24 @@ class _Resume:
         return path, params.add("positions", "true"), headers
 
     def needs_start_point(self) -> bool:
-        """A single-topic subscription "from now" that has no position yet."""
-        return (
-            not self.started
-            and not self.last_event_id
-            and not self.from_earliest
-            and (len(self.topics) == 1)
-        )
+        """A subscription "from now" that has no position yet."""
+        return not self.started and not self.last_event_id and not self.from_earliest
 
-    def start_at(self, topic_last_id: str | None) -> None:
-        """After the topic's newest id; a topic with no event yet: from its beginning."""
+    def start_at(self, last_ids: dict[str, str | None]) -> None:
+        """After each topic's newest id; a topic with no event yet: from its beginning.
+        Several topics: their cursor, a topic with no event at the origin. (A stream of
+        several "from now" had no place until the broker sent one: a first connection
+        that ended before that, a draining instance's come-back answer, came back from a
+        new "now", and what was published between was lost in silence.)"""
         self.started = True
-        if topic_last_id is None:
+        if len(self.topics) > 1:
+            self.last_event_id = format_cursor(
+                {topic: _id_or_origin(last_ids[topic]) for topic in self.topics}
+            )
+        elif (last := last_ids[self.topics[0]]) is None:
             self.from_earliest = True
         else:
-            self.last_event_id = topic_last_id
+            self.last_event_id = last
 
     def attempting(self) -> None:
         """A connection is tried: ``give_up_after`` counts from the first try that does
@@ -301,7 +304,7 @@ class AsyncSubscriber:
             try:
                 resume.attempting()
                 if resume.needs_start_point():
-                    resume.start_at(await self._topic_last_id(resume.topics[0]))
+                    resume.start_at({t: await self._topic_last_id(t) for t in resume.topics})
                 # (closed with this generator: left suspended, the response in it was
                 # closed by asyncio at exit, concurrently with this one, and failed)
                 async with contextlib.aclosing(self._connection()) as connection:
@@ -408,7 +411,7 @@ class Subscriber:
             try:
                 resume.attempting()
                 if resume.needs_start_point():
-                    resume.start_at(self._topic_last_id(resume.topics[0]))
+                    resume.start_at({t: self._topic_last_id(t) for t in resume.topics})
                 for item in self._connection():
                     if item is None:
                         return
@@ -501,6 +504,12 @@ def _raise_for(response: httpx.Response) -> None:
     if response.status_code == 200:  # as EventSource does: a stream or nothing
         raise RequestFailed(200, None, f"{response.request.url.path}: not an event stream")
     raise failure(response)
+
+
+def _id_or_origin(last_id: str | None) -> EventId:
+    """A topic's place in a cursor: after its newest id, or at the origin if it has none
+    (its log read from its start, whatever the log's epoch)."""
+    return ORIGIN if last_id is None else EventId.parse(last_id)
 
 
 def _last_id_of(response: httpx.Response) -> str | None:

@@ -275,6 +275,40 @@ async def test_an_async_subscriber_on_a_client_with_query_parameters_keeps_its_o
     assert seen == [(None, '"first"'), ("broker.end", "{}")]
 
 
+@pytest.mark.parametrize("several", [False, True], ids=["one topic", "two"])
+def test_a_subscriber_from_now_starts_where_its_topics_ended_when_it_asked(
+    face_broker: BrokerProcess, several: bool
+) -> None:
+    """ "From now" is when it asked where each topic ends (``GET /topics/{t}``), not when
+    its stream opened: what was published between is delivered. Several topics were not
+    asked: a first stream that ended before the broker sent it a place (a draining
+    instance's come-back answer) came back from a new "now", and what was published
+    between was lost in silence. Here the publish comes as the stream is requested."""
+    topics = [_topic("asked-a"), _topic("asked-b")][: 2 if several else 1]
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topics[0], "before")  # before it asked: not for it
+        published: list[str] = []
+
+        def publish_as_the_stream_is_requested(request: httpx.Request) -> None:
+            if request.headers.get("accept") == "text/event-stream" and not published:
+                published.append(publisher.publish(topics[-1], "between"))
+
+        hooks = {"request": [publish_as_the_stream_is_requested]}
+        with (
+            httpx.Client(base_url=face_broker.url, event_hooks=hooks, timeout=10) as client,
+            Subscriber(topics, client=client, give_up_after=10) as sub,
+        ):
+            received = iter(sub)
+            first = next(received)
+            publisher.publish(topics[0], "after")
+            second = next(received)
+    assert published, "the stream was never requested"
+    assert [(first.topic, first.data), (second.topic, second.data)] == [
+        (topics[-1], '"between"'),
+        (topics[0], '"after"'),
+    ]
+
+
 def test_a_multi_topic_subscriber_goes_on_past_one_topics_end(face_broker: BrokerProcess) -> None:
     """It stops once every topic has ended, not at the first ``broker.end`` (the contract:
     a multi-topic stream goes on with the topics still open)."""
