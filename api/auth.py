@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 import jwt
@@ -41,6 +41,12 @@ KEYS_RETRY_AFTER_SECONDS = 5  # (JWKS_MIN_REFETCH_SECONDS: no fetch is tried soo
 MAX_TOKEN_BYTES = 8192
 QUERY_PART = re.compile(r"([?&;])([^&;\s]*)")
 """A part of a logged request target's query: ``name=value``, or whatever it is."""
+DEFAULT_PORTS = {"http": 80, "https": 443}
+NO_ORIGIN = (
+    "a publish by cookie without an Origin header: browsers name the page's origin on "
+    "every POST and DELETE, so this is no browser's request, or one whose Origin was "
+    "removed on its way (send the token in the Authorization header instead)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,16 +215,23 @@ class Authorizer:
     def _refuse_forgery(self, scope: Scope) -> None:
         """A browser sends the cookie with any site's form or plain ``fetch`` (text/plain
         needs no preflight): a change by cookie must come from a page of a listed origin
-        or of the broker itself (a browser names the page's origin on every POST)."""
+        or of the broker itself. Browsers name the page's origin on every POST; without
+        one, only a browser's own word that the page is the broker's is taken
+        (``Sec-Fetch-Site``, which no page can set), else anything that strips the
+        header (a proxy, an extension) would let any site's page through."""
         headers = Headers(scope=scope)
         origin = headers.get("origin")
-        if origin is None or origin in self._origins:
+        if origin is None:
+            if headers.get("sec-fetch-site") == "same-origin":
+                return
+            raise Forbidden(NO_ORIGIN)
+        if origin in self._origins or is_own_origin(origin, scope):
             return
-        if urlsplit(origin).netloc == headers.get("host", ""):
-            return
+        own = f"{scope.get('scheme', 'http')}://{headers.get('host', '')}"
         raise Forbidden(
-            f"a publish by cookie from a page of {origin[:100]}, an origin not listed in "
-            "BROKER_CORS_ORIGINS (send the token in the Authorization header instead)"
+            f"a publish by cookie from a page of {origin[:100]}, an origin neither the "
+            f"broker's own ({own[:120]}) nor listed in BROKER_CORS_ORIGINS (send the "
+            "token in the Authorization header instead)"
         )
 
     def _rights(self, token: str) -> Rights:
@@ -268,6 +281,70 @@ class Authorizer:
             expires_at=rights.expires_at + self._leeway,  # (every later check of it too)
             trusted=self._key.trust_of(header),
         )
+
+
+class SiteOrigin(NamedTuple):
+    """An origin as browsers compare them: scheme, host and port, the default one filled in."""
+
+    scheme: str
+    host: str
+    port: int
+
+
+def is_own_origin(origin: str, scope: Scope) -> bool:
+    """Whether a page's ``Origin`` is the broker's own: the scheme, host and port the
+    request was sent to (its ``Host``, and the scheme the ASGI scope gives: the socket's,
+    or a trusted proxy's ``X-Forwarded-Proto``). The host alone let a page served in
+    the clear, which anyone on its way can rewrite, publish with the cookie of the
+    https site of the same name."""
+    page = origin_of(origin)
+    if page is None:
+        return False
+    host = Headers(scope=scope).get("host", "")
+    return page == origin_sent_to(host, _scheme_sent_with(scope, page.scheme))
+
+
+def _scheme_sent_with(scope: Scope, page_scheme: str) -> str:
+    """The scheme the browser sent the request with, as far as the broker can tell.
+    "http" is also what a broker behind a TLS proxy it does not trust sees (one not in
+    FORWARDED_ALLOW_IPS: its X-Forwarded-Proto is ignored), so an https page is taken
+    as sent over https then: refusing it would refuse the broker's own page there, and
+    an https origin is no weaker than an http broker. The reverse is never taken: an
+    http page against a broker seen on https is the forgery this check is for."""
+    scheme = str(scope.get("scheme", "http"))
+    return "https" if scheme == "http" and page_scheme == "https" else scheme
+
+
+def origin_of(origin: str) -> SiteOrigin | None:
+    """An ``Origin`` header's parts, if it is an http(s) origin written as browsers
+    write one (``null``, a path or user info: None, no origin of the broker's)."""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:  # a port that is no number, a bracket unclosed
+        return None
+    default = DEFAULT_PORTS.get(parts.scheme)
+    exact = f"{parts.scheme}://{parts.netloc}" == origin and "@" not in parts.netloc
+    if default is None or not exact or not parts.hostname:
+        return None
+    return SiteOrigin(parts.scheme, parts.hostname, default if port is None else port)
+
+
+def origin_sent_to(host: str, scheme: str) -> SiteOrigin | None:
+    """The origin a request was sent to, from its ``Host`` header and its scheme (a
+    Host without a port names the scheme's default one: ``https://b.example`` is
+    ``b.example`` on 443)."""
+    default = DEFAULT_PORTS.get(scheme)
+    if default is None or not host or any(c in host for c in "/\\?#@ \t"):
+        return None
+    try:
+        parts = urlsplit(f"//{host}")
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    return SiteOrigin(scheme, parts.hostname, default if port is None else port)
 
 
 async def authorize(scope: Scope, action: Action, topics: Sequence[str]) -> Grant:

@@ -122,6 +122,8 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._writes_paused = False  # the client does not read its answers fast enough
         self._next_deferred = False  # the next request waits for the answers to drain
         self._checks_host = False  # (api.hosts: loopback and authorization off, or a list)
+        self._own_scheme = "http"  # the socket's ("https" under uvicorn's TLS)
+        self._proxy_trusted = False  # the peer's X-Forwarded-Proto is believed
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -133,6 +135,8 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._transport.abort()  # no descriptor to spare, not even to answer
             return
         cap_send_buffer(self._transport)
+        self._own_scheme = "https" if self._transport.get_extra_info("sslcontext") else "http"
+        self._proxy_trusted = _trusts_proxy(self._transport, self._config)
         self._guard.deadlines.set(self, self._guard.limits.head_timeout)
         app = self._app_state.get(APP_STATE_KEY)
         if app is not None:
@@ -235,13 +239,23 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self, app: Any, head_size: int
     ) -> tuple[PublishHead | None, IngestHead | None, tuple[Request, dict[str, StartFrom]] | None]:
         """The request served here, as a publish, a streaming ingest or a stream."""
-        publish = publish_head_of(self._head, self._parser, app)
+        scheme = self.scheme_of(self._head.headers)
+        publish = publish_head_of(self._head, self._parser, app, scheme)
         if publish is not None:
             return publish, None, None
-        ingest = ingest_head_of(self._head, self._parser, app)
+        ingest = ingest_head_of(self._head, self._parser, app, scheme)
         if ingest is not None or head_size != len(self._received):
             return None, ingest, None
-        return None, None, stream_request_of(self._head, self._parser, app)
+        return None, None, stream_request_of(self._head, self._parser, app, scheme)
+
+    def scheme_of(self, headers: list[tuple[bytes, bytes]]) -> str:
+        """A request's scheme as uvicorn's ProxyHeadersMiddleware gives it to the app: a
+        trusted proxy's ``X-Forwarded-Proto``, else the socket's. The cookie forgery
+        check compares a page's origin with it (a lean request said "http" behind any
+        proxy, and took an http page for the broker's own behind one ending TLS)."""
+        if not self._proxy_trusted:
+            return self._own_scheme
+        return forwarded_scheme(headers) or self._own_scheme
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -565,8 +579,7 @@ def _client_of(transport: asyncio.Transport, config: Config, scope: Scope) -> st
         return "-"
     host, port = peer[0], peer[1]
     if config.proxy_headers:
-        allowed = config.forwarded_allow_ips
-        trusted = _trusted_hosts(tuple(allowed) if isinstance(allowed, list) else allowed)
+        trusted = _trusted_hosts_of(config)
         forwarded = [value for name, value in scope["headers"] if name == b"x-forwarded-for"]
         if forwarded and host in trusted:
             named, named_port = trusted.get_trusted_client_address(
@@ -575,6 +588,35 @@ def _client_of(transport: asyncio.Transport, config: Config, scope: Scope) -> st
             if named:
                 host, port = named, named_port
     return f"{host}:{port}"
+
+
+def _trusts_proxy(transport: asyncio.Transport, config: Config) -> bool:
+    """Whether uvicorn believes the ``X-Forwarded-*`` headers of this connection's peer
+    (``ProxyHeadersMiddleware``: its address in ``forwarded_allow_ips``)."""
+    if not config.proxy_headers:
+        return False
+    peer = transport.get_extra_info("peername")
+    return (peer[0] if isinstance(peer, tuple) else None) in _trusted_hosts_of(config)
+
+
+FORWARDED_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+"""What ``ProxyHeadersMiddleware`` takes from ``X-Forwarded-Proto`` (else the socket's)."""
+
+
+def forwarded_scheme(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The scheme a proxy's ``X-Forwarded-Proto`` names, read as uvicorn reads it: its
+    last such header, if that is a scheme it takes."""
+    named = None
+    for name, value in headers:
+        if name == b"x-forwarded-proto":
+            named = value
+    scheme = named.decode("latin-1").strip() if named is not None else None
+    return scheme if scheme in FORWARDED_SCHEMES else None
+
+
+def _trusted_hosts_of(config: Config) -> _TrustedHosts:
+    allowed = config.forwarded_allow_ips
+    return _trusted_hosts(tuple(allowed) if isinstance(allowed, list) else allowed)
 
 
 @functools.lru_cache(maxsize=4)

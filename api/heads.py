@@ -55,16 +55,18 @@ def scope_of(
     path: str,
     url: Any,
     headers: list[tuple[bytes, bytes]],
+    scheme: str,
     http_version: str = "1.1",
 ) -> dict[str, Any]:
     """The ASGI scope of a request served on the connection (no root path): what the
     app's functions read, as uvicorn would have built it. ``url`` is
-    ``httptools.parse_url``'s answer; ``path`` its path, percent-decoded."""
+    ``httptools.parse_url``'s answer; ``path`` its path, percent-decoded; ``scheme``
+    the connection's, or a trusted proxy's (``BrokerHttpProtocol.scheme_of``)."""
     return {
         "type": "http",
         "http_version": http_version,
         "method": method,
-        "scheme": "http",
+        "scheme": scheme,
         "path": path,
         "raw_path": url.path,
         "query_string": url.query or b"",

@@ -97,7 +97,7 @@ class IngestHead:
 
 
 def ingest_head_of(
-    head: RequestHead, parser: httptools.HttpRequestParser, app: Any
+    head: RequestHead, parser: httptools.HttpRequestParser, app: Any, scheme: str
 ) -> IngestHead | None:
     """The head of a streaming ingest served lean, or None for uvicorn to serve."""
     post = topic_post_of(head, parser)
@@ -107,7 +107,7 @@ def ingest_head_of(
     chunked, size, content_type = framing
     if media_type_of(content_type.decode("latin-1")) not in ((NDJSON, None), (NDJSON, "utf-8")):
         return None  # (another charset: the app answers 415)
-    return IngestHead(post.scope_for(app), chunked, size, parser.should_keep_alive())
+    return IngestHead(post.scope_for(app, scheme), chunked, size, parser.should_keep_alive())
 
 
 def _framing_of(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int, bytes] | None:
@@ -136,10 +136,10 @@ def _framing_of(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int, bytes] |
     return False, int(size), content_type
 
 
-def ingest_request(data: bytes, app: Any) -> IngestHead | None:
+def ingest_request(data: bytes, app: Any, scheme: str = "http") -> IngestHead | None:
     """``ingest_head_of`` the head at the start of ``data`` (for tests)."""
     parsed = parse_head(data)
-    return None if parsed is None else ingest_head_of(*parsed, app)
+    return None if parsed is None else ingest_head_of(*parsed, app, scheme)
 
 
 # -- the body's framing ----------------------------------------------------------------------

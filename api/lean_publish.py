@@ -81,7 +81,7 @@ class PublishHead:
 
 
 def publish_head_of(
-    head: RequestHead, parser: httptools.HttpRequestParser, app: Any
+    head: RequestHead, parser: httptools.HttpRequestParser, app: Any, scheme: str
 ) -> PublishHead | None:
     """The head of a publish served lean, or None for uvicorn to serve."""
     post = topic_post_of(head, parser)
@@ -95,7 +95,8 @@ def publish_head_of(
         return None  # the app refuses these before the body (413, 415) or streams it
     if size > LEAN_BODY_BYTES:
         return None  # (authorized before its body is read: see LEAN_BODY_BYTES)
-    return PublishHead(post.scope_for(app), size, content_type, parser.should_keep_alive())
+    scope = post.scope_for(app, scheme)
+    return PublishHead(scope, size, content_type, parser.should_keep_alive())
 
 
 @dataclass(slots=True)
@@ -107,9 +108,9 @@ class TopicPost:
     topic: str
     headers: list[tuple[bytes, bytes]]
 
-    def scope_for(self, app: Any) -> dict[str, Any]:
+    def scope_for(self, app: Any, scheme: str) -> dict[str, Any]:
         """The ASGI scope the app's functions read, as uvicorn and the router build it."""
-        scope = scope_of("POST", self.path, self.url, self.headers)
+        scope = scope_of("POST", self.path, self.url, self.headers, scheme)
         return scope | {"app": app, "path_params": {"topic": self.topic}}
 
 
@@ -145,10 +146,10 @@ def _framing_of(headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes] | None:
     return int(size), content_type
 
 
-def publish_request(data: bytes, app: Any) -> PublishHead | None:
+def publish_request(data: bytes, app: Any, scheme: str = "http") -> PublishHead | None:
     """``publish_head_of`` the head at the start of ``data`` (for tests)."""
     parsed = parse_head(data)
-    return None if parsed is None else publish_head_of(*parsed, app)
+    return None if parsed is None else publish_head_of(*parsed, app, scheme)
 
 
 @dataclass(slots=True)

@@ -238,18 +238,20 @@ class _LastChunk:
 SHARED_CHUNKS = _LastChunk()
 
 
-def stream_request(data: bytes, app: Any) -> tuple[Request, dict[str, StartFrom]] | None:
+def stream_request(
+    data: bytes, app: Any, scheme: str = "http"
+) -> tuple[Request, dict[str, StartFrom]] | None:
     """The request and where its topics start, if ``data`` is a stream request we serve:
     a complete, valid HTTP/1.1 (or 1.0) GET with no body. Else None."""
     parsed = parse_head(data)
-    return None if parsed is None else stream_request_of(*parsed, app)
+    return None if parsed is None else stream_request_of(*parsed, app, scheme)
 
 
 def stream_request_of(
-    head: RequestHead, parser: httptools.HttpRequestParser, app: Any
+    head: RequestHead, parser: httptools.HttpRequestParser, app: Any, scheme: str
 ) -> tuple[Request, dict[str, StartFrom]] | None:
     """``stream_request`` of a head already parsed."""
-    scope = _scope_of(head, parser)
+    scope = _scope_of(head, parser, scheme)
     if scope is None:
         return None
     topic = routes.stream_topic(scope)
@@ -263,7 +265,9 @@ def stream_request_of(
         return None
 
 
-def _scope_of(head: RequestHead, parser: httptools.HttpRequestParser) -> dict[str, Any] | None:
+def _scope_of(
+    head: RequestHead, parser: httptools.HttpRequestParser, scheme: str
+) -> dict[str, Any] | None:
     try:
         url = httptools.parse_url(head.url)
         path = unquote(url.path.decode("ascii"))
@@ -274,7 +278,7 @@ def _scope_of(head: RequestHead, parser: httptools.HttpRequestParser) -> dict[st
     bodyless = all(name not in BODY_HEADERS for name, _ in head.headers)
     if not (head.complete and plain and bodyless):
         return None
-    return scope_of("GET", path, url, head.headers, version)
+    return scope_of("GET", path, url, head.headers, scheme, version)
 
 
 def is_http_1_0(request: Request) -> bool:

@@ -172,8 +172,8 @@ def test_the_pages_may_not_be_framed(
 ) -> None:
     """Framed by a page of the same site, /docs let a visitor's clicks on "Try it out"
     close a topic with the visitor's cookie (its requests come from the broker's own
-    origin: no Origin check applies). No page may frame either page, not even one of
-    the broker's own origin."""
+    origin, which the Origin check lets through). No page may frame either page, not
+    even one of the broker's own origin."""
     browser.navigate(face_broker.url + "/healthz")
     assert browser.evaluate(FRAME % {"path": json.dumps(path)}) is False
     response = httpx.get(face_broker.url + path, timeout=10)
@@ -783,3 +783,35 @@ def test_the_live_page_says_when_it_needs_a_token(
     note = "document.getElementById('topics-note').textContent"
     browser.wait_for(f"{note}.includes('401')", what="the expired token to be refused")
     assert browser.evaluate(note).startswith("Refused: this needs a valid token")
+
+
+def test_the_live_page_publishes_with_the_cookie(
+    auth_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """The page publishes by same-origin fetch, the token in the cookie: the forgery
+    check takes it as the broker's own page (Chromium names the page's origin on a
+    POST, same-origin too), as text and as JSON, and the events are stored."""
+    topic = f"face.cookie-publish.{uuid.uuid4().hex[:8]}"
+    browser.set_cookie("broker_token", hs_token(claims(publish=[topic])), auth_broker.url)
+    browser.navigate(auth_broker.url + "/")
+    result = "document.getElementById('publish-result').textContent"
+    for kind, data in (("text", "plain words"), ("json", '{"via": "form"}')):
+        browser.evaluate(
+            f"document.getElementById('publish-topic').value = {json.dumps(topic)};"
+            f"document.querySelector('input[name=publish-kind][value={kind}]').checked = true;"
+            f"document.getElementById('publish-data').value = {json.dumps(data)};"
+            "document.getElementById('publish-result').textContent = '';"
+            "document.querySelector('#publish-form button[type=submit]').click()"
+        )
+        shown = browser.wait_for(result, what=f"the {kind} publish to be answered")
+        assert shown.startswith("Stored"), shown
+    history = httpx.get(
+        f"{auth_broker.url}/topics/{topic}/events?from=earliest",
+        headers={
+            "Accept": "application/json",
+            "Authorization": f"Bearer {hs_token(claims(subscribe=[topic]))}",
+        },
+        timeout=10,
+    )
+    assert history.status_code == 200, history.text
+    assert [event["data"] for event in history.json()["events"]] == ["plain words", {"via": "form"}]

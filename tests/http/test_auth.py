@@ -45,6 +45,8 @@ def auth_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
         "BROKER_CORS_ORIGINS": f"{APP_ORIGIN}, https://other.test",
         "BROKER_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
         "BROKER_ACCESS_LOG": "true",
+        # (uvicorn's default, stated: the tests are the trusted proxy, X-Forwarded-Proto)
+        "FORWARDED_ALLOW_IPS": "127.0.0.1",
     }
     process = BrokerProcess(redis_url=redis_server.url, env=env).start()
     yield process
@@ -238,8 +240,8 @@ async def test_each_token_source(auth_broker: BrokerProcess, source: str, route:
     headers, query = {}, ""
     if source == "bearer":
         headers = bearer(token)
-    elif source == "cookie":
-        headers = {"Cookie": f"theme=dark; broker_token={token}"}
+    elif source == "cookie":  # (as the broker's own page sends it: a publish names its origin)
+        headers = {"Cookie": f"theme=dark; broker_token={token}", "Origin": auth_broker.url}
     else:
         query = f"?from=earliest&access_token={token}"
     url, path = auth_broker.url, f"/topics/{topic}/events{query}"
@@ -586,38 +588,143 @@ async def test_a_token_under_an_encoded_parameter_name_is_not_logged(
         assert part not in log, "a part of a token is in the log"
 
 
+# -- cookie publishes: cross-site request forgery ------------------------------------------
+
+COOKIE_ROUTES = ["publish-lean", "publish-by-app", "ingest-lean", "close", "delete"]
+OWN = "<the broker's own origin>"
+
+
+def _change_of(route: str, topic: str) -> tuple[str, list[str], bytes]:
+    """A change to ``topic`` by ``route``: its request line, framing headers and body."""
+    events = f"POST /topics/{topic}/events HTTP/1.1"
+    if route == "publish-lean":  # (a short text/plain body: served on the connection)
+        return events, ["Content-Type: text/plain", "Content-Length: 5"], b"hello"
+    if route == "publish-by-app":  # (chunked: uvicorn's request cycle and the app serve it)
+        framing = ["Content-Type: application/json", "Transfer-Encoding: chunked"]
+        return events, framing, b'b\r\n{"data": 1}\r\n0\r\n\r\n'
+    if route == "ingest-lean":
+        line = b'{"data": 1}\n'
+        return events, ["Content-Type: application/x-ndjson", f"Content-Length: {len(line)}"], line
+    if route == "close":
+        return f"POST /topics/{topic}/close HTTP/1.1", ["Content-Length: 0"], b""
+    assert route == "delete"
+    return f"DELETE /topics/{topic} HTTP/1.1", [], b""
+
+
+async def cookie_change(
+    broker: BrokerProcess, route: str, headers: dict[str, str], host: str | None = None
+) -> Answer:
+    """``route``'s change to a topic of its own, authorized by the cookie alone, its
+    ``Host`` ``host`` (else the broker's address)."""
+    topic = await _topic_with_an_event(broker.url)
+    token = hs_token(claims(publish=[topic], subscribe=[topic]))
+    request_line, framing, body = _change_of(route, topic)
+    lines = [
+        request_line,
+        f"Host: {host or f'127.0.0.1:{broker.port}'}",
+        f"Cookie: broker_token={token}",
+        *framing,
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    head = "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n"
+    return await _finish(await raw_request(broker.url, raw_head=head + body))
+
+
+def assert_refused_as_forgery(answer: Answer) -> None:
+    assert_forbidden(answer)
+    assert "Authorization header" in str(answer.problem["detail"]), answer.problem
+
+
+@pytest.mark.parametrize("route", COOKIE_ROUTES)
 @pytest.mark.parametrize(
-    ("origin", "expected"),
+    ("sent", "allowed"),
     [
-        ("https://evil.example", 403),  # another site's page, riding the user's cookie
-        (APP_ORIGIN, 201),  # a listed origin
-        (None, 201),  # no Origin: not a browser's cross-site request
-        ("same", 201),  # the broker's own pages (the live page publishes)
+        ({"Origin": "https://evil.example"}, False),  # another site's page, riding the cookie
+        ({"Origin": APP_ORIGIN}, True),  # a listed origin
+        ({"Origin": OWN}, True),  # the broker's own pages (the live page publishes)
+        ({"Origin": "null"}, False),  # a sandboxed frame, a redirect across sites
+        # No Origin: browsers send one with every publish, so this is no browser's, or a
+        # browser's whose Origin something (a proxy, an extension) removed; the cookie
+        # may be any visitor's.
+        ({}, False),
+        ({"Sec-Fetch-Site": "cross-site"}, False),
+        ({"Sec-Fetch-Site": "same-site"}, False),  # (another origin of the same site)
+        ({"Sec-Fetch-Site": "same-origin"}, True),  # none, but the browser says it is ours
+        # The Origin decides when there is one: the broker's own is same-origin, whatever
+        # else is said, and another's is refused.
+        ({"Origin": OWN, "Sec-Fetch-Site": "cross-site"}, True),
+        ({"Origin": "https://evil.example", "Sec-Fetch-Site": "same-origin"}, False),
     ],
 )
 async def test_a_cookie_publishes_only_from_a_listed_or_the_brokers_own_origin(
-    auth_broker: BrokerProcess, origin: str | None, expected: int
+    auth_broker: BrokerProcess, route: str, sent: dict[str, str], allowed: bool
 ) -> None:
     """Cross-site request forgery: a browser sends the broker's cookie with a form or a
-    plain fetch from any site (no preflight for text/plain). A publish, a close or a
-    delete by cookie from an origin neither listed nor the broker's own is refused."""
-    topic = await _topic_with_an_event(auth_broker.url)
-    cookie = {"Cookie": f"broker_token={hs_token(claims(publish=[topic], subscribe=[topic]))}"}
-    if origin == "same":
-        origin = auth_broker.url
-    headers = cookie | ({"Origin": origin} if origin else {})
-    body = b"hello"
-    sent = headers | {"Content-Type": "text/plain", "Content-Length": str(len(body))}
-    url = f"{auth_broker.url}/topics/{topic}"
-    answer = await _finish(await raw_request(f"{url}/events", "POST", headers=sent, body=body))
-    assert answer.status == expected, answer.body
-    closing = headers | {"Content-Length": "0"}
-    answer = await _finish(await raw_request(f"{url}/close", "POST", headers=closing))
-    assert answer.status == expected, answer.body
-    # The same from another site with the token in a header is not forgery: allowed.
-    if expected == 403:
-        token = bearer(hs_token(claims(publish=[topic])))
-        assert (await publish(auth_broker.url, topic, token | {"Origin": origin})).status == 201
+    plain fetch from any site (no preflight for text/plain). A publish (every form), a
+    close or a delete by cookie from an origin neither listed nor the broker's own is
+    refused, and so is one that names no origin at all."""
+    headers = {k: auth_broker.url if v == OWN else v for k, v in sent.items()}
+    answer = await cookie_change(auth_broker, route, headers)
+    if allowed:
+        assert answer.status in (200, 201, 204), (answer.status, answer.body)
+    else:
+        assert_refused_as_forgery(answer)
+
+
+async def test_a_publish_from_another_site_with_the_token_in_a_header_is_no_forgery(
+    auth_broker: BrokerProcess,
+) -> None:
+    """No other site's page can add the header: any origin may publish with it."""
+    topic = new_topic("auth")
+    token = bearer(hs_token(claims(publish=[topic])))
+    for headers in ({"Origin": "https://evil.example"}, {}):
+        assert (await publish(auth_broker.url, topic, token | headers)).status == 201
+
+
+@pytest.mark.parametrize("route", COOKIE_ROUTES)
+@pytest.mark.parametrize(
+    ("host", "forwarded_proto", "origin", "allowed"),
+    [
+        # Behind a proxy ending TLS that the broker trusts (uvicorn believes the
+        # X-Forwarded-Proto of 127.0.0.1): the page's scheme must be the request's.
+        ("broker.test", "https", "https://broker.test", True),
+        ("broker.test:443", "https", "https://broker.test", True),  # (443: https's default)
+        ("broker.test", "https", "http://broker.test", False),  # a page served in the clear
+        ("broker.test", "https", "https://broker.test:8443", False),  # another port
+        # In the clear: 80 is http's default port, any other is another origin.
+        ("broker.test", None, "http://broker.test", True),
+        ("broker.test:80", None, "http://broker.test", True),
+        ("broker.test:8080", None, "http://broker.test", False),
+        ("broker.test", None, "http://other.test", False),
+        # The broker sees http, the page is on https: a TLS proxy it does not trust
+        # (FORWARDED_ALLOW_IPS) says nothing it believes. Its own page, taken.
+        ("broker.test", None, "https://broker.test", True),
+        ("broker.test", "http", "https://broker.test", True),
+        ("broker.test:8080", None, "https://broker.test:8080", True),
+        ("broker.test:8080", None, "https://broker.test", False),
+    ],
+)
+async def test_the_brokers_own_origin_is_its_scheme_host_and_port(
+    auth_broker: BrokerProcess,
+    route: str,
+    host: str,
+    forwarded_proto: str | None,
+    origin: str,
+    allowed: bool,
+) -> None:
+    """A page's origin is the broker's own only with the scheme, host and port the
+    request was sent to. The host alone let a page of ``http://broker.test``, which
+    anyone on its way can rewrite, publish with the cookie of ``https://broker.test``,
+    and refused ``broker.test:443`` named with its port. On every path: a lean publish
+    or ingest took its scheme as http whatever the proxy said."""
+    headers = {"Origin": origin}
+    if forwarded_proto is not None:
+        headers["X-Forwarded-Proto"] = forwarded_proto
+    answer = await cookie_change(auth_broker, route, headers, host=host)
+    if allowed:
+        assert answer.status in (200, 201, 204), (answer.status, answer.body)
+    else:
+        assert_refused_as_forgery(answer)
 
 
 # -- a streaming ingest outliving its token ------------------------------------------------------

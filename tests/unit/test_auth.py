@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from api.auth import OPEN, Authorizer, TopicPatterns, redact_tokens, token_of
+from api.auth import OPEN, Authorizer, TopicPatterns, is_own_origin, redact_tokens, token_of
 from api.keys import FixedKey, algorithms_for, hmac_algorithms, keys_of
 from api.problems import Forbidden, Unauthorized
-from tests.support.tokens import SECRET, KeyPair, hs_token
+from tests.support.tokens import SECRET, KeyPair, claims, hs_token
 
 
 def scope(headers: dict[str, str] | None = None, query: str = "") -> dict[str, Any]:
@@ -155,3 +155,105 @@ def test_the_leeway_allows_skew_on_exp_and_nbf_and_ends_streams_that_much_later(
     monkeypatch.setattr(time, "time", lambda: now + 2.0)
     with pytest.raises(Unauthorized, match="expired"):
         lenient.check(late, "subscribe", ["a"])
+
+
+# -- a publish by cookie: whose page it comes from --------------------------------------------
+
+
+def _scope_sent_to(
+    host: str, scheme: str = "http", headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A request's scope: its Host, the scheme uvicorn gave it, more headers."""
+    return scope({"Host": host} | (headers or {})) | {"scheme": scheme}
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "scheme", "own"),
+    [
+        ("http://broker.test", "broker.test", "http", True),
+        ("http://broker.test", "broker.test:80", "http", True),
+        ("https://broker.test", "broker.test:443", "https", True),
+        ("https://broker.test:8443", "broker.test:8443", "https", True),
+        ("http://[::1]:8000", "[::1]:8000", "http", True),
+        ("http://BROKER.test", "broker.TEST", "http", True),  # (host names have no case)
+        ("http://broker.test", "broker.test", "https", False),  # a page in the clear
+        ("http://broker.test", "broker.test:8000", "http", False),
+        ("http://[::1]:8000", "[::1]:8001", "http", False),
+        ("http://broker.test.evil", "broker.test", "http", False),
+        # Only an origin as a browser writes it: no path, no user, a port that is a number.
+        ("http://broker.test/", "broker.test", "http", False),
+        ("http://user@broker.test", "broker.test", "http", False),
+        ("http://broker.test:http", "broker.test", "http", False),
+        ("ftp://broker.test", "broker.test", "http", False),
+        ("null", "broker.test", "http", False),
+        # A Host that names no place: never the page's (the host alone took "null" with no
+        # Host as the broker's own: both ""); one with a user in it is not its host.
+        ("null", "", "http", False),
+        ("http://broker.test", "", "http", False),
+        ("http://broker.test", "evil@broker.test", "http", False),
+        ("http://broker.test", "broker.test/x", "http", False),
+        ("https://broker.test", "broker.test", "wss", False),  # (no scheme of a page's)
+    ],
+)
+def test_the_brokers_own_origin(origin: str, host: str, scheme: str, own: bool) -> None:
+    assert is_own_origin(origin, _scope_sent_to(host, scheme)) is own
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "own"),
+    [
+        ("https://broker.test", "broker.test", True),  # (443: the page's scheme's port)
+        ("https://broker.test:8443", "broker.test:8443", True),
+        ("https://broker.test", "broker.test:80", False),
+        ("https://broker.test:8443", "broker.test", False),
+    ],
+)
+def test_a_page_on_https_is_the_brokers_own_when_the_broker_sees_http(
+    origin: str, host: str, own: bool
+) -> None:
+    """Behind a proxy ending TLS that uvicorn does not trust (FORWARDED_ALLOW_IPS), the
+    scope says http whatever the browser used: the broker's own https page is taken;
+    the reverse, an http page for a broker seen on https, never is."""
+    assert is_own_origin(origin, _scope_sent_to(host, "http")) is own
+
+
+def _cookie_publish(headers: dict[str, str], scheme: str = "http") -> dict[str, Any]:
+    """A publish to ``t`` by cookie, sent to broker.test."""
+    cookie = {"Cookie": f"broker_token={hs_token(claims(publish=['t']))}"}
+    return _scope_sent_to("broker.test", scheme, cookie | headers)
+
+
+@pytest.mark.parametrize(
+    ("headers", "allowed"),
+    [
+        ({"Origin": "http://broker.test"}, True),
+        ({"Origin": "https://app.test"}, True),  # (listed)
+        ({"Origin": "https://evil.test"}, False),
+        ({}, False),
+        ({"Sec-Fetch-Site": "same-origin"}, True),
+        ({"Sec-Fetch-Site": "same-site"}, False),
+        ({"Sec-Fetch-Site": "cross-site"}, False),
+        ({"Sec-Fetch-Site": "none"}, False),
+        ({"Origin": "https://evil.test", "Sec-Fetch-Site": "same-origin"}, False),
+    ],
+)
+def test_a_publish_by_cookie_comes_from_a_page_of_the_broker_or_a_listed_origin(
+    headers: dict[str, str], allowed: bool
+) -> None:
+    authorizer = Authorizer(FixedKey.secret(SECRET), cors_origins=["https://app.test"])
+    sent = _cookie_publish(headers)
+    if allowed:
+        authorizer.check(sent, "publish", ["t"])
+        return
+    with pytest.raises(Forbidden, match="Authorization header"):
+        authorizer.check(sent, "publish", ["t"])
+
+
+def test_a_refusal_says_which_origin_the_broker_took_for_its_own() -> None:
+    """Behind a proxy the broker does not trust, or one that rewrites Host, the answer
+    tells an operator what the broker saw."""
+    sent = _cookie_publish({"Origin": "http://broker.test"}, "https")
+    with pytest.raises(Forbidden, match=r"broker's own \(https://broker\.test\)"):
+        Authorizer(FixedKey.secret(SECRET)).check(sent, "publish", ["t"])
+    with pytest.raises(Forbidden, match="without an Origin header"):
+        Authorizer(FixedKey.secret(SECRET)).check(_cookie_publish({}), "publish", ["t"])

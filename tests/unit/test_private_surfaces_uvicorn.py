@@ -350,3 +350,44 @@ def test_proxy_headers_trusted_hosts_read_x_forwarded_for() -> None:
         "127.0.0.1,::1",
         "127.0.0.1",
     )
+
+
+PROXY_PEER = "127.0.0.1"
+FORWARDED_PROTOS = [[], [b"https"], [b"http"], [b" https "], [b"HTTPS"], [b"ftp"], [b"wss"]]
+FORWARDED_PROTOS += [[b"http", b"https"], [b"https", b"http"], [b"https", b"ftp"]]  # (several)
+
+
+@pytest.mark.parametrize("peer", [PROXY_PEER, "203.0.113.9"])
+@pytest.mark.parametrize("named", FORWARDED_PROTOS)
+async def test_a_lean_request_has_the_scheme_proxy_headers_middleware_gives(
+    peer: str, named: list[bytes]
+) -> None:
+    """``api/connections.py`` gives a lean publish's scope the scheme uvicorn's
+    ProxyHeadersMiddleware gives a request of the app: the cookie forgery check compares
+    a page's origin with it on both paths (the lean ones said http behind any proxy)."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    headers = [(b"x-forwarded-proto", value) for value in named]
+    seen: dict[str, str] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["scheme"] = scope["scheme"]
+
+    asgi_scope = {"type": "http", "scheme": "http", "client": (peer, 5000), "headers": headers}
+    await ProxyHeadersMiddleware(app, trusted_hosts=PROXY_PEER)(asgi_scope, None, None)  # type: ignore[arg-type]
+
+    class Transport:
+        def get_extra_info(self, name: str) -> Any:
+            return {"peername": (peer, 5000)}.get(name)
+
+    config = Config(app=None, proxy_headers=True, forwarded_allow_ips=PROXY_PEER)
+    protocol = BrokerHttpProtocol(config, ServerState(), {})
+    protocol.connection_made(Transport())  # type: ignore[arg-type]
+    try:
+        assert protocol.scheme_of(headers) == seen["scheme"], changed(
+            "uvicorn.middleware.proxy_headers.ProxyHeadersMiddleware",
+            CONNECTIONS,
+            "the scheme a trusted proxy's X-Forwarded-Proto gives a request",
+        )
+    finally:
+        protocol.connection_lost(None)
