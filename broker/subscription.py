@@ -636,8 +636,12 @@ class Subscription:
 
         Only a topic still at that origin, with nothing queued or to judge, moves: a
         log's entries that came meanwhile are delivered from the origin it holds. A
-        store that cannot answer now is asked again at the clock's next tick."""
-        self._origins_due = False
+        store that cannot answer now is asked again at the clock's next tick.
+
+        Due until the store answered or failed: cleared before, a tick that came during
+        a read that then failed found it set (its wake-up, of a busy consumer, lost),
+        and the clock never looked at the stream again (review: a Redis stall, and a
+        page that stayed open was told ``unknown`` a TTL later, for nothing)."""
         asked_at = time.monotonic()
         assert self._origins is not None  # (due: some origin was held)
         topics = self._origins.due(self._positions, asked_at)
@@ -645,6 +649,8 @@ class Subscription:
             states = await asyncio.gather(*(self._store.state(topic) for topic in topics))
         except StoreUnavailable:
             return b""
+        finally:
+            self._origins_due = False
         queued = {entry.topic for entry in self._pending}
         moved = False
         for topic, state in zip(topics, states, strict=True):

@@ -30,7 +30,9 @@
  *   deliver (its start, a later origin of a topic with no log) comes as a
  *   broker.position event, kept as the place like an event's id (and told to no
  *   callback). A page at a topic with no log keeps the broker's time then, and
- *   is told (onGap, "unknown") if it comes back after a log came and expired.
+ *   is told (onGap, "unknown") if it comes back after a log came and expired
+ *   (and, Redis keeping nothing of an expired key, if it comes back a TTL or more
+ *   later with nothing published: the broker cannot tell the two apart).
  * - broker.gap and broker.end are surfaced (onGap, onEnd); the stream stops at
  *   broker.end (a multi-topic stream, /events?topic=a&topic=b, at the end of each
  *   of its topics; a topic's "deleted" gap ends it too), and a later page that

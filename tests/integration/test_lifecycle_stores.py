@@ -18,6 +18,7 @@ import pytest
 
 from broker import Broker, BrokerLimits, NewEvent, TopicInfo
 from broker import constants as c
+from broker.errors import StoreUnavailable
 from broker.ids import EventId
 from broker.model import IngestLines
 from broker.policy import TopicPolicy
@@ -27,7 +28,7 @@ from tests.integration.test_topologies import Reader
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
 from tests.support.redis_topologies import RedisClusterGroup, SentinelGroup
-from tests.support.sse import PushConsumer, last_event_id
+from tests.support.sse import PushConsumer, last_event_id, parse_events
 
 TTL_SECONDS = 1.0
 EXPIRY_DEADLINE_S = 4.0
@@ -266,6 +267,60 @@ async def test_an_event_that_comes_while_an_origin_is_refreshed_is_sent_with_it(
         assert not subscription._pending
     finally:
         store.state = read_state  # type: ignore[method-assign]
+        subscription.close()
+        await broker.close()
+
+
+@pytest.mark.parametrize("pushed", [True, False], ids=["pushed", "pulled"])
+async def test_later_origins_go_on_after_a_slow_read_for_one_failed(
+    redis_server: RedisServer, pushed: bool
+) -> None:
+    """A later origin's read that fails after the clock looked again meanwhile (a Redis
+    stall): the look found the stream already due, its wake-up (of a busy consumer)
+    was lost, and the stream was sent no later origin again (review: a page that stayed
+    open at a quiet topic was told ``unknown`` a TTL later, for nothing). Pushed (the
+    lean edge) and pulled (the ASGI edge), with positions asked for."""
+    store = open_store(redis_server.url, topic_ttl_seconds=2)  # (the clock looks every 0.25 s)
+    broker = Broker(store, limits=BrokerLimits(heartbeat_seconds=30))
+    await broker.start()
+    topic, read_state = f"x-{uuid.uuid4().hex[:12]}", store.state
+    failures: list[float] = []
+
+    async def state_failing_once_slowly(name: str, *args: Any, **kwargs: Any) -> Any:
+        if not failures and len(positions()) >= 2:  # (a later origin's read)
+            failures.append(time.monotonic())
+            await asyncio.sleep(0.6)  # (the clock looks twice meanwhile)
+            raise StoreUnavailable("a stall")
+        return await read_state(name, *args, **kwargs)
+
+    if pushed:
+        consumer = PushConsumer()
+        subscription = await broker.subscribe({topic: "now"}, sink=consumer, positions=True)
+        reader: Any = consumer.start(subscription)
+    else:
+        subscription = await broker.subscribe({topic: "now"}, positions=True)
+        reader = subscription.chunks()
+    sent: list[bytes] = []
+
+    async def read() -> None:
+        async for chunk in reader:
+            sent.append(chunk)
+
+    def positions() -> list[str]:
+        events = parse_events(b"".join(sent))
+        return [str(e.id) for e in events if e.event == c.POSITION_EVENT]
+
+    reading = asyncio.create_task(read())
+    try:
+        store.state = state_failing_once_slowly  # type: ignore[method-assign]
+        await await_until(lambda: failures, timeout=10, what="a later origin's read fails")
+        told = len(positions())
+        await await_until(
+            lambda: len(positions()) >= told + 2, timeout=5, what="later origins again"
+        )
+    finally:
+        store.state = read_state  # type: ignore[method-assign]
+        reading.cancel()
         subscription.close()
         await broker.close()
 
