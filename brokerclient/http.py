@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import quote
 
 import httpx
@@ -85,6 +86,42 @@ def idempotency_key_of(key: str | None) -> str:
     if IDEMPOTENCY_KEY.fullmatch(key) is None:
         raise ValueError(f"an idempotency key is 1 to 200 printable ASCII characters: {key!r}")
     return key
+
+
+Token: TypeAlias = str | Callable[[], str | None] | None
+"""A sync client's ``token=``: a JWT, or a callable returning the current one (None or
+"": no token), asked for each request, as its token may have expired meanwhile."""
+AsyncToken: TypeAlias = str | Callable[[], str | Awaitable[str | None] | None] | None
+"""An async client's ``token=``: ``Token``, or a callable returning an awaitable (an
+``async def``)."""
+
+
+def token_now(token: Token) -> str | None:
+    """The token to send now: ``token`` itself, or what its callable returns."""
+    if not callable(token):
+        return token
+    return _checked_token(token())
+
+
+async def async_token_now(token: AsyncToken) -> str | None:
+    """``token_now`` for an async client: a callable's awaitable is awaited."""
+    if not callable(token):
+        return token
+    value = token()
+    if inspect.isawaitable(value):
+        value = await value
+    return _checked_token(value)
+
+
+def _checked_token(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"the token callable returned {type(value).__name__}, not a str or None")
+    return value
+
+
+def refreshes(token: object) -> bool:
+    """Whether a 401 may be tried again: the token is a callable, which may give a new one."""
+    return callable(token)
 
 
 def base_headers(token: str | None) -> dict[str, str]:

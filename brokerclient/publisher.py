@@ -9,6 +9,11 @@ A streaming ingest (``stream``) sends the events as ``application/x-ndjson``,
 one line each, stored as they arrive. Its lines sent so far are kept, so a retry
 can send the whole stream again under the same key (the broker stores line n
 under key K:n, so nothing is stored twice) and then go on with the rest.
+
+``token`` may be a callable returning the current token: it is asked at each
+attempt, and a 401 is tried once more at once with a token asked anew (the same
+key: a stream refused as its token expired goes on from where it was). A token
+refused twice in a row raises ``RequestFailed``.
 """
 
 from __future__ import annotations
@@ -34,13 +39,18 @@ from brokerclient.errors import Unreachable
 from brokerclient.http import (
     DEFAULT_URL,
     RETRY_STATUSES,
+    AsyncToken,
     PublishResult,
     RetryPolicy,
+    Token,
+    async_token_now,
     base_headers,
     checked_url,
     idempotency_key_of,
     publish_result,
+    refreshes,
     retry_after,
+    token_now,
     topic_path,
 )
 
@@ -104,6 +114,24 @@ class _Attempts:
         self.policy, self.what, self.key, self.failures = policy, what, key, 0
         self._lines = 0  # the most lines any attempt took from the stream's iterator
         self._since = time.monotonic()  # (when the attempt under way began)
+        self._refused = False  # an attempt was answered 401, and none got further since
+
+    def refused(self, token_refreshes: bool, lines: int | None) -> bool:
+        """Whether to try again at once after a 401: with a token that may be refreshed
+        (a callable), unless it was refused twice in a row. A stream's attempt that got
+        further (lines no attempt had taken, for ``STREAM_WORKED_S``) on its fresh token
+        before that one expired too is no refusal in a row: its lines are bounded, and a
+        token refused at once is never tried a third time."""
+        lasted = time.monotonic() - self._since
+        if lines is not None and lines > self._lines and lasted >= STREAM_WORKED_S:
+            self._refused = False
+        self._lines = max(self._lines, lines or 0)
+        if not token_refreshes or self._refused:
+            return False
+        self._refused = True
+        self._since = time.monotonic()
+        log.info("%s: 401; trying once more with a fresh token", self.what)
+        return True
 
     def failed(
         self,
@@ -141,14 +169,15 @@ class Publisher:
     """Publishes to a broker over HTTP (blocking). Use as a context manager, or ``close()``.
 
     ``url`` is the broker's base URL (behind a load balancer: the balancer's);
-    ``token`` a JWT sent as ``Authorization: Bearer``.
+    ``token`` a JWT sent as ``Authorization: Bearer``, or a callable returning the
+    current one, asked at each attempt (and once more after a 401).
     """
 
     def __init__(
         self,
         url: str = DEFAULT_URL,
         *,
-        token: str | None = None,
+        token: Token = None,
         retry: RetryPolicy | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         client: httpx.Client | None = None,
@@ -156,7 +185,7 @@ class Publisher:
         self.retry = retry or RetryPolicy()
         self._client = client or httpx.Client(base_url=checked_url(url), timeout=timeout)
         self._own_client = client is None  # (a client passed in is the caller's to close)
-        self._headers = base_headers(token)
+        self._token = token
 
     def publish(
         self,
@@ -225,9 +254,9 @@ class Publisher:
         """POST, retried under one Idempotency-Key; ``body`` bytes, or a stream's lines
         (sent afresh by each attempt: the lines sent already, then the rest)."""
         key = idempotency_key_of(key)
-        headers = self._headers_for(content_type, key)
         attempts = _Attempts(self.retry, f"{what} to {topic}", key)
         while True:
+            headers = _headers_for(token_now(self._token), content_type, key)
             content = body if isinstance(body, bytes) else body.replay_then_rest()
             try:
                 response = self._client.post(
@@ -242,10 +271,11 @@ class Publisher:
                     attempts.failed(f"{response.status_code}", hinted, _taken(body), answered=True)
                 )
                 continue
+            if response.status_code == 401 and attempts.refused(
+                refreshes(self._token), _taken(body)
+            ):
+                continue
             return publish_result(response, key)
-
-    def _headers_for(self, content_type: str, key: str) -> dict[str, str]:
-        return self._headers | {"Content-Type": content_type, "Idempotency-Key": key}
 
     def close(self) -> None:
         if self._own_client:
@@ -271,7 +301,7 @@ class AsyncPublisher:
         self,
         url: str = DEFAULT_URL,
         *,
-        token: str | None = None,
+        token: AsyncToken = None,
         retry: RetryPolicy | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         client: httpx.AsyncClient | None = None,
@@ -279,7 +309,7 @@ class AsyncPublisher:
         self.retry = retry or RetryPolicy()
         self._client = client or httpx.AsyncClient(base_url=checked_url(url), timeout=timeout)
         self._own_client = client is None  # (a client passed in is the caller's to close)
-        self._headers = base_headers(token)
+        self._token = token
 
     async def publish(
         self,
@@ -348,9 +378,9 @@ class AsyncPublisher:
     ) -> PublishResult:
         """``Publisher._send``, awaited."""
         key = idempotency_key_of(key)
-        headers = self._headers_for(content_type, key)
         attempts = _Attempts(self.retry, f"{what} to {topic}", key)
         while True:
+            headers = _headers_for(await async_token_now(self._token), content_type, key)
             content = body if isinstance(body, bytes) else body.replay_then_rest()
             try:
                 response = await self._client.post(
@@ -365,10 +395,11 @@ class AsyncPublisher:
                     attempts.failed(f"{response.status_code}", hinted, _taken(body), answered=True)
                 )
                 continue
+            if response.status_code == 401 and attempts.refused(
+                refreshes(self._token), _taken(body)
+            ):
+                continue
             return publish_result(response, key)
-
-    def _headers_for(self, content_type: str, key: str) -> dict[str, str]:
-        return self._headers | {"Content-Type": content_type, "Idempotency-Key": key}
 
     async def aclose(self) -> None:
         if self._own_client:
@@ -384,6 +415,10 @@ class AsyncPublisher:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _headers_for(token: str | None, content_type: str, key: str) -> dict[str, str]:
+    return base_headers(token) | {"Content-Type": content_type, "Idempotency-Key": key}
 
 
 def _taken(body: bytes | _SentLines | _AsyncSentLines) -> int | None:

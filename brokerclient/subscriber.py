@@ -15,7 +15,11 @@
   when the broker answers 204 (the topic is closed and there is nothing left);
 - an error answer that another try cannot change (400, 401, 403, 404) raises
   ``RequestFailed``; ``give_up_after`` seconds without a working connection raise
-  ``Unreachable`` (None: keep trying, as ``EventSource`` does).
+  ``Unreachable`` (None: keep trying, as ``EventSource`` does);
+- ``token`` may be a callable returning the current token, asked at each connection:
+  the broker ends a stream when its token expires, and the reconnect sends a fresh
+  one. A 401 is then tried once more at once, with the callable asked again (the
+  cursor kept: nothing lost or repeated); refused twice in a row, it raises.
 """
 
 from __future__ import annotations
@@ -37,12 +41,17 @@ from brokerclient.errors import RequestFailed, Unreachable
 from brokerclient.http import (
     DEFAULT_URL,
     RETRY_STATUSES,
+    AsyncToken,
+    Token,
+    async_token_now,
     base_headers,
     checked_url,
     doubled,
     failure,
     json_of,
+    refreshes,
     stream_path,
+    token_now,
     topic_path,
 )
 from brokerclient.sse import POSITION, Event, SseDecoder
@@ -76,6 +85,7 @@ class _Resume:
     retry_hint_ms: int | None = None
     started: bool = field(default=False)
     topics_ended: set[str] = field(default_factory=set)  # by a broker.end, or a deleted gap
+    refused_last: bool = False  # the last attempt was answered 401 (and no stream since)
 
     def all_ended(self) -> bool:
         """Each topic has ended (a multi-topic stream goes on past one topic's end)."""
@@ -145,6 +155,24 @@ class _Resume:
         does not: ``give_up_after`` still counts)."""
         self.started = True
         self.connected_at = time.monotonic()
+        self.refused_last = False
+
+    def after_error_answer(self, error: Exception, token_refreshes: bool) -> float:
+        """The delay before trying again after an error answer, or the error raised.
+
+        A 502/503/504 is a failure as any other; a 401 with a token that may be
+        refreshed (a callable) is tried again at once, unless the attempt before was
+        refused too (a token refused twice in a row raises: never a loop). The cursor
+        stays as it is: nothing is lost or repeated across the refresh."""
+        if isinstance(error, _Retryable):
+            return self.failed(str(error))
+        if not isinstance(error, RequestFailed) or error.status != 401:
+            raise error
+        if not token_refreshes or self.refused_last:
+            raise error
+        self.refused_last = True
+        log.info("subscription to %s: 401; trying once more with a fresh token", self.topics)
+        return 0.0  # (at once: a fresh token is no reason to wait)
 
     def _working(self) -> None:
         self.failures, self.failing_since = 0, None
@@ -266,6 +294,9 @@ class AsyncSubscriber:
     so a program can store it and resume from it later. Close it (``async with``,
     or ``aclose()``), as any async generator holding a connection: one left to the
     garbage collector as the event loop ends is closed too late, and asyncio says so.
+
+    ``token``: a JWT, or a callable returning the current one (a plain function, or
+    an ``async def``), asked at each connection and once more after a 401.
     """
 
     def __init__(
@@ -275,7 +306,7 @@ class AsyncSubscriber:
         *,
         last_event_id: str | None = None,
         from_earliest: bool = False,
-        token: str | None = None,
+        token: AsyncToken = None,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         give_up_after: float | None = None,
         client: httpx.AsyncClient | None = None,
@@ -303,11 +334,13 @@ class AsyncSubscriber:
         while not self._closed:
             try:
                 resume.attempting()
+                token = await async_token_now(self._token)  # (once an attempt)
                 if resume.needs_start_point():
-                    resume.start_at({t: await self._topic_last_id(t) for t in resume.topics})
+                    last_ids = {t: await self._topic_last_id(t, token) for t in resume.topics}
+                    resume.start_at(last_ids)
                 # (closed with this generator: left suspended, the response in it was
                 # closed by asyncio at exit, concurrently with this one, and failed)
-                async with contextlib.aclosing(self._connection()) as connection:
+                async with contextlib.aclosing(self._connection(token)) as connection:
                     async for item in connection:
                         if item is None:
                             return
@@ -321,13 +354,13 @@ class AsyncSubscriber:
                 if isinstance(error, RuntimeError):
                     raise
                 delay = resume.failed(repr(error))
-            except _Retryable as error:
-                delay = resume.failed(str(error))
+            except (_Retryable, RequestFailed) as error:
+                delay = resume.after_error_answer(error, refreshes(self._token))
             await asyncio.sleep(delay)
 
-    async def _connection(self) -> AsyncGenerator[Event | None, None]:
+    async def _connection(self, token: str | None) -> AsyncGenerator[Event | None, None]:
         """One connection's events; a None means the topic is closed (204): stop."""
-        path, params, headers = self._resume.request(self._token)
+        path, params, headers = self._resume.request(token)
         timeout = self._resume.attempt_timeout(self._client.timeout)
         async with self._client.stream(
             "GET", path, params=params, headers=headers, timeout=timeout
@@ -346,10 +379,10 @@ class AsyncSubscriber:
                     yield event
                 self._resume.read(decoder)
 
-    async def _topic_last_id(self, topic: str) -> str | None:
+    async def _topic_last_id(self, topic: str, token: str | None) -> str | None:
         response = await self._client.get(
             topic_path(topic, ""),
-            headers=base_headers(self._token),
+            headers=base_headers(token),
             timeout=self._resume.attempt_timeout(self._client.timeout),
         )
         return _last_id_of(response)
@@ -375,7 +408,8 @@ class AsyncSubscriber:
 
 
 class Subscriber:
-    """``AsyncSubscriber`` for blocking code: ``for event in subscriber``."""
+    """``AsyncSubscriber`` for blocking code: ``for event in subscriber``; a callable
+    ``token`` is a plain function (called in the iterating thread)."""
 
     def __init__(
         self,
@@ -384,7 +418,7 @@ class Subscriber:
         *,
         last_event_id: str | None = None,
         from_earliest: bool = False,
-        token: str | None = None,
+        token: Token = None,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         give_up_after: float | None = None,
         client: httpx.Client | None = None,
@@ -410,9 +444,10 @@ class Subscriber:
         while not self._closed:
             try:
                 resume.attempting()
+                token = token_now(self._token)  # (once an attempt)
                 if resume.needs_start_point():
-                    resume.start_at({t: self._topic_last_id(t) for t in resume.topics})
-                for item in self._connection():
+                    resume.start_at({t: self._topic_last_id(t, token) for t in resume.topics})
+                for item in self._connection(token):
                     if item is None:
                         return
                     yield item
@@ -425,12 +460,12 @@ class Subscriber:
                 if isinstance(error, RuntimeError):
                     raise
                 delay = resume.failed(repr(error))
-            except _Retryable as error:
-                delay = resume.failed(str(error))
+            except (_Retryable, RequestFailed) as error:
+                delay = resume.after_error_answer(error, refreshes(self._token))
             time.sleep(delay)
 
-    def _connection(self) -> Iterator[Event | None]:
-        path, params, headers = self._resume.request(self._token)
+    def _connection(self, token: str | None) -> Iterator[Event | None]:
+        path, params, headers = self._resume.request(token)
         timeout = self._resume.attempt_timeout(self._client.timeout)
         with self._client.stream(
             "GET", path, params=params, headers=headers, timeout=timeout
@@ -454,10 +489,10 @@ class Subscriber:
             finally:
                 self._reading = None
 
-    def _topic_last_id(self, topic: str) -> str | None:
+    def _topic_last_id(self, topic: str, token: str | None) -> str | None:
         response = self._client.get(
             topic_path(topic, ""),
-            headers=base_headers(self._token),
+            headers=base_headers(token),
             timeout=self._resume.attempt_timeout(self._client.timeout),
         )
         return _last_id_of(response)

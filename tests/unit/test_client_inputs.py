@@ -77,3 +77,43 @@ def test_the_clients_idempotency_key_rule_is_the_brokers() -> None:
     from brokerclient.http import IDEMPOTENCY_KEY
 
     assert IDEMPOTENCY_KEY.pattern == c.IDEMPOTENCY_KEY_PATTERN.pattern
+
+
+def _refusing(sent: list[httpx.Request]) -> httpx.MockTransport:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(401, json={"title": "Unauthorized"})
+
+    return httpx.MockTransport(refuse)
+
+
+@pytest.mark.parametrize("token", ["plain", lambda: "asked"], ids=["str", "callable"])
+def test_a_subscriber_refused_401_tries_again_only_with_a_callable_and_only_once(
+    token: object,
+) -> None:
+    """A string token refused is refused for good: one request, as before. A callable is
+    asked again for one more try; refused again, it raises (never a loop)."""
+    sent: list[httpx.Request] = []
+    client = httpx.Client(base_url="http://b.test", transport=_refusing(sent))
+    subscriber = Subscriber("orders", client=client, from_earliest=True, token=token)  # type: ignore[arg-type]
+    with subscriber, pytest.raises(RequestFailed) as refused:
+        next(iter(subscriber))
+    assert refused.value.status == 401
+    assert [r.headers["authorization"] for r in sent] == (
+        ["Bearer plain"] if token == "plain" else ["Bearer asked", "Bearer asked"]
+    )
+
+
+async def test_a_publisher_refused_401_with_a_string_token_sends_once() -> None:
+    sent: list[httpx.Request] = []
+    async with httpx.AsyncClient(base_url="http://b.test", transport=_refusing(sent)) as client:
+        with pytest.raises(RequestFailed):
+            await AsyncPublisher(client=client, token="plain").publish("t", 1)
+    assert [r.headers["authorization"] for r in sent] == ["Bearer plain"]
+
+
+def test_a_token_callable_that_returns_no_string_is_a_type_error() -> None:
+    client = httpx.Client(base_url="http://b.test", transport=httpx.MockTransport(_never))
+    with Publisher(client=client, token=lambda: b"bytes") as publisher:  # type: ignore[arg-type,return-value]
+        with pytest.raises(TypeError, match="not a str"):
+            publisher.publish("t", 1)
