@@ -512,15 +512,18 @@ class RedisStreamStore:
             if node_index >= len(nodes):
                 break
             step = scan_cursor
-            scan_cursor, keys = await self._call(
-                nodes[node_index].scan(step, match=pattern, count=scan_count)
+            room = limit - len(names)
+            # (the step a page before ended in is taken whole again, as that page took it)
+            fits = room if after is None else c.LIST_SCAN_COUNT * 16
+            scan_cursor, found = await self._scan_step(
+                nodes[node_index], step, pattern, scan_count, fits, shown
             )
-            found = [name for name in map(_topic_of_meta, keys) if name is not None and shown(name)]
+            if len(found) > room and names and after is None:
+                return names, f"{node_index}:{step}"  # (the next page takes that step)
             if after is not None:  # the step the page before ended in: go on after it
                 found = found[found.index(after) + 1 :] if after in found else found
                 after = None
-            room = limit - len(names)
-            if len(found) > room:
+            if len(found) > room:  # (one SCAN step alone past the page's limit)
                 names += found[:room]
                 return names, f"{node_index}:{step}:{names[-1]}"
             names += found
@@ -529,6 +532,34 @@ class RedisStreamStore:
             if len(names) >= limit:
                 break
         return names, (f"{node_index}:{scan_cursor}" if node_index < len(nodes) else None)
+
+    async def _scan_step(
+        self,
+        node: Any,
+        step: int,
+        pattern: str,
+        count: int,
+        room: int,
+        shown: Callable[[str], bool],
+    ) -> tuple[int, list[str]]:
+        """One SCAN step from ``step``: its next cursor and the topics it found that
+        ``shown`` lets through. A step that finds more than the page has ``room`` for is
+        taken again from ``step`` with a quarter of the COUNT, down to 1, so that the
+        page can end where a step ends (and one that still finds too many is left to
+        the next page): SCAN's promise holds from a cursor it returned. Ended inside a
+        step (that step taken again by the next page, which went on after the page's
+        last topic), a page relied on the step finding the same keys in the same
+        order: Redis rehashing its keyspace between the two pages (keys added or
+        expired meanwhile) reorders them, and a topic there all along was skipped
+        (seen in the HTTP suite; about 1 listing in 40 of 12 topics, 5 a page, with
+        the keyspace grown between two pages). Only a single step with more topics
+        than a whole page is still split so."""
+        while True:
+            following, keys = await self._call(node.scan(step, match=pattern, count=count))
+            found = [name for name in map(_topic_of_meta, keys) if name is not None and shown(name)]
+            if len(found) <= room or count == 1:
+                return following, found  # (count 1: the caller ends the page before it)
+            count = max(count // 4, 1)
 
     async def _with_states(self, names: list[str]) -> list[tuple[str, LogState]]:
         states = await asyncio.gather(*(self.state(name) for name in names))

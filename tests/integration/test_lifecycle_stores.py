@@ -441,6 +441,41 @@ async def test_a_listing_paged_while_others_list_and_topics_expire_skips_nothing
         await broker.close()
 
 
+async def test_a_listing_paged_while_redis_rehashes_its_keyspace_skips_nothing(
+    private_redis: RedisServer, redis_admin: Any
+) -> None:
+    """Keys added between two pages make Redis grow (rehash) its keyspace, which
+    reorders the keys a SCAN step finds. A page that ended inside a step had the next
+    take that step again and go on after the page's last topic, by its place there:
+    a topic there all along was skipped (about 1 listing in 40 of these: this failed
+    6 runs in 6 before the fix; seen in the HTTP suite, whose Redis other tests' keys
+    fill and empty). A hundred listings of twelve topics in pages of five, each with
+    the keyspace grown after its first page."""
+    broker = Broker(open_store(private_redis.url))
+    await broker.start()
+    admin = redis_admin
+    try:
+        for listing in range(100):
+            await admin.flushall()
+            await admin.mset({f"filler:{n}": 1 for n in range(50)})
+            prefix = f"r{listing}-{uuid.uuid4().hex[:6]}-"
+            names = [f"{prefix}{n:02}" for n in range(12)]
+            for name in names:
+                await broker.publish(name, [NewEvent(data="1")])
+            seen, cursor = [], None
+            for page_number in range(100):
+                page, cursor = await broker.list_topics(prefix, cursor, limit=5)
+                assert len(page) <= 5
+                seen += [info.topic for info in page]
+                if cursor is None:
+                    break
+                if page_number == 0:
+                    await admin.mset({f"more:{listing}:{n}": 1 for n in range(120)})
+            assert sorted(set(seen)) == names, (listing, sorted(set(names) - set(seen)))
+    finally:
+        await broker.close()
+
+
 # -- many short-lived topics ------------------------------------------------------
 
 
