@@ -403,7 +403,10 @@ async def test_listing_topics_by_prefix_with_pages(http_broker: BrokerProcess) -
         else:
             raise AssertionError("listing never ended")
         by_name = {t["topic"]: t for t in seen}
-        assert len(by_name) == len(seen) and sorted(by_name) == names[:1] + names[2:]
+        # Every topic, none skipped; perhaps one twice (SCAN's own promise, and the
+        # README's: Redis shrinking its keyspace's table between pages, keys of the
+        # suite's other tests expiring, gives a key again).
+        assert sorted(by_name) == names[:1] + names[2:], seen
         for name, listed in by_name.items():
             assert set(listed) == {"topic", "length", "last_id", "closed"}
             assert listed["closed"] == (name == names[0])
