@@ -28,7 +28,7 @@ from broker.ids import MAX_CURSOR_ENTRY
 from broker.redis_open import check_redis_url
 
 ENV_PREFIX = "BROKER_"
-CLIENT_VARIABLES = frozenset({"BROKER_URL", "BROKER_TOKEN"})
+CLIENT_VARIABLES = frozenset({"BROKER_URL", "BROKER_TOKEN", "BROKER_TOKEN_FILE"})
 """The command-line client's settings: known to ``broker serve``, and ignored by it."""
 KEY_SETTINGS = ("jwt_secret", "jwt_public_key", "jwt_jwks_url")
 # Upper bounds: a huge value (1e308) was a traceback at start, or a broker that ran and

@@ -10,8 +10,10 @@ Exit codes, for scripts:
 - 3: the broker could not be reached (or kept answering 503) in the time allowed.
 
 ``--url`` defaults to ``BROKER_URL`` (else http://127.0.0.1:8000), ``--token`` to
-``BROKER_TOKEN``. The commands are registered on ``broker``'s parser by
-``api.cli`` (see ``add_client_commands``); nothing here imports ``api``.
+``BROKER_TOKEN``, ``--token-file`` to ``BROKER_TOKEN_FILE`` (a file read again at each
+connection: a token that something outside renews, a mounted secret). The commands
+are registered on ``broker``'s parser by ``api.cli`` (see ``add_client_commands``);
+nothing here imports ``api``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from brokerclient.http import Token
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_GIVE_UP_SECONDS = 60.0
@@ -43,6 +48,12 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     common.add_argument("--url", default=None, help=url_help)
     common.add_argument(
         "--token", default=None, help="a JWT, sent as a Bearer token (BROKER_TOKEN)"
+    )
+    common.add_argument(
+        "--token-file",
+        default=None,
+        help="a file holding the JWT, read again at each connection, so that `tail` goes "
+        "on past a token's expiry once the file holds a new one (BROKER_TOKEN_FILE)",
     )
     _publish_parser(commands, common)
     _tail_parser(commands, common)
@@ -97,8 +108,28 @@ def _url(args: argparse.Namespace) -> str:
         raise UsageError(f"--url {url!r}: give it with http:// or https://") from None
 
 
-def _token(args: argparse.Namespace) -> str | None:
-    return args.token or os.environ.get("BROKER_TOKEN") or None
+def _token(args: argparse.Namespace) -> Token:
+    """The token given (``--token``), or a callable reading the token file at each
+    connection (``--token-file``): the clients ask a callable again for each one."""
+    token = args.token or os.environ.get("BROKER_TOKEN") or None
+    path = args.token_file or os.environ.get("BROKER_TOKEN_FILE") or None
+    if token and path:
+        raise UsageError("give --token or --token-file, not both")
+    if path is None:
+        return token
+    _read_token_file(path)  # (a file that cannot be read is told at once, not at a reconnect)
+    return lambda: _read_token_file(path)
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as file:
+            token = file.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--token-file {path!r}: {error}") from None
+    if not token:
+        raise UsageError(f"--token-file {path!r} is empty")
+    return token
 
 
 def _guarded(command: Command) -> Command:
@@ -235,9 +266,10 @@ def run_tail(args: argparse.Namespace) -> int:
 def run_topics(args: argparse.Namespace) -> int:
     import httpx
 
-    from brokerclient.http import base_headers
+    from brokerclient.http import base_headers, token_now
 
-    with httpx.Client(base_url=_url(args), timeout=10.0, headers=base_headers(_token(args))) as c:
+    headers = base_headers(token_now(_token(args)))
+    with httpx.Client(base_url=_url(args), timeout=10.0, headers=headers) as c:
         for topic in _topic_pages(c, args.prefix):
             _emit(topic)
     return EXIT_OK

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
@@ -242,3 +243,20 @@ def test_text_from_stdin_loses_its_last_line_ending_crlf_too(face_broker: Broker
         f"{face_broker.url}/topics/{topic}/events", headers={"Accept": "application/json"}
     ).json()["events"]
     assert [e["data"] for e in history] == ["a", "b", "c\r\n", "d"]
+
+
+def test_a_token_file_that_cannot_be_used_is_a_usage_error(
+    face_broker: BrokerProcess, tmp_path: Path
+) -> None:
+    """Told at once, before any request: a file missing or empty, or a token given twice."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    cases = [
+        (["--token-file", str(tmp_path / "missing")], "missing"),
+        (["--token-file", str(empty)], "is empty"),
+        (["--token-file", str(empty), "--token", "t"], "not both"),
+    ]
+    for options, said in cases:
+        for command in (["tail", "cli.token-file"], ["topics"], ["publish", "cli.token-file", "1"]):
+            answer = broker(*command, *options, url=face_broker.url)
+            assert answer.returncode == 2 and said in answer.stderr, (command, answer.stderr)

@@ -5,11 +5,15 @@ the client goes on with a fresh one, from where it was."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import queue
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,7 +30,7 @@ from brokerclient import (
     Subscriber,
     event,
 )
-from tests.support.broker_process import BrokerProcess
+from tests.support.broker_process import BROKER_BIN, BrokerProcess
 from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer
 from tests.support.tokens import JWT_SETTINGS, claims, hs_token
@@ -319,3 +323,36 @@ def test_a_stream_whose_token_expires_midway_goes_on_with_a_fresh_one_storing_ea
 
 def _stored(url: str, topic: str) -> int:
     return len(_history_ids(url, topic))
+
+
+def test_tail_reads_its_token_file_again_at_each_connection(
+    auth_broker: BrokerProcess, tmp_path: Path
+) -> None:
+    """``broker tail --token-file``: the file is read at each connection, so a tail goes
+    on past its token's exp once something renewed the file (a mounted secret), from
+    where it was."""
+    topic = _topic()
+    short = hs_token(claims(subscribe=[topic], expires_in=SHORT_S))
+    token_file = tmp_path / "token"
+    token_file.write_text(short + "\n")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    command = [str(BROKER_BIN), "tail", topic, "--from", "earliest", "--url", auth_broker.url]
+    tail = subprocess.Popen(
+        [*command, "--token-file", str(token_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+    )  # fmt: skip
+    with Publisher(auth_broker.url, token=_publisher_token(topic)) as publisher:
+        try:
+            assert tail.stdout is not None
+            first = publisher.publish(topic, "before").first_id
+            assert json.loads(tail.stdout.readline())["id"] == first
+            token_file.write_text(hs_token(claims(subscribe=[topic])))  # renewed outside
+            wait_until(lambda: time.time() > _exp(short) + 1, timeout=WAIT_S, what="the exp")
+            second = publisher.publish(topic, "after", close=True).first_id
+            out, err = tail.communicate(timeout=WAIT_S)
+        finally:
+            tail.kill()
+    assert tail.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [(e["id"], e["data"]) for e in events[:1]] == [(second, '"after"')], err
+    assert [e["event"] for e in events[1:]] == ["broker.end"], events
