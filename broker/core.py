@@ -53,11 +53,16 @@ class TopicInfo:
 
 
 def _info(topic: str, state: LogState) -> TopicInfo:
+    """``last_id``: the newest id the log issued, even if retention removed it since. A
+    log that retention emptied said null, and a client that took null for "no event
+    yet" and resumed such a topic from the origin was told ``trimmed`` of events it
+    never asked for (review); after its newest id, it is told nothing."""
+    newest = state.last_issued
     return TopicInfo(
         topic=topic,
         length=state.length,
         first_id=state.event_id(state.first) if state.first else None,
-        last_id=state.event_id(state.last_entry) if state.last_entry else None,
+        last_id=state.event_id(newest) if newest != (0, 0) else None,
         closed=state.end is not None,
     )
 

@@ -132,7 +132,13 @@ def base_headers(token: str | None) -> dict[str, str]:
 
 
 def topic_path(topic: str, suffix: str = "/events") -> str:
-    return f"/topics/{quote(topic, safe='')}{suffix}"
+    """The path of a topic's route. A topic named ``.`` or ``..`` (valid names) has its
+    dots sent encoded: as they are, a URL's dot segments, httpx took ``/topics/..`` for
+    ``/`` (the live page) and ``/topics/.`` for ``/topics`` (the listing)."""
+    name = quote(topic, safe="")
+    if topic in (".", ".."):
+        name = name.replace(".", "%2E")
+    return f"/topics/{name}{suffix}"
 
 
 def stream_path(topics: Sequence[str]) -> tuple[str, httpx.QueryParams]:

@@ -176,8 +176,12 @@
     return stream.searchParams.has("from") || stream.searchParams.has("last_event_id");
   }
 
+  function decodedName(segment) {
+    try { return decodeURIComponent(segment); } catch (malformed) { return segment; }
+  }
+
   // GET /topics/{t} of each topic of a stream that starts from now, by topic (a
-  // single-topic stream's under SINGLE); else null.
+  // single-topic stream's under SINGLE), with the name its answer must carry; else null.
   var SINGLE = "";
   function topicInfoUrls(url) {
     if (namesItsStart(url)) { return null; }
@@ -185,11 +189,14 @@
     var single = /^(.*\/topics\/[^/]+)\/events$/.exec(stream.pathname);
     var multi = /^(.*\/)events$/.exec(stream.pathname);
     var paths = {};
+    var names = {};
     if (single) {
       paths[SINGLE] = single[1];
+      names[SINGLE] = decodedName(single[1].split("/").pop());
     } else if (multi) {
       stream.searchParams.getAll("topic").forEach(function (topic) {
         paths[topic] = multi[1] + "topics/" + encodeURIComponent(topic);
+        names[topic] = topic;
       });
     }
     var token = stream.searchParams.get("access_token");
@@ -197,25 +204,33 @@
     Object.keys(paths).forEach(function (topic) {
       var info = new URL(paths[topic], stream.href);
       if (token) { info.searchParams.set("access_token", token); }
-      urls[topic] = info.href;
+      urls[topic] = { url: info.href, name: names[topic] };
     });
     return Object.keys(urls).length ? urls : null;
   }
 
   // Where the topic ends now, {end, closed}: end is its newest id, EARLIEST if it has
   // none, null if unknown; closed, whether that is its broker.end (the stream is over).
-  function topicEnd(infoUrl, withCredentials) {
+  // Only the broker's own answers count: its 404 problem, and this topic's info (a proxy's
+  // 404 page, or a topic named "." or ".." whose URL the browser took for the listing's
+  // or the page's, was taken for "no event yet", and the history replayed).
+  function topicEnd(infoUrl, name, withCredentials) {
     var init = {
       headers: { Accept: "application/json" },
       credentials: withCredentials ? "include" : "same-origin",
     };
+    var unknown = { end: null, closed: false };
     return global.fetch(infoUrl, init).then(function (response) {
-      if (response.status === 404) { return { end: EARLIEST, closed: false }; }
-      if (!response.ok) { return { end: null, closed: false }; }
+      var type = response.headers.get("content-type") || "";
+      if (response.status === 404 && type.indexOf("application/problem+json") === 0) {
+        return { end: EARLIEST, closed: false };
+      }
+      if (!response.ok) { return unknown; }
       return response.json().then(function (topic) {
+        if (!topic || topic.topic !== name) { return unknown; }
         return { end: topic.last_id || EARLIEST, closed: Boolean(topic.closed && topic.last_id) };
       });
-    }).catch(function () { return { end: null, closed: false }; });
+    }).catch(function () { return unknown; });
   }
 
   // The place of a stream that starts from now: {place, closed}. place is where its
@@ -224,7 +239,9 @@
   // EventSource); closed, the topics whose end is their broker.end.
   function startOf(infoUrls, withCredentials) {
     var topics = Object.keys(infoUrls).sort();
-    var asked = topics.map(function (topic) { return topicEnd(infoUrls[topic], withCredentials); });
+    var asked = topics.map(function (topic) {
+      return topicEnd(infoUrls[topic].url, infoUrls[topic].name, withCredentials);
+    });
     return Promise.all(asked).then(function (ends) {
       var closed = topics.filter(function (topic, n) { return ends[n].closed; });
       if (ends.some(function (found) { return !found.end; })) { return { place: null, closed: [] }; }

@@ -815,3 +815,41 @@ def test_the_live_page_publishes_with_the_cookie(
     )
     assert history.status_code == 200, history.text
     assert [event["data"] for event in history.json()["events"]] == ["plain words", {"via": "form"}]
+
+
+# A proxy before the broker that answers GET /topics/{t} with a 404 page of its own.
+PROXYS_404_FOR_TOPIC_INFO = """
+(function () {
+  var fetch = window.fetch;
+  window.fetch = function (url, init) {
+    if (/\\/topics\\/[^/?]+([?]|$)/.test(String(url))) {
+      return Promise.resolve(new Response("<h1>Not Found</h1>",
+        {status: 404, headers: {"Content-Type": "text/html"}}));
+    }
+    return fetch.call(window, url, init);
+  };
+})();
+"""
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["one-topic", "two-topics"])
+def test_a_stream_from_now_takes_only_the_brokers_404_for_no_event_yet(
+    face_broker: BrokerProcess, browser: Chromium, multi: bool
+) -> None:
+    """Asked where a topic ends, a proxy's own 404 page (not the broker's problem) was
+    taken for "no event yet": the stream "from now" replayed the topic's history. It is
+    no answer: the stream starts from now, as a plain EventSource."""
+    topic = f"face.proxy404.{uuid.uuid4().hex[:8]}"
+    other = f"face.proxy404.{uuid.uuid4().hex[:8]}"
+    url = f"/events?topic={topic}&topic={other}" if multi else f"/topics/{topic}/events"
+    browser.run_on_every_load(PROXYS_404_FOR_TOPIC_INFO)
+    with Publisher(face_broker.url) as publisher:
+        publisher.publish(topic, "before")  # before the stream: not for it
+        open_client_page(browser, face_broker, url)
+        browser.wait_for(
+            "window.__stream && window.__stream.source && window.__stream.source.readyState === 1",
+            what="the helper's stream to open",
+        )
+        publisher.publish(topic, "after")
+        wait_received(browser, 1, "the event published after it opened")
+    assert [json.loads(e["data"]) for e in page_received(browser)] == ["after"]

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -275,6 +276,22 @@ async def test_an_async_subscriber_on_a_client_with_query_parameters_keeps_its_o
     assert seen == [(None, '"first"'), ("broker.end", "{}")]
 
 
+class PublishAsTheStreamIsRequested:
+    """An httpx request hook: publishes ``data`` to ``topic`` when the subscriber asks
+    for its stream, after it asked where its topics end (``published``: the id)."""
+
+    def __init__(self, publisher: Publisher, topic: str, data: str) -> None:
+        self.publisher, self.topic, self.data = publisher, topic, data
+        self.published: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> None:
+        if request.headers.get("accept") == "text/event-stream" and not self.published:
+            self.published.append(self.publisher.publish(self.topic, self.data).first_id or "")
+
+    async def in_async(self, request: httpx.Request) -> None:
+        await asyncio.to_thread(self, request)
+
+
 @pytest.mark.parametrize("several", [False, True], ids=["one topic", "two"])
 def test_a_subscriber_from_now_starts_where_its_topics_ended_when_it_asked(
     face_broker: BrokerProcess, several: bool
@@ -287,13 +304,8 @@ def test_a_subscriber_from_now_starts_where_its_topics_ended_when_it_asked(
     topics = [_topic("asked-a"), _topic("asked-b")][: 2 if several else 1]
     with Publisher(face_broker.url) as publisher:
         publisher.publish(topics[0], "before")  # before it asked: not for it
-        published: list[str] = []
-
-        def publish_as_the_stream_is_requested(request: httpx.Request) -> None:
-            if request.headers.get("accept") == "text/event-stream" and not published:
-                published.append(publisher.publish(topics[-1], "between"))
-
-        hooks = {"request": [publish_as_the_stream_is_requested]}
+        between = PublishAsTheStreamIsRequested(publisher, topics[-1], "between")
+        hooks = {"request": [between]}
         with (
             httpx.Client(base_url=face_broker.url, event_hooks=hooks, timeout=10) as client,
             Subscriber(topics, client=client, give_up_after=10) as sub,
@@ -302,7 +314,7 @@ def test_a_subscriber_from_now_starts_where_its_topics_ended_when_it_asked(
             first = next(received)
             publisher.publish(topics[0], "after")
             second = next(received)
-    assert published, "the stream was never requested"
+    assert between.published, "the stream was never requested"
     assert [(first.topic, first.data), (second.topic, second.data)] == [
         (topics[-1], '"between"'),
         (topics[0], '"after"'),
@@ -836,3 +848,69 @@ def test_a_publisher_refuses_an_event_type_with_a_lone_surrogate_before_sending(
             publisher.publish_text(topic, "x", event="\ud800")
     assert not isinstance(refused.value, UnicodeEncodeError)
     assert httpx.get(f"{face_broker.url}/topics/{topic}").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def aging_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    """Events of ``aged.*`` topics kept 1 s (read by age: the log stays, emptied)."""
+    policies = '[{"pattern": "aged.*", "max_age_seconds": 1}]'
+    process = BrokerProcess(redis_url=redis_server.url, env={"BROKER_TOPIC_POLICIES": policies})
+    process.start()
+    yield process
+    process.close()
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+def test_a_subscriber_from_now_of_a_topic_retention_emptied_is_told_nothing(
+    aging_broker: BrokerProcess, sync: bool
+) -> None:
+    """A topic whose log retention emptied said ``last_id`` null: a multi-topic
+    subscription "from now" put it at the origin in the cursor it began with, and was
+    told ``trimmed`` first, of events it never asked for (review)."""
+    aged, other = _topic("aged").replace("face.", "aged."), _topic("other")
+    with Publisher(aging_broker.url) as publisher:
+        publisher.publish(aged, "old")
+        wait_until(
+            lambda: httpx.get(f"{aging_broker.url}/topics/{aged}", timeout=5).json()["length"] == 0,
+            timeout=10,
+            what="the event to age out",
+        )
+
+        new = PublishAsTheStreamIsRequested(publisher, aged, "new")
+        if sync:
+            hooks: dict[str, Any] = {"request": [new]}
+            with (
+                httpx.Client(base_url=aging_broker.url, event_hooks=hooks, timeout=10) as client,
+                Subscriber([aged, other], client=client, give_up_after=10) as sub,
+            ):
+                first = next(iter(sub))
+        else:
+
+            async def first_event() -> Event:
+                hooks = {"request": [new.in_async]}
+                async with (
+                    httpx.AsyncClient(base_url=aging_broker.url, event_hooks=hooks) as client,
+                    AsyncSubscriber([aged, other], client=client, give_up_after=10) as sub,
+                ):
+                    return await asyncio.wait_for(sub.__aiter__().__anext__(), 10)
+
+            first = asyncio.run(first_event())
+    assert (first.event, first.topic, first.data) == (None, aged, '"new"'), first
+    assert f"{aged}~{new.published[0]}" in str(first.id).split("!")
+
+
+def test_topics_named_with_dots_alone_are_reached(face_broker: BrokerProcess) -> None:
+    """``.`` and ``..`` are topic names; as a URL's dot segments, httpx sent their
+    routes to ``/topics`` (the listing) and ``/`` (the live page): a publish failed, and
+    a subscription "from now" replayed history or failed."""
+    with Publisher(face_broker.url) as publisher:
+        for topic in (".", ".."):
+            publisher.publish(topic, "before")  # not for the subscription below
+        after = PublishAsTheStreamIsRequested(publisher, "..", "after")
+        with (
+            httpx.Client(base_url=face_broker.url, event_hooks={"request": [after]}) as client,
+            Subscriber([".", ".."], client=client, give_up_after=10) as sub,
+        ):
+            first = next(iter(sub))
+    assert (first.topic, first.data) == ("..", '"after"'), first
+    assert f"..~{after.published[0]}" in str(first.id).split("!")

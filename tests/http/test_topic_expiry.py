@@ -162,6 +162,35 @@ async def test_max_age_holds_for_a_topic_nobody_publishes_to(policy_broker: Brok
         assert info["length"] == 0 and info["first_id"] is None, info
 
 
+async def test_a_log_retention_emptied_says_its_newest_id_and_resumes_there_untold(
+    policy_broker: BrokerProcess,
+) -> None:
+    """``GET /topics/{t}`` of a log retention emptied says the newest id it issued: it said
+    null, and a client that took that for "no event yet" and resumed the topic from the
+    origin (the Python subscriber's cursor for a multi-topic stream "from now") was told
+    ``trimmed`` of events it never asked for. After that id, nothing is told."""
+    topic, other = f"aged:{new_topic()}", new_topic()
+    async with httpx.AsyncClient(base_url=policy_broker.url, timeout=10) as client:
+        ids = await publish_many(client, topic, ["old 1", "old 2"])
+
+        async def aged_out() -> bool:
+            return (await client.get(f"/topics/{topic}")).json()["length"] == 0
+
+        await await_until(aged_out, timeout=4, what="the events age out", interval=0.2)
+        info = (await client.get(f"/topics/{topic}")).json()
+        assert (info["first_id"], info["last_id"]) == (None, ids[-1]), info
+        cursor = f"{topic}~{info['last_id']}!{other}~0.0-0"
+        params = [("topic", topic), ("topic", other), ("positions", "true")]
+        async with SseStream(
+            client, "/events", params=params, headers={"Last-Event-ID": cursor}
+        ) as stream:
+            start = await stream.next()
+            assert start.event == "broker.position", start  # and no gap before it
+            [after] = await publish_many(client, topic, ["new"])
+            event = await stream.next()
+            assert (event.data, f"{topic}~{after}" in event.id.split("!")) == ('"new"', True)
+
+
 # -- a client at the origin (no log yet) and a whole log that expired meanwhile -----------
 
 
