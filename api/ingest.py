@@ -37,7 +37,7 @@ import orjson
 from starlette.types import Receive
 
 from api.auth import OPEN, Grant
-from api.problems import DrainedMidBody, HttpProblem, StoreLostMidBody, Unauthorized
+from api.problems import DrainedMidBody, HttpProblem, StoreLostMidBody, TokenLapsedMidIngest
 from broker import (
     Broker,
     EventId,
@@ -180,7 +180,7 @@ class Ingest:
         if why is not None:
             stored = f"{self.result.count} line(s) stored before it" if self.result.count else ""
             detail = f"{why} during the ingest" + (f": {stored}" if stored else "")
-            raise Unauthorized(detail, token_given=True)
+            raise TokenLapsedMidIngest(detail, token_given=True)
 
     def _parse(self, number: int, line: bytes) -> NewEvent:
         try:

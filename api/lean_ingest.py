@@ -20,8 +20,10 @@ it. Deliberate likenesses to uvicorn, so that a client sees one behaviour:
   closing with unread bytes would reset the connection, and the client might
   lose the answer. But a 503 (the store failed) closes the connection on both
   routes (``Connection: close``): the producer, still sending, learns at once
-  and resends (``api.problems.StoreLostMidBody``). A malformed chunked framing gets uvicorn's own
-  ``400 Invalid HTTP request received.``, and the connection closes.
+  and resends (``api.problems.StoreLostMidBody``); so does a 401 for a token that
+  expired meanwhile (``api.problems.TokenLapsedMidIngest``). A malformed chunked
+  framing gets uvicorn's own ``400 Invalid HTTP request received.``, and the
+  connection closes.
 - Memory is bounded whatever the body's length: past ``BODY_BUFFER_BYTES``
   not yet taken by the ingest (an append in flight) the socket is not read.
 
@@ -53,7 +55,13 @@ from api.lean_publish import (
     topic_post_of,
 )
 from api.negotiation import media_type_of
-from api.problems import HttpProblem, StoreLostMidBody, problem, problem_for
+from api.problems import (
+    HttpProblem,
+    StoreLostMidBody,
+    TokenLapsedMidIngest,
+    problem,
+    problem_for,
+)
 from api.publish import NDJSON, _close_requested, idempotency_key, ingest_of, run_ingest
 from broker import BrokerError, InvalidInput
 from broker.validation import check_topic
@@ -440,7 +448,7 @@ class IngestExchange:
             # A 408 (no line in time): the client is idle, so nothing is left unread;
             # on the ASGI route the guard closes such a connection a moment later.
             answer = problem_bytes(request, problem_for(error), server_state)
-            return answer, error.status == 408
+            return answer, error.status == 408 or isinstance(error, TokenLapsedMidIngest)
         except BrokerError as error:
             answer = problem_bytes(request, problem_for(error), server_state)
             return answer, isinstance(error, StoreLostMidBody)

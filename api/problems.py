@@ -39,6 +39,15 @@ class Unauthorized(HttpProblem):
         self.token_given = token_given
 
 
+class TokenLapsedMidIngest(Unauthorized):
+    """A streaming ingest's token expired (or its key left the key set) while its body
+    was still coming: answered 401 and the connection closed, as a 503 is
+    (``StoreLostMidBody``). Had the rest been read and dropped, a producer still sending
+    learnt of it only at its body's end (most clients read the answer only then), its
+    viewers getting nothing meanwhile (review: a generation's tokens held until it
+    ended); now its next write fails, and it resends under its key with a fresh token."""
+
+
 class Forbidden(HttpProblem):
     """A valid token (or an origin) without the right to this topic or request (403)."""
 
@@ -85,10 +94,17 @@ def problem(
     )
 
 
+def _unauthorized(error: Unauthorized) -> Response:
+    headers = {"WWW-Authenticate": _challenge(error)}
+    if isinstance(error, TokenLapsedMidIngest):
+        headers["Connection"] = "close"  # (uvicorn closes after it, as the lean route)
+    return problem(401, error.title, error.detail, headers)
+
+
 def problem_for(error: BrokerError | HttpProblem) -> Response:
     """Map an error to its response; the status of each error class is decided here only."""
     if isinstance(error, Unauthorized):
-        return problem(401, error.title, error.detail, {"WWW-Authenticate": _challenge(error)})
+        return _unauthorized(error)
     if isinstance(error, HttpProblem):
         return problem(error.status, error.title, error.detail)
     if isinstance(error, InvalidInput):

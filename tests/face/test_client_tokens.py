@@ -321,6 +321,37 @@ def test_a_stream_whose_token_expires_midway_goes_on_with_a_fresh_one_storing_ea
     assert result.last_id == stored[-1]["id"]
 
 
+def test_a_stream_whose_token_expires_midway_goes_on_before_its_end(
+    auth_broker: BrokerProcess,
+) -> None:
+    """The broker refusing a line past the token's exp (401) read and dropped the rest of
+    the body: the producer learnt of it only at its body's end, and a generation's
+    tokens past the exp reached its viewers only then (review). The connection now
+    closes: the producer's next writes fail, and it resends with a fresh token while its
+    tokens still come (paced, as a generation's are: bounded in count)."""
+    topic = _topic()
+    short = hs_token(claims(publish=[topic], expires_in=SHORT_S))
+    tokens = Tokens(short, _publisher_token(topic))
+    live_before_the_end: list[int] = []
+
+    def lines() -> Iterator[dict[str, Any]]:
+        yield event(0)
+        wait_until(lambda: time.time() >= _exp(short) + 0.1, timeout=WAIT_S, what="the exp")
+        for n in range(1, 60):
+            yield event(n)
+            if _stored(auth_broker.url, topic) > 1:  # a line past the exp stored, live
+                live_before_the_end.append(n)
+                return
+            time.sleep(0.1)  # (a generation's pace)
+
+    retry = RetryPolicy(attempts=3, backoff=0.05)
+    with Publisher(auth_broker.url, token=tokens, retry=retry) as publisher:
+        publisher.stream(topic, lines(), idempotency_key="gen-live")
+    assert live_before_the_end, "nothing past the exp was stored before the stream ended"
+    stored = _history(auth_broker.url, topic)
+    assert [e["data"] for e in stored] == list(range(live_before_the_end[0] + 1))
+
+
 def _stored(url: str, topic: str) -> int:
     return len(_history_ids(url, topic))
 
