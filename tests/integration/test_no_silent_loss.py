@@ -839,8 +839,15 @@ async def test_a_topic_whose_expiry_check_failed_once_is_still_told_when_it_expi
     (a Redis blip), the topic was forgotten, and the outage's revalidation found it
     still there: when it expired, its subscribers waited for good, told nothing. It
     is looked at again, and they are told."""
+    # The resend must come while the records live (within a TTL of the entry) and move
+    # the expiry well past the check the entry set (the TTL and 0.5 s after the entry
+    # was seen), so the failed check finds the topic still there. At a TTL of 1 s,
+    # resent 0.9 s after the entry was seen, it came 0.90-0.91 s after the entry was
+    # stored on a loaded machine: under 0.1 s from its records' expiry (then not
+    # replayed). At 3 s, resent 1.5 s after: 1.5 s to spare on either side.
+    ttl = 3
     broker = Broker(
-        open_store(redis_server.url, topic_ttl_seconds=1),
+        open_store(redis_server.url, topic_ttl_seconds=ttl),
         limits=BrokerLimits(heartbeat_seconds=0.3),
     )
     await broker.start()
@@ -860,11 +867,11 @@ async def test_a_topic_whose_expiry_check_failed_once_is_still_told_when_it_expi
         line = [NewEvent("0")]
         await broker.publish(topic, line, lines=IngestLines("K", [1]), streaming=True)
         await collect(chunks, lambda ev: 0 in numbers(ev))
-        await asyncio.sleep(0.9)  # (the check is due 1.5 s after the entry: it finds it)
+        await asyncio.sleep(ttl / 2)  # (the check is due ttl + 0.5 s after the entry)
         resent = await broker.publish(topic, line, lines=IngestLines("K", [1]), streaming=True)
-        assert resent.replayed  # no entry, and the TTL is 1 s from now
+        assert resent.replayed  # no entry, and the TTL is ttl from now
         monkeypatch.setattr(store, "state", state_failing_once)  # the check at the TTL fails
-        told = await collect(chunks, lambda ev: bool(gaps(ev)), timeout=8)
+        told = await collect(chunks, lambda ev: bool(gaps(ev)), timeout=ttl + 8)
         subscription.close()
     finally:
         await broker.close()
