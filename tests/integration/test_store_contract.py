@@ -324,21 +324,26 @@ async def test_a_read_asked_after_another_was_sent_reads_anew(
     miss an event the live reader had already dispatched before it attached.)
     """
     await store.append(topic, events("a"))
-    held = asyncio.Event()
+    held, first_ran = asyncio.Event(), asyncio.Event()
     original = store._read_range
     calls = 0
 
     async def slow_reply(*args: object) -> object:
         nonlocal calls
         calls += 1
+        call = calls
         result = await original(*args)  # type: ignore[arg-type]
-        if calls == 1:
+        if call == 1:
+            first_ran.set()
             await held.wait()  # the first read has run in Redis; its reply is late
         return result
 
     store._read_range = slow_reply  # type: ignore[method-assign]
     first = asyncio.create_task(store.read_range(topic, (0, 0), 10))
-    await await_until(lambda: calls > 0, timeout=5, what="the first read sent")
+    # Until the first read has run, not only been asked: under load its command waited
+    # (for a connection) past the append of b on the appends' own connection, and read
+    # b too (seen twice in two runs of this file under stress-ng).
+    await asyncio.wait_for(first_ran.wait(), 5)
     await store.append(topic, events("b"))
     second = asyncio.create_task(store.read_range(topic, (0, 0), 10))
     await await_until(lambda: calls >= 2, timeout=5, what="a second read sent")
