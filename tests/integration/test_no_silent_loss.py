@@ -573,7 +573,9 @@ async def test_a_direct_write_past_the_buffer_drops_the_subscriber(
             async with asyncio.timeout(5):
                 async for _ in sink:
                     pass
-        assert sink.direct_writes == 0  # (dropped before it was written more)
+        # (dropped before it was written more; the clock's 0.3 s beats may come between,
+        # on a machine slow to get here: not entries)
+        assert sink.direct_writes - sink.direct_heartbeats == 0
         subscription.close()
 
 
@@ -609,7 +611,10 @@ async def test_a_burst_a_client_does_not_read_is_dropped_at_the_clocks_next_tick
         sink.unsent_after_write = True  # (and it never reads)
         await broker.publish(topic, burst())
         await await_until(lambda: sink.was_dropped, timeout=5, what="dropped at a tick")
-        assert sink.direct_writes == 1  # (the burst was written: no event came after it)
+        # The burst was written: no event came after it. (A beat may have: the clock beats
+        # every 0.2 s whatever the events, and under load one fell due between the
+        # stream's start and the drop: seen in 2 runs of 2 under stress-ng, [2].)
+        assert sink.direct_writes - sink.direct_heartbeats == 1
 
 
 async def test_a_client_reading_a_burst_between_ticks_is_not_dropped(

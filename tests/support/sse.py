@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import orjson
 
 from broker import SubscriberTooSlow, Subscription
+from broker.framing import HEARTBEAT
 
 ORIGIN_CURSOR = re.compile(rb"id: 0\.[0-9]+-[0-9]+\n\n")
 """The cursor a stream at the origin sends (no log yet): ``0.<the store's ms>-<n>``."""
@@ -108,6 +109,9 @@ class PushConsumer:
         self.subscription: Subscription | None = None
         self.pumps_started = 0
         self.direct_writes = 0
+        self.direct_heartbeats = 0
+        """Of ``direct_writes``, the heartbeat comments (the clock beats an idle stream
+        straight to its socket, on its own schedule: not an entry)."""
         self.ended_by_subscription = False
         self.unsent = 0
         """What ``unsent_bytes`` reports: a test sets it to play a client that stopped reading."""
@@ -130,6 +134,7 @@ class PushConsumer:
 
     def write(self, chunk: bytes) -> bool:
         self.direct_writes += 1
+        self.direct_heartbeats += chunk == HEARTBEAT
         if self.unsent_after_write:
             self.unsent += len(chunk)
         self._received.put_nowait(chunk)
