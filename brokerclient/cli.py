@@ -24,6 +24,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -110,15 +111,38 @@ def _url(args: argparse.Namespace) -> str:
 
 def _token(args: argparse.Namespace) -> Token:
     """The token given (``--token``), or a callable reading the token file at each
-    connection (``--token-file``): the clients ask a callable again for each one."""
-    token = args.token or os.environ.get("BROKER_TOKEN") or None
-    path = args.token_file or os.environ.get("BROKER_TOKEN_FILE") or None
-    if token and path:
+    connection (``--token-file``): the clients ask a callable again for each one. A
+    flag wins over the environment (``BROKER_TOKEN``, ``BROKER_TOKEN_FILE``)."""
+    if args.token and args.token_file:
         raise UsageError("give --token or --token-file, not both")
-    if path is None:
-        return token
+    if args.token or args.token_file:
+        return args.token or _token_file(args.token_file)
+    token = os.environ.get("BROKER_TOKEN") or None
+    path = os.environ.get("BROKER_TOKEN_FILE") or None
+    if token and path:
+        raise UsageError("BROKER_TOKEN and BROKER_TOKEN_FILE are both set: unset one")
+    return _token_file(path) if path else token
+
+
+TOKEN_FILE_PATIENCE_S = 2.0
+"""How long a token file read empty or missing is read again before giving up: one being
+renewed (truncated then written, or removed then made) is so for a moment."""
+
+
+def _token_file(path: str) -> Callable[[], str]:
     _read_token_file(path)  # (a file that cannot be read is told at once, not at a reconnect)
-    return lambda: _read_token_file(path)
+
+    def renewed() -> str:
+        deadline = time.monotonic() + TOKEN_FILE_PATIENCE_S
+        while True:
+            try:
+                return _read_token_file(path)
+            except UsageError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+
+    return renewed
 
 
 def _read_token_file(path: str) -> str:

@@ -334,9 +334,12 @@ class AsyncSubscriber:
     async def events(self) -> AsyncGenerator[Event, None]:
         resume = self._resume
         while not self._closed:
+            # Once an attempt, outside the try: what the callable raises is the caller's
+            # (an httpx error of its own token fetch was taken for the broker's, and
+            # retried for ever; review).
+            token = await async_token_now(self._token)
             try:
                 resume.attempting()
-                token = await async_token_now(self._token)  # (once an attempt)
                 if resume.needs_start_point():
                     # (at once: one after another, 32 topics took a quarter of a second
                     # on loopback before the stream was asked for; review)
@@ -447,9 +450,9 @@ class Subscriber:
     def events(self) -> Iterator[Event]:
         resume = self._resume
         while not self._closed:
+            token = token_now(self._token)  # (outside the try: see AsyncSubscriber)
             try:
                 resume.attempting()
-                token = token_now(self._token)  # (once an attempt)
                 if resume.needs_start_point():
                     resume.start_at({t: self._topic_last_id(t, token) for t in resume.topics})
                 for item in self._connection(token):

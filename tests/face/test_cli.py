@@ -260,3 +260,10 @@ def test_a_token_file_that_cannot_be_used_is_a_usage_error(
         for command in (["tail", "cli.token-file"], ["topics"], ["publish", "cli.token-file", "1"]):
             answer = broker(*command, *options, url=face_broker.url)
             assert answer.returncode == 2 and said in answer.stderr, (command, answer.stderr)
+    both = broker("topics", url=face_broker.url, BROKER_TOKEN="t", BROKER_TOKEN_FILE=str(empty))
+    assert both.returncode == 2 and "both set" in both.stderr, both.stderr
+    # A flag wins over the environment (BROKER_TOKEN exported, a file given).
+    token_file = tmp_path / "token"
+    token_file.write_text("a-token\n")
+    flag = broker("topics", "--token-file", str(token_file), url=face_broker.url, BROKER_TOKEN="t")
+    assert flag.returncode == 0, flag.stderr

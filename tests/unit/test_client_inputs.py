@@ -117,3 +117,31 @@ def test_a_token_callable_that_returns_no_string_is_a_type_error() -> None:
     with Publisher(client=client, token=lambda: b"bytes") as publisher:  # type: ignore[arg-type,return-value]
         with pytest.raises(TypeError, match="not a str"):
             publisher.publish("t", 1)
+
+
+def test_what_a_subscribers_token_callable_raises_is_raised_as_it_is() -> None:
+    """Its own httpx error (a token fetched over HTTP) was taken for the broker's, and
+    retried for ever (``give_up_after`` None, the default)."""
+    calls: list[int] = []
+
+    def token() -> str:
+        calls.append(1)
+        raise httpx.ConnectError("the token service is down")
+
+    client = httpx.Client(base_url="http://b.test", transport=httpx.MockTransport(_never))
+    with Subscriber("orders", client=client, token=token) as subscriber:
+        with pytest.raises(httpx.ConnectError, match="token service"):
+            next(iter(subscriber))
+    assert calls == [1]
+
+
+async def test_what_an_async_subscribers_token_callable_raises_is_raised_as_it_is() -> None:
+    async def token() -> str:
+        raise httpx.ConnectError("the token service is down")
+
+    async with (
+        httpx.AsyncClient(base_url="http://b.test", transport=httpx.MockTransport(_never)) as c,
+        AsyncSubscriber("orders", client=c, token=token) as subscriber,
+    ):
+        with pytest.raises(httpx.ConnectError, match="token service"):
+            await subscriber.__aiter__().__anext__()
