@@ -177,8 +177,9 @@ REDIS_REPLY_TIMEOUT_SECONDS = 5.0
 # How long /readyz/store waits for the store's PING (s).
 READY_PING_TIMEOUT_S = 1.0
 # Listing topics: SCAN about the page's limit of keys a call (within these bounds),
-# at most LIST_SCAN_ROUNDS calls a page.
-LIST_SCAN_MIN_COUNT = 100
+# at most LIST_SCAN_ROUNDS steps a page (a step that finds more than the page has room
+# for is taken again with a quarter of the COUNT, so at most 5 more calls each).
+LIST_SCAN_MIN_COUNT = 16
 LIST_SCAN_COUNT = 1000
 LIST_SCAN_ROUNDS = 20
 # How long one blocking XREAD waits before it is re-armed anyway (ms); and where

@@ -507,7 +507,9 @@ class RedisStreamStore:
         node_index, scan_cursor, after = position
         pattern = c.meta_key(glob_escaped(prefix) + "*")  # broker:{prefix*}:meta
         names: list[str] = []
-        scan_count = min(c.LIST_SCAN_COUNT, max(limit, c.LIST_SCAN_MIN_COUNT))  # ~ limit a page
+        # About twice the page's limit (a topic is two keys or more, and one SCAN step
+        # should fit the page: it is not split), grown while steps find little.
+        scan_count = min(c.LIST_SCAN_COUNT, max(2 * limit, c.LIST_SCAN_MIN_COUNT))
         for _ in range(c.LIST_SCAN_ROUNDS):
             if node_index >= len(nodes):
                 break
@@ -515,9 +517,14 @@ class RedisStreamStore:
             room = limit - len(names)
             # (the step a page before ended in is taken whole again, as that page took it)
             fits = room if after is None else c.LIST_SCAN_COUNT * 16
-            scan_cursor, found = await self._scan_step(
+            scan_cursor, found, used = await self._scan_step(
                 nodes[node_index], step, pattern, scan_count, fits, shown
             )
+            # The COUNT that fitted goes on (taken from the full one again each step, a
+            # dense keyspace cost 10 times the calls; review), doubled back when a step
+            # found little: a page's calls follow how densely its keys match.
+            scan_count = used * 2 if len(found) * 4 < room else used
+            scan_count = min(scan_count, c.LIST_SCAN_COUNT)
             if len(found) > room and names and after is None:
                 return names, f"{node_index}:{step}"  # (the next page takes that step)
             if after is not None:  # the step the page before ended in: go on after it
@@ -541,24 +548,24 @@ class RedisStreamStore:
         count: int,
         room: int,
         shown: Callable[[str], bool],
-    ) -> tuple[int, list[str]]:
-        """One SCAN step from ``step``: its next cursor and the topics it found that
-        ``shown`` lets through. A step that finds more than the page has ``room`` for is
-        taken again from ``step`` with a quarter of the COUNT, down to 1, so that the
-        page can end where a step ends (and one that still finds too many is left to
-        the next page): SCAN's promise holds from a cursor it returned. Ended inside a
-        step (that step taken again by the next page, which went on after the page's
-        last topic), a page relied on the step finding the same keys in the same
-        order: Redis rehashing its keyspace between the two pages (keys added or
-        expired meanwhile) reorders them, and a topic there all along was skipped
-        (seen in the HTTP suite; about 1 listing in 40 of 12 topics, 5 a page, with
-        the keyspace grown between two pages). Only a single step with more topics
-        than a whole page is still split so."""
+    ) -> tuple[int, list[str], int]:
+        """One SCAN step from ``step``: its next cursor, the topics it found that
+        ``shown`` lets through, and the COUNT it took. A step that finds more than the
+        page has ``room`` for is taken again from ``step`` with a quarter of the COUNT,
+        down to 1, so that the page can end where a step ends (and one that still
+        finds too many is left to the next page): SCAN's promise holds from a cursor
+        it returned. Ended inside a step (that step taken again by the next page,
+        which went on after the page's last topic), a page relied on the step finding
+        the same keys in the same order: Redis rehashing its keyspace between the two
+        pages (keys added or expired meanwhile) reorders them, and a topic there all
+        along was skipped (seen in the HTTP suite; about 1 listing in 40 of 12
+        topics, 5 a page, with the keyspace grown between two pages). Only a single
+        step with more topics than a whole page is still split so."""
         while True:
             following, keys = await self._call(node.scan(step, match=pattern, count=count))
             found = [name for name in map(_topic_of_meta, keys) if name is not None and shown(name)]
             if len(found) <= room or count == 1:
-                return following, found  # (count 1: the caller ends the page before it)
+                return following, found, count  # (count 1: the page ends before it)
             count = max(count // 4, 1)
 
     async def _with_states(self, names: list[str]) -> list[tuple[str, LogState]]:
