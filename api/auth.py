@@ -225,9 +225,10 @@ class Authorizer:
             if headers.get("sec-fetch-site") == "same-origin":
                 return
             raise Forbidden(NO_ORIGIN)
-        if origin in self._origins or is_own_origin(origin, scope):
+        host, scheme = headers.get("host", ""), str(scope.get("scheme", "http"))
+        if origin in self._origins or is_own_origin(origin, host, scheme):
             return
-        own = f"{scope.get('scheme', 'http')}://{headers.get('host', '')}"
+        own = f"{scheme}://{host}"
         raise Forbidden(
             f"a publish by cookie from a page of {origin[:100]}, an origin neither the "
             f"broker's own ({own[:120]}) nor listed in BROKER_CORS_ORIGINS (send the "
@@ -291,7 +292,7 @@ class SiteOrigin(NamedTuple):
     port: int
 
 
-def is_own_origin(origin: str, scope: Scope) -> bool:
+def is_own_origin(origin: str, host: str, scheme: str) -> bool:
     """Whether a page's ``Origin`` is the broker's own: the scheme, host and port the
     request was sent to (its ``Host``, and the scheme the ASGI scope gives: the socket's,
     or a trusted proxy's ``X-Forwarded-Proto``). The host alone let a page served in
@@ -300,18 +301,16 @@ def is_own_origin(origin: str, scope: Scope) -> bool:
     page = origin_of(origin)
     if page is None:
         return False
-    host = Headers(scope=scope).get("host", "")
-    return page == origin_sent_to(host, _scheme_sent_with(scope, page.scheme))
+    return page == origin_sent_to(host, _scheme_sent_with(scheme, page.scheme))
 
 
-def _scheme_sent_with(scope: Scope, page_scheme: str) -> str:
+def _scheme_sent_with(scheme: str, page_scheme: str) -> str:
     """The scheme the browser sent the request with, as far as the broker can tell.
     "http" is also what a broker behind a TLS proxy it does not trust sees (one not in
     FORWARDED_ALLOW_IPS: its X-Forwarded-Proto is ignored), so an https page is taken
     as sent over https then: refusing it would refuse the broker's own page there, and
     an https origin is no weaker than an http broker. The reverse is never taken: an
     http page against a broker seen on https is the forgery this check is for."""
-    scheme = str(scope.get("scheme", "http"))
     return "https" if scheme == "http" and page_scheme == "https" else scheme
 
 
