@@ -17,6 +17,8 @@ from pathlib import Path
 from bench.procstats import tree_pids
 
 SAMPLE_RATE = 250
+IDLE_THREADS = ("always_pong", "_watch_parent")
+"""Frames of threads that only wait, which py-spy samples as busy."""
 
 
 def py_spy() -> str | None:
@@ -69,8 +71,9 @@ def hottest(collapsed: Path, top: int = 15) -> list[str]:
         return []
     for line in lines:
         stack, _, count = line.rpartition(" ")
-        # uvicorn's supervisor-ping thread sits in a blocking read py-spy counts as busy.
-        if stack and count.isdigit() and "always_pong" not in stack:
+        # uvicorn's supervisor-ping thread sits in a blocking read, and the worker's
+        # supervisor-watch thread in time.sleep: py-spy counts both as busy.
+        if stack and count.isdigit() and not any(idle in stack for idle in IDLE_THREADS):
             own[stack.split(";")[-1]] += int(count)
     total = sum(own.values()) or 1
     return [f"{100 * n / total:5.1f}% {frame}" for frame, n in own.most_common(top)]
