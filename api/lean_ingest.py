@@ -62,7 +62,14 @@ from api.problems import (
     problem,
     problem_for,
 )
-from api.publish import NDJSON, _close_requested, idempotency_key, ingest_of, run_ingest
+from api.publish import (
+    NDJSON,
+    _close_requested,
+    idempotency_key,
+    ingest_of,
+    refuse_event_parameter,
+    run_ingest,
+)
 from broker import BrokerError, InvalidInput
 from broker.validation import check_topic
 
@@ -434,6 +441,7 @@ class IngestExchange:
             grant = await authorize(scope, "publish", [topic])
             key = idempotency_key(scope["headers"])
             close = _close_requested(scope)
+            refuse_event_parameter(scope)
             return ingest_of(state.broker, state.settings, topic, key, grant, state.streams), close
         except Exception as error:
             raise NotValidated from error

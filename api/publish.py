@@ -75,6 +75,7 @@ class PublishEndpoint:
         media_type, charset = media_type_of(headers.get(b"content-type", b"").decode("latin-1"))
         if media_type == NDJSON:
             _check_charset(charset)  # (before any line: one was stored, then the next refused)
+            refuse_event_parameter(scope)
             ingest = ingest_of(broker, settings, topic, key, grant, state.streams)
             return await run_ingest(ingest, AsgiBody(receive), close)
         body = await read_body(receive, headers.get(b"content-length"), settings.max_body_bytes)
@@ -107,6 +108,15 @@ def _close_requested(scope: Scope) -> bool:
     if value not in (None, "true", "false"):
         raise InvalidInput("close must be 'true' or 'false'", field="close")
     return value == "true"
+
+
+def refuse_event_parameter(scope: Scope) -> None:
+    """``?event=`` names the type of a text/plain publish only: a JSON or NDJSON event
+    carries its own ``event`` member, and a type given beside one was dropped in
+    silence (the event stored with no type)."""
+    if query_value(scope, "event") is not None:
+        detail = "?event= is for a text/plain publish: put the type in each event's 'event'"
+        raise InvalidInput(detail, field="event")
 
 
 def query_value(scope: Scope, name: str) -> str | None:
@@ -199,6 +209,7 @@ def parse_events(
     media_type, charset = media_type_of(headers.get(b"content-type", b"").decode("latin-1"))
     _check_charset(charset)
     if media_type == "application/json":
+        refuse_event_parameter(scope)
         try:
             document = loads_exactly(body)
         except orjson.JSONDecodeError as error:

@@ -625,6 +625,31 @@ def test_a_bad_query_parameter_of_a_publish_is_400(client: httpx.Client, query: 
     assert_problem(client.get(f"/topics/{topic}"), 404)
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        (JSON, b'{"data": 1}'),
+        (JSON, b'[{"data": 1}, {"data": 2}]'),
+        ("application/x-ndjson", b'{"data": 1}\n'),
+    ],
+    ids=["json", "batch", "ndjson"],
+)
+def test_an_event_parameter_beside_a_json_body_is_400_and_stores_nothing(
+    client: httpx.Client, content_type: str, body: bytes
+) -> None:
+    """``?event=`` names the type of a text/plain publish; beside JSON (or NDJSON) it
+    was dropped in silence, and the event stored with no type at all."""
+    for _ in range(2):  # a connection's first request is served lean, the next by the app
+        topic = new_topic()
+        response = client.post(
+            f"/topics/{topic}/events?event=created",
+            content=body,
+            headers={"Content-Type": content_type},
+        )
+        assert_problem(response, 400)
+        assert_problem(client.get(f"/topics/{topic}"), 404)
+
+
 @pytest.mark.parametrize(("depth", "status"), [(254, 201), (255, 400)])
 @pytest.mark.parametrize("number", ["1", "1" * 20])
 def test_data_nests_254_levels_deep_at_most(
