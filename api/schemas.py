@@ -48,9 +48,10 @@ class HistoryEvent(BaseModel):
 
 
 class GapNotice(BaseModel):
-    """The data of a ``broker.gap`` event (and of ``gap`` in a history page)."""
+    """The data of a ``broker.gap`` event (and of ``gap`` in a history page): events
+    trimmed by retention, a cursor this log never issued, or a topic deleted."""
 
-    reason: Literal["trimmed", "unknown"]
+    reason: Literal["trimmed", "unknown", "deleted"]
     requested: str
     resumed_after: str | None
     topic: str | None = None

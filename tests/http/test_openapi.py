@@ -160,3 +160,20 @@ def test_a_store_out_of_reach_answers_documented_statuses(
             check(503, "GET", path)
     finally:
         check.close()
+
+
+def test_a_gap_s_reason_is_one_the_document_lists(check: Checker) -> None:
+    """The reasons a history page's gap (and a stream's ``broker.gap``) carries are
+    those of the document's GapNotice: it listed trimmed and unknown, not the
+    ``deleted`` of a topic deleted since the cursor's id."""
+    topic, other = new_topic(), new_topic()
+    deleted_id = check.client.post(f"/topics/{topic}/events", json={"data": 1}).json()["id"]
+    other_id = check.client.post(f"/topics/{other}/events", json={"data": 1}).json()["id"]
+    assert check.client.delete(f"/topics/{topic}").status_code == 204
+    assert check.client.post(f"/topics/{topic}/events", json={"data": 2}).status_code == 201
+    listed = check.document["components"]["schemas"]["GapNotice"]["properties"]["reason"]["enum"]
+    for after, reason in [(deleted_id, "deleted"), (other_id, "unknown")]:
+        page = check.client.get(f"/topics/{topic}/events", params={"after": after}, headers=JSON)
+        assert page.status_code == 200, page.text
+        assert page.json()["gap"]["reason"] == reason, page.text  # (the test's premise)
+        assert reason in listed, (reason, listed)
