@@ -398,8 +398,9 @@ async def _refuse_any_body(request: Request, detail: str) -> None:
 
 
 async def delete_topic(request: Request) -> Response:
-    """Delete the topic now (its streams get a ``deleted`` gap and end): 204. Deleting
-    takes the right to publish to the topic."""
+    """Delete the topic now: 204; its streams get a ``deleted`` gap and end.
+
+    Deleting takes the right to publish to the topic."""
     topic = check_topic(request.path_params["topic"])
     await authorize(request.scope, "publish", [topic])
     await _broker(request).delete_topic(topic)

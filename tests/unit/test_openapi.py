@@ -62,6 +62,13 @@ def test_every_route_of_the_app_is_documented_with_its_methods() -> None:
             assert operation["operationId"] == route.name
 
 
+def test_each_summary_is_a_whole_sentence() -> None:
+    """A summary is its docstring's first line: DELETE's was cut mid-sentence there
+    ("...: 204. Deleting")."""
+    for path, method, operation in operations():
+        assert operation["summary"].endswith("."), (method, path, operation["summary"])
+
+
 # -- OpenAPI 3.1, by structure ---------------------------------------------------------------
 
 
