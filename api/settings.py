@@ -260,11 +260,15 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _usable_redis_url(cls, value: str | None) -> str | None:
+        # Empty is not unset: a secret that rendered nothing gave every instance its own
+        # embedded store, each one's subscribers blind to the others' publishes.
+        if value is not None and not value.strip():
+            raise ValueError("is empty (unset it for the embedded store, or give a redis:// URL)")
         if value:
             check_redis_url(value)  # (a ValueError: pydantic names the variable)
         return value
 
-    @field_validator("redis_url", "retention_seconds", "topic_ttl_seconds", mode="before")
+    @field_validator("retention_seconds", "topic_ttl_seconds", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value

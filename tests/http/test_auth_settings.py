@@ -76,6 +76,8 @@ def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"BROKER_REDIS_URL": "http://redis.test"}, "BROKER_REDIS_URL"),
         ({"BROKER_REDIS_URL": "127.0.0.1:6379"}, "BROKER_REDIS_URL"),
         ({"BROKER_REDIS_URL": " "}, "BROKER_REDIS_URL"),
+        # Empty (a secret that rendered nothing) gave each instance an embedded store:
+        ({"BROKER_REDIS_URL": ""}, "BROKER_REDIS_URL"),
         ({"BROKER_REDIS_URL": "redis://127.0.0.1:6379/0?bogus=1"}, "BROKER_REDIS_URL"),
         ({"BROKER_REDIS_URL": f"redis://:{SECRET}@127.0.0.1:abc/0"}, "BROKER_REDIS_URL"),
         # Streams whose reconnects the head limit refuses (431: an EventSource stops):
