@@ -12,7 +12,13 @@ Nothing here imports the HTTP edge (``api``) or Starlette.
 
 from __future__ import annotations
 
-from brokerclient.errors import BrokerClientError, RequestFailed, TopicClosed, Unreachable
+from brokerclient.errors import (
+    BrokerClientError,
+    RequestFailed,
+    StreamInterrupted,
+    TopicClosed,
+    Unreachable,
+)
 from brokerclient.http import DEFAULT_URL, PublishResult, RetryPolicy
 from brokerclient.publisher import AsyncPublisher, Publisher, event
 from brokerclient.sse import Event, SseDecoder
@@ -29,6 +35,7 @@ __all__ = [
     "RequestFailed",
     "RetryPolicy",
     "SseDecoder",
+    "StreamInterrupted",
     "Subscriber",
     "TopicClosed",
     "Unreachable",

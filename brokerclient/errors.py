@@ -25,6 +25,21 @@ class Unreachable(BrokerClientError):
         self.lines_sent = lines_sent
 
 
+class StreamInterrupted(BrokerClientError):
+    """A streaming ingest's iterator raised: the caller's error is its ``__cause__``.
+
+    The lines it gave before (``lines_sent``) were sent, and each one that reached the
+    broker is stored; the request was broken off, not ended, so the broker took it for
+    no complete stream (a ``close`` was not done). ``idempotency_key`` is the stream's
+    key (the caller's, or the one made up for it): a resend of the whole stream under
+    it stores those lines no second time, and goes on with the rest."""
+
+    def __init__(self, message: str, *, idempotency_key: str, lines_sent: int) -> None:
+        super().__init__(message)
+        self.idempotency_key = idempotency_key
+        self.lines_sent = lines_sent
+
+
 class RequestFailed(BrokerClientError):
     """The broker answered with an error; ``problem`` is its problem+json body, if any."""
 

@@ -19,6 +19,7 @@ refused twice in a row raises ``RequestFailed``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -35,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from brokerclient.errors import Unreachable
+from brokerclient.errors import StreamInterrupted, Unreachable
 from brokerclient.http import (
     DEFAULT_URL,
     RETRY_STATUSES,
@@ -237,10 +238,16 @@ class Publisher:
         """Streaming ingest: each event is stored as the iterator yields it.
 
         ``close`` closes the topic once the iterator is exhausted (never if it raises).
+        An iterator that raises (an ``Exception``), or an event that is not JSON, ends
+        it with ``StreamInterrupted``, raised from that error: the lines sent before it
+        are stored, the request broken off (no ``close``), and its ``idempotency_key``
+        (the one given, or the one made up) is the key to send the whole stream again
+        under, which stores those lines no second time. A ``BaseException`` (Ctrl-C)
+        goes through as it is: give ``idempotency_key`` to know the key then too.
         """
-        lines = _SentLines(iter(events))
-        params = _query(close)
-        return self._send(topic, lines, NDJSON, params, idempotency_key, "stream")
+        key = idempotency_key_of(idempotency_key)
+        lines = _SentLines(iter(events), key)
+        return self._send(topic, lines, NDJSON, _query(close), key, "stream")
 
     def _send(
         self,
@@ -262,6 +269,8 @@ class Publisher:
                 response = self._client.post(
                     topic_path(topic), content=content, params=params, headers=headers
                 )
+            except _Interrupted as stopped:  # (the caller's iterator: never retried)
+                raise stopped.public() from stopped.error
             except httpx.TransportError as error:
                 time.sleep(attempts.failed(repr(error), lines=_taken(body)))
                 continue
@@ -359,13 +368,12 @@ class AsyncPublisher:
         idempotency_key: str | None = None,
         close: bool = False,
     ) -> PublishResult:
-        """Streaming ingest: each event is stored as the iterator yields it.
-
-        ``close`` closes the topic once the iterator is exhausted (never if it raises).
-        """
-        lines = _AsyncSentLines(_aiter(events))
-        params = _query(close)
-        return await self._send(topic, lines, NDJSON, params, idempotency_key, "stream")
+        """``Publisher.stream``, awaited: an iterator that raises ends it with
+        ``StreamInterrupted`` (its ``idempotency_key`` to resend under); a cancellation
+        goes through as it is."""
+        key = idempotency_key_of(idempotency_key)
+        lines = _AsyncSentLines(_aiter(events), key)
+        return await self._send(topic, lines, NDJSON, _query(close), key, "stream")
 
     async def _send(
         self,
@@ -386,6 +394,8 @@ class AsyncPublisher:
                 response = await self._client.post(
                     topic_path(topic), content=content, params=params, headers=headers
                 )
+            except _Interrupted as stopped:  # (the caller's iterator: never retried)
+                raise stopped.public() from stopped.error
             except httpx.TransportError as error:
                 await asyncio.sleep(attempts.failed(repr(error), lines=_taken(body)))
                 continue
@@ -430,39 +440,88 @@ def _optional(**members: Any) -> dict[str, Any]:
     return {name: value for name, value in members.items() if value is not None}
 
 
-class _SentLines:
-    """The ndjson lines of a stream: those sent already (for a retry), then the rest."""
+class _Lines:
+    """A stream's ndjson lines sent so far (a retry sends them again, then the rest)."""
 
-    def __init__(self, source: Iterator[EventObject]) -> None:
-        self._source, self._sent = source, list[bytes]()
+    def __init__(self, key: str) -> None:
+        self._key, self._sent = key, list[bytes]()
 
     def count(self) -> int:
         return len(self._sent)
+
+    @contextlib.contextmanager
+    def _callers_part(self) -> Iterator[None]:
+        """What the caller's iterator or event raises ends the stream: raised as
+        ``StreamInterrupted``, with the key a resend must send (a key made up for the
+        stream was the caller's to learn nowhere else, and a resend under a new one
+        stored the lines sent twice). httpx breaks the request off, unended."""
+        try:
+            yield
+        except Exception as error:
+            raise _Interrupted(error, self._key, len(self._sent)) from error
+
+    def _line(self, item: object) -> bytes:
+        line = _json_body(item) + b"\n"
+        self._sent.append(line)
+        return line
+
+
+class _SentLines(_Lines):
+    """The ndjson lines of a stream: those sent already (for a retry), then the rest."""
+
+    def __init__(self, source: Iterator[EventObject], key: str) -> None:
+        super().__init__(key)
+        self._source = source
 
     def replay_then_rest(self) -> Iterator[bytes]:
         yield from list(self._sent)
-        for item in self._source:
-            line = _json_body(item) + b"\n"
-            self._sent.append(line)
+        while True:
+            with self._callers_part():
+                item = next(self._source, _END)
+                if item is _END:
+                    return
+                line = self._line(item)
             yield line
 
 
-class _AsyncSentLines:
+class _AsyncSentLines(_Lines):
     """``_SentLines`` over an async iterator."""
 
-    def __init__(self, source: AsyncIterator[EventObject]) -> None:
-        self._source, self._sent = source, list[bytes]()
-
-    def count(self) -> int:
-        return len(self._sent)
+    def __init__(self, source: AsyncIterator[EventObject], key: str) -> None:
+        super().__init__(key)
+        self._source = source
 
     async def replay_then_rest(self) -> AsyncIterator[bytes]:
         for line in list(self._sent):
             yield line
-        async for item in self._source:
-            line = _json_body(item) + b"\n"
-            self._sent.append(line)
+        while True:
+            with self._callers_part():
+                item = await anext(self._source, _END)
+                if item is _END:
+                    return
+                line = self._line(item)
             yield line
+
+
+_END = object()  # (an iterator's end, told from any event it may yield)
+
+
+class _Interrupted(Exception):
+    """The caller's part of a stream raised ``error``: carried out of httpx in this, as
+    httpcore re-raises what passes through it ``from None`` (a StreamInterrupted lost
+    its cause so: the caller's own error, which the traceback then did not show)."""
+
+    def __init__(self, error: Exception, key: str, lines_sent: int) -> None:
+        super().__init__(error)
+        self.error, self.key, self.lines_sent = error, key, lines_sent
+
+    def public(self) -> StreamInterrupted:
+        return StreamInterrupted(
+            f"the stream's events raised {self.error!r} after {self.lines_sent} lines: "
+            f"resend the stream under idempotency key {self.key} to store each line once",
+            idempotency_key=self.key,
+            lines_sent=self.lines_sent,
+        )
 
 
 async def _aiter(
