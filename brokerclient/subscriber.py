@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
@@ -259,6 +260,13 @@ class _Resume:
         return max(hint, MIN_DELAY)
 
 
+async def _backoff(closing: asyncio.Event, delay: float) -> None:
+    """Wait ``delay`` before reconnecting, or less if the subscriber is closed meanwhile
+    (from another task: it slept on for up to ``MAX_DELAY``)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(closing.wait(), delay)
+
+
 def _read_as_usual(response: httpx.Response, usual: httpx.Timeout) -> None:
     """The body of a stream that answered is read with the usual read timeout (its head
     may have been waited for with less). httpx hands the request's timeout dict to
@@ -320,6 +328,7 @@ class AsyncSubscriber:
         )
         self._own_client = client is None
         self._closed = False  # aclose() was called: iteration ends, it does not reconnect
+        self._closing = asyncio.Event()  # (set by aclose: ends a backoff's wait at once)
         self._iterations: weakref.WeakSet[AsyncGenerator[Event, None]] = weakref.WeakSet()
 
     @property
@@ -364,7 +373,7 @@ class AsyncSubscriber:
                 delay = resume.failed(repr(error))
             except (_Retryable, RequestFailed) as error:
                 delay = resume.after_error_answer(error, refreshes(self._token))
-            await asyncio.sleep(delay)
+            await _backoff(self._closing, delay)
 
     async def _connection(self, token: str | None) -> AsyncGenerator[Event | None, None]:
         """One connection's events; a None means the topic is closed (204): stop."""
@@ -396,12 +405,14 @@ class AsyncSubscriber:
         return _last_id_of(response, topic)
 
     async def aclose(self) -> None:
-        """Stop: an iteration running (in another task) ends, without reconnecting.
+        """Stop: an iteration running (in another task) ends, without reconnecting (at
+        once from a wait before a reconnect).
 
         One left suspended (a ``break`` out of ``async for``) is closed here, its
         response with it: else asyncio closed it later, its client gone, and printed
         "an error occurred during closing of asynchronous generator"."""
         self._closed = True
+        self._closing.set()
         for iteration in list(self._iterations):
             with contextlib.suppress(RuntimeError):  # (running, in another task)
                 await iteration.aclose()
@@ -438,6 +449,7 @@ class Subscriber:
         )
         self._own_client = client is None
         self._closed = False  # close() was called: iteration ends, it does not reconnect
+        self._closing = threading.Event()  # (set by close: ends a backoff's wait at once)
         self._reading: httpx.Response | None = None  # the stream being read, if one is
 
     @property
@@ -470,7 +482,7 @@ class Subscriber:
                 delay = resume.failed(repr(error))
             except (_Retryable, RequestFailed) as error:
                 delay = resume.after_error_answer(error, refreshes(self._token))
-            time.sleep(delay)
+            self._closing.wait(delay)  # (a close() from another thread ends it at once)
 
     def _connection(self, token: str | None) -> Iterator[Event | None]:
         path, params, headers = self._resume.request(token)
@@ -509,8 +521,10 @@ class Subscriber:
         """Stop: an iteration running (in another thread) ends, without reconnecting.
 
         A read it is blocked in is cut (its socket shut): closing the client alone left
-        it waiting for the stream's next bytes, up to a heartbeat (15 s by default)."""
+        it waiting for the stream's next bytes, up to a heartbeat (15 s by default); a
+        wait before a reconnect ends at once too (it slept on, up to ``MAX_DELAY``)."""
         self._closed = True
+        self._closing.set()
         _shut(self._reading)
         if self._own_client:
             self._client.close()
