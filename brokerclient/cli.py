@@ -90,7 +90,22 @@ def _tail_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     start.add_argument("--last-event-id", help="resume after this id")
     give_up = "seconds without a connection before exiting 3 (default %(default)s)"
     tail.add_argument("--give-up-after", type=float, default=DEFAULT_GIVE_UP_SECONDS, help=give_up)
+    quiet = "seconds a stream may send nothing before it is reconnected: more than the "
+    quiet += "broker's BROKER_HEARTBEAT_SECONDS (default 45; doubled by each stream that "
+    quiet += "times out, up to 8 times)"
+    tail.add_argument("--read-timeout", type=_seconds, metavar="SECONDS", help=quiet)
     tail.set_defaults(run_client=_guarded(run_tail))
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds (argparse says what is wrong, and exits 2)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return seconds
 
 
 def _default_url() -> str:
@@ -262,7 +277,7 @@ def _json_data(raw: str) -> Any:
 
 
 def run_tail(args: argparse.Namespace) -> int:
-    from brokerclient.subscriber import Subscriber
+    from brokerclient.subscriber import DEFAULT_READ_TIMEOUT, Subscriber
 
     subscriber = Subscriber(
         args.topics,
@@ -270,6 +285,7 @@ def run_tail(args: argparse.Namespace) -> int:
         last_event_id=args.last_event_id,
         from_earliest=args.start == "earliest",
         token=_token(args),
+        read_timeout=args.read_timeout or DEFAULT_READ_TIMEOUT,
         give_up_after=args.give_up_after,
     )
     last = None

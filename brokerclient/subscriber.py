@@ -59,6 +59,9 @@ from brokerclient.sse import POSITION, Event, SseDecoder
 
 log = logging.getLogger(__name__)
 DEFAULT_READ_TIMEOUT = 45.0  # three of the broker's default 15 s heartbeats
+READ_TIMEOUT_GROWTH = 8
+"""A stream that times out reading is taken for a broker whose heartbeat is longer than
+the read timeout: the next ones wait twice as long, up to this many times the given one."""
 WORKING_AFTER_S = 1.0
 """A stream open this long works (a come-back hint ends at once): failures start anew."""
 FIRST_DELAY = 0.25
@@ -87,6 +90,14 @@ class _Resume:
     started: bool = field(default=False)
     topics_ended: set[str] = field(default_factory=set)  # by a broker.end, or a deleted gap
     refused_last: bool = False  # the last attempt was answered 401 (and no stream since)
+    read_timeout: float | None = DEFAULT_READ_TIMEOUT
+    """How long a stream may send nothing (no event, no heartbeat) before it is taken for
+    dead and reconnected: the given one, doubled by each stream that timed out."""
+    read_timeout_cap: float | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        given = self.read_timeout
+        self.read_timeout_cap = None if given is None else given * READ_TIMEOUT_GROWTH
 
     def all_ended(self) -> bool:
         """Each topic has ended (a multi-topic stream goes on past one topic's end)."""
@@ -229,6 +240,30 @@ class _Resume:
             moved = [topic for topic, place in after.items() if place.stream_after != (0, 0)]
         return moved[0] if len(moved) == 1 else None  # (None: it cannot be told)
 
+    def broke(self, error: httpx.TransportError) -> float:
+        """``failed``, for a connection that broke (or never was); a stream that timed out
+        reading makes the next ones read longer first (``read_timed_out``)."""
+        if isinstance(error, httpx.ReadTimeout) and self.connected_at is not None:
+            self.read_timed_out()
+        return self.failed(repr(error))
+
+    def read_timed_out(self) -> None:
+        """A stream sent nothing for ``read_timeout``: most likely the broker's heartbeat
+        (``BROKER_HEARTBEAT_SECONDS``) is longer, and every stream timed out and was
+        reconnected, for ever. The stream does not say its heartbeat (only ``retry:``),
+        so the next ones wait twice as long, up to ``read_timeout_cap`` (a connection
+        that died in silence is then noticed that much later)."""
+        if self.read_timeout is None or self.read_timeout_cap is None:
+            return
+        longer = min(self.read_timeout * 2, self.read_timeout_cap)
+        if longer > self.read_timeout:
+            log.warning(
+                "subscription to %s: nothing read for %gs (is the broker's heartbeat "
+                "longer?); reading for up to %gs from now on (read_timeout= sets it)",
+                self.topics, self.read_timeout, longer,
+            )  # fmt: skip
+            self.read_timeout = longer
+
     def failed(self, why: str) -> float:
         """The delay before reconnecting; raises Unreachable once past ``give_up_after``."""
         if self._worked():
@@ -267,22 +302,23 @@ async def _backoff(closing: asyncio.Event, delay: float) -> None:
         await asyncio.wait_for(closing.wait(), delay)
 
 
-def _read_as_usual(response: httpx.Response, usual: httpx.Timeout) -> None:
-    """The body of a stream that answered is read with the usual read timeout (its head
-    may have been waited for with less). httpx hands the request's timeout dict to
-    httpcore, which takes the read timeout from it when the body is first read: the
-    version ranges are pinned in pyproject.toml, and tests/unit/
-    test_subscriber_resume.py's quiet-stream tests fail if this stops working."""
+def _read_as_usual(response: httpx.Response, read_timeout: float | None) -> None:
+    """The body of a stream that answered is read with the stream's read timeout (its
+    head may have been waited for with less; it may have grown since: ``_Resume``).
+    httpx hands the request's timeout dict to httpcore, which takes the read timeout
+    from it when the body is first read: the version ranges are pinned in
+    pyproject.toml, and tests/unit/test_subscriber_resume.py's quiet-stream tests fail
+    if this stops working."""
     timeouts = response.request.extensions.get("timeout")
     if isinstance(timeouts, dict):
-        timeouts["read"] = usual.read
+        timeouts["read"] = read_timeout
 
 
 def _at_most(timeout: float | None, limit: float) -> float:
     return limit if timeout is None else min(timeout, limit)
 
 
-def _timeout(read_timeout: float) -> httpx.Timeout:
+def _timeout(read_timeout: float | None) -> httpx.Timeout:
     return httpx.Timeout(CONNECT_TIMEOUT, read=read_timeout)
 
 
@@ -307,6 +343,11 @@ class AsyncSubscriber:
 
     ``token``: a JWT, or a callable returning the current one (a plain function, or
     an ``async def``), asked at each connection and once more after a 401.
+
+    ``read_timeout``: how long a stream may send nothing, not even the broker's
+    heartbeat, before it is taken for dead and reconnected (None: never); doubled by
+    each stream that timed out, up to ``READ_TIMEOUT_GROWTH`` times (a broker whose
+    ``BROKER_HEARTBEAT_SECONDS`` is longer made every stream time out, for ever).
     """
 
     def __init__(
@@ -317,15 +358,18 @@ class AsyncSubscriber:
         last_event_id: str | None = None,
         from_earliest: bool = False,
         token: AsyncToken = None,
-        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        read_timeout: float | None = DEFAULT_READ_TIMEOUT,
         give_up_after: float | None = None,
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        self._resume = _Resume(_topics(topics), last_event_id, from_earliest, give_up_after)
-        self._token = token
         self._client = client or httpx.AsyncClient(
             base_url=checked_url(url), timeout=_timeout(read_timeout)
         )
+        self._resume = _Resume(
+            _topics(topics), last_event_id, from_earliest, give_up_after,
+            read_timeout=self._client.timeout.read,  # (a client passed in: its own)
+        )  # fmt: skip
+        self._token = token
         self._own_client = client is None
         self._closed = False  # aclose() was called: iteration ends, it does not reconnect
         self._closing = asyncio.Event()  # (set by aclose: ends a backoff's wait at once)
@@ -370,7 +414,7 @@ class AsyncSubscriber:
                     return
                 if isinstance(error, RuntimeError):
                     raise
-                delay = resume.failed(repr(error))
+                delay = resume.broke(error)
             except (_Retryable, RequestFailed) as error:
                 delay = resume.after_error_answer(error, refreshes(self._token))
             await _backoff(self._closing, delay)
@@ -389,7 +433,7 @@ class AsyncSubscriber:
                 await response.aread()
                 _raise_for(response)
             self._resume.connected()
-            _read_as_usual(response, self._client.timeout)
+            _read_as_usual(response, self._resume.read_timeout)
             decoder = SseDecoder(self._resume.last_event_id)
             async for chunk in response.aiter_bytes():
                 for event in self._resume.received(decoder.feed(chunk)):
@@ -438,15 +482,18 @@ class Subscriber:
         last_event_id: str | None = None,
         from_earliest: bool = False,
         token: Token = None,
-        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        read_timeout: float | None = DEFAULT_READ_TIMEOUT,
         give_up_after: float | None = None,
         client: httpx.Client | None = None,
     ) -> None:
-        self._resume = _Resume(_topics(topics), last_event_id, from_earliest, give_up_after)
-        self._token = token
         self._client = client or httpx.Client(
             base_url=checked_url(url), timeout=_timeout(read_timeout)
         )
+        self._resume = _Resume(
+            _topics(topics), last_event_id, from_earliest, give_up_after,
+            read_timeout=self._client.timeout.read,  # (a client passed in: its own)
+        )  # fmt: skip
+        self._token = token
         self._own_client = client is None
         self._closed = False  # close() was called: iteration ends, it does not reconnect
         self._closing = threading.Event()  # (set by close: ends a backoff's wait at once)
@@ -479,7 +526,7 @@ class Subscriber:
                     return
                 if isinstance(error, RuntimeError):
                     raise
-                delay = resume.failed(repr(error))
+                delay = resume.broke(error)
             except (_Retryable, RequestFailed) as error:
                 delay = resume.after_error_answer(error, refreshes(self._token))
             self._closing.wait(delay)  # (a close() from another thread ends it at once)
@@ -497,7 +544,7 @@ class Subscriber:
                 response.read()
                 _raise_for(response)
             self._resume.connected()
-            _read_as_usual(response, self._client.timeout)
+            _read_as_usual(response, self._resume.read_timeout)
             decoder = SseDecoder(self._resume.last_event_id)
             self._reading = response
             try:

@@ -4,17 +4,23 @@ broker whose heartbeat is longer than it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from brokerclient import AsyncSubscriber, Subscriber
+from brokerclient import AsyncSubscriber, Event, Publisher, Subscriber
 from brokerclient import subscriber as subscriber_module
+from tests.support.broker_process import BROKER_BIN, BrokerProcess
 from tests.support.polling import wait_until
-from tests.support.redis_server import free_port
+from tests.support.redis_server import RedisServer, free_port
 
 LONG_BACKOFF_S = 5.0
 
@@ -85,3 +91,90 @@ async def test_closing_an_async_subscriber_during_its_backoff_ends_it_at_once(
         await iterating
     elapsed = time.monotonic() - began
     assert delay == LONG_BACKOFF_S and elapsed < delay / 5, (elapsed, delay)
+
+
+HEARTBEAT_S = 3.0
+SHORT_READ_TIMEOUT_S = 1.2
+"""Under the heartbeat: each stream timed out, for ever; and over ``WORKING_AFTER_S``, as
+a stream timed out after 45 s is: each reconnect came at once (its backoff not grown)."""
+
+
+@pytest.fixture(scope="module")
+def slow_heartbeat_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    """A broker whose heartbeat is longer than the read timeout of the subscribers here
+    (and whose ``retry:`` is short, so that a reconnect follows a timeout at once)."""
+    env = {"BROKER_HEARTBEAT_SECONDS": str(HEARTBEAT_S), "BROKER_RETRY_MS": "100"}
+    process = BrokerProcess(redis_url=redis_server.url, env=env)
+    process.start()
+    yield process
+    process.close()
+
+
+def _read_timeouts(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """When each stream that timed out reading was given up on (monotonic)."""
+    return [
+        record.created
+        for record in caplog.records
+        if "reconnecting in" in record.msg and "ReadTimeout" in str(record.args)
+    ]
+
+
+def _quiet_for(caplog: pytest.LogCaptureFixture, seconds: float) -> bool:
+    """No stream has timed out for ``seconds``, after one did: the stream opened after
+    it stays open through heartbeats."""
+    timeouts = _read_timeouts(caplog)
+    return bool(timeouts) and time.time() - timeouts[-1] >= seconds
+
+
+def test_a_subscriber_reads_longer_once_the_brokers_heartbeat_proves_longer(
+    slow_heartbeat_broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every stream timed out after the read timeout and was reconnected, for as long as
+    the subscriber ran (no event lost, but a reconnect each time, for ever)."""
+    caplog.set_level(logging.INFO, logger=subscriber_module.__name__)
+    topic, url = _topic("heartbeat"), slow_heartbeat_broker.url
+    subscriber = Subscriber(topic, url, from_earliest=True, read_timeout=SHORT_READ_TIMEOUT_S)
+    got: list[Event] = []
+    iterating = threading.Thread(target=lambda: got.extend(subscriber))
+    iterating.start()
+    try:
+        wait_until(
+            lambda: _quiet_for(caplog, 2 * HEARTBEAT_S),
+            timeout=20,
+            what="a stream that stays open through two heartbeats",
+        )
+        assert len(_read_timeouts(caplog)) <= 3  # 1.2 -> 2.4 -> 4.8 s (9.6 s, under load)
+        with Publisher(url) as publisher:
+            publisher.publish(topic, "after", close=True)
+        iterating.join(timeout=10)
+    finally:
+        subscriber.close()
+    assert [e.data for e in got] == ['"after"', "{}"]
+
+
+def test_tail_takes_a_read_timeout(slow_heartbeat_broker: BrokerProcess, tmp_path: Path) -> None:
+    """``broker tail --read-timeout``: it had none (45 s, whatever the broker's heartbeat)."""
+    topic, url = _topic("cli-heartbeat"), slow_heartbeat_broker.url
+    errors = tmp_path / "stderr"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    command = [str(BROKER_BIN), "tail", topic, "--from", "earliest", "--url", url]
+    with errors.open("w") as stderr:
+        tail = subprocess.Popen(
+            [*command, "--read-timeout", str(SHORT_READ_TIMEOUT_S)],
+            stdout=subprocess.PIPE, stderr=stderr, env=environment, text=True,
+        )  # fmt: skip
+        try:
+            wait_until(
+                lambda: "nothing read for 1.2s" in errors.read_text() or tail.poll() is not None,
+                timeout=20,
+                what="tail's first stream timed out after 1.2 s",
+            )
+            with Publisher(url) as publisher:
+                publisher.publish(topic, 1, close=True)
+            out, _ = tail.communicate(timeout=20)
+        finally:
+            tail.kill()
+            tail.wait()
+    assert tail.returncode == 0, errors.read_text()
+    assert "reading for up to 2.4s" in errors.read_text()
+    assert [json.loads(line)["data"] for line in out.splitlines()] == ["1", "{}"]

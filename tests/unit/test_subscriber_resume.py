@@ -271,3 +271,28 @@ def test_the_first_retry_waits_what_the_hint_says() -> None:
     """As EventSource does; the next ones twice as long each, up to the cap."""
     resume = _hinted(2000)
     assert [resume.failed("down") for _ in range(3)] == [2.0, 4.0, subscriber.MAX_DELAY]
+
+
+def _read_timed_out(resume: subscriber._Resume) -> None:
+    """A stream that answered, then sent nothing for its read timeout."""
+    resume.connected()
+    resume.broke(httpx.ReadTimeout("nothing read"))
+
+
+def test_streams_that_time_out_reading_are_read_longer_up_to_a_bound() -> None:
+    """Each stream read twice as long as the one before it timed out, up to 8 times the
+    given read timeout; a head that never came (no stream answered) changes nothing."""
+    resume = subscriber._Resume(["t"], None, False, None, read_timeout=2.0)
+    resume.broke(httpx.ReadTimeout("no answer's head"))
+    assert resume.read_timeout == 2.0
+    seen = []
+    for _ in range(6):
+        _read_timed_out(resume)
+        seen.append(resume.read_timeout)
+    assert seen == [4.0, 8.0, 16.0, 16.0, 16.0, 16.0]
+
+
+def test_no_read_timeout_stays_none() -> None:
+    resume = subscriber._Resume(["t"], None, False, None, read_timeout=None)
+    _read_timed_out(resume)
+    assert resume.read_timeout is None
