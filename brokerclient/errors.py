@@ -26,7 +26,8 @@ class Unreachable(BrokerClientError):
 
 
 class StreamInterrupted(BrokerClientError):
-    """A streaming ingest's iterator raised: the caller's error is its ``__cause__``.
+    """A streaming ingest's iterator raised, or gave an event that is not JSON: that
+    error (the caller's) is its ``__cause__``.
 
     The lines it gave before (``lines_sent``) were sent, and each one that reached the
     broker is stored; the request was broken off, not ended, so the broker took it for

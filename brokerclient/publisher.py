@@ -240,9 +240,10 @@ class Publisher:
         ``close`` closes the topic once the iterator is exhausted (never if it raises).
         An iterator that raises (an ``Exception``), or an event that is not JSON, ends
         it with ``StreamInterrupted``, raised from that error: the lines sent before it
-        are stored, the request broken off (no ``close``), and its ``idempotency_key``
-        (the one given, or the one made up) is the key to send the whole stream again
-        under, which stores those lines no second time. A ``BaseException`` (Ctrl-C)
+        are stored (those that reached the broker), the request broken off (no
+        ``close``), and its ``idempotency_key`` (the one given, or the one made up) is
+        the key to send the whole stream again under, which stores those lines no
+        second time. A ``BaseException`` (Ctrl-C)
         goes through as it is: give ``idempotency_key`` to know the key then too.
         """
         key = idempotency_key_of(idempotency_key)
@@ -451,10 +452,11 @@ class _Lines:
 
     @contextlib.contextmanager
     def _callers_part(self) -> Iterator[None]:
-        """What the caller's iterator or event raises ends the stream: raised as
-        ``StreamInterrupted``, with the key a resend must send (a key made up for the
-        stream was the caller's to learn nowhere else, and a resend under a new one
-        stored the lines sent twice). httpx breaks the request off, unended."""
+        """What the caller's iterator or event raises ends the stream, as
+        ``StreamInterrupted`` (through ``_Interrupted``), with the key a resend must send:
+        a key made up for the stream was the caller's to learn nowhere else, and a resend
+        under a new one stored the lines sent twice. httpx breaks the request off,
+        unended: the broker takes it for no complete stream (``close`` is not done)."""
         try:
             yield
         except Exception as error:
