@@ -78,6 +78,7 @@ class SseDecoder:
         end, also by a block with an ``id:`` and no data (the broker's cursor once a
         stream is caught up), which is no event."""
         self.retry_ms: int | None = None
+        self.comments = 0  # comment lines read: the broker's heartbeats
         self._pending = b""
         self._event: str | None = None
         self._data: list[str] = []
@@ -101,6 +102,7 @@ class SseDecoder:
         if not raw:
             return self._dispatch()
         if raw.startswith(b":"):
+            self.comments += 1
             return None
         name, colon, value = raw.decode("utf-8", errors="replace").partition(":")
         if colon and value.startswith(" "):

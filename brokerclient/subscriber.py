@@ -92,11 +92,16 @@ class _Resume:
     refused_last: bool = False  # the last attempt was answered 401 (and no stream since)
     read_timeout: float | None = DEFAULT_READ_TIMEOUT
     """How long a stream may send nothing (no event, no heartbeat) before it is taken for
-    dead and reconnected: the given one, doubled by each stream that timed out."""
+    dead and reconnected: the given one, doubled by each stream that timed out, and set
+    from the heartbeats a stream shows (``heard``)."""
+    given_read_timeout: float | None = field(init=False)
     read_timeout_cap: float | None = field(init=False)
+    _comments_read: int = 0  # by the current stream's decoder
+    _last_comment_at: float | None = None  # (monotonic) the current stream's last heartbeat
+    _shortest_beat: float | None = None  # the current stream's shortest heartbeat interval
 
     def __post_init__(self) -> None:
-        given = self.read_timeout
+        given = self.given_read_timeout = self.read_timeout
         self.read_timeout_cap = None if given is None else given * READ_TIMEOUT_GROWTH
 
     def all_ended(self) -> bool:
@@ -168,6 +173,7 @@ class _Resume:
         self.started = True
         self.connected_at = time.monotonic()
         self.refused_last = False
+        self._comments_read, self._last_comment_at, self._shortest_beat = 0, None, None
 
     def after_error_answer(self, error: Exception, token_refreshes: bool) -> float:
         """The delay before trying again after an error answer, or the error raised.
@@ -202,6 +208,28 @@ class _Resume:
             self.last_event_id = decoder.dispatched_id
         if decoder.retry_ms is not None:  # (0 too: it was taken for no hint)
             self.retry_hint_ms = decoder.retry_ms
+        if decoder.comments != self._comments_read:
+            self._comments_read = decoder.comments
+            self.heard(time.monotonic())
+
+    def heard(self, now: float) -> None:
+        """A heartbeat came. Two of them tell the broker's interval (every stream, busy or
+        not, gets one every two thirds to one interval): the next streams read for three
+        of the shortest seen, never less than the given read timeout. That undoes the
+        doubling of ``read_timed_out`` once heartbeats show it was a connection that died,
+        not a long heartbeat (kept, it made each later dead connection noticed later)."""
+        previous, self._last_comment_at = self._last_comment_at, now
+        if previous is None or self.given_read_timeout is None or self.read_timeout_cap is None:
+            return
+        beat = now - previous
+        if self._shortest_beat is not None and beat >= self._shortest_beat:
+            return
+        self._shortest_beat = beat
+        fits = min(max(self.given_read_timeout, 3 * beat), self.read_timeout_cap)
+        if fits != self.read_timeout:
+            log.info("subscription to %s: heartbeats %.3gs apart; reading for up to %gs",
+                     self.topics, beat, fits)  # fmt: skip
+            self.read_timeout = fits
 
     def received(self, events: list[Event]) -> Iterator[Event]:
         """A chunk's events to hand over: a ``broker.position`` is where the stream stands,

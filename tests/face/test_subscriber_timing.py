@@ -144,12 +144,37 @@ def test_a_subscriber_reads_longer_once_the_brokers_heartbeat_proves_longer(
             what="a stream that stays open through two heartbeats",
         )
         assert len(_read_timeouts(caplog)) <= 3  # 1.2 -> 2.4 -> 4.8 s (9.6 s, under load)
+        # Heartbeats 2 to 3 s apart: the next streams read for three of the shortest.
+        assert 1.5 * HEARTBEAT_S <= subscriber._resume.read_timeout <= 9.6
         with Publisher(url) as publisher:
             publisher.publish(topic, "after", close=True)
         iterating.join(timeout=10)
     finally:
         subscriber.close()
     assert [e.data for e in got] == ['"after"', "{}"]
+
+
+def test_heartbeats_bring_a_grown_read_timeout_back_to_the_given_one(
+    slow_heartbeat_broker: BrokerProcess,
+) -> None:
+    """Streams that timed out because their connections died (not for a long heartbeat)
+    left the read timeout grown for good: each later dead connection noticed up to 8
+    times later. Two heartbeats of a working stream show the given one is enough."""
+    given = 4 * HEARTBEAT_S  # over three heartbeats: kept as it is
+    subscriber = Subscriber(_topic("regrow"), slow_heartbeat_broker.url, read_timeout=given)
+    subscriber._resume.read_timeout = subscriber._resume.read_timeout_cap  # grown, as by deaths
+    iterating = threading.Thread(target=lambda: list(subscriber))
+    iterating.start()
+    try:
+        wait_until(
+            lambda: subscriber._resume.read_timeout == given,
+            timeout=4 * HEARTBEAT_S,
+            what="the read timeout back to the given one after two heartbeats",
+        )
+    finally:
+        subscriber.close()
+        iterating.join(timeout=10)
+    assert not iterating.is_alive()
 
 
 def test_tail_takes_a_read_timeout(slow_heartbeat_broker: BrokerProcess, tmp_path: Path) -> None:

@@ -296,3 +296,30 @@ def test_no_read_timeout_stays_none() -> None:
     resume = subscriber._Resume(["t"], None, False, None, read_timeout=None)
     _read_timed_out(resume)
     assert resume.read_timeout is None
+
+
+def test_heartbeats_set_the_read_timeout_to_three_of_theirs_never_under_the_given() -> None:
+    """Doubled by streams that timed out (connections that died, as a phone's do), the
+    read timeout stayed grown: each later dead connection was noticed up to 8 times
+    later. Two heartbeats tell the broker's interval."""
+    resume = subscriber._Resume(["t"], None, False, None, read_timeout=2.0)
+    _read_timed_out(resume)
+    _read_timed_out(resume)
+    assert resume.read_timeout == 8.0
+    resume.connected()
+    resume.heard(100.0)
+    assert resume.read_timeout == 8.0  # one heartbeat tells nothing
+    resume.heard(100.5)
+    assert resume.read_timeout == 2.0  # 3 x 0.5 s is under the given 2 s
+    resume.connected()  # a broker with a longer heartbeat: read for three of them
+    resume.heard(200.0)
+    resume.heard(203.0)
+    assert resume.read_timeout == 9.0
+    resume.heard(205.0)  # the shortest interval counts (an event may delay a beat)
+    assert resume.read_timeout == 6.0
+    resume.heard(215.0)
+    assert resume.read_timeout == 6.0
+    resume.connected()
+    resume.heard(300.0)
+    resume.heard(400.0)
+    assert resume.read_timeout == 16.0  # never over 8 times the given one
