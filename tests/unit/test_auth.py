@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from api import auth
 from api.auth import OPEN, Authorizer, TopicPatterns, is_own_origin, redact_tokens, token_of
 from api.keys import FixedKey, algorithms_for, hmac_algorithms, keys_of
 from api.problems import Forbidden, Unauthorized
@@ -215,6 +216,25 @@ def test_a_page_on_https_is_the_brokers_own_when_the_broker_sees_http(
     scope says http whatever the browser used: the broker's own https page is taken;
     the reverse, an http page for a broker seen on https, never is."""
     assert is_own_origin(origin, host, "http") is own
+
+
+def test_remembered_verdicts_of_the_brokers_own_origin_are_bounded_and_the_same() -> None:
+    """The forgery check remembers its verdicts (parsing the two origins was most of it),
+    never more than a few: any page may send any Origin, one per request."""
+    auth._remembered_own_origin.cache_clear()
+    pairs = [("http://broker.test", "broker.test"), ("https://evil.test", "broker.test")]
+    for origin, host in pairs * 2:  # (the second time, remembered)
+        assert auth.own_origin_verdict(origin, host, "http") is is_own_origin(origin, host, "http")
+    assert auth._remembered_own_origin.cache_info().hits == len(pairs)
+    assert auth.own_origin_verdict("http://broker.test", "broker.test", "http") is True
+    assert auth.own_origin_verdict("https://evil.test", "broker.test", "http") is False
+    for n in range(auth.ORIGIN_VERDICTS_KEPT * 4):
+        assert not auth.own_origin_verdict(f"https://evil-{n}.test", "broker.test", "http")
+    assert auth._remembered_own_origin.cache_info().currsize == auth.ORIGIN_VERDICTS_KEPT
+    long_origin = "https://" + "e" * auth.LONGEST_ORIGIN_KEPT + ".test"
+    before = auth._remembered_own_origin.cache_info()
+    assert not auth.own_origin_verdict(long_origin, "broker.test", "http")
+    assert auth._remembered_own_origin.cache_info() == before, "a long pair is not kept"
 
 
 def _cookie_publish(headers: dict[str, str], scheme: str = "http") -> dict[str, Any]:
