@@ -31,7 +31,8 @@ from api.problems import Forbidden, KeysUnavailable, Unauthorized
 from api.settings import Settings, split_list
 from broker.policy import TopicPattern
 
-Action = Literal["publish", "subscribe"]
+Action = Literal["publish", "close", "delete", "subscribe"]
+"""What a request does to its topics: closing and deleting take the right to publish."""
 COOKIE_NAME = "broker_token"
 QUERY_PARAMETER = "access_token"
 TOKEN_CACHE_SIZE = 4096
@@ -51,7 +52,7 @@ LONGEST_ORIGIN_KEPT = 512
 """Characters of Origin and Host together past which a verdict is not remembered: no
 browser's pair is near it, and 256 pairs of 16 KiB heads would hold 8 MiB."""
 NO_ORIGIN = (
-    "a publish by cookie without an Origin header: browsers name the page's origin on "
+    "a {action} by cookie without an Origin header: browsers name the page's origin on "
     "every POST and DELETE, so this is no browser's request, or one whose Origin was "
     "removed on its way (send the token in the Authorization header instead)"
 )
@@ -190,14 +191,14 @@ class Authorizer:
         token, from_cookie = _token_and_source(scope)
         if token is None:
             raise Unauthorized(f"{action} on this topic needs a token", token_given=False)
-        if from_cookie and action == "publish":
-            self._refuse_forgery(scope)
+        if from_cookie and action != "subscribe":
+            self._refuse_forgery(scope, action)
         rights = self._rights(token)
-        allowed = rights.publish if action == "publish" else rights.subscribe
+        allowed = rights.subscribe if action == "subscribe" else rights.publish
         public = self._public if action == "subscribe" else NOTHING
         refused = [t for t in topics if not (allowed.allows(t) or public.allows(t))]
         if refused:
-            raise Forbidden(f"the token does not allow {action} on {', '.join(refused[:5])}")
+            raise Forbidden(_not_allowed(action, refused))
         return Grant(rights.expires_at, rights.trusted)
 
     def check_given_token(self, scope: Scope) -> None:
@@ -220,7 +221,7 @@ class Authorizer:
         own = self._rights(token).subscribe.patterns if token is not None else ()
         return (*own, *self._public.patterns)
 
-    def _refuse_forgery(self, scope: Scope) -> None:
+    def _refuse_forgery(self, scope: Scope, action: Action) -> None:
         """A browser sends the cookie with any site's form or plain ``fetch`` (text/plain
         needs no preflight): a change by cookie must come from a page of a listed origin
         or of the broker itself. Browsers name the page's origin on every POST; without
@@ -232,13 +233,13 @@ class Authorizer:
         if origin is None:
             if headers.get("sec-fetch-site") == "same-origin":
                 return
-            raise Forbidden(NO_ORIGIN)
+            raise Forbidden(NO_ORIGIN.format(action=action))
         host, scheme = headers.get("host", ""), str(scope.get("scheme", "http"))
         if origin in self._origins or own_origin_verdict(origin, host, scheme):
             return
         own = f"{scheme}://{host}"
         raise Forbidden(
-            f"a publish by cookie from a page of {origin[:100]}, an origin neither the "
+            f"a {action} by cookie from a page of {origin[:100]}, an origin neither the "
             f"broker's own ({own[:120]}) nor listed in BROKER_CORS_ORIGINS (send the "
             "token in the Authorization header instead)"
         )
@@ -290,6 +291,14 @@ class Authorizer:
             expires_at=rights.expires_at + self._leeway,  # (every later check of it too)
             trusted=self._key.trust_of(header),
         )
+
+
+def _not_allowed(action: Action, refused: Sequence[str]) -> str:
+    """Why a token is refused: the action, and the right it lacks when that is another's."""
+    topics = ", ".join(refused[:5])
+    if action in ("close", "delete"):
+        return f"the token does not allow {action} (the right to publish) on {topics}"
+    return f"the token does not allow {action} on {topics}"
 
 
 class SiteOrigin(NamedTuple):

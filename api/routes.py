@@ -380,7 +380,7 @@ _SCAN_CURSOR_MAX = 2**64 - 1  # (Redis refuses a larger one: a 503, retried for 
 async def close_topic(request: Request) -> Response:
     """Close the topic (its log ends with ``broker.end``): ``201 {"id"}``; 200 if it was."""
     topic = check_topic(request.path_params["topic"])
-    await authorize(request.scope, "publish", [topic])
+    await authorize(request.scope, "close", [topic])
     await _refuse_any_body(request, "closing takes an empty body")
     result = await _broker(request).close_topic(topic)
     status = 200 if result.replayed else 201
@@ -402,7 +402,7 @@ async def delete_topic(request: Request) -> Response:
 
     Deleting takes the right to publish to the topic."""
     topic = check_topic(request.path_params["topic"])
-    await authorize(request.scope, "publish", [topic])
+    await authorize(request.scope, "delete", [topic])
     await _broker(request).delete_topic(topic)
     return Response(status_code=204)
 

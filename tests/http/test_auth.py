@@ -671,6 +671,28 @@ async def test_a_cookie_publishes_only_from_a_listed_or_the_brokers_own_origin(
         assert_refused_as_forgery(answer)
 
 
+ACTION_OF_ROUTE = {
+    "publish-lean": "publish",
+    "publish-by-app": "publish",
+    "ingest-lean": "publish",
+    "close": "close",
+    "delete": "delete",
+}
+
+
+@pytest.mark.parametrize("route", COOKIE_ROUTES)
+@pytest.mark.parametrize("sent", [{"Origin": "https://evil.example"}, {}])
+async def test_a_refusal_as_forgery_names_the_action_refused(
+    auth_broker: BrokerProcess, route: str, sent: dict[str, str]
+) -> None:
+    """A close or a delete refused was told as "a publish by cookie", which its
+    caller did not send."""
+    answer = await cookie_change(auth_broker, route, sent)
+    assert_refused_as_forgery(answer)
+    detail = str(answer.problem["detail"])
+    assert detail.startswith(f"a {ACTION_OF_ROUTE[route]} by cookie "), detail
+
+
 async def test_a_publish_from_another_site_with_the_token_in_a_header_is_no_forgery(
     auth_broker: BrokerProcess,
 ) -> None:

@@ -269,6 +269,20 @@ def test_a_publish_by_cookie_comes_from_a_page_of_the_broker_or_a_listed_origin(
         authorizer.check(sent, "publish", ["t"])
 
 
+@pytest.mark.parametrize("action", ["publish", "close", "delete"])
+def test_a_refusal_names_the_action_refused(action: Any) -> None:
+    """Closing and deleting take the right to publish; their refusals name them."""
+    authorizer = Authorizer(FixedKey.secret(SECRET))
+    reader = {"Authorization": f"Bearer {hs_token(claims(subscribe=['t']))}"}
+    with pytest.raises(Forbidden, match=f"does not allow {action}"):
+        authorizer.check(scope(reader), action, ["t"])
+    with pytest.raises(Unauthorized, match=f"^{action} on this topic needs a token"):
+        authorizer.check(scope(), action, ["t"])
+    for sent in ({"Origin": "https://evil.test"}, {}):
+        with pytest.raises(Forbidden, match=f"^a {action} by cookie "):
+            authorizer.check(_cookie_publish(sent), action, ["t"])
+
+
 def test_a_refusal_says_which_origin_the_broker_took_for_its_own() -> None:
     """Behind a proxy the broker does not trust, or one that rewrites Host, the answer
     tells an operator what the broker saw."""
