@@ -92,6 +92,7 @@ class Subscription:
         "_closed",
         "_consumer_idle",
         "_deleted_before",
+        "_deletion_notices",
         "_dropped",
         "_ends_at",
         "_heartbeats",
@@ -166,6 +167,9 @@ class Subscription:
         self._resync: set[str] = set(starts)
         self._catching_up = True
         self._replayed = 0
+        self._deletion_notices = 0
+        """Deletion markers framed since the last count of events delivered: each is told
+        as a ``broker.gap``, counted as one (``gap_sent``), not as an event delivered."""
         self._dropped = False
         self._closed = False
         self._attached: list[str] = []
@@ -592,9 +596,16 @@ class Subscription:
                     while losses and entry.position > losses[0]:
                         losses.pop(0)
                 frames.append(self._advance(entry))
-        self._replayed += len(events)
-        self._observer.delivered(len(events))
+        delivered = self._events_among(len(events))
+        self._replayed += delivered
+        self._observer.delivered(delivered)
         return frames
+
+    def _events_among(self, entries_framed: int) -> int:
+        """How many of the entries just framed went out as events: all but the deletion
+        markers (a stream told of a deletion as it resumed counts none either)."""
+        notices, self._deletion_notices = self._deletion_notices, 0
+        return entries_framed - notices
 
     def _lost_ahead(self, topic: str, page: LogPage) -> bool:
         """Whether the log lost events after where the replay of its last page left the
@@ -718,7 +729,7 @@ class Subscription:
             elif entry.position > position.position:
                 frames.append(self._advance(entry))
         if frames:
-            self._observer.delivered(len(frames))
+            self._observer.delivered(self._events_among(len(frames)))
         return b"".join(frames)
 
     def _advance(self, entry: LogEntry) -> bytes:
@@ -740,6 +751,7 @@ class Subscription:
         topic = entry.topic
         self._end_topic(topic)
         if entry.event_type == c.DELETED_EVENT:
+            self._deletion_notices += 1
             requested = self._positions[topic]
             self._positions[topic] = entry.id
             return self._gap_frame(topic, Gap("deleted", requested, None))

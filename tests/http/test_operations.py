@@ -103,6 +103,49 @@ async def test_metrics_count_what_happens(aclient: httpx.AsyncClient) -> None:
     assert await value("broker_store_latency_seconds_count") > latency
 
 
+DELIVERED = "broker_delivered_events_total"
+
+
+async def _delivered_and_deletion_notices(client: httpx.AsyncClient) -> tuple[float, float]:
+    text = (await client.get("/metrics")).text
+    deleted = metric_value(text, "broker_gaps_sent_total", {"reason": "deleted"})
+    return metric_value(text, DELIVERED) or 0.0, deleted or 0.0
+
+
+async def test_delivered_events_counts_the_events_written_to_each_subscriber(
+    broker_on_redis: BrokerProcess,
+) -> None:
+    """``broker_delivered_events_total`` moves by the events written to subscribers,
+    replayed or live, and by nothing else: a stream's cursor, retry hint and heartbeats
+    are no events, nor is a deletion's ``broker.gap`` notice, which
+    ``broker_gaps_sent_total`` counts. It counted the log's entries, the deletion's
+    marker among them: one more per stream that saw the deletion live, none for a
+    stream told of it as it resumed (the same notice)."""
+    async with httpx.AsyncClient(base_url=broker_on_redis.url, timeout=10) as client:
+        delivered, deletions = await _delivered_and_deletion_notices(client)
+        topic = new_topic()
+        earlier = await publish_many(client, topic, [1, 2, 3])
+        async with (
+            subscribe(client, topic) as live,
+            subscribe(client, topic, params={"from": "earliest"}) as replayed,
+        ):
+            assert [e.id for e in await replayed.take(3)] == earlier
+            later = await publish_many(client, topic, [4, 5])
+            for stream in (live, replayed):
+                assert [e.id for e in await stream.take(2)] == later
+            assert (await client.delete(f"/topics/{topic}")).status_code == 204
+            for stream in (live, replayed):
+                assert (await stream.next()).event == "broker.gap"
+                assert await stream.wait_ended(5), "a deleted topic's stream ends"
+        async with subscribe(client, topic, last_event_id=later[-1]) as resumed:
+            assert (await resumed.next()).event == "broker.gap"
+        written = len(earlier) + 2 * len(later)  # (the replayed stream's, the live one's)
+        assert await _delivered_and_deletion_notices(client) == (
+            delivered + written,
+            deletions + 3,
+        )
+
+
 def test_openapi_document_lists_the_contract_paths(client: httpx.Client) -> None:
     response = client.get("/openapi.json")
     assert response.status_code == 200
