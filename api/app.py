@@ -24,7 +24,7 @@ from api.auth import Authorizer, redact_tokens
 from api.cors import CorsPolicy, adding_headers, cors_headers
 from api.gc_tuning import tune_gc
 from api.guard import APP_STATE_KEY
-from api.hosts import HostPolicy, host_refused
+from api.hosts import ANY_NAME_SERVED, HostPolicy, host_refused
 from api.lifecycle import drain_on_shutdown_signals
 from api.metrics import PrometheusObserver, count_response, render_metrics
 from api.openapi import openapi_document
@@ -113,6 +113,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     if app.state.authorizer.enabled:
         log.info("authorization: on (JWT)")
+        if app.state.hosts.serves_any_name:
+            log.warning("authorization: on, but %s", ANY_NAME_SERVED)
     else:
         log.warning("authorization: off: anyone who reaches the broker may publish and subscribe")
     return app

@@ -12,6 +12,17 @@ name listed in ``BROKER_ALLOWED_HOSTS``; others get 421. Once that list is set,
 every connection is held to it, whatever its address and the authorization
 (a private network is rebound the same way). The health, readiness and metrics
 routes answer whatever the name: probes send their own.
+
+With authorization on and no list, every name is served, and the broker says so
+loudly at start (``ANY_NAME_SERVED``) rather than refuse to start: no list is
+the documented default of every deployment with tokens (the shipped compose and
+Kubernetes configs set none; the contract requires no such setting), and a
+token in the ``Authorization`` header gains a rebound page nothing. What such a
+page can reach: a cookie (its browser sends a rebound name that name's cookies,
+so the broker's when one is set for a parent domain, ``Domain=example.com``, and
+the rebound name is under it), which the ``Origin`` check of a change by cookie
+then takes, as the page's origin and the ``Host`` it sends agree; and the public
+topics of a broker on a private network.
 """
 
 from __future__ import annotations
@@ -27,6 +38,15 @@ from starlette.responses import Response
 from api.problems import problem
 from broker.health import ThrottledLog
 
+ANY_NAME_SERVED = (
+    "BROKER_ALLOWED_HOSTS is empty: requests are served whatever host name they were "
+    "sent to. A page of a site whose name points at this broker (DNS rebinding) passes "
+    "for the broker's own origin: a publish, close or delete by a cookie its browser "
+    "sends that name (one set for a parent domain) is taken, and BROKER_PUBLIC_TOPICS "
+    "are read by any page a visitor on the broker's network opens. List the names the "
+    "broker is reached by in BROKER_ALLOWED_HOSTS"
+)
+"""Said at start when authorization is on and no name is listed (see the module)."""
 PROBES = frozenset({"/healthz", "/readyz", "/readyz/store", "/metrics"})
 log = logging.getLogger(__name__)
 REFUSALS = ThrottledLog(60.0, log)
@@ -44,6 +64,11 @@ class HostPolicy:
         self._listed = bool(self._exact or self._suffixes)
         self._auth_enabled = auth_enabled
         self._named: dict[bytes, bool] = {}
+
+    @property
+    def serves_any_name(self) -> bool:
+        """Whether no connection is ever checked: authorization on, no name listed."""
+        return self._auth_enabled and not self._listed
 
     def checks(self, local_address: Any) -> bool:
         """Whether requests of a connection accepted on this local address (a socket's

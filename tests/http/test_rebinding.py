@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from api.hosts import HostPolicy
+from api.hosts import ANY_NAME_SERVED, HostPolicy
 from tests.http.helpers import RawResponse, new_topic
 from tests.support.broker_process import BrokerProcess
 from tests.support.redis_server import RedisServer
@@ -215,6 +215,28 @@ async def test_a_list_of_names_is_held_to_whatever_the_authorization(
         {"Authorization": f"Bearer {token}"},
     )
     assert status == (200 if served else 421), body
+
+
+async def test_a_broker_with_authorization_and_no_names_says_so_at_start(
+    auth_broker_any: BrokerProcess, listing_broker: BrokerProcess, open_broker: BrokerProcess
+) -> None:
+    """With no BROKER_ALLOWED_HOSTS a broker with authorization serves every name, so
+    a rebound page passes for its own origin: a cookie sent to that name (one of a
+    parent domain) publishes. Said loudly at start, not refused (see ``api.hosts``);
+    a list, or authorization off on loopback (held to local names), says nothing."""
+    topic = new_topic("rebound")
+    cookie = {"Cookie": f"broker_token={hs_token(claims(publish=[topic]))}"}
+    for broker, served in ((auth_broker_any, 201), (listing_broker, 421)):
+        rebound = f"{FOREIGN}:{broker.port}"
+        headers = JSON | cookie | {"Origin": f"http://{rebound}"}
+        status, _, body = await _answer(
+            broker.port, "POST", f"/topics/{topic}/events", rebound, headers, EVENT
+        )
+        assert status == served, body
+    said = f"WARNING api.app: authorization: on, but {ANY_NAME_SERVED}"
+    assert auth_broker_any.log().count(said) == 1, auth_broker_any.log()
+    for quiet in (listing_broker, open_broker):
+        assert "BROKER_ALLOWED_HOSTS is empty" not in quiet.log(), quiet.log()
 
 
 @pytest.mark.parametrize(
