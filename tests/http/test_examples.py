@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib.util
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +16,7 @@ import httpx
 import pytest
 
 from tests.http.helpers import SseStream, new_topic
+from tests.support.broker_process import BrokerProcess
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -129,3 +132,25 @@ async def test_the_llm_token_example_retries_a_proxys_answer_for_a_broker_gone(
 
 async def _no_wait(seconds: float) -> None:
     return None
+
+
+def test_the_llm_token_example_runs_as_the_readme_runs_it(
+    http_broker: BrokerProcess, client: httpx.Client
+) -> None:
+    """``python examples/llm_tokens.py URL TOPIC PROMPT``, the README's command: it prints
+    the generation's ids and its end, and the topic holds them, closed; run again on the
+    same topic it stops with "closed already" (one topic per generation). The tests
+    above call its function; this runs the program, its arguments and exit included."""
+    topic = new_topic("chat")
+    command = [sys.executable, str(EXAMPLES / "llm_tokens.py"), http_broker.url, topic,
+               "Why is the sky blue?"]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert first.returncode == 0, first.stderr
+    answer = ast.literal_eval(first.stdout.strip())  # (it prints the answer's dict)
+    page = client.get(f"/topics/{topic}/events", params={"limit": 100},
+                      headers={"Accept": "application/json"}).json()  # fmt: skip
+    stored = [e["id"] for e in page["events"]]
+    assert stored == [*answer["ids"], answer["end_id"]]
+    assert "sky blue" in "".join(e["data"] for e in page["events"] if e["event"] == "token")
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode == 1 and "closed already" in again.stderr, again.stderr
