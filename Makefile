@@ -50,9 +50,10 @@ test: $(STAMP) system-tools $(NODE_STAMP)
 	$(BIN)/pytest $(PYTEST_PARALLEL)
 
 # Unit and single-Redis tests only: tests that run nginx, HAProxy or a browser are
-# marked e2e and deselected, so this needs only redis-server (which it installs).
+# marked e2e and deselected, so this needs only redis-server and curl (which it
+# installs; tests/http/test_curl.py runs the README's curl commands, not marked e2e).
 test-fast: $(STAMP)
-	bash scripts/ensure-system-tools.sh redis-server
+	bash scripts/ensure-system-tools.sh redis-server curl
 	$(BIN)/pytest $(PYTEST_PARALLEL) -m "not e2e"
 
 lint: $(STAMP)
