@@ -8,7 +8,7 @@ NODE_STAMP := tests/e2e/node/node_modules/.installed
 # The exact versions the suite passes with; `make lock` regenerates it.
 LOCK := requirements.lock
 
-.PHONY: run test test-fast lint format bench bench-smoke deploy-check system-tools clean lock
+.PHONY: run test test-fast lint format bench deploy-check system-tools clean lock
 
 $(STAMP): pyproject.toml $(LOCK)
 	# (A venv made without pip, where python3-venv is missing, is made again: python
@@ -57,13 +57,13 @@ test-fast: $(STAMP)
 	$(BIN)/pytest $(PYTEST_PARALLEL) -m "not e2e"
 
 lint: $(STAMP)
-	$(BIN)/ruff check broker api tests bench deploy
-	$(BIN)/ruff format --check broker api tests bench deploy
+	$(BIN)/ruff check broker api brokerclient tests bench deploy examples
+	$(BIN)/ruff format --check broker api brokerclient tests bench deploy examples
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format broker api tests bench deploy
-	$(BIN)/ruff check --fix broker api tests bench deploy
+	$(BIN)/ruff format broker api brokerclient tests bench deploy examples
+	$(BIN)/ruff check --fix broker api brokerclient tests bench deploy examples
 
 bench: $(STAMP)
 	bash scripts/ensure-system-tools.sh redis-server nginx nchan
