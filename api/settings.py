@@ -297,7 +297,16 @@ def describe(error: ValidationError) -> str:
     """A settings error as one line per variable, named as the user set it."""
     lines = []
     for problem in error.errors():
-        names = [f"{ENV_PREFIX}{str(part).upper()}" for part in problem["loc"]]
         message = problem["msg"].removeprefix("Value error, ")
-        lines.append(f"{names[0]}: {message}" if names else message)
+        lines.append(f"{_where(problem['loc'])}: {message}" if problem["loc"] else message)
     return "invalid settings: " + "; ".join(lines)
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """The variable, and inside a JSON one which item and member: a policy's bad
+    ``maxlen`` was only "BROKER_TOPIC_POLICIES: Input should be greater than or equal to 1"."""
+    variable, *inside = loc
+    where = f"{ENV_PREFIX}{str(variable).upper()}"
+    for part in inside:
+        where += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return where

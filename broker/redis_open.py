@@ -79,12 +79,18 @@ def open_store(
     return RedisStreamStore(client, LiveReader(reader, client), **options)
 
 
+URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "rediss+cluster")
+"""What ``open_store`` takes (and ``rediss+sentinel``, to say why it cannot)."""
+
+
 def check_redis_url(url: str) -> None:
     """A ValueError for a URL the store cannot use, said at start (before anything
     connects): it was a traceback from the app's start-up, not naming the setting, and
     an option the connection does not take only failed there, as a TypeError."""
-    open_store(url)  # (builds clients, connects nothing)
     scheme = url.partition("://")[0].lower()
+    if scheme not in (*URL_SCHEMES, "rediss+sentinel"):  # (redis-py's named only three)
+        raise ValueError(f"the scheme is none of {', '.join(s + '://' for s in URL_SCHEMES)}")
+    open_store(url)  # (builds clients, connects nothing)
     if scheme.endswith(("+sentinel", "+cluster")):
         return
     pool = redis.ConnectionPool.from_url(url)

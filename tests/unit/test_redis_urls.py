@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from broker.redis_open import open_store
+from broker.redis_open import URL_SCHEMES, check_redis_url, open_store
 from broker.redis_store import RedisStreamStore
 from broker.redis_urls import REDIS_PORT, SENTINEL_PORT, split_servers_url
 
@@ -125,6 +125,15 @@ async def test_a_tls_clusters_options_reach_every_client(
 def test_a_url_that_would_connect_otherwise_than_it_says_is_refused(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         open_store(url)
+
+
+@pytest.mark.parametrize("url", ["http://redis.test", "127.0.0.1:6379", "sentinel://h/m"])
+def test_an_unknown_scheme_is_told_with_every_scheme_the_broker_takes(url: str) -> None:
+    """redis-py's message named redis://, rediss:// and unix:// only."""
+    with pytest.raises(ValueError) as refused:
+        check_redis_url(url)
+    assert all(f"{scheme}://" in str(refused.value) for scheme in URL_SCHEMES)
+    assert "redis+sentinel://" in str(refused.value) and "rediss+cluster://" in str(refused.value)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from api.settings import Settings
+from api.settings import Settings, describe
 from broker.errors import InvalidInput
 from broker.expiry import EXPIRY_MARGIN_S, ExpiryWatch
 from broker.policy import Policies, Retention, TopicPattern, TopicPolicy
@@ -134,6 +134,24 @@ def test_bad_topic_policies_are_refused_by_the_settings(
     monkeypatch.setenv("BROKER_TOPIC_POLICIES", value)
     with pytest.raises(ValidationError, match="topic_policies"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ('[{"pattern": "a*"}, {"pattern": "b*", "maxlen": 0}]', "BROKER_TOPIC_POLICIES[1].maxlen"),
+        ('[{"pattern": "a*", "ttl": 1}]', "BROKER_TOPIC_POLICIES[0].ttl"),
+    ],
+)
+def test_a_bad_policy_is_named_by_its_place_and_member(
+    value: str, named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "BROKER_TOPIC_POLICIES: Input should be greater than or equal to 1": of
+    which policy, which member, was for the operator to find."""
+    monkeypatch.setenv("BROKER_TOPIC_POLICIES", value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert describe(refused.value).startswith(f"invalid settings: {named}: ")
 
 
 def test_good_topic_policies_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
