@@ -106,7 +106,9 @@ def problem_for(error: BrokerError | HttpProblem) -> Response:
     if isinstance(error, Unauthorized):
         return _unauthorized(error)
     if isinstance(error, HttpProblem):
-        return problem(error.status, error.title, error.detail)
+        # A 408 closes the connection after it (the ingest's idle client): said so.
+        closing = {"Connection": "close"} if error.status == 408 else None
+        return problem(error.status, error.title, error.detail, closing)
     if isinstance(error, InvalidInput):
         return problem(400, "Invalid request", error.detail)
     if isinstance(error, TooLarge):

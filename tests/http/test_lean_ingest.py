@@ -354,6 +354,8 @@ async def test_an_idle_body_reads_the_same(slow_body_broker: BrokerProcess) -> N
     assert lean.status == by_app.status == 408
     assert lean.json()["type"] == by_app.json()["type"] == "/problems#request-timeout"
     assert lean.json()["detail"] == "no line for 1 s: ingest stopped"
+    # Said, as the connection closes after it (RFC 9110 15.5.9; a client reusing it failed):
+    assert lean.headers.get("connection") == by_app.headers.get("connection") == "close"
 
 
 async def test_a_client_going_away_mid_body_keeps_what_came_whole(
