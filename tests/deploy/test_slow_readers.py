@@ -5,8 +5,8 @@ Between a slow client and the broker, a proxy holds the bytes of its own two soc
 on loopback with Linux's defaults, a client that stops reading takes some 4 MB of
 publishing before the broker sees it slow and drops it (directly, some 1.2 MB with
 ``BROKER_SUBSCRIBER_BUFFER_BYTES`` at 128 KiB). When the broker cuts the connection,
-the proxy must pass the cut on (never end the response as if whole) and the client
-must come back through it with the id of the last whole event it got.
+the proxy must pass the cut on, and the client come back through it with the id of
+the last whole event it got, and miss nothing.
 """
 
 from __future__ import annotations

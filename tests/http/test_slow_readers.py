@@ -11,6 +11,8 @@ whole, or a ``broker.gap`` asked from exactly where the reader was.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterator
 
 import httpx
@@ -19,16 +21,22 @@ import pytest
 from tests.http.conftest import SLOW
 from tests.http.helpers import new_topic
 from tests.support.broker_process import BrokerProcess
+from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
 from tests.support.slow_reader import (
     GAP_EVENT,
     Flood,
     SlowReader,
     delivery_problems,
+    done_with,
     read_slowly_through_a_drop,
     stream_target,
 )
 
+# One publish of ~1 MB, under the 1 MiB body limit: past what the kernel's buffers of
+# both ends take (some 0.5 MB), by several times the 128 KiB subscriber buffer.
+BURST_EVENTS = 900
+BURST_EVENT_BYTES = 1000
 RETAINED = 200  # events of a trimmed topic: far fewer than a cut reader is behind
 PIPELINED = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
@@ -102,3 +110,40 @@ async def test_a_slow_reader_of_several_topics_resumes_each_exactly(
         assert delivery_problems(flood.published[topic], reader.events, topic, starts[topic]) == []
     assert reader.connections >= 2, "the broker never cut the slow reader"
     assert all("~" in resumed for resumed in reader.resumed_from), reader.resumed_from
+
+
+async def test_a_reader_paused_through_a_burst_is_dropped_by_the_clock_and_resumes_exactly(
+    slow_broker: BrokerProcess,
+) -> None:
+    """One burst (one live read) is taken whole, and no event follows it: only the
+    heartbeat clock can find that its reader, paused, took none of it. Dropped so,
+    the reader reads on what reached it, then comes back from its last whole event."""
+    topic = new_topic("paused")
+    reader = SlowReader(slow_broker.port, stream_target([topic]))
+    async with httpx.AsyncClient(base_url=slow_broker.url, timeout=15) as client:
+        flood = Flood(client, [topic], event_bytes=BURST_EVENT_BYTES, batch=BURST_EVENTS)
+        starts = await flood.start_events()
+        reading = asyncio.create_task(reader.read_until(done_with([topic]), timeout=30))
+        try:
+            await await_until(
+                lambda: bool(reader.events), timeout=5, what="its start event", worker=reading
+            )
+            reader.reading.clear()
+            dropped_before = await flood.dropped()
+            await flood.batches(1)
+
+            async def dropped() -> bool:
+                return await flood.dropped() > dropped_before
+
+            # (The clock ticks every third of the 1 s heartbeat.)
+            await await_until(dropped, timeout=10, what="the clock to drop the paused reader")
+            reader.reading.set()
+            reader.hurry.set()
+            await flood.done()
+            await reading
+        finally:
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
+    assert delivery_problems(flood.published[topic], reader.events, topic, starts[topic]) == []
+    assert reader.connections >= 2, "the paused reader was never cut"

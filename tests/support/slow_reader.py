@@ -21,6 +21,7 @@ import httpx
 import orjson
 
 from broker.ids import EventId, parse_cursor
+from tests.support.polling import await_until
 from tests.support.sse import last_event_id, parse_sse
 
 HEAD_END = b"\r\n\r\n"
@@ -98,6 +99,12 @@ class SlowReader:
     resumed_from: list[str] = field(default_factory=list)
     """The Last-Event-ID of each reconnection."""
     hurry: asyncio.Event = field(default_factory=asyncio.Event)
+    reading: asyncio.Event = field(default_factory=asyncio.Event)
+    """Cleared, it reads nothing until it is set again (a tab in the background, a phone
+    in a tunnel): its receive buffer fills, then the broker's."""
+
+    def __post_init__(self) -> None:
+        self.reading.set()
 
     async def read_until(self, last: Callable[[dict[str, str]], bool], timeout: float) -> None:
         """Read, reconnecting after each cut, until an event ``last`` holds for arrives."""
@@ -121,6 +128,7 @@ class SlowReader:
             body = await self._read_head(sock)
             try:
                 while not body.ended:
+                    await self.reading.wait()
                     data = await loop.sock_recv(sock, self.read_bytes)
                     if not data:
                         break
@@ -287,6 +295,7 @@ class Flood:
             await self._publish(topic, [{"data": f"done:{topic}", "event": DONE_EVENT}])
 
     async def dropped(self) -> float:
+        """How many slow subscribers the broker dropped so far."""
         answer = await self.client.get("/metrics")
         assert answer.status_code == 200
         samples = re.findall(rf"^{DROPPED_METRIC}(?:{{[^}}]*}})? (\S+)$", answer.text, re.M)
@@ -305,13 +314,14 @@ async def read_slowly_through_a_drop(reader: SlowReader, flood: Flood) -> None:
     (The flood goes to the broker itself; the reader may be behind a proxy.)"""
     reading = asyncio.create_task(reader.read_until(done_with(flood.topics), timeout=READ_SECONDS))
     try:
-        for _ in range(500):  # subscribed and live (its start events came) before the flood
-            if len(reader.events) >= len(flood.topics) or reading.done():
-                break
-            await asyncio.sleep(0.01)
-        # (A reader still catching up is waited for, never dropped: the flood must find
-        # it live.)
-        assert len(reader.events) >= len(flood.topics), f"not subscribed: {reader}"
+        # Live before the flood (its start events came): a reader still catching up is
+        # waited for, never dropped.
+        await await_until(
+            lambda: len(reader.events) >= len(flood.topics),
+            timeout=5,
+            what="the reader's start events",
+            worker=reading,
+        )
         await flood.until_dropped(MOST_BATCHES)
         await flood.batches(AFTER_DROP_BATCHES)
         reader.hurry.set()
