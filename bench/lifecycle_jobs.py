@@ -1,7 +1,8 @@
 """Load-generator jobs for short-lived topics: `sessions` (LLM generations) and `churn`.
 
 `sessions`: each slot runs generations one after another, each on a new topic: a
-subscriber subscribes first (the producer waits for its 200), then the producer sends
+subscriber subscribes first (the producer waits until its stream is live: the 200, and
+on the broker the cursor its stream from now then sends), then the producer sends
 the tokens at a fixed pace, by one POST per token, one streaming (NDJSON) request, or
 straight to Redis with `brokerclient.direct.DirectPublisher` (one per load-generator
 process, shared by its slots, as one producer process would hold one), and closes
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import random
 import time
@@ -53,6 +55,8 @@ if TYPE_CHECKING:
 Message = dict[str, Any]
 STATUS_TIMEOUT_S = 15.0
 MAX_CONNECTS = 6  # per session: the first, the planned drop, and a few unplanned cuts
+MAX_COME_BACKS = 10  # "come back later" answers a session takes before it gives up
+MAX_RETRY_MS = 5000  # the longest wait for a "come back later" (the server's retry hint)
 END = "broker.end"
 NDJSON = "application/x-ndjson"
 
@@ -85,6 +89,40 @@ def _future() -> asyncio.Future[None]:
 
 
 @dataclass
+class Connection:
+    """One of a session's GETs, as its subscriber saw it (reported for inexact sessions:
+    what each connection brought, and what ended it). Times: seconds since the session
+    began."""
+
+    number: int
+    opened_s: float
+    last_event_id: str | None  # sent as Last-Event-ID
+    status: int = 0
+    status_s: float | None = None
+    ended_s: float | None = None
+    end_reason: str | None = None
+    tokens: int = 0
+    first_token: int | None = None
+    last_token: int | None = None
+    ids_without_event: list[str] = field(default_factory=list)  # the first few
+    received_bytes: int = 0
+    tail: str = ""  # its last bytes, when it ended
+
+    def took(self, n: int) -> None:
+        self.tokens += 1
+        if self.first_token is None:
+            self.first_token = n
+        self.last_token = n
+
+    def over(self, stream: SseStream | None, at_s: float) -> None:
+        self.ended_s = at_s
+        if stream is not None:
+            self.end_reason = stream.end_reason or "the session was done"
+            self.received_bytes = stream.received_bytes
+            self.tail = stream.tail.decode(errors="replace")
+
+
+@dataclass
 class Session:
     """One generation as its subscriber saw it."""
 
@@ -104,12 +142,23 @@ class Session:
     status: int = 0
     stream: SseStream | None = None
     done: asyncio.Future[None] = field(default_factory=_future)
+    # The server sends a stream's cursor once it is live (the broker: an id with no
+    # event, for a stream from now): the producer waits for it, not for the 200.
+    live_cursor: bool = False
+    cursor: asyncio.Future[None] = field(default_factory=_future)  # a first id came
+    came_back_later: int = 0  # 200s that ended before the stream was live
+    began: float = field(default_factory=time.monotonic)
+    connections: list[Connection] = field(default_factory=list)
+    produced_s: tuple[float, float] | None = None  # when its producer began and ended
+
+    def since(self) -> float:
+        return round(time.monotonic() - self.began, 3)
 
     def on_event(self, event: SseEvent, connection: int) -> None:
         if connection != self.connects or self.done.done():
             return  # what a dropped connection still had in its last read
-        if event.id:
-            self.last_id = event.id
+        if event.id is not None:
+            self._took_id(event.id)
         if event.event == END:
             self.ended = True
             self._finish()
@@ -119,16 +168,33 @@ class Session:
         elif event.event is None:
             self._token(orjson.loads(event.data))
 
+    def on_last_id(self, event_id: str, connection: int) -> None:
+        """An id with no event (the broker's cursor on a stream from now): kept as the
+        last id, as EventSource keeps it, to resume from there."""
+        if connection != self.connects or self.done.done():
+            return
+        self._took_id(event_id)
+        ids = self.connections[-1].ids_without_event
+        if len(ids) < 3:
+            ids.append(event_id)
+
+    def _took_id(self, event_id: str) -> None:
+        self.last_id = event_id
+        if not self.cursor.done():
+            self.cursor.set_result(None)
+
     def _token(self, data: dict[str, Any]) -> None:
         now_ns = time.time_ns()
         self.received.append(data["n"])
+        self.connections[-1].took(data["n"])
         if data["t"] >= self.replayed_before_ns:
             self.latencies_ms.append((now_ns - data["t"]) / 1e6)
         if not self.closes and data["n"] == self.tokens - 1:
             self._finish()
         elif data["n"] == self.drop_after and not self.dropped and self.stream is not None:
             self.dropped = True
-            self.stream.close()  # as a network drop: the client resumes by its last id
+            # As a network drop: the client resumes by its last id.
+            self.stream.close("the planned drop")
 
     def _finish(self) -> None:
         if not self.done.done():
@@ -147,33 +213,83 @@ class Session:
     async def follow(
         self, host: str, port: int, path: str, subscribed: asyncio.Future[int]
     ) -> None:
-        """Subscribe, and resume by the last id whenever the stream ends before the end."""
+        """Subscribe, and resume by the last id whenever the stream ends before the end.
+
+        ``subscribed`` is the producer's go: 200 once the stream is live, else the
+        status that refused it (0: no answer)."""
         try:
-            while self.connects < MAX_CONNECTS and not self.done.done():
-                self.connects += 1
-                headers = {"Last-Event-ID": self.last_id} if self.last_id else None
-                if self.connects > 1:
-                    self.replayed_before_ns = time.time_ns()
-                connection = self.connects
-                try:
-                    self.stream = await open_stream(
-                        host,
-                        port,
-                        get_request(host, port, path, headers),
-                        functools.partial(self.on_event, connection=connection),
-                    )
-                    self.status = await asyncio.wait_for(self.stream.status, STATUS_TIMEOUT_S)
-                except (OSError, TimeoutError):
-                    self.status = 0
-                if not subscribed.done():
-                    subscribed.set_result(self.status)
-                if self.status != 200 or self.stream is None:
+            while self._may_connect():
+                if not await self._connection(host, port, path, subscribed):
                     break
-                await asyncio.wait({self.stream.ended, self.done}, return_when="FIRST_COMPLETED")
         finally:
             if not subscribed.done():
-                subscribed.set_result(0)
+                subscribed.set_result(self.status if self.status != 200 else 0)
             self._finish()  # also when given up on: the stream is closed
+
+    def _may_connect(self) -> bool:
+        return (
+            self.connects - self.came_back_later < MAX_CONNECTS
+            and self.came_back_later <= MAX_COME_BACKS
+            and not self.done.done()
+        )
+
+    async def _connection(
+        self, host: str, port: int, path: str, subscribed: asyncio.Future[int]
+    ) -> bool:
+        """One GET, followed until it ends; whether to connect again."""
+        self.connects += 1
+        connection = self.connects
+        headers = {"Last-Event-ID": self.last_id} if self.last_id else None
+        if connection > 1:
+            self.replayed_before_ns = time.time_ns()
+        record = Connection(connection, self.since(), self.last_id)
+        self.connections.append(record)
+        self.stream = None
+        try:
+            self.stream = await open_stream(
+                host,
+                port,
+                get_request(host, port, path, headers),
+                functools.partial(self.on_event, connection=connection),
+                functools.partial(self.on_last_id, connection=connection),
+            )
+            self.status = await asyncio.wait_for(self.stream.status, STATUS_TIMEOUT_S)
+        except (OSError, TimeoutError) as error:
+            self.status = 0
+            record.end_reason = f"could not subscribe: {error!r}"
+        record.status, record.status_s = self.status, self.since()
+        stream = self.stream
+        if self.status != 200 or stream is None:
+            record.over(stream, self.since())
+            return False
+        if not subscribed.done():
+            if not await self._went_live(stream):
+                record.over(stream, self.since())
+                return await self._come_back_later(stream)
+            subscribed.set_result(200)
+        await asyncio.wait({stream.ended, self.done}, return_when="FIRST_COMPLETED")
+        record.over(stream, self.since())
+        return True
+
+    async def _went_live(self, stream: SseStream) -> bool:
+        """Whether the stream that answered 200 is live, so that its producer may start.
+
+        With a server that sends the cursor (the broker), once that came: a 200 may be
+        the broker's "come back later" (its store did not answer in time), a stream that
+        ends at once with no id, which EventSource takes as a reason to reconnect (a
+        503 would stop it for good). No subscription was made: started on that 200, the
+        producer's first tokens went to nobody, and the reconnect from now missed them
+        with nothing to say so (a session 40 tokens short, with no gap)."""
+        return not self.live_cursor or await _live(stream, self.cursor)
+
+    async def _come_back_later(self, stream: SseStream) -> bool:
+        """A stream that ended before it was live: come back after the server's retry
+        hint, as EventSource does. False if it did not end (no cursor in time)."""
+        if not stream.ended.done():
+            return False
+        self.came_back_later += 1
+        await asyncio.sleep(min(stream.retry_ms or 0, MAX_RETRY_MS) / 1000)
+        return True
 
 
 @dataclass
@@ -205,6 +321,7 @@ class SessionTally:
             "tokens_published": self.published,
             "publish_failed": self.publish_failed,
             "subscribe_failed": self.subscribe_failed,
+            "came_back_later": sum(s.came_back_later for s in self.sessions),
             "latencies_ms": [ms for s in self.sessions for ms in s.latencies_ms],
             "late_s": self.late_s,
             "failures": self.failures,
@@ -217,13 +334,26 @@ def _describe(session: Session) -> Message:
         "topic": session.topic,
         "received": len(got),
         "distinct": len(set(got)),
-        "missing": sorted(set(range(session.tokens)) - set(got))[:5],
+        "missing": _ranges(sorted(set(range(session.tokens)) - set(got)))[:5],
         "in_order": got == sorted(got),
         "ended": session.ended,
         "gaps": session.gap_reasons,
         "connects": session.connects,
         "last_status": session.status,
+        "produced_s": session.produced_s,
+        "connections": [dataclasses.asdict(c) for c in session.connections],
     }
+
+
+def _ranges(numbers: list[int]) -> list[list[int]]:
+    """Sorted numbers as [first, last] runs: [1, 2, 3, 7] -> [[1, 3], [7, 7]]."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and runs[-1][1] == n - 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return runs
 
 
 class Producer:
@@ -340,6 +470,7 @@ async def _run_slot(
                 tokens=tokens,
                 closes=spec["close"],
                 drop_after=rng.randrange(tokens // 4, 3 * tokens // 4 + 1) if drop else None,
+                live_cursor=spec["live_cursor"],
             )
             tally.sessions.append(session)
             subscribed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -352,7 +483,9 @@ async def _run_slot(
                 followers.append(follower)
                 continue
             begin = max(start, time.monotonic())
+            began_s = session.since()
             await producer.generate(session.topic, tokens, begin)
+            session.produced_s = (began_s, session.since())
             tally.late_s.append(time.monotonic() - (begin + (tokens - 1) / spec["rate"]))
             # The subscriber has `grace_s` from the producer's last word, however late.
             followers.append(asyncio.ensure_future(_give_up_after(follower, spec["grace_s"])))
@@ -485,13 +618,25 @@ async def _topic_life(
     topic = f"{spec['prefix']}.{index}"
     path = f"/topics/{topic}/events"
     host, port = spec["host"], spec["port"]
+    cursor: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def took_cursor(_: str) -> None:
+        if not cursor.done():
+            cursor.set_result(None)
+
     try:
-        stream = await open_stream(host, port, get_request(host, port, path), tally.on_event)
+        stream = await open_stream(
+            host, port, get_request(host, port, path), tally.on_event, took_cursor
+        )
         status = await asyncio.wait_for(stream.status, STATUS_TIMEOUT_S)
     except (OSError, TimeoutError):
         status = 0
-    if status != 200:
+    if status != 200 or not await _live(stream, cursor):
+        # (A 200 that ends before the cursor is the broker's "come back later": no
+        # subscription, so its events would go to nobody; see Session._went_live.)
         tally.subscribe_failed += 1
+        if status == 200:
+            stream.close()
         return
     streams.add(stream)
     tally.live_now += 1
@@ -504,6 +649,14 @@ async def _topic_life(
         tally.live_now -= 1
         stream.close()
         streams.discard(stream)
+
+
+async def _live(stream: SseStream, cursor: asyncio.Future[None]) -> bool:
+    """Whether the broker's stream from now sent its cursor (it is live) before it ended."""
+    await asyncio.wait(
+        {stream.ended, cursor}, timeout=STATUS_TIMEOUT_S, return_when="FIRST_COMPLETED"
+    )
+    return cursor.done()
 
 
 async def _publish_life(spec: Message, path: str, pool: PublisherPool, tally: ChurnTally) -> None:

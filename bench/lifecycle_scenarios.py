@@ -133,7 +133,7 @@ def _sessions_specs(
             rate=sizes.sessions_rate, drop_fraction=sizes.sessions_drop_fraction,
             grace_s=sizes.sessions_grace_s, seed=f"{mode}:{first}",
             prefix=f"bench.sessions.{mode}.{uuid.uuid4().hex[:8]}", start_at=start_at,
-            envelope=server.target.envelope, **direct,
+            envelope=server.target.envelope, live_cursor=server.target.is_broker, **direct,
         )
         for n, first in zip(counts, firsts, strict=True)
     ]  # fmt: skip
@@ -183,6 +183,7 @@ def _session_figures(outcome: Outcome, mode: str, results: list[Message], window
         for key in (
             "sessions", "exact", "ended", "dropped_and_resumed", "connects", "gaps",
             "tokens_received", "tokens_published", "publish_failed", "subscribe_failed",
+            "came_back_later",
         )
     }  # fmt: skip
     latencies = [ms for r in results for ms in r["latencies_ms"]]
@@ -199,6 +200,13 @@ def _session_figures(outcome: Outcome, mode: str, results: list[Message], window
         # The producers' and subscribers' side (a direct publisher's work is here).
         "load_generator_cpu_us_per_token": 1e6 * sum(r["cpu_s"] for r in results) / tokens,
     }
+    if summed["came_back_later"]:
+        # The broker's answer when its store did not answer a subscribe in time (the
+        # pool's wait, on a saturated machine): the subscriber came back, and its
+        # producer waited for it.
+        outcome.warnings.append(
+            f"{mode}: {summed['came_back_later']} subscribes were told to come back later"
+        )
     if summed["exact"] < summed["sessions"]:
         outcome.warnings.append(
             f"{mode}: only {summed['exact']} of {summed['sessions']} sessions were exact"
