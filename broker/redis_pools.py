@@ -9,7 +9,8 @@ server by ``tests/unit/test_private_surfaces_redis.py``: a redis-py upgrade that
 changes one fails that test first, naming it and its user):
 
 - here: ``BlockingConnectionPool._in_use_connections`` (sized),
-  ``.get_connection()`` / ``.release(connection)`` (async), ``.make_connection()``
+  ``.get_connection()`` / ``.release(connection)`` (async; its wait running out is a
+  ConnectionError caused by a TimeoutError), ``.make_connection()``
   (sync); ``AbstractConnection.register_connect_callback(callback)`` (sync, kept
   by weak reference: a bound method) and ``.connect()`` (async);
   ``ClusterNode.acquire_connection()`` (sync, MaxConnectionsError when full),
@@ -40,12 +41,20 @@ from typing import Any
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 
 from broker.redis_options import REDIS_FAILURES
 from broker.redis_primary import WatchedSentinelPool
 
 log = logging.getLogger(__name__)
+
+
+class PoolBusy(RedisConnectionError):
+    """Every connection of the pool stayed in use for the pool's whole wait: this process
+    is busy, and Redis may well be fine. Not a reason to drop the idle connections, as a
+    connection that failed is (``drop_idle_connections``): dropped while other commands
+    took them, they failed in turn ("TCPTransport closed"; bench review)."""
 
 
 class FixedPool(redis.BlockingConnectionPool):
@@ -87,12 +96,24 @@ class FixedPool(redis.BlockingConnectionPool):
             return connection
         self._waiting += 1
         try:
-            connection = await super().get_connection()  # type: ignore[no-untyped-call]
+            connection = await self._wait_for_connection()
             if not _sound(connection):
                 await self._reopen(connection)
             return connection
         finally:
             self._waiting -= 1
+
+    async def _wait_for_connection(self) -> AbstractConnection:
+        try:
+            connection: AbstractConnection = await super().get_connection()  # type: ignore[no-untyped-call]
+        except RedisConnectionError as error:
+            if isinstance(error.__cause__, asyncio.TimeoutError):
+                raise PoolBusy(
+                    f"every one of its {self.max_connections} connections was in use for "
+                    f"{self.timeout:g} s (this process is busy)"
+                ) from error
+            raise
+        return connection
 
     def _take_idle(self) -> AbstractConnection | None:
         """The most recently released connection (as redis-py would take), if any."""

@@ -46,7 +46,7 @@ from broker.redis_checks import (
 )
 from broker.redis_live import AnyLiveReader, LiveReader, LocalWrites
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
-from broker.redis_pools import BoundedCluster, FixedPool, open_cluster_pools
+from broker.redis_pools import BoundedCluster, FixedPool, PoolBusy, open_cluster_pools
 from broker.redis_primary import PrimaryWatch
 from broker.redis_raw import RawConnection
 from broker.redis_slots import CLUSTER_REDIRECTED, SlotCommands
@@ -763,6 +763,8 @@ class RedisStreamStore:
             if is_misconfiguration(error):  # (an ACL changed while it ran, a right unlisted)
                 self._refusal_warning.say("redis refused a command: %s", error)
             raise StoreUnavailable(f"redis refused the command: {error}") from error
+        except PoolBusy as error:  # (the connections are sound: none is dropped)
+            raise StoreUnavailable(f"redis: {error}") from error
         except REDIS_FAILURES as error:
             await drop_idle_connections(self._client)
             raise StoreUnavailable(_unreachable_reason(error)) from error

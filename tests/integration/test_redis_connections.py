@@ -284,3 +284,34 @@ async def test_every_connection_to_redis_sends_keepalives(private_redis: RedisSe
         subscription.close()
     finally:
         await broker.close()
+
+
+async def test_a_pool_busy_for_its_whole_wait_drops_no_connection(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connection in use for the pool's wait (a saturated process) was taken for
+    Redis failing: the idle connections were dropped while other commands took them,
+    and those failed in turn ("TCPTransport closed"; bench, 2026-11-29). Redis is fine:
+    the command is refused (503, a stream's come-back) and the connections stay."""
+    dropped: list[object] = []
+
+    async def drop_spy(client: object) -> None:
+        dropped.append(client)
+
+    monkeypatch.setattr("broker.redis_store.drop_idle_connections", drop_spy)
+    store = open_store(private_redis.url, pool_size=2)
+    try:
+        await store.open()
+        pool = command_pool(store)
+        pool.timeout = 0.2
+        held = [await pool.get_connection() for _ in range(2)]
+        with pytest.raises(StoreUnavailable, match=r"in use for 0\.2 s") as refused:
+            await store.state(fresh_topics(1)[0])
+        assert "unreachable" not in str(refused.value)
+        for connection in held:
+            await pool.release(connection)
+        assert dropped == []
+        assert all(connection.is_connected for connection in held)
+        assert await store.state(fresh_topics(1)[0]) is not None  # and it serves at once
+    finally:
+        await store.close()
