@@ -7,6 +7,7 @@
  *     onEnd: function (e) { ... the topic was closed ... },
  *     withCredentials: false,          // true for a broker on another origin of the same site, with cookies
  *     onError: function (e) { ... e.fatal, e.status, e.problem ... },
+ *     onOpen: function () { ... the broker placed the stream: start the producer here ... },
  *     types: ["order.created"],        // event types to listen to besides "message"
  *     retries: 8,                      // reopenings after a passing refusal (502...), in a row
  *   });
@@ -33,6 +34,12 @@
  *   is told (onGap, "unknown") if it comes back after a log came and expired
  *   (and, Redis keeping nothing of an expired key, if it comes back a TTL or more
  *   later with nothing published: the broker cannot tell the two apart).
+ * - onOpen is told once, when the broker has placed the stream: its first
+ *   broker.position or delivered event. Not on EventSource's "open": a broker that
+ *   could not read its store in time answers a 200 with only a retry: hint and a body
+ *   that ends at once, EventSource fires "open" for it, and its reconnect starts from
+ *   a later "now" (a stream with no place yet): a producer started there lost its first
+ *   events untold. Reconnects (the browser's, the helper's) do not tell it again.
  * - broker.gap and broker.end are surfaced (onGap, onEnd); the stream stops at
  *   broker.end (a multi-topic stream, /events?topic=a&topic=b, at the end of each
  *   of its topics; a topic's "deleted" gap ends it too), and a later page that
@@ -293,6 +300,7 @@
     // The stream ended at this place on an earlier page: the broker answers 204.
     var endedBefore = stored !== null && load(ENDED_PREFIX + key) === stored;
     var delivered = false;
+    var placed = false;  // the broker placed the stream, and onOpen was told so
     var closed = false;
     var closedByPage = false;  // (close() by the page: told nothing after it)
     var handle = {
@@ -361,6 +369,7 @@
       retries = 0;
       // Saved before the callbacks run: a reload from inside one resumes after this event.
       if (event.lastEventId) { savePlace(event.lastEventId); }
+      tellPlaced();  // (before the event: the stream stood somewhere first)
       var message = { id: event.lastEventId || null, type: event.type, data: event.data };
       if (event.type === GAP) {
         var gap;
@@ -386,6 +395,15 @@
       if (closed || !event.lastEventId) { return; }
       savePlace(event.lastEventId);
       lastId = event.lastEventId;
+      tellPlaced();
+    }
+
+    // The broker placed the stream (what it sends from here on follows "now"): onOpen,
+    // once. EventSource's "open" is no sign of it: a come-back-later 200 fires it too.
+    function tellPlaced() {
+      if (placed) { return; }
+      placed = true;
+      if (options.onOpen) { options.onOpen(); }
     }
 
     function open(place) {
@@ -397,10 +415,7 @@
       var types = ["message", GAP, END].concat(options.types || []);
       types.forEach(function (type) { source.addEventListener(type, deliver); });
       source.addEventListener(POSITION, keepPosition);
-      source.addEventListener("open", function () {
-        openedAt = Date.now();
-        if (options.onOpen) { options.onOpen(); }
-      });
+      source.addEventListener("open", function () { openedAt = Date.now(); });
       source.addEventListener("error", function () {
         // CLOSED: the broker refused (401, 403, 400...), a proxy answered 502 (no broker
         // up), or the broker answered 204 (a closed topic); EventSource will not try
