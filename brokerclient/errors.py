@@ -33,7 +33,9 @@ class StreamInterrupted(BrokerClientError):
     broker is stored; the request was broken off, not ended, so the broker took it for
     no complete stream (a ``close`` was not done). ``idempotency_key`` is the stream's
     key (the caller's, or the one made up for it): a resend of the whole stream under
-    it stores those lines no second time, and goes on with the rest."""
+    it stores those lines no second time, and goes on with the rest. The same events
+    first: line n of a key is stored once whatever it holds, so other ones in their
+    place (a model's new answer) are skipped, and the rest spliced onto the old lines."""
 
     def __init__(self, message: str, *, idempotency_key: str, lines_sent: int) -> None:
         super().__init__(message)

@@ -242,9 +242,10 @@ class Publisher:
         it with ``StreamInterrupted``, raised from that error: the lines sent before it
         are stored (those that reached the broker), the request broken off (no
         ``close``), and its ``idempotency_key`` (the one given, or the one made up) is
-        the key to send the whole stream again under, which stores those lines no
-        second time. A ``BaseException`` (Ctrl-C)
-        goes through as it is: give ``idempotency_key`` to know the key then too.
+        the key to send the whole stream again under (the same events first: other
+        ones in their place are skipped), which stores those lines no second time. A
+        ``BaseException`` (Ctrl-C) goes through as it is: give ``idempotency_key`` to
+        know the key then too.
         """
         key = idempotency_key_of(idempotency_key)
         lines = _SentLines(iter(events), key)
@@ -520,7 +521,8 @@ class _Interrupted(Exception):
     def public(self) -> StreamInterrupted:
         return StreamInterrupted(
             f"the stream's events raised {self.error!r} after {self.lines_sent} lines: "
-            f"resend the stream under idempotency key {self.key} to store each line once",
+            f"resend the same events, from the first, under idempotency key {self.key} "
+            "to store each line once",
             idempotency_key=self.key,
             lines_sent=self.lines_sent,
         )

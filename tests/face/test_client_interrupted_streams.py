@@ -128,3 +128,37 @@ def test_a_keyboard_interrupt_in_the_iterator_goes_through_as_it_is(
 
     with Publisher(face_broker.url) as publisher, pytest.raises(KeyboardInterrupt):
         publisher.stream(_topic(), interrupted())
+
+
+def test_an_event_that_is_not_json_interrupts_the_stream_too(face_broker: BrokerProcess) -> None:
+    """As the README says: the stream's own ValueError (a NaN has no JSON form) is the
+    cause, the lines before it stored."""
+    topic = _topic()
+    events = [*_generation(LINES_BEFORE_THE_ERROR), event(float("nan"))]
+    with Publisher(face_broker.url) as publisher:
+        with pytest.raises(StreamInterrupted) as raised:
+            publisher.stream(topic, events, close=True)
+        assert isinstance(raised.value.__cause__, ValueError)
+        assert raised.value.lines_sent == LINES_BEFORE_THE_ERROR
+        _assert_first_lines_stored_and_left_open(face_broker.url, topic)
+        publisher.publish(topic, "after")  # (TopicClosed, had close=true been done)
+
+
+def test_other_events_resent_under_the_key_are_spliced_onto_the_stored_ones(
+    face_broker: BrokerProcess,
+) -> None:
+    """Why the README says "the same events, from the first": line n of a key is stored
+    once whatever it holds. Its example said to regenerate under the key: a model asked
+    again answers otherwise, and the topic held the dead answer's start, then the new
+    answer's rest."""
+    topic, cause = _topic(), OSError("the GPU fell off the bus")
+    regenerated = [event({"again": n}, event="token") for n in range(5)]
+    with Publisher(face_broker.url) as publisher:
+        with pytest.raises(StreamInterrupted) as raised:
+            publisher.stream(topic, _dies_midway(cause), close=True)
+        _assert_first_lines_stored_and_left_open(face_broker.url, topic)
+        key = raised.value.idempotency_key
+        publisher.stream(topic, regenerated, idempotency_key=key, close=True)
+    stored = [e["data"] for e in _history(face_broker.url, topic)]
+    spliced = [{"n": n} for n in range(LINES_BEFORE_THE_ERROR)] + [{"again": 3}, {"again": 4}]
+    assert stored == [*spliced, {}]
