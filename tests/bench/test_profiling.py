@@ -1,5 +1,7 @@
 """`--profile`'s summary of py-spy's collapsed stacks."""
 
+from __future__ import annotations
+
 from pathlib import Path
 
 from bench.profiling import hottest
