@@ -19,7 +19,7 @@ import pytest
 from brokerclient import AsyncSubscriber, Event, Publisher, Subscriber
 from brokerclient import subscriber as subscriber_module
 from tests.support.broker_process import BROKER_BIN, BrokerProcess
-from tests.support.polling import wait_until
+from tests.support.polling import await_until, wait_until
 from tests.support.redis_server import RedisServer, free_port
 
 LONG_BACKOFF_S = 5.0
@@ -82,9 +82,12 @@ async def test_closing_an_async_subscriber_during_its_backoff_ends_it_at_once(
             pass
 
     iterating = asyncio.create_task(iterate())
-    async with asyncio.timeout(10):
-        while not (delay := _backoff_under_way(long_backoff)):
-            await asyncio.sleep(0.02)
+    delay = await await_until(
+        lambda: _backoff_under_way(long_backoff),
+        timeout=10,
+        what="the subscriber's backoff",
+        worker=iterating,
+    )
     began = time.monotonic()
     await subscriber.aclose()
     async with asyncio.timeout(2 * delay):
