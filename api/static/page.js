@@ -206,14 +206,16 @@
 
   // fetch, not EventSource: an EventSource can only listen to event types it is told of.
   // True once the topic is over: its broker.end, or a gap saying it was deleted.
-  async function readStream(response, state) {
+  // placed(): once, at the stream's first place (its cursor) or event.
+  async function readStream(response, state, placed) {
     var reader = response.body.getReader();
     var decoder = new TextDecoder();
     var parser = new SseParser(function (event) {
+      placed();
       show(state, event);
       if (event.type === "broker.gap" && gapReason(event) === "deleted") { state.deleted = true; }
       return event.type === "broker.end" || state.deleted;
-    }, function (place) { state.lastId = place; });
+    }, function (place) { state.lastId = place; if (place) { placed(); } });
     parser.lastId = state.lastId;
     for (;;) {
       var chunk = await reader.read();
@@ -240,8 +242,14 @@
     if (response.status === 204) { return "closed"; }
     if (response.status >= 500) { throw new Error(await problemText(response)); }
     if (!response.ok) { return "Refused: " + (await refusalText(response)); }
-    say("tail-status", "Live: " + state.topic + (state.lastId ? " (resumed after " + state.lastId + ")" : ""));
-    return (await readStream(response, state)) ? "closed" : "";
+    var live = "Live: " + state.topic + (state.lastId ? " (resumed after " + state.lastId + ")" : "");
+    var told = false;
+    function placed() { if (!told) { told = true; say("tail-status", live); } }
+    // A stream with a cursor is placed already. One from now is placed by the broker's
+    // cursor, not by its 200: a 200 may be a come-back-later (the broker could not read
+    // its store) that ends at once, and its reconnect starts from a later now.
+    if (state.lastId) { placed(); }
+    return (await readStream(response, state, placed)) ? "closed" : "";
   }
 
   async function follow(state) {
