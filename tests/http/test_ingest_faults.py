@@ -1,0 +1,276 @@
+"""Streaming ingest under faults: a producer that resends its whole body with its
+Idempotency-Key until it is answered with a success leaves every line stored once, in
+order, and a subscriber that reconnects with Last-Event-ID sees exactly that.
+
+Each fault is real: a redis-server whose connections are killed, whose writes are
+paused, that is restarted (with and without its data); a broker process killed. The
+body goes chunked over a raw socket, so that a fault lands between two lines the
+broker has already stored and one it is storing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as redis
+
+from tests.http.helpers import new_topic
+from tests.http.test_ingest import RawIngest, history, line
+from tests.support.broker_process import BrokerProcess
+from tests.support.polling import await_until
+from tests.support.redis_server import RedisServer
+
+NDJSON = {"Content-Type": "application/x-ndjson"}
+RESENDS = 20
+"""A producer gives up after this many answers that are not a success."""
+RECONNECTS = 50
+"""A subscriber gives up after this many streams."""
+
+
+def body_of(count: int, prefix: str = "t") -> list[bytes]:
+    return [line(f"{prefix}{n}") for n in range(1, count + 1)]
+
+
+def datas(count: int, prefix: str = "t") -> list[str]:
+    return [f"{prefix}{n}" for n in range(1, count + 1)]
+
+
+async def resend_until_success(
+    client: httpx.AsyncClient, topic: str, key: str, body: bytes
+) -> httpx.Response:
+    """The producer: the whole body again with the same key, until a 200/201."""
+    answers: list[str] = []
+    for _ in range(RESENDS):
+        try:
+            answer = await client.post(
+                f"/topics/{topic}/events",
+                content=body,
+                headers={**NDJSON, "Idempotency-Key": key},
+            )
+        except httpx.TransportError as error:
+            answers.append(repr(error))
+            continue
+        if answer.status_code in (200, 201):
+            return answer
+        assert answer.status_code == 503, answer.text
+        answers.append(answer.text)
+    raise AssertionError(f"no success in {RESENDS} resends: {answers}")
+
+
+class Subscriber:
+    """An EventSource's view of the topic: reads on, and reconnects with the last id
+    it saw when its stream breaks (a bounded number of times)."""
+
+    def __init__(self, url: str, topic: str) -> None:
+        self._url, self._topic = url, topic
+        self.events: list[tuple[str, str, str]] = []  # (type, data, id)
+        self.last_id = ""
+        self._task: asyncio.Task[None] | None = None
+        self._opened = asyncio.Event()
+
+    async def __aenter__(self) -> Subscriber:
+        self._task = asyncio.create_task(self._read())
+        await asyncio.wait_for(self._opened.wait(), 10)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    def datas(self) -> list[Any]:
+        return [json.loads(data) for kind, data, _ in self.events if kind == "message"]
+
+    def gaps(self) -> list[dict[str, Any]]:
+        return [json.loads(data) for kind, data, _ in self.events if kind == "broker.gap"]
+
+    async def until(self, count: int, timeout: float = 20) -> list[Any]:
+        """The messages once ``count`` of them came."""
+        await await_until(
+            lambda: len(self.datas()) >= count,
+            timeout=timeout,
+            what=f"{count} events on the subscriber ({self.datas()})",
+        )
+        return self.datas()
+
+    async def _read(self) -> None:
+        async with httpx.AsyncClient(
+            base_url=self._url, timeout=httpx.Timeout(5, read=None)
+        ) as client:
+            for _ in range(RECONNECTS):
+                try:
+                    await self._stream(client)
+                except (httpx.HTTPError, OSError):
+                    pass
+                await asyncio.sleep(0.05)  # (an EventSource's retry delay: a pace, no race)
+
+    async def _stream(self, client: httpx.AsyncClient) -> None:
+        headers = {"Accept": "text/event-stream"}
+        if self.last_id:
+            headers["Last-Event-ID"] = self.last_id
+        async with client.stream(
+            "GET", f"/topics/{self._topic}/events", headers=headers
+        ) as response:
+            if response.status_code != 200:
+                return
+            self._opened.set()
+            fields: dict[str, str] = {}
+            async for text in response.aiter_lines():
+                if text == "":
+                    if "data" in fields:
+                        kind = fields.get("event", "message")
+                        self.events.append((kind, fields["data"], fields.get("id", "")))
+                    if "id" in fields:
+                        self.last_id = fields["id"]
+                    fields = {}
+                    continue
+                if text.startswith(":"):
+                    continue
+                name, _, value = text.partition(":")
+                fields[name] = value[1:] if value.startswith(" ") else value
+
+
+@pytest.fixture
+def broker(private_redis: RedisServer) -> Iterator[BrokerProcess]:
+    process = BrokerProcess(
+        redis_url=private_redis.url,
+        env={"BROKER_HEARTBEAT_SECONDS": "1", "BROKER_PUBLISH_TIMEOUT_SECONDS": "1"},
+    ).start()
+    yield process
+    process.close()
+
+
+@pytest.fixture
+async def client(broker: BrokerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=broker.url, timeout=30) as session:
+        yield session
+
+
+async def stored_datas(client: httpx.AsyncClient, topic: str) -> list[Any]:
+    return [event["data"] for event in await history(client, topic)]
+
+
+async def an_append_waits_in_redis(admin: redis.Redis) -> bool:
+    """A client (the broker's appends) blocked in an EVALSHA: held by CLIENT PAUSE."""
+    clients = await admin.client_list()
+    return any("b" in c["flags"] and c["cmd"] == "evalsha" for c in clients)
+
+
+async def test_a_connection_killed_with_an_append_in_flight_loses_and_reorders_nothing(
+    private_redis: RedisServer,
+    broker: BrokerProcess,
+    client: httpx.AsyncClient,
+    redis_admin: redis.Redis,
+) -> None:
+    topic, key, lines = new_topic(), "gen-kill", body_of(10)
+    async with Subscriber(broker.url, topic) as subscriber:
+        ingest = await RawIngest.open(broker, topic, headers={"Idempotency-Key": key})
+        await ingest.send(b"".join(lines[:3]))
+        await subscriber.until(3)
+        await redis_admin.execute_command("CLIENT", "PAUSE", 10000, "WRITE")
+        try:
+            await ingest.send(b"".join(lines[3:6]))
+            await await_until(
+                lambda: an_append_waits_in_redis(redis_admin), timeout=5, what="append held"
+            )
+            await redis_admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        finally:
+            await redis_admin.execute_command("CLIENT", "UNPAUSE")
+        answer = await ingest.answer()
+        assert answer.status == 503, answer.body
+        assert "3 line(s) stored" in json.loads(answer.body)["detail"], answer.body
+        ingest.cut()
+        again = await resend_until_success(client, topic, key, b"".join(lines))
+        assert len(again.json()["ids"]) == 10
+        assert await stored_datas(client, topic) == datas(10)
+        assert await subscriber.until(10) == datas(10)
+        assert subscriber.gaps() == []
+
+
+async def test_a_write_redis_applies_after_the_ingest_gave_up_on_it_is_stored_once_in_order(
+    private_redis: RedisServer,
+    broker: BrokerProcess,
+    client: httpx.AsyncClient,
+    redis_admin: redis.Redis,
+) -> None:
+    """Writes paused past BROKER_PUBLISH_TIMEOUT_SECONDS: the ingest answers 503 with the
+    lines it knows stored; Redis runs the held append once the pause ends (its
+    connection still open); the resend finds every line recorded and stores nothing."""
+    topic, key, lines = new_topic(), "gen-pause", body_of(6)
+    async with Subscriber(broker.url, topic) as subscriber:
+        ingest = await RawIngest.open(broker, topic, headers={"Idempotency-Key": key})
+        await ingest.send(b"".join(lines[:3]))
+        await subscriber.until(3)
+        await redis_admin.execute_command("CLIENT", "PAUSE", 20000, "WRITE")
+        try:
+            await ingest.send(b"".join(lines[3:]))
+            answer = await ingest.answer()
+            assert await an_append_waits_in_redis(redis_admin)  # (unconfirmed, not dropped)
+        finally:
+            await redis_admin.execute_command("CLIENT", "UNPAUSE")
+        ingest.cut()
+        assert answer.status == 503, answer.body
+        detail = json.loads(answer.body)["detail"]
+        assert "did not confirm" in detail and "3 line(s) stored" in detail, detail
+        assert await subscriber.until(6) == datas(6)  # the held append, run late
+        again = await resend_until_success(client, topic, key, b"".join(lines))
+        assert again.status_code == 200, again.text  # all of it replayed
+        assert again.headers["idempotent-replayed"] == "true"
+        assert await stored_datas(client, topic) == datas(6)
+    assert subscriber.datas() == datas(6) and subscriber.gaps() == []
+
+
+async def test_a_broker_killed_mid_body_then_the_resend_to_another_stores_each_line_once(
+    private_redis: RedisServer, broker: BrokerProcess, redis_admin: redis.Redis
+) -> None:
+    """SIGKILL with an append in flight (held by a pause); the producer resends to
+    another instance on the same Redis."""
+    other = BrokerProcess(redis_url=private_redis.url, env={"BROKER_HEARTBEAT_SECONDS": "1"})
+    other.start()
+    try:
+        topic, key, lines = new_topic(), "gen-sigkill", body_of(6)
+        async with Subscriber(other.url, topic) as subscriber:
+            ingest = await RawIngest.open(broker, topic, headers={"Idempotency-Key": key})
+            await ingest.send(b"".join(lines[:3]))
+            await subscriber.until(3)
+            await redis_admin.execute_command("CLIENT", "PAUSE", 20000, "WRITE")
+            try:
+                await ingest.send(b"".join(lines[3:5]))
+                await await_until(
+                    lambda: an_append_waits_in_redis(redis_admin), timeout=5, what="append held"
+                )
+                broker.kill()
+            finally:
+                await redis_admin.execute_command("CLIENT", "UNPAUSE")
+            ingest.cut()
+            async with httpx.AsyncClient(base_url=other.url, timeout=30) as to_other:
+                again = await resend_until_success(to_other, topic, key, b"".join(lines))
+                assert len(again.json()["ids"]) == 6, again.text
+                assert await stored_datas(to_other, topic) == datas(6)
+            assert await subscriber.until(6) == datas(6)
+        assert subscriber.datas() == datas(6) and subscriber.gaps() == []
+    finally:
+        other.close()
+
+
+async def test_a_redis_restarted_with_its_data_mid_body_loses_nothing(
+    private_redis: RedisServer, broker: BrokerProcess, client: httpx.AsyncClient
+) -> None:
+    topic, key, lines = new_topic(), "gen-restart-aof", body_of(6)
+    async with Subscriber(broker.url, topic) as subscriber:
+        ingest = await RawIngest.open(broker, topic, headers={"Idempotency-Key": key})
+        await ingest.send(b"".join(lines[:3]))
+        await subscriber.until(3)
+        await asyncio.to_thread(private_redis.restart, keep_data=True)
+        await ingest.send(b"".join(lines[3:]))
+        answer = await ingest.end()
+        ingest.cut()
+        assert answer.status == 201, answer.body
+        assert await stored_datas(client, topic) == datas(6)
+        assert await subscriber.until(6) == datas(6)
+    assert subscriber.gaps() == []
