@@ -20,6 +20,11 @@ event object, stored and delivered as it arrives, not when the body ends.
   ``AsgiBody``) and the connection itself (``api.lean_ingest``, the body decoded
   where it arrives). Both read the body through ``IngestBody``, so lines, keys,
   batching, limits and the idle deadline are decided here only.
+- One log: once a line is stored, every later append must find the topic's log
+  it went to (``log_epoch``). A log lost mid-ingest (a Redis restarted without its
+  data, the topic deleted or expired) ends the ingest with 503, nothing stored in a
+  new log: there the later lines, recorded, made the resend store the lost ones
+  after them, out of order. Resent whole, the stream is stored again, in order.
 - A bad line stops the ingest with 400 naming it; the lines before it stay
   stored. So does a token that expires while the stream goes on (401): a publish
   right ends with its token, however long the request. ``?close=true`` closes
@@ -39,6 +44,7 @@ from starlette.types import Receive
 from api.auth import OPEN, Grant
 from api.problems import DrainedMidBody, HttpProblem, StoreLostMidBody, TokenLapsedMidIngest
 from broker import (
+    AppendResult,
     Broker,
     EventId,
     InvalidInput,
@@ -47,6 +53,7 @@ from broker import (
     TooLarge,
     TopicClosed,
 )
+from broker.errors import LogLost
 from broker.model import IngestLines
 from broker.validation import event_from_json, loads_exactly
 
@@ -134,6 +141,8 @@ class Ingest:
         self._draining = draining
         self._watch = _Watch(idle=idle_timeout, store=append_timeout, draining=draining)
         self._body_ended = False
+        self.log_epoch: str | None = None
+        """The epoch of the log its lines went to, once one was stored (or replayed)."""
 
     async def run(self, body: IngestBody) -> IngestResult:
         """Store every line of the body; raises on the first bad line, after storing
@@ -146,7 +155,10 @@ class Ingest:
                 raise
             # What was stored before it, said (a producer without an Idempotency-Key
             # cannot tell otherwise, and sent the lines stored already again; audit).
-            detail = f"{error.detail}; {self._stored_so_far()}"
+            # A lost log says what was lost instead.
+            detail = error.detail
+            if not isinstance(error, LogLost):
+                detail = f"{detail}; {self._stored_so_far()}"
             if self._body_ended:
                 raise type(error)(detail, retry_after=error.retry_after) from error
             lost = StoreLostMidBody(detail, retry_after=error.retry_after)
@@ -181,6 +193,15 @@ class Ingest:
             stored = f"{self.result.count} line(s) stored before it" if self.result.count else ""
             detail = f"{why} during the ingest" + (f": {stored}" if stored else "")
             raise TokenLapsedMidIngest(detail, token_given=True)
+
+    async def close_topic(self) -> AppendResult:
+        """Close the topic once the body ended (``?close=true``), in the log its lines
+        went to: a log lost since is told as one lost mid-body, and no new one begun."""
+        self.check_token()
+        try:
+            return await self.broker.publish(self.topic, [], close=True, log_epoch=self.log_epoch)
+        except LogLost:
+            raise self._log_lost() from None
 
     def _parse(self, number: int, line: bytes) -> NewEvent:
         try:
@@ -264,8 +285,14 @@ class Ingest:
         self._watch.waiting(_STORE)
         try:
             result = await self.broker.publish(
-                self.topic, [event for _, event in pending], lines=lines, streaming=True
+                self.topic,
+                [event for _, event in pending],
+                lines=lines,
+                streaming=True,
+                log_epoch=self.log_epoch,
             )
+        except LogLost:
+            raise self._log_lost() from None
         except asyncio.CancelledError:
             if not self._watch.fired(_STORE):
                 raise
@@ -276,8 +303,20 @@ class Ingest:
         finally:
             self._watch.done()
         self.result.add(result.ids)
+        if result.ids:
+            self.log_epoch = result.ids[0].epoch
         if result.replayed:
             self.result.replayed += len(result.ids)
+
+    def _log_lost(self) -> LogLost:
+        stored = self.result.count
+        detail = (
+            f"the topic's log was lost after {stored} line(s) of this ingest were stored in "
+            "it (a Redis restarted without its data, or the topic deleted or expired): those "
+            "lines went with it, and no later line was stored; send the whole stream again "
+            "(with its Idempotency-Key: it is stored again, in order)"
+        )
+        return LogLost(detail, retry_after=1)
 
 
 _BODY = "body"

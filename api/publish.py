@@ -173,8 +173,7 @@ async def run_ingest(ingest: Ingest, body: IngestBody, close: bool) -> tuple[int
     content = result.content()
     closed_before = False
     if close:
-        ingest.check_token()
-        closing = await ingest.broker.close_topic(ingest.topic)
+        closing = await ingest.close_topic()
         content["end_id"] = str(closing.end_id)
         closed_before = closing.replayed
     everything_replayed = result.count and result.replayed == result.count

@@ -119,10 +119,11 @@ class Broker:
         lines: IngestLines | None = None,
         close: bool = False,
         streaming: bool = False,
+        log_epoch: str | None = None,
     ) -> AppendResult:
         """Append one event or a batch, atomically and in order; then close the topic
         if asked. ``lines``: an idempotency record per event (a streaming ingest's
-        lines); ``streaming``: a streaming ingest's (see ``Store.append``)."""
+        lines); ``streaming``, ``log_epoch``: a streaming ingest's (see ``Store.append``)."""
         check_topic(topic)
         check_idempotency_key(idempotency_key)
         started = time.perf_counter()
@@ -134,6 +135,7 @@ class Broker:
                 lines=lines,
                 close=close,
                 streaming=streaming,
+                log_epoch=log_epoch,
             )
         except StoreUnavailable as error:  # (``_told``, inline: the hottest call)
             self.observer.store_error("append")

@@ -54,6 +54,15 @@ class StoreFull(StoreUnavailable):
     title = "Store full"
 
 
+class LogLost(StoreUnavailable):
+    """The log a streaming ingest under way was writing to is gone (a Redis restarted
+    without its data, the topic deleted or expired): the lines it stored there went
+    with it, and its append was refused whole, so that the resend of the whole stream
+    under its key stores every line again, in order (HTTP 503)."""
+
+    title = "Ingest log lost"
+
+
 class StoreMisconfigured(StoreUnavailable):
     """The store is set up so that the broker cannot keep its promises (a Redis that
     may evict the broker's keys): writes are refused (HTTP 503), and ``broker serve``

@@ -27,6 +27,7 @@ from redis.exceptions import ClusterError, NoScriptError, OutOfMemoryError, Resp
 from broker import constants as c
 from broker.errors import (
     BrokerError,
+    LogLost,
     StoreFull,
     StoreMisconfigured,
     StoreUnavailable,
@@ -316,6 +317,7 @@ class RedisStreamStore:
         lines: IngestLines | None = None,
         close: bool = False,
         streaming: bool = False,
+        log_epoch: str | None = None,
     ) -> AppendResult:
         if self._eviction.refusal is not None:
             raise StoreMisconfigured(self._eviction.refusal, retry_after=c.EVICTING_RETRY_AFTER_S)
@@ -336,6 +338,7 @@ class RedisStreamStore:
             int(lines is not None),
             len(names),
             *names,
+            log_epoch or "",
         ]
         for event in events:
             retry = "" if event.retry is None else str(event.retry)
@@ -353,6 +356,8 @@ class RedisStreamStore:
                 self._local_writes.written(keys[0])
         if status == -1:
             raise TopicClosed(topic, answer.decode())
+        if status == -2:
+            raise LogLost(f"the log of topic {topic!r} it was writing to is gone")
         return _parse_answer(answer, replayed=status == 1)
 
     async def _append_once(self, keys: list[str], args: list[str | int], linger: float) -> Any:

@@ -34,13 +34,16 @@ class Store(Protocol):
         lines: IngestLines | None = None,
         close: bool = False,
         streaming: bool = False,
+        log_epoch: str | None = None,
     ) -> AppendResult:
         """Append atomically and in order, then close the topic if asked (a final
         ``broker.end`` entry). A repeated idempotency key appends nothing; with
         ``lines`` each event has its own record (a streaming ingest's line). ``streaming``:
         nobody waits on this append to send more (a streaming ingest), so it may
-        wait a moment for company on its way to the store. Raises TopicClosed if
-        the topic is closed (a repeated close answers its end)."""
+        wait a moment for company on its way to the store. ``log_epoch``: the log the
+        append must go to (a streaming ingest under way: its earlier lines' epoch);
+        raises LogLost, nothing stored, if the topic's log is another one or none.
+        Raises TopicClosed if the topic is closed (a repeated close answers its end)."""
         ...
 
     async def delete(self, topic: str) -> bool:

@@ -12,7 +12,8 @@
 -- ms (0: kept), ARGV[7] close after the events (0|1), ARGV[8] records per event (0|1),
 -- ARGV[9] how many record names follow (R): none; one for the whole request
 -- (ARGV[8] = 0); or, for a streaming ingest (ARGV[8] = 1), its key K then each
--- event's line number n (line n is "K:n"); then the R names, then 4 values per
+-- event's line number n (line n is "K:n"); then the R names; then the epoch of the
+-- log the append must find ('' = any: a new log may be begun), then 4 values per
 -- event: kind, data, event type ('' = none), retry ('' = none).
 --
 -- The records live in hashes, not a key each, so that they live as long as their
@@ -27,14 +28,16 @@
 -- whole, stored its early lines again); then they are pruned together.
 -- Returns {status, "epoch|id,id,...|end id"} (the end id empty unless it closed):
 -- status 0 stored, 1 replayed (all of it, from idempotency records, or a close of a
--- closed topic), -1 refused: the topic is closed (the second value is its end's event id).
+-- closed topic), -1 refused: the topic is closed (the second value is its end's event id),
+-- -2 refused: the log is not the one it must find (the second value: its epoch, or '').
 local log, meta, records, written = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local lines, lines_written = KEYS[5], KEYS[6]
 local per_event = ARGV[8] == '1'
 local ingest = per_event and ARGV[10]  -- a streaming ingest's key K
 local closing = ARGV[7] == '1'
 local names = tonumber(ARGV[9])
-local first_value = 10 + names  -- the first event's first value
+local must_find = ARGV[10 + names]  -- (a streaming ingest under way: its log's epoch)
+local first_value = 11 + names  -- the first event's first value
 local window_ms = tonumber(ARGV[5]) * 1000
 local now_ms = false  -- Redis' clock, read once, when records or retention by age need it
 local function now()
@@ -132,6 +135,11 @@ local function prune_lines()
 end
 
 local epoch, closed, has_records = current_epoch()
+-- A streaming ingest under way whose log is gone (a Redis restarted without its data,
+-- the topic deleted or expired): its lines stored before are lost, and its next ones
+-- must not begin a new log. Stored there, a resend under its key found them recorded
+-- and stored the lost lines after them: out of order (audit).
+if must_find ~= '' and epoch ~= must_find then return {-2, epoch or ''} end
 if (not per_event) and names == 1 then
   local seen = remembered(ARGV[10], epoch)
   if seen then return {1, seen} end

@@ -258,6 +258,38 @@ async def test_a_broker_killed_mid_body_then_the_resend_to_another_stores_each_l
         other.close()
 
 
+async def test_a_redis_restarted_without_its_data_mid_body_ends_the_ingest_and_the_resend_is_whole(
+    private_redis: RedisServer, broker: BrokerProcess, client: httpx.AsyncClient
+) -> None:
+    """The lines stored before the restart are lost with the log. The ingest went on
+    into a new log and answered 201; a resend under its key (its answer lost, or a
+    later fault) then found lines 4-6 recorded there and stored 1-3 after them: out of
+    order, and no gap between told. Now the ingest stops at its first line after the
+    loss, and the resend stores the whole stream in the new log, in order."""
+    topic, key, lines = new_topic(), "gen-restart", body_of(6)
+    async with Subscriber(broker.url, topic) as subscriber:
+        ingest = await RawIngest.open(broker, topic, headers={"Idempotency-Key": key})
+        await ingest.send(b"".join(lines[:3]))
+        await subscriber.until(3)
+        await asyncio.to_thread(private_redis.restart, keep_data=False)
+        await ingest.send(b"".join(lines[3:]))
+        answer = await ingest.end()
+        ingest.cut()
+        assert answer.status == 503, answer.body
+        problem = json.loads(answer.body)
+        assert problem["type"] == "/problems#ingest-log-lost", problem
+        assert "after 3 line(s)" in problem["detail"], problem
+        assert await stored_datas(client, topic) == []  # (nothing began a new log)
+        again = await resend_until_success(client, topic, key, b"".join(lines))
+        assert again.status_code == 201 and len(again.json()["ids"]) == 6, again.text
+        assert await stored_datas(client, topic) == datas(6)
+        assert await subscriber.until(9) == datas(3) + datas(6)
+    # The loss is told between the two, where the lost log ended.
+    kinds = [kind for kind, _, _ in subscriber.events]
+    assert kinds == ["message"] * 3 + ["broker.gap"] + ["message"] * 6, subscriber.events
+    assert subscriber.gaps()[0]["reason"] == "unknown"
+
+
 async def test_a_redis_restarted_with_its_data_mid_body_loses_nothing(
     private_redis: RedisServer, broker: BrokerProcess, client: httpx.AsyncClient
 ) -> None:

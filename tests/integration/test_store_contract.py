@@ -9,7 +9,7 @@ import pytest
 
 from broker import constants as c
 from broker import redis_store
-from broker.errors import StoreUnavailable
+from broker.errors import LogLost, StoreUnavailable
 from broker.ids import parse_stream_id
 from broker.model import IngestLines, NewEvent
 from broker.redis_open import open_store
@@ -242,6 +242,25 @@ async def test_a_lost_log_gets_a_new_epoch(store: RedisStreamStore, topic: str) 
     after = (await store.append(topic, events("b"))).ids[0]
     assert after.epoch != before.epoch
     assert (await store.state(topic)).epoch == after.epoch
+
+
+async def test_an_ingest_whose_log_was_lost_begins_no_new_one(
+    store: RedisStreamStore, topic: str
+) -> None:
+    """An append told the log it must find (a streaming ingest under way) is refused,
+    nothing stored, once that log is gone; and goes on while it is there."""
+    first = await store.append(topic, events("a"), lines=IngestLines("K", [1]))
+    epoch = first.ids[0].epoch
+    second = await store.append(topic, events("b"), lines=IngestLines("K", [2]), log_epoch=epoch)
+    assert second.ids[0].epoch == epoch
+    await store._client.delete(c.log_key(topic))  # the log is lost, its meta survived
+    with pytest.raises(LogLost):
+        await store.append(topic, events("c"), lines=IngestLines("K", [3]), log_epoch=epoch)
+    assert not (await store.state(topic)).exists
+    await store.append(topic, events("another"))  # a new log, by another writer
+    with pytest.raises(LogLost):
+        await store.append(topic, events("c"), lines=IngestLines("K", [3]), log_epoch=epoch)
+    assert [e.data_text for e in (await store.read_range(topic, (0, 0), 10)).entries] == ["another"]
 
 
 async def test_read_live_waits_for_new_entries(store: RedisStreamStore, topic: str) -> None:
