@@ -12,7 +12,9 @@ event object, stored and delivered as it arrives, not when the body ends.
   separate sender task and its queue cost a task switch per line.
 - Idempotency: with ``Idempotency-Key: K``, line n is stored under ``K:n``
   (n counts from 1, blank lines included), so a producer whose connection
-  broke sends the whole stream again and no line is stored twice.
+  broke sends the whole stream again and no line is stored twice. The same
+  stream: a resent line that is not the one stored under its number is a bad
+  line (400), the store refusing it before anything of its batch is stored.
 - Memory is bounded whatever the body's length: one line at most
   ``max_event_bytes`` plus its envelope, and what one read of the body brings
   (the edge stops reading the socket while the ingest is not reading the body).

@@ -27,6 +27,7 @@ from redis.exceptions import ClusterError, NoScriptError, OutOfMemoryError, Resp
 from broker import constants as c
 from broker.errors import (
     BrokerError,
+    InvalidInput,
     LogLost,
     StoreFull,
     StoreMisconfigured,
@@ -358,6 +359,8 @@ class RedisStreamStore:
             raise TopicClosed(topic, answer.decode())
         if status == -2:
             raise LogLost(f"the log of topic {topic!r} it was writing to is gone")
+        if status == -3:
+            raise _not_the_line_stored(answer.decode(), lines)
         return _parse_answer(answer, replayed=status == 1)
 
     async def _append_once(self, keys: list[str], args: list[str | int], linger: float) -> Any:
@@ -797,6 +800,16 @@ def _topic_of_meta(key: bytes) -> str | None:
     matches (an idempotency record whose key ends in ``}:meta``)."""
     name = c.topic_of_key(key)
     return name if c.meta_key(name).encode() == key else None
+
+
+def _not_the_line_stored(number: str, lines: IngestLines | None) -> InvalidInput:
+    key = lines.key if lines is not None else ""
+    detail = (
+        f"line {number}: not the line {number} stored under Idempotency-Key {key!r} (the "
+        "stream is not the one first sent under it): resend the same lines, or send "
+        "another stream under a new key"
+    )
+    return InvalidInput(detail, field="Idempotency-Key")
 
 
 def _parse_answer(answer: bytes, *, replayed: bool) -> AppendResult:

@@ -29,7 +29,9 @@
 -- Returns {status, "epoch|id,id,...|end id"} (the end id empty unless it closed):
 -- status 0 stored, 1 replayed (all of it, from idempotency records, or a close of a
 -- closed topic), -1 refused: the topic is closed (the second value is its end's event id),
--- -2 refused: the log is not the one it must find (the second value: its epoch, or '').
+-- -2 refused: the log is not the one it must find (the second value: its epoch, or ''),
+-- -3 refused: a resent line is not the one stored under its number (the second value:
+-- that number).
 local log, meta, records, written = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local lines, lines_written = KEYS[5], KEYS[6]
 local per_event = ARGV[8] == '1'
@@ -140,6 +142,34 @@ local epoch, closed, has_records = current_epoch()
 -- must not begin a new log. Stored there, a resend under its key found them recorded
 -- and stored the lost lines after them: out of order (audit).
 if must_find ~= '' and epoch ~= must_find then return {-2, epoch or ''} end
+
+-- A resent ingest's lines recorded already, each checked against the entry stored for
+-- it: a resend whose line n is another line (the stream made again, as a model asked
+-- twice answers otherwise) is refused whole, before anything is stored. It was answered
+-- with line n's first id and its later lines stored after the first body's: two
+-- streams mixed, in silence (audit). An entry trimmed since cannot be compared.
+local replays = {}  -- the id of each event recorded already (by its place), or nil
+local function same_event(id, kind, data, event, retry)
+  local entry = redis.call('XRANGE', log, id, id)[1]
+  if not entry then return true end
+  local fields = {}
+  for f = 1, #entry[2], 2 do fields[entry[2][f]] = entry[2][f + 1] end
+  return fields.k == kind and fields.d == data and (fields.e or '') == event
+    and (fields.r or '') == retry
+end
+if per_event and epoch then
+  for i = first_value, #ARGV, 4 do
+    local place = (i - first_value) / 4
+    local line = ARGV[11 + place]
+    local seen = remembered_line(line, epoch)
+    if seen then
+      if not same_event(seen, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]) then
+        return {-3, line}
+      end
+      replays[place] = seen
+    end
+  end
+end
 if (not per_event) and names == 1 then
   local seen = remembered(ARGV[10], epoch)
   if seen then return {1, seen} end
@@ -223,8 +253,9 @@ end
 
 local ids, replayed, top_line = {}, 0, false
 for i = first_value, #ARGV, 4 do
-  local line = per_event and ARGV[11 + (i - first_value) / 4] or false
-  local seen = line and remembered_line(line, epoch)
+  local place = (i - first_value) / 4
+  local line = per_event and ARGV[11 + place] or false
+  local seen = replays[place]  -- (none in a log begun by this append)
   if seen then
     ids[#ids + 1] = seen
     replayed = replayed + 1

@@ -306,3 +306,42 @@ async def test_a_redis_restarted_with_its_data_mid_body_loses_nothing(
         assert await stored_datas(client, topic) == datas(6)
         assert await subscriber.until(6) == datas(6)
     assert subscriber.gaps() == []
+
+
+async def test_a_resend_whose_lines_differ_is_refused_at_the_first_that_differs(
+    broker: BrokerProcess, client: httpx.AsyncClient
+) -> None:
+    """A producer that made its stream again (an LLM asked twice does not answer twice
+    alike) under the same key: line n answered as the first body's line n, and the
+    lines past those stored appended after them, the topic holding two generations
+    mixed, and 201. Now a line that is not the one stored under its number is a bad
+    line (400 naming it): nothing of it or after it is stored."""
+    topic, key = new_topic(), "gen-regenerated"
+    first = body_of(5, "first")
+    second = first[:2] + body_of(5, "second")[2:]  # (the same first two lines)
+    ingest = await RawIngest.open(broker, topic, headers={"Idempotency-Key": key})
+    await ingest.send(b"".join(first[:3]))
+    await await_until(
+        lambda: stored_is(client, topic, datas(3, "first")), timeout=5, what="3 lines stored"
+    )
+    ingest.cut()
+    again = await client.post(
+        f"/topics/{topic}/events",
+        content=b"".join(second),
+        headers={**NDJSON, "Idempotency-Key": key},
+    )
+    assert again.status_code == 400, again.text
+    assert again.json()["detail"].startswith("line 3: "), again.text
+    assert await stored_datas(client, topic) == datas(3, "first")
+    # The same lines as first sent, then new ones: each line once, in order.
+    same_then_more = await client.post(
+        f"/topics/{topic}/events",
+        content=b"".join(first),
+        headers={**NDJSON, "Idempotency-Key": key},
+    )
+    assert same_then_more.status_code == 201, same_then_more.text
+    assert await stored_datas(client, topic) == datas(5, "first")
+
+
+async def stored_is(client: httpx.AsyncClient, topic: str, expected: list[Any]) -> bool:
+    return await stored_datas(client, topic) == expected

@@ -9,7 +9,7 @@ import pytest
 
 from broker import constants as c
 from broker import redis_store
-from broker.errors import LogLost, StoreUnavailable
+from broker.errors import InvalidInput, LogLost, StoreUnavailable
 from broker.ids import parse_stream_id
 from broker.model import IngestLines, NewEvent
 from broker.redis_open import open_store
@@ -261,6 +261,32 @@ async def test_an_ingest_whose_log_was_lost_begins_no_new_one(
     with pytest.raises(LogLost):
         await store.append(topic, events("c"), lines=IngestLines("K", [3]), log_epoch=epoch)
     assert [e.data_text for e in (await store.read_range(topic, (0, 0), 10)).entries] == ["another"]
+
+
+async def test_a_resent_line_unlike_the_one_stored_is_refused_with_its_batch(
+    store: RedisStreamStore, topic: str
+) -> None:
+    stored = await store.append(
+        topic, [NewEvent("a"), NewEvent("b", event="kind", retry=5)], lines=IngestLines("K", [1, 2])
+    )
+    unlike = [
+        NewEvent("b2", event="kind", retry=5),
+        NewEvent("b", event="other", retry=5),
+        NewEvent("b", retry=5),
+        NewEvent("b", event="kind"),
+    ]
+    for second in unlike:
+        with pytest.raises(InvalidInput, match=r"^line 2: "):
+            await store.append(topic, [NewEvent("a"), second], lines=IngestLines("K", [1, 2]))
+    with pytest.raises(InvalidInput, match=r"^line 1: "):
+        await store.append(topic, [NewEvent("a2"), NewEvent("c")], lines=IngestLines("K", [1, 3]))
+    assert (await store.state(topic)).length == 2
+    alike = await store.append(
+        topic,
+        [NewEvent("a"), NewEvent("b", event="kind", retry=5), NewEvent("c")],
+        lines=IngestLines("K", [1, 2, 3]),
+    )
+    assert alike.ids[:2] == stored.ids and (await store.state(topic)).length == 3
 
 
 async def test_read_live_waits_for_new_entries(store: RedisStreamStore, topic: str) -> None:
