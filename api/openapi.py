@@ -66,7 +66,8 @@ PARAMETERS: dict[str, dict[str, Any]] = {
     "Idempotency-Key": _parameter(
         "Idempotency-Key",
         "A repeat within BROKER_IDEMPOTENCY_SECONDS stores nothing new (200); "
-        "a streaming ingest stores line n under K:n",
+        "a streaming ingest stores line n under K:n, and refuses (400) a resent "
+        "line n that is not the one stored",
         type="string",
         where="header",
         pattern=f"^{c.IDEMPOTENCY_KEY_PATTERN.pattern}$",
