@@ -63,6 +63,15 @@ class LogLost(StoreUnavailable):
     title = "Ingest log lost"
 
 
+class LinesLost(LogLost):
+    """The log a streaming ingest under way was writing to is kept, but lost the
+    ingest's newest lines (a failover to a replica that had not received them yet):
+    its append was refused whole, so that the resend of the whole stream under its key
+    replays the lines kept and stores the rest after them, in order (HTTP 503)."""
+
+    title = "Ingest lines lost"
+
+
 class StoreMisconfigured(StoreUnavailable):
     """The store is set up so that the broker cannot keep its promises (a Redis that
     may evict the broker's keys): writes are refused (HTTP 503), and ``broker serve``

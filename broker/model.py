@@ -27,6 +27,9 @@ class IngestLines:
 
     key: str
     numbers: Sequence[int]
+    after: int = 0
+    """The last line the request stored before these (0: none yet): it must still be
+    recorded, else the append is refused (``LinesLost``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from broker import constants as c
 from broker.errors import (
     BrokerError,
     InvalidInput,
+    LinesLost,
     LogLost,
     StoreFull,
     StoreMisconfigured,
@@ -340,6 +341,7 @@ class RedisStreamStore:
             len(names),
             *names,
             log_epoch or "",
+            0 if lines is None else lines.after,
         ]
         for event in events:
             retry = "" if event.retry is None else str(event.retry)
@@ -359,6 +361,8 @@ class RedisStreamStore:
             raise TopicClosed(topic, answer.decode())
         if status == -2:
             raise LogLost(f"the log of topic {topic!r} it was writing to is gone")
+        if status == -4:
+            raise LinesLost(f"lines of topic {topic!r} it had stored are gone")
         if status == -3:
             raise _not_the_line_stored(answer.decode(), lines)
         return _parse_answer(answer, replayed=status == 1)

@@ -42,10 +42,11 @@ class Store(Protocol):
         nobody waits on this append to send more (a streaming ingest), so it may
         wait a moment for company on its way to the store. ``log_epoch``: the log the
         append must go to (a streaming ingest under way: its earlier lines' epoch);
-        raises LogLost, nothing stored, if the topic's log is another one or none. A
-        resent line recorded already that is not the event stored for it: InvalidInput,
-        nothing stored. Raises TopicClosed if the topic is closed (a repeated close
-        answers its end)."""
+        raises LogLost, nothing stored, if the topic's log is another one or none, and
+        LinesLost if it no longer records the line the request stored last
+        (``lines.after``). A resent line recorded already that is not the event stored
+        for it: InvalidInput, nothing stored. Raises TopicClosed if the topic is closed
+        (a repeated close answers its end)."""
         ...
 
     async def delete(self, topic: str) -> bool:

@@ -13,8 +13,9 @@
 -- ARGV[9] how many record names follow (R): none; one for the whole request
 -- (ARGV[8] = 0); or, for a streaming ingest (ARGV[8] = 1), its key K then each
 -- event's line number n (line n is "K:n"); then the R names; then the epoch of the
--- log the append must find ('' = any: a new log may be begun), then 4 values per
--- event: kind, data, event type ('' = none), retry ('' = none).
+-- log the append must find ('' = any: a new log may be begun); then the number of the
+-- last line the ingest's request stored before this append (0: none yet, or not an
+-- ingest); then 4 values per event: kind, data, event type ('' = none), retry ('' = none).
 --
 -- The records live in hashes, not a key each, so that they live as long as their
 -- topic: each append sets the topic's TTL on them too (one call, however many
@@ -31,7 +32,8 @@
 -- closed topic), -1 refused: the topic is closed (the second value is its end's event id),
 -- -2 refused: the log is not the one it must find (the second value: its epoch, or ''),
 -- -3 refused: a resent line is not the one stored under its number (the second value:
--- that number).
+-- that number), -4 refused: the line the request stored last is no longer recorded (lost
+-- with the newest writes: a failover; the second value is '').
 local log, meta, records, written = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local lines, lines_written = KEYS[5], KEYS[6]
 local per_event = ARGV[8] == '1'
@@ -39,7 +41,8 @@ local ingest = per_event and ARGV[10]  -- a streaming ingest's key K
 local closing = ARGV[7] == '1'
 local names = tonumber(ARGV[9])
 local must_find = ARGV[10 + names]  -- (a streaming ingest under way: its log's epoch)
-local first_value = 11 + names  -- the first event's first value
+local stored_before = tonumber(ARGV[11 + names])  -- (and the last line it stored)
+local first_value = 12 + names  -- the first event's first value
 local window_ms = tonumber(ARGV[5]) * 1000
 local now_ms = false  -- Redis' clock, read once, when records or retention by age need it
 local function now()
@@ -91,7 +94,7 @@ end
 -- next one under its key begins anew (a window after the old one's last line, so
 -- named after it), and the old records (until pruned or overwritten) no longer answer
 -- (they answered again once a new line refreshed the ingest's time).
-local ingest_top, ingest_since = false, false
+local ingest_top, ingest_since, ingest_live = false, false, false
 local function ingest_state()
   if ingest_since then return ingest_top, ingest_since end
   local head = redis.call('HGET', lines, ingest .. '\n')
@@ -101,7 +104,8 @@ local function ingest_state()
     top, since = tonumber(t) or 0, tonumber(s)
   end
   local at = redis.call('ZSCORE', lines_written, ingest)
-  if not (since and at and tonumber(at) > now() - window_ms) then since = now() end
+  ingest_live = since and at and tonumber(at) > now() - window_ms
+  if not ingest_live then since = now() end
   ingest_top, ingest_since = top, since
   return top, since
 end
@@ -142,6 +146,20 @@ local epoch, closed, has_records = current_epoch()
 -- must not begin a new log. Stored there, a resend under its key found them recorded
 -- and stored the lost lines after them: out of order (audit).
 if must_find ~= '' and epoch ~= must_find then return {-2, epoch or ''} end
+
+-- The log kept, its newest lines lost: a failover to a replica that had not received
+-- them yet (replication is asynchronous; a script's writes replicate whole, so their
+-- records went with them). The ingest went on: its next line stored after the last
+-- one kept, the producer answered ids that no longer exist, and its resend stored the
+-- lost lines after the later ones (audit). So the line the request stored last must
+-- still be recorded, for this log and this ingest (one HGET); refused whole, the resend
+-- replays the lines kept and stores the rest after them, in order. An ingest past its
+-- window (a pause longer than the window) has its records pruned by design: its lines
+-- cannot be told lost, and are not checked.
+if per_event and stored_before > 0 and epoch then
+  ingest_state()
+  if ingest_live and not remembered_line(stored_before, epoch) then return {-4, ''} end
+end
 
 -- A resent ingest's lines recorded already, each checked against the entry stored for
 -- it: a resend whose line n is another line (the stream made again, as a model asked

@@ -9,11 +9,12 @@ import pytest
 
 from broker import constants as c
 from broker import redis_store
-from broker.errors import InvalidInput, LogLost, StoreUnavailable
-from broker.ids import parse_stream_id
+from broker.errors import InvalidInput, LinesLost, LogLost, StoreUnavailable
+from broker.ids import EventId, parse_stream_id
 from broker.model import IngestLines, NewEvent
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
+from tests.support.failover import IngestAppends
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer, free_port
 
@@ -289,6 +290,41 @@ async def test_a_resent_line_unlike_the_one_stored_is_refused_with_its_batch(
     assert alike.ids[:2] == stored.ids and (await store.state(topic)).length == 3
 
 
+async def test_an_ingest_whose_newest_lines_a_failover_lost_stores_no_more(
+    store: RedisStreamStore, topic: str
+) -> None:
+    """A failover to a replica that had not received an ingest's lines 4-5 keeps the
+    log, its epoch unchanged, without them. The ingest went on: line 6 stored after 3,
+    4-5 answered but gone, and the resend stored them after 6. Now an append naming
+    the line its request stored last (5) is refused, nothing stored, and so is the
+    close; the resend replays 1-3 and stores 4-6 after them, in order."""
+    kept = [await ingest_line(store, topic, n) for n in (1, 2, 3)]
+    before_4 = await IngestAppends.read(store._client, topic, "K")
+    lost = [await ingest_line(store, topic, n, epoch=kept[0].epoch) for n in (4, 5)]
+    await before_4.lose_since(store._client, 2)  # the failover
+    with pytest.raises(LinesLost):
+        await ingest_line(store, topic, 6, epoch=kept[0].epoch)
+    with pytest.raises(LinesLost):
+        await store.append(
+            topic, [], lines=IngestLines("K", [], after=5), close=True, log_epoch=kept[0].epoch
+        )
+    state = await store.state(topic)
+    assert (state.length, state.end) == (3, None)
+    resent = await store.append(
+        topic, events(*(f"l{n}" for n in range(1, 7))), lines=IngestLines("K", range(1, 7))
+    )
+    assert resent.ids[:3] == kept and not set(resent.ids[3:]) & set(lost)
+    entries = (await store.read_range(topic, (0, 0), 10)).entries
+    assert [e.data_text for e in entries] == [f"l{n}" for n in range(1, 7)]
+
+
+async def ingest_line(store: RedisStreamStore, topic: str, n: int, epoch: str = "") -> EventId:
+    """Line n of the ingest keyed K, appended as the ingest appends it (after line n-1)."""
+    lines = IngestLines("K", [n], after=n - 1)
+    result = await store.append(topic, events(f"l{n}"), lines=lines, log_epoch=epoch or None)
+    return result.ids[0]
+
+
 async def test_read_live_waits_for_new_entries(store: RedisStreamStore, topic: str) -> None:
     start = (await store.append(topic, events("old"))).ids[0].position
     read = asyncio.create_task(store.read_live({topic: start}, 5000))
@@ -490,4 +526,26 @@ async def test_a_log_that_lost_entries_never_issues_their_ids_again(
         info = await admin.xinfo_stream(c.log_key(topic))
         assert parse_stream_id(info["last-generated-id"]) >= lost.ids[-1].position
     finally:
+        await store.close()
+
+
+async def test_an_ingest_that_paused_past_its_window_goes_on(
+    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ingest whose last line is past the window is over, its records answer no
+    more (and are pruned): a request that paused that long (a window shorter than the
+    body's idle timeout) finds the line it stored last unrecorded, nothing of its log
+    lost. It goes on, as before, not told its lines lost (its resend would store them
+    all again)."""
+    clock = _RedisClock(monkeypatch)
+    store = open_store(redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600)
+    try:
+        await clock.set(store, 2_000_000_000)
+        first = await store.append(topic, events("l1"), lines=IngestLines("K", [1]))
+        await clock.set(store, 2_000_000_000 + 120)  # past the window
+        lines = IngestLines("K", [2], after=1)
+        await store.append(topic, events("l2"), lines=lines, log_epoch=first.ids[0].epoch)
+        assert (await store.state(topic)).length == 2
+    finally:
+        await store._client.delete(_RedisClock.KEY)
         await store.close()

@@ -1,0 +1,47 @@
+"""A failover that lost an ingest's newest lines, done by hand on one redis-server.
+
+Replication is asynchronous: a replica promoted before it received the newest appends
+holds the log as it was before them, its epoch unchanged. A script's writes replicate
+whole, so what is lost is whole appends: here, undone exactly as ``broker/lua/append.lua``
+wrote them, with a raw client (real Redis or the embedded store's fakeredis).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker import constants as c
+
+
+class IngestAppends:
+    """What an ingest's appends write beyond their entries and line records (append.lua:
+    the meta's last entry number ``n``, the ingest's head ``K\\n`` = ``top|since``, and
+    when it last wrote, in the lines' sorted set), read before some appends so that a
+    failover can undo them."""
+
+    def __init__(self, topic: str, key: str, number: bytes, head: bytes, at: float) -> None:
+        self.topic, self.key = topic, key
+        self.number, self.head, self.at = number, head, at
+
+    @classmethod
+    async def read(cls, client: Any, topic: str, key: str) -> IngestAppends:
+        """``client``: a redis.asyncio client (or fakeredis's) of the topic's server."""
+        number = await client.hget(c.meta_key(topic), "n")
+        head = await client.hget(c.line_records_key(topic), f"{key}\n")
+        at = await client.zscore(c.line_times_key(topic), key)
+        assert number and head and at, "the ingest has stored no line yet"
+        return cls(topic, key, number, head, at)
+
+    async def lose_since(self, client: Any, lines: int) -> None:
+        """The failover: the ``lines`` lines appended since (the log's newest entries,
+        the ingest's lines ``top+1``..) are gone, and all else is as it was before them."""
+        log, records = c.log_key(self.topic), c.line_records_key(self.topic)
+        newest = await client.xrevrange(log, "+", "-", count=lines)
+        assert len(newest) == lines, newest
+        assert await client.xdel(log, *(entry_id for entry_id, _ in newest)) == lines
+        top = int(self.head.split(b"|")[0])
+        numbers = range(top + 1, top + 1 + lines)
+        assert await client.hdel(records, *(f"{self.key}\n{n}" for n in numbers)) == lines
+        await client.hset(records, f"{self.key}\n", self.head)
+        await client.zadd(c.line_times_key(self.topic), {self.key: self.at})
+        await client.hset(c.meta_key(self.topic), "n", self.number)
