@@ -27,6 +27,9 @@ event object, stored and delivered as it arrives, not when the body ends.
   data, the topic deleted or expired) ends the ingest with 503, nothing stored in a
   new log: there the later lines, recorded, made the resend store the lost ones
   after them, out of order. Resent whole, the stream is stored again, in order.
+  So does a log that lost the ingest's newest lines (a failover to a replica that
+  had not received them: the same log, its epoch unchanged): each append names the
+  line the request stored last (``IngestLines.after``), which must still be there.
 - A bad line stops the ingest with 400 naming it; the lines before it stay
   stored. So does a token that expires while the stream goes on (401): a publish
   right ends with its token, however long the request. ``?close=true`` closes
@@ -55,7 +58,7 @@ from broker import (
     TooLarge,
     TopicClosed,
 )
-from broker.errors import LogLost
+from broker.errors import LinesLost, LogLost
 from broker.model import IngestLines
 from broker.validation import event_from_json, loads_exactly
 
@@ -145,6 +148,8 @@ class Ingest:
         self._body_ended = False
         self.log_epoch: str | None = None
         """The epoch of the log its lines went to, once one was stored (or replayed)."""
+        self._last_line = 0
+        """The number of the last line stored (or replayed): ``IngestLines.after``."""
 
     async def run(self, body: IngestBody) -> IngestResult:
         """Store every line of the body; raises on the first bad line, after storing
@@ -200,10 +205,15 @@ class Ingest:
         """Close the topic once the body ended (``?close=true``), in the log its lines
         went to: a log lost since is told as one lost mid-body, and no new one begun."""
         self.check_token()
+        lines = None  # (its last line must be there still: see ``_append``)
+        if self._key is not None and self._last_line:
+            lines = IngestLines(self._key, [], after=self._last_line)
         try:
-            return await self.broker.publish(self.topic, [], close=True, log_epoch=self.log_epoch)
-        except LogLost:
-            raise self._log_lost() from None
+            return await self.broker.publish(
+                self.topic, [], lines=lines, close=True, log_epoch=self.log_epoch
+            )
+        except LogLost as lost:
+            raise self._lost(lost) from None
 
     def _parse(self, number: int, line: bytes) -> NewEvent:
         try:
@@ -283,7 +293,9 @@ class Ingest:
         pending = batch.copy()
         batch.clear()
         self.check_token()
-        lines = None if self._key is None else IngestLines(self._key, [n for n, _ in pending])
+        lines = None
+        if self._key is not None:
+            lines = IngestLines(self._key, [n for n, _ in pending], after=self._last_line)
         self._watch.waiting(_STORE)
         try:
             result = await self.broker.publish(
@@ -293,8 +305,8 @@ class Ingest:
                 streaming=True,
                 log_epoch=self.log_epoch,
             )
-        except LogLost:
-            raise self._log_lost() from None
+        except LogLost as lost:
+            raise self._lost(lost) from None
         except asyncio.CancelledError:
             if not self._watch.fired(_STORE):
                 raise
@@ -307,11 +319,23 @@ class Ingest:
         self.result.add(result.ids)
         if result.ids:
             self.log_epoch = result.ids[0].epoch
+        self._last_line = pending[-1][0]
         if result.replayed:
             self.result.replayed += len(result.ids)
 
-    def _log_lost(self) -> LogLost:
+    def _lost(self, lost: LogLost) -> LogLost:
+        """The producer told what was lost, and that its resend stores it again."""
         stored = self.result.count
+        if isinstance(lost, LinesLost):
+            detail = (
+                f"lines of this ingest were lost from the topic's log (a failover to a "
+                f"replica that had not received them yet): {stored} line(s) were stored "
+                f"before, and the last of them, line {self._last_line}, is no longer there; "
+                "no later line was stored; send the whole stream again (with its "
+                "Idempotency-Key: the lines kept are replayed, the rest stored after them, "
+                "in order)"
+            )
+            return LinesLost(detail, retry_after=1)
         detail = (
             f"the topic's log was lost after {stored} line(s) of this ingest were stored in "
             "it (a Redis restarted without its data, or the topic deleted or expired): those "

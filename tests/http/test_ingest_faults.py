@@ -19,9 +19,10 @@ import httpx
 import pytest
 import redis.asyncio as redis
 
-from tests.http.helpers import new_topic
+from tests.http.helpers import RawResponse, new_topic, request_bytes
 from tests.http.test_ingest import RawIngest, history, line
 from tests.support.broker_process import BrokerProcess
+from tests.support.failover import IngestAppends
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
 
@@ -306,6 +307,61 @@ async def test_a_redis_restarted_with_its_data_mid_body_loses_nothing(
         assert await stored_datas(client, topic) == datas(6)
         assert await subscriber.until(6) == datas(6)
     assert subscriber.gaps() == []
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_lines_a_failover_lost_mid_body_end_the_ingest_and_the_resend_restores_the_order(
+    broker: BrokerProcess, client: httpx.AsyncClient, redis_admin: redis.Redis, route: str
+) -> None:
+    """A failover to a replica that had not received lines 4-5 keeps the log, its epoch
+    unchanged, without them (done by hand here: the appends undone). The ingest went
+    on: line 6 stored after 3 with no gap, the producer answered 201 with ids for 4-5
+    that no longer exist, and a resend under its key stored 4-5 after 6. Now the
+    ingest stops at its next line (503, the connection closed), and the resend replays
+    1-3 and stores 4-6 after them, in order."""
+    topic, key, lines = new_topic(), f"gen-failover-{route}", body_of(6)
+    ingest = await open_ingest(broker, topic, key, route)
+    await ingest.send(b"".join(lines[:3]))
+    await await_until(lambda: stored_is(client, topic, datas(3)), timeout=5, what="3 stored")
+    before_4 = await IngestAppends.read(redis_admin, topic, key)
+    await ingest.send(b"".join(lines[3:5]))
+    await await_until(lambda: stored_is(client, topic, datas(5)), timeout=5, what="5 stored")
+    await before_4.lose_since(redis_admin, 2)  # the failover
+    await ingest.send(lines[5])
+    try:
+        answer = await ingest.answer(timeout=5)  # (the body still coming)
+    except TimeoutError:
+        raise AssertionError(f"it went on: {await stored_datas(client, topic)}") from None
+    finally:
+        ingest.cut()
+    assert answer.status == 503, answer.body
+    assert answer.headers["connection"] == "close"
+    problem = json.loads(answer.body)
+    assert problem["type"] == "/problems#ingest-lines-lost", problem
+    assert "5 line(s) were stored before" in problem["detail"], problem
+    assert await stored_datas(client, topic) == datas(3)  # (line 6 not stored after 3)
+    again = await resend_until_success(client, topic, key, b"".join(lines))
+    assert again.status_code == 201 and len(again.json()["ids"]) == 6, again.text
+    assert await stored_datas(client, topic) == datas(6)
+
+
+async def open_ingest(broker: BrokerProcess, topic: str, key: str, route: str) -> RawIngest:
+    """An ingest on the lean route, or on the ASGI route: behind a request uvicorn's own
+    protocol reads (as in test_ingest)."""
+    headers = {"Idempotency-Key": key}
+    if route == "lean":
+        return await RawIngest.open(broker, topic, headers=headers)
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+    head = {**NDJSON, "Transfer-Encoding": "chunked", **headers}
+    target = f"{broker.url}/topics/{topic}/events"
+    writer.write(
+        request_bytes("GET", f"{broker.url}/healthz") + request_bytes("POST", target, head)
+    )
+    health = RawResponse(reader, writer)
+    await health.read_head()
+    await health.read_sized_body()
+    assert health.status == 200, health.body
+    return RawIngest(reader, writer)
 
 
 async def test_a_resend_whose_lines_differ_is_refused_at_the_first_that_differs(
