@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from brokerclient import AsyncSubscriber, Event, Publisher, Subscriber
+from brokerclient import resume as resume_module
 from brokerclient import subscriber as subscriber_module
 from tests.support.broker_process import BROKER_BIN, BrokerProcess
 from tests.support.polling import await_until, wait_until
@@ -45,7 +46,7 @@ def long_backoff(
 ) -> pytest.LogCaptureFixture:
     """The first reconnect waits ``LONG_BACKOFF_S`` (the longest backoff); its log
     record tells when it has begun."""
-    monkeypatch.setattr(subscriber_module, "FIRST_DELAY", LONG_BACKOFF_S)
+    monkeypatch.setattr(resume_module, "FIRST_DELAY", LONG_BACKOFF_S)
     caplog.set_level(logging.INFO, logger=subscriber_module.__name__)
     return caplog
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager, suppress
 import httpx
 import pytest
 
+from brokerclient import resume as resume_module
 from brokerclient import subscriber
 from brokerclient.errors import Unreachable
 from brokerclient.sse import Event, SseDecoder
@@ -22,8 +23,8 @@ def test_give_up_after_is_kept_not_overshot(monkeypatch: pytest.MonkeyPatch) -> 
     passed since the first try, not a whole backoff later (``broker tail
     --give-up-after 2`` gave up after about 3.8 s)."""
     now = [100.0]
-    monkeypatch.setattr(subscriber.time, "monotonic", lambda: now[0])
-    resume = subscriber._Resume(["t"], None, False, give_up_after=2.0)
+    monkeypatch.setattr(resume_module.time, "monotonic", lambda: now[0])
+    resume = resume_module._Resume(["t"], None, False, give_up_after=2.0)
     with pytest.raises(Unreachable):
         for _ in range(100):
             resume.attempting()
@@ -35,8 +36,8 @@ def test_give_up_after_is_kept_not_overshot(monkeypatch: pytest.MonkeyPatch) -> 
 def test_give_up_after_counts_the_first_try(monkeypatch: pytest.MonkeyPatch) -> None:
     """A first connect that takes 10 s to time out is 10 s spent failing."""
     now = [100.0]
-    monkeypatch.setattr(subscriber.time, "monotonic", lambda: now[0])
-    resume = subscriber._Resume(["t"], None, False, give_up_after=5.0)
+    monkeypatch.setattr(resume_module.time, "monotonic", lambda: now[0])
+    resume = resume_module._Resume(["t"], None, False, give_up_after=5.0)
     resume.attempting()
     now[0] += 10.0  # the connect timed out
     with pytest.raises(Unreachable):
@@ -97,13 +98,13 @@ def test_a_shortened_attempt_keeps_a_clients_own_longer_timeouts_otherwise() -> 
     """Only a failing subscriber's attempts are shortened; a client passed in keeps its
     own timeouts (None: no limit) until then."""
     usual = httpx.Timeout(3.0, read=None)
-    resume = subscriber._Resume(["t"], None, False, give_up_after=1.0)
+    resume = resume_module._Resume(["t"], None, False, give_up_after=1.0)
     assert resume.attempt_timeout(usual) is usual
     resume.attempting()
     shortened = resume.attempt_timeout(usual)
     assert shortened.read is not None and 0 < shortened.read <= 1.0
     assert shortened.connect is not None and shortened.connect <= 1.0
-    assert subscriber._Resume(["t"], None, False, None).attempt_timeout(usual) is usual
+    assert resume_module._Resume(["t"], None, False, None).attempt_timeout(usual) is usual
 
 
 @contextmanager
@@ -172,7 +173,7 @@ def test_a_topic_whose_log_began_meanwhile_did_not_move(origin: str) -> None:
     first event (a's) comes with b's part at its new log's start (``b~<epoch>.0-0``).
     Two parts changed, so the event was given no topic (``broker tail`` printed
     ``"topic": null``, and an end went uncounted)."""
-    resume = subscriber._Resume(["a", "b"], f"a~{origin}!b~{origin}", False, None)
+    resume = resume_module._Resume(["a", "b"], f"a~{origin}!b~{origin}", False, None)
     event = resume.delivered(Event("a~abcdefgh.5-0!b~ijklmnop.0-0", None, "1"))
     assert event.topic == "a"
     event = resume.delivered(Event("a~abcdefgh.5-0!b~ijklmnop.7-0", None, "2"))
@@ -227,7 +228,7 @@ def test_the_first_event_of_a_stream_names_its_topic_beside_an_origin_with_a_tim
     """A multi-topic stream's first event (no cursor before it), one topic with no log:
     its part is the origin, which now carries the broker's time (``0.<ms>-<n>``); taken
     for a place that moved, the event was given no topic (and an end, uncounted)."""
-    resume = subscriber._Resume(["a", "b"], None, True, None)
+    resume = resume_module._Resume(["a", "b"], None, True, None)
     event = resume.delivered(Event("a~abcdefgh.5-0!b~0.1795868389781-2", None, "1"))
     assert event.topic == "a"
 
@@ -237,17 +238,17 @@ def test_a_thousand_failures_in_a_row_still_wait_not_crash(monkeypatch: pytest.M
     outage at the broker's retry: 2000) it raised OverflowError, and the subscriber and
     ``broker tail`` died with a traceback."""
     now = [100.0]
-    monkeypatch.setattr(subscriber.time, "monotonic", lambda: now[0])
-    resume = subscriber._Resume(["t"], None, False, give_up_after=None)
+    monkeypatch.setattr(resume_module.time, "monotonic", lambda: now[0])
+    resume = resume_module._Resume(["t"], None, False, give_up_after=None)
     for _ in range(2000):
         delay = resume.failed("down")
-        assert 0 < delay <= subscriber.MAX_DELAY
+        assert 0 < delay <= resume_module.MAX_DELAY
         now[0] += delay
     assert resume.failures == 2000
 
 
-def _hinted(retry_ms: int) -> subscriber._Resume:
-    resume = subscriber._Resume(["t"], None, False, give_up_after=None)
+def _hinted(retry_ms: int) -> resume_module._Resume:
+    resume = resume_module._Resume(["t"], None, False, give_up_after=None)
     decoder = SseDecoder()
     decoder.feed(f"retry: {retry_ms}\n\n".encode())
     resume.read(decoder)
@@ -262,18 +263,18 @@ def test_a_tiny_retry_hint_backs_off_from_a_floor(retry_ms: int) -> None:
     resume = _hinted(retry_ms)
     assert resume.retry_hint_ms == retry_ms
     delays = [resume.failed("down") for _ in range(8)]
-    assert delays[0] == subscriber.MIN_DELAY
-    assert delays[:4] == [subscriber.MIN_DELAY * 2**n for n in range(4)]
-    assert delays[-1] == subscriber.MAX_DELAY
+    assert delays[0] == resume_module.MIN_DELAY
+    assert delays[:4] == [resume_module.MIN_DELAY * 2**n for n in range(4)]
+    assert delays[-1] == resume_module.MAX_DELAY
 
 
 def test_the_first_retry_waits_what_the_hint_says() -> None:
     """As EventSource does; the next ones twice as long each, up to the cap."""
     resume = _hinted(2000)
-    assert [resume.failed("down") for _ in range(3)] == [2.0, 4.0, subscriber.MAX_DELAY]
+    assert [resume.failed("down") for _ in range(3)] == [2.0, 4.0, resume_module.MAX_DELAY]
 
 
-def _read_timed_out(resume: subscriber._Resume) -> None:
+def _read_timed_out(resume: resume_module._Resume) -> None:
     """A stream that answered, then sent nothing for its read timeout."""
     resume.connected()
     resume.broke(httpx.ReadTimeout("nothing read"))
@@ -282,7 +283,7 @@ def _read_timed_out(resume: subscriber._Resume) -> None:
 def test_streams_that_time_out_reading_are_read_longer_up_to_a_bound() -> None:
     """Each stream read twice as long as the one before it timed out, up to 8 times the
     given read timeout; a head that never came (no stream answered) changes nothing."""
-    resume = subscriber._Resume(["t"], None, False, None, read_timeout=2.0)
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout=2.0)
     resume.broke(httpx.ReadTimeout("no answer's head"))
     assert resume.read_timeout == 2.0
     seen = []
@@ -293,7 +294,7 @@ def test_streams_that_time_out_reading_are_read_longer_up_to_a_bound() -> None:
 
 
 def test_no_read_timeout_stays_none() -> None:
-    resume = subscriber._Resume(["t"], None, False, None, read_timeout=None)
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout=None)
     _read_timed_out(resume)
     assert resume.read_timeout is None
 
@@ -302,7 +303,7 @@ def test_heartbeats_set_the_read_timeout_to_three_of_theirs_never_under_the_give
     """Doubled by streams that timed out (connections that died, as a phone's do), the
     read timeout stayed grown: each later dead connection was noticed up to 8 times
     later. Two heartbeats tell the broker's interval."""
-    resume = subscriber._Resume(["t"], None, False, None, read_timeout=2.0)
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout=2.0)
     _read_timed_out(resume)
     _read_timed_out(resume)
     assert resume.read_timeout == 8.0
