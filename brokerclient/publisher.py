@@ -14,29 +14,23 @@ under key K:n, so nothing is stored twice) and then go on with the rest.
 attempt, and a 401 is tried once more at once with a token asked anew (the same
 key: a stream refused as its token expired goes on from where it was). A token
 refused twice in a row raises ``RequestFailed``.
+
+This module sends and retries; what is sent (the JSON and text bodies, a stream's
+lines kept for the retries) is made in ``brokerclient.publish_body``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import time
-from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Iterable,
-    Iterator,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import httpx
 
-from brokerclient.errors import StreamInterrupted, Unreachable
+from brokerclient.errors import Unreachable
 from brokerclient.http import (
     DEFAULT_URL,
     RETRY_STATUSES,
@@ -54,13 +48,22 @@ from brokerclient.http import (
     token_now,
     topic_path,
 )
+from brokerclient.publish_body import (
+    NDJSON,
+    _aiter,
+    _AsyncSentLines,
+    _Interrupted,
+    _json_body,
+    _SentLines,
+    _utf8,
+)
+
+# (EventObject re-exported: the type of the events publish_batch and stream take)
+from brokerclient.publish_body import EventObject as EventObject
 
 log = logging.getLogger(__name__)
-EventObject = Mapping[str, Any]
-"""An event as the JSON publish takes it: ``{"data": ..., "event"?: str, "retry"?: int}``."""
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
-NDJSON = "application/x-ndjson"  # streaming ingest: one event per line
 STREAM_WORKED_S = 1.0
 """A stream's attempt that broke off after this long, with lines no attempt had taken,
 got further: its attempts are counted anew (a generation cut by restarts goes on)."""
@@ -74,26 +77,6 @@ def event(data: Any, event: str | None = None, retry: int | None = None) -> dict
     if retry is not None:
         item["retry"] = retry
     return item
-
-
-def _json_body(item: Any) -> bytes:
-    """Compact JSON; a ValueError for a NaN or an infinity, which JSON has not (the
-    broker refused the body as malformed JSON)."""
-    try:
-        text = json.dumps(item, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except ValueError as error:
-        raise ValueError(f"not JSON: {error} (NaN and infinities have no JSON form)") from None
-    return _utf8(text)
-
-
-def _utf8(text: str) -> bytes:
-    """``text`` in UTF-8; a ValueError for what has none (a lone surrogate, as a JSON
-    ``"\\ud800"`` reads): it was a UnicodeEncodeError from deep inside."""
-    try:
-        return text.encode()
-    except UnicodeEncodeError as error:
-        bad = error.object[error.start : error.end].encode("unicode_escape").decode()
-        raise ValueError(f"not valid Unicode text: {bad} at {error.start}") from None
 
 
 def _query(close: bool, event_type: str | None = None) -> dict[str, str]:
@@ -440,100 +423,3 @@ def _taken(body: bytes | _SentLines | _AsyncSentLines) -> int | None:
 
 def _optional(**members: Any) -> dict[str, Any]:
     return {name: value for name, value in members.items() if value is not None}
-
-
-class _Lines:
-    """A stream's ndjson lines sent so far (a retry sends them again, then the rest)."""
-
-    def __init__(self, key: str) -> None:
-        self._key, self._sent = key, list[bytes]()
-
-    def count(self) -> int:
-        return len(self._sent)
-
-    @contextlib.contextmanager
-    def _callers_part(self) -> Iterator[None]:
-        """What the caller's iterator or event raises ends the stream, as
-        ``StreamInterrupted`` (through ``_Interrupted``), with the key a resend must send:
-        a key made up for the stream was the caller's to learn nowhere else, and a resend
-        under a new one stored the lines sent twice. httpx breaks the request off,
-        unended: the broker takes it for no complete stream (``close`` is not done)."""
-        try:
-            yield
-        except Exception as error:
-            raise _Interrupted(error, self._key, len(self._sent)) from error
-
-    def _line(self, item: object) -> bytes:
-        line = _json_body(item) + b"\n"
-        self._sent.append(line)
-        return line
-
-
-class _SentLines(_Lines):
-    """The ndjson lines of a stream: those sent already (for a retry), then the rest."""
-
-    def __init__(self, source: Iterator[EventObject], key: str) -> None:
-        super().__init__(key)
-        self._source = source
-
-    def replay_then_rest(self) -> Iterator[bytes]:
-        yield from list(self._sent)
-        while True:
-            with self._callers_part():
-                item = next(self._source, _END)
-                if item is _END:
-                    return
-                line = self._line(item)
-            yield line
-
-
-class _AsyncSentLines(_Lines):
-    """``_SentLines`` over an async iterator."""
-
-    def __init__(self, source: AsyncIterator[EventObject], key: str) -> None:
-        super().__init__(key)
-        self._source = source
-
-    async def replay_then_rest(self) -> AsyncIterator[bytes]:
-        for line in list(self._sent):
-            yield line
-        while True:
-            with self._callers_part():
-                item = await anext(self._source, _END)
-                if item is _END:
-                    return
-                line = self._line(item)
-            yield line
-
-
-_END = object()  # (an iterator's end, told from any event it may yield)
-
-
-class _Interrupted(Exception):
-    """The caller's part of a stream raised ``error``: carried out of httpx in this, as
-    httpcore re-raises what passes through it ``from None`` (a StreamInterrupted lost
-    its cause so: the caller's own error, which the traceback then did not show)."""
-
-    def __init__(self, error: Exception, key: str, lines_sent: int) -> None:
-        super().__init__(error)
-        self.error, self.key, self.lines_sent = error, key, lines_sent
-
-    def public(self) -> StreamInterrupted:
-        return StreamInterrupted(
-            f"the stream's events raised {self.error!r} after {self.lines_sent} lines: "
-            f"resend the same events, from the first, under idempotency key {self.key} "
-            "to store each line once",
-            idempotency_key=self.key,
-            lines_sent=self.lines_sent,
-        )
-
-
-async def _aiter(
-    events: Iterable[EventObject] | AsyncIterable[EventObject],
-) -> AsyncIterator[EventObject]:
-    if isinstance(events, AsyncIterable):
-        async for item in events:
-            yield item
-    else:
-        for item in events:
-            yield item
