@@ -34,8 +34,8 @@ class StreamInterrupted(BrokerClientError):
     no complete stream (a ``close`` was not done). ``idempotency_key`` is the stream's
     key (the caller's, or the one made up for it): a resend of the whole stream under
     it stores those lines no second time, and goes on with the rest. The same events
-    first: line n of a key is stored once whatever it holds, so other ones in their
-    place (a model's new answer) are skipped, and the rest spliced onto the old lines."""
+    first: a resend whose line n is not the one stored under the key (a model's new
+    answer) is refused (``RequestFailed``, 400), nothing of it stored."""
 
     def __init__(self, message: str, *, idempotency_key: str, lines_sent: int) -> None:
         super().__init__(message)

@@ -225,8 +225,8 @@ class Publisher:
         it with ``StreamInterrupted``, raised from that error: the lines sent before it
         are stored (those that reached the broker), the request broken off (no
         ``close``), and its ``idempotency_key`` (the one given, or the one made up) is
-        the key to send the whole stream again under (the same events first: other
-        ones in their place are skipped), which stores those lines no second time. A
+        the key to send the whole stream again under (the same events first: others in
+        their place are refused, 400), which stores those lines no second time. A
         ``BaseException`` (Ctrl-C) goes through as it is: give ``idempotency_key`` to
         know the key then too.
         """

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from brokerclient import AsyncPublisher, Publisher, StreamInterrupted, event
+from brokerclient import AsyncPublisher, Publisher, RequestFailed, StreamInterrupted, event
 from brokerclient.publisher import EventObject
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import wait_until
@@ -144,13 +144,13 @@ def test_an_event_that_is_not_json_interrupts_the_stream_too(face_broker: Broker
         publisher.publish(topic, "after")  # (TopicClosed, had close=true been done)
 
 
-def test_other_events_resent_under_the_key_are_spliced_onto_the_stored_ones(
+def test_other_events_resent_under_the_key_are_refused_not_spliced(
     face_broker: BrokerProcess,
 ) -> None:
-    """Why the README says "the same events, from the first": line n of a key is stored
-    once whatever it holds. Its example said to regenerate under the key: a model asked
-    again answers otherwise, and the topic held the dead answer's start, then the new
-    answer's rest."""
+    """Why the README says "the same events, from the first". Line n of a key was
+    stored once whatever it held, so a model asked again (another answer) under the key
+    left the topic with the dead answer's start, then the new answer's rest; the broker
+    now refuses a resent line that is not the one stored, and stores nothing of it."""
     topic, cause = _topic(), OSError("the GPU fell off the bus")
     regenerated = [event({"again": n}, event="token") for n in range(5)]
     with Publisher(face_broker.url) as publisher:
@@ -158,7 +158,8 @@ def test_other_events_resent_under_the_key_are_spliced_onto_the_stored_ones(
             publisher.stream(topic, _dies_midway(cause), close=True)
         _assert_first_lines_stored_and_left_open(face_broker.url, topic)
         key = raised.value.idempotency_key
-        publisher.stream(topic, regenerated, idempotency_key=key, close=True)
+        with pytest.raises(RequestFailed) as refused:
+            publisher.stream(topic, regenerated, idempotency_key=key, close=True)
+    assert refused.value.status == 400 and "line 1" in str(refused.value)
     stored = [e["data"] for e in _history(face_broker.url, topic)]
-    spliced = [{"n": n} for n in range(LINES_BEFORE_THE_ERROR)] + [{"again": 3}, {"again": 4}]
-    assert stored == [*spliced, {}]
+    assert stored == [{"n": n} for n in range(LINES_BEFORE_THE_ERROR)]  # and not closed
