@@ -45,6 +45,7 @@ from brokerclient.http import (
     publish_result,
     refreshes,
     retry_after,
+    shared_tls,
     token_now,
     topic_path,
 )
@@ -167,7 +168,9 @@ class Publisher:
         client: httpx.Client | None = None,
     ) -> None:
         self.retry = retry or RetryPolicy()
-        self._client = client or httpx.Client(base_url=checked_url(url), timeout=timeout)
+        self._client = client or httpx.Client(
+            base_url=checked_url(url), timeout=timeout, verify=shared_tls()
+        )
         self._own_client = client is None  # (a client passed in is the caller's to close)
         self._token = token
 
@@ -301,7 +304,9 @@ class AsyncPublisher:
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self.retry = retry or RetryPolicy()
-        self._client = client or httpx.AsyncClient(base_url=checked_url(url), timeout=timeout)
+        self._client = client or httpx.AsyncClient(
+            base_url=checked_url(url), timeout=timeout, verify=shared_tls()
+        )
         self._own_client = client is None  # (a client passed in is the caller's to close)
         self._token = token
 

@@ -48,6 +48,7 @@ from brokerclient.http import (
     failure,
     json_of,
     refreshes,
+    shared_tls,
     token_now,
     topic_path,
 )
@@ -124,7 +125,7 @@ class AsyncSubscriber:
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self._client = client or httpx.AsyncClient(
-            base_url=checked_url(url), timeout=_timeout(read_timeout)
+            base_url=checked_url(url), timeout=_timeout(read_timeout), verify=shared_tls()
         )
         self._resume = _Resume(
             _topics(topics), last_event_id, from_earliest, give_up_after,
@@ -248,7 +249,7 @@ class Subscriber:
         client: httpx.Client | None = None,
     ) -> None:
         self._client = client or httpx.Client(
-            base_url=checked_url(url), timeout=_timeout(read_timeout)
+            base_url=checked_url(url), timeout=_timeout(read_timeout), verify=shared_tls()
         )
         self._resume = _Resume(
             _topics(topics), last_event_id, from_earliest, give_up_after,
