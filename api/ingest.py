@@ -150,6 +150,8 @@ class Ingest:
         """The epoch of the log its lines went to, once one was stored (or replayed)."""
         self._last_line = 0
         """The number of the last line stored (or replayed): ``IngestLines.after``."""
+        self._last_line_ms = 0
+        """When it was stored (its id's time): ``IngestLines.after_ms``."""
 
     async def run(self, body: IngestBody) -> IngestResult:
         """Store every line of the body; raises on the first bad line, after storing
@@ -207,7 +209,7 @@ class Ingest:
         self.check_token()
         lines = None  # (its last line must be there still: see ``_append``)
         if self._key is not None and self._last_line:
-            lines = IngestLines(self._key, [], after=self._last_line)
+            lines = IngestLines(self._key, [], self._last_line, self._last_line_ms)
         try:
             return await self.broker.publish(
                 self.topic, [], lines=lines, close=True, log_epoch=self.log_epoch
@@ -295,7 +297,8 @@ class Ingest:
         self.check_token()
         lines = None
         if self._key is not None:
-            lines = IngestLines(self._key, [n for n, _ in pending], after=self._last_line)
+            numbers = [n for n, _ in pending]
+            lines = IngestLines(self._key, numbers, self._last_line, self._last_line_ms)
         self._watch.waiting(_STORE)
         try:
             result = await self.broker.publish(
@@ -319,7 +322,7 @@ class Ingest:
         self.result.add(result.ids)
         if result.ids:
             self.log_epoch = result.ids[0].epoch
-        self._last_line = pending[-1][0]
+        self._last_line, self._last_line_ms = pending[-1][0], result.ids[-1].position[0]
         if result.replayed:
             self.result.replayed += len(result.ids)
 

@@ -341,7 +341,7 @@ class RedisStreamStore:
             len(names),
             *names,
             log_epoch or "",
-            0 if lines is None else lines.after,
+            0 if lines is None else f"{lines.after}:{lines.after_ms}",
         ]
         for event in events:
             retry = "" if event.retry is None else str(event.retry)

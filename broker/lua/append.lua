@@ -13,9 +13,9 @@
 -- ARGV[9] how many record names follow (R): none; one for the whole request
 -- (ARGV[8] = 0); or, for a streaming ingest (ARGV[8] = 1), its key K then each
 -- event's line number n (line n is "K:n"); then the R names; then the epoch of the
--- log the append must find ('' = any: a new log may be begun); then the number of the
--- last line the ingest's request stored before this append (0: none yet, or not an
--- ingest); then 4 values per event: kind, data, event type ('' = none), retry ('' = none).
+-- log the append must find ('' = any: a new log may be begun); then, for a streaming
+-- ingest, "n:ms": the number of the last line its request stored before this append
+-- (0: none yet) and its id's time (0 for anything else); then 4 values per event: kind, data, event type ('' = none), retry ('' = none).
 --
 -- The records live in hashes, not a key each, so that they live as long as their
 -- topic: each append sets the topic's TTL on them too (one call, however many
@@ -41,7 +41,11 @@ local ingest = per_event and ARGV[10]  -- a streaming ingest's key K
 local closing = ARGV[7] == '1'
 local names = tonumber(ARGV[9])
 local must_find = ARGV[10 + names]  -- (a streaming ingest under way: its log's epoch)
-local stored_before = tonumber(ARGV[11 + names])  -- (and the last line it stored)
+local stored_before, stored_at = 0, 0  -- (and the last line it stored, and when)
+if per_event then
+  local n, at = string.match(ARGV[11 + names], '^(%d+):(%d+)$')
+  stored_before, stored_at = tonumber(n), tonumber(at)
+end
 local first_value = 12 + names  -- the first event's first value
 local window_ms = tonumber(ARGV[5]) * 1000
 local now_ms = false  -- Redis' clock, read once, when records or retention by age need it
@@ -155,10 +159,16 @@ if must_find ~= '' and epoch ~= must_find then return {-2, epoch or ''} end
 -- still be recorded, for this log and this ingest (one HGET); refused whole, the resend
 -- replays the lines kept and stores the rest after them, in order. An ingest past its
 -- window (a pause longer than the window) has its records pruned by design: its lines
--- cannot be told lost, and are not checked.
+-- cannot be told lost, and are not checked. But a failover that lost every line of the
+-- ingest lost when it last wrote too (it looked past its window, and went on): so a
+-- line stored within half the window by its own id's time must be recorded whatever
+-- (half: margin for a clock that stepped, ids going on from the last).
 if per_event and stored_before > 0 and epoch then
   ingest_state()
-  if ingest_live and not remembered_line(stored_before, epoch) then return {-4, ''} end
+  local recent = now() - stored_at < window_ms / 2
+  if (ingest_live or recent) and not remembered_line(stored_before, epoch) then
+    return {-4, ''}
+  end
 end
 
 -- A resent ingest's lines recorded already, each checked against the entry stored for

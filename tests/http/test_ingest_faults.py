@@ -345,6 +345,39 @@ async def test_lines_a_failover_lost_mid_body_end_the_ingest_and_the_resend_rest
     assert await stored_datas(client, topic) == datas(6)
 
 
+async def test_every_line_a_failover_lost_mid_body_ends_the_ingest_too(
+    broker: BrokerProcess, client: httpx.AsyncClient, redis_admin: redis.Redis
+) -> None:
+    """A failover to a replica that had received none of the ingest's lines (1-2): the
+    log kept (it held an event before), nothing left of the ingest, not even when it
+    last wrote. The ingest went on: line 3 stored after the other event, and the resend
+    stored 1-2 after 3. The line it stored last was stored a moment ago, so it must be
+    recorded still: the ingest stops (503), and the resend stores 1-3 in order."""
+    topic, key, lines = new_topic(), "gen-failover-all", body_of(3)
+    other = await client.post(f"/topics/{topic}/events", json={"data": "other"})
+    assert other.status_code == 201, other.text
+    before_1 = await IngestAppends.read(redis_admin, topic, key)
+    ingest = await open_ingest(broker, topic, key, "lean")
+    await ingest.send(b"".join(lines[:2]))
+    await await_until(
+        lambda: stored_is(client, topic, ["other", *datas(2)]), timeout=5, what="2 stored"
+    )
+    await before_1.lose_since(redis_admin, 2)  # the failover
+    await ingest.send(lines[2])
+    try:
+        answer = await ingest.answer(timeout=5)  # (the body still coming)
+    except TimeoutError:
+        raise AssertionError(f"it went on: {await stored_datas(client, topic)}") from None
+    finally:
+        ingest.cut()
+    assert answer.status == 503, answer.body
+    assert json.loads(answer.body)["type"] == "/problems#ingest-lines-lost", answer.body
+    assert await stored_datas(client, topic) == ["other"]
+    again = await resend_until_success(client, topic, key, b"".join(lines))
+    assert again.status_code == 201, again.text
+    assert await stored_datas(client, topic) == ["other", *datas(3)]
+
+
 async def open_ingest(broker: BrokerProcess, topic: str, key: str, route: str) -> RawIngest:
     """An ingest on the lean route, or on the ASGI route: behind a request uvicorn's own
     protocol reads (as in test_ingest)."""

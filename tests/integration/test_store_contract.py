@@ -318,9 +318,34 @@ async def test_an_ingest_whose_newest_lines_a_failover_lost_stores_no_more(
     assert [e.data_text for e in entries] == [f"l{n}" for n in range(1, 7)]
 
 
-async def ingest_line(store: RedisStreamStore, topic: str, n: int, epoch: str = "") -> EventId:
-    """Line n of the ingest keyed K, appended as the ingest appends it (after line n-1)."""
-    lines = IngestLines("K", [n], after=n - 1)
+async def test_an_ingest_whose_every_line_a_failover_lost_stores_no_more(
+    store: RedisStreamStore, topic: str
+) -> None:
+    """A failover to a replica that had received none of an ingest's lines keeps the
+    log (another writer's event), and nothing says the ingest began: no line record,
+    no head, no time. Its line 3 was stored after the other event, 1-2 answered but
+    gone, and the resend stored them after 3. The line the request stored last was
+    stored within the window (its id's time), so it must be recorded: refused."""
+    other = (await store.append(topic, events("other"))).ids[0]
+    before_1 = await IngestAppends.read(store._client, topic, "K")
+    first = await ingest_line(store, topic, 1, epoch=other.epoch)
+    second = await ingest_line(store, topic, 2, epoch=other.epoch, after=first)
+    await before_1.lose_since(store._client, 2)  # the failover
+    with pytest.raises(LinesLost):
+        await ingest_line(store, topic, 3, epoch=other.epoch, after=second)
+    assert (await store.state(topic)).length == 1
+    await store.append(topic, events("l1", "l2", "l3"), lines=IngestLines("K", [1, 2, 3]))
+    entries = (await store.read_range(topic, (0, 0), 10)).entries
+    assert [e.data_text for e in entries] == ["other", "l1", "l2", "l3"]
+
+
+async def ingest_line(
+    store: RedisStreamStore, topic: str, n: int, epoch: str = "", after: EventId | None = None
+) -> EventId:
+    """Line n of the ingest keyed K, appended as the ingest appends it (after line n-1,
+    stored as ``after``)."""
+    after_ms = 0 if after is None else after.position[0]
+    lines = IngestLines("K", [n], after=n - 1, after_ms=after_ms)
     result = await store.append(topic, events(f"l{n}"), lines=lines, log_epoch=epoch or None)
     return result.ids[0]
 

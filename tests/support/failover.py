@@ -19,17 +19,22 @@ class IngestAppends:
     when it last wrote, in the lines' sorted set), read before some appends so that a
     failover can undo them."""
 
-    def __init__(self, topic: str, key: str, number: bytes, head: bytes, at: float) -> None:
+    def __init__(
+        self, topic: str, key: str, number: bytes, head: bytes | None, at: float | None
+    ) -> None:
         self.topic, self.key = topic, key
         self.number, self.head, self.at = number, head, at
 
     @classmethod
     async def read(cls, client: Any, topic: str, key: str) -> IngestAppends:
-        """``client``: a redis.asyncio client (or fakeredis's) of the topic's server."""
+        """``client``: a redis.asyncio client (or fakeredis's) of the topic's server. The
+        topic's log must exist; the ingest may have stored no line yet (a failover that
+        loses all of them leaves nothing of it)."""
         number = await client.hget(c.meta_key(topic), "n")
         head = await client.hget(c.line_records_key(topic), f"{key}\n")
         at = await client.zscore(c.line_times_key(topic), key)
-        assert number and head and at, "the ingest has stored no line yet"
+        assert number, "the topic has no log yet"
+        assert (head is None) == (at is None), (head, at)
         return cls(topic, key, number, head, at)
 
     async def lose_since(self, client: Any, lines: int) -> None:
@@ -39,9 +44,13 @@ class IngestAppends:
         newest = await client.xrevrange(log, "+", "-", count=lines)
         assert len(newest) == lines, newest
         assert await client.xdel(log, *(entry_id for entry_id, _ in newest)) == lines
-        top = int(self.head.split(b"|")[0])
+        top = 0 if self.head is None else int(self.head.split(b"|")[0])
         numbers = range(top + 1, top + 1 + lines)
         assert await client.hdel(records, *(f"{self.key}\n{n}" for n in numbers)) == lines
-        await client.hset(records, f"{self.key}\n", self.head)
-        await client.zadd(c.line_times_key(self.topic), {self.key: self.at})
+        if self.head is None or self.at is None:  # (none of its lines had come)
+            await client.hdel(records, f"{self.key}\n")
+            await client.zrem(c.line_times_key(self.topic), self.key)
+        else:
+            await client.hset(records, f"{self.key}\n", self.head)
+            await client.zadd(c.line_times_key(self.topic), {self.key: self.at})
         await client.hset(c.meta_key(self.topic), "n", self.number)
