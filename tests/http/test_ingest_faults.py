@@ -291,6 +291,31 @@ async def test_a_redis_restarted_without_its_data_mid_body_ends_the_ingest_and_t
     assert subscriber.gaps()[0]["reason"] == "unknown"
 
 
+async def test_a_topic_deleted_mid_body_ends_the_ingest_and_is_no_store_failure(
+    broker: BrokerProcess, client: httpx.AsyncClient
+) -> None:
+    """A DELETE while an ingest goes on: its log is gone, the ingest stops (503
+    ingest-log-lost). The store answered all along: nothing says it failed (it was
+    counted in broker_store_errors_total and logged as an outage, "answered 503 until
+    it answers", then "answers again" at the next publish)."""
+    topic, key, lines = new_topic(), "gen-deleted", body_of(3)
+    ingest = await RawIngest.open(broker, topic, headers={"Idempotency-Key": key})
+    await ingest.send(b"".join(lines[:2]))
+    await await_until(lambda: stored_is(client, topic, datas(2)), timeout=5, what="2 stored")
+    deleted = await client.delete(f"/topics/{topic}")
+    assert deleted.status_code in (200, 204), deleted.text
+    await ingest.send(lines[2])
+    try:
+        answer = await ingest.answer(timeout=5)  # (the body still coming)
+    finally:
+        ingest.cut()
+    assert answer.status == 503, answer.body
+    assert json.loads(answer.body)["type"] == "/problems#ingest-log-lost", answer.body
+    metrics = (await client.get("/metrics")).text.splitlines()
+    assert [row for row in metrics if row.startswith("broker_store_errors_total{")] == []
+    assert "store: a publish failed" not in broker.log(), broker.log()
+
+
 async def test_a_redis_restarted_with_its_data_mid_body_loses_nothing(
     private_redis: RedisServer, broker: BrokerProcess, client: httpx.AsyncClient
 ) -> None:
