@@ -80,13 +80,22 @@ alone: every 19-digit integer is below 10**19 < 2**64, and a nanosecond timestam
 a snowflake id has 19 digits (those paid the standard library's parse, 4x orjson's)."""
 
 
+_NUMBER_BYTES = bytes(0x30 if byte in b"-0123456789" else 0x78 for byte in range(256))
+"""For ``bytes.translate``: a digit or a minus becomes ``0``, anything else ``x``."""
+_LONG_RUN = b"0" * 20
+"""Translated by ``_NUMBER_BYTES``, where ``_LONG_NUMBER`` may match: a run of 20 digits
+or minus signs holds every match (and few else). Looked for first, in C: the regular
+expression tries both branches at every byte, 2-10 us per line of an ingest (more on a
+longer one), where the translation and search cost under one."""
+
+
 def loads_exactly(raw: bytes) -> Any:
     """The JSON document, its numbers as written: orjson turns an integer past 64 bits
     into a float silently (2**64 comes out as 1.8446744073709552e+19), so a document
     with such a long digit run is read again by the standard library, which keeps
     it. Raises ``orjson.JSONDecodeError`` (a ``ValueError``) for malformed JSON."""
     document = orjson.loads(raw)
-    if _LONG_NUMBER.search(raw) is not None:
+    if _LONG_RUN in raw.translate(_NUMBER_BYTES) and _LONG_NUMBER.search(raw) is not None:
         if _deeper_than(document, MAX_JSON_DEPTH + 2):  # (with a batch's list and object)
             raise orjson.JSONDecodeError(TOO_DEEP, "", 0)
         document = json.loads(raw)
