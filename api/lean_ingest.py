@@ -212,6 +212,10 @@ class ChunkedBody:
         if self._state == _DATA and len(data) < self._left and not self._pending:
             self._left -= len(data)  # the middle of a long chunk
             return data
+        if self._state == _SIZE and not self._pending:
+            whole = self._whole_chunk(data)
+            if whole is not None:
+                return whole
         buffer = self._pending + data if self._pending else data
         parts: list[bytes] = []
         position = 0
@@ -229,6 +233,22 @@ class ChunkedBody:
         else:
             self._pending = buffer[position:]
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _whole_chunk(self, data: bytes) -> bytes | None:
+        """The data of ``data`` if it is one whole chunk, its size line and CRLF included;
+        else None (``decode``'s general way). A token stream's line comes so, one chunk a
+        read: this way it is decoded in one step, not three (about 1 us a line less)."""
+        end = data.find(b"\r\n", 0, MAX_CHUNK_LINE_BYTES)
+        if end < 0:
+            return None
+        line = data[:end]
+        if not CHUNK_SIZE_LINE.fullmatch(line):
+            return None  # (the general way refuses it)
+        size = int(line.split(b";", 1)[0], 16)
+        start = end + 2
+        if size == 0 or len(data) != start + size + 2 or not data.endswith(b"\r\n"):
+            return None
+        return data[start : start + size]
 
     def _step(self, buffer: bytes, position: int, parts: list[bytes]) -> int | None:
         """Decode from ``position`` on: a chunk's data (into ``parts``), its CRLF, or
