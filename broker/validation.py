@@ -154,6 +154,12 @@ def check_finite_numbers(document: Any, field: str = "data") -> None:
 
 def event_from_json(item: Any, max_event_bytes: int) -> NewEvent:
     """One ``{"data": ..., "event"?: ..., "retry"?: ...}`` object of a JSON publish."""
+    if type(item) is dict and len(item) == 1 and "data" in item:
+        # The usual event, data alone (every token of a stream): no other member to
+        # check (about 0.7 us of the 2-3 each line of an ingest paid here).
+        data = _compact_json(item["data"])
+        check_size(data, max_event_bytes)
+        return NewEvent(data, c.KIND_JSON)
     if not isinstance(item, dict):
         raise InvalidInput("each event must be a JSON object with a 'data' member")
     if "data" not in item:
