@@ -819,8 +819,9 @@ def _not_the_line_stored(number: str, lines: IngestLines | None) -> InvalidInput
 def _parse_answer(answer: bytes, *, replayed: bool) -> AppendResult:
     """``epoch|id,id,...|end id`` (the end id empty unless the append closed the topic)."""
     epoch, ids, end = answer.decode().split("|")
-    return AppendResult(
-        ids=[EventId(epoch, parse_stream_id(raw)) for raw in ids.split(",") if raw],
-        replayed=replayed,
-        end_id=EventId(epoch, parse_stream_id(end)) if end else None,
-    )
+    stored = []
+    for raw in ids.split(","):  # (parse_stream_id inlined: the hottest caller)
+        if raw:
+            ms, _, seq = raw.partition("-")
+            stored.append(EventId(epoch, (int(ms), int(seq or 0))))
+    return AppendResult(stored, replayed, EventId(epoch, parse_stream_id(end)) if end else None)
