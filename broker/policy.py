@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from broker.errors import InvalidInput
 
@@ -28,11 +28,12 @@ class Retention:
     maxlen: int
     max_age_ms: int = 0
     ttl_ms: int = 0
+    trim_slack: int = field(init=False, repr=False, compare=False)
+    """Trimming waits for this many extra entries (1%), so it costs little per append.
+    (Worked out once, not per append: every append sends it.)"""
 
-    @property
-    def trim_slack(self) -> int:
-        """Trimming waits for this many extra entries (1%), so it costs little per append."""
-        return max(1, min(1000, self.maxlen // 100))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trim_slack", max(1, min(1000, self.maxlen // 100)))
 
 
 @dataclass(frozen=True, slots=True)
