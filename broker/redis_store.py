@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar, cast
 
-import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
@@ -49,6 +48,7 @@ from broker.redis_checks import (
 )
 from broker.redis_live import AnyLiveReader, LiveReader, LocalWrites
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
+from broker.redis_packing import CommandPacker
 from broker.redis_pools import BoundedCluster, FixedPool, PoolBusy, open_cluster_pools
 from broker.redis_primary import PrimaryWatch
 from broker.redis_raw import RawConnection
@@ -117,8 +117,9 @@ class _AppendPipeline:
     ) -> None:
         """``timeout``: how long the appends' replies may take (see ``RedisStreamStore``)."""
         self._client = client
-        # Real Redis: packed by hiredis, on a connection of its own; fakeredis: redis-py's pipeline.
+        # Real Redis: packed here, on a connection of its own; fakeredis: redis-py's pipeline.
         self._connection = RawConnection(client.connection_pool, timeout) if raw else None
+        self._packer = CommandPacker()  # (hiredis' pack_command, cheaper: see redis_packing)
         self._script = script  # registered once by the store: its text and SHA
         self._queue: list[tuple[list[str], list[str | int], asyncio.Future[Any]]] = []
         self._in_flight: set[asyncio.Future[None]] = set()
@@ -207,8 +208,8 @@ class _AppendPipeline:
         """One reply per command: a value, or that command's own error (the connection's
         failure for those whose reply did not come)."""
         if self._connection is not None:
-            packed = [hiredis.pack_command(command) for command in commands]
-            return await self._connection.exchange_each(packed)
+            pack = self._packer.pack
+            return await self._connection.exchange_each([pack(command) for command in commands])
         pipe = self._client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)

@@ -1,0 +1,96 @@
+"""The append script's commands in Redis' protocol (RESP), packed by hand.
+
+``hiredis.pack_command`` formats every argument's ``$<length>\\r\\n`` with C's
+``sprintf``: for an append (EVALSHA, its SHA, six keys, nine arguments and four per
+event) that was 30,000 instructions, a sixth of all the broker's user-space work for
+an ingest line (callgrind). Most of those arguments repeat from one append to the
+next: a topic's keys for every append to it, its retention figures, the flags, an
+event's kind, an empty type or retry. So the head up to the keys is packed once per
+topic, each small argument once per process, and only what is new (the epoch, the
+data) is packed here; the bytes are the same as hiredis'
+(``tests/unit/test_redis_packing.py`` compares them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import hiredis
+
+from broker import constants as c
+
+HEADS_KEPT = 1024
+"""Topics whose packed head is kept (about 300 bytes each); past that the oldest goes."""
+INTEGERS_KEPT = 4096
+"""Integer arguments kept packed (retention figures, flags, counts: few values); past
+that, the others are packed each time. Strings are not kept (an epoch, a line number,
+data: new each time), but for a few that recur."""
+RECURRING = ("", c.KIND_JSON, c.KIND_TEXT)
+
+
+class CommandPacker:
+    """``pack(("EVALSHA", sha, numkeys, *keys, *args))``: what ``hiredis.pack_command``
+    makes of it, from the heads and arguments packed before. Every argument is a str
+    or an int, as the append's are (a float equal to a kept int would come out as
+    that int)."""
+
+    __slots__ = ("_arguments", "_heads")
+
+    def __init__(self) -> None:
+        self._heads: dict[tuple[str | int, str | int], bytes] = {}
+        self._arguments: dict[str | int, bytes] = {}
+        for text in RECURRING:
+            self._arguments[text] = _packed(text)
+
+    def pack(self, command: Sequence[str | int]) -> bytes:
+        count = command[2]
+        assert type(count) is int  # (the number of keys)
+        end = 3 + count
+        key = (command[1], command[3] if count else "")
+        head = self._heads.get(key)
+        if head is None:
+            head = self._head(key, command[:end])
+        size = len(command)
+        parts = [_COUNTS[size] if size < LENGTHS_KEPT else b"*%d\r\n" % size, head]
+        append, known = parts.append, self._arguments
+        for argument in command[end:]:
+            packed = known.get(argument)
+            if packed is not None:
+                append(packed)
+            elif isinstance(argument, str):  # (inline: an epoch, the data)
+                raw = argument.encode()
+                size = len(raw)
+                append(_LENGTHS[size] if size < LENGTHS_KEPT else b"$%d\r\n" % size)
+                append(raw)
+                append(b"\r\n")
+            else:
+                append(self._integer(argument))
+        return b"".join(parts)
+
+    def _head(self, key: tuple[str | int, str | int], head: Sequence[str | int]) -> bytes:
+        """The command up to its last key, packed without the array's count (which
+        counts the arguments too). The first key names the topic, so it stands for
+        the others."""
+        whole: bytes = hiredis.pack_command(cast(Any, tuple(head)))
+        packed = whole[whole.index(b"\r\n") + 2 :]
+        if len(self._heads) >= HEADS_KEPT:
+            del self._heads[next(iter(self._heads))]
+        self._heads[key] = packed
+        return packed
+
+    def _integer(self, argument: int) -> bytes:
+        packed = _packed(argument)
+        if len(self._arguments) < INTEGERS_KEPT:
+            self._arguments[argument] = packed
+        return packed
+
+
+def _packed(argument: str | int) -> bytes:
+    raw = argument.encode() if isinstance(argument, str) else b"%d" % argument
+    return b"$%d\r\n%b\r\n" % (len(raw), raw)
+
+
+LENGTHS_KEPT = 512
+_LENGTHS = [b"$%d\r\n" % size for size in range(LENGTHS_KEPT)]
+_COUNTS = [b"*%d\r\n" % size for size in range(LENGTHS_KEPT)]
