@@ -31,9 +31,9 @@ RECURRING = ("", c.KIND_JSON, c.KIND_TEXT)
 
 class CommandPacker:
     """``pack(("EVALSHA", sha, numkeys, *keys, *args))``: what ``hiredis.pack_command``
-    makes of it, from the heads and arguments packed before. Every argument is a str
-    or an int, as the append's are (a float equal to a kept int would come out as
-    that int)."""
+    makes of it, from the heads and arguments packed before. The append's arguments
+    are strs and ints; any other argument is packed by hiredis, as before (but a
+    float or bool equal to a kept int comes out as that int: ``3.0`` as ``3``)."""
 
     __slots__ = ("_arguments", "_heads")
 
@@ -81,10 +81,19 @@ class CommandPacker:
         return packed
 
     def _integer(self, argument: int) -> bytes:
+        """``argument`` packed, and kept if it is an int. Anything else (a float, bytes:
+        none of the append's) is hiredis' to pack: ``%d`` made 1.5 into ``1``, in silence."""
+        if type(argument) is not int:
+            return _packed_by_hiredis(argument)
         packed = _packed(argument)
         if len(self._arguments) < INTEGERS_KEPT:
             self._arguments[argument] = packed
         return packed
+
+
+def _packed_by_hiredis(argument: object) -> bytes:
+    whole: bytes = hiredis.pack_command(cast(Any, (argument,)))
+    return whole[whole.index(b"\r\n") + 2 :]  # (without the array's count: ``*1``)
 
 
 def _packed(argument: str | int) -> bytes:
