@@ -1,0 +1,262 @@
+"""The hot paths' shortcuts against the general way they stand in for, over generated
+inputs (seeded, bounded): each must give what the general way gives, or take the
+general way. The general way is the code still there (ChunkedBody's loop, the event
+checks) or the code before the shortcut, kept here as the reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from typing import Any
+
+import orjson
+import pytest
+
+from api.lean_ingest import ChunkedBody
+from broker import constants as c
+from broker import validation
+from broker.errors import BrokerError
+from broker.ids import EventId, parse_stream_id
+from broker.model import AppendResult, NewEvent
+from broker.policy import Retention
+from broker.redis_store import _parse_answer
+from broker.validation import event_from_json, loads_exactly
+
+CASES = 3000  # per property: a few seconds in all
+
+# -- ChunkedBody: a read that is one whole chunk ------------------------------------------------
+
+
+class _GeneralChunkedBody(ChunkedBody):
+    """ChunkedBody without the whole-chunk shortcut: every read through the loop."""
+
+    __slots__ = ()
+
+    def _whole_chunk(self, data: bytes) -> bytes | None:
+        return None
+
+
+_EXTENSIONS = [b"", b";ext=1", b";a", b";a=", b';q="x;y\t"', b";a=b;c", b";", b" ;a", b";a b"]
+_DATA_BYTES = [b"a", b"\r\n", b"\r", b"\n", b"0\r\n\r\n", b"5;x\r\n", b"\xff", b"\x00"]
+
+
+def _size_line(size: int, rng: random.Random) -> bytes:
+    digits = b"%x" % size
+    if rng.random() < 0.3:
+        digits = digits.upper()
+    if rng.random() < 0.2:
+        digits = b"0" * rng.randint(1, 4) + digits
+    if rng.random() < 0.02:
+        digits = b"+" + digits  # (int() takes it; the grammar must not)
+    return digits + rng.choice(_EXTENSIONS)
+
+
+_CHUNK_ENDS = [b"\r\n"] * 12 + [b"XY", b"\r\r", b"\n\n", b"\r", b"\r\n\r\n"]
+
+
+def _chunked_body(rng: random.Random) -> list[bytes]:
+    """A chunked body in pieces, a chunk each: a few chunks (data with CRLFs in it, a
+    chunk's end maybe spoiled), maybe the last chunk and trailers, maybe a pipelined
+    request after it, maybe one byte spoiled anywhere."""
+    pieces = []
+    for _ in range(rng.randint(0, 4)):
+        data = b"".join(rng.choice(_DATA_BYTES) for _ in range(rng.randint(1, 12)))
+        pieces.append(_size_line(len(data), rng) + b"\r\n" + data + rng.choice(_CHUNK_ENDS))
+    if rng.random() < 0.7:
+        trailers = b"".join(
+            rng.choice([b"X-T: 1\r\n", b"bad\r\n"]) for _ in range(rng.randint(0, 2))
+        )
+        pieces.append(_size_line(0, rng) + b"\r\n" + trailers + b"\r\n")
+        if rng.random() < 0.3:
+            pieces.append(b"GET / HTTP/1.1\r\n\r\n")
+    if pieces and rng.random() < 0.1:
+        spoiled = bytearray(pieces[-1])
+        spoiled[rng.randrange(len(spoiled))] = rng.choice(b"\r\n0aZ;")
+        pieces[-1] = bytes(spoiled)
+    return pieces
+
+
+def _reads(pieces: list[bytes], rng: random.Random) -> list[bytes]:
+    """The body's reads: a chunk each often (as a token stream sends), else cut
+    anywhere (a size line split, a chunk and part of the next)."""
+    if rng.random() < 0.5:
+        return pieces
+    body = b"".join(pieces)
+    if len(body) < 2:
+        return [body]
+    cuts = sorted(rng.sample(range(1, len(body)), min(rng.randint(0, 5), len(body) - 1)))
+    return [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+
+
+def _decoded(body: ChunkedBody, reads: list[bytes]) -> list[Any]:
+    said: list[Any] = []
+    for data in reads:
+        said.append(body.decode(data))
+        if body.broken is not None or body.ended:
+            break
+    return [*said, body.ended, body.rest, str(body.broken), body._pending]
+
+
+def test_a_chunked_body_decodes_as_the_general_way_does_however_it_is_read() -> None:
+    rng = random.Random(1817737)
+    for _ in range(CASES):
+        reads = _reads(_chunked_body(rng), rng)
+        assert _decoded(ChunkedBody(), reads) == _decoded(_GeneralChunkedBody(), reads), reads
+
+
+# -- loads_exactly: the translate pre-check before the long-number expression --------------------
+
+_LONG_NUMBER = re.compile(rb"\d{20}|-\d{19}")  # (the expression, as loads_exactly has it)
+_NUMBER_ALPHABET = ["0", "1", "9", "-", "+", "e", "E", ".", " ", "\n", "\u0663", "\uff11", "x"]
+
+
+def test_the_pre_check_never_skips_a_run_the_expression_matches() -> None:
+    assert validation._LONG_NUMBER.pattern == _LONG_NUMBER.pattern
+    rng = random.Random(91485)
+    for _ in range(CASES * 3):
+        text = "".join(rng.choice(_NUMBER_ALPHABET) for _ in range(rng.randint(15, 45)))
+        raw = text.encode()
+        if _LONG_NUMBER.search(raw):
+            assert validation._LONG_RUN in raw.translate(validation._NUMBER_BYTES), text
+
+
+def _loads_before(raw: bytes) -> Any:
+    """loads_exactly before the pre-check (91485f6^)."""
+    document = orjson.loads(raw)
+    if _LONG_NUMBER.search(raw) is not None:
+        document = json.loads(raw)
+    return document
+
+
+def _number(rng: random.Random) -> str:
+    sign = rng.choice(["", "", "-"])
+    digits = str(rng.randint(1, 9)) + "".join(
+        str(rng.randint(0, 9)) for _ in range(rng.randint(0, 24))
+    )
+    fraction = rng.choice(["", "", ".5", "e3", "E-2", ".25e+1"])
+    return sign + digits + fraction
+
+
+def test_loads_exactly_reads_numbers_as_before() -> None:
+    rng = random.Random(2**64)
+    for _ in range(CASES):
+        raw = ("[" + ", ".join(_number(rng) for _ in range(rng.randint(1, 4))) + "]").encode()
+        raw = raw if rng.random() < 0.8 else b'{"data": "' + raw.replace(b"-", b"--") + b'"}'
+        new, old = loads_exactly(raw), _loads_before(raw)
+        assert repr(new) == repr(old), raw  # (repr: 1 and 1.0 told apart)
+
+
+# -- event_from_json: an event of data alone ----------------------------------------------------
+
+
+def _event_before(item: Any, max_event_bytes: int) -> NewEvent:
+    """event_from_json before its shortcut (3ebd46e^)."""
+    if not isinstance(item, dict):
+        raise validation.InvalidInput("each event must be a JSON object with a 'data' member")
+    if "data" not in item:
+        raise validation.InvalidInput("an event needs a 'data' member", field="data")
+    unknown = set(item) - {"data", "event", "retry"}
+    if unknown:
+        raise validation.InvalidInput(f"unknown member(s): {', '.join(sorted(unknown))}")
+    data = validation._compact_json(item["data"])
+    event = validation.check_event_type(item.get("event"))
+    validation.check_size(data, max_event_bytes, event)
+    retry = validation.check_retry(item.get("retry"))
+    return NewEvent(data=data, kind=c.KIND_JSON, event=event, retry=retry)
+
+
+_VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    2**64,
+    -(2**63) - 1,
+    1.5,
+    "",
+    "x" * 40,
+    "é\u2028",
+    [],
+    [1, [2, {"a": None}]],
+    {},
+    {"k": "v", "": 2},
+    float("nan"),
+]
+
+
+def _item(rng: random.Random) -> Any:
+    if rng.random() < 0.05:
+        return rng.choice([None, [], "data", 1])
+    item: dict[str, Any] = {}
+    for name in rng.sample(
+        ["data", "data", "data", "event", "retry", "id", "Data"], rng.randint(0, 3)
+    ):
+        item[name] = rng.choice([*_VALUES, "t", 5, -5, "broker.x", "a\nb"])
+    return item
+
+
+def _outcome(make: Any, item: Any, limit: int) -> Any:
+    try:
+        return make(item, limit)
+    except (BrokerError, ValueError) as error:
+        return type(error), str(error)
+
+
+def test_an_event_is_read_as_the_full_checks_read_it() -> None:
+    rng = random.Random(3)
+    for _ in range(CASES):
+        item, limit = _item(rng), rng.choice([4, 64, 65536])
+        assert _outcome(event_from_json, item, limit) == _outcome(_event_before, item, limit), item
+    for raw in [
+        b'{"data": 1, "data": 2}',
+        b'{"data": 1, "event": null}',
+        b'{"data": 1, "retry": null}',
+    ]:
+        item = loads_exactly(raw)
+        assert _outcome(event_from_json, item, 99) == _outcome(_event_before, item, 99), raw
+
+
+# -- the append's answer parsed in one loop -----------------------------------------------------
+
+
+def _answer_before(answer: bytes, *, replayed: bool) -> AppendResult:
+    """_parse_answer before it was inlined (3e00fb7^)."""
+    epoch, ids, end = answer.decode().split("|")
+    return AppendResult(
+        ids=[EventId(epoch, parse_stream_id(raw)) for raw in ids.split(",") if raw],
+        replayed=replayed,
+        end_id=EventId(epoch, parse_stream_id(end)) if end else None,
+    )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"ep|1-0|",
+        b"ep|1-0,1-1,2|",
+        b"ep||3-4",
+        b"ep||",
+        b"ep|,1-0,|",
+        b"e|1700000000000-18446744073709551615|9",
+    ],
+)
+def test_an_append_answer_is_read_as_before(answer: bytes) -> None:
+    for replayed in (False, True):
+        assert _parse_answer(answer, replayed=replayed) == _answer_before(answer, replayed=replayed)
+
+
+# -- Retention.trim_slack, a field ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("maxlen", [1, 99, 100, 101, 5_000, 99_999, 100_000, 10**9])
+def test_trim_slack_is_what_the_property_gave_and_follows_a_replaced_maxlen(maxlen: int) -> None:
+    def before(maxlen: int) -> int:  # (the property, e5416f9^)
+        return max(1, min(1000, maxlen // 100))
+
+    retention = Retention(maxlen=maxlen, max_age_ms=5)
+    assert retention.trim_slack == before(maxlen)
+    assert dataclasses.replace(retention, maxlen=maxlen * 3).trim_slack == before(maxlen * 3)
+    assert retention == Retention(maxlen=maxlen, max_age_ms=5)
