@@ -38,7 +38,7 @@ class CommandPacker:
     __slots__ = ("_arguments", "_heads")
 
     def __init__(self) -> None:
-        self._heads: dict[tuple[str | int, int, str | int], bytes] = {}
+        self._heads: dict[tuple[str | int, str | int, int, str | int], bytes] = {}
         self._arguments: dict[str | int, bytes] = {}
         for text in RECURRING:
             self._arguments[text] = _packed(text)
@@ -47,7 +47,7 @@ class CommandPacker:
         count = command[2]
         assert type(count) is int  # (the number of keys)
         end = 3 + count
-        key = (command[1], count, command[3] if count else "")
+        key = (command[0], command[1], count, command[3] if count else "")
         head = self._heads.get(key)
         if head is None:
             head = self._head(key, command[:end])
@@ -68,9 +68,11 @@ class CommandPacker:
                 append(self._integer(argument))
         return b"".join(parts)
 
-    def _head(self, key: tuple[str | int, int, str | int], head: Sequence[str | int]) -> bytes:
+    def _head(
+        self, key: tuple[str | int, str | int, int, str | int], head: Sequence[str | int]
+    ) -> bytes:
         """The command up to its last key, packed without the array's count (which
-        counts the arguments too). The script, its number of keys and the first key
+        counts the arguments too). The command, its script, its number of keys and first key
         stand for the others: the append's keys are all its topic's
         (``constants.topic_keys``)."""
         whole: bytes = hiredis.pack_command(cast(Any, tuple(head)))

@@ -35,6 +35,10 @@ COMMANDS = [
     ),
     _append("t", "abcdefgh", 1, 1, 1, 1, 1, 0, 0, 0, "j", "x" * 70_000, "", ""),
     ("EVALSHA", SHA, 0, "no", "keys"),
+    # The same script name, key count and first key under another command, and the same
+    # first key with fewer keys: neither may take a head kept for another.
+    ("EVAL", SHA, 6, *c.topic_keys("t"), "x"),
+    ("EVALSHA", SHA, 1, c.topic_keys("t")[0], "x"),
 ]
 
 
