@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.procs import run_whole
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 110
@@ -30,7 +31,7 @@ def test_quick_run_against_nchan_gives_a_ratio_on_every_row(tmp_path: Path) -> N
     command = [sys.executable, "-m", "bench", "--quick", "--skip-baseline", "--json", str(output)]
     for scenario in NCHAN_SCENARIOS:
         command += ["--only", scenario]
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    run = run_whole(command, cwd=REPO, timeout=RUN_TIMEOUT_S)
     assert run.returncode == 0, run.stdout + run.stderr
     document = json.loads(output.read_text())
     assert document["errors"] == []

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.procs import run_whole
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 160
@@ -18,11 +19,9 @@ RUN_TIMEOUT_S = 160
 @pytest.mark.timeout(RUN_TIMEOUT_S + 30)  # (the suite's 120 s cut it before its own bound)
 def test_quick_bench_run_reports_every_figure_as_a_number(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
-    run = subprocess.run(
+    run = run_whole(
         [sys.executable, "-m", "bench", "--quick", "--skip-nchan", "--json", str(output)],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=RUN_TIMEOUT_S,
     )
     assert run.returncode == 0, run.stdout + run.stderr
@@ -71,7 +70,7 @@ def test_quick_auth_comparison_reports_auth_on_and_off(tmp_path: Path) -> None:
         "--skip-nchan",
     ]
     command += ["--only", "publish-single", "--json", str(output)]
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    run = run_whole(command, cwd=REPO, timeout=RUN_TIMEOUT_S)
     assert run.returncode == 0, run.stdout + run.stderr
     document = json.loads(output.read_text())
     assert document["errors"] == []
@@ -87,7 +86,7 @@ def test_quick_floor_is_measured_beside_the_broker_on_publishes_only(tmp_path: P
     command = [sys.executable, "-m", "bench", "--quick", "--floor", "--skip-baseline"]
     command += ["--skip-nchan", "--only", "publish-single", "--only", "publish-batch"]
     command += ["--json", str(output)]
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    run = run_whole(command, cwd=REPO, timeout=RUN_TIMEOUT_S)
     assert run.returncode == 0, run.stdout + run.stderr
     document = json.loads(output.read_text())
     assert document["errors"] == []

@@ -6,6 +6,7 @@ signal exactly the processes it started, children included, and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,28 @@ from typing import TypeVar
 import httpx
 
 T = TypeVar("T")
+
+
+def run_whole(
+    command: Sequence[str], *, cwd: Path, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` with its output captured, in a session of its own, killed whole
+    (children included) past ``timeout`` or once it ended: killed alone, a bench run left
+    its redis-server and broker running for good."""
+    with subprocess.Popen(
+        list(command), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    ) as process:  # fmt: skip
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+            raise AssertionError(f"{command[:3]} ran over {timeout:g} s:\n{out}{err}") from None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # (whatever it left behind)
+    return subprocess.CompletedProcess(list(command), process.returncode, out, err)
 
 
 def rss_bytes(pid: int) -> int:
