@@ -12,17 +12,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-import uvicorn
 
 from api import routes
-from api.app import create_app
 from api.settings import Settings
 from bench.lifecycle_jobs import Producer, SessionTally, _run_slot
 from bench.sse import SseEvent, _EventParser
 from broker.errors import StoreUnavailable
 from brokerclient.direct import DirectPublisher
+from tests.support.in_process import serving
 from tests.support.polling import await_until
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer
 
 TOKENS = 10
 HELD_FOR_TOKENS = 3  # a held subscribe goes on once the producer sent this many
@@ -36,23 +35,8 @@ async def broker_port(redis_server: RedisServer) -> AsyncIterator[int]:
     """``broker serve``'s edge in this process, on the real Redis (so that the test can
     step into its subscribes), with a short retry hint."""
     settings = Settings(redis_url=redis_server.url, retry_ms=RETRY_MS)
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings),
-        host="127.0.0.1",
-        port=port,
-        http="api.connections:BrokerHttpProtocol",
-        lifespan="on",
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.ensure_future(server.serve())
-    await await_until(lambda: server.started, timeout=10, what="the broker started")
-    try:
+    async with serving(settings) as port:
         yield port
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 class Generation:

@@ -12,14 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from api import connections
-from api.app import create_app
 from api.settings import Settings
 from tests.support.broker_process import BrokerProcess
-from tests.support.polling import await_until
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.in_process import serving
+from tests.support.redis_server import RedisServer
 
 HEARTBEAT = {"BROKER_HEARTBEAT_SECONDS": "1"}
 
@@ -99,20 +97,5 @@ async def in_process_server(
             super().on_url(url)
 
     monkeypatch.setattr(connections, "GuardedHttpToolsProtocol", Observed)
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(Settings()),
-        host="127.0.0.1",
-        port=port,
-        http="api.connections:BrokerHttpProtocol",
-        lifespan="on",
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.ensure_future(server.serve())
-    await await_until(lambda: server.started, timeout=10, what="the server started")
-    try:
+    async with serving(Settings()) as port:
         yield port, handed
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
