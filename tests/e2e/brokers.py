@@ -86,15 +86,7 @@ class BrokerInstance:
 
     def open_streams(self) -> float:
         """How many event streams this instance serves now (its /metrics gauge); 0 if unknown."""
-        try:
-            text = httpx.get(f"{self.base_url}/metrics", timeout=2).text
-        except httpx.HTTPError:
-            return 0.0
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            if name == OPEN_STREAMS_METRIC:
-                return float(value)
-        return 0.0
+        return open_streams_at(self.base_url)
 
     def kill(self) -> None:
         self.process.kill()
@@ -138,3 +130,16 @@ class BrokerCluster:
     def close(self) -> None:
         for instance in self.instances:
             instance.close()
+
+
+def open_streams_at(base_url: str) -> float:
+    """The broker's own gauge of the streams it serves (0 while it cannot say)."""
+    try:
+        text = httpx.get(f"{base_url}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return 0.0
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == OPEN_STREAMS_METRIC:
+            return float(value)
+    return 0.0

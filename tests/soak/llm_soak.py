@@ -53,7 +53,7 @@ from broker.constants import log_key
 from brokerclient import AsyncPublisher, AsyncSubscriber, RetryPolicy, event
 from deploy.render import render_haproxy
 from tests.e2e.balancers import command
-from tests.e2e.brokers import OPEN_STREAMS_METRIC, broker_environment, broker_executable
+from tests.e2e.brokers import broker_environment, broker_executable, open_streams_at
 from tests.support.polling import wait_until
 from tests.support.procs import ManagedProcess, http_status, tail
 from tests.support.redis_server import RedisServer
@@ -491,15 +491,7 @@ def kill_redis_clients(port: int) -> int:
 
 def open_streams(broker: Broker) -> float:
     """The broker's own gauge of the streams it serves (0 while it cannot say)."""
-    try:
-        text = httpx.get(f"http://127.0.0.1:{broker.port}/metrics", timeout=2).text
-    except httpx.HTTPError:
-        return 0.0
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name == OPEN_STREAMS_METRIC:
-            return float(value)
-    return 0.0
+    return open_streams_at(f"http://127.0.0.1:{broker.port}")
 
 
 def busiest(brokers: list[Broker]) -> Broker:
