@@ -186,11 +186,14 @@ class Authorizer:
         """The grant of this request for ``action`` on every topic of ``topics``."""
         if self._key is None:
             return OPEN
-        if action == "subscribe" and all(self._public.allows(t) for t in topics):
-            return OPEN
         token, from_cookie = _token_and_source(scope)
         if token is None:
+            if action == "subscribe" and all(self._public.allows(t) for t in topics):
+                return OPEN
             raise Unauthorized(f"{action} on this topic needs a token", token_given=False)
+        # A token given is judged wherever it goes, public topics too: served there
+        # anyway, an expired or forged one looked valid to its client, which was never
+        # told (401) to get a fresh one until it asked for a private topic.
         if from_cookie and action != "subscribe":
             self._refuse_forgery(scope, action)
         rights = self._rights(token)

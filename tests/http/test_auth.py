@@ -128,21 +128,25 @@ async def topic_info(url: str, topic: str, headers: dict[str, str]) -> Answer:
     return await _finish(await raw_request(f"{url}/topics/{topic}", headers=headers))
 
 
-async def call(route: str, url: str, topic: str, headers: dict[str, str]) -> Answer:
+async def call(
+    route: str, url: str, topic: str, headers: dict[str, str], query: str = ""
+) -> Answer:
+    """``route`` on ``topic``; ``query`` (``name=value&...``) is added to its URL."""
+    one, both = f"/topics/{topic}/events?{query}", f"/events?topic={topic}&topic={topic}-2&{query}"
     if route == "publish":
-        return await publish(url, topic, headers)
+        return await publish(url, topic, headers, f"?{query}")
     if route == "stream-lean":
-        return await stream_lean(url, f"/topics/{topic}/events", headers)
+        return await stream_lean(url, one, headers)
     if route == "stream-by-app":
-        return await stream_by_app(url, f"/topics/{topic}/events", headers)
+        return await stream_by_app(url, one, headers)
     if route == "multi-stream-lean":
-        return await stream_lean(url, f"/events?topic={topic}&topic={topic}-2", headers)
+        return await stream_lean(url, both, headers)
     if route == "multi-stream-by-app":
-        return await stream_by_app(url, f"/events?topic={topic}&topic={topic}-2", headers)
+        return await stream_by_app(url, both, headers)
     if route == "history":
-        return await history(url, topic, headers)
+        return await history(url, topic, headers, f"?{query}")
     assert route == "topic-info"
-    return await topic_info(url, topic, headers)
+    return await topic_info(url, f"{topic}?{query}", headers)
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -181,8 +185,9 @@ ROUTES = [
 SUBSCRIBE_ROUTES = [route for route in ROUTES if route != "publish"]
 
 
-async def _topic_with_an_event(url: str) -> str:
-    topic = new_topic("auth")
+async def _topic_with_an_event(url: str, prefix: str = "auth") -> str:
+    """A new topic (named ``prefix-...``) and its ``-2`` sibling, an event in each."""
+    topic = new_topic(prefix)
     token = hs_token(claims(publish=[f"{topic}*"]))
     for name in (topic, f"{topic}-2"):
         assert (await publish(url, name, bearer(token))).status == 201
@@ -310,17 +315,54 @@ async def test_no_token_gets_the_bare_challenge(auth_broker: BrokerProcess) -> N
 # -- public topics ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("route", ["stream-lean", "stream-by-app", "history"])
+@pytest.mark.parametrize("route", SUBSCRIBE_ROUTES)
 async def test_public_topics_are_subscribed_to_without_a_token(
     auth_broker: BrokerProcess, route: str
 ) -> None:
-    topic = new_topic("pub")
-    token = hs_token(claims(publish=[topic]))
-    assert (await publish(auth_broker.url, topic, bearer(token))).status == 201
+    topic = await _topic_with_an_event(auth_broker.url, "pub")
     assert_allowed(route, await call(route, auth_broker.url, topic, {}))
-    # A stale cookie does not stand in the way of a public topic.
-    stale = {"Cookie": f"broker_token={hs_token(claims(expires_in=-60))}"}
-    assert_allowed(route, await call(route, auth_broker.url, topic, stale))
+    # Nor does a valid token need a right to them (not a 403).
+    no_rights = bearer(hs_token(claims(publish=["elsewhere-*"])))
+    assert_allowed(route, await call(route, auth_broker.url, topic, no_rights))
+    # Empty credentials are none: no token was sent.
+    empty = {"Authorization": "Bearer ", "Cookie": "broker_token="}
+    assert_allowed(route, await call(route, auth_broker.url, topic, empty, "access_token="))
+
+
+def _unusable_tokens(topic: str) -> dict[str, str]:
+    """Tokens that would allow subscribing to ``topic``, were they valid."""
+    rights = claims(subscribe=[f"{topic}*"])
+    return {
+        "expired": hs_token(claims(subscribe=[f"{topic}*"], expires_in=-60)),
+        "bad-signature": hs_token(rights, secret="not-the-broker-secret-" + "z" * 40),
+        "wrong-audience": hs_token(rights | {"aud": "another-service"}),
+        "not-a-jwt": "not.a.jwt",
+    }
+
+
+def _sent_by(source: str, token: str) -> tuple[dict[str, str], str]:
+    """The headers and the query carrying ``token`` from ``source``."""
+    if source == "bearer":
+        return bearer(token), ""
+    if source == "cookie":
+        return {"Cookie": f"theme=dark; broker_token={token}"}, ""
+    assert source == "query"
+    return {}, f"access_token={token}"
+
+
+@pytest.mark.parametrize("failure", list(_unusable_tokens("t")))
+@pytest.mark.parametrize("source", ["bearer", "cookie", "query"])
+@pytest.mark.parametrize("route", SUBSCRIBE_ROUTES)
+async def test_a_public_topic_refuses_a_token_it_cannot_use(
+    auth_broker: BrokerProcess, failure: str, source: str, route: str
+) -> None:
+    """A token sent is judged wherever it goes: an expired or forged one on a public
+    topic was served (200), so its client, a page with a stale cookie among them, was
+    never told (401) to get a fresh one."""
+    topic = await _topic_with_an_event(auth_broker.url, "pub")
+    token = _unusable_tokens(topic)[failure]
+    headers, query = _sent_by(source, token)
+    assert_unauthorized(await call(route, auth_broker.url, topic, headers, query), token)
 
 
 async def test_public_topics_are_not_public_to_publish(auth_broker: BrokerProcess) -> None:
@@ -354,12 +396,16 @@ async def _time_of_end(response: RawResponse, deadline: float) -> float:
     raise AssertionError(f"the stream did not end by its token's expiry: {response.body!r}")
 
 
-@pytest.mark.parametrize("path_kind", ["lean", "by-app"])
+@pytest.mark.parametrize(
+    ("path_kind", "topic_kind"), [("lean", "own"), ("by-app", "own"), ("lean", "public")]
+)
 async def test_a_stream_ends_when_its_token_expires(
-    auth_broker: BrokerProcess, path_kind: str
+    auth_broker: BrokerProcess, path_kind: str, topic_kind: str
 ) -> None:
-    topic = new_topic("auth")
-    token = hs_token(claims(subscribe=[topic], expires_in=3))
+    """A public topic's stream too, when a token was sent: its reconnect with that
+    token is refused (401), so the client is told now to get a fresh one."""
+    topic = new_topic("auth" if topic_kind == "own" else "pub")
+    token = hs_token(claims(subscribe=[topic] if topic_kind == "own" else [], expires_in=3))
     exp = orjson.loads(_payload(token))["exp"]
     path = f"{auth_broker.url}/topics/{topic}/events"
     if path_kind == "lean":
@@ -852,18 +898,20 @@ def _stored(url: str, topic: str, token: str) -> list[int]:
 
 @pytest.mark.parametrize("path", ["/topics", "/stats"])
 @pytest.mark.parametrize("token_kind", ["expired", "bad-signature"])
+@pytest.mark.parametrize("source", ["bearer", "cookie", "query"])
 async def test_a_listing_refuses_a_token_it_cannot_use(
-    auth_broker: BrokerProcess, path: str, token_kind: str
+    auth_broker: BrokerProcess, path: str, token_kind: str, source: str
 ) -> None:
     """A listing needs no token, but one that is expired or invalid gets 401: it was
     answered 200 with only the public topics, and the client never learnt to get a
-    new token."""
+    new token (as a public topic's own routes answer it)."""
     token = {
         "expired": hs_token(claims(subscribe=["*"], expires_in=-10)),
         "bad-signature": hs_token(claims(subscribe=["*"]), secret=SECRET[::-1]),
     }[token_kind]
+    headers, query = _sent_by(source, token)
     async with httpx.AsyncClient(base_url=auth_broker.url, timeout=10) as client:
-        response = await client.get(path, headers=bearer(token))
+        response = await client.get(f"{path}?{query}", headers=headers)
     assert_unauthorized(Answer(response.status_code, dict(response.headers), response.content))
 
 

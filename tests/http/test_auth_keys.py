@@ -62,7 +62,11 @@ def jwks() -> Iterator[JwksServer]:
 
 @pytest.fixture(scope="module")
 def jwks_broker(redis_server: RedisServer, jwks: JwksServer) -> Iterator[BrokerProcess]:
-    env = {"BROKER_JWT_JWKS_URL": jwks.url, "BROKER_HEARTBEAT_SECONDS": "1"}
+    env = {
+        "BROKER_JWT_JWKS_URL": jwks.url,
+        "BROKER_HEARTBEAT_SECONDS": "1",
+        "BROKER_PUBLIC_TOPICS": "pub-*",
+    }
     process = BrokerProcess(redis_url=redis_server.url, env=env).start()
     yield process
     process.close()
@@ -131,6 +135,17 @@ async def test_a_kid_naming_another_key_is_refused(jwks_broker: BrokerProcess) -
     topic = f"jwks-{time.time_ns()}"
     token = RSA_KEY.token(_rights(topic), kid=EC_KEY.kid)  # RSA signature, EC key's kid
     assert_unauthorized(await publish(jwks_broker.url, topic, bearer(token)), token)
+
+
+@pytest.mark.parametrize("route", ["stream-lean", "stream-by-app", "history"])
+async def test_a_public_topic_refuses_a_token_of_an_unknown_kid(
+    jwks_broker: BrokerProcess, route: str
+) -> None:
+    """No key in the set verifies it: 401, though the topic needs no token at all."""
+    topic = f"pub-{time.time_ns()}"
+    token = KeyPair.rsa("made-up-for-a-public-topic").token(_rights(topic))
+    assert_unauthorized(await call(route, jwks_broker.url, topic, bearer(token)), token)
+    assert_allowed(route, await call(route, jwks_broker.url, topic, {}))
 
 
 async def test_unknown_kids_cannot_hammer_the_key_set(
