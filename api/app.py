@@ -1,7 +1,8 @@
 """The ASGI application: ``create_app(settings)``.
 
 Run it with ``broker serve`` or ``uvicorn --factory api.app:create_app``
-(settings then come from ``BROKER_*`` variables).
+(settings then come from ``BROKER_*`` variables; settings it cannot use stop the
+process, naming the variable: ``api.settings.SettingsRefused``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from api.metrics import PrometheusObserver, count_response, render_metrics
 from api.openapi import openapi_document
 from api.problems import HttpProblem, problem, problem_for
 from api.publish import PublishEndpoint
-from api.settings import Settings, split_list
+from api.settings import Settings, settings_from_environment, split_list
 from api.sse import EventStreamResponse, OpenStreams
 from broker import Broker, BrokerError, BrokerLimits, open_store
 from broker import constants as c
@@ -65,7 +66,7 @@ def build_broker(settings: Settings) -> Broker:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     """The broker's HTTP service, with a lifespan that opens and closes the core."""
-    settings = settings or Settings()
+    settings = settings or settings_from_environment()
     configure_logging(settings.log_level)
 
     @asynccontextmanager

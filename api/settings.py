@@ -20,7 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from api.keys import ConfigError, hmac_algorithms, load_public_key
 from broker import constants as c
@@ -272,6 +272,36 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+
+class SettingsRefused(SystemExit):
+    """Settings the broker will not start with: the process exits non-zero, saying in
+    one line which variable is wrong and why (no traceback: the operator needs the
+    variable, and pydantic's internals named none by its ``BROKER_`` name)."""
+
+
+def settings_from_environment() -> Settings:
+    """The settings the ``BROKER_*`` variables give, or ``SettingsRefused``. Both ways
+    to start read them here: ``broker serve``, and ``uvicorn --factory
+    api.app:create_app``, which printed pydantic's traceback. Only a settings error is
+    turned into a refusal: any other exception is a bug, and keeps its traceback."""
+    try:
+        return Settings()
+    except ValidationError as error:  # a mistyped or unusable setting: never start open
+        raise SettingsRefused(f"broker: {describe(error)}") from error
+    except SettingsError as error:  # a setting that is not even readable (bad JSON)
+        raise SettingsRefused(f"broker: {unreadable_setting(error)}") from error
+
+
+def unreadable_setting(error: SettingsError) -> str:
+    """pydantic-settings names the field (``error parsing value for field
+    "topic_policies" from source "EnvSettingsSource"``): the message names the
+    variable the operator set, as every other refusal does."""
+    cause = f": {error.__cause__}" if error.__cause__ else ""
+    field = re.search(r'field "(\w+)"', str(error))
+    if field is None:
+        return f"{error}{cause}"
+    return f"{ENV_PREFIX}{field.group(1).upper()} is not readable{cause}"
 
 
 def split_list(value: str) -> list[str]:

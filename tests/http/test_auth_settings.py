@@ -5,26 +5,40 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
+import api.settings
 from api.app import create_app
-from api.settings import Settings
+from api.settings import Settings, SettingsRefused
 from tests.support.broker_process import BROKER_BIN, BrokerProcess
 from tests.support.redis_server import free_port
 from tests.support.tokens import SECRET, KeyPair
 
 RSA_PEM = KeyPair.rsa().public_pem.decode()
 START_TIMEOUT_SECONDS = 30
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return _run([str(BROKER_BIN), "serve", "--port", str(free_port())], env)
+
+
+def _uvicorn_factory(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``uvicorn --factory api.app:create_app``, as the README says to run it bare."""
+    factory = ["--factory", "api.app:create_app", "--port", str(free_port())]
+    return _run([sys.executable, "-m", "uvicorn", *factory], env)
+
+
+def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``command`` run to its end (bounded), with ``env`` as its only BROKER_ variables."""
     clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("BROKER_")}
     return subprocess.run(
-        [str(BROKER_BIN), "serve", "--port", str(free_port())],
+        command,
         env=clean | env,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=START_TIMEOUT_SECONDS,
@@ -122,7 +136,48 @@ def test_the_command_line_clients_variables_are_known_and_ignored() -> None:
 def test_create_app_refuses_an_unknown_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     """``uvicorn --factory api.app:create_app`` reads the environment the same way."""
     monkeypatch.setenv("BROKER_JWT_AUDIENCES", "x")
-    with pytest.raises(ValidationError, match="BROKER_JWT_AUDIENCES"):
+    with pytest.raises(SettingsRefused, match="BROKER_JWT_AUDIENCES"):
+        create_app()
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"BROKER_JWT_SECRT": SECRET}, "invalid settings: unknown setting BROKER_JWT_SECRT"),
+        ({"BROKER_PORT": "eighty"}, "invalid settings: BROKER_PORT: Input should be"),
+        (
+            {"BROKER_JWT_SECRET": SECRET, "BROKER_CORS_ORIGINS": "*"},
+            "invalid settings: BROKER_CORS",
+        ),
+        ({"BROKER_TOPIC_POLICIES": "[{"}, "BROKER_TOPIC_POLICIES is not readable"),
+    ],
+    ids=["mistyped-variable", "bad-value", "bad-security-value", "unreadable-json"],
+)
+def test_uvicorn_with_the_factory_refuses_bad_settings_in_one_line(
+    env: dict[str, str], said: str
+) -> None:
+    """It printed pydantic's traceback (the variable named by its field, ``port``, in
+    the middle of it) where ``broker serve`` says one line naming the variable."""
+    result = _uvicorn_factory(env)
+    assert result.returncode != 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"broker: {said}"), result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "pydantic" not in result.stderr.lower(), result.stderr
+    assert "Uvicorn running" not in result.stderr, "it started, settings refused or not"
+    assert SECRET not in result.stderr, "the secret is in the error"
+
+
+def test_create_app_keeps_the_traceback_of_anything_but_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug reading the settings is no refusal to start: it is not hidden in one line."""
+
+    def broken_settings() -> Settings:
+        raise RuntimeError("a bug, not a setting")
+
+    monkeypatch.setattr(api.settings, "Settings", broken_settings)
+    with pytest.raises(RuntimeError, match="a bug, not a setting"):
         create_app()
 
 
@@ -141,7 +196,7 @@ def test_a_settings_error_does_not_print_the_secrets(
     password in the Redis URL) went to the log."""
     for name, value in {**mistake, secret_setting: secret}.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(ValidationError) as raised:
+    with pytest.raises(SettingsRefused) as raised:
         create_app()
     shown = str(raised.value)
     assert next(iter(mistake)) in shown.upper()
