@@ -164,10 +164,7 @@ class Ingest:
                 raise
             # What was stored before it, said (a producer without an Idempotency-Key
             # cannot tell otherwise, and sent the lines stored already again; audit).
-            # A lost log says what was lost instead.
-            detail = error.detail
-            if not isinstance(error, LogLost):
-                detail = f"{detail}; {self._stored_so_far()}"
+            detail = f"{error.detail}; {self._stored_so_far()}"
             if self._body_ended:
                 raise type(error)(detail, retry_after=error.retry_after) from error
             lost = StoreLostMidBody(detail, retry_after=error.retry_after)
@@ -327,8 +324,9 @@ class Ingest:
             self.result.replayed += len(result.ids)
 
     def _lost(self, lost: LogLost) -> LogLost:
-        """The producer told what was lost, and that its resend stores it again."""
-        stored = self.result.count
+        """The producer told what was lost, and that its resend stores it again; the
+        answer closes the connection if the body is still coming (``LogGone.mid_body``)."""
+        stored, mid_body = self.result.count, not self._body_ended
         if isinstance(lost, LinesLost):
             detail = (
                 f"lines of this ingest were lost from the topic's log (a failover to a "
@@ -338,14 +336,14 @@ class Ingest:
                 "Idempotency-Key: the lines kept are replayed, the rest stored after them, "
                 "in order)"
             )
-            return LinesLost(detail, retry_after=1)
+            return LinesLost(detail, mid_body=mid_body)
         detail = (
             f"the topic's log was lost after {stored} line(s) of this ingest were stored in "
             "it (a Redis restarted without its data, or the topic deleted or expired): those "
             "lines went with it, and no later line was stored; send the whole stream again "
             "(with its Idempotency-Key: it is stored again, in order)"
         )
-        return LogLost(detail, retry_after=1)
+        return LogLost(detail, mid_body=mid_body)
 
 
 _BODY = "body"

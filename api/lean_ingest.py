@@ -57,8 +57,8 @@ from api.lean_publish import (
 from api.negotiation import media_type_of
 from api.problems import (
     HttpProblem,
-    StoreLostMidBody,
     TokenLapsedMidIngest,
+    closes_connection,
     problem,
     problem_for,
 )
@@ -478,8 +478,8 @@ class IngestExchange:
             answer = problem_bytes(request, problem_for(error), server_state)
             return answer, error.status == 408 or isinstance(error, TokenLapsedMidIngest)
         except BrokerError as error:
-            answer = problem_bytes(request, problem_for(error), server_state)
-            return answer, isinstance(error, StoreLostMidBody)
+            response = problem_for(error)  # (which says whether the connection closes)
+            return problem_bytes(request, response, server_state), closes_connection(response)
         except Exception:
             log.exception("unexpected error in an ingest on %s", request.scope["path"])
             failure = problem(500, "Internal error", "the broker could not publish")

@@ -10,6 +10,8 @@ from starlette.responses import Response
 from broker.errors import (
     BrokerError,
     InvalidInput,
+    LogGone,
+    LogLost,
     StoreUnavailable,
     StreamOver,
     TooLarge,
@@ -101,6 +103,29 @@ def _unauthorized(error: Unauthorized) -> Response:
     return problem(401, error.title, error.detail, headers)
 
 
+def _unavailable(error: StoreUnavailable) -> Response:
+    headers = {"Retry-After": str(error.retry_after)}
+    if isinstance(error, StoreLostMidBody):
+        headers["Connection"] = "close"  # (uvicorn closes after it, as the lean route)
+    return problem(503, error.title, error.detail, headers=headers)
+
+
+def _log_gone(error: LogGone) -> Response:
+    """A streaming ingest's log lost (503: resend the whole stream), told before the
+    body ended as a store failure is: the connection closes (``StoreLostMidBody``)."""
+    headers: dict[str, str] = {}
+    if isinstance(error, LogLost):
+        headers["Retry-After"] = str(error.retry_after)
+    if error.mid_body:
+        headers["Connection"] = "close"  # (uvicorn closes after it, as the lean route)
+    return problem(503, error.title, error.detail, headers)
+
+
+def closes_connection(answer: Response) -> bool:
+    """Whether the connection closes after this answer (said in its headers here)."""
+    return answer.headers.get("connection") == "close"
+
+
 def problem_for(error: BrokerError | HttpProblem) -> Response:
     """Map an error to its response; the status of each error class is decided here only."""
     if isinstance(error, Unauthorized):
@@ -120,11 +145,10 @@ def problem_for(error: BrokerError | HttpProblem) -> Response:
     if isinstance(error, StreamOver):
         # Not a problem: the spec's way to tell an EventSource to stop reconnecting.
         return Response(status_code=204)
+    if isinstance(error, LogGone):
+        return _log_gone(error)
     if isinstance(error, StoreUnavailable):
-        headers = {"Retry-After": str(error.retry_after)}
-        if isinstance(error, StoreLostMidBody):
-            headers["Connection"] = "close"  # (uvicorn closes after it, as the lean route)
-        return problem(503, error.title, error.detail, headers=headers)
+        return _unavailable(error)
     return problem(500, "Internal error", "the broker could not handle this request")
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from broker import constants as c
-from broker.errors import LogLost, StoreUnavailable, TopicNotFound
+from broker.errors import StoreUnavailable, TopicNotFound
 from broker.fanout import Hub
 from broker.health import StoreHealth
 from broker.heartbeat import HeartbeatClock
@@ -137,8 +137,6 @@ class Broker:
                 streaming=streaming,
                 log_epoch=log_epoch,
             )
-        except LogLost:  # (the store answered: an ingest's log, or its lines, went)
-            raise
         except StoreUnavailable as error:  # (``_told``, inline: the hottest call)
             self.observer.store_error("append")
             self.health.failed("publish", error)

@@ -54,13 +54,31 @@ class StoreFull(StoreUnavailable):
     title = "Store full"
 
 
-class LogLost(StoreUnavailable):
+class LogGone(BrokerError):
+    """The log a streaming ingest under way was writing to is not as the ingest left
+    it, and its append was refused whole. Not a store outage: the store answered (so
+    it is neither counted nor logged as one). Each subclass says what became of the
+    log; the edge maps each to its answer (``api.problems``)."""
+
+    title = "Ingest log gone"  # (the problem's title, and its type's name)
+
+    def __init__(self, detail: str, *, mid_body: bool = False) -> None:
+        """``mid_body``: told before the request's body ended (set by the ingest): the
+        answer then closes the connection, so that a producer still sending learns at
+        once, as of a store failure (``api.problems.StoreLostMidBody``)."""
+        super().__init__(detail)
+        self.detail = detail
+        self.mid_body = mid_body
+
+
+class LogLost(LogGone):
     """The log a streaming ingest under way was writing to is gone (a Redis restarted
     without its data, the topic deleted or expired): the lines it stored there went
     with it, and its append was refused whole, so that the resend of the whole stream
-    under its key stores every line again, in order (HTTP 503)."""
+    under its key stores every line again, in order (HTTP 503, ``Retry-After``)."""
 
     title = "Ingest log lost"
+    retry_after = 1
 
 
 class LinesLost(LogLost):
