@@ -30,6 +30,8 @@ event object, stored and delivered as it arrives, not when the body ends.
   So does a log that lost the ingest's newest lines (a failover to a replica that
   had not received them: the same log, its epoch unchanged): each append names the
   line the request stored last (``IngestLines.after``), which must still be there.
+  But a log deleted on purpose (DELETE, while the store knows of it) ends the ingest
+  with 409 topic-deleted, not to be resent: a resend created the topic again.
 - A bad line stops the ingest with 400 naming it; the lines before it stay
   stored. So does a token that expires while the stream goes on (401): a publish
   right ends with its token, however long the request. ``?close=true`` closes
@@ -58,7 +60,7 @@ from broker import (
     TooLarge,
     TopicClosed,
 )
-from broker.errors import LinesLost, LogLost
+from broker.errors import LinesLost, LogDeleted, LogGone, LogLost
 from broker.model import IngestLines
 from broker.validation import event_from_json, loads_exactly
 
@@ -211,8 +213,8 @@ class Ingest:
             return await self.broker.publish(
                 self.topic, [], lines=lines, close=True, log_epoch=self.log_epoch
             )
-        except LogLost as lost:
-            raise self._lost(lost) from None
+        except LogGone as gone:
+            raise self._lost(gone) from None
 
     def _parse(self, number: int, line: bytes) -> NewEvent:
         try:
@@ -305,8 +307,8 @@ class Ingest:
                 streaming=True,
                 log_epoch=self.log_epoch,
             )
-        except LogLost as lost:
-            raise self._lost(lost) from None
+        except LogGone as gone:
+            raise self._lost(gone) from None
         except asyncio.CancelledError:
             if not self._watch.fired(_STORE):
                 raise
@@ -323,10 +325,18 @@ class Ingest:
         if result.replayed:
             self.result.replayed += len(result.ids)
 
-    def _lost(self, lost: LogLost) -> LogLost:
-        """The producer told what was lost, and that its resend stores it again; the
+    def _lost(self, lost: LogGone) -> LogGone:
+        """The producer told what was lost, and whether its resend stores it again; the
         answer closes the connection if the body is still coming (``LogGone.mid_body``)."""
         stored, mid_body = self.result.count, not self._body_ended
+        if isinstance(lost, LogDeleted):
+            detail = (
+                f"the topic was deleted while this ingest was writing to it: the {stored} "
+                "line(s) of it stored before went with it, and no later line was stored "
+                "(nor the topic closed); do not send it again: that would create the topic "
+                "again"
+            )
+            return LogDeleted(detail, mid_body=mid_body)
         if isinstance(lost, LinesLost):
             detail = (
                 f"lines of this ingest were lost from the topic's log (a failover to a "

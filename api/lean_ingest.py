@@ -21,7 +21,9 @@ it. Deliberate likenesses to uvicorn, so that a client sees one behaviour:
   lose the answer. But a 503 (the store failed) closes the connection on both
   routes (``Connection: close``): the producer, still sending, learns at once
   and resends (``api.problems.StoreLostMidBody``); so does a 401 for a token that
-  expired meanwhile (``api.problems.TokenLapsedMidIngest``). A malformed chunked
+  expired meanwhile (``api.problems.TokenLapsedMidIngest``), and an ingest's log lost
+  or deleted (``broker.errors.LogGone``): whatever ``problem_for`` answers with
+  ``Connection: close``. A malformed chunked
   framing gets uvicorn's own ``400 Invalid HTTP request received.``, and the
   connection closes.
 - Memory is bounded whatever the body's length: past ``BODY_BUFFER_BYTES``

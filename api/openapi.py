@@ -132,7 +132,11 @@ PROBLEMS: dict[str, tuple[str, str]] = {
     "403": ("Forbidden", "Authorization on: the token does not grant this topic"),
     "404": ("TopicNotFound", "The topic never had an event"),
     "408": ("RequestTimeout", "The body did not arrive within BROKER_BODY_TIMEOUT_SECONDS"),
-    "409": ("TopicClosed", "The topic is closed (has end_id)"),
+    "409": (
+        "TopicClosed",
+        "The topic is closed (has end_id); or, to a streaming ingest, it was deleted "
+        "while the ingest wrote to it (topic-deleted: not to be resent)",
+    ),
     "413": ("ContentTooLarge", "An event, the body or the batch is over its limit"),
     "415": ("UnsupportedMediaType", "A body neither JSON, NDJSON nor UTF-8 text"),
     "421": ("HostNotServed", "The Host names no name this broker serves"),

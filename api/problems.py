@@ -111,14 +111,15 @@ def _unavailable(error: StoreUnavailable) -> Response:
 
 
 def _log_gone(error: LogGone) -> Response:
-    """A streaming ingest's log lost (503: resend the whole stream), told before the
-    body ended as a store failure is: the connection closes (``StoreLostMidBody``)."""
+    """A streaming ingest's log lost (503: resend the whole stream) or deleted (409: not
+    to be resent, nor retried), told before the body ended as a store failure is: the
+    connection closes (``StoreLostMidBody``), and a producer still sending learns at once."""
     headers: dict[str, str] = {}
     if isinstance(error, LogLost):
         headers["Retry-After"] = str(error.retry_after)
     if error.mid_body:
         headers["Connection"] = "close"  # (uvicorn closes after it, as the lean route)
-    return problem(503, error.title, error.detail, headers)
+    return problem(503 if isinstance(error, LogLost) else 409, error.title, error.detail, headers)
 
 
 def closes_connection(answer: Response) -> bool:

@@ -73,9 +73,10 @@ class LogGone(BrokerError):
 
 class LogLost(LogGone):
     """The log a streaming ingest under way was writing to is gone (a Redis restarted
-    without its data, the topic deleted or expired): the lines it stored there went
-    with it, and its append was refused whole, so that the resend of the whole stream
-    under its key stores every line again, in order (HTTP 503, ``Retry-After``)."""
+    without its data, the topic expired; a deletion the store no longer knows of):
+    the lines it stored there went with it, and its append was refused whole, so that
+    the resend of the whole stream under its key stores every line again, in order
+    (HTTP 503, ``Retry-After``). A deletion it knows of is ``LogDeleted``."""
 
     title = "Ingest log lost"
     retry_after = 1
@@ -88,6 +89,15 @@ class LinesLost(LogLost):
     replays the lines kept and stores the rest after them, in order (HTTP 503)."""
 
     title = "Ingest lines lost"
+
+
+class LogDeleted(LogGone):
+    """The log a streaming ingest under way was writing to was deleted (``DELETE`` of
+    its topic): its append was refused whole, and it is not to be resent (HTTP 409):
+    a producer that resent its stream, as a 503 tells it to, created again the topic
+    its owner had deleted on purpose."""
+
+    title = "Topic deleted"
 
 
 class StoreMisconfigured(StoreUnavailable):

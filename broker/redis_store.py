@@ -28,6 +28,7 @@ from broker.errors import (
     BrokerError,
     InvalidInput,
     LinesLost,
+    LogDeleted,
     LogLost,
     StoreFull,
     StoreMisconfigured,
@@ -358,14 +359,8 @@ class RedisStreamStore:
             # the same: its live readers must hear of it now, not at their next poll)
             if self._local_writes is not None:
                 self._local_writes.written(keys[0])
-        if status == -1:
-            raise TopicClosed(topic, answer.decode())
-        if status == -2:
-            raise LogLost(f"the log of topic {topic!r} it was writing to is gone")
-        if status == -4:
-            raise LinesLost(f"lines of topic {topic!r} it had stored are gone")
-        if status == -3:
-            raise _not_the_line_stored(answer.decode(), lines)
+        if status < 0:
+            raise _refusal(status, answer.decode(), topic, lines)
         return _parse_answer(answer, replayed=status == 1)
 
     async def _append_once(self, keys: list[str], args: list[str | int], linger: float) -> Any:
@@ -805,6 +800,19 @@ def _topic_of_meta(key: bytes) -> str | None:
     matches (an idempotency record whose key ends in ``}:meta``)."""
     name = c.topic_of_key(key)
     return name if c.meta_key(name).encode() == key else None
+
+
+def _refusal(status: int, answer: str, topic: str, lines: IngestLines | None) -> BrokerError:
+    """Why append.lua refused an append (its negative status), nothing of it stored."""
+    if status == -1:
+        return TopicClosed(topic, answer)
+    if status == -2:
+        return LogLost(f"the log of topic {topic!r} it was writing to is gone")
+    if status == -5:
+        return LogDeleted(f"topic {topic!r} was deleted while the ingest was writing to it")
+    if status == -4:
+        return LinesLost(f"lines of topic {topic!r} it had stored are gone")
+    return _not_the_line_stored(answer, lines)  # (-3)
 
 
 def _not_the_line_stored(number: str, lines: IngestLines | None) -> InvalidInput:

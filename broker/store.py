@@ -42,7 +42,8 @@ class Store(Protocol):
         nobody waits on this append to send more (a streaming ingest), so it may
         wait a moment for company on its way to the store. ``log_epoch``: the log the
         append must go to (a streaming ingest under way: its earlier lines' epoch);
-        raises LogLost, nothing stored, if the topic's log is another one or none, and
+        raises LogLost, nothing stored, if the topic's log is another one or none (or
+        LogDeleted if that log was deleted, while the store still knows of it), and
         LinesLost if it no longer records the line the request stored last
         (``lines.after``). A resent line recorded already that is not the event stored
         for it: InvalidInput, nothing stored. Raises TopicClosed if the topic is closed

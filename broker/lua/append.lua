@@ -31,6 +31,7 @@
 -- status 0 stored, 1 replayed (all of it, from idempotency records, or a close of a
 -- closed topic), -1 refused: the topic is closed (the second value is its end's event id),
 -- -2 refused: the log is not the one it must find (the second value: its epoch, or ''),
+-- -5 refused: the log it must find was deleted (DELETE: the second value is ''),
 -- -3 refused: a resent line is not the one stored under its number (the second value:
 -- that number), -4 refused: the line the request stored last is no longer recorded (lost
 -- with the newest writes: a failover; the second value is '').
@@ -144,12 +145,29 @@ local function prune_lines()
   end
 end
 
+-- Whether the log of this epoch was deleted (DELETE), as far as the meta still says:
+-- its marker lingering, or a log created since naming it among those deleted before.
+local function was_deleted(of_epoch)
+  if deleted_epoch == of_epoch then return true end
+  local known = redis.call('HMGET', meta, 'deleted_epoch', 'deleted_before')
+  if known[1] == of_epoch then return true end
+  for deleted in string.gmatch(known[2] or '', '([^:%s]+):') do  -- ("epoch:marker ...")
+    if deleted == of_epoch then return true end
+  end
+  return false
+end
+
 local epoch, closed, has_records = current_epoch()
 -- A streaming ingest under way whose log is gone (a Redis restarted without its data,
 -- the topic deleted or expired): its lines stored before are lost, and its next ones
 -- must not begin a new log. Stored there, a resend under its key found them recorded
--- and stored the lost lines after them: out of order (audit).
-if must_find ~= '' and epoch ~= must_find then return {-2, epoch or ''} end
+-- and stored the lost lines after them: out of order (audit). Deleted, it is told so:
+-- told only "gone", its producer resent the stream and created again a topic its
+-- owner had deleted on purpose.
+if must_find ~= '' and epoch ~= must_find then
+  if was_deleted(must_find) then return {-5, ''} end
+  return {-2, epoch or ''}
+end
 
 -- The log kept, its newest lines lost: a failover to a replica that had not received
 -- them yet (replication is asynchronous; a script's writes replicate whole, so their

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import redis.asyncio as redis
 
+from broker import constants as c
 from tests.http.helpers import RawResponse, new_topic, request_bytes
 from tests.http.test_ingest import RawIngest, history, line
 from tests.support.broker_process import BrokerProcess
@@ -291,15 +292,18 @@ async def test_a_redis_restarted_without_its_data_mid_body_ends_the_ingest_and_t
     assert subscriber.gaps()[0]["reason"] == "unknown"
 
 
-async def test_a_topic_deleted_mid_body_ends_the_ingest_and_is_no_store_failure(
-    broker: BrokerProcess, client: httpx.AsyncClient
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_a_topic_deleted_mid_body_ends_the_ingest_with_409_and_is_not_created_again(
+    broker: BrokerProcess, client: httpx.AsyncClient, route: str
 ) -> None:
-    """A DELETE while an ingest goes on: its log is gone, the ingest stops (503
-    ingest-log-lost). The store answered all along: nothing says it failed (it was
-    counted in broker_store_errors_total and logged as an outage, "answered 503 until
-    it answers", then "answers again" at the next publish)."""
-    topic, key, lines = new_topic(), "gen-deleted", body_of(3)
-    ingest = await RawIngest.open(broker, topic, headers={"Idempotency-Key": key})
+    """A DELETE while an ingest goes on: its log is gone, on purpose. It was told 503
+    ingest-log-lost, Retry-After: 1, and a producer that resent its stream as told
+    created again the topic its owner had deleted. Now it is 409 topic-deleted, no
+    Retry-After, the connection closed (the producer learns at once, and stops), how
+    many lines went with the log said, and nothing stored: the topic stays deleted.
+    The store answered all along: nothing says it failed."""
+    topic, key, lines = new_topic(), f"gen-deleted-{route}", body_of(3)
+    ingest = await open_ingest(broker, topic, key, route)
     await ingest.send(b"".join(lines[:2]))
     await await_until(lambda: stored_is(client, topic, datas(2)), timeout=5, what="2 stored")
     deleted = await client.delete(f"/topics/{topic}")
@@ -309,10 +313,42 @@ async def test_a_topic_deleted_mid_body_ends_the_ingest_and_is_no_store_failure(
         answer = await ingest.answer(timeout=5)  # (the body still coming)
     finally:
         ingest.cut()
+    assert answer.status == 409, answer.body
+    problem = json.loads(answer.body)
+    assert problem["type"] == "/problems#topic-deleted", problem
+    assert problem["detail"].startswith("the topic was deleted while this ingest"), problem
+    assert "the 2 line(s) of it stored before" in problem["detail"], problem
+    assert "retry-after" not in answer.headers and answer.headers["connection"] == "close"
+    assert (await client.get(f"/topics/{topic}")).status_code == 404  # (not created again)
+    assert_no_store_failure_told(broker, (await client.get("/metrics")).text)
+
+
+async def test_a_log_lost_mid_body_ends_the_ingest_and_is_no_store_failure(
+    broker: BrokerProcess, client: httpx.AsyncClient, redis_admin: redis.Redis
+) -> None:
+    """The topic's keys gone mid-ingest (as when it expires): the ingest stops (503
+    ingest-log-lost). The store answered all along: nothing says it failed (it was
+    counted in broker_store_errors_total and logged as an outage, "answered 503 until
+    it answers", then "answers again" at the next publish)."""
+    topic, key, lines = new_topic(), "gen-expired", body_of(3)
+    ingest = await RawIngest.open(broker, topic, headers={"Idempotency-Key": key})
+    await ingest.send(b"".join(lines[:2]))
+    await await_until(lambda: stored_is(client, topic, datas(2)), timeout=5, what="2 stored")
+    await redis_admin.delete(*c.topic_keys(topic))  # (what its expiry does)
+    await ingest.send(lines[2])
+    try:
+        answer = await ingest.answer(timeout=5)  # (the body still coming)
+    finally:
+        ingest.cut()
     assert answer.status == 503, answer.body
     assert json.loads(answer.body)["type"] == "/problems#ingest-log-lost", answer.body
-    metrics = (await client.get("/metrics")).text.splitlines()
-    assert [row for row in metrics if row.startswith("broker_store_errors_total{")] == []
+    assert "after 2 line(s)" in json.loads(answer.body)["detail"], answer.body
+    assert_no_store_failure_told(broker, (await client.get("/metrics")).text)
+
+
+def assert_no_store_failure_told(broker: BrokerProcess, metrics: str) -> None:
+    rows = metrics.splitlines()
+    assert [row for row in rows if row.startswith("broker_store_errors_total{")] == []
     assert "store: a publish failed" not in broker.log(), broker.log()
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from broker import constants as c
 from broker import redis_store
-from broker.errors import InvalidInput, LinesLost, LogLost, StoreUnavailable
+from broker.errors import InvalidInput, LinesLost, LogDeleted, LogLost, StoreUnavailable
 from broker.ids import EventId, parse_stream_id
 from broker.model import IngestLines, NewEvent
 from broker.redis_open import open_store
@@ -262,6 +262,40 @@ async def test_an_ingest_whose_log_was_lost_begins_no_new_one(
     with pytest.raises(LogLost):
         await store.append(topic, events("c"), lines=IngestLines("K", [3]), log_epoch=epoch)
     assert [e.data_text for e in (await store.read_range(topic, (0, 0), 10)).entries] == ["another"]
+
+
+async def test_an_ingest_whose_log_was_deleted_is_told_so_and_begins_no_new_one(
+    store: RedisStreamStore, topic: str
+) -> None:
+    """A DELETE while an ingest goes on: its next append is refused as deleted, not as a
+    log lost (that one is resent, and a resend created again the topic its owner had
+    deleted), nothing stored; so it is once a publish created the topic again, and
+    after that log was deleted too. A log lost otherwise (expired) stays lost."""
+    first = await store.append(topic, events("a"), lines=IngestLines("K", [1]))
+    epoch = first.ids[0].epoch
+
+    async def next_line() -> None:
+        await store.append(topic, events("b"), lines=IngestLines("K", [2]), log_epoch=epoch)
+
+    assert await store.delete(topic)
+    with pytest.raises(LogDeleted):
+        await next_line()
+    with pytest.raises(LogDeleted):  # (nor closed, by ?close=true)
+        await store.append(topic, [], lines=IngestLines("K", [], 1), close=True, log_epoch=epoch)
+    assert not (await store.state(topic)).exists
+    await store.append(topic, events("another"))  # created again, by another writer
+    with pytest.raises(LogDeleted):
+        await next_line()
+    assert await store.delete(topic)
+    await store.append(topic, events("a third"))  # (the first log: among those before)
+    with pytest.raises(LogDeleted):
+        await next_line()
+    assert [e.data_text for e in (await store.read_range(topic, (0, 0), 10)).entries] == ["a third"]
+    expired = await store.append(topic + "x", events("a"), lines=IngestLines("K", [1]))
+    await store._client.delete(c.log_key(topic + "x"), c.meta_key(topic + "x"))  # (expiry)
+    with pytest.raises(LogLost):
+        lines = IngestLines("K", [2])
+        await store.append(topic + "x", events("b"), lines=lines, log_epoch=expired.ids[0].epoch)
 
 
 async def test_a_resent_line_unlike_the_one_stored_is_refused_with_its_batch(
