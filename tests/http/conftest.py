@@ -61,6 +61,13 @@ def retention_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
 
 
 @pytest.fixture
+def broker_on_private_redis(private_redis: RedisServer) -> Iterator[BrokerProcess]:
+    """A broker of the test's own redis-server (which the test stops, pauses or wipes),
+    with a 1 s heartbeat and a 1 s publish deadline (a store fault is told soon)."""
+    yield from _broker(private_redis, {**HEARTBEAT, "BROKER_PUBLISH_TIMEOUT_SECONDS": "1"})
+
+
+@pytest.fixture
 def client(http_broker: BrokerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=http_broker.url, timeout=10) as session:
         yield session

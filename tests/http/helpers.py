@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 from httpx_sse import ServerSentEvent
 
-from tests.support.sse import last_event_id, parse_sse
+from tests.support.sse import last_event_id, parse_sse, whole_blocks
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_LINE = re.compile(r"^retry: (\d+)$", re.MULTILINE)
@@ -132,11 +132,7 @@ class SseStream:
         pending = b""
         try:
             async for chunk in self.response.aiter_bytes():
-                pending += chunk
-                end = pending.rfind(b"\n\n")
-                if end < 0:
-                    continue
-                blocks, pending = pending[: end + 2].decode(), pending[end + 2 :]
+                blocks, pending = whole_blocks(pending + chunk)
                 for event in parse_sse(blocks):
                     retry = int(event["retry"]) if "retry" in event else None
                     kind = event.get("event") or "message"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -26,6 +26,7 @@ from tests.support.broker_process import BrokerProcess
 from tests.support.failover import IngestAppends
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
+from tests.support.sse import last_event_id, parse_sse, whole_blocks
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 RESENDS = 20
@@ -121,30 +122,18 @@ class Subscriber:
             if response.status_code != 200:
                 return
             self._opened.set()
-            fields: dict[str, str] = {}
-            async for text in response.aiter_lines():
-                if text == "":
-                    if "data" in fields:
-                        kind = fields.get("event", "message")
-                        self.events.append((kind, fields["data"], fields.get("id", "")))
-                    if "id" in fields:
-                        self.last_id = fields["id"]
-                    fields = {}
-                    continue
-                if text.startswith(":"):
-                    continue
-                name, _, value = text.partition(":")
-                fields[name] = value[1:] if value.startswith(" ") else value
+            pending = b""
+            async for chunk in response.aiter_bytes():
+                blocks, pending = whole_blocks(pending + chunk)
+                for event in parse_sse(blocks):
+                    kind = event.get("event") or "message"
+                    self.events.append((kind, event["data"], event.get("id", "")))
+                self.last_id = last_event_id(blocks, self.last_id)
 
 
 @pytest.fixture
-def broker(private_redis: RedisServer) -> Iterator[BrokerProcess]:
-    process = BrokerProcess(
-        redis_url=private_redis.url,
-        env={"BROKER_HEARTBEAT_SECONDS": "1", "BROKER_PUBLISH_TIMEOUT_SECONDS": "1"},
-    ).start()
-    yield process
-    process.close()
+def broker(broker_on_private_redis: BrokerProcess) -> BrokerProcess:
+    return broker_on_private_redis  # (tests/http/conftest.py)
 
 
 @pytest.fixture

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 
 import httpx
-import pytest
 
 from tests.http.helpers import (
     SseStream,
@@ -22,16 +20,6 @@ from tests.support.redis_server import RedisServer
 
 CLIENT_TIMEOUT = 8.0
 BURST = 30
-
-
-@pytest.fixture
-def broker_on_private_redis(private_redis: RedisServer) -> Iterator[BrokerProcess]:
-    process = BrokerProcess(
-        redis_url=private_redis.url,
-        env={"BROKER_HEARTBEAT_SECONDS": "1", "BROKER_PUBLISH_TIMEOUT_SECONDS": "1"},
-    ).start()
-    yield process
-    process.close()
 
 
 async def _receive_after(

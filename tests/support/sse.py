@@ -65,6 +65,15 @@ def last_event_id(text: str, before: str = "") -> str:
     return last
 
 
+def whole_blocks(received: bytes) -> tuple[str, bytes]:
+    """What a stream read so far holds: its whole blocks (as text, up to the last blank
+    line: '' if none yet), and the rest, still coming."""
+    end = received.rfind(b"\n\n")
+    if end < 0:
+        return "", received
+    return received[: end + 2].decode(), received[end + 2 :]
+
+
 def complete_events(body: bytes) -> list[dict[str, str]]:
     """The events of a body cut at any point: the text after the last blank line is dropped."""
     text = body.decode("utf-8", errors="replace")
