@@ -24,7 +24,10 @@ HEARTBEAT = b":\n\n"
 
 def data_lines(data: bytes) -> bytes:
     """``b"a\\nb"`` -> ``b"data: a\\ndata: b\\n"``."""
-    if b"\n" not in data and b"\r" not in data:
+    # find, not ``in``: CPython 3.11's ``bytes in bytes`` first tries its operand as an
+    # int, and builds a TypeError it then drops: the two checks were 4,260 of the
+    # ~99,000 instructions of delivering an event (callgrind, ``bench.delivery``).
+    if data.find(b"\n") < 0 and data.find(b"\r") < 0:
         return b"data: " + data + b"\n"
     return b"".join(b"data: " + line + b"\n" for line in _LINE_BREAK.split(data))
 
