@@ -110,6 +110,19 @@ async def publish_round(publisher: DirectPublisher, topics: int) -> None:
     await asyncio.gather(*(publisher.publish_text(topic_name(i), TOKEN) for i in range(topics)))
 
 
+def xread_calls(redis_port: int) -> int:
+    """How many XREADs the redis-server ran so far (``INFO commandstats``): the broker's
+    live reads, whose number per round moves the cost per event a little."""
+    done = subprocess.run(
+        ["redis-cli", "-p", str(redis_port), "info", "commandstats"],
+        capture_output=True,
+        check=True,
+        timeout=10,
+    )
+    match = re.search(rb"cmdstat_xread:calls=(\d+)", done.stdout)
+    return int(match.group(1)) if match else 0
+
+
 def cpu_seconds(pid: int) -> float:
     """The process's user and system CPU so far, from /proc (clock ticks)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -213,7 +226,7 @@ async def drive(
         for done in range(1, args.warmup + 1):
             await publish_round(publisher, args.topics)
             await wait_for(readers, done, timeout)
-        before = cpu_seconds(broker.pid)
+        before, reads_before = cpu_seconds(broker.pid), xread_calls(args.port)
         if args.callgrind:
             callgrind_control(broker.pid, "--instr=on")
         sampler = py_spy(broker.pid, args.py_spy) if args.py_spy else None
@@ -227,10 +240,15 @@ async def drive(
             callgrind_control(broker.pid, "--dump=window")
             callgrind_control(broker.pid, "--instr=off")
         cpu = cpu_seconds(broker.pid) - before
+        reads = xread_calls(args.port) - reads_before
     finally:
         await publisher.aclose()
     events = args.rounds * args.topics
-    return {"events": events, "cpu_us_per_event": cpu * 1e6 / events}
+    return {
+        "events": events,
+        "reads_per_round": reads / args.rounds,
+        "cpu_us_per_event": cpu * 1e6 / events,
+    }
 
 
 def run_once(code: Path, args: argparse.Namespace) -> dict[str, float]:
