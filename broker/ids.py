@@ -74,8 +74,9 @@ os.register_at_fork(after_in_child=_epochs.clear)
 
 def parse_stream_id(raw: bytes | str) -> StreamPosition:
     """``b"1700000000000-3"`` -> ``(1700000000000, 3)``."""
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    ms, _, seq = text.partition("-")
+    # Bytes parsed as they are (``int`` reads ASCII digits from bytes): no text decoded
+    # for every entry the live reader reads.
+    ms, _, seq = raw.partition(b"-") if isinstance(raw, bytes) else raw.partition("-")
     return int(ms), int(seq or 0)
 
 

@@ -53,7 +53,9 @@ class LogEntry:
     LogEntry between every subscriber of the topic.
     """
 
-    __slots__ = ("_body", "_frame", "_id", "epoch", "fields", "is_control", "position", "topic")
+    __slots__ = (
+        "_body", "_frame", "_id", "_raw_id", "epoch", "fields", "is_control", "position", "topic",
+    )  # fmt: skip
 
     def __init__(self, topic: str, position: StreamPosition, fields: dict[bytes, bytes]) -> None:
         self.topic = topic
@@ -66,12 +68,22 @@ class LogEntry:
         self._body: bytes | None = None
         self._frame: bytes | None = None
         self._id: EventId | None = None
+        self._raw_id: bytes | None = None  # its stream id as Redis wrote it (``from_redis``)
 
     @classmethod
     def from_redis(cls, topic: str, raw_id: bytes, flat: list[bytes]) -> LogEntry:
         """An entry as Redis returns it: its stream id, and its fields flattened
         (name, value, ...)."""
-        return cls(topic, parse_stream_id(raw_id), dict(zip(flat[::2], flat[1::2], strict=True)))
+        # One iterator zipped with itself, not two slices zipped strictly (a list made
+        # of each half, and strict's check pair by pair): the same pairs, in less than
+        # half the time; an odd count is refused here as strict refused it.
+        if len(flat) % 2:
+            raise ValueError("an entry's fields and values do not pair up")
+        pairs = iter(flat)
+        entry = cls(topic, parse_stream_id(raw_id), dict(zip(pairs, pairs, strict=False)))
+        if type(raw_id) is bytes:
+            entry._raw_id = raw_id
+        return entry
 
     @property
     def id(self) -> EventId:
@@ -91,7 +103,14 @@ class LogEntry:
     def frame(self) -> bytes:
         """The whole SSE event with its single-topic id."""
         if self._frame is None:
-            self._frame = id_line(str(self.id)) + self.body
+            raw_id = self._raw_id
+            if raw_id is None:
+                self._frame = id_line(str(self.id)) + self.body
+            else:
+                # Redis writes a stream id as ``<ms>-<seq>`` in decimal, as ``str(self.id)``
+                # does after the epoch: its bytes are the id's, with no EventId made, no
+                # integer formatted, no text encoded (a sixth of framing an event).
+                self._frame = b"id: %b.%b\n%b" % (self.epoch.encode(), raw_id, self.body)
         return self._frame
 
     @property
@@ -130,13 +149,21 @@ class LiveBatch:
 
     def __init__(self, entries: list[LogEntry], *, from_origin: bool) -> None:
         self.entries = entries
-        self.topic = entries[0].topic
-        self.first = entries[0].position
+        first = entries[0]
+        self.topic = first.topic
+        self.first = first.position
         self.last_id = entries[-1].id
-        self.size = sum(len(entry.frame) for entry in entries)
-        first_epoch = entries[0].epoch
-        self.epoch = first_epoch if all(e.epoch == first_epoch for e in entries) else None
+        self.epoch: str | None
         """Their log's epoch, None if the read crossed from one log into another."""
+        if len(entries) == 1:
+            # One entry (a token stream read as it comes: most batches): what the two
+            # generators below make of it, without them.
+            self.size = len(first.frame)
+            self.epoch = first.epoch
+        else:
+            self.size = sum(len(entry.frame) for entry in entries)
+            first_epoch = first.epoch
+            self.epoch = first_epoch if all(e.epoch == first_epoch for e in entries) else None
         self.from_origin = from_origin
         """Read from the very start of a log that did not exist when its reader last
         looked: no entry of that log came before these."""
@@ -147,7 +174,13 @@ class LiveBatch:
     def frames(self) -> bytes:
         """Every entry's single-topic frame, joined once."""
         if self._frames is None:
-            self._frames = b"".join(entry.frame for entry in self.entries)
+            entries = self.entries
+            # (one entry: its frame itself, which is what the join returns for one)
+            self._frames = (
+                entries[0].frame
+                if len(entries) == 1
+                else b"".join(entry.frame for entry in entries)
+            )
         return self._frames
 
 
