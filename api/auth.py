@@ -35,6 +35,7 @@ Action = Literal["publish", "close", "delete", "subscribe"]
 """What a request does to its topics: closing and deleting take the right to publish."""
 COOKIE_NAME = "broker_token"
 QUERY_PARAMETER = "access_token"
+QUERY_PARAMETER_BYTES = QUERY_PARAMETER.encode()
 TOKEN_CACHE_SIZE = 4096
 """Verified tokens kept by their raw text: a subscriber reconnecting, or a publisher
 sending many events, is verified once, not per request (measured: an HS256 verify
@@ -437,7 +438,9 @@ def _token_and_source(scope: Scope) -> tuple[str | None, bool]:
     if cookie:
         return _bounded(cookie), True
     query = scope.get("query_string", b"")
-    if QUERY_PARAMETER.encode() in query or b"%" in query:  # (access%5Ftoken is the same name)
+    # (access%5Ftoken is the same name. ``find``, not ``in``: on bytes, ``in`` first
+    # tries its operand as an int and builds a TypeError it throws away, ~0.35 µs.)
+    if query.find(QUERY_PARAMETER_BYTES) >= 0 or query.find(b"%") >= 0:
         found = parse_qs(query.decode("latin-1")).get(QUERY_PARAMETER)
         if found and found[-1]:
             return _bounded(found[-1]), False
