@@ -26,7 +26,13 @@
  *   its topics ends (GET /topics/{t}) and keeps that as its place, as if it had
  *   received those events: a reload before the first event loses nothing published
  *   meanwhile (a topic with no event yet is then read from its beginning). Until
- *   those answers, `source` is null; if one fails, the stream starts from now.
+ *   those answers, `source` is null. The stream is opened only at that place: an
+ *   answer that failed in passing (no answer within 10 s, 502, 503, 504) is asked
+ *   again after 1 s, 2 s, 4 s... as a refused stream is reopened (below), each told
+ *   onError({fatal: false}); a refusal for good (401, 403, an answer not the
+ *   broker's), or `retries` passing ones in a row, is told onError({fatal: true}).
+ *   (It started from now on any failure, and missed in silence what was published
+ *   between subscribe() and the stream's start.)
  * - The stream is opened with ?positions=true: where it stands with no event to
  *   deliver (its start, a later origin of a topic with no log) comes as a
  *   broker.position event, kept as the place like an event's id (and told to no
@@ -216,42 +222,67 @@
     return Object.keys(urls).length ? urls : null;
   }
 
+  // What coming back may mend: no answer, a proxy with no broker up (502, 504), a broker
+  // that cannot serve for a moment (503: its Redis, or draining). (As the Python client's
+  // RETRY_STATUSES: it asks a topic's end again on these, and raises on any other.)
+  function passingStatus(status) {
+    return status === 0 || status === 502 || status === 503 || status === 504;
+  }
+
   // Where the topic ends now, {end, closed}: end is its newest id, EARLIEST if it has
-  // none, null if unknown; closed, whether that is its broker.end (the stream is over).
-  // Only the broker's own answers count: its 404 problem, and this topic's info (a proxy's
-  // 404 page, or a topic named "." or ".." whose URL the browser took for the listing's
-  // or the page's, was taken for "no event yet", and the history replayed).
+  // none; closed, whether that is its broker.end (the stream is over). Or, if that could
+  // not be learnt, {failure: {status, problem}} (status 0: no answer within
+  // ASK_AGAIN_TIMEOUT_MS). Only the broker's own answers count: its 404 problem, and this
+  // topic's info (a proxy's 404 page, or a topic named "." or ".." whose URL the browser
+  // took for the listing's or the page's, was taken for "no event yet", and the history
+  // replayed).
   function topicEnd(infoUrl, name, withCredentials) {
     var init = {
       headers: { Accept: "application/json" },
       credentials: withCredentials ? "include" : "same-origin",
     };
-    var unknown = { end: null, closed: false };
+    var timer = null;
+    if (global.AbortController) {  // (bounded, as a refused stream's question)
+      var abort = new global.AbortController();
+      init.signal = abort.signal;
+      timer = global.setTimeout(function () { abort.abort(); }, ASK_AGAIN_TIMEOUT_MS);
+    }
+    function failure(status, problem) { return { failure: { status: status, problem: problem || null } }; }
+    function answered() { if (timer !== null) { global.clearTimeout(timer); } }
     return global.fetch(infoUrl, init).then(function (response) {
+      answered();
       var type = response.headers.get("content-type") || "";
-      if (response.status === 404 && type.indexOf("application/problem+json") === 0) {
+      var problem = type.indexOf("application/problem+json") === 0;
+      if (response.status === 404 && problem) {
         return { end: EARLIEST, closed: false };
       }
-      if (!response.ok) { return unknown; }
+      if (!response.ok) {
+        if (!problem) { return failure(response.status); }
+        return response.json().then(function (body) { return failure(response.status, body); },
+                                    function () { return failure(response.status); });
+      }
       return response.json().then(function (topic) {
-        if (!topic || topic.topic !== name) { return unknown; }
+        if (!topic || topic.topic !== name) { return failure(response.status); }
         return { end: topic.last_id || EARLIEST, closed: Boolean(topic.closed && topic.last_id) };
-      });
-    }).catch(function () { return unknown; });
+      }, function () { return failure(response.status); });  // (a proxy's page: no topic)
+    }, function () { answered(); return failure(0); });
   }
 
   // The place of a stream that starts from now: {place, closed}. place is where its
   // topics end (a multi-topic stream's cursor, "a~<id>!b~<id>", a topic with no event
-  // at the origin "0.0-0"), null if one answer failed (then from now, as a plain
-  // EventSource); closed, the topics whose end is their broker.end.
+  // at the origin "0.0-0"); closed, the topics whose end is their broker.end. Or
+  // {failure} if one answer failed: one that coming back will not mend first.
   function startOf(infoUrls, withCredentials) {
     var topics = Object.keys(infoUrls).sort();
     var asked = topics.map(function (topic) {
       return topicEnd(infoUrls[topic].url, infoUrls[topic].name, withCredentials);
     });
     return Promise.all(asked).then(function (ends) {
+      var failures = ends.filter(function (found) { return found.failure; }).map(function (found) {
+        return found.failure;
+      }).sort(function (a, b) { return passingStatus(a.status) - passingStatus(b.status); });
+      if (failures.length) { return { failure: failures[0] }; }
       var closed = topics.filter(function (topic, n) { return ends[n].closed; });
-      if (ends.some(function (found) { return !found.end; })) { return { place: null, closed: [] }; }
       if (topics[0] === SINGLE) { return { place: ends[0].end, closed: closed }; }
       var parts = topics.map(function (topic, n) {
         return topic + "~" + (ends[n].end === EARLIEST ? ORIGIN : ends[n].end);
@@ -457,13 +488,12 @@
       whenOver(lastId, function () { refused(204); });
     }
 
-    // What coming back may mend: a proxy with no broker up (502, 504), a broker that
-    // cannot serve for a moment (503: its Redis, or draining), no answer, or the stream
-    // served again (a 200 of text/event-stream: the refusal passed while we asked; a 200
-    // of anything else is a page, which EventSource will refuse again).
+    // What coming back may mend (passingStatus), or the stream served again (a 200 of
+    // text/event-stream: the refusal passed while we asked; a 200 of anything else is a
+    // page, which EventSource will refuse again).
     function passing(status, type) {
       if (status === 200) { return type.indexOf("text/event-stream") === 0; }
-      return status === 0 || status === 502 || status === 503 || status === 504;
+      return passingStatus(status);
     }
 
     // The answer asked again was no 204: reopen the stream from its place after a
@@ -475,7 +505,19 @@
       // opened, and no event since), a new EventSource would start from a new "now":
       // what was published meanwhile would be missed untold. The page is told instead.
       var placeless = !lastId && !namesItsStart(url);
-      if (placeless || !passing(status, type) || retries >= maxRetries) {
+      if (placeless || !passing(status, type)) {
+        refused(status, problem);
+        return;
+      }
+      tryAgain(status, problem, reopen);
+    }
+
+    // After a passing failure: `again` after 1 s, 2 s, 4 s... (at most 30 s), each told
+    // onError({fatal: false}), or, after `retries` in a row, the page told for good.
+    // close() cancels the wait (reopening).
+    function tryAgain(status, problem, again) {
+      if (retries >= maxRetries) {
+        closed = true;
         refused(status, problem);
         return;
       }
@@ -486,7 +528,7 @@
           fatal: false, status: status, problem: problem || null, attempt: retries, retryInMs: delay,
         });
       }
-      reopening = global.setTimeout(reopen, delay);
+      reopening = global.setTimeout(again, delay);
     }
 
     function reopen() {
@@ -529,11 +571,25 @@
       }, function () { failed(0, ""); });
     }
 
-    var infoUrls = stored ? null : topicInfoUrls(url);
-    if (infoUrls) {
+    // A stream from now is opened at where its topics end, once that is known: opened
+    // "from now" when an answer failed (as it was), it missed in silence what was
+    // published between subscribe() and the broker placing it.
+    function placeThenOpen(infoUrls) {
+      reopening = null;
+      if (closed) { return; }
       startOf(infoUrls, options.withCredentials).then(function (start) {
+        if (closed) { return; }  // (closed by the page meanwhile)
+        if (start.failure) {
+          var failure = start.failure;
+          if (!passingStatus(failure.status)) {
+            closed = true;
+            refused(failure.status, failure.problem);
+            return;
+          }
+          tryAgain(failure.status, failure.problem, function () { placeThenOpen(infoUrls); });
+          return;
+        }
         var place = start.place;
-        if (!place) { open(null); return; }  // (unknown: from now, as a plain EventSource)
         savePlace(place);
         lastId = place;
         start.closed.forEach(topicEnded);
@@ -545,6 +601,11 @@
         }
         open(place);
       });
+    }
+
+    var infoUrls = stored ? null : topicInfoUrls(url);
+    if (infoUrls) {
+      placeThenOpen(infoUrls);
     } else {
       open(stored);
     }

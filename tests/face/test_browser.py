@@ -838,7 +838,10 @@ def test_a_stream_from_now_takes_only_the_brokers_404_for_no_event_yet(
 ) -> None:
     """Asked where a topic ends, a proxy's own 404 page (not the broker's problem) was
     taken for "no event yet": the stream "from now" replayed the topic's history. It is
-    no answer: the stream starts from now, as a plain EventSource."""
+    no answer, and not one coming back mends: the page is told onError({fatal: true})
+    with its status, and no stream is opened (one opened "from now", as a plain
+    EventSource, missed what was published before the broker placed it; the Python
+    client raises too)."""
     topic = f"face.proxy404.{uuid.uuid4().hex[:8]}"
     other = f"face.proxy404.{uuid.uuid4().hex[:8]}"
     url = f"/events?topic={topic}&topic={other}" if multi else f"/topics/{topic}/events"
@@ -846,10 +849,8 @@ def test_a_stream_from_now_takes_only_the_brokers_404_for_no_event_yet(
     with Publisher(face_broker.url) as publisher:
         publisher.publish(topic, "before")  # before the stream: not for it
         open_client_page(browser, face_broker, url)
-        browser.wait_for(
-            "window.__stream && window.__stream.source && window.__stream.source.readyState === 1",
-            what="the helper's stream to open",
-        )
-        publisher.publish(topic, "after")
-        wait_received(browser, 1, "the event published after it opened")
-    assert [json.loads(e["data"]) for e in page_received(browser)] == ["after"]
+        wait_received(browser, 1, "the refusal, told")
+    [told] = page_received(browser)
+    assert told["type"] == "error", told
+    assert json.loads(told["data"]) == {"fatal": True, "status": 404, "problem": None}
+    assert browser.evaluate("window.__stream.source") is None

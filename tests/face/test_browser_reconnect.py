@@ -159,33 +159,45 @@ def test_passing_refusals_that_go_on_are_told_for_good(
     assert browser.evaluate("window.__stream.source.readyState") == 2
 
 
-def test_a_stream_from_now_with_no_place_is_told_rather_than_reopened(
-    own_broker: BrokerProcess, nginx: LoadBalancer, browser: Chromium
+def test_a_stream_from_now_opened_while_no_broker_is_up_outlasts_it(
+    own_broker: BrokerProcess, nginx: LoadBalancer, face_broker: BrokerProcess, browser: Chromium
 ) -> None:
-    """A stream from now whose topic's end could not be learnt (nginx's 502 to the
-    page's GET /topics/{t}: no broker up) and that was refused before the broker told
-    it where it stands has no place. A new EventSource would start from a new "now" and
-    miss, untold, what was published meanwhile (review: the first version reopened it):
-    the page is told for good instead, at once."""
+    """A page subscribes "from now" while nginx has no broker up: where the topic ends
+    cannot be learnt (502). The helper opened a stream with no place, which nginx
+    refused too, and told the page that for good at once (reopened with no place, it
+    would start from a later "now"). It asks where the topic ends again instead, as it
+    reopens a refused stream (told onError, not fatal), and once the broker is back
+    opens the stream there."""
     topic = f"face.placeless.{uuid.uuid4().hex[:8]}"
     browser.navigate(nginx.url + "/healthz")  # (a page of the origin, no stream yet)
     browser.evaluate(LOAD_HELPER)
     browser.wait_for("window.BrokerClient !== undefined", what="the helper loaded")
     own_broker.terminate()
     url = json.dumps(f"/topics/{topic}/events")
-    browser.evaluate(f"window.__stream = BrokerClient.subscribe({url}, {{onError: window.__keep}})")
+    browser.evaluate(
+        f"window.__stream = BrokerClient.subscribe({url}, {{"
+        "onError: window.__keep,"
+        "onEvent: () => { window.__events = (window.__events || 0) + 1; },"
+        "})"
+    )
     browser.wait_for(TOLD_ERROR, timeout=30, what="the 502 told")
-    assert _errors(browser) == [(True, 502)]
-    assert browser.evaluate("window.__stream.source.readyState") == 2
+    assert browser.evaluate("window.__stream.source") is None  # (no stream with no place)
+    own_broker.start()
+    browser.wait_for(STREAM_OPEN, timeout=30, what="the stream, once the broker is back")
+    with Publisher(face_broker.url) as publisher:  # (the same Redis, not behind nginx)
+        publisher.publish(topic, 1)
+        browser.wait_for("window.__events === 1", timeout=30, what="the event published then")
+    errors = _errors(browser)
+    assert errors and all(error == (False, 502) for error in errors), errors
 
 
 def test_a_stream_from_now_keeps_the_place_its_stream_told_it_and_reopens_there(
     own_broker: BrokerProcess, nginx: LoadBalancer, face_broker: BrokerProcess, browser: Chromium
 ) -> None:
-    """The same stream whose topic's end could not be learnt (the page's fetch of GET
-    /topics/{t} fails), once open, is told where it stands (``broker.position``): that
-    is its place, and refused later (nginx's 502 while the broker is down) it opens
-    again from there, and gets what was published meanwhile."""
+    """A stream whose topic's end could not be learnt at first (the page's fetch of GET
+    /topics/{t} fails once) opens where it ends once that is learnt: that is its place,
+    and refused later (nginx's 502 while the broker is down) it opens again from
+    there, and gets what was published meanwhile."""
     topic = f"face.placeless.{uuid.uuid4().hex[:8]}"
     browser.run_on_every_load(FAILING_TOPIC_INFO)
     open_client_page(browser, nginx, f"/topics/{topic}/events")
@@ -216,11 +228,16 @@ script.src = "/client.js";
 document.head.appendChild(script);
 """
 
+# The page's first fetch of GET /topics/{t} fails (no answer), the next reach the broker.
 FAILING_TOPIC_INFO = """
 (function () {
   var fetch = window.fetch;
+  var failed = false;
   window.fetch = function (url, init) {
-    if (/\\/topics\\/[^/]+$/.test(String(url))) { return Promise.reject(new TypeError("down")); }
+    if (!failed && /\\/topics\\/[^/]+$/.test(String(url))) {
+      failed = true;
+      return Promise.reject(new TypeError("down"));
+    }
     return fetch.call(window, url, init);
   };
 })();
