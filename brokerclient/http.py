@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import re
 import ssl
 import uuid
@@ -163,12 +164,22 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-@functools.cache
 def shared_tls() -> ssl.SSLContext:
     """One TLS context for every client this library builds (httpx's default trust,
     ``SSL_CERT_FILE`` and all). Each ``httpx.Client`` made its own, loading the CA bundle
     on the caller's thread: 25-50 ms on the event loop for each subscriber or publisher
-    an app opened (a quarter of a second on a loaded machine; soak test)."""
+    an app opened (a quarter of a second on a loaded machine; soak test).
+
+    Kept per value of what httpx reads to make it (``SSL_CERT_FILE``, ``SSL_CERT_DIR``):
+    kept once per process, a program (or a test) that set another CA file later still
+    got the first one's trust, and its broker's certificate was refused."""
+    return _tls_trusting(os.environ.get("SSL_CERT_FILE", ""), os.environ.get("SSL_CERT_DIR", ""))
+
+
+@functools.lru_cache(maxsize=4)  # (a few: a program switching back and forth)
+def _tls_trusting(cert_file: str, cert_dir: str) -> ssl.SSLContext:
+    """httpx's default context, which reads the same two variables: the arguments are
+    the cache's key."""
     return httpx.create_ssl_context()
 
 

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
 import httpx
 import pytest
+import trustme
 
-from brokerclient import AsyncPublisher, AsyncSubscriber, Publisher, RequestFailed, Subscriber, http
+from brokerclient import AsyncPublisher, AsyncSubscriber, Publisher, RequestFailed, Subscriber
+from brokerclient import http as client_http
 
 
 @pytest.mark.parametrize("make", [Publisher, AsyncPublisher])
@@ -160,7 +169,7 @@ async def test_the_clients_this_library_builds_share_one_tls_context(
         return create(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(httpx, "create_ssl_context", counted)
-    http.shared_tls.cache_clear()
+    client_http._tls_trusting.cache_clear()
     url = "http://127.0.0.1:1"
     clients = [Publisher(url), Subscriber("t", url)]
     async_clients = [AsyncPublisher(url), AsyncSubscriber("t", url)]
@@ -171,4 +180,59 @@ async def test_the_clients_this_library_builds_share_one_tls_context(
             client.close()
         await async_clients[0].aclose()
         await async_clients[1].aclose()
-        http.shared_tls.cache_clear()
+        client_http._tls_trusting.cache_clear()
+
+
+@contextlib.contextmanager
+def _https_server(authority: trustme.CA) -> Iterator[str]:
+    """A real HTTPS server on loopback whose certificate ``authority`` signed; its URL."""
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_the_shared_tls_context_follows_ssl_cert_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``SSL_CERT_FILE`` was read once per process: set to another CA later (a program's
+    own, a test's), it was not seen, and a broker whose certificate that CA signed was
+    refused. The context is still one while the variable stays the same."""
+    first, second = trustme.CA(), trustme.CA()
+    first.cert_pem.write_to_path(tmp_path / "first.pem")
+    second.cert_pem.write_to_path(tmp_path / "second.pem")
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "first.pem"))
+    client_http._tls_trusting.cache_clear()
+    try:
+        trusting_first = client_http.shared_tls()
+        assert client_http.shared_tls() is trusting_first
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "second.pem"))
+        with _https_server(second) as url:
+            with httpx.Client(verify=client_http.shared_tls()) as client:
+                assert client.get(url).status_code == 200
+            with httpx.Client(verify=trusting_first) as client, pytest.raises(httpx.ConnectError):
+                client.get(url)  # (the server is real: only the CA trusted tells them apart)
+        assert client_http.shared_tls() is not trusting_first
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "first.pem"))
+        assert client_http.shared_tls() is trusting_first
+    finally:
+        client_http._tls_trusting.cache_clear()
