@@ -64,8 +64,9 @@ class _Resume:
     given_read_timeout: float | None = field(init=False)
     read_timeout_cap: float | None = field(init=False)
     _comments_read: int = 0  # by the current stream's decoder
+    _first_comment_at: float | None = None  # (monotonic) the current stream's first heartbeat
     _last_comment_at: float | None = None  # (monotonic) the current stream's last heartbeat
-    _shortest_beat: float | None = None  # the current stream's shortest heartbeat interval
+    _longest_beat: float | None = None  # the current stream's longest heartbeat interval
 
     def __post_init__(self) -> None:
         given = self.given_read_timeout = self.read_timeout
@@ -140,7 +141,8 @@ class _Resume:
         self.started = True
         self.connected_at = time.monotonic()
         self.refused_last = False
-        self._comments_read, self._last_comment_at, self._shortest_beat = 0, None, None
+        self._comments_read = 0
+        self._first_comment_at = self._last_comment_at = self._longest_beat = None
 
     def after_error_answer(self, error: Exception, token_refreshes: bool) -> float:
         """The delay before trying again after an error answer, or the error raised.
@@ -180,21 +182,34 @@ class _Resume:
             self.heard(time.monotonic())
 
     def heard(self, now: float) -> None:
-        """A heartbeat came. Two of them tell the broker's interval (every stream, busy or
-        not, gets one every two thirds to one interval): the next streams read for three
-        of the shortest seen, never less than the given read timeout. That undoes the
-        doubling of ``read_timed_out`` once heartbeats show it was a connection that died,
-        not a long heartbeat (kept, it made each later dead connection noticed later)."""
+        """A heartbeat came. The broker beats every stream, busy or not, about once an
+        interval, never less than two thirds of one apart; so the longest time between
+        two on a stream tells its interval: the stream may stay silent for three of
+        that, never less than the given read timeout, nor more than the cap. It applies
+        to the stream being read too (``subscriber._read_as_usual``: it applied from
+        the next stream, and the one that taught it timed out on the next long beat).
+
+        The longest, not the shortest: heartbeats also come closer (held up by the
+        network and let through at once, or sent at each backoff step, from 0.05 s,
+        while the broker's store is down), and taken for the interval those set a read
+        timeout grown for a long heartbeat back to the given one, and the stream timed
+        out again. A shorter read timeout than the one in force (undoing the doubling
+        of ``read_timed_out`` once heartbeats show it was connections that died, not a
+        long heartbeat: kept, each later dead connection was noticed later) is taken
+        only once the stream has beaten for as long as the one in force: a shorter
+        longest interval over that long is no burst."""
         previous, self._last_comment_at = self._last_comment_at, now
-        if previous is None or self.given_read_timeout is None or self.read_timeout_cap is None:
+        if self._first_comment_at is None:
+            self._first_comment_at = now
+        given, cap, current = self.given_read_timeout, self.read_timeout_cap, self.read_timeout
+        if previous is None or given is None or cap is None or current is None:
             return
-        beat = now - previous
-        if self._shortest_beat is not None and beat >= self._shortest_beat:
-            return
-        self._shortest_beat = beat
-        fits = min(max(self.given_read_timeout, 3 * beat), self.read_timeout_cap)
-        if fits != self.read_timeout:
-            log.info("subscription to %s: heartbeats %.3gs apart; reading for up to %gs",
+        beat = self._longest_beat = max(self._longest_beat or 0.0, now - previous)
+        fits = min(max(given, 3 * beat), cap)
+        if fits < current and now - self._first_comment_at < current:
+            return  # (not yet: heard for less than the read timeout it would replace)
+        if fits != current:
+            log.info("subscription to %s: heartbeats up to %.3gs apart; reading for up to %gs",
                      self.topics, beat, fits)  # fmt: skip
             self.read_timeout = fits
 

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import socket
 import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import httpx
 
@@ -68,16 +70,41 @@ async def _backoff(closing: asyncio.Event, delay: float) -> None:
         await asyncio.wait_for(closing.wait(), delay)
 
 
-def _read_as_usual(response: httpx.Response, read_timeout: float | None) -> None:
-    """The body of a stream that answered is read with the stream's read timeout (its
-    head may have been waited for with less; it may have grown since: ``_Resume``).
-    httpx hands the request's timeout dict to httpcore, which takes the read timeout
-    from it when the body is first read: the version ranges are pinned in
-    pyproject.toml, and tests/unit/test_subscriber_resume.py's quiet-stream tests fail
-    if this stops working."""
+@contextlib.contextmanager
+def _read_as_usual(response: httpx.Response, resume: _Resume) -> Iterator[None]:
+    """While in it, the body of a stream that answered is read with the stream's read
+    timeout (its head may have been waited for with less) as it is at each read:
+    heartbeats may change it while the stream is read (``_Resume.heard``).
+
+    httpcore takes a body's read timeout once, from the request's timeout dict, when
+    the body is first read, and passes it to each read of its network stream: that
+    stream's ``read`` is wrapped here to be given the one in force instead, and
+    unwrapped after (a connection kept alive serves other requests). Setting the dict
+    alone, a timeout learnt from a stream's heartbeats applied from the next stream
+    only. A response with no network stream (a test's transport) gets the dict. The
+    version ranges are pinned in pyproject.toml; tests/unit/test_subscriber_resume.py's
+    quiet-stream tests and tests/face/test_subscriber_timing.py fail if this stops
+    working."""
     timeouts = response.request.extensions.get("timeout")
     if isinstance(timeouts, dict):
-        timeouts["read"] = read_timeout
+        timeouts["read"] = resume.read_timeout
+    stream = response.extensions.get("network_stream")
+    read = getattr(stream, "read", None)
+    if stream is None or read is None:
+        yield
+        return
+    if inspect.iscoroutinefunction(read):
+
+        async def read_in_force(max_bytes: int, timeout: float | None = None) -> Any:
+            return await read(max_bytes, resume.read_timeout)
+
+        stream.read = read_in_force
+    else:
+        stream.read = lambda max_bytes, timeout=None: read(max_bytes, resume.read_timeout)
+    try:
+        yield
+    finally:
+        del stream.read  # (the class's own again)
 
 
 def _timeout(read_timeout: float | None) -> httpx.Timeout:
@@ -195,12 +222,12 @@ class AsyncSubscriber:
                 await response.aread()
                 _raise_for(response)
             self._resume.connected()
-            _read_as_usual(response, self._resume.read_timeout)
             decoder = SseDecoder(self._resume.last_event_id)
-            async for chunk in response.aiter_bytes():
-                for event in self._resume.received(decoder.feed(chunk)):
-                    yield event
-                self._resume.read(decoder)
+            with _read_as_usual(response, self._resume):
+                async for chunk in response.aiter_bytes():
+                    for event in self._resume.received(decoder.feed(chunk)):
+                        yield event
+                    self._resume.read(decoder)
 
     async def _topic_last_id(self, topic: str, token: str | None) -> str | None:
         response = await self._client.get(
@@ -306,15 +333,15 @@ class Subscriber:
                 response.read()
                 _raise_for(response)
             self._resume.connected()
-            _read_as_usual(response, self._resume.read_timeout)
             decoder = SseDecoder(self._resume.last_event_id)
             self._reading = response
             try:
                 if self._closed:  # (closed while the head was awaited: nothing to shut then)
                     return
-                for chunk in response.iter_bytes():
-                    yield from self._resume.received(decoder.feed(chunk))
-                    self._resume.read(decoder)
+                with _read_as_usual(response, self._resume):
+                    for chunk in response.iter_bytes():
+                        yield from self._resume.received(decoder.feed(chunk))
+                        self._resume.read(decoder)
             finally:
                 self._reading = None
 

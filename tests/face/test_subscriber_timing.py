@@ -20,6 +20,7 @@ from brokerclient import AsyncSubscriber, Event, Publisher, Subscriber
 from brokerclient import resume as resume_module
 from brokerclient import subscriber as subscriber_module
 from tests.support.broker_process import BROKER_BIN, BrokerProcess
+from tests.support.holding_proxy import HoldingProxy
 from tests.support.polling import await_until, wait_until
 from tests.support.redis_server import RedisServer, free_port
 
@@ -114,6 +115,14 @@ def slow_heartbeat_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
     process.close()
 
 
+@pytest.fixture
+def one_second_heartbeat_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    process = BrokerProcess(redis_url=redis_server.url, env={"BROKER_HEARTBEAT_SECONDS": "1"})
+    process.start()
+    yield process
+    process.close()
+
+
 def _read_timeouts(caplog: pytest.LogCaptureFixture) -> list[float]:
     """When each stream that timed out reading was given up on (monotonic)."""
     return [
@@ -159,21 +168,22 @@ def test_a_subscriber_reads_longer_once_the_brokers_heartbeat_proves_longer(
 
 
 def test_heartbeats_bring_a_grown_read_timeout_back_to_the_given_one(
-    slow_heartbeat_broker: BrokerProcess,
+    one_second_heartbeat_broker: BrokerProcess,
 ) -> None:
     """Streams that timed out because their connections died (not for a long heartbeat)
     left the read timeout grown for good: each later dead connection noticed up to 8
-    times later. Two heartbeats of a working stream show the given one is enough."""
-    given = 4 * HEARTBEAT_S  # over three heartbeats: kept as it is
-    subscriber = Subscriber(_topic("regrow"), slow_heartbeat_broker.url, read_timeout=given)
-    subscriber._resume.read_timeout = subscriber._resume.read_timeout_cap  # grown, as by deaths
+    times later. Heartbeats of a working stream, once they have come for as long as the
+    grown read timeout (not a burst of them), show the given one is enough."""
+    given = 4.0  # over three heartbeats: kept as it is
+    subscriber = Subscriber(_topic("regrow"), one_second_heartbeat_broker.url, read_timeout=given)
+    subscriber._resume.read_timeout = 2 * given  # grown, as by deaths
     iterating = threading.Thread(target=lambda: list(subscriber))
     iterating.start()
     try:
         wait_until(
             lambda: subscriber._resume.read_timeout == given,
-            timeout=4 * HEARTBEAT_S,
-            what="the read timeout back to the given one after two heartbeats",
+            timeout=4 * given,
+            what="the read timeout back to the given one after heartbeats for 8 s",
         )
     finally:
         subscriber.close()
@@ -207,3 +217,91 @@ def test_tail_takes_a_read_timeout(slow_heartbeat_broker: BrokerProcess, tmp_pat
     assert tail.returncode == 0, errors.read_text()
     assert "reading for up to 2.4s" in errors.read_text()
     assert [json.loads(line)["data"] for line in out.splitlines()] == ["1", "{}"]
+
+
+HEARTBEAT_LINE = b":\n\n"
+
+
+def _iterate(subscriber: Subscriber, got: list[Event]) -> threading.Thread:
+    iterating = threading.Thread(target=lambda: got.extend(subscriber), daemon=True)
+    iterating.start()
+    return iterating
+
+
+def _hold_after_a_heartbeat(subscriber: Subscriber, proxy: HoldingProxy) -> None:
+    """Hold what the broker sends from just after a heartbeat was read: the silence the
+    subscriber sees is the hold's (give or take the 5 ms this polls at)."""
+    read = subscriber._resume._comments_read
+    wait_until(
+        lambda: subscriber._resume._comments_read > read,
+        timeout=5,
+        interval=0.005,
+        what="a heartbeat",
+    )
+    proxy.hold()
+
+
+def test_a_read_timeout_learnt_from_heartbeats_applies_to_the_stream_being_read(
+    one_second_heartbeat_broker: BrokerProcess,
+) -> None:
+    """Given 1.2 s, heartbeats 0.67 to 1 s apart teach 2 s or more. The stream was read
+    with the 1.2 s it began with, what it learnt applying from the next stream only: a
+    silence of 1.6 s (the network held the stream) timed it out, and it was
+    reconnected."""
+    topic, broker = _topic("learnt-now"), one_second_heartbeat_broker
+    with HoldingProxy(broker.port) as proxy:
+        subscriber = Subscriber(topic, proxy.url, from_earliest=True, read_timeout=1.2)
+        got: list[Event] = []
+        iterating = _iterate(subscriber, got)
+        try:
+            wait_until(
+                lambda: (subscriber._resume.read_timeout or 0) >= 2.0 - 1e-9,
+                timeout=10,
+                what="heartbeats to teach a longer read timeout",
+            )
+            _hold_after_a_heartbeat(subscriber, proxy)
+            time.sleep(1.6)  # (the network's silence: the fault itself, not a wait for a race)
+            proxy.release()
+            with Publisher(broker.url) as publisher:
+                publisher.publish(topic, "after", close=True)
+            iterating.join(timeout=10)
+        finally:
+            subscriber.close()
+    assert [e.data for e in got] == ['"after"', "{}"]
+    assert proxy.connections == 1, "the stream timed out and was reconnected"
+
+
+def test_bunched_heartbeats_do_not_shorten_a_read_timeout_learnt_from_steady_ones(
+    one_second_heartbeat_broker: BrokerProcess,
+) -> None:
+    """Heartbeats 0.67 to 1 s apart teach 2 s or more (over the given 1.5 s); the network
+    holds the stream, then lets the two heartbeats it held through 20 ms apart. Taken
+    for the broker's interval, those set the read timeout back to 1.5 s."""
+    topic, broker = _topic("bunched"), one_second_heartbeat_broker
+    with HoldingProxy(broker.port) as proxy:
+        subscriber = Subscriber(topic, proxy.url, from_earliest=True, read_timeout=1.5)
+        iterating = _iterate(subscriber, [])
+        try:
+            wait_until(
+                lambda: (subscriber._resume.read_timeout or 0) >= 2.0 - 1e-9,
+                timeout=10,
+                what="heartbeats to teach a longer read timeout",
+            )
+            _hold_after_a_heartbeat(subscriber, proxy)
+            wait_until(
+                lambda: proxy.held_count(HEARTBEAT_LINE) >= 2,
+                timeout=5,
+                what="two heartbeats held by the proxy",
+            )
+            after_bunch = subscriber._resume._comments_read + proxy.held_count(HEARTBEAT_LINE) + 1
+            proxy.release(spread=0.02)
+            wait_until(
+                lambda: subscriber._resume._comments_read >= after_bunch,
+                timeout=5,
+                what="the bunch read, and a heartbeat after it",
+            )
+            learnt = subscriber._resume.read_timeout
+        finally:
+            subscriber.close()
+            iterating.join(timeout=10)
+    assert learnt is not None and learnt >= 2.0 - 1e-9, learnt

@@ -302,7 +302,9 @@ def test_no_read_timeout_stays_none() -> None:
 def test_heartbeats_set_the_read_timeout_to_three_of_theirs_never_under_the_given() -> None:
     """Doubled by streams that timed out (connections that died, as a phone's do), the
     read timeout stayed grown: each later dead connection was noticed up to 8 times
-    later. Two heartbeats tell the broker's interval."""
+    later. Heartbeats tell the broker's interval: the longest between two on a stream;
+    a shorter read timeout is taken once they have come for as long as the one in
+    force, a longer one at once."""
     resume = resume_module._Resume(["t"], None, False, None, read_timeout=2.0)
     _read_timed_out(resume)
     _read_timed_out(resume)
@@ -310,17 +312,35 @@ def test_heartbeats_set_the_read_timeout_to_three_of_theirs_never_under_the_give
     resume.connected()
     resume.heard(100.0)
     assert resume.read_timeout == 8.0  # one heartbeat tells nothing
-    resume.heard(100.5)
+    for n in range(1, 16):
+        resume.heard(100.0 + n * 0.5)
+        assert resume.read_timeout == 8.0  # heard for under 8 s: maybe a burst
+    resume.heard(108.0)
     assert resume.read_timeout == 2.0  # 3 x 0.5 s is under the given 2 s
     resume.connected()  # a broker with a longer heartbeat: read for three of them
     resume.heard(200.0)
     resume.heard(203.0)
     assert resume.read_timeout == 9.0
-    resume.heard(205.0)  # the shortest interval counts (an event may delay a beat)
-    assert resume.read_timeout == 6.0
-    resume.heard(215.0)
-    assert resume.read_timeout == 6.0
+    resume.heard(205.0)  # the longest interval counts (a beat may come early)
+    assert resume.read_timeout == 9.0
     resume.connected()
     resume.heard(300.0)
     resume.heard(400.0)
     assert resume.read_timeout == 16.0  # never over 8 times the given one
+
+
+def test_heartbeats_close_together_do_not_shorten_a_learnt_read_timeout() -> None:
+    """Heartbeats 3 s apart set 9 s; then a burst (an outage's heartbeats let through at
+    once, or the broker's, one per backoff step from 0.05 s while its store is down):
+    taken for the interval, it set the read timeout back to the given 2 s, under the
+    broker's own pace, and the stream timed out on its next heartbeat."""
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout=2.0)
+    resume.connected()
+    resume.heard(100.0)
+    resume.heard(103.0)
+    assert resume.read_timeout == 9.0
+    now = 103.0
+    for step in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0):
+        now += step
+        resume.heard(now)
+        assert resume.read_timeout == 9.0
