@@ -256,3 +256,42 @@ async def test_a_connection_dropped_while_it_opens_fails_its_commands_as_a_conne
     with pytest.raises(redis.ConnectionError):
         await later
     await pool.aclose()
+
+
+class _PackedSpy:
+    """Stands for the pipeline's packer, keeping each command it packed."""
+
+    def __init__(self, packer: Any) -> None:
+        self._packer = packer
+        self.packed: list[bytes] = []
+
+    def pack(self, command: Any) -> bytes:
+        packed: bytes = self._packer.pack(command)
+        self.packed.append(packed)
+        return packed
+
+
+@pytest.mark.parametrize(
+    "maxlen", [3600, 1000], ids=["packed-as-the-kept-int", "packed-by-hiredis"]
+)
+async def test_a_float_idempotency_window_is_read_alike_however_it_is_packed(
+    private_redis: RedisServer, admin: redis.Redis, maxlen: int
+) -> None:
+    """``idempotency_seconds=3600.0`` (typed int, not checked): after a maxlen of 3600 in
+    the same command the packer sends the kept ``3600``, else hiredis' ``3600.0``. The
+    append script reads both with ``tonumber``: the same window either way."""
+    store = open_store(private_redis.url, retention_maxlen=maxlen, idempotency_seconds=3600.0)
+    assert store._pipeline is not None
+    spy = _PackedSpy(store._pipeline._packer)
+    store._pipeline._packer = spy  # type: ignore[assignment]
+    topic = f"t-{uuid.uuid4().hex[:12]}"
+    try:
+        result = await store.append(topic, [NewEvent(data="1")], idempotency_key="once")
+        again = await store.append(topic, [NewEvent(data="1")], idempotency_key="once")
+    finally:
+        await store.close()
+    [packed] = appends_in(spy.packed)[:1]
+    assert (b"$6\r\n3600.0\r\n" in packed) is (maxlen != 3600), packed
+    assert again.ids == result.ids and again.replayed
+    window_ms = await admin.pttl(c.records_key(topic))
+    assert 3_590_000 < window_ms <= 3_600_000, window_ms

@@ -94,3 +94,15 @@ def test_generated_commands_are_packed_as_hiredis_packs_them() -> None:
         arguments = [_argument(rng) for _ in range(rng.randint(0, 12))]
         command = _append(topic, *arguments)  # type: ignore[arg-type]
         assert packer.pack(command) == _hiredis(command), command
+
+
+def test_a_float_equal_to_a_kept_int_is_packed_as_that_int() -> None:
+    """The one way the packer's bytes differ from hiredis': looked up by equal value, a
+    float equal to a kept int comes out as the int (hiredis sends ``3600.0``). Harmless:
+    the append script reads such an argument with ``tonumber`` (see CommandPacker, and
+    tests/integration/test_append_pipeline.py for what Redis makes of both)."""
+    packer = CommandPacker()
+    fresh = _append("t", 3600.0)  # type: ignore[arg-type]
+    assert packer.pack(fresh) == _hiredis(fresh)  # (no int kept yet: hiredis packs it)
+    packer.pack(_append("t", 3600))
+    assert packer.pack(fresh) == _hiredis(_append("t", 3600)) != _hiredis(fresh)
