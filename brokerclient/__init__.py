@@ -17,6 +17,7 @@ from brokerclient.errors import (
     RequestFailed,
     StreamInterrupted,
     TopicClosed,
+    TopicDeleted,
     Unreachable,
 )
 from brokerclient.http import DEFAULT_URL, PublishResult, RetryPolicy
@@ -38,6 +39,7 @@ __all__ = [
     "StreamInterrupted",
     "Subscriber",
     "TopicClosed",
+    "TopicDeleted",
     "Unreachable",
     "event",
 ]

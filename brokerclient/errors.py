@@ -60,3 +60,9 @@ class TopicClosed(RequestFailed):
         """The id of the topic's ``broker.end`` (from the problem's ``end_id``)."""
         end_id = self.problem.get("end_id")
         return end_id if isinstance(end_id, str) else None
+
+
+class TopicDeleted(RequestFailed):
+    """A streaming ingest whose topic was deleted (``DELETE``) while it was writing to it
+    (409 ``/problems#topic-deleted``): the lines it had stored went with the topic, and
+    it is not to be resent, which would create the topic again."""

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
-from brokerclient.errors import RequestFailed, TopicClosed
+from brokerclient.errors import RequestFailed, TopicClosed, TopicDeleted
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Answers worth another try with the same Idempotency-Key: the broker's own
@@ -229,5 +229,14 @@ def failure(response: httpx.Response) -> RequestFailed:
     message = (
         f"{response.request.method} {response.request.url.path}: {response.status_code} {detail}"
     )
-    kind = TopicClosed if response.status_code == 409 else RequestFailed
-    return kind(response.status_code, problem, message)
+    return _kind(response.status_code, problem)(response.status_code, problem, message)
+
+
+def _kind(status: int, problem: dict[str, Any] | None) -> type[RequestFailed]:
+    """Which error a refusal is: a 409 is a closed topic, but for an ingest whose topic
+    was deleted under it (told by its problem type: it must not be resent either)."""
+    if status != 409:
+        return RequestFailed
+    if (problem or {}).get("type") == "/problems#topic-deleted":
+        return TopicDeleted
+    return TopicClosed

@@ -30,6 +30,7 @@ from brokerclient import (
     SseDecoder,
     Subscriber,
     TopicClosed,
+    TopicDeleted,
     Unreachable,
     event,
 )
@@ -234,6 +235,34 @@ def test_subscriber_stops_at_the_end_of_a_closed_topic(face_broker: BrokerProces
     with Publisher(face_broker.url) as publisher, pytest.raises(TopicClosed) as refused:
         publisher.publish(topic, 2)
     assert (refused.value.status, refused.value.end_id) == (409, seen[-1].id)
+
+
+def test_a_stream_whose_topic_is_deleted_under_it_raises_topic_deleted_not_closed(
+    face_broker: BrokerProcess,
+) -> None:
+    """The broker ends an ingest whose topic was deleted under it with 409
+    ``topic-deleted``: the client raised ``TopicClosed`` for it (any 409), with no
+    ``end_id``, as if the topic had been closed. It is ``TopicDeleted`` now, and the
+    topic is not created again (nothing resent)."""
+    topic = _topic("deleted-under")
+
+    def lines() -> Iterator[dict[str, Any]]:
+        yield event(1)
+        yield event(2)
+        wait_until(lambda: len(_history(face_broker.url, topic)) == 2, timeout=10, what="2 lines")
+        assert httpx.delete(f"{face_broker.url}/topics/{topic}", timeout=5).status_code == 204
+        yield event(3)
+        yield event(4)
+
+    with Publisher(face_broker.url) as publisher, pytest.raises(TopicDeleted) as refused:
+        publisher.stream(topic, lines(), idempotency_key="deleted-under")
+    assert not isinstance(refused.value, TopicClosed)
+    assert (refused.value.status, refused.value.problem["type"]) == (
+        409,
+        "/problems#topic-deleted",
+    )
+    topic_info = httpx.get(f"{face_broker.url}/topics/{topic}", timeout=5)
+    assert topic_info.status_code == 404, topic_info.text
 
 
 @pytest.mark.parametrize("several", [False, True])
