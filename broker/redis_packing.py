@@ -20,16 +20,19 @@ import hiredis
 
 from broker import constants as c
 
-HEADS_KEPT = 1024
-"""Topics whose packed head is kept (about 300 bytes each); past that the oldest goes.
+HEADS_KEPT = 8192
+"""Topics whose packed head is kept (about 300 bytes each: 2.4 MB at most a process);
+past that the oldest goes. Past it, nearly every append packs its head again, so it is
+set above the topics one process is expected to write to at once (the sessions bench
+runs 500; it was 1024, which a busier instance passes).
 
 The oldest inserted, not the least used: on the sessions workload (bench's ``sessions``:
 generations of 100 appends at one pace, each on its own topic, slot after slot) the two
-miss alike, once per topic, up to 1024 generations at once; past that both pack nearly
-every head again, the least-used more often (a simulation of 1500 at once: 181,000
-misses of 450,000 appends first-in-first-out, 372,000 least-used: each topic comes
-back round after the others, as in a cycle, where least-used is the worst). Moving a
-head to the end at each use would cost every append, for nothing here."""
+miss alike, once per topic, while the topics written at once fit; past that both pack
+nearly every head again, the least-used more often (a simulation of 1500 at once with
+1024 kept: 181,000 misses of 450,000 appends first-in-first-out, 372,000 least-used: each
+topic comes back round after the others, as in a cycle, where least-used is the worst).
+Moving a head to the end at each use would cost every append, for nothing here."""
 INTEGERS_KEPT = 4096
 """Integer arguments kept packed (retention figures, flags, counts: few values); past
 that, the others are packed each time. Strings are not kept (an epoch, a line number,
