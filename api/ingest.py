@@ -29,7 +29,9 @@ event object, stored and delivered as it arrives, not when the body ends.
   after them, out of order. Resent whole, the stream is stored again, in order.
   So does a log that lost the ingest's newest lines (a failover to a replica that
   had not received them: the same log, its epoch unchanged): each append names the
-  line the request stored last (``IngestLines.after``), which must still be there.
+  line the request stored last (``IngestLines.after``), which must still be there;
+  without an Idempotency-Key (no line records), the entry it stored last. Such a
+  producer cannot resend exactly, so it is told the last line the log kept.
   But a log deleted on purpose (DELETE, while the store knows of it) ends the ingest
   with 409 topic-deleted, not to be resent: a resend created the topic again.
 - A bad line stops the ingest with 400 naming it; the lines before it stay
@@ -41,6 +43,7 @@ event object, stored and delivered as it arrives, not when the body ends.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -61,12 +64,18 @@ from broker import (
     TopicClosed,
 )
 from broker.errors import LinesLost, LogDeleted, LogGone, LogLost
+from broker.ids import StreamPosition
 from broker.model import IngestLines
 from broker.validation import event_from_json, loads_exactly
 
 LINE_ENVELOPE_BYTES = 4096
 """A line may exceed ``max_event_bytes`` by this much: the JSON around the data."""
 CLIENT_GONE = "the client went away before the body ended"
+REMEMBERED_APPENDS = 64
+"""An ingest without an Idempotency-Key remembers where its newest appends ended, to
+tell which of its lines a failover lost (some 6 KB; a failover loses what the replica
+had not received yet, mostly milliseconds of appends; at one append a token, 64 are a
+second or more of them)."""
 
 
 class IngestBody(Protocol):
@@ -154,6 +163,10 @@ class Ingest:
         """The number of the last line stored (or replayed): ``IngestLines.after``."""
         self._last_line_ms = 0
         """When it was stored (its id's time): ``IngestLines.after_ms``."""
+        self._appends_ended: deque[tuple[StreamPosition, int]] = deque(maxlen=REMEMBERED_APPENDS)
+        """Without a key: the last entry and line of each of its newest appends."""
+        self._forgotten_through = 0
+        """The last line of the newest append no longer in ``_appends_ended``."""
 
     async def run(self, body: IngestBody) -> IngestResult:
         """Store every line of the body; raises on the first bad line, after storing
@@ -211,10 +224,15 @@ class Ingest:
             lines = IngestLines(self._key, [], self._last_line, self._last_line_ms)
         try:
             return await self.broker.publish(
-                self.topic, [], lines=lines, close=True, log_epoch=self.log_epoch
+                self.topic,
+                [],
+                lines=lines,
+                close=True,
+                log_epoch=self.log_epoch,
+                after_entry=self._after_entry(),
             )
         except LogGone as gone:
-            raise self._lost(gone) from None
+            raise await self._told_lost(gone) from None
 
     def _parse(self, number: int, line: bytes) -> NewEvent:
         try:
@@ -306,9 +324,10 @@ class Ingest:
                 lines=lines,
                 streaming=True,
                 log_epoch=self.log_epoch,
+                after_entry=self._after_entry(),
             )
         except LogGone as gone:
-            raise self._lost(gone) from None
+            raise await self._told_lost(gone) from None
         except asyncio.CancelledError:
             if not self._watch.fired(_STORE):
                 raise
@@ -324,6 +343,75 @@ class Ingest:
         self._last_line, self._last_line_ms = pending[-1][0], result.ids[-1].position[0]
         if result.replayed:
             self.result.replayed += len(result.ids)
+        if self._key is None:
+            self._remember_append(result.ids[-1].position, pending[-1][0])
+
+    def _after_entry(self) -> StreamPosition | None:
+        """Without a key (no line records): the entry the request stored last, which the
+        log must still hold; (0, 0) before its first (``Store.append``)."""
+        if self._key is not None:
+            return None
+        return (0, 0) if self.result.last is None else self.result.last.position
+
+    def _remember_append(self, last_entry: StreamPosition, last_line: int) -> None:
+        ended = self._appends_ended
+        if len(ended) == ended.maxlen:
+            self._forgotten_through = ended[0][1]
+        ended.append((last_entry, last_line))
+
+    async def _told_lost(self, lost: LogGone) -> LogGone:
+        if self._key is None and isinstance(lost, LinesLost):
+            return await self._keyless_lines_lost()
+        return self._lost(lost)
+
+    async def _keyless_lines_lost(self) -> LinesLost:
+        """Lines a failover lost, told to a producer without an Idempotency-Key: it cannot
+        resend the whole stream (the lines kept would be stored twice), so it is told
+        after which line they were lost, to send the rest again."""
+        head = (
+            "lines of this ingest were lost from the topic's log (a failover to a replica "
+            f"that had not received them yet): {self.result.count} line(s) were stored before"
+        )
+        resend = (
+            "no later line was stored; send the lost lines again (without an "
+            "Idempotency-Key, the whole stream sent again stores the lines kept twice)"
+        )
+        try:
+            kept, exact = await self._last_line_kept()
+        except StoreUnavailable:
+            lost = f"line {self._last_line}, the last of them, is lost, and perhaps lines before it"
+            detail = f"{head}; {lost} (the log could not be read to tell); {resend}"
+            return LinesLost(detail, mid_body=not self._body_ended)
+        maybe = ""
+        if not exact:
+            maybe = (
+                " (and perhaps lines before it: this ingest knows where only its last "
+                f"{REMEMBERED_APPENDS} appends ended)"
+            )
+        detail = f"{head}; the lines after line {kept} are lost{maybe}; {resend}"
+        return LinesLost(detail, mid_body=not self._body_ended)
+
+    async def _last_line_kept(self) -> tuple[int, bool]:
+        """The last line of the newest append the log still holds, and whether that is
+        known exactly (not when even the oldest append remembered is lost, and earlier
+        ones were forgotten). A failover loses the newest appends, so those kept are the
+        first ones: found by bisection, a read each."""
+        ended = list(self._appends_ended)
+        kept, lost = 0, len(ended)  # (ended[:kept] are held, ended[lost:] lost)
+        while kept < lost:
+            middle = (kept + lost) // 2
+            if await self._still_held(ended[middle][0]):
+                kept = middle + 1
+            else:
+                lost = middle
+        if kept:
+            return ended[kept - 1][1], True
+        return self._forgotten_through, self._forgotten_through == 0
+
+    async def _still_held(self, entry: StreamPosition) -> bool:
+        """Whether the log holds the entry, or retention removed it (no loss)."""
+        page = await self.broker.store.read_range(self.topic, entry, 1)
+        return page.epoch == self.log_epoch and (page.after_found or entry <= page.trimmed_through)
 
     def _lost(self, lost: LogGone) -> LogGone:
         """The producer told what was lost, and whether its resend stores it again; the

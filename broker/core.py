@@ -19,7 +19,7 @@ from broker.errors import StoreUnavailable, TopicNotFound
 from broker.fanout import Hub
 from broker.health import StoreHealth
 from broker.heartbeat import HeartbeatClock
-from broker.ids import EventId
+from broker.ids import EventId, StreamPosition
 from broker.listing import listing_for
 from broker.model import AppendResult, IngestLines, LogEntry, LogState, NewEvent
 from broker.observer import Observer
@@ -120,10 +120,12 @@ class Broker:
         close: bool = False,
         streaming: bool = False,
         log_epoch: str | None = None,
+        after_entry: StreamPosition | None = None,
     ) -> AppendResult:
         """Append one event or a batch, atomically and in order; then close the topic
         if asked. ``lines``: an idempotency record per event (a streaming ingest's
-        lines); ``streaming``, ``log_epoch``: a streaming ingest's (see ``Store.append``)."""
+        lines); ``streaming``, ``log_epoch``, ``after_entry``: a streaming ingest's (see
+        ``Store.append``)."""
         check_topic(topic)
         check_idempotency_key(idempotency_key)
         started = time.perf_counter()
@@ -136,6 +138,7 @@ class Broker:
                 close=close,
                 streaming=streaming,
                 log_epoch=log_epoch,
+                after_entry=after_entry,
             )
         except StoreUnavailable as error:  # (``_told``, inline: the hottest call)
             self.observer.store_error("append")

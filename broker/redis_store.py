@@ -322,6 +322,7 @@ class RedisStreamStore:
         close: bool = False,
         streaming: bool = False,
         log_epoch: str | None = None,
+        after_entry: StreamPosition | None = None,
     ) -> AppendResult:
         if self._eviction.refusal is not None:
             raise StoreMisconfigured(self._eviction.refusal, retry_after=c.EVICTING_RETRY_AFTER_S)
@@ -343,7 +344,7 @@ class RedisStreamStore:
             len(names),
             *names,
             log_epoch or "",
-            0 if lines is None else f"{lines.after}:{lines.after_ms}",
+            _stored_last(lines, after_entry),
         ]
         for event in events:
             retry = "" if event.retry is None else str(event.retry)
@@ -813,6 +814,14 @@ def _refusal(status: int, answer: str, topic: str, lines: IngestLines | None) ->
     if status == -4:
         return LinesLost(f"lines of topic {topic!r} it had stored are gone")
     return _not_the_line_stored(answer, lines)  # (-3)
+
+
+def _stored_last(lines: IngestLines | None, after_entry: StreamPosition | None) -> str | int:
+    """What the append must find of its ingest's earlier appends (append.lua): the line
+    it stored last and when; with no lines, the entry it stored last; else 0."""
+    if lines is not None:
+        return f"{lines.after}:{lines.after_ms}"
+    return 0 if after_entry is None else format_stream_id(after_entry)
 
 
 def _not_the_line_stored(number: str, lines: IngestLines | None) -> InvalidInput:

@@ -35,6 +35,7 @@ class Store(Protocol):
         close: bool = False,
         streaming: bool = False,
         log_epoch: str | None = None,
+        after_entry: StreamPosition | None = None,
     ) -> AppendResult:
         """Append atomically and in order, then close the topic if asked (a final
         ``broker.end`` entry). A repeated idempotency key appends nothing; with
@@ -45,8 +46,10 @@ class Store(Protocol):
         raises LogLost, nothing stored, if the topic's log is another one or none (or
         LogDeleted if that log was deleted, while the store still knows of it), and
         LinesLost if it no longer records the line the request stored last
-        (``lines.after``). A resent line recorded already that is not the event stored
-        for it: InvalidInput, nothing stored. Raises TopicClosed if the topic is closed
+        (``lines.after``), or, for an ingest without lines (no Idempotency-Key), no longer
+        holds ``after_entry``, the entry the request stored last (``(0, 0)``: none yet;
+        retention's trimming is no loss). A resent line recorded already that is not the
+        event stored for it: InvalidInput, nothing stored. Raises TopicClosed if the topic is closed
         (a repeated close answers its end)."""
         ...
 

@@ -395,6 +395,69 @@ async def test_lines_a_failover_lost_mid_body_end_the_ingest_and_the_resend_rest
     assert await stored_datas(client, topic) == datas(6)
 
 
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_lines_a_failover_lost_mid_body_end_an_ingest_without_a_key_naming_the_last_kept(
+    broker: BrokerProcess, client: httpx.AsyncClient, redis_admin: redis.Redis, route: str
+) -> None:
+    """The same failover under an ingest with no Idempotency-Key (no line records to
+    check): it went on, line 6 stored after 3 with no gap told, and a subscriber that
+    had read 4-5 and one that came later disagreed, in silence. Now the ingest stops at
+    its next line (503, nothing stored), telling the producer the lines after line 3
+    are lost: it sends those again, and the log holds each line once, in order."""
+    topic, lines = new_topic(), body_of(6)
+    ingest = await open_ingest(broker, topic, None, route)
+    await ingest.send(b"".join(lines[:3]))
+    await await_until(lambda: stored_is(client, topic, datas(3)), timeout=5, what="3 stored")
+    before_4 = await IngestAppends.read(redis_admin, topic, None)
+    await ingest.send(b"".join(lines[3:5]))
+    await await_until(lambda: stored_is(client, topic, datas(5)), timeout=5, what="5 stored")
+    await before_4.lose_since(redis_admin, 2)  # the failover
+    await ingest.send(lines[5])
+    try:
+        answer = await ingest.answer(timeout=5)  # (the body still coming)
+    except TimeoutError:
+        raise AssertionError(f"it went on: {await stored_datas(client, topic)}") from None
+    finally:
+        ingest.cut()
+    assert answer.status == 503, answer.body
+    assert answer.headers["connection"] == "close"
+    problem = json.loads(answer.body)
+    assert problem["type"] == "/problems#ingest-lines-lost", problem
+    assert "the lines after line 3 are lost" in problem["detail"], problem
+    assert await stored_datas(client, topic) == datas(3)  # (line 6 not stored after 3)
+    rest = await client.post(f"/topics/{topic}/events", content=b"".join(lines[3:]), headers=NDJSON)
+    assert rest.status_code == 201, rest.text
+    assert await stored_datas(client, topic) == datas(6)
+
+
+async def test_every_line_a_failover_lost_of_an_ingest_without_a_key_is_told_lost(
+    broker: BrokerProcess, client: httpx.AsyncClient, redis_admin: redis.Redis
+) -> None:
+    """A failover that lost each append of an ingest with no Idempotency-Key (lines 1-2,
+    sent apart): the log kept (it held an event before), and the ingest is told the
+    lines after line 0 are lost, all of them."""
+    topic, lines = new_topic(), body_of(3)
+    other = await client.post(f"/topics/{topic}/events", json={"data": "other"})
+    assert other.status_code == 201, other.text
+    before_1 = await IngestAppends.read(redis_admin, topic, None)
+    ingest = await open_ingest(broker, topic, None, "lean")
+    await ingest.send(lines[0])
+    await await_until(lambda: stored_is(client, topic, ["other", "t1"]), timeout=5, what="1")
+    await ingest.send(lines[1])  # (a second append)
+    await await_until(lambda: stored_is(client, topic, ["other", *datas(2)]), timeout=5, what="2")
+    await before_1.lose_since(redis_admin, 2)  # the failover
+    await ingest.send(lines[2])
+    try:
+        answer = await ingest.answer(timeout=5)  # (the body still coming)
+    finally:
+        ingest.cut()
+    assert answer.status == 503, answer.body
+    problem = json.loads(answer.body)
+    assert problem["type"] == "/problems#ingest-lines-lost", problem
+    assert "the lines after line 0 are lost;" in problem["detail"], problem
+    assert await stored_datas(client, topic) == ["other"]
+
+
 async def test_every_line_a_failover_lost_mid_body_ends_the_ingest_too(
     broker: BrokerProcess, client: httpx.AsyncClient, redis_admin: redis.Redis
 ) -> None:
@@ -428,10 +491,10 @@ async def test_every_line_a_failover_lost_mid_body_ends_the_ingest_too(
     assert await stored_datas(client, topic) == ["other", *datas(3)]
 
 
-async def open_ingest(broker: BrokerProcess, topic: str, key: str, route: str) -> RawIngest:
+async def open_ingest(broker: BrokerProcess, topic: str, key: str | None, route: str) -> RawIngest:
     """An ingest on the lean route, or on the ASGI route: behind a request uvicorn's own
-    protocol reads (as in test_ingest)."""
-    headers = {"Idempotency-Key": key}
+    protocol reads (as in test_ingest). ``key`` None: without an Idempotency-Key."""
+    headers = {} if key is None else {"Idempotency-Key": key}
     if route == "lean":
         return await RawIngest.open(broker, topic, headers=headers)
     reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)

@@ -373,6 +373,65 @@ async def test_an_ingest_whose_every_line_a_failover_lost_stores_no_more(
     assert [e.data_text for e in entries] == ["other", "l1", "l2", "l3"]
 
 
+async def test_an_ingest_without_a_key_whose_newest_lines_a_failover_lost_stores_no_more(
+    store: RedisStreamStore, topic: str
+) -> None:
+    """No Idempotency-Key, so no line records: each append names the entry its request
+    stored last (``after_entry``), which must still be in the log. A failover that lost
+    lines 4-5 let line 6 be stored after 3, in silence; now it is refused, nothing
+    stored, and so is the close."""
+    kept = [await keyless_line(store, topic, 1)]
+    for n in (2, 3):
+        kept.append(await keyless_line(store, topic, n, after=kept[-1]))
+    before_4 = await IngestAppends.read(store._client, topic, None)
+    lost = [await keyless_line(store, topic, 4, after=kept[-1])]
+    lost.append(await keyless_line(store, topic, 5, after=lost[-1]))
+    await before_4.lose_since(store._client, 2)  # the failover
+    with pytest.raises(LinesLost):
+        await keyless_line(store, topic, 6, after=lost[-1])
+    with pytest.raises(LinesLost):
+        await store.append(
+            topic, [], close=True, log_epoch=kept[0].epoch, after_entry=lost[-1].position
+        )
+    state = await store.state(topic)
+    assert (state.length, state.end) == (3, None)
+    # (an ingest whose last entry is kept goes on)
+    assert (await keyless_line(store, topic, 4, after=kept[-1])).epoch == kept[0].epoch
+
+
+@pytest.mark.parametrize("url_kind", ["embedded", "redis"])
+async def test_an_ingest_without_a_key_goes_on_after_retention_removed_its_last_entry(
+    url_kind: str, redis_server: RedisServer, topic: str
+) -> None:
+    """Retention is no loss: the entry an ingest stored last, trimmed since (MAXLEN 1,
+    another writer's events after it), does not stop it. Its own appends never trim it:
+    the newest entry stays."""
+    url = None if url_kind == "embedded" else redis_server.url
+    store = open_store(url, retention_maxlen=1)
+    try:
+        last = await keyless_line(store, topic, 1)
+        for n in range(2, 40):  # (past the trim slack: each append trims)
+            last = await keyless_line(store, topic, n, after=last)
+        for n in range(40):
+            await store.append(topic, events(f"other{n}"))
+        assert (await store.state(topic)).trimmed_through >= last.position
+        after = await keyless_line(store, topic, 40, after=last)
+        assert after.epoch == last.epoch
+    finally:
+        await store.close()
+
+
+async def keyless_line(
+    store: RedisStreamStore, topic: str, n: int, after: EventId | None = None
+) -> EventId:
+    """Line n of an ingest without an Idempotency-Key, appended as the ingest appends it:
+    in the log of its first line, after the entry it stored last (``after``)."""
+    epoch = after.epoch if after is not None else None
+    position = after.position if after is not None else (0, 0)
+    result = await store.append(topic, events(f"l{n}"), log_epoch=epoch, after_entry=position)
+    return result.ids[0]
+
+
 async def ingest_line(
     store: RedisStreamStore, topic: str, n: int, epoch: str = "", after: EventId | None = None
 ) -> EventId:
