@@ -5,6 +5,7 @@ Everything below the edge takes plain arguments built from this object.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -167,6 +168,25 @@ class Settings(BaseSettings):
                 f"makes a stream's reconnect up to {longest} bytes of head (its topics in "
                 f"the URL and in Last-Event-ID), over BROKER_MAX_HEAD_BYTES="
                 f"{self.max_head_bytes}: raise BROKER_MAX_HEAD_BYTES to {longest} at least"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ingests_pause_within_the_window(self) -> Settings:
+        """An ingest's line records answer for the idempotency window after its last
+        line; a streaming ingest may pause up to the body timeout between lines. One
+        that paused past the window began a new ingest at its next line, and a resend
+        then stored its early lines again (audit). Twice the pause: the idle deadline
+        fires up to an eighth late, and the store takes its time to answer."""
+        shortest = 2 * self.body_timeout_seconds
+        if self.idempotency_seconds < shortest:
+            raise ValueError(
+                f"BROKER_IDEMPOTENCY_SECONDS={self.idempotency_seconds} is shorter than twice "
+                f"BROKER_BODY_TIMEOUT_SECONDS={self.body_timeout_seconds:g}, the longest "
+                "pause of a streaming ingest between two lines: one that paused that long "
+                "would begin anew, and its resend store its first lines twice; raise "
+                f"BROKER_IDEMPOTENCY_SECONDS to {math.ceil(shortest)} at least, or lower "
+                "BROKER_BODY_TIMEOUT_SECONDS"
             )
         return self
 

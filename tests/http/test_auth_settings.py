@@ -111,6 +111,20 @@ def test_a_setting_it_cannot_use_stops_the_broker(env: dict[str, str], named: st
     assert SECRET not in result.stderr, "the secret is in the error"
 
 
+def test_an_idempotency_window_an_ingests_pause_outlasts_stops_the_broker() -> None:
+    """A streaming ingest may pause BROKER_BODY_TIMEOUT_SECONDS between lines: one that
+    paused past BROKER_IDEMPOTENCY_SECONDS began a new ingest record at its next line,
+    and its resend stored its first lines twice. Refused at start, naming both."""
+    result = _serve({"BROKER_IDEMPOTENCY_SECONDS": "59", "BROKER_BODY_TIMEOUT_SECONDS": "30"})
+    assert result.returncode != 0, result.stderr
+    assert "BROKER_IDEMPOTENCY_SECONDS=59" in result.stderr, result.stderr
+    assert "BROKER_BODY_TIMEOUT_SECONDS=30" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    # Twice the pause is enough (and the defaults, an hour and 30 s, are).
+    Settings(idempotency_seconds=60, body_timeout_seconds=30)
+    Settings()
+
+
 def test_an_unreadable_key_file_stops_the_broker(tmp_path: Path) -> None:
     key_file = tmp_path / "public.pem"
     key_file.write_text(RSA_PEM)
