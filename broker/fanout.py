@@ -87,6 +87,8 @@ class Hub:
         self._topics_version = 0  # bumped whenever a topic starts
         self._armed_version = 0  # the version the running read was armed with
         self._unvalidated: set[str] = set()  # topics to check after an outage
+        # (those of them whose entries did not follow, in number, the last one read)
+        self._numbers_broke: set[str] = set()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._wake_task: asyncio.Task[None] | None = None
@@ -361,7 +363,9 @@ class Hub:
             if entries
         }  # (once per topic of the read: this runs for every live read)
         broken = {t for t in unread if t in self._feeds}
-        broken |= {topic for topic, follow in follows.items() if follow is False}
+        numbers_broke = {topic for topic, follow in follows.items() if follow is False}
+        self._numbers_broke |= numbers_broke
+        broken |= numbers_broke
         self._unvalidated |= broken
         for topic in broken | unread.keys():
             batches.pop(topic, None)
@@ -429,6 +433,7 @@ class Hub:
                 if topic in self._feeds:
                     started.append(self._ask_state(topic))
         self._unvalidated &= set(self._feeds) | self._revalidating.keys()
+        self._numbers_broke &= self._unvalidated
         if not (started and self._outage_began):
             return  # asked again later: the answers join the reads as they come
         self._outage_began = False
@@ -444,7 +449,7 @@ class Hub:
         feed = self._feeds[topic]
         if feed.epoch is not None and feed.position != (0, 0):
             # (and whether the log still holds what the reader read: lua/state.lua)
-            asking = self._store.revalidate(topic, feed.epoch, feed.position)
+            asking = self._store.revalidate(topic, feed.epoch, feed.position, feed.number)
         else:
             asking = self._store.state(topic)
         asked = asyncio.ensure_future(asking)
@@ -470,6 +475,8 @@ class Hub:
         self._rearm()  # the running read (or the wait for a topic to read) must name it
 
     def _revalidate_feed(self, topic: str, feed: _Feed, state: LogState) -> None:
+        numbers_broke = topic in self._numbers_broke
+        self._numbers_broke.discard(topic)
         if state.epoch == feed.epoch:
             # AOF everysec may have lost the last second: read on from what is there.
             if state.lost_after is not None:
@@ -490,6 +497,16 @@ class Hub:
                 # where it was, it would find them missing again).
                 log.warning("topic %s: retention trimmed past the live reader", topic)
                 feed.position, feed.number = state.trimmed_through, None
+                self._reset_subscribers(feed, topic)
+            elif numbers_broke:
+                # Its log holds what it read and retention removed nothing after it,
+                # yet the next entry does not follow: another instance's reader found
+                # that the log lost entries this one never read (its primary changed
+                # first: a failover), recorded where, and numbered on past them
+                # (lua/state.lua). Its subscribers judge their cursors again: a replay
+                # tells them there. (Read on from here, unnumbered: not looked at again.)
+                log.warning("topic %s: its log lost events another instance read", topic)
+                feed.number = None
                 self._reset_subscribers(feed, topic)
             return
         log.warning("topic %s: its log changed under the live reader", topic)

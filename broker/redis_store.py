@@ -633,10 +633,13 @@ class RedisStreamStore:
     async def state(self, topic: str) -> LogState:
         return await self._reads.run(("state", topic), lambda: self._state(topic))
 
-    async def revalidate(self, topic: str, epoch: str, read_through: StreamPosition) -> LogState:
+    async def revalidate(
+        self, topic: str, epoch: str, read_through: StreamPosition, number: int | None = None
+    ) -> LogState:
         """The state, and whether the log lost events the live reader read (see
         lua/state.lua): not coalesced with ``state``, whose readers ask no such thing."""
-        return await self._state(topic, [epoch, format_stream_id(read_through)])
+        read_number = "" if number is None else str(number)
+        return await self._state(topic, [epoch, format_stream_id(read_through), read_number])
 
     async def _state(self, topic: str, reader: list[str] | None = None) -> LogState:
         keys = [c.log_key(topic), c.meta_key(topic)]

@@ -101,12 +101,16 @@ class Store(Protocol):
         """The log's epoch, extent and retention point, read atomically."""
         ...
 
-    async def revalidate(self, topic: str, epoch: str, read_through: StreamPosition) -> LogState:
+    async def revalidate(
+        self, topic: str, epoch: str, read_through: StreamPosition, number: int | None = None
+    ) -> LogState:
         """``state``, for a live reader back after an outage that had read the log of
-        ``epoch`` through ``read_through``: if that log no longer holds that entry and
-        retention did not remove it, the log lost events; the same atomic step records
-        it (replays that go on past it say so: ``LogPage.losses``) and the state
-        says after which entry (``LogState.lost_after``)."""
+        ``epoch`` through ``read_through`` (entry ``number`` of it, if known): if that log
+        no longer holds that entry and retention did not remove it, the log lost events;
+        the same atomic step records it (replays that go on past it say so:
+        ``LogPage.losses``), numbers the log's next entry past ``number`` (so that another
+        reader, which never read the lost ones, sees the next entry not follow what it
+        read) and the state says after which entry (``LogState.lost_after``)."""
         ...
 
     async def ping(self) -> None:

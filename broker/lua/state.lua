@@ -3,7 +3,8 @@
 -- events (appends apply it otherwise). A closed topic keeps its end.
 -- KEYS[1] log stream, KEYS[2] meta hash; ARGV[1] max age in ms (0: none).
 -- A live reader back after an outage also gives ARGV[2], the epoch of the log it read,
--- and ARGV[3], the newest id it read: if that log no longer holds that entry, and
+-- ARGV[3], the newest id it read, and ARGV[4], that entry's number in the log ('' when
+-- not known): if that log no longer holds that entry, and
 -- retention did not remove it, the log lost events (an asynchronous failover, an
 -- AOF's lost second). The loss is recorded here, in the same step (`lost_after`: the
 -- newest entry kept before it), so that a client that was away before the lost
@@ -69,6 +70,16 @@ if read_through and fields[1] == ARGV[2] and before(trimmed or '0-0', read_throu
   table.sort(places, before)
   while #places > MAX_LOSSES do table.remove(places, 1) end
   redis.call('HSET', meta, 'lost_after', table.concat(places, ' '))
+  -- Numbers the reader read must never be issued again either: another instance's
+  -- reader that was past the primary change before these entries were written never
+  -- read them, and would take the next entry for the one after what it read, passing
+  -- the loss in silence. Numbered on past them, that entry does not follow: that
+  -- reader looks again (fanout.py), and its subscribers are told here (range.lua).
+  local read_number = tonumber(ARGV[4] or '')
+  if read_number and read_number > (tonumber(fields[7]) or 0) then
+    redis.call('HSET', meta, 'n', read_number)
+    fields[7] = tostring(read_number)
+  end
   -- Ids the reader read must never be issued again: a primary whose clock is behind
   -- the lost entries would give new events their ids, and a client back with one
   -- would resume after it as if it were the same event, passing the rest in silence.

@@ -1496,3 +1496,59 @@ async def test_a_stream_from_now_after_a_delete_is_not_told_of_it_and_gets_the_n
     finally:
         subscription.close()
     assert numbers(events) == [1] and not gaps(events)
+
+
+async def test_a_loss_another_instance_found_is_told_to_a_reader_that_never_read_it(
+    redis_broker: Broker, redis_server: RedisServer, topic: str
+) -> None:
+    """Sentinel failovers (found by tests/soak/failover_hunt.py): instance B's connections
+    moved to the new primary first; instance A, still on the old one a moment more,
+    appended there and its reader read what it appended, lost when the old primary was
+    demoted. A's reader, on the new primary, found and recorded the loss; B's reader
+    never read those events, and numbered 1, 2 it took the next entry, numbered 3
+    again on the new primary, for the one after what it read: B's live subscribers
+    went past the loss told nothing. The loss numbers the log on past what A read:
+    B's reader sees the next entry not follow, and its subscribers are told."""
+    _, kept = await publish(redis_broker, topic, range(2))
+    on_a = await redis_broker.subscribe({topic: kept})
+    a_chunks = on_a.chunks()
+    other = Broker(open_store(redis_server.url), limits=BrokerLimits(heartbeat_seconds=0.3))
+    await other.start()
+    store: Any = redis_broker.store
+    back, away, original_read = asyncio.Event(), asyncio.Event(), store.read_live
+
+    async def read_that_breaks(*args: Any) -> Any:  # (A's connection to the old primary)
+        store.read_live = original_read
+        away.set()
+        await back.wait()
+        raise StoreUnavailable("the primary moved")
+
+    on_b: Subscription | None = None
+    try:
+        [lost] = await publish(redis_broker, topic, range(2, 3))
+        await collect(a_chunks, lambda ev: 2 in numbers(ev))  # A's reader read it
+        store.read_live = read_that_breaks
+        await store.interrupt_live_read()
+        await asyncio.wait_for(away.wait(), 2 * c.LIVE_BLOCK_MS / 1000)
+        async with redis.Redis.from_url(redis_server.url) as admin:
+            # The new primary: it lacks the lost event and its number.
+            await admin.xdel(c.log_key(topic), format_stream_id(lost.position))
+            await admin.hincrby(c.meta_key(topic), "n", -1)
+        on_b = await other.subscribe({topic: kept})  # live on B, past where the loss is
+        reading_b = asyncio.create_task(
+            collect(on_b.chunks(), lambda ev: 3 in numbers(ev), timeout=15)
+        )
+        await await_until(lambda: on_b.is_live, timeout=5, what="B live", worker=reading_b)
+        back.set()
+        told_on_a = await collect(a_chunks, lambda ev: bool(gaps(ev)), timeout=8)
+        assert [g.json["reason"] for g in gaps(told_on_a)] == ["unknown"]  # type: ignore[index]
+        await publish(other, topic, range(3, 4))
+        events = await reading_b
+    finally:
+        on_a.close()
+        if on_b is not None:
+            on_b.close()
+        await other.close()
+    [gap] = gaps(events)
+    assert gap.json["reason"] == "unknown" and gap.json["resumed_after"] == str(kept)  # type: ignore[index]
+    assert numbers(events) == [3] and events.index(gap) == 0
