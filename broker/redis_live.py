@@ -12,7 +12,6 @@ import logging
 import math
 from typing import Any, NamedTuple
 
-import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
@@ -24,6 +23,12 @@ from broker.model import LogEntry
 from broker.observer import Observer
 from broker.redis_checks import is_misconfiguration
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections
+from broker.redis_packing import (
+    array_count,
+    packed_bytes,
+    packed_stream_id,
+    packed_without_count,
+)
 from broker.redis_raw import RawConnection
 from broker.redis_slots import LiveRead, MigratingReads
 
@@ -41,6 +46,7 @@ XREAD_SHORT_HEAD = (
     c.LIVE_BLOCK_UNINTERRUPTIBLE_MS,
     "STREAMS",
 )
+_PACKED_HEADS = {head: packed_without_count(head) for head in (XREAD_HEAD, XREAD_SHORT_HEAD)}
 _LOG_KEY_HEAD = len(f"{c.KEY_PREFIX}:{{")
 _LOG_KEY_TAIL = len("}:log")
 
@@ -64,9 +70,10 @@ class _RawLink:
     async def open(self) -> None:
         await self._connection.open()
 
-    async def call(self, command: tuple[Any, ...]) -> Any:
-        """The reply as Redis sent it (an error reply as an exception instance)."""
-        [reply] = await self._connection.exchange([hiredis.pack_command(command)])
+    async def call(self, command: bytes) -> Any:
+        """The reply to a command packed already, as Redis sent it (an error reply as an
+        exception instance)."""
+        [reply] = await self._connection.exchange([command])
         return reply
 
     async def close(self) -> None:
@@ -171,6 +178,15 @@ def _as_sent(response: Any, **options: Any) -> Any:
     return response
 
 
+def _packed_id(raw_id: object, position: StreamPosition) -> bytes:
+    """The id of an entry read, packed: from its bytes as Redis sent them, which it
+    writes as ``format_stream_id`` does (``<ms>-<seq>`` in decimal), or else from
+    its position."""
+    if type(raw_id) is bytes:
+        return packed_bytes(raw_id)
+    return packed_stream_id(position)
+
+
 _Link = _RawLink | _ClientLink
 
 
@@ -181,13 +197,25 @@ class _Lane:
     only when it returned, or when the keys or positions it should name changed.
     """
 
-    __slots__ = ("armed", "connection", "task", "topics")
+    __slots__ = ("armed", "connection", "order", "packed_keys", "task", "topics")
 
     def __init__(self, connection: _Link) -> None:
         self.connection = connection
         self.topics: set[str] = set()
         self.armed: dict[str, StreamPosition] = {}  # what the running read names, from where
         self.task: asyncio.Task[Any] | None = None
+        # The order its read names its topics in, and their keys packed in it (raw
+        # links): kept while its topics stay, so a read re-armed joins them as they are.
+        self.order: tuple[str, ...] = ()
+        self.packed_keys: bytes | None = None  # None: its topics changed since
+
+    def join(self, topic: str) -> None:
+        self.topics.add(topic)
+        self.packed_keys = None
+
+    def leave(self, topic: str) -> None:
+        self.topics.discard(topic)
+        self.packed_keys = None
 
 
 class LiveReader:
@@ -224,8 +252,12 @@ class LiveReader:
         self._raw = raw
         self._lanes = [self._new_lane(reader)]
         self._log_keys: dict[str, str] = {}  # each live topic's stream key, formatted once
+        self._packed_keys: dict[str, bytes] = {}  # ... and packed for Redis, once
         self._lane_of: dict[str, _Lane] = {}
         self._last: dict[str, StreamPosition] = {}  # the topics and positions of the last read
+        # Each of ``_last``'s positions packed for Redis, moved with it: a read re-armed
+        # joins what is packed here rather than format and pack every id again.
+        self._packed_ids: dict[str, bytes] = {}
         self._dirty: set[_Lane] = set()  # lanes whose keys or positions changed since armed
         self._wake: asyncio.Event | None = None  # set while a read waits
         self._xread_head = XREAD_HEAD  # with a short block when reads cannot be unblocked
@@ -288,25 +320,30 @@ class LiveReader:
         (set operations on dict views, one dict comparison) and allocates only for
         what changed: ``_last`` already holds where the lanes' reads moved the
         positions to (``_collect``), so it equals ``streams`` unless a position
-        moved otherwise (a topic expired: rare). Keys and ids are formatted for
-        Redis only when a lane is armed, for its own topics.
+        moved otherwise (a topic expired: rare). A key is formatted and packed for
+        Redis once, when its topic comes; an id when its position moves (here, or
+        in ``_collect``), so ``_packed_ids`` always packs ``_last``'s positions.
         """
-        last = self._last
+        last, packed_ids = self._last, self._packed_ids
+        if streams == last:
+            return  # (as after most reads: nothing came, went or moved otherwise)
         for key in last.keys() - streams.keys():
-            del last[key]
-            del self._log_keys[key]
+            del last[key], self._log_keys[key], self._packed_keys[key], packed_ids[key]
             lane = self._lane_of.pop(key)
-            lane.topics.discard(key)
+            lane.leave(key)
             if not lane.topics:
                 self._dirty.add(lane)  # its read is ended, and the lane closed
         for key in streams.keys() - last.keys():
-            last[key] = streams[key]
-            self._log_keys[key] = c.log_key(key)
+            position = last[key] = streams[key]
+            packed_ids[key] = packed_stream_id(position)
+            log_key = self._log_keys[key] = c.log_key(key)
+            self._packed_keys[key] = packed_bytes(log_key.encode())
             lane = self._lane_of[key] = self._lane_with_room()
-            lane.topics.add(key)
+            lane.join(key)
             self._dirty.add(lane)
         if streams != last:
-            for key, _position in streams.items() - last.items():
+            for key, position in streams.items() - last.items():
+                packed_ids[key] = packed_stream_id(position)
                 self._dirty.add(self._lane_of[key])
         self._last = dict(streams)  # ours to move on in _collect; the caller's stays as given
 
@@ -328,16 +365,35 @@ class LiveReader:
             if lane.task is None:
                 self._dirty.discard(lane)
                 if lane.topics:
-                    lane.armed = {topic: streams[topic] for topic in lane.topics}
-                    lane.task = asyncio.create_task(self._xread(lane, lane.armed))
+                    lane.armed = self._positions_of(lane, streams)
+                    packed = self._packed_streams(lane) if self._raw else None
+                    lane.task = asyncio.create_task(self._xread(lane, lane.armed, packed))
             elif lane in self._dirty:
-                wanted = {topic: streams[topic] for topic in lane.topics}
+                wanted = self._positions_of(lane, streams)
                 # A key new to it, or moved back; or none left (ended, it is closed).
                 if wanted.items() - lane.armed.items() or not wanted:
                     stale |= not await self._unblock(lane)
                 else:
                     self._dirty.discard(lane)
         return stale
+
+    def _positions_of(
+        self, lane: _Lane, streams: dict[str, StreamPosition]
+    ) -> dict[str, StreamPosition]:
+        """The lane's topics and their positions, in the order its read names them
+        (made in C: this runs for every topic of a lane each time it is re-armed)."""
+        if lane.packed_keys is None:
+            lane.order = tuple(lane.topics)
+            lane.packed_keys = b"".join(map(self._packed_keys.__getitem__, lane.order))
+        order = lane.order
+        return dict(zip(order, map(streams.__getitem__, order), strict=True))
+
+    def _packed_streams(self, lane: _Lane) -> bytes:
+        """The arguments after ``STREAMS`` of the lane's read, packed: its keys, as
+        packed when its topics last changed, then each one's id, packed when its
+        position last moved (``_positions_of`` has just ordered them)."""
+        assert lane.packed_keys is not None
+        return lane.packed_keys + b"".join(map(self._packed_ids.__getitem__, lane.order))
 
     async def _close_idle_lanes(self) -> None:
         """Close the extra lanes left with no topic and no read: once a burst of live
@@ -392,19 +448,32 @@ class LiveReader:
                     batch = [LogEntry.from_redis(topic, i, f) for i, f in entries]
                     batches[topic] = batch
                     # Where the hub's next read will start this topic (see _place).
-                    self._last[topic] = batch[-1].position
+                    position = self._last[topic] = batch[-1].position
+                    self._packed_ids[topic] = _packed_id(entries[-1][0], position)
         return batches
 
-    async def _xread(self, lane: _Lane, positions: dict[str, StreamPosition]) -> list[Any]:
-        """The XREAD's reply as Redis sent it, as [(key, [[id, [field, value, ...]], ...]), ...]."""
-        keys = self._log_keys
-        command: tuple[Any, ...] = (
-            *self._xread_head,
-            *[keys[topic] for topic in positions],
-            *[format_stream_id(position) for position in positions.values()],
-        )
+    async def _xread(
+        self, lane: _Lane, positions: dict[str, StreamPosition], packed_streams: bytes | None
+    ) -> list[Any]:
+        """The XREAD's reply as Redis sent it, as [(key, [[id, [field, value, ...]], ...]), ...].
+
+        ``packed_streams``: its keys and ids packed already, for a raw link; else the
+        command is made of ``positions`` for redis-py (fakeredis)."""
+        head = self._xread_head  # (taken when the read starts: it may have just been shortened)
+        command: bytes | tuple[Any, ...]
+        if packed_streams is not None:
+            size = len(head) + 2 * len(positions)
+            command = array_count(size) + _PACKED_HEADS[head] + packed_streams
+        else:
+            keys = self._log_keys
+            command = (
+                *head,
+                *[keys[topic] for topic in positions],
+                *[format_stream_id(position) for position in positions.values()],
+            )
         try:
-            reply = await lane.connection.call(command)
+            # (bytes for a raw link, a tuple for a client link: as ``_arm`` packed it)
+            reply = await lane.connection.call(command)  # type: ignore[arg-type]
         except REDIS_FAILURES as error:
             await drop_idle_connections(self._commands)
             raise StoreUnavailable(f"live read failed: {error}") from error
@@ -446,6 +515,7 @@ class LiveReader:
                 await lane.connection.close()
         self._lanes = [_Lane(self._lanes[0].connection)]  # (it reconnects when next used)
         self._lane_of, self._last, self._dirty, self._log_keys = {}, {}, set(), {}
+        self._packed_keys, self._packed_ids = {}, {}
 
     def take_unread_spells(self) -> dict[str, float]:
         """One connection reads every topic: none goes unread while the others are read."""

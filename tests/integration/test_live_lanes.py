@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+import hiredis
 import pytest
 import redis.asyncio as redis
 
@@ -32,18 +33,29 @@ def _topics(count: int) -> list[str]:
 
 @pytest.fixture
 def xread_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The number of keys each XREAD named, in order (on either kind of lane link)."""
+    """The number of keys each XREAD named, in order (on either kind of lane link: a raw
+    one is sent the command packed, a client one its arguments)."""
     named: list[int] = []
+    head = redis_live.XREAD_HEAD
     for link in (redis_live._RawLink, redis_live._ClientLink):
         original = link.call
 
-        async def counting(self: Any, command: tuple[Any, ...], original: Any = original) -> Any:
-            if command[: len(redis_live.XREAD_HEAD)] == redis_live.XREAD_HEAD:
-                named.append((len(command) - len(redis_live.XREAD_HEAD)) // 2)
+        async def counting(self: Any, command: Any, original: Any = original) -> Any:
+            arguments = _unpacked(command) if isinstance(command, bytes) else command
+            if tuple(arguments[: len(head)]) in (head, tuple(str(a).encode() for a in head)):
+                named.append((len(arguments) - len(head)) // 2)
             return await original(self, command)
 
         monkeypatch.setattr(link, "call", counting)
     return named
+
+
+def _unpacked(command: bytes) -> list[bytes]:
+    """A packed command's arguments (an array of bulk strings, read as a reply is)."""
+    reader = hiredis.Reader()
+    reader.feed(command)
+    arguments: list[bytes] = reader.gets()
+    return arguments
 
 
 async def _read_until(

@@ -5,22 +5,26 @@ checks) or the code before the shortcut, kept here as the reference."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import random
 import re
-from typing import Any
+from typing import Any, cast
 
+import hiredis
 import orjson
 import pytest
+from redis.exceptions import ResponseError
 
 from api.lean_ingest import ChunkedBody
 from broker import constants as c
 from broker import validation
-from broker.errors import BrokerError
-from broker.ids import EventId, parse_stream_id
+from broker.errors import BrokerError, StoreUnavailable
+from broker.ids import EventId, format_stream_id, parse_stream_id
 from broker.model import AppendResult, LiveBatch, LogEntry, NewEvent
 from broker.policy import Retention
+from broker.redis_live import XREAD_HEAD, LiveReader, _Lane
 from broker.redis_store import _parse_answer
 from broker.validation import event_from_json, loads_exactly
 
@@ -349,3 +353,169 @@ def test_a_batch_of_one_entry_is_what_the_general_way_made_of_it() -> None:
         assert (batch.topic, batch.first, batch.last_id, batch.ends) == (
             "t", entries[0].position, entries[-1].id, entries[-1].is_control,
         )  # fmt: skip
+
+
+# -- The live reader's XREAD: joined from pieces packed as topics come and positions move -------
+
+
+def _xread_before(head: tuple[Any, ...], armed: dict[str, tuple[int, int]]) -> bytes:
+    """The XREAD as the live reader packed it before it joined kept pieces (d7260c8): its
+    topics' keys and ids formatted again at every read, packed by hiredis."""
+    command = (
+        *head,
+        *[c.log_key(t) for t in armed],
+        *[format_stream_id(p) for p in armed.values()],
+    )
+    packed: bytes = hiredis.pack_command(command)
+    return packed
+
+
+def _arguments(packed: bytes) -> list[bytes]:
+    """A packed command read back (a command is an array of bulk strings, as a reply can be)."""
+    reader = hiredis.Reader()
+    reader.feed(packed)
+    arguments: list[bytes] = reader.gets()
+    assert reader.gets() is False  # (one command, whole, nothing after it)
+    return arguments
+
+
+class _ScriptedLink:
+    """A raw lane's link to no server: it checks each XREAD it is sent against what the
+    hub asked, and answers with entries after the positions asked for some of the
+    keys; or holds the read until it is unblocked (nil), or refuses it (an error)."""
+
+    def __init__(self, hub: _Hub, client_id: int) -> None:
+        self.hub = hub
+        self.client_id = client_id
+        self.held: asyncio.Event | None = None
+
+    async def call(self, command: bytes) -> Any:
+        hub = self.hub
+        [lane] = [lane for lane in hub.reader._lanes if lane.connection is cast(Any, self)]
+        arguments = _arguments(command)
+        keys_and_ids = arguments[len(XREAD_HEAD) :]
+        keys, ids = keys_and_ids[: len(lane.topics)], keys_and_ids[len(lane.topics) :]
+        named = dict(zip(keys, ids, strict=True)) if len(keys) == len(ids) else None
+        # The positions the hub asked, each topic of the lane once (none lost, none
+        # repeated), packed as before. Told to the test, not raised: the reader takes
+        # an exception in a read for a failed read, and the hub reads again.
+        asked = {
+            c.log_key(t).encode(): format_stream_id(hub.positions[t]).encode() for t in lane.topics
+        }
+        if command != _xread_before(XREAD_HEAD, lane.armed) or named != asked:
+            hub.wrong.append((command, asked))
+            return ResponseError("not what the hub asked")
+        hub.reads += 1
+        pick = hub.rng.random()
+        if pick < 0.05:
+            return ResponseError("LOADING")  # the read fails: every lane reset
+        if pick < 0.3:
+            self.held = asyncio.Event()
+            await self.held.wait()  # until CLIENT UNBLOCK
+            self.held = None
+            return None
+        return [
+            [key, hub.entries_after(parse_stream_id(ids[n]))]
+            for n, key in enumerate(keys)
+            if hub.rng.random() < 0.5
+        ] or None
+
+    def unblock(self) -> bool:
+        if self.held is None:
+            return False  # (its read has not started yet: asked again soon)
+        self.held.set()
+        return True
+
+    async def close(self) -> None:
+        if self.held is not None:
+            self.held.set()
+
+
+class _Hub:
+    """What the hub does with the live reader, topics coming, going and moving at random."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.positions: dict[str, tuple[int, int]] = {}
+        self.reads = 0  # the reads that named what the hub asked
+        self.wrong: list[tuple[bytes, dict[bytes, bytes]]] = []  # the others: what, and what not
+        self.links: list[_ScriptedLink] = []
+        self.reader = _ScriptedReader(self)
+
+    def new_link(self) -> _ScriptedLink:
+        self.links.append(_ScriptedLink(self, len(self.links) + 1))
+        return self.links[-1]
+
+    async def client_unblock(self, client_id: int) -> bool:
+        return self.links[client_id - 1].unblock()
+
+    async def aclose(self) -> None:
+        """(the reader's client, closed with it)"""
+
+    def entries_after(self, position: tuple[int, int]) -> list[list[Any]]:
+        ms, seq = position
+        entries = []
+        for _ in range(self.rng.choice([1, 1, 2, 3])):
+            if self.rng.random() < 0.5 and ms < 2**64 - 1:
+                ms, seq = ms + self.rng.choice([1, 2**20, 2**40]), 0
+            else:
+                seq += 1
+            entries.append([b"%d-%d" % (ms, seq), [c.FIELD_DATA, b"tok"]])
+        return entries
+
+    def topic(self) -> str:
+        """Names of every length a topic may have, with ``:``, ``.`` and ``-`` (and some
+        a topic may not have: the packing is of any text, as hiredis'); each key is
+        Cluster-style, ``broker:{topic}:log``."""
+        n = self.rng.randrange(10**6)
+        return self.rng.choice([f"t{n}", f"a:b.c-{n}", f"{n}" + "x" * 190, f"é日本{n}"])
+
+    def position(self) -> tuple[int, int]:
+        rng = self.rng
+        return rng.choice([(0, 0), (rng.randrange(2**41), rng.randrange(4)), (2**64 - 1, 7)])
+
+    def churn(self) -> None:
+        """Topics come and go (sometimes many at once), and some positions move otherwise
+        than by a read (a topic expired, a batch not delivered: moved back or on)."""
+        rng = self.rng
+        for _ in range(rng.choice([0, 0, 1, 2, 12])):
+            self.positions[self.topic()] = self.position()
+        for topic in list(self.positions):
+            if rng.random() < 0.05:
+                del self.positions[topic]
+            elif rng.random() < 0.03:
+                self.positions[topic] = self.position()
+
+    def delivered(self, batches: dict[str, list[LogEntry]]) -> None:
+        for topic, entries in batches.items():
+            if self.rng.random() < 0.95:  # (else its subscribers left: read again from before)
+                self.positions[topic] = entries[-1].position
+
+
+class _ScriptedReader(LiveReader):
+    """A live reader whose lanes' links are scripted, several topics to a lane."""
+
+    def __init__(self, hub: _Hub) -> None:
+        self._hub = hub
+        hub.single_connection_client = True  # type: ignore[attr-defined]  # (lanes may grow)
+        super().__init__(cast(Any, hub), cast(Any, hub), lane_topics=3, max_lanes=4)
+
+    def _new_lane(self, client: Any = None) -> _Lane:
+        return _Lane(cast(Any, self._hub.new_link()))
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_a_live_read_names_what_the_hub_asks_packed_as_hiredis_packed_it(seed: int) -> None:
+    hub = _Hub(seed)
+    reader = hub.reader
+    try:
+        for _ in range(300):
+            hub.churn()
+            try:
+                hub.delivered(await reader.read(dict(hub.positions), block_ms=3))
+            except StoreUnavailable:
+                continue  # (the hub reads again from the positions it has)
+    finally:
+        await reader.close()
+    assert hub.wrong == []
+    assert hub.reads > 300
