@@ -18,10 +18,10 @@ changes one fails that test first, naming it and its user):
   ``RedisCluster.execute_command`` (async, overridden), ``.get_primaries()``;
 - ``redis_raw``: a pool's ``make_connection()``, a connection's ``connect()``
   and its ``_writer``/``_reader`` (the socket taken over), ``BaseParser.parse_error``;
-- ``redis_store``: ``AsyncScript.sha``/``.script`` (commands packed by
-  ``hiredis.pack_command``); ``Pipeline.execute(raise_on_error=)``; NOSCRIPT
-  raised as ``NoScriptError``;
-- ``redis_store`` and ``redis_live``: ``RedisCluster.nodes_manager.slots_cache``
+- ``redis_store``: ``AsyncScript.sha``/``.script`` (commands packed as
+  ``hiredis.pack_command`` does, by ``redis_packing``); ``Pipeline.execute(raise_on_error=)``;
+  NOSCRIPT raised as ``NoScriptError``;
+- ``redis_store`` and ``redis_live_cluster``: ``RedisCluster.nodes_manager.slots_cache``
   and ``.nodes_manager.initialize()`` (async), ``get_node_from_key``, ``keyslot``;
 - ``redis_options``: ``ConnectionPool.disconnect(inuse_connections=)`` (async).
 - ``redis_slots``: ``ClusterNode.acquire_connection()``, ``.release()``,

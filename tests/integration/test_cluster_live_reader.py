@@ -22,7 +22,7 @@ from broker import NewEvent
 from broker import constants as c
 from broker.ids import StreamPosition
 from broker.observer import Observer
-from broker.redis_live import ClusterLiveReader
+from broker.redis_live_cluster import ClusterLiveReader
 from broker.redis_open import open_store
 from tests.support.polling import await_until
 from tests.support.redis_topologies import RedisClusterGroup, wait_for
@@ -105,7 +105,7 @@ async def test_a_failing_node_is_logged_counted_and_refreshed_while_the_others_d
         refreshes.clear()
         a1 = await append(healthy, "a1")
 
-        with caplog.at_level(logging.WARNING, logger="broker.redis_live"):
+        with caplog.at_level(logging.WARNING, logger="broker.redis_live_cluster"):
             read = await store.read_live({healthy: a0, failing: b0}, block_ms=2000)
             assert [e.position for e in read[healthy]] == [a1], "the healthy node's entry"
             assert failing not in read, "the failed node's topic must keep its position"

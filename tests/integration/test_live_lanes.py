@@ -14,7 +14,7 @@ import hiredis
 import pytest
 import redis.asyncio as redis
 
-from broker import Broker, StoreUnavailable, redis_live
+from broker import Broker, StoreUnavailable, redis_live_links
 from broker import constants as c
 from broker.ids import StreamPosition
 from broker.model import NewEvent
@@ -36,8 +36,8 @@ def xread_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of keys each XREAD named, in order (on either kind of lane link: a raw
     one is sent the command packed, a client one its arguments)."""
     named: list[int] = []
-    head = redis_live.XREAD_HEAD
-    for link in (redis_live._RawLink, redis_live._ClientLink):
+    head = redis_live_links.XREAD_HEAD
+    for link in (redis_live_links.RawLink, redis_live_links.ClientLink):
         original = link.call
 
         async def counting(self: Any, command: Any, original: Any = original) -> Any:

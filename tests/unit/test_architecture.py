@@ -33,6 +33,8 @@ REDIS_MODULES = {
     "redis_store.py",
     "redis_raw.py",
     "redis_live.py",
+    "redis_live_cluster.py",
+    "redis_live_links.py",
     "redis_pools.py",
     "redis_options.py",
     "redis_open.py",
@@ -60,5 +62,6 @@ def test_the_store_and_its_live_reader_import_one_way() -> None:
     """The store takes its reader's types only; the reader knows nothing of the store."""
     store = broker_imports(CORE / "redis_store.py")
     assert store.get("broker.redis_live", set()) <= {"AnyLiveReader", "LiveReader", "LocalWrites"}
-    assert "broker.redis_store" not in broker_imports(CORE / "redis_live.py")
+    for reader in ("redis_live.py", "redis_live_cluster.py", "redis_live_links.py"):
+        assert "broker.redis_store" not in broker_imports(CORE / reader), reader
     assert "broker.redis_open" not in store, "the URL parser builds the store, not the reverse"

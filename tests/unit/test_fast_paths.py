@@ -24,7 +24,8 @@ from broker.errors import BrokerError, StoreUnavailable
 from broker.ids import EventId, format_stream_id, parse_stream_id
 from broker.model import AppendResult, LiveBatch, LogEntry, NewEvent
 from broker.policy import Retention
-from broker.redis_live import XREAD_HEAD, LiveReader, _Lane
+from broker.redis_live import LiveReader, _Lane
+from broker.redis_live_links import XREAD_HEAD
 from broker.redis_store import _parse_answer
 from broker.validation import event_from_json, loads_exactly
 

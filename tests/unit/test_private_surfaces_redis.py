@@ -37,11 +37,12 @@ from redis.exceptions import (
 
 POOLS = "broker/redis_pools.py"
 STORE = "broker/redis_store.py"
-LIVE = "broker/redis_live.py"
+LIVE = "broker/redis_live_cluster.py"
 OPTIONS = "broker/redis_options.py"
 OPEN = "broker/redis_open.py"
 RAW = "broker/redis_raw.py"
-LIVE_LINKS = "broker/redis_live.py (embedded store)"
+LIVE_LINKS = "broker/redis_live_links.py (embedded store)"
+PACKING = "broker/redis_packing.py"
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ def test_a_lost_script_is_a_response_error_of_its_own() -> None:
 
 
 def test_hiredis_packs_a_pipeline() -> None:
-    where = f"hiredis.pack_command (used by {STORE})"
+    where = f"hiredis.pack_command (used by {PACKING}: the store's appends, the live reads)"
     command: tuple[Any, ...] = ("EVALSHA", "ab", 1, "k", 2)  # as the store builds them
     packed = hiredis.pack_command(command)
     assert packed == b"*5\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$1\r\nk\r\n$1\r\n2\r\n", where
