@@ -20,7 +20,8 @@ from broker.errors import (
 from broker.ids import EventId, parse_last_event_id
 from broker.model import AppendResult, NewEvent
 from broker.redis_open import open_store
-from broker.subscription import ForeignCursor, StartFrom, SubscriberTooSlow, Subscription
+from broker.subscription import SubscriberTooSlow, Subscription
+from broker.subscription_replay import ForeignCursor, StartFrom
 
 __all__ = [
     "AppendResult",

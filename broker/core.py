@@ -27,7 +27,8 @@ from broker.origins import refresh_tick_s
 from broker.resume import Gap, earliest_point, resume_point
 from broker.sink import StreamSink
 from broker.store import Store
-from broker.subscription import StartFrom, Subscription
+from broker.subscription import Subscription
+from broker.subscription_replay import StartFrom
 from broker.validation import check_idempotency_key, check_topic
 
 log = logging.getLogger(__name__)
