@@ -153,6 +153,7 @@ class Ingest:
         self._max_event_bytes = max_event_bytes
         self._max_batch = max_batch
         self._idle_timeout = idle_timeout
+        self._append_timeout = append_timeout
         self.result = IngestResult(keep=max_batch)
         self._draining = draining
         self._watch = _Watch(idle=idle_timeout, store=append_timeout, draining=draining)
@@ -327,6 +328,10 @@ class Ingest:
                 after_entry=self._after_entry(),
             )
         except LogGone as gone:
+            # The store answered: what is read to tell the producer runs under a deadline
+            # of its own (``_keyless_lines_lost``), not the append's: the append's, firing
+            # meanwhile, cancelled it, and the producer got no answer at all.
+            self._watch.done()
             raise await self._told_lost(gone) from None
         except asyncio.CancelledError:
             if not self._watch.fired(_STORE):
@@ -377,8 +382,9 @@ class Ingest:
             "Idempotency-Key, the whole stream sent again stores the lines kept twice)"
         )
         try:
-            kept, exact = await self._last_line_kept()
-        except StoreUnavailable:
+            async with asyncio.timeout(self._append_timeout):  # (a read each: bounded whole)
+                kept, exact = await self._last_line_kept()
+        except (StoreUnavailable, TimeoutError):
             lost = f"line {self._last_line}, the last of them, is lost, and perhaps lines before it"
             detail = f"{head}; {lost} (the log could not be read to tell); {resend}"
             return LinesLost(detail, mid_body=not self._body_ended)

@@ -11,8 +11,10 @@ broker has already stored and one it is storing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import AsyncIterator
+from importlib import resources
 from typing import Any
 
 import httpx
@@ -26,6 +28,7 @@ from tests.support.broker_process import BrokerProcess
 from tests.support.failover import IngestAppends
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
+from tests.support.slow_redis_proxy import SlowRedisProxy
 from tests.support.sse import last_event_id, parse_sse, whole_blocks
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -428,6 +431,52 @@ async def test_lines_a_failover_lost_mid_body_end_an_ingest_without_a_key_naming
     rest = await client.post(f"/topics/{topic}/events", content=b"".join(lines[3:]), headers=NDJSON)
     assert rest.status_code == 201, rest.text
     assert await stored_datas(client, topic) == datas(6)
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_a_failover_loss_told_to_a_keyless_ingest_is_answered_when_its_log_reads_slowly(
+    private_redis: RedisServer, redis_admin: redis.Redis, route: str
+) -> None:
+    """The same failover, with the log slow to read back (its appends answered at once,
+    its replays late: a Redis busy with other clients' reads). To tell the producer the
+    last line kept, the ingest reads the log back, entry by entry, while its append's
+    deadline still ran: past it, the deadline cancelled the reads, and the cancellation
+    went out of the ingest whole; the producer, still sending, got no answer at all
+    (its connection left open, silent), and did not learn which lines to send again.
+    Now it is told its lines were lost (503 ingest-lines-lost), that the log could not
+    be read to tell which, and the connection closes."""
+    range_sha = hashlib.sha1(
+        resources.files("broker").joinpath("lua", "range.lua").read_text().encode()
+    ).hexdigest()
+    topic, lines = new_topic(), body_of(6)
+    with SlowRedisProxy(private_redis.port) as proxy:
+        env = {"BROKER_HEARTBEAT_SECONDS": "1", "BROKER_PUBLISH_TIMEOUT_SECONDS": "1"}
+        broker = BrokerProcess(redis_url=proxy.url, env=env).start()
+        try:
+            async with httpx.AsyncClient(base_url=broker.url, timeout=30) as client:
+                ingest = await open_ingest(broker, topic, None, route)
+                await ingest.send(b"".join(lines[:3]))
+                await await_until(lambda: stored_is(client, topic, datas(3)), timeout=5, what="3")
+                before_4 = await IngestAppends.read(redis_admin, topic, None)
+                await ingest.send(b"".join(lines[3:5]))
+                await await_until(lambda: stored_is(client, topic, datas(5)), timeout=5, what="5")
+                await before_4.lose_since(redis_admin, 2)  # the failover
+                proxy.slow_down(range_sha.encode(), 3)  # (each read of the log: past 1 s)
+                await ingest.send(lines[5])
+                try:
+                    answer = await ingest.answer(timeout=15)  # (the body still coming)
+                finally:
+                    ingest.cut()
+                proxy.normal()
+                assert proxy.held, "no read of the log was slowed"
+                assert answer.status == 503, answer.body
+                assert answer.headers["connection"] == "close"
+                problem = json.loads(answer.body)
+                assert problem["type"] == "/problems#ingest-lines-lost", problem
+                assert "could not be read to tell" in problem["detail"], problem
+                assert await stored_datas(client, topic) == datas(3)
+        finally:
+            broker.close()
 
 
 async def test_every_line_a_failover_lost_of_an_ingest_without_a_key_is_told_lost(
