@@ -8,6 +8,7 @@ process, naming the variable: ``api.settings.SettingsRefused``).
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,7 +32,7 @@ from api.metrics import PrometheusObserver, count_response, render_metrics
 from api.openapi import openapi_document
 from api.problems import HttpProblem, problem, problem_for
 from api.publish import PublishEndpoint
-from api.settings import Settings, settings_from_environment, split_list
+from api.settings import Settings, SettingsRefused, settings_from_environment, split_list
 from api.sse import EventStreamResponse, OpenStreams
 from broker import Broker, BrokerError, BrokerLimits, open_store
 from broker import constants as c
@@ -64,9 +65,31 @@ def build_broker(settings: Settings) -> Broker:
     return Broker(store, limits=limits, observer=observer)
 
 
+UVICORN_STARTUP_FAILURE = 3
+"""The exit status uvicorn takes for a worker that could not start (``uvicorn.config.
+STARTUP_FAILURE``): under ``--workers N`` its supervisor then stops, where it started
+any other worker that exited again, for ever."""
+
+
+def _settings_or_startup_failure() -> Settings:
+    """The settings of the environment; refused, the process exits as a uvicorn worker
+    that cannot start (``UVICORN_STARTUP_FAILURE``), the line said first (an exit status
+    given as a number prints nothing)."""
+    try:
+        return settings_from_environment()
+    except SettingsRefused as refused:
+        print(refused, file=sys.stderr, flush=True)
+        refused.code = UVICORN_STARTUP_FAILURE
+        raise
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
-    """The broker's HTTP service, with a lifespan that opens and closes the core."""
-    settings = settings or settings_from_environment()
+    """The broker's HTTP service, with a lifespan that opens and closes the core.
+
+    Without ``settings``, read from the ``BROKER_*`` variables: settings it cannot use
+    are said on stderr in one line, and raise ``SettingsRefused`` with that line, which
+    exits with uvicorn's status for a worker that cannot start."""
+    settings = settings or _settings_or_startup_failure()
     configure_logging(settings.log_level)
 
     @asynccontextmanager

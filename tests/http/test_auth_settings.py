@@ -26,9 +26,11 @@ def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return _run([str(BROKER_BIN), "serve", "--port", str(free_port())], env)
 
 
-def _uvicorn_factory(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _uvicorn_factory(
+    env: dict[str, str], options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     """``uvicorn --factory api.app:create_app``, as the README says to run it bare."""
-    factory = ["--factory", "api.app:create_app", "--port", str(free_port())]
+    factory = ["--factory", "api.app:create_app", "--port", str(free_port()), *options]
     return _run([sys.executable, "-m", "uvicorn", *factory], env)
 
 
@@ -180,6 +182,25 @@ def test_uvicorn_with_the_factory_refuses_bad_settings_in_one_line(
     assert "pydantic" not in result.stderr.lower(), result.stderr
     assert "Uvicorn running" not in result.stderr, "it started, settings refused or not"
     assert SECRET not in result.stderr, "the secret is in the error"
+
+
+def test_uvicorn_with_workers_stops_on_bad_settings_rather_than_restarting_them() -> None:
+    """``uvicorn --factory api.app:create_app --workers 2``: each worker reads the
+    settings, and one that exits is started again by uvicorn's supervisor, for ever (the
+    refusal printed again every half second), unless its exit status is uvicorn's for a
+    worker that cannot start (3). So it stops, said once per worker."""
+    env = {"BROKER_PUBLISH_TIMEOUT_SECONDS": "-1"}
+    try:
+        result = _uvicorn_factory(env, ("--workers", "2"))
+    except subprocess.TimeoutExpired as running:
+        said = (running.stderr or b"").decode(errors="replace")
+        refusals = said.count("BROKER_PUBLISH_TIMEOUT_SECONDS")
+        raise AssertionError(f"still running, refused {refusals} times: {said[-600:]}") from None
+    # (uvicorn's supervisor itself then exits with status 0: its own, not the workers')
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("broker: ")]
+    assert 1 <= len(refusals) <= 2, result.stderr
+    assert "BROKER_PUBLISH_TIMEOUT_SECONDS" in refusals[0], result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_create_app_keeps_the_traceback_of_anything_but_a_settings_error(
