@@ -90,21 +90,28 @@ def _read_as_usual(response: httpx.Response, resume: _Resume) -> Iterator[None]:
         timeouts["read"] = resume.read_timeout
     stream = response.extensions.get("network_stream")
     read = getattr(stream, "read", None)
-    if stream is None or read is None:
+    if stream is None or read is None or response.http_version != "HTTP/1.1":
+        # (over HTTP/2 the network stream is the connection's, read for every stream
+        # on it: its reads are not this body's alone to time)
         yield
         return
+    read_in_force: Any
     if inspect.iscoroutinefunction(read):
 
         async def read_in_force(max_bytes: int, timeout: float | None = None) -> Any:
             return await read(max_bytes, resume.read_timeout)
 
-        stream.read = read_in_force
     else:
-        stream.read = lambda max_bytes, timeout=None: read(max_bytes, resume.read_timeout)
+
+        def read_in_force(max_bytes: int, timeout: float | None = None) -> Any:
+            return read(max_bytes, resume.read_timeout)
+
+    stream.read = read_in_force
     try:
         yield
     finally:
-        del stream.read  # (the class's own again)
+        if vars(stream).get("read") is read_in_force:  # (never two at once over HTTP/1.1)
+            del stream.read  # (the class's own again)
 
 
 def _timeout(read_timeout: float | None) -> httpx.Timeout:

@@ -344,3 +344,45 @@ def test_heartbeats_close_together_do_not_shorten_a_learnt_read_timeout() -> Non
         now += step
         resume.heard(now)
         assert resume.read_timeout == 9.0
+
+
+class _NetworkStream:
+    """httpcore's network stream as the subscriber sees it: ``read(max_bytes, timeout)``."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float | None] = []
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self.timeouts.append(timeout)
+        return b""
+
+
+def _answered(stream: _NetworkStream, http_version: bytes) -> httpx.Response:
+    request = httpx.Request("GET", "http://broker.test/topics/t/events")
+    request.extensions["timeout"] = {"read": 1.0}
+    extensions = {"network_stream": stream, "http_version": http_version}
+    return httpx.Response(200, request=request, extensions=extensions)
+
+
+def test_a_body_over_http_1_is_read_with_the_timeout_in_force_then_its_stream_left_as_it_was() -> (
+    None
+):
+    stream = _NetworkStream()
+    resume = resume_module._Resume(["t"], None, False, give_up_after=1.0, read_timeout=2.0)
+    with subscriber._read_as_usual(_answered(stream, b"HTTP/1.1"), resume):
+        stream.read(10, 1.0)
+        resume.read_timeout = 7.0  # (learnt from heartbeats while the body is read)
+        stream.read(10, 1.0)
+    stream.read(10, 1.0)  # (the connection serving another request: its own timeout)
+    assert stream.timeouts == [2.0, 7.0, 1.0]
+    assert "read" not in vars(stream)
+
+
+def test_a_body_over_http_2_leaves_the_connection_s_reads_alone() -> None:
+    """Over HTTP/2 the network stream is the connection's, read for all its streams."""
+    stream = _NetworkStream()
+    resume = resume_module._Resume(["t"], None, False, give_up_after=1.0, read_timeout=2.0)
+    with subscriber._read_as_usual(_answered(stream, b"HTTP/2"), resume):
+        stream.read(10, 1.0)
+    assert stream.timeouts == [1.0]
+    assert "read" not in vars(stream)
