@@ -445,7 +445,14 @@ class IngestExchange:
             return
         self._body = ReceivedBody(transport)
         self._connection.ingest_started(body_start)
-        answer, close_after = await self._answer(ingest, close)
+        try:
+            answer, close_after = await self._answer(ingest, close)
+        except BaseException:
+            # (a cancellation: the instance's at shutdown, or a stray one out of the
+            # ingest: no answer to give, but the connection must not stay open,
+            # unanswered, its producer waiting for good)
+            transport.close()
+            raise
         if self.answered:  # (the framing broke: answered and closed already)
             return
         self.answered = True

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from api import lean_ingest
 from api.app import create_app
 from api.lean_ingest import ingest_request
 from api.settings import Settings
@@ -591,3 +592,24 @@ async def test_an_ingest_under_way_at_shutdown_is_answered(private_redis: RedisS
     answer = same(answers)
     assert answer.status == 201 and answer.headers["connection"] == "close"
     assert len(answer.json()["ids"]) == 2
+
+
+async def test_an_ingest_cancelled_before_its_answer_closes_its_connection(
+    in_process_server: tuple[int, list[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation out of the ingest (one escaped it while it told a keyless producer
+    which lines a failover lost: the review of the nineteenth session) skipped every
+    answer, and left the connection open and unanswered: the producer waited for good.
+    It is closed now, which the producer sees as a broken connection, and resends."""
+    port, _ = in_process_server
+
+    async def cancelled(*args: Any) -> Any:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(lean_ingest, "run_ingest", cancelled)
+    connection = await Connection.open(port)
+    try:
+        await connection.send(ingest_head(port, new_topic()) + chunk(line(1)))
+        assert await connection.closed_by_server(timeout=5.0)
+    finally:
+        await connection.close()
