@@ -178,8 +178,14 @@ def redis_server(port: int) -> Iterator[str]:
 
 @contextlib.contextmanager
 def broker_process(
-    code: Path, port: int, redis_url: str, callgrind_out: Path | None
+    code: Path,
+    port: int,
+    redis_url: str,
+    callgrind_out: Path | None,
+    settings: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """``broker serve`` of ``code``, healthy; ``settings``: its ``BROKER_*`` variables
+    (none of the caller's)."""
     command = [sys.executable, "-c", "from api.cli import main; main()", "serve"]
     command += ["--port", str(port), "--redis-url", redis_url, "--workers", "1"]
     if callgrind_out is not None:
@@ -188,6 +194,7 @@ def broker_process(
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env["PYTHONPATH"] = str(code)
     env["BROKER_LOG_LEVEL"] = "warning"
+    env.update(settings or {})
     process = subprocess.Popen(
         command, env=env, cwd=code, start_new_session=True, stderr=subprocess.DEVNULL
     )
