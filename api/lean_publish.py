@@ -35,7 +35,7 @@ from api.deadlines import Deadlines
 from api.heads import RequestHead, parse_head, scope_of
 from api.negotiation import media_type_of
 from api.problems import HttpProblem, problem, problem_for
-from api.publish import _close_requested, answer, idempotency_key, parse_events
+from api.publish import _close_requested, answer, events_of, idempotency_key
 from api.settings import Settings
 from broker import Broker, BrokerError, NewEvent, StoreUnavailable
 from broker.validation import check_idempotency_key, check_topic
@@ -76,7 +76,8 @@ class PublishHead:
 
     scope: dict[str, Any]
     body_size: int
-    content_type: bytes
+    media_type: str
+    charset: str | None
     keep_alive: bool
 
 
@@ -90,13 +91,13 @@ def publish_head_of(
         return None
     size, content_type = framing
     settings: Settings = app.state.settings
-    media_type = media_type_of(content_type.decode("latin-1"))[0]
+    media_type, charset = media_type_of(content_type.decode("latin-1"))
     if size > settings.max_body_bytes or media_type not in LEAN_MEDIA_TYPES:
         return None  # the app refuses these before the body (413, 415) or streams it
     if size > LEAN_BODY_BYTES:
         return None  # (authorized before its body is read: see LEAN_BODY_BYTES)
     scope = post.scope_for(app, scheme)
-    return PublishHead(scope, size, content_type, parser.should_keep_alive())
+    return PublishHead(scope, size, media_type, charset, parser.should_keep_alive())
 
 
 @dataclass(slots=True)
@@ -184,8 +185,7 @@ async def validated(request: PublishHead, body: bytes) -> Append:
         key = idempotency_key(scope["headers"])
         check_idempotency_key(key)
         close = _close_requested(scope)
-        headers = {b"content-type": request.content_type}
-        events, is_batch = parse_events(scope, headers, body, settings)
+        events, is_batch = events_of(scope, request.media_type, request.charset, body, settings)
     except Exception as error:
         raise NotValidated from error
     return Append(

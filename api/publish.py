@@ -208,6 +208,14 @@ def parse_events(
     scope: Scope, headers: dict[bytes, bytes], body: bytes, settings: Settings
 ) -> tuple[list[NewEvent], bool]:
     media_type, charset = media_type_of(headers.get(b"content-type", b"").decode("latin-1"))
+    return events_of(scope, media_type, charset, body, settings)
+
+
+def events_of(
+    scope: Scope, media_type: str, charset: str | None, body: bytes, settings: Settings
+) -> tuple[list[NewEvent], bool]:
+    """The body's events, and whether it was a batch, given its media type and charset
+    (``media_type_of`` its Content-Type: the lean path parsed it already, with its head)."""
     _check_charset(charset)
     if media_type == "application/json":
         refuse_event_parameter(scope)

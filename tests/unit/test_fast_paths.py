@@ -10,6 +10,7 @@ import dataclasses
 import json
 import random
 import re
+from types import SimpleNamespace
 from typing import Any, cast
 
 import hiredis
@@ -18,6 +19,9 @@ import pytest
 from redis.exceptions import ResponseError
 
 from api.lean_ingest import ChunkedBody
+from api.lean_publish import publish_request
+from api.publish import events_of, parse_events
+from api.settings import Settings
 from broker import constants as c
 from broker import validation
 from broker.errors import BrokerError, StoreUnavailable
@@ -520,3 +524,56 @@ async def test_a_live_read_names_what_the_hub_asks_packed_as_hiredis_packed_it(s
         await reader.close()
     assert hub.wrong == []
     assert hub.reads > 300
+
+
+# -- A lean publish's Content-Type, parsed once with its head ----------------------------------
+
+_CONTENT_TYPES = [
+    b"application/json",
+    b"Application/JSON",
+    b"application/json; charset=utf-8",
+    b"application/json;charset=UTF8",
+    b'application/json; charset="utf-8"; x=1',
+    b"application/json; charset=latin-1",
+    b"text/plain",
+    b"text/plain; charset=utf-8",
+    b" text/plain ;charset=UTF-8",
+    b"text/plain; charset=ascii",
+    b"text/plain;;",
+]
+_BODIES = [b'{"data": "tok"}', b'[{"data": 1}, {"data": "x"}]', b"plain words", b"{", b"\xff"]
+
+
+def _parsed(parse: Any) -> Any:
+    try:
+        events, is_batch = parse()
+    except Exception as error:
+        return type(error), str(error)
+    return events, is_batch
+
+
+@pytest.mark.parametrize("content_type", _CONTENT_TYPES)
+@pytest.mark.parametrize("query", [b"", b"?event=t", b"?close=true"])
+def test_a_lean_publish_reads_its_body_as_its_content_type_says(
+    content_type: bytes, query: bytes
+) -> None:
+    """The lean path parses the Content-Type with the head and passes it on
+    (``events_of``); the general way parses it from the headers (``parse_events``)."""
+    settings = Settings()
+    app = SimpleNamespace(state=SimpleNamespace(settings=settings))
+    for body in _BODIES:
+        head = (
+            b"POST /topics/t/events%b HTTP/1.1\r\nhost: h\r\ncontent-type: %b\r\n"
+            b"content-length: %d\r\n\r\n" % (query, content_type, len(body))
+        )
+        request = publish_request(head + body, app)
+        assert request is not None
+        lean = _parsed(
+            lambda r=request, b=body: events_of(r.scope, r.media_type, r.charset, b, settings)
+        )
+        general = _parsed(
+            lambda r=request, b=body: parse_events(
+                r.scope, {b"content-type": content_type}, b, settings
+            )
+        )
+        assert lean == general
