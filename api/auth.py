@@ -170,6 +170,11 @@ class Authorizer:
     def enabled(self) -> bool:
         return self._key is not None
 
+    @property
+    def prepares(self) -> bool:
+        """Whether ``prepare`` may have anything to do (a JWKS): else ``check`` alone."""
+        return self._fetches
+
     async def prepare(self, scope: Scope) -> None:
         """Fetch the key set if it lacks this request's token's key (JWKS only)."""
         if not self._fetches or self._key is None:
@@ -384,7 +389,8 @@ async def authorize(scope: Scope, action: Action, topics: Sequence[str]) -> Gran
     """The grant of a request to an async route (its app's ``Authorizer``); raises
     ``Unauthorized`` or ``Forbidden``. Streams call ``check`` in ``stream_starts``."""
     authorizer: Authorizer = scope["app"].state.authorizer
-    await authorizer.prepare(scope)
+    if authorizer.prepares:  # (a coroutine awaited for nothing costs every request)
+        await authorizer.prepare(scope)
     return authorizer.check(scope, action, topics)
 
 
