@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 
 from api import auth
-from api.auth import OPEN, Authorizer, TopicPatterns, is_own_origin, redact_tokens, token_of
+from api.auth import (
+    OPEN,
+    Authorizer,
+    Grant,
+    TopicPatterns,
+    is_own_origin,
+    redact_tokens,
+    token_of,
+)
 from api.keys import FixedKey, algorithms_for, hmac_algorithms, keys_of
 from api.problems import Forbidden, Unauthorized
 from tests.support.tokens import SECRET, KeyPair, claims, hs_token
@@ -101,6 +109,20 @@ def test_the_decision() -> None:
         authorizer.check(token, "publish", ["b-1"])
     with pytest.raises(Unauthorized):
         authorizer.check(scope(), "publish", ["pub-x"])
+
+
+def test_a_refusal_names_every_topic_refused_and_a_grant_is_the_tokens() -> None:
+    """The topics are checked in a loop that stops at the first refused, then listed:
+    the list is every one refused, in order; a grant, made once per verified token,
+    has its expiry and its key's trust."""
+    authorizer = _authorizer()
+    exp = int(time.time()) + 60
+    token = _bearer({"exp": exp, "broker": {"publish": ["a", "b-*"]}})
+    with pytest.raises(Forbidden, match=r"on c, d-1$"):
+        authorizer.check(token, "publish", ["a", "c", "b-2", "d-1"])
+    first = authorizer.check(token, "publish", ["a", "b-2"])
+    assert first == Grant(float(exp), None)
+    assert authorizer.check(token, "publish", ["b-3"]) is first
 
 
 def test_a_cached_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
