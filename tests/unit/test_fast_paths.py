@@ -577,3 +577,18 @@ def test_a_lean_publish_reads_its_body_as_its_content_type_says(
             )
         )
         assert lean == general
+
+
+# -- A topic's keys, from one tag --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("topic", ["t", "a:b.c-d_e", "x" * 200, "{braces}"])
+def test_a_topics_keys_are_each_key_functions(topic: str) -> None:
+    assert c.topic_keys(topic) == [
+        c.log_key(topic),
+        c.meta_key(topic),
+        c.records_key(topic),
+        c.record_times_key(topic),
+        c.line_records_key(topic),
+        c.line_times_key(topic),
+    ]
