@@ -166,13 +166,6 @@ class Append:
     timeout: float
     """The store must confirm within it (``BROKER_PUBLISH_TIMEOUT_SECONDS``), else 503."""
 
-    async def run(self) -> tuple[int, list[Any], bytes]:
-        """Append; the answer's status, headers (but content-length and CORS) and body."""
-        result = await self.broker.publish(
-            self.topic, self.events, idempotency_key=self.key, close=self.close
-        )
-        return answer(result, self.is_batch)
-
 
 async def validated(request: PublishHead, body: bytes) -> Append:
     """The publish, validated as ``api.publish`` does; else ``NotValidated``."""
@@ -285,7 +278,12 @@ class PublishExchange:
             return
         deadlines.set(self, append.timeout)
         try:
-            status, headers, content = await append.run()
+            # (``broker.publish`` awaited here, not in a method of ``Append``: a coroutine
+            # less to make, resume and unwind)
+            result = await append.broker.publish(
+                append.topic, append.events, idempotency_key=append.key, close=append.close
+            )
+            status, headers, content = answer(result, append.is_batch)
         except asyncio.CancelledError:
             if not self._timed_out:
                 raise
@@ -293,15 +291,15 @@ class PublishExchange:
         except StoreUnavailable as error:
             connection.publish_failed(request, self._problem(error))
         except (BrokerError, HttpProblem) as error:  # the store's answer (409): kept alive
-            answer = problem_bytes(request, problem_for(error), self._server_state)
-            connection.publish_answered(request, answer)
+            refusal = problem_bytes(request, problem_for(error), self._server_state)
+            connection.publish_answered(request, refusal)
         except Exception:
             log.exception("unexpected error publishing on %s", request.scope["path"])
             failure = problem(500, "Internal error", "the broker could not publish")
             connection.publish_failed(request, with_cors(failure, request.scope))
         else:
-            answer = response_bytes(request, status, headers, content, self._server_state)
-            connection.publish_answered(request, answer)
+            written = response_bytes(request, status, headers, content, self._server_state)
+            connection.publish_answered(request, written)
         finally:
             deadlines.clear(self)
 

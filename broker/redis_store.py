@@ -364,10 +364,12 @@ class RedisStreamStore:
             raise _refusal(status, answer.decode(), topic, lines)
         return _parse_answer(answer, replayed=status == 1)
 
-    async def _append_once(self, keys: list[str], args: list[str | int], linger: float) -> Any:
+    def _append_once(self, keys: list[str], args: list[str | int], linger: float) -> Awaitable[Any]:
+        """The append script's reply, to await: no coroutine of its own (each level of
+        coroutines an append awaits through is made, resumed and unwound per append)."""
         if self._pipeline is not None:
-            return await self._pipeline.call(keys, args, linger)
-        return await self._run(self._append_script, keys, args)
+            return self._pipeline.call(keys, args, linger)
+        return self._run(self._append_script, keys, args)
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """A script of one topic's keys: on a Cluster, through its slot's migration."""
