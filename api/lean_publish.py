@@ -217,13 +217,23 @@ def _answer_bytes(
     body: bytes,
     server_state: ServerState,
 ) -> bytes:
+    # Loops, not a list comprehension per group of headers (each a function of its own,
+    # called per answer in Python 3.11).
     lines = [_STATUS_LINES[status]]
-    lines += [name + b": " + value for name, value in server_state.default_headers]
-    lines += [name + b": " + value for name, value in headers]
-    lines += [name + b": " + value for name, value in cors_headers(request.scope)]
-    if not request.keep_alive and not any(name == b"connection" for name, _ in headers):
-        lines.append(b"connection: close")
-    return b"\r\n".join([*lines, b"", body])
+    add = lines.append
+    for name, value in server_state.default_headers:
+        add(name + b": " + value)
+    closes = False
+    for name, value in headers:
+        add(name + b": " + value)
+        closes = closes or name == b"connection"
+    for name, value in cors_headers(request.scope):
+        add(name + b": " + value)
+    if not request.keep_alive and not closes:
+        add(b"connection: close")
+    add(b"")
+    add(body)
+    return b"\r\n".join(lines)
 
 
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s" % (s.value, s.phrase.encode()) for s in HTTPStatus}
