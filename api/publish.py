@@ -124,6 +124,8 @@ def query_value(scope: Scope, name: str) -> str | None:
     (``clos%65`` is ``close``); 400 if it is given twice or is not UTF-8 (an ``event``
     of ``%FF`` was stored as U+FFFD)."""
     query = scope.get("query_string", b"")
+    if not query:  # (most publishes: asked twice each, for ``close`` and ``event``)
+        return None
     wanted = name.encode()
     if (
         query.find(wanted) < 0 and query.find(b"%") < 0
