@@ -112,7 +112,8 @@ class TopicPost:
     def scope_for(self, app: Any, scheme: str) -> dict[str, Any]:
         """The ASGI scope the app's functions read, as uvicorn and the router build it."""
         scope = scope_of("POST", self.path, self.url, self.headers, scheme)
-        return scope | {"app": app, "path_params": {"topic": self.topic}}
+        scope["app"], scope["path_params"] = app, {"topic": self.topic}  # (no merged copy)
+        return scope
 
 
 def topic_post_of(head: RequestHead, parser: httptools.HttpRequestParser) -> TopicPost | None:
