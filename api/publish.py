@@ -250,8 +250,10 @@ def _check_charset(charset: str | None) -> None:
 
 
 def answer(result: AppendResult, is_batch: bool) -> tuple[int, list[Any], bytes]:
-    ids = [str(event_id) for event_id in result.ids]
-    content: dict[str, Any] = {"ids": ids} if is_batch or len(ids) != 1 else {"id": ids[0]}
+    if is_batch or len(result.ids) != 1:
+        content: dict[str, Any] = {"ids": [str(event_id) for event_id in result.ids]}
+    else:  # (a single publish: no list comprehension, a function call in Python 3.11)
+        content = {"id": str(result.ids[0])}
     if result.end_id is not None:
         content["end_id"] = str(result.end_id)
     if result.replayed:
