@@ -50,7 +50,10 @@ class Deadlines:
             return
         self.clear(item)
         self._slots[item] = slot
-        self._buckets.setdefault(slot, set()).add(item)
+        bucket = self._buckets.get(slot)
+        if bucket is None:  # (not ``setdefault(slot, set())``: a set made per call)
+            bucket = self._buckets[slot] = set()
+        bucket.add(item)
         if self._timer is None or slot < self._armed_slot:
             self._arm(loop, slot)
 
