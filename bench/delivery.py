@@ -170,6 +170,8 @@ def redis_server(port: int) -> Iterator[str]:
                 if done.stdout.strip() == b"PONG":
                     break
                 time.sleep(0.05)
+            if process.poll() is not None:  # (the PONG was another server's)
+                raise RuntimeError(f"redis-server exited: is port {port} taken?")
             yield f"redis://127.0.0.1:{port}"
         finally:
             process.terminate()

@@ -98,7 +98,7 @@ class Producer(asyncio.Protocol):
         self.transport.write(request)
         answer = await self._answered
         if not answer.startswith(b"HTTP/1.1 201"):
-            raise RuntimeError(f"not created: {answer[:200]!r}")
+            raise RuntimeError(f"not created: {answer[:600]!r}")
         self.created += 1
 
 
