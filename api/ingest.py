@@ -29,9 +29,11 @@ event object, stored and delivered as it arrives, not when the body ends.
   after them, out of order. Resent whole, the stream is stored again, in order.
   So does a log that lost the ingest's newest lines (a failover to a replica that
   had not received them: the same log, its epoch unchanged): each append names the
-  line the request stored last (``IngestLines.after``), which must still be there;
-  without an Idempotency-Key (no line records), the entry it stored last. Such a
-  producer cannot resend exactly, so it is told the last line the log kept.
+  line the request stored last (``IngestLines.after``), which must still be recorded,
+  and its entry, which must still be in the log where the records cannot tell (the
+  ingest past its window, or every line of it lost), whatever the window. Without an
+  Idempotency-Key (no line records) the entry tells; such a producer cannot resend
+  exactly, so it is told the last line the log kept.
   But a log deleted on purpose (DELETE, while the store knows of it) ends the ingest
   with 409 topic-deleted, not to be resent: a resend created the topic again.
 - A bad line stops the ingest with 400 naming it; the lines before it stay
@@ -162,8 +164,6 @@ class Ingest:
         """The epoch of the log its lines went to, once one was stored (or replayed)."""
         self._last_line = 0
         """The number of the last line stored (or replayed): ``IngestLines.after``."""
-        self._last_line_ms = 0
-        """When it was stored (its id's time): ``IngestLines.after_ms``."""
         self._appends_ended: deque[tuple[StreamPosition, int]] = deque(maxlen=REMEMBERED_APPENDS)
         """Without a key: the last entry and line of each of its newest appends."""
         self._forgotten_through = 0
@@ -222,7 +222,7 @@ class Ingest:
         self.check_token()
         lines = None  # (its last line must be there still: see ``_append``)
         if self._key is not None and self._last_line:
-            lines = IngestLines(self._key, [], self._last_line, self._last_line_ms)
+            lines = IngestLines(self._key, [], self._last_line)
         try:
             return await self.broker.publish(
                 self.topic,
@@ -316,7 +316,7 @@ class Ingest:
         lines = None
         if self._key is not None:
             numbers = [n for n, _ in pending]
-            lines = IngestLines(self._key, numbers, self._last_line, self._last_line_ms)
+            lines = IngestLines(self._key, numbers, self._last_line)
         self._watch.waiting(_STORE)
         try:
             result = await self.broker.publish(
@@ -345,17 +345,16 @@ class Ingest:
         self.result.add(result.ids)
         if result.ids:
             self.log_epoch = result.ids[0].epoch
-        self._last_line, self._last_line_ms = pending[-1][0], result.ids[-1].position[0]
+        self._last_line = pending[-1][0]
         if result.replayed:
             self.result.replayed += len(result.ids)
         if self._key is None:
             self._remember_append(result.ids[-1].position, pending[-1][0])
 
-    def _after_entry(self) -> StreamPosition | None:
-        """Without a key (no line records): the entry the request stored last, which the
-        log must still hold; (0, 0) before its first (``Store.append``)."""
-        if self._key is not None:
-            return None
+    def _after_entry(self) -> StreamPosition:
+        """The entry the request stored last, which the log must still hold; (0, 0) before
+        its first (``Store.append``: without a key, no line records, it is what tells a
+        loss; with one, it tells when the line records cannot, past the window)."""
         return (0, 0) if self.result.last is None else self.result.last.position
 
     def _remember_append(self, last_entry: StreamPosition, last_line: int) -> None:

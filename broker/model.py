@@ -29,11 +29,8 @@ class IngestLines:
     numbers: Sequence[int]
     after: int = 0
     """The last line the request stored before these (0: none yet): it must still be
-    recorded, else the append is refused (``LinesLost``)."""
-    after_ms: int = 0
-    """When line ``after`` was stored: its id's time (Redis's clock). Stored within the
-    window, it must be recorded even if nothing else of the ingest is (a failover that
-    lost every line of it also lost when it last wrote)."""
+    recorded, else the append is refused (``LinesLost``); its entry is the append's
+    ``after_entry``, which tells when the records cannot (past the window)."""
 
 
 @dataclass(frozen=True, slots=True)

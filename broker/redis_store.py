@@ -823,9 +823,9 @@ def _refusal(status: int, answer: str, topic: str, lines: IngestLines | None) ->
 
 def _stored_last(lines: IngestLines | None, after_entry: StreamPosition | None) -> str | int:
     """What the append must find of its ingest's earlier appends (append.lua): the line
-    it stored last and when; with no lines, the entry it stored last; else 0."""
+    it stored last, if it has lines, and the entry it stored last; else 0."""
     if lines is not None:
-        return f"{lines.after}:{lines.after_ms}"
+        return f"{lines.after}:{format_stream_id(after_entry or (0, 0))}"
     return 0 if after_entry is None else format_stream_id(after_entry)
 
 

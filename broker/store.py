@@ -46,11 +46,12 @@ class Store(Protocol):
         raises LogLost, nothing stored, if the topic's log is another one or none (or
         LogDeleted if that log was deleted, while the store still knows of it), and
         LinesLost if it no longer records the line the request stored last
-        (``lines.after``), or, for an ingest without lines (no Idempotency-Key), no longer
-        holds ``after_entry``, the entry the request stored last (``(0, 0)``: none yet;
-        retention's trimming is no loss). A resent line recorded already that is not the
-        event stored for it: InvalidInput, nothing stored. Raises TopicClosed if the topic is closed
-        (a repeated close answers its end)."""
+        (``lines.after``, while the ingest's records answer: within the window), or no
+        longer holds ``after_entry``, the entry the request stored last (``(0, 0)``: none
+        yet; retention's trimming is no loss; checked for an ingest without lines, no
+        Idempotency-Key, and for one whose records are past the window). A resent line
+        recorded already that is not the event stored for it: InvalidInput, nothing stored.
+        Raises TopicClosed if the topic is closed (a repeated close answers its end)."""
         ...
 
     async def delete(self, topic: str) -> bool:

@@ -14,10 +14,11 @@
 -- (ARGV[8] = 0); or, for a streaming ingest (ARGV[8] = 1), its key K then each
 -- event's line number n (line n is "K:n"); then the R names; then the epoch of the
 -- log the append must find ('' = any: a new log may be begun); then, for a streaming
--- ingest, "n:ms": the number of the last line its request stored before this append
--- (0: none yet) and its id's time; for one without an Idempotency-Key (ARGV[8] = 0),
--- the id of the entry its request stored last (0-0: none yet); 0 for anything else;
--- then 4 values per event: kind, data, event type ('' = none), retry ('' = none).
+-- ingest, "n:id": the number of the last line its request stored before this append
+-- (0: none yet) and the id of its entry (0-0: none yet); for one without an
+-- Idempotency-Key (ARGV[8] = 0), the id of the entry its request stored last (0-0: none
+-- yet); 0 for anything else; then 4 values per event: kind, data, event type ('' =
+-- none), retry ('' = none).
 --
 -- The records live in hashes, not a key each, so that they live as long as their
 -- topic: each append sets the topic's TTL on them too (one call, however many
@@ -36,8 +37,8 @@
 -- -5 refused: the log it must find was deleted (DELETE: the second value is ''),
 -- -3 refused: a resent line is not the one stored under its number (the second value:
 -- that number), -4 refused: the line the request stored last is no longer recorded, or
--- (no Idempotency-Key) its entry is no longer in the log (lost with the newest writes: a
--- failover; the second value is '').
+-- (its records past the window, or no Idempotency-Key) its entry is no longer in the log
+-- (lost with the newest writes: a failover; the second value is '').
 local log, meta, records, written = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local lines, lines_written = KEYS[5], KEYS[6]
 local per_event = ARGV[8] == '1'
@@ -45,14 +46,15 @@ local ingest = per_event and ARGV[10]  -- a streaming ingest's key K
 local closing = ARGV[7] == '1'
 local names = tonumber(ARGV[9])
 local must_find = ARGV[10 + names]  -- (a streaming ingest under way: its log's epoch)
-local stored_before, stored_at = 0, 0  -- (and the last line it stored, and when)
-local stored_entry = false  -- (or, with no Idempotency-Key, the entry it stored last)
+local stored_before = 0  -- (and the last line it stored)
+local stored_entry = false  -- (and the entry it stored last)
 if per_event then
-  local n, at = string.match(ARGV[11 + names], '^(%d+):(%d+)$')
-  stored_before, stored_at = tonumber(n), tonumber(at)
+  local n, id = string.match(ARGV[11 + names], '^(%d+):(%d+%-%d+)$')
+  stored_before, stored_entry = tonumber(n), id
 elseif ARGV[11 + names] ~= '0' then
   stored_entry = ARGV[11 + names]
 end
+local keyless = stored_entry and not per_event  -- (an ingest without an Idempotency-Key)
 local first_value = 12 + names  -- the first event's first value
 local window_ms = tonumber(ARGV[5]) * 1000
 local now_ms = false  -- Redis' clock, read once, when records or retention by age need it
@@ -175,46 +177,53 @@ if must_find ~= '' and epoch ~= must_find then
   return {-2, epoch or ''}
 end
 
+-- Whether the log still holds the entry of this id, or retention removed it (at or
+-- before the newest id trimmed, which a failover cannot have lost: the replica held a
+-- later entry). An entry read back into Lua costs about a third of a one-line append
+-- (callgrind).
+local function entry_kept(id)
+  if redis.call('XREVRANGE', log, id, id)[1] then return true end
+  local trimmed = redis.call('HGET', meta, 'trimmed')
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  local cut_ms, cut_seq = string.match(trimmed or '0-0', '^(%d+)-(%d+)$')
+  ms, seq, cut_ms, cut_seq = tonumber(ms), tonumber(seq), tonumber(cut_ms), tonumber(cut_seq)
+  return ms < cut_ms or (ms == cut_ms and seq <= cut_seq)
+end
+
 -- The log kept, its newest lines lost: a failover to a replica that had not received
 -- them yet (replication is asynchronous; a script's writes replicate whole, so their
 -- records went with them). The ingest went on: its next line stored after the last
 -- one kept, the producer answered ids that no longer exist, and its resend stored the
 -- lost lines after the later ones (audit). So the line the request stored last must
--- still be recorded, for this log and this ingest (one HGET); refused whole, the resend
--- replays the lines kept and stores the rest after them, in order. An ingest past its
--- window (a pause longer than the window) has its records pruned by design: its lines
--- cannot be told lost, and are not checked. But a failover that lost every line of the
--- ingest lost when it last wrote too (it looked past its window, and went on): so a
--- line stored within half the window by its own id's time must be recorded whatever
--- (half: margin for a clock that stepped, ids going on from the last).
+-- still be recorded, for this log and this ingest (one HGET, whoever wrote since);
+-- refused whole, the resend replays the lines kept and stores the rest after them, in
+-- order. An ingest past its window (a pause longer than the window) has its records
+-- pruned by design, and so has one whose every line a failover lost (its records and
+-- when it last wrote went too): there the entry it stored last tells, whatever the
+-- window (a read of the entry, at such an append only). It was a line stored within
+-- half the window by its id's time that had to be recorded: a pause past half the
+-- window (a store slow to answer after one near the body's timeout) went on, untold.
 if per_event and stored_before > 0 and epoch then
   ingest_state()
-  local recent = now() - stored_at < window_ms / 2
-  if (ingest_live or recent) and not remembered_line(stored_before, epoch) then
+  if ingest_live then
+    if not remembered_line(stored_before, epoch) then return {-4, ''} end
+  elseif stored_entry and stored_entry ~= '0-0' and not entry_kept(stored_entry) then
     return {-4, ''}
   end
 end
 
 -- The same failover under an ingest without an Idempotency-Key: no line records, so
 -- the entry the request stored last must still be in the log, unless retention removed
--- it (at or before the newest id trimmed, which a failover cannot have lost: the replica
--- held a later entry). Its next line went on after the lines kept, in silence: readers
--- that had read the lost ones and those that came later disagreed (audit). Once per
--- append, however many lines, and mostly one HGET: such an ingest's append writes its
--- newest entry's id in the meta ('keyless'), with the entry (a replica holds both or
--- neither), so finding it still there proves the entry kept, whatever was written
--- since. Else (another such ingest wrote it since) an XREVRANGE of the id: an entry read
--- back into Lua costs about a third of a one-line append (callgrind), the HGET and the
--- meta's field some 6%.
-if stored_entry and stored_entry ~= '0-0' and epoch then
-  local kept = redis.call('HGET', meta, 'keyless') == stored_entry
-    or redis.call('XREVRANGE', log, stored_entry, stored_entry)[1]
-  if not kept then
-    local trimmed = redis.call('HGET', meta, 'trimmed')
-    local ms, seq = string.match(stored_entry, '^(%d+)-(%d+)$')
-    local cut_ms, cut_seq = string.match(trimmed or '0-0', '^(%d+)-(%d+)$')
-    ms, seq, cut_ms, cut_seq = tonumber(ms), tonumber(seq), tonumber(cut_ms), tonumber(cut_seq)
-    if ms > cut_ms or (ms == cut_ms and seq > cut_seq) then return {-4, ''} end
+-- it. Its next line went on after the lines kept, in silence: readers that had read
+-- the lost ones and those that came later disagreed (audit). Once per append, however
+-- many lines, and mostly one HGET: such an ingest's append writes its newest entry's id
+-- in the meta ('keyless'), with the entry (a replica holds both or neither), so finding
+-- it still there proves the entry kept, whatever was written since. Else (another such
+-- ingest wrote it since) the entry read back: the HGET and the meta's field cost some 6%
+-- of a one-line append.
+if keyless and stored_entry ~= '0-0' and epoch then
+  if redis.call('HGET', meta, 'keyless') ~= stored_entry and not entry_kept(stored_entry) then
+    return {-4, ''}
   end
 end
 
@@ -359,7 +368,7 @@ if closing then
   newest = end_id
   redis.call('HSET', meta, 'closed', end_id)
 end
-if numbered > number and stored_entry then
+if numbered > number and keyless then
   redis.call('HSET', meta, 'n', numbered, 'keyless', newest)
 elseif numbered > number then
   redis.call('HSET', meta, 'n', numbered)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from importlib import resources
 from typing import Any
 
@@ -513,8 +513,8 @@ async def test_every_line_a_failover_lost_mid_body_ends_the_ingest_too(
     """A failover to a replica that had received none of the ingest's lines (1-2): the
     log kept (it held an event before), nothing left of the ingest, not even when it
     last wrote. The ingest went on: line 3 stored after the other event, and the resend
-    stored 1-2 after 3. The line it stored last was stored a moment ago, so it must be
-    recorded still: the ingest stops (503), and the resend stores 1-3 in order."""
+    stored 1-2 after 3. The entry it stored last is no longer in the log: the ingest
+    stops (503), and the resend stores 1-3 in order."""
     topic, key, lines = new_topic(), "gen-failover-all", body_of(3)
     other = await client.post(f"/topics/{topic}/events", json={"data": "other"})
     assert other.status_code == 201, other.text
@@ -538,6 +538,57 @@ async def test_every_line_a_failover_lost_mid_body_ends_the_ingest_too(
     again = await resend_until_success(client, topic, key, b"".join(lines))
     assert again.status_code == 201, again.text
     assert await stored_datas(client, topic) == ["other", *datas(3)]
+
+
+BODY_TIMEOUT_S = 2
+SHORTEST_WINDOW = {
+    "BROKER_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT_S),
+    "BROKER_IDEMPOTENCY_SECONDS": str(2 * BODY_TIMEOUT_S),  # (the shortest allowed)
+    "BROKER_PUBLISH_TIMEOUT_SECONDS": "10",  # (a store slow to answer is waited for)
+}
+
+
+@pytest.fixture
+def shortest_window_broker(private_redis: RedisServer) -> Iterator[BrokerProcess]:
+    """A broker of the test's own redis-server whose idempotency window is the shortest
+    its body timeout allows (twice it)."""
+    process = BrokerProcess(redis_url=private_redis.url, env=SHORTEST_WINDOW).start()
+    yield process
+    process.close()
+
+
+async def test_every_line_a_failover_lost_is_told_however_late_the_next_append_runs(
+    shortest_window_broker: BrokerProcess, redis_admin: redis.Redis
+) -> None:
+    """The failover that lost every line of the ingest, its next append run later than
+    half the window after its last line: here Redis holds it (writes paused) a little
+    longer than the body's timeout, a store slow to answer (a pause near the body's
+    timeout, the idle deadline firing up to an eighth late, did too). Only a line stored
+    within half the window had to be recorded: the ingest went on, line 3 stored after
+    the other event, untold. Now it stops (503), nothing stored."""
+    broker, topic, key, lines = shortest_window_broker, new_topic(), "gen-late", body_of(3)
+    async with httpx.AsyncClient(base_url=broker.url, timeout=30) as client:
+        other = await client.post(f"/topics/{topic}/events", json={"data": "other"})
+        assert other.status_code == 201, other.text
+        before_1 = await IngestAppends.read(redis_admin, topic, key)
+        ingest = await open_ingest(broker, topic, key, "lean")
+        await ingest.send(b"".join(lines[:2]))
+        await await_until(
+            lambda: stored_is(client, topic, ["other", *datas(2)]), timeout=5, what="2 stored"
+        )
+        await before_1.lose_since(redis_admin, 2)  # the failover
+        held_ms = int(BODY_TIMEOUT_S * 1000 * 1.15)  # (past half the window: it ends by itself)
+        await redis_admin.execute_command("CLIENT", "PAUSE", held_ms, "WRITE")
+        await ingest.send(lines[2])
+        try:
+            answer = await ingest.answer(timeout=held_ms / 1000 + 5)
+        except TimeoutError:
+            raise AssertionError(f"it went on: {await stored_datas(client, topic)}") from None
+        finally:
+            ingest.cut()
+        assert await stored_datas(client, topic) == ["other"]  # (line 3 not stored)
+        assert answer.status == 503, answer.body
+        assert json.loads(answer.body)["type"] == "/problems#ingest-lines-lost", answer.body
 
 
 async def open_ingest(broker: BrokerProcess, topic: str, key: str | None, route: str) -> RawIngest:

@@ -358,8 +358,8 @@ async def test_an_ingest_whose_every_line_a_failover_lost_stores_no_more(
     """A failover to a replica that had received none of an ingest's lines keeps the
     log (another writer's event), and nothing says the ingest began: no line record,
     no head, no time. Its line 3 was stored after the other event, 1-2 answered but
-    gone, and the resend stored them after 3. The line the request stored last was
-    stored within the window (its id's time), so it must be recorded: refused."""
+    gone, and the resend stored them after 3. The entry the request stored last
+    (``after_entry``) is no longer in the log: refused."""
     other = (await store.append(topic, events("other"))).ids[0]
     before_1 = await IngestAppends.read(store._client, topic, "K")
     first = await ingest_line(store, topic, 1, epoch=other.epoch)
@@ -371,6 +371,35 @@ async def test_an_ingest_whose_every_line_a_failover_lost_stores_no_more(
     await store.append(topic, events("l1", "l2", "l3"), lines=IngestLines("K", [1, 2, 3]))
     entries = (await store.read_range(topic, (0, 0), 10)).entries
     assert [e.data_text for e in entries] == ["other", "l1", "l2", "l3"]
+
+
+async def test_an_ingest_whose_every_line_a_failover_lost_is_refused_past_half_its_window(
+    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same failover, the ingest's next append coming later than half the window
+    after its last line. Nothing of the ingest was left to tell it live, and only a line
+    stored within half the window had to be recorded: at the window's allowed minimum
+    (twice the body's timeout), a pause up to 9/8 of that timeout (the idle deadline
+    fires up to an eighth late), or a store slow to answer, went past it, and line 3 was
+    stored after the other event, untold. The entry it stored last tells, whatever the
+    window: refused."""
+    clock = _RedisClock(monkeypatch)
+    store = open_store(redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600)
+    try:
+        now_s = int((await store._client.time())[0])  # (the entries' ids go by Redis's clock)
+        await clock.set(store, now_s)
+        other = (await store.append(topic, events("other"))).ids[0]
+        before_1 = await IngestAppends.read(store._client, topic, "K")
+        first = await ingest_line(store, topic, 1, epoch=other.epoch)
+        second = await ingest_line(store, topic, 2, epoch=other.epoch, after=first)
+        await before_1.lose_since(store._client, 2)  # the failover
+        await clock.set(store, now_s + 40)  # two thirds of the window after line 2
+        with pytest.raises(LinesLost):
+            await ingest_line(store, topic, 3, epoch=other.epoch, after=second)
+        assert (await store.state(topic)).length == 1
+    finally:
+        await store._client.delete(_RedisClock.KEY)
+        await store.close()
 
 
 async def test_an_ingest_without_a_key_whose_newest_lines_a_failover_lost_stores_no_more(
@@ -437,9 +466,11 @@ async def ingest_line(
 ) -> EventId:
     """Line n of the ingest keyed K, appended as the ingest appends it (after line n-1,
     stored as ``after``)."""
-    after_ms = 0 if after is None else after.position[0]
-    lines = IngestLines("K", [n], after=n - 1, after_ms=after_ms)
-    result = await store.append(topic, events(f"l{n}"), lines=lines, log_epoch=epoch or None)
+    position = (0, 0) if after is None else after.position
+    lines = IngestLines("K", [n], after=n - 1)
+    result = await store.append(
+        topic, events(f"l{n}"), lines=lines, log_epoch=epoch or None, after_entry=position
+    )
     return result.ids[0]
 
 
@@ -662,7 +693,10 @@ async def test_an_ingest_that_paused_past_its_window_goes_on(
         first = await store.append(topic, events("l1"), lines=IngestLines("K", [1]))
         await clock.set(store, 2_000_000_000 + 120)  # past the window
         lines = IngestLines("K", [2], after=1)
-        await store.append(topic, events("l2"), lines=lines, log_epoch=first.ids[0].epoch)
+        last = first.ids[0]
+        await store.append(
+            topic, events("l2"), lines=lines, log_epoch=last.epoch, after_entry=last.position
+        )
         assert (await store.state(topic)).length == 2
     finally:
         await store._client.delete(_RedisClock.KEY)
