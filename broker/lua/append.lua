@@ -220,7 +220,8 @@ end
 -- in the meta ('keyless'), with the entry (a replica holds both or neither), so finding
 -- it still there proves the entry kept, whatever was written since. Else (another such
 -- ingest wrote it since) the entry read back: the HGET and the meta's field cost some 6%
--- of a one-line append.
+-- of a one-line append. (Read in current_epoch's HMGET instead, it saved a keyless
+-- append 1.7k instructions and cost every other append as many, callgrind: kept apart.)
 if keyless and stored_entry ~= '0-0' and epoch then
   if redis.call('HGET', meta, 'keyless') ~= stored_entry and not entry_kept(stored_entry) then
     return {-4, ''}
