@@ -61,6 +61,9 @@ from brokerclient.resume import _Resume, _Retryable
 from brokerclient.sse import Event, SseDecoder
 
 CONNECT_TIMEOUT = 10.0
+ONE_BODY_AT_A_TIME = frozenset({"HTTP/1.1", "HTTP/1.0"})
+"""The versions whose network stream carries one body at a time, whose reads
+``_read_as_usual`` may time (HTTP/1.0: a proxy's answer, a body read until the close)."""
 
 
 async def _backoff(closing: asyncio.Event, delay: float) -> None:
@@ -90,7 +93,7 @@ def _read_as_usual(response: httpx.Response, resume: _Resume) -> Iterator[None]:
         timeouts["read"] = resume.read_timeout
     stream = response.extensions.get("network_stream")
     read = getattr(stream, "read", None)
-    if stream is None or read is None or response.http_version != "HTTP/1.1":
+    if stream is None or read is None or response.http_version not in ONE_BODY_AT_A_TIME:
         # (over HTTP/2 the network stream is the connection's, read for every stream
         # on it: its reads are not this body's alone to time)
         yield
@@ -110,7 +113,7 @@ def _read_as_usual(response: httpx.Response, resume: _Resume) -> Iterator[None]:
     try:
         yield
     finally:
-        if vars(stream).get("read") is read_in_force:  # (never two at once over HTTP/1.1)
+        if vars(stream).get("read") is read_in_force:  # (never two at once over HTTP/1.x)
             del stream.read  # (the class's own again)
 
 

@@ -108,10 +108,18 @@ def test_a_shortened_attempt_keeps_a_clients_own_longer_timeouts_otherwise() -> 
 
 
 @contextmanager
-def _quiet_stream_server(beats: int, head_after: float = 0.0) -> Iterator[tuple[str, list[int]]]:
+def _quiet_stream_server(
+    beats: int,
+    head_after: float = 0.0,
+    *,
+    beat_every: float = 1.2,
+    silence: float = 0.0,
+    status_line: bytes = b"HTTP/1.1 200 OK",
+) -> Iterator[tuple[str, list[int]]]:
     """A broker whose stream answers (after ``head_after`` seconds), then only beats
-    every 1.2 s ``beats`` times before its one event: healthy, but quiet longer than
-    ``give_up_after``. Yields its URL and the connections it took (a list of one count)."""
+    every ``beat_every`` s ``beats`` times, then stays silent ``silence`` s before its
+    one event: healthy, but quiet longer than ``give_up_after``. Yields its URL and the
+    connections it took (a list of one count)."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.1)
     taken = [0]
@@ -122,11 +130,13 @@ def _quiet_stream_server(beats: int, head_after: float = 0.0) -> Iterator[tuple[
             connection.recv(65536)  # the request's head
             if stop.wait(head_after):
                 return
-            connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+            connection.sendall(status_line + b"\r\ncontent-type: text/event-stream\r\n\r\n")
             for _ in range(beats):
-                if stop.wait(1.2):
+                if stop.wait(beat_every):
                     return
                 connection.sendall(b": beat\n\n")
+            if stop.wait(silence):
+                return
             connection.sendall(b"id: a.1-0\ndata: 1\n\n")
             stop.wait(10)
 
@@ -145,6 +155,22 @@ def _quiet_stream_server(beats: int, head_after: float = 0.0) -> Iterator[tuple[
         stop.set()
         thread.join(5)
         listener.close()
+
+
+@pytest.mark.parametrize("status_line", [b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK"])
+def test_a_read_timeout_learnt_from_heartbeats_applies_to_the_stream_being_read(
+    status_line: bytes,
+) -> None:
+    """Given 1 s, beats 0.6 s apart teach 1.8 s, which the stream being read waits, as
+    over a proxy answering HTTP/1.0 (its network stream is this body's alone, as over
+    HTTP/1.1): there it read on with the 1 s it began with, timed out in a silence of
+    1.4 s, and reconnected (the timeout in force was given to HTTP/1.1 bodies only)."""
+    server = _quiet_stream_server(beats=4, beat_every=0.6, silence=1.4, status_line=status_line)
+    with server as (url, taken):
+        sub = subscriber.Subscriber(["t"], url, last_event_id="a.0-1", read_timeout=1.0)
+        event = next(iter(sub))
+        sub.close()
+    assert event.data == "1" and taken == [1]
 
 
 def test_a_quiet_stream_is_no_failure_however_short_give_up_after_is() -> None:
