@@ -437,6 +437,16 @@ class IngestExchange:
 
     async def _run(self, transport: asyncio.Transport, body_start: int) -> None:
         try:
+            await self._validate_and_ingest(transport, body_start)
+        except BaseException:
+            # (a cancellation: the instance's at shutdown, or a stray one out of the
+            # validation or the ingest: no answer to give, but the connection must not
+            # stay open, unanswered (its reading paused), its producer waiting for good)
+            transport.close()
+            raise
+
+    async def _validate_and_ingest(self, transport: asyncio.Transport, body_start: int) -> None:
+        try:
             ingest, close = await self._validated()
         except NotValidated as error:
             if not isinstance(error.__cause__, BrokerError | HttpProblem):
@@ -445,14 +455,7 @@ class IngestExchange:
             return
         self._body = ReceivedBody(transport)
         self._connection.ingest_started(body_start)
-        try:
-            answer, close_after = await self._answer(ingest, close)
-        except BaseException:
-            # (a cancellation: the instance's at shutdown, or a stray one out of the
-            # ingest: no answer to give, but the connection must not stay open,
-            # unanswered, its producer waiting for good)
-            transport.close()
-            raise
+        answer, close_after = await self._answer(ingest, close)
         if self.answered:  # (the framing broke: answered and closed already)
             return
         self.answered = True

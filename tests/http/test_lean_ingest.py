@@ -594,19 +594,23 @@ async def test_an_ingest_under_way_at_shutdown_is_answered(private_redis: RedisS
     assert len(answer.json()["ids"]) == 2
 
 
+@pytest.mark.parametrize("while_", ["validating", "ingesting"])
 async def test_an_ingest_cancelled_before_its_answer_closes_its_connection(
-    in_process_server: tuple[int, list[Any]], monkeypatch: pytest.MonkeyPatch
+    in_process_server: tuple[int, list[Any]], monkeypatch: pytest.MonkeyPatch, while_: str
 ) -> None:
     """A cancellation out of the ingest (one escaped it while it told a keyless producer
-    which lines a failover lost: the review of the nineteenth session) skipped every
-    answer, and left the connection open and unanswered: the producer waited for good.
-    It is closed now, which the producer sees as a broken connection, and resends."""
+    which lines a failover lost: the review of the nineteenth session), or out of its
+    validation (a key set fetched as the instance stops), skipped every answer, and
+    left the connection open and unanswered: the producer waited for good. It is
+    closed now, which the producer sees as a broken connection, and resends."""
     port, _ = in_process_server
 
     async def cancelled(*args: Any) -> Any:
         raise asyncio.CancelledError
 
-    monkeypatch.setattr(lean_ingest, "run_ingest", cancelled)
+    monkeypatch.setattr(
+        lean_ingest, "authorize" if while_ == "validating" else "run_ingest", cancelled
+    )
     connection = await Connection.open(port)
     try:
         await connection.send(ingest_head(port, new_topic()) + chunk(line(1)))
