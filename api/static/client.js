@@ -31,6 +31,7 @@
  *   again after 1 s, 2 s, 4 s... as a refused stream is reopened (below), each told
  *   onError({fatal: false}); a refusal for good (401, 403, an answer not the
  *   broker's), or `retries` passing ones in a row, is told onError({fatal: true}).
+ *   Once placed, the stream's reopenings (below) count from none again.
  *   (It started from now on any failure, and missed in silence what was published
  *   between subscribe() and the stream's start.)
  * - The stream is opened with ?positions=true: where it stands with no event to
@@ -590,6 +591,9 @@
           return;
         }
         var place = start.place;
+        // The broker answered: the stream's own failures in a row start from none (the
+        // placing ones left a stream refused on opening fewer reopenings than `retries`).
+        retries = 0;
         savePlace(place);
         lastId = place;
         start.closed.forEach(topicEnded);

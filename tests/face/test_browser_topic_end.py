@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from brokerclient import Publisher
+from tests.e2e.balancers import LoadBalancer
 from tests.face.client_page import open_client_page, page_received
 from tests.support.broker_process import BrokerProcess
 from tests.support.chromium import Chromium
@@ -163,3 +166,39 @@ def test_a_stream_from_now_whose_topics_end_fails_on_is_told_for_good(
     assert _errors(browser) == [(False, 503), (True, 503)]
     assert browser.evaluate("window.__infoAsked") == 2
     assert browser.evaluate("window.__stream.source") is None
+
+
+@pytest.fixture
+def nginx(own_broker: BrokerProcess, tmp_path: Path) -> Iterator[LoadBalancer]:
+    """nginx before this test's own broker: a 502 while that broker is down."""
+    nginx = LoadBalancer("nginx", [own_broker.port], tmp_path)
+    try:
+        nginx.start()
+        yield nginx
+    finally:
+        nginx.close()
+
+
+def test_failures_while_placing_leave_the_stream_its_own_reopenings(
+    own_broker: BrokerProcess, nginx: LoadBalancer, browser: Chromium
+) -> None:
+    """Two 503s while placing, then the broker goes away as the placed stream opens:
+    it is reopened ``retries`` (3) times, each nginx's 502, before it is told for good.
+    (The count of failures in a row went on from the placing ones, though the broker
+    answered in between: one reopening only.)"""
+    topic = f"face.topic-end.{uuid.uuid4().hex[:8]}"
+    browser.run_on_every_load(FAILING_TOPIC_INFO % {"failures": 2} + SLOW_EVENT_SOURCE)
+    open_client_page(browser, nginx, f"/topics/{topic}/events", "{retries: 3}")
+    browser.wait_for("window.__streams === 1", timeout=30, what="the stream, placed")
+    own_broker.terminate()  # nginx answers the stream, and each reopening, 502
+    browser.evaluate("window.__connect()")
+    browser.wait_for(
+        "JSON.parse(sessionStorage.getItem('received') || '[]')"
+        ".some(e => e.type === 'error' && JSON.parse(e.data).fatal)",
+        timeout=30,
+        what="the failure told for good",
+    )
+    placing = [(False, 503)] * 2
+    assert _errors(browser) == placing + [(False, 502)] * 3 + [(True, 502)]
+    assert browser.evaluate("window.__infoAsked") == 3
+    assert browser.evaluate("window.__streams") == 4  # (the first, and three reopenings)
