@@ -504,7 +504,9 @@ class Hub:
                 # that the log lost entries this one never read (its primary changed
                 # first: a failover), recorded where, and numbered on past them
                 # (lua/state.lua). Its subscribers judge their cursors again: a replay
-                # tells them there. (Read on from here, unnumbered: not looked at again.)
+                # tells them there. The reader reads on from where it is with no number:
+                # the next entries it reads are judged by retention's bounds alone
+                # (_follows: None), and set the number the ones after them must follow.
                 log.warning("topic %s: its log lost events another instance read", topic)
                 feed.number = None
                 self._reset_subscribers(feed, topic)
