@@ -96,17 +96,21 @@ def problem(
     )
 
 
+def _closing(closes: bool) -> dict[str, str]:
+    """``Connection: close`` for an answer after which the connection closes (one told
+    before the request's body ended): uvicorn closes after it, as the lean route does."""
+    return {"Connection": "close"} if closes else {}
+
+
 def _unauthorized(error: Unauthorized) -> Response:
     headers = {"WWW-Authenticate": _challenge(error)}
-    if isinstance(error, TokenLapsedMidIngest):
-        headers["Connection"] = "close"  # (uvicorn closes after it, as the lean route)
+    headers |= _closing(isinstance(error, TokenLapsedMidIngest))
     return problem(401, error.title, error.detail, headers)
 
 
 def _unavailable(error: StoreUnavailable) -> Response:
     headers = {"Retry-After": str(error.retry_after)}
-    if isinstance(error, StoreLostMidBody):
-        headers["Connection"] = "close"  # (uvicorn closes after it, as the lean route)
+    headers |= _closing(isinstance(error, StoreLostMidBody))
     return problem(503, error.title, error.detail, headers=headers)
 
 
@@ -114,11 +118,9 @@ def _log_gone(error: LogGone) -> Response:
     """A streaming ingest's log lost (503: resend the whole stream) or deleted (409: not
     to be resent, nor retried), told before the body ended as a store failure is: the
     connection closes (``StoreLostMidBody``), and a producer still sending learns at once."""
-    headers: dict[str, str] = {}
+    headers = _closing(error.mid_body)
     if isinstance(error, LogLost):
         headers["Retry-After"] = str(error.retry_after)
-    if error.mid_body:
-        headers["Connection"] = "close"  # (uvicorn closes after it, as the lean route)
     return problem(503 if isinstance(error, LogLost) else 409, error.title, error.detail, headers)
 
 
@@ -133,8 +135,7 @@ def problem_for(error: BrokerError | HttpProblem) -> Response:
         return _unauthorized(error)
     if isinstance(error, HttpProblem):
         # A 408 closes the connection after it (the ingest's idle client): said so.
-        closing = {"Connection": "close"} if error.status == 408 else None
-        return problem(error.status, error.title, error.detail, closing)
+        return problem(error.status, error.title, error.detail, _closing(error.status == 408))
     if isinstance(error, InvalidInput):
         return problem(400, "Invalid request", error.detail)
     if isinstance(error, TooLarge):
