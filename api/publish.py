@@ -127,9 +127,9 @@ def query_value(scope: Scope, name: str) -> str | None:
     if not query:  # (most publishes: asked twice each, for ``close`` and ``event``)
         return None
     wanted = name.encode()
-    if (
-        query.find(wanted) < 0 and query.find(b"%") < 0
-    ):  # (``find``: see api.auth._token_and_source)
+    # Neither its name nor a %-escape (which may spell it) in the query: not given.
+    # (``find``, not ``in``: see api.auth._token_and_source.)
+    if query.find(wanted) < 0 and query.find(b"%") < 0:
         return None
     found: list[str] = []
     for pair in query.split(b"&"):  # (only this parameter is decoded: not the others)
