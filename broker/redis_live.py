@@ -38,8 +38,6 @@ from broker.redis_packing import (
     packed_without_count,
 )
 
-__all__ = ["AnyLiveReader", "LiveReader", "LocalWrites"]  # (LocalWrites: the store's import)
-
 log = logging.getLogger(__name__)
 
 _PACKED_HEADS = {head: packed_without_count(head) for head in (XREAD_HEAD, XREAD_SHORT_HEAD)}

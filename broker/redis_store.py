@@ -47,7 +47,8 @@ from broker.redis_checks import (
     probe_rights_when_reachable,
     try_rights,
 )
-from broker.redis_live import AnyLiveReader, LiveReader, LocalWrites
+from broker.redis_live import AnyLiveReader, LiveReader
+from broker.redis_live_links import LocalWrites
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
 from broker.redis_packing import CommandPacker
 from broker.redis_pools import BoundedCluster, FixedPool, PoolBusy, open_cluster_pools
