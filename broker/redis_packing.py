@@ -24,17 +24,12 @@ from broker import constants as c
 
 HEADS_KEPT = 8192
 """Topics whose packed head is kept (about 300 bytes each: 2.4 MB at most a process);
-past that the oldest goes. Past it, nearly every append packs its head again, so it is
-set above the topics one process is expected to write to at once (the sessions bench
-runs 500; it was 1024, which a busier instance passes).
-
-The oldest inserted, not the least used: on the sessions workload (bench's ``sessions``:
-generations of 100 appends at one pace, each on its own topic, slot after slot) the two
-miss alike, once per topic, while the topics written at once fit; past that both pack
-nearly every head again, the least-used more often (a simulation of 1500 at once with
-1024 kept: 181,000 misses of 450,000 appends first-in-first-out, 372,000 least-used: each
-topic comes back round after the others, as in a cycle, where least-used is the worst).
-Moving a head to the end at each use would cost every append, for nothing here."""
+past that the oldest inserted goes. Set above the topics one process writes to at once
+(the sessions bench runs 500; the 1024 it was, a busier instance passes): past that
+nearly every append packs its head again. First in, first out, not least used: the two
+miss alike while the topics fit, least-used more past that (1500 topics at once, 1024
+kept: 181,000 against 372,000 misses in 450,000 appends; bench/PERFORMANCE.md, "What
+makes it fast"), and moving a head at each use would cost every append."""
 INTEGERS_KEPT = 4096
 """Integer arguments kept packed (retention figures, flags, counts: few values); past
 that, the others are packed each time. Strings are not kept (an epoch, a line number,
@@ -47,16 +42,13 @@ class CommandPacker:
     makes of it, from the heads and arguments packed before. The append's arguments
     are strs and ints; any other argument is packed by hiredis, as before.
 
-    But for one: a float equal to a kept int comes out as that int (``3.0`` as ``3``,
-    where hiredis sends ``3.0``; a bool as ``1``/``0``, which hiredis refuses), as the
-    lookup goes by equal value. Harmless for the append script, the one packed here
-    (``redis_store._AppendPipeline``): each argument the store may pass as a float
-    (its ``idempotency_seconds``, typed int but not checked, as ``DirectPublisher``
-    passes it on) is read with ``tonumber``, which reads ``3.0`` and ``3`` alike, and
-    the two it compares as text (``ARGV[7]``, ``ARGV[8]``: ``== '1'``) are built by
-    ``int()``. Looking each argument's type up first would cost every append
-    (tests/unit/test_redis_packing.py and tests/integration/test_append_pipeline.py
-    pin both)."""
+    But for one: arguments are looked up by equal value (their type looked up first
+    would cost every append), so a float equal to a kept int comes out as that int
+    (``3.0`` as ``3``; a bool as ``1``/``0``, which hiredis refuses). Harmless for the
+    append script, the one packed here: what the store may pass as a float
+    (``idempotency_seconds``: typed int, not checked) it reads with ``tonumber``, and
+    the two arguments it compares as text (``ARGV[7]``, ``ARGV[8]``) are built by
+    ``int()`` (tests/unit/test_redis_packing.py, tests/integration/test_append_pipeline.py)."""
 
     __slots__ = ("_arguments", "_heads")
 
