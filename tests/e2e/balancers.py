@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
+from tests.support.broker_process import BrokerProcess
 from tests.support.polling import wait_until
 from tests.support.procs import ManagedProcess, http_status, tail
 from tests.support.redis_server import free_port
@@ -165,3 +166,14 @@ class LoadBalancer:
 
     def close(self) -> None:
         self.process.close()
+
+
+def nginx_before(broker: BrokerProcess, workdir: Path) -> Iterator[LoadBalancer]:
+    """A real nginx (the shipped configuration) before ``broker``, closed after (a
+    fixture's body: ``yield from nginx_before(broker, tmp_path)``)."""
+    nginx = LoadBalancer("nginx", [broker.port], workdir)
+    try:
+        nginx.start()
+        yield nginx
+    finally:
+        nginx.close()

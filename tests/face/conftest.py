@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.balancers import LoadBalancer, nginx_before
 from tests.support.broker_process import BrokerProcess
 from tests.support.chromium import Chromium
 from tests.support.redis_server import RedisServer
@@ -31,6 +32,12 @@ def own_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
     process.start()
     yield process
     process.close()
+
+
+@pytest.fixture
+def nginx(own_broker: BrokerProcess, tmp_path: Path) -> Iterator[LoadBalancer]:
+    """nginx before this test's own broker: a 502 while that broker is down."""
+    yield from nginx_before(own_broker, tmp_path)
 
 
 @pytest.fixture

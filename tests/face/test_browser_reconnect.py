@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from brokerclient import Publisher
-from tests.e2e.balancers import LoadBalancer
+from tests.e2e.balancers import LoadBalancer, nginx_before
 from tests.face.client_page import open_client_page, page_received
 from tests.support.broker_process import BrokerProcess
 from tests.support.chromium import Chromium
@@ -35,21 +35,6 @@ TOLD_FATAL = (
 )
 
 
-def _nginx_before(broker: BrokerProcess, workdir: Path) -> Iterator[LoadBalancer]:
-    nginx = LoadBalancer("nginx", [broker.port], workdir)
-    try:
-        nginx.start()
-        yield nginx
-    finally:
-        nginx.close()
-
-
-@pytest.fixture
-def nginx(own_broker: BrokerProcess, tmp_path: Path) -> Iterator[LoadBalancer]:
-    """nginx before this test's own broker: a 502 while that broker is down."""
-    yield from _nginx_before(own_broker, tmp_path)
-
-
 @pytest.fixture
 def auth_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
     process = BrokerProcess(
@@ -62,7 +47,7 @@ def auth_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
 
 @pytest.fixture
 def auth_nginx(auth_broker: BrokerProcess, tmp_path: Path) -> Iterator[LoadBalancer]:
-    yield from _nginx_before(auth_broker, tmp_path)
+    yield from nginx_before(auth_broker, tmp_path)
 
 
 def _messages(browser: Chromium) -> list[object]:

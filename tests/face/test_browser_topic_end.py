@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -166,17 +164,6 @@ def test_a_stream_from_now_whose_topics_end_fails_on_is_told_for_good(
     assert _errors(browser) == [(False, 503), (True, 503)]
     assert browser.evaluate("window.__infoAsked") == 2
     assert browser.evaluate("window.__stream.source") is None
-
-
-@pytest.fixture
-def nginx(own_broker: BrokerProcess, tmp_path: Path) -> Iterator[LoadBalancer]:
-    """nginx before this test's own broker: a 502 while that broker is down."""
-    nginx = LoadBalancer("nginx", [own_broker.port], tmp_path)
-    try:
-        nginx.start()
-        yield nginx
-    finally:
-        nginx.close()
 
 
 def test_failures_while_placing_leave_the_stream_its_own_reopenings(
