@@ -198,6 +198,13 @@ class Deployment:
         self.brokers = [HuntBroker(i, base + 5 + i, f"{url}/{SERVICE}", workdir) for i in range(2)]
         self.primary = base
         self.frozen: int | None = None
+        self.faults = FAULTS
+        self.topics: list[str] = []
+
+    def log_port(self, topic: str) -> int:
+        """The primary (every topic's log is there), as the Sentinels name it."""
+        named = self.sentinels.primary() if self.sentinels else None
+        return named or self.primary
 
     def start(self) -> None:
         primary, replica = self.servers.values()
@@ -496,6 +503,7 @@ async def view_with_httpx_sse(
                 ) as source,
             ):
                 status = source.response.status_code
+                viewer.visits.append(f"{time.time():.3f} {url[-6:]} {status} from {last_id}")
                 if status == 204:
                     if not viewer.received or viewer.received[-1][0] != "broker.end":
                         viewer.failure = f"204 before its broker.end (last id {last_id})"
@@ -514,9 +522,11 @@ async def view_with_httpx_sse(
                         return
                     if rng.random() < CUT_PROBABILITY:
                         viewer.cuts += 1
+                        viewer.visits.append(f"{time.time():.3f} cut")
                         break
         except httpx.TransportError as error:
             viewer.errors.append(f"{time.monotonic():.2f} {error!r}")
+            viewer.visits.append(f"{time.time():.3f} broken {error!r}")
             await asyncio.sleep(0.1)
     viewer.failure = "no broker.end after 300 connections"
 
@@ -771,7 +781,7 @@ def kind_of(index: int) -> str:
 
 
 async def faults(
-    deployment: Deployment, kinds: list[str], timeline: Timeline, over: asyncio.Event
+    deployment: Any, kinds: list[str], timeline: Timeline, over: asyncio.Event
 ) -> None:
     try:
         await asyncio.sleep(3.0)  # generations under way
@@ -780,25 +790,27 @@ async def faults(
         over.set()
 
 
-async def each_fault(deployment: Deployment, kinds: list[str], timeline: Timeline) -> None:
+async def each_fault(deployment: Any, kinds: list[str], timeline: Timeline) -> None:
     for kind in kinds:
         try:
-            timeline.note(await asyncio.to_thread(FAULTS[kind], deployment))
+            timeline.note(await asyncio.to_thread(deployment.faults[kind], deployment))
         except Exception as error:
             timeline.failures.append(f"fault {kind} failed: {error!r}")
             timeline.note(timeline.failures[-1])
             return
 
 
-async def hunt(
-    deployment: Deployment, seed: int, kinds: list[str]
-) -> tuple[list[str], list[str], str]:
+async def hunt(deployment: Any, seed: int, kinds: list[str]) -> tuple[list[str], list[str], str]:
+    """The generations and the faults on ``deployment`` (a Sentinel one here, a Cluster
+    one in cluster_hunt.py: its ``brokers``, ``faults`` by kind, ``workdir``, and
+    ``log_port(topic)``, the node that holds a topic's log once the faults are over)."""
     rng = random.Random(seed)
     timeline = Timeline()
     run_id = uuid.uuid4().hex[:6]
     generations = [
         Generation(index=i, topic=f"hunt.{run_id}.{i}", kind=kind_of(i)) for i in range(GENERATIONS)
     ]
+    deployment.topics = [g.topic for g in generations]
     urls = [b.url for b in deployment.brokers]
 
     async def staggered(generation: Generation) -> None:
@@ -813,11 +825,9 @@ async def hunt(
     except TimeoutError:
         timeline.failures.append("run deadline passed")
     problems, notes = list(timeline.failures), []
-    primary = (
-        await asyncio.to_thread(deployment.sentinels.primary) if deployment.sentinels else None
-    )
     for generation in generations:
-        log = Log.read(primary or deployment.primary, generation.topic)
+        port = await asyncio.to_thread(deployment.log_port, generation.topic)
+        log = Log.read(port, generation.topic)
         lost = losses(generation, log)
         found, told = producer_problems(generation, log, lost)
         problems += found
@@ -833,6 +843,7 @@ async def hunt(
             g.topic: {v.name: v.received for v in g.viewers} for g in generations
         }
         dump["told"] = {g.topic: [g.told_stored, g.end_id, g.breaks] for g in generations}
+        dump["visits"] = {g.topic: {v.name: v.visits for v in g.viewers} for g in generations}
         (deployment.workdir / "received.json").write_bytes(orjson.dumps(dump))
     breaks: dict[str, int] = {}
     for reason in (b for g in generations for b in g.breaks):
@@ -841,10 +852,13 @@ async def hunt(
     return problems, notes, stats
 
 
-def run_once(seed: int, base: int, kinds: list[str]) -> bool:
+def run_once(
+    seed: int, base: int, kinds: list[str], make: Callable[[int, Path], Any] | None = None
+) -> bool:
+    """One run on a new deployment (``make(base, workdir)``, Sentinel's by default)."""
     workdir = Path(tempfile.mkdtemp(prefix="failover-hunt-"))
     started = time.monotonic()
-    deployment = Deployment(base, workdir)
+    deployment = (make or Deployment)(base, workdir)
     try:
         try:
             deployment.start()

@@ -172,6 +172,7 @@ class Viewer:
     cuts: int = 0
     errors: list[str] = field(default_factory=list)  # (for a failure's report)
     failure: str | None = None
+    visits: list[str] = field(default_factory=list)  # each connection: when, where, from
 
     def problems(self, topic: str) -> list[str]:
         if self.failure:
@@ -435,6 +436,7 @@ class CuttingStream(httpx.AsyncByteStream):
             yield chunk
             if b"event: token" in chunk and self.rng.random() < CUT_PROBABILITY * 2:
                 self.viewer.cuts += 1
+                self.viewer.visits.append(f"{time.time():.3f} cut")
                 raise httpx.ReadError("cut by the soak")
 
     async def aclose(self) -> None:
@@ -456,6 +458,10 @@ class CuttingTransport(httpx.AsyncBaseTransport):
             self.viewer.errors.append(f"{time.monotonic():.2f} {response.status_code}")
         if request.method == "GET" and "/events" in request.url.path:
             self.viewer.connections += 1
+            self.viewer.visits.append(
+                f"{time.time():.3f} :{request.url.port} {response.status_code} "
+                f"from {request.headers.get('last-event-id')}"
+            )
             assert isinstance(response.stream, httpx.AsyncByteStream)
             response.stream = CuttingStream(response.stream, self.viewer, self.rng)
         return response
