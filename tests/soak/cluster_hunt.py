@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -53,7 +54,8 @@ REDIS_CLI = "/usr/bin/redis-cli"
 NODES = 6
 BUS_OFFSET = 10
 BROKER_OFFSET = 20
-MIGRATION_HOLDS = (0.0, 0.3, 1.0, 3.0)  # the last is past the brokers' 2 s patience
+MIGRATION_HOLDS = (3.0, 0.3, 1.0, 0.0)  # the first is past the brokers' 2 s patience
+MIGRATIONS = itertools.count()
 FAULT_KINDS = ("clean", "kill-behind", "stop-behind", "migrate")
 TOLERATE = (redis.RedisError, OSError)
 
@@ -251,7 +253,7 @@ def migrate_slot(deployment: ClusterDeployment) -> str:
     masters = [n for n in deployment.nodes() if "master" in n["flags"] and n["slots"]]
     target = deployment.rng.choice([n for n in masters if n["port"] != source])
     source_id = deployment.node(source)["id"]
-    hold = deployment.rng.choice(MIGRATION_HOLDS)
+    hold = MIGRATION_HOLDS[next(MIGRATIONS) % len(MIGRATION_HOLDS)]  # each in turn
     rcli(target["port"]).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
     rcli(source).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target["id"])
     time.sleep(hold)  # (the fault's shape: a slot split that long)
