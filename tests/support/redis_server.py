@@ -7,6 +7,7 @@ data (AOF on) or without it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -27,7 +28,12 @@ _HANDED_OUT: set[int] = set()
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1, and never handed out before
     in this run: the kernel may offer a port again once its socket is closed, and two
-    servers of one test given the same port had one answer for both (seen in e2e)."""
+    servers of one test given the same port had one answer for both (seen in e2e).
+    With ``TEST_PORT_RANGE=first-last`` set, only a port of that range (a machine
+    shared by several runs, each given its own)."""
+    ports = os.environ.get("TEST_PORT_RANGE")
+    if ports:
+        return _free_port_in(ports)
     for _ in range(10_000):  # bounded: the kernel has some 28,000 ephemeral ports
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -36,6 +42,21 @@ def free_port() -> int:
             _HANDED_OUT.add(port)
             return port
     raise RuntimeError(f"no port not handed out before, after 10,000 tries ({len(_HANDED_OUT)})")
+
+
+def _free_port_in(ports: str) -> int:
+    first, _, last = ports.partition("-")
+    for port in range(int(first), int(last or first) + 1):
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no port left in TEST_PORT_RANGE={ports} ({len(_HANDED_OUT)} handed out)")
 
 
 def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
