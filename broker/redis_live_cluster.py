@@ -100,6 +100,7 @@ class ClusterLiveReader:
         self._in_flight: dict[str, _NodeRead] = {}
         self._migrating = MigratingReads(cluster)
         self._rerouted = False  # a migration moved some reads at the last poll
+        self._owners: dict[str, str] = {}  # each key read -> its slot's node, at the last read
 
     async def open(self) -> None:
         """Nothing yet: a primary's connection opens with its first live topic."""
@@ -135,6 +136,7 @@ class ClusterLiveReader:
         """Each node's reads: one per slot; a migrating slot's, per key (MigratingReads)."""
         self._rerouted = False
         groups: _Groups = {}
+        owners: dict[str, str] = {}
         try:
             if not self._cluster.nodes_manager.slots_cache:
                 await self._cluster.initialize()
@@ -142,13 +144,29 @@ class ClusterLiveReader:
                 owner = self._cluster.get_node_from_key(key)
                 if owner is None:
                     raise StoreUnavailable(f"no cluster node serves {key}")
+                owners[key] = owner.name
                 node, read = self._migrating.place(key, self._cluster.keyslot(key), owner)
                 reads = groups.setdefault(node.name, (node, {}))[1]
                 reads.setdefault(read, {})[key] = position
         except REDIS_FAILURES as error:
             raise StoreUnavailable(f"cluster slot map unavailable: {error}") from error
+        self._note_new_owners(owners)
         self._migrating.forget(streams, {read.slot for _, r in groups.values() for read in r})
         return groups
+
+    def _note_new_owners(self, owners: dict[str, str]) -> None:
+        """Topics whose slot another node serves than at the last read, with no failure
+        of theirs seen: a primary froze a moment (its read not yet failed), its replica
+        took over without the newest events, and another command's MOVED refreshed the
+        slot map meanwhile. Read on at the new node from an entry it may lack, they are
+        looked at again as a failed node's topics are (``take_unread_spells``: the hub
+        checks that the log still holds what was read). A migration's end moves topics
+        too: looked at for nothing then, one state read each."""
+        now = asyncio.get_running_loop().time()
+        for key, name in owners.items():
+            if self._owners.get(key, name) != name:
+                self._unread_since.setdefault(c.topic_of_key(key), now)
+        self._owners = owners
 
     async def _poll(self, groups: _Groups) -> dict[str, list[LogEntry]]:
         polls, fresh = self._node_polls(groups)

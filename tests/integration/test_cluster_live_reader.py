@@ -209,3 +209,79 @@ async def test_a_node_slower_than_a_poll_is_still_delivered_from(
         assert store.take_unread_spells() == {}
     finally:
         await store.close()
+
+
+@pytest.fixture
+def cluster_with_replicas() -> Iterator[RedisClusterGroup]:
+    group = RedisClusterGroup(masters=3, replicas=1).start()
+    yield group
+    group.close()
+
+
+def replica_of(cluster: RedisClusterGroup, port: int) -> int:
+    nodes: Any = cluster.client(port).execute_command("CLUSTER", "NODES")
+    text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+    lines = [line.split() for line in text.splitlines()]
+    master_id = next(parts[0] for parts in lines if parts[1].startswith(f"127.0.0.1:{port}@"))
+    return next(int(parts[1].split("@")[0].rsplit(":", 1)[1]) for parts in lines
+                if parts[3] == master_id)  # fmt: skip
+
+
+def take_over_without_the_newest(cluster: RedisClusterGroup, primary: int, replica: int) -> None:
+    """``replica`` takes ``primary``'s slots (CLUSTER FAILOVER TAKEOVER) without what
+    ``primary`` wrote since its link was cut; until ``primary`` is its replica."""
+    wait_for(lambda: _role_of(cluster, primary) == "slave", 15, f":{primary} demoted")
+    cluster.wait_until_ok()
+    assert replica in cluster.master_ports()
+
+
+def _role_of(cluster: RedisClusterGroup, port: int) -> str:
+    info: Any = cluster.client(port).info("replication")
+    return str(info["role"])
+
+
+@pytest.mark.timeout(90)
+async def test_a_topic_whose_slot_another_node_took_over_unnoticed_is_looked_at_again(
+    cluster_with_replicas: RedisClusterGroup,
+) -> None:
+    """Found by tests/soak/cluster_hunt.py: a primary froze a moment (shorter than
+    CLUSTER_NODE_STUCK_S, so its read was not yet failed), its replica, without the
+    newest events, took over, and an append's MOVED refreshed the slot map meanwhile.
+    The reader read the topic on at the new primary, from an entry that one lacks,
+    with no failure seen: the hub never looked at the log again, and when another
+    instance had numbered the log on past the lost entries, its subscribers passed
+    the loss told nothing. A topic whose slot another node serves than at the last
+    read is looked at again, as a failed node's is (``take_unread_spells``)."""
+    cluster = cluster_with_replicas
+    primary = cluster.master_ports()[0]
+    replica = replica_of(cluster, primary)
+    topic = topic_on(cluster, primary)
+    store = open_store(cluster.url)
+    try:
+
+        async def append(data: str) -> StreamPosition:
+            return (await store.append(topic, [NewEvent(data)])).ids[0].position
+
+        e0 = await append("e0")
+        assert topic in await store.read_live({topic: (0, 0)}, block_ms=2000)
+        cluster.wait_for_replicas()
+        replica_client = cluster.client(replica)
+        replica_client.config_set("masterauth", "not-the-password")  # it cannot resync
+        replica_client.execute_command("CLIENT", "KILL", "TYPE", "master")
+        wait_for(
+            lambda: replica_client.info("replication")["master_link_status"] == "down",  # type: ignore[index]
+            5,
+            "the replica's link down",
+        )
+        e1 = await append("e1")  # the replica will never have it
+        [read] = (await store.read_live({topic: e0}, block_ms=2000))[topic]
+        assert read.position == e1
+        replica_client.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+        await asyncio.to_thread(take_over_without_the_newest, cluster, primary, replica)
+        replica_client.config_set("masterauth", "")
+        await append("e2")  # MOVED: the store's slot map names the replica now
+        again = await store.read_live({topic: e1}, block_ms=2000)
+        assert [e.data for e in again[topic]] == [b"e2"]  # read on past the lost e1
+        assert topic in store.take_unread_spells(), "the topic must be looked at again"
+    finally:
+        await store.close()
