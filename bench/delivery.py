@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -261,20 +261,55 @@ async def drive(
 
 
 def run_once(code: Path, args: argparse.Namespace) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="deliver-cg-") as directory:
+    async def window(redis_url: str, broker: subprocess.Popen[bytes]) -> dict[str, float]:
+        return await drive(args.port + 1, redis_url, args, broker)
+
+    return counted_run(code, args, window, "event")
+
+
+Drive = Callable[[str, "subprocess.Popen[bytes]"], Awaitable[dict[str, float]]]
+
+
+def counted_run(
+    code: Path,
+    args: argparse.Namespace,
+    window: Drive,
+    unit: str,
+    settings: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """One run of a driver's ``window`` (given the Redis URL and the broker process, it
+    returns its figures, ``{unit}s`` among them) against a private redis-server and a
+    broker running ``code``; with ``--callgrind``, the instructions per ``unit`` too
+    (and the dump kept with ``--keep``). Shared by this driver and bench.publishing."""
+    with tempfile.TemporaryDirectory(prefix="broker-cg-") as directory:
         out = Path(directory) / "callgrind.out" if args.callgrind else None
         with redis_server(args.port) as redis_url:
-            with broker_process(code, args.port + 1, redis_url, out) as broker:
-                figures = asyncio.run(drive(args.port + 1, redis_url, args, broker))
+            with broker_process(code, args.port + 1, redis_url, out, settings) as broker:
+                figures = asyncio.run(window(redis_url, broker))
         if out is not None:
             dumps = [p for p in Path(directory).iterdir() if p.name != out.name]
-            figures["ir_per_event"] = instructions_of(dumps[0]) / figures["events"]
+            figures[f"ir_per_{unit}"] = instructions_of(dumps[0]) / figures[f"{unit}s"]
             if args.keep:
                 args.keep.mkdir(parents=True, exist_ok=True)
                 target = args.keep / f"{code.resolve().name}-{time.time_ns()}.callgrind"
                 target.write_bytes(dumps[0].read_bytes())
                 figures["dump"] = str(target)  # type: ignore[assignment]
     return figures
+
+
+def alternate(
+    args: argparse.Namespace, run: Callable[[Path], dict[str, float]], label: str = ""
+) -> None:
+    """``--runs`` runs of each ``--broker-path`` build (the working tree's if none),
+    alternating (a shared machine drifts: alternated, both see its drift), each printed."""
+    builds = args.broker_path or [Path.cwd()]
+    for number in range(args.runs):
+        for code in builds:
+            figures = run(code)
+            shown = ", ".join(
+                f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()
+            )
+            print(f"run {number + 1} {code}{label}: {shown}", flush=True)
 
 
 def main() -> None:
@@ -291,14 +326,7 @@ def main() -> None:
         "--broker-path", type=Path, action="append", help="the code the broker runs (repeatable)"
     )
     args = parser.parse_args()
-    builds = args.broker_path or [Path.cwd()]
-    for run in range(args.runs):
-        for code in builds:
-            figures = run_once(code, args)
-            shown = ", ".join(
-                f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()
-            )
-            print(f"run {run + 1} {code}: {shown}", flush=True)
+    alternate(args, lambda code: run_once(code, args))
 
 
 if __name__ == "__main__":

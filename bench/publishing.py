@@ -25,19 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
+import subprocess
 import time
 from pathlib import Path
 
 import jwt
 
-from bench.delivery import (
-    broker_process,
-    callgrind_control,
-    cpu_seconds,
-    instructions_of,
-    redis_server,
-)
+from bench.delivery import alternate, callgrind_control, counted_run, cpu_seconds
 
 JWT_SECRET = "bench-publishing-secret-of-32-bytes-at-least"
 ANSWER_END = b"\r\n\r\n"
@@ -148,21 +142,11 @@ async def drive(port: int, args: argparse.Namespace, pid: int) -> dict[str, floa
 
 
 def run_once(code: Path, args: argparse.Namespace) -> dict[str, float]:
-    env = {"BROKER_JWT_SECRET": JWT_SECRET} if args.jwt else {}
-    with tempfile.TemporaryDirectory(prefix="publishing-cg-") as directory:
-        out = Path(directory) / "callgrind.out" if args.callgrind else None
-        with redis_server(args.port) as redis_url:
-            with broker_process(code, args.port + 1, redis_url, out, env) as broker:
-                figures = asyncio.run(drive(args.port + 1, args, broker.pid))
-        if out is not None:
-            dumps = [p for p in Path(directory).iterdir() if p.name != out.name]
-            figures["ir_per_post"] = instructions_of(dumps[0]) / figures["posts"]
-            if args.keep:
-                args.keep.mkdir(parents=True, exist_ok=True)
-                target = args.keep / f"{code.resolve().name}-{time.time_ns()}.callgrind"
-                target.write_bytes(dumps[0].read_bytes())
-                figures["dump"] = str(target)  # type: ignore[assignment]
-    return figures
+    async def window(redis_url: str, broker: subprocess.Popen[bytes]) -> dict[str, float]:
+        return await drive(args.port + 1, args, broker.pid)
+
+    settings = {"BROKER_JWT_SECRET": JWT_SECRET} if args.jwt else {}
+    return counted_run(code, args, window, "post", settings)
 
 
 def main() -> None:
@@ -180,14 +164,7 @@ def main() -> None:
         "--broker-path", type=Path, action="append", help="the code the broker runs (repeatable)"
     )
     args = parser.parse_args()
-    builds = args.broker_path or [Path.cwd()]
-    for run in range(args.runs):
-        for code in builds:
-            figures = run_once(code, args)
-            shown = ", ".join(
-                f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()
-            )
-            print(f"run {run + 1} {code}{' jwt' if args.jwt else ''}: {shown}", flush=True)
+    alternate(args, lambda code: run_once(code, args), " jwt" if args.jwt else "")
 
 
 if __name__ == "__main__":
