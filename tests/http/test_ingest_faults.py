@@ -373,24 +373,7 @@ async def test_lines_a_failover_lost_mid_body_end_the_ingest_and_the_resend_rest
     ingest stops at its next line (503, the connection closed), and the resend replays
     1-3 and stores 4-6 after them, in order."""
     topic, key, lines = new_topic(), f"gen-failover-{route}", body_of(6)
-    ingest = await open_ingest(broker, topic, key, route)
-    await ingest.send(b"".join(lines[:3]))
-    await await_until(lambda: stored_is(client, topic, datas(3)), timeout=5, what="3 stored")
-    before_4 = await IngestAppends.read(redis_admin, topic, key)
-    await ingest.send(b"".join(lines[3:5]))
-    await await_until(lambda: stored_is(client, topic, datas(5)), timeout=5, what="5 stored")
-    await before_4.lose_since(redis_admin, 2)  # the failover
-    await ingest.send(lines[5])
-    try:
-        answer = await ingest.answer(timeout=5)  # (the body still coming)
-    except TimeoutError:
-        raise AssertionError(f"it went on: {await stored_datas(client, topic)}") from None
-    finally:
-        ingest.cut()
-    assert answer.status == 503, answer.body
-    assert answer.headers["connection"] == "close"
-    problem = json.loads(answer.body)
-    assert problem["type"] == "/problems#ingest-lines-lost", problem
+    problem = await lines_4_and_5_lost_mid_ingest(broker, client, redis_admin, route, topic, key)
     assert "5 line(s) were stored before" in problem["detail"], problem
     assert await stored_datas(client, topic) == datas(3)  # (line 6 not stored after 3)
     again = await resend_until_success(client, topic, key, b"".join(lines))
@@ -408,24 +391,7 @@ async def test_lines_a_failover_lost_mid_body_end_an_ingest_without_a_key_naming
     its next line (503, nothing stored), telling the producer the lines after line 3
     are lost: it sends those again, and the log holds each line once, in order."""
     topic, lines = new_topic(), body_of(6)
-    ingest = await open_ingest(broker, topic, None, route)
-    await ingest.send(b"".join(lines[:3]))
-    await await_until(lambda: stored_is(client, topic, datas(3)), timeout=5, what="3 stored")
-    before_4 = await IngestAppends.read(redis_admin, topic, None)
-    await ingest.send(b"".join(lines[3:5]))
-    await await_until(lambda: stored_is(client, topic, datas(5)), timeout=5, what="5 stored")
-    await before_4.lose_since(redis_admin, 2)  # the failover
-    await ingest.send(lines[5])
-    try:
-        answer = await ingest.answer(timeout=5)  # (the body still coming)
-    except TimeoutError:
-        raise AssertionError(f"it went on: {await stored_datas(client, topic)}") from None
-    finally:
-        ingest.cut()
-    assert answer.status == 503, answer.body
-    assert answer.headers["connection"] == "close"
-    problem = json.loads(answer.body)
-    assert problem["type"] == "/problems#ingest-lines-lost", problem
+    problem = await lines_4_and_5_lost_mid_ingest(broker, client, redis_admin, route, topic, None)
     assert "the lines after line 3 are lost" in problem["detail"], problem
     assert await stored_datas(client, topic) == datas(3)  # (line 6 not stored after 3)
     rest = await client.post(f"/topics/{topic}/events", content=b"".join(lines[3:]), headers=NDJSON)
@@ -589,6 +555,40 @@ async def test_every_line_a_failover_lost_is_told_however_late_the_next_append_r
         assert await stored_datas(client, topic) == ["other"]  # (line 3 not stored)
         assert answer.status == 503, answer.body
         assert json.loads(answer.body)["type"] == "/problems#ingest-lines-lost", answer.body
+
+
+async def lines_4_and_5_lost_mid_ingest(
+    broker: BrokerProcess,
+    client: httpx.AsyncClient,
+    redis_admin: redis.Redis,
+    route: str,
+    topic: str,
+    key: str | None,
+) -> dict[str, Any]:
+    """An ingest of 6 lines under ``key`` (or none) whose lines 4-5 a failover loses
+    once stored (their appends undone), then line 6 sent: the problem it must be
+    answered with at once (503 ingest-lines-lost, the connection closed, the body still
+    coming), line 6 not stored after 3."""
+    lines = body_of(6)
+    ingest = await open_ingest(broker, topic, key, route)
+    await ingest.send(b"".join(lines[:3]))
+    await await_until(lambda: stored_is(client, topic, datas(3)), timeout=5, what="3 stored")
+    before_4 = await IngestAppends.read(redis_admin, topic, key)
+    await ingest.send(b"".join(lines[3:5]))
+    await await_until(lambda: stored_is(client, topic, datas(5)), timeout=5, what="5 stored")
+    await before_4.lose_since(redis_admin, 2)  # the failover
+    await ingest.send(lines[5])
+    try:
+        answer = await ingest.answer(timeout=5)  # (the body still coming)
+    except TimeoutError:
+        raise AssertionError(f"it went on: {await stored_datas(client, topic)}") from None
+    finally:
+        ingest.cut()
+    assert answer.status == 503, answer.body
+    assert answer.headers["connection"] == "close"
+    problem: dict[str, Any] = json.loads(answer.body)
+    assert problem["type"] == "/problems#ingest-lines-lost", problem
+    return problem
 
 
 async def open_ingest(broker: BrokerProcess, topic: str, key: str | None, route: str) -> RawIngest:
