@@ -30,7 +30,8 @@ def free_port() -> int:
     in this run: the kernel may offer a port again once its socket is closed, and two
     servers of one test given the same port had one answer for both (seen in e2e).
     With ``TEST_PORT_RANGE=first-last`` set, only a port of that range (a machine
-    shared by several runs, each given its own)."""
+    shared by several runs, each given its own); under pytest-xdist, only this
+    worker's slice of it."""
     ports = os.environ.get("TEST_PORT_RANGE")
     if ports:
         return _free_port_in(ports)
@@ -46,7 +47,7 @@ def free_port() -> int:
 
 def _free_port_in(ports: str) -> int:
     first, _, last = ports.partition("-")
-    for port in range(int(first), int(last or first) + 1):
+    for port in _this_workers_share(int(first), int(last or first)):
         if port in _HANDED_OUT:
             continue
         with socket.socket() as sock:
@@ -57,6 +58,21 @@ def _free_port_in(ports: str) -> int:
         _HANDED_OUT.add(port)
         return port
     raise RuntimeError(f"no port left in TEST_PORT_RANGE={ports} ({len(_HANDED_OUT)} handed out)")
+
+
+def _this_workers_share(first: int, last: int) -> range:
+    """The range, or this pytest-xdist worker's slice of it: each worker is a process
+    with its own record of the ports handed out, and scanning the whole range from its
+    first port, two were handed the same one (their servers collided)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1...
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or workers <= 1:
+        return range(first, last + 1)
+    size = (last - first + 1) // workers
+    if size == 0:
+        raise RuntimeError(f"TEST_PORT_RANGE {first}-{last}: fewer ports than {workers} workers")
+    start = first + int(worker.removeprefix("gw")) * size
+    return range(start, start + size)
 
 
 def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
