@@ -161,7 +161,10 @@ class ClusterLiveReader:
         slot map meanwhile. Read on at the new node from an entry it may lack, they are
         looked at again as a failed node's topics are (``take_unread_spells``: the hub
         checks that the log still holds what was read). A migration's end moves topics
-        too: looked at for nothing then, one state read each."""
+        too: looked at for nothing then, one state read each. Only keys read at the last
+        read are remembered: a topic read for the first time (or again) has no owner to
+        compare with yet, and a failover just before its first read is left to the
+        hub's check that entries follow in number."""
         now = asyncio.get_running_loop().time()
         for key, name in owners.items():
             if self._owners.get(key, name) != name:
