@@ -19,7 +19,7 @@ Two measures of the window after ``--warmup`` rounds:
 - ``--callgrind``: the broker runs under ``valgrind --tool=callgrind`` with its
   instrumentation off until the window (``callgrind_control -i on``), dumped after it:
   instructions per delivered event, user space only (no syscall), which a machine
-  shared with other work does not move. ``--cpu``: the broker's CPU time (user and
+  shared with other work does not move. Always: the broker's CPU time (user and
   system, from /proc) per event, which it does.
 - ``--broker-path``: the code the broker runs (a git worktree of another commit), so
   two builds are compared alternately against the same driver.
