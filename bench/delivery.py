@@ -40,8 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -267,7 +268,7 @@ def run_once(code: Path, args: argparse.Namespace) -> dict[str, float]:
     return counted_run(code, args, window, "event")
 
 
-Drive = Callable[[str, "subprocess.Popen[bytes]"], Awaitable[dict[str, float]]]
+Drive = Callable[[str, "subprocess.Popen[bytes]"], Coroutine[Any, Any, dict[str, float]]]
 
 
 def counted_run(
