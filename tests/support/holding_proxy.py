@@ -10,34 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
-from collections.abc import Iterator
+
+from tests.support.tcp_proxy import TcpProxy
 
 
-class HoldingProxy:
+class HoldingProxy(TcpProxy):
     """Forwards 127.0.0.1:``port`` to ``upstream_port``; one client connection at a time
     is enough for these tests (each is served by its own threads)."""
 
     def __init__(self, upstream_port: int) -> None:
-        self._upstream_port = upstream_port
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
-        self.port = int(self._listener.getsockname()[1])
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
+        super().__init__(upstream_port)
         self._holding = False
         self._held: list[tuple[socket.socket, bytes]] = []  # (to whom, a piece sent)
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        self.connections = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> HoldingProxy:
-        self._spawn(self._accept)
+        super().start()
         return self
 
     def hold(self) -> None:
@@ -74,60 +66,15 @@ class HoldingProxy:
             with contextlib.suppress(OSError):
                 client.sendall(data)
 
-    def close(self) -> None:
-        self._stop.set()
-        for sock in [self._listener, *self._sockets]:
-            with contextlib.suppress(OSError):
-                sock.close()
-        for thread in self._threads:
-            thread.join(timeout=5)
-
     def __enter__(self) -> HoldingProxy:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _spawn(self, target: object, *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client = self._listener.accept()[0]
-            except (TimeoutError, OSError):
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self._upstream_port), timeout=5)
-            upstream.settimeout(None)
-            self._sockets += [client, upstream]
-            self.connections += 1
-            self._spawn(self._pipe, client, upstream, False)
-            self._spawn(self._pipe, upstream, client, True)
-
-    def _pipe(self, source: socket.socket, target: socket.socket, from_broker: bool) -> None:
-        for _ in _until_closed(source):
-            try:
-                data = source.recv(65536)
-            except OSError:
-                break
-            if not data:
-                break
-            with self._lock:
-                if from_broker and self._holding:
-                    self._held.append((target, data))
-                    continue
-            try:
-                target.sendall(data)
-            except OSError:
-                break
-        for sock in (source, target):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
-def _until_closed(source: socket.socket) -> Iterator[None]:
-    """Each read of a pipe (bounded by its socket: a closed one ends the loop)."""
-    while source.fileno() != -1:
-        yield
+    def _passes(self, data: bytes, target: socket.socket, upstream: bool) -> bool:
+        with self._lock:
+            if not upstream and self._holding:
+                self._held.append((target, data))
+                return False
+        return True
