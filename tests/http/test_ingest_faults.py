@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from importlib import resources
 from typing import Any
 
@@ -482,25 +482,7 @@ async def test_every_line_a_failover_lost_mid_body_ends_the_ingest_too(
     stored 1-2 after 3. The entry it stored last is no longer in the log: the ingest
     stops (503), and the resend stores 1-3 in order."""
     topic, key, lines = new_topic(), "gen-failover-all", body_of(3)
-    other = await client.post(f"/topics/{topic}/events", json={"data": "other"})
-    assert other.status_code == 201, other.text
-    before_1 = await IngestAppends.read(redis_admin, topic, key)
-    ingest = await open_ingest(broker, topic, key, "lean")
-    await ingest.send(b"".join(lines[:2]))
-    await await_until(
-        lambda: stored_is(client, topic, ["other", *datas(2)]), timeout=5, what="2 stored"
-    )
-    await before_1.lose_since(redis_admin, 2)  # the failover
-    await ingest.send(lines[2])
-    try:
-        answer = await ingest.answer(timeout=5)  # (the body still coming)
-    except TimeoutError:
-        raise AssertionError(f"it went on: {await stored_datas(client, topic)}") from None
-    finally:
-        ingest.cut()
-    assert answer.status == 503, answer.body
-    assert json.loads(answer.body)["type"] == "/problems#ingest-lines-lost", answer.body
-    assert await stored_datas(client, topic) == ["other"]
+    await every_line_lost_mid_ingest(broker, client, redis_admin, topic, key)
     again = await resend_until_success(client, topic, key, b"".join(lines))
     assert again.status_code == 201, again.text
     assert await stored_datas(client, topic) == ["other", *datas(3)]
@@ -532,29 +514,51 @@ async def test_every_line_a_failover_lost_is_told_however_late_the_next_append_r
     timeout, the idle deadline firing up to an eighth late, did too). Only a line stored
     within half the window had to be recorded: the ingest went on, line 3 stored after
     the other event, untold. Now it stops (503), nothing stored."""
-    broker, topic, key, lines = shortest_window_broker, new_topic(), "gen-late", body_of(3)
+    broker, topic, key = shortest_window_broker, new_topic(), "gen-late"
     async with httpx.AsyncClient(base_url=broker.url, timeout=30) as client:
-        other = await client.post(f"/topics/{topic}/events", json={"data": "other"})
-        assert other.status_code == 201, other.text
-        before_1 = await IngestAppends.read(redis_admin, topic, key)
-        ingest = await open_ingest(broker, topic, key, "lean")
-        await ingest.send(b"".join(lines[:2]))
-        await await_until(
-            lambda: stored_is(client, topic, ["other", *datas(2)]), timeout=5, what="2 stored"
-        )
-        await before_1.lose_since(redis_admin, 2)  # the failover
         held_ms = int(BODY_TIMEOUT_S * 1000 * 1.15)  # (past half the window: it ends by itself)
-        await redis_admin.execute_command("CLIENT", "PAUSE", held_ms, "WRITE")
-        await ingest.send(lines[2])
-        try:
-            answer = await ingest.answer(timeout=held_ms / 1000 + 5)
-        except TimeoutError:
-            raise AssertionError(f"it went on: {await stored_datas(client, topic)}") from None
-        finally:
-            ingest.cut()
-        assert await stored_datas(client, topic) == ["other"]  # (line 3 not stored)
-        assert answer.status == 503, answer.body
-        assert json.loads(answer.body)["type"] == "/problems#ingest-lines-lost", answer.body
+
+        async def pause_writes() -> None:
+            await redis_admin.execute_command("CLIENT", "PAUSE", held_ms, "WRITE")
+
+        await every_line_lost_mid_ingest(
+            broker, client, redis_admin, topic, key, before_line_3=pause_writes
+        )
+
+
+async def every_line_lost_mid_ingest(
+    broker: BrokerProcess,
+    client: httpx.AsyncClient,
+    redis_admin: redis.Redis,
+    topic: str,
+    key: str,
+    before_line_3: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """An event ("other"), then an ingest under ``key`` whose lines 1-2 a failover loses
+    once stored (their appends undone), then (after ``before_line_3``) line 3 sent: it
+    must be answered 503 ingest-lines-lost, line 3 not stored after the other event."""
+    lines = body_of(3)
+    other = await client.post(f"/topics/{topic}/events", json={"data": "other"})
+    assert other.status_code == 201, other.text
+    before_1 = await IngestAppends.read(redis_admin, topic, key)
+    ingest = await open_ingest(broker, topic, key, "lean")
+    await ingest.send(b"".join(lines[:2]))
+    await await_until(
+        lambda: stored_is(client, topic, ["other", *datas(2)]), timeout=5, what="2 stored"
+    )
+    await before_1.lose_since(redis_admin, 2)  # the failover
+    if before_line_3 is not None:
+        await before_line_3()
+    await ingest.send(lines[2])
+    try:
+        answer = await ingest.answer(timeout=10)  # (the body still coming)
+    except TimeoutError:
+        raise AssertionError(f"it went on: {await stored_datas(client, topic)}") from None
+    finally:
+        ingest.cut()
+    assert answer.status == 503, answer.body
+    assert json.loads(answer.body)["type"] == "/problems#ingest-lines-lost", answer.body
+    assert await stored_datas(client, topic) == ["other"]  # (line 3 not stored)
 
 
 async def lines_4_and_5_lost_mid_ingest(
