@@ -72,7 +72,7 @@ from httpx_sse import aconnect_sse
 from broker import constants as c
 from brokerclient import AsyncSubscriber
 from tests.e2e.brokers import broker_environment, broker_executable
-from tests.soak.llm_soak import TLS, CuttingTransport, Viewer, compress, token_line
+from tests.soak.llm_soak import TLS, CuttingTransport, Timeline, Viewer, compress, token_line
 from tests.support.polling import wait_until
 from tests.support.procs import ManagedProcess, http_status, tail
 from tests.support.redis_server import REDIS_SERVER, RedisServer, redis_ping
@@ -345,19 +345,6 @@ class Generation:
     breaks: list[str] = field(default_factory=list)
     failure: str | None = None
     note: str | None = None
-
-
-@dataclass
-class Timeline:
-    started: float = field(default_factory=time.monotonic)
-    lines: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
-    def note(self, what: str) -> None:
-        self.lines.append(f"{time.monotonic() - self.started:6.2f}s {what}")
-
-    def __str__(self) -> str:
-        return "\n".join(self.lines)
 
 
 # -- producers -----------------------------------------------------------------------------
