@@ -33,7 +33,8 @@ event object, stored and delivered as it arrives, not when the body ends.
   and its entry, which must still be in the log where the records cannot tell (the
   ingest past its window, or every line of it lost), whatever the window. Without an
   Idempotency-Key (no line records) the entry tells; such a producer cannot resend
-  exactly, so it is told the last line the log kept.
+  exactly, so it is told the last line the log kept. So is one whose records were past
+  the window: its lines kept answer no more, and its resend stored them twice.
   But a log deleted on purpose (DELETE, while the store knows of it) ends the ingest
   with 409 topic-deleted, not to be resent: a resend created the topic again.
 - A bad line stops the ingest with 400 naming it; the lines before it stay
@@ -74,10 +75,10 @@ LINE_ENVELOPE_BYTES = 4096
 """A line may exceed ``max_event_bytes`` by this much: the JSON around the data."""
 CLIENT_GONE = "the client went away before the body ended"
 REMEMBERED_APPENDS = 64
-"""An ingest without an Idempotency-Key remembers where its newest appends ended, to
-tell which of its lines a failover lost (some 6 KB; a failover loses what the replica
-had not received yet, mostly milliseconds of appends; at one append a token, 64 are a
-second or more of them)."""
+"""An ingest remembers where its newest appends ended, to tell which of its lines a
+failover lost when no line record can (without an Idempotency-Key, or past the window;
+some 6 KB; a failover loses what the replica had not received yet, mostly milliseconds
+of appends; at one append a token, 64 are a second or more of them)."""
 
 
 class IngestBody(Protocol):
@@ -165,7 +166,7 @@ class Ingest:
         self._last_line = 0
         """The number of the last line stored (or replayed): ``IngestLines.after``."""
         self._appends_ended: deque[tuple[StreamPosition, int]] = deque(maxlen=REMEMBERED_APPENDS)
-        """Without a key: the last entry and line of each of its newest appends."""
+        """The last entry and line of each of its newest appends."""
         self._forgotten_through = 0
         """The last line of the newest append no longer in ``_appends_ended``."""
 
@@ -329,7 +330,7 @@ class Ingest:
             )
         except LogGone as gone:
             # The store answered: what is read to tell the producer runs under a deadline
-            # of its own (``_keyless_lines_lost``), not the append's: the append's, firing
+            # of its own (``_lines_lost_unrecorded``), not the append's: the append's, firing
             # meanwhile, cancelled it, and the producer got no answer at all.
             self._watch.done()
             raise await self._told_lost(gone) from None
@@ -348,8 +349,7 @@ class Ingest:
         self._last_line = pending[-1][0]
         if result.replayed:
             self.result.replayed += len(result.ids)
-        if self._key is None:
-            self._remember_append(result.ids[-1].position, pending[-1][0])
+        self._remember_append(result.ids[-1].position, pending[-1][0])
 
     def _after_entry(self) -> StreamPosition:
         """The entry the request stored last, which the log must still hold; (0, 0) before
@@ -364,22 +364,32 @@ class Ingest:
         ended.append((last_entry, last_line))
 
     async def _told_lost(self, lost: LogGone) -> LogGone:
-        if self._key is None and isinstance(lost, LinesLost):
-            return await self._keyless_lines_lost()
+        if isinstance(lost, LinesLost) and (self._key is None or not lost.replayable):
+            return await self._lines_lost_unrecorded()
         return self._lost(lost)
 
-    async def _keyless_lines_lost(self) -> LinesLost:
-        """Lines a failover lost, told to a producer without an Idempotency-Key: it cannot
-        resend the whole stream (the lines kept would be stored twice), so it is told
-        after which line they were lost, to send the rest again."""
+    async def _lines_lost_unrecorded(self) -> LinesLost:
+        """Lines a failover lost, told to a producer whose resend of the whole stream would
+        store the lines kept twice: it has no Idempotency-Key, or its lines' records were
+        past the window (``LinesLost.replayable``). So it is told after which line they
+        were lost, to send the rest again."""
         head = (
             "lines of this ingest were lost from the topic's log (a failover to a replica "
             f"that had not received them yet): {self.result.count} line(s) were stored before"
         )
-        resend = (
-            "no later line was stored; send the lost lines again (without an "
-            "Idempotency-Key, the whole stream sent again stores the lines kept twice)"
-        )
+        if self._key is None:
+            resend = (
+                "no later line was stored; send the lost lines again (without an "
+                "Idempotency-Key, the whole stream sent again stores the lines kept twice)"
+            )
+        else:
+            resend = (
+                "no later line was stored; send the stream again from its first line lost "
+                "on, as a stream of its own (under its Idempotency-Key or another): the "
+                "lines kept are no longer recorded under the key (their records lapsed, "
+                "this ingest having paused past BROKER_IDEMPOTENCY_SECONDS, or went with "
+                "the lines lost), so the whole stream sent again would store them twice"
+            )
         try:
             async with asyncio.timeout(self._append_timeout):  # (a read each: bounded whole)
                 kept, exact = await self._last_line_kept()

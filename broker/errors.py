@@ -89,6 +89,12 @@ class LinesLost(LogLost):
     replays the lines kept and stores the rest after them, in order (HTTP 503)."""
 
     title = "Ingest lines lost"
+    replayable = True
+    """Whether the lines kept are still recorded under the ingest's Idempotency-Key, so
+    that the resend of the whole stream replays them: not once its records were past
+    the window (an ingest that paused past it; or its records went with every line of
+    it), where the store told the loss by the entry it stored last, and the resend
+    stored the lines kept twice."""
 
 
 class LogDeleted(LogGone):

@@ -818,7 +818,9 @@ def _refusal(status: int, answer: str, topic: str, lines: IngestLines | None) ->
     if status == -5:
         return LogDeleted(f"topic {topic!r} was deleted while the ingest was writing to it")
     if status == -4:
-        return LinesLost(f"lines of topic {topic!r} it had stored are gone")
+        lost = LinesLost(f"lines of topic {topic!r} it had stored are gone")
+        lost.replayable = answer != "unrecorded"
+        return lost
     return _not_the_line_stored(answer, lines)  # (-3)
 
 

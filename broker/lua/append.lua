@@ -38,7 +38,8 @@
 -- -3 refused: a resent line is not the one stored under its number (the second value:
 -- that number), -4 refused: the line the request stored last is no longer recorded, or
 -- (its records past the window, or no Idempotency-Key) its entry is no longer in the log
--- (lost with the newest writes: a failover; the second value is '').
+-- (lost with the newest writes: a failover; the second value is '', or 'unrecorded' for an
+-- ingest whose records were past the window: none of its lines kept is replayed).
 local log, meta, records, written = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local lines, lines_written = KEYS[5], KEYS[6]
 local per_event = ARGV[8] == '1'
@@ -203,12 +204,15 @@ end
 -- window (a read of the entry, at such an append only). It was a line stored within
 -- half the window by its id's time that had to be recorded: a pause past half the
 -- window (a store slow to answer after one near the body's timeout) went on, untold.
+-- Past the window its lines kept answer no more: a resend of the whole stream under its
+-- key stored them twice, so the refusal says so ('unrecorded'), and the ingest tells
+-- which lines are kept (api/ingest.py) as it does one without a key.
 if per_event and stored_before > 0 and epoch then
   ingest_state()
   if ingest_live then
     if not remembered_line(stored_before, epoch) then return {-4, ''} end
   elseif stored_entry and stored_entry ~= '0-0' and not entry_kept(stored_entry) then
-    return {-4, ''}
+    return {-4, 'unrecorded'}
   end
 end
 

@@ -526,6 +526,64 @@ async def test_every_line_a_failover_lost_is_told_however_late_the_next_append_r
         )
 
 
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_lines_lost_after_a_pause_past_the_window_are_told_to_be_sent_again_alone(
+    shortest_window_broker: BrokerProcess, redis_admin: redis.Redis, route: str
+) -> None:
+    """The failover that lost lines 4-5 of a keyed ingest, which then paused past the
+    window (blank lines kept its body going): the records of lines 1-3 lapsed, and the
+    store tells the loss by the entry stored last. The ingest was told to send the whole
+    stream again with its key, "the lines kept are replayed": they are recorded no more,
+    and that resend stored 1-3 twice. Now it is told the lines after line 3 are lost,
+    to be sent again as a stream of their own: done so, each line is stored once."""
+    broker, topic, key = shortest_window_broker, new_topic(), "gen-paused"
+    lines = body_of(6)
+    async with httpx.AsyncClient(base_url=broker.url, timeout=30) as client:
+        problem = await lines_4_and_5_lost_mid_ingest(
+            broker,
+            client,
+            redis_admin,
+            route,
+            topic,
+            key,
+            before_line_6=pause_past_the_window(redis_admin),
+        )
+        assert problem["type"] == "/problems#ingest-lines-lost", problem
+        detail = problem["detail"]
+        assert "the lines after line 3 are lost;" in detail, problem
+        assert "send the stream again from its first line lost on" in detail, problem
+        assert "the lines kept are replayed" not in detail, problem
+        assert await stored_datas(client, topic) == datas(3)
+        rest = await client.post(
+            f"/topics/{topic}/events",
+            content=b"".join(lines[3:]),
+            headers={**NDJSON, "Idempotency-Key": key},
+        )
+        assert rest.status_code == 201, rest.text
+        assert await stored_datas(client, topic) == datas(6)
+
+
+def pause_past_the_window(
+    redis_admin: redis.Redis,
+) -> Callable[[RawIngest, IngestAppends], Awaitable[None]]:
+    """The ingest sends blank lines (a read each: its body's timeout does not fire) until
+    Redis's clock is past the window after the last write of its lines that Redis kept."""
+    window_ms = int(SHORTEST_WINDOW["BROKER_IDEMPOTENCY_SECONDS"]) * 1000
+    pace_s = BODY_TIMEOUT_S / 8
+
+    async def pause(ingest: RawIngest, kept: IngestAppends) -> None:
+        assert kept.at is not None, "none of its lines was kept"
+        for _ in range(int(4 * window_ms / 1000 / pace_s)):
+            seconds, micros = await redis_admin.time()
+            if seconds * 1000 + micros // 1000 > kept.at + window_ms:
+                return
+            await ingest.send(b"\n")
+            await asyncio.sleep(pace_s)  # (a producer's pause, paced: no race behind it)
+        raise AssertionError("Redis's clock did not pass the window")
+
+    return pause
+
+
 async def every_line_lost_mid_ingest(
     broker: BrokerProcess,
     client: httpx.AsyncClient,
@@ -568,11 +626,13 @@ async def lines_4_and_5_lost_mid_ingest(
     route: str,
     topic: str,
     key: str | None,
+    before_line_6: Callable[[RawIngest, IngestAppends], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """An ingest of 6 lines under ``key`` (or none) whose lines 4-5 a failover loses
-    once stored (their appends undone), then line 6 sent: the problem it must be
-    answered with at once (503 ingest-lines-lost, the connection closed, the body still
-    coming), line 6 not stored after 3."""
+    once stored (their appends undone), then (after ``before_line_6``, given the ingest
+    and what the appends of 4-5 undid) line 6 sent: the problem it must be answered
+    with at once (503 ingest-lines-lost, the connection closed, the body still coming),
+    line 6 not stored after 3."""
     lines = body_of(6)
     ingest = await open_ingest(broker, topic, key, route)
     await ingest.send(b"".join(lines[:3]))
@@ -581,6 +641,8 @@ async def lines_4_and_5_lost_mid_ingest(
     await ingest.send(b"".join(lines[3:5]))
     await await_until(lambda: stored_is(client, topic, datas(5)), timeout=5, what="5 stored")
     await before_4.lose_since(redis_admin, 2)  # the failover
+    if before_line_6 is not None:
+        await before_line_6(ingest, before_4)
     await ingest.send(lines[5])
     try:
         answer = await ingest.answer(timeout=5)  # (the body still coming)

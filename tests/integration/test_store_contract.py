@@ -331,13 +331,14 @@ async def test_an_ingest_whose_newest_lines_a_failover_lost_stores_no_more(
     log, its epoch unchanged, without them. The ingest went on: line 6 stored after 3,
     4-5 answered but gone, and the resend stored them after 6. Now an append naming
     the line its request stored last (5) is refused, nothing stored, and so is the
-    close; the resend replays 1-3 and stores 4-6 after them, in order."""
+    close; the resend replays 1-3 and stores 4-6 after them, in order (``replayable``)."""
     kept = [await ingest_line(store, topic, n) for n in (1, 2, 3)]
     before_4 = await IngestAppends.read(store._client, topic, "K")
     lost = [await ingest_line(store, topic, n, epoch=kept[0].epoch) for n in (4, 5)]
     await before_4.lose_since(store._client, 2)  # the failover
-    with pytest.raises(LinesLost):
+    with pytest.raises(LinesLost) as refused:
         await ingest_line(store, topic, 6, epoch=kept[0].epoch)
+    assert refused.value.replayable
     with pytest.raises(LinesLost):
         await store.append(
             topic, [], lines=IngestLines("K", [], after=5), close=True, log_epoch=kept[0].epoch
@@ -359,14 +360,16 @@ async def test_an_ingest_whose_every_line_a_failover_lost_stores_no_more(
     log (another writer's event), and nothing says the ingest began: no line record,
     no head, no time. Its line 3 was stored after the other event, 1-2 answered but
     gone, and the resend stored them after 3. The entry the request stored last
-    (``after_entry``) is no longer in the log: refused."""
+    (``after_entry``) is no longer in the log: refused, told not ``replayable`` (no
+    record of the ingest's lines is left to replay)."""
     other = (await store.append(topic, events("other"))).ids[0]
     before_1 = await IngestAppends.read(store._client, topic, "K")
     first = await ingest_line(store, topic, 1, epoch=other.epoch)
     second = await ingest_line(store, topic, 2, epoch=other.epoch, after=first)
     await before_1.lose_since(store._client, 2)  # the failover
-    with pytest.raises(LinesLost):
+    with pytest.raises(LinesLost) as refused:
         await ingest_line(store, topic, 3, epoch=other.epoch, after=second)
+    assert not refused.value.replayable
     assert (await store.state(topic)).length == 1
     await store.append(topic, events("l1", "l2", "l3"), lines=IngestLines("K", [1, 2, 3]))
     entries = (await store.read_range(topic, (0, 0), 10)).entries
