@@ -74,6 +74,7 @@ from broker.validation import event_from_json, loads_exactly
 LINE_ENVELOPE_BYTES = 4096
 """A line may exceed ``max_event_bytes`` by this much: the JSON around the data."""
 CLIENT_GONE = "the client went away before the body ended"
+TIMED_OUT = "the store did not confirm the write in time"
 REMEMBERED_APPENDS = 64
 """An ingest remembers where its newest appends ended, to tell which of its lines a
 failover lost when no line record can (without an Idempotency-Key, or past the window;
@@ -219,22 +220,39 @@ class Ingest:
 
     async def close_topic(self) -> AppendResult:
         """Close the topic once the body ended (``?close=true``), in the log its lines
-        went to: a log lost since is told as one lost mid-body, and no new one begun."""
+        went to: a log lost since is told as one lost mid-body, and no new one begun.
+        Under the appends' deadline: the watch is over, and a store that stopped
+        answering held the producer past it (until the connection's own reply timeout)."""
         self.check_token()
         lines = None  # (its last line must be there still: see ``_append``)
         if self._key is not None and self._last_line:
             lines = IngestLines(self._key, [], self._last_line)
         try:
-            return await self.broker.publish(
-                self.topic,
-                [],
-                lines=lines,
-                close=True,
-                log_epoch=self.log_epoch,
-                after_entry=self._after_entry(),
-            )
+            async with asyncio.timeout(self._append_timeout):
+                return await self.broker.publish(
+                    self.topic,
+                    [],
+                    lines=lines,
+                    close=True,
+                    log_epoch=self.log_epoch,
+                    after_entry=self._after_entry(),
+                )
         except LogGone as gone:
             raise await self._told_lost(gone) from None
+        except TimeoutError:
+            raise self._close_unconfirmed(StoreUnavailable(TIMED_OUT)) from None
+        except StoreUnavailable as error:
+            raise self._close_unconfirmed(error) from error
+
+    def _close_unconfirmed(self, error: StoreUnavailable) -> StoreUnavailable:
+        """The close failed, the lines stored: said, and how to close it (a close of a
+        closed topic answers its end again, so it may have landed or not)."""
+        detail = (
+            f"{error.detail}; {self._stored_so_far()}; the topic's close is not confirmed "
+            f"(it may have landed): send only the close again, POST /topics/{self.topic}/close "
+            "(a topic closed already answers its end again)"
+        )
+        return type(error)(detail, retry_after=error.retry_after)
 
     def _parse(self, number: int, line: bytes) -> NewEvent:
         try:
@@ -337,7 +355,7 @@ class Ingest:
         except asyncio.CancelledError:
             if not self._watch.fired(_STORE):
                 raise
-            raise StoreUnavailable("the store did not confirm the write in time") from None
+            raise StoreUnavailable(TIMED_OUT) from None
         except TopicClosed as closed:  # (by another producer, mid-ingest: say what was kept)
             stored = self.result.count
             raise TopicClosed(closed.topic, closed.end_id, stored_before=stored) from None

@@ -26,6 +26,7 @@ from tests.http.helpers import RawResponse, new_topic, request_bytes
 from tests.http.test_ingest import RawIngest, history, line
 from tests.support.broker_process import BrokerProcess
 from tests.support.failover import IngestAppends
+from tests.support.holding_proxy import HoldingProxy
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
 from tests.support.slow_redis_proxy import SlowRedisProxy
@@ -657,15 +658,17 @@ async def lines_4_and_5_lost_mid_ingest(
     return problem
 
 
-async def open_ingest(broker: BrokerProcess, topic: str, key: str | None, route: str) -> RawIngest:
+async def open_ingest(
+    broker: BrokerProcess, topic: str, key: str | None, route: str, query: str = ""
+) -> RawIngest:
     """An ingest on the lean route, or on the ASGI route: behind a request uvicorn's own
     protocol reads (as in test_ingest). ``key`` None: without an Idempotency-Key."""
     headers = {} if key is None else {"Idempotency-Key": key}
     if route == "lean":
-        return await RawIngest.open(broker, topic, headers=headers)
+        return await RawIngest.open(broker, topic, query, headers=headers)
     reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
     head = {**NDJSON, "Transfer-Encoding": "chunked", **headers}
-    target = f"{broker.url}/topics/{topic}/events"
+    target = f"{broker.url}/topics/{topic}/events{query}"
     writer.write(
         request_bytes("GET", f"{broker.url}/healthz") + request_bytes("POST", target, head)
     )
@@ -674,6 +677,55 @@ async def open_ingest(broker: BrokerProcess, topic: str, key: str | None, route:
     await health.read_sized_body()
     assert health.status == 200, health.body
     return RawIngest(reader, writer)
+
+
+CLOSE_DEADLINE_S = 1
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_a_close_redis_does_not_answer_is_told_within_the_deadline(
+    private_redis: RedisServer, redis_admin: redis.Redis, route: str
+) -> None:
+    """``?close=true``: the body ended, its lines stored, the topic closed, and Redis's
+    replies held from then on (a store that stops answering). The close had no deadline
+    of its own, the appends' being over: the producer waited on. Now it is answered 503
+    within ``BROKER_PUBLISH_TIMEOUT_SECONDS``, told its lines were stored and the close
+    not confirmed, to be done again by ``POST /topics/{t}/close``: done so, the topic
+    ends once, after each line once."""
+    topic, lines = new_topic(), body_of(2)
+    with HoldingProxy(private_redis.port) as proxy:
+        env = {"BROKER_PUBLISH_TIMEOUT_SECONDS": str(CLOSE_DEADLINE_S)}
+        broker = BrokerProcess(redis_url=f"redis://127.0.0.1:{proxy.port}", env=env).start()
+        try:
+            async with httpx.AsyncClient(base_url=broker.url, timeout=30) as client:
+                ingest = await open_ingest(broker, topic, None, route, "?close=true")
+                await ingest.send(b"".join(lines))
+                await await_until(lambda: stored_is(client, topic, datas(2)), timeout=5, what="2")
+                proxy.hold()  # (Redis runs the close; its reply is held)
+                began = asyncio.get_running_loop().time()
+                try:
+                    answer = await ingest.end(timeout=4 * CLOSE_DEADLINE_S)
+                except TimeoutError:
+                    raise AssertionError("no answer: the close waited on Redis") from None
+                finally:
+                    ingest.cut()
+                    proxy.release()
+                waited = asyncio.get_running_loop().time() - began
+                assert answer.status == 503, answer.body
+                assert waited < 2 * CLOSE_DEADLINE_S, waited
+                problem = json.loads(answer.body)
+                assert problem["type"] == "/problems#store-unavailable", problem
+                assert "2 line(s) stored" in problem["detail"], problem
+                assert f"POST /topics/{topic}/close" in problem["detail"], problem
+                closed = await client.post(f"/topics/{topic}/close")
+                assert closed.status_code in (200, 201), closed.text
+                events = await history(client, topic)
+                assert [e["data"] for e in events if e["event"] != "broker.end"] == datas(2)
+                assert [e["id"] for e in events if e["event"] == "broker.end"] == [
+                    closed.json()["id"]
+                ]
+        finally:
+            broker.close()
 
 
 async def test_a_resend_whose_lines_differ_is_refused_at_the_first_that_differs(
