@@ -219,6 +219,12 @@ class BrokerApp(Starlette):
                 await response(scope, receive, stream_send)
             else:
                 await response(scope, receive, send)
+        elif scope["path"].endswith("\n"):
+            # Starlette's route patterns end in ``$``, which also matches before a final
+            # line feed: ``/metrics%0A`` was ``/metrics``, past the shipped proxies that
+            # answer that path 404, and ``POST /topics/t/close%0A`` closed ``t``. No
+            # route's path ends in one (the two above match whole paths: not theirs).
+            await problem(404, "HTTP error", "Not Found")(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 

@@ -19,7 +19,9 @@ from tests.deploy.balancers import (
     running_balancer,
     status_of,
 )
+from tests.support.broker_process import BrokerProcess
 from tests.support.polling import wait_until
+from tests.support.redis_server import RedisServer
 
 BALANCERS: list[Balancer] = ["nginx", "haproxy"]
 # Every test here runs nginx or HAProxy: not in `make test-fast` (-m "not e2e").
@@ -149,6 +151,25 @@ def test_metrics_stay_off_the_public_edge(kind: Balancer, tmp_path: Path) -> Non
         ]
     assert [status_of(reply) for reply in replies] == [404, 404, 404], replies
     assert broker.streams == 0
+
+
+@pytest.mark.parametrize("kind", BALANCERS)
+def test_metrics_stay_off_the_public_edge_with_a_line_feed_after_the_path(
+    kind: Balancer, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Both proxies pass ``/metrics%0A`` on (it is not ``/metrics`` to them), and a real
+    broker served it as ``/metrics`` (a route pattern's ``$`` matches before a final
+    line feed): the broker itself must name no route by it."""
+    broker = BrokerProcess(redis_url=redis_server.url).start()
+    try:
+        with running_balancer(kind, [broker.port], tmp_path) as port:
+            replies = [
+                request(port, f"GET {path} HTTP/1.1", until=b"\r\n\r\n")
+                for path in ("/metrics", "/metrics%0A", "/%6detrics%0a")
+            ]
+    finally:
+        broker.close()
+    assert [status_of(reply) for reply in replies] == [404, 404, 404], replies
 
 
 def test_nginx_sends_to_a_restarted_broker_at_once_even_after_all_had_failed(

@@ -507,6 +507,44 @@ def test_an_unknown_route_is_404_problem(client: httpx.Client, path: str) -> Non
     assert_problem(client.post(path, json={"data": 1}), 404)
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/metrics%0A"),
+        ("GET", "/%6detrics%0a"),
+        ("GET", "/healthz%0A"),
+        ("GET", "/topics%0A"),
+        ("GET", "/openapi.json%0A"),
+        ("GET", "/topics/{t}/events%0A"),
+        ("POST", "/topics/{t}/events%0A"),
+        ("POST", "/topics/{t}/close%0A"),
+    ],
+)
+async def test_a_path_ending_in_a_line_feed_names_no_route(
+    http_broker: BrokerProcess, method: str, path: str
+) -> None:
+    """A route's pattern ended in ``$``, which also matches before a final line feed:
+    ``/metrics%0A`` was served as ``/metrics``, past the shipped nginx and HAProxy,
+    which answer ``/metrics`` 404 (the README keeps it off the public edge), and
+    ``POST /topics/t/close%0A`` closed ``t`` past any proxy rule on that path."""
+    topic, body = new_topic(), b'{"data": 1}'
+    head = (
+        f"{method} {path.format(t=topic)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    response = await raw_request(
+        http_broker.url, raw_head=head + (body if method == "POST" else b"")
+    )
+    try:
+        answered = await response.read_sized_body()
+    finally:
+        await response.close()
+    assert response.status == 404, (response.status, answered[:200])
+    with httpx.Client(base_url=http_broker.url) as check:
+        assert_problem(check.get(f"/topics/{topic}"), 404)  # nothing stored, nothing closed
+
+
 async def test_a_content_length_with_spaces_around_it_is_read(http_broker: BrokerProcess) -> None:
     """HTTP allows spaces around a field's value; the length was refused as "not a number"."""
     topic, body = new_topic(), b'{"data": 1}'
