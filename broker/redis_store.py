@@ -285,8 +285,9 @@ class RedisStreamStore:
             ttl_ms=int((topic_ttl_seconds or 0) * 1000),
         )
         self.policies = Policies(default, topic_policies)
-        self._idempotency_seconds = idempotency_seconds
+        self.idempotency_seconds = idempotency_seconds
         self._append_script = client.register_script(_lua("append.lua"))
+        self._keep_lines_script = client.register_script(_lua("keep_lines.lua"))
         self._pipeline = (
             _AppendPipeline(client, self._append_script, raw=durable, timeout=append_timeout)
             if not isinstance(client, RedisCluster)
@@ -338,7 +339,7 @@ class RedisStreamStore:
             retention.maxlen,
             retention.trim_slack,
             retention.max_age_ms,
-            self._idempotency_seconds,
+            self.idempotency_seconds,
             retention.ttl_ms,
             int(close),
             int(lines is not None),
@@ -612,6 +613,15 @@ class RedisStreamStore:
     def _primaries(self) -> list[Any]:
         assert isinstance(self._client, RedisCluster)
         return sorted(self._client.get_primaries(), key=lambda node: node.name)
+
+    async def keep_lines(self, topic: str, key: str, log_epoch: str) -> bool:
+        """Keep the line records of the open ingest ``key`` answering, as if it had just
+        written a line (lua/keep_lines.lua); False if they answer no more, or its log is
+        gone: nothing written then."""
+        keys = c.topic_keys(topic)
+        keys = [keys[0], keys[1], keys[4], keys[5]]  # (log, meta, lines, lines-at: one slot)
+        args = [key, log_epoch, self.idempotency_seconds]
+        return bool(await self._call(self._run(self._keep_lines_script, keys, args)))
 
     async def delete(self, topic: str) -> bool:
         """Delete the topic now; False if it had no log. Its live readers see a marker."""

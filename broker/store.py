@@ -24,6 +24,9 @@ class Store(Protocol):
     description: str
     policies: Policies
     """Each topic's retention and expiry."""
+    idempotency_seconds: int
+    """How long an idempotency record answers after its write (an ingest's lines: after
+    its last line, or its last ``keep_lines``)."""
 
     async def append(
         self,
@@ -52,6 +55,15 @@ class Store(Protocol):
         Idempotency-Key, and for one whose records are past the window). A resent line
         recorded already that is not the event stored for it: InvalidInput, nothing stored.
         Raises TopicClosed if the topic is closed (a repeated close answers its end)."""
+        ...
+
+    async def keep_lines(self, topic: str, key: str, log_epoch: str) -> bool:
+        """Keep the line records of the streaming ingest ``key``, open and writing to the
+        log of ``log_epoch``, answering as if it had just written a line (its body may
+        stay open however long: blank lines, or a line sent in slow pieces). False, and
+        nothing written, if they answer no more (past the window, or lost), or the log
+        is another or none: records lapsed are never revived. A topic's TTL is not
+        extended."""
         ...
 
     async def delete(self, topic: str) -> bool:

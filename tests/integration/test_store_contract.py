@@ -12,6 +12,7 @@ from broker import redis_store
 from broker.errors import InvalidInput, LinesLost, LogDeleted, LogLost, StoreUnavailable
 from broker.ids import EventId, parse_stream_id
 from broker.model import IngestLines, NewEvent
+from broker.policy import TopicPolicy
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
 from tests.support.failover import IngestAppends
@@ -586,21 +587,23 @@ async def test_a_read_asked_after_another_was_sent_reads_anew(
 
 
 class _RedisClock:
-    """The append script with Redis's clock replaced by a key the test sets (seconds):
-    a clock stepped back (NTP, a restart or failover onto a host behind) on a real
-    redis-server. Single Redis only (the key is not among the script's KEYS)."""
+    """The append script (and keep_lines.lua) with Redis's clock replaced by a key the
+    test sets (seconds): a clock stepped back (NTP, a restart or failover onto a host
+    behind), or time passing, on a real redis-server. Single Redis only (the key is not
+    among the script's KEYS)."""
 
     KEY = "test:append-clock"
     TIME = "local time = redis.call('TIME')"
+    SCRIPTS = ("append.lua", "keep_lines.lua")
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         original = redis_store._lua
 
         def stepped(name: str) -> str:
             text = original(name)
-            if name != "append.lua":
+            if name not in self.SCRIPTS:
                 return text
-            assert self.TIME in text, "the append script no longer reads TIME this way"
+            assert self.TIME in text, f"{name} no longer reads TIME this way"
             return text.replace(self.TIME, f"local time = {{redis.call('GET', '{self.KEY}'), '0'}}")
 
         monkeypatch.setattr(redis_store, "_lua", stepped)
@@ -704,3 +707,95 @@ async def test_an_ingest_that_paused_past_its_window_goes_on(
     finally:
         await store._client.delete(_RedisClock.KEY)
         await store.close()
+
+
+async def test_an_open_ingests_lines_kept_answer_past_the_window_after_its_last_line(
+    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ingest open past the window after its last line (blank lines, or a line in
+    slow pieces, keep its body going) had its records lapse: its resend stored its lines
+    again. Kept (``keep_lines``, its watch's) within the window, they answer a window
+    after the keeping: the resend replays them."""
+    clock = _RedisClock(monkeypatch)
+    store = open_store(redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600)
+    try:
+        await clock.set(store, 2_000_000_000)
+        first = await store.append(topic, events("l1", "l2"), lines=IngestLines("K", [1, 2]))
+        await clock.set(store, 2_000_000_000 + 45)
+        assert await store.keep_lines(topic, "K", first.ids[0].epoch)
+        await clock.set(store, 2_000_000_000 + 90)  # past the window after line 2
+        again = await store.append(
+            topic, events("l1", "l2", "l3"), lines=IngestLines("K", [1, 2, 3])
+        )
+        assert again.ids[:2] == first.ids
+        assert (await store.state(topic)).length == 3
+    finally:
+        await store._client.delete(_RedisClock.KEY)
+        await store.close()
+
+
+async def test_lapsed_line_records_are_not_kept(
+    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records past the window answer no more (a prune may have taken part of them):
+    ``keep_lines`` does not make them answer again, and writes nothing."""
+    clock = _RedisClock(monkeypatch)
+    store = open_store(redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600)
+    try:
+        await clock.set(store, 2_000_000_000)
+        first = await store.append(topic, events("l1"), lines=IngestLines("K", [1]))
+        await clock.set(store, 2_000_000_000 + 61)
+        assert not await store.keep_lines(topic, "K", first.ids[0].epoch)
+        assert await store._client.zscore(c.line_times_key(topic), "K") == 2_000_000_000_000
+    finally:
+        await store._client.delete(_RedisClock.KEY)
+        await store.close()
+
+
+async def test_line_records_lost_or_of_another_log_are_not_kept(
+    store: RedisStreamStore, topic: str
+) -> None:
+    """Nothing is begun by ``keep_lines``: not for an ingest whose every line a failover
+    lost (its next append is told so: d50d2f9), nor for one whose log is another."""
+    other = (await store.append(topic, events("other"))).ids[0]
+    before_1 = await IngestAppends.read(store._client, topic, "K")
+    await ingest_line(store, topic, 1, epoch=other.epoch)
+    await ingest_line(store, topic, 2, epoch=other.epoch)
+    await before_1.lose_since(store._client, 2)  # the failover
+    assert not await store.keep_lines(topic, "K", other.epoch)
+    assert await store._client.zscore(c.line_times_key(topic), "K") is None
+    assert await store._client.hget(c.line_records_key(topic), "K\n") is None
+    await ingest_line(store, topic, 1, epoch=other.epoch)
+    assert not await store.keep_lines(topic, "K", "another-epoch")
+
+
+async def test_keeping_line_records_leaves_the_topics_expiry(
+    store_url: str | None, topic: str
+) -> None:
+    """A topic with a TTL still expires whole when nobody publishes to it for the TTL,
+    its ingest open or not (its next append is told its log was lost): keeping its lines
+    extends no key's expiry. A topic kept for good keeps them for the window."""
+    ttl_topic = topic + ".ttl"
+    store = open_store(store_url, topic_policies=[TopicPolicy("*.ttl", ttl_seconds=3600)])
+    try:
+        await _keeping_leaves_the_expiry(store, topic, ttl_topic)
+    finally:
+        await store.close()
+
+
+async def _keeping_leaves_the_expiry(store: RedisStreamStore, topic: str, ttl_topic: str) -> None:
+    client = store._client
+    kept = await store.append(ttl_topic, events("l1"), lines=IngestLines("K", [1]))
+    keys = c.topic_keys(ttl_topic)
+    for key in keys:  # (some time after the last publish)
+        await client.pexpire(key, 5_000)
+    assert await store.keep_lines(ttl_topic, "K", kept.ids[0].epoch)
+    for key in (keys[0], keys[1], keys[4], keys[5]):
+        assert 0 < await client.pttl(key) <= 5_000, key
+    for_good = await store.append(topic, events("l1"), lines=IngestLines("K", [1]))
+    for key in (c.line_records_key(topic), c.line_times_key(topic)):
+        await client.pexpire(key, 5_000)
+    assert await store.keep_lines(topic, "K", for_good.ids[0].epoch)
+    assert await client.pttl(c.log_key(topic)) == -1
+    for key in (c.line_records_key(topic), c.line_times_key(topic)):
+        assert await client.pttl(key) > 5_000, key

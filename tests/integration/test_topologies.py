@@ -18,6 +18,7 @@ from broker import constants as c
 from broker.constants import GAP_EVENT
 from broker.errors import StoreMisconfigured
 from broker.ids import parse_cursor
+from broker.model import IngestLines
 from broker.redis_open import open_store
 from tests.support.oracle import delivery_problems
 from tests.support.polling import await_until, wait_until
@@ -395,6 +396,23 @@ async def test_a_topics_keys_share_one_slot(cluster: RedisClusterGroup, topic: s
     assert again.ids == first.ids
     node = cluster.client(cluster.master_port_of(keys[0]))
     assert node.exists(*keys) == 4  # all written by one script, on one node
+
+
+async def test_an_open_ingests_line_records_are_kept_on_a_cluster(
+    cluster: RedisClusterGroup, topic: str
+) -> None:
+    """``keep_lines`` (lua/keep_lines.lua: the log, the meta and the two line-record keys,
+    one slot) runs on the topic's node; it keeps the records of this log only."""
+    store = open_store(cluster.url)
+    try:
+        first = await store.append(topic, [NewEvent("l1")], lines=IngestLines("K", [1]))
+        node = cluster.client(cluster.master_port_of(c.log_key(topic)))
+        written = node.zscore(c.line_times_key(topic), "K")
+        assert await store.keep_lines(topic, "K", first.ids[0].epoch)
+        assert node.zscore(c.line_times_key(topic), "K") >= written
+        assert not await store.keep_lines(topic, "K", "another-epoch")
+    finally:
+        await store.close()
 
 
 async def publish_to_each(broker: Broker, topics: list[str], count: int) -> dict[str, list[str]]:
