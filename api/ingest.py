@@ -12,7 +12,11 @@ event object, stored and delivered as it arrives, not when the body ends.
   separate sender task and its queue cost a task switch per line.
 - Idempotency: with ``Idempotency-Key: K``, line n is stored under ``K:n``
   (n counts from 1, blank lines included), so a producer whose connection
-  broke sends the whole stream again and no line is stored twice. The same
+  broke sends the whole stream again and no line is stored twice, however long
+  the ingest stayed open: the records answer for the window after its last line,
+  and while it is open its watch keeps them answering (``api.ingest_records``:
+  the body's timeout runs from each read, so blank lines, or a line sent in slow
+  pieces, kept it open past the window, and its records lapsed). The same
   stream: a resent line that is not the one stored under its number is a bad
   line (400), the store refusing it before anything of its batch is stored.
 - Memory is bounded whatever the body's length: one line at most
@@ -34,7 +38,9 @@ event object, stored and delivered as it arrives, not when the body ends.
   ingest past its window, or every line of it lost), whatever the window. Without an
   Idempotency-Key (no line records) the entry tells; such a producer cannot resend
   exactly, so it is told the last line the log kept. So is one whose records were past
-  the window: its lines kept answer no more, and its resend stored them twice.
+  the window (they are kept answering while it is open: so, they went with every line
+  of it, or lapsed, the store out of reach for most of the window): its lines kept
+  answer no more, and its resend stored them twice.
   But a log deleted on purpose (DELETE, while the store knows of it) ends the ingest
   with 409 topic-deleted, not to be resent: a resend created the topic again.
 - A bad line stops the ingest with 400 naming it; the lines before it stay
@@ -55,6 +61,7 @@ import orjson
 from starlette.types import Receive
 
 from api.auth import OPEN, Grant
+from api.ingest_records import LineRecordsKeeper
 from api.problems import DrainedMidBody, HttpProblem, StoreLostMidBody, TokenLapsedMidIngest
 from broker import (
     AppendResult,
@@ -160,7 +167,9 @@ class Ingest:
         self._append_timeout = append_timeout
         self.result = IngestResult(keep=max_batch)
         self._draining = draining
-        self._watch = _Watch(idle=idle_timeout, store=append_timeout, draining=draining)
+        self._watch = _Watch(
+            idle=idle_timeout, store=append_timeout, draining=draining, keeper=self._keeper()
+        )
         self._body_ended = False
         self.log_epoch: str | None = None
         """The epoch of the log its lines went to, once one was stored (or replayed)."""
@@ -170,6 +179,23 @@ class Ingest:
         """The last entry and line of each of its newest appends."""
         self._forgotten_through = 0
         """The last line of the newest append no longer in ``_appends_ended``."""
+
+    def _keeper(self) -> LineRecordsKeeper | None:
+        """With an Idempotency-Key: what keeps its line records answering while it is
+        open (``api.ingest_records``: its body's timeout runs from each read, and the
+        records lapsed in a pause past the window)."""
+        if self._key is None:
+            return None
+        window = self.broker.store.idempotency_seconds
+        stored = self.result  # (read at the watch's looks, never per line)
+        return LineRecordsKeeper(
+            self._keep_lines, lambda: stored.count, window=window, timeout=self._append_timeout
+        )
+
+    async def _keep_lines(self) -> bool:
+        if self._key is None or self.log_epoch is None:
+            return False
+        return await self.broker.store.keep_lines(self.topic, self._key, self.log_epoch)
 
     async def run(self, body: IngestBody) -> IngestResult:
         """Store every line of the body; raises on the first bad line, after storing
@@ -404,9 +430,10 @@ class Ingest:
             resend = (
                 "no later line was stored; send the stream again from its first line lost "
                 "on, as a stream of its own (under its Idempotency-Key or another): the "
-                "lines kept are no longer recorded under the key (their records lapsed, "
-                "this ingest having paused past BROKER_IDEMPOTENCY_SECONDS, or went with "
-                "the lines lost), so the whole stream sent again would store them twice"
+                "lines kept are no longer recorded under the key (they went with the lines "
+                "lost, or lapsed: the store out of reach while this ingest paused past "
+                "BROKER_IDEMPOTENCY_SECONDS), so the whole stream sent again would store "
+                "them twice"
             )
         try:
             async with asyncio.timeout(self._append_timeout):  # (a read each: bounded whole)
@@ -496,9 +523,16 @@ class _Watch:
     """
 
     def __init__(
-        self, *, idle: float, store: float, draining: Callable[[], bool] = lambda: False
+        self,
+        *,
+        idle: float,
+        store: float,
+        draining: Callable[[], bool] = lambda: False,
+        keeper: LineRecordsKeeper | None = None,
     ) -> None:
+        """``keeper``: shown each look (a keyed ingest's line records kept answering)."""
         self._draining = draining
+        self._keeper = keeper
         self._limits = {_BODY: idle, _STORE: store}
         self._period = min(idle, store) / WATCH_STEPS
         self._waiting: str | None = None
@@ -516,6 +550,8 @@ class _Watch:
     def __exit__(self, *_: object) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._keeper is not None:
+            self._keeper.stop()
         self._task = None
 
     def waiting(self, what: str) -> None:
@@ -543,4 +579,6 @@ class _Watch:
         elif waiting is not None and now - self._since >= self._limits[waiting] and self._task:
             self._fired, self._waiting = waiting, None
             self._task.cancel()
+        if self._keeper is not None:
+            self._keeper.look(now)
         self._timer = loop.call_at(now + self._period, self._check)

@@ -174,19 +174,24 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _ingests_pause_within_the_window(self) -> Settings:
         """An ingest's line records answer for the idempotency window after its last
-        line; a streaming ingest may pause up to the body timeout between lines. One
-        that paused past the window began a new ingest at its next line, and a resend
-        then stored its early lines again (audit). Twice the pause: the idle deadline
-        fires up to an eighth late, and the store takes its time to answer."""
+        line. It may stay open longer (its body's timeout runs from each read: blank
+        lines, a line in slow pieces), so its watch keeps them answering, once a quarter
+        of the window has passed since its last write (``api.ingest_records``); the
+        watch looks every eighth of the body timeout at most. Twice the body timeout at
+        least: a look comes at most a sixteenth of the window late, and most of the
+        window is left for a store slow to answer, or a try that failed, to be tried
+        again (one that lapsed began a new ingest at its next line, and a resend stored
+        its first lines twice)."""
         shortest = 2 * self.body_timeout_seconds
         if self.idempotency_seconds < shortest:
             raise ValueError(
                 f"BROKER_IDEMPOTENCY_SECONDS={self.idempotency_seconds} is shorter than twice "
-                f"BROKER_BODY_TIMEOUT_SECONDS={self.body_timeout_seconds:g}, the longest "
-                "pause of a streaming ingest between two lines: one that paused that long "
-                "would begin anew, and its resend store its first lines twice; raise "
-                f"BROKER_IDEMPOTENCY_SECONDS to {math.ceil(shortest)} at least, or lower "
-                "BROKER_BODY_TIMEOUT_SECONDS"
+                f"BROKER_BODY_TIMEOUT_SECONDS={self.body_timeout_seconds:g}: an open "
+                "streaming ingest's line records are kept answering by a watch that looks "
+                "every eighth of the body timeout, and might lapse between two looks (its "
+                "next line would begin anew, and its resend store its first lines twice); "
+                f"raise BROKER_IDEMPOTENCY_SECONDS to {math.ceil(shortest)} at least, or "
+                "lower BROKER_BODY_TIMEOUT_SECONDS"
             )
         return self
 

@@ -92,9 +92,10 @@ class LinesLost(LogLost):
     replayable = True
     """Whether the lines kept are still recorded under the ingest's Idempotency-Key, so
     that the resend of the whole stream replays them: not once its records were past
-    the window (an ingest that paused past it; or its records went with every line of
-    it), where the store told the loss by the entry it stored last, and the resend
-    stored the lines kept twice."""
+    the window (they went with every line of it; or they lapsed, the store out of reach
+    for most of the window while the ingest paused, see ``Store.keep_lines``), where the
+    store told the loss by the entry it stored last, and the resend stored the lines
+    kept twice."""
 
 
 class LogDeleted(LogGone):

@@ -198,10 +198,11 @@ end
 -- lost lines after the later ones (audit). So the line the request stored last must
 -- still be recorded, for this log and this ingest (one HGET, whoever wrote since);
 -- refused whole, the resend replays the lines kept and stores the rest after them, in
--- order. An ingest past its window (a pause longer than the window) has its records
--- pruned by design, and so has one whose every line a failover lost (its records and
--- when it last wrote went too): there the entry it stored last tells, whatever the
--- window (a read of the entry, at such an append only). It was a line stored within
+-- order. An ingest past its window has its records pruned by design (an open one's
+-- are kept answering by keep_lines.lua, but not if the store was out of reach for most
+-- of the window while it paused), and so has one whose every line a failover lost (its
+-- records and when it last wrote went too): there the entry it stored last tells,
+-- whatever the window (a read of the entry, at such an append only). It was a line stored within
 -- half the window by its id's time that had to be recorded: a pause past half the
 -- window (a store slow to answer after one near the body's timeout) went on, untold.
 -- Past the window its lines kept answer no more: a resend of the whole stream under its

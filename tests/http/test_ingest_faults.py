@@ -528,61 +528,134 @@ async def test_every_line_a_failover_lost_is_told_however_late_the_next_append_r
 
 
 @pytest.mark.parametrize("route", ["lean", "by-app"])
-async def test_lines_lost_after_a_pause_past_the_window_are_told_to_be_sent_again_alone(
+async def test_lines_lost_after_a_pause_past_the_window_are_replayed_by_the_whole_stream(
     shortest_window_broker: BrokerProcess, redis_admin: redis.Redis, route: str
 ) -> None:
     """The failover that lost lines 4-5 of a keyed ingest, which then paused past the
-    window (blank lines kept its body going): the records of lines 1-3 lapsed, and the
-    store tells the loss by the entry stored last. The ingest was told to send the whole
-    stream again with its key, "the lines kept are replayed": they are recorded no more,
-    and that resend stored 1-3 twice. Now it is told the lines after line 3 are lost,
-    to be sent again as a stream of their own: done so, each line is stored once."""
+    window (blank lines kept its body going). The records of lines 1-3 lapsed in the
+    pause, the store told the loss by the entry stored last, and the ingest was told to
+    send the lines after line 3 as a stream of their own (d50d2f9: the whole stream had
+    stored 1-3 twice). Now its records are kept answering while it is open: it is told
+    to send the whole stream again with its key, and done so, each line is stored once."""
     broker, topic, key = shortest_window_broker, new_topic(), "gen-paused"
-    lines = body_of(6)
+    lines, pause = body_of(6), PausePastTheWindow(redis_admin)
     async with httpx.AsyncClient(base_url=broker.url, timeout=30) as client:
         problem = await lines_4_and_5_lost_mid_ingest(
-            broker,
-            client,
-            redis_admin,
-            route,
-            topic,
-            key,
-            before_line_6=pause_past_the_window(redis_admin),
+            broker, client, redis_admin, route, topic, key, before_line_6=pause
         )
         assert problem["type"] == "/problems#ingest-lines-lost", problem
         detail = problem["detail"]
-        assert "the lines after line 3 are lost;" in detail, problem
-        assert "send the stream again from its first line lost on" in detail, problem
-        assert "the lines kept are replayed" not in detail, problem
+        assert "line 5, is no longer there" in detail, problem
+        assert "the lines kept are replayed" in detail, problem
         assert await stored_datas(client, topic) == datas(3)
-        rest = await client.post(
-            f"/topics/{topic}/events",
-            content=b"".join(lines[3:]),
-            headers={**NDJSON, "Idempotency-Key": key},
-        )
-        assert rest.status_code == 201, rest.text
+        stream = b"".join(lines[:5]) + pause.sent + lines[5]
+        again = await resend_until_success(client, topic, key, stream)
+        assert again.status_code == 201, again.text
         assert await stored_datas(client, topic) == datas(6)
 
 
-def pause_past_the_window(
-    redis_admin: redis.Redis,
-) -> Callable[[RawIngest, IngestAppends], Awaitable[None]]:
-    """The ingest sends blank lines (a read each: its body's timeout does not fire) until
-    Redis's clock is past the window after the last write of its lines that Redis kept."""
-    window_ms = int(SHORTEST_WINDOW["BROKER_IDEMPOTENCY_SECONDS"]) * 1000
-    pace_s = BODY_TIMEOUT_S / 8
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_a_keyed_ingest_paused_past_the_window_then_broken_is_resent_whole_once(
+    shortest_window_broker: BrokerProcess, redis_admin: redis.Redis, route: str
+) -> None:
+    """A keyed ingest stores lines 1-3, pauses past the window (blank lines keep its body
+    going: its timeout runs from each read), stores line 4, and its connection breaks.
+    Its records lapsed in the pause, line 4 began anew under its key, and the whole
+    stream resent with its key stored 1-3 twice. Now its records are kept answering
+    while it is open: the resend replays 1-4 and stores 5-6, each line once."""
+    broker, topic, key = shortest_window_broker, new_topic(), "gen-long-pause"
+    lines = body_of(6)
+    async with httpx.AsyncClient(base_url=broker.url, timeout=30) as client:
+        ingest = await open_ingest(broker, topic, key, route)
+        try:
+            await ingest.send(b"".join(lines[:3]))
+            await await_until(lambda: stored_is(client, topic, datas(3)), timeout=5, what="3")
+            written = await IngestAppends.read(redis_admin, topic, key)
+            pause = PausePastTheWindow(redis_admin)
+            await pause(ingest, written)
+            await ingest.send(lines[3])
+            await await_until(lambda: stored_is(client, topic, datas(4)), timeout=5, what="4")
+        finally:
+            ingest.cut()  # (the connection breaks)
+        stream = b"".join(lines[:3]) + pause.sent + b"".join(lines[3:])
+        again = await resend_until_success(client, topic, key, stream)
+        assert again.status_code == 201, again.text
+        assert await stored_datas(client, topic) == datas(6)
 
-    async def pause(ingest: RawIngest, kept: IngestAppends) -> None:
+
+TTL_S = 2
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_a_topic_expires_whole_under_an_open_keyed_ingest_that_pauses_past_its_ttl(
+    private_redis: RedisServer, redis_admin: redis.Redis, route: str
+) -> None:
+    """An open keyed ingest's line records are kept answering, but its topic is not kept:
+    nobody publishing to it for its TTL (the ingest sending blank lines), it expires
+    whole, and the ingest's next line is told its log was lost; the whole stream resent
+    with its key is stored again, once."""
+    env = {**SHORTEST_WINDOW, "BROKER_TOPIC_TTL_SECONDS": str(TTL_S)}
+    broker = BrokerProcess(redis_url=private_redis.url, env=env).start()
+    topic, key, lines = new_topic(), "gen-expiring", body_of(2)
+    try:
+        async with httpx.AsyncClient(base_url=broker.url, timeout=30) as client:
+            ingest = await open_ingest(broker, topic, key, route)
+            try:
+                await ingest.send(lines[0])
+                await await_until(lambda: stored_is(client, topic, datas(1)), timeout=5, what="1")
+                blanks = await blank_lines_until_expired(ingest, redis_admin, topic)
+                await ingest.send(lines[1])
+                answer = await ingest.answer(timeout=5)  # (the body still coming)
+            finally:
+                ingest.cut()
+            assert answer.status == 503, answer.body
+            assert json.loads(answer.body)["type"] == "/problems#ingest-log-lost", answer.body
+            stream = lines[0] + blanks + lines[1]
+            again = await resend_until_success(client, topic, key, stream)
+            assert again.status_code == 201, again.text
+            assert await stored_datas(client, topic) == datas(2)
+    finally:
+        broker.close()
+
+
+async def blank_lines_until_expired(
+    ingest: RawIngest, redis_admin: redis.Redis, topic: str
+) -> bytes:
+    """Blank lines (a read each, paced within the body's timeout) until every key of the
+    topic is gone; the blank lines sent."""
+    pace_s, sent = BODY_TIMEOUT_S / 8, b""
+    for _ in range(int(4 * TTL_S / pace_s)):
+        if not await redis_admin.exists(*c.topic_keys(topic)):
+            return sent
+        await ingest.send(b"\n")
+        sent += b"\n"
+        await asyncio.sleep(pace_s)  # (a producer's pause, paced: no race behind it)
+    raise AssertionError("the topic did not expire")
+
+
+class PausePastTheWindow:
+    """The ingest sends blank lines (a read each: its body's timeout does not fire) until
+    Redis's clock is past the window after the last write of its lines that Redis kept.
+    ``sent``: the blank lines sent (numbered lines of the stream, as any: its resend
+    whole sends them too)."""
+
+    WINDOW_MS = int(SHORTEST_WINDOW["BROKER_IDEMPOTENCY_SECONDS"]) * 1000
+    PACE_S = BODY_TIMEOUT_S / 8
+
+    def __init__(self, redis_admin: redis.Redis) -> None:
+        self._redis_admin = redis_admin
+        self.sent = b""
+
+    async def __call__(self, ingest: RawIngest, kept: IngestAppends) -> None:
         assert kept.at is not None, "none of its lines was kept"
-        for _ in range(int(4 * window_ms / 1000 / pace_s)):
-            seconds, micros = await redis_admin.time()
-            if seconds * 1000 + micros // 1000 > kept.at + window_ms:
+        for _ in range(int(4 * self.WINDOW_MS / 1000 / self.PACE_S)):
+            seconds, micros = await self._redis_admin.time()
+            if seconds * 1000 + micros // 1000 > kept.at + self.WINDOW_MS:
                 return
             await ingest.send(b"\n")
-            await asyncio.sleep(pace_s)  # (a producer's pause, paced: no race behind it)
+            self.sent += b"\n"
+            await asyncio.sleep(self.PACE_S)  # (a producer's pause, paced: no race behind it)
         raise AssertionError("Redis's clock did not pass the window")
-
-    return pause
 
 
 async def every_line_lost_mid_ingest(
