@@ -15,7 +15,7 @@ import logging
 import ssl
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -49,6 +49,10 @@ class UnknownKey(Exception):
 
 class ConfigError(ValueError):
     """A key setting that cannot be used: the broker refuses to start."""
+
+
+class InsecureRedirect(Exception):
+    """The key set's https URL redirected to a plain http one: the fetch fails there."""
 
 
 class VerifyingKey(Protocol):
@@ -297,6 +301,24 @@ def _proxy_for(url: str) -> str | None:
     return urllib.request.getproxies().get(urlsplit(url).scheme)
 
 
+def _refusing_downgrade_from(url: str) -> Callable[[httpx.Request], Awaitable[None]]:
+    """A check of each request of a fetch from ``url``, redirects included (httpx calls
+    a request hook before sending each): one of an https fetch that leaves https is
+    refused before it is sent. Followed, anyone on the network path of the plain request
+    (which nothing authenticates) could answer it with keys of their own, and sign any
+    token the broker would take. Redirects that stay on https, or go from http to https,
+    are followed: they are no weaker than the URL configured. (Not every redirect to
+    another scheme is refused: an http URL's upgrade to https is the usual one.)"""
+    secure = urlsplit(url).scheme == "https"
+
+    async def refuse_downgrade(request: httpx.Request) -> None:
+        if secure and request.url.scheme != "https":
+            target = str(request.url)[:200]
+            raise InsecureRedirect(f"refused a redirect from https to {target} (not https)")
+
+    return refuse_downgrade
+
+
 async def _get_json(url: str) -> Any:
     """The document at ``url``, all of it read within JWKS_TIMEOUT_SECONDS (urllib's
     timeout was per read: a server sending a byte of its head or body every 2 s
@@ -311,6 +333,7 @@ async def _get_json(url: str) -> Any:
             verify=_system_tls(),
             trust_env=False,  # (a proxy as urllib picked one, not httpx's own rules)
             proxy=_proxy_for(url),
+            event_hooks={"request": [_refusing_downgrade_from(url)]},
         ) as client:
             headers = {"Accept": "application/json"}
             async with client.stream("GET", url, headers=headers) as response:

@@ -10,6 +10,7 @@ import ipaddress
 import ssl
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from tests.http.test_auth import (
 )
 from tests.support.broker_process import BrokerProcess
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.tls import TlsFiles
 from tests.support.tokens import (
     JwksServer,
     KeyPair,
@@ -208,6 +210,99 @@ async def test_a_key_set_never_fetched_is_no_verdict_on_the_token(
         assert answer.status == 503, (answer.status, answer.body)
         assert answer.problem["title"] == "Key set unavailable"
         assert int(answer.headers["retry-after"]) >= 1
+
+
+@contextmanager
+def _broker_of_key_set(
+    redis_server: RedisServer, url: str, tls: TlsFiles
+) -> Iterator[BrokerProcess]:
+    """A broker fetching its key set from ``url``, trusting ``tls``'s CA (as the host's)."""
+    env = {"BROKER_JWT_JWKS_URL": url, "SSL_CERT_FILE": str(tls.ca)}
+    process = BrokerProcess(redis_url=redis_server.url, env=env).start()
+    try:
+        yield process
+    finally:
+        process.close()
+
+
+def _server_context(tls: TlsFiles) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls.cert, tls.key)
+    return context
+
+
+async def test_a_key_set_redirected_from_https_to_http_is_not_fetched(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Its https URL redirected to plain http: the redirect was followed, so anyone on
+    the network path who answered the plain request supplied the keys, and every token
+    they signed was taken. The fetch is refused: a failed fetch, and with no key set
+    ever fetched, a token is told to come back (503 Key set unavailable), not taken."""
+    tls = TlsFiles.make(tmp_path)
+    with (
+        serve_jwks([RSA_KEY]) as plain,
+        serve_jwks([], tls=_server_context(tls)) as secure,
+        _broker_of_key_set(redis_server, secure.url, tls) as broker,
+    ):
+        secure.redirect_to = plain.url
+        topic = f"jwks-{time.time_ns()}"
+        answer = await publish(broker.url, topic, bearer(RSA_KEY.token(_rights(topic))))
+        assert answer.status == 503, (answer.status, answer.body)
+        assert answer.problem["title"] == "Key set unavailable"
+        assert secure.redirect_count() >= 1 and plain.fetch_count() == 0
+        assert "refused a redirect from https to http://" in broker.log()
+
+
+async def test_a_redirect_from_https_to_http_keeps_the_key_set_fetched_before(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A key set fetched over https, then redirected to plain http (the fetch for an
+    unknown kid): the keys served there replaced the set, so the other party's tokens
+    were taken and the real ones refused. The refused fetch keeps the set as it was."""
+    tls = TlsFiles.make(tmp_path)
+    other = KeyPair.rsa("other-party")
+    with (
+        serve_jwks([other]) as plain,
+        serve_jwks([RSA_KEY], tls=_server_context(tls)) as secure,
+        _broker_of_key_set(redis_server, secure.url, tls) as broker,
+    ):
+        topic = f"jwks-{time.time_ns()}"
+        real, forged = RSA_KEY.token(_rights(topic)), other.token(_rights(topic))
+        assert_allowed("publish", await publish(broker.url, topic, bearer(real)))
+        secure.redirect_to = plain.url
+        # Its kid unknown, the forged token starts a fetch (once the rate bound allows)
+        # and its request waits for it: each is refused, that one too.
+        deadline = time.monotonic() + JWKS_MIN_REFETCH_SECONDS + 5
+        while secure.redirect_count() == 0:
+            assert_unauthorized(await publish(broker.url, topic, bearer(forged)), forged)
+            assert time.monotonic() < deadline, "no fetch of the key set for the unknown kid"
+            await asyncio.sleep(0.25)
+        assert_unauthorized(await publish(broker.url, topic, bearer(forged)), forged)
+        assert_allowed("publish", await publish(broker.url, topic, bearer(real)))
+        assert plain.fetch_count() == 0
+
+
+async def test_a_key_set_redirected_from_http_to_https_is_fetched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a redirect that leaves https is refused: one to https (an http URL's upgrade,
+    the usual redirect of a server) is no weaker than the URL configured."""
+    from api import keys
+
+    tls = TlsFiles.make(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca))
+    keys._system_tls.cache_clear()
+    try:
+        with (
+            serve_jwks([RSA_KEY], tls=_server_context(tls)) as secure,
+            serve_jwks([]) as plain,
+        ):
+            plain.redirect_to = secure.url
+            document = await keys._get_json(plain.url)
+    finally:
+        keys._system_tls.cache_clear()
+    assert [key["kid"] for key in document["keys"]] == [RSA_KEY.kid]
+    assert plain.redirect_count() == 1 and secure.fetch_count() == 1
 
 
 def test_pem_text_works_as_well_as_a_path(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tests.support.redis_server import free_port
+
 SECRET = "s3cret-for-tests-only-" + "x" * 42  # 64 bytes: HS256, HS384 and HS512
 AUDIENCE = "broker-tests"
 ISSUER = "https://issuer.test"
@@ -113,9 +115,12 @@ class JwksServer:
     keys: list[KeyPair]
     fetches: int = 0
     drip_seconds: float = 0.0
-    scheme: str = "http"
     """When set, the answer, head and document, is sent a byte at a time, this long
     apart (for at most DRIP_FOR_SECONDS: then the connection closes, unfinished)."""
+    scheme: str = "http"
+    redirect_to: str | None = None
+    """When set, every fetch is answered with a redirect (302) to this URL instead."""
+    redirects: int = 0
     _server: http.server.ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -137,6 +142,17 @@ class JwksServer:
         with self._lock:
             return self.fetches
 
+    def redirect_count(self) -> int:
+        with self._lock:
+            return self.redirects
+
+    def redirect(self) -> str | None:
+        """Where this fetch is sent instead (counted), if anywhere."""
+        with self._lock:
+            if self.redirect_to is not None:
+                self.redirects += 1
+            return self.redirect_to
+
 
 DRIP_FOR_SECONDS = 10.0
 
@@ -148,6 +164,13 @@ def serve_jwks(keys: list[KeyPair], tls: ssl.SSLContext | None = None) -> Iterat
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            location = jwks.redirect()
+            if location is not None:
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             body = jwks.document()
             if not jwks.drip_seconds:
                 self.send_response(200)
@@ -172,7 +195,8 @@ def serve_jwks(keys: list[KeyPair], tls: ssl.SSLContext | None = None) -> Iterat
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    # (a port of the run's TEST_PORT_RANGE, when one is set: the machine is shared)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
     jwks._server = server
