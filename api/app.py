@@ -136,13 +136,41 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.hosts = HostPolicy(
         split_list(settings.allowed_hosts), auth_enabled=app.state.authorizer.enabled
     )
-    if app.state.authorizer.enabled:
-        log.info("authorization: on (JWT)")
-        if app.state.hosts.serves_any_name:
-            log.warning("authorization: on, but %s", ANY_NAME_SERVED)
-    else:
-        log.warning("authorization: off: anyone who reaches the broker may publish and subscribe")
+    _say_authorization(app, settings)
     return app
+
+
+def _say_authorization(app: Starlette, settings: Settings) -> None:
+    """The authorization in force, at start, with the risks of a setup valid but weak."""
+    if not app.state.authorizer.enabled:
+        log.warning("authorization: off: anyone who reaches the broker may publish and subscribe")
+        return
+    log.info("authorization: on (JWT)")
+    if app.state.hosts.serves_any_name:
+        log.warning("authorization: on, but %s", ANY_NAME_SERVED)
+    shared = _key_of_an_identity_provider(settings)
+    if shared is not None and settings.jwt_audience is None:
+        log.warning(NO_AUDIENCE, shared)
+
+
+NO_AUDIENCE = (
+    "authorization: on, but BROKER_JWT_AUDIENCE is not set: every token the key of %s "
+    "verifies is valid here, whatever service it was issued for (its aud is not "
+    "checked). An identity provider signs the tokens of all its services with that "
+    "key: one issued for another service (and replayed here by it, or by anyone it "
+    "leaks to) passes, and gets rights here if it carries a broker claim. Set "
+    "BROKER_JWT_AUDIENCE to the audience the provider names this broker by"
+)
+
+
+def _key_of_an_identity_provider(settings: Settings) -> str | None:
+    """The setting of a key whose tokens may be meant for other services: a public key
+    or a key set is an identity provider's (a secret is this deployment's own)."""
+    if settings.jwt_jwks_url is not None:
+        return "BROKER_JWT_JWKS_URL"
+    if settings.jwt_public_key is not None:
+        return "BROKER_JWT_PUBLIC_KEY"
+    return None
 
 
 PUBLISH = PublishEndpoint()

@@ -212,6 +212,42 @@ async def test_a_key_set_never_fetched_is_no_verdict_on_the_token(
         assert int(answer.headers["retry-after"]) >= 1
 
 
+def _said_at_start(broker: BrokerProcess) -> list[str]:
+    """The broker's log up to its start's end, before it serves any request."""
+    lines = broker.log().splitlines()
+    started = next(n for n, line in enumerate(lines) if "Application startup complete" in line)
+    return lines[:started]
+
+
+@pytest.mark.parametrize(
+    ("key_broker", "setting"),
+    [("pem_broker", "BROKER_JWT_PUBLIC_KEY"), ("unfetched_broker", "BROKER_JWT_JWKS_URL")],
+)
+def test_an_identity_providers_key_without_an_audience_is_warned_of_at_start(
+    key_broker: str, setting: str, request: pytest.FixtureRequest
+) -> None:
+    """A public key or a key set is an identity provider's, which signs the tokens of
+    every service it serves: without BROKER_JWT_AUDIENCE, any of them was valid here
+    (with rights, if it carried a broker claim), and nothing said so. A valid setup
+    (one provider for the broker alone): warned of, not refused."""
+    broker: BrokerProcess = request.getfixturevalue(key_broker)
+    warnings = [line for line in _said_at_start(broker) if "BROKER_JWT_AUDIENCE" in line]
+    assert len(warnings) == 1, broker.log()
+    assert "WARNING api.app: authorization: on, but BROKER_JWT_AUDIENCE is not set" in warnings[0]
+    assert setting in warnings[0] and "another service" in warnings[0]
+
+
+def test_a_key_set_with_an_audience_is_not_warned_of(redis_server: RedisServer) -> None:
+    url = f"http://127.0.0.1:{free_port()}/.well-known/jwks.json"  # (never fetched)
+    env = {"BROKER_JWT_JWKS_URL": url, "BROKER_JWT_AUDIENCE": "broker-tests"}
+    broker = BrokerProcess(redis_url=redis_server.url, env=env).start()
+    try:
+        assert "authorization: on (JWT)" in "\n".join(_said_at_start(broker))
+        assert "BROKER_JWT_AUDIENCE" not in broker.log(), broker.log()
+    finally:
+        broker.close()
+
+
 @contextmanager
 def _broker_of_key_set(
     redis_server: RedisServer, url: str, tls: TlsFiles
