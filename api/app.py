@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if isinstance(metrics, PrometheusObserver):
             metrics.start_flushing()
         app.state.broker, app.state.streams, app.state.settings = broker, streams, settings
+        app.state.instance = face.instance_name(app.state.authorizer.enabled)
         if settings.gc_tuning:
             tune_gc()
         restore_signals = drain_on_shutdown_signals(streams.drain)

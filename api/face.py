@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import itertools
+import logging
 import os
+import secrets
 import socket
 from functools import cache
 from pathlib import Path
@@ -30,6 +32,7 @@ from broker.fanout import Hub
 from broker.model import LogPage
 from broker.validation import check_topic
 
+log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PAGE_FILES = {
     "page.js": "text/javascript; charset=utf-8",
@@ -133,6 +136,21 @@ def _version_key(path: Path) -> tuple[int, ...]:
 # -- /stats ---------------------------------------------------------------------
 
 
+def instance_name(authorization_on: bool) -> str:
+    """What ``/stats`` names this process by (its subscribers are the process's): its
+    host and pid, or with authorization on an opaque id, random, this process's for its
+    life, which the log maps to them. ``/stats`` answers anyone, and the host name gave
+    every anonymous caller a piece of the network's map (as ``/readyz`` gave the Redis
+    host); telling the instances apart needs no more than an id. Call it in the process
+    that serves (each worker its own)."""
+    own = f"{socket.gethostname()}:{os.getpid()}"
+    if not authorization_on:
+        return own  # (anyone who reaches an open broker may publish and delete anyway)
+    opaque = secrets.token_hex(6)
+    log.info("instance: this process (%s) is %s in /stats", own, opaque)
+    return opaque
+
+
 def live_subscribers(hub: Hub) -> dict[str, int]:
     """Streams following each topic live in this process (a read of the hub's feeds).
 
@@ -147,9 +165,9 @@ async def stats(request: Request) -> Response:
 
     The rate is read from the topic's log in the store, so it counts every
     instance; subscribers are those of the instance (process) that answers,
-    named in ``instance``. The topics: those named by ``?topic=``, then (by name, at
-    most MAX_STREAMED_STATS_TOPICS) the others this instance streams now (a topic with
-    subscribers but no event yet is in no listing).
+    named in ``instance`` (``instance_name``). The topics: those named by ``?topic=``,
+    then (by name, at most MAX_STREAMED_STATS_TOPICS) the others this instance streams
+    now (a topic with subscribers but no event yet is in no listing).
     """
     broker: Broker = request.app.state.broker
     subscribers = live_subscribers(broker.hub)
@@ -163,7 +181,7 @@ async def stats(request: Request) -> Response:
         for name, rate in zip(names, rates, strict=True)
     ]
     content: dict[str, Any] = {
-        "instance": f"{socket.gethostname()}:{os.getpid()}",
+        "instance": request.app.state.instance,
         "subscribers_scope": "instance",
         "rate_scope": "cluster",
         "rate_window_seconds": RATE_WINDOW_SECONDS,

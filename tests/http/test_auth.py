@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -925,3 +927,34 @@ async def test_a_token_under_an_encoded_parameter_name_alone_is_used(
     path = f"/topics/{topic}/events?access%5Ftoken={token}"
     assert (await stream_lean(auth_broker.url, path, {})).status == 200
     assert (await stream_by_app(auth_broker.url, path, {})).status == 200
+
+
+async def test_stats_names_its_instance_by_an_opaque_id_with_authorization_on(
+    auth_broker: BrokerProcess,
+) -> None:
+    """``/stats`` answers anyone: its ``instance`` gave every anonymous caller the host's
+    name and the process's pid (``/readyz`` gave the Redis host, for the same reason
+    cleaned). With authorization on it is an opaque id, the same for every caller and
+    answer of the process (the page tells instances apart by it), that the broker's log
+    maps to the host and pid."""
+    topic = new_topic("stats")
+    async with httpx.AsyncClient(base_url=auth_broker.url, timeout=10) as client:
+        anonymous = await client.get("/stats")
+        again = await client.get("/stats")
+        holder = await client.get("/stats", headers=bearer(hs_token(claims(subscribe=[topic]))))
+    assert [r.status_code for r in (anonymous, again, holder)] == [200, 200, 200]
+    instance = anonymous.json()["instance"]
+    assert re.fullmatch(r"[0-9a-f]{12}", instance), instance
+    assert again.json()["instance"] == holder.json()["instance"] == instance
+    assert socket.gethostname() not in anonymous.text + holder.text
+    [mapped] = [line for line in auth_broker.log().splitlines() if f"is {instance} in" in line]
+    assert f"({socket.gethostname()}:" in mapped, mapped
+
+
+def test_stats_names_an_open_brokers_instance_by_its_host_and_pid(
+    http_broker: BrokerProcess,
+) -> None:
+    """With authorization off anyone may publish and delete: nothing is hidden by an id."""
+    stats = httpx.get(f"{http_broker.url}/stats", timeout=10).json()
+    host, _, pid = stats["instance"].rpartition(":")
+    assert host == socket.gethostname() and pid.isdigit(), stats
