@@ -31,7 +31,7 @@ from api.hosts import ANY_NAME_SERVED, HostPolicy, host_refused
 from api.lifecycle import drain_on_shutdown_signals
 from api.metrics import PrometheusObserver, count_response, render_metrics
 from api.openapi import openapi_document
-from api.problems import HttpProblem, problem, problem_for
+from api.problems import NOT_SNIFFED, HttpProblem, problem, problem_for
 from api.publish import PublishEndpoint
 from api.settings import Settings, SettingsRefused, settings_from_environment, split_list
 from api.sse import EventStreamResponse, OpenStreams
@@ -319,7 +319,7 @@ def _is_publish(scope: Scope) -> bool:
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     body, content_type = render_metrics()
-    return Response(body, media_type=content_type)
+    return Response(body, media_type=content_type, headers=NOT_SNIFFED)
 
 
 async def openapi(request: Request) -> Response:

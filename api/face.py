@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
+from api.problems import NOT_SNIFFED
 from api.routes import check_listing_caller, may_subscribe
 from broker import Broker, InvalidInput
 from broker.fanout import Hub
@@ -46,9 +47,6 @@ SWAGGER_UI_FILES = {
 }
 # Pages change with the installed version: revalidate each time, it is cheap.
 NO_CACHE = {"Cache-Control": "no-cache"}
-# A file of one type is never taken for another (a browser sniffing a page's JSON or
-# text as a script or a page of the broker's origin).
-NOT_SNIFFED = {"X-Content-Type-Options": "nosniff"}
 RATE_WINDOW_SECONDS = 30
 RATE_SAMPLE = 100  # events read at most per topic for its rate
 MAX_STATS_TOPICS = 100  # topics a caller may ask for by ?topic=

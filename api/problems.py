@@ -21,6 +21,10 @@ from broker.errors import (
 
 # Relative URIs (RFC 9457 allows them); the README lists every slug under "Errors".
 PROBLEM_TYPE_BASE = "/problems#"
+NOT_SNIFFED = {"X-Content-Type-Options": "nosniff"}
+"""On every answer with a body: a browser never takes one for another type than its
+own (JSON holding an event's data, or a problem's detail naming a topic, sniffed as a
+page or a script of the broker's origin)."""
 
 
 class HttpProblem(Exception):
@@ -92,7 +96,7 @@ def problem(
         orjson.dumps(body | extra),
         status_code=status,
         media_type="application/problem+json",
-        headers=headers,
+        headers=NOT_SNIFFED | headers if headers else NOT_SNIFFED,
     )
 
 

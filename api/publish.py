@@ -39,7 +39,8 @@ from broker.validation import (
 )
 
 NDJSON = "application/x-ndjson"
-JSON_HEADERS = [(b"content-type", b"application/json")]
+JSON_HEADERS = [(b"content-type", b"application/json"), (b"x-content-type-options", b"nosniff")]
+"""(Constant bytes: the lean paths write them as they are, no formatting per answer.)"""
 REPLAYED_HEADERS = [*JSON_HEADERS, (b"idempotent-replayed", b"true")]
 
 

@@ -26,7 +26,7 @@ from starlette.types import Scope
 from api.auth import Authorizer, Grant, authorize
 from api.cors import cors_headers
 from api.negotiation import prefers_json
-from api.problems import Forbidden, KeysUnavailable, Unauthorized, problem_for
+from api.problems import NOT_SNIFFED, Forbidden, KeysUnavailable, Unauthorized, problem_for
 from api.settings import Settings
 from api.sse import STREAM_HEADERS, EventStreamResponse, OpenStreams
 from broker import (
@@ -62,7 +62,10 @@ def json_response(
     content: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
     return Response(
-        orjson.dumps(content), status_code=status, media_type="application/json", headers=headers
+        orjson.dumps(content),
+        status_code=status,
+        media_type="application/json",
+        headers=NOT_SNIFFED | headers if headers else NOT_SNIFFED,
     )
 
 

@@ -32,9 +32,10 @@ DROPS = ThrottledLog(10.0, log, logging.INFO)
 stall under a broadcast wrote a line per subscriber, thousands at once."""
 
 STREAM_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"content-type", b"text/event-stream; charset=utf-8"),  # (first: see come_back_later)
     (b"cache-control", b"no-cache, no-transform"),
     (b"x-accel-buffering", b"no"),
+    (b"x-content-type-options", b"nosniff"),  # (as every answer: api.problems.NOT_SNIFFED)
 ]
 
 

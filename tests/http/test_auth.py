@@ -958,3 +958,47 @@ def test_stats_names_an_open_brokers_instance_by_its_host_and_pid(
     stats = httpx.get(f"{http_broker.url}/stats", timeout=10).json()
     host, _, pid = stats["instance"].rpartition(":")
     assert host == socket.gethostname() and pid.isdigit(), stats
+
+
+def assert_not_sniffed(answer: Answer) -> None:
+    options = answer.headers.get("x-content-type-options")
+    assert options == "nosniff", (answer.status, answer.headers)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_no_answer_of_a_topic_is_sniffed(auth_broker: BrokerProcess, route: str) -> None:
+    """Served or refused (a problem), by the lean paths or the app: every answer says
+    ``X-Content-Type-Options: nosniff``, so a browser never takes JSON holding an
+    event's data, or a problem's detail naming a topic, for a page or a script of the
+    broker's origin (history, topic info and problems lacked it; streams too)."""
+    topic = await _topic_with_an_event(auth_broker.url)
+    token = hs_token(claims(publish=[topic], subscribe=[f"{topic}*"]))
+    served = await call(route, auth_broker.url, topic, bearer(token))
+    assert_allowed(route, served)
+    refused = await call(route, auth_broker.url, topic, {})
+    assert_unauthorized(refused)
+    for answer in (served, refused):
+        assert_not_sniffed(answer)
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/topics", 200),
+        ("/topics?limit=0", 400),
+        ("/topics/auth-never-had-an-event", 404),
+        ("/no-such-route", 404),
+        ("/healthz", 200),
+        ("/readyz", 200),
+        ("/stats", 200),
+    ],
+)
+async def test_no_listing_probe_or_refusal_is_sniffed(
+    auth_broker: BrokerProcess, path: str, status: int
+) -> None:
+    headers = bearer(hs_token(claims(subscribe=["auth-*"])))
+    async with httpx.AsyncClient(base_url=auth_broker.url, timeout=10) as client:
+        response = await client.get(path, headers=headers)
+    answer = Answer(response.status_code, dict(response.headers), response.content)
+    assert answer.status == status, (answer.status, answer.body)
+    assert_not_sniffed(answer)
