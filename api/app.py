@@ -34,7 +34,7 @@ from api.openapi import openapi_document
 from api.problems import NOT_SNIFFED, HttpProblem, problem, problem_for
 from api.publish import PublishEndpoint
 from api.settings import Settings, SettingsRefused, settings_from_environment, split_list
-from api.sse import EventStreamResponse, OpenStreams
+from api.sse import EventStreamResponse, OpenStreams, stream_headers
 from broker import Broker, BrokerError, BrokerLimits, open_store
 from broker import constants as c
 from broker.errors import StoreMisconfigured
@@ -134,6 +134,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     # Built here, not in the lifespan: a key that cannot be used stops the app at once.
     app.state.authorizer = Authorizer.from_settings(settings)
     app.state.cors = CorsPolicy(split_list(settings.cors_origins))
+    app.state.stream_headers = stream_headers(settings.heartbeat_seconds)
     app.state.hosts = HostPolicy(
         split_list(settings.allowed_hosts), auth_enabled=app.state.authorizer.enabled
     )

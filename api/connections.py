@@ -63,7 +63,6 @@ from api.lean_stream import (
 )
 from api.metrics import RouteClass, count_response
 from api.problems import problem_for
-from api.sse import STREAM_HEADERS
 from broker import StartFrom, StoreUnavailable, StreamOver
 from broker.framing import retry_hint
 
@@ -499,20 +498,22 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._server_state.total_requests += 1
         count_response("stream", 200)
         _log_access(self._transport, self._config, request.scope, 200)
-        head = self._response_head(retry_ms, cors_headers(request.scope), chunked=chunked)
+        headers = [*app.state.stream_headers, *cors_headers(request.scope)]
+        head = self._response_head(retry_ms, headers, chunked=chunked)
         stream.start(subscription, head)
         self._transport.resume_reading()  # to see the client go
 
     def _response_head(
-        self, retry_ms: int, extra: list[tuple[bytes, bytes]], *, chunked: bool
+        self, retry_ms: int, stream_headers: list[tuple[bytes, bytes]], *, chunked: bool
     ) -> bytes:
+        """``stream_headers``: the app's, and the request's CORS headers."""
         # The connection ends with the stream (a StreamConnection serves no other
         # request): said up front, so that a client whose stream ended (broker.end,
         # a drain) does not send its next request down a socket that is closing.
         if not chunked:  # (HTTP/1.0: the body ends with the connection)
-            head = response_head(200, [*STREAM_HEADERS, *extra, CLOSE], self._server_state)
+            head = response_head(200, [*stream_headers, CLOSE], self._server_state)
             return head + retry_hint(retry_ms)
-        headers = [*STREAM_HEADERS, *extra, (b"transfer-encoding", b"chunked"), CLOSE]
+        headers = [*stream_headers, (b"transfer-encoding", b"chunked"), CLOSE]
         return response_head(200, headers, self._server_state) + chunk_of(retry_hint(retry_ms))
 
     def _answer(self, response: Response, route: RouteClass) -> None:

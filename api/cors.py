@@ -20,7 +20,7 @@ from api.problems import Forbidden
 
 ALLOWED_METHODS = b"GET, POST, DELETE"
 ALLOWED_HEADERS = b"Authorization, Content-Type, Idempotency-Key, Last-Event-ID"
-EXPOSED_HEADERS = b"Idempotent-Replayed, Retry-After"
+EXPOSED_HEADERS = b"Broker-Heartbeat, Idempotent-Replayed, Retry-After"
 PREFLIGHT_MAX_AGE = b"600"
 VARY = (b"vary", b"Origin")
 

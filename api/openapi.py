@@ -52,6 +52,11 @@ def _parameter(
 ANY_OBJECT = {"type": "object"}
 TOPIC_NAME = {"type": "string", "pattern": f"^{c.TOPIC_PATTERN.pattern}$"}
 RETRY_AFTER = {"Retry-After": _header("Seconds to wait before retrying")}
+BROKER_HEARTBEAT = (
+    "On a stream (not on a come-back-later retry: hint): BROKER_HEARTBEAT_SECONDS, a "
+    "plain decimal; a ':' comment comes at least this often, so a stream silent for two "
+    "of these is dead"
+)
 
 # -- parameters, by the name the table uses -----------------------------------------
 
@@ -243,6 +248,7 @@ ROUTE_DOCS: dict[str, Doc] = {
                 "drains, only a retry: hint, then its end); with Accept: application/json a "
                 "history page (?after, ?limit)",
                 {**EVENT_STREAM, **_json(ref(schemas.HistoryPage))},
+                Broker_Heartbeat=BROKER_HEARTBEAT,
             ),
             "204": answer("The topic is closed and the cursor at or past its end (or none)"),
         },
@@ -252,7 +258,9 @@ ROUTE_DOCS: dict[str, Doc] = {
     "subscribe_many": Doc(
         parameters=["topics", "Last-Event-ID", "last_event_id", "from", "positions"],
         answers={
-            "200": answer("One stream over several topics", EVENT_STREAM),
+            "200": answer(
+                "One stream over several topics", EVENT_STREAM, Broker_Heartbeat=BROKER_HEARTBEAT
+            ),
             "204": answer("Every topic is closed and the cursor at or past its end (or none)"),
         },
         problems=["400", "401", "403", "421"],

@@ -105,8 +105,9 @@ async def _head_of_stream(request: Request, topic: str | None) -> Response:
     a closed topic, or a stream's), its subscription opened and closed at once (it was
     left open, and the answer never ended)."""
     await _authorizer(request).prepare(request.scope)
+    headers: list[tuple[bytes, bytes]] = request.app.state.stream_headers
     head = Response(
-        status_code=200, headers={name.decode(): value.decode() for name, value in STREAM_HEADERS}
+        status_code=200, headers={name.decode(): value.decode() for name, value in headers}
     )
     try:
         starts = stream_starts(request, topic)
@@ -140,7 +141,7 @@ async def open_stream(request: Request, topic: str | None) -> Response | EventSt
     streams: OpenStreams = request.app.state.streams
     if streams.draining:
         return come_back_later(retry_ms, "this instance is shutting down", request.scope)
-    response = EventStreamResponse(streams, retry_ms)
+    response = EventStreamResponse(streams, retry_ms, request.app.state.stream_headers)
     try:
         subscription = await subscribe(request, starts, response)
     except StoreUnavailable:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
+from decimal import Decimal
 from typing import Any, Protocol, cast
 
 from starlette.types import Receive, Scope, Send
@@ -37,6 +38,23 @@ STREAM_HEADERS = [
     (b"x-accel-buffering", b"no"),
     (b"x-content-type-options", b"nosniff"),  # (as every answer: api.problems.NOT_SNIFFED)
 ]
+HEARTBEAT_HEADER = b"broker-heartbeat"
+"""Says ``BROKER_HEARTBEAT_SECONDS`` on every stream: a client that reads it knows how
+long a live stream may stay silent, where it had to guess (the Python subscriber waited
+45 s whatever the interval). A header, not a first comment line: proxies pass it as it
+is, and a client reads it before the body (an ``EventSource`` sees neither)."""
+
+
+def stream_headers(heartbeat_seconds: float) -> list[tuple[bytes, bytes]]:
+    """The headers of every stream of an app whose heartbeat is ``heartbeat_seconds``:
+    built once, when the app is (``app.state.stream_headers``), not per stream."""
+    return [*STREAM_HEADERS, (HEARTBEAT_HEADER, seconds_text(heartbeat_seconds))]
+
+
+def seconds_text(seconds: float) -> bytes:
+    """``15``, ``0.5``: the shortest decimal that reads back as ``seconds``, with no
+    exponent (``1e-05`` is no number to every client's parser)."""
+    return format(Decimal(repr(seconds)).normalize(), "f").encode("ascii")
 
 
 class Closable(Protocol):
@@ -80,9 +98,13 @@ class EventStreamResponse:
     behind a busy topic overflows its buffer while its task waits its turn.
     """
 
-    def __init__(self, streams: OpenStreams, retry_ms: int) -> None:
+    def __init__(
+        self, streams: OpenStreams, retry_ms: int, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """``headers``: the app's ``stream_headers`` (CORS is added per request)."""
         self._streams = streams
         self._retry_ms = retry_ms
+        self._headers = headers
         self._subscription: Subscription | None = None
         self._send: Send | None = None  # uvicorn's, for writes outside the task
         self._writer: asyncio.Task[object] | None = None
@@ -137,7 +159,7 @@ class EventStreamResponse:
             self._send = send
         watcher = asyncio.create_task(self._close_on_disconnect(subscription, receive))
         try:
-            headers = [*STREAM_HEADERS, *cors_headers(scope)]
+            headers = [*self._headers, *cors_headers(scope)]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send(_body(retry_hint(self._retry_ms)))
             async for chunk in subscription.chunks():

@@ -198,6 +198,7 @@ class _StandInHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
+        self.send_header("Broker-Heartbeat", "15")  # (the broker's: how long it may be silent)
         self.send_header("Transfer-Encoding", "chunked")
         # Said, since the stream's connection closes after it: unsaid, a proxy kept it
         # for the next request, which found it closed and, with the other broker of

@@ -32,7 +32,8 @@ pytestmark = pytest.mark.e2e
 def test_first_event_arrives_before_the_upstream_response_ends(
     kind: Balancer, tmp_path: Path
 ) -> None:
-    """Proves buffering is off: the stand-in holds its response open after the first frame."""
+    """Proves buffering is off: the stand-in holds its response open after the first frame.
+    And the stream's head passes as the broker sent it (its ``Broker-Heartbeat`` too)."""
     with StandInBroker() as broker, running_balancer(kind, [broker.port], tmp_path) as port:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(
@@ -46,6 +47,7 @@ def test_first_event_arrives_before_the_upstream_response_ends(
             assert not broker.finished.is_set(), "the upstream had already finished"
             assert waited < 5
             assert b"text/event-stream" in head.lower()
+            assert b"\r\nbroker-heartbeat: 15\r\n" in head.lower(), "the heartbeat was not said"
             assert b"last-event-id=1700000000000-7" in head, "Last-Event-ID was not passed on"
             broker.release.set()
             rest = read_until(sock, b"data: last", timeout=5)

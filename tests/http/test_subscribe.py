@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.http.conftest import RETENTION_MAXLEN
+from tests.http.conftest import HEARTBEAT, RETENTION_MAXLEN
 from tests.http.helpers import (
     SseStream,
     assert_id,
@@ -23,6 +23,7 @@ from tests.http.helpers import (
     raw_request,
     subscribe,
 )
+from tests.http.test_lifecycle import PATHS, open_stream
 from tests.support.broker_process import BrokerProcess
 from tests.support.sse import ORIGIN_CURSOR, parse_sse
 
@@ -53,6 +54,32 @@ async def test_stream_headers_and_a_retry_hint_first(http_broker: BrokerProcess)
         assert re.match(rb"retry: \d+\n\n", bytes(stream.body)), bytes(stream.body)
     finally:
         await stream.close()
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_a_stream_says_the_brokers_heartbeat_interval(
+    http_broker: BrokerProcess, how: str
+) -> None:
+    """``Broker-Heartbeat``, on both stream paths: this broker beats every 1 s, not the
+    default 15 s, and a client no longer has to guess it (the Python subscriber took
+    45 s of silence for a dead stream, whatever the interval)."""
+    stream = await open_stream(http_broker, f"/topics/{new_topic()}/events", how)
+    try:
+        assert stream.status == 200, stream.status
+        assert stream.count("broker-heartbeat") == 1, stream.names
+        assert stream.headers["broker-heartbeat"] == HEARTBEAT["BROKER_HEARTBEAT_SECONDS"]
+    finally:
+        await stream.close()
+
+
+async def test_the_head_of_a_stream_says_the_heartbeat_interval(
+    aclient: httpx.AsyncClient,
+) -> None:
+    """A HEAD answers the head its GET would: the interval included."""
+    for path in (f"/topics/{new_topic()}/events", f"/events?topic={new_topic()}"):
+        response = await aclient.head(path, headers=EVENT_STREAM)
+        assert response.status_code == 200, response.status_code
+        assert response.headers["broker-heartbeat"] == HEARTBEAT["BROKER_HEARTBEAT_SECONDS"]
 
 
 @pytest.mark.parametrize(
