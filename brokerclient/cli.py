@@ -90,9 +90,10 @@ def _tail_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     start.add_argument("--last-event-id", help="resume after this id")
     give_up = "seconds without a connection before exiting 3 (default %(default)s)"
     tail.add_argument("--give-up-after", type=float, default=DEFAULT_GIVE_UP_SECONDS, help=give_up)
-    quiet = "seconds a stream may send nothing before it is reconnected: more than the "
-    quiet += "broker's BROKER_HEARTBEAT_SECONDS (default 45; doubled by each stream that "
-    quiet += "times out, up to 8 times)"
+    quiet = "seconds a stream of a broker that does not say its heartbeat (an older one) "
+    quiet += "may send nothing before it is reconnected: more than its "
+    quiet += "BROKER_HEARTBEAT_SECONDS (default 45; doubled by each stream that times out, "
+    quiet += "up to 8 times); a broker that says it: two of its heartbeats and a second"
     tail.add_argument("--read-timeout", type=_seconds, metavar="SECONDS", help=quiet)
     tail.set_defaults(run_client=_guarded(run_tail))
 

@@ -3,14 +3,16 @@
 ``_Resume`` decides where the next connection starts (``Last-Event-ID``, ``?from=earliest``,
 or each topic's end for a subscription "from now"), how long to wait before it (the
 backoff, ``retry:`` hints, ``give_up_after``), how long a stream may stay silent (the read
-timeout, grown by streams that timed out and set from the heartbeats they show), and which
-topic each event belongs to. ``AsyncSubscriber`` and ``Subscriber`` do the I/O and tell
-it what happened; it is tested on a fake clock (tests/unit/test_subscriber_resume.py).
+timeout: from the heartbeat the broker says, else grown by streams that timed out and set
+from the heartbeats they show), and which topic each event belongs to. ``AsyncSubscriber``
+and ``Subscriber`` do the I/O and tell it what happened; it is tested on a fake clock
+(tests/unit/test_subscriber_resume.py).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -27,6 +29,14 @@ from brokerclient.sse import POSITION, Event, SseDecoder
 # that set its level or a handler on it before the state moved here still gets them.
 log = logging.getLogger("brokerclient.subscriber")
 DEFAULT_READ_TIMEOUT = 45.0  # three of the broker's default 15 s heartbeats
+HEARTBEAT_HEADER = "broker-heartbeat"
+"""The broker's ``BROKER_HEARTBEAT_SECONDS``, said on each stream (an older broker does
+not: the read timeout is then guessed, as before)."""
+SILENT_HEARTBEATS = 2
+SILENCE_MARGIN_S = 1.0
+"""A stream whose broker says its heartbeat is dead once it sent nothing for this many of
+them and the margin: the broker beats every stream at least once an interval, so a live
+one is never silent for two (the margin: the network's and the broker's hiccups)."""
 READ_TIMEOUT_GROWTH = 8
 """A stream that times out reading is taken for a broker whose heartbeat is longer than
 the read timeout: the next ones wait twice as long, up to this many times the given one."""
@@ -67,6 +77,8 @@ class _Resume:
     _first_comment_at: float | None = None  # (monotonic) the current stream's first heartbeat
     _last_comment_at: float | None = None  # (monotonic) the current stream's last heartbeat
     _longest_beat: float | None = None  # the current stream's longest heartbeat interval
+    heartbeat_s: float | None = None  # the current stream's, if its broker said it
+    _guessed_read_timeout: float | None = None  # the read timeout in force before it did
 
     def __post_init__(self) -> None:
         given = self.given_read_timeout = self.read_timeout
@@ -134,15 +146,33 @@ class _Resume:
             pool=_at_most(usual.pool, left),
         )
 
-    def connected(self) -> None:
+    def connected(self, heartbeat_s: float | None = None) -> None:
         """A 200 stream: it works once it delivers, or stays open a while (a come-back
         hint, a 200 that ends at once while the broker drains or its store is down,
-        does not: ``give_up_after`` still counts)."""
+        does not: ``give_up_after`` still counts). ``heartbeat_s``: the interval its
+        broker said (``HEARTBEAT_HEADER``), None if it did not."""
         self.started = True
         self.connected_at = time.monotonic()
         self.refused_last = False
         self._comments_read = 0
         self._first_comment_at = self._last_comment_at = self._longest_beat = None
+        self._follow_heartbeat(heartbeat_s)
+
+    def _follow_heartbeat(self, heartbeat_s: float | None) -> None:
+        """A stream whose broker says its heartbeat is read for ``SILENT_HEARTBEATS`` of
+        it (and the margin), whatever the read timeout given or guessed: a guess was
+        either late to see a dead connection (45 s of silence against a 1 s heartbeat)
+        or reconnected live streams (under a longer heartbeat) until it grew past it. A
+        stream that does not say it (an older broker: a fleet being upgraded) is read
+        with the guess, kept as it was. A read timeout of None stays None (never)."""
+        said = heartbeat_s is not None and self.given_read_timeout is not None
+        if said and self.heartbeat_s is None:
+            self._guessed_read_timeout = self.read_timeout
+        elif not said and self.heartbeat_s is not None:
+            self.read_timeout = self._guessed_read_timeout
+        self.heartbeat_s = heartbeat_s if said else None
+        if self.heartbeat_s is not None:
+            self.read_timeout = SILENT_HEARTBEATS * self.heartbeat_s + SILENCE_MARGIN_S
 
     def after_error_answer(self, error: Exception, token_refreshes: bool) -> float:
         """The delay before trying again after an error answer, or the error raised.
@@ -204,6 +234,8 @@ class _Resume:
         given, cap, current = self.given_read_timeout, self.read_timeout_cap, self.read_timeout
         if previous is None or given is None or cap is None or current is None:
             return
+        if self.heartbeat_s is not None:
+            return  # (its broker said its heartbeat: nothing to learn)
         beat = self._longest_beat = max(self._longest_beat or 0.0, now - previous)
         fits = min(max(given, 3 * beat), cap)
         if fits < current and now - self._first_comment_at < current:
@@ -252,15 +284,17 @@ class _Resume:
 
     def broke(self, error: httpx.TransportError) -> float:
         """``failed``, for a connection that broke (or never was); a stream that timed out
-        reading makes the next ones read longer first (``read_timed_out``)."""
-        if isinstance(error, httpx.ReadTimeout) and self.connected_at is not None:
+        reading makes the next ones read longer first (``read_timed_out``), unless its
+        broker said its heartbeat: then the connection died."""
+        timed_out = isinstance(error, httpx.ReadTimeout) and self.connected_at is not None
+        if timed_out and self.heartbeat_s is None:
             self.read_timed_out()
         return self.failed(repr(error))
 
     def read_timed_out(self) -> None:
         """A stream sent nothing for ``read_timeout``: most likely the broker's heartbeat
         (``BROKER_HEARTBEAT_SECONDS``) is longer, and every stream timed out and was
-        reconnected, for ever. The stream does not say its heartbeat (only ``retry:``),
+        reconnected, for ever. The stream did not say its heartbeat (an older broker),
         so the next ones wait twice as long, up to ``read_timeout_cap`` (a connection
         that died in silence is then noticed that much later)."""
         if self.read_timeout is None or self.read_timeout_cap is None:
@@ -307,6 +341,16 @@ class _Resume:
 
 class _Retryable(Exception):
     """An answer another try may change (502, 503, 504)."""
+
+
+def heartbeat_of(said: str | None) -> float | None:
+    """The heartbeat interval a stream's ``HEARTBEAT_HEADER`` says, in seconds; None if
+    none is said, or none that can be used (a proxy's, or a broken, value)."""
+    try:
+        seconds = float(said) if said is not None else math.nan
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
 def _at_most(timeout: float | None, limit: float) -> float:

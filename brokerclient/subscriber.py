@@ -57,7 +57,7 @@ from brokerclient.http import (
 
 # (DEFAULT_READ_TIMEOUT re-exported: the subscribers' default, which `broker tail` uses too)
 from brokerclient.resume import DEFAULT_READ_TIMEOUT as DEFAULT_READ_TIMEOUT
-from brokerclient.resume import _Resume, _Retryable
+from brokerclient.resume import HEARTBEAT_HEADER, _Resume, _Retryable, heartbeat_of
 from brokerclient.sse import Event, SseDecoder
 
 CONNECT_TIMEOUT = 10.0
@@ -144,9 +144,12 @@ class AsyncSubscriber:
     an ``async def``), asked at each connection and once more after a 401.
 
     ``read_timeout``: how long a stream may send nothing, not even the broker's
-    heartbeat, before it is taken for dead and reconnected (None: never); doubled by
-    each stream that timed out, up to ``resume.READ_TIMEOUT_GROWTH`` times (a broker whose
-    ``BROKER_HEARTBEAT_SECONDS`` is longer made every stream time out, for ever).
+    heartbeat, before it is taken for dead and reconnected (None: never). A broker that
+    says its heartbeat (the ``Broker-Heartbeat`` header) decides instead: two of its
+    intervals and a second (``resume.SILENT_HEARTBEATS``). Against one that does not (an
+    older broker), it is doubled by each stream that timed out, up to
+    ``resume.READ_TIMEOUT_GROWTH`` times (a broker whose ``BROKER_HEARTBEAT_SECONDS`` is
+    longer made every stream time out, for ever), and set from the heartbeats it shows.
     """
 
     def __init__(
@@ -231,7 +234,7 @@ class AsyncSubscriber:
             if not _is_stream(response):
                 await response.aread()
                 _raise_for(response)
-            self._resume.connected()
+            self._resume.connected(_heartbeat_said(response))
             decoder = SseDecoder(self._resume.last_event_id)
             with _read_as_usual(response, self._resume):
                 async for chunk in response.aiter_bytes():
@@ -342,7 +345,7 @@ class Subscriber:
             if not _is_stream(response):
                 response.read()
                 _raise_for(response)
-            self._resume.connected()
+            self._resume.connected(_heartbeat_said(response))
             decoder = SseDecoder(self._resume.last_event_id)
             self._reading = response
             try:
@@ -390,6 +393,11 @@ def _shut(response: httpx.Response | None) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def _heartbeat_said(response: httpx.Response) -> float | None:
+    """The heartbeat interval the stream's broker says (None: an older broker)."""
+    return heartbeat_of(response.headers.get(HEARTBEAT_HEADER))
 
 
 def _is_stream(response: httpx.Response) -> bool:

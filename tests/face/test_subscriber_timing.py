@@ -1,5 +1,6 @@
-"""A subscriber's waits: its backoff ended by a close, its read timeout against a
-broker whose heartbeat is longer than it."""
+"""A subscriber's waits: its backoff ended by a close; its read timeout from the heartbeat
+a broker says (``Broker-Heartbeat``), and, against an older broker that does not say it,
+guessed (grown past a longer heartbeat, learnt from the heartbeats it reads)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from brokerclient import AsyncSubscriber, Event, Publisher, Subscriber
+from brokerclient import AsyncPublisher, AsyncSubscriber, Event, Publisher, Subscriber
 from brokerclient import resume as resume_module
 from brokerclient import subscriber as subscriber_module
 from tests.support.broker_process import BROKER_BIN, BrokerProcess
 from tests.support.holding_proxy import HoldingProxy
+from tests.support.older_broker_proxy import OlderBrokerProxy
 from tests.support.polling import await_until, wait_until
 from tests.support.redis_server import RedisServer, free_port
 
@@ -123,6 +125,22 @@ def one_second_heartbeat_broker(redis_server: RedisServer) -> Iterator[BrokerPro
     process.close()
 
 
+@pytest.fixture
+def older_slow_heartbeat_broker(slow_heartbeat_broker: BrokerProcess) -> Iterator[OlderBrokerProxy]:
+    """``slow_heartbeat_broker`` as a subscriber sees an older broker: its heartbeat unsaid."""
+    with OlderBrokerProxy(slow_heartbeat_broker.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def older_one_second_heartbeat_broker(
+    one_second_heartbeat_broker: BrokerProcess,
+) -> Iterator[OlderBrokerProxy]:
+    """``one_second_heartbeat_broker`` as a subscriber sees an older broker."""
+    with OlderBrokerProxy(one_second_heartbeat_broker.port) as proxy:
+        yield proxy
+
+
 def _read_timeouts(caplog: pytest.LogCaptureFixture) -> list[float]:
     """When each stream that timed out reading was given up on (monotonic)."""
     return [
@@ -140,12 +158,13 @@ def _quiet_for(caplog: pytest.LogCaptureFixture, seconds: float) -> bool:
 
 
 def test_a_subscriber_reads_longer_once_the_brokers_heartbeat_proves_longer(
-    slow_heartbeat_broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+    older_slow_heartbeat_broker: OlderBrokerProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Every stream timed out after the read timeout and was reconnected, for as long as
-    the subscriber ran (no event lost, but a reconnect each time, for ever)."""
+    """An older broker (its heartbeat unsaid): every stream timed out after the read
+    timeout and was reconnected, for as long as the subscriber ran (no event lost, but a
+    reconnect each time, for ever)."""
     caplog.set_level(logging.INFO, logger=subscriber_module.__name__)
-    topic, url = _topic("heartbeat"), slow_heartbeat_broker.url
+    topic, url = _topic("heartbeat"), older_slow_heartbeat_broker.url
     subscriber = Subscriber(topic, url, from_earliest=True, read_timeout=SHORT_READ_TIMEOUT_S)
     got: list[Event] = []
     iterating = threading.Thread(target=lambda: got.extend(subscriber))
@@ -168,14 +187,15 @@ def test_a_subscriber_reads_longer_once_the_brokers_heartbeat_proves_longer(
 
 
 def test_heartbeats_bring_a_grown_read_timeout_back_to_the_given_one(
-    one_second_heartbeat_broker: BrokerProcess,
+    older_one_second_heartbeat_broker: OlderBrokerProxy,
 ) -> None:
-    """Streams that timed out because their connections died (not for a long heartbeat)
-    left the read timeout grown for good: each later dead connection noticed up to 8
-    times later. Heartbeats of a working stream, once they have come for as long as the
-    grown read timeout (not a burst of them), show the given one is enough."""
+    """An older broker: streams that timed out because their connections died (not for a
+    long heartbeat) left the read timeout grown for good: each later dead connection
+    noticed up to 8 times later. Heartbeats of a working stream, once they have come for
+    as long as the grown read timeout (not a burst of them), show the given one is enough."""
     given = 4.0  # over three heartbeats: kept as it is
-    subscriber = Subscriber(_topic("regrow"), one_second_heartbeat_broker.url, read_timeout=given)
+    url = older_one_second_heartbeat_broker.url
+    subscriber = Subscriber(_topic("regrow"), url, read_timeout=given)
     subscriber._resume.read_timeout = 2 * given  # grown, as by deaths
     iterating = threading.Thread(target=lambda: list(subscriber))
     iterating.start()
@@ -191,9 +211,12 @@ def test_heartbeats_bring_a_grown_read_timeout_back_to_the_given_one(
     assert not iterating.is_alive()
 
 
-def test_tail_takes_a_read_timeout(slow_heartbeat_broker: BrokerProcess, tmp_path: Path) -> None:
-    """``broker tail --read-timeout``: it had none (45 s, whatever the broker's heartbeat)."""
-    topic, url = _topic("cli-heartbeat"), slow_heartbeat_broker.url
+def test_tail_takes_a_read_timeout(
+    older_slow_heartbeat_broker: OlderBrokerProxy, tmp_path: Path
+) -> None:
+    """``broker tail --read-timeout`` (for an older broker): it had none (45 s, whatever
+    the broker's heartbeat)."""
+    topic, url = _topic("cli-heartbeat"), older_slow_heartbeat_broker.url
     errors = tmp_path / "stderr"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     command = [str(BROKER_BIN), "tail", topic, "--from", "earliest", "--url", url]
@@ -242,14 +265,14 @@ def _hold_after_a_heartbeat(subscriber: Subscriber, proxy: HoldingProxy) -> None
 
 
 def test_a_read_timeout_learnt_from_heartbeats_applies_to_the_stream_being_read(
-    one_second_heartbeat_broker: BrokerProcess,
+    one_second_heartbeat_broker: BrokerProcess, older_one_second_heartbeat_broker: OlderBrokerProxy
 ) -> None:
-    """Given 1.2 s, heartbeats 0.67 to 1 s apart teach 2 s or more. The stream was read
-    with the 1.2 s it began with, what it learnt applying from the next stream only: a
-    silence of 1.6 s (the network held the stream) timed it out, and it was
-    reconnected."""
+    """An older broker: given 1.2 s, heartbeats 0.67 to 1 s apart teach 2 s or more. The
+    stream was read with the 1.2 s it began with, what it learnt applying from the next
+    stream only: a silence of 1.6 s (the network held the stream) timed it out, and it
+    was reconnected."""
     topic, broker = _topic("learnt-now"), one_second_heartbeat_broker
-    with HoldingProxy(broker.port) as proxy:
+    with HoldingProxy(older_one_second_heartbeat_broker.port) as proxy:
         subscriber = Subscriber(topic, proxy.url, from_earliest=True, read_timeout=1.2)
         got: list[Event] = []
         iterating = _iterate(subscriber, got)
@@ -272,13 +295,13 @@ def test_a_read_timeout_learnt_from_heartbeats_applies_to_the_stream_being_read(
 
 
 def test_bunched_heartbeats_do_not_shorten_a_read_timeout_learnt_from_steady_ones(
-    one_second_heartbeat_broker: BrokerProcess,
+    older_one_second_heartbeat_broker: OlderBrokerProxy,
 ) -> None:
-    """Heartbeats 0.67 to 1 s apart teach 2 s or more (over the given 1.5 s); the network
-    holds the stream, then lets the two heartbeats it held through 20 ms apart. Taken
-    for the broker's interval, those set the read timeout back to 1.5 s."""
-    topic, broker = _topic("bunched"), one_second_heartbeat_broker
-    with HoldingProxy(broker.port) as proxy:
+    """An older broker: heartbeats 0.67 to 1 s apart teach 2 s or more (over the given
+    1.5 s); the network holds the stream, then lets the two heartbeats it held through
+    20 ms apart. Taken for the broker's interval, those set the read timeout back to 1.5 s."""
+    topic = _topic("bunched")
+    with HoldingProxy(older_one_second_heartbeat_broker.port) as proxy:
         subscriber = Subscriber(topic, proxy.url, from_earliest=True, read_timeout=1.5)
         iterating = _iterate(subscriber, [])
         try:
@@ -305,3 +328,104 @@ def test_bunched_heartbeats_do_not_shorten_a_read_timeout_learnt_from_steady_one
             subscriber.close()
             iterating.join(timeout=10)
     assert learnt is not None and learnt >= 2.0 - 1e-9, learnt
+
+
+# -- a broker that says its heartbeat ---------------------------------------------------
+
+SAID_HEARTBEAT_S = 1.0
+DEAD_AFTER_HEARTBEATS = 3
+"""A silent stream is taken for dead after about this many of the heartbeats its broker
+says (two, and a margin of a second: ``resume.SILENT_HEARTBEATS``)."""
+
+
+@pytest.fixture(scope="module")
+def said_heartbeat_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    """A broker that beats every second (and says so), its ``retry:`` short: a stream
+    taken for dead is reconnected at once."""
+    env = {"BROKER_HEARTBEAT_SECONDS": str(SAID_HEARTBEAT_S), "BROKER_RETRY_MS": "100"}
+    process = BrokerProcess(redis_url=redis_server.url, env=env)
+    process.start()
+    yield process
+    process.close()
+
+
+def test_a_dead_connection_is_seen_within_the_heartbeats_the_broker_says(
+    said_heartbeat_broker: BrokerProcess,
+) -> None:
+    """The network goes silent under a stream (the proxy holds all it is sent): with
+    the default read timeout the subscriber waited 45 s, whatever the broker's heartbeat.
+    Told 1 s, it reconnects after two of them and a margin, and resumes exactly: the
+    event published into the silence comes once, in order."""
+    topic, broker = _topic("said-dead"), said_heartbeat_broker
+    with Publisher(broker.url) as publisher, HoldingProxy(broker.port) as proxy:
+        publisher.publish(topic, "before")
+        subscriber = Subscriber(topic, proxy.url, from_earliest=True)  # (read_timeout: 45)
+        got: list[Event] = []
+        iterating = _iterate(subscriber, got)
+        try:
+            wait_until(lambda: got, timeout=10, what="the first event")
+            _hold_after_a_heartbeat(subscriber, proxy)
+            silent_since = time.monotonic()
+            publisher.publish(topic, "during")
+            wait_until(
+                lambda: proxy.connections >= 2,
+                # (and 2 s more: the client's backoff, a loaded machine)
+                timeout=DEAD_AFTER_HEARTBEATS * SAID_HEARTBEAT_S + 2.0,
+                what="a reconnect after the silence the broker's heartbeat allows",
+            )
+            seen_after = time.monotonic() - silent_since
+            proxy.release()  # (the new stream's head, held with the rest)
+            publisher.publish(topic, "after", close=True)
+            iterating.join(timeout=10)
+        finally:
+            subscriber.close()
+    assert not iterating.is_alive()
+    assert seen_after >= 2 * SAID_HEARTBEAT_S, f"taken for dead after {seen_after:.2f}s only"
+    assert [e.data for e in got] == ['"before"', '"during"', '"after"', "{}"]
+    assert proxy.connections == 2
+
+
+async def _read_timeouts_within(caplog: pytest.LogCaptureFixture, seconds: float) -> list[float]:
+    """The streams timed out within ``seconds`` from now (it returns at the first)."""
+    deadline = time.monotonic() + seconds
+    while not _read_timeouts(caplog) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return _read_timeouts(caplog)
+
+
+async def test_a_read_timeout_under_the_heartbeat_the_broker_says_reconnects_nothing(
+    said_heartbeat_broker: BrokerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read timeout shorter than the broker's heartbeat (as 45 s is against a broker
+    at 60 s): each stream timed out and was reconnected, until timeouts had grown past
+    the heartbeat. Told the heartbeat, the subscriber reads one live stream for two of
+    them (and would for ever)."""
+    caplog.set_level(logging.INFO, logger=subscriber_module.__name__)
+    topic, broker = _topic("said-long"), said_heartbeat_broker
+    quiet_s = 2 * SAID_HEARTBEAT_S
+    with HoldingProxy(broker.port) as proxy:  # (never holding: it counts connections)
+        subscriber = AsyncSubscriber(topic, proxy.url, from_earliest=True, read_timeout=0.5)
+        got: list[Event] = []
+
+        async def iterate() -> None:
+            async for event in subscriber:
+                got.append(event)
+
+        iterating = asyncio.create_task(iterate())
+        try:
+            async with AsyncPublisher(broker.url) as publisher:
+                await publisher.publish(topic, "first")
+            await await_until(lambda: got, timeout=10, what="the first event", worker=iterating)
+            beats_before = subscriber._resume._comments_read
+            timed_out = await _read_timeouts_within(caplog, quiet_s)
+            beats_read = subscriber._resume._comments_read - beats_before
+            async with AsyncPublisher(broker.url) as publisher:
+                await publisher.publish(topic, "last", close=True)
+            async with asyncio.timeout(10):
+                await iterating
+        finally:
+            await subscriber.aclose()
+    assert timed_out == [], "a live stream was taken for dead"
+    assert beats_read >= 1, "the stream was not heard from: it proves nothing"
+    assert proxy.connections == 1
+    assert [e.data for e in got] == ['"first"', '"last"', "{}"]

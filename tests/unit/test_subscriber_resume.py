@@ -3,6 +3,7 @@ time limit against a broker that accepts and never answers."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -12,6 +13,7 @@ from contextlib import contextmanager, suppress
 import httpx
 import pytest
 
+from api.sse import seconds_text
 from brokerclient import resume as resume_module
 from brokerclient import subscriber
 from brokerclient.errors import Unreachable
@@ -370,6 +372,65 @@ def test_heartbeats_close_together_do_not_shorten_a_learnt_read_timeout() -> Non
         now += step
         resume.heard(now)
         assert resume.read_timeout == 9.0
+
+
+def test_a_heartbeat_the_broker_says_sets_the_read_timeout_and_nothing_grows_it() -> None:
+    """Two of the said interval and the margin, whatever was given (45 s against a 1 s
+    heartbeat saw a dead connection 15 times later); a stream that times out then died
+    (the timeout is not doubled), and heartbeats teach nothing more."""
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout=45.0)
+    resume.connected(heartbeat_s=1.0)
+    said = resume_module.SILENT_HEARTBEATS * 1.0 + resume_module.SILENCE_MARGIN_S
+    assert resume.read_timeout == said == 3.0
+    resume.heard(100.0)
+    resume.heard(100.9)
+    assert resume.read_timeout == said
+    resume.broke(httpx.ReadTimeout("nothing read"))
+    assert resume.read_timeout == said
+    resume.connected(heartbeat_s=60.0)  # (an instance whose heartbeat is longer)
+    assert resume.read_timeout == 121.0
+
+
+def test_a_stream_that_does_not_say_its_heartbeat_is_read_with_the_guess_as_it_was() -> None:
+    """An older broker behind the same name (a fleet being upgraded): its streams are
+    read with the read timeout guessed before (grown by a stream that timed out here),
+    not with the one a newer broker said."""
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout=2.0)
+    _read_timed_out(resume)
+    assert resume.read_timeout == 4.0
+    resume.connected(heartbeat_s=1.0)
+    assert resume.read_timeout == 3.0
+    resume.connected()
+    assert resume.read_timeout == 4.0
+    _read_timed_out(resume)
+    assert resume.read_timeout == 8.0
+
+
+def test_no_read_timeout_stays_none_whatever_the_broker_says() -> None:
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout=None)
+    resume.connected(heartbeat_s=1.0)
+    assert resume.read_timeout is None
+
+
+@pytest.mark.parametrize(
+    ("said", "seconds"),
+    [("15", 15.0), ("0.5", 0.5), (" 2 ", 2.0), (None, None), ("", None), ("0", None),
+     ("-1", None), ("nan", None), ("inf", None), ("15, 15", None), ("soon", None)],
+)  # fmt: skip
+def test_the_heartbeat_header_is_taken_only_as_a_positive_number_of_seconds(
+    said: str | None, seconds: float | None
+) -> None:
+    """A value that is no interval (a proxy's doubled header, a broken one) is no heartbeat
+    said: the read timeout is guessed, as for an older broker."""
+    assert resume_module.heartbeat_of(said) == seconds
+
+
+@pytest.mark.parametrize("seconds", [15.0, 1.0, 0.5, 0.1, 2.25, 3600.0, 1e-05, 86400.0])
+def test_the_heartbeat_the_broker_says_is_the_one_the_subscriber_reads(seconds: float) -> None:
+    """A plain decimal, no exponent (``1e-05`` is no number to every parser)."""
+    said = seconds_text(seconds).decode("ascii")
+    assert re.fullmatch(r"[0-9]+(\.[0-9]+)?", said), said
+    assert resume_module.heartbeat_of(said) == seconds
 
 
 class _NetworkStream:
