@@ -299,9 +299,24 @@ def test_bunched_heartbeats_do_not_shorten_a_read_timeout_learnt_from_steady_one
 ) -> None:
     """An older broker: heartbeats 0.67 to 1 s apart teach 2 s or more (over the given
     1.5 s); the network holds the stream, then lets the two heartbeats it held through
-    20 ms apart. Taken for the broker's interval, those set the read timeout back to 1.5 s."""
-    topic = _topic("bunched")
-    with HoldingProxy(older_one_second_heartbeat_broker.port) as proxy:
+    20 ms apart. Taken for the broker's interval, those set the read timeout back to 1.5 s.
+    The hold lasts two heartbeats (1.3 to 2 s): when only 0.67 s gaps taught 2 s, it can
+    time the stream out before the bunch comes; such a try tells nothing, and is made
+    again (at most three tries)."""
+    for attempt in range(3):
+        learnt, connections = _learnt_after_a_bunch(
+            older_one_second_heartbeat_broker, _topic(f"bunched-{attempt}")
+        )
+        if connections == 1:
+            break
+    assert connections == 1, "every try's hold timed the stream out before the bunch came"
+    assert learnt is not None and learnt >= 2.0 - 1e-9, learnt
+
+
+def _learnt_after_a_bunch(broker: OlderBrokerProxy, topic: str) -> tuple[float | None, int]:
+    """The read timeout a subscriber holds after the bunch, and how many connections
+    it made to get there."""
+    with HoldingProxy(broker.port) as proxy:
         subscriber = Subscriber(topic, proxy.url, from_earliest=True, read_timeout=1.5)
         iterating = _iterate(subscriber, [])
         try:
@@ -312,22 +327,21 @@ def test_bunched_heartbeats_do_not_shorten_a_read_timeout_learnt_from_steady_one
             )
             _hold_after_a_heartbeat(subscriber, proxy)
             wait_until(
-                lambda: proxy.held_count(HEARTBEAT_LINE) >= 2,
+                lambda: proxy.held_count(HEARTBEAT_LINE) >= 2 or proxy.connections > 1,
                 timeout=5,
                 what="two heartbeats held by the proxy",
             )
             after_bunch = subscriber._resume._comments_read + proxy.held_count(HEARTBEAT_LINE) + 1
             proxy.release(spread=0.02)
             wait_until(
-                lambda: subscriber._resume._comments_read >= after_bunch,
+                lambda: subscriber._resume._comments_read >= after_bunch or proxy.connections > 1,
                 timeout=5,
                 what="the bunch read, and a heartbeat after it",
             )
-            learnt = subscriber._resume.read_timeout
+            return subscriber._resume.read_timeout, proxy.connections
         finally:
             subscriber.close()
             iterating.join(timeout=10)
-    assert learnt is not None and learnt >= 2.0 - 1e-9, learnt
 
 
 # -- a broker that says its heartbeat ---------------------------------------------------
