@@ -121,6 +121,11 @@ class JwksServer:
     redirect_to: str | None = None
     """When set, every fetch is answered with a redirect (302) to this URL instead."""
     redirects: int = 0
+    failing: bool = False
+    """When set, every fetch is answered 503 (a key server down, or blocked on the way)."""
+    failures: int = 0
+    last_served_at: float | None = None
+    """When (``time.monotonic()``) a document was last served: the broker's last good fetch."""
     _server: http.server.ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -132,7 +137,19 @@ class JwksServer:
     def document(self) -> bytes:
         with self._lock:
             self.fetches += 1
+            self.last_served_at = time.monotonic()
             return orjson.dumps({"keys": [key.jwk() for key in self.keys]})
+
+    def refuses(self) -> bool:
+        """Whether this fetch fails (counted), as ``failing`` says."""
+        with self._lock:
+            if self.failing:
+                self.failures += 1
+            return self.failing
+
+    def failure_count(self) -> int:
+        with self._lock:
+            return self.failures
 
     def set_keys(self, keys: list[KeyPair]) -> None:
         with self._lock:
@@ -164,6 +181,11 @@ def serve_jwks(keys: list[KeyPair], tls: ssl.SSLContext | None = None) -> Iterat
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if jwks.refuses():
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             location = jwks.redirect()
             if location is not None:
                 self.send_response(302)
