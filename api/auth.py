@@ -72,11 +72,15 @@ class Grant:
         if self.expires_at is not None and time.time() >= self.expires_at:
             return "the token expired"
         if self.trusted is not None and not self.trusted():
-            return "the token's key was removed from the key set"
+            return KEY_NOT_TRUSTED
         return None
 
 
 OPEN = Grant(None)
+KEY_NOT_TRUSTED = (
+    "the token's key was removed from the key set, or the set could not be fetched again "
+    "within BROKER_JWT_JWKS_MAX_STALE_SECONDS"
+)
 
 
 class TopicPatterns:
@@ -165,7 +169,9 @@ class Authorizer:
         elif settings.jwt_public_key is not None:
             key = FixedKey.public(settings.jwt_public_key)
         elif settings.jwt_jwks_url is not None:
-            key = JwksKeys(settings.jwt_jwks_url)
+            key = JwksKeys(
+                settings.jwt_jwks_url, max_stale_seconds=settings.jwt_jwks_max_stale_seconds
+            )
         return cls(
             key,
             audience=settings.jwt_audience,
@@ -189,8 +195,8 @@ class Authorizer:
         if not self._fetches or self._key is None:
             return
         token = token_of(scope)
-        if token is None or token in self._verified:
-            return
+        if token is None or (token in self._verified and self._key.unavailable() is None):
+            return  # (a set lapsed: a fetch is waited for, as for a token not verified)
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -276,6 +282,7 @@ class Authorizer:
             if len(self._verified) > TOKEN_CACHE_SIZE:
                 self._verified.popitem(last=False)
         else:
+            self._refuse_if_keys_unavailable()  # (verified by a set that has lapsed since)
             self._verified.move_to_end(token)
         if rights.expires_at <= time.time():
             raise Unauthorized("the token has expired", token_given=True)
@@ -285,6 +292,7 @@ class Authorizer:
         assert self._key is not None
         try:
             header = jwt.get_unverified_header(token)
+            self._refuse_if_keys_unavailable()  # (after the header: garbage is still a 401)
             key, algorithms = self._key.key_for(header)
             claims = jwt.decode(
                 token,
@@ -297,12 +305,7 @@ class Authorizer:
             )
         except jwt.ExpiredSignatureError as error:
             raise Unauthorized("the token has expired", token_given=True) from error
-        except UnknownKey as error:
-            if not self._key.loaded:
-                detail = "the key set (BROKER_JWT_JWKS_URL) could not be fetched yet"
-                raise KeysUnavailable(detail, retry_after=KEYS_RETRY_AFTER_SECONDS) from error
-            raise Unauthorized(f"invalid token: {error}", token_given=True) from error
-        except jwt.PyJWTError as error:
+        except (UnknownKey, jwt.PyJWTError) as error:
             raise Unauthorized(f"invalid token: {error}", token_given=True) from error
         rights = rights_of(claims)
         return replace(
@@ -310,6 +313,15 @@ class Authorizer:
             expires_at=rights.expires_at + self._leeway,  # (every later check of it too)
             trusted=self._key.trust_of(header),
         )
+
+    def _refuse_if_keys_unavailable(self) -> None:
+        """No verdict on a token while there are no keys to trust (a JWKS never fetched,
+        or not fetched again within its max stale): 503, not a 401 that would stop an
+        EventSource for good, and a producer's retries."""
+        assert self._key is not None
+        why = self._key.unavailable()
+        if why is not None:
+            raise KeysUnavailable(why, retry_after=KEYS_RETRY_AFTER_SECONDS)
 
 
 def _not_allowed(action: Action, refused: Sequence[str]) -> str:

@@ -37,6 +37,15 @@ JWKS_MIN_REFETCH_SECONDS = 5.0
 """At most one JWKS fetch this often: tokens with made-up ``kid`` cannot hammer it."""
 JWKS_MAX_AGE_SECONDS = 300.0
 """A fetched key set is fetched again after this long (keys removed from it stop working)."""
+JWKS_MAX_STALE_SECONDS = 900.0
+"""How long a key set is trusted after its last successful fetch, fetches failing since
+(``BROKER_JWT_JWKS_MAX_STALE_SECONDS``). Kept for ever, whoever could block the key server
+kept a key removed from the set (leaked, revoked) working for ever. 15 min: peers bound it
+too (Envoy's jwt_authn and panva/jose drop a set 10 min after its last fetch); refetched
+every 5 min, a set rides out a key server down for 10 min (a fetch tried each 5 s)."""
+JWKS_SHORTEST_MAX_STALE_SECONDS = 2 * JWKS_MIN_REFETCH_SECONDS
+"""A set is fetched again at half its max stale (at most): below twice the rate bound, a
+key server answering could not be asked again before the set lapsed."""
 JWKS_TIMEOUT_SECONDS = 5.0
 """A fetch of the key set, whole (a server sending a byte now and then included), and a
 request's wait for it, end within this (each read within it too)."""
@@ -73,9 +82,9 @@ class VerifyingKey(Protocol):
         """Moves on whenever a key was removed or replaced: tokens verified before may no
         longer be valid."""
 
-    @property
-    def loaded(self) -> bool:
-        """Whether there are keys to judge a token by (a JWKS: fetched once at least)."""
+    def unavailable(self) -> str | None:
+        """Why no token can be judged now (a JWKS never fetched, or not fetched again for
+        longer than its max stale), or None: there are keys to judge it by."""
 
     def trust_of(self, header: dict[str, Any]) -> Callable[[], bool] | None:
         """For a token of this header just verified: a check, to be made again while its
@@ -123,7 +132,6 @@ class FixedKey:
     """A secret (HS*) or a public key (RS*/PS*/ES*/EdDSA), set in the configuration."""
 
     generation = 0  # a fixed key never changes
-    loaded = True
 
     def __init__(self, key: Any, algorithms: list[str]) -> None:
         self._key = key
@@ -148,6 +156,9 @@ class FixedKey:
     def refresh_if_stale(self) -> None:
         return None
 
+    def unavailable(self) -> str | None:
+        return None
+
     def trust_of(self, header: dict[str, Any]) -> Callable[[], bool] | None:
         """A fixed key is never removed: nothing to look at later."""
         return None
@@ -155,7 +166,8 @@ class FixedKey:
 
 class JwksKeys:
     """A JSON Web Key Set fetched from a URL, cached, and fetched again for an unknown
-    ``kid`` (key rotation) or once stale, never more often than the rate bound."""
+    ``kid`` (key rotation) or once stale, never more often than the rate bound; trusted
+    for ``max_stale_seconds`` after its last successful fetch, no longer."""
 
     def __init__(
         self,
@@ -163,14 +175,18 @@ class JwksKeys:
         *,
         min_refetch_seconds: float = JWKS_MIN_REFETCH_SECONDS,
         max_age_seconds: float = JWKS_MAX_AGE_SECONDS,
+        max_stale_seconds: float = JWKS_MAX_STALE_SECONDS,
     ) -> None:
         self._url = url
         self._min_refetch = min_refetch_seconds
-        self._max_age = max_age_seconds
+        # (fetched again by half its max stale at most: the rest is left for retries)
+        self._max_age = min(max_age_seconds, max_stale_seconds / 2)
+        self._max_stale = max_stale_seconds
         self._keys: dict[str | None, tuple[Any, list[str]]] = {}
         self._fetched_at: float | None = None  # monotonic; None: never fetched
         self._tried_at = -float("inf")
         self._fetching: asyncio.Task[None] | None = None
+        self._lapse_told = False  # (the log says once that the set lapsed, not per request)
         self.generation = 0
 
     def key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
@@ -185,7 +201,7 @@ class JwksKeys:
     async def ensure(self, header: dict[str, Any]) -> None:
         """Fetch the set if it lacks this token's key, and wait for it; refresh a stale
         set in the background. Requests that come while a fetch runs wait for that one."""
-        known = self._knows(header)
+        known = self._knows(header) and self.unavailable() is None
         if known and not self._stale():
             return
         fetching = self._start_fetch()
@@ -196,9 +212,27 @@ class JwksKeys:
 
     @property
     def loaded(self) -> bool:
-        """Whether a key set was ever fetched: until then an unknown key says nothing of
-        the token (``api.auth`` answers 503, not 401)."""
+        """Whether a key set was ever fetched (``unavailable`` says whether it may be used)."""
         return self._fetched_at is not None
+
+    def unavailable(self) -> str | None:
+        """Why no token can be judged: the set never fetched, or fetched last longer ago
+        than its max stale (its keys no longer trusted: one removed from the set since,
+        its server blocked, would work on). ``api.auth`` answers 503, not 401."""
+        if self._fetched_at is None:
+            return "the key set (BROKER_JWT_JWKS_URL) could not be fetched yet"
+        age = time.monotonic() - self._fetched_at
+        if age <= self._max_stale:
+            return None
+        why = (
+            f"the key set (BROKER_JWT_JWKS_URL) could not be fetched again for {age:.0f} s, "
+            f"over BROKER_JWT_JWKS_MAX_STALE_SECONDS={self._max_stale:g}: its keys are no "
+            "longer trusted"
+        )
+        if not self._lapse_told:
+            self._lapse_told = True
+            log.warning("JWKS: %s; requests with a token get 503 until a fetch succeeds", why)
+        return why
 
     def refresh_if_stale(self) -> None:
         """A stale set is fetched again in the background. Without this, a process that
@@ -217,8 +251,12 @@ class JwksKeys:
 
         def trusted() -> bool:
             # The key itself, wherever it is in the set: a token without a kid is
-            # resolved by the set's size, and a key added beside its own ended it.
+            # resolved by the set's size, and a key added beside its own ended it. A set
+            # past its max stale trusts no key: its streams end, their reconnects told
+            # to come back (503), as new requests are.
             self.refresh_if_stale()
+            if self.unavailable() is not None:
+                return False
             return any(key == verified for key, _ in self._keys.values())
 
         return trusted
@@ -251,6 +289,9 @@ class JwksKeys:
         self._keys = keys
         self._fetched_at = time.monotonic()
         log.info("JWKS: %d key(s) from %s", len(self._keys), self._url)
+        if self._lapse_told:
+            self._lapse_told = False
+            log.warning("JWKS: fetched again: tokens are judged by its keys again")
 
 
 def keys_of(document: Any) -> dict[str | None, tuple[Any, list[str]]]:

@@ -23,7 +23,14 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from api.keys import ConfigError, hmac_algorithms, load_public_key
+from api.keys import (
+    JWKS_MAX_STALE_SECONDS,
+    JWKS_MIN_REFETCH_SECONDS,
+    JWKS_SHORTEST_MAX_STALE_SECONDS,
+    ConfigError,
+    hmac_algorithms,
+    load_public_key,
+)
 from broker import constants as c
 from broker.ids import MAX_CURSOR_ENTRY
 from broker.redis_open import check_redis_url
@@ -114,6 +121,8 @@ class Settings(BaseSettings):
     jwt_secret: SecretStr | None = None
     jwt_public_key: str | None = None
     jwt_jwks_url: str | None = None
+    # How long a fetched key set is trusted while fetches fail (api.keys.JwksKeys).
+    jwt_jwks_max_stale_seconds: float = Field(JWKS_MAX_STALE_SECONDS, le=MAX_WAIT_SECONDS)
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     # Clock skew allowed to a token's exp and nbf (the issuer's clock and this host's).
@@ -153,6 +162,17 @@ class Settings(BaseSettings):
             keys = ", ".join(f"{ENV_PREFIX}{n.upper()}" for n in KEY_SETTINGS)
             raise ValueError(
                 f"{', '.join(meant)} set with no key ({keys}): authorization would be off"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _max_stale_of_a_key_set(self) -> Settings:
+        """Set without a key set, it bounds nothing: its URL was lost on the way (the
+        broker would run open, or with another key), or the setting is a leftover."""
+        if "jwt_jwks_max_stale_seconds" in self.model_fields_set and self.jwt_jwks_url is None:
+            raise ValueError(
+                "BROKER_JWT_JWKS_MAX_STALE_SECONDS set without BROKER_JWT_JWKS_URL: it bounds "
+                "how long a fetched key set is trusted, and there is none"
             )
         return self
 
@@ -243,6 +263,17 @@ class Settings(BaseSettings):
                 parts.port  # noqa: B018 (it raises for a port that is not a number)
             except ValueError as error:
                 raise ValueError(f"has a bad port: {error}") from None
+        return value
+
+    @field_validator("jwt_jwks_max_stale_seconds")
+    @classmethod
+    def _long_enough_to_refetch(cls, value: float) -> float:
+        if value < JWKS_SHORTEST_MAX_STALE_SECONDS:
+            raise ValueError(
+                f"must be at least {JWKS_SHORTEST_MAX_STALE_SECONDS:g} (seconds): the set is "
+                f"fetched at most every {JWKS_MIN_REFETCH_SECONDS:g} s, and fetched again at "
+                "half this, so that a key server that answers keeps it trusted"
+            )
         return value
 
     @field_validator("cors_origins")

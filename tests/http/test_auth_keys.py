@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
-from api.keys import JWKS_MIN_REFETCH_SECONDS
+from api.keys import JWKS_MIN_REFETCH_SECONDS, JWKS_SHORTEST_MAX_STALE_SECONDS
+from tests.http.helpers import raw_request
 from tests.http.test_auth import (
     ROUTES,
+    Answer,
     assert_allowed,
     assert_unauthorized,
     bearer,
@@ -210,6 +212,121 @@ async def test_a_key_set_never_fetched_is_no_verdict_on_the_token(
         assert answer.status == 503, (answer.status, answer.body)
         assert answer.problem["title"] == "Key set unavailable"
         assert int(answer.headers["retry-after"]) >= 1
+
+
+MAX_STALE_SECONDS = JWKS_SHORTEST_MAX_STALE_SECONDS
+LAPSED_LOG = "requests with a token get 503 until a fetch succeeds"
+
+
+@contextmanager
+def _broker_of_lapsing_key_set(
+    redis_server: RedisServer, server: JwksServer
+) -> Iterator[BrokerProcess]:
+    """A broker whose key set is trusted MAX_STALE_SECONDS after its last good fetch."""
+    env = {
+        "BROKER_JWT_JWKS_URL": server.url,
+        "BROKER_JWT_JWKS_MAX_STALE_SECONDS": str(MAX_STALE_SECONDS),
+        "BROKER_PUBLIC_TOPICS": "pub-*",
+        "BROKER_HEARTBEAT_SECONDS": "1",
+    }
+    process = BrokerProcess(redis_url=redis_server.url, env=env).start()
+    try:
+        yield process
+    finally:
+        process.close()
+
+
+def _assert_keys_unavailable(answer: Answer) -> None:
+    assert answer.status == 503, (answer.status, answer.body)
+    assert answer.problem["title"] == "Key set unavailable", answer.problem
+    assert "could not be fetched again" in str(answer.problem["detail"]), answer.problem
+    assert int(answer.headers["retry-after"]) >= 1
+
+
+async def test_a_key_set_its_server_stops_serving_is_trusted_only_so_long(
+    redis_server: RedisServer,
+) -> None:
+    """Fetches failing (the key server down, or blocked by whoever wants a key removed
+    from the set to keep working), the set fetched last was kept for ever. It is kept
+    BROKER_JWT_JWKS_MAX_STALE_SECONDS after its last good fetch: tokens pass within it
+    (a failed refetch changes nothing), and past it get what they get before any fetch
+    (503 Key set unavailable, a stream the come-back), said once in the log, and a
+    stream open with a token ends; anonymous requests to public topics are served all
+    along. The server back, tokens pass."""
+    with (
+        serve_jwks([RSA_KEY]) as server,
+        _broker_of_lapsing_key_set(redis_server, server) as broker,
+    ):
+        topic, public = f"jwks-{time.time_ns()}", f"pub-{time.time_ns()}"
+        token = RSA_KEY.token(_rights(topic))
+        assert_allowed("publish", await publish(broker.url, topic, bearer(token)))
+        held = await raw_request(f"{broker.url}/topics/{topic}/events", headers=bearer(token))
+        server.failing = True
+        assert server.last_served_at is not None
+        lapses_at = server.last_served_at + MAX_STALE_SECONDS
+        # Within the bound: still taken, a refetch failing meanwhile (due at half of it).
+        while time.monotonic() < lapses_at - 1:
+            assert_allowed("publish", await publish(broker.url, topic, bearer(token)))
+            await asyncio.sleep(0.25)
+        assert server.failure_count() >= 1, "no refetch was tried within the bound"
+        # Past it: no token is judged, a token verified before or not.
+        answer = await publish(broker.url, topic, bearer(token))
+        while answer.status == 201:
+            assert time.monotonic() < lapses_at + 5, "the key set was trusted past its bound"
+            await asyncio.sleep(0.25)
+            answer = await publish(broker.url, topic, bearer(token))
+        _assert_keys_unavailable(answer)
+        try:
+            await held.read_to_end(timeout=5)  # (ended by the heartbeat clock, each 1/3 s)
+        finally:
+            await held.close()
+        assert held.status == 200 and held.complete and b"data:" in held.body, held.body
+        fresh = RSA_KEY.token(_rights(topic) | {"jti": "never-verified"})
+        _assert_keys_unavailable(await publish(broker.url, topic, bearer(fresh)))
+        stream = await call("stream-lean", broker.url, topic, bearer(token))
+        assert stream.status == 200 and b"retry:" in stream.body, stream.body
+        assert b"could not be fetched again" in stream.body, stream.body
+        for route in ("history", "stream-lean"):
+            anonymous = await call(route, broker.url, public, {})
+            assert anonymous.status == 200 and b"could not be" not in anonymous.body, anonymous
+        assert broker.log().count(LAPSED_LOG) == 1, broker.log()
+        server.failing = False
+        # The server back: the next fetch (the rate bound allowing) trusts the set again.
+        deadline = time.monotonic() + JWKS_MIN_REFETCH_SECONDS + 5
+        answer = await publish(broker.url, topic, bearer(token))
+        while answer.status != 201:
+            _assert_keys_unavailable(answer)
+            assert time.monotonic() < deadline, "the key set was never trusted again"
+            await asyncio.sleep(0.25)
+            answer = await publish(broker.url, topic, bearer(token))
+        stream = await call("stream-by-app", broker.url, topic, bearer(token))
+        assert stream.status == 200 and b"could not be fetched" not in stream.body, stream.body
+
+
+async def test_a_key_set_failing_to_fetch_is_tried_at_the_rate_bound_only(
+    redis_server: RedisServer,
+) -> None:
+    """Its server failing, every request with a token (a known kid, an unknown one) is a
+    reason to fetch the set: a fetch is tried once per rate-bound interval at most, not
+    per request, before the set lapses and after."""
+    with (
+        serve_jwks([RSA_KEY]) as server,
+        _broker_of_lapsing_key_set(redis_server, server) as broker,
+    ):
+        topic = f"jwks-{time.time_ns()}"
+        token = RSA_KEY.token(_rights(topic))
+        assert_allowed("publish", await publish(broker.url, topic, bearer(token)))
+        server.failing = True
+        started = time.monotonic()
+        for n in range(60):  # (~0.25 s apart: past the bound, lapsed)
+            made_up = KeyPair.ec(f"made-up-{n}").token(_rights(topic))
+            for given in (token, made_up):
+                answer = await publish(broker.url, topic, bearer(given))
+                assert answer.status in (201, 401, 503), (answer.status, answer.body)
+            await asyncio.sleep(0.25)
+        intervals = (time.monotonic() - started) / JWKS_MIN_REFETCH_SECONDS
+        assert answer.status == 503, "the set never lapsed"
+        assert 1 <= server.failure_count() <= int(intervals) + 1, server.failure_count()
 
 
 def _said_at_start(broker: BrokerProcess) -> list[str]:
@@ -467,7 +584,7 @@ async def test_a_grant_lapses_once_its_key_leaves_the_set() -> None:
     """A stream or an ingest holds its grant for as long as it lasts: the grant of a
     token whose key left the set lapses (it ran to the token's expiry), once the set,
     stale, is fetched again; one of a key kept does not."""
-    from api.auth import Authorizer
+    from api.auth import KEY_NOT_TRUSTED, Authorizer
     from api.keys import JwksKeys
 
     with serve_jwks([RSA_KEY, EC_KEY]) as server:
@@ -485,7 +602,7 @@ async def test_a_grant_lapses_once_its_key_leaves_the_set() -> None:
             if removed.lapsed() is not None:
                 break
             await asyncio.sleep(0.05)
-        assert removed.lapsed() == "the token's key was removed from the key set"
+        assert removed.lapsed() == KEY_NOT_TRUSTED
         assert kept.lapsed() is None
 
 

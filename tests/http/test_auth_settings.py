@@ -18,6 +18,7 @@ from tests.support.redis_server import free_port
 from tests.support.tokens import SECRET, KeyPair
 
 RSA_PEM = KeyPair.rsa().public_pem.decode()
+JWKS_URL = "https://idp.test/.well-known/jwks.json"  # (never fetched: the start is refused)
 START_TIMEOUT_SECONDS = 30
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,6 +74,13 @@ def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
         ({"BROKER_PUBLIC_TOPICS": "news"}, "BROKER_PUBLIC_TOPICS"),
         ({"BROKER_JWT_LEEWAY_SECONDS": "30"}, "BROKER_JWT_LEEWAY_SECONDS"),
         ({"BROKER_JWT_SECRET": SECRET, "BROKER_JWT_LEEWAY_SECONDS": "-1"}, "LEEWAY"),
+        # A key set trusted for ever while fetches fail, or a bound that bounds nothing:
+        ({"BROKER_JWT_JWKS_URL": JWKS_URL, "BROKER_JWT_JWKS_MAX_STALE_SECONDS": "5"}, "STALE"),
+        ({"BROKER_JWT_JWKS_URL": JWKS_URL, "BROKER_JWT_JWKS_MAX_STALE_SECONDS": "inf"}, "STALE"),
+        ({"BROKER_JWT_JWKS_URL": JWKS_URL, "BROKER_JWT_JWKS_MAX_STALE_SECONDS": "1e9"}, "STALE"),
+        ({"BROKER_JWT_JWKS_URL": JWKS_URL, "BROKER_JWT_JWKS_MAX_STALE_SECONDS": "x"}, "STALE"),
+        ({"BROKER_JWT_JWKS_MAX_STALE_SECONDS": "600"}, "BROKER_JWT_JWKS_MAX_STALE_SECONDS"),
+        ({"BROKER_JWT_SECRET": SECRET, "BROKER_JWT_JWKS_MAX_STALE_SECONDS": "600"}, "STALE"),
         ({"BROKER_CORS_ORIGINS": "*"}, "BROKER_CORS_ORIGINS"),
         ({"BROKER_CORS_ORIGINS": "https://a.test/app"}, "BROKER_CORS_ORIGINS"),
         ({"BROKER_ALLOWED_HOSTS": "https://events.test"}, "BROKER_ALLOWED_HOSTS"),
