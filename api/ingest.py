@@ -40,7 +40,10 @@ event object, stored and delivered as it arrives, not when the body ends.
   exactly, so it is told the last line the log kept. So is one whose records were past
   the window (they are kept answering while it is open: so, they went with every line
   of it, or lapsed, the store out of reach for most of the window): its lines kept
-  answer no more, and its resend stored them twice.
+  answer no more, and its resend stored them twice. Records that lapsed with nothing
+  lost (the entry still in the log) end it too, with 409 ingest-records-lapsed: gone
+  on, its next lines were recorded anew under its key, and the whole stream resent with
+  it stored its early lines twice; it is told to send the rest as a stream of its own.
   But a log deleted on purpose (DELETE, while the store knows of it) ends the ingest
   with 409 topic-deleted, not to be resent: a resend created the topic again.
 - A bad line stops the ingest with 400 naming it; the lines before it stay
@@ -73,7 +76,7 @@ from broker import (
     TooLarge,
     TopicClosed,
 )
-from broker.errors import LinesLost, LogDeleted, LogGone, LogLost
+from broker.errors import LinesLost, LogDeleted, LogGone, LogLost, RecordsLapsed
 from broker.ids import StreamPosition
 from broker.model import IngestLines
 from broker.validation import event_from_json, loads_exactly
@@ -473,10 +476,30 @@ class Ingest:
         page = await self.broker.store.read_range(self.topic, entry, 1)
         return page.epoch == self.log_epoch and (page.after_found or entry <= page.trimmed_through)
 
+    def _records_lapsed(self) -> RecordsLapsed:
+        """Its lines stored, none lost, but no longer recorded under its key: the truth,
+        and the one resend that stores each line once (the rest, as a stream of its own:
+        a new stream under the key, its records lapsed, is a new ingest of it)."""
+        last = self._last_line
+        detail = (
+            "this ingest's line records lapsed (past BROKER_IDEMPOTENCY_SECONDS since its "
+            "last write by Redis's clock: it paused while the store could not be reached to "
+            "keep them, or the clock jumped forward, or a failover brought back an older "
+            f"time of that write): {self.result.count} line(s) were stored, up to line "
+            f"{last}, the last {self.result.last or 'none'}, and none was lost, but they are "
+            "no longer recorded under its Idempotency-Key; no later line was stored; send the "
+            f"lines after line {last} as a stream of their own (its line 1 the first of them, "
+            "under this Idempotency-Key or another), not the whole stream again: that would "
+            "store the lines stored already twice"
+        )
+        return RecordsLapsed(detail, mid_body=not self._body_ended)
+
     def _lost(self, lost: LogGone) -> LogGone:
         """The producer told what was lost, and whether its resend stores it again; the
         answer closes the connection if the body is still coming (``LogGone.mid_body``)."""
         stored, mid_body = self.result.count, not self._body_ended
+        if isinstance(lost, RecordsLapsed):
+            return self._records_lapsed()
         if isinstance(lost, LogDeleted):
             detail = (
                 f"the topic was deleted while this ingest was writing to it: the {stored} "

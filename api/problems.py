@@ -119,9 +119,12 @@ def _unavailable(error: StoreUnavailable) -> Response:
 
 
 def _log_gone(error: LogGone) -> Response:
-    """A streaming ingest's log lost (503: resend the whole stream) or deleted (409: not
-    to be resent, nor retried), told before the body ended as a store failure is: the
-    connection closes (``StoreLostMidBody``), and a producer still sending learns at once."""
+    """A streaming ingest's log lost (503: resend the whole stream), deleted (409: not to
+    be resent, nor retried) or its line records lapsed (409, no ``Retry-After``: a
+    producer retrying a 503 resends the whole stream under its key, which would store
+    its lines kept twice; the rest goes as a stream of its own), told before the body
+    ended as a store failure is: the connection closes (``StoreLostMidBody``), and a
+    producer still sending learns at once."""
     headers = _closing(error.mid_body)
     if isinstance(error, LogLost):
         headers["Retry-After"] = str(error.retry_after)

@@ -56,9 +56,10 @@ class StoreFull(StoreUnavailable):
 
 class LogGone(BrokerError):
     """The log a streaming ingest under way was writing to is not as the ingest left
-    it, and its append was refused whole. Not a store outage: the store answered (so
-    it is neither counted nor logged as one). Each subclass says what became of the
-    log; the edge maps each to its answer (``api.problems``)."""
+    it (or no longer records its lines), and its append was refused whole. Not a store
+    outage: the store answered (so it is neither counted nor logged as one). Each
+    subclass says what became of the log; the edge maps each to its answer
+    (``api.problems``)."""
 
     title = "Ingest log gone"  # (the problem's title, and its type's name)
 
@@ -96,6 +97,18 @@ class LinesLost(LogLost):
     for most of the window while the ingest paused, see ``Store.keep_lines``), where the
     store told the loss by the entry it stored last, and the resend stored the lines
     kept twice."""
+
+
+class RecordsLapsed(LogGone):
+    """The line records of a keyed streaming ingest under way lapsed (past the window:
+    they could not be kept answering while it paused, the store out of reach for most
+    of the window; or Redis's clock stepped forward), its log kept whole: its append was
+    refused whole, nothing stored nor recorded (HTTP 409). Gone on, its lines from then
+    on were recorded anew under its key, and the whole stream resent with the key, as a
+    producer whose connection broke does, stored its early lines twice, silently. The
+    lines after the last one stored are to be sent as a stream of their own."""
+
+    title = "Ingest records lapsed"
 
 
 class LogDeleted(LogGone):

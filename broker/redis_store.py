@@ -30,6 +30,7 @@ from broker.errors import (
     LinesLost,
     LogDeleted,
     LogLost,
+    RecordsLapsed,
     StoreFull,
     StoreMisconfigured,
     StoreUnavailable,
@@ -831,6 +832,8 @@ def _refusal(status: int, answer: str, topic: str, lines: IngestLines | None) ->
         lost = LinesLost(f"lines of topic {topic!r} it had stored are gone")
         lost.replayable = answer != "unrecorded"
         return lost
+    if status == -6:
+        return RecordsLapsed(f"the line records of the ingest on topic {topic!r} lapsed")
     return _not_the_line_stored(answer, lines)  # (-3)
 
 

@@ -52,7 +52,9 @@ class Store(Protocol):
         (``lines.after``, while the ingest's records answer: within the window), or no
         longer holds ``after_entry``, the entry the request stored last (``(0, 0)``: none
         yet; retention's trimming is no loss; checked for an ingest without lines, no
-        Idempotency-Key, and for one whose records are past the window). A resent line
+        Idempotency-Key, and for one whose records are past the window); and
+        RecordsLapsed, nothing stored nor recorded, if its records are past the window
+        while that entry is still held (not for a close: it has no line). A resent line
         recorded already that is not the event stored for it: InvalidInput, nothing stored.
         Raises TopicClosed if the topic is closed (a repeated close answers its end)."""
         ...

@@ -39,7 +39,9 @@
 -- that number), -4 refused: the line the request stored last is no longer recorded, or
 -- (its records past the window, or no Idempotency-Key) its entry is no longer in the log
 -- (lost with the newest writes: a failover; the second value is '', or 'unrecorded' for an
--- ingest whose records were past the window: none of its lines kept is replayed).
+-- ingest whose records were past the window: none of its lines kept is replayed),
+-- -6 refused: the lines of the streaming ingest under way are no longer recorded (its
+-- records past the window, its entry still in the log: the second value is '').
 local log, meta, records, written = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local lines, lines_written = KEYS[5], KEYS[6]
 local per_event = ARGV[8] == '1'
@@ -208,12 +210,20 @@ end
 -- Past the window its lines kept answer no more: a resend of the whole stream under its
 -- key stored them twice, so the refusal says so ('unrecorded'), and the ingest tells
 -- which lines are kept (api/ingest.py) as it does one without a key.
+-- And past the window with nothing lost (its entry still there) the ingest's lines are
+-- no longer recorded either: it went on, its lines from then on recorded anew under its
+-- key as a new ingest's, and the whole stream resent with its key (as its contract
+-- says it may be) stored its early lines twice, silently. So a line of it is refused
+-- (-6), nothing stored nor recorded: the producer is told to send the rest as a stream
+-- of its own. Not its close (no line: nothing recorded anew, all of its lines stored).
 if per_event and stored_before > 0 and epoch then
   ingest_state()
   if ingest_live then
     if not remembered_line(stored_before, epoch) then return {-4, ''} end
   elseif stored_entry and stored_entry ~= '0-0' and not entry_kept(stored_entry) then
     return {-4, 'unrecorded'}
+  elseif names > 1 then  -- (its key, then a line number per event)
+    return {-6, ''}
   end
 end
 

@@ -583,6 +583,70 @@ async def test_a_keyed_ingest_paused_past_the_window_then_broken_is_resent_whole
         assert await stored_datas(client, topic) == datas(6)
 
 
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_an_ingest_whose_records_lapsed_is_refused_and_its_rest_sent_alone_stored_once(
+    broker: BrokerProcess, client: httpx.AsyncClient, redis_admin: redis.Redis, route: str
+) -> None:
+    """A keyed ingest stores lines 1-3, then its records lapse under it, its entries kept
+    (they could not be kept answering: Redis out of reach for most of the window while it
+    paused; or Redis's clock stepped forward; here its last write's time set back by
+    hand). It went on: line 4 recorded anew under its key, and the whole stream resent
+    with the key, as its contract says, stored 1-3 twice, silently. Now line 4 is
+    refused (409 ingest-records-lapsed, no Retry-After, the connection closed), nothing
+    stored nor recorded, the producer told that lines up to line 3 are stored and no
+    longer recorded, to send the rest as a stream of its own; done so under the same key,
+    broken and resent, each line is stored once."""
+    topic, key, lines = new_topic(), f"gen-lapsed-{route}", body_of(6)
+    records, times = c.line_records_key(topic), c.line_times_key(topic)
+    ingest = await open_ingest(broker, topic, key, route)
+    try:
+        await ingest.send(b"".join(lines[:3]))
+        await await_until(lambda: stored_is(client, topic, datas(3)), timeout=5, what="3 stored")
+        await redis_admin.zadd(times, {key: 0})  # (the records lapse)
+        recorded = await redis_admin.hgetall(records)
+        await ingest.send(lines[3])
+        answer = await ingest.answer(timeout=5)  # (the body still coming)
+    except TimeoutError:
+        raise AssertionError(f"it went on: {await stored_datas(client, topic)}") from None
+    finally:
+        ingest.cut()
+    assert answer.status == 409, answer.body
+    assert "retry-after" not in answer.headers and answer.headers["connection"] == "close"
+    problem = json.loads(answer.body)
+    assert problem["type"] == "/problems#ingest-records-lapsed", problem
+    detail = problem["detail"]
+    assert "3 line(s) were stored, up to line 3" in detail, problem
+    assert "send the lines after line 3 as a stream of their own" in detail, problem
+    assert "not the whole stream again" in detail, problem
+    assert await stored_datas(client, topic) == datas(3)
+    assert await redis_admin.hgetall(records) == recorded  # (nothing recorded anew)
+    assert await redis_admin.zscore(times, key) == 0
+    await the_rest_broken_then_resent(broker, client, topic, key, route, lines[3:])
+    assert await stored_datas(client, topic) == datas(6)
+
+
+async def the_rest_broken_then_resent(
+    broker: BrokerProcess,
+    client: httpx.AsyncClient,
+    topic: str,
+    key: str,
+    route: str,
+    rest: list[bytes],
+) -> None:
+    """The rest of a stream, as a stream of its own under ``key``: its first line stored,
+    its connection broken, then the whole of it resent with the key until a success."""
+    before = await stored_datas(client, topic)
+    ingest = await open_ingest(broker, topic, key, route)
+    try:
+        await ingest.send(rest[0])
+        expected = [*before, json.loads(rest[0])["data"]]
+        await await_until(lambda: stored_is(client, topic, expected), timeout=5, what="stored")
+    finally:
+        ingest.cut()  # (the connection breaks)
+    again = await resend_until_success(client, topic, key, b"".join(rest))
+    assert again.status_code == 201 and len(again.json()["ids"]) == len(rest), again.text
+
+
 TTL_S = 2
 
 

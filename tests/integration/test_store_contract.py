@@ -9,7 +9,14 @@ import pytest
 
 from broker import constants as c
 from broker import redis_store
-from broker.errors import InvalidInput, LinesLost, LogDeleted, LogLost, StoreUnavailable
+from broker.errors import (
+    InvalidInput,
+    LinesLost,
+    LogDeleted,
+    LogLost,
+    RecordsLapsed,
+    StoreUnavailable,
+)
 from broker.ids import EventId, parse_stream_id
 from broker.model import IngestLines, NewEvent
 from broker.policy import TopicPolicy
@@ -684,29 +691,76 @@ async def test_a_log_that_lost_entries_never_issues_their_ids_again(
         await store.close()
 
 
-async def test_an_ingest_that_paused_past_its_window_goes_on(
+async def test_an_ingest_that_paused_past_its_window_is_refused_nothing_recorded(
     redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An ingest whose last line is past the window is over, its records answer no
-    more (and are pruned): a request that paused that long (a window shorter than the
-    body's idle timeout) finds the line it stored last unrecorded, nothing of its log
-    lost. It goes on, as before, not told its lines lost (its resend would store them
-    all again)."""
+    """An ingest whose last line is past the window (Redis's clock moved on: its records
+    not kept meanwhile, or the clock stepped forward) finds the line it stored last
+    unrecorded, nothing of its log lost. It went on, its line 2 recorded anew under its
+    key as a new ingest's, and the whole stream resent with the key stored line 1 twice,
+    silently. Now it is refused (``RecordsLapsed``), nothing stored nor recorded."""
     clock = _RedisClock(monkeypatch)
     store = open_store(redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600)
     try:
         await clock.set(store, 2_000_000_000)
-        first = await store.append(topic, events("l1"), lines=IngestLines("K", [1]))
+        first = await ingest_line(store, topic, 1)
         await clock.set(store, 2_000_000_000 + 120)  # past the window
-        lines = IngestLines("K", [2], after=1)
-        last = first.ids[0]
-        await store.append(
-            topic, events("l2"), lines=lines, log_epoch=last.epoch, after_entry=last.position
-        )
-        assert (await store.state(topic)).length == 2
+        records = await line_records(store, topic)
+        with pytest.raises(RecordsLapsed):
+            await ingest_line(store, topic, 2, epoch=first.epoch, after=first)
+        assert await line_records(store, topic) == records
+        assert (await store.state(topic)).length == 1
     finally:
         await store._client.delete(_RedisClock.KEY)
         await store.close()
+
+
+async def test_an_ingest_whose_records_lapsed_sends_the_rest_as_a_stream_of_its_own(
+    store: RedisStreamStore, topic: str
+) -> None:
+    """The records of an open ingest lapsed under it, its entry still in the log (here:
+    its last write's time set back past the window, as a failover can bring it back).
+    Its next line is refused, nothing stored nor recorded; not its close (no line is
+    recorded anew: every line of it is stored). The rest sent as a stream of its own
+    under the same key is a new ingest of it: resent, it is replayed, each line once."""
+    first = await ingest_line(store, topic, 1)
+    await store._client.zadd(c.line_times_key(topic), {"K": 0})  # (the records lapse)
+    records = await line_records(store, topic)
+    with pytest.raises(RecordsLapsed):
+        await ingest_line(store, topic, 2, epoch=first.epoch, after=first)
+    assert await line_records(store, topic) == records
+    rest = IngestLines("K", [1])  # (line 2, the rest's line 1)
+    once = await store.append(topic, events("l2"), lines=rest)
+    again = await store.append(topic, events("l2"), lines=rest)
+    assert again.replayed and again.ids == once.ids
+    entries = (await store.read_range(topic, (0, 0), 10)).entries
+    assert [e.data_text for e in entries] == ["l1", "l2"]
+
+
+async def test_the_close_of_an_ingest_whose_records_lapsed_is_done(
+    store: RedisStreamStore, topic: str
+) -> None:
+    """Its body ended, every line of it stored: the close records no line, and is done."""
+    first = await ingest_line(store, topic, 1)
+    await store._client.zadd(c.line_times_key(topic), {"K": 0})  # (the records lapse)
+    closed = await store.append(
+        topic,
+        [],
+        lines=IngestLines("K", [], after=1),
+        close=True,
+        log_epoch=first.epoch,
+        after_entry=first.position,
+    )
+    assert closed.end_id is not None
+    assert (await store.state(topic)).end == closed.end_id.position
+
+
+async def line_records(store: RedisStreamStore, topic: str) -> tuple[object, object]:
+    """The topic's ingests' line records, and when each ingest last wrote."""
+    client = store._client
+    lines = await client.hgetall(c.line_records_key(topic))
+    written = await client.zrange(c.line_times_key(topic), 0, -1, withscores=True)
+    return lines, written
 
 
 async def test_an_open_ingests_lines_kept_answer_past_the_window_after_its_last_line(
