@@ -234,9 +234,14 @@ def failure(response: httpx.Response) -> RequestFailed:
 
 def _kind(status: int, problem: dict[str, Any] | None) -> type[RequestFailed]:
     """Which error a refusal is: a 409 is a closed topic, but for an ingest whose topic
-    was deleted under it (told by its problem type: it must not be resent either)."""
+    was deleted under it (told by its problem type: it must not be resent either), or
+    whose line records lapsed (the rest to be sent as a stream of its own: its detail
+    says after which line; the topic is not closed)."""
     if status != 409:
         return RequestFailed
-    if (problem or {}).get("type") == "/problems#topic-deleted":
+    kind = (problem or {}).get("type")
+    if kind == "/problems#topic-deleted":
         return TopicDeleted
+    if kind == "/problems#ingest-records-lapsed":
+        return RequestFailed
     return TopicClosed

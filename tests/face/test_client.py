@@ -26,6 +26,7 @@ from brokerclient import (
     AsyncSubscriber,
     Event,
     Publisher,
+    RequestFailed,
     RetryPolicy,
     SseDecoder,
     Subscriber,
@@ -263,6 +264,36 @@ def test_a_stream_whose_topic_is_deleted_under_it_raises_topic_deleted_not_close
     )
     topic_info = httpx.get(f"{face_broker.url}/topics/{topic}", timeout=5)
     assert topic_info.status_code == 404, topic_info.text
+
+
+def test_a_stream_whose_line_records_lapse_under_it_raises_not_closed_nor_retried(
+    face_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """The broker ends a keyed ingest whose line records lapsed under it with 409
+    ``ingest-records-lapsed`` (a resend of the whole stream would store its lines
+    stored twice). The client must not resend it (no retry of a 409), nor take it for
+    a closed topic (any 409 was ``TopicClosed``): a ``RequestFailed`` whose detail says
+    after which line to send the rest; the lines stored once, the topic open."""
+    topic, key = _topic("records-lapsed"), "records-lapsed"
+
+    def lines() -> Iterator[dict[str, Any]]:
+        yield event(1)
+        yield event(2)
+        wait_until(lambda: len(_history(face_broker.url, topic)) == 2, timeout=10, what="2 lines")
+        with redis.Redis.from_url(redis_server.url) as admin:
+            admin.zadd(c.line_times_key(topic), {key: 0})  # (the records lapse)
+        yield event(3)
+        yield event(4)
+
+    with Publisher(face_broker.url) as publisher, pytest.raises(RequestFailed) as refused:
+        publisher.stream(topic, lines(), idempotency_key=key)
+    assert not isinstance(refused.value, TopicClosed)
+    assert (refused.value.status, refused.value.problem["type"]) == (
+        409,
+        "/problems#ingest-records-lapsed",
+    )
+    assert "send the lines after line 2" in refused.value.problem["detail"]
+    assert [e["data"] for e in _history(face_broker.url, topic)] == [1, 2]
 
 
 @pytest.mark.parametrize("several", [False, True])
