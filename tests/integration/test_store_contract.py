@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -385,7 +386,7 @@ async def test_an_ingest_whose_every_line_a_failover_lost_stores_no_more(
 
 
 async def test_an_ingest_whose_every_line_a_failover_lost_is_refused_past_half_its_window(
-    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+    windowed_store: tuple[RedisStreamStore, _RedisClock], topic: str
 ) -> None:
     """The same failover, the ingest's next append coming later than half the window
     after its last line. Nothing of the ingest was left to tell it live, and only a line
@@ -394,23 +395,18 @@ async def test_an_ingest_whose_every_line_a_failover_lost_is_refused_past_half_i
     fires up to an eighth late), or a store slow to answer, went past it, and line 3 was
     stored after the other event, untold. The entry it stored last tells, whatever the
     window: refused."""
-    clock = _RedisClock(monkeypatch)
-    store = open_store(redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600)
-    try:
-        now_s = int((await store._client.time())[0])  # (the entries' ids go by Redis's clock)
-        await clock.set(store, now_s)
-        other = (await store.append(topic, events("other"))).ids[0]
-        before_1 = await IngestAppends.read(store._client, topic, "K")
-        first = await ingest_line(store, topic, 1, epoch=other.epoch)
-        second = await ingest_line(store, topic, 2, epoch=other.epoch, after=first)
-        await before_1.lose_since(store._client, 2)  # the failover
-        await clock.set(store, now_s + 40)  # two thirds of the window after line 2
-        with pytest.raises(LinesLost):
-            await ingest_line(store, topic, 3, epoch=other.epoch, after=second)
-        assert (await store.state(topic)).length == 1
-    finally:
-        await store._client.delete(_RedisClock.KEY)
-        await store.close()
+    store, clock = windowed_store
+    now_s = int((await store._client.time())[0])  # (the entries' ids go by Redis's clock)
+    await clock.set(store, now_s)
+    other = (await store.append(topic, events("other"))).ids[0]
+    before_1 = await IngestAppends.read(store._client, topic, "K")
+    first = await ingest_line(store, topic, 1, epoch=other.epoch)
+    second = await ingest_line(store, topic, 2, epoch=other.epoch, after=first)
+    await before_1.lose_since(store._client, 2)  # the failover
+    await clock.set(store, now_s + 40)  # two thirds of the window after line 2
+    with pytest.raises(LinesLost):
+        await ingest_line(store, topic, 3, epoch=other.epoch, after=second)
+    assert (await store.state(topic)).length == 1
 
 
 async def test_an_ingest_without_a_key_whose_newest_lines_a_failover_lost_stores_no_more(
@@ -619,6 +615,21 @@ class _RedisClock:
         await store._client.set(self.KEY, seconds)
 
 
+@pytest.fixture
+async def windowed_store(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[RedisStreamStore, _RedisClock]]:
+    """A store with a 60 s idempotency window (topics kept an hour) on a Redis whose
+    clock the test sets (``_RedisClock``): the window's edges without waiting for them."""
+    clock = _RedisClock(monkeypatch)
+    store = open_store(redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600)
+    try:
+        yield store, clock
+    finally:
+        await store._client.delete(_RedisClock.KEY)
+        await store.close()
+
+
 async def test_an_ingest_resent_after_redis_clock_stepped_back_stores_nothing_twice(
     redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -644,28 +655,23 @@ async def test_an_ingest_resent_after_redis_clock_stepped_back_stores_nothing_tw
 
 
 async def test_a_new_ingest_under_a_key_after_the_clock_stepped_back_is_a_new_one(
-    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+    windowed_store: tuple[RedisStreamStore, _RedisClock], topic: str
 ) -> None:
     """An ingest under a key whose last line is past the window is a new one: the old
     one's records never answer it, and the lines it writes after the clock stepped
     back are its own (resent, they are stored once)."""
-    clock = _RedisClock(monkeypatch)
-    store = open_store(redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600)
-    try:
-        await clock.set(store, 2_000_000_000)
-        old = await store.append(topic, events("o1", "o2"), lines=IngestLines("K", [1, 2]))
-        await clock.set(store, 2_000_000_000 + 120)  # past the window ...
-        new = await store.append(topic, events("n1"), lines=IngestLines("K", [1]))
-        await clock.set(store, 2_000_000_000 - 600)  # ... and then ten minutes back
-        more = await store.append(topic, events("n2"), lines=IngestLines("K", [2]))
-        again = await store.append(topic, events("n1", "n2"), lines=IngestLines("K", [1, 2]))
-        assert not new.replayed and not more.replayed
-        assert not set(new.ids + more.ids) & set(old.ids)
-        assert again.replayed and again.ids == new.ids + more.ids  # (resent: stored once)
-        assert (await store.state(topic)).length == 4
-    finally:
-        await store._client.delete(_RedisClock.KEY)
-        await store.close()
+    store, clock = windowed_store
+    await clock.set(store, 2_000_000_000)
+    old = await store.append(topic, events("o1", "o2"), lines=IngestLines("K", [1, 2]))
+    await clock.set(store, 2_000_000_000 + 120)  # past the window ...
+    new = await store.append(topic, events("n1"), lines=IngestLines("K", [1]))
+    await clock.set(store, 2_000_000_000 - 600)  # ... and then ten minutes back
+    more = await store.append(topic, events("n2"), lines=IngestLines("K", [2]))
+    again = await store.append(topic, events("n1", "n2"), lines=IngestLines("K", [1, 2]))
+    assert not new.replayed and not more.replayed
+    assert not set(new.ids + more.ids) & set(old.ids)
+    assert again.replayed and again.ids == new.ids + more.ids  # (resent: stored once)
+    assert (await store.state(topic)).length == 4
 
 
 async def test_a_log_that_lost_entries_never_issues_their_ids_again(
@@ -692,27 +698,22 @@ async def test_a_log_that_lost_entries_never_issues_their_ids_again(
 
 
 async def test_an_ingest_that_paused_past_its_window_is_refused_nothing_recorded(
-    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+    windowed_store: tuple[RedisStreamStore, _RedisClock], topic: str
 ) -> None:
     """An ingest whose last line is past the window (Redis's clock moved on: its records
     not kept meanwhile, or the clock stepped forward) finds the line it stored last
     unrecorded, nothing of its log lost. It went on, its line 2 recorded anew under its
     key as a new ingest's, and the whole stream resent with the key stored line 1 twice,
     silently. Now it is refused (``RecordsLapsed``), nothing stored nor recorded."""
-    clock = _RedisClock(monkeypatch)
-    store = open_store(redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600)
-    try:
-        await clock.set(store, 2_000_000_000)
-        first = await ingest_line(store, topic, 1)
-        await clock.set(store, 2_000_000_000 + 120)  # past the window
-        records = await line_records(store, topic)
-        with pytest.raises(RecordsLapsed):
-            await ingest_line(store, topic, 2, epoch=first.epoch, after=first)
-        assert await line_records(store, topic) == records
-        assert (await store.state(topic)).length == 1
-    finally:
-        await store._client.delete(_RedisClock.KEY)
-        await store.close()
+    store, clock = windowed_store
+    await clock.set(store, 2_000_000_000)
+    first = await ingest_line(store, topic, 1)
+    await clock.set(store, 2_000_000_000 + 120)  # past the window
+    records = await line_records(store, topic)
+    with pytest.raises(RecordsLapsed):
+        await ingest_line(store, topic, 2, epoch=first.epoch, after=first)
+    assert await line_records(store, topic) == records
+    assert (await store.state(topic)).length == 1
 
 
 async def test_an_ingest_whose_records_lapsed_sends_the_rest_as_a_stream_of_its_own(
@@ -764,46 +765,34 @@ async def line_records(store: RedisStreamStore, topic: str) -> tuple[object, obj
 
 
 async def test_an_open_ingests_lines_kept_answer_past_the_window_after_its_last_line(
-    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+    windowed_store: tuple[RedisStreamStore, _RedisClock], topic: str
 ) -> None:
     """An ingest open past the window after its last line (blank lines, or a line in
     slow pieces, keep its body going) had its records lapse: its resend stored its lines
     again. Kept (``keep_lines``, its watch's) within the window, they answer a window
     after the keeping: the resend replays them."""
-    clock = _RedisClock(monkeypatch)
-    store = open_store(redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600)
-    try:
-        await clock.set(store, 2_000_000_000)
-        first = await store.append(topic, events("l1", "l2"), lines=IngestLines("K", [1, 2]))
-        await clock.set(store, 2_000_000_000 + 45)
-        assert await store.keep_lines(topic, "K", first.ids[0].epoch)
-        await clock.set(store, 2_000_000_000 + 90)  # past the window after line 2
-        again = await store.append(
-            topic, events("l1", "l2", "l3"), lines=IngestLines("K", [1, 2, 3])
-        )
-        assert again.ids[:2] == first.ids
-        assert (await store.state(topic)).length == 3
-    finally:
-        await store._client.delete(_RedisClock.KEY)
-        await store.close()
+    store, clock = windowed_store
+    await clock.set(store, 2_000_000_000)
+    first = await store.append(topic, events("l1", "l2"), lines=IngestLines("K", [1, 2]))
+    await clock.set(store, 2_000_000_000 + 45)
+    assert await store.keep_lines(topic, "K", first.ids[0].epoch)
+    await clock.set(store, 2_000_000_000 + 90)  # past the window after line 2
+    again = await store.append(topic, events("l1", "l2", "l3"), lines=IngestLines("K", [1, 2, 3]))
+    assert again.ids[:2] == first.ids
+    assert (await store.state(topic)).length == 3
 
 
 async def test_lapsed_line_records_are_not_kept(
-    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+    windowed_store: tuple[RedisStreamStore, _RedisClock], topic: str
 ) -> None:
     """Records past the window answer no more (a prune may have taken part of them):
     ``keep_lines`` does not make them answer again, and writes nothing."""
-    clock = _RedisClock(monkeypatch)
-    store = open_store(redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600)
-    try:
-        await clock.set(store, 2_000_000_000)
-        first = await store.append(topic, events("l1"), lines=IngestLines("K", [1]))
-        await clock.set(store, 2_000_000_000 + 61)
-        assert not await store.keep_lines(topic, "K", first.ids[0].epoch)
-        assert await store._client.zscore(c.line_times_key(topic), "K") == 2_000_000_000_000
-    finally:
-        await store._client.delete(_RedisClock.KEY)
-        await store.close()
+    store, clock = windowed_store
+    await clock.set(store, 2_000_000_000)
+    first = await store.append(topic, events("l1"), lines=IngestLines("K", [1]))
+    await clock.set(store, 2_000_000_000 + 61)
+    assert not await store.keep_lines(topic, "K", first.ids[0].epoch)
+    assert await store._client.zscore(c.line_times_key(topic), "K") == 2_000_000_000_000
 
 
 async def test_line_records_lost_or_of_another_log_are_not_kept(
