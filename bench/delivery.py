@@ -308,7 +308,11 @@ def alternate(
         for code in builds:
             figures = run(code)
             shown = ", ".join(
-                f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()
+                # (a ratio, under 10, to three places; the rest to one)
+                (f"{k} {v:,.3f}" if abs(v) < 10 else f"{k} {v:,.1f}")
+                if isinstance(v, float)
+                else f"{k} {v}"
+                for k, v in figures.items()
             )
             print(f"run {number + 1} {code}{label}: {shown}", flush=True)
 

@@ -149,7 +149,8 @@ def run_once(code: Path, args: argparse.Namespace) -> dict[str, float]:
     return counted_run(code, args, window, "post", settings)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """This driver's options (``bench.ingest_line`` runs it with their defaults)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=47950, help="Redis; the broker the next")
     parser.add_argument("--connections", type=int, default=20)
@@ -163,7 +164,11 @@ def main() -> None:
     parser.add_argument(
         "--broker-path", type=Path, action="append", help="the code the broker runs (repeatable)"
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     alternate(args, lambda code: run_once(code, args), " jwt" if args.jwt else "")
 
 
