@@ -336,7 +336,9 @@ class RedisStreamStore:
             names = [] if idempotency_key is None else [idempotency_key]
         retention = self.policies.for_topic(topic)
         args: list[str | int] = [
-            new_epoch(),
+            # An append that must find its log (an ingest under way) never creates one
+            # (append.lua refuses it first): no fresh epoch drawn for it, each line.
+            "" if log_epoch else new_epoch(),
             retention.maxlen,
             retention.trim_slack,
             retention.max_age_ms,

@@ -7,7 +7,8 @@
 -- publisher's key -> its answer), KEYS[4] when each was written (a sorted set, ms),
 -- KEYS[5] streaming ingests' line records (a hash: "K\nn" -> line n's answer, and
 -- "K\n" -> the highest n recorded), KEYS[6] when each ingest K last wrote one (ms).
--- ARGV[1] epoch to use if the log is new, ARGV[2] MAXLEN, ARGV[3] trim slack,
+-- ARGV[1] epoch to use if the log is new ('' when it must find its log: never new),
+-- ARGV[2] MAXLEN, ARGV[3] trim slack,
 -- ARGV[4] max age in ms (0: none), ARGV[5] idempotency window in s, ARGV[6] TTL in
 -- ms (0: kept), ARGV[7] close after the events (0|1), ARGV[8] records per event (0|1),
 -- ARGV[9] how many record names follow (R): none; one for the whole request
