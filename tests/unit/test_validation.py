@@ -4,6 +4,7 @@ from typing import Any
 
 import pytest
 
+from broker import validation
 from broker.errors import InvalidInput, InvalidTopic, TooLarge
 from broker.validation import (
     check_idempotency_key,
@@ -23,6 +24,17 @@ def test_good_topics(name: str) -> None:
 def test_bad_topics(name: str) -> None:
     with pytest.raises(InvalidTopic):
         check_topic(name)
+
+
+def test_topics_checked_again_are_found_alike_and_those_kept_are_bounded() -> None:
+    """(the names found valid are kept, for the check of every append)"""
+    names = [f"kept-{n}" for n in range(validation.TOPICS_KEPT + 10)]
+    for name in names + names:
+        assert check_topic(name) == name
+    assert len(validation._valid_topics) <= validation.TOPICS_KEPT
+    for _ in range(2):
+        with pytest.raises(InvalidTopic):
+            check_topic("a b")
 
 
 def parse(document: Any) -> Any:
