@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from broker.constants import MOST_TOPICS_PER_SUBSCRIPTION
 from broker.errors import InvalidEventId
+from broker.slots import slot_setters
 
 ORIGIN_EPOCH = "0"
 TOPIC_SEPARATOR = "~"
@@ -91,6 +92,10 @@ class EventId:
     epoch: str
     position: StreamPosition
 
+    def __init__(self, epoch: str, position: StreamPosition) -> None:
+        _set_epoch(self, epoch)  # (by hand, frozen all the same: see broker.slots)
+        _set_position(self, position)
+
     def __str__(self) -> str:
         return f"{self.epoch}.{self.position[0]}-{self.position[1]}"
 
@@ -115,6 +120,7 @@ class EventId:
         return cls(epoch, (ms, seq))
 
 
+_set_epoch, _set_position = slot_setters(EventId, "epoch", "position")
 ORIGIN = EventId(ORIGIN_EPOCH, (0, 0))
 
 Cursor = dict[str, EventId]

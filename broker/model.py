@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from broker import constants as c
 from broker.framing import event_body, id_line
 from broker.ids import ORIGIN_EPOCH, EventId, StreamPosition, parse_stream_id
+from broker.slots import slot_setters
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +19,23 @@ class NewEvent:
     kind: str = c.KIND_JSON
     event: str | None = None
     retry: int | None = None
+
+    def __init__(
+        self,
+        data: str,
+        kind: str = c.KIND_JSON,
+        event: str | None = None,
+        retry: int | None = None,
+    ) -> None:
+        _set_data(self, data)  # (by hand, frozen all the same: see broker.slots)
+        _set_kind(self, kind)
+        _set_event(self, event)
+        _set_retry(self, retry)
+
+
+_set_data, _set_kind, _set_event, _set_retry = slot_setters(
+    NewEvent, "data", "kind", "event", "retry"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +50,14 @@ class IngestLines:
     recorded, else the append is refused (``LinesLost``); its entry is the append's
     ``after_entry``, which tells when the records cannot (past the window)."""
 
+    def __init__(self, key: str, numbers: Sequence[int], after: int = 0) -> None:
+        _set_key(self, key)  # (by hand, frozen all the same: see broker.slots)
+        _set_numbers(self, numbers)
+        _set_after(self, after)
+
+
+_set_key, _set_numbers, _set_after = slot_setters(IngestLines, "key", "numbers", "after")
+
 
 @dataclass(frozen=True, slots=True)
 class AppendResult:
@@ -41,6 +67,14 @@ class AppendResult:
     replayed: bool
     end_id: EventId | None = None
     """The ``broker.end`` entry's id, when the append closed the topic."""
+
+    def __init__(self, ids: list[EventId], replayed: bool, end_id: EventId | None = None) -> None:
+        _set_ids(self, ids)  # (by hand, frozen all the same: see broker.slots)
+        _set_replayed(self, replayed)
+        _set_end_id(self, end_id)
+
+
+_set_ids, _set_replayed, _set_end_id = slot_setters(AppendResult, "ids", "replayed", "end_id")
 
 
 class LogEntry:

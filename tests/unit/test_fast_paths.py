@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import itertools
 import json
 import random
@@ -27,7 +28,7 @@ from broker import constants as c
 from broker import validation
 from broker.errors import BrokerError, StoreUnavailable
 from broker.ids import EventId, format_stream_id, parse_stream_id
-from broker.model import AppendResult, LiveBatch, LogEntry, NewEvent
+from broker.model import AppendResult, IngestLines, LiveBatch, LogEntry, NewEvent
 from broker.policy import Retention
 from broker.redis_live import LiveReader, _Lane
 from broker.redis_live_links import XREAD_HEAD
@@ -610,3 +611,48 @@ def test_a_topics_keys_are_each_key_functions(topic: str) -> None:
         c.line_records_key(topic),
         c.line_times_key(topic),
     ]
+
+
+# -- the frozen dataclasses of every append: __init__ by hand (broker/slots.py) ------------------
+
+_HAND_WRITTEN = [
+    (EventId, [("ab2cd3ef", (5, 1))]),
+    (NewEvent, [("d",), ("d", c.KIND_TEXT), ("d", c.KIND_JSON, "e", 3)]),
+    (AppendResult, [([EventId("a", (1, 0))], False), ([], True, EventId("a", (2, 0)))]),
+    (IngestLines, [("k", [1, 2]), ("k", (3,), 2)]),
+]
+
+
+def _generated_twin(cls: type) -> type:
+    """The class as the dataclass decorator alone makes it (its __init__ generated)."""
+    fields = [
+        (f.name, f.type, dataclasses.field(default=f.default))
+        if f.default is not dataclasses.MISSING
+        else (f.name, f.type)
+        for f in dataclasses.fields(cls)
+    ]
+    return dataclasses.make_dataclass(cls.__name__, fields, frozen=True, slots=True)
+
+
+def _hashed(made: object) -> int | str:
+    try:
+        return hash(made)
+    except TypeError:  # (a list among its fields)
+        return "unhashable"
+
+
+@pytest.mark.parametrize(("cls", "arguments"), _HAND_WRITTEN)
+def test_a_hand_written_init_is_the_generated_one(cls: type, arguments: list[tuple[Any]]) -> None:
+    twin = _generated_twin(cls)
+    ours = [(p.name, p.kind, p.default) for p in inspect.signature(cls).parameters.values()]
+    theirs = [(p.name, p.kind, p.default) for p in inspect.signature(twin).parameters.values()]
+    assert ours == theirs
+    for given in arguments:
+        made = cls(*given)
+        assert dataclasses.astuple(made) == dataclasses.astuple(twin(*given))
+        by_name = cls(**{f.name: v for f, v in zip(dataclasses.fields(cls), given, strict=False)})
+        assert by_name == made
+        assert _hashed(made) == _hashed(twin(*given))
+        assert dataclasses.replace(made) == made
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            made.__setattr__(dataclasses.fields(cls)[0].name, None)
