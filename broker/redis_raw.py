@@ -12,7 +12,7 @@ that returns 25 streams, 350-400 us against 90-120.
 So the hot paths use ``RawConnection``: redis-py opens the connection (AUTH, TLS,
 SELECT, CLIENT SETINFO, the Sentinel lookup: whatever the URL asks for) and tells
 its client id, then the socket is handed to ``_Replies``, an ``asyncio.Protocol``
-that feeds a hiredis reader and resolves each command's future in turn: Redis
+that feeds a hiredis reader and settles each batch of commands in turn: Redis
 answers a connection's commands in the order it got them. Each process keeps one
 for its appends (Redis runs commands one at a time, and a batch of many appends
 is one write) and one per live-read lane (``redis_live``: a blocking ``XREAD``
@@ -71,7 +71,9 @@ class RawConnection:
         replies = self._replies
         if replies is None or replies.broken:
             replies = await self._open()
-        return await _all(replies.send(commands))
+        batch = replies.send(commands)
+        await batch.done
+        return batch.raised()
 
     async def exchange_each(self, commands: list[bytes]) -> list[Any]:
         """As ``exchange``, but each command settled on its own: one whose reply came
@@ -82,7 +84,9 @@ class RawConnection:
         replies = self._replies
         if replies is None or replies.broken:
             replies = await self._open()
-        return await asyncio.gather(*replies.send(commands), return_exceptions=True)
+        batch = replies.send(commands)
+        await batch.done
+        return batch.each()
 
     async def close(self, why: str = "the store is closing") -> None:
         """Drop the connection (or its opening): what waits fails with a ConnectionError
@@ -141,20 +145,44 @@ class RawConnection:
         return replies
 
 
-async def _all(futures: list[asyncio.Future[Any]]) -> list[Any]:
-    """Their results, in order; if one failed, they all did (one connection): the
-    others' errors are marked as seen, and the first is raised."""
-    try:
-        return [await future for future in futures]
-    except BaseException:
-        for future in futures:
-            if future.done() and not future.cancelled():
-                future.exception()
-        raise
+class _Batch:
+    """One write's commands: their replies as they come, or the failure that ended the
+    connection before the last one, and ``done`` once either is whole."""
+
+    __slots__ = ("count", "done", "failure", "replies", "timer")
+
+    def __init__(self, count: int, done: asyncio.Future[None]) -> None:
+        self.count = count
+        self.done = done
+        self.replies: list[Any] = []
+        self.failure: Exception | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def settle(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.done.done():  # (cancelled by its caller: the replies are dropped)
+            self.done.set_result(None)
+
+    def raised(self) -> list[Any]:
+        """Its replies; raises its failure, if it has one."""
+        if self.failure is not None:
+            raise self.failure
+        return self.replies
+
+    def each(self) -> list[Any]:
+        """Its replies, and the failure in place of each that did not come."""
+        if self.failure is None:
+            return self.replies
+        return self.replies + [self.failure] * (self.count - len(self.replies))
 
 
 class _Replies(asyncio.Protocol):
-    """One connection's replies, matched in order to the futures of its commands."""
+    """One connection's replies, matched in order to the batches of its commands.
+
+    A batch, not each of its commands, has a future: a future per command, gathered,
+    cost an append some 4,000 instructions (its creation, a done callback scheduled and
+    run for each, gather's bookkeeping: callgrind, bench.ingest_line)."""
 
     def __init__(self, writer: asyncio.StreamWriter, timeout: float, client_id: int) -> None:
         # The writer is kept with its transport: collected, it would close it.
@@ -163,47 +191,43 @@ class _Replies(asyncio.Protocol):
         self._transport: Any = writer.transport
         self._timeout = timeout
         self._reader = hiredis.Reader()
-        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        # One deadline per batch: (how many replies it still waits for, its timer).
-        self._batches: collections.deque[list[Any]] = collections.deque()
+        # Those sent whose replies have not all come, in order, each with its deadline.
+        self._batches: collections.deque[_Batch] = collections.deque()
         self.broken = False
 
-    def send(self, commands: list[bytes]) -> list[asyncio.Future[Any]]:
+    def send(self, commands: list[bytes]) -> _Batch:
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in commands]
+        batch = _Batch(len(commands), loop.create_future())
         if self.broken:  # broke while the caller got here: nothing was sent
-            for future in futures:
-                future.set_exception(ConnectionError("the connection to redis broke"))
-            return futures
+            batch.failure = ConnectionError("the connection to redis broke")
+            batch.settle()
+            return batch
+        if not commands:
+            batch.settle()
+            return batch
         self._transport.write(b"".join(commands))
-        self._waiting.extend(futures)
-        self._batches.append([len(commands), loop.call_later(self._timeout, self._timed_out)])
-        return futures
+        batch.timer = loop.call_later(self._timeout, self._timed_out)
+        self._batches.append(batch)
+        return batch
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
             if isinstance(reply, hiredis.PushNotification):
                 continue  # RESP3's out-of-band messages (redis-py's default protocol): no reply
-            if not self._waiting:
+            if not self._batches:
                 self.fail(ConnectionError("redis sent a reply nobody asked for"))
                 return
-            future = self._waiting.popleft()
-            self._count_reply()
             if isinstance(reply, hiredis.ReplyError):
                 reply = BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
                 if isinstance(reply, ReadOnlyError):  # a demoted primary: reconnect
                     self.broken = True
                     self._transport.close()
-            if not future.done():  # (cancelled by its caller: the reply is dropped)
-                future.set_result(reply)
-
-    def _count_reply(self) -> None:
-        batch = self._batches[0]
-        batch[0] -= 1
-        if batch[0] == 0:
-            batch[1].cancel()
-            self._batches.popleft()
+            batch = self._batches[0]
+            batch.replies.append(reply)
+            if len(batch.replies) == batch.count:
+                self._batches.popleft()
+                batch.settle()
 
     def _timed_out(self) -> None:
         self.fail(TimeoutError(f"redis did not answer within {self._timeout}s"))
@@ -217,10 +241,8 @@ class _Replies(asyncio.Protocol):
     def fail(self, error: Exception) -> None:
         """Everything that waits fails with ``error``; the connection is dropped."""
         self.broken = True
-        while self._waiting:
-            future = self._waiting.popleft()
-            if not future.done():
-                future.set_exception(error)
         while self._batches:
-            self._batches.popleft()[1].cancel()
+            batch = self._batches.popleft()
+            batch.failure = error
+            batch.settle()
         self._transport.abort()

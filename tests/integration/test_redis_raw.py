@@ -77,6 +77,36 @@ async def test_a_batch_gets_each_reply_in_order_and_errors_as_values(
     assert replies[4] == b"PONG"
 
 
+async def test_a_batch_cut_by_the_connection_keeps_the_replies_that_came(
+    raw: RawConnection,
+) -> None:
+    """Redis closes the connection after its reply to CLIENT KILL of itself: the replies
+    before stand (exchange_each: an append Redis ran is not told failed), the rest get
+    the connection's failure; exchange raises it."""
+    own = await own_client_id(raw)
+    kill = packed("CLIENT", "KILL", "ID", own, "SKIPME", "no")
+    replies = await raw.exchange_each([packed("PING"), kill, packed("PING"), packed("PING")])
+    assert replies[:2] == [b"PONG", 1]
+    assert all(isinstance(r, redis.ConnectionError) for r in replies[2:]), replies
+    own = await own_client_id(raw)
+    with pytest.raises(redis.ConnectionError):
+        await raw.exchange([packed("CLIENT", "KILL", "ID", own, "SKIPME", "no"), packed("PING")])
+
+
+async def test_an_empty_batch_leaves_the_next_ones_their_replies_and_deadlines(
+    raw: RawConnection,
+) -> None:
+    """It was kept waiting for no reply: the next batch's replies counted against it, so
+    that batch's deadline was never cancelled, and fired: the connection, sound, was
+    dropped one timeout later."""
+    first = await own_client_id(raw)
+    assert await raw.exchange([]) == []
+    assert await raw.exchange_each([]) == []
+    assert await raw.exchange([packed("ECHO", "mine")]) == [b"mine"]
+    await asyncio.sleep(TIMEOUT * 2)  # (past the deadline the batch had: it must be off)
+    assert await own_client_id(raw) == first, "the connection was dropped"
+
+
 async def test_a_caller_that_gives_up_does_not_shift_the_replies_of_the_next(
     raw: RawConnection,
 ) -> None:
