@@ -234,6 +234,12 @@ def _not_stored(reason: str, cause: BaseException) -> StoreUnavailable:
     return error
 
 
+TOPIC_KEYS_KEPT = 4096
+"""Topics whose keys an append keeps made (six strings, some 400 bytes a topic: 1.6 MB
+at most); past that they start again. Made each append, they cost a line of a streaming
+ingest 1,500 instructions, and the packer hashed its first key anew each time
+(callgrind); kept, the strings keep their hashes."""
+
 STORE_FULL = (
     "redis is out of memory (maxmemory): the write was refused whole; retry later "
     "(with the same Idempotency-Key)"
@@ -289,6 +295,7 @@ class RedisStreamStore:
         self.idempotency_seconds = idempotency_seconds
         self._append_script = client.register_script(_lua("append.lua"))
         self._keep_lines_script = client.register_script(_lua("keep_lines.lua"))
+        self._keys_of: dict[str, list[str]] = {}  # (see _topic_keys)
         self._pipeline = (
             _AppendPipeline(client, self._append_script, raw=durable, timeout=append_timeout)
             if not isinstance(client, RedisCluster)
@@ -329,7 +336,9 @@ class RedisStreamStore:
     ) -> AppendResult:
         if self._eviction.refusal is not None:
             raise StoreMisconfigured(self._eviction.refusal, retry_after=c.EVICTING_RETRY_AFTER_S)
-        keys = c.topic_keys(topic)
+        keys = self._keys_of.get(topic)
+        if keys is None:
+            keys = self._topic_keys(topic)
         if lines is not None:  # the ingest's key, then each event's line number
             names: list[str] = [lines.key, *[str(number) for number in lines.numbers]]
         else:
@@ -368,6 +377,14 @@ class RedisStreamStore:
         if status < 0:
             raise _refusal(status, answer.decode(), topic, lines)
         return _parse_answer(answer, replayed=status == 1)
+
+    def _topic_keys(self, topic: str) -> list[str]:
+        """``constants.topic_keys``, kept for the topic's next append (never changed once
+        made: the pipeline and the packer only read them)."""
+        if len(self._keys_of) >= TOPIC_KEYS_KEPT:
+            self._keys_of.clear()
+        keys = self._keys_of[topic] = c.topic_keys(topic)
+        return keys
 
     def _append_once(self, keys: list[str], args: list[str | int], linger: float) -> Awaitable[Any]:
         """The append script's reply, to await: no coroutine of its own (each level of
