@@ -121,9 +121,7 @@ async def rounds(ingests: Ingests, store: redis.Redis, count: int, timeout: floa
         await stored(store, ingests.topics, ingests.sent, timeout)
 
 
-async def drive(
-    port: int, redis_url: str, args: argparse.Namespace, pid: int
-) -> dict[str, float]:
+async def drive(port: int, redis_url: str, args: argparse.Namespace, pid: int) -> dict[str, float]:
     token = publishing.bearer_token() if args.jwt else None
     ingests = Ingests([f"line-{i}" for i in range(args.ingests)])
     store = redis.Redis.from_url(redis_url)
