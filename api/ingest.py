@@ -76,7 +76,7 @@ from broker import (
     TooLarge,
     TopicClosed,
 )
-from broker.errors import LinesLost, LogDeleted, LogGone, LogLost, RecordsLapsed
+from broker.errors import LinesKept, LinesLost, LogDeleted, LogGone, LogLost, RecordsLapsed
 from broker.ids import StreamPosition
 from broker.model import IngestLines
 from broker.validation import event_from_json, loads_exactly
@@ -439,13 +439,15 @@ class Ingest:
                 "BROKER_IDEMPOTENCY_SECONDS), so the whole stream sent again would store "
                 "them twice"
             )
+        mid_body = not self._body_ended
         try:
             async with asyncio.timeout(self._append_timeout):  # (a read each: bounded whole)
-                kept, exact = await self._last_line_kept()
+                kept, exact, entry = await self._last_line_kept()
         except (StoreUnavailable, TimeoutError):
             lost = f"line {self._last_line}, the last of them, is lost, and perhaps lines before it"
             detail = f"{head}; {lost} (the log could not be read to tell); {resend}"
-            return LinesLost(detail, mid_body=not self._body_ended)
+            at_most = LinesKept(self._last_line - 1, exact=False)
+            return LinesLost(detail, mid_body=mid_body, kept=at_most)
         maybe = ""
         if not exact:
             maybe = (
@@ -453,13 +455,23 @@ class Ingest:
                 f"{REMEMBERED_APPENDS} appends ended)"
             )
         detail = f"{head}; the lines after line {kept} are lost{maybe}; {resend}"
-        return LinesLost(detail, mid_body=not self._body_ended)
+        return LinesLost(detail, mid_body=mid_body, kept=self._lines_kept(kept, exact, entry))
 
-    async def _last_line_kept(self) -> tuple[int, bool]:
-        """The last line of the newest append the log still holds, and whether that is
-        known exactly (not when even the oldest append remembered is lost, and earlier
-        ones were forgotten). A failover loses the newest appends, so those kept are the
-        first ones: found by bisection, a read each."""
+    def _lines_kept(self, through: int, exact: bool, entry: StreamPosition | None) -> LinesKept:
+        """Lines 1..``through`` kept, the last one's entry ``entry`` (None: no line, or
+        not known): with their first and last ids when known (the first line's entry is
+        kept with any later one: a failover loses the newest)."""
+        if not exact or entry is None or self.log_epoch is None or self.result.first is None:
+            return LinesKept(through, exact)
+        last = EventId(self.log_epoch, entry)
+        return LinesKept(through, first_id=str(self.result.first), last_id=str(last))
+
+    async def _last_line_kept(self) -> tuple[int, bool, StreamPosition | None]:
+        """The last line of the newest append the log still holds, whether that is known
+        exactly (not when even the oldest append remembered is lost, and earlier ones
+        were forgotten), and its entry (None: none remembered kept). A failover loses the
+        newest appends, so those kept are the first ones: found by bisection, a read
+        each."""
         ended = list(self._appends_ended)
         kept, lost = 0, len(ended)  # (ended[:kept] are held, ended[lost:] lost)
         while kept < lost:
@@ -469,8 +481,8 @@ class Ingest:
             else:
                 lost = middle
         if kept:
-            return ended[kept - 1][1], True
-        return self._forgotten_through, self._forgotten_through == 0
+            return ended[kept - 1][1], True, ended[kept - 1][0]
+        return self._forgotten_through, self._forgotten_through == 0, None
 
     async def _still_held(self, entry: StreamPosition) -> bool:
         """Whether the log holds the entry, or retention removed it (no loss)."""
@@ -493,7 +505,9 @@ class Ingest:
             "under this Idempotency-Key or another), not the whole stream again: that would "
             "store the lines stored already twice"
         )
-        return RecordsLapsed(detail, mid_body=not self._body_ended)
+        entry = None if self.result.last is None else self.result.last.position
+        stored = self._lines_kept(last, True, entry)
+        return RecordsLapsed(detail, mid_body=not self._body_ended, kept=stored)
 
     def _lost(self, lost: LogGone) -> LogGone:
         """The producer told what was lost, and whether its resend stores it again; the

@@ -140,7 +140,9 @@ PROBLEMS: dict[str, tuple[str, str]] = {
     "409": (
         "TopicClosed",
         "The topic is closed (has end_id); or, to a streaming ingest, it was deleted "
-        "while the ingest wrote to it (topic-deleted: not to be resent)",
+        "while the ingest wrote to it (topic-deleted: not to be resent), or its line "
+        "records lapsed (ingest-records-lapsed: resend after_line, the rest sent as a "
+        "stream of its own)",
     ),
     "413": ("ContentTooLarge", "An event, the body or the batch is over its limit"),
     "415": ("UnsupportedMediaType", "A body neither JSON, NDJSON nor UTF-8 text"),
@@ -150,7 +152,9 @@ PROBLEMS: dict[str, tuple[str, str]] = {
     "503": (
         "Unavailable",
         "The store is unreachable or too slow, the key set is not fetched yet, or the "
-        "instance holds too many connections: retry after Retry-After",
+        "instance holds too many connections: retry after Retry-After; to a streaming "
+        "ingest, its log or its newest lines were lost (ingest-log-lost, "
+        "ingest-lines-lost: resend says what to send again)",
     ),
 }
 EVERY_ROUTE = ["431"]  # (the connection guard answers it, before any route)

@@ -10,6 +10,7 @@ from starlette.responses import Response
 from broker.errors import (
     BrokerError,
     InvalidInput,
+    LogDeleted,
     LogGone,
     LogLost,
     StoreUnavailable,
@@ -128,7 +129,26 @@ def _log_gone(error: LogGone) -> Response:
     headers = _closing(error.mid_body)
     if isinstance(error, LogLost):
         headers["Retry-After"] = str(error.retry_after)
-    return problem(503 if isinstance(error, LogLost) else 409, error.title, error.detail, headers)
+    status = 503 if isinstance(error, LogLost) else 409
+    return problem(status, error.title, error.detail, headers, **_resend(error))
+
+
+def _resend(error: LogGone) -> dict[str, Any]:
+    """What to send again, in members a client reads (RFC 9457 extensions; the detail
+    says the same in words): ``resend`` ``whole`` (the whole stream, with its
+    Idempotency-Key), ``after_line`` (the lines after ``last_line_kept``, as a stream of
+    their own: the whole stream would store the lines kept twice; ``first_id`` and
+    ``last_id`` of those kept, when any) or ``unknown`` (the lines kept cannot be told
+    exactly: ``last_line_kept_at_most``). Nothing for a deleted topic: not to be resent."""
+    if isinstance(error, LogDeleted):
+        return {}
+    kept = error.kept
+    if kept is None:
+        return {"resend": "whole"} if isinstance(error, LogLost) else {}
+    if not kept.exact:
+        return {"resend": "unknown", "last_line_kept_at_most": kept.through}
+    ids = {"first_id": kept.first_id, "last_id": kept.last_id} if kept.first_id else {}
+    return {"resend": "after_line", "last_line_kept": kept.through} | ids
 
 
 def closes_connection(answer: Response) -> bool:

@@ -84,9 +84,31 @@ class TopicList(BaseModel):
 
 
 class Problem(BaseModel):
-    """RFC 9457 problem details."""
+    """RFC 9457 problem details; some problems carry extension members of their own."""
 
     type: str
     title: str
     status: int
     detail: str
+    resend: Literal["whole", "after_line", "unknown"] | None = Field(
+        None,
+        description=(
+            "A streaming ingest ended by ingest-lines-lost, ingest-log-lost or "
+            "ingest-records-lapsed: what to send again. whole: the whole stream, with its "
+            "Idempotency-Key; after_line: only the lines after last_line_kept, as a stream "
+            "of their own (the whole stream again would store the lines kept twice); "
+            "unknown: the lines kept cannot be told exactly (last_line_kept_at_most)"
+        ),
+    )
+    last_line_kept: int | None = Field(
+        None, description="With resend after_line: the last line of the stream kept (0: none)"
+    )
+    last_line_kept_at_most: int | None = Field(
+        None, description="With resend unknown: the lines kept are at most lines 1 to this one"
+    )
+    first_id: str | None = Field(
+        None, description="With resend after_line: the id of the stream's first line kept"
+    )
+    last_id: str | None = Field(
+        None, description="With resend after_line: the id of the stream's last line kept"
+    )

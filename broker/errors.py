@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class BrokerError(Exception):
     """Base of every error the core raises on purpose."""
@@ -54,6 +56,21 @@ class StoreFull(StoreUnavailable):
     title = "Store full"
 
 
+@dataclass(frozen=True, slots=True)
+class LinesKept:
+    """Which lines of a streaming ingest its log kept, told to a producer that is to send
+    the rest as a stream of its own (the whole stream resent would store them twice).
+
+    ``through``: the last line kept (0: none), exactly when ``exact``; else at most that
+    one (the ingest could not tell which, and nobody can resend exactly). ``first_id``
+    and ``last_id``: the ids of the first and last lines kept, when known."""
+
+    through: int
+    exact: bool = True
+    first_id: str | None = None
+    last_id: str | None = None
+
+
 class LogGone(BrokerError):
     """The log a streaming ingest under way was writing to is not as the ingest left
     it (or no longer records its lines), and its append was refused whole. Not a store
@@ -63,13 +80,18 @@ class LogGone(BrokerError):
 
     title = "Ingest log gone"  # (the problem's title, and its type's name)
 
-    def __init__(self, detail: str, *, mid_body: bool = False) -> None:
+    def __init__(
+        self, detail: str, *, mid_body: bool = False, kept: LinesKept | None = None
+    ) -> None:
         """``mid_body``: told before the request's body ended (set by the ingest): the
         answer then closes the connection, so that a producer still sending learns at
-        once, as of a store failure (``api.problems.StoreLostMidBody``)."""
+        once, as of a store failure (``api.problems.StoreLostMidBody``). ``kept``: set
+        by the ingest when the rest is to be sent as a stream of its own (its answer
+        says so in members a client reads: ``api.problems``)."""
         super().__init__(detail)
         self.detail = detail
         self.mid_body = mid_body
+        self.kept = kept
 
 
 class LogLost(LogGone):

@@ -376,6 +376,7 @@ async def test_lines_a_failover_lost_mid_body_end_the_ingest_and_the_resend_rest
     topic, key, lines = new_topic(), f"gen-failover-{route}", body_of(6)
     problem = await lines_4_and_5_lost_mid_ingest(broker, client, redis_admin, route, topic, key)
     assert "5 line(s) were stored before" in problem["detail"], problem
+    assert problem["resend"] == "whole" and "last_line_kept" not in problem, problem
     assert await stored_datas(client, topic) == datas(3)  # (line 6 not stored after 3)
     again = await resend_until_success(client, topic, key, b"".join(lines))
     assert again.status_code == 201 and len(again.json()["ids"]) == 6, again.text
@@ -395,6 +396,7 @@ async def test_lines_a_failover_lost_mid_body_end_an_ingest_without_a_key_naming
     problem = await lines_4_and_5_lost_mid_ingest(broker, client, redis_admin, route, topic, None)
     assert "the lines after line 3 are lost" in problem["detail"], problem
     assert await stored_datas(client, topic) == datas(3)  # (line 6 not stored after 3)
+    await told_to_send_the_rest_after(client, topic, problem, 3)
     rest = await client.post(f"/topics/{topic}/events", content=b"".join(lines[3:]), headers=NDJSON)
     assert rest.status_code == 201, rest.text
     assert await stored_datas(client, topic) == datas(6)
@@ -441,6 +443,8 @@ async def test_a_failover_loss_told_to_a_keyless_ingest_is_answered_when_its_log
                 problem = json.loads(answer.body)
                 assert problem["type"] == "/problems#ingest-lines-lost", problem
                 assert "could not be read to tell" in problem["detail"], problem
+                assert problem["resend"] == "unknown", problem  # (no client can go on exactly)
+                assert problem["last_line_kept_at_most"] == 4, problem
                 assert await stored_datas(client, topic) == datas(3)
         finally:
             broker.close()
@@ -471,6 +475,8 @@ async def test_every_line_a_failover_lost_of_an_ingest_without_a_key_is_told_los
     problem = json.loads(answer.body)
     assert problem["type"] == "/problems#ingest-lines-lost", problem
     assert "the lines after line 0 are lost;" in problem["detail"], problem
+    assert (problem["resend"], problem["last_line_kept"]) == ("after_line", 0), problem
+    assert "first_id" not in problem, problem
     assert await stored_datas(client, topic) == ["other"]
 
 
@@ -619,10 +625,46 @@ async def test_an_ingest_whose_records_lapsed_is_refused_and_its_rest_sent_alone
     assert "send the lines after line 3 as a stream of their own" in detail, problem
     assert "not the whole stream again" in detail, problem
     assert await stored_datas(client, topic) == datas(3)
+    await told_to_send_the_rest_after(client, topic, problem, 3)
     assert await redis_admin.hgetall(records) == recorded  # (nothing recorded anew)
     assert await redis_admin.zscore(times, key) == 0
     await the_rest_broken_then_resent(broker, client, topic, key, route, lines[3:])
     assert await stored_datas(client, topic) == datas(6)
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_lines_lost_from_a_keyed_ingest_whose_records_lapsed_say_after_which_line_to_go_on(
+    broker: BrokerProcess, client: httpx.AsyncClient, redis_admin: redis.Redis, route: str
+) -> None:
+    """The failover that lost lines 4-5 of a keyed ingest whose records lapsed too (its
+    last write's time set back by hand: Redis out of reach for most of the window while
+    it paused). Its lines kept are no longer recorded under its key, so the whole stream
+    resent would store them twice; the answer said so in words only, and a client (the
+    Python one among them) took the 503 for one to resend whole. Now its members say to
+    send the lines after line 3 as a stream of their own, and done so, each line is
+    stored once."""
+    topic, key, lines = new_topic(), f"gen-lost-lapsed-{route}", body_of(6)
+
+    async def records_lapse(_ingest: RawIngest, _kept: IngestAppends) -> None:
+        await redis_admin.zadd(c.line_times_key(topic), {key: 0})
+
+    problem = await lines_4_and_5_lost_mid_ingest(
+        broker, client, redis_admin, route, topic, key, before_line_6=records_lapse
+    )
+    assert "the lines after line 3 are lost" in problem["detail"], problem
+    await told_to_send_the_rest_after(client, topic, problem, 3)
+    await the_rest_broken_then_resent(broker, client, topic, f"{key}+3", route, lines[3:])
+    assert await stored_datas(client, topic) == datas(6)
+
+
+async def told_to_send_the_rest_after(
+    client: httpx.AsyncClient, topic: str, problem: dict[str, Any], line: int
+) -> None:
+    """The problem's members say to send the lines after ``line`` as a stream of their
+    own, and name the ids of the first and last lines kept (the log's first and last)."""
+    assert (problem["resend"], problem["last_line_kept"]) == ("after_line", line), problem
+    ids = [event["id"] for event in await history(client, topic)]
+    assert (problem["first_id"], problem["last_id"]) == (ids[0], ids[-1]), problem
 
 
 async def the_rest_broken_then_resent(
