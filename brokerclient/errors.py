@@ -15,14 +15,23 @@ class Unreachable(BrokerClientError):
     ``idempotency_key``: a publish's key (the caller's, or the one made up for it): an
     attempt may have been stored, its answer lost, so a later retry must send it again,
     or it stores a second copy. A stream's retry sends the same lines again, from the
-    first, under it (``lines_sent``: how many the iterator had given)."""
+    first, under it (``lines_sent``: how many the iterator had given); but a stream the
+    client went on with as a stream of its own (``after_line`` > 0: the broker said its
+    lines up to that one were kept and the whole stream again would store them twice)
+    sends the lines after ``after_line`` under it, as a stream of their own."""
 
     def __init__(
-        self, message: str, *, idempotency_key: str | None = None, lines_sent: int | None = None
+        self,
+        message: str,
+        *,
+        idempotency_key: str | None = None,
+        lines_sent: int | None = None,
+        after_line: int = 0,
     ) -> None:
         super().__init__(message)
         self.idempotency_key = idempotency_key
         self.lines_sent = lines_sent
+        self.after_line = after_line
 
 
 class StreamInterrupted(BrokerClientError):
@@ -35,12 +44,17 @@ class StreamInterrupted(BrokerClientError):
     key (the caller's, or the one made up for it): a resend of the whole stream under
     it stores those lines no second time, and goes on with the rest. The same events
     first: a resend whose line n is not the one stored under the key (a model's new
-    answer) is refused (``RequestFailed``, 400), nothing of it stored."""
+    answer) is refused (``RequestFailed``, 400), nothing of it stored. ``after_line`` >
+    0: the stream was gone on with after that line as a stream of its own (see
+    ``Unreachable``), under ``idempotency_key``: a resend sends the events after it."""
 
-    def __init__(self, message: str, *, idempotency_key: str, lines_sent: int) -> None:
+    def __init__(
+        self, message: str, *, idempotency_key: str, lines_sent: int, after_line: int = 0
+    ) -> None:
         super().__init__(message)
         self.idempotency_key = idempotency_key
         self.lines_sent = lines_sent
+        self.after_line = after_line
 
 
 class RequestFailed(BrokerClientError):
@@ -50,6 +64,34 @@ class RequestFailed(BrokerClientError):
         super().__init__(message)
         self.status = status
         self.problem = problem or {}
+
+
+class StreamStopped(RequestFailed):
+    """A streaming ingest the broker ended part-way (its newest lines lost by a
+    failover, or its line records lapsed), whose rest the client could not send exactly
+    as a stream of its own; not retried: the whole stream again would store the lines
+    kept twice.
+
+    ``last_line_kept``: the stream's last line the broker kept (counted from the
+    stream's first line, whatever part it was in), exactly when ``exact``; else at most
+    that one (the broker could not tell which: which lines to send again is the
+    caller's to find, reading the topic back). ``idempotency_key``: the key the stream
+    was last sent under."""
+
+    def __init__(
+        self,
+        status: int,
+        problem: dict[str, Any] | None,
+        message: str,
+        *,
+        last_line_kept: int,
+        exact: bool,
+        idempotency_key: str,
+    ) -> None:
+        super().__init__(status, problem, message)
+        self.last_line_kept = last_line_kept
+        self.exact = exact
+        self.idempotency_key = idempotency_key
 
 
 class TopicClosed(RequestFailed):

@@ -53,6 +53,14 @@ class PublishResult:
     ``replayed``: an earlier attempt with the same Idempotency-Key had stored them
     already (nothing new was stored). A streaming ingest past the broker's batch
     limit answers only ``count``, ``first_id`` and ``last_id``; ``ids`` is then empty.
+
+    So does a stream the client went on with after its line ``after_line`` as a stream
+    of its own, under the key ``idempotency_key`` (``f"{key}+{after_line}"``, the
+    caller's key and that line; the broker said its lines up to it were kept, and that
+    the whole stream again would store them twice): ``count`` is every line of it
+    stored, once each (those kept, and the rest), ``first_id`` its first line's,
+    ``last_id`` its last's; the ids between are not known (its earlier request's answer
+    was the refusal).
     """
 
     ids: list[str]
@@ -63,6 +71,8 @@ class PublishResult:
     idempotency_key: str = field(default="", compare=False)
     end_id: str | None = None
     """The id of the topic's ``broker.end``, when the publish closed it."""
+    after_line: int = 0
+    """A stream's lines up to this one were stored by an earlier request of it (0: none)."""
 
     @property
     def id(self) -> str:
@@ -216,15 +226,56 @@ def publish_result(response: httpx.Response, key: str) -> PublishResult:
     )
 
 
+SENT_APART = frozenset({"/problems#ingest-lines-lost", "/problems#ingest-records-lapsed"})
+"""The answers that may tell a stream to send its rest as a stream of its own."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeptLines:
+    """A stream's answer that told which of the lines its request sent were kept, the
+    rest to be sent as a stream of their own (``resend``: ``after_line``; the whole
+    stream again would store the lines kept twice): lines 1..``through``; or, not
+    ``exact`` (``unknown``), at most those. ``first_id``: the first one's id, if any."""
+
+    through: int
+    exact: bool
+    first_id: str | None
+
+
+def kept_lines(response: httpx.Response) -> KeptLines | None:
+    """What a stream's refusal says was kept, when its rest must go as a stream of its
+    own; None for any other answer (a 503 that says ``resend: whole`` is retried whole;
+    an older broker says nothing: its 503 retried whole too, as ever)."""
+    problem = problem_of(response)
+    if problem is None or problem.get("type") not in SENT_APART:
+        return None
+    resend, first_id = problem.get("resend"), problem.get("first_id")
+    first = first_id if isinstance(first_id, str) else None
+    if resend == "after_line" and _line_number(problem.get("last_line_kept")):
+        return KeptLines(problem["last_line_kept"], True, first)
+    if resend == "unknown" and _line_number(problem.get("last_line_kept_at_most")):
+        return KeptLines(problem["last_line_kept_at_most"], False, None)
+    return None
+
+
+def _line_number(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def problem_of(response: httpx.Response) -> dict[str, Any] | None:
+    """The answer's problem+json (an object), if it has one."""
+    if "json" not in response.headers.get("content-type", ""):
+        return None
+    try:
+        parsed = response.json()
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
 def failure(response: httpx.Response) -> RequestFailed:
     """The error for a broker's error answer, with its problem+json detail when it has one."""
-    problem: dict[str, Any] | None = None
-    if "json" in response.headers.get("content-type", ""):
-        try:
-            parsed = response.json()
-            problem = parsed if isinstance(parsed, dict) else None
-        except ValueError:
-            problem = None
+    problem = problem_of(response)
     detail = (problem or {}).get("detail") or (problem or {}).get("title") or response.text[:200]
     message = (
         f"{response.request.method} {response.request.url.path}: {response.status_code} {detail}"

@@ -4,7 +4,9 @@ a text as UTF-8, and a streaming ingest's ndjson lines.
 A stream's lines are kept as they are sent, so that each retry sends them again (the
 broker stores line n under key K:n: no line twice) and then goes on with the rest; what
 the caller's iterator or events raise leaves httpx as ``_Interrupted``, which the
-publisher raises as ``StreamInterrupted`` with the key to resend under.
+publisher raises as ``StreamInterrupted`` with the key to resend under. A stream the
+broker told to send its rest as a stream of its own (``go_on_after``) drops the lines
+it kept, and sends the rest under a key of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Ma
 from typing import Any
 
 from brokerclient.errors import StreamInterrupted
+from brokerclient.http import idempotency_key_of
 
 EventObject = Mapping[str, Any]
 """An event as the JSON publish takes it: ``{"data": ..., "event"?: str, "retry"?: int}``."""
@@ -42,13 +45,41 @@ def _utf8(text: str) -> bytes:
 
 
 class _Lines:
-    """A stream's ndjson lines sent so far (a retry sends them again, then the rest)."""
+    """A stream's ndjson lines sent so far (a retry sends them again, then the rest).
+
+    Sent in parts when the broker says so: lines 1..``after_line`` were kept by an
+    earlier request, and ``_sent`` holds those sent since, under ``key``."""
 
     def __init__(self, key: str) -> None:
-        self._key, self._sent = key, list[bytes]()
+        self._callers_key = key
+        self.key, self._sent = key, list[bytes]()
+        self.after_line = 0
+        self.first_id: str | None = None
+        """The id of the stream's first line, once a part of it was kept (else unknown)."""
 
     def count(self) -> int:
-        return len(self._sent)
+        """The lines taken from the caller's iterator so far (all parts)."""
+        return self.after_line + len(self._sent)
+
+    def go_on_after(self, kept: int, first_id: str | None) -> bool:
+        """The broker kept lines 1..``kept`` of this part (``first_id``: the first one's
+        id), and the rest must go as a stream of its own (the whole stream again would
+        store those twice): whether it can, exactly. It goes on under the key
+        ``f"{callers_key}+{line}"`` (the stream's last line kept): a key of its own, so
+        its own retries replay it (a new stream under a key whose records lapsed is a
+        new ingest of it), and one the caller can tell."""
+        if kept > len(self._sent):  # (a line not sent said kept: not this stream's answer)
+            return False
+        try:
+            key = idempotency_key_of(f"{self._callers_key}+{self.after_line + kept}")
+        except ValueError:  # (the caller's key is too long to derive one from)
+            return False
+        if kept and self.first_id is None and self.after_line == 0:
+            self.first_id = first_id
+        del self._sent[:kept]  # (stored: never sent again)
+        self.after_line += kept
+        self.key = key
+        return True
 
     @contextlib.contextmanager
     def _callers_part(self) -> Iterator[None]:
@@ -60,7 +91,7 @@ class _Lines:
         try:
             yield
         except Exception as error:
-            raise _Interrupted(error, self._key, len(self._sent)) from error
+            raise _Interrupted(error, self.key, self.count(), self.after_line) from error
 
     def _line(self, item: object) -> bytes:
         line = _json_body(item) + b"\n"
@@ -113,17 +144,21 @@ class _Interrupted(Exception):
     httpcore re-raises what passes through it ``from None`` (a StreamInterrupted lost
     its cause so: the caller's own error, which the traceback then did not show)."""
 
-    def __init__(self, error: Exception, key: str, lines_sent: int) -> None:
+    def __init__(self, error: Exception, key: str, lines_sent: int, after_line: int) -> None:
         super().__init__(error)
         self.error, self.key, self.lines_sent = error, key, lines_sent
+        self.after_line = after_line
 
     def public(self) -> StreamInterrupted:
+        which = "the same events, from the first,"
+        if self.after_line:  # (sent on as a stream of its own: those before are stored)
+            which = f"the events after the first {self.after_line}, as a stream of their own,"
         return StreamInterrupted(
             f"the stream's events raised {self.error!r} after {self.lines_sent} lines: "
-            f"resend the same events, from the first, under idempotency key {self.key} "
-            "to store each line once",
+            f"resend {which} under idempotency key {self.key} to store each line once",
             idempotency_key=self.key,
             lines_sent=self.lines_sent,
+            after_line=self.after_line,
         )
 
 

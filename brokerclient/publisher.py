@@ -8,7 +8,12 @@ a repeated key with the first attempt's ids.
 A streaming ingest (``stream``) sends the events as ``application/x-ndjson``,
 one line each, stored as they arrive. Its lines sent so far are kept, so a retry
 can send the whole stream again under the same key (the broker stores line n
-under key K:n, so nothing is stored twice) and then go on with the rest.
+under key K:n, so nothing is stored twice) and then go on with the rest. But where
+the broker says that would store the lines it kept twice (``resend: after_line``:
+its newest lines lost by a failover with its line records lapsed, or those records
+lapsed; ``ingest-lines-lost``, ``ingest-records-lapsed``), the lines after the last
+one kept go on as a stream of their own, under the key ``K+n`` (n: that line);
+where it cannot tell which were kept, ``StreamStopped`` is raised.
 
 ``token`` may be a callable returning the current token: it is asked at each
 attempt, and a 401 is tried once more at once with a token asked anew (the same
@@ -30,11 +35,12 @@ from typing import Any
 
 import httpx
 
-from brokerclient.errors import Unreachable
+from brokerclient.errors import StreamStopped, Unreachable
 from brokerclient.http import (
     DEFAULT_URL,
     RETRY_STATUSES,
     AsyncToken,
+    KeptLines,
     PublishResult,
     RetryPolicy,
     Token,
@@ -42,6 +48,8 @@ from brokerclient.http import (
     base_headers,
     checked_url,
     idempotency_key_of,
+    kept_lines,
+    problem_of,
     publish_result,
     refreshes,
     retry_after,
@@ -55,6 +63,7 @@ from brokerclient.publish_body import (
     _AsyncSentLines,
     _Interrupted,
     _json_body,
+    _Lines,
     _SentLines,
     _utf8,
 )
@@ -97,6 +106,7 @@ class _Attempts:
 
     def __init__(self, policy: RetryPolicy, what: str, key: str | None = None) -> None:
         self.policy, self.what, self.key, self.failures = policy, what, key, 0
+        self.after_line = 0  # (a stream gone on as a stream of its own after that line)
         self._lines = 0  # the most lines any attempt took from the stream's iterator
         self._since = time.monotonic()  # (when the attempt under way began)
         self._refused = False  # an attempt was answered 401, and none got further since
@@ -143,7 +153,11 @@ class _Attempts:
             said = f"{self.what}: {why} (after {self.failures} attempts"
             if self.key is not None:  # (an attempt may have been stored, its answer lost)
                 said += f"; a retry must send idempotency key {self.key}"
-            raise Unreachable(f"{said})", idempotency_key=self.key, lines_sent=lines)
+            if self.after_line:  # (the lines before are stored; the whole again: twice)
+                said += f" with the lines after line {self.after_line}, as a stream of their own"
+            raise Unreachable(
+                f"{said})", idempotency_key=self.key, lines_sent=lines, after_line=self.after_line
+            )
         delay = self.policy.delay(self.failures, hinted)
         log.info("%s: %s; attempt %d in %.2fs", self.what, why, self.failures + 1, delay)
         self._since = time.monotonic() + delay
@@ -251,6 +265,7 @@ class Publisher:
         key = idempotency_key_of(key)
         attempts = _Attempts(self.retry, f"{what} to {topic}", key)
         while True:
+            key = key if isinstance(body, bytes) else body.key  # (a stream gone on: its own)
             headers = _headers_for(token_now(self._token), content_type, key)
             content = body if isinstance(body, bytes) else body.replay_then_rest()
             try:
@@ -262,6 +277,9 @@ class Publisher:
             except httpx.TransportError as error:
                 time.sleep(attempts.failed(repr(error), lines=_taken(body)))
                 continue
+            if not isinstance(body, bytes) and (kept := kept_lines(response)) is not None:
+                time.sleep(_go_on_alone(body, kept, response, attempts))
+                continue
             if response.status_code in RETRY_STATUSES:
                 hinted = retry_after(response)
                 time.sleep(
@@ -272,7 +290,7 @@ class Publisher:
                 refreshes(self._token), _taken(body)
             ):
                 continue
-            return publish_result(response, key)
+            return _whole_stream(publish_result(response, key), body)
 
     def close(self) -> None:
         if self._own_client:
@@ -378,6 +396,7 @@ class AsyncPublisher:
         key = idempotency_key_of(key)
         attempts = _Attempts(self.retry, f"{what} to {topic}", key)
         while True:
+            key = key if isinstance(body, bytes) else body.key  # (a stream gone on: its own)
             headers = _headers_for(await async_token_now(self._token), content_type, key)
             content = body if isinstance(body, bytes) else body.replay_then_rest()
             try:
@@ -389,6 +408,9 @@ class AsyncPublisher:
             except httpx.TransportError as error:
                 await asyncio.sleep(attempts.failed(repr(error), lines=_taken(body)))
                 continue
+            if not isinstance(body, bytes) and (kept := kept_lines(response)) is not None:
+                await asyncio.sleep(_go_on_alone(body, kept, response, attempts))
+                continue
             if response.status_code in RETRY_STATUSES:
                 hinted = retry_after(response)
                 await asyncio.sleep(
@@ -399,7 +421,7 @@ class AsyncPublisher:
                 refreshes(self._token), _taken(body)
             ):
                 continue
-            return publish_result(response, key)
+            return _whole_stream(publish_result(response, key), body)
 
     async def aclose(self) -> None:
         if self._own_client:
@@ -419,6 +441,63 @@ class AsyncPublisher:
 
 def _headers_for(token: str | None, content_type: str, key: str) -> dict[str, str]:
     return base_headers(token) | {"Content-Type": content_type, "Idempotency-Key": key}
+
+
+def _go_on_alone(
+    body: _Lines, kept: KeptLines, response: httpx.Response, attempts: _Attempts
+) -> float:
+    """The broker kept the lines of this request up to ``kept.through`` and said the
+    whole stream again would store them twice (what the retry of any other 503 does):
+    the rest goes on as a stream of its own, under a key of its own (``_Lines.go_on_after``);
+    the delay before it. Gone on with no line kept, it counts as a failed attempt (a
+    part lost whole, time and again, is not tried for ever). ``StreamStopped`` where
+    it cannot go on exactly."""
+    through = body.after_line + kept.through  # (the stream's line: parts count from 1)
+    if not kept.exact or not body.go_on_after(kept.through, kept.first_id):
+        raise _stopped(response, body, through, kept.exact)
+    attempts.key, attempts.after_line = body.key, body.after_line
+    log.info("%s: lines after line %d kept sent as a stream of their own", attempts.what, through)
+    if kept.through:
+        return 0.0  # (at once: the broker answered, from the store it writes to now)
+    why = f"{response.status_code}: none of its lines kept"
+    return attempts.failed(why, retry_after(response), body.count(), answered=True)
+
+
+def _stopped(response: httpx.Response, body: _Lines, through: int, exact: bool) -> StreamStopped:
+    problem = problem_of(response)
+    detail = (problem or {}).get("detail") or response.text[:200]
+    which = f"up to line {through}" if exact else f"at most up to line {through}"
+    message = (
+        f"{response.request.method} {response.request.url.path}: {response.status_code} "
+        f"{detail}; the stream's lines {which} were kept: the client cannot go on exactly "
+        "(send the lines after the last one kept as a stream of their own; the whole "
+        "stream again would store the lines kept twice)"
+    )
+    return StreamStopped(
+        response.status_code,
+        problem,
+        message,
+        last_line_kept=through,
+        exact=exact,
+        idempotency_key=body.key,
+    )
+
+
+def _whole_stream(result: PublishResult, body: bytes | _Lines) -> PublishResult:
+    """A stream's result: the whole stream's, when it went on in parts (``PublishResult``:
+    its count, first and last ids; the ids between are not known)."""
+    if isinstance(body, bytes) or body.after_line == 0:
+        return result
+    return PublishResult(
+        ids=[],
+        replayed=result.replayed,
+        count=body.after_line + result.count,
+        first_id=body.first_id,
+        last_id=result.last_id,
+        idempotency_key=result.idempotency_key,
+        end_id=result.end_id,
+        after_line=body.after_line,
+    )
 
 
 def _taken(body: bytes | _SentLines | _AsyncSentLines) -> int | None:

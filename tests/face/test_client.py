@@ -11,13 +11,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from broker import constants as c
 from broker import errors as broker_errors
@@ -26,7 +27,7 @@ from brokerclient import (
     AsyncSubscriber,
     Event,
     Publisher,
-    RequestFailed,
+    PublishResult,
     RetryPolicy,
     SseDecoder,
     Subscriber,
@@ -38,6 +39,7 @@ from brokerclient import (
 from brokerclient import publisher as publisher_module
 from brokerclient.direct import DirectPublisher
 from tests.support.broker_process import BrokerProcess
+from tests.support.failover import IngestAppends
 from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer
 from tests.support.sse import parse_events
@@ -266,14 +268,15 @@ def test_a_stream_whose_topic_is_deleted_under_it_raises_topic_deleted_not_close
     assert topic_info.status_code == 404, topic_info.text
 
 
-def test_a_stream_whose_line_records_lapse_under_it_raises_not_closed_nor_retried(
+def test_a_stream_whose_line_records_lapse_under_it_goes_on_with_the_rest_alone(
     face_broker: BrokerProcess, redis_server: RedisServer
 ) -> None:
     """The broker ends a keyed ingest whose line records lapsed under it with 409
     ``ingest-records-lapsed`` (a resend of the whole stream would store its lines
-    stored twice). The client must not resend it (no retry of a 409), nor take it for
-    a closed topic (any 409 was ``TopicClosed``): a ``RequestFailed`` whose detail says
-    after which line to send the rest; the lines stored once, the topic open."""
+    stored twice). The client raised ``RequestFailed`` for it, leaving the rest to the
+    caller. Now it goes on exactly as the answer says: the lines after line 2 as a
+    stream of their own, under the key ``K+2``; each line stored once, in order, the
+    topic open, and the result the whole stream's."""
     topic, key = _topic("records-lapsed"), "records-lapsed"
 
     def lines() -> Iterator[dict[str, Any]]:
@@ -285,15 +288,101 @@ def test_a_stream_whose_line_records_lapse_under_it_raises_not_closed_nor_retrie
         yield event(3)
         yield event(4)
 
-    with Publisher(face_broker.url) as publisher, pytest.raises(RequestFailed) as refused:
-        publisher.stream(topic, lines(), idempotency_key=key)
-    assert not isinstance(refused.value, TopicClosed)
-    assert (refused.value.status, refused.value.problem["type"]) == (
-        409,
-        "/problems#ingest-records-lapsed",
-    )
-    assert "send the lines after line 2" in refused.value.problem["detail"]
-    assert [e["data"] for e in _history(face_broker.url, topic)] == [1, 2]
+    with Publisher(face_broker.url) as publisher:
+        result = publisher.stream(topic, lines(), idempotency_key=key)
+    history = _history(face_broker.url, topic)
+    assert [e["data"] for e in history] == [1, 2, 3, 4]
+    assert_the_whole_stream(result, history, after_line=2, key=f"{key}+2")
+
+
+def assert_the_whole_stream(
+    result: PublishResult, history: list[dict[str, object]], *, after_line: int, key: str
+) -> None:
+    """A stream gone on in parts has the whole stream's result: every line counted, its
+    first and last ids, the key of its last part."""
+    assert (result.after_line, result.idempotency_key) == (after_line, key), result
+    assert (result.count, result.ids) == (len(history), []), result
+    assert (result.first_id, result.last_id) == (history[0]["id"], history[-1]["id"]), result
+
+
+class LosesLines4And5Unrecorded:
+    """A failover that loses lines 4-5 of a keyed ingest (their appends undone) whose
+    line records lapsed too (its last write's time set back: Redis out of reach for
+    most of the window while it paused), done as the stream yields its lines: the
+    broker answers line 6 with 503 ``ingest-lines-lost``, its lines kept no longer
+    recorded under the key (``resend: after_line``, 3)."""
+
+    LINES = 8
+
+    def __init__(self, url: str, redis_url: str, topic: str, key: str) -> None:
+        self.url, self.redis_url, self.topic, self.key = url, redis_url, topic, key
+        self._before_4: IngestAppends | None = None
+
+    def wait_for(self, count: int) -> None:
+        wait_until(
+            lambda: len(_history(self.url, self.topic)) == count, timeout=10, what=f"{count} lines"
+        )
+
+    async def before_4(self) -> None:
+        async with aioredis.Redis.from_url(self.redis_url) as admin:
+            self._before_4 = await IngestAppends.read(admin, self.topic, self.key)
+
+    async def lose_4_and_5(self) -> None:
+        assert self._before_4 is not None
+        async with aioredis.Redis.from_url(self.redis_url) as admin:
+            await self._before_4.lose_since(admin, 2)  # the failover
+            await admin.zadd(c.line_times_key(self.topic), {self.key: 0})  # (records lapse)
+
+    def lines(self) -> Iterator[dict[str, Any]]:
+        yield from (event(n) for n in (1, 2, 3))
+        self.wait_for(3)
+        asyncio.run(self.before_4())
+        yield from (event(n) for n in (4, 5))
+        self.wait_for(5)
+        asyncio.run(self.lose_4_and_5())
+        yield from (event(n) for n in range(6, self.LINES + 1))
+
+    async def async_lines(self) -> AsyncIterator[dict[str, Any]]:
+        for n in (1, 2, 3):
+            yield event(n)
+        await asyncio.to_thread(self.wait_for, 3)
+        await self.before_4()
+        for n in (4, 5):
+            yield event(n)
+        await asyncio.to_thread(self.wait_for, 5)
+        await self.lose_4_and_5()
+        for n in range(6, self.LINES + 1):
+            yield event(n)
+
+
+def test_a_stream_whose_lines_a_failover_lost_unrecorded_goes_on_after_the_last_kept(
+    face_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """A failover lost lines 4-5 of the stream, whose line records lapsed: the broker
+    answers 503 ``ingest-lines-lost``, saying the whole stream again would store lines
+    1-3 twice. The client retried every 503 by sending the whole stream again under its
+    key: 1-3 stored twice, silently. Now it sends lines 4.. as a stream of their own
+    under ``K+3``: every line stored once, in order."""
+    topic, key = _topic("lines-lost"), "lines-lost-sync"
+    fault = LosesLines4And5Unrecorded(face_broker.url, redis_server.url, topic, key)
+    with Publisher(face_broker.url, retry=PATIENT) as publisher:
+        result = publisher.stream(topic, fault.lines(), idempotency_key=key)
+    history = _history(face_broker.url, topic)
+    assert [e["data"] for e in history] == list(range(1, fault.LINES + 1))
+    assert_the_whole_stream(result, history, after_line=3, key=f"{key}+3")
+
+
+async def test_an_async_stream_whose_lines_a_failover_lost_unrecorded_goes_on_after_the_last_kept(
+    face_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """The same through ``AsyncPublisher``, its events an async iterator."""
+    topic, key = _topic("lines-lost"), "lines-lost-async"
+    fault = LosesLines4And5Unrecorded(face_broker.url, redis_server.url, topic, key)
+    async with AsyncPublisher(face_broker.url, retry=PATIENT) as publisher:
+        result = await publisher.stream(topic, fault.async_lines(), idempotency_key=key)
+    history = await asyncio.to_thread(_history, face_broker.url, topic)
+    assert [e["data"] for e in history] == list(range(1, fault.LINES + 1))
+    assert_the_whole_stream(result, history, after_line=3, key=f"{key}+3")
 
 
 @pytest.mark.parametrize("several", [False, True])
