@@ -17,13 +17,14 @@ from redis.backoff import NoBackoff
 
 from broker import constants as c
 from broker.observer import Observer
+from broker.redis_listing import NodeClientFactory
 from broker.redis_live import LiveReader
 from broker.redis_live_cluster import ClusterLiveReader
 from broker.redis_live_links import LocalWrites
 from broker.redis_options import client_options, pool_options, reader_options
 from broker.redis_pools import BoundedCluster, FixedPool, FixedSentinelPool
 from broker.redis_primary import PrimaryWatch, WatchedSentinelPool
-from broker.redis_store import NodeClientFactory, RedisStreamStore
+from broker.redis_store import RedisStreamStore
 from broker.redis_urls import (
     REDIS_PORT,
     SENTINEL_PORT,

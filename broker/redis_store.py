@@ -38,7 +38,7 @@ from broker.errors import (
 )
 from broker.health import ThrottledLog
 from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
-from broker.listing import Listing, glob_escaped
+from broker.listing import Listing
 from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
 from broker.redis_checks import (
@@ -48,6 +48,7 @@ from broker.redis_checks import (
     probe_rights_when_reachable,
     try_rights,
 )
+from broker.redis_listing import NodeClientFactory, TopicListing
 from broker.redis_live import AnyLiveReader, LiveReader
 from broker.redis_live_links import LocalWrites
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
@@ -60,34 +61,10 @@ from broker.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-NodeClientFactory = Callable[[str, int], redis.Redis]
-"""Opens a client of one Cluster node (host, port), for the listing's SCANs."""
 
 
 def _lua(name: str) -> str:
     return resources.files("broker").joinpath("lua", name).read_text()
-
-
-EMBEDDED_SCAN_ALL = 2**31  # (a COUNT past every key: the whole keyspace in one call)
-
-
-def _list_position(cursor: str | None) -> tuple[int, int, str | None]:
-    """A listing cursor: the node, the SCAN cursor, the topic the page before ended on."""
-    node, _, rest = (cursor or "0:0").partition(":")
-    position, _, after = rest.partition(":")
-    return int(node), int(position or 0), after or None
-
-
-def _named_page(
-    names: tuple[str, ...], after: str | None, room: int, shown: Callable[[str], bool], pass_: int
-) -> tuple[list[str], str | None]:
-    """The names after ``after`` a page has room for, and the cursor past them (pass
-    ``pass_``). Looked up, not walked for: those with no log drop out of the page."""
-    left = [name for name in names if (after is None or name > after) and shown(name)]
-    page = left[: max(room, 0)]
-    if len(left) <= len(page):
-        return page, None
-    return page, f"{pass_}:0:{page[-1]}" if page else f"{pass_}:0"
 
 
 def _deletions(raw: bytes | None) -> tuple[EventId, ...]:
@@ -285,7 +262,6 @@ class RedisStreamStore:
         self._live = live
         self._also_close = list(also_close)  # e.g. the connections to the Sentinels
         self._replicas_to_confirm = replicas_to_confirm
-        self._node_clients: dict[str, redis.Redis] = {}
         default = Retention(
             maxlen=retention_maxlen,
             max_age_ms=int((retention_seconds or 0) * 1000),
@@ -315,6 +291,9 @@ class RedisStreamStore:
         )
         self.durable = durable
         self.description = description
+        self._listing = TopicListing(
+            client, self._call, self.state, self._open_node_client, durable=durable
+        )
         self._sweeper: asyncio.Task[None] | None = None
         self._rights_probe: asyncio.Task[None] | None = None  # (Redis out of reach at open)
         self._eviction = EvictionGuard(self._memory_infos, allow=allow_eviction)
@@ -428,15 +407,6 @@ class RedisStreamStore:
             raise StoreUnavailable("no replica confirmed the write in time")
         return answer
 
-    def _client_of(self, node: Any) -> redis.Redis:
-        """The client of one Cluster node, opened once and kept."""
-        client = self._node_clients.get(node.name)
-        if client is None:
-            client = self._node_clients[node.name] = self._open_node_client(
-                node.host, int(node.port)
-            )
-        return client
-
     def _plain_node_client(self, host: str, port: int) -> redis.Redis:
         """A node client with no password and no TLS (a store given no factory)."""
         pool = redis.BlockingConnectionPool(host=host, port=port, **pool_options(self._pool_size))
@@ -497,142 +467,8 @@ class RedisStreamStore:
         limit: int,
         shown: Callable[[str], bool] = lambda _: True,
     ) -> tuple[list[tuple[str, LogState]], str | None]:
-        """At most ``limit`` topics of ``listing`` that ``shown`` lets the caller see, with
-        their states; and the cursor to go on from (None: done). Those starting with
-        ``listing.prefix`` are found by SCAN (never KEYS), then ``listing.names`` are
-        looked up by name.
-
-        The cursor is ``<pass>:<scan cursor>``: a pass per node (a Cluster walks each
-        primary in turn), then one past the last for the names; with ``:<topic>`` when
-        the page ended inside a SCAN step (the next page takes that step again and goes
-        on after that topic, the page's last, which the caller was shown) or among the
-        names. SCAN's own promise holds: a topic there all along is listed, perhaps
-        twice, never skipped; except on a Cluster whose primaries change between two
-        pages, a failover or a resharding, as the node is named by its place among the
-        primaries: README, API.
-        """
-        position = _list_position(cursor)
-        if not self.durable:
-            page, last = await self._names_in_order(listing, position[2], limit, shown)
-            return await self._with_states(page), last
-        nodes = self._scan_targets()
-        walked: list[str] = []
-        after = position[2] if position[0] >= len(nodes) else None
-        if listing.prefix is not None and position[0] < len(nodes):
-            walked, following = await self._walked(nodes, listing.prefix, position, limit, shown)
-            if following is not None:
-                return await self._with_states(walked), following
-        room = limit - len(walked)
-        named, following = _named_page(listing.names, after, room, shown, len(nodes))
-        return await self._with_states(walked + named), following
-
-    async def _walked(
-        self,
-        nodes: list[Any],
-        prefix: str,
-        position: tuple[int, int, str | None],
-        limit: int,
-        shown: Callable[[str], bool],
-    ) -> tuple[list[str], str | None]:
-        """Up to ``limit`` topics starting with ``prefix`` that ``shown`` lets through, by
-        at most LIST_SCAN_ROUNDS SCAN steps over the nodes from ``position``; and where
-        the walk goes on (None: it is over)."""
-        node_index, scan_cursor, after = position
-        pattern = c.meta_key(glob_escaped(prefix) + "*")  # broker:{prefix*}:meta
-        names: list[str] = []
-        # About twice the page's limit (a topic is two keys or more, and one SCAN step
-        # should fit the page: it is not split), grown while steps find little.
-        scan_count = min(c.LIST_SCAN_COUNT, max(2 * limit, c.LIST_SCAN_MIN_COUNT))
-        for _ in range(c.LIST_SCAN_ROUNDS):
-            if node_index >= len(nodes):
-                break
-            step = scan_cursor
-            room = limit - len(names)
-            # (the step a page before ended in is taken whole again, as that page took it)
-            fits = room if after is None else c.LIST_SCAN_COUNT * 16
-            scan_cursor, found, used = await self._scan_step(
-                nodes[node_index], step, pattern, scan_count, fits, shown
-            )
-            # The COUNT that fitted goes on (taken from the full one again each step, a
-            # dense keyspace cost 10 times the calls; review), doubled back when a step
-            # found little: a page's calls follow how densely its keys match.
-            scan_count = used * 2 if len(found) * 4 < room else used
-            scan_count = min(scan_count, c.LIST_SCAN_COUNT)
-            if len(found) > room and names and after is None:
-                return names, f"{node_index}:{step}"  # (the next page takes that step)
-            if after is not None:  # the step the page before ended in: go on after it
-                found = found[found.index(after) + 1 :] if after in found else found
-                after = None
-            if len(found) > room:  # (one SCAN step alone past the page's limit)
-                names += found[:room]
-                return names, f"{node_index}:{step}:{names[-1]}"
-            names += found
-            if scan_cursor == 0:
-                node_index, scan_cursor = node_index + 1, 0
-            if len(names) >= limit:
-                break
-        return names, (f"{node_index}:{scan_cursor}" if node_index < len(nodes) else None)
-
-    async def _scan_step(
-        self,
-        node: Any,
-        step: int,
-        pattern: str,
-        count: int,
-        room: int,
-        shown: Callable[[str], bool],
-    ) -> tuple[int, list[str], int]:
-        """One SCAN step from ``step``: its next cursor, the topics it found that
-        ``shown`` lets through, and the COUNT it took. A step that finds more than the
-        page has ``room`` for is taken again from ``step`` with a quarter of the COUNT,
-        down to 1, so that the page can end where a step ends (and one that still
-        finds too many is left to the next page): SCAN's promise holds from a cursor
-        it returned. Ended inside a step (that step taken again by the next page,
-        which went on after the page's last topic), a page relied on the step finding
-        the same keys in the same order: Redis rehashing its keyspace between the two
-        pages (keys added or expired meanwhile) reorders them, and a topic there all
-        along was skipped (seen in the HTTP suite; about 1 listing in 40 of 12
-        topics, 5 a page, with the keyspace grown between two pages). Only a single
-        step with more topics than a whole page is still split so."""
-        while True:
-            following, keys = await self._call(node.scan(step, match=pattern, count=count))
-            found = [name for name in map(_topic_of_meta, keys) if name is not None and shown(name)]
-            if len(found) <= room or count == 1:
-                return following, found, count  # (count 1: the page ends before it)
-            count = max(count // 4, 1)
-
-    async def _with_states(self, names: list[str]) -> list[tuple[str, LogState]]:
-        states = await asyncio.gather(*(self.state(name) for name in names))
-        return [(name, state) for name, state in zip(names, states, strict=True) if state.exists]
-
-    async def _names_in_order(
-        self, listing: Listing, after: str | None, limit: int, shown: Callable[[str], bool]
-    ) -> tuple[list[str], str | None]:
-        """The embedded store's page: the topics after ``after`` by name, from one SCAN
-        that takes every key at once. fakeredis keeps a SCAN's place by its cursor
-        number alone, the same numbers in every listing: another listing between two
-        pages took this one's place, and expired keys moved it on, topics there all
-        along skipped (not on Redis, whose cursor is a place in its hash table)."""
-        topics = set(listing.names)
-        if listing.prefix is not None:
-            pattern = c.meta_key(glob_escaped(listing.prefix) + "*")
-            _, keys = await self._call(self._client.scan(0, match=pattern, count=EMBEDDED_SCAN_ALL))
-            topics.update(name for name in map(_topic_of_meta, cast(list[bytes], keys)) if name)
-        ordered = sorted(name for name in topics if (after is None or name > after) and shown(name))
-        if len(ordered) <= limit:
-            return ordered, None
-        page = ordered[:limit]
-        return page, f"0:0:{page[-1]}"
-
-    def _scan_targets(self) -> list[Any]:
-        """Where topics' keys live: the one server, or each Cluster primary."""
-        if isinstance(self._client, RedisCluster):
-            return [self._client_of(node) for node in self._primaries()]
-        return [self._client]
-
-    def _primaries(self) -> list[Any]:
-        assert isinstance(self._client, RedisCluster)
-        return sorted(self._client.get_primaries(), key=lambda node: node.name)
+        """A page of ``listing``'s topics and the cursor past it: ``TopicListing``."""
+        return await self._listing.list_topics(listing, cursor, limit, shown)
 
     async def keep_lines(self, topic: str, key: str, log_epoch: str) -> bool:
         """Keep the line records of the open ingest ``key`` answering, as if it had just
@@ -790,8 +626,7 @@ class RedisStreamStore:
             await self._pipeline.close()
         if self._slots is not None:
             await self._slots.close()
-        for node_client in self._node_clients.values():
-            await node_client.aclose()
+        await self._listing.close()
         await self._client.aclose()
         for extra in self._also_close:
             await extra.aclose()
@@ -830,13 +665,6 @@ def _unreachable_reason(error: BaseException) -> str:
     if isinstance(error, ClusterError) and "TTL exhausted" in str(error):
         return CLUSTER_REDIRECTED
     return f"redis is unreachable: {error}"
-
-
-def _topic_of_meta(key: bytes) -> str | None:
-    """The topic whose meta key this is; None for another key that the pattern also
-    matches (an idempotency record whose key ends in ``}:meta``)."""
-    name = c.topic_of_key(key)
-    return name if c.meta_key(name).encode() == key else None
 
 
 def _refusal(status: int, answer: str, topic: str, lines: IngestLines | None) -> BrokerError:

@@ -67,7 +67,7 @@ async def topic_keys(store: RedisStreamStore, topic: str) -> list[bytes]:
     """Every key of the topic, by SCAN (on a Cluster: on each primary)."""
     pattern = f"{c.KEY_PREFIX}:{{{topic}}}*"
     found: list[bytes] = []
-    for node in store._scan_targets():
+    for node in store._listing.scan_targets():
         found += [key async for key in node.scan_iter(match=pattern, count=1000)]
     return found
 

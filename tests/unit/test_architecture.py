@@ -31,6 +31,7 @@ def imported_modules(path: Path) -> set[str]:
 
 REDIS_MODULES = {
     "redis_store.py",
+    "redis_listing.py",
     "redis_raw.py",
     "redis_live.py",
     "redis_live_cluster.py",
@@ -66,3 +67,10 @@ def test_the_store_and_its_live_reader_import_one_way() -> None:
     for reader in ("redis_live.py", "redis_live_cluster.py", "redis_live_links.py"):
         assert "broker.redis_store" not in broker_imports(CORE / reader), reader
     assert "broker.redis_open" not in store, "the URL parser builds the store, not the reverse"
+
+
+def test_the_stores_parts_do_not_import_the_store() -> None:
+    """The store imports its parts (listing, appends, scripts); none of them imports it:
+    only the URL parser, which builds it, does."""
+    importers = {p.name for p in CORE.glob("*.py") if "broker.redis_store" in broker_imports(p)}
+    assert importers <= {"redis_open.py"}
