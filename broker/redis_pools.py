@@ -18,7 +18,7 @@ changes one fails that test first, naming it and its user):
   ``RedisCluster.execute_command`` (async, overridden), ``.get_primaries()``;
 - ``redis_raw``: a pool's ``make_connection()``, a connection's ``connect()``
   and its ``_writer``/``_reader`` (the socket taken over), ``BaseParser.parse_error``;
-- ``redis_store``: ``AsyncScript.sha``/``.script`` (commands packed as
+- ``redis_append_pipeline``: ``AsyncScript.sha``/``.script`` (commands packed as
   ``hiredis.pack_command`` does, by ``redis_packing``); ``Pipeline.execute(raise_on_error=)``;
   NOSCRIPT raised as ``NoScriptError``;
 - ``redis_store`` and ``redis_live_cluster``: ``RedisCluster.nodes_manager.slots_cache``

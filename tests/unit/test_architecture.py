@@ -32,6 +32,7 @@ def imported_modules(path: Path) -> set[str]:
 REDIS_MODULES = {
     "redis_store.py",
     "redis_listing.py",
+    "redis_append_pipeline.py",
     "redis_raw.py",
     "redis_live.py",
     "redis_live_cluster.py",

@@ -37,6 +37,7 @@ from redis.exceptions import (
 
 POOLS = "broker/redis_pools.py"
 STORE = "broker/redis_store.py"
+APPENDS = "broker/redis_append_pipeline.py"
 LIVE = "broker/redis_live_cluster.py"
 OPTIONS = "broker/redis_options.py"
 OPEN = "broker/redis_open.py"
@@ -80,7 +81,7 @@ METHODS = [
     Method(RedisCluster, "keyslot", "sync", LIVE, ("key",)),
     Method(NodesManager, "initialize", "async", f"{STORE}, {LIVE}"),
     Method(AsyncScript, "__call__", "async", STORE, ("keys", "args", "client")),
-    Method(Pipeline, "execute", "async", STORE, ("raise_on_error",)),
+    Method(Pipeline, "execute", "async", f"{STORE}, {APPENDS}", ("raise_on_error",)),
     Method(Sentinel, "master_for", "sync", OPEN, ("service_name", "connection_pool_class")),
     Method(SentinelConnectionPool, "__init__", "sync", OPEN, ("service_name", "sentinel_manager")),
     Method(redis.Redis, "from_pool", "sync", OPEN, ("connection_pool",)),
@@ -188,7 +189,7 @@ async def test_a_registered_script_knows_its_text_and_sha() -> None:
         script = client.register_script("return 1")
     finally:
         await client.aclose()
-    where = f"redis-py surface AsyncScript.sha / .script (used by {STORE})"
+    where = f"redis-py surface AsyncScript.sha / .script (used by {APPENDS})"
     assert isinstance(script, AsyncScript), where
     assert script.script == "return 1", where
     assert isinstance(script.sha, str) and len(script.sha) == 40, where
@@ -196,7 +197,7 @@ async def test_a_registered_script_knows_its_text_and_sha() -> None:
 
 def test_a_lost_script_is_a_response_error_of_its_own() -> None:
     """The pipeline tells NOSCRIPT from other errors by type, read per command."""
-    where = f"redis-py NoScriptError (used by {STORE})"
+    where = f"redis-py NoScriptError (used by {APPENDS})"
     assert issubclass(NoScriptError, ResponseError), where
     assert issubclass(MaxConnectionsError, RedisError), f"MaxConnectionsError (used by {POOLS})"
 
