@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from importlib import resources
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as redis
@@ -55,15 +54,12 @@ from broker.redis_live_links import LocalWrites
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
 from broker.redis_pools import BoundedCluster, FixedPool, PoolBusy, open_cluster_pools
 from broker.redis_primary import PrimaryWatch
+from broker.redis_scripts import StoreScripts
 from broker.redis_slots import CLUSTER_REDIRECTED, SlotCommands
 from broker.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def _lua(name: str) -> str:
-    return resources.files("broker").joinpath("lua", name).read_text()
 
 
 def _deletions(raw: bytes | None) -> tuple[EventId, ...]:
@@ -137,11 +133,10 @@ class RedisStreamStore:
         )
         self.policies = Policies(default, topic_policies)
         self.idempotency_seconds = idempotency_seconds
-        self._append_script = client.register_script(_lua("append.lua"))
-        self._keep_lines_script = client.register_script(_lua("keep_lines.lua"))
+        self._scripts = StoreScripts.registered_on(client)
         self._keys_of: dict[str, list[str]] = {}  # (see _topic_keys)
         self._pipeline = (
-            AppendPipeline(client, self._append_script, raw=durable, timeout=append_timeout)
+            AppendPipeline(client, self._scripts.append, raw=durable, timeout=append_timeout)
             if not isinstance(client, RedisCluster)
             else None
         )
@@ -151,9 +146,6 @@ class RedisStreamStore:
             if isinstance(client, BoundedCluster)
             else None
         )
-        self._state_script = client.register_script(_lua("state.lua"))
-        self._range_script = client.register_script(_lua("range.lua"))
-        self._delete_script = client.register_script(_lua("delete.lua"))
         self._reads = SingleFlight(
             c.READ_COALESCE_MS / 1000, max_window_s=c.READ_COALESCE_MAX_MS / 1000
         )
@@ -165,7 +157,6 @@ class RedisStreamStore:
         self._sweeper: asyncio.Task[None] | None = None
         self._rights_probe: asyncio.Task[None] | None = None  # (Redis out of reach at open)
         self._eviction = EvictionGuard(self._memory_infos, allow=allow_eviction)
-        self._probe_script = client.register_script(_lua("probe.lua"))
         self._memory_warning = ThrottledLog(c.EVICTION_CHECK_S, log)
         self._refusal_warning = ThrottledLog(c.EVICTION_CHECK_S, log)
 
@@ -238,7 +229,7 @@ class RedisStreamStore:
         coroutines an append awaits through is made, resumed and unwound per append)."""
         if self._pipeline is not None:
             return self._pipeline.call(keys, args, linger)
-        return self._run(self._append_script, keys, args)
+        return self._run(self._scripts.append, keys, args)
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """A script of one topic's keys: on a Cluster, through its slot's migration."""
@@ -258,14 +249,14 @@ class RedisStreamStore:
         wait = ("WAIT", self._replicas_to_confirm, c.REPLICA_CONFIRM_MS)
         if self._slots is not None:
             answer, confirmed = await self._call(
-                self._slots.run_script(self._append_script, keys, args, then=wait)
+                self._slots.run_script(self._scripts.append, keys, args, then=wait)
             )
         else:
             # (one server: a Cluster client is always a BoundedCluster, with SlotCommands)
             # `async with`: a pipeline that fails while loading its script (SCRIPT EXISTS)
             # keeps its pooled connection checked out, and warns when collected, unless reset.
             async with cast(redis.Redis, self._client).pipeline(transaction=False) as pipe:
-                await self._append_script(keys=keys, args=args, client=pipe)  # queued
+                await self._scripts.append(keys=keys, args=args, client=pipe)  # queued
                 pipe.execute_command(*wait)
                 answer, confirmed = await self._call(pipe.execute())
         if int(confirmed) < self._replicas_to_confirm:
@@ -299,7 +290,7 @@ class RedisStreamStore:
         start = "(" + position if position else "-"
         keys = [c.log_key(topic), c.meta_key(topic)]
         epoch, trimmed, raw, found, cut, losses = await self._call(
-            self._run(self._range_script, keys, [start, count, position, max_bytes])
+            self._run(self._scripts.range, keys, [start, count, position, max_bytes])
         )
         return LogPage(
             entries=[LogEntry.from_redis(topic, id_, flat) for id_, flat in raw],
@@ -345,12 +336,12 @@ class RedisStreamStore:
         keys = c.topic_keys(topic)
         keys = [keys[0], keys[1], keys[4], keys[5]]  # (log, meta, lines, lines-at: one slot)
         args = [key, log_epoch, self.idempotency_seconds]
-        return bool(await self._call(self._run(self._keep_lines_script, keys, args)))
+        return bool(await self._call(self._run(self._scripts.keep_lines, keys, args)))
 
     async def delete(self, topic: str) -> bool:
         """Delete the topic now; False if it had no log. Its live readers see a marker."""
         keys = c.topic_keys(topic)
-        marker = await self._call(self._run(self._delete_script, keys, [c.DELETED_LINGER_MS]))
+        marker = await self._call(self._run(self._scripts.delete, keys, [c.DELETED_LINGER_MS]))
         if self._local_writes is not None:
             self._local_writes.written(keys[0])
         return bool(marker)
@@ -381,7 +372,7 @@ class RedisStreamStore:
     async def _state(self, topic: str, reader: list[str] | None = None) -> LogState:
         keys = [c.log_key(topic), c.meta_key(topic)]
         max_age = self.policies.for_topic(topic).max_age_ms
-        reply = await self._call(self._run(self._state_script, keys, [max_age, *(reader or ())]))
+        reply = await self._call(self._run(self._scripts.state, keys, [max_age, *(reader or ())]))
         (epoch, trimmed, length, first, last, end, expires_in) = reply[:7]
         deleted, marker, lost, issued, deleted_before, clock = reply[7:]
         return LogState(
@@ -438,8 +429,9 @@ class RedisStreamStore:
 
     async def _probe_rights(self) -> None:
         if self.durable:
-            scripts = [self._state_script, self._append_script, self._range_script]
-            await probe_rights(self._client, [*scripts, self._delete_script], self._probe_script)
+            scripts = self._scripts
+            loaded = [scripts.state, scripts.append, scripts.range, scripts.delete]
+            await probe_rights(self._client, loaded, scripts.probe)
 
     async def _memory_infos(self) -> list[dict[str, Any]]:
         """``INFO memory`` of each server that holds topics (over the command pools)."""

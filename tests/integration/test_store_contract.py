@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from broker import constants as c
-from broker import redis_store
+from broker import redis_scripts
 from broker.errors import (
     InvalidInput,
     LinesLost,
@@ -600,7 +600,7 @@ class _RedisClock:
     SCRIPTS = ("append.lua", "keep_lines.lua")
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        original = redis_store._lua
+        original = redis_scripts._lua
 
         def stepped(name: str) -> str:
             text = original(name)
@@ -609,7 +609,7 @@ class _RedisClock:
             assert self.TIME in text, f"{name} no longer reads TIME this way"
             return text.replace(self.TIME, f"local time = {{redis.call('GET', '{self.KEY}'), '0'}}")
 
-        monkeypatch.setattr(redis_store, "_lua", stepped)
+        monkeypatch.setattr(redis_scripts, "_lua", stepped)
 
     async def set(self, store: RedisStreamStore, seconds: int) -> None:
         await store._client.set(self.KEY, seconds)

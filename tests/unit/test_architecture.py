@@ -33,6 +33,7 @@ REDIS_MODULES = {
     "redis_store.py",
     "redis_listing.py",
     "redis_append_pipeline.py",
+    "redis_scripts.py",
     "redis_raw.py",
     "redis_live.py",
     "redis_live_cluster.py",
