@@ -25,18 +25,12 @@ from redis.exceptions import ClusterError, OutOfMemoryError, ResponseError
 from broker import constants as c
 from broker.errors import (
     BrokerError,
-    InvalidInput,
-    LinesLost,
-    LogDeleted,
-    LogLost,
-    RecordsLapsed,
     StoreFull,
     StoreMisconfigured,
     StoreUnavailable,
-    TopicClosed,
 )
 from broker.health import ThrottledLog
-from broker.ids import EventId, StreamPosition, format_stream_id, new_epoch, parse_stream_id
+from broker.ids import StreamPosition, format_stream_id, new_epoch
 from broker.listing import Listing
 from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState, NewEvent
 from broker.policy import Policies, Retention, TopicPolicy
@@ -54,25 +48,13 @@ from broker.redis_live_links import LocalWrites
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
 from broker.redis_pools import BoundedCluster, FixedPool, PoolBusy, open_cluster_pools
 from broker.redis_primary import PrimaryWatch
+from broker.redis_replies import page_of, parse_answer, refusal, state_of
 from broker.redis_scripts import StoreScripts
 from broker.redis_slots import CLUSTER_REDIRECTED, SlotCommands
 from broker.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def _deletions(raw: bytes | None) -> tuple[EventId, ...]:
-    """``epoch:marker ...`` (state.lua) as the markers' ids."""
-    markers = []
-    for deletion in (raw or b"").decode().split():
-        epoch, _, marker = deletion.partition(":")
-        markers.append(EventId(epoch, parse_stream_id(marker)))
-    return tuple(markers)
-
-
-def _position_or_none(raw: bytes | None) -> StreamPosition | None:
-    return parse_stream_id(raw) if raw else None
 
 
 TOPIC_KEYS_KEPT = 4096
@@ -213,8 +195,8 @@ class RedisStreamStore:
             if self._local_writes is not None:
                 self._local_writes.written(keys[0])
         if status < 0:
-            raise _refusal(status, answer.decode(), topic, lines)
-        return _parse_answer(answer, replayed=status == 1)
+            raise refusal(status, answer.decode(), topic, lines)
+        return parse_answer(answer, replayed=status == 1)
 
     def _topic_keys(self, topic: str) -> list[str]:
         """``constants.topic_keys``, kept for the topic's next append (never changed once
@@ -289,17 +271,10 @@ class RedisStreamStore:
         position = "" if after == (0, 0) else format_stream_id(after)
         start = "(" + position if position else "-"
         keys = [c.log_key(topic), c.meta_key(topic)]
-        epoch, trimmed, raw, found, cut, losses = await self._call(
+        reply = await self._call(
             self._run(self._scripts.range, keys, [start, count, position, max_bytes])
         )
-        return LogPage(
-            entries=[LogEntry.from_redis(topic, id_, flat) for id_, flat in raw],
-            epoch=epoch.decode() if epoch else None,
-            trimmed_through=_position_or_none(trimmed) or (0, 0),
-            after_found=bool(found),
-            cut_short=bool(cut),
-            losses=tuple(parse_stream_id(place) for place in losses),
-        )
+        return page_of(topic, reply)
 
     def may_have_trimmed(
         self, topic: str, after: StreamPosition, entries: list[LogEntry], away_ms: float
@@ -373,23 +348,7 @@ class RedisStreamStore:
         keys = [c.log_key(topic), c.meta_key(topic)]
         max_age = self.policies.for_topic(topic).max_age_ms
         reply = await self._call(self._run(self._scripts.state, keys, [max_age, *(reader or ())]))
-        (epoch, trimmed, length, first, last, end, expires_in) = reply[:7]
-        deleted, marker, lost, issued, deleted_before, clock = reply[7:]
-        return LogState(
-            epoch=epoch.decode() if epoch else None,
-            length=int(length),
-            first=_position_or_none(first),
-            last_entry=_position_or_none(last),
-            trimmed_through=_position_or_none(trimmed) or (0, 0),
-            end=_position_or_none(end),
-            expires_in_ms=int(expires_in) if int(expires_in) >= 0 else None,
-            deleted_epoch=deleted.decode() if deleted else None,
-            deleted_at=_position_or_none(marker),
-            lost_after=_position_or_none(lost),
-            issued=int(issued) if issued else (None if epoch else 0),
-            deleted_before=_deletions(deleted_before),
-            clock_ms=int(clock) if clock else None,
-        )
+        return state_of(reply)
 
     async def ping(self) -> None:
         await self._call(self._client.ping())
@@ -527,47 +486,9 @@ def _unreachable_reason(error: BaseException) -> str:
     return f"redis is unreachable: {error}"
 
 
-def _refusal(status: int, answer: str, topic: str, lines: IngestLines | None) -> BrokerError:
-    """Why append.lua refused an append (its negative status), nothing of it stored."""
-    if status == -1:
-        return TopicClosed(topic, answer)
-    if status == -2:
-        return LogLost(f"the log of topic {topic!r} it was writing to is gone")
-    if status == -5:
-        return LogDeleted(f"topic {topic!r} was deleted while the ingest was writing to it")
-    if status == -4:
-        lost = LinesLost(f"lines of topic {topic!r} it had stored are gone")
-        lost.replayable = answer != "unrecorded"
-        return lost
-    if status == -6:
-        return RecordsLapsed(f"the line records of the ingest on topic {topic!r} lapsed")
-    return _not_the_line_stored(answer, lines)  # (-3)
-
-
 def _stored_last(lines: IngestLines | None, after_entry: StreamPosition | None) -> str | int:
     """What the append must find of its ingest's earlier appends (append.lua): the line
     it stored last, if it has lines, and the entry it stored last; else 0."""
     if lines is not None:
         return f"{lines.after}:{format_stream_id(after_entry or (0, 0))}"
     return 0 if after_entry is None else format_stream_id(after_entry)
-
-
-def _not_the_line_stored(number: str, lines: IngestLines | None) -> InvalidInput:
-    key = lines.key if lines is not None else ""
-    detail = (
-        f"line {number}: not the line {number} stored under Idempotency-Key {key!r} (the "
-        "stream is not the one first sent under it): resend the same lines, or send "
-        "another stream under a new key"
-    )
-    return InvalidInput(detail, field="Idempotency-Key")
-
-
-def _parse_answer(answer: bytes, *, replayed: bool) -> AppendResult:
-    """``epoch|id,id,...|end id`` (the end id empty unless the append closed the topic)."""
-    epoch, ids, end = answer.decode().split("|")
-    stored = []
-    for raw in ids.split(","):  # (parse_stream_id inlined: the hottest caller)
-        if raw:
-            ms, _, seq = raw.partition("-")
-            stored.append(EventId(epoch, (int(ms), int(seq or 0))))
-    return AppendResult(stored, replayed, EventId(epoch, parse_stream_id(end)) if end else None)

@@ -72,7 +72,7 @@ def test_the_store_and_its_live_reader_import_one_way() -> None:
 
 
 def test_the_stores_parts_do_not_import_the_store() -> None:
-    """The store imports its parts (listing, appends, scripts); none of them imports it:
-    only the URL parser, which builds it, does."""
+    """The store imports its parts (its listing, append pipeline, scripts, replies read);
+    none of them imports it: only the URL parser, which builds it, does."""
     importers = {p.name for p in CORE.glob("*.py") if "broker.redis_store" in broker_imports(p)}
     assert importers <= {"redis_open.py"}

@@ -32,7 +32,7 @@ from broker.model import AppendResult, IngestLines, LiveBatch, LogEntry, NewEven
 from broker.policy import Retention
 from broker.redis_live import LiveReader, _Lane
 from broker.redis_live_links import XREAD_HEAD
-from broker.redis_store import _parse_answer
+from broker.redis_replies import parse_answer
 from broker.validation import event_from_json, loads_exactly
 
 CASES = 3000  # per property: a few seconds in all
@@ -251,7 +251,7 @@ def test_an_event_is_read_as_the_full_checks_read_it() -> None:
 
 
 def _answer_before(answer: bytes, *, replayed: bool) -> AppendResult:
-    """_parse_answer before it was inlined (3e00fb7^)."""
+    """parse_answer (then redis_store._parse_answer) before it was inlined (3e00fb7^)."""
     epoch, ids, end = answer.decode().split("|")
     return AppendResult(
         ids=[EventId(epoch, parse_stream_id(raw)) for raw in ids.split(",") if raw],
@@ -273,7 +273,7 @@ def _answer_before(answer: bytes, *, replayed: bool) -> AppendResult:
 )
 def test_an_append_answer_is_read_as_before(answer: bytes) -> None:
     for replayed in (False, True):
-        assert _parse_answer(answer, replayed=replayed) == _answer_before(answer, replayed=replayed)
+        assert parse_answer(answer, replayed=replayed) == _answer_before(answer, replayed=replayed)
 
 
 # -- Retention.trim_slack, a field ---------------------------------------------------------------
