@@ -7,6 +7,10 @@ append script can touch them atomically.
 With no URL the same code runs over fakeredis in this process: the embedded
 default store, for trying the broker out. Single instance, not durable.
 ``redis_open.open_store`` builds a store from a URL.
+
+Its parts, each in a module of its own: the listing of topics (``redis_listing``),
+the append pipeline (``redis_append_pipeline``), the Lua scripts
+(``redis_scripts``), and their replies read (``redis_replies``).
 """
 
 from __future__ import annotations

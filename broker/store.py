@@ -1,6 +1,6 @@
 """The storage seam: the few operations the core needs from an event log store.
 
-The Redis Streams implementation (``broker.redis_store``, with its pools,
+The Redis Streams implementation (``broker.redis_store``, with its parts, pools,
 options, live readers and URL parsing in the other ``broker.redis_*`` modules)
 is the only code that imports ``redis``. The embedded default store is that same implementation
 over an in-process fakeredis, so both keep one set of semantics.
