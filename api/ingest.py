@@ -65,6 +65,7 @@ from starlette.types import Receive
 
 from api.auth import OPEN, Grant
 from api.ingest_records import LineRecordsKeeper
+from api.ingest_watch import BODY, DRAIN, STORE, IngestWatch
 from api.problems import DrainedMidBody, HttpProblem, StoreLostMidBody, TokenLapsedMidIngest
 from broker import (
     AppendResult,
@@ -170,7 +171,7 @@ class Ingest:
         self._append_timeout = append_timeout
         self.result = IngestResult(keep=max_batch)
         self._draining = draining
-        self._watch = _Watch(
+        self._watch = IngestWatch(
             idle=idle_timeout, store=append_timeout, draining=draining, keeper=self._keeper()
         )
         self._body_ended = False
@@ -328,13 +329,13 @@ class Ingest:
     async def _read(self, body: IngestBody) -> tuple[bytes, bool]:
         if self._draining():
             raise self._drained()
-        self._watch.waiting(_BODY)
+        self._watch.waiting(BODY)
         try:
             read = await body.read()
         except asyncio.CancelledError:
-            if self._watch.fired(_DRAIN):
+            if self._watch.fired(DRAIN):
                 raise self._drained() from None
-            if not self._watch.fired(_BODY):
+            if not self._watch.fired(BODY):
                 raise
             # On the ASGI route the guard's per-read deadline (api/guard.py) answers
             # 408 too when it fires first.
@@ -366,7 +367,7 @@ class Ingest:
         if self._key is not None:
             numbers = [n for n, _ in pending]
             lines = IngestLines(self._key, numbers, self._last_line)
-        self._watch.waiting(_STORE)
+        self._watch.waiting(STORE)
         try:
             result = await self.broker.publish(
                 self.topic,
@@ -383,7 +384,7 @@ class Ingest:
             self._watch.done()
             raise await self._told_lost(gone) from None
         except asyncio.CancelledError:
-            if not self._watch.fired(_STORE):
+            if not self._watch.fired(STORE):
                 raise
             raise StoreUnavailable(TIMED_OUT) from None
         except TopicClosed as closed:  # (by another producer, mid-ingest: say what was kept)
@@ -540,83 +541,3 @@ class Ingest:
             "(with its Idempotency-Key: it is stored again, in order)"
         )
         return LogLost(detail, mid_body=mid_body)
-
-
-_BODY = "body"
-_STORE = "store"
-_DRAIN = "drain"  # (the instance shuts down while the ingest waits for a line)
-WATCH_STEPS = 8
-"""The watch looks every ``1/WATCH_STEPS`` of the shorter limit: a wait is ended at
-most that much late."""
-
-
-class _Watch:
-    """Ends the ingest's task when it waited too long for the body (``idle``: no line)
-    or for the store (``store``: an append not confirmed).
-
-    One timer for the whole ingest, firing every eighth of the shorter limit and
-    looking at what the task waits for and since when: an ``asyncio.timeout``
-    around every read of a token stream cost a few percent of the ingest's CPU,
-    and around every append about 2% more (py-spy, sessions bench).
-    """
-
-    def __init__(
-        self,
-        *,
-        idle: float,
-        store: float,
-        draining: Callable[[], bool] = lambda: False,
-        keeper: LineRecordsKeeper | None = None,
-    ) -> None:
-        """``keeper``: shown each look (a keyed ingest's line records kept answering)."""
-        self._draining = draining
-        self._keeper = keeper
-        self._limits = {_BODY: idle, _STORE: store}
-        self._period = min(idle, store) / WATCH_STEPS
-        self._waiting: str | None = None
-        self._since = 0.0  # (loop time)
-        self._task: asyncio.Task[Any] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._fired: str | None = None
-
-    def __enter__(self) -> _Watch:
-        self._task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(loop.time() + self._period, self._check)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._keeper is not None:
-            self._keeper.stop()
-        self._task = None
-
-    def waiting(self, what: str) -> None:
-        self._waiting, self._since = what, asyncio.get_running_loop().time()
-
-    def done(self) -> None:
-        self._waiting = None
-
-    def fired(self, what: str) -> bool:
-        """The cancellation came from here, for ``what``: undo its count, so that the
-        task may go on (to store what it has, to answer) with the watch still on."""
-        if self._fired != what or self._task is None:
-            return False
-        self._fired = None
-        self._task.uncancel()
-        return True
-
-    def _check(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        waiting = self._waiting
-        if waiting == _BODY and self._task and self._draining():
-            self._fired, self._waiting = _DRAIN, None
-            self._task.cancel()
-        elif waiting is not None and now - self._since >= self._limits[waiting] and self._task:
-            self._fired, self._waiting = waiting, None
-            self._task.cancel()
-        if self._keeper is not None:
-            self._keeper.look(now)
-        self._timer = loop.call_at(now + self._period, self._check)

@@ -8,7 +8,7 @@ a line sent in slow pieces, kept an ingest open past the window. Its records lap
 next line began anew under its key, and from then on the resend of the whole stream
 stored its early lines twice (as would every answer that says to send it again).
 
-So while a keyed ingest is open and has stored lines, its watch (``api.ingest._Watch``)
+So while a keyed ingest is open and has stored lines, its watch (``api.ingest_watch``)
 hands each of its looks to a ``LineRecordsKeeper``, which keeps the records answering
 (``Store.keep_lines``) once the last write is older than a quarter of the window: a
 round trip per quarter window of pause, none per line. It learns of the ingest's writes
