@@ -1,5 +1,5 @@
 """What a streaming ingest without an Idempotency-Key is told when a failover lost its
-newest lines (``api.ingest``, on each store): the last line the log kept, found by
+newest lines (``api.ingest_lost``, on each store): the last line the log kept, found by
 bisecting where its remembered appends ended, or as much as it can tell when it cannot.
 
 Each line comes in a read of its own, so each is an append of its own; the failover
@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 import pytest
 
-from api.ingest import REMEMBERED_APPENDS, Ingest
+from api.ingest import Ingest
+from api.ingest_lost import REMEMBERED_APPENDS
 from broker import Broker, StoreUnavailable
 from broker.errors import LinesLost
 from tests.support.failover import IngestAppends
