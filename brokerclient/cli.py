@@ -323,10 +323,10 @@ def _get_retried(client: Any, path: str, params: dict[str, str]) -> Any:
 
     import httpx
 
+    from brokerclient.attempts import Attempts
     from brokerclient.http import RETRY_STATUSES, RetryPolicy, retry_after
-    from brokerclient.publisher import _Attempts
 
-    attempts = _Attempts(RetryPolicy(), f"GET {path}")
+    attempts = Attempts(RetryPolicy(), f"GET {path}")
     while True:
         try:
             response = client.get(path, params=params)

@@ -21,7 +21,8 @@ key: a stream refused as its token expired goes on from where it was). A token
 refused twice in a row raises ``RequestFailed``.
 
 This module sends and retries; what is sent (the JSON and text bodies, a stream's
-lines kept for the retries) is made in ``brokerclient.publish_body``.
+lines kept for the retries) is made in ``brokerclient.publish_body``, and the attempts
+are counted, and the delays between them told, in ``brokerclient.attempts``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from typing import Any
 
 import httpx
 
-from brokerclient.errors import StreamStopped, Unreachable
+from brokerclient.attempts import Attempts
+from brokerclient.errors import StreamStopped
 from brokerclient.http import (
     DEFAULT_URL,
     RETRY_STATUSES,
@@ -74,10 +76,6 @@ from brokerclient.publish_body import EventObject as EventObject
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
-STREAM_WORKED_S = 1.0
-"""A stream's attempt that broke off after this long, with lines no attempt had taken,
-got further: its attempts are counted anew (a generation cut by restarts goes on)."""
-
 
 def event(data: Any, event: str | None = None, retry: int | None = None) -> dict[str, Any]:
     """An event object for ``publish_batch`` and ``stream``."""
@@ -95,73 +93,6 @@ def _query(close: bool, event_type: str | None = None) -> dict[str, str]:
         _utf8(event_type)  # (a lone surrogate: a ValueError here, not from inside httpx)
         params["event"] = event_type
     return params
-
-
-class _Attempts:
-    """Counts a publish's attempts and says how long to wait before the next one.
-
-    A stream's attempts are counted since the last one that took a line no attempt had
-    taken (a long generation through rolling restarts is cut many times, each time
-    further on: it was given up after the policy's attempts in all, its rest lost)."""
-
-    def __init__(self, policy: RetryPolicy, what: str, key: str | None = None) -> None:
-        self.policy, self.what, self.key, self.failures = policy, what, key, 0
-        self.after_line = 0  # (a stream gone on as a stream of its own after that line)
-        self._lines = 0  # the most lines any attempt took from the stream's iterator
-        self._since = time.monotonic()  # (when the attempt under way began)
-        self._refused = False  # an attempt was answered 401, and none got further since
-
-    def refused(self, token_refreshes: bool, lines: int | None) -> bool:
-        """Whether to try again at once after a 401: with a token that may be refreshed
-        (a callable), unless it was refused twice in a row. A stream's attempt that got
-        further (lines no attempt had taken, for ``STREAM_WORKED_S``) on its fresh token
-        before that one expired too is no refusal in a row: its lines are bounded, and a
-        token refused at once is never tried a third time."""
-        lasted = time.monotonic() - self._since
-        if lines is not None and lines > self._lines and lasted >= STREAM_WORKED_S:
-            self._refused = False
-        self._lines = max(self._lines, lines or 0)
-        if not token_refreshes or self._refused:
-            return False
-        self._refused = True
-        self._since = time.monotonic()
-        log.info("%s: 401; trying once more with a fresh token", self.what)
-        return True
-
-    def failed(
-        self,
-        why: str,
-        hinted: float | None = None,
-        lines: int | None = None,
-        *,
-        answered: bool = False,
-    ) -> float:
-        """The delay before the next attempt; raises Unreachable when none is left.
-
-        ``lines``: a stream's lines taken so far. An attempt that broke off (not one the
-        broker ``answered`` 502/503/504, which it does at once, lines taken or not) got
-        further with lines no attempt had taken, if it lasted ``STREAM_WORKED_S``: a
-        broker whose Redis is down takes a line or two before it breaks off, every
-        attempt, for ever."""
-        lasted = time.monotonic() - self._since
-        further = lines is not None and lines > self._lines and not answered
-        if further and lasted >= STREAM_WORKED_S:
-            self.failures = 0  # (this attempt got further)
-        self._lines = max(self._lines, lines or 0)
-        self.failures += 1
-        if self.failures >= max(1, self.policy.attempts):
-            said = f"{self.what}: {why} (after {self.failures} attempts"
-            if self.key is not None:  # (an attempt may have been stored, its answer lost)
-                said += f"; a retry must send idempotency key {self.key}"
-            if self.after_line:  # (the lines before are stored; the whole again: twice)
-                said += f" with the lines after line {self.after_line}, as a stream of their own"
-            raise Unreachable(
-                f"{said})", idempotency_key=self.key, lines_sent=lines, after_line=self.after_line
-            )
-        delay = self.policy.delay(self.failures, hinted)
-        log.info("%s: %s; attempt %d in %.2fs", self.what, why, self.failures + 1, delay)
-        self._since = time.monotonic() + delay
-        return delay
 
 
 class Publisher:
@@ -263,7 +194,7 @@ class Publisher:
         """POST, retried under one Idempotency-Key; ``body`` bytes, or a stream's lines
         (sent afresh by each attempt: the lines sent already, then the rest)."""
         key = idempotency_key_of(key)
-        attempts = _Attempts(self.retry, f"{what} to {topic}", key)
+        attempts = Attempts(self.retry, f"{what} to {topic}", key)
         while True:
             key = key if isinstance(body, bytes) else body.key  # (a stream gone on: its own)
             headers = _headers_for(token_now(self._token), content_type, key)
@@ -394,7 +325,7 @@ class AsyncPublisher:
     ) -> PublishResult:
         """``Publisher._send``, awaited."""
         key = idempotency_key_of(key)
-        attempts = _Attempts(self.retry, f"{what} to {topic}", key)
+        attempts = Attempts(self.retry, f"{what} to {topic}", key)
         while True:
             key = key if isinstance(body, bytes) else body.key  # (a stream gone on: its own)
             headers = _headers_for(await async_token_now(self._token), content_type, key)
@@ -444,7 +375,7 @@ def _headers_for(token: str | None, content_type: str, key: str) -> dict[str, st
 
 
 def _go_on_alone(
-    body: _Lines, kept: KeptLines, response: httpx.Response, attempts: _Attempts
+    body: _Lines, kept: KeptLines, response: httpx.Response, attempts: Attempts
 ) -> float:
     """The broker kept the lines of this request up to ``kept.through`` and said the
     whole stream again would store them twice (what the retry of any other 503 does):

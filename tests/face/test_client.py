@@ -36,7 +36,7 @@ from brokerclient import (
     Unreachable,
     event,
 )
-from brokerclient import publisher as publisher_module
+from brokerclient import attempts as attempts_module
 from brokerclient.direct import DirectPublisher
 from tests.support.broker_process import BrokerProcess
 from tests.support.failover import IngestAppends
@@ -726,7 +726,7 @@ def test_a_stream_broken_again_and_again_further_on_each_time_goes_on(
     of 3 attempts (it gave up after the third, with 9 of 30 tokens stored, the topic never
     closed, and its viewers waiting for an end). (An attempt gets further only if it
     lasted a while: here the breaks come at once.)"""
-    monkeypatch.setattr(publisher_module, "STREAM_WORKED_S", 0.0)
+    monkeypatch.setattr(attempts_module, "STREAM_WORKED_S", 0.0)
     topic = _topic("stream-breaks")
     transport = BreaksEachStreamFurtherOn(breaks=6)
     policy = RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.05)
