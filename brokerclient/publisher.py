@@ -22,13 +22,13 @@ refused twice in a row raises ``RequestFailed``.
 
 This module sends and retries; what is sent (the JSON and text bodies, a stream's
 lines kept for the retries) is made in ``brokerclient.publish_body``, and the attempts
-are counted, and the delays between them told, in ``brokerclient.attempts``.
+are counted, and the delays between them told, in ``brokerclient.attempts``; a stream
+told to go on as a stream of its own is handled in ``brokerclient.stream_parts``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -37,12 +37,10 @@ from typing import Any
 import httpx
 
 from brokerclient.attempts import Attempts
-from brokerclient.errors import StreamStopped
 from brokerclient.http import (
     DEFAULT_URL,
     RETRY_STATUSES,
     AsyncToken,
-    KeptLines,
     PublishResult,
     RetryPolicy,
     Token,
@@ -51,7 +49,6 @@ from brokerclient.http import (
     checked_url,
     idempotency_key_of,
     kept_lines,
-    problem_of,
     publish_result,
     refreshes,
     retry_after,
@@ -65,15 +62,14 @@ from brokerclient.publish_body import (
     _AsyncSentLines,
     _Interrupted,
     _json_body,
-    _Lines,
     _SentLines,
     _utf8,
 )
 
 # (EventObject re-exported: the type of the events publish_batch and stream take)
 from brokerclient.publish_body import EventObject as EventObject
+from brokerclient.stream_parts import go_on_alone, whole_stream
 
-log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 
@@ -209,7 +205,7 @@ class Publisher:
                 time.sleep(attempts.failed(repr(error), lines=_taken(body)))
                 continue
             if not isinstance(body, bytes) and (kept := kept_lines(response)) is not None:
-                time.sleep(_go_on_alone(body, kept, response, attempts))
+                time.sleep(go_on_alone(body, kept, response, attempts))
                 continue
             if response.status_code in RETRY_STATUSES:
                 hinted = retry_after(response)
@@ -221,7 +217,7 @@ class Publisher:
                 refreshes(self._token), _taken(body)
             ):
                 continue
-            return _whole_stream(publish_result(response, key), body)
+            return whole_stream(publish_result(response, key), body)
 
     def close(self) -> None:
         if self._own_client:
@@ -340,7 +336,7 @@ class AsyncPublisher:
                 await asyncio.sleep(attempts.failed(repr(error), lines=_taken(body)))
                 continue
             if not isinstance(body, bytes) and (kept := kept_lines(response)) is not None:
-                await asyncio.sleep(_go_on_alone(body, kept, response, attempts))
+                await asyncio.sleep(go_on_alone(body, kept, response, attempts))
                 continue
             if response.status_code in RETRY_STATUSES:
                 hinted = retry_after(response)
@@ -352,7 +348,7 @@ class AsyncPublisher:
                 refreshes(self._token), _taken(body)
             ):
                 continue
-            return _whole_stream(publish_result(response, key), body)
+            return whole_stream(publish_result(response, key), body)
 
     async def aclose(self) -> None:
         if self._own_client:
@@ -372,63 +368,6 @@ class AsyncPublisher:
 
 def _headers_for(token: str | None, content_type: str, key: str) -> dict[str, str]:
     return base_headers(token) | {"Content-Type": content_type, "Idempotency-Key": key}
-
-
-def _go_on_alone(
-    body: _Lines, kept: KeptLines, response: httpx.Response, attempts: Attempts
-) -> float:
-    """The broker kept the lines of this request up to ``kept.through`` and said the
-    whole stream again would store them twice (what the retry of any other 503 does):
-    the rest goes on as a stream of its own, under a key of its own (``_Lines.go_on_after``);
-    the delay before it. Gone on with no line kept, it counts as a failed attempt (a
-    part lost whole, time and again, is not tried for ever). ``StreamStopped`` where
-    it cannot go on exactly."""
-    through = body.after_line + kept.through  # (the stream's line: parts count from 1)
-    if not kept.exact or not body.go_on_after(kept.through, kept.first_id):
-        raise _stopped(response, body, through, kept.exact)
-    attempts.key, attempts.after_line = body.key, body.after_line
-    log.info("%s: lines after line %d kept sent as a stream of their own", attempts.what, through)
-    if kept.through:
-        return 0.0  # (at once: the broker answered, from the store it writes to now)
-    why = f"{response.status_code}: none of its lines kept"
-    return attempts.failed(why, retry_after(response), body.count(), answered=True)
-
-
-def _stopped(response: httpx.Response, body: _Lines, through: int, exact: bool) -> StreamStopped:
-    problem = problem_of(response)
-    detail = (problem or {}).get("detail") or response.text[:200]
-    which = f"up to line {through}" if exact else f"at most up to line {through}"
-    message = (
-        f"{response.request.method} {response.request.url.path}: {response.status_code} "
-        f"{detail}; the stream's lines {which} were kept: the client cannot go on exactly "
-        "(send the lines after the last one kept as a stream of their own; the whole "
-        "stream again would store the lines kept twice)"
-    )
-    return StreamStopped(
-        response.status_code,
-        problem,
-        message,
-        last_line_kept=through,
-        exact=exact,
-        idempotency_key=body.key,
-    )
-
-
-def _whole_stream(result: PublishResult, body: bytes | _Lines) -> PublishResult:
-    """A stream's result: the whole stream's, when it went on in parts (``PublishResult``:
-    its count, first and last ids; the ids between are not known)."""
-    if isinstance(body, bytes) or body.after_line == 0:
-        return result
-    return PublishResult(
-        ids=[],
-        replayed=result.replayed,
-        count=body.after_line + result.count,
-        first_id=body.first_id,
-        last_id=result.last_id,
-        idempotency_key=result.idempotency_key,
-        end_id=result.end_id,
-        after_line=body.after_line,
-    )
 
 
 def _taken(body: bytes | _SentLines | _AsyncSentLines) -> int | None:
