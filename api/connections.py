@@ -499,22 +499,29 @@ class BrokerHttpProtocol(asyncio.Protocol):
         count_response("stream", 200)
         _log_access(self._transport, self._config, request.scope, 200)
         headers = [*app.state.stream_headers, *cors_headers(request.scope)]
-        head = self._response_head(retry_ms, headers, chunked=chunked)
+        head = self._response_head(retry_ms, subscription.opening_beat, headers, chunked=chunked)
         stream.start(subscription, head)
         self._transport.resume_reading()  # to see the client go
 
     def _response_head(
-        self, retry_ms: int, stream_headers: list[tuple[bytes, bytes]], *, chunked: bool
+        self,
+        retry_ms: int,
+        opening_beat: bytes,
+        stream_headers: list[tuple[bytes, bytes]],
+        *,
+        chunked: bool,
     ) -> bytes:
-        """``stream_headers``: the app's, and the request's CORS headers."""
+        """``stream_headers``: the app's, and the request's CORS headers; ``opening_beat``:
+        the subscription's, after the retry hint (nothing, unless its beats are events)."""
         # The connection ends with the stream (a StreamConnection serves no other
         # request): said up front, so that a client whose stream ended (broker.end,
         # a drain) does not send its next request down a socket that is closing.
         if not chunked:  # (HTTP/1.0: the body ends with the connection)
             head = response_head(200, [*stream_headers, CLOSE], self._server_state)
-            return head + retry_hint(retry_ms)
+            return head + retry_hint(retry_ms) + opening_beat
         headers = [*stream_headers, (b"transfer-encoding", b"chunked"), CLOSE]
-        return response_head(200, headers, self._server_state) + chunk_of(retry_hint(retry_ms))
+        opening = retry_hint(retry_ms) + opening_beat
+        return response_head(200, headers, self._server_state) + chunk_of(opening)
 
     def _answer(self, response: Response, route: RouteClass) -> None:
         """A whole response (the app's own object), then the connection closes."""

@@ -164,6 +164,7 @@ def stream_starts(request: Request, topic: str | None) -> dict[str, StartFrom]:
         check_topic(name)
     request.state.grant = _authorizer(request).check(request.scope, "subscribe", topics)
     request.state.positions = _wants_positions(request)
+    request.state.beat_events = _wants_beat_events(request)
     return _starts(request, topics)
 
 
@@ -174,6 +175,17 @@ def _wants_positions(request: Request) -> bool:
     if asked not in ("true", "false"):
         raise InvalidInput("positions must be 'true' or 'false'", field="positions")
     return asked == "true"
+
+
+def _wants_beat_events(request: Request) -> bool:
+    """``?heartbeat=event``: the heartbeats go as ``broker.beat`` events, not comments.
+    An EventSource hands a script no comment (nor the Broker-Heartbeat header), so a
+    page could not tell a live idle stream from one that died without a FIN (a NAT
+    mapping dropped, a laptop asleep): ``/client.js`` asks, and watches for them."""
+    asked = request.query_params.get("heartbeat", "comment")
+    if asked not in ("comment", "event"):
+        raise InvalidInput("heartbeat must be 'comment' or 'event'", field="heartbeat")
+    return asked == "event"
 
 
 async def subscribe(
@@ -189,6 +201,7 @@ async def subscribe(
         expires_at=grant.expires_at,
         trusted=grant.trusted,
         positions=request.state.positions,
+        beat_events=request.state.beat_events,
     )
 
 

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
-from decimal import Decimal
 from typing import Any, Protocol, cast
 
 from starlette.types import Receive, Scope, Send
@@ -24,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from api.cors import cors_headers
 from api.metrics import SUBSCRIBERS
 from broker import SubscriberTooSlow, Subscription
-from broker.framing import retry_hint
+from broker.framing import retry_hint, seconds_text
 from broker.health import ThrottledLog
 
 log = logging.getLogger(__name__)
@@ -49,12 +48,6 @@ def stream_headers(heartbeat_seconds: float) -> list[tuple[bytes, bytes]]:
     """The headers of every stream of an app whose heartbeat is ``heartbeat_seconds``:
     built once, when the app is (``app.state.stream_headers``), not per stream."""
     return [*STREAM_HEADERS, (HEARTBEAT_HEADER, seconds_text(heartbeat_seconds))]
-
-
-def seconds_text(seconds: float) -> bytes:
-    """``15``, ``0.5``: the shortest decimal that reads back as ``seconds``, with no
-    exponent (``1e-05`` is no number to every client's parser)."""
-    return format(Decimal(repr(seconds)).normalize(), "f").encode("ascii")
 
 
 class Closable(Protocol):
@@ -161,7 +154,7 @@ class EventStreamResponse:
         try:
             headers = [*self._headers, *cors_headers(scope)]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send(_body(retry_hint(self._retry_ms)))
+            await send(_body(retry_hint(self._retry_ms) + subscription.opening_beat))
             async for chunk in subscription.chunks():
                 self._blocked_in_send = True
                 await send(_body(chunk))

@@ -98,6 +98,10 @@ POSITION_EVENT = "broker.position"
 """Where a stream stands with no event to deliver (data ``{}``), sent only to a client
 that asked (``?positions=true``): its script keeps the id, as EventSource keeps an
 ``id:`` line with no data, which fires nothing a script can see."""
+BEAT_EVENT = "broker.beat"
+"""The heartbeat as an event (data: the interval in seconds, no id), sent instead of the
+``:`` comment only to a client that asked (``?heartbeat=event``): EventSource hands a
+script no comment, so a page could not tell a live idle stream from a dead one."""
 DELETED_EVENT = "broker.deleted"
 """A deleted topic's marker entry: never sent as such, streams turn it into a
 ``deleted`` gap and end. It lingers DELETED_LINGER_MS for every live reader to see."""

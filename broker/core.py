@@ -191,6 +191,7 @@ class Broker:
         expires_at: float | None = None,
         trusted: Callable[[], bool] | None = None,
         positions: bool = False,
+        beat_events: bool = False,
     ) -> Subscription:
         """An open subscription: iterate ``chunks()``, and ``close()`` it when done.
 
@@ -198,7 +199,8 @@ class Broker:
         to it directly (see ``Subscription``); ``expires_at`` (unix time) ends the
         stream then, from the heartbeat clock (within a third of its interval), and
         so does ``trusted()`` turning false (its credentials were revoked);
-        ``positions``: where the stream stands goes as ``broker.position`` events.
+        ``positions``: where the stream stands goes as ``broker.position`` events;
+        ``beat_events``: its heartbeats go as ``broker.beat`` events, not comments.
         """
         for topic in starts:
             check_topic(topic)
@@ -213,6 +215,7 @@ class Broker:
             expires_at=expires_at,
             trusted=trusted,
             positions=positions,
+            beat_events=beat_events,
         )
         await self._told("subscribe", subscription.open())
         return subscription

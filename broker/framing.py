@@ -9,6 +9,7 @@ the publisher's text back (CR and CRLF come back as LF, as the spec requires).
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import orjson
@@ -71,6 +72,20 @@ def gap_frame(event_id: str, topic: str, gap: Gap) -> bytes:
 def retry_hint(milliseconds: int) -> bytes:
     """Sent first on every stream: how long EventSource waits before reconnecting."""
     return b"retry: " + str(milliseconds).encode() + b"\n\n"
+
+
+def seconds_text(seconds: float) -> bytes:
+    """``15``, ``0.5``: the shortest decimal that reads back as ``seconds``, with no
+    exponent (``1e-05`` is no number to every client's parser, JSON's included)."""
+    return format(Decimal(repr(seconds)).normalize(), "f").encode("ascii")
+
+
+def beat_event(interval_s: float) -> bytes:
+    """A heartbeat a script sees (``?heartbeat=event``): a ``broker.beat`` event whose
+    data is the interval in seconds (a JSON number, as ``Broker-Heartbeat`` says it), so
+    a page can tell a stream that died in silence. No ``id:`` line: EventSource keeps
+    its Last-Event-ID as it was, and a reconnect resumes where the events left it."""
+    return event_body(seconds_text(interval_s), c.BEAT_EVENT.encode())
 
 
 def comment(text: str = "") -> bytes:

@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from broker.framing import beat_event
+
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +53,9 @@ class HeartbeatClock:
 
     def __init__(self, interval_s: float, *, origins_tick_s: float | None = None) -> None:
         self._interval = interval_s
+        self.beat_event = beat_event(interval_s)
+        """The beat of the streams that asked for events (``?heartbeat=event``), built
+        once: their beats cost what a comment's do."""
         self.due_after = interval_s - interval_s / 3
         """A stream beaten that long ago is due again: it gets its next beat within the
         interval, whenever the clock ticks."""

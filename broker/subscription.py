@@ -90,6 +90,7 @@ class Subscription(CatchUp):
         expires_at: float | None = None,
         trusted: Callable[[], bool] | None = None,
         positions: bool = False,
+        beat_events: bool = False,
     ) -> None:
         self._store = store
         self._trusted = trusted  # False once its credentials are revoked: it ends
@@ -100,6 +101,10 @@ class Subscription(CatchUp):
         self._positions: dict[str, EventId] = {}
         self._buffer_limit = buffer_bytes
         self._heartbeats = heartbeats or HeartbeatClock(c.DEFAULT_HEARTBEAT_SECONDS)
+        self._beat = self._heartbeats.beat_event if beat_events else HEARTBEAT
+        """What a beat writes: the ``:`` comment, or (the client asked: ``?heartbeat=event``)
+        a ``broker.beat`` event its script sees. Chosen here, once: a beat on the direct
+        path writes these bytes and branches on nothing."""
         self._last_beat = time.monotonic()
         # When its credentials expire (unix time), as a deadline of the monotonic clock.
         self._ends_at = None if expires_at is None else self._last_beat + expires_at - time.time()
@@ -166,6 +171,13 @@ class Subscription(CatchUp):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def opening_beat(self) -> bytes:
+        """What the edge writes after the retry hint: a stream whose beats are events
+        starts with one, so that its client learns the interval at once (and can watch
+        from the start); a stream of comments starts as it always did, with nothing."""
+        return b"" if self._beat is HEARTBEAT else self._beat
 
     @property
     def is_live(self) -> bool:
@@ -245,7 +257,7 @@ class Subscription(CatchUp):
                 return
             elif not await self._wait() and not self._closed:
                 self._last_beat = time.monotonic()
-                yield HEARTBEAT
+                yield self._beat
 
     async def _live_chunk(self) -> bytes:
         """What the live path has to send: what came, else a later origin when due."""
@@ -263,7 +275,7 @@ class Subscription(CatchUp):
         if now - self._last_beat < self._heartbeats.due_after:
             return chunk
         self._last_beat = now
-        return HEARTBEAT + chunk
+        return self._beat + chunk
 
     # -- what the hub calls ------------------------------------------------
 
@@ -359,7 +371,7 @@ class Subscription(CatchUp):
             return
         if now - self._last_beat < due_after:
             return
-        if self._parked_live() and self._sink.write(HEARTBEAT):
+        if self._parked_live() and self._sink.write(self._beat):
             self._last_beat = now
         else:
             self._wake(False)

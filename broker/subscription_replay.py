@@ -24,7 +24,7 @@ from typing import Literal
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
-from broker.framing import HEARTBEAT, gap_frame, id_line, position_frame
+from broker.framing import gap_frame, id_line, position_frame
 from broker.ids import EventId, StreamPosition, format_cursor
 from broker.model import LogEntry, LogPage, LogState
 from broker.observer import Observer
@@ -57,6 +57,7 @@ class CatchUp:
     __slots__ = (
         "_announce",
         "_announce_start",
+        "_beat",
         "_buffer_limit",
         "_catching_up",
         "_closed",
@@ -101,6 +102,7 @@ class CatchUp:
     _origins: HeldOrigins | None
     _origins_due: bool
     _pending: list[LogEntry]
+    _beat: bytes
 
     def _end_topic(self, topic: str) -> None:
         """Nothing more will come of this topic (``Subscription``'s: it leaves the hub)."""
@@ -141,7 +143,7 @@ class CatchUp:
                 self._resync.update(topics)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, c.RECONNECT_BACKOFF_MAX)
-                yield HEARTBEAT
+                yield self._beat  # (an event, to a client that watches for those)
         self._catching_up = False
         if self._replayed:
             self._observer.replayed(self._replayed)  # one catch-up, one size

@@ -28,6 +28,8 @@ from tests.support.broker_process import BrokerProcess
 from tests.support.sse import ORIGIN_CURSOR, parse_sse
 
 EVENT_STREAM = {"Accept": "text/event-stream"}
+BEAT_EVENT = b"event: broker.beat\ndata: 1\n\n"
+"""The module's broker's heartbeat (1 s) as an event: the interval, and no id line."""
 
 
 async def _history_ids(client: httpx.AsyncClient, topic: str) -> list[str]:
@@ -131,14 +133,19 @@ async def test_a_heartbeat_comment_at_least_every_heartbeat_interval(
         await stream.close()
 
 
-async def test_a_stream_busy_with_events_gets_its_heartbeat_comments_too(
-    http_broker: BrokerProcess, aclient: httpx.AsyncClient
+@pytest.mark.parametrize("query", ["", "?heartbeat=event"])
+async def test_a_stream_busy_with_events_gets_its_heartbeats_too(
+    http_broker: BrokerProcess, aclient: httpx.AsyncClient, query: str
 ) -> None:
     """The contract: comments "at least every BROKER_HEARTBEAT_SECONDS" (1 s here). A
     stream that got an event every 0.1 s got none (only idle streams were beaten): a
-    client or proxy that watches for comments took it for dead."""
+    client or proxy that watches for comments took it for dead. A stream whose beats are
+    events gets them in front of its events alike (a page watches for nothing else)."""
     topic = new_topic()
-    stream = await raw_request(http_broker.url + f"/topics/{topic}/events", headers=EVENT_STREAM)
+    beat = BEAT_EVENT if query else b":"
+    stream = await raw_request(
+        http_broker.url + f"/topics/{topic}/events{query}", headers=EVENT_STREAM
+    )
 
     async def publish_every_tenth_of_a_second() -> None:
         for n in range(40):
@@ -153,8 +160,8 @@ async def test_a_stream_busy_with_events_gets_its_heartbeat_comments_too(
             with contextlib.suppress(TimeoutError):
                 chunk = await stream.read_chunk(timeout=0.5)
                 assert chunk is not None
-                events += chunk.count(b"\ndata: ")
-                if chunk.startswith(b":"):
+                events += chunk.count(b"\nid: ") + chunk.startswith(b"id: ")
+                if chunk.startswith(beat):
                     beats.append(time.monotonic())
         await publishing
     finally:
@@ -162,6 +169,59 @@ async def test_a_stream_busy_with_events_gets_its_heartbeat_comments_too(
     assert events >= 30  # the stream was busy all along
     times = [started, *beats]
     assert len(beats) >= 3 and max(b - a for a, b in itertools.pairwise(times)) < 1.6
+
+
+@pytest.mark.parametrize("how", PATHS)
+async def test_a_stream_asking_for_event_beats_gets_broker_beat_events_with_no_id(
+    http_broker: BrokerProcess, how: str
+) -> None:
+    """``?heartbeat=event`` (what /client.js asks): an EventSource hands a page no comment,
+    so each heartbeat is a ``broker.beat`` event instead, whose data is the interval; the
+    first right after the retry hint (a page learns the interval at once); with no id
+    line (the Last-Event-ID a reconnect sends stays the last event's)."""
+    path = f"/topics/{new_topic()}/events?heartbeat=event"
+    stream = await open_stream(http_broker, path, how)
+    try:
+        await stream.read_until(ORIGIN_CURSOR)  # the cursor, once caught up (no log yet)
+        opening = re.match(rb"retry: \d+\n\n" + re.escape(BEAT_EVENT), bytes(stream.body))
+        assert opening is not None, bytes(stream.body)
+        for _ in range(3):
+            started = time.monotonic()
+            chunk = await stream.read_chunk(timeout=2.5)
+            assert chunk == BEAT_EVENT
+            assert time.monotonic() - started < 2.5
+        assert b"\n:" not in stream.body and not stream.body.startswith(b":")  # no comment
+    finally:
+        await stream.close()
+
+
+@pytest.mark.parametrize("how", PATHS)
+@pytest.mark.parametrize("query", ["", "?heartbeat=comment"])
+async def test_a_stream_not_asking_for_event_beats_is_sent_what_it_always_was(
+    http_broker: BrokerProcess, how: str, query: str
+) -> None:
+    """A plain EventSource gets exactly what it got: the retry hint, its cursor, then
+    ``:`` comments, and no ``broker.beat``."""
+    stream = await open_stream(http_broker, f"/topics/{new_topic()}/events{query}", how)
+    try:
+        await stream.read_until(ORIGIN_CURSOR)
+        assert re.fullmatch(rb"retry: \d+\n\n" + ORIGIN_CURSOR.pattern, bytes(stream.body))
+        for _ in range(2):
+            assert await stream.read_chunk(timeout=2.5) == b":\n\n"
+        assert b"broker.beat" not in stream.body
+    finally:
+        await stream.close()
+
+
+async def test_a_heartbeat_other_than_comment_or_event_is_refused(
+    aclient: httpx.AsyncClient,
+) -> None:
+    for path, params in (
+        (f"/topics/{new_topic()}/events", {"heartbeat": "events"}),
+        ("/events", {"topic": new_topic(), "heartbeat": ""}),
+    ):
+        response = await aclient.get(path, params=params, headers=EVENT_STREAM)
+        assert "heartbeat" in assert_problem(response, 400)["detail"], response.text
 
 
 # -- where a stream starts ------------------------------------------------------------

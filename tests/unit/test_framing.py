@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from broker.framing import HEARTBEAT, comment, data_lines, event_body, id_line, retry_hint
+from broker.framing import (
+    HEARTBEAT,
+    beat_event,
+    comment,
+    data_lines,
+    event_body,
+    id_line,
+    retry_hint,
+)
 from tests.support.sse import parse_sse
 
 
@@ -45,3 +53,14 @@ def test_id_retry_and_comments() -> None:
     assert retry_hint(2000) == b"retry: 2000\n\n"
     assert comment() == HEARTBEAT == b":\n\n"
     assert comment("hi") == b": hi\n\n"
+
+
+@pytest.mark.parametrize(("seconds", "data"), [(15.0, b"15"), (1, b"1"), (0.5, b"0.5")])
+def test_a_beat_event_says_the_interval_and_has_no_id(seconds: float, data: bytes) -> None:
+    """``?heartbeat=event``'s beat: a ``broker.beat`` a script sees, its data the interval
+    as a JSON number; no id line, so EventSource's Last-Event-ID stays as it was."""
+    beat = beat_event(seconds)
+    assert beat == b"event: broker.beat\ndata: " + data + b"\n\n"
+    [event] = parse_sse(beat.decode())
+    assert event == {"event": "broker.beat", "data": data.decode()}  # (no "id")
+    assert float(event["data"]) == seconds

@@ -13,7 +13,7 @@ from contextlib import contextmanager, suppress
 import httpx
 import pytest
 
-from api.sse import seconds_text
+from broker.framing import seconds_text
 from brokerclient import resume as resume_module
 from brokerclient import subscriber
 from brokerclient.errors import Unreachable
