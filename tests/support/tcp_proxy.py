@@ -12,13 +12,16 @@ import socket
 import threading
 from collections.abc import Iterator
 
+from tests.support.redis_server import free_port
+
 
 class TcpProxy:
     """Forwards 127.0.0.1:``port`` to ``upstream_port``."""
 
     def __init__(self, upstream_port: int) -> None:
         self._upstream_port = upstream_port
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        # (a port of the run's TEST_PORT_RANGE, when one is set: the machine is shared)
+        self._listener = socket.create_server(("127.0.0.1", free_port()))
         self._listener.settimeout(0.1)
         self.port = int(self._listener.getsockname()[1])
         self._stop = threading.Event()
