@@ -62,6 +62,17 @@
  *   stream again from its place, after 1 s, 2 s, 4 s... (at most 30 s), each told
  *   onError({fatal: false}); a refusal for good (401, 403, 404...), or `retries`
  *   passing ones in a row, is told onError({fatal: true}).
+ * - A stream that died with no FIN or RST (a phone's NAT mapping dropped, a laptop
+ *   that slept, a middlebox that timed the flow out) is noticed: the browser sends
+ *   nothing on it, so neither it nor EventSource would ever know. The stream is
+ *   opened with ?heartbeat=event, on which the broker sends its heartbeat as a
+ *   broker.beat event (data: the interval in seconds; no id, so the place is not
+ *   moved; told to no callback), one first. Silent for two intervals and a second
+ *   (no event, no beat), the stream is closed and opened again from its place, as
+ *   after a passing refusal: onError({fatal: false, status: 0}), after 1 s, 2 s...
+ *   Watched only once a beat told the interval (a broker older than the parameter
+ *   sends none: its streams wait as they did), and only while the stream is open
+ *   (EventSource's own reconnects are its to time).
  */
 (function (global) {
   "use strict";
@@ -73,6 +84,7 @@
   var GAP = "broker.gap";
   var END = "broker.end";
   var POSITION = "broker.position";  // where the stream stands, with no event (asked for)
+  var BEAT = "broker.beat";  // the broker's heartbeat, as an event a script sees (asked for)
   var ORIGIN = "0.0-0";  // a topic's place before anything of its log
 
   // Where a stream's place is kept: its URL without a fresh access token. A caller's
@@ -173,12 +185,16 @@
   // reconnects but fires nothing: the place kept for a reload missed it, and a page at
   // a topic with no log came back ?from=earliest, never told of a log that came and
   // expired meanwhile, or told of one for nothing after staying open a TTL.
+  // It is asked (?heartbeat=event) for its heartbeats as broker.beat events too: an
+  // EventSource hands a script no comment, and the page could not tell a stream that
+  // died in silence from an idle one (see watchSilence).
   function streamUrl(url, place) {
     var stream = new URL(place ? resumeUrl(url, place) : url, global.location.href);
     var kept = stream.search.slice(1).split("&").filter(function (pair) {
-      return pair && paramName(pair) !== "positions";
+      var name = paramName(pair);
+      return pair && name !== "positions" && name !== "heartbeat";
     });
-    kept.push("positions=true");
+    kept.push("positions=true", "heartbeat=event");
     stream.search = "?" + kept.join("&");
     return stream.href;
   }
@@ -304,6 +320,10 @@
   var MAX_RETRY_MS = 30000;
   var RETRIES = 8;
   var STEADY_MS = 10000;
+  // A stream silent for two of its broker's heartbeat intervals and this is dead (as the
+  // Python client takes it): beats come at least an interval apart, and a second more
+  // outlasts a busy event loop (the broker's, or this page's).
+  var SILENCE_MARGIN_MS = 1000;
   global.addEventListener("beforeunload", function () {
     unloading = true;
     global.setTimeout(function () { unloading = false; }, UNLOAD_GRACE_MS);  // it stayed
@@ -354,6 +374,9 @@
     var retries = 0;  // reopenings after passing refusals, in a row
     var openedAt = null;  // when the stream last opened (Date.now()), for STEADY_MS
     var reopening = null;  // the timer of the next reopening
+    var beatMs = null;  // the broker's heartbeat interval, as its broker.beat says (ms)
+    var heardAt = 0;  // when the stream last gave a sign of life (Date.now())
+    var watchdog = null;  // the timer that looks for a stream gone silent
 
     function savePlace(id) {
       save(key, id);
@@ -390,12 +413,14 @@
 
     function close() {
       closed = true;
+      stopWatching();
       if (reopening !== null) { global.clearTimeout(reopening); reopening = null; }
       if (handle.source) { handle.source.close(); }
     }
 
     function deliver(event) {
       if (closed) { return; }
+      heardAt = Date.now();
       delivered = true;
       lastWasEnd = false;
       retries = 0;
@@ -424,6 +449,7 @@
     // Where the stream stands with no event to deliver: kept as the place (a reload
     // resumes there), and as what the next event's cursor is told against. No callback.
     function keepPosition(event) {
+      heardAt = Date.now();
       if (closed || !event.lastEventId) { return; }
       savePlace(event.lastEventId);
       lastId = event.lastEventId;
@@ -438,6 +464,51 @@
       if (options.onOpen) { options.onOpen(); }
     }
 
+    // The broker's beat (?heartbeat=event): a sign of life, and its interval, by which
+    // silence is judged. Told to no callback, and no place: it has no id.
+    function beaten(event) {
+      heardAt = Date.now();
+      var ms = Number(event.data) * 1000;
+      if (!(ms > 0 && isFinite(ms))) { return; }  // (not the broker's: no interval learnt)
+      var learnt = ms !== beatMs;
+      beatMs = ms;
+      if (learnt || watchdog === null) { watchSilence(event.target); }
+    }
+
+    function silenceLimitMs() { return 2 * beatMs + SILENCE_MARGIN_MS; }
+
+    // Look at the open stream when it would have been silent too long, and again then
+    // if it was not: one timer for the stream, not one set again for each event.
+    function watchSilence(source) {
+      stopWatching();
+      if (beatMs === null) { return; }  // (no beat heard yet: an older broker sends none)
+      var left = silenceLimitMs() - (Date.now() - heardAt);
+      watchdog = global.setTimeout(function () {
+        watchdog = null;
+        if (closed || source !== handle.source) { return; }
+        if (source.readyState !== global.EventSource.OPEN) { return; }  // (its reconnect)
+        if (Date.now() - heardAt < silenceLimitMs()) {
+          watchSilence(source);
+        } else {
+          silent(source);
+        }
+      }, Math.max(left, 0));
+    }
+
+    function stopWatching() {
+      if (watchdog !== null) { global.clearTimeout(watchdog); watchdog = null; }
+    }
+
+    // Nothing came for too long: the connection died where no one saw (the broker is
+    // still writing to it, or gave it up). Let it go, and open the stream again from its
+    // place as after a passing refusal with no answer (status 0): nothing missed, and
+    // nothing twice, since the old source, closed, delivers nothing more.
+    function silent(source) {
+      source.close();
+      closed = true;
+      failed(0, "");
+    }
+
     function open(place) {
       if (closed) { return; }
       var source = new global.EventSource(streamUrl(url, place), {
@@ -447,8 +518,14 @@
       var types = ["message", GAP, END].concat(options.types || []);
       types.forEach(function (type) { source.addEventListener(type, deliver); });
       source.addEventListener(POSITION, keepPosition);
-      source.addEventListener("open", function () { openedAt = Date.now(); });
+      source.addEventListener(BEAT, beaten);
+      source.addEventListener("open", function () {
+        openedAt = Date.now();
+        heardAt = openedAt;
+        watchSilence(source);  // (the interval a beat of an earlier stream told, if any)
+      });
       source.addEventListener("error", function () {
+        stopWatching();  // (reconnecting by itself, or closed: see "open")
         // CLOSED: the broker refused (401, 403, 400...), a proxy answered 502 (no broker
         // up), or the broker answered 204 (a closed topic); EventSource will not try
         // again. Otherwise it reconnects by itself.
