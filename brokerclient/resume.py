@@ -23,7 +23,7 @@ from broker.errors import InvalidEventId
 from broker.ids import ORIGIN, Cursor, EventId, format_cursor, parse_cursor
 from brokerclient.errors import RequestFailed, Unreachable
 from brokerclient.http import base_headers, doubled, stream_path
-from brokerclient.sse import POSITION, Event, SseDecoder
+from brokerclient.sse import BEAT, POSITION, Event, SseDecoder
 
 # The subscriber's logger: these are its messages ("subscription to ..."), and a program
 # that set its level or a handler on it before the state moved here still gets them.
@@ -247,11 +247,14 @@ class _Resume:
 
     def received(self, events: list[Event]) -> Iterator[Event]:
         """A chunk's events to hand over: a ``broker.position`` is where the stream stands,
-        kept as its cursor (before the next event's topic is told by it), and no event."""
+        kept as its cursor (before the next event's topic is told by it), and no event; a
+        ``broker.beat`` (a URL that asked for them) is a heartbeat, and no event either."""
         for event in events:
             if event.event == POSITION:
                 if event.id is not None:
                     self.last_event_id = event.id
+                continue
+            if event.event == BEAT:
                 continue
             yield self.delivered(event)
 

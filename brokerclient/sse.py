@@ -18,6 +18,9 @@ GAP = "broker.gap"
 END = "broker.end"
 POSITION = "broker.position"
 """Where a stream stands with no event to deliver (``?positions=true``): a cursor, no event."""
+BEAT = "broker.beat"
+"""The heartbeat as an event (``?heartbeat=event``, which /client.js asks for: a page sees
+no comment): no id, no event. This client reads the comments, and does not ask."""
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 

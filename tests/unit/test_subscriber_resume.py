@@ -208,6 +208,20 @@ def test_a_topic_whose_log_began_meanwhile_did_not_move(origin: str) -> None:
     assert event.topic == "b"
 
 
+def test_a_beat_event_is_no_event_and_moves_no_cursor() -> None:
+    """A ``broker.beat`` (the heartbeat of a stream that asked ``?heartbeat=event``, as
+    /client.js does) is not handed over as an event, and leaves the cursor where the
+    events left it: it has no id."""
+    resume = resume_module._Resume(["t"], "abcdefgh.1-0", False, None)
+    chunk = [
+        Event(None, "broker.beat", "1"),
+        Event("abcdefgh.2-0", None, "2"),
+        Event(None, "broker.beat", "1"),
+    ]
+    assert [event.data for event in resume.received(chunk)] == ["2"]
+    assert resume.last_event_id == "abcdefgh.2-0"
+
+
 def test_closing_a_subscriber_ends_a_read_blocked_in_another_thread() -> None:
     """``close()`` while another thread waits in a read of a quiet stream: the read went
     on until the next heartbeat came (15 s by default) or its timeout; the async
