@@ -52,11 +52,13 @@ def node_executable() -> str:
 class NodeEventSourceClient:
     """`node client.mjs URL FILE`: the npm `eventsource` package in its own process."""
 
-    def __init__(self, name: str, url: str, workdir: Path) -> None:
+    def __init__(self, name: str, url: str, workdir: Path, types: tuple[str, ...] = ()) -> None:
+        """``types``: event types it records besides "message" and "broker.gap"."""
         self.name = name
         self.output = workdir / f"{name}.jsonl"
         self.output.touch()
-        args = [node_executable(), str(NODE_DIR / "client.mjs"), url, str(self.output)]
+        client = [node_executable(), str(NODE_DIR / "client.mjs")]
+        args = [*client, url, str(self.output), *types]
         self.process = ManagedProcess(name, args, workdir / f"{name}.log")
         self.records: list[Record] = []
         self._offset = 0
