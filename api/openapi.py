@@ -54,8 +54,8 @@ TOPIC_NAME = {"type": "string", "pattern": f"^{c.TOPIC_PATTERN.pattern}$"}
 RETRY_AFTER = {"Retry-After": _header("Seconds to wait before retrying")}
 BROKER_HEARTBEAT = (
     "On a stream (not on a come-back-later retry: hint): BROKER_HEARTBEAT_SECONDS, a "
-    "plain decimal; a ':' comment comes at least this often, so a stream silent for two "
-    "of these is dead"
+    "plain decimal; a ':' comment (with ?heartbeat=event, a broker.beat event) comes at "
+    "least this often, so a stream silent for two of these is dead"
 )
 
 # -- parameters, by the name the table uses -----------------------------------------
@@ -99,6 +99,15 @@ PARAMETERS: dict[str, dict[str, Any]] = {
         type="string",
         enum=["false", "true"],
         default="false",
+    ),
+    "heartbeat": _parameter(
+        "heartbeat",
+        "How the heartbeats come: ':' comments, or (event) broker.beat events a script can "
+        "see, one first, their data the interval in seconds and no id (Last-Event-ID is "
+        "unchanged), so a page tells a stream that died in silence (/client.js asks)",
+        type="string",
+        enum=["comment", "event"],
+        default="comment",
     ),
     "after": _parameter(
         "after", "History (Accept: application/json): events after this id", type="string"
@@ -245,7 +254,15 @@ ROUTE_DOCS: dict[str, Doc] = {
         secured=True,
     ),
     "subscribe": Doc(
-        parameters=["Last-Event-ID", "last_event_id", "from", "positions", "after", "limit"],
+        parameters=[
+            "Last-Event-ID",
+            "last_event_id",
+            "from",
+            "positions",
+            "heartbeat",
+            "after",
+            "limit",
+        ],
         answers={
             "200": answer(
                 "The stream (text/event-stream; while the store is down or the instance "
@@ -260,7 +277,7 @@ ROUTE_DOCS: dict[str, Doc] = {
         secured=True,
     ),
     "subscribe_many": Doc(
-        parameters=["topics", "Last-Event-ID", "last_event_id", "from", "positions"],
+        parameters=["topics", "Last-Event-ID", "last_event_id", "from", "positions", "heartbeat"],
         answers={
             "200": answer(
                 "One stream over several topics", EVENT_STREAM, Broker_Heartbeat=BROKER_HEARTBEAT
