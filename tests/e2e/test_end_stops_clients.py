@@ -10,9 +10,7 @@ many times over (BROKER_RETRY_MS is short).
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ from tests.http.helpers import new_topic
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -33,51 +32,23 @@ QUIET_S = 2.0
 """After the 204, this long (20 retry intervals) with no further request."""
 
 
-class CountingProxy:
+class CountingProxy(TcpProxy):
     """A TCP proxy on loopback that counts request heads starting with ``needle``."""
 
     def __init__(self, upstream_port: int, needle: bytes) -> None:
-        self._upstream = upstream_port
+        super().__init__(upstream_port)
         self._needle = needle
-        self._lock = threading.Lock()
+        self._tails: dict[socket.socket, bytes] = {}  # (a needle cut across two pieces)
         self.count = 0
-        self._sockets: list[socket.socket] = []
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self._server.getsockname()[1])
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.start()
 
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self._upstream))
+    def _passes(self, data: bytes, target: socket.socket, upstream: bool) -> bool:
+        if upstream:
+            seen = self._tails.get(target, b"") + data
             with self._lock:
-                self._sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, source: socket.socket, target: socket.socket, count: bool) -> None:
-        tail = b""
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if count:
-                    seen = tail + data
-                    with self._lock:
-                        self.count += seen.count(self._needle)
-                    tail = seen[-(len(self._needle) - 1) :]
-                target.sendall(data)
-        with contextlib.suppress(OSError):
-            target.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._closed = True
-        self._server.close()
-        with self._lock:
-            for sock in self._sockets:
-                sock.close()
+                self.count += seen.count(self._needle)
+            self._tails[target] = seen[-(len(self._needle) - 1) :]
+        return True
 
 
 @pytest.fixture
