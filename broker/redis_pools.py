@@ -21,7 +21,7 @@ changes one fails that test first, naming it and its user):
 - ``redis_append_pipeline``: ``AsyncScript.sha``/``.script`` (commands packed as
   ``hiredis.pack_command`` does, by ``redis_packing``); ``Pipeline.execute(raise_on_error=)``;
   NOSCRIPT raised as ``NoScriptError``;
-- ``redis_store`` and ``redis_live_cluster``: ``RedisCluster.nodes_manager.slots_cache``
+- ``redis_slots`` and ``redis_live_cluster``: ``RedisCluster.nodes_manager.slots_cache``
   and ``.nodes_manager.initialize()`` (async), ``get_node_from_key``, ``keyslot``;
 - ``redis_options``: ``ConnectionPool.disconnect(inuse_connections=)`` (async).
 - ``redis_slots``: ``ClusterNode.acquire_connection()``, ``.release()``,

@@ -37,6 +37,7 @@ from redis.exceptions import (
 
 POOLS = "broker/redis_pools.py"
 STORE = "broker/redis_store.py"
+SLOTS = "broker/redis_slots.py"
 APPENDS = "broker/redis_append_pipeline.py"
 LIVE = "broker/redis_live_cluster.py"
 OPTIONS = "broker/redis_options.py"
@@ -75,11 +76,11 @@ METHODS = [
     Method(ClusterNode, "release", "sync", POOLS, ("connection",)),
     Method(ClusterNode, "__init__", "sync", OPEN, ("host", "port", "max_connections")),
     Method(RedisCluster, "execute_command", "async", POOLS, ("args", "kwargs")),
-    Method(RedisCluster, "initialize", "async", f"{POOLS}, {STORE}, {LIVE}"),
+    Method(RedisCluster, "initialize", "async", f"{POOLS}, {SLOTS}, {LIVE}"),
     Method(RedisCluster, "get_primaries", "sync", POOLS),
-    Method(RedisCluster, "get_node_from_key", "sync", f"{STORE}, {LIVE}", ("key",)),
+    Method(RedisCluster, "get_node_from_key", "sync", f"{SLOTS}, {LIVE}", ("key",)),
     Method(RedisCluster, "keyslot", "sync", LIVE, ("key",)),
-    Method(NodesManager, "initialize", "async", f"{STORE}, {LIVE}"),
+    Method(NodesManager, "initialize", "async", f"{SLOTS}, {LIVE}"),
     Method(AsyncScript, "__call__", "async", STORE, ("keys", "args", "client")),
     Method(Pipeline, "execute", "async", f"{STORE}, {APPENDS}", ("raise_on_error",)),
     Method(Sentinel, "master_for", "sync", OPEN, ("service_name", "connection_pool_class")),
@@ -174,7 +175,7 @@ async def test_a_cluster_node_bounds_its_connections() -> None:
 
 async def test_a_cluster_client_keeps_its_slot_map_in_its_nodes_manager() -> None:
     cluster = RedisCluster(host="127.0.0.1", port=6379)  # connects on first use only
-    where = f"redis-py surface RedisCluster.nodes_manager.slots_cache (used by {STORE}, {LIVE})"
+    where = f"redis-py surface RedisCluster.nodes_manager.slots_cache (used by {SLOTS}, {LIVE})"
     try:
         manager = getattr(cluster, "nodes_manager", None)
         assert isinstance(manager, NodesManager), f"{where}: no nodes_manager"
