@@ -196,10 +196,6 @@ def assert_oracle(acked: list[str], events: list[Event], *, gap_allowed: bool) -
     assert not problems, problems
 
 
-# The stores pass redis-py a `retry_on_timeout` argument that redis-py 6 deprecated, and
-# warnings are errors here: the *_without_warnings tests below show it. The other
-# Sentinel and Cluster tests ignore that one warning so they test what they are for.
-# TODO: drop this filter once broker/redis_store.py no longer passes the argument.
 # -- Sentinel -------------------------------------------------------------------------
 
 
