@@ -90,10 +90,11 @@ def _tail_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     start.add_argument("--last-event-id", help="resume after this id")
     give_up = "seconds without a connection before exiting 3 (default %(default)s)"
     tail.add_argument("--give-up-after", type=float, default=DEFAULT_GIVE_UP_SECONDS, help=give_up)
-    quiet = "seconds a stream of a broker that does not say its heartbeat (an older one) "
-    quiet += "may send nothing before it is reconnected: more than its "
-    quiet += "BROKER_HEARTBEAT_SECONDS (default 45; doubled by each stream that times out, "
-    quiet += "up to 8 times); a broker that says it: two of its heartbeats and a second"
+    quiet = "seconds a stream may send nothing before it is reconnected: a broker that "
+    quiet += "says its heartbeat: two of its heartbeats and a second, or this if longer (a "
+    quiet += "proxy that holds heartbeats back); one that does not (an older one): more than "
+    quiet += "its BROKER_HEARTBEAT_SECONDS (default 45; doubled by each stream that times "
+    quiet += "out, up to 8 times)"
     tail.add_argument("--read-timeout", type=_seconds, metavar="SECONDS", help=quiet)
     tail.set_defaults(run_client=_guarded(run_tail))
 
@@ -286,6 +287,8 @@ def run_tail(args: argparse.Namespace) -> int:
         last_event_id=args.last_event_id,
         from_earliest=args.start == "earliest",
         token=_token(args),
+        # (not given: the default itself, which a broker's heartbeat overrules; given:
+        # no heartbeat reads a stream for less)
         read_timeout=args.read_timeout or DEFAULT_READ_TIMEOUT,
         give_up_after=args.give_up_after,
     )

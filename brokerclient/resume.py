@@ -3,10 +3,10 @@
 ``_Resume`` decides where the next connection starts (``Last-Event-ID``, ``?from=earliest``,
 or each topic's end for a subscription "from now"), how long to wait before it (the
 backoff, ``retry:`` hints, ``give_up_after``), how long a stream may stay silent (the read
-timeout: from the heartbeat the broker says, else grown by streams that timed out and set
-from the heartbeats they show), and which topic each event belongs to. ``AsyncSubscriber``
-and ``Subscriber`` do the I/O and tell it what happened; it is tested on a fake clock
-(tests/unit/test_subscriber_resume.py).
+timeout: from the heartbeat the broker says, never under one the caller gave, else grown
+by streams that timed out and set from the heartbeats they show), and which topic each
+event belongs to. ``AsyncSubscriber`` and ``Subscriber`` do the I/O and tell it what
+happened; it is tested on a fake clock (tests/unit/test_subscriber_resume.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,16 @@ from brokerclient.sse import BEAT, POSITION, Event, SseDecoder
 # The subscriber's logger: these are its messages ("subscription to ..."), and a program
 # that set its level or a handler on it before the state moved here still gets them.
 log = logging.getLogger("brokerclient.subscriber")
-DEFAULT_READ_TIMEOUT = 45.0  # three of the broker's default 15 s heartbeats
+
+
+class _DefaultReadTimeout(float):
+    """The default read timeout: a number as any other, but told apart from the same
+    number given on purpose (``read_timeout_given``), which a broker's heartbeat does not
+    shorten."""
+
+
+DEFAULT_READ_TIMEOUT: float = _DefaultReadTimeout(45.0)
+"""Three of the broker's default 15 s heartbeats."""
 HEARTBEAT_HEADER = "broker-heartbeat"
 """The broker's ``BROKER_HEARTBEAT_SECONDS``, said on each stream (an older broker does
 not: the read timeout is then guessed, as before)."""
@@ -69,9 +78,14 @@ class _Resume:
     refused_last: bool = False  # the last attempt was answered 401 (and no stream since)
     read_timeout: float | None = DEFAULT_READ_TIMEOUT
     """How long a stream may send nothing (no event, no heartbeat) before it is taken for
-    dead and reconnected: the given one, doubled by each stream that timed out, and set
-    from the heartbeats a stream shows (``heard``)."""
+    dead and reconnected: set by the heartbeat its broker says (``_follow_heartbeat``);
+    a broker that does not say it: the given one, doubled by each stream that timed out,
+    and set from the heartbeats a stream shows (``heard``)."""
     given_read_timeout: float | None = field(init=False)
+    read_timeout_given: bool = field(init=False)
+    """The caller chose ``read_timeout`` (not ``DEFAULT_READ_TIMEOUT``): no heartbeat a
+    broker says reads a stream for less (a proxy that holds heartbeats back, a slow
+    link: the caller knows its network, the broker does not)."""
     read_timeout_cap: float | None = field(init=False)
     _comments_read: int = 0  # by the current stream's decoder
     _first_comment_at: float | None = None  # (monotonic) the current stream's first heartbeat
@@ -82,6 +96,7 @@ class _Resume:
 
     def __post_init__(self) -> None:
         given = self.given_read_timeout = self.read_timeout
+        self.read_timeout_given = not isinstance(given, _DefaultReadTimeout)
         self.read_timeout_cap = None if given is None else given * READ_TIMEOUT_GROWTH
 
     def all_ended(self) -> bool:
@@ -160,9 +175,10 @@ class _Resume:
 
     def _follow_heartbeat(self, heartbeat_s: float | None) -> None:
         """A stream whose broker says its heartbeat is read for ``SILENT_HEARTBEATS`` of
-        it (and the margin), whatever the read timeout given or guessed: a guess was
-        either late to see a dead connection (45 s of silence against a 1 s heartbeat)
-        or reconnected live streams (under a longer heartbeat) until it grew past it. A
+        it (and the margin), whatever the read timeout guessed: a guess was either late
+        to see a dead connection (45 s of silence against a 1 s heartbeat) or
+        reconnected live streams (under a longer heartbeat) until it grew past it. A read
+        timeout the caller gave is the least it reads for (``_said_read_timeout``). A
         stream that does not say it (an older broker: a fleet being upgraded) is read
         with the guess, kept as it was. A read timeout of None stays None (never)."""
         said = heartbeat_s is not None and self.given_read_timeout is not None
@@ -172,7 +188,19 @@ class _Resume:
             self.read_timeout = self._guessed_read_timeout
         self.heartbeat_s = heartbeat_s if said else None
         if self.heartbeat_s is not None:
-            self.read_timeout = SILENT_HEARTBEATS * self.heartbeat_s + SILENCE_MARGIN_S
+            self.read_timeout = self._said_read_timeout(self.heartbeat_s)
+
+    def _said_read_timeout(self, heartbeat_s: float) -> float:
+        """Two of the said heartbeat and the margin, or the read timeout the caller gave
+        if longer: the broker knows its pace, not what lies between (a proxy that buffers
+        heartbeats, a slow link), and a caller who gave more did so on purpose (it was
+        cut down to 31 s, and streams behind such a proxy reconnected every 31 s for
+        good). The default gives way to the heartbeat, shorter or longer."""
+        from_heartbeat = SILENT_HEARTBEATS * heartbeat_s + SILENCE_MARGIN_S
+        given = self.given_read_timeout
+        if self.read_timeout_given and given is not None:
+            return max(from_heartbeat, given)
+        return from_heartbeat
 
     def after_error_answer(self, error: Exception, token_refreshes: bool) -> float:
         """The delay before trying again after an error answer, or the error raised.

@@ -121,6 +121,15 @@ def _timeout(read_timeout: float | None) -> httpx.Timeout:
     return httpx.Timeout(CONNECT_TIMEOUT, read=read_timeout)
 
 
+def _read_timeout_of(
+    client: httpx.Client | httpx.AsyncClient | None, read_timeout: float | None
+) -> float | None:
+    """A client passed in: its own read timeout (the caller chose it, with the client);
+    else ``read_timeout`` as it came, so that the default is told from one given (the
+    same number given is a floor under the broker's heartbeat: ``_Resume``)."""
+    return read_timeout if client is None else client.timeout.read
+
+
 def _topics(topics: str | Sequence[str]) -> list[str]:
     names = [topics] if isinstance(topics, str) else list(topics)
     if not names:
@@ -146,8 +155,10 @@ class AsyncSubscriber:
     ``read_timeout``: how long a stream may send nothing, not even the broker's
     heartbeat, before it is taken for dead and reconnected (None: never). A broker that
     says its heartbeat (the ``Broker-Heartbeat`` header) decides instead: two of its
-    intervals and a second (``resume.SILENT_HEARTBEATS``). Against one that does not (an
-    older broker), it is doubled by each stream that timed out, up to
+    intervals and a second (``resume.SILENT_HEARTBEATS``), or the ``read_timeout`` given
+    if that is longer (a proxy that holds heartbeats back, a slow link); left at its
+    default, the heartbeat decides alone, shorter or longer. Against a broker that does
+    not say it (an older one), it is doubled by each stream that timed out, up to
     ``resume.READ_TIMEOUT_GROWTH`` times (a broker whose ``BROKER_HEARTBEAT_SECONDS`` is
     longer made every stream time out, for ever), and set from the heartbeats it shows.
     """
@@ -169,7 +180,7 @@ class AsyncSubscriber:
         )
         self._resume = _Resume(
             _topics(topics), last_event_id, from_earliest, give_up_after,
-            read_timeout=self._client.timeout.read,  # (a client passed in: its own)
+            read_timeout=_read_timeout_of(client, read_timeout),
         )  # fmt: skip
         self._token = token
         self._own_client = client is None
@@ -293,7 +304,7 @@ class Subscriber:
         )
         self._resume = _Resume(
             _topics(topics), last_event_id, from_earliest, give_up_after,
-            read_timeout=self._client.timeout.read,  # (a client passed in: its own)
+            read_timeout=_read_timeout_of(client, read_timeout),
         )  # fmt: skip
         self._token = token
         self._own_client = client is None

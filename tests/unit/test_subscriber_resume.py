@@ -389,10 +389,10 @@ def test_heartbeats_close_together_do_not_shorten_a_learnt_read_timeout() -> Non
 
 
 def test_a_heartbeat_the_broker_says_sets_the_read_timeout_and_nothing_grows_it() -> None:
-    """Two of the said interval and the margin, whatever was given (45 s against a 1 s
-    heartbeat saw a dead connection 15 times later); a stream that times out then died
-    (the timeout is not doubled), and heartbeats teach nothing more."""
-    resume = resume_module._Resume(["t"], None, False, None, read_timeout=45.0)
+    """Two of the said interval and the margin, over the default read timeout (45 s
+    against a 1 s heartbeat saw a dead connection 15 times later); a stream that times
+    out then died (the timeout is not doubled), and heartbeats teach nothing more."""
+    resume = resume_module._Resume(["t"], None, False, None)
     resume.connected(heartbeat_s=1.0)
     said = resume_module.SILENT_HEARTBEATS * 1.0 + resume_module.SILENCE_MARGIN_S
     assert resume.read_timeout == said == 3.0
@@ -424,6 +424,56 @@ def test_no_read_timeout_stays_none_whatever_the_broker_says() -> None:
     resume = resume_module._Resume(["t"], None, False, None, read_timeout=None)
     resume.connected(heartbeat_s=1.0)
     assert resume.read_timeout is None
+
+
+def test_a_read_timeout_given_longer_than_the_heartbeat_said_is_kept() -> None:
+    """Given 60 s on purpose (a proxy that holds heartbeats back): a broker saying 15 s
+    cut it to 31 s, and every stream behind the proxy reconnected every 31 s for good;
+    the given one is the least a stream is read for, the next streams' too."""
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout=60.0)
+    resume.connected(heartbeat_s=15.0)
+    assert resume.read_timeout == 60.0
+    resume.heard(100.0)
+    resume.heard(115.0)
+    resume.broke(httpx.ReadTimeout("nothing read"))  # (a dead connection: not grown)
+    resume.connected(heartbeat_s=15.0)
+    assert resume.read_timeout == 60.0
+
+
+def test_a_read_timeout_given_shorter_than_the_heartbeat_said_gives_way_to_it() -> None:
+    """Given 45 s (the default's number, but given) against a 60 s heartbeat: a live
+    stream is never cut for being quieter than its broker's pace."""
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout=45.0)
+    resume.connected(heartbeat_s=60.0)
+    assert resume.read_timeout == 121.0
+    resume.connected(heartbeat_s=1.0)
+    assert resume.read_timeout == 45.0  # (shorter said: the given one is the floor)
+
+
+def test_the_default_read_timeout_follows_the_heartbeat_said_both_ways() -> None:
+    """Not given: the broker's heartbeat decides alone, under the default or over it;
+    and an older broker's streams are read with the default, as before."""
+    resume = resume_module._Resume(["t"], None, False, None)
+    assert resume.read_timeout == resume_module.DEFAULT_READ_TIMEOUT == 45.0
+    resume.connected(heartbeat_s=1.0)
+    assert resume.read_timeout == 3.0
+    resume.connected(heartbeat_s=30.0)
+    assert resume.read_timeout == 61.0
+    resume.connected()
+    assert resume.read_timeout == 45.0
+
+
+@pytest.mark.parametrize("given", [60.0, 45.0, 2.0, None])
+def test_a_subscriber_tells_a_read_timeout_given_from_the_default(given: float | None) -> None:
+    """The same number as the default, given, is given: only leaving it out (or passing
+    ``DEFAULT_READ_TIMEOUT`` itself, as ``broker tail`` does without ``--read-timeout``)
+    lets the heartbeat read for less."""
+    with subscriber.Subscriber("t", read_timeout=given) as chosen:
+        assert chosen._resume.read_timeout_given and chosen._resume.read_timeout == given
+    with subscriber.Subscriber("t") as default:
+        assert not default._resume.read_timeout_given
+    with subscriber.Subscriber("t", read_timeout=subscriber.DEFAULT_READ_TIMEOUT) as same:
+        assert not same._resume.read_timeout_given
 
 
 @pytest.mark.parametrize(
