@@ -1,6 +1,7 @@
 """A subscriber's waits: its backoff ended by a close; its read timeout from the heartbeat
-a broker says (``Broker-Heartbeat``), and, against an older broker that does not say it,
-guessed (grown past a longer heartbeat, learnt from the heartbeats it reads)."""
+a broker says (``Broker-Heartbeat``; never under one the caller gave), and, against an
+older broker that does not say it, guessed (grown past a longer heartbeat, learnt from
+the heartbeats it reads)."""
 
 from __future__ import annotations
 
@@ -447,3 +448,40 @@ async def test_a_read_timeout_under_the_heartbeat_the_broker_says_reconnects_not
     assert beats_read >= 1, "the stream was not heard from: it proves nothing"
     assert proxy.connections == 1
     assert [e.data for e in got] == ['"first"', '"last"', "{}"]
+
+
+GIVEN_READ_TIMEOUT_S = 6.0
+HELD_SILENCE_S = 4.5
+"""Over the 3 s a 1 s heartbeat allows (``DEAD_AFTER_HEARTBEATS``), under the read timeout
+given: by the heartbeat, the stream is dead; by the caller, who knows its network, not."""
+
+
+def test_a_read_timeout_given_longer_than_the_heartbeat_said_outlasts_a_held_silence(
+    said_heartbeat_broker: BrokerProcess,
+) -> None:
+    """A proxy that holds heartbeats back (a buffering one, a slow link) and a caller who
+    gave a read timeout over its holds on purpose: a broker saying 1 s cut the stream
+    after 3 s of silence, and every hold longer than that reconnected it (for good,
+    behind such a proxy). The given read timeout is the least a stream is read for: the
+    one stream goes on after the hold, nothing lost or repeated."""
+    topic, broker = _topic("said-given"), said_heartbeat_broker
+    with Publisher(broker.url) as publisher, HoldingProxy(broker.port) as proxy:
+        publisher.publish(topic, "before")
+        subscriber = Subscriber(
+            topic, proxy.url, from_earliest=True, read_timeout=GIVEN_READ_TIMEOUT_S
+        )
+        got: list[Event] = []
+        iterating = _iterate(subscriber, got)
+        try:
+            wait_until(lambda: got, timeout=10, what="the first event")
+            _hold_after_a_heartbeat(subscriber, proxy)
+            publisher.publish(topic, "during")
+            time.sleep(HELD_SILENCE_S)  # (the proxy's hold: the fault itself, not a wait)
+            proxy.release()
+            publisher.publish(topic, "after", close=True)
+            iterating.join(timeout=10)
+        finally:
+            subscriber.close()
+    assert not iterating.is_alive()
+    assert proxy.connections == 1, "the stream was taken for dead inside the given timeout"
+    assert [e.data for e in got] == ['"before"', '"during"', '"after"', "{}"]
