@@ -66,7 +66,9 @@ class LossTelling:
         """Lines a failover lost, told to a producer whose resend of the whole stream would
         store the lines kept twice: it has no Idempotency-Key, or its lines' records were
         past the window (``LinesLost.replayable``). So it is told after which line they
-        were lost, to send the rest again."""
+        were lost, to send the rest again (``kept``: a 409 without Retry-After, which no
+        producer takes for a resend of the whole stream, ``api.problems``); with none of
+        them kept, the whole stream (``_none_kept``)."""
         head = (
             "lines of this ingest were lost from the topic's log (a failover to a replica "
             f"that had not received them yet): {self.result.count} line(s) were stored before"
@@ -90,10 +92,14 @@ class LossTelling:
             async with asyncio.timeout(self._append_timeout):  # (a read each: bounded whole)
                 kept, exact, entry = await self._last_line_kept()
         except (StoreUnavailable, TimeoutError):
+            if self._last_line == 1:  # (line 1 lost: none before it, none kept)
+                return self._none_kept(head, mid_body)
             lost = f"line {self._last_line}, the last of them, is lost, and perhaps lines before it"
             detail = f"{head}; {lost} (the log could not be read to tell); {resend}"
             at_most = LinesKept(self._last_line - 1, exact=False)
             return LinesLost(detail, mid_body=mid_body, kept=at_most)
+        if exact and kept == 0:
+            return self._none_kept(head, mid_body)
         maybe = ""
         if not exact:
             maybe = (
@@ -102,6 +108,18 @@ class LossTelling:
             )
         detail = f"{head}; the lines after line {kept} are lost{maybe}; {resend}"
         return LinesLost(detail, mid_body=mid_body, kept=self._lines_kept(kept, exact, entry))
+
+    def _none_kept(self, head: str, mid_body: bool) -> LinesLost:
+        """Every line of the ingest lost, told to a producer whose lines are not (or no
+        longer) recorded: the whole stream is the rest, and resent whole (with its key: a
+        key whose records went, or lapsed, begins a new ingest of it) stores each line
+        once. So it is told ``resend: whole``, a 503 with Retry-After, as a replayable
+        loss is (``kept`` None: ``api.problems``); a loss with lines kept is a 409."""
+        detail = (
+            f"{head}; the lines after line 0 are lost, every line of it; no later line was "
+            "stored; send the whole stream again: none of it is kept, so none is stored twice"
+        )
+        return LinesLost(detail, mid_body=mid_body)
 
     def _lines_kept(self, through: int, exact: bool, entry: StreamPosition | None) -> LinesKept:
         """Lines 1..``through`` kept, the last one's entry ``entry`` (None: no line, or

@@ -120,17 +120,21 @@ def _unavailable(error: StoreUnavailable) -> Response:
 
 
 def _log_gone(error: LogGone) -> Response:
-    """A streaming ingest's log lost (503: resend the whole stream), deleted (409: not to
-    be resent, nor retried) or its line records lapsed (409, no ``Retry-After``: a
-    producer retrying a 503 resends the whole stream under its key, which would store
-    its lines kept twice; the rest goes as a stream of its own), told before the body
-    ended as a store failure is: the connection closes (``StoreLostMidBody``), and a
-    producer still sending learns at once."""
+    """A streaming ingest's log lost, or its newest lines, the whole stream to be resent
+    (503 with ``Retry-After``: ``resend: whole``); deleted (409: not to be resent, nor
+    retried); or its lines kept no longer recorded under its key, or never were (its
+    records lapsed, or lines lost once they had or without a key: 409, no
+    ``Retry-After``). A producer retrying a 503 resends the whole stream under its key,
+    which would store the lines kept twice: any HTTP client's retry, and the Python
+    client's did; so a 503 is exactly a ``resend: whole``, and the rest goes as a stream
+    of its own. Told before the body ended as a store failure is: the connection closes
+    (``StoreLostMidBody``), and a producer still sending learns at once."""
     headers = _closing(error.mid_body)
-    if isinstance(error, LogLost):
+    resend = _resend(error)
+    if resend.get("resend") == "whole" and isinstance(error, LogLost):  # (only it is)
         headers["Retry-After"] = str(error.retry_after)
-    status = 503 if isinstance(error, LogLost) else 409
-    return problem(status, error.title, error.detail, headers, **_resend(error))
+        return problem(503, error.title, error.detail, headers, **resend)
+    return problem(409, error.title, error.detail, headers, **resend)
 
 
 def _resend(error: LogGone) -> dict[str, Any]:

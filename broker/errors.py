@@ -109,7 +109,10 @@ class LinesLost(LogLost):
     """The log a streaming ingest under way was writing to is kept, but lost the
     ingest's newest lines (a failover to a replica that had not received them yet):
     its append was refused whole, so that the resend of the whole stream under its key
-    replays the lines kept and stores the rest after them, in order (HTTP 503)."""
+    replays the lines kept and stores the rest after them, in order (HTTP 503). Told
+    with ``kept`` (lines kept that the whole stream resent would store twice: not
+    ``replayable``, or without a key), it is HTTP 409, no ``Retry-After``: a producer
+    retries a 503 by resending the whole stream (``api.problems``)."""
 
     title = "Ingest lines lost"
     replayable = True

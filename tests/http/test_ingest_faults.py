@@ -22,6 +22,7 @@ import pytest
 import redis.asyncio as redis
 
 from broker import constants as c
+from brokerclient import AsyncPublisher
 from tests.http.helpers import RawResponse, new_topic, request_bytes
 from tests.http.test_ingest import RawIngest, history, line
 from tests.support.broker_process import BrokerProcess
@@ -390,8 +391,10 @@ async def test_lines_a_failover_lost_mid_body_end_an_ingest_without_a_key_naming
     """The same failover under an ingest with no Idempotency-Key (no line records to
     check): it went on, line 6 stored after 3 with no gap told, and a subscriber that
     had read 4-5 and one that came later disagreed, in silence. Now the ingest stops at
-    its next line (503, nothing stored), telling the producer the lines after line 3
-    are lost: it sends those again, and the log holds each line once, in order."""
+    its next line (nothing stored), telling the producer the lines after line 3 are
+    lost: it sends those again, and the log holds each line once, in order. A 409
+    without Retry-After: the whole stream resent, as a retried 503 is, would store
+    lines 1-3 twice (no key to replay them by)."""
     topic, lines = new_topic(), body_of(6)
     problem = await lines_4_and_5_lost_mid_ingest(broker, client, redis_admin, route, topic, None)
     assert "the lines after line 3 are lost" in problem["detail"], problem
@@ -412,8 +415,9 @@ async def test_a_failover_loss_told_to_a_keyless_ingest_is_answered_when_its_log
     deadline still ran: past it, the deadline cancelled the reads, and the cancellation
     went out of the ingest whole; the producer, still sending, got no answer at all
     (its connection left open, silent), and did not learn which lines to send again.
-    Now it is told its lines were lost (503 ingest-lines-lost), that the log could not
-    be read to tell which, and the connection closes."""
+    Now it is told its lines were lost (409 ingest-lines-lost, no Retry-After: resent
+    whole, the lines kept would be stored twice), that the log could not be read to tell
+    which, and the connection closes."""
     range_sha = hashlib.sha1(
         resources.files("broker").joinpath("lua", "range.lua").read_text().encode()
     ).hexdigest()
@@ -438,10 +442,9 @@ async def test_a_failover_loss_told_to_a_keyless_ingest_is_answered_when_its_log
                     ingest.cut()
                 proxy.normal()
                 assert proxy.held, "no read of the log was slowed"
-                assert answer.status == 503, answer.body
                 assert answer.headers["connection"] == "close"
-                problem = json.loads(answer.body)
-                assert problem["type"] == "/problems#ingest-lines-lost", problem
+                problem = answered_as_its_resend_says(answer)
+                assert answer.status == 409, answer.body
                 assert "could not be read to tell" in problem["detail"], problem
                 assert problem["resend"] == "unknown", problem  # (no client can go on exactly)
                 assert problem["last_line_kept_at_most"] == 4, problem
@@ -455,7 +458,8 @@ async def test_every_line_a_failover_lost_of_an_ingest_without_a_key_is_told_los
 ) -> None:
     """A failover that lost each append of an ingest with no Idempotency-Key (lines 1-2,
     sent apart): the log kept (it held an event before), and the ingest is told the
-    lines after line 0 are lost, all of them."""
+    lines after line 0 are lost, all of them: the whole stream is the rest, resent
+    whole (503 with Retry-After: none of it is stored twice)."""
     topic, lines = new_topic(), body_of(3)
     other = await client.post(f"/topics/{topic}/events", json={"data": "other"})
     assert other.status_code == 201, other.text
@@ -471,11 +475,10 @@ async def test_every_line_a_failover_lost_of_an_ingest_without_a_key_is_told_los
         answer = await ingest.answer(timeout=5)  # (the body still coming)
     finally:
         ingest.cut()
+    problem = answered_as_its_resend_says(answer)
     assert answer.status == 503, answer.body
-    problem = json.loads(answer.body)
-    assert problem["type"] == "/problems#ingest-lines-lost", problem
-    assert "the lines after line 0 are lost;" in problem["detail"], problem
-    assert (problem["resend"], problem["last_line_kept"]) == ("after_line", 0), problem
+    assert "the lines after line 0 are lost, every line of it" in problem["detail"], problem
+    assert problem["resend"] == "whole" and "last_line_kept" not in problem, problem
     assert "first_id" not in problem, problem
     assert await stored_datas(client, topic) == ["other"]
 
@@ -642,7 +645,8 @@ async def test_lines_lost_from_a_keyed_ingest_whose_records_lapsed_say_after_whi
     resent would store them twice; the answer said so in words only, and a client (the
     Python one among them) took the 503 for one to resend whole. Now its members say to
     send the lines after line 3 as a stream of their own, and done so, each line is
-    stored once."""
+    stored once; and it is a 409 without Retry-After (it was a 503 with one, which any
+    retrying HTTP client answers by resending the whole stream under its key)."""
     topic, key, lines = new_topic(), f"gen-lost-lapsed-{route}", body_of(6)
 
     async def records_lapse(_ingest: RawIngest, _kept: IngestAppends) -> None:
@@ -655,6 +659,52 @@ async def test_lines_lost_from_a_keyed_ingest_whose_records_lapsed_say_after_whi
     await told_to_send_the_rest_after(client, topic, problem, 3)
     await the_rest_broken_then_resent(broker, client, topic, f"{key}+3", route, lines[3:])
     assert await stored_datas(client, topic) == datas(6)
+
+
+async def test_lines_lost_once_a_keyed_ingests_records_lapsed_are_not_resent_whole_by_the_client(
+    broker: BrokerProcess, client: httpx.AsyncClient, redis_admin: redis.Redis
+) -> None:
+    """The Python client's ``stream()``, whose lines 4-5 a failover loses once its records
+    lapsed (Redis out of reach while it paused; here its last write's time set back by
+    hand): the lines kept, 1-3, are no longer recorded under its key, and the broker says
+    to send the rest as a stream of its own. It said so in a 503 with Retry-After, which
+    any retrying client (the Python one before it read ``resend``) answers by resending
+    the whole stream under the key: 1-3 stored twice. Now it is a 409 without Retry-After
+    (as ``ingest-records-lapsed``), and the client goes on with lines 4-6 under K+3."""
+    topic, key = new_topic(), "gen-unrecorded"
+    answers: list[tuple[int, str | None, str, str | None]] = []
+
+    async def record(response: httpx.Response) -> None:
+        if response.request.method == "POST":
+            await response.aread()
+            kind = response.json().get("type") if response.status_code >= 400 else None
+            key_sent = response.request.headers["idempotency-key"]
+            answers.append(
+                (response.status_code, response.headers.get("retry-after"), key_sent, kind)
+            )
+
+    async def producer() -> AsyncIterator[dict[str, Any]]:
+        for n in (1, 2, 3):
+            yield {"data": f"t{n}"}
+        await await_until(lambda: stored_is(client, topic, datas(3)), timeout=5, what="3")
+        before_4 = await IngestAppends.read(redis_admin, topic, key)
+        yield {"data": "t4"}
+        yield {"data": "t5"}
+        await await_until(lambda: stored_is(client, topic, datas(5)), timeout=5, what="5")
+        await before_4.lose_since(redis_admin, 2)  # the failover
+        await redis_admin.zadd(c.line_times_key(topic), {key: 0})  # (the records lapse)
+        yield {"data": "t6"}
+
+    hooks = {"response": [record]}
+    async with (
+        httpx.AsyncClient(base_url=broker.url, timeout=30, event_hooks=hooks) as http,
+        AsyncPublisher(client=http) as publisher,
+    ):
+        result = await publisher.stream(topic, producer(), idempotency_key=key)
+    assert await stored_datas(client, topic) == datas(6)  # (each line once, in order)
+    lost = "/problems#ingest-lines-lost"
+    assert answers == [(409, None, key, lost), (201, None, f"{key}+3", None)], answers
+    assert (result.count, result.after_line, result.idempotency_key) == (6, 3, f"{key}+3")
 
 
 async def told_to_send_the_rest_after(
@@ -774,7 +824,8 @@ async def every_line_lost_mid_ingest(
 ) -> None:
     """An event ("other"), then an ingest under ``key`` whose lines 1-2 a failover loses
     once stored (their appends undone), then (after ``before_line_3``) line 3 sent: it
-    must be answered 503 ingest-lines-lost, line 3 not stored after the other event."""
+    must be answered 503 ingest-lines-lost, the whole stream to be resent (none of it
+    kept, none stored twice), line 3 not stored after the other event."""
     lines = body_of(3)
     other = await client.post(f"/topics/{topic}/events", json={"data": "other"})
     assert other.status_code == 201, other.text
@@ -794,8 +845,7 @@ async def every_line_lost_mid_ingest(
         raise AssertionError(f"it went on: {await stored_datas(client, topic)}") from None
     finally:
         ingest.cut()
-    assert answer.status == 503, answer.body
-    assert json.loads(answer.body)["type"] == "/problems#ingest-lines-lost", answer.body
+    assert answered_as_its_resend_says(answer)["resend"] == "whole", answer.body
     assert await stored_datas(client, topic) == ["other"]  # (line 3 not stored)
 
 
@@ -811,8 +861,8 @@ async def lines_4_and_5_lost_mid_ingest(
     """An ingest of 6 lines under ``key`` (or none) whose lines 4-5 a failover loses
     once stored (their appends undone), then (after ``before_line_6``, given the ingest
     and what the appends of 4-5 undid) line 6 sent: the problem it must be answered
-    with at once (503 ingest-lines-lost, the connection closed, the body still coming),
-    line 6 not stored after 3."""
+    with at once (ingest-lines-lost, the connection closed, the body still coming; 503
+    or 409 as its ``resend`` says), line 6 not stored after 3."""
     lines = body_of(6)
     ingest = await open_ingest(broker, topic, key, route)
     await ingest.send(b"".join(lines[:3]))
@@ -830,10 +880,23 @@ async def lines_4_and_5_lost_mid_ingest(
         raise AssertionError(f"it went on: {await stored_datas(client, topic)}") from None
     finally:
         ingest.cut()
-    assert answer.status == 503, answer.body
     assert answer.headers["connection"] == "close"
+    return answered_as_its_resend_says(answer)
+
+
+def answered_as_its_resend_says(answer: RawResponse) -> dict[str, Any]:
+    """An ingest-lines-lost answer's problem, its status as its ``resend`` member says:
+    503 with ``Retry-After`` exactly when the whole stream is to be resent; else 409
+    without it. A producer retries a 503 by resending the whole stream under its key
+    (any HTTP client's retry, and the Python client's did): where lines kept are not
+    recorded under the key, that stored them twice."""
     problem: dict[str, Any] = json.loads(answer.body)
     assert problem["type"] == "/problems#ingest-lines-lost", problem
+    status, retry_after = answer.status, answer.headers.get("retry-after")
+    if problem["resend"] == "whole":
+        assert (status, retry_after) == (503, "1"), (status, answer.headers, problem)
+    else:
+        assert (status, retry_after) == (409, None), (status, answer.headers, problem)
     return problem
 
 
