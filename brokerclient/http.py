@@ -286,13 +286,14 @@ def failure(response: httpx.Response) -> RequestFailed:
 def _kind(status: int, problem: dict[str, Any] | None) -> type[RequestFailed]:
     """Which error a refusal is: a 409 is a closed topic, but for an ingest whose topic
     was deleted under it (told by its problem type: it must not be resent either), or
-    whose line records lapsed (the rest to be sent as a stream of its own: its detail
-    says after which line; the topic is not closed)."""
+    whose line records lapsed, or whose lines kept a failover's loss left unrecorded
+    (the rest to be sent as a stream of its own; the topic is not closed): one of those
+    that the client could not go on with (``kept_lines``: no usable ``resend``)."""
     if status != 409:
         return RequestFailed
     kind = (problem or {}).get("type")
     if kind == "/problems#topic-deleted":
         return TopicDeleted
-    if kind == "/problems#ingest-records-lapsed":
+    if kind in SENT_APART:
         return RequestFailed
     return TopicClosed

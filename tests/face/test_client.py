@@ -309,8 +309,8 @@ class LosesLines4And5Unrecorded:
     """A failover that loses lines 4-5 of a keyed ingest (their appends undone) whose
     line records lapsed too (its last write's time set back: Redis out of reach for
     most of the window while it paused), done as the stream yields its lines: the
-    broker answers line 6 with 503 ``ingest-lines-lost``, its lines kept no longer
-    recorded under the key (``resend: after_line``, 3)."""
+    broker answers line 6 with 409 ``ingest-lines-lost`` (a 503 before it), its lines
+    kept no longer recorded under the key (``resend: after_line``, 3)."""
 
     LINES = 8
 
@@ -359,10 +359,10 @@ def test_a_stream_whose_lines_a_failover_lost_unrecorded_goes_on_after_the_last_
     face_broker: BrokerProcess, redis_server: RedisServer
 ) -> None:
     """A failover lost lines 4-5 of the stream, whose line records lapsed: the broker
-    answers 503 ``ingest-lines-lost``, saying the whole stream again would store lines
-    1-3 twice. The client retried every 503 by sending the whole stream again under its
-    key: 1-3 stored twice, silently. Now it sends lines 4.. as a stream of their own
-    under ``K+3``: every line stored once, in order."""
+    answers ``ingest-lines-lost`` (409; a 503 before it), saying the whole stream again
+    would store lines 1-3 twice. The client retried every 503 by sending the whole
+    stream again under its key: 1-3 stored twice, silently. Now it sends lines 4.. as a
+    stream of their own under ``K+3``: every line stored once, in order."""
     topic, key = _topic("lines-lost"), "lines-lost-sync"
     fault = LosesLines4And5Unrecorded(face_broker.url, redis_server.url, topic, key)
     with Publisher(face_broker.url, retry=PATIENT) as publisher:

@@ -11,16 +11,28 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from brokerclient import Publisher, PublishResult, RetryPolicy, StreamStopped, event
+from brokerclient import (
+    Publisher,
+    PublishResult,
+    RequestFailed,
+    RetryPolicy,
+    StreamStopped,
+    TopicClosed,
+    event,
+)
 
 Answer = Callable[[list[int]], httpx.Response]
 QUICK = RetryPolicy(attempts=3, backoff=0.0)
 
 
-def lines_lost(**members: object) -> Answer:
+def lines_lost(status: int | None = None, **members: object) -> Answer:
+    """As the broker answers: 503 with Retry-After for ``resend: whole``, else 409
+    without it (``status``: another, as a broker before it answered every one 503)."""
+    status = status or (503 if members.get("resend") == "whole" else 409)
     problem = {"type": "/problems#ingest-lines-lost", "title": "Ingest lines lost"}
-    body = problem | {"status": 503, "detail": "lines lost"} | members
-    return lambda _: httpx.Response(503, json=body, headers={"Retry-After": "0"})
+    body = problem | {"status": status, "detail": "lines lost"} | members
+    headers = {"Retry-After": "0"} if status == 503 else {}
+    return lambda _: httpx.Response(status, json=body, headers=headers)
 
 
 def records_lapsed(last_line_kept: int, first_id: str) -> Answer:
@@ -57,13 +69,15 @@ class Broker:
             )
 
 
-def test_a_stream_told_twice_to_go_on_alone_sends_each_rest_under_a_key_of_its_own() -> None:
+@pytest.mark.parametrize("lines_lost_status", [409, 503])
+def test_a_stream_told_twice_to_go_on_alone_sends_each_rest_under_a_key_of_its_own(
+    lines_lost_status: int,
+) -> None:
     """Lines 1-2 kept (409 records lapsed), then of the rest, its line 1 (the stream's
-    line 3) kept (503 lines lost): lines 3-5 under K+2, lines 4-5 under K+3, and the
-    result the whole stream's."""
-    broker = Broker(
-        records_lapsed(2, "e.1-0"), lines_lost(resend="after_line", last_line_kept=1), stored
-    )
+    line 3) kept (lines lost: 409, or 503 from a broker before it said 409): lines 3-5
+    under K+2, lines 4-5 under K+3, and the result the whole stream's."""
+    kept_1 = lines_lost(lines_lost_status, resend="after_line", last_line_kept=1)
+    broker = Broker(records_lapsed(2, "e.1-0"), kept_1, stored)
     result = broker.stream(5, "K")
     assert broker.requests == [("K", [1, 2, 3, 4, 5]), ("K+2", [3, 4, 5]), ("K+3", [4, 5])]
     assert (result.count, result.ids, result.after_line) == (5, [], 3)
@@ -86,7 +100,7 @@ def test_a_stream_whose_lines_kept_are_unknown_raises_naming_the_last_at_most() 
     with pytest.raises(StreamStopped) as stopped:
         broker.stream(4, "K")
     assert (stopped.value.last_line_kept, stopped.value.exact) == (3, False)
-    assert (stopped.value.status, stopped.value.idempotency_key) == (503, "K+2")
+    assert (stopped.value.status, stopped.value.idempotency_key) == (409, "K+2")
     assert "at most up to line 3" in str(stopped.value)
     assert len(broker.requests) == 2  # (not retried)
 
@@ -106,3 +120,21 @@ def test_a_stream_answered_a_line_kept_it_never_sent_is_not_gone_on_with() -> No
     with pytest.raises(StreamStopped) as stopped:
         broker.stream(3, "K")
     assert stopped.value.last_line_kept == 7 and len(broker.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "members", [{}, {"resend": "after_line"}, {"resend": "after_line", "last_line_kept": "3"}]
+)
+def test_a_409_lines_lost_the_client_cannot_go_on_from_is_a_request_failed_not_a_closed_topic(
+    members: dict[str, object],
+) -> None:
+    """A 409 ingest-lines-lost without members the client can use (a broker's that it
+    does not understand): raised, not retried, and not taken for a closed topic (the
+    topic is not closed: a caller that stopped publishing to it, as to a closed one,
+    lost the rest of its stream)."""
+    broker = Broker(lines_lost(409, **members))
+    with pytest.raises(RequestFailed) as failed:
+        broker.stream(3, "K")
+    assert not isinstance(failed.value, (TopicClosed, StreamStopped)), type(failed.value)
+    assert failed.value.status == 409 and len(broker.requests) == 1
+    assert failed.value.problem["type"] == "/problems#ingest-lines-lost"
