@@ -150,8 +150,10 @@ PROBLEMS: dict[str, tuple[str, str]] = {
         "TopicClosed",
         "The topic is closed (has end_id); or, to a streaming ingest, it was deleted "
         "while the ingest wrote to it (topic-deleted: not to be resent), or its line "
-        "records lapsed (ingest-records-lapsed: resend after_line, the rest sent as a "
-        "stream of its own)",
+        "records lapsed (ingest-records-lapsed), or its newest lines were lost with the "
+        "lines kept not recorded under its key, or without one (ingest-lines-lost with "
+        "resend after_line or unknown): no Retry-After, not to be resent whole (that "
+        "stores the lines kept twice); the rest sent as a stream of its own",
     ),
     "413": ("ContentTooLarge", "An event, the body or the batch is over its limit"),
     "415": ("UnsupportedMediaType", "A body neither JSON, NDJSON nor UTF-8 text"),
@@ -163,7 +165,7 @@ PROBLEMS: dict[str, tuple[str, str]] = {
         "The store is unreachable or too slow, the key set is not fetched yet, or the "
         "instance holds too many connections: retry after Retry-After; to a streaming "
         "ingest, its log or its newest lines were lost (ingest-log-lost, "
-        "ingest-lines-lost: resend says what to send again)",
+        "ingest-lines-lost: resend whole, the whole stream sent again with its key)",
     ),
 }
 EVERY_ROUTE = ["431"]  # (the connection guard answers it, before any route)

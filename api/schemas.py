@@ -95,9 +95,10 @@ class Problem(BaseModel):
         description=(
             "A streaming ingest ended by ingest-lines-lost, ingest-log-lost or "
             "ingest-records-lapsed: what to send again. whole: the whole stream, with its "
-            "Idempotency-Key; after_line: only the lines after last_line_kept, as a stream "
-            "of their own (the whole stream again would store the lines kept twice); "
-            "unknown: the lines kept cannot be told exactly (last_line_kept_at_most)"
+            "Idempotency-Key (a 503 with Retry-After); after_line: only the lines after "
+            "last_line_kept, as a stream of their own (the whole stream again would store "
+            "the lines kept twice: a 409 without Retry-After); unknown: the lines kept "
+            "cannot be told exactly (last_line_kept_at_most; a 409 too)"
         ),
     )
     last_line_kept: int | None = Field(
