@@ -56,6 +56,7 @@ event object, stored and delivered as it arrives, not when the body ends.
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ from broker import (
     TooLarge,
     TopicClosed,
 )
-from broker.errors import LogGone
+from broker.errors import LogGone, StoreMisconfigured
 from broker.ids import StreamPosition
 from broker.model import IngestLines
 from broker.validation import event_from_json, loads_exactly
@@ -275,13 +276,22 @@ class Ingest(LossTelling):
 
     def _close_unconfirmed(self, error: StoreUnavailable) -> StoreUnavailable:
         """The close failed, the lines stored: said, and how to close it (a close of a
-        closed topic answers its end again, so it may have landed or not)."""
+        closed topic answers its end again, so it may have landed or not). A store that
+        refuses writes as it may evict (``StoreMisconfigured``) refused it before
+        sending anything: the topic is open, and the answer says so. The error told is
+        the store's, copied (its class, ``retry_after`` and any other field it carries),
+        its detail saying the rest."""
+        if isinstance(error, StoreMisconfigured):
+            close = "the topic was not closed (the close was not sent)"
+        else:
+            close = "the topic's close is not confirmed (it may have landed)"
         detail = (
-            f"{error.detail}; {self._stored_so_far()}; the topic's close is not confirmed "
-            f"(it may have landed): send only the close again, POST /topics/{self.topic}/close "
-            "(a topic closed already answers its end again)"
+            f"{error.detail}; {self._stored_so_far()}; {close}: send only the close again, "
+            f"POST /topics/{self.topic}/close (a topic closed already answers its end again)"
         )
-        return type(error)(detail, retry_after=error.retry_after)
+        told = copy.copy(error)
+        told.detail, told.args = detail, (detail,)
+        return told
 
     def _parse(self, number: int, line: bytes) -> NewEvent:
         try:

@@ -20,6 +20,7 @@ from broker import constants as c
 from broker.errors import StoreFull, StoreMisconfigured
 from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
+from tests.integration.test_ingest_lines_lost import LineByLine, keyless_ingest
 from tests.support.redis_server import RedisServer
 from tests.support.sse import collect
 
@@ -155,3 +156,30 @@ async def test_a_redis_user_that_may_not_read_info_is_warned_of_not_refused(
 
 def store_key(topic: str) -> str:
     return c.topic_keys(topic)[0]
+
+
+async def test_an_ingests_close_refused_as_redis_may_evict_says_the_topic_was_not_closed(
+    private_broker: Broker, redis_admin: redis.Redis
+) -> None:
+    """``?close=true``: the lines stored, then the policy set to evict under it, so the
+    store refuses the close before sending anything (``StoreMisconfigured``). The
+    ingest said of it, as of a store that did not answer, that the close "may have
+    landed": it was not sent, and the topic is open. Now it says so; the error keeps
+    the store's class and its ``Retry-After``."""
+    topic = new_topic()
+    ingest = keyless_ingest(private_broker, topic)
+    assert (await ingest.run(LineByLine(2, {}))).count == 2
+    await redis_admin.config_set("maxmemory", 100 * 1024 * 1024)
+    await redis_admin.config_set("maxmemory-policy", "allkeys-lru")
+    await private_broker.store._eviction.check()  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(StoreMisconfigured) as refused:
+            await ingest.close_topic()
+    finally:
+        await redis_admin.config_set("maxmemory-policy", "noeviction")
+        await private_broker.store._eviction.check()  # type: ignore[attr-defined]
+    detail = refused.value.detail
+    assert "the topic was not closed (the close was not sent)" in detail, detail
+    assert "may have landed" not in detail and "2 line(s) stored" in detail, detail
+    assert refused.value.retry_after == c.EVICTING_RETRY_AFTER_S
+    assert not (await private_broker.topic_info(topic)).closed  # (open, as said)
