@@ -27,7 +27,6 @@ answered 503 (a publish): ``api.guard.refusal_of``.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from typing import Any, cast
 
@@ -36,7 +35,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 from uvicorn.config import Config
-from uvicorn.middleware.proxy_headers import _TrustedHosts
 from uvicorn.server import ServerState
 
 from api import problems, routes
@@ -63,11 +61,11 @@ from api.lean_stream import (
 )
 from api.metrics import RouteClass, count_response
 from api.problems import problem_for
+from api.proxy_headers import forwarded_scheme, log_access, trusts_proxy
 from broker import StartFrom, StoreUnavailable, StreamOver
 from broker.framing import retry_hint
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("uvicorn.access")
 
 CLOSE = (b"connection", b"close")
 DRAIN_HEAD_WAIT_SECONDS = 1.0
@@ -135,7 +133,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
             return
         cap_send_buffer(self._transport)
         self._own_scheme = "https" if self._transport.get_extra_info("sslcontext") else "http"
-        self._proxy_trusted = _trusts_proxy(self._transport, self._config)
+        self._proxy_trusted = trusts_proxy(self._transport, self._config)
         self._guard.deadlines.set(self, self._guard.limits.head_timeout)
         app = self._app_state.get(APP_STATE_KEY)
         if app is not None:
@@ -311,7 +309,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         if not self._lost:
             self._server_state.total_requests += 1
             assert self._transport is not None
-            _log_access(self._transport, self._config, request.scope, response.status_code)
+            log_access(self._transport, self._config, request.scope, response.status_code)
         self._answer(response, "publish")
 
     def publish_not_validated(self) -> None:
@@ -329,7 +327,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._server_state.total_requests += 1
         status = int(answer[9:12])
         count_response("publish", status)
-        _log_access(self._transport, self._config, request.scope, status)
+        log_access(self._transport, self._config, request.scope, status)
         if self._closing and request.keep_alive:
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         self._transport.write(answer)
@@ -427,7 +425,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
             self._server_state.total_requests += 1
             status = int(answer[9:12])
             count_response("ingest", status)
-            _log_access(self._transport, self._config, request.scope, status)
+            log_access(self._transport, self._config, request.scope, status)
         if self._closing and request.keep_alive and not close:
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         self._transport.write(answer)
@@ -497,7 +495,7 @@ class BrokerHttpProtocol(asyncio.Protocol):
         self._transport.set_protocol(stream)
         self._server_state.total_requests += 1
         count_response("stream", 200)
-        _log_access(self._transport, self._config, request.scope, 200)
+        log_access(self._transport, self._config, request.scope, 200)
         headers = [*app.state.stream_headers, *cors_headers(request.scope)]
         head = self._response_head(retry_ms, subscription.opening_beat, headers, chunked=chunked)
         stream.start(subscription, head)
@@ -565,68 +563,3 @@ class BrokerHttpProtocol(asyncio.Protocol):
             transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
         )
         self._await_next_request()
-
-
-def _log_access(transport: asyncio.Transport, config: Config, scope: Scope, status: int) -> None:
-    """uvicorn's access log line, for a request served here."""
-    if not access_log.hasHandlers():
-        return
-    client = _client_of(transport, config, scope)
-    target = scope["raw_path"].decode("latin-1")
-    if scope["query_string"]:
-        target += "?" + scope["query_string"].decode("latin-1")
-    access_log.info('%s - "%s %s HTTP/%s" %d', client, scope["method"], target, "1.1", status)
-
-
-def _client_of(transport: asyncio.Transport, config: Config, scope: Scope) -> str:
-    """The client as uvicorn's access log names it: behind a trusted proxy (uvicorn's
-    ``proxy_headers``, ``forwarded_allow_ips``), the address X-Forwarded-For gives,
-    as ``ProxyHeadersMiddleware`` reads it; else the socket's peer."""
-    peer = transport.get_extra_info("peername")
-    if not isinstance(peer, tuple):
-        return "-"
-    host, port = peer[0], peer[1]
-    if config.proxy_headers:
-        trusted = _trusted_hosts_of(config)
-        forwarded = [value for name, value in scope["headers"] if name == b"x-forwarded-for"]
-        if forwarded and host in trusted:
-            named, named_port = trusted.get_trusted_client_address(
-                b", ".join(forwarded).decode("latin-1")
-            )
-            if named:
-                host, port = named, named_port
-    return f"{host}:{port}"
-
-
-def _trusts_proxy(transport: asyncio.Transport, config: Config) -> bool:
-    """Whether uvicorn believes the ``X-Forwarded-*`` headers of this connection's peer
-    (``ProxyHeadersMiddleware``: its address in ``forwarded_allow_ips``)."""
-    if not config.proxy_headers:
-        return False
-    peer = transport.get_extra_info("peername")
-    return (peer[0] if isinstance(peer, tuple) else None) in _trusted_hosts_of(config)
-
-
-FORWARDED_SCHEMES = frozenset({"http", "https", "ws", "wss"})
-"""What ``ProxyHeadersMiddleware`` takes from ``X-Forwarded-Proto`` (else the socket's)."""
-
-
-def forwarded_scheme(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The scheme a proxy's ``X-Forwarded-Proto`` names, read as uvicorn reads it: its
-    last such header, if that is a scheme it takes."""
-    named = None
-    for name, value in headers:
-        if name == b"x-forwarded-proto":
-            named = value
-    scheme = named.decode("latin-1").strip() if named is not None else None
-    return scheme if scheme in FORWARDED_SCHEMES else None
-
-
-def _trusted_hosts_of(config: Config) -> _TrustedHosts:
-    allowed = config.forwarded_allow_ips
-    return _trusted_hosts(tuple(allowed) if isinstance(allowed, list) else allowed)
-
-
-@functools.lru_cache(maxsize=4)
-def _trusted_hosts(allowed: str | tuple[str, ...]) -> _TrustedHosts:
-    return _TrustedHosts(allowed if isinstance(allowed, str) else list(allowed))

@@ -1,11 +1,12 @@
 """The parts of uvicorn, httptools and Starlette the edge relies on beyond their public APIs.
 
 `api/connections.py` serves streams lean by standing in for uvicorn's HTTP
-protocol (`api/lean_stream.py` builds their requests by hand); `api/sse.py`
-writes through uvicorn's ``send`` from a plain call; `api/lifecycle.py` chains
-uvicorn's signal handlers. pyproject.toml pins these libraries below their next
-minor release; when the pin moves, these checks say, without starting a server,
-which surface changed and which file depends on it.
+protocol (`api/lean_stream.py` builds their requests by hand, `api/proxy_headers.py`
+reads their proxy headers as uvicorn does); `api/sse.py` writes through uvicorn's
+``send`` from a plain call; `api/lifecycle.py` chains uvicorn's signal handlers.
+pyproject.toml pins these libraries below their next minor release; when the pin
+moves, these checks say, without starting a server, which surface changed and which
+file depends on it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from uvicorn.server import Server, ServerState
 from api.connections import BrokerHttpProtocol
 
 CONNECTIONS = "api/connections.py"
+PROXY_HEADERS = "api/proxy_headers.py"
 LEAN_STREAM = "api/lean_stream.py"
 SSE = "api/sse.py"
 LIFECYCLE = "api/lifecycle.py"
@@ -339,7 +341,7 @@ def test_uvicorn_installs_its_signal_handlers_with_signal_signal_before_startup(
 
 
 def test_proxy_headers_trusted_hosts_read_x_forwarded_for() -> None:
-    """``api/connections.py`` names a lean request's client in the access log as
+    """``api/proxy_headers.py`` names a lean request's client in the access log as
     uvicorn's ProxyHeadersMiddleware does, with its private ``_TrustedHosts``."""
     from uvicorn.middleware.proxy_headers import _TrustedHosts
 
@@ -362,7 +364,7 @@ FORWARDED_PROTOS += [[b"http", b"https"], [b"https", b"http"], [b"https", b"ftp"
 async def test_a_lean_request_has_the_scheme_proxy_headers_middleware_gives(
     peer: str, named: list[bytes]
 ) -> None:
-    """``api/connections.py`` gives a lean publish's scope the scheme uvicorn's
+    """``api/proxy_headers.py`` gives a lean publish's scope the scheme uvicorn's
     ProxyHeadersMiddleware gives a request of the app: the cookie forgery check compares
     a page's origin with it on both paths (the lean ones said http behind any proxy)."""
     from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -386,7 +388,7 @@ async def test_a_lean_request_has_the_scheme_proxy_headers_middleware_gives(
     try:
         assert protocol.scheme_of(headers) == seen["scheme"], changed(
             "uvicorn.middleware.proxy_headers.ProxyHeadersMiddleware",
-            CONNECTIONS,
+            PROXY_HEADERS,
             "the scheme a trusted proxy's X-Forwarded-Proto gives a request",
         )
     finally:
