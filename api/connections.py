@@ -11,12 +11,12 @@ each connection's first request itself. A plain publish is served on the
 connection (``api.lean_publish``), and so is a plain streaming ingest
 (``api.lean_ingest``), and the request after either is decided the same
 way. A plain stream request (a valid GET of ``/topics/{t}/events`` or
-``/events``, HTTP/1.1, no body) is subscribed here, then the socket becomes a
-``StreamConnection`` (``api.lean_stream``): the socket, the subscription and a
-few fields, and no task while idle, since the live reader writes shared frames
-straight to the socket. Anything else, every invalid stream request included
-(errors are answered in one place), is handed, bytes and all, to uvicorn's own
-protocol, the way uvicorn hands a connection to its WebSocket protocol.
+``/events``, HTTP/1.1, no body) is subscribed (``api.stream_opening``), then
+the socket becomes a ``StreamConnection`` (``api.lean_stream``): the socket, the
+subscription and a few fields, and no task while idle, since the live reader
+writes shared frames straight to the socket. Anything else, every invalid stream
+request included (errors are answered in one place), is handed, bytes and all, to
+uvicorn's own protocol, the way uvicorn hands a connection to its WebSocket protocol.
 
 Every connection is also held to the limits of ``api.guard``: its first head
 must arrive in time and fit in ``BROKER_MAX_HEAD_BYTES`` (else 431), and a
@@ -38,7 +38,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from api import problems, routes
-from api.cors import cors_headers, with_cors, with_cors_of_head
+from api.cors import with_cors, with_cors_of_head
 from api.guard import (
     APP_STATE_KEY,
     Admission,
@@ -46,28 +46,19 @@ from api.guard import (
     answer_and_close,
     guard_of,
     refusal_of,
-    response_head,
 )
 from api.heads import HEAD_END, RequestHead
 from api.hosts import host_of
 from api.lean_ingest import IngestExchange, IngestHead, ingest_head_of
 from api.lean_publish import PublishExchange, PublishHead, publish_head_of
-from api.lean_stream import (
-    StreamConnection,
-    cap_send_buffer,
-    chunk_of,
-    is_http_1_0,
-    stream_request_of,
-)
+from api.lean_stream import cap_send_buffer, stream_request_of
 from api.metrics import RouteClass, count_response
-from api.problems import problem_for
 from api.proxy_headers import forwarded_scheme, log_access, trusts_proxy
-from broker import StartFrom, StoreUnavailable, StreamOver
-from broker.framing import retry_hint
+from api.stream_opening import StreamOpening
+from broker import StartFrom
 
 log = logging.getLogger(__name__)
 
-CLOSE = (b"connection", b"close")
 DRAIN_HEAD_WAIT_SECONDS = 1.0
 """How long a connection accepted just before a shutdown may take to send its request
 (then it is answered as a draining instance answers it) before it is closed."""
@@ -78,7 +69,7 @@ what it sent ahead is back within this. And while its answers wait unread past t
 transport's high-water mark, its next request waits."""
 
 
-class BrokerHttpProtocol(asyncio.Protocol):
+class BrokerHttpProtocol(StreamOpening, asyncio.Protocol):
     """A connection: each request's head decides who serves it.
 
     States: reading a head (``_publish`` and ``_ingest`` None); reading a publish's
@@ -447,79 +438,6 @@ class BrokerHttpProtocol(asyncio.Protocol):
             return
         self._received[:0] = rest
         self._await_next_request()
-
-    # -- streams ---------------------------------------------------------------
-
-    def _open_stream(self, request: Request, starts: dict[str, StartFrom]) -> None:
-        # Nothing more is read until it is known who serves the connection: what
-        # comes meanwhile stays in the socket, for uvicorn should the stream not open.
-        assert self._transport is not None  # data comes after connection_made
-        self._transport.pause_reading()
-        self._opening_scope = request.scope
-        self._opening = asyncio.get_running_loop().create_task(self._open(request, starts))
-
-    async def _open(self, request: Request, starts: dict[str, StartFrom]) -> None:
-        """Subscribe, then hand the socket to a StreamConnection (or, failing, to uvicorn)."""
-        app = request.app
-        retry_ms = app.state.settings.retry_ms
-        assert self._transport is not None
-        chunked = not is_http_1_0(request)
-        stream = StreamConnection(
-            self._transport, app.state.streams, self._server_state, chunked=chunked
-        )
-        try:
-            subscription = await routes.subscribe(request, starts, stream)
-        except StoreUnavailable:
-            # Answered here: through uvicorn it would wait for the store a second time.
-            self._answer(
-                routes.come_back_later(retry_ms, "store unavailable", request.scope), "stream"
-            )
-            return
-        except StreamOver as over:
-            # 204: the EventSource stops reconnecting; a cross-origin one only if the 204
-            # passes CORS (else it is a network error to it, and it reconnects for ever).
-            self._answer(with_cors(problem_for(over), request.scope), "stream")
-            return
-        except Exception:
-            log.exception("unexpected error opening a stream")
-            self._hand_to_uvicorn()  # it tries again, and answers 500 if that fails too
-            return
-        if self._lost or app.state.streams.draining or subscription.closed:
-            subscription.close()
-            self._answer(
-                routes.come_back_later(retry_ms, "this instance is shutting down", request.scope),
-                "stream",
-            )
-            return
-        self._server_state.connections.discard(self)
-        self._transport.set_protocol(stream)
-        self._server_state.total_requests += 1
-        count_response("stream", 200)
-        log_access(self._transport, self._config, request.scope, 200)
-        headers = [*app.state.stream_headers, *cors_headers(request.scope)]
-        head = self._response_head(retry_ms, subscription.opening_beat, headers, chunked=chunked)
-        stream.start(subscription, head)
-        self._transport.resume_reading()  # to see the client go
-
-    def _response_head(
-        self,
-        retry_ms: int,
-        opening_beat: bytes,
-        stream_headers: list[tuple[bytes, bytes]],
-        *,
-        chunked: bool,
-    ) -> bytes:
-        """``stream_headers``: the app's, and the request's CORS headers; ``opening_beat``:
-        the subscription's, after the retry hint (nothing, unless its beats are events)."""
-        # The connection ends with the stream (a StreamConnection serves no other
-        # request): said up front, so that a client whose stream ended (broker.end,
-        # a drain) does not send its next request down a socket that is closing.
-        if not chunked:  # (HTTP/1.0: the body ends with the connection)
-            head = response_head(200, [*stream_headers, CLOSE], self._server_state)
-            return head + retry_hint(retry_ms) + opening_beat
-        headers = [*stream_headers, (b"transfer-encoding", b"chunked"), CLOSE]
-        opening = retry_hint(retry_ms) + opening_beat
-        return response_head(200, headers, self._server_state) + chunk_of(opening)
 
     def _answer(self, response: Response, route: RouteClass) -> None:
         """A whole response (the app's own object), then the connection closes."""
