@@ -6,8 +6,11 @@ that reaches its buffer; the catch-up read then covers everything before, and
 positions drop what both delivered.
 
 Going back to the log (at the start, and whenever live delivery cannot be
-trusted: judge each cursor, tell the gaps, replay) is ``CatchUp``'s part, which
-``Subscription`` extends (``broker.subscription_replay``).
+trusted: judge each cursor, tell the gaps, replay) is ``CatchUp``'s part
+(``broker.subscription_replay``); what the heartbeat clock calls on each tick (a beat,
+the end of its credentials, the drop of a client that stopped reading) is
+``ClockCalls``' (``broker.subscription_clock``), which extends it, and which
+``Subscription`` extends.
 
 How an edge consumes a subscription (its ``StreamSink``, given at construction):
 
@@ -45,7 +48,8 @@ from broker.resume import (
 )
 from broker.sink import PulledSink, StreamSink
 from broker.store import Store
-from broker.subscription_replay import CatchUp, ForeignCursor, StartFrom
+from broker.subscription_clock import ClockCalls
+from broker.subscription_replay import ForeignCursor, StartFrom
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +58,23 @@ class SubscriberTooSlow(Exception):
     """The subscriber's buffer overflowed; it was dropped and should resume by id."""
 
 
-class Subscription(CatchUp):
+class Subscription(ClockCalls):
     """One client's stream over one or more topics."""
 
     # Slots, not a dict: the hub's direct write reads a dozen fields of every subscriber
     # of a topic in a row. With 33 fields an instance outgrew CPython's shared-key dict
     # (30 keys) and carried a dict of its own, a second object to fetch per read. (The
-    # state its catching up reads and moves is in ``CatchUp``'s slots.)
+    # state its catching up reads and moves is in ``CatchUp``'s slots; the heartbeat
+    # clock's own, in ``ClockCalls``'.)
     __slots__ = (
         "_attached",
-        "_backlog_at_tick",
         "_consumer_idle",
         "_dropped",
-        "_ends_at",
         "_heartbeats",
         "_hub",
-        "_last_beat",
         "_log_starts",
         "_pending_bytes",
         "_sink",
-        "_trusted",
         "_waiter",
     )
 
@@ -306,10 +307,6 @@ class Subscription(CatchUp):
         self._wake(True)
         return 0
 
-    def _parked_live(self) -> bool:
-        """Live, nothing queued, and the consumer idle: nothing can be overtaken."""
-        return self._consumer_idle and not self._pending and not self._resync
-
     def _write_directly(self, batch: LiveBatch) -> int | None:
         """The steady state of a stream, with no task wake-up per event: the reader's
         call writes the frames (shared, for a single topic) straight to the client.
@@ -354,59 +351,6 @@ class Subscription(CatchUp):
             return None
         self._positions[topic] = batch.last_id if fresh is entries else fresh[-1].id
         return len(fresh)
-
-    def beat_if_due(self, now: float, due_after: float) -> None:
-        """The heartbeat clock's call: end the stream if its credentials expired, else
-        beat straight to the socket if we can."""
-        if (self._ends_at is not None and now >= self._ends_at) or (
-            self._trusted is not None and not self._trusted()
-        ):
-            self.expire()
-            return
-        if self._closed:
-            return
-        if self._stopped_reading():
-            self._overflow()
-            self._wake(True)  # (its consumer sees the drop)
-            return
-        if now - self._last_beat < due_after:
-            return
-        if self._parked_live() and self._sink.write(self._beat):
-            self._last_beat = now
-        else:
-            self._wake(False)
-
-    def look_at_origins(self, now: float) -> None:
-        """The clock's call, more often than its beats when topics expire sooner: ask
-        the consumer for later origins when one the client holds is due."""
-        if self._closed or self._origins_due or self._origins is None:
-            return
-        if self._origins.due(self._positions, now):
-            self._origins_due = True
-            self._wake(True)  # (its consumer reads the store: see _later_origins)
-        elif not self._origins:  # (left the origin: its log came; looked at no more)
-            self._origins = None
-            self._heartbeats.unwatch_origins(self)
-
-    def _watch_origins(self) -> None:
-        """Have the clock look at the origins its client holds (``look_at_origins``)."""
-        self._heartbeats.watch_origins(self)
-
-    def _stopped_reading(self) -> bool:
-        """Past the buffer limit at two of the clock's ticks in a row (a third of a
-        heartbeat interval apart), with nothing read between them: a burst taken whole
-        that its client does not read. Without this, a client that stopped reading
-        held it until its topic's next event (review: 18 MB each, for a multi-topic
-        stream's own frames); judged at one tick, a reader at full speed, caught
-        mid-burst, was dropped (second review). Not while catching up: ``offer``
-        bounds the queue then, and the consumer is running."""
-        if self._dropped or self._catching_up:
-            self._backlog_at_tick = None
-            return False
-        backlog = self._sink.unsent_bytes() + self._pending_bytes
-        before, self._backlog_at_tick = self._backlog_at_tick, backlog
-        limit = self._buffer_limit
-        return backlog > limit and before is not None and before > limit and backlog >= before
 
     def _all_over(self) -> bool:
         return len(self._over) == len(self._starts)

@@ -109,7 +109,7 @@ class CatchUp:
         raise NotImplementedError
 
     def _watch_origins(self) -> None:
-        """Have the heartbeat clock look at the origins held (``Subscription``'s)."""
+        """Have the heartbeat clock look at the origins held (``ClockCalls``')."""
         raise NotImplementedError
 
     # -- catching up from the log -------------------------------------------
