@@ -20,7 +20,7 @@ import orjson
 import pytest
 from redis.exceptions import ResponseError
 
-from api.lean_ingest import ChunkedBody
+from api.body_framing import ChunkedBody
 from api.lean_publish import publish_request
 from api.publish import events_of, parse_events
 from api.settings import Settings

@@ -1,4 +1,4 @@
-"""A lean ingest's body framing (``api.lean_ingest``): chunked and sized bodies decoded
+"""A lean ingest's body framing (``api.body_framing``): chunked and sized bodies decoded
 as they arrive, in any split, with what follows the body kept for the next request."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import itertools
 import httptools
 import pytest
 
-from api.lean_ingest import BadFraming, ChunkedBody, SizedBody
+from api.body_framing import BadFraming, ChunkedBody, SizedBody
 
 BODY = b'{"data": 1}\n{"data": "two"}\n'
 CHUNKED = (
