@@ -7,17 +7,22 @@ from typing import Any
 
 import pytest
 
-from api import auth
+from api import own_origin
 from api.auth import (
     OPEN,
     Authorizer,
     Grant,
     TopicPatterns,
-    is_own_origin,
     redact_tokens,
     token_of,
 )
 from api.keys import FixedKey, algorithms_for, hmac_algorithms, keys_of
+from api.own_origin import (
+    LONGEST_ORIGIN_KEPT,
+    ORIGIN_VERDICTS_KEPT,
+    is_own_origin,
+    own_origin_verdict,
+)
 from api.problems import Forbidden, Unauthorized
 from tests.support.tokens import SECRET, KeyPair, claims, hs_token
 
@@ -243,20 +248,20 @@ def test_a_page_on_https_is_the_brokers_own_when_the_broker_sees_http(
 def test_remembered_verdicts_of_the_brokers_own_origin_are_bounded_and_the_same() -> None:
     """The forgery check remembers its verdicts (parsing the two origins was most of it),
     never more than a few: any page may send any Origin, one per request."""
-    auth._remembered_own_origin.cache_clear()
+    own_origin._remembered_own_origin.cache_clear()
     pairs = [("http://broker.test", "broker.test"), ("https://evil.test", "broker.test")]
     for origin, host in pairs * 2:  # (the second time, remembered)
-        assert auth.own_origin_verdict(origin, host, "http") is is_own_origin(origin, host, "http")
-    assert auth._remembered_own_origin.cache_info().hits == len(pairs)
-    assert auth.own_origin_verdict("http://broker.test", "broker.test", "http") is True
-    assert auth.own_origin_verdict("https://evil.test", "broker.test", "http") is False
-    for n in range(auth.ORIGIN_VERDICTS_KEPT * 4):
-        assert not auth.own_origin_verdict(f"https://evil-{n}.test", "broker.test", "http")
-    assert auth._remembered_own_origin.cache_info().currsize == auth.ORIGIN_VERDICTS_KEPT
-    long_origin = "https://" + "e" * auth.LONGEST_ORIGIN_KEPT + ".test"
-    before = auth._remembered_own_origin.cache_info()
-    assert not auth.own_origin_verdict(long_origin, "broker.test", "http")
-    assert auth._remembered_own_origin.cache_info() == before, "a long pair is not kept"
+        assert own_origin_verdict(origin, host, "http") is is_own_origin(origin, host, "http")
+    assert own_origin._remembered_own_origin.cache_info().hits == len(pairs)
+    assert own_origin_verdict("http://broker.test", "broker.test", "http") is True
+    assert own_origin_verdict("https://evil.test", "broker.test", "http") is False
+    for n in range(ORIGIN_VERDICTS_KEPT * 4):
+        assert not own_origin_verdict(f"https://evil-{n}.test", "broker.test", "http")
+    assert own_origin._remembered_own_origin.cache_info().currsize == ORIGIN_VERDICTS_KEPT
+    long_origin = "https://" + "e" * LONGEST_ORIGIN_KEPT + ".test"
+    before = own_origin._remembered_own_origin.cache_info()
+    assert not own_origin_verdict(long_origin, "broker.test", "http")
+    assert own_origin._remembered_own_origin.cache_info() == before, "a long pair is not kept"
 
 
 def _cookie_publish(headers: dict[str, str], scheme: str = "http") -> dict[str, Any]:
