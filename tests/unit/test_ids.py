@@ -30,6 +30,13 @@ def test_epochs_are_random_and_well_formed() -> None:
         assert epoch != ORIGIN.epoch
 
 
+def test_epochs_draw_on_the_whole_base32_alphabet() -> None:
+    """Each character is one of 32, all of them used: 8 characters carry 40 bits. (16,000
+    characters drawn: one of the 32 left out by chance is some 32 * (31/32)**16000.)"""
+    characters = "".join(new_epoch() for _ in range(2000))
+    assert set(characters) == set("abcdefghijklmnopqrstuvwxyz234567")
+
+
 @pytest.mark.parametrize(
     "text",
     [
