@@ -71,8 +71,16 @@
  *   (no event, no beat), the stream is closed and opened again from its place, as
  *   after a passing refusal: onError({fatal: false, status: 0}), after 1 s, 2 s...
  *   Watched only once a beat told the interval (a broker older than the parameter
- *   sends none: its streams wait as they did), and only while the stream is open
- *   (EventSource's own reconnects are its to time).
+ *   sends none: its streams wait as they did).
+ * - A stream being opened is bounded too: a reconnect (the browser's own, or the
+ *   helper's) whose request a proxy or a half-dead path took and never answered, or
+ *   a SYN into a dropped route, left the EventSource CONNECTING for minutes, or for
+ *   ever. Connecting (no answer's head yet) for two intervals and a second (of the
+ *   last beat heard; of the broker's default 15 s heartbeat, 31 s, before any), and
+ *   the browser's own reconnect for its 2 s retry: wait more, the EventSource is
+ *   closed and the stream opened again as after silence: one EventSource at a time,
+ *   reopenings spaced 1 s, 2 s, 4 s... (each connection it refuses or drops at once
+ *   is the browser's progress, and starts the bound again).
  */
 (function (global) {
   "use strict";
@@ -324,6 +332,16 @@
   // Python client takes it): beats come at least an interval apart, and a second more
   // outlasts a busy event loop (the broker's, or this page's).
   var SILENCE_MARGIN_MS = 1000;
+  // How long a stream may stay connecting (its request sent, no head answered) is
+  // judged as its silence is, by an interval: before any beat told it, by the broker's
+  // default (BROKER_HEARTBEAT_SECONDS, 15 s): 31 s, past the 10 s this helper gives its
+  // own requests, as a live broker answers a head after its store's reply (itself
+  // bounded at 5 s, and 5 s for a free connection), but far short of how long Chromium
+  // waits on a request taken and never answered (without end) or a SYN dropped (~2 min).
+  var DEFAULT_BEAT_MS = 15000;
+  // The browser waits the broker's retry: hint (BROKER_RETRY_MS, 2 s by default; a
+  // script cannot read it) before its own reconnect even asks: its bound is that longer.
+  var RECONNECT_DELAY_MS = 2000;
   global.addEventListener("beforeunload", function () {
     unloading = true;
     global.setTimeout(function () { unloading = false; }, UNLOAD_GRACE_MS);  // it stayed
@@ -477,6 +495,30 @@
 
     function silenceLimitMs() { return 2 * beatMs + SILENCE_MARGIN_MS; }
 
+    // How long the stream may stay connecting: as long as it may stay silent (the
+    // broker's default interval before a beat told its own), and the browser's own
+    // reconnect its retry: wait more. A broker that sends no beat answers a head as
+    // soon as one that does: bounded the same, it is not reopened (once open, a stream
+    // with no interval learnt is not watched: a beating broker sends its first beat
+    // in the head's write, so an open with no beat is an older broker's).
+    function connectLimitMs(ownReconnect) {
+      var interval = beatMs === null ? DEFAULT_BEAT_MS : beatMs;
+      return 2 * interval + SILENCE_MARGIN_MS + (ownReconnect ? RECONNECT_DELAY_MS : 0);
+    }
+
+    // Look at the stream once it would have been connecting too long: still CONNECTING
+    // (no "open", no "error" since: each restarts this), it is closed and opened again
+    // by the helper, as a silent one is. Its "open" hands the stream to watchSilence.
+    function watchConnecting(source, ownReconnect) {
+      stopWatching();
+      watchdog = global.setTimeout(function () {
+        watchdog = null;
+        if (closed || source !== handle.source) { return; }
+        if (source.readyState !== global.EventSource.CONNECTING) { return; }  // (see "open")
+        silent(source);
+      }, connectLimitMs(ownReconnect));
+    }
+
     // Look at the open stream when it would have been silent too long, and again then
     // if it was not: one timer for the stream, not one set again for each event.
     function watchSilence(source) {
@@ -486,7 +528,7 @@
       watchdog = global.setTimeout(function () {
         watchdog = null;
         if (closed || source !== handle.source) { return; }
-        if (source.readyState !== global.EventSource.OPEN) { return; }  // (its reconnect)
+        if (source.readyState !== global.EventSource.OPEN) { return; }  // ("error" watches)
         if (Date.now() - heardAt < silenceLimitMs()) {
           watchSilence(source);
         } else {
@@ -500,9 +542,10 @@
     }
 
     // Nothing came for too long: the connection died where no one saw (the broker is
-    // still writing to it, or gave it up). Let it go, and open the stream again from its
-    // place as after a passing refusal with no answer (status 0): nothing missed, and
-    // nothing twice, since the old source, closed, delivers nothing more.
+    // still writing to it, or gave it up), or the one being opened was never answered.
+    // Let it go, and open the stream again from its place as after a passing refusal
+    // with no answer (status 0): nothing missed, and nothing twice, since the old
+    // source, closed, delivers nothing more (and asks nothing more: one at a time).
     function silent(source) {
       source.close();
       closed = true;
@@ -519,13 +562,19 @@
       types.forEach(function (type) { source.addEventListener(type, deliver); });
       source.addEventListener(POSITION, keepPosition);
       source.addEventListener(BEAT, beaten);
+      watchConnecting(source, false);
       source.addEventListener("open", function () {
         openedAt = Date.now();
         heardAt = openedAt;
-        watchSilence(source);  // (the interval a beat of an earlier stream told, if any)
+        watchSilence(source);  // (by the interval a beat told, if any: connecting is over)
       });
       source.addEventListener("error", function () {
-        stopWatching();  // (reconnecting by itself, or closed: see "open")
+        // Reconnecting by itself: bounded from now (this attempt's error was progress).
+        if (source.readyState === global.EventSource.CONNECTING && !closed) {
+          watchConnecting(source, true);
+        } else {
+          stopWatching();
+        }
         // CLOSED: the broker refused (401, 403, 400...), a proxy answered 502 (no broker
         // up), or the broker answered 204 (a closed topic); EventSource will not try
         // again. Otherwise it reconnects by itself.

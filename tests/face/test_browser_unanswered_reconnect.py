@@ -1,0 +1,157 @@
+"""/client.js bounds a reconnect that is never answered, in headless Chromium.
+
+A proxy, or a half-dead path, that takes a stream's request and answers nothing (or a
+SYN into a route that was dropped) left the page's EventSource CONNECTING for as long
+as the browser cared to wait: for ever, in Chromium. The helper watched a stream only
+while it was open. It now closes an EventSource that stays connecting longer than a
+silence would be allowed (two heartbeat intervals and a second, and the browser's own
+reconnect its 2 s retry: wait), and opens the stream again from its place through its
+own reopenings (1 s, 2 s... apart): one EventSource at a time, each told
+``onError({fatal: false, status: 0})``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from brokerclient import Publisher
+from tests.face.client_page import open_client_page, page_received
+from tests.support.broker_process import BrokerProcess
+from tests.support.chromium import Chromium
+from tests.support.older_broker_proxy import OlderBrokerProxy
+from tests.support.polling import wait_until
+from tests.support.silencing_proxy import SilencingProxy
+
+pytestmark = pytest.mark.e2e
+
+HEARTBEAT_SECONDS = 1  # face_broker's
+SILENCE_LIMIT = 2 * HEARTBEAT_SECONDS + 1  # a stream open or connecting, once a beat was heard
+RETRY_HINT = 2  # the broker's retry: (BROKER_RETRY_MS), the browser's wait before reconnecting
+DEFAULT_CONNECT_LIMIT = 2 * 15 + 1  # connecting, before any beat told the interval
+BUSY_MACHINE = 3  # seconds more, for a shared machine
+WAIT_ON_BASE = 20  # how long the page is given: the base waited for ever
+RECEIVED = "JSON.parse(sessionStorage.getItem('received') || '[]')"
+MARK_SOURCE = "window.__stream.source.__marked = true"
+SAME_SOURCE = "window.__stream.source.__marked === true"
+
+
+def _messages(browser: Chromium) -> list[object]:
+    return [json.loads(e["data"]) for e in page_received(browser) if e["type"] == "message"]
+
+
+def _message_ids(browser: Chromium) -> list[str]:
+    return [e["id"] for e in page_received(browser) if e["type"] == "message"]
+
+
+def _errors(browser: Chromium) -> list[tuple[bool, int, int]]:
+    told = [json.loads(e["data"]) for e in page_received(browser) if e["type"] == "error"]
+    return [(error["fatal"], error["status"], error.get("retryInMs")) for error in told]
+
+
+def _wait_messages(browser: Chromium, count: int, what: str, timeout: float = 15) -> None:
+    browser.wait_for(
+        f"{RECEIVED}.filter(e => e.type === 'message').length >= {count}",
+        timeout=timeout,
+        what=what,
+    )
+
+
+def _first_event_on_a_stream(
+    browser: Chromium, proxy: SilencingProxy, publisher: Publisher, topic: str
+) -> None:
+    open_client_page(browser, proxy, f"/topics/{topic}/events?from=earliest")
+    publisher.publish(topic, 1)
+    _wait_messages(browser, 1, "the first event")  # (after the stream's first beat)
+    browser.evaluate(MARK_SOURCE)
+
+
+def _held_closed_by_the_page(proxy: SilencingProxy) -> None:
+    """The page let go of each connection that was never answered: one EventSource at a
+    time (an abandoned one would still hold its connection open)."""
+    wait_until(
+        lambda: proxy.held_still_open() == 0,
+        timeout=5,
+        what="the page to close the stream it gave up on",
+    )
+
+
+def test_the_browsers_own_reconnect_never_answered_is_given_up_and_the_stream_reopened(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """The stream's connection ends (a FIN), the EventSource reconnects by itself, and the
+    proxy takes that request and answers nothing. The page closes that EventSource after
+    the retry: wait and two intervals and a second, opens the stream again from its
+    place a second later, and gets the event published meanwhile, once. (The base left
+    the browser waiting, for ever: bounded here.)"""
+    topic = f"face.unanswered.{uuid.uuid4().hex[:8]}"
+    with SilencingProxy(face_broker.port) as proxy, Publisher(face_broker.url) as publisher:
+        _first_event_on_a_stream(browser, proxy, publisher, topic)
+        proxy.hold_next_streams(1)
+        assert proxy.end_streams() == 1
+        ended_at = time.monotonic()
+        publisher.publish(topic, 2)
+        _wait_messages(browser, 2, "the event published meanwhile", timeout=WAIT_ON_BASE)
+        took = time.monotonic() - ended_at
+        assert _messages(browser) == [1, 2]
+        assert len(set(_message_ids(browser))) == 2, _message_ids(browser)
+        # One reopening by the helper, after 1 s, as after no answer.
+        assert _errors(browser) == [(False, 0, 1000)]
+        assert browser.evaluate(SAME_SOURCE) is not True  # a new EventSource
+        # The first stream, the browser's reconnect (held), the helper's: no more.
+        assert proxy.streams_asked() == 3
+        _held_closed_by_the_page(proxy)
+    assert took < RETRY_HINT + SILENCE_LIMIT + 1 + BUSY_MACHINE, took
+
+
+def test_a_reopening_never_answered_is_given_up_and_the_next_spaced_further(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """The stream goes silent; the helper's reopening (after 1 s) is taken and never
+    answered. The page closes it after two intervals and a second, reopens 2 s later
+    (its backoff goes on: no storm), and gets the event published meanwhile, once. (The
+    base never looked at a stream that did not open: bounded here.)"""
+    topic = f"face.unanswered.{uuid.uuid4().hex[:8]}"
+    with SilencingProxy(face_broker.port) as proxy, Publisher(face_broker.url) as publisher:
+        _first_event_on_a_stream(browser, proxy, publisher, topic)
+        proxy.hold_next_streams(1)
+        assert proxy.silence_streams() == 1
+        silenced_at = time.monotonic()
+        publisher.publish(topic, 2)
+        _wait_messages(browser, 2, "the event published meanwhile", timeout=WAIT_ON_BASE)
+        took = time.monotonic() - silenced_at
+        assert _messages(browser) == [1, 2]
+        assert len(set(_message_ids(browser))) == 2, _message_ids(browser)
+        assert _errors(browser) == [(False, 0, 1000), (False, 0, 2000)]
+        # The first stream, the reopening held, the next: no more.
+        assert proxy.streams_asked() == 3
+        _held_closed_by_the_page(proxy)
+    # Silent (3 s from the last beat), 1 s, connecting (3 s), 2 s.
+    assert took < SILENCE_LIMIT + 1 + SILENCE_LIMIT + 2 + BUSY_MACHINE, took
+
+
+def test_an_older_brokers_stream_with_no_beat_is_left_open(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """A broker older than ?heartbeat=event beats with comments, which a page does not
+    see: no interval is learnt, and its open stream, quiet past the bound a connecting
+    one has before any beat (31 s), is kept, not reopened again and again."""
+    topic = f"face.older.{uuid.uuid4().hex[:8]}"
+    with OlderBrokerProxy(face_broker.port) as proxy, Publisher(face_broker.url) as publisher:
+        open_client_page(browser, proxy, f"/topics/{topic}/events?from=earliest")
+        publisher.publish(topic, 1)
+        _wait_messages(browser, 1, "the first event")
+        browser.evaluate(MARK_SOURCE)
+        quiet_until = time.monotonic() + DEFAULT_CONNECT_LIMIT + 2
+        while time.monotonic() < quiet_until:  # (bounded: 33 s)
+            assert browser.evaluate(SAME_SOURCE) is True, _errors(browser)
+            time.sleep(0.5)
+        publisher.publish(topic, 2)
+        _wait_messages(browser, 2, "the next event, on the same stream")
+        assert browser.evaluate(SAME_SOURCE) is True
+        assert _errors(browser) == []
+        assert _messages(browser) == [1, 2]
+        assert browser.evaluate("window.__stream.source.readyState") == 1  # (OPEN)
