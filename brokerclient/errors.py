@@ -8,6 +8,20 @@ from typing import Any
 class BrokerClientError(Exception):
     """Anything the client could not do."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (and copied) with its members as they are. ``Exception`` rebuilds an
+        error by calling its class with ``args`` (the message alone): a subclass whose
+        ``__init__`` takes more (a status, a key) could not be unpickled, and an error
+        raised in a worker process broke a ``ProcessPoolExecutor`` (and killed a
+        ``multiprocessing.Pool``'s result thread: its caller waited for ever)."""
+        return (_rebuilt, (type(self), self.args), self.__dict__)
+
+
+def _rebuilt(cls: type[BrokerClientError], args: tuple[Any, ...]) -> BrokerClientError:
+    """An error of ``cls`` with ``args``, its ``__init__`` not run: its members are set
+    from the pickled state (``BrokerClientError.__reduce__``)."""
+    return cls.__new__(cls, *args)
+
 
 class Unreachable(BrokerClientError):
     """The broker could not be reached (or kept answering 503) within the attempts allowed.
