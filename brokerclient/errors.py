@@ -72,12 +72,30 @@ class StreamInterrupted(BrokerClientError):
 
 
 class RequestFailed(BrokerClientError):
-    """The broker answered with an error; ``problem`` is its problem+json body, if any."""
+    """The broker answered with an error; ``problem`` is its problem+json body, if any.
 
-    def __init__(self, status: int, problem: dict[str, Any] | None, message: str) -> None:
+    A stream's refusal carries the key of the request refused (``idempotency_key``;
+    None for a refusal that is not a stream's). ``after_line`` > 0: the stream had gone
+    on after that line as a stream of its own (see ``Unreachable``): its lines up to it
+    were stored by its earlier requests, and the key is ``K+after_line``; a resend sends
+    the events after ``after_line`` under it, never the whole stream under K (that
+    stores those lines twice). The line numbers of the broker's detail count from the
+    line after ``after_line``."""
+
+    def __init__(
+        self,
+        status: int,
+        problem: dict[str, Any] | None,
+        message: str,
+        *,
+        idempotency_key: str | None = None,
+        after_line: int = 0,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.problem = problem or {}
+        self.idempotency_key = idempotency_key
+        self.after_line = after_line
 
 
 class StreamStopped(RequestFailed):
@@ -90,7 +108,10 @@ class StreamStopped(RequestFailed):
     stream's first line, whatever part it was in), exactly when ``exact``; else at most
     that one (the broker could not tell which: which lines to send again is the
     caller's to find, reading the topic back). ``idempotency_key``: the key the stream
-    was last sent under."""
+    was last sent under (``K+after_line``, when an earlier answer had it go on after
+    ``after_line`` as a stream of its own)."""
+
+    idempotency_key: str
 
     def __init__(
         self,
@@ -101,11 +122,13 @@ class StreamStopped(RequestFailed):
         last_line_kept: int,
         exact: bool,
         idempotency_key: str,
+        after_line: int = 0,
     ) -> None:
-        super().__init__(status, problem, message)
+        super().__init__(
+            status, problem, message, idempotency_key=idempotency_key, after_line=after_line
+        )
         self.last_line_kept = last_line_kept
         self.exact = exact
-        self.idempotency_key = idempotency_key
 
 
 class TopicClosed(RequestFailed):

@@ -54,6 +54,8 @@ class _Lines:
         self._callers_key = key
         self.key, self._sent = key, list[bytes]()
         self.after_line = 0
+        self.earlier_keys = list[str]()
+        """The keys its earlier parts were sent under (the caller's first), once it went on."""
         self.first_id: str | None = None
         """The id of the stream's first line, once a part of it was kept (else unknown)."""
 
@@ -78,6 +80,7 @@ class _Lines:
             self.first_id = first_id
         del self._sent[:kept]  # (stored: never sent again)
         self.after_line += kept
+        self.earlier_keys.append(self.key)
         self.key = key
         return True
 

@@ -49,7 +49,6 @@ from brokerclient.http import (
     checked_url,
     idempotency_key_of,
     kept_lines,
-    publish_result,
     refreshes,
     retry_after,
     shared_tls,
@@ -68,7 +67,7 @@ from brokerclient.publish_body import (
 
 # (EventObject re-exported: the type of the events publish_batch and stream take)
 from brokerclient.publish_body import EventObject as EventObject
-from brokerclient.stream_parts import go_on_alone, whole_stream
+from brokerclient.stream_parts import go_on_alone, stream_result
 
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
@@ -217,7 +216,7 @@ class Publisher:
                 refreshes(self._token), _taken(body)
             ):
                 continue
-            return whole_stream(publish_result(response, key), body)
+            return stream_result(response, key, body)
 
     def close(self) -> None:
         if self._own_client:
@@ -348,7 +347,7 @@ class AsyncPublisher:
                 refreshes(self._token), _taken(body)
             ):
                 continue
-            return whole_stream(publish_result(response, key), body)
+            return stream_result(response, key, body)
 
     async def aclose(self) -> None:
         if self._own_client:

@@ -13,8 +13,8 @@ import logging
 import httpx
 
 from brokerclient.attempts import Attempts
-from brokerclient.errors import StreamStopped
-from brokerclient.http import KeptLines, PublishResult, problem_of, retry_after
+from brokerclient.errors import RequestFailed, StreamStopped
+from brokerclient.http import KeptLines, PublishResult, problem_of, publish_result, retry_after
 from brokerclient.publish_body import _Lines
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def _stopped(response: httpx.Response, body: _Lines, through: int, exact: bool) 
         f"{response.request.method} {response.request.url.path}: {response.status_code} "
         f"{detail}; the stream's lines {which} were kept: the client cannot go on exactly "
         "(send the lines after the last one kept as a stream of their own; the whole "
-        "stream again would store the lines kept twice)"
+        f"stream again would store the lines kept twice){_parts_of(body)}"
     )
     return StreamStopped(
         response.status_code,
@@ -57,14 +57,53 @@ def _stopped(response: httpx.Response, body: _Lines, through: int, exact: bool) 
         last_line_kept=through,
         exact=exact,
         idempotency_key=body.key,
+        after_line=body.after_line,
     )
 
 
-def whole_stream(result: PublishResult, body: bytes | _Lines) -> PublishResult:
-    """A stream's result: the whole stream's, when it went on in parts (``PublishResult``:
-    its count, first and last ids; the ids between are not known)."""
+def stream_result(response: httpx.Response, key: str, body: bytes | _Lines) -> PublishResult:
+    """A publish's result, or its refusal raised (``publish_result``). A stream gone on in
+    parts has the whole stream's result (``whole_stream``), and its refusal says so, with
+    its part's key and ``after_line``: a plain 400 or 409 of the part ``K+n`` read as
+    the whole stream's refusal, and a caller who resent the whole stream under K stored
+    its lines 1..n twice."""
     if isinstance(body, bytes) or body.after_line == 0:
-        return result
+        return publish_result(response, key)
+    try:
+        return whole_stream(publish_result(response, key), body)
+    except RequestFailed as refused:
+        raise refused_in_parts(refused, body) from None  # (the same refusal, told whole)
+
+
+def refused_in_parts(refused: RequestFailed, body: _Lines) -> RequestFailed:
+    """``refused`` (the refusal of a stream's part, not a ``StreamStopped``), of its own
+    kind, with the stream's parts said."""
+    return type(refused)(
+        refused.status,
+        refused.problem,
+        f"{refused}{_parts_of(body)}",
+        idempotency_key=body.key,
+        after_line=body.after_line,
+    )
+
+
+def _parts_of(body: _Lines) -> str:
+    """What a stream gone on in parts must say of them, or "" (sent whole)."""
+    if body.after_line == 0:
+        return ""
+    n, first_key = body.after_line, body.earlier_keys[0]
+    return (
+        f"; the stream went on in parts: its lines 1..{n} were stored under "
+        f"{', '.join(body.earlier_keys)}, the rest sent under {body.key}: a resend sends the "
+        f"events after line {n} under {body.key}, never the whole stream under {first_key} "
+        f"(that stores lines 1..{n} twice); the broker's line numbers count from the "
+        f"stream's line {n + 1}"
+    )
+
+
+def whole_stream(result: PublishResult, body: _Lines) -> PublishResult:
+    """A stream's result: the whole stream's, gone on in parts (``PublishResult``: its
+    count, first and last ids; the ids between are not known)."""
     return PublishResult(
         ids=[],
         replayed=result.replayed,
