@@ -60,7 +60,14 @@ class StreamInterrupted(BrokerClientError):
     first: a resend whose line n is not the one stored under the key (a model's new
     answer) is refused (``RequestFailed``, 400), nothing of it stored. ``after_line`` >
     0: the stream was gone on with after that line as a stream of its own (see
-    ``Unreachable``), under ``idempotency_key``: a resend sends the events after it."""
+    ``Unreachable``), under ``idempotency_key``: a resend sends the events after it.
+
+    A broker that had answered before the iterator raised (its answer read for up to
+    ``publish_body.ANSWER_WAIT_S``) is heeded instead: a refusal is raised as it is (a
+    closed topic: ``TopicClosed``; the caller's error its ``__cause__`` still), and lines
+    kept with the rest to go as a stream of their own give this error with that
+    ``after_line`` and key. Where no answer can be read (HTTP/2; a transport not
+    httpx's own), the message says the broker may have refused the stream."""
 
     def __init__(
         self, message: str, *, idempotency_key: str, lines_sent: int, after_line: int = 0

@@ -7,6 +7,16 @@ the caller's iterator or events raise leaves httpx as ``_Interrupted``, which th
 publisher raises as ``StreamInterrupted`` with the key to resend under. A stream the
 broker told to send its rest as a stream of its own (``go_on_after``) drops the lines
 it kept, and sends the rest under a key of its own.
+
+The broker may have answered the request before the iterator raised (it refused a
+line: a closed topic, lapsed line records), its answer unread while the body was still
+being sent; then what it said, not "resend the same events", is what a resend must
+follow. So ``_Interrupted`` is an ``httpcore.WriteError``: httpcore reads the answer
+after a write that failed (a server may answer before the body's end), here for
+``ANSWER_WAIT_S`` at most (the request's read timeout, set then; httpcore 1.0 reads it
+when it begins to read), and the publisher raises what the answer says. A transport
+that is not httpcore's HTTP/1.1 (HTTP/2, a mock) reads nothing: the advice stays
+"resend the same events", and says the broker may have refused them.
 """
 
 from __future__ import annotations
@@ -16,12 +26,19 @@ import json
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
+import httpcore
+import httpx
+
 from brokerclient.errors import StreamInterrupted
 from brokerclient.http import idempotency_key_of
 
 EventObject = Mapping[str, Any]
 """An event as the JSON publish takes it: ``{"data": ..., "event"?: str, "retry"?: int}``."""
 NDJSON = "application/x-ndjson"  # streaming ingest: one event per line
+ANSWER_WAIT_S = 0.5
+"""How long a stream whose iterator raised waits for an answer the broker may have
+sent already: on loopback or a LAN one written is in well before; one not written by
+then was not coming (the broker answers a body broken off with nothing)."""
 
 
 def _json_body(item: Any) -> bytes:
@@ -58,6 +75,15 @@ class _Lines:
         """The keys its earlier parts were sent under (the caller's first), once it went on."""
         self.first_id: str | None = None
         """The id of the stream's first line, once a part of it was kept (else unknown)."""
+        self.interrupted: _Interrupted | None = None
+        """What the caller's iterator or events raised, once they did: the stream ends."""
+        self._timeouts: dict[str, Any] = {}  # (the request under way's, read by httpcore)
+
+    def sent_as(self, request: httpx.Request) -> httpx.Request:
+        """``request`` (this stream's, under way): its read timeout is shortened once the
+        caller's iterator raises, to read an answer the broker sent already."""
+        self._timeouts = request.extensions.setdefault("timeout", {})
+        return request
 
     def count(self) -> int:
         """The lines taken from the caller's iterator so far (all parts)."""
@@ -94,7 +120,9 @@ class _Lines:
         try:
             yield
         except Exception as error:
-            raise _Interrupted(error, self.key, self.count(), self.after_line) from error
+            self.interrupted = _Interrupted(error, self.key, self.count(), self.after_line)
+            self._timeouts["read"] = ANSWER_WAIT_S  # (its answer now, if it gave one)
+            raise self.interrupted from error
 
     def _line(self, item: object) -> bytes:
         line = _json_body(item) + b"\n"
@@ -142,22 +170,27 @@ class _AsyncSentLines(_Lines):
 _END = object()  # (an iterator's end, told from any event it may yield)
 
 
-class _Interrupted(Exception):
-    """The caller's part of a stream raised ``error``: carried out of httpx in this, as
-    httpcore re-raises what passes through it ``from None`` (a StreamInterrupted lost
-    its cause so: the caller's own error, which the traceback then did not show)."""
+class _Interrupted(httpcore.WriteError):
+    """The caller's part of a stream raised ``error``: carried out of httpx in this (and
+    kept on the stream's ``_Lines``), as httpcore re-raises what passes through it
+    ``from None`` (a StreamInterrupted lost its cause so: the caller's own error, which
+    the traceback then did not show). A write error, so that httpcore reads the answer
+    the broker may have sent already (see the module's docstring)."""
 
     def __init__(self, error: Exception, key: str, lines_sent: int, after_line: int) -> None:
         super().__init__(error)
         self.error, self.key, self.lines_sent = error, key, lines_sent
         self.after_line = after_line
 
-    def public(self) -> StreamInterrupted:
+    def public(self, heard: str = "") -> StreamInterrupted:
+        """The error the caller gets; ``heard``: what is known of the broker's answer
+        (its answer read, or that none could be), if anything."""
         which = "the same events, from the first,"
         if self.after_line:  # (sent on as a stream of its own: those before are stored)
             which = f"the events after the first {self.after_line}, as a stream of their own,"
+        said = f"; {heard}" if heard else ""
         return StreamInterrupted(
-            f"the stream's events raised {self.error!r} after {self.lines_sent} lines: "
+            f"the stream's events raised {self.error!r} after {self.lines_sent} lines{said}: "
             f"resend {which} under idempotency key {self.key} to store each line once",
             idempotency_key=self.key,
             lines_sent=self.lines_sent,

@@ -61,13 +61,14 @@ from brokerclient.publish_body import (
     _AsyncSentLines,
     _Interrupted,
     _json_body,
+    _Lines,
     _SentLines,
     _utf8,
 )
 
 # (EventObject re-exported: the type of the events publish_batch and stream take)
 from brokerclient.publish_body import EventObject as EventObject
-from brokerclient.stream_parts import go_on_alone, stream_result
+from brokerclient.stream_parts import UNREAD, answered, go_on_alone, stream_result, unanswered
 
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
@@ -194,15 +195,20 @@ class Publisher:
             key = key if isinstance(body, bytes) else body.key  # (a stream gone on: its own)
             headers = _headers_for(token_now(self._token), content_type, key)
             content = body if isinstance(body, bytes) else body.replay_then_rest()
+            request = self._client.build_request(
+                "POST", topic_path(topic), content=content, params=params, headers=headers
+            )
             try:
-                response = self._client.post(
-                    topic_path(topic), content=content, params=params, headers=headers
-                )
+                response = self._client.send(_sent_as(body, request))
             except _Interrupted as stopped:  # (the caller's iterator: never retried)
-                raise stopped.public() from stopped.error
+                raise stopped.public(UNREAD) from stopped.error  # (a transport not httpcore's)
             except httpx.TransportError as error:
+                if (interrupted := _interrupted(body)) is not None:
+                    raise unanswered(interrupted, error) from interrupted.error
                 time.sleep(attempts.failed(repr(error), lines=_taken(body)))
                 continue
+            if not isinstance(body, bytes) and body.interrupted:  # (answered before it raised)
+                raise answered(response, body, body.interrupted) from body.interrupted.error
             if not isinstance(body, bytes) and (kept := kept_lines(response)) is not None:
                 time.sleep(go_on_alone(body, kept, response, attempts))
                 continue
@@ -325,15 +331,20 @@ class AsyncPublisher:
             key = key if isinstance(body, bytes) else body.key  # (a stream gone on: its own)
             headers = _headers_for(await async_token_now(self._token), content_type, key)
             content = body if isinstance(body, bytes) else body.replay_then_rest()
+            request = self._client.build_request(
+                "POST", topic_path(topic), content=content, params=params, headers=headers
+            )
             try:
-                response = await self._client.post(
-                    topic_path(topic), content=content, params=params, headers=headers
-                )
+                response = await self._client.send(_sent_as(body, request))
             except _Interrupted as stopped:  # (the caller's iterator: never retried)
-                raise stopped.public() from stopped.error
+                raise stopped.public(UNREAD) from stopped.error  # (a transport not httpcore's)
             except httpx.TransportError as error:
+                if (interrupted := _interrupted(body)) is not None:
+                    raise unanswered(interrupted, error) from interrupted.error
                 await asyncio.sleep(attempts.failed(repr(error), lines=_taken(body)))
                 continue
+            if not isinstance(body, bytes) and body.interrupted:  # (answered before it raised)
+                raise answered(response, body, body.interrupted) from body.interrupted.error
             if not isinstance(body, bytes) and (kept := kept_lines(response)) is not None:
                 await asyncio.sleep(go_on_alone(body, kept, response, attempts))
                 continue
@@ -367,6 +378,15 @@ class AsyncPublisher:
 
 def _headers_for(token: str | None, content_type: str, key: str) -> dict[str, str]:
     return base_headers(token) | {"Content-Type": content_type, "Idempotency-Key": key}
+
+
+def _sent_as(body: bytes | _Lines, request: httpx.Request) -> httpx.Request:
+    return request if isinstance(body, bytes) else body.sent_as(request)
+
+
+def _interrupted(body: bytes | _Lines) -> _Interrupted | None:
+    """What the caller's iterator raised, if it did (the stream ends: never retried)."""
+    return None if isinstance(body, bytes) else body.interrupted
 
 
 def _taken(body: bytes | _SentLines | _AsyncSentLines) -> int | None:

@@ -3,7 +3,9 @@
 those records lapsed; ``ingest-lines-lost``, ``ingest-records-lapsed``), for
 ``brokerclient.publisher``: the lines after the last one kept go on under the key
 ``K+n`` (n: that line), ``StreamStopped`` where it cannot tell which were kept, and
-the result of a stream gone on in parts is the whole stream's.
+the result of a stream gone on in parts is the whole stream's, its refusal told with
+its parts. A stream whose own iterator raised once the broker had answered raises what
+that answer says (``answered``).
 """
 
 from __future__ import annotations
@@ -13,9 +15,18 @@ import logging
 import httpx
 
 from brokerclient.attempts import Attempts
-from brokerclient.errors import RequestFailed, StreamStopped
-from brokerclient.http import KeptLines, PublishResult, problem_of, publish_result, retry_after
-from brokerclient.publish_body import _Lines
+from brokerclient.errors import BrokerClientError, RequestFailed, StreamInterrupted, StreamStopped
+from brokerclient.http import (
+    RETRY_STATUSES,
+    KeptLines,
+    PublishResult,
+    failure,
+    kept_lines,
+    problem_of,
+    publish_result,
+    retry_after,
+)
+from brokerclient.publish_body import _Interrupted, _Lines
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +51,48 @@ def go_on_alone(
     return attempts.failed(why, retry_after(response), body.count(), answered=True)
 
 
+UNREAD = (
+    "no answer of the broker's could be read (it may have refused the stream: a resend "
+    "it refuses raises what it says)"
+)
+"""Said where the iterator raised and no answer could be read (HTTP/2; a transport that
+is not httpx's own), the advice given as if the broker had not refused the stream."""
+
+
+def unanswered(stopped: _Interrupted, error: Exception) -> StreamInterrupted:
+    """The caller's iterator raised, and no answer came (``error``): within
+    ``ANSWER_WAIT_S`` (a read timeout: none was coming; the advice holds as it is), or
+    none could be read."""
+    return stopped.public("" if isinstance(error, httpx.ReadTimeout) else UNREAD)
+
+
+def answered(response: httpx.Response, body: _Lines, stopped: _Interrupted) -> BrokerClientError:
+    """The caller's iterator raised (``stopped``) once the broker had answered the request
+    (``response``): what that answer says. Lines kept, the rest to go as a stream of
+    their own: the advice names ``K+n`` (or ``StreamStopped``); a 502/503/504 or a 401
+    leaves the advice as it is (the same events, under the same key); any other
+    refusal is raised (a closed topic: ``TopicClosed``)."""
+    heard = f"the broker had answered {response.status_code} {_detail(response)}"
+    kept = kept_lines(response)
+    if kept is not None:
+        if not kept.exact or not body.go_on_after(kept.through, kept.first_id):
+            return _stopped(response, body, body.after_line + kept.through, kept.exact)
+        gone_on = _Interrupted(stopped.error, body.key, stopped.lines_sent, body.after_line)
+        return gone_on.public(f"{heard}; its lines up to line {body.after_line} were kept")
+    if response.status_code in RETRY_STATUSES or response.status_code in (200, 201, 401):
+        return stopped.public(heard)
+    refusal = failure(response)
+    return refused_in_parts(refusal, body) if body.after_line else refusal
+
+
+def _detail(response: httpx.Response) -> str:
+    problem = problem_of(response) or {}
+    return str(problem.get("detail") or problem.get("title") or response.text[:200])
+
+
 def _stopped(response: httpx.Response, body: _Lines, through: int, exact: bool) -> StreamStopped:
     problem = problem_of(response)
-    detail = (problem or {}).get("detail") or response.text[:200]
+    detail = _detail(response)
     which = f"up to line {through}" if exact else f"at most up to line {through}"
     message = (
         f"{response.request.method} {response.request.url.path}: {response.status_code} "

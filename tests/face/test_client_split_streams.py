@@ -1,8 +1,9 @@
 """A streaming ingest the client went on with as a stream of its own (the broker said
-its lines up to line n were kept, the rest to go under ``K+n``), then ended otherwise,
-against a real broker process on a real redis-server: whatever it raises says the
-stream was sent in parts, under which keys, so that a caller resending it stores no
-line twice."""
+its lines up to line n were kept, the rest to go under ``K+n``), or whose iterator
+raised once the broker had refused it, against a real broker process on a real
+redis-server: whatever it raises says what a resend must do (the stream's parts and
+their keys, or the broker's refusal), so that a caller resending it stores no line
+twice."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ import pytest
 import redis
 
 from broker import constants as c
-from brokerclient import AsyncPublisher, Publisher, RequestFailed, event
+from brokerclient import (
+    AsyncPublisher,
+    Publisher,
+    RequestFailed,
+    StreamInterrupted,
+    TopicClosed,
+    event,
+)
+from tests.http.helpers import read_metric
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer
@@ -32,6 +41,21 @@ def _history(url: str, topic: str) -> list[Any]:
         f"{url}/topics/{topic}/events", headers={"Accept": "application/json"}, timeout=5
     )
     return [e["data"] for e in response.json()["events"]] if response.status_code == 200 else []
+
+
+class ModelDied(Exception):
+    """The caller's own error, raised by its iterator."""
+
+
+def _ingest_refusals(url: str) -> float:
+    """The 409s the broker has answered ingests with (counted as each is written)."""
+    return read_metric(url, "broker_http_responses_total", {"route": "ingest", "status": "409"})
+
+
+def _wait_for_a_refusal_after(url: str, refusals: float) -> None:
+    """Until the broker has written its 409 to the stream's request (its body still
+    open): what the client reads once its iterator raises."""
+    wait_until(lambda: _ingest_refusals(url) > refusals, timeout=10, what="the broker's 409")
 
 
 class LapsesAfterTwoLines:
@@ -54,6 +78,20 @@ class LapsesAfterTwoLines:
 
     async def async_then_a_bad_line(self) -> AsyncIterator[dict[str, Any]]:
         for item in self.then_a_bad_line():  # (its waits are short: the loop may block)
+            yield item
+
+    def then_dies_once_refused(self) -> Iterator[dict[str, Any]]:
+        """Line 3 is refused (409, ``after_line`` 2), and the iterator raises after the
+        broker's answer is written, before the client has read it."""
+        yield from (event(1), event(2))
+        self.lapse_after_two()
+        refusals = _ingest_refusals(self.url)
+        yield event(3)
+        _wait_for_a_refusal_after(self.url, refusals)
+        raise ModelDied("the model's process died")
+
+    async def async_then_dies_once_refused(self) -> AsyncIterator[dict[str, Any]]:
+        for item in self.then_dies_once_refused():
             yield item
 
 
@@ -91,3 +129,69 @@ async def test_an_async_stream_refused_after_it_went_on_alone_names_its_parts_to
         with pytest.raises(RequestFailed) as refused:
             await publisher.stream(topic, fault.async_then_a_bad_line(), idempotency_key=key)
     _assert_names_the_parts(refused.value, key)
+
+
+def _assert_told_to_go_on_after_two(interrupted: StreamInterrupted, key: str) -> None:
+    """The broker's refusal, read: the events after line 2 go under ``K+2``."""
+    assert isinstance(interrupted.__cause__, ModelDied), repr(interrupted.__cause__)
+    assert (interrupted.after_line, interrupted.idempotency_key) == (2, f"{key}+2"), vars(
+        interrupted
+    )
+    said = str(interrupted)
+    assert "409" in said and "the events after the first 2" in said, said
+    assert f"under idempotency key {key}+2" in said, said
+
+
+def test_a_stream_whose_iterator_raises_once_the_broker_refused_it_tells_what_it_said(
+    face_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """The broker had ended the request (409 ``ingest-records-lapsed``: lines 1-2 kept,
+    the rest to go as a stream of their own) when the iterator raised: the client broke
+    the request off unread and advised resending the same events, from the first, under
+    K, which stores lines 1-2 twice (their records lapsed). It reads the answer now and
+    says what it said; a resend as told stores each line once."""
+    topic, key = _topic("refused-then-died"), "refused-then-died"
+    fault = LapsesAfterTwoLines(face_broker.url, redis_server.url, topic, key)
+    with Publisher(face_broker.url) as publisher:
+        with pytest.raises(StreamInterrupted) as raised:
+            publisher.stream(topic, fault.then_dies_once_refused(), idempotency_key=key)
+        _assert_told_to_go_on_after_two(raised.value, key)
+        rest = [event(n) for n in (3, 4, 5)]
+        result = publisher.stream(topic, rest, idempotency_key=raised.value.idempotency_key)
+    assert result.count == 3
+    assert _history(face_broker.url, topic) == [1, 2, 3, 4, 5]
+
+
+async def test_an_async_stream_whose_iterator_raises_once_refused_tells_what_it_said_too(
+    face_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    topic, key = _topic("refused-then-died-async"), "refused-then-died-async"
+    fault = LapsesAfterTwoLines(face_broker.url, redis_server.url, topic, key)
+    async with AsyncPublisher(face_broker.url) as publisher:
+        with pytest.raises(StreamInterrupted) as raised:
+            await publisher.stream(topic, fault.async_then_dies_once_refused(), idempotency_key=key)
+    _assert_told_to_go_on_after_two(raised.value, key)
+
+
+def test_a_stream_whose_iterator_raises_once_its_topic_closed_raises_topic_closed(
+    face_broker: BrokerProcess,
+) -> None:
+    """The topic was closed under the stream (409 at its line 2) before the iterator
+    raised: ``StreamInterrupted`` advised resending under the key, which the broker
+    refuses. The broker's answer is what is raised now, the caller's error its cause."""
+    topic = _topic("closed-then-died")
+
+    def closed_then_dies() -> Iterator[dict[str, Any]]:
+        yield event(1)
+        wait_until(lambda: _history(face_broker.url, topic) == [1], timeout=10, what="line 1")
+        refusals = _ingest_refusals(face_broker.url)
+        closed = httpx.post(f"{face_broker.url}/topics/{topic}/close", timeout=5)
+        assert closed.status_code == 201, closed.text
+        yield event(2)
+        _wait_for_a_refusal_after(face_broker.url, refusals)
+        raise ModelDied("the model's process died")
+
+    with Publisher(face_broker.url) as publisher, pytest.raises(TopicClosed) as refused:
+        publisher.stream(topic, closed_then_dies(), idempotency_key="closed-then-died")
+    assert isinstance(refused.value.__cause__, ModelDied), repr(refused.value.__cause__)
+    assert refused.value.status == 409 and refused.value.end_id is not None

@@ -13,7 +13,15 @@ import httpx
 import pytest
 import trustme
 
-from brokerclient import AsyncPublisher, AsyncSubscriber, Publisher, RequestFailed, Subscriber
+from brokerclient import (
+    AsyncPublisher,
+    AsyncSubscriber,
+    Publisher,
+    RequestFailed,
+    StreamInterrupted,
+    Subscriber,
+    event,
+)
 from brokerclient import http as client_http
 
 
@@ -79,6 +87,30 @@ def test_a_nan_or_an_infinity_is_refused_before_sending(data: object) -> None:
 
 def _never(request: httpx.Request) -> httpx.Response:
     raise AssertionError("nothing may be sent")
+
+
+def _reads_the_body(request: httpx.Request) -> httpx.Response:
+    request.read()
+    raise AssertionError("the stream's iterator raised: no answer to make")
+
+
+def test_a_stream_interrupted_where_no_answer_can_be_read_says_the_broker_may_have_refused_it() -> (
+    None
+):
+    """A transport that is not httpcore's HTTP/1.1 (HTTP/2; a mock, here) cannot read an
+    answer the broker sent before the iterator raised (a refusal: the advice "resend
+    the same events" may be false then): the error says so, where it said nothing."""
+
+    def dies() -> Iterator[dict[str, object]]:
+        yield event(1)
+        raise OSError("the model's process died")
+
+    client = httpx.Client(base_url="http://b.test", transport=httpx.MockTransport(_reads_the_body))
+    with Publisher(client=client) as publisher, pytest.raises(StreamInterrupted) as raised:
+        publisher.stream("t", dies(), idempotency_key="unread")
+    assert isinstance(raised.value.__cause__, OSError)
+    assert "it may have refused the stream" in str(raised.value), raised.value
+    assert raised.value.idempotency_key == "unread"
 
 
 def test_the_clients_idempotency_key_rule_is_the_brokers() -> None:
