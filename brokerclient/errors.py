@@ -54,13 +54,15 @@ class StreamInterrupted(BrokerClientError):
 
     The lines it gave before (``lines_sent``) were sent, and each one that reached the
     broker is stored; the request was broken off, not ended, so the broker took it for
-    no complete stream (a ``close`` was not done). ``idempotency_key`` is the stream's
-    key (the caller's, or the one made up for it): a resend of the whole stream under
-    it stores those lines no second time, and goes on with the rest. The same events
-    first: a resend whose line n is not the one stored under the key (a model's new
-    answer) is refused (``RequestFailed``, 400), nothing of it stored. ``after_line`` >
-    0: the stream was gone on with after that line as a stream of its own (see
-    ``Unreachable``), under ``idempotency_key``: a resend sends the events after it.
+    no complete stream (a ``close`` was not done). ``idempotency_key`` is the key to
+    resend under. ``after_line`` 0 (sent in one part): the stream's key (the caller's,
+    or the one made up for it), under which a resend of the whole stream stores those
+    lines no second time, and goes on with the rest. The same events first: a resend
+    whose line n is not the one stored under the key (a model's new answer) is refused
+    (``RequestFailed``, 400), nothing of it stored. ``after_line`` n > 0: the stream
+    was gone on with after line n as a stream of its own (see ``Unreachable``), and
+    the key is ``K+n``, not the caller's: a resend sends the events after line n under
+    it (the whole stream again stores lines 1..n twice).
 
     A broker that had answered before the iterator raised (its answer read for up to
     ``publish_body.ANSWER_WAIT_S``) is heeded instead: a refusal is raised as it is (a

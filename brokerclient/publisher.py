@@ -168,9 +168,15 @@ class Publisher:
         An iterator that raises (an ``Exception``), or an event that is not JSON, ends
         it with ``StreamInterrupted``, raised from that error: the lines sent before it
         are stored (those that reached the broker), the request broken off (no
-        ``close``), and its ``idempotency_key`` (the one given, or the one made up) is
-        the key to send the whole stream again under (the same events first: others in
-        their place are refused, 400), which stores those lines no second time. A
+        ``close``), and its ``idempotency_key`` is the key to resend under, which stores
+        those lines no second time: sent in one part, the one given (or the one made
+        up), under which the whole stream goes again (the same events first: others in
+        their place are refused, 400); gone on after its line n as a stream of its own
+        (the broker said so; ``after_line`` n), ``K+n``, under which only the events
+        after line n go (never the whole stream again, under either key: under K it
+        stores lines 1..n twice). A broker that had refused the stream before it raised
+        has its refusal raised instead (see ``StreamInterrupted``). Any refusal after
+        the stream went on so carries ``after_line`` and ``K+n`` too. A
         ``BaseException`` (Ctrl-C) goes through as it is: give ``idempotency_key`` to
         know the key then too.
         """
@@ -309,8 +315,9 @@ class AsyncPublisher:
         close: bool = False,
     ) -> PublishResult:
         """``Publisher.stream``, awaited: an iterator that raises ends it with
-        ``StreamInterrupted`` (its ``idempotency_key`` to resend under); a cancellation
-        goes through as it is."""
+        ``StreamInterrupted`` (its ``idempotency_key`` to resend under: the one given,
+        or ``K+n`` once gone on after line n, ``after_line``); a cancellation goes
+        through as it is."""
         key = idempotency_key_of(idempotency_key)
         lines = _AsyncSentLines(_aiter(events), key)
         return await self._send(topic, lines, NDJSON, _query(close), key, "stream")
