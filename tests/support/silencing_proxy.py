@@ -9,8 +9,10 @@ that notices comes back through the same proxy.
 
 And what a proxy or a half-dead path does to a reconnect: it takes the connection and
 the request, and answers nothing, ever (``hold_next_streams``); a later connection
-passes. ``end_streams`` closes the streams open (a FIN), as a broker that went does,
-so that an ``EventSource`` reconnects by itself.
+passes. Or it holds the answer a while and then lets it through, as a broker whose
+store is slow answers late (``delay_next_streams``). ``end_streams`` closes the
+streams open (a FIN), as a broker that went does, so that an ``EventSource``
+reconnects by itself.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import time
 
 from tests.support.tcp_proxy import TcpProxy
 
@@ -35,6 +38,8 @@ class SilencingProxy(TcpProxy):
         self._to_hold = 0  # stream requests still to be taken and never answered
         self._held: set[socket.socket] = set()  # client sockets of the streams held
         self._ended: set[socket.socket] = set()  # client sockets whose pipe to the broker ended
+        self._to_delay: tuple[int, float] = (0, 0.0)  # streams still to answer late, and how late
+        self._answer_at: dict[socket.socket, float] = {}  # client socket: its answer's time
 
     @property
     def url(self) -> str:
@@ -59,6 +64,13 @@ class SilencingProxy(TcpProxy):
         connection closed). The streams asked for after them pass."""
         with self._lock:
             self._to_hold = count
+
+    def delay_next_streams(self, count: int, seconds: float) -> None:
+        """The answers of the next ``count`` streams asked for reach the client
+        ``seconds`` after their request reached the broker (all that came meanwhile at
+        once), as a broker answers whose store is slow; the streams after them pass."""
+        with self._lock:
+            self._to_delay = (count, seconds)
 
     def streams_asked(self) -> int:
         """How many connections a stream was asked on, so far."""
@@ -102,7 +114,19 @@ class SilencingProxy(TcpProxy):
                 if self._to_hold:
                     self._hold(target)
                     return True  # (the broker serves it: no close of its to pass on)
-            return target not in self._silenced
+                self._delay(target)
+            answer_at = None if upstream else self._answer_at.get(target)
+            passes = target not in self._silenced
+        if answer_at is not None:  # (waited out of the lock: the other pipes go on)
+            time.sleep(max(answer_at - time.monotonic(), 0))
+        return passes
+
+    def _delay(self, upstream: socket.socket) -> None:
+        """This stream's answer waits, if streams are to be answered late (under the lock)."""
+        count, seconds = self._to_delay
+        if count:
+            self._to_delay = (count - 1, seconds)
+            self._answer_at[self._clients()[upstream]] = time.monotonic() + seconds
 
     def _hold(self, upstream: socket.socket) -> None:
         """From its request on, nothing passes on this stream's connection (under the lock)."""
