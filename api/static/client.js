@@ -81,6 +81,8 @@
  *   closed and the stream opened again as after silence: one EventSource at a time,
  *   reopenings spaced 1 s, 2 s, 4 s... (each connection it refuses or drops at once
  *   is the browser's progress, and starts the bound again).
+ * - broker.beat and broker.position are the helper's own: named in `types` or not,
+ *   they are told to no callback.
  */
 (function (global) {
   "use strict";
@@ -558,7 +560,12 @@
         withCredentials: Boolean(options.withCredentials),
       });
       handle.source = source;
-      var types = ["message", GAP, END].concat(options.types || []);
+      // The helper's own control events are its to handle, never the page's: named in
+      // `types`, a beat or a position was handed to onEvent (and a beat, with no id,
+      // counted as an event delivered).
+      var types = ["message", GAP, END].concat((options.types || []).filter(function (type) {
+        return type !== BEAT && type !== POSITION;
+      }));
       types.forEach(function (type) { source.addEventListener(type, deliver); });
       source.addEventListener(POSITION, keepPosition);
       source.addEventListener(BEAT, beaten);

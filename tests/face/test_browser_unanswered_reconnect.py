@@ -155,3 +155,30 @@ def test_an_older_brokers_stream_with_no_beat_is_left_open(
         assert _errors(browser) == []
         assert _messages(browser) == [1, 2]
         assert browser.evaluate("window.__stream.source.readyState") == 1  # (OPEN)
+
+
+def test_the_helpers_own_events_are_told_to_no_callback_even_when_named(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """A page that names broker.beat and broker.position in ``types`` is handed neither
+    (the helper promises them to no callback; named, they went to onEvent, a beat
+    counted as an event delivered)."""
+    topic = f"face.control.{uuid.uuid4().hex[:8]}"
+    with Publisher(face_broker.url) as publisher:
+        open_client_page(
+            browser,
+            face_broker,
+            f"/topics/{topic}/events?from=earliest",
+            '{types: ["broker.beat", "broker.position", "created"]}',
+        )
+        # A log with no event yet: the stream's start comes as a broker.position.
+        publisher.publish(topic, 1)
+        _wait_messages(browser, 1, "the first event")
+        # A listener of the page's own, after the helper's: when it has heard two beats,
+        # the helper's listeners have had them.
+        browser.evaluate(
+            "window.__beats = 0; window.__stream.source.addEventListener("
+            "'broker.beat', () => { window.__beats += 1; })"
+        )
+        browser.wait_for("window.__beats >= 2", timeout=10, what="two beats")
+        assert [e["type"] for e in page_received(browser)] == ["message"]
