@@ -76,11 +76,13 @@
  *   helper's) whose request a proxy or a half-dead path took and never answered, or
  *   a SYN into a dropped route, left the EventSource CONNECTING for minutes, or for
  *   ever. Connecting (no answer's head yet) for two intervals and a second (of the
- *   last beat heard; of the broker's default 15 s heartbeat, 31 s, before any), and
- *   the browser's own reconnect for its 2 s retry: wait more, the EventSource is
- *   closed and the stream opened again as after silence: one EventSource at a time,
- *   reopenings spaced 1 s, 2 s, 4 s... (each connection it refuses or drops at once
- *   is the browser's progress, and starts the bound again).
+ *   last beat heard; of the broker's default 15 s heartbeat, 31 s, before any), but
+ *   never less than 21 s (a live broker's head may take 20 s while its store is
+ *   slow: with a short heartbeat, a store stall it rode out ended the page's stream
+ *   for good), and the browser's own reconnect for its 2 s retry: wait more, the
+ *   EventSource is closed and the stream opened again as after silence: one
+ *   EventSource at a time, reopenings spaced 1 s, 2 s, 4 s... (each connection it
+ *   refuses or drops at once is the browser's progress, and starts the bound again).
  * - broker.beat and broker.position are the helper's own: named in `types` or not,
  *   they are told to no callback.
  */
@@ -336,11 +338,18 @@
   var SILENCE_MARGIN_MS = 1000;
   // How long a stream may stay connecting (its request sent, no head answered) is
   // judged as its silence is, by an interval: before any beat told it, by the broker's
-  // default (BROKER_HEARTBEAT_SECONDS, 15 s): 31 s, past the 10 s this helper gives its
-  // own requests, as a live broker answers a head after its store's reply (itself
-  // bounded at 5 s, and 5 s for a free connection), but far short of how long Chromium
+  // default (BROKER_HEARTBEAT_SECONDS, 15 s): 31 s, but far short of how long Chromium
   // waits on a request taken and never answered (without end) or a SYN dropped (~2 min).
   var DEFAULT_BEAT_MS = 15000;
+  // And never less than a live broker may take to answer a head while its store is
+  // slow: it writes the head once the stream's subscription opened, which, on an
+  // instance that follows none of its topics yet (its only page reconnecting, say),
+  // reads the topic's state twice in turn (the live feed's start, then the stream's
+  // own), each waiting up to 5 s for a free connection (REDIS_POOL_WAIT_SECONDS) and
+  // 5 s for the reply (REDIS_REPLY_TIMEOUT_SECONDS): 20 s, and a second. (A short
+  // heartbeat bounded it at 3 s: a store stall the broker rode out was given up on
+  // again and again, each a retry, until the page was told its stream ended for good.)
+  var CONNECT_FLOOR_MS = 21000;
   // The browser waits the broker's retry: hint (BROKER_RETRY_MS, 2 s by default; a
   // script cannot read it) before its own reconnect even asks: its bound is that longer.
   var RECONNECT_DELAY_MS = 2000;
@@ -498,14 +507,16 @@
     function silenceLimitMs() { return 2 * beatMs + SILENCE_MARGIN_MS; }
 
     // How long the stream may stay connecting: as long as it may stay silent (the
-    // broker's default interval before a beat told its own), and the browser's own
-    // reconnect its retry: wait more. A broker that sends no beat answers a head as
+    // broker's default interval before a beat told its own), but no less than a live
+    // broker's head may take (CONNECT_FLOOR_MS), and the browser's own reconnect its
+    // retry: wait more. A broker that sends no beat answers a head as
     // soon as one that does: bounded the same, it is not reopened (once open, a stream
     // with no interval learnt is not watched: a beating broker sends its first beat
     // in the head's write, so an open with no beat is an older broker's).
     function connectLimitMs(ownReconnect) {
       var interval = beatMs === null ? DEFAULT_BEAT_MS : beatMs;
-      return 2 * interval + SILENCE_MARGIN_MS + (ownReconnect ? RECONNECT_DELAY_MS : 0);
+      var limit = Math.max(2 * interval + SILENCE_MARGIN_MS, CONNECT_FLOOR_MS);
+      return limit + (ownReconnect ? RECONNECT_DELAY_MS : 0);
     }
 
     // Look at the stream once it would have been connecting too long: still CONNECTING
