@@ -298,6 +298,18 @@ def counted_run(
     return figures
 
 
+def add_run_options(parser: argparse.ArgumentParser, *, py_spy: bool = True) -> None:
+    """The options every driver shares: how many runs, of which builds, measured how."""
+    parser.add_argument("--runs", type=int, default=1, help="runs of each build, alternating")
+    parser.add_argument("--callgrind", action="store_true", help="count instructions")
+    if py_spy:
+        parser.add_argument("--py-spy", type=Path, help="sample the window with py-spy into this")
+    parser.add_argument("--keep", type=Path, help="keep each callgrind dump in this directory")
+    parser.add_argument(
+        "--broker-path", type=Path, action="append", help="the code the broker runs (repeatable)"
+    )
+
+
 def alternate(
     args: argparse.Namespace, run: Callable[[Path], dict[str, float]], label: str = ""
 ) -> None:
@@ -323,13 +335,7 @@ def main() -> None:
     parser.add_argument("--topics", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=1, help="runs of each build, alternating")
-    parser.add_argument("--callgrind", action="store_true", help="count instructions")
-    parser.add_argument("--py-spy", type=Path, help="sample the window with py-spy into this")
-    parser.add_argument("--keep", type=Path, help="keep each callgrind dump in this directory")
-    parser.add_argument(
-        "--broker-path", type=Path, action="append", help="the code the broker runs (repeatable)"
-    )
+    add_run_options(parser)
     args = parser.parse_args()
     alternate(args, lambda code: run_once(code, args))
 

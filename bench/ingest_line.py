@@ -38,7 +38,14 @@ import orjson
 import redis.asyncio as redis
 
 from bench import publishing
-from bench.delivery import alternate, callgrind_control, counted_run, cpu_seconds, py_spy
+from bench.delivery import (
+    add_run_options,
+    alternate,
+    callgrind_control,
+    counted_run,
+    cpu_seconds,
+    py_spy,
+)
 from bench.wire import LAST_CHUNK, KeepAliveClient, chunk
 from broker import constants as c
 
@@ -178,15 +185,9 @@ def main() -> None:
     parser.add_argument("--keyed", type=int, default=25, help="of them with an Idempotency-Key")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--runs", type=int, default=1, help="runs of each build, alternating")
     parser.add_argument("--jwt", action="store_true", help="a JWT secret; each ingest a token")
     parser.add_argument("--no-post", action="store_true", help="no single-event POST run")
-    parser.add_argument("--callgrind", action="store_true", help="count instructions")
-    parser.add_argument("--py-spy", type=Path, help="sample the window with py-spy into this")
-    parser.add_argument("--keep", type=Path, help="keep each callgrind dump in this directory")
-    parser.add_argument(
-        "--broker-path", type=Path, action="append", help="the code the broker runs (repeatable)"
-    )
+    add_run_options(parser)
     args = parser.parse_args()
     alternate(args, lambda code: run_once(code, args), f" {args.keyed}/{args.ingests} keyed")
 

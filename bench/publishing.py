@@ -31,7 +31,7 @@ from pathlib import Path
 
 import jwt
 
-from bench.delivery import alternate, callgrind_control, counted_run, cpu_seconds
+from bench.delivery import add_run_options, alternate, callgrind_control, counted_run, cpu_seconds
 
 JWT_SECRET = "bench-publishing-secret-of-32-bytes-at-least"
 ANSWER_END = b"\r\n\r\n"
@@ -157,13 +157,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--topics", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--runs", type=int, default=1, help="runs of each build, alternating")
     parser.add_argument("--jwt", action="store_true", help="a JWT secret; each POST a token")
-    parser.add_argument("--callgrind", action="store_true", help="count instructions")
-    parser.add_argument("--keep", type=Path, help="keep each callgrind dump in this directory")
-    parser.add_argument(
-        "--broker-path", type=Path, action="append", help="the code the broker runs (repeatable)"
-    )
+    add_run_options(parser, py_spy=False)
     return parser
 
 
