@@ -39,8 +39,28 @@ class Origin(Protocol):
     def url(self) -> str: ...
 
 
+RECEIVED = "JSON.parse(sessionStorage.getItem('received') || '[]')"
+"""What the page kept, as a JavaScript expression."""
+MARK_SOURCE = "window.__stream.source.__marked = true"
+SAME_SOURCE = "window.__stream.source.__marked === true"
+"""Whether the page's stream is still the EventSource marked by ``MARK_SOURCE``."""
+
+
 def page_received(browser: Chromium) -> list[dict[str, str]]:
-    return list(browser.evaluate("JSON.parse(sessionStorage.getItem('received') || '[]')"))
+    return list(browser.evaluate(RECEIVED))
+
+
+def page_messages(browser: Chromium) -> list[object]:
+    """The data of the events the page was handed, parsed."""
+    return [json.loads(e["data"]) for e in page_received(browser) if e["type"] == "message"]
+
+
+def wait_messages(browser: Chromium, count: int, what: str, timeout: float = 15) -> None:
+    browser.wait_for(
+        f"{RECEIVED}.filter(e => e.type === 'message').length >= {count}",
+        timeout=timeout,
+        what=what,
+    )
 
 
 def open_client_page(browser: Chromium, origin: Origin, url: str, options: str = "{}") -> None:

@@ -17,7 +17,14 @@ import uuid
 import pytest
 
 from brokerclient import Publisher
-from tests.face.client_page import open_client_page, page_received
+from tests.face.client_page import (
+    MARK_SOURCE,
+    SAME_SOURCE,
+    open_client_page,
+    page_messages,
+    page_received,
+    wait_messages,
+)
 from tests.support.broker_process import BrokerProcess
 from tests.support.chromium import Chromium
 from tests.support.silencing_proxy import SilencingProxy
@@ -25,26 +32,11 @@ from tests.support.silencing_proxy import SilencingProxy
 pytestmark = pytest.mark.e2e
 
 HEARTBEAT_SECONDS = 1  # face_broker's
-RECEIVED = "JSON.parse(sessionStorage.getItem('received') || '[]')"
-MARK_SOURCE = "window.__stream.source.__marked = true"
-SAME_SOURCE = "window.__stream.source.__marked === true"
-
-
-def _messages(browser: Chromium) -> list[object]:
-    return [json.loads(e["data"]) for e in page_received(browser) if e["type"] == "message"]
 
 
 def _errors(browser: Chromium) -> list[tuple[bool, int]]:
     told = [json.loads(e["data"]) for e in page_received(browser) if e["type"] == "error"]
     return [(error["fatal"], error["status"]) for error in told]
-
-
-def _wait_messages(browser: Chromium, count: int, what: str, timeout: float = 15) -> None:
-    browser.wait_for(
-        f"{RECEIVED}.filter(e => e.type === 'message').length >= {count}",
-        timeout=timeout,
-        what=what,
-    )
 
 
 def test_a_stream_gone_silent_is_opened_again_from_its_place(
@@ -58,15 +50,15 @@ def test_a_stream_gone_silent_is_opened_again_from_its_place(
     with SilencingProxy(face_broker.port) as proxy, Publisher(face_broker.url) as publisher:
         open_client_page(browser, proxy, f"/topics/{topic}/events?from=earliest")
         publisher.publish(topic, 1)
-        _wait_messages(browser, 1, "the first event")  # (after the stream's first beat)
+        wait_messages(browser, 1, "the first event")  # (after the stream's first beat)
         browser.evaluate(MARK_SOURCE)
         assert proxy.silence_streams() == 1
         silenced_at = time.monotonic()
         publisher.publish(topic, 2)
-        _wait_messages(browser, 2, "the event published while the stream was silent")
+        wait_messages(browser, 2, "the event published while the stream was silent")
         took = time.monotonic() - silenced_at
         # (Looked at before the proxy closes: its end is one more reopening.)
-        assert _messages(browser) == [1, 2]
+        assert page_messages(browser) == [1, 2]
         ids = [e["id"] for e in page_received(browser) if e["type"] == "message"]
         assert len(set(ids)) == 2, ids
         assert _errors(browser) == [(False, 0)]  # one reopening, as after no answer
@@ -85,14 +77,14 @@ def test_a_quiet_stream_that_beats_is_left_open(
     with SilencingProxy(face_broker.port) as proxy, Publisher(face_broker.url) as publisher:
         open_client_page(browser, proxy, f"/topics/{topic}/events?from=earliest")
         publisher.publish(topic, 1)
-        _wait_messages(browser, 1, "the first event")
+        wait_messages(browser, 1, "the first event")
         browser.evaluate(MARK_SOURCE)
         quiet_until = time.monotonic() + 5 * HEARTBEAT_SECONDS
         while time.monotonic() < quiet_until:  # (bounded: five seconds)
             assert browser.evaluate(SAME_SOURCE) is True, _errors(browser)
             time.sleep(0.25)
         publisher.publish(topic, 2)
-        _wait_messages(browser, 2, "the next event, on the same stream")
+        wait_messages(browser, 2, "the next event, on the same stream")
         assert browser.evaluate(SAME_SOURCE) is True  # (before the proxy closes it)
         assert _errors(browser) == []
-        assert _messages(browser) == [1, 2]
+        assert page_messages(browser) == [1, 2]

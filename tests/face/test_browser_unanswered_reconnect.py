@@ -24,7 +24,15 @@ import uuid
 import pytest
 
 from brokerclient import Publisher
-from tests.face.client_page import open_client_page, page_received
+from tests.face.client_page import (
+    MARK_SOURCE,
+    RECEIVED,
+    SAME_SOURCE,
+    open_client_page,
+    page_messages,
+    page_received,
+    wait_messages,
+)
 from tests.support.broker_process import BrokerProcess
 from tests.support.chromium import Chromium
 from tests.support.older_broker_proxy import OlderBrokerProxy
@@ -41,13 +49,6 @@ DEFAULT_CONNECT_LIMIT = 2 * 15 + 1  # connecting, before any beat told the inter
 BUSY_MACHINE = 3  # seconds more, for a shared machine
 WAIT_ON_BASE = 35  # how long the page is given: the base waited for ever
 SLOW_HEAD = 5  # how late a broker whose store is slow answers a stream's head, here
-RECEIVED = "JSON.parse(sessionStorage.getItem('received') || '[]')"
-MARK_SOURCE = "window.__stream.source.__marked = true"
-SAME_SOURCE = "window.__stream.source.__marked === true"
-
-
-def _messages(browser: Chromium) -> list[object]:
-    return [json.loads(e["data"]) for e in page_received(browser) if e["type"] == "message"]
 
 
 def _message_ids(browser: Chromium) -> list[str]:
@@ -59,20 +60,12 @@ def _errors(browser: Chromium) -> list[tuple[bool, int, int]]:
     return [(error["fatal"], error["status"], error.get("retryInMs")) for error in told]
 
 
-def _wait_messages(browser: Chromium, count: int, what: str, timeout: float = 15) -> None:
-    browser.wait_for(
-        f"{RECEIVED}.filter(e => e.type === 'message').length >= {count}",
-        timeout=timeout,
-        what=what,
-    )
-
-
 def _first_event_on_a_stream(
     browser: Chromium, proxy: SilencingProxy, publisher: Publisher, topic: str
 ) -> None:
     open_client_page(browser, proxy, f"/topics/{topic}/events?from=earliest")
     publisher.publish(topic, 1)
-    _wait_messages(browser, 1, "the first event")  # (after the stream's first beat)
+    wait_messages(browser, 1, "the first event")  # (after the stream's first beat)
     browser.evaluate(MARK_SOURCE)
 
 
@@ -101,9 +94,9 @@ def test_the_browsers_own_reconnect_never_answered_is_given_up_and_the_stream_re
         assert proxy.end_streams() == 1
         ended_at = time.monotonic()
         publisher.publish(topic, 2)
-        _wait_messages(browser, 2, "the event published meanwhile", timeout=WAIT_ON_BASE)
+        wait_messages(browser, 2, "the event published meanwhile", timeout=WAIT_ON_BASE)
         took = time.monotonic() - ended_at
-        assert _messages(browser) == [1, 2]
+        assert page_messages(browser) == [1, 2]
         assert len(set(_message_ids(browser))) == 2, _message_ids(browser)
         # One reopening by the helper, after 1 s, as after no answer.
         assert _errors(browser) == [(False, 0, 1000)]
@@ -128,9 +121,9 @@ def test_a_reopening_never_answered_is_given_up_and_the_next_spaced_further(
         assert proxy.silence_streams() == 1
         silenced_at = time.monotonic()
         publisher.publish(topic, 2)
-        _wait_messages(browser, 2, "the event published meanwhile", timeout=WAIT_ON_BASE)
+        wait_messages(browser, 2, "the event published meanwhile", timeout=WAIT_ON_BASE)
         took = time.monotonic() - silenced_at
-        assert _messages(browser) == [1, 2]
+        assert page_messages(browser) == [1, 2]
         assert len(set(_message_ids(browser))) == 2, _message_ids(browser)
         assert _errors(browser) == [(False, 0, 1000), (False, 0, 2000)]
         # The first stream, the reopening held, the next: no more.
@@ -153,7 +146,7 @@ def test_a_reconnect_answered_late_by_a_slow_store_is_waited_for(
     with SilencingProxy(face_broker.port) as proxy, Publisher(face_broker.url) as publisher:
         open_client_page(browser, proxy, f"/topics/{topic}/events?from=earliest", "{retries: 2}")
         publisher.publish(topic, 1)
-        _wait_messages(browser, 1, "the first event")
+        wait_messages(browser, 1, "the first event")
         browser.evaluate(MARK_SOURCE)
         proxy.delay_next_streams(3, SLOW_HEAD)
         assert proxy.end_streams() == 1
@@ -165,7 +158,7 @@ def test_a_reconnect_answered_late_by_a_slow_store_is_waited_for(
             what="the event published meanwhile",
         )
         assert _errors(browser) == []
-        assert _messages(browser) == [1, 2]
+        assert page_messages(browser) == [1, 2]
         assert len(set(_message_ids(browser))) == 2, _message_ids(browser)
         assert browser.evaluate(SAME_SOURCE) is True  # (the browser's own reconnect)
         # The first stream, and the browser's reconnect, answered late: no more.
@@ -182,17 +175,17 @@ def test_an_older_brokers_stream_with_no_beat_is_left_open(
     with OlderBrokerProxy(face_broker.port) as proxy, Publisher(face_broker.url) as publisher:
         open_client_page(browser, proxy, f"/topics/{topic}/events?from=earliest")
         publisher.publish(topic, 1)
-        _wait_messages(browser, 1, "the first event")
+        wait_messages(browser, 1, "the first event")
         browser.evaluate(MARK_SOURCE)
         quiet_until = time.monotonic() + DEFAULT_CONNECT_LIMIT + 2
         while time.monotonic() < quiet_until:  # (bounded: 33 s)
             assert browser.evaluate(SAME_SOURCE) is True, _errors(browser)
             time.sleep(0.5)
         publisher.publish(topic, 2)
-        _wait_messages(browser, 2, "the next event, on the same stream")
+        wait_messages(browser, 2, "the next event, on the same stream")
         assert browser.evaluate(SAME_SOURCE) is True
         assert _errors(browser) == []
-        assert _messages(browser) == [1, 2]
+        assert page_messages(browser) == [1, 2]
         assert browser.evaluate("window.__stream.source.readyState") == 1  # (OPEN)
 
 
@@ -212,7 +205,7 @@ def test_the_helpers_own_events_are_told_to_no_callback_even_when_named(
         )
         # A log with no event yet: the stream's start comes as a broker.position.
         publisher.publish(topic, 1)
-        _wait_messages(browser, 1, "the first event")
+        wait_messages(browser, 1, "the first event")
         # A listener of the page's own, after the helper's: when it has heard two beats,
         # the helper's listeners have had them.
         browser.evaluate(
