@@ -191,12 +191,15 @@ class Subscription(ClockCalls):
         cannot answer, StreamOver if every topic is closed and its cursor at the end."""
         try:
             self._heartbeats.add(self)
-            for topic in self._starts:
-                await self._hub.attach(topic, self)
-                if self._closed:  # ended meanwhile (its credentials): nothing left behind
-                    self._hub.detach(topic, self)
-                    return
-                self._attached.append(topic)
+            if len(self._starts) == 1:
+                await self._attach(next(iter(self._starts)))
+            else:
+                # At once: a new topic's feed is a store read, and one after another a
+                # stream of N topics waited N+1 round trips before its head (a page
+                # gives up connecting after a bound that covers two).
+                await asyncio.gather(*(self._attach(topic) for topic in self._starts))
+            if self._closed:  # ended meanwhile (its credentials): nothing left behind
+                return
             states = await asyncio.gather(*(self._store.state(t) for t in self._starts))
             for (topic, start), state in zip(self._starts.items(), states, strict=True):
                 self._opening_states[topic] = state  # the first catch-up judges with it
@@ -217,6 +220,13 @@ class Subscription(ClockCalls):
         except BaseException:
             self.close()
             raise
+
+    async def _attach(self, topic: str) -> None:
+        await self._hub.attach(topic, self)
+        if self._closed:  # ended meanwhile (its credentials, or another topic failed)
+            self._hub.detach(topic, self)
+        else:
+            self._attached.append(topic)
 
     def close(self) -> None:
         """Free the subscription at once: no reader registration or buffer is left."""

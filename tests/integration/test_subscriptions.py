@@ -18,6 +18,7 @@ from broker import (
     EventId,
     NewEvent,
     StartFrom,
+    StoreUnavailable,
     SubscriberTooSlow,
     Subscription,
 )
@@ -375,13 +376,77 @@ async def test_a_subscription_ended_while_it_opens_stays_registered_nowhere(
     opening = asyncio.create_task(
         broker.subscribe({f"{topic}-a": "now", f"{topic}-b": "now"}, trusted=lambda: trusted)
     )
-    await asyncio.wait_for(held.asked.wait(), 5)  # attached to a, making b's feed
+    await asyncio.wait_for(held.asked.wait(), 5)  # making b's feed
+    await await_until(lambda: broker.hub.subscriber_count == 1, timeout=5, what="a attached")
     trusted = False
     await await_until(lambda: broker.hub.subscriber_count == 0, timeout=5, what="the end")
     held.release()
     subscription = await asyncio.wait_for(opening, 5)
     assert subscription.closed
     assert (broker.hub.subscriber_count, broker.hub.topic_count) == (0, 0)
+
+
+async def test_a_multi_topic_stream_makes_its_feeds_at_once(broker: Broker, topic: str) -> None:
+    """A new topic's feed is a store read: made one after another, a stream of N new
+    topics waited N+1 round trips before its head (and /client.js gives up connecting
+    after a bound that covers two). Every read is held here until all are asked."""
+    store: Any = broker.store
+    read_state = store.state
+    asked: list[str] = []
+    go = asyncio.Event()
+
+    async def held_read(name: str) -> Any:
+        asked.append(name)
+        await go.wait()
+        return await read_state(name)
+
+    store.state = held_read
+    topics = [f"{topic}-{n}" for n in range(3)]
+    opening = asyncio.create_task(broker.subscribe(dict.fromkeys(topics, "now")))
+    try:
+        await await_until(
+            lambda: sorted(asked) == topics, timeout=5, what="every feed asked for", worker=opening
+        )
+    finally:
+        go.set()
+        store.state = read_state
+    subscription = await asyncio.wait_for(opening, 5)
+    try:
+        await publish_numbers(broker, topics[2], range(1))
+        assert numbers(await collect(subscription.chunks(), has(0), timeout=5)) == [0]
+    finally:
+        subscription.close()
+    assert (broker.hub.subscriber_count, broker.hub.topic_count) == (0, 0)
+
+
+async def test_a_multi_topic_stream_whose_feed_fails_leaves_nothing_registered(
+    broker: Broker, topic: str
+) -> None:
+    """One topic's feed cannot be made (the store failed) while the others' are made at
+    the same time: the stream fails, and no topic stays registered for it."""
+    store: Any = broker.store
+    read_state = store.state
+    go = asyncio.Event()
+
+    async def failing_read(name: str) -> Any:
+        if name.endswith("-bad"):
+            raise StoreUnavailable("the store failed")
+        await go.wait()  # the others' reads still in flight when the stream fails
+        return await read_state(name)
+
+    store.state = failing_read
+    try:
+        with pytest.raises(StoreUnavailable):
+            starts: dict[str, StartFrom] = {f"{topic}-{n}": "now" for n in ("a", "bad", "b")}
+            await asyncio.wait_for(broker.subscribe(starts), 5)
+    finally:
+        go.set()
+        store.state = read_state
+    await await_until(
+        lambda: (broker.hub.subscriber_count, broker.hub.topic_count) == (0, 0),
+        timeout=5,
+        what="the feeds made after the failure let go",
+    )
 
 
 async def test_live_entries_are_framed_once_and_shared(broker: Broker, topic: str) -> None:
