@@ -147,10 +147,15 @@ class ChunkedBody:
             self._state = _SIZE
             return position + 2
         end = buffer.find(b"\r\n", position)
+        # Too long whether it came in one read or in pieces: checked on the whole line
+        # too, not only on what waits for its end (a long line was taken or refused as
+        # the network cut it). Unended, one byte more may be its CR.
         if end < 0:
-            if len(buffer) - position > MAX_CHUNK_LINE_BYTES:
+            if len(buffer) - position > MAX_CHUNK_LINE_BYTES + 1:
                 raise BadFraming("a chunk-size or trailer line is too long")
             return None
+        if end - position > MAX_CHUNK_LINE_BYTES:
+            raise BadFraming("a chunk-size or trailer line is too long")
         self._line(buffer[position:end])
         return end + 2
 

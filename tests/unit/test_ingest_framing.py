@@ -8,7 +8,7 @@ import itertools
 import httptools
 import pytest
 
-from api.body_framing import BadFraming, ChunkedBody, SizedBody
+from api.body_framing import MAX_CHUNK_LINE_BYTES, BadFraming, ChunkedBody, SizedBody
 
 BODY = b'{"data": 1}\n{"data": "two"}\n'
 CHUNKED = (
@@ -196,3 +196,27 @@ def test_every_short_chunk_size_line_is_read_as_httptools_reads_it() -> None:
         if _lean_takes(line := b"3" + b"".join(symbols), b"") != _httptools_takes(line, b"")
     ]
     assert differ == []
+
+
+LONGEST_LINE = b"3;" + b"x" * (MAX_CHUNK_LINE_BYTES - 2)
+
+
+@pytest.mark.parametrize(
+    ("line", "taken", "given"),
+    [
+        (LONGEST_LINE + b"\r\nabc\r\n0\r\n", True, b"abc"),
+        (LONGEST_LINE + b"x\r\nabc\r\n0\r\n", False, b""),
+        (b"3\r\nabc\r\n0\r\nX-A: " + b"y" * (MAX_CHUNK_LINE_BYTES - 5) + b"\r\n", True, b"abc"),
+        (b"3\r\nabc\r\n0\r\nX-A: " + b"y" * (MAX_CHUNK_LINE_BYTES - 4) + b"\r\n", False, b"abc"),
+    ],
+)
+@pytest.mark.parametrize("size", [1, 1000, MAX_CHUNK_LINE_BYTES + 64])
+def test_a_line_too_long_is_refused_however_it_arrives(
+    line: bytes, taken: bool, given: bytes, size: int
+) -> None:
+    """A chunk-size or trailer line over MAX_CHUNK_LINE_BYTES is malformed in one read as
+    in pieces: it was taken whole, and refused cut (a body's fate was the network's)."""
+    framing = ChunkedBody()
+    body = decode_in_pieces(framing, line + b"\r\n", size)
+    assert (framing.ended and framing.broken is None) == taken
+    assert body == given
