@@ -228,6 +228,13 @@ def publish_result(response: httpx.Response, key: str) -> PublishResult:
 
 SENT_APART = frozenset({"/problems#ingest-lines-lost", "/problems#ingest-records-lapsed"})
 """The answers that may tell a stream to send its rest as a stream of its own."""
+LOG_LOST = "/problems#ingest-log-lost"
+"""The answer of a stream whose topic's log was lost whole under it (503, ``resend: whole``)."""
+
+
+def log_lost(response: httpx.Response) -> bool:
+    """Whether the answer says the stream's log was lost whole (every line stored in it)."""
+    return (problem_of(response) or {}).get("type") == LOG_LOST
 
 
 @dataclass(frozen=True, slots=True)

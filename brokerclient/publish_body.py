@@ -5,8 +5,9 @@ A stream's lines are kept as they are sent, so that each retry sends them again 
 broker stores line n under key K:n: no line twice) and then goes on with the rest; what
 the caller's iterator or events raise leaves httpx as ``_Interrupted``, which the
 publisher raises as ``StreamInterrupted`` with the key to resend under. A stream the
-broker told to send its rest as a stream of its own (``go_on_after``) drops the lines
-it kept, and sends the rest under a key of its own.
+broker told to send its rest as a stream of its own (``go_on_after``) sends the rest
+under a key of its own, and keeps the lines stored before apart: a log lost under a later
+part took them with it, and the whole stream is sent again (``start_over``).
 
 The broker may have answered the request before the iterator raised (it refused a
 line: a closed topic, lapsed line records), its answer unread while the body was still
@@ -70,6 +71,7 @@ class _Lines:
     def __init__(self, key: str) -> None:
         self._callers_key = key
         self.key, self._sent = key, list[bytes]()
+        self._stored_before = list[bytes]()  # (lines 1..after_line: see ``start_over``)
         self.after_line = 0
         self.earlier_keys = list[str]()
         """The keys its earlier parts were sent under (the caller's first), once it went on."""
@@ -104,11 +106,23 @@ class _Lines:
             return False
         if kept and self.first_id is None and self.after_line == 0:
             self.first_id = first_id
-        del self._sent[:kept]  # (stored: never sent again)
+        self._stored_before += self._sent[:kept]  # (stored: not sent again, unless lost)
+        del self._sent[:kept]
         self.after_line += kept
         self.earlier_keys.append(self.key)
         self.key = key
         return True
+
+    def start_over(self) -> None:
+        """The topic's log was lost under a part after the first (``ingest-log-lost``): the
+        lines of the earlier parts went with it. Resent as the broker says (``resend:
+        whole``) the part alone stored the stream without them, and its result said the
+        whole stream stored: so the whole stream goes again, under the caller's key
+        (its records went with the log: each line is stored once, in order)."""
+        self._sent[:0] = self._stored_before
+        self._stored_before = []
+        self.after_line, self.key, self.earlier_keys = 0, self._callers_key, []
+        self.first_id = None
 
     @contextlib.contextmanager
     def _callers_part(self) -> Iterator[None]:

@@ -68,7 +68,14 @@ from brokerclient.publish_body import (
 
 # (EventObject re-exported: the type of the events publish_batch and stream take)
 from brokerclient.publish_body import EventObject as EventObject
-from brokerclient.stream_parts import UNREAD, answered, go_on_alone, stream_result, unanswered
+from brokerclient.stream_parts import (
+    UNREAD,
+    answered,
+    go_on_alone,
+    start_over_if_log_lost,
+    stream_result,
+    unanswered,
+)
 
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
@@ -218,6 +225,8 @@ class Publisher:
             if not isinstance(body, bytes) and (kept := kept_lines(response)) is not None:
                 time.sleep(go_on_alone(body, kept, response, attempts))
                 continue
+            if not isinstance(body, bytes):
+                start_over_if_log_lost(body, response, attempts)
             if response.status_code in RETRY_STATUSES:
                 hinted = retry_after(response)
                 time.sleep(
@@ -355,6 +364,8 @@ class AsyncPublisher:
             if not isinstance(body, bytes) and (kept := kept_lines(response)) is not None:
                 await asyncio.sleep(go_on_alone(body, kept, response, attempts))
                 continue
+            if not isinstance(body, bytes):
+                start_over_if_log_lost(body, response, attempts)
             if response.status_code in RETRY_STATUSES:
                 hinted = retry_after(response)
                 await asyncio.sleep(

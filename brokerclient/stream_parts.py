@@ -22,6 +22,7 @@ from brokerclient.http import (
     PublishResult,
     failure,
     kept_lines,
+    log_lost,
     problem_of,
     publish_result,
     retry_after,
@@ -51,6 +52,23 @@ def go_on_alone(
     return attempts.failed(why, retry_after(response), body.count(), answered=True)
 
 
+def start_over_if_log_lost(body: _Lines, response: httpx.Response, attempts: Attempts) -> None:
+    """A stream gone on in parts whose log was lost whole (``ingest-log-lost``) is sent
+    again whole, under the caller's key (``_Lines.start_over``), not its part alone: the
+    lines of its earlier parts went with the log, and the part resent alone stored the
+    stream without them, its result saying every line stored."""
+    if not body.after_line or not log_lost(response):
+        return
+    lost = body.after_line
+    body.start_over()
+    attempts.key, attempts.after_line = body.key, 0
+    log.info(
+        "%s: its log was lost, lines 1..%d with it: the whole stream sent again",
+        attempts.what,
+        lost,
+    )
+
+
 UNREAD = (
     "no answer of the broker's could be read (it may have refused the stream: a resend "
     "it refuses raises what it says)"
@@ -73,6 +91,10 @@ def answered(response: httpx.Response, body: _Lines, stopped: _Interrupted) -> B
     leaves the advice as it is (the same events, under the same key); any other
     refusal is raised (a closed topic: ``TopicClosed``)."""
     heard = f"the broker had answered {response.status_code} {_detail(response)}"
+    if body.after_line and log_lost(response):  # (its earlier parts went with the log)
+        body.start_over()
+        whole = _Interrupted(stopped.error, body.key, stopped.lines_sent, 0)
+        return whole.public(f"{heard}; the lines of the stream's earlier parts went with it")
     kept = kept_lines(response)
     if kept is not None:
         if not kept.exact or not body.go_on_after(kept.through, kept.first_id):

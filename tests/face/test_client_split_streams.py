@@ -195,3 +195,41 @@ def test_a_stream_whose_iterator_raises_once_its_topic_closed_raises_topic_close
         publisher.stream(topic, closed_then_dies(), idempotency_key="closed-then-died")
     assert isinstance(refused.value.__cause__, ModelDied), repr(refused.value.__cause__)
     assert refused.value.status == 409 and refused.value.end_id is not None
+
+
+class LapsesThenItsLogIsLost(LapsesAfterTwoLines):
+    """Lines 1-2 stored, their records lapse, line 3 refused (409, ``after_line`` 2); the
+    client goes on with lines 3.. under ``K+2``. Once it stored lines 3-5, the topic's
+    log is lost whole (a Redis restarted without its data: every key of the topic gone),
+    and line 6 is answered 503 ``ingest-log-lost`` (``resend: whole``)."""
+
+    def then_lost(self) -> Iterator[dict[str, Any]]:
+        yield from (event(1), event(2))
+        self.lapse_after_two()
+        refusals = _ingest_refusals(self.url)
+        yield event(3)
+        _wait_for_a_refusal_after(self.url, refusals)
+        # (written to the connection the broker closed: the second write fails, and the
+        # client reads the 409, and sends lines 3-5 under K+2 before it asks for line 6)
+        yield from (event(4), event(5))
+        wait_until(
+            lambda: _history(self.url, self.topic) == [1, 2, 3, 4, 5], timeout=10, what="3-5"
+        )
+        with redis.Redis.from_url(self.redis_url) as admin:
+            admin.delete(*c.topic_keys(self.topic))
+        yield from (event(6), event(7))
+
+
+def test_a_stream_gone_on_alone_whose_log_is_lost_is_sent_again_whole(
+    face_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """A log lost under the ``K+2`` part took the stream's lines 1-2 with it (stored by the
+    first part): the client resent only the part, lines 3.., under ``K+2``, and answered
+    the caller the whole stream stored, its lines 1-2 missing from the topic for good,
+    untold. The whole stream is sent again under K (its records went with the log)."""
+    topic, key = _topic("log-lost"), "split-log-lost"
+    fault = LapsesThenItsLogIsLost(face_broker.url, redis_server.url, topic, key)
+    with Publisher(face_broker.url) as publisher:
+        result = publisher.stream(topic, fault.then_lost(), idempotency_key=key)
+    assert _history(face_broker.url, topic) == [1, 2, 3, 4, 5, 6, 7]
+    assert (result.count, result.after_line, result.idempotency_key) == (7, 0, key)

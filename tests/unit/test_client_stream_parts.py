@@ -92,6 +92,22 @@ def test_a_stream_told_to_resend_whole_is_resent_whole_under_its_key() -> None:
     assert (result.ids, result.after_line) == (["e.1-0", "e.2-0", "e.3-0"], 0)
 
 
+def log_lost(_: list[int]) -> httpx.Response:
+    problem = {"type": "/problems#ingest-log-lost", "title": "Ingest log lost", "status": 503}
+    body = problem | {"detail": "log lost", "resend": "whole"}
+    return httpx.Response(503, json=body, headers={"Retry-After": "0"})
+
+
+def test_a_stream_gone_on_alone_whose_log_is_lost_is_resent_whole_under_its_key() -> None:
+    """The log lost under the K+2 part took lines 1-2 (the first part's) with it: the
+    whole stream goes again under K, not the part alone (lines 1-2 lost, untold)."""
+    broker = Broker(records_lapsed(2, "e.1-0"), log_lost, stored)
+    result = broker.stream(5, "K")
+    assert broker.requests == [("K", [1, 2, 3, 4, 5]), ("K+2", [3, 4, 5]), ("K", [1, 2, 3, 4, 5])]
+    assert (result.count, result.after_line, result.idempotency_key) == (5, 0, "K")
+    assert result.ids == [f"e.{n}-0" for n in range(1, 6)]
+
+
 def test_a_stream_whose_lines_kept_are_unknown_raises_naming_the_last_at_most() -> None:
     """Sent whole again, it stored the lines kept twice; no part can be told exactly."""
     broker = Broker(lines_lost(resend="after_line", last_line_kept=2), lines_lost(
