@@ -5,6 +5,7 @@ tests/face/test_client.py and tests/http/test_ingest_faults.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from brokerclient import (
+    AsyncPublisher,
     Publisher,
     PublishResult,
     RequestFailed,
@@ -58,6 +60,16 @@ class Broker:
         self.requests.append((request.headers["idempotency-key"], data))
         return self._answers.pop(0)(data)
 
+    async def async_stream(self, count: int, key: str) -> PublishResult:
+        transport = httpx.MockTransport(self)
+        async with (
+            httpx.AsyncClient(base_url="http://b.test", transport=transport) as client,
+            AsyncPublisher(client=client, retry=QUICK) as publisher,
+        ):
+            return await publisher.stream(
+                "t", [event(n) for n in range(1, count + 1)], idempotency_key=key
+            )
+
     def stream(self, count: int, key: str) -> PublishResult:
         transport = httpx.MockTransport(self)
         with (
@@ -98,11 +110,17 @@ def log_lost(_: list[int]) -> httpx.Response:
     return httpx.Response(503, json=body, headers={"Retry-After": "0"})
 
 
-def test_a_stream_gone_on_alone_whose_log_is_lost_is_resent_whole_under_its_key() -> None:
+@pytest.mark.parametrize("through", ["Publisher", "AsyncPublisher"])
+def test_a_stream_gone_on_alone_whose_log_is_lost_is_resent_whole_under_its_key(
+    through: str,
+) -> None:
     """The log lost under the K+2 part took lines 1-2 (the first part's) with it: the
     whole stream goes again under K, not the part alone (lines 1-2 lost, untold)."""
     broker = Broker(records_lapsed(2, "e.1-0"), log_lost, stored)
-    result = broker.stream(5, "K")
+    if through == "Publisher":
+        result = broker.stream(5, "K")
+    else:
+        result = asyncio.run(broker.async_stream(5, "K"))
     assert broker.requests == [("K", [1, 2, 3, 4, 5]), ("K+2", [3, 4, 5]), ("K", [1, 2, 3, 4, 5])]
     assert (result.count, result.after_line, result.idempotency_key) == (5, 0, "K")
     assert result.ids == [f"e.{n}-0" for n in range(1, 6)]
