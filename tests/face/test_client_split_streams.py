@@ -204,6 +204,19 @@ class LapsesThenItsLogIsLost(LapsesAfterTwoLines):
     and line 6 is answered 503 ``ingest-log-lost`` (``resend: whole``)."""
 
     def then_lost(self) -> Iterator[dict[str, Any]]:
+        yield from self._until_the_log_is_lost()
+        yield from (event(6), event(7))
+
+    def then_dies_once_lost(self) -> Iterator[dict[str, Any]]:
+        """Line 6 answered 503 ``ingest-log-lost``, then the iterator raises, before the
+        client has read the answer."""
+        yield from self._until_the_log_is_lost()
+        lost = _ingest_503s(self.url)
+        yield event(6)
+        wait_until(lambda: _ingest_503s(self.url) > lost, timeout=10, what="the broker's 503")
+        raise ModelDied("the model's process died")
+
+    def _until_the_log_is_lost(self) -> Iterator[dict[str, Any]]:
         yield from (event(1), event(2))
         self.lapse_after_two()
         refusals = _ingest_refusals(self.url)
@@ -217,7 +230,10 @@ class LapsesThenItsLogIsLost(LapsesAfterTwoLines):
         )
         with redis.Redis.from_url(self.redis_url) as admin:
             admin.delete(*c.topic_keys(self.topic))
-        yield from (event(6), event(7))
+
+
+def _ingest_503s(url: str) -> float:
+    return read_metric(url, "broker_http_responses_total", {"route": "ingest", "status": "503"})
 
 
 def test_a_stream_gone_on_alone_whose_log_is_lost_is_sent_again_whole(
@@ -233,3 +249,22 @@ def test_a_stream_gone_on_alone_whose_log_is_lost_is_sent_again_whole(
         result = publisher.stream(topic, fault.then_lost(), idempotency_key=key)
     assert _history(face_broker.url, topic) == [1, 2, 3, 4, 5, 6, 7]
     assert (result.count, result.after_line, result.idempotency_key) == (7, 0, key)
+
+
+def test_a_stream_gone_on_alone_whose_iterator_raises_once_its_log_was_lost_says_resend_whole(
+    face_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """The iterator raised once the broker had answered the ``K+2`` part that its log was
+    lost: the advice was to resend the events after the first 2 under ``K+2`` (lines 1-2,
+    lost with the log, never sent again). It is the whole stream, under K."""
+    topic, key = _topic("log-lost-died"), "split-log-lost-died"
+    fault = LapsesThenItsLogIsLost(face_broker.url, redis_server.url, topic, key)
+    with Publisher(face_broker.url) as publisher:
+        with pytest.raises(StreamInterrupted) as raised:
+            publisher.stream(topic, fault.then_dies_once_lost(), idempotency_key=key)
+        interrupted = raised.value
+        assert (interrupted.after_line, interrupted.idempotency_key) == (0, key), vars(interrupted)
+        assert "the same events, from the first," in str(interrupted), str(interrupted)
+        whole = [event(n) for n in range(1, 7)]
+        publisher.stream(topic, whole, idempotency_key=interrupted.idempotency_key)
+    assert _history(face_broker.url, topic) == [1, 2, 3, 4, 5, 6]
