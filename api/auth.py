@@ -54,13 +54,27 @@ NO_ORIGIN = (
 @dataclass(frozen=True, slots=True)
 class Grant:
     """What a request was allowed: until when (unix seconds; None: no token, no end),
-    and while what holds (``trusted``: its key still in the key set; None: always)."""
+    and while what holds (``trusted``: its key still in the key set; None: always).
+    ``keys_unavailable``: why its key set can judge no token now (a JWKS past its max
+    stale), or None (``VerifyingKey.unavailable``; None: a fixed key, always can)."""
 
     expires_at: float | None
     trusted: Callable[[], bool] | None = None
+    keys_unavailable: Callable[[], str | None] | None = None
 
     def lapsed(self) -> str | None:
-        """Why a stream or an ingest under it must end now, if it must."""
+        """Why a publish or an ingest under it must stop now (401), if it must. Raises
+        ``KeysUnavailable`` (503) when it is its key set that can no longer judge the
+        token: what a new request gets then, and its producer comes back once the set
+        is fetched again (a 401 stopped its retries for good, its token still valid)."""
+        why = self._lapsed()
+        if why is not None and self.keys_unavailable is not None:
+            unavailable = self.keys_unavailable()
+            if unavailable is not None:
+                raise KeysUnavailable(unavailable, retry_after=KEYS_RETRY_AFTER_SECONDS)
+        return why
+
+    def _lapsed(self) -> str | None:
         if self.expires_at is not None and time.time() >= self.expires_at:
             return "the token expired"
         if self.trusted is not None and not self.trusted():
@@ -69,10 +83,9 @@ class Grant:
 
 
 OPEN = Grant(None)
-KEY_NOT_TRUSTED = (
-    "the token's key was removed from the key set, or the set could not be fetched again "
-    "within BROKER_JWT_JWKS_MAX_STALE_SECONDS"
-)
+KEY_NOT_TRUSTED = "the token's key was removed from the key set"
+"""(A set not fetched again within BROKER_JWT_JWKS_MAX_STALE_SECONDS is no verdict on
+the token: ``Grant.lapsed`` raises ``KeysUnavailable`` then.)"""
 
 
 class TopicPatterns:
@@ -111,12 +124,15 @@ class Rights:
     subscribe: TopicPatterns
     expires_at: float
     trusted: Callable[[], bool] | None = None  # (see VerifyingKey.trust_of)
+    keys_unavailable: Callable[[], str | None] | None = None  # (VerifyingKey.unavailable)
     grant: Grant = field(init=False, repr=False, compare=False)
     """What a request these rights allow is granted: made once (a Grant is frozen), not
     for every request of the token."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "grant", Grant(self.expires_at, self.trusted))
+        object.__setattr__(
+            self, "grant", Grant(self.expires_at, self.trusted, self.keys_unavailable)
+        )
 
 
 class Authorizer:
@@ -304,6 +320,7 @@ class Authorizer:
             rights,
             expires_at=rights.expires_at + self._leeway,  # (every later check of it too)
             trusted=self._key.trust_of(header),
+            keys_unavailable=self._key.unavailable if self._fetches else None,
         )
 
     def _refuse_if_keys_unavailable(self) -> None:

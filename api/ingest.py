@@ -49,8 +49,9 @@ event object, stored and delivered as it arrives, not when the body ends.
   is told, and how a failover's lines kept are found: ``api.ingest_lost``.
 - A bad line stops the ingest with 400 naming it; the lines before it stay
   stored. So does a token that expires while the stream goes on (401): a publish
-  right ends with its token, however long the request. ``?close=true`` closes
-  the topic when the body ends, never when it breaks off.
+  right ends with its token, however long the request. A key set (JWKS) not fetched
+  again within its max stale is no verdict on the token: 503, told as a store failure
+  is. ``?close=true`` closes the topic when the body ends, never when it breaks off.
 """
 
 from __future__ import annotations
@@ -69,7 +70,13 @@ from api.auth import OPEN, Grant
 from api.ingest_lost import REMEMBERED_APPENDS, LossTelling
 from api.ingest_records import LineRecordsKeeper
 from api.ingest_watch import BODY, DRAIN, STORE, IngestWatch
-from api.problems import DrainedMidBody, HttpProblem, StoreLostMidBody, TokenLapsedMidIngest
+from api.problems import (
+    DrainedMidBody,
+    HttpProblem,
+    KeysUnavailable,
+    StoreLostMidBody,
+    TokenLapsedMidIngest,
+)
 from broker import (
     AppendResult,
     Broker,
@@ -241,7 +248,10 @@ class Ingest(LossTelling):
     def check_token(self) -> None:
         """Refuse to store more once the request's token has expired, or its key was
         removed from the key set (checked before each append, and before
-        ``?close=true`` closes the topic)."""
+        ``?close=true`` closes the topic): 401. A key set past its max stale is no
+        verdict on the token: ``KeysUnavailable`` (503), told as a store failure is
+        (``run``: the lines stored so far, the connection closed mid-body), and the
+        producer resends once the set is fetched again."""
         why = self._grant.lapsed()
         if why is not None:
             stored = f"{self.result.count} line(s) stored before it" if self.result.count else ""
@@ -253,7 +263,7 @@ class Ingest(LossTelling):
         went to: a log lost since is told as one lost mid-body, and no new one begun.
         Under the appends' deadline: the watch is over, and a store that stopped
         answering held the producer past it (until the connection's own reply timeout)."""
-        self.check_token()
+        self._checked_before_close()
         lines = None  # (its last line must be there still: see ``_append``)
         if self._key is not None and self._last_line:
             lines = IngestLines(self._key, [], self._last_line)
@@ -274,14 +284,22 @@ class Ingest(LossTelling):
         except StoreUnavailable as error:
             raise self._close_unconfirmed(error) from error
 
+    def _checked_before_close(self) -> None:
+        """``check_token`` before the close is sent: a key set unavailable (503) told as a
+        close not sent, with the lines stored, as the store's refusals are."""
+        try:
+            self.check_token()
+        except KeysUnavailable as error:
+            raise self._close_unconfirmed(error) from error
+
     def _close_unconfirmed(self, error: StoreUnavailable) -> StoreUnavailable:
         """The close failed, the lines stored: said, and how to close it (a close of a
         closed topic answers its end again, so it may have landed or not). A store that
-        refuses writes as it may evict (``StoreMisconfigured``) refused it before
-        sending anything: the topic is open, and the answer says so. The error told is
-        the store's, copied (its class, ``retry_after`` and any other field it carries),
-        its detail saying the rest."""
-        if isinstance(error, StoreMisconfigured):
+        refuses writes as it may evict (``StoreMisconfigured``), or a key set past its max
+        stale (``KeysUnavailable``), refused it before sending anything: the topic is
+        open, and the answer says so. The error told is the store's, copied (its class,
+        ``retry_after`` and any other field it carries), its detail saying the rest."""
+        if isinstance(error, StoreMisconfigured | KeysUnavailable):
             close = "the topic was not closed (the close was not sent)"
         else:
             close = "the topic's close is not confirmed (it may have landed)"

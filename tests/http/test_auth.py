@@ -822,19 +822,19 @@ async def test_a_streaming_ingest_stops_storing_when_its_token_expires(
     ]
     reader, writer = await asyncio.open_connection("127.0.0.1", auth_broker.port)
     try:
-        writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + _chunk(b'{"data": 1}\n'))
+        writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + chunk(b'{"data": 1}\n'))
         await writer.drain()
-        wait_until(lambda: _stored(auth_broker.url, topic, viewer) == [1], timeout=5, what="line 1")
+        wait_until(lambda: stored(auth_broker.url, topic, viewer) == [1], timeout=5, what="line 1")
         while time.time() < exp + 0.2:  # (the token's clock: whole seconds)
             await asyncio.sleep(0.1)
-        writer.write(_chunk(b'{"data": 2}\n') + b"0\r\n\r\n")
+        writer.write(chunk(b'{"data": 2}\n') + b"0\r\n\r\n")
         await writer.drain()
         status, body = await _final_answer(reader)
     finally:
         writer.close()
     assert status.startswith(b"HTTP/1.1 401 "), status
     assert "the token expired during the ingest" in orjson.loads(body)["detail"]
-    assert await asyncio.to_thread(_stored, auth_broker.url, topic, viewer) == [1]
+    assert await asyncio.to_thread(stored, auth_broker.url, topic, viewer) == [1]
 
 
 @pytest.mark.parametrize("path_kind", ["lean", "by-app"])
@@ -868,11 +868,18 @@ async def test_a_publish_whose_body_outlives_its_token_is_refused(
         writer.close()
     assert status.startswith(b"HTTP/1.1 401 "), status
     viewer = hs_token(claims(subscribe=[topic]))
-    assert await asyncio.to_thread(_stored, auth_broker.url, topic, viewer) == []
+    assert await asyncio.to_thread(stored, auth_broker.url, topic, viewer) == []
 
 
 async def _final_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     """The status line and body of the answer after any ``100 Continue``."""
+    head, body = await final_answer(reader)
+    return head.split(b"\r\n")[0], body
+
+
+async def final_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """The head (its status line and headers) and body of the answer after any
+    ``100 Continue``."""
     while True:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         if not head.startswith(b"HTTP/1.1 100 "):
@@ -882,14 +889,14 @@ async def _final_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
         for line in head.lower().split(b"\r\n")[1:]
         if line.startswith(b"content-length:")
     ]
-    return head.split(b"\r\n")[0], await asyncio.wait_for(reader.readexactly(int(size)), 5)
+    return head, await asyncio.wait_for(reader.readexactly(int(size)), 5)
 
 
-def _chunk(data: bytes) -> bytes:
+def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def _stored(url: str, topic: str, token: str) -> list[int]:
+def stored(url: str, topic: str, token: str) -> list[int]:
     response = httpx.get(
         f"{url}/topics/{topic}/events",
         params={"from": "earliest"},

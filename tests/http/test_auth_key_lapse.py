@@ -1,0 +1,109 @@
+"""A JWKS past BROKER_JWT_JWKS_MAX_STALE_SECONDS while a streaming ingest goes on,
+through a real ``broker serve`` and a local key server: the ingest is told to come
+back (503), as new requests are, not that its token is bad (401)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+
+import httpx
+import orjson
+import pytest
+
+from api.keys import JWKS_MIN_REFETCH_SECONDS
+from tests.http.test_auth import bearer, chunk, final_answer, history, stored
+from tests.http.test_auth_keys import (
+    MAX_STALE_SECONDS,
+    RSA_KEY,
+    _broker_of_lapsing_key_set,
+    _rights,
+)
+from tests.support.broker_process import BrokerProcess
+from tests.support.polling import await_until
+from tests.support.redis_server import RedisServer
+from tests.support.tokens import serve_jwks
+
+
+async def _wait_for_history(broker: BrokerProcess, topic: str, token: str, status: int) -> None:
+    """Until a read of the topic with ``token`` is answered ``status``."""
+
+    async def answered() -> bool:
+        return (await history(broker.url, topic, bearer(token))).status == status
+
+    timeout = MAX_STALE_SECONDS + JWKS_MIN_REFETCH_SECONDS + 5
+    await await_until(answered, timeout=timeout, what=f"a read answered {status}", interval=0.25)
+
+
+async def _stored_lines(broker: BrokerProcess, topic: str, token: str) -> list[int]:
+    return await asyncio.to_thread(stored, broker.url, topic, token)
+
+
+def _header(head: bytes, name: bytes) -> bytes | None:
+    for line in head.lower().split(b"\r\n")[1:]:
+        field, _, value = line.partition(b":")
+        if field == name:
+            return value.strip()
+    return None
+
+
+@pytest.mark.parametrize("path_kind", ["lean", "by-app"])
+async def test_a_streaming_ingest_whose_key_set_lapses_is_told_to_come_back(
+    redis_server: RedisServer, path_kind: str
+) -> None:
+    """A key set past its max stale gets new requests a 503 (key set unavailable: come
+    back). An ingest open meanwhile got 401 at its next line, as if its token were bad:
+    a producer stops for good on a 401, its token still valid. It gets the 503 too,
+    told as a store failure mid-body is (Retry-After, the lines stored so far, the
+    connection closed); the set back, the whole stream resent under its key stores
+    each line once."""
+    with (
+        serve_jwks([RSA_KEY]) as server,
+        _broker_of_lapsing_key_set(redis_server, server) as broker,
+    ):
+        topic, key = f"jwks-ingest-{time.time_ns()}", f"k-{time.time_ns()}"
+        token = RSA_KEY.token(_rights(topic))
+        head = [
+            f"POST /topics/{topic}/events HTTP/1.1",
+            f"Host: 127.0.0.1:{broker.port}",
+            f"Authorization: Bearer {token}",
+            f"Idempotency-Key: {key}",
+            "Content-Type: application/x-ndjson",
+            "Transfer-Encoding: chunked",
+            *(["Expect: 100-continue"] if path_kind == "by-app" else []),
+        ]
+        reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+        try:
+            writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + chunk(b'{"data": 1}\n'))
+            await writer.drain()
+            lines = functools.partial(_stored_lines, broker, topic, token)
+            assert await await_until(lines, timeout=5, what="line 1 stored") == [1]
+            server.failing = True
+            await _wait_for_history(broker, topic, token, 503)  # (past its max stale)
+            writer.write(chunk(b'{"data": 2}\n'))  # (the body goes on: mid-body)
+            await writer.drain()
+            answer_head, body = await final_answer(reader)
+        finally:
+            writer.close()
+        assert answer_head.startswith(b"HTTP/1.1 503 "), (answer_head, body)
+        assert _header(answer_head, b"retry-after") is not None, answer_head
+        assert _header(answer_head, b"connection") == b"close", answer_head
+        problem = orjson.loads(body)
+        assert problem["title"] == "Key set unavailable", problem
+        assert "could not be fetched again" in problem["detail"], problem
+        assert "1 line(s) stored, the last " in problem["detail"], problem
+        server.failing = False
+        await _wait_for_history(broker, topic, token, 200)
+        async with httpx.AsyncClient(base_url=broker.url) as client:
+            resent = await client.post(
+                f"/topics/{topic}/events",
+                content=b'{"data": 1}\n{"data": 2}\n',
+                headers={
+                    "Content-Type": "application/x-ndjson",
+                    "Idempotency-Key": key,
+                    **bearer(token),
+                },
+            )
+        assert resent.status_code == 201, resent.text
+        assert await _stored_lines(broker, topic, token) == [1, 2]
