@@ -43,6 +43,10 @@ JWKS_MAX_STALE_SECONDS = 900.0
 kept a key removed from the set (leaked, revoked) working for ever. 15 min: peers bound it
 too (Envoy's jwt_authn and panva/jose drop a set 10 min after its last fetch); refetched
 every 5 min, a set rides out a key server down for 10 min (a fetch tried each 5 s)."""
+JWKS_FAILING_REMINDER_SECONDS = 60.0
+"""While fetches of the key set keep failing, the log says so again this often at most
+(a failed fetch is tried again every JWKS_MIN_REFETCH_SECONDS while requests come: a
+warning for each filled the log with a line every 5 s for as long as its server was down)."""
 JWKS_SHORTEST_MAX_STALE_SECONDS = 2 * JWKS_MIN_REFETCH_SECONDS
 """A set is fetched again at half its max stale (at most): below twice the rate bound, a
 key server answering could not be asked again before the set lapsed."""
@@ -164,6 +168,64 @@ class FixedKey:
         return None
 
 
+class FetchFailures:
+    """What the log says of a key set's fetches failing: one warning when they begin to
+    fail (with the reason), a reminder at most every ``reminder_seconds`` while they go
+    on failing (since when), and one info line once a fetch succeeds again."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        reminder_seconds: float = JWKS_FAILING_REMINDER_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._url = url
+        self._reminder = reminder_seconds
+        self._clock = clock
+        self._since: float | None = None  # (clock) the first failure of this run; None: none
+        self._since_utc = ""  # (the same, for the reader of the log)
+        self._told_at = 0.0
+        self._count = 0
+
+    def failed(self, reason: BaseException) -> None:
+        now = self._clock()
+        self._count += 1
+        if self._since is None:
+            self._since, self._told_at = now, now
+            self._since_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            log.warning(
+                "JWKS fetch from %s failed: %s (tried again at most every %g s; said again "
+                "at most every %g s while it keeps failing)",
+                self._url,
+                reason,
+                JWKS_MIN_REFETCH_SECONDS,
+                self._reminder,
+            )
+        elif now - self._told_at >= self._reminder:
+            self._told_at = now
+            log.warning(
+                "JWKS fetch from %s still failing, since %s (%.0f s, %d attempts): %s",
+                self._url,
+                self._since_utc,
+                now - self._since,
+                self._count,
+                reason,
+            )
+
+    def succeeded(self) -> None:
+        if self._since is None:
+            return
+        log.info(
+            "JWKS fetch from %s succeeded again, after failing since %s (%.0f s, %d attempts)",
+            self._url,
+            self._since_utc,
+            self._clock() - self._since,
+            self._count,
+        )
+        self._since, self._count = None, 0
+
+
 class JwksKeys:
     """A JSON Web Key Set fetched from a URL, cached, and fetched again for an unknown
     ``kid`` (key rotation) or once stale, never more often than the rate bound; trusted
@@ -187,6 +249,7 @@ class JwksKeys:
         self._tried_at = -float("inf")
         self._fetching: asyncio.Task[None] | None = None
         self._lapse_told = False  # (the log says once that the set lapsed, not per request)
+        self._failures = FetchFailures(url)
         self.generation = 0
 
     def key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
@@ -278,8 +341,9 @@ class JwksKeys:
 
     def _fetched(self, task: asyncio.Task[None]) -> None:
         self._fetching = None
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("JWKS fetch from %s failed: %s", self._url, task.exception())
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:
+            self._failures.failed(failure)
 
     async def _fetch(self) -> None:
         document = await _get_json(self._url)
@@ -288,6 +352,7 @@ class JwksKeys:
             self.generation += 1  # a key revoked or replaced: tokens it signed go too
         self._keys = keys
         self._fetched_at = time.monotonic()
+        self._failures.succeeded()
         log.info("JWKS: %d key(s) from %s", len(self._keys), self._url)
         if self._lapse_told:
             self._lapse_told = False

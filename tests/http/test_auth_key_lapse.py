@@ -107,3 +107,42 @@ async def test_a_streaming_ingest_whose_key_set_lapses_is_told_to_come_back(
             )
         assert resent.status_code == 201, resent.text
         assert await _stored_lines(broker, topic, token) == [1, 2]
+
+
+async def test_a_failing_key_server_is_said_once_and_its_return_once(
+    redis_server: RedisServer,
+) -> None:
+    """Its server failing, the set is fetched again each JWKS_MIN_REFETCH_SECONDS while
+    requests come, and each failure was a warning in the broker's log, the same line
+    every 5 s for as long as the server was down. Now: one warning when fetches begin
+    to fail, with the reason (a reminder at most once a minute: none within this test),
+    and one line when a fetch succeeds again."""
+    with (
+        serve_jwks([RSA_KEY]) as server,
+        _broker_of_lapsing_key_set(redis_server, server) as broker,
+    ):
+        topic = f"jwks-log-{time.time_ns()}"
+        token = RSA_KEY.token(_rights(topic))
+        await _wait_for_history(broker, topic, token, 200)
+        server.failing = True
+
+        async def failed_twice() -> bool:
+            await history(broker.url, topic, bearer(token))  # (requests make it fetch)
+            return server.failure_count() >= 2
+
+        timeout = MAX_STALE_SECONDS + 2 * JWKS_MIN_REFETCH_SECONDS
+        await await_until(failed_twice, timeout=timeout, what="two failed fetches", interval=0.25)
+        served = server.fetch_count()
+        server.failing = False
+
+        async def fetched_again() -> bool:
+            await history(broker.url, topic, bearer(token))
+            return server.fetch_count() > served and "succeeded again" in broker.log()
+
+        timeout = JWKS_MIN_REFETCH_SECONDS + 5
+        await await_until(fetched_again, timeout=timeout, what="a fetch again", interval=0.25)
+        said = [line for line in broker.log().splitlines() if "JWKS fetch from" in line]
+        assert len(said) == 2, said
+        assert "WARNING" in said[0] and f"JWKS fetch from {server.url} failed: " in said[0]
+        assert "503" in said[0], said  # (the reason: the server's answer)
+        assert "INFO" in said[1] and "succeeded again, after failing since " in said[1]
