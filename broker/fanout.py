@@ -9,10 +9,11 @@ resumes from its Last-Event-ID).
 
 Nothing one subscriber does reaches another: a subscriber that raises while
 being handed entries is cut (its client resumes by id) and the rest of the
-batch goes on. A reader that falls further behind than retention (a burst
-longer than ``maxlen``) reads on past entries it never saw; it checks for that
-whenever the store says it was possible, and sends its subscribers back to the
-log, where their cursors are judged and a ``trimmed`` gap is sent.
+batch goes on (a topic's ``Feed``, which hands them: ``broker.live_feed``). A
+reader that falls further behind than retention (a burst longer than ``maxlen``)
+reads on past entries it never saw; it checks for that whenever the store says it
+was possible, and sends its subscribers back to the log, where their cursors are
+judged and a ``trimmed`` gap is sent.
 """
 
 from __future__ import annotations
@@ -21,49 +22,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Protocol
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
 from broker.expiry import ExpiryWatch
 from broker.ids import StreamPosition
+from broker.live_feed import Feed, LiveSubscriber
 from broker.model import LiveBatch, LogEntry, LogState
 from broker.observer import Observer
 from broker.store import Store
 
 log = logging.getLogger(__name__)
-
-
-class LiveSubscriber(Protocol):
-    """What the hub pushes into."""
-
-    def offer(self, batch: LiveBatch) -> int:
-        """New entries of one topic, oldest first; must not block.
-
-        Returns how many it wrote to its client right away (0 when it queued them).
-        """
-
-    def log_reset(self, topic: str) -> None:
-        """Live entries can no longer be trusted to follow what it has (the log was
-        lost or recreated, or trimmed past the reader): go back to the log."""
-
-    def abandon(self) -> None:
-        """Handing it entries failed: it must end, so that its client resumes."""
-
-
-class _Feed:
-    """One live topic: its subscribers and how far the reader has read it."""
-
-    __slots__ = ("epoch", "number", "position", "ready", "subscribers")
-
-    def __init__(self) -> None:
-        self.subscribers: set[LiveSubscriber] = set()
-        self.position: StreamPosition = (0, 0)
-        self.epoch: str | None = None
-        # The number in its log of the entry at ``position`` (append.lua); None when
-        # not known (a log stored before numbers, a position the log lost).
-        self.number: int | None = 0
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
 class Hub:
@@ -81,7 +50,7 @@ class Hub:
         self._block_ms = block_ms
         self._linger_s = linger_ms / 1000
         self._observer = observer or Observer()
-        self._feeds: dict[str, _Feed] = {}
+        self._feeds: dict[str, Feed] = {}
         self._topics_changed = asyncio.Event()
         self._reading = False
         self._topics_version = 0  # bumped whenever a topic starts
@@ -134,7 +103,7 @@ class Hub:
         while True:
             feed = self._feeds.get(topic)
             if feed is None:
-                feed = self._feeds[topic] = _Feed()
+                feed = self._feeds[topic] = Feed()
                 await self._start_feed(topic, feed)
             else:
                 try:
@@ -153,7 +122,7 @@ class Hub:
                     self._observer.live_changed(len(self._feeds), self._registrations)
                 return
 
-    async def _start_feed(self, topic: str, feed: _Feed) -> None:
+    async def _start_feed(self, topic: str, feed: Feed) -> None:
         try:
             state = await self._store.state(topic)
         except BaseException as error:
@@ -297,12 +266,7 @@ class Hub:
             feed.number = entries[-1].number
             if policies.expiring and (ttl_ms := policies.for_topic(topic).ttl_ms):
                 self._expiry.note(topic, now, ttl_ms / 1000)  # an append moved its expiry
-            for subscriber in tuple(feed.subscribers):
-                try:
-                    delivered += subscriber.offer(batch)
-                except Exception:
-                    log.exception("topic %s: a subscriber failed to take entries", topic)
-                    _abandon(subscriber)
+            delivered += feed.offer(topic, batch)
         if delivered:
             self._observer.delivered(delivered)
 
@@ -332,7 +296,7 @@ class Hub:
             elif not state.exists and feed.epoch is not None:
                 log.info("topic %s expired", topic)
                 feed.epoch, feed.position, feed.number = None, (0, 0), 0
-                self._reset_subscribers(feed, topic)
+                feed.reset_subscribers(topic)
 
     async def _check_trimmed_past(
         self,
@@ -393,25 +357,12 @@ class Hub:
                 continue  # another epoch: the entries themselves say so to subscribers
             if state.trimmed_through > positions[topic]:
                 log.warning("topic %s: the live reader fell behind retention", topic)
-                self._reset_subscribers(feed, topic)
+                feed.reset_subscribers(topic)
 
     def _follows(self, topic: str, armed: StreamPosition, entries: list[LogEntry]) -> bool | None:
-        """Whether these entries follow, in number, the last one the reader read (where
-        the read began); None when their numbers cannot tell (entries stored before
-        numbers, a position whose number is not known): retention's bounds judge."""
+        """``Feed.follows`` of the topic's feed (None: no feed: no longer live)."""
         feed = self._feeds.get(topic)
-        first = entries[0].number
-        if feed is None or feed.number is None or first is None or feed.position != armed:
-            return None
-        return first == feed.number + 1
-
-    def _reset_subscribers(self, feed: _Feed, topic: str) -> None:
-        for subscriber in tuple(feed.subscribers):
-            try:
-                subscriber.log_reset(topic)
-            except Exception:
-                log.exception("topic %s: a subscriber failed to go back to the log", topic)
-                _abandon(subscriber)
+        return None if feed is None else feed.follows(armed, entries)
 
     async def _revalidate_feeds(self) -> None:
         """After an outage: keep each topic's position if its log survived, else start over.
@@ -474,7 +425,7 @@ class Hub:
         self._revalidate_feed(topic, feed, asked.result())
         self._rearm()  # the running read (or the wait for a topic to read) must name it
 
-    def _revalidate_feed(self, topic: str, feed: _Feed, state: LogState) -> None:
+    def _revalidate_feed(self, topic: str, feed: Feed, state: LogState) -> None:
         numbers_broke = topic in self._numbers_broke
         self._numbers_broke.discard(topic)
         if state.epoch == feed.epoch:
@@ -488,7 +439,7 @@ class Hub:
                 # as seen.
                 log.warning("topic %s: its log lost events the live reader had read", topic)
                 feed.position, feed.number = state.lost_after, None
-                self._reset_subscribers(feed, topic)
+                feed.reset_subscribers(topic)
                 return
             if state.trimmed_through > feed.position:
                 # Retention (by age: any read of the state trims; or another instance's)
@@ -497,7 +448,7 @@ class Hub:
                 # where it was, it would find them missing again).
                 log.warning("topic %s: retention trimmed past the live reader", topic)
                 feed.position, feed.number = state.trimmed_through, None
-                self._reset_subscribers(feed, topic)
+                feed.reset_subscribers(topic)
             elif numbers_broke:
                 # Its log holds what it read and retention removed nothing after it,
                 # yet the next entry does not follow: another instance's reader found
@@ -509,17 +460,10 @@ class Hub:
                 # (_follows: None), and set the number the ones after them must follow.
                 log.warning("topic %s: its log lost events another instance read", topic)
                 feed.number = None
-                self._reset_subscribers(feed, topic)
+                feed.reset_subscribers(topic)
             return
         log.warning("topic %s: its log changed under the live reader", topic)
         feed.epoch = state.epoch
         feed.position = state.last_issued
         feed.number = state.issued
-        self._reset_subscribers(feed, topic)
-
-
-def _abandon(subscriber: LiveSubscriber) -> None:
-    try:
-        subscriber.abandon()
-    except Exception:
-        log.exception("a failed subscriber could not be cut")
+        feed.reset_subscribers(topic)
