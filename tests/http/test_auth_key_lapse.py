@@ -10,7 +10,6 @@ import time
 
 import httpx
 import orjson
-import pytest
 
 from api.keys import JWKS_MIN_REFETCH_SECONDS
 from tests.http.test_auth import bearer, chunk, final_answer, history, stored
@@ -48,65 +47,89 @@ def _header(head: bytes, name: bytes) -> bytes | None:
     return None
 
 
-@pytest.mark.parametrize("path_kind", ["lean", "by-app"])
+class _OpenIngest:
+    """A keyed streaming ingest, its body left open after its first line."""
+
+    def __init__(self, broker: BrokerProcess, path_kind: str) -> None:
+        self.broker, self.path_kind = broker, path_kind
+        self.topic = f"jwks-ingest-{path_kind}-{time.time_ns()}"
+        self.key = f"k-{time.time_ns()}"
+        self.token = RSA_KEY.token(_rights(self.topic))
+
+    async def begin(self) -> None:
+        head = [
+            f"POST /topics/{self.topic}/events HTTP/1.1",
+            f"Host: 127.0.0.1:{self.broker.port}",
+            f"Authorization: Bearer {self.token}",
+            f"Idempotency-Key: {self.key}",
+            "Content-Type: application/x-ndjson",
+            "Transfer-Encoding: chunked",
+            *(["Expect: 100-continue"] if self.path_kind == "by-app" else []),
+        ]
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.broker.port)
+        self.writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + chunk(b'{"data": 1}\n'))
+        await self.writer.drain()
+        lines = functools.partial(_stored_lines, self.broker, self.topic, self.token)
+        assert await await_until(lines, timeout=5, what="line 1 stored") == [1]
+
+    async def answer_to_line_2(self) -> tuple[bytes, bytes]:
+        self.writer.write(chunk(b'{"data": 2}\n'))  # (the body goes on: mid-body)
+        await self.writer.drain()
+        return await final_answer(self.reader)
+
+    async def resend_whole(self) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=self.broker.url) as client:
+            return await client.post(
+                f"/topics/{self.topic}/events",
+                content=b'{"data": 1}\n{"data": 2}\n',
+                headers={
+                    "Content-Type": "application/x-ndjson",
+                    "Idempotency-Key": self.key,
+                    **bearer(self.token),
+                },
+            )
+
+
 async def test_a_streaming_ingest_whose_key_set_lapses_is_told_to_come_back(
-    redis_server: RedisServer, path_kind: str
+    redis_server: RedisServer,
 ) -> None:
     """A key set past its max stale gets new requests a 503 (key set unavailable: come
     back). An ingest open meanwhile got 401 at its next line, as if its token were bad:
     a producer stops for good on a 401, its token still valid. It gets the 503 too,
     told as a store failure mid-body is (Retry-After, the lines stored so far, the
     connection closed); the set back, the whole stream resent under its key stores
-    each line once."""
+    each line once. On both ingest paths (lean, and the app's after Expect), which
+    share one broker and so one wait past the max stale."""
     with (
         serve_jwks([RSA_KEY]) as server,
         _broker_of_lapsing_key_set(redis_server, server) as broker,
     ):
-        topic, key = f"jwks-ingest-{time.time_ns()}", f"k-{time.time_ns()}"
-        token = RSA_KEY.token(_rights(topic))
-        head = [
-            f"POST /topics/{topic}/events HTTP/1.1",
-            f"Host: 127.0.0.1:{broker.port}",
-            f"Authorization: Bearer {token}",
-            f"Idempotency-Key: {key}",
-            "Content-Type: application/x-ndjson",
-            "Transfer-Encoding: chunked",
-            *(["Expect: 100-continue"] if path_kind == "by-app" else []),
-        ]
-        reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+        ingests = [_OpenIngest(broker, kind) for kind in ("lean", "by-app")]
         try:
-            writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + chunk(b'{"data": 1}\n'))
-            await writer.drain()
-            lines = functools.partial(_stored_lines, broker, topic, token)
-            assert await await_until(lines, timeout=5, what="line 1 stored") == [1]
+            for ingest in ingests:
+                await ingest.begin()
             server.failing = True
-            await _wait_for_history(broker, topic, token, 503)  # (past its max stale)
-            writer.write(chunk(b'{"data": 2}\n'))  # (the body goes on: mid-body)
-            await writer.drain()
-            answer_head, body = await final_answer(reader)
+            await _wait_for_history(broker, ingests[0].topic, ingests[0].token, 503)
+            answers = [await ingest.answer_to_line_2() for ingest in ingests]
         finally:
-            writer.close()
-        assert answer_head.startswith(b"HTTP/1.1 503 "), (answer_head, body)
-        assert _header(answer_head, b"retry-after") is not None, answer_head
-        assert _header(answer_head, b"connection") == b"close", answer_head
-        problem = orjson.loads(body)
-        assert problem["title"] == "Key set unavailable", problem
-        assert "could not be fetched again" in problem["detail"], problem
-        assert "1 line(s) stored, the last " in problem["detail"], problem
+            for ingest in ingests:
+                if hasattr(ingest, "writer"):
+                    ingest.writer.close()
+        for ingest, (answer_head, body) in zip(ingests, answers, strict=True):
+            said = (ingest.path_kind, answer_head, body)
+            assert answer_head.startswith(b"HTTP/1.1 503 "), said
+            assert _header(answer_head, b"retry-after") is not None, said
+            assert _header(answer_head, b"connection") == b"close", said
+            problem = orjson.loads(body)
+            assert problem["title"] == "Key set unavailable", said
+            assert "could not be fetched again" in problem["detail"], said
+            assert "1 line(s) stored, the last " in problem["detail"], said
         server.failing = False
-        await _wait_for_history(broker, topic, token, 200)
-        async with httpx.AsyncClient(base_url=broker.url) as client:
-            resent = await client.post(
-                f"/topics/{topic}/events",
-                content=b'{"data": 1}\n{"data": 2}\n',
-                headers={
-                    "Content-Type": "application/x-ndjson",
-                    "Idempotency-Key": key,
-                    **bearer(token),
-                },
-            )
-        assert resent.status_code == 201, resent.text
-        assert await _stored_lines(broker, topic, token) == [1, 2]
+        await _wait_for_history(broker, ingests[0].topic, ingests[0].token, 200)
+        for ingest in ingests:
+            resent = await ingest.resend_whole()
+            assert resent.status_code == 201, (ingest.path_kind, resent.text)
+            assert await _stored_lines(broker, ingest.topic, ingest.token) == [1, 2]
 
 
 async def test_a_failing_key_server_is_said_once_and_its_return_once(
