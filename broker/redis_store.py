@@ -311,7 +311,19 @@ class RedisStreamStore:
     async def keep_lines(self, topic: str, key: str, log_epoch: str) -> bool:
         """Keep the line records of the open ingest ``key`` answering, as if it had just
         written a line (lua/keep_lines.lua); False if they answer no more, or its log is
-        gone: nothing written then."""
+        gone: nothing written then.
+
+        Never WAITed for a replica, even under ``replicated`` durability: it answers no
+        producer (the promise of ``WAIT`` is an answer given only once a replica has
+        the write), and a keep a failover lost costs nothing. Kept a quarter window
+        after the write before it (``api.ingest_records``), the records on the replica
+        still answer for three quarters of the window, and the next keep, a quarter
+        window on, lands on the new primary. Only a replica behind by a quarter window
+        (seconds: the appends' own WAITs were failing meanwhile) loses two in a row;
+        then the records lapse, and the ingest's next line is refused and told so
+        (409 ingest-records-lapsed: no line stored twice). A WAIT here would hold the
+        keeper a replica's round trip for nothing it could do better: a keep it found
+        unconfirmed is tried again at the next look all the same."""
         keys = c.topic_keys(topic)
         keys = [keys[0], keys[1], keys[4], keys[5]]  # (log, meta, lines, lines-at: one slot)
         args = [key, log_epoch, self.idempotency_seconds]

@@ -4,7 +4,9 @@
 -- pieces, kept it open past the window: its records lapsed, its next line began anew
 -- under its key, and a resend of the whole stream stored its early lines twice. The
 -- ingest's watch (api/ingest_records.py) sends this when its last write is older than
--- a fraction of the window, never per line.
+-- a fraction of the window, never per line. Not WAITed for a replica under replicated
+-- durability: a keep a failover lost leaves the records answering for the rest of the
+-- window, and the next keep lands on the new primary (RedisStreamStore.keep_lines).
 -- KEYS[1] log stream, KEYS[2] meta hash, KEYS[3] the ingests' line records (a hash),
 -- KEYS[4] when each ingest last wrote (a sorted set, ms); ARGV[1] the ingest's key K,
 -- ARGV[2] the epoch of the log its lines went to, ARGV[3] the idempotency window in s.
