@@ -54,8 +54,9 @@ def _not_the_line_stored(number: str, lines: IngestLines | None) -> InvalidInput
     key = lines.key if lines is not None else ""
     detail = (
         f"line {number}: not the line {number} stored under Idempotency-Key {key!r} (the "
-        "stream is not the one first sent under it): resend the same lines, or send "
-        "another stream under a new key"
+        "stream is not the one first sent under it, blank lines counted; or another "
+        "stream under it, open at once, differs from it there): resend the same lines, or "
+        "send another stream under a new key"
     )
     return InvalidInput(detail, field="Idempotency-Key")
 

@@ -5,8 +5,9 @@
 --
 -- KEYS[1] log stream, KEYS[2] meta hash, KEYS[3] the idempotency records (a hash:
 -- publisher's key -> its answer), KEYS[4] when each was written (a sorted set, ms),
--- KEYS[5] streaming ingests' line records (a hash: "K\nn" -> line n's answer, and
--- "K\n" -> the highest n recorded), KEYS[6] when each ingest K last wrote one (ms).
+-- KEYS[5] streaming ingests' line records (a hash: "K\nn" -> line n's answer,
+-- "K\n" -> the highest n recorded, and "K\nh" -> the highest n of the ingest under way),
+-- KEYS[6] when each ingest K last wrote one (ms).
 -- ARGV[1] epoch to use if the log is new ('' when it must find its log: never new),
 -- ARGV[2] MAXLEN, ARGV[3] trim slack,
 -- ARGV[4] max age in ms (0: none), ARGV[5] idempotency window in s, ARGV[6] TTL in
@@ -36,8 +37,9 @@
 -- closed topic), -1 refused: the topic is closed (the second value is its end's event id),
 -- -2 refused: the log is not the one it must find (the second value: its epoch, or ''),
 -- -5 refused: the log it must find was deleted (DELETE: the second value is ''),
--- -3 refused: a resent line is not the one stored under its number (the second value:
--- that number), -4 refused: the line the request stored last is no longer recorded, or
+-- -3 refused: a resent line is not the one stored under its number, or a blank line
+-- where one was stored, or a line below a later one stored by another stream under its
+-- key (the second value: that number), -4 refused: the line the request stored last is no longer recorded, or
 -- (its records past the window, or no Idempotency-Key) its entry is no longer in the log
 -- (lost with the newest writes: a failover; the second value is '', or 'unrecorded' for an
 -- ingest whose records were past the window: none of its lines kept is replayed),
@@ -111,18 +113,25 @@ end
 -- next one under its key begins anew (a window after the old one's last line, so
 -- named after it), and the old records (until pruned or overwritten) no longer answer
 -- (they answered again once a new line refreshed the ingest's time).
-local ingest_top, ingest_since, ingest_live = false, false, false
+-- "K\nh" holds "high|since": the highest line number this ingest (named by since)
+-- recorded, apart from the top (which an older ingest under the key may have left
+-- higher), so that lines stored by two streams under the key can be kept in one order
+-- (see `out_of_step` below). Its own field: a head of three values read as none by an
+-- older instance, mid-deploy, had an ingest under way taken for a new one.
+local ingest_top, ingest_since, ingest_live, ingest_high = false, false, false, 0
 local function ingest_state()
   if ingest_since then return ingest_top, ingest_since end
-  local head = redis.call('HGET', lines, ingest .. '\n')
+  local fields = redis.call('HMGET', lines, ingest .. '\n', ingest .. '\nh')
   local top, since = 0, false
-  if head then
-    local t, s = string.match(head, '^(%d+)|(%d+)$')
+  if fields[1] then
+    local t, s = string.match(fields[1], '^(%d+)|(%d+)$')
     top, since = tonumber(t) or 0, tonumber(s)
   end
   local at = redis.call('ZSCORE', lines_written, ingest)
   ingest_live = since and at and tonumber(at) > now() - window_ms
   if not ingest_live then since = now() end
+  local h, of = string.match(fields[2] or '', '^(%d+)|(%d+)$')
+  if ingest_live and tonumber(of) == since then ingest_high = tonumber(h) end
   ingest_top, ingest_since = top, since
   return top, since
 end
@@ -151,7 +160,7 @@ local function prune_lines()
     if low > 1 then
       redis.call('HSET', lines, key .. '\n', (low - 1) .. '|0')
     else
-      redis.call('HDEL', lines, key .. '\n')
+      redis.call('HDEL', lines, key .. '\n', key .. '\nh')
       redis.call('ZREM', lines_written, key)
     end
   end
@@ -258,10 +267,39 @@ local function same_event(id, kind, data, event, retry)
   return fields.k == kind and fields.d == data and (fields.e or '') == event
     and (fields.r or '') == retry
 end
+-- Two streams under one key (sent one after the other, or open at once: a retry while
+-- the first connection is still alive on a broker) store each line once, by whichever
+-- brings it first. Lines are numbered blank ones included, and a blank line is not
+-- sent, so where they differ by a blank line they mixed, in silence (both answered
+-- 201): one stream's line stored where the other has a blank line, the other went on
+-- after it (a line it never sent in its log); or a line stored after a later line of
+-- the other stream, which had a blank line there (out of order). So a stream is refused
+-- at its first line that is out of step with the lines recorded: a line recorded under
+-- a number it skipped after a line it stored (or replayed), or a new line of its own
+-- below the highest recorded. Looked at only when lines past the last it stored are
+-- recorded (another stream went ahead of it): a lone stream pays one comparison an
+-- append. (Numbers before the first line of an append that names no line stored before
+-- it, `after` 0, are not looked at: the store's contract does not say it is a request's
+-- first; the stream's lines are in the log all the same, in order.)
+local function out_of_step(previous, line, epoch)
+  for n = (previous or line) + 1, math.min(line - 1, ingest_high) do
+    if remembered_line(n, epoch) then return n end
+  end
+  if line < ingest_high and not remembered_line(line, epoch) then return line end
+  return false
+end
 if per_event and epoch then
+  ingest_state()
+  local ahead = ingest_high > stored_before
+  local previous = stored_before > 0 and stored_before  -- (this stream's line before it)
   for i = first_value, #ARGV, 4 do
     local place = (i - first_value) / 4
     local line = ARGV[11 + place]
+    if ahead then
+      local differs = out_of_step(previous, tonumber(line), epoch)
+      if differs then return {-3, tostring(differs)} end
+      previous = tonumber(line)
+    end
     local seen = remembered_line(line, epoch)
     if seen then
       if not same_event(seen, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]) then
@@ -375,7 +413,10 @@ end
 if per_event then
   -- (the top only grows: pruning an old ingest reaches every line it left)
   local top, since = ingest_state()
-  redis.call('HSET', lines, ingest .. '\n', math.max(top, top_line or 0) .. '|' .. since)
+  local high = math.max(ingest_high, top_line or 0)
+  redis.call(
+    'HSET', lines, ingest .. '\n', math.max(top, top_line or 0) .. '|' .. since,
+    ingest .. '\nh', high .. '|' .. since)
   redis.call('ZADD', lines_written, now(), ingest)
 end
 

@@ -18,16 +18,21 @@ META_WRITTEN = ("n", "keyless")
 
 class IngestAppends:
     """What an ingest's appends write beyond their entries and line records (append.lua:
-    the meta's ``META_WRITTEN``, the ingest's head ``K\\n`` = ``top|since``, and when it
-    last wrote, in the lines' sorted set), read before some appends so that a failover
-    can undo them. An ingest without an Idempotency-Key (``key`` None) writes its
-    entries and the meta's fields only."""
+    the meta's ``META_WRITTEN``, the ingest's head ``K\\n`` = ``top|since`` and highest
+    line ``K\\nh`` = ``high|since``, and when it last wrote, in the lines' sorted set),
+    read before some appends so that a failover can undo them. An ingest without an
+    Idempotency-Key (``key`` None) writes its entries and the meta's fields only."""
 
     def __init__(
-        self, topic: str, key: str | None, meta: list[bytes], head: bytes | None, at: float | None
+        self,
+        topic: str,
+        key: str | None,
+        meta: list[bytes],
+        head: list[bytes | None],
+        at: float | None,
     ) -> None:
         self.topic, self.key = topic, key
-        self.meta, self.head, self.at = meta, head, at
+        self.meta, self.head, self.high, self.at = meta, head[0], head[1], at
 
     @classmethod
     async def read(cls, client: Any, topic: str, key: str | None) -> IngestAppends:
@@ -37,10 +42,10 @@ class IngestAppends:
         meta = await client.hmget(c.meta_key(topic), *META_WRITTEN)
         assert meta[0], "the topic has no log yet"
         if key is None:
-            return cls(topic, key, meta, None, None)
-        head = await client.hget(c.line_records_key(topic), f"{key}\n")
+            return cls(topic, key, meta, [None, None], None)
+        head = await client.hmget(c.line_records_key(topic), f"{key}\n", f"{key}\nh")
         at = await client.zscore(c.line_times_key(topic), key)
-        assert (head is None) == (at is None), (head, at)
+        assert (head[0] is None) == (at is None), (head, at)
         return cls(topic, key, meta, head, at)
 
     async def lose_since(self, client: Any, lines: int) -> None:
@@ -61,8 +66,12 @@ class IngestAppends:
         numbers = range(top + 1, top + 1 + lines)
         assert await client.hdel(records, *(f"{self.key}\n{n}" for n in numbers)) == lines
         if self.head is None or self.at is None:  # (none of its lines had come)
-            await client.hdel(records, f"{self.key}\n")
+            await client.hdel(records, f"{self.key}\n", f"{self.key}\nh")
             await client.zrem(c.line_times_key(self.topic), self.key)
         else:
             await client.hset(records, f"{self.key}\n", self.head)
+            if self.high is None:  # (written by an older broker)
+                await client.hdel(records, f"{self.key}\nh")
+            else:
+                await client.hset(records, f"{self.key}\nh", self.high)
             await client.zadd(c.line_times_key(self.topic), {self.key: self.at})
