@@ -287,9 +287,9 @@ def run_tail(args: argparse.Namespace) -> int:
         last_event_id=args.last_event_id,
         from_earliest=args.start == "earliest",
         token=_token(args),
-        # (not given: the default itself, which a broker's heartbeat overrules; given:
-        # no heartbeat reads a stream for less)
-        read_timeout=args.read_timeout or DEFAULT_READ_TIMEOUT,
+        # (not given: left out, the broker's heartbeat decides; given: no heartbeat
+        # reads a stream for less)
+        read_timeout=DEFAULT_READ_TIMEOUT if args.read_timeout is None else args.read_timeout,
         give_up_after=args.give_up_after,
     )
     last = None

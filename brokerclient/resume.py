@@ -11,11 +11,13 @@ happened; it is tested on a fake clock (tests/unit/test_subscriber_resume.py).
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import InitVar, dataclass, field, replace
+from typing import Final, Literal, TypeAlias
 
 import httpx
 
@@ -30,14 +32,33 @@ from brokerclient.sse import BEAT, POSITION, Event, SseDecoder
 log = logging.getLogger("brokerclient.subscriber")
 
 
-class _DefaultReadTimeout(float):
-    """The default read timeout: a number as any other, but told apart from the same
-    number given on purpose (``read_timeout_given``), which a broker's heartbeat does not
-    shorten."""
+class NotGiven(enum.Enum):
+    """What a subscriber's ``read_timeout`` is when the caller left it out: told apart
+    from any number (the same 45 given on purpose is a floor under the heartbeat the
+    broker says; left out, the heartbeat decides alone)."""
+
+    READ_TIMEOUT = "DEFAULT_READ_TIMEOUT"
+
+    def __repr__(self) -> str:
+        return self.value
 
 
-DEFAULT_READ_TIMEOUT: float = _DefaultReadTimeout(45.0)
+DEFAULT_READ_TIMEOUT: Final = NotGiven.READ_TIMEOUT
+"""``read_timeout`` left out: a stream is read for what its broker's ``Broker-Heartbeat``
+says (``SILENT_HEARTBEATS`` of it and ``SILENCE_MARGIN_S``), shorter or longer; a broker
+that does not say it (an older one) for ``GUESSED_READ_TIMEOUT_S``, grown by the streams
+that timed out."""
+GUESSED_READ_TIMEOUT_S = 45.0
 """Three of the broker's default 15 s heartbeats."""
+ReadTimeout: TypeAlias = float | Literal[NotGiven.READ_TIMEOUT] | None
+"""A subscriber's ``read_timeout=``: seconds, None (never), or ``DEFAULT_READ_TIMEOUT``."""
+
+
+def seconds_of(read_timeout: ReadTimeout) -> float | None:
+    """A ``read_timeout=`` in seconds (None: never): left out, ``GUESSED_READ_TIMEOUT_S``."""
+    return GUESSED_READ_TIMEOUT_S if isinstance(read_timeout, NotGiven) else read_timeout
+
+
 HEARTBEAT_HEADER = "broker-heartbeat"
 """The broker's ``BROKER_HEARTBEAT_SECONDS``, said on each stream (an older broker does
 not: the read timeout is then guessed, as before)."""
@@ -76,11 +97,14 @@ class _Resume:
     started: bool = field(default=False)
     topics_ended: set[str] = field(default_factory=set)  # by a broker.end, or a deleted gap
     refused_last: bool = False  # the last attempt was answered 401 (and no stream since)
-    read_timeout: float | None = DEFAULT_READ_TIMEOUT
+    read_timeout_asked: InitVar[ReadTimeout] = DEFAULT_READ_TIMEOUT
+    """The caller's ``read_timeout=`` (a subscriber's, or its client's: ``read_timeout_of``)."""
+    read_timeout: float | None = field(init=False)
     """How long a stream may send nothing (no event, no heartbeat) before it is taken for
     dead and reconnected: set by the heartbeat its broker says (``_follow_heartbeat``);
-    a broker that does not say it: the given one, doubled by each stream that timed out,
-    and set from the heartbeats a stream shows (``heard``)."""
+    a broker that does not say it: the given one (``GUESSED_READ_TIMEOUT_S`` if none),
+    doubled by each stream that timed out, and set from the heartbeats a stream shows
+    (``heard``)."""
     given_read_timeout: float | None = field(init=False)
     read_timeout_given: bool = field(init=False)
     """The caller chose ``read_timeout`` (not ``DEFAULT_READ_TIMEOUT``): no heartbeat a
@@ -94,9 +118,10 @@ class _Resume:
     heartbeat_s: float | None = None  # the current stream's, if its broker said it
     _guessed_read_timeout: float | None = None  # the read timeout in force before it did
 
-    def __post_init__(self) -> None:
-        given = self.given_read_timeout = self.read_timeout
-        self.read_timeout_given = not isinstance(given, _DefaultReadTimeout)
+    def __post_init__(self, read_timeout_asked: ReadTimeout) -> None:
+        self.read_timeout_given = not isinstance(read_timeout_asked, NotGiven)
+        given = seconds_of(read_timeout_asked)
+        self.read_timeout = self.given_read_timeout = given
         self.read_timeout_cap = None if given is None else given * READ_TIMEOUT_GROWTH
 
     def all_ended(self) -> bool:

@@ -57,7 +57,15 @@ from brokerclient.http import (
 
 # (DEFAULT_READ_TIMEOUT re-exported: the subscribers' default, which `broker tail` uses too)
 from brokerclient.resume import DEFAULT_READ_TIMEOUT as DEFAULT_READ_TIMEOUT
-from brokerclient.resume import HEARTBEAT_HEADER, _Resume, _Retryable, heartbeat_of
+from brokerclient.resume import (
+    HEARTBEAT_HEADER,
+    NotGiven,
+    ReadTimeout,
+    _Resume,
+    _Retryable,
+    heartbeat_of,
+    seconds_of,
+)
 from brokerclient.sse import Event, SseDecoder
 
 CONNECT_TIMEOUT = 10.0
@@ -117,17 +125,21 @@ def _read_as_usual(response: httpx.Response, resume: _Resume) -> Iterator[None]:
             del stream.read  # (the class's own again)
 
 
-def _timeout(read_timeout: float | None) -> httpx.Timeout:
-    return httpx.Timeout(CONNECT_TIMEOUT, read=read_timeout)
+def _timeout(read_timeout: ReadTimeout) -> httpx.Timeout:
+    return httpx.Timeout(CONNECT_TIMEOUT, read=seconds_of(read_timeout))
 
 
 def _read_timeout_of(
-    client: httpx.Client | httpx.AsyncClient | None, read_timeout: float | None
-) -> float | None:
-    """A client passed in: its own read timeout (the caller chose it, with the client);
-    else ``read_timeout`` as it came, so that the default is told from one given (the
-    same number given is a floor under the broker's heartbeat: ``_Resume``)."""
-    return read_timeout if client is None else client.timeout.read
+    client: httpx.Client | httpx.AsyncClient | None, read_timeout: ReadTimeout
+) -> ReadTimeout:
+    """The read timeout the caller asked for: ``read_timeout`` if given, with a client
+    passed in or not; left out with a client passed in, that client's own read timeout,
+    as given (the caller chose it, with the client: a floor under the broker's
+    heartbeat; None: never); else left out (the heartbeat decides: ``_Resume``). The
+    ``read_timeout`` given beside a client was dropped for the client's."""
+    if client is None or not isinstance(read_timeout, NotGiven):
+        return read_timeout
+    return client.timeout.read
 
 
 def _topics(topics: str | Sequence[str]) -> list[str]:
@@ -161,6 +173,12 @@ class AsyncSubscriber:
     not say it (an older one), it is doubled by each stream that timed out, up to
     ``resume.READ_TIMEOUT_GROWTH`` times (a broker whose ``BROKER_HEARTBEAT_SECONDS`` is
     longer made every stream time out, for ever), and set from the heartbeats it shows.
+    Left out, it is ``DEFAULT_READ_TIMEOUT`` (``resume.NotGiven``, not a number: 45 s
+    given on purpose is a floor under the heartbeat; left out, it is not).
+
+    ``client``: an httpx client of the caller's (theirs to close). Its own read timeout
+    counts as a ``read_timeout`` given (a floor under the heartbeat; None: never), unless
+    ``read_timeout`` is given too, which wins.
     """
 
     def __init__(
@@ -171,7 +189,7 @@ class AsyncSubscriber:
         last_event_id: str | None = None,
         from_earliest: bool = False,
         token: AsyncToken = None,
-        read_timeout: float | None = DEFAULT_READ_TIMEOUT,
+        read_timeout: ReadTimeout = DEFAULT_READ_TIMEOUT,
         give_up_after: float | None = None,
         client: httpx.AsyncClient | None = None,
     ) -> None:
@@ -180,7 +198,7 @@ class AsyncSubscriber:
         )
         self._resume = _Resume(
             _topics(topics), last_event_id, from_earliest, give_up_after,
-            read_timeout=_read_timeout_of(client, read_timeout),
+            read_timeout_asked=_read_timeout_of(client, read_timeout),
         )  # fmt: skip
         self._token = token
         self._own_client = client is None
@@ -295,7 +313,7 @@ class Subscriber:
         last_event_id: str | None = None,
         from_earliest: bool = False,
         token: Token = None,
-        read_timeout: float | None = DEFAULT_READ_TIMEOUT,
+        read_timeout: ReadTimeout = DEFAULT_READ_TIMEOUT,
         give_up_after: float | None = None,
         client: httpx.Client | None = None,
     ) -> None:
@@ -304,7 +322,7 @@ class Subscriber:
         )
         self._resume = _Resume(
             _topics(topics), last_event_id, from_earliest, give_up_after,
-            read_timeout=_read_timeout_of(client, read_timeout),
+            read_timeout_asked=_read_timeout_of(client, read_timeout),
         )  # fmt: skip
         self._token = token
         self._own_client = client is None

@@ -3,6 +3,7 @@ time limit against a broker that accepts and never answers."""
 
 from __future__ import annotations
 
+import inspect
 import re
 import socket
 import threading
@@ -325,7 +326,7 @@ def _read_timed_out(resume: resume_module._Resume) -> None:
 def test_streams_that_time_out_reading_are_read_longer_up_to_a_bound() -> None:
     """Each stream read twice as long as the one before it timed out, up to 8 times the
     given read timeout; a head that never came (no stream answered) changes nothing."""
-    resume = resume_module._Resume(["t"], None, False, None, read_timeout=2.0)
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout_asked=2.0)
     resume.broke(httpx.ReadTimeout("no answer's head"))
     assert resume.read_timeout == 2.0
     seen = []
@@ -336,7 +337,7 @@ def test_streams_that_time_out_reading_are_read_longer_up_to_a_bound() -> None:
 
 
 def test_no_read_timeout_stays_none() -> None:
-    resume = resume_module._Resume(["t"], None, False, None, read_timeout=None)
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout_asked=None)
     _read_timed_out(resume)
     assert resume.read_timeout is None
 
@@ -347,7 +348,7 @@ def test_heartbeats_set_the_read_timeout_to_three_of_theirs_never_under_the_give
     later. Heartbeats tell the broker's interval: the longest between two on a stream;
     a shorter read timeout is taken once they have come for as long as the one in
     force, a longer one at once."""
-    resume = resume_module._Resume(["t"], None, False, None, read_timeout=2.0)
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout_asked=2.0)
     _read_timed_out(resume)
     _read_timed_out(resume)
     assert resume.read_timeout == 8.0
@@ -376,7 +377,7 @@ def test_heartbeats_close_together_do_not_shorten_a_learnt_read_timeout() -> Non
     once, or the broker's, one per backoff step from 0.05 s while its store is down):
     taken for the interval, it set the read timeout back to the given 2 s, under the
     broker's own pace, and the stream timed out on its next heartbeat."""
-    resume = resume_module._Resume(["t"], None, False, None, read_timeout=2.0)
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout_asked=2.0)
     resume.connected()
     resume.heard(100.0)
     resume.heard(103.0)
@@ -409,7 +410,7 @@ def test_a_stream_that_does_not_say_its_heartbeat_is_read_with_the_guess_as_it_w
     """An older broker behind the same name (a fleet being upgraded): its streams are
     read with the read timeout guessed before (grown by a stream that timed out here),
     not with the one a newer broker said."""
-    resume = resume_module._Resume(["t"], None, False, None, read_timeout=2.0)
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout_asked=2.0)
     _read_timed_out(resume)
     assert resume.read_timeout == 4.0
     resume.connected(heartbeat_s=1.0)
@@ -421,7 +422,7 @@ def test_a_stream_that_does_not_say_its_heartbeat_is_read_with_the_guess_as_it_w
 
 
 def test_no_read_timeout_stays_none_whatever_the_broker_says() -> None:
-    resume = resume_module._Resume(["t"], None, False, None, read_timeout=None)
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout_asked=None)
     resume.connected(heartbeat_s=1.0)
     assert resume.read_timeout is None
 
@@ -430,7 +431,7 @@ def test_a_read_timeout_given_longer_than_the_heartbeat_said_is_kept() -> None:
     """Given 60 s on purpose (a proxy that holds heartbeats back): a broker saying 15 s
     cut it to 31 s, and every stream behind the proxy reconnected every 31 s for good;
     the given one is the least a stream is read for, the next streams' too."""
-    resume = resume_module._Resume(["t"], None, False, None, read_timeout=60.0)
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout_asked=60.0)
     resume.connected(heartbeat_s=15.0)
     assert resume.read_timeout == 60.0
     resume.heard(100.0)
@@ -443,7 +444,7 @@ def test_a_read_timeout_given_longer_than_the_heartbeat_said_is_kept() -> None:
 def test_a_read_timeout_given_shorter_than_the_heartbeat_said_gives_way_to_it() -> None:
     """Given 45 s (the default's number, but given) against a 60 s heartbeat: a live
     stream is never cut for being quieter than its broker's pace."""
-    resume = resume_module._Resume(["t"], None, False, None, read_timeout=45.0)
+    resume = resume_module._Resume(["t"], None, False, None, read_timeout_asked=45.0)
     resume.connected(heartbeat_s=60.0)
     assert resume.read_timeout == 121.0
     resume.connected(heartbeat_s=1.0)
@@ -454,7 +455,7 @@ def test_the_default_read_timeout_follows_the_heartbeat_said_both_ways() -> None
     """Not given: the broker's heartbeat decides alone, under the default or over it;
     and an older broker's streams are read with the default, as before."""
     resume = resume_module._Resume(["t"], None, False, None)
-    assert resume.read_timeout == resume_module.DEFAULT_READ_TIMEOUT == 45.0
+    assert resume.read_timeout == resume_module.GUESSED_READ_TIMEOUT_S == 45.0
     resume.connected(heartbeat_s=1.0)
     assert resume.read_timeout == 3.0
     resume.connected(heartbeat_s=30.0)
@@ -474,6 +475,40 @@ def test_a_subscriber_tells_a_read_timeout_given_from_the_default(given: float |
         assert not default._resume.read_timeout_given
     with subscriber.Subscriber("t", read_timeout=subscriber.DEFAULT_READ_TIMEOUT) as same:
         assert not same._resume.read_timeout_given
+
+
+def test_the_default_read_timeout_is_no_number_a_caller_could_pass_by_chance() -> None:
+    """It was a float subclass worth 45: arithmetic on it (``DEFAULT_READ_TIMEOUT * 2``)
+    gave a plain float, a timeout given; the signature said ``float``. It is a sentinel
+    now, which the signature names, and the 45 s an older broker is read for apart."""
+    assert not isinstance(subscriber.DEFAULT_READ_TIMEOUT, (int, float))
+    assert repr(subscriber.DEFAULT_READ_TIMEOUT) == "DEFAULT_READ_TIMEOUT"
+    parameter = inspect.signature(subscriber.Subscriber).parameters["read_timeout"]
+    assert parameter.default is subscriber.DEFAULT_READ_TIMEOUT
+    assert "ReadTimeout" in str(parameter.annotation)
+
+
+@pytest.mark.parametrize("given", [60.0, 2.0, None])
+def test_a_read_timeout_given_beside_a_client_passed_in_is_the_one_taken(
+    given: float | None,
+) -> None:
+    """A client passed in: its own read timeout counts as given (a floor under the
+    heartbeat), but a ``read_timeout`` given beside it was dropped for the client's (5 s,
+    httpx's default, read as a floor). The one given wins now."""
+    with httpx.Client(timeout=5.0) as client:
+        with subscriber.Subscriber("t", read_timeout=given, client=client) as chosen:
+            assert chosen._resume.read_timeout_given and chosen._resume.read_timeout == given
+        with subscriber.Subscriber("t", client=client) as the_clients:
+            assert the_clients._resume.read_timeout_given
+            assert the_clients._resume.read_timeout == 5.0
+
+
+async def test_an_async_subscriber_takes_a_read_timeout_given_beside_its_client_too() -> None:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as client:
+        async with subscriber.AsyncSubscriber("t", read_timeout=60.0, client=client) as chosen:
+            assert chosen._resume.read_timeout == 60.0
+        async with subscriber.AsyncSubscriber("t", client=client) as the_clients:
+            assert the_clients._resume.read_timeout is None  # (the client's: never)
 
 
 @pytest.mark.parametrize(
@@ -519,7 +554,7 @@ def test_a_body_over_http_1_is_read_with_the_timeout_in_force_then_its_stream_le
     None
 ):
     stream = _NetworkStream()
-    resume = resume_module._Resume(["t"], None, False, give_up_after=1.0, read_timeout=2.0)
+    resume = resume_module._Resume(["t"], None, False, give_up_after=1.0, read_timeout_asked=2.0)
     with subscriber._read_as_usual(_answered(stream, b"HTTP/1.1"), resume):
         stream.read(10, 1.0)
         resume.read_timeout = 7.0  # (learnt from heartbeats while the body is read)
@@ -532,7 +567,7 @@ def test_a_body_over_http_1_is_read_with_the_timeout_in_force_then_its_stream_le
 def test_a_body_over_http_2_leaves_the_connection_s_reads_alone() -> None:
     """Over HTTP/2 the network stream is the connection's, read for all its streams."""
     stream = _NetworkStream()
-    resume = resume_module._Resume(["t"], None, False, give_up_after=1.0, read_timeout=2.0)
+    resume = resume_module._Resume(["t"], None, False, give_up_after=1.0, read_timeout_asked=2.0)
     with subscriber._read_as_usual(_answered(stream, b"HTTP/2"), resume):
         stream.read(10, 1.0)
     assert stream.timeouts == [1.0]
