@@ -80,6 +80,25 @@ class StreamInterrupted(BrokerClientError):
         self.after_line = after_line
 
 
+class StreamPartFailed(BrokerClientError):
+    """A stream gone on in parts (``after_line`` > 0: see ``Unreachable``) that failed on
+    an error not the broker's: the ``token`` callable raised, or httpx did with an error
+    that is no transport's (that error is its ``__cause__``). Raised as it was, it told
+    nothing of the parts, and a caller who resent the whole stream under its key stored
+    lines 1..``after_line`` twice. Those lines are stored; ``idempotency_key`` is the
+    key of the part under way (``K+after_line``), under which a resend sends the events
+    after ``after_line`` (``lines_sent``: how many the iterator had given in all).
+    Before any part went on so, such an error is raised as it is."""
+
+    def __init__(
+        self, message: str, *, idempotency_key: str, lines_sent: int, after_line: int
+    ) -> None:
+        super().__init__(message)
+        self.idempotency_key = idempotency_key
+        self.lines_sent = lines_sent
+        self.after_line = after_line
+
+
 class RequestFailed(BrokerClientError):
     """The broker answered with an error; ``problem`` is its problem+json body, if any.
 

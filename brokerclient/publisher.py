@@ -71,6 +71,7 @@ from brokerclient.publish_body import EventObject as EventObject
 from brokerclient.stream_parts import (
     UNREAD,
     answered,
+    failed_in_parts,
     go_on_alone,
     start_over_if_log_lost,
     stream_result,
@@ -183,7 +184,8 @@ class Publisher:
         after line n go (never the whole stream again, under either key: under K it
         stores lines 1..n twice). A broker that had refused the stream before it raised
         has its refusal raised instead (see ``StreamInterrupted``). Any refusal after
-        the stream went on so carries ``after_line`` and ``K+n`` too. A
+        the stream went on so carries ``after_line`` and ``K+n`` too, and an error not
+        the broker's (the ``token`` callable's) is ``StreamPartFailed``, carrying them. A
         ``BaseException`` (Ctrl-C) goes through as it is: give ``idempotency_key`` to
         know the key then too.
         """
@@ -201,7 +203,24 @@ class Publisher:
         what: str = "publish",
     ) -> PublishResult:
         """POST, retried under one Idempotency-Key; ``body`` bytes, or a stream's lines
-        (sent afresh by each attempt: the lines sent already, then the rest)."""
+        (sent afresh by each attempt: the lines sent already, then the rest). An error
+        not the broker's, once a stream went on in parts, says them (``failed_in_parts``)."""
+        try:
+            return self._attempts(topic, body, content_type, params, key, what)
+        except Exception as error:
+            if (in_parts := failed_in_parts(error, body)) is None:
+                raise
+            raise in_parts from error
+
+    def _attempts(
+        self,
+        topic: str,
+        body: bytes | _SentLines,
+        content_type: str,
+        params: Mapping[str, str],
+        key: str | None,
+        what: str,
+    ) -> PublishResult:
         key = idempotency_key_of(key)
         attempts = Attempts(self.retry, f"{what} to {topic}", key)
         while True:
@@ -341,6 +360,22 @@ class AsyncPublisher:
         what: str = "publish",
     ) -> PublishResult:
         """``Publisher._send``, awaited."""
+        try:
+            return await self._attempts(topic, body, content_type, params, key, what)
+        except Exception as error:
+            if (in_parts := failed_in_parts(error, body)) is None:
+                raise
+            raise in_parts from error
+
+    async def _attempts(
+        self,
+        topic: str,
+        body: bytes | _AsyncSentLines,
+        content_type: str,
+        params: Mapping[str, str],
+        key: str | None,
+        what: str,
+    ) -> PublishResult:
         key = idempotency_key_of(key)
         attempts = Attempts(self.retry, f"{what} to {topic}", key)
         while True:

@@ -4,8 +4,9 @@ those records lapsed; ``ingest-lines-lost``, ``ingest-records-lapsed``), for
 ``brokerclient.publisher``: the lines after the last one kept go on under the key
 ``K+n`` (n: that line), ``StreamStopped`` where it cannot tell which were kept, and
 the result of a stream gone on in parts is the whole stream's, its refusal told with
-its parts. A stream whose own iterator raised once the broker had answered raises what
-that answer says (``answered``).
+its parts, as is an error not the broker's raised after it (``failed_in_parts``). A
+stream whose own iterator raised once the broker had answered raises what that answer
+says (``answered``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import logging
 import httpx
 
 from brokerclient.attempts import Attempts
-from brokerclient.errors import BrokerClientError, RequestFailed, StreamInterrupted, StreamStopped
+from brokerclient.errors import (
+    BrokerClientError,
+    RequestFailed,
+    StreamInterrupted,
+    StreamPartFailed,
+    StreamStopped,
+)
 from brokerclient.http import (
     RETRY_STATUSES,
     KeptLines,
@@ -155,6 +162,20 @@ def refused_in_parts(refused: RequestFailed, body: _Lines) -> RequestFailed:
         refused.problem,
         f"{refused}{_parts_of(body)}",
         idempotency_key=body.key,
+        after_line=body.after_line,
+    )
+
+
+def failed_in_parts(error: Exception, body: bytes | _Lines) -> StreamPartFailed | None:
+    """``error`` (not the broker's: the token callable's, an httpx error that is no
+    transport's) told with the stream's parts, once it went on in parts; None before
+    (or for an error of the client's own, which says them already): raised as it is."""
+    if isinstance(body, bytes) or body.after_line == 0 or isinstance(error, BrokerClientError):
+        return None
+    return StreamPartFailed(
+        f"the stream failed on {error!r}, not on an answer of the broker's{_parts_of(body)}",
+        idempotency_key=body.key,
+        lines_sent=body.count(),
         after_line=body.after_line,
     )
 

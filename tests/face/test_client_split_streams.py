@@ -7,8 +7,9 @@ twice."""
 
 from __future__ import annotations
 
+import itertools
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ from brokerclient import (
     Publisher,
     RequestFailed,
     StreamInterrupted,
+    StreamPartFailed,
     TopicClosed,
     event,
 )
@@ -78,6 +80,16 @@ class LapsesAfterTwoLines:
 
     async def async_then_a_bad_line(self) -> AsyncIterator[dict[str, Any]]:
         for item in self.then_a_bad_line():  # (its waits are short: the loop may block)
+            yield item
+
+    def then_the_rest(self) -> Iterator[dict[str, Any]]:
+        """Lines 1-2 under K, lines 3-5 (line 3 refused under K) under ``K+2``."""
+        yield from (event(1), event(2))
+        self.lapse_after_two()
+        yield from (event(3), event(4), event(5))
+
+    async def async_then_the_rest(self) -> AsyncIterator[dict[str, Any]]:
+        for item in self.then_the_rest():
             yield item
 
     def then_dies_once_refused(self) -> Iterator[dict[str, Any]]:
@@ -268,3 +280,60 @@ def test_a_stream_gone_on_alone_whose_iterator_raises_once_its_log_was_lost_says
         whole = [event(n) for n in range(1, 7)]
         publisher.stream(topic, whole, idempotency_key=interrupted.idempotency_key)
     assert _history(face_broker.url, topic) == [1, 2, 3, 4, 5, 6]
+
+
+class TokenServiceDown(Exception):
+    """The caller's token callable's own error."""
+
+
+def _token_down_after(calls: int) -> Callable[[], str | None]:
+    """A token callable that gives no token ``calls`` times, then raises."""
+    asked = itertools.count(1)
+
+    def token() -> str | None:
+        if next(asked) > calls:
+            raise TokenServiceDown("the token service is down")
+        return None
+
+    return token
+
+
+def _assert_failed_naming_the_parts(failed: StreamPartFailed, key: str) -> None:
+    assert isinstance(failed.__cause__, TokenServiceDown), repr(failed.__cause__)
+    assert (failed.after_line, failed.idempotency_key) == (2, f"{key}+2"), vars(failed)
+    assert failed.lines_sent >= 3  # (lines 4-5 may have gone before the refusal came)
+    said = str(failed)
+    assert "TokenServiceDown" in said and f"lines 1..2 were stored under {key}," in said, said
+    assert f"after line 2 under {key}+2" in said and "never the whole stream" in said, said
+
+
+def test_a_token_that_fails_once_a_stream_went_on_alone_names_its_parts(
+    face_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """The token callable raised as the part ``K+2`` was to be sent: its own error went
+    through as it was, with no word of the parts nor of ``K+2``, and a caller who resent
+    the whole stream under K stored lines 1-2 twice. It is ``StreamPartFailed`` now,
+    the token's error its cause, naming ``after_line`` and ``K+2``; resent as it says,
+    each line is stored once."""
+    topic, key = _topic("token-down"), "split-token-down"
+    fault = LapsesAfterTwoLines(face_broker.url, redis_server.url, topic, key)
+    with Publisher(face_broker.url, token=_token_down_after(1)) as publisher:
+        with pytest.raises(StreamPartFailed) as failed:
+            publisher.stream(topic, fault.then_the_rest(), idempotency_key=key)
+    _assert_failed_naming_the_parts(failed.value, key)
+    assert _history(face_broker.url, topic) == [1, 2]
+    with Publisher(face_broker.url) as publisher:
+        rest = [event(n) for n in (3, 4, 5)]
+        publisher.stream(topic, rest, idempotency_key=failed.value.idempotency_key)
+    assert _history(face_broker.url, topic) == [1, 2, 3, 4, 5]
+
+
+async def test_an_async_token_that_fails_once_a_stream_went_on_alone_names_its_parts_too(
+    face_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    topic, key = _topic("token-down-async"), "split-token-down-async"
+    fault = LapsesAfterTwoLines(face_broker.url, redis_server.url, topic, key)
+    async with AsyncPublisher(face_broker.url, token=_token_down_after(1)) as publisher:
+        with pytest.raises(StreamPartFailed) as failed:
+            await publisher.stream(topic, fault.async_then_the_rest(), idempotency_key=key)
+    _assert_failed_naming_the_parts(failed.value, key)

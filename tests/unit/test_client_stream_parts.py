@@ -18,6 +18,7 @@ from brokerclient import (
     PublishResult,
     RequestFailed,
     RetryPolicy,
+    StreamPartFailed,
     StreamStopped,
     TopicClosed,
     event,
@@ -42,6 +43,11 @@ def records_lapsed(last_line_kept: int, first_id: str) -> Answer:
     members = {"resend": "after_line", "last_line_kept": last_line_kept, "first_id": first_id}
     body = problem | {"status": 409, "detail": "records lapsed"} | members
     return lambda _: httpx.Response(409, json=body)
+
+
+def undecodable(_: list[int]) -> httpx.Response:
+    """An httpx error that is no transport's (not retried: raised)."""
+    raise httpx.DecodingError("the answer's gzip is broken")
 
 
 def stored(data: list[int]) -> httpx.Response:
@@ -172,3 +178,19 @@ def test_a_409_lines_lost_the_client_cannot_go_on_from_is_a_request_failed_not_a
     assert not isinstance(failed.value, (TopicClosed, StreamStopped)), type(failed.value)
     assert failed.value.status == 409 and len(broker.requests) == 1
     assert failed.value.problem["type"] == "/problems#ingest-lines-lost"
+
+
+def test_an_httpx_error_once_a_stream_went_on_alone_names_its_parts() -> None:
+    """Raised as it was, it said nothing of the parts: resent whole under K, lines 1-2
+    were stored twice."""
+    broker = Broker(records_lapsed(2, "e.1-0"), undecodable)
+    with pytest.raises(StreamPartFailed) as failed:
+        broker.stream(5, "K")
+    assert isinstance(failed.value.__cause__, httpx.DecodingError)
+    assert (failed.value.after_line, failed.value.idempotency_key) == (2, "K+2")
+    assert failed.value.lines_sent == 5 and "after line 2 under K+2" in str(failed.value)
+
+
+def test_an_httpx_error_before_any_part_went_on_is_raised_as_it_is() -> None:
+    with pytest.raises(httpx.DecodingError):
+        Broker(undecodable).stream(3, "K")
