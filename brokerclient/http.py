@@ -51,8 +51,9 @@ class PublishResult:
     """What the broker answered a publish: the ids stored, in order.
 
     ``replayed``: an earlier attempt with the same Idempotency-Key had stored them
-    already (nothing new was stored). A streaming ingest past the broker's batch
-    limit answers only ``count``, ``first_id`` and ``last_id``; ``ids`` is then empty.
+    already (nothing new was stored); never for a stream gone on in parts (below). A
+    streaming ingest past the broker's batch limit answers only ``count``, ``first_id``
+    and ``last_id``; ``ids`` is then empty.
 
     So does a stream the client went on with after its line ``after_line`` as a stream
     of its own, under the key ``idempotency_key`` (``f"{key}+{after_line}"``, the

@@ -196,10 +196,13 @@ def _parts_of(body: _Lines) -> str:
 
 def whole_stream(result: PublishResult, body: _Lines) -> PublishResult:
     """A stream's result: the whole stream's, gone on in parts (``PublishResult``: its
-    count, first and last ids; the ids between are not known)."""
+    count, first and last ids; the ids between are not known). Never ``replayed``: the
+    answer to each part but the last was the refusal that had it go on (which says what
+    was kept, not that nothing was new), and the last one's replay (its answer lost, it
+    was sent again) says nothing of the lines before it."""
     return PublishResult(
         ids=[],
-        replayed=result.replayed,
+        replayed=False,
         count=body.after_line + result.count,
         first_id=body.first_id,
         last_id=result.last_id,

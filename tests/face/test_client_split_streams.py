@@ -30,6 +30,7 @@ from tests.http.helpers import read_metric
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import wait_until
 from tests.support.redis_server import RedisServer
+from tests.support.resetting_proxy import ResettingProxy
 
 BAD_LINE = {"data": 4, "retry": "soon"}  # (refused by the broker: 400, naming its line)
 
@@ -337,3 +338,21 @@ async def test_an_async_token_that_fails_once_a_stream_went_on_alone_names_its_p
         with pytest.raises(StreamPartFailed) as failed:
             await publisher.stream(topic, fault.async_then_the_rest(), idempotency_key=key)
     _assert_failed_naming_the_parts(failed.value, key)
+
+
+def test_a_stream_in_parts_whose_last_part_was_replayed_is_not_said_replayed(
+    face_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """The answer to the part ``K+2`` is lost (its connection reset as it came), so the
+    part is sent again under ``K+2`` and replayed: each line is stored once (the reset
+    of a part resends that part, exactly), but the result said ``replayed`` (nothing
+    new stored) for a stream whose every line this call stored."""
+    topic, key = _topic("part-replayed"), "split-part-replayed"
+    fault = LapsesAfterTwoLines(face_broker.url, redis_server.url, topic, key)
+    with ResettingProxy(face_broker.port) as proxy, Publisher(proxy.url) as publisher:
+        proxy.reset_next_answer(b"201")
+        result = publisher.stream(topic, fault.then_the_rest(), idempotency_key=key)
+        assert proxy.resets == 1
+    assert _history(face_broker.url, topic) == [1, 2, 3, 4, 5]
+    assert (result.count, result.after_line, result.idempotency_key) == (5, 2, f"{key}+2")
+    assert not result.replayed
