@@ -98,7 +98,8 @@ class _Resume:
     topics_ended: set[str] = field(default_factory=set)  # by a broker.end, or a deleted gap
     refused_last: bool = False  # the last attempt was answered 401 (and no stream since)
     read_timeout_asked: InitVar[ReadTimeout] = DEFAULT_READ_TIMEOUT
-    """The caller's ``read_timeout=`` (a subscriber's, or its client's: ``read_timeout_of``)."""
+    """The caller's ``read_timeout=``: a subscriber's, or its client's own
+    (``subscriber._read_timeout_of``)."""
     read_timeout: float | None = field(init=False)
     """How long a stream may send nothing (no event, no heartbeat) before it is taken for
     dead and reconnected: set by the heartbeat its broker says (``_follow_heartbeat``);
