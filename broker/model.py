@@ -85,7 +85,8 @@ class LogEntry:
     """
 
     __slots__ = (
-        "_body", "_frame", "_id", "_raw_id", "epoch", "fields", "is_control", "position", "topic",
+        "_body", "_frame", "_id", "_raw_id", "epoch", "fields", "is_control", "number", "position",
+        "topic",
     )  # fmt: skip
 
     def __init__(self, topic: str, position: StreamPosition, fields: dict[bytes, bytes]) -> None:
@@ -96,6 +97,10 @@ class LogEntry:
         # The end of a closed topic, or a deleted topic's marker. Decided once here:
         # every subscriber's fast path asks (the entry is shared by all of them).
         self.is_control = fields.get(c.FIELD_EVENT, b"").startswith(b"broker.")
+        # Its number in its log (1, 2, ...); None in an entry stored before numbers. Read
+        # once here too: the live reader asks it twice of every entry it delivers.
+        raw_number = fields.get(c.FIELD_NUMBER)
+        self.number = int(raw_number) if raw_number else None
         self._body: bytes | None = None
         self._frame: bytes | None = None
         self._id: EventId | None = None
@@ -153,12 +158,6 @@ class LogEntry:
                 else:
                     self._frame = b"id: %b.%b\n%b" % (self.epoch.encode(), raw_id, self.body)
         return self._frame
-
-    @property
-    def number(self) -> int | None:
-        """Its number in its log (1, 2, ...); None in an entry stored before numbers."""
-        raw = self.fields.get(c.FIELD_NUMBER)
-        return int(raw) if raw else None
 
     @property
     def event_type(self) -> str | None:

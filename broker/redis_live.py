@@ -307,7 +307,10 @@ class LiveReader:
                     and self._lane_of.get(topic) is lane
                     and lane.armed.get(topic) == streams.get(topic)
                 ):
-                    batch = [LogEntry.from_redis(topic, i, f) for i, f in entries]
+                    if len(entries) == 1:  # (most: a token stream read as it comes)
+                        batch = [LogEntry.from_redis(topic, *entries[0])]  # (no comprehension)
+                    else:
+                        batch = [LogEntry.from_redis(topic, i, f) for i, f in entries]
                     batches[topic] = batch
                     # Where the hub's next read will start this topic (see _place).
                     position = self._last[topic] = batch[-1].position
