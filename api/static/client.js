@@ -10,6 +10,7 @@
  *     onOpen: function () { ... the broker placed the stream: start the producer here ... },
  *     types: ["order.created"],        // event types to listen to besides "message"
  *     retries: 8,                      // reopenings after a passing refusal (502...), in a row
+ *     connectFloorMs: 21000,           // a stream connecting is given this long at least
  *   });
  *   stream.close();
  *
@@ -79,7 +80,8 @@
  *   last beat heard; of the broker's default 15 s heartbeat, 31 s, before any), but
  *   never less than 21 s (a live broker's head may take 20 s while its store is
  *   slow: with a short heartbeat, a store stall it rode out ended the page's stream
- *   for good), and the browser's own reconnect for its 2 s retry: wait more, the
+ *   for good; `connectFloorMs` sets it, for a broker whose store answers sooner, or
+ *   a test), and the browser's own reconnect for its 2 s retry: wait more, the
  *   EventSource is closed and the stream opened again as after silence: one
  *   EventSource at a time, reopenings spaced 1 s, 2 s, 4 s... (each connection it
  *   refuses or drops at once is the browser's progress, and starts the bound again).
@@ -349,6 +351,8 @@
   // 5 s for the reply (REDIS_REPLY_TIMEOUT_SECONDS): 20 s, and a second. (A short
   // heartbeat bounded it at 3 s: a store stall the broker rode out was given up on
   // again and again, each a retry, until the page was told its stream ended for good.)
+  // The default of subscribe's connectFloorMs: a broker whose store answers sooner (or a
+  // test that would not wait 21 s) may give it less.
   var CONNECT_FLOOR_MS = 21000;
   // The browser waits the broker's retry: hint (BROKER_RETRY_MS, 2 s by default; a
   // script cannot read it) before its own reconnect even asks: its bound is that longer.
@@ -400,6 +404,9 @@
     var indexed = false;  // this stream is the most recently used of the kept places
     var maxRetries = typeof options.retries === "number" && options.retries >= 0
       ? options.retries : RETRIES;
+    var connectFloorMs = typeof options.connectFloorMs === "number" &&
+      options.connectFloorMs >= 0 && isFinite(options.connectFloorMs)
+      ? options.connectFloorMs : CONNECT_FLOOR_MS;
     var retries = 0;  // reopenings after passing refusals, in a row
     var openedAt = null;  // when the stream last opened (Date.now()), for STEADY_MS
     var reopening = null;  // the timer of the next reopening
@@ -508,14 +515,14 @@
 
     // How long the stream may stay connecting: as long as it may stay silent (the
     // broker's default interval before a beat told its own), but no less than a live
-    // broker's head may take (CONNECT_FLOOR_MS), and the browser's own reconnect its
+    // broker's head may take (connectFloorMs), and the browser's own reconnect its
     // retry: wait more. A broker that sends no beat answers a head as
     // soon as one that does: bounded the same, it is not reopened (once open, a stream
     // with no interval learnt is not watched: a beating broker sends its first beat
     // in the head's write, so an open with no beat is an older broker's).
     function connectLimitMs(ownReconnect) {
       var interval = beatMs === null ? DEFAULT_BEAT_MS : beatMs;
-      var limit = Math.max(2 * interval + SILENCE_MARGIN_MS, CONNECT_FLOOR_MS);
+      var limit = Math.max(2 * interval + SILENCE_MARGIN_MS, connectFloorMs);
       return limit + (ownReconnect ? RECONNECT_DELAY_MS : 0);
     }
 
