@@ -46,8 +46,9 @@ run: $(STAMP)
 TEST_JOBS ?= 2
 PYTEST_PARALLEL := -n $(TEST_JOBS) --dist loadfile
 
+# --durations: the slowest tests named in every run's log (CI's too), where a slow one shows.
 test: $(STAMP) system-tools $(NODE_STAMP)
-	$(BIN)/pytest $(PYTEST_PARALLEL)
+	$(BIN)/pytest $(PYTEST_PARALLEL) --durations=25
 
 # Unit and single-Redis tests only: tests that run nginx, HAProxy or a browser are
 # marked e2e and deselected, so this needs only redis-server and curl (which it
