@@ -11,6 +11,7 @@
  *     types: ["order.created"],        // event types to listen to besides "message"
  *     retries: 8,                      // reopenings after a passing refusal (502...), in a row
  *     connectFloorMs: 21000,           // a stream connecting is given this long at least
+ *     heartbeatMs: 15000,              // the broker's heartbeat, until its first beat says it
  *   });
  *   stream.close();
  *
@@ -77,7 +78,7 @@
  *   helper's) whose request a proxy or a half-dead path took and never answered, or
  *   a SYN into a dropped route, left the EventSource CONNECTING for minutes, or for
  *   ever. Connecting (no answer's head yet) for two intervals and a second (of the
- *   last beat heard; of the broker's default 15 s heartbeat, 31 s, before any), but
+ *   last beat heard; before any, of `heartbeatMs`: the broker's default 15 s, 31 s), but
  *   never less than 21 s (a live broker's head may take 20 s while its store is
  *   slow: with a short heartbeat, a store stall it rode out ended the page's stream
  *   for good; `connectFloorMs` sets it, for a broker whose store answers sooner, or
@@ -342,6 +343,8 @@
   // judged as its silence is, by an interval: before any beat told it, by the broker's
   // default (BROKER_HEARTBEAT_SECONDS, 15 s): 31 s, but far short of how long Chromium
   // waits on a request taken and never answered (without end) or a SYN dropped (~2 min).
+  // subscribe's heartbeatMs replaces it: a page whose broker beats more often is bounded
+  // sooner (an open stream with no beat heard is still not watched: see connectLimitMs).
   var DEFAULT_BEAT_MS = 15000;
   // And never less than a live broker may take to answer a head while its store is
   // slow: it writes the head once the stream's subscription opened, which, on an
@@ -378,6 +381,11 @@
     return parts;
   }
 
+  // A duration option in ms, or its default for anything but a finite number of 0 or more.
+  function msOption(value, fallback) {
+    return typeof value === "number" && value >= 0 && isFinite(value) ? value : fallback;
+  }
+
   function subscribe(url, options) {
     options = options || {};
     var key = storageKey(url);
@@ -404,9 +412,8 @@
     var indexed = false;  // this stream is the most recently used of the kept places
     var maxRetries = typeof options.retries === "number" && options.retries >= 0
       ? options.retries : RETRIES;
-    var connectFloorMs = typeof options.connectFloorMs === "number" &&
-      options.connectFloorMs >= 0 && isFinite(options.connectFloorMs)
-      ? options.connectFloorMs : CONNECT_FLOOR_MS;
+    var connectFloorMs = msOption(options.connectFloorMs, CONNECT_FLOOR_MS);
+    var assumedBeatMs = msOption(options.heartbeatMs, DEFAULT_BEAT_MS);  // (until a beat)
     var retries = 0;  // reopenings after passing refusals, in a row
     var openedAt = null;  // when the stream last opened (Date.now()), for STEADY_MS
     var reopening = null;  // the timer of the next reopening
@@ -521,7 +528,7 @@
     // with no interval learnt is not watched: a beating broker sends its first beat
     // in the head's write, so an open with no beat is an older broker's).
     function connectLimitMs(ownReconnect) {
-      var interval = beatMs === null ? DEFAULT_BEAT_MS : beatMs;
+      var interval = beatMs === null ? assumedBeatMs : beatMs;
       var limit = Math.max(2 * interval + SILENCE_MARGIN_MS, connectFloorMs);
       return limit + (ownReconnect ? RECONNECT_DELAY_MS : 0);
     }

@@ -14,7 +14,8 @@ is slow (21 s): with the face broker's 1 s heartbeat, the bound was 3 s, and a s
 stall the broker rode out was given up on again and again until the page was told its
 stream had ended for good. The pages that wait out the bound give it as ``connectFloorMs``
 (5 s, still more than a silence: the floor is what bounds them), not to wait 21 s each;
-the slow store's is the default's.
+the slow store's is the default's. Before any beat, the bound is by the heartbeat the page
+assumes (``heartbeatMs``, by default the broker's default 15 s: 31 s).
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ SILENCE_LIMIT = 2 * HEARTBEAT_SECONDS + 1  # an open stream, once a beat was hea
 CONNECT_FLOOR = 5  # connecting, at least, as these pages set it (client.js's default: 21 s)
 GIVEN_FLOOR = f"{{connectFloorMs: {CONNECT_FLOOR * 1000}}}"
 RETRY_HINT = 2  # the broker's retry: (BROKER_RETRY_MS), the browser's wait before reconnecting
-DEFAULT_CONNECT_LIMIT = 2 * 15 + 1  # connecting, before any beat told the interval
+# Connecting before any beat told the interval, by the one a page assumes (heartbeatMs:
+# client.js's default 15 s, 31 s; the face broker's 1 s here, and the floor is the bound).
+ASSUMED_BEAT_SECONDS = HEARTBEAT_SECONDS
+UNBEATEN_CONNECT_LIMIT = max(2 * ASSUMED_BEAT_SECONDS + 1, CONNECT_FLOOR)
 BUSY_MACHINE = 3  # seconds more, for a shared machine
 WAIT_ON_BASE = 20  # how long the page is given: the base waited for ever
 SLOW_HEAD = 5  # how late a broker whose store is slow answers a stream's head, here
@@ -137,6 +141,32 @@ def test_a_reopening_never_answered_is_given_up_and_the_next_spaced_further(
     assert took < SILENCE_LIMIT + 1 + CONNECT_FLOOR + 2 + BUSY_MACHINE, took
 
 
+def test_a_first_stream_never_answered_is_given_up_by_the_heartbeat_the_page_assumes(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """No beat heard yet, a stream connecting is bounded by two of the heartbeat the page
+    assumes (``heartbeatMs``, 2 s here, with no floor: 5 s; by default 15 s: 31 s) and a
+    second. Its first request, taken and never answered, is given up then, the stream
+    opened again a second later, and the event published meanwhile delivered, once."""
+    topic = f"face.unanswered.{uuid.uuid4().hex[:8]}"
+    assumed_beat = 2
+    with SilencingProxy(face_broker.port) as proxy, Publisher(face_broker.url) as publisher:
+        proxy.hold_next_streams(1)
+        page_options = f"{{connectFloorMs: 0, heartbeatMs: {assumed_beat * 1000}}}"
+        opened_at = time.monotonic()
+        open_client_page(browser, proxy, f"/topics/{topic}/events?from=earliest", page_options)
+        publisher.publish(topic, 1)
+        wait_messages(browser, 1, "the event published meanwhile", timeout=WAIT_ON_BASE)
+        took = time.monotonic() - opened_at
+        assert page_messages(browser) == [1]
+        assert _errors(browser) == [(False, 0, 1000)]
+        # The first stream (held), the helper's reopening: no more.
+        assert proxy.streams_asked() == 2
+        _held_closed_by_the_page(proxy)
+    # Connecting (2 * 2 s + 1 s), then reopened after 1 s.
+    assert took < 2 * assumed_beat + 1 + 1 + BUSY_MACHINE, took
+
+
 def test_a_reconnect_answered_late_by_a_slow_store_is_waited_for(
     face_broker: BrokerProcess, browser: Chromium
 ) -> None:
@@ -175,15 +205,21 @@ def test_an_older_brokers_stream_with_no_beat_is_left_open(
 ) -> None:
     """A broker older than ?heartbeat=event beats with comments, which a page does not
     see: no interval is learnt, and its open stream, quiet past the bound a connecting
-    one has before any beat (31 s), is kept, not reopened again and again."""
+    one has before any beat (the page's, 5 s: its floor, over two of the 1 s heartbeat it
+    is told to assume and a second; 31 s by default), is kept, not reopened again and
+    again."""
     topic = f"face.older.{uuid.uuid4().hex[:8]}"
     with OlderBrokerProxy(face_broker.port) as proxy, Publisher(face_broker.url) as publisher:
-        open_client_page(browser, proxy, f"/topics/{topic}/events?from=earliest")
+        page_options = (
+            f"{{connectFloorMs: {CONNECT_FLOOR * 1000},"
+            f" heartbeatMs: {ASSUMED_BEAT_SECONDS * 1000}}}"
+        )
+        open_client_page(browser, proxy, f"/topics/{topic}/events?from=earliest", page_options)
         publisher.publish(topic, 1)
         wait_messages(browser, 1, "the first event")
         browser.evaluate(MARK_SOURCE)
-        quiet_until = time.monotonic() + DEFAULT_CONNECT_LIMIT + 2
-        while time.monotonic() < quiet_until:  # (bounded: 33 s)
+        quiet_until = time.monotonic() + UNBEATEN_CONNECT_LIMIT + 2
+        while time.monotonic() < quiet_until:  # (bounded: 7 s)
             assert browser.evaluate(SAME_SOURCE) is True, _errors(browser)
             time.sleep(0.5)
         publisher.publish(topic, 2)
