@@ -8,7 +8,9 @@ and beats, straight to the socket where it can, the streams whose last comment i
 old enough. Between those ticks, when topics expire sooner, it looks at the few
 streams that hold an origin of such a topic (``broker.origins``), and at no other. A stream
 whose consumer is busy (a replay) puts its due comment in front of what it sends
-next (``Subscription.chunks``). The clock also ends streams whose credentials
+next (``Subscription.chunks``); one whose consumer waits on the store is beaten
+straight to the socket too (``CatchUp._from_store``: a stalled store held it silent
+for up to 10 s). The clock also ends streams whose credentials
 expired (``Subscription.beat_if_due``), so that costs no timer per stream either.
 
 Nothing a member does can stop the clock: a member that raises is cut (its

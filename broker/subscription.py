@@ -159,6 +159,7 @@ class Subscription(ClockCalls):
         event as of any other, by the cursor in which only that topic moved (a client
         took every other topic to be at the origin, a trimmed one is not: audit)."""
         self._backlog_at_tick: int | None = None  # (see _stopped_reading)
+        self._awaiting_store = False  # (see CatchUp._from_store)
         self._waiter: asyncio.Future[bool] | None = None
         self._consumer_idle = False
         """The consumer holds nothing and is not running: parked in ``_wait``, or (an edge

@@ -2,11 +2,12 @@
 
 One clock serves every open stream of a process (``broker.heartbeat``), so no
 stream holds a timer. On its tick a subscription beats straight to the socket
-when a beat is due and its consumer is parked (else it wakes the consumer, which
-beats); ends when its credentials expired or were revoked; is dropped when its
-client stopped reading a burst it was handed whole; and, more often when topics
-expire sooner, looks whether an origin its client holds is due to be sent a later
-one (``broker.origins``).
+when a beat is due and its consumer is parked or waits on the store holding no
+frame (a replay's page, a state read: a stalled store would hold it silent), else
+it wakes the consumer, which beats; ends when its credentials expired or were
+revoked; is dropped when its client stopped reading a burst it was handed whole;
+and, more often when topics expire sooner, looks whether an origin its client holds
+is due to be sent a later one (``broker.origins``).
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ class ClockCalls(CatchUp):
             return
         if now - self._last_beat < due_after:
             return
-        if self._parked_live() and self._sink.write(self._beat):
-            self._last_beat = now
+        if (self._parked_live() or self._awaiting_store) and self._sink.write(self._beat):
+            self._last_beat = now  # (waiting on the store: see CatchUp._from_store)
         else:
             self._wake(False)
 

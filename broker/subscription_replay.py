@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from broker import constants as c
 from broker.errors import StoreUnavailable
@@ -44,6 +44,8 @@ class ForeignCursor:
 StartFrom = EventId | ForeignCursor | Literal["earliest", "now"]
 """Where one topic starts: after an id, at the oldest retained event, or at the end."""
 
+T = TypeVar("T")
+
 
 class CatchUp:
     """The part of a ``Subscription`` that goes back to the log (``_catch_up``): it judges
@@ -57,6 +59,7 @@ class CatchUp:
     __slots__ = (
         "_announce",
         "_announce_start",
+        "_awaiting_store",
         "_beat",
         "_buffer_limit",
         "_catching_up",
@@ -103,6 +106,7 @@ class CatchUp:
     _origins_due: bool
     _pending: list[LogEntry]
     _beat: bytes
+    _awaiting_store: bool
 
     def _end_topic(self, topic: str) -> None:
         """Nothing more will come of this topic (``Subscription``'s: it leaves the hub)."""
@@ -111,6 +115,22 @@ class CatchUp:
     def _watch_origins(self) -> None:
         """Have the heartbeat clock look at the origins held (``ClockCalls``')."""
         raise NotImplementedError
+
+    async def _from_store(self, read: Awaitable[T]) -> T:
+        """``read``'s answer, the heartbeat clock beating the stream meanwhile.
+
+        Its consumer waits here holding no frame (what it yielded was written; what it
+        frames next comes after), so the clock may write a beat straight to the socket
+        (``ClockCalls.beat_if_due``) without overtaking anything, as for a parked live
+        stream. Without it, a stalled store (5 s for a free connection, 5 s for the
+        reply) held a catching-up stream silent past two short heartbeats, and its
+        client (``/client.js``, the Python subscriber) dropped a stream the broker
+        rode the stall out with (review)."""
+        self._awaiting_store = True
+        try:
+            return await read
+        finally:
+            self._awaiting_store = False
 
     # -- catching up from the log -------------------------------------------
 
@@ -127,7 +147,7 @@ class CatchUp:
                 # that names every topic, at its new position once its notice is sent,
                 # else at its requested one (a client that drops between two notices
                 # must be told the second when it comes back).
-                judged = await self._judge_all(topics)
+                judged = await self._from_store(self._judge_all(topics))
                 for index, (topic, gap) in enumerate(judged):
                     yield self._gap_frame(topic, gap, unsent=judged[index + 1 :])
                 if self._announce_start and not self._closed:
@@ -141,7 +161,7 @@ class CatchUp:
                 # Keep the stream open and try again once the store is back;
                 # the heartbeat tells the client (and proxies) we are alive.
                 self._resync.update(topics)
-                await asyncio.sleep(backoff)
+                await self._from_store(asyncio.sleep(backoff))  # (beaten too)
                 backoff = min(backoff * 2, c.RECONNECT_BACKOFF_MAX)
                 yield self._beat  # (an event, to a client that watches for those)
         self._catching_up = False
@@ -186,8 +206,8 @@ class CatchUp:
         page_bytes = min(c.REPLAY_PAGE_BYTES, half)
         while not self._closed:
             position = self._positions[topic]
-            page = await self._store.read_range(
-                topic, position.stream_after, c.REPLAY_PAGE_SIZE, page_bytes
+            page = await self._from_store(
+                self._store.read_range(topic, position.stream_after, c.REPLAY_PAGE_SIZE, page_bytes)
             )
             if not _continues(page, position):
                 # Trimmed past us since the cursor was judged (a replay slower than
@@ -324,7 +344,8 @@ class CatchUp:
         assert self._origins is not None  # (due: some origin was held)
         topics = self._origins.due(self._positions, asked_at)
         try:
-            states = await asyncio.gather(*(self._store.state(topic) for topic in topics))
+            reads = asyncio.gather(*(self._store.state(topic) for topic in topics))
+            states = await self._from_store(reads)
         except StoreUnavailable:
             return b""
         finally:
