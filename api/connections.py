@@ -52,6 +52,7 @@ from api.hosts import host_of
 from api.lean_ingest import IngestExchange, IngestHead, ingest_head_of
 from api.lean_publish import PublishExchange, PublishHead, publish_head_of
 from api.lean_stream import cap_send_buffer, stream_request_of
+from api.lingering import close_lingering
 from api.metrics import RouteClass, count_response
 from api.proxy_headers import forwarded_scheme, log_access, trusts_proxy
 from api.stream_opening import StreamOpening
@@ -421,11 +422,22 @@ class BrokerHttpProtocol(StreamOpening, asyncio.Protocol):
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         self._transport.write(answer)
         if close or self._closing or not request.keep_alive:
-            self._guard.deadlines.clear(self)
-            self._transport.close()
+            self._close_after_ingest(self._ingest)
         elif not self._ingest.body_ended:  # (ReceivedBody may have paused it)
             self._guard.deadlines.set(self, self._guard.limits.body_timeout)
             self._transport.resume_reading()
+
+    def _close_after_ingest(self, exchange: IngestExchange) -> None:
+        """Close after an ingest's answer: lingering while its body is still coming (a
+        409 or 503 that ends it, a 400 for its framing), for its producer to read the
+        answer rather than a reset (``api.lingering``)."""
+        assert self._transport is not None
+        self._guard.deadlines.clear(self)
+        if exchange.body_ended:
+            self._transport.close()
+            return
+        self._server_state.connections.discard(self)
+        close_lingering(self._transport, self._server_state, self._guard.deadlines)
 
     def ingest_over(self, request: IngestHead, rest: bytes) -> None:
         """``IngestConnection``: answered and its body read: on to the next request."""

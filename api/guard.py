@@ -15,10 +15,9 @@ is handed over, until the connection idles again) to the heads and bodies it
 reads. An open event stream waits for nothing and has no deadline.
 
 A connection past the limit is answered ``refusal_of``'s come-back or 503. A
-refused request is answered and then closed *lingering*: the process stops
-writing, and reads and drops what the client still sends for a moment, because
-closing a socket with unread bytes resets the connection, and the client's
-system may then throw the answer away before the client reads it.
+refused request is answered and then closed lingering (``api.lingering``), as is
+any answer uvicorn's protocol closes the connection after while the request's
+body is still coming (a 409 or 503 ending a streaming ingest).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 import httptools
@@ -47,6 +46,7 @@ from api.answers import route_class
 from api.cors import cors_headers_of_head, with_cors
 from api.deadlines import Deadlines
 from api.heads import RequestHead
+from api.lingering import ClosingDeferred, close_lingering
 from api.metrics import RouteClass, count_response
 from api.settings import Settings
 
@@ -59,9 +59,6 @@ INVALID_REQUEST = "Invalid HTTP request received."
 """uvicorn's answer to bytes httptools cannot parse (``send_400_response``)."""
 FD_RESERVE = 64
 """File descriptors kept for the process itself: Redis connections, logs, the loop."""
-LINGER_SECONDS = 2.0
-LINGER_MAX_BYTES = 1 << 20
-"""A refused client still sending past this is cut."""
 FULL_WARNING_INTERVAL = 10.0
 NDJSON = b"application/x-ndjson"
 
@@ -239,48 +236,7 @@ def answer_and_close(
     if not any(name == b"connection" for name, _ in headers):
         headers = [*headers, (b"connection", b"close")]
     transport.write(response_head(response.status_code, headers, server_state) + response.body)
-    if not transport.can_write_eof():
-        transport.close()
-        return
-    transport.write_eof()
-    lingering = Lingering(transport, server_state, guard)
-    transport.set_protocol(lingering)
-    lingering.start()
-
-
-class Lingering(asyncio.Protocol):
-    """An answered connection on its way out: reads and drops what the client still
-    sends until it closes its side, for at most LINGER_SECONDS and LINGER_MAX_BYTES."""
-
-    def __init__(self, transport: asyncio.Transport, server_state: ServerState, guard: Guard):
-        self._transport = transport
-        self._server_state = server_state
-        self._guard = guard
-        self._dropped = 0
-
-    def start(self) -> None:
-        self._server_state.connections.add(self)  # type: ignore[arg-type]
-        self._guard.deadlines.set(self, LINGER_SECONDS)
-        if not self._transport.is_reading():
-            self._transport.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        self._dropped += len(data)
-        if self._dropped > LINGER_MAX_BYTES:
-            self._transport.abort()
-
-    def eof_received(self) -> bool:
-        return False  # the client has read the answer and closed: close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._server_state.connections.discard(self)
-        self._guard.deadlines.clear(self)
-
-    def expire(self) -> None:
-        self._transport.abort()
-
-    def shutdown(self) -> None:
-        self._transport.abort()
+    close_lingering(transport, server_state, guard.deadlines)
 
 
 # -- uvicorn's protocol, guarded -------------------------------------------------------------
@@ -319,6 +275,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False
         self._deferred_400: str | None = None  # (see send_400_response)
         self._running: RequestResponseCycle | None = None  # the request being answered
+        self._lingering = False  # answered and closing, the client still sending
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -361,12 +318,40 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refused = True
             self._guard.deadlines.clear(self)
             raise TooManyAhead(f"over {MAX_PIPELINED_REQUESTS} requests sent ahead")
+        cycle = self.cycle
         super().on_headers_complete()
+        if self.cycle is not cycle and self.cycle is not None and self._declares_body():
+            self._close_lingering_after(self.cycle)
         self._in_head = False
         self._head_ended_in_read = self._reading_body = True
         content_type = next((v for k, v in self.headers if k == b"content-type"), b"")
         self._deadline_per_read = content_type.split(b";")[0].strip().lower() == NDJSON
         self._guard.deadlines.set(self, self._guard.limits.body_timeout)
+
+    def _declares_body(self) -> bool:
+        return any(
+            name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
+            for name, value in self.headers
+        )
+
+    def _close_lingering_after(self, cycle: RequestResponseCycle) -> None:
+        """uvicorn's cycle closes the connection once it answered with ``Connection:
+        close`` (a 409 or 503 ending a streaming ingest), however much of the body is
+        still coming: it is given a transport whose ``close()`` lingers then."""
+        transport = ClosingDeferred(self.transport, lambda: self._close_after(cycle))
+        cycle.transport = cast(asyncio.Transport, transport)
+
+    def _close_after(self, cycle: RequestResponseCycle) -> None:
+        """Close lingering (``api.lingering``) after a whole answer while the client is
+        still sending (this request's body, or a request after it); else close."""
+        if not (cycle.response_complete and self._in_message) or self.transport.is_closing():
+            self.transport.close()  # (an answer broken off is no answer to linger after)
+            return
+        self._lingering = True
+        self.connections.discard(self)
+        self._guard.deadlines.clear(self)
+        self._unset_keepalive_if_required()
+        close_lingering(self.transport, self.server_state, self._guard.deadlines)
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
@@ -424,6 +409,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
 
     def on_response_complete(self) -> None:
+        if self._lingering:  # (the connection is no longer this protocol's)
+            self.server_state.total_requests += 1  # (as uvicorn's own counts it)
+            return
         super().on_response_complete()
         if self._deferred_400 is not None:
             if not self._answering():  # (else a request pipelined is answered first)

@@ -25,7 +25,8 @@ it. Deliberate likenesses to uvicorn, so that a client sees one behaviour:
   or deleted (``broker.errors.LogGone``): whatever ``problem_for`` answers with
   ``Connection: close``. A malformed chunked
   framing gets uvicorn's own ``400 Invalid HTTP request received.``, and the
-  connection closes.
+  connection closes. Closed while the body is still coming, it closes lingering
+  (``api.lingering``, on both routes): the client reads the answer, not a reset.
 - Memory is bounded whatever the body's length: past ``BODY_BUFFER_BYTES``
   not yet taken by the ingest (an append in flight) the socket is not read.
 

@@ -75,6 +75,12 @@ HTTP_RESPONSES = Counter(
     "HTTP answers written, by route class and status (streams once, as their head is sent)",
     ["route", "status"],
 )
+LINGERING_CLOSES = Counter(
+    "broker_lingering_closes_total",
+    "Connections closed lingering after an answer given while the client was still"
+    " sending, by how the lingering ended (api.lingering)",
+    ["ending"],
+)
 
 RouteClass = Literal[
     "publish",

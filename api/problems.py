@@ -72,8 +72,9 @@ class KeysUnavailable(StoreUnavailable):
 
 class StoreLostMidBody(StoreUnavailable):
     """The store failed while a streaming ingest's body was still coming: answered
-    503 and the connection closed. A producer still sending learns it at once (most
-    clients read the answer only once their body is sent: had the rest been read and
+    503 and the connection closed (lingering, ``api.lingering``: the answer read, not
+    reset). A producer still sending learns it within 2 s (most clients read the
+    answer only once their body is sent, or their writes fail: had the rest been read and
     dropped, the rest of a token stream went nowhere, its viewers waiting for the
     end of the generation, until the producer resent it)."""
 

@@ -232,17 +232,25 @@ class LapsesThenItsLogIsLost(LapsesAfterTwoLines):
     def _until_the_log_is_lost(self) -> Iterator[dict[str, Any]]:
         yield from (event(1), event(2))
         self.lapse_after_two()
-        refusals = _ingest_refusals(self.url)
+        refusals, lingered = _ingest_refusals(self.url), _lingering_timed_out(self.url)
         yield event(3)
         _wait_for_a_refusal_after(self.url, refusals)
-        # (written to the connection the broker closed: the second write fails, and the
-        # client reads the 409, and sends lines 3-5 under K+2 before it asks for line 6)
+        # The broker read and dropped what came after its 409 for a while (api.lingering),
+        # then closed: lines 4-5, written to the connection it closed, fail there (the
+        # second write), and the client reads the 409, and sends lines 3-5 under K+2
+        # before it asks for line 6.
+        wait_until(lambda: _lingering_timed_out(self.url) > lingered, timeout=10, what="the close")
         yield from (event(4), event(5))
         wait_until(
             lambda: _history(self.url, self.topic) == [1, 2, 3, 4, 5], timeout=10, what="3-5"
         )
         with redis.Redis.from_url(self.redis_url) as admin:
             admin.delete(*c.topic_keys(self.topic))
+
+
+def _lingering_timed_out(url: str) -> float:
+    """The connections the broker closed lingering that the client did not end."""
+    return read_metric(url, "broker_lingering_closes_total", {"ending": "time"})
 
 
 def _ingest_503s(url: str) -> float:

@@ -40,6 +40,7 @@ PROXY_HEADERS = "api/proxy_headers.py"
 LEAN_STREAM = "api/lean_stream.py"
 SSE = "api/sse.py"
 LIFECYCLE = "api/lifecycle.py"
+GUARD = "api/guard.py"
 
 
 def changed(surface: str, user: str, why: str) -> str:
@@ -324,6 +325,47 @@ def test_driving_send_by_hand_writes_at_once_or_not_at_all() -> None:
     sending.close()
     assert written == [], changed(
         "RequestResponseCycle.send", SSE, "an attempt that would wait must have written nothing"
+    )
+
+
+# -- api/guard.py: closing lingering after an answer the app gave mid-body --------
+
+
+def test_the_cycle_writes_through_the_transport_it_was_given() -> None:
+    why = "GuardedHttpToolsProtocol gives the cycle a transport whose close() lingers"
+    source = inspect.getsource(HttpToolsProtocol.on_headers_complete)
+    assert "transport=self.transport" in source, changed(
+        "HttpToolsProtocol.on_headers_complete", GUARD, why
+    )
+
+
+def test_an_answer_with_connection_close_closes_the_cycles_transport_then_completes() -> None:
+    """The answer is written whole, then ``close()`` on the cycle's ``transport``
+    (where the guard lingers), then ``on_response`` (which it skips once lingering)."""
+    calls: list[str] = []
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            calls.append("write")
+
+        def close(self) -> None:
+            calls.append("close")
+
+    class Flow:
+        write_paused = False
+
+    cycle = RequestResponseCycle(
+        scope={"method": "POST", "type": "http"}, transport=Transport(), flow=Flow(),
+        logger=None, access_logger=None, access_log=False, default_headers=[],
+        message_event=asyncio.Event(), expect_100_continue=False, keep_alive=True,
+        on_response=lambda: calls.append("on_response"),
+    )  # type: ignore[arg-type]  # fmt: skip
+    headers = [(b"content-length", b"2"), (b"connection", b"close")]
+    asyncio.run(cycle.send({"type": "http.response.start", "status": 409, "headers": headers}))
+    asyncio.run(cycle.send({"type": "http.response.body", "body": b"{}"}))
+    why = "_close_after lingers from the cycle's close() and on_response_complete skips"
+    assert calls == ["write", "write", "close", "on_response"], changed(
+        "RequestResponseCycle.send", GUARD, why
     )
 
 

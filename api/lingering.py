@@ -1,0 +1,112 @@
+"""Closing a connection whose client may still be sending: lingering, as nginx does.
+
+A socket closed with bytes it has not read resets its connection (Linux sends an
+RST, not a FIN), and so does one that bytes reach once it is closed. An answer given
+before its request's body ended (a refusal, an ingest told to stop: 409, 503, 401,
+408, a 400 for its framing) and the connection closed after it would reach a client
+still writing as "connection reset": its writes fail, and its system, or anything
+between (a proxy, a balancer), may throw the answer away before the client reads it.
+A producer that sees only the reset resends its stream whole, which stores again
+the lines it was told were kept.
+
+So such a connection closes lingering (nginx's ``lingering_close``): the answer
+written, the process stops writing (a FIN after the answer), then reads and drops
+what the client still sends until the client ends its side, for at most
+``LINGER_SECONDS`` and ``LINGER_MAX_BYTES`` (nginx's 30 s and 5 s, scaled down: a
+client that reads its answer only once its body is sent has that long to send it),
+then closes. Dropped bytes are counted, never held; nothing waits but a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.server import ServerState
+
+from api.deadlines import Deadlines
+from api.metrics import LINGERING_CLOSES
+
+LINGER_SECONDS = 2.0
+"""How long a client may still send after its answer before the connection is cut."""
+LINGER_MAX_BYTES = 1 << 20
+"""A client still sending past this after its answer is cut."""
+
+
+def close_lingering(
+    transport: asyncio.Transport, server_state: ServerState, deadlines: Deadlines
+) -> None:
+    """Close ``transport`` once what was written to it is sent, reading and dropping
+    what its client still sends meanwhile (bounded); the caller's protocol gives the
+    connection up (it is no longer told of it)."""
+    if not transport.can_write_eof():  # (TLS: no half close; closed as before)
+        transport.close()
+        return
+    transport.write_eof()  # (after what is buffered: the answer goes first)
+    lingering = Lingering(transport, server_state, deadlines)
+    transport.set_protocol(lingering)
+    lingering.start()
+
+
+class Lingering(asyncio.Protocol):
+    """An answered connection on its way out: reads and drops what the client still
+    sends until it closes its side, for at most LINGER_SECONDS and LINGER_MAX_BYTES.
+    Counted among uvicorn's connections, so that a shutdown waits for it (briefly)."""
+
+    def __init__(
+        self, transport: asyncio.Transport, server_state: ServerState, deadlines: Deadlines
+    ) -> None:
+        self._transport = transport
+        self._server_state = server_state
+        self._deadlines = deadlines
+        self._dropped = 0
+        self._ending = "reset"  # (lost unasked: the client reset it, or a write failed)
+
+    def start(self) -> None:
+        self._server_state.connections.add(self)  # type: ignore[arg-type]
+        self._deadlines.set(self, LINGER_SECONDS)
+        if not self._transport.is_reading():  # (a protocol before may have paused it)
+            self._transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self._dropped += len(data)
+        if self._dropped > LINGER_MAX_BYTES:
+            self._ending = "bytes"
+            self._transport.abort()
+
+    def eof_received(self) -> bool:
+        self._ending = "client_end"  # (its body sent, or given up)
+        return False  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        LINGERING_CLOSES.labels(self._ending).inc()
+        self._server_state.connections.discard(self)
+        self._deadlines.clear(self)
+
+    def expire(self) -> None:
+        self._ending = "time"
+        self._transport.abort()
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown: the answer is out, and the connection ends by
+        itself within LINGER_SECONDS (cut now, a client still sending could lose it)."""
+
+
+class ClosingDeferred:
+    """A transport as uvicorn's request cycle (``RequestResponseCycle``) sees it: the
+    ``close()`` it calls once it wrote an answer after which the connection closes goes
+    to ``close`` (which may linger); all else is the transport's own."""
+
+    __slots__ = ("_close", "_transport", "write")
+
+    def __init__(self, transport: asyncio.Transport, close: Callable[[], None]) -> None:
+        self._transport = transport
+        self._close = close
+        self.write = transport.write  # (each of the cycle's writes: no __getattr__)
+
+    def close(self) -> None:
+        self._close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
