@@ -364,3 +364,40 @@ def test_a_stream_in_parts_whose_last_part_was_replayed_is_not_said_replayed(
     assert _history(face_broker.url, topic) == [1, 2, 3, 4, 5]
     assert (result.count, result.after_line, result.idempotency_key) == (5, 2, f"{key}+2")
     assert not result.replayed
+
+
+WRITTEN_ON = 40
+"""Lines of ``PAD`` a producer writes on once the broker answered (some 320 KB, within
+what the broker reads and drops after an answer: api.lingering.LINGER_MAX_BYTES)."""
+PAD = "x" * 8000
+
+
+def test_a_stream_writing_on_after_the_answer_to_go_on_alone_reads_it_and_stores_once(
+    face_broker: BrokerProcess, redis_server: RedisServer
+) -> None:
+    """Line 3 is refused (409, ``after_line`` 2, the connection closed) while the
+    producer writes on, directly to the broker: it reads that answer, not a reset
+    (a reset hides it where a middlebox or a system drops what it had not handed up;
+    the broker closes lingering), and goes on with lines 3.. under ``K+2``, each
+    stored once."""
+    topic, key = _topic("writes-on"), "split-writes-on"
+    fault = LapsesAfterTwoLines(face_broker.url, redis_server.url, topic, key)
+
+    def lines() -> Iterator[dict[str, Any]]:
+        yield from (event({"n": 1}), event({"n": 2}))
+        fault.lapse_after_two()
+        refusals = _ingest_refusals(face_broker.url)
+        yield event({"n": 3})
+        _wait_for_a_refusal_after(face_broker.url, refusals)
+        yield from (event({"n": n, "pad": PAD}) for n in range(4, 4 + WRITTEN_ON))
+
+    with Publisher(face_broker.url) as publisher:
+        result = publisher.stream(topic, lines(), idempotency_key=key)
+    assert [data["n"] for data in _history(face_broker.url, topic)] == list(
+        range(1, 4 + WRITTEN_ON)
+    )
+    assert (result.count, result.after_line, result.idempotency_key) == (
+        3 + WRITTEN_ON,
+        2,
+        f"{key}+2",
+    )
