@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from api.lingering import LINGER_MAX_BYTES
-from tests.http.helpers import new_topic, request_bytes
+from tests.http.helpers import metric_value, new_topic, request_bytes
 from tests.http.test_ingest import chunk, line
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until
@@ -33,6 +33,8 @@ from tests.support.polling import await_until
 ANSWER_WAIT_S = 10
 WRITES_AFTER_ANSWER = 48
 """Writes of ``FILLER`` the client makes once the answer arrived, unread."""
+WRITES_PAST_THE_BOUND = 256
+"""As many, past what the broker reads and drops (some 2 MB)."""
 FILLER = chunk(b"".join(line(f"more {n}") for n in range(400)))  # (some 8 KB)
 NDJSON = {"Content-Type": "application/x-ndjson", "Transfer-Encoding": "chunked"}
 
@@ -52,14 +54,14 @@ def ingest_head(broker: BrokerProcess, topic: str, route: str) -> bytes:
     return head if route == "lean" else request_bytes("GET", f"{broker.url}/healthz") + head
 
 
-def write_on_then_read(sock: socket.socket, last_line: bytes) -> Outcome:
+def write_on_then_read(sock: socket.socket, last_line: bytes, writes: int) -> Outcome:
     """Send the line that is answered early, then write on once the answer arrived
     (not reading it), end the body, and read to the end."""
     try:
         sock.sendall(chunk(last_line))
         readable, _, _ = select.select([sock], [], [], ANSWER_WAIT_S)
         assert readable, "no answer"
-        for _ in range(WRITES_AFTER_ANSWER):
+        for _ in range(writes):
             sock.sendall(FILLER)
         sock.sendall(b"0\r\n\r\n")
         sock.shutdown(socket.SHUT_WR)
@@ -76,30 +78,69 @@ def write_on_then_read(sock: socket.socket, last_line: bytes) -> Outcome:
         received += data
 
 
-def test_the_client_writes_within_the_broker_bounds() -> None:
+def test_the_client_writes_within_the_broker_bounds_or_past_them() -> None:
     assert WRITES_AFTER_ANSWER * len(FILLER) < LINGER_MAX_BYTES / 2
+    assert WRITES_PAST_THE_BOUND * len(FILLER) > LINGER_MAX_BYTES * 2
+
+
+async def answered_mid_body(
+    broker: BrokerProcess, client: httpx.AsyncClient, route: str, writes: int
+) -> Outcome:
+    """The topic deleted under an open ingest: its next line is answered 409 and the
+    connection closed; the producer writes on ``writes`` times, then reads."""
+    topic = new_topic()
+    sock = socket.create_connection(("127.0.0.1", broker.port), timeout=ANSWER_WAIT_S)
+    try:
+        sock.sendall(ingest_head(broker, topic, route) + chunk(line(1) + line(2)))
+        await await_until(lambda: stored(client, topic, 2), timeout=5, what="2 stored")
+        assert (await client.delete(f"/topics/{topic}")).status_code in (200, 204)
+        return await asyncio.to_thread(write_on_then_read, sock, line(3), writes)
+    finally:
+        sock.close()
 
 
 @pytest.mark.parametrize("route", ["lean", "by-app"])
 async def test_an_ingest_answered_and_closed_mid_body_ends_cleanly_for_a_client_writing_on(
     http_broker: BrokerProcess, aclient: httpx.AsyncClient, route: str
 ) -> None:
-    """The topic deleted under an open ingest: its next line is answered 409 and the
-    connection closed. The producer, writing on, gets the 409 then an end; it got a
-    reset (its writes refused, or its read after the answer failing)."""
-    topic = new_topic()
-    sock = socket.create_connection(("127.0.0.1", http_broker.port), timeout=ANSWER_WAIT_S)
-    try:
-        sock.sendall(ingest_head(http_broker, topic, route) + chunk(line(1) + line(2)))
-        await await_until(lambda: stored(aclient, topic, 2), timeout=5, what="2 stored")
-        assert (await aclient.delete(f"/topics/{topic}")).status_code in (200, 204)
-        outcome = await asyncio.to_thread(write_on_then_read, sock, line(3))
-    finally:
-        sock.close()
+    """The producer, writing on after the 409, gets the 409 then an end; it got a reset
+    (its writes refused, or its read after the answer failing)."""
+    ended = await lingering_closes(aclient, "client_end")
+    outcome = await answered_mid_body(http_broker, aclient, route, WRITES_AFTER_ANSWER)
     assert outcome.ending == "end", outcome
     answer = outcome.received.split(b"HTTP/1.1 ")[-1]
     assert answer.startswith(b"409 "), outcome.received
     assert b"connection: close\r\n" in answer and b"/problems#topic-deleted" in answer
+    await counted(aclient, "client_end", ended + 1)
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_a_client_writing_on_past_the_bound_is_cut(
+    http_broker: BrokerProcess, aclient: httpx.AsyncClient, route: str
+) -> None:
+    """What the broker reads and drops after its answer is bounded: past 1 MiB the
+    connection is cut (its producer sees a reset, its answer kept where its system
+    keeps it, as Linux does)."""
+    cut = await lingering_closes(aclient, "bytes")
+    await answered_mid_body(http_broker, aclient, route, WRITES_PAST_THE_BOUND)
+    await counted(aclient, "bytes", cut + 1)
+
+
+async def counted(client: httpx.AsyncClient, ending: str, count: float) -> None:
+    """Until the broker counted ``count`` lingering closes so ended (once it closed: its
+    client may have read to the end before)."""
+
+    async def reached() -> bool:
+        return await lingering_closes(client, ending) >= count
+
+    await await_until(reached, timeout=5, what=f"{count} lingering closes ({ending})")
+    assert await lingering_closes(client, ending) == count
+
+
+async def lingering_closes(client: httpx.AsyncClient, ending: str) -> float:
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    return metric_value(response.text, "broker_lingering_closes_total", {"ending": ending}) or 0
 
 
 async def stored(client: httpx.AsyncClient, topic: str, count: int) -> bool:
