@@ -12,9 +12,12 @@ the lines it was told were kept.
 So such a connection closes lingering (nginx's ``lingering_close``): the answer
 written, the process stops writing (a FIN after the answer), then reads and drops
 what the client still sends until the client ends its side, for at most
-``LINGER_SECONDS`` and ``LINGER_MAX_BYTES`` (nginx's 30 s and 5 s, scaled down: a
-client that reads its answer only once its body is sent has that long to send it),
-then closes. Dropped bytes are counted, never held; nothing waits but a deadline.
+``LINGER_SECONDS`` and ``LINGER_MAX_BYTES`` (nginx lingers 30 s at most, 5 s
+between reads: scaled down here; a client that reads its answer only once its body
+is sent has that long to send it, else its writes fail then and it reads the answer
+where its system kept it, as Linux does), then closes. Dropped bytes are counted,
+never held; nothing waits but a deadline. (Through nginx or HAProxy as deployed,
+the balancer reads the answer and lingers towards the client itself.)
 """
 
 from __future__ import annotations
