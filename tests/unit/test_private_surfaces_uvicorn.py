@@ -153,7 +153,7 @@ def test_config_loads_our_protocol_by_its_import_string() -> None:
     config = Config(app=Starlette(), http="api.connections:BrokerHttpProtocol")
     config.load()
     assert config.http_protocol_class is BrokerHttpProtocol, changed(
-        "uvicorn.config.Config(http=...)", "api/cli.py", "`broker serve` names the protocol"
+        "uvicorn.config.Config(http=...)", "api/serve.py", "`broker serve` names the protocol"
     )
     assert config.root_path == "", changed(
         "uvicorn.config.Config.root_path", CONNECTIONS, "a root path sends streams to uvicorn"
