@@ -7,25 +7,65 @@
 - ``brokerclient.direct.DirectPublisher``: append straight to Redis through the
   broker core's atomic script (imports the core, ``broker``; imported on demand).
 
-Nothing here imports the HTTP edge (``api``) or Starlette.
+Nothing here imports the HTTP edge (``api``) or Starlette. The names below are
+imported when first used (``from brokerclient import Publisher`` as ever), so that
+``broker publish`` loads no subscriber, ``broker tail`` no publisher, and ``broker
+--help`` neither (``brokerclient.cli`` is in this package).
 """
 
 from __future__ import annotations
 
-from brokerclient.errors import (
-    BrokerClientError,
-    RequestFailed,
-    StreamInterrupted,
-    StreamPartFailed,
-    StreamStopped,
-    TopicClosed,
-    TopicDeleted,
-    Unreachable,
-)
-from brokerclient.http import DEFAULT_URL, PublishResult, RetryPolicy
-from brokerclient.publisher import AsyncPublisher, Publisher, event
-from brokerclient.sse import Event, SseDecoder
-from brokerclient.subscriber import AsyncSubscriber, Subscriber
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from brokerclient.errors import (
+        BrokerClientError,
+        RequestFailed,
+        StreamInterrupted,
+        StreamPartFailed,
+        StreamStopped,
+        TopicClosed,
+        TopicDeleted,
+        Unreachable,
+    )
+    from brokerclient.http import DEFAULT_URL, PublishResult, RetryPolicy
+    from brokerclient.publisher import AsyncPublisher, Publisher, event
+    from brokerclient.sse import Event, SseDecoder
+    from brokerclient.subscriber import AsyncSubscriber, Subscriber
+
+_HOME = {  # each public name: the module that defines it
+    "BrokerClientError": "brokerclient.errors",
+    "RequestFailed": "brokerclient.errors",
+    "StreamInterrupted": "brokerclient.errors",
+    "StreamPartFailed": "brokerclient.errors",
+    "StreamStopped": "brokerclient.errors",
+    "TopicClosed": "brokerclient.errors",
+    "TopicDeleted": "brokerclient.errors",
+    "Unreachable": "brokerclient.errors",
+    "DEFAULT_URL": "brokerclient.http",
+    "PublishResult": "brokerclient.http",
+    "RetryPolicy": "brokerclient.http",
+    "AsyncPublisher": "brokerclient.publisher",
+    "Publisher": "brokerclient.publisher",
+    "event": "brokerclient.publisher",
+    "Event": "brokerclient.sse",
+    "SseDecoder": "brokerclient.sse",
+    "AsyncSubscriber": "brokerclient.subscriber",
+    "Subscriber": "brokerclient.subscriber",
+}
+
+
+if not TYPE_CHECKING:  # (hidden from mypy, which then refuses a name not imported above)
+
+    def __getattr__(name: str) -> object:
+        home = _HOME.get(name)
+        if home is None:
+            raise AttributeError(f"module 'brokerclient' has no attribute {name!r}")
+        value = getattr(importlib.import_module(home), name)
+        globals()[name] = value  # (once: later uses find it here)
+        return value
+
 
 __all__ = [
     "DEFAULT_URL",

@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,9 +22,15 @@ from tests.support.redis_server import RedisServer, free_port
 
 
 def broker(*args: str, url: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:
+    return run([str(BROKER_BIN), *args], url=url, stdin=stdin, **env)
+
+
+def run(
+    command: list[str], url: str, stdin: str = "", **env: str
+) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     environment |= {"BROKER_URL": url, **env}
-    return subprocess.run([str(BROKER_BIN), *args], input=stdin, capture_output=True, text=True,
+    return subprocess.run(command, input=stdin, capture_output=True, text=True,
                           env=environment, timeout=60)  # fmt: skip
 
 
@@ -53,6 +60,33 @@ def test_publish_then_tail_from_earliest(face_broker: BrokerProcess) -> None:
     assert [e["data"] for e in lines(after_first.stdout)] == ["hello", "3", "{}"]
     refused = broker("publish", topic, "4", url=url)
     assert refused.returncode == 1 and "409" in refused.stderr and refused.stdout == ""
+
+
+SERVER_SIDE = ["starlette", "uvicorn", "redis", "fakeredis", "pydantic", "pydantic_settings"]
+SERVER_SIDE += ["orjson", "prometheus_client", "jwt", "api.serve", "api.settings", "broker.core"]
+SAYING_WHAT_IT_LOADED = f"""
+import atexit, sys
+loaded = lambda: sorted(m for m in sys.modules if m in {SERVER_SIDE})
+atexit.register(lambda: print("server side loaded:", loaded(), file=sys.stderr))
+from api.cli import main
+main()
+"""
+
+
+def test_the_client_commands_load_no_server_side(face_broker: BrokerProcess) -> None:
+    """``broker publish|tail|topics`` imported the server side (uvicorn, Starlette, the
+    settings' pydantic, the core and its Redis store): 0.6 s of CPU before each one did
+    anything. Run as the console script runs them, they say at exit what they loaded."""
+    topic = f"cli.lean.{uuid.uuid4().hex[:8]}"
+    for command in (
+        ["--help"],
+        ["publish", topic, "1", "--close"],
+        ["tail", topic, "--from", "earliest"],
+        ["topics", "--prefix", topic],
+    ):
+        done = run([sys.executable, "-c", SAYING_WHAT_IT_LOADED, *command], url=face_broker.url)
+        assert done.returncode == 0, (command, done.stderr)
+        assert "server side loaded: []" in done.stderr, (command, done.stderr)
 
 
 def test_tail_of_a_deleted_topic_says_it_was_deleted(face_broker: BrokerProcess) -> None:

@@ -18,6 +18,24 @@ def test_the_core_imports_no_web_framework() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_the_command_line_client_imports_no_server_side() -> None:
+    """``broker``'s entry point and the client it runs (its commands, publisher and
+    subscriber) import neither the server side nor the core's store: they did (uvicorn,
+    Starlette, pydantic, redis-py), most of each ``broker publish``'s start."""
+    code = "import sys, api.cli, brokerclient.cli, brokerclient.publisher, brokerclient.subscriber;"
+    code += "print(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'uvicorn', "
+    code += "'redis', 'fakeredis', 'pydantic', 'orjson') or m in ('api.serve', 'broker.core')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_packages_names_are_all_there() -> None:
+    """``broker`` and ``brokerclient`` import their public names when first used: each
+    of them is found (a name listed but not mapped would fail only when first used)."""
+    code = "from broker import *\nfrom brokerclient import *"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+
 def imported_modules(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     names: set[str] = set()
