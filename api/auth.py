@@ -65,21 +65,20 @@ class Grant:
     def lapsed(self) -> str | None:
         """Why a publish or an ingest under it must stop now (401), if it must. Raises
         ``KeysUnavailable`` (503) when it is its key set that can no longer judge the
-        token: what a new request gets then, and its producer comes back once the set
-        is fetched again (a 401 stopped its retries for good, its token still valid)."""
-        why = self._lapsed()
-        if why is not None and self.keys_unavailable is not None:
+        token's key: what a new request gets then, and its producer comes back once the
+        set is fetched again (a 401 stopped its retries for good, its token still valid).
+        An expired token is 401 whatever the set's state: its expiry was read from the
+        token verified when the request began, no verdict of the set (a 503 had its
+        producer come back with it, and get 503 again while the set stayed stale)."""
+        if self.expires_at is not None and time.time() >= self.expires_at:
+            return "the token expired"
+        if self.trusted is None or self.trusted():
+            return None
+        if self.keys_unavailable is not None:
             unavailable = self.keys_unavailable()
             if unavailable is not None:
                 raise KeysUnavailable(unavailable, retry_after=KEYS_RETRY_AFTER_SECONDS)
-        return why
-
-    def _lapsed(self) -> str | None:
-        if self.expires_at is not None and time.time() >= self.expires_at:
-            return "the token expired"
-        if self.trusted is not None and not self.trusted():
-            return KEY_NOT_TRUSTED
-        return None
+        return KEY_NOT_TRUSTED
 
 
 OPEN = Grant(None)

@@ -22,7 +22,7 @@ from tests.http.test_auth_keys import (
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
-from tests.support.tokens import serve_jwks
+from tests.support.tokens import claims, serve_jwks
 
 
 async def _wait_for_history(broker: BrokerProcess, topic: str, token: str, status: int) -> None:
@@ -50,11 +50,12 @@ def _header(head: bytes, name: bytes) -> bytes | None:
 class _OpenIngest:
     """A keyed streaming ingest, its body left open after its first line."""
 
-    def __init__(self, broker: BrokerProcess, path_kind: str) -> None:
+    def __init__(self, broker: BrokerProcess, path_kind: str, expires_in: float = 600) -> None:
         self.broker, self.path_kind = broker, path_kind
         self.topic = f"jwks-ingest-{path_kind}-{time.time_ns()}"
         self.key = f"k-{time.time_ns()}"
-        self.token = RSA_KEY.token(_rights(self.topic))
+        self.claims = {**_rights(self.topic), "exp": int(time.time() + expires_in)}
+        self.token = RSA_KEY.token(self.claims)
 
     async def begin(self) -> None:
         head = [
@@ -104,7 +105,7 @@ async def test_a_streaming_ingest_whose_key_set_lapses_is_told_to_come_back(
         serve_jwks([RSA_KEY]) as server,
         _broker_of_lapsing_key_set(redis_server, server) as broker,
     ):
-        ingests = [_OpenIngest(broker, kind) for kind in ("lean", "by-app")]
+        ingests = [_OpenIngest(broker, kind) for kind in INGEST_PATHS]
         try:
             for ingest in ingests:
                 await ingest.begin()
@@ -130,6 +131,46 @@ async def test_a_streaming_ingest_whose_key_set_lapses_is_told_to_come_back(
             resent = await ingest.resend_whole()
             assert resent.status_code == 201, (ingest.path_kind, resent.text)
             assert await _stored_lines(broker, ingest.topic, ingest.token) == [1, 2]
+
+
+async def test_an_ingest_whose_token_expired_is_told_so_though_its_key_set_lapsed(
+    redis_server: RedisServer,
+) -> None:
+    """A token that expired mid-ingest is a bad token whatever the key set's state: its
+    expiry was read from the token verified when the ingest began, and no key set
+    judges it again. So the ingest is answered 401 (the contract's expired token), not
+    the 503 of a key set past its max stale, which told its producer to come back
+    later with the same token (503 again while the set stays stale, its retries spent on
+    a token that could never pass). On both ingest paths, sharing one broker."""
+    with (
+        serve_jwks([RSA_KEY]) as server,
+        _broker_of_lapsing_key_set(redis_server, server) as broker,
+    ):
+        ingests = [_OpenIngest(broker, kind, expires_in=TOKEN_LIFE_S) for kind in INGEST_PATHS]
+        probe = RSA_KEY.token(claims(subscribe=[ingests[0].topic]))
+        try:
+            for ingest in ingests:
+                await ingest.begin()
+            server.failing = True
+            await _wait_for_history(broker, ingests[0].topic, probe, 503)
+            assert all(time.time() > ingest.claims["exp"] for ingest in ingests)
+            answers = [await ingest.answer_to_line_2() for ingest in ingests]
+        finally:
+            for ingest in ingests:
+                if hasattr(ingest, "writer"):
+                    ingest.writer.close()
+        for ingest, (answer_head, body) in zip(ingests, answers, strict=True):
+            said = (ingest.path_kind, answer_head, body)
+            assert answer_head.startswith(b"HTTP/1.1 401 "), said
+            assert _header(answer_head, b"connection") == b"close", said
+            assert "the token expired during the ingest" in orjson.loads(body)["detail"], said
+
+
+TOKEN_LIFE_S = 4
+"""A token that lives through an ingest's first line, and dies well before its key set
+lapses (MAX_STALE_SECONDS after its last fetch, a failed refetch at most
+JWKS_MIN_REFETCH_SECONDS on)."""
+INGEST_PATHS = ("lean", "by-app")
 
 
 async def test_a_failing_key_server_is_said_once_and_its_return_once(
