@@ -337,11 +337,18 @@ def test_the_cycle_writes_through_the_transport_it_was_given() -> None:
     assert "transport=self.transport" in source, changed(
         "HttpToolsProtocol.on_headers_complete", GUARD, why
     )
+    assert "self.cycle = RequestResponseCycle(" in source, changed(
+        "HttpToolsProtocol.on_headers_complete",
+        GUARD,
+        "on_headers_complete finds the request's cycle as the one self.cycle names after it",
+    )
 
 
 def test_an_answer_with_connection_close_closes_the_cycles_transport_then_completes() -> None:
     """The answer is written whole, then ``close()`` on the cycle's ``transport``
-    (where the guard lingers), then ``on_response`` (which it skips once lingering)."""
+    (where the guard lingers), then ``on_response`` (which it skips once lingering);
+    through the ``transport`` the cycle holds when it sends, set after it was made (as
+    ``_close_lingering_after`` does), not one it kept aside when made."""
     calls: list[str] = []
 
     class Transport:
@@ -355,11 +362,12 @@ def test_an_answer_with_connection_close_closes_the_cycles_transport_then_comple
         write_paused = False
 
     cycle = RequestResponseCycle(
-        scope={"method": "POST", "type": "http"}, transport=Transport(), flow=Flow(),
+        scope={"method": "POST", "type": "http"}, transport=object(), flow=Flow(),
         logger=None, access_logger=None, access_log=False, default_headers=[],
         message_event=asyncio.Event(), expect_100_continue=False, keep_alive=True,
         on_response=lambda: calls.append("on_response"),
     )  # type: ignore[arg-type]  # fmt: skip
+    cycle.transport = Transport()  # type: ignore[assignment]  # (as the guard gives it, once made)
     headers = [(b"content-length", b"2"), (b"connection", b"close")]
     asyncio.run(cycle.send({"type": "http.response.start", "status": 409, "headers": headers}))
     asyncio.run(cycle.send({"type": "http.response.body", "body": b"{}"}))
