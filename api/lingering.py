@@ -46,7 +46,11 @@ def close_lingering(
     if not transport.can_write_eof():  # (TLS: no half close; closed as before)
         transport.close()
         return
-    transport.write_eof()  # (after what is buffered: the answer goes first)
+    try:
+        transport.write_eof()  # (after what is buffered: the answer goes first)
+    except OSError:  # (its client reset it since the answer: nothing to linger for)
+        transport.abort()
+        return
     lingering = Lingering(transport, server_state, deadlines)
     transport.set_protocol(lingering)
     lingering.start()
