@@ -5,6 +5,7 @@ the client goes on with a fresh one, from where it was."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import queue
@@ -361,11 +362,17 @@ def test_tail_reads_its_token_file_again_at_each_connection(
 ) -> None:
     """``broker tail --token-file``: the file is read at each connection, so a tail goes
     on past its token's exp once something renewed the file (a mounted secret), from
-    where it was."""
+    where it was.
+
+    The file is a FIFO until the tail's reconnection, so that each read waits for the
+    test: its first connection gets a short token minted as it reads (the tail's start,
+    seconds under load, came before), and its reconnection is seen to read the file."""
     topic = _topic()
-    short = hs_token(claims(subscribe=[topic], expires_in=SHORT_S))
     token_file = tmp_path / "token"
-    token_file.write_text(short + "\n")
+    for fifo in (token_file, tmp_path / "first-connection", tmp_path / "reconnection"):
+        os.mkfifo(fifo)
+    renewed = tmp_path / "renewed"
+    renewed.write_text(hs_token(claims(subscribe=[topic])))  # (a mounted secret, renewed)
     environment = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     command = [str(BROKER_BIN), "tail", topic, "--from", "earliest", "--url", auth_broker.url]
     tail = subprocess.Popen(
@@ -376,14 +383,44 @@ def test_tail_reads_its_token_file_again_at_each_connection(
         try:
             assert tail.stdout is not None
             first = publisher.publish(topic, "before").first_id
+            _answer_a_read(token_file, _short_token(topic), then=tmp_path / "first-connection")
+            short = _answer_a_read(token_file, _short_token(topic), then=tmp_path / "reconnection")
             assert json.loads(tail.stdout.readline())["id"] == first
-            token_file.write_text(hs_token(claims(subscribe=[topic])))  # renewed outside
-            wait_until(lambda: time.time() > _exp(short) + 1, timeout=WAIT_S, what="the exp")
+            _answer_a_read(token_file, renewed.read_text(), then=renewed)  # past the exp
+            assert time.time() >= _exp(short)  # (what ended its first connection)
             second = publisher.publish(topic, "after", close=True).first_id
             out, err = tail.communicate(timeout=WAIT_S)
         finally:
             tail.kill()
+            tail.communicate()
     assert tail.returncode == 0, err
     events = [json.loads(line) for line in out.splitlines()]
     assert [(e["id"], e["data"]) for e in events[:1]] == [(second, '"after"')], err
     assert [e["event"] for e in events[1:]] == ["broker.end"], events
+
+
+def _short_token(topic: str) -> Callable[[], str]:
+    return lambda: hs_token(claims(subscribe=[topic], expires_in=SHORT_S))
+
+
+def _answer_a_read(token_file: Path, token: str | Callable[[], str], *, then: Path) -> str:
+    """Waits for the tail to open ``token_file`` (a FIFO), puts ``then`` in its place for
+    its next read, and answers this one with ``token`` (minted now, if a callable)."""
+    writer = wait_until(
+        lambda: _opened_by_a_reader(token_file), timeout=WAIT_S, what="the tail reading its token"
+    )
+    os.replace(then, token_file)  # (the reader holds the FIFO it opened)
+    answer = token() if callable(token) else token
+    with os.fdopen(writer, "w") as fifo:
+        fifo.write(answer + "\n")
+    return answer
+
+
+def _opened_by_a_reader(fifo: Path) -> int | None:
+    """The FIFO's write end, once a reader has opened it (``ENXIO`` until then)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as error:
+        if error.errno != errno.ENXIO:
+            raise
+        return None
