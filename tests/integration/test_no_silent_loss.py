@@ -35,7 +35,15 @@ from broker.model import IngestLines, LiveBatch, LogEntry
 from broker.redis_open import open_store
 from tests.support.polling import await_until
 from tests.support.redis_server import RedisServer
-from tests.support.sse import Event, PushConsumer, collect, is_origin_cursor, parse_events
+from tests.support.sse import (
+    Event,
+    PushConsumer,
+    collect,
+    is_origin_cursor,
+    origin_cursor,
+    parse_events,
+    past_a_heartbeat,
+)
 
 
 @pytest.fixture
@@ -737,7 +745,7 @@ async def test_a_store_failure_while_judging_several_topics_loses_no_gap_notice(
         subscription = await broker.subscribe({a: "now", b: "now"})
         chunks = subscription.chunks()
         announced = await asyncio.wait_for(anext(chunks), 5)  # caught up: its cursor, no event
-        assert announced.startswith(b"id: "), announced
+        assert past_a_heartbeat(announced).startswith(b"id: "), announced
         await publish(broker, a, range(1, 21))  # while the client is not reading
         store, real_state = broker.store, broker.store.state
         failures = [b]
@@ -777,7 +785,9 @@ async def test_a_topic_published_to_right_after_a_delete_still_ends_its_streams(
         old = await publish(broker, topic, range(1))
         subscription = await broker.subscribe({topic: "now"})
         chunks = subscription.chunks()
-        assert (await asyncio.wait_for(anext(chunks), 5)).startswith(b"id: ")  # live
+        assert past_a_heartbeat(await asyncio.wait_for(anext(chunks), 5)).startswith(
+            b"id: "
+        )  # live
         await publish(broker, topic, range(1, 2))  # the live reader reads it, then lingers
         assert await broker.delete_topic(topic)
         await publish(broker, topic, range(100, 101))
@@ -868,7 +878,9 @@ async def test_a_topic_whose_expiry_check_failed_once_is_still_told_when_it_expi
     try:
         subscription = await broker.subscribe({topic: "now"})
         chunks = subscription.chunks()
-        assert (await asyncio.wait_for(anext(chunks), 5)).startswith(b"id: ")  # live
+        assert past_a_heartbeat(await asyncio.wait_for(anext(chunks), 5)).startswith(
+            b"id: "
+        )  # live
         line = [NewEvent("0")]
         await broker.publish(topic, line, lines=IngestLines("K", [1]), streaming=True)
         await collect(chunks, lambda ev: 0 in numbers(ev))
@@ -901,7 +913,9 @@ async def test_a_topic_over_when_its_stream_opens_fills_no_queue(
         await publish(broker, b, range(100, 101))
         subscription = await broker.subscribe({a: end, b: "now"})
         chunks = subscription.chunks()
-        assert (await asyncio.wait_for(anext(chunks), 5)).startswith(b"id: ")  # live
+        assert past_a_heartbeat(await asyncio.wait_for(anext(chunks), 5)).startswith(
+            b"id: "
+        )  # live
         assert await broker.delete_topic(a)
         for n in range(40):  # a new log of a, far past the buffer, while nobody reads
             await broker.publish(a, [NewEvent(str(n) + " " * 200)])
@@ -968,7 +982,9 @@ async def test_a_topic_whose_cluster_node_failed_over_is_looked_at_again(
     subscription = await redis_broker.subscribe({topic: "now"})
     chunks = subscription.chunks()
     try:
-        assert (await asyncio.wait_for(anext(chunks), 5)).startswith(b"id: ")  # live
+        assert past_a_heartbeat(await asyncio.wait_for(anext(chunks), 5)).startswith(
+            b"id: "
+        )  # live
         await _its_node_failed_over(
             redis_broker,
             redis_server.url,
@@ -1400,13 +1416,15 @@ async def test_a_stream_at_the_origin_is_told_of_a_log_it_saw_live_that_is_gone_
     reader was following a log deleted a moment before) goes back to the log to judge
     them; when that log is gone by then, the stream is told (``deleted`` here), where
     it stayed at the origin in silence."""
+    other = f"{topic}-other"
     subscription = await redis_broker.subscribe({topic: "now"})
     chunks = subscription.chunks()
+    bystander = await redis_broker.subscribe({other: "now"})  # (a read that returns)
     held: _HeldReads | None = None
     try:
         assert is_origin_cursor(await asyncio.wait_for(anext(chunks), 5))  # at the origin
         held = _HeldReads(redis_broker)
-        await publish(redis_broker, f"{topic}-other", range(1))
+        await publish(redis_broker, other, range(1))  # the blocked read returns
         await held.holding()
         await publish(redis_broker, topic, range(2))
         page = await redis_broker.store.read_range(topic, (0, 0), 10)
@@ -1418,6 +1436,7 @@ async def test_a_stream_at_the_origin_is_told_of_a_log_it_saw_live_that_is_gone_
         if held is not None:
             held.release()
         subscription.close()
+        bystander.close()
     assert numbers(events) == []
     assert [g.json["reason"] for g in gaps(events)] == ["deleted"]  # type: ignore[index]
 
@@ -1430,8 +1449,7 @@ async def _origin_of_a_stream_from_now(broker: Broker, topic: str) -> EventId:
         announced = await asyncio.wait_for(anext(subscription.chunks()), 5)
     finally:
         subscription.close()
-    assert is_origin_cursor(announced)
-    origin = EventId.parse(announced[4:-2].decode())
+    origin = EventId.parse(origin_cursor(announced))
     assert origin.position > (0, 0), "the origin carries the store's time"
     return origin
 

@@ -12,12 +12,25 @@ import orjson
 from broker import SubscriberTooSlow, Subscription
 from broker.framing import HEARTBEAT
 
-ORIGIN_CURSOR = re.compile(rb"id: 0\.[0-9]+-[0-9]+\n\n")
+ORIGIN_CURSOR = re.compile(rb"id: (0\.[0-9]+-[0-9]+)\n\n")
 """The cursor a stream at the origin sends (no log yet): ``0.<the store's ms>-<n>``."""
 
 
+def past_a_heartbeat(chunk: bytes) -> bytes:
+    """``chunk`` without the heartbeat it starts with when it came later than one was
+    due: a stream's first chunk, under load, comes after a beat."""
+    return chunk.removeprefix(HEARTBEAT)
+
+
 def is_origin_cursor(chunk: bytes) -> bool:
-    return ORIGIN_CURSOR.fullmatch(chunk) is not None
+    return ORIGIN_CURSOR.fullmatch(past_a_heartbeat(chunk)) is not None
+
+
+def origin_cursor(chunk: bytes) -> str:
+    """The id of a chunk that ``is_origin_cursor``."""
+    cursor = ORIGIN_CURSOR.fullmatch(past_a_heartbeat(chunk))
+    assert cursor is not None, chunk
+    return cursor[1].decode()
 
 
 @dataclass
