@@ -142,6 +142,7 @@ async def test_an_async_stream_refused_after_it_went_on_alone_names_its_parts_to
         with pytest.raises(RequestFailed) as refused:
             await publisher.stream(topic, fault.async_then_a_bad_line(), idempotency_key=key)
     _assert_names_the_parts(refused.value, key)
+    assert _history(face_broker.url, topic) == [1, 2, 3]  # (1,2,1,2,3: its 409 was lost)
 
 
 def _assert_told_to_go_on_after_two(interrupted: StreamInterrupted, key: str) -> None:

@@ -24,7 +24,7 @@ import redis.asyncio as redis
 from broker import constants as c
 from brokerclient import AsyncPublisher
 from tests.http.helpers import RawResponse, new_topic, request_bytes
-from tests.http.test_ingest import RawIngest, history, line
+from tests.http.test_ingest import RawIngest, chunk, history, line
 from tests.support.broker_process import BrokerProcess
 from tests.support.failover import IngestAppends
 from tests.support.holding_proxy import HoldingProxy
@@ -633,6 +633,32 @@ async def test_an_ingest_whose_records_lapsed_is_refused_and_its_rest_sent_alone
     assert await redis_admin.zscore(times, key) == 0
     await the_rest_broken_then_resent(broker, client, topic, key, route, lines[3:])
     assert await stored_datas(client, topic) == datas(6)
+
+
+async def test_a_refusal_that_closes_an_ingest_still_coming_reaches_its_producer(
+    broker: BrokerProcess, client: httpx.AsyncClient, redis_admin: redis.Redis
+) -> None:
+    """The 409 that says to send only the lines after line 3 (its records lapsed) closes
+    the connection while the producer's body is still coming. Closed at once with those
+    bytes unread, the kernel reset the connection and the answer was lost: the client
+    took it for a broken connection and resent the whole stream under its key, which
+    stored lines 1-3 twice (1,2,1,2,3 in tests/face, under load). Now the broker
+    half-closes and reads on a moment: the answer arrives whole."""
+    topic, key, lines = new_topic(), "gen-lapsed-still-coming", body_of(3)
+    ingest = await open_ingest(broker, topic, key, "lean")
+    try:
+        await ingest.send(b"".join(lines))
+        await await_until(lambda: stored_is(client, topic, datas(3)), timeout=5, what="3 stored")
+        await redis_admin.zadd(c.line_times_key(topic), {key: 0})  # (the records lapse)
+        # Line 4, and 2 MB more than the broker reads before it answers (not drained).
+        still_coming = b"".join(body_of(100_000, prefix="more"))
+        ingest.writer.write(chunk(line("t4") + still_coming))
+        answer = await ingest.answer(timeout=5)
+    finally:
+        ingest.cut()
+    assert answer.status == 409, answer.body
+    assert json.loads(answer.body)["type"] == "/problems#ingest-records-lapsed"
+    assert await stored_datas(client, topic) == datas(3)
 
 
 @pytest.mark.parametrize("route", ["lean", "by-app"])
