@@ -17,7 +17,8 @@ reads. An open event stream waits for nothing and has no deadline.
 A connection past the limit is answered ``refusal_of``'s come-back or 503. A
 refused request is answered and then closed lingering (``api.lingering``), as is
 any answer uvicorn's protocol closes the connection after while the request's
-body is still coming (a 409 or 503 ending a streaming ingest).
+body is still coming (a 409 or 503 ending a streaming ingest), and its 400 for bytes
+its parser cannot read.
 """
 
 from __future__ import annotations
@@ -387,7 +388,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         answer."""
         count_response(route, 400)
         self.transport.write(invalid_request(self.server_state, self._cors_headers(), msg))
-        self.transport.close()
+        self._close_refused()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         self._running = cycle
@@ -474,9 +475,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.response_started and not cycle.response_complete:
             self.transport.close()  # a response is under way: no room for another
             return
+        answer_and_close(self.transport, response, route, self.server_state, self._guard)
+        self._closed_lingering()
+
+    def _close_refused(self) -> None:
+        """Close after uvicorn's 400 for bytes its parser cannot read (a chunked body's
+        broken framing, a bad request after a publish), lingering: its client may still
+        be sending, and closed at once it got a reset, not the 400 (``api.lingering``)."""
+        self._guard.deadlines.clear(self)
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self.transport.close()  # (written into a response: no answer to linger after)
+            return
+        close_lingering(self.transport, self.server_state, self._guard.deadlines)
+        self._closed_lingering()
+
+    def _closed_lingering(self) -> None:
+        """The connection is no longer this protocol's: the app's request sees it gone."""
         self.connections.discard(self)
         self._unset_keepalive_if_required()
+        cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # what the app still sends is dropped
             cycle.message_event.set()
-        answer_and_close(self.transport, response, route, self.server_state, self._guard)
+        if self.flow is not None:
+            self.flow.resume_writing()  # (a send waiting for the socket to drain: dropped)

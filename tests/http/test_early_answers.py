@@ -54,11 +54,11 @@ def ingest_head(broker: BrokerProcess, topic: str, route: str) -> bytes:
     return head if route == "lean" else request_bytes("GET", f"{broker.url}/healthz") + head
 
 
-def write_on_then_read(sock: socket.socket, last_line: bytes, writes: int) -> Outcome:
-    """Send the line that is answered early, then write on once the answer arrived
+def write_on_then_read(sock: socket.socket, last: bytes, writes: int) -> Outcome:
+    """Send the bytes that are answered early, then write on once the answer arrived
     (not reading it), end the body, and read to the end."""
     try:
-        sock.sendall(chunk(last_line))
+        sock.sendall(last)
         readable, _, _ = select.select([sock], [], [], ANSWER_WAIT_S)
         assert readable, "no answer"
         for _ in range(writes):
@@ -94,7 +94,7 @@ async def answered_mid_body(
         sock.sendall(ingest_head(broker, topic, route) + chunk(line(1) + line(2)))
         await await_until(lambda: stored(client, topic, 2), timeout=5, what="2 stored")
         assert (await client.delete(f"/topics/{topic}")).status_code in (200, 204)
-        return await asyncio.to_thread(write_on_then_read, sock, line(3), writes)
+        return await asyncio.to_thread(write_on_then_read, sock, chunk(line(3)), writes)
     finally:
         sock.close()
 
@@ -124,6 +124,45 @@ async def test_a_client_writing_on_past_the_bound_is_cut(
     cut = await lingering_closes(aclient, "bytes")
     await answered_mid_body(http_broker, aclient, route, WRITES_PAST_THE_BOUND)
     await counted(aclient, "bytes", cut + 1)
+
+
+PUBLISH = {"Content-Type": "application/json"}
+BROKEN_BY = {
+    # uvicorn's parser stops at a chunk size that is none: 400, the body still coming
+    "chunked framing": (
+        {**PUBLISH, "Transfer-Encoding": "chunked"},
+        chunk(b'{"data": "a'),
+        b"zz\r\n",
+    ),
+    # a lean publish answered, then bytes that are no request
+    "a request after a publish": (
+        {**PUBLISH, "Content-Length": "13"},
+        b'{"data": "a"}',
+        b"\x01 no request\r\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("broken_by", BROKEN_BY)
+async def test_a_publish_whose_bytes_break_ends_cleanly_for_a_client_writing_on(
+    http_broker: BrokerProcess, aclient: httpx.AsyncClient, broken_by: str
+) -> None:
+    """Bytes the parser cannot read, while the client is still sending, are answered
+    uvicorn's 400 and the connection closed lingering: the client writing on reads the
+    400 then an end; it got a reset."""
+    headers, first, broken = BROKEN_BY[broken_by]
+    ended = await lingering_closes(aclient, "client_end")
+    head = request_bytes("POST", f"{http_broker.url}/topics/{new_topic()}/events", headers)
+    sock = socket.create_connection(("127.0.0.1", http_broker.port), timeout=ANSWER_WAIT_S)
+    try:
+        sock.sendall(head + first)
+        outcome = await asyncio.to_thread(write_on_then_read, sock, broken, WRITES_AFTER_ANSWER)
+    finally:
+        sock.close()
+    assert outcome.ending == "end", outcome
+    answer = outcome.received.split(b"HTTP/1.1 ")[-1]
+    assert answer.startswith(b"400 ") and b"connection: close\r\n" in answer, outcome.received
+    await counted(aclient, "client_end", ended + 1)
 
 
 async def counted(client: httpx.AsyncClient, ending: str, count: float) -> None:
