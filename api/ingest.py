@@ -19,6 +19,14 @@ event object, stored and delivered as it arrives, not when the body ends.
   pieces, kept it open past the window, and its records lapsed). The same
   stream: a resent line that is not the one stored under its number is a bad
   line (400), the store refusing it before anything of its batch is stored.
+- Two streams under one Idempotency-Key may be open at once (a retry while the
+  first connection is still alive, on this instance or another): no lease locks
+  the resend out. Each line is stored once, by whichever stream brings it first,
+  after the line before it in that stream, so the log holds one stream's lines in
+  order; the same stream twice is answered twice with the same ids, and a stream
+  out of step with the lines recorded (they differ, if only by a blank line) is
+  refused 400 at its first line that differs (``out_of_step`` in
+  ``broker/lua/append.lua``; the README's streaming ingest).
 - Memory is bounded whatever the body's length: one line at most
   ``max_event_bytes`` plus its envelope, and what one read of the body brings
   (the edge stops reading the socket while the ingest is not reading the body).
