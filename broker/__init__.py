@@ -68,6 +68,11 @@ if not TYPE_CHECKING:  # (hidden from mypy, which then refuses a name not import
         globals()[name] = value  # (once: later uses find it here)
         return value
 
+    def __dir__() -> list[str]:
+        """The names not used yet among them (``help()`` and a REPL's completion list a
+        module's names from ``dir()``, which shows only its globals)."""
+        return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "AppendResult",

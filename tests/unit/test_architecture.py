@@ -36,6 +36,16 @@ def test_the_packages_names_are_all_there() -> None:
     subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
 
+def test_the_packages_names_are_listed_before_their_first_use() -> None:
+    """``dir()`` of either package lists its public names before they are first used, as
+    it did when they were imported eagerly: ``help()`` (pydoc) and the completion of a
+    REPL or a notebook find names through it, and listed none of them."""
+    code = "import broker, brokerclient\nfor p in (broker, brokerclient):"
+    code += "\n    print(sorted(set(p.__all__) - set(dir(p))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "[]"], out.stdout
+
+
 def imported_modules(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     names: set[str] = set()
