@@ -25,6 +25,7 @@ from typing import Any
 import httptools
 import pytest
 import uvicorn.protocols.http
+import uvicorn.protocols.http.flow_control
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -374,6 +375,46 @@ def test_an_answer_with_connection_close_closes_the_cycles_transport_then_comple
     why = "_close_after lingers from the cycle's close() and on_response_complete skips"
     assert calls == ["write", "write", "close", "on_response"], changed(
         "RequestResponseCycle.send", GUARD, why
+    )
+
+
+def test_the_protocol_is_told_when_a_cycle_completes_its_answer() -> None:
+    """A cycle's ``on_response`` is its protocol's ``on_response_complete``, which the
+    guard skips once the connection lingers: else uvicorn read on and armed its
+    keep-alive timer on a connection no longer its own, which cut the lingering."""
+    source = inspect.getsource(HttpToolsProtocol.on_headers_complete)
+    assert "on_response=self.on_response_complete" in source, changed(
+        "HttpToolsProtocol.on_headers_complete", GUARD, "on_response_complete, skipped lingering"
+    )
+
+
+def test_flow_control_wakes_a_send_waiting_for_the_socket() -> None:
+    """The guard, answering a request itself, wakes the app's ``send`` waiting for the
+    socket to drain (``flow.drain()``), which then finds its client gone."""
+    source = inspect.getsource(RequestResponseCycle.send)
+    assert "await self.flow.drain()" in source, changed(
+        "RequestResponseCycle.send", GUARD, "a send waits for the socket in flow.drain()"
+    )
+
+    async def woken() -> None:
+        flow = uvicorn.protocols.http.flow_control.FlowControl(transport=None)  # type: ignore[arg-type]
+        flow.pause_writing()
+        waiting = asyncio.create_task(flow.drain())
+        await asyncio.sleep(0)
+        flow.resume_writing()
+        await asyncio.wait_for(waiting, 1)
+
+    asyncio.run(woken())
+
+
+def test_a_graceful_shutdown_waits_for_the_connections_to_close() -> None:
+    """``api.lingering.Lingering`` is counted in ``server_state.connections`` for a
+    shutdown to wait (briefly) for a connection answered and lingering: it has no task."""
+    source = inspect.getsource(Server._wait_tasks_to_complete)
+    assert "while self.server_state.connections" in source, changed(
+        "uvicorn.server.Server._wait_tasks_to_complete",
+        "api/lingering.py",
+        "a shutdown waits for every connection in server_state.connections to close",
     )
 
 
