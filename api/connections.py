@@ -258,9 +258,14 @@ class BrokerHttpProtocol(StreamOpening, asyncio.Protocol):
         connection closes; a stream being opened is told to come back (closed
         unanswered, a load balancer answers the browser 502, and its EventSource
         gives up for good); a request still arriving is awaited and answered; an
+        ingest answered while its body is still coming closes now, lingering; an
         idle kept-alive connection closes now."""
         if self._publish is not None or (self._ingest is not None and not self._ingest.answered):
             self._closing = True  # (an ingest goes on to its body's end, as uvicorn's would)
+        elif self._ingest is not None and not self._ingest.body_ended:
+            # (a bad line's 400, the rest of its body read and dropped: closed a second
+            # later, a producer still sending got a reset, not the 400)
+            self._close_after_ingest(self._ingest)
         elif self._opening is not None and not self._opening.done():
             self._opening.cancel()  # (a subscription it opened closes itself as it unwinds)
             scope = self._opening_scope

@@ -354,6 +354,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         close_lingering(self.transport, self.server_state, self._guard.deadlines)
 
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown; a request answered while its body is still coming
+        (a bad line's 400, the rest read and dropped) closes lingering: closed at once
+        (uvicorn's), its client still sending got a reset, not the answer."""
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and self._in_message:
+            self._close_after(cycle)
+            return
+        super().shutdown()
+
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
         if self._deadline_per_read:  # a streaming ingest: the timeout bounds each pause

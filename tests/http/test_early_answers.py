@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import select
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from tests.http.helpers import metric_value, new_topic, request_bytes
 from tests.http.test_ingest import chunk, line
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until
+from tests.support.redis_server import RedisServer
 
 ANSWER_WAIT_S = 10
 WRITES_AFTER_ANSWER = 48
@@ -187,3 +189,44 @@ async def stored(client: httpx.AsyncClient, topic: str, count: int) -> bool:
         f"/topics/{topic}/events", params={"limit": 10}, headers={"Accept": "application/json"}
     )
     return response.status_code == 200 and len(response.json()["events"]) == count
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_a_drain_closes_lingering_under_a_body_still_coming(
+    redis_server: RedisServer, route: str
+) -> None:
+    """A bad line is answered 400 and the rest of its body read and dropped; a drain
+    then closes the connection (its ingest is over) lingering: the producer writing on
+    past the drain's close reads the 400 then an end. It got a reset (closed at once,
+    or a second after the drain on the lean route)."""
+    broker = BrokerProcess(redis_url=redis_server.url).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", broker.port), timeout=ANSWER_WAIT_S)
+        try:
+            sock.sendall(ingest_head(broker, new_topic(), route) + chunk(line(1)))
+            answer = await asyncio.to_thread(answer_then_drain, sock, broker)
+            outcome = await asyncio.to_thread(write_on_then_read, sock, b"", WRITES_AFTER_ANSWER)
+        finally:
+            sock.close()
+        assert broker.process is not None
+        assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
+    finally:
+        broker.close()
+    assert answer.split(b"HTTP/1.1 ")[-1].startswith(b"400 "), answer
+    assert outcome.ending == "end", outcome
+
+
+def answer_then_drain(sock: socket.socket, broker: BrokerProcess) -> bytes:
+    """Send a bad line, read its 400, drain the broker, and read until the broker closed
+    (what the client writes next comes after the broker's close)."""
+    sock.sendall(chunk(b"{not json}\n"))
+    received = bytearray()
+    while not (b"HTTP/1.1 400 " in received and received.endswith(b"}")):
+        data = sock.recv(65536)
+        assert data, received
+        received += data
+    assert broker.process is not None
+    broker.process.send_signal(signal.SIGTERM)
+    while data := sock.recv(65536):
+        received += data
+    return bytes(received)
