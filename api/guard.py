@@ -345,6 +345,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _close_after(self, cycle: RequestResponseCycle) -> None:
         """Close lingering (``api.lingering``) after a whole answer while the client is
         still sending (this request's body, or a request after it); else close."""
+        if self._lingering:  # (handed over already: a second close would cut it short)
+            return
         if not (cycle.response_complete and self._in_message) or self.transport.is_closing():
             self.transport.close()  # (an answer broken off is no answer to linger after)
             return
