@@ -43,7 +43,6 @@ from api.guard import (
     APP_STATE_KEY,
     Admission,
     GuardedHttpToolsProtocol,
-    answer_and_close,
     guard_of,
     refusal_of,
 )
@@ -55,6 +54,7 @@ from api.lean_stream import cap_send_buffer, stream_request_of
 from api.lingering import close_lingering
 from api.metrics import RouteClass, count_response
 from api.proxy_headers import forwarded_scheme, log_access, trusts_proxy
+from api.raw_answers import answer_and_close
 from api.stream_opening import StreamOpening
 from broker import StartFrom
 

@@ -32,7 +32,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -49,6 +48,7 @@ from api.deadlines import Deadlines
 from api.heads import RequestHead
 from api.lingering import ClosingDeferred, close_lingering
 from api.metrics import RouteClass, count_response
+from api.raw_answers import answer_and_close, invalid_request
 from api.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,6 @@ log = logging.getLogger(__name__)
 APP_STATE_KEY = "broker.app"
 """Where the app's lifespan leaves itself in uvicorn's app state: for the connections
 served here and in ``api.connections``, before a request has a scope."""
-INVALID_REQUEST = "Invalid HTTP request received."
-"""uvicorn's answer to bytes httptools cannot parse (``send_400_response``)."""
 FD_RESERVE = 64
 """File descriptors kept for the process itself: Redis connections, logs, the loop."""
 FULL_WARNING_INTERVAL = 10.0
@@ -194,50 +192,6 @@ def raise_open_file_limit() -> int:
         except (ValueError, OSError):
             log.warning("could not raise the open-file limit from %d to %d", soft, hard)
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
-
-
-# -- answering and closing --------------------------------------------------------------
-
-
-def response_head(
-    status: int, headers: list[tuple[bytes, bytes]], server_state: ServerState
-) -> bytes:
-    """A response's head, with uvicorn's own headers (date, server) first."""
-    lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
-    lines += [name + b": " + value for name, value in server_state.default_headers]
-    lines += [name + b": " + value for name, value in headers]
-    return b"\r\n".join([*lines, b"", b""])
-
-
-def invalid_request(
-    server_state: ServerState, cors: list[tuple[bytes, bytes]], message: str = INVALID_REQUEST
-) -> bytes:
-    """uvicorn's ``send_400_response`` answer, with the CORS headers of the request the
-    bad bytes broke (uvicorn's has none: a page saw its 400 as a network error)."""
-    body = message.encode("ascii")
-    headers = [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", b"%d" % len(body)),
-        (b"connection", b"close"),
-        *cors,
-    ]
-    return response_head(400, headers, server_state) + body
-
-
-def answer_and_close(
-    transport: asyncio.Transport,
-    response: Response,
-    route: RouteClass,
-    server_state: ServerState,
-    guard: Guard,
-) -> None:
-    """Write a whole response (the app's own object) and close the connection, lingering."""
-    count_response(route, response.status_code)
-    headers = response.raw_headers
-    if not any(name == b"connection" for name, _ in headers):
-        headers = [*headers, (b"connection", b"close")]
-    transport.write(response_head(response.status_code, headers, server_state) + response.body)
-    close_lingering(transport, server_state, guard.deadlines)
 
 
 # -- uvicorn's protocol, guarded -------------------------------------------------------------

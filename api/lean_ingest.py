@@ -48,7 +48,6 @@ from uvicorn.server import ServerState
 from api.auth import authorize
 from api.body_framing import BadFraming, ChunkedBody, SizedBody
 from api.cors import cors_headers
-from api.guard import INVALID_REQUEST, invalid_request
 from api.heads import RequestHead, parse_head
 from api.ingest import CLIENT_GONE, Ingest
 from api.lean_publish import (
@@ -73,6 +72,7 @@ from api.publish import (
     refuse_event_parameter,
     run_ingest,
 )
+from api.raw_answers import INVALID_REQUEST, invalid_request
 from broker import BrokerError, InvalidInput
 from broker.validation import check_topic
 

@@ -23,11 +23,11 @@ from uvicorn.server import ServerState
 
 from api import routes
 from api.cors import cors_headers, with_cors
-from api.guard import response_head
 from api.lean_stream import StreamConnection, chunk_of, is_http_1_0
 from api.metrics import RouteClass, count_response
 from api.problems import problem_for
 from api.proxy_headers import log_access
+from api.raw_answers import response_head
 from broker import StartFrom, StoreUnavailable, StreamOver
 from broker.framing import retry_hint
 

@@ -137,7 +137,7 @@ def test_server_state_has_what_the_lean_path_updates() -> None:
         assert isinstance(getattr(state, name, None), kind), changed(
             f"uvicorn.server.ServerState.{name} ({kind.__name__})",
             CONNECTIONS,
-            "lean streams register there, count requests, and send uvicorn's headers",
+            "lean streams register there, count requests, and send uvicorn's headers (raw_answers)",
         )
 
 
