@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.bench.smaller import SMALLER_THAN_QUICK
 from tests.support.procs import run_whole
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +29,8 @@ NCHAN_SCENARIOS = (
 
 def test_quick_run_against_nchan_gives_a_ratio_on_every_row(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "bench", "--quick", "--skip-baseline", "--json", str(output)]
+    command = [sys.executable, "-m", "bench", "--quick", *SMALLER_THAN_QUICK, "--skip-baseline"]
+    command += ["--json", str(output)]
     for scenario in NCHAN_SCENARIOS:
         command += ["--only", scenario]
     run = run_whole(command, cwd=REPO, timeout=RUN_TIMEOUT_S)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.bench.smaller import SMALLER_THAN_QUICK
 from tests.support.procs import run_whole
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,11 +20,9 @@ RUN_TIMEOUT_S = 160
 @pytest.mark.timeout(RUN_TIMEOUT_S + 30)  # (the suite's 120 s cut it before its own bound)
 def test_quick_bench_run_reports_every_figure_as_a_number(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
-    run = run_whole(
-        [sys.executable, "-m", "bench", "--quick", "--skip-nchan", "--json", str(output)],
-        cwd=REPO,
-        timeout=RUN_TIMEOUT_S,
-    )
+    command = [sys.executable, "-m", "bench", "--quick", *SMALLER_THAN_QUICK, "--skip-nchan"]
+    command += ["--json", str(output)]
+    run = run_whole(command, cwd=REPO, timeout=RUN_TIMEOUT_S)
     assert run.returncode == 0, run.stdout + run.stderr
     document = json.loads(output.read_text())
     assert document["errors"] == []
