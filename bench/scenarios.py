@@ -132,7 +132,6 @@ async def _fan_out(
     count = round(audience.rate * audience.seconds)
     say(f"{name}: connecting {audience.subscribers} subscribers")
     specs = _fanout_specs(server, path, pool, sizes, audience, count)
-    sockets_before = sum(worker_sockets(server).values())
     pool.start_job("fanout", specs)
     connected = _check_progress(await pool.gather())
     subscribed = sum(m["connected"] for m in connected)
@@ -162,9 +161,10 @@ async def _fan_out(
     # The subscribers disconnect after the window: tearing down thousands of streams is
     # not a delivery's cost (nor is connecting them); shown apart, per subscriber.
     teardown = Window(server)
+    held = sum(worker_sockets(server).values())
     pool.broadcast({"disconnect": True})
     await pool.results()
-    await _until_sockets_close(server, sockets_before)
+    await _until_sockets_close(server, held - subscribed)
     teardown.close()
     outcome.details["teardown_server_cpu_us_per_subscriber"] = round(
         1e6 * teardown.server_cpu_s / max(subscribed, 1), 1
@@ -185,8 +185,10 @@ def _measured(messages: list[Message]) -> list[Message]:
 
 
 async def _until_sockets_close(server: RunningServer, before: int, timeout: float = 10.0) -> None:
-    """Until the server's workers hold no more sockets than before the audience came
-    (bounded: a server slow to let go is measured as far as the timeout)."""
+    """Until the server's workers hold no more sockets than ``before``: those they held
+    as the audience left, less the audience (not a count taken before it came, which
+    the workers' Redis connections opened meanwhile outgrew: the wait then ran to its
+    timeout). Bounded: a server slow to let go is measured as far as the timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and sum(worker_sockets(server).values()) > before:
         await asyncio.sleep(0.05)
