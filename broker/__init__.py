@@ -10,8 +10,9 @@ every ``broker tail``, a third of its start.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from broker.lazy_names import lazy_names
 
 if TYPE_CHECKING:
     from broker.core import Broker, BrokerLimits, HistoryPage, TopicInfo
@@ -59,19 +60,7 @@ _HOME = {  # each public name: the module that defines it
 
 
 if not TYPE_CHECKING:  # (hidden from mypy, which then refuses a name not imported above)
-
-    def __getattr__(name: str) -> object:
-        home = _HOME.get(name)
-        if home is None:
-            raise AttributeError(f"module 'broker' has no attribute {name!r}")
-        value = getattr(importlib.import_module(home), name)
-        globals()[name] = value  # (once: later uses find it here)
-        return value
-
-    def __dir__() -> list[str]:
-        """The names not used yet among them (``help()`` and a REPL's completion list a
-        module's names from ``dir()``, which shows only its globals)."""
-        return sorted({*globals(), *__all__})
+    __getattr__, __dir__ = lazy_names(__name__, _HOME, globals())
 
 
 __all__ = [
