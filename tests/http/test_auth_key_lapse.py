@@ -5,8 +5,10 @@ back (503), as new requests are, not that its token is bad (401)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import orjson
@@ -91,6 +93,19 @@ class _OpenIngest:
             )
 
 
+@contextlib.asynccontextmanager
+async def _begun(ingests: list[_OpenIngest]) -> AsyncIterator[None]:
+    """The ingests begun (each its first line stored), their connections closed after."""
+    try:
+        for ingest in ingests:
+            await ingest.begin()
+        yield
+    finally:
+        for ingest in ingests:
+            if hasattr(ingest, "writer"):
+                ingest.writer.close()
+
+
 async def test_a_streaming_ingest_whose_key_set_lapses_is_told_to_come_back(
     redis_server: RedisServer,
 ) -> None:
@@ -106,16 +121,10 @@ async def test_a_streaming_ingest_whose_key_set_lapses_is_told_to_come_back(
         _broker_of_lapsing_key_set(redis_server, server) as broker,
     ):
         ingests = [_OpenIngest(broker, kind) for kind in INGEST_PATHS]
-        try:
-            for ingest in ingests:
-                await ingest.begin()
+        async with _begun(ingests):
             server.failing = True
             await _wait_for_history(broker, ingests[0].topic, ingests[0].token, 503)
             answers = [await ingest.answer_to_line_2() for ingest in ingests]
-        finally:
-            for ingest in ingests:
-                if hasattr(ingest, "writer"):
-                    ingest.writer.close()
         for ingest, (answer_head, body) in zip(ingests, answers, strict=True):
             said = (ingest.path_kind, answer_head, body)
             assert answer_head.startswith(b"HTTP/1.1 503 "), said
@@ -148,17 +157,11 @@ async def test_an_ingest_whose_token_expired_is_told_so_though_its_key_set_lapse
     ):
         ingests = [_OpenIngest(broker, kind, expires_in=TOKEN_LIFE_S) for kind in INGEST_PATHS]
         probe = RSA_KEY.token(claims(subscribe=[ingests[0].topic]))
-        try:
-            for ingest in ingests:
-                await ingest.begin()
+        async with _begun(ingests):
             server.failing = True
             await _wait_for_history(broker, ingests[0].topic, probe, 503)
             assert all(time.time() > ingest.claims["exp"] for ingest in ingests)
             answers = [await ingest.answer_to_line_2() for ingest in ingests]
-        finally:
-            for ingest in ingests:
-                if hasattr(ingest, "writer"):
-                    ingest.writer.close()
         for ingest, (answer_head, body) in zip(ingests, answers, strict=True):
             said = (ingest.path_kind, answer_head, body)
             assert answer_head.startswith(b"HTTP/1.1 401 "), said
