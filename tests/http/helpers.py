@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import time
 import uuid
 from collections.abc import Mapping
@@ -313,6 +314,29 @@ async def raw_request(
     assert parts.hostname and parts.port
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     writer.write(raw_head if raw_head is not None else request_bytes(method, url, headers, body))
+    await writer.drain()
+    response = RawResponse(reader, writer)
+    try:
+        await response.read_head()
+    except BaseException:
+        await response.close()
+        raise
+    return response
+
+
+async def small_window_stream(url: str, path: str) -> RawResponse:
+    """A stream request whose client reads only when asked, its head read: through a
+    small receive window and a small StreamReader limit (asyncio stops reading the
+    socket after a few KiB), so the broker runs ahead of it by what the buffers between
+    take (some 600 KB), and no further."""
+    parts = urlsplit(url)
+    assert parts.hostname and parts.port
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (parts.hostname, parts.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2048)
+    writer.write(request_bytes("GET", url + path, {"Accept": "text/event-stream"}))
     await writer.drain()
     response = RawResponse(reader, writer)
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from tests.http.helpers import (
     RawResponse,
     metric_value,
     new_topic,
-    request_bytes,
+    small_window_stream,
     subscribe,
 )
 from tests.support.broker_process import BrokerProcess
@@ -37,17 +36,7 @@ def slow_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
 
 async def _stalled_stream(url: str, path: str) -> RawResponse:
     """A subscription whose client reads its head and then nothing (tiny receive window)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    host, port = url.removeprefix("http://").split(":")
-    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-    # A small StreamReader limit: asyncio stops reading the socket after a few KiB.
-    reader, writer = await asyncio.open_connection(sock=sock, limit=2048)
-    writer.write(request_bytes("GET", url + path, {"Accept": "text/event-stream"}))
-    await writer.drain()
-    stream = RawResponse(reader, writer)
-    await stream.read_head()
+    stream = await small_window_stream(url, path)
     await stream.read_until(b"\n\n")  # the retry hint: subscribed
     return stream
 
