@@ -102,6 +102,10 @@ from broker.validation import event_from_json, loads_exactly
 
 LINE_ENVELOPE_BYTES = 4096
 """A line may exceed ``max_event_bytes`` by this much: the JSON around the data."""
+JSON_WHITESPACE = b" \t\r"
+"""All a blank line may hold (JSON's whitespace, less the line feed that ends it), and
+it is skipped: ``bytes.strip()`` took a form feed or a vertical tab for blank too, and
+a line of them, no JSON, was skipped where any other such line is a bad line (400)."""
 CLIENT_GONE = "the client went away before the body ended"
 TIMED_OUT = "the store did not confirm the write in time"
 
@@ -242,7 +246,7 @@ class Ingest(LossTelling):
                 async for lines in self._reads(body):
                     for line in lines:
                         number += 1
-                        if line.strip():
+                        if line.strip(JSON_WHITESPACE):
                             batch.append((number, self._parse(number, line)))
                             if len(batch) >= self._max_batch:
                                 await self._append(batch)
@@ -355,7 +359,7 @@ class Ingest(LossTelling):
                 number = whole + len(lines) + 1
                 raise TooLarge(f"line {number}: longer than {limit} bytes", limit=limit)
             if not more:
-                yield [*lines, partial] if partial.strip() else lines
+                yield [*lines, partial] if partial.strip(JSON_WHITESPACE) else lines
                 return
             if lines:
                 whole += len(lines)

@@ -217,6 +217,8 @@ async def test_a_whole_line_too_long_is_413_however_it_arrives(
         (b'{"event": "no data"}\n', "line 3"),
         (b'{"data": 1, "event": "broker.end"}\n', "line 3"),
         (b"\n" + line(3) + b"[1, 2]\n", "line 5"),  # blank lines count
+        (b"\x0c\n", "line 3"),  # a form feed is no JSON whitespace: not a blank line
+        (b" \x0b\r\n", "line 3"),  # nor is a vertical tab
         (b'{"data": ' + b"[" * 1000 + b"1" + b"]" * 1000 + b"}\n", "line 3"),  # (was a 500)
     ],
 )

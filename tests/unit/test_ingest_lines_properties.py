@@ -1,8 +1,9 @@
-"""Property tests of a streaming ingest's NDJSON lines (``api.ingest``): however the body
-is cut into reads (a line in pieces, a CRLF or a multi-byte UTF-8 character split
-between two reads), its lines are those of the body read at once: the same lines, in
-the same order and numbering (blank lines counted), each the same JSON, and a line too
-long refused at the same line, the lines before it given."""
+"""Property tests of a streaming ingest's NDJSON lines (``Ingest._reads`` in
+``api.ingest``, which both routes read their lines through): however the body is cut
+into reads (a line in pieces, a CRLF or a multi-byte UTF-8 character split between two
+reads), its lines are those of the body read at once: the same lines, in the same
+order and numbering (blank lines counted), each the same JSON, and a line too long
+refused at the same line, the lines before it given."""
 
 from __future__ import annotations
 
@@ -63,10 +64,11 @@ def lines_read(body: bytes, cuts: list[int]) -> tuple[list[bytes], int | None]:
 
 
 def lines_of(body: bytes) -> tuple[list[bytes], int | None]:
-    """The body's lines by the README's rule: split at each LF, a last line without one
-    kept unless blank; the first line over the limit refused, those before it kept."""
+    """The body's lines, by the rule (the oracle): split at each LF, a last line without one
+    kept unless blank (spaces, tabs, CRs: JSON's whitespace); the first line over the
+    limit refused, those before it kept."""
     lines = body.split(b"\n")
-    if not lines[-1].strip() and len(lines[-1]) <= LIMIT:
+    if not lines[-1].strip(b" \t\r") and len(lines[-1]) <= LIMIT:
         lines.pop()
     for index, line in enumerate(lines):
         if len(line) > LIMIT:
@@ -78,6 +80,9 @@ DOCUMENTS = st.fixed_dictionaries(
     {"data": st.text(max_size=12) | st.integers() | st.lists(st.text(max_size=3), max_size=3)}
 )
 BLANK = st.sampled_from([b"", b" ", b"\r", b" \t\r"])
+NOT_JSON = st.sampled_from([b"\x0c", b" \x0b", b"x"])
+"""Lines that are not JSON, to be given (and refused); the first two blank to
+``bytes.strip()``, not to JSON."""
 LONG = st.integers(LIMIT - 2, LIMIT + 2).map(
     lambda size: b'{"data": "' + b"x" * (size - 12) + b'"}'
 )
@@ -90,7 +95,7 @@ def encoded(document: object) -> bytes:
 
 @st.composite
 def bodies(draw: st.DrawFn) -> bytes:
-    lines = draw(st.lists(st.one_of(DOCUMENTS.map(encoded), BLANK), max_size=12))
+    lines = draw(st.lists(st.one_of(DOCUMENTS.map(encoded), BLANK, NOT_JSON), max_size=12))
     if draw(st.integers(0, 5)) == 0:  # now and then a line at the limit, or past it
         lines.insert(draw(st.integers(0, len(lines))), draw(LONG))
     endings = [draw(st.sampled_from([b"\n", b"\r\n"])) for _ in lines]
@@ -106,7 +111,7 @@ def test_lines_are_the_same_in_any_split(body: bytes, cuts: list[int]) -> None:
     assert read == lines_read(body, [])
     assert read == lines_of(body)
     for line in read[0]:
-        if line.strip() and len(line) <= LIMIT:
+        if line.startswith(b"{") and len(line) <= LIMIT:  # (a document, whole)
             assert loads_exactly(line) == json.loads(line)  # (whole UTF-8: it decodes)
 
 
