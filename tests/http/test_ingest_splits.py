@@ -6,7 +6,8 @@ written in random pieces: every line is stored once, in order, and every request
 answered in turn, whatever the cuts. The lean route decodes the framing and the lines
 where they arrive (``api.body_framing``, ``api.ingest``): a line, a CRLF or a
 character cut between reads must not be lost, merged or split, and what follows a
-body is the next request. And a chunked framing broken anywhere is answered 400."""
+body is the next request. A chunked framing broken anywhere is answered 400, and a
+body changed at random is answered alike on the lean route and uvicorn's."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from api.body_framing import ChunkedBody
 from api.raw_answers import INVALID_REQUEST
 from tests.http.helpers import new_topic
-from tests.http.test_lean_ingest import NDJSON, stored_is
+from tests.http.test_lean_ingest import NDJSON, ROUTES, exchange_on, same, stored_is
 from tests.http.test_lean_publish import Answer, Connection, history_bytes, publish_bytes
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until
@@ -136,7 +138,7 @@ async def exchange_cut(port: int, data: bytes, cuts: list[int], count: int) -> l
         await connection.close()
 
 
-@bounded(examples=15, deadline_ms=15_000)
+@bounded(examples=25, deadline_ms=15_000)
 @given(st.data(), st.lists(st.integers(0, 900), max_size=10))
 def test_requests_cut_anywhere_store_their_lines_once_in_order(
     http_broker: BrokerProcess, draw: st.DataObject, cuts: list[int]
@@ -153,7 +155,7 @@ BREAKS = [b"zz\r\n", b"-1\r\n", b"3 \r\n", b"3\nabc\r\n", b"3\r\nabcd\r\n", b"3;
 BREAKS += [b"1" * 16 + b"\r\n", b"3\r\nabc\r\n0\r\nContent-Length: 3\r\n\r\n"]
 
 
-@bounded(examples=12, deadline_ms=15_000)
+@bounded(examples=20, deadline_ms=15_000)
 @given(ndjson(), st.data(), st.sampled_from(BREAKS), st.lists(st.integers(0, 600), max_size=8))
 def test_a_broken_framing_is_answered_400_in_any_split_the_lines_before_it_stored(
     http_broker: BrokerProcess,
@@ -184,3 +186,53 @@ def test_a_broken_framing_is_answered_400_in_any_split_the_lines_before_it_store
         )
 
     asyncio.run(exchange())
+
+
+CHANGES = [b"\n", b"\r", b" ", b";", b"=", b'"', b"-", b"0", b"f", b"x", b"\x00", b"\r\n"]
+
+
+def changed(draw: st.DrawFn, data: bytes) -> bytes:
+    """``data`` with a byte inserted or deleted."""
+    at = draw(st.integers(0, len(data)))
+    if draw(st.booleans()):
+        return data[:at] + draw(st.sampled_from(CHANGES)) + data[at:]
+    return data[:at] + data[at + 1 :]
+
+
+@st.composite
+def changed_ingest(draw: st.DrawFn) -> bytes:
+    """A chunked NDJSON body changed once: its framing (broken, most often, or not) or its
+    lines (one made bad, or not)."""
+    body, _ = draw(ndjson())
+    if draw(st.booleans()):
+        return draw(chunked(changed(draw, body)))
+    return changed(draw, draw(chunked(body)))
+
+
+def decided(framing: bytes) -> bool:
+    """Whether the chunked framing ends or breaks in these bytes (not waiting for more)."""
+    body = ChunkedBody()
+    body.decode(framing)
+    return body.ended or body.broken is not None
+
+
+@bounded(examples=25, deadline_ms=15_000)
+@given(changed_ingest().filter(decided))
+def test_a_changed_ingest_is_answered_alike_on_both_routes(
+    http_broker: BrokerProcess, framing: bytes
+) -> None:
+    """The lean route (its own decoder) and uvicorn's (httptools) answer alike: 201, a
+    bad line's 400, or 400 for the framing. Written at once: in pieces, a bad line
+    before a break could be answered before the break is read, or after."""
+
+    async def answer(route: str) -> Answer:
+        request = ingest_bytes(
+            http_broker.port, new_topic("alike"), "Transfer-Encoding: chunked", framing
+        )
+        [answer] = await exchange_on(route, http_broker.port, request)
+        return answer
+
+    async def answers() -> dict[str, Answer]:
+        return {route: await answer(route) for route in ROUTES}
+
+    same(asyncio.run(answers()))
