@@ -360,6 +360,10 @@
   // The browser waits the broker's retry: hint (BROKER_RETRY_MS, 2 s by default; a
   // script cannot read it) before its own reconnect even asks: its bound is that longer.
   var RECONNECT_DELAY_MS = 2000;
+  // The longest delay a browser's setTimeout holds (a signed 32-bit count of ms, 24.8
+  // days): past it, the timer fires at once, and a bound meant as "very long" (a large
+  // connectFloorMs or heartbeatMs) closed every stream before its head could come.
+  var LONGEST_TIMER_MS = 2147483647;
   global.addEventListener("beforeunload", function () {
     unloading = true;
     global.setTimeout(function () { unloading = false; }, UNLOAD_GRACE_MS);  // it stayed
@@ -543,7 +547,7 @@
         if (closed || source !== handle.source) { return; }
         if (source.readyState !== global.EventSource.CONNECTING) { return; }  // (see "open")
         silent(source);
-      }, connectLimitMs(ownReconnect));
+      }, Math.min(connectLimitMs(ownReconnect), LONGEST_TIMER_MS));
     }
 
     // Look at the open stream when it would have been silent too long, and again then
@@ -561,7 +565,7 @@
         } else {
           silent(source);
         }
-      }, Math.max(left, 0));
+      }, Math.min(Math.max(left, 0), LONGEST_TIMER_MS));
     }
 
     function stopWatching() {

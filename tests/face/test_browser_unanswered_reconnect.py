@@ -255,3 +255,33 @@ def test_the_helpers_own_events_are_told_to_no_callback_even_when_named(
         )
         browser.wait_for("window.__beats >= 2", timeout=10, what="two beats")
         assert [e["type"] for e in page_received(browser)] == ["message"]
+
+
+def test_a_connecting_bound_past_what_a_browser_timer_holds_does_not_fire_at_once(
+    face_broker: BrokerProcess, browser: Chromium
+) -> None:
+    """``connectFloorMs`` past 2^31 - 1 ms (a page that means "wait as long as it takes",
+    25 days): a browser's setTimeout fires a delay past that at once, so the bound was
+    over before the stream's head came. Every stream was closed as never answered and
+    opened again, 1 s, 2 s, 4 s... later, until the page was told its stream had ended
+    for good. The bound is kept at the longest a timer holds: the stream stays open."""
+    topic = f"face.longfloor.{uuid.uuid4().hex[:8]}"
+    with Publisher(face_broker.url) as publisher:
+        open_client_page(
+            browser,
+            face_broker,
+            f"/topics/{topic}/events?from=earliest",
+            "{connectFloorMs: 2 ** 31}",
+        )
+        publisher.publish(topic, 1)
+        wait_messages(browser, 1, "the first event")
+        browser.evaluate(MARK_SOURCE)
+        quiet_until = time.monotonic() + 3
+        while time.monotonic() < quiet_until:  # (bounded: 3 s)
+            assert browser.evaluate(SAME_SOURCE) is True, _errors(browser)
+            time.sleep(0.5)
+        publisher.publish(topic, 2)
+        wait_messages(browser, 2, "the next event, on the same stream")
+        assert _errors(browser) == []
+        assert page_messages(browser) == [1, 2]
+        assert browser.evaluate(SAME_SOURCE) is True
