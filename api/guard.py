@@ -340,6 +340,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = True  # (nothing more is read: the parser is past repair)
         broken = self.cycle
         if broken is not None and broken.more_body:  # the bad bytes broke this request
+            if broken is self._running and broken.response_started:
+                # Answered already (a bad line's 400, the rest of its body read and
+                # dropped), or answering: a 400 now would be a second answer to it (a
+                # client reusing the connection took it for its next request's), or
+                # bytes in the middle of its answer. Closed, as the lean route closes.
+                self._close_refused()
+                return
             if broken is self._running:
                 self._answer_400(msg, route_class(broken.scope))  # (it is answered so, at once)
                 return

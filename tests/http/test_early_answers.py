@@ -230,3 +230,52 @@ def answer_then_drain(sock: socket.socket, broker: BrokerProcess) -> bytes:
     while data := sock.recv(65536):
         received += data
     return bytes(received)
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_framing_broken_after_an_early_answer_gets_no_second_answer(
+    http_broker: BrokerProcess, aclient: httpx.AsyncClient, route: str
+) -> None:
+    """A bad line is answered 400 and the rest of the body read and dropped; the rest's
+    chunked framing then breaks. The request was answered: the connection closes
+    (lingering), with no second answer. On the by-app route uvicorn's 400 for the
+    framing was written after the first 400, a second answer to one request (a client
+    that reuses the connection reads it as the answer to its next request), and counted
+    as a second ingest 400; the lean route wrote none."""
+    responses = await ingest_400s(aclient)
+    sock = socket.create_connection(("127.0.0.1", http_broker.port), timeout=ANSWER_WAIT_S)
+    try:
+        sock.sendall(ingest_head(http_broker, new_topic(), route) + chunk(b"{not json}\n"))
+        outcome = await asyncio.to_thread(answer_then_broken_framing, sock)
+    finally:
+        sock.close()
+    assert outcome.ending == "end", outcome
+    assert outcome.received.count(b"HTTP/1.1 400 ") == 1, outcome.received
+    assert outcome.received.endswith(b"}"), outcome.received  # (the bad line's problem, last)
+    assert await ingest_400s(aclient) == responses + 1
+
+
+def answer_then_broken_framing(sock: socket.socket) -> Outcome:
+    """Read the bad line's 400 (a whole problem), then send bytes that are no chunk, end
+    the writing side, and read to the end."""
+    received = bytearray()
+    while not (b"HTTP/1.1 400 " in received and received.endswith(b"}")):
+        data = sock.recv(65536)
+        assert data, received
+        received += data
+    sock.sendall(b"zz\r\n")
+    sock.shutdown(socket.SHUT_WR)
+    while True:
+        try:
+            data = sock.recv(65536)
+        except OSError as error:
+            return Outcome(bytes(received), f"reading: {error!r}")
+        if not data:
+            return Outcome(bytes(received), "end")
+        received += data
+
+
+async def ingest_400s(client: httpx.AsyncClient) -> float:
+    response = await client.get("/metrics")
+    labels = {"route": "ingest", "status": "400"}
+    return metric_value(response.text, "broker_http_responses_total", labels) or 0
