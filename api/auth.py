@@ -289,6 +289,11 @@ class Authorizer:
             if len(self._verified) > TOKEN_CACHE_SIZE:
                 self._verified.popitem(last=False)
         else:
+            if rights.expires_at <= time.time():
+                # (its signature checked, its expiry known: 401 whatever the set's state
+                # now, as an ingest under it is told; a 503 had its client come back
+                # with the same token, and get 503 again while the set stayed stale)
+                raise Unauthorized("the token has expired", token_given=True)
             self._refuse_if_keys_unavailable()  # (verified by a set that has lapsed since)
             self._verified.move_to_end(token)
         if rights.expires_at <= time.time():

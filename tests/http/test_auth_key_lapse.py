@@ -213,3 +213,37 @@ async def test_a_failing_key_server_is_said_once_and_its_return_once(
         assert "WARNING" in said[0] and f"JWKS fetch from {server.url} failed: " in said[0]
         assert "503" in said[0], said  # (the reason: the server's answer)
         assert "INFO" in said[1] and "succeeded again, after failing since " in said[1]
+
+
+async def test_a_token_expired_since_it_was_verified_is_401_though_its_key_set_lapsed(
+    redis_server: RedisServer,
+) -> None:
+    """A token verified while its key set could judge it, and expired since, is a bad
+    token whatever the set's state now: its signature was checked, its expiry is known.
+    A new request with it is answered 401 (the contract's expired token: get a fresh
+    one), as an ingest open with it is, not the 503 of a set past its max stale, which
+    had its client come back with the same token, and get 503 again while the set
+    stayed stale. A publish (lean route) and a read (the app's)."""
+    with (
+        serve_jwks([RSA_KEY]) as server,
+        _broker_of_lapsing_key_set(redis_server, server) as broker,
+    ):
+        topic = f"jwks-expired-{time.time_ns()}"
+        expires_at = int(time.time() + TOKEN_LIFE_S)
+        token = RSA_KEY.token({**_rights(topic), "exp": expires_at})
+        async with httpx.AsyncClient(base_url=broker.url) as client:
+            published = await client.post(
+                f"/topics/{topic}/events", json={"data": 1}, headers=bearer(token)
+            )
+            assert published.status_code == 201, published.text  # (verified, remembered)
+            server.failing = True
+            probe = RSA_KEY.token(claims(subscribe=[topic]))
+            await _wait_for_history(broker, topic, probe, 503)
+            assert time.time() > expires_at
+            again = await client.post(
+                f"/topics/{topic}/events", json={"data": 2}, headers=bearer(token)
+            )
+        read = await history(broker.url, topic, bearer(token))
+        assert again.status_code == 401, again.text
+        assert "expired" in again.json()["detail"], again.text
+        assert read.status == 401, read
