@@ -424,6 +424,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             route = "other" if self.cycle is None else route_class(self.cycle.scope)
             too_slow = problems.body_too_slow(self._guard.limits.body_timeout)
             self._refuse(self._with_cors(too_slow), route)
+        elif self.cycle is not None and self.cycle.response_complete and self._in_message:
+            # Answered early (a 413), the body's deadline passed while the rest of it is
+            # read and dropped: the client may be sending still (closed at once, it got
+            # a reset, not the answer).
+            self._close_after(self.cycle)
         elif not self.transport.is_closing():
             self.transport.close()
 

@@ -20,6 +20,7 @@ import asyncio
 import select
 import signal
 import socket
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -279,3 +280,54 @@ async def ingest_400s(client: httpx.AsyncClient) -> float:
     response = await client.get("/metrics")
     labels = {"route": "ingest", "status": "400"}
     return metric_value(response.text, "broker_http_responses_total", labels) or 0
+
+
+PACED_WRITES = 30
+"""Writes of ``FILLER`` a client makes after a 413, one each ``PACE_S``: its body goes
+on past the broker's body deadline (limits_broker's: 1 s from the head)."""
+PACE_S = 0.05
+
+
+async def test_a_body_refused_too_large_and_still_coming_past_its_deadline_ends_cleanly(
+    limits_broker: BrokerProcess,
+) -> None:
+    """A publish declaring a body over BROKER_MAX_BODY_BYTES is answered 413 at once, and
+    the rest of its body read and dropped; its body deadline (from its head) passes
+    while the client is still sending it. The connection then closes lingering: the
+    client writing on reads the 413 and an end. It was closed at once, the client still
+    writing got a reset (its writes refused), as the lingering close is there to
+    prevent."""
+    topic = new_topic()
+    headers = {**PUBLISH, "Content-Length": "1000000"}
+    head = request_bytes("POST", f"{limits_broker.url}/topics/{topic}/events", headers)
+    sock = socket.create_connection(("127.0.0.1", limits_broker.port), timeout=ANSWER_WAIT_S)
+    try:
+        outcome = await asyncio.to_thread(write_paced_then_read, sock, head + b'{"data": "')
+    finally:
+        sock.close()
+    assert outcome.ending == "end", outcome
+    assert outcome.received.startswith(b"HTTP/1.1 413 "), outcome.received
+
+
+def write_paced_then_read(sock: socket.socket, first: bytes) -> Outcome:
+    """Send ``first``, wait for the answer (not reading it), write on slowly, end the
+    writing side, and read to the end."""
+    try:
+        sock.sendall(first)
+        readable, _, _ = select.select([sock], [], [], ANSWER_WAIT_S)
+        assert readable, "no answer"
+        for _ in range(PACED_WRITES):
+            sock.sendall(FILLER)
+            time.sleep(PACE_S)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as error:
+        return Outcome(b"", f"writing: {error!r}")
+    received = bytearray()
+    while True:
+        try:
+            data = sock.recv(65536)
+        except OSError as error:
+            return Outcome(bytes(received), f"reading: {error!r}")
+        if not data:
+            return Outcome(bytes(received), "end")
+        received += data
