@@ -328,7 +328,11 @@ class BrokerHttpProtocol(StreamOpening, asyncio.Protocol):
         if self._closing and request.keep_alive:
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         self._transport.write(answer)
-        if self._closing or not request.keep_alive:
+        if self._closing and request.keep_alive:  # (requests sent ahead may still come)
+            self._server_state.connections.discard(self)
+            close_lingering(self._transport, self._server_state, self._guard.deadlines)
+            return
+        if not request.keep_alive:
             self._transport.close()
             return
         del self._received[: self._body_start + request.body_size]

@@ -30,7 +30,7 @@ from api.lingering import LINGER_MAX_BYTES
 from tests.http.helpers import metric_value, new_topic, request_bytes
 from tests.http.test_ingest import chunk, line
 from tests.support.broker_process import BrokerProcess
-from tests.support.polling import await_until
+from tests.support.polling import await_until, wait_until
 from tests.support.redis_server import RedisServer
 
 ANSWER_WAIT_S = 10
@@ -331,3 +331,46 @@ def write_paced_then_read(sock: socket.socket, first: bytes) -> Outcome:
         if not data:
             return Outcome(bytes(received), "end")
         received += data
+
+
+async def test_a_drain_answers_a_publish_sent_ahead_of_others_and_closes_lingering(
+    redis_server: RedisServer,
+) -> None:
+    """A drain begins while a publish's body is coming; its client has sent a second,
+    larger publish ahead (pipelined) and is still sending it. The first is answered
+    201 with ``Connection: close``, and the connection closes lingering: the client
+    writing on reads the 201 then an end. It was closed at once, with the second's
+    bytes unread: the client got a reset (its writes refused), and a system or a
+    middlebox that drops what was not read yet lost the 201 (a retry stored it twice)."""
+    broker = BrokerProcess(redis_url=redis_server.url).start()
+    try:
+        first = b'{"data": "first"}'
+        second = b'{"data": "' + b"x" * 200_000 + b'"}'
+        url = f"{broker.url}/topics/{new_topic()}/events"
+        sock = socket.create_connection(("127.0.0.1", broker.port), timeout=ANSWER_WAIT_S)
+        try:
+            sock.sendall(sized_publish(url, first)[:-5])
+            await asyncio.to_thread(drain_begun, broker)
+            sent_ahead = first[-5:] + sized_publish(url, second)
+            outcome = await asyncio.to_thread(write_on_then_read, sock, sent_ahead, 8)
+        finally:
+            sock.close()
+        assert broker.process is not None
+        assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
+    finally:
+        broker.close()
+    assert outcome.ending == "end", outcome
+    assert outcome.received.startswith(b"HTTP/1.1 201 "), outcome.received
+    assert b"connection: close\r\n" in outcome.received, outcome.received
+
+
+def sized_publish(url: str, body: bytes) -> bytes:
+    headers = {**PUBLISH, "Content-Length": str(len(body))}
+    return request_bytes("POST", url, headers, body)
+
+
+def drain_begun(broker: BrokerProcess) -> None:
+    """SIGTERM, and until the broker began its shutdown (its connections told of it)."""
+    assert broker.process is not None
+    broker.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: "Shutting down" in broker.log(), timeout=5, what="the drain to begin")
