@@ -1,0 +1,110 @@
+"""Two streaming ingests under one Idempotency-Key, their appends interleaved, at the store:
+append.lua's ``out_of_step`` case by case, on every store (embedded and a real Redis).
+
+Each case is two streams as sent (``_`` a blank line: numbered, never sent), and the
+order of their reads: ``A2`` is stream A's next two lines read at once (one append of
+those that are not blank, naming the line it stored last, as ``api.ingest`` appends),
+``A.`` its body's end (nothing sent to the store). The oracle: the log is one stream's
+lines, in order; the stream out of step is refused (400) at its first line that differs,
+and stops there; every other is answered with the log's first ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from broker.errors import InvalidInput
+from broker.ids import EventId
+from broker.model import IngestLines, NewEvent
+from broker.redis_store import RedisStreamStore
+
+KEY = "K"
+
+
+@dataclass
+class Stream:
+    """One request's lines (None: blank) and where it is, as ``api.ingest.Ingest`` keeps it."""
+
+    lines: list[str | None]
+    read: int = 0
+    last_line: int = 0
+    epoch: str | None = None
+    ids: list[EventId] = field(default_factory=list)
+    refused_at: int | None = None
+
+    @classmethod
+    def sent(cls, text: str) -> Stream:
+        return cls([None if word == "_" else word for word in text.split()])
+
+    async def read_lines(self, store: RedisStreamStore, topic: str, count: int) -> None:
+        numbers = range(self.read + 1, self.read + count + 1)
+        self.read += count
+        sent = [n for n in numbers if self.lines[n - 1] is not None]
+        if sent:
+            events = [NewEvent(str(self.lines[n - 1])) for n in sent]
+            await self._append(store, topic, events, IngestLines(KEY, sent, self.last_line))
+            self.last_line = sent[-1]
+
+    async def end(self, store: RedisStreamStore, topic: str) -> None:
+        assert self.read == len(self.lines), "a body ends once all of it was read"
+
+    async def _append(
+        self, store: RedisStreamStore, topic: str, events: list[NewEvent], lines: IngestLines
+    ) -> None:
+        after = self.ids[-1].position if self.ids else None
+        try:
+            result = await store.append(
+                topic, events, lines=lines, log_epoch=self.epoch, after_entry=after
+            )
+        except InvalidInput as refusal:
+            self.refused_at = int(refusal.detail.split(":")[0].removeprefix("line "))
+            return
+        self.ids += result.ids
+        self.epoch = self.epoch or (result.ids[0].epoch if result.ids else None)
+
+
+# Each row: stream A as sent | stream B as sent | the order of their reads | the log |
+# the stream refused and at which line (- none) | what the case is.
+TABLE = """
+a b c d   | a b c d | A2 B3 A2 B1 A. B. | a b c d   | -  | the same stream, interleaved
+a b _     | a b _   | A3 B3 A. B.       | a b       | -  | the same, its last line blank in both
+a b c d   | a b     | B2 B. A4 A.       | a b c d   | -  | a shorter stream, ended
+a _       | a _ c   | A2 A. B3 B.       | a c       | -  | a longer one, past the other's blank end
+a b c     | a x c   | A3 B3             | a b c     | B2 | another line
+a b c d   | a _ c d | A2 B4 A2 A.       | a b c d   | B2 | a blank line where the other stored one
+a _ c d   | a b c d | A3 B4 A1 A.       | a c d     | B2 | a line where the other had a blank one
+a _ c     | a b c   | A1 B2 A2 B1 B.    | a b c     | A2 | the one behind had the blank line
+_ b c     | a b c   | A3 B3             | b c       | B1 | a line where the other's first is blank
+"""
+CASES = {row[-1]: row[:-1] for row in (line.split(" | ") for line in TABLE.strip().splitlines())}
+
+
+@pytest.mark.parametrize(("a", "b", "reads", "log", "refused"), CASES.values(), ids=CASES.keys())
+async def test_two_streams_under_one_key_leave_one_of_them_in_order(
+    store: RedisStreamStore,
+    topic: str,
+    a: str,
+    b: str,
+    reads: str,
+    log: str,
+    refused: str,
+) -> None:
+    """The reads in the row's order, each stream stopping once refused."""
+    streams = {"A": Stream.sent(a), "B": Stream.sent(b)}
+    for read in reads.split():
+        stream = streams[read[0]]
+        if stream.refused_at is not None:  # (an ingest refused stops)
+            continue
+        if read[1:] == ".":
+            await stream.end(store, topic)
+        else:
+            await stream.read_lines(store, topic, int(read[1:]))
+    entries = (await store.read_range(topic, (0, 0), 100)).entries
+    assert [e.data_text for e in entries] == log.split()
+    told = [f"{name}{s.refused_at}" for name, s in streams.items() if s.refused_at is not None]
+    assert told == ([] if refused.strip() == "-" else [refused.strip()])
+    for name, stream in streams.items():
+        if stream.refused_at is None:  # (answered: the log's first ids)
+            assert stream.ids == [e.id for e in entries][: len(stream.ids)], name
