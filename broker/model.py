@@ -46,9 +46,10 @@ class IngestLines:
     key: str
     numbers: Sequence[int]
     after: int = 0
-    """The last line the request stored before these (0: none yet): it must still be
-    recorded, else the append is refused (``LinesLost``); its entry is the append's
-    ``after_entry``, which tells when the records cannot (past the window)."""
+    """The last line the request stored before these (0: none yet, its lines before
+    these blank): it must still be recorded, else the append is refused (``LinesLost``);
+    its entry is the append's ``after_entry``, which tells when the records cannot (past
+    the window)."""
 
     def __init__(self, key: str, numbers: Sequence[int], after: int = 0) -> None:
         _set_key(self, key)  # (by hand, frozen all the same: see broker.slots)

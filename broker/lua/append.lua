@@ -17,10 +17,10 @@
 -- event's line number n (line n is "K:n"); then the R names; then the epoch of the
 -- log the append must find ('' = any: a new log may be begun); then, for a streaming
 -- ingest, "n:id": the number of the last line its request stored before this append
--- (0: none yet) and the id of its entry (0-0: none yet); for one without an
--- Idempotency-Key (ARGV[8] = 0), the id of the entry its request stored last (0-0: none
--- yet); 0 for anything else; then 4 values per event: kind, data, event type ('' =
--- none), retry ('' = none).
+-- (0: none yet, its lines before blank) and the id of its entry (0-0: none yet); for one
+-- without an Idempotency-Key (ARGV[8] = 0), the id of the entry its request stored last
+-- (0-0: none yet); 0 for anything else; then 4 values per event: kind, data, event type
+-- ('' = none), retry ('' = none).
 --
 -- The records live in hashes, not a key each, so that they live as long as their
 -- topic: each append sets the topic's TTL on them too (one call, however many
@@ -37,9 +37,9 @@
 -- closed topic), -1 refused: the topic is closed (the second value is its end's event id),
 -- -2 refused: the log is not the one it must find (the second value: its epoch, or ''),
 -- -5 refused: the log it must find was deleted (DELETE: the second value is ''),
--- -3 refused: a resent line is not the one stored under its number, or a blank line
--- where one was stored, or a line below a later one stored by another stream under its
--- key (the second value: that number), -4 refused: the line the request stored last is no longer recorded, or
+-- -3 refused: a resent line is not the one stored under its number, or the stream is
+-- out of step with the lines recorded under its key (`out_of_step`; the second value:
+-- that number), -4 refused: the line the request stored last is no longer recorded, or
 -- (its records past the window, or no Idempotency-Key) its entry is no longer in the log
 -- (lost with the newest writes: a failover; the second value is '', or 'unrecorded' for an
 -- ingest whose records were past the window: none of its lines kept is replayed),
@@ -267,40 +267,37 @@ local function same_event(id, kind, data, event, retry)
   return fields.k == kind and fields.d == data and (fields.e or '') == event
     and (fields.r or '') == retry
 end
--- Two streams under one key (sent one after the other, or open at once: a retry while
--- the first connection is still alive on a broker) store each line once, by whichever
--- brings it first. Lines are numbered blank ones included, and a blank line is not
--- sent, so where they differ by a blank line they mixed, in silence (both answered
--- 201): one stream's line stored where the other has a blank line, the other went on
--- after it (a line it never sent in its log); or a line stored after a later line of
--- the other stream, which had a blank line there (out of order). So a stream is refused
--- at its first line that is out of step with the lines recorded: a line recorded under
--- a number it skipped after a line it stored (or replayed), or a new line of its own
--- below the highest recorded. Looked at only when lines past the last it stored are
--- recorded (another stream went ahead of it): a lone stream pays one comparison an
--- append. (Numbers before the first line of an append that names no line stored before
--- it, `after` 0, are not looked at: the store's contract does not say it is a request's
--- first; the stream's lines are in the log all the same, in order.)
-local function out_of_step(previous, line, epoch)
-  for n = (previous or line) + 1, math.min(line - 1, ingest_high) do
+-- Two streams under one key (one after the other, or open at once: a retry while the
+-- first connection still lives on a broker) store each line once, by whichever brings
+-- it first. Lines are numbered blank ones included, and a blank line is not sent: where
+-- two differed by one they mixed, in silence (both 201), a line stored where the other
+-- has a blank line (the other going on after it), or after a later line of the other
+-- (out of order). So a stream is refused at its first line out of step with those
+-- recorded up to the ingest's highest: a line recorded where it has a blank one (before
+-- its first, `after` 0: the store's contract has a request's lines before the first it
+-- sends blank; or between two), or one of its own where none is recorded below the
+-- highest. Looked at only when lines past the last it stored are recorded (another
+-- stream went ahead of it): a lone stream pays a comparison an append.
+local function recorded_within(after, through, epoch)  -- (the first such line, or false)
+  for n = after + 1, math.min(through, ingest_high) do
     if remembered_line(n, epoch) then return n end
   end
-  if line < ingest_high and not remembered_line(line, epoch) then return line end
   return false
+end
+local function out_of_step(previous, line, seen, epoch)  -- (the line where, or false)
+  return recorded_within(previous, line - 1, epoch) or (line < ingest_high and not seen and line)
 end
 if per_event and epoch then
   ingest_state()
   local ahead = ingest_high > stored_before
-  local previous = stored_before > 0 and stored_before  -- (this stream's line before it)
+  local previous = stored_before  -- (this stream's line before it)
   for i = first_value, #ARGV, 4 do
     local place = (i - first_value) / 4
     local line = ARGV[11 + place]
-    if ahead then
-      local differs = out_of_step(previous, tonumber(line), epoch)
-      if differs then return {-3, tostring(differs)} end
-      previous = tonumber(line)
-    end
     local seen = remembered_line(line, epoch)
+    local differs = ahead and out_of_step(previous, tonumber(line), seen, epoch)
+    if differs then return {-3, tostring(differs)} end
+    previous = tonumber(line)
     if seen then
       if not same_event(seen, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]) then
         return {-3, line}

@@ -153,17 +153,24 @@ async def test_two_streams_that_differ_under_one_key_at_once_leave_the_log_one_o
 BLANK = b"\n"
 
 
+def lines_in(body: bytes) -> int:
+    """How many lines of ``body`` are not blank (those an ingest stores)."""
+    return sum(1 for sent in body.split(b"\n") if sent.strip())
+
+
 @pytest.mark.parametrize(
-    ("first_sent", "first_rest", "second", "stored"),
+    ("first_sent", "first_rest", "second", "stored", "differs"),
     [
         # The second's line 2 is blank where the first stored one: its line 3 was stored
         # after the first's line 2, a line it never sent.
-        (lines(1, 2), lines(3, 4), lines(1, 1) + BLANK + lines(3, 4), datas(4)),
+        (lines(1, 2), lines(3, 4), lines(1, 1) + BLANK + lines(3, 4), datas(4), 2),
         # The first's line 2 is blank: the second's line 2 was stored after the first's
         # line 3, out of order.
-        (lines(1, 1) + BLANK + lines(3, 3), lines(4, 4), lines(1, 4), ["t1", "t3", "t4"]),
+        (lines(1, 1) + BLANK + lines(3, 3), lines(4, 4), lines(1, 4), ["t1", "t3", "t4"], 2),
+        # The second's first line is blank: its lines 2 and 3 were replayed, answered 201.
+        (lines(1, 2), lines(3, 3), BLANK + lines(2, 3), datas(3), 1),
     ],
-    ids=["blank-in-the-second", "blank-in-the-first"],
+    ids=["blank-in-the-second", "blank-in-the-first", "blank-first-line"],
 )
 async def test_two_streams_that_differ_by_a_blank_line_are_not_mixed(
     http_broker: BrokerProcess,
@@ -173,19 +180,21 @@ async def test_two_streams_that_differ_by_a_blank_line_are_not_mixed(
     first_rest: bytes,
     second: bytes,
     stored: list[str],
+    differs: int,
 ) -> None:
     """Lines are numbered blank ones included. Two streams under one key that differed
     only where one had a blank line mixed, in silence: both answered 201, the log holding
     a line one of them never sent, or its lines out of order. Now the second is refused
-    at line 2, open at once with the first or resent after it ended."""
+    at the line where they differ, open at once with the first or resent after it ended;
+    a blank line before its first line included."""
     topic, key = new_topic(), {"Idempotency-Key": "blank-where-a-line-was"}
     first = await RawIngest.open(http_broker, topic, headers=key)
     other = await RawIngest.open(second_broker, topic, headers=key)
     try:
         await first.send(first_sent)
-        await until_stored(client, topic, stored[:2])
+        await until_stored(client, topic, stored[: lines_in(first_sent)])
         await other.send(second)
-        refused_at(await other.end(), 2)
+        refused_at(await other.end(), differs)
         await first.send(first_rest)
         ended = await first.end()
     finally:
@@ -194,5 +203,5 @@ async def test_two_streams_that_differ_by_a_blank_line_are_not_mixed(
     assert ended.status == 201, ended.body
     assert await stored_datas(client, topic) == stored
     resent = await client.post(f"/topics/{topic}/events", content=second, headers={**NDJSON, **key})
-    refused_at(resent, 2)
+    refused_at(resent, differs)
     assert await stored_datas(client, topic) == stored

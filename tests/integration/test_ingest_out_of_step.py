@@ -6,7 +6,9 @@ order of their reads: ``A2`` is stream A's next two lines read at once (one appe
 those that are not blank, naming the line it stored last, as ``api.ingest`` appends),
 ``A.`` its body's end (nothing sent to the store). The oracle: the log is one stream's
 lines, in order; the stream out of step is refused (400) at its first line that differs,
-and stops there; every other is answered with the log's first ids.
+and stops there; every other is answered with the log's first ids. The last two rows are
+blank lines before a request's first line: refused since the store is told that a
+request's lines before the first it sends are blank (``after`` 0).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ a b c d   | a _ c d | A2 B4 A2 A.       | a b c d   | B2 | a blank line where th
 a _ c d   | a b c d | A3 B4 A1 A.       | a c d     | B2 | a line where the other had a blank one
 a _ c     | a b c   | A1 B2 A2 B1 B.    | a b c     | A2 | the one behind had the blank line
 _ b c     | a b c   | A3 B3             | b c       | B1 | a line where the other's first is blank
+a b c     | _ b c   | A3 B3 A.          | a b c     | B1 | a blank first line where one is stored
+a b c d   | _ _ c d | A4 B4             | a b c d   | B1 | blank first lines, an append after all
 """
 CASES = {row[-1]: row[:-1] for row in (line.split(" | ") for line in TABLE.strip().splitlines())}
 

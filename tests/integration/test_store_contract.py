@@ -139,7 +139,8 @@ async def test_a_stream_longer_than_the_window_resent_whole_stores_each_line_onc
         stored = []
         started = time.monotonic()
         for n in range(1, 5):  # a line every 0.4 s: line 1 is older than the window ...
-            line = await store.append(topic, events(f"l{n}"), lines=IngestLines("K", [n]))
+            lines = IngestLines("K", [n], after=n - 1)  # (one request's appends)
+            line = await store.append(topic, events(f"l{n}"), lines=lines)
             stored += line.ids
             await asyncio.sleep(0.4)
         assert time.monotonic() - started > 1.5
@@ -168,7 +169,8 @@ async def test_an_ingest_key_used_again_past_the_window_stores_its_lines(
         await asyncio.sleep(1.3)  # past the window
         new = []
         for n in (1, 2, 3):  # a new ingest under the same key, a line at a time
-            result = await store.append(topic, events(f"n{n}"), lines=IngestLines("K", [n]))
+            lines = IngestLines("K", [n], after=n - 1)
+            result = await store.append(topic, events(f"n{n}"), lines=lines)
             assert not result.replayed, n
             new += result.ids
         assert not set(new) & set(old.ids)
@@ -194,7 +196,7 @@ async def test_an_ingests_lines_past_the_window_are_pruned_together(
         while await admin.zscore(times, "old") is not None:
             assert time.monotonic() < deadline, "an ingest past the window was kept"
             n += 1
-            await store.append(topic, events("c"), lines=IngestLines("new", [n]))
+            await store.append(topic, events("c"), lines=IngestLines("new", [n], after=n - 1))
             await asyncio.sleep(0.05)
         fields = {field.decode() for field in await admin.hkeys(lines)}
         assert fields and all(field.startswith("new\n") for field in fields), fields
@@ -261,15 +263,16 @@ async def test_an_ingest_whose_log_was_lost_begins_no_new_one(
     nothing stored, once that log is gone; and goes on while it is there."""
     first = await store.append(topic, events("a"), lines=IngestLines("K", [1]))
     epoch = first.ids[0].epoch
-    second = await store.append(topic, events("b"), lines=IngestLines("K", [2]), log_epoch=epoch)
+    lines = IngestLines("K", [2], after=1)
+    second = await store.append(topic, events("b"), lines=lines, log_epoch=epoch)
     assert second.ids[0].epoch == epoch
     await store._client.delete(c.log_key(topic))  # the log is lost, its meta survived
     with pytest.raises(LogLost):
-        await store.append(topic, events("c"), lines=IngestLines("K", [3]), log_epoch=epoch)
+        await store.append(topic, events("c"), lines=IngestLines("K", [3], 2), log_epoch=epoch)
     assert not (await store.state(topic)).exists
     await store.append(topic, events("another"))  # a new log, by another writer
     with pytest.raises(LogLost):
-        await store.append(topic, events("c"), lines=IngestLines("K", [3]), log_epoch=epoch)
+        await store.append(topic, events("c"), lines=IngestLines("K", [3], 2), log_epoch=epoch)
     assert [e.data_text for e in (await store.read_range(topic, (0, 0), 10)).entries] == ["another"]
 
 
@@ -666,7 +669,7 @@ async def test_a_new_ingest_under_a_key_after_the_clock_stepped_back_is_a_new_on
     await clock.set(store, 2_000_000_000 + 120)  # past the window ...
     new = await store.append(topic, events("n1"), lines=IngestLines("K", [1]))
     await clock.set(store, 2_000_000_000 - 600)  # ... and then ten minutes back
-    more = await store.append(topic, events("n2"), lines=IngestLines("K", [2]))
+    more = await store.append(topic, events("n2"), lines=IngestLines("K", [2], after=1))
     again = await store.append(topic, events("n1", "n2"), lines=IngestLines("K", [1, 2]))
     assert not new.replayed and not more.replayed
     assert not set(new.ids + more.ids) & set(old.ids)
