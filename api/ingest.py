@@ -252,6 +252,8 @@ class Ingest(LossTelling):
                                 await self._append(batch)
                     if batch:  # what this read brought, stored before the next read
                         await self._append(batch)
+                if number > self._last_line and self._key is not None:
+                    await self._append(batch, blank_through=number)  # (its end: see _append)
             finally:  # a bad line or a broken body: the lines before it are stored all the same
                 if batch:
                     await self._append(batch)
@@ -395,17 +397,24 @@ class Ingest(LossTelling):
     def _stored_so_far(self) -> str:
         return f"{self.result.count} line(s) stored, the last {self.result.last or 'none'}"
 
-    async def _append(self, batch: list[tuple[int, NewEvent]]) -> None:
+    async def _append(self, batch: list[tuple[int, NewEvent]], blank_through: int = 0) -> None:
         """Store the lines of ``batch``, emptying it first: a batch whose append failed
         (503) must not be sent again as the ingest unwinds (it was, and was stored
-        twice once the store answered)."""
+        twice once the store answered).
+
+        ``blank_through``: a keyed body ended with blank lines after the last line stored
+        (its last line's number, blanks counted; the batch empty): nothing is stored, but
+        the store refuses it (400) if another stream under its key recorded a line where
+        this one has a blank line, and else records its blank lines, so that a stream
+        bringing a line there later is refused (append.lua's ``out_of_step``). Asked once,
+        at the end of a body that ends so."""
         pending = batch.copy()
         batch.clear()
         self.check_token()
         lines = None
         if self._key is not None:
             numbers = [n for n, _ in pending]
-            lines = IngestLines(self._key, numbers, self._last_line)
+            lines = IngestLines(self._key, numbers, self._last_line, blank_through)
         self._watch.waiting(STORE)
         try:
             result = await self.broker.publish(
@@ -431,6 +440,8 @@ class Ingest(LossTelling):
             raise TopicClosed(closed.topic, closed.end_id, stored_before=stored) from None
         finally:
             self._watch.done()
+        if not pending:  # (the end's check: nothing stored)
+            return
         self.result.add(result.ids)
         if result.ids:
             self.log_epoch = result.ids[0].epoch

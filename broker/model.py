@@ -50,14 +50,24 @@ class IngestLines:
     these blank): it must still be recorded, else the append is refused (``LinesLost``);
     its entry is the append's ``after_entry``, which tells when the records cannot (past
     the window)."""
+    blank_through: int = 0
+    """The request's last line (blank lines counted), once its body ended with blank
+    lines after ``after`` (0: not so): with no ``numbers``, an append that stores
+    nothing, only checks that no other stream under the key recorded a line where this
+    one has blank lines (append.lua's ``out_of_step``)."""
 
-    def __init__(self, key: str, numbers: Sequence[int], after: int = 0) -> None:
+    def __init__(
+        self, key: str, numbers: Sequence[int], after: int = 0, blank_through: int = 0
+    ) -> None:
         _set_key(self, key)  # (by hand, frozen all the same: see broker.slots)
         _set_numbers(self, numbers)
         _set_after(self, after)
+        _set_blank_through(self, blank_through)
 
 
-_set_key, _set_numbers, _set_after = slot_setters(IngestLines, "key", "numbers", "after")
+_set_key, _set_numbers, _set_after, _set_blank_through = slot_setters(
+    IngestLines, "key", "numbers", "after", "blank_through"
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -504,7 +504,9 @@ def _unreachable_reason(error: BaseException) -> str:
 
 def _stored_last(lines: IngestLines | None, after_entry: StreamPosition | None) -> str | int:
     """What the append must find of its ingest's earlier appends (append.lua): the line
-    it stored last, if it has lines, and the entry it stored last; else 0."""
+    it stored last, if it has lines, and the entry it stored last (and its last line,
+    once its body ended with blank lines); else 0."""
     if lines is not None:
-        return f"{lines.after}:{format_stream_id(after_entry or (0, 0))}"
+        stored_last = f"{lines.after}:{format_stream_id(after_entry or (0, 0))}"
+        return f"{stored_last}:{lines.blank_through}" if lines.blank_through else stored_last
     return 0 if after_entry is None else format_stream_id(after_entry)

@@ -5,9 +5,9 @@
 --
 -- KEYS[1] log stream, KEYS[2] meta hash, KEYS[3] the idempotency records (a hash:
 -- publisher's key -> its answer), KEYS[4] when each was written (a sorted set, ms),
--- KEYS[5] streaming ingests' line records (a hash: "K\nn" -> line n's answer,
--- "K\n" -> the highest n recorded, and "K\nh" -> the highest n of the ingest under way),
--- KEYS[6] when each ingest K last wrote one (ms).
+-- KEYS[5] streaming ingests' line records (a hash: "K\nn" -> line n's answer, "K\n" ->
+-- the highest n recorded, and "K\nh" -> the highest n of the ingest under way, blank
+-- ones at an end counted), KEYS[6] when each ingest K last wrote one (ms).
 -- ARGV[1] epoch to use if the log is new ('' when it must find its log: never new),
 -- ARGV[2] MAXLEN, ARGV[3] trim slack,
 -- ARGV[4] max age in ms (0: none), ARGV[5] idempotency window in s, ARGV[6] TTL in
@@ -17,7 +17,8 @@
 -- event's line number n (line n is "K:n"); then the R names; then the epoch of the
 -- log the append must find ('' = any: a new log may be begun); then, for a streaming
 -- ingest, "n:id": the number of the last line its request stored before this append
--- (0: none yet, its lines before blank) and the id of its entry (0-0: none yet); for one
+-- (0: none yet, its lines before blank) and the id of its entry (0-0: none yet), and
+-- ":b" when its body ended with blank lines after n: its last line (no events); for one
 -- without an Idempotency-Key (ARGV[8] = 0), the id of the entry its request stored last
 -- (0-0: none yet); 0 for anything else; then 4 values per event: kind, data, event type
 -- ('' = none), retry ('' = none).
@@ -33,8 +34,9 @@
 -- window after the ingest's last line (a stream longer than the window, resent
 -- whole, stored its early lines again); then they are pruned together.
 -- Returns {status, "epoch|id,id,...|end id"} (the end id empty unless it closed):
--- status 0 stored, 1 replayed (all of it, from idempotency records, or a close of a
--- closed topic), -1 refused: the topic is closed (the second value is its end's event id),
+-- status 0 stored (or an ingest's end, ":b", checked: nothing to store), 1 replayed (all
+-- of it, from idempotency records, or a close of a closed topic), -1 refused: the
+-- topic is closed (the second value is its end's event id),
 -- -2 refused: the log is not the one it must find (the second value: its epoch, or ''),
 -- -5 refused: the log it must find was deleted (DELETE: the second value is ''),
 -- -3 refused: a resent line is not the one stored under its number, or the stream is
@@ -54,9 +56,10 @@ local names = tonumber(ARGV[9])
 local must_find = ARGV[10 + names]  -- (a streaming ingest under way: its log's epoch)
 local stored_before = 0  -- (and the last line it stored)
 local stored_entry = false  -- (and the entry it stored last)
+local blank_through = 0  -- (and, its body ended, its last line: those after n blank)
 if per_event then
-  local n, id = string.match(ARGV[11 + names], '^(%d+):(%d+%-%d+)$')
-  stored_before, stored_entry = tonumber(n), id
+  local n, id, b = string.match(ARGV[11 + names], '^(%d+):(%d+%-%d+):?(%d*)$')
+  stored_before, stored_entry, blank_through = tonumber(n), id, tonumber(b) or 0
 elseif ARGV[11 + names] ~= '0' then
   stored_entry = ARGV[11 + names]
 end
@@ -114,9 +117,9 @@ end
 -- named after it), and the old records (until pruned or overwritten) no longer answer
 -- (they answered again once a new line refreshed the ingest's time).
 -- "K\nh" holds "high|since": the highest line number this ingest (named by since)
--- recorded, apart from the top (which an older ingest under the key may have left
--- higher), so that lines stored by two streams under the key can be kept in one order
--- (see `out_of_step` below). Its own field: a head of three values read as none by an
+-- recorded (or a body of it ended at, blank), apart from the top (which an older ingest
+-- under the key may have left higher), so that lines stored by two streams under the
+-- key can be kept in one order (see `out_of_step` below). Its own field: a head of three values read as none by an
 -- older instance, mid-deploy, had an ingest under way taken for a new one.
 local ingest_top, ingest_since, ingest_live, ingest_high = false, false, false, 0
 local function ingest_state()
@@ -275,9 +278,10 @@ end
 -- (out of order). So a stream is refused at its first line out of step with those
 -- recorded up to the ingest's highest: a line recorded where it has a blank one (before
 -- its first, `after` 0: the store's contract has a request's lines before the first it
--- sends blank; or between two), or one of its own where none is recorded below the
--- highest. Looked at only when lines past the last it stored are recorded (another
--- stream went ahead of it): a lone stream pays a comparison an append.
+-- sends blank; between two; after its last, its body ended so: "n:id:b", which counts
+-- them in the highest, so that a line brought there later is refused too), or one of
+-- its own where none is recorded. Looked at only when lines past the last it stored are
+-- recorded (another stream went ahead of it): a lone stream pays a comparison an append.
 local function recorded_within(after, through, epoch)  -- (the first such line, or false)
   for n = after + 1, math.min(through, ingest_high) do
     if remembered_line(n, epoch) then return n end
@@ -285,7 +289,7 @@ local function recorded_within(after, through, epoch)  -- (the first such line, 
   return false
 end
 local function out_of_step(previous, line, seen, epoch)  -- (the line where, or false)
-  return recorded_within(previous, line - 1, epoch) or (line < ingest_high and not seen and line)
+  return recorded_within(previous, line - 1, epoch) or (line <= ingest_high and not seen and line)
 end
 if per_event and epoch then
   ingest_state()
@@ -305,6 +309,14 @@ if per_event and epoch then
       replays[place] = seen
     end
   end
+  local differs = ahead and recorded_within(stored_before, blank_through, epoch)
+  if differs then return {-3, tostring(differs)} end
+  if ingest_live and blank_through > ingest_high then
+    redis.call('HSET', lines, ingest .. '\nh', blank_through .. '|' .. ingest_since)
+  end
+end
+if blank_through > 0 and first_value > #ARGV and not closing then  -- (nothing to store)
+  return {0, (epoch or '') .. '||'}
 end
 if (not per_event) and names == 1 then
   local seen = remembered(ARGV[10], epoch)

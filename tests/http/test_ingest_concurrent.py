@@ -169,8 +169,10 @@ def lines_in(body: bytes) -> int:
         (lines(1, 1) + BLANK + lines(3, 3), lines(4, 4), lines(1, 4), ["t1", "t3", "t4"], 2),
         # The second's first line is blank: its lines 2 and 3 were replayed, answered 201.
         (lines(1, 2), lines(3, 3), BLANK + lines(2, 3), datas(3), 1),
+        # The second's last line is blank: it ended answered 201 with the first two ids.
+        (lines(1, 3), lines(4, 4), lines(1, 2) + BLANK, datas(4), 3),
     ],
-    ids=["blank-in-the-second", "blank-in-the-first", "blank-first-line"],
+    ids=["blank-in-the-second", "blank-in-the-first", "blank-first-line", "blank-last-line"],
 )
 async def test_two_streams_that_differ_by_a_blank_line_are_not_mixed(
     http_broker: BrokerProcess,
@@ -186,7 +188,7 @@ async def test_two_streams_that_differ_by_a_blank_line_are_not_mixed(
     only where one had a blank line mixed, in silence: both answered 201, the log holding
     a line one of them never sent, or its lines out of order. Now the second is refused
     at the line where they differ, open at once with the first or resent after it ended;
-    a blank line before its first line included."""
+    a blank line before its first line or after its last one included."""
     topic, key = new_topic(), {"Idempotency-Key": "blank-where-a-line-was"}
     first = await RawIngest.open(http_broker, topic, headers=key)
     other = await RawIngest.open(second_broker, topic, headers=key)

@@ -4,11 +4,13 @@ append.lua's ``out_of_step`` case by case, on every store (embedded and a real R
 Each case is two streams as sent (``_`` a blank line: numbered, never sent), and the
 order of their reads: ``A2`` is stream A's next two lines read at once (one append of
 those that are not blank, naming the line it stored last, as ``api.ingest`` appends),
-``A.`` its body's end (nothing sent to the store). The oracle: the log is one stream's
-lines, in order; the stream out of step is refused (400) at its first line that differs,
-and stops there; every other is answered with the log's first ids. The last two rows are
-blank lines before a request's first line: refused since the store is told that a
-request's lines before the first it sends are blank (``after`` 0).
+``A.`` its body's end (where it ended with blank lines after the last it stored, the
+append that only checks them). The oracle: the log is one stream's lines, in order; the
+stream out of step is refused (400) at its first line that differs, and stops there;
+every other is answered with the log's first ids. The last six rows are blank lines
+before a request's first line, or after its last: refused since the store is told that a
+request's lines before the first it sends are blank (``after`` 0), and where its body
+ended (``IngestLines.blank_through``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class Stream:
 
     async def end(self, store: RedisStreamStore, topic: str) -> None:
         assert self.read == len(self.lines), "a body ends once all of it was read"
+        if self.read > self.last_line:  # (its last lines blank)
+            lines = IngestLines(KEY, [], self.last_line, blank_through=self.read)
+            await self._append(store, topic, [], lines)
 
     async def _append(
         self, store: RedisStreamStore, topic: str, events: list[NewEvent], lines: IngestLines
@@ -81,6 +86,10 @@ a _ c     | a b c   | A1 B2 A2 B1 B.    | a b c     | A2 | the one behind had th
 _ b c     | a b c   | A3 B3             | b c       | B1 | a line where the other's first is blank
 a b c     | _ b c   | A3 B3 A.          | a b c     | B1 | a blank first line where one is stored
 a b c d   | _ _ c d | A4 B4             | a b c d   | B1 | blank first lines, an append after all
+a b c     | a b _   | A3 B3 B. A.       | a b c     | B3 | a blank last line where one is stored
+a b c d e | a b _ _ | A2 B4 A3 B. A.    | a b c d e | B3 | blank last lines, the other going on
+a b _     | a b c   | A3 A. B3 B.       | a b       | B3 | a line where the other ended blank
+a b       | _ _     | A2 B2 B.          | a b       | B1 | only blank lines, where lines are stored
 """
 CASES = {row[-1]: row[:-1] for row in (line.split(" | ") for line in TABLE.strip().splitlines())}
 

@@ -619,7 +619,7 @@ _HAND_WRITTEN = [
     (EventId, [("ab2cd3ef", (5, 1))]),
     (NewEvent, [("d",), ("d", c.KIND_TEXT), ("d", c.KIND_JSON, "e", 3)]),
     (AppendResult, [([EventId("a", (1, 0))], False), ([], True, EventId("a", (2, 0)))]),
-    (IngestLines, [("k", [1, 2]), ("k", (3,), 2)]),
+    (IngestLines, [("k", [1, 2]), ("k", (3,), 2), ("k", (), 3, 5)]),
 ]
 
 
