@@ -55,7 +55,10 @@ class Store(Protocol):
         Idempotency-Key, and for one whose records are past the window); and
         RecordsLapsed, nothing stored nor recorded, if its records are past the window
         while that entry is still held (not for a close: it has no line). A resent line
-        recorded already that is not the event stored for it: InvalidInput, nothing stored.
+        recorded already that is not the event stored for it, or lines out of step with
+        those another stream stored under the key (blank lines counted: ``lines.after`` 0
+        says the request's lines before these are blank, ``lines.blank_through`` that its
+        body ended with blank lines): InvalidInput, nothing stored.
         Raises TopicClosed if the topic is closed (a repeated close answers its end)."""
         ...
 
