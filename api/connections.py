@@ -431,18 +431,20 @@ class BrokerHttpProtocol(StreamOpening, asyncio.Protocol):
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         self._transport.write(answer)
         if close or self._closing or not request.keep_alive:
-            self._close_after_ingest(self._ingest)
+            self._close_after_ingest(self._ingest, self._closing and request.keep_alive)
         elif not self._ingest.body_ended:  # (ReceivedBody may have paused it)
             self._guard.deadlines.set(self, self._guard.limits.body_timeout)
             self._transport.resume_reading()
 
-    def _close_after_ingest(self, exchange: IngestExchange) -> None:
+    def _close_after_ingest(self, exchange: IngestExchange, sent_ahead: bool = False) -> None:
         """Close after an ingest's answer: lingering while its body is still coming (a
-        409 or 503 that ends it, a 400 for its framing), for its producer to read the
-        answer rather than a reset (``api.lingering``)."""
+        409 or 503 that ends it, a 400 for its framing), or while requests its client
+        sent ahead may still come (``sent_ahead``: a drain closes a kept-alive
+        connection), for its producer to read the answer rather than a reset
+        (``api.lingering``)."""
         assert self._transport is not None
         self._guard.deadlines.clear(self)
-        if exchange.body_ended:
+        if exchange.body_ended and not sent_ahead:
             self._transport.close()
             return
         self._server_state.connections.discard(self)
@@ -454,8 +456,7 @@ class BrokerHttpProtocol(StreamOpening, asyncio.Protocol):
         self._guard.deadlines.clear(self)
         if self._lost or self._transport is None or self._transport.is_closing():
             return
-        if self._closing:
-            self._transport.close()
+        if self._closing:  # (answered during the drain: its answer closed it, lingering)
             return
         self._received[:0] = rest
         self._await_next_request()

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+import redis.asyncio as redis
 
 from api.lingering import LINGER_MAX_BYTES
 from tests.http.helpers import metric_value, new_topic, request_bytes
 from tests.http.test_ingest import chunk, line
+from tests.http.test_ingest_faults import an_append_waits_in_redis
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until, wait_until
 from tests.support.redis_server import RedisServer
@@ -374,3 +376,44 @@ def drain_begun(broker: BrokerProcess) -> None:
     assert broker.process is not None
     broker.process.send_signal(signal.SIGTERM)
     wait_until(lambda: "Shutting down" in broker.log(), timeout=5, what="the drain to begin")
+
+
+async def test_a_drain_answers_an_ingest_sent_ahead_of_others_and_closes_lingering(
+    private_redis: RedisServer, redis_admin: redis.Redis
+) -> None:
+    """An ingest's body has ended, its last lines' append in flight (Redis's writes
+    paused), and its client has sent a publish ahead (pipelined) when a drain begins.
+    The ingest is answered 201 with ``Connection: close``, and the connection closes
+    lingering: the client still sending reads the 201 then an end. It was closed at
+    once, the publish's bytes unread: the client got a reset (its writes refused), and
+    a system or a middlebox that drops what was not read yet lost the 201."""
+    broker = BrokerProcess(redis_url=private_redis.url).start()
+    try:
+        topic = new_topic()
+        url = f"{broker.url}/topics/{topic}/events"
+        sock = socket.create_connection(("127.0.0.1", broker.port), timeout=ANSWER_WAIT_S)
+        try:
+            async with httpx.AsyncClient(base_url=broker.url, timeout=ANSWER_WAIT_S) as client:
+                sock.sendall(ingest_head(broker, topic, "lean") + chunk(line(1)))
+                await await_until(lambda: stored(client, topic, 1), timeout=5, what="1 stored")
+            await redis_admin.execute_command("CLIENT", "PAUSE", 10000, "WRITE")
+            try:
+                ahead = {**PUBLISH, "Content-Length": "100000"}
+                sock.sendall(chunk(line(2)) + b"0\r\n\r\n" + request_bytes("POST", url, ahead))
+                await await_until(
+                    lambda: an_append_waits_in_redis(redis_admin), timeout=5, what="append held"
+                )
+                await asyncio.to_thread(drain_begun, broker)
+            finally:
+                await redis_admin.execute_command("CLIENT", "UNPAUSE")
+            outcome = await asyncio.to_thread(write_on_then_read, sock, b"", 8)
+        finally:
+            sock.close()
+        assert broker.process is not None
+        assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
+    finally:
+        broker.close()
+    assert outcome.ending == "end", outcome
+    answer = outcome.received.split(b"HTTP/1.1 ")[-1]
+    assert answer.startswith(b"201 "), outcome.received
+    assert b"connection: close\r\n" in answer, outcome.received
