@@ -487,7 +487,10 @@ class BrokerHttpProtocol(StreamOpening, asyncio.Protocol):
         received = bytes(self._received)
         self._received.clear()
         protocol.data_received(received)
-        if self._closing:  # shutting down: this request is the connection's last
+        # Shutting down: this request is the connection's last. (Unless uvicorn's protocol
+        # answered already and gave the connection up, closing lingering: a 400 for bytes
+        # that are no request. Told of the shutdown, it closed it at once under that.)
+        if self._closing and self._transport.get_protocol() is protocol:
             protocol.shutdown()
 
     def _taken_back(self, transport: asyncio.Transport) -> None:

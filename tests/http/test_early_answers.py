@@ -417,3 +417,33 @@ async def test_a_drain_answers_an_ingest_sent_ahead_of_others_and_closes_lingeri
     answer = outcome.received.split(b"HTTP/1.1 ")[-1]
     assert answer.startswith(b"201 "), outcome.received
     assert b"connection: close\r\n" in answer, outcome.received
+
+
+async def test_bytes_that_are_no_request_after_a_drain_began_end_cleanly(
+    redis_server: RedisServer,
+) -> None:
+    """A connection accepted, its request not sent yet, when a drain begins: its head is
+    awaited (a second). Bytes that are no request come, and the client goes on sending;
+    uvicorn's protocol, handed them, answers 400 and closes lingering: the client reads
+    the 400 then an end. It got a reset: the drain's shutdown of that protocol closed
+    the connection at once under the lingering close."""
+    broker = BrokerProcess(redis_url=redis_server.url).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", broker.port), timeout=ANSWER_WAIT_S)
+        try:
+            # (accepted in turn: once a later connection was answered, this one was taken)
+            async with httpx.AsyncClient(base_url=broker.url, timeout=ANSWER_WAIT_S) as client:
+                assert (await client.get("/healthz")).status_code == 200
+            await asyncio.to_thread(drain_begun, broker)
+            no_request = b"\x01 no request\r\n"
+            outcome = await asyncio.to_thread(
+                write_on_then_read, sock, no_request, WRITES_AFTER_ANSWER
+            )
+        finally:
+            sock.close()
+        assert broker.process is not None
+        assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
+    finally:
+        broker.close()
+    assert outcome.ending == "end", outcome
+    assert outcome.received.startswith(b"HTTP/1.1 400 "), outcome.received
