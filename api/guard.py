@@ -231,6 +231,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deferred_400: str | None = None  # (see send_400_response)
         self._running: RequestResponseCycle | None = None  # the request being answered
         self._lingering = False  # answered and closing, the client still sending
+        self._draining = False  # uvicorn shuts down: the answer under way is the last
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -297,11 +298,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle.transport = cast(asyncio.Transport, transport)
 
     def _close_after(self, cycle: RequestResponseCycle) -> None:
-        """Close lingering (``api.lingering``) after a whole answer while the client is
-        still sending (this request's body, or a request after it); else close."""
+        """Close lingering (``api.lingering``) after a whole answer while the client may
+        still be sending (this request's body, or a request after it: begun, or sent
+        ahead of a drain's last answer); else close."""
         if self._lingering:  # (handed over already: a second close would cut it short)
             return
-        if not (cycle.response_complete and self._in_message) or self.transport.is_closing():
+        sending = self._in_message or self._draining
+        if not (cycle.response_complete and sending) or self.transport.is_closing():
             self.transport.close()  # (an answer broken off is no answer to linger after)
             return
         self._lingering = True
@@ -318,6 +321,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.response_complete and self._in_message:
             self._close_after(cycle)
             return
+        if cycle is not None and not cycle.response_complete:
+            # Its answer is the connection's last (uvicorn's shutdown unsets its keep-alive),
+            # and a client that sent requests ahead may still be sending them: closed at
+            # once after it (a request with no body closed so), it got a reset.
+            self._draining = True
+            if not isinstance(cycle.transport, ClosingDeferred):
+                self._close_lingering_after(cycle)
         super().shutdown()
 
     def on_body(self, body: bytes) -> None:

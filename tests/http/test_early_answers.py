@@ -17,11 +17,13 @@ broker's bounds (``LINGER_MAX_BYTES``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import select
 import signal
 import socket
 import time
 from dataclasses import dataclass
+from importlib import resources
 
 import httpx
 import pytest
@@ -34,6 +36,7 @@ from tests.http.test_ingest_faults import an_append_waits_in_redis
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until, wait_until
 from tests.support.redis_server import RedisServer
+from tests.support.slow_redis_proxy import SlowRedisProxy
 
 ANSWER_WAIT_S = 10
 WRITES_AFTER_ANSWER = 48
@@ -447,3 +450,45 @@ async def test_bytes_that_are_no_request_after_a_drain_began_end_cleanly(
         broker.close()
     assert outcome.ending == "end", outcome
     assert outcome.received.startswith(b"HTTP/1.1 400 "), outcome.received
+
+
+async def test_a_drain_answers_a_read_sent_ahead_of_others_and_closes_lingering(
+    private_redis: RedisServer,
+) -> None:
+    """A request with no body on the app's route (a page of a topic's history) waits on
+    the store when a drain begins; its client has begun the next request (pipelined)
+    and is still sending it. The read is answered with ``Connection: close``, and the
+    connection closes lingering: the client writing on reads the answer then an end.
+    It was closed at once (only a request declaring a body closed lingering): the
+    client got a reset."""
+    range_sha = hashlib.sha1(
+        resources.files("broker").joinpath("lua", "range.lua").read_text().encode()
+    ).hexdigest()
+    with SlowRedisProxy(private_redis.port) as proxy:
+        broker = BrokerProcess(redis_url=proxy.url).start()
+        try:
+            topic = new_topic()
+            url = f"{broker.url}/topics/{topic}/events"
+            async with httpx.AsyncClient(base_url=broker.url, timeout=ANSWER_WAIT_S) as client:
+                published = await client.post(url, json={"data": "first"})
+                assert published.status_code == 201, published.text
+            sock = socket.create_connection(("127.0.0.1", broker.port), timeout=ANSWER_WAIT_S)
+            try:
+                proxy.slow_down(range_sha.encode(), ANSWER_WAIT_S)
+                try:
+                    read = request_bytes("GET", url, {"Accept": "application/json"})
+                    sock.sendall(read + request_bytes("POST", url, PUBLISH)[:-2])
+                    await await_until(lambda: proxy.held > 0, timeout=5, what="a read held")
+                    await asyncio.to_thread(drain_begun, broker)
+                finally:
+                    proxy.let_through()
+                outcome = await asyncio.to_thread(write_on_then_read, sock, b"", 8)
+            finally:
+                sock.close()
+            assert broker.process is not None
+            assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
+        finally:
+            broker.close()
+    assert outcome.ending == "end", outcome
+    assert outcome.received.startswith(b"HTTP/1.1 200 "), outcome.received
+    assert b"connection: close\r\n" in outcome.received, outcome.received
