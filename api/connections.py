@@ -8,15 +8,16 @@ thousands of those.
 
 So ``BrokerHttpProtocol`` (given to uvicorn as its ``http`` protocol) reads
 each connection's first request itself. A plain publish is served on the
-connection (``api.lean_publish``), and so is a plain streaming ingest
-(``api.lean_ingest``), and the request after either is decided the same
-way. A plain stream request (a valid GET of ``/topics/{t}/events`` or
-``/events``, HTTP/1.1, no body) is subscribed (``api.stream_opening``), then
-the socket becomes a ``StreamConnection`` (``api.lean_stream``): the socket, the
-subscription and a few fields, and no task while idle, since the live reader
-writes shared frames straight to the socket. Anything else, every invalid stream
-request included (errors are answered in one place), is handed, bytes and all, to
-uvicorn's own protocol, the way uvicorn hands a connection to its WebSocket protocol.
+connection (``api.lean_publish``; the connection's side in ``api.publish_serving``),
+and so is a plain streaming ingest (``api.lean_ingest``; ``api.ingest_serving``),
+and the request after either is decided the same way. A plain stream request (a
+valid GET of ``/topics/{t}/events`` or ``/events``, HTTP/1.1, no body) is subscribed
+(``api.stream_opening``), then the socket becomes a ``StreamConnection``
+(``api.lean_stream``): the socket, the subscription and a few fields, and no task
+while idle, since the live reader writes shared frames straight to the socket.
+Anything else, every invalid stream request included (errors are answered in one
+place), is handed, bytes and all, to uvicorn's own protocol, the way uvicorn hands
+a connection to its WebSocket protocol.
 
 Every connection is also held to the limits of ``api.guard``: its first head
 must arrive in time and fit in ``BROKER_MAX_HEAD_BYTES`` (else 431), and a
@@ -48,12 +49,13 @@ from api.guard import (
 )
 from api.heads import HEAD_END, RequestHead
 from api.hosts import host_of
+from api.ingest_serving import IngestServing
 from api.lean_ingest import IngestExchange, IngestHead, ingest_head_of
 from api.lean_publish import PublishExchange, PublishHead, publish_head_of
 from api.lean_stream import cap_send_buffer, stream_request_of
-from api.lingering import close_lingering
-from api.metrics import RouteClass, count_response
-from api.proxy_headers import forwarded_scheme, log_access, trusts_proxy
+from api.metrics import RouteClass
+from api.proxy_headers import forwarded_scheme, trusts_proxy
+from api.publish_serving import PublishServing
 from api.raw_answers import answer_and_close
 from api.stream_opening import StreamOpening
 from broker import StartFrom
@@ -70,7 +72,7 @@ what it sent ahead is back within this. And while its answers wait unread past t
 transport's high-water mark, its next request waits."""
 
 
-class BrokerHttpProtocol(StreamOpening, asyncio.Protocol):
+class BrokerHttpProtocol(PublishServing, IngestServing, StreamOpening, asyncio.Protocol):
     """A connection: each request's head decides who serves it.
 
     States: reading a head (``_publish`` and ``_ingest`` None); reading a publish's
@@ -80,6 +82,10 @@ class BrokerHttpProtocol(StreamOpening, asyncio.Protocol):
     the next head decides again; so it does after a request handed to uvicorn, once
     uvicorn's protocol answered it and the connection idles; a stream gives the socket
     away for good.
+
+    Here: reading a head and deciding who serves it, the next request, the shutdown,
+    and answering or handing over to uvicorn. Serving a publish, an ingest, and opening
+    a stream are its mixins' (``PublishServing``, ``IngestServing``, ``StreamOpening``).
     """
 
     def __init__(
@@ -283,60 +289,7 @@ class BrokerHttpProtocol(StreamOpening, asyncio.Protocol):
         elif self._transport is not None:
             self._transport.close()
 
-    # -- publishing ------------------------------------------------------------
-
-    def _read_body(self) -> bool:
-        """Publish once the body is whole; whether it is."""
-        assert self._publish is not None and self._transport is not None
-        body_end = self._body_start + self._publish.body_size
-        if len(self._received) < body_end:
-            return False
-        self._guard.deadlines.clear(self)
-        # The socket is still read meanwhile (what comes waits in _received): pausing and
-        # resuming it around every publish cost two epoll changes (measured, io_uring
-        # calls per publish), for the rare client that pipelines.
-        body = bytes(self._received[self._body_start : body_end])
-        self._publishing = PublishExchange(self, self._publish, self._server_state)
-        self._publishing.start(body, self._guard.deadlines)
-        return True
-
-    def publish_failed(self, request: PublishHead, response: Response) -> None:
-        """``PublishConnection``: the append failed; answer and close."""
-        self._publishing = None
-        if not self._lost:
-            self._server_state.total_requests += 1
-            assert self._transport is not None
-            log_access(self._transport, self._config, request.scope, response.status_code)
-        self._answer(response, "publish")
-
-    def publish_not_validated(self) -> None:
-        """``PublishConnection``: nothing was stored; the app answers the request."""
-        self._publishing = None
-        self._hand_to_uvicorn()
-
-    def publish_answered(self, request: PublishHead, answer: bytes) -> None:
-        """``PublishConnection``: write the answer; then read the next request, or close."""
-        self._publishing = None
-        self._publish = None
-        if self._lost:
-            return
-        assert self._transport is not None
-        self._server_state.total_requests += 1
-        status = int(answer[9:12])
-        count_response("publish", status)
-        log_access(self._transport, self._config, request.scope, status)
-        if self._closing and request.keep_alive:
-            answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
-        self._transport.write(answer)
-        if self._closing and request.keep_alive:  # (requests sent ahead may still come)
-            self._server_state.connections.discard(self)
-            close_lingering(self._transport, self._server_state, self._guard.deadlines)
-            return
-        if not request.keep_alive:
-            self._transport.close()
-            return
-        del self._received[: self._body_start + request.body_size]
-        self._await_next_request()
+    # -- the next request ------------------------------------------------------
 
     def _await_next_request(self) -> None:
         """A request was answered and its body read whole: the next head decides again
@@ -389,77 +342,7 @@ class BrokerHttpProtocol(StreamOpening, asyncio.Protocol):
             self._next_deferred = False
             self._await_next_request()
 
-    # -- streaming ingest ------------------------------------------------------
-
-    def _ingest_data(self, exchange: IngestExchange, data: bytes) -> None:
-        if not exchange.ingesting or exchange.body_ended:
-            self._received += data  # (read before the pause took effect)
-            return
-        if exchange.answered:  # the rest of a body answered early: dropped, in time
-            self._guard.deadlines.set(self, self._guard.limits.body_timeout)
-        if exchange.received(data) and self._ingest is exchange and not self._lost:
-            assert self._transport is not None
-            self._transport.pause_reading()  # pipelined requests wait for its answer
-
-    def ingest_started(self, body_start: int) -> None:
-        """``IngestConnection``: validated; what came after the head is the body's."""
-        assert self._ingest is not None and self._transport is not None
-        held = bytes(self._received[body_start:])
-        self._received.clear()
-        if self._lost:
-            self._ingest.lost()
-            return
-        self._transport.resume_reading()
-        self._ingest_data(self._ingest, held)  # (even empty: a body may be over already)
-
-    def ingest_not_validated(self) -> None:
-        """``IngestConnection``: nothing was stored; the app answers the request."""
-        self._ingest = None
-        self._hand_to_uvicorn()
-
-    def ingest_answered(self, request: IngestHead, answer: bytes, close: bool) -> None:
-        """``IngestConnection``: write the answer; close, or read the body on to its end."""
-        if self._lost:
-            return
-        assert self._transport is not None and self._ingest is not None
-        if answer:
-            self._server_state.total_requests += 1
-            status = int(answer[9:12])
-            count_response("ingest", status)
-            log_access(self._transport, self._config, request.scope, status)
-        if self._closing and request.keep_alive and not close:
-            answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
-        self._transport.write(answer)
-        if close or self._closing or not request.keep_alive:
-            self._close_after_ingest(self._ingest, self._closing and request.keep_alive)
-        elif not self._ingest.body_ended:  # (ReceivedBody may have paused it)
-            self._guard.deadlines.set(self, self._guard.limits.body_timeout)
-            self._transport.resume_reading()
-
-    def _close_after_ingest(self, exchange: IngestExchange, sent_ahead: bool = False) -> None:
-        """Close after an ingest's answer: lingering while its body is still coming (a
-        409 or 503 that ends it, a 400 for its framing), or while requests its client
-        sent ahead may still come (``sent_ahead``: a drain closes a kept-alive
-        connection), for its producer to read the answer rather than a reset
-        (``api.lingering``)."""
-        assert self._transport is not None
-        self._guard.deadlines.clear(self)
-        if exchange.body_ended and not sent_ahead:
-            self._transport.close()
-            return
-        self._server_state.connections.discard(self)
-        close_lingering(self._transport, self._server_state, self._guard.deadlines)
-
-    def ingest_over(self, request: IngestHead, rest: bytes) -> None:
-        """``IngestConnection``: answered and its body read: on to the next request."""
-        self._ingest = None
-        self._guard.deadlines.clear(self)
-        if self._lost or self._transport is None or self._transport.is_closing():
-            return
-        if self._closing:  # (answered during the drain: its answer closed it, lingering)
-            return
-        self._received[:0] = rest
-        self._await_next_request()
+    # -- answering, or handing over --------------------------------------------
 
     def _answer(self, response: Response, route: RouteClass) -> None:
         """A whole response (the app's own object), then the connection closes."""
