@@ -1,8 +1,8 @@
 """Two streaming ingests under one Idempotency-Key, their appends interleaved, at the store:
 append.lua's ``out_of_step`` case by case, on every store (embedded and a real Redis).
 
-Each case is two streams as sent (``_`` a blank line: numbered, never sent), and the
-order of their reads: ``A2`` is stream A's next two lines read at once (one append of
+Each case is two streams as sent (``_`` a blank line: numbered, never sent; ``_*N`` N of
+them), and the order of their reads: ``A2`` is stream A's next two lines read at once (one append of
 those that are not blank, naming the line it stored last, as ``api.ingest`` appends),
 ``A.`` its body's end (where it ended with blank lines after the last it stored, the
 append that only checks them). The oracle: the log is one stream's lines, in order; the
@@ -10,7 +10,9 @@ stream out of step is refused (400) at its first line that differs, and stops th
 every other is answered with the log's first ids. The last six rows are blank lines
 before a request's first line, or after its last: refused since the store is told that a
 request's lines before the first it sends are blank (``after`` 0), and where its body
-ended (``IngestLines.blank_through``).
+ended (``IngestLines.blank_through``). The last nine are cases above with 100,000 blank
+lines where they had one or two: the refusal names the same line (the first of the
+other's that the stream skipped), found without a look at each number.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+import redis.asyncio as redis
 
 from broker.errors import InvalidInput
 from broker.ids import EventId
 from broker.model import IngestLines, NewEvent
+from broker.redis_open import open_store
 from broker.redis_store import RedisStreamStore
+from tests.support.redis_server import RedisServer
 
 KEY = "K"
 
@@ -40,7 +45,15 @@ class Stream:
 
     @classmethod
     def sent(cls, text: str) -> Stream:
-        return cls([None if word == "_" else word for word in text.split()])
+        lines: list[str | None] = []
+        for word in text.split():
+            if word == "_":
+                lines.append(None)
+            elif word.startswith("_*"):
+                lines += [None] * int(word.removeprefix("_*"))
+            else:
+                lines.append(word)
+        return cls(lines)
 
     async def read_lines(self, store: RedisStreamStore, topic: str, count: int) -> None:
         numbers = range(self.read + 1, self.read + count + 1)
@@ -90,6 +103,15 @@ a b c     | a b _   | A3 B3 B. A.       | a b c     | B3 | a blank last line whe
 a b c d e | a b _ _ | A2 B4 A3 B. A.    | a b c d e | B3 | blank last lines, the other going on
 a b _     | a b c   | A3 A. B3 B.       | a b       | B3 | a line where the other ended blank
 a b       | _ _     | A2 B2 B.          | a b       | B1 | only blank lines, where lines are stored
+a _*100000 c d | a _*100000 c d | A50000 B100003 A50003 A. B. | a c d | - | long: the same stream
+a _*100000 c d | a _*100001 d   | A100003 B100003    | a c d | B100002 | long: a stored line skipped
+a _*100001 d   | a _*100000 c   | A1 B100002 A100002 | a c   | A100002 | long: one a resend stored
+a b _*100000 d | a _*100001 d   | A100003 B100003    | a b d | B2      | long: the next line skipped
+a _*100000 d   | a _*99999 c d  | A100002 B100002    | a d   | B100001 | long: a line in a blank run
+_*100000 b c   | _*100001 c     | A100002 B100002    | b c   | B100001 | long: blank first lines
+a _*100000 c   | a _*100001     | A100002 B100002 B. | a c   | B100002 | long: blank last lines
+a _*100000     | a _*99999 c    | A100001 A. B100001 | a     | B100001 | long: a line where it ended
+a _*100000     | a _*100000 c   | A100001 A. B100002 B. | a c | -     | long: a line past its end
 """
 CASES = {row[-1]: row[:-1] for row in (line.split(" | ") for line in TABLE.strip().splitlines())}
 
@@ -121,3 +143,37 @@ async def test_two_streams_under_one_key_leave_one_of_them_in_order(
     for name, stream in streams.items():
         if stream.refused_at is None:  # (answered: the log's first ids)
             assert stream.ids == [e.id for e in entries][: len(stream.ids)], name
+
+
+RUN = 1_000_000  # blank lines: one Redis call a number held Redis (every topic on it) 2.5 s
+
+
+async def commands_run(admin: redis.Redis) -> int:
+    """The commands Redis ran so far, those that scripts called included (but INFO's)."""
+    stats = await admin.info("commandstats")
+    return sum(int(s["calls"]) for name, s in stats.items() if name != "cmdstat_info")
+
+
+@pytest.mark.parametrize(
+    "behind", [f"a _*{RUN + 1} d", f"a _*{RUN + 1}"], ids=["its line past them", "its end there"]
+)
+async def test_a_stream_behind_a_long_blank_run_is_checked_in_a_few_redis_calls(
+    private_redis: RedisServer, topic: str, behind: str
+) -> None:
+    """A million blank lines under a key, then a line, and another stream behind them
+    without that line: it is refused there, in as many Redis calls as any append, not
+    one for each number it passed over."""
+    store, admin = open_store(private_redis.url), redis.Redis.from_url(private_redis.url)
+    ahead, late = Stream.sent(f"a _*{RUN} c"), Stream.sent(behind)
+    try:
+        await ahead.read_lines(store, topic, RUN + 2)
+        await late.read_lines(store, topic, 1)
+        before = await commands_run(admin)
+        await late.read_lines(store, topic, len(late.lines) - 1)
+        if late.refused_at is None:
+            await late.end(store, topic)
+        assert await commands_run(admin) - before <= 20  # (an append alone: some 10)
+        assert late.refused_at == RUN + 2
+    finally:
+        await store.close()
+        await admin.aclose()

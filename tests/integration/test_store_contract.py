@@ -185,13 +185,14 @@ async def test_an_ingests_lines_past_the_window_are_pruned_together(
     topic: str, redis_server: RedisServer
 ) -> None:
     """The lines of an ingest whose last line is past the window leave the topic's line
-    records as other ingests write theirs; the records expire a window after the last."""
+    records as other ingests write theirs (each line, and the line after it past blank
+    ones); the records expire a window after the last."""
     store = open_store(redis_server.url, idempotency_seconds=1)
     admin = store._client
     lines, times = c.line_records_key(topic), c.line_times_key(topic)
     try:
-        await store.append(topic, events("a", "b"), lines=IngestLines("old", [1, 2]))
-        assert await admin.hlen(lines) == 4  # two lines, the top, and this ingest's highest
+        await store.append(topic, events("b", "d"), lines=IngestLines("old", [2, 4]))
+        assert await admin.hlen(lines) == 6  # two lines, the lines after 0 and 2, top, highest
         deadline, n = time.monotonic() + 15, 0  # (pruning runs at one append in eight)
         while await admin.zscore(times, "old") is not None:
             assert time.monotonic() < deadline, "an ingest past the window was kept"
