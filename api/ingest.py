@@ -26,7 +26,9 @@ event object, stored and delivered as it arrives, not when the body ends.
   order; the same stream twice is answered twice with the same ids, and a stream
   out of step with the lines recorded (they differ, if only by a blank line) is
   refused 400 at its first line that differs (``out_of_step`` in
-  ``broker/lua/append.lua``; the README's streaming ingest).
+  ``broker/lua/append.lua``; the README's streaming ingest), the answer saying what
+  the request stored before it (its lines before it in the same append were refused
+  with it: the line's number did not tell).
 - Memory is bounded whatever the body's length: one line at most
   ``max_event_bytes`` plus its envelope, and what one read of the body brings
   (the edge stops reading the socket while the ingest is not reading the body).
@@ -438,6 +440,11 @@ class Ingest(LossTelling):
         except TopicClosed as closed:  # (by another producer, mid-ingest: say what was kept)
             stored = self.result.count
             raise TopicClosed(closed.topic, closed.end_id, stored_before=stored) from None
+        except InvalidInput as refused:  # (a line not the one stored under its number)
+            # Nothing of this batch was stored, its lines before the one named either:
+            # what this request stored is said, as a store failure's 503 says it.
+            detail = f"{refused.detail}; {self._stored_so_far()}"
+            raise InvalidInput(detail, field=refused.field) from None
         finally:
             self._watch.done()
         if not pending:  # (the end's check: nothing stored)

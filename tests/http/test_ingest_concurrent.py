@@ -207,3 +207,35 @@ async def test_two_streams_that_differ_by_a_blank_line_are_not_mixed(
     resent = await client.post(f"/topics/{topic}/events", content=second, headers={**NDJSON, **key})
     refused_at(resent, differs)
     assert await stored_datas(client, topic) == stored
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_a_stream_refused_where_it_differs_says_what_it_stored_before(
+    http_broker: BrokerProcess, client: httpx.AsyncClient, route: str
+) -> None:
+    """The 400 of a stream out of step named its line only: its lines before it in the
+    same read were refused with it, so a producer could not tell what it had stored.
+    It says how many lines the request stored and the last one's id, as its other
+    answers mid-body do. On both ingest paths (lean, and the app's after Expect)."""
+    topic, key = new_topic(), {"Idempotency-Key": f"says-what-it-stored-{route}"}
+    expect = {"Expect": "100-continue"} if route == "by-app" else {}
+    first = await RawIngest.open(http_broker, topic, headers={**key, **expect})
+    try:
+        await first.send(lines(1, 2))
+        await until_stored(client, topic, datas(2))
+        resent = await client.post(
+            f"/topics/{topic}/events", content=lines(1, 4), headers={**NDJSON, **key}
+        )
+        assert resent.status_code == 201, resent.text  # (1-2 replayed, 3-4 stored)
+        await first.send(lines(3, 3, "other"))
+        refused = await first.end()
+        if route == "by-app":  # (uvicorn's Continue, then the app's answer)
+            assert refused.status == 100, refused.body
+            refused = await first.answer()
+    finally:
+        first.cut()
+    refused_at(refused, 3)
+    stored = await history(client, topic)
+    assert [e["data"] for e in stored] == datas(4)
+    detail = json.loads(refused.body)["detail"]
+    assert detail.endswith(f"; 2 line(s) stored, the last {stored[1]['id']}"), detail
