@@ -53,6 +53,7 @@ from api.ingest_serving import IngestServing
 from api.lean_ingest import IngestExchange, IngestHead, ingest_head_of
 from api.lean_publish import PublishExchange, PublishHead, publish_head_of
 from api.lean_stream import cap_send_buffer, stream_request_of
+from api.lingering import close_lingering
 from api.metrics import RouteClass
 from api.proxy_headers import forwarded_scheme, trusts_proxy
 from api.publish_serving import PublishServing
@@ -139,12 +140,25 @@ class BrokerHttpProtocol(PublishServing, IngestServing, StreamOpening, asyncio.P
 
     def expire(self) -> None:
         """A deadline of ``api.guard`` passed: a stalled body is answered 408; a head
-        that did not arrive in time (or an idle keep-alive) closes, unanswered."""
+        that did not arrive in time (or an idle keep-alive) closes, unanswered; one begun
+        when a drain's wait for it passed closes lingering, unanswered."""
         if self._publish is not None and self._publishing is None:
             too_slow = problems.body_too_slow(self._guard.limits.body_timeout)
             self._answer(with_cors(too_slow, self._publish.scope), "publish")
+        elif self._head_begun_in_drain():
+            # Its client is writing it: closed at once, its next bytes reset the connection,
+            # and an answer given before on it, not read yet, could be lost with it (as
+            # uvicorn's protocol closes such a connection: api.guard's shutdown).
+            assert self._transport is not None
+            self._server_state.connections.discard(self)
+            close_lingering(self._transport, self._server_state, self._guard.deadlines)
         elif self._transport is not None:
             self._transport.close()
+
+    def _head_begun_in_drain(self) -> bool:
+        """Shutting down, reading a head of which some bytes came (``shutdown`` awaits it)."""
+        reading_a_head = self._publish is None and self._ingest is None and self._opening is None
+        return self._closing and reading_a_head and bool(self._received) and not self._lost
 
     def data_received(self, data: bytes) -> None:
         if self._next_deferred:  # (read before the pause took effect)
@@ -263,7 +277,8 @@ class BrokerHttpProtocol(PublishServing, IngestServing, StreamOpening, asyncio.P
         """uvicorn's graceful shutdown: a publish under way is answered, then the
         connection closes; a stream being opened is told to come back (closed
         unanswered, a load balancer answers the browser 502, and its EventSource
-        gives up for good); a request still arriving is awaited and answered; an
+        gives up for good); a request still arriving is awaited and answered (its head
+        not whole within the wait, the connection closes lingering, unanswered); an
         ingest answered while its body is still coming closes now, lingering; an
         idle kept-alive connection closes now."""
         if self._publish is not None or (self._ingest is not None and not self._ingest.answered):
