@@ -307,6 +307,25 @@ local function out_of_step(previous, line, seen, epoch)  -- (the line where, or 
   if skipped and skipped < line then return skipped end
   return line <= ingest_high and not seen and line
 end
+-- A body ended with blank lines after its last line counts them in its ingest's highest.
+-- A body of blank lines only stored no line, which begins an ingest's records: so, where
+-- no ingest under its key is under way, it begins one here, recorded as its first line
+-- would be (its records kept as long; not on a closed topic, where a line is refused
+-- anyway). Else a stream bringing a line there after it was stored, both answered 201,
+-- the two differing, where one brought before it refused it.
+local function count_blank_end(through)
+  if ingest_live then
+    redis.call('HSET', lines, ingest .. '\nh', through .. '|' .. ingest_since)
+    return
+  end
+  local top, since = ingest_state()
+  redis.call('HSET', lines, ingest .. '\n', top .. '|' .. since, ingest .. '\nh', through .. '|' .. since)
+  redis.call('ZADD', lines_written, now(), ingest)
+  if not has_records then redis.call('HSET', meta, 'records', 1) end
+  local ttl_ms = tonumber(ARGV[6])
+  redis.call('PEXPIRE', lines, ttl_ms > 0 and ttl_ms or window_ms)
+  redis.call('PEXPIRE', lines_written, ttl_ms > 0 and ttl_ms or window_ms)
+end
 if per_event and epoch then
   ingest_state()
   local ahead = ingest_high > stored_before
@@ -329,8 +348,8 @@ if per_event and epoch then
   end
   local differs = ahead and blank_through > 0 and recorded_after(stored_before, epoch)
   if differs and differs <= blank_through then return {-3, tostring(differs)} end
-  if ingest_live and blank_through > ingest_high then
-    redis.call('HSET', lines, ingest .. '\nh', blank_through .. '|' .. ingest_since)
+  if blank_through > ingest_high and (ingest_live or (stored_before == 0 and not closed)) then
+    count_blank_end(blank_through)
   end
 end
 if blank_through > 0 and first_value > #ARGV and not closing then  -- (nothing to store)

@@ -239,3 +239,30 @@ async def test_a_stream_refused_where_it_differs_says_what_it_stored_before(
     assert [e["data"] for e in stored] == datas(4)
     detail = json.loads(refused.body)["detail"]
     assert detail.endswith(f"; 2 line(s) stored, the last {stored[1]['id']}"), detail
+
+
+async def test_a_stream_of_blank_lines_only_counts_them_too(
+    second_broker: BrokerProcess, client: httpx.AsyncClient
+) -> None:
+    """A keyed body of blank lines only, on a topic that exists: its lines are counted
+    as a body's blank last lines are, so that a stream bringing a line there after it
+    (on any instance) is refused at its first line, as it is before it. Nothing of it
+    was recorded: the stream of lines after it was stored, 201 both, the two differing.
+    The same blank stream again is answered as the first was."""
+    topic, key = new_topic(), {"Idempotency-Key": "only-blank-lines"}
+    published = await client.post(f"/topics/{topic}/events", json={"data": "before"})
+    assert published.status_code == 201, published.text
+    blank = await client.post(
+        f"/topics/{topic}/events", content=BLANK * 3, headers={**NDJSON, **key}
+    )
+    assert (blank.status_code, blank.json()) == (201, {"ids": []}), blank.text
+    async with httpx.AsyncClient(base_url=second_broker.url, timeout=30) as other:
+        sent = await other.post(
+            f"/topics/{topic}/events", content=lines(1, 3), headers={**NDJSON, **key}
+        )
+    refused_at(sent, 1)
+    again = await client.post(
+        f"/topics/{topic}/events", content=BLANK * 3, headers={**NDJSON, **key}
+    )
+    assert (again.status_code, again.json()) == (201, {"ids": []}), again.text
+    assert await stored_datas(client, topic) == ["before"]
