@@ -263,7 +263,7 @@ class Ingest(LossTelling):
 
     def check_token(self) -> None:
         """Refuse to store more once the request's token has expired, or its key was
-        removed from the key set (checked before each append, and before
+        removed from the key set (checked before each append of lines, and before
         ``?close=true`` closes the topic): 401. A key set past its max stale is no
         verdict on the token: ``KeysUnavailable`` (503), told as a store failure is
         (``run``: the lines stored so far, the connection closed mid-body), and the
@@ -409,10 +409,13 @@ class Ingest(LossTelling):
         the store refuses it (400) if another stream under its key recorded a line where
         this one has a blank line, and else records its blank lines, so that a stream
         bringing a line there later is refused (append.lua's ``out_of_step``). Asked once,
-        at the end of a body that ends so."""
+        at the end of a body that ends so; not refused for a token lapsed after the last
+        line stored (every line was stored under it: answered as a body without those
+        blank lines is, not 401)."""
         pending = batch.copy()
         batch.clear()
-        self.check_token()
+        if pending:  # (the end's check stores nothing: a token lapsed since refuses nothing)
+            self.check_token()
         lines = None
         if self._key is not None:
             numbers = [n for n, _ in pending]

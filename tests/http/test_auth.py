@@ -838,6 +838,43 @@ async def test_a_streaming_ingest_stops_storing_when_its_token_expires(
 
 
 @pytest.mark.parametrize("path_kind", ["lean", "by-app"])
+async def test_a_keyed_ingest_whose_token_expires_in_its_blank_last_lines_is_answered(
+    auth_broker: BrokerProcess, path_kind: str
+) -> None:
+    """Every line stored before the token expired, only blank lines after it: nothing
+    is refused storing, and the answer is its ids, as a body without those blank lines
+    is answered. The end's check of its blank lines (it stores nothing) refused it 401,
+    a producer told its stream failed."""
+    topic = new_topic("auth")
+    token = hs_token(claims(publish=[topic], expires_in=4))
+    viewer = hs_token(claims(subscribe=[topic]))
+    exp = orjson.loads(_payload(token))["exp"]
+    head = [
+        f"POST /topics/{topic}/events HTTP/1.1",
+        f"Host: 127.0.0.1:{auth_broker.port}",
+        f"Authorization: Bearer {token}",
+        "Content-Type: application/x-ndjson",
+        "Idempotency-Key: blank-last-lines",
+        "Transfer-Encoding: chunked",
+        *(["Expect: 100-continue"] if path_kind == "by-app" else []),
+    ]
+    reader, writer = await asyncio.open_connection("127.0.0.1", auth_broker.port)
+    try:
+        writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + chunk(b'{"data": 1}\n'))
+        await writer.drain()
+        wait_until(lambda: stored(auth_broker.url, topic, viewer) == [1], timeout=5, what="line 1")
+        while time.time() < exp + 0.2:  # (the token's clock: whole seconds)
+            await asyncio.sleep(0.1)
+        writer.write(chunk(b"\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+        status, body = await _final_answer(reader)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 201 "), (status, body)
+    assert len(orjson.loads(body)["ids"]) == 1, body
+
+
+@pytest.mark.parametrize("path_kind", ["lean", "by-app"])
 async def test_a_publish_whose_body_outlives_its_token_is_refused(
     auth_broker: BrokerProcess, path_kind: str
 ) -> None:
