@@ -450,8 +450,11 @@ class Ingest(LossTelling):
             raise InvalidInput(detail, field=refused.field) from None
         finally:
             self._watch.done()
-        if not pending:  # (the end's check: nothing stored)
-            return
+        if pending:  # (the end's check stored nothing)
+            self._stored(pending, result)
+
+    def _stored(self, pending: list[tuple[int, NewEvent]], result: AppendResult) -> None:
+        """What an append of ``pending`` stored (or replayed), added to the result."""
         self.result.add(result.ids)
         if result.ids:
             self.log_epoch = result.ids[0].epoch
