@@ -46,6 +46,9 @@ class Sizes:
     storm_behind: int = 100
     storm_timeout_s: float = 30.0
     grace_s: float = 10.0
+    # The pauses that let a server settle before the idle and storm scenarios read its
+    # memory, its Redis connections or Redis's calls (2 s the longest, at 1.0), scaled.
+    settle_s: float = 1.0
     connect_concurrency: int = 200
     loadgen_processes: int = 2
     sessions_modes: str = "post,ingest,direct"  # the ways of publishing measured (for --set)

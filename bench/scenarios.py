@@ -321,7 +321,7 @@ def _same(protocol: SseSubscriber) -> SseSubscriber:
     return protocol
 
 
-async def _warm_up(server: RunningServer, path: str) -> None:
+async def _warm_up(server: RunningServer, path: str, settle_s: float) -> None:
     """Open and close a few subscriptions so lazily created state is not billed to the idle."""
     loop = asyncio.get_running_loop()
     subscribers = []
@@ -331,17 +331,17 @@ async def _warm_up(server: RunningServer, path: str) -> None:
         await asyncio.wait_for(subscriber.headers, 10)
         subscribers.append(subscriber)
     await _publish(server, path, [{"warm": True}])
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5 * settle_s)
     for subscriber in subscribers:
         subscriber.close()
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(settle_s)
 
 
 async def idle(server: RunningServer, pool: LoadGenerators, sizes: Sizes) -> Outcome:
     outcome = Outcome()
     path = _events_path(server, _topic("idle"))
     total = sizes.idle_subscribers
-    await _warm_up(server, path)
+    await _warm_up(server, path, sizes.settle_s)
     before, clients0 = sample_tree(server.pid), redis_clients(server)
     steps = list(zip(split(total // 10, pool.size), split(total, pool.size), strict=True))
     pool.start_job(
@@ -350,12 +350,12 @@ async def idle(server: RunningServer, pool: LoadGenerators, sizes: Sizes) -> Out
     )
     say(f"idle: connecting {total // 10} subscribers")
     tenth = sum(m["connected"] for m in _check_progress(await pool.gather()))
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(sizes.settle_s)
     middle, clients1 = sample_tree(server.pid), redis_clients(server)
     say(f"idle: connecting up to {total} subscribers")
     pool.broadcast({"next": True})
     connected = sum(m["connected"] for m in _check_progress(await pool.gather()))
-    await asyncio.sleep(2.0)  # let the server settle before reading its memory
+    await asyncio.sleep(2 * sizes.settle_s)  # let the server settle before reading its memory
     after, clients2 = sample_tree(server.pid), redis_clients(server)
     outcome.details["sockets_per_server_process"] = worker_sockets(server)
     pool.broadcast({"close": True})
@@ -406,7 +406,7 @@ async def storm(server: RunningServer, pool: LoadGenerators, sizes: Sizes) -> Ou
     path = _events_path(server, _topic("storm"))
     marker = f"storm-end-{uuid.uuid4().hex}"
     anchor = await _prepare_storm(server, path, sizes.storm_behind, marker)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5 * sizes.settle_s)
     calls0, window = redis_calls(server), Window(server)
     start_at = time.time() + 1.0
     specs = [

@@ -19,6 +19,7 @@ SIZES = {
     "sessions_ttl_s": 1.0,
     "churn_live": 20,  # a topic lives 1 s: the ramp before the window is 1 s, not 3 s
     "churn_measure_s": 1.0,
+    "settle_s": 0.2,  # the idle and storm scenarios' pauses before a reading: 0.9 s, not 4.5
 }
 
 SMALLER_THAN_QUICK = tuple(
