@@ -45,12 +45,22 @@ from tests.support.sse import (
     past_a_heartbeat,
 )
 
+QUICK_LIVE_BLOCK_MS = 1000
+"""How long a live read of ``redis_broker`` blocks with nothing to read (5 s by default):
+a topic whose Cluster node failed a while is looked at again once the node's read
+returns, which here, nothing appended, is at the block's end."""
+
 
 @pytest.fixture
 async def redis_broker(redis_server: RedisServer) -> AsyncIterator[Broker]:
     """A started broker on the session's redis-server only (not the embedded store, as
-    ``broker`` is), with a 0.3 s heartbeat; it closes its store too."""
-    instance = Broker(open_store(redis_server.url), limits=BrokerLimits(heartbeat_seconds=0.3))
+    ``broker`` is), with a 0.3 s heartbeat and live reads of QUICK_LIVE_BLOCK_MS; it
+    closes its store too."""
+    instance = Broker(
+        open_store(redis_server.url),
+        limits=BrokerLimits(heartbeat_seconds=0.3),
+        live_block_ms=QUICK_LIVE_BLOCK_MS,
+    )
     await instance.start()
     yield instance
     await instance.close()
