@@ -40,11 +40,20 @@ def nginx(own_broker: BrokerProcess, tmp_path: Path) -> Iterator[LoadBalancer]:
     yield from nginx_before(own_broker, tmp_path)
 
 
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Chromium]:
-    """Headless Chromium, recording the page's requests and console."""
-    with Chromium(tmp_path, window=(1400, 900), enable=("Page", "Network", "Runtime")) as chromium:
+@pytest.fixture(scope="module")
+def module_chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
+    """Headless Chromium for the module's tests, each on a page of its own (``browser``)."""
+    workdir = tmp_path_factory.mktemp("chromium")
+    with Chromium(workdir, window=(1400, 900), enable=("Page", "Network", "Runtime")) as chromium:
         yield chromium
+
+
+@pytest.fixture
+def browser(module_chromium: Chromium, tmp_path: Path) -> Chromium:
+    """A page of this test's own, in a browser context of its own (cookies, storage,
+    cache, connections: as a new browser's), recording its requests and console."""
+    module_chromium.fresh_page(tmp_path)
+    return module_chromium
 
 
 @pytest.fixture(scope="session")

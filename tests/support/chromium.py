@@ -1,11 +1,12 @@
 """The suite's one headless Chromium, driven over the DevTools protocol (CDP).
 
 One browser with one page: launch it on a profile of its own and a free DevTools
-port, find the page's target over HTTP, talk to it on one websocket. Its users:
-the browser's own EventSource in the failover tests (tests/e2e/clients.py), CORS
-with cookies (tests/browser), and the face's pages (tests/face), which also read
-the URL of every request a page makes (``Network.requestWillBeSent``) to prove
-that nothing leaves 127.0.0.1.
+port, find the page's target over HTTP, talk to it on one websocket (``fresh_page``:
+a new page in a browser context of its own, for the next test). Its users: the
+browser's own EventSource in the failover tests (tests/e2e/clients.py), CORS with
+cookies (tests/browser), and the face's pages (tests/face), which also read the URL
+of every request a page makes (``Network.requestWillBeSent``) to prove that nothing
+leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -86,8 +87,12 @@ class Chromium:
         self.process = ManagedProcess(name, args, workdir / f"{name}.log")
         self.requests: list[str] = []
         self.console: list[str] = []
+        self.window = window
         self._socket: ClientConnection | None = None
+        self._browser_socket: ClientConnection | None = None
+        self._context: str | None = None  # (the page's browser context, by fresh_page)
         self._exit_stack = ExitStack()
+        self._page_stack = ExitStack()
         self._next_id = 0
 
     def __enter__(self) -> Self:
@@ -102,13 +107,44 @@ class Chromium:
             self._page_target, timeout=START_TIMEOUT, what="Chromium's DevTools page"
         )
         assert target is not None  # wait_until returns only what is truthy
+        self._open_page(target)
+        return self
+
+    def _open_page(self, target: str) -> None:
+        """Talk to the page at ``target`` (its DevTools websocket) from now on."""
+        self._page_stack.close()  # (the page before it, if any)
         # Entered as a context manager, as websockets wants; closed by close().
-        self._socket = self._exit_stack.enter_context(
+        self._socket = self._page_stack.enter_context(
             connect(target, max_size=None, open_timeout=10)
         )
+        self.requests, self.console = [], []
         for domain in self.enable:
             self.call(f"{domain}.enable")
-        return self
+
+    def fresh_page(self, workdir: Path) -> None:
+        """A new page in a browser context of its own, as a new browser's: cookies,
+        storage, cache and connections of its own, no script run on its loads; the page
+        and context before it closed. One browser then serves test after test (each
+        started its own, a second apiece); screenshots go to ``workdir``."""
+        if self._browser_socket is None:
+            version = httpx.get(f"http://127.0.0.1:{self.debug_port}/json/version", timeout=5)
+            self._browser_socket = self._exit_stack.enter_context(
+                connect(version.json()["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+            )
+        if self._context is not None:
+            self._page_stack.close()
+            self._on_browser("Target.disposeBrowserContext", browserContextId=self._context)
+        self._context = self._on_browser("Target.createBrowserContext")["browserContextId"]
+        size = {"width": self.window[0], "height": self.window[1]} if self.window else {}
+        page = self._on_browser(
+            "Target.createTarget", url="about:blank", browserContextId=self._context, **size
+        )["targetId"]
+        self._open_page(f"ws://127.0.0.1:{self.debug_port}/devtools/page/{page}")
+        self.workdir = workdir
+
+    def _on_browser(self, method: str, **params: Any) -> dict[str, Any]:
+        assert self._browser_socket is not None
+        return self._call(self._browser_socket, method, params)
 
     def _page_target(self) -> str | None:
         if not self.process.running:
@@ -123,12 +159,18 @@ class Chromium:
     def call(self, method: str, **params: Any) -> dict[str, Any]:
         """A DevTools command's result; the events that arrive meanwhile are recorded."""
         assert self._socket is not None
+        return self._call(self._socket, method, params)
+
+    def _call(
+        self, socket: ClientConnection, method: str, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A command's result over ``socket`` (the page's, or the browser's own)."""
         self._next_id += 1
         call_id = self._next_id
-        self._socket.send(json.dumps({"id": call_id, "method": method, "params": params}))
+        socket.send(json.dumps({"id": call_id, "method": method, "params": params}))
         deadline = time.monotonic() + CALL_TIMEOUT
         reply = wait_until(
-            lambda: self._reply(call_id, deadline),
+            lambda: self._reply(socket, call_id, deadline),
             timeout=CALL_TIMEOUT,
             what=f"DevTools to answer {method}",
             interval=0,  # each try blocks on the socket until a message or the deadline
@@ -138,11 +180,12 @@ class Chromium:
             raise AssertionError(f"DevTools {method} failed: {reply['error']}")
         return dict(reply.get("result", {}))
 
-    def _reply(self, call_id: int, deadline: float) -> dict[str, Any] | None:
+    def _reply(
+        self, socket: ClientConnection, call_id: int, deadline: float
+    ) -> dict[str, Any] | None:
         """The next message if it answers ``call_id``; an event is recorded, and None."""
-        assert self._socket is not None
         try:
-            raw = self._socket.recv(timeout=max(0.0, deadline - time.monotonic()))
+            raw = socket.recv(timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             return None
         message: dict[str, Any] = json.loads(raw)
@@ -229,6 +272,7 @@ class Chromium:
 
     def close(self) -> None:
         try:
+            self._page_stack.close()
             self._exit_stack.close()
         finally:
             self.process.close()
