@@ -200,8 +200,8 @@ def _latency_by_event(outcome: Outcome, results: list[Message]) -> None:
     first, a pause) looks very different from one made by the last sockets of each."""
     count = outcome.details.get("published", 0)
     per_process = [r["latencies_ms"] for r in results]
-    if not count or any(len(lat) % count for lat in per_process):
-        return
+    if not count or not any(per_process) or any(len(lat) % count for lat in per_process):
+        return  # (no subscriber's latency sampled: nothing by event, not a NaN to round)
     by_event: list[list[float]] = [[] for _ in range(count)]
     for latencies in per_process:
         for index, ms in enumerate(latencies):
