@@ -8,7 +8,7 @@ NODE_STAMP := tests/e2e/node/node_modules/.installed
 # The exact versions the suite passes with; `make lock` regenerates it.
 LOCK := requirements.lock
 
-.PHONY: run test test-fast lint format bench deploy-check system-tools clean lock
+.PHONY: run test test-fast lint format bench deploy-check upgrade-check system-tools clean lock
 
 $(STAMP): pyproject.toml $(LOCK)
 	# (A venv made without pip, where python3-venv is missing, is made again: python
@@ -73,6 +73,13 @@ bench: $(STAMP)
 deploy-check: $(STAMP)
 	bash scripts/ensure-system-tools.sh nginx haproxy
 	$(BIN)/pytest tests/deploy
+
+# A rolling upgrade, checked (README, Upgrading): a broker of the release PREVIOUS (a git
+# rev; unset, the one tests/upgrade/check.py names) beside one of this tree, on one
+# redis-server, clients' requests alternating between the two. Not part of make test.
+upgrade-check: $(STAMP)
+	bash scripts/ensure-system-tools.sh redis-server
+	$(BIN)/python -m tests.upgrade.check $(if $(PREVIOUS),--previous $(PREVIOUS))
 
 clean:
 	rm -rf $(VENV) tests/e2e/node/node_modules .pytest_cache .mypy_cache .ruff_cache
