@@ -189,57 +189,80 @@ async def ingest_ending_with_blank_lines(first: Instance, second: Instance) -> N
     must(await log_is(topic, datas(1, 3), first, second) == stored["ids"], "other ids")
 
 
+@dataclass(frozen=True)
+class Differing:
+    """Two streams under one key that differ by a blank line: the second is refused
+    at line ``differs``, the log the first's lines. ``mixes``: with which
+    instances the second is not refused (the previous release's part in it)."""
+
+    what: str
+    first: bytes
+    second: bytes
+    differs: int
+    mixes: Callable[[Instance, Instance], bool]
+
+
 DIFFERING = [
-    # (what, the first stream, the second: it differs at line 4, or 1, by a blank line)
-    ("its last lines blank", lines(1, 3) + b"\n", lines(1, 4), 4),
-    ("its first line blank", lines(1, 3), b"\n" + lines(2, 3), 1),
+    # Blank last lines: counted by the instance that answers the first (the previous
+    # release counts none), and the previous release answering the second takes a line
+    # at the count's end (here line 4) for a line of its own.
+    Differing("its last lines blank", lines(1, 3) + b"\n", lines(1, 4), 4, lambda a, b: True),
+    # A blank first line: the previous release answering the second looks at no line
+    # before its first.
+    Differing("its first line blank", lines(1, 3), b"\n" + lines(2, 3), 1, lambda a, b: b.previous),
+    # A blank line where the first stored a line past blank ones: the previous release
+    # writes no "K\nn\n>" (the line after n), so this one answering the second does not
+    # find the line it stored (the second's line above it, stored).
+    Differing(
+        "a blank line where the other went on",
+        lines(1, 1) + b"\n\n" + lines(4, 4),
+        lines(1, 1) + b"\n\n\n" + lines(5, 5),
+        4,
+        lambda a, b: a.previous,
+    ),
 ]
 
 
 async def differing_stream_refused(first: Instance, second: Instance) -> None:
     """Two streams under one key that differ by a blank line (a producer's error), the
     second sent to the other instance: refused at that line (400), nothing of it stored.
-    Where a release before this one's blank-line checks has a part in it (it answered the
-    first, blank last lines uncounted, or answers the second), they mix as they did before
-    them, and that holds once every instance runs this release (README, Upgrading)."""
+    Where the release before has its part in it (``Differing.mixes``), they
+    mix, each line still stored once: the refusal holds once every instance runs this
+    release (README, Upgrading), and the mix is seen exactly as expected."""
     known = []
-    for what, one, other, differs in DIFFERING:
+    for row in DIFFERING:
         topic, key = new_topic("up"), "differing"
-        stored = answered(await first.ingest(topic, one, key), 201)["ids"]
-        answer = await second.ingest(topic, other, key)
-        if answer.status_code != 400 and _mixes_as_before(what, first, second):
-            await _mixed_as_before(topic, what, answer, stored, first, second)
-            known.append(f"{what}: {answer.status_code}, mixed as before this release")
+        answered(await first.ingest(topic, row.first, key), 201)
+        answer = await second.ingest(topic, row.second, key)
+        kept = _stored_by(row.first)
+        if answer.status_code != 400 and row.mixes(first, second):
+            await _mixed_as_before(topic, row, answer, first, second)
+            known.append(f"{row.what}: {answer.status_code}, the two streams mixed")
             continue
-        must(answer.status_code == 400, f"{what}: {answer.status_code} {answer.text}")
+        must(answer.status_code == 400, f"{row.what}: {answer.status_code} {answer.text}")
         detail = answer.json()["detail"]
-        must(detail.startswith(f"line {differs}: "), f"{what}: {detail}")
-        await log_is(topic, datas(1, 3), first, second)
+        must(detail.startswith(f"line {row.differs}: "), f"{row.what}: {detail}")
+        await log_is(topic, kept, first, second)
     if known:
         raise HoldsOnceEveryInstanceRunsIt("; ".join(known))
 
 
-def _mixes_as_before(what: str, first: Instance, second: Instance) -> bool:
-    """Blank last lines: the count is left by the instance that answers the first (the
-    previous release leaves none), and the previous release answering the second reads
-    a line at the count's end (line 4 here) as its own. A blank first line: the previous
-    release answering the second looks at no line before its first."""
-    if what == "its last lines blank":
-        return first.previous or second.previous
-    return second.previous
+def _stored_by(body: bytes) -> list[Any]:
+    return [json.loads(sent)["data"] for sent in body.split(b"\n") if sent.strip()]
 
 
 async def _mixed_as_before(
-    topic: str, what: str, answer: httpx.Response, ids: list[str], *instances: Instance
+    topic: str, row: Differing, answer: httpx.Response, *instances: Instance
 ) -> None:
-    """The mix exactly as a release before the checks made it: the second's line 4
-    stored after the first's three, or its lines 2 and 3 replayed, answered 200."""
-    if what == "its last lines blank":
-        stored = await log_is(topic, datas(1, 4), *instances)
-        must(answered(answer, 201)["ids"] == stored and stored[:3] == ids, f"{what}: {stored}")
-    else:
-        must(answered(answer, 200)["ids"] == ids[1:], f"{what}: {answer.text}")
-        await log_is(topic, datas(1, 3), *instances)
+    """The mix exactly: each stream's lines stored once, in the order they came, and
+    the second answered with the ids of its own lines (201 where it stored one, else
+    200: all replayed)."""
+    theirs = _stored_by(row.first) + _stored_by(row.second)
+    expected = [data for n, data in enumerate(theirs) if data not in theirs[:n]]
+    ids = await log_is(topic, expected, *instances)
+    own = [i for i, data in zip(ids, expected, strict=True) if data in _stored_by(row.second)]
+    status = 201 if len(expected) > len(_stored_by(row.first)) else 200
+    must(answered(answer, status)["ids"] == own, f"{row.what}: {answer.text}, stored {ids}")
 
 
 async def two_streams_under_one_key_at_once(first: Instance, second: Instance) -> None:
