@@ -25,8 +25,8 @@ event object, stored and delivered as it arrives, not when the body ends.
   after the line before it in that stream, so the log holds one stream's lines in
   order; the same stream twice is answered twice with the same ids, and a stream
   out of step with the lines recorded (they differ, if only by a blank line) is
-  refused 400 at its first line that differs (``out_of_step`` in
-  ``broker/lua/append.lua``; the README's streaming ingest), the answer saying what
+  refused 400 at its first line that differs (``out_of_step`` in the append script,
+  ``broker/lua/ingest_lines.lua``; the README's streaming ingest), the answer saying what
   the request stored before it (its lines before it in the same append were refused
   with it: the line's number did not tell).
 - Memory is bounded whatever the body's length: one line at most
@@ -408,7 +408,7 @@ class Ingest(LossTelling):
         (its last line's number, blanks counted; the batch empty): nothing is stored, but
         the store refuses it (400) if another stream under its key recorded a line where
         this one has a blank line, and else records its blank lines, so that a stream
-        bringing a line there later is refused (append.lua's ``out_of_step``). Asked once,
+        bringing a line there later is refused (``out_of_step``, lua/ingest_lines.lua). Asked once,
         at the end of a body that ends so; not refused for a token lapsed after the last
         line stored (every line was stored under it: answered as a body without those
         blank lines is, not 401)."""

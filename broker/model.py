@@ -54,7 +54,7 @@ class IngestLines:
     """The request's last line (blank lines counted), once its body ended with blank
     lines after ``after`` (0: not so): with no ``numbers``, an append that stores
     nothing, only checks that no other stream under the key recorded a line where this
-    one has blank lines (append.lua's ``out_of_step``)."""
+    one has blank lines (``out_of_step``, lua/ingest_lines.lua)."""
 
     def __init__(
         self, key: str, numbers: Sequence[int], after: int = 0, blank_through: int = 0

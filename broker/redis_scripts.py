@@ -2,9 +2,10 @@
 client: each runs by EVALSHA, its text at hand for when Redis has lost it (NOSCRIPT).
 
 One script per step that must be atomic, each header saying why: ``append`` (an
-append: idempotency, epoch, close, retention, TTL), ``keep_lines`` (an open ingest's
-line records kept answering), ``state`` and ``range`` (what a log says of itself,
-and a page of it, in one read), ``delete``; and ``probe``, the rights tried at start.
+append: idempotency, epoch, close, retention, TTL; a streaming ingest's line records
+in ``ingest_lines.lua``, included), ``keep_lines`` (an open ingest's line records kept
+answering), ``state`` and ``range`` (what a log says of itself, and a page of it, in
+one read), ``delete``; and ``probe``, the rights tried at start.
 
 A script may be kept in parts: a line ``--#include <file>`` is replaced by that file's
 text as the script is read (``assembled``), so that Redis still runs one script, one

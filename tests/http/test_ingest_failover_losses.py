@@ -365,7 +365,7 @@ async def test_lines_a_failover_lost_before_a_keyed_body_ended_on_blank_lines_ar
     """A failover lost lines 4-5, and the body's last line is blank: no line came to be
     refused, and the ingest was answered 201 with ids of 4-5 that no longer exist. The
     end of a keyed body on blank lines is checked at the store (they may differ from
-    another stream's lines there: append.lua's out_of_step), and finds them lost: the
+    another stream's lines there: out_of_step, lua/ingest_lines.lua), and finds them lost: the
     ingest is told, and the resend stores them again, in order."""
     topic, key, lines = new_topic(), "ended-blank-after-a-failover", body_of(5)
     ingest = await open_ingest(broker, topic, key, "lean")

@@ -1,5 +1,6 @@
 """Two streaming ingests under one Idempotency-Key, their appends interleaved, at the store:
-append.lua's ``out_of_step`` case by case, on every store (embedded and a real Redis).
+the append script's ``out_of_step`` (lua/ingest_lines.lua) case by case, on every store
+(embedded and a real Redis).
 
 Each case is two streams as sent (``_`` a blank line: numbered, never sent; ``_*N`` N of
 them), and the order of their reads: ``A2`` is stream A's next two lines read at once (one append of
