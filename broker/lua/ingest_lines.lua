@@ -99,10 +99,20 @@ end
 -- says it may be) stored its early lines twice, silently. So a line of it is refused
 -- (-6), nothing stored nor recorded: the producer is told to send the rest as a stream
 -- of its own. Not its close (no line: nothing recorded anew, all of its lines stored).
+-- And an ingest under way under its key that is not its own is another's, begun past its
+-- window (a resend): the line it stored last recorded there under another id, it went
+-- on in that one, after the other's lines; not recorded there, its entry still in the
+-- log (no failover lost it), it was told its lines lost, and its resend stored them again.
+local function still_in_log(id)  -- ('0-0', an entry not named, taken as gone)
+  return id ~= '0-0' and redis.call('XREVRANGE', log, id, id)[1] ~= nil
+end
 if per_event and stored_before > 0 and epoch then
   ingest_state()
-  if ingest_live then
-    if not remembered_line(stored_before, epoch) then return {-4, ''} end
+  local recorded = ingest_live and remembered_line(stored_before, epoch)
+  if recorded and (recorded == stored_entry or stored_entry == '0-0') then
+    -- (its own ingest, under way; '0-0': a caller that does not say which entry)
+  elseif ingest_live and not recorded and not still_in_log(stored_entry) then
+    return {-4, ''}  -- (a failover lost its last line: the record and the entry together)
   elseif stored_entry and stored_entry ~= '0-0' and not entry_kept(stored_entry) then
     return {-4, 'unrecorded'}
   elseif names > 1 then  -- (its key, then a line number per event)

@@ -720,6 +720,43 @@ async def test_an_ingest_that_paused_past_its_window_is_refused_nothing_recorded
     assert (await store.state(topic)).length == 1
 
 
+async def test_an_ingest_past_its_window_is_refused_where_its_key_began_anew(
+    windowed_store: tuple[RedisStreamStore, _RedisClock], topic: str
+) -> None:
+    """An ingest paused past the window while another stream under its key began a new
+    ingest of it (its lines 1-2 recorded anew): the paused one found that stream's line 2
+    recorded where its own had been, and stored its line 3 in the new ingest, after the
+    other's line 2 (the two differing there): two streams mixed, both answered. It is
+    refused (``RecordsLapsed``), as without the other, nothing stored."""
+    store, clock = windowed_store
+    await clock.set(store, 2_000_000_000)
+    paused = await store.append(topic, events("a1", "a2"), lines=IngestLines("K", [1, 2]))
+    await clock.set(store, 2_000_000_000 + 120)  # past the window
+    await store.append(topic, events("a1", "b2"), lines=IngestLines("K", [1, 2]))
+    with pytest.raises(RecordsLapsed):
+        await ingest_line(store, topic, 3, epoch=paused.ids[0].epoch, after=paused.ids[1])
+    entries = (await store.read_range(topic, (0, 0), 10)).entries
+    assert [e.data_text for e in entries] == ["a1", "a2", "a1", "b2"]
+
+
+async def test_an_ingest_past_its_window_is_told_lapsed_not_lost_where_its_key_began_anew(
+    windowed_store: tuple[RedisStreamStore, _RedisClock], topic: str
+) -> None:
+    """As above, the other stream's ingest not (yet) at the line the paused one stored
+    last: the paused one was told its lines were lost (``LinesLost``, a failover's
+    answer: resend the whole stream), every line of it still in the log, and its resend
+    stored them again in the new ingest. Its records lapsed (``RecordsLapsed``)."""
+    store, clock = windowed_store
+    await clock.set(store, 2_000_000_000)
+    paused = await store.append(topic, events("a1", "a2"), lines=IngestLines("K", [1, 2]))
+    await clock.set(store, 2_000_000_000 + 120)  # past the window
+    await store.append(topic, events("a1"), lines=IngestLines("K", [1]))
+    with pytest.raises(RecordsLapsed):
+        await ingest_line(store, topic, 3, epoch=paused.ids[0].epoch, after=paused.ids[1])
+    entries = (await store.read_range(topic, (0, 0), 10)).entries
+    assert [e.data_text for e in entries] == ["a1", "a2", "a1"]
+
+
 async def test_an_ingest_whose_records_lapsed_sends_the_rest_as_a_stream_of_its_own(
     store: RedisStreamStore, topic: str
 ) -> None:
