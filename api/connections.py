@@ -139,12 +139,18 @@ class BrokerHttpProtocol(PublishServing, IngestServing, StreamOpening, asyncio.P
             self._checks_host = app.state.hosts.checks(self._transport.get_extra_info("sockname"))
 
     def expire(self) -> None:
-        """A deadline of ``api.guard`` passed: a stalled body is answered 408; a head
-        that did not arrive in time (or an idle keep-alive) closes, unanswered; one begun
-        when a drain's wait for it passed closes lingering, unanswered."""
+        """A deadline of ``api.guard`` passed: a stalled body is answered 408; the rest
+        of an ingest's body answered early (a bad line's 400), read and dropped, closes
+        lingering; a head that did not arrive in time (or an idle keep-alive) closes,
+        unanswered; one begun when a drain's wait for it passed closes lingering,
+        unanswered."""
         if self._publish is not None and self._publishing is None:
             too_slow = problems.body_too_slow(self._guard.limits.body_timeout)
             self._answer(with_cors(too_slow, self._publish.scope), "publish")
+        elif self._ingest is not None and self._ingest.answered and not self._ingest.body_ended:
+            # Its client may be sending still, after a pause: closed at once, it got a
+            # reset, not the answer (as uvicorn's protocol closes it: api.guard's expire).
+            self._close_after_ingest(self._ingest)
         elif self._head_begun_in_drain():
             # Its client is writing it: closed at once, its next bytes reset the connection,
             # and an answer given before on it, not read yet, could be lost with it (as

@@ -55,10 +55,15 @@ class Outcome:
     ending: str  # "end" (a FIN) or what broke it
 
 
-def ingest_head(broker: BrokerProcess, topic: str, route: str) -> bytes:
-    """An ingest's head, on the lean route or behind a request uvicorn's protocol reads
-    (the by-app route, as tests/http/test_ingest_faults.open_ingest does)."""
-    head = request_bytes("POST", f"{broker.url}/topics/{topic}/events", NDJSON)
+def ingest_head(
+    broker: BrokerProcess, topic: str, route: str, headers: dict[str, str] | None = None
+) -> bytes:
+    """An ingest's head (``headers`` added), on the lean route or behind a request
+    uvicorn's protocol reads (the by-app route, as tests/http/test_ingest_faults.open_ingest
+    does)."""
+    head = request_bytes(
+        "POST", f"{broker.url}/topics/{topic}/events", {**NDJSON, **(headers or {})}
+    )
     return head if route == "lean" else request_bytes("GET", f"{broker.url}/healthz") + head
 
 
@@ -492,3 +497,41 @@ async def test_a_drain_answers_a_read_sent_ahead_of_others_and_closes_lingering(
     assert outcome.ending == "end", outcome
     assert outcome.received.startswith(b"HTTP/1.1 200 "), outcome.received
     assert b"connection: close\r\n" in outcome.received, outcome.received
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+@pytest.mark.parametrize("keyed", [False, True], ids=["keyless", "keyed"])
+async def test_an_ingest_answered_early_whose_body_pauses_past_its_deadline_ends_cleanly(
+    limits_broker: BrokerProcess, route: str, keyed: bool
+) -> None:
+    """A bad line is answered 400 and the rest of the body read and dropped; the
+    producer then pauses past the body's deadline (limits_broker's: 1 s between reads)
+    and the broker closes, then it writes on. The connection closed lingering: the
+    producer reads the 400 and an end. On the lean route it was closed at once, and the
+    producer writing on got a reset (its writes refused), as the lingering close is
+    there to prevent (uvicorn's route lingered)."""
+    headers = {"Idempotency-Key": f"paused-{route}"} if keyed else {}
+    head = ingest_head(limits_broker, new_topic(), route, headers)
+    sock = socket.create_connection(("127.0.0.1", limits_broker.port), timeout=ANSWER_WAIT_S)
+    try:
+        sock.sendall(head + chunk(line(1)) + chunk(b"{not json}\n"))
+        answer = await asyncio.to_thread(answer_then_deadline, sock)
+        outcome = await asyncio.to_thread(write_on_then_read, sock, b"", WRITES_AFTER_ANSWER)
+    finally:
+        sock.close()
+    assert answer.split(b"HTTP/1.1 ")[-1].startswith(b"400 "), answer
+    assert outcome.ending == "end", outcome
+
+
+def answer_then_deadline(sock: socket.socket) -> bytes:
+    """Read the bad line's 400, then send nothing until the broker ends its side: the
+    body's deadline passed (the 400 kept the connection, the body unended). What the
+    client writes next comes after the broker's close."""
+    received = bytearray()
+    while not (b"HTTP/1.1 400 " in received and received.endswith(b"}")):
+        data = sock.recv(65536)
+        assert data, received
+        received += data
+    while data := sock.recv(65536):  # (within the socket's timeout, ANSWER_WAIT_S)
+        received += data
+    return bytes(received)
