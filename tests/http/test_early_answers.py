@@ -17,26 +17,21 @@ broker's bounds (``LINGER_MAX_BYTES``).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import select
 import signal
 import socket
 import time
 from dataclasses import dataclass
-from importlib import resources
 
 import httpx
 import pytest
-import redis.asyncio as redis
 
 from api.lingering import LINGER_MAX_BYTES
 from tests.http.helpers import metric_value, new_topic, request_bytes
 from tests.http.test_ingest import chunk, line
-from tests.http.test_ingest_faults import an_append_waits_in_redis
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until, wait_until
 from tests.support.redis_server import RedisServer
-from tests.support.slow_redis_proxy import SlowRedisProxy
 
 ANSWER_WAIT_S = 10
 WRITES_AFTER_ANSWER = 48
@@ -343,37 +338,6 @@ def write_paced_then_read(sock: socket.socket, first: bytes) -> Outcome:
         received += data
 
 
-async def test_a_drain_answers_a_publish_sent_ahead_of_others_and_closes_lingering(
-    redis_server: RedisServer,
-) -> None:
-    """A drain begins while a publish's body is coming; its client has sent a second,
-    larger publish ahead (pipelined) and is still sending it. The first is answered
-    201 with ``Connection: close``, and the connection closes lingering: the client
-    writing on reads the 201 then an end. It was closed at once, with the second's
-    bytes unread: the client got a reset (its writes refused), and a system or a
-    middlebox that drops what was not read yet lost the 201 (a retry stored it twice)."""
-    broker = BrokerProcess(redis_url=redis_server.url).start()
-    try:
-        first = b'{"data": "first"}'
-        second = b'{"data": "' + b"x" * 200_000 + b'"}'
-        url = f"{broker.url}/topics/{new_topic()}/events"
-        sock = socket.create_connection(("127.0.0.1", broker.port), timeout=ANSWER_WAIT_S)
-        try:
-            sock.sendall(sized_publish(url, first)[:-5])
-            await asyncio.to_thread(drain_begun, broker)
-            sent_ahead = first[-5:] + sized_publish(url, second)
-            outcome = await asyncio.to_thread(write_on_then_read, sock, sent_ahead, 8)
-        finally:
-            sock.close()
-        assert broker.process is not None
-        assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
-    finally:
-        broker.close()
-    assert outcome.ending == "end", outcome
-    assert outcome.received.startswith(b"HTTP/1.1 201 "), outcome.received
-    assert b"connection: close\r\n" in outcome.received, outcome.received
-
-
 def sized_publish(url: str, body: bytes) -> bytes:
     headers = {**PUBLISH, "Content-Length": str(len(body))}
     return request_bytes("POST", url, headers, body)
@@ -384,119 +348,6 @@ def drain_begun(broker: BrokerProcess) -> None:
     assert broker.process is not None
     broker.process.send_signal(signal.SIGTERM)
     wait_until(lambda: "Shutting down" in broker.log(), timeout=5, what="the drain to begin")
-
-
-async def test_a_drain_answers_an_ingest_sent_ahead_of_others_and_closes_lingering(
-    private_redis: RedisServer, redis_admin: redis.Redis
-) -> None:
-    """An ingest's body has ended, its last lines' append in flight (Redis's writes
-    paused), and its client has sent a publish ahead (pipelined) when a drain begins.
-    The ingest is answered 201 with ``Connection: close``, and the connection closes
-    lingering: the client still sending reads the 201 then an end. It was closed at
-    once, the publish's bytes unread: the client got a reset (its writes refused), and
-    a system or a middlebox that drops what was not read yet lost the 201."""
-    broker = BrokerProcess(redis_url=private_redis.url).start()
-    try:
-        topic = new_topic()
-        url = f"{broker.url}/topics/{topic}/events"
-        sock = socket.create_connection(("127.0.0.1", broker.port), timeout=ANSWER_WAIT_S)
-        try:
-            async with httpx.AsyncClient(base_url=broker.url, timeout=ANSWER_WAIT_S) as client:
-                sock.sendall(ingest_head(broker, topic, "lean") + chunk(line(1)))
-                await await_until(lambda: stored(client, topic, 1), timeout=5, what="1 stored")
-            await redis_admin.execute_command("CLIENT", "PAUSE", 10000, "WRITE")
-            try:
-                ahead = {**PUBLISH, "Content-Length": "100000"}
-                sock.sendall(chunk(line(2)) + b"0\r\n\r\n" + request_bytes("POST", url, ahead))
-                await await_until(
-                    lambda: an_append_waits_in_redis(redis_admin), timeout=5, what="append held"
-                )
-                await asyncio.to_thread(drain_begun, broker)
-            finally:
-                await redis_admin.execute_command("CLIENT", "UNPAUSE")
-            outcome = await asyncio.to_thread(write_on_then_read, sock, b"", 8)
-        finally:
-            sock.close()
-        assert broker.process is not None
-        assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
-    finally:
-        broker.close()
-    assert outcome.ending == "end", outcome
-    answer = outcome.received.split(b"HTTP/1.1 ")[-1]
-    assert answer.startswith(b"201 "), outcome.received
-    assert b"connection: close\r\n" in answer, outcome.received
-
-
-async def test_bytes_that_are_no_request_after_a_drain_began_end_cleanly(
-    redis_server: RedisServer,
-) -> None:
-    """A connection accepted, its request not sent yet, when a drain begins: its head is
-    awaited (a second). Bytes that are no request come, and the client goes on sending;
-    uvicorn's protocol, handed them, answers 400 and closes lingering: the client reads
-    the 400 then an end. It got a reset: the drain's shutdown of that protocol closed
-    the connection at once under the lingering close."""
-    broker = BrokerProcess(redis_url=redis_server.url).start()
-    try:
-        sock = socket.create_connection(("127.0.0.1", broker.port), timeout=ANSWER_WAIT_S)
-        try:
-            # (accepted in turn: once a later connection was answered, this one was taken)
-            async with httpx.AsyncClient(base_url=broker.url, timeout=ANSWER_WAIT_S) as client:
-                assert (await client.get("/healthz")).status_code == 200
-            await asyncio.to_thread(drain_begun, broker)
-            no_request = b"\x01 no request\r\n"
-            outcome = await asyncio.to_thread(
-                write_on_then_read, sock, no_request, WRITES_AFTER_ANSWER
-            )
-        finally:
-            sock.close()
-        assert broker.process is not None
-        assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
-    finally:
-        broker.close()
-    assert outcome.ending == "end", outcome
-    assert outcome.received.startswith(b"HTTP/1.1 400 "), outcome.received
-
-
-async def test_a_drain_answers_a_read_sent_ahead_of_others_and_closes_lingering(
-    private_redis: RedisServer,
-) -> None:
-    """A request with no body on the app's route (a page of a topic's history) waits on
-    the store when a drain begins; its client has begun the next request (pipelined)
-    and is still sending it. The read is answered with ``Connection: close``, and the
-    connection closes lingering: the client writing on reads the answer then an end.
-    It was closed at once (only a request declaring a body closed lingering): the
-    client got a reset."""
-    range_sha = hashlib.sha1(
-        resources.files("broker").joinpath("lua", "range.lua").read_text().encode()
-    ).hexdigest()
-    with SlowRedisProxy(private_redis.port) as proxy:
-        broker = BrokerProcess(redis_url=proxy.url).start()
-        try:
-            topic = new_topic()
-            url = f"{broker.url}/topics/{topic}/events"
-            async with httpx.AsyncClient(base_url=broker.url, timeout=ANSWER_WAIT_S) as client:
-                published = await client.post(url, json={"data": "first"})
-                assert published.status_code == 201, published.text
-            sock = socket.create_connection(("127.0.0.1", broker.port), timeout=ANSWER_WAIT_S)
-            try:
-                proxy.slow_down(range_sha.encode(), ANSWER_WAIT_S)
-                try:
-                    read = request_bytes("GET", url, {"Accept": "application/json"})
-                    sock.sendall(read + request_bytes("POST", url, PUBLISH)[:-2])
-                    await await_until(lambda: proxy.held > 0, timeout=5, what="a read held")
-                    await asyncio.to_thread(drain_begun, broker)
-                finally:
-                    proxy.let_through()
-                outcome = await asyncio.to_thread(write_on_then_read, sock, b"", 8)
-            finally:
-                sock.close()
-            assert broker.process is not None
-            assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
-        finally:
-            broker.close()
-    assert outcome.ending == "end", outcome
-    assert outcome.received.startswith(b"HTTP/1.1 200 "), outcome.received
-    assert b"connection: close\r\n" in outcome.received, outcome.received
 
 
 @pytest.mark.parametrize("route", ["lean", "by-app"])
