@@ -27,6 +27,7 @@ from tests.http.test_early_answers import (
     PUBLISH,
     WRITES_AFTER_ANSWER,
     drain_begun,
+    exits_cleanly,
     ingest_head,
     sized_publish,
     stored,
@@ -90,8 +91,7 @@ async def test_a_head_begun_when_a_drain_begins_ends_cleanly_for_its_client_writ
             outcome = await asyncio.to_thread(write_on_then_read, sock, rest, WRITES_AFTER_ANSWER)
         finally:
             sock.close()
-        assert broker.process is not None
-        assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
+        await exits_cleanly(broker)
     finally:
         broker.close()
     assert outcome.ending == "end", outcome
@@ -120,8 +120,7 @@ async def test_a_drain_answers_a_publish_sent_ahead_of_others_and_closes_lingeri
             outcome = await asyncio.to_thread(write_on_then_read, sock, sent_ahead, 8)
         finally:
             sock.close()
-        assert broker.process is not None
-        assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
+        await exits_cleanly(broker)
     finally:
         broker.close()
     assert outcome.ending == "end", outcome
@@ -160,8 +159,7 @@ async def test_a_drain_answers_an_ingest_sent_ahead_of_others_and_closes_lingeri
             outcome = await asyncio.to_thread(write_on_then_read, sock, b"", 8)
         finally:
             sock.close()
-        assert broker.process is not None
-        assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
+        await exits_cleanly(broker)
     finally:
         broker.close()
     assert outcome.ending == "end", outcome
@@ -192,8 +190,7 @@ async def test_bytes_that_are_no_request_after_a_drain_began_end_cleanly(
             )
         finally:
             sock.close()
-        assert broker.process is not None
-        assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
+        await exits_cleanly(broker)
     finally:
         broker.close()
     assert outcome.ending == "end", outcome
@@ -233,8 +230,7 @@ async def test_a_drain_answers_a_read_sent_ahead_of_others_and_closes_lingering(
                 outcome = await asyncio.to_thread(write_on_then_read, sock, b"", 8)
             finally:
                 sock.close()
-            assert broker.process is not None
-            assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
+            await exits_cleanly(broker)
         finally:
             broker.close()
     assert outcome.ending == "end", outcome

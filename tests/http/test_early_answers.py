@@ -214,8 +214,7 @@ async def test_a_drain_closes_lingering_under_a_body_still_coming(
             outcome = await asyncio.to_thread(write_on_then_read, sock, b"", WRITES_AFTER_ANSWER)
         finally:
             sock.close()
-        assert broker.process is not None
-        assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
+        await exits_cleanly(broker)
     finally:
         broker.close()
     assert answer.split(b"HTTP/1.1 ")[-1].startswith(b"400 "), answer
@@ -336,6 +335,12 @@ def write_paced_then_read(sock: socket.socket, first: bytes) -> Outcome:
         if not data:
             return Outcome(bytes(received), "end")
         received += data
+
+
+async def exits_cleanly(broker: BrokerProcess) -> None:
+    """The drain over: the broker's process exited 0 within the answer's wait."""
+    assert broker.process is not None
+    assert await asyncio.to_thread(broker.process.wait, ANSWER_WAIT_S) == 0, broker.log()
 
 
 def sized_publish(url: str, body: bytes) -> bytes:
