@@ -800,6 +800,41 @@ async def test_the_brokers_own_origin_is_its_scheme_host_and_port(
 # -- a streaming ingest outliving its token ------------------------------------------------------
 
 
+async def _ingest_past_its_token(
+    broker: BrokerProcess, path_kind: str, then: bytes, headers: tuple[str, ...] = ()
+) -> tuple[bytes, bytes]:
+    """An ingest on a new topic whose token expires 4 s on: line 1 stored under it,
+    then, once it expired, ``then`` and the body's end; line 1 alone stored. Its final
+    answer."""
+    topic = new_topic("auth")
+    token = hs_token(claims(publish=[topic], expires_in=4))
+    viewer = hs_token(claims(subscribe=[topic]))
+    exp = orjson.loads(_payload(token))["exp"]
+    head = [
+        f"POST /topics/{topic}/events HTTP/1.1",
+        f"Host: 127.0.0.1:{broker.port}",
+        f"Authorization: Bearer {token}",
+        "Content-Type: application/x-ndjson",
+        *headers,
+        "Transfer-Encoding: chunked",
+        *(["Expect: 100-continue"] if path_kind == "by-app" else []),
+    ]
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+    try:
+        writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + chunk(b'{"data": 1}\n'))
+        await writer.drain()
+        wait_until(lambda: stored(broker.url, topic, viewer) == [1], timeout=5, what="line 1")
+        while time.time() < exp + 0.2:  # (the token's clock: whole seconds)
+            await asyncio.sleep(0.1)
+        writer.write(chunk(then) + b"0\r\n\r\n")
+        await writer.drain()
+        status, body = await _final_answer(reader)
+    finally:
+        writer.close()
+    assert await asyncio.to_thread(stored, broker.url, topic, viewer) == [1]
+    return status, body
+
+
 @pytest.mark.parametrize("path_kind", ["lean", "by-app"])
 async def test_a_streaming_ingest_stops_storing_when_its_token_expires(
     auth_broker: BrokerProcess, path_kind: str
@@ -808,33 +843,9 @@ async def test_a_streaming_ingest_stops_storing_when_its_token_expires(
     producer sends. Lines that came after the token's expiry were stored for as long
     as they came (a publish right outliving its token by hours). They are refused
     with 401; the lines before stay stored."""
-    topic = new_topic("auth")
-    token = hs_token(claims(publish=[topic], expires_in=4))
-    viewer = hs_token(claims(subscribe=[topic]))
-    exp = orjson.loads(_payload(token))["exp"]
-    head = [
-        f"POST /topics/{topic}/events HTTP/1.1",
-        f"Host: 127.0.0.1:{auth_broker.port}",
-        f"Authorization: Bearer {token}",
-        "Content-Type: application/x-ndjson",
-        "Transfer-Encoding: chunked",
-        *(["Expect: 100-continue"] if path_kind == "by-app" else []),
-    ]
-    reader, writer = await asyncio.open_connection("127.0.0.1", auth_broker.port)
-    try:
-        writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + chunk(b'{"data": 1}\n'))
-        await writer.drain()
-        wait_until(lambda: stored(auth_broker.url, topic, viewer) == [1], timeout=5, what="line 1")
-        while time.time() < exp + 0.2:  # (the token's clock: whole seconds)
-            await asyncio.sleep(0.1)
-        writer.write(chunk(b'{"data": 2}\n') + b"0\r\n\r\n")
-        await writer.drain()
-        status, body = await _final_answer(reader)
-    finally:
-        writer.close()
+    status, body = await _ingest_past_its_token(auth_broker, path_kind, b'{"data": 2}\n')
     assert status.startswith(b"HTTP/1.1 401 "), status
     assert "the token expired during the ingest" in orjson.loads(body)["detail"]
-    assert await asyncio.to_thread(stored, auth_broker.url, topic, viewer) == [1]
 
 
 @pytest.mark.parametrize("path_kind", ["lean", "by-app"])
@@ -845,31 +856,8 @@ async def test_a_keyed_ingest_whose_token_expires_in_its_blank_last_lines_is_ans
     is refused storing, and the answer is its ids, as a body without those blank lines
     is answered. The end's check of its blank lines (it stores nothing) refused it 401,
     a producer told its stream failed."""
-    topic = new_topic("auth")
-    token = hs_token(claims(publish=[topic], expires_in=4))
-    viewer = hs_token(claims(subscribe=[topic]))
-    exp = orjson.loads(_payload(token))["exp"]
-    head = [
-        f"POST /topics/{topic}/events HTTP/1.1",
-        f"Host: 127.0.0.1:{auth_broker.port}",
-        f"Authorization: Bearer {token}",
-        "Content-Type: application/x-ndjson",
-        "Idempotency-Key: blank-last-lines",
-        "Transfer-Encoding: chunked",
-        *(["Expect: 100-continue"] if path_kind == "by-app" else []),
-    ]
-    reader, writer = await asyncio.open_connection("127.0.0.1", auth_broker.port)
-    try:
-        writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + chunk(b'{"data": 1}\n'))
-        await writer.drain()
-        wait_until(lambda: stored(auth_broker.url, topic, viewer) == [1], timeout=5, what="line 1")
-        while time.time() < exp + 0.2:  # (the token's clock: whole seconds)
-            await asyncio.sleep(0.1)
-        writer.write(chunk(b"\n\n") + b"0\r\n\r\n")
-        await writer.drain()
-        status, body = await _final_answer(reader)
-    finally:
-        writer.close()
+    key = ("Idempotency-Key: blank-last-lines",)
+    status, body = await _ingest_past_its_token(auth_broker, path_kind, b"\n\n", key)
     assert status.startswith(b"HTTP/1.1 201 "), (status, body)
     assert len(orjson.loads(body)["ids"]) == 1, body
 
