@@ -65,9 +65,11 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 def _publish_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     publish = commands.add_parser(
-        "publish", parents=[common], help="publish one event (DATA, else stdin)",
+        "publish", parents=[common],
+        help="publish one event (DATA, else stdin), or one a line of stdin (--lines)",
         description="Publish DATA (JSON unless --text) to TOPIC; without DATA, read it from "
-        "stdin. Prints the broker's answer ({\"id\": ...}) on stdout.",
+        "stdin; with --lines, stream stdin, one event a line. Prints the broker's answer "
+        "({\"id\": ...}) on stdout.",
     )  # fmt: skip
     publish.add_argument("topic")
     publish.add_argument("data", nargs="?", help="the event's data (default: stdin)")
@@ -75,6 +77,15 @@ def _publish_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     publish.add_argument("--text", action="store_true", help="publish DATA as text, not JSON")
     publish.add_argument("--idempotency-key", help="a key that makes a repeat store nothing")
     publish.add_argument("--close", action="store_true", help="close the topic after this event")
+    publish.add_argument(
+        "--lines", action="store_true",
+        help="stream stdin, one event a line, each sent as it is read (a streaming ingest): "
+        "a line is the event's data, a JSON value as DATA is (a blank one skipped, as the "
+        "ingest skips it), or with --text the line less its LF/CRLF, sent as a JSON string "
+        "(the ingest stores JSON; a blank one an empty string: a text's own line); --close "
+        "closes the topic at stdin's end. Prints {\"count\", \"first_id\", \"last_id\"}; a "
+        "failure names the --idempotency-key (made up if not given) to rerun it under",
+    )  # fmt: skip
     publish.set_defaults(run_client=_guarded(run_publish))
 
 
@@ -228,6 +239,10 @@ def _emit(item: Any, out: TextIO | None = None) -> None:
 
 
 def run_publish(args: argparse.Namespace) -> int:
+    if args.lines:
+        from brokerclient.cli_lines import run_publish_lines
+
+        return run_publish_lines(args)
     from brokerclient.publisher import Publisher
 
     raw = args.data if args.data is not None else _read_stdin()
