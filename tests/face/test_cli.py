@@ -80,7 +80,8 @@ def test_the_client_commands_load_no_server_side(face_broker: BrokerProcess) -> 
     topic = f"cli.lean.{uuid.uuid4().hex[:8]}"
     for command in (
         ["--help"],
-        ["publish", topic, "1", "--close"],
+        ["publish", topic, "1"],
+        ["publish", topic, "--lines", "--close"],  # (stdin empty: a stream of no line)
         ["tail", topic, "--from", "earliest"],
         ["topics", "--prefix", topic],
     ):

@@ -1,0 +1,130 @@
+"""``broker publish TOPIC --lines``: stdin streamed as a streaming ingest, one event a line,
+through the real console script and a real broker."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import uuid
+from typing import Any
+
+import httpx
+
+from tests.face.test_cli import broker, lines
+from tests.support.broker_process import BROKER_BIN, BrokerProcess
+from tests.support.polling import wait_until
+from tests.support.redis_server import free_port
+
+
+def history(url: str, topic: str) -> list[dict[str, Any]]:
+    answer = httpx.get(
+        f"{url}/topics/{topic}/events", headers={"Accept": "application/json"}, timeout=10
+    )
+    return list(answer.json()["events"]) if answer.status_code == 200 else []
+
+
+def test_lines_are_stored_in_order_each_once_and_close_closes(face_broker: BrokerProcess) -> None:
+    topic = f"cli.lines.{uuid.uuid4().hex[:8]}"
+    stdin = '1\n{"a": 2}\n\n  \r\n"three"\n[4]'  # (blank lines skipped; the last one unended)
+    done = broker("publish", topic, "--lines", "--event", "tok", "--close",
+                  url=face_broker.url, stdin=stdin)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    events = history(face_broker.url, topic)
+    assert [(e["event"], e["data"]) for e in events] == [
+        ("tok", 1), ("tok", {"a": 2}), ("tok", "three"), ("tok", [4]), ("broker.end", {}),
+    ]  # fmt: skip
+    assert lines(done.stdout) == [{
+        "count": 4, "first_id": events[0]["id"], "last_id": events[3]["id"],
+        "end_id": events[4]["id"],
+    }]  # fmt: skip
+    refused = broker("publish", topic, "5", url=face_broker.url)
+    assert refused.returncode == 1 and "409" in refused.stderr  # closed
+
+
+def test_text_lines_are_json_strings_less_their_line_ending(face_broker: BrokerProcess) -> None:
+    """A blank line is an empty string (the text's own line); CRLF and LF are taken off,
+    a lone CR inside kept; nothing is parsed as JSON."""
+    topic = f"cli.lines.{uuid.uuid4().hex[:8]}"
+    stdin = "a\r\n\nnot json\n{x}\n a\rb \r\nlast"
+    done = broker("publish", topic, "--lines", "--text", url=face_broker.url, stdin=stdin)
+    assert done.returncode == 0, done.stderr
+    assert [e["data"] for e in history(face_broker.url, topic)] == [
+        "a", "", "not json", "{x}", " a\rb ", "last",
+    ]  # fmt: skip
+    assert lines(done.stdout)[0]["count"] == 6
+
+
+def test_a_line_is_stored_before_stdin_ends(face_broker: BrokerProcess) -> None:
+    """Each line goes when it is read, not once stdin is read whole: a generator's first
+    token is on the page while the generator runs."""
+    topic = f"cli.lines.{uuid.uuid4().hex[:8]}"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    command = [str(BROKER_BIN), "publish", topic, "--lines", "--url", face_broker.url]
+    publishing = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=environment,
+    )  # fmt: skip
+    try:
+        assert publishing.stdin is not None
+        for n in (1, 2):
+            publishing.stdin.write(f"{n}\n")
+            publishing.stdin.flush()
+            stored = wait_until(
+                lambda n=n: len(history(face_broker.url, topic)) == n,  # type: ignore[misc]
+                timeout=10,
+                what=f"line {n} stored while stdin is open",
+            )
+            assert stored and publishing.poll() is None
+        out, err = publishing.communicate("3\n", timeout=30)
+    finally:
+        publishing.kill()
+    assert publishing.returncode == 0, err
+    assert [e["data"] for e in history(face_broker.url, topic)] == [1, 2, 3]
+    assert lines(out)[0]["count"] == 3
+
+
+def test_a_line_not_json_stops_it_naming_the_line_and_the_key(face_broker: BrokerProcess) -> None:
+    """Exit 2 (as DATA not JSON); stdin's line named (blank lines counted), the events
+    before it stored, the topic not closed; the key made up is printed, and the input
+    fixed, rerun under it, stores each line once."""
+    topic = f"cli.lines.{uuid.uuid4().hex[:8]}"
+    bad = broker("publish", topic, "--lines", "--close", url=face_broker.url,
+                 stdin="1\n\n2\nnope\n4\n")  # fmt: skip
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stdout == "" and "Traceback" not in bad.stderr
+    assert "stdin line 4 is not JSON" in bad.stderr, bad.stderr
+    assert "the 2 event(s) before it were sent" in bad.stderr, bad.stderr
+    key = re.search(r"--idempotency-key (bc-\S+)", bad.stderr)
+    assert key, bad.stderr
+    assert [e["data"] for e in history(face_broker.url, topic)] == [1, 2]  # not closed
+    fixed = broker("publish", topic, "--lines", "--close", "--idempotency-key", key[1],
+                   url=face_broker.url, stdin="1\n\n2\n3\n4\n")  # fmt: skip
+    assert fixed.returncode == 0, fixed.stderr
+    events = history(face_broker.url, topic)
+    assert [e["data"] for e in events] == [1, 2, 3, 4, {}]
+    assert events[-1]["event"] == "broker.end"
+    assert lines(fixed.stdout)[0]["count"] == 4
+
+
+def test_a_stream_not_stored_prints_its_key_to_rerun_under(face_broker: BrokerProcess) -> None:
+    """Unreachable (exit 3), or refused (exit 1): the key made up, or the one given, is
+    named, as the client's errors carry it; a usage error is told before anything is sent."""
+    topic = f"cli.lines.{uuid.uuid4().hex[:8]}"
+    nobody = f"http://127.0.0.1:{free_port()}"
+    down = broker("publish", topic, "--lines", url=nobody, stdin="1\n")
+    assert down.returncode == 3 and "unreachable" in down.stderr, down.stderr
+    assert re.search(r"send the same input again under --idempotency-key bc-\S+", down.stderr)
+    refused = broker("publish", topic, "--lines", "--event", "broker.x", "--idempotency-key",
+                     "my key", url=face_broker.url, stdin="1\n")  # fmt: skip
+    assert refused.returncode == 1 and "400" in refused.stderr, refused.stderr
+    assert "--idempotency-key 'my key'" in refused.stderr, refused.stderr
+    data = broker("publish", topic, "1", "--lines", url=face_broker.url, stdin="1\n")
+    assert data.returncode == 2 and "give no DATA" in data.stderr, data.stderr
+    not_utf8 = subprocess.run(
+        [str(BROKER_BIN), "publish", topic, "--lines", "--text", "--url", face_broker.url],
+        input=b"ok\n\xff\n", capture_output=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},
+    )  # fmt: skip
+    assert not_utf8.returncode == 2 and b"stdin line 2 is not UTF-8" in not_utf8.stderr
+    assert [e["data"] for e in history(face_broker.url, topic)] == ["ok"]
