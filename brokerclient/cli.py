@@ -6,7 +6,7 @@ Exit codes, for scripts:
 - 0: done (``tail``: the topic was closed, or it was interrupted by Ctrl-C: 130);
 - 1: the broker refused or failed (a 4xx or 500 answer, a closed topic, an answer
   that is not the broker's);
-- 2: bad usage (unknown flag, DATA that is not JSON without ``--text``);
+- 2: bad usage (unknown flag, DATA or a ``--lines`` line that is not JSON without ``--text``);
 - 3: the broker could not be reached (or kept answering 503) in the time allowed.
 
 ``--url`` defaults to ``BROKER_URL`` (else http://127.0.0.1:8000), ``--token`` to

@@ -31,7 +31,7 @@ import logging
 import shlex
 import sys
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from brokerclient.cli import (
     EXIT_ERROR,
@@ -44,6 +44,9 @@ from brokerclient.cli import (
     _token,
     _url,
 )
+
+if TYPE_CHECKING:
+    from brokerclient.errors import BrokerClientError, StreamInterrupted
 
 log = logging.getLogger("brokerclient.cli")
 JSON_WHITESPACE = b" \t\r\n"
@@ -113,7 +116,7 @@ def run_publish_lines(args: argparse.Namespace) -> int:
         try:
             result = publisher.stream(args.topic, lines, idempotency_key=key, close=args.close)
         except StreamInterrupted as stopped:
-            return _interrupted(args, stopped, lines)
+            return _interrupted(stopped, lines)
         except BrokerClientError as error:
             return _failed(error, key, lines)
         except KeyboardInterrupt:
@@ -128,7 +131,7 @@ def run_publish_lines(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _failed(error: Exception, key: str, lines: StdinLines) -> int:
+def _failed(error: BrokerClientError, key: str, lines: StdinLines) -> int:
     """The broker refused the stream, or could not be reached: said, with how to rerun
     it (but where no rerun stores the rest: a closed or deleted topic, or a stream the
     broker ended where the client cannot tell which lines to send, whose message says)."""
@@ -142,7 +145,7 @@ def _failed(error: Exception, key: str, lines: StdinLines) -> int:
     return EXIT_UNREACHABLE if unreachable else EXIT_ERROR
 
 
-def _interrupted(args: argparse.Namespace, stopped: Any, lines: StdinLines) -> int:
+def _interrupted(stopped: StreamInterrupted, lines: StdinLines) -> int:
     """stdin's line ``lines.line_number`` cannot be sent (or reading stdin failed): the
     events before it were sent, the request broken off, the topic not closed (exit 2, as
     for DATA that is not JSON; 1 for an error not the line's)."""
@@ -158,7 +161,7 @@ def _interrupted(args: argparse.Namespace, stopped: Any, lines: StdinLines) -> i
     return EXIT_USAGE if isinstance(cause, (BadLine, ValueError)) else EXIT_ERROR
 
 
-def _tell_rerun(key: str, error: Any, lines: StdinLines) -> None:
+def _tell_rerun(key: str, error: BrokerClientError | None, lines: StdinLines) -> None:
     """How to finish the stream storing each line once: the same input under its key, or,
     once it went on after event n as a stream of its own (key ``K+n``), stdin's lines
     after the one of event n."""
