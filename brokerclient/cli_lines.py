@@ -111,6 +111,8 @@ def run_publish_lines(args: argparse.Namespace) -> int:
         key = idempotency_key_of(args.idempotency_key)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if sys.stdin.isatty():
+        log.info("sending each line of stdin as an event (end with Ctrl-D)")
     lines = StdinLines(sys.stdin.buffer, text=args.text, event=args.event)
     with Publisher(_url(args), token=_token(args)) as publisher:
         try:
