@@ -103,9 +103,15 @@ end
 -- window (a resend): the line it stored last recorded there under another id, it went
 -- on in that one, after the other's lines; not recorded there, its entry still in the
 -- log (no failover lost it), it was told its lines lost, and its resend stored them again.
+-- Its close, or its end's check of the blank lines its body ended on, goes on (no line:
+-- nothing recorded anew), its records lapsed: checked against, and counted in, no
+-- ingest under way, which is another's (counted there, the other stream, the same one
+-- resent, was refused at its next line; or, past them, this one was: 400, every line
+-- of it stored), as where there is none.
 local function still_in_log(id)  -- ('0-0', an entry not named, taken as gone)
   return id ~= '0-0' and redis.call('XREVRANGE', log, id, id)[1] ~= nil
 end
+local lapsed = false  -- (its records: its close or end goes on, apart from any ingest)
 if per_event and stored_before > 0 and epoch then
   ingest_state()
   local recorded = ingest_live and remembered_line(stored_before, epoch)
@@ -117,6 +123,8 @@ if per_event and stored_before > 0 and epoch then
     return {-4, 'unrecorded'}
   elseif names > 1 then  -- (its key, then a line number per event)
     return {-6, ''}
+  else
+    lapsed = true
   end
 end
 
@@ -184,7 +192,7 @@ local function count_blank_end(through)
   redis.call('PEXPIRE', lines, ttl_ms > 0 and ttl_ms or window_ms)
   redis.call('PEXPIRE', lines_written, ttl_ms > 0 and ttl_ms or window_ms)
 end
-if per_event and epoch then
+if per_event and epoch and not lapsed then
   ingest_state()
   local ahead = ingest_high > stored_before
   local previous = stored_before  -- (this stream's line before it)

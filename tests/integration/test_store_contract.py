@@ -757,6 +757,45 @@ async def test_an_ingest_past_its_window_is_told_lapsed_not_lost_where_its_key_b
     assert [e.data_text for e in entries] == ["a1", "a2", "a1"]
 
 
+@pytest.mark.parametrize("other_sent", [["a1"], ["a1", "a2", "b3"]])
+async def test_an_ingest_past_its_window_ending_on_blank_lines_leaves_its_keys_new_ingest_alone(
+    windowed_store: tuple[RedisStreamStore, _RedisClock], topic: str, other_sent: list[str]
+) -> None:
+    """An ingest paused past the window while another stream under its key began a new
+    ingest of it, then its body ended on blank lines (3-4): its end's check, which stores
+    nothing, counted them in the other's ingest, which was then refused at its own line 2
+    (the same stream resent: 400, a line where blank ones were counted); or, the other
+    past them (a line 3), it was refused itself (400) though every line of it was stored.
+    Its end is answered as without the other (its records lapsed: nothing to check its
+    blank lines against, nothing counted), and the other goes on."""
+    store, clock = windowed_store
+    await clock.set(store, 2_000_000_000)
+    paused = await store.append(topic, events("a1", "a2"), lines=IngestLines("K", [1, 2]))
+    epoch = paused.ids[0].epoch
+    await clock.set(store, 2_000_000_000 + 120)  # past the window
+    other = await store.append(
+        topic, events(*other_sent), lines=IngestLines("K", range(1, len(other_sent) + 1))
+    )
+    ended = await store.append(
+        topic,
+        [],
+        lines=IngestLines("K", [], after=2, blank_through=4),
+        log_epoch=epoch,
+        after_entry=paused.ids[1].position,
+    )
+    assert ended.ids == []
+    on = len(other_sent) + 1
+    await store.append(
+        topic,
+        events(f"a{on}"),
+        lines=IngestLines("K", [on], after=on - 1),
+        log_epoch=epoch,
+        after_entry=other.ids[-1].position,
+    )
+    entries = (await store.read_range(topic, (0, 0), 10)).entries
+    assert [e.data_text for e in entries] == ["a1", "a2", *other_sent, f"a{on}"]
+
+
 async def test_an_ingest_whose_records_lapsed_sends_the_rest_as_a_stream_of_its_own(
     store: RedisStreamStore, topic: str
 ) -> None:
