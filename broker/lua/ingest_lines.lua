@@ -120,7 +120,11 @@ if per_event and stored_before > 0 and epoch then
   elseif ingest_live and not recorded and not still_in_log(stored_entry) then
     return {-4, ''}  -- (a failover lost its last line: the record and the entry together)
   elseif stored_entry and stored_entry ~= '0-0' and not entry_kept(stored_entry) then
-    return {-4, 'unrecorded'}
+    -- (lost; recorded again since by another stream under its key, open at once, the
+    -- ingest under way replays it to a resend of the whole stream: not 'unrecorded',
+    -- whose producer sends the lines after those kept as a stream of its own, and so
+    -- stored that line twice)
+    return {-4, recorded and '' or 'unrecorded'}
   elseif names > 1 then  -- (its key, then a line number per event)
     return {-6, ''}
   else

@@ -796,6 +796,30 @@ async def test_an_ingest_past_its_window_ending_on_blank_lines_leaves_its_keys_n
     assert [e.data_text for e in entries] == ["a1", "a2", *other_sent, f"a{on}"]
 
 
+async def test_a_line_a_failover_lost_stored_again_by_another_stream_is_told_replayable(
+    store: RedisStreamStore, topic: str
+) -> None:
+    """Two streams under one key, open at once (a retry while the first still lives): a
+    failover lost the first one's line 2, and the other stored its line 2 since (the
+    ingest under way records it, under another id). The first one's next append is
+    refused, as its line 2 is lost; and told ``replayable``, not told that no record is
+    left to replay (then its producer sent line 2 on as a stream of its own: stored
+    twice): the resend of its whole stream replays lines 1-2 and stores line 3, once."""
+    first = await ingest_line(store, topic, 1)
+    before_2 = await IngestAppends.read(store._client, topic, "K")
+    second = await ingest_line(store, topic, 2, epoch=first.epoch, after=first)
+    await before_2.lose_since(store._client, 1)  # the failover
+    retry = await store.append(topic, events("l1", "l2"), lines=IngestLines("K", [1, 2]))
+    assert retry.ids[0] == first and retry.ids[1] != second
+    with pytest.raises(LinesLost) as refused:
+        await ingest_line(store, topic, 3, epoch=first.epoch, after=second)
+    assert refused.value.replayable
+    resent = await store.append(topic, events("l1", "l2", "l3"), lines=IngestLines("K", [1, 2, 3]))
+    assert resent.ids[:2] == retry.ids
+    entries = (await store.read_range(topic, (0, 0), 10)).entries
+    assert [e.data_text for e in entries] == ["l1", "l2", "l3"]
+
+
 async def test_an_ingest_whose_records_lapsed_sends_the_rest_as_a_stream_of_its_own(
     store: RedisStreamStore, topic: str
 ) -> None:
