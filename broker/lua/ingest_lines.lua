@@ -101,15 +101,16 @@ end
 -- of its own. Not its close (no line: nothing recorded anew, all of its lines stored).
 -- And an ingest under way under its key that is not its own is another's, begun past its
 -- window (a resend): the line it stored last recorded there under another id, it went
--- on in that one, after the other's lines; not recorded there, its entry still in the
--- log (no failover lost it), it was told its lines lost, and its resend stored them again.
+-- on in that one, after the other's lines; not recorded there, its entry kept (still in
+-- the log, or trimmed by retention: no failover lost it), it was told its lines lost, and
+-- its resend stored them again.
 -- Its close, or its end's check of the blank lines its body ended on, goes on (no line:
 -- nothing recorded anew), its records lapsed: checked against, and counted in, no
 -- ingest under way, which is another's (counted there, the other stream, the same one
 -- resent, was refused at its next line; or, past them, this one was: 400, every line
 -- of it stored), as where there is none.
-local function still_in_log(id)  -- ('0-0', an entry not named, taken as gone)
-  return id ~= '0-0' and redis.call('XREVRANGE', log, id, id)[1] ~= nil
+local function entry_gone(id)  -- ('0-0', an entry not named, taken as gone)
+  return id == '0-0' or not entry_kept(id)
 end
 local lapsed = false  -- (its records: its close or end goes on, apart from any ingest)
 if per_event and stored_before > 0 and epoch then
@@ -117,7 +118,7 @@ if per_event and stored_before > 0 and epoch then
   local recorded = ingest_live and remembered_line(stored_before, epoch)
   if recorded and (recorded == stored_entry or stored_entry == '0-0') then
     -- (its own ingest, under way; '0-0': a caller that does not say which entry)
-  elseif ingest_live and not recorded and not still_in_log(stored_entry) then
+  elseif ingest_live and not recorded and entry_gone(stored_entry) then
     return {-4, ''}  -- (a failover lost its last line: the record and the entry together)
   elseif stored_entry and stored_entry ~= '0-0' and not entry_kept(stored_entry) then
     -- (lost; recorded again since by another stream under its key, open at once, the

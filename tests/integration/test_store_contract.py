@@ -757,6 +757,33 @@ async def test_an_ingest_past_its_window_is_told_lapsed_not_lost_where_its_key_b
     assert [e.data_text for e in entries] == ["a1", "a2", "a1"]
 
 
+async def test_an_ingest_past_its_window_whose_last_entry_retention_trimmed_is_told_lapsed(
+    redis_server: RedisServer, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, its line 2's entry trimmed since by retention (MAXLEN 1, other writers'
+    events after it), which is no loss: it was told its lines lost (a resend of the whole
+    stream, the other's ingest recording line 1 only, stored line 2 twice) because its
+    entry was not in the log. Its records lapsed (``RecordsLapsed``), as where no other
+    stream began an ingest under its key."""
+    clock = _RedisClock(monkeypatch)
+    store = open_store(
+        redis_server.url, idempotency_seconds=60, topic_ttl_seconds=3600, retention_maxlen=1
+    )
+    try:
+        await clock.set(store, 2_000_000_000)
+        paused = await store.append(topic, events("a1", "a2"), lines=IngestLines("K", [1, 2]))
+        await clock.set(store, 2_000_000_000 + 120)  # past the window
+        await store.append(topic, events("a1"), lines=IngestLines("K", [1]))
+        for n in range(40):  # (past the trim slack: each append trims)
+            await store.append(topic, events(f"other{n}"))
+        assert (await store.state(topic)).trimmed_through >= paused.ids[1].position
+        with pytest.raises(RecordsLapsed):
+            await ingest_line(store, topic, 3, epoch=paused.ids[0].epoch, after=paused.ids[1])
+    finally:
+        await store._client.delete(_RedisClock.KEY)
+        await store.close()
+
+
 @pytest.mark.parametrize("other_sent", [["a1"], ["a1", "a2", "b3"]])
 async def test_an_ingest_past_its_window_ending_on_blank_lines_leaves_its_keys_new_ingest_alone(
     windowed_store: tuple[RedisStreamStore, _RedisClock], topic: str, other_sent: list[str]
