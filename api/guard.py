@@ -205,6 +205,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     handover or of the previous response's end; a body within the body timeout
     of its head, except a streaming ingest (``application/x-ndjson``), whose
     deadline starts again with each read: it may idle that long between lines.
+    A body answered before its end (a bad line's 400, a 413) is read and dropped
+    within the body timeout of the answer, in all: past it, closed lingering.
     While the app works on a request, and for as long as a response streams,
     nothing is timed here.
     """
@@ -332,8 +334,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
-        if self._deadline_per_read:  # a streaming ingest: the timeout bounds each pause
+        if self._deadline_per_read and not self._answered_mid_body():
+            # a streaming ingest: the timeout bounds each pause (once answered, the rest
+            # is dropped within one deadline: on_response_complete)
             self._guard.deadlines.set(self, self._guard.limits.body_timeout)
+
+    def _answered_mid_body(self) -> bool:
+        """The request whose body is being read was answered (a bad line's 400): the
+        rest of its body is read and dropped."""
+        return self._reading_body and self.cycle is not None and self.cycle.response_complete
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -397,6 +406,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.server_state.total_requests += 1  # (as uvicorn's own counts it)
             return
         super().on_response_complete()
+        if self._answered_mid_body() and not self.transport.is_closing():
+            # The whole rest within the body timeout of the answer, not of each read:
+            # refreshed at each, a client trickling a byte within each deadline held the
+            # connection for ever. Past it, expire closes lingering.
+            self._guard.deadlines.set(self, self._guard.limits.body_timeout)
         if self._deferred_400 is not None:
             if not self._answering():  # (else a request pipelined is answered first)
                 message, self._deferred_400 = self._deferred_400, None

@@ -58,8 +58,9 @@ class IngestServing:
         if not exchange.ingesting or exchange.body_ended:
             self._received += data  # (read before the pause took effect)
             return
-        if exchange.answered:  # the rest of a body answered early: dropped, in time
-            self._guard.deadlines.set(self, self._guard.limits.body_timeout)
+        # (the rest of a body answered early is dropped here, its deadline set once by
+        # ingest_answered: set at each read, a client trickling a byte within each
+        # deadline held the connection for ever)
         if exchange.received(data) and self._ingest is exchange and not self._lost:
             assert self._transport is not None
             self._transport.pause_reading()  # pipelined requests wait for its answer
@@ -96,6 +97,8 @@ class IngestServing:
         if close or self._closing or not request.keep_alive:
             self._close_after_ingest(self._ingest, self._closing and request.keep_alive)
         elif not self._ingest.body_ended:  # (ReceivedBody may have paused it)
+            # the whole rest, read and dropped, within the body timeout of the answer
+            # (not refreshed by its reads); past it the connection closes lingering
             self._guard.deadlines.set(self, self._guard.limits.body_timeout)
             self._transport.resume_reading()
 

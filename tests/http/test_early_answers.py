@@ -391,3 +391,80 @@ def answer_then_deadline(sock: socket.socket) -> bytes:
     while data := sock.recv(65536):  # (within the socket's timeout, ANSWER_WAIT_S)
         received += data
     return bytes(received)
+
+
+TRICKLE_PACE_S = 0.6
+"""A trickling client's pause between writes: within limits_broker's body deadline (1 s)."""
+TRICKLED_WRITES = 5
+"""Its writes at most (3 s): the rest's deadline (1 s from the answer) passed well before."""
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_the_rest_of_a_body_answered_early_trickling_is_dropped_within_one_deadline(
+    limits_broker: BrokerProcess, route: str
+) -> None:
+    """A bad line is answered 400 and the rest of the body read and dropped, its client
+    writing a line every 0.6 s, each within the body's deadline (1 s) of the one before:
+    the rest must come whole within one deadline of the answer, and the connection
+    closes lingering (the client reads the 400, then an end). The deadline was set again
+    at each read dropped, on both routes: trickling, the client held the connection (and
+    its descriptor) for ever."""
+    head = ingest_head(limits_broker, new_topic(), route)
+    sock = socket.create_connection(("127.0.0.1", limits_broker.port), timeout=ANSWER_WAIT_S)
+    try:
+        sock.sendall(head + chunk(line(1)) + chunk(b"{not json}\n"))
+        answer = await asyncio.to_thread(read_problem, sock, b"400")
+        outcome = await asyncio.to_thread(trickle_until_closed, sock)
+    finally:
+        sock.close()
+    assert outcome.ending == "end", outcome
+    assert answer.split(b"HTTP/1.1 ")[-1].startswith(b"400 "), answer
+
+
+def trickle_until_closed(sock: socket.socket) -> Outcome:
+    """Write a line, wait ``TRICKLE_PACE_S`` for the broker to end its side, and again,
+    ``TRICKLED_WRITES`` times at most."""
+    received = bytearray()
+    for _ in range(TRICKLED_WRITES):
+        try:
+            sock.sendall(chunk(line("trickled")))
+            readable, _, _ = select.select([sock], [], [], TRICKLE_PACE_S)
+            data = sock.recv(65536) if readable else None
+        except OSError as error:
+            return Outcome(bytes(received), f"{error!r}")
+        if data == b"":
+            return Outcome(bytes(received), "end")
+        received += data or b""
+    return Outcome(bytes(received), f"still open after {TRICKLED_WRITES} writes")
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_the_rest_of_a_body_answered_early_sent_at_once_keeps_the_connection(
+    limits_broker: BrokerProcess, route: str
+) -> None:
+    """A bad line is answered 400; its client sends the rest of the body at once and a
+    request after it: the rest is read and dropped within its deadline, and the request
+    after it answered on the same connection (kept alive, as uvicorn keeps it)."""
+    head = ingest_head(limits_broker, new_topic(), route)
+    sock = socket.create_connection(("127.0.0.1", limits_broker.port), timeout=ANSWER_WAIT_S)
+    try:
+        sock.sendall(head + chunk(line(1)) + chunk(b"{not json}\n"))
+        await asyncio.to_thread(read_problem, sock, b"400")
+        rest = chunk(line(2) + line(3)) + b"0\r\n\r\n"
+        sock.sendall(rest + request_bytes("GET", f"{limits_broker.url}/healthz"))
+        after = await asyncio.to_thread(read_problem, sock, b"200")
+    finally:
+        sock.close()
+    assert after.startswith(b"HTTP/1.1 200 "), after
+
+
+def read_problem(sock: socket.socket, status: bytes) -> bytes:
+    """Read until an answer of ``status`` whose JSON body ended (a problem, or
+    /healthz's)."""
+    received = bytearray()
+    start = b"HTTP/1.1 " + status + b" "
+    while not (start in received and received.endswith(b"}")):
+        data = sock.recv(65536)
+        assert data, received
+        received += data
+    return bytes(received[received.index(start) :])
