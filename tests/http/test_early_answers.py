@@ -286,9 +286,10 @@ async def ingest_400s(client: httpx.AsyncClient) -> float:
     return metric_value(response.text, "broker_http_responses_total", labels) or 0
 
 
-PACED_WRITES = 30
+PACED_WRITES = 50
 """Writes of ``FILLER`` a client makes after a 413, one each ``PACE_S``: its body goes
-on past the broker's body deadline (limits_broker's: 1 s from the head)."""
+on past the broker's body deadline (limits_broker's: 1 s from the answer, which comes
+at the head), with a second to spare."""
 PACE_S = 0.05
 
 
@@ -296,7 +297,7 @@ async def test_a_body_refused_too_large_and_still_coming_past_its_deadline_ends_
     limits_broker: BrokerProcess,
 ) -> None:
     """A publish declaring a body over BROKER_MAX_BODY_BYTES is answered 413 at once, and
-    the rest of its body read and dropped; its body deadline (from its head) passes
+    the rest of its body read and dropped; its body deadline (from the answer) passes
     while the client is still sending it. The connection then closes lingering: the
     client writing on reads the 413 and an end. It was closed at once, the client still
     writing got a reset (its writes refused), as the lingering close is there to
