@@ -62,6 +62,19 @@ def ingest_head(
     return head if route == "lean" else request_bytes("GET", f"{broker.url}/healthz") + head
 
 
+def read_to_end(sock: socket.socket) -> Outcome:
+    """What the client reads until the connection's end, or the error that stopped it."""
+    received = bytearray()
+    while True:
+        try:
+            data = sock.recv(65536)
+        except OSError as error:
+            return Outcome(bytes(received), f"reading: {error!r}")
+        if not data:
+            return Outcome(bytes(received), "end")
+        received += data
+
+
 def write_on_then_read(sock: socket.socket, last: bytes, writes: int) -> Outcome:
     """Send the bytes that are answered early, then write on once the answer arrived
     (not reading it), end the body, and read to the end."""
@@ -75,15 +88,7 @@ def write_on_then_read(sock: socket.socket, last: bytes, writes: int) -> Outcome
         sock.shutdown(socket.SHUT_WR)
     except OSError as error:
         return Outcome(b"", f"writing: {error!r}")
-    received = bytearray()
-    while True:
-        try:
-            data = sock.recv(65536)
-        except OSError as error:
-            return Outcome(bytes(received), f"reading: {error!r}")
-        if not data:
-            return Outcome(bytes(received), "end")
-        received += data
+    return read_to_end(sock)
 
 
 def test_the_client_writes_within_the_broker_bounds_or_past_them() -> None:
@@ -327,15 +332,7 @@ def write_paced_then_read(sock: socket.socket, first: bytes) -> Outcome:
         sock.shutdown(socket.SHUT_WR)
     except OSError as error:
         return Outcome(b"", f"writing: {error!r}")
-    received = bytearray()
-    while True:
-        try:
-            data = sock.recv(65536)
-        except OSError as error:
-            return Outcome(bytes(received), f"reading: {error!r}")
-        if not data:
-            return Outcome(bytes(received), "end")
-        received += data
+    return read_to_end(sock)
 
 
 async def exits_cleanly(broker: BrokerProcess) -> None:
