@@ -409,7 +409,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._answered_mid_body() and not self.transport.is_closing():
             # The whole rest within the body timeout of the answer, not of each read:
             # refreshed at each, a client trickling a byte within each deadline held the
-            # connection for ever. Past it, expire closes lingering.
+            # connection for ever. Past it, expire closes lingering. Not uvicorn's
+            # keep-alive timer, armed by its on_response_complete as if the request had
+            # ended: it closed at once (a reset) a client pausing past it (5 s), well
+            # within that deadline.
+            self._unset_keepalive_if_required()
             self._guard.deadlines.set(self, self._guard.limits.body_timeout)
         if self._deferred_400 is not None:
             if not self._answering():  # (else a request pipelined is answered first)

@@ -466,3 +466,34 @@ def read_problem(sock: socket.socket, status: bytes) -> bytes:
         assert data, received
         received += data
     return bytes(received[received.index(start) :])
+
+
+UVICORN_KEEP_ALIVE_S = 5
+"""uvicorn's own keep-alive timeout (its default): a connection idle this long after an
+answer is closed, at once."""
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_the_rest_of_a_body_answered_early_may_pause_past_uvicorns_keep_alive(
+    http_broker: BrokerProcess, route: str
+) -> None:
+    """A bad line is answered 400; its client pauses longer than uvicorn's keep-alive
+    timeout (5 s) but within the body's deadline (30 s) of the answer, then sends the
+    rest and a request after it: the request is answered on the same connection. On
+    uvicorn's route its keep-alive timer, armed at the answer while the body was still
+    coming, closed the connection at once (no lingering: a producer writing on got a
+    reset) well before the deadline README gives the rest."""
+    head = ingest_head(http_broker, new_topic(), route)
+    sock = socket.create_connection(("127.0.0.1", http_broker.port), timeout=ANSWER_WAIT_S)
+    try:
+        sock.sendall(head + chunk(line(1)) + chunk(b"{not json}\n"))
+        await asyncio.to_thread(read_problem, sock, b"400")
+        # (the producer's pause: the broker must not end its side within it)
+        ended, _, _ = select.select([sock], [], [], UVICORN_KEEP_ALIVE_S + 1)
+        assert not ended, "the broker ended the connection within the pause"
+        rest = chunk(line(2)) + b"0\r\n\r\n"
+        sock.sendall(rest + request_bytes("GET", f"{http_broker.url}/healthz"))
+        after = await asyncio.to_thread(read_problem, sock, b"200")
+    finally:
+        sock.close()
+    assert after.startswith(b"HTTP/1.1 200 "), after
