@@ -473,25 +473,40 @@ UVICORN_KEEP_ALIVE_S = 5
 answer is closed, at once."""
 
 
+TOO_LARGE = 3 << 20
+"""A publish body over http_broker's limit (1 MiB): 413 from its head, the rest dropped."""
+
+
+def answered_early(broker: BrokerProcess, route: str, answer: bytes) -> tuple[bytes, bytes]:
+    """The bytes answered early (a bad line's 400, or a 413) and the rest of their body."""
+    if answer == b"400":
+        head = ingest_head(broker, new_topic(), route)
+        return head + chunk(line(1)) + chunk(b"{not json}\n"), chunk(line(2)) + b"0\r\n\r\n"
+    too_large = {"Content-Type": "application/json", "Content-Length": str(TOO_LARGE)}
+    head = request_bytes("POST", f"{broker.url}/topics/{new_topic()}/events", too_large)
+    head = head if route == "lean" else request_bytes("GET", f"{broker.url}/healthz") + head
+    return head + b"[", b" " * (TOO_LARGE - 2) + b"]"
+
+
+@pytest.mark.parametrize("answer", [b"400", b"413"])
 @pytest.mark.parametrize("route", ["lean", "by-app"])
 async def test_the_rest_of_a_body_answered_early_may_pause_past_uvicorns_keep_alive(
-    http_broker: BrokerProcess, route: str
+    http_broker: BrokerProcess, route: str, answer: bytes
 ) -> None:
-    """A bad line is answered 400; its client pauses longer than uvicorn's keep-alive
-    timeout (5 s) but within the body's deadline (30 s) of the answer, then sends the
-    rest and a request after it: the request is answered on the same connection. On
-    uvicorn's route its keep-alive timer, armed at the answer while the body was still
-    coming, closed the connection at once (no lingering: a producer writing on got a
-    reset) well before the deadline README gives the rest."""
-    head = ingest_head(http_broker, new_topic(), route)
+    """A bad line is answered 400 (or a body too large 413); its client pauses longer
+    than uvicorn's keep-alive timeout (5 s) but within the body's deadline (30 s) of the
+    answer, then sends the rest and a request after it: the request is answered on the
+    same connection. uvicorn's keep-alive timer, armed at the answer while the body was
+    still coming, closed the connection at once (no lingering: a producer writing on got
+    a reset) well before the deadline README gives the rest."""
+    sent, rest = answered_early(http_broker, route, answer)
     sock = socket.create_connection(("127.0.0.1", http_broker.port), timeout=ANSWER_WAIT_S)
     try:
-        sock.sendall(head + chunk(line(1)) + chunk(b"{not json}\n"))
-        await asyncio.to_thread(read_problem, sock, b"400")
+        sock.sendall(sent)
+        await asyncio.to_thread(read_problem, sock, answer)
         # (the producer's pause: the broker must not end its side within it)
         ended, _, _ = select.select([sock], [], [], UVICORN_KEEP_ALIVE_S + 1)
         assert not ended, "the broker ended the connection within the pause"
-        rest = chunk(line(2)) + b"0\r\n\r\n"
         sock.sendall(rest + request_bytes("GET", f"{http_broker.url}/healthz"))
         after = await asyncio.to_thread(read_problem, sock, b"200")
     finally:
