@@ -488,27 +488,41 @@ def answered_early(broker: BrokerProcess, route: str, answer: bytes) -> tuple[by
     return head + b"[", b" " * (TOO_LARGE - 2) + b"]"
 
 
-@pytest.mark.parametrize("answer", [b"400", b"413"])
-@pytest.mark.parametrize("route", ["lean", "by-app"])
+ANSWERED_EARLY = [(route, answer) for route in ("lean", "by-app") for answer in (b"400", b"413")]
+
+
 async def test_the_rest_of_a_body_answered_early_may_pause_past_uvicorns_keep_alive(
-    http_broker: BrokerProcess, route: str, answer: bytes
+    http_broker: BrokerProcess,
 ) -> None:
     """A bad line is answered 400 (or a body too large 413); its client pauses longer
     than uvicorn's keep-alive timeout (5 s) but within the body's deadline (30 s) of the
     answer, then sends the rest and a request after it: the request is answered on the
     same connection. uvicorn's keep-alive timer, armed at the answer while the body was
     still coming, closed the connection at once (no lingering: a producer writing on got
-    a reset) well before the deadline README gives the rest."""
-    sent, rest = answered_early(http_broker, route, answer)
-    sock = socket.create_connection(("127.0.0.1", http_broker.port), timeout=ANSWER_WAIT_S)
+    a reset) well before the deadline README gives the rest. Each route and answer on a
+    connection of its own, all paused at once (one pause for the four)."""
+    afters = await asyncio.gather(
+        *(
+            asyncio.to_thread(paused_then_rest, http_broker, route, answer)
+            for route, answer in ANSWERED_EARLY
+        )
+    )
+    for (route, answer), after in zip(ANSWERED_EARLY, afters, strict=True):
+        assert after.startswith(b"HTTP/1.1 200 "), (route, answer, after)
+
+
+def paused_then_rest(broker: BrokerProcess, route: str, answer: bytes) -> bytes:
+    """Answered early, paused past uvicorn's keep-alive, the rest and a request sent:
+    the request's answer."""
+    sent, rest = answered_early(broker, route, answer)
+    sock = socket.create_connection(("127.0.0.1", broker.port), timeout=ANSWER_WAIT_S)
     try:
         sock.sendall(sent)
-        await asyncio.to_thread(read_problem, sock, answer)
+        read_problem(sock, answer)
         # (the producer's pause: the broker must not end its side within it)
         ended, _, _ = select.select([sock], [], [], UVICORN_KEEP_ALIVE_S + 1)
-        assert not ended, "the broker ended the connection within the pause"
-        sock.sendall(rest + request_bytes("GET", f"{http_broker.url}/healthz"))
-        after = await asyncio.to_thread(read_problem, sock, b"200")
+        assert not ended, f"{route} {answer!r}: the broker ended the connection in the pause"
+        sock.sendall(rest + request_bytes("GET", f"{broker.url}/healthz"))
+        return read_problem(sock, b"200")
     finally:
         sock.close()
-    assert after.startswith(b"HTTP/1.1 200 "), after
