@@ -57,14 +57,6 @@ class BadLine(Exception):
     """A line of stdin that cannot be an event (not UTF-8, not JSON)."""
 
 
-class StdinInterrupted(Exception):
-    """Ctrl-C while stdin's next line was awaited: raised as the lines' own error, so
-    that the stream ends as for a bad line (``StreamInterrupted``), naming the key and
-    the line to go on after. A ``KeyboardInterrupt`` goes through ``stream()`` as it is,
-    saying neither: once the stream had gone on after line n under ``K+n``, its rerun
-    was told to send the whole input again under K, and stored every line twice."""
-
-
 class StdinLines:
     """The events of stdin's lines, each read when the stream asks for it (never the
     whole input first); counts stdin's lines and where each event came from, so that
@@ -78,19 +70,13 @@ class StdinLines:
         """stdin's line number of each event sent, in order."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        while line := self._next_line():
+        while line := self._source.readline():
             self.line_number += 1
             data = self._data(line)
             if data is _SKIPPED:
                 continue
             self.event_lines.append(self.line_number)
             yield {"data": data} | ({"event": self._event} if self._event else {})
-
-    def _next_line(self) -> bytes:
-        try:
-            return self._source.readline()
-        except KeyboardInterrupt:
-            raise StdinInterrupted("interrupted (Ctrl-C)") from None
 
     def _data(self, line: bytes) -> Any:
         try:
@@ -164,17 +150,8 @@ def _failed(error: BrokerClientError, key: str, lines: StdinLines) -> int:
 def _interrupted(stopped: StreamInterrupted, lines: StdinLines) -> int:
     """stdin's line ``lines.line_number`` cannot be sent (or reading stdin failed): the
     events before it were sent, the request broken off, the topic not closed (exit 2, as
-    for DATA that is not JSON; 1 for an error not the line's; 130 for a Ctrl-C)."""
+    for DATA that is not JSON; 1 for an error not the line's)."""
     cause = stopped.__cause__
-    if isinstance(cause, StdinInterrupted):
-        print(
-            f"broker publish: {cause} after stdin line {lines.line_number}: the "
-            f"{stopped.lines_sent} event(s) sent, each that reached the broker stored "
-            "(the topic not closed)",
-            file=sys.stderr,
-        )
-        _tell_rerun(stopped.idempotency_key, stopped, lines)
-        return EXIT_INTERRUPTED
     where = f"stdin line {lines.line_number}"
     said = f"{where} {cause}" if isinstance(cause, BadLine) else f"{where}: {cause!r}"
     print(

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import uuid
 from typing import Any
 
 import httpx
-import redis
 
-from broker import constants as c
 from tests.face.test_cli import broker, lines
 from tests.support.broker_process import BROKER_BIN, BrokerProcess
-from tests.support.polling import WaitTimeout, wait_until
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.polling import wait_until
+from tests.support.redis_server import free_port
 
 
 def history(url: str, topic: str) -> list[dict[str, Any]]:
@@ -146,56 +143,3 @@ def test_a_stream_not_stored_prints_its_key_to_rerun_under(face_broker: BrokerPr
         env={k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},
     )  # fmt: skip
     assert not_utf8.returncode == 2 and b"stdin line 2 is not UTF-8" in not_utf8.stderr
-
-
-def test_ctrl_c_once_gone_on_in_parts_names_the_part_to_finish(
-    face_broker: BrokerProcess, redis_server: RedisServer
-) -> None:
-    """The stream's line records lapse after its events 1-2 (stdin's lines 1 and 3):
-    the broker refuses the next line, and the client goes on with the lines after
-    event 2 under ``K+2`` (as its write after the broker's close fails). Ctrl-C then:
-    exit 130, naming stdin's line 3 and ``K+2``; that rerun stores each line once. It
-    said to send the same input again under K, which stored every line twice."""
-    topic, key = f"cli.lines.{uuid.uuid4().hex[:8]}", f"parts-{uuid.uuid4().hex[:8]}"
-    publishing = piped(face_broker.url, topic, "--lines", "--idempotency-key", key)
-    try:
-        write_until_stored(publishing, face_broker.url, topic, "1\n\n2\n", 2)
-        with redis.Redis.from_url(redis_server.url) as admin:
-            admin.zadd(c.line_times_key(topic), {key: 0})
-        written = write_until_gone_on(publishing, face_broker.url, topic)
-        publishing.send_signal(signal.SIGINT)
-        out, err = publishing.communicate(timeout=30)
-    finally:
-        publishing.kill()
-    assert publishing.returncode == 130, err
-    assert out == "" and "Traceback" not in err, err
-    assert f"after line 3 (tail -n +4) under --idempotency-key {key}+2" in err, err
-    rest = broker("publish", topic, "--lines", "--idempotency-key", f"{key}+2",
-                  url=face_broker.url, stdin="".join(f"{n}\n" for n in written))  # fmt: skip
-    assert rest.returncode == 0, rest.stderr
-    assert [e["data"] for e in history(face_broker.url, topic)] == [1, 2, *written]
-
-
-def write_until_gone_on(publishing: subprocess.Popen[str], url: str, topic: str) -> list[int]:
-    """Write a line at a time until one is stored after the lapse: the client went on
-    under ``K+2`` (its writes after the broker's lingering close failed). The lines
-    written."""
-    assert publishing.stdin is not None
-    written: list[int] = []
-    for n in range(3, 3 + GO_ON_WRITES):
-        publishing.stdin.write(f"{n}\n")
-        publishing.stdin.flush()
-        written.append(n)
-        try:
-            wait_until(lambda: len(history(url, topic)) > 2, timeout=0.5, what="a line stored")
-        except WaitTimeout:
-            continue
-        wait_until(
-            lambda: len(history(url, topic)) == 2 + len(written), timeout=10, what="all sent"
-        )
-        return written
-    raise AssertionError(f"no line stored after the lapse in {GO_ON_WRITES} writes")
-
-
-GO_ON_WRITES = 40
-"""Lines written at most, one each half second (the lingering close takes 2 s)."""
