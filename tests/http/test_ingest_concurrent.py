@@ -266,3 +266,27 @@ async def test_a_stream_of_blank_lines_only_counts_them_too(
     )
     assert (again.status_code, again.json()) == (201, {"ids": []}), again.text
     assert await stored_datas(client, topic) == ["before"]
+
+
+@pytest.mark.parametrize(
+    "ending", [b"  \n", b"  ", b"\t\r"], ids=["its-line-feed", "no-line-feed", "tab-and-cr"]
+)
+@pytest.mark.parametrize("first", ["ended-blank", "with-a-line"])
+async def test_a_blank_last_line_without_its_line_feed_counts_as_one_with_it(
+    client: httpx.AsyncClient, ending: bytes, first: str
+) -> None:
+    """A body's last line may lack its line feed, a blank one too: ``t1\\n  `` ends on
+    a blank line 2 as ``t1\\n  \\n`` does. It was not counted, so that under one key
+    the stream of lines 1-2 after it was stored (201 both, the two differing), and it
+    after that stream was answered line 1's id (200): each is refused at line 2, as
+    where the blank line ends with its line feed."""
+    topic, key = new_topic(), {"Idempotency-Key": f"blank-end-{first}"}
+    ended_blank, with_a_line = lines(1, 1) + ending, lines(1, 2)
+    before, after = (ended_blank, with_a_line)
+    if first == "with-a-line":
+        before, after = (with_a_line, ended_blank)
+    sent = await client.post(f"/topics/{topic}/events", content=before, headers={**NDJSON, **key})
+    assert sent.status_code == 201, sent.text
+    resent = await client.post(f"/topics/{topic}/events", content=after, headers={**NDJSON, **key})
+    refused_at(resent, 2)
+    assert await stored_datas(client, topic) == datas(1 if first == "ended-blank" else 2)

@@ -65,10 +65,10 @@ def lines_read(body: bytes, cuts: list[int]) -> tuple[list[bytes], int | None]:
 
 def lines_of(body: bytes) -> tuple[list[bytes], int | None]:
     """The body's lines, by the rule (the oracle): split at each LF, a last line without one
-    kept unless blank (spaces, tabs, CRs: JSON's whitespace); the first line over the
-    limit refused, those before it kept."""
+    kept unless empty (a blank one too: spaces, tabs, CRs, JSON's whitespace, a line the
+    ingest counts and skips); the first line over the limit refused, those before it kept."""
     lines = body.split(b"\n")
-    if not lines[-1].strip(b" \t\r") and len(lines[-1]) <= LIMIT:
+    if lines[-1] == b"":
         lines.pop()
     for index, line in enumerate(lines):
         if len(line) > LIMIT:
