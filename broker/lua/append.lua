@@ -42,7 +42,7 @@
 -- -5 refused: the log it must find was deleted (DELETE: the second value is ''),
 -- -3 refused: a resent line is not the one stored under its number, or the stream is
 -- out of step with the lines recorded under its key (`out_of_step`; the second value:
--- that number), -4 refused: the line the request stored last is no longer recorded, or
+-- that number; on a closed topic it is -1 instead: `differs_at`), -4 refused: the line the request stored last is no longer recorded, or
 -- (its records past the window, or no Idempotency-Key) its entry is no longer in the log
 -- (lost with the newest writes: a failover; the second value is '', or 'unrecorded' for an
 -- ingest whose records were past the window: none of its lines kept is replayed),
@@ -180,7 +180,9 @@ if epoch then
     if #ARGV == first_value - 1 and closing then return {1, epoch .. '||' .. closed} end
     if per_event then
       -- A resent ingest whose every line was stored before the topic closed: its
-      -- answer again (the producer lost the first one), not a refusal.
+      -- answer again (the producer lost the first one), not a refusal. (Each was
+      -- checked, the same line and in step, in ingest_lines.lua: one that is not was
+      -- refused there, -1 as here.)
       local ids = {}
       for i = 2, names do  -- (ARGV[10] is the ingest's key, its line numbers follow)
         local seen = remembered_line(ARGV[9 + i], epoch)

@@ -178,6 +178,15 @@ local function out_of_step(previous, line, seen, epoch)  -- (the line where, or 
   if skipped and skipped < line then return skipped end
   return line <= ingest_high and not seen and line
 end
+-- A stream refused at its line n, out of step or another line where one is recorded:
+-- -3, but on a closed topic -1, as any publish there that is not a replay of what it
+-- stored (it was -3, a 400 there alone: the stream is not the one stored, so none of
+-- it would be a replay, and the topic refuses anything new). A replay of lines stored
+-- before the close, in step, is still answered their ids (append.lua, `closed`).
+local function differs_at(line, epoch)
+  if closed then return {-1, epoch .. '.' .. closed} end
+  return {-3, line}
+end
 -- A body ended with blank lines after its last line counts them in its ingest's highest.
 -- A body of blank lines only stored no line, which begins an ingest's records: so, where
 -- no ingest under its key is under way, it begins one here, recorded as its first line
@@ -207,18 +216,18 @@ if per_event and epoch and not lapsed then
     local seen = remembered_line(line, epoch)
     if ahead then  -- (tonumber, a strtod, in here: some 1k instructions an append, callgrind)
       local differs = out_of_step(previous, tonumber(line), seen, epoch)
-      if differs then return {-3, tostring(differs)} end
+      if differs then return differs_at(tostring(differs), epoch) end
       previous = tonumber(line)
     end
     if seen then
       if not same_event(seen, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]) then
-        return {-3, line}
+        return differs_at(line, epoch)
       end
       replays[place] = seen
     end
   end
   local differs = ahead and blank_through > 0 and recorded_after(stored_before, epoch)
-  if differs and differs <= blank_through then return {-3, tostring(differs)} end
+  if differs and differs <= blank_through then return differs_at(tostring(differs), epoch) end
   if blank_through > ingest_high and (ingest_live or (stored_before == 0 and not closed)) then
     count_blank_end(blank_through)
   end

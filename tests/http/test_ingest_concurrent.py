@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.http.helpers import RawResponse, new_topic
+from tests.http.helpers import RawResponse, assert_problem, new_topic
 from tests.http.test_ingest import RawIngest, history, line
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import await_until
@@ -290,3 +290,40 @@ async def test_a_blank_last_line_without_its_line_feed_counts_as_one_with_it(
     resent = await client.post(f"/topics/{topic}/events", content=after, headers={**NDJSON, **key})
     refused_at(resent, 2)
     assert await stored_datas(client, topic) == datas(1 if first == "ended-blank" else 2)
+
+
+@pytest.mark.parametrize(
+    ("resent", "stored_before"),
+    [
+        (lines(1, 1) + line("other") + lines(3, 3), 0),  # (its lines in one read)
+        (lines(1, 2) + line("other"), 0),
+        (lines(1, 1) + BLANK + lines(3, 3), 0),  # a blank line where one is stored
+        (lines(1, 2) + BLANK, 2),  # its blank end there: lines 1-2 answered first
+    ],
+    ids=["another-line-2", "another-line-3", "blank-line-2", "blank-end"],
+)
+async def test_a_stream_out_of_step_on_a_closed_topic_is_told_it_is_closed(
+    client: httpx.AsyncClient, resent: bytes, stored_before: int
+) -> None:
+    """Under one key, a stream that is not the one stored, resent once the topic was
+    closed: it was answered 400 (out of step), where any publish to a closed topic but
+    a replay is 409 topic-closed; it is 409 now, nothing stored. The stream stored
+    before the close, resent, is still answered its ids (a replay), and with
+    ``?close=true`` its end."""
+    topic, key = new_topic(), {"Idempotency-Key": "resent-after-the-close"}
+    first = await client.post(
+        f"/topics/{topic}/events?close=true", content=lines(1, 3), headers={**NDJSON, **key}
+    )
+    assert first.status_code == 201, first.text
+    other = await client.post(f"/topics/{topic}/events", content=resent, headers={**NDJSON, **key})
+    body = assert_problem(other, 409)
+    assert body["type"] == "/problems#topic-closed", body
+    told = f"{stored_before} line(s) stored before it closed"
+    assert (told in body["detail"]) == (stored_before > 0), body
+    for query in ("", "?close=true"):
+        again = await client.post(
+            f"/topics/{topic}/events{query}", content=lines(1, 3), headers={**NDJSON, **key}
+        )
+        assert again.status_code in (200, 201), again.text
+        assert again.json()["ids"] == first.json()["ids"], again.text
+    assert await stored_datas(client, topic) == [*datas(3), {}]  # ({}: its end)

@@ -3,17 +3,23 @@ the append script's ``out_of_step`` (lua/ingest_lines.lua) case by case, on ever
 (embedded and a real Redis).
 
 Each case is two streams as sent (``_`` a blank line: numbered, never sent; ``_*N`` N of
-them), and the order of their reads: ``A2`` is stream A's next two lines read at once (one append of
-those that are not blank, naming the line it stored last, as ``api.ingest`` appends),
+them), and the order of their reads: ``A2`` is stream A's next two lines read at once (one
+append of those that are not blank, naming the line it stored last, as ``api.ingest`` appends),
 ``A.`` its body's end (where it ended with blank lines after the last it stored, the
-append that only checks them). The oracle: the log is one stream's lines, in order; the
-stream out of step is refused (400) at its first line that differs, and stops there;
-every other is answered with the log's first ids. The last six rows are blank lines
-before a request's first line, or after its last: refused since the store is told that a
-request's lines before the first it sends are blank (``after`` 0), and where its body
-ended (``IngestLines.blank_through``). The last nine are cases above with 100,000 blank
+append that only checks them), ``C`` the topic closed (``END`` in the log). The oracle:
+the log is one stream's lines, in order; the stream out of step is refused (400) at its
+first line that differs, and stops there (``Bclosed``: refused as the topic is closed,
+409, where it would be out of step on an open topic); every other is answered with the
+log's first ids. The six rows before the long ones are blank lines before a request's
+first line, or after its last: refused since the store is told that a request's lines
+before the first it sends are blank (``after`` 0), and where its body ended
+(``IngestLines.blank_through``). The long ones are cases above with 100,000 blank
 lines where they had one or two: the refusal names the same line (the first of the
-other's that the stream skipped), found without a look at each number.
+other's that the stream skipped), found without a look at each number. The last nine
+(``C``) are the order of the refusals on a closed topic: a stream out of step there is
+refused as the topic is closed (it was 400: every other publish to a closed topic is
+409), its lines that would be new, and its blank end where a line is stored, alike; a
+resend of the lines stored before the close is still answered their ids.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 import pytest
 import redis.asyncio as redis
 
-from broker.errors import InvalidInput
+from broker.errors import InvalidInput, TopicClosed
 from broker.ids import EventId
 from broker.model import IngestLines, NewEvent
 from broker.redis_open import open_store
@@ -42,7 +48,8 @@ class Stream:
     last_line: int = 0
     epoch: str | None = None
     ids: list[EventId] = field(default_factory=list)
-    refused_at: int | None = None
+    refused_at: int | str | None = None
+    """The line it was refused at (400), or "closed" (409)."""
 
     @classmethod
     def sent(cls, text: str) -> Stream:
@@ -82,6 +89,9 @@ class Stream:
         except InvalidInput as refusal:
             self.refused_at = int(refusal.detail.split(":")[0].removeprefix("line "))
             return
+        except TopicClosed:
+            self.refused_at = "closed"
+            return
         self.ids += result.ids
         self.epoch = self.epoch or (result.ids[0].epoch if result.ids else None)
 
@@ -113,6 +123,15 @@ _*100000 b c   | _*100001 c     | A100002 B100002    | b c   | B100001 | long: b
 a _*100000 c   | a _*100001     | A100002 B100002 B. | a c   | B100002 | long: blank last lines
 a _*100000     | a _*99999 c    | A100001 A. B100001 | a     | B100001 | long: a line where it ended
 a _*100000     | a _*100000 c   | A100001 A. B100002 B. | a c | -     | long: a line past its end
+a b c | a b c | A3 A. C B3 B. | a b c END | -       | closed: the same stream resent
+a b c | a b   | A3 C B2 B.    | a b c END | -       | closed: a shorter stream resent
+a b _ | a b _ | A3 A. C B3 B. | a b END   | -       | closed: the same, its last line blank
+a b c | a x c | A3 C B3       | a b c END | Bclosed | closed: another line
+a b c | a b x | A3 C B2 B1    | a b c END | Bclosed | closed: another line after a replay
+a _ c | a b c | A3 A. C B3    | a c END   | Bclosed | closed: a line where the other's is blank
+a b c | a _ c | A3 C B3       | a b c END | Bclosed | closed: a blank line where one's stored
+a b c | a b _ | A3 C B3 B.    | a b c END | Bclosed | closed: a blank last line, one stored
+a b   | a b c | A2 C B3       | a b END   | Bclosed | closed: a line past the other's end
 """
 CASES = {row[-1]: row[:-1] for row in (line.split(" | ") for line in TABLE.strip().splitlines())}
 
@@ -130,6 +149,9 @@ async def test_two_streams_under_one_key_leave_one_of_them_in_order(
     """The reads in the row's order, each stream stopping once refused."""
     streams = {"A": Stream.sent(a), "B": Stream.sent(b)}
     for read in reads.split():
+        if read == "C":
+            await store.append(topic, [], close=True)
+            continue
         stream = streams[read[0]]
         if stream.refused_at is not None:  # (an ingest refused stops)
             continue
@@ -138,7 +160,7 @@ async def test_two_streams_under_one_key_leave_one_of_them_in_order(
         else:
             await stream.read_lines(store, topic, int(read[1:]))
     entries = (await store.read_range(topic, (0, 0), 100)).entries
-    assert [e.data_text for e in entries] == log.split()
+    assert ["END" if e.event_type == "broker.end" else e.data_text for e in entries] == log.split()
     told = [f"{name}{s.refused_at}" for name, s in streams.items() if s.refused_at is not None]
     assert told == ([] if refused.strip() == "-" else [refused.strip()])
     for name, stream in streams.items():
