@@ -202,9 +202,13 @@ local function count_blank_end(through)
   redis.call('HSET', lines, ingest .. '\n', top .. '|' .. since, ingest .. '\nh', through .. '|' .. since)
   redis.call('ZADD', lines_written, now(), ingest)
   if not has_records then redis.call('HSET', meta, 'records', 1) end
+  -- With a TTL, they go when the log goes: no publish, no later expiry (given the whole
+  -- TTL from here, they outlived the log by as long as it had gone without a publish).
   local ttl_ms = tonumber(ARGV[6])
-  redis.call('PEXPIRE', lines, ttl_ms > 0 and ttl_ms or window_ms)
-  redis.call('PEXPIRE', lines_written, ttl_ms > 0 and ttl_ms or window_ms)
+  local expiry = ttl_ms > 0 and redis.call('PTTL', log) or -1
+  if expiry <= 0 then expiry = ttl_ms > 0 and ttl_ms or window_ms end
+  redis.call('PEXPIRE', lines, expiry)
+  redis.call('PEXPIRE', lines_written, expiry)
 end
 if per_event and epoch and not lapsed then
   ingest_state()

@@ -957,6 +957,29 @@ async def test_keeping_line_records_leaves_the_topics_expiry(
         await store.close()
 
 
+async def test_a_blank_end_leaves_its_records_the_topics_expiry(
+    store_url: str | None, topic: str
+) -> None:
+    """A keyed body of blank lines only, on a topic with a TTL some time after its last
+    publish: the records it begins expire with the log, not a whole TTL from then (the
+    topic expired, they stayed on, the rest of it gone)."""
+    ttl_topic = topic + ".ttl"
+    store = open_store(store_url, topic_policies=[TopicPolicy("*.ttl", ttl_seconds=3600)])
+    client = store._client
+    try:
+        await store.append(ttl_topic, events("before"))
+        for key in c.topic_keys(ttl_topic):  # (some time after the last publish)
+            await client.pexpire(key, 5_000)
+        blank = IngestLines("K", [], 0, blank_through=3)
+        assert (await store.append(ttl_topic, [], lines=blank)).ids == []
+        assert await client.hget(c.line_records_key(ttl_topic), "K\nh")  # (recorded)
+        for key in c.topic_keys(ttl_topic):  # (-2: a key not there, such as its idem)
+            left = await client.pttl(key)
+            assert left == -2 or 0 < left <= 5_000, (key, left)
+    finally:
+        await store.close()
+
+
 async def _keeping_leaves_the_expiry(store: RedisStreamStore, topic: str, ttl_topic: str) -> None:
     client = store._client
     kept = await store.append(ttl_topic, events("l1"), lines=IngestLines("K", [1]))
