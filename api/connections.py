@@ -120,6 +120,7 @@ class BrokerHttpProtocol(PublishServing, IngestServing, StreamOpening, asyncio.P
         self._checks_host = False  # (api.hosts: loopback and authorization off, or a list)
         self._own_scheme = "http"  # the socket's ("https" under uvicorn's TLS)
         self._proxy_trusted = False  # the peer's X-Forwarded-Proto is believed
+        self._client_ended = False  # it half-closed with a publish read whole (eof_received)
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -256,7 +257,11 @@ class BrokerHttpProtocol(PublishServing, IngestServing, StreamOpening, asyncio.P
         """The request served here, as a publish, a streaming ingest or a stream."""
         scheme = self.scheme_of(self._head.headers)
         publish = publish_head_of(self._head, self._parser, app, scheme)
-        if publish is not None:
+        if publish is not None or self._client_ended:
+            # (sent ahead of a half-close, behind a publish: a publish is served here, its
+            # body whole or closed (_await_next_request); anything else by uvicorn's
+            # protocol, told of the end: an ingest cut short is closed, not awaited for
+            # its deadline; a stream's client is gone)
             return publish, None, None
         ingest = ingest_head_of(self._head, self._parser, app, scheme)
         if ingest is not None or head_size != len(self._received):
@@ -271,6 +276,21 @@ class BrokerHttpProtocol(PublishServing, IngestServing, StreamOpening, asyncio.P
         if not self._proxy_trusted:
             return self._own_scheme
         return forwarded_scheme(headers) or self._own_scheme
+
+    def eof_received(self) -> bool:
+        """The client half-closed (``shutdown(SHUT_WR)``, ``nc -N``): it sends nothing
+        more, and may still read. A publish read whole is answered, then the connection
+        closes, after the requests sent whole behind it (one cut short is dropped):
+        closed at once, the publish was stored unanswered, and a client retrying it
+        unkeyed stored it twice. Anything else closes at once: a request cut short
+        (nothing carried out), an idle connection. (A stream being opened and an ingest
+        are not read meanwhile: the end is seen once the stream is open, which ends it,
+        its client taken for gone; or once the ingest is answered. A request handed to
+        uvicorn's protocol has its end seen there: ``api.guard``.)"""
+        if self._publishing is None or self._lost:
+            return False
+        self._client_ended = True
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -338,6 +358,8 @@ class BrokerHttpProtocol(PublishServing, IngestServing, StreamOpening, asyncio.P
         # over the bound: it would wait for its deadline).
         if not self._transport.is_reading() and self._needs_more_bytes():
             self._transport.resume_reading()
+        if self._client_ended and self._needs_more_bytes():
+            self._transport.close()  # (half-closed: no more of it comes)
 
     def _needs_more_bytes(self) -> bool:
         """Reading a head or a publish's body: nothing in flight, no one else's socket."""
@@ -391,6 +413,10 @@ class BrokerHttpProtocol(PublishServing, IngestServing, StreamOpening, asyncio.P
         received = bytes(self._received)
         self._received.clear()
         protocol.data_received(received)
+        if self._client_ended and self._transport.get_protocol() is protocol:
+            # (it half-closed while a publish was under way: uvicorn's protocol is told)
+            if not self._transport.is_closing() and not protocol.eof_received():
+                self._transport.close()
         # Shutting down: this request is the connection's last. (Unless uvicorn's protocol
         # answered already and gave the connection up, closing lingering: a 400 for bytes
         # that are no request. Told of the shutdown, it closed it at once under that.)

@@ -149,6 +149,11 @@ OPERATIONS_PATHS = frozenset({"/healthz", "/readyz", "/readyz/store", "/metrics"
 """What operators need answers past the connection limit too."""
 
 
+def is_stream(cycle: RequestResponseCycle) -> bool:
+    """Whether the request ``cycle`` answers is an event stream's (not a history page)."""
+    return routes.stream_topic(dict(cycle.scope)) is not None
+
+
 _GUARDS: weakref.WeakKeyDictionary[ServerState, Guard] = weakref.WeakKeyDictionary()
 
 
@@ -234,6 +239,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._running: RequestResponseCycle | None = None  # the request being answered
         self._lingering = False  # answered and closing, the client still sending
         self._draining = False  # uvicorn shuts down: the answer under way is the last
+        self._client_ended = False  # it half-closed, requests read whole still answered
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -242,6 +248,37 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._guard.deadlines.clear(self)
         super().connection_lost(exc)
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # (uvicorn's says None)
+        """The client half-closed (``shutdown(SHUT_WR)``, ``nc -N``, some proxies): it
+        sends nothing more, and may still read (RFC 9112 9.6; uvicorn issue #1264). The
+        requests it sent whole are answered, then the connection closes (the last answer
+        says ``connection: close`` unless its head was out already). Closed here at once
+        (uvicorn's), a close, a delete or a publish was carried out unanswered, and a
+        client retrying an unkeyed publish stored it twice. A request cut short (its head
+        or body unfinished) is dropped: closed at once, the app reading its body sees
+        its client gone, nothing is carried out. A stream's client is taken for gone, as
+        on the lean route (``api.lean_stream``): a stream under way ends now, one sent
+        ahead is not served (nor what came after it), the answers before it are."""
+        if self._in_message or self._refused or not self._answering():
+            return False  # (nothing whole to answer: closed, as uvicorn closes it)
+        running = self._running
+        if running is not None and running.response_complete:
+            running = None
+        if running is not None and is_stream(running):
+            return False
+        ahead: deque[tuple[RequestResponseCycle, Any]] = deque()
+        for entry in reversed(self.pipeline):  # (in the order sent: uvicorn pops the right)
+            if is_stream(entry[0]):
+                break
+            ahead.appendleft(entry)
+        self.pipeline = ahead
+        last = ahead[0][0] if ahead else running
+        if last is None:
+            return False
+        last.keep_alive = False  # its answer closes the connection (``connection: close``)
+        self._client_ended = True  # (it sends nothing more: no lingering after the answer)
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -305,7 +342,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         ahead of a drain's last answer); else close."""
         if self._lingering:  # (handed over already: a second close would cut it short)
             return
-        sending = self._in_message or self._draining
+        sending = (self._in_message or self._draining) and not self._client_ended
         if not (cycle.response_complete and sending) or self.transport.is_closing():
             self.transport.close()  # (an answer broken off is no answer to linger after)
             return

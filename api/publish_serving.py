@@ -42,6 +42,7 @@ class PublishServing:
     _body_start: int
     _publishing: PublishExchange | None
     _closing: bool
+    _client_ended: bool
 
     def _answer(self, response: Response, route: RouteClass) -> None:
         """A whole response, then the connection closes (``BrokerHttpProtocol``'s)."""
@@ -99,14 +100,17 @@ class PublishServing:
         status = int(answer[9:12])
         count_response("publish", status)
         log_access(self._transport, self._config, request.scope, status)
-        if self._closing and request.keep_alive:
+        # (its client half-closed, nothing whole after it: this answer is its last)
+        last = self._client_ended and len(self._received) == self._body_start + request.body_size
+        if (self._closing or last) and request.keep_alive:
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         self._transport.write(answer)
-        if self._closing and request.keep_alive:  # (requests sent ahead may still come)
+        if self._closing and request.keep_alive and not self._client_ended:
+            # (requests sent ahead may still come)
             self._server_state.connections.discard(self)
             close_lingering(self._transport, self._server_state, self._guard.deadlines)
             return
-        if not request.keep_alive:
+        if not request.keep_alive or last or self._closing:
             self._transport.close()
             return
         del self._received[: self._body_start + request.body_size]

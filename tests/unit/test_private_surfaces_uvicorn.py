@@ -388,6 +388,58 @@ def test_the_protocol_is_told_when_a_cycle_completes_its_answer() -> None:
     )
 
 
+def test_a_cycle_told_not_to_keep_alive_once_made_says_so_and_closes_after_its_answer() -> None:
+    """A client half-closed after its requests (``eof_received``): the guard sets the
+    last one's ``keep_alive`` to False, once its cycle is made (running, or sent ahead):
+    its answer then says ``connection: close`` (its head not out yet) and the cycle
+    closes the connection after the answer, through its transport."""
+    calls: list[str] = []
+    written: list[bytes] = []
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            calls.append("write")
+            written.append(data)
+
+        def close(self) -> None:
+            calls.append("close")
+
+    class Flow:
+        write_paused = False
+
+    cycle = RequestResponseCycle(
+        scope={"method": "GET", "type": "http"}, transport=Transport(), flow=Flow(),
+        logger=None, access_logger=None, access_log=False, default_headers=[],
+        message_event=asyncio.Event(), expect_100_continue=False, keep_alive=True,
+        on_response=lambda: calls.append("on_response"),
+    )  # type: ignore[arg-type]  # fmt: skip
+    cycle.keep_alive = False
+    headers = [(b"content-length", b"2")]
+    asyncio.run(cycle.send({"type": "http.response.start", "status": 200, "headers": headers}))
+    asyncio.run(cycle.send({"type": "http.response.body", "body": b"{}"}))
+    why = "eof_received: the last request's answer closes the connection"
+    assert b"connection: close" in written[0].lower(), changed(
+        "RequestResponseCycle.send", GUARD, why
+    )
+    assert calls == ["write", "write", "close", "on_response"], changed(
+        "RequestResponseCycle.send", GUARD, why
+    )
+
+
+def test_requests_sent_ahead_are_queued_on_the_left_and_started_from_the_right() -> None:
+    """``eof_received`` walks ``pipeline`` in the order the requests came (from the right)
+    to drop a stream sent ahead and what follows it."""
+    why = "eof_received reads the pipeline in the order sent"
+    queued = inspect.getsource(HttpToolsProtocol.on_headers_complete)
+    assert "self.pipeline.appendleft((self.cycle, app))" in queued, changed(
+        "HttpToolsProtocol.on_headers_complete", GUARD, why
+    )
+    started = inspect.getsource(HttpToolsProtocol.on_response_complete)
+    assert "cycle, app = self.pipeline.pop()" in started, changed(
+        "HttpToolsProtocol.on_response_complete", GUARD, why
+    )
+
+
 def test_flow_control_wakes_a_send_waiting_for_the_socket() -> None:
     """The guard, answering a request itself, wakes the app's ``send`` waiting for the
     socket to drain (``flow.drain()``), which then finds its client gone."""

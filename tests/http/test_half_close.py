@@ -1,0 +1,286 @@
+"""A client that half-closes (``shutdown(SHUT_WR)``: ``nc -N``, some proxies) right after
+its requests: each request it sent whole is answered, then the connection closes.
+
+HTTP lets a client end its side once its request is sent (RFC 9112 9.6; uvicorn issue
+#1264): it sends nothing more, and still reads. uvicorn closed such a connection at
+the end (its protocol has no ``eof_received``), and so did the lean route during a
+publish: the request was carried out (a close, a delete, a publish) and its client
+never learned the result; a client retrying an unkeyed publish stored it twice. A
+request cut short by the half-close (its body unfinished) is still closed at once,
+nothing carried out; a stream's client is taken for gone, on both routes.
+
+Each request here is one uvicorn's protocol serves (the app route) unless named lean.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.http.helpers import new_topic, request_bytes
+from tests.http.test_ingest import chunk, line
+from tests.support.broker_process import BrokerProcess
+
+END_WAIT_S = 10.0
+"""How long the client reads for the broker's answers and the connection's end."""
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) ")  # (a body before it ends without a newline)
+EVENT = json.dumps({"data": "once"}).encode()
+JSON = {"Content-Type": "application/json"}
+CHUNKED_JSON = {**JSON, "Transfer-Encoding": "chunked"}
+NDJSON = {"Content-Type": "application/x-ndjson", "Transfer-Encoding": "chunked"}
+
+
+@dataclass
+class Ending:
+    """What a half-closed client read: the statuses answered, and how the connection ended."""
+
+    statuses: list[int]
+    received: bytes
+    ended: bool  # the broker closed the connection (a FIN) within END_WAIT_S
+
+
+def half_closed(broker: BrokerProcess, data: bytes) -> Ending:
+    """Send ``data``, half-close, read until the broker closes the connection."""
+    received = bytearray()
+    deadline = time.monotonic() + END_WAIT_S
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=END_WAIT_S) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        ended = False
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                piece = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not piece:
+                ended = True
+                break
+            received += piece
+    statuses = [int(status) for status in STATUS_LINE.findall(bytes(received))]
+    return Ending(statuses, bytes(received), ended)
+
+
+def request(
+    broker: BrokerProcess,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+) -> bytes:
+    return request_bytes(method, f"{broker.url}{path}", headers, body)
+
+
+def whole_chunked(body: bytes) -> bytes:
+    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+def http_1_0(data: bytes) -> bytes:
+    return data.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+
+
+def stored(client: httpx.Client, topic: str) -> list[object]:
+    response = client.get(
+        f"/topics/{topic}/events", params={"limit": 10}, headers={"Accept": "application/json"}
+    )
+    if response.status_code == 404:
+        return []
+    assert response.status_code == 200, response.text
+    return [event["data"] for event in response.json()["events"]]
+
+
+def topic_info(client: httpx.Client, topic: str) -> httpx.Response:
+    return client.get(f"/topics/{topic}")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A request, its answer's status, and what it carried out (checked after)."""
+
+    send: Callable[[BrokerProcess, str], bytes]
+    status: int
+    check: Callable[[httpx.Client, str], None] = lambda client, topic: None
+
+
+def stored_once_more(client: httpx.Client, topic: str) -> None:
+    assert stored(client, topic) == ["before", "once"]
+
+
+def closed(client: httpx.Client, topic: str) -> None:
+    assert topic_info(client, topic).json()["closed"] is True
+
+
+def deleted(client: httpx.Client, topic: str) -> None:
+    assert topic_info(client, topic).status_code == 404
+
+
+def ingested(client: httpx.Client, topic: str) -> None:
+    assert stored(client, topic) == ["before", 1, 2]
+
+
+INGEST_BODY = chunk(line(1) + line(2)) + b"0\r\n\r\n"
+
+
+def lean_publish(b: BrokerProcess, t: str) -> bytes:
+    return request(
+        b, "POST", f"/topics/{t}/events", {**JSON, "Content-Length": str(len(EVENT))}, EVENT
+    )
+
+
+def stream(b: BrokerProcess, t: str, headers: dict[str, str] | None = None) -> bytes:
+    return request(b, "GET", f"/topics/{t}/events", headers)
+
+
+def ingest(b: BrokerProcess, t: str) -> bytes:
+    return request(b, "POST", f"/topics/{t}/events", NDJSON, INGEST_BODY)
+
+
+def chunked_publish(b: BrokerProcess, t: str) -> bytes:
+    """A publish the lean route hands to uvicorn's protocol: its body chunked."""
+    return request(b, "POST", f"/topics/{t}/events", CHUNKED_JSON, whole_chunked(EVENT))
+
+
+def healthz(b: BrokerProcess, t: str) -> bytes:
+    return request(b, "GET", "/healthz")
+
+
+def topic_info_request(b: BrokerProcess, t: str) -> bytes:
+    return request(b, "GET", f"/topics/{t}")
+
+
+def by_app_stream(b: BrokerProcess, t: str) -> bytes:
+    """A stream request uvicorn's protocol serves: a head declaring a body (none)."""
+    return stream(b, t, {"Content-Length": "0"})
+
+
+KINDS = {
+    "close": Kind(lambda b, t: request(b, "POST", f"/topics/{t}/close"), 201, closed),
+    "delete": Kind(lambda b, t: request(b, "DELETE", f"/topics/{t}"), 204, deleted),
+    "topic-info": Kind(topic_info_request, 200),
+    "listing": Kind(lambda b, t: request(b, "GET", f"/topics?prefix={t}"), 200),
+    "history": Kind(
+        lambda b, t: request(
+            b, "GET", f"/topics/{t}/events?limit=5", {"Accept": "application/json"}
+        ),
+        200,
+    ),
+    "stats": Kind(lambda b, t: request(b, "GET", "/stats"), 200),
+    "healthz": Kind(healthz, 200),
+    "readyz-store": Kind(lambda b, t: request(b, "GET", "/readyz/store"), 200),
+    # Publishes the lean route hands over: a chunked body, HTTP/1.0.
+    "chunked-publish": Kind(chunked_publish, 201, stored_once_more),
+    "http-1.0-publish": Kind(lambda b, t: http_1_0(lean_publish(b, t)), 201, stored_once_more),
+    # A streaming ingest behind a request uvicorn's protocol serves (as
+    # tests/http/test_early_answers.ingest_head does): uvicorn's protocol reads it too.
+    "ingest": Kind(lambda b, t: healthz(b, t) + ingest(b, t), 201, ingested),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_request_sent_whole_then_half_closed_is_answered_then_closed(
+    http_broker: BrokerProcess, client: httpx.Client, kind: str
+) -> None:
+    """Each kind of request the app route serves: carried out, answered, then closed (the
+    close, the delete and the publishes were carried out unanswered: the connection
+    closed at the client's end)."""
+    topic = new_topic("half")
+    assert client.post(f"/topics/{topic}/events", json={"data": "before"}).status_code == 201
+    what = KINDS[kind]
+    ending = half_closed(http_broker, what.send(http_broker, topic))
+    assert ending.ended, ending
+    assert ending.statuses[-1:] == [what.status], ending.received[:300]
+    what.check(client, topic)
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+@pytest.mark.parametrize("what", ["publish", "ingest"])
+def test_a_publish_or_ingest_sent_whole_then_half_closed_is_answered_and_stored_once(
+    http_broker: BrokerProcess, client: httpx.Client, what: str, route: str
+) -> None:
+    """The lean route too: it closed the connection at the end while the store took a
+    publish (stored, unanswered: a client retrying it stored it twice). (A lean ingest
+    was answered: its connection is not read while it is.)"""
+    topic = new_topic("half")
+    if what == "publish":
+        sent, each = lean_publish(http_broker, topic), ["once"]
+    else:
+        sent, each = ingest(http_broker, topic), [1, 2]
+    if route == "by-app":
+        sent = healthz(http_broker, topic) + sent
+    for _ in range(3):  # (a topic's first publish and the ones after)
+        ending = half_closed(http_broker, sent)
+        assert ending.ended, ending
+        assert ending.statuses[-1:] == [201], ending.received[:300]
+    assert stored(client, topic) == each * 3
+
+
+SENT_AHEAD = {
+    # (the requests, in order; the statuses answered; the events stored)
+    "lean-publishes": ([lean_publish, lean_publish], [201, 201], ["once"] * 2),
+    "by-app": ([healthz, lean_publish, topic_info_request], [200, 201, 200], ["once"]),
+    "lean-publish-then-ingest": ([lean_publish, ingest], [201, 201], ["once", 1, 2]),
+    # A stream's client is taken for gone: the stream is not served, the answers before it are.
+    "lean-publish-then-stream": ([lean_publish, stream], [201], ["once"]),
+    "by-app-then-stream": ([healthz, lean_publish, by_app_stream], [200, 201], ["once"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SENT_AHEAD))
+def test_requests_sent_ahead_then_half_closed_are_each_answered(
+    http_broker: BrokerProcess, client: httpx.Client, case: str
+) -> None:
+    """Requests pipelined, then the half-close: each answered in turn, then closed."""
+    topic = new_topic("half")
+    requests, statuses, events = SENT_AHEAD[case]
+    ending = half_closed(http_broker, b"".join(make(http_broker, topic) for make in requests))
+    assert ending.ended, ending
+    assert ending.statuses == statuses, ending.received[:600]
+    assert stored(client, topic) == events
+
+
+CUT_SHORT = {
+    "lean-publish": lambda b, t: lean_publish(b, t)[:-4],
+    "chunked-publish": lambda b, t: chunked_publish(b, t)[:-5],  # (no last chunk)
+    "lean-ingest": lambda b, t: request(b, "POST", f"/topics/{t}/events", NDJSON, chunk(line(1))),
+    "after-a-whole-publish": lambda b, t: lean_publish(b, t) + chunked_publish(b, t)[:-7],
+    "a-head": lambda b, t: request(b, "POST", f"/topics/{t}/events", JSON)[:-4],
+}
+
+
+@pytest.mark.parametrize("kind", list(CUT_SHORT))
+def test_a_request_cut_short_by_the_half_close_is_closed_unanswered_with_nothing_stored(
+    http_broker: BrokerProcess, client: httpx.Client, kind: str
+) -> None:
+    """Its body (or head) never whole: closed at once, unanswered, nothing carried out
+    (a request whole before it is answered)."""
+    topic = new_topic("half")
+    ending = half_closed(http_broker, CUT_SHORT[kind](http_broker, topic))
+    assert ending.ended, ending
+    whole_before = kind == "after-a-whole-publish"
+    assert ending.statuses == ([201] if whole_before else []), ending.received[:300]
+    if kind == "lean-ingest":  # (an ingest stores the lines it read whole, as when cut)
+        assert stored(client, topic) in ([], [1])
+    else:
+        assert stored(client, topic) == (["once"] if whole_before else [])
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+def test_a_stream_whose_client_half_closes_ends(
+    http_broker: BrokerProcess, client: httpx.Client, route: str
+) -> None:
+    """A stream's client that half-closes is taken for gone, on both routes: the stream
+    ends (its head, if written, and then the connection's end), not held open. (A head
+    that declares a body, even none, is served by uvicorn's protocol.)"""
+    topic = new_topic("half")
+    assert client.post(f"/topics/{topic}/events", json={"data": "before"}).status_code == 201
+    sent = by_app_stream(http_broker, topic) if route == "by-app" else stream(http_broker, topic)
+    ending = half_closed(http_broker, sent)
+    assert ending.ended, ending
+    assert ending.statuses in ([], [200]), ending.received[:300]
