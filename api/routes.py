@@ -417,9 +417,13 @@ async def _refuse_any_body(request: Request, detail: str) -> None:
 async def delete_topic(request: Request) -> Response:
     """Delete the topic now: 204; its streams get a ``deleted`` gap and end.
 
-    Deleting takes the right to publish to the topic."""
+    Deleting takes the right to publish to the topic. It takes no body, as closing
+    takes none: one declared is refused, before anything is deleted (the handler ran at
+    the head: a body that never came whole, its client gone, still deleted the topic).
+    """
     topic = check_topic(request.path_params["topic"])
     await authorize(request.scope, "delete", [topic])
+    await _refuse_any_body(request, "deleting takes no body")
     await _broker(request).delete_topic(topic)
     return Response(status_code=204)
 

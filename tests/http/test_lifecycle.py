@@ -126,6 +126,27 @@ async def test_closing_takes_an_empty_body(aclient: httpx.AsyncClient) -> None:
     assert (await aclient.post(f"/topics/{topic}/close")).status_code == 201
 
 
+async def test_deleting_takes_no_body_and_a_refused_one_deletes_nothing(
+    http_broker: BrokerProcess, aclient: httpx.AsyncClient
+) -> None:
+    """A DELETE with a body is refused (400), the topic kept; one whose body never comes
+    whole, its client gone, deletes nothing either (it was carried out at its head)."""
+    topic = new_topic()
+    [kept] = await publish_many(aclient, topic, ["kept"])
+    refused = await aclient.request("DELETE", f"/topics/{topic}", content=b"{}")
+    assert_problem(refused, 400)
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_broker.port)
+    head = f"DELETE /topics/{topic} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n"
+    writer.write(head.encode() + b"abc")  # (7 bytes short, and the client goes)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    writer.transport.abort()
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    info = await aclient.get(f"/topics/{topic}")
+    assert info.status_code == 200 and info.json()["last_id"] == kept, info.text
+    assert (await aclient.request("DELETE", f"/topics/{topic}", content=b"")).status_code == 204
+
+
 @pytest.mark.parametrize("how", PATHS)
 async def test_a_live_stream_gets_the_end_then_ends_and_reconnects_get_204(
     http_broker: BrokerProcess, aclient: httpx.AsyncClient, how: str
