@@ -173,7 +173,10 @@ def ingest_of(
 
 async def run_ingest(ingest: Ingest, body: IngestBody, close: bool) -> tuple[int, list[Any], bytes]:
     """Store the body's lines, close the topic if asked once the body ended; the answer
-    (both edges: the ASGI route and ``api.lean_ingest``)."""
+    (both edges: the ASGI route and ``api.lean_ingest``). 200 where nothing was new: every
+    line replayed (``Idempotent-Replayed``), the close too if asked; or no line, and a
+    close of a topic closed already (as ``POST /topics/{t}/close`` answers it: it was
+    201, as if this request had closed it)."""
     result = await ingest.run(body)
     content = result.content()
     closed_before = False
@@ -181,6 +184,8 @@ async def run_ingest(ingest: Ingest, body: IngestBody, close: bool) -> tuple[int
         closing = await ingest.close_topic()
         content["end_id"] = str(closing.end_id)
         closed_before = closing.replayed
+    if close and not result.count:  # (a close alone, blank lines at most: as a close answers)
+        return (200 if closed_before else 201), JSON_HEADERS, orjson.dumps(content)
     everything_replayed = result.count and result.replayed == result.count
     everything_replayed = everything_replayed and (closed_before or not close)
     headers = REPLAYED_HEADERS if everything_replayed else JSON_HEADERS

@@ -328,6 +328,32 @@ async def test_a_resent_ingest_that_had_closed_its_topic_is_answered_again(
     assert len(await history(aclient, topic)) == 3
 
 
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [(b"", {}), (b"\n \r\n", {}), (b"\n", {"Idempotency-Key": "k"})],
+    ids=["empty", "blank-lines", "keyed-blank-line"],
+)
+async def test_an_ingest_of_no_line_that_closes_a_closed_topic_is_answered_200(
+    aclient: httpx.AsyncClient, body: bytes, key: dict[str, str]
+) -> None:
+    """An ingest with no line (empty, or blank lines only) and ``?close=true`` is a
+    close: on a topic closed already it closes nothing, and is answered 200 with the
+    same end, as a close twice is (CONTRACT: closing twice answers 200). It said 201
+    Created (its retry too, the topic closed by its first attempt), as if it had closed
+    the topic itself."""
+    topic = new_topic()
+    assert (await aclient.post(f"/topics/{topic}/events", json={"data": 1})).status_code == 201
+    url, headers = f"/topics/{topic}/events?close=true", {**NDJSON, **key}
+    first = await aclient.post(url, content=body, headers=headers)
+    again = await aclient.post(url, content=body, headers=headers)
+    closed = await aclient.post(f"/topics/{topic}/close")
+    assert first.status_code == 201, first.text
+    assert closed.status_code == 200, closed.text
+    assert again.status_code == 200, again.text
+    assert again.json() == first.json() == {"ids": [], "end_id": closed.json()["id"]}
+    assert len(await history(aclient, topic)) == 2
+
+
 async def test_an_idle_gap_longer_than_the_body_timeout_stops_the_ingest(
     slow_body_broker: BrokerProcess,
 ) -> None:
