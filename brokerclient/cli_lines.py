@@ -46,7 +46,11 @@ from brokerclient.cli import (
 )
 
 if TYPE_CHECKING:
-    from brokerclient.errors import BrokerClientError, StreamInterrupted
+    from brokerclient.errors import (
+        BrokerClientError,
+        StreamInterrupted,
+        StreamKeyboardInterrupt,
+    )
 
 log = logging.getLogger("brokerclient.cli")
 JSON_WHITESPACE = b" \t\r\n"
@@ -101,7 +105,11 @@ _SKIPPED = object()
 
 
 def run_publish_lines(args: argparse.Namespace) -> int:
-    from brokerclient.errors import BrokerClientError, StreamInterrupted
+    from brokerclient.errors import (
+        BrokerClientError,
+        StreamInterrupted,
+        StreamKeyboardInterrupt,
+    )
     from brokerclient.http import idempotency_key_of
     from brokerclient.publisher import Publisher
 
@@ -121,9 +129,8 @@ def run_publish_lines(args: argparse.Namespace) -> int:
             return _interrupted(stopped, lines)
         except BrokerClientError as error:
             return _failed(error, key, lines)
-        except KeyboardInterrupt:
-            _tell_rerun(key, None, lines)
-            return EXIT_INTERRUPTED
+        except StreamKeyboardInterrupt as stopped:
+            return _ctrl_c(stopped, lines)
     if result.replayed:
         log.info("stored already under this idempotency key: nothing new was stored")
     answer = {"count": result.count, "first_id": result.first_id, "last_id": result.last_id}
@@ -163,7 +170,23 @@ def _interrupted(stopped: StreamInterrupted, lines: StdinLines) -> int:
     return EXIT_USAGE if isinstance(cause, (BadLine, ValueError)) else EXIT_ERROR
 
 
-def _tell_rerun(key: str, error: BrokerClientError | None, lines: StdinLines) -> None:
+def _ctrl_c(stopped: StreamKeyboardInterrupt, lines: StdinLines) -> int:
+    """Ctrl-C, wherever it landed (waiting for stdin, sending, a retry's wait): never the
+    stream's success; its key and part, as a failure names them (exit 130). Said with
+    the key given or made up alone, it sent the rerun of a stream gone on in parts (the
+    rest under ``K+n``) whole under K, and that stored every line twice."""
+    print(
+        f"broker publish: interrupted (Ctrl-C) at stdin line {lines.line_number}, "
+        f"{stopped.lines_sent} event(s) sent: each that reached the broker is stored",
+        file=sys.stderr,
+    )
+    _tell_rerun(stopped.idempotency_key, stopped, lines)
+    return EXIT_INTERRUPTED
+
+
+def _tell_rerun(
+    key: str, error: BrokerClientError | StreamKeyboardInterrupt | None, lines: StdinLines
+) -> None:
     """How to finish the stream storing each line once: the same input under its key, or,
     once it went on after event n as a stream of its own (key ``K+n``), stdin's lines
     after the one of event n."""

@@ -99,6 +99,30 @@ class StreamPartFailed(BrokerClientError):
         self.after_line = after_line
 
 
+class StreamKeyboardInterrupt(KeyboardInterrupt):
+    """A Ctrl-C (a ``KeyboardInterrupt``, its ``__cause__``) wherever it landed during
+    ``stream()``: reading the caller's iterator, sending, waiting for an answer or a
+    retry. Still a ``KeyboardInterrupt`` (``except KeyboardInterrupt`` catches it), now
+    saying where the stream stood, as ``StreamInterrupted`` does: ``idempotency_key``,
+    the key to resend under (the caller's, or the one made up; ``K+n`` once it went on
+    after line n as a stream of its own, ``after_line`` n, under which only the events
+    after line n go: the whole stream again under K stores lines 1..n twice), and
+    ``lines_sent``, the events its iterator had given. Raised as it was, it said
+    neither, and a caller who resent the whole stream under K stored them twice."""
+
+    def __init__(self, *, idempotency_key: str, lines_sent: int, after_line: int) -> None:
+        which = "the same events, from the first,"
+        if after_line:
+            which = f"the events after the first {after_line}, as a stream of their own,"
+        super().__init__(
+            f"interrupted after {lines_sent} lines: resend {which} under idempotency key "
+            f"{idempotency_key} to store each line once"
+        )
+        self.idempotency_key = idempotency_key
+        self.lines_sent = lines_sent
+        self.after_line = after_line
+
+
 class RequestFailed(BrokerClientError):
     """The broker answered with an error; ``problem`` is its problem+json body, if any.
 

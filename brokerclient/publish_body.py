@@ -108,9 +108,10 @@ class _Lines:
             self.first_id = first_id
         self._stored_before += self._sent[:kept]  # (stored: not sent again, unless lost)
         del self._sent[:kept]
-        self.after_line += kept
         self.earlier_keys.append(self.key)
-        self.key = key
+        # (its line and key in one step, no call between: a Ctrl-C landing between them
+        # named the part's line with the key before it)
+        self.after_line, self.key = self.after_line + kept, key
         return True
 
     def start_over(self) -> None:

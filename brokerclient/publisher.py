@@ -71,6 +71,7 @@ from brokerclient.publish_body import EventObject as EventObject
 from brokerclient.stream_parts import (
     UNREAD,
     answered,
+    ctrl_c_in,
     failed_in_parts,
     go_on_alone,
     start_over_if_log_lost,
@@ -186,8 +187,9 @@ class Publisher:
         has its refusal raised instead (see ``StreamInterrupted``). Any refusal after
         the stream went on so carries ``after_line`` and ``K+n`` too, and an error not
         the broker's (the ``token`` callable's) is ``StreamPartFailed``, carrying them. A
-        ``BaseException`` (Ctrl-C) goes through as it is: give ``idempotency_key`` to
-        know the key then too.
+        Ctrl-C, wherever it lands (the iterator, a send, a retry's wait), is raised as
+        ``StreamKeyboardInterrupt``, a ``KeyboardInterrupt`` carrying that key and
+        ``after_line`` as well; any other ``BaseException`` goes through as it is.
         """
         key = idempotency_key_of(idempotency_key)
         lines = _SentLines(iter(events), key)
@@ -211,6 +213,10 @@ class Publisher:
             if (in_parts := failed_in_parts(error, body)) is None:
                 raise
             raise in_parts from error
+        except KeyboardInterrupt as error:  # (wherever it landed: the part under way's key)
+            if isinstance(body, bytes):
+                raise
+            raise ctrl_c_in(body) from error
 
     def _attempts(
         self,
@@ -344,8 +350,9 @@ class AsyncPublisher:
     ) -> PublishResult:
         """``Publisher.stream``, awaited: an iterator that raises ends it with
         ``StreamInterrupted`` (its ``idempotency_key`` to resend under: the one given,
-        or ``K+n`` once gone on after line n, ``after_line``); a cancellation goes
-        through as it is."""
+        or ``K+n`` once gone on after line n, ``after_line``); a ``KeyboardInterrupt`` is
+        raised as ``StreamKeyboardInterrupt``, carrying them; a cancellation goes through
+        as it is."""
         key = idempotency_key_of(idempotency_key)
         lines = _AsyncSentLines(_aiter(events), key)
         return await self._send(topic, lines, NDJSON, _query(close), key, "stream")
@@ -366,6 +373,10 @@ class AsyncPublisher:
             if (in_parts := failed_in_parts(error, body)) is None:
                 raise
             raise in_parts from error
+        except KeyboardInterrupt as error:
+            if isinstance(body, bytes):
+                raise
+            raise ctrl_c_in(body) from error
 
     async def _attempts(
         self,

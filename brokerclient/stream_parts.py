@@ -4,7 +4,8 @@ those records lapsed; ``ingest-lines-lost``, ``ingest-records-lapsed``), for
 ``brokerclient.publisher``: the lines after the last one kept go on under the key
 ``K+n`` (n: that line), ``StreamStopped`` where it cannot tell which were kept, and
 the result of a stream gone on in parts is the whole stream's, its refusal told with
-its parts, as is an error not the broker's raised after it (``failed_in_parts``). A
+its parts, as is an error not the broker's raised after it (``failed_in_parts``), and a
+Ctrl-C says where the stream stood (``ctrl_c_in``). A
 stream whose own iterator raised once the broker had answered raises what that answer
 says (``answered``).
 """
@@ -20,6 +21,7 @@ from brokerclient.errors import (
     BrokerClientError,
     RequestFailed,
     StreamInterrupted,
+    StreamKeyboardInterrupt,
     StreamPartFailed,
     StreamStopped,
 )
@@ -177,6 +179,14 @@ def failed_in_parts(error: Exception, body: bytes | _Lines) -> StreamPartFailed 
         idempotency_key=body.key,
         lines_sent=body.count(),
         after_line=body.after_line,
+    )
+
+
+def ctrl_c_in(body: _Lines) -> StreamKeyboardInterrupt:
+    """A Ctrl-C during the stream, wherever it landed, saying where the stream stood: the
+    key of its part under way and the line that part goes on after (0: sent whole)."""
+    return StreamKeyboardInterrupt(
+        idempotency_key=body.key, lines_sent=body.count(), after_line=body.after_line
     )
 
 

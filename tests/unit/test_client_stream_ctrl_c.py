@@ -1,0 +1,180 @@
+"""A Ctrl-C (``KeyboardInterrupt``) wherever it lands in ``stream()``: raised as
+``StreamKeyboardInterrupt``, saying the key and the part a resend must send (``K+n``
+once the stream went on after line n). Landing points a real SIGINT hits only by
+chance (a send, a retry's wait) are raised here where chosen (the real broker's and a
+real SIGINT's are in tests/face/test_cli_lines.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from brokerclient import (
+    AsyncPublisher,
+    Publisher,
+    RetryPolicy,
+    StreamKeyboardInterrupt,
+    event,
+)
+from brokerclient import publisher as publisher_module
+from brokerclient.cli_lines import StdinLines, _ctrl_c
+from tests.unit.test_client_stream_parts import records_lapsed
+
+QUICK = RetryPolicy(attempts=3, backoff=0.0)
+Step = Callable[[int], None]
+"""What the broker made up here does after reading each line of a request (its count)."""
+
+
+class Broker(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """A transport that reads ``reads[i]`` lines of request i (``step`` after each), then
+    answers it with ``answers[i]`` (the rest of its body unread, as a broker answering
+    early: not ``httpx.MockTransport``, which reads the body whole first); records each
+    request's key and the lines it read."""
+
+    def __init__(self, reads: list[int], answers: list[httpx.Response], step: Step) -> None:
+        self._reads, self._answers, self._step = reads, answers, step
+        self.requests: list[tuple[str, list[int]]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        read: list[int] = []
+        self.requests.append((request.headers["idempotency-key"], read))
+        chunks = iter(request.stream)  # type: ignore[arg-type]
+        for _ in range(self._reads.pop(0)):
+            read.append(json.loads(next(chunks))["data"])
+            self._step(len(read))
+        return self._answers.pop(0)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        read: list[int] = []
+        self.requests.append((request.headers["idempotency-key"], read))
+        chunks = aiter(request.stream)  # type: ignore[arg-type]
+        for _ in range(self._reads.pop(0)):
+            read.append(json.loads(await anext(chunks))["data"])
+            self._step(len(read))
+        return self._answers.pop(0)
+
+
+def lapsed_after_2() -> httpx.Response:
+    return records_lapsed(2, "e.1-0")([])
+
+
+def nothing(_: int) -> None:
+    pass
+
+
+def events_then_ctrl_c(count: int) -> Iterator[dict[str, object]]:
+    """Events 1..count, then Ctrl-C while the next is awaited (stdin's read)."""
+    for n in range(1, count + 1):
+        yield event(n)
+    raise KeyboardInterrupt
+
+
+def streamed(broker: Broker, events: Iterator[dict[str, object]]) -> None:
+    with (
+        httpx.Client(base_url="http://b.test", transport=broker) as client,
+        Publisher(client=client, retry=QUICK) as publisher,
+    ):
+        publisher.stream("t", events, idempotency_key="K")
+
+
+def raised(run: Callable[[], object]) -> StreamKeyboardInterrupt:
+    """What ``run`` raised: a ``StreamKeyboardInterrupt`` from the Ctrl-C (caught as any
+    ``KeyboardInterrupt``: a plain one, as it was, fails the test, not the run)."""
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run()
+    assert isinstance(caught.value, StreamKeyboardInterrupt), repr(caught.value)
+    assert type(caught.value.__cause__) is KeyboardInterrupt
+    return caught.value
+
+
+def test_ctrl_c_in_the_iterator_before_any_part_names_the_callers_key() -> None:
+    broker = Broker([5], [], nothing)
+    stopped = raised(lambda: streamed(broker, events_then_ctrl_c(2)))
+    assert (stopped.idempotency_key, stopped.after_line, stopped.lines_sent) == ("K", 0, 2)
+    assert "the same events, from the first, under idempotency key K" in str(stopped)
+
+
+def test_ctrl_c_in_the_iterator_once_gone_on_names_the_part_under_way() -> None:
+    """Lines 1-2 kept (records lapsed after line 3 was read), the rest under K+2; Ctrl-C
+    at the iterator's line 5. It went through as a plain KeyboardInterrupt, saying
+    nothing of K+2: a rerun of the whole stream under K stored lines 1-2 twice."""
+    broker = Broker([3, 9], [lapsed_after_2()], nothing)
+    stopped = raised(lambda: streamed(broker, events_then_ctrl_c(4)))
+    assert broker.requests == [("K", [1, 2, 3]), ("K+2", [3, 4])]
+    assert (stopped.idempotency_key, stopped.after_line, stopped.lines_sent) == ("K+2", 2, 4)
+    assert "the events after the first 2, as a stream of their own," in str(stopped)
+
+
+def test_ctrl_c_while_sending_once_gone_on_names_the_part_under_way() -> None:
+    """Ctrl-C inside the transport, its part's second line just sent (httpx's send)."""
+
+    def ctrl_c_at_the_parts_2nd(read: int) -> None:
+        if len(broker.requests) == 2 and read == 2:
+            raise KeyboardInterrupt
+
+    broker = Broker([3, 9], [lapsed_after_2()], ctrl_c_at_the_parts_2nd)
+    stopped = raised(lambda: streamed(broker, (event(n) for n in range(1, 9))))
+    assert broker.requests == [("K", [1, 2, 3]), ("K+2", [3, 4])]
+    assert (stopped.idempotency_key, stopped.after_line) == ("K+2", 2)
+
+
+def test_ctrl_c_in_a_wait_between_attempts_once_gone_on_names_the_part_under_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C in the wait before the part's first request (the publisher's sleep)."""
+
+    def ctrl_c(_: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(publisher_module.time, "sleep", ctrl_c)
+    broker = Broker([3], [lapsed_after_2()], nothing)
+    stopped = raised(lambda: streamed(broker, (event(n) for n in range(1, 9))))
+    assert broker.requests == [("K", [1, 2, 3])]
+    assert (stopped.idempotency_key, stopped.after_line) == ("K+2", 2)
+
+
+def test_ctrl_c_in_an_async_stream_once_gone_on_names_the_part_under_way() -> None:
+    broker = Broker([3, 9], [lapsed_after_2()], nothing)
+
+    async def stream() -> None:
+        async with (
+            httpx.AsyncClient(base_url="http://b.test", transport=broker) as client,
+            AsyncPublisher(client=client, retry=QUICK) as publisher,
+        ):
+            await publisher.stream("t", events_then_ctrl_c(4), idempotency_key="K")
+
+    stopped = raised(lambda: asyncio.run(stream()))
+    assert broker.requests == [("K", [1, 2, 3]), ("K+2", [3, 4])]
+    assert (stopped.idempotency_key, stopped.after_line) == ("K+2", 2)
+
+
+def test_ctrl_c_in_a_publish_goes_through_as_it_is() -> None:
+    def ctrl_c(_: httpx.Request) -> httpx.Response:
+        raise KeyboardInterrupt
+
+    transport = httpx.MockTransport(ctrl_c)
+    with (
+        httpx.Client(base_url="http://b.test", transport=transport) as client,
+        Publisher(client=client) as publisher,
+        pytest.raises(KeyboardInterrupt) as caught,
+    ):
+        publisher.publish("t", 1)
+    assert type(caught.value) is KeyboardInterrupt
+
+
+def test_the_cli_names_stdins_line_and_the_part_under_way(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Exit 130; stdin's lines after event 2's (line 3, a blank one counted) under K+2."""
+    lines = StdinLines(io.BytesIO(b"1\n\n2\n3\n"), text=False, event=None)
+    list(lines)
+    stopped = StreamKeyboardInterrupt(idempotency_key="K+2", lines_sent=3, after_line=2)
+    assert _ctrl_c(stopped, lines) == 130
+    said = capsys.readouterr().err
+    assert "interrupted (Ctrl-C) at stdin line 4, 3 event(s) sent" in said, said
+    assert "after line 3 (tail -n +4) under --idempotency-key K+2" in said, said
