@@ -13,7 +13,14 @@ from typing import Any
 import httpx
 import pytest
 
-from brokerclient import AsyncPublisher, Publisher, RequestFailed, StreamInterrupted, event
+from brokerclient import (
+    AsyncPublisher,
+    Publisher,
+    RequestFailed,
+    StreamInterrupted,
+    StreamKeyboardInterrupt,
+    event,
+)
 from brokerclient.publisher import EventObject
 from tests.support.broker_process import BrokerProcess
 from tests.support.polling import wait_until
@@ -117,17 +124,21 @@ def test_a_stream_given_its_key_is_interrupted_under_that_key(
     assert raised.value.idempotency_key == "gen-7"
 
 
-def test_a_keyboard_interrupt_in_the_iterator_goes_through_as_it_is(
+def test_a_keyboard_interrupt_in_the_iterator_stays_one_saying_its_key(
     face_broker: BrokerProcess,
 ) -> None:
-    """A BaseException (Ctrl-C, a cancellation) is no error of the stream's to wrap."""
+    """A BaseException (Ctrl-C, a cancellation) is no error of the stream's to wrap as
+    one (``StreamInterrupted``): a Ctrl-C stays a ``KeyboardInterrupt``, one that says
+    the key to resend under (``StreamKeyboardInterrupt``)."""
 
     def interrupted() -> Iterator[EventObject]:
         yield event(1)
         raise KeyboardInterrupt
 
-    with Publisher(face_broker.url) as publisher, pytest.raises(KeyboardInterrupt):
-        publisher.stream(_topic(), interrupted())
+    with Publisher(face_broker.url) as publisher, pytest.raises(KeyboardInterrupt) as raised:
+        publisher.stream(_topic(), interrupted(), idempotency_key="gen-8")
+    assert isinstance(raised.value, StreamKeyboardInterrupt)
+    assert (raised.value.idempotency_key, raised.value.after_line) == ("gen-8", 0)
 
 
 def test_an_event_that_is_not_json_interrupts_the_stream_too(face_broker: BrokerProcess) -> None:
