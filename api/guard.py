@@ -256,11 +256,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         says ``connection: close`` unless its head was out already). Closed here at once
         (uvicorn's), a close, a delete or a publish was carried out unanswered, and a
         client retrying an unkeyed publish stored it twice. A request cut short (its head
-        or body unfinished) is dropped: closed at once, the app reading its body sees
-        its client gone, nothing is carried out. A stream's client is taken for gone, as
-        on the lean route (``api.lean_stream``): a stream under way ends now, one sent
-        ahead is not served (nor what came after it), the answers before it are."""
-        if self._in_message or self._refused or not self._answering():
+        or body unfinished) is dropped, nothing of it carried out: the one being answered
+        is closed at once, the app reading its body sees its client gone; one behind
+        others, read whole, is not served, they are answered. A stream's client is taken
+        for gone, as on the lean route (``api.lean_stream``): a stream under way ends
+        now, one sent ahead is not served (nor what came after it), the answers before
+        it are."""
+        if self._refused:
+            return False
+        if self._in_message and not self._drop_cut_short():
+            return False  # (the request being answered is cut short: closed at once)
+        if not self._answering():
             return False  # (nothing whole to answer: closed, as uvicorn closes it)
         running = self._running
         if running is not None and running.response_complete:
@@ -278,6 +284,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return False
         last.keep_alive = False  # its answer closes the connection (``connection: close``)
         self._client_ended = True  # (it sends nothing more: no lingering after the answer)
+        return True
+
+    def _drop_cut_short(self) -> bool:
+        """At the half-close, a request whose head or body is not whole is dropped, not
+        served (nothing of it carried out), and the requests read whole before it are
+        still answered: closed at once here, one carried out before it (a publish, a
+        close) went unanswered, as the lean route answers it. False where the request
+        cut short is the one being answered: nothing before it to answer."""
+        cut_short = None if self._in_head else self.cycle  # (a head not whole: no cycle yet)
+        if cut_short is not None and cut_short is self._running:
+            return False
+        if cut_short is not None:
+            self.pipeline = deque(entry for entry in self.pipeline if entry[0] is not cut_short)
+        self._in_message = self._in_head = self._reading_body = False
+        self._guard.deadlines.clear(self)  # (its head's or body's deadline: it never comes)
         return True
 
     def data_received(self, data: bytes) -> None:
