@@ -262,9 +262,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         for gone, as on the lean route (``api.lean_stream``): a stream under way ends
         now, one sent ahead is not served (nor what came after it), the answers before
         it are."""
-        if self._refused:
-            return False
-        if self._in_message and not self._drop_cut_short():
+        refused = self._refused
+        if not self._whole_ones_answered():
             return False  # (the request being answered is cut short: closed at once)
         if not self._answering():
             return False  # (nothing whole to answer: closed, as uvicorn closes it)
@@ -282,9 +281,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         last = ahead[0][0] if ahead else running
         if last is None:
             return False
-        last.keep_alive = False  # its answer closes the connection (``connection: close``)
+        if not refused:  # (else the 400 after it closes it)
+            last.keep_alive = False  # its answer closes the connection (``connection: close``)
         self._client_ended = True  # (it sends nothing more: no lingering after the answer)
         return True
+
+    def _whole_ones_answered(self) -> bool:
+        """At the half-close: whether the requests read whole may still be answered. After
+        bytes that are no request (``send_400_response``), they are, then the 400, then
+        the connection closes (closed at once, they went unanswered); after a request cut
+        short, they are, as ``_drop_cut_short`` says."""
+        if self._refused:
+            if self._deferred_400 is None:
+                return False  # (answered its 400 already, or no room for it)
+            self._guard.deadlines.clear(self)
+            return True
+        return not self._in_message or self._drop_cut_short()
 
     def _drop_cut_short(self) -> bool:
         """At the half-close, a request whose head or body is not whole is dropped, not
@@ -550,6 +562,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and cycle.response_started and not cycle.response_complete:
             self.transport.close()  # (written into a response: no answer to linger after)
+            return
+        if self._client_ended:  # (it half-closed: it sends nothing more to linger for)
+            self._closed_lingering()
+            self.transport.close()
             return
         close_lingering(self.transport, self.server_state, self._guard.deadlines)
         self._closed_lingering()

@@ -297,3 +297,22 @@ def test_a_stream_whose_client_half_closes_ends(
     ending = half_closed(http_broker, sent)
     assert ending.ended, ending
     assert ending.statuses in ([], [200]), ending.received[:300]
+
+
+NO_REQUEST = b"GARBAGE \x01\r\n\r\n"  # (bytes uvicorn's parser refuses: a 400)
+
+
+@pytest.mark.parametrize("kind", ["chunked-publish", "close"])
+def test_requests_whole_before_bytes_that_are_no_request_are_answered_then_the_400(
+    http_broker: BrokerProcess, client: httpx.Client, kind: str
+) -> None:
+    """The requests read whole before the bad bytes are answered, then the 400, then the
+    connection closes: it was closed at the half-close, the publish stored (or the topic
+    closed) unanswered."""
+    topic = new_topic("half")
+    assert client.post(f"/topics/{topic}/events", json={"data": "before"}).status_code == 201
+    what = KINDS[kind]
+    ending = half_closed(http_broker, what.send(http_broker, topic) + NO_REQUEST)
+    assert ending.ended, ending
+    assert ending.statuses == [what.status, 400], ending.received[:600]
+    what.check(client, topic)
