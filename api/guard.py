@@ -46,7 +46,7 @@ from api.answers import route_class
 from api.cors import cors_headers_of_head, with_cors
 from api.deadlines import Deadlines
 from api.heads import RequestHead
-from api.lingering import ClosingDeferred, close_lingering
+from api.lingering import ClosingDeferred, close_after_answer, close_lingering
 from api.metrics import RouteClass, count_response
 from api.raw_answers import answer_and_close, invalid_request
 from api.settings import Settings
@@ -226,6 +226,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     ) -> None:
         """``give_back``: takes the connection once it idles between requests."""
         super().__init__(config, server_state, app_state)
+        # uvicorn's parser drops, unseen, what follows a request that closes the connection
+        # (``Connection: close``, HTTP/1.0): a client still sending past it got a reset
+        # once the answer closed the connection. Seen, it is a parse error, answered
+        # only after that request's answer (``send_400_response``): which closes the
+        # connection, lingering (``_close_after``), and the 400 is never sent.
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=False)
         self._guard = guard
         self._give_back = give_back
         self._in_message = False  # from a request's first byte to its body's last
@@ -348,7 +354,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             raise TooManyAhead(f"over {MAX_PIPELINED_REQUESTS} requests sent ahead")
         cycle = self.cycle
         super().on_headers_complete()
-        if self.cycle is not cycle and self.cycle is not None and self._declares_body():
+        if self.cycle is not cycle and self.cycle is not None:
             self._close_lingering_after(self.cycle)
         self._in_head = False
         self._head_ended_in_read = self._reading_body = True
@@ -356,34 +362,38 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline_per_read = content_type.split(b";")[0].strip().lower() == NDJSON
         self._guard.deadlines.set(self, self._guard.limits.body_timeout)
 
-    def _declares_body(self) -> bool:
-        return any(
-            name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
-            for name, value in self.headers
-        )
-
     def _close_lingering_after(self, cycle: RequestResponseCycle) -> None:
         """uvicorn's cycle closes the connection once it answered with ``Connection:
-        close`` (a 409 or 503 ending a streaming ingest), however much of the body is
-        still coming: it is given a transport whose ``close()`` lingers then."""
+        close`` (a 409 or 503 ending a streaming ingest, a 500, a client's own ``close``),
+        however much of the body, or of requests sent ahead, is still coming: every
+        cycle is given a transport whose ``close()`` decides (``_close_after``)."""
         transport = ClosingDeferred(self.transport, lambda: self._close_after(cycle))
         cycle.transport = cast(asyncio.Transport, transport)
 
     def _close_after(self, cycle: RequestResponseCycle) -> None:
-        """Close lingering (``api.lingering``) after a whole answer while the client may
-        still be sending (this request's body, or a request after it: begun, or sent
-        ahead of a drain's last answer); else close."""
+        """Close after a whole answer (``api.lingering.close_after_answer``): lingering
+        while the client may still be sending (this request's body, or a request after
+        it: begun, parsed whole and queued behind this one, or sent ahead of a drain's
+        last answer), or its bytes wait unread in the socket; else plainly (nothing
+        unread: a request ended, its client idle; or half-closed: it sends nothing)."""
         if self._lingering:  # (handed over already: a second close would cut it short)
             return
-        sending = (self._in_message or self._draining) and not self._client_ended
-        if not (cycle.response_complete and sending) or self.transport.is_closing():
+        if not cycle.response_complete or self.transport.is_closing():
             self.transport.close()  # (an answer broken off is no answer to linger after)
             return
-        self._lingering = True
-        self.connections.discard(self)
+        # (``_refused``: bytes after this request its parser could not read, the rest
+        # unread: a request sent ahead past a ``Connection: close``, which httptools
+        # takes for bytes after the connection's end; its 400 is never sent)
+        ahead = self._in_message or self._draining or bool(self.pipeline) or self._refused
+        sending = ahead and not self._client_ended
+        # (before the close: a lingering close sets its own deadline)
         self._guard.deadlines.clear(self)
-        self._unset_keepalive_if_required()
-        close_lingering(self.transport, self.server_state, self._guard.deadlines)
+        if close_after_answer(
+            self.transport, self.server_state, self._guard.deadlines, client_may_send=sending
+        ):
+            self._lingering = True
+            self.connections.discard(self)
+            self._unset_keepalive_if_required()
 
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown; a request answered while its body is still coming

@@ -20,7 +20,7 @@ from uvicorn.server import ServerState
 
 from api.guard import Guard
 from api.lean_ingest import IngestExchange, IngestHead
-from api.lingering import close_lingering
+from api.lingering import close_after_answer
 from api.metrics import count_response
 from api.proxy_headers import log_access
 
@@ -106,15 +106,17 @@ class IngestServing:
         """Close after an ingest's answer: lingering while its body is still coming (a
         409 or 503 that ends it, a 400 for its framing), or while requests its client
         sent ahead may still come (``sent_ahead``: a drain closes a kept-alive
-        connection), for its producer to read the answer rather than a reset
-        (``api.lingering``)."""
+        connection; or bytes of one came after the body: a 401 for a token lapsing at
+        the last line, a 503), for its producer to read the answer rather than a reset
+        (``api.lingering``). Plainly once the body ended and nothing came after it."""
         assert self._transport is not None
         self._guard.deadlines.clear(self)
-        if exchange.body_ended and not sent_ahead:
-            self._transport.close()
-            return
-        self._server_state.connections.discard(self)
-        close_lingering(self._transport, self._server_state, self._guard.deadlines)
+        ahead = sent_ahead or bool(exchange.rest) or bool(self._received)
+        may_send = not exchange.body_ended or ahead
+        if close_after_answer(
+            self._transport, self._server_state, self._guard.deadlines, client_may_send=may_send
+        ):
+            self._server_state.connections.discard(self)
 
     def ingest_over(self, request: IngestHead, rest: bytes) -> None:
         """``IngestConnection``: answered and its body read: on to the next request."""

@@ -276,6 +276,11 @@ class IngestExchange:
             self._connection.ingest_over(self._request, self._framing.rest)
         return ended
 
+    @property
+    def rest(self) -> bytes:
+        """What followed the body's end in its last read: a request sent ahead."""
+        return self._framing.rest
+
     def lost(self) -> None:
         """The connection was lost: the ingest stores what came whole, and stops."""
         if self._body is not None:

@@ -7,7 +7,13 @@ before its request's body ended (a refusal, an ingest told to stop: 409, 503, 40
 still writing as "connection reset": its writes fail, and its system, or anything
 between (a proxy, a balancer), may throw the answer away before the client reads it.
 A producer that sees only the reset resends its stream whole, which stores again
-the lines it was told were kept.
+the lines it was told were kept. The same holds for a client that sent requests ahead
+(pipelined) of the answer after which the connection closes (RFC 9112 9.6: a server
+closes in stages, its side first, then reads until the client's end).
+
+So every close after an answer goes through ``close_after_answer``: lingering when the
+client may still send (its request or body unfinished, a request sent ahead, bytes
+received and not consumed, here or in the socket), plainly otherwise.
 
 So such a connection closes lingering (nginx's ``lingering_close``): the answer
 written, the process stops writing (a FIN after the answer), then reads and drops
@@ -23,6 +29,9 @@ the balancer reads the answer and lingers towards the client itself.)
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import struct
+import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +44,41 @@ LINGER_SECONDS = 2.0
 """How long a client may still send after its answer before the connection is cut."""
 LINGER_MAX_BYTES = 1 << 20
 """A client still sending past this after its answer is cut."""
+
+
+def close_after_answer(
+    transport: asyncio.Transport,
+    server_state: ServerState,
+    deadlines: Deadlines,
+    *,
+    client_may_send: bool,
+) -> bool:
+    """The way the edge closes a connection after writing an answer: lingering if its
+    client may still send (``client_may_send``: the caller's protocol is mid-message, or
+    holds bytes of a request sent ahead) or bytes it sent wait unread in the socket;
+    else plainly (nothing unread, nothing coming: a plain close sends the answer, then
+    a FIN). Whether it lingers: the caller's protocol then gives the connection up (it
+    is no longer told of it, nor counted among uvicorn's connections)."""
+    if transport.is_closing():
+        return False
+    if client_may_send or unread_bytes(transport) > 0:
+        close_lingering(transport, server_state, deadlines)
+        return True
+    transport.close()
+    return False
+
+
+def unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """What the client sent that waits unread in the socket (reading paused: a request
+    sent ahead): closed with it there, the socket resets the connection. 0 if not known."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):  # (closed meanwhile, or no socket of this kind)
+        return 0
+    return int(struct.unpack("i", raw)[0])
 
 
 def close_lingering(

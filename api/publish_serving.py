@@ -19,7 +19,7 @@ from uvicorn.server import ServerState
 
 from api.guard import Guard
 from api.lean_publish import PublishExchange, PublishHead
-from api.lingering import close_lingering
+from api.lingering import close_after_answer
 from api.metrics import RouteClass, count_response
 from api.proxy_headers import log_access
 
@@ -105,13 +105,19 @@ class PublishServing:
         if (self._closing or last) and request.keep_alive:
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         self._transport.write(answer)
-        if self._closing and request.keep_alive and not self._client_ended:
-            # (requests sent ahead may still come)
-            self._server_state.connections.discard(self)
-            close_lingering(self._transport, self._server_state, self._guard.deadlines)
-            return
         if not request.keep_alive or last or self._closing:
-            self._transport.close()
+            # Lingering while requests sent ahead may still come: a drain closes a
+            # kept-alive connection, or bytes came after this body (a client sending on
+            # past its own ``Connection: close``). Not once its client half-closed.
+            ahead = len(self._received) > self._body_start + request.body_size
+            may_send = not self._client_ended and (ahead or (self._closing and request.keep_alive))
+            if close_after_answer(
+                self._transport,
+                self._server_state,
+                self._guard.deadlines,
+                client_may_send=may_send,
+            ):
+                self._server_state.connections.discard(self)
             return
         del self._received[: self._body_start + request.body_size]
         self._await_next_request()

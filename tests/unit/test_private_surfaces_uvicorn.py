@@ -131,6 +131,20 @@ def test_httptools_protocol_answers_unreadable_bytes_through_send_400_response()
     )
 
 
+def test_bytes_after_a_request_that_closes_are_a_parser_error_once_leniency_is_off() -> None:
+    """``api.guard`` turns off the leniency uvicorn sets on its parser (bytes after a
+    ``Connection: close`` request dropped unseen), to see a client sending on past it:
+    the parser then raises, and uvicorn calls ``send_400_response``."""
+    source = inspect.getsource(HttpToolsProtocol.__init__)
+    assert "lenient_data_after_close=True" in source, changed(
+        "HttpToolsProtocol.__init__", GUARD, "sets the leniency the guard turns off"
+    )
+    parser = httptools.HttpRequestParser(types.SimpleNamespace())
+    parser.set_dangerous_leniencies(lenient_data_after_close=False)
+    with pytest.raises(httptools.HttpParserError):
+        parser.feed_data(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\n")
+
+
 def test_server_state_has_what_the_lean_path_updates() -> None:
     state = ServerState()
     for name, kind in (("connections", set), ("total_requests", int), ("default_headers", list)):

@@ -1,0 +1,172 @@
+"""A connection closed after an answer while its client had sent requests ahead
+(pipelined) behind the request answered: the client still sending must read the answer
+and then an end, never a reset (``api.lingering.close_after_answer``: lingering is the
+default close after an answer, whenever the client may still send).
+
+Each answer here closes the connection after a request whose body ended, with a whole
+request sent ahead behind it: a close at once (as these were) left the request sent
+ahead, and what the client wrote next, unread, and the client got a reset, which may cost
+it the answer (a system or a middlebox that drops what was not read yet). The client
+writes on once the answer arrived (``write_on_then_read``): its writes failed, or its
+read after the answer did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import orjson
+import pytest
+
+from tests.http.helpers import new_topic, request_bytes
+from tests.http.test_auth import _payload
+from tests.http.test_auth import stored as stored_with_token
+from tests.http.test_early_answers import (
+    ANSWER_WAIT_S,
+    PUBLISH,
+    WRITES_AFTER_ANSWER,
+    counted,
+    lingering_closes,
+    write_on_then_read,
+)
+from tests.http.test_ingest import chunk, line
+from tests.support.broker_process import BrokerProcess
+from tests.support.polling import await_until
+from tests.support.redis_server import RedisServer
+from tests.support.tokens import JWT_SETTINGS, claims, hs_token
+
+
+def sent_ahead(broker: BrokerProcess) -> bytes:
+    """A whole request behind the one answered (its client reads on after the answers)."""
+    return request_bytes("GET", f"{broker.url}/healthz")
+
+
+@pytest.fixture(scope="module")
+def jwt_broker(redis_server: RedisServer) -> Iterator[BrokerProcess]:
+    broker = BrokerProcess(redis_url=redis_server.url, env=JWT_SETTINGS).start()
+    yield broker
+    broker.close()
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_an_ingest_whose_token_lapses_at_its_last_line_with_a_request_sent_ahead(
+    jwt_broker: BrokerProcess, route: str
+) -> None:
+    """An ingest's token expires before its last line, which comes with its body's end
+    and a request sent ahead: the line is refused 401 ``Connection: close``
+    (``TokenLapsedMidIngest``), its body over. The client writing on reads the 401 then
+    an end. It got a reset: the connection closed at once (its body had ended), the
+    request sent ahead and what followed unread (lean: ``_close_after_ingest``; by-app:
+    the guard's close, the ingest's message over, the request sent ahead queued)."""
+    topic = new_topic("linger")
+    token = hs_token(claims(publish=[topic], expires_in=3))
+    exp = int(orjson.loads(_payload(token))["exp"])
+    viewer = hs_token(claims(subscribe=[topic]))
+    head = request_bytes(
+        "POST",
+        f"{jwt_broker.url}/topics/{topic}/events",
+        {
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/x-ndjson",
+            "Transfer-Encoding": "chunked",
+            # (uvicorn's protocol serves an ingest that expects 100 Continue)
+            **({"Expect": "100-continue"} if route == "by-app" else {}),
+        },
+    )
+    sock = socket.create_connection(("127.0.0.1", jwt_broker.port), timeout=ANSWER_WAIT_S)
+    try:
+        sock.sendall(head + chunk(line(1)))
+        if route == "by-app":  # (its 100 Continue read: the next bytes read are the answer)
+            assert (await asyncio.to_thread(sock.recv, 65536)).startswith(b"HTTP/1.1 100 ")
+        await await_until(
+            lambda: asyncio.to_thread(stored_lines, jwt_broker.url, topic, viewer),
+            timeout=5,
+            what="line 1 stored",
+        )
+        wait = max(0.0, exp + 0.2 - time.time())  # (the token's clock: whole seconds)
+        assert wait < 5, wait
+        await asyncio.sleep(wait)
+        last = chunk(line(2)) + b"0\r\n\r\n" + sent_ahead(jwt_broker)
+        outcome = await asyncio.to_thread(write_on_then_read, sock, last, WRITES_AFTER_ANSWER)
+    finally:
+        sock.close()
+    assert outcome.ending == "end", outcome
+    answer = outcome.received.split(b"HTTP/1.1 ")[-1]
+    assert answer.startswith(b"401 "), outcome.received
+    assert b"connection: close\r\n" in answer, outcome.received
+    assert b"the token expired during the ingest" in answer, outcome.received
+
+
+def stored_lines(url: str, topic: str, token: str) -> bool:
+    return stored_with_token(url, topic, token) == [1]
+
+
+async def test_a_publish_asking_to_close_with_a_request_sent_ahead_ends_cleanly(
+    http_broker: BrokerProcess, aclient: httpx.AsyncClient
+) -> None:
+    """A lean publish with ``Connection: close``, a request sent ahead behind it (a
+    client that should not, RFC 9112 9.6, but does): answered 201, then an end for the
+    client writing on. It got a reset (``publish_answered`` closed at once)."""
+    ended = await lingering_closes(aclient, "client_end")
+    url = f"{http_broker.url}/topics/{new_topic()}/events"
+    body = b'{"data": 1}'
+    headers = {**PUBLISH, "Content-Length": str(len(body)), "Connection": "close"}
+    sock = socket.create_connection(("127.0.0.1", http_broker.port), timeout=ANSWER_WAIT_S)
+    try:
+        first = request_bytes("POST", url, headers, body) + sent_ahead(http_broker)
+        outcome = await asyncio.to_thread(write_on_then_read, sock, first, WRITES_AFTER_ANSWER)
+    finally:
+        sock.close()
+    assert outcome.ending == "end", outcome
+    assert outcome.received.startswith(b"HTTP/1.1 201 "), outcome.received
+    assert outcome.received.count(b"HTTP/1.1 ") == 1, outcome.received
+    await counted(aclient, "client_end", ended + 1)
+
+
+async def test_a_request_without_a_body_asking_to_close_with_one_sent_ahead_ends_cleanly(
+    http_broker: BrokerProcess, aclient: httpx.AsyncClient
+) -> None:
+    """A request uvicorn's protocol serves, with no body, answered with ``Connection:
+    close`` (its client's own here), a request sent ahead behind it (which httptools
+    takes for bytes after the connection's end: not read, never answered): the client
+    writing on reads the answer then an end. It got a reset: only a request declaring a
+    body, or a drain's last, closed lingering."""
+    ended = await lingering_closes(aclient, "client_end")
+    health = request_bytes("GET", f"{http_broker.url}/healthz", {"Connection": "close"})
+    sock = socket.create_connection(("127.0.0.1", http_broker.port), timeout=ANSWER_WAIT_S)
+    try:
+        first = health + sent_ahead(http_broker)
+        outcome = await asyncio.to_thread(write_on_then_read, sock, first, WRITES_AFTER_ANSWER)
+    finally:
+        sock.close()
+    assert outcome.ending == "end", outcome
+    assert outcome.received.startswith(b"HTTP/1.1 200 "), outcome.received
+    assert outcome.received.count(b"HTTP/1.1 ") == 1, outcome.received
+    await counted(aclient, "client_end", ended + 1)
+
+
+async def test_a_request_asking_to_close_with_nothing_after_it_closes_plainly(
+    http_broker: BrokerProcess, aclient: httpx.AsyncClient
+) -> None:
+    """Nothing sent after a request answered with ``Connection: close``: the connection
+    closes at once (an end after the answer), not lingering (no lingering close counted:
+    nothing unread, nothing coming)."""
+    before = {e: await lingering_closes(aclient, e) for e in ("client_end", "time", "reset")}
+    health = request_bytes("GET", f"{http_broker.url}/healthz", {"Connection": "close"})
+    with socket.create_connection(("127.0.0.1", http_broker.port), timeout=ANSWER_WAIT_S) as sock:
+        sock.sendall(health)
+        received = bytearray()
+        for _ in range(100):  # (bounded: the socket's timeout bounds each read)
+            data = await asyncio.to_thread(sock.recv, 65536)
+            if not data:
+                break
+            received += data
+        else:
+            pytest.fail("no end")
+    assert received.startswith(b"HTTP/1.1 200 "), received
+    after = {e: await lingering_closes(aclient, e) for e in before}
+    assert after == before
