@@ -1,0 +1,377 @@
+"""A property test of a keyed streaming ingest's line records, at the store (``append``
+with ``IngestLines``, lua/append.lua and lua/ingest_lines.lua), on both stores: random
+interleavings, derandomized and bounded, of several requests under ONE Idempotency-Key
+(some the same stream, some differing: a line's data, a blank line where the other has a
+line or the other way, shorter, longer), each read in windows of lines as ``api.ingest``
+appends them (the lines read, blank ones numbered and not sent, after the line the request
+stored last: ``IngestLines.after``, and the entry: ``after_entry``; its body's end, where it
+ended with blank lines, the append that only checks them: ``blank_through``); resends of a
+whole stream, and of its rest as a stream of its own (what a 409 ingest-records-lapsed says
+to send); ``keep_lines``; and the records lapsing.
+
+A lapse is made as the store's tests make one, without waiting the window: the key's last
+write set back past it (``ZADD :lines-at K 0``), alone; or with its records then taken as
+``prune_lines`` takes them (each ``K\\n...`` field, and its time); or both keys deleted, as
+their expiry would. Then a bounded poll for Redis's clock to pass the millisecond of the
+lapse (an ingest is named by when it began, in ms: a new one begun in the old one's
+millisecond is none the test can make in a real hour-long window).
+
+Checked after each step, against a model of the contract (README, "The streaming ingest
+route"; ``Store.append``): the records of one ingest are one stream of line positions, each
+a line or blank, known up to the highest any request claimed; a request's append claims its
+window (the lines after ``after`` through its last line, or through ``blank_through``) and is
+refused (400) at the first position where it differs from what is known, else replays the
+lines known and stores the rest after them; a request whose records lapsed under it stores
+no more (409), its end's check goes on, nothing checked. And model-free invariants:
+
+- every line of an ingest is stored at most once, and its lines in the order of their
+  numbers (a lapse begins a new ingest: a stream resent whole past it stores its lines
+  again, as the contract says);
+- ids returned exist in the log with the line's data, each request's in order, each once;
+- two requests answered 201 in the same ingest agree on every line they both have, blank
+  lines counted (no two differing streams mixed); but for one whose records lapsed under
+  it: its end's check of the blank lines it ended on goes on, nothing checked (README: "Its
+  close, or a body of it ending on blank lines, is answered as ever"), so a line another
+  stored there before the lapse is not told;
+- a refusal stores nothing (the log unchanged), and a 409 records nothing either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+from broker import constants as c
+from broker.errors import InvalidInput, RecordsLapsed
+from broker.ids import EventId
+from broker.model import IngestLines, NewEvent
+from broker.redis_open import open_store
+from broker.redis_store import RedisStreamStore
+from tests.support.properties import bounded
+from tests.support.redis_server import RedisServer
+
+KEY = "K"
+EXAMPLES = 250
+PROBED = settings(bounded(EXAMPLES), deadline=None, phases=[Phase.explicit, Phase.generate])
+"""Not shrunk: a failing example's shrinking ran for minutes (hypothesis stops at five),
+past the suite's timeout, which then named no example. Each assertion names the request,
+its lines and the append; the example, as generated, is some thirty steps at most."""
+Line = str | None  # (None: a blank line)
+
+
+@dataclass
+class Request:
+    """One request under the key, as ``api.ingest.Ingest`` keeps it."""
+
+    name: str
+    lines: list[Line]
+    read: int = 0
+    last_line: int = 0
+    ids: list[EventId] = field(default_factory=list)
+    epoch: str | None = None
+    ingest: int | None = None  # (the model's ingest its lines went to)
+    verdict: str | None = None  # None open; "201", "400 line n", "409"
+    rest_sent: bool = False
+    lapsed_under: bool = False  # (its records lapsed while it was open, lines stored)
+
+    @property
+    def open(self) -> bool:
+        return self.verdict is None
+
+    def at(self, position: int) -> Line:
+        return self.lines[position - 1]
+
+
+@dataclass
+class Model:
+    """What the contract promises of the key's records: the ingest under way (``live``),
+    its positions known (``known``: a line's data, or None blank) up to ``high``."""
+
+    exists: bool = False  # (the topic's log)
+    live: bool = False
+    ingest: int = 0
+    known: dict[int, Line] = field(default_factory=dict)
+    high: int = 0
+    ids: dict[int, EventId] = field(default_factory=dict)  # (a position's entry)
+
+
+@dataclass
+class Outcome:
+    kind: str  # "ok" | "400" | "409"
+    line: int = 0
+    replayed: list[bool] = field(default_factory=list)  # (per line sent: replayed?)
+
+
+def predict(model: Model, request: Request, numbers: list[int], blank_through: int) -> Outcome:
+    """The model's answer to the request's append (not applied: see ``apply``)."""
+    after = request.last_line
+    if after > 0 and (request.ingest != model.ingest or not model.live):
+        return Outcome("409") if numbers else Outcome("ok")  # (its records lapsed)
+    known, high = (model.known, model.high) if model.live else ({}, 0)
+    through = numbers[-1] if numbers else blank_through
+    for position in range(after + 1, min(through, high) + 1):
+        if known[position] != request.at(position):
+            return Outcome("400", position)
+    return Outcome("ok", replayed=[n <= high for n in numbers])
+
+
+def apply(model: Model, request: Request, numbers: list[int], blank_through: int) -> None:
+    """An append ``predict`` answered "ok" to, in the model."""
+    after = request.last_line
+    if after > 0 and (request.ingest != model.ingest or not model.live):
+        return  # (its end: nothing checked, nothing counted)
+    through = numbers[-1] if numbers else blank_through
+    if not numbers and not (model.live or (after == 0 and model.exists)):
+        return  # (blank lines only, on no topic: not counted)
+    if not model.live:  # (a new ingest of the key)
+        model.live, model.ingest = True, model.ingest + 1
+        model.known, model.high, model.ids = {}, 0, {}
+    for position in range(model.high + 1, through + 1):
+        model.known[position] = request.at(position)
+    model.high = max(model.high, through)
+    if numbers:
+        model.exists = True
+        request.ingest = model.ingest
+
+
+@dataclass
+class Probe:
+    store: RedisStreamStore
+    topic: str
+    contents: list[list[Line]]
+    model: Model = field(default_factory=Model)
+    requests: list[Request] = field(default_factory=list)
+    stored: list[tuple[int, int, str]] = field(default_factory=list)  # (ingest, n, data)
+    answered: list[Request] = field(default_factory=list)
+
+    async def log(self) -> list[tuple[EventId, str]]:
+        # (not read_range: it waits READ_COALESCE_MS for company, twice an append here)
+        page = await self.store._read_range(self.topic, (0, 0), 1000, c.REPLAY_PAGE_BYTES)
+        return [(e.id, e.data_text) for e in page.entries]
+
+    async def records(self) -> tuple[Any, Any]:
+        client = self.store._client
+        lines = await client.hgetall(c.line_records_key(self.topic))
+        times = await client.zrange(c.line_times_key(self.topic), 0, -1, withscores=True)
+        return lines, times
+
+    def start(self, lines: list[Line]) -> Request:
+        request = Request(f"r{len(self.requests)}", list(lines))
+        self.requests.append(request)
+        return request
+
+    async def read(self, request: Request, count: int) -> None:
+        numbers = range(request.read + 1, min(request.read + count, len(request.lines)) + 1)
+        request.read = numbers[-1] if numbers else request.read
+        sent = [n for n in numbers if request.at(n) is not None]
+        if sent:
+            await self.append(request, sent, 0)
+
+    async def end(self, request: Request) -> None:
+        await self.read(request, len(request.lines))
+        if request.open and request.read > request.last_line:
+            await self.append(request, [], request.read)
+        if request.open:
+            request.verdict = "201"
+            if request.ingest is None and request.last_line == 0:
+                request.ingest = self.model.ingest if self.model.live else None
+            self.answered.append(request)
+
+    async def append(self, request: Request, numbers: list[int], blank_through: int) -> None:
+        expected = predict(self.model, request, numbers, blank_through)
+        before, records = await self.log(), await self.records()
+        events = [NewEvent(str(request.at(n))) for n in numbers]
+        lines = IngestLines(KEY, numbers, request.last_line, blank_through)
+        after = request.ids[-1].position if request.ids else None
+        step = f"{request.name} {request.lines} lines {numbers} after {request.last_line}"
+        step += f" blank_through {blank_through}"
+        try:
+            result = await self.store.append(
+                self.topic, events, lines=lines, log_epoch=request.epoch, after_entry=after
+            )
+        except InvalidInput as refused:
+            line = int(refused.detail.split(":")[0].removeprefix("line "))
+            request.verdict = f"400 line {line}"
+            assert await self.log() == before, f"{step}: refused (400), yet stored"
+            assert (expected.kind, expected.line) == ("400", line), f"{step}: 400 at {line}"
+            return
+        except RecordsLapsed:
+            request.verdict = "409"
+            assert await self.log() == before, f"{step}: refused (409), yet stored"
+            assert await self.records() == records, f"{step}: refused (409), yet recorded"
+            assert expected.kind == "409", f"{step}: told 409, the model says {expected}"
+            return
+        assert expected.kind == "ok", f"{step}: stored, the model says {expected}"
+        now = await self.log()
+        new = now[len(before) :]
+        assert now[: len(before)] == before
+        entries = dict(now)
+        assert len(result.ids) == len(numbers), step
+        fresh = [i for i, n in enumerate(numbers) if result.ids[i] not in dict(before)]
+        assert [(result.ids[i], request.at(numbers[i])) for i in fresh] == new, step
+        for n, id_ in zip(numbers, result.ids, strict=True):
+            assert entries.get(id_) == request.at(n), f"{step}: line {n} answered {id_}"
+        assert [i not in fresh for i in range(len(numbers))] == expected.replayed, step
+        assert result.replayed == (bool(numbers) and not fresh), step
+        apply(self.model, request, numbers, blank_through)
+        for i in fresh:
+            self.stored.append((self.model.ingest, numbers[i], str(request.at(numbers[i]))))
+        for i, n in enumerate(numbers):
+            if i not in fresh:  # (a replay: the id stored first)
+                assert self.model.ids[n] == result.ids[i], f"{step}: line {n} replayed"
+            self.model.ids[n] = result.ids[i]
+        request.ids += result.ids
+        if numbers:
+            request.last_line = numbers[-1]
+            request.epoch = result.ids[0].epoch
+
+    async def step(self, what: str, pick: int, count: int) -> None:
+        """One step of the example: ``pick`` chooses among the requests it may apply to."""
+        open_ = [r for r in self.requests if r.open]
+        if what == "start" or (what in ("read", "end") and not open_):
+            self.start(self.contents[pick % len(self.contents)])
+        elif what == "read":
+            await self.read(open_[pick % len(open_)], count)
+        elif what == "end":
+            await self.end(open_[pick % len(open_)])
+        elif what == "lapse":
+            await self.lapse(pick % 3)
+        elif what == "rest":  # (409 ingest-records-lapsed: the lines after line n, on their own)
+            lapsed = [r for r in self.requests if r.verdict == "409" and not r.rest_sent]
+            if lapsed:
+                request = lapsed[pick % len(lapsed)]
+                request.rest_sent = True
+                self.start(request.lines[request.last_line :])
+        else:
+            keeping = [r for r in self.requests if r.epoch is not None]
+            if keeping:
+                await self.keep(keeping[pick % len(keeping)])
+
+    async def lapse(self, how: int) -> None:
+        client, lines, times = self.store._client, *c.topic_keys(self.topic)[4:6]
+        if how == 2:  # (their expiry)
+            await client.delete(lines, times)
+        else:
+            await client.zadd(times, {KEY: 0})  # (its last write, past the window)
+        if how == 1:  # (and pruned, as prune_lines does)
+            fields = [f for f in await client.hkeys(lines) if f.startswith(KEY.encode() + b"\n")]
+            if fields:
+                await client.hdel(lines, *fields)
+            await client.zrem(times, KEY)
+        self.model.live = False
+        for request in self.requests:
+            request.lapsed_under |= request.open and request.last_line > 0
+        mark, deadline = await self.store.clock_ms(), time.monotonic() + 2
+        while await self.store.clock_ms() <= mark:  # (the next millisecond: see above)
+            assert time.monotonic() < deadline, "Redis's clock stood still"
+            await asyncio.sleep(0.001)
+
+    async def keep(self, request: Request) -> None:
+        assert request.epoch is not None
+        kept = await self.store.keep_lines(self.topic, KEY, request.epoch)
+        assert kept == self.model.live, f"keep_lines: {kept}"
+
+    def check(self) -> None:
+        """The model-free invariants over the whole run (each step checked its own)."""
+        for ingest in {i for i, _, _ in self.stored}:
+            numbers = [n for i, n, _ in self.stored if i == ingest]
+            assert numbers == sorted(set(numbers)), f"ingest {ingest}: lines {numbers}"
+        for request in self.answered:
+            assert len(request.ids) == sum(line is not None for line in request.lines)
+            assert len(set(request.ids)) == len(request.ids)
+            assert [i.position for i in request.ids] == sorted(i.position for i in request.ids)
+        for one in self.answered:
+            for other in self.answered:
+                if (
+                    one.ingest is None
+                    or one.ingest != other.ingest
+                    or one.lapsed_under
+                    or other.lapsed_under
+                ):
+                    continue
+                common = min(len(one.lines), len(other.lines))
+                assert one.lines[:common] == other.lines[:common], (one, other)
+
+
+@st.composite
+def contents(draw: st.DrawFn) -> list[list[Line]]:
+    """A stream, and streams that differ from it (one change each)."""
+    lead, tail = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    body = draw(st.lists(st.integers(0, 3), min_size=1, max_size=5))  # (0: blank)
+    base: list[Line] = [None] * lead + [f"{n}a" if b else None for n, b in enumerate(body, 1)]
+    base += [None] * tail
+    base = [f"{n}a" if line is not None else None for n, line in enumerate(base, 1)]
+    streams = [base]
+    for v in range(draw(st.integers(0, 2))):
+        other = list(base)
+        at = draw(st.integers(0, len(other) - 1))
+        change = draw(st.sampled_from(["data", "blank", "shorter", "longer", "blanks after"]))
+        if change == "data":  # (a line's data, or a line where the stream has a blank one)
+            other[at] = f"{at + 1}{'xy'[v]}"
+        elif change == "blank":
+            other[at] = None
+        elif change == "shorter":
+            other = other[:at]
+        elif change == "longer":
+            other.append(f"{len(other) + 1}{'xy'[v]}")
+        else:
+            other += [None] * draw(st.integers(1, 2))
+        streams.append(other)
+    return streams
+
+
+STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["start", "start", "read", "read", "read", "read", "end", "lapse", "rest", "keep"]
+        ),
+        st.integers(0, 7),
+        st.integers(1, 3),
+    ),
+    min_size=8,
+    max_size=30,
+)
+
+
+async def run(store: RedisStreamStore, streams: list[list[Line]], steps: list[Any]) -> None:
+    probe = Probe(store, f"t-{uuid.uuid4().hex[:12]}", streams)
+    probe.start(streams[0])
+    for what, pick, count in steps:
+        await probe.step(what, pick, count)
+    for request in probe.requests:  # (every body ends)
+        if request.open:
+            await probe.end(request)
+    probe.check()
+
+
+def probe_store(url: str | None, streams: list[list[Line]], steps: list[Any]) -> None:
+    async def go() -> None:
+        store = open_store(url, retention_maxlen=10_000)
+        try:
+            await run(store, streams, steps)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+@PROBED
+@given(contents(), STEPS)
+def test_line_records_keep_each_stream_apart_once_and_in_order_redis(
+    redis_server: RedisServer, streams: list[list[Line]], steps: list[Any]
+) -> None:
+    probe_store(redis_server.url, streams, steps)
+
+
+@PROBED
+@given(contents(), STEPS)
+def test_line_records_keep_each_stream_apart_once_and_in_order_embedded(
+    streams: list[list[Line]], steps: list[Any]
+) -> None:
+    probe_store(None, streams, steps)
