@@ -47,7 +47,8 @@
 -- (lost with the newest writes: a failover; the second value is '', or 'unrecorded' for an
 -- ingest whose records were past the window: none of its lines kept is replayed),
 -- -6 refused: the lines of the streaming ingest under way are no longer recorded (its
--- records past the window, its entry still in the log: the second value is '').
+-- records past the window, its entry still in the log: the second value is ''; on a
+-- closed topic it is -1 instead: none of its lines can be found a replay).
 local log, meta, records, written = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local lines, lines_written = KEYS[5], KEYS[6]
 local per_event = ARGV[8] == '1'

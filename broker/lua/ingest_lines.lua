@@ -127,6 +127,12 @@ if per_event and stored_before > 0 and epoch then
     -- stored that line twice)
     return {-4, recorded and '' or 'unrecorded'}
   elseif names > 1 then  -- (its key, then a line number per event)
+    -- On a closed topic, -1 (as `differs_at` below): it was -6, the producer sent the
+    -- rest under K+n and only then was told the topic closed. Its records lapsed, none
+    -- of its lines can be found a replay, and the topic refuses anything new. Not the
+    -- -4s above: lines it was answered for are lost, which the producer must learn
+    -- (told only "closed", it took them for stored); its resend is then refused -1.
+    if closed then return {-1, epoch .. '.' .. closed} end
     return {-6, ''}
   else
     lapsed = true

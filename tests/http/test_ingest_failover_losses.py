@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as redis
 
 from broker import constants as c
-from brokerclient import AsyncPublisher
+from brokerclient import AsyncPublisher, TopicClosed
 from tests.http.conftest import HEARTBEAT
 from tests.http.helpers import new_topic
 from tests.http.test_ingest import RawIngest, chunk, history, line
@@ -192,6 +192,71 @@ async def test_an_ingest_whose_records_lapsed_is_refused_and_its_rest_sent_alone
     assert await redis_admin.zscore(times, key) == 0
     await the_rest_broken_then_resent(broker, client, topic, key, route, lines[3:])
     assert await stored_datas(client, topic) == datas(6)
+
+
+@pytest.mark.parametrize("route", ["lean", "by-app"])
+async def test_an_ingest_whose_records_lapsed_on_a_closed_topic_is_told_closed(
+    broker: BrokerProcess, client: httpx.AsyncClient, redis_admin: redis.Redis, route: str
+) -> None:
+    """As above, the topic closed by another producer before line 4: it was told 409
+    ingest-records-lapsed (send the rest under K+3), and that stream only then 409
+    topic-closed. None of its lines can be found a replay, and the topic refuses anything
+    new: line 4 is told 409 topic-closed at once, with the lines stored before it."""
+    topic, key, lines = new_topic(), f"gen-lapsed-closed-{route}", body_of(4)
+    ingest = await open_ingest(broker, topic, key, route)
+    try:
+        await ingest.send(b"".join(lines[:3]))
+        await await_until(lambda: stored_is(client, topic, datas(3)), timeout=5, what="3 stored")
+        closed = await client.post(f"/topics/{topic}/close")
+        assert closed.status_code == 201, closed.text
+        await redis_admin.zadd(c.line_times_key(topic), {key: 0})  # (the records lapse)
+        await ingest.send(lines[3])
+        answer = await ingest.answer(timeout=5)  # (the body still coming)
+    finally:
+        ingest.cut()
+    assert answer.status == 409, answer.body
+    problem = json.loads(answer.body)
+    assert problem["type"] == "/problems#topic-closed", problem
+    assert "3 line(s) stored before it closed" in problem["detail"], problem
+    assert await stored_datas(client, topic) == [*datas(3), {}]  # ({}: its end)
+
+
+async def test_the_client_is_told_closed_where_the_records_of_its_stream_lapsed_on_a_closed_topic(
+    broker: BrokerProcess, client: httpx.AsyncClient, redis_admin: redis.Redis
+) -> None:
+    """The Python client's ``stream()``, the topic closed and its records lapsed after
+    line 3: it raises ``TopicClosed`` on the first answer, sending nothing under K+3 (it
+    was told ingest-records-lapsed, sent lines 4-5 under K+3, and was only then told the
+    topic closed)."""
+    topic, key = new_topic(), "gen-lapsed-closed-client"
+    answers: list[tuple[int, str, str | None]] = []
+
+    async def record(response: httpx.Response) -> None:
+        if response.request.method == "POST" and "/events" in response.request.url.path:
+            await response.aread()
+            kind = response.json().get("type") if response.status_code >= 400 else None
+            answers.append(
+                (response.status_code, response.request.headers["idempotency-key"], kind)
+            )
+
+    async def producer() -> AsyncIterator[dict[str, Any]]:
+        for n in (1, 2, 3):
+            yield {"data": f"t{n}"}
+        await await_until(lambda: stored_is(client, topic, datas(3)), timeout=5, what="3")
+        assert (await client.post(f"/topics/{topic}/close")).status_code == 201
+        await redis_admin.zadd(c.line_times_key(topic), {key: 0})  # (the records lapse)
+        yield {"data": "t4"}
+        yield {"data": "t5"}
+
+    hooks = {"response": [record]}
+    async with (
+        httpx.AsyncClient(base_url=broker.url, timeout=30, event_hooks=hooks) as http,
+        AsyncPublisher(client=http) as publisher,
+    ):
+        with pytest.raises(TopicClosed):
+            await publisher.stream(topic, producer(), idempotency_key=key)
+    assert answers == [(409, key, "/problems#topic-closed")], answers
+    assert await stored_datas(client, topic) == [*datas(3), {}]  # ({}: its end)
 
 
 async def test_a_refusal_that_closes_an_ingest_still_coming_reaches_its_producer(

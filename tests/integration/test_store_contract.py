@@ -17,6 +17,7 @@ from broker.errors import (
     LogLost,
     RecordsLapsed,
     StoreUnavailable,
+    TopicClosed,
 )
 from broker.ids import EventId, parse_stream_id
 from broker.model import IngestLines, NewEvent
@@ -885,6 +886,47 @@ async def test_the_close_of_an_ingest_whose_records_lapsed_is_done(
     )
     assert closed.end_id is not None
     assert (await store.state(topic)).end == closed.end_id.position
+
+
+async def test_an_ingest_whose_records_lapsed_on_a_closed_topic_is_told_closed(
+    store: RedisStreamStore, topic: str
+) -> None:
+    """As above, the topic closed meanwhile (by another producer). Its next line was
+    refused as lapsed (``RecordsLapsed``), its producer sent the rest under K+n, and only
+    then was it told the topic closed. None of its lines can be found a replay (its
+    records lapsed) and the topic refuses anything new: it is told so at once
+    (``TopicClosed``), nothing stored nor recorded."""
+    first = await ingest_line(store, topic, 1)
+    end = (await store.append(topic, [], close=True)).end_id
+    await store._client.zadd(c.line_times_key(topic), {"K": 0})  # (the records lapse)
+    records = await line_records(store, topic)
+    with pytest.raises(TopicClosed) as refused:
+        await ingest_line(store, topic, 2, epoch=first.epoch, after=first)
+    assert refused.value.end_id == str(end)
+    assert await line_records(store, topic) == records
+    entries = (await store.read_range(topic, (0, 0), 10)).entries
+    assert [e.event_type for e in entries][1:] == ["broker.end"]
+
+
+@pytest.mark.parametrize("lapsed", [False, True], ids=["lost", "lost, records lapsed"])
+async def test_lines_a_failover_lost_on_a_closed_topic_are_still_told_lost(
+    store: RedisStreamStore, topic: str, lapsed: bool
+) -> None:
+    """A failover lost line 2 of an ingest, then the topic was closed: its next line is
+    told the line lost (``LinesLost``), not only the topic closed (it took line 2 for
+    stored); its resend is then told the topic closed."""
+    first = await ingest_line(store, topic, 1)
+    before_2 = await IngestAppends.read(store._client, topic, "K")
+    second = await ingest_line(store, topic, 2, epoch=first.epoch, after=first)
+    await before_2.lose_since(store._client, 1)  # the failover
+    await store.append(topic, [], close=True)
+    if lapsed:
+        await store._client.zadd(c.line_times_key(topic), {"K": 0})
+    with pytest.raises(LinesLost) as refused:
+        await ingest_line(store, topic, 3, epoch=first.epoch, after=second)
+    assert refused.value.replayable is not lapsed
+    with pytest.raises(TopicClosed):
+        await store.append(topic, events("l1", "l2", "l3"), lines=IngestLines("K", [1, 2, 3]))
 
 
 async def line_records(store: RedisStreamStore, topic: str) -> tuple[object, object]:
