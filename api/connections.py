@@ -53,7 +53,7 @@ from api.ingest_serving import IngestServing
 from api.lean_ingest import IngestExchange, IngestHead, ingest_head_of
 from api.lean_publish import PublishExchange, PublishHead, publish_head_of
 from api.lean_stream import cap_send_buffer, stream_request_of
-from api.lingering import close_lingering
+from api.lingering import close_after_answer, close_lingering
 from api.metrics import RouteClass
 from api.proxy_headers import forwarded_scheme, trusts_proxy
 from api.publish_serving import PublishServing
@@ -306,7 +306,8 @@ class BrokerHttpProtocol(PublishServing, IngestServing, StreamOpening, asyncio.P
         gives up for good); a request still arriving is awaited and answered (its head
         not whole within the wait, the connection closes lingering, unanswered); an
         ingest answered while its body is still coming closes now, lingering; an
-        idle kept-alive connection closes now."""
+        idle kept-alive connection closes now: lingering if requests its client sent
+        ahead wait unread (held back while it does not read its answers), else plainly."""
         if self._publish is not None or (self._ingest is not None and not self._ingest.answered):
             self._closing = True  # (an ingest goes on to its body's end, as uvicorn's would)
         elif self._ingest is not None and not self._ingest.body_ended:
@@ -328,7 +329,18 @@ class BrokerHttpProtocol(PublishServing, IngestServing, StreamOpening, asyncio.P
             self._closing = True
             self._guard.deadlines.set(self, DRAIN_HEAD_WAIT_SECONDS)
         elif self._transport is not None:
-            self._transport.close()
+            # Idle, but its client may have sent requests ahead, held back (it does not
+            # read its answers: ``_next_deferred``), here or in the socket: closed plainly
+            # with them unread, the kernel reset the connection, and the answers written
+            # but not yet sent or read were lost with it (a retry stored them twice).
+            self._guard.deadlines.clear(self)  # (a lingering close sets its own)
+            if close_after_answer(
+                self._transport,
+                self._server_state,
+                self._guard.deadlines,
+                client_may_send=bool(self._received),
+            ):
+                self._server_state.connections.discard(self)
 
     # -- the next request ------------------------------------------------------
 

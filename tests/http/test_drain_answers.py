@@ -15,12 +15,16 @@ import asyncio
 import hashlib
 import select
 import socket
+import time
+from collections.abc import Callable
 from importlib import resources
 
 import httpx
 import pytest
 import redis.asyncio as redis
+from redis import Redis as SyncRedis
 
+from broker import constants as c
 from tests.http.helpers import new_topic, request_bytes
 from tests.http.test_early_answers import (
     ANSWER_WAIT_S,
@@ -29,6 +33,7 @@ from tests.http.test_early_answers import (
     drain_begun,
     exits_cleanly,
     ingest_head,
+    read_to_end,
     sized_publish,
     stored,
     write_on_then_read,
@@ -236,3 +241,75 @@ async def test_a_drain_answers_a_read_sent_ahead_of_others_and_closes_lingering(
     assert outcome.ending == "end", outcome
     assert outcome.received.startswith(b"HTTP/1.1 200 "), outcome.received
     assert b"connection: close\r\n" in outcome.received, outcome.received
+
+
+PIPELINED_MAX = 50_000
+"""Publishes the client sends ahead at most before the broker holds the next back."""
+BATCH = 200
+"""Publishes sent at once (some 30 KB): what waits unread once the broker holds back
+stays well within what a lingering close reads and drops (``LINGER_MAX_BYTES``)."""
+STUCK_S = 2.0
+"""How long nothing more is stored, publishes sent ahead, before the broker is taken to
+hold the next request back."""
+
+
+def pipeline_until_held_back(sock: socket.socket, request: bytes, stored: Callable[[], int]) -> int:
+    """Send ``request`` in batches without reading an answer, each batch once the one
+    before was stored (``stored``: how many are), until the broker stores no more (the
+    answers fill the client's and the broker's buffers, and it holds the next request
+    back, unread): bounded in count and time. The requests sent."""
+    sent = 0
+    while sent < PIPELINED_MAX:
+        sock.sendall(request * BATCH)
+        sent += BATCH
+        count, since = stored(), time.monotonic()
+        while count < sent:
+            time.sleep(0.02)  # (polling; STUCK_S bounds it)
+            now = stored()
+            if now == count and time.monotonic() - since > STUCK_S:
+                return sent
+            if now != count:
+                count, since = now, time.monotonic()
+    raise AssertionError(f"the broker read on: {sent} requests sent ahead, all stored")
+
+
+async def test_a_drain_ends_a_connection_whose_client_reads_no_answers_cleanly(
+    redis_server: RedisServer,
+) -> None:
+    """A client pipelines publishes without reading their answers: once those fill the
+    buffers, the broker holds its next request back and no longer reads the socket, the
+    requests sent ahead unread there. A drain then closed the idle kept-alive connection
+    plainly: with bytes unread, the kernel reset it, throwing away the answers it had not
+    sent yet, and the client read some of the 201s, then a reset (a retry of the rest
+    stores them twice). It closes lingering: the client reads every answer written (one
+    per event stored), then an end."""
+    broker = BrokerProcess(redis_url=redis_server.url).start()
+    admin = SyncRedis.from_url(redis_server.url)
+    try:
+        topic = new_topic()
+        publish = sized_publish(f"{broker.url}/topics/{topic}/events", b'{"data": 1}')
+
+        def stored() -> int:
+            return int(admin.xlen(c.log_key(topic)))
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # (small buffers on the client's side: filled sooner)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            sock.settimeout(ANSWER_WAIT_S)
+            sock.connect(("127.0.0.1", broker.port))
+            sent = await asyncio.to_thread(pipeline_until_held_back, sock, publish, stored)
+            await asyncio.to_thread(drain_begun, broker)
+            outcome = await asyncio.to_thread(read_to_end, sock)
+        finally:
+            sock.close()
+        await exits_cleanly(broker)
+        written = stored()
+    finally:
+        admin.close()
+        broker.close()
+    answers = outcome.received.count(b"HTTP/1.1 ")
+    assert outcome.ending == "end", (outcome.ending, answers, written, sent)
+    assert answers == outcome.received.count(b"HTTP/1.1 201 ") == written, (answers, written)
+    assert 0 < written < sent  # (some held back, unread)
