@@ -154,8 +154,17 @@ async def test_an_embedded_write_wakes_only_the_lane_reading_its_topic(
         topics = _topics(TOPICS)
         positions: dict[str, StreamPosition] = {t: (0, 0) for t in topics}
         assert await store.read_live(positions, 50) == {}  # three lanes armed, waiting
+        # Each lane's first XREAD, before it waits for a write: the 50 ms read may end
+        # before they ran (a loaded machine), and counted after ``clear`` they failed it.
+        deadline = time.monotonic() + 10
+        while len(runs) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        lanes = [2 * 44 + 3] + [
+            2 * c.LIVE_LANE_TOPICS + 3
+        ] * 2  # (its arguments: a key and an id a topic)
+        assert sorted(runs) == lanes, runs
         reading = asyncio.create_task(store.read_live(positions, 5000))
-        await asyncio.sleep(0)  # (the read under way: its lanes wait again)
+        await asyncio.sleep(0)  # (the read under way: its lanes still wait, none re-armed)
         runs.clear()
         await store.append(topics[0], [NewEvent(data='"one"')])
         got = await asyncio.wait_for(reading, 5)
