@@ -14,6 +14,7 @@ a drain, requests sent ahead), for it to read the answer rather than a reset
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from uvicorn.config import Config
 from uvicorn.server import ServerState
@@ -125,6 +126,11 @@ class IngestServing:
         if self._lost or self._transport is None or self._transport.is_closing():
             return
         if self._closing:  # (answered during the drain: its answer closed it, lingering)
+            return
+        if self._transport.get_protocol() is not cast(asyncio.BaseProtocol, self):
+            # (its answer closed the connection, lingering: ``Connection: close`` with bytes
+            # after its body. Read on here, the request sent ahead past the close was
+            # carried out (a publish stored), and its answer never sent.)
             return
         self._received[:0] = rest
         self._await_next_request()

@@ -31,6 +31,7 @@ from tests.http.test_early_answers import (
     WRITES_AFTER_ANSWER,
     counted,
     lingering_closes,
+    read_to_end,
     write_on_then_read,
 )
 from tests.http.test_ingest import chunk, line
@@ -125,6 +126,44 @@ async def test_a_publish_asking_to_close_with_a_request_sent_ahead_ends_cleanly(
     assert outcome.received.startswith(b"HTTP/1.1 201 "), outcome.received
     assert outcome.received.count(b"HTTP/1.1 ") == 1, outcome.received
     await counted(aclient, "client_end", ended + 1)
+
+
+@pytest.mark.parametrize("closing", ["connection-close", "http-1.0"])
+async def test_an_ingest_whose_answer_closes_carries_out_nothing_sent_after_it(
+    http_broker: BrokerProcess, aclient: httpx.AsyncClient, closing: str
+) -> None:
+    """An ingest whose answer closes the connection (``Connection: close``: lean; HTTP/1.0:
+    uvicorn's protocol serves it), a publish sent after its body (which RFC 9112 9.6
+    says is not processed): the ingest is answered, then an end; the publish is not
+    stored. The lean one's was: its answer closed lingering (bytes after the body), and
+    the ingest's end read on past it, as on a kept-alive connection (``ingest_over``),
+    storing the publish unanswered (a client retrying it stored it twice)."""
+    topic, other = new_topic("linger"), new_topic("linger")
+    body = line(1) + line(2)
+    headers = {"Content-Type": "application/x-ndjson", "Content-Length": str(len(body))}
+    if closing == "connection-close":
+        headers["Connection"] = "close"
+    ingest = request_bytes("POST", f"{http_broker.url}/topics/{topic}/events", headers, body)
+    if closing == "http-1.0":
+        ingest = ingest.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    after = request_bytes(
+        "POST",
+        f"{http_broker.url}/topics/{other}/events",
+        {**PUBLISH, "Content-Length": str(len(b'{"data": 3}'))},
+        b'{"data": 3}',
+    )
+    sock = socket.create_connection(("127.0.0.1", http_broker.port), timeout=ANSWER_WAIT_S)
+    try:
+        sock.sendall(ingest + after)
+        outcome = await asyncio.to_thread(read_to_end, sock)
+    finally:
+        sock.close()
+    assert outcome.ending == "end", outcome
+    assert outcome.received.startswith(b"HTTP/1.1 201 "), outcome.received
+    assert outcome.received.count(b"HTTP/1.1 ") == 1, outcome.received
+    history = await aclient.get(f"/topics/{topic}/events", headers={"Accept": "application/json"})
+    assert [event["data"] for event in history.json()["events"]] == [1, 2]
+    assert (await aclient.get(f"/topics/{other}")).status_code == 404
 
 
 async def test_a_request_without_a_body_asking_to_close_with_one_sent_ahead_ends_cleanly(
