@@ -496,7 +496,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._unset_keepalive_if_required()
             self._guard.deadlines.set(self, self._guard.limits.body_timeout)
         if self._deferred_400 is not None:
-            if not self._answering():  # (else a request pipelined is answered first)
+            if self.transport.is_closing():
+                # (the answer closed the connection, ``Connection: close``: nothing goes
+                # after it. A client that half-closed past bytes sent after a request
+                # asking to close got a 400 after its answer, counted, even never sent)
+                self._deferred_400 = None
+            elif not self._answering():  # (else a request pipelined is answered first)
                 message, self._deferred_400 = self._deferred_400, None
                 self._answer_400(message, "other")
             return
