@@ -113,6 +113,7 @@ class Lingering(asyncio.Protocol):
         self._deadlines = deadlines
         self._dropped = 0
         self._ending = "reset"  # (lost unasked: the client reset it, or a write failed)
+        self._unsent = transport.get_write_buffer_size()  # (of the answer, at the last check)
 
     def start(self) -> None:
         self._server_state.connections.add(self)  # type: ignore[arg-type]
@@ -136,12 +137,22 @@ class Lingering(asyncio.Protocol):
         self._deadlines.clear(self)
 
     def expire(self) -> None:
+        """LINGER_SECONDS passed: cut, unless the answer is still going out, its client
+        reading it (less of it waits than at the last check). Cut from the answer's write,
+        a long answer (a history page) to a client reading it slowly was cut short, as a
+        plain close (no deadline) never cut it; a client reading none of it is cut."""
+        unsent = self._transport.get_write_buffer_size()
+        if 0 < unsent < self._unsent:
+            self._unsent = unsent
+            self._deadlines.set(self, LINGER_SECONDS)
+            return
         self._ending = "time"
         self._transport.abort()
 
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: the answer is out, and the connection ends by
-        itself within LINGER_SECONDS (cut now, a client still sending could lose it)."""
+        itself within LINGER_SECONDS, or once a client reading it slowly read it (cut
+        now, a client still sending could lose it)."""
 
 
 class ClosingDeferred:

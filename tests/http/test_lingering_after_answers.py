@@ -22,6 +22,7 @@ import httpx
 import orjson
 import pytest
 
+from api.lingering import LINGER_SECONDS
 from tests.http.helpers import new_topic, request_bytes
 from tests.http.test_auth import _payload
 from tests.http.test_auth import stored as stored_with_token
@@ -209,3 +210,51 @@ async def test_a_request_asking_to_close_with_nothing_after_it_closes_plainly(
     assert received.startswith(b"HTTP/1.1 200 "), received
     after = {e: await lingering_closes(aclient, e) for e in before}
     assert after == before
+
+
+LONG_PAGE = 30
+"""Events of 60 KB asked for: a history page of about 1 MB (its cap), more than the
+socket buffers between broker and client hold (the broker's send buffer capped, the
+client's receive buffer small)."""
+SLOW_READ_BYTES = 4096
+SLOW_READ_PACE_S = 0.03
+"""The client reads 4 KB each 30 ms (some 130 KB/s): the page takes it several times
+LINGER_SECONDS to read."""
+
+
+def test_a_long_answer_closing_lingering_reaches_a_client_reading_it_slowly(
+    http_broker: BrokerProcess, client: httpx.Client
+) -> None:
+    """A history page asking to close, a request sent ahead behind it (the close lingers):
+    a client reading the page slowly reads it whole, then an end. It was cut short:
+    the lingering close's deadline ran from the answer's write, and a page still going
+    out after LINGER_SECONDS was dropped (a plain close, without the request sent ahead,
+    sends it whole however slowly it is read)."""
+    topic = new_topic("linger")
+    for _ in range(LONG_PAGE):
+        response = client.post(f"/topics/{topic}/events", json={"data": "x" * 60_000})
+        assert response.status_code == 201
+    page = request_bytes(
+        "GET",
+        f"{http_broker.url}/topics/{topic}/events?limit={LONG_PAGE}",
+        {"Accept": "application/json", "Connection": "close"},
+    )
+    received = bytearray()
+    started = time.monotonic()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_READ_BYTES)
+        sock.settimeout(ANSWER_WAIT_S)
+        sock.connect(("127.0.0.1", http_broker.port))
+        sock.sendall(page + sent_ahead(http_broker))
+        for _ in range(2000):  # (bounded: some 1 MB in 4 KB reads at most, and the end)
+            piece = sock.recv(SLOW_READ_BYTES)
+            if not piece:
+                break
+            received += piece
+            time.sleep(SLOW_READ_PACE_S)
+        else:
+            pytest.fail("no end")
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert time.monotonic() - started > 2 * LINGER_SECONDS  # (read slowly indeed)
+    assert len(orjson.loads(body)["events"]) > 1  # (whole: it parses)
