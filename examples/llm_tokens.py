@@ -91,6 +91,8 @@ class TopicClosedError(Exception):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] in ("-h", "--help"):
+        sys.exit("usage: python examples/llm_tokens.py BROKER_URL TOPIC [PROMPT...]")
     url, topic, prompt = sys.argv[1], sys.argv[2], " ".join(sys.argv[3:]) or "Hello"
     try:
         print(asyncio.run(stream_generation(url, topic, prompt)))

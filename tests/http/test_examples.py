@@ -154,3 +154,14 @@ def test_the_llm_token_example_runs_as_the_readme_runs_it(
     assert "sky blue" in "".join(e["data"] for e in page["events"] if e["event"] == "token")
     again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert again.returncode == 1 and "closed already" in again.stderr, again.stderr
+
+
+def test_the_llm_token_example_without_its_arguments_says_its_usage() -> None:
+    """A newcomer's first try, ``python examples/llm_tokens.py`` (or ``--help``): the
+    usage, not an IndexError's traceback."""
+    for args in ([], ["--help"]):
+        command = [sys.executable, str(EXAMPLES / "llm_tokens.py"), *args]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+        assert run.returncode == 1, run
+        assert run.stderr.startswith("usage: "), run.stderr
+        assert "Traceback" not in run.stderr, run.stderr
