@@ -53,8 +53,9 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     common.add_argument(
         "--token-file",
         default=None,
-        help="a file holding the JWT, read again at each connection, so that `tail` goes "
-        "on past a token's expiry once the file holds a new one (BROKER_TOKEN_FILE)",
+        help="a file holding the JWT, read again at each connection: a new token written "
+        "there is used from the next one on (`tail` reconnecting past a token's expiry; "
+        "BROKER_TOKEN_FILE)",
     )
     _publish_parser(commands, common)
     _tail_parser(commands, common)
