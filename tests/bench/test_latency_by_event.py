@@ -1,6 +1,7 @@
 """The bench's latency by event, where no subscriber's latency was sampled (a run under
 load in which the sampled subscribers did not connect): it crashed the whole scenario
-on a NaN rounded (``test_bench_nchan``, once), where there is nothing by event to say."""
+on a NaN rounded (the Nchan run of ``test_bench_smoke``, once), where there is nothing by
+event to say."""
 
 from __future__ import annotations
 
