@@ -34,7 +34,7 @@ MODES = {
 # Each mode's CPU per token over one POST per token's, when both ran.
 CPU_RATIOS = {"ingest_vs_post_cpu": "ingest", "direct_vs_post_cpu": "direct"}
 TTL_POLL_S = 0.25
-CHURN_END_WAIT_S = 3.0  # after the window, for its last events (and ends) to arrive
+CHURN_END_WAIT_S = 3.0  # at most, after the window, for its last events (and ends) to arrive
 WATCHED_COMMANDS = ("xread", "client|unblock", "evalsha", "xrange", "xrevrange")
 
 
