@@ -49,7 +49,7 @@ from tests.support.polling import wait_until
 pytestmark = pytest.mark.e2e
 
 NODE_CLIENTS = 3
-PUBLISH_RATE = 30.0  # events per second: modest, so the run is about the failures
+PUBLISH_RATE = 60.0  # events per second: modest (a STEP is 1/3 s), so the run is about the failures
 STEP = 20  # acknowledged events between two failures
 CONVERGENCE_TIMEOUT = 30.0
 SIGTERM_EXIT_TIMEOUT = 10.0
