@@ -243,8 +243,26 @@ def _assert_keys_unavailable(answer: Answer) -> None:
     assert int(answer.headers["retry-after"]) >= 1
 
 
-async def test_a_key_set_its_server_stops_serving_is_trusted_only_so_long(
-    redis_server: RedisServer,
+@pytest.fixture(scope="module")
+def lapsing_key_sets(redis_server: RedisServer) -> dict[str, BaseException | None]:
+    """The two scenarios below each wait out a key set's lapse (MAX_STALE_SECONDS, then
+    a refetch's rate bound: some 15 s): they run side by side, each on a broker and key
+    server of its own, once for the module; each test is told its own scenario's outcome
+    (what it raised, with its traceback)."""
+
+    async def both() -> list[BaseException | None]:
+        return await asyncio.gather(
+            _a_key_set_its_server_stops_serving(redis_server),
+            _a_key_set_failing_to_fetch(redis_server),
+            return_exceptions=True,
+        )
+
+    stops_serving, failing_to_fetch = asyncio.run(both())
+    return {"stops serving": stops_serving, "failing to fetch": failing_to_fetch}
+
+
+def test_a_key_set_its_server_stops_serving_is_trusted_only_so_long(
+    lapsing_key_sets: dict[str, BaseException | None],
 ) -> None:
     """Fetches failing (the key server down, or blocked by whoever wants a key removed
     from the set to keep working), the set fetched last was kept for ever. It is kept
@@ -253,6 +271,22 @@ async def test_a_key_set_its_server_stops_serving_is_trusted_only_so_long(
     (503 Key set unavailable, a stream the come-back), said once in the log, and a
     stream open with a token ends; anonymous requests to public topics are served all
     along. The server back, tokens pass."""
+    if (failure := lapsing_key_sets["stops serving"]) is not None:
+        raise failure
+
+
+def test_a_key_set_failing_to_fetch_is_tried_at_the_rate_bound_only(
+    lapsing_key_sets: dict[str, BaseException | None],
+) -> None:
+    """Its server failing, every request with a token (a known kid, an unknown one) is a
+    reason to fetch the set: a fetch is tried once per rate-bound interval at most, not
+    per request, before the set lapses and after."""
+    if (failure := lapsing_key_sets["failing to fetch"]) is not None:
+        raise failure
+
+
+async def _a_key_set_its_server_stops_serving(redis_server: RedisServer) -> None:
+    """(test_a_key_set_its_server_stops_serving_is_trusted_only_so_long)"""
     with (
         serve_jwks([RSA_KEY]) as server,
         _broker_of_lapsing_key_set(redis_server, server) as broker,
@@ -303,12 +337,8 @@ async def test_a_key_set_its_server_stops_serving_is_trusted_only_so_long(
         assert stream.status == 200 and b"could not be fetched" not in stream.body, stream.body
 
 
-async def test_a_key_set_failing_to_fetch_is_tried_at_the_rate_bound_only(
-    redis_server: RedisServer,
-) -> None:
-    """Its server failing, every request with a token (a known kid, an unknown one) is a
-    reason to fetch the set: a fetch is tried once per rate-bound interval at most, not
-    per request, before the set lapses and after."""
+async def _a_key_set_failing_to_fetch(redis_server: RedisServer) -> None:
+    """(test_a_key_set_failing_to_fetch_is_tried_at_the_rate_bound_only)"""
     with (
         serve_jwks([RSA_KEY]) as server,
         _broker_of_lapsing_key_set(redis_server, server) as broker,
