@@ -69,6 +69,10 @@ class TooManyAhead(Exception):
 MAX_PIPELINED_REQUESTS = 128
 """Requests a client may send ahead on a connection uvicorn serves before it is closed
 (no browser or HTTP library sends ahead; the lean path bounds them by bytes)."""
+QUEUED_BEHIND_A_STREAM = 8
+"""Requests sent ahead behind an event stream under way past which the connection is
+no longer read (a stream's client ending is then seen only once a write to it fails):
+each may hold a body up to uvicorn's high-water mark until the stream ends."""
 
 
 @dataclass(frozen=True)
@@ -361,6 +365,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         content_type = next((v for k, v in self.headers if k == b"content-type"), b"")
         self._deadline_per_read = content_type.split(b";")[0].strip().lower() == NDJSON
         self._guard.deadlines.set(self, self._guard.limits.body_timeout)
+        if 0 < len(self.pipeline) <= QUEUED_BEHIND_A_STREAM and self._stream_under_way():
+            # uvicorn paused reading to queue this request behind the stream, whose wait
+            # for its client's end (``receive``) had resumed it once: its end (a
+            # half-close) was never seen, and the stream went on, heartbeats and all, for
+            # a client that had ended. Read on (a body queued so is still paused past
+            # uvicorn's high-water mark, and so is a client sending more ahead).
+            self.flow.resume_reading()
+
+    def _stream_under_way(self) -> bool:
+        """An event stream is being answered (it ends only with its topic or its client)."""
+        running = self._running
+        return running is not None and not running.response_complete and is_stream(running)
 
     def _close_lingering_after(self, cycle: RequestResponseCycle) -> None:
         """uvicorn's cycle closes the connection once it answered with ``Connection:

@@ -372,3 +372,45 @@ def other_400s(client: httpx.Client) -> float:
     assert response.status_code == 200
     labels = {"route": "other", "status": "400"}
     return metric_value(response.text, "broker_http_responses_total", labels) or 0
+
+
+HEARTBEAT = b"3\r\n:\n\n\r\n"  # (a chunk)
+
+
+def test_a_stream_under_way_with_a_request_sent_behind_it_ends_at_the_half_close(
+    http_broker: BrokerProcess, client: httpx.Client
+) -> None:
+    """A stream uvicorn's protocol serves, under way (its head read), then a request sent
+    behind it, then the half-close: the stream ends (its client taken for gone), the
+    request behind it unanswered. uvicorn paused reading to queue that request, after
+    the stream's wait for its client's end had resumed it: the end was never seen, and
+    the stream went on (heartbeats to a client that had ended) until it closed too."""
+    topic = new_topic("half")
+    assert client.post(f"/topics/{topic}/events", json={"data": "before"}).status_code == 201
+    received = bytearray()
+    deadline = time.monotonic() + END_WAIT_S
+    with socket.create_connection(("127.0.0.1", http_broker.port), timeout=END_WAIT_S) as sock:
+        sock.sendall(by_app_stream(http_broker, topic))
+        # Its opening beat and a heartbeat (1 s): the stream awaits its client's end.
+        while received.count(HEARTBEAT) < 2 and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            piece = sock.recv(65536)
+            assert piece, bytes(received)
+            received += piece
+        assert STATUS_LINE.findall(bytes(received)) == [b"200"], bytes(received)
+        sock.sendall(lean_publish(http_broker, topic))
+        sock.shutdown(socket.SHUT_WR)
+        ended = False
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                piece = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not piece:
+                ended = True
+                break
+            received += piece
+    assert ended, bytes(received[-300:])
+    assert STATUS_LINE.findall(bytes(received)) == [b"200"], bytes(received[-300:])
+    assert stored(client, topic) == ["before"]
