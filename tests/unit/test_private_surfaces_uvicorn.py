@@ -550,3 +550,35 @@ async def test_a_lean_request_has_the_scheme_proxy_headers_middleware_gives(
         )
     finally:
         protocol.connection_lost(None)
+
+
+def test_a_request_queued_behind_another_pauses_reading_which_the_guard_resumes() -> None:
+    """Behind a stream under way, the guard reads on past a request queued there
+    (``flow.resume_reading()`` after uvicorn's ``on_headers_complete`` paused it), so
+    that the stream's client's end is seen; a stream's wait for it (``receive``)
+    resumes reading once only."""
+    why = "the guard resumes reading behind a stream (a request queued pauses it)"
+    queued = inspect.getsource(HttpToolsProtocol.on_headers_complete)
+    assert "self.flow.pause_reading()" in queued, changed(
+        "HttpToolsProtocol.on_headers_complete", GUARD, why
+    )
+    waits = inspect.getsource(RequestResponseCycle.receive)
+    assert "self.flow.resume_reading()" in waits, changed(
+        "RequestResponseCycle.receive", GUARD, why
+    )
+
+    class Transport:
+        reading = True
+
+        def pause_reading(self) -> None:
+            self.reading = False
+
+        def resume_reading(self) -> None:
+            self.reading = True
+
+    transport = Transport()
+    flow = uvicorn.protocols.http.flow_control.FlowControl(transport=transport)  # type: ignore[arg-type]
+    flow.pause_reading()
+    assert not transport.reading
+    flow.resume_reading()
+    assert transport.reading
