@@ -46,6 +46,21 @@ class Ending:
     ended: bool  # the broker closed the connection (a FIN) within END_WAIT_S
 
 
+def read_until_end(sock: socket.socket, received: bytearray, deadline: float) -> bool:
+    """Read into ``received`` until the broker ends the connection (True) or ``deadline``
+    (``time.monotonic``) passes (False)."""
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            piece = sock.recv(65536)
+        except TimeoutError:
+            return False
+        if not piece:
+            return True
+        received += piece
+    return False
+
+
 def half_closed(broker: BrokerProcess, data: bytes) -> Ending:
     """Send ``data``, half-close, read until the broker closes the connection."""
     received = bytearray()
@@ -53,17 +68,7 @@ def half_closed(broker: BrokerProcess, data: bytes) -> Ending:
     with socket.create_connection(("127.0.0.1", broker.port), timeout=END_WAIT_S) as sock:
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
-        ended = False
-        while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            try:
-                piece = sock.recv(65536)
-            except TimeoutError:
-                break
-            if not piece:
-                ended = True
-                break
-            received += piece
+        ended = read_until_end(sock, received, deadline)
     statuses = [int(status) for status in STATUS_LINE.findall(bytes(received))]
     return Ending(statuses, bytes(received), ended)
 
@@ -400,17 +405,7 @@ def test_a_stream_under_way_with_a_request_sent_behind_it_ends_at_the_half_close
         assert STATUS_LINE.findall(bytes(received)) == [b"200"], bytes(received)
         sock.sendall(lean_publish(http_broker, topic))
         sock.shutdown(socket.SHUT_WR)
-        ended = False
-        while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            try:
-                piece = sock.recv(65536)
-            except TimeoutError:
-                break
-            if not piece:
-                ended = True
-                break
-            received += piece
+        ended = read_until_end(sock, received, deadline)
     assert ended, bytes(received[-300:])
     assert STATUS_LINE.findall(bytes(received)) == [b"200"], bytes(received[-300:])
     assert stored(client, topic) == ["before"]
