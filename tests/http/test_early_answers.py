@@ -62,9 +62,10 @@ def ingest_head(
     return head if route == "lean" else request_bytes("GET", f"{broker.url}/healthz") + head
 
 
-def read_to_end(sock: socket.socket) -> Outcome:
-    """What the client reads until the connection's end, or the error that stopped it."""
-    received = bytearray()
+def read_to_end(sock: socket.socket, before: bytes = b"") -> Outcome:
+    """What the client reads until the connection's end (after ``before``, read already),
+    or the error that stopped it."""
+    received = bytearray(before)
     while True:
         try:
             data = sock.recv(65536)
@@ -275,14 +276,7 @@ def answer_then_broken_framing(sock: socket.socket) -> Outcome:
         received += data
     sock.sendall(b"zz\r\n")
     sock.shutdown(socket.SHUT_WR)
-    while True:
-        try:
-            data = sock.recv(65536)
-        except OSError as error:
-            return Outcome(bytes(received), f"reading: {error!r}")
-        if not data:
-            return Outcome(bytes(received), "end")
-        received += data
+    return read_to_end(sock, bytes(received))
 
 
 async def ingest_400s(client: httpx.AsyncClient) -> float:
