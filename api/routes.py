@@ -41,6 +41,7 @@ from broker import (
     TopicInfo,
     parse_last_event_id,
 )
+from broker import constants as c
 from broker.framing import retry_hint
 from broker.model import LogEntry
 from broker.sink import StreamSink
@@ -389,7 +390,10 @@ def may_subscribe(request: Request, topic: str) -> bool:
     return True
 
 
-_LIST_CURSOR = re.compile(r"[0-9]{1,4}:([0-9]{1,20})(?::[A-Za-z0-9_.:-]{1,200})?")
+_TOPIC = r"[A-Za-z0-9_.:-]{1,200}"
+_LIST_CURSOR = re.compile(
+    rf"[0-9]{{1,4}}:([0-9]{{1,20}})(?::{_TOPIC}(?:,{_TOPIC}){{0,{c.LIST_STEP_SHOWN_MAX - 1}}})?"
+)
 _DIGITS = re.compile(r"[0-9]{1,9}")  # (str.isdigit takes "²", which int() refuses: a 500)
 _SCAN_CURSOR_MAX = 2**64 - 1  # (Redis refuses a larger one: a 503, retried for good)
 

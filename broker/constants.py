@@ -199,6 +199,11 @@ READY_PING_TIMEOUT_S = 1.0
 LIST_SCAN_MIN_COUNT = 16
 LIST_SCAN_COUNT = 1000
 LIST_SCAN_ROUNDS = 20
+# A SCAN step split across pages (more topics than a page, even at COUNT 1) has the
+# cursor name those its pages showed, at most this many (api/routes.py reads no more):
+# past it, the rest of the step goes in one page, past its limit. COUNT 1 takes one
+# bucket of Redis's keyspace (and those it grows into mid-rehash): a few keys.
+LIST_STEP_SHOWN_MAX = 16
 # How long one blocking XREAD waits before it is re-armed anyway (ms); and where
 # CLIENT UNBLOCK is refused (an ACL), so that a topic joining a read cannot end it.
 LIVE_BLOCK_MS = 5000

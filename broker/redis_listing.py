@@ -11,7 +11,7 @@ cannot be trusted between two pages (``TopicListing._names_in_order``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol, TypeVar, cast
 
 import redis.asyncio as redis
@@ -35,11 +35,18 @@ class Guarded(Protocol):
 EMBEDDED_SCAN_ALL = 2**31  # (a COUNT past every key: the whole keyspace in one call)
 
 
-def _list_position(cursor: str | None) -> tuple[int, int, str | None]:
-    """A listing cursor: the node, the SCAN cursor, the topic the page before ended on."""
+def _list_position(cursor: str | None) -> tuple[int, int, tuple[str, ...]]:
+    """A listing cursor: the node, the SCAN cursor, and the topics the pages before
+    showed of the SCAN step they ended in (or the name the page before ended on)."""
     node, _, rest = (cursor or "0:0").partition(":")
-    position, _, after = rest.partition(":")
-    return int(node), int(position or 0), after or None
+    position, _, shown = rest.partition(":")
+    return int(node), int(position or 0), tuple(shown.split(",")) if shown else ()
+
+
+def _inside_step(node_index: int, step: int, shown: Collection[str]) -> str:
+    """The cursor of a page that ended inside SCAN step ``step``, having shown ``shown``
+    of it (with the pages before: a topic name holds no comma)."""
+    return f"{node_index}:{step}:{','.join(sorted(shown))}"
 
 
 def _named_page(
@@ -96,12 +103,13 @@ class TopicListing:
         primaries: README, API.
         """
         position = _list_position(cursor)
+        last = position[2][-1] if position[2] else None
         if not self._durable:
-            page, last = await self._names_in_order(listing, position[2], limit, shown)
-            return await self._with_states(page), last
+            page, following = await self._names_in_order(listing, last, limit, shown)
+            return await self._with_states(page), following
         nodes = self.scan_targets()
         walked: list[str] = []
-        after = position[2] if position[0] >= len(nodes) else None
+        after = last if position[0] >= len(nodes) else None
         if listing.prefix is not None and position[0] < len(nodes):
             walked, following = await self._walked(nodes, listing.prefix, position, limit, shown)
             if following is not None:
@@ -114,16 +122,26 @@ class TopicListing:
         self,
         nodes: list[Any],
         prefix: str,
-        position: tuple[int, int, str | None],
+        position: tuple[int, int, tuple[str, ...]],
         limit: int,
         shown: Callable[[str], bool],
     ) -> tuple[list[str], str | None]:
         """Up to ``limit`` topics starting with ``prefix`` that ``shown`` lets through, by
         at most LIST_SCAN_ROUNDS SCAN steps over the nodes from ``position``; and where
-        the walk goes on (None: it is over)."""
-        node_index, scan_cursor, after = position
+        the walk goes on (None: it is over).
+
+        A step with more topics than the page has room for, even at COUNT 1 (one bucket
+        of Redis's keyspace, at ``limit=1`` often), is split across pages: each takes it
+        again and leaves out those the pages before showed of it, named in the cursor.
+        By name, not by place: Redis rehashing its keyspace between two pages reorders a
+        step, or moves keys into or out of it; by place, the page after went on past a
+        topic it had never shown (a limit=1 listing skipped one in about 10 of 12
+        topics). Taken again, the step is a SCAN call from a cursor SCAN returned, so its
+        promise holds: what it no longer finds, a later step does."""
+        node_index, scan_cursor, step_shown = position
         pattern = c.meta_key(glob_escaped(prefix) + "*")  # broker:{prefix*}:meta
         names: list[str] = []
+        before = frozenset(step_shown)  # (of the step the walk starts in)
         # About twice the page's limit (a topic is two keys or more, and one SCAN step
         # should fit the page: it is not split), grown while steps find little.
         scan_count = min(c.LIST_SCAN_COUNT, max(2 * limit, c.LIST_SCAN_MIN_COUNT))
@@ -132,25 +150,23 @@ class TopicListing:
                 break
             step = scan_cursor
             room = limit - len(names)
-            # (the step a page before ended in is taken whole again, as that page took it)
-            fits = room if after is None else c.LIST_SCAN_COUNT * 16
             scan_cursor, found, used = await self._scan_step(
-                nodes[node_index], step, pattern, scan_count, fits, shown
+                nodes[node_index], step, pattern, scan_count, room, shown, before
             )
             # The COUNT that fitted goes on (taken from the full one again each step, a
             # dense keyspace cost 10 times the calls; review), doubled back when a step
             # found little: a page's calls follow how densely its keys match.
             scan_count = used * 2 if len(found) * 4 < room else used
             scan_count = min(scan_count, c.LIST_SCAN_COUNT)
-            if len(found) > room and names and after is None:
+            if len(found) > room and names:
                 return names, f"{node_index}:{step}"  # (the next page takes that step)
-            if after is not None:  # the step the page before ended in: go on after it
-                found = found[found.index(after) + 1 :] if after in found else found
-                after = None
             if len(found) > room:  # (one SCAN step alone past the page's limit)
-                names += found[:room]
-                return names, f"{node_index}:{step}:{names[-1]}"
+                if len(before) + room > c.LIST_STEP_SHOWN_MAX:  # (never seen: see the constant)
+                    room = len(found)
+                else:
+                    return found[:room], _inside_step(node_index, step, before | set(found[:room]))
             names += found
+            before = frozenset()
             if scan_cursor == 0:
                 node_index, scan_cursor = node_index + 1, 0
             if len(names) >= limit:
@@ -165,24 +181,23 @@ class TopicListing:
         count: int,
         room: int,
         shown: Callable[[str], bool],
+        left_out: frozenset[str],
     ) -> tuple[int, list[str], int]:
         """One SCAN step from ``step``: its next cursor, the topics it found that
-        ``shown`` lets through, and the COUNT it took. A step that finds more than the
-        page has ``room`` for is taken again from ``step`` with a quarter of the COUNT,
-        down to 1, so that the page can end where a step ends (and one that still
-        finds too many is left to the next page): SCAN's promise holds from a cursor
-        it returned. Ended inside a step (that step taken again by the next page,
-        which went on after the page's last topic), a page relied on the step finding
-        the same keys in the same order: Redis rehashing its keyspace between the two
-        pages (keys added or expired meanwhile) reorders them, and a topic there all
-        along was skipped (seen in the HTTP suite; about 1 listing in 40 of 12
-        topics, 5 a page, with the keyspace grown between two pages). Only a single
-        step with more topics than a whole page is still split so."""
+        ``shown`` lets through and ``left_out`` does not name, and the COUNT it took. A
+        step that finds more than the page has ``room`` for is taken again from ``step``
+        with a quarter of the COUNT, down to 1, so that the page can end where a step
+        ends (and one that still finds too many is split across pages, ``_walked``):
+        SCAN's promise holds from a cursor it returned."""
         while True:
             following, keys = await self._call(node.scan(step, match=pattern, count=count))
-            found = [name for name in map(_topic_of_meta, keys) if name is not None and shown(name)]
+            found = [
+                name
+                for name in map(_topic_of_meta, keys)
+                if name is not None and name not in left_out and shown(name)
+            ]
             if len(found) <= room or count == 1:
-                return following, found, count  # (count 1: the page ends before it)
+                return following, found, count  # (count 1: split, or the page ends before it)
             count = max(count // 4, 1)
 
     async def _with_states(self, names: list[str]) -> list[tuple[str, LogState]]:
