@@ -51,6 +51,7 @@ if TYPE_CHECKING:
         StreamInterrupted,
         StreamKeyboardInterrupt,
     )
+    from brokerclient.http import PublishResult
 
 log = logging.getLogger("brokerclient.cli")
 JSON_WHITESPACE = b" \t\r\n"
@@ -122,22 +123,48 @@ def run_publish_lines(args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
         log.info("sending each line of stdin as an event (end with Ctrl-D)")
     lines = StdinLines(sys.stdin.buffer, text=args.text, event=args.event)
-    with Publisher(_url(args), token=_token(args)) as publisher:
-        try:
-            result = publisher.stream(args.topic, lines, idempotency_key=key, close=args.close)
-        except StreamInterrupted as stopped:
-            return _interrupted(stopped, lines)
-        except BrokerClientError as error:
-            return _failed(error, key, lines)
-        except StreamKeyboardInterrupt as stopped:
-            return _ctrl_c(stopped, lines)
-    if result.replayed:
-        log.info("stored already under this idempotency key: nothing new was stored")
+    result: PublishResult | None = None
+    try:
+        with Publisher(_url(args), token=_token(args)) as publisher:
+            try:
+                result = publisher.stream(args.topic, lines, idempotency_key=key, close=args.close)
+            except StreamInterrupted as stopped:
+                return _interrupted(stopped, lines)
+            except BrokerClientError as error:
+                return _failed(error, key, lines)
+            except StreamKeyboardInterrupt as stopped:
+                return _ctrl_c(stopped, lines)
+        if result.replayed:
+            log.info("stored already under this idempotency key: nothing new was stored")
+        _emit(_answer(result))
+        return EXIT_OK
+    except KeyboardInterrupt:
+        if result is None:
+            raise
+        return _ctrl_c_once_done(result)
+
+
+def _answer(result: PublishResult) -> dict[str, Any]:
+    """What a stream done prints: ``{"count", "first_id", "last_id"}`` (``end_id``: closed)."""
     answer = {"count": result.count, "first_id": result.first_id, "last_id": result.last_id}
     if result.end_id is not None:
         answer["end_id"] = result.end_id
-    _emit(answer)
-    return EXIT_OK
+    return answer
+
+
+def _ctrl_c_once_done(result: PublishResult) -> int:
+    """Ctrl-C in the client's last steps, once ``stream()`` had returned (every line
+    stored, the topic closed if asked): exit 130, as for any Ctrl-C, saying the stream
+    was done, with its answer, so that no one reruns it. It exited silent, and a user
+    could not tell whether to send the input again."""
+    closed = " and the topic closed" if result.end_id is not None else ""
+    answer = json.dumps(_answer(result), ensure_ascii=False, separators=(",", ":"))
+    print(
+        f"broker publish: interrupted (Ctrl-C) once the stream was done: every line was "
+        f"stored{closed} ({answer}); nothing needs sending again",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
 
 
 def _failed(error: BrokerClientError, key: str, lines: StdinLines) -> int:

@@ -6,9 +6,11 @@ real SIGINT's are in tests/face/test_cli_lines.py)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import json
+import sys
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -19,9 +21,12 @@ from brokerclient import (
     Publisher,
     RetryPolicy,
     StreamKeyboardInterrupt,
+    cli,
+    cli_lines,
     event,
 )
 from brokerclient import publisher as publisher_module
+from brokerclient.cli import add_client_commands
 from brokerclient.cli_lines import StdinLines, _ctrl_c
 from tests.unit.test_client_stream_parts import records_lapsed
 
@@ -178,3 +183,49 @@ def test_the_cli_names_stdins_line_and_the_part_under_way(
     said = capsys.readouterr().err
     assert "interrupted (Ctrl-C) at stdin line 4, 3 event(s) sent" in said, said
     assert "after line 3 (tail -n +4) under --idempotency-key K+2" in said, said
+
+
+def stored_whole(request: httpx.Request) -> httpx.Response:
+    """A broker storing the stream whole (and closing the topic: ``?close=true``)."""
+    lines = [json.loads(line) for line in request.read().splitlines() if line.strip()]
+    ids = [f"e.{n}-0" for n in range(1, len(lines) + 1)]
+    closed = {"end_id": "e.9-0"} if request.url.params.get("close") == "true" else {}
+    return httpx.Response(201, json={"ids": ids} | closed)
+
+
+def ctrl_c(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("landing", ["closing the publisher", "printing the answer"])
+def test_the_cli_says_a_ctrl_c_once_the_stream_was_done_found_it_done(
+    landing: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C after ``stream()`` returned (every line stored, the topic closed): exit
+    130 saying so, with the answer, nothing to send again. It exited 130 saying
+    nothing at all: whether to rerun, a user could not tell."""
+    transport = httpx.MockTransport(stored_whole)
+
+    class Stored(Publisher):
+        def __init__(self, url: str, **options: object) -> None:
+            super().__init__(client=httpx.Client(base_url=url, transport=transport))
+
+    monkeypatch.setattr(publisher_module, "Publisher", Stored)
+    if landing == "closing the publisher":
+        monkeypatch.setattr(Stored, "close", ctrl_c)
+    else:
+        monkeypatch.setattr(cli_lines, "_emit", ctrl_c)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"1\n2\n")))
+    monkeypatch.setattr(cli, "_log_to_stderr", lambda: None)  # (the logger is the suite's)
+    parser = argparse.ArgumentParser()
+    add_client_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["publish", "t", "--lines", "--close", "--url", "http://b.test"])
+    assert args.run_client(args) == 130
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        "interrupted (Ctrl-C) once the stream was done: every line was stored and the topic "
+        'closed ({"count":2,"first_id":"e.1-0","last_id":"e.2-0","end_id":"e.9-0"}); '
+        "nothing needs sending again"
+    ) in err, err
+    assert "to finish it" not in err
