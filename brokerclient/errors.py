@@ -17,9 +17,10 @@ class BrokerClientError(Exception):
         return (_rebuilt, (type(self), self.args), self.__dict__)
 
 
-def _rebuilt(cls: type[BrokerClientError], args: tuple[Any, ...]) -> BrokerClientError:
+def _rebuilt(cls: type[BaseException], args: tuple[Any, ...]) -> BaseException:
     """An error of ``cls`` with ``args``, its ``__init__`` not run: its members are set
-    from the pickled state (``BrokerClientError.__reduce__``)."""
+    from the pickled state (``BrokerClientError.__reduce__``,
+    ``StreamKeyboardInterrupt.__reduce__``)."""
     return cls.__new__(cls, *args)
 
 
@@ -121,6 +122,14 @@ class StreamKeyboardInterrupt(KeyboardInterrupt):
         self.idempotency_key = idempotency_key
         self.lines_sent = lines_sent
         self.after_line = after_line
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (and copied) with its members and its advice, as ``BrokerClientError``
+        is: rebuilt by ``KeyboardInterrupt``'s way, its ``__init__`` called with its
+        message alone (it takes keywords only), it could not be unpickled, and one
+        raised in a worker process (``ProcessPoolExecutor`` hands any ``BaseException``
+        to its parent pickled) broke the pool."""
+        return (_rebuilt, (type(self), self.args), self.__dict__)
 
 
 class RequestFailed(BrokerClientError):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import io
 import json
+import pickle
 import sys
 from collections.abc import Callable, Iterator
 
@@ -229,3 +231,18 @@ def test_the_cli_says_a_ctrl_c_once_the_stream_was_done_found_it_done(
         "nothing needs sending again"
     ) in err, err
     assert "to finish it" not in err
+
+
+def test_the_interrupt_is_pickled_and_copied_with_its_advice() -> None:
+    """As ``BrokerClientError`` is (tests/face/test_client_errors_travel.py): it could
+    not be unpickled nor copied (``__init__`` called with its message alone), and one
+    raised in a worker process broke its ``ProcessPoolExecutor``."""
+    broker = Broker([3, 9], [lapsed_after_2()], nothing)
+    stopped = raised(lambda: streamed(broker, events_then_ctrl_c(4)))
+    for travelled in (pickle.loads(pickle.dumps(stopped)), copy.copy(stopped)):
+        assert type(travelled) is StreamKeyboardInterrupt
+        assert (travelled.args, vars(travelled)) == (stopped.args, vars(stopped))
+        assert (travelled.idempotency_key, travelled.after_line, travelled.lines_sent) == (
+            "K+2", 2, 4,
+        )  # fmt: skip
+        assert "the events after the first 2, as a stream of their own," in str(travelled)
