@@ -35,6 +35,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import Server, ServerState
 
 from api.connections import BrokerHttpProtocol
+from api.guard import DATA_AFTER_CLOSE
 
 CONNECTIONS = "api/connections.py"
 PROXY_HEADERS = "api/proxy_headers.py"
@@ -139,10 +140,50 @@ def test_bytes_after_a_request_that_closes_are_a_parser_error_once_leniency_is_o
     assert "lenient_data_after_close=True" in source, changed(
         "HttpToolsProtocol.__init__", GUARD, "sets the leniency the guard turns off"
     )
-    parser = httptools.HttpRequestParser(types.SimpleNamespace())
-    parser.set_dangerous_leniencies(lenient_data_after_close=False)
-    with pytest.raises(httptools.HttpParserError):
-        parser.feed_data(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\n")
+    for closing in (b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", b"GET / HTTP/1.0\r\n\r\n"):
+        parser = httptools.HttpRequestParser(types.SimpleNamespace())
+        parser.set_dangerous_leniencies(lenient_data_after_close=False)
+        with pytest.raises(httptools.HttpParserError) as raised:
+            parser.feed_data(closing + b"GET / HTTP/1.1\r\n")
+        # (told apart from bytes that are no request by its reason alone: not warned of)
+        assert str(raised.value) == DATA_AFTER_CLOSE, changed(
+            "httptools.HttpParserError's reason for data after close", GUARD, str(raised.value)
+        )
+    with pytest.raises(httptools.HttpParserError) as garbage:
+        httptools.HttpRequestParser(types.SimpleNamespace()).feed_data(b"NOT HTTP\r\n\r\n")
+    assert str(garbage.value) != DATA_AFTER_CLOSE
+
+
+UVICORN_DATA_RECEIVED = """
+def data_received(self, data: bytes) -> None:
+    self._unset_keepalive_if_required()
+
+    try:
+        self.parser.feed_data(data)
+    except httptools.HttpParserError:
+        msg = "Invalid HTTP request received."
+        self.logger.warning(msg)
+        self.send_400_response(msg)
+        return
+    except httptools.HttpParserUpgrade:
+        if self._should_upgrade():
+            self.handle_websocket_upgrade()
+        else:
+            self._unsupported_upgrade_warning()
+"""
+"""What ``GuardedHttpToolsProtocol._feed`` does in its place (but for its log of data
+after a request that closes the connection)."""
+
+
+def test_the_guard_feeds_its_parser_as_uvicorns_data_received_does() -> None:
+    assert ast.dump(syntax_of(HttpToolsProtocol.data_received)) == ast.dump(
+        ast.parse(UVICORN_DATA_RECEIVED)
+    ), changed(
+        "HttpToolsProtocol.data_received",
+        GUARD,
+        "GuardedHttpToolsProtocol._feed is a copy of it, whose log of bytes after a request "
+        "that closes is at debug: bring what changed over",
+    )
 
 
 def test_server_state_has_what_the_lean_path_updates() -> None:
