@@ -99,7 +99,7 @@ from broker import (
 )
 from broker.errors import LogGone, StoreMisconfigured
 from broker.ids import StreamPosition
-from broker.model import IngestLines
+from broker.model import IngestAppendResult, IngestLines
 from broker.validation import event_from_json, loads_exactly
 
 LINE_ENVELOPE_BYTES = 4096
@@ -200,6 +200,9 @@ class Ingest(LossTelling):
         """The epoch of the log its lines went to, once one was stored (or replayed)."""
         self._last_line = 0
         """The number of the last line stored (or replayed): ``IngestLines.after``."""
+        self._ingest_since = 0
+        """With a key, the ingest under it its lines went to, as the store answered
+        (``IngestLines.since``: 0 until then)."""
         self._appends_ended: deque[tuple[StreamPosition, int]] = deque(maxlen=REMEMBERED_APPENDS)
         """The last entry and line of each of its newest appends."""
         self._forgotten_through = 0
@@ -282,7 +285,7 @@ class Ingest(LossTelling):
         self._checked_before_close()
         lines = None  # (its last line must be there still: see ``_append``)
         if self._key is not None and self._last_line:
-            lines = IngestLines(self._key, [], self._last_line)
+            lines = IngestLines(self._key, [], self._last_line, since=self._ingest_since)
         try:
             async with asyncio.timeout(self._append_timeout):
                 return await self.broker.publish(
@@ -422,7 +425,9 @@ class Ingest(LossTelling):
         lines = None
         if self._key is not None:
             numbers = [n for n, _ in pending]
-            lines = IngestLines(self._key, numbers, self._last_line, blank_through)
+            lines = IngestLines(
+                self._key, numbers, self._last_line, blank_through, self._ingest_since
+            )
         self._watch.waiting(STORE)
         try:
             result = await self.broker.publish(
@@ -464,6 +469,8 @@ class Ingest(LossTelling):
         self._last_line = pending[-1][0]
         if result.replayed:
             self.result.replayed += len(result.ids)
+        if isinstance(result, IngestAppendResult) and result.ingest_since:
+            self._ingest_since = result.ingest_since
         self._remember_append(result.ids[-1].position, pending[-1][0])
 
     def _after_entry(self) -> StreamPosition:

@@ -59,16 +59,17 @@ class LossTelling:
 
     async def _told_lost(self, lost: LogGone) -> LogGone:
         if isinstance(lost, LinesLost) and (self._key is None or not lost.replayable):
-            return await self._lines_lost_unrecorded()
+            return await self._lines_lost_unrecorded(lost.kept_through)
         return self._lost(lost)
 
-    async def _lines_lost_unrecorded(self) -> LinesLost:
+    async def _lines_lost_unrecorded(self, kept_through: StreamPosition | None) -> LinesLost:
         """Lines a failover lost, told to a producer whose resend of the whole stream would
         store the lines kept twice: it has no Idempotency-Key, or its lines' records were
         past the window (``LinesLost.replayable``). So it is told after which line they
         were lost, to send the rest again (``kept``: a 409 without Retry-After, which no
         producer takes for a resend of the whole stream, ``api.problems``); with none of
-        them kept, the whole stream (``_none_kept``)."""
+        them kept, the whole stream (``_none_kept``). ``kept_through``: where the store
+        told which of its entries were kept (``LinesLost.kept_through``)."""
         head = (
             "lines of this ingest were lost from the topic's log (a failover to a replica "
             f"that had not received them yet): {self.result.count} line(s) were stored before"
@@ -90,7 +91,7 @@ class LossTelling:
         mid_body = not self._body_ended
         try:
             async with asyncio.timeout(self._append_timeout):  # (a read each: bounded whole)
-                kept, exact, entry = await self._last_line_kept()
+                kept, exact, entry = await self._last_line_kept(kept_through)
         except (StoreUnavailable, TimeoutError):
             if self._last_line == 1:  # (line 1 lost: none before it, none kept)
                 return self._none_kept(head, mid_body)
@@ -130,17 +131,27 @@ class LossTelling:
         last = EventId(self.log_epoch, entry)
         return LinesKept(through, first_id=str(self.result.first), last_id=str(last))
 
-    async def _last_line_kept(self) -> tuple[int, bool, StreamPosition | None]:
+    async def _last_line_kept(
+        self, kept_through: StreamPosition | None
+    ) -> tuple[int, bool, StreamPosition | None]:
         """The last line of the newest append the log still holds, whether that is known
         exactly (not when even the oldest append remembered is lost, and earlier ones
         were forgotten), and its entry (None: none remembered kept). A failover loses the
         newest appends, so those kept are the first ones: found by bisection, a read
-        each."""
+        each; or, where the store told which were kept (``kept_through``: the log's
+        trimming cannot tell a lost entry from one trimmed), by that."""
+        if kept_through == (0, 0):  # (none kept: no read)
+            return 0, True, None
         ended = list(self._appends_ended)
         kept, lost = 0, len(ended)  # (ended[:kept] are held, ended[lost:] lost)
         while kept < lost:
             middle = (kept + lost) // 2
-            if await self._still_held(ended[middle][0]):
+            entry = ended[middle][0]
+            if kept_through is not None:
+                held = entry <= kept_through
+            else:
+                held = await self._still_held(entry)
+            if held:
                 kept = middle + 1
             else:
                 lost = middle

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.ids import StreamPosition
 
 
 class BrokerError(Exception):
@@ -122,6 +126,12 @@ class LinesLost(LogLost):
     for most of the window while the ingest paused, see ``Store.keep_lines``), where the
     store told the loss by the entry it stored last, and the resend stored the lines
     kept twice."""
+    kept_through: StreamPosition | None = None
+    """Where the store can tell (an ingest without a key: the meta's newest such entry,
+    before the one it stored last; with one, ``(0, 0)`` where its ingest began within the
+    window and its records are gone): the log kept its entries at or before this one, and
+    lost those after it, whatever retention trimmed since (``(0, 0)``: none kept). None:
+    not told, its entries are looked for in the log (``api.ingest_lost``)."""
 
 
 class RecordsLapsed(LogGone):

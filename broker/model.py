@@ -55,18 +55,29 @@ class IngestLines:
     lines after ``after`` (0: not so): with no ``numbers``, an append that stores
     nothing, only checks that no other stream under the key recorded a line where this
     one has blank lines (``out_of_step``, lua/ingest_lines.lua)."""
+    since: int = 0
+    """The ingest the request's lines went to, as its earlier appends were answered
+    (``AppendResult.ingest_since``; 0: not known). Where that ingest is still the one
+    under way under the key, ``after`` not recorded in it was lost, whatever retention
+    trimmed since (its entry alone cannot tell: ``LinesLost``)."""
 
     def __init__(
-        self, key: str, numbers: Sequence[int], after: int = 0, blank_through: int = 0
+        self,
+        key: str,
+        numbers: Sequence[int],
+        after: int = 0,
+        blank_through: int = 0,
+        since: int = 0,
     ) -> None:
         _set_key(self, key)  # (by hand, frozen all the same: see broker.slots)
         _set_numbers(self, numbers)
         _set_after(self, after)
         _set_blank_through(self, blank_through)
+        _set_since(self, since)
 
 
-_set_key, _set_numbers, _set_after, _set_blank_through = slot_setters(
-    IngestLines, "key", "numbers", "after", "blank_through"
+_set_key, _set_numbers, _set_after, _set_blank_through, _set_since = slot_setters(
+    IngestLines, "key", "numbers", "after", "blank_through", "since"
 )
 
 
@@ -86,6 +97,31 @@ class AppendResult:
 
 
 _set_ids, _set_replayed, _set_end_id = slot_setters(AppendResult, "ids", "replayed", "end_id")
+
+
+@dataclass(frozen=True, slots=True)
+class IngestAppendResult(AppendResult):
+    """An append of a keyed streaming ingest's lines (``lines``), and the ingest under its
+    key they went to: when it began, by Redis's clock, which names it (0: not said), for
+    its later appends to name (``IngestLines.since``). Apart from ``AppendResult``, so
+    that a publish pays nothing for it."""
+
+    ingest_since: int = 0
+
+    def __init__(
+        self,
+        ids: list[EventId],
+        replayed: bool,
+        end_id: EventId | None = None,
+        ingest_since: int = 0,
+    ) -> None:
+        _set_ids(self, ids)
+        _set_replayed(self, replayed)
+        _set_end_id(self, end_id)
+        _set_ingest_since(self, ingest_since)
+
+
+(_set_ingest_since,) = slot_setters(IngestAppendResult, "ingest_since")
 
 
 class LogEntry:

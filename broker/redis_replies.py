@@ -19,7 +19,14 @@ from broker.errors import (
     TopicClosed,
 )
 from broker.ids import EventId, StreamPosition, parse_stream_id
-from broker.model import AppendResult, IngestLines, LogEntry, LogPage, LogState
+from broker.model import (
+    AppendResult,
+    IngestAppendResult,
+    IngestLines,
+    LogEntry,
+    LogPage,
+    LogState,
+)
 
 
 def parse_answer(answer: bytes, *, replayed: bool) -> AppendResult:
@@ -33,6 +40,16 @@ def parse_answer(answer: bytes, *, replayed: bool) -> AppendResult:
     return AppendResult(stored, replayed, EventId(epoch, parse_stream_id(end)) if end else None)
 
 
+def parse_ingest_answer(answer: bytes, *, replayed: bool) -> IngestAppendResult:
+    """A keyed streaming ingest's: ``epoch|id,id,...|end id|since`` (``|since`` absent
+    where the append stored and replayed nothing of it)."""
+    parts = answer.decode().split("|")  # (no starred unpacking: see api.ingest._reads)
+    epoch, ids, end = parts[0], parts[1], parts[2]
+    stored = [EventId(epoch, parse_stream_id(raw)) for raw in ids.split(",") if raw]
+    end_id = EventId(epoch, parse_stream_id(end)) if end else None
+    return IngestAppendResult(stored, replayed, end_id, int(parts[3]) if len(parts) > 3 else 0)
+
+
 def refusal(status: int, answer: str, topic: str, lines: IngestLines | None) -> BrokerError:
     """Why append.lua refused an append (its negative status), nothing of it stored."""
     if status == -1:
@@ -43,7 +60,9 @@ def refusal(status: int, answer: str, topic: str, lines: IngestLines | None) -> 
         return LogDeleted(f"topic {topic!r} was deleted while the ingest was writing to it")
     if status == -4:
         lost = LinesLost(f"lines of topic {topic!r} it had stored are gone")
-        lost.replayable = answer != "unrecorded"
+        lost.replayable = answer == ""
+        if answer[:1].isdigit():  # (the newest entry of the ingest's kept: 0-0, none)
+            lost.kept_through = parse_stream_id(answer)
         return lost
     if status == -6:
         return RecordsLapsed(f"the line records of the ingest on topic {topic!r} lapsed")

@@ -52,7 +52,7 @@ from broker.redis_live_links import LocalWrites
 from broker.redis_options import REDIS_FAILURES, drop_idle_connections, pool_options
 from broker.redis_pools import BoundedCluster, FixedPool, PoolBusy, open_cluster_pools
 from broker.redis_primary import PrimaryWatch
-from broker.redis_replies import page_of, parse_answer, refusal, state_of
+from broker.redis_replies import page_of, parse_answer, parse_ingest_answer, refusal, state_of
 from broker.redis_scripts import StoreScripts
 from broker.redis_slots import CLUSTER_REDIRECTED, SlotCommands
 from broker.single_flight import SingleFlight
@@ -200,6 +200,8 @@ class RedisStreamStore:
                 self._local_writes.written(keys[0])
         if status < 0:
             raise refusal(status, answer.decode(), topic, lines)
+        if lines is not None:
+            return parse_ingest_answer(answer, replayed=status == 1)
         return parse_answer(answer, replayed=status == 1)
 
     def _topic_keys(self, topic: str) -> list[str]:
@@ -505,8 +507,11 @@ def _unreachable_reason(error: BaseException) -> str:
 def _stored_last(lines: IngestLines | None, after_entry: StreamPosition | None) -> str | int:
     """What the append must find of its ingest's earlier appends (append.lua): the line
     it stored last, if it has lines, and the entry it stored last (and its last line,
-    once its body ended with blank lines); else 0."""
+    once its body ended with blank lines; then the ingest they went to, once known); else 0."""
     if lines is not None:
-        stored_last = f"{lines.after}:{format_stream_id(after_entry or (0, 0))}"
+        entry = format_stream_id(after_entry or (0, 0))
+        if lines.since:
+            return f"{lines.after}:{entry}:{lines.blank_through or ''}:{lines.since}"
+        stored_last = f"{lines.after}:{entry}"
         return f"{stored_last}:{lines.blank_through}" if lines.blank_through else stored_last
     return 0 if after_entry is None else format_stream_id(after_entry)

@@ -54,7 +54,11 @@ class Store(Protocol):
         yet; retention's trimming is no loss; checked for an ingest without lines, no
         Idempotency-Key, and for one whose records are past the window); and
         RecordsLapsed, nothing stored nor recorded, if its records are past the window
-        while that entry is still held (not for a close: it has no line). A resent line
+        while that entry is still held (not for a close: it has no line). ``lines.since``
+        (the ingest its lines went to, ``AppendResult.ingest_since``) tells a loss where
+        the entry cannot (retention trimmed past it since): ``lines.after`` not recorded in
+        that ingest, still under way, or that ingest begun within the window and its
+        records gone (``LinesLost.kept_through`` (0, 0): none kept). A resent line
         recorded already that is not the event stored for it, or lines out of step with
         those another stream stored under the key (blank lines counted: ``lines.after`` 0
         says the request's lines before these are blank, ``lines.blank_through`` that its

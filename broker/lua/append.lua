@@ -19,7 +19,9 @@
 -- log the append must find ('' = any: a new log may be begun); then, for a streaming
 -- ingest, "n:id": the number of the last line its request stored before this append
 -- (0: none yet, its lines before blank) and the id of its entry (0-0: none yet), and
--- ":b" when its body ended with blank lines after n: its last line (no events); for one
+-- ":b" when its body ended with blank lines after n: its last line (no events), then
+-- ":s", once an append answered it, the ingest its lines went to (its `since`, below; ":b"
+-- empty if none: "n:id::s"); for one
 -- without an Idempotency-Key (ARGV[8] = 0), the id of the entry its request stored last
 -- (0-0: none yet); 0 for anything else; then 4 values per event: kind, data, event type
 -- ('' = none), retry ('' = none).
@@ -34,7 +36,9 @@
 -- made that line skipped, and both answered 500), and answer together, for the
 -- window after the ingest's last line (a stream longer than the window, resent
 -- whole, stored its early lines again); then they are pruned together.
--- Returns {status, "epoch|id,id,...|end id"} (the end id empty unless it closed):
+-- Returns {status, "epoch|id,id,...|end id"} (the end id empty unless it closed; a
+-- streaming ingest's lines stored or replayed: "epoch|id,...|end id|since", the ingest
+-- they went to, which its later appends name in "n:id::s"):
 -- status 0 stored (or an ingest's end, ":b", checked: nothing to store), 1 replayed (all
 -- of it, from idempotency records, or a close of a closed topic), -1 refused: the
 -- topic is closed (the second value is its end's event id),
@@ -45,7 +49,10 @@
 -- that number; on a closed topic it is -1 instead: `differs_at`), -4 refused: the line the request stored last is no longer recorded, or
 -- (its records past the window, or no Idempotency-Key) its entry is no longer in the log
 -- (lost with the newest writes: a failover; the second value is '', or 'unrecorded' for an
--- ingest whose records were past the window: none of its lines kept is replayed),
+-- ingest whose records were past the window: none of its lines kept is replayed; or an id
+-- that tells which of its entries the log kept, those at or before it: without an
+-- Idempotency-Key, the newest entry of such an ingest kept; with one, 0-0, none, where
+-- its ingest began within the window and its records are gone),
 -- -6 refused: the lines of the streaming ingest under way are no longer recorded (its
 -- records past the window, its entry still in the log: the second value is ''; on a
 -- closed topic it is -1 instead: none of its lines can be found a replay).
@@ -59,9 +66,11 @@ local must_find = ARGV[10 + names]  -- (a streaming ingest under way: its log's 
 local stored_before = 0  -- (and the last line it stored)
 local stored_entry = false  -- (and the entry it stored last)
 local blank_through = 0  -- (and, its body ended, its last line: those after n blank)
+local stored_since = false  -- (and the ingest its lines went to, as text: false, not known)
 if per_event then
-  local n, id, b = string.match(ARGV[11 + names], '^(%d+):(%d+%-%d+):?(%d*)$')
+  local n, id, b, s = string.match(ARGV[11 + names], '^(%d+):(%d+%-%d+):?(%d*):?(%d*)$')
   stored_before, stored_entry, blank_through = tonumber(n), id, b ~= '' and tonumber(b) or 0
+  stored_since = s ~= '' and s  -- (tonumber where read: a strtod, see ingest_lines.lua)
 elseif ARGV[11 + names] ~= '0' then
   stored_entry = ARGV[11 + names]
 end
@@ -138,13 +147,15 @@ end
 -- before the newest id trimmed, which a failover cannot have lost: the replica held a
 -- later entry). An entry read back into Lua costs about a third of a one-line append
 -- (callgrind).
+local function at_or_before(id, other)  -- (two entry ids, "ms-seq")
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  local other_ms, other_seq = string.match(other, '^(%d+)-(%d+)$')
+  ms, seq, other_ms, other_seq = tonumber(ms), tonumber(seq), tonumber(other_ms), tonumber(other_seq)
+  return ms < other_ms or (ms == other_ms and seq <= other_seq)
+end
 local function entry_kept(id)
   if redis.call('XREVRANGE', log, id, id)[1] then return true end
-  local trimmed = redis.call('HGET', meta, 'trimmed')
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  local cut_ms, cut_seq = string.match(trimmed or '0-0', '^(%d+)-(%d+)$')
-  ms, seq, cut_ms, cut_seq = tonumber(ms), tonumber(seq), tonumber(cut_ms), tonumber(cut_seq)
-  return ms < cut_ms or (ms == cut_ms and seq <= cut_seq)
+  return at_or_before(id, redis.call('HGET', meta, 'trimmed') or '0-0')
 end
 
 -- A streaming ingest's line records and the checks only its appends run, before
@@ -166,9 +177,22 @@ end
 -- ingest wrote it since) the entry read back: the HGET and the meta's field cost some 6%
 -- of a one-line append. (Read in current_epoch's HMGET instead, it saved a keyless
 -- append 1.7k instructions and cost every other append as many, callgrind: kept apart.)
+-- The field only grows (ids do), but for a failover: found before the entry, the
+-- append that wrote the entry (and the field past it) was lost, whatever retention
+-- trimmed since. The log's trimming alone cannot tell: past a failover, other writers'
+-- entries, after the lost one's, were trimmed, and `entry_kept` took the lost entry for
+-- one trimmed (found by tests/integration/test_ingest_lines_probe.py). The field then
+-- tells which of the ingest's entries were kept, those at or before it (the newest such
+-- entry kept), so it is the refusal's second value. Past the failover, once another
+-- such ingest wrote it (after the lost entry), only the entry tells, and a trim past it
+-- hides the loss (README, "When a streaming ingest's lines are lost").
 if keyless and stored_entry ~= '0-0' and epoch then
-  if redis.call('HGET', meta, 'keyless') ~= stored_entry and not entry_kept(stored_entry) then
-    return {-4, ''}
+  local newest_keyless = redis.call('HGET', meta, 'keyless')
+  if newest_keyless ~= stored_entry then
+    if not newest_keyless or not at_or_before(stored_entry, newest_keyless) then
+      return {-4, newest_keyless or '0-0'}
+    end
+    if not entry_kept(stored_entry) then return {-4, ''} end
   end
 end
 
@@ -257,6 +281,7 @@ local function add(kind, data, event, retry)
 end
 
 local ids, replayed, top_line = {}, 0, false
+local ingest_named = false  -- (the ingest a streaming ingest's lines went to: its since)
 local previous = stored_before  -- (the line before, in this stream)
 for i = first_value, #ARGV, 4 do
   local place = (i - first_value) / 4
@@ -293,6 +318,7 @@ if per_event then
     'HSET', lines, ingest .. '\n', math.max(top, top_line or 0) .. '|' .. since,
     ingest .. '\nh', high .. '|' .. since)
   redis.call('ZADD', lines_written, now(), ingest)
+  ingest_named = since
 end
 
 local end_id = ''
@@ -330,6 +356,7 @@ if max_age_ms > 0 then
 end
 
 local answer = epoch .. '|' .. table.concat(ids, ',') .. '|' .. end_id
+if ingest_named then answer = answer .. '|' .. ingest_named end
 if (not per_event) and names == 1 then remember(ARGV[10], answer) end
 
 -- The records: those past the window go, the oldest first, up to 128 at one of

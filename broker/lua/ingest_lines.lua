@@ -24,6 +24,7 @@
 -- key can be kept in one order (see `out_of_step` below). Its own field: a head of three values read as none by an
 -- older instance, mid-deploy, had an ingest under way taken for a new one.
 local ingest_top, ingest_since, ingest_live, ingest_high = false, false, false, 0
+local ingest_head_since = false  -- (the since "K\n" holds, live or not)
 local function ingest_state()
   if ingest_since then return ingest_top, ingest_since end
   local fields = redis.call('HMGET', lines, ingest .. '\n', ingest .. '\nh')
@@ -32,6 +33,7 @@ local function ingest_state()
     local t, s = string.match(fields[1], '^(%d+)|(%d+)$')
     top, since = tonumber(t) or 0, tonumber(s)
   end
+  ingest_head_since = since
   local at = redis.call('ZSCORE', lines_written, ingest)
   ingest_live = since and at and tonumber(at) > now() - window_ms
   if not ingest_live then since = now() end
@@ -104,6 +106,24 @@ end
 -- on in that one, after the other's lines; not recorded there, its entry kept (still in
 -- the log, or trimmed by retention: no failover lost it), it was told its lines lost, and
 -- its resend stored them again.
+-- But where the ingest under way is the request's own (it says which: "n:id::s", the
+-- `since` its earlier appends were answered), that line not recorded in it (or recorded
+-- under another id: a stream that stored it again since) was lost by a failover, its
+-- record and its entry together, whatever retention trimmed since: its records are live,
+-- and a line's record is written with its entry, never pruned while its ingest is live.
+-- The entry alone could not tell: retention trimming past where it was (other writers'
+-- entries, after the failover) made it one trimmed, and the line was refused -6 (its
+-- producer sent the rest as a stream of its own: the lost line in silence). A request
+-- that cannot say (its appends answered no since) is told by the entry, as before.
+-- And where its ingest began within the window (by Redis's clock) and its records are
+-- no more ("K\n" gone, or naming another: a lapse, which would leave them, needs the
+-- window past its last write, and so past its beginning), every line of it was lost,
+-- none kept: told so ('0-0', as an ingest without a key is told the newest of its
+-- entries kept), whatever the trim (its entry trimmed, it was refused -6: its producer
+-- sent the rest as a stream of its own, the lost lines in silence); or, another ingest
+-- under way under its key, as above ('': its resend replays what that one recorded).
+-- (A clock stepped back between its beginning and its last write can make records
+-- lapse within the window after its beginning: once pruned, told lost, none kept.)
 -- Its close, or its end's check of the blank lines its body ended on, goes on (no line:
 -- nothing recorded anew), its records lapsed: checked against, and counted in, no
 -- ingest under way, which is another's (counted there, the other stream, the same one
@@ -118,6 +138,11 @@ if per_event and stored_before > 0 and epoch then
   local recorded = ingest_live and remembered_line(stored_before, epoch)
   if recorded and (recorded == stored_entry or stored_entry == '0-0') then
     -- (its own ingest, under way; '0-0': a caller that does not say which entry)
+  elseif ingest_live and ingest_since == tonumber(stored_since) then
+    return {-4, ''}  -- (its own ingest under way, its last line lost: see above)
+  elseif stored_since and ingest_head_since ~= tonumber(stored_since)
+    and now() - tonumber(stored_since) < window_ms then
+    return {-4, ingest_live and '' or '0-0'}  -- (every line of its ingest lost: see above)
   elseif ingest_live and not recorded and entry_gone(stored_entry) then
     return {-4, ''}  -- (a failover lost its last line: the record and the entry together)
   elseif stored_entry and stored_entry ~= '0-0' and not entry_kept(stored_entry) then

@@ -8,6 +8,7 @@ is done by hand (``tests/support/failover.py``) before the body brings the next 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from api.ingest import Ingest
 from api.ingest_lost import REMEMBERED_APPENDS
 from broker import Broker, StoreUnavailable
 from broker.errors import LinesLost
+from broker.model import NewEvent
 from tests.support.failover import IngestAppends
 
 
@@ -95,7 +97,9 @@ async def test_lost_lines_are_told_as_well_as_it_can_when_the_log_cannot_be_read
 ) -> None:
     """Lines 2-3 lost, and the reads that would find the last line kept fail (the store
     failing again): the ingest tells what it knows, that its last line (3) is lost, "and
-    perhaps lines before it", saying why it cannot tell more."""
+    perhaps lines before it", saying why it cannot tell more. (Another keyless ingest's
+    line stored after the failover: else the meta's newest keyless entry, line 1's,
+    tells which were kept, and nothing is read: append.lua.)"""
     failover = Failover(broker, topic, first_lost=2, last=3)
 
     async def unreadable(*_: object, **__: object) -> object:
@@ -103,6 +107,7 @@ async def test_lost_lines_are_told_as_well_as_it_can_when_the_log_cannot_be_read
 
     async def then_unreadable() -> None:
         await failover.hooks[4]()
+        await broker.store.append(topic, [NewEvent('"other"')], after_entry=(0, 0))
         monkeypatch.setattr(broker.store, "read_range", unreadable)
 
     hooks = {**failover.hooks, 4: then_unreadable}
@@ -113,4 +118,105 @@ async def test_lost_lines_are_told_as_well_as_it_can_when_the_log_cannot_be_read
     ) in detail, detail
     assert "3 line(s) were stored before" in detail, detail
     monkeypatch.undo()  # (the store answers again)
-    assert await stored(broker, topic) == ["l1"]
+    assert await stored(broker, topic) == ["l1", "other"]
+
+
+async def test_lost_lines_are_told_exactly_though_retention_trimmed_past_them(
+    broker: Broker, topic: str
+) -> None:
+    """Lines 2-3 lost, then other writers' events, retention (MAXLEN 1) trimming past
+    where lines 1-3 were: the log no longer tells a lost entry from one trimmed (each is
+    at or before the newest id trimmed), and the ingest told the lines after line 3
+    lost, lines 2-3 in silence (or, before the store told the loss at all, stored line
+    4 after line 1). The meta's newest keyless entry, line 1's, tells (append.lua):
+    the lines after line 1 are lost, exactly."""
+    failover = Failover(broker, topic, first_lost=2, last=3)
+
+    async def then_trimmed() -> None:
+        await failover.hooks[4]()
+        await trimmed_past(broker, topic)
+
+    hooks = {**failover.hooks, 4: then_trimmed}
+    detail = await told_lost(keyless_ingest(broker, topic), LineByLine(4, hooks))
+    assert "the lines after line 1 are lost; " in detail, detail
+    assert "3 line(s) were stored before" in detail, detail
+
+
+async def trimmed_past(broker: Broker, topic: str) -> None:
+    """Other writers' events, retention (MAXLEN 1, for them) trimming past the ingest's."""
+    policies = broker.store.policies  # type: ignore[attr-defined]
+    default = policies.for_topic
+    policies.for_topic = lambda name: dataclasses.replace(default(name), maxlen=1)
+    try:
+        for n in range(10):  # (past the trim's slack)
+            await broker.store.append(topic, [NewEvent(f'"other{n}"')])
+            if len(await stored(broker, topic)) == 1:
+                break
+    finally:
+        policies.for_topic = default
+    assert [str(data).startswith("other") for data in await stored(broker, topic)] == [True]
+
+
+async def test_a_keyed_ingest_is_told_its_line_lost_though_retention_trimmed_past_it(
+    broker: Broker, topic: str
+) -> None:
+    """With an Idempotency-Key: line 2 lost (its entry and its record), then retention
+    trimming past where it was. Its records answer all along (line 1's), but line 2's
+    entry, at or before the newest id trimmed, was taken for one trimmed, and line 3 was
+    refused 409 ingest-records-lapsed: its producer sent the lines after line 2 as a
+    stream of their own, line 2 lost in silence. The ingest names the ingest its lines
+    went to (``IngestLines.since``): line 2 not recorded in it is lost, told as a loss
+    the whole stream resent replays (line 1 replayed, line 2 stored again)."""
+    client: Any = broker.store._client  # type: ignore[attr-defined]
+    before: list[IngestAppends] = []
+
+    async def read() -> None:
+        before.append(await IngestAppends.read(client, topic, "K"))
+
+    async def lose_then_trim() -> None:
+        await before[0].lose_since(client, 1)  # the failover
+        await trimmed_past(broker, topic)
+
+    ingest = Ingest(
+        broker, topic, key="K", max_event_bytes=1000, max_batch=100,
+        idle_timeout=30, append_timeout=5,
+    )  # fmt: skip
+    with pytest.raises(LinesLost) as raised:
+        await ingest.run(LineByLine(3, {2: read, 3: lose_then_trim}))
+    detail = raised.value.detail
+    assert raised.value.kept is None, detail  # (a 503: the whole stream resent replays)
+    assert "the last of them, line 2, is no longer there" in detail, detail
+
+
+async def test_a_keyed_ingest_is_told_every_line_lost_though_retention_trimmed_past_them(
+    broker: Broker, topic: str
+) -> None:
+    """With an Idempotency-Key: lines 1-2 lost, every line of the ingest (their records,
+    and when it last wrote, with them), then retention trimming past where they were.
+    Line 2's entry, at or before the newest id trimmed, was taken for one trimmed and its
+    records for records lapsed: line 3 was refused 409 ingest-records-lapsed, its producer
+    sent the lines after line 2 as a stream of their own, lines 1-2 lost in silence. Its
+    ingest began within the window (``IngestLines.since``: a lapse needs the window past
+    its last write), so its records are gone with its lines: told every line lost, the
+    whole stream to be resent (a new ingest under its key)."""
+    client: Any = broker.store._client  # type: ignore[attr-defined]
+    await broker.store.append(topic, [NewEvent('"before"')])  # (the log, kept)
+    before: list[IngestAppends] = []
+
+    async def read() -> None:
+        before.append(await IngestAppends.read(client, topic, "K"))
+
+    async def lose_then_trim() -> None:
+        await before[0].lose_since(client, 2)  # the failover
+        await trimmed_past(broker, topic)
+
+    ingest = Ingest(
+        broker, topic, key="K", max_event_bytes=1000, max_batch=100,
+        idle_timeout=30, append_timeout=5,
+    )  # fmt: skip
+    with pytest.raises(LinesLost) as raised:
+        await ingest.run(LineByLine(3, {1: read, 3: lose_then_trim}))
+    detail = raised.value.detail
+    assert raised.value.kept is None, detail  # (a 503: the whole stream resent)
+    assert "the lines after line 0 are lost, every line of it" in detail, detail
+    assert "2 line(s) were stored before" in detail, detail
