@@ -200,9 +200,9 @@ class Ingest(LossTelling):
         """The epoch of the log its lines went to, once one was stored (or replayed)."""
         self._last_line = 0
         """The number of the last line stored (or replayed): ``IngestLines.after``."""
-        self._ingest_since = 0
+        self._ingest_since = ""
         """With a key, the ingest under it its lines went to, as the store answered
-        (``IngestLines.since``: 0 until then)."""
+        (``IngestLines.since``: "" until then)."""
         self._appends_ended: deque[tuple[StreamPosition, int]] = deque(maxlen=REMEMBERED_APPENDS)
         """The last entry and line of each of its newest appends."""
         self._forgotten_through = 0

@@ -55,9 +55,10 @@ class IngestLines:
     lines after ``after`` (0: not so): with no ``numbers``, an append that stores
     nothing, only checks that no other stream under the key recorded a line where this
     one has blank lines (``out_of_step``, lua/ingest_lines.lua)."""
-    since: int = 0
+    since: str = ""
     """The ingest the request's lines went to, as its earlier appends were answered
-    (``AppendResult.ingest_since``; 0: not known). Where that ingest is still the one
+    (``IngestAppendResult.ingest_since``, as the store wrote it: no int, never read as
+    one here; "": not known). Where that ingest is still the one
     under way under the key, ``after`` not recorded in it was lost, whatever retention
     trimmed since (its entry alone cannot tell: ``LinesLost``)."""
 
@@ -67,7 +68,7 @@ class IngestLines:
         numbers: Sequence[int],
         after: int = 0,
         blank_through: int = 0,
-        since: int = 0,
+        since: str = "",
     ) -> None:
         _set_key(self, key)  # (by hand, frozen all the same: see broker.slots)
         _set_numbers(self, numbers)
@@ -102,18 +103,19 @@ _set_ids, _set_replayed, _set_end_id = slot_setters(AppendResult, "ids", "replay
 @dataclass(frozen=True, slots=True)
 class IngestAppendResult(AppendResult):
     """An append of a keyed streaming ingest's lines (``lines``), and the ingest under its
-    key they went to: when it began, by Redis's clock, which names it (0: not said), for
-    its later appends to name (``IngestLines.since``). Apart from ``AppendResult``, so
-    that a publish pays nothing for it."""
+    key they went to: when it began, by Redis's clock in ms, which names it ("": not
+    said), for its later appends to name (``IngestLines.since``). Apart from
+    ``AppendResult``, so that a publish pays nothing for it; text, as the store wrote it
+    (an int, parsed and written back, cost a keyed line some 900 instructions)."""
 
-    ingest_since: int = 0
+    ingest_since: str = ""
 
     def __init__(
         self,
         ids: list[EventId],
         replayed: bool,
         end_id: EventId | None = None,
-        ingest_since: int = 0,
+        ingest_since: str = "",
     ) -> None:
         _set_ids(self, ids)
         _set_replayed(self, replayed)

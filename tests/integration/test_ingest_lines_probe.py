@@ -614,7 +614,7 @@ async def test_a_line_a_failover_lost_is_told_though_retention_trimmed_past_it_s
     store = open_store(None if url_kind == "embedded" else redis_server.url, retention_maxlen=1)
     topic = f"t-{uuid.uuid4().hex[:12]}"
 
-    since = 0  # (the ingest its lines went to, as the store answered)
+    since = ""  # (the ingest its lines went to, as the store answered)
 
     async def line(n: int, after: EventId | None) -> EventId:
         nonlocal since
