@@ -202,7 +202,8 @@ class Ingest(LossTelling):
         """The number of the last line stored (or replayed): ``IngestLines.after``."""
         self._ingest_since = ""
         """With a key, the ingest under it its lines went to, as the store answered
-        (``IngestLines.since``: "" until then)."""
+        (``IngestLines.since``: "" until then). One for the request: an append whose lines
+        would go to another (its own lapsed, or lost) is refused, and the ingest ends."""
         self._appends_ended: deque[tuple[StreamPosition, int]] = deque(maxlen=REMEMBERED_APPENDS)
         """The last entry and line of each of its newest appends."""
         self._forgotten_through = 0
@@ -469,8 +470,8 @@ class Ingest(LossTelling):
         self._last_line = pending[-1][0]
         if result.replayed:
             self.result.replayed += len(result.ids)
-        if isinstance(result, IngestAppendResult) and result.ingest_since:
-            self._ingest_since = result.ingest_since
+        if not self._ingest_since and isinstance(result, IngestAppendResult):
+            self._ingest_since = result.ingest_since  # (its one ingest: told once, kept)
         self._remember_append(result.ids[-1].position, pending[-1][0])
 
     def _after_entry(self) -> StreamPosition:
