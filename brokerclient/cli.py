@@ -87,6 +87,12 @@ def _publish_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         "closes the topic at stdin's end. Prints {\"count\", \"first_id\", \"last_id\"}; a "
         "failure names the --idempotency-key (made up if not given) to rerun it under",
     )  # fmt: skip
+    publish.add_argument(
+        "--keepalive", type=_keepalive_seconds, default=10.0, metavar="SECONDS",
+        help="with --lines: while stdin is silent this long, a space (the next line's "
+        "start) keeps the stream open, which the broker stops after its "
+        "BROKER_BODY_TIMEOUT_SECONDS (30 s) without a read (default 10; 0: off)",
+    )  # fmt: skip
     publish.set_defaults(run_client=_guarded(run_publish))
 
 
@@ -120,6 +126,15 @@ def _seconds(text: str) -> float:
     if not 0 < seconds < float("inf"):
         raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
     return seconds
+
+
+def _keepalive_seconds(text: str) -> float:
+    """``--keepalive``: a number of seconds, 0 for off."""
+    try:
+        off = float(text) == 0
+    except ValueError:
+        off = False
+    return 0.0 if off else _seconds(text)
 
 
 def _default_url() -> str:

@@ -3,7 +3,9 @@
 Each line read is sent at once through ``Publisher.stream()`` (its idempotency key,
 its resends after a broken connection, its "go on after line n" parts, its close):
 nothing waits for stdin's end, so ``python gen.py | broker publish chat-42 --lines``
-shows each token as the generator prints it.
+shows each token as the generator prints it. While stdin is silent for ``--keepalive``
+seconds (10; 0: off), a space keeps the stream open (``stream()``'s ``keepalive_seconds``):
+a generator that thinks longer than the broker's body timeout (30 s) goes on.
 
 What a line is, chosen for a shell user:
 
@@ -122,12 +124,16 @@ def run_publish_lines(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     if sys.stdin.isatty():
         log.info("sending each line of stdin as an event (end with Ctrl-D)")
-    lines = StdinLines(sys.stdin.buffer, text=args.text, event=args.event)
+    source = _stdin_of_its_own() if args.keepalive else sys.stdin.buffer
+    lines = StdinLines(source, text=args.text, event=args.event)
     result: PublishResult | None = None
     try:
         with Publisher(_url(args), token=_token(args)) as publisher:
             try:
-                result = publisher.stream(args.topic, lines, idempotency_key=key, close=args.close)
+                result = publisher.stream(
+                    args.topic, lines, idempotency_key=key, close=args.close,
+                    keepalive_seconds=args.keepalive,
+                )  # fmt: skip
             except StreamInterrupted as stopped:
                 return _interrupted(stopped, lines)
             except BrokerClientError as error:
@@ -142,6 +148,19 @@ def run_publish_lines(args: argparse.Namespace) -> int:
         if result is None:
             raise
         return _ctrl_c_once_done(result)
+
+
+def _stdin_of_its_own() -> BinaryIO:
+    """stdin's file, read through a buffer of its own: with a keep-alive, ``stream()``
+    reads it in a daemon thread, which a Ctrl-C leaves blocked in its read. That thread
+    holding ``sys.stdin.buffer``'s lock, the interpreter's exit, closing it, aborted
+    ("could not acquire lock ... at interpreter shutdown, possibly due to daemon
+    threads": exit 134, not 130). A stdin with no file (a test's) is read as it is."""
+    try:
+        descriptor = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation is both)
+        return sys.stdin.buffer
+    return open(descriptor, "rb", closefd=False)
 
 
 def _answer(result: PublishResult) -> dict[str, Any]:

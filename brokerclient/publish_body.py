@@ -7,7 +7,9 @@ the caller's iterator or events raise leaves httpx as ``_Interrupted``, which th
 publisher raises as ``StreamInterrupted`` with the key to resend under. A stream the
 broker told to send its rest as a stream of its own (``go_on_after``) sends the rest
 under a key of its own, and keeps the lines stored before apart: a log lost under a later
-part took them with it, and the whole stream is sent again (``start_over``).
+part took them with it, and the whole stream is sent again (``start_over``). While the
+iterator is silent, a space keeps the request open (``keepalive_seconds``): not a line,
+so nothing of it is kept for a retry (``brokerclient.keepalive``).
 
 The broker may have answered the request before the iterator raised (it refused a
 line: a closed topic, lapsed line records), its answer unread while the body was still
@@ -32,6 +34,14 @@ import httpx
 
 from brokerclient.errors import StreamInterrupted
 from brokerclient.http import idempotency_key_of
+from brokerclient.keepalive import (
+    END,
+    KEEPALIVE,
+    KEEPALIVES_PER_LINE,
+    SILENT,
+    AsyncStep,
+    ThreadedSource,
+)
 
 EventObject = Mapping[str, Any]
 """An event as the JSON publish takes it: ``{"data": ..., "event"?: str, "retry"?: int}``."""
@@ -146,43 +156,90 @@ class _Lines:
 
 
 class _SentLines(_Lines):
-    """The ndjson lines of a stream: those sent already (for a retry), then the rest."""
+    """The ndjson lines of a stream: those sent already (for a retry), then the rest.
+    With ``keepalive`` seconds, the iterator is read in a worker thread, and a space
+    goes each time it is silent that long (``brokerclient.keepalive``)."""
 
-    def __init__(self, source: Iterator[EventObject], key: str) -> None:
+    def __init__(self, source: Iterator[EventObject], key: str, keepalive: float | None) -> None:
         super().__init__(key)
         self._source = source
+        self._keepalive = keepalive
+        self._threaded = ThreadedSource(source) if keepalive else None
 
     def replay_then_rest(self) -> Iterator[bytes]:
         yield from list(self._sent)
+        if self._threaded is not None:
+            yield from self._rest_kept_open(self._threaded)
+            return
         while True:
             with self._callers_part():
-                item = next(self._source, _END)
-                if item is _END:
+                item = next(self._source, END)
+                if item is END:
                     return
                 line = self._line(item)
+            yield line
+
+    def close(self) -> None:
+        """The call is over: a worker thread reading the iterator ends."""
+        if self._threaded is not None:
+            self._threaded.close()
+
+    def _rest_kept_open(self, source: ThreadedSource) -> Iterator[bytes]:
+        spaces = 0  # (before the line to come: the connection's own, lost with it)
+        while True:
+            wait = self._keepalive if spaces < KEEPALIVES_PER_LINE else None
+            with self._callers_part():
+                item = source.next_within(wait)
+                if item is END:
+                    return
+                line = KEEPALIVE if item is SILENT else self._line(item)
+            spaces = spaces + 1 if item is SILENT else 0
             yield line
 
 
 class _AsyncSentLines(_Lines):
-    """``_SentLines`` over an async iterator."""
+    """``_SentLines`` over an async iterator; ``keepalive`` seconds: one step of it
+    pending at a time, waited on that long (``brokerclient.keepalive``)."""
 
-    def __init__(self, source: AsyncIterator[EventObject], key: str) -> None:
+    def __init__(
+        self, source: AsyncIterator[EventObject], key: str, keepalive: float | None
+    ) -> None:
         super().__init__(key)
         self._source = source
+        self._keepalive = keepalive
+        self._stepped = AsyncStep(source) if keepalive else None
 
     async def replay_then_rest(self) -> AsyncIterator[bytes]:
         for line in list(self._sent):
             yield line
+        if self._stepped is not None:
+            async for line in self._rest_kept_open(self._stepped):
+                yield line
+            return
         while True:
             with self._callers_part():
-                item = await anext(self._source, _END)
-                if item is _END:
+                item = await anext(self._source, END)
+                if item is END:
                     return
                 line = self._line(item)
             yield line
 
+    def close(self) -> None:
+        """The call is over: a step of the iterator still pending is cancelled."""
+        if self._stepped is not None:
+            self._stepped.close()
 
-_END = object()  # (an iterator's end, told from any event it may yield)
+    async def _rest_kept_open(self, source: AsyncStep) -> AsyncIterator[bytes]:
+        spaces = 0
+        while True:
+            wait = self._keepalive if spaces < KEEPALIVES_PER_LINE else None
+            with self._callers_part():
+                item = await source.next_within(wait)
+                if item is END:
+                    return
+                line = KEEPALIVE if item is SILENT else self._line(item)
+            spaces = spaces + 1 if item is SILENT else 0
+            yield line
 
 
 class _Interrupted(httpcore.WriteError):

@@ -55,6 +55,7 @@ from brokerclient.http import (
     token_now,
     topic_path,
 )
+from brokerclient.keepalive import KEEPALIVE_SECONDS, keepalive_of
 from brokerclient.publish_body import (
     NDJSON,
     _aiter,
@@ -170,6 +171,7 @@ class Publisher:
         *,
         idempotency_key: str | None = None,
         close: bool = False,
+        keepalive_seconds: float | None = KEEPALIVE_SECONDS,
     ) -> PublishResult:
         """Streaming ingest: each event is stored as the iterator yields it.
 
@@ -190,10 +192,25 @@ class Publisher:
         Ctrl-C, wherever it lands (the iterator, a send, a retry's wait), is raised as
         ``StreamKeyboardInterrupt``, a ``KeyboardInterrupt`` carrying that key and
         ``after_line`` as well; any other ``BaseException`` goes through as it is.
+
+        ``keepalive_seconds`` (None or 0: off): while the iterator has given nothing for
+        that long, a space is sent, the start of its next line (the broker stops a body
+        without a read for ``BROKER_BODY_TIMEOUT_SECONDS``, 30 s; a space numbers no line,
+        so any resend is exact), up to 1024 before one line. The iterator is then read in
+        a worker thread, one event when the stream asks for it (in a copy of the caller's
+        ``contextvars``): one bound to its thread (a ``sqlite3`` cursor) needs it off, and
+        a list or a tuple never has it. A call that ends while the iterator is silent (a
+        Ctrl-C, the broker unreachable) leaves that thread in the iterator until its next
+        event, which it drops (a daemon thread): resend from a copy of the events.
         """
         key = idempotency_key_of(idempotency_key)
-        lines = _SentLines(iter(events), key)
-        return self._send(topic, lines, NDJSON, _query(close), key, "stream")
+        keepalive = keepalive_of(keepalive_seconds)
+        keepalive = None if isinstance(events, (list, tuple)) else keepalive  # (never silent)
+        lines = _SentLines(iter(events), key, keepalive)
+        try:
+            return self._send(topic, lines, NDJSON, _query(close), key, "stream")
+        finally:
+            lines.close()
 
     def _send(
         self,
@@ -347,15 +364,24 @@ class AsyncPublisher:
         *,
         idempotency_key: str | None = None,
         close: bool = False,
+        keepalive_seconds: float | None = KEEPALIVE_SECONDS,
     ) -> PublishResult:
         """``Publisher.stream``, awaited: an iterator that raises ends it with
         ``StreamInterrupted`` (its ``idempotency_key`` to resend under: the one given,
         or ``K+n`` once gone on after line n, ``after_line``); a ``KeyboardInterrupt`` is
         raised as ``StreamKeyboardInterrupt``, carrying them; a cancellation goes through
-        as it is."""
+        as it is. ``keepalive_seconds``: as ``Publisher.stream``'s, for an async iterator,
+        one step of it pending in a task, waited on (never cancelled by the wait); a step
+        pending when the call ends (cancelled, or given up) is cancelled. A sync iterable
+        is read on the event loop, as ever: no keep-alive (a wait could not run)."""
         key = idempotency_key_of(idempotency_key)
-        lines = _AsyncSentLines(_aiter(events), key)
-        return await self._send(topic, lines, NDJSON, _query(close), key, "stream")
+        keepalive = keepalive_of(keepalive_seconds)
+        keepalive = keepalive if isinstance(events, AsyncIterable) else None
+        lines = _AsyncSentLines(_aiter(events), key, keepalive)
+        try:
+            return await self._send(topic, lines, NDJSON, _query(close), key, "stream")
+        finally:
+            lines.close()
 
     async def _send(
         self,
