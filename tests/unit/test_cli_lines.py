@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from brokerclient.cli_lines import BadLine, StdinLines, _tell_rerun
+from brokerclient.cli_lines import BadLine, StdinLines, _tell_rerun, keepalive_for
 from brokerclient.errors import Unreachable
 
 
@@ -60,3 +62,19 @@ def test_a_rerun_after_parts_names_stdins_line_after_the_last_event_kept(
     assert "never the whole input again" in said
     _tell_rerun("my key", None, lines)
     assert "same input again under --idempotency-key 'my key'" in capsys.readouterr().err
+
+
+def test_the_keepalive_is_off_for_a_file_on_disk_only(tmp_path: Path) -> None:
+    """A file never goes silent: read without the keep-alive's reader thread. A pipe
+    (a generator's output) or a stdin with no file keeps the keep-alive asked for."""
+    path = tmp_path / "lines.ndjson"
+    path.write_bytes(b"1\n")
+    with path.open("rb") as on_disk:
+        assert keepalive_for(10.0, on_disk) == 0
+    read_end, write_end = os.pipe()
+    try:
+        with open(read_end, "rb") as piped:
+            assert keepalive_for(10.0, piped) == 10.0
+    finally:
+        os.close(write_end)
+    assert keepalive_for(10.0, io.BytesIO(b"1\n")) == 10.0
