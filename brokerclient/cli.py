@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from brokerclient.http import Token
+    from brokerclient.http import PublishResult, Token
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_GIVE_UP_SECONDS = 60.0
@@ -259,28 +259,60 @@ def run_publish(args: argparse.Namespace) -> int:
         from brokerclient.cli_lines import run_publish_lines
 
         return run_publish_lines(args)
+    from brokerclient.http import new_idempotency_key
     from brokerclient.publisher import Publisher
 
     raw = args.data if args.data is not None else _read_stdin()
-    with Publisher(_url(args), token=_token(args)) as publisher:
-        options = {"event": args.event, "idempotency_key": args.idempotency_key,
-                   "close": args.close}  # fmt: skip
-        try:
-            if args.text:
-                result = publisher.publish_text(args.topic, raw, **options)
-            else:
-                result = publisher.publish(args.topic, _json_data(raw), **options)
-        except ValueError as error:  # (what cannot be sent: a lone surrogate)
-            raise UsageError(str(error)) from None
-    if result.replayed and args.idempotency_key is not None:
-        log.info("already published under this idempotency key: nothing new was stored")
-    elif result.replayed:  # (a retry of ours, whose first answer was lost)
-        log.info("stored once: an answer was lost, and the retry found the event stored")
+    # (its key made here, not by the publisher: a Ctrl-C mid-request names it)
+    key = args.idempotency_key or new_idempotency_key()
+    result: PublishResult | None = None
+    try:
+        with Publisher(_url(args), token=_token(args)) as publisher:
+            options = {"event": args.event, "idempotency_key": key, "close": args.close}
+            try:
+                if args.text:
+                    result = publisher.publish_text(args.topic, raw, **options)
+                else:
+                    result = publisher.publish(args.topic, _json_data(raw), **options)
+            except ValueError as error:  # (what cannot be sent: a lone surrogate)
+                raise UsageError(str(error)) from None
+        if result.replayed and args.idempotency_key is not None:
+            log.info("already published under this idempotency key: nothing new was stored")
+        elif result.replayed:  # (a retry of ours, whose first answer was lost)
+            log.info("stored once: an answer was lost, and the retry found the event stored")
+        _emit(_published(result))
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return _publish_ctrl_c(key, result)
+
+
+def _published(result: PublishResult) -> dict[str, Any]:
+    """What a publish prints: ``{"id"}`` (``{"ids"}`` for several), ``end_id`` if closed."""
     answer: dict[str, Any] = {"id": result.ids[0]} if len(result.ids) == 1 else {"ids": result.ids}
     if result.end_id is not None:
         answer["end_id"] = result.end_id  # (--close: where the topic ends)
-    _emit(answer)
-    return EXIT_OK
+    return answer
+
+
+def _publish_ctrl_c(key: str, result: PublishResult | None) -> int:
+    """A Ctrl-C in a publish: exit 130, saying whether it was stored. Under way, the
+    event may have been stored (the request sent, its answer not read): the key to
+    rerun under stores it once, as for an unreachable broker. Once answered, it was
+    (with its answer). It exited silent: rerun without the key, stored twice."""
+    if result is None:
+        print(
+            "broker publish: interrupted (Ctrl-C): the event may have been stored; rerun "
+            f"with --idempotency-key {shlex.quote(key)} to store it once",
+            file=sys.stderr,
+        )
+    else:
+        answer = json.dumps(_published(result), ensure_ascii=False, separators=(",", ":"))
+        print(
+            f"broker publish: interrupted (Ctrl-C) once the event was stored ({answer}); "
+            "nothing needs sending again",
+            file=sys.stderr,
+        )
+    return EXIT_INTERRUPTED
 
 
 def _read_stdin() -> str:

@@ -246,3 +246,42 @@ def test_the_interrupt_is_pickled_and_copied_with_its_advice() -> None:
             "K+2", 2, 4,
         )  # fmt: skip
         assert "the events after the first 2, as a stream of their own," in str(travelled)
+
+
+@pytest.mark.parametrize("landing", ["sending", "printing the answer"])
+def test_the_cli_says_a_ctrl_c_in_a_single_publish_and_the_key_to_rerun_under(
+    landing: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``broker publish t DATA``: a Ctrl-C exits 130, saying whether the event was
+    stored. Under way, it may have been: the key it was sent under, to rerun with (a
+    rerun without it stores the event twice). Answered: stored, with the answer. It
+    exited 130 saying nothing."""
+    keys: list[str | None] = []
+
+    def stored_one(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers.get("Idempotency-Key"))
+        if landing == "sending":  # (the request sent, its answer never read)
+            raise KeyboardInterrupt
+        return httpx.Response(201, json={"ids": ["e.1-0"]})
+
+    transport = httpx.MockTransport(stored_one)
+
+    class Stored(Publisher):
+        def __init__(self, url: str, **options: object) -> None:
+            super().__init__(client=httpx.Client(base_url=url, transport=transport))
+
+    monkeypatch.setattr(publisher_module, "Publisher", Stored)
+    if landing == "printing the answer":
+        monkeypatch.setattr(cli, "_emit", ctrl_c)
+    monkeypatch.setattr(cli, "_log_to_stderr", lambda: None)  # (the logger is the suite's)
+    parser = argparse.ArgumentParser()
+    add_client_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["publish", "t", "1", "--url", "http://b.test"])
+    assert args.run_client(args) == 130
+    out, err = capsys.readouterr()
+    assert out == ""
+    [key] = keys
+    if landing == "sending":
+        assert f"may have been stored; rerun with --idempotency-key {key} to store it once" in err
+    else:
+        assert 'once the event was stored ({"id":"e.1-0"}); nothing needs sending again' in err
