@@ -123,7 +123,12 @@ end
 -- sent the rest as a stream of its own, the lost lines in silence); or, another ingest
 -- under way under its key, as above ('': its resend replays what that one recorded).
 -- (A clock stepped back between its beginning and its last write can make records
--- lapse within the window after its beginning: once pruned, told lost, none kept.)
+-- lapse within the window after its beginning; so can an instance whose window is
+-- shorter, BROKER_IDEMPOTENCY_SECONDS mid-change, which takes the records this one
+-- holds live for lapsed and begins another ingest under the key. Neither lost a line:
+-- so its last entry must be gone from the log too (a failover loses an entry and its
+-- records together); still there, it goes on as below (records lapsed: -6). Trimmed
+-- since, that cannot be told: told lost, none kept.)
 -- Its close, or its end's check of the blank lines its body ended on, goes on (no line:
 -- nothing recorded anew), its records lapsed: checked against, and counted in, no
 -- ingest under way, which is another's (counted there, the other stream, the same one
@@ -141,7 +146,8 @@ if per_event and stored_before > 0 and epoch then
   elseif ingest_live and ingest_since == tonumber(stored_since) then
     return {-4, ''}  -- (its own ingest under way, its last line lost: see above)
   elseif stored_since and ingest_head_since ~= tonumber(stored_since)
-    and now() - tonumber(stored_since) < window_ms then
+    and now() - tonumber(stored_since) < window_ms
+    and not redis.call('XREVRANGE', log, stored_entry, stored_entry)[1] then
     return {-4, ingest_live and '' or '0-0'}  -- (every line of its ingest lost: see above)
   elseif ingest_live and not recorded and entry_gone(stored_entry) then
     return {-4, ''}  -- (a failover lost its last line: the record and the entry together)
