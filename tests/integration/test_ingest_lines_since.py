@@ -294,26 +294,32 @@ async def test_a_new_ingest_begun_by_an_instance_with_a_shorter_window_is_no_los
     "of reach while it paused), then retention trimmed past that line: refused 409 "
     "ingest-records-lapsed, the loss untold (README: Untold)",
 )
+@pytest.mark.parametrize("trimmed_first", [False, True])
 @pytest.mark.parametrize("pruned", [False, True])
 async def test_a_loss_then_a_lapse_then_a_trim_is_told(
-    store: RedisStreamStore, topic: str, pruned: bool
+    store: RedisStreamStore, topic: str, pruned: bool, trimmed_first: bool
 ) -> None:
     """Keyed, lines 1-2; a failover loses line 2; the window passes (the ingest paused,
     its records not kept: the store out of reach), its records left or pruned; retention
-    trims past where line 2 was. Line 3 must be told lost (not replayable: its records
-    lapsed), not refused as records lapsed with nothing lost (its producer sends the
-    lines after line 2 on their own: line 2 lost in silence)."""
+    trims past where line 2 was (before the window passed, or after: found by the probe,
+    tests/integration/test_ingest_lines_probe.py, with more examples). Line 3 must be
+    told lost (not replayable: its records lapsed), not refused as records lapsed with
+    nothing lost (its producer sends the lines after line 2 on their own: line 2 lost in
+    silence)."""
     stream = Stream(store, topic, KEY)
     await stream.send("l1")
     before = await IngestAppends.read(client_of(store), topic, KEY)
     await stream.send("l2")
     await before.lose_since(client_of(store), 1)
+    if trimmed_first:  # (the loss told then, its ingest named: see above)
+        await trim_past(store, topic)
     window_ms = store.idempotency_seconds * 1000
     await shift(store, topic, window_ms, last_write=True)
     set_back(stream, window_ms)
     if pruned:
         await client_of(store).delete(c.line_records_key(topic), c.line_times_key(topic))
-    await trim_past(store, topic)
+    if not trimmed_first:
+        await trim_past(store, topic)
     with pytest.raises(LinesLost) as told:
         await stream.send("l3")
     assert not told.value.replayable
