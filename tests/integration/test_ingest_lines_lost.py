@@ -157,6 +157,31 @@ async def trimmed_past(broker: Broker, topic: str) -> None:
     assert [str(data).startswith("other") for data in await stored(broker, topic)] == [True]
 
 
+async def lost_then_trimmed_past(
+    broker: Broker, topic: str, *, read_before_line: int, lost: int
+) -> LinesLost:
+    """A keyed ingest of 3 lines, its records read before line ``read_before_line``, and
+    before line 3 a failover losing its ``lost`` lines sent since, then retention trimming
+    past them: what the ingest is told (``LinesLost``)."""
+    client: Any = broker.store._client  # type: ignore[attr-defined]
+    before: list[IngestAppends] = []
+
+    async def read() -> None:
+        before.append(await IngestAppends.read(client, topic, "K"))
+
+    async def lose_then_trim() -> None:
+        await before[0].lose_since(client, lost)  # the failover
+        await trimmed_past(broker, topic)
+
+    ingest = Ingest(
+        broker, topic, key="K", max_event_bytes=1000, max_batch=100,
+        idle_timeout=30, append_timeout=5,
+    )  # fmt: skip
+    with pytest.raises(LinesLost) as raised:
+        await ingest.run(LineByLine(3, {read_before_line: read, 3: lose_then_trim}))
+    return raised.value
+
+
 async def test_a_keyed_ingest_is_told_its_line_lost_though_retention_trimmed_past_it(
     broker: Broker, topic: str
 ) -> None:
@@ -167,24 +192,9 @@ async def test_a_keyed_ingest_is_told_its_line_lost_though_retention_trimmed_pas
     stream of their own, line 2 lost in silence. The ingest names the ingest its lines
     went to (``IngestLines.since``): line 2 not recorded in it is lost, told as a loss
     the whole stream resent replays (line 1 replayed, line 2 stored again)."""
-    client: Any = broker.store._client  # type: ignore[attr-defined]
-    before: list[IngestAppends] = []
-
-    async def read() -> None:
-        before.append(await IngestAppends.read(client, topic, "K"))
-
-    async def lose_then_trim() -> None:
-        await before[0].lose_since(client, 1)  # the failover
-        await trimmed_past(broker, topic)
-
-    ingest = Ingest(
-        broker, topic, key="K", max_event_bytes=1000, max_batch=100,
-        idle_timeout=30, append_timeout=5,
-    )  # fmt: skip
-    with pytest.raises(LinesLost) as raised:
-        await ingest.run(LineByLine(3, {2: read, 3: lose_then_trim}))
-    detail = raised.value.detail
-    assert raised.value.kept is None, detail  # (a 503: the whole stream resent replays)
+    lost = await lost_then_trimmed_past(broker, topic, read_before_line=2, lost=1)
+    detail = lost.detail
+    assert lost.kept is None, detail  # (a 503: the whole stream resent replays)
     assert "the last of them, line 2, is no longer there" in detail, detail
 
 
@@ -199,24 +209,9 @@ async def test_a_keyed_ingest_is_told_every_line_lost_though_retention_trimmed_p
     ingest began within the window (``IngestLines.since``: a lapse needs the window past
     its last write), so its records are gone with its lines: told every line lost, the
     whole stream to be resent (a new ingest under its key)."""
-    client: Any = broker.store._client  # type: ignore[attr-defined]
     await broker.store.append(topic, [NewEvent('"before"')])  # (the log, kept)
-    before: list[IngestAppends] = []
-
-    async def read() -> None:
-        before.append(await IngestAppends.read(client, topic, "K"))
-
-    async def lose_then_trim() -> None:
-        await before[0].lose_since(client, 2)  # the failover
-        await trimmed_past(broker, topic)
-
-    ingest = Ingest(
-        broker, topic, key="K", max_event_bytes=1000, max_batch=100,
-        idle_timeout=30, append_timeout=5,
-    )  # fmt: skip
-    with pytest.raises(LinesLost) as raised:
-        await ingest.run(LineByLine(3, {1: read, 3: lose_then_trim}))
-    detail = raised.value.detail
-    assert raised.value.kept is None, detail  # (a 503: the whole stream resent)
+    lost = await lost_then_trimmed_past(broker, topic, read_before_line=1, lost=2)
+    detail = lost.detail
+    assert lost.kept is None, detail  # (a 503: the whole stream resent)
     assert "the lines after line 0 are lost, every line of it" in detail, detail
     assert "2 line(s) were stored before" in detail, detail
