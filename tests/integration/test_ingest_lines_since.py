@@ -105,6 +105,18 @@ def set_back(stream: Stream, ms: int) -> None:
         stream.since = str(int(stream.since) - ms)
 
 
+async def line_2_lost_then_trimmed_past(stream: Stream) -> None:
+    """Lines 1-2 sent, then a failover losing line 2 (its entry and its record), then
+    retention trimming past where it was."""
+    client = client_of(stream.store)
+    await stream.send("l1")
+    assert stream.key is not None
+    before = await IngestAppends.read(client, stream.topic, stream.key)
+    await stream.send("l2")
+    await before.lose_since(client, 1)
+    await trim_past(stream.store, stream.topic)
+
+
 async def test_a_close_after_its_last_line_lost_and_trimmed_past_is_told_lost(
     store: RedisStreamStore, topic: str
 ) -> None:
@@ -113,11 +125,7 @@ async def test_a_close_after_its_last_line_lost_and_trimmed_past_is_told_lost(
     the loss (replayable), the topic not closed. Without ``since`` it is no line, its
     records taken for lapsed: the close went on, line 2 lost in silence."""
     stream = Stream(store, topic, KEY)
-    await stream.send("l1")
-    before = await IngestAppends.read(client_of(store), topic, KEY)
-    await stream.send("l2")
-    await before.lose_since(client_of(store), 1)
-    await trim_past(store, topic)
+    await line_2_lost_then_trimmed_past(stream)
     with pytest.raises(LinesLost) as told:
         await stream.send(close=True)
     assert told.value.replayable and told.value.kept_through is None
@@ -230,11 +238,7 @@ async def test_an_ingest_on_a_ttl_topic_is_told_its_line_lost_though_trimmed(
     store.policies.for_topic = lambda name: dataclasses.replace(default(name), ttl_ms=600_000)
     try:
         stream = Stream(store, topic, KEY)
-        await stream.send("l1")
-        before = await IngestAppends.read(client_of(store), topic, KEY)
-        await stream.send("l2")
-        await before.lose_since(client_of(store), 1)
-        await trim_past(store, topic)
+        await line_2_lost_then_trimmed_past(stream)
         with pytest.raises(LinesLost) as told:
             await stream.send("l3")
         assert told.value.replayable
