@@ -89,17 +89,18 @@ end
 -- The log's epoch, or false when it is new: no epoch yet, its stream lost while its
 -- meta survived, or deleted (DELETE leaves a marker for a while): ids of the old log
 -- must not resume here. And its end's id if it is closed, and whether it has
--- idempotency records (all read in the same call).
+-- idempotency records, and, a log made over a deleted one's marker, when that marker
+-- would have gone (all read in the same call).
 local deleted_epoch, deleted_marker = false, false  -- a deleted log this one replaces
 local number = 0  -- the number of the log's newest entry (see `add`)
 local function current_epoch()
-  local fields = redis.call('HMGET', meta, 'epoch', 'deleted', 'closed', 'records', 'n')
+  local fields = redis.call('HMGET', meta, 'epoch', 'deleted', 'closed', 'records', 'n', 'deleted_until')
   if fields[2] then deleted_epoch, deleted_marker = fields[1], fields[2] end
   if (not fields[1]) or fields[2] or redis.call('EXISTS', log) == 0 then
     return false, false, false
   end
   number = tonumber(fields[5]) or 0
-  return fields[1], fields[3], fields[4]
+  return fields[1], fields[3], fields[4], fields[6]
 end
 
 -- An idempotency record answers only for the log it was written in, and within the
@@ -131,7 +132,10 @@ local function was_deleted(of_epoch)
   return false
 end
 
-local epoch, closed, has_records = current_epoch()
+-- (deleted_until: a log made over a deleted one's marker, when the marker would have
+-- gone, ms: see Expiry. A 4th value, not a local the function sets: a local declared
+-- above the closures cost every append some 2k instructions, callgrind of redis-server)
+local epoch, closed, has_records, deleted_until = current_epoch()
 -- A streaming ingest under way whose log is gone (a Redis restarted without its data,
 -- the topic deleted or expired): its lines stored before are lost, and its next ones
 -- must not begin a new log. Stored there, a resend under its key found them recorded
@@ -230,7 +234,9 @@ else
   -- Logs deleted before the one this replaces (its meta says), each "epoch:marker",
   -- the newest first: a client of one of them is told "deleted" too (state.lua).
   local before = {}
+  local linger = -1  -- (what is left of the marker's, ms)
   if deleted_epoch then
+    linger = redis.call('PTTL', meta)
     local earlier = redis.call('HMGET', meta, 'deleted_epoch', 'deleted_at', 'deleted_before')
     if earlier[1] and earlier[2] then before[1] = earlier[1] .. ':' .. earlier[2] end
     for deletion in string.gmatch(earlier[3] or '', '%S+') do
@@ -250,6 +256,10 @@ else
     redis.call('XTRIM', log, 'MAXLEN', 0)
     redis.call('PERSIST', log)
     redis.call('HSET', meta, 'deleted_epoch', deleted_epoch, 'deleted_at', deleted_marker)
+    if linger > 0 then
+      deleted_until = now() + linger
+      redis.call('HSET', meta, 'deleted_until', deleted_until)
+    end
   else
     redis.call('DEL', log)
   end
@@ -381,14 +391,29 @@ end
 
 -- Expiry: a topic nobody publishes to for the TTL goes whole, by Redis itself. A
 -- topic kept for good keeps its records for the window after the last one written.
+-- A log made over a deleted one's marker holds the memory of that deletion (and of
+-- those before it: state.lua), which a client told the `deleted` gap needs, back with
+-- its id while the marker would have lingered: so it lives at least as long as the
+-- marker would have ('deleted_until', written when it is made), whatever the TTL
+-- (a shorter one took the memory along, and the client got an `unknown` gap). Read
+-- in current_epoch's HMGET; once past, the field goes (no clock read for it after).
 if ttl_ms > 0 then
-  redis.call('PEXPIRE', log, ttl_ms)
-  redis.call('PEXPIRE', meta, ttl_ms)
+  local expiry = ttl_ms
+  if deleted_until then
+    local left = tonumber(deleted_until) - now()
+    if left > expiry then
+      expiry = left
+    elseif left <= 0 then
+      redis.call('HDEL', meta, 'deleted_until')
+    end
+  end
+  redis.call('PEXPIRE', log, expiry)
+  redis.call('PEXPIRE', meta, expiry)
   if has_records then
-    redis.call('PEXPIRE', records, ttl_ms)
-    redis.call('PEXPIRE', written, ttl_ms)
-    redis.call('PEXPIRE', lines, ttl_ms)
-    redis.call('PEXPIRE', lines_written, ttl_ms)
+    redis.call('PEXPIRE', records, expiry)
+    redis.call('PEXPIRE', written, expiry)
+    redis.call('PEXPIRE', lines, expiry)
+    redis.call('PEXPIRE', lines_written, expiry)
   end
 elseif per_event then
   redis.call('PEXPIRE', lines, window_ms)

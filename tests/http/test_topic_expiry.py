@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aredis
 from httpx_sse import ServerSentEvent
 
+from broker.ids import EventId
 from tests.http.helpers import (
     SseStream,
     assert_problem,
@@ -276,22 +277,14 @@ async def test_a_client_back_at_the_origin_after_a_log_expired_and_another_came_
             assert [(await stream.next()).id for _ in new_log] == new_log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a DELETE's notice is forgotten before its 60 s once a log made after it expires: "
-        "append.lua moves the deleted epoch into the new log's meta, which the TTL expires "
-        "with the log, so the client told 'deleted' comes back to an 'unknown' gap and "
-        "waits on the topic for the next log (another stream's) instead of a 204 (probe3)"
-    ),
-)
-async def test_a_deleted_gaps_id_is_204_after_a_log_made_since_expired(
+async def test_a_deleted_gaps_id_is_204_after_a_log_made_since_outlived_its_ttl(
     expiring_broker: BrokerProcess, redis_client: aredis.Redis
 ) -> None:
     """README: the id of a ``deleted`` gap is answered 204 while the deletion is known
     (its marker lingers 60 s). A publish right after the DELETE (a log that remembers
-    the deletion), that log expiring (TTL 1 s), and the told client back well within
-    the 60 s: still 204, not told ``unknown`` and left waiting."""
+    the deletion), that log's TTL (1 s) past twice, and the told client back well within
+    the 60 s: still 204, not told ``unknown`` and left waiting (the log, expiring with
+    its TTL, took the deletion's memory along)."""
     topic = new_topic()
     path = f"/topics/{topic}/events"
     async with httpx.AsyncClient(base_url=expiring_broker.url, timeout=10) as client:
@@ -301,7 +294,9 @@ async def test_a_deleted_gaps_id_is_204_after_a_log_made_since_expired(
         told = await asyncio.wait_for(client.get(path, headers=headers), 5)
         [gap] = parse_sse(told.text)
         assert json.loads(gap["data"])["reason"] == "deleted", gap
-        await expire_a_log(client, redis_client, topic)
+        [since] = await publish_many(client, topic, ["made since"])
+        # (past the TTL twice, well within the marker's 60 s)
+        await wait_for_redis_ms(redis_client, EventId.parse(since).position[0] + 2000, timeout=5)
         headers["Last-Event-ID"] = gap["id"]
         request = client.build_request("GET", path, headers=headers)
         again = await asyncio.wait_for(client.send(request, stream=True), 5)

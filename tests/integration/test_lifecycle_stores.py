@@ -637,3 +637,50 @@ async def test_a_listing_narrowed_to_the_callers_patterns_lists_each_of_their_to
                 break
         assert sorted(seen) == sorted(walked + named[1:]), (limit, seen)
         assert len(seen) == len(set(seen)), f"a topic was listed twice: {seen}"
+
+
+@pytest.mark.parametrize("kind", ["embedded", "redis"])
+async def test_a_log_made_over_a_deleted_ones_marker_lives_while_the_marker_would_have(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """A log published right after a DELETE holds the memory of the deletion (a client
+    told the ``deleted`` gap, back with its id, is answered 204 by it): its keys live
+    until the marker's DELETED_LINGER_MS would have ended, whatever the topic's TTL
+    (1 s here), through its later appends too, and its expiry is the TTL again once that
+    time has passed. A topic never deleted keeps its exact TTL."""
+    store = open_store(_url(request, kind), topic_ttl_seconds=TTL_SECONDS)
+    broker = Broker(store, limits=BrokerLimits(heartbeat_seconds=0.5))
+    await broker.start()
+    [node] = store._listing.scan_targets()
+    ttl_ms = int(TTL_SECONDS * 1000)
+    run = uuid.uuid4().hex[:12]
+    deleted, plain = f"deleted-{run}", f"plain-{run}"
+
+    async def expiries(topic: str) -> list[int]:
+        """The ms left of each of the topic's keys (none: -2), log and meta first."""
+        return [await node.pttl(key) for key in c.topic_keys(topic)]
+
+    try:
+        for topic in (deleted, plain):
+            await broker.publish(topic, [NewEvent("before")], idempotency_key="k")
+        assert await broker.delete_topic(deleted)
+        made = await broker.publish(deleted, [NewEvent("made since")], idempotency_key="k")
+        linger_end = made.ids[0].position[0] + c.DELETED_LINGER_MS  # (the marker's ms or after)
+        await broker.publish(deleted, [NewEvent("a later append")], idempotency_key="k2")
+        await broker.publish(plain, [NewEvent("after")], idempotency_key="k2")
+        now = await store.clock_ms()
+        # The log, its meta and its records: past the TTL, up to the marker's end.
+        left = await expiries(deleted)
+        assert all(ttl_ms < ms <= linger_end - now + 5 for ms in left[:4]), (left, linger_end - now)
+        assert ttl_ms < ((await store.state(deleted)).expires_in_ms or 0) <= left[0]
+        # Never deleted: the TTL, not more (nor less than the time since its append).
+        assert all(0 < ms <= ttl_ms for ms in (await expiries(plain))[:4])
+        # Once the marker's time is past (as if 60 s had gone), an append gives the TTL.
+        meta = c.topic_keys(deleted)[1]
+        await node.hset(meta, "deleted_until", now - 1)
+        await broker.publish(deleted, [NewEvent("past its time")])
+        assert all(0 < ms <= ttl_ms for ms in (await expiries(deleted))[:4])
+        assert await node.hget(meta, "deleted_until") is None
+        assert (await store.state(deleted)).deleted_epoch is not None  # (still remembered)
+    finally:
+        await broker.close()
