@@ -24,9 +24,10 @@ Sync: the iterator is read in a worker thread (``ThreadedSource``), one event wh
 stream asks for it, never ahead (the iterator stands where the stream does, as it did),
 handed over through a queue that the stream waits on with a timeout. Async: one pending
 step (``__anext__``) of the caller's iterator in a task, waited on with ``asyncio.wait``
-(never ``wait_for``: the caller's generator is never cancelled mid-step by a timeout).
-Either stays pending across the attempts of one call: a retry after a broken connection
-replays the lines sent, then takes that same event (none asked twice, none reordered).
+(never ``wait_for``: the caller's generator is never cancelled mid-step by a timeout),
+each step in the same copy of the caller's context. Either stays pending across the
+attempts of one call: a retry after a broken connection replays the lines sent, then
+takes that same event (none asked twice, none reordered).
 """
 
 from __future__ import annotations
@@ -133,15 +134,24 @@ class AsyncStep:
     step goes on, and is waited on again). A ``KeyboardInterrupt`` or ``SystemExit``
     the iterator raises is raised by ``next_within`` (raised in a task, it left the
     event loop, past the stream). ``close`` (the call's end: cancelled, or given up)
-    cancels a step still pending, which no one would take."""
+    cancels a step still pending, which no one would take.
+
+    Every step runs in one copy of the caller's context (its ``contextvars``), as
+    ``ThreadedSource``'s thread does: a task of its own each, each step ran in a fresh
+    copy, and what the iterator set in one step was gone in the next (a ``ContextVar``
+    set before a ``yield`` and reset after it raised ValueError, "created in a different
+    Context": a tracing span, a logger's bound context)."""
 
     def __init__(self, source: AsyncIterator[Any]) -> None:
         self._source = source
         self._step: asyncio.Future[tuple[bool, Any]] | None = None
+        self._context = contextvars.copy_context()
 
     async def next_within(self, timeout: float | None) -> Any:
         if self._step is None:
-            self._step = asyncio.ensure_future(_step(self._source))
+            self._step = asyncio.get_running_loop().create_task(
+                _step(self._source), context=self._context
+            )
         done, _ = await asyncio.wait((self._step,), timeout=timeout)
         if not done:
             return SILENT

@@ -371,9 +371,10 @@ class AsyncPublisher:
         or ``K+n`` once gone on after line n, ``after_line``); a ``KeyboardInterrupt`` is
         raised as ``StreamKeyboardInterrupt``, carrying them; a cancellation goes through
         as it is. ``keepalive_seconds``: as ``Publisher.stream``'s, for an async iterator,
-        one step of it pending in a task, waited on (never cancelled by the wait); a step
-        pending when the call ends (cancelled, or given up) is cancelled. A sync iterable
-        is read on the event loop, as ever: no keep-alive (a wait could not run)."""
+        one step of it pending in a task, waited on (never cancelled by the wait), each
+        in one copy of the caller's ``contextvars``; a step pending when the call ends
+        (cancelled, or given up) is cancelled. A sync iterable is read on the event loop,
+        as ever: no keep-alive (a wait could not run)."""
         key = idempotency_key_of(idempotency_key)
         keepalive = keepalive_of(keepalive_seconds)
         keepalive = keepalive if isinstance(events, AsyncIterable) else None

@@ -106,3 +106,38 @@ def test_a_keepalive_not_over_zero_is_refused(seconds: float) -> None:
     with pytest.raises(ValueError, match="keepalive_seconds"):
         keepalive_of(seconds)
     assert keepalive_of(None) is None and keepalive_of(0) is None and keepalive_of(2) == 2.0
+
+
+def test_an_async_iterators_steps_share_one_context() -> None:
+    """What the iterator sets in one step it finds in the next, and a token it took
+    before a ``yield`` resets after it (a tracing span, a logger's bound context): each
+    step in a task of its own ran in a fresh copy of the caller's context, and the reset
+    raised ValueError ("created in a different Context"). The caller's own values are
+    seen, and the caller's context is left as it was."""
+    seen: list[str] = []
+
+    async def spanning() -> AsyncIterator[str]:
+        seen.append(WHO.get())
+        token = WHO.set("the iterator")
+        try:
+            yield "opened"
+            seen.append(WHO.get())
+            yield "inside"
+        finally:
+            WHO.reset(token)
+        seen.append(WHO.get())
+        yield "closed"
+
+    async def run() -> list[object]:
+        token = WHO.set("the caller")
+        try:
+            source = AsyncStep(spanning())
+        finally:
+            WHO.reset(token)
+        got = [await source.next_within(5) for _ in range(4)]
+        source.close()
+        seen.append(WHO.get())
+        return got
+
+    assert asyncio.run(run()) == ["opened", "inside", "closed", END]
+    assert seen == ["the caller", "the iterator", "the caller", "nobody"]
