@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import pytest
+import redis
 
+from broker import constants as c
 from brokerclient import AsyncPublisher, Publisher, RequestFailed, RetryPolicy, event
 from tests.face.test_cli_lines import history, piped, write_until_stored
 from tests.support.broker_process import BrokerProcess
@@ -239,3 +241,80 @@ def test_the_cli_interrupted_while_stdin_is_silent_exits_130(quick_broker: Broke
                     pipe.close()
     assert code == 130, err
     assert "interrupted (Ctrl-C) at stdin line 1, 1 event(s) sent" in err, err
+
+
+def _lapse_after_two(url: str, redis_url: str, topic: str, key: str) -> None:
+    """Once lines 1-2 are stored, their line records lapse: the broker refuses line 3
+    (409 ``ingest-records-lapsed``, ``resend: after_line`` 2) before the body's end,
+    and the client goes on with lines 3.. under ``K+2``."""
+    wait_until(lambda: len(history(url, topic)) == 2, timeout=10, what="lines 1-2 stored")
+    with redis.Redis.from_url(redis_url) as admin:
+        admin.zadd(c.line_times_key(topic), {key: 0})
+
+
+def _refused_then_silent(url: str, redis_url: str, topic: str, key: str) -> Iterator[Any]:
+    yield from _tokens(range(1, 3))
+    _lapse_after_two(url, redis_url, topic, key)
+    yield from _tokens(range(3, 4))
+    time.sleep(SILENCE_S)  # (past the broker's linger, 2 s: its spaces meet a reset)
+    yield from _tokens(range(4, 5))
+
+
+async def _async_refused_then_silent(
+    url: str, redis_url: str, topic: str, key: str
+) -> AsyncIterator[Any]:
+    for token in _tokens(range(1, 3)):
+        yield token
+    await asyncio.to_thread(_lapse_after_two, url, redis_url, topic, key)
+    for token in _tokens(range(3, 4)):
+        yield token
+    await asyncio.sleep(SILENCE_S)
+    for token in _tokens(range(4, 5)):
+        yield token
+
+
+ASYNC_ANSWER_LOST = (
+    "asyncio drops the answer: anyio pauses the transport's reading while the body is "
+    "sent, and the first write that fails (the broker's linger over, its socket reset) "
+    "closes the transport without reading what the system kept (httpcore: ReadError "
+    "after WriteError). The client retries the whole stream under K, whose records "
+    "lapsed: lines 1-2 stored twice. A silent stream's spaces make that write certain "
+    "(keepalive off, two lines sent after the linger do the same; the sync client reads "
+    "the answer Linux kept)"
+)
+
+
+@pytest.mark.parametrize(
+    "through",
+    ["Publisher", pytest.param("AsyncPublisher", marks=pytest.mark.xfail(
+        strict=True, reason=ASYNC_ANSWER_LOST))],
+)  # fmt: skip
+def test_a_stream_silent_after_the_broker_answered_mid_body_reads_that_answer(
+    quick_broker: BrokerProcess, redis_server: RedisServer, through: str
+) -> None:
+    """The broker refuses line 3 (records lapsed: the rest to go under ``K+2``) while the
+    iterator goes on; the iterator is then silent past the broker's linger, so the
+    keep-alive's spaces reach a closed socket. The answer the broker wrote must still
+    be read: lines 3-4 go under ``K+2``, each line stored once. Read as a broken
+    connection instead, the whole stream was sent again under K and stored lines 1-2
+    twice."""
+    topic, key = _topic(), f"keepalive-{uuid.uuid4().hex}"
+    args = (quick_broker.url, redis_server.url, topic, key)
+    if through == "Publisher":
+        with Publisher(quick_broker.url) as publisher:
+            result = publisher.stream(
+                topic, _refused_then_silent(*args), idempotency_key=key,
+                keepalive_seconds=KEEPALIVE_S,
+            )  # fmt: skip
+    else:
+
+        async def publish() -> Any:
+            async with AsyncPublisher(quick_broker.url) as publisher:
+                return await publisher.stream(
+                    topic, _async_refused_then_silent(*args), idempotency_key=key,
+                    keepalive_seconds=KEEPALIVE_S,
+                )  # fmt: skip
+
+        result = asyncio.run(publish())
+    assert _stored(quick_broker.url, topic) == _tokens_stored(range(1, 5))
+    assert (result.count, result.after_line) == (4, 2)
