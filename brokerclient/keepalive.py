@@ -56,7 +56,9 @@ def keepalive_of(seconds: float | None) -> float | None:
     if seconds is None or seconds == 0:
         return None
     if not seconds > 0:  # (a NaN too)
-        raise ValueError(f"keepalive_seconds is a number of seconds over 0, or None: {seconds!r}")
+        raise ValueError(
+            f"keepalive_seconds is a number of seconds over 0, or 0 or None (off): {seconds!r}"
+        )
     return float(seconds)
 
 
