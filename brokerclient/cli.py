@@ -88,7 +88,7 @@ def _publish_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         "failure names the --idempotency-key (made up if not given) to rerun it under",
     )  # fmt: skip
     publish.add_argument(
-        "--keepalive", type=_keepalive_seconds, default=10.0, metavar="SECONDS",
+        "--keepalive", type=_keepalive_seconds, metavar="SECONDS",
         help="with --lines: while stdin is silent this long, a space (the next line's "
         "start) keeps the stream open, which the broker stops after its "
         "BROKER_BODY_TIMEOUT_SECONDS (30 s) without a read (default 10; 0: off)",
@@ -262,6 +262,8 @@ def run_publish(args: argparse.Namespace) -> int:
     from brokerclient.http import new_idempotency_key
     from brokerclient.publisher import Publisher
 
+    if args.keepalive is not None:  # (it was taken, and did nothing)
+        raise UsageError("--keepalive goes with --lines: a single publish is never silent")
     raw = args.data if args.data is not None else _read_stdin()
     # (its key made here, not by the publisher: a Ctrl-C mid-request names it)
     key = args.idempotency_key or new_idempotency_key()

@@ -48,6 +48,7 @@ from brokerclient.cli import (
     _token,
     _url,
 )
+from brokerclient.keepalive import KEEPALIVE_SECONDS
 
 if TYPE_CHECKING:
     from brokerclient.errors import (
@@ -126,7 +127,8 @@ def run_publish_lines(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     if sys.stdin.isatty():
         log.info("sending each line of stdin as an event (end with Ctrl-D)")
-    keepalive = keepalive_for(args.keepalive, sys.stdin)
+    asked = KEEPALIVE_SECONDS if args.keepalive is None else args.keepalive
+    keepalive = keepalive_for(asked, sys.stdin)
     source = _stdin_of_its_own() if keepalive else sys.stdin.buffer
     lines = StdinLines(source, text=args.text, event=args.event)
     result: PublishResult | None = None

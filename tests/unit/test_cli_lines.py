@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from brokerclient.cli import add_client_commands
 from brokerclient.cli_lines import BadLine, StdinLines, _tell_rerun, keepalive_for
 from brokerclient.errors import Unreachable
 
@@ -78,3 +80,13 @@ def test_the_keepalive_is_off_for_a_file_on_disk_only(tmp_path: Path) -> None:
     finally:
         os.close(write_end)
     assert keepalive_for(10.0, io.BytesIO(b"1\n")) == 10.0
+
+
+def test_keepalive_without_lines_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--keepalive`` keeps a silent ``--lines`` stream open; given to a single publish
+    it was taken and did nothing (a user believed it set)."""
+    parser = argparse.ArgumentParser()
+    add_client_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["publish", "t", "1", "--keepalive", "5", "--url", "http://b.test"])
+    assert args.run_client(args) == 2
+    assert "--keepalive goes with --lines" in capsys.readouterr().err
