@@ -113,20 +113,32 @@ async def test_a_publish_asking_to_close_with_a_request_sent_ahead_ends_cleanly(
     """A lean publish with ``Connection: close``, a request sent ahead behind it (a
     client that should not, RFC 9112 9.6, but does): answered 201, then an end for the
     client writing on. It got a reset (``publish_answered`` closed at once)."""
-    ended = await lingering_closes(aclient, "client_end")
     url = f"{http_broker.url}/topics/{new_topic()}/events"
     body = b'{"data": 1}'
     headers = {**PUBLISH, "Content-Length": str(len(body)), "Connection": "close"}
-    sock = socket.create_connection(("127.0.0.1", http_broker.port), timeout=ANSWER_WAIT_S)
+    received = await answered_once_then_ended(
+        http_broker, aclient, request_bytes("POST", url, headers, body)
+    )
+    assert received.startswith(b"HTTP/1.1 201 "), received
+
+
+async def answered_once_then_ended(
+    broker: BrokerProcess, aclient: httpx.AsyncClient, request: bytes
+) -> bytes:
+    """``request`` (asking to close), a request sent ahead behind it, and the client
+    writing on: what it read, one answer then an end (no reset), the close counted
+    lingering (``client_end``)."""
+    ended = await lingering_closes(aclient, "client_end")
+    sock = socket.create_connection(("127.0.0.1", broker.port), timeout=ANSWER_WAIT_S)
     try:
-        first = request_bytes("POST", url, headers, body) + sent_ahead(http_broker)
+        first = request + sent_ahead(broker)
         outcome = await asyncio.to_thread(write_on_then_read, sock, first, WRITES_AFTER_ANSWER)
     finally:
         sock.close()
     assert outcome.ending == "end", outcome
-    assert outcome.received.startswith(b"HTTP/1.1 201 "), outcome.received
     assert outcome.received.count(b"HTTP/1.1 ") == 1, outcome.received
     await counted(aclient, "client_end", ended + 1)
+    return outcome.received
 
 
 @pytest.mark.parametrize("closing", ["connection-close", "http-1.0"])
@@ -175,18 +187,9 @@ async def test_a_request_without_a_body_asking_to_close_with_one_sent_ahead_ends
     takes for bytes after the connection's end: not read, never answered): the client
     writing on reads the answer then an end. It got a reset: only a request declaring a
     body, or a drain's last, closed lingering."""
-    ended = await lingering_closes(aclient, "client_end")
     health = request_bytes("GET", f"{http_broker.url}/healthz", {"Connection": "close"})
-    sock = socket.create_connection(("127.0.0.1", http_broker.port), timeout=ANSWER_WAIT_S)
-    try:
-        first = health + sent_ahead(http_broker)
-        outcome = await asyncio.to_thread(write_on_then_read, sock, first, WRITES_AFTER_ANSWER)
-    finally:
-        sock.close()
-    assert outcome.ending == "end", outcome
-    assert outcome.received.startswith(b"HTTP/1.1 200 "), outcome.received
-    assert outcome.received.count(b"HTTP/1.1 ") == 1, outcome.received
-    await counted(aclient, "client_end", ended + 1)
+    received = await answered_once_then_ended(http_broker, aclient, health)
+    assert received.startswith(b"HTTP/1.1 200 "), received
 
 
 async def test_a_request_asking_to_close_with_nothing_after_it_closes_plainly(
